@@ -1,0 +1,232 @@
+//! The `Aggregator` trait, what it returns, and FedAvg.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::params::Parameters;
+use crate::update::{ClientId, ClientUpdate, Metrics};
+
+/// How one client's update entered an aggregate, so that the server and the
+/// dashboard can explain each round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientDiagnostics {
+    /// The client.
+    pub client: ClientId,
+    /// The weight its update received in the aggregate (weights sum to 1 for
+    /// averaging aggregators; 0 means it was left out).
+    pub weight: f64,
+    /// Its L2 distance to the aggregate, where the aggregator computed it.
+    pub distance: Option<f64>,
+    /// A trust score in `[0, 1]`, where the aggregator computes one.
+    pub trust: Option<f64>,
+}
+
+/// The result of aggregating one round of updates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    /// The aggregated update, in the updates' layout.
+    pub parameters: Parameters,
+    /// One entry per input update, in input order.
+    pub clients: Vec<ClientDiagnostics>,
+    /// Aggregator-specific numbers (iterations, objective, ...).
+    pub metrics: Metrics,
+}
+
+/// Combines client updates into one.
+///
+/// Implementations receive only validated updates (same layout, finite values,
+/// positive example counts) from the server, but must still return a typed
+/// error, never panic, on empty input or mismatched layouts: they are also
+/// called directly by users. Every aggregator of the workspace runs the
+/// contract suite in `fedcore::contract` (feature `testkit`).
+pub trait Aggregator: Send {
+    /// A short name for logs and the dashboard, e.g. `fedavg`.
+    fn name(&self) -> String;
+
+    /// Aggregates `updates` (deltas, all in one layout).
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate>;
+}
+
+impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate> {
+        (**self).aggregate(updates)
+    }
+}
+
+/// Checks what every aggregator needs: at least one update, one layout for
+/// all. Returns the first update for convenience.
+pub fn ensure_aggregatable(updates: &[ClientUpdate]) -> Result<&ClientUpdate> {
+    let first = updates.first().ok_or(Error::EmptyUpdates)?;
+    for u in &updates[1..] {
+        first.values.ensure_compatible(&u.values)?;
+    }
+    Ok(first)
+}
+
+/// Example counts turned into weights that sum to 1.
+pub fn example_weights(updates: &[ClientUpdate]) -> Result<Vec<f64>> {
+    let total: f64 = updates.iter().map(|u| u.num_examples as f64).sum();
+    if total <= 0.0 {
+        return Err(Error::InvalidWeights {
+            reason: "every update reports zero examples".into(),
+        });
+    }
+    Ok(updates
+        .iter()
+        .map(|u| u.num_examples as f64 / total)
+        .collect())
+}
+
+/// Elements per parallel work item: 64 KiB of f32, small enough that the
+/// output chunk stays in L2 while every input streams through once.
+pub const CHUNK: usize = 16 * 1024;
+
+/// `out = sum_i weights[i] * inputs[i]`, split across threads by chunks of the
+/// output. Every input must have `out.len()` elements.
+pub fn weighted_sum_into(inputs: &[&[f32]], weights: &[f32], out: &mut [f32]) -> Result<()> {
+    if inputs.len() != weights.len() {
+        return Err(Error::DimensionMismatch {
+            expected: inputs.len(),
+            got: weights.len(),
+        });
+    }
+    if let Some(bad) = inputs.iter().find(|x| x.len() != out.len()) {
+        return Err(Error::DimensionMismatch {
+            expected: out.len(),
+            got: bad.len(),
+        });
+    }
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let start = c * CHUNK;
+        o.fill(0.0);
+        for (x, &w) in inputs.iter().zip(weights) {
+            let x = &x[start..start + o.len()];
+            for (a, &b) in o.iter_mut().zip(x) {
+                *a += w * b;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Sum of every value of every input, read once in the same chunked, parallel
+/// order as [`weighted_sum_into`]. It does the least work that still reads all
+/// bytes, which makes it the memory-bandwidth yardstick in the benches.
+pub fn streaming_sum(inputs: &[&[f32]]) -> f32 {
+    let len = inputs.iter().map(|x| x.len()).max().unwrap_or(0);
+    (0..len.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = [0.0f32; 16];
+            for x in inputs {
+                let s = &x[(c * CHUNK).min(x.len())..((c + 1) * CHUNK).min(x.len())];
+                let mut it = s.chunks_exact(16);
+                for block in &mut it {
+                    for (a, &b) in acc.iter_mut().zip(block) {
+                        *a += b;
+                    }
+                }
+                acc[0] += it.remainder().iter().sum::<f32>();
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum()
+}
+
+/// Federated averaging (McMahan et al., 2017): the mean of the updates weighted
+/// by their example counts. The reference aggregator.
+///
+/// ```
+/// use fedcore::{Aggregator, ClientUpdate, FedAvg, Parameters};
+/// let p = |v: f32| Parameters::from_tensors([("w", vec![2], vec![v, -v])]).unwrap();
+/// let updates = [
+///     ClientUpdate::new("a".into(), 1, 30, p(1.0)),
+///     ClientUpdate::new("b".into(), 1, 10, p(5.0)),
+/// ];
+/// let agg = FedAvg.aggregate(&updates)?;
+/// assert_eq!(agg.parameters.as_slice(), &[2.0, -2.0]);
+/// assert_eq!(agg.clients[0].weight, 0.75);
+/// # Ok::<(), fedcore::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FedAvg;
+
+impl Aggregator for FedAvg {
+    fn name(&self) -> String {
+        "fedavg".into()
+    }
+
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate> {
+        let first = ensure_aggregatable(updates)?;
+        let weights = example_weights(updates)?;
+        let inputs: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
+        let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+        let mut out = first.values.zeros_like();
+        weighted_sum_into(&inputs, &w32, out.as_mut_slice())?;
+        Ok(Aggregate {
+            parameters: out,
+            clients: updates
+                .iter()
+                .zip(weights)
+                .map(|(u, weight)| ClientDiagnostics {
+                    client: u.client.clone(),
+                    weight,
+                    distance: None,
+                    trust: None,
+                })
+                .collect(),
+            metrics: Metrics::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_sum_matches_naive_across_chunk_edges() {
+        let d = 3 * CHUNK + 17;
+        let xs: Vec<Vec<f32>> = (0..4)
+            .map(|k| {
+                (0..d)
+                    .map(|i| ((i * 7 + k * 13) % 101) as f32 - 50.0)
+                    .collect()
+            })
+            .collect();
+        let w = [0.1f32, 0.2, 0.3, 0.4];
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let mut out = vec![f32::NAN; d];
+        weighted_sum_into(&refs, &w, &mut out).unwrap();
+        for i in 0..d {
+            let expect: f64 = (0..4).map(|k| f64::from(w[k]) * f64::from(xs[k][i])).sum();
+            assert!((f64::from(out[i]) - expect).abs() < 1e-4, "index {i}");
+        }
+        let total: f64 = xs.iter().flatten().map(|&v| f64::from(v)).sum();
+        assert!((f64::from(streaming_sum(&refs)) - total).abs() < 1e-2 * total.abs().max(1.0));
+    }
+
+    #[test]
+    fn weighted_sum_rejects_wrong_lengths() {
+        let a = [1.0f32; 3];
+        let b = [1.0f32; 2];
+        let mut out = [0.0f32; 3];
+        assert!(weighted_sum_into(&[&a, &b], &[0.5, 0.5], &mut out).is_err());
+        assert!(weighted_sum_into(&[&a], &[0.5, 0.5], &mut out).is_err());
+    }
+
+    #[test]
+    fn zero_examples_everywhere_is_an_error() {
+        let p = Parameters::from_tensors([("w", vec![1], vec![1.0])]).unwrap();
+        let u = ClientUpdate::new("a".into(), 1, 0, p);
+        assert!(matches!(
+            FedAvg.aggregate(&[u]),
+            Err(Error::InvalidWeights { .. })
+        ));
+    }
+}

@@ -1,0 +1,395 @@
+//! Safetensors files and crash-safe checkpoints of a run.
+//!
+//! A checkpoint directory holds `model-<round>.safetensors` files and one
+//! `state.json` that names the current model file with its SHA-256 and holds
+//! the round history. Each file is written to a temporary name, synced and
+//! renamed into place; `state.json` is renamed last, so a crash at any point
+//! leaves the previous consistent checkpoint readable.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safetensors::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::events::RoundRecord;
+use crate::params::{Layout, Parameters, TensorSpec};
+
+/// Metadata key that records the tensor order of a `Parameters` value
+/// (safetensors itself sorts tensors by name).
+pub const ORDER_KEY: &str = "fedcore.order";
+
+struct F32View<'a> {
+    shape: &'a [usize],
+    values: &'a [f32],
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.values.len() * 4
+    }
+}
+
+/// Encodes parameters as a safetensors buffer that PyTorch's
+/// `safetensors.torch.load` reads; `metadata` goes into the header.
+pub fn to_safetensors(
+    params: &Parameters,
+    metadata: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<u8>> {
+    let mut meta: HashMap<String, String> = metadata.into_iter().collect();
+    let order: Vec<&str> = params
+        .layout()
+        .tensors()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    meta.insert(ORDER_KEY.into(), serde_json::to_string(&order)?);
+    let views = params.iter().map(|(spec, values)| {
+        (
+            spec.name.as_str(),
+            F32View {
+                shape: &spec.shape,
+                values,
+            },
+        )
+    });
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+fn decode_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    if view.dtype() != Dtype::F32 {
+        return Err(Error::Safetensors(format!(
+            "tensor `{name}` is {:?}, expected F32",
+            view.dtype()
+        )));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Decodes a safetensors buffer of F32 tensors. The tensor order is the one
+/// recorded by [`to_safetensors`], or the order in the file for foreign files.
+/// Returns the header metadata too.
+pub fn from_safetensors(bytes: &[u8]) -> Result<(Parameters, HashMap<String, String>)> {
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let st = SafeTensors::deserialize(bytes)?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let order: Vec<String> = match meta.get(ORDER_KEY) {
+        Some(o) => {
+            let order: Vec<String> = serde_json::from_str(o)
+                .map_err(|e| Error::Safetensors(format!("bad `{ORDER_KEY}` metadata: {e}")))?;
+            let mut sorted = order.clone();
+            sorted.sort();
+            let mut names: Vec<&str> = st.names();
+            names.sort_unstable();
+            if sorted.iter().map(String::as_str).ne(names.iter().copied()) {
+                return Err(Error::Safetensors(format!(
+                    "`{ORDER_KEY}` metadata does not list the file's tensors"
+                )));
+            }
+            order
+        }
+        None => header.offset_keys(),
+    };
+    let mut tensors = Vec::with_capacity(order.len());
+    for name in order {
+        let view = st.tensor(&name)?;
+        let values = decode_f32(&name, &view)?;
+        tensors.push((name, view.shape().to_vec(), values));
+    }
+    Ok((Parameters::from_tensors(tensors)?, meta))
+}
+
+/// Reads the tensors of `layout` from a safetensors buffer, by name. A tensor
+/// of the layout that is missing or has another shape is an error naming it;
+/// with `strict`, so is a tensor in the file that the layout lacks.
+pub fn load_into(bytes: &[u8], layout: &Arc<Layout>, strict: bool) -> Result<Parameters> {
+    let st = SafeTensors::deserialize(bytes)?;
+    let mut params = Parameters::zeros(layout.clone());
+    for TensorSpec { name, shape } in layout.tensors() {
+        let view = st.tensor(name).map_err(|_| Error::UnknownTensor {
+            name: format!("{name} (missing from the file)"),
+        })?;
+        if view.shape() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name: name.clone(),
+                expected: shape.clone(),
+                got: view.shape().to_vec(),
+            });
+        }
+        params
+            .tensor_mut(name)?
+            .copy_from_slice(&decode_f32(name, &view)?);
+    }
+    if strict
+        && let Some(extra) = st
+            .names()
+            .into_iter()
+            .find(|n| layout.position(n).is_none())
+    {
+        return Err(Error::UnknownTensor {
+            name: format!("{extra} (in the file but not in the model)"),
+        });
+    }
+    Ok(params)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory, synced, then renamed over `path`, then the directory synced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidConfig(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    // Make the rename itself durable.
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Saves parameters as a safetensors file, atomically.
+pub fn save_file(path: &Path, params: &Parameters) -> Result<()> {
+    write_atomic(path, &to_safetensors(params, [])?)
+}
+
+/// Loads a safetensors file written by [`save_file`] (or any F32 safetensors file).
+pub fn load_file(path: &Path) -> Result<Parameters> {
+    let bytes = fs::read(path)?;
+    from_safetensors(&bytes)
+        .map(|(p, _)| p)
+        .map_err(|e| Error::Checkpoint {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// The run's state saved next to each model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Format version of this file.
+    pub version: u32,
+    /// The seed the run was started with.
+    pub seed: u64,
+    /// The next round to run.
+    pub next_round: u64,
+    /// The model file, relative to the checkpoint directory.
+    pub model_file: String,
+    /// Lower-case hex SHA-256 of the model file.
+    pub model_sha256: String,
+    /// Every round so far, failed ones included.
+    pub history: Vec<RoundRecord>,
+}
+
+const STATE_FILE: &str = "state.json";
+const STATE_VERSION: u32 = 1;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A directory of checkpoints for one run.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    dir: PathBuf,
+    keep: usize,
+}
+
+impl CheckpointStore {
+    /// A store in `dir` (created when first saved) that keeps the `keep`
+    /// most recent model files (at least 1).
+    pub fn new(dir: impl Into<PathBuf>, keep: usize) -> Self {
+        Self {
+            dir: dir.into(),
+            keep: keep.max(1),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True when the directory holds a state file.
+    pub fn exists(&self) -> bool {
+        self.dir.join(STATE_FILE).exists()
+    }
+
+    /// Saves `global` and the run state; returns the model file's path.
+    /// `state.model_file` and `state.model_sha256` are filled in here.
+    pub fn save(&self, global: &Parameters, mut state: RunState) -> Result<PathBuf> {
+        fs::create_dir_all(&self.dir)?;
+        let round = state.next_round.saturating_sub(1);
+        let model_file = format!("model-{round:06}.safetensors");
+        let bytes = to_safetensors(global, [("fedcore.round".to_owned(), round.to_string())])?;
+        let model_path = self.dir.join(&model_file);
+        write_atomic(&model_path, &bytes)?;
+        state.version = STATE_VERSION;
+        state.model_sha256 = sha256_hex(&bytes);
+        state.model_file = model_file;
+        write_atomic(
+            &self.dir.join(STATE_FILE),
+            &serde_json::to_vec_pretty(&state)?,
+        )?;
+        self.prune(&state.model_file)?;
+        Ok(model_path)
+    }
+
+    fn prune(&self, current: &str) -> Result<()> {
+        let mut models: Vec<String> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("model-") && n.ends_with(".safetensors") && n != current)
+            .collect();
+        models.sort();
+        let excess = (models.len() + 1).saturating_sub(self.keep);
+        for old in models.into_iter().take(excess) {
+            fs::remove_file(self.dir.join(old))?;
+        }
+        Ok(())
+    }
+
+    /// Loads the latest checkpoint, checking the model file's hash and that its
+    /// tensors match `layout`. `Ok(None)` when the directory holds none.
+    pub fn load(&self, layout: &Arc<Layout>) -> Result<Option<(Parameters, RunState)>> {
+        let state_path = self.dir.join(STATE_FILE);
+        let bad = |path: &Path, reason: String| Error::Checkpoint {
+            path: path.to_owned(),
+            reason,
+        };
+        let state_bytes = match fs::read(&state_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let state: RunState = serde_json::from_slice(&state_bytes)
+            .map_err(|e| bad(&state_path, format!("not a valid state file: {e}")))?;
+        if state.version != STATE_VERSION {
+            return Err(bad(
+                &state_path,
+                format!("format version {} is not supported", state.version),
+            ));
+        }
+        if state.model_file.contains(['/', '\\']) || state.model_file.starts_with('.') {
+            return Err(bad(
+                &state_path,
+                "model file name is not a plain file name".into(),
+            ));
+        }
+        let model_path = self.dir.join(&state.model_file);
+        let bytes = fs::read(&model_path).map_err(|e| bad(&model_path, e.to_string()))?;
+        let digest = sha256_hex(&bytes);
+        if digest != state.model_sha256 {
+            return Err(bad(
+                &model_path,
+                format!(
+                    "SHA-256 is {digest}, the state file expects {}: the file is corrupt",
+                    state.model_sha256
+                ),
+            ));
+        }
+        let params =
+            load_into(&bytes, layout, true).map_err(|e| bad(&model_path, e.to_string()))?;
+        Ok(Some((params, state)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Parameters {
+        Parameters::from_tensors([
+            (
+                "z.weight",
+                vec![2, 3],
+                vec![1.5, -2.0, 3.25, f32::MIN_POSITIVE, -0.0, 7.0],
+            ),
+            ("a.bias", vec![2], vec![0.1, 0.2]),
+            ("scalar", vec![], vec![42.0]),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trip_is_bit_exact_and_keeps_order() {
+        let p = sample();
+        let bytes = to_safetensors(&p, [("k".to_owned(), "v".to_owned())]).unwrap();
+        let (q, meta) = from_safetensors(&bytes).unwrap();
+        assert_eq!(meta.get("k").map(String::as_str), Some("v"));
+        assert_eq!(p.layout().tensors(), q.layout().tensors());
+        let bits = |x: &Parameters| x.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p), bits(&q));
+        let r = load_into(&bytes, p.layout(), true).unwrap();
+        assert_eq!(bits(&p), bits(&r));
+    }
+
+    #[test]
+    fn load_into_names_missing_and_mismatched_tensors() {
+        let p = sample();
+        let bytes = to_safetensors(&p, []).unwrap();
+        let other = Parameters::from_tensors([("z.weight", vec![3, 2], vec![0.0; 6])]).unwrap();
+        let e = load_into(&bytes, other.layout(), false).unwrap_err();
+        assert!(
+            matches!(e, Error::ShapeMismatch { ref name, .. } if name == "z.weight"),
+            "{e}"
+        );
+        let e = load_into(&bytes, other.layout(), true).unwrap_err();
+        assert!(e.to_string().contains("z.weight"));
+        let missing = Parameters::from_tensors([("nope", vec![1], vec![0.0])]).unwrap();
+        let e = load_into(&bytes, missing.layout(), false).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let subset = Parameters::from_tensors([("a.bias", vec![2], vec![0.0; 2])]).unwrap();
+        assert!(load_into(&bytes, subset.layout(), false).is_ok());
+        let e = load_into(&bytes, subset.layout(), true).unwrap_err();
+        assert!(e.to_string().contains("not in the model"), "{e}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let bytes = to_safetensors(&sample(), []).unwrap();
+        for cut in [0, 1, 7, 8, 20, bytes.len() - 1] {
+            assert!(from_safetensors(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut header_flip = bytes.clone();
+        header_flip[10] ^= 0xff;
+        assert!(from_safetensors(&header_flip).is_err());
+        assert!(from_safetensors(b"not a safetensors file at all").is_err());
+    }
+}

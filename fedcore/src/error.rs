@@ -1,0 +1,137 @@
+//! The error type of the core crate.
+
+use std::path::PathBuf;
+
+use crate::ClientId;
+
+/// Everything that can go wrong in `fedcore`.
+///
+/// Variants are structured so that callers can react to them (and so that a
+/// dashboard can show them) without parsing strings.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A flat vector had the wrong number of elements.
+    #[error("dimension mismatch: expected {expected} values, got {got}")]
+    DimensionMismatch {
+        /// Elements the layout calls for.
+        expected: usize,
+        /// Elements that were supplied.
+        got: usize,
+    },
+    /// A tensor name that the layout does not contain.
+    #[error("unknown tensor `{name}`")]
+    UnknownTensor {
+        /// The name that was looked up.
+        name: String,
+    },
+    /// A tensor name given twice when building a layout.
+    #[error("tensor `{name}` appears twice")]
+    DuplicateTensor {
+        /// The repeated name.
+        name: String,
+    },
+    /// A tensor whose shape differs from the one the layout expects.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The tensor.
+        name: String,
+        /// The shape the layout holds.
+        expected: Vec<usize>,
+        /// The shape that was supplied.
+        got: Vec<usize>,
+    },
+    /// Two parameter sets whose layouts differ (names, order or shapes).
+    #[error("layout mismatch at tensor #{position}: expected {expected}, got {got}")]
+    LayoutMismatch {
+        /// Index of the first tensor that differs.
+        position: usize,
+        /// The expected tensor (`name[shape]`), or `nothing` past the end.
+        expected: String,
+        /// The tensor found (`name[shape]`), or `nothing` past the end.
+        got: String,
+    },
+    /// An aggregator was called with no updates.
+    #[error("no updates to aggregate")]
+    EmptyUpdates,
+    /// An aggregator was given weights that cannot be used (all zero, negative, not finite).
+    #[error("invalid aggregation weights: {reason}")]
+    InvalidWeights {
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// Fewer valid updates than the quorum arrived before the round deadline;
+    /// the global model is unchanged.
+    #[error(
+        "round {round}: {accepted} valid update(s), quorum is {required}; {} failure(s): {}",
+        failures.len(),
+        summarize_failures(failures)
+    )]
+    QuorumNotReached {
+        /// The round that failed.
+        round: u64,
+        /// `min_fit_clients`.
+        required: usize,
+        /// Valid updates received.
+        accepted: usize,
+        /// Why the others did not count.
+        failures: Vec<(ClientId, String)>,
+    },
+    /// Not enough connected clients to start a round.
+    #[error("{available} client(s) connected, at least {required} required")]
+    NotEnoughClients {
+        /// Clients the transport reports as connected.
+        available: usize,
+        /// `min_available_clients` (or the quorum, whichever is larger).
+        required: usize,
+    },
+    /// A configuration value that cannot work.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A checkpoint that cannot be read or is not consistent.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The file that failed.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A safetensors buffer that cannot be decoded.
+    #[error("safetensors: {0}")]
+    Safetensors(String),
+    /// A model failed to train or evaluate.
+    #[error("model: {0}")]
+    Model(String),
+    /// A transport failed to reach a client.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// A privacy mechanism refused or failed.
+    #[error("privacy: {0}")]
+    Privacy(String),
+    /// The run was asked to stop.
+    #[error("stopped by request")]
+    Stopped,
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A JSON (de)serialization error.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+fn summarize_failures(failures: &[(ClientId, String)]) -> String {
+    failures
+        .iter()
+        .map(|(c, r)| format!("{c}: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<safetensors::SafeTensorError> for Error {
+    fn from(e: safetensors::SafeTensorError) -> Self {
+        Error::Safetensors(e.to_string())
+    }
+}
+
+/// Shorthand for `std::result::Result<T, fedcore::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

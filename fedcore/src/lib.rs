@@ -1,0 +1,86 @@
+//! # fedcore
+//!
+//! The core of a federated-learning library for sites that must not share raw
+//! data — for example hospitals training one chest X-ray model together.
+//!
+//! It holds the pieces every deployment needs and nothing heavy:
+//!
+//! - [`Parameters`]: named f32 tensors with shapes, stored as one flat vector
+//!   plus a [`Layout`], so that aggregation is a loop over slices.
+//! - Four small traits: [`Model`] (what a client trains), [`Aggregator`]
+//!   (how updates combine), [`PrivacyMechanism`] (what runs on an outgoing
+//!   update), [`Transport`] (how the server reaches clients).
+//! - [`Server`], the round orchestrator: seeded sampling, a per-round
+//!   deadline, a quorum, validation of every update with a reason for each
+//!   rejection, events for dashboards and logs, crash-safe checkpoints and
+//!   [`Server::resume`].
+//! - [`FedAvg`], the reference aggregator; [`memory::InMemoryTransport`]
+//!   with fault injection; [`checkpoint`] for safetensors files PyTorch reads;
+//!   [`linear::SoftmaxRegression`], a tiny pure-Rust model for tests and demos.
+//!
+//! Robust aggregation lives in `fedcore-robust`, differential privacy in
+//! `fedcore-dp`, CKKS encryption in `fedcore-he`.
+//!
+//! ## Getting started
+//!
+//! Five clients, each with its own data, ten rounds of FedAvg, one client
+//! sending NaN every round: the round goes on without it and says why.
+//!
+//! ```
+//! use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
+//! use fedcore::memory::{Fault, InMemoryTransport};
+//! use fedcore::{FedAvg, Model, ModelClient, Server, ServerConfig, ServerEvent};
+//!
+//! let mut transport = InMemoryTransport::new();
+//! for i in 0..5u64 {
+//!     let data = synthetic_blobs((1 << 16) + i, 200, 8, 4, 2.0);
+//!     transport.add_client(ModelClient::new(format!("hospital-{i}"), SoftmaxRegression::new(8, 4), data))?;
+//! }
+//! transport.inject(&"hospital-4".into(), Some(Fault::CorruptNan))?;
+//!
+//! let config = ServerConfig { rounds: 10, min_fit_clients: 3, ..ServerConfig::default() };
+//! let mut server = Server::new(config, SoftmaxRegression::new(8, 4).parameters(), transport, FedAvg)?;
+//! let (tx, events) = std::sync::mpsc::channel();
+//! server.subscribe(tx);
+//! server.run()?;
+//!
+//! let last = server.history().last().unwrap();
+//! assert_eq!(last.accepted.len(), 4);
+//! assert!(last.failures[0].reason.to_string().contains("non-finite"));
+//! assert!(events.try_iter().any(|e| matches!(e, ServerEvent::UpdateRejected { .. })));
+//! # Ok::<(), fedcore::Error>(())
+//! ```
+//!
+//! ## Features
+//!
+//! - `testkit`: [`contract`], the suite every `Aggregator` must pass.
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+pub mod checkpoint;
+pub mod client;
+#[cfg(feature = "testkit")]
+pub mod contract;
+pub mod error;
+pub mod events;
+pub mod linear;
+pub mod memory;
+pub mod model;
+pub mod params;
+pub mod privacy;
+pub mod server;
+pub mod transport;
+pub mod update;
+
+pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
+pub use client::{Client, EvaluateIns, FitIns, ModelClient};
+pub use error::{Error, Result};
+pub use events::{
+    AcceptedUpdate, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord, ServerEvent,
+};
+pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
+pub use params::{Layout, Parameters, TensorSpec};
+pub use privacy::{PrivacyCost, PrivacyMechanism};
+pub use server::{Server, ServerConfig};
+pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
+pub use update::{ClientId, ClientUpdate, Metrics, Protection, UpdateKind};

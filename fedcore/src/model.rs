@@ -1,0 +1,135 @@
+//! The `Model` trait: what a client trains.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::params::Parameters;
+use crate::update::Metrics;
+
+/// The optimizer a client uses for local training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Optimizer {
+    /// Stochastic gradient descent with (heavy-ball) momentum; `momentum = 0` is plain SGD.
+    Sgd {
+        /// Momentum factor in `[0, 1)`.
+        momentum: f64,
+    },
+    /// Adam (Kingma & Ba, 2015).
+    Adam {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Denominator offset.
+        eps: f64,
+    },
+}
+
+impl Optimizer {
+    /// Adam with the usual defaults (0.9, 0.999, 1e-8).
+    pub fn adam() -> Self {
+        Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+/// Local training settings sent by the server with every fit request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the local data.
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Step size.
+    pub learning_rate: f64,
+    /// The optimizer (its state starts fresh each round).
+    pub optimizer: Optimizer,
+    /// Seed for shuffling and any other randomness in training. The server
+    /// derives a distinct one per round and client, so runs are reproducible.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    /// One epoch, batch 32, SGD with learning rate 0.1 and no momentum, seed 0.
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd { momentum: 0.0 },
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks that the settings can work.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: &str| Err(crate::Error::InvalidConfig(m.to_owned()));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("learning_rate must be positive and finite");
+        }
+        match self.optimizer {
+            Optimizer::Sgd { momentum } if !(0.0..1.0).contains(&momentum) => {
+                bad("SGD momentum must be in [0, 1)")
+            }
+            Optimizer::Adam { beta1, beta2, eps }
+                if !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2) && eps > 0.0) =>
+            {
+                bad("Adam betas must be in [0, 1) and eps positive")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What local training reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitOutput {
+    /// Examples trained on (the FedAvg weight).
+    pub num_examples: u64,
+    /// Training metrics, e.g. `loss`.
+    pub metrics: Metrics,
+}
+
+/// The result of evaluating a model on some data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Mean loss.
+    pub loss: f64,
+    /// Examples evaluated.
+    pub num_examples: u64,
+    /// Other metrics (`accuracy`, per-label AUROC, ...).
+    pub metrics: Metrics,
+}
+
+/// A trainable model whose state is a [`Parameters`] value.
+///
+/// `Data` is whatever the model trains on (an in-memory dataset, a streaming
+/// loader); the model does not own it, so one model type serves every client.
+pub trait Model: Send {
+    /// The local data this model trains and evaluates on.
+    type Data: ?Sized;
+
+    /// The current parameters (a copy).
+    fn parameters(&self) -> Parameters;
+
+    /// Replaces the parameters; a different layout is an error.
+    fn set_parameters(&mut self, parameters: &Parameters) -> Result<()>;
+
+    /// Trains on `data` from the current parameters.
+    fn fit(&mut self, data: &Self::Data, config: &TrainConfig) -> Result<FitOutput>;
+
+    /// Evaluates the current parameters on `data`.
+    fn evaluate(&mut self, data: &Self::Data) -> Result<Evaluation>;
+}

@@ -1,0 +1,511 @@
+//! Named f32 tensors stored in one flat, contiguous vector.
+//!
+//! A [`Layout`] lists the tensors (name and shape) in a fixed order; a
+//! [`Parameters`] value pairs a shared layout with one `Vec<f32>` that holds
+//! every tensor back to back. Aggregators work on the flat slice (a loop that
+//! rayon can split), models and checkpoints work by tensor name.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use ndarray::{ArrayView1, ArrayViewD, IxDyn};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Name and shape of one tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// The tensor's name, e.g. `features.conv0.weight`.
+    pub name: String,
+    /// The tensor's shape; the empty shape is a scalar.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// A spec from a name and a shape.
+    pub fn new(name: impl Into<String>, shape: impl Into<Vec<usize>>) -> Self {
+        Self {
+            name: name.into(),
+            shape: shape.into(),
+        }
+    }
+
+    /// Number of elements (the product of the shape).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{:?}", self.name, self.shape)
+    }
+}
+
+/// The ordered list of tensors in a parameter vector and where each one lives.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    specs: Vec<TensorSpec>,
+    /// `offsets[i]..offsets[i + 1]` is tensor `i`; `offsets.len() == specs.len() + 1`.
+    offsets: Vec<usize>,
+    index: HashMap<String, usize>,
+}
+
+impl Layout {
+    /// Builds a layout; a repeated name or a size that overflows `usize` is an error.
+    pub fn new(specs: impl IntoIterator<Item = TensorSpec>) -> Result<Self> {
+        let specs: Vec<TensorSpec> = specs.into_iter().collect();
+        let mut offsets = Vec::with_capacity(specs.len() + 1);
+        let mut index = HashMap::with_capacity(specs.len());
+        let mut total = 0usize;
+        offsets.push(0);
+        for (i, spec) in specs.iter().enumerate() {
+            if index.insert(spec.name.clone(), i).is_some() {
+                return Err(Error::DuplicateTensor {
+                    name: spec.name.clone(),
+                });
+            }
+            let n = spec
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .and_then(|n| total.checked_add(n).map(|t| (n, t)));
+            let Some((_, t)) = n else {
+                return Err(Error::InvalidConfig(format!(
+                    "tensor `{}` with shape {:?} is too large",
+                    spec.name, spec.shape
+                )));
+            };
+            total = t;
+            offsets.push(total);
+        }
+        Ok(Self {
+            specs,
+            offsets,
+            index,
+        })
+    }
+
+    /// Total number of f32 values.
+    pub fn len(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// True when the layout holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tensors, in order.
+    pub fn tensors(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// Position of a tensor in the order, if present.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// The tensor called `name`, if present.
+    pub fn spec(&self, name: &str) -> Option<&TensorSpec> {
+        self.position(name).map(|i| &self.specs[i])
+    }
+
+    /// The range of the flat vector that holds tensor number `i`.
+    pub fn range_at(&self, i: usize) -> Range<usize> {
+        self.offsets[i]..self.offsets[i + 1]
+    }
+
+    /// The range of the flat vector that holds `name`.
+    pub fn range(&self, name: &str) -> Result<Range<usize>> {
+        self.position(name)
+            .map(|i| self.range_at(i))
+            .ok_or_else(|| Error::UnknownTensor {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Checks that `other` has the same tensors, in the same order, with the same shapes.
+    pub fn ensure_same(&self, other: &Layout) -> Result<()> {
+        let n = self.specs.len().max(other.specs.len());
+        for position in 0..n {
+            let (a, b) = (self.specs.get(position), other.specs.get(position));
+            if a != b {
+                let show =
+                    |s: Option<&TensorSpec>| s.map_or("nothing".to_owned(), |s| s.to_string());
+                return Err(Error::LayoutMismatch {
+                    position,
+                    expected: show(a),
+                    got: show(b),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Name of the tensor that holds flat index `i` and the index inside it.
+    pub fn locate(&self, i: usize) -> Option<(&str, usize)> {
+        if i >= self.len() {
+            return None;
+        }
+        // offsets is sorted; find the last offset <= i among tensors with elements.
+        let t = self.offsets.partition_point(|&o| o <= i) - 1;
+        Some((&self.specs[t].name, i - self.offsets[t]))
+    }
+}
+
+impl PartialEq for Layout {
+    fn eq(&self, other: &Self) -> bool {
+        self.specs == other.specs
+    }
+}
+
+impl Eq for Layout {}
+
+/// Where the first non-finite value of a parameter vector sits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NonFinite {
+    /// The tensor holding it.
+    pub tensor: String,
+    /// Its index inside that tensor (row-major).
+    pub index: usize,
+    /// The value (NaN or ±Inf), as text so that it survives JSON.
+    pub value: String,
+}
+
+/// Named f32 tensors with shapes, stored flat.
+///
+/// ```
+/// use fedcore::Parameters;
+/// let p = Parameters::from_tensors([
+///     ("fc.weight", vec![2, 3], vec![1.0; 6]),
+///     ("fc.bias", vec![2], vec![0.5, -0.5]),
+/// ])?;
+/// assert_eq!(p.len(), 8);
+/// assert_eq!(p.tensor("fc.bias")?, &[0.5, -0.5]);
+/// assert!(p.tensor("fc.scale").is_err());
+/// # Ok::<(), fedcore::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Parameters {
+    layout: Arc<Layout>,
+    values: Vec<f32>,
+}
+
+impl PartialEq for Parameters {
+    fn eq(&self, other: &Self) -> bool {
+        (Arc::ptr_eq(&self.layout, &other.layout) || self.layout == other.layout)
+            && self.values == other.values
+    }
+}
+
+impl Parameters {
+    /// Pairs a layout with its flat values; the length must match.
+    pub fn new(layout: Arc<Layout>, values: Vec<f32>) -> Result<Self> {
+        if values.len() != layout.len() {
+            return Err(Error::DimensionMismatch {
+                expected: layout.len(),
+                got: values.len(),
+            });
+        }
+        Ok(Self { layout, values })
+    }
+
+    /// All zeros in the given layout.
+    pub fn zeros(layout: Arc<Layout>) -> Self {
+        let values = vec![0.0; layout.len()];
+        Self { layout, values }
+    }
+
+    /// Zeros with the same layout as `self`.
+    pub fn zeros_like(&self) -> Self {
+        Self::zeros(self.layout.clone())
+    }
+
+    /// Builds parameters from `(name, shape, values)` triples, in that order.
+    pub fn from_tensors<I, S>(tensors: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = (S, Vec<usize>, Vec<f32>)>,
+        S: Into<String>,
+    {
+        let mut specs = Vec::new();
+        let mut values = Vec::new();
+        for (name, shape, data) in tensors {
+            let spec = TensorSpec::new(name, shape);
+            if data.len() != spec.numel() {
+                return Err(Error::ShapeMismatch {
+                    got: vec![data.len()],
+                    expected: spec.shape,
+                    name: spec.name,
+                });
+            }
+            values.extend_from_slice(&data);
+            specs.push(spec);
+        }
+        let layout = Arc::new(Layout::new(specs)?);
+        Self::new(layout, values)
+    }
+
+    /// The shared layout.
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
+    }
+
+    /// Number of f32 values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// True when there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The flat values.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// The flat values, mutable (the layout cannot change through this).
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+
+    /// The flat values as an ndarray view.
+    pub fn view(&self) -> ArrayView1<'_, f32> {
+        ArrayView1::from(&self.values[..])
+    }
+
+    /// Gives up the layout and returns the flat values.
+    pub fn into_vec(self) -> Vec<f32> {
+        self.values
+    }
+
+    /// The values of one tensor.
+    pub fn tensor(&self, name: &str) -> Result<&[f32]> {
+        Ok(&self.values[self.layout.range(name)?])
+    }
+
+    /// The values of one tensor, mutable.
+    pub fn tensor_mut(&mut self, name: &str) -> Result<&mut [f32]> {
+        let r = self.layout.range(name)?;
+        Ok(&mut self.values[r])
+    }
+
+    /// One tensor as an n-dimensional view with its shape.
+    pub fn tensor_view(&self, name: &str) -> Result<ArrayViewD<'_, f32>> {
+        let i = self
+            .layout
+            .position(name)
+            .ok_or_else(|| Error::UnknownTensor {
+                name: name.to_owned(),
+            })?;
+        let spec = &self.layout.tensors()[i];
+        ArrayViewD::from_shape(IxDyn(&spec.shape), &self.values[self.layout.range_at(i)])
+            .map_err(|e| Error::InvalidConfig(format!("tensor `{name}`: {e}")))
+    }
+
+    /// Overwrites one tensor; `shape` must equal the layout's shape for it.
+    pub fn set_tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+        let i = self
+            .layout
+            .position(name)
+            .ok_or_else(|| Error::UnknownTensor {
+                name: name.to_owned(),
+            })?;
+        let spec = &self.layout.tensors()[i];
+        if spec.shape != shape || values.len() != spec.numel() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_owned(),
+                expected: spec.shape.clone(),
+                got: if values.len() == shape.iter().product::<usize>() {
+                    shape.to_vec()
+                } else {
+                    vec![values.len()]
+                },
+            });
+        }
+        let r = self.layout.range_at(i);
+        self.values[r].copy_from_slice(values);
+        Ok(())
+    }
+
+    /// Iterates over `(spec, values)` in layout order.
+    pub fn iter(&self) -> impl Iterator<Item = (&TensorSpec, &[f32])> {
+        self.layout
+            .tensors()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s, &self.values[self.layout.range_at(i)]))
+    }
+
+    /// Checks that `other` has the same layout.
+    pub fn ensure_compatible(&self, other: &Parameters) -> Result<()> {
+        if Arc::ptr_eq(&self.layout, &other.layout) {
+            return Ok(());
+        }
+        self.layout.ensure_same(&other.layout)
+    }
+
+    /// The first NaN or infinite value, if any.
+    pub fn first_non_finite(&self) -> Option<NonFinite> {
+        let i = self.values.iter().position(|v| !v.is_finite())?;
+        let (tensor, index) = self.layout.locate(i)?;
+        Some(NonFinite {
+            tensor: tensor.to_owned(),
+            index,
+            value: self.values[i].to_string(),
+        })
+    }
+
+    /// Euclidean norm of all values (accumulated in f64).
+    pub fn l2_norm(&self) -> f64 {
+        l2_norm(&self.values)
+    }
+
+    /// `self - other`, element-wise; layouts must match.
+    pub fn sub(&self, other: &Parameters) -> Result<Parameters> {
+        self.ensure_compatible(other)?;
+        let values = self
+            .values
+            .iter()
+            .zip(&other.values)
+            .map(|(a, b)| a - b)
+            .collect();
+        Ok(Parameters {
+            layout: self.layout.clone(),
+            values,
+        })
+    }
+
+    /// `self += alpha * x`, element-wise; layouts must match.
+    pub fn axpy(&mut self, alpha: f32, x: &Parameters) -> Result<()> {
+        self.ensure_compatible(x)?;
+        for (a, b) in self.values.iter_mut().zip(&x.values) {
+            *a += alpha * b;
+        }
+        Ok(())
+    }
+
+    /// Multiplies every value by `s`.
+    pub fn scale(&mut self, s: f32) {
+        self.values.iter_mut().for_each(|v| *v *= s);
+    }
+
+    /// A new value with the same layout and other flat values.
+    pub fn with_values(&self, values: Vec<f32>) -> Result<Parameters> {
+        Parameters::new(self.layout.clone(), values)
+    }
+}
+
+/// Euclidean norm of a slice, accumulated in f64 for accuracy.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    values
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Parameters {
+        Parameters::from_tensors([
+            ("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+            ("empty", vec![0], vec![]),
+            ("b", vec![], vec![5.0]),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn tensors_by_name() {
+        let p = sample();
+        assert_eq!(p.len(), 5);
+        assert_eq!(p.tensor("a").unwrap(), &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(p.tensor("b").unwrap(), &[5.0]);
+        assert_eq!(p.tensor_view("a").unwrap().shape(), &[2, 2]);
+        assert!(matches!(p.tensor("c"), Err(Error::UnknownTensor { .. })));
+    }
+
+    #[test]
+    fn wrong_lengths_and_shapes_are_typed_errors() {
+        let p = sample();
+        assert!(matches!(
+            Parameters::new(p.layout().clone(), vec![0.0; 4]),
+            Err(Error::DimensionMismatch {
+                expected: 5,
+                got: 4
+            })
+        ));
+        let mut q = p.clone();
+        assert!(matches!(
+            q.set_tensor("a", &[4], &[0.0; 4]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            q.set_tensor("a", &[2, 2], &[0.0; 3]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        q.set_tensor("a", &[2, 2], &[9.0; 4]).unwrap();
+        assert_eq!(q.tensor("a").unwrap(), &[9.0; 4]);
+        assert!(matches!(
+            Parameters::from_tensors([("x", vec![3], vec![1.0])]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            Parameters::from_tensors([("x", vec![1], vec![1.0]), ("x", vec![1], vec![1.0])]),
+            Err(Error::DuplicateTensor { .. })
+        ));
+    }
+
+    #[test]
+    fn layout_mismatch_names_the_tensor() {
+        let p = sample();
+        let q = Parameters::from_tensors([("a", vec![4], vec![1.0; 4])]).unwrap();
+        let err = p.ensure_compatible(&q).unwrap_err();
+        match err {
+            Error::LayoutMismatch {
+                position,
+                expected,
+                got,
+            } => {
+                assert_eq!(position, 0);
+                assert_eq!(expected, "a[2, 2]");
+                assert_eq!(got, "a[4]");
+            }
+            e => panic!("unexpected {e}"),
+        }
+        assert!(p.sub(&q).is_err());
+    }
+
+    #[test]
+    fn locate_skips_empty_tensors() {
+        let p = sample();
+        assert_eq!(p.layout().locate(3), Some(("a", 3)));
+        assert_eq!(p.layout().locate(4), Some(("b", 0)));
+        assert_eq!(p.layout().locate(5), None);
+        let mut q = p.clone();
+        q.as_mut_slice()[4] = f32::NAN;
+        let nf = q.first_non_finite().unwrap();
+        assert_eq!((nf.tensor.as_str(), nf.index), ("b", 0));
+        assert!(p.first_non_finite().is_none());
+    }
+
+    #[test]
+    fn arithmetic() {
+        let p = sample();
+        let mut d = p.sub(&p).unwrap();
+        assert!(d.as_slice().iter().all(|&v| v == 0.0));
+        d.axpy(2.0, &p).unwrap();
+        assert_eq!(d.tensor("b").unwrap(), &[10.0]);
+        d.scale(0.5);
+        assert_eq!(d, p);
+        assert!((p.l2_norm() - 55f64.sqrt()).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,125 @@
+//! What a client sends back after local training.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::Parameters;
+use crate::privacy::PrivacyCost;
+
+/// Named scalar metrics (`loss`, `accuracy`, `auroc_macro`, ...).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// A participant's identity, e.g. `hospital-1`. With the network transport it is
+/// the identity in the participant's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// A client id from any string.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for ClientId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for ClientId {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+/// Whether an update holds the client's new weights or the change it made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateKind {
+    /// `local - global` (the default; what clipping and robust aggregation expect).
+    #[default]
+    Delta,
+    /// The client's full local weights; the server turns them into a delta.
+    Weights,
+}
+
+/// One protection that ran on an update, recorded so that the server and the
+/// dashboard can show which mechanisms were applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Protection {
+    /// The mechanism, e.g. `clip(l2<=1.0)+gaussian(sigma=1.1)`.
+    pub mechanism: String,
+    /// The privacy cost it reported.
+    pub cost: PrivacyCost,
+}
+
+/// A client's answer to a fit request.
+///
+/// Construct with [`ClientUpdate::new`] and the `with_*` methods; fields are
+/// public to read and to adjust (attack simulators and tests do).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ClientUpdate {
+    /// Who sent it.
+    pub client: ClientId,
+    /// The round it answers.
+    pub round: u64,
+    /// Number of local training examples (the FedAvg weight).
+    pub num_examples: u64,
+    /// Delta or weights.
+    pub kind: UpdateKind,
+    /// The values, in the global model's layout.
+    pub values: Parameters,
+    /// Training metrics reported by the client.
+    pub metrics: Metrics,
+    /// Protections applied to `values` before they left the client, in order.
+    pub provenance: Vec<Protection>,
+}
+
+impl ClientUpdate {
+    /// A delta update with no metrics and no provenance.
+    pub fn new(client: ClientId, round: u64, num_examples: u64, values: Parameters) -> Self {
+        Self {
+            client,
+            round,
+            num_examples,
+            kind: UpdateKind::Delta,
+            values,
+            metrics: Metrics::new(),
+            provenance: Vec::new(),
+        }
+    }
+
+    /// Sets the kind.
+    pub fn with_kind(mut self, kind: UpdateKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Sets the metrics.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Appends a protection record.
+    pub fn with_protection(mut self, protection: Protection) -> Self {
+        self.provenance.push(protection);
+        self
+    }
+}

@@ -1,0 +1,249 @@
+//! End-to-end rounds of the orchestrator over the in-memory transport.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use fedcore::linear::SoftmaxRegression;
+use fedcore::memory::Fault;
+use fedcore::{
+    ClientId, Error, Failure, FedAvg, Model, Rejection, RoundOutcome, Server, ServerEvent,
+};
+
+#[test]
+fn five_clients_ten_rounds_loss_falls() {
+    let mut server = Server::new(config(10), initial(), federation(5), FedAvg).unwrap();
+    server.set_evaluator(|p| {
+        let mut m = SoftmaxRegression::new(DIM, CLASSES);
+        m.set_parameters(p)?;
+        m.evaluate(&test_data())
+    });
+    let before = central_loss(server.global());
+    server.run().unwrap();
+    let losses: Vec<f64> = server
+        .history()
+        .iter()
+        .map(|r| r.evaluation.as_ref().unwrap().loss)
+        .collect();
+    assert_eq!(losses.len(), 10);
+    assert!(
+        losses[0] < before,
+        "first round improves on the initial model"
+    );
+    assert!(
+        losses[9] < 0.6 * before,
+        "loss should fall clearly: {before} -> {losses:?}"
+    );
+    let acc = server.history()[9].evaluation.as_ref().unwrap().metrics["accuracy"];
+    assert!(acc > 0.8, "accuracy {acc}");
+    for r in server.history() {
+        assert_eq!(r.outcome, RoundOutcome::Completed);
+        assert_eq!(r.accepted.len(), 5);
+        assert!(r.failures.is_empty());
+        let total: f64 = r.accepted.iter().map(|a| a.weight).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert!(r.train_metrics.contains_key("loss"));
+    }
+}
+
+#[test]
+fn dropout_and_nan_clients_are_reported_and_the_run_completes() {
+    let transport = federation(5);
+    transport
+        .inject(&ClientId::new(name(1)), Some(Fault::Drop))
+        .unwrap();
+    transport
+        .inject(&ClientId::new(name(3)), Some(Fault::CorruptNan))
+        .unwrap();
+    let mut server = Server::new(config(10), initial(), transport, FedAvg).unwrap();
+    let (tx, rx) = mpsc::channel();
+    server.subscribe(tx);
+    let before = central_loss(server.global());
+    server.run().unwrap();
+    assert!(central_loss(server.global()) < 0.6 * before);
+
+    for r in server.history() {
+        assert_eq!(r.outcome, RoundOutcome::Completed);
+        let accepted: Vec<&str> = r.accepted.iter().map(|a| a.client.as_str()).collect();
+        assert_eq!(accepted, ["hospital-0", "hospital-2", "hospital-4"]);
+        assert_eq!(r.failures.len(), 2);
+        assert_eq!(r.failures[0].client.as_str(), "hospital-1");
+        assert!(matches!(r.failures[0].reason, Failure::Disconnected(_)));
+        assert_eq!(r.failures[1].client.as_str(), "hospital-3");
+        match &r.failures[1].reason {
+            Failure::Rejected(Rejection::NonFinite(nf)) => {
+                assert_eq!(nf.tensor, "linear.weight");
+                assert_eq!(nf.index, 0);
+            }
+            other => panic!("expected a NaN rejection, got {other:?}"),
+        }
+        assert!(r.failures[1].reason.to_string().contains("NaN"));
+    }
+
+    let events: Vec<ServerEvent> = rx.try_iter().collect();
+    let rejected = events
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::UpdateRejected { .. }))
+        .count();
+    let accepted = events
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::UpdateAccepted { .. }))
+        .count();
+    let finished = events
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::RoundFinished { .. }))
+        .count();
+    assert_eq!((rejected, accepted, finished), (20, 30, 10));
+    // Events serialize for dashboards and logs.
+    let json = serde_json::to_string(&events[0]).unwrap();
+    assert!(json.contains("\"event\":\"round_started\""), "{json}");
+}
+
+#[test]
+fn late_stale_and_failing_clients_are_rejected_with_reasons() {
+    let transport = federation(5);
+    transport
+        .inject(
+            &ClientId::new(name(0)),
+            Some(Fault::Delay(Duration::from_millis(1500))),
+        )
+        .unwrap();
+    transport
+        .inject(&ClientId::new(name(2)), Some(Fault::StaleRound))
+        .unwrap();
+    transport
+        .inject(
+            &ClientId::new(name(4)),
+            Some(Fault::Error("disk full".into())),
+        )
+        .unwrap();
+    let mut cfg = config(1);
+    cfg.min_fit_clients = 2;
+    cfg.round_timeout = Duration::from_millis(500);
+    let mut server = Server::new(cfg, initial(), transport, FedAvg).unwrap();
+    let r = server.run_round().unwrap().clone();
+    let reasons: Vec<(String, String)> = r
+        .failures
+        .iter()
+        .map(|f| (f.client.to_string(), f.reason.to_string()))
+        .collect();
+    assert_eq!(r.accepted.len(), 2, "{reasons:?}");
+    assert!(
+        matches!(r.failures[0].reason, Failure::Timeout(500)),
+        "{reasons:?}"
+    );
+    assert!(matches!(
+        r.failures[1].reason,
+        Failure::Rejected(Rejection::StaleRound {
+            expected: 1,
+            got: 0
+        })
+    ));
+    assert_eq!(
+        r.failures[2].reason,
+        Failure::ClientError("disk full".into())
+    );
+}
+
+#[test]
+fn too_few_valid_updates_is_a_typed_error_and_the_model_is_unchanged() {
+    let transport = federation(3);
+    transport
+        .inject(&ClientId::new(name(0)), Some(Fault::CorruptNan))
+        .unwrap();
+    let mut server = Server::new(config(3), initial(), transport, FedAvg).unwrap();
+    let (tx, rx) = mpsc::channel();
+    server.subscribe(tx);
+    let before = server.global().clone();
+    let err = server.run_round().unwrap_err();
+    match &err {
+        Error::QuorumNotReached {
+            round,
+            required,
+            accepted,
+            failures,
+        } => {
+            assert_eq!((*round, *required, *accepted), (1, 3, 2));
+            assert_eq!(failures[0].0.as_str(), "hospital-0");
+        }
+        e => panic!("expected QuorumNotReached, got {e}"),
+    }
+    assert!(err.to_string().contains("hospital-0"), "{err}");
+    assert_eq!(server.global(), &before);
+    assert_eq!(server.history()[0].outcome, RoundOutcome::QuorumNotReached);
+    assert!(
+        rx.try_iter()
+            .any(|e| matches!(e, ServerEvent::RoundFailed { .. }))
+    );
+
+    // The next round runs once the client is healthy again.
+    server
+        .transport_mut()
+        .inject(&ClientId::new(name(0)), None)
+        .unwrap();
+    assert_eq!(server.run_round().unwrap().round, 2);
+    assert_ne!(server.global(), &before);
+}
+
+#[test]
+fn not_enough_connected_clients() {
+    let mut server = Server::new(config(1), initial(), federation(2), FedAvg).unwrap();
+    assert!(matches!(
+        server.run_round(),
+        Err(Error::NotEnoughClients {
+            available: 2,
+            required: 3
+        })
+    ));
+    assert!(server.history().is_empty());
+}
+
+#[test]
+fn sampling_a_fraction_is_seeded() {
+    let run = || {
+        let mut cfg = config(4);
+        cfg.fraction_fit = 0.4;
+        cfg.min_fit_clients = 2;
+        let mut server = Server::new(cfg, initial(), federation(10), FedAvg).unwrap();
+        server.run().unwrap();
+        let sampled: Vec<Vec<ClientId>> =
+            server.history().iter().map(|r| r.sampled.clone()).collect();
+        (sampled, server.global().clone())
+    };
+    let (a, ga) = run();
+    let (b, gb) = run();
+    assert!(a.iter().all(|s| s.len() == 4));
+    assert_eq!(a, b);
+    assert_eq!(ga, gb, "same seed, same model, bit for bit");
+    assert!(
+        a.windows(2).any(|w| w[0] != w[1]),
+        "rounds sample differently"
+    );
+}
+
+#[test]
+fn federated_evaluation_is_example_weighted() {
+    let mut cfg = config(2);
+    cfg.fraction_evaluate = 1.0;
+    let mut server = Server::new(cfg, initial(), federation(3), FedAvg).unwrap();
+    server.run().unwrap();
+    let e = server.history()[1].federated_evaluation.clone().unwrap();
+    assert_eq!(e.num_examples, 360);
+    assert!(e.loss.is_finite() && e.metrics.contains_key("accuracy"));
+}
+
+#[test]
+fn bad_configuration_is_refused() {
+    let mut cfg = config(1);
+    cfg.fraction_fit = 0.0;
+    assert!(matches!(
+        Server::new(cfg, initial(), federation(3), FedAvg),
+        Err(Error::InvalidConfig(_))
+    ));
+    let mut nan = initial();
+    nan.as_mut_slice()[0] = f32::NAN;
+    assert!(Server::new(config(1), nan, federation(3), FedAvg).is_err());
+}
