@@ -306,7 +306,7 @@ mod tests {
         let (_, _, gw, gb) = m.loss_and_grad(data.x.view(), &data.y);
         let analytic: Vec<f32> = gw.iter().chain(gb.iter()).copied().collect();
         let h = 1e-2f32;
-        for i in 0..p.len() {
+        for (i, &expected) in analytic.iter().enumerate() {
             let mut plus = p.clone();
             plus.as_mut_slice()[i] += h;
             let mut minus = p.clone();
@@ -317,9 +317,8 @@ mod tests {
             let lm = m.loss_and_grad(data.x.view(), &data.y).0;
             let numeric = (lp - lm) / (2.0 * f64::from(h));
             assert!(
-                (numeric - f64::from(analytic[i])).abs() < 1e-3,
-                "param {i}: numeric {numeric} analytic {}",
-                analytic[i]
+                (numeric - f64::from(expected)).abs() < 1e-3,
+                "param {i}: numeric {numeric} analytic {expected}"
             );
         }
     }

@@ -1,0 +1,1 @@
+//! Criterion benches for the fedcore workspace live in `benches/`; this library is empty.

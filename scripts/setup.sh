@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs everything fedcore needs on a Debian machine and is quick when it
+# is all there already (each step checks first). Called by `make demo` and
+# `make test`; run it alone with `make setup`.
+#
+#   apt:   C/C++ toolchain, cmake, clang + libclang (SEAL bindings),
+#          protoc (gRPC code generation), Python venv support
+#   .venv: the torch 2.13.0 wheel, whose libtorch the `tch` feature links
+#          (CPU works with no GPU present; the CUDA runtime comes from the
+#          cuda-toolkit wheel so that libtorch's libraries load)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.13.0
+CUDA_TOOLKIT="cuda-toolkit[cudart,cupti]==13.0.3"
+VENV=.venv
+APT_PACKAGES=(build-essential make pkg-config cmake clang libclang-dev protobuf-compiler
+              python3 python3-venv ca-certificates)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { log "need root (or sudo) to install: ${missing[*]}"; exit 1; }
+        sudo=sudo
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    log "cargo not found: install Rust 1.88 or newer (https://rustup.rs), then run this again"
+    exit 1
+fi
+rust_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+if [ "${rust_minor:-0}" -lt 88 ]; then
+    log "Rust 1.88 or newer is required, found $(rustc --version)"
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null && rustup component add "$component" || {
+            log "cargo $component is missing and rustup is not available"; exit 1; }
+    fi
+done
+
+marker="$VENV/.fedcore-torch-$TORCH_VERSION"
+if [ ! -f "$marker" ]; then
+    log "installing torch==$TORCH_VERSION into $VENV (about 540 MB, once)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
+    # torch's own dependency list (triton, nccl, ...) is not needed to link libtorch;
+    # pip's resolver warns about it, which is expected.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$CUDA_TOOLKIT" 2>&1 \
+        | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
+                  -e "but you have .* which is incompatible" || true
+    "$VENV/bin/python" - <<'PY'
+import pathlib, sys, torch  # noqa: F401  (fails here if the wheel is broken)
+lib = pathlib.Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+sys.exit(0 if lib.exists() else f"missing {lib}")
+PY
+    touch "$marker"
+fi

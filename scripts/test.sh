@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every check CI runs: formatting, all tests of all crates with all features,
+# clippy with warnings as errors. `make test` runs this after set-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo test (all crates, all features)"
+cargo test --workspace --all-features --no-fail-fast
+echo "== cargo clippy (all targets, all features, warnings are errors)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== all checks passed in $(( $(date +%s) - start )) s"
