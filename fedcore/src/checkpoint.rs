@@ -392,4 +392,27 @@ mod tests {
         assert!(from_safetensors(&header_flip).is_err());
         assert!(from_safetensors(b"not a safetensors file at all").is_err());
     }
+
+    proptest::proptest! {
+        /// Random byte mutations of a valid file never panic; whatever still
+        /// decodes has the tensors the header promises.
+        #[test]
+        fn mutated_bytes_never_panic(
+            flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..8),
+            cut in proptest::option::of(0usize..4096),
+        ) {
+            let mut bytes = to_safetensors(&sample(), []).unwrap();
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            if let Ok((p, _)) = from_safetensors(&bytes) {
+                proptest::prop_assert_eq!(p.len(), p.layout().len());
+            }
+            let _ = load_into(&bytes, sample().layout(), true);
+        }
+    }
 }

@@ -72,6 +72,11 @@ pub mod server;
 pub mod transport;
 pub mod update;
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
 pub use client::{Client, EvaluateIns, FitIns, ModelClient};
 pub use error::{Error, Result};
