@@ -56,10 +56,14 @@ if [ ! -f "$marker" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
     # torch's own dependency list (triton, nccl, ...) is not needed to link libtorch;
-    # pip's resolver warns about it, which is expected.
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$CUDA_TOOLKIT" 2>&1 \
-        | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
-                  -e "but you have .* which is incompatible" || true
+    # pip's resolver warns about it, which is expected and filtered out here.
+    if ! out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check "$CUDA_TOOLKIT" 2>&1); then
+        printf '%s\n' "$out" >&2
+        log "installing $CUDA_TOOLKIT failed"
+        exit 1
+    fi
+    printf '%s\n' "$out" | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
+        -e "but you have .* which is incompatible" -e '^$' >&2 || true
     # libtorch is all `tch` needs from the wheel (importing torch in Python would
     # need the dependencies skipped above).
     ls "$VENV"/lib/python3*/site-packages/torch/lib/libtorch_cpu.so >/dev/null || {

@@ -60,6 +60,14 @@ pub enum Error {
         /// What is wrong with them.
         reason: String,
     },
+    /// An aggregator returned NaN or infinity; the round fails, the model is unchanged.
+    #[error("aggregator `{aggregator}` produced a non-finite value in `{tensor}`")]
+    AggregateNotFinite {
+        /// The aggregator's name.
+        aggregator: String,
+        /// The first tensor holding such a value.
+        tensor: String,
+    },
     /// Fewer valid updates than the quorum arrived before the round deadline;
     /// the global model is unchanged.
     #[error(

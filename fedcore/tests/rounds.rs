@@ -247,3 +247,113 @@ fn bad_configuration_is_refused() {
     nan.as_mut_slice()[0] = f32::NAN;
     assert!(Server::new(config(1), nan, federation(3), FedAvg).is_err());
 }
+
+/// An aggregator that returns NaN: the round fails, nothing is applied.
+#[test]
+fn a_non_finite_aggregate_fails_the_round_and_keeps_the_model() {
+    struct Broken;
+    impl fedcore::Aggregator for Broken {
+        fn name(&self) -> String {
+            "broken".into()
+        }
+        fn aggregate(
+            &mut self,
+            updates: &[fedcore::ClientUpdate],
+        ) -> fedcore::Result<fedcore::Aggregate> {
+            let mut agg = fedcore::Aggregator::aggregate(&mut FedAvg, updates)?;
+            agg.parameters.as_mut_slice()[3] = f32::INFINITY;
+            Ok(agg)
+        }
+    }
+    let mut server = Server::new(config(2), initial(), federation(3), Broken).unwrap();
+    let before = server.global().clone();
+    let err = server.run_round().unwrap_err();
+    assert!(
+        matches!(&err, Error::AggregateNotFinite { aggregator, tensor } if aggregator == "broken" && tensor == "linear.weight"),
+        "{err}"
+    );
+    assert_eq!(server.global(), &before);
+    assert!(matches!(
+        server.history()[0].outcome,
+        RoundOutcome::AggregationFailed(_)
+    ));
+    assert_eq!(server.next_round(), 2);
+}
+
+/// A transport under an attacker's control: replies for other clients,
+/// replies twice, and replies from clients nobody asked.
+#[test]
+fn impersonated_duplicate_and_unsolicited_replies_do_not_count() {
+    use fedcore::{ClientUpdate, Envelope, Reply, ReplySender, Task, Transport};
+
+    struct Hostile;
+    impl Transport for Hostile {
+        fn clients(&self) -> Vec<ClientId> {
+            ["a", "b", "c"].map(ClientId::from).to_vec()
+        }
+        fn send(
+            &mut self,
+            client: &ClientId,
+            task: Task,
+            reply_to: ReplySender,
+        ) -> fedcore::Result<()> {
+            let Task::Fit(ins) = task else {
+                unreachable!("fit only")
+            };
+            let update = |claimed: &str| {
+                Reply::Fit(ClientUpdate::new(
+                    claimed.into(),
+                    ins.round,
+                    10,
+                    ins.parameters.zeros_like(),
+                ))
+            };
+            let send = |from: &str, reply| {
+                reply_to
+                    .send(Envelope {
+                        client: from.into(),
+                        reply: Ok(reply),
+                    })
+                    .unwrap()
+            };
+            match client.as_str() {
+                "a" => {
+                    send("a", update("a"));
+                    send("a", update("a")); // twice
+                    send("mallory", update("mallory")); // never asked
+                }
+                "b" => send("b", update("a")), // claims to be a
+                _ => send(
+                    "c",
+                    Reply::Evaluate(fedcore::Evaluation {
+                        loss: 0.0,
+                        num_examples: 1,
+                        metrics: Default::default(),
+                    }),
+                ),
+            }
+            Ok(())
+        }
+    }
+    let mut cfg = config(1);
+    cfg.min_fit_clients = 1;
+    let mut server = Server::new(cfg, initial(), Hostile, FedAvg).unwrap();
+    let r = server.run_round().unwrap().clone();
+    let accepted: Vec<&str> = r.accepted.iter().map(|a| a.client.as_str()).collect();
+    assert_eq!(accepted, ["a"]);
+    let failures: Vec<(&str, &Failure)> = r
+        .failures
+        .iter()
+        .map(|f| (f.client.as_str(), &f.reason))
+        .collect();
+    assert_eq!(failures.len(), 3, "{failures:?}");
+    assert!(failures.contains(&("a", &Failure::Rejected(Rejection::Duplicate))));
+    assert!(failures.contains(&(
+        "b",
+        &Failure::Rejected(Rejection::IdentityMismatch {
+            claimed: "a".into()
+        })
+    )));
+    assert!(failures.contains(&("c", &Failure::Rejected(Rejection::WrongReply))));
+    assert!(r.sampled.iter().all(|c| c.as_str() != "mallory"));
+}
