@@ -46,6 +46,12 @@ pub trait Aggregator: Send {
 
     /// Aggregates `updates` (deltas, all in one layout).
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate>;
+
+    /// The fewest updates this aggregator can work with (Krum: `2f + 3`).
+    /// The server refuses a quorum below it.
+    fn min_updates(&self) -> usize {
+        1
+    }
 }
 
 impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
@@ -56,14 +62,38 @@ impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate> {
         (**self).aggregate(updates)
     }
+
+    fn min_updates(&self) -> usize {
+        (**self).min_updates()
+    }
 }
 
 /// Checks what every aggregator needs: at least one update, one layout for
 /// all. Returns the first update for convenience.
+///
+/// Aggregators with a larger minimum check it with [`ensure_at_least`].
 pub fn ensure_aggregatable(updates: &[ClientUpdate]) -> Result<&ClientUpdate> {
     let first = updates.first().ok_or(Error::EmptyUpdates)?;
     for u in &updates[1..] {
         first.values.ensure_compatible(&u.values)?;
+    }
+    Ok(first)
+}
+
+/// [`ensure_aggregatable`] plus a minimum count, reported as
+/// [`Error::TooFewUpdates`] naming `aggregator`.
+pub fn ensure_at_least<'a>(
+    aggregator: &dyn Aggregator,
+    updates: &'a [ClientUpdate],
+) -> Result<&'a ClientUpdate> {
+    let first = ensure_aggregatable(updates)?;
+    let needed = aggregator.min_updates();
+    if updates.len() < needed {
+        return Err(Error::TooFewUpdates {
+            aggregator: aggregator.name(),
+            needed,
+            got: updates.len(),
+        });
     }
     Ok(first)
 }

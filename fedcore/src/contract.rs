@@ -14,7 +14,8 @@
 //!
 //! 1. empty input is [`Error::EmptyUpdates`];
 //! 2. updates with different layouts are a typed error, not a panic;
-//! 3. identical updates return that update (for 1, 2 and 7 clients, any counts);
+//! 3. identical updates return that update (for `m`, `m + 1` and `m + 6`
+//!    clients, any counts, where `m` is [`Aggregator::min_updates`]);
 //! 4. input order does not matter (proptest over random updates and permutations);
 //! 5. weights: with [`Weighting::ExampleCounts`], one client with `2k`
 //!    examples counts like two identical clients with `k` each; with
@@ -128,14 +129,13 @@ pub fn check_aggregator<A: Aggregator>(make: impl Fn() -> A, weighting: Weightin
         "{name}: mismatched layouts must be an error"
     );
 
-    // 3. Identical updates.
-    for (n, counts) in [
-        (1usize, vec![5u64]),
-        (2, vec![1, 100]),
-        (7, vec![3, 1, 4, 1, 5, 9, 2]),
-    ] {
+    // 3. Identical updates (from the aggregator's minimum count up).
+    let min = make().min_updates().max(1);
+    for n in [min, min + 1, min + 6] {
         let v: Vec<f32> = (0..30).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let updates: Vec<_> = (0..n).map(|i| update(i, counts[i], v.clone())).collect();
+        let updates: Vec<_> = (0..n)
+            .map(|i| update(i, [5, 1, 100, 3, 9, 2][i % 6], v.clone()))
+            .collect();
         let out = run(&mut make(), &updates);
         if let Err(e) = close(out.parameters.as_slice(), &v) {
             panic!("{name}: {n} identical updates must aggregate to that update ({e})");
@@ -151,7 +151,7 @@ pub fn check_aggregator<A: Aggregator>(make: impl Fn() -> A, weighting: Weightin
     };
 
     // 4. Order invariance.
-    let strategy = (3usize..8, 3usize..40).prop_flat_map(|(n, d)| {
+    let strategy = (min.max(3)..min.max(3) + 5, 3usize..40).prop_flat_map(|(n, d)| {
         (
             prop::collection::vec(prop::collection::vec(-10.0f32..10.0, d), n),
             prop::collection::vec(1u64..50, n),
@@ -176,7 +176,7 @@ pub fn check_aggregator<A: Aggregator>(make: impl Fn() -> A, weighting: Weightin
         .unwrap_or_else(|e| panic!("{e}"));
 
     // 5. Weights.
-    let strategy = (2usize..6, 3usize..30).prop_flat_map(|(n, d)| {
+    let strategy = (min.max(2)..min.max(2) + 4, 3usize..30).prop_flat_map(|(n, d)| {
         (
             prop::collection::vec(prop::collection::vec(-10.0f32..10.0, d), n),
             prop::collection::vec(1u64..20, n),

@@ -54,6 +54,16 @@ pub enum Error {
     /// An aggregator was called with no updates.
     #[error("no updates to aggregate")]
     EmptyUpdates,
+    /// An aggregator needs more updates than it was given (e.g. Krum needs n > 2f + 2).
+    #[error("aggregator `{aggregator}` needs at least {needed} updates, got {got}")]
+    TooFewUpdates {
+        /// The aggregator's name.
+        aggregator: String,
+        /// Updates it needs.
+        needed: usize,
+        /// Updates it got.
+        got: usize,
+    },
     /// An aggregator was given weights that cannot be used (all zero, negative, not finite).
     #[error("invalid aggregation weights: {reason}")]
     InvalidWeights {

@@ -161,6 +161,14 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 s.dir().display()
             )));
         }
+        if config.min_fit_clients < aggregator.min_updates() {
+            return Err(Error::InvalidConfig(format!(
+                "aggregator `{}` needs at least {} updates per round; min_fit_clients is {}",
+                aggregator.name(),
+                aggregator.min_updates(),
+                config.min_fit_clients
+            )));
+        }
         if let Some(nf) = initial.first_non_finite() {
             return Err(Error::InvalidConfig(format!(
                 "initial parameters hold {} in `{}`",

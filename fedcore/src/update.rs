@@ -105,6 +105,20 @@ impl ClientUpdate {
         }
     }
 
+    /// The same update (client, round, counts, metrics, provenance) with other
+    /// values; copies everything but the values.
+    pub fn with_values(&self, values: Parameters) -> Self {
+        Self {
+            client: self.client.clone(),
+            round: self.round,
+            num_examples: self.num_examples,
+            kind: self.kind,
+            values,
+            metrics: self.metrics.clone(),
+            provenance: self.provenance.clone(),
+        }
+    }
+
     /// Sets the kind.
     pub fn with_kind(mut self, kind: UpdateKind) -> Self {
         self.kind = kind;

@@ -1,0 +1,242 @@
+//! Geometric median by smoothed Weiszfeld iterations (Pillutla, Kakade and
+//! Harchaoui, "Robust Aggregation for Federated Learning", 2022).
+
+use fedcore::aggregate::ensure_aggregatable;
+use fedcore::{Aggregate, Aggregator, ClientDiagnostics, ClientUpdate, Metrics};
+
+use crate::error::ParamsError;
+use crate::kernels::weighted_mean_and_sq_dists;
+use crate::{Weighting, alphas, trust_from_distances};
+
+/// Settings of [`GeometricMedian`]; [`GeometricMedianParams::check`] turns
+/// them into a ready aggregator.
+///
+/// Defaults (from [`GeometricMedianParams::new`]): example-count weights,
+/// smoothing `nu = 1e-6`, relative tolerance on the objective `1e-6`, at most
+/// 100 iterations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeometricMedianParams {
+    weighting: Weighting,
+    nu: f64,
+    tolerance: f64,
+    max_iterations: usize,
+}
+
+impl Default for GeometricMedianParams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GeometricMedianParams {
+    /// The defaults listed above.
+    pub fn new() -> Self {
+        Self {
+            weighting: Weighting::ExampleCounts,
+            nu: 1e-6,
+            tolerance: 1e-6,
+            max_iterations: 100,
+        }
+    }
+
+    /// How each point is weighted (`alpha_i`).
+    pub fn weighting(mut self, weighting: Weighting) -> Self {
+        self.weighting = weighting;
+        self
+    }
+
+    /// Smoothing: distances below `nu` count as `nu`, so a point that
+    /// coincides with the estimate causes no division by zero.
+    pub fn nu(mut self, nu: f64) -> Self {
+        self.nu = nu;
+        self
+    }
+
+    /// Stop when the objective changes by less than this fraction **and** the
+    /// optimality residual (see [`Weiszfeld::residual`]) is below its square
+    /// root. The objective rule alone stops too early under large outliers:
+    /// one update at distance 1e9 dominates the objective, so relative
+    /// changes fall below 1e-6 while the estimate is still far from the
+    /// honest points. The residual is scale-free and costs one pass over the
+    /// estimate (not over the updates).
+    pub fn tolerance(mut self, tolerance: f64) -> Self {
+        self.tolerance = tolerance;
+        self
+    }
+
+    /// Upper bound on iterations.
+    pub fn max_iterations(mut self, max_iterations: usize) -> Self {
+        self.max_iterations = max_iterations;
+        self
+    }
+
+    /// Checks the settings.
+    pub fn check(self) -> Result<GeometricMedian, ParamsError> {
+        if !(self.nu.is_finite() && self.nu > 0.0) {
+            return Err(ParamsError::new(
+                "geometric median",
+                "nu must be positive and finite",
+            ));
+        }
+        if !(self.tolerance.is_finite() && self.tolerance > 0.0) {
+            return Err(ParamsError::new(
+                "geometric median",
+                "tolerance must be positive and finite",
+            ));
+        }
+        if self.max_iterations == 0 {
+            return Err(ParamsError::new(
+                "geometric median",
+                "max_iterations must be at least 1",
+            ));
+        }
+        Ok(GeometricMedian { params: self })
+    }
+}
+
+/// The result of [`GeometricMedian::compute`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weiszfeld {
+    /// The estimate.
+    pub median: Vec<f32>,
+    /// Iterations run (0 when the starting point already had objective 0).
+    pub iterations: usize,
+    /// The objective `sum_i alpha_i ||median - x_i||` at `median`, with `alpha` summing to 1.
+    pub objective: f64,
+    /// Distance of each point to `median`.
+    pub distances: Vec<f64>,
+    /// The last Weiszfeld weights `beta_i = alpha_i / max(nu, d_i)`, normalized to sum to 1:
+    /// how much each point pulled on the estimate.
+    pub weights: Vec<f64>,
+    /// The optimality residual `||sum_i alpha_i (z - x_i) / max(nu, d_i)||`
+    /// at the last iterate before `median`: the net pull of the points, in
+    /// `[0, 1]`, 0 at the exact median.
+    pub residual: f64,
+    /// Whether both stopping rules held before `max_iterations`.
+    pub converged: bool,
+}
+
+/// The weighted geometric median: the point minimizing the weighted sum of
+/// Euclidean distances to the updates. With fewer than half the weight on
+/// arbitrary outliers it stays close to the rest.
+///
+/// ```
+/// use fedcore::{Aggregator, ClientUpdate, Parameters};
+/// use fedcore_robust::GeometricMedianParams;
+///
+/// let p = |v: [f32; 2]| Parameters::from_tensors([("w", vec![2], v.to_vec())]).unwrap();
+/// let updates: Vec<ClientUpdate> = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1e6, -1e6]]
+///     .into_iter()
+///     .enumerate()
+///     .map(|(i, v)| ClientUpdate::new(format!("c{i}").into(), 1, 10, p(v)))
+///     .collect();
+/// let mut gm = GeometricMedianParams::new().check()?;
+/// let agg = gm.aggregate(&updates)?;
+/// // The outlier moves the estimate by less than 1, not by 250,000 as a mean would.
+/// assert!(agg.parameters.as_slice().iter().all(|v| v.abs() < 1.0));
+/// assert!(agg.clients[3].weight < 1e-5);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GeometricMedian {
+    params: GeometricMedianParams,
+}
+
+impl GeometricMedian {
+    /// Runs smoothed Weiszfeld on `points` with weights `alpha` (any positive
+    /// scale). Starts from the weighted mean; each iteration is one fused pass
+    /// over the points (new estimate and the distances to it).
+    pub fn compute(&self, points: &[&[f32]], alpha: &[f64]) -> Weiszfeld {
+        let p = &self.params;
+        let total: f64 = alpha.iter().sum();
+        let alpha: Vec<f64> = alpha.iter().map(|a| a / total).collect();
+        let d = points.first().map_or(0, |x| x.len());
+        let mut z = vec![0.0f64; d];
+        let mut next = vec![0.0f64; d];
+        let dist = |sq: Vec<f64>| sq.into_iter().map(f64::sqrt).collect::<Vec<f64>>();
+        let mut dists = dist(weighted_mean_and_sq_dists(points, &alpha, &mut z));
+        let objective = |ds: &[f64]| ds.iter().zip(&alpha).map(|(d, a)| d * a).sum::<f64>();
+        let mut obj = objective(&dists);
+        let beta = |ds: &[f64]| -> Vec<f64> {
+            ds.iter()
+                .zip(&alpha)
+                .map(|(d, a)| a / d.max(p.nu))
+                .collect()
+        };
+        let mut iterations = 0;
+        let mut residual = 0.0;
+        let mut converged = obj <= f64::MIN_POSITIVE;
+        let residual_tolerance = p.tolerance.sqrt();
+        while !converged && iterations < p.max_iterations {
+            let b = beta(&dists);
+            let bsum: f64 = b.iter().sum();
+            let new_dists = dist(weighted_mean_and_sq_dists(points, &b, &mut next));
+            // The net pull of the points on z, sum_i alpha_i (z - x_i) / max(nu, d_i),
+            // equals bsum * (z - next): its norm is 0 at the median and at most 1.
+            residual = bsum
+                * z.iter()
+                    .zip(&next)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f64>()
+                    .sqrt();
+            let new_obj = objective(&new_dists);
+            iterations += 1;
+            // Weiszfeld never increases the (smoothed) objective; if rounding
+            // makes it do so, keep the better point and stop.
+            if new_obj > obj {
+                converged = residual <= residual_tolerance;
+                break;
+            }
+            std::mem::swap(&mut z, &mut next);
+            dists = new_dists;
+            converged = obj - new_obj <= p.tolerance * new_obj && residual <= residual_tolerance;
+            obj = new_obj;
+        }
+        let b = beta(&dists);
+        let bsum: f64 = b.iter().sum();
+        Weiszfeld {
+            median: z.iter().map(|&v| v as f32).collect(),
+            iterations,
+            objective: obj,
+            distances: dists,
+            residual,
+            weights: b.iter().map(|x| x / bsum).collect(),
+            converged,
+        }
+    }
+}
+
+impl Aggregator for GeometricMedian {
+    fn name(&self) -> String {
+        "geometric-median".into()
+    }
+
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+        let first = ensure_aggregatable(updates)?;
+        let alpha = alphas(updates, self.params.weighting)?;
+        let points: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
+        let w = self.compute(&points, &alpha);
+        let trust = trust_from_distances(&w.distances);
+        let metrics: Metrics = [
+            ("iterations".to_owned(), w.iterations as f64),
+            ("objective".to_owned(), w.objective),
+            ("residual".to_owned(), w.residual),
+            ("converged".to_owned(), f64::from(u8::from(w.converged))),
+        ]
+        .into();
+        Ok(Aggregate {
+            parameters: first.values.with_values(w.median)?,
+            clients: updates
+                .iter()
+                .zip(w.weights.iter().zip(&w.distances).zip(trust))
+                .map(|(u, ((&weight, &distance), trust))| ClientDiagnostics {
+                    client: u.client.clone(),
+                    weight,
+                    distance: Some(distance),
+                    trust: Some(trust),
+                })
+                .collect(),
+            metrics,
+        })
+    }
+}

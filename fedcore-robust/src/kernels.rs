@@ -1,0 +1,162 @@
+//! Chunked, parallel passes over the flat updates shared by the aggregators.
+//!
+//! Each pass splits the coordinates into [`CHUNK`]-sized blocks over rayon
+//! threads and reads every input once per block, so the cost is one stream
+//! through memory. Per-block scratch is allocated once per block, never per
+//! coordinate.
+//!
+//! Partial sums are collected in block order and added sequentially, never
+//! through rayon's `reduce` (whose tree depends on scheduling): results are
+//! bit-for-bit reproducible, which resumed runs rely on.
+
+use fedcore::aggregate::CHUNK;
+use rayon::prelude::*;
+
+/// `out = sum_i w_i x_i / sum_i w_i` and, in the same pass while each block
+/// is in cache, the squared distances `||x_i - out||^2`. The estimate is kept
+/// in f64: iterative methods (Weiszfeld) stall at the rounding noise of an
+/// f32 sum long before they reach their tolerance.
+pub(crate) fn weighted_mean_and_sq_dists(xs: &[&[f32]], w: &[f64], out: &mut [f64]) -> Vec<f64> {
+    let total: f64 = w.iter().sum();
+    let w: Vec<f64> = w.iter().map(|&v| v / total).collect();
+    let n = xs.len();
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .map(|(c, z)| {
+            let start = c * CHUNK;
+            let len = z.len();
+            z.fill(0.0);
+            for (x, &wi) in xs.iter().zip(&w) {
+                for (a, &b) in z.iter_mut().zip(&x[start..start + len]) {
+                    *a += wi * f64::from(b);
+                }
+            }
+            xs.iter()
+                .map(|x| {
+                    x[start..start + len]
+                        .iter()
+                        .zip(z.iter())
+                        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                        .sum::<f64>()
+                })
+                .collect::<Vec<f64>>()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0.0; n], add_vecs)
+}
+
+/// Squared Euclidean distance, accumulated in 8 f64 lanes: the objective of
+/// the geometric median must resolve changes far below f32 precision, since
+/// its position is only as accurate as the square root of that resolution.
+pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut ia = a.chunks_exact(8);
+    let mut ib = b.chunks_exact(8);
+    for (x, y) in (&mut ia).zip(&mut ib) {
+        for k in 0..8 {
+            let d = f64::from(x[k] - y[k]);
+            acc[k] += d * d;
+        }
+    }
+    let tail: f64 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Squared distances `||x_i - z||^2` for every input, one parallel pass.
+pub(crate) fn sq_dists_to(xs: &[&[f32]], z: &[f32]) -> Vec<f64> {
+    let n = xs.len();
+    (0..z.len().div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let r = c * CHUNK..((c + 1) * CHUNK).min(z.len());
+            xs.iter()
+                .map(|x| sq_dist_f32(&x[r.clone()], &z[r.clone()]))
+                .collect::<Vec<f64>>()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0.0; n], add_vecs)
+}
+
+fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    a
+}
+
+/// All pairwise squared distances as an `n x n` row-major matrix, computed
+/// block by block so that the `n` blocks of one chunk stay in cache.
+pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
+    let n = xs.len();
+    let d = xs.first().map_or(0, |x| x.len());
+    let mut m = (0..d.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let r = c * CHUNK..((c + 1) * CHUNK).min(d);
+            let mut part = vec![0.0f64; n * n];
+            for i in 0..n {
+                for j in i + 1..n {
+                    part[i * n + j] = sq_dist_f32(&xs[i][r.clone()], &xs[j][r.clone()]);
+                }
+            }
+            part
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0.0; n * n], add_vecs);
+    for i in 0..n {
+        for j in 0..i {
+            m[i * n + j] = m[j * n + i];
+        }
+    }
+    m
+}
+
+/// For every coordinate, gathers the `n` values into a reused buffer and
+/// writes `f(buffer)` to `out`. The buffer is allocated once per block.
+pub(crate) fn per_coordinate(xs: &[&[f32]], out: &mut [f32], f: impl Fn(&mut [f32]) -> f32 + Sync) {
+    let n = xs.len();
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let start = c * CHUNK;
+        let mut buf = vec![0.0f32; n];
+        for (k, slot) in o.iter_mut().enumerate() {
+            for (b, x) in buf.iter_mut().zip(xs) {
+                *b = x[start + k];
+            }
+            *slot = f(&mut buf);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_pass_matches_naive() {
+        let d = 2 * CHUNK + 5;
+        let xs: Vec<Vec<f32>> = (0..3)
+            .map(|k| (0..d).map(|i| ((i * (k + 3)) % 17) as f32 - 8.0).collect())
+            .collect();
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let w = [1.0, 2.0, 5.0];
+        let mut z = vec![0.0f64; d];
+        let sq = weighted_mean_and_sq_dists(&refs, &w, &mut z);
+        for i in 0..d {
+            let e: f64 = (0..3).map(|k| w[k] * f64::from(xs[k][i])).sum::<f64>() / 8.0;
+            assert!((z[i] - e).abs() < 1e-9);
+        }
+        for k in 0..3 {
+            let e: f64 = (0..d).map(|i| (f64::from(xs[k][i]) - z[i]).powi(2)).sum();
+            assert!((sq[k] - e).abs() < 1e-3 * e.max(1.0), "{} vs {e}", sq[k]);
+        }
+        let m = pairwise_sq_dists(&refs);
+        let e01: f64 = (0..d).map(|i| f64::from(xs[0][i] - xs[1][i]).powi(2)).sum();
+        assert!((m[1] - e01).abs() < 1e-3 * e01 && m[3] == m[1] && m[0] == 0.0);
+    }
+}

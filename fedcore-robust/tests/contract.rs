@@ -1,0 +1,81 @@
+//! Every aggregator of this crate runs the core contract suite.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use fedcore::contract::{Weighting as Promise, check_aggregator};
+use fedcore_robust::*;
+
+/// The contract compares results to 1e-4; Weiszfeld's default stopping rule
+/// (objective change 1e-6) leaves about 1e-3 of slack in the position, so the
+/// suite runs it to a tight tolerance.
+fn tight() -> GeometricMedianParams {
+    GeometricMedianParams::new()
+        .tolerance(1e-12)
+        .max_iterations(10_000)
+}
+
+#[test]
+fn geometric_median_weighted() {
+    check_aggregator(|| tight().check().unwrap(), Promise::ExampleCounts);
+}
+
+#[test]
+fn geometric_median_uniform() {
+    check_aggregator(
+        || tight().weighting(Weighting::Uniform).check().unwrap(),
+        Promise::Ignored,
+    );
+}
+
+#[test]
+fn coordinate_median() {
+    check_aggregator(|| CoordinateMedian, Promise::Ignored);
+}
+
+#[test]
+fn trimmed_mean() {
+    check_aggregator(
+        || TrimmedMeanParams::new(0.2).check().unwrap(),
+        Promise::Ignored,
+    );
+}
+
+#[test]
+fn krum_and_multi_krum() {
+    check_aggregator(|| KrumParams::new(10, 1).check().unwrap(), Promise::Ignored);
+    check_aggregator(
+        || KrumParams::new(10, 1).multi(3).check().unwrap(),
+        Promise::Ignored,
+    );
+}
+
+#[test]
+fn means() {
+    check_aggregator(Mean::default, Promise::ExampleCounts);
+    check_aggregator(
+        || Mean {
+            weighting: Weighting::Uniform,
+        },
+        Promise::Ignored,
+    );
+}
+
+#[test]
+fn pre_aggregated() {
+    check_aggregator(
+        || PreAggregated::new(CoordinateMedian).with(NormClip::median()),
+        Promise::Ignored,
+    );
+    check_aggregator(
+        || PreAggregated::new(CoordinateMedian).with(Nnm::new(1)),
+        Promise::Ignored,
+    );
+    check_aggregator(
+        || {
+            let gm = tight().weighting(Weighting::Uniform).check().unwrap();
+            PreAggregated::new(gm)
+                .with(NormClip::median())
+                .with(Nnm::new(1))
+        },
+        Promise::Ignored,
+    );
+}
