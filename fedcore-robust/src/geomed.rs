@@ -5,7 +5,7 @@ use fedcore::aggregate::ensure_aggregatable;
 use fedcore::{Aggregate, Aggregator, ClientDiagnostics, ClientUpdate, Metrics};
 
 use crate::error::ParamsError;
-use crate::kernels::weighted_mean_and_sq_dists;
+use crate::kernels::{dist_f64, weighted_mean_and_sq_dists};
 use crate::{Weighting, alphas, trust_from_distances};
 
 /// Settings of [`GeometricMedian`]; [`GeometricMedianParams::check`] turns
@@ -173,12 +173,7 @@ impl GeometricMedian {
             let new_dists = dist(weighted_mean_and_sq_dists(points, &b, &mut next));
             // The net pull of the points on z, sum_i alpha_i (z - x_i) / max(nu, d_i),
             // equals bsum * (z - next): its norm is 0 at the median and at most 1.
-            residual = bsum
-                * z.iter()
-                    .zip(&next)
-                    .map(|(a, b)| (a - b) * (a - b))
-                    .sum::<f64>()
-                    .sqrt();
+            residual = bsum * dist_f64(&z, &next);
             let new_obj = objective(&new_dists);
             iterations += 1;
             // Weiszfeld never increases the (smoothed) objective; if rounding

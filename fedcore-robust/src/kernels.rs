@@ -32,13 +32,7 @@ pub(crate) fn weighted_mean_and_sq_dists(xs: &[&[f32]], w: &[f64], out: &mut [f6
                 }
             }
             xs.iter()
-                .map(|x| {
-                    x[start..start + len]
-                        .iter()
-                        .zip(z.iter())
-                        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
-                        .sum::<f64>()
-                })
+                .map(|x| sq_dist_f64(&x[start..start + len], z))
                 .collect::<Vec<f64>>()
         })
         .collect::<Vec<_>>()
@@ -66,6 +60,57 @@ pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
         .map(|(x, y)| f64::from(x - y).powi(2))
         .sum();
     acc.iter().sum::<f64>() + tail
+}
+
+/// `||x - z||^2` for an f32 point and an f64 estimate, in 8 independent f64
+/// lanes (a single running sum is a serial dependency the compiler cannot
+/// vectorize, which made this pass compute-bound).
+fn sq_dist_f64(x: &[f32], z: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut ix = x.chunks_exact(8);
+    let mut iz = z.chunks_exact(8);
+    for (a, b) in (&mut ix).zip(&mut iz) {
+        for k in 0..8 {
+            let d = f64::from(a[k]) - b[k];
+            acc[k] += d * d;
+        }
+    }
+    let tail: f64 = ix
+        .remainder()
+        .iter()
+        .zip(iz.remainder())
+        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `||a - b||` for two f64 vectors, in parallel blocks of 8 lanes, summed in
+/// block order (reproducible).
+pub(crate) fn dist_f64(a: &[f64], b: &[f64]) -> f64 {
+    a.par_chunks(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .map(|(x, y)| {
+            let mut acc = [0.0f64; 8];
+            let mut ix = x.chunks_exact(8);
+            let mut iy = y.chunks_exact(8);
+            for (p, q) in (&mut ix).zip(&mut iy) {
+                for k in 0..8 {
+                    let d = p[k] - q[k];
+                    acc[k] += d * d;
+                }
+            }
+            let tail: f64 = ix
+                .remainder()
+                .iter()
+                .zip(iy.remainder())
+                .map(|(p, q)| (p - q) * (p - q))
+                .sum();
+            acc.iter().sum::<f64>() + tail
+        })
+        .collect::<Vec<f64>>()
+        .iter()
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Squared distances `||x_i - z||^2` for every input, one parallel pass.
