@@ -5,17 +5,20 @@ use fedcore::aggregate::ensure_aggregatable;
 use fedcore::{Aggregate, Aggregator, ClientDiagnostics, ClientUpdate, Metrics};
 
 use crate::error::ParamsError;
-use crate::kernels::{dist_f64, weighted_mean_and_sq_dists};
+use fedcore::aggregate::weighted_sum_into;
+
+use crate::kernels::{dist_f64, gram, weighted_mean_and_sq_dists};
 use crate::{Weighting, alphas, trust_from_distances};
 
 /// Settings of [`GeometricMedian`]; [`GeometricMedianParams::check`] turns
 /// them into a ready aggregator.
 ///
-/// Defaults (from [`GeometricMedianParams::new`]): example-count weights,
+/// Defaults (from [`GeometricMedianParams::new`]): [`Method::Auto`], example-count weights,
 /// smoothing `nu = 1e-6`, relative tolerance on the objective `1e-6`, at most
 /// 100 iterations.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeometricMedianParams {
+    method: Method,
     weighting: Weighting,
     nu: f64,
     tolerance: f64,
@@ -32,11 +35,18 @@ impl GeometricMedianParams {
     /// The defaults listed above.
     pub fn new() -> Self {
         Self {
+            method: Method::Auto,
             weighting: Weighting::ExampleCounts,
             nu: 1e-6,
             tolerance: 1e-6,
             max_iterations: 100,
         }
+    }
+
+    /// How the iterate is held ([`Method::Auto`] by default).
+    pub fn method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
     }
 
     /// How each point is weighted (`alpha_i`).
@@ -90,7 +100,10 @@ impl GeometricMedianParams {
                 "max_iterations must be at least 1",
             ));
         }
-        Ok(GeometricMedian { params: self })
+        Ok(GeometricMedian {
+            params: self,
+            scratch: Default::default(),
+        })
     }
 }
 
@@ -137,9 +150,18 @@ pub struct Weiszfeld {
 /// assert!(agg.clients[3].weight < 1e-5);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct GeometricMedian {
     params: GeometricMedianParams,
+    /// The f64 iterate and its successor, kept across rounds: for DenseNet
+    /// they are 56 MB each, and fresh allocations cost a page fault per 4 KiB.
+    scratch: (Vec<f64>, Vec<f64>),
+}
+
+impl PartialEq for GeometricMedian {
+    fn eq(&self, other: &Self) -> bool {
+        self.params == other.params
+    }
 }
 
 impl GeometricMedian {
@@ -147,14 +169,40 @@ impl GeometricMedian {
     /// scale). Starts from the weighted mean; each iteration is one fused pass
     /// over the points (new estimate and the distances to it).
     pub fn compute(&self, points: &[&[f32]], alpha: &[f64]) -> Weiszfeld {
+        let mut scratch = Default::default();
+        self.compute_with(points, alpha, &mut scratch)
+    }
+
+    fn compute_with(
+        &self,
+        points: &[&[f32]],
+        alpha: &[f64],
+        scratch: &mut (Vec<f64>, Vec<f64>),
+    ) -> Weiszfeld {
+        let n = points.len();
+        let use_gram = match self.params.method {
+            Method::Auto => n <= GRAM_MAX_POINTS,
+            Method::Gram => true,
+            Method::Passes => false,
+        };
+        if use_gram {
+            self.iterate(points, alpha, GramState::new(points))
+        } else {
+            self.iterate(points, alpha, PassState { points, scratch })
+        }
+    }
+
+    /// The Weiszfeld loop, the same for both ways of holding the iterate.
+    fn iterate(&self, points: &[&[f32]], alpha: &[f64], mut state: impl Iterate) -> Weiszfeld {
         let p = &self.params;
         let total: f64 = alpha.iter().sum();
         let alpha: Vec<f64> = alpha.iter().map(|a| a / total).collect();
-        let d = points.first().map_or(0, |x| x.len());
-        let mut z = vec![0.0f64; d];
-        let mut next = vec![0.0f64; d];
-        let dist = |sq: Vec<f64>| sq.into_iter().map(f64::sqrt).collect::<Vec<f64>>();
-        let mut dists = dist(weighted_mean_and_sq_dists(points, &alpha, &mut z));
+        let dist = |sq: Vec<f64>| {
+            sq.into_iter()
+                .map(|v| v.max(0.0).sqrt())
+                .collect::<Vec<f64>>()
+        };
+        let mut dists = dist(state.start(&alpha));
         let objective = |ds: &[f64]| ds.iter().zip(&alpha).map(|(d, a)| d * a).sum::<f64>();
         let mut obj = objective(&dists);
         let beta = |ds: &[f64]| -> Vec<f64> {
@@ -170,10 +218,11 @@ impl GeometricMedian {
         while !converged && iterations < p.max_iterations {
             let b = beta(&dists);
             let bsum: f64 = b.iter().sum();
-            let new_dists = dist(weighted_mean_and_sq_dists(points, &b, &mut next));
+            let (new_sq, step) = state.propose(&b);
+            let new_dists = dist(new_sq);
             // The net pull of the points on z, sum_i alpha_i (z - x_i) / max(nu, d_i),
             // equals bsum * (z - next): its norm is 0 at the median and at most 1.
-            residual = bsum * dist_f64(&z, &next);
+            residual = bsum * step;
             let new_obj = objective(&new_dists);
             iterations += 1;
             // Weiszfeld never increases the (smoothed) objective; if rounding
@@ -182,7 +231,7 @@ impl GeometricMedian {
                 converged = residual <= residual_tolerance;
                 break;
             }
-            std::mem::swap(&mut z, &mut next);
+            state.accept();
             dists = new_dists;
             converged = obj - new_obj <= p.tolerance * new_obj && residual <= residual_tolerance;
             obj = new_obj;
@@ -190,7 +239,7 @@ impl GeometricMedian {
         let b = beta(&dists);
         let bsum: f64 = b.iter().sum();
         Weiszfeld {
-            median: z.iter().map(|&v| v as f32).collect(),
+            median: state.finish(points),
             iterations,
             objective: obj,
             distances: dists,
@@ -210,7 +259,9 @@ impl Aggregator for GeometricMedian {
         let first = ensure_aggregatable(updates)?;
         let alpha = alphas(updates, self.params.weighting)?;
         let points: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
-        let w = self.compute(&points, &alpha);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let w = self.compute_with(&points, &alpha, &mut scratch);
+        self.scratch = scratch;
         let trust = trust_from_distances(&w.distances);
         let metrics: Metrics = [
             ("iterations".to_owned(), w.iterations as f64),
@@ -233,5 +284,137 @@ impl Aggregator for GeometricMedian {
                 .collect(),
             metrics,
         })
+    }
+}
+
+/// Up to this many points, [`Method::Auto`] iterates on the Gram matrix.
+/// Forming it costs `n (n + 1) / 2` dot products over the data, about as much
+/// as `(n + 1) / 4` direct iterations, after which iterations are free.
+pub const GRAM_MAX_POINTS: usize = 16;
+
+/// How the Weiszfeld iterate is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// [`Method::Gram`] up to [`GRAM_MAX_POINTS`] points, [`Method::Passes`] beyond.
+    #[default]
+    Auto,
+    /// As weights over the points: one pass builds `G = X X^T`, then each
+    /// iteration costs O(n^2), with `||x_i - z||^2 = G_ii - 2 (G w)_i + w^T G w`
+    /// for `z = sum_j w_j x_j`; the estimate is formed once at the end.
+    Gram,
+    /// As an explicit f64 vector: each iteration is one fused pass over the data.
+    Passes,
+}
+
+/// One way of holding the iterate: start from weights, propose the next
+/// iterate for Weiszfeld weights, accept it, materialize the result.
+trait Iterate {
+    /// Squared distances from the points to `sum_j w_j x_j` (`w` sums to 1), which becomes the iterate.
+    fn start(&mut self, w: &[f64]) -> Vec<f64>;
+    /// The next iterate for weights `b` (any positive scale): squared distances to it
+    /// and its distance to the current iterate.
+    fn propose(&mut self, b: &[f64]) -> (Vec<f64>, f64);
+    /// Makes the proposal the iterate.
+    fn accept(&mut self);
+    /// The iterate as f32 values.
+    fn finish(self, points: &[&[f32]]) -> Vec<f32>;
+}
+
+struct PassState<'a, 'p> {
+    points: &'p [&'p [f32]],
+    scratch: &'a mut (Vec<f64>, Vec<f64>),
+}
+
+impl Iterate for PassState<'_, '_> {
+    fn start(&mut self, w: &[f64]) -> Vec<f64> {
+        let d = self.points.first().map_or(0, |x| x.len());
+        // Every element is overwritten by the pass; resizing keeps the pages.
+        self.scratch.0.resize(d, 0.0);
+        self.scratch.1.resize(d, 0.0);
+        weighted_mean_and_sq_dists(self.points, w, &mut self.scratch.0)
+    }
+
+    fn propose(&mut self, b: &[f64]) -> (Vec<f64>, f64) {
+        let (z, next) = &mut *self.scratch;
+        let sq = weighted_mean_and_sq_dists(self.points, b, next);
+        (sq, dist_f64(z, next))
+    }
+
+    fn accept(&mut self) {
+        let (z, next) = &mut *self.scratch;
+        std::mem::swap(z, next);
+    }
+
+    fn finish(self, _: &[&[f32]]) -> Vec<f32> {
+        self.scratch.0.iter().map(|&v| v as f32).collect()
+    }
+}
+
+struct GramState {
+    n: usize,
+    g: Vec<f64>,
+    w: Vec<f64>,
+    next: Vec<f64>,
+}
+
+impl GramState {
+    fn new(points: &[&[f32]]) -> Self {
+        Self {
+            n: points.len(),
+            g: gram(points),
+            w: Vec::new(),
+            next: Vec::new(),
+        }
+    }
+
+    /// `G v`.
+    fn times(&self, v: &[f64]) -> Vec<f64> {
+        (0..self.n)
+            .map(|i| (0..self.n).map(|j| self.g[i * self.n + j] * v[j]).sum())
+            .collect()
+    }
+
+    /// Squared distances from every point to `sum_j w_j x_j`.
+    fn sq_dists(&self, w: &[f64]) -> Vec<f64> {
+        let gw = self.times(w);
+        let wgw: f64 = w.iter().zip(&gw).map(|(a, b)| a * b).sum();
+        (0..self.n)
+            .map(|i| (self.g[i * self.n + i] - 2.0 * gw[i] + wgw).max(0.0))
+            .collect()
+    }
+}
+
+impl Iterate for GramState {
+    fn start(&mut self, w: &[f64]) -> Vec<f64> {
+        let total: f64 = w.iter().sum();
+        self.w = w.iter().map(|v| v / total).collect();
+        self.sq_dists(&self.w)
+    }
+
+    fn propose(&mut self, b: &[f64]) -> (Vec<f64>, f64) {
+        let total: f64 = b.iter().sum();
+        self.next = b.iter().map(|v| v / total).collect();
+        let diff: Vec<f64> = self.w.iter().zip(&self.next).map(|(a, b)| a - b).collect();
+        let gd = self.times(&diff);
+        let step = diff
+            .iter()
+            .zip(&gd)
+            .map(|(a, b)| a * b)
+            .sum::<f64>()
+            .max(0.0)
+            .sqrt();
+        (self.sq_dists(&self.next), step)
+    }
+
+    fn accept(&mut self) {
+        std::mem::swap(&mut self.w, &mut self.next);
+    }
+
+    fn finish(self, points: &[&[f32]]) -> Vec<f32> {
+        let d = points.first().map_or(0, |x| x.len());
+        let mut out = vec![0.0f32; d];
+        let w: Vec<f32> = self.w.iter().map(|&v| v as f32).collect();
+        weighted_sum_into(points, &w, &mut out).expect("points share one length");
+        out
     }
 }

@@ -134,19 +134,22 @@ fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
     a
 }
 
-/// All pairwise squared distances as an `n x n` row-major matrix, computed
-/// block by block so that the `n` blocks of one chunk stay in cache.
-pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
+/// `f(x_i, x_j)` for all `i <= j` (with the diagonal) or `i < j`, as a
+/// symmetric `n x n` row-major matrix, computed block by block so that the
+/// `n` blocks of one chunk stay in cache; per-block partials are added in
+/// block order.
+fn pairwise(xs: &[&[f32]], diagonal: bool, f: impl Fn(&[f32], &[f32]) -> f64 + Sync) -> Vec<f64> {
     let n = xs.len();
     let d = xs.first().map_or(0, |x| x.len());
+    let first = usize::from(!diagonal);
     let mut m = (0..d.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             let r = c * CHUNK..((c + 1) * CHUNK).min(d);
             let mut part = vec![0.0f64; n * n];
             for i in 0..n {
-                for j in i + 1..n {
-                    part[i * n + j] = sq_dist_f32(&xs[i][r.clone()], &xs[j][r.clone()]);
+                for j in i + first..n {
+                    part[i * n + j] = f(&xs[i][r.clone()], &xs[j][r.clone()]);
                 }
             }
             part
@@ -160,6 +163,32 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
         }
     }
     m
+}
+
+/// All pairwise squared distances as an `n x n` row-major matrix.
+pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
+    pairwise(xs, false, sq_dist_f32)
+}
+
+/// The Gram matrix `G_ij = x_i . x_j`, accumulated in f64.
+pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
+    pairwise(xs, true, |a, b| {
+        let mut acc = [0.0f64; 8];
+        let mut ia = a.chunks_exact(8);
+        let mut ib = b.chunks_exact(8);
+        for (x, y) in (&mut ia).zip(&mut ib) {
+            for k in 0..8 {
+                acc[k] += f64::from(x[k]) * f64::from(y[k]);
+            }
+        }
+        let tail: f64 = ia
+            .remainder()
+            .iter()
+            .zip(ib.remainder())
+            .map(|(&x, &y)| f64::from(x) * f64::from(y))
+            .sum();
+        acc.iter().sum::<f64>() + tail
+    })
 }
 
 /// For every coordinate, gathers the `n` values into a reused buffer and

@@ -58,7 +58,7 @@ mod pre;
 use fedcore::{ClientDiagnostics, ClientUpdate, Error, FedAvg};
 
 pub use error::ParamsError;
-pub use geomed::{GeometricMedian, GeometricMedianParams, Weiszfeld};
+pub use geomed::{GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, Method, Weiszfeld};
 pub use krum::{Krum, KrumParams};
 pub use median::{CoordinateMedian, TrimmedMean, TrimmedMeanParams};
 pub use pre::{Nnm, NormClip, PreAggregated, PreAggregation};

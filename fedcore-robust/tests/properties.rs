@@ -52,17 +52,19 @@ fn objective(points: &[Vec<f32>], z: &[f64]) -> f64 {
 }
 
 /// The oracle: the best of (a) damped Newton on the sum of distances, in
-/// f64, from the mean, and (b) every data point. The sum of distances is
+/// f64, from the mean, (b) the ellipsoid method, which converges on any
+/// convex function from subgradients alone, kinks included, and (c) every
+/// data point. The sum of distances is
 /// convex and smooth away from the data points, so its minimum is either a
 /// stationary point, which (a) reaches, or a data point, which (b) lists;
 /// (a) alone stalls at such a kink. Slow and obvious, and shares nothing with
 /// Weiszfeld's fixed-point update.
 fn direct_minimize(points: &[Vec<f32>]) -> Vec<f64> {
-    let descent = newton(points);
+    let candidates = [newton(points), ellipsoid(points)];
     points
         .iter()
         .map(|p| p.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>())
-        .chain(std::iter::once(descent))
+        .chain(candidates)
         .min_by(|a, b| objective(points, a).total_cmp(&objective(points, b)))
         .unwrap()
 }
@@ -119,6 +121,67 @@ fn newton(points: &[Vec<f32>]) -> Vec<f64> {
         }
     }
     z
+}
+
+/// The ellipsoid method (Shor; Nemirovski-Yudin) from the ball around the
+/// mean that holds every point (the median lies in their convex hull);
+/// bisection in one dimension. Returns the best centre seen.
+fn ellipsoid(points: &[Vec<f32>]) -> Vec<f64> {
+    let d = points[0].len();
+    let mut c: Vec<f64> = (0..d)
+        .map(|j| points.iter().map(|p| f64::from(p[j])).sum::<f64>() / points.len() as f64)
+        .collect();
+    let r = points.iter().map(|p| dist(p, &c)).fold(0.0, f64::max) * 1.01 + 1e-9;
+    let subgradient = |z: &[f64]| -> Vec<f64> {
+        let mut g = vec![0.0; d];
+        for p in points {
+            let r = dist(p, z);
+            if r > 0.0 {
+                for j in 0..d {
+                    g[j] += (z[j] - f64::from(p[j])) / r;
+                }
+            }
+        }
+        g
+    };
+    let mut best = (objective(points, &c), c.clone());
+    if d == 1 {
+        let (mut lo, mut hi) = (c[0] - r, c[0] + r);
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            let g = subgradient(&[mid])[0];
+            if g > 0.0 { hi = mid } else { lo = mid }
+        }
+        return vec![0.5 * (lo + hi)];
+    }
+    let mut pm: Vec<Vec<f64>> = (0..d)
+        .map(|i| (0..d).map(|j| if i == j { r * r } else { 0.0 }).collect())
+        .collect();
+    let df = d as f64;
+    for _ in 0..400 * d * d {
+        let g = subgradient(&c);
+        let pg: Vec<f64> = (0..d)
+            .map(|i| (0..d).map(|j| pm[i][j] * g[j]).sum())
+            .collect();
+        let gpg: f64 = g.iter().zip(&pg).map(|(a, b)| a * b).sum();
+        if gpg.is_nan() || gpg <= 1e-300 {
+            break;
+        }
+        let b: Vec<f64> = pg.iter().map(|v| v / gpg.sqrt()).collect();
+        for j in 0..d {
+            c[j] -= b[j] / (df + 1.0);
+        }
+        for i in 0..d {
+            for j in 0..d {
+                pm[i][j] = df * df / (df * df - 1.0) * (pm[i][j] - 2.0 / (df + 1.0) * b[i] * b[j]);
+            }
+        }
+        let f = objective(points, &c);
+        if f < best.0 {
+            best = (f, c.clone());
+        }
+    }
+    best.1
 }
 
 /// Gaussian elimination with partial pivoting.
@@ -365,4 +428,29 @@ fn the_server_refuses_a_quorum_below_the_aggregators_minimum() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("needs at least 5"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The Gram-matrix and direct-pass iterations reach the same median.
+    #[test]
+    fn gram_and_passes_agree(points in points_strategy(1..24, 1..40), outliers in 0usize..3) {
+        let mut points = points;
+        for k in 0..outliers.min(points.len().saturating_sub(1) / 2) {
+            points[k].iter_mut().for_each(|v| *v *= -1000.0);
+        }
+        let refs: Vec<&[f32]> = points.iter().map(|v| v.as_slice()).collect();
+        let alpha: Vec<f64> = (0..points.len()).map(|i| 1.0 + (i % 3) as f64).collect();
+        let run = |m: Method| {
+            GeometricMedianParams::new().method(m).tolerance(1e-12).max_iterations(10_000)
+                .check().unwrap().compute(&refs, &alpha)
+        };
+        let (a, b) = (run(Method::Gram), run(Method::Passes));
+        let scale = points.iter().flatten().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.median.iter().zip(&b.median) {
+            prop_assert!((x - y).abs() <= 1e-4 * scale, "gram {x} vs passes {y}");
+        }
+        prop_assert!((a.objective - b.objective).abs() <= 1e-7 * a.objective.max(1.0), "objective gram {} vs passes {} (iterations {} / {})", a.objective, b.objective, a.iterations, b.iterations);
+    }
 }
