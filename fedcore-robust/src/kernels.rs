@@ -40,48 +40,38 @@ pub(crate) fn weighted_mean_and_sq_dists(xs: &[&[f32]], w: &[f64], out: &mut [f6
         .fold(vec![0.0; n], add_vecs)
 }
 
-/// Squared Euclidean distance, accumulated in 8 f64 lanes: the objective of
-/// the geometric median must resolve changes far below f32 precision, since
-/// its position is only as accurate as the square root of that resolution.
-pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
+/// `sum_k f(a_k, b_k)` in 8 independent f64 lanes: a single running sum is
+/// a serial dependency the compiler cannot vectorize, which made these
+/// passes compute-bound. Monomorphized per `f`, so it costs nothing.
+#[inline(always)]
+fn lanes<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut ia = a.chunks_exact(8);
     let mut ib = b.chunks_exact(8);
     for (x, y) in (&mut ia).zip(&mut ib) {
         for k in 0..8 {
-            let d = f64::from(x[k] - y[k]);
-            acc[k] += d * d;
+            acc[k] += f(x[k], y[k]);
         }
     }
     let tail: f64 = ia
         .remainder()
         .iter()
         .zip(ib.remainder())
-        .map(|(x, y)| f64::from(x - y).powi(2))
+        .map(|(&x, &y)| f(x, y))
         .sum();
     acc.iter().sum::<f64>() + tail
 }
 
-/// `||x - z||^2` for an f32 point and an f64 estimate, in 8 independent f64
-/// lanes (a single running sum is a serial dependency the compiler cannot
-/// vectorize, which made this pass compute-bound).
+/// Squared Euclidean distance of two f32 slices, accumulated in f64: the
+/// geometric median's position is only as accurate as the square root of
+/// the resolution of its objective.
+pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
+    lanes(a, b, |x, y| f64::from(x - y).powi(2))
+}
+
+/// `||x - z||^2` for an f32 point and an f64 estimate.
 fn sq_dist_f64(x: &[f32], z: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut ix = x.chunks_exact(8);
-    let mut iz = z.chunks_exact(8);
-    for (a, b) in (&mut ix).zip(&mut iz) {
-        for k in 0..8 {
-            let d = f64::from(a[k]) - b[k];
-            acc[k] += d * d;
-        }
-    }
-    let tail: f64 = ix
-        .remainder()
-        .iter()
-        .zip(iz.remainder())
-        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
-        .sum();
-    acc.iter().sum::<f64>() + tail
+    lanes(x, z, |a, b| (f64::from(a) - b).powi(2))
 }
 
 /// `||a - b||` for two f64 vectors, in parallel blocks of 8 lanes, summed in
@@ -89,24 +79,7 @@ fn sq_dist_f64(x: &[f32], z: &[f64]) -> f64 {
 pub(crate) fn dist_f64(a: &[f64], b: &[f64]) -> f64 {
     a.par_chunks(CHUNK)
         .zip(b.par_chunks(CHUNK))
-        .map(|(x, y)| {
-            let mut acc = [0.0f64; 8];
-            let mut ix = x.chunks_exact(8);
-            let mut iy = y.chunks_exact(8);
-            for (p, q) in (&mut ix).zip(&mut iy) {
-                for k in 0..8 {
-                    let d = p[k] - q[k];
-                    acc[k] += d * d;
-                }
-            }
-            let tail: f64 = ix
-                .remainder()
-                .iter()
-                .zip(iy.remainder())
-                .map(|(p, q)| (p - q) * (p - q))
-                .sum();
-            acc.iter().sum::<f64>() + tail
-        })
+        .map(|(x, y)| lanes(x, y, |p, q| (p - q) * (p - q)))
         .collect::<Vec<f64>>()
         .iter()
         .sum::<f64>()
@@ -173,21 +146,7 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
 /// The Gram matrix `G_ij = x_i . x_j`, accumulated in f64.
 pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
     pairwise(xs, true, |a, b| {
-        let mut acc = [0.0f64; 8];
-        let mut ia = a.chunks_exact(8);
-        let mut ib = b.chunks_exact(8);
-        for (x, y) in (&mut ia).zip(&mut ib) {
-            for k in 0..8 {
-                acc[k] += f64::from(x[k]) * f64::from(y[k]);
-            }
-        }
-        let tail: f64 = ia
-            .remainder()
-            .iter()
-            .zip(ib.remainder())
-            .map(|(&x, &y)| f64::from(x) * f64::from(y))
-            .sum();
-        acc.iter().sum::<f64>() + tail
+        lanes(a, b, |x, y| f64::from(x) * f64::from(y))
     })
 }
 

@@ -119,13 +119,16 @@ impl Layout {
         self.offsets[i]..self.offsets[i + 1]
     }
 
+    /// Position of a tensor, or [`Error::UnknownTensor`].
+    pub fn index_of(&self, name: &str) -> Result<usize> {
+        self.position(name).ok_or_else(|| Error::UnknownTensor {
+            name: name.to_owned(),
+        })
+    }
+
     /// The range of the flat vector that holds `name`.
     pub fn range(&self, name: &str) -> Result<Range<usize>> {
-        self.position(name)
-            .map(|i| self.range_at(i))
-            .ok_or_else(|| Error::UnknownTensor {
-                name: name.to_owned(),
-            })
+        self.index_of(name).map(|i| self.range_at(i))
     }
 
     /// Checks that `other` has the same tensors, in the same order, with the same shapes.
@@ -297,12 +300,7 @@ impl Parameters {
 
     /// One tensor as an n-dimensional view with its shape.
     pub fn tensor_view(&self, name: &str) -> Result<ArrayViewD<'_, f32>> {
-        let i = self
-            .layout
-            .position(name)
-            .ok_or_else(|| Error::UnknownTensor {
-                name: name.to_owned(),
-            })?;
+        let i = self.layout.index_of(name)?;
         let spec = &self.layout.tensors()[i];
         ArrayViewD::from_shape(IxDyn(&spec.shape), &self.values[self.layout.range_at(i)])
             .map_err(|e| Error::InvalidConfig(format!("tensor `{name}`: {e}")))
@@ -310,12 +308,7 @@ impl Parameters {
 
     /// Overwrites one tensor; `shape` must equal the layout's shape for it.
     pub fn set_tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
-        let i = self
-            .layout
-            .position(name)
-            .ok_or_else(|| Error::UnknownTensor {
-                name: name.to_owned(),
-            })?;
+        let i = self.layout.index_of(name)?;
         let spec = &self.layout.tensors()[i];
         if spec.shape != shape || values.len() != spec.numel() {
             return Err(Error::ShapeMismatch {
