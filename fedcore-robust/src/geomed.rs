@@ -166,8 +166,10 @@ impl PartialEq for GeometricMedian {
 
 impl GeometricMedian {
     /// Runs smoothed Weiszfeld on `points` with weights `alpha` (any positive
-    /// scale). Starts from the weighted mean; each iteration is one fused pass
-    /// over the points (new estimate and the distances to it).
+    /// scale), starting from the weighted mean. How each iteration is computed
+    /// depends on the [`Method`]: on the Gram matrix (no pass over the data) or
+    /// as one fused pass (new estimate and the distances to it). All points
+    /// must have the same length.
     pub fn compute(&self, points: &[&[f32]], alpha: &[f64]) -> Weiszfeld {
         let mut scratch = Default::default();
         self.compute_with(points, alpha, &mut scratch)
