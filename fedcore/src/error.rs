@@ -106,6 +106,20 @@ pub enum Error {
     /// A configuration value that cannot work.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// An argument that cannot be used (mismatched lengths, a NaN score, ...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A data file that cannot be read: a bad CSV row, a missing image, a
+    /// malformed IDX header. `line` is 1-based where the file has lines.
+    #[error("data {}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Data {
+        /// The file (or image) that failed.
+        path: PathBuf,
+        /// The line, for text files.
+        line: Option<u64>,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A checkpoint that cannot be read or is not consistent.
     #[error("checkpoint {}: {reason}", path.display())]
     Checkpoint {

@@ -61,10 +61,13 @@ pub mod checkpoint;
 pub mod client;
 #[cfg(feature = "testkit")]
 pub mod contract;
+#[cfg(feature = "data")]
+pub mod data;
 pub mod error;
 pub mod events;
 pub mod linear;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod params;
 pub mod privacy;

@@ -160,6 +160,131 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// The tensors matching any of `patterns`: an exact name, or a prefix
+    /// followed by `*` (`"classifier.*"`, `"features.denseblock4.*"`).
+    ///
+    /// Used to split a model into a "head" and a "body" (HE encrypts the
+    /// head, DP may treat the parts differently). A pattern that matches
+    /// nothing is [`Error::UnknownTensor`], so a typo cannot silently select
+    /// an empty head.
+    pub fn select<S: AsRef<str>>(&self, patterns: &[S]) -> Result<Selection> {
+        let mut chosen = vec![false; self.specs.len()];
+        for pattern in patterns {
+            let pattern = pattern.as_ref();
+            let mut hit = false;
+            for (i, spec) in self.specs.iter().enumerate() {
+                let m = match pattern.strip_suffix('*') {
+                    Some(prefix) => spec.name.starts_with(prefix),
+                    None => spec.name == pattern,
+                };
+                if m {
+                    chosen[i] = true;
+                    hit = true;
+                }
+            }
+            if !hit {
+                return Err(Error::UnknownTensor {
+                    name: pattern.to_owned(),
+                });
+            }
+        }
+        Ok(self.selection_from(chosen))
+    }
+
+    fn selection_from(&self, chosen: Vec<bool>) -> Selection {
+        let tensors: Vec<usize> = (0..chosen.len()).filter(|&i| chosen[i]).collect();
+        let len = tensors.iter().map(|&i| self.range_at(i).len()).sum();
+        Selection {
+            tensors,
+            len,
+            of: self.specs.len(),
+        }
+    }
+}
+
+/// A subset of a [`Layout`]'s tensors, from [`Layout::select`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    tensors: Vec<usize>,
+    len: usize,
+    of: usize,
+}
+
+impl Selection {
+    /// Positions of the selected tensors in the layout, ascending.
+    pub fn tensors(&self) -> &[usize] {
+        &self.tensors
+    }
+
+    /// Number of f32 values selected.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is selected.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Whether tensor number `i` is selected.
+    pub fn contains(&self, i: usize) -> bool {
+        self.tensors.binary_search(&i).is_ok()
+    }
+
+    /// Names of the selected tensors.
+    pub fn names<'a>(&'a self, layout: &'a Layout) -> impl Iterator<Item = &'a str> + 'a {
+        self.tensors
+            .iter()
+            .map(move |&i| layout.specs[i].name.as_str())
+    }
+
+    /// The ranges of the flat vector the selection covers (adjacent tensors merged).
+    pub fn ranges(&self, layout: &Layout) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for &i in &self.tensors {
+            let r = layout.range_at(i);
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
+    /// Every tensor of `layout` not in this selection (the "body" of a "head").
+    pub fn complement(&self, layout: &Layout) -> Selection {
+        let chosen = (0..self.of).map(|i| !self.contains(i)).collect();
+        layout.selection_from(chosen)
+    }
+
+    /// The selected values of `values`, concatenated in layout order.
+    pub fn gather(&self, layout: &Layout, values: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.len);
+        for r in self.ranges(layout) {
+            out.extend_from_slice(&values[r]);
+        }
+        out
+    }
+
+    /// Writes `part` (as made by [`Selection::gather`]) back into `values`.
+    pub fn scatter(&self, layout: &Layout, part: &[f32], values: &mut [f32]) -> Result<()> {
+        if part.len() != self.len {
+            return Err(Error::DimensionMismatch {
+                expected: self.len,
+                got: part.len(),
+            });
+        }
+        let mut at = 0;
+        for r in self.ranges(layout) {
+            let n = r.len();
+            values[r].copy_from_slice(&part[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+}
+
 impl PartialEq for Layout {
     fn eq(&self, other: &Self) -> bool {
         self.specs == other.specs
@@ -405,6 +530,38 @@ pub fn l2_norm(values: &[f32]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn select_splits_head_and_body() {
+        let layout = Layout::new([
+            TensorSpec::new("features.conv0.weight", [2, 2]),
+            TensorSpec::new("features.norm0.weight", [2]),
+            TensorSpec::new("classifier.weight", [3, 2]),
+            TensorSpec::new("classifier.bias", [3]),
+        ])
+        .unwrap();
+        let head = layout.select(&["classifier.*"]).unwrap();
+        assert_eq!(head.tensors(), &[2, 3]);
+        assert_eq!(head.len(), 9);
+        assert_eq!(head.ranges(&layout), vec![6..15]);
+        let body = head.complement(&layout);
+        assert_eq!(
+            body.names(&layout).collect::<Vec<_>>(),
+            ["features.conv0.weight", "features.norm0.weight"]
+        );
+        let values: Vec<f32> = (0..15).map(|v| v as f32).collect();
+        let part = head.gather(&layout, &values);
+        assert_eq!(part, (6..15).map(|v| v as f32).collect::<Vec<_>>());
+        let mut zeros = vec![0.0; 15];
+        head.scatter(&layout, &part, &mut zeros).unwrap();
+        assert_eq!(&zeros[6..], &values[6..]);
+        assert!(head.scatter(&layout, &part[1..], &mut zeros).is_err());
+        // Exact names work; a pattern matching nothing is an error naming it.
+        let one = layout.select(&["features.norm0.weight"]).unwrap();
+        assert_eq!(one.tensors(), &[1]);
+        let e = layout.select(&["clasifier.*"]).unwrap_err();
+        assert!(e.to_string().contains("clasifier.*"), "{e}");
+    }
+
     use super::*;
 
     fn sample() -> Parameters {
