@@ -25,26 +25,43 @@ use crate::params::{Layout, Parameters, TensorSpec};
 /// (safetensors itself sorts tensors by name).
 pub const ORDER_KEY: &str = "fedcore.order";
 
-struct F32View<'a> {
-    shape: &'a [usize],
-    values: &'a [f32],
+enum OutView<'a> {
+    F32 {
+        shape: &'a [usize],
+        values: &'a [f32],
+    },
+    I64Scalar([u8; 8]),
 }
 
-impl View for F32View<'_> {
+impl View for OutView<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        match self {
+            OutView::F32 { .. } => Dtype::F32,
+            OutView::I64Scalar(_) => Dtype::I64,
+        }
     }
 
     fn shape(&self) -> &[usize] {
-        self.shape
+        match self {
+            OutView::F32 { shape, .. } => shape,
+            OutView::I64Scalar(_) => &[],
+        }
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        match self {
+            OutView::F32 { values, .. } => {
+                Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+            OutView::I64Scalar(b) => Cow::Borrowed(b),
+        }
     }
 
     fn data_len(&self) -> usize {
-        self.values.len() * 4
+        match self {
+            OutView::F32 { values, .. } => values.len() * 4,
+            OutView::I64Scalar(_) => 8,
+        }
     }
 }
 
@@ -54,6 +71,16 @@ pub fn to_safetensors(
     params: &Parameters,
     metadata: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Vec<u8>> {
+    to_safetensors_with_scalars(params, metadata, &[])
+}
+
+/// [`to_safetensors`] plus 0-dimensional I64 tensors, e.g. the
+/// `num_batches_tracked` counters PyTorch's BatchNorm keeps in its state dict.
+pub fn to_safetensors_with_scalars(
+    params: &Parameters,
+    metadata: impl IntoIterator<Item = (String, String)>,
+    scalars: &[(String, i64)],
+) -> Result<Vec<u8>> {
     let mut meta: HashMap<String, String> = metadata.into_iter().collect();
     let order: Vec<&str> = params
         .layout()
@@ -62,19 +89,35 @@ pub fn to_safetensors(
         .map(|s| s.name.as_str())
         .collect();
     meta.insert(ORDER_KEY.into(), serde_json::to_string(&order)?);
-    let views = params.iter().map(|(spec, values)| {
-        (
-            spec.name.as_str(),
-            F32View {
-                shape: &spec.shape,
-                values,
-            },
-        )
-    });
+    if let Some((name, _)) = scalars
+        .iter()
+        .find(|(n, _)| params.layout().position(n).is_some())
+    {
+        return Err(Error::DuplicateTensor { name: name.clone() });
+    }
+    let views = params
+        .iter()
+        .map(|(spec, values)| {
+            (
+                spec.name.as_str(),
+                OutView::F32 {
+                    shape: &spec.shape,
+                    values,
+                },
+            )
+        })
+        .chain(
+            scalars
+                .iter()
+                .map(|(n, v)| (n.as_str(), OutView::I64Scalar(v.to_le_bytes()))),
+        );
     Ok(safetensors::serialize(views, Some(meta))?)
 }
 
-fn decode_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+pub(crate) fn decode_f32(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Vec<f32>> {
     if view.dtype() != Dtype::F32 {
         return Err(Error::Safetensors(format!(
             "tensor `{name}` is {:?}, expected F32",

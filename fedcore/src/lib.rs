@@ -69,6 +69,8 @@ pub mod linear;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "tch")]
+pub mod models;
 pub mod params;
 pub mod privacy;
 pub mod server;

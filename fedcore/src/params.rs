@@ -192,6 +192,17 @@ impl Layout {
         Ok(self.selection_from(chosen))
     }
 
+    /// The tensors for which `keep(position, spec)` is true.
+    pub fn select_by(&self, keep: impl Fn(usize, &TensorSpec) -> bool) -> Selection {
+        let chosen = self
+            .specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| keep(i, s))
+            .collect();
+        self.selection_from(chosen)
+    }
+
     fn selection_from(&self, chosen: Vec<bool>) -> Selection {
         let tensors: Vec<usize> = (0..chosen.len()).filter(|&i| chosen[i]).collect();
         let len = tensors.iter().map(|&i| self.range_at(i).len()).sum();

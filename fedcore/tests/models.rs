@@ -1,0 +1,559 @@
+//! The `tch` models: torchvision equivalence, DenseNet-121 shapes and
+//! parameter counts, square-activation training on synthetic X-rays, the
+//! small CNN, weight import/export and bad input.
+#![cfg(feature = "tch")]
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedcore::data::{
+    ChestXray14, ChestXrayConfig, DataSplit, InMemoryImages, SyntheticXrays, Targets,
+    write_synthetic_chestxray,
+};
+use fedcore::models::{
+    Activation, DenseNet, DenseNetConfig, Device, LoadOptions, Network, Placement, SmallCnn,
+    TchModel,
+};
+use fedcore::{Model, Optimizer, TrainConfig};
+use safetensors::SafeTensors;
+use tch::Tensor;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn tensor_f32(st: &SafeTensors<'_>, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let v = st.tensor(name).unwrap();
+    let data = v
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (data, v.shape().to_vec())
+}
+
+fn tiny_config() -> DenseNetConfig {
+    DenseNetConfig {
+        growth_rate: 4,
+        block_config: vec![2, 2],
+        num_init_features: 8,
+        bn_size: 2,
+        in_channels: 3,
+        num_classes: 3,
+        multi_label: false,
+        activation: Activation::Relu,
+        placement: Placement::Everywhere,
+    }
+}
+
+fn densenet(config: DenseNetConfig, seed: u64) -> TchModel<DenseNet> {
+    TchModel::build(Device::Cpu, seed, |b| DenseNet::build(b, config)).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn densenet_matches_torchvision() {
+    // Weights, input and logits made once by torchvision's own DenseNet class
+    // (scripts/make_densenet_fixture.py); input 20 x 20, so the final pool is
+    // adaptive and the transition pools average.
+    let mut model = densenet(tiny_config(), 0);
+    model
+        .load_torchvision(
+            &fixture("densenet_tiny.safetensors"),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+    let bytes = std::fs::read(fixture("densenet_tiny_io.safetensors")).unwrap();
+    let io = SafeTensors::deserialize(&bytes).unwrap();
+    let (input, shape) = tensor_f32(&io, "input");
+    let shape: [usize; 4] = shape.try_into().unwrap();
+    let (expected_eval, _) = tensor_f32(&io, "logits_eval");
+    let (expected_train, _) = tensor_f32(&io, "logits_train");
+
+    let got = model.forward(&input, shape).unwrap();
+    let diff = max_abs_diff(&got, &expected_eval);
+    assert!(
+        diff < 1e-5,
+        "eval logits differ by {diff}: {got:?} vs {expected_eval:?}"
+    );
+
+    // Training mode (batch statistics) matches too.
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let xs = Tensor::from_slice(&input).reshape(dims.as_slice());
+    let train = tch::no_grad(|| model.network().forward(&xs, true));
+    let train = Vec::<f32>::try_from(train.reshape([-1])).unwrap();
+    let diff = max_abs_diff(&train, &expected_train);
+    assert!(diff < 1e-5, "train logits differ by {diff}");
+}
+
+#[test]
+fn export_is_a_torchvision_state_dict_and_round_trips_bit_exact() {
+    let mut model = densenet(tiny_config(), 0);
+    model
+        .load_torchvision(
+            &fixture("densenet_tiny.safetensors"),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("global.safetensors");
+    model.save_torchvision(&out).unwrap();
+
+    // Same tensor names, dtypes and shapes as torchvision's state_dict,
+    // num_batches_tracked included: what load_state_dict(strict=True) checks.
+    let theirs = std::fs::read(fixture("densenet_tiny.safetensors")).unwrap();
+    let ours = std::fs::read(&out).unwrap();
+    let (theirs, ours) = (
+        SafeTensors::deserialize(&theirs).unwrap(),
+        SafeTensors::deserialize(&ours).unwrap(),
+    );
+    let mut a = theirs.names();
+    let mut b = ours.names();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for name in a {
+        let (x, y) = (theirs.tensor(name).unwrap(), ours.tensor(name).unwrap());
+        assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{name}");
+        if !name.ends_with("num_batches_tracked") {
+            assert_eq!(x.data(), y.data(), "{name} is not bit-exact");
+        }
+    }
+
+    // And back: every value bit for bit.
+    let mut again = densenet(tiny_config(), 99);
+    again
+        .load_torchvision(&out, &LoadOptions::default())
+        .unwrap();
+    let (p, q) = (model.parameters(), again.parameters());
+    assert!(
+        p.as_slice()
+            .iter()
+            .zip(q.as_slice())
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+}
+
+#[test]
+fn missing_mismatched_or_unexpected_tensors_are_named_and_change_nothing() {
+    let src = std::fs::read(fixture("densenet_tiny.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&src).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Rewrites the fixture with `edit` applied to the (name, dtype, shape, bytes) list.
+    type Raw = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+    let write = |edit: &dyn Fn(&mut Raw)| {
+        let mut all: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        edit(&mut all);
+        let views: Vec<_> = all
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let path = dir.path().join("edited.safetensors");
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        path
+    };
+    let mut model = densenet(tiny_config(), 5);
+    let before = model.parameters();
+    let err = |path: PathBuf, model: &mut TchModel<DenseNet>| {
+        model
+            .load_torchvision(&path, &LoadOptions::default())
+            .unwrap_err()
+            .to_string()
+    };
+
+    let missing = write(&|t| t.retain(|(n, ..)| n != "features.transition1.conv.weight"));
+    let e = err(missing, &mut model);
+    assert!(
+        e.contains("`features.transition1.conv.weight` is missing"),
+        "{e}"
+    );
+
+    let reshaped = write(&|t| {
+        for (n, _, s, _) in t.iter_mut() {
+            if n == "classifier.weight" {
+                *s = vec![16, 3];
+            }
+        }
+    });
+    let e = err(reshaped.clone(), &mut model);
+    assert!(e.contains("`classifier.weight` has shape [16, 3]"), "{e}");
+    // Skipping the head accepts it (fine-tuning from another task's weights).
+    let skip = LoadOptions {
+        skip: vec!["classifier.*".into()],
+        ..LoadOptions::default()
+    };
+    let mut other = densenet(tiny_config(), 5);
+    other.load_torchvision(&reshaped, &skip).unwrap();
+    assert_eq!(
+        other.parameters().tensor("classifier.weight").unwrap(),
+        before.tensor("classifier.weight").unwrap()
+    );
+
+    let extra = write(&|t| {
+        t.push((
+            "features.conv9.weight".into(),
+            safetensors::Dtype::F32,
+            vec![1],
+            vec![0; 4],
+        ))
+    });
+    let e = err(extra, &mut model);
+    assert!(
+        e.contains("`features.conv9.weight` is not in the model"),
+        "{e}"
+    );
+
+    let e = model
+        .load_torchvision(
+            &dir.path().join("nope.safetensors"),
+            &LoadOptions::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("No such file"), "{e}");
+    std::fs::write(
+        dir.path().join("junk.safetensors"),
+        b"\x10\0\0\0\0\0\0\0{not json",
+    )
+    .unwrap();
+    assert!(
+        model
+            .load_torchvision(
+                &dir.path().join("junk.safetensors"),
+                &LoadOptions::default()
+            )
+            .is_err()
+    );
+
+    assert_eq!(
+        model.parameters(),
+        before,
+        "a failed load leaves the model as it was"
+    );
+}
+
+#[test]
+fn densenet121_layout_counts_and_shapes_for_1_and_3_channels() {
+    for (channels, classes) in [(1usize, 14usize), (3, 1000)] {
+        let config = DenseNetConfig {
+            num_classes: classes,
+            ..DenseNetConfig::densenet121(channels, Activation::Relu)
+        };
+        let mut model = densenet(config, 1);
+        // torchvision's state_dict has 727 entries: 606 tensors + 121 num_batches_tracked.
+        assert_eq!(model.layout().tensors().len(), 606);
+        let expected = if channels == 3 { 7_978_856 } else { 6_961_934 };
+        assert_eq!(
+            model.trainable_values(),
+            expected,
+            "torchvision's parameter count"
+        );
+        assert_eq!(model.buffers().len(), 83_648);
+        let names: Vec<&str> = model
+            .layout()
+            .tensors()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names[0], "features.conv0.weight");
+        assert!(names.contains(&"features.denseblock3.denselayer24.conv2.weight"));
+        assert!(names.contains(&"features.transition3.norm.running_var"));
+        assert_eq!(
+            &names[names.len() - 2..],
+            ["classifier.weight", "classifier.bias"]
+        );
+        let head = model.head();
+        assert_eq!(
+            head.names(model.layout()).collect::<Vec<_>>(),
+            ["classifier.weight", "classifier.bias"]
+        );
+
+        // Forward and backward at 32 x 32 (7 x 7 pooling would fail here).
+        let xs = Tensor::randn(
+            [2, channels as i64, 32, 32],
+            (tch::Kind::Float, tch::Device::Cpu),
+        );
+        let logits = model.network().forward(&xs, true);
+        assert_eq!(logits.size(), [2, classes as i64]);
+        logits.sum(tch::Kind::Float).backward();
+        let grads: Vec<_> = tch_grads(&mut model);
+        assert!(grads.iter().all(|g| g.is_finite()), "finite gradients");
+        assert!(grads.iter().any(|&g| g > 0.0), "gradients flow");
+    }
+}
+
+/// Gradient norm of the first convolution and the classifier weight.
+fn tch_grads(model: &mut TchModel<DenseNet>) -> Vec<f64> {
+    let vs_names = ["features.conv0.weight", "classifier.weight"];
+    vs_names
+        .iter()
+        .map(|n| model.grad_norm(n).unwrap())
+        .collect()
+}
+
+fn synthetic_xrays(dir: &Path, patients: usize, size: u32) -> ChestXray14 {
+    let config = SyntheticXrays {
+        patients,
+        size: 48,
+        seed: 11,
+        ..SyntheticXrays::default()
+    };
+    write_synthetic_chestxray(dir, &config).unwrap();
+    ChestXray14::open(
+        dir,
+        ChestXrayConfig {
+            size,
+            ..ChestXrayConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn square_densenet121_trains_on_synthetic_xrays_with_finite_falling_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataSplit::all(Arc::new(synthetic_xrays(dir.path(), 40, 32)));
+    // x² after every BatchNorm: the hard case.
+    let config = DenseNetConfig {
+        placement: Placement::Everywhere,
+        ..DenseNetConfig::densenet121(1, Activation::Square)
+    };
+    let mut model = densenet(config, 3);
+    // Plain x² trains with SGD + momentum at 1e-3; Adam at 1e-3 oscillates
+    // (see the `Activation` docs and docs/models.md).
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: 16,
+        learning_rate: 1e-3,
+        optimizer: Optimizer::Sgd { momentum: 0.9 },
+        seed: 1,
+    };
+    let before = model.parameters();
+    let mut losses = Vec::new();
+    for round in 0..6 {
+        let out = model
+            .fit(
+                &data,
+                &TrainConfig {
+                    seed: round,
+                    ..config.clone()
+                },
+            )
+            .unwrap();
+        losses.push(out.metrics["loss"]);
+    }
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(losses[5] < losses[0] * 0.95, "loss should fall: {losses:?}");
+    // BatchNorm running statistics moved, and they are part of the parameters.
+    let after = model.parameters();
+    assert_ne!(
+        after.tensor("features.norm0.running_mean").unwrap(),
+        before.tensor("features.norm0.running_mean").unwrap()
+    );
+    // Inference with running statistics overflows for such a network; it
+    // is a clear error, not a NaN AUROC.
+    match model.evaluate(&data) {
+        Ok(eval) => assert!(eval.loss.is_finite(), "{eval:?}"),
+        Err(e) => assert!(e.to_string().contains("non-finite logits"), "{e}"),
+    }
+}
+
+#[test]
+fn training_is_seeded_and_statistics_travel_with_the_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataSplit::all(Arc::new(synthetic_xrays(dir.path(), 12, 32)));
+    let config = DenseNetConfig {
+        block_config: vec![2, 2, 2],
+        growth_rate: 8,
+        num_init_features: 16,
+        ..DenseNetConfig::densenet121(1, Activation::Relu)
+    };
+    let train = TrainConfig {
+        epochs: 2,
+        batch_size: 4,
+        learning_rate: 0.05,
+        optimizer: Optimizer::Sgd { momentum: 0.9 },
+        seed: 42,
+    };
+    let mut a = densenet(config.clone(), 7);
+    let mut b = densenet(config.clone(), 7);
+    assert_eq!(a.parameters(), b.parameters());
+    a.fit(&data, &train).unwrap();
+    b.fit(&data, &train).unwrap();
+    assert_eq!(a.parameters(), b.parameters(), "same seed, same result");
+
+    // A fresh model given a's parameters (running statistics included)
+    // predicts exactly what a predicts.
+    let mut c = densenet(config, 8);
+    c.set_parameters(&a.parameters()).unwrap();
+    let pa = a.predict(&data, 8).unwrap();
+    let pc = c.predict(&data, 8).unwrap();
+    assert_eq!(pa.logits, pc.logits);
+}
+
+#[test]
+fn bad_input_is_an_error_and_the_model_keeps_working() {
+    let mut model = densenet(DenseNetConfig::densenet121(1, Activation::Relu), 0);
+    let rgb = InMemoryImages::new(
+        vec![0.0; 2 * 3 * 32 * 32],
+        [3, 32, 32],
+        Targets::MultiLabel {
+            values: vec![0.0; 28],
+            labels: 14,
+        },
+    )
+    .unwrap();
+    let e = model
+        .fit(&DataSplit::all(Arc::new(rgb)), &TrainConfig::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("3 channel(s)"), "{e}");
+    let small = InMemoryImages::new(
+        vec![0.0; 2 * 16 * 16],
+        [1, 16, 16],
+        Targets::MultiLabel {
+            values: vec![0.0; 28],
+            labels: 14,
+        },
+    )
+    .unwrap();
+    let e = model
+        .evaluate(&DataSplit::all(Arc::new(small)))
+        .unwrap_err();
+    assert!(e.to_string().contains("too small"), "{e}");
+    let wrong_labels = InMemoryImages::new(
+        vec![0.0; 2 * 32 * 32],
+        [1, 32, 32],
+        Targets::Classes(vec![0, 1]),
+    )
+    .unwrap();
+    let e = model
+        .fit(
+            &DataSplit::all(Arc::new(wrong_labels)),
+            &TrainConfig::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("task"), "{e}");
+    let mut nan = model.parameters();
+    nan.as_mut_slice()[10] = f32::NAN;
+    let e = model.set_parameters(&nan).unwrap_err();
+    assert!(e.to_string().contains("features.conv0.weight"), "{e}");
+    let e = model.forward(&[0.0; 10], [1, 1, 32, 32]).unwrap_err();
+    assert!(e.to_string().contains("1024"), "{e}");
+    // Still fine afterwards.
+    let ok = model.forward(&vec![0.5; 32 * 32], [1, 1, 32, 32]).unwrap();
+    assert_eq!(ok.len(), 14);
+}
+
+/// 28 x 28 images whose class is where a bright 7 x 7 square sits (a 3 x 3
+/// grid plus "empty"), with noise: learnable in a few epochs.
+fn squares(n: usize, seed: u64) -> InMemoryImages {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut images = Vec::with_capacity(n * 784);
+    let mut classes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let class = rng.random_range(0..10usize);
+        let (cy, cx) = (class / 3 * 9 + 1, class % 3 * 9 + 1);
+        for y in 0..28 {
+            for x in 0..28 {
+                let on = class < 9 && (cy..cy + 7).contains(&y) && (cx..cx + 7).contains(&x);
+                images.push(if on { 2.0 } else { 0.0 } + rng.random_range(-0.5..0.5f32));
+            }
+        }
+        classes.push(class as i64);
+    }
+    InMemoryImages::new(images, [1, 28, 28], Targets::Classes(classes)).unwrap()
+}
+
+#[test]
+fn small_cnn_learns_and_has_the_documented_size() {
+    let mut model = TchModel::build(Device::Cpu, 0, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    assert_eq!(model.trainable_values(), 215_370);
+    assert_eq!(
+        model.head().names(model.layout()).collect::<Vec<_>>(),
+        ["fc2.weight", "fc2.bias"]
+    );
+    let train = DataSplit::all(Arc::new(squares(400, 1)));
+    let test = DataSplit::all(Arc::new(squares(200, 2)));
+    let before = model.evaluate(&test).unwrap();
+    let config = TrainConfig {
+        epochs: 3,
+        batch_size: 32,
+        learning_rate: 1e-3,
+        optimizer: Optimizer::adam(),
+        seed: 3,
+    };
+    let fit = model.fit(&train, &config).unwrap();
+    assert_eq!(fit.num_examples, 400);
+    let after = model.evaluate(&test).unwrap();
+    assert!(
+        after.loss < before.loss * 0.5,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(after.metrics["accuracy"] > 0.9, "{:?}", after.metrics);
+    // Images of the wrong size are refused.
+    let e = model
+        .fit(&DataSplit::all(Arc::new(squares(4, 1))), &config)
+        .map(|_| ());
+    assert!(e.is_ok());
+    let wrong =
+        InMemoryImages::new(vec![0.0; 32 * 32], [1, 32, 32], Targets::Classes(vec![1])).unwrap();
+    assert!(model.evaluate(&DataSplit::all(Arc::new(wrong))).is_err());
+}
+
+#[test]
+fn rgb_weights_load_into_a_gray_model() {
+    let mut gray = densenet(
+        DenseNetConfig {
+            in_channels: 1,
+            ..tiny_config()
+        },
+        0,
+    );
+    let opts = LoadOptions {
+        rgb_to_gray: true,
+        ..LoadOptions::default()
+    };
+    gray.load_torchvision(&fixture("densenet_tiny.safetensors"), &opts)
+        .unwrap();
+    let mut rgb = densenet(tiny_config(), 0);
+    rgb.load_torchvision(
+        &fixture("densenet_tiny.safetensors"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    // A gray image repeated over three channels gives the same logits.
+    let plane: Vec<f32> = (0..400).map(|i| ((i * 37) % 11) as f32 / 11.0).collect();
+    let three: Vec<f32> = plane.iter().chain(&plane).chain(&plane).copied().collect();
+    let a = gray.forward(&plane, [1, 1, 20, 20]).unwrap();
+    let b = rgb.forward(&three, [1, 3, 20, 20]).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-4, "{a:?} vs {b:?}");
+    // Without the option it is a named shape error.
+    let e = gray
+        .load_torchvision(
+            &fixture("densenet_tiny.safetensors"),
+            &LoadOptions::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("features.conv0.weight"), "{e}");
+}
