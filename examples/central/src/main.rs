@@ -17,8 +17,8 @@ use clap::{Parser, Subcommand};
 use fedcore::data::chestxray::FINDINGS;
 use fedcore::data::mnist::MnistSplit;
 use fedcore::data::{
-    ChestXray14, ChestXrayConfig, DataSplit, ImageDataset, InMemoryImages, Mnist, SyntheticXrays,
-    Targets, write_synthetic_chestxray,
+    ChestXray14, ChestXrayConfig, DataSplit, ImageDataset, InMemoryImages, Mnist, Partition,
+    PartitionConfig, SyntheticXrays, Targets, dirichlet_partition, write_synthetic_chestxray,
 };
 use fedcore::metrics::multilabel_auroc;
 use fedcore::models::{
@@ -42,6 +42,24 @@ enum Command {
     Mnist(MnistArgs),
     /// Training throughput (images/s) of DenseNet-121 and the small CNN.
     Bench(BenchArgs),
+    /// Split a data set into hospitals (by patient, Dirichlet over label
+    /// profiles) and print the per-hospital label histograms.
+    Partition(PartitionArgs),
+}
+
+#[derive(clap::Args)]
+struct PartitionArgs {
+    /// chestxray14 (a folder with Data_Entry_2017*.csv; images not needed) or mnist.
+    #[arg(long, default_value = "chestxray14")]
+    dataset: String,
+    #[arg(long, default_value = "../shared/data/chestxray14")]
+    data: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    hospitals: usize,
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +142,7 @@ fn main() -> Result<()> {
         Command::Xray(a) => xray(a),
         Command::Mnist(a) => mnist(a),
         Command::Bench(a) => bench(a),
+        Command::Partition(a) => partition(a),
     }
 }
 
@@ -372,6 +391,54 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut cnn = TchModel::build(device, 0, |b| SmallCnn::build(b, 1, 28, 10))?;
     let ips = images_per_second(&mut cnn, &data, 64)?;
     println!("| small CNN (batch 64) | 1x28x28 | relu | {ips:.0} |");
+    Ok(())
+}
+
+fn partition(a: PartitionArgs) -> Result<()> {
+    let config = PartitionConfig {
+        hospitals: a.hospitals,
+        alpha: a.alpha,
+        seed: a.seed,
+        min_items: 1,
+    };
+    match a.dataset.as_str() {
+        "chestxray14" => {
+            let ds = ChestXray14::open(&a.data, ChestXrayConfig::default())?;
+            let entries = ds.entries();
+            let groups: Vec<u64> = entries.iter().map(|e| u64::from(e.patient)).collect();
+            // Profile: the first finding present (NIH order), 14 = No Finding.
+            let profile = |e: &fedcore::data::Entry| (0..14).find(|&i| e.has(i)).unwrap_or(14);
+            let profiles: Vec<usize> = entries.iter().map(profile).collect();
+            let p = dirichlet_partition(&groups, &profiles, &config)?;
+            let h = p.histograms(15, |i| {
+                let e = &entries[i];
+                let mut l: Vec<usize> = (0..14).filter(|&f| e.has(f)).collect();
+                if l.is_empty() {
+                    l.push(14);
+                }
+                l
+            });
+            for (i, items) in p.hospitals.iter().enumerate() {
+                let patients: std::collections::BTreeSet<u32> =
+                    items.iter().map(|&j| entries[j].patient).collect();
+                println!("h{i}: {} images, {} patients", items.len(), patients.len());
+            }
+            let mut names: Vec<&str> = FINDINGS.to_vec();
+            names.push("No Finding");
+            print!("{}", Partition::format_histograms(&h, &names));
+        }
+        "mnist" => {
+            let m = Mnist::load(&a.data, MnistSplit::Train)?;
+            let groups: Vec<u64> = (0..m.len() as u64).collect();
+            let profiles: Vec<usize> = m.labels().iter().map(|&l| usize::from(l)).collect();
+            let p = dirichlet_partition(&groups, &profiles, &config)?;
+            let h = p.histograms(10, |i| [profiles[i]]);
+            let names: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            print!("{}", Partition::format_histograms(&h, &names));
+        }
+        other => bail!("unknown dataset `{other}` (chestxray14, mnist)"),
+    }
     Ok(())
 }
 

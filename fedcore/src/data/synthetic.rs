@@ -77,10 +77,11 @@ pub fn write_synthetic_chestxray(dir: &Path, config: &SyntheticXrays) -> Result<
             "synthetic X-rays need patients, follow-ups and a size of at least 16".into(),
         ));
     }
-    if !(0.0..=1.0).contains(&config.prevalence)
-        || !(0.0..1.0).contains(&config.test_fraction)
-        || !(config.contrast.is_finite() && config.contrast > 0.0)
-    {
+    let ok = (0.0..=1.0).contains(&config.prevalence)
+        && (0.0..1.0).contains(&config.test_fraction)
+        && config.contrast.is_finite()
+        && config.contrast > 0.0;
+    if !ok {
         return Err(Error::InvalidConfig(
             "prevalence must be in [0, 1], test_fraction in [0, 1) and contrast positive".into(),
         ));
