@@ -48,6 +48,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod attacks;
 mod error;
 mod geomed;
 mod kernels;

@@ -28,6 +28,13 @@ pub struct AcceptedUpdate {
     pub distance: Option<f64>,
     /// Its trust score, where the aggregator computed one.
     pub trust: Option<f64>,
+    /// Its moving-average trust after this round, when the server tracks
+    /// trust ([`crate::trust::TrustPolicy`]) and the client has a score.
+    #[serde(default)]
+    pub trust_ema: Option<f64>,
+    /// Whether that average is below the policy's threshold.
+    #[serde(default)]
+    pub suspicious: bool,
 }
 
 /// A sampled client that did not count, and why.
@@ -63,6 +70,10 @@ pub struct RoundRecord {
     pub aggregator: String,
     /// The clients asked to train.
     pub sampled: Vec<ClientId>,
+    /// Connected clients left out because they were suspicious after the
+    /// previous round (see [`crate::trust::TrustPolicy::exclude_next_round`]).
+    #[serde(default)]
+    pub excluded: Vec<ClientId>,
     /// The updates that counted, sorted by client.
     pub accepted: Vec<AcceptedUpdate>,
     /// The sampled clients that did not count.
@@ -126,6 +137,15 @@ pub enum ServerEvent {
         record: Box<RoundRecord>,
         /// The error, as text.
         error: String,
+    },
+    /// A client's moving-average trust fell below the threshold this round.
+    ClientFlagged {
+        /// The round.
+        round: u64,
+        /// The client.
+        client: ClientId,
+        /// Its moving-average trust.
+        trust_ema: f64,
     },
     /// The global model and the run's state were saved.
     CheckpointWritten {

@@ -75,6 +75,7 @@ pub mod params;
 pub mod privacy;
 pub mod server;
 pub mod transport;
+pub mod trust;
 pub mod update;
 
 /// The README's examples, compiled and run as doctests.

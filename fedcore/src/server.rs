@@ -26,6 +26,7 @@ use crate::events::{
 use crate::model::{Evaluation, TrainConfig};
 use crate::params::Parameters;
 use crate::transport::{Failure, Rejection, Reply, Task, Transport};
+use crate::trust::{TrustPolicy, TrustTracker};
 use crate::update::{ClientId, ClientUpdate, Metrics, UpdateKind};
 
 /// Settings of a federated run.
@@ -54,6 +55,10 @@ pub struct ServerConfig {
     pub checkpoint_dir: Option<PathBuf>,
     /// Model files kept in the checkpoint directory.
     pub keep_checkpoints: usize,
+    /// Track per-client trust over rounds (needs an aggregator that scores
+    /// trust, e.g. those of `fedcore-robust`); `None` disables it.
+    #[serde(default)]
+    pub trust: Option<TrustPolicy>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +76,7 @@ impl Default for ServerConfig {
             train: TrainConfig::default(),
             checkpoint_dir: None,
             keep_checkpoints: 3,
+            trust: None,
         }
     }
 }
@@ -78,6 +84,9 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Checks that the settings can work.
     pub fn check(&self) -> Result<()> {
+        if let Some(t) = &self.trust {
+            t.check()?;
+        }
         let bad = |m: String| Err(Error::InvalidConfig(m));
         if !(self.fraction_fit > 0.0 && self.fraction_fit <= 1.0) {
             return bad(format!(
@@ -133,6 +142,7 @@ pub struct Server<T: Transport, A: Aggregator> {
     global: Arc<Parameters>,
     next_round: u64,
     history: Vec<RoundRecord>,
+    trust: Option<TrustTracker>,
     subscribers: Vec<Box<dyn EventSubscriber>>,
     evaluator: Option<Evaluator>,
     store: Option<CheckpointStore>,
@@ -176,6 +186,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             )));
         }
         Ok(Self {
+            trust: config.trust.clone().map(TrustTracker::new),
             config,
             transport,
             aggregator,
@@ -217,6 +228,10 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         }
         info!(round = state.next_round, dir = %dir.display(), "resuming");
         Ok(Self {
+            trust: config
+                .trust
+                .clone()
+                .map(|p| TrustTracker::replay(p, &state.history)),
             config,
             transport,
             aggregator,
@@ -287,6 +302,63 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         }
     }
 
+    /// The moving-average trust of every client seen, when trust is tracked.
+    pub fn trust(&self) -> Option<&TrustTracker> {
+        self.trust.as_ref()
+    }
+
+    /// Suspicious clients to leave out of this round, if the policy says so
+    /// and enough others remain for `required`.
+    fn excluded(&self, available: &[ClientId], required: usize) -> Vec<ClientId> {
+        let Some(t) = &self.trust else {
+            return Vec::new();
+        };
+        if !t.policy().exclude_next_round {
+            return Vec::new();
+        }
+        // A client sits out one round, then is sampled again so that its
+        // trust can recover (an unobserved average never would).
+        let sat_out_last = self
+            .history
+            .last()
+            .map_or(&[][..], |r| r.excluded.as_slice());
+        let out: Vec<ClientId> = t
+            .suspicious()
+            .into_iter()
+            .filter(|c| available.contains(c) && !sat_out_last.contains(c))
+            .collect();
+        if available.len() - out.len() < required {
+            warn!(
+                suspicious = out.len(),
+                available = available.len(),
+                required,
+                "not excluding suspicious clients: too few would remain"
+            );
+            return Vec::new();
+        }
+        out
+    }
+
+    /// Folds the round's trust scores into the averages; returns the clients
+    /// that became suspicious.
+    fn track_trust(&mut self, accepted: &mut [AcceptedUpdate]) -> Vec<(ClientId, f64)> {
+        let Some(t) = self.trust.as_mut() else {
+            return Vec::new();
+        };
+        let mut flagged = Vec::new();
+        for a in accepted {
+            let Some(score) = a.trust else { continue };
+            let was = t.get(&a.client).is_some_and(|c| c.suspicious);
+            let now = t.observe(&a.client, score);
+            a.trust_ema = Some(now.ema);
+            a.suspicious = now.suspicious;
+            if now.suspicious && !was {
+                flagged.push((a.client.clone(), now.ema));
+            }
+        }
+        flagged
+    }
+
     /// Runs one round. A round with fewer valid updates than the quorum, or
     /// whose aggregation fails, is recorded and returned as an error; the
     /// global model is unchanged and the next call runs the next round.
@@ -309,6 +381,11 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 available: available.len(),
                 required,
             });
+        }
+        let excluded = self.excluded(&available, required);
+        if !excluded.is_empty() {
+            available.retain(|c| !excluded.contains(c));
+            info!(round, excluded = ?excluded, "suspicious clients sit this round out");
         }
         let sampled = sample(
             &available,
@@ -389,6 +466,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             outcome: RoundOutcome::Completed,
             aggregator: self.aggregator.name(),
             sampled,
+            excluded,
             accepted: Vec::new(),
             failures,
             train_metrics: weighted_metrics(updates.iter().map(|u| (u.num_examples, &u.metrics))),
@@ -433,8 +511,11 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                         weight: d.weight,
                         distance: d.distance,
                         trust: d.trust,
+                        trust_ema: None,
+                        suspicious: false,
                     })
                     .collect();
+                let flagged = self.track_trust(&mut record.accepted);
                 record.aggregate_metrics = agg.metrics;
                 let mut next = (*self.global).clone();
                 next.axpy(self.config.server_learning_rate, &agg.parameters)?;
@@ -447,6 +528,14 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                     }
                 }
                 record.federated_evaluation = self.federated_evaluation(round, &available);
+                for (client, trust_ema) in flagged {
+                    warn!(round, client = %client, trust_ema, "client flagged as suspicious");
+                    self.emit(ServerEvent::ClientFlagged {
+                        round,
+                        client,
+                        trust_ema,
+                    });
+                }
                 Ok(())
             }
             Err(e) => Err(e),

@@ -200,6 +200,8 @@ fn simulate(args: &SimulateArgs) -> Result<Summary> {
             seed: 0,
         },
         checkpoint_dir: Some(checkpoint_dir.clone()),
+        // Robust aggregators score trust; FedAvg scores none (no effect).
+        trust: Some(fedcore::trust::TrustPolicy::default()),
         ..ServerConfig::default()
     };
 
@@ -239,6 +241,11 @@ fn simulate(args: &SimulateArgs) -> Result<Summary> {
         }
         ServerEvent::UpdateRejected { client, reason, .. } => {
             events_bar.suspend(|| println!("  {client} not counted: {reason}"));
+        }
+        ServerEvent::ClientFlagged {
+            client, trust_ema, ..
+        } => {
+            events_bar.suspend(|| println!("  {client} is suspicious (trust {trust_ema:.2})"));
         }
         ServerEvent::RoundFinished { record } => {
             let e = record.evaluation.as_ref();

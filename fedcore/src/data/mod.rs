@@ -233,6 +233,51 @@ impl ImageDataset for InMemoryImages {
     }
 }
 
+/// Label flipping, the data-level Byzantine attack: class `c` becomes
+/// `classes - 1 - c`; multi-label targets become `1 - v`. Images are unchanged.
+pub struct LabelFlip {
+    inner: Arc<dyn ImageDataset>,
+    classes: usize,
+}
+
+impl LabelFlip {
+    /// Flips the labels of `inner`, whose classes are `0..classes`
+    /// (ignored for multi-label data).
+    pub fn new(inner: Arc<dyn ImageDataset>, classes: usize) -> Self {
+        Self { inner, classes }
+    }
+}
+
+impl ImageDataset for LabelFlip {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        self.inner.image_shape()
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let mut b = self.inner.batch(indices)?;
+        b.targets = match b.targets {
+            Targets::Classes(c) => {
+                let k = self.classes as i64;
+                if let Some(bad) = c.iter().find(|&&v| v < 0 || v >= k) {
+                    return Err(Error::InvalidInput(format!(
+                        "class {bad} out of range for flipping {k} classes"
+                    )));
+                }
+                Targets::Classes(c.into_iter().map(|v| k - 1 - v).collect())
+            }
+            Targets::MultiLabel { values, labels } => Targets::MultiLabel {
+                values: values.into_iter().map(|v| 1.0 - v).collect(),
+                labels,
+            },
+        };
+        Ok(b)
+    }
+}
+
 /// The targets at `indices` (all `< targets.len()`).
 pub(crate) fn select_targets(targets: &Targets, indices: &[usize]) -> Targets {
     match targets {
@@ -285,6 +330,31 @@ mod tests {
         let b = split.batches(2, None).next().unwrap().unwrap();
         assert_eq!(b.shape, [2, 1, 2, 2]);
         assert_eq!(&b.images[..4], &[16.0, 17.0, 18.0, 19.0]);
+    }
+
+    #[test]
+    fn label_flip_maps_classes_and_labels() {
+        let flipped = LabelFlip::new(tiny(), 10);
+        let b = flipped.batch(&[0, 3]).unwrap();
+        assert_eq!(b.targets, Targets::Classes(vec![9, 6]));
+        let ml = InMemoryImages::new(
+            vec![0.0; 4],
+            [1, 2, 2],
+            Targets::MultiLabel {
+                values: vec![1.0, 0.0],
+                labels: 2,
+            },
+        )
+        .unwrap();
+        let b = LabelFlip::new(Arc::new(ml), 0).batch(&[0]).unwrap();
+        assert_eq!(
+            b.targets,
+            Targets::MultiLabel {
+                values: vec![0.0, 1.0],
+                labels: 2
+            }
+        );
+        assert!(LabelFlip::new(tiny(), 3).batch(&[4]).is_err());
     }
 
     #[test]
