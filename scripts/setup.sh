@@ -4,7 +4,8 @@
 # `make test`; run it alone with `make setup`.
 #
 #   apt:   C/C++ toolchain, cmake, clang + libclang (SEAL bindings),
-#          protoc (gRPC code generation), Python venv support
+#          protoc (gRPC code generation), Python venv support, DejaVu
+#          fonts (text in the PNG plots of the examples)
 #   .venv: the torch 2.13.0 wheel, whose libtorch the `tch` feature links
 #          (CPU works with no GPU present; the CUDA runtime comes from the
 #          cuda-toolkit wheel so that libtorch's libraries load)
@@ -15,7 +16,7 @@ TORCH_VERSION=2.13.0
 CUDA_TOOLKIT="cuda-toolkit[cudart,cupti]==13.0.3"
 VENV=.venv
 APT_PACKAGES=(build-essential make pkg-config cmake clang libclang-dev protobuf-compiler
-              python3 python3-venv ca-certificates)
+              python3 python3-venv ca-certificates fonts-dejavu-core)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

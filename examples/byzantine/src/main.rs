@@ -1,0 +1,393 @@
+//! Byzantine-robust federated MNIST.
+//!
+//! Ten hospitals (clients) split MNIST by Dirichlet(0.5) over digits; 30 % of
+//! them are Byzantine. For every attack (and a clean baseline) and every
+//! aggregator, the server trains the small CNN for a few rounds; the final
+//! test accuracy goes into a markdown table and a grouped bar chart.
+//!
+//! ```text
+//! cargo run --release -p byzantine -- --data ../shared/data/mnist --out docs
+//! ```
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use fedcore::data::mnist::MnistSplit;
+use fedcore::data::{
+    DataSplit, ImageDataset, LabelFlip, Mnist, PartitionConfig, dirichlet_partition,
+};
+use fedcore::memory::InMemoryTransport;
+use fedcore::models::{Device, SmallCnn, TchModel};
+use fedcore::{
+    Aggregator, FedAvg, Model, ModelClient, Optimizer, Server, ServerConfig, TrainConfig,
+};
+use fedcore_robust::attacks::{Attack, Byzantine};
+use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
+
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Folder with the MNIST IDX files (gz or raw).
+    #[arg(long, default_value = "../shared/data/mnist")]
+    data: PathBuf,
+    /// Where byzantine.md and byzantine.png go.
+    #[arg(long, default_value = "docs")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    clients: usize,
+    /// Share of Byzantine clients.
+    #[arg(long, default_value_t = 0.3)]
+    byzantine: f64,
+    /// Dirichlet concentration of the digit split.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Training images used (the first N of the 60 000), split among clients.
+    #[arg(long, default_value_t = 12_000)]
+    train_images: usize,
+    /// Test images evaluated at the end (the first N of the 10 000).
+    #[arg(long, default_value_t = 10_000)]
+    test_images: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Attacks to run (none = clean baseline).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,sign-flip,gaussian,scaling,alie,ipm,label-flip"
+    )]
+    attacks: Vec<String>,
+    /// Redraw the PNG from a byzantine.json written by an earlier run, without training.
+    #[arg(long)]
+    plot_only: Option<PathBuf>,
+    /// Aggregators to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fedavg,median,trimmed-mean,krum,geometric-median"
+    )]
+    aggregators: Vec<String>,
+}
+
+/// The attacks, with the strengths used in the table.
+fn attack(name: &str) -> Result<Option<Attack>> {
+    Ok(Some(match name {
+        "none" | "label-flip" => return Ok(None),
+        "sign-flip" => Attack::SignFlip { scale: 4.0 },
+        "gaussian" => Attack::Gaussian { std: 0.3 },
+        "scaling" => Attack::Scaling { factor: 50.0 },
+        "alie" => Attack::Alie { z: 1.0, samples: 3 },
+        "ipm" => Attack::Ipm {
+            epsilon: 0.5,
+            samples: 2,
+        },
+        other => bail!("unknown attack `{other}`"),
+    }))
+}
+
+fn aggregator(name: &str, clients: usize, byzantine: usize) -> Result<Box<dyn Aggregator>> {
+    Ok(match name {
+        "fedavg" => Box::new(FedAvg),
+        "median" => Box::new(CoordinateMedian),
+        "trimmed-mean" => {
+            let beta = (byzantine as f64 / clients as f64).max(0.1);
+            Box::new(TrimmedMeanParams::new(beta).check()?)
+        }
+        "krum" => Box::new(KrumParams::new(clients, byzantine).check()?),
+        "geometric-median" => Box::new(GeometricMedianParams::new().check()?),
+        other => bail!("unknown aggregator `{other}`"),
+    })
+}
+
+/// One run: the final global model's test accuracy.
+fn run_one(
+    args: &Args,
+    train: &Arc<dyn ImageDataset>,
+    parts: &[Vec<usize>],
+    test: &DataSplit,
+    attack_name: &str,
+    aggregator_name: &str,
+) -> Result<f64> {
+    let byzantine = (args.clients as f64 * args.byzantine).round() as usize;
+    let classes = 10;
+    let model = |seed| TchModel::build(Device::Cpu, seed, |b| SmallCnn::build(b, 1, 28, classes));
+    let mut transport = InMemoryTransport::new();
+    for (i, part) in parts.iter().enumerate() {
+        let id = format!("h{i:02}");
+        let is_byzantine = i < byzantine && attack_name != "none";
+        if is_byzantine && attack_name == "label-flip" {
+            let flipped: Arc<dyn ImageDataset> = Arc::new(LabelFlip::new(train.clone(), classes));
+            let data = DataSplit::subset(flipped, part.clone())?;
+            transport.add_client(ModelClient::new(id, model(args.seed)?, data))?;
+        } else if let (true, Some(a)) = (is_byzantine, attack(attack_name)?) {
+            let data = DataSplit::subset(train.clone(), part.clone())?;
+            transport.add_client(ModelClient::new(
+                id,
+                Byzantine::new(model(args.seed)?, a)?,
+                data,
+            ))?;
+        } else {
+            let data = DataSplit::subset(train.clone(), part.clone())?;
+            transport.add_client(ModelClient::new(id, model(args.seed)?, data))?;
+        }
+    }
+    let agg = aggregator(aggregator_name, args.clients, byzantine)?;
+    let config = ServerConfig {
+        rounds: args.rounds,
+        min_fit_clients: agg.min_updates().max(args.clients - 1),
+        min_available_clients: args.clients,
+        seed: args.seed,
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: args.batch_size,
+            learning_rate: args.lr,
+            optimizer: Optimizer::adam(),
+            seed: 0,
+        },
+        ..ServerConfig::default()
+    };
+    let initial = model(args.seed)?.parameters();
+    let mut server = Server::new(config, initial, transport, agg)?;
+    server.run()?;
+    let mut eval = model(args.seed)?;
+    eval.set_parameters(server.global())?;
+    let e = eval.evaluate(test)?;
+    e.metrics
+        .get("accuracy")
+        .copied()
+        .context("evaluation without accuracy")
+}
+
+/// Final accuracy per attack (rows) and aggregator (columns).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Results {
+    attacks: Vec<String>,
+    aggregators: Vec<String>,
+    accuracy: Vec<Vec<f64>>,
+}
+
+fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
+    let byz = (args.clients as f64 * args.byzantine).round() as usize;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Byzantine-robust federated MNIST\n\nFinal test accuracy (%) of the global small CNN after {} rounds: {} clients, \
+         Dirichlet({}) split of the first {} training images by digit, {byz} Byzantine clients (h00..h{:02}), \
+         1 local epoch of Adam (lr {}, batch {}) per round, {} test images, seed {}. Attacks: sign flip x4, \
+         Gaussian N(0, 0.3²), scaling x50, ALIE z = 1 (3 local runs), IPM epsilon = 0.5 (2 local runs), label flip \
+         (digit d -> 9 - d). Trimmed mean trims beta = {:.1} per side, Krum assumes f = {byz}. {:.0} s in all on the \
+         2-core VM.\n\n```sh\ncargo run --release -p byzantine -- --data ../shared/data/mnist --out docs\n```\n",
+        args.rounds,
+        args.clients,
+        args.alpha,
+        args.train_images,
+        byz.saturating_sub(1),
+        args.lr,
+        args.batch_size,
+        args.test_images,
+        args.seed,
+        (byz as f64 / args.clients as f64).max(0.1),
+        seconds
+    );
+    let _ = write!(s, "| attack |");
+    for a in &r.aggregators {
+        let _ = write!(s, " {a} |");
+    }
+    let _ = write!(s, "\n|---|");
+    for _ in &r.aggregators {
+        let _ = write!(s, "---:|");
+    }
+    s.push('\n');
+    for (attack, row) in r.attacks.iter().zip(&r.accuracy) {
+        let _ = write!(s, "| {attack} |");
+        for v in row {
+            let _ = write!(s, " {:.1} |", v * 100.0);
+        }
+        s.push('\n');
+    }
+    s.push_str("\n![final accuracy per attack and aggregator](byzantine.png)\n");
+    s
+}
+
+fn plot(path: &Path, r: &Results) -> Result<()> {
+    use plotters::prelude::*;
+    // ab_glyph needs the font bytes; DejaVu Sans ships with Debian (fonts-dejavu-core).
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").context(
+        "the plot needs /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf (Debian fonts-dejavu-core)",
+    )?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("cannot load the font"))?;
+    let root = BitMapBackend::new(path, (1100, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let groups = r.attacks.len();
+    let bars = r.aggregators.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Final MNIST test accuracy under attack", ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..groups as f64 - 0.5, 0f64..140f64)?;
+    let names = r.attacks.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups + 1)
+        // Group g is centred on x = g: label the integer ticks.
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| {
+            if *y <= 100.0 {
+                format!("{y:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("accuracy (%)")
+        .draw()?;
+    let width = 0.8 / bars as f64;
+    for (b, name) in r.aggregators.iter().enumerate() {
+        let color = Palette99::pick(b).to_rgba();
+        let rects = r.accuracy.iter().enumerate().map(|(g, row)| {
+            let x0 = g as f64 - 0.4 + b as f64 * width;
+            Rectangle::new(
+                [(x0, 0.0), (x0 + width * 0.9, row[b] * 100.0)],
+                color.filled(),
+            )
+        });
+        chart
+            .draw_series(rects)?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(json) = &args.plot_only {
+        let r: Results = serde_json::from_slice(&std::fs::read(json)?)
+            .with_context(|| format!("reading {}", json.display()))?;
+        return plot(&args.out.join("byzantine.png"), &r);
+    }
+    // Ten clients train at once on the worker threads: one libtorch thread each.
+    tch::set_num_threads(1);
+    let train = Mnist::load(&args.data, MnistSplit::Train)
+        .with_context(|| format!("MNIST in {}", args.data.display()))?;
+    let test = Mnist::load(&args.data, MnistSplit::Test)?;
+    let n = args.train_images.min(train.len());
+    let profiles: Vec<usize> = train.labels()[..n]
+        .iter()
+        .map(|&l| usize::from(l))
+        .collect();
+    let groups: Vec<u64> = (0..n as u64).collect();
+    let partition = dirichlet_partition(
+        &groups,
+        &profiles,
+        &PartitionConfig {
+            hospitals: args.clients,
+            alpha: args.alpha,
+            seed: args.seed,
+            min_items: 32,
+        },
+    )?;
+    let train: Arc<dyn ImageDataset> = Arc::new(train);
+    let test = DataSplit::subset(Arc::new(test), (0..args.test_images.min(10_000)).collect())?;
+    let start = Instant::now();
+    let mut results = Results {
+        attacks: args.attacks.clone(),
+        aggregators: args.aggregators.clone(),
+        accuracy: Vec::new(),
+    };
+    for a in &args.attacks {
+        let mut row = Vec::new();
+        for g in &args.aggregators {
+            let t = Instant::now();
+            let acc = run_one(&args, &train, &partition.hospitals, &test, a, g)?;
+            println!(
+                "{a:>12} {g:>18}: {:5.1} %  ({:.0} s)",
+                acc * 100.0,
+                t.elapsed().as_secs_f64()
+            );
+            row.push(acc);
+        }
+        results.accuracy.push(row);
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let md = markdown(&args, &results, start.elapsed().as_secs_f64());
+    std::fs::write(args.out.join("byzantine.md"), &md)?;
+    std::fs::write(
+        args.out.join("byzantine.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    plot(&args.out.join("byzantine.png"), &results)?;
+    print!("{md}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_attack_and_aggregator_name_builds() {
+        for a in [
+            "none",
+            "sign-flip",
+            "gaussian",
+            "scaling",
+            "alie",
+            "ipm",
+            "label-flip",
+        ] {
+            assert!(attack(a).is_ok(), "{a}");
+        }
+        for g in [
+            "fedavg",
+            "median",
+            "trimmed-mean",
+            "krum",
+            "geometric-median",
+        ] {
+            assert!(aggregator(g, 10, 3).is_ok(), "{g}");
+        }
+        assert!(attack("nope").is_err() && aggregator("nope", 10, 3).is_err());
+    }
+
+    #[test]
+    fn report_has_a_row_per_attack() {
+        let args = Args::parse_from(["byzantine"]);
+        let r = Results {
+            attacks: vec!["none".into(), "alie".into()],
+            aggregators: vec!["fedavg".into()],
+            accuracy: vec![vec![0.98], vec![0.5]],
+        };
+        let md = markdown(&args, &r, 1.0);
+        assert!(
+            md.contains("| none | 98.0 |") && md.contains("| alie | 50.0 |"),
+            "{md}"
+        );
+    }
+}
