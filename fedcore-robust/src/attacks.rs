@@ -229,24 +229,9 @@ mod tests {
 
     use super::*;
 
-    fn honest_delta(seed: u64) -> (Parameters, Parameters) {
+    /// The delta one `fit` makes, from a fresh start, on fixed blobs.
+    fn delta<M: Model<Data = fedcore::linear::Dataset>>(mut m: M, seed: u64) -> Parameters {
         let data = synthetic_blobs(1 << 16, 60, 4, 3, 1.0);
-        let mut m = SoftmaxRegression::new(4, 3);
-        let start = m.parameters();
-        m.fit(
-            &data,
-            &TrainConfig {
-                seed,
-                ..TrainConfig::default()
-            },
-        )
-        .unwrap();
-        (start.clone(), m.parameters().sub(&start).unwrap())
-    }
-
-    fn attacked(attack: Attack, seed: u64) -> Parameters {
-        let data = synthetic_blobs(1 << 16, 60, 4, 3, 1.0);
-        let mut m = Byzantine::new(SoftmaxRegression::new(4, 3), attack).unwrap();
         let start = m.parameters();
         m.fit(
             &data,
@@ -259,9 +244,20 @@ mod tests {
         m.parameters().sub(&start).unwrap()
     }
 
+    fn honest_delta(seed: u64) -> Parameters {
+        delta(SoftmaxRegression::new(4, 3), seed)
+    }
+
+    fn attacked(attack: Attack, seed: u64) -> Parameters {
+        delta(
+            Byzantine::new(SoftmaxRegression::new(4, 3), attack).unwrap(),
+            seed,
+        )
+    }
+
     #[test]
     fn sign_flip_and_scaling_transform_the_honest_delta() {
-        let (_, g) = honest_delta(3);
+        let g = honest_delta(3);
         let flipped = attacked(Attack::SignFlip { scale: 2.0 }, 3);
         let boosted = attacked(Attack::Scaling { factor: 10.0 }, 3);
         for ((g, f), b) in g
@@ -282,7 +278,7 @@ mod tests {
         assert_ne!(a, attacked(Attack::Gaussian { std: 0.5 }, 2));
         let rms = (a.as_slice().iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
         assert!((rms - 0.5).abs() < 0.2, "{rms}");
-        let (_, g) = honest_delta(5);
+        let g = honest_delta(5);
         let ipm = attacked(
             Attack::Ipm {
                 epsilon: 0.5,
@@ -304,7 +300,7 @@ mod tests {
         let z0 = attacked(Attack::Alie { z: 0.0, samples: 4 }, 9);
         let z1 = attacked(Attack::Alie { z: 1.5, samples: 4 }, 9);
         // With z = 0 it is the mean of the runs: close to an honest delta.
-        let (_, g) = honest_delta(9);
+        let g = honest_delta(9);
         let dist = |a: &Parameters, b: &Parameters| a.sub(b).unwrap().l2_norm();
         assert!(
             dist(&z0, &g) < g.l2_norm(),

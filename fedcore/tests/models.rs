@@ -25,16 +25,6 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn tensor_f32(st: &SafeTensors<'_>, name: &str) -> (Vec<f32>, Vec<usize>) {
-    let v = st.tensor(name).unwrap();
-    let data = v
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    (data, v.shape().to_vec())
-}
-
 fn tiny_config() -> DenseNetConfig {
     DenseNetConfig {
         growth_rate: 4,
@@ -47,6 +37,18 @@ fn tiny_config() -> DenseNetConfig {
         activation: Activation::Relu,
         placement: Placement::Everywhere,
     }
+}
+
+/// The tiny DenseNet with the torchvision fixture's weights.
+fn tiny_from_fixture() -> TchModel<DenseNet> {
+    let mut model = densenet(tiny_config(), 0);
+    model
+        .load_torchvision(
+            &fixture("densenet_tiny.safetensors"),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+    model
 }
 
 fn densenet(config: DenseNetConfig, seed: u64) -> TchModel<DenseNet> {
@@ -66,22 +68,23 @@ fn densenet_matches_torchvision() {
     // Weights, input and logits made once by torchvision's own DenseNet class
     // (scripts/make_densenet_fixture.py); input 20 x 20, so the final pool is
     // adaptive and the transition pools average.
-    let mut model = densenet(tiny_config(), 0);
-    model
-        .load_torchvision(
-            &fixture("densenet_tiny.safetensors"),
-            &LoadOptions::default(),
-        )
-        .unwrap();
+    let model = tiny_from_fixture();
     let bytes = std::fs::read(fixture("densenet_tiny_io.safetensors")).unwrap();
-    let io = SafeTensors::deserialize(&bytes).unwrap();
-    let (input, shape) = tensor_f32(&io, "input");
-    let shape: [usize; 4] = shape.try_into().unwrap();
-    let (expected_eval, _) = tensor_f32(&io, "logits_eval");
-    let (expected_train, _) = tensor_f32(&io, "logits_train");
+    let (io, _) = fedcore::checkpoint::from_safetensors(&bytes).unwrap();
+    let input = io.tensor("input").unwrap();
+    let shape: [usize; 4] = io
+        .layout()
+        .spec("input")
+        .unwrap()
+        .shape
+        .clone()
+        .try_into()
+        .unwrap();
+    let expected_eval = io.tensor("logits_eval").unwrap();
+    let expected_train = io.tensor("logits_train").unwrap();
 
-    let got = model.forward(&input, shape).unwrap();
-    let diff = max_abs_diff(&got, &expected_eval);
+    let got = model.forward(input, shape).unwrap();
+    let diff = max_abs_diff(&got, expected_eval);
     assert!(
         diff < 1e-5,
         "eval logits differ by {diff}: {got:?} vs {expected_eval:?}"
@@ -89,22 +92,16 @@ fn densenet_matches_torchvision() {
 
     // Training mode (batch statistics) matches too.
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    let xs = Tensor::from_slice(&input).reshape(dims.as_slice());
+    let xs = Tensor::from_slice(input).reshape(dims.as_slice());
     let train = tch::no_grad(|| model.network().forward(&xs, true));
     let train = Vec::<f32>::try_from(train.reshape([-1])).unwrap();
-    let diff = max_abs_diff(&train, &expected_train);
+    let diff = max_abs_diff(&train, expected_train);
     assert!(diff < 1e-5, "train logits differ by {diff}");
 }
 
 #[test]
 fn export_is_a_torchvision_state_dict_and_round_trips_bit_exact() {
-    let mut model = densenet(tiny_config(), 0);
-    model
-        .load_torchvision(
-            &fixture("densenet_tiny.safetensors"),
-            &LoadOptions::default(),
-        )
-        .unwrap();
+    let model = tiny_from_fixture();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("global.safetensors");
     model.save_torchvision(&out).unwrap();
@@ -536,12 +533,7 @@ fn rgb_weights_load_into_a_gray_model() {
     };
     gray.load_torchvision(&fixture("densenet_tiny.safetensors"), &opts)
         .unwrap();
-    let mut rgb = densenet(tiny_config(), 0);
-    rgb.load_torchvision(
-        &fixture("densenet_tiny.safetensors"),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let rgb = tiny_from_fixture();
     // A gray image repeated over three channels gives the same logits.
     let plane: Vec<f32> = (0..400).map(|i| ((i * 37) % 11) as f32 / 11.0).collect();
     let three: Vec<f32> = plane.iter().chain(&plane).chain(&plane).copied().collect();

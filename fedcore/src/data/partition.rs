@@ -273,23 +273,14 @@ mod tests {
             "alpha 0.1 should concentrate classes: {skewed}"
         );
         assert!(flat < 0.15, "alpha 1000 should be near uniform: {flat}");
-        let other = dirichlet_partition(
-            &groups,
-            &profiles,
-            &PartitionConfig {
-                seed: 4,
+        let with_seed = |seed| {
+            let config = PartitionConfig {
+                seed,
                 ..PartitionConfig::default()
-            },
-        );
-        let base = dirichlet_partition(
-            &groups,
-            &profiles,
-            &PartitionConfig {
-                seed: 3,
-                ..PartitionConfig::default()
-            },
-        );
-        assert_ne!(other.unwrap(), base.unwrap(), "the seed matters");
+            };
+            dirichlet_partition(&groups, &profiles, &config).unwrap()
+        };
+        assert_ne!(with_seed(4), with_seed(3), "the seed matters");
     }
 
     #[test]

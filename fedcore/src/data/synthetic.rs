@@ -125,7 +125,7 @@ pub fn write_synthetic_chestxray(dir: &Path, config: &SyntheticXrays) -> Result<
         .iter()
         .flat_map(|p| {
             p.labels.iter().enumerate().map(move |(f, &l)| {
-                let name = format!("{:08}_{:03}.png", p.id, f);
+                let name = image_name(p.id, f);
                 let seed = config.seed ^ (u64::from(p.id) << 20) ^ f as u64;
                 (name, l, seed)
             })
@@ -152,7 +152,7 @@ pub fn write_synthetic_chestxray(dir: &Path, config: &SyntheticXrays) -> Result<
     };
     for p in &patients {
         for (f, &l) in p.labels.iter().enumerate() {
-            let name = format!("{:08}_{:03}.png", p.id, f);
+            let name = image_name(p.id, f);
             let findings = if l == 0 {
                 NO_FINDING.to_owned()
             } else {
@@ -188,6 +188,11 @@ pub fn write_synthetic_chestxray(dir: &Path, config: &SyntheticXrays) -> Result<
     std::fs::write(dir.join("train_val_list.txt"), train_list)?;
     std::fs::write(dir.join("test_list.txt"), test_list)?;
     Ok(summary)
+}
+
+/// NIH-style file name: patient, follow-up (`00000013_003.png`).
+fn image_name(patient: u32, follow_up: usize) -> String {
+    format!("{patient:08}_{follow_up:03}.png")
 }
 
 /// Soft-edged ellipse mask: 1 inside, 0 outside, a short ramp at the edge.

@@ -723,12 +723,7 @@ impl<N: Network> Model for TchModel<N> {
     fn parameters(&self) -> Parameters {
         let mut values = Vec::with_capacity(self.layout.len());
         for t in &self.tensors {
-            let flat = t
-                .detach()
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
-                .reshape([-1]);
-            match Vec::<f32>::try_from(&flat) {
+            match to_vec(t) {
                 Ok(v) => values.extend(v),
                 Err(e) => unreachable!("a float tensor converts to Vec<f32>: {e}"),
             }
