@@ -150,20 +150,73 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
     })
 }
 
-/// For every coordinate, gathers the `n` values into a reused buffer and
-/// writes `f(buffer)` to `out`. The buffer is allocated once per block.
-pub(crate) fn per_coordinate(xs: &[&[f32]], out: &mut [f32], f: impl Fn(&mut [f32]) -> f32 + Sync) {
+/// Update counts up to this are sorted per coordinate by a compare-exchange
+/// network over blocks of coordinates (vectorized min/max, no branches);
+/// larger counts gather each coordinate and select in it.
+pub(crate) const NETWORK_MAX: usize = 24;
+
+/// Coordinates sorted together by the network: `n` rows of this many values.
+const LANES: usize = 1024;
+
+/// For every coordinate, the mean of its order statistics `lo..hi` over the
+/// `n` updates (`0 <= lo < hi <= n`): `lo = k, hi = n - k` is the trimmed
+/// mean, the middle one or two the median. Inputs must be NaN-free (the
+/// aggregators receive validated updates).
+pub(crate) fn mean_of_order_statistics(xs: &[&[f32]], out: &mut [f32], lo: usize, hi: usize) {
     let n = xs.len();
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        let start = c * CHUNK;
-        let mut buf = vec![0.0f32; n];
-        for (k, slot) in o.iter_mut().enumerate() {
-            for (b, x) in buf.iter_mut().zip(xs) {
-                *b = x[start + k];
+    assert!(
+        lo < hi && hi <= n,
+        "order statistics {lo}..{hi} of {n} values"
+    );
+    let kept = (hi - lo) as f64;
+    if n <= NETWORK_MAX {
+        out.par_chunks_mut(LANES).enumerate().for_each(|(c, o)| {
+            let start = c * LANES;
+            let len = o.len();
+            let mut rows = vec![0.0f32; n * len];
+            for (row, x) in rows.chunks_exact_mut(len).zip(xs) {
+                row.copy_from_slice(&x[start..start + len]);
             }
-            *slot = f(&mut buf);
-        }
-    });
+            // Odd-even transposition sort: n rounds of compare-exchanges
+            // between neighbouring rows sort every column.
+            for round in 0..n {
+                for i in (round % 2..n.saturating_sub(1)).step_by(2) {
+                    let (a, b) = rows[i * len..(i + 2) * len].split_at_mut(len);
+                    for (x, y) in a.iter_mut().zip(b.iter_mut()) {
+                        let (p, q) = (*x, *y);
+                        *x = p.min(q);
+                        *y = p.max(q);
+                    }
+                }
+            }
+            let mut acc = vec![0.0f64; len];
+            for row in rows.chunks_exact(len).take(hi).skip(lo) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += f64::from(v);
+                }
+            }
+            for (slot, a) in o.iter_mut().zip(acc) {
+                *slot = (a / kept) as f32;
+            }
+        });
+    } else {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            let start = c * CHUNK;
+            let mut buf = vec![0.0f32; n];
+            for (k, slot) in o.iter_mut().enumerate() {
+                for (b, x) in buf.iter_mut().zip(xs) {
+                    *b = x[start + k];
+                }
+                buf.select_nth_unstable_by(lo, f32::total_cmp);
+                let rest = &mut buf[lo..];
+                if hi - lo > 1 {
+                    rest.select_nth_unstable_by(hi - lo - 1, f32::total_cmp);
+                }
+                let sum: f64 = rest[..hi - lo].iter().map(|&v| f64::from(v)).sum();
+                *slot = (sum / kept) as f32;
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -191,5 +244,42 @@ mod tests {
         let m = pairwise_sq_dists(&refs);
         let e01: f64 = (0..d).map(|i| f64::from(xs[0][i] - xs[1][i]).powi(2)).sum();
         assert!((m[1] - e01).abs() < 1e-3 * e01 && m[3] == m[1] && m[0] == 0.0);
+    }
+
+    #[test]
+    fn order_statistics_match_a_full_sort_on_both_paths() {
+        // Network path (n <= NETWORK_MAX) and selection path, a partial
+        // last block, ties, and every (lo, hi) window kind the callers use.
+        let d = LANES + 7;
+        for n in [1usize, 2, 3, 10, NETWORK_MAX, NETWORK_MAX + 1, 40] {
+            let xs: Vec<Vec<f32>> = (0..n)
+                .map(|k| {
+                    (0..d)
+                        .map(|i| {
+                            (((i + 1) * (k * 7 + 3) * 2_654_435_761 % 1_000) / 10) as f32 - 50.0
+                        })
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let windows = [
+                (0, n),
+                (n / 2, n / 2 + 1),
+                (n / 4, n - n / 4),
+                (0, 1),
+                (n - 1, n),
+            ];
+            for (lo, hi) in windows {
+                let mut out = vec![0.0f32; d];
+                mean_of_order_statistics(&refs, &mut out, lo, hi);
+                for i in 0..d {
+                    let mut col: Vec<f32> = xs.iter().map(|x| x[i]).collect();
+                    col.sort_by(f32::total_cmp);
+                    let e =
+                        col[lo..hi].iter().map(|&v| f64::from(v)).sum::<f64>() / (hi - lo) as f64;
+                    assert_eq!(out[i], e as f32, "n {n} window {lo}..{hi} coordinate {i}");
+                }
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@ use fedcore::aggregate::ensure_aggregatable;
 use fedcore::{Aggregate, Aggregator, ClientUpdate, Metrics};
 
 use crate::error::ParamsError;
-use crate::kernels::per_coordinate;
+use crate::kernels::mean_of_order_statistics;
 use crate::{diagnostics_by_distance, points};
 
 /// The median of each coordinate over the updates (the mean of the two
@@ -12,21 +12,6 @@ use crate::{diagnostics_by_distance, points};
 /// up to half of the updates being arbitrary in each coordinate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CoordinateMedian;
-
-fn median_of(buf: &mut [f32]) -> f32 {
-    let n = buf.len();
-    let (_, &mut hi, _) = buf.select_nth_unstable_by(n / 2, f32::total_cmp);
-    if n % 2 == 1 {
-        hi
-    } else {
-        // The largest of the lower half is the other middle value.
-        let lo = buf[..n / 2]
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        0.5 * (lo + hi)
-    }
-}
 
 impl Aggregator for CoordinateMedian {
     fn name(&self) -> String {
@@ -37,7 +22,14 @@ impl Aggregator for CoordinateMedian {
         let first = ensure_aggregatable(updates)?;
         let xs = points(updates);
         let mut out = first.values.zeros_like();
-        per_coordinate(&xs, out.as_mut_slice(), median_of);
+        let n = xs.len();
+        // The middle value, or the mean of the two middle values.
+        let (lo, hi) = if n % 2 == 1 {
+            (n / 2, n / 2 + 1)
+        } else {
+            (n / 2 - 1, n / 2 + 1)
+        };
+        mean_of_order_statistics(&xs, out.as_mut_slice(), lo, hi);
         let clients = diagnostics_by_distance(updates, &xs, out.as_slice(), None);
         Ok(Aggregate {
             parameters: out,
@@ -102,18 +94,7 @@ impl Aggregator for TrimmedMean {
         let xs = points(updates);
         let k = self.trimmed(xs.len());
         let mut out = first.values.zeros_like();
-        per_coordinate(&xs, out.as_mut_slice(), |buf| {
-            let n = buf.len();
-            let kept = if k == 0 {
-                &mut buf[..]
-            } else {
-                buf.select_nth_unstable_by(k, f32::total_cmp);
-                let rest = &mut buf[k..];
-                rest.select_nth_unstable_by(n - 2 * k - 1, f32::total_cmp);
-                &mut rest[..n - 2 * k]
-            };
-            (kept.iter().map(|&v| f64::from(v)).sum::<f64>() / kept.len() as f64) as f32
-        });
+        mean_of_order_statistics(&xs, out.as_mut_slice(), k, xs.len() - k);
         let clients = diagnostics_by_distance(updates, &xs, out.as_slice(), None);
         Ok(Aggregate {
             parameters: out,
