@@ -1,17 +1,34 @@
 //! # fedcore-dp
 //!
-//! Differential privacy for `fedcore`.
+//! Differential privacy for `fedcore`:
 //!
-//! **Status:** this crate is a placeholder in the workspace. Its contents —
-//! L2 clipping (whole update, a named subset, per layer), the Gaussian
-//! mechanism with a cryptographically secure RNG, client-level DP-FedAvg
-//! (a `Dp<A: Aggregator>` decorator and a client-side mechanism),
-//! sample-level DP-SGD for the `tch` models, and an RDP accountant with
-//! calibration and budgets — are tracked in the project's issue on
-//! `fedcore-dp` and are not written yet.
-//!
-//! Mechanisms here will implement [`fedcore::PrivacyMechanism`] and report
-//! [`fedcore::PrivacyCost`]s that the accountant turns into (epsilon, delta).
+//! - [`clip`]: L2 clipping of a whole update, of a named subset of its
+//!   tensors (the "body"), or per layer.
+//! - [`noise`]: the Gaussian mechanism's noise, from a ChaCha20 generator
+//!   seeded by the operating system ([`Noise::secure`]) or, for reproducible
+//!   experiments only, from a seed ([`Noise::dangerous`]).
+//! - [`LocalDp`]: client-level DP where each client clips and noises its own
+//!   update before it leaves ([`fedcore::PrivacyMechanism`]).
+//! - [`Dp`]: client-level DP-FedAvg on the server, a decorator around any
+//!   [`fedcore::Aggregator`] that clips every update and noises the aggregate.
+//! - [`rdp`]: the Rényi-DP accountant for the Poisson-sampled Gaussian
+//!   mechanism, conversion to (epsilon, delta) and noise calibration;
+//!   [`Budget`] and [`Ledger`] stop a run before it would exceed its budget.
+//! - `dpsgd` (feature `tch`): sample-level DP-SGD for fedcore's libtorch
+//!   models, with per-sample clipping and Poisson-sampled batches.
 #![forbid(unsafe_code)]
 
-pub use fedcore::{PrivacyCost, PrivacyMechanism};
+pub mod budget;
+pub mod central;
+pub mod clip;
+pub mod local;
+pub mod noise;
+pub mod rdp;
+
+pub use budget::{Budget, Ledger};
+pub use central::{Dp, DpParams};
+pub use clip::{Clip, ClipReport, clip_slice};
+pub use fedcore::{PrivacyCost, PrivacyMechanism, Spent};
+pub use local::{LocalDp, LocalDpParams};
+pub use noise::Noise;
+pub use rdp::{RdpAccountant, calibrate_noise, epsilon_for};

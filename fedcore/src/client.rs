@@ -116,12 +116,13 @@ where
         self.model.set_parameters(&ins.parameters)?;
         let out = self.model.fit(&self.train, &ins.config)?;
         let mut delta = self.model.parameters().sub(&ins.parameters)?;
-        let mut provenance = Vec::with_capacity(self.mechanisms.len());
+        let mut provenance = out.privacy;
         for m in &mut self.mechanisms {
             let cost = m.privatize(&mut delta)?;
             provenance.push(Protection {
                 mechanism: m.name(),
                 cost,
+                spent: m.spent(),
             });
         }
         if let Some(nf) = delta.first_non_finite() {

@@ -140,6 +140,24 @@ pub enum Error {
     /// A privacy mechanism refused or failed.
     #[error("privacy: {0}")]
     Privacy(String),
+
+    /// Another release would spend more privacy than the budget allows; the
+    /// update was not released (no noise drawn, nothing sent).
+    #[error(
+        "privacy budget of {who} exhausted: spent epsilon = {spent:.4}, the next release would reach {next:.4} > budget {budget} (delta = {delta:e})"
+    )]
+    PrivacyBudgetExhausted {
+        /// Whose budget (a client id, `run`, ...).
+        who: String,
+        /// Epsilon spent so far.
+        spent: f64,
+        /// Epsilon after the refused release.
+        next: f64,
+        /// The budget's epsilon.
+        budget: f64,
+        /// The budget's delta.
+        delta: f64,
+    },
     /// The run was asked to stop.
     #[error("stopped by request")]
     Stopped,

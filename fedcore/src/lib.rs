@@ -94,4 +94,4 @@ pub use params::{Layout, Parameters, TensorSpec};
 pub use privacy::{PrivacyCost, PrivacyMechanism};
 pub use server::{Server, ServerConfig};
 pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
-pub use update::{ClientId, ClientUpdate, Metrics, Protection, UpdateKind};
+pub use update::{ClientId, ClientUpdate, Metrics, Protection, Spent, UpdateKind};

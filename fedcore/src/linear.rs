@@ -271,6 +271,7 @@ impl Model for SoftmaxRegression {
         ]
         .into();
         Ok(FitOutput {
+            privacy: Vec::new(),
             num_examples: data.len() as u64,
             metrics,
         })

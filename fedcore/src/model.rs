@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::params::Parameters;
-use crate::update::Metrics;
+use crate::update::{Metrics, Protection};
 
 /// The optimizer a client uses for local training.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -100,6 +100,10 @@ pub struct FitOutput {
     pub num_examples: u64,
     /// Training metrics, e.g. `loss`.
     pub metrics: Metrics,
+    /// Privacy spent inside training (sample-level DP-SGD); recorded first
+    /// in the update's provenance.
+    #[serde(default)]
+    pub privacy: Vec<Protection>,
 }
 
 /// The result of evaluating a model on some data.

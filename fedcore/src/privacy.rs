@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::params::Parameters;
+use crate::update::Spent;
 
 /// The privacy cost of one application of a mechanism.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +35,17 @@ pub trait PrivacyMechanism: Send {
     fn name(&self) -> String;
 
     /// Changes `update` in place and returns the cost spent.
+    ///
+    /// A mechanism with a budget returns
+    /// [`Error::PrivacyBudgetExhausted`](crate::Error::PrivacyBudgetExhausted)
+    /// *before* it changes anything when this release would exceed it.
     fn privatize(&mut self, update: &mut Parameters) -> Result<PrivacyCost>;
+
+    /// What its owner has spent in total so far, if the mechanism keeps an
+    /// accountant.
+    fn spent(&self) -> Option<Spent> {
+        None
+    }
 }
 
 impl<P: PrivacyMechanism + ?Sized> PrivacyMechanism for Box<P> {
@@ -44,5 +55,9 @@ impl<P: PrivacyMechanism + ?Sized> PrivacyMechanism for Box<P> {
 
     fn privatize(&mut self, update: &mut Parameters) -> Result<PrivacyCost> {
         (**self).privatize(update)
+    }
+
+    fn spent(&self) -> Option<Spent> {
+        (**self).spent()
     }
 }

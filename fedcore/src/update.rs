@@ -66,6 +66,21 @@ pub struct Protection {
     pub mechanism: String,
     /// The privacy cost it reported.
     pub cost: PrivacyCost,
+    /// The (epsilon, delta) its owner had spent in total after this release,
+    /// where the mechanism keeps an accountant.
+    #[serde(default)]
+    pub spent: Option<Spent>,
+}
+
+/// Privacy spent so far, as an (epsilon, delta) guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spent {
+    /// Epsilon spent.
+    pub epsilon: f64,
+    /// The delta it holds at.
+    pub delta: f64,
+    /// The budget's epsilon, if there is a budget.
+    pub budget: Option<f64>,
 }
 
 /// A client's answer to a fit request.

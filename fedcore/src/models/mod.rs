@@ -760,6 +760,7 @@ impl<N: Network> Model for TchModel<N> {
         metrics.insert("loss".into(), loss);
         metrics.insert("steps".into(), steps as f64);
         Ok(FitOutput {
+            privacy: Vec::new(),
             num_examples: seen / config.epochs as u64,
             metrics,
         })

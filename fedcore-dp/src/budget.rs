@@ -1,0 +1,161 @@
+//! Privacy budgets: an (epsilon, delta) limit and a ledger that refuses a
+//! release before it would exceed it.
+
+use fedcore::{Error, PrivacyCost, Result, Spent};
+use serde::{Deserialize, Serialize};
+
+use crate::rdp::RdpAccountant;
+
+/// An (epsilon, delta) limit. Default: epsilon = 1.0, delta = 1e-5.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The most epsilon that may be spent.
+    pub epsilon: f64,
+    /// The delta the epsilon is measured at.
+    pub delta: f64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            epsilon: 1.0,
+            delta: 1e-5,
+        }
+    }
+}
+
+impl Budget {
+    /// A budget of `epsilon` at `delta`.
+    pub fn new(epsilon: f64, delta: f64) -> Result<Self> {
+        let b = Self { epsilon, delta };
+        b.check()?;
+        Ok(b)
+    }
+
+    /// Checks epsilon > 0 (may be infinite: no limit) and 0 < delta < 1.
+    pub fn check(&self) -> Result<()> {
+        if self.epsilon.is_nan() || self.epsilon <= 0.0 || !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(Error::InvalidConfig(format!(
+                "a privacy budget needs epsilon > 0 and 0 < delta < 1, got ({}, {})",
+                self.epsilon, self.delta
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What one party (a client, a run) has spent against its [`Budget`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ledger {
+    who: String,
+    budget: Budget,
+    accountant: RdpAccountant,
+    releases: u64,
+}
+
+impl Ledger {
+    /// An empty ledger for `who` (used in error messages).
+    pub fn new(who: impl Into<String>, budget: Budget) -> Result<Self> {
+        budget.check()?;
+        Ok(Self {
+            who: who.into(),
+            budget,
+            accountant: RdpAccountant::new(),
+            releases: 0,
+        })
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Releases charged so far.
+    pub fn releases(&self) -> u64 {
+        self.releases
+    }
+
+    /// The accountant with everything charged so far.
+    pub fn accountant(&self) -> &RdpAccountant {
+        &self.accountant
+    }
+
+    /// Epsilon spent so far at the budget's delta.
+    pub fn epsilon(&self) -> f64 {
+        self.accountant.epsilon(self.budget.delta).0
+    }
+
+    /// Epsilon spent so far, as recorded in provenance.
+    pub fn spent(&self) -> Spent {
+        Spent {
+            epsilon: self.epsilon(),
+            delta: self.budget.delta,
+            budget: Some(self.budget.epsilon),
+        }
+    }
+
+    /// Epsilon after `cost` would be charged, without charging it.
+    pub fn epsilon_after(&self, cost: &PrivacyCost) -> Result<f64> {
+        let mut next = self.accountant.clone();
+        next.compose(cost)?;
+        Ok(next.epsilon(self.budget.delta).0)
+    }
+
+    /// Refuses with [`Error::PrivacyBudgetExhausted`] when `cost` would take
+    /// the ledger past its budget; changes nothing either way.
+    pub fn check(&self, cost: &PrivacyCost) -> Result<f64> {
+        let next = self.epsilon_after(cost)?;
+        if next > self.budget.epsilon {
+            return Err(Error::PrivacyBudgetExhausted {
+                who: self.who.clone(),
+                spent: self.epsilon(),
+                next,
+                budget: self.budget.epsilon,
+                delta: self.budget.delta,
+            });
+        }
+        Ok(next)
+    }
+
+    /// Charges `cost` if it fits the budget ([`Ledger::check`]), else refuses.
+    pub fn charge(&mut self, cost: &PrivacyCost) -> Result<Spent> {
+        self.check(cost)?;
+        self.accountant.compose(cost)?;
+        self.releases += 1;
+        Ok(self.spent())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_before_the_budget_is_exceeded_and_changes_nothing() {
+        let mut l = Ledger::new("client1", Budget::new(1.0, 1e-5).unwrap()).unwrap();
+        let cost = PrivacyCost::SampledGaussian {
+            noise_multiplier: 4.0,
+            sampling_rate: 0.01,
+            steps: 2_000,
+        };
+        let mut last = 0.0;
+        let mut charged = 0;
+        let err = loop {
+            match l.charge(&cost) {
+                Ok(s) => {
+                    assert!(s.epsilon > last && s.epsilon <= 1.0);
+                    last = s.epsilon;
+                    charged += 1;
+                }
+                Err(e) => break e,
+            }
+        };
+        // 10,000 steps cost 1.035 (the dp_accounting reference), so four
+        // releases of 2,000 fit and the fifth does not.
+        assert_eq!(charged, 4);
+        assert!(matches!(err, Error::PrivacyBudgetExhausted { .. }), "{err}");
+        assert!(err.to_string().contains("client1"), "{err}");
+        assert_eq!(l.releases(), 4);
+        assert_eq!(l.epsilon(), last);
+    }
+}
