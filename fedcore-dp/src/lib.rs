@@ -21,6 +21,8 @@
 pub mod budget;
 pub mod central;
 pub mod clip;
+#[cfg(feature = "tch")]
+pub mod dpsgd;
 pub mod local;
 pub mod noise;
 pub mod rdp;
@@ -28,6 +30,8 @@ pub mod rdp;
 pub use budget::{Budget, Ledger};
 pub use central::{Dp, DpParams};
 pub use clip::{Clip, ClipReport, clip_slice};
+#[cfg(feature = "tch")]
+pub use dpsgd::{DpSgd, DpSgdConfig};
 pub use fedcore::{PrivacyCost, PrivacyMechanism, Spent};
 pub use local::{LocalDp, LocalDpParams};
 pub use noise::Noise;

@@ -83,6 +83,14 @@ impl Noise {
         self.for_each_block(values, std, |v, z| *v = z);
     }
 
+    /// A Poisson sample of `0..n`: each index independently with probability
+    /// `q`, from this source (secret when the source is secure, which the
+    /// amplification-by-sampling bound assumes).
+    pub fn poisson_sample(&mut self, n: usize, q: f64) -> Vec<usize> {
+        use rand::RngExt;
+        (0..n).filter(|_| self.rng.random::<f64>() < q).collect()
+    }
+
     fn for_each_block(&mut self, values: &mut [f32], std: f64, f: impl Fn(&mut f32, f32) + Sync) {
         let keys: Vec<[u8; 32]> = (0..values.len().div_ceil(BLOCK))
             .map(|_| {

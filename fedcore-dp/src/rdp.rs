@@ -47,7 +47,11 @@ impl RdpAccountant {
 
     /// An accountant over the given orders (each finite and > 1).
     pub fn with_orders(orders: Vec<f64>) -> Result<Self> {
-        if orders.is_empty() || orders.iter().any(|&a| a.is_nan() || a <= 1.0 || a.is_infinite()) {
+        if orders.is_empty()
+            || orders
+                .iter()
+                .any(|&a| a.is_nan() || a <= 1.0 || a.is_infinite())
+        {
             return Err(Error::InvalidConfig(
                 "RDP orders must be finite and greater than 1".into(),
             ));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use fedcore::data::{
     ChestXray14, ChestXrayConfig, DataSplit, InMemoryImages, SyntheticXrays, Targets,
-    write_synthetic_chestxray,
+    synthetic_digits, write_synthetic_chestxray,
 };
 use fedcore::models::{
     Activation, DenseNet, DenseNetConfig, Device, LoadOptions, Network, Placement, SmallCnn,
@@ -461,25 +461,6 @@ fn bad_input_is_an_error_and_the_model_keeps_working() {
 
 /// 28 x 28 images whose class is where a bright 7 x 7 square sits (a 3 x 3
 /// grid plus "empty"), with noise: learnable in a few epochs.
-fn squares(n: usize, seed: u64) -> InMemoryImages {
-    use rand::{RngExt, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut images = Vec::with_capacity(n * 784);
-    let mut classes = Vec::with_capacity(n);
-    for _ in 0..n {
-        let class = rng.random_range(0..10usize);
-        let (cy, cx) = (class / 3 * 9 + 1, class % 3 * 9 + 1);
-        for y in 0..28 {
-            for x in 0..28 {
-                let on = class < 9 && (cy..cy + 7).contains(&y) && (cx..cx + 7).contains(&x);
-                images.push(if on { 2.0 } else { 0.0 } + rng.random_range(-0.5..0.5f32));
-            }
-        }
-        classes.push(class as i64);
-    }
-    InMemoryImages::new(images, [1, 28, 28], Targets::Classes(classes)).unwrap()
-}
-
 #[test]
 fn small_cnn_learns_and_has_the_documented_size() {
     let mut model = TchModel::build(Device::Cpu, 0, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
@@ -488,8 +469,8 @@ fn small_cnn_learns_and_has_the_documented_size() {
         model.head().names(model.layout()).collect::<Vec<_>>(),
         ["fc2.weight", "fc2.bias"]
     );
-    let train = DataSplit::all(Arc::new(squares(400, 1)));
-    let test = DataSplit::all(Arc::new(squares(200, 2)));
+    let train = DataSplit::all(Arc::new(synthetic_digits(400, 1)));
+    let test = DataSplit::all(Arc::new(synthetic_digits(200, 2)));
     let before = model.evaluate(&test).unwrap();
     let config = TrainConfig {
         epochs: 3,
@@ -510,7 +491,7 @@ fn small_cnn_learns_and_has_the_documented_size() {
     assert!(after.metrics["accuracy"] > 0.9, "{:?}", after.metrics);
     // Images of the wrong size are refused.
     let e = model
-        .fit(&DataSplit::all(Arc::new(squares(4, 1))), &config)
+        .fit(&DataSplit::all(Arc::new(synthetic_digits(4, 1))), &config)
         .map(|_| ());
     assert!(e.is_ok());
     let wrong =
@@ -548,4 +529,57 @@ fn rgb_weights_load_into_a_gray_model() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("features.conv0.weight"), "{e}");
+}
+
+#[test]
+fn per_sample_gradients_in_one_pass_match_one_pass_per_sample() {
+    let model = TchModel::build(Device::Cpu, 4, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    let data = DataSplit::all(Arc::new(synthetic_digits(6, 9)));
+    let batch = data.batches(6, None).next().unwrap().unwrap();
+    let fast = model
+        .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    let slow = model
+        .per_sample_gradients_looped(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    assert_eq!(fast.grads.size(), [6, 215_370]);
+    assert_eq!(slow.grads.size(), [6, 215_370]);
+    let diff = (&fast.grads - &slow.grads).abs().max().double_value(&[]);
+    let scale = slow.grads.abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-5 * scale,
+        "max difference {diff} at scale {scale}"
+    );
+    assert!((fast.loss - slow.loss).abs() < 1e-5 * slow.loss.abs().max(1.0));
+    // Rows differ: they are per-sample, not copies of the batch gradient.
+    let r01 = (fast.grads.get(0) - fast.grads.get(1))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(r01 > 1e-3 * scale);
+    // Their mean is the ordinary batch gradient's direction source: a step
+    // on it lowers the batch loss.
+    let mut model = model;
+    let mean: Vec<f32> = Vec::try_from(&fast.grads.mean_dim(0, false, tch::Kind::Float)).unwrap();
+    let step: Vec<f32> = mean.iter().map(|g| 0.05 * g).collect();
+    model.sub_trainable(&step).unwrap();
+    let after = model
+        .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    assert!(after.loss < fast.loss, "{} -> {}", fast.loss, after.loss);
+    assert!(model.sub_trainable(&step[1..]).is_err());
+}
+
+#[test]
+fn per_sample_gradients_refuse_batch_norm() {
+    let model = densenet(tiny_config(), 1);
+    let shape = [2, 3, 32, 32];
+    let e = model
+        .per_sample_gradients(
+            &vec![0.0; 2 * 3 * 32 * 32],
+            shape,
+            &Targets::Classes(vec![0, 1]),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("BatchNorm"), "{e}");
 }

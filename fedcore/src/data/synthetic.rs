@@ -295,6 +295,28 @@ fn render(size: u32, labels: u16, contrast: f32, seed: u64) -> image::GrayImage 
     })
 }
 
+/// A small MNIST-shaped set for tests and examples: `n` 28x28 gray images
+/// of ten classes, class `k < 9` a bright 7x7 square at one of nine
+/// positions, class 9 none, plus uniform noise in [-0.5, 0.5). Seeded.
+pub fn synthetic_digits(n: usize, seed: u64) -> super::InMemoryImages {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut images = Vec::with_capacity(n * 784);
+    let mut classes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let class = rng.random_range(0..10usize);
+        let (cy, cx) = (class / 3 * 9 + 1, class % 3 * 9 + 1);
+        for y in 0..28 {
+            for x in 0..28 {
+                let on = class < 9 && (cy..cy + 7).contains(&y) && (cx..cx + 7).contains(&x);
+                images.push(if on { 2.0 } else { 0.0 } + rng.random_range(-0.5..0.5f32));
+            }
+        }
+        classes.push(class as i64);
+    }
+    super::InMemoryImages::new(images, [1, 28, 28], super::Targets::Classes(classes))
+        .unwrap_or_else(|_| unreachable!("n images of 784 values and n classes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use tch::Tensor;
 
-use super::{Builder, Conv, Linear, Network, Task};
+use super::{Builder, Conv, Linear, Network, Task, Trace};
 use crate::error::{Error, Result};
 
 /// The small CNN (`conv1`, `conv2`, `fc1`, `fc2`).
@@ -72,5 +72,20 @@ impl Network for SmallCnn {
 
     fn head_patterns(&self) -> Vec<String> {
         vec!["fc2.*".into()]
+    }
+
+    fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Option<Tensor> {
+        let x = self
+            .conv1
+            .forward_traced(xs, 1, 2, trace)
+            .relu()
+            .max_pool2d_default(2);
+        let x = self
+            .conv2
+            .forward_traced(&x, 1, 2, trace)
+            .relu()
+            .max_pool2d_default(2);
+        let x = self.fc1.forward_traced(&x.flatten(1, -1), trace).relu();
+        Some(self.fc2.forward_traced(&x, trace))
     }
 }

@@ -32,6 +32,7 @@
 
 mod cnn;
 mod densenet;
+mod persample;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use tch::{Kind, Reduction, Tensor, nn};
 
 pub use cnn::SmallCnn;
 pub use densenet::{Activation, DenseNet, DenseNetConfig, Placement};
+pub use persample::{PerSampleGradients, Trace};
 pub use tch::Device;
 
 use crate::data::{Batch, DataSplit, Targets};
@@ -96,6 +98,16 @@ pub trait Network: Send {
 
     /// The default "head": patterns for [`Layout::select`].
     fn head_patterns(&self) -> Vec<String>;
+
+    /// The forward pass in training mode, recording every convolution and
+    /// linear layer in `trace` so that per-sample gradients come from one
+    /// backward pass ([`TchModel::per_sample_gradients`]). `None` (the
+    /// default) when the network cannot: per-sample gradients then take one
+    /// backward pass per sample.
+    fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Option<Tensor> {
+        let _ = (xs, trace);
+        None
+    }
 }
 
 /// How a variable starts.
@@ -192,7 +204,12 @@ impl Builder {
                 Init::TorchUniform { fan_in },
             )
         });
-        Conv { weight, bias }
+        let index = self.tensors.len() - 1 - usize::from(bias.is_some());
+        Conv {
+            weight,
+            bias,
+            index,
+        }
     }
 
     /// A BatchNorm2d: weight 1, bias 0, running mean 0, running variance 1.
@@ -218,7 +235,11 @@ impl Builder {
             Init::TorchUniform { fan_in: fin }
         };
         let bias = self.param(&format!("{name}.bias"), &[fout], init);
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            index: self.tensors.len() - 2,
+        }
     }
 }
 
@@ -227,6 +248,8 @@ impl Builder {
 pub struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Position of the weight among the model's tensors (the bias follows).
+    index: usize,
 }
 
 impl Conv {
@@ -240,6 +263,25 @@ impl Conv {
             [1],
             1,
         )
+    }
+
+    /// [`Conv::forward`], recorded in `trace`.
+    pub fn forward_traced(
+        &self,
+        xs: &Tensor,
+        stride: i64,
+        padding: i64,
+        trace: &mut Trace,
+    ) -> Tensor {
+        let out = self.forward(xs, stride, padding);
+        trace.layers.push(persample::TracedLayer {
+            weight: self.index,
+            bias: self.bias.as_ref().map(|_| self.index + 1),
+            input: xs.shallow_clone(),
+            output: out.shallow_clone(),
+            conv: Some((self.weight.size()[2], stride, padding)),
+        });
+        out
     }
 }
 
@@ -274,12 +316,27 @@ impl BatchNorm {
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// Position of the weight among the model's tensors (the bias follows).
+    index: usize,
 }
 
 impl Linear {
     /// `xs W^T + b`.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         xs.linear(&self.weight, Some(&self.bias))
+    }
+
+    /// [`Linear::forward`] on `[N, in]`, recorded in `trace`.
+    pub fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Tensor {
+        let out = self.forward(xs);
+        trace.layers.push(persample::TracedLayer {
+            weight: self.index,
+            bias: Some(self.index + 1),
+            input: xs.shallow_clone(),
+            output: out.shallow_clone(),
+            conv: None,
+        });
+        out
     }
 }
 

@@ -1,0 +1,287 @@
+//! Sample-level DP-SGD (Abadi et al., "Deep Learning with Differential
+//! Privacy", 2016) for fedcore's libtorch models.
+//!
+//! Every step draws a Poisson sample of the client's data (each example
+//! with probability `q = batch_size / n`), computes each example's gradient
+//! ([`TchModel::per_sample_gradients`]: one backward pass for networks that
+//! trace their layers, such as [`fedcore::models::SmallCnn`]), clips each to
+//! L2 norm `C`, sums them, adds N(0, (sigma C)^2) noise to the sum, divides by
+//! the expected batch size `q n` and takes an SGD (momentum) step. A fit of
+//! `epochs * ceil(n / batch_size)` steps is accounted as that many
+//! sampled-Gaussian steps, charged to the client's ledger before training
+//! starts; a fit that would exceed the budget is refused.
+//!
+//! Networks with BatchNorm are refused: their batch statistics mix samples.
+
+use fedcore::data::{Batch, DataSplit};
+use fedcore::models::{Network, TchModel};
+use fedcore::{
+    Error, Evaluation, FitOutput, Metrics, Model, Optimizer, Parameters, PrivacyCost, Protection,
+    Result, TrainConfig,
+};
+use tch::Kind;
+
+use crate::budget::{Budget, Ledger};
+use crate::noise::Noise;
+
+/// Settings of [`DpSgd`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSgdConfig {
+    /// Per-sample clipping norm `C`.
+    pub clip_norm: f64,
+    /// Noise standard deviation divided by `C`.
+    pub noise_multiplier: f64,
+    /// The client's budget over all its fits.
+    pub budget: Budget,
+}
+
+impl DpSgdConfig {
+    /// Clipping norm `clip_norm`, noise multiplier `sigma`, default budget
+    /// (epsilon 1, delta 1e-5).
+    pub fn new(clip_norm: f64, noise_multiplier: f64) -> Self {
+        Self {
+            clip_norm,
+            noise_multiplier,
+            budget: Budget::default(),
+        }
+    }
+
+    /// The noise multiplier that lets `fits` fits of `epochs` epochs over
+    /// `n` examples at `batch_size` stay within `budget`.
+    pub fn calibrated(
+        clip_norm: f64,
+        budget: Budget,
+        n: usize,
+        batch_size: usize,
+        epochs: usize,
+        fits: u64,
+    ) -> Result<Self> {
+        let (q, steps) = schedule(n, batch_size, epochs)?;
+        let sigma = crate::rdp::calibrate_noise(budget.epsilon, budget.delta, q, steps * fits)?;
+        Ok(Self {
+            clip_norm,
+            noise_multiplier: sigma,
+            budget,
+        })
+    }
+
+    /// Replaces the budget.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = budget;
+        self
+    }
+}
+
+/// Sampling rate and steps of one fit.
+pub fn schedule(n: usize, batch_size: usize, epochs: usize) -> Result<(f64, u64)> {
+    if n == 0 || batch_size == 0 || epochs == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "DP-SGD needs data, a batch size and epochs, got n = {n}, batch {batch_size}, epochs {epochs}"
+        )));
+    }
+    let q = (batch_size as f64 / n as f64).min(1.0);
+    Ok((q, (epochs * n.div_ceil(batch_size)) as u64))
+}
+
+/// A [`TchModel`] trained by DP-SGD, as a federated [`Model`].
+pub struct DpSgd<N: Network> {
+    model: TchModel<N>,
+    config: DpSgdConfig,
+    noise: Noise,
+    ledger: Ledger,
+}
+
+impl<N: Network> std::fmt::Debug for DpSgd<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpSgd")
+            .field("model", &self.model)
+            .field("config", &self.config)
+            .field("ledger", &self.ledger)
+            .finish()
+    }
+}
+
+impl<N: Network> DpSgd<N> {
+    /// DP-SGD for client `who`'s `model`. Refuses networks with BatchNorm.
+    pub fn new(
+        who: impl Into<String>,
+        model: TchModel<N>,
+        config: DpSgdConfig,
+        noise: Noise,
+    ) -> Result<Self> {
+        if model.network().has_batch_norm() {
+            return Err(Error::InvalidConfig(
+                "DP-SGD cannot train a network with BatchNorm: batch statistics mix the samples of a batch, so clipping one sample's gradient bounds nothing. Use a network without BatchNorm (GroupNorm, or none)".into(),
+            ));
+        }
+        let ok = |x: f64| x.is_finite() && x > 0.0;
+        if !ok(config.clip_norm) || !ok(config.noise_multiplier) {
+            return Err(Error::InvalidConfig(format!(
+                "DP-SGD needs a positive clipping norm and noise multiplier, got {} and {}",
+                config.clip_norm, config.noise_multiplier
+            )));
+        }
+        Ok(Self {
+            model,
+            config,
+            noise,
+            ledger: Ledger::new(who, config.budget)?,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &TchModel<N> {
+        &self.model
+    }
+
+    /// The client's ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The settings.
+    pub fn config(&self) -> DpSgdConfig {
+        self.config
+    }
+
+    /// One DP-SGD step on `batch` (already sampled), normalized by
+    /// `expected_batch`; returns the batch's mean loss (0 for an empty batch).
+    /// Not accounted: [`Model::fit`] charges the ledger for its steps.
+    fn step(
+        &mut self,
+        batch: Option<&Batch>,
+        expected_batch: f64,
+        lr: f64,
+        velocity: &mut [f32],
+        momentum: f64,
+    ) -> Result<f64> {
+        let c = self.config.clip_norm;
+        let (mut grad, loss) = match batch {
+            Some(b) => {
+                let ps = self
+                    .model
+                    .per_sample_gradients(&b.images, b.shape, &b.targets)?;
+                let norms = ps.grads.norm_scalaropt_dim(2, [1], false);
+                let factor = (c / (norms + 1e-6)).clamp_max(1.0);
+                let sum = (&ps.grads * factor.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float);
+                let v = Vec::<f32>::try_from(&sum.to_device(tch::Device::Cpu))
+                    .map_err(|e| Error::Model(e.to_string()))?;
+                (v, ps.loss)
+            }
+            None => (vec![0.0; velocity.len()], 0.0),
+        };
+        self.noise
+            .add_gaussian(&mut grad, self.config.noise_multiplier * c);
+        let scale = (1.0 / expected_batch) as f32;
+        let (lr, mu) = (lr as f32, momentum as f32);
+        for (v, g) in velocity.iter_mut().zip(&mut grad) {
+            *v = mu * *v + *g * scale;
+            *g = lr * *v;
+        }
+        self.model.sub_trainable(&grad)?;
+        Ok(loss)
+    }
+}
+
+impl<N: Network> Model for DpSgd<N> {
+    type Data = DataSplit;
+
+    fn parameters(&self) -> Parameters {
+        self.model.parameters()
+    }
+
+    fn set_parameters(&mut self, parameters: &Parameters) -> Result<()> {
+        self.model.set_parameters(parameters)
+    }
+
+    fn fit(&mut self, data: &DataSplit, config: &TrainConfig) -> Result<FitOutput> {
+        config.check()?;
+        let momentum = match config.optimizer {
+            Optimizer::Sgd { momentum } => momentum,
+            other => {
+                return Err(Error::InvalidConfig(format!(
+                    "DP-SGD runs SGD (with momentum); {other:?} is not supported"
+                )));
+            }
+        };
+        let n = data.len();
+        let (q, steps) = schedule(n, config.batch_size, config.epochs)?;
+        let cost = PrivacyCost::SampledGaussian {
+            noise_multiplier: self.config.noise_multiplier,
+            sampling_rate: q,
+            steps,
+        };
+        // Charged up front: a fit that would exceed the budget never starts,
+        // and one that fails halfway has still spent what it ran.
+        let spent = self.ledger.charge(&cost)?;
+        let values: usize = self
+            .model
+            .trainable_tensors()
+            .iter()
+            .map(|&i| self.model.layout().range_at(i).len())
+            .sum();
+        let mut velocity = vec![0.0f32; values];
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        for step in 0..steps {
+            let picked: Vec<usize> = self
+                .noise
+                .poisson_sample(n, q)
+                .into_iter()
+                .map(|k| data.indices()[k])
+                .collect();
+            let batch =
+                if picked.is_empty() {
+                    None
+                } else {
+                    let len = picked.len();
+                    let split = DataSplit::subset(data.source().clone(), picked)?;
+                    Some(split.batches(len, None).next().ok_or_else(|| {
+                        Error::Model("a non-empty sample produced no batch".into())
+                    })??)
+                };
+            let loss = self.step(
+                batch.as_ref(),
+                q * n as f64,
+                config.learning_rate,
+                &mut velocity,
+                momentum,
+            )?;
+            if !loss.is_finite() {
+                return Err(Error::Model(format!(
+                    "DP-SGD loss became {loss} at step {step}; lower the learning rate"
+                )));
+            }
+            if let Some(b) = &batch {
+                loss_sum += loss * b.shape[0] as f64;
+                seen += b.shape[0];
+            }
+        }
+        let mut metrics = Metrics::new();
+        metrics.insert("loss".into(), loss_sum / seen.max(1) as f64);
+        metrics.insert("steps".into(), steps as f64);
+        metrics.insert("dp_epsilon".into(), spent.epsilon);
+        Ok(FitOutput {
+            num_examples: n as u64,
+            metrics,
+            privacy: vec![Protection {
+                mechanism: format!(
+                    "dp-sgd(C={},sigma={:.4},q={:.5}{})",
+                    self.config.clip_norm,
+                    self.config.noise_multiplier,
+                    q,
+                    if self.noise.is_seeded() {
+                        ",seeded"
+                    } else {
+                        ""
+                    }
+                ),
+                cost,
+                spent: Some(spent),
+            }],
+        })
+    }
+
+    fn evaluate(&mut self, data: &DataSplit) -> Result<Evaluation> {
+        self.model.evaluate(data)
+    }
+}

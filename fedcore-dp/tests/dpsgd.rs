@@ -1,0 +1,156 @@
+//! DP-SGD on the small CNN: it learns, it clips, it refuses BatchNorm and
+//! an exhausted budget, and its spending reaches the update's provenance.
+#![cfg(feature = "tch")]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use fedcore::data::{DataSplit, synthetic_digits};
+use fedcore::models::{DenseNet, DenseNetConfig, Device, SmallCnn, TchModel};
+use fedcore::{Client, Error, FitIns, Model, ModelClient, Optimizer, PrivacyCost, TrainConfig};
+use fedcore_dp::{Budget, DpSgd, DpSgdConfig, Noise};
+
+fn cnn(seed: u64) -> TchModel<SmallCnn> {
+    TchModel::build(Device::Cpu, seed, |b| SmallCnn::build(b, 1, 28, 10)).unwrap()
+}
+
+fn sgd(epochs: usize, batch_size: usize, lr: f64) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size,
+        learning_rate: lr,
+        optimizer: Optimizer::Sgd { momentum: 0.5 },
+        seed: 1,
+    }
+}
+
+fn unlimited() -> Budget {
+    Budget::new(f64::INFINITY, 1e-5).unwrap()
+}
+
+#[test]
+fn dp_sgd_learns_the_synthetic_digits() {
+    let train = DataSplit::all(Arc::new(synthetic_digits(600, 1)));
+    let test = DataSplit::all(Arc::new(synthetic_digits(200, 2)));
+    let config = DpSgdConfig::new(1.0, 0.8).with_budget(unlimited());
+    let mut m = DpSgd::new("client1", cnn(0), config, Noise::dangerous().seeded(5)).unwrap();
+    let before = m.evaluate(&test).unwrap().metrics["accuracy"];
+    let out = m.fit(&train, &sgd(4, 60, 0.5)).unwrap();
+    let after = m.evaluate(&test).unwrap().metrics["accuracy"];
+    assert!(
+        after > 0.8 && after > before + 0.3,
+        "accuracy {before} -> {after}"
+    );
+    assert_eq!(out.metrics["steps"], 40.0);
+    match &out.privacy[0].cost {
+        PrivacyCost::SampledGaussian {
+            noise_multiplier,
+            sampling_rate,
+            steps,
+        } => {
+            assert_eq!((*noise_multiplier, *sampling_rate, *steps), (0.8, 0.1, 40));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn each_sample_is_clipped_before_the_step() {
+    // Tiny clipping norm, negligible noise, the whole set in one step
+    // (q = 1): the step is lr * (sum of clipped gradients) / n, whose norm is
+    // at most lr * C however large the raw gradients are.
+    let data = DataSplit::all(Arc::new(synthetic_digits(16, 3)));
+    let (c, lr) = (1e-3, 1.0);
+    let config = DpSgdConfig::new(c, 1e-9).with_budget(unlimited());
+    let mut m = DpSgd::new("c", cnn(1), config, Noise::dangerous().seeded(1)).unwrap();
+    let before = m.parameters();
+    let mut tc = sgd(1, 16, lr);
+    tc.optimizer = Optimizer::Sgd { momentum: 0.0 };
+    m.fit(&data, &tc).unwrap();
+    let step = m.parameters().sub(&before).unwrap().l2_norm();
+    assert!(
+        step > 0.0 && step <= lr * c * (1.0 + 1e-3),
+        "step norm {step}"
+    );
+    // The raw per-sample gradients are far longer than C.
+    let b = data.batches(16, None).next().unwrap().unwrap();
+    let g = cnn(1)
+        .per_sample_gradients(&b.images, b.shape, &b.targets)
+        .unwrap();
+    let norms = g.grads.norm_scalaropt_dim(2, [1], false);
+    assert!(norms.min().double_value(&[]) > 100.0 * c);
+}
+
+#[test]
+fn batch_norm_networks_are_refused_with_a_reason() {
+    let net = TchModel::build(Device::Cpu, 0, |b| {
+        DenseNet::build(
+            b,
+            DenseNetConfig {
+                block_config: vec![1, 1],
+                growth_rate: 4,
+                num_init_features: 8,
+                bn_size: 2,
+                ..DenseNetConfig::densenet121(1, fedcore::models::Activation::Relu)
+            },
+        )
+    })
+    .unwrap();
+    let e = DpSgd::new(
+        "c",
+        net,
+        DpSgdConfig::new(1.0, 1.0),
+        Noise::secure().unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidConfig(_)) && e.to_string().contains("BatchNorm"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_exhausted_budget_refuses_the_next_fit_and_spending_reaches_provenance() {
+    let data = DataSplit::all(Arc::new(synthetic_digits(40, 4)));
+    // One fit: 2 steps at q = 0.5, sigma 1.5; the budget holds two and a half.
+    let one = fedcore_dp::epsilon_for(1.5, 0.5, 2, 1e-5).unwrap();
+    let budget = 2.5 * one;
+    let config = DpSgdConfig::new(1.0, 1.5).with_budget(Budget::new(budget, 1e-5).unwrap());
+    let dp = DpSgd::new("client1", cnn(2), config, Noise::dangerous().seeded(2)).unwrap();
+    let mut client = ModelClient::new("client1", dp, data);
+    let global = Arc::new(cnn(2).parameters());
+    let ins = FitIns {
+        round: 1,
+        parameters: global.clone(),
+        config: sgd(1, 20, 0.1),
+    };
+    let mut fits = 0;
+    let mut last = 0.0;
+    let err = loop {
+        match client.fit(&FitIns {
+            round: fits + 1,
+            ..ins.clone()
+        }) {
+            Ok(u) => {
+                let p = &u.provenance[0];
+                assert!(p.mechanism.starts_with("dp-sgd("), "{}", p.mechanism);
+                let spent = p.spent.unwrap();
+                assert!(
+                    spent.epsilon > last && spent.epsilon <= budget && spent.budget == Some(budget)
+                );
+                last = spent.epsilon;
+                fits += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(fits < 50);
+    };
+    // RDP composes better than linearly, so at least two fit; never more
+    // than the budget allows.
+    assert!(
+        fits >= 2,
+        "{fits} fits of epsilon {one} in a budget of {budget}"
+    );
+    assert!(matches!(err, Error::PrivacyBudgetExhausted { .. }), "{err}");
+    assert_eq!(client.model().ledger().epsilon(), last);
+}
