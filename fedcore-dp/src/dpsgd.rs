@@ -19,7 +19,6 @@ use fedcore::{
     Error, Evaluation, FitOutput, Metrics, Model, Optimizer, Parameters, PrivacyCost, Protection,
     Result, TrainConfig,
 };
-use tch::Kind;
 
 use crate::budget::{Budget, Ledger};
 use crate::noise::Noise;
@@ -158,15 +157,10 @@ impl<N: Network> DpSgd<N> {
         let c = self.config.clip_norm;
         let (mut grad, loss) = match batch {
             Some(b) => {
-                let ps = self
+                let g = self
                     .model
-                    .per_sample_gradients(&b.images, b.shape, &b.targets)?;
-                let norms = ps.grads.norm_scalaropt_dim(2, [1], false);
-                let factor = (c / (norms + 1e-6)).clamp_max(1.0);
-                let sum = (&ps.grads * factor.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float);
-                let v = Vec::<f32>::try_from(&sum.to_device(tch::Device::Cpu))
-                    .map_err(|e| Error::Model(e.to_string()))?;
-                (v, ps.loss)
+                    .clipped_gradient_sum(&b.images, b.shape, &b.targets, c)?;
+                (g.sum, g.loss)
             }
             None => (vec![0.0; velocity.len()], 0.0),
         };

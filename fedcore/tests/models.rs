@@ -583,3 +583,52 @@ fn per_sample_gradients_refuse_batch_norm() {
         .unwrap_err();
     assert!(e.to_string().contains("BatchNorm"), "{e}");
 }
+
+#[test]
+fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
+    let model = TchModel::build(Device::Cpu, 5, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    let data = DataSplit::all(Arc::new(synthetic_digits(8, 11)));
+    let batch = data.batches(8, None).next().unwrap().unwrap();
+    let full = model
+        .per_sample_gradients_looped(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    let norms: Vec<f32> = Vec::try_from(&full.grads.norm_scalaropt_dim(2, [1], false)).unwrap();
+    let mut sorted = norms.clone();
+    sorted.sort_by(f32::total_cmp);
+    // A norm that clips every sample, one that clips about half, one that clips none.
+    for c in [
+        f64::from(sorted[0]) * 0.5,
+        f64::from(sorted[4]),
+        f64::from(sorted[7]) * 2.0,
+    ] {
+        let fast = model
+            .clipped_gradient_sum(&batch.images, batch.shape, &batch.targets, c)
+            .unwrap();
+        for (a, b) in fast.norms.iter().zip(&norms) {
+            assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
+        }
+        let factor = (c / (&full.grads.norm_scalaropt_dim(2, [1], false) + 1e-6)).clamp_max(1.0);
+        let want: Vec<f32> = Vec::try_from(&(&full.grads * factor.unsqueeze(1)).sum_dim_intlist(
+            0,
+            false,
+            tch::Kind::Float,
+        ))
+        .unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&fast.sum, &want);
+        assert!(
+            diff <= 1e-4 * scale,
+            "C = {c}: max difference {diff} at scale {scale}"
+        );
+        let sum_norm = fedcore::params::l2_norm(&fast.sum);
+        assert!(
+            sum_norm <= 8.0 * c * (1.0 + 1e-4),
+            "sum of 8 clipped gradients has norm {sum_norm} > 8 C"
+        );
+    }
+    assert!(
+        model
+            .clipped_gradient_sum(&batch.images, batch.shape, &batch.targets, 0.0)
+            .is_err()
+    );
+}

@@ -46,7 +46,7 @@ use tch::{Kind, Reduction, Tensor, nn};
 
 pub use cnn::SmallCnn;
 pub use densenet::{Activation, DenseNet, DenseNetConfig, Placement};
-pub use persample::{PerSampleGradients, Trace};
+pub use persample::{ClippedGradientSum, PerSampleGradients, Trace};
 pub use tch::Device;
 
 use crate::data::{Batch, DataSplit, Targets};

@@ -14,7 +14,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Network, TchModel, guarded};
+use super::{Network, TchModel, guarded, to_vec};
 use crate::data::Targets;
 use crate::error::{Error, Result};
 
@@ -34,6 +34,18 @@ pub(super) struct TracedLayer {
     pub(super) output: Tensor,
     /// `(kernel, stride, padding)` of a square convolution; `None` for linear.
     pub(super) conv: Option<(i64, i64, i64)>,
+}
+
+/// The sum of a batch's per-sample gradients, each clipped to an L2 norm.
+#[derive(Debug, Clone)]
+pub struct ClippedGradientSum {
+    /// `sum_i g_i * min(1, C / ||g_i||)` over the trainable tensors, in the
+    /// order of [`TchModel::trainable_tensors`].
+    pub sum: Vec<f32>,
+    /// `||g_i||` before clipping, per sample.
+    pub norms: Vec<f32>,
+    /// Mean loss over the batch.
+    pub loss: f64,
 }
 
 /// Per-sample gradients of a batch.
@@ -63,6 +75,69 @@ impl<N: Network> TchModel<N> {
         shape: [usize; 4],
         targets: &Targets,
     ) -> Result<PerSampleGradients> {
+        self.per_sample_checks(images, shape)?;
+        let ys = self.targets(targets)?;
+        guarded(|| {
+            let xs = self.input(images, shape);
+            let mut trace = Trace::default();
+            match self.net.forward_traced(&xs, &mut trace) {
+                Some(logits) => self.traced_gradients(&logits, &ys, &trace, shape[0]),
+                None => self.looped_gradients(&xs, &ys, shape[0]),
+            }
+        })
+    }
+
+    /// The sum of the batch's per-sample gradients, each first clipped to L2
+    /// norm `max_norm` (the core of a DP-SGD step).
+    ///
+    /// For traced networks the per-sample gradients are never stored whole:
+    /// a linear layer's per-sample norm is `||g_i|| ||x_i||` (its gradient is
+    /// the outer product), and its clipped sum one matrix product
+    /// `(c * g)^T x`; convolutions store their (small) per-sample weight
+    /// gradients. Other networks go through [`TchModel::per_sample_gradients`].
+    pub fn clipped_gradient_sum(
+        &self,
+        images: &[f32],
+        shape: [usize; 4],
+        targets: &Targets,
+        max_norm: f64,
+    ) -> Result<ClippedGradientSum> {
+        if !(max_norm.is_finite() && max_norm > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "clipping norm must be positive and finite, got {max_norm}"
+            )));
+        }
+        let traced = {
+            self.per_sample_checks(images, shape)?;
+            let ys = self.targets(targets)?;
+            guarded(|| {
+                let xs = self.input(images, shape);
+                let mut trace = Trace::default();
+                match self.net.forward_traced(&xs, &mut trace) {
+                    Some(logits) => self
+                        .traced_clipped_sum(&logits, &ys, &trace, shape[0], max_norm)
+                        .map(Some),
+                    None => Ok(None),
+                }
+            })?
+        };
+        if let Some(t) = traced {
+            return Ok(t);
+        }
+        let ps = self.per_sample_gradients(images, shape, targets)?;
+        guarded(|| {
+            let norms = ps.grads.norm_scalaropt_dim(2, [1], false);
+            let factor = (max_norm / (&norms + 1e-6)).clamp_max(1.0);
+            let sum = (&ps.grads * factor.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float);
+            Ok(ClippedGradientSum {
+                sum: to_vec(&sum)?,
+                norms: to_vec(&norms)?,
+                loss: ps.loss,
+            })
+        })
+    }
+
+    fn per_sample_checks(&self, images: &[f32], shape: [usize; 4]) -> Result<()> {
         if self.net.has_batch_norm() {
             return Err(Error::InvalidConfig(
                 "per-sample gradients need a network without BatchNorm: batch statistics mix the samples of a batch, so no sample has a gradient of its own (use GroupNorm or no normalization)".into(),
@@ -74,15 +149,105 @@ impl<N: Network> TchModel<N> {
                 images.len()
             )));
         }
-        self.net.check_input([shape[1], shape[2], shape[3]])?;
-        let ys = self.targets(targets)?;
-        guarded(|| {
-            let xs = self.input(images, shape);
-            let mut trace = Trace::default();
-            match self.net.forward_traced(&xs, &mut trace) {
-                Some(logits) => self.traced_gradients(&logits, &ys, &trace, shape[0]),
-                None => self.looped_gradients(&xs, &ys, shape[0]),
+        self.net.check_input([shape[1], shape[2], shape[3]])
+    }
+
+    fn traced_clipped_sum(
+        &self,
+        logits: &Tensor,
+        ys: &Tensor,
+        trace: &Trace,
+        b: usize,
+        max_norm: f64,
+    ) -> Result<ClippedGradientSum> {
+        enum Part {
+            Outer { g: Tensor, x: Tensor },
+            Stored { dw: Tensor, db: Tensor },
+        }
+        let loss = self.loss_sum(logits, ys);
+        let outputs: Vec<&Tensor> = trace.layers.iter().map(|l| &l.output).collect();
+        let g_out = Tensor::run_backward(&[&loss], &outputs, false, false);
+        let bi = b as i64;
+        let mut sq = Tensor::zeros([bi], (Kind::Float, self.vs.device()));
+        let mut parts = Vec::with_capacity(trace.layers.len());
+        for (layer, g) in trace.layers.iter().zip(g_out) {
+            match layer.conv {
+                None => {
+                    let gg = g.square().sum_dim_intlist(1, false, Kind::Float);
+                    let xx = layer.input.square().sum_dim_intlist(1, false, Kind::Float);
+                    sq += &gg * (xx + 1.0); // weight ||g||^2 ||x||^2, bias ||g||^2
+                    parts.push(Part::Outer {
+                        g,
+                        x: layer.input.shallow_clone(),
+                    });
+                }
+                Some((k, stride, padding)) => {
+                    let cols =
+                        layer
+                            .input
+                            .im2col([k, k], [1, 1], [padding, padding], [stride, stride]);
+                    let g = g.flatten(2, -1);
+                    let dw = g.matmul(&cols.transpose(1, 2));
+                    let db = g.sum_dim_intlist(2, false, Kind::Float);
+                    sq += dw
+                        .square()
+                        .sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float);
+                    sq += db.square().sum_dim_intlist(1, false, Kind::Float);
+                    parts.push(Part::Stored { dw, db });
+                }
             }
+        }
+        let norms = sq.sqrt();
+        let c = (max_norm / (&norms + 1e-6)).clamp_max(1.0);
+        let mut offsets = vec![None; self.tensors.len()];
+        let mut total = 0usize;
+        for i in self.trainable_tensors() {
+            offsets[i] = Some(total);
+            total += self.layout.range_at(i).len();
+        }
+        let mut sum = vec![0.0f32; total];
+        let mut covered = vec![false; self.tensors.len()];
+        for (layer, part) in trace.layers.iter().zip(parts) {
+            let (w, bias) = match part {
+                Part::Outer { g, x } => {
+                    let gc = g * c.unsqueeze(1);
+                    (
+                        gc.transpose(0, 1).matmul(&x),
+                        gc.sum_dim_intlist(0, false, Kind::Float),
+                    )
+                }
+                Part::Stored { dw, db } => (
+                    (dw * c.view([bi, 1, 1])).sum_dim_intlist(0, false, Kind::Float),
+                    (db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float),
+                ),
+            };
+            for (idx, t) in [(Some(layer.weight), w), (layer.bias, bias)] {
+                let Some(idx) = idx else { continue };
+                let off = offsets[idx]
+                    .ok_or_else(|| Error::Model(format!("traced layer writes buffer #{idx}")))?;
+                let len = self.layout.range_at(idx).len();
+                let v = to_vec(&t)?;
+                if v.len() != len {
+                    return Err(Error::Model(format!(
+                        "per-sample gradient of `{}` has {} values, expected {len}",
+                        self.layout.tensors()[idx].name,
+                        v.len()
+                    )));
+                }
+                sum[off..off + len].copy_from_slice(&v);
+                covered[idx] = true;
+            }
+        }
+        if let Some(missing) = self.trainable_tensors().into_iter().find(|&i| !covered[i]) {
+            return Err(Error::Model(format!(
+                "forward_traced did not record trainable tensor `{}`",
+                self.layout.tensors()[missing].name
+            )));
+        }
+        Ok(ClippedGradientSum {
+            sum,
+            norms: to_vec(&norms)?,
+            loss: loss.double_value(&[]) / b as f64,
         })
     }
 
