@@ -75,11 +75,21 @@ impl<A: Aggregator> Aggregator for PreAggregated<A> {
             .inner
             .aggregate(current.as_deref().unwrap_or(updates))?;
         if !self.steps.is_empty() {
-            // Distances to the original updates are what the dashboard should show.
+            // Distances to the original updates are what the dashboard should
+            // show, and trust follows the same distances (the inner
+            // aggregator only saw the clipped or mixed updates, in which an
+            // outlier looks closer than it was).
             let xs = points(updates);
-            let sq = crate::kernels::sq_dists_to(&xs, agg.parameters.as_slice());
-            for (d, s) in agg.clients.iter_mut().zip(sq) {
-                d.distance = Some(s.sqrt());
+            let dist: Vec<f64> = crate::kernels::sq_dists_to(&xs, agg.parameters.as_slice())
+                .into_iter()
+                .map(f64::sqrt)
+                .collect();
+            let trust = crate::trust_from_distances(&dist);
+            for ((d, dist), t) in agg.clients.iter_mut().zip(dist).zip(trust) {
+                d.distance = Some(dist);
+                if d.trust.is_some() {
+                    d.trust = Some(t);
+                }
             }
         }
         Ok(agg)

@@ -454,3 +454,27 @@ proptest! {
         prop_assert!((a.objective - b.objective).abs() <= 1e-7 * a.objective.max(1.0), "objective gram {} vs passes {} (iterations {} / {})", a.objective, b.objective, a.iterations, b.iterations);
     }
 }
+
+#[test]
+fn pre_aggregated_trust_follows_distances_to_the_original_updates() {
+    // Clipping to the median norm makes the outlier look like the others to
+    // the inner aggregator; its trust must still reflect what it sent.
+    let mut agg =
+        PreAggregated::new(GeometricMedianParams::new().check().unwrap()).with(NormClip::median());
+    let ups = updates(&[
+        vec![1.0, 0.1],
+        vec![1.1, 0.0],
+        vec![0.9, -0.1],
+        vec![1.0, 0.0],
+        vec![-300.0, 400.0],
+    ]);
+    let out = agg.aggregate(&ups).unwrap();
+    let dist: Vec<f64> = out.clients.iter().map(|c| c.distance.unwrap()).collect();
+    let trust: Vec<f64> = out.clients.iter().map(|c| c.trust.unwrap()).collect();
+    assert_eq!(trust, trust_from_distances(&dist));
+    assert!(dist[4] > 400.0, "{dist:?}");
+    assert!(
+        trust[4] < 0.01 && trust[..4].iter().all(|&t| t > 0.5),
+        "{trust:?}"
+    );
+}
