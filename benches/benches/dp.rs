@@ -1,6 +1,6 @@
 //! DP-SGD against plain SGD on the small CNN, and the RDP accountant.
 //!
-//! Run: `source scripts/env.sh && cargo bench -p fedcore-benches --bench dp`
+//! Run: `source scripts/env.sh && cargo bench -p fedcore-benches --features tch --bench dp`
 //!
 //! `sgd_step`: one `TchModel::fit` step on 64 MNIST-shaped images (forward,
 //! cross-entropy, backward, SGD momentum). `dp_sgd_step`: one `DpSgd::fit`

@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
     /// Learning rate of DP-SGD (SGD, momentum 0.5).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.1)]
     lr: f64,
     /// Learning rate without DP (SGD, momentum 0.9).
     #[arg(long, default_value_t = 0.05)]
