@@ -115,12 +115,8 @@ impl Clip {
             .map(|r| l2_norm(&values[r.clone()]).powi(2))
             .sum();
         let norm = sq.sqrt();
-        if ranges.len() == 1 {
-            scale_to(&mut values[ranges[0].clone()], norm, self.max_norm);
-        } else if norm > self.max_norm {
-            for r in ranges {
-                scale_to(&mut values[r], norm, self.max_norm);
-            }
+        for r in ranges {
+            scale_to(&mut values[r], norm, self.max_norm);
         }
         Ok(ClipReport {
             norm,

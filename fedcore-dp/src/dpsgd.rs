@@ -208,13 +208,7 @@ impl<N: Network> Model for DpSgd<N> {
         // Charged up front: a fit that would exceed the budget never starts,
         // and one that fails halfway has still spent what it ran.
         let spent = self.ledger.charge(&cost)?;
-        let values: usize = self
-            .model
-            .trainable_tensors()
-            .iter()
-            .map(|&i| self.model.layout().range_at(i).len())
-            .sum();
-        let mut velocity = vec![0.0f32; values];
+        let mut velocity = vec![0.0f32; self.model.trainable_values()];
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         for step in 0..steps {
             let picked: Vec<usize> = self

@@ -58,7 +58,73 @@ pub struct PerSampleGradients {
     pub loss: f64,
 }
 
+/// Where each trainable tensor sits in a flat vector over the trainable
+/// tensors (layout order, buffers left out), and which ones a traced pass
+/// has filled.
+struct Columns {
+    offsets: Vec<Option<usize>>,
+    total: usize,
+    filled: Vec<bool>,
+}
+
+impl Columns {
+    /// The columns of tensor `idx`, marked filled; an error for a buffer.
+    fn slot(&mut self, idx: usize, len: usize) -> Result<std::ops::Range<usize>> {
+        let off = self.offsets[idx]
+            .ok_or_else(|| Error::Model(format!("traced layer writes buffer #{idx}")))?;
+        self.filled[idx] = true;
+        Ok(off..off + len)
+    }
+}
+
 impl<N: Network> TchModel<N> {
+    fn columns(&self) -> Columns {
+        let mut offsets = vec![None; self.tensors.len()];
+        let mut total = 0;
+        for i in self.trainable_tensors() {
+            offsets[i] = Some(total);
+            total += self.layout.range_at(i).len();
+        }
+        Columns {
+            offsets,
+            total,
+            filled: vec![false; self.tensors.len()],
+        }
+    }
+
+    /// Every trainable tensor must have been recorded by `forward_traced`.
+    fn ensure_filled(&self, cols: &Columns) -> Result<()> {
+        match (0..self.tensors.len()).find(|&i| cols.offsets[i].is_some() && !cols.filled[i]) {
+            Some(missing) => Err(Error::Model(format!(
+                "forward_traced did not record trainable tensor `{}`",
+                self.layout.tensors()[missing].name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the batch, then runs the traced forward pass and `traced` on
+    /// its logits, or `looped` on the inputs when the network does not trace.
+    fn with_trace<T>(
+        &self,
+        images: &[f32],
+        shape: [usize; 4],
+        targets: &Targets,
+        traced: impl FnOnce(&Tensor, &Tensor, &Trace) -> Result<T>,
+        looped: impl FnOnce(&Tensor, &Tensor) -> Result<T>,
+    ) -> Result<T> {
+        self.per_sample_checks(images, shape)?;
+        let ys = self.targets(targets)?;
+        guarded(|| {
+            let xs = self.input(images, shape);
+            let mut trace = Trace::default();
+            match self.net.forward_traced(&xs, &mut trace) {
+                Some(logits) => traced(&logits, &ys, &trace),
+                None => looped(&xs, &ys),
+            }
+        })
+    }
+
     /// Layout indices of the trainable tensors (buffers left out), in order.
     pub fn trainable_tensors(&self) -> Vec<usize> {
         (0..self.tensors.len())
@@ -75,16 +141,14 @@ impl<N: Network> TchModel<N> {
         shape: [usize; 4],
         targets: &Targets,
     ) -> Result<PerSampleGradients> {
-        self.per_sample_checks(images, shape)?;
-        let ys = self.targets(targets)?;
-        guarded(|| {
-            let xs = self.input(images, shape);
-            let mut trace = Trace::default();
-            match self.net.forward_traced(&xs, &mut trace) {
-                Some(logits) => self.traced_gradients(&logits, &ys, &trace, shape[0]),
-                None => self.looped_gradients(&xs, &ys, shape[0]),
-            }
-        })
+        let b = shape[0];
+        self.with_trace(
+            images,
+            shape,
+            targets,
+            |logits, ys, trace| self.traced_gradients(logits, ys, trace, b),
+            |xs, ys| self.looped_gradients(xs, ys, b),
+        )
     }
 
     /// The sum of the batch's per-sample gradients, each first clipped to L2
@@ -107,34 +171,24 @@ impl<N: Network> TchModel<N> {
                 "clipping norm must be positive and finite, got {max_norm}"
             )));
         }
-        let traced = {
-            self.per_sample_checks(images, shape)?;
-            let ys = self.targets(targets)?;
-            guarded(|| {
-                let xs = self.input(images, shape);
-                let mut trace = Trace::default();
-                match self.net.forward_traced(&xs, &mut trace) {
-                    Some(logits) => self
-                        .traced_clipped_sum(&logits, &ys, &trace, shape[0], max_norm)
-                        .map(Some),
-                    None => Ok(None),
-                }
-            })?
-        };
-        if let Some(t) = traced {
-            return Ok(t);
-        }
-        let ps = self.per_sample_gradients(images, shape, targets)?;
-        guarded(|| {
-            let norms = ps.grads.norm_scalaropt_dim(2, [1], false);
-            let factor = (max_norm / (&norms + 1e-6)).clamp_max(1.0);
-            let sum = (&ps.grads * factor.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float);
-            Ok(ClippedGradientSum {
-                sum: to_vec(&sum)?,
-                norms: to_vec(&norms)?,
-                loss: ps.loss,
-            })
-        })
+        let b = shape[0];
+        self.with_trace(
+            images,
+            shape,
+            targets,
+            |logits, ys, trace| self.traced_clipped_sum(logits, ys, trace, b, max_norm),
+            |xs, ys| {
+                let ps = self.looped_gradients(xs, ys, b)?;
+                let norms = ps.grads.norm_scalaropt_dim(2, [1], false);
+                let factor = (max_norm / (&norms + 1e-6)).clamp_max(1.0);
+                let sum = (&ps.grads * factor.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float);
+                Ok(ClippedGradientSum {
+                    sum: to_vec(&sum)?,
+                    norms: to_vec(&norms)?,
+                    loss: ps.loss,
+                })
+            },
+        )
     }
 
     fn per_sample_checks(&self, images: &[f32], shape: [usize; 4]) -> Result<()> {
@@ -199,14 +253,8 @@ impl<N: Network> TchModel<N> {
         }
         let norms = sq.sqrt();
         let c = (max_norm / (&norms + 1e-6)).clamp_max(1.0);
-        let mut offsets = vec![None; self.tensors.len()];
-        let mut total = 0usize;
-        for i in self.trainable_tensors() {
-            offsets[i] = Some(total);
-            total += self.layout.range_at(i).len();
-        }
-        let mut sum = vec![0.0f32; total];
-        let mut covered = vec![false; self.tensors.len()];
+        let mut cols = self.columns();
+        let mut sum = vec![0.0f32; cols.total];
         for (layer, part) in trace.layers.iter().zip(parts) {
             let (w, bias) = match part {
                 Part::Outer { g, x } => {
@@ -223,8 +271,6 @@ impl<N: Network> TchModel<N> {
             };
             for (idx, t) in [(Some(layer.weight), w), (layer.bias, bias)] {
                 let Some(idx) = idx else { continue };
-                let off = offsets[idx]
-                    .ok_or_else(|| Error::Model(format!("traced layer writes buffer #{idx}")))?;
                 let len = self.layout.range_at(idx).len();
                 let v = to_vec(&t)?;
                 if v.len() != len {
@@ -234,16 +280,10 @@ impl<N: Network> TchModel<N> {
                         v.len()
                     )));
                 }
-                sum[off..off + len].copy_from_slice(&v);
-                covered[idx] = true;
+                sum[cols.slot(idx, len)?].copy_from_slice(&v);
             }
         }
-        if let Some(missing) = self.trainable_tensors().into_iter().find(|&i| !covered[i]) {
-            return Err(Error::Model(format!(
-                "forward_traced did not record trainable tensor `{}`",
-                self.layout.tensors()[missing].name
-            )));
-        }
+        self.ensure_filled(&cols)?;
         Ok(ClippedGradientSum {
             sum,
             norms: to_vec(&norms)?,
@@ -267,16 +307,9 @@ impl<N: Network> TchModel<N> {
         let loss = self.loss_sum(logits, ys);
         let outputs: Vec<&Tensor> = trace.layers.iter().map(|l| &l.output).collect();
         let g_out = Tensor::run_backward(&[&loss], &outputs, false, false);
-        let trainable = self.trainable_tensors();
-        let mut offsets = vec![None; self.tensors.len()];
-        let mut total = 0i64;
-        for &i in &trainable {
-            offsets[i] = Some(total);
-            total += self.layout.range_at(i).len() as i64;
-        }
+        let mut cols = self.columns();
         let bi = b as i64;
-        let grads = Tensor::zeros([bi, total], (Kind::Float, self.vs.device()));
-        let mut covered = vec![false; self.tensors.len()];
+        let grads = Tensor::zeros([bi, cols.total as i64], (Kind::Float, self.vs.device()));
         for (layer, g) in trace.layers.iter().zip(&g_out) {
             let (dw, db) = match layer.conv {
                 None => (
@@ -297,19 +330,14 @@ impl<N: Network> TchModel<N> {
             };
             for (idx, part) in [(Some(layer.weight), dw), (layer.bias, db)] {
                 let Some(idx) = idx else { continue };
-                let off = offsets[idx]
-                    .ok_or_else(|| Error::Model(format!("traced layer writes buffer #{idx}")))?;
-                let len = self.layout.range_at(idx).len() as i64;
-                grads.narrow(1, off, len).copy_(&part.reshape([bi, len]));
-                covered[idx] = true;
+                let r = cols.slot(idx, self.layout.range_at(idx).len())?;
+                let len = r.len() as i64;
+                grads
+                    .narrow(1, r.start as i64, len)
+                    .copy_(&part.reshape([bi, len]));
             }
         }
-        if let Some(&missing) = trainable.iter().find(|&&i| !covered[i]) {
-            return Err(Error::Model(format!(
-                "forward_traced did not record trainable tensor `{}`",
-                self.layout.tensors()[missing].name
-            )));
-        }
+        self.ensure_filled(&cols)?;
         Ok(PerSampleGradients {
             grads,
             loss: loss.double_value(&[]) / b as f64,
@@ -346,9 +374,7 @@ impl<N: Network> TchModel<N> {
         shape: [usize; 4],
         targets: &Targets,
     ) -> Result<PerSampleGradients> {
-        if self.net.has_batch_norm() {
-            return self.per_sample_gradients(images, shape, targets);
-        }
+        self.per_sample_checks(images, shape)?;
         let ys = self.targets(targets)?;
         guarded(|| {
             let xs = self.input(images, shape);
@@ -359,11 +385,7 @@ impl<N: Network> TchModel<N> {
     /// Subtracts `step` (over the trainable tensors, in the order of
     /// [`TchModel::per_sample_gradients`]'s columns) from the parameters.
     pub fn sub_trainable(&mut self, step: &[f32]) -> Result<()> {
-        let trainable = self.trainable_tensors();
-        let total: usize = trainable
-            .iter()
-            .map(|&i| self.layout.range_at(i).len())
-            .sum();
+        let total = self.trainable_values();
         if step.len() != total {
             return Err(Error::DimensionMismatch {
                 expected: total,
@@ -373,7 +395,7 @@ impl<N: Network> TchModel<N> {
         let device = self.vs.device();
         let _guard = tch::no_grad_guard();
         let mut off = 0;
-        for i in trainable {
+        for i in self.trainable_tensors() {
             let len = self.layout.range_at(i).len();
             let t = &mut self.tensors[i];
             let s = Tensor::from_slice(&step[off..off + len])
