@@ -123,6 +123,7 @@ fn an_exhausted_budget_refuses_the_next_fit_and_spending_reaches_provenance() {
         round: 1,
         parameters: global.clone(),
         config: sgd(1, 20, 0.1),
+        sealed: None,
     };
     let mut fits = 0;
     let mut last = 0.0;

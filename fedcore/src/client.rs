@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{Evaluation, Model, TrainConfig};
 use crate::params::Parameters;
 use crate::privacy::PrivacyMechanism;
+use crate::sealed::{SealedTensors, Sealer};
 use crate::update::{ClientId, ClientUpdate, Protection};
 
 /// A fit request: train from `parameters` for `config`.
@@ -17,6 +18,9 @@ pub struct FitIns {
     pub parameters: Arc<Parameters>,
     /// Local training settings, with a seed specific to this round and client.
     pub config: TrainConfig,
+    /// The sealed tensors of the global model, when the run seals some
+    /// (their values in `parameters` are then zeros).
+    pub sealed: Option<Arc<SealedTensors>>,
 }
 
 /// An evaluate request: evaluate `parameters` on local held-out data.
@@ -26,6 +30,8 @@ pub struct EvaluateIns {
     pub round: u64,
     /// The global model.
     pub parameters: Arc<Parameters>,
+    /// The sealed tensors of the global model, as in [`FitIns::sealed`].
+    pub sealed: Option<Arc<SealedTensors>>,
 }
 
 /// A participant as the server sees it through a transport.
@@ -60,6 +66,10 @@ impl<C: Client + ?Sized> Client for Box<C> {
 /// `fit` loads the global parameters, trains, computes the delta
 /// `local - global`, runs each mechanism on it in order and records each in
 /// the update's provenance.
+///
+/// When the server seals some tensors (see [`crate::sealed`]), a client with
+/// a [`Sealer`] opens them before training and seals their delta afterwards;
+/// the mechanisms then see only the rest (the body).
 pub struct ModelClient<M: Model>
 where
     M::Data: Sized,
@@ -69,6 +79,7 @@ where
     train: M::Data,
     test: Option<M::Data>,
     mechanisms: Vec<Box<dyn PrivacyMechanism>>,
+    sealer: Option<Box<dyn Sealer>>,
 }
 
 impl<M: Model> ModelClient<M>
@@ -83,6 +94,7 @@ where
             train,
             test: None,
             mechanisms: Vec::new(),
+            sealer: None,
         }
     }
 
@@ -96,6 +108,31 @@ where
     pub fn with_mechanism(mut self, mechanism: impl PrivacyMechanism + 'static) -> Self {
         self.mechanisms.push(Box::new(mechanism));
         self
+    }
+
+    /// Opens and seals the tensors the server sends sealed (needs the secret key).
+    pub fn with_sealer(mut self, sealer: impl Sealer + 'static) -> Self {
+        self.sealer = Some(Box::new(sealer));
+        self
+    }
+
+    /// The global model with its sealed tensors opened, if any.
+    fn open_global(
+        &self,
+        parameters: &Arc<Parameters>,
+        sealed: Option<&SealedTensors>,
+    ) -> Result<Arc<Parameters>> {
+        let Some(sealed) = sealed else {
+            return Ok(parameters.clone());
+        };
+        let sealer = self.sealer.as_ref().ok_or_else(|| {
+            Error::Sealing("the server sent sealed tensors but this client holds no key".into())
+        })?;
+        let values = sealer.open(sealed)?;
+        let mut global = (**parameters).clone();
+        let selection = sealed_selection(global.layout(), sealed)?;
+        selection.scatter(parameters.layout(), &values, global.as_mut_slice())?;
+        Ok(Arc::new(global))
     }
 
     /// The model (e.g. to inspect it after training).
@@ -113,9 +150,23 @@ where
     }
 
     fn fit(&mut self, ins: &FitIns) -> Result<ClientUpdate> {
-        self.model.set_parameters(&ins.parameters)?;
+        let global = self.open_global(&ins.parameters, ins.sealed.as_deref())?;
+        self.model.set_parameters(&global)?;
         let out = self.model.fit(&self.train, &ins.config)?;
-        let mut delta = self.model.parameters().sub(&ins.parameters)?;
+        let mut delta = self.model.parameters().sub(&global)?;
+        let mut sealed_delta = None;
+        if let Some(sealed) = &ins.sealed {
+            let selection = sealed_selection(global.layout(), sealed)?;
+            let head = selection.gather(global.layout(), delta.as_slice());
+            if let Some(i) = head.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Model(format!(
+                    "local training produced {} in a sealed tensor (value #{i})",
+                    head[i]
+                )));
+            }
+            sealed_delta = Some((sealed.layout().clone(), head));
+            delta = selection.complement(global.layout()).subset(&delta);
+        }
         let mut provenance = out.privacy;
         for m in &mut self.mechanisms {
             let cost = m.privatize(&mut delta)?;
@@ -133,13 +184,39 @@ where
         }
         let mut update = ClientUpdate::new(self.id.clone(), ins.round, out.num_examples, delta)
             .with_metrics(out.metrics);
+        if let (Some((layout, head)), Some(sealer)) = (sealed_delta, &self.sealer) {
+            update.sealed = Some(sealer.seal(&layout, &head)?);
+            provenance.push(Protection {
+                mechanism: sealer.name(),
+                cost: crate::privacy::PrivacyCost::None,
+                spent: None,
+            });
+        }
         update.provenance = provenance;
         Ok(update)
     }
 
     fn evaluate(&mut self, ins: &EvaluateIns) -> Result<Evaluation> {
-        self.model.set_parameters(&ins.parameters)?;
+        let global = self.open_global(&ins.parameters, ins.sealed.as_deref())?;
+        self.model.set_parameters(&global)?;
         let data = self.test.as_ref().unwrap_or(&self.train);
         self.model.evaluate(data)
     }
+}
+
+/// The tensors of `layout` that `sealed` covers; its layout must list them
+/// in the same order with the same shapes.
+pub(crate) fn sealed_selection(
+    layout: &crate::params::Layout,
+    sealed: &SealedTensors,
+) -> Result<crate::params::Selection> {
+    let names: Vec<&str> = sealed
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    let selection = layout.select(&names)?;
+    selection.layout(layout).ensure_same(sealed.layout())?;
+    Ok(selection)
 }

@@ -137,6 +137,9 @@ pub enum Error {
     /// A transport failed to reach a client.
     #[error("transport: {0}")]
     Transport(String),
+    /// Encrypting, decrypting or combining sealed tensors failed.
+    #[error("sealed tensors: {0}")]
+    Sealing(String),
     /// A privacy mechanism refused or failed.
     #[error("privacy: {0}")]
     Privacy(String),

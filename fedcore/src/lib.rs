@@ -73,6 +73,7 @@ pub mod model;
 pub mod models;
 pub mod params;
 pub mod privacy;
+pub mod sealed;
 pub mod server;
 pub mod transport;
 pub mod trust;
@@ -92,6 +93,7 @@ pub use events::{
 pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
 pub use params::{Layout, Parameters, TensorSpec};
 pub use privacy::{PrivacyCost, PrivacyMechanism};
+pub use sealed::{SealedAggregator, SealedTensors, Sealer};
 pub use server::{Server, ServerConfig};
 pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
 pub use update::{ClientId, ClientUpdate, Metrics, Protection, Spent, UpdateKind};

@@ -278,6 +278,45 @@ impl Selection {
         out
     }
 
+    /// The layout of just the selected tensors, in layout order.
+    pub fn layout(&self, layout: &Layout) -> Layout {
+        Layout::new(self.tensors.iter().map(|&i| layout.specs[i].clone()))
+            .expect("a subset of a valid layout is valid")
+    }
+
+    /// The selected tensors of `params` as parameters of their own layout.
+    pub fn subset(&self, params: &Parameters) -> Parameters {
+        Parameters {
+            layout: Arc::new(self.layout(params.layout())),
+            values: self.gather(params.layout(), params.as_slice()),
+        }
+    }
+
+    /// `values[selected] += alpha * part` (`part` as made by [`Selection::gather`]).
+    pub fn axpy(
+        &self,
+        layout: &Layout,
+        alpha: f32,
+        part: &[f32],
+        values: &mut [f32],
+    ) -> Result<()> {
+        if part.len() != self.len {
+            return Err(Error::DimensionMismatch {
+                expected: self.len,
+                got: part.len(),
+            });
+        }
+        let mut at = 0;
+        for r in self.ranges(layout) {
+            let n = r.len();
+            for (v, p) in values[r].iter_mut().zip(&part[at..at + n]) {
+                *v += alpha * p;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Writes `part` (as made by [`Selection::gather`]) back into `values`.
     pub fn scatter(&self, layout: &Layout, part: &[f32], values: &mut [f32]) -> Result<()> {
         if part.len() != self.len {

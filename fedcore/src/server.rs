@@ -24,7 +24,8 @@ use crate::events::{
     AcceptedUpdate, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord, ServerEvent,
 };
 use crate::model::{Evaluation, TrainConfig};
-use crate::params::Parameters;
+use crate::params::{Layout, Parameters, Selection};
+use crate::sealed::{SealedAggregator, SealedTensors};
 use crate::transport::{Failure, Rejection, Reply, Task, Transport};
 use crate::trust::{TrustPolicy, TrustTracker};
 use crate::update::{ClientId, ClientUpdate, Metrics, UpdateKind};
@@ -146,6 +147,18 @@ pub struct Server<T: Transport, A: Aggregator> {
     subscribers: Vec<Box<dyn EventSubscriber>>,
     evaluator: Option<Evaluator>,
     store: Option<CheckpointStore>,
+    sealing: Option<Sealing>,
+}
+
+/// The server's side of sealed tensors (see [`crate::sealed`]).
+struct Sealing {
+    aggregator: Box<dyn SealedAggregator>,
+    /// Everything but the sealed tensors: what updates carry in the clear.
+    body: Selection,
+    /// The sealed tensors' own layout.
+    head_layout: Arc<Layout>,
+    /// The sealed global values.
+    global: Arc<SealedTensors>,
 }
 
 impl<T: Transport, A: Aggregator> Server<T, A> {
@@ -196,6 +209,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             subscribers: Vec::new(),
             evaluator: None,
             store,
+            sealing: None,
         })
     }
 
@@ -241,7 +255,85 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             subscribers: Vec::new(),
             evaluator: None,
             store: Some(store),
+            sealing: None,
         })
+    }
+
+    /// Seals the tensors matching `patterns` (e.g. `["classifier.*"]`): from
+    /// now on the server holds them only encrypted, combines the clients'
+    /// encrypted deltas with `aggregator` using the per-client weights of the
+    /// plain aggregator, and keeps its plain copy of them at zero. See
+    /// [`crate::sealed`].
+    ///
+    /// A new run encrypts the initial values with `aggregator`'s public key; a
+    /// resumed run (after [`Server::resume`]) loads the sealed values saved
+    /// with its checkpoint.
+    pub fn with_sealing<S: AsRef<str>>(
+        mut self,
+        patterns: &[S],
+        aggregator: impl SealedAggregator + 'static,
+    ) -> Result<Self> {
+        let layout = self.global.layout().clone();
+        let head = layout.select(patterns)?;
+        let sealed_values = head.len();
+        if sealed_values == 0 {
+            return Err(Error::InvalidConfig(
+                "the sealed tensors hold no values".into(),
+            ));
+        }
+        let body = head.complement(&layout);
+        let head_layout = Arc::new(head.layout(&layout));
+        let global = match self.saved_sealed(&head_layout)? {
+            Some(saved) => {
+                aggregator.check(&saved)?;
+                saved
+            }
+            None => aggregator
+                .seal_initial(&head_layout, &head.gather(&layout, self.global.as_slice()))?,
+        };
+        if global.layout() != &head_layout {
+            return Err(Error::Sealing(format!(
+                "`{}` sealed another layout than asked",
+                aggregator.name()
+            )));
+        }
+        let mut plain = (*self.global).clone();
+        head.scatter(&layout, &vec![0.0; head.len()], plain.as_mut_slice())?;
+        self.global = Arc::new(plain);
+        info!(
+            tensors = head.tensors().len(),
+            values = head.len(),
+            sealer = %aggregator.name(),
+            "sealing tensors"
+        );
+        self.sealing = Some(Sealing {
+            aggregator: Box::new(aggregator),
+            body,
+            head_layout,
+            global: Arc::new(global),
+        });
+        Ok(self)
+    }
+
+    /// The sealed global tensors, when the run seals some.
+    pub fn sealed_global(&self) -> Option<&SealedTensors> {
+        self.sealing.as_ref().map(|s| &*s.global)
+    }
+
+    /// The sealed values a resumed run saved with its checkpoint.
+    fn saved_sealed(&self, layout: &Arc<Layout>) -> Result<Option<SealedTensors>> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        if self.next_round == 1 {
+            return Ok(None);
+        }
+        let path = sealed_path(store.dir(), self.next_round);
+        let bytes = std::fs::read(&path).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            reason: format!("the run seals tensors but their saved values cannot be read: {e}"),
+        })?;
+        Ok(Some(SealedTensors::new(layout.clone(), bytes)))
     }
 
     /// Adds an event subscriber.
@@ -405,6 +497,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         });
 
         let global = self.global.clone();
+        let sealed_global = self.sealing.as_ref().map(|s| s.global.clone());
         let (train, seed) = (&self.config.train, self.config.seed);
         let (replies, mut failures) = dispatch(
             &mut self.transport,
@@ -417,15 +510,23 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                     round,
                     parameters: global.clone(),
                     config,
+                    sealed: sealed_global.clone(),
                 })
             },
         );
+        // What updates carry in the clear: the whole model, or the body.
+        let reference = match &self.sealing {
+            Some(s) => Arc::new(s.body.subset(&global)),
+            None => global.clone(),
+        };
         let mut accepted: Vec<(ClientUpdate, f64)> = Vec::new();
         // Updates are kept by value and handed to the aggregator as one slice:
         // for a 7M-parameter model each one is 28 MB, so nothing here copies them.
         for (client, reply) in replies {
             match reply {
-                Reply::Fit(update) => match validate(&global, round, &client, update) {
+                Reply::Fit(update) => match validate(&reference, round, &client, update)
+                    .and_then(|v| self.validate_sealed(v))
+                {
                     Ok((update, norm)) => accepted.push((update, norm)),
                     Err(r) => failures.push(ClientFailure {
                         client,
@@ -491,13 +592,22 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                     .collect(),
             })
         } else {
-            self.aggregate(&updates).inspect_err(|e| {
-                record.outcome = RoundOutcome::AggregationFailed(e.to_string());
-            })
+            self.aggregate(&updates, &reference)
+                .and_then(|agg| {
+                    let sealed = self.aggregate_sealed(&updates, &agg)?;
+                    Ok((agg, sealed))
+                })
+                .inspect_err(|e| {
+                    record.outcome = RoundOutcome::AggregationFailed(e.to_string());
+                })
         };
 
         let result = match step {
-            Ok(agg) => {
+            Ok((mut agg, sealed)) => {
+                if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
+                    s.global = Arc::new(global);
+                    agg.metrics.insert("sealed_sum_ms".into(), ms);
+                }
                 record.accepted = updates
                     .iter()
                     .zip(&norms)
@@ -518,7 +628,16 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 let flagged = self.track_trust(&mut record.accepted);
                 record.aggregate_metrics = agg.metrics;
                 let mut next = (*self.global).clone();
-                next.axpy(self.config.server_learning_rate, &agg.parameters)?;
+                let lr = self.config.server_learning_rate;
+                match &self.sealing {
+                    None => next.axpy(lr, &agg.parameters)?,
+                    Some(s) => s.body.axpy(
+                        &reference.layout().clone(),
+                        lr,
+                        agg.parameters.as_slice(),
+                        next.as_mut_slice(),
+                    )?,
+                }
                 record.update_norm = Some(agg.parameters.l2_norm());
                 self.global = Arc::new(next);
                 if let Some(eval) = self.evaluator.as_mut() {
@@ -570,9 +689,72 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         }
     }
 
-    fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate> {
+    /// Checks the sealed part of an update that passed [`validate`].
+    fn validate_sealed(
+        &self,
+        (update, norm): (ClientUpdate, f64),
+    ) -> std::result::Result<(ClientUpdate, f64), Rejection> {
+        let detail = |d: String| Rejection::Sealed { detail: d };
+        match (&self.sealing, &update.sealed) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(detail("this run seals no tensors".into())),
+            (Some(_), None) => return Err(detail("missing: this run seals tensors".into())),
+            (Some(s), Some(part)) => {
+                if part.layout() != &s.head_layout {
+                    return Err(detail(format!(
+                        "covers {} values in {} tensors, this run seals {} values in {}",
+                        part.len(),
+                        part.layout().tensors().len(),
+                        s.head_layout.len(),
+                        s.head_layout.tensors().len()
+                    )));
+                }
+                s.aggregator
+                    .check(part)
+                    .map_err(|e| detail(e.to_string()))?;
+            }
+        }
+        Ok((update, norm))
+    }
+
+    /// The new sealed global: `global + lr * sum_i w_i * sealed_i` with the
+    /// aggregator's per-client weights normalized to sum to 1, and the time
+    /// it took in milliseconds. `None` when the run seals nothing.
+    fn aggregate_sealed(
+        &self,
+        updates: &[ClientUpdate],
+        agg: &Aggregate,
+    ) -> Result<Option<(SealedTensors, f64)>> {
+        let Some(s) = &self.sealing else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let total: f64 = agg.clients.iter().map(|d| d.weight).sum();
+        if !(total.is_finite() && total > 0.0) || agg.clients.iter().any(|d| d.weight < 0.0) {
+            return Err(Error::InvalidWeights {
+                reason: format!(
+                    "aggregator `{}` reported weights summing to {total}; the sealed sum needs non-negative weights with a positive sum",
+                    self.aggregator.name()
+                ),
+            });
+        }
+        let lr = f64::from(self.config.server_learning_rate);
+        let weights: Vec<f64> = agg.clients.iter().map(|d| lr * d.weight / total).collect();
+        let parts = updates
+            .iter()
+            .map(|u| {
+                u.sealed.as_ref().ok_or_else(|| {
+                    Error::Sealing(format!("update of {} has no sealed part", u.client))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let global = s.aggregator.accumulate(&s.global, &parts, &weights)?;
+        Ok(Some((global, started.elapsed().as_secs_f64() * 1e3)))
+    }
+
+    fn aggregate(&mut self, updates: &[ClientUpdate], reference: &Parameters) -> Result<Aggregate> {
         let agg = self.aggregator.aggregate(updates)?;
-        self.global.ensure_compatible(&agg.parameters)?;
+        reference.ensure_compatible(&agg.parameters)?;
         if let Some(nf) = agg.parameters.first_non_finite() {
             return Err(Error::AggregateNotFinite {
                 aggregator: self.aggregator.name(),
@@ -599,6 +781,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             mix(self.config.seed ^ 0xe7a1_0a7e, round),
         );
         let global = self.global.clone();
+        let sealed = self.sealing.as_ref().map(|s| s.global.clone());
         let (replies, failures) = dispatch(
             &mut self.transport,
             self.config.round_timeout,
@@ -607,6 +790,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 Task::Evaluate(EvaluateIns {
                     round,
                     parameters: global.clone(),
+                    sealed: sealed.clone(),
                 })
             },
         );
@@ -644,10 +828,28 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             model_sha256: String::new(),
             history: self.history.clone(),
         };
+        if let Some(s) = &self.sealing {
+            // Written before the state that points at it, under the round it
+            // starts, so a crash in between leaves the previous pair intact.
+            let path = sealed_path(store.dir(), self.next_round);
+            crate::checkpoint::write_atomic(&path, s.global.bytes())?;
+        }
         let path = store.save(&self.global, state)?;
+        if self.sealing.is_some() {
+            let keep = self.config.keep_checkpoints.max(1) as u64;
+            let stale = self.next_round.saturating_sub(keep);
+            for r in 1..=stale {
+                let _ = std::fs::remove_file(sealed_path(store.dir(), r));
+            }
+        }
         self.emit(ServerEvent::CheckpointWritten { round, path });
         Ok(())
     }
+}
+
+/// Where the sealed global that round `next_round` starts from is saved.
+fn sealed_path(dir: &std::path::Path, next_round: u64) -> PathBuf {
+    dir.join(format!("sealed-{next_round:06}.bin"))
 }
 
 /// Sends one task to each client and waits for the replies until the

@@ -97,6 +97,12 @@ pub enum Rejection {
     /// The reply does not answer the task that was sent.
     #[error("reply does not match the task")]
     WrongReply,
+    /// The sealed (encrypted) part is missing, unexpected or malformed.
+    #[error("sealed part: {detail}")]
+    Sealed {
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 /// Why a sampled client did not contribute to a round.

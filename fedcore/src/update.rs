@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::params::Parameters;
 use crate::privacy::PrivacyCost;
+use crate::sealed::SealedTensors;
 
 /// Named scalar metrics (`loss`, `accuracy`, `auroc_macro`, ...).
 pub type Metrics = BTreeMap<String, f64>;
@@ -98,8 +99,11 @@ pub struct ClientUpdate {
     pub num_examples: u64,
     /// Delta or weights.
     pub kind: UpdateKind,
-    /// The values, in the global model's layout.
+    /// The values, in the global model's layout; when the run seals some
+    /// tensors, in the layout of the other tensors (the body).
     pub values: Parameters,
+    /// The sealed tensors' delta, encrypted, when the run seals some tensors.
+    pub sealed: Option<SealedTensors>,
     /// Training metrics reported by the client.
     pub metrics: Metrics,
     /// Protections applied to `values` before they left the client, in order.
@@ -115,6 +119,7 @@ impl ClientUpdate {
             num_examples,
             kind: UpdateKind::Delta,
             values,
+            sealed: None,
             metrics: Metrics::new(),
             provenance: Vec::new(),
         }
@@ -129,6 +134,7 @@ impl ClientUpdate {
             num_examples: self.num_examples,
             kind: self.kind,
             values,
+            sealed: self.sealed.clone(),
             metrics: self.metrics.clone(),
             provenance: self.provenance.clone(),
         }
@@ -137,6 +143,12 @@ impl ClientUpdate {
     /// Sets the kind.
     pub fn with_kind(mut self, kind: UpdateKind) -> Self {
         self.kind = kind;
+        self
+    }
+
+    /// Attaches the sealed part.
+    pub fn with_sealed(mut self, sealed: SealedTensors) -> Self {
+        self.sealed = Some(sealed);
         self
     }
 

@@ -1,0 +1,448 @@
+//! Contexts with their key role in the type, the key authority, key files.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{HeError, Result};
+use crate::params::{CkksParams, MIN_HEADROOM_BITS};
+use crate::seal;
+
+mod sealed_role {
+    pub trait Sealed {}
+    impl Sealed for super::Secret {}
+    impl Sealed for super::Public {}
+}
+
+/// What a context may do: [`Secret`] (hospitals: encrypt, decrypt) or
+/// [`Public`] (the server: add, multiply by plaintext weights, encrypt with
+/// the public key; no decryption at all).
+pub trait Role: sealed_role::Sealed + Send + Sync + 'static {
+    /// `secret` or `public`.
+    const NAME: &'static str;
+    /// The byte that marks the role in a key file.
+    const TAG: u8;
+}
+
+/// The role of hospitals: holds the secret key.
+#[derive(Debug, Clone, Copy)]
+pub struct Secret;
+
+/// The role of the aggregation server: holds only the public key.
+#[derive(Debug, Clone, Copy)]
+pub struct Public;
+
+impl Role for Secret {
+    const NAME: &'static str = "secret";
+    const TAG: u8 = 1;
+}
+
+impl Role for Public {
+    const NAME: &'static str = "public";
+    const TAG: u8 = 2;
+}
+
+pub(crate) struct Inner {
+    pub(crate) params: CkksParams,
+    pub(crate) engine: seal::Engine,
+    pub(crate) key_id: [u8; 16],
+    /// Index (into the context's levels) of the level uploads are encrypted at.
+    pub(crate) level: usize,
+    public_key: Arc<seal::PublicKey>,
+    secret_key: Option<Arc<seal::SecretKey>>,
+}
+
+/// A CKKS context over SEAL, with the keys of its role `R`.
+///
+/// Cloning is cheap (shared). Every operation that the server needs —
+/// [`weighted_sum`](CkksContext::weighted_sum),
+/// [`accumulate`](CkksContext::accumulate),
+/// [`encrypt_public`](CkksContext::encrypt_public), loading and saving —
+/// exists for both roles; [`encrypt`](CkksContext::encrypt) (symmetric,
+/// compact) and [`decrypt`](CkksContext::decrypt) exist only for
+/// `CkksContext<Secret>`. The server's type has no way to decrypt:
+///
+/// ```compile_fail
+/// use fedcore_he::{CkksContext, EncryptedVector, Public};
+/// fn server_side(ctx: &CkksContext<Public>, v: &EncryptedVector) {
+///     let _ = ctx.decrypt(v); // no `decrypt` on CkksContext<Public>
+/// }
+/// ```
+///
+/// while the same code with a hospital's context compiles:
+///
+/// ```
+/// use fedcore_he::{CkksContext, EncryptedVector, Secret};
+/// fn hospital_side(ctx: &CkksContext<Secret>, v: &EncryptedVector) {
+///     let _ = ctx.decrypt(v);
+/// }
+/// ```
+pub struct CkksContext<R: Role> {
+    pub(crate) inner: Arc<Inner>,
+    _role: PhantomData<R>,
+}
+
+impl<R: Role> Clone for CkksContext<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _role: PhantomData,
+        }
+    }
+}
+
+impl<R: Role> fmt::Debug for CkksContext<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CkksContext")
+            .field("role", &R::NAME)
+            .field("params", &self.inner.params)
+            .field("key_id", &self.key_id())
+            .finish()
+    }
+}
+
+fn make_context(params: &CkksParams) -> Result<Arc<seal::Context>> {
+    params.check()?;
+    let sec = if params.is_secure() {
+        seal::SEC_TC128
+    } else {
+        seal::SEC_NONE
+    };
+    let ctx = seal::Context::new(params.degree(), params.coeff_bits(), sec)
+        .map_err(HeError::InvalidParameters)?;
+    Ok(Arc::new(ctx))
+}
+
+/// The lowest data level whose modulus holds a weighted sum.
+fn upload_level(params: &CkksParams, ctx: &seal::Context) -> Result<usize> {
+    let need = params.scale_bits() + params.weight_bits() + MIN_HEADROOM_BITS;
+    ctx.levels
+        .iter()
+        .rposition(|l| l.modulus_bits >= need)
+        .ok_or_else(|| {
+            HeError::InvalidParameters(format!("no level holds {need} bits for a weighted sum"))
+        })
+}
+
+fn key_id(public_key: &[u8]) -> [u8; 16] {
+    let digest = Sha256::digest(public_key);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+impl<R: Role> CkksContext<R> {
+    fn from_parts(
+        params: CkksParams,
+        ctx: Arc<seal::Context>,
+        public_key: Arc<seal::PublicKey>,
+        secret_key: Option<Arc<seal::SecretKey>>,
+    ) -> Result<Self> {
+        let level = upload_level(&params, &ctx)?;
+        let id = key_id(&public_key.to_bytes()?);
+        let engine = seal::Engine::new(ctx, secret_key.clone(), Some(public_key.clone()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                params,
+                engine,
+                key_id: id,
+                level,
+                public_key,
+                secret_key,
+            }),
+            _role: PhantomData,
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &CkksParams {
+        &self.inner.params
+    }
+
+    /// Values per ciphertext.
+    pub fn slots(&self) -> usize {
+        self.inner.engine.slots()
+    }
+
+    /// The key pair's id: the first 16 bytes of SHA-256 of the public key.
+    /// Every encrypted vector carries it, so one made under other keys is
+    /// refused instead of decrypting to noise.
+    pub fn key_id(&self) -> [u8; 16] {
+        self.inner.key_id
+    }
+
+    /// The largest magnitude a weighted sum may reach:
+    /// `2^(upload level bits - scale bits - weight bits - 1)` (2^29 with the
+    /// default parameters).
+    pub fn sum_bound(&self) -> f64 {
+        let l = &self.inner.engine.context().levels[self.inner.level];
+        let p = &self.inner.params;
+        2f64.powi((l.modulus_bits - p.scale_bits() - p.weight_bits()) as i32 - 1)
+    }
+
+    /// Writes this context's public part (parameters and public key) to
+    /// `path`, mode 0600; an existing file is an error, never overwritten.
+    pub fn write_public(&self, path: &Path) -> Result<()> {
+        let bytes = encode_key_file::<Public>(&self.inner.params, &self.inner.public_key, None)?;
+        write_new(path, &bytes)
+    }
+}
+
+impl CkksContext<Secret> {
+    /// A new key pair for `params` (a key authority's job; see [`KeyAuthority`]).
+    pub fn generate(params: CkksParams) -> Result<Self> {
+        let ctx = make_context(&params)?;
+        let (sk, pk) = seal::keygen(&ctx)?;
+        Self::from_parts(params, ctx, Arc::new(pk), Some(Arc::new(sk)))
+    }
+
+    /// The server's view of the same keys: parameters and public key only.
+    pub fn public(&self) -> CkksContext<Public> {
+        CkksContext {
+            inner: Arc::new(Inner {
+                params: self.inner.params.clone(),
+                engine: seal::Engine::new(
+                    self.inner.engine.context().clone(),
+                    None,
+                    Some(self.inner.public_key.clone()),
+                )
+                .expect("an engine for a context that already has one"),
+                key_id: self.inner.key_id,
+                level: self.inner.level,
+                public_key: self.inner.public_key.clone(),
+                secret_key: None,
+            }),
+            _role: PhantomData,
+        }
+    }
+
+    /// Loads a hospital's context from a key file written by
+    /// [`KeyAuthority::write`]. A public file is [`HeError::WrongRole`]; a
+    /// secret file readable by group or others is refused.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        check_private(path)?;
+        let bytes = read_key_file(path)?;
+        let file = decode_key_file(path, &bytes, Secret::TAG)?;
+        let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
+        let pk = seal::PublicKey::from_bytes(&ctx, file.public)
+            .map_err(|e| key_err(path, format!("public key: {e}")))?;
+        let sk = seal::SecretKey::from_bytes(&ctx, file.secret.unwrap_or_default())
+            .map_err(|e| key_err(path, format!("secret key: {e}")))?;
+        Self::from_parts(file.params, ctx, Arc::new(pk), Some(Arc::new(sk)))
+    }
+
+    /// Writes this context with its secret key to `path`, mode 0600; an
+    /// existing file is an error, never overwritten.
+    pub fn write_secret(&self, path: &Path) -> Result<()> {
+        let sk = self
+            .inner
+            .secret_key
+            .as_ref()
+            .expect("a CkksContext<Secret> holds its secret key");
+        let bytes =
+            encode_key_file::<Secret>(&self.inner.params, &self.inner.public_key, Some(sk))?;
+        write_new(path, &bytes)
+    }
+}
+
+impl CkksContext<Public> {
+    /// Loads the server's context from a key file written by
+    /// [`KeyAuthority::write`]. A secret file is [`HeError::WrongRole`]: the
+    /// server must never be handed the secret key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = read_key_file(path)?;
+        let file = decode_key_file(path, &bytes, Public::TAG)?;
+        let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
+        let pk = seal::PublicKey::from_bytes(&ctx, file.public)
+            .map_err(|e| key_err(path, format!("public key: {e}")))?;
+        Self::from_parts(file.params, ctx, Arc::new(pk), None)
+    }
+}
+
+/// Creates the keys of a federation once and writes them for each role.
+#[derive(Debug)]
+pub struct KeyAuthority;
+
+/// Where [`KeyAuthority::write`] put the key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFiles {
+    /// The hospitals' file (secret key): `he-secret.key`.
+    pub secret: PathBuf,
+    /// The server's file (public key only): `he-public.key`.
+    pub public: PathBuf,
+}
+
+impl KeyAuthority {
+    /// File name of the hospitals' context.
+    pub const SECRET_FILE: &'static str = "he-secret.key";
+    /// File name of the server's context.
+    pub const PUBLIC_FILE: &'static str = "he-public.key";
+
+    /// Generates a key pair for `params` and writes the secret context to
+    /// `dir/he-secret.key` and the public context to `dir/he-public.key`,
+    /// both mode 0600 (the directory is created if needed). Existing key
+    /// files are never overwritten. Returns the hospitals' context too.
+    pub fn write(params: CkksParams, dir: &Path) -> Result<(CkksContext<Secret>, KeyFiles)> {
+        let files = KeyFiles {
+            secret: dir.join(Self::SECRET_FILE),
+            public: dir.join(Self::PUBLIC_FILE),
+        };
+        for p in [&files.secret, &files.public] {
+            if p.exists() {
+                return Err(key_err(p, "exists already; keys are created once".into()));
+            }
+        }
+        fs::create_dir_all(dir).map_err(|e| key_err(dir, e.to_string()))?;
+        let ctx = CkksContext::generate(params)?;
+        ctx.write_secret(&files.secret)?;
+        ctx.write_public(&files.public)?;
+        Ok((ctx, files))
+    }
+}
+
+fn key_err(path: &Path, reason: String) -> HeError {
+    HeError::KeyFile {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+const KEY_MAGIC: &[u8; 8] = b"FCHEKEY1";
+/// Key files are a few MB at most (a secret + public key at degree 32768).
+const MAX_KEY_FILE: u64 = 64 << 20;
+
+struct KeyFile<'a> {
+    params: CkksParams,
+    public: &'a [u8],
+    secret: Option<&'a [u8]>,
+}
+
+// Layout: magic (8) | role (1) | params JSON length (u32 LE) | params JSON |
+// public key length (u64 LE) | public key (SEAL, uncompressed) |
+// [secret key length (u64 LE) | secret key] for the secret role.
+fn encode_key_file<R: Role>(
+    params: &CkksParams,
+    pk: &seal::PublicKey,
+    sk: Option<&Arc<seal::SecretKey>>,
+) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(params).map_err(|e| HeError::Seal(e.to_string()))?;
+    let pk = pk.to_bytes()?;
+    let mut out = Vec::with_capacity(32 + json.len() + 2 * pk.len());
+    out.extend_from_slice(KEY_MAGIC);
+    out.push(R::TAG);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&(pk.len() as u64).to_le_bytes());
+    out.extend_from_slice(&pk);
+    if let Some(sk) = sk {
+        let sk = sk.to_bytes()?;
+        out.extend_from_slice(&(sk.len() as u64).to_le_bytes());
+        out.extend_from_slice(&sk);
+    }
+    Ok(out)
+}
+
+fn role_name(tag: u8) -> &'static str {
+    match tag {
+        t if t == Secret::TAG => Secret::NAME,
+        t if t == Public::TAG => Public::NAME,
+        _ => "unknown",
+    }
+}
+
+fn decode_key_file<'a>(path: &Path, bytes: &'a [u8], want: u8) -> Result<KeyFile<'a>> {
+    let mut r = crate::vector::Reader::new(bytes);
+    let bad = |m: &str| key_err(path, m.to_owned());
+    if r.take(8).map_err(|_| bad("too short"))? != KEY_MAGIC {
+        return Err(bad("not a fedcore-he key file"));
+    }
+    let tag = r.u8().map_err(|_| bad("truncated"))?;
+    if tag != want {
+        return Err(HeError::WrongRole {
+            path: path.to_path_buf(),
+            expected: role_name(want),
+            found: role_name(tag),
+        });
+    }
+    let n = r.u32().map_err(|_| bad("truncated"))? as usize;
+    let json = r.take(n).map_err(|_| bad("truncated parameters"))?;
+    let params: CkksParams =
+        serde_json::from_slice(json).map_err(|e| key_err(path, format!("parameters: {e}")))?;
+    let n = r.u64().map_err(|_| bad("truncated"))?;
+    let public = r
+        .take(usize::try_from(n).map_err(|_| bad("bad length"))?)
+        .map_err(|_| bad("truncated public key"))?;
+    let secret = if tag == Secret::TAG {
+        let n = r.u64().map_err(|_| bad("truncated"))?;
+        Some(
+            r.take(usize::try_from(n).map_err(|_| bad("bad length"))?)
+                .map_err(|_| bad("truncated secret key"))?,
+        )
+    } else {
+        None
+    };
+    if !r.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(KeyFile {
+        params,
+        public,
+        secret,
+    })
+}
+
+fn read_key_file(path: &Path) -> Result<Vec<u8>> {
+    let meta = fs::metadata(path).map_err(|e| key_err(path, e.to_string()))?;
+    if meta.len() > MAX_KEY_FILE {
+        return Err(key_err(path, format!("{} bytes is too large", meta.len())));
+    }
+    fs::read(path).map_err(|e| key_err(path, e.to_string()))
+}
+
+#[cfg(unix)]
+fn check_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|e| key_err(path, e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(key_err(
+            path,
+            format!(
+                "holds a secret key but has mode {:o}; chmod 600 it",
+                mode & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// Writes a new file with mode 0600 (created with it, never widened first),
+/// refusing to replace an existing one.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| key_err(path, e.to_string()))?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = fs::remove_file(path);
+        return Err(key_err(path, e.to_string()));
+    }
+    Ok(())
+}

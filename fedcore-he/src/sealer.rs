@@ -1,0 +1,113 @@
+//! `fedcore`'s sealing plug-ins over CKKS: [`CkksSealer`] for hospitals,
+//! [`CkksSum`] for the server.
+
+use std::sync::Arc;
+
+use fedcore::{Layout, SealedAggregator, SealedTensors, Sealer};
+
+use crate::context::{CkksContext, Public, Secret};
+use crate::error::HeError;
+use crate::vector::Form;
+
+/// The default tensors to seal: the classifier head.
+pub const DEFAULT_PATTERNS: &[&str] = &["classifier.*"];
+
+fn check_len(layout: &Layout, n: usize) -> fedcore::Result<()> {
+    if layout.len() != n {
+        return Err(
+            HeError::Mismatch(format!("{n} values for a layout of {}", layout.len())).into(),
+        );
+    }
+    Ok(())
+}
+
+/// A hospital's [`Sealer`]: decrypts the global sealed tensors and encrypts
+/// its delta compactly (seeded symmetric encryption at the lowest level the
+/// server needs, compressed).
+#[derive(Debug, Clone)]
+pub struct CkksSealer {
+    ctx: CkksContext<Secret>,
+}
+
+impl CkksSealer {
+    /// A sealer with a hospital's context.
+    pub fn new(ctx: CkksContext<Secret>) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Sealer for CkksSealer {
+    fn name(&self) -> String {
+        format!("ckks(n={})", self.ctx.params().degree())
+    }
+
+    fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
+        let v = self.ctx.load(sealed.bytes(), Form::Sum)?;
+        check_len(sealed.layout(), v.len())?;
+        let values = self.ctx.decrypt(&v)?;
+        Ok(values.into_iter().map(|x| x as f32).collect())
+    }
+
+    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        check_len(layout, values.len())?;
+        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let bytes = self.ctx.encrypt_compact(&values)?;
+        Ok(SealedTensors::new(layout.clone(), bytes))
+    }
+}
+
+/// The server's [`SealedAggregator`]: the encrypted weighted sum, with only
+/// the public key.
+#[derive(Debug, Clone)]
+pub struct CkksSum {
+    ctx: CkksContext<Public>,
+}
+
+impl CkksSum {
+    /// A summer with the server's context.
+    pub fn new(ctx: CkksContext<Public>) -> Self {
+        Self { ctx }
+    }
+}
+
+impl SealedAggregator for CkksSum {
+    fn name(&self) -> String {
+        format!("ckks-weighted-sum(n={})", self.ctx.params().degree())
+    }
+
+    fn seal_initial(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        check_len(layout, values.len())?;
+        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let v = self.ctx.encrypt_public(&values)?;
+        Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
+    }
+
+    fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
+        let v = self.ctx.load(part.bytes(), Form::Fresh)?;
+        check_len(part.layout(), v.len())
+    }
+
+    fn accumulate(
+        &self,
+        global: &SealedTensors,
+        parts: &[&SealedTensors],
+        weights: &[f64],
+    ) -> fedcore::Result<SealedTensors> {
+        let g = self.ctx.load(global.bytes(), Form::Sum)?;
+        check_len(global.layout(), g.len())?;
+        let loaded = parts
+            .iter()
+            .map(|p| {
+                let v = self.ctx.load(p.bytes(), Form::Fresh)?;
+                check_len(p.layout(), v.len())?;
+                Ok(v)
+            })
+            .collect::<fedcore::Result<Vec<_>>>()?;
+        let refs: Vec<_> = loaded.iter().collect();
+        let next = self.ctx.accumulate(&g, &refs, weights)?;
+        Ok(SealedTensors::new(
+            global.layout().clone(),
+            next.to_bytes()?,
+        ))
+    }
+}

@@ -1,0 +1,526 @@
+//! Encrypted vectors: packing into ciphertexts, arithmetic, bytes.
+
+use rayon::prelude::*;
+
+use crate::context::{CkksContext, Role, Secret};
+use crate::error::{HeError, Result};
+use crate::seal;
+
+/// The most values one encrypted vector may hold (2^28, about 1 GB of f32),
+/// so that a length field cannot ask for unbounded work.
+pub const MAX_VALUES: usize = 1 << 28;
+
+/// The largest weight magnitude in a weighted sum (2^20).
+pub const MAX_WEIGHT: f64 = 1_048_576.0;
+
+/// What scale an encrypted vector's ciphertexts carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Freshly encrypted values at scale `2^scale_bits`: a client's upload.
+    Fresh,
+    /// A weighted sum (or an encryption made to be added to one) at scale
+    /// `2^(scale_bits + weight_bits)`: what the server keeps and sends down.
+    Sum,
+}
+
+impl Form {
+    fn tag(self) -> u8 {
+        match self {
+            Form::Fresh => 1,
+            Form::Sum => 2,
+        }
+    }
+
+    fn from_tag(t: u8) -> Option<Self> {
+        match t {
+            1 => Some(Form::Fresh),
+            2 => Some(Form::Sum),
+            _ => None,
+        }
+    }
+}
+
+/// A vector of any length packed into `ceil(len / slots)` CKKS ciphertexts
+/// (value `i` in slot `i % slots` of ciphertext `i / slots`). The length and
+/// the key id travel with it.
+pub struct EncryptedVector {
+    pub(crate) len: usize,
+    pub(crate) form: Form,
+    pub(crate) key_id: [u8; 16],
+    pub(crate) cts: Vec<seal::Ciphertext>,
+}
+
+impl std::fmt::Debug for EncryptedVector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedVector")
+            .field("len", &self.len)
+            .field("form", &self.form)
+            .field("ciphertexts", &self.cts.len())
+            .finish()
+    }
+}
+
+impl EncryptedVector {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of ciphertexts.
+    pub fn ciphertexts(&self) -> usize {
+        self.cts.len()
+    }
+
+    /// Fresh upload or weighted sum.
+    pub fn form(&self) -> Form {
+        self.form
+    }
+}
+
+fn scale_of(params: &crate::CkksParams, form: Form) -> f64 {
+    let bits = match form {
+        Form::Fresh => params.scale_bits(),
+        Form::Sum => params.scale_bits() + params.weight_bits(),
+    };
+    2f64.powi(bits as i32)
+}
+
+fn check_values(values: &[f64], bound: f64) -> Result<()> {
+    if values.len() > MAX_VALUES {
+        return Err(HeError::OutOfRange(format!(
+            "{} values; at most {MAX_VALUES} per vector",
+            values.len()
+        )));
+    }
+    if let Some(i) = values
+        .iter()
+        .position(|v| !v.is_finite() || v.abs() >= bound)
+    {
+        return Err(HeError::OutOfRange(format!(
+            "value #{i} = {} (must be finite and below {bound:e} in magnitude)",
+            values[i]
+        )));
+    }
+    Ok(())
+}
+
+impl<R: Role> CkksContext<R> {
+    fn engine(&self) -> &seal::Engine {
+        &self.inner.engine
+    }
+
+    /// Encodes and encrypts at the upload level with `encrypt`, chunk by chunk
+    /// in parallel.
+    fn pack(
+        &self,
+        values: &[f64],
+        form: Form,
+        encrypt: impl Fn(&seal::Plaintext) -> std::result::Result<seal::Ciphertext, seal::SealFailure>
+        + Sync,
+    ) -> Result<EncryptedVector> {
+        check_values(values, self.sum_bound())?;
+        let scale = scale_of(self.params(), form);
+        let level = self.inner.level;
+        let cts = values
+            .par_chunks(self.slots().max(1))
+            .map(|chunk| {
+                let p = self.engine().encode(chunk, level, scale)?;
+                encrypt(&p)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(EncryptedVector {
+            len: values.len(),
+            form,
+            key_id: self.key_id(),
+            cts,
+        })
+    }
+
+    /// Public-key encryption in the [`Form::Sum`] form, so that the result
+    /// can be added to weighted sums: how the server seals the initial
+    /// global values. Anyone with the public key can do this.
+    pub fn encrypt_public(&self, values: &[f64]) -> Result<EncryptedVector> {
+        self.pack(values, Form::Sum, |p| self.engine().encrypt_public(p))
+    }
+
+    fn check_same(&self, v: &EncryptedVector, form: Form, len: usize) -> Result<()> {
+        if v.key_id != self.key_id() {
+            return Err(HeError::Mismatch("encrypted under another key".into()));
+        }
+        if v.form != form {
+            return Err(HeError::Mismatch(format!(
+                "a {:?} vector where a {form:?} one is needed",
+                v.form
+            )));
+        }
+        if v.len != len {
+            return Err(HeError::Mismatch(format!(
+                "{} values where {len} are needed",
+                v.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// `sum_i weights[i] * parts[i]` over fresh uploads, with plaintext
+    /// weights (example counts or trust weights, normalized by the caller if
+    /// a mean is wanted). Weights are encoded at scale `2^weight_bits`; no
+    /// rescale is spent, the result is in the [`Form::Sum`] form. Weights
+    /// that round to zero at that scale are skipped.
+    ///
+    /// The result's error for values in `[-1, 1]`: at most
+    /// `sum_i |v_i| * 2^-(weight_bits+1)` from weight rounding plus the
+    /// encryption noise (about 1e-9 per fresh ciphertext at the default
+    /// parameters); for larger values the first term grows with them, the
+    /// second does not. The sum must stay below [`CkksContext::sum_bound`].
+    pub fn weighted_sum(
+        &self,
+        parts: &[&EncryptedVector],
+        weights: &[f64],
+    ) -> Result<EncryptedVector> {
+        let first = parts
+            .first()
+            .ok_or_else(|| HeError::OutOfRange("a weighted sum of nothing".into()))?;
+        if parts.len() != weights.len() {
+            return Err(HeError::OutOfRange(format!(
+                "{} parts but {} weights",
+                parts.len(),
+                weights.len()
+            )));
+        }
+        for p in parts {
+            self.check_same(p, Form::Fresh, first.len)?;
+        }
+        let wscale = 2f64.powi(self.params().weight_bits() as i32);
+        if let Some(w) = weights
+            .iter()
+            .find(|w| !w.is_finite() || w.abs() >= MAX_WEIGHT)
+        {
+            return Err(HeError::OutOfRange(format!(
+                "weight {w} (must be finite and below {MAX_WEIGHT:e} in magnitude)"
+            )));
+        }
+        let level = self.inner.level;
+        // One scalar plaintext per weight that survives rounding.
+        let encoded: Vec<(usize, seal::Plaintext)> = weights
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| (**w * wscale).round() != 0.0)
+            .map(|(i, &w)| Ok((i, self.engine().encode_scalar(w, level, wscale)?)))
+            .collect::<Result<_>>()?;
+        if encoded.is_empty() {
+            return Err(HeError::OutOfRange(format!(
+                "every weight rounds to zero at scale 2^{}",
+                self.params().weight_bits()
+            )));
+        }
+        let cts = (0..first.cts.len())
+            .into_par_iter()
+            .map(|j| {
+                let mut acc: Option<seal::Ciphertext> = None;
+                for (i, w) in &encoded {
+                    let prod = self.engine().multiply_plain(&parts[*i].cts[j], w)?;
+                    match acc.as_mut() {
+                        None => acc = Some(prod),
+                        Some(a) => self.engine().add_inplace(a, &prod)?,
+                    }
+                }
+                Ok(acc.expect("at least one weight"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EncryptedVector {
+            len: first.len,
+            form: Form::Sum,
+            key_id: self.key_id(),
+            cts,
+        })
+    }
+
+    /// `a + b` for two vectors of the same form and length.
+    pub fn add(&self, a: &EncryptedVector, b: &EncryptedVector) -> Result<EncryptedVector> {
+        self.check_same(a, a.form, a.len)?;
+        self.check_same(b, a.form, a.len)?;
+        let cts = a
+            .cts
+            .par_iter()
+            .zip(&b.cts)
+            .map(|(x, y)| {
+                let mut out = self.engine().copy(x)?;
+                self.engine().add_inplace(&mut out, y)?;
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EncryptedVector {
+            len: a.len,
+            form: a.form,
+            key_id: a.key_id,
+            cts,
+        })
+    }
+
+    /// `global + sum_i weights[i] * parts[i]`: one federated step on
+    /// encrypted values (`global` in the [`Form::Sum`] form, `parts` fresh).
+    pub fn accumulate(
+        &self,
+        global: &EncryptedVector,
+        parts: &[&EncryptedVector],
+        weights: &[f64],
+    ) -> Result<EncryptedVector> {
+        self.check_same(global, Form::Sum, global.len)?;
+        let mut sum = self.weighted_sum(parts, weights)?;
+        if sum.len != global.len {
+            return Err(HeError::Mismatch(format!(
+                "parts hold {} values, the global {}",
+                sum.len, global.len
+            )));
+        }
+        sum.cts
+            .par_iter_mut()
+            .zip(&global.cts)
+            .try_for_each(|(s, g)| self.engine().add_inplace(s, g))?;
+        Ok(sum)
+    }
+
+    /// Loads an encrypted vector saved by [`EncryptedVector::to_bytes`] or
+    /// [`CkksContext::encrypt_compact`], expecting `form`.
+    ///
+    /// Everything is checked before SEAL sees it and again by SEAL: the
+    /// header, the key id, the length against the ciphertext count, each
+    /// ciphertext's compressed and decompressed size (decompression is
+    /// bounded, so a compression bomb is refused), then SEAL's own validation
+    /// against the context (known parameters, reduced coefficients), then the
+    /// level, size and scale this crate's arithmetic needs. Any failure is a
+    /// [`HeError::Malformed`] or [`HeError::Mismatch`].
+    pub fn load(&self, bytes: &[u8], form: Form) -> Result<EncryptedVector> {
+        let malformed = |m: String| HeError::Malformed(m);
+        let mut r = Reader::new(bytes);
+        let head = r
+            .take(VECTOR_MAGIC.len())
+            .map_err(|_| malformed("shorter than the header".into()))?;
+        if head != VECTOR_MAGIC {
+            return Err(malformed("not a fedcore-he encrypted vector".into()));
+        }
+        let version = r.u8().map_err(|_| malformed("truncated header".into()))?;
+        if version != VERSION {
+            return Err(malformed(format!("format version {version}")));
+        }
+        let got_form = Form::from_tag(r.u8().map_err(|_| malformed("truncated header".into()))?)
+            .ok_or_else(|| malformed("unknown form".into()))?;
+        let _seeded = r.u8().map_err(|_| malformed("truncated header".into()))?;
+        let key: [u8; 16] = r
+            .take(16)
+            .map_err(|_| malformed("truncated header".into()))?
+            .try_into()
+            .expect("16 bytes");
+        let len = r.u64().map_err(|_| malformed("truncated header".into()))?;
+        let count = r.u32().map_err(|_| malformed("truncated header".into()))? as usize;
+        if key != self.key_id() {
+            return Err(HeError::Mismatch(
+                "encrypted under another key (key id differs)".into(),
+            ));
+        }
+        if got_form != form {
+            return Err(HeError::Mismatch(format!(
+                "a {got_form:?} vector where a {form:?} one is expected"
+            )));
+        }
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= MAX_VALUES)
+            .ok_or_else(|| malformed(format!("length {len} exceeds {MAX_VALUES}")))?;
+        if count != len.div_ceil(self.slots()) {
+            return Err(malformed(format!(
+                "{count} ciphertexts for {len} values at {} slots each",
+                self.slots()
+            )));
+        }
+        let level = &self.engine().context().levels[self.inner.level];
+        // Two polynomials of degree N over the level's primes, 8 bytes per
+        // coefficient, plus SEAL's headers: the most a valid one can inflate to.
+        let max_raw = 2 * self.params().degree() * level.primes * 8 + 1024;
+        let mut blobs = Vec::with_capacity(count);
+        for i in 0..count {
+            let n = r
+                .u32()
+                .map_err(|_| malformed(format!("truncated before ciphertext {i}")))?
+                as usize;
+            let blob = r
+                .take(n)
+                .map_err(|_| malformed(format!("ciphertext {i} is truncated")))?;
+            blobs.push(blob);
+        }
+        if !r.is_empty() {
+            return Err(malformed("trailing bytes".into()));
+        }
+        let scale = scale_of(self.params(), form);
+        let ctx = self.engine().context();
+        let cts = blobs
+            .par_iter()
+            .enumerate()
+            .map(|(i, blob)| {
+                let raw = zstd::bulk::decompress(blob, max_raw)
+                    .map_err(|e| malformed(format!("ciphertext {i}: decompression: {e}")))?;
+                let ct = seal::Ciphertext::from_bytes(ctx, &raw)
+                    .map_err(|e| malformed(format!("ciphertext {i}: {e}")))?;
+                let at = ct.parms_id()?;
+                if at != level.parms_id {
+                    return Err(HeError::Mismatch(format!(
+                        "ciphertext {i} is at level {:?}, expected {}",
+                        ctx.level_of(&at),
+                        self.inner.level
+                    )));
+                }
+                if ct.size()? != 2 || !ct.is_ntt_form()? {
+                    return Err(malformed(format!("ciphertext {i} has the wrong shape")));
+                }
+                let s = ct.scale()?;
+                if s != scale {
+                    return Err(HeError::Mismatch(format!(
+                        "ciphertext {i} has scale 2^{:.2}, expected 2^{:.0}",
+                        s.log2(),
+                        scale.log2()
+                    )));
+                }
+                Ok(ct)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EncryptedVector {
+            len,
+            form,
+            key_id: key,
+            cts,
+        })
+    }
+}
+
+impl CkksContext<Secret> {
+    /// Encrypts with the secret key (symmetric), in the [`Form::Fresh`] form,
+    /// for arithmetic in memory. For upload use
+    /// [`CkksContext::encrypt_compact`].
+    pub fn encrypt(&self, values: &[f64]) -> Result<EncryptedVector> {
+        self.pack(values, Form::Fresh, |p| {
+            self.engine().encrypt_symmetric(p, false)
+        })
+    }
+
+    /// Encrypts for upload, as small as SEAL allows: symmetric encryption
+    /// with the second polynomial replaced by its 64-byte PRNG seed (about
+    /// half the bytes; SEAL regenerates it when the server loads), at the
+    /// lowest level the server's weighted sum needs, zstd-compressed.
+    pub fn encrypt_compact(&self, values: &[f64]) -> Result<Vec<u8>> {
+        let v = self.pack(values, Form::Fresh, |p| {
+            self.engine().encrypt_symmetric(p, true)
+        })?;
+        v.write(true)
+    }
+
+    /// Decrypts and decodes into the vector's values.
+    pub fn decrypt(&self, v: &EncryptedVector) -> Result<Vec<f64>> {
+        if v.key_id != self.key_id() {
+            return Err(HeError::Mismatch("encrypted under another key".into()));
+        }
+        let slots = self.slots();
+        let chunks = v
+            .cts
+            .par_iter()
+            .map(|ct| {
+                let p = self.engine().decrypt(ct)?;
+                Ok(self.engine().decode(&p)?)
+            })
+            .collect::<Result<Vec<Vec<f64>>>>()?;
+        let mut out = Vec::with_capacity(v.len);
+        for (i, c) in chunks.into_iter().enumerate() {
+            let n = slots.min(v.len - i * slots);
+            out.extend_from_slice(&c[..n]);
+        }
+        Ok(out)
+    }
+}
+
+const VECTOR_MAGIC: &[u8; 4] = b"FCKK";
+const VERSION: u8 = 1;
+/// zstd level: 3 is zstd's default; higher levels gain < 1 % on ciphertexts
+/// (their coefficients are uniformly random below each prime).
+const ZSTD_LEVEL: i32 = 3;
+
+impl EncryptedVector {
+    /// Bytes for the wire or a file: a small header (format, form, key id,
+    /// length, count) and each ciphertext as SEAL writes it, zstd-compressed.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.write(false)
+    }
+
+    fn write(&self, seeded: bool) -> Result<Vec<u8>> {
+        let blobs = self
+            .cts
+            .par_iter()
+            .map(|ct| {
+                let raw = ct.to_bytes()?;
+                zstd::bulk::compress(&raw, ZSTD_LEVEL)
+                    .map_err(|e| HeError::Seal(format!("zstd: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(40 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
+        out.extend_from_slice(VECTOR_MAGIC);
+        out.push(VERSION);
+        out.push(self.form.tag());
+        out.push(u8::from(seeded));
+        out.extend_from_slice(&self.key_id);
+        out.extend_from_slice(&(self.len as u64).to_le_bytes());
+        out.extend_from_slice(&(self.cts.len() as u32).to_le_bytes());
+        for b in blobs {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+}
+
+/// A bounds-checked little-endian reader.
+pub(crate) struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+/// Reading past the end.
+#[derive(Debug)]
+pub(crate) struct Short;
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Self { rest: bytes }
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], Short> {
+        if n > self.rest.len() {
+            return Err(Short);
+        }
+        let (a, b) = self.rest.split_at(n);
+        self.rest = b;
+        Ok(a)
+    }
+
+    pub(crate) fn u8(&mut self) -> std::result::Result<u8, Short> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub(crate) fn u32(&mut self) -> std::result::Result<u32, Short> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    pub(crate) fn u64(&mut self) -> std::result::Result<u64, Short> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+}

@@ -1,0 +1,427 @@
+//! CKKS contexts, packing, weighted sums, key files and malformed bytes.
+
+use std::sync::OnceLock;
+
+use fedcore_he::{
+    CkksContext, CkksParams, EncryptedVector, Form, HeError, KeyAuthority, Public, Secret,
+};
+use proptest::prelude::*;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Key generation costs a few hundred milliseconds: one key pair for the file.
+fn hospital() -> &'static CkksContext<Secret> {
+    static CTX: OnceLock<CkksContext<Secret>> = OnceLock::new();
+    CTX.get_or_init(|| CkksContext::generate(CkksParams::default()).expect("keygen"))
+}
+
+fn uniform(n: usize, lo: f64, hi: f64, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Encrypts each client's values as a hospital uploads them, and loads them
+/// as the server does.
+fn uploads(
+    h: &CkksContext<Secret>,
+    s: &CkksContext<Public>,
+    values: &[Vec<f64>],
+) -> Vec<EncryptedVector> {
+    values
+        .iter()
+        .map(|v| {
+            let bytes = h.encrypt_compact(v).expect("encrypt");
+            s.load(&bytes, Form::Fresh).expect("load")
+        })
+        .collect()
+}
+
+fn check_weighted_sum(clients: usize, len: usize, lo: f64, hi: f64, tol: f64) -> f64 {
+    let h = hospital();
+    let s = h.public();
+    let values: Vec<Vec<f64>> = (0..clients)
+        .map(|i| uniform(len, lo, hi, 100 + i as u64))
+        .collect();
+    let raw = uniform(clients, 0.1, 1.0, 7);
+    let total: f64 = raw.iter().sum();
+    let weights: Vec<f64> = raw.iter().map(|w| w / total).collect();
+    let expected: Vec<f64> = (0..len)
+        .map(|j| (0..clients).map(|i| weights[i] * values[i][j]).sum())
+        .collect();
+    let parts = uploads(h, &s, &values);
+    let refs: Vec<&EncryptedVector> = parts.iter().collect();
+    let sum = s.weighted_sum(&refs, &weights).expect("sum");
+    let down = h
+        .load(&sum.to_bytes().expect("bytes"), Form::Sum)
+        .expect("load sum");
+    let got = h.decrypt(&down).expect("decrypt");
+    let err = max_abs_diff(&got, &expected);
+    assert!(
+        err < tol,
+        "{clients} clients, {len} values in [{lo}, {hi}]: max error {err:e}"
+    );
+    err
+}
+
+#[test]
+fn weighted_sum_of_3_and_10_clients_is_within_1e6_for_values_in_unit_range() {
+    // The DenseNet-121 head: 1024 x 14 + 14 values.
+    let e3 = check_weighted_sum(3, 14_350, -1.0, 1.0, 1e-6);
+    let e10 = check_weighted_sum(10, 14_350, -1.0, 1.0, 1e-6);
+    eprintln!("max abs error: 3 clients {e3:e}, 10 clients {e10:e}");
+}
+
+#[test]
+fn weighted_sum_error_for_larger_values_stays_within_the_documented_bound() {
+    // Weight rounding contributes at most sum_i |v_i| 2^-31 (< 10 * 1000 *
+    // 4.7e-10 = 4.7e-6 here); encryption noise stays around 1e-9.
+    check_weighted_sum(10, 5_000, -1000.0, 1000.0, 1e-5);
+}
+
+#[test]
+fn accumulate_adds_the_weighted_sum_to_the_global() {
+    let h = hospital();
+    let s = h.public();
+    let global = uniform(9_000, -1.0, 1.0, 1);
+    let deltas = [uniform(9_000, -0.1, 0.1, 2), uniform(9_000, -0.1, 0.1, 3)];
+    let g = s.encrypt_public(&global).expect("public encryption");
+    let parts = uploads(h, &s, &deltas);
+    let next = s
+        .accumulate(&g, &[&parts[0], &parts[1]], &[0.3, 0.7])
+        .expect("accumulate");
+    // A second round on top of the first: the scale does not grow.
+    let next = s
+        .accumulate(&next, &[&parts[1]], &[1.0])
+        .expect("second round");
+    let expected: Vec<f64> = (0..global.len())
+        .map(|j| global[j] + 0.3 * deltas[0][j] + 0.7 * deltas[1][j] + deltas[1][j])
+        .collect();
+    let got = h.decrypt(&next).expect("decrypt");
+    assert!(max_abs_diff(&got, &expected) < 1e-6);
+}
+
+#[test]
+fn packing_round_trips_any_length() {
+    let h = hospital();
+    let slots = h.slots();
+    assert_eq!(slots, 4096);
+    for len in [0, 1, slots - 1, slots, slots + 1, 1_000_000] {
+        let values = uniform(len, -1.0, 1.0, len as u64);
+        let bytes = h.encrypt_compact(&values).expect("encrypt");
+        let v = h.load(&bytes, Form::Fresh).expect("load");
+        assert_eq!(v.len(), len);
+        assert_eq!(v.ciphertexts(), len.div_ceil(slots));
+        let back = h.decrypt(&v).expect("decrypt");
+        assert_eq!(back.len(), len);
+        if len > 0 {
+            assert!(max_abs_diff(&back, &values) < 1e-6, "length {len}");
+        }
+    }
+}
+
+#[test]
+fn compact_upload_is_about_half_of_a_plain_one() {
+    let h = hospital();
+    let values = uniform(14_350, -1.0, 1.0, 9);
+    let compact = h.encrypt_compact(&values).expect("compact").len();
+    let plain = h
+        .encrypt(&values)
+        .expect("plain")
+        .to_bytes()
+        .expect("bytes")
+        .len();
+    let ratio = compact as f64 / plain as f64;
+    eprintln!("14,350 values: compact {compact} B, unseeded {plain} B ({ratio:.3})");
+    assert!(ratio < 0.6, "seeded upload is {ratio:.3} of unseeded");
+    // Two 60 + 40-bit polynomials per 4096 values would be 204,800 B
+    // uncompressed; a seeded one is one polynomial plus a seed.
+    assert!(compact < 4 * 120_000, "{compact} B for 4 ciphertexts");
+}
+
+#[test]
+fn insecure_parameters_are_refused_unless_dangerous() {
+    let e = CkksParams::new(8192, &[60, 60, 60, 60], 40).unwrap_err();
+    assert!(matches!(e, HeError::Insecure(_)), "{e}");
+    let e = CkksParams::new(4096, &[40, 40, 40, 40], 40).unwrap_err();
+    assert!(matches!(e, HeError::Insecure(_)), "{e}");
+    let p = CkksParams::dangerous()
+        .insecure(4096, &[40, 40, 40, 40], 40)
+        .expect("allowed when asked for");
+    assert!(!p.is_secure());
+    let ctx = CkksContext::generate(p).expect("an insecure context still works");
+    let bytes = ctx.encrypt_compact(&[0.5, -0.25]).expect("encrypt");
+    let back = ctx
+        .decrypt(&ctx.load(&bytes, Form::Fresh).expect("load"))
+        .expect("decrypt");
+    assert!(max_abs_diff(&back, &[0.5, -0.25]) < 1e-6);
+    // Secure defaults, and structural errors whatever the security.
+    assert!(CkksParams::default().is_secure());
+    assert!(CkksParams::new(8192, &[60, 40, 40, 60], 40).is_ok());
+    assert!(matches!(
+        CkksParams::new(8192, &[60, 60], 40),
+        Err(HeError::InvalidParameters(_))
+    ));
+    assert!(matches!(
+        CkksParams::dangerous().insecure(3000, &[60, 40, 60], 40),
+        Err(HeError::InvalidParameters(_))
+    ));
+}
+
+#[test]
+fn sum_bound_and_out_of_range_values() {
+    let h = hospital();
+    assert_eq!(h.sum_bound(), 2f64.powi(29));
+    for bad in [f64::NAN, f64::INFINITY, 2f64.powi(30)] {
+        let e = h.encrypt_compact(&[0.0, bad]).unwrap_err();
+        assert!(matches!(e, HeError::OutOfRange(_)), "{e}");
+    }
+    let s = h.public();
+    let v = uploads(h, &s, &[vec![1.0, 2.0]]);
+    for w in [f64::NAN, 1e7] {
+        assert!(matches!(
+            s.weighted_sum(&[&v[0]], &[w]),
+            Err(HeError::OutOfRange(_))
+        ));
+    }
+    // A weight that rounds to zero is skipped; all of them zero is an error.
+    assert!(s.weighted_sum(&[&v[0]], &[1e-12]).is_err());
+    assert!(s.weighted_sum(&[&v[0], &v[0]], &[0.0]).is_err());
+}
+
+#[test]
+fn key_files_keep_their_roles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kit = dir.path().join("kit");
+    let (ctx, files) = KeyAuthority::write(CkksParams::default(), &kit).expect("write keys");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&files.secret, &files.public] {
+            let mode = std::fs::metadata(f).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+    }
+    let hospital = CkksContext::<Secret>::from_file(&files.secret).expect("secret loads");
+    let server = CkksContext::<Public>::from_file(&files.public).expect("public loads");
+    assert_eq!(hospital.key_id(), ctx.key_id());
+    assert_eq!(server.key_id(), ctx.key_id());
+
+    // Each role refuses the other's file.
+    let e = CkksContext::<Public>::from_file(&files.secret).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HeError::WrongRole {
+                expected: "public",
+                found: "secret",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = CkksContext::<Secret>::from_file(&files.public).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HeError::WrongRole {
+                expected: "secret",
+                found: "public",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // Keys are created once: an existing kit is not overwritten.
+    assert!(matches!(
+        KeyAuthority::write(CkksParams::default(), &kit),
+        Err(HeError::KeyFile { .. })
+    ));
+
+    // The loaded contexts interoperate: upload from the loaded hospital,
+    // sum on the loaded server, decrypt with the original.
+    let up = hospital.encrypt_compact(&[0.25, -0.5]).expect("encrypt");
+    let v = server.load(&up, Form::Fresh).expect("load");
+    let sum = server.weighted_sum(&[&v], &[2.0]).expect("sum");
+    let back = ctx.decrypt(&sum).expect("decrypt");
+    assert!(max_abs_diff(&back, &[0.5, -1.0]) < 1e-6);
+
+    // A secret key readable by others is refused; a damaged file is an error.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&files.secret, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let e = CkksContext::<Secret>::from_file(&files.secret).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&files.secret, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+    let mut bytes = std::fs::read(&files.public).expect("read");
+    bytes.truncate(bytes.len() / 2);
+    let cut = dir.path().join("cut.key");
+    std::fs::write(&cut, &bytes).expect("write");
+    assert!(matches!(
+        CkksContext::<Public>::from_file(&cut),
+        Err(HeError::KeyFile { .. })
+    ));
+}
+
+#[test]
+fn vectors_from_other_keys_parameters_or_forms_are_refused() {
+    let h = hospital();
+    let upload = h
+        .encrypt_compact(&uniform(5000, -1.0, 1.0, 3))
+        .expect("encrypt");
+
+    // Another key pair with the same parameters.
+    let other = CkksContext::generate(CkksParams::default()).expect("keygen");
+    assert!(matches!(
+        other.load(&upload, Form::Fresh),
+        Err(HeError::Mismatch(_))
+    ));
+    // Other parameters.
+    let small = CkksContext::generate(
+        CkksParams::dangerous()
+            .insecure(4096, &[40, 40, 40, 40], 30)
+            .expect("params"),
+    )
+    .expect("keygen");
+    assert!(small.load(&upload, Form::Fresh).is_err());
+    // An upload is not a sum, and the reverse.
+    assert!(matches!(
+        h.load(&upload, Form::Sum),
+        Err(HeError::Mismatch(_))
+    ));
+    let sum = h.encrypt(&[1.0]).expect("e");
+    let sum = h.public().weighted_sum(&[&sum], &[1.0]).expect("sum");
+    assert!(matches!(
+        h.load(&sum.to_bytes().expect("bytes"), Form::Fresh),
+        Err(HeError::Mismatch(_))
+    ));
+}
+
+#[test]
+fn truncated_random_and_bomb_bytes_are_typed_errors() {
+    let h = hospital();
+    let upload = h
+        .encrypt_compact(&uniform(5000, -1.0, 1.0, 4))
+        .expect("encrypt");
+    for cut in [0, 3, 10, 40, 45, upload.len() / 2, upload.len() - 1] {
+        assert!(h.load(&upload[..cut], Form::Fresh).is_err(), "cut at {cut}");
+    }
+    let mut longer = upload.clone();
+    longer.push(0);
+    assert!(h.load(&longer, Form::Fresh).is_err());
+    let random = uniform(4096, 0.0, 256.0, 5)
+        .into_iter()
+        .map(|x| x as u8)
+        .collect::<Vec<u8>>();
+    assert!(h.load(&random, Form::Fresh).is_err());
+
+    // A valid header followed by a zstd bomb: 64 MB of zeros compress to a
+    // few KB; decompression stops at the largest valid ciphertext.
+    let header_len = 4 + 3 + 16 + 8 + 4;
+    let mut bomb = upload[..header_len].to_vec();
+    bomb[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
+    bomb[header_len - 4..].copy_from_slice(&1u32.to_le_bytes());
+    let zeros = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress");
+    bomb.extend_from_slice(&(zeros.len() as u32).to_le_bytes());
+    bomb.extend_from_slice(&zeros);
+    let e = h.load(&bomb, Form::Fresh).unwrap_err();
+    assert!(e.to_string().contains("decompression"), "{e}");
+
+    // Valid compression of bytes that are not a SEAL ciphertext.
+    let mut junk = upload[..header_len].to_vec();
+    junk[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
+    junk[header_len - 4..].copy_from_slice(&1u32.to_le_bytes());
+    let z = zstd::bulk::compress(&random, 3).expect("compress");
+    junk.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    junk.extend_from_slice(&z);
+    assert!(matches!(
+        h.load(&junk, Form::Fresh),
+        Err(HeError::Malformed(_))
+    ));
+}
+
+/// A small upload, and the SEAL bytes inside its first ciphertext, for the
+/// mutation tests.
+fn small_upload() -> &'static (Vec<u8>, Vec<u8>) {
+    static U: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+    U.get_or_init(|| {
+        let h = hospital();
+        let upload = h.encrypt_compact(&[0.5; 100]).expect("encrypt");
+        let header_len = 4 + 3 + 16 + 8 + 4;
+        let raw = zstd::bulk::decompress(&upload[header_len + 4..], 1 << 20).expect("raw");
+        (upload, raw)
+    })
+}
+
+/// Re-wraps raw SEAL bytes (mutated) into a valid envelope, so that the
+/// mutation reaches SEAL's own parser.
+fn rewrap(upload: &[u8], raw: &[u8]) -> Vec<u8> {
+    let header_len = 4 + 3 + 16 + 8 + 4;
+    let mut out = upload[..header_len].to_vec();
+    let z = zstd::bulk::compress(raw, 1).expect("compress");
+    out.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    out.extend_from_slice(&z);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random byte changes anywhere in an upload: loading returns an error
+    /// or a vector that still decrypts; never a panic or an abort.
+    #[test]
+    fn mutated_uploads_fail_cleanly(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let h = hospital();
+        let (upload, _) = small_upload();
+        let mut bytes = upload.clone();
+        for (at, b) in &flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= b | 1;
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c.index(bytes.len()));
+        }
+        if let Ok(v) = h.load(&bytes, Form::Fresh) {
+            prop_assert!(h.decrypt(&v).is_ok());
+        }
+    }
+
+    /// The same inside SEAL's own bytes (past our envelope and zstd): SEAL's
+    /// header, metadata, seed and coefficients.
+    #[test]
+    fn mutated_seal_bytes_fail_cleanly(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let h = hospital();
+        let (upload, raw) = small_upload();
+        let mut raw = raw.clone();
+        for (at, b) in &flips {
+            // Most of the bytes are coefficients: aim half of the flips at
+            // the first 128 bytes (headers and metadata).
+            let i = if b & 0x80 == 0 { at.index(raw.len().min(128)) } else { at.index(raw.len()) };
+            raw[i] ^= b | 1;
+        }
+        if let Some(c) = cut {
+            raw.truncate(c.index(raw.len()));
+        }
+        if let Ok(v) = h.load(&rewrap(upload, &raw), Form::Fresh) {
+            prop_assert!(h.decrypt(&v).is_ok());
+        }
+    }
+}
