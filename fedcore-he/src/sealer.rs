@@ -87,6 +87,11 @@ impl SealedAggregator for CkksSum {
         check_len(part.layout(), v.len())
     }
 
+    fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {
+        let v = self.ctx.load(global.bytes(), Form::Sum)?;
+        check_len(global.layout(), v.len())
+    }
+
     fn accumulate(
         &self,
         global: &SealedTensors,

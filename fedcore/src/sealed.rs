@@ -87,6 +87,9 @@ pub trait SealedAggregator: Send {
     /// error's text becomes the rejection reason.
     fn check(&self, part: &SealedTensors) -> Result<()>;
 
+    /// Checks sealed global values (e.g. read back from a checkpoint).
+    fn check_global(&self, global: &SealedTensors) -> Result<()>;
+
     /// `global + sum_i weights[i] * parts[i]`, all in `global`'s layout.
     fn accumulate(
         &self,
@@ -121,6 +124,10 @@ impl<S: SealedAggregator + ?Sized> SealedAggregator for Box<S> {
 
     fn check(&self, part: &SealedTensors) -> Result<()> {
         (**self).check(part)
+    }
+
+    fn check_global(&self, global: &SealedTensors) -> Result<()> {
+        (**self).check_global(global)
     }
 
     fn accumulate(

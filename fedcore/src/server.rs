@@ -285,7 +285,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         let head_layout = Arc::new(head.layout(&layout));
         let global = match self.saved_sealed(&head_layout)? {
             Some(saved) => {
-                aggregator.check(&saved)?;
+                aggregator.check_global(&saved)?;
                 saved
             }
             None => aggregator
@@ -631,12 +631,11 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 let lr = self.config.server_learning_rate;
                 match &self.sealing {
                     None => next.axpy(lr, &agg.parameters)?,
-                    Some(s) => s.body.axpy(
-                        &reference.layout().clone(),
-                        lr,
-                        agg.parameters.as_slice(),
-                        next.as_mut_slice(),
-                    )?,
+                    Some(s) => {
+                        let layout = next.layout().clone();
+                        s.body
+                            .axpy(&layout, lr, agg.parameters.as_slice(), next.as_mut_slice())?
+                    }
                 }
                 record.update_norm = Some(agg.parameters.l2_norm());
                 self.global = Arc::new(next);

@@ -1,0 +1,334 @@
+//! End to end with the core orchestrator: the head sealed with CKKS, the
+//! body aggregated in the clear by a robust aggregator, the encrypted head
+//! summed with the aggregator's weights.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
+use fedcore::memory::InMemoryTransport;
+use fedcore::{
+    Client, ClientId, EvaluateIns, Failure, FitIns, Layout, Model, ModelClient, Rejection,
+    SealedTensors, Sealer, Server, ServerConfig,
+};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, Form, Secret};
+use fedcore_robust::GeometricMedian;
+
+const HEAD: &str = "linear.weight";
+const DIM: usize = 20;
+const CLASSES: usize = 4;
+
+fn keys() -> &'static CkksContext<Secret> {
+    static CTX: OnceLock<CkksContext<Secret>> = OnceLock::new();
+    CTX.get_or_init(|| CkksContext::generate(CkksParams::default()).expect("keygen"))
+}
+
+/// The plaintext a client sealed, per round, so the test can compute the
+/// expected global head.
+type Log = Arc<Mutex<Vec<Vec<f32>>>>;
+
+struct Recording {
+    inner: CkksSealer,
+    log: Log,
+}
+
+impl Sealer for Recording {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
+        self.inner.open(sealed)
+    }
+    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        self.log.lock().expect("lock").push(values.to_vec());
+        self.inner.seal(layout, values)
+    }
+}
+
+/// A client that sends bytes that are not a ciphertext.
+struct Garbage;
+
+impl Sealer for Garbage {
+    fn name(&self) -> String {
+        "garbage".into()
+    }
+    fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
+        CkksSealer::new(keys().clone()).open(sealed)
+    }
+    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        let mut bytes = CkksSealer::new(keys().clone())
+            .seal(layout, values)?
+            .bytes()
+            .to_vec();
+        let n = bytes.len();
+        bytes[n / 2..].iter_mut().for_each(|b| *b = !*b);
+        Ok(SealedTensors::new(layout.clone(), bytes))
+    }
+}
+
+fn site(i: usize) -> ClientId {
+    ClientId::new(format!("hospital-{i}"))
+}
+
+fn transport(logs: &[Log], garbage: bool) -> InMemoryTransport {
+    let mut t = InMemoryTransport::new();
+    for (i, log) in logs.iter().enumerate() {
+        let data = synthetic_blobs(10 + i as u64, 150, DIM, CLASSES, 3.0);
+        let client = ModelClient::new(site(i), SoftmaxRegression::new(DIM, CLASSES), data)
+            .with_sealer(Recording {
+                inner: CkksSealer::new(keys().clone()),
+                log: log.clone(),
+            });
+        t.add_client(client).expect("add client");
+    }
+    if garbage {
+        let data = synthetic_blobs(99, 150, DIM, CLASSES, 3.0);
+        let client = ModelClient::new(site(9), SoftmaxRegression::new(DIM, CLASSES), data)
+            .with_sealer(Garbage);
+        t.add_client(client).expect("add client");
+    }
+    t
+}
+
+fn initial() -> fedcore::Parameters {
+    let mut m = SoftmaxRegression::new(DIM, CLASSES);
+    let mut p = m.parameters();
+    // A non-zero head, so that sealing the initial values matters.
+    for (i, v) in p.tensor_mut(HEAD).expect("head").iter_mut().enumerate() {
+        *v = ((i % 7) as f32 - 3.0) * 0.01;
+    }
+    m.set_parameters(&p).expect("set");
+    m.parameters()
+}
+
+fn open_global(server: &Server<InMemoryTransport, GeometricMedian>) -> Vec<f64> {
+    let h = keys();
+    let sealed = server.sealed_global().expect("sealed");
+    h.decrypt(&h.load(sealed.bytes(), Form::Sum).expect("load"))
+        .expect("decrypt")
+}
+
+#[test]
+fn encrypted_head_follows_the_plaintext_weighted_mean_with_the_aggregators_weights() {
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let config = ServerConfig {
+        rounds: 2,
+        min_fit_clients: 3,
+        server_learning_rate: 0.8,
+        ..ServerConfig::default()
+    };
+    let init = initial();
+    let mut server = Server::new(
+        config,
+        init.clone(),
+        transport(&logs, false),
+        GeometricMedian::default(),
+    )
+    .expect("server")
+    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+    .expect("sealing");
+
+    // The server's plain copy of the head is zero; the sealed one is the initial head.
+    assert!(
+        server
+            .global()
+            .tensor(HEAD)
+            .expect("head")
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+    let mut expected: Vec<f64> = init
+        .tensor(HEAD)
+        .expect("head")
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect();
+    let got = open_global(&server);
+    assert!(max_diff(&got, &expected) < 1e-6);
+
+    for round in 0..2 {
+        let record = server.run_round().expect("round").clone();
+        assert_eq!(record.accepted.len(), 3);
+        assert!(record.aggregate_metrics.contains_key("sealed_sum_ms"));
+        let weights: Vec<f64> = record.accepted.iter().map(|a| a.weight).collect();
+        let total: f64 = weights.iter().sum();
+        // Robust weights, not example counts: the geometric median's.
+        for (i, a) in record.accepted.iter().enumerate() {
+            assert_eq!(a.client, site(i));
+            let delta = &logs[i].lock().expect("lock")[round];
+            for (e, d) in expected.iter_mut().zip(delta) {
+                *e += 0.8 * a.weight / total * f64::from(*d);
+            }
+        }
+        let got = open_global(&server);
+        let err = max_diff(&got, &expected);
+        assert!(err < 1e-6, "round {}: max error {err:e}", round + 1);
+        // Each client's sealed delta went into provenance; the body moved.
+        assert!(
+            record.accepted[0]
+                .provenance
+                .iter()
+                .any(|p| p.mechanism.starts_with("ckks"))
+        );
+        assert!(
+            server
+                .global()
+                .tensor(HEAD)
+                .expect("head")
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+    }
+    assert_ne!(
+        server.global().tensor("linear.bias").expect("bias"),
+        init.tensor("linear.bias").expect("bias")
+    );
+}
+
+#[test]
+fn a_malformed_sealed_part_is_rejected_and_the_round_completes() {
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let config = ServerConfig {
+        rounds: 1,
+        min_fit_clients: 3,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(
+        config,
+        initial(),
+        transport(&logs, true),
+        GeometricMedian::default(),
+    )
+    .expect("server")
+    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+    .expect("sealing");
+    let record = server.run_round().expect("round completes with the quorum");
+    assert_eq!(record.accepted.len(), 3);
+    let f = record
+        .failures
+        .iter()
+        .find(|f| f.client == site(9))
+        .expect("garbage client rejected");
+    assert!(
+        matches!(&f.reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains("malformed")),
+        "{:?}",
+        f.reason
+    );
+}
+
+#[test]
+fn a_resumed_run_continues_from_the_saved_sealed_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let config = ServerConfig {
+        rounds: 2,
+        min_fit_clients: 3,
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        ..ServerConfig::default()
+    };
+    let after_one = {
+        let mut server = Server::new(
+            config.clone(),
+            initial(),
+            transport(&logs, false),
+            GeometricMedian::default(),
+        )
+        .expect("server")
+        .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+        .expect("sealing");
+        server.run_round().expect("round 1");
+        open_global(&server)
+    };
+    let mut server = Server::resume(
+        config,
+        initial(),
+        transport(&logs, false),
+        GeometricMedian::default(),
+    )
+    .expect("resume")
+    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+    .expect("sealing from the checkpoint");
+    assert!(max_diff(&open_global(&server), &after_one) < 1e-9);
+    server.run().expect("round 2");
+    assert_eq!(server.history().len(), 2);
+}
+
+/// A client that attaches a sealed part although the run seals nothing.
+struct Unasked(ModelClient<SoftmaxRegression>);
+
+impl Client for Unasked {
+    fn id(&self) -> &ClientId {
+        self.0.id()
+    }
+    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<fedcore::ClientUpdate> {
+        let u = self.0.fit(ins)?;
+        let layout = Arc::new(Layout::new([fedcore::TensorSpec::new("x", [3])])?);
+        Ok(u.with_sealed(SealedTensors::new(layout, vec![1, 2, 3])))
+    }
+    fn evaluate(&mut self, ins: &EvaluateIns) -> fedcore::Result<fedcore::Evaluation> {
+        self.0.evaluate(ins)
+    }
+}
+
+#[test]
+fn a_sealed_part_in_a_plain_run_is_rejected() {
+    let mut t = InMemoryTransport::new();
+    for i in 0..2 {
+        let data = synthetic_blobs(i, 100, DIM, CLASSES, 3.0);
+        let c = ModelClient::new(site(i as usize), SoftmaxRegression::new(DIM, CLASSES), data);
+        if i == 0 {
+            t.add_client(Unasked(c)).expect("add");
+        } else {
+            t.add_client(c).expect("add");
+        }
+    }
+    let config = ServerConfig {
+        rounds: 1,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(config, initial(), t, GeometricMedian::default()).expect("server");
+    let record = server.run_round().expect("round");
+    assert_eq!(record.accepted.len(), 1);
+    assert!(
+        matches!(&record.failures[0].reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains("seals no tensors")),
+        "{:?}",
+        record.failures
+    );
+}
+
+#[test]
+fn a_client_without_the_key_fails_with_a_clear_error() {
+    // A client without a key cannot even open the global head.
+    let mut t = InMemoryTransport::new();
+    for i in 0..2 {
+        let data = synthetic_blobs(i, 100, DIM, CLASSES, 3.0);
+        let mut c = ModelClient::new(site(i as usize), SoftmaxRegression::new(DIM, CLASSES), data);
+        if i == 0 {
+            c = c.with_sealer(CkksSealer::new(keys().clone()));
+        }
+        t.add_client(c).expect("add");
+    }
+    let config = ServerConfig {
+        rounds: 1,
+        min_fit_clients: 1,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(config, initial(), t, GeometricMedian::default())
+        .expect("server")
+        .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+        .expect("sealing");
+    let record = server.run_round().expect("round");
+    assert_eq!(record.accepted.len(), 1);
+    assert!(
+        matches!(&record.failures[0].reason, Failure::ClientError(m) if m.contains("holds no key")),
+        "{:?}",
+        record.failures
+    );
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
