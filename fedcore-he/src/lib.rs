@@ -54,7 +54,7 @@ pub use context::{CkksContext, KeyAuthority, KeyFiles, Public, Role, Secret};
 pub use error::{HeError, Result};
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};
-pub use vector::{EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT};
+pub use vector::{EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, fuzzing};
 
 // `sealy` builds SEAL and its C API (`libsealc`), whose functions `seal`
 // declares; nothing of its Rust API is used.

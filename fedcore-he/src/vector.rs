@@ -465,19 +465,40 @@ impl EncryptedVector {
                     .map_err(|e| HeError::Seal(format!("zstd: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut out = Vec::with_capacity(40 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
-        out.extend_from_slice(VECTOR_MAGIC);
-        out.push(VERSION);
-        out.push(self.form.tag());
-        out.push(u8::from(seeded));
-        out.extend_from_slice(&self.key_id);
-        out.extend_from_slice(&(self.len as u64).to_le_bytes());
-        out.extend_from_slice(&(self.cts.len() as u32).to_le_bytes());
-        for b in blobs {
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(&b);
-        }
-        Ok(out)
+        Ok(envelope(self.form, seeded, &self.key_id, self.len, &blobs))
+    }
+}
+
+/// The serialized form: magic, version, form, seeded flag, key id, length
+/// (u64 LE), ciphertext count (u32 LE), then each compressed ciphertext with
+/// its length (u32 LE).
+fn envelope(form: Form, seeded: bool, key_id: &[u8; 16], len: usize, blobs: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
+    out.extend_from_slice(VECTOR_MAGIC);
+    out.push(VERSION);
+    out.push(form.tag());
+    out.push(u8::from(seeded));
+    out.extend_from_slice(key_id);
+    out.extend_from_slice(&(len as u64).to_le_bytes());
+    out.extend_from_slice(&(blobs.len() as u32).to_le_bytes());
+    for b in blobs {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+/// Helpers for fuzzing and tests; not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Raw SEAL ciphertext bytes (any bytes) in a valid envelope for `ctx`'s
+    /// key: one ciphertext of `slots` values, so that `load` hands them to
+    /// SEAL's parser.
+    pub fn wrap<R: Role>(ctx: &CkksContext<R>, seal_bytes: &[u8], form: Form) -> Vec<u8> {
+        let blob = zstd::bulk::compress(seal_bytes, 1).unwrap_or_default();
+        envelope(form, false, &ctx.key_id(), ctx.slots(), &[blob])
     }
 }
 
