@@ -11,8 +11,9 @@
 //! Safety rules, for every function here:
 //! - every handle is created by the matching `*_Create` call, owned by exactly
 //!   one wrapper and destroyed exactly once in `Drop`;
-//! - objects that SEAL ties to a context (keys, ciphertexts, encoders, ...)
-//!   hold an `Arc` of the context's owner, so the context outlives them;
+//! - objects that SEAL builds from a context (keys, encoder, evaluator,
+//!   encryptor, decryptor) hold an `Arc` of it, so the context outlives them
+//!   (ciphertexts and plaintexts are plain data in SEAL and need none);
 //! - every return code is checked; SEAL's C API catches the C++ exceptions of
 //!   the calls used here (`invalid_argument`, `logic_error`, and
 //!   `runtime_error` for loading), and callers validate what SEAL would
@@ -660,7 +661,7 @@ pub(crate) struct Engine {
     decryptor: Handle,
     slots: usize,
     // The keys the encryptor and decryptor point into.
-    _keys: (Option<Arc<SecretKey>>, Option<Arc<PublicKey>>),
+    keys: (Option<Arc<SecretKey>>, Option<Arc<PublicKey>>),
 }
 // SAFETY: see the type's documentation; the handles are owned and only used
 // through SEAL's const (thread-safe) methods.
@@ -697,7 +698,7 @@ impl Engine {
             encryptor: null_mut(),
             decryptor: null_mut(),
             slots: 0,
-            _keys: (secret, public),
+            keys: (secret, public),
             ctx,
         };
         // SAFETY (all below): live context and key handles, valid out-pointers;
@@ -709,8 +710,8 @@ impl Engine {
         e.evaluator = create("Evaluator_Create", |o| unsafe {
             Evaluator_Create(e.ctx.h, o)
         })?;
-        let sk = e._keys.0.as_ref().map_or(null_mut(), |k| k.h);
-        let pk = e._keys.1.as_ref().map_or(null_mut(), |k| k.h);
+        let sk = e.keys.0.as_ref().map_or(null_mut(), |k| k.h);
+        let pk = e.keys.1.as_ref().map_or(null_mut(), |k| k.h);
         if !sk.is_null() || !pk.is_null() {
             e.encryptor = create("Encryptor_Create", |o| unsafe {
                 Encryptor_Create(e.ctx.h, pk, sk, o)
@@ -791,7 +792,7 @@ impl Engine {
 
     /// Public-key encryption (asymmetric): anyone with the public key.
     pub(crate) fn encrypt_public(&self, p: &Plaintext) -> SealResult<Ciphertext> {
-        self.require(self._keys.1.is_some(), "Encryptor_Encrypt")?;
+        self.require(self.keys.1.is_some(), "Encryptor_Encrypt")?;
         let c = Ciphertext::empty()?;
         // SAFETY: live encryptor with a public key, plaintext and destination.
         check("Encryptor_Encrypt", unsafe {
@@ -804,7 +805,7 @@ impl Engine {
     /// by the PRNG seed it expands from: about half the bytes when saved, but
     /// such a ciphertext is only good for saving (SEAL expands it on load).
     pub(crate) fn encrypt_symmetric(&self, p: &Plaintext, seeded: bool) -> SealResult<Ciphertext> {
-        self.require(self._keys.0.is_some(), "Encryptor_EncryptSymmetric")?;
+        self.require(self.keys.0.is_some(), "Encryptor_EncryptSymmetric")?;
         let c = Ciphertext::empty()?;
         // SAFETY: live encryptor with a secret key, plaintext and destination.
         check("Encryptor_EncryptSymmetric", unsafe {
