@@ -34,7 +34,7 @@ fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
         .expect("bytes")
         .len();
     eprintln!(
-        "upload of the {HEAD}-value head: compact (seeded, lowest level, zstd) {compact} B = {:.1} B/value; \
+        "upload of the {HEAD}-value head: compact (seeded, lowest level, deflate) {compact} B = {:.1} B/value; \
          unseeded symmetric at the same level {unseeded} B; public-key at the same level {public} B",
         compact as f64 / HEAD as f64
     );

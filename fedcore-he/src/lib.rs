@@ -16,7 +16,7 @@
 //!   ciphertexts; [`CkksContext::weighted_sum`] and
 //!   [`CkksContext::accumulate`] on the server; compact bytes
 //!   ([`CkksContext::encrypt_compact`]: seeded symmetric encryption at the
-//!   lowest level the sum needs, zstd) and validated loading
+//!   lowest level the sum needs, deflate) and validated loading
 //!   ([`CkksContext::load`]): malformed bytes are a typed error.
 //! - [`CkksSealer`] and [`CkksSum`] plug into `fedcore`'s
 //!   [`Server::with_sealing`](fedcore::Server::with_sealing) and

@@ -363,7 +363,7 @@ impl<R: Role> CkksContext<R> {
             .par_iter()
             .enumerate()
             .map(|(i, blob)| {
-                let raw = zstd::bulk::decompress(blob, max_raw)
+                let raw = inflate(blob, max_raw)
                     .map_err(|e| malformed(format!("ciphertext {i}: decompression: {e}")))?;
                 let ct = seal::Ciphertext::from_bytes(ctx, &raw)
                     .map_err(|e| malformed(format!("ciphertext {i}: {e}")))?;
@@ -411,7 +411,7 @@ impl CkksContext<Secret> {
     /// Encrypts for upload, as small as SEAL allows: symmetric encryption
     /// with the second polynomial replaced by its 64-byte PRNG seed (about
     /// half the bytes; SEAL regenerates it when the server loads), at the
-    /// lowest level the server's weighted sum needs, zstd-compressed.
+    /// lowest level the server's weighted sum needs, deflate-compressed.
     pub fn encrypt_compact(&self, values: &[f64]) -> Result<Vec<u8>> {
         let v = self.pack(values, Form::Fresh, |p| {
             self.engine().encrypt_symmetric(p, true)
@@ -444,13 +444,43 @@ impl CkksContext<Secret> {
 
 const VECTOR_MAGIC: &[u8; 4] = b"FCKK";
 const VERSION: u8 = 1;
-/// zstd level: 3 is zstd's default; higher levels gain < 1 % on ciphertexts
-/// (their coefficients are uniformly random below each prime).
-const ZSTD_LEVEL: i32 = 3;
+/// Raw deflate (RFC 1951) through `flate2`'s pure-Rust backend (miniz_oxide:
+/// no C symbols to collide with SEAL's bundled zlib).
+///
+/// Why not zstd: SEAL bundles its own zstd, and a second copy from
+/// `zstd-sys` (ours, or the one `tch`'s `zip` pulls in) collides with it at
+/// link time; SEAL's built-in compression inflates without a size limit. Why
+/// compress at all: the coefficients are uniform below 60- and 40-bit primes
+/// stored in 64-bit words, so entropy coding saves the unused high bits.
+pub fn deflate(raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut e = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(raw.len()),
+        flate2::Compression::fast(),
+    );
+    e.write_all(raw)?;
+    e.finish()
+}
+
+/// Inflates at most `max` bytes; more is an error (a compression bomb
+/// cannot make this allocate beyond `max`).
+pub fn inflate(compressed: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(compressed)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > max {
+        return Err(std::io::Error::other(format!(
+            "inflates beyond {max} bytes"
+        )));
+    }
+    Ok(out)
+}
 
 impl EncryptedVector {
     /// Bytes for the wire or a file: a small header (format, form, key id,
-    /// length, count) and each ciphertext as SEAL writes it, zstd-compressed.
+    /// length, count) and each ciphertext as SEAL writes it, deflate-compressed.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.write(false)
     }
@@ -461,8 +491,7 @@ impl EncryptedVector {
             .par_iter()
             .map(|ct| {
                 let raw = ct.to_bytes()?;
-                zstd::bulk::compress(&raw, ZSTD_LEVEL)
-                    .map_err(|e| HeError::Seal(format!("zstd: {e}")))
+                deflate(&raw).map_err(|e| HeError::Seal(format!("deflate: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(envelope(self.form, seeded, &self.key_id, self.len, &blobs))
@@ -492,12 +521,13 @@ fn envelope(form: Form, seeded: bool, key_id: &[u8; 16], len: usize, blobs: &[Ve
 #[doc(hidden)]
 pub mod fuzzing {
     use super::*;
+    pub use super::{deflate, inflate};
 
     /// Raw SEAL ciphertext bytes (any bytes) in a valid envelope for `ctx`'s
     /// key: one ciphertext of `slots` values, so that `load` hands them to
     /// SEAL's parser.
     pub fn wrap<R: Role>(ctx: &CkksContext<R>, seal_bytes: &[u8], form: Form) -> Vec<u8> {
-        let blob = zstd::bulk::compress(seal_bytes, 1).unwrap_or_default();
+        let blob = deflate(seal_bytes).unwrap_or_default();
         envelope(form, false, &ctx.key_id(), ctx.slots(), &[blob])
     }
 }

@@ -327,13 +327,13 @@ fn truncated_random_and_bomb_bytes_are_typed_errors() {
         .collect::<Vec<u8>>();
     assert!(h.load(&random, Form::Fresh).is_err());
 
-    // A valid header followed by a zstd bomb: 64 MB of zeros compress to a
+    // A valid header followed by a deflate bomb: 64 MB of zeros compress to a
     // few KB; decompression stops at the largest valid ciphertext.
     let header_len = 4 + 3 + 16 + 8 + 4;
     let mut bomb = upload[..header_len].to_vec();
     bomb[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
     bomb[header_len - 4..].copy_from_slice(&1u32.to_le_bytes());
-    let zeros = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress");
+    let zeros = fedcore_he::fuzzing::deflate(&vec![0u8; 64 << 20]).expect("compress");
     bomb.extend_from_slice(&(zeros.len() as u32).to_le_bytes());
     bomb.extend_from_slice(&zeros);
     let e = h.load(&bomb, Form::Fresh).unwrap_err();
@@ -343,7 +343,7 @@ fn truncated_random_and_bomb_bytes_are_typed_errors() {
     let mut junk = upload[..header_len].to_vec();
     junk[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
     junk[header_len - 4..].copy_from_slice(&1u32.to_le_bytes());
-    let z = zstd::bulk::compress(&random, 3).expect("compress");
+    let z = fedcore_he::fuzzing::deflate(&random).expect("compress");
     junk.extend_from_slice(&(z.len() as u32).to_le_bytes());
     junk.extend_from_slice(&z);
     assert!(matches!(
@@ -360,7 +360,7 @@ fn small_upload() -> &'static (Vec<u8>, Vec<u8>) {
         let h = hospital();
         let upload = h.encrypt_compact(&[0.5; 100]).expect("encrypt");
         let header_len = 4 + 3 + 16 + 8 + 4;
-        let raw = zstd::bulk::decompress(&upload[header_len + 4..], 1 << 20).expect("raw");
+        let raw = fedcore_he::fuzzing::inflate(&upload[header_len + 4..], 1 << 20).expect("raw");
         (upload, raw)
     })
 }
@@ -390,7 +390,7 @@ proptest! {
         }
     }
 
-    /// The same inside SEAL's own bytes (past our envelope and zstd): SEAL's
+    /// The same inside SEAL's own bytes (past our envelope and deflate): SEAL's
     /// header, metadata, seed and coefficients.
     #[test]
     fn mutated_seal_bytes_fail_cleanly(
