@@ -7,7 +7,7 @@ use fedcore::{Layout, SealedAggregator, SealedTensors, Sealer};
 
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
-use crate::vector::Form;
+use crate::vector::{EncryptedVector, Form};
 
 /// The default tensors to seal: the classifier head.
 pub const DEFAULT_PATTERNS: &[&str] = &["classifier.*"];
@@ -70,6 +70,15 @@ impl CkksSum {
     }
 }
 
+impl CkksSum {
+    /// Loads and validates `sealed` as `form`, with the length its layout names.
+    fn load(&self, sealed: &SealedTensors, form: Form) -> fedcore::Result<EncryptedVector> {
+        let v = self.ctx.load(sealed.bytes(), form)?;
+        check_len(sealed.layout(), v.len())?;
+        Ok(v)
+    }
+}
+
 impl SealedAggregator for CkksSum {
     fn name(&self) -> String {
         format!("ckks-weighted-sum(n={})", self.ctx.params().degree())
@@ -83,13 +92,11 @@ impl SealedAggregator for CkksSum {
     }
 
     fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
-        let v = self.ctx.load(part.bytes(), Form::Fresh)?;
-        check_len(part.layout(), v.len())
+        self.load(part, Form::Fresh).map(drop)
     }
 
     fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {
-        let v = self.ctx.load(global.bytes(), Form::Sum)?;
-        check_len(global.layout(), v.len())
+        self.load(global, Form::Sum).map(drop)
     }
 
     fn accumulate(
@@ -98,15 +105,10 @@ impl SealedAggregator for CkksSum {
         parts: &[&SealedTensors],
         weights: &[f64],
     ) -> fedcore::Result<SealedTensors> {
-        let g = self.ctx.load(global.bytes(), Form::Sum)?;
-        check_len(global.layout(), g.len())?;
+        let g = self.load(global, Form::Sum)?;
         let loaded = parts
             .iter()
-            .map(|p| {
-                let v = self.ctx.load(p.bytes(), Form::Fresh)?;
-                check_len(p.layout(), v.len())?;
-                Ok(v)
-            })
+            .map(|p| self.load(p, Form::Fresh))
             .collect::<fedcore::Result<Vec<_>>>()?;
         let refs: Vec<_> = loaded.iter().collect();
         let next = self.ctx.accumulate(&g, &refs, weights)?;

@@ -100,6 +100,18 @@ fn initial() -> fedcore::Parameters {
     m.parameters()
 }
 
+/// A server over `t` with the geometric median and `HEAD` sealed.
+fn sealed_server(
+    config: ServerConfig,
+    initial: fedcore::Parameters,
+    t: InMemoryTransport,
+) -> Server<InMemoryTransport, GeometricMedian> {
+    Server::new(config, initial, t, GeometricMedian::default())
+        .expect("server")
+        .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+        .expect("sealing")
+}
+
 fn open_global(server: &Server<InMemoryTransport, GeometricMedian>) -> Vec<f64> {
     let h = keys();
     let sealed = server.sealed_global().expect("sealed");
@@ -117,15 +129,7 @@ fn encrypted_head_follows_the_plaintext_weighted_mean_with_the_aggregators_weigh
         ..ServerConfig::default()
     };
     let init = initial();
-    let mut server = Server::new(
-        config,
-        init.clone(),
-        transport(&logs, false),
-        GeometricMedian::default(),
-    )
-    .expect("server")
-    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
-    .expect("sealing");
+    let mut server = sealed_server(config, init.clone(), transport(&logs, false));
 
     // The server's plain copy of the head is zero; the sealed one is the initial head.
     assert!(
@@ -192,15 +196,7 @@ fn a_malformed_sealed_part_is_rejected_and_the_round_completes() {
         min_fit_clients: 3,
         ..ServerConfig::default()
     };
-    let mut server = Server::new(
-        config,
-        initial(),
-        transport(&logs, true),
-        GeometricMedian::default(),
-    )
-    .expect("server")
-    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
-    .expect("sealing");
+    let mut server = sealed_server(config, initial(), transport(&logs, true));
     let record = server.run_round().expect("round completes with the quorum");
     assert_eq!(record.accepted.len(), 3);
     let f = record
@@ -226,15 +222,7 @@ fn a_resumed_run_continues_from_the_saved_sealed_head() {
         ..ServerConfig::default()
     };
     let after_one = {
-        let mut server = Server::new(
-            config.clone(),
-            initial(),
-            transport(&logs, false),
-            GeometricMedian::default(),
-        )
-        .expect("server")
-        .with_sealing(&[HEAD], CkksSum::new(keys().public()))
-        .expect("sealing");
+        let mut server = sealed_server(config.clone(), initial(), transport(&logs, false));
         server.run_round().expect("round 1");
         open_global(&server)
     };
@@ -312,10 +300,7 @@ fn a_client_without_the_key_fails_with_a_clear_error() {
         min_fit_clients: 1,
         ..ServerConfig::default()
     };
-    let mut server = Server::new(config, initial(), t, GeometricMedian::default())
-        .expect("server")
-        .with_sealing(&[HEAD], CkksSum::new(keys().public()))
-        .expect("sealing");
+    let mut server = sealed_server(config, initial(), t);
     let record = server.run_round().expect("round");
     assert_eq!(record.accepted.len(), 1);
     assert!(

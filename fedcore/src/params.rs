@@ -300,25 +300,25 @@ impl Selection {
         part: &[f32],
         values: &mut [f32],
     ) -> Result<()> {
-        if part.len() != self.len {
-            return Err(Error::DimensionMismatch {
-                expected: self.len,
-                got: part.len(),
-            });
-        }
-        let mut at = 0;
-        for r in self.ranges(layout) {
-            let n = r.len();
-            for (v, p) in values[r].iter_mut().zip(&part[at..at + n]) {
-                *v += alpha * p;
-            }
-            at += n;
-        }
-        Ok(())
+        self.zip_ranges(layout, part, values, |v, p| {
+            v.iter_mut().zip(p).for_each(|(v, p)| *v += alpha * p)
+        })
     }
 
     /// Writes `part` (as made by [`Selection::gather`]) back into `values`.
     pub fn scatter(&self, layout: &Layout, part: &[f32], values: &mut [f32]) -> Result<()> {
+        self.zip_ranges(layout, part, values, |v, p| v.copy_from_slice(p))
+    }
+
+    /// Calls `f` on each selected range of `values` with the matching slice
+    /// of `part` (as made by [`Selection::gather`]).
+    fn zip_ranges(
+        &self,
+        layout: &Layout,
+        part: &[f32],
+        values: &mut [f32],
+        mut f: impl FnMut(&mut [f32], &[f32]),
+    ) -> Result<()> {
         if part.len() != self.len {
             return Err(Error::DimensionMismatch {
                 expected: self.len,
@@ -328,7 +328,7 @@ impl Selection {
         let mut at = 0;
         for r in self.ranges(layout) {
             let n = r.len();
-            values[r].copy_from_slice(&part[at..at + n]);
+            f(&mut values[r], &part[at..at + n]);
             at += n;
         }
         Ok(())
