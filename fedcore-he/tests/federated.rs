@@ -218,7 +218,8 @@ fn a_resumed_run_continues_from_the_saved_sealed_head() {
     let config = ServerConfig {
         rounds: 2,
         min_fit_clients: 3,
-        checkpoint_dir: Some(dir.path().to_path_buf()),
+        // A folder that does not exist yet: the first sealed checkpoint creates it.
+        checkpoint_dir: Some(dir.path().join("run").join("checkpoints")),
         ..ServerConfig::default()
     };
     let after_one = {

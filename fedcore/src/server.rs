@@ -115,7 +115,12 @@ impl ServerConfig {
 }
 
 /// A server-side evaluation of the global model (e.g. on a held-out set).
-pub type Evaluator = Box<dyn FnMut(&Parameters) -> Result<Evaluation> + Send>;
+///
+/// It receives the plain global model and, when the run seals tensors, the
+/// sealed global: an evaluator that holds the key (an evaluation site
+/// trusted with it, never the aggregation server itself) opens it.
+pub type Evaluator =
+    Box<dyn FnMut(&Parameters, Option<&SealedTensors>) -> Result<Evaluation> + Send>;
 
 /// The round orchestrator.
 ///
@@ -342,9 +347,24 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
     }
 
     /// Evaluates the global model on the server after every round.
+    ///
+    /// In a run that seals tensors the parameters passed hold zeros there;
+    /// use [`Server::set_sealed_evaluator`] to evaluate the whole model.
     pub fn set_evaluator(
         &mut self,
-        evaluator: impl FnMut(&Parameters) -> Result<Evaluation> + Send + 'static,
+        mut evaluator: impl FnMut(&Parameters) -> Result<Evaluation> + Send + 'static,
+    ) {
+        self.evaluator = Some(Box::new(move |p, _| evaluator(p)));
+    }
+
+    /// Evaluates the global model after every round with access to the
+    /// sealed global (`None` when the run seals nothing), for an evaluator
+    /// that holds the key to open it.
+    pub fn set_sealed_evaluator(
+        &mut self,
+        evaluator: impl FnMut(&Parameters, Option<&SealedTensors>) -> Result<Evaluation>
+        + Send
+        + 'static,
     ) {
         self.evaluator = Some(Box::new(evaluator));
     }
@@ -640,7 +660,8 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 record.update_norm = Some(agg.parameters.l2_norm());
                 self.global = Arc::new(next);
                 if let Some(eval) = self.evaluator.as_mut() {
-                    match eval(&self.global) {
+                    let sealed = self.sealing.as_ref().map(|s| &*s.global);
+                    match eval(&self.global, sealed) {
                         Ok(e) => record.evaluation = Some(e),
                         Err(e) => warn!(round, error = %e, "server-side evaluation failed"),
                     }
@@ -831,6 +852,10 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             // Written before the state that points at it, under the round it
             // starts, so a crash in between leaves the previous pair intact.
             let path = sealed_path(store.dir(), self.next_round);
+            std::fs::create_dir_all(store.dir()).map_err(|e| Error::Checkpoint {
+                path: store.dir().to_owned(),
+                reason: format!("cannot create the checkpoint folder: {e}"),
+            })?;
             crate::checkpoint::write_atomic(&path, s.global.bytes())?;
         }
         let path = store.save(&self.global, state)?;

@@ -1,0 +1,406 @@
+"use strict";
+// The dashboard: one page, hash routes, data from the JSON API, live
+// updates from /api/events. Everything is built with DOM calls and
+// textContent (no HTML from data), and served by the app (no CDN).
+
+const $ = (id) => document.getElementById(id);
+let me = null;
+let refresh = null; // re-renders the current view on live events
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
+const when = (ms) => new Date(ms).toLocaleString();
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, { credentials: "same-origin", ...opts });
+  if (r.status === 401) {
+    location.href = "/login";
+    throw new Error("signed out");
+  }
+  if (!r.ok) {
+    const j = await r.json().catch(() => ({}));
+    throw new Error(j.error || `${r.status}`);
+  }
+  return r.status === 204 ? null : r.json();
+}
+
+const can = (p) => me && me.permissions.includes(p);
+
+// ---------------------------------------------------------------- charts
+
+const COLORS = ["#1f6feb", "#c4320a", "#067647", "#7a5af8", "#dc6803", "#0e9384", "#c11574"];
+
+// series: [{name, points: [[x, y], ...]}]
+function lineChart(id, title, series, opts = {}) {
+  const W = 520, H = 240, L = 44, R = 12, T = 22, B = 28;
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", W);
+  svg.setAttribute("height", H);
+  svg.setAttribute("id", id);
+  const pts = series.flatMap((s) => s.points).filter((p) => p[1] !== null && p[1] !== undefined);
+  svg.setAttribute("data-points", String(pts.length));
+  const mk = (tag, a) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(a)) e.setAttribute(k, v);
+    svg.append(e);
+    return e;
+  };
+  mk("text", { x: L, y: 14 }).textContent = title;
+  if (pts.length === 0) {
+    mk("text", { x: W / 2 - 40, y: H / 2 }).textContent = "no data yet";
+    return el("div", { class: "chart" }, svg);
+  }
+  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+  let x0 = Math.min(...xs), x1 = Math.max(...xs);
+  let y0 = opts.y0 ?? Math.min(...ys), y1 = opts.y1 ?? Math.max(...ys);
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  mk("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#d0d5dd" });
+  mk("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#d0d5dd" });
+  for (const y of [y0, (y0 + y1) / 2, y1]) {
+    mk("text", { x: 2, y: sy(y) + 4 }).textContent = fmt(y, 2);
+  }
+  mk("text", { x: L, y: H - 8 }).textContent = `round ${x0}`;
+  mk("text", { x: W - R - 60, y: H - 8 }).textContent = `round ${x1}`;
+  series.forEach((s, i) => {
+    const p = s.points.filter((q) => q[1] !== null && q[1] !== undefined);
+    const color = s.color || COLORS[i % COLORS.length];
+    if (p.length > 1) {
+      mk("polyline", {
+        points: p.map((q) => `${sx(q[0])},${sy(q[1])}`).join(" "),
+        fill: "none", stroke: color, "stroke-width": 2,
+      });
+    }
+    for (const q of p) mk("circle", { cx: sx(q[0]), cy: sy(q[1]), r: 3, fill: color });
+    if (series.length > 1) {
+      mk("text", { x: L + 8 + i * 110, y: T + 10, fill: color }).textContent = s.name;
+    }
+  });
+  return el("div", { class: "chart" }, svg);
+}
+
+// ---------------------------------------------------------------- views
+
+function card(k, v, id) {
+  return el("div", { class: "card" }, el("div", { class: "k" }, k), el("div", { class: "v", ...(id ? { id } : {}) }, v));
+}
+
+async function viewOverview(root) {
+  const o = await api("/api/metrics/overview");
+  const auc = await api("/api/metrics/auc-history");
+  const p = o.progress;
+  root.append(
+    el("h1", {}, "Overview"),
+    el("div", { class: "cards" },
+      card("Status", p.status, "status"),
+      card("Round", `${o.rounds_recorded} / ${p.total_rounds || o.rounds_recorded}`, "round-counter"),
+      card("Macro AUROC (held-out)", fmt(o.last_auroc)),
+      card("Best AUROC", fmt(o.best_auroc)),
+      card("Held-out loss", fmt(o.last_loss, 4)),
+      card("Hospitals active", `${o.active_clients} / ${o.clients}`),
+      card("Protection", [p.he ? "CKKS head" : "plain head", p.dp ? "DP body" : "no DP"].join(" · ")),
+      card("Aggregator", p.aggregator || "–"),
+    ),
+    o.suspicious_clients.length
+      ? el("p", {}, el("span", { class: "flag" }, "suspicious"), " ", o.suspicious_clients.join(", "))
+      : el("p", { class: "muted" }, "No hospital is flagged as suspicious."),
+    el("div", { class: "charts" },
+      lineChart("overview-auroc", "Macro AUROC per round", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y0: 0.4, y1: 1 })),
+  );
+}
+
+async function viewTraining(root) {
+  const [cur, auc, loss, rounds] = await Promise.all([
+    api("/api/training/rounds/current"),
+    api("/api/metrics/auc-history"),
+    api("/api/metrics/loss-history"),
+    api("/api/training/rounds"),
+  ]);
+  const p = cur.progress;
+  const done = rounds.length;
+  root.append(
+    el("h1", {}, "Training monitor"),
+    el("div", { class: "cards" },
+      card("Status", p.status, "status"),
+      card("Rounds recorded", `${done} / ${p.total_rounds || done}`, "round-counter"),
+      card("Training round", p.current_round || "–"),
+      card("Last macro AUROC", fmt(cur.last && cur.last.auroc_macro), "last-auroc"),
+    ),
+    el("div", { class: "charts" },
+      lineChart("auroc-chart", "Held-out macro AUROC", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y0: 0.4, y1: 1 }),
+      lineChart("loss-chart", "Loss", [
+        { name: "held-out", points: loss.map((l) => [l.round, l.loss]) },
+        { name: "training", points: loss.map((l) => [l.round, l.train_loss]) },
+      ]),
+    ),
+    el("h2", {}, "Rounds"),
+    el("table", { id: "rounds-table" },
+      el("tr", {}, ["Round", "Outcome", "Accepted", "Rejected", "Loss", "AUROC", "Step norm", "Duration"].map((h) => el("th", {}, h))),
+      rounds.slice().reverse().map((r) => el("tr", {},
+        el("td", {}, el("a", { href: `#/rounds/${r.id}` }, r.id)),
+        el("td", {}, r.outcome), el("td", {}, r.accepted),
+        el("td", { class: r.rejected ? "bad" : "" }, r.rejected),
+        el("td", {}, fmt(r.loss, 4)), el("td", {}, fmt(r.auroc_macro)),
+        el("td", {}, fmt(r.update_norm, 3)), el("td", {}, `${(r.duration_ms / 1000).toFixed(1)} s`))),
+    ),
+  );
+  if (auc.length) {
+    const last = auc[auc.length - 1];
+    root.append(el("h2", {}, `Per-label AUROC after round ${last.round}`),
+      el("table", { id: "per-label" }, el("tr", {}, el("th", {}, "Finding"), el("th", {}, "AUROC")),
+        Object.entries(last.per_label).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, fmt(v))))));
+  }
+}
+
+async function viewRound(root, id) {
+  const d = await api(`/api/training/rounds/${encodeURIComponent(id)}`);
+  const r = d.round;
+  root.append(
+    el("h1", {}, `Round ${r.id}`),
+    el("p", {}, `${r.outcome} · ${r.aggregator} · started ${when(r.started_at)} · ${(r.duration_ms / 1000).toFixed(1)} s`),
+    el("table", { id: "round-updates" },
+      el("tr", {}, ["Hospital", "Counted", "Reason", "Weight", "Trust", "Update norm", "Images", "ε spent"].map((h) => el("th", {}, h))),
+      d.updates.map((u) => el("tr", {},
+        el("td", {}, el("a", { href: `#/clients/${u.client_id}` }, u.client_id)),
+        el("td", { class: u.accepted ? "good" : "bad" }, u.accepted ? "accepted" : "rejected"),
+        el("td", {}, u.reason || ""), el("td", {}, fmt(u.weight)), el("td", {}, fmt(u.trust)),
+        el("td", {}, fmt(u.update_norm)), el("td", {}, u.num_examples ?? "–"), el("td", {}, fmt(u.epsilon, 2)))),
+    ),
+    el("h2", {}, "Metrics"),
+    el("table", {}, Object.entries(d.metrics).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, fmt(v, 4))))),
+  );
+}
+
+async function viewClients(root) {
+  const cs = await api("/api/clients");
+  const rows = cs.map((c) => {
+    const action = can("manage_clients")
+      ? el("button", {
+          type: "button",
+          class: "status-toggle",
+          "data-client": c.id,
+          onclick: async () => {
+            await api(`/api/clients/${encodeURIComponent(c.id)}/status`, {
+              method: "PATCH",
+              headers: { "Content-Type": "application/json" },
+              body: JSON.stringify({ status: c.status === "active" ? "suspended" : "active" }),
+            });
+            route();
+          },
+        }, c.status === "active" ? "Suspend" : "Reactivate")
+      : "";
+    return el("tr", {},
+      el("td", {}, el("a", { href: `#/clients/${c.id}` }, c.id)),
+      el("td", { class: c.status === "active" ? "good" : "bad" }, c.status),
+      el("td", {}, c.examples), el("td", {}, c.patients),
+      el("td", {}, fmt(c.trust)), el("td", {}, fmt(c.trust_ema)),
+      el("td", {}, c.suspicious ? el("span", { class: "flag" }, "suspicious") : ""),
+      el("td", {}, fmt(c.epsilon, 2)), el("td", {}, `${c.rounds_accepted} / ${c.rounds_rejected}`),
+      el("td", {}, action));
+  });
+  root.append(el("h1", {}, "Hospitals"),
+    el("table", { id: "clients-table" },
+      el("tr", {}, ["Hospital", "Status", "Images", "Patients", "Trust", "Trust (avg)", "", "ε spent", "Counted / not", ""].map((h) => el("th", {}, h))),
+      rows));
+  const trusts = await Promise.all(cs.map((c) => api(`/api/clients/${encodeURIComponent(c.id)}/trust`)));
+  root.append(el("div", { class: "charts" }, lineChart("trust-chart", "Trust per round (moving average)",
+    cs.map((c, i) => ({ name: c.id, points: trusts[i].map((t) => [t.round_id, t.trust_ema ?? t.trust]) })), { y0: 0, y1: 1 })));
+}
+
+async function viewClient(root, id) {
+  const [c, trust] = await Promise.all([
+    api(`/api/clients/${encodeURIComponent(id)}`),
+    api(`/api/clients/${encodeURIComponent(id)}/trust`),
+  ]);
+  root.append(
+    el("h1", {}, c.id, " ", c.suspicious ? el("span", { class: "flag" }, "suspicious") : ""),
+    el("div", { class: "cards" }, card("Status", c.status), card("Images", c.examples), card("Patients", c.patients),
+      card("Trust", fmt(c.trust)), card("ε spent", fmt(c.epsilon, 2))),
+    el("div", { class: "charts" }, lineChart("client-trust", "Trust timeline", [
+      { name: "score", points: trust.map((t) => [t.round_id, t.trust]) },
+      { name: "moving average", points: trust.map((t) => [t.round_id, t.trust_ema]) },
+    ], { y0: 0, y1: 1 })),
+    el("table", {}, el("tr", {}, ["Round", "Trust", "Average", "Flag"].map((h) => el("th", {}, h))),
+      trust.map((t) => el("tr", {}, el("td", {}, el("a", { href: `#/rounds/${t.round_id}` }, t.round_id)),
+        el("td", {}, fmt(t.trust)), el("td", {}, fmt(t.trust_ema)), el("td", {}, t.suspicious ? "suspicious" : "")))),
+  );
+}
+
+async function viewPrivacy(root) {
+  const ps = await api("/api/metrics/privacy");
+  root.append(el("h1", {}, "Privacy budget per hospital"),
+    el("p", { class: "muted" }, "Each hospital clips its body update and adds Gaussian noise before it leaves (local DP); the RDP accountant converts the noise into (ε, δ). The classifier head travels CKKS-encrypted."),
+    el("table", { id: "privacy-table" },
+      el("tr", {}, ["Hospital", "ε spent", "δ", "Budget ε", "Used"].map((h) => el("th", {}, h))),
+      ps.map((p) => {
+        const frac = p.budget && p.epsilon !== null ? p.epsilon / p.budget[0] : 0;
+        const bar = el("span", { class: frac > 1 ? "over" : "" });
+        bar.style.width = `${Math.min(100, frac * 100).toFixed(0)}%`;
+        return el("tr", {}, el("td", {}, p.client), el("td", {}, fmt(p.epsilon, 2)), el("td", {}, p.delta ?? "–"),
+          el("td", {}, p.budget ? p.budget[0] : "DP off"), el("td", {}, el("span", { class: "bar" }, bar)));
+      })),
+    el("div", { class: "charts" }, lineChart("privacy-chart", "ε spent per round",
+      ps.map((p) => ({ name: p.client, points: p.history })))));
+}
+
+async function viewInference(root) {
+  const out = el("div", { id: "inference-result" });
+  const form = el("form", { class: "inline", id: "inference-form" },
+    el("label", {}, "Chest X-ray (PNG or JPEG) ", el("input", { type: "file", id: "xray", name: "image", accept: "image/png,image/jpeg", required: "" })),
+    el("button", { type: "submit", class: "primary" }, "Find"));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    out.replaceChildren(el("p", { class: "muted" }, "Running…"));
+    const fd = new FormData();
+    const f = $("xray").files[0];
+    if (!f) return;
+    fd.append("image", f);
+    try {
+      const p = await api("/api/inference/predict", { method: "POST", body: fd });
+      out.replaceChildren(
+        el("p", {}, `Model after round ${p.model_round} · ${p.width}×${p.height} · sha256 ${p.image_sha256.slice(0, 12)}…`),
+        el("table", { id: "findings" }, el("tr", {}, el("th", {}, "Finding"), el("th", {}, "Probability")),
+          p.findings.map((x) => el("tr", {}, el("td", {}, x.label), el("td", {}, fmt(x.probability))))));
+      await history();
+    } catch (e) {
+      out.replaceChildren(el("p", { class: "error" }, e.message));
+    }
+  });
+  const hist = el("div", { id: "inference-history" });
+  async function history() {
+    const h = await api("/api/inference/history");
+    hist.replaceChildren(el("table", {}, el("tr", {}, ["When", "User", "Model round", "Image", "Top finding"].map((x) => el("th", {}, x))),
+      h.map((r) => el("tr", {}, el("td", {}, when(r.created_at)), el("td", {}, r.user_id), el("td", {}, r.model_round ?? "–"),
+        el("td", {}, `${r.width}×${r.height} ${r.image_sha256.slice(0, 10)}…`),
+        el("td", {}, r.parsed.length ? `${r.parsed[0].label} ${fmt(r.parsed[0].probability)}` : "")))));
+  }
+  root.append(el("h1", {}, "Inference"),
+    el("p", { class: "muted" }, "The image is analysed by the latest global model and not stored; its hash and the findings are logged."),
+    form, out, el("h2", {}, "History"), hist);
+  await history();
+}
+
+async function viewAudit(root) {
+  const rows = await api("/api/audit?limit=300");
+  root.append(el("h1", {}, "Audit log"),
+    el("table", { id: "audit-table" }, el("tr", {}, ["When", "Who", "Action", "Target", "Outcome", "Detail", "Address"].map((h) => el("th", {}, h))),
+      rows.map((a) => el("tr", {}, el("td", {}, when(a.at)), el("td", {}, a.actor), el("td", {}, a.action),
+        el("td", {}, a.target || ""), el("td", { class: a.outcome === "success" ? "" : "bad" }, a.outcome),
+        el("td", {}, a.detail || ""), el("td", {}, a.ip || "")))));
+}
+
+async function viewUsers(root) {
+  const users = await api("/api/users");
+  const msg = el("p", { class: "error", id: "users-msg" });
+  const form = el("form", { class: "inline", id: "new-user" },
+    el("label", {}, "User name ", el("input", { id: "nu-name", required: "" })),
+    el("label", {}, "Password ", el("input", { id: "nu-pass", type: "password", required: "", minlength: "12" })),
+    el("label", {}, "Role ", el("select", { id: "nu-role" }, ["doctor", "viewer", "admin"].map((r) => el("option", { value: r }, r)))),
+    el("button", { type: "submit", class: "primary" }, "Create"));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("/api/auth/register", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ username: $("nu-name").value, password: $("nu-pass").value, role: $("nu-role").value }),
+      });
+      route();
+    } catch (e) { msg.textContent = e.message; }
+  });
+  const exportUser = async (u) => {
+    const data = await api(`/api/users/${u.id}/export`);
+    const a = el("a", { href: URL.createObjectURL(new Blob([JSON.stringify(data, null, 2)], { type: "application/json" })), download: `user-${u.id}.json` });
+    a.click();
+  };
+  const erase = async (u) => {
+    if (!confirm(`Erase ${u.username}'s personal data? The account is closed.`)) return;
+    try { await api(`/api/users/${u.id}`, { method: "DELETE" }); route(); } catch (e) { msg.textContent = e.message; }
+  };
+  root.append(el("h1", {}, "Users"), form, msg,
+    el("table", {}, el("tr", {}, ["Id", "User", "Role", "Created", ""].map((h) => el("th", {}, h))),
+      users.map((u) => el("tr", {}, el("td", {}, u.id), el("td", {}, u.username), el("td", {}, u.role), el("td", {}, when(u.created_at)),
+        el("td", {}, el("button", { type: "button", onclick: () => exportUser(u) }, "Export data"), " ",
+          el("button", { type: "button", onclick: () => erase(u) }, "Erase"))))));
+}
+
+// ---------------------------------------------------------------- routing
+
+const ROUTES = [
+  ["overview", "Overview", "view_metrics", viewOverview],
+  ["training", "Training", "view_metrics", viewTraining],
+  ["clients", "Hospitals", "view_metrics", viewClients],
+  ["privacy", "Privacy", "view_metrics", viewPrivacy],
+  ["inference", "Inference", "run_inference", viewInference],
+  ["audit", "Audit log", "view_audit", viewAudit],
+  ["users", "Users", "manage_users", viewUsers],
+];
+
+async function route() {
+  const [, name = "training", arg] = location.hash.split("/");
+  const root = $("view");
+  const nav = $("nav");
+  nav.replaceChildren(...ROUTES.filter((r) => can(r[2])).map((r) =>
+    el("a", { href: `#/${r[0]}`, class: r[0] === name ? "active" : "" }, r[1])));
+  const fresh = el("div", {});
+  try {
+    if (name === "rounds" && arg) await viewRound(fresh, arg);
+    else if (name === "clients" && arg) await viewClient(fresh, arg);
+    else {
+      const r = ROUTES.find((x) => x[0] === name) || ROUTES[1];
+      await r[3](fresh);
+    }
+  } catch (e) {
+    fresh.replaceChildren(el("p", { class: "error" }, e.message));
+  }
+  root.replaceChildren(fresh);
+  // Views with charts follow the training live; forms are not re-rendered.
+  refresh = ["overview", "training", "clients", "privacy"].includes(name) && !arg ? route : null;
+}
+
+async function main() {
+  try {
+    me = await api("/api/auth/me");
+  } catch (e) {
+    return;
+  }
+  $("who").textContent = `${me.user.username} (${me.user.role})`;
+  $("logout").addEventListener("click", async () => {
+    await fetch("/api/auth/logout", { method: "POST", credentials: "same-origin" });
+    location.href = "/login";
+  });
+  window.addEventListener("hashchange", route);
+  await route();
+  const live = $("live");
+  const es = new EventSource("/api/events");
+  let pending = false;
+  const kick = () => {
+    if (!refresh || pending) return;
+    pending = true;
+    setTimeout(async () => { pending = false; if (refresh) await refresh(); }, 300);
+  };
+  const say = (t) => { live.textContent = t; };
+  es.addEventListener("round_started", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round} of ${d.total}: ${d.sampled.length} hospitals training…`); kick(); });
+  es.addEventListener("round_finished", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round} of ${d.total} finished: AUROC ${fmt(d.auroc_macro)}, loss ${fmt(d.loss, 4)}`); kick(); });
+  es.addEventListener("update_rejected", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round}: ${d.client} not counted (${d.reason})`); });
+  es.addEventListener("client_flagged", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round}: ${d.client} flagged suspicious (trust ${fmt(d.trust_ema, 2)})`); kick(); });
+  es.addEventListener("finished", (e) => { const d = JSON.parse(e.data); say(`Training finished after ${d.rounds} rounds.`); kick(); });
+  es.addEventListener("failed", (e) => { const d = JSON.parse(e.data); say(`Training failed: ${d.error}`); kick(); });
+}
+
+main();

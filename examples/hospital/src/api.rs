@@ -1,0 +1,1224 @@
+//! The dashboard's REST API (JSON), its OpenAPI document and the live event
+//! stream.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::atrest::{AtRest, is_sealed};
+use crate::auth::{self, COOKIE, LoginLimiter, Permission, Tokens, allows};
+use crate::infer::{Finding, Predictor, UploadError, decode};
+use crate::sim::{LiveEvent, Progress, Shared};
+use crate::store::{
+    AuditRow, ClientRow, InferenceRow, Role, RoundRow, Store, TrustRow, UpdateRow, User,
+};
+
+/// Limits on uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    /// Bytes of one request body to the inference endpoint.
+    pub max_bytes: usize,
+    /// Pixels on the longer side of a decoded image.
+    pub max_side: u32,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 8 * 1024 * 1024,
+            max_side: 4096,
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The store.
+    pub store: Store,
+    /// Token signing.
+    pub tokens: Tokens,
+    /// Login rate limiting.
+    pub limiter: LoginLimiter,
+    /// The simulation's live state (idle when none runs in this process).
+    pub shared: Arc<Shared>,
+    /// The inference model.
+    pub predictor: Arc<Predictor>,
+    /// Encryption at rest, when a key is configured.
+    pub at_rest: Option<AtRest>,
+    /// Upload limits.
+    pub uploads: UploadLimits,
+    /// Whether the server speaks TLS (cookies get `Secure`, HSTS is sent).
+    pub tls: bool,
+}
+
+// ---------------------------------------------------------------- errors
+
+/// An error answer: `{"error": "..."}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+/// The body of an error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+    fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "sign in first")
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        // The detail goes to the log, not to the client.
+        tracing::error!(error = %format!("{e:#}"), "request failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(ErrorBody { error: self.message })).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---------------------------------------------------------------- extractors
+
+/// The peer address (from the connection; unspecified in in-process tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
+        ))
+    }
+}
+
+/// The signed-in user, from the `Authorization: Bearer` header or the
+/// session cookie; the user is read from the store on every request, so a
+/// deleted user or a changed role takes effect at once.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The user.
+    pub user: User,
+    /// Their address.
+    pub ip: IpAddr,
+}
+
+fn token_of(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == COOKIE).then(|| v.to_owned())
+        })
+}
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let Peer(ip) = Peer::from_request_parts(parts, state).await.unwrap_or(Peer(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
+        let token = token_of(&parts.headers).ok_or_else(ApiError::unauthorized)?;
+        let claims = state
+            .tokens
+            .verify(&token)
+            .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "invalid or expired token"))?;
+        let user = state
+            .store
+            .user(claims.sub)
+            .await?
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the account no longer exists"))?;
+        Ok(Session { user, ip })
+    }
+}
+
+impl Session {
+    /// Checks a permission; a denial is audited and answered 403.
+    async fn require(&self, state: &AppState, p: Permission, what: &str) -> ApiResult<()> {
+        if allows(self.user.role, p) {
+            return Ok(());
+        }
+        let ip = self.ip.to_string();
+        state
+            .store
+            .audit(crate::store::Audit {
+                actor_id: Some(self.user.id),
+                actor: &self.user.username,
+                action: "permission_denied",
+                target: Some(what),
+                outcome: "denied",
+                detail: Some(self.user.role.as_str()),
+                ip: Some(&ip),
+            })
+            .await?;
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("the {} role may not {what}", self.user.role.as_str()),
+        ))
+    }
+
+    async fn audit(
+        &self,
+        state: &AppState,
+        action: &str,
+        target: Option<&str>,
+        detail: Option<&str>,
+    ) -> ApiResult<()> {
+        let ip = self.ip.to_string();
+        state
+            .store
+            .audit(crate::store::Audit {
+                actor_id: Some(self.user.id),
+                actor: &self.user.username,
+                action,
+                target,
+                outcome: "success",
+                detail,
+                ip: Some(&ip),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- auth
+
+/// Credentials.
+#[derive(Deserialize, ToSchema)]
+pub struct LoginRequest {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A successful login.
+#[derive(Serialize, ToSchema)]
+pub struct LoginResponse {
+    /// The access token (also set as an HttpOnly cookie).
+    pub token: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+    /// Who signed in.
+    pub user: User,
+}
+
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody),
+              (status = 429, description = "too many attempts", body = ErrorBody)))]
+async fn login(
+    State(state): State<AppState>,
+    Peer(ip): Peer,
+    Json(req): Json<LoginRequest>,
+) -> ApiResult<Response> {
+    let ip_s = ip.to_string();
+    let name = req.username.trim().to_owned();
+    if let Err(wait) = state.limiter.check(ip, &name) {
+        state
+            .store
+            .audit(crate::store::Audit {
+                actor: &name,
+                action: "login",
+                outcome: "failure",
+                detail: Some("rate limited"),
+                ip: Some(&ip_s),
+                ..Default::default()
+            })
+            .await?;
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many sign-in attempts; try again in {wait} s"),
+        );
+        e.retry_after = Some(wait);
+        return Err(e);
+    }
+    let found = state.store.user_by_name(&name).await?;
+    let password = req.password.clone();
+    // Verify against a dummy hash when the user is unknown, so both cases
+    // take the same time.
+    let (user, hash) = match found {
+        Some((u, h)) => (Some(u), h),
+        None => (None, dummy_hash()),
+    };
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+        .await
+        .map_err(|e| anyhow::anyhow!("verify task: {e}"))?;
+    let Some(user) = user.filter(|_| ok) else {
+        state
+            .store
+            .audit(crate::store::Audit {
+                actor: &name,
+                action: "login",
+                outcome: "failure",
+                detail: Some("wrong user name or password"),
+                ip: Some(&ip_s),
+                ..Default::default()
+            })
+            .await?;
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password"));
+    };
+    let token = state.tokens.issue(&user)?;
+    state
+        .store
+        .audit(crate::store::Audit {
+            actor_id: Some(user.id),
+            actor: &user.username,
+            action: "login",
+            outcome: "success",
+            ip: Some(&ip_s),
+            ..Default::default()
+        })
+        .await?;
+    let ttl = state.tokens.ttl().as_secs();
+    let cookie = format!(
+        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}{}",
+        if state.tls { "; Secure" } else { "" }
+    );
+    let mut r = Json(LoginResponse {
+        token,
+        expires_in: ttl,
+        user,
+    })
+    .into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|e| anyhow::anyhow!("cookie: {e}"))?,
+    );
+    Ok(r)
+}
+
+/// An argon2id hash of a random password, verified against when a user
+/// name is unknown (made once per process).
+fn dummy_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| auth::hash_password(&auth::generate_password()).unwrap_or_default())
+        .clone()
+}
+
+#[utoipa::path(post, path = "/api/auth/logout", tag = "auth",
+    responses((status = 204, description = "the session cookie is cleared")))]
+async fn logout(State(state): State<AppState>) -> Response {
+    let cookie = format!(
+        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        if state.tls { "; Secure" } else { "" }
+    );
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// The signed-in user and what they may do.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// The user.
+    pub user: User,
+    /// Their permissions.
+    pub permissions: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/api/auth/me", tag = "auth",
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+async fn me(session: Session) -> Json<Me> {
+    use Permission::*;
+    let all = [
+        (ViewMetrics, "view_metrics"),
+        (RunInference, "run_inference"),
+        (ViewAllInferences, "view_all_inferences"),
+        (ManageUsers, "manage_users"),
+        (ManageClients, "manage_clients"),
+        (ViewAudit, "view_audit"),
+        (ExportModel, "export_model"),
+    ];
+    Json(Me {
+        permissions: all
+            .iter()
+            .filter(|(p, _)| allows(session.user.role, *p))
+            .map(|(_, n)| (*n).to_owned())
+            .collect(),
+        user: session.user,
+    })
+}
+
+/// A new user.
+#[derive(Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    /// User name: 3 to 64 of letters, digits, `. _ - @`.
+    pub username: String,
+    /// At least 12 characters.
+    pub password: String,
+    /// Its role.
+    pub role: Role,
+}
+
+#[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = RegisterRequest,
+    responses((status = 201, body = User), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn register(
+    State(state): State<AppState>,
+    session: Session,
+    Json(req): Json<RegisterRequest>,
+) -> ApiResult<(StatusCode, Json<User>)> {
+    session.require(&state, Permission::ManageUsers, "create users").await?;
+    auth::check_username(&req.username).map_err(ApiError::bad_request)?;
+    auth::check_password(&req.password).map_err(ApiError::bad_request)?;
+    let password = req.password;
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| anyhow::anyhow!("hash task: {e}"))??;
+    let user = state
+        .store
+        .create_user(&req.username, &hash, req.role)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "that user name is taken"))?;
+    session
+        .audit(&state, "user_created", Some(&user.username), Some(req.role.as_str()))
+        .await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+// ---------------------------------------------------------------- users (admin)
+
+#[utoipa::path(get, path = "/api/users", tag = "users",
+    responses((status = 200, body = [User]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn list_users(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<User>>> {
+    session.require(&state, Permission::ManageUsers, "list users").await?;
+    Ok(Json(state.store.users().await?))
+}
+
+/// A role change.
+#[derive(Deserialize, ToSchema)]
+pub struct RoleChange {
+    /// The new role.
+    pub role: Role,
+}
+
+#[utoipa::path(patch, path = "/api/users/{id}/role", tag = "users", request_body = RoleChange,
+    params(("id" = i64, Path, description = "user id")),
+    responses((status = 200, body = User), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "the last admin", body = ErrorBody)))]
+async fn change_role(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<i64>,
+    Json(req): Json<RoleChange>,
+) -> ApiResult<Json<User>> {
+    session.require(&state, Permission::ManageUsers, "change roles").await?;
+    let user = state.store.user(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    if user.role == Role::Admin && req.role != Role::Admin && state.store.admin_count().await? <= 1 {
+        return Err(ApiError::new(StatusCode::CONFLICT, "the last admin keeps the admin role"));
+    }
+    state.store.set_role(id, req.role).await?;
+    let detail = format!("{} -> {}", user.role.as_str(), req.role.as_str());
+    session
+        .audit(&state, "role_change", Some(&user.username), Some(&detail))
+        .await?;
+    Ok(Json(User { role: req.role, ..user }))
+}
+
+/// Everything stored about a user (data-subject access request).
+#[derive(Serialize, ToSchema)]
+pub struct UserExport {
+    /// The account.
+    pub user: User,
+    /// Their inferences (findings opened).
+    pub inferences: Vec<InferenceView>,
+    /// Audit entries about their actions.
+    pub audit: Vec<AuditRow>,
+}
+
+#[utoipa::path(get, path = "/api/users/{id}/export", tag = "users",
+    params(("id" = i64, Path, description = "user id")),
+    responses((status = 200, body = UserExport), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn export_user(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<UserExport>> {
+    session.require(&state, Permission::ManageUsers, "export user data").await?;
+    let user = state.store.user(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let inferences = state
+        .store
+        .inferences(Some(id), i64::MAX)
+        .await?
+        .into_iter()
+        .map(|r| view(&state, r))
+        .collect::<ApiResult<_>>()?;
+    let audit = state.store.audit_log(Some(id), i64::MAX).await?;
+    session
+        .audit(&state, "user_data_export", Some(&user.username), None)
+        .await?;
+    Ok(Json(UserExport {
+        user,
+        inferences,
+        audit,
+    }))
+}
+
+#[utoipa::path(delete, path = "/api/users/{id}", tag = "users",
+    params(("id" = i64, Path, description = "user id")),
+    responses((status = 204, description = "anonymized"), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_user(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<i64>,
+) -> ApiResult<StatusCode> {
+    session.require(&state, Permission::ManageUsers, "delete users").await?;
+    let user = state.store.user(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    if user.id == session.user.id {
+        return Err(ApiError::new(StatusCode::CONFLICT, "an admin cannot delete their own account"));
+    }
+    if user.role == Role::Admin && state.store.admin_count().await? <= 1 {
+        return Err(ApiError::new(StatusCode::CONFLICT, "the last admin cannot be deleted"));
+    }
+    state.store.anonymize_user(id).await?;
+    session
+        .audit(&state, "user_erased", Some(&format!("user {id}")), None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A hospital with its latest numbers.
+#[derive(Serialize, ToSchema)]
+pub struct ClientView {
+    /// The hospital.
+    #[serde(flatten)]
+    pub client: ClientRow,
+    /// Its latest trust score.
+    pub trust: Option<f64>,
+    /// Its latest moving-average trust.
+    pub trust_ema: Option<f64>,
+    /// Whether it is flagged as suspicious.
+    pub suspicious: bool,
+    /// Epsilon spent so far.
+    pub epsilon: Option<f64>,
+    /// Rounds where its update counted.
+    pub rounds_accepted: i64,
+    /// Rounds where it did not.
+    pub rounds_rejected: i64,
+}
+
+async fn client_view(state: &AppState, c: ClientRow) -> ApiResult<ClientView> {
+    let trust = state.store.trust(&c.id).await?;
+    let updates = state.store.updates(None, Some(&c.id)).await?;
+    let last = trust.last();
+    Ok(ClientView {
+        trust: last.map(|t| t.trust),
+        trust_ema: last.and_then(|t| t.trust_ema),
+        suspicious: last.is_some_and(|t| t.suspicious),
+        epsilon: updates.iter().rev().find_map(|u| u.epsilon),
+        rounds_accepted: updates.iter().filter(|u| u.accepted).count() as i64,
+        rounds_rejected: updates.iter().filter(|u| !u.accepted).count() as i64,
+        client: c,
+    })
+}
+
+#[utoipa::path(get, path = "/api/clients", tag = "clients",
+    responses((status = 200, body = [ClientView]), (status = 401, body = ErrorBody)))]
+async fn list_clients(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<ClientView>>> {
+    session.require(&state, Permission::ViewMetrics, "view clients").await?;
+    let mut out = Vec::new();
+    for c in state.store.clients().await? {
+        out.push(client_view(&state, c).await?);
+    }
+    Ok(Json(out))
+}
+
+#[utoipa::path(get, path = "/api/clients/{id}", tag = "clients",
+    params(("id" = String, Path, description = "hospital id")),
+    responses((status = 200, body = ClientView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_client(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
+    session.require(&state, Permission::ViewMetrics, "view clients").await?;
+    let c = state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    Ok(Json(client_view(&state, c).await?))
+}
+
+#[utoipa::path(get, path = "/api/clients/{id}/trust", tag = "clients",
+    params(("id" = String, Path, description = "hospital id")),
+    responses((status = 200, body = [TrustRow]), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn client_trust(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<TrustRow>>> {
+    session.require(&state, Permission::ViewMetrics, "view clients").await?;
+    state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    Ok(Json(state.store.trust(&id).await?))
+}
+
+/// A status change.
+#[derive(Deserialize, ToSchema)]
+pub struct StatusChange {
+    /// `active` or `suspended`.
+    pub status: String,
+}
+
+#[utoipa::path(patch, path = "/api/clients/{id}/status", tag = "clients", request_body = StatusChange,
+    params(("id" = String, Path, description = "hospital id")),
+    responses((status = 200, body = ClientView), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_client_status(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    Json(req): Json<StatusChange>,
+) -> ApiResult<Json<ClientView>> {
+    session.require(&state, Permission::ManageClients, "change a client's status").await?;
+    if !matches!(req.status.as_str(), "active" | "suspended") {
+        return Err(ApiError::bad_request("status is `active` or `suspended`"));
+    }
+    let before = state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    state.store.set_client_status(&id, &req.status).await?;
+    if let Ok(mut s) = state.shared.suspended.lock() {
+        if req.status == "suspended" {
+            s.insert(id.clone());
+        } else {
+            s.remove(&id);
+        }
+    }
+    let detail = format!("{} -> {}", before.status, req.status);
+    session
+        .audit(&state, "client_status_change", Some(&id), Some(&detail))
+        .await?;
+    let c = state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    Ok(Json(client_view(&state, c).await?))
+}
+
+// ---------------------------------------------------------------- training
+
+#[utoipa::path(get, path = "/api/training/rounds", tag = "training",
+    responses((status = 200, body = [RoundRow]), (status = 401, body = ErrorBody)))]
+async fn rounds(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<RoundRow>>> {
+    session.require(&state, Permission::ViewMetrics, "view training").await?;
+    Ok(Json(state.store.rounds().await?))
+}
+
+/// The round in progress.
+#[derive(Serialize, ToSchema)]
+pub struct CurrentRound {
+    /// Where the run is.
+    pub progress: Progress,
+    /// The last recorded round.
+    pub last: Option<RoundRow>,
+}
+
+#[utoipa::path(get, path = "/api/training/rounds/current", tag = "training",
+    responses((status = 200, body = CurrentRound), (status = 401, body = ErrorBody)))]
+async fn current_round(State(state): State<AppState>, session: Session) -> ApiResult<Json<CurrentRound>> {
+    session.require(&state, Permission::ViewMetrics, "view training").await?;
+    Ok(Json(CurrentRound {
+        progress: progress(&state),
+        last: state.store.rounds().await?.pop(),
+    }))
+}
+
+fn progress(state: &AppState) -> Progress {
+    state
+        .shared
+        .progress
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_else(|_| Progress::idle())
+}
+
+/// A round with each hospital's part.
+#[derive(Serialize, ToSchema)]
+pub struct RoundDetail {
+    /// The round.
+    pub round: RoundRow,
+    /// Each sampled hospital: accepted (weight, trust, norm) or rejected (reason).
+    pub updates: Vec<UpdateRow>,
+    /// The held-out evaluation and aggregator numbers.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[utoipa::path(get, path = "/api/training/rounds/{id}", tag = "training",
+    params(("id" = i64, Path, description = "round number")),
+    responses((status = 200, body = RoundDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn round_detail(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<RoundDetail>> {
+    session.require(&state, Permission::ViewMetrics, "view training").await?;
+    let round = state.store.round(id).await?.ok_or_else(|| ApiError::not_found("round"))?;
+    let metrics = state
+        .store
+        .metrics("")
+        .await?
+        .into_iter()
+        .filter(|m| m.round_id == id)
+        .map(|m| (m.name, m.value))
+        .collect();
+    Ok(Json(RoundDetail {
+        round,
+        updates: state.store.updates(Some(id), None).await?,
+        metrics,
+    }))
+}
+
+// ---------------------------------------------------------------- metrics
+
+/// The run at a glance.
+#[derive(Serialize, ToSchema)]
+pub struct Overview {
+    /// Where the run is.
+    pub progress: Progress,
+    /// Rounds recorded.
+    pub rounds_recorded: usize,
+    /// Hospitals.
+    pub clients: usize,
+    /// Hospitals not suspended.
+    pub active_clients: usize,
+    /// Hospitals flagged suspicious in their latest round.
+    pub suspicious_clients: Vec<String>,
+    /// Held-out loss after the last round.
+    pub last_loss: Option<f64>,
+    /// Held-out macro AUROC after the last round.
+    pub last_auroc: Option<f64>,
+    /// The best macro AUROC so far.
+    pub best_auroc: Option<f64>,
+    /// The round of the model that answers inference.
+    pub model_round: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/overview", tag = "metrics",
+    responses((status = 200, body = Overview), (status = 401, body = ErrorBody)))]
+async fn overview(State(state): State<AppState>, session: Session) -> ApiResult<Json<Overview>> {
+    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+    let rounds = state.store.rounds().await?;
+    let clients = state.store.clients().await?;
+    let mut suspicious = Vec::new();
+    for c in &clients {
+        if state.store.trust(&c.id).await?.last().is_some_and(|t| t.suspicious) {
+            suspicious.push(c.id.clone());
+        }
+    }
+    let last = rounds.iter().rev().find(|r| r.loss.is_some());
+    Ok(Json(Overview {
+        progress: progress(&state),
+        rounds_recorded: rounds.len(),
+        active_clients: clients.iter().filter(|c| c.status == "active").count(),
+        clients: clients.len(),
+        suspicious_clients: suspicious,
+        last_loss: last.and_then(|r| r.loss),
+        last_auroc: last.and_then(|r| r.auroc_macro),
+        best_auroc: rounds
+            .iter()
+            .filter_map(|r| r.auroc_macro)
+            .max_by(f64::total_cmp),
+        model_round: state.predictor.round(),
+    }))
+}
+
+/// AUROC after one round.
+#[derive(Serialize, ToSchema)]
+pub struct AucPoint {
+    /// The round.
+    pub round: i64,
+    /// Macro mean over the labels where it is defined.
+    pub macro_auroc: Option<f64>,
+    /// Per label.
+    pub per_label: BTreeMap<String, f64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/auc-history", tag = "metrics",
+    responses((status = 200, body = [AucPoint]), (status = 401, body = ErrorBody)))]
+async fn auc_history(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<AucPoint>>> {
+    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+    let mut per: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
+    for m in state.store.metrics("eval.auroc.").await? {
+        per.entry(m.round_id)
+            .or_default()
+            .insert(m.name["eval.auroc.".len()..].to_owned(), m.value);
+    }
+    Ok(Json(
+        state
+            .store
+            .rounds()
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                let per_label = per.remove(&r.id);
+                (r.auroc_macro.is_some() || per_label.is_some()).then(|| AucPoint {
+                    round: r.id,
+                    macro_auroc: r.auroc_macro,
+                    per_label: per_label.unwrap_or_default(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// Loss after one round.
+#[derive(Serialize, ToSchema)]
+pub struct LossPoint {
+    /// The round.
+    pub round: i64,
+    /// Held-out loss.
+    pub loss: Option<f64>,
+    /// Mean training loss of the accepted hospitals.
+    pub train_loss: Option<f64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/loss-history", tag = "metrics",
+    responses((status = 200, body = [LossPoint]), (status = 401, body = ErrorBody)))]
+async fn loss_history(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<LossPoint>>> {
+    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+    Ok(Json(
+        state
+            .store
+            .rounds()
+            .await?
+            .into_iter()
+            .map(|r| LossPoint {
+                round: r.id,
+                loss: r.loss,
+                train_loss: r.train_loss,
+            })
+            .collect(),
+    ))
+}
+
+/// How one round was aggregated.
+#[derive(Serialize, ToSchema)]
+pub struct AggregationPoint {
+    /// The round.
+    pub round: i64,
+    /// The aggregator.
+    pub aggregator: String,
+    /// Updates that counted.
+    pub accepted: i64,
+    /// Updates that did not.
+    pub rejected: i64,
+    /// Norm of the aggregated step.
+    pub update_norm: Option<f64>,
+    /// The aggregator's numbers (iterations, objective, sealed_sum_ms, ...).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/aggregation", tag = "metrics",
+    responses((status = 200, body = [AggregationPoint]), (status = 401, body = ErrorBody)))]
+async fn aggregation(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<AggregationPoint>>> {
+    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+    let mut per: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
+    for m in state.store.metrics("agg.").await? {
+        per.entry(m.round_id)
+            .or_default()
+            .insert(m.name["agg.".len()..].to_owned(), m.value);
+    }
+    Ok(Json(
+        state
+            .store
+            .rounds()
+            .await?
+            .into_iter()
+            .map(|r| AggregationPoint {
+                metrics: per.remove(&r.id).unwrap_or_default(),
+                round: r.id,
+                aggregator: r.aggregator,
+                accepted: r.accepted,
+                rejected: r.rejected,
+                update_norm: r.update_norm,
+            })
+            .collect(),
+    ))
+}
+
+/// A hospital's privacy spending.
+#[derive(Serialize, ToSchema)]
+pub struct PrivacyView {
+    /// The hospital.
+    pub client: String,
+    /// Epsilon spent so far.
+    pub epsilon: Option<f64>,
+    /// Its delta.
+    pub delta: Option<f64>,
+    /// The run's budget (epsilon, delta), when DP is on.
+    pub budget: Option<(f64, f64)>,
+    /// Epsilon after each round it took part in.
+    pub history: Vec<(i64, f64)>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/privacy", tag = "metrics",
+    responses((status = 200, body = [PrivacyView]), (status = 401, body = ErrorBody)))]
+async fn privacy(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<PrivacyView>>> {
+    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+    let budget = progress(&state).budget;
+    let mut out = Vec::new();
+    for c in state.store.clients().await? {
+        let ups = state.store.updates(None, Some(&c.id)).await?;
+        let history: Vec<(i64, f64)> = ups
+            .iter()
+            .filter_map(|u| u.epsilon.map(|e| (u.round_id, e)))
+            .collect();
+        let last = ups.iter().rev().find(|u| u.epsilon.is_some());
+        out.push(PrivacyView {
+            client: c.id,
+            epsilon: last.and_then(|u| u.epsilon),
+            delta: last.and_then(|u| u.delta),
+            budget,
+            history,
+        });
+    }
+    Ok(Json(out))
+}
+
+// ---------------------------------------------------------------- inference
+
+/// The findings for an uploaded X-ray.
+#[derive(Serialize, ToSchema)]
+pub struct Prediction {
+    /// Its log entry.
+    pub id: i64,
+    /// The round of the model that answered.
+    pub model_round: u64,
+    /// The 14 findings, most likely first.
+    pub findings: Vec<Finding>,
+    /// SHA-256 of the upload.
+    pub image_sha256: String,
+    /// Decoded size.
+    pub width: u32,
+    /// Decoded size.
+    pub height: u32,
+}
+
+/// An inference as shown in the history.
+#[derive(Serialize, ToSchema)]
+pub struct InferenceView {
+    /// The log row (its `findings` field holds the JSON text).
+    #[serde(flatten)]
+    pub row: InferenceRow,
+    /// The findings, parsed (and opened when sealed at rest).
+    pub parsed: Vec<Finding>,
+}
+
+fn view(state: &AppState, mut row: InferenceRow) -> ApiResult<InferenceView> {
+    if is_sealed(&row.findings) {
+        row.findings = match &state.at_rest {
+            Some(k) => k.open(&row.findings)?,
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "stored findings are encrypted and no data key is configured",
+                ));
+            }
+        };
+    }
+    let parsed = serde_json::from_str(&row.findings).unwrap_or_default();
+    Ok(InferenceView { row, parsed })
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct Upload {
+    /// A PNG or JPEG chest X-ray.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    image: String,
+}
+
+#[utoipa::path(post, path = "/api/inference/predict", tag = "inference",
+    request_body(content = Upload, content_type = "multipart/form-data"),
+    responses((status = 200, body = Prediction), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 413, description = "over the size limit", body = ErrorBody),
+              (status = 415, description = "not an image", body = ErrorBody),
+              (status = 422, description = "dimensions over the limit or undecodable", body = ErrorBody),
+              (status = 503, description = "no model yet", body = ErrorBody)))]
+async fn predict(
+    State(state): State<AppState>,
+    session: Session,
+    mut multipart: Multipart,
+) -> ApiResult<Json<Prediction>> {
+    session.require(&state, Permission::RunInference, "run inference").await?;
+    let mut bytes: Option<Bytes> = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e)),
+        };
+        if field.name() == Some("image") {
+            bytes = Some(field.bytes().await.map_err(multipart_error)?);
+        }
+    }
+    let bytes = bytes.ok_or_else(|| ApiError::bad_request("send the X-ray in a form field named `image`"))?;
+    let limits = state.uploads;
+    let predictor = state.predictor.clone();
+    let (xray, answer) = tokio::task::spawn_blocking(move || {
+        let x = decode(&bytes, limits.max_side, predictor.size())?;
+        let answer = predictor.predict(&x);
+        Ok::<_, UploadError>((x, answer))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("inference task: {e}"))?
+    .map_err(|e| {
+        let status = match e {
+            UploadError::NotAnImage => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, e.to_string())
+    })?;
+    let (findings, round) = answer?.ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model has been trained yet")
+    })?;
+    let json = serde_json::to_string(&findings).map_err(anyhow::Error::from)?;
+    let stored = match &state.at_rest {
+        Some(k) => k.seal(&json)?,
+        None => json,
+    };
+    let id = state
+        .store
+        .log_inference(
+            session.user.id,
+            Some(round as i64),
+            &xray.sha256,
+            i64::from(xray.width),
+            i64::from(xray.height),
+            &stored,
+        )
+        .await?;
+    session
+        .audit(&state, "inference", Some(&xray.sha256[..16]), Some(&format!("model round {round}")))
+        .await?;
+    Ok(Json(Prediction {
+        id,
+        model_round: round,
+        findings,
+        image_sha256: xray.sha256,
+        width: xray.width,
+        height: xray.height,
+    }))
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    let status = e.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "the upload is over the size limit".to_owned()
+    } else {
+        format!("malformed upload: {}", e.body_text())
+    };
+    ApiError::new(status, message)
+}
+
+/// Paging of the inference history.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct HistoryQuery {
+    /// At most this many entries (default 50, at most 500).
+    pub limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/api/inference/history", tag = "inference", params(HistoryQuery),
+    responses((status = 200, body = [InferenceView]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn inference_history(
+    State(state): State<AppState>,
+    session: Session,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<Json<Vec<InferenceView>>> {
+    session.require(&state, Permission::RunInference, "view the inference history").await?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    // Doctors see their own; admins everyone's.
+    let who = (!allows(session.user.role, Permission::ViewAllInferences)).then_some(session.user.id);
+    let rows = state.store.inferences(who, limit).await?;
+    Ok(Json(rows.into_iter().map(|r| view(&state, r)).collect::<ApiResult<_>>()?))
+}
+
+// ---------------------------------------------------------------- audit, export
+
+/// Paging of the audit log.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct AuditQuery {
+    /// At most this many entries (default 200, at most 1000).
+    pub limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/api/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, body = [AuditRow]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn audit_log(
+    State(state): State<AppState>,
+    session: Session,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Vec<AuditRow>>> {
+    session.require(&state, Permission::ViewAudit, "read the audit log").await?;
+    Ok(Json(state.store.audit_log(None, q.limit.unwrap_or(200).clamp(1, 1000)).await?))
+}
+
+#[utoipa::path(get, path = "/api/model/export", tag = "model",
+    responses((status = 200, description = "safetensors of the global model (AES-GCM sealed when a data key is configured)"),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn export_model(State(state): State<AppState>, session: Session) -> ApiResult<Response> {
+    session.require(&state, Permission::ExportModel, "export the model").await?;
+    let (params, round) = state
+        .predictor
+        .parameters()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model yet"))?;
+    let bytes = fedcore::checkpoint::to_safetensors(&params, [("round".to_owned(), round.to_string())]).map_err(anyhow::Error::from)?;
+    let (body, name, ctype) = match &state.at_rest {
+        Some(k) => (k.seal_bytes(&bytes)?.into_bytes(), format!("global-round-{round}.safetensors.enc"), "text/plain"),
+        None => (bytes, format!("global-round-{round}.safetensors"), "application/octet-stream"),
+    };
+    session
+        .audit(&state, "model_export", Some(&name), None)
+        .await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, ctype.to_owned()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+// ---------------------------------------------------------------- live events
+
+#[utoipa::path(get, path = "/api/events", tag = "training",
+    responses((status = 200, description = "server-sent events: round_started, round_finished, update_rejected, client_flagged, finished, failed", content_type = "text/event-stream"),
+              (status = 401, body = ErrorBody)))]
+async fn events(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    session.require(&state, Permission::ViewMetrics, "view training").await?;
+    let stream = BroadcastStream::new(state.shared.events.subscribe()).filter_map(|e| {
+        // A lagging browser skips events; it re-reads the REST endpoints.
+        let e: LiveEvent = e.ok()?;
+        let name = serde_json::to_value(&e)
+            .ok()?
+            .get("type")?
+            .as_str()?
+            .to_owned();
+        Some(Ok(Event::default().event(name).json_data(&e).ok()?))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+// ---------------------------------------------------------------- router
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fedcore hospital dashboard", description = "Federated chest X-ray training: monitoring, hospitals, privacy, inference."),
+    paths(login, logout, me, register, list_users, change_role, export_user, delete_user,
+          list_clients, get_client, client_trust, set_client_status,
+          rounds, current_round, round_detail, events,
+          overview, auc_history, loss_history, aggregation, privacy,
+          predict, inference_history, audit_log, export_model),
+    modifiers(&BearerAuth),
+    security(("bearer" = []), ("cookie" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+        c.add_security_scheme("cookie", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(COOKIE))));
+    }
+}
+
+/// The API routes.
+pub fn routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/logout", post(logout))
+        .route("/api/auth/me", get(me))
+        .route("/api/auth/register", post(register))
+        .route("/api/users", get(list_users))
+        .route("/api/users/{id}/role", patch(change_role))
+        .route("/api/users/{id}/export", get(export_user))
+        .route("/api/users/{id}", axum::routing::delete(delete_user))
+        .route("/api/clients", get(list_clients))
+        .route("/api/clients/{id}", get(get_client))
+        .route("/api/clients/{id}/trust", get(client_trust))
+        .route("/api/clients/{id}/status", patch(set_client_status))
+        .route("/api/training/rounds", get(rounds))
+        .route("/api/training/rounds/current", get(current_round))
+        .route("/api/training/rounds/{id}", get(round_detail))
+        .route("/api/metrics/overview", get(overview))
+        .route("/api/metrics/auc-history", get(auc_history))
+        .route("/api/metrics/loss-history", get(loss_history))
+        .route("/api/metrics/aggregation", get(aggregation))
+        .route("/api/metrics/privacy", get(privacy))
+        .route(
+            "/api/inference/predict",
+            post(predict).layer(DefaultBodyLimit::max(state.uploads.max_bytes)),
+        )
+        .route("/api/inference/history", get(inference_history))
+        .route("/api/audit", get(audit_log))
+        .route("/api/model/export", get(export_model))
+        .route("/api/events", get(events))
+        // JSON bodies of the other endpoints are small.
+        .layer(DefaultBodyLimit::max(64 * 1024))
+}

@@ -1,0 +1,221 @@
+//! Inference on an uploaded X-ray with the latest global model.
+//!
+//! Uploads are checked before any pixel is decoded: size (by the HTTP
+//! layer), format (PNG or JPEG, sniffed from the bytes), and dimensions
+//! (read from the header, bounded, and bounded again by the decoder's
+//! allocation limit).
+
+use std::sync::Mutex;
+
+use fedcore::data::chestxray::FINDINGS;
+use fedcore::models::{DenseNet, TchModel};
+use fedcore::{Model, Parameters};
+use image::{ImageFormat, ImageReader, Limits};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+/// Why an upload cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum UploadError {
+    /// Not PNG or JPEG.
+    #[error("not a PNG or JPEG image")]
+    NotAnImage,
+    /// Width or height over the limit.
+    #[error("image dimensions {0}x{1} exceed the limit of {2}x{2} pixels")]
+    TooLarge(u32, u32, u32),
+    /// Width or height zero.
+    #[error("the image is empty")]
+    Empty,
+    /// The bytes do not decode.
+    #[error("the image cannot be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// A finding and its probability.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
+pub struct Finding {
+    /// One of the 14 ChestX-ray14 labels.
+    pub label: String,
+    /// The model's probability.
+    pub probability: f64,
+}
+
+/// A decoded, preprocessed upload.
+#[derive(Debug, Clone)]
+pub struct Xray {
+    /// Normalized pixels, `size x size`, one channel.
+    pub pixels: Vec<f32>,
+    /// Original width.
+    pub width: u32,
+    /// Original height.
+    pub height: u32,
+    /// SHA-256 of the uploaded bytes, hex.
+    pub sha256: String,
+}
+
+/// Decodes `bytes` (PNG or JPEG, at most `max_side` pixels a side) into the
+/// model's input of side `size`.
+pub fn decode(bytes: &[u8], max_side: u32, size: u32) -> Result<Xray, UploadError> {
+    let format = image::guess_format(bytes).map_err(|_| UploadError::NotAnImage)?;
+    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg) {
+        return Err(UploadError::NotAnImage);
+    }
+    let reader = || {
+        let mut r = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(max_side);
+        limits.max_image_height = Some(max_side);
+        limits.max_alloc = Some(u64::from(max_side) * u64::from(max_side) * 8);
+        r.limits(limits);
+        r
+    };
+    let (w, h) = reader()
+        .into_dimensions()
+        .map_err(|e| UploadError::Corrupt(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(UploadError::Empty);
+    }
+    if w > max_side || h > max_side {
+        return Err(UploadError::TooLarge(w, h, max_side));
+    }
+    let img = reader()
+        .decode()
+        .map_err(|e| UploadError::Corrupt(e.to_string()))?;
+    let gray = img.into_luma8();
+    let resized = image::imageops::resize(&gray, size, size, image::imageops::FilterType::Triangle);
+    let c = crate::sim::image_config(size);
+    let pixels = resized
+        .as_raw()
+        .iter()
+        .map(|&p| (f32::from(p) / 255.0 - c.mean) / c.std)
+        .collect();
+    Ok(Xray {
+        pixels,
+        width: w,
+        height: h,
+        sha256: Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    })
+}
+
+struct Loaded {
+    model: TchModel<DenseNet>,
+    round: u64,
+    parameters: Parameters,
+}
+
+/// The model that answers inference requests: the latest global model,
+/// with its head opened by the hospital's HE key.
+pub struct Predictor {
+    size: u32,
+    seed: u64,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+impl std::fmt::Debug for Predictor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Predictor").field("size", &self.size).finish()
+    }
+}
+
+impl Predictor {
+    /// A predictor for images of side `size`; it answers once a model is set.
+    pub fn new(size: u32, seed: u64) -> Self {
+        Self {
+            size,
+            seed,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// The model's input side.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// The round of the current model, if any.
+    pub fn round(&self) -> Option<u64> {
+        self.loaded.lock().ok()?.as_ref().map(|l| l.round)
+    }
+
+    /// Installs the global model after `round` (0: the initial model).
+    pub fn update(&self, parameters: &Parameters, round: u64) -> anyhow::Result<()> {
+        let mut guard = self
+            .loaded
+            .lock()
+            .map_err(|_| anyhow::anyhow!("predictor lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(Loaded {
+                model: crate::sim::densenet(self.seed)?,
+                round,
+                parameters: parameters.clone(),
+            });
+        }
+        let l = guard.as_mut().expect("set above");
+        l.model.set_parameters(parameters)?;
+        l.round = round;
+        l.parameters = parameters.clone();
+        Ok(())
+    }
+
+    /// The current global model's parameters, for export.
+    pub fn parameters(&self) -> Option<(Parameters, u64)> {
+        let g = self.loaded.lock().ok()?;
+        g.as_ref().map(|l| (l.parameters.clone(), l.round))
+    }
+
+    /// The 14 findings, most likely first; `None` before any model is set.
+    pub fn predict(&self, x: &Xray) -> anyhow::Result<Option<(Vec<Finding>, u64)>> {
+        let guard = self
+            .loaded
+            .lock()
+            .map_err(|_| anyhow::anyhow!("predictor lock poisoned"))?;
+        let Some(l) = guard.as_ref() else {
+            return Ok(None);
+        };
+        let s = self.size as usize;
+        let logits = l.model.forward(&x.pixels, [1, 1, s, s])?;
+        let mut findings: Vec<Finding> = FINDINGS
+            .iter()
+            .zip(logits)
+            .map(|(label, z)| Finding {
+                label: (*label).to_owned(),
+                probability: 1.0 / (1.0 + (-f64::from(z)).exp()),
+            })
+            .collect();
+        findings.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        Ok(Some((findings, l.round)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x + y) % 256) as u8]));
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn uploads_are_checked_before_decoding() {
+        let x = decode(&png(40, 30), 1024, 32).unwrap();
+        assert_eq!((x.width, x.height, x.pixels.len()), (40, 30, 32 * 32));
+        assert_eq!(x.sha256.len(), 64);
+        assert_eq!(decode(b"hello", 1024, 32).unwrap_err(), UploadError::NotAnImage);
+        assert_eq!(decode(b"GIF89a....", 1024, 32).unwrap_err(), UploadError::NotAnImage);
+        assert!(matches!(
+            decode(&png(300, 20), 256, 32),
+            Err(UploadError::TooLarge(300, 20, 256))
+        ));
+        let mut cut = png(64, 64);
+        cut.truncate(cut.len() / 2);
+        assert!(matches!(decode(&cut, 1024, 32), Err(UploadError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,796 @@
+//! The simulation: N hospitals in one process over the in-memory transport,
+//! each with its own patients, a DenseNet-121 (square activation), local DP
+//! on the body and a CKKS sealer for the classifier head; the server runs
+//! the fedcore round orchestrator with a robust aggregator on the body and
+//! the trust-weighted encrypted sum on the head.
+//!
+//! The held-out evaluation runs at an evaluation site that holds the HE key
+//! (in a deployment: one of the hospitals), never at the aggregation server,
+//! which only ever holds the head encrypted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use fedcore::data::chestxray::FINDINGS;
+use fedcore::data::{
+    ChestXray14, ChestXrayConfig, DataSplit, ImageDataset, PartitionConfig, SyntheticXrays,
+    dirichlet_partition, write_synthetic_chestxray,
+};
+use fedcore::memory::{Fault, InMemoryTransport};
+use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
+use fedcore::trust::TrustPolicy;
+use fedcore::{
+    Aggregator, ClientId, Evaluation, FedAvg, Model, ModelClient, Optimizer, Parameters,
+    RoundRecord, Server, ServerConfig, ServerEvent, TrainConfig,
+};
+use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Secret};
+use fedcore_robust::attacks::{Attack, Byzantine};
+use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::infer::Predictor;
+use crate::store::{NewRound, RoundRow, Store, TrustRow, UpdateRow};
+
+/// The aggregation rule for the body, swappable with one flag.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregatorChoice {
+    /// Example-weighted mean (not robust).
+    Fedavg,
+    /// Geometric median by smoothed Weiszfeld.
+    GeometricMedian,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean, beta = 0.2.
+    TrimmedMean,
+    /// Krum tolerating f = (n - 3) / 2 Byzantine hospitals.
+    Krum,
+}
+
+impl AggregatorChoice {
+    fn build(self, clients: usize) -> Result<Box<dyn Aggregator>> {
+        Ok(match self {
+            Self::Fedavg => Box::new(FedAvg),
+            Self::GeometricMedian => Box::new(GeometricMedianParams::new().check()?),
+            Self::Median => Box::new(CoordinateMedian),
+            Self::TrimmedMean => Box::new(TrimmedMeanParams::new(0.2).check()?),
+            Self::Krum => {
+                Box::new(KrumParams::new(clients, clients.saturating_sub(3) / 2).check()?)
+            }
+        })
+    }
+}
+
+/// Every choice of a simulation.
+#[derive(Args, Debug, Clone)]
+pub struct SimConfig {
+    /// How the server combines the body updates.
+    #[arg(long, value_enum, default_value = "geometric-median")]
+    pub aggregator: AggregatorChoice,
+    /// Number of hospitals.
+    #[arg(long, default_value_t = 3)]
+    pub clients: usize,
+    /// Rounds in total (a resumed run counts the rounds already done).
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Seed for data, partition, sampling and model initialization.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// A ChestX-ray14 folder (Data_Entry_2017*.csv, images/, train_val_list.txt,
+    /// test_list.txt); default: a synthetic set written into the run folder.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Patients of the synthetic set.
+    #[arg(long, default_value_t = 300)]
+    pub patients: usize,
+    /// Side of the images fed to DenseNet-121 (224 for real runs).
+    #[arg(long, default_value_t = 64)]
+    pub image_size: u32,
+    /// Dirichlet concentration of the patient split (smaller: more skewed).
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// Local differential privacy on the body (clip + Gaussian noise, RDP
+    /// accountant). Off by default: with a handful of hospitals the noise
+    /// that client-level DP needs on 7M parameters stops learning
+    /// (docs/dashboard.md, "Differential privacy").
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub dp: bool,
+    /// Each hospital's epsilon for the whole run.
+    #[arg(long, default_value_t = 8.0)]
+    pub epsilon: f64,
+    /// Each hospital's delta.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// L2 clipping norm of a hospital's body update.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// CKKS encryption of the classifier head.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub he: bool,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Local learning rate (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Quorum: valid updates a round needs (default: all but one, at least 1).
+    #[arg(long)]
+    pub min_clients: Option<usize>,
+    /// Seconds the server waits for updates each round.
+    #[arg(long, default_value_t = 600)]
+    pub round_timeout: u64,
+    /// Run folder: checkpoints, HE keys, the synthetic set (default: runs/<time>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run saved in --run-dir.
+    #[arg(long, requires = "run_dir")]
+    pub resume: bool,
+    /// Make this hospital (1-based) a Byzantine one that sends sign-flipped,
+    /// scaled updates (to watch the robust aggregator and trust scores).
+    #[arg(long)]
+    pub byzantine: Option<usize>,
+    /// Make this hospital (1-based) drop out of every round.
+    #[arg(long)]
+    pub drop_client: Option<usize>,
+}
+
+/// The name of hospital `i` (0-based).
+pub fn hospital(i: usize) -> String {
+    format!("hospital-{}", i + 1)
+}
+
+/// What the dashboard hears while a simulation runs.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveEvent {
+    /// A round began.
+    RoundStarted {
+        /// The round.
+        round: u64,
+        /// Rounds in the run.
+        total: u64,
+        /// Hospitals training.
+        sampled: Vec<String>,
+    },
+    /// A hospital's update did not count.
+    UpdateRejected {
+        /// The round.
+        round: u64,
+        /// The hospital.
+        client: String,
+        /// Why.
+        reason: String,
+    },
+    /// A hospital's trust fell below the threshold.
+    ClientFlagged {
+        /// The round.
+        round: u64,
+        /// The hospital.
+        client: String,
+        /// Its moving-average trust.
+        trust_ema: f64,
+    },
+    /// A round ended and is recorded.
+    RoundFinished {
+        /// The round.
+        round: u64,
+        /// Rounds in the run.
+        total: u64,
+        /// Held-out loss.
+        loss: Option<f64>,
+        /// Held-out macro AUROC.
+        auroc_macro: Option<f64>,
+        /// How it ended.
+        outcome: String,
+    },
+    /// The run ended.
+    Finished {
+        /// Rounds recorded.
+        rounds: u64,
+    },
+    /// The run stopped with an error.
+    Failed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// Where a run is, for the dashboard.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    /// `idle` (no simulation in this process), `preparing`, `training`,
+    /// `finished` or `failed`.
+    pub status: String,
+    /// The round being trained (0 before the first).
+    pub current_round: u64,
+    /// Rounds in the run.
+    pub total_rounds: u64,
+    /// The body aggregator.
+    pub aggregator: String,
+    /// Whether the head is encrypted.
+    pub he: bool,
+    /// Whether the body carries local DP.
+    pub dp: bool,
+    /// Each hospital's (epsilon, delta) budget when DP is on.
+    pub budget: Option<(f64, f64)>,
+    /// The last error, when failed.
+    pub error: Option<String>,
+}
+
+impl Progress {
+    /// No simulation in this process.
+    pub fn idle() -> Self {
+        Self {
+            status: "idle".into(),
+            current_round: 0,
+            total_rounds: 0,
+            aggregator: String::new(),
+            he: false,
+            dp: false,
+            budget: None,
+            error: None,
+        }
+    }
+}
+
+/// State shared by the simulation and the dashboard.
+#[derive(Debug)]
+pub struct Shared {
+    /// Live events (server-sent to the browser).
+    pub events: broadcast::Sender<LiveEvent>,
+    /// Where the run is.
+    pub progress: RwLock<Progress>,
+    /// Hospitals an admin suspended: they get no tasks from the next round.
+    pub suspended: Mutex<BTreeSet<String>>,
+    /// Set to stop after the current round.
+    pub stop: AtomicBool,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            events: broadcast::channel(256).0,
+            progress: RwLock::new(Progress::idle()),
+            suspended: Mutex::new(BTreeSet::new()),
+            stop: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Shared {
+    fn send(&self, e: LiveEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(e);
+    }
+
+    fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
+        if let Ok(mut p) = self.progress.write() {
+            f(&mut p);
+        }
+    }
+}
+
+/// The DenseNet-121 of the hospital app.
+pub fn densenet(seed: u64) -> Result<TchModel<DenseNet>> {
+    let config = DenseNetConfig::densenet121(1, Activation::Square);
+    Ok(TchModel::build(tch::Device::Cpu, seed, |b| DenseNet::build(b, config))?
+        .with_label_names(&FINDINGS)?)
+}
+
+/// The image preprocessing of the app (the data set's and inference's).
+pub fn image_config(size: u32) -> ChestXrayConfig {
+    ChestXrayConfig {
+        size,
+        channels: 1,
+        ..ChestXrayConfig::default()
+    }
+}
+
+/// What a finished simulation reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Rounds recorded.
+    pub rounds: u64,
+    /// Held-out evaluation before training.
+    pub initial: Evaluation,
+    /// After the last round that evaluated.
+    pub last: Evaluation,
+    /// Updates that did not count, over all rounds.
+    pub rejected: usize,
+    /// The run folder.
+    pub run_dir: PathBuf,
+}
+
+/// Runs a simulation to the end (blocking; call it from a blocking thread).
+/// Rounds go to `store` through `rt`, live events and progress to `shared`,
+/// every new global model (head opened at the evaluation site) to `predictor`.
+pub fn run(
+    cfg: &SimConfig,
+    store: &Store,
+    rt: &tokio::runtime::Handle,
+    shared: &Arc<Shared>,
+    predictor: &Arc<Predictor>,
+) -> Result<Summary> {
+    let result = run_inner(cfg, store, rt, shared, predictor);
+    match &result {
+        Ok(s) => {
+            shared.set_progress(|p| p.status = "finished".into());
+            shared.send(LiveEvent::Finished { rounds: s.rounds });
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            shared.set_progress(|p| {
+                p.status = "failed".into();
+                p.error = Some(error.clone());
+            });
+            shared.send(LiveEvent::Failed { error });
+        }
+    }
+    result
+}
+
+fn run_inner(
+    cfg: &SimConfig,
+    store: &Store,
+    rt: &tokio::runtime::Handle,
+    shared: &Arc<Shared>,
+    predictor: &Arc<Predictor>,
+) -> Result<Summary> {
+    if cfg.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let run_dir = cfg.run_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("runs/hospital-{}", crate::store::now_ms() / 1000))
+    });
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    shared.set_progress(|p| {
+        *p = Progress {
+            status: "preparing".into(),
+            current_round: 0,
+            total_rounds: cfg.rounds,
+            aggregator: format!("{:?}", cfg.aggregator),
+            he: cfg.he,
+            dp: cfg.dp,
+            budget: cfg.dp.then_some((cfg.epsilon, cfg.delta)),
+            error: None,
+        }
+    });
+
+    // ---- data: patient-level Dirichlet split of train_val, test = held-out patients
+    let root = match &cfg.data_dir {
+        Some(d) => d.clone(),
+        None => synthetic(cfg, &run_dir)?,
+    };
+    let mut ds = ChestXray14::open(&root, image_config(cfg.image_size))
+        .with_context(|| format!("ChestX-ray14 layout in {}", root.display()))?;
+    let missing = ds.retain_present();
+    if missing > 0 {
+        tracing::warn!(missing, "rows without an image are left out");
+    }
+    let train = ds.official_split("train_val_list.txt")?;
+    let test = ds.official_split("test_list.txt")?;
+    if train.is_empty() || test.is_empty() {
+        bail!("the data needs images in both train_val_list.txt and test_list.txt");
+    }
+    let entries = ds.entries().to_vec();
+    let groups: Vec<u64> = train.iter().map(|&i| u64::from(entries[i].patient)).collect();
+    let profiles: Vec<usize> = train
+        .iter()
+        .map(|&i| (0..14).find(|&l| entries[i].has(l)).unwrap_or(14))
+        .collect();
+    let split = dirichlet_partition(
+        &groups,
+        &profiles,
+        &PartitionConfig {
+            hospitals: cfg.clients,
+            alpha: cfg.alpha,
+            seed: cfg.seed,
+            min_items: cfg.batch_size.min(8),
+        },
+    )?;
+    let ds: Arc<dyn ImageDataset> = Arc::new(ds);
+    let holdout = DataSplit::subset(ds.clone(), test)?;
+
+    // ---- HE keys (the key authority writes them into the run folder once)
+    let key_dir = run_dir.join("he-keys");
+    let secret: Option<CkksContext<Secret>> = if !cfg.he {
+        None
+    } else if key_dir.join("he-secret.key").exists() {
+        Some(CkksContext::<Secret>::from_file(&key_dir.join("he-secret.key"))?)
+    } else {
+        std::fs::create_dir_all(&key_dir)?;
+        Some(KeyAuthority::write(CkksParams::default(), &key_dir)?.0)
+    };
+
+    // ---- hospitals
+    let template = densenet(cfg.seed)?;
+    let layout = template.layout().clone();
+    let head = template.head();
+    let head_patterns: Vec<String> = head.names(&layout).map(str::to_owned).collect();
+    let buffers = template.buffers();
+    // DP covers the trained tensors of the body. BatchNorm running
+    // statistics are averaged without noise (docs/dashboard.md, "Limits").
+    let dp_names: Vec<String> = layout
+        .tensors()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
+        .map(|(_, s)| s.name.clone())
+        .collect();
+    let mut transport = InMemoryTransport::new();
+    for (i, items) in split.hospitals.iter().enumerate() {
+        let name = hospital(i);
+        let indices: Vec<usize> = items.iter().map(|&j| train[j]).collect();
+        let patients: BTreeSet<u32> = indices.iter().map(|&j| entries[j].patient).collect();
+        rt.block_on(store.upsert_client(&name, indices.len() as i64, patients.len() as i64))?;
+        let data = DataSplit::subset(ds.clone(), indices)?;
+        let model = densenet(cfg.seed)?;
+        let mut client: Box<dyn fedcore::Client> = if cfg.byzantine == Some(i + 1) {
+            let attack = Attack::SignFlip { scale: 4.0 };
+            build_client(cfg, &name, Byzantine::new(model, attack)?, data, &dp_names, &secret)?
+        } else {
+            build_client(cfg, &name, model, data, &dp_names, &secret)?
+        };
+        let _ = &mut client;
+        transport.add_client(client)?;
+    }
+    if let Some(i) = cfg.drop_client {
+        transport
+            .inject(&ClientId::new(hospital(i.saturating_sub(1))), Some(Fault::Drop))
+            .with_context(|| format!("no hospital {i}"))?;
+    }
+
+    // ---- server
+    let aggregator = cfg.aggregator.build(cfg.clients)?;
+    let faulty = usize::from(cfg.drop_client.is_some());
+    let quorum = cfg.min_clients.unwrap_or_else(|| {
+        (cfg.clients - faulty)
+            .saturating_sub(1)
+            .max(1)
+            .max(aggregator.min_updates())
+    });
+    let config = ServerConfig {
+        rounds: cfg.rounds,
+        min_fit_clients: quorum,
+        min_available_clients: quorum,
+        fraction_evaluate: 0.0,
+        round_timeout: Duration::from_secs(cfg.round_timeout),
+        seed: cfg.seed,
+        train: TrainConfig {
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            learning_rate: cfg.lr,
+            optimizer: Optimizer::adam(),
+            seed: 0,
+        },
+        checkpoint_dir: Some(run_dir.join("checkpoints")),
+        trust: Some(TrustPolicy::default()),
+        ..ServerConfig::default()
+    };
+    let initial_params = template.parameters();
+    let mut server = if cfg.resume {
+        Server::resume(config, initial_params, transport, aggregator)?
+    } else {
+        Server::new(config, initial_params, transport, aggregator)?
+    };
+    if let Some(secret) = &secret {
+        server = server.with_sealing(&head_patterns, CkksSum::new(secret.public()))?;
+    }
+
+    // ---- the evaluation site: opens the head, evaluates on held-out patients
+    let opener = secret.clone().map(CkksSealer::new);
+    let mut evaluator = densenet(cfg.seed)?;
+    let open_head = {
+        let head = head.clone();
+        let layout = layout.clone();
+        move |p: &Parameters, sealed: Option<&fedcore::SealedTensors>| -> fedcore::Result<Parameters> {
+            let mut full = p.clone();
+            if let (Some(o), Some(s)) = (&opener, sealed) {
+                use fedcore::Sealer;
+                let values = o.open(s)?;
+                head.scatter(&layout, &values, full.as_mut_slice())?;
+            }
+            Ok(full)
+        }
+    };
+    let full = open_head(server.global(), server.sealed_global())?;
+    evaluator.set_parameters(&full)?;
+    let initial = evaluator.evaluate(&holdout)?;
+    predictor.update(&full, server.next_round() - 1)?;
+    {
+        let predictor = predictor.clone();
+        let holdout = holdout.clone();
+        let round = Arc::new(std::sync::atomic::AtomicU64::new(server.next_round()));
+        server.set_sealed_evaluator(move |p, sealed| {
+            let full = open_head(p, sealed)?;
+            evaluator.set_parameters(&full)?;
+            let e = evaluator.evaluate(&holdout)?;
+            let r = round.fetch_add(1, Ordering::SeqCst);
+            if let Err(err) = predictor.update(&full, r) {
+                tracing::warn!(error = %err, "inference model not updated");
+            }
+            Ok(e)
+        });
+    }
+
+    // ---- events: terminal progress bar, live events, the store
+    let todo = cfg.rounds.saturating_sub(server.next_round() - 1);
+    let bar = crate::progress_bar(todo)?;
+    let (tx, rx) = std::sync::mpsc::channel::<RoundRecord>();
+    {
+        let shared = shared.clone();
+        let bar = bar.clone();
+        let total = cfg.rounds;
+        server.subscribe(move |event: &ServerEvent| match event {
+            ServerEvent::RoundStarted { round, sampled } => {
+                shared.set_progress(|p| {
+                    p.status = "training".into();
+                    p.current_round = *round;
+                });
+                bar.set_message(format!("round {round}: {} hospitals training", sampled.len()));
+                shared.send(LiveEvent::RoundStarted {
+                    round: *round,
+                    total,
+                    sampled: sampled.iter().map(ToString::to_string).collect(),
+                });
+            }
+            ServerEvent::UpdateRejected {
+                round,
+                client,
+                reason,
+            } => {
+                bar.suspend(|| println!("  {client} not counted: {reason}"));
+                shared.send(LiveEvent::UpdateRejected {
+                    round: *round,
+                    client: client.to_string(),
+                    reason: reason.to_string(),
+                });
+            }
+            ServerEvent::ClientFlagged {
+                round,
+                client,
+                trust_ema,
+            } => {
+                bar.suspend(|| println!("  {client} is suspicious (trust {trust_ema:.2})"));
+                shared.send(LiveEvent::ClientFlagged {
+                    round: *round,
+                    client: client.to_string(),
+                    trust_ema: *trust_ema,
+                });
+            }
+            ServerEvent::RoundFinished { record } | ServerEvent::RoundFailed { record, .. } => {
+                let _ = tx.send((**record).clone());
+            }
+            _ => {}
+        });
+    }
+
+    while server.next_round() <= cfg.rounds {
+        if shared.stop.load(Ordering::SeqCst) {
+            bar.suspend(|| println!("stopped by request after round {}", server.next_round() - 1));
+            break;
+        }
+        apply_suspensions(&mut server, shared, cfg.clients, cfg.drop_client)?;
+        let result = server.run_round().map(|_| ());
+        if let Err(e) = &result {
+            bar.suspend(|| println!("round {} failed: {e}", server.next_round() - 1));
+        }
+        for record in rx.try_iter() {
+            let row = round_row(&record);
+            rt.block_on(store.record_round(&to_new_round(&record, &row)))?;
+            let line = format!(
+                "round {:>3}: {} updates, held-out loss {}, macro AUROC {}",
+                record.round,
+                record.accepted.len(),
+                row.loss.map_or("-".into(), |v| format!("{v:.4}")),
+                row.auroc_macro.map_or("-".into(), |v| format!("{v:.3}")),
+            );
+            bar.suspend(|| println!("{line}"));
+            bar.inc(1);
+            shared.send(LiveEvent::RoundFinished {
+                round: record.round,
+                total: cfg.rounds,
+                loss: row.loss,
+                auroc_macro: row.auroc_macro,
+                outcome: row.outcome.clone(),
+            });
+        }
+        // A failed round (quorum not reached) is recorded; the run goes on.
+        if let Err(e) = result
+            && !matches!(e, fedcore::Error::QuorumNotReached { .. })
+        {
+            return Err(e.into());
+        }
+    }
+    bar.finish_and_clear();
+    let last = server
+        .history()
+        .iter()
+        .rev()
+        .find_map(|r| r.evaluation.clone())
+        .unwrap_or_else(|| initial.clone());
+    Ok(Summary {
+        rounds: server.history().len() as u64,
+        initial,
+        last,
+        rejected: server.history().iter().map(|r| r.failures.len()).sum(),
+        run_dir,
+    })
+}
+
+fn build_client<M>(
+    cfg: &SimConfig,
+    name: &str,
+    model: M,
+    data: DataSplit,
+    dp_names: &[String],
+    secret: &Option<CkksContext<Secret>>,
+) -> Result<Box<dyn fedcore::Client>>
+where
+    M: Model<Data = DataSplit> + 'static,
+{
+    let mut client = ModelClient::new(name, model, data);
+    if cfg.dp {
+        let clip = Clip::new(cfg.clip)?.only(dp_names);
+        let budget = Budget::new(cfg.epsilon, cfg.delta)?;
+        let params = LocalDpParams::calibrated(clip, budget, cfg.rounds)?;
+        client = client.with_mechanism(LocalDp::new(name, params, Noise::secure()?)?);
+    }
+    if let Some(secret) = secret {
+        client = client.with_sealer(CkksSealer::new(secret.clone()));
+    }
+    Ok(Box::new(client))
+}
+
+/// Writes the synthetic set once into the run folder.
+fn synthetic(cfg: &SimConfig, run_dir: &Path) -> Result<PathBuf> {
+    let dir = run_dir.join("synthetic");
+    if dir.join("test_list.txt").exists() {
+        return Ok(dir);
+    }
+    let config = SyntheticXrays {
+        patients: cfg.patients,
+        size: cfg.image_size.max(64),
+        seed: cfg.seed,
+        ..SyntheticXrays::default()
+    };
+    let s = write_synthetic_chestxray(&dir, &config)?;
+    println!(
+        "synthetic chest X-rays: {} images of {} patients ({} held out) in {}",
+        s.images,
+        cfg.patients,
+        s.test_images,
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// Suspended hospitals report an error instead of training; reactivated
+/// ones train again.
+fn apply_suspensions<A: Aggregator>(
+    server: &mut Server<InMemoryTransport, A>,
+    shared: &Shared,
+    clients: usize,
+    dropped: Option<usize>,
+) -> Result<()> {
+    let suspended = shared
+        .suspended
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    for i in 0..clients {
+        let name = hospital(i);
+        let fault = if suspended.contains(&name) {
+            Some(Fault::Error("suspended by an administrator".into()))
+        } else if dropped == Some(i + 1) {
+            Some(Fault::Drop)
+        } else {
+            None
+        };
+        server.transport_mut().inject(&ClientId::new(&name), fault)?;
+    }
+    Ok(())
+}
+
+fn round_row(r: &RoundRecord) -> RoundRow {
+    let outcome = serde_json::to_value(&r.outcome)
+        .ok()
+        .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
+    RoundRow {
+        id: r.round as i64,
+        outcome,
+        aggregator: r.aggregator.clone(),
+        started_at: r.started_at_ms as i64,
+        duration_ms: r.duration_ms as i64,
+        accepted: r.accepted.len() as i64,
+        rejected: r.failures.len() as i64,
+        loss: r.evaluation.as_ref().map(|e| e.loss),
+        train_loss: r.train_metrics.get("loss").copied(),
+        auroc_macro: r
+            .evaluation
+            .as_ref()
+            .and_then(|e| e.metrics.get("auroc_macro").copied()),
+        update_norm: r.update_norm,
+    }
+}
+
+fn to_new_round(r: &RoundRecord, row: &RoundRow) -> NewRound {
+    let mut updates: Vec<UpdateRow> = r
+        .accepted
+        .iter()
+        .map(|u| {
+            let spent = u.provenance.iter().rev().find_map(|p| p.spent);
+            UpdateRow {
+                round_id: row.id,
+                client_id: u.client.to_string(),
+                accepted: true,
+                reason: None,
+                weight: Some(u.weight),
+                trust: u.trust,
+                update_norm: Some(u.update_norm),
+                num_examples: Some(u.num_examples as i64),
+                epsilon: spent.map(|s| s.epsilon),
+                delta: spent.map(|s| s.delta),
+            }
+        })
+        .collect();
+    updates.extend(r.failures.iter().map(|f| UpdateRow {
+        round_id: row.id,
+        client_id: f.client.to_string(),
+        accepted: false,
+        reason: Some(f.reason.to_string()),
+        weight: None,
+        trust: None,
+        update_norm: None,
+        num_examples: None,
+        epsilon: None,
+        delta: None,
+    }));
+    let trust = r
+        .accepted
+        .iter()
+        .filter_map(|u| {
+            u.trust.map(|t| {
+                (
+                    u.client.to_string(),
+                    TrustRow {
+                        round_id: row.id,
+                        trust: t,
+                        trust_ema: u.trust_ema,
+                        suspicious: u.suspicious,
+                    },
+                )
+            })
+        })
+        .collect();
+    let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+    if let Some(e) = &r.evaluation {
+        metrics.insert("eval.loss".into(), e.loss);
+        for (k, v) in &e.metrics {
+            metrics.insert(format!("eval.{k}"), *v);
+        }
+    }
+    for (k, v) in &r.train_metrics {
+        metrics.insert(format!("train.{k}"), *v);
+    }
+    for (k, v) in &r.aggregate_metrics {
+        metrics.insert(format!("agg.{k}"), *v);
+    }
+    NewRound {
+        round: row.clone(),
+        updates,
+        trust,
+        metrics: metrics.into_iter().collect(),
+    }
+}

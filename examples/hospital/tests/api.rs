@@ -1,0 +1,748 @@
+//! The dashboard's API, in process: every endpoint with its 401/403 paths,
+//! rate limiting, bad uploads, SQL-injection-shaped input, encryption at
+//! rest, data-subject requests. Runs on SQLite; `FEDCORE_TEST_POSTGRES`
+//! (set by scripts/test.sh when it can start Debian's PostgreSQL) runs the
+//! same scenario on PostgreSQL.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Request, StatusCode, header};
+use fedcore::Model;
+use hospital::api::{AppState, UploadLimits};
+use hospital::atrest::AtRest;
+use hospital::auth::LoginLimit;
+use hospital::infer::Predictor;
+use hospital::sim::Shared;
+use hospital::store::{NewRound, RoundRow, TrustRow, UpdateRow};
+use hospital::web::{self, WebConfig};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const PASSWORDS: [(&str, &str); 3] = [
+    ("admin", "admin-password-123"),
+    ("doctor", "doctor-password-123"),
+    ("viewer", "viewer-password-123"),
+];
+const SIZE: u32 = 32;
+
+struct Harness {
+    app: Router,
+    state: AppState,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness_at(url: Option<String>, at_rest: Option<AtRest>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url =
+        url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("t.sqlite").display()));
+    let config = WebConfig {
+        database_url,
+        jwt_secret: Some("a test secret that is long enough!".into()),
+        token_ttl: Duration::from_secs(600),
+        login_limit: LoginLimit {
+            burst: 5,
+            per: Duration::from_secs(60),
+        },
+        uploads: UploadLimits {
+            max_bytes: 256 * 1024,
+            max_side: 2048,
+        },
+        tls: None,
+        at_rest,
+    };
+    let predictor = Arc::new(Predictor::new(SIZE, 1));
+    predictor
+        .update(&hospital::sim::densenet(1).unwrap().parameters(), 3)
+        .unwrap();
+    let state = web::state(&config, Arc::new(Shared::default()), predictor)
+        .await
+        .unwrap();
+    for (name, password) in PASSWORDS {
+        // SAFETY of the test: the env var route is what `bootstrap_users` reads.
+        let hash = hospital::auth::hash_password(password).unwrap();
+        state
+            .store
+            .create_user(name, &hash, name.parse().unwrap())
+            .await
+            .unwrap();
+    }
+    seed_rounds(&state).await;
+    let app = web::app(state.clone()).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 4000))));
+    Harness {
+        app,
+        state,
+        _dir: dir,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_at(None, None).await
+}
+
+/// Two hospitals, two recorded rounds.
+async fn seed_rounds(state: &AppState) {
+    for c in ["hospital-1", "hospital-2"] {
+        state.store.upsert_client(c, 100, 40).await.unwrap();
+    }
+    for round in 1..=2i64 {
+        let update = |c: &str, accepted: bool| UpdateRow {
+            round_id: round,
+            client_id: c.into(),
+            accepted,
+            reason: (!accepted).then(|| "invalid update: NaN".into()),
+            weight: accepted.then_some(1.0),
+            trust: accepted.then_some(0.9),
+            update_norm: accepted.then_some(2.5),
+            num_examples: accepted.then_some(100),
+            epsilon: accepted.then_some(round as f64 * 1.5),
+            delta: accepted.then_some(1e-5),
+        };
+        state
+            .store
+            .record_round(&NewRound {
+                round: RoundRow {
+                    id: round,
+                    outcome: "completed".into(),
+                    aggregator: "geometric_median".into(),
+                    started_at: 1_700_000_000_000 + round,
+                    duration_ms: 1000,
+                    accepted: 1,
+                    rejected: 1,
+                    loss: Some(0.5 / round as f64),
+                    train_loss: Some(0.6),
+                    auroc_macro: Some(0.6 + 0.1 * round as f64),
+                    update_norm: Some(1.0),
+                },
+                updates: vec![update("hospital-1", true), update("hospital-2", false)],
+                trust: vec![(
+                    "hospital-1".into(),
+                    TrustRow {
+                        round_id: round,
+                        trust: 0.9,
+                        trust_ema: Some(0.8),
+                        suspicious: round == 2,
+                    },
+                )],
+                metrics: vec![
+                    ("eval.auroc.Effusion".into(), 0.7),
+                    ("eval.auroc_macro".into(), 0.6 + 0.1 * round as f64),
+                    ("agg.iterations".into(), 5.0),
+                ],
+            })
+            .await
+            .unwrap();
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let r = app.clone().oneshot(req).await.unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    let body = r.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn req(method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    match body {
+        Some(v) => b
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(v.to_string()))
+            .unwrap(),
+        None => b.body(Body::empty()).unwrap(),
+    }
+}
+
+async fn login(app: &Router, user: &str) -> String {
+    let pw = PASSWORDS.iter().find(|p| p.0 == user).unwrap().1;
+    let a = send(
+        app,
+        req("POST", "/api/auth/login", None, Some(json!({"username": user, "password": pw}))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", String::from_utf8_lossy(&a.body));
+    a.json()["token"].as_str().unwrap().to_owned()
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 3 + y) % 256) as u8]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// A valid PNG header claiming `w x h` (the pixels never follow).
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut out = png(1, 1);
+    // IHDR width/height live at bytes 16..24; fix the CRC after them.
+    out[16..20].copy_from_slice(&w.to_be_bytes());
+    out[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&out[12..29]);
+    out[29..33].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+fn upload(token: Option<&str>, field: &str, bytes: &[u8]) -> Request<Body> {
+    let boundary = "XBOUNDARYX";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x.png\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut b = Request::builder()
+        .method("POST")
+        .uri("/api/inference/predict")
+        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"));
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    b.body(Body::from(body)).unwrap()
+}
+
+const READS: &[&str] = &[
+    "/api/auth/me",
+    "/api/clients",
+    "/api/clients/hospital-1",
+    "/api/clients/hospital-1/trust",
+    "/api/training/rounds",
+    "/api/training/rounds/current",
+    "/api/training/rounds/1",
+    "/api/metrics/overview",
+    "/api/metrics/auc-history",
+    "/api/metrics/loss-history",
+    "/api/metrics/aggregation",
+    "/api/metrics/privacy",
+];
+
+#[tokio::test]
+async fn every_endpoint_needs_a_valid_token() {
+    let h = harness().await;
+    let protected: Vec<(&str, &str)> = READS
+        .iter()
+        .map(|p| ("GET", *p))
+        .chain([
+            ("POST", "/api/auth/register"),
+            ("GET", "/api/users"),
+            ("PATCH", "/api/users/1/role"),
+            ("GET", "/api/users/1/export"),
+            ("DELETE", "/api/users/2"),
+            ("PATCH", "/api/clients/hospital-1/status"),
+            ("POST", "/api/inference/predict"),
+            ("GET", "/api/inference/history"),
+            ("GET", "/api/audit"),
+            ("GET", "/api/model/export"),
+            ("GET", "/api/events"),
+        ])
+        .collect();
+    let forged = {
+        // Signed with another key.
+        let other = hospital::auth::Tokens::new(&[9; 32], Duration::from_secs(60)).unwrap();
+        let admin = h.state.store.user(1).await.unwrap().unwrap();
+        other.issue(&admin).unwrap()
+    };
+    for (method, path) in protected {
+        for token in [None, Some("garbage"), Some(forged.as_str())] {
+            let body = (method != "GET" && method != "DELETE").then(|| json!({}));
+            let a = send(&h.app, req(method, path, token, body)).await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}");
+            assert!(a.json()["error"].is_string());
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_work_for_every_role_and_answer_json() {
+    let h = harness().await;
+    for user in ["admin", "doctor", "viewer"] {
+        let t = login(&h.app, user).await;
+        for path in READS {
+            let a = send(&h.app, req("GET", path, Some(&t), None)).await;
+            assert_eq!(a.status, StatusCode::OK, "{user} GET {path}");
+            a.json();
+        }
+    }
+    let t = login(&h.app, "viewer").await;
+    let get = |p: &'static str| {
+        let app = h.app.clone();
+        let t = t.clone();
+        async move { send(&app, req("GET", p, Some(&t), None)).await.json() }
+    };
+    let auc = get("/api/metrics/auc-history").await;
+    assert_eq!(auc.as_array().unwrap().len(), 2);
+    assert_eq!(auc[1]["per_label"]["Effusion"], 0.7);
+    assert!((auc[1]["macro_auroc"].as_f64().unwrap() - 0.8).abs() < 1e-12);
+    let detail = get("/api/training/rounds/2").await;
+    let ups = detail["updates"].as_array().unwrap();
+    assert_eq!(ups.len(), 2);
+    assert_eq!(ups[0]["accepted"], true);
+    assert_eq!(ups[0]["weight"], 1.0);
+    assert_eq!(ups[1]["accepted"], false);
+    assert_eq!(ups[1]["reason"], "invalid update: NaN");
+    assert_eq!(detail["metrics"]["agg.iterations"], 5.0);
+    let overview = get("/api/metrics/overview").await;
+    assert_eq!(overview["rounds_recorded"], 2);
+    assert_eq!(overview["suspicious_clients"], json!(["hospital-1"]));
+    assert_eq!(overview["model_round"], 3);
+    let privacy = get("/api/metrics/privacy").await;
+    assert_eq!(privacy[0]["epsilon"], 3.0);
+    assert_eq!(privacy[0]["history"], json!([[1, 1.5], [2, 3.0]]));
+    let trust = get("/api/clients/hospital-1/trust").await;
+    assert_eq!(trust.as_array().unwrap().len(), 2);
+    assert_eq!(trust[1]["suspicious"], true);
+    let a = send(&h.app, req("GET", "/api/training/rounds/99", Some(&t), None)).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    let a = send(&h.app, req("GET", "/api/clients/nope", Some(&t), None)).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn login_sets_a_safe_cookie_and_logout_clears_it() {
+    let h = harness().await;
+    let a = send(
+        &h.app,
+        req("POST", "/api/auth/login", None, Some(json!({"username": "doctor", "password": "doctor-password-123"}))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let cookie = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "no TLS here");
+    let pair = cookie.split(';').next().unwrap();
+    let me = send(
+        &h.app,
+        Request::builder()
+            .uri("/api/auth/me")
+            .header(header::COOKIE, format!("theme=dark; {pair}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.json()["user"]["role"], "doctor");
+    assert_eq!(me.json()["permissions"], json!(["view_metrics", "run_inference"]));
+    let out = send(&h.app, req("POST", "/api/auth/logout", None, None)).await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    assert!(out.headers[header::SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+
+    for (user, pw) in [("doctor", "wrong-password-123"), ("nobody", "whatever-password")] {
+        let a = send(
+            &h.app,
+            req("POST", "/api/auth/login", None, Some(json!({"username": user, "password": pw}))),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(a.json()["error"], "wrong user name or password", "same answer for both");
+    }
+    let log = h.state.store.audit_log(None, 100).await.unwrap();
+    let logins: Vec<(&str, &str)> = log
+        .iter()
+        .filter(|a| a.action == "login")
+        .map(|a| (a.actor.as_str(), a.outcome.as_str()))
+        .collect();
+    assert!(logins.contains(&("doctor", "success")));
+    assert!(logins.contains(&("doctor", "failure")));
+    assert!(logins.contains(&("nobody", "failure")));
+    assert!(log.iter().all(|a| a.ip.as_deref() == Some("10.0.0.7")));
+    // Malformed bodies are 4xx, not 500.
+    let a = send(
+        &h.app,
+        Request::builder()
+            .method("POST")
+            .uri("/api/auth/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{not json"))
+            .unwrap(),
+    )
+    .await;
+    assert!(a.status.is_client_error(), "{}", a.status);
+}
+
+#[tokio::test]
+async fn login_is_rate_limited() {
+    let h = harness().await;
+    let attempt = || {
+        send(
+            &h.app,
+            req("POST", "/api/auth/login", None, Some(json!({"username": "admin", "password": "nope-nope-nope"}))),
+        )
+    };
+    for _ in 0..5 {
+        assert_eq!(attempt().await.status, StatusCode::UNAUTHORIZED);
+    }
+    let a = attempt().await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(a.headers.contains_key(header::RETRY_AFTER));
+    // Even the right password waits now.
+    let a = send(
+        &h.app,
+        req("POST", "/api/auth/login", None, Some(json!({"username": "admin", "password": "admin-password-123"}))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    let limited = h
+        .state
+        .store
+        .audit_log(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.detail.as_deref() == Some("rate limited"))
+        .count();
+    assert_eq!(limited, 2);
+}
+
+#[tokio::test]
+async fn roles_are_enforced_and_denials_audited() {
+    let h = harness().await;
+    let viewer = login(&h.app, "viewer").await;
+    let doctor = login(&h.app, "doctor").await;
+    let admin_only: Vec<(&str, &str, Option<Value>)> = vec![
+        ("POST", "/api/auth/register", Some(json!({"username": "eve", "password": "eve-password-123", "role": "admin"}))),
+        ("GET", "/api/users", None),
+        ("PATCH", "/api/users/3/role", Some(json!({"role": "admin"}))),
+        ("GET", "/api/users/3/export", None),
+        ("DELETE", "/api/users/3", None),
+        ("PATCH", "/api/clients/hospital-1/status", Some(json!({"status": "suspended"}))),
+        ("GET", "/api/audit", None),
+        ("GET", "/api/model/export", None),
+    ];
+    for t in [&viewer, &doctor] {
+        for (m, p, b) in &admin_only {
+            let a = send(&h.app, req(m, p, Some(t), b.clone())).await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{m} {p}");
+        }
+    }
+    for p in ["/api/inference/history"] {
+        assert_eq!(send(&h.app, req("GET", p, Some(&viewer), None)).await.status, StatusCode::FORBIDDEN);
+        assert_eq!(send(&h.app, req("GET", p, Some(&doctor), None)).await.status, StatusCode::OK);
+    }
+    let a = send(&h.app, upload(Some(&viewer), "image", &png(64, 64))).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    // Nothing changed.
+    assert_eq!(h.state.store.users().await.unwrap().len(), 3);
+    assert_eq!(h.state.store.user(3).await.unwrap().unwrap().role.as_str(), "viewer");
+    assert_eq!(h.state.store.client("hospital-1").await.unwrap().unwrap().status, "active");
+    let denials = h
+        .state
+        .store
+        .audit_log(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "permission_denied")
+        .count();
+    assert_eq!(denials, 2 * admin_only.len() + 2);
+}
+
+#[tokio::test]
+async fn admins_manage_users_and_data_subject_requests() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let reg = |body: Value| send(&h.app, req("POST", "/api/auth/register", Some(&admin), Some(body)));
+    let a = reg(json!({"username": "dr.house", "password": "a-long-password", "role": "doctor"})).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    let id = a.json()["id"].as_i64().unwrap();
+    assert_eq!(reg(json!({"username": "dr.house", "password": "a-long-password", "role": "doctor"})).await.status, StatusCode::CONFLICT);
+    assert_eq!(reg(json!({"username": "x", "password": "a-long-password", "role": "doctor"})).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reg(json!({"username": "shorty", "password": "short", "role": "doctor"})).await.status, StatusCode::BAD_REQUEST);
+    assert!(reg(json!({"username": "root", "password": "a-long-password", "role": "superuser"})).await.status.is_client_error());
+
+    // The new doctor works, runs an inference, then is promoted to viewer... and exported.
+    let a = send(
+        &h.app,
+        req("POST", "/api/auth/login", None, Some(json!({"username": "dr.house", "password": "a-long-password"}))),
+    )
+    .await;
+    let t = a.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(send(&h.app, upload(Some(&t), "image", &png(64, 64))).await.status, StatusCode::OK);
+    let a = send(&h.app, req("PATCH", &format!("/api/users/{id}/role"), Some(&admin), Some(json!({"role": "viewer"})))).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // The role takes effect at once, with the same token.
+    assert_eq!(send(&h.app, upload(Some(&t), "image", &png(64, 64))).await.status, StatusCode::FORBIDDEN);
+    let export = send(&h.app, req("GET", &format!("/api/users/{id}/export"), Some(&admin), None)).await;
+    assert_eq!(export.status, StatusCode::OK);
+    let e = export.json();
+    assert_eq!(e["user"]["username"], "dr.house");
+    assert_eq!(e["inferences"].as_array().unwrap().len(), 1);
+    assert_eq!(e["inferences"][0]["parsed"].as_array().unwrap().len(), 14);
+    assert!(e["audit"].as_array().unwrap().iter().any(|a| a["action"] == "inference"));
+
+    // Erasure: no login, no token, name gone from the audit log.
+    assert_eq!(send(&h.app, req("DELETE", &format!("/api/users/{id}"), Some(&admin), None)).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(send(&h.app, req("GET", "/api/auth/me", Some(&t), None)).await.status, StatusCode::UNAUTHORIZED);
+    let a = send(
+        &h.app,
+        req("POST", "/api/auth/login", None, Some(json!({"username": "dr.house", "password": "a-long-password"}))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let log = h.state.store.audit_log(None, 1000).await.unwrap();
+    assert!(log.iter().filter(|a| a.actor_id == Some(id)).all(|a| a.actor == format!("deleted-{id}") && a.ip.is_none()));
+    assert!(log.iter().any(|a| a.action == "user_erased"));
+    assert!(log.iter().any(|a| a.action == "role_change" && a.detail.as_deref() == Some("doctor -> viewer")));
+    assert!(log.iter().any(|a| a.action == "user_data_export"));
+    assert_eq!(send(&h.app, req("GET", &format!("/api/users/{id}/export"), Some(&admin), None)).await.status, StatusCode::NOT_FOUND);
+
+    // The last admin stays.
+    assert_eq!(send(&h.app, req("DELETE", "/api/users/1", Some(&admin), None)).await.status, StatusCode::CONFLICT);
+    assert_eq!(send(&h.app, req("PATCH", "/api/users/1/role", Some(&admin), Some(json!({"role": "viewer"})))).await.status, StatusCode::CONFLICT);
+    let users = send(&h.app, req("GET", "/api/users", Some(&admin), None)).await.json();
+    assert_eq!(users.as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn admins_suspend_hospitals() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let patch = |id: &str, status: &str| {
+        send(
+            &h.app,
+            req("PATCH", &format!("/api/clients/{id}/status"), Some(&admin), Some(json!({"status": status}))),
+        )
+    };
+    let a = patch("hospital-2", "suspended").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["status"], "suspended");
+    assert!(h.state.shared.suspended.lock().unwrap().contains("hospital-2"));
+    assert_eq!(patch("hospital-2", "deleted").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(patch("hospital-9", "active").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(patch("hospital-2", "active").await.status, StatusCode::OK);
+    assert!(h.state.shared.suspended.lock().unwrap().is_empty());
+    let log = h.state.store.audit_log(None, 100).await.unwrap();
+    assert_eq!(log.iter().filter(|a| a.action == "client_status_change").count(), 2);
+}
+
+#[tokio::test]
+async fn uploads_are_checked() {
+    let h = harness().await;
+    let t = login(&h.app, "doctor").await;
+    // A real image: the 14 findings, logged.
+    let a = send(&h.app, upload(Some(&t), "image", &png(300, 280))).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", String::from_utf8_lossy(&a.body));
+    let p = a.json();
+    assert_eq!(p["findings"].as_array().unwrap().len(), 14);
+    assert_eq!(p["model_round"], 3);
+    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(300), Some(280)));
+    let probs: Vec<f64> = p["findings"].as_array().unwrap().iter().map(|f| f["probability"].as_f64().unwrap()).collect();
+    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)) && probs.windows(2).all(|w| w[0] >= w[1]));
+
+    let cases: Vec<(Vec<u8>, &str, StatusCode)> = vec![
+        (b"this is not an image".to_vec(), "image", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (b"GIF89a\x01\x00\x01\x00".to_vec(), "image", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (png_header(50_000, 50_000), "image", StatusCode::UNPROCESSABLE_ENTITY),
+        (png(64, 64)[..60].to_vec(), "image", StatusCode::UNPROCESSABLE_ENTITY),
+        (png(64, 64), "file", StatusCode::BAD_REQUEST),
+        (vec![0x89; 300 * 1024], "image", StatusCode::PAYLOAD_TOO_LARGE),
+    ];
+    for (bytes, field, want) in cases {
+        let a = send(&h.app, upload(Some(&t), field, &bytes)).await;
+        assert_eq!(a.status, want, "{}", String::from_utf8_lossy(&a.body));
+        assert!(a.json()["error"].is_string());
+    }
+    // Not multipart at all.
+    let a = send(&h.app, req("POST", "/api/inference/predict", Some(&t), Some(json!({"image": "x"})))).await;
+    assert!(a.status.is_client_error());
+    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await.json();
+    assert_eq!(hist.as_array().unwrap().len(), 1, "only the good upload is logged");
+    assert_eq!(hist[0]["parsed"].as_array().unwrap().len(), 14);
+    // Doctors see their own history; the admin sees everyone's.
+    let admin = login(&h.app, "admin").await;
+    assert_eq!(send(&h.app, upload(Some(&admin), "image", &png(64, 64))).await.status, StatusCode::OK);
+    let mine = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await.json();
+    let all = send(&h.app, req("GET", "/api/inference/history", Some(&admin), None)).await.json();
+    assert_eq!((mine.as_array().unwrap().len(), all.as_array().unwrap().len()), (1, 2));
+}
+
+#[tokio::test]
+async fn findings_and_exports_are_encrypted_at_rest_with_a_key() {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let h = harness_at(None, Some(AtRest::from_base64(&key, &[]).unwrap())).await;
+    let t = login(&h.app, "admin").await;
+    assert_eq!(send(&h.app, upload(Some(&t), "image", &png(64, 64))).await.status, StatusCode::OK);
+    let raw = h.state.store.inferences(None, 10).await.unwrap();
+    assert!(hospital::atrest::is_sealed(&raw[0].findings), "{}", raw[0].findings);
+    assert!(!raw[0].findings.contains("Effusion"));
+    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await.json();
+    assert_eq!(hist[0]["parsed"].as_array().unwrap().len(), 14);
+    let export = send(&h.app, req("GET", "/api/model/export", Some(&t), None)).await;
+    assert_eq!(export.status, StatusCode::OK);
+    let body = String::from_utf8(export.body).unwrap();
+    let plain = AtRest::from_base64(&key, &[]).unwrap().open_bytes(&body).unwrap();
+    let (params, _) = fedcore::checkpoint::from_safetensors(&plain).unwrap();
+    assert_eq!(params.len(), hospital::sim::densenet(1).unwrap().parameters().len());
+    assert!(h.state.store.audit_log(None, 10).await.unwrap().iter().any(|a| a.action == "model_export"));
+}
+
+#[tokio::test]
+async fn sql_injection_shaped_input_changes_nothing() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let before = (
+        h.state.store.users().await.unwrap().len(),
+        h.state.store.clients().await.unwrap().len(),
+        h.state.store.rounds().await.unwrap().len(),
+    );
+    for name in ["admin' OR '1'='1", "admin'--", "' OR 1=1; DROP TABLE users; --"] {
+        let a = send(
+            &h.app,
+            req("POST", "/api/auth/login", None, Some(json!({"username": name, "password": "x' OR 'x'='x"}))),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{name}");
+    }
+    for id in ["hospital-1'%20OR%20'1'='1", "x';%20DROP%20TABLE%20clients;--", "%27"] {
+        let a = send(&h.app, req("GET", &format!("/api/clients/{id}"), Some(&admin), None)).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{id}");
+        let a = send(
+            &h.app,
+            req("PATCH", &format!("/api/clients/{id}/status"), Some(&admin), Some(json!({"status": "suspended"}))),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND);
+    }
+    let a = send(&h.app, req("GET", "/api/training/rounds/1%20OR%201=1", Some(&admin), None)).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let a = send(
+        &h.app,
+        req("POST", "/api/auth/register", Some(&admin), Some(json!({"username": "x'); DROP TABLE users;--", "password": "long-enough-password", "role": "viewer"}))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let a = send(&h.app, req("GET", "/api/audit?limit=1;DROP%20TABLE%20audit_log", Some(&admin), None)).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let after = (
+        h.state.store.users().await.unwrap().len(),
+        h.state.store.clients().await.unwrap().len(),
+        h.state.store.rounds().await.unwrap().len(),
+    );
+    assert_eq!(before, after);
+    assert!(h.state.store.clients().await.unwrap().iter().all(|c| c.status == "active"));
+    // The injection-shaped names were stored as text in the audit log.
+    let log = h.state.store.audit_log(None, 100).await.unwrap();
+    assert!(log.iter().any(|a| a.actor == "' OR 1=1; DROP TABLE users; --"));
+}
+
+#[tokio::test]
+async fn pages_docs_and_headers() {
+    let h = harness().await;
+    for path in ["/login", "/app", "/assets/app.js", "/assets/app.css", "/assets/login.js", "/api/openapi.json", "/docs/"] {
+        let a = send(&h.app, req("GET", path, None, None)).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        let csp = a.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"), "{csp}");
+        assert_eq!(a.headers[header::X_FRAME_OPTIONS], "DENY");
+        assert_eq!(a.headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(a.headers[header::REFERRER_POLICY], "no-referrer");
+        assert!(!a.headers.contains_key(header::STRICT_TRANSPORT_SECURITY), "no TLS here");
+        let body = String::from_utf8_lossy(&a.body);
+        assert!(!body.contains("https://cdn") && !body.contains("unpkg.com"), "{path} loads from a CDN");
+    }
+    let spec = send(&h.app, req("GET", "/api/openapi.json", None, None)).await.json();
+    let paths = spec["paths"].as_object().unwrap();
+    for p in [
+        "/api/auth/login", "/api/auth/me", "/api/auth/register", "/api/clients", "/api/clients/{id}",
+        "/api/clients/{id}/trust", "/api/clients/{id}/status", "/api/training/rounds",
+        "/api/training/rounds/current", "/api/training/rounds/{id}", "/api/metrics/overview",
+        "/api/metrics/auc-history", "/api/metrics/loss-history", "/api/metrics/aggregation",
+        "/api/metrics/privacy", "/api/inference/predict", "/api/inference/history",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
+    }
+    let a = send(&h.app, req("GET", "/nope", None, None)).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    // The live stream is an event stream.
+    let t = login(&h.app, "viewer").await;
+    let r = h
+        .app
+        .clone()
+        .oneshot(req("GET", "/api/events", Some(&t), None))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()[header::CONTENT_TYPE], "text/event-stream");
+}
+
+/// The same store code on PostgreSQL, when scripts/test.sh started one.
+#[tokio::test]
+async fn postgres_runs_the_same_queries() {
+    let Ok(url) = std::env::var("FEDCORE_TEST_POSTGRES") else {
+        eprintln!("FEDCORE_TEST_POSTGRES is not set: PostgreSQL not tested here");
+        return;
+    };
+    reset_postgres(&url).await;
+    let h = harness_at(Some(url), None).await;
+    assert!(h.state.store.is_postgres());
+    let admin = login(&h.app, "admin").await;
+    for path in READS {
+        let a = send(&h.app, req("GET", path, Some(&admin), None)).await;
+        assert_eq!(a.status, StatusCode::OK, "GET {path}: {}", String::from_utf8_lossy(&a.body));
+    }
+    let auc = send(&h.app, req("GET", "/api/metrics/auc-history", Some(&admin), None)).await.json();
+    assert_eq!(auc[1]["per_label"]["Effusion"], 0.7);
+    assert_eq!(send(&h.app, upload(Some(&admin), "image", &png(64, 64))).await.status, StatusCode::OK);
+    let a = send(
+        &h.app,
+        req("POST", "/api/auth/register", Some(&admin), Some(json!({"username": "pg.doc", "password": "a-long-password", "role": "doctor"}))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    let id = a.json()["id"].as_i64().unwrap();
+    assert_eq!(send(&h.app, req("GET", &format!("/api/users/{id}/export"), Some(&admin), None)).await.status, StatusCode::OK);
+    assert_eq!(send(&h.app, req("DELETE", &format!("/api/users/{id}"), Some(&admin), None)).await.status, StatusCode::NO_CONTENT);
+    let a = send(&h.app, req("GET", "/api/clients/x';%20DROP%20TABLE%20clients;--", Some(&admin), None)).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.state.store.clients().await.unwrap().len(), 2);
+    // Re-recording a round replaces it.
+    seed_rounds(&h.state).await;
+    assert_eq!(h.state.store.rounds().await.unwrap().len(), 2);
+    assert_eq!(h.state.store.updates(Some(1), None).await.unwrap().len(), 2);
+}
+
+async fn reset_postgres(url: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("DROP SCHEMA public CASCADE").execute(&mut c).await.unwrap();
+    sqlx::query("CREATE SCHEMA public").execute(&mut c).await.unwrap();
+}
