@@ -134,11 +134,10 @@ pub struct Peer(pub IpAddr);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
     type Rejection = Infallible;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
         Ok(Peer(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
+            ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+                .await
                 .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
         ))
     }
@@ -179,9 +178,13 @@ impl FromRequestParts<AppState> for Session {
             .tokens
             .verify(&token)
             .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "invalid or expired token"))?;
+        let id: i64 = claims
+            .sub
+            .parse()
+            .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"))?;
         let user = state
             .store
-            .user(claims.sub)
+            .user(id)
             .await?
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the account no longer exists"))?;
         Ok(Session { user, ip })

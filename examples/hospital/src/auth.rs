@@ -54,8 +54,8 @@ pub fn allows(role: Role, p: Permission) -> bool {
 /// The claims of an access token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
-    /// The user id.
-    pub sub: i64,
+    /// The user id (a string, as JWT's `sub` is).
+    pub sub: String,
     /// The role when issued (the current role is read from the store).
     pub role: Role,
     /// Issued at (seconds since the epoch).
@@ -100,7 +100,7 @@ impl Tokens {
     pub fn issue(&self, user: &User) -> Result<String> {
         let iat = now_s();
         let claims = Claims {
-            sub: user.id,
+            sub: user.id.to_string(),
             role: user.role,
             iat,
             exp: iat + self.ttl.as_secs(),
@@ -278,7 +278,7 @@ mod tests {
         };
         let t = Tokens::new(&[1; 32], Duration::from_secs(60)).unwrap();
         let c = t.verify(&t.issue(&user).unwrap()).unwrap();
-        assert_eq!((c.sub, c.role), (7, Role::Doctor));
+        assert_eq!((c.sub.as_str(), c.role), ("7", Role::Doctor));
         let other = Tokens::new(&[2; 32], Duration::from_secs(60)).unwrap();
         assert!(other.verify(&t.issue(&user).unwrap()).is_err());
         let expired = Tokens::new(&[1; 32], Duration::ZERO).unwrap();

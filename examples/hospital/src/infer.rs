@@ -70,7 +70,9 @@ pub fn decode(bytes: &[u8], max_side: u32, size: u32) -> Result<Xray, UploadErro
         r.limits(limits);
         r
     };
-    let (w, h) = reader()
+    // The header alone (no pixel is decoded), without limits, so an
+    // oversized image is reported as such.
+    let (w, h) = ImageReader::with_format(std::io::Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| UploadError::Corrupt(e.to_string()))?;
     if w == 0 || h == 0 {

@@ -383,7 +383,7 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
     assert!(logins.contains(&("doctor", "success")));
     assert!(logins.contains(&("doctor", "failure")));
     assert!(logins.contains(&("nobody", "failure")));
-    assert!(log.iter().all(|a| a.ip.as_deref() == Some("10.0.0.7")));
+    assert!(log.iter().all(|a| a.ip.as_deref() == Some("10.0.0.7")), "{log:?}");
     // Malformed bodies are 4xx, not 500.
     let a = send(
         &h.app,
