@@ -4,8 +4,12 @@
 # `make test`; run it alone with `make setup`.
 #
 #   apt:   C/C++ toolchain, cmake, clang + libclang (SEAL bindings),
-#          protoc (gRPC code generation), Python venv support, DejaVu
-#          fonts (text in the PNG plots of the examples)
+#          libzstd-dev (the shared zstd that tch's zip links beside SEAL's
+#          static one), protoc (gRPC code generation), Python venv support,
+#          DejaVu fonts (text in the PNG plots of the examples), Chromium +
+#          Node.js (the dashboard's browser test), PostgreSQL (the store's
+#          tests run against it too)
+#   npm:   playwright-core (drives Debian's Chromium; no browser download)
 #   .venv: the torch 2.13.0 wheel, whose libtorch the `tch` feature links
 #          (CPU works with no GPU present; the CUDA runtime comes from the
 #          cuda-toolkit wheel so that libtorch's libraries load)
@@ -15,8 +19,10 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.13.0
 CUDA_TOOLKIT="cuda-toolkit[cudart,cupti]==13.0.3"
 VENV=.venv
-APT_PACKAGES=(build-essential make pkg-config cmake clang libclang-dev protobuf-compiler
-              python3 python3-venv ca-certificates fonts-dejavu-core)
+APT_PACKAGES=(build-essential make pkg-config cmake clang libclang-dev libzstd-dev protobuf-compiler
+              python3 python3-venv ca-certificates fonts-dejavu-core chromium postgresql)
+# Node.js: Debian's, unless one is already on the PATH (some images ship their own).
+command -v node >/dev/null && command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -70,4 +76,9 @@ if [ ! -f "$marker" ]; then
     ls "$VENV"/lib/python3*/site-packages/torch/lib/libtorch_cpu.so >/dev/null || {
         log "the torch wheel did not install libtorch_cpu.so"; exit 1; }
     touch "$marker"
+fi
+
+if [ ! -f e2e/node_modules/playwright-core/package.json ]; then
+    log "installing the browser test's playwright-core (npm ci, uses Debian's Chromium)"
+    npm ci --prefix e2e --no-audit --no-fund --loglevel=error >/dev/null
 fi

@@ -6,13 +6,15 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo test (all crates, all features; fedcore-he on its own)"
-# fedcore-he links SEAL, whose build bundles zstd; `tch` links the `zip`
-# crate's zstd-sys. In one binary the two zstd copies collide (duplicate
-# symbols), so fedcore-he's tests build without `tch` (they do not need it)
-# in a second invocation. See docs/he.md, "Limits".
-cargo test --workspace --all-features --no-fail-fast --exclude fedcore-he
-cargo test -p fedcore-he --no-fail-fast
+echo "== PostgreSQL for the dashboard store's tests"
+# Starts a throwaway cluster where Debian's PostgreSQL is installed and
+# exports FEDCORE_TEST_POSTGRES; without one those tests say they are skipped.
+# shellcheck source=scripts/pg-test.sh
+source scripts/pg-test.sh
+echo "== cargo test (all crates, all features)"
+cargo test --workspace --all-features --no-fail-fast
+echo "== browser end-to-end test (headless Debian Chromium)"
+E2E_OUT=target/e2e-screenshots node e2e/dashboard.mjs target/debug/hospital
 echo "== cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== all checks passed in $(( $(date +%s) - start )) s"

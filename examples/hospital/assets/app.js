@@ -89,7 +89,9 @@ function lineChart(id, title, series, opts = {}) {
     }
     for (const q of p) mk("circle", { cx: sx(q[0]), cy: sy(q[1]), r: 3, fill: color });
     if (series.length > 1) {
-      mk("text", { x: L + 8 + i * 110, y: T + 10, fill: color }).textContent = s.name;
+      const t = mk("text", { x: L + 8 + i * 110, y: T + 10 });
+      t.textContent = s.name;
+      t.style.fill = color; // CSSOM, allowed by the CSP (no inline style attribute)
     }
   });
   return el("div", { class: "chart" }, svg);

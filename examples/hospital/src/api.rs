@@ -114,7 +114,13 @@ impl From<anyhow::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(ErrorBody { error: self.message })).into_response();
+        let mut r = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
         if let Some(s) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {
@@ -155,7 +161,10 @@ pub struct Session {
 }
 
 fn token_of(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
     }
     headers
@@ -172,7 +181,9 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
 impl FromRequestParts<AppState> for Session {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
-        let Peer(ip) = Peer::from_request_parts(parts, state).await.unwrap_or(Peer(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
+        let Peer(ip) = Peer::from_request_parts(parts, state)
+            .await
+            .unwrap_or(Peer(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
         let token = token_of(&parts.headers).ok_or_else(ApiError::unauthorized)?;
         let claims = state
             .tokens
@@ -182,11 +193,9 @@ impl FromRequestParts<AppState> for Session {
             .sub
             .parse()
             .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"))?;
-        let user = state
-            .store
-            .user(id)
-            .await?
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the account no longer exists"))?;
+        let user = state.store.user(id).await?.ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "the account no longer exists")
+        })?;
         Ok(Session { user, ip })
     }
 }
@@ -314,7 +323,10 @@ async fn login(
                 ..Default::default()
             })
             .await?;
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong user name or password",
+        ));
     };
     let token = state.tokens.issue(&user)?;
     state
@@ -420,7 +432,9 @@ async fn register(
     session: Session,
     Json(req): Json<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<User>)> {
-    session.require(&state, Permission::ManageUsers, "create users").await?;
+    session
+        .require(&state, Permission::ManageUsers, "create users")
+        .await?;
     auth::check_username(&req.username).map_err(ApiError::bad_request)?;
     auth::check_password(&req.password).map_err(ApiError::bad_request)?;
     let password = req.password;
@@ -433,7 +447,12 @@ async fn register(
         .await?
         .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "that user name is taken"))?;
     session
-        .audit(&state, "user_created", Some(&user.username), Some(req.role.as_str()))
+        .audit(
+            &state,
+            "user_created",
+            Some(&user.username),
+            Some(req.role.as_str()),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(user)))
 }
@@ -443,7 +462,9 @@ async fn register(
 #[utoipa::path(get, path = "/api/users", tag = "users",
     responses((status = 200, body = [User]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn list_users(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<User>>> {
-    session.require(&state, Permission::ManageUsers, "list users").await?;
+    session
+        .require(&state, Permission::ManageUsers, "list users")
+        .await?;
     Ok(Json(state.store.users().await?))
 }
 
@@ -464,17 +485,30 @@ async fn change_role(
     Path(id): Path<i64>,
     Json(req): Json<RoleChange>,
 ) -> ApiResult<Json<User>> {
-    session.require(&state, Permission::ManageUsers, "change roles").await?;
-    let user = state.store.user(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    if user.role == Role::Admin && req.role != Role::Admin && state.store.admin_count().await? <= 1 {
-        return Err(ApiError::new(StatusCode::CONFLICT, "the last admin keeps the admin role"));
+    session
+        .require(&state, Permission::ManageUsers, "change roles")
+        .await?;
+    let user = state
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    if user.role == Role::Admin && req.role != Role::Admin && state.store.admin_count().await? <= 1
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the last admin keeps the admin role",
+        ));
     }
     state.store.set_role(id, req.role).await?;
     let detail = format!("{} -> {}", user.role.as_str(), req.role.as_str());
     session
         .audit(&state, "role_change", Some(&user.username), Some(&detail))
         .await?;
-    Ok(Json(User { role: req.role, ..user }))
+    Ok(Json(User {
+        role: req.role,
+        ..user
+    }))
 }
 
 /// Everything stored about a user (data-subject access request).
@@ -496,8 +530,14 @@ async fn export_user(
     session: Session,
     Path(id): Path<i64>,
 ) -> ApiResult<Json<UserExport>> {
-    session.require(&state, Permission::ManageUsers, "export user data").await?;
-    let user = state.store.user(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    session
+        .require(&state, Permission::ManageUsers, "export user data")
+        .await?;
+    let user = state
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
     let inferences = state
         .store
         .inferences(Some(id), i64::MAX)
@@ -525,13 +565,25 @@ async fn delete_user(
     session: Session,
     Path(id): Path<i64>,
 ) -> ApiResult<StatusCode> {
-    session.require(&state, Permission::ManageUsers, "delete users").await?;
-    let user = state.store.user(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    session
+        .require(&state, Permission::ManageUsers, "delete users")
+        .await?;
+    let user = state
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
     if user.id == session.user.id {
-        return Err(ApiError::new(StatusCode::CONFLICT, "an admin cannot delete their own account"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "an admin cannot delete their own account",
+        ));
     }
     if user.role == Role::Admin && state.store.admin_count().await? <= 1 {
-        return Err(ApiError::new(StatusCode::CONFLICT, "the last admin cannot be deleted"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the last admin cannot be deleted",
+        ));
     }
     state.store.anonymize_user(id).await?;
     session
@@ -579,8 +631,13 @@ async fn client_view(state: &AppState, c: ClientRow) -> ApiResult<ClientView> {
 
 #[utoipa::path(get, path = "/api/clients", tag = "clients",
     responses((status = 200, body = [ClientView]), (status = 401, body = ErrorBody)))]
-async fn list_clients(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<ClientView>>> {
-    session.require(&state, Permission::ViewMetrics, "view clients").await?;
+async fn list_clients(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<ClientView>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view clients")
+        .await?;
     let mut out = Vec::new();
     for c in state.store.clients().await? {
         out.push(client_view(&state, c).await?);
@@ -596,8 +653,14 @@ async fn get_client(
     session: Session,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClientView>> {
-    session.require(&state, Permission::ViewMetrics, "view clients").await?;
-    let c = state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    session
+        .require(&state, Permission::ViewMetrics, "view clients")
+        .await?;
+    let c = state
+        .store
+        .client(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("client"))?;
     Ok(Json(client_view(&state, c).await?))
 }
 
@@ -609,8 +672,14 @@ async fn client_trust(
     session: Session,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<TrustRow>>> {
-    session.require(&state, Permission::ViewMetrics, "view clients").await?;
-    state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    session
+        .require(&state, Permission::ViewMetrics, "view clients")
+        .await?;
+    state
+        .store
+        .client(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("client"))?;
     Ok(Json(state.store.trust(&id).await?))
 }
 
@@ -631,11 +700,21 @@ async fn set_client_status(
     Path(id): Path<String>,
     Json(req): Json<StatusChange>,
 ) -> ApiResult<Json<ClientView>> {
-    session.require(&state, Permission::ManageClients, "change a client's status").await?;
+    session
+        .require(
+            &state,
+            Permission::ManageClients,
+            "change a client's status",
+        )
+        .await?;
     if !matches!(req.status.as_str(), "active" | "suspended") {
         return Err(ApiError::bad_request("status is `active` or `suspended`"));
     }
-    let before = state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    let before = state
+        .store
+        .client(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("client"))?;
     state.store.set_client_status(&id, &req.status).await?;
     if let Ok(mut s) = state.shared.suspended.lock() {
         if req.status == "suspended" {
@@ -648,7 +727,11 @@ async fn set_client_status(
     session
         .audit(&state, "client_status_change", Some(&id), Some(&detail))
         .await?;
-    let c = state.store.client(&id).await?.ok_or_else(|| ApiError::not_found("client"))?;
+    let c = state
+        .store
+        .client(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("client"))?;
     Ok(Json(client_view(&state, c).await?))
 }
 
@@ -657,7 +740,9 @@ async fn set_client_status(
 #[utoipa::path(get, path = "/api/training/rounds", tag = "training",
     responses((status = 200, body = [RoundRow]), (status = 401, body = ErrorBody)))]
 async fn rounds(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<RoundRow>>> {
-    session.require(&state, Permission::ViewMetrics, "view training").await?;
+    session
+        .require(&state, Permission::ViewMetrics, "view training")
+        .await?;
     Ok(Json(state.store.rounds().await?))
 }
 
@@ -672,8 +757,13 @@ pub struct CurrentRound {
 
 #[utoipa::path(get, path = "/api/training/rounds/current", tag = "training",
     responses((status = 200, body = CurrentRound), (status = 401, body = ErrorBody)))]
-async fn current_round(State(state): State<AppState>, session: Session) -> ApiResult<Json<CurrentRound>> {
-    session.require(&state, Permission::ViewMetrics, "view training").await?;
+async fn current_round(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<CurrentRound>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view training")
+        .await?;
     Ok(Json(CurrentRound {
         progress: progress(&state),
         last: state.store.rounds().await?.pop(),
@@ -708,8 +798,14 @@ async fn round_detail(
     session: Session,
     Path(id): Path<i64>,
 ) -> ApiResult<Json<RoundDetail>> {
-    session.require(&state, Permission::ViewMetrics, "view training").await?;
-    let round = state.store.round(id).await?.ok_or_else(|| ApiError::not_found("round"))?;
+    session
+        .require(&state, Permission::ViewMetrics, "view training")
+        .await?;
+    let round = state
+        .store
+        .round(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("round"))?;
     let metrics = state
         .store
         .metrics("")
@@ -753,12 +849,20 @@ pub struct Overview {
 #[utoipa::path(get, path = "/api/metrics/overview", tag = "metrics",
     responses((status = 200, body = Overview), (status = 401, body = ErrorBody)))]
 async fn overview(State(state): State<AppState>, session: Session) -> ApiResult<Json<Overview>> {
-    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
     let rounds = state.store.rounds().await?;
     let clients = state.store.clients().await?;
     let mut suspicious = Vec::new();
     for c in &clients {
-        if state.store.trust(&c.id).await?.last().is_some_and(|t| t.suspicious) {
+        if state
+            .store
+            .trust(&c.id)
+            .await?
+            .last()
+            .is_some_and(|t| t.suspicious)
+        {
             suspicious.push(c.id.clone());
         }
     }
@@ -792,8 +896,13 @@ pub struct AucPoint {
 
 #[utoipa::path(get, path = "/api/metrics/auc-history", tag = "metrics",
     responses((status = 200, body = [AucPoint]), (status = 401, body = ErrorBody)))]
-async fn auc_history(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<AucPoint>>> {
-    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+async fn auc_history(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<AucPoint>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
     let mut per: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
     for m in state.store.metrics("eval.auroc.").await? {
         per.entry(m.round_id)
@@ -831,8 +940,13 @@ pub struct LossPoint {
 
 #[utoipa::path(get, path = "/api/metrics/loss-history", tag = "metrics",
     responses((status = 200, body = [LossPoint]), (status = 401, body = ErrorBody)))]
-async fn loss_history(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<LossPoint>>> {
-    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+async fn loss_history(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<LossPoint>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
     Ok(Json(
         state
             .store
@@ -867,8 +981,13 @@ pub struct AggregationPoint {
 
 #[utoipa::path(get, path = "/api/metrics/aggregation", tag = "metrics",
     responses((status = 200, body = [AggregationPoint]), (status = 401, body = ErrorBody)))]
-async fn aggregation(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<AggregationPoint>>> {
-    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+async fn aggregation(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<AggregationPoint>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
     let mut per: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
     for m in state.store.metrics("agg.").await? {
         per.entry(m.round_id)
@@ -910,8 +1029,13 @@ pub struct PrivacyView {
 
 #[utoipa::path(get, path = "/api/metrics/privacy", tag = "metrics",
     responses((status = 200, body = [PrivacyView]), (status = 401, body = ErrorBody)))]
-async fn privacy(State(state): State<AppState>, session: Session) -> ApiResult<Json<Vec<PrivacyView>>> {
-    session.require(&state, Permission::ViewMetrics, "view metrics").await?;
+async fn privacy(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<PrivacyView>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
     let budget = progress(&state).budget;
     let mut out = Vec::new();
     for c in state.store.clients().await? {
@@ -998,7 +1122,9 @@ async fn predict(
     session: Session,
     mut multipart: Multipart,
 ) -> ApiResult<Json<Prediction>> {
-    session.require(&state, Permission::RunInference, "run inference").await?;
+    session
+        .require(&state, Permission::RunInference, "run inference")
+        .await?;
     let mut bytes: Option<Bytes> = None;
     loop {
         let field = match multipart.next_field().await {
@@ -1010,7 +1136,8 @@ async fn predict(
             bytes = Some(field.bytes().await.map_err(multipart_error)?);
         }
     }
-    let bytes = bytes.ok_or_else(|| ApiError::bad_request("send the X-ray in a form field named `image`"))?;
+    let bytes = bytes
+        .ok_or_else(|| ApiError::bad_request("send the X-ray in a form field named `image`"))?;
     let limits = state.uploads;
     let predictor = state.predictor.clone();
     let (xray, answer) = tokio::task::spawn_blocking(move || {
@@ -1028,7 +1155,10 @@ async fn predict(
         ApiError::new(status, e.to_string())
     })?;
     let (findings, round) = answer?.ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model has been trained yet")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no model has been trained yet",
+        )
     })?;
     let json = serde_json::to_string(&findings).map_err(anyhow::Error::from)?;
     let stored = match &state.at_rest {
@@ -1047,7 +1177,12 @@ async fn predict(
         )
         .await?;
     session
-        .audit(&state, "inference", Some(&xray.sha256[..16]), Some(&format!("model round {round}")))
+        .audit(
+            &state,
+            "inference",
+            Some(&xray.sha256[..16]),
+            Some(&format!("model round {round}")),
+        )
         .await?;
     Ok(Json(Prediction {
         id,
@@ -1083,12 +1218,23 @@ async fn inference_history(
     session: Session,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<Json<Vec<InferenceView>>> {
-    session.require(&state, Permission::RunInference, "view the inference history").await?;
+    session
+        .require(
+            &state,
+            Permission::RunInference,
+            "view the inference history",
+        )
+        .await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     // Doctors see their own; admins everyone's.
-    let who = (!allows(session.user.role, Permission::ViewAllInferences)).then_some(session.user.id);
+    let who =
+        (!allows(session.user.role, Permission::ViewAllInferences)).then_some(session.user.id);
     let rows = state.store.inferences(who, limit).await?;
-    Ok(Json(rows.into_iter().map(|r| view(&state, r)).collect::<ApiResult<_>>()?))
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| view(&state, r))
+            .collect::<ApiResult<_>>()?,
+    ))
 }
 
 // ---------------------------------------------------------------- audit, export
@@ -1107,23 +1253,42 @@ async fn audit_log(
     session: Session,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<Vec<AuditRow>>> {
-    session.require(&state, Permission::ViewAudit, "read the audit log").await?;
-    Ok(Json(state.store.audit_log(None, q.limit.unwrap_or(200).clamp(1, 1000)).await?))
+    session
+        .require(&state, Permission::ViewAudit, "read the audit log")
+        .await?;
+    Ok(Json(
+        state
+            .store
+            .audit_log(None, q.limit.unwrap_or(200).clamp(1, 1000))
+            .await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/model/export", tag = "model",
     responses((status = 200, description = "safetensors of the global model (AES-GCM sealed when a data key is configured)"),
               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn export_model(State(state): State<AppState>, session: Session) -> ApiResult<Response> {
-    session.require(&state, Permission::ExportModel, "export the model").await?;
+    session
+        .require(&state, Permission::ExportModel, "export the model")
+        .await?;
     let (params, round) = state
         .predictor
         .parameters()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model yet"))?;
-    let bytes = fedcore::checkpoint::to_safetensors(&params, [("round".to_owned(), round.to_string())]).map_err(anyhow::Error::from)?;
+    let bytes =
+        fedcore::checkpoint::to_safetensors(&params, [("round".to_owned(), round.to_string())])
+            .map_err(anyhow::Error::from)?;
     let (body, name, ctype) = match &state.at_rest {
-        Some(k) => (k.seal_bytes(&bytes)?.into_bytes(), format!("global-round-{round}.safetensors.enc"), "text/plain"),
-        None => (bytes, format!("global-round-{round}.safetensors"), "application/octet-stream"),
+        Some(k) => (
+            k.seal_bytes(&bytes)?.into_bytes(),
+            format!("global-round-{round}.safetensors.enc"),
+            "text/plain",
+        ),
+        None => (
+            bytes,
+            format!("global-round-{round}.safetensors"),
+            "application/octet-stream",
+        ),
     };
     session
         .audit(&state, "model_export", Some(&name), None)
@@ -1131,7 +1296,10 @@ async fn export_model(State(state): State<AppState>, session: Session) -> ApiRes
     Ok((
         [
             (header::CONTENT_TYPE, ctype.to_owned()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
         ],
         body,
     )
@@ -1147,7 +1315,9 @@ async fn events(
     State(state): State<AppState>,
     session: Session,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    session.require(&state, Permission::ViewMetrics, "view training").await?;
+    session
+        .require(&state, Permission::ViewMetrics, "view training")
+        .await?;
     let stream = BroadcastStream::new(state.shared.events.subscribe()).filter_map(|e| {
         // A lagging browser skips events; it re-reads the REST endpoints.
         let e: LiveEvent = e.ok()?;
@@ -1181,13 +1351,23 @@ struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
         let c = openapi.components.get_or_insert_with(Default::default);
         c.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
-        c.add_security_scheme("cookie", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(COOKIE))));
+        c.add_security_scheme(
+            "cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(COOKIE))),
+        );
     }
 }
 

@@ -27,7 +27,10 @@ struct DataKey {
 impl DataKey {
     fn new(bytes: &[u8]) -> Result<Self> {
         if bytes.len() != 32 {
-            bail!("a data key is 32 bytes (base64 of 32 random bytes), got {}", bytes.len());
+            bail!(
+                "a data key is 32 bytes (base64 of 32 random bytes), got {}",
+                bytes.len()
+            );
         }
         let id = Sha256::digest(bytes)[..4]
             .iter()
@@ -35,7 +38,9 @@ impl DataKey {
             .collect();
         Ok(Self {
             id,
-            cipher: Aes256Gcm::new(&Key::<Aes256Gcm>::try_from(bytes).map_err(|_| anyhow!("key length"))?),
+            cipher: Aes256Gcm::new(
+                &Key::<Aes256Gcm>::try_from(bytes).map_err(|_| anyhow!("key length"))?,
+            ),
         })
     }
 }
@@ -99,7 +104,11 @@ impl AtRest {
             .map_err(|_| anyhow!("encryption failed"))?;
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&ct);
-        Ok(format!("{PREFIX}{}:{}", self.current.id, STANDARD.encode(blob)))
+        Ok(format!(
+            "{PREFIX}{}:{}",
+            self.current.id,
+            STANDARD.encode(blob)
+        ))
     }
 
     /// Seals text.
@@ -109,9 +118,7 @@ impl AtRest {
 
     /// Opens a sealed value with whichever configured key sealed it.
     pub fn open_bytes(&self, sealed: &str) -> Result<Vec<u8>> {
-        let rest = sealed
-            .strip_prefix(PREFIX)
-            .context("not a sealed value")?;
+        let rest = sealed.strip_prefix(PREFIX).context("not a sealed value")?;
         let (id, blob) = rest.split_once(':').context("malformed sealed value")?;
         let key = std::iter::once(&self.current)
             .chain(&self.old)
@@ -123,7 +130,10 @@ impl AtRest {
         }
         let (nonce, ct) = blob.split_at(12);
         key.cipher
-            .decrypt(&Nonce::try_from(nonce).map_err(|_| anyhow!("nonce length"))?, ct)
+            .decrypt(
+                &Nonce::try_from(nonce).map_err(|_| anyhow!("nonce length"))?,
+                ct,
+            )
             .map_err(|_| anyhow!("sealed value fails authentication (tampered or wrong key)"))
     }
 
@@ -158,7 +168,13 @@ mod tests {
         let rotated = AtRest::from_base64(&key(2), &[key(1)]).unwrap();
         assert_eq!(rotated.open(&s).unwrap(), "findings");
         let only_new = AtRest::from_base64(&key(2), &[]).unwrap();
-        assert!(only_new.open(&s).unwrap_err().to_string().contains("not configured"));
+        assert!(
+            only_new
+                .open(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("not configured")
+        );
 
         let mut t = s.clone().into_bytes();
         let n = t.len();

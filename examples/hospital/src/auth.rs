@@ -310,6 +310,9 @@ mod tests {
         assert!(l.check(a, "x").is_ok() && l.check(a, "y").is_ok());
         assert!(l.check(a, "z").is_err(), "third from one address");
         assert!(l.check(b, "x").is_ok());
-        assert!(l.check(b, "X").is_err(), "third for one name, case-insensitive");
+        assert!(
+            l.check(b, "X").is_err(),
+            "third for one name, case-insensitive"
+        );
     }
 }

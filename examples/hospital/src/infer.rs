@@ -119,7 +119,9 @@ pub struct Predictor {
 
 impl std::fmt::Debug for Predictor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Predictor").field("size", &self.size).finish()
+        f.debug_struct("Predictor")
+            .field("size", &self.size)
+            .finish()
     }
 }
 
@@ -210,14 +212,23 @@ mod tests {
         let x = decode(&png(40, 30), 1024, 32).unwrap();
         assert_eq!((x.width, x.height, x.pixels.len()), (40, 30, 32 * 32));
         assert_eq!(x.sha256.len(), 64);
-        assert_eq!(decode(b"hello", 1024, 32).unwrap_err(), UploadError::NotAnImage);
-        assert_eq!(decode(b"GIF89a....", 1024, 32).unwrap_err(), UploadError::NotAnImage);
+        assert_eq!(
+            decode(b"hello", 1024, 32).unwrap_err(),
+            UploadError::NotAnImage
+        );
+        assert_eq!(
+            decode(b"GIF89a....", 1024, 32).unwrap_err(),
+            UploadError::NotAnImage
+        );
         assert!(matches!(
             decode(&png(300, 20), 256, 32),
             Err(UploadError::TooLarge(300, 20, 256))
         ));
         let mut cut = png(64, 64);
         cut.truncate(cut.len() / 2);
-        assert!(matches!(decode(&cut, 1024, 32), Err(UploadError::Corrupt(_))));
+        assert!(matches!(
+            decode(&cut, 1024, 32),
+            Err(UploadError::Corrupt(_))
+        ));
     }
 }

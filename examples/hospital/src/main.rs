@@ -18,7 +18,10 @@ use hospital::sim::{self, Shared, SimConfig};
 use hospital::web::{self, WebConfig};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Federated chest X-ray training across simulated hospitals")]
+#[command(
+    version,
+    about = "Federated chest X-ray training across simulated hospitals"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +58,10 @@ fn main() -> Result<()> {
         .init();
     let Command::Simulate(mut args) = Cli::parse().command;
     let run_dir = args.sim.run_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("runs/hospital-{}", hospital::store::now_ms() / 1000))
+        PathBuf::from(format!(
+            "runs/hospital-{}",
+            hospital::store::now_ms() / 1000
+        ))
     });
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -87,7 +93,10 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
     let predictor = Arc::new(Predictor::new(s.image_size, s.seed));
     let state = web::state(&config, shared.clone(), predictor.clone()).await?;
     for (name, role, password) in web::bootstrap_users(&state.store).await? {
-        println!("created user {name:<7} ({}) with password {password}", role.as_str());
+        println!(
+            "created user {name:<7} ({}) with password {password}",
+            role.as_str()
+        );
     }
     let store = state.store.clone();
     let server = if args.no_dashboard {
@@ -99,7 +108,11 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         let listen = args.listen;
         let handle = tokio::spawn(async move { web::serve(app, listen, tls.as_ref(), tx).await });
         let addr = rx.await.context("the dashboard did not start")?;
-        let scheme = if config.tls.is_some() { "https" } else { "http" };
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         println!("dashboard: {scheme}://{addr}/ (API docs at /docs)");
         Some(handle)
     };
@@ -107,9 +120,10 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
     let rt = tokio::runtime::Handle::current();
     let cfg = args.sim.clone();
     let sim_shared = shared.clone();
-    let summary = tokio::task::spawn_blocking(move || sim::run(&cfg, &store, &rt, &sim_shared, &predictor))
-        .await
-        .context("simulation thread")?;
+    let summary =
+        tokio::task::spawn_blocking(move || sim::run(&cfg, &store, &rt, &sim_shared, &predictor))
+            .await
+            .context("simulation thread")?;
     match &summary {
         Ok(s) => println!(
             "done: {} rounds; held-out loss {:.4} -> {:.4}, macro AUROC {} -> {}; {} update(s) not counted; run folder {}",

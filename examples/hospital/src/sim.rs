@@ -282,8 +282,10 @@ impl Shared {
 /// The DenseNet-121 of the hospital app.
 pub fn densenet(seed: u64) -> Result<TchModel<DenseNet>> {
     let config = DenseNetConfig::densenet121(1, Activation::Square);
-    Ok(TchModel::build(tch::Device::Cpu, seed, |b| DenseNet::build(b, config))?
-        .with_label_names(&FINDINGS)?)
+    Ok(
+        TchModel::build(tch::Device::Cpu, seed, |b| DenseNet::build(b, config))?
+            .with_label_names(&FINDINGS)?,
+    )
 }
 
 /// The image preprocessing of the app (the data set's and inference's).
@@ -383,7 +385,10 @@ fn run_inner(
         bail!("the data needs images in both train_val_list.txt and test_list.txt");
     }
     let entries = ds.entries().to_vec();
-    let groups: Vec<u64> = train.iter().map(|&i| u64::from(entries[i].patient)).collect();
+    let groups: Vec<u64> = train
+        .iter()
+        .map(|&i| u64::from(entries[i].patient))
+        .collect();
     let profiles: Vec<usize> = train
         .iter()
         .map(|&i| (0..14).find(|&l| entries[i].has(l)).unwrap_or(14))
@@ -406,7 +411,9 @@ fn run_inner(
     let secret: Option<CkksContext<Secret>> = if !cfg.he {
         None
     } else if key_dir.join("he-secret.key").exists() {
-        Some(CkksContext::<Secret>::from_file(&key_dir.join("he-secret.key"))?)
+        Some(CkksContext::<Secret>::from_file(
+            &key_dir.join("he-secret.key"),
+        )?)
     } else {
         std::fs::create_dir_all(&key_dir)?;
         Some(KeyAuthority::write(CkksParams::default(), &key_dir)?.0)
@@ -437,7 +444,14 @@ fn run_inner(
         let model = densenet(cfg.seed)?;
         let mut client: Box<dyn fedcore::Client> = if cfg.byzantine == Some(i + 1) {
             let attack = Attack::SignFlip { scale: 4.0 };
-            build_client(cfg, &name, Byzantine::new(model, attack)?, data, &dp_names, &secret)?
+            build_client(
+                cfg,
+                &name,
+                Byzantine::new(model, attack)?,
+                data,
+                &dp_names,
+                &secret,
+            )?
         } else {
             build_client(cfg, &name, model, data, &dp_names, &secret)?
         };
@@ -446,7 +460,10 @@ fn run_inner(
     }
     if let Some(i) = cfg.drop_client {
         transport
-            .inject(&ClientId::new(hospital(i.saturating_sub(1))), Some(Fault::Drop))
+            .inject(
+                &ClientId::new(hospital(i.saturating_sub(1))),
+                Some(Fault::Drop),
+            )
             .with_context(|| format!("no hospital {i}"))?;
     }
 
@@ -493,7 +510,9 @@ fn run_inner(
     let open_head = {
         let head = head.clone();
         let layout = layout.clone();
-        move |p: &Parameters, sealed: Option<&fedcore::SealedTensors>| -> fedcore::Result<Parameters> {
+        move |p: &Parameters,
+              sealed: Option<&fedcore::SealedTensors>|
+              -> fedcore::Result<Parameters> {
             let mut full = p.clone();
             if let (Some(o), Some(s)) = (&opener, sealed) {
                 use fedcore::Sealer;
@@ -537,7 +556,10 @@ fn run_inner(
                     p.status = "training".into();
                     p.current_round = *round;
                 });
-                bar.set_message(format!("round {round}: {} hospitals training", sampled.len()));
+                bar.set_message(format!(
+                    "round {round}: {} hospitals training",
+                    sampled.len()
+                ));
                 shared.send(LiveEvent::RoundStarted {
                     round: *round,
                     total,
@@ -697,7 +719,9 @@ fn apply_suspensions<A: Aggregator>(
         } else {
             None
         };
-        server.transport_mut().inject(&ClientId::new(&name), fault)?;
+        server
+            .transport_mut()
+            .inject(&ClientId::new(&name), fault)?;
     }
     Ok(())
 }

@@ -282,7 +282,12 @@ impl Store {
     // ---- users
 
     /// Creates a user; `Ok(None)` when the name is taken.
-    pub async fn create_user(&self, username: &str, hash: &str, role: Role) -> Result<Option<User>> {
+    pub async fn create_user(
+        &self,
+        username: &str,
+        hash: &str,
+        role: Role,
+    ) -> Result<Option<User>> {
         let now = now_ms();
         let row = sqlx::query(
             "INSERT INTO users (username, password_hash, role, created_at) VALUES ($1, $2, $3, $4) \
@@ -328,12 +333,14 @@ impl Store {
 
     /// Every user that is not deleted.
     pub async fn users(&self) -> Result<Vec<User>> {
-        sqlx::query("SELECT id, username, role, created_at FROM users WHERE deleted = 0 ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(user)
-            .collect()
+        sqlx::query(
+            "SELECT id, username, role, created_at FROM users WHERE deleted = 0 ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(user)
+        .collect()
     }
 
     /// Changes a role; false when there is no such user.
@@ -349,10 +356,12 @@ impl Store {
 
     /// How many admins are left (the last one cannot be removed).
     pub async fn admin_count(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin' AND deleted = 0")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get::<i64, _>(0)?)
+        Ok(
+            sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin' AND deleted = 0")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get::<i64, _>(0)?,
+        )
     }
 
     /// Erases a user's personal data: the name becomes `deleted-<id>`, the
@@ -536,7 +545,11 @@ impl Store {
     }
 
     /// The hospitals' parts in a round, or in every round of one hospital.
-    pub async fn updates(&self, round: Option<i64>, client: Option<&str>) -> Result<Vec<UpdateRow>> {
+    pub async fn updates(
+        &self,
+        round: Option<i64>,
+        client: Option<&str>,
+    ) -> Result<Vec<UpdateRow>> {
         sqlx::query(
             "SELECT round_id, client_id, accepted, reason, weight, trust, update_norm, \
              num_examples, epsilon, delta FROM client_updates \
@@ -589,9 +602,10 @@ impl Store {
     /// Metrics whose names start with `prefix`, every round (filtered here:
     /// a `LIKE` pattern would treat `_` in metric names as a wildcard).
     pub async fn metrics(&self, prefix: &str) -> Result<Vec<MetricRow>> {
-        let rows = sqlx::query("SELECT round_id, name, value FROM round_metrics ORDER BY round_id, name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT round_id, name, value FROM round_metrics ORDER BY round_id, name")
+                .fetch_all(&self.pool)
+                .await?;
         let mut out = Vec::new();
         for r in &rows {
             let name: String = r.try_get(1)?;

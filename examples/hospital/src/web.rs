@@ -83,12 +83,15 @@ pub async fn state(
         }
     };
     // Suspensions survive a restart of the dashboard.
+    let suspended: Vec<String> = store
+        .clients()
+        .await?
+        .into_iter()
+        .filter(|c| c.status == "suspended")
+        .map(|c| c.id)
+        .collect();
     if let Ok(mut s) = shared.suspended.lock() {
-        for c in store.clients().await? {
-            if c.status == "suspended" {
-                s.insert(c.id);
-            }
-        }
+        s.extend(suspended);
     }
     Ok(AppState {
         store,
@@ -110,7 +113,11 @@ pub async fn bootstrap_users(store: &Store) -> Result<Vec<(String, Role, String)
         return Ok(Vec::new());
     }
     let mut printed = Vec::new();
-    for (name, role) in [("admin", Role::Admin), ("doctor", Role::Doctor), ("viewer", Role::Viewer)] {
+    for (name, role) in [
+        ("admin", Role::Admin),
+        ("doctor", Role::Doctor),
+        ("viewer", Role::Viewer),
+    ] {
         let var = format!("HOSPITAL_{}_PASSWORD", name.to_ascii_uppercase());
         let (password, generated) = match auth::secret_from_env(&var)? {
             Some(p) => {
@@ -144,10 +151,19 @@ async fn security_headers(tls: bool, req: Request, next: Next) -> Response {
     let mut r = next.run(req).await;
     let h = r.headers_mut();
     let csp = if docs { CSP_DOCS } else { CSP };
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(csp),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(
         "permissions-policy",
         HeaderValue::from_static("camera=(), microphone=(), geolocation=()"),
@@ -175,23 +191,48 @@ pub fn app(state: AppState) -> Router {
         .merge(api::routes(&state))
         .merge(SwaggerUi::new("/docs").url("/api/openapi.json", api::ApiDoc::openapi()))
         .route("/", get(|| async { Redirect::to("/app") }))
-        .route("/login", get(|| async { Html(include_str!("../assets/login.html")) }))
-        .route("/app", get(|| async { Html(include_str!("../assets/app.html")) }))
+        .route(
+            "/login",
+            get(|| async { Html(include_str!("../assets/login.html")) }),
+        )
+        .route(
+            "/app",
+            get(|| async { Html(include_str!("../assets/app.html")) }),
+        )
         .route(
             "/assets/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", include_str!("../assets/app.js")) }),
+            get(|| async {
+                asset(
+                    "text/javascript; charset=utf-8",
+                    include_str!("../assets/app.js"),
+                )
+            }),
         )
         .route(
             "/assets/login.js",
-            get(|| async { asset("text/javascript; charset=utf-8", include_str!("../assets/login.js")) }),
+            get(|| async {
+                asset(
+                    "text/javascript; charset=utf-8",
+                    include_str!("../assets/login.js"),
+                )
+            }),
         )
         .route(
             "/assets/app.css",
             get(|| async { asset("text/css; charset=utf-8", include_str!("../assets/app.css")) }),
         )
-        .fallback(|| async { (StatusCode::NOT_FOUND, axum::Json(api::ErrorBody { error: "not found".into() })) })
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                axum::Json(api::ErrorBody {
+                    error: "not found".into(),
+                }),
+            )
+        })
         .with_state(state)
-        .layer(middleware::from_fn(move |req, next| security_headers(tls, req, next)))
+        .layer(middleware::from_fn(move |req, next| {
+            security_headers(tls, req, next)
+        }))
 }
 
 /// Serves `app` on `addr` until the process ends; HTTPS with rustls when the
@@ -215,7 +256,9 @@ pub async fn serve(
             let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
-                .with_context(|| format!("TLS certificate {} / key {}", cert.display(), key.display()))?;
+                .with_context(|| {
+                    format!("TLS certificate {} / key {}", cert.display(), key.display())
+                })?;
             let std_listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let _ = bound.send(std_listener.local_addr()?);

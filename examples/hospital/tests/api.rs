@@ -40,8 +40,12 @@ struct Harness {
 
 async fn harness_at(url: Option<String>, at_rest: Option<AtRest>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let database_url =
-        url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("t.sqlite").display()));
+    let database_url = url.unwrap_or_else(|| {
+        format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("t.sqlite").display()
+        )
+    });
     let config = WebConfig {
         database_url,
         jwt_secret: Some("a test secret that is long enough!".into()),
@@ -74,7 +78,8 @@ async fn harness_at(url: Option<String>, at_rest: Option<AtRest>) -> Harness {
             .unwrap();
     }
     seed_rounds(&state).await;
-    let app = web::app(state.clone()).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 4000))));
+    let app =
+        web::app(state.clone()).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 4000))));
     Harness {
         app,
         state,
@@ -184,10 +189,20 @@ async fn login(app: &Router, user: &str) -> String {
     let pw = PASSWORDS.iter().find(|p| p.0 == user).unwrap().1;
     let a = send(
         app,
-        req("POST", "/api/auth/login", None, Some(json!({"username": user, "password": pw}))),
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": user, "password": pw})),
+        ),
     )
     .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
     a.json()["token"].as_str().unwrap().to_owned()
 }
 
@@ -215,7 +230,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -233,7 +252,10 @@ fn upload(token: Option<&str>, field: &str, bytes: &[u8]) -> Request<Body> {
     let mut b = Request::builder()
         .method("POST")
         .uri("/api/inference/predict")
-        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"));
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        );
     if let Some(t) = token {
         b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
@@ -285,7 +307,11 @@ async fn every_endpoint_needs_a_valid_token() {
         for token in [None, Some("garbage"), Some(forged.as_str())] {
             let body = (method != "GET" && method != "DELETE").then(|| json!({}));
             let a = send(&h.app, req(method, path, token, body)).await;
-            assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}");
+            assert_eq!(
+                a.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}"
+            );
             assert!(a.json()["error"].is_string());
         }
     }
@@ -330,7 +356,11 @@ async fn reads_work_for_every_role_and_answer_json() {
     let trust = get("/api/clients/hospital-1/trust").await;
     assert_eq!(trust.as_array().unwrap().len(), 2);
     assert_eq!(trust[1]["suspicious"], true);
-    let a = send(&h.app, req("GET", "/api/training/rounds/99", Some(&t), None)).await;
+    let a = send(
+        &h.app,
+        req("GET", "/api/training/rounds/99", Some(&t), None),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     let a = send(&h.app, req("GET", "/api/clients/nope", Some(&t), None)).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
@@ -341,12 +371,20 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
     let h = harness().await;
     let a = send(
         &h.app,
-        req("POST", "/api/auth/login", None, Some(json!({"username": "doctor", "password": "doctor-password-123"}))),
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "doctor", "password": "doctor-password-123"})),
+        ),
     )
     .await;
     assert_eq!(a.status, StatusCode::OK);
     let cookie = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     assert!(!cookie.contains("Secure"), "no TLS here");
     let pair = cookie.split(';').next().unwrap();
     let me = send(
@@ -360,19 +398,39 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
     .await;
     assert_eq!(me.status, StatusCode::OK);
     assert_eq!(me.json()["user"]["role"], "doctor");
-    assert_eq!(me.json()["permissions"], json!(["view_metrics", "run_inference"]));
+    assert_eq!(
+        me.json()["permissions"],
+        json!(["view_metrics", "run_inference"])
+    );
     let out = send(&h.app, req("POST", "/api/auth/logout", None, None)).await;
     assert_eq!(out.status, StatusCode::NO_CONTENT);
-    assert!(out.headers[header::SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    assert!(
+        out.headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
 
-    for (user, pw) in [("doctor", "wrong-password-123"), ("nobody", "whatever-password")] {
+    for (user, pw) in [
+        ("doctor", "wrong-password-123"),
+        ("nobody", "whatever-password"),
+    ] {
         let a = send(
             &h.app,
-            req("POST", "/api/auth/login", None, Some(json!({"username": user, "password": pw}))),
+            req(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"username": user, "password": pw})),
+            ),
         )
         .await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED);
-        assert_eq!(a.json()["error"], "wrong user name or password", "same answer for both");
+        assert_eq!(
+            a.json()["error"],
+            "wrong user name or password",
+            "same answer for both"
+        );
     }
     let log = h.state.store.audit_log(None, 100).await.unwrap();
     let logins: Vec<(&str, &str)> = log
@@ -383,7 +441,10 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
     assert!(logins.contains(&("doctor", "success")));
     assert!(logins.contains(&("doctor", "failure")));
     assert!(logins.contains(&("nobody", "failure")));
-    assert!(log.iter().all(|a| a.ip.as_deref() == Some("10.0.0.7")), "{log:?}");
+    assert!(
+        log.iter().all(|a| a.ip.as_deref() == Some("10.0.0.7")),
+        "{log:?}"
+    );
     // Malformed bodies are 4xx, not 500.
     let a = send(
         &h.app,
@@ -404,7 +465,12 @@ async fn login_is_rate_limited() {
     let attempt = || {
         send(
             &h.app,
-            req("POST", "/api/auth/login", None, Some(json!({"username": "admin", "password": "nope-nope-nope"}))),
+            req(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"username": "admin", "password": "nope-nope-nope"})),
+            ),
         )
     };
     for _ in 0..5 {
@@ -416,7 +482,12 @@ async fn login_is_rate_limited() {
     // Even the right password waits now.
     let a = send(
         &h.app,
-        req("POST", "/api/auth/login", None, Some(json!({"username": "admin", "password": "admin-password-123"}))),
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "admin", "password": "admin-password-123"})),
+        ),
     )
     .await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
@@ -438,12 +509,20 @@ async fn roles_are_enforced_and_denials_audited() {
     let viewer = login(&h.app, "viewer").await;
     let doctor = login(&h.app, "doctor").await;
     let admin_only: Vec<(&str, &str, Option<Value>)> = vec![
-        ("POST", "/api/auth/register", Some(json!({"username": "eve", "password": "eve-password-123", "role": "admin"}))),
+        (
+            "POST",
+            "/api/auth/register",
+            Some(json!({"username": "eve", "password": "eve-password-123", "role": "admin"})),
+        ),
         ("GET", "/api/users", None),
         ("PATCH", "/api/users/3/role", Some(json!({"role": "admin"}))),
         ("GET", "/api/users/3/export", None),
         ("DELETE", "/api/users/3", None),
-        ("PATCH", "/api/clients/hospital-1/status", Some(json!({"status": "suspended"}))),
+        (
+            "PATCH",
+            "/api/clients/hospital-1/status",
+            Some(json!({"status": "suspended"})),
+        ),
         ("GET", "/api/audit", None),
         ("GET", "/api/model/export", None),
     ];
@@ -454,15 +533,37 @@ async fn roles_are_enforced_and_denials_audited() {
         }
     }
     for p in ["/api/inference/history"] {
-        assert_eq!(send(&h.app, req("GET", p, Some(&viewer), None)).await.status, StatusCode::FORBIDDEN);
-        assert_eq!(send(&h.app, req("GET", p, Some(&doctor), None)).await.status, StatusCode::OK);
+        assert_eq!(
+            send(&h.app, req("GET", p, Some(&viewer), None))
+                .await
+                .status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            send(&h.app, req("GET", p, Some(&doctor), None))
+                .await
+                .status,
+            StatusCode::OK
+        );
     }
     let a = send(&h.app, upload(Some(&viewer), "image", &png(64, 64))).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     // Nothing changed.
     assert_eq!(h.state.store.users().await.unwrap().len(), 3);
-    assert_eq!(h.state.store.user(3).await.unwrap().unwrap().role.as_str(), "viewer");
-    assert_eq!(h.state.store.client("hospital-1").await.unwrap().unwrap().status, "active");
+    assert_eq!(
+        h.state.store.user(3).await.unwrap().unwrap().role.as_str(),
+        "viewer"
+    );
+    assert_eq!(
+        h.state
+            .store
+            .client("hospital-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
     let denials = h
         .state
         .store
@@ -479,55 +580,178 @@ async fn roles_are_enforced_and_denials_audited() {
 async fn admins_manage_users_and_data_subject_requests() {
     let h = harness().await;
     let admin = login(&h.app, "admin").await;
-    let reg = |body: Value| send(&h.app, req("POST", "/api/auth/register", Some(&admin), Some(body)));
-    let a = reg(json!({"username": "dr.house", "password": "a-long-password", "role": "doctor"})).await;
+    let reg = |body: Value| {
+        send(
+            &h.app,
+            req("POST", "/api/auth/register", Some(&admin), Some(body)),
+        )
+    };
+    let a =
+        reg(json!({"username": "dr.house", "password": "a-long-password", "role": "doctor"})).await;
     assert_eq!(a.status, StatusCode::CREATED);
     let id = a.json()["id"].as_i64().unwrap();
-    assert_eq!(reg(json!({"username": "dr.house", "password": "a-long-password", "role": "doctor"})).await.status, StatusCode::CONFLICT);
-    assert_eq!(reg(json!({"username": "x", "password": "a-long-password", "role": "doctor"})).await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(reg(json!({"username": "shorty", "password": "short", "role": "doctor"})).await.status, StatusCode::BAD_REQUEST);
-    assert!(reg(json!({"username": "root", "password": "a-long-password", "role": "superuser"})).await.status.is_client_error());
+    assert_eq!(
+        reg(json!({"username": "dr.house", "password": "a-long-password", "role": "doctor"}))
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        reg(json!({"username": "x", "password": "a-long-password", "role": "doctor"}))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        reg(json!({"username": "shorty", "password": "short", "role": "doctor"}))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert!(
+        reg(json!({"username": "root", "password": "a-long-password", "role": "superuser"}))
+            .await
+            .status
+            .is_client_error()
+    );
 
     // The new doctor works, runs an inference, then is promoted to viewer... and exported.
     let a = send(
         &h.app,
-        req("POST", "/api/auth/login", None, Some(json!({"username": "dr.house", "password": "a-long-password"}))),
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "dr.house", "password": "a-long-password"})),
+        ),
     )
     .await;
     let t = a.json()["token"].as_str().unwrap().to_owned();
-    assert_eq!(send(&h.app, upload(Some(&t), "image", &png(64, 64))).await.status, StatusCode::OK);
-    let a = send(&h.app, req("PATCH", &format!("/api/users/{id}/role"), Some(&admin), Some(json!({"role": "viewer"})))).await;
+    assert_eq!(
+        send(&h.app, upload(Some(&t), "image", &png(64, 64)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let a = send(
+        &h.app,
+        req(
+            "PATCH",
+            &format!("/api/users/{id}/role"),
+            Some(&admin),
+            Some(json!({"role": "viewer"})),
+        ),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK);
     // The role takes effect at once, with the same token.
-    assert_eq!(send(&h.app, upload(Some(&t), "image", &png(64, 64))).await.status, StatusCode::FORBIDDEN);
-    let export = send(&h.app, req("GET", &format!("/api/users/{id}/export"), Some(&admin), None)).await;
+    assert_eq!(
+        send(&h.app, upload(Some(&t), "image", &png(64, 64)))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let export = send(
+        &h.app,
+        req(
+            "GET",
+            &format!("/api/users/{id}/export"),
+            Some(&admin),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(export.status, StatusCode::OK);
     let e = export.json();
     assert_eq!(e["user"]["username"], "dr.house");
     assert_eq!(e["inferences"].as_array().unwrap().len(), 1);
     assert_eq!(e["inferences"][0]["parsed"].as_array().unwrap().len(), 14);
-    assert!(e["audit"].as_array().unwrap().iter().any(|a| a["action"] == "inference"));
+    assert!(
+        e["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "inference")
+    );
 
     // Erasure: no login, no token, name gone from the audit log.
-    assert_eq!(send(&h.app, req("DELETE", &format!("/api/users/{id}"), Some(&admin), None)).await.status, StatusCode::NO_CONTENT);
-    assert_eq!(send(&h.app, req("GET", "/api/auth/me", Some(&t), None)).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(
+            &h.app,
+            req("DELETE", &format!("/api/users/{id}"), Some(&admin), None)
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        send(&h.app, req("GET", "/api/auth/me", Some(&t), None))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
     let a = send(
         &h.app,
-        req("POST", "/api/auth/login", None, Some(json!({"username": "dr.house", "password": "a-long-password"}))),
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "dr.house", "password": "a-long-password"})),
+        ),
     )
     .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     let log = h.state.store.audit_log(None, 1000).await.unwrap();
-    assert!(log.iter().filter(|a| a.actor_id == Some(id)).all(|a| a.actor == format!("deleted-{id}") && a.ip.is_none()));
+    assert!(
+        log.iter()
+            .filter(|a| a.actor_id == Some(id))
+            .all(|a| a.actor == format!("deleted-{id}") && a.ip.is_none())
+    );
     assert!(log.iter().any(|a| a.action == "user_erased"));
-    assert!(log.iter().any(|a| a.action == "role_change" && a.detail.as_deref() == Some("doctor -> viewer")));
+    assert!(
+        log.iter()
+            .any(|a| a.action == "role_change" && a.detail.as_deref() == Some("doctor -> viewer"))
+    );
     assert!(log.iter().any(|a| a.action == "user_data_export"));
-    assert_eq!(send(&h.app, req("GET", &format!("/api/users/{id}/export"), Some(&admin), None)).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(
+            &h.app,
+            req(
+                "GET",
+                &format!("/api/users/{id}/export"),
+                Some(&admin),
+                None
+            )
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
 
     // The last admin stays.
-    assert_eq!(send(&h.app, req("DELETE", "/api/users/1", Some(&admin), None)).await.status, StatusCode::CONFLICT);
-    assert_eq!(send(&h.app, req("PATCH", "/api/users/1/role", Some(&admin), Some(json!({"role": "viewer"})))).await.status, StatusCode::CONFLICT);
-    let users = send(&h.app, req("GET", "/api/users", Some(&admin), None)).await.json();
+    assert_eq!(
+        send(&h.app, req("DELETE", "/api/users/1", Some(&admin), None))
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        send(
+            &h.app,
+            req(
+                "PATCH",
+                "/api/users/1/role",
+                Some(&admin),
+                Some(json!({"role": "viewer"}))
+            )
+        )
+        .await
+        .status,
+        StatusCode::CONFLICT
+    );
+    let users = send(&h.app, req("GET", "/api/users", Some(&admin), None))
+        .await
+        .json();
     assert_eq!(users.as_array().unwrap().len(), 3);
 }
 
@@ -538,19 +762,42 @@ async fn admins_suspend_hospitals() {
     let patch = |id: &str, status: &str| {
         send(
             &h.app,
-            req("PATCH", &format!("/api/clients/{id}/status"), Some(&admin), Some(json!({"status": status}))),
+            req(
+                "PATCH",
+                &format!("/api/clients/{id}/status"),
+                Some(&admin),
+                Some(json!({"status": status})),
+            ),
         )
     };
     let a = patch("hospital-2", "suspended").await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.json()["status"], "suspended");
-    assert!(h.state.shared.suspended.lock().unwrap().contains("hospital-2"));
-    assert_eq!(patch("hospital-2", "deleted").await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(patch("hospital-9", "active").await.status, StatusCode::NOT_FOUND);
+    assert!(
+        h.state
+            .shared
+            .suspended
+            .lock()
+            .unwrap()
+            .contains("hospital-2")
+    );
+    assert_eq!(
+        patch("hospital-2", "deleted").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        patch("hospital-9", "active").await.status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(patch("hospital-2", "active").await.status, StatusCode::OK);
     assert!(h.state.shared.suspended.lock().unwrap().is_empty());
     let log = h.state.store.audit_log(None, 100).await.unwrap();
-    assert_eq!(log.iter().filter(|a| a.action == "client_status_change").count(), 2);
+    assert_eq!(
+        log.iter()
+            .filter(|a| a.action == "client_status_change")
+            .count(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -559,21 +806,56 @@ async fn uploads_are_checked() {
     let t = login(&h.app, "doctor").await;
     // A real image: the 14 findings, logged.
     let a = send(&h.app, upload(Some(&t), "image", &png(300, 280))).await;
-    assert_eq!(a.status, StatusCode::OK, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
     let p = a.json();
     assert_eq!(p["findings"].as_array().unwrap().len(), 14);
     assert_eq!(p["model_round"], 3);
-    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(300), Some(280)));
-    let probs: Vec<f64> = p["findings"].as_array().unwrap().iter().map(|f| f["probability"].as_f64().unwrap()).collect();
-    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)) && probs.windows(2).all(|w| w[0] >= w[1]));
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(300), Some(280))
+    );
+    let probs: Vec<f64> = p["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["probability"].as_f64().unwrap())
+        .collect();
+    assert!(
+        probs.iter().all(|p| (0.0..=1.0).contains(p)) && probs.windows(2).all(|w| w[0] >= w[1])
+    );
 
     let cases: Vec<(Vec<u8>, &str, StatusCode)> = vec![
-        (b"this is not an image".to_vec(), "image", StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (b"GIF89a\x01\x00\x01\x00".to_vec(), "image", StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (png_header(50_000, 50_000), "image", StatusCode::UNPROCESSABLE_ENTITY),
-        (png(64, 64)[..60].to_vec(), "image", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            b"this is not an image".to_vec(),
+            "image",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            b"GIF89a\x01\x00\x01\x00".to_vec(),
+            "image",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            png_header(50_000, 50_000),
+            "image",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            png(64, 64)[..60].to_vec(),
+            "image",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         (png(64, 64), "file", StatusCode::BAD_REQUEST),
-        (vec![0x89; 300 * 1024], "image", StatusCode::PAYLOAD_TOO_LARGE),
+        (
+            vec![0x89; 300 * 1024],
+            "image",
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
     ];
     for (bytes, field, want) in cases {
         let a = send(&h.app, upload(Some(&t), field, &bytes)).await;
@@ -581,17 +863,50 @@ async fn uploads_are_checked() {
         assert!(a.json()["error"].is_string());
     }
     // Not multipart at all.
-    let a = send(&h.app, req("POST", "/api/inference/predict", Some(&t), Some(json!({"image": "x"})))).await;
+    let a = send(
+        &h.app,
+        req(
+            "POST",
+            "/api/inference/predict",
+            Some(&t),
+            Some(json!({"image": "x"})),
+        ),
+    )
+    .await;
     assert!(a.status.is_client_error());
-    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await.json();
-    assert_eq!(hist.as_array().unwrap().len(), 1, "only the good upload is logged");
+    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None))
+        .await
+        .json();
+    assert_eq!(
+        hist.as_array().unwrap().len(),
+        1,
+        "only the good upload is logged"
+    );
     assert_eq!(hist[0]["parsed"].as_array().unwrap().len(), 14);
     // Doctors see their own history; the admin sees everyone's.
     let admin = login(&h.app, "admin").await;
-    assert_eq!(send(&h.app, upload(Some(&admin), "image", &png(64, 64))).await.status, StatusCode::OK);
-    let mine = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await.json();
-    let all = send(&h.app, req("GET", "/api/inference/history", Some(&admin), None)).await.json();
-    assert_eq!((mine.as_array().unwrap().len(), all.as_array().unwrap().len()), (1, 2));
+    assert_eq!(
+        send(&h.app, upload(Some(&admin), "image", &png(64, 64)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let mine = send(&h.app, req("GET", "/api/inference/history", Some(&t), None))
+        .await
+        .json();
+    let all = send(
+        &h.app,
+        req("GET", "/api/inference/history", Some(&admin), None),
+    )
+    .await
+    .json();
+    assert_eq!(
+        (
+            mine.as_array().unwrap().len(),
+            all.as_array().unwrap().len()
+        ),
+        (1, 2)
+    );
 }
 
 #[tokio::test]
@@ -600,19 +915,44 @@ async fn findings_and_exports_are_encrypted_at_rest_with_a_key() {
     let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
     let h = harness_at(None, Some(AtRest::from_base64(&key, &[]).unwrap())).await;
     let t = login(&h.app, "admin").await;
-    assert_eq!(send(&h.app, upload(Some(&t), "image", &png(64, 64))).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&h.app, upload(Some(&t), "image", &png(64, 64)))
+            .await
+            .status,
+        StatusCode::OK
+    );
     let raw = h.state.store.inferences(None, 10).await.unwrap();
-    assert!(hospital::atrest::is_sealed(&raw[0].findings), "{}", raw[0].findings);
+    assert!(
+        hospital::atrest::is_sealed(&raw[0].findings),
+        "{}",
+        raw[0].findings
+    );
     assert!(!raw[0].findings.contains("Effusion"));
-    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await.json();
+    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None))
+        .await
+        .json();
     assert_eq!(hist[0]["parsed"].as_array().unwrap().len(), 14);
     let export = send(&h.app, req("GET", "/api/model/export", Some(&t), None)).await;
     assert_eq!(export.status, StatusCode::OK);
     let body = String::from_utf8(export.body).unwrap();
-    let plain = AtRest::from_base64(&key, &[]).unwrap().open_bytes(&body).unwrap();
+    let plain = AtRest::from_base64(&key, &[])
+        .unwrap()
+        .open_bytes(&body)
+        .unwrap();
     let (params, _) = fedcore::checkpoint::from_safetensors(&plain).unwrap();
-    assert_eq!(params.len(), hospital::sim::densenet(1).unwrap().parameters().len());
-    assert!(h.state.store.audit_log(None, 10).await.unwrap().iter().any(|a| a.action == "model_export"));
+    assert_eq!(
+        params.len(),
+        hospital::sim::densenet(1).unwrap().parameters().len()
+    );
+    assert!(
+        h.state
+            .store
+            .audit_log(None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|a| a.action == "model_export")
+    );
 }
 
 #[tokio::test]
@@ -624,25 +964,56 @@ async fn sql_injection_shaped_input_changes_nothing() {
         h.state.store.clients().await.unwrap().len(),
         h.state.store.rounds().await.unwrap().len(),
     );
-    for name in ["admin' OR '1'='1", "admin'--", "' OR 1=1; DROP TABLE users; --"] {
+    for name in [
+        "admin' OR '1'='1",
+        "admin'--",
+        "' OR 1=1; DROP TABLE users; --",
+    ] {
         let a = send(
             &h.app,
-            req("POST", "/api/auth/login", None, Some(json!({"username": name, "password": "x' OR 'x'='x"}))),
+            req(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"username": name, "password": "x' OR 'x'='x"})),
+            ),
         )
         .await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{name}");
     }
-    for id in ["hospital-1'%20OR%20'1'='1", "x';%20DROP%20TABLE%20clients;--", "%27"] {
-        let a = send(&h.app, req("GET", &format!("/api/clients/{id}"), Some(&admin), None)).await;
+    for id in [
+        "hospital-1'%20OR%20'1'='1",
+        "x';%20DROP%20TABLE%20clients;--",
+        "%27",
+    ] {
+        let a = send(
+            &h.app,
+            req("GET", &format!("/api/clients/{id}"), Some(&admin), None),
+        )
+        .await;
         assert_eq!(a.status, StatusCode::NOT_FOUND, "{id}");
         let a = send(
             &h.app,
-            req("PATCH", &format!("/api/clients/{id}/status"), Some(&admin), Some(json!({"status": "suspended"}))),
+            req(
+                "PATCH",
+                &format!("/api/clients/{id}/status"),
+                Some(&admin),
+                Some(json!({"status": "suspended"})),
+            ),
         )
         .await;
         assert_eq!(a.status, StatusCode::NOT_FOUND);
     }
-    let a = send(&h.app, req("GET", "/api/training/rounds/1%20OR%201=1", Some(&admin), None)).await;
+    let a = send(
+        &h.app,
+        req(
+            "GET",
+            "/api/training/rounds/1%20OR%201=1",
+            Some(&admin),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     let a = send(
         &h.app,
@@ -650,7 +1021,16 @@ async fn sql_injection_shaped_input_changes_nothing() {
     )
     .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
-    let a = send(&h.app, req("GET", "/api/audit?limit=1;DROP%20TABLE%20audit_log", Some(&admin), None)).await;
+    let a = send(
+        &h.app,
+        req(
+            "GET",
+            "/api/audit?limit=1;DROP%20TABLE%20audit_log",
+            Some(&admin),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     let after = (
         h.state.store.users().await.unwrap().len(),
@@ -658,37 +1038,82 @@ async fn sql_injection_shaped_input_changes_nothing() {
         h.state.store.rounds().await.unwrap().len(),
     );
     assert_eq!(before, after);
-    assert!(h.state.store.clients().await.unwrap().iter().all(|c| c.status == "active"));
+    assert!(
+        h.state
+            .store
+            .clients()
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.status == "active")
+    );
     // The injection-shaped names were stored as text in the audit log.
     let log = h.state.store.audit_log(None, 100).await.unwrap();
-    assert!(log.iter().any(|a| a.actor == "' OR 1=1; DROP TABLE users; --"));
+    assert!(
+        log.iter()
+            .any(|a| a.actor == "' OR 1=1; DROP TABLE users; --")
+    );
 }
 
 #[tokio::test]
 async fn pages_docs_and_headers() {
     let h = harness().await;
-    for path in ["/login", "/app", "/assets/app.js", "/assets/app.css", "/assets/login.js", "/api/openapi.json", "/docs/"] {
+    for path in [
+        "/login",
+        "/app",
+        "/assets/app.js",
+        "/assets/app.css",
+        "/assets/login.js",
+        "/api/openapi.json",
+        "/docs/",
+    ] {
         let a = send(&h.app, req("GET", path, None, None)).await;
         assert_eq!(a.status, StatusCode::OK, "{path}");
         let csp = a.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
-        assert!(csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"), "{csp}");
+        assert!(
+            csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"),
+            "{csp}"
+        );
         assert_eq!(a.headers[header::X_FRAME_OPTIONS], "DENY");
         assert_eq!(a.headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
         assert_eq!(a.headers[header::REFERRER_POLICY], "no-referrer");
-        assert!(!a.headers.contains_key(header::STRICT_TRANSPORT_SECURITY), "no TLS here");
+        assert!(
+            !a.headers.contains_key(header::STRICT_TRANSPORT_SECURITY),
+            "no TLS here"
+        );
         let body = String::from_utf8_lossy(&a.body);
-        assert!(!body.contains("https://cdn") && !body.contains("unpkg.com"), "{path} loads from a CDN");
+        assert!(
+            !body.contains("https://cdn") && !body.contains("unpkg.com"),
+            "{path} loads from a CDN"
+        );
     }
-    let spec = send(&h.app, req("GET", "/api/openapi.json", None, None)).await.json();
+    let spec = send(&h.app, req("GET", "/api/openapi.json", None, None))
+        .await
+        .json();
     let paths = spec["paths"].as_object().unwrap();
     for p in [
-        "/api/auth/login", "/api/auth/me", "/api/auth/register", "/api/clients", "/api/clients/{id}",
-        "/api/clients/{id}/trust", "/api/clients/{id}/status", "/api/training/rounds",
-        "/api/training/rounds/current", "/api/training/rounds/{id}", "/api/metrics/overview",
-        "/api/metrics/auc-history", "/api/metrics/loss-history", "/api/metrics/aggregation",
-        "/api/metrics/privacy", "/api/inference/predict", "/api/inference/history",
+        "/api/auth/login",
+        "/api/auth/me",
+        "/api/auth/register",
+        "/api/clients",
+        "/api/clients/{id}",
+        "/api/clients/{id}/trust",
+        "/api/clients/{id}/status",
+        "/api/training/rounds",
+        "/api/training/rounds/current",
+        "/api/training/rounds/{id}",
+        "/api/metrics/overview",
+        "/api/metrics/auc-history",
+        "/api/metrics/loss-history",
+        "/api/metrics/aggregation",
+        "/api/metrics/privacy",
+        "/api/inference/predict",
+        "/api/inference/history",
     ] {
-        assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
+        assert!(
+            paths.contains_key(p),
+            "{p} missing from the OpenAPI document"
+        );
     }
     let a = send(&h.app, req("GET", "/nope", None, None)).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
@@ -717,21 +1142,71 @@ async fn postgres_runs_the_same_queries() {
     let admin = login(&h.app, "admin").await;
     for path in READS {
         let a = send(&h.app, req("GET", path, Some(&admin), None)).await;
-        assert_eq!(a.status, StatusCode::OK, "GET {path}: {}", String::from_utf8_lossy(&a.body));
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
     }
-    let auc = send(&h.app, req("GET", "/api/metrics/auc-history", Some(&admin), None)).await.json();
+    let auc = send(
+        &h.app,
+        req("GET", "/api/metrics/auc-history", Some(&admin), None),
+    )
+    .await
+    .json();
     assert_eq!(auc[1]["per_label"]["Effusion"], 0.7);
-    assert_eq!(send(&h.app, upload(Some(&admin), "image", &png(64, 64))).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&h.app, upload(Some(&admin), "image", &png(64, 64)))
+            .await
+            .status,
+        StatusCode::OK
+    );
     let a = send(
         &h.app,
-        req("POST", "/api/auth/register", Some(&admin), Some(json!({"username": "pg.doc", "password": "a-long-password", "role": "doctor"}))),
+        req(
+            "POST",
+            "/api/auth/register",
+            Some(&admin),
+            Some(json!({"username": "pg.doc", "password": "a-long-password", "role": "doctor"})),
+        ),
     )
     .await;
     assert_eq!(a.status, StatusCode::CREATED);
     let id = a.json()["id"].as_i64().unwrap();
-    assert_eq!(send(&h.app, req("GET", &format!("/api/users/{id}/export"), Some(&admin), None)).await.status, StatusCode::OK);
-    assert_eq!(send(&h.app, req("DELETE", &format!("/api/users/{id}"), Some(&admin), None)).await.status, StatusCode::NO_CONTENT);
-    let a = send(&h.app, req("GET", "/api/clients/x';%20DROP%20TABLE%20clients;--", Some(&admin), None)).await;
+    assert_eq!(
+        send(
+            &h.app,
+            req(
+                "GET",
+                &format!("/api/users/{id}/export"),
+                Some(&admin),
+                None
+            )
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(
+            &h.app,
+            req("DELETE", &format!("/api/users/{id}"), Some(&admin), None)
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    let a = send(
+        &h.app,
+        req(
+            "GET",
+            "/api/clients/x';%20DROP%20TABLE%20clients;--",
+            Some(&admin),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(h.state.store.clients().await.unwrap().len(), 2);
     // Re-recording a round replaces it.
@@ -743,6 +1218,12 @@ async fn postgres_runs_the_same_queries() {
 async fn reset_postgres(url: &str) {
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-    sqlx::query("DROP SCHEMA public CASCADE").execute(&mut c).await.unwrap();
-    sqlx::query("CREATE SCHEMA public").execute(&mut c).await.unwrap();
+    sqlx::query("DROP SCHEMA public CASCADE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("CREATE SCHEMA public")
+        .execute(&mut c)
+        .await
+        .unwrap();
 }
