@@ -117,6 +117,17 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         Some(handle)
     };
 
+    // Ctrl-C while training: finish the round (its checkpoint is written),
+    // then stop; `--resume` continues from there.
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping after the current round (Ctrl-C)");
+                shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
     let rt = tokio::runtime::Handle::current();
     let cfg = args.sim.clone();
     let sim_shared = shared.clone();
@@ -137,8 +148,10 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         ),
         Err(e) => eprintln!("simulation failed: {e:#}"),
     }
+    let stopped = shared.stop.load(std::sync::atomic::Ordering::SeqCst);
     if let Some(server) = server
         && !args.exit_when_done
+        && !stopped
     {
         println!("training finished; the dashboard keeps serving (Ctrl-C to stop)");
         tokio::select! {

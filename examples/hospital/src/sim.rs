@@ -442,7 +442,7 @@ fn run_inner(
         rt.block_on(store.upsert_client(&name, indices.len() as i64, patients.len() as i64))?;
         let data = DataSplit::subset(ds.clone(), indices)?;
         let model = densenet(cfg.seed)?;
-        let mut client: Box<dyn fedcore::Client> = if cfg.byzantine == Some(i + 1) {
+        let client: Box<dyn fedcore::Client> = if cfg.byzantine == Some(i + 1) {
             let attack = Attack::SignFlip { scale: 4.0 };
             build_client(
                 cfg,
@@ -455,7 +455,6 @@ fn run_inner(
         } else {
             build_client(cfg, &name, model, data, &dp_names, &secret)?
         };
-        let _ = &mut client;
         transport.add_client(client)?;
     }
     if let Some(i) = cfg.drop_client {
@@ -526,19 +525,19 @@ fn run_inner(
     evaluator.set_parameters(&full)?;
     let initial = evaluator.evaluate(&holdout)?;
     predictor.update(&full, server.next_round() - 1)?;
+    // The opened global model of the last completed round, for inference;
+    // the loop below installs it under the round's number.
+    let latest: Arc<Mutex<Option<Parameters>>> = Arc::new(Mutex::new(None));
     {
-        let predictor = predictor.clone();
         let holdout = holdout.clone();
-        let round = Arc::new(std::sync::atomic::AtomicU64::new(server.next_round()));
+        let latest = latest.clone();
         server.set_sealed_evaluator(move |p, sealed| {
             let full = open_head(p, sealed)?;
-            evaluator.set_parameters(&full)?;
-            let e = evaluator.evaluate(&holdout)?;
-            let r = round.fetch_add(1, Ordering::SeqCst);
-            if let Err(err) = predictor.update(&full, r) {
-                tracing::warn!(error = %err, "inference model not updated");
+            if let Ok(mut l) = latest.lock() {
+                *l = Some(full.clone());
             }
-            Ok(e)
+            evaluator.set_parameters(&full)?;
+            evaluator.evaluate(&holdout)
         });
     }
 
@@ -608,6 +607,12 @@ fn run_inner(
             bar.suspend(|| println!("round {} failed: {e}", server.next_round() - 1));
         }
         for record in rx.try_iter() {
+            let opened = latest.lock().ok().and_then(|mut l| l.take());
+            if let Some(full) = opened
+                && let Err(e) = predictor.update(&full, record.round)
+            {
+                tracing::warn!(error = %e, "inference model not updated");
+            }
             let row = round_row(&record);
             rt.block_on(store.record_round(&to_new_round(&record, &row)))?;
             let line = format!(
