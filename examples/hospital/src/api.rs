@@ -808,12 +808,10 @@ async fn round_detail(
         .ok_or_else(|| ApiError::not_found("round"))?;
     let metrics = state
         .store
-        .metrics("")
+        .metrics("", Some(id))
         .await?
-        .into_iter()
-        .filter(|m| m.round_id == id)
-        .map(|m| (m.name, m.value))
-        .collect();
+        .remove(&id)
+        .unwrap_or_default();
     Ok(Json(RoundDetail {
         round,
         updates: state.store.updates(Some(id), None).await?,
@@ -903,12 +901,7 @@ async fn auc_history(
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
-    let mut per: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
-    for m in state.store.metrics("eval.auroc.").await? {
-        per.entry(m.round_id)
-            .or_default()
-            .insert(m.name["eval.auroc.".len()..].to_owned(), m.value);
-    }
+    let mut per = state.store.metrics("eval.auroc.", None).await?;
     Ok(Json(
         state
             .store
@@ -988,12 +981,7 @@ async fn aggregation(
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
-    let mut per: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
-    for m in state.store.metrics("agg.").await? {
-        per.entry(m.round_id)
-            .or_default()
-            .insert(m.name["agg.".len()..].to_owned(), m.value);
-    }
+    let mut per = state.store.metrics("agg.", None).await?;
     Ok(Json(
         state
             .store

@@ -6,6 +6,7 @@
 //! integers, so one set of queries reads both databases through
 //! `sqlx::Any`.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -150,17 +151,6 @@ pub struct TrustRow {
     pub trust_ema: Option<f64>,
     /// Whether the average is below the threshold.
     pub suspicious: bool,
-}
-
-/// A named metric of a round (per-label AUROC, aggregator numbers, ...).
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct MetricRow {
-    /// The round.
-    pub round_id: i64,
-    /// Its name (`eval.auroc.Effusion`, `agg.iterations`, ...).
-    pub name: String,
-    /// Its value.
-    pub value: f64,
 }
 
 /// A round with everything recorded about it, as the simulation writes it.
@@ -599,22 +589,28 @@ impl Store {
         .collect()
     }
 
-    /// Metrics whose names start with `prefix`, every round (filtered here:
-    /// a `LIKE` pattern would treat `_` in metric names as a wildcard).
-    pub async fn metrics(&self, prefix: &str) -> Result<Vec<MetricRow>> {
-        let rows =
-            sqlx::query("SELECT round_id, name, value FROM round_metrics ORDER BY round_id, name")
-                .fetch_all(&self.pool)
-                .await?;
-        let mut out = Vec::new();
+    /// Per round, the metrics whose names start with `prefix`, keyed by the
+    /// rest of the name; one round or every round. The prefix is matched
+    /// here: a `LIKE` pattern would treat `_` in metric names as a wildcard.
+    pub async fn metrics(
+        &self,
+        prefix: &str,
+        round: Option<i64>,
+    ) -> Result<BTreeMap<i64, BTreeMap<String, f64>>> {
+        let rows = sqlx::query(
+            "SELECT round_id, name, value FROM round_metrics \
+             WHERE ($1 IS NULL OR round_id = $1) ORDER BY round_id, name",
+        )
+        .bind(round)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
         for r in &rows {
             let name: String = r.try_get(1)?;
-            if name.starts_with(prefix) {
-                out.push(MetricRow {
-                    round_id: r.try_get(0)?,
-                    name,
-                    value: r.try_get(2)?,
-                });
+            if let Some(rest) = name.strip_prefix(prefix) {
+                out.entry(r.try_get(0)?)
+                    .or_default()
+                    .insert(rest.to_owned(), r.try_get(2)?);
             }
         }
         Ok(out)

@@ -80,10 +80,10 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     // The evaluation site opened the encrypted head: finite held-out metrics.
     let last = rounds.last().unwrap();
     assert!(last.loss.unwrap().is_finite(), "{last:?}");
-    let metrics = rt.block_on(store.metrics("eval.auroc.")).unwrap();
+    let metrics = rt.block_on(store.metrics("eval.auroc.", None)).unwrap();
     assert!(!metrics.is_empty());
     assert!(
-        rt.block_on(store.metrics("agg.sealed_sum_ms"))
+        rt.block_on(store.metrics("agg.sealed_sum_ms", None))
             .unwrap()
             .len()
             == 2
