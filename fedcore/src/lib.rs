@@ -54,6 +54,7 @@
 //! ## Features
 //!
 //! - `testkit`: [`contract`], the suite every `Aggregator` must pass.
+//! - `net`: `fedcore::net`, the gRPC transport over mutual TLS with provisioning.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
@@ -71,6 +72,8 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "tch")]
 pub mod models;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod params;
 pub mod privacy;
 pub mod sealed;

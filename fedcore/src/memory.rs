@@ -171,7 +171,7 @@ fn serve<C: Client>(mut client: C, jobs: Receiver<Job>, fault: Arc<Mutex<Option<
     }
 }
 
-fn run<C: Client>(client: &mut C, task: &Task) -> std::result::Result<Reply, Failure> {
+pub(crate) fn run<C: Client>(client: &mut C, task: &Task) -> std::result::Result<Reply, Failure> {
     let result = catch_unwind(AssertUnwindSafe(|| match task {
         Task::Fit(ins) => client.fit(ins).map(Reply::Fit),
         Task::Evaluate(ins) => client.evaluate(ins).map(Reply::Evaluate),

@@ -1,0 +1,162 @@
+//! The network transport (feature `net`): gRPC over mutual TLS.
+//!
+//! In a deployment each hospital runs its own process and the aggregation
+//! server runs elsewhere. Hospitals' firewalls allow outbound connections
+//! only, so clients dial out: each keeps one session (a bidirectional gRPC
+//! stream) on which the server sends fit and evaluate tasks and the client
+//! sends its replies. Both sides send heartbeats; a client that loses the
+//! connection reconnects with exponential backoff, and a task whose session
+//! ends counts as a dropout for that round (the round completes with the
+//! quorum; the client is sampled again once it is back).
+//!
+//! - [`provision`]: the project CA, the server's and the sites' certificates
+//!   and startup kits (rcgen), the roster, rotation and revocation.
+//! - [`GrpcTransport`]: the server side, a [`crate::Transport`] — the same
+//!   [`crate::Server`] orchestration as in a simulation, so moving from
+//!   simulation to deployment means changing the transport.
+//! - [`run_client`]: the client side, serving any [`crate::Client`].
+//! - [`run_server`]: drives a [`crate::Server`] over the network (waits for
+//!   clients, goes on after a failed round, tells clients when it is done).
+//!
+//! Model tensors travel as raw little-endian f32 after a header listing
+//! their layout (protobuf, `proto/fedcore.proto`), cut into chunks of
+//! [`Limits::chunk_bytes`] so that models of any size fit under the gRPC
+//! message limit; sealed (CKKS) tensors travel as bytes after them. Each
+//! side refuses any message over [`Limits::max_message_bytes`] and any
+//! payload declared over [`Limits::max_payload_bytes`] before allocating it;
+//! the offending session is closed and the others go on.
+//!
+//! ```no_run
+//! use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
+//! use fedcore::net::{self, provision::{Kit, ProjectSpec, provision}};
+//! use fedcore::{FedAvg, Model, ModelClient, Server, ServerConfig};
+//!
+//! // Once, by the project admin: kits for the server and two hospitals.
+//! let project = provision("project", &ProjectSpec::new("chest-xray", vec!["h1".into(), "h2".into()], 50051))?;
+//!
+//! // On the server's machine:
+//! let transport = net::GrpcTransport::start(&Kit::load(project.server_kit())?, Default::default())?;
+//! let config = ServerConfig { rounds: 5, min_fit_clients: 2, ..ServerConfig::default() };
+//! let mut server = Server::new(config, SoftmaxRegression::new(4, 3).parameters(), transport, FedAvg)?;
+//! net::run_server(&mut server, std::time::Duration::from_secs(600))?;
+//!
+//! // On each hospital's machine:
+//! let kit = Kit::load(project.site_kit("h1"))?;
+//! let client = ModelClient::new("h1", SoftmaxRegression::new(4, 3), synthetic_blobs(1, 100, 4, 3, 2.0));
+//! net::run_client(&kit, client, &net::ClientOptions::default())?;
+//! # Ok::<(), fedcore::Error>(())
+//! ```
+
+mod client;
+pub mod provision;
+mod server;
+mod wire;
+
+/// The generated protobuf messages and gRPC stubs of `proto/fedcore.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("fedcore.v1");
+}
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::warn;
+
+pub use client::{ClientOptions, connect, run_client};
+pub use server::{GrpcTransport, ServerOptions};
+pub use wire::PROTOCOL;
+
+use crate::aggregate::Aggregator;
+use crate::error::{Error, Result};
+use crate::server::Server;
+
+/// Size limits of the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// The largest gRPC message either side accepts (default 4 MiB, gRPC's
+    /// usual limit). A larger message closes the session that sent it.
+    pub max_message_bytes: usize,
+    /// Payload bytes per chunk message (default 1 MiB; must leave room for
+    /// the chunk's framing under `max_message_bytes`).
+    pub chunk_bytes: usize,
+    /// The largest task or reply payload (values plus sealed bytes) either
+    /// side accepts (default 2 GiB: a 500M-parameter model).
+    pub max_payload_bytes: u64,
+    /// HTTP/2 flow-control window per stream and per connection (default
+    /// 8 MiB: large windows keep loopback and LAN links busy).
+    pub window_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            chunk_bytes: 1 << 20,
+            max_payload_bytes: 2 << 30,
+            window_bytes: 8 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that chunks fit in messages.
+    pub fn check(&self) -> Result<()> {
+        if self.chunk_bytes == 0 || self.chunk_bytes + 4096 > self.max_message_bytes {
+            return Err(Error::InvalidConfig(format!(
+                "chunk_bytes {} must be positive and at least 4 KiB below max_message_bytes {}",
+                self.chunk_bytes, self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs `server` over the network until it has `config.rounds` rounds.
+///
+/// Before each round it waits up to `wait` for enough clients (the larger of
+/// `min_available_clients` and `min_fit_clients`); a round that fails (no
+/// quorum, aggregation refused) is recorded and the next one starts, as a
+/// deployment should not stop because a hospital went offline. When the
+/// rounds are done every client is told that the run is finished.
+///
+/// Errors: no enough clients within `wait`, or a failure that is not a
+/// round's (a checkpoint that cannot be written, ...).
+pub fn run_server<A: Aggregator>(
+    server: &mut Server<GrpcTransport, A>,
+    wait: Duration,
+) -> Result<()> {
+    let required = server
+        .config()
+        .min_available_clients
+        .max(server.config().min_fit_clients);
+    while server.next_round() <= server.config().rounds {
+        let connected = server.transport_mut().wait_for_clients(required, wait);
+        if connected < required {
+            return Err(Error::NotEnoughClients {
+                available: connected,
+                required,
+            });
+        }
+        let before = server.next_round();
+        match server.run_round().map(|_| ()) {
+            Ok(_) => {}
+            // A client left between the wait and the round's start.
+            Err(Error::NotEnoughClients { .. }) => {}
+            Err(e @ (Error::Io(_) | Error::Checkpoint { .. })) => return Err(e),
+            Err(e) if server.next_round() > before => {
+                warn!(round = before, error = %e, "round failed; going on with the next");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    server
+        .transport_mut()
+        .shutdown("the run is complete", true, Duration::from_secs(5));
+    Ok(())
+}

@@ -1,0 +1,662 @@
+//! Provisioning: a project CA, a server certificate and one certificate per
+//! site, written into one startup kit folder per participant.
+//!
+//! ```text
+//! <project>/
+//!   ca/        ca.pem, ca.key (0600)                 kept by the project admin
+//!   server/    kit.json, ca.pem, cert.pem, key.pem (0600), roster.json
+//!   <site>/    kit.json, ca.pem, cert.pem, key.pem (0600)
+//! ```
+//!
+//! A site's identity is its certificate's common name. The server admits a
+//! client only with a certificate that chains to the project CA (checked in
+//! the TLS handshake) and whose SHA-256 fingerprint the roster lists under
+//! that identity, not revoked. Rotating a site issues a new certificate and
+//! revokes the old ones; revoking a site revokes all of its certificates.
+//! The server re-reads the roster when it changes, without a restart.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The file a kit describes itself in.
+pub const KIT_FILE: &str = "kit.json";
+/// The roster file in the server's kit.
+pub const ROSTER_FILE: &str = "roster.json";
+const CA_DIR: &str = "ca";
+const SERVER_DIR: &str = "server";
+
+fn err(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::InvalidConfig(format!("{}: {reason}", path.display()))
+}
+
+fn cert_err(e: rcgen::Error) -> Error {
+    Error::InvalidConfig(format!("certificate: {e}"))
+}
+
+/// What a participant is in the project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The aggregation server.
+    Server,
+    /// A site (a hospital).
+    Client,
+}
+
+/// `kit.json`: who the kit belongs to and where the server is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KitInfo {
+    /// The project's name.
+    pub project: String,
+    /// The participant's identity (its certificate's common name).
+    pub identity: String,
+    /// Server or client.
+    pub role: Role,
+    /// The server's address: where clients dial (`host:port`), or where the
+    /// server listens.
+    pub server_address: String,
+    /// The host name clients check the server's certificate against.
+    pub server_name: String,
+    /// How long the certificates the project issues are valid, in days.
+    #[serde(default = "default_validity_days")]
+    pub validity_days: u64,
+}
+
+fn default_validity_days() -> u64 {
+    365
+}
+
+/// A participant's startup kit, loaded from its folder.
+#[derive(Debug, Clone)]
+pub struct Kit {
+    /// The folder.
+    pub dir: PathBuf,
+    /// `kit.json`.
+    pub info: KitInfo,
+    /// The project CA's certificate (PEM).
+    pub ca_pem: String,
+    /// The participant's certificate (PEM).
+    pub cert_pem: String,
+    /// The participant's private key (PEM).
+    pub key_pem: String,
+}
+
+impl Kit {
+    /// Loads a kit. A private key that the group or others can read is
+    /// refused, as ssh does.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_owned();
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|e| err(&path, format!("cannot read: {e}")))
+        };
+        let info: KitInfo = serde_json::from_str(&read(KIT_FILE)?)
+            .map_err(|e| err(&dir.join(KIT_FILE), format!("not a kit description: {e}")))?;
+        let key_path = dir.join("key.pem");
+        let mode = fs::metadata(&key_path)
+            .map_err(|e| err(&key_path, format!("cannot read: {e}")))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(err(
+                &key_path,
+                format!(
+                    "private key is accessible to others (mode {:o}); chmod 600 it",
+                    mode & 0o777
+                ),
+            ));
+        }
+        Ok(Self {
+            info,
+            ca_pem: read("ca.pem")?,
+            cert_pem: read("cert.pem")?,
+            key_pem: read("key.pem")?,
+            dir,
+        })
+    }
+
+    /// The SHA-256 fingerprint of the kit's certificate.
+    pub fn fingerprint(&self) -> Result<String> {
+        Ok(fingerprint(&pem_certificate(&self.cert_pem)?))
+    }
+
+    /// The roster file (server kits).
+    pub fn roster_path(&self) -> PathBuf {
+        self.dir.join(ROSTER_FILE)
+    }
+}
+
+/// One certificate the roster knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    /// The site's identity.
+    pub identity: String,
+    /// Lower-case hex SHA-256 of the certificate (DER).
+    pub fingerprint: String,
+    /// The certificate's serial number (hex), for the record.
+    pub serial: String,
+    /// A revoked certificate is refused.
+    pub revoked: bool,
+}
+
+/// The sites the server admits: `roster.json` in the server's kit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Roster {
+    /// Every certificate ever issued to a site.
+    pub certificates: Vec<RosterEntry>,
+}
+
+/// Why a certificate is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Not on the roster at all.
+    #[error("certificate {fingerprint} of `{identity}` is not on the roster")]
+    Unknown {
+        /// Its common name.
+        identity: String,
+        /// Its fingerprint.
+        fingerprint: String,
+    },
+    /// On the roster, revoked.
+    #[error("certificate {fingerprint} of `{identity}` is revoked")]
+    Revoked {
+        /// Its common name.
+        identity: String,
+        /// Its fingerprint.
+        fingerprint: String,
+    },
+    /// Listed under another identity than its common name.
+    #[error("certificate names `{identity}` but the roster lists it for `{listed}`")]
+    Mismatch {
+        /// Its common name.
+        identity: String,
+        /// The identity on the roster.
+        listed: String,
+    },
+}
+
+impl Roster {
+    /// Reads a roster file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| err(path, format!("not a roster: {e}")))
+    }
+
+    /// Writes it atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(self)?)
+    }
+
+    /// Admits the certificate `(identity, fingerprint)` or says why not.
+    pub fn admit(&self, identity: &str, fingerprint: &str) -> std::result::Result<(), Refusal> {
+        match self
+            .certificates
+            .iter()
+            .find(|c| c.fingerprint == fingerprint)
+        {
+            None => Err(Refusal::Unknown {
+                identity: identity.into(),
+                fingerprint: fingerprint.into(),
+            }),
+            Some(c) if c.identity != identity => Err(Refusal::Mismatch {
+                identity: identity.into(),
+                listed: c.identity.clone(),
+            }),
+            Some(c) if c.revoked => Err(Refusal::Revoked {
+                identity: identity.into(),
+                fingerprint: fingerprint.into(),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Revokes every certificate of `identity`; returns how many were active.
+    pub fn revoke(&mut self, identity: &str) -> usize {
+        let mut n = 0;
+        for c in self
+            .certificates
+            .iter_mut()
+            .filter(|c| c.identity == identity)
+        {
+            n += usize::from(!c.revoked);
+            c.revoked = true;
+        }
+        n
+    }
+
+    /// The identities with at least one active certificate.
+    pub fn active(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .certificates
+            .iter()
+            .filter(|c| !c.revoked)
+            .map(|c| c.identity.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
+/// The DER bytes of the first certificate in a PEM text.
+pub fn pem_certificate(pem: &str) -> Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| Error::InvalidConfig(format!("not a PEM certificate: {e}")))
+}
+
+/// Lower-case hex SHA-256 of a certificate's DER bytes.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The common name of a DER certificate.
+pub fn common_name(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Transport(format!("unreadable certificate: {e}")))?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Transport("certificate has no common name".into()))
+}
+
+/// A valid identity: 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`
+/// (it names a folder and appears in logs).
+pub fn check_identity(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with(['.', '-'])
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && id != CA_DIR
+        && id != SERVER_DIR;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig(format!(
+            "`{id}` is not a valid site identity: 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -, not `ca` or `server`"
+        )))
+    }
+}
+
+/// What [`provision`] creates.
+#[derive(Debug, Clone)]
+pub struct ProjectSpec {
+    /// The project's name (in the CA's name and every kit).
+    pub project: String,
+    /// The server's host names and IP addresses (its certificate's names);
+    /// the first one is what clients dial and check.
+    pub server_hosts: Vec<String>,
+    /// The server's port.
+    pub port: u16,
+    /// The sites' identities.
+    pub sites: Vec<String>,
+    /// How long certificates are valid.
+    pub validity: Duration,
+}
+
+impl ProjectSpec {
+    /// A project with the server on `localhost:port`, certificates valid one year.
+    pub fn new(project: impl Into<String>, sites: Vec<String>, port: u16) -> Self {
+        Self {
+            project: project.into(),
+            server_hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            port,
+            sites,
+            validity: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// The project folder's parts.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The project folder.
+    pub dir: PathBuf,
+}
+
+impl Project {
+    /// The project at `dir` (made by [`provision`]).
+    pub fn open(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The server's kit folder.
+    pub fn server_kit(&self) -> PathBuf {
+        self.dir.join(SERVER_DIR)
+    }
+
+    /// A site's kit folder.
+    pub fn site_kit(&self, site: &str) -> PathBuf {
+        self.dir.join(site)
+    }
+
+    fn ca(&self) -> Result<(String, KeyPair)> {
+        let dir = self.dir.join(CA_DIR);
+        let read = |n: &str| {
+            let p = dir.join(n);
+            fs::read_to_string(&p).map_err(|e| err(&p, format!("cannot read: {e}")))
+        };
+        let key = KeyPair::from_pem(&read("ca.key")?).map_err(cert_err)?;
+        Ok((read("ca.pem")?, key))
+    }
+
+    /// Issues a certificate for `site` into its kit (replacing a previous
+    /// kit) and lists it on the roster. With `revoke_previous`, the site's
+    /// earlier certificates are revoked (rotation). Returns the kit folder.
+    pub fn issue_site(&self, site: &str, revoke_previous: bool) -> Result<PathBuf> {
+        check_identity(site)?;
+        let (ca_pem, ca_key) = self.ca()?;
+        let server = Kit::load(self.server_kit())?;
+        let roster_path = server.roster_path();
+        let mut roster = Roster::load(&roster_path)?;
+        if revoke_previous {
+            roster.revoke(site);
+        }
+        let validity = Duration::from_secs(server.info.validity_days * 24 * 3600);
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(cert_err)?;
+        let (cert_der, cert_pem, key_pem, serial) = leaf(site, &[], validity, &issuer, false)?;
+        roster.certificates.push(RosterEntry {
+            identity: site.into(),
+            fingerprint: fingerprint(&cert_der),
+            serial,
+            revoked: false,
+        });
+        let info = KitInfo {
+            identity: site.into(),
+            role: Role::Client,
+            ..server.info.clone()
+        };
+        // The roster first: a kit whose certificate is not on the roster
+        // would lock its site out; a roster entry nobody holds is harmless.
+        roster.save(&roster_path)?;
+        let dir = self.site_kit(site);
+        write_kit(&dir, &info, &ca_pem, &cert_pem, &key_pem)?;
+        Ok(dir)
+    }
+
+    /// Revokes every certificate of `site` on the server's roster; returns
+    /// how many were active.
+    pub fn revoke_site(&self, site: &str) -> Result<usize> {
+        let path = self.server_kit().join(ROSTER_FILE);
+        let mut roster = Roster::load(&path)?;
+        let n = roster.revoke(site);
+        if n == 0 && !roster.certificates.iter().any(|c| c.identity == site) {
+            return Err(Error::InvalidConfig(format!(
+                "no site `{site}` on the roster"
+            )));
+        }
+        roster.save(&path)?;
+        Ok(n)
+    }
+}
+
+fn random_serial() -> (SerialNumber, String) {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive
+    let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    (SerialNumber::from_slice(&bytes), hex)
+}
+
+fn validity_window(params: &mut CertificateParams, validity: Duration) {
+    let now = SystemTime::now();
+    // An hour of slack for clocks that differ a little.
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = (now + validity).into();
+}
+
+/// Signs a leaf certificate for `name` (the common name) with `hosts` as
+/// subject alternative names. Returns (DER, PEM, key PEM, serial hex).
+fn leaf(
+    name: &str,
+    hosts: &[String],
+    validity: Duration,
+    issuer: &Issuer<'_, &KeyPair>,
+    server: bool,
+) -> Result<(Vec<u8>, String, String, String)> {
+    let mut params = CertificateParams::new(hosts.to_vec()).map_err(cert_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![if server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    params.use_authority_key_identifier_extension = true;
+    let (serial, serial_hex) = random_serial();
+    params.serial_number = Some(serial);
+    validity_window(&mut params, validity);
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = params.signed_by(&key, issuer).map_err(cert_err)?;
+    Ok((
+        cert.der().to_vec(),
+        cert.pem(),
+        key.serialize_pem(),
+        serial_hex,
+    ))
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| err(path, format!("cannot write: {e}")))?;
+    // `mode` applies only when the file is created; make sure of it otherwise.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn make_private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| err(dir, format!("cannot create: {e}")))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+fn write_kit(dir: &Path, info: &KitInfo, ca: &str, cert: &str, key: &str) -> Result<()> {
+    make_private_dir(dir)?;
+    write_private(&dir.join("key.pem"), key.as_bytes())?;
+    fs::write(dir.join("cert.pem"), cert)?;
+    fs::write(dir.join("ca.pem"), ca)?;
+    fs::write(dir.join(KIT_FILE), serde_json::to_vec_pretty(info)?)?;
+    Ok(())
+}
+
+/// Creates a project in `dir` (which must not hold one): the CA, the server's
+/// kit with the roster, one kit per site. Returns the project.
+pub fn provision(dir: impl AsRef<Path>, spec: &ProjectSpec) -> Result<Project> {
+    let dir = dir.as_ref();
+    if dir.join(CA_DIR).exists() {
+        return Err(err(dir, "already holds a project (ca/ exists)"));
+    }
+    let host = spec
+        .server_hosts
+        .first()
+        .ok_or_else(|| Error::InvalidConfig("the server needs at least one host name".into()))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &spec.sites {
+        check_identity(s)?;
+        if !seen.insert(s) {
+            return Err(Error::InvalidConfig(format!("site `{s}` listed twice")));
+        }
+    }
+
+    // The project CA.
+    let ca_key = KeyPair::generate().map_err(cert_err)?;
+    let mut ca_params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{} project CA", spec.project));
+    dn.push(DnType::OrganizationName, spec.project.clone());
+    ca_params.distinguished_name = dn;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params.serial_number = Some(random_serial().0);
+    validity_window(&mut ca_params, spec.validity * 5);
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
+    let ca_pem = ca_cert.pem();
+    let ca_dir = dir.join(CA_DIR);
+    make_private_dir(&ca_dir)?;
+    write_private(&ca_dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
+    fs::write(ca_dir.join("ca.pem"), &ca_pem)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    // The server.
+    let (_, cert, key, _) = leaf(host, &spec.server_hosts, spec.validity, &issuer, true)?;
+    let server_info = KitInfo {
+        project: spec.project.clone(),
+        identity: SERVER_DIR.into(),
+        role: Role::Server,
+        server_address: format!("{host}:{}", spec.port),
+        server_name: host.clone(),
+        validity_days: (spec.validity.as_secs() / (24 * 3600)).max(1),
+    };
+    let project = Project::open(dir);
+    write_kit(&project.server_kit(), &server_info, &ca_pem, &cert, &key)?;
+
+    // The sites.
+    let mut roster = Roster::default();
+    for site in &spec.sites {
+        let (der, cert, key, serial) = leaf(site, &[], spec.validity, &issuer, false)?;
+        roster.certificates.push(RosterEntry {
+            identity: site.clone(),
+            fingerprint: fingerprint(&der),
+            serial,
+            revoked: false,
+        });
+        let info = KitInfo {
+            identity: site.clone(),
+            role: Role::Client,
+            ..server_info.clone()
+        };
+        write_kit(&project.site_kit(site), &info, &ca_pem, &cert, &key)?;
+    }
+    roster.save(&project.server_kit().join(ROSTER_FILE))?;
+    Ok(project)
+}
+
+/// A map from identity to its kit folder, for every site on the roster.
+pub fn site_kits(project: &Project) -> Result<BTreeMap<String, PathBuf>> {
+    let roster = Roster::load(&project.server_kit().join(ROSTER_FILE))?;
+    Ok(roster
+        .active()
+        .into_iter()
+        .map(|id| {
+            let dir = project.site_kit(&id);
+            (id, dir)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        pem_certificate(pem).unwrap()
+    }
+
+    #[test]
+    fn provisioning_writes_kits_with_private_keys_and_a_roster() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ProjectSpec::new(
+            "demo",
+            vec!["hospital-1".into(), "hospital-2".into()],
+            50051,
+        );
+        let project = provision(tmp.path(), &spec).unwrap();
+        for dir in [
+            project.server_kit(),
+            project.site_kit("hospital-1"),
+            project.site_kit("hospital-2"),
+        ] {
+            let kit = Kit::load(&dir).unwrap();
+            let mode = fs::metadata(dir.join("key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+            assert_eq!(kit.info.server_address, "localhost:50051");
+        }
+        let ca_mode = fs::metadata(tmp.path().join("ca/ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(ca_mode & 0o777, 0o600);
+
+        let kit = Kit::load(project.site_kit("hospital-1")).unwrap();
+        let der = pem_der(&kit.cert_pem);
+        assert_eq!(common_name(&der).unwrap(), "hospital-1");
+        let roster = Roster::load(&project.server_kit().join(ROSTER_FILE)).unwrap();
+        assert_eq!(roster.admit("hospital-1", &fingerprint(&der)), Ok(()));
+        assert!(matches!(
+            roster.admit("hospital-2", &fingerprint(&der)),
+            Err(Refusal::Mismatch { .. })
+        ));
+        assert!(provision(tmp.path(), &spec).is_err(), "no overwrite");
+    }
+
+    #[test]
+    fn rotation_revokes_the_old_certificate_and_revocation_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ProjectSpec::new("demo", vec!["h1".into()], 1);
+        let project = provision(tmp.path(), &spec).unwrap();
+        let old = fingerprint(&pem_der(
+            &Kit::load(project.site_kit("h1")).unwrap().cert_pem,
+        ));
+        project.issue_site("h1", true).unwrap();
+        let new = fingerprint(&pem_der(
+            &Kit::load(project.site_kit("h1")).unwrap().cert_pem,
+        ));
+        assert_ne!(old, new);
+        let roster_path = project.server_kit().join(ROSTER_FILE);
+        let roster = Roster::load(&roster_path).unwrap();
+        assert!(matches!(
+            roster.admit("h1", &old),
+            Err(Refusal::Revoked { .. })
+        ));
+        assert_eq!(roster.admit("h1", &new), Ok(()));
+        assert_eq!(project.revoke_site("h1").unwrap(), 1);
+        let roster = Roster::load(&roster_path).unwrap();
+        assert!(roster.admit("h1", &new).is_err());
+        assert!(project.revoke_site("nobody").is_err());
+        assert!(project.issue_site("../evil", false).is_err());
+    }
+
+    #[test]
+    fn a_world_readable_key_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let project = provision(tmp.path(), &ProjectSpec::new("p", vec!["a".into()], 1)).unwrap();
+        let key = project.site_kit("a").join("key.pem");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Kit::load(project.site_kit("a")).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+}

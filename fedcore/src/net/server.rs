@@ -1,0 +1,742 @@
+//! The server side: [`GrpcTransport`], a [`Transport`] whose clients are
+//! remote processes holding a gRPC session over mutual TLS.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use super::proto::federation_server::{Federation, FederationServer};
+use super::proto::{self, client_message, server_message};
+use super::provision::{Kit, Role, Roster, common_name, fingerprint};
+use super::wire::{self, Assembler, Outgoing, PROTOCOL, Plan};
+use super::{Limits, now_ms};
+use crate::error::{Error, Result};
+use crate::transport::{Envelope, Failure, ReplySender, Task, Transport};
+use crate::update::ClientId;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Settings of the server's side of the network.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Where to listen; `None` takes the port of the kit's server address on
+    /// all interfaces. Port 0 picks a free port ([`GrpcTransport::local_addr`]).
+    pub listen: Option<SocketAddr>,
+    /// Message and payload limits.
+    pub limits: Limits,
+    /// How often the server sends a heartbeat and checks each session.
+    pub heartbeat: Duration,
+    /// A session silent for this long is closed (its tasks fail as disconnected).
+    pub liveness: Duration,
+    /// How long a new connection has to say hello.
+    pub hello_timeout: Duration,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    /// The kit's port, default limits, a heartbeat every 2 s, 10 s liveness.
+    fn default() -> Self {
+        Self {
+            listen: None,
+            limits: Limits::default(),
+            heartbeat: Duration::from_secs(2),
+            liveness: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+enum Out {
+    Task(Outgoing<proto::TaskHeader>),
+    Shutdown(proto::Shutdown),
+}
+
+/// At most this many unanswered tasks per session; more are refused, so a
+/// client that stops answering cannot make the server queue models.
+const MAX_PENDING: usize = 4;
+
+/// A task sent and not yet answered.
+struct Pending {
+    reply_to: ReplySender,
+    round: u64,
+    kind: proto::TaskKind,
+    /// The largest reply payload accepted for it.
+    max_reply_bytes: u64,
+}
+
+struct Session {
+    id: ClientId,
+    number: u64,
+    fingerprint: String,
+    queue: mpsc::UnboundedSender<Out>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    last_seen: Mutex<Instant>,
+    cancel: CancellationToken,
+}
+
+/// The roster file, re-read when it changes.
+struct RosterWatch {
+    path: PathBuf,
+    stamp: Option<(i64, i64, u64, u64)>,
+    roster: Roster,
+}
+
+impl RosterWatch {
+    fn load(path: PathBuf) -> Result<Self> {
+        let mut w = Self {
+            roster: Roster::load(&path)?,
+            stamp: None,
+            path,
+        };
+        w.stamp = w.current_stamp();
+        Ok(w)
+    }
+
+    fn current_stamp(&self) -> Option<(i64, i64, u64, u64)> {
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.mtime(), m.mtime_nsec(), m.len(), m.ino()))
+    }
+
+    /// The roster, reloaded if the file changed. A file that no longer
+    /// parses keeps the last good roster (and says so).
+    fn get(&mut self) -> &Roster {
+        let stamp = self.current_stamp();
+        if stamp != self.stamp {
+            match Roster::load(&self.path) {
+                Ok(r) => {
+                    info!(path = %self.path.display(), active = r.active().len(), "roster reloaded");
+                    self.roster = r;
+                    self.stamp = stamp;
+                }
+                Err(e) => {
+                    warn!(error = %e, "roster file changed but cannot be read; keeping the previous roster");
+                    self.stamp = stamp;
+                }
+            }
+        }
+        &self.roster
+    }
+}
+
+struct Shared {
+    options: ServerOptions,
+    roster: Mutex<RosterWatch>,
+    sessions: Mutex<BTreeMap<ClientId, Arc<Session>>>,
+    changed: Condvar,
+    next_task: AtomicU64,
+    next_session: AtomicU64,
+    /// Set by [`GrpcTransport::shutdown`]: sessions opened later get it at once.
+    closing: Mutex<Option<proto::Shutdown>>,
+}
+
+impl Shared {
+    fn admit(&self, identity: &str, fingerprint: &str) -> std::result::Result<(), String> {
+        lock(&self.roster)
+            .get()
+            .admit(identity, fingerprint)
+            .map_err(|r| r.to_string())
+    }
+
+    /// Registers a session; a newer connection of the same site replaces
+    /// an older one (whose tasks fail), never the other way round.
+    fn register(&self, session: Arc<Session>) -> bool {
+        let old = {
+            let mut sessions = lock(&self.sessions);
+            if sessions
+                .get(&session.id)
+                .is_some_and(|s| s.number > session.number)
+            {
+                return false;
+            }
+            sessions.insert(session.id.clone(), session.clone())
+        };
+        if let Some(old) = old {
+            self.fail(
+                &old,
+                "replaced by a new connection from the same site".into(),
+            );
+        }
+        info!(client = %session.id, session = session.number, "client connected");
+        self.changed.notify_all();
+        true
+    }
+
+    /// Ends a session: stops its tasks, fails its pending tasks.
+    fn end_session(&self, session: &Arc<Session>, reason: String) {
+        {
+            let mut sessions = lock(&self.sessions);
+            if sessions
+                .get(&session.id)
+                .is_some_and(|s| s.number == session.number)
+            {
+                sessions.remove(&session.id);
+                info!(client = %session.id, session = session.number, reason = %reason, "client disconnected");
+            }
+        }
+        self.changed.notify_all();
+        self.fail(session, reason);
+    }
+
+    fn fail(&self, session: &Session, reason: String) {
+        session.cancel.cancel();
+        let pending: Vec<ReplySender> = lock(&session.pending)
+            .drain()
+            .map(|(_, p)| p.reply_to)
+            .collect();
+        for reply_to in pending {
+            // The server may have stopped listening (deadline passed).
+            let _ = reply_to.send(Envelope {
+                client: session.id.clone(),
+                reply: Err(Failure::Disconnected(reason.clone())),
+            });
+        }
+    }
+}
+
+/// The gRPC service; one instance shared by every connection.
+struct Service {
+    shared: Arc<Shared>,
+}
+
+type SessionStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<proto::ServerMessage, Status>> + Send>>;
+
+fn server_msg(kind: server_message::Kind) -> proto::ServerMessage {
+    proto::ServerMessage { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl Federation for Service {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::ClientMessage>>,
+    ) -> std::result::Result<Response<SessionStream>, Status> {
+        let shared = self.shared.clone();
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let identity =
+            common_name(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let fp = fingerprint(leaf.as_ref());
+        if let Err(reason) = shared.admit(&identity, &fp) {
+            warn!(identity = %identity, reason = %reason, "connection refused");
+            return Err(Status::permission_denied(reason));
+        }
+        let mut inbound = request.into_inner();
+        let hello = tokio::time::timeout(shared.options.hello_timeout, inbound.message()).await;
+        let hello = match hello {
+            Ok(Ok(Some(proto::ClientMessage {
+                kind: Some(client_message::Kind::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be hello")),
+            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(Status::deadline_exceeded("no hello in time")),
+        };
+        if hello.identity != identity {
+            warn!(identity = %identity, claimed = %hello.identity, "connection refused: identity mismatch");
+            return Err(Status::permission_denied(format!(
+                "hello names `{}` but the certificate is `{identity}`",
+                hello.identity
+            )));
+        }
+        if hello.protocol != PROTOCOL {
+            return Err(Status::failed_precondition(format!(
+                "protocol {} is not supported (this server speaks {PROTOCOL})",
+                hello.protocol
+            )));
+        }
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let session = Arc::new(Session {
+            id: ClientId::new(identity.clone()),
+            number: shared.next_session.fetch_add(1, Ordering::Relaxed),
+            fingerprint: fp,
+            queue: queue_tx,
+            pending: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(Instant::now()),
+            cancel: CancellationToken::new(),
+        });
+        let welcome = server_msg(server_message::Kind::Welcome(proto::Welcome {
+            identity,
+            protocol: PROTOCOL,
+            heartbeat_ms: shared.options.heartbeat.as_millis() as u64,
+            chunk_bytes: shared.options.limits.chunk_bytes as u64,
+        }));
+        out_tx
+            .send(Ok(welcome))
+            .await
+            .map_err(|_| Status::unavailable("session closed"))?;
+        if !shared.register(session.clone()) {
+            return Err(Status::aborted("a newer connection of this site is open"));
+        }
+        if let Some(s) = lock(&shared.closing).clone() {
+            let _ = session.queue.send(Out::Shutdown(s));
+        }
+        tokio::spawn(writer(shared.clone(), session.clone(), queue_rx, out_tx));
+        tokio::spawn(reader(shared, session, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+type OutTx = mpsc::Sender<std::result::Result<proto::ServerMessage, Status>>;
+
+/// Sends one message unless the session is cancelled first or the client
+/// reads nothing for `patience` (a client that stops reading must not hold
+/// the session, and the models queued for it, forever).
+async fn push(
+    session: &Session,
+    out: &OutTx,
+    msg: proto::ServerMessage,
+    patience: Duration,
+) -> std::result::Result<(), String> {
+    tokio::select! {
+        _ = session.cancel.cancelled() => Err("session closed".into()),
+        r = out.send(Ok(msg)) => r.map_err(|_| "the client stopped reading".to_owned()),
+        _ = tokio::time::sleep(patience) => {
+            Err(format!("the client read nothing for {} ms", patience.as_millis()))
+        }
+    }
+}
+
+/// Streams queued tasks, heartbeats; checks liveness and the roster.
+async fn writer(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    mut queue: mpsc::UnboundedReceiver<Out>,
+    out: OutTx,
+) {
+    let opts = &shared.options;
+    let mut tick = tokio::time::interval(opts.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
+        tokio::select! {
+            _ = session.cancel.cancelled() => return,
+            item = queue.recv() => match item {
+                None => return,
+                Some(Out::Shutdown(s)) => {
+                    let _ = push(&session, &out, server_msg(server_message::Kind::Shutdown(s.clone())), opts.liveness).await;
+                    // Keep the stream open until the client has read the
+                    // message and hung up (the reader then ends the session).
+                    tokio::select! {
+                        _ = session.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(opts.liveness) => break s.reason,
+                    }
+                }
+                Some(Out::Task(task)) => {
+                    let id = task.header.task_id;
+                    if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Task(task.header.clone())), opts.liveness).await {
+                        break r;
+                    }
+                    let mut failed = None;
+                    for chunk in wire::chunks(id, &task.payload, opts.limits.chunk_bytes) {
+                        if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Chunk(chunk)), opts.liveness).await {
+                            failed = Some(r);
+                            break;
+                        }
+                    }
+                    if let Some(r) = failed {
+                        break r;
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let silent = lock(&session.last_seen).elapsed();
+                if silent > opts.liveness {
+                    break format!("no message for {} ms", silent.as_millis());
+                }
+                if let Err(r) = shared.admit(session.id.as_str(), &session.fingerprint) {
+                    warn!(client = %session.id, reason = %r, "closing the session");
+                    let _ = out.try_send(Err(Status::permission_denied(r.clone())));
+                    break r;
+                }
+                // A full queue means data is flowing; no heartbeat needed.
+                let _ = out.try_send(Ok(server_msg(server_message::Kind::Heartbeat(proto::Heartbeat {
+                    sent_at_ms: now_ms(),
+                }))));
+            }
+        }
+    };
+    shared.end_session(&session, reason);
+}
+
+/// The reply being received.
+struct Incoming {
+    header: proto::ReplyHeader,
+    plan: Plan,
+    assembler: Assembler,
+}
+
+/// Reads the client's messages until the session ends.
+async fn reader(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    mut inbound: Streaming<proto::ClientMessage>,
+) {
+    let mut current: Option<Incoming> = None;
+    let reason = loop {
+        let msg = tokio::select! {
+            _ = session.cancel.cancelled() => return,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(m)) => {
+                *lock(&session.last_seen) = Instant::now();
+                if let Err(e) = handle(&shared, &session, m, &mut current) {
+                    warn!(client = %session.id, error = %e, "protocol error; closing the session");
+                    break e;
+                }
+            }
+            Ok(None) => break "the client closed the session".to_owned(),
+            Err(status) => break format!("connection lost: {}", status.message()),
+        }
+    };
+    shared.end_session(&session, reason);
+}
+
+fn handle(
+    shared: &Shared,
+    session: &Session,
+    msg: proto::ClientMessage,
+    current: &mut Option<Incoming>,
+) -> std::result::Result<(), String> {
+    use client_message::Kind;
+    match msg.kind {
+        None | Some(Kind::Hello(_)) => Err("unexpected message".into()),
+        Some(Kind::Heartbeat(_)) => Ok(()),
+        Some(Kind::Error(e)) => {
+            if let Some(p) = lock(&session.pending).remove(&e.task_id) {
+                let _ = p.reply_to.send(Envelope {
+                    client: session.id.clone(),
+                    reply: Err(Failure::ClientError(e.message)),
+                });
+            }
+            Ok(())
+        }
+        Some(Kind::Reply(header)) => {
+            if current.is_some() {
+                return Err("a reply started before the previous one finished".into());
+            }
+            let (kind, max_bytes) = lock(&session.pending)
+                .get(&header.task_id)
+                .map(|p| (p.kind, p.max_reply_bytes))
+                .ok_or_else(|| format!("reply to unknown task {}", header.task_id))?;
+            if header.kind != kind as i32 {
+                return Err(format!(
+                    "reply of kind {} to a task of kind {}",
+                    header.kind, kind as i32
+                ));
+            }
+            let plan = Plan::of_reply(&header).map_err(|e| e.to_string())?;
+            let limit = max_bytes.min(shared.options.limits.max_payload_bytes);
+            let assembler = plan
+                .assembler(header.task_id, limit)
+                .map_err(|e| e.to_string())?;
+            *current = Some(Incoming {
+                header,
+                plan,
+                assembler,
+            });
+            deliver_if_complete(session, current);
+            Ok(())
+        }
+        Some(Kind::Chunk(chunk)) => {
+            let incoming = current
+                .as_mut()
+                .ok_or_else(|| "a chunk outside a reply".to_owned())?;
+            incoming.assembler.push(&chunk).map_err(|e| e.to_string())?;
+            deliver_if_complete(session, current);
+            Ok(())
+        }
+    }
+}
+
+fn deliver_if_complete(session: &Session, current: &mut Option<Incoming>) {
+    if !current.as_ref().is_some_and(|c| c.assembler.is_complete()) {
+        return;
+    }
+    let Some(Incoming {
+        header,
+        plan,
+        assembler,
+    }) = current.take()
+    else {
+        return;
+    };
+    let Some(pending) = lock(&session.pending).remove(&header.task_id) else {
+        return;
+    };
+    let reply = wire::decode_reply(&header, plan, assembler)
+        .map_err(|e| Failure::ClientError(format!("malformed reply: {e}")));
+    let _ = pending.reply_to.send(Envelope {
+        client: session.id.clone(),
+        reply,
+    });
+}
+
+/// The network transport's server side: listens with mutual TLS, admits
+/// clients on the roster, and streams tasks and replies in chunks.
+///
+/// Use it as the [`crate::Server`]'s transport, then drive the rounds with
+/// [`super::run_server`] (which waits for clients and goes on after a
+/// failed round).
+pub struct GrpcTransport {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl GrpcTransport {
+    /// Starts listening with the server kit `kit` (its certificate, the
+    /// project CA, its roster).
+    pub fn start(kit: &Kit, options: ServerOptions) -> Result<Self> {
+        if kit.info.role != Role::Server {
+            return Err(Error::InvalidConfig(format!(
+                "{} is not a server kit",
+                kit.dir.display()
+            )));
+        }
+        options.limits.check()?;
+        let listen = match options.listen {
+            Some(a) => a,
+            None => {
+                let port = kit
+                    .info
+                    .server_address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .ok_or_else(|| {
+                        Error::InvalidConfig(format!(
+                            "server address `{}` has no port",
+                            kit.info.server_address
+                        ))
+                    })?;
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+        };
+        let shared = Arc::new(Shared {
+            roster: Mutex::new(RosterWatch::load(kit.roster_path())?),
+            options,
+            sessions: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
+            next_task: AtomicU64::new(1),
+            next_session: AtomicU64::new(1),
+            closing: Mutex::new(None),
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fedcore-net")
+            .enable_all()
+            .build()?;
+        let limits = shared.options.limits.clone();
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&kit.cert_pem, &kit.key_pem))
+            .client_ca_root(Certificate::from_pem(&kit.ca_pem))
+            .timeout(shared.options.handshake_timeout);
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .map_err(|e| Error::Transport(format!("cannot listen on {listen}: {e}")))?;
+        let local_addr = listener.local_addr()?;
+        let service = FederationServer::new(Service {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+        let router = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|e| Error::Transport(format!("TLS configuration: {e}")))?
+            .initial_stream_window_size(Some(limits.window_bytes))
+            .initial_connection_window_size(Some(limits.window_bytes))
+            .http2_keepalive_interval(Some(shared.options.heartbeat))
+            .http2_keepalive_timeout(Some(shared.options.liveness))
+            .add_service(service);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let incoming = TcpListenerStream::new(listener);
+        runtime.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                warn!(error = %e, "the gRPC server stopped");
+            }
+        });
+        info!(address = %local_addr, "listening (mutual TLS)");
+        Ok(Self {
+            shared,
+            local_addr,
+            stop: Some(stop),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Waits until at least `n` clients are connected or `timeout` passed;
+    /// returns how many are connected.
+    pub fn wait_for_clients(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut sessions = lock(&self.shared.sessions);
+        while sessions.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            sessions = self
+                .shared
+                .changed
+                .wait_timeout(sessions, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        sessions.len()
+    }
+
+    /// Tells every client the run is over (`finished`) or that the server is
+    /// going away, waits up to `grace` for the messages to leave, then stops
+    /// listening.
+    pub fn shutdown(&mut self, reason: &str, finished: bool, grace: Duration) {
+        let message = proto::Shutdown {
+            reason: reason.to_owned(),
+            finished,
+        };
+        *lock(&self.shared.closing) = Some(message.clone());
+        let sessions: Vec<Arc<Session>> = lock(&self.shared.sessions).values().cloned().collect();
+        for s in &sessions {
+            let _ = s.queue.send(Out::Shutdown(message.clone()));
+        }
+        let deadline = Instant::now() + grace;
+        let mut open = lock(&self.shared.sessions);
+        while !open.is_empty() && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            open = self
+                .shared
+                .changed
+                .wait_timeout(open, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(open);
+        self.stop_listening();
+    }
+
+    fn stop_listening(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let open: Vec<Arc<Session>> = std::mem::take(&mut *lock(&self.shared.sessions))
+            .into_values()
+            .collect();
+        for s in &open {
+            self.shared.fail(s, "the server stopped".into());
+        }
+        self.shared.changed.notify_all();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for GrpcTransport {
+    fn drop(&mut self) {
+        self.stop_listening();
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn clients(&self) -> Vec<ClientId> {
+        lock(&self.shared.sessions).keys().cloned().collect()
+    }
+
+    fn send(&mut self, client: &ClientId, task: Task, reply_to: ReplySender) -> Result<()> {
+        let session = lock(&self.shared.sessions)
+            .get(client)
+            .cloned()
+            .ok_or_else(|| Error::Transport(format!("`{client}` is not connected")))?;
+        let task_id = self.shared.next_task.fetch_add(1, Ordering::Relaxed);
+        let out = wire::encode_task(task_id, &task)?;
+        let limit = self.shared.options.limits.max_payload_bytes;
+        if out.payload_len() > limit {
+            return Err(Error::Transport(format!(
+                "task of {} bytes exceeds the payload limit of {limit} bytes",
+                out.payload_len()
+            )));
+        }
+        let (round, kind) = match &task {
+            Task::Fit(f) => (f.round, proto::TaskKind::Fit),
+            Task::Evaluate(e) => (e.round, proto::TaskKind::Evaluate),
+        };
+        {
+            let mut pending = lock(&session.pending);
+            // Make room by forgetting tasks of earlier rounds (the server
+            // stopped waiting for them), oldest first; a reply to one of
+            // those that still comes is kept until then and dropped after.
+            while pending.len() >= MAX_PENDING {
+                let Some(oldest) = pending
+                    .iter()
+                    .filter(|(_, p)| p.round < round)
+                    .map(|(id, _)| *id)
+                    .min()
+                else {
+                    break;
+                };
+                pending.remove(&oldest);
+            }
+            if pending.len() >= MAX_PENDING {
+                return Err(Error::Transport(format!(
+                    "`{client}` has {} unanswered tasks",
+                    pending.len()
+                )));
+            }
+            // An update is at most the model's size in the clear plus its
+            // sealed part; twice the task's payload leaves room for a sealed
+            // encoding that differs between a global and an update.
+            let max_reply_bytes = match kind {
+                proto::TaskKind::Fit => out.payload_len().saturating_mul(2).saturating_add(1 << 20),
+                _ => 0,
+            };
+            pending.insert(
+                task_id,
+                Pending {
+                    reply_to,
+                    round,
+                    kind,
+                    max_reply_bytes,
+                },
+            );
+        }
+        if (session.cancel.is_cancelled() || session.queue.send(Out::Task(out)).is_err())
+            && lock(&session.pending).remove(&task_id).is_some()
+        {
+            return Err(Error::Transport(format!("`{client}` disconnected")));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,527 @@
+//! Tasks and replies to protobuf headers plus a chunked payload, and back.
+//!
+//! A payload is the values of the header's layout as little-endian f32
+//! (4 bytes each, the layout's order), followed by the sealed bytes. On the
+//! sending side the payload of a task borrows the global model's memory
+//! ([`Bytes::from_owner`]); on the receiving side an [`Assembler`] copies
+//! each chunk straight into the final `Vec<f32>` and sealed buffer, after
+//! checking the declared sizes against the limit before allocating.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::proto;
+use crate::client::{EvaluateIns, FitIns};
+use crate::error::{Error, Result};
+use crate::model::{Evaluation, TrainConfig};
+use crate::params::{Layout, Parameters, TensorSpec};
+use crate::sealed::SealedTensors;
+use crate::transport::{Reply, Task};
+use crate::update::{ClientId, ClientUpdate, Metrics, Protection, UpdateKind};
+
+/// The version of the protocol in `proto/fedcore.proto`.
+pub const PROTOCOL: u32 = 1;
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Transport(msg.into())
+}
+
+/// A layout as protobuf tensor specs.
+pub(crate) fn layout_to_proto(layout: &Layout) -> Vec<proto::TensorSpec> {
+    layout
+        .tensors()
+        .iter()
+        .map(|t| proto::TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+        })
+        .collect()
+}
+
+/// Protobuf tensor specs as a layout (names unique, sizes without overflow).
+pub(crate) fn layout_from_proto(specs: &[proto::TensorSpec]) -> Result<Arc<Layout>> {
+    let specs = specs
+        .iter()
+        .map(|t| {
+            let shape = t
+                .shape
+                .iter()
+                .map(|&d| {
+                    usize::try_from(d).map_err(|_| {
+                        bad(format!("tensor `{}`: dimension {d} is too large", t.name))
+                    })
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            Ok(TensorSpec::new(t.name.clone(), shape))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Arc::new(Layout::new(specs)?))
+}
+
+/// The model values as bytes, sharing the parameters' memory on
+/// little-endian machines (a copy elsewhere).
+fn values_bytes(params: Arc<Parameters>) -> Bytes {
+    struct Owner(Arc<Parameters>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(self.0.as_slice())
+        }
+    }
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(Owner(params))
+    } else {
+        Bytes::from(
+            params
+                .as_slice()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+    }
+}
+
+fn owned_values_bytes(params: Parameters) -> Bytes {
+    values_bytes(Arc::new(params))
+}
+
+fn sealed_header(sealed: Option<&SealedTensors>) -> Option<proto::Sealed> {
+    sealed.map(|s| proto::Sealed {
+        layout: layout_to_proto(s.layout()),
+        len: s.bytes().len() as u64,
+    })
+}
+
+/// A message to stream: its header and the payload that follows as chunks.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing<H> {
+    pub header: H,
+    pub payload: Vec<Bytes>,
+}
+
+impl<H> Outgoing<H> {
+    /// Payload size in bytes.
+    pub fn payload_len(&self) -> u64 {
+        self.payload.iter().map(|b| b.len() as u64).sum()
+    }
+}
+
+/// Encodes a task; the model values are shared, not copied.
+pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::TaskHeader>> {
+    let (kind, round, config, parameters, sealed) = match task {
+        Task::Fit(f) => (
+            proto::TaskKind::Fit,
+            f.round,
+            serde_json::to_string(&f.config)?,
+            &f.parameters,
+            &f.sealed,
+        ),
+        Task::Evaluate(e) => (
+            proto::TaskKind::Evaluate,
+            e.round,
+            String::new(),
+            &e.parameters,
+            &e.sealed,
+        ),
+    };
+    let mut payload = vec![values_bytes(parameters.clone())];
+    if let Some(s) = sealed {
+        payload.push(Bytes::copy_from_slice(s.bytes()));
+    }
+    Ok(Outgoing {
+        header: proto::TaskHeader {
+            task_id,
+            kind: kind as i32,
+            round,
+            train_config_json: config,
+            layout: layout_to_proto(parameters.layout()),
+            sealed: sealed_header(sealed.as_deref()),
+        },
+        payload,
+    })
+}
+
+/// The update's fields other than its tensors, sent as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+struct UpdateMeta {
+    client: ClientId,
+    round: u64,
+    num_examples: u64,
+    kind: UpdateKind,
+    metrics: Metrics,
+    provenance: Vec<Protection>,
+}
+
+/// Encodes a reply.
+pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto::ReplyHeader>> {
+    match reply {
+        Reply::Fit(u) => {
+            let meta = UpdateMeta {
+                client: u.client,
+                round: u.round,
+                num_examples: u.num_examples,
+                kind: u.kind,
+                metrics: u.metrics,
+                provenance: u.provenance,
+            };
+            let sealed = sealed_header(u.sealed.as_ref());
+            let layout = layout_to_proto(u.values.layout());
+            let mut payload = vec![owned_values_bytes(u.values)];
+            if let Some(s) = u.sealed {
+                payload.push(Bytes::from(s.bytes().to_vec()));
+            }
+            Ok(Outgoing {
+                header: proto::ReplyHeader {
+                    task_id,
+                    kind: proto::TaskKind::Fit as i32,
+                    meta_json: serde_json::to_string(&meta)?,
+                    layout,
+                    sealed,
+                },
+                payload,
+            })
+        }
+        Reply::Evaluate(e) => Ok(Outgoing {
+            header: proto::ReplyHeader {
+                task_id,
+                kind: proto::TaskKind::Evaluate as i32,
+                meta_json: serde_json::to_string(&e)?,
+                layout: Vec::new(),
+                sealed: None,
+            },
+            payload: Vec::new(),
+        }),
+    }
+}
+
+/// Splits payload parts into chunks of at most `chunk_bytes` (no copies).
+pub(crate) fn chunks(
+    task_id: u64,
+    payload: &[Bytes],
+    chunk_bytes: usize,
+) -> impl Iterator<Item = proto::Chunk> + '_ {
+    let chunk_bytes = chunk_bytes.max(1);
+    let mut offset = 0u64;
+    payload.iter().flat_map(move |part| {
+        let n = part.len();
+        let starts = (0..n).step_by(chunk_bytes);
+        let part = part.clone();
+        let base = offset;
+        offset += n as u64;
+        starts.map(move |s| proto::Chunk {
+            task_id,
+            offset: base + s as u64,
+            data: part.slice(s..(s + chunk_bytes).min(n)),
+        })
+    })
+}
+
+/// Collects a payload of known size from chunks.
+#[derive(Debug)]
+pub(crate) struct Assembler {
+    task_id: u64,
+    values: Vec<f32>,
+    sealed: Vec<u8>,
+    received: u64,
+}
+
+impl Assembler {
+    /// Expects `values` f32 values then `sealed` bytes; refuses a total over
+    /// `max_bytes` before allocating anything.
+    pub fn new(task_id: u64, values: usize, sealed: u64, max_bytes: u64) -> Result<Self> {
+        let total = (values as u64)
+            .checked_mul(4)
+            .and_then(|v| v.checked_add(sealed))
+            .ok_or_else(|| bad("declared payload size overflows"))?;
+        if total > max_bytes {
+            return Err(bad(format!(
+                "declared payload of {total} bytes exceeds the limit of {max_bytes} bytes"
+            )));
+        }
+        Ok(Self {
+            task_id,
+            values: vec![0.0; values],
+            sealed: vec![0; sealed as usize],
+            received: 0,
+        })
+    }
+
+    fn total(&self) -> u64 {
+        self.values.len() as u64 * 4 + self.sealed.len() as u64
+    }
+
+    /// True when every byte arrived.
+    pub fn is_complete(&self) -> bool {
+        self.received == self.total()
+    }
+
+    /// Adds the next chunk; chunks must come in order and fit the size.
+    pub fn push(&mut self, chunk: &proto::Chunk) -> Result<()> {
+        if chunk.task_id != self.task_id {
+            return Err(bad(format!(
+                "chunk for task {} while receiving task {}",
+                chunk.task_id, self.task_id
+            )));
+        }
+        if chunk.offset != self.received {
+            return Err(bad(format!(
+                "chunk at offset {}, expected {}",
+                chunk.offset, self.received
+            )));
+        }
+        let end = self.received + chunk.data.len() as u64;
+        if end > self.total() {
+            return Err(bad(format!(
+                "payload exceeds its declared size of {} bytes",
+                self.total()
+            )));
+        }
+        let mut data: &[u8] = &chunk.data;
+        let value_bytes = self.values.len() as u64 * 4;
+        if self.received < value_bytes {
+            let start = self.received as usize;
+            let n = data.len().min(value_bytes as usize - start);
+            bytemuck::cast_slice_mut::<f32, u8>(&mut self.values)[start..start + n]
+                .copy_from_slice(&data[..n]);
+            data = &data[n..];
+            self.received += n as u64;
+        }
+        if !data.is_empty() {
+            let start = (self.received - value_bytes) as usize;
+            self.sealed[start..start + data.len()].copy_from_slice(data);
+            self.received += data.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// The values (in host order) and the sealed bytes.
+    fn finish(mut self) -> Result<(Vec<f32>, Vec<u8>)> {
+        if !self.is_complete() {
+            return Err(bad(format!(
+                "payload incomplete: {} of {} bytes",
+                self.received,
+                self.total()
+            )));
+        }
+        if cfg!(target_endian = "big") {
+            for v in &mut self.values {
+                *v = f32::from_le_bytes(v.to_ne_bytes());
+            }
+        }
+        Ok((self.values, self.sealed))
+    }
+}
+
+fn sealed_layout(sealed: &Option<proto::Sealed>) -> Result<Option<(Arc<Layout>, u64)>> {
+    sealed
+        .as_ref()
+        .map(|s| Ok((layout_from_proto(&s.layout)?, s.len)))
+        .transpose()
+}
+
+/// A header's payload plan: the values' layout, the sealed layout and size.
+pub(crate) struct Plan {
+    pub layout: Arc<Layout>,
+    pub sealed: Option<(Arc<Layout>, u64)>,
+}
+
+impl Plan {
+    pub fn of_task(h: &proto::TaskHeader) -> Result<Self> {
+        Ok(Self {
+            layout: layout_from_proto(&h.layout)?,
+            sealed: sealed_layout(&h.sealed)?,
+        })
+    }
+
+    pub fn of_reply(h: &proto::ReplyHeader) -> Result<Self> {
+        Ok(Self {
+            layout: layout_from_proto(&h.layout)?,
+            sealed: sealed_layout(&h.sealed)?,
+        })
+    }
+
+    pub fn assembler(&self, task_id: u64, max_bytes: u64) -> Result<Assembler> {
+        Assembler::new(
+            task_id,
+            self.layout.len(),
+            self.sealed.as_ref().map_or(0, |s| s.1),
+            max_bytes,
+        )
+    }
+
+    fn finish(self, assembler: Assembler) -> Result<(Parameters, Option<SealedTensors>)> {
+        let (values, sealed) = assembler.finish()?;
+        let params = Parameters::new(self.layout, values)?;
+        let sealed = self.sealed.map(|(l, _)| SealedTensors::new(l, sealed));
+        Ok((params, sealed))
+    }
+}
+
+/// Decodes a complete task.
+pub(crate) fn decode_task(
+    header: &proto::TaskHeader,
+    plan: Plan,
+    assembler: Assembler,
+) -> Result<Task> {
+    let (parameters, sealed) = plan.finish(assembler)?;
+    let parameters = Arc::new(parameters);
+    let sealed = sealed.map(Arc::new);
+    match proto::TaskKind::try_from(header.kind) {
+        Ok(proto::TaskKind::Fit) => {
+            let config: TrainConfig = serde_json::from_str(&header.train_config_json)
+                .map_err(|e| bad(format!("bad training configuration: {e}")))?;
+            Ok(Task::Fit(FitIns {
+                round: header.round,
+                parameters,
+                config,
+                sealed,
+            }))
+        }
+        Ok(proto::TaskKind::Evaluate) => Ok(Task::Evaluate(EvaluateIns {
+            round: header.round,
+            parameters,
+            sealed,
+        })),
+        _ => Err(bad(format!("unknown task kind {}", header.kind))),
+    }
+}
+
+/// Decodes a complete reply.
+pub(crate) fn decode_reply(
+    header: &proto::ReplyHeader,
+    plan: Plan,
+    assembler: Assembler,
+) -> Result<Reply> {
+    match proto::TaskKind::try_from(header.kind) {
+        Ok(proto::TaskKind::Fit) => {
+            let meta: UpdateMeta = serde_json::from_str(&header.meta_json)
+                .map_err(|e| bad(format!("bad update metadata: {e}")))?;
+            let (values, sealed) = plan.finish(assembler)?;
+            let mut update = ClientUpdate::new(meta.client, meta.round, meta.num_examples, values)
+                .with_kind(meta.kind)
+                .with_metrics(meta.metrics);
+            update.provenance = meta.provenance;
+            update.sealed = sealed;
+            Ok(Reply::Fit(update))
+        }
+        Ok(proto::TaskKind::Evaluate) => {
+            if !plan.layout.is_empty() || plan.sealed.is_some() {
+                return Err(bad("an evaluation reply carries tensors"));
+            }
+            let e: Evaluation = serde_json::from_str(&header.meta_json)
+                .map_err(|e| bad(format!("bad evaluation: {e}")))?;
+            Ok(Reply::Evaluate(e))
+        }
+        _ => Err(bad(format!("unknown reply kind {}", header.kind))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Parameters {
+        Parameters::from_tensors([
+            (
+                "a.weight",
+                vec![2, 3],
+                vec![1.0, -2.0, 3.5, f32::MIN_POSITIVE, -0.0, 7.0],
+            ),
+            ("b.bias", vec![3], vec![0.1, 0.2, 0.3]),
+        ])
+        .unwrap()
+    }
+
+    fn reassemble(plan: &Plan, task_id: u64, payload: &[Bytes], chunk: usize) -> Assembler {
+        let mut a = plan.assembler(task_id, 1 << 20).unwrap();
+        for c in chunks(task_id, payload, chunk) {
+            a.push(&c).unwrap();
+        }
+        assert!(a.is_complete());
+        a
+    }
+
+    #[test]
+    fn fit_task_round_trips_bit_exactly_whatever_the_chunk_size() {
+        let layout = Arc::new(Layout::new([TensorSpec::new("h", vec![2])]).unwrap());
+        let task = Task::Fit(FitIns {
+            round: 7,
+            parameters: Arc::new(params()),
+            config: TrainConfig::default(),
+            sealed: Some(Arc::new(SealedTensors::new(layout, vec![9, 8, 7, 6, 5]))),
+        });
+        for chunk in [1, 3, 4, 7, 1024] {
+            let out = encode_task(11, &task).unwrap();
+            assert_eq!(out.payload_len(), 9 * 4 + 5);
+            let plan = Plan::of_task(&out.header).unwrap();
+            let a = reassemble(&plan, 11, &out.payload, chunk);
+            let Task::Fit(got) = decode_task(&out.header, plan, a).unwrap() else {
+                panic!("not a fit task")
+            };
+            let Task::Fit(want) = &task else {
+                unreachable!()
+            };
+            assert_eq!(got.round, 7);
+            assert_eq!(got.config, want.config);
+            let bits =
+                |p: &Parameters| p.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.parameters), bits(&want.parameters));
+            assert_eq!(
+                got.parameters.layout().tensors(),
+                want.parameters.layout().tensors()
+            );
+            assert_eq!(got.sealed.unwrap().bytes(), &[9, 8, 7, 6, 5]);
+        }
+    }
+
+    #[test]
+    fn fit_reply_round_trips() {
+        let mut u =
+            ClientUpdate::new("site-a".into(), 3, 42, params()).with_kind(UpdateKind::Delta);
+        u.metrics.insert("loss".into(), 0.25);
+        let out = encode_reply(5, Reply::Fit(u.clone())).unwrap();
+        let plan = Plan::of_reply(&out.header).unwrap();
+        let a = reassemble(&plan, 5, &out.payload, 5);
+        let Reply::Fit(got) = decode_reply(&out.header, plan, a).unwrap() else {
+            panic!("not a fit reply")
+        };
+        assert_eq!(got, u);
+    }
+
+    #[test]
+    fn assembler_refuses_oversized_declarations_and_bad_chunks() {
+        let err = Assembler::new(1, 1 << 30, 0, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        assert!(Assembler::new(1, usize::MAX / 2, u64::MAX, u64::MAX).is_err());
+        let mut a = Assembler::new(1, 2, 0, 100).unwrap();
+        let chunk = |task_id, offset, data: &[u8]| proto::Chunk {
+            task_id,
+            offset,
+            data: Bytes::copy_from_slice(data),
+        };
+        assert!(
+            a.push(&chunk(2, 0, &[0; 4])).is_err(),
+            "another task's chunk"
+        );
+        assert!(a.push(&chunk(1, 4, &[0; 4])).is_err(), "a gap");
+        a.push(&chunk(1, 0, &[0; 4])).unwrap();
+        assert!(
+            a.push(&chunk(1, 4, &[0; 8])).is_err(),
+            "past the declared size"
+        );
+        assert!(!a.is_complete());
+    }
+
+    #[test]
+    fn a_reply_with_bad_metadata_is_an_error() {
+        let out =
+            encode_reply(1, Reply::Fit(ClientUpdate::new("a".into(), 1, 1, params()))).unwrap();
+        let mut header = out.header.clone();
+        header.meta_json = "{not json".into();
+        let plan = Plan::of_reply(&header).unwrap();
+        let a = reassemble(&plan, 1, &out.payload, 64);
+        let err = decode_reply(&header, plan, a).unwrap_err();
+        assert!(err.to_string().contains("bad update metadata"), "{err}");
+    }
+}
