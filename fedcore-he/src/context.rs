@@ -303,6 +303,38 @@ impl KeyAuthority {
         ctx.write_public(&files.public)?;
         Ok((ctx, files))
     }
+
+    /// Generates a key pair for `params` and writes it into startup kits
+    /// (the folders of `fedcore::net::provision`): the public context into
+    /// the server's kit, the secret context into each site's kit, all mode
+    /// 0600. Nothing is written if any of the files already exists. Returns
+    /// the sites' context.
+    pub fn write_kits(
+        params: CkksParams,
+        server_kit: &Path,
+        site_kits: &[PathBuf],
+    ) -> Result<CkksContext<Secret>> {
+        let public = server_kit.join(Self::PUBLIC_FILE);
+        let secrets: Vec<PathBuf> = site_kits
+            .iter()
+            .map(|d| d.join(Self::SECRET_FILE))
+            .collect();
+        for p in std::iter::once(&public).chain(&secrets) {
+            if p.exists() {
+                return Err(key_err(p, "exists already; keys are created once".into()));
+            }
+            let dir = p.parent().unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(key_err(dir, "is not a kit folder".into()));
+            }
+        }
+        let ctx = CkksContext::generate(params)?;
+        ctx.write_public(&public)?;
+        for s in &secrets {
+            ctx.write_secret(s)?;
+        }
+        Ok(ctx)
+    }
 }
 
 fn key_err(path: &Path, reason: String) -> HeError {
