@@ -1,0 +1,516 @@
+//! The network transport with real processes on 127.0.0.1: a server and its
+//! sites as separate `fedcore-deploy` processes over gRPC with mutual TLS.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedcore::RoundRecord;
+use fedcore::net::provision::{Kit, ROSTER_FILE, Roster};
+use fedcore::net::{ClientOptions, Limits, PROTOCOL, connect, proto};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedcore-deploy");
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A child process whose stdout lines and stderr are collected; killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn start(name: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fedcore-deploy");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Proc {
+            name: name.into(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// The first stdout line (from now on) that satisfies `pred`.
+    fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no matching line; stdout so far:\n{}\nstderr:\n{}",
+                    self.name,
+                    self.seen.join("\n"),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                while let Ok(l) = self.lines.try_recv() {
+                    self.seen.push(l);
+                }
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit; stderr:\n{}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_success(&mut self) {
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "{} failed ({status}); stdout:\n{}\nstderr:\n{}",
+            self.name,
+            self.seen.join("\n"),
+            self.stderr()
+        );
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run fedcore-deploy");
+    assert!(
+        out.status.success(),
+        "fedcore-deploy {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn provision(dir: &Path, sites: &str) {
+    run_ok(&[
+        "provision",
+        "--out",
+        dir.to_str().unwrap(),
+        "--sites",
+        sites,
+        "--port",
+        "1",
+    ]);
+}
+
+fn kit(dir: &Path, who: &str) -> String {
+    dir.join(who).to_str().unwrap().to_owned()
+}
+
+/// Starts a server on a free port of 127.0.0.1; returns it and its address.
+fn start_server(project: &Path, extra: &[&str]) -> (Proc, String) {
+    let kit = kit(project, "server");
+    let mut args = vec!["server", "--kit", &kit, "--heartbeat-ms", "500"];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    let mut p = Proc::start("server", &args);
+    let line = p.wait_line(|l| l.starts_with("listening on "));
+    let addr = line.trim_start_matches("listening on ").to_owned();
+    (p, addr)
+}
+
+fn start_client(project: &Path, site: &str, addr: &str, extra: &[&str]) -> Proc {
+    let kit = kit(project, site);
+    let mut args = vec![
+        "client",
+        "--kit",
+        &kit,
+        "--server",
+        addr,
+        "--heartbeat-ms",
+        "500",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(site, &args)
+}
+
+fn history(checkpoints: &Path) -> Vec<RoundRecord> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoints.join("state.json")).unwrap()).unwrap();
+    serde_json::from_value(state["history"].clone()).unwrap()
+}
+
+fn accepted(r: &RoundRecord) -> Vec<&str> {
+    r.accepted.iter().map(|a| a.client.as_str()).collect()
+}
+
+#[test]
+fn three_sites_complete_five_rounds_over_mutual_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    provision(&project, "h1,h2,h3");
+    let ckpt = tmp.path().join("ckpt");
+    let (mut server, addr) = start_server(
+        &project,
+        &[
+            "--rounds",
+            "5",
+            "--min-clients",
+            "3",
+            "--min-available",
+            "3",
+            "--checkpoint-dir",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    let mut clients: Vec<Proc> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|s| start_client(&project, s, &addr, &[]))
+        .collect();
+    server.wait_success();
+    for c in &mut clients {
+        c.wait_success();
+    }
+    let h = history(&ckpt);
+    assert_eq!(
+        h.iter().map(|r| r.round).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    for r in &h {
+        assert_eq!(accepted(r), ["h1", "h2", "h3"], "round {}", r.round);
+        assert!(r.failures.is_empty());
+    }
+    let accuracy = |r: &RoundRecord| r.evaluation.as_ref().unwrap().metrics["accuracy"];
+    assert!(
+        accuracy(&h[4]) > 0.6,
+        "the model learned over the wire: {}",
+        accuracy(&h[4])
+    );
+}
+
+#[test]
+fn a_site_killed_mid_round_is_a_dropout_and_rejoins_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    provision(&project, "h1,h2,h3");
+    let ckpt = tmp.path().join("ckpt");
+    let (mut server, addr) = start_server(
+        &project,
+        &[
+            "--rounds",
+            "6",
+            "--min-clients",
+            "2",
+            "--min-available",
+            "2",
+            "--checkpoint-dir",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    let slow = ["--fit-delay-ms", "800"];
+    let mut h1 = start_client(&project, "h1", &addr, &slow);
+    let mut h2 = start_client(&project, "h2", &addr, &slow);
+    let mut h3 = start_client(&project, "h3", &addr, &slow);
+    // Round 2 with all three sampled; kill h3 while it trains.
+    server.wait_line(|l| l.starts_with("round 2 started") && l.contains("h3"));
+    std::thread::sleep(Duration::from_millis(300));
+    h3.kill();
+    let line = server.wait_line(|l| l.starts_with("round 2 "));
+    assert!(line.contains("finished accepted=h1,h2 "), "{line}");
+    assert!(line.contains("h3(disconnected"), "{line}");
+    let mut h3 = start_client(&project, "h3", &addr, &slow);
+    server.wait_success();
+    for c in [&mut h1, &mut h2, &mut h3] {
+        c.wait_success();
+    }
+    let h = history(&ckpt);
+    assert_eq!(h.len(), 6);
+    assert_eq!(accepted(&h[1]), ["h1", "h2"]);
+    assert!(
+        h[2..].iter().any(|r| accepted(r) == ["h1", "h2", "h3"]),
+        "h3 rejoined a later round"
+    );
+}
+
+/// Connects as `site` and, once a task arrives, sends one message over the
+/// server's limit. Returns the error the stream ends with.
+fn oversized_sender(kit_dir: String, addr: String) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let kit = Kit::load(&kit_dir).unwrap();
+        let options = ClientOptions {
+            address: Some(addr),
+            limits: Limits {
+                max_message_bytes: 64 << 20,
+                ..Limits::default()
+            },
+            ..ClientOptions::default()
+        };
+        let mut grpc = connect(&kit, &options).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let msg = |k| proto::ClientMessage { kind: Some(k) };
+        tx.send(msg(proto::client_message::Kind::Hello(proto::Hello {
+            identity: kit.info.identity.clone(),
+            protocol: PROTOCOL,
+        })))
+        .await
+        .unwrap();
+        let mut inbound = grpc
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match inbound.message().await {
+                Ok(Some(proto::ServerMessage {
+                    kind: Some(proto::server_message::Kind::Task(t)),
+                })) => {
+                    let chunk = proto::Chunk {
+                        task_id: t.task_id,
+                        offset: 0,
+                        data: vec![7u8; 3 << 20].into(),
+                    };
+                    tx.send(msg(proto::client_message::Kind::Chunk(chunk)))
+                        .await
+                        .unwrap();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return "stream ended".to_owned(),
+                Err(s) => return s.to_string(),
+            }
+        }
+    })
+}
+
+#[test]
+fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    provision(&project, "h1,h2,h3");
+    let foreign = tmp.path().join("foreign");
+    provision(&foreign, "h1");
+    let p = project.to_str().unwrap();
+    run_ok(&["revoke", "--project", p, "h3"]);
+    run_ok(&["add-site", "--project", p, "h4"]);
+    run_ok(&["add-site", "--project", p, "h5"]);
+    // h4 has a certificate from the project CA but is taken off the roster.
+    let roster_path = project.join("server").join(ROSTER_FILE);
+    let mut roster = Roster::load(&roster_path).unwrap();
+    roster.certificates.retain(|c| c.identity != "h4");
+    roster.save(&roster_path).unwrap();
+
+    let ckpt = tmp.path().join("ckpt");
+    let (mut server, addr) = start_server(
+        &project,
+        &[
+            "--rounds",
+            "4",
+            "--min-clients",
+            "2",
+            "--min-available",
+            "2",
+            "--max-message-bytes",
+            "1100000",
+            "--chunk-bytes",
+            "262144",
+            "--checkpoint-dir",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    let slow = ["--fit-delay-ms", "700"];
+    let mut h1 = start_client(&project, "h1", &addr, &slow);
+    let mut h2 = start_client(&project, "h2", &addr, &slow);
+    server.wait_line(|l| l.starts_with("round 1 started sampled=h1,h2"));
+
+    // A certificate from another CA with a roster name, in a kit that trusts
+    // the real server: the server refuses it in the handshake.
+    let forged = tmp.path().join("forged");
+    std::fs::create_dir(&forged).unwrap();
+    for f in ["kit.json", "cert.pem", "key.pem"] {
+        std::fs::copy(foreign.join("h1").join(f), forged.join(f)).unwrap();
+    }
+    std::fs::copy(project.join("h1").join("ca.pem"), forged.join("ca.pem")).unwrap();
+    let mut other = start_client(tmp.path(), "forged", &addr, &["--give-up-after", "0"]);
+    // Revoked, and off the roster: refused after the handshake, with the reason.
+    let mut revoked = start_client(&project, "h3", &addr, &[]);
+    let mut off_roster = start_client(&project, "h4", &addr, &[]);
+    // Plain TCP, no TLS: the server answers no HTTP/2.
+    let mut tcp = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    assert!(
+        n == 0 || buf[0] == 0x15,
+        "plain TCP got an answer that is not a TLS alert: {:?}",
+        &buf[..n]
+    );
+    // A valid site that sends a message over the limit once it has a task.
+    let (kit5, addr5) = (kit(&project, "h5"), addr.clone());
+    let rogue = std::thread::spawn(move || oversized_sender(kit5, addr5));
+
+    assert!(!other.wait().success());
+    assert!(other.stderr().contains("gave up"), "{}", other.stderr());
+    let refusal = other.stderr();
+    let refusal = refusal
+        .lines()
+        .find(|l| l.contains("gave up"))
+        .unwrap_or_default();
+    eprintln!("foreign certificate: {refusal}");
+    // The server's TLS stack refused it (a forged chain under the project
+    // CA's name fails the signature check: rustls answers `DecryptError`).
+    assert!(refusal.contains("fatal alert"), "{refusal}");
+    assert!(!revoked.wait().success());
+    assert!(revoked.stderr().contains("revoked"), "{}", revoked.stderr());
+    assert!(!off_roster.wait().success());
+    assert!(
+        off_roster.stderr().contains("not on the roster"),
+        "{}",
+        off_roster.stderr()
+    );
+    let rogue_end = rogue.join().unwrap();
+    assert!(!rogue_end.is_empty());
+
+    server.wait_success();
+    h1.wait_success();
+    h2.wait_success();
+    let h = history(&ckpt);
+    assert_eq!(h.len(), 4);
+    for r in &h {
+        // The real h1 and h2 took part in every round: nobody displaced them.
+        assert_eq!(
+            accepted(r),
+            ["h1", "h2"],
+            "round {}: {:?} {:?} {:?}",
+            r.round,
+            r.outcome,
+            r.sampled,
+            r.failures
+        );
+        assert!(
+            r.sampled
+                .iter()
+                .all(|c| ["h1", "h2", "h5"].contains(&c.as_str()))
+        );
+    }
+    let h5: Vec<String> = h
+        .iter()
+        .flat_map(|r| &r.failures)
+        .filter(|f| f.client.as_str() == "h5")
+        .map(|f| f.reason.to_string())
+        .collect();
+    assert_eq!(h5.len(), 1, "the oversized sender failed one round: {h5:?}");
+    assert!(
+        h5[0].contains("too large") || h5[0].contains("limit"),
+        "{}",
+        h5[0]
+    );
+}
+
+#[test]
+fn a_killed_server_restarts_from_its_checkpoint_and_every_round_is_recorded_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    provision(&project, "h1,h2,h3");
+    let ckpt = tmp.path().join("ckpt");
+    let ckpt_s = ckpt.to_str().unwrap().to_owned();
+    let args = [
+        "--rounds",
+        "5",
+        "--min-clients",
+        "3",
+        "--min-available",
+        "3",
+        "--checkpoint-dir",
+        &ckpt_s,
+    ];
+    let (mut server, addr) = start_server(&project, &args);
+    let slow = ["--fit-delay-ms", "400"];
+    let mut clients: Vec<Proc> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|s| start_client(&project, s, &addr, &slow))
+        .collect();
+    server.wait_line(|l| l.starts_with("round 2 finished"));
+    server.kill();
+
+    let mut with_port = args.to_vec();
+    with_port.extend(["--listen", &addr]);
+    let (mut server, _) = start_server(&project, &with_port);
+    let resumed = server.wait_line(|l| l.starts_with("resumed at round "));
+    let at: u64 = resumed
+        .trim_start_matches("resumed at round ")
+        .parse()
+        .unwrap();
+    assert!(at >= 3, "{resumed}");
+    server.wait_success();
+    for c in &mut clients {
+        c.wait_success();
+    }
+    let h = history(&ckpt);
+    assert_eq!(
+        h.iter().map(|r| r.round).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5],
+        "each round once"
+    );
+    assert!(h.iter().all(|r| accepted(r) == ["h1", "h2", "h3"]));
+}
