@@ -1,12 +1,14 @@
 //! The fedcore hospital app: a chest X-ray federated simulation
 //! ([`sim`]) and the dashboard that hospitals and their doctors use
-//! ([`web`], [`api`]), over a SQLite or PostgreSQL store ([`store`]).
+//! ([`web`], [`api`]), over a SQLite or PostgreSQL store ([`store`]), and
+//! the same federation deployed across processes over mutual TLS ([`deploy`]).
 //!
 //! It links `fedcore-he` (SEAL, GPL-3.0) and is therefore GPL-3.0.
 
 pub mod api;
 pub mod atrest;
 pub mod auth;
+pub mod deploy;
 pub mod infer;
 pub mod sim;
 pub mod store;

@@ -5,6 +5,10 @@
 //! hospital simulate                       # 3 hospitals, DenseNet-121, HE head, DP body, GM
 //! hospital simulate --aggregator krum --clients 5 --byzantine 2
 //! hospital simulate --data-dir ../shared/data/chestxray14 --image-size 224
+//!
+//! hospital provision --out project --hospitals 3 --host aggregator.example.org
+//! hospital server --kit project/server --rounds 20            # the aggregator
+//! hospital client --kit project/hospital-1 --data-dir /data   # each hospital
 //! ```
 
 use std::net::SocketAddr;
@@ -31,6 +35,12 @@ struct Cli {
 enum Command {
     /// Run the federated simulation and serve the dashboard while it trains.
     Simulate(SimulateArgs),
+    /// Create startup kits (project CA, certificates, CKKS keys) for a deployment.
+    Provision(hospital::deploy::ProvisionArgs),
+    /// Run the aggregation server of a deployment (gRPC over mutual TLS).
+    Server(hospital::deploy::ServerArgs),
+    /// Run one hospital of a deployment: it dials the server and trains on its own data.
+    Client(hospital::deploy::ClientArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,7 +66,12 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Simulate(mut args) = Cli::parse().command;
+    let mut args = match Cli::parse().command {
+        Command::Simulate(a) => a,
+        Command::Provision(a) => return hospital::deploy::provision_cmd(&a),
+        Command::Server(a) => return hospital::deploy::server_cmd(&a),
+        Command::Client(a) => return hospital::deploy::client_cmd(&a),
+    };
     let run_dir = args.sim.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "runs/hospital-{}",

@@ -54,7 +54,8 @@ pub enum AggregatorChoice {
 }
 
 impl AggregatorChoice {
-    fn build(self, clients: usize) -> Result<Box<dyn Aggregator>> {
+    /// The aggregator, for `clients` hospitals (Krum's f depends on it).
+    pub fn build(self, clients: usize) -> Result<Box<dyn Aggregator>> {
         Ok(match self {
             Self::Fedavg => Box::new(FedAvg),
             Self::GeometricMedian => Box::new(GeometricMedianParams::new().check()?),

@@ -1,0 +1,308 @@
+//! The deployment: the same federation as the simulation, with each hospital
+//! in its own process (on its own machine) and the aggregation server in
+//! another, over gRPC with mutual TLS (`fedcore::net`).
+//!
+//! `hospital provision` creates the startup kits and has the HE key
+//! authority write its keys into them (the public key into the server's
+//! kit, the secret key into each hospital's); `hospital server --kit` runs
+//! the round orchestrator with the robust aggregator on the body and the
+//! encrypted sum on the head; `hospital client --kit` trains on the
+//! hospital's own data and evaluates the global model on its own held-out
+//! patients each round (the server holds no data and no key).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fedcore::data::{
+    ChestXray14, DataSplit, ImageDataset, SyntheticXrays, write_synthetic_chestxray,
+};
+use fedcore::net::provision::{Kit, ProjectSpec, provision};
+use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
+use fedcore::trust::TrustPolicy;
+use fedcore::{Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
+
+use crate::sim::{AggregatorChoice, densenet, hospital, image_config};
+
+/// `hospital provision`.
+#[derive(Args, Debug, Clone)]
+pub struct ProvisionArgs {
+    /// The project folder to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of hospitals (`hospital-1` ...).
+    #[arg(long, default_value_t = 3)]
+    pub hospitals: usize,
+    /// The server's host names / IP addresses (the first is what hospitals dial).
+    #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+    pub hosts: Vec<String>,
+    /// The server's port.
+    #[arg(long, default_value_t = 50051)]
+    pub port: u16,
+    /// Write CKKS keys into the kits (the head is then encrypted).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub he: bool,
+}
+
+/// `hospital server`.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// The server's startup kit.
+    #[arg(long)]
+    pub kit: PathBuf,
+    /// Listen here instead of on the kit's port.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// How the server combines the body updates.
+    #[arg(long, value_enum, default_value = "geometric-median")]
+    pub aggregator: AggregatorChoice,
+    /// Rounds in total (a resumed run counts those already done).
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// The quorum: valid updates a round needs.
+    #[arg(long, default_value_t = 2)]
+    pub min_clients: usize,
+    /// Seconds a round waits for updates.
+    #[arg(long, default_value_t = 1800)]
+    pub round_timeout: u64,
+    /// Seconds to wait for enough hospitals before a round.
+    #[arg(long, default_value_t = 3600)]
+    pub wait: u64,
+    /// Checkpoints go to <run-dir>/checkpoints; an existing one is resumed.
+    #[arg(long, default_value = "runs/server")]
+    pub run_dir: PathBuf,
+    /// Seed of the initial model and of client sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Local learning rate (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// The largest gRPC message accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+}
+
+/// `hospital client`.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The hospital's startup kit.
+    #[arg(long)]
+    pub kit: PathBuf,
+    /// Dial this `host:port` instead of the kit's server address.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// This hospital's ChestX-ray14-layout folder (train_val_list.txt is
+    /// trained on, test_list.txt evaluated on); default: a synthetic set.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Where the synthetic set goes.
+    #[arg(long, default_value = "runs/site")]
+    pub work_dir: PathBuf,
+    /// Patients of the synthetic set.
+    #[arg(long, default_value_t = 100)]
+    pub patients: usize,
+    /// Side of the images (must match across the federation).
+    #[arg(long, default_value_t = 64)]
+    pub image_size: u32,
+    /// Seed of the model template (must match the server's).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Give up after this many seconds without a session (default: never).
+    #[arg(long)]
+    pub give_up_after: Option<u64>,
+    /// The largest gRPC message accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+}
+
+fn limits(max_message_bytes: usize) -> Limits {
+    Limits {
+        max_message_bytes,
+        chunk_bytes: (max_message_bytes / 4).max(4096),
+        ..Limits::default()
+    }
+}
+
+/// Creates the kits and writes the HE keys into them.
+pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
+    if a.hospitals == 0 {
+        bail!("--hospitals must be at least 1");
+    }
+    let sites: Vec<String> = (0..a.hospitals).map(hospital).collect();
+    let spec = ProjectSpec {
+        server_hosts: a.hosts.clone(),
+        ..ProjectSpec::new("fedcore-hospital", sites.clone(), a.port)
+    };
+    let project = provision(&a.out, &spec)?;
+    println!(
+        "startup kits in {}: server/ and {}",
+        a.out.display(),
+        sites.join("/, ")
+    );
+    if a.he {
+        let kits: Vec<PathBuf> = sites.iter().map(|s| project.site_kit(s)).collect();
+        KeyAuthority::write_kits(CkksParams::default(), &project.server_kit(), &kits)?;
+        println!("CKKS keys: the public key in server/, the secret key in each hospital's kit");
+    }
+    println!("keep ca/ offline; give each participant its own folder only");
+    Ok(())
+}
+
+/// Runs the aggregation server until the run is complete.
+pub fn server_cmd(a: &ServerArgs) -> Result<()> {
+    let kit = Kit::load(&a.kit)?;
+    let options = ServerOptions {
+        listen: a.listen,
+        limits: limits(a.max_message_bytes),
+        ..ServerOptions::default()
+    };
+    let transport = GrpcTransport::start(&kit, options)?;
+    println!("listening on {}", transport.local_addr());
+    let template = densenet(a.seed)?;
+    let layout = template.layout().clone();
+    let head: Vec<String> = template.head().names(&layout).map(str::to_owned).collect();
+    let aggregator = a.aggregator.build(a.min_clients.max(3))?;
+    let checkpoints = a.run_dir.join("checkpoints");
+    let config = ServerConfig {
+        rounds: a.rounds,
+        min_fit_clients: a.min_clients.max(aggregator.min_updates()),
+        min_available_clients: a.min_clients,
+        // Evaluation happens at the hospitals, on their own held-out patients.
+        fraction_evaluate: 1.0,
+        round_timeout: Duration::from_secs(a.round_timeout),
+        seed: a.seed,
+        train: TrainConfig {
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            learning_rate: a.lr,
+            optimizer: Optimizer::adam(),
+            seed: 0,
+        },
+        checkpoint_dir: Some(checkpoints.clone()),
+        trust: Some(TrustPolicy::default()),
+        ..ServerConfig::default()
+    };
+    let initial = template.parameters();
+    let mut server = if checkpoints.join("state.json").exists() {
+        let s = Server::resume(config, initial, transport, aggregator)?;
+        println!("resumed at round {}", s.next_round());
+        s
+    } else {
+        Server::new(config, initial, transport, aggregator)?
+    };
+    let public_key = kit.dir.join(KeyAuthority::PUBLIC_FILE);
+    if public_key.exists() {
+        let public = CkksContext::<Public>::from_file(&public_key)?;
+        server = server.with_sealing(&head, CkksSum::new(public))?;
+        println!("classifier head sealed with CKKS ({} tensors)", head.len());
+    }
+    server.subscribe(|event: &ServerEvent| match event {
+        ServerEvent::RoundStarted { round, sampled } => {
+            println!("round {round} started with {} hospitals", sampled.len());
+        }
+        ServerEvent::UpdateRejected {
+            round,
+            client,
+            reason,
+        } => {
+            println!("round {round}: {client} not counted: {reason}");
+        }
+        ServerEvent::RoundFinished { record } | ServerEvent::RoundFailed { record, .. } => {
+            let eval = record.federated_evaluation.as_ref();
+            println!(
+                "round {} {:?}: {} updates; hospitals' held-out loss {}, macro AUROC {}",
+                record.round,
+                record.outcome,
+                record.accepted.len(),
+                eval.map_or("-".into(), |e| format!("{:.4}", e.loss)),
+                eval.and_then(|e| e.metrics.get("auroc_macro"))
+                    .map_or("-".into(), |v| format!("{v:.3}")),
+            );
+        }
+        _ => {}
+    });
+    net::run_server(&mut server, Duration::from_secs(a.wait))?;
+    println!(
+        "run complete: {} rounds; checkpoints in {}",
+        server.history().len(),
+        checkpoints.display()
+    );
+    Ok(())
+}
+
+/// Serves one hospital until the server says the run is complete.
+pub fn client_cmd(a: &ClientArgs) -> Result<()> {
+    let kit = Kit::load(&a.kit)?;
+    let identity = kit.info.identity.clone();
+    let root = match &a.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            let dir = a.work_dir.join(format!("{identity}-data"));
+            if !dir.join("test_list.txt").exists() {
+                // Each hospital its own patients: the seed follows the identity.
+                let seed = identity
+                    .bytes()
+                    .fold(a.seed, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+                let config = SyntheticXrays {
+                    patients: a.patients,
+                    size: a.image_size.max(64),
+                    seed,
+                    ..SyntheticXrays::default()
+                };
+                let s = write_synthetic_chestxray(&dir, &config)?;
+                println!(
+                    "{identity}: synthetic set of {} images in {}",
+                    s.images,
+                    dir.display()
+                );
+            }
+            dir
+        }
+    };
+    let mut ds = ChestXray14::open(&root, image_config(a.image_size))
+        .with_context(|| format!("ChestX-ray14 layout in {}", root.display()))?;
+    ds.retain_present();
+    let train = ds.official_split("train_val_list.txt")?;
+    let test = ds.official_split("test_list.txt")?;
+    if train.is_empty() || test.is_empty() {
+        bail!(
+            "{}: needs images in both train_val_list.txt and test_list.txt",
+            root.display()
+        );
+    }
+    println!(
+        "{identity}: {} training and {} held-out images",
+        train.len(),
+        test.len()
+    );
+    let ds: std::sync::Arc<dyn ImageDataset> = std::sync::Arc::new(ds);
+    let mut client = ModelClient::new(
+        identity.clone(),
+        densenet(a.seed)?,
+        DataSplit::subset(ds.clone(), train)?,
+    )
+    .with_test_data(DataSplit::subset(ds, test)?);
+    let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
+    if secret_key.exists() {
+        client = client.with_sealer(CkksSealer::new(CkksContext::<Secret>::from_file(
+            &secret_key,
+        )?));
+    }
+    let options = ClientOptions {
+        address: a.server.clone(),
+        limits: limits(a.max_message_bytes),
+        give_up_after: a.give_up_after.map(Duration::from_secs),
+        ..ClientOptions::default()
+    };
+    net::run_client(&kit, client, &options).with_context(|| format!("hospital `{identity}`"))?;
+    println!("{identity}: the run is complete");
+    Ok(())
+}
