@@ -22,4 +22,4 @@ test: setup
 	@source scripts/env.sh && scripts/test.sh
 
 bench: setup
-	@source scripts/env.sh && cargo bench -p fedcore-benches --features tch && cargo bench -p fedcore-he --bench he
+	@source scripts/env.sh && cargo bench -p fedcore-benches --features tch,net && cargo bench -p fedcore-he --bench he
