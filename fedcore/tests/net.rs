@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fedcore::net::provision::{Kit, Project, ProjectSpec, provision};
-use fedcore::net::{self, ClientOptions, GrpcTransport, PROTOCOL, ServerOptions, connect, proto};
+use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions, open_session, proto};
 use fedcore::{
     Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation, Failure, FitIns, Layout,
     Parameters, Reply, SealedTensors, Task, TensorSpec, TrainConfig, Transport,
@@ -216,20 +216,8 @@ fn a_reply_declared_over_the_payload_limit_closes_only_its_session() {
         tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(async move {
-                let mut grpc = connect(&kit, &options).await.unwrap();
-                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let (tx, mut inbound) = open_session(&kit, &options).await.unwrap();
                 let msg = |k| proto::ClientMessage { kind: Some(k) };
-                tx.send(msg(proto::client_message::Kind::Hello(proto::Hello {
-                    identity: "rogue".into(),
-                    protocol: PROTOCOL,
-                })))
-                .await
-                .unwrap();
-                let mut inbound = grpc
-                    .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                    .unwrap()
-                    .into_inner();
                 ready_tx.send(()).unwrap();
                 while let Ok(Some(m)) = inbound.message().await {
                     if let Some(proto::server_message::Kind::Task(t)) = m.kind {

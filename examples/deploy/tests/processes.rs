@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fedcore::RoundRecord;
 use fedcore::net::provision::{Kit, ROSTER_FILE, Roster};
-use fedcore::net::{ClientOptions, Limits, PROTOCOL, connect, proto};
+use fedcore::net::{ClientOptions, Limits, open_session, proto};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedcore-deploy");
 const WAIT: Duration = Duration::from_secs(90);
@@ -199,38 +199,52 @@ fn history(checkpoints: &Path) -> Vec<RoundRecord> {
     serde_json::from_value(state["history"].clone()).unwrap()
 }
 
+/// A project provisioned for sites h1, h2, h3, and a checkpoint folder.
+struct Run {
+    tmp: tempfile::TempDir,
+    project: PathBuf,
+    ckpt: PathBuf,
+}
+
+impl Run {
+    fn new() -> Run {
+        let tmp = tempfile::tempdir().unwrap();
+        let project = tmp.path().join("project");
+        provision(&project, "h1,h2,h3");
+        let ckpt = tmp.path().join("ckpt");
+        Run { tmp, project, ckpt }
+    }
+
+    /// Starts the server for `rounds` rounds, each needing `quorum` sites
+    /// connected and valid, checkpointing into `ckpt`, with `extra` flags.
+    fn server(&self, rounds: u32, quorum: u32, extra: &[&str]) -> (Proc, String) {
+        let (rounds, quorum) = (rounds.to_string(), quorum.to_string());
+        let mut args = vec!["--rounds", &rounds, "--min-clients", &quorum];
+        args.extend(["--min-available", &quorum]);
+        args.extend(["--checkpoint-dir", self.ckpt.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        start_server(&self.project, &args)
+    }
+}
+
 fn accepted(r: &RoundRecord) -> Vec<&str> {
     r.accepted.iter().map(|a| a.client.as_str()).collect()
 }
 
 #[test]
 fn three_sites_complete_five_rounds_over_mutual_tls() {
-    let tmp = tempfile::tempdir().unwrap();
-    let project = tmp.path().join("project");
-    provision(&project, "h1,h2,h3");
-    let ckpt = tmp.path().join("ckpt");
-    let (mut server, addr) = start_server(
-        &project,
-        &[
-            "--rounds",
-            "5",
-            "--min-clients",
-            "3",
-            "--min-available",
-            "3",
-            "--checkpoint-dir",
-            ckpt.to_str().unwrap(),
-        ],
-    );
+    let run = Run::new();
+    let (project, ckpt) = (&run.project, &run.ckpt);
+    let (mut server, addr) = run.server(5, 3, &[]);
     let mut clients: Vec<Proc> = ["h1", "h2", "h3"]
         .iter()
-        .map(|s| start_client(&project, s, &addr, &[]))
+        .map(|s| start_client(project, s, &addr, &[]))
         .collect();
     server.wait_success();
     for c in &mut clients {
         c.wait_success();
     }
-    let h = history(&ckpt);
+    let h = history(ckpt);
     assert_eq!(
         h.iter().map(|r| r.round).collect::<Vec<_>>(),
         [1, 2, 3, 4, 5]
@@ -249,27 +263,13 @@ fn three_sites_complete_five_rounds_over_mutual_tls() {
 
 #[test]
 fn a_site_killed_mid_round_is_a_dropout_and_rejoins_after_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let project = tmp.path().join("project");
-    provision(&project, "h1,h2,h3");
-    let ckpt = tmp.path().join("ckpt");
-    let (mut server, addr) = start_server(
-        &project,
-        &[
-            "--rounds",
-            "6",
-            "--min-clients",
-            "2",
-            "--min-available",
-            "2",
-            "--checkpoint-dir",
-            ckpt.to_str().unwrap(),
-        ],
-    );
+    let run = Run::new();
+    let (project, ckpt) = (&run.project, &run.ckpt);
+    let (mut server, addr) = run.server(6, 2, &[]);
     let slow = ["--fit-delay-ms", "800"];
-    let mut h1 = start_client(&project, "h1", &addr, &slow);
-    let mut h2 = start_client(&project, "h2", &addr, &slow);
-    let mut h3 = start_client(&project, "h3", &addr, &slow);
+    let mut h1 = start_client(project, "h1", &addr, &slow);
+    let mut h2 = start_client(project, "h2", &addr, &slow);
+    let mut h3 = start_client(project, "h3", &addr, &slow);
     // Round 2 with all three sampled; kill h3 while it trains.
     server.wait_line(|l| l.starts_with("round 2 started") && l.contains("h3"));
     std::thread::sleep(Duration::from_millis(300));
@@ -277,12 +277,12 @@ fn a_site_killed_mid_round_is_a_dropout_and_rejoins_after_restart() {
     let line = server.wait_line(|l| l.starts_with("round 2 "));
     assert!(line.contains("finished accepted=h1,h2 "), "{line}");
     assert!(line.contains("h3(disconnected"), "{line}");
-    let mut h3 = start_client(&project, "h3", &addr, &slow);
+    let mut h3 = start_client(project, "h3", &addr, &slow);
     server.wait_success();
     for c in [&mut h1, &mut h2, &mut h3] {
         c.wait_success();
     }
-    let h = history(&ckpt);
+    let h = history(ckpt);
     assert_eq!(h.len(), 6);
     assert_eq!(accepted(&h[1]), ["h1", "h2"]);
     assert!(
@@ -305,20 +305,8 @@ fn oversized_sender(kit_dir: String, addr: String) -> String {
             },
             ..ClientOptions::default()
         };
-        let mut grpc = connect(&kit, &options).await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, mut inbound) = open_session(&kit, &options).await.unwrap();
         let msg = |k| proto::ClientMessage { kind: Some(k) };
-        tx.send(msg(proto::client_message::Kind::Hello(proto::Hello {
-            identity: kit.info.identity.clone(),
-            protocol: PROTOCOL,
-        })))
-        .await
-        .unwrap();
-        let mut inbound = grpc
-            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
         loop {
             match inbound.message().await {
                 Ok(Some(proto::ServerMessage {
@@ -343,9 +331,8 @@ fn oversized_sender(kit_dir: String, addr: String) -> String {
 
 #[test]
 fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_the_run_goes_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let project = tmp.path().join("project");
-    provision(&project, "h1,h2,h3");
+    let run = Run::new();
+    let (tmp, project, ckpt) = (&run.tmp, &run.project, &run.ckpt);
     let foreign = tmp.path().join("foreign");
     provision(&foreign, "h1");
     let p = project.to_str().unwrap();
@@ -358,27 +345,11 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
     roster.certificates.retain(|c| c.identity != "h4");
     roster.save(&roster_path).unwrap();
 
-    let ckpt = tmp.path().join("ckpt");
-    let (mut server, addr) = start_server(
-        &project,
-        &[
-            "--rounds",
-            "4",
-            "--min-clients",
-            "2",
-            "--min-available",
-            "2",
-            "--max-message-bytes",
-            "1100000",
-            "--chunk-bytes",
-            "262144",
-            "--checkpoint-dir",
-            ckpt.to_str().unwrap(),
-        ],
-    );
+    let limits = ["--max-message-bytes", "1100000", "--chunk-bytes", "262144"];
+    let (mut server, addr) = run.server(4, 2, &limits);
     let slow = ["--fit-delay-ms", "700"];
-    let mut h1 = start_client(&project, "h1", &addr, &slow);
-    let mut h2 = start_client(&project, "h2", &addr, &slow);
+    let mut h1 = start_client(project, "h1", &addr, &slow);
+    let mut h2 = start_client(project, "h2", &addr, &slow);
     server.wait_line(|l| l.starts_with("round 1 started sampled=h1,h2"));
 
     // A certificate from another CA with a roster name, in a kit that trusts
@@ -391,8 +362,8 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
     std::fs::copy(project.join("h1").join("ca.pem"), forged.join("ca.pem")).unwrap();
     let mut other = start_client(tmp.path(), "forged", &addr, &["--give-up-after", "0"]);
     // Revoked, and off the roster: refused after the handshake, with the reason.
-    let mut revoked = start_client(&project, "h3", &addr, &[]);
-    let mut off_roster = start_client(&project, "h4", &addr, &[]);
+    let mut revoked = start_client(project, "h3", &addr, &[]);
+    let mut off_roster = start_client(project, "h4", &addr, &[]);
     // Plain TCP, no TLS: the server answers no HTTP/2.
     let mut tcp = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -406,7 +377,7 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
         &buf[..n]
     );
     // A valid site that sends a message over the limit once it has a task.
-    let (kit5, addr5) = (kit(&project, "h5"), addr.clone());
+    let (kit5, addr5) = (kit(project, "h5"), addr.clone());
     let rogue = std::thread::spawn(move || oversized_sender(kit5, addr5));
 
     assert!(!other.wait().success());
@@ -417,9 +388,12 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
         .find(|l| l.contains("gave up"))
         .unwrap_or_default();
     eprintln!("foreign certificate: {refusal}");
-    // The server's TLS stack refused it (a forged chain under the project
-    // CA's name fails the signature check: rustls answers `DecryptError`).
-    assert!(refusal.contains("fatal alert"), "{refusal}");
+    // The server's TLS stack refused it: the connection broke in the
+    // handshake (rustls answers a forged chain under the project CA's name
+    // with a `DecryptError` alert; the client may see that alert or the
+    // closed pipe), before any gRPC session or roster check.
+    assert!(refusal.contains("connection error"), "{refusal}");
+    assert!(!refusal.contains("roster"), "{refusal}");
     assert!(!revoked.wait().success());
     assert!(revoked.stderr().contains("revoked"), "{}", revoked.stderr());
     assert!(!off_roster.wait().success());
@@ -434,7 +408,7 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
     server.wait_success();
     h1.wait_success();
     h2.wait_success();
-    let h = history(&ckpt);
+    let h = history(ckpt);
     assert_eq!(h.len(), 4);
     for r in &h {
         // The real h1 and h2 took part in every round: nobody displaced them.
@@ -469,33 +443,18 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
 
 #[test]
 fn a_killed_server_restarts_from_its_checkpoint_and_every_round_is_recorded_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let project = tmp.path().join("project");
-    provision(&project, "h1,h2,h3");
-    let ckpt = tmp.path().join("ckpt");
-    let ckpt_s = ckpt.to_str().unwrap().to_owned();
-    let args = [
-        "--rounds",
-        "5",
-        "--min-clients",
-        "3",
-        "--min-available",
-        "3",
-        "--checkpoint-dir",
-        &ckpt_s,
-    ];
-    let (mut server, addr) = start_server(&project, &args);
+    let run = Run::new();
+    let (project, ckpt) = (&run.project, &run.ckpt);
+    let (mut server, addr) = run.server(5, 3, &[]);
     let slow = ["--fit-delay-ms", "400"];
     let mut clients: Vec<Proc> = ["h1", "h2", "h3"]
         .iter()
-        .map(|s| start_client(&project, s, &addr, &slow))
+        .map(|s| start_client(project, s, &addr, &slow))
         .collect();
     server.wait_line(|l| l.starts_with("round 2 finished"));
     server.kill();
 
-    let mut with_port = args.to_vec();
-    with_port.extend(["--listen", &addr]);
-    let (mut server, _) = start_server(&project, &with_port);
+    let (mut server, _) = run.server(5, 3, &["--listen", &addr]);
     let resumed = server.wait_line(|l| l.starts_with("resumed at round "));
     let at: u64 = resumed
         .trim_start_matches("resumed at round ")
@@ -506,7 +465,7 @@ fn a_killed_server_restarts_from_its_checkpoint_and_every_round_is_recorded_once
     for c in &mut clients {
         c.wait_success();
     }
-    let h = history(&ckpt);
+    let h = history(ckpt);
     assert_eq!(
         h.iter().map(|r| r.round).collect::<Vec<_>>(),
         [1, 2, 3, 4, 5],

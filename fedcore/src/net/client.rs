@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status, Streaming};
 use tracing::{info, warn};
 
 use super::proto::federation_client::FederationClient;
@@ -86,6 +86,40 @@ pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationCli
     Ok(FederationClient::new(channel)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes))
+}
+
+/// Opens a session with the server of `kit`: connects with mutual TLS and
+/// says hello. Returns where to send the client's messages and the server's
+/// stream, whose first message is the `Welcome`. [`run_client`] is built on
+/// it; use it directly for a client of your own (or a test that speaks the
+/// protocol by hand). A connection that fails is `Unavailable`; a refusal
+/// keeps the server's code (`PermissionDenied` for a revoked or unknown site).
+pub async fn open_session(
+    kit: &Kit,
+    options: &ClientOptions,
+) -> std::result::Result<
+    (
+        mpsc::Sender<proto::ClientMessage>,
+        Streaming<proto::ServerMessage>,
+    ),
+    Status,
+> {
+    let mut grpc = connect(kit, options)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let (out, out_rx) = mpsc::channel(16);
+    let hello = client_msg(client_message::Kind::Hello(proto::Hello {
+        identity: kit.info.identity.clone(),
+        protocol: PROTOCOL,
+    }));
+    out.send(hello)
+        .await
+        .map_err(|_| Status::unavailable("session closed"))?;
+    let inbound = grpc
+        .session(ReceiverStream::new(out_rx))
+        .await?
+        .into_inner();
+    Ok((out, inbound))
 }
 
 /// An error with its sources (TLS alerts hide two levels down).
@@ -244,20 +278,8 @@ async fn run_session(
     done: &mut mpsc::UnboundedReceiver<Done>,
 ) -> End {
     let lost = |reason: String| End::Lost { reason, held: None };
-    let mut grpc = match connect(kit, options).await {
-        Ok(c) => c,
-        Err(e) => return lost(e.to_string()),
-    };
-    let (out, out_rx) = mpsc::channel(16);
-    let hello = client_msg(client_message::Kind::Hello(proto::Hello {
-        identity: kit.info.identity.clone(),
-        protocol: PROTOCOL,
-    }));
-    if out.send(hello).await.is_err() {
-        return lost("session closed".into());
-    }
-    let mut inbound = match grpc.session(ReceiverStream::new(out_rx)).await {
-        Ok(r) => r.into_inner(),
+    let (out, mut inbound) = match open_session(kit, options).await {
+        Ok(s) => s,
         Err(s)
             if matches!(
                 s.code(),

@@ -62,7 +62,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
-pub use client::{ClientOptions, connect, run_client};
+pub use client::{ClientOptions, connect, open_session, run_client};
 pub use server::{GrpcTransport, ServerOptions};
 pub use wire::PROTOCOL;
 
