@@ -121,6 +121,24 @@ pub struct ClientArgs {
     /// The largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
+    /// Local differential privacy on the body before it leaves the hospital
+    /// (clip + Gaussian noise, RDP accountant); off by default as in the
+    /// simulation.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub dp: bool,
+    /// This hospital's epsilon for the whole run.
+    #[arg(long, default_value_t = 8.0)]
+    pub epsilon: f64,
+    /// This hospital's delta.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// L2 clipping norm of the body update.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Rounds the budget is spread over (the server's `--rounds`); the
+    /// accountant refuses to release more.
+    #[arg(long, default_value_t = 10)]
+    pub dp_rounds: u64,
 }
 
 fn limits(max_message_bytes: usize) -> Limits {
@@ -284,12 +302,29 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
         test.len()
     );
     let ds: std::sync::Arc<dyn ImageDataset> = std::sync::Arc::new(ds);
+    let model = densenet(a.seed)?;
+    let dp_tensors = crate::sim::dp_tensors(&model);
     let mut client = ModelClient::new(
         identity.clone(),
-        densenet(a.seed)?,
+        model,
         DataSplit::subset(ds.clone(), train)?,
     )
     .with_test_data(DataSplit::subset(ds, test)?);
+    if a.dp {
+        let dp = crate::sim::local_dp(
+            &identity,
+            &dp_tensors,
+            a.clip,
+            a.epsilon,
+            a.delta,
+            a.dp_rounds,
+        )?;
+        client = client.with_mechanism(dp);
+        println!(
+            "{identity}: local DP on the body, epsilon {} over {} rounds (delta {})",
+            a.epsilon, a.dp_rounds, a.delta
+        );
+    }
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
     if secret_key.exists() {
         client = client.with_sealer(CkksSealer::new(CkksContext::<Secret>::from_file(

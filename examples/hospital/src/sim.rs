@@ -425,16 +425,7 @@ fn run_inner(
     let layout = template.layout().clone();
     let head = template.head();
     let head_patterns: Vec<String> = head.names(&layout).map(str::to_owned).collect();
-    let buffers = template.buffers();
-    // DP covers the trained tensors of the body. BatchNorm running
-    // statistics are averaged without noise (docs/dashboard.md, "Limits").
-    let dp_names: Vec<String> = layout
-        .tensors()
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
-        .map(|(_, s)| s.name.clone())
-        .collect();
+    let dp_names = dp_tensors(&template);
     let mut transport = InMemoryTransport::new();
     for (i, items) in split.hospitals.iter().enumerate() {
         let name = hospital(i);
@@ -669,15 +660,43 @@ where
 {
     let mut client = ModelClient::new(name, model, data);
     if cfg.dp {
-        let clip = Clip::new(cfg.clip)?.only(dp_names);
-        let budget = Budget::new(cfg.epsilon, cfg.delta)?;
-        let params = LocalDpParams::calibrated(clip, budget, cfg.rounds)?;
-        client = client.with_mechanism(LocalDp::new(name, params, Noise::secure()?)?);
+        let dp = local_dp(name, dp_names, cfg.clip, cfg.epsilon, cfg.delta, cfg.rounds)?;
+        client = client.with_mechanism(dp);
     }
     if let Some(secret) = secret {
         client = client.with_sealer(CkksSealer::new(secret.clone()));
     }
     Ok(Box::new(client))
+}
+
+/// The tensors local DP covers: the trained tensors of the body. BatchNorm
+/// running statistics are averaged without noise (docs/dashboard.md,
+/// "Limits"); the head is encrypted.
+pub fn dp_tensors(model: &TchModel<DenseNet>) -> Vec<String> {
+    let layout = model.layout();
+    let (buffers, head) = (model.buffers(), model.head());
+    layout
+        .tensors()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
+        .map(|(_, s)| s.name.clone())
+        .collect()
+}
+
+/// A hospital's local DP: clip the body to `clip`, Gaussian noise calibrated
+/// by the RDP accountant so that `rounds` releases spend (epsilon, delta).
+pub fn local_dp(
+    name: &str,
+    tensors: &[String],
+    clip: f64,
+    epsilon: f64,
+    delta: f64,
+    rounds: u64,
+) -> Result<LocalDp> {
+    let clip = Clip::new(clip)?.only(tensors);
+    let params = LocalDpParams::calibrated(clip, Budget::new(epsilon, delta)?, rounds)?;
+    Ok(LocalDp::new(name, params, Noise::secure()?)?)
 }
 
 /// Writes the synthetic set once into the run folder.

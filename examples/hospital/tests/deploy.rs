@@ -102,6 +102,21 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                         &addr,
                     ])
                     .args(["--image-size", "32", "--patients", "16"])
+                    // hospital-2 protects its body update with local DP.
+                    .args(if *h == "hospital-2" {
+                        &[
+                            "--dp",
+                            "true",
+                            "--epsilon",
+                            "50",
+                            "--clip",
+                            "0.01",
+                            "--dp-rounds",
+                            "2",
+                        ][..]
+                    } else {
+                        &[][..]
+                    })
                     .args(["--work-dir", tmp.path().join(h).to_str().unwrap()])
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
@@ -135,7 +150,23 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("checkpoints/state.json")).unwrap())
             .unwrap();
-    assert_eq!(state["history"].as_array().unwrap().len(), 2);
+    let history = state["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2);
+    // Each update says what protected it: CKKS for both, local DP for hospital-2.
+    for update in history[0]["accepted"].as_array().unwrap() {
+        let mechanisms: Vec<&str> = update["provenance"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["mechanism"].as_str().unwrap())
+            .collect();
+        assert!(
+            mechanisms.iter().any(|m| m.starts_with("ckks")),
+            "{mechanisms:?}"
+        );
+        let dp = mechanisms.iter().any(|m| m.contains("gaussian"));
+        assert_eq!(dp, update["client"] == "hospital-2", "{mechanisms:?}");
+    }
     // The sealed head was checkpointed next to the model (as bytes the server cannot open).
     let sealed = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
