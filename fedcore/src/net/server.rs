@@ -696,8 +696,11 @@ impl Transport for GrpcTransport {
         {
             let mut pending = lock(&session.pending);
             // Make room by forgetting tasks of earlier rounds (the server
-            // stopped waiting for them), oldest first; a reply to one of
-            // those that still comes is kept until then and dropped after.
+            // stopped waiting for them), oldest first. A late reply to a
+            // task still listed is read and dropped; one to a forgotten task
+            // is a protocol error that closes the session (the client
+            // reconnects). Every queued task is pending, so this also
+            // bounds the session's queue.
             while pending.len() >= MAX_PENDING {
                 let Some(oldest) = pending
                     .iter()
