@@ -221,7 +221,9 @@ fn a_reply_declared_over_the_payload_limit_closes_only_its_session() {
                 ready_tx.send(()).unwrap();
                 while let Ok(Some(m)) = inbound.message().await {
                     if let Some(proto::server_message::Kind::Task(t)) = m.kind {
-                        // 2^31 values = 8 GiB, over the 2 GiB default.
+                        // 2^31 values = 8 GiB: over what a reply to this task
+                        // may be (twice its payload + 1 MiB), refused before
+                        // anything is allocated.
                         let header = proto::ReplyHeader {
                             task_id: t.task_id,
                             kind: proto::TaskKind::Fit as i32,
@@ -291,4 +293,71 @@ fn revoking_a_connected_site_closes_its_session_and_it_stops() {
         .unwrap();
     check_doubled(collect(&rx, 1).remove(0), &global);
     finish(s);
+}
+
+#[test]
+fn payloads_over_the_limit_are_refused_on_either_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = ProjectSpec::new("test", vec!["a".into()], 0);
+    let project = provision(tmp.path().join("p"), &spec).unwrap();
+    let limit = |bytes| fedcore::net::Limits {
+        max_payload_bytes: bytes,
+        ..Default::default()
+    };
+    let options = ServerOptions {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        limits: limit(3 << 20),
+        ..ServerOptions::default()
+    };
+    let mut transport =
+        GrpcTransport::start(&Kit::load(project.server_kit()).unwrap(), options).unwrap();
+    let kit = Kit::load(project.site_kit("a")).unwrap();
+    let copts = ClientOptions {
+        limits: limit(1 << 20),
+        backoff_initial: Duration::from_millis(50),
+        ..client_options(&transport)
+    };
+    let site =
+        std::thread::spawn(move || net::run_client(&kit, Doubler(ClientId::new("a")), &copts));
+    assert_eq!(transport.wait_for_clients(1, Duration::from_secs(20)), 1);
+    let a = ClientId::new("a");
+    // Over the server's limit (4 MB > 3 MiB): not sent at all.
+    let (tx, _rx) = mpsc::channel();
+    let err = transport
+        .send(&a, fit(1, Arc::new(model(1_000_000)), None), tx)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("exceeds the payload limit"),
+        "{err}"
+    );
+    // Under the server's, over the client's (2 MB > 1 MiB): the client
+    // refuses it before allocating and the task fails as a dropout.
+    let (tx, rx) = mpsc::channel();
+    transport
+        .send(&a, fit(1, Arc::new(model(500_000)), None), tx)
+        .unwrap();
+    let Err(Failure::Disconnected(reason)) = collect(&rx, 1).remove(0).reply else {
+        panic!("the client accepted a task over its limit")
+    };
+    assert!(!reason.is_empty());
+    // The client reconnects; a task within both limits goes through.
+    let small = Arc::new(model(1000));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let (tx, rx) = mpsc::channel();
+        if transport.send(&a, fit(2, small.clone(), None), tx).is_ok()
+            && let Ok(env) = rx.recv_timeout(Duration::from_secs(20))
+            && env.reply.is_ok()
+        {
+            break env;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    check_doubled(reply, &small);
+    transport.shutdown("done", true, Duration::from_secs(5));
+    site.join().unwrap().unwrap();
 }

@@ -111,6 +111,7 @@ pub async fn open_session(
     let hello = client_msg(client_message::Kind::Hello(proto::Hello {
         identity: kit.info.identity.clone(),
         protocol: PROTOCOL,
+        max_message_bytes: options.limits.max_message_bytes as u64,
     }));
     out.send(hello)
         .await
@@ -182,6 +183,7 @@ pub fn run_client<C: Client + 'static>(
         )));
     }
     options.limits.check()?;
+    super::check_timing(options.heartbeat, options.liveness)?;
     // The model works on its own thread; results come back tagged with the
     // session they belong to, so that a reconnect drops stale ones.
     let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
@@ -291,6 +293,7 @@ async fn run_session(
         Err(s) => return lost(format!("{}: {}", s.code(), error_chain(&s))),
     };
     let mut liveness = options.liveness;
+    let mut heartbeat = options.heartbeat;
     let mut chunk_bytes = options.limits.chunk_bytes;
     match tokio::time::timeout(options.connect_timeout, inbound.message()).await {
         Ok(Ok(Some(proto::ServerMessage {
@@ -302,6 +305,11 @@ async fn run_session(
             liveness = liveness.max(Duration::from_millis(w.heartbeat_ms.saturating_mul(3)));
             if w.chunk_bytes > 0 {
                 chunk_bytes = chunk_bytes.min(w.chunk_bytes as usize);
+            }
+            // And heartbeats often enough for the server's liveness.
+            if w.liveness_ms > 0 {
+                heartbeat = heartbeat
+                    .min(Duration::from_millis(w.liveness_ms / 3).max(Duration::from_millis(10)));
             }
         }
         Ok(Ok(other)) => {
@@ -320,7 +328,7 @@ async fn run_session(
         reason,
         held: Some(established.elapsed()),
     };
-    let mut tick = tokio::time::interval(options.heartbeat);
+    let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
     let mut receiving: Option<(proto::TaskHeader, Plan, Assembler)> = None;

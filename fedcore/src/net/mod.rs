@@ -111,6 +111,21 @@ impl Limits {
     }
 }
 
+/// Checks a heartbeat and the liveness window built on it.
+pub(crate) fn check_timing(
+    heartbeat: std::time::Duration,
+    liveness: std::time::Duration,
+) -> Result<()> {
+    if heartbeat.is_zero() || liveness < heartbeat * 2 {
+        return Err(Error::InvalidConfig(format!(
+            "the heartbeat ({} ms) must be positive and liveness ({} ms) at least twice as long",
+            heartbeat.as_millis(),
+            liveness.as_millis()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -155,8 +170,9 @@ pub fn run_server<A: Aggregator>(
             Err(e) => return Err(e),
         }
     }
+    let grace = server.transport_mut().options().finish_grace;
     server
         .transport_mut()
-        .shutdown("the run is complete", true, Duration::from_secs(5));
+        .shutdown("the run is complete", true, grace);
     Ok(())
 }

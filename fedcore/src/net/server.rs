@@ -1,7 +1,7 @@
 //! The server side: [`GrpcTransport`], a [`Transport`] whose clients are
 //! remote processes holding a gRPC session over mutual TLS.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -47,6 +47,9 @@ pub struct ServerOptions {
     pub hello_timeout: Duration,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// After the last round, how long [`super::run_server`] waits for sites
+    /// that are away to come back and hear that the run is finished.
+    pub finish_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -59,6 +62,7 @@ impl Default for ServerOptions {
             liveness: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            finish_grace: Duration::from_secs(20),
         }
     }
 }
@@ -67,6 +71,14 @@ enum Out {
     Task(Outgoing<proto::TaskHeader>),
     Shutdown(proto::Shutdown),
 }
+
+/// Task ids remembered per session after they were dropped from `pending`.
+const FORGOTTEN: usize = 16;
+
+/// Room for a chunk's own fields under the message limit.
+const CHUNK_FRAMING: usize = 4096;
+/// The smallest chunk worth a session.
+const MIN_CHUNK: usize = 4096;
 
 /// At most this many unanswered tasks per session; more are refused, so a
 /// client that stops answering cannot make the server queue models.
@@ -85,8 +97,13 @@ struct Session {
     id: ClientId,
     number: u64,
     fingerprint: String,
+    /// Payload bytes per chunk sent to this client (fits its message limit).
+    chunk_bytes: usize,
     queue: mpsc::UnboundedSender<Out>,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Tasks dropped from `pending` to make room: not sent if still queued;
+    /// a reply to one that was sent is read and thrown away.
+    forgotten: Mutex<VecDeque<u64>>,
     last_seen: Mutex<Instant>,
     cancel: CancellationToken,
 }
@@ -145,6 +162,10 @@ struct Shared {
     next_session: AtomicU64,
     /// Set by [`GrpcTransport::shutdown`]: sessions opened later get it at once.
     closing: Mutex<Option<proto::Shutdown>>,
+    /// Every site that held a session during this run.
+    seen: Mutex<BTreeSet<ClientId>>,
+    /// The sites that were sent the final `Shutdown`.
+    told: Mutex<BTreeSet<ClientId>>,
 }
 
 impl Shared {
@@ -168,6 +189,7 @@ impl Shared {
             }
             sessions.insert(session.id.clone(), session.clone())
         };
+        lock(&self.seen).insert(session.id.clone());
         if let Some(old) = old {
             self.fail(
                 &old,
@@ -268,14 +290,31 @@ impl Federation for Service {
                 hello.protocol
             )));
         }
+        // Chunks that fit the client's message limit as well as ours.
+        let client_max = match hello.max_message_bytes {
+            0 => 4 << 20,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let chunk_bytes = shared
+            .options
+            .limits
+            .chunk_bytes
+            .min(client_max.saturating_sub(CHUNK_FRAMING));
+        if chunk_bytes < MIN_CHUNK {
+            return Err(Status::failed_precondition(format!(
+                "a message limit of {client_max} bytes leaves no room for chunks"
+            )));
+        }
         let (out_tx, out_rx) = mpsc::channel(16);
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let session = Arc::new(Session {
             id: ClientId::new(identity.clone()),
             number: shared.next_session.fetch_add(1, Ordering::Relaxed),
             fingerprint: fp,
+            chunk_bytes,
             queue: queue_tx,
             pending: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(VecDeque::new()),
             last_seen: Mutex::new(Instant::now()),
             cancel: CancellationToken::new(),
         });
@@ -283,7 +322,8 @@ impl Federation for Service {
             identity,
             protocol: PROTOCOL,
             heartbeat_ms: shared.options.heartbeat.as_millis() as u64,
-            chunk_bytes: shared.options.limits.chunk_bytes as u64,
+            chunk_bytes: chunk_bytes as u64,
+            liveness_ms: shared.options.liveness.as_millis() as u64,
         }));
         out_tx
             .send(Ok(welcome))
@@ -337,7 +377,13 @@ async fn writer(
             item = queue.recv() => match item {
                 None => return,
                 Some(Out::Shutdown(s)) => {
-                    let _ = push(&session, &out, server_msg(server_message::Kind::Shutdown(s.clone())), opts.liveness).await;
+                    if push(&session, &out, server_msg(server_message::Kind::Shutdown(s.clone())), opts.liveness).await.is_ok() {
+                        lock(&shared.told).insert(session.id.clone());
+                        // Through the sessions lock, which `shutdown` holds
+                        // between its check and its wait: no lost wake-up.
+                        drop(lock(&shared.sessions));
+                        shared.changed.notify_all();
+                    }
                     // Keep the stream open until the client has read the
                     // message and hung up (the reader then ends the session).
                     tokio::select! {
@@ -347,11 +393,14 @@ async fn writer(
                 }
                 Some(Out::Task(task)) => {
                     let id = task.header.task_id;
+                    if !lock(&session.pending).contains_key(&id) {
+                        continue; // forgotten before it left: nobody waits for it
+                    }
                     if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Task(task.header.clone())), opts.liveness).await {
                         break r;
                     }
                     let mut failed = None;
-                    for chunk in wire::chunks(id, &task.payload, opts.limits.chunk_bytes) {
+                    for chunk in wire::chunks(id, &task.payload, session.chunk_bytes) {
                         if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Chunk(chunk)), opts.liveness).await {
                             failed = Some(r);
                             break;
@@ -439,21 +488,28 @@ fn handle(
             if current.is_some() {
                 return Err("a reply started before the previous one finished".into());
             }
-            let (kind, max_bytes) = lock(&session.pending)
+            let expected = lock(&session.pending)
                 .get(&header.task_id)
-                .map(|p| (p.kind, p.max_reply_bytes))
-                .ok_or_else(|| format!("reply to unknown task {}", header.task_id))?;
-            if header.kind != kind as i32 {
-                return Err(format!(
-                    "reply of kind {} to a task of kind {}",
-                    header.kind, kind as i32
-                ));
-            }
+                .map(|p| (p.kind, p.max_reply_bytes));
             let plan = Plan::of_reply(&header).map_err(|e| e.to_string())?;
-            let limit = max_bytes.min(shared.options.limits.max_payload_bytes);
-            let assembler = plan
-                .assembler(header.task_id, limit)
-                .map_err(|e| e.to_string())?;
+            let max_payload = shared.options.limits.max_payload_bytes;
+            let assembler = match expected {
+                Some((kind, max_bytes)) => {
+                    if header.kind != kind as i32 {
+                        return Err(format!(
+                            "reply of kind {} to a task of kind {}",
+                            header.kind, kind as i32
+                        ));
+                    }
+                    plan.assembler(header.task_id, max_bytes.min(max_payload))
+                }
+                // A late reply to a task the server gave up on: read past it.
+                None if lock(&session.forgotten).contains(&header.task_id) => {
+                    Assembler::discarding(header.task_id, plan.total_bytes(), max_payload)
+                }
+                None => return Err(format!("reply to unknown task {}", header.task_id)),
+            }
+            .map_err(|e| e.to_string())?;
             *current = Some(Incoming {
                 header,
                 plan,
@@ -485,6 +541,9 @@ fn deliver_if_complete(session: &Session, current: &mut Option<Incoming>) {
     else {
         return;
     };
+    if assembler.is_discarding() {
+        return;
+    }
     let Some(pending) = lock(&session.pending).remove(&header.task_id) else {
         return;
     };
@@ -520,6 +579,7 @@ impl GrpcTransport {
             )));
         }
         options.limits.check()?;
+        super::check_timing(options.heartbeat, options.liveness)?;
         let listen = match options.listen {
             Some(a) => a,
             None => {
@@ -545,6 +605,8 @@ impl GrpcTransport {
             next_task: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             closing: Mutex::new(None),
+            seen: Mutex::new(BTreeSet::new()),
+            told: Mutex::new(BTreeSet::new()),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -599,6 +661,11 @@ impl GrpcTransport {
         self.local_addr
     }
 
+    /// The settings it runs with.
+    pub fn options(&self) -> &ServerOptions {
+        &self.shared.options
+    }
+
     /// Waits until at least `n` clients are connected or `timeout` passed;
     /// returns how many are connected.
     pub fn wait_for_clients(&self, n: usize, timeout: Duration) -> usize {
@@ -620,8 +687,11 @@ impl GrpcTransport {
     }
 
     /// Tells every client the run is over (`finished`) or that the server is
-    /// going away, waits up to `grace` for the messages to leave, then stops
-    /// listening.
+    /// going away, then stops listening. It waits up to `grace` until every
+    /// connected client hung up and every site that held a session during
+    /// the run and is still on the roster has heard it: a site that is
+    /// reconnecting at that moment (its backoff reaches 15 s by default)
+    /// is told when it comes back instead of retrying forever.
     pub fn shutdown(&mut self, reason: &str, finished: bool, grace: Duration) {
         let message = proto::Shutdown {
             reason: reason.to_owned(),
@@ -632,9 +702,21 @@ impl GrpcTransport {
         for s in &sessions {
             let _ = s.queue.send(Out::Shutdown(message.clone()));
         }
+        let active: BTreeSet<ClientId> = lock(&self.shared.roster)
+            .get()
+            .active()
+            .into_iter()
+            .map(ClientId::new)
+            .collect();
+        let waiting = |shared: &Shared| {
+            let told = lock(&shared.told);
+            lock(&shared.seen)
+                .iter()
+                .any(|c| active.contains(c) && !told.contains(c))
+        };
         let deadline = Instant::now() + grace;
         let mut open = lock(&self.shared.sessions);
-        while !open.is_empty() && Instant::now() < deadline {
+        while (!open.is_empty() || waiting(&self.shared)) && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             open = self
                 .shared
@@ -711,6 +793,11 @@ impl Transport for GrpcTransport {
                     break;
                 };
                 pending.remove(&oldest);
+                let mut forgotten = lock(&session.forgotten);
+                if forgotten.len() == FORGOTTEN {
+                    forgotten.pop_front();
+                }
+                forgotten.push_back(oldest);
             }
             if pending.len() >= MAX_PENDING {
                 return Err(Error::Transport(format!(

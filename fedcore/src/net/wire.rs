@@ -224,6 +224,10 @@ pub(crate) struct Assembler {
     values: Vec<f32>,
     sealed: Vec<u8>,
     received: u64,
+    total: u64,
+    /// Checks the chunks' order and size but keeps nothing (a reply that
+    /// nobody waits for any more).
+    discard: bool,
 }
 
 impl Assembler {
@@ -244,11 +248,35 @@ impl Assembler {
             values: vec![0.0; values],
             sealed: vec![0; sealed as usize],
             received: 0,
+            total,
+            discard: false,
+        })
+    }
+
+    /// Reads a payload of `total` bytes (at most `max_bytes`) and keeps none of it.
+    pub fn discarding(task_id: u64, total: u64, max_bytes: u64) -> Result<Self> {
+        if total > max_bytes {
+            return Err(bad(format!(
+                "declared payload of {total} bytes exceeds the limit of {max_bytes} bytes"
+            )));
+        }
+        Ok(Self {
+            task_id,
+            values: Vec::new(),
+            sealed: Vec::new(),
+            received: 0,
+            total,
+            discard: true,
         })
     }
 
     fn total(&self) -> u64 {
-        self.values.len() as u64 * 4 + self.sealed.len() as u64
+        self.total
+    }
+
+    /// True when it keeps nothing.
+    pub fn is_discarding(&self) -> bool {
+        self.discard
     }
 
     /// True when every byte arrived.
@@ -276,6 +304,10 @@ impl Assembler {
                 "payload exceeds its declared size of {} bytes",
                 self.total()
             )));
+        }
+        if self.discard {
+            self.received = end;
+            return Ok(());
         }
         let mut data: &[u8] = &chunk.data;
         let value_bytes = self.values.len() as u64 * 4;
@@ -339,6 +371,13 @@ impl Plan {
             layout: layout_from_proto(&h.layout)?,
             sealed: sealed_layout(&h.sealed)?,
         })
+    }
+
+    /// Payload bytes the header declares.
+    pub fn total_bytes(&self) -> u64 {
+        (self.layout.len() as u64)
+            .saturating_mul(4)
+            .saturating_add(self.sealed.as_ref().map_or(0, |s| s.1))
     }
 
     pub fn assembler(&self, task_id: u64, max_bytes: u64) -> Result<Assembler> {
