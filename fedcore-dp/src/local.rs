@@ -84,6 +84,18 @@ impl LocalDp {
         &self.ledger
     }
 
+    /// The same mechanism after `releases` earlier releases with these
+    /// parameters (a client that restarts and must not spend its budget
+    /// twice): they are charged to the ledger first. More releases than the
+    /// budget allows is [`Error::PrivacyBudgetExhausted`].
+    pub fn resumed(mut self, releases: u64) -> Result<Self> {
+        let cost = self.cost();
+        for _ in 0..releases {
+            self.ledger.charge(&cost)?;
+        }
+        Ok(self)
+    }
+
     fn cost(&self) -> PrivacyCost {
         PrivacyCost::SampledGaussian {
             noise_multiplier: self.sigma,

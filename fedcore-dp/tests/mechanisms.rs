@@ -174,6 +174,21 @@ fn local_dp_refuses_once_the_budget_would_be_exceeded_and_leaves_the_update_alon
 }
 
 #[test]
+fn a_resumed_local_dp_counts_the_earlier_releases() {
+    let budget = Budget::new(2.0, 1e-5).unwrap();
+    let mut fresh = local(5.0, budget);
+    fresh.privatize(&mut params(&[("w", vec![1.0])])).unwrap();
+    let resumed = local(5.0, budget).resumed(1).unwrap();
+    assert_eq!(resumed.ledger().releases(), 1);
+    assert_eq!(resumed.ledger().epsilon(), fresh.ledger().epsilon());
+    // Past the budget: refused at start, not after spending it again.
+    assert!(matches!(
+        local(5.0, budget).resumed(50),
+        Err(Error::PrivacyBudgetExhausted { .. })
+    ));
+}
+
+#[test]
 fn budget_exhaustion_stops_federated_training_with_a_clear_error() {
     let mut t = InMemoryTransport::new();
     for i in 0..3u64 {
