@@ -15,14 +15,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use fedcore::checkpoint::write_atomic;
 use fedcore::data::{
     ChestXray14, DataSplit, ImageDataset, SyntheticXrays, write_synthetic_chestxray,
 };
-use fedcore::net::provision::{Kit, ProjectSpec, provision};
+use fedcore::net::provision::{Kit, ProjectSpec, Roster, provision};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::trust::TrustPolicy;
-use fedcore::{Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig};
+use fedcore::{
+    Model, ModelClient, Optimizer, Parameters, PrivacyCost, PrivacyMechanism, Server, ServerConfig,
+    ServerEvent, Spent, TrainConfig,
+};
+use fedcore_dp::LocalDp;
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
+use serde::{Deserialize, Serialize};
 
 use crate::sim::{AggregatorChoice, densenet, hospital, image_config};
 
@@ -135,8 +141,10 @@ pub struct ClientArgs {
     /// L2 clipping norm of the body update.
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
-    /// Rounds the budget is spread over (the server's `--rounds`); the
-    /// accountant refuses to release more.
+    /// Rounds the budget is spread over (the server's `--rounds`, plus some
+    /// slack: a round the server re-runs after a restart costs a release
+    /// again); the accountant refuses to release more. The releases are
+    /// counted in `<work-dir>/<hospital>-dp-ledger.json` across restarts.
     #[arg(long, default_value_t = 10)]
     pub dp_rounds: u64,
 }
@@ -146,6 +154,85 @@ fn limits(max_message_bytes: usize) -> Limits {
         max_message_bytes,
         chunk_bytes: (max_message_bytes / 4).max(4096),
         ..Limits::default()
+    }
+}
+
+/// The DP settings a hospital's ledger was started with.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct DpSettings {
+    clip: f64,
+    epsilon: f64,
+    delta: f64,
+    rounds: u64,
+}
+
+/// What the ledger file holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct DpRecord {
+    settings: DpSettings,
+    releases: u64,
+    epsilon_spent: f64,
+}
+
+/// Local DP whose releases survive a restart of the hospital's process: the
+/// count is written (atomically) before each update leaves, and charged
+/// again at start, so a restarted hospital cannot spend its budget twice.
+struct PersistedDp {
+    inner: LocalDp,
+    settings: DpSettings,
+    path: PathBuf,
+}
+
+impl PersistedDp {
+    fn open(name: &str, tensors: &[String], settings: DpSettings, path: PathBuf) -> Result<Self> {
+        let s = settings;
+        let mut inner = crate::sim::local_dp(name, tensors, s.clip, s.epsilon, s.delta, s.rounds)?;
+        if path.exists() {
+            let record: DpRecord = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("{} is not a DP ledger", path.display()))?;
+            if record.settings != settings {
+                bail!(
+                    "{} was written with other DP settings ({:?}); this hospital's budget cannot be restarted with {:?}",
+                    path.display(),
+                    record.settings,
+                    settings
+                );
+            }
+            inner = inner.resumed(record.releases)?;
+            println!(
+                "{name}: DP ledger resumed: {} releases, epsilon {:.3} of {} spent",
+                record.releases, record.epsilon_spent, s.epsilon
+            );
+        } else if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Self {
+            inner,
+            settings,
+            path,
+        })
+    }
+}
+
+impl PrivacyMechanism for PersistedDp {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn privatize(&mut self, update: &mut Parameters) -> fedcore::Result<PrivacyCost> {
+        let cost = self.inner.privatize(update)?;
+        let record = DpRecord {
+            settings: self.settings,
+            releases: self.inner.ledger().releases(),
+            epsilon_spent: self.inner.ledger().epsilon(),
+        };
+        // If the release cannot be recorded, the update does not leave.
+        write_atomic(&self.path, &serde_json::to_vec_pretty(&record)?)?;
+        Ok(cost)
+    }
+
+    fn spent(&self) -> Option<Spent> {
+        self.inner.spent()
     }
 }
 
@@ -187,7 +274,9 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let template = densenet(a.seed)?;
     let layout = template.layout().clone();
     let head: Vec<String> = template.head().names(&layout).map(str::to_owned).collect();
-    let aggregator = a.aggregator.build(a.min_clients.max(3))?;
+    // Krum's f follows the number of hospitals, as in the simulation.
+    let hospitals = Roster::load(&kit.roster_path())?.active().len();
+    let aggregator = a.aggregator.build(hospitals.max(a.min_clients))?;
     let checkpoints = a.run_dir.join("checkpoints");
     let config = ServerConfig {
         rounds: a.rounds,
@@ -311,14 +400,14 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     )
     .with_test_data(DataSplit::subset(ds, test)?);
     if a.dp {
-        let dp = crate::sim::local_dp(
-            &identity,
-            &dp_tensors,
-            a.clip,
-            a.epsilon,
-            a.delta,
-            a.dp_rounds,
-        )?;
+        let settings = DpSettings {
+            clip: a.clip,
+            epsilon: a.epsilon,
+            delta: a.delta,
+            rounds: a.dp_rounds,
+        };
+        let ledger = a.work_dir.join(format!("{identity}-dp-ledger.json"));
+        let dp = PersistedDp::open(&identity, &dp_tensors, settings, ledger)?;
         client = client.with_mechanism(dp);
         println!(
             "{identity}: local DP on the body, epsilon {} over {} rounds (delta {})",
@@ -340,4 +429,49 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     net::run_client(&kit, client, &options).with_context(|| format!("hospital `{identity}`"))?;
     println!("{identity}: the run is complete");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update() -> Parameters {
+        Parameters::from_tensors([("w", vec![3], vec![0.3f32, -0.2, 0.1])]).expect("params")
+    }
+
+    #[test]
+    fn a_restarted_hospital_keeps_counting_its_dp_releases() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("h-dp-ledger.json");
+        let tensors = vec!["w".to_owned()];
+        let settings = DpSettings {
+            clip: 1.0,
+            epsilon: 8.0,
+            delta: 1e-5,
+            rounds: 3,
+        };
+        let mut first = PersistedDp::open("h", &tensors, settings, path.clone()).expect("open");
+        first.privatize(&mut update()).expect("release 1");
+        first.privatize(&mut update()).expect("release 2");
+        let spent = first.spent().expect("spent").epsilon;
+        drop(first);
+
+        // The process restarts: the two releases are charged again.
+        let mut again = PersistedDp::open("h", &tensors, settings, path.clone()).expect("reopen");
+        assert_eq!(again.inner.ledger().releases(), 2);
+        assert!((again.spent().expect("spent").epsilon - spent).abs() < 1e-9);
+        again.privatize(&mut update()).expect("release 3");
+        // A fourth release would exceed the budget calibrated for 3 rounds.
+        assert!(again.privatize(&mut update()).is_err());
+
+        // Other settings cannot restart the budget.
+        let other = DpSettings {
+            epsilon: 16.0,
+            ..settings
+        };
+        let e = PersistedDp::open("h", &tensors, other, path)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("other DP settings"), "{e}");
+    }
 }
