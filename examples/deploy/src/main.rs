@@ -139,6 +139,10 @@ struct ServerArgs {
     /// Checkpoints; when it holds one, the run resumes from it.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
+    /// Seconds to wait after the last round for sites that are away to
+    /// come back and hear that the run is finished.
+    #[arg(long, default_value_t = 20)]
+    finish_grace: u64,
     #[command(flatten)]
     wire: Wire,
 }
@@ -234,6 +238,7 @@ fn server(args: ServerArgs) -> Result<()> {
         limits: args.wire.limits(),
         heartbeat: args.wire.heartbeat(),
         liveness: args.wire.heartbeat() * 5,
+        finish_grace: Duration::from_secs(args.finish_grace),
         ..ServerOptions::default()
     };
     let transport = GrpcTransport::start(&kit, options)?;
