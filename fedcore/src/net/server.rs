@@ -201,6 +201,29 @@ impl Shared {
         true
     }
 
+    /// Waits until `done` holds for the open sessions (checked under their
+    /// lock, woken by `changed`) or `deadline` passes; returns how many
+    /// sessions are open then.
+    fn wait_until(
+        &self,
+        deadline: Instant,
+        done: impl Fn(&BTreeMap<ClientId, Arc<Session>>) -> bool,
+    ) -> usize {
+        let mut sessions = lock(&self.sessions);
+        while !done(&sessions) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            sessions = self
+                .changed
+                .wait_timeout(sessions, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        sessions.len()
+    }
+
     /// Ends a session: stops its tasks, fails its pending tasks.
     fn end_session(&self, session: &Arc<Session>, reason: String) {
         {
@@ -669,21 +692,8 @@ impl GrpcTransport {
     /// Waits until at least `n` clients are connected or `timeout` passed;
     /// returns how many are connected.
     pub fn wait_for_clients(&self, n: usize, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        let mut sessions = lock(&self.shared.sessions);
-        while sessions.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            sessions = self
-                .shared
-                .changed
-                .wait_timeout(sessions, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        sessions.len()
+        self.shared
+            .wait_until(Instant::now() + timeout, |sessions| sessions.len() >= n)
     }
 
     /// Tells every client the run is over (`finished`) or that the server is
@@ -714,18 +724,9 @@ impl GrpcTransport {
                 .iter()
                 .any(|c| active.contains(c) && !told.contains(c))
         };
-        let deadline = Instant::now() + grace;
-        let mut open = lock(&self.shared.sessions);
-        while (!open.is_empty() || waiting(&self.shared)) && Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            open = self
-                .shared
-                .changed
-                .wait_timeout(open, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        drop(open);
+        self.shared.wait_until(Instant::now() + grace, |open| {
+            open.is_empty() && !waiting(&self.shared)
+        });
         self.stop_listening();
     }
 
