@@ -15,7 +15,6 @@
 //! revokes the old ones; revoking a site revokes all of its certificates.
 //! The server re-reads the roster when it changes, without a restart.
 
-use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -375,18 +374,8 @@ impl Project {
         }
         let validity = Duration::from_secs(server.info.validity_days * 24 * 3600);
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(cert_err)?;
-        let (cert_der, cert_pem, key_pem, serial) = leaf(site, &[], validity, &issuer, false)?;
-        roster.certificates.push(RosterEntry {
-            identity: site.into(),
-            fingerprint: fingerprint(&cert_der),
-            serial,
-            revoked: false,
-        });
-        let info = KitInfo {
-            identity: site.into(),
-            role: Role::Client,
-            ..server.info.clone()
-        };
+        let (info, cert_pem, key_pem) =
+            new_site(site, &server.info, validity, &issuer, &mut roster)?;
         // The roster first: a kit whose certificate is not on the roster
         // would lock its site out; a roster entry nobody holds is harmless.
         roster.save(&roster_path)?;
@@ -457,6 +446,31 @@ fn leaf(
         key.serialize_pem(),
         serial_hex,
     ))
+}
+
+/// Signs a certificate for `site`, lists it on `roster`, and returns the
+/// site's kit description (the server's, for a client) with its
+/// certificate and key (PEM).
+fn new_site(
+    site: &str,
+    server: &KitInfo,
+    validity: Duration,
+    issuer: &Issuer<'_, &KeyPair>,
+    roster: &mut Roster,
+) -> Result<(KitInfo, String, String)> {
+    let (der, cert, key, serial) = leaf(site, &[], validity, issuer, false)?;
+    roster.certificates.push(RosterEntry {
+        identity: site.into(),
+        fingerprint: fingerprint(&der),
+        serial,
+        revoked: false,
+    });
+    let info = KitInfo {
+        identity: site.into(),
+        role: Role::Client,
+        ..server.clone()
+    };
+    Ok((info, cert, key))
 }
 
 /// Writes a file readable by its owner only.
@@ -544,35 +558,11 @@ pub fn provision(dir: impl AsRef<Path>, spec: &ProjectSpec) -> Result<Project> {
     // The sites.
     let mut roster = Roster::default();
     for site in &spec.sites {
-        let (der, cert, key, serial) = leaf(site, &[], spec.validity, &issuer, false)?;
-        roster.certificates.push(RosterEntry {
-            identity: site.clone(),
-            fingerprint: fingerprint(&der),
-            serial,
-            revoked: false,
-        });
-        let info = KitInfo {
-            identity: site.clone(),
-            role: Role::Client,
-            ..server_info.clone()
-        };
+        let (info, cert, key) = new_site(site, &server_info, spec.validity, &issuer, &mut roster)?;
         write_kit(&project.site_kit(site), &info, &ca_pem, &cert, &key)?;
     }
     roster.save(&project.server_kit().join(ROSTER_FILE))?;
     Ok(project)
-}
-
-/// A map from identity to its kit folder, for every site on the roster.
-pub fn site_kits(project: &Project) -> Result<BTreeMap<String, PathBuf>> {
-    let roster = Roster::load(&project.server_kit().join(ROSTER_FILE))?;
-    Ok(roster
-        .active()
-        .into_iter()
-        .map(|id| {
-            let dir = project.site_kit(&id);
-            (id, dir)
-        })
-        .collect())
 }
 
 #[cfg(test)]
