@@ -30,7 +30,7 @@ use fedcore_dp::LocalDp;
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
 use serde::{Deserialize, Serialize};
 
-use crate::sim::{AggregatorChoice, densenet, hospital, image_config};
+use crate::sim::{AggregatorChoice, DpArgs, densenet, hospital, image_config};
 
 /// `hospital provision`.
 #[derive(Args, Debug, Clone)]
@@ -127,20 +127,9 @@ pub struct ClientArgs {
     /// The largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
-    /// Local differential privacy on the body before it leaves the hospital
-    /// (clip + Gaussian noise, RDP accountant); off by default as in the
-    /// simulation.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    pub dp: bool,
-    /// This hospital's epsilon for the whole run.
-    #[arg(long, default_value_t = 8.0)]
-    pub epsilon: f64,
-    /// This hospital's delta.
-    #[arg(long, default_value_t = 1e-5)]
-    pub delta: f64,
-    /// L2 clipping norm of the body update.
-    #[arg(long, default_value_t = 1.0)]
-    pub clip: f64,
+    /// Local DP on the body before it leaves the hospital, as in the simulation.
+    #[command(flatten)]
+    pub dp: DpArgs,
     /// Rounds the budget is spread over (the server's `--rounds`, plus some
     /// slack: a round the server re-runs after a restart costs a release
     /// again); the accountant refuses to release more. The releases are
@@ -160,9 +149,7 @@ fn limits(max_message_bytes: usize) -> Limits {
 /// The DP settings a hospital's ledger was started with.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct DpSettings {
-    clip: f64,
-    epsilon: f64,
-    delta: f64,
+    dp: DpArgs,
     rounds: u64,
 }
 
@@ -185,8 +172,7 @@ struct PersistedDp {
 
 impl PersistedDp {
     fn open(name: &str, tensors: &[String], settings: DpSettings, path: PathBuf) -> Result<Self> {
-        let s = settings;
-        let mut inner = crate::sim::local_dp(name, tensors, s.clip, s.epsilon, s.delta, s.rounds)?;
+        let mut inner = settings.dp.mechanism(name, tensors, settings.rounds)?;
         if path.exists() {
             let record: DpRecord = serde_json::from_slice(&std::fs::read(&path)?)
                 .with_context(|| format!("{} is not a DP ledger", path.display()))?;
@@ -201,7 +187,7 @@ impl PersistedDp {
             inner = inner.resumed(record.releases)?;
             println!(
                 "{name}: DP ledger resumed: {} releases, epsilon {:.3} of {} spent",
-                record.releases, record.epsilon_spent, s.epsilon
+                record.releases, record.epsilon_spent, settings.dp.epsilon
             );
         } else if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -399,11 +385,9 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
         DataSplit::subset(ds.clone(), train)?,
     )
     .with_test_data(DataSplit::subset(ds, test)?);
-    if a.dp {
+    if a.dp.enabled {
         let settings = DpSettings {
-            clip: a.clip,
-            epsilon: a.epsilon,
-            delta: a.delta,
+            dp: a.dp,
             rounds: a.dp_rounds,
         };
         let ledger = a.work_dir.join(format!("{identity}-dp-ledger.json"));
@@ -411,7 +395,7 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
         client = client.with_mechanism(dp);
         println!(
             "{identity}: local DP on the body, epsilon {} over {} rounds (delta {})",
-            a.epsilon, a.dp_rounds, a.delta
+            a.dp.epsilon, a.dp_rounds, a.dp.delta
         );
     }
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
@@ -445,9 +429,12 @@ mod tests {
         let path = dir.path().join("h-dp-ledger.json");
         let tensors = vec!["w".to_owned()];
         let settings = DpSettings {
-            clip: 1.0,
-            epsilon: 8.0,
-            delta: 1e-5,
+            dp: DpArgs {
+                enabled: true,
+                clip: 1.0,
+                epsilon: 8.0,
+                delta: 1e-5,
+            },
             rounds: 3,
         };
         let mut first = PersistedDp::open("h", &tensors, settings, path.clone()).expect("open");
@@ -466,7 +453,10 @@ mod tests {
 
         // Other settings cannot restart the budget.
         let other = DpSettings {
-            epsilon: 16.0,
+            dp: DpArgs {
+                epsilon: 16.0,
+                ..settings.dp
+            },
             ..settings
         };
         let e = PersistedDp::open("h", &tensors, other, path)

@@ -96,8 +96,11 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         s.image_size,
         s.aggregator,
         if s.he { "on (CKKS)" } else { "off" },
-        if s.dp {
-            format!("on (epsilon {} per hospital, delta {})", s.epsilon, s.delta)
+        if s.dp.enabled {
+            format!(
+                "on (epsilon {} per hospital, delta {})",
+                s.dp.epsilon, s.dp.delta
+            )
         } else {
             "off".into()
         },

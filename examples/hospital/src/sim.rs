@@ -32,7 +32,7 @@ use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Secret};
 use fedcore_robust::attacks::{Attack, Byzantine};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::infer::Predictor;
@@ -68,6 +68,39 @@ impl AggregatorChoice {
     }
 }
 
+/// Local differential privacy on a hospital's body update: the flags of the
+/// simulation and of a deployed hospital (`hospital client`).
+#[derive(Args, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpArgs {
+    /// Local differential privacy on the body (clip + Gaussian noise, RDP
+    /// accountant). Off by default: with a handful of hospitals the noise
+    /// that client-level DP needs on 7M parameters stops learning
+    /// (docs/dashboard.md, "Differential privacy").
+    #[arg(long = "dp", value_name = "DP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+    /// Each hospital's epsilon for the whole run.
+    #[arg(long, default_value_t = 8.0)]
+    pub epsilon: f64,
+    /// Each hospital's delta.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// L2 clipping norm of a hospital's body update.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+}
+
+impl DpArgs {
+    /// Hospital `name`'s mechanism on `tensors`: clip to `clip`, Gaussian
+    /// noise calibrated by the RDP accountant so that `rounds` releases
+    /// spend (epsilon, delta).
+    pub fn mechanism(&self, name: &str, tensors: &[String], rounds: u64) -> Result<LocalDp> {
+        let clip = Clip::new(self.clip)?.only(tensors);
+        let budget = Budget::new(self.epsilon, self.delta)?;
+        let params = LocalDpParams::calibrated(clip, budget, rounds)?;
+        Ok(LocalDp::new(name, params, Noise::secure()?)?)
+    }
+}
+
 /// Every choice of a simulation.
 #[derive(Args, Debug, Clone)]
 pub struct SimConfig {
@@ -96,21 +129,9 @@ pub struct SimConfig {
     /// Dirichlet concentration of the patient split (smaller: more skewed).
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f64,
-    /// Local differential privacy on the body (clip + Gaussian noise, RDP
-    /// accountant). Off by default: with a handful of hospitals the noise
-    /// that client-level DP needs on 7M parameters stops learning
-    /// (docs/dashboard.md, "Differential privacy").
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    pub dp: bool,
-    /// Each hospital's epsilon for the whole run.
-    #[arg(long, default_value_t = 8.0)]
-    pub epsilon: f64,
-    /// Each hospital's delta.
-    #[arg(long, default_value_t = 1e-5)]
-    pub delta: f64,
-    /// L2 clipping norm of a hospital's body update.
-    #[arg(long, default_value_t = 1.0)]
-    pub clip: f64,
+    /// Local differential privacy on the body.
+    #[command(flatten)]
+    pub dp: DpArgs,
     /// CKKS encryption of the classifier head.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub he: bool,
@@ -363,8 +384,8 @@ fn run_inner(
             total_rounds: cfg.rounds,
             aggregator: format!("{:?}", cfg.aggregator),
             he: cfg.he,
-            dp: cfg.dp,
-            budget: cfg.dp.then_some((cfg.epsilon, cfg.delta)),
+            dp: cfg.dp.enabled,
+            budget: cfg.dp.enabled.then_some((cfg.dp.epsilon, cfg.dp.delta)),
             error: None,
         }
     });
@@ -659,9 +680,8 @@ where
     M: Model<Data = DataSplit> + 'static,
 {
     let mut client = ModelClient::new(name, model, data);
-    if cfg.dp {
-        let dp = local_dp(name, dp_names, cfg.clip, cfg.epsilon, cfg.delta, cfg.rounds)?;
-        client = client.with_mechanism(dp);
+    if cfg.dp.enabled {
+        client = client.with_mechanism(cfg.dp.mechanism(name, dp_names, cfg.rounds)?);
     }
     if let Some(secret) = secret {
         client = client.with_sealer(CkksSealer::new(secret.clone()));
@@ -682,21 +702,6 @@ pub fn dp_tensors(model: &TchModel<DenseNet>) -> Vec<String> {
         .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
         .map(|(_, s)| s.name.clone())
         .collect()
-}
-
-/// A hospital's local DP: clip the body to `clip`, Gaussian noise calibrated
-/// by the RDP accountant so that `rounds` releases spend (epsilon, delta).
-pub fn local_dp(
-    name: &str,
-    tensors: &[String],
-    clip: f64,
-    epsilon: f64,
-    delta: f64,
-    rounds: u64,
-) -> Result<LocalDp> {
-    let clip = Clip::new(clip)?.only(tensors);
-    let params = LocalDpParams::calibrated(clip, Budget::new(epsilon, delta)?, rounds)?;
-    Ok(LocalDp::new(name, params, Noise::secure()?)?)
 }
 
 /// Writes the synthetic set once into the run folder.
