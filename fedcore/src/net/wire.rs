@@ -82,6 +82,18 @@ fn values_bytes(params: Arc<Parameters>) -> Bytes {
     }
 }
 
+/// The sealed bytes, sharing the sealed global's memory (every client gets
+/// the same ciphertexts).
+fn sealed_bytes(sealed: Arc<SealedTensors>) -> Bytes {
+    struct Owner(Arc<SealedTensors>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            self.0.bytes()
+        }
+    }
+    Bytes::from_owner(Owner(sealed))
+}
+
 fn owned_values_bytes(params: Parameters) -> Bytes {
     values_bytes(Arc::new(params))
 }
@@ -127,7 +139,7 @@ pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::T
     };
     let mut payload = vec![values_bytes(parameters.clone())];
     if let Some(s) = sealed {
-        payload.push(Bytes::copy_from_slice(s.bytes()));
+        payload.push(sealed_bytes(s.clone()));
     }
     Ok(Outgoing {
         header: proto::TaskHeader {
