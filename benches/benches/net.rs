@@ -16,7 +16,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fedcore::memory::InMemoryTransport;
 use fedcore::net::provision::{Kit, ProjectSpec, provision};
-use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
+use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind};
 use fedcore::{
     Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, FitIns, Parameters, Reply, Task,
     TrainConfig, Transport,
@@ -232,7 +232,7 @@ fn net_round(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("grpc_mtls", &id), |b| {
         b.iter(|| round(&mut grpc, &ids, &global))
     });
-    grpc.shutdown("bench done", true, Duration::from_secs(5));
+    grpc.shutdown("bench done", ShutdownKind::Finished, Duration::from_secs(5));
     for s in sites {
         s.join().unwrap().unwrap();
     }
@@ -283,7 +283,7 @@ fn big_model(c: &mut Criterion) {
         b.iter(|| round(&mut grpc, &ids, &global))
     });
     group.finish();
-    grpc.shutdown("bench done", true, Duration::from_secs(5));
+    grpc.shutdown("bench done", ShutdownKind::Finished, Duration::from_secs(5));
     site.join().unwrap().unwrap();
 }
 

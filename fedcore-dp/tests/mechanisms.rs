@@ -7,7 +7,7 @@ use fedcore::memory::InMemoryTransport;
 use fedcore::params::l2_norm;
 use fedcore::{
     Aggregator, ClientId, ClientUpdate, Error, FedAvg, Model, ModelClient, Parameters, PrivacyCost,
-    PrivacyMechanism, Server, ServerConfig, ServerEvent,
+    PrivacyMechanism, RoundOutcome, RunEnd, Server, ServerConfig, ServerEvent,
 };
 use fedcore_dp::{Budget, Clip, Dp, DpParams, LocalDp, LocalDpParams, Noise};
 use proptest::prelude::*;
@@ -219,7 +219,13 @@ fn budget_exhaustion_stops_federated_training_with_a_clear_error() {
         Server::new(config, SoftmaxRegression::new(4, 3).parameters(), t, FedAvg).unwrap();
     let (tx, events) = std::sync::mpsc::channel();
     server.subscribe(tx);
-    let err = server.run().unwrap_err();
+    // Once the budget is spent every round loses its quorum; the default
+    // policy ends the run after three such rounds in a row.
+    let report = server.run().unwrap();
+    assert_eq!(report.end, RunEnd::TooManyFailedRounds { in_a_row: 3 });
+    let last = server.history().last().unwrap();
+    assert_eq!(last.outcome, RoundOutcome::QuorumNotReached);
+    let err = last.ensure_completed().unwrap_err();
     let text = err.to_string();
     assert!(text.contains("privacy budget"), "{text}");
     let done = server

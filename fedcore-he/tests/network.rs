@@ -98,7 +98,11 @@ fn a_sealed_run_over_mutual_tls_matches_the_in_memory_run() {
         .expect("server")
         .with_sealing(&[HEAD], CkksSum::new(keys().public()))
         .expect("sealing");
-    net::run_server(&mut server, Duration::from_secs(60)).expect("network run");
+    net::run_server(
+        &mut server,
+        &fedcore::RunPolicy::deployment(Duration::from_secs(60)),
+    )
+    .expect("network run");
     for s in sites {
         s.join().expect("site thread").expect("site finished");
     }

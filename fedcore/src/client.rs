@@ -7,7 +7,7 @@ use crate::model::{Evaluation, Model, TrainConfig};
 use crate::params::Parameters;
 use crate::privacy::PrivacyMechanism;
 use crate::sealed::{SealedTensors, Sealer};
-use crate::update::{ClientId, ClientUpdate, Protection};
+use crate::update::{ClientId, ClientUpdate, Metrics, Protection};
 
 /// A fit request: train from `parameters` for `config`.
 #[derive(Debug, Clone)]
@@ -34,6 +34,55 @@ pub struct EvaluateIns {
     pub sealed: Option<Arc<SealedTensors>>,
 }
 
+/// An extra step of a multi-step round (see [`crate::strategy`]): what the
+/// server's strategy sends to each client still in the round after the fit
+/// exchange, e.g. an aggregate of the first step's updates.
+#[derive(Debug, Clone)]
+pub struct StepIns {
+    /// The round.
+    pub round: u64,
+    /// The step, from 1 (the fit exchange is step 0).
+    pub step: u32,
+    /// Tensors for the client (any layout the strategy chooses; may be empty).
+    pub values: Arc<Parameters>,
+    /// Sealed tensors for the client, if the strategy sends some.
+    pub sealed: Option<Arc<SealedTensors>>,
+    /// Scalars for the client.
+    pub metrics: Metrics,
+    /// The largest reply (values and sealed bytes) the server accepts for
+    /// this step. A transport that reads replies from the network refuses a
+    /// larger one before allocating it; it is not sent to the client.
+    pub max_reply_bytes: u64,
+}
+
+/// A client's answer to a [`StepIns`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReply {
+    /// The round it answers.
+    pub round: u64,
+    /// The step it answers.
+    pub step: u32,
+    /// Tensors (may be empty).
+    pub values: Parameters,
+    /// Sealed tensors, if the step asks for some.
+    pub sealed: Option<SealedTensors>,
+    /// Scalars.
+    pub metrics: Metrics,
+}
+
+impl StepReply {
+    /// A reply to `ins` carrying `values` and nothing else.
+    pub fn new(ins: &StepIns, values: Parameters) -> Self {
+        Self {
+            round: ins.round,
+            step: ins.step,
+            values,
+            sealed: None,
+            metrics: Metrics::new(),
+        }
+    }
+}
+
 /// A participant as the server sees it through a transport.
 pub trait Client: Send {
     /// Its identity.
@@ -44,6 +93,18 @@ pub trait Client: Send {
 
     /// Evaluates the given parameters locally.
     fn evaluate(&mut self, ins: &EvaluateIns) -> Result<Evaluation>;
+
+    /// Answers an extra step of a multi-step round. The default refuses:
+    /// a client takes part in a multi-step strategy only if it implements
+    /// this (a [`ModelClient`] does with [`ModelClient::with_responder`]).
+    fn step(&mut self, ins: &StepIns) -> Result<StepReply> {
+        Err(Error::Unsupported(format!(
+            "client `{}` answers no step of a multi-step round (step {} of round {})",
+            self.id(),
+            ins.step,
+            ins.round
+        )))
+    }
 }
 
 impl<C: Client + ?Sized> Client for Box<C> {
@@ -57,6 +118,30 @@ impl<C: Client + ?Sized> Client for Box<C> {
 
     fn evaluate(&mut self, ins: &EvaluateIns) -> Result<Evaluation> {
         (**self).evaluate(ins)
+    }
+
+    fn step(&mut self, ins: &StepIns) -> Result<StepReply> {
+        (**self).step(ins)
+    }
+}
+
+/// The client side of a multi-step strategy, plugged into a [`ModelClient`]:
+/// computes a step's answer from what the server sent and the update this
+/// client sent in the round's fit exchange (after its privacy mechanisms,
+/// i.e. what the server saw).
+///
+/// Implemented for closures `FnMut(&StepIns, &ClientUpdate) -> Result<StepReply>`.
+pub trait StepResponder: Send {
+    /// Answers one step.
+    fn respond(&mut self, ins: &StepIns, sent: &ClientUpdate) -> Result<StepReply>;
+}
+
+impl<F> StepResponder for F
+where
+    F: FnMut(&StepIns, &ClientUpdate) -> Result<StepReply> + Send,
+{
+    fn respond(&mut self, ins: &StepIns, sent: &ClientUpdate) -> Result<StepReply> {
+        self(ins, sent)
     }
 }
 
@@ -80,6 +165,9 @@ where
     test: Option<M::Data>,
     mechanisms: Vec<Box<dyn PrivacyMechanism>>,
     sealer: Option<Box<dyn Sealer>>,
+    responder: Option<Box<dyn StepResponder>>,
+    /// The last update sent, kept only when a responder needs it.
+    sent: Option<ClientUpdate>,
 }
 
 impl<M: Model> ModelClient<M>
@@ -95,7 +183,16 @@ where
             test: None,
             mechanisms: Vec::new(),
             sealer: None,
+            responder: None,
+            sent: None,
         }
+    }
+
+    /// Answers the extra steps of a multi-step round with `responder`; the
+    /// client then keeps a copy of its last update for it.
+    pub fn with_responder(mut self, responder: impl StepResponder + 'static) -> Self {
+        self.responder = Some(Box::new(responder));
+        self
     }
 
     /// Local held-out data for federated evaluation (otherwise the training data is used).
@@ -193,7 +290,30 @@ where
             });
         }
         update.provenance = provenance;
+        if self.responder.is_some() {
+            self.sent = Some(update.clone());
+        }
         Ok(update)
+    }
+
+    fn step(&mut self, ins: &StepIns) -> Result<StepReply> {
+        let responder = self.responder.as_mut().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "client `{}` has no step responder (step {} of round {})",
+                self.id, ins.step, ins.round
+            ))
+        })?;
+        let sent = self
+            .sent
+            .as_ref()
+            .filter(|u| u.round == ins.round)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "client `{}` sent no update in round {}, so it cannot answer its step {}",
+                    self.id, ins.round, ins.step
+                ))
+            })?;
+        responder.respond(ins, sent)
     }
 
     fn evaluate(&mut self, ins: &EvaluateIns) -> Result<Evaluation> {

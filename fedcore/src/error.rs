@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::ClientId;
+use crate::events::{AggregationFailure, ClientFailure};
 
 /// Everything that can go wrong in `fedcore`.
 ///
@@ -93,7 +93,15 @@ pub enum Error {
         /// Valid updates received.
         accepted: usize,
         /// Why the others did not count.
-        failures: Vec<(ClientId, String)>,
+        failures: Vec<ClientFailure>,
+    },
+    /// A round's aggregation failed; the global model is unchanged.
+    #[error("round {round}: {failure}")]
+    AggregationFailed {
+        /// The round that failed.
+        round: u64,
+        /// What the aggregator reported.
+        failure: AggregationFailure,
     },
     /// Not enough connected clients to start a round.
     #[error("{available} client(s) connected, at least {required} required")]
@@ -161,6 +169,17 @@ pub enum Error {
         /// The budget's delta.
         delta: f64,
     },
+    /// Something this participant does not support (e.g. a client asked for
+    /// a step of a multi-step round it does not implement).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A run ended because too many rounds in a row failed (see
+    /// [`crate::run::RunPolicy::max_failed_in_a_row`]); each is in the history.
+    #[error("{in_a_row} rounds in a row failed; the run gave up")]
+    TooManyFailedRounds {
+        /// The failed rounds in a row.
+        in_a_row: u32,
+    },
     /// The run was asked to stop.
     #[error("stopped by request")]
     Stopped,
@@ -172,10 +191,10 @@ pub enum Error {
     Json(#[from] serde_json::Error),
 }
 
-fn summarize_failures(failures: &[(ClientId, String)]) -> String {
+fn summarize_failures(failures: &[ClientFailure]) -> String {
     failures
         .iter()
-        .map(|(c, r)| format!("{c}: {r}"))
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
 }

@@ -44,6 +44,30 @@ pub struct ClientFailure {
     pub client: ClientId,
     /// Why.
     pub reason: Failure,
+    /// The extra step of a multi-step round (see [`crate::strategy`]) in
+    /// which it failed, from 1; `None` for the fit exchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+}
+
+impl ClientFailure {
+    /// A failure in the fit exchange.
+    pub fn new(client: ClientId, reason: Failure) -> Self {
+        Self {
+            client,
+            reason,
+            step: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.step {
+            Some(step) => write!(f, "{} (step {step}): {}", self.client, self.reason),
+            None => write!(f, "{}: {}", self.client, self.reason),
+        }
+    }
 }
 
 /// How a round ended.
@@ -56,7 +80,148 @@ pub enum RoundOutcome {
     /// Fewer valid updates than the quorum; the model is unchanged.
     QuorumNotReached,
     /// The aggregator failed; the model is unchanged.
-    AggregationFailed(String),
+    AggregationFailed(AggregationFailure),
+}
+
+impl RoundOutcome {
+    /// True for [`RoundOutcome::Completed`].
+    pub fn is_completed(&self) -> bool {
+        matches!(self, RoundOutcome::Completed)
+    }
+
+    /// The outcome's name as serialized (`completed`, `quorum_not_reached`,
+    /// `aggregation_failed`), e.g. for a database column.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RoundOutcome::Completed => "completed",
+            RoundOutcome::QuorumNotReached => "quorum_not_reached",
+            RoundOutcome::AggregationFailed(_) => "aggregation_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for RoundOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundOutcome::Completed => f.write_str("completed"),
+            RoundOutcome::QuorumNotReached => f.write_str("quorum not reached"),
+            RoundOutcome::AggregationFailed(a) => write!(f, "aggregation failed: {a}"),
+        }
+    }
+}
+
+/// Why an aggregation failed, as recorded in a round's outcome: the kind of
+/// failure (what a program matches on), the aggregator, and the error's text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "AggregationFailureRepr")]
+#[non_exhaustive]
+pub struct AggregationFailure {
+    /// What went wrong.
+    #[serde(flatten)]
+    pub kind: AggregationFailureKind,
+    /// The aggregator (or multi-step strategy) that ran.
+    pub aggregator: String,
+    /// The error, as text.
+    pub detail: String,
+}
+
+/// The kinds of [`AggregationFailure`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AggregationFailureKind {
+    /// The aggregator needs more updates than it got.
+    TooFewUpdates {
+        /// Updates it needs.
+        needed: usize,
+        /// Updates it got.
+        got: usize,
+    },
+    /// The aggregator's weights cannot be used (all zero, negative, NaN).
+    InvalidWeights,
+    /// The aggregate holds NaN or infinity.
+    NotFinite {
+        /// The first tensor holding such a value.
+        tensor: String,
+    },
+    /// The aggregate's layout or length does not match the updates'.
+    Shape,
+    /// Combining the sealed (encrypted) tensors failed.
+    Sealing,
+    /// A privacy mechanism on the server refused or failed.
+    Privacy,
+    /// Anything else the aggregator reported.
+    Other,
+}
+
+impl AggregationFailure {
+    /// Classifies an aggregator's error.
+    pub fn from_error(aggregator: impl Into<String>, error: &crate::Error) -> Self {
+        use crate::Error as E;
+        let kind = match error {
+            E::TooFewUpdates { needed, got, .. } => AggregationFailureKind::TooFewUpdates {
+                needed: *needed,
+                got: *got,
+            },
+            E::InvalidWeights { .. } => AggregationFailureKind::InvalidWeights,
+            E::AggregateNotFinite { tensor, .. } => AggregationFailureKind::NotFinite {
+                tensor: tensor.clone(),
+            },
+            E::DimensionMismatch { .. }
+            | E::LayoutMismatch { .. }
+            | E::ShapeMismatch { .. }
+            | E::UnknownTensor { .. } => AggregationFailureKind::Shape,
+            E::Sealing(_) => AggregationFailureKind::Sealing,
+            E::Privacy(_) | E::PrivacyBudgetExhausted { .. } => AggregationFailureKind::Privacy,
+            _ => AggregationFailureKind::Other,
+        };
+        Self {
+            kind,
+            aggregator: aggregator.into(),
+            detail: error.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for AggregationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.detail, self.aggregator)
+    }
+}
+
+/// Reads both the structured form and the plain text that checkpoints
+/// written before 0.2 hold (kind `other`, aggregator unknown).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AggregationFailureRepr {
+    Structured {
+        #[serde(flatten)]
+        kind: AggregationFailureKind,
+        aggregator: String,
+        detail: String,
+    },
+    Text(String),
+}
+
+impl From<AggregationFailureRepr> for AggregationFailure {
+    fn from(r: AggregationFailureRepr) -> Self {
+        match r {
+            AggregationFailureRepr::Structured {
+                kind,
+                aggregator,
+                detail,
+            } => Self {
+                kind,
+                aggregator,
+                detail,
+            },
+            AggregationFailureRepr::Text(detail) => Self {
+                kind: AggregationFailureKind::Other,
+                aggregator: String::new(),
+                detail,
+            },
+        }
+    }
 }
 
 /// Everything recorded about one round; stored with each checkpoint.
@@ -70,6 +235,10 @@ pub struct RoundRecord {
     pub aggregator: String,
     /// The clients asked to train.
     pub sampled: Vec<ClientId>,
+    /// The quorum the round needed (`min_fit_clients`; 0 in records written
+    /// before 0.2).
+    #[serde(default)]
+    pub quorum: usize,
     /// Connected clients left out because they were suspicious after the
     /// previous round (see [`crate::trust::TrustPolicy::exclude_next_round`]).
     #[serde(default)]
@@ -92,6 +261,41 @@ pub struct RoundRecord {
     pub started_at_ms: u64,
     /// How long it took.
     pub duration_ms: u64,
+}
+
+impl RoundRecord {
+    /// Sampled clients whose update was valid and that stayed in the round
+    /// through every step: the number the quorum was checked against
+    /// (`accepted` lists only the updates of a completed round).
+    pub fn valid_updates(&self) -> usize {
+        let out: std::collections::BTreeSet<&ClientId> = self
+            .failures
+            .iter()
+            .filter(|f| f.reason != Failure::Rejected(crate::Rejection::Duplicate))
+            .map(|f| &f.client)
+            .collect();
+        self.sampled.iter().filter(|c| !out.contains(c)).count()
+    }
+
+    /// `Ok` for a completed round; otherwise the round's failure as an
+    /// [`crate::Error`] ([`crate::Error::QuorumNotReached`] with every
+    /// failure, or [`crate::Error::AggregationFailed`]), for callers that
+    /// want `?` to stop at a failed round.
+    pub fn ensure_completed(&self) -> crate::Result<()> {
+        match &self.outcome {
+            RoundOutcome::Completed => Ok(()),
+            RoundOutcome::QuorumNotReached => Err(crate::Error::QuorumNotReached {
+                round: self.round,
+                required: self.quorum,
+                accepted: self.valid_updates(),
+                failures: self.failures.clone(),
+            }),
+            RoundOutcome::AggregationFailed(failure) => Err(crate::Error::AggregationFailed {
+                round: self.round,
+                failure: failure.clone(),
+            }),
+        }
+    }
 }
 
 /// What a server reports while it runs.
@@ -131,12 +335,10 @@ pub enum ServerEvent {
         /// The full record.
         record: Box<RoundRecord>,
     },
-    /// The round ended without changing the model.
+    /// The round ended without changing the model; `record.outcome` says why.
     RoundFailed {
         /// The full record.
         record: Box<RoundRecord>,
-        /// The error, as text.
-        error: String,
     },
     /// A client's moving-average trust fell below the threshold this round.
     ClientFlagged {
@@ -174,5 +376,47 @@ impl EventSubscriber for mpsc::Sender<ServerEvent> {
     fn on_event(&mut self, event: &ServerEvent) {
         // A receiver that went away only means nobody listens any more.
         let _ = self.send(event.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_names_are_the_serialized_tags() {
+        let failed = RoundOutcome::AggregationFailed(AggregationFailure {
+            kind: AggregationFailureKind::NotFinite { tensor: "w".into() },
+            aggregator: "fedavg".into(),
+            detail: "NaN".into(),
+        });
+        for o in [
+            RoundOutcome::Completed,
+            RoundOutcome::QuorumNotReached,
+            failed.clone(),
+        ] {
+            let v = serde_json::to_value(&o).unwrap();
+            assert_eq!(v["status"], o.name());
+            let back: RoundOutcome = serde_json::from_value(v).unwrap();
+            assert_eq!(back, o);
+        }
+        let v = serde_json::to_value(&failed).unwrap();
+        assert_eq!(v["detail"]["kind"], "not_finite");
+        assert_eq!(v["detail"]["tensor"], "w");
+    }
+
+    #[test]
+    fn checkpoints_written_before_structured_failures_still_load() {
+        let old = r#"{"status":"aggregation_failed","detail":"invalid aggregation weights: zero"}"#;
+        let RoundOutcome::AggregationFailed(f) = serde_json::from_str(old).unwrap() else {
+            panic!("not a failure")
+        };
+        assert_eq!(f.kind, AggregationFailureKind::Other);
+        assert_eq!(f.detail, "invalid aggregation weights: zero");
+        // A failure record without a step still reads.
+        let c: ClientFailure =
+            serde_json::from_str(r#"{"client":"a","reason":{"type":"timeout","detail":5}}"#)
+                .unwrap();
+        assert_eq!(c.step, None);
     }
 }

@@ -76,8 +76,11 @@ pub mod models;
 pub mod net;
 pub mod params;
 pub mod privacy;
+mod round;
+pub mod run;
 pub mod sealed;
 pub mod server;
+pub mod strategy;
 pub mod transport;
 pub mod trust;
 pub mod update;
@@ -88,15 +91,18 @@ pub mod update;
 pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
-pub use client::{Client, EvaluateIns, FitIns, ModelClient};
+pub use client::{Client, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, StepResponder};
 pub use error::{Error, Result};
 pub use events::{
-    AcceptedUpdate, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord, ServerEvent,
+    AcceptedUpdate, AggregationFailure, AggregationFailureKind, ClientFailure, EventSubscriber,
+    RoundOutcome, RoundRecord, ServerEvent,
 };
 pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
 pub use params::{Layout, Parameters, TensorSpec};
 pub use privacy::{PrivacyCost, PrivacyMechanism};
+pub use run::{RunEnd, RunPolicy, RunReport, StopSignal};
 pub use sealed::{SealedAggregator, SealedTensors, Sealer};
 pub use server::{Server, ServerConfig};
+pub use strategy::{RoundSteps, StepRequest, Strategy, StrategyInfo};
 pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
 pub use update::{ClientId, ClientUpdate, Metrics, Protection, Spent, UpdateKind};

@@ -30,6 +30,10 @@ pub enum Fault {
     StaleRound,
     /// The client reports this error instead of an update.
     Error(String),
+    /// The client answers fit and evaluate tasks normally, but its
+    /// connection drops when a step of a multi-step round arrives: it
+    /// leaves between the steps.
+    DropAtStep,
 }
 
 struct Job {
@@ -144,6 +148,9 @@ fn serve<C: Client>(mut client: C, jobs: Receiver<Job>, fault: Arc<Mutex<Option<
         let fault = fault.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let reply = match &fault {
             Some(Fault::Drop) => Err(Failure::Disconnected("connection dropped".into())),
+            Some(Fault::DropAtStep) if matches!(job.task, Task::Step(_)) => {
+                Err(Failure::Disconnected("connection dropped".into()))
+            }
             Some(Fault::Error(msg)) => Err(Failure::ClientError(msg.clone())),
             _ => run(&mut client, &job.task),
         };
@@ -175,6 +182,7 @@ pub(crate) fn run<C: Client>(client: &mut C, task: &Task) -> std::result::Result
     let result = catch_unwind(AssertUnwindSafe(|| match task {
         Task::Fit(ins) => client.fit(ins).map(Reply::Fit),
         Task::Evaluate(ins) => client.evaluate(ins).map(Reply::Evaluate),
+        Task::Step(ins) => client.step(ins).map(Reply::Step),
     }));
     match result {
         Ok(Ok(r)) => Ok(r),

@@ -5,30 +5,31 @@
 //! apply the step, evaluate, checkpoint and report. Aggregators, privacy
 //! mechanisms and transports only do their one job.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::aggregate::{Aggregate, Aggregator};
+use crate::aggregate::Aggregate;
 use crate::checkpoint::{CheckpointStore, RunState};
 use crate::client::{EvaluateIns, FitIns};
 use crate::error::{Error, Result};
 use crate::events::{
-    AcceptedUpdate, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord, ServerEvent,
+    AcceptedUpdate, AggregationFailure, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord,
+    ServerEvent,
 };
 use crate::model::{Evaluation, TrainConfig};
 use crate::params::{Layout, Parameters, Selection};
+use crate::round::{client_seed, dispatch, mix, sample, validate, weighted_metrics};
+use crate::run::{RunEnd, RunPolicy, RunReport};
 use crate::sealed::{SealedAggregator, SealedTensors};
+use crate::strategy::{RoundSteps, Strategy};
 use crate::transport::{Failure, Rejection, Reply, Task, Transport};
 use crate::trust::{TrustPolicy, TrustTracker};
-use crate::update::{ClientId, ClientUpdate, Metrics, UpdateKind};
+use crate::update::{ClientId, ClientUpdate, Metrics};
+
+use serde::{Deserialize, Serialize};
 
 /// Settings of a federated run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,7 +142,7 @@ pub type Evaluator =
 /// assert_eq!(server.history().len(), 3);
 /// # Ok::<(), fedcore::Error>(())
 /// ```
-pub struct Server<T: Transport, A: Aggregator> {
+pub struct Server<T: Transport, A: Strategy> {
     config: ServerConfig,
     transport: T,
     aggregator: A,
@@ -166,7 +167,7 @@ struct Sealing {
     global: Arc<SealedTensors>,
 }
 
-impl<T: Transport, A: Aggregator> Server<T, A> {
+impl<T: Transport, A: Strategy> Server<T, A> {
     /// A new run from `initial`. If `config.checkpoint_dir` already holds a
     /// checkpoint this is an error (nothing is overwritten): use
     /// [`Server::resume`] or another directory.
@@ -189,12 +190,11 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
                 s.dir().display()
             )));
         }
-        if config.min_fit_clients < aggregator.min_updates() {
+        let info = aggregator.describe();
+        if config.min_fit_clients < info.min_updates {
             return Err(Error::InvalidConfig(format!(
                 "aggregator `{}` needs at least {} updates per round; min_fit_clients is {}",
-                aggregator.name(),
-                aggregator.min_updates(),
-                config.min_fit_clients
+                info.name, info.min_updates, config.min_fit_clients
             )));
         }
         if let Some(nf) = initial.first_non_finite() {
@@ -399,13 +399,84 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         &mut self.aggregator
     }
 
-    /// Runs rounds until `config.rounds` rounds exist, stopping at the first
-    /// round that fails (its error is returned; the model stays as it was).
-    pub fn run(&mut self) -> Result<()> {
+    /// Runs rounds until `config.rounds` rounds exist under the default
+    /// [`RunPolicy`]: a failed round is recorded and the next one runs; three
+    /// failed rounds in a row end the run ([`RunEnd::TooManyFailedRounds`]).
+    /// Errors only for what is not a round's failure (too few clients, a
+    /// checkpoint that cannot be written).
+    pub fn run(&mut self) -> Result<RunReport> {
+        self.run_with(&RunPolicy::default(), |_, _| Ok::<(), Error>(()))
+    }
+
+    /// The run loop: until `config.rounds` rounds exist, waits for enough
+    /// clients ([`RunPolicy::wait_for_clients`]), runs a round and calls
+    /// `after_round` with the server and the round's record (to store it,
+    /// steer the next round, ...; its error ends the run). A failed round is
+    /// recorded and the run goes on, until [`RunPolicy::max_failed_in_a_row`]
+    /// failed in a row; the stop signal ends the run between rounds.
+    ///
+    /// Errors: not enough clients within the wait, a checkpoint that cannot
+    /// be written, or an error of `after_round` (of the caller's own error
+    /// type `E`, e.g. `anyhow::Error`, into which fedcore's errors convert).
+    pub fn run_with<E: From<Error>>(
+        &mut self,
+        policy: &RunPolicy,
+        mut after_round: impl FnMut(&mut Self, &RoundRecord) -> std::result::Result<(), E>,
+    ) -> std::result::Result<RunReport, E> {
+        let mut report = RunReport {
+            end: RunEnd::Completed,
+            completed: 0,
+            failed: 0,
+        };
+        let mut in_a_row = 0u32;
+        let required = self
+            .config
+            .min_available_clients
+            .max(self.config.min_fit_clients);
         while self.next_round <= self.config.rounds {
-            self.run_round()?;
+            if policy.stop.is_stopped() {
+                report.end = RunEnd::Stopped;
+                break;
+            }
+            let connected = self
+                .transport
+                .wait_for_clients(required, policy.wait_for_clients);
+            if connected < required {
+                return Err(Error::NotEnoughClients {
+                    available: connected,
+                    required,
+                }
+                .into());
+            }
+            let record = match self.run_round() {
+                Ok(record) => record.clone(),
+                // A client left between the wait and the round's start:
+                // nothing was recorded, wait again.
+                Err(Error::NotEnoughClients { .. }) if !policy.wait_for_clients.is_zero() => {
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if record.outcome.is_completed() {
+                report.completed += 1;
+                in_a_row = 0;
+            } else {
+                report.failed += 1;
+                in_a_row += 1;
+            }
+            after_round(self, &record)?;
+            if let Some(max) = policy.max_failed_in_a_row
+                && in_a_row >= max
+            {
+                warn!(in_a_row, "too many failed rounds in a row; the run ends");
+                report.end = RunEnd::TooManyFailedRounds { in_a_row };
+                break;
+            }
+            if !policy.pause_between_rounds.is_zero() && self.next_round <= self.config.rounds {
+                std::thread::sleep(policy.pause_between_rounds);
+            }
         }
-        Ok(())
+        Ok(report)
     }
 
     fn emit(&mut self, event: ServerEvent) {
@@ -471,9 +542,15 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         flagged
     }
 
-    /// Runs one round. A round with fewer valid updates than the quorum, or
-    /// whose aggregation fails, is recorded and returned as an error; the
-    /// global model is unchanged and the next call runs the next round.
+    /// Runs one round and returns its record; `record.outcome` says how it
+    /// ended. A round with fewer valid updates than the quorum (in the fit
+    /// exchange or in any later step of a multi-step strategy), or whose
+    /// aggregation fails, is recorded with that outcome and the global model
+    /// is unchanged; the next call runs the next round.
+    ///
+    /// Errors only when no round could be recorded: fewer connected clients
+    /// than required ([`Error::NotEnoughClients`], nothing recorded), or a
+    /// checkpoint that cannot be written (the round is in the history).
     pub fn run_round(&mut self) -> Result<&RoundRecord> {
         let round = self.next_round;
         let started = Instant::now();
@@ -484,10 +561,8 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         let mut available = self.transport.clients();
         available.sort();
         available.dedup();
-        let required = self
-            .config
-            .min_available_clients
-            .max(self.config.min_fit_clients);
+        let quorum = self.config.min_fit_clients;
+        let required = self.config.min_available_clients.max(quorum);
         if available.len() < required {
             return Err(Error::NotEnoughClients {
                 available: available.len(),
@@ -502,7 +577,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         let sampled = sample(
             &available,
             self.config.fraction_fit,
-            self.config.min_fit_clients,
+            quorum,
             mix(self.config.seed, round),
         );
         info!(
@@ -543,28 +618,19 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
         // Updates are kept by value and handed to the aggregator as one slice:
         // for a 7M-parameter model each one is 28 MB, so nothing here copies them.
         for (client, reply) in replies {
-            match reply {
-                Reply::Fit(update) => match validate(&reference, round, &client, update)
-                    .and_then(|v| self.validate_sealed(v))
-                {
-                    Ok((update, norm)) => accepted.push((update, norm)),
-                    Err(r) => failures.push(ClientFailure {
-                        client,
-                        reason: Failure::Rejected(r),
-                    }),
-                },
-                Reply::Evaluate(_) => failures.push(ClientFailure {
-                    client,
-                    reason: Failure::Rejected(Rejection::WrongReply),
-                }),
+            let checked = match reply {
+                Reply::Fit(update) => validate(&reference, round, &client, update)
+                    .and_then(|v| self.validate_sealed(v)),
+                _ => Err(Rejection::WrongReply),
+            };
+            match checked {
+                Ok(pair) => accepted.push(pair),
+                Err(r) => failures.push(ClientFailure::new(client, Failure::Rejected(r))),
             }
         }
         accepted.sort_by(|a, b| a.0.client.cmp(&b.0.client));
-        let (updates, norms): (Vec<ClientUpdate>, Vec<f64>) = accepted.into_iter().unzip();
+        let (mut updates, mut norms): (Vec<ClientUpdate>, Vec<f64>) = accepted.into_iter().unzip();
         failures.sort_by(|a, b| a.client.cmp(&b.client));
-        for f in &failures {
-            warn!(round, client = %f.client, reason = %f.reason, "update rejected");
-        }
         for (u, norm) in updates.iter().zip(&norms) {
             let event = ServerEvent::UpdateAccepted {
                 round,
@@ -574,23 +640,19 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             };
             self.emit(event);
         }
-        for f in failures.clone() {
-            self.emit(ServerEvent::UpdateRejected {
-                round,
-                client: f.client,
-                reason: f.reason,
-            });
-        }
+        self.report_failures(round, &failures);
 
+        let info = self.aggregator.describe();
         let mut record = RoundRecord {
             round,
             outcome: RoundOutcome::Completed,
-            aggregator: self.aggregator.name(),
+            aggregator: info.name.clone(),
             sampled,
+            quorum,
             excluded,
             accepted: Vec::new(),
             failures,
-            train_metrics: weighted_metrics(updates.iter().map(|u| (u.num_examples, &u.metrics))),
+            train_metrics: Metrics::new(),
             aggregate_metrics: Metrics::new(),
             update_norm: None,
             evaluation: None,
@@ -599,114 +661,185 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             duration_ms: 0,
         };
 
-        let step = if updates.len() < self.config.min_fit_clients {
-            record.outcome = RoundOutcome::QuorumNotReached;
-            Err(Error::QuorumNotReached {
-                round,
-                required: self.config.min_fit_clients,
-                accepted: updates.len(),
-                failures: record
-                    .failures
-                    .iter()
-                    .map(|f| (f.client.clone(), f.reason.to_string()))
-                    .collect(),
-            })
+        let aggregated = if updates.len() < quorum {
+            Err(RoundOutcome::QuorumNotReached)
         } else {
-            self.aggregate(&updates, &reference)
-                .and_then(|agg| {
-                    let sealed = self.aggregate_sealed(&updates, &agg)?;
-                    Ok((agg, sealed))
-                })
-                .inspect_err(|e| {
-                    record.outcome = RoundOutcome::AggregationFailed(e.to_string());
-                })
-        };
-
-        let result = match step {
-            Ok((mut agg, sealed)) => {
-                if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
-                    s.global = Arc::new(global);
-                    agg.metrics.insert("sealed_sum_ms".into(), ms);
-                }
-                record.accepted = updates
-                    .iter()
-                    .zip(&norms)
-                    .zip(&agg.clients)
-                    .map(|((u, norm), d)| AcceptedUpdate {
-                        client: u.client.clone(),
-                        num_examples: u.num_examples,
-                        update_norm: *norm,
-                        metrics: u.metrics.clone(),
-                        provenance: u.provenance.clone(),
-                        weight: d.weight,
-                        distance: d.distance,
-                        trust: d.trust,
-                        trust_ema: None,
-                        suspicious: false,
+            let clients = updates.iter().map(|u| u.client.clone()).collect();
+            let mut steps = RoundSteps::new(
+                &mut self.transport,
+                round,
+                self.config.round_timeout,
+                quorum,
+                clients,
+            );
+            let result = self.aggregator.aggregate_round(&updates, &mut steps);
+            let (still_in, step_failures) = steps.finish();
+            self.report_failures(round, &step_failures);
+            record.failures.extend(step_failures);
+            // Clients that left in a step do not count.
+            let mut kept = updates.iter().map(|u| still_in.contains(&u.client));
+            norms.retain(|_| kept.next().unwrap_or(false));
+            updates.retain(|u| still_in.contains(&u.client));
+            if updates.len() < quorum {
+                Err(RoundOutcome::QuorumNotReached)
+            } else {
+                result
+                    .and_then(|agg| self.check_aggregate(agg, &updates, &reference))
+                    .and_then(|agg| {
+                        let sealed = self.aggregate_sealed(&updates, &agg)?;
+                        Ok((agg, sealed))
                     })
-                    .collect();
-                let flagged = self.track_trust(&mut record.accepted);
-                record.aggregate_metrics = agg.metrics;
+                    .map_err(|e| {
+                        RoundOutcome::AggregationFailed(AggregationFailure::from_error(
+                            info.name.clone(),
+                            &e,
+                        ))
+                    })
+            }
+        };
+        record.train_metrics =
+            weighted_metrics(updates.iter().map(|u| (u.num_examples, &u.metrics)));
+
+        let mut flagged = Vec::new();
+        match aggregated {
+            Ok((mut agg, sealed)) => {
                 let mut next = (*self.global).clone();
                 let lr = self.config.server_learning_rate;
-                match &self.sealing {
-                    None => next.axpy(lr, &agg.parameters)?,
+                let applied = match &self.sealing {
+                    None => next.axpy(lr, &agg.parameters),
                     Some(s) => {
                         let layout = next.layout().clone();
                         s.body
-                            .axpy(&layout, lr, agg.parameters.as_slice(), next.as_mut_slice())?
+                            .axpy(&layout, lr, agg.parameters.as_slice(), next.as_mut_slice())
+                    }
+                };
+                match applied {
+                    Err(e) => {
+                        record.outcome = RoundOutcome::AggregationFailed(
+                            AggregationFailure::from_error(info.name.clone(), &e),
+                        );
+                    }
+                    Ok(()) => {
+                        if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
+                            s.global = Arc::new(global);
+                            agg.metrics.insert("sealed_sum_ms".into(), ms);
+                        }
+                        record.accepted = updates
+                            .iter()
+                            .zip(&norms)
+                            .zip(&agg.clients)
+                            .map(|((u, norm), d)| AcceptedUpdate {
+                                client: u.client.clone(),
+                                num_examples: u.num_examples,
+                                update_norm: *norm,
+                                metrics: u.metrics.clone(),
+                                provenance: u.provenance.clone(),
+                                weight: d.weight,
+                                distance: d.distance,
+                                trust: d.trust,
+                                trust_ema: None,
+                                suspicious: false,
+                            })
+                            .collect();
+                        flagged = self.track_trust(&mut record.accepted);
+                        record.update_norm = Some(agg.parameters.l2_norm());
+                        record.aggregate_metrics = agg.metrics;
+                        self.global = Arc::new(next);
+                        if let Some(eval) = self.evaluator.as_mut() {
+                            let sealed = self.sealing.as_ref().map(|s| &*s.global);
+                            match eval(&self.global, sealed) {
+                                Ok(e) => record.evaluation = Some(e),
+                                Err(e) => warn!(round, error = %e, "server-side evaluation failed"),
+                            }
+                        }
+                        record.federated_evaluation = self.federated_evaluation(round, &available);
                     }
                 }
-                record.update_norm = Some(agg.parameters.l2_norm());
-                self.global = Arc::new(next);
-                if let Some(eval) = self.evaluator.as_mut() {
-                    let sealed = self.sealing.as_ref().map(|s| &*s.global);
-                    match eval(&self.global, sealed) {
-                        Ok(e) => record.evaluation = Some(e),
-                        Err(e) => warn!(round, error = %e, "server-side evaluation failed"),
-                    }
-                }
-                record.federated_evaluation = self.federated_evaluation(round, &available);
-                for (client, trust_ema) in flagged {
-                    warn!(round, client = %client, trust_ema, "client flagged as suspicious");
-                    self.emit(ServerEvent::ClientFlagged {
-                        round,
-                        client,
-                        trust_ema,
-                    });
-                }
-                Ok(())
             }
-            Err(e) => Err(e),
-        };
+            Err(outcome) => record.outcome = outcome,
+        }
 
         record.duration_ms = started.elapsed().as_millis() as u64;
-        self.history.push(record.clone());
+        self.history.push(record);
         self.next_round += 1;
         self.checkpoint(round)?;
-        match result {
-            Ok(()) => {
-                info!(
+        let record = self.history.last().expect("just pushed").clone();
+        if record.outcome.is_completed() {
+            for (client, trust_ema) in flagged {
+                warn!(round, client = %client, trust_ema, "client flagged as suspicious");
+                self.emit(ServerEvent::ClientFlagged {
                     round,
-                    accepted = record.accepted.len(),
-                    failed = record.failures.len(),
-                    loss = record.evaluation.as_ref().map(|e| e.loss),
-                    "round finished"
-                );
-                self.emit(ServerEvent::RoundFinished {
-                    record: Box::new(record),
+                    client,
+                    trust_ema,
                 });
-                Ok(self.history.last().expect("just pushed"))
             }
-            Err(e) => {
-                warn!(round, error = %e, "round failed; model unchanged");
-                self.emit(ServerEvent::RoundFailed {
-                    record: Box::new(record),
-                    error: e.to_string(),
-                });
-                Err(e)
-            }
+            info!(
+                round,
+                accepted = record.accepted.len(),
+                failed = record.failures.len(),
+                loss = record.evaluation.as_ref().map(|e| e.loss),
+                "round finished"
+            );
+            self.emit(ServerEvent::RoundFinished {
+                record: Box::new(record),
+            });
+        } else {
+            warn!(round, outcome = %record.outcome, failures = record.failures.len(), "round failed; model unchanged");
+            self.emit(ServerEvent::RoundFailed {
+                record: Box::new(record),
+            });
         }
+        Ok(self.history.last().expect("just pushed"))
+    }
+
+    fn report_failures(&mut self, round: u64, failures: &[ClientFailure]) {
+        for f in failures {
+            warn!(round, client = %f.client, step = f.step, reason = %f.reason, "update not counted");
+            self.emit(ServerEvent::UpdateRejected {
+                round,
+                client: f.client.clone(),
+                reason: f.reason.clone(),
+            });
+        }
+    }
+
+    /// Checks a strategy's aggregate against the updates still in the round
+    /// and puts its per-client entries in the updates' order.
+    fn check_aggregate(
+        &self,
+        mut agg: Aggregate,
+        updates: &[ClientUpdate],
+        reference: &Parameters,
+    ) -> Result<Aggregate> {
+        reference.ensure_compatible(&agg.parameters)?;
+        if let Some(nf) = agg.parameters.first_non_finite() {
+            return Err(Error::AggregateNotFinite {
+                aggregator: self.aggregator.describe().name,
+                tensor: nf.tensor,
+            });
+        }
+        if agg.clients.len() != updates.len() {
+            return Err(Error::DimensionMismatch {
+                expected: updates.len(),
+                got: agg.clients.len(),
+            });
+        }
+        let mut ordered = Vec::with_capacity(updates.len());
+        for u in updates {
+            let i = agg
+                .clients
+                .iter()
+                .position(|d| d.client == u.client)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "the aggregate reports no weight for `{}`, which is in the round",
+                        u.client
+                    ))
+                })?;
+            ordered.push(agg.clients.swap_remove(i));
+        }
+        agg.clients = ordered;
+        Ok(agg)
     }
 
     /// Checks the sealed part of an update that passed [`validate`].
@@ -754,7 +887,7 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             return Err(Error::InvalidWeights {
                 reason: format!(
                     "aggregator `{}` reported weights summing to {total}; the sealed sum needs non-negative weights with a positive sum",
-                    self.aggregator.name()
+                    self.aggregator.describe().name
                 ),
             });
         }
@@ -770,24 +903,6 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
             .collect::<Result<Vec<_>>>()?;
         let global = s.aggregator.accumulate(&s.global, &parts, &weights)?;
         Ok(Some((global, started.elapsed().as_secs_f64() * 1e3)))
-    }
-
-    fn aggregate(&mut self, updates: &[ClientUpdate], reference: &Parameters) -> Result<Aggregate> {
-        let agg = self.aggregator.aggregate(updates)?;
-        reference.ensure_compatible(&agg.parameters)?;
-        if let Some(nf) = agg.parameters.first_non_finite() {
-            return Err(Error::AggregateNotFinite {
-                aggregator: self.aggregator.name(),
-                tensor: nf.tensor,
-            });
-        }
-        if agg.clients.len() != updates.len() {
-            return Err(Error::DimensionMismatch {
-                expected: updates.len(),
-                got: agg.clients.len(),
-            });
-        }
-        Ok(agg)
     }
 
     fn federated_evaluation(&mut self, round: u64, available: &[ClientId]) -> Option<Evaluation> {
@@ -874,245 +989,4 @@ impl<T: Transport, A: Aggregator> Server<T, A> {
 /// Where the sealed global that round `next_round` starts from is saved.
 fn sealed_path(dir: &std::path::Path, next_round: u64) -> PathBuf {
     dir.join(format!("sealed-{next_round:06}.bin"))
-}
-
-/// Sends one task to each client and waits for the replies until the
-/// round deadline. Returns the replies (one per client at most, from
-/// clients that were asked) and the failures.
-fn dispatch<T: Transport>(
-    transport: &mut T,
-    timeout: Duration,
-    clients: &[ClientId],
-    mut task: impl FnMut(&ClientId) -> Task,
-) -> (Vec<(ClientId, Reply)>, Vec<ClientFailure>) {
-    let (tx, rx) = mpsc::channel();
-    let mut pending: BTreeSet<ClientId> = BTreeSet::new();
-    let mut failures = Vec::new();
-    for client in clients {
-        match transport.send(client, task(client), tx.clone()) {
-            Ok(()) => {
-                pending.insert(client.clone());
-            }
-            Err(e) => failures.push(ClientFailure {
-                client: client.clone(),
-                reason: Failure::Disconnected(e.to_string()),
-            }),
-        }
-    }
-    drop(tx);
-    let deadline = Instant::now() + timeout;
-    let mut replies = Vec::new();
-    let mut answered: BTreeSet<ClientId> = BTreeSet::new();
-    while !pending.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let envelope = match rx.recv_timeout(left) {
-            Ok(e) => e,
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-        };
-        let client = envelope.client;
-        if !pending.remove(&client) {
-            let reason = if answered.contains(&client) {
-                Rejection::Duplicate
-            } else {
-                Rejection::NotSampled
-            };
-            // Not sampled: never part of this round's record, but logged.
-            if reason == Rejection::NotSampled {
-                warn!(client = %client, "reply from a client that was not asked");
-            } else {
-                failures.push(ClientFailure {
-                    client,
-                    reason: Failure::Rejected(reason),
-                });
-            }
-            continue;
-        }
-        answered.insert(client.clone());
-        match envelope.reply {
-            Ok(r) => replies.push((client, r)),
-            Err(reason) => failures.push(ClientFailure { client, reason }),
-        }
-    }
-    let waited = timeout.as_millis() as u64;
-    failures.extend(pending.into_iter().map(|client| ClientFailure {
-        client,
-        reason: Failure::Timeout(waited),
-    }));
-    (replies, failures)
-}
-
-/// Checks one update against the round; returns it as a delta with its norm.
-fn validate(
-    global: &Parameters,
-    round: u64,
-    from: &ClientId,
-    mut update: ClientUpdate,
-) -> std::result::Result<(ClientUpdate, f64), Rejection> {
-    if &update.client != from {
-        return Err(Rejection::IdentityMismatch {
-            claimed: update.client,
-        });
-    }
-    if update.round != round {
-        return Err(Rejection::StaleRound {
-            expected: round,
-            got: update.round,
-        });
-    }
-    if update.num_examples == 0 {
-        return Err(Rejection::NoExamples);
-    }
-    global
-        .ensure_compatible(&update.values)
-        .map_err(|e| Rejection::Layout {
-            detail: e.to_string(),
-        })?;
-    // Squares of f32 values cannot overflow f64, so a non-finite sum means a
-    // non-finite value: one pass in the common case.
-    let sq: f64 = update
-        .values
-        .as_slice()
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum();
-    if !sq.is_finite()
-        && let Some(nf) = update.values.first_non_finite()
-    {
-        return Err(Rejection::NonFinite(nf));
-    }
-    let norm = if update.kind == UpdateKind::Weights {
-        update.values = update.values.sub(global).map_err(|e| Rejection::Layout {
-            detail: e.to_string(),
-        })?;
-        update.kind = UpdateKind::Delta;
-        update.values.l2_norm()
-    } else {
-        sq.sqrt()
-    };
-    Ok((update, norm))
-}
-
-/// Example-weighted mean of each metric over the entries that report it.
-fn weighted_metrics<'a>(entries: impl Iterator<Item = (u64, &'a Metrics)>) -> Metrics {
-    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for (n, metrics) in entries {
-        for (k, v) in metrics {
-            if v.is_finite() {
-                let e = sums.entry(k.clone()).or_default();
-                e.0 += *v * n as f64;
-                e.1 += n as f64;
-            }
-        }
-    }
-    sums.into_iter()
-        .filter(|(_, (_, w))| *w > 0.0)
-        .map(|(k, (s, w))| (k, s / w))
-        .collect()
-}
-
-/// Samples `max(ceil(fraction * n), min)` clients (at most n), sorted.
-fn sample(available: &[ClientId], fraction: f64, min: usize, seed: u64) -> Vec<ClientId> {
-    let n = available.len();
-    let k = ((fraction * n as f64).ceil() as usize).max(min).min(n);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut idx = rand::seq::index::sample(&mut rng, n, k).into_vec();
-    idx.sort_unstable();
-    idx.into_iter().map(|i| available[i].clone()).collect()
-}
-
-/// SplitMix64 finalizer: a well-mixed 64-bit hash of `a` and `b`.
-fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The training seed of `client` in `round`: stable across processes and
-/// Rust versions (FNV-1a of the id, not `std`'s randomized hasher).
-fn client_seed(seed: u64, round: u64, client: &ClientId) -> u64 {
-    let fnv = client
-        .as_str()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    mix(mix(seed, round), fnv)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ids(n: usize) -> Vec<ClientId> {
-        (0..n).map(|i| ClientId::new(format!("c{i:02}"))).collect()
-    }
-
-    #[test]
-    fn sampling_is_seeded_and_respects_bounds() {
-        let all = ids(10);
-        let a = sample(&all, 0.3, 1, 42);
-        assert_eq!(a.len(), 3);
-        assert_eq!(a, sample(&all, 0.3, 1, 42));
-        assert_eq!(sample(&all, 0.1, 5, 1).len(), 5);
-        assert_eq!(sample(&all, 1.0, 20, 1).len(), 10);
-        let differs = (0..20).any(|s| sample(&all, 0.3, 1, s) != a);
-        assert!(differs, "different seeds should give different samples");
-    }
-
-    #[test]
-    fn client_seeds_differ_by_client_and_round() {
-        let a = ClientId::new("a");
-        let b = ClientId::new("b");
-        assert_ne!(client_seed(1, 1, &a), client_seed(1, 1, &b));
-        assert_ne!(client_seed(1, 1, &a), client_seed(1, 2, &a));
-        assert_eq!(client_seed(1, 1, &a), client_seed(1, 1, &a));
-    }
-
-    #[test]
-    fn validation_reasons() {
-        let g = Parameters::from_tensors([("w", vec![2], vec![1.0, 1.0])]).unwrap();
-        let a = ClientId::new("a");
-        let ok = ClientUpdate::new(a.clone(), 3, 5, g.zeros_like());
-        assert!(validate(&g, 3, &a, ok.clone()).is_ok());
-        assert!(matches!(
-            validate(&g, 3, &ClientId::new("b"), ok.clone()),
-            Err(Rejection::IdentityMismatch { .. })
-        ));
-        assert!(matches!(
-            validate(&g, 4, &a, ok.clone()),
-            Err(Rejection::StaleRound {
-                expected: 4,
-                got: 3
-            })
-        ));
-        let mut none = ok.clone();
-        none.num_examples = 0;
-        assert_eq!(validate(&g, 3, &a, none), Err(Rejection::NoExamples));
-        let mut inf = ok.clone();
-        inf.values.as_mut_slice()[1] = f32::INFINITY;
-        match validate(&g, 3, &a, inf) {
-            Err(Rejection::NonFinite(nf)) => assert_eq!((nf.tensor.as_str(), nf.index), ("w", 1)),
-            other => panic!("{other:?}"),
-        }
-        let wrong = Parameters::from_tensors([("w", vec![3], vec![0.0; 3])]).unwrap();
-        assert!(matches!(
-            validate(&g, 3, &a, ClientUpdate::new(a.clone(), 3, 5, wrong)),
-            Err(Rejection::Layout { .. })
-        ));
-        let weights = ClientUpdate::new(a.clone(), 3, 5, g.with_values(vec![3.0, 0.0]).unwrap())
-            .with_kind(UpdateKind::Weights);
-        let (delta, norm) = validate(&g, 3, &a, weights).unwrap();
-        assert_eq!(delta.values.as_slice(), &[2.0, -1.0]);
-        assert!((norm - 5f64.sqrt()).abs() < 1e-12);
-    }
-
-    #[test]
-    fn metrics_are_example_weighted() {
-        let m1: Metrics = [("loss".to_owned(), 1.0)].into();
-        let m2: Metrics = [("loss".to_owned(), 4.0), ("acc".to_owned(), 0.5)].into();
-        let w = weighted_metrics([(3, &m1), (1, &m2)].into_iter());
-        assert_eq!(w["loss"], 1.75);
-        assert_eq!(w["acc"], 0.5);
-    }
 }

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::client::{EvaluateIns, FitIns};
+use crate::client::{EvaluateIns, FitIns, StepIns, StepReply};
 use crate::error::Result;
 use crate::model::Evaluation;
 use crate::params::NonFinite;
@@ -23,6 +23,8 @@ pub enum Task {
     Fit(FitIns),
     /// Evaluate and send metrics.
     Evaluate(EvaluateIns),
+    /// An extra step of a multi-step round (see [`crate::strategy`]).
+    Step(StepIns),
 }
 
 impl Task {
@@ -31,6 +33,7 @@ impl Task {
         match self {
             Task::Fit(f) => f.round,
             Task::Evaluate(e) => e.round,
+            Task::Step(s) => s.round,
         }
     }
 }
@@ -42,6 +45,8 @@ pub enum Reply {
     Fit(ClientUpdate),
     /// The answer to [`Task::Evaluate`].
     Evaluate(Evaluation),
+    /// The answer to [`Task::Step`].
+    Step(StepReply),
 }
 
 /// One answer, addressed by the transport with the identity it authenticated
@@ -97,6 +102,20 @@ pub enum Rejection {
     /// The reply does not answer the task that was sent.
     #[error("reply does not match the task")]
     WrongReply,
+    /// A multi-step round's reply answers another step.
+    #[error("reply answers step {got}, the round is at step {expected}")]
+    WrongStep {
+        /// The step asked.
+        expected: u32,
+        /// The step the reply names.
+        got: u32,
+    },
+    /// A multi-step strategy refused the client's answer.
+    #[error("refused by the strategy: {detail}")]
+    Strategy {
+        /// Why.
+        detail: String,
+    },
     /// The sealed (encrypted) part is missing, unexpected or malformed.
     #[error("sealed part: {detail}")]
     Sealed {
@@ -134,11 +153,30 @@ pub trait Transport: Send {
     /// An error means the task could not be handed over at all (the server
     /// records the client as disconnected for this round).
     fn send(&mut self, client: &ClientId, task: Task, reply_to: ReplySender) -> Result<()>;
+
+    /// Waits until at least `n` clients are connected or `timeout` passed;
+    /// returns how many are connected. The default polls [`Transport::clients`]
+    /// every 20 ms; a transport that knows when clients arrive overrides it.
+    fn wait_for_clients(&mut self, n: usize, timeout: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let connected = self.clients().len();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if connected >= n || left.is_zero() {
+                return connected;
+            }
+            std::thread::sleep(left.min(std::time::Duration::from_millis(20)));
+        }
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn clients(&self) -> Vec<ClientId> {
         (**self).clients()
+    }
+
+    fn wait_for_clients(&mut self, n: usize, timeout: std::time::Duration) -> usize {
+        (**self).wait_for_clients(n, timeout)
     }
 
     fn send(&mut self, client: &ClientId, task: Task, reply_to: ReplySender) -> Result<()> {

@@ -4,16 +4,22 @@
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 #![cfg(feature = "net")]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use fedcore::linear::SoftmaxRegression;
 use fedcore::net::provision::{Kit, Project, ProjectSpec, provision};
-use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions, open_session, proto};
+use fedcore::net::{
+    self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind, open_session, proto,
+};
 use fedcore::{
-    Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation, Failure, FitIns, Layout,
-    Parameters, Reply, SealedTensors, Task, TensorSpec, TrainConfig, Transport,
+    AggregationFailureKind, Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation,
+    Failure, FitIns, Layout, ModelClient, Parameters, Reply, RoundOutcome, RunEnd, RunPolicy,
+    SealedTensors, Server, ServerConfig, Task, TensorSpec, TrainConfig, Transport,
 };
 
 /// Sends back `2 * global` as its update, and the sealed bytes reversed.
@@ -65,6 +71,15 @@ fn client_options(transport: &GrpcTransport) -> ClientOptions {
 }
 
 fn setup(sites: &[&str], serving: &[&str]) -> Setup {
+    let clients = serving
+        .iter()
+        .map(|s| Box::new(Doubler(ClientId::new(*s))) as Box<dyn Client>)
+        .collect();
+    setup_clients(sites, clients)
+}
+
+/// A project of `sites`; `clients` (each a site) served over the network.
+fn setup_clients(sites: &[&str], clients: Vec<Box<dyn Client>>) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let spec = ProjectSpec::new("test", sites.iter().map(|s| s.to_string()).collect(), 0);
     let project = provision(tmp.path().join("p"), &spec).unwrap();
@@ -74,18 +89,19 @@ fn setup(sites: &[&str], serving: &[&str]) -> Setup {
     };
     let transport =
         GrpcTransport::start(&Kit::load(project.server_kit()).unwrap(), options).unwrap();
-    let sites = serving
-        .iter()
-        .map(|s| {
-            let kit = Kit::load(project.site_kit(s)).unwrap();
+    let serving = clients.len();
+    let sites = clients
+        .into_iter()
+        .map(|client| {
+            let kit = Kit::load(project.site_kit(client.id().as_str())).unwrap();
             let options = client_options(&transport);
-            let id = ClientId::new(*s);
-            std::thread::spawn(move || net::run_client(&kit, Doubler(id), &options))
+            std::thread::spawn(move || net::run_client(&kit, client, &options))
         })
         .collect();
+    let mut transport = transport;
     assert_eq!(
-        transport.wait_for_clients(serving.len(), Duration::from_secs(20)),
-        serving.len()
+        transport.wait_for_clients(serving, Duration::from_secs(20)),
+        serving
     );
     Setup {
         _tmp: tmp,
@@ -96,7 +112,8 @@ fn setup(sites: &[&str], serving: &[&str]) -> Setup {
 }
 
 fn finish(mut s: Setup) {
-    s.transport.shutdown("done", true, Duration::from_secs(5));
+    s.transport
+        .shutdown("done", ShutdownKind::Finished, Duration::from_secs(5));
     for h in s.sites {
         h.join().unwrap().unwrap();
     }
@@ -358,6 +375,135 @@ fn payloads_over_the_limit_are_refused_on_either_side() {
         std::thread::sleep(Duration::from_millis(100));
     };
     check_doubled(reply, &small);
-    transport.shutdown("done", true, Duration::from_secs(5));
+    transport.shutdown("done", ShutdownKind::Finished, Duration::from_secs(5));
     site.join().unwrap().unwrap();
+}
+
+fn softmax_client(site: &str, i: u64) -> ModelClient<SoftmaxRegression> {
+    ModelClient::new(
+        site,
+        SoftmaxRegression::new(common::DIM, common::CLASSES),
+        common::client_data(i),
+    )
+}
+
+fn grpc_config(rounds: u64, quorum: usize) -> ServerConfig {
+    ServerConfig {
+        min_fit_clients: quorum,
+        min_available_clients: quorum,
+        ..common::config(rounds)
+    }
+}
+
+/// The deployment's loop is the simulation's: an aggregator that fails in
+/// round 2 leaves that round recorded as failed, and rounds 3 and 4 run.
+#[test]
+fn an_aggregator_failing_in_round_2_over_grpc_is_recorded_and_the_run_goes_on() {
+    let sites = ["a", "b", "c"];
+    let clients = sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Box::new(softmax_client(s, i as u64)) as Box<dyn Client>)
+        .collect();
+    let s = setup_clients(&sites, clients);
+    let aggregator = common::FailsInRounds {
+        rounds: vec![2],
+        calls: 0,
+    };
+    let mut server = Server::new(
+        grpc_config(4, 3),
+        common::initial(),
+        s.transport,
+        aggregator,
+    )
+    .unwrap();
+    let report =
+        net::run_server(&mut server, &RunPolicy::deployment(Duration::from_secs(20))).unwrap();
+    assert_eq!(report.end, RunEnd::Completed);
+    assert_eq!((report.completed, report.failed), (3, 1));
+    let outcomes: Vec<&RoundOutcome> = server.history().iter().map(|r| &r.outcome).collect();
+    assert!(matches!(
+        outcomes[..],
+        [
+            RoundOutcome::Completed,
+            RoundOutcome::AggregationFailed(_),
+            RoundOutcome::Completed,
+            RoundOutcome::Completed
+        ]
+    ));
+    let RoundOutcome::AggregationFailed(why) = &server.history()[1].outcome else {
+        unreachable!()
+    };
+    assert_eq!(why.kind, AggregationFailureKind::InvalidWeights);
+    assert!(server.history()[2..].iter().all(|r| r.accepted.len() == 3));
+    // Every site heard that the run is complete and exited cleanly.
+    for h in s.sites {
+        h.join().unwrap().unwrap();
+    }
+}
+
+/// A two-step round over gRPC: the strategy's second message reaches every
+/// client through its session; site `c` is revoked while it works on the
+/// second step, its session closes, and the round completes with `a` and
+/// `b` (quorum 2), recording `c`'s failure in step 1.
+#[test]
+fn a_two_step_round_over_grpc_survives_a_client_dropping_between_the_steps() {
+    let (asked_tx, asked_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let leaving = softmax_client("c", 2).with_responder(
+        move |ins: &fedcore::StepIns, sent: &ClientUpdate| {
+            let _ = asked_tx.send(());
+            // Answers only once released, long after its session is gone.
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+            common::residual(ins, sent)
+        },
+    );
+    let clients: Vec<Box<dyn Client>> = vec![
+        Box::new(softmax_client("a", 0).with_responder(common::residual)),
+        Box::new(softmax_client("b", 1).with_responder(common::residual)),
+        Box::new(leaving),
+    ];
+    let s = setup_clients(&["a", "b", "c"], clients);
+    let project = s.project.clone();
+    let revoker = std::thread::spawn(move || {
+        asked_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("c is asked for the second step");
+        project.revoke_site("c").unwrap();
+    });
+    let mut server = Server::new(
+        grpc_config(2, 2),
+        common::initial(),
+        s.transport,
+        common::Residuals,
+    )
+    .unwrap();
+    let report =
+        net::run_server(&mut server, &RunPolicy::deployment(Duration::from_secs(20))).unwrap();
+    release_tx.send(()).unwrap();
+    revoker.join().unwrap();
+    assert_eq!(report.end, RunEnd::Completed);
+    let first = &server.history()[0];
+    assert_eq!(first.outcome, RoundOutcome::Completed);
+    assert_eq!(first.sampled.len(), 3);
+    let accepted: Vec<&str> = first.accepted.iter().map(|a| a.client.as_str()).collect();
+    assert_eq!(accepted, ["a", "b"]);
+    assert_eq!(first.failures.len(), 1);
+    assert_eq!(first.failures[0].client.as_str(), "c");
+    assert_eq!(first.failures[0].step, Some(1));
+    assert!(
+        matches!(first.failures[0].reason, Failure::Disconnected(_)),
+        "{}",
+        first.failures[0]
+    );
+    // The next round runs with the two sites left.
+    let second = &server.history()[1];
+    assert_eq!(second.outcome, RoundOutcome::Completed);
+    assert_eq!(second.accepted.len(), 2);
+    let mut sites = s.sites.into_iter();
+    for h in sites.by_ref().take(2) {
+        h.join().unwrap().unwrap();
+    }
+    let c = sites.next().unwrap().join().unwrap();
+    assert!(c.unwrap_err().to_string().contains("revoked"));
 }

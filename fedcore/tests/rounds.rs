@@ -149,7 +149,7 @@ fn late_stale_and_failing_clients_are_rejected_with_reasons() {
 }
 
 #[test]
-fn too_few_valid_updates_is_a_typed_error_and_the_model_is_unchanged() {
+fn too_few_valid_updates_is_a_recorded_outcome_and_the_model_is_unchanged() {
     let transport = federation(3);
     transport
         .inject(&ClientId::new(name(0)), Some(Fault::CorruptNan))
@@ -158,7 +158,9 @@ fn too_few_valid_updates_is_a_typed_error_and_the_model_is_unchanged() {
     let (tx, rx) = mpsc::channel();
     server.subscribe(tx);
     let before = server.global().clone();
-    let err = server.run_round().unwrap_err();
+    let record = server.run_round().unwrap().clone();
+    assert_eq!(record.outcome, RoundOutcome::QuorumNotReached);
+    let err = record.ensure_completed().unwrap_err();
     match &err {
         Error::QuorumNotReached {
             round,
@@ -167,7 +169,11 @@ fn too_few_valid_updates_is_a_typed_error_and_the_model_is_unchanged() {
             failures,
         } => {
             assert_eq!((*round, *required, *accepted), (1, 3, 2));
-            assert_eq!(failures[0].0.as_str(), "hospital-0");
+            assert_eq!(failures[0].client.as_str(), "hospital-0");
+            assert!(matches!(
+                failures[0].reason,
+                Failure::Rejected(Rejection::NonFinite(_))
+            ));
         }
         e => panic!("expected QuorumNotReached, got {e}"),
     }
@@ -267,16 +273,24 @@ fn a_non_finite_aggregate_fails_the_round_and_keeps_the_model() {
     }
     let mut server = Server::new(config(2), initial(), federation(3), Broken).unwrap();
     let before = server.global().clone();
-    let err = server.run_round().unwrap_err();
+    let record = server.run_round().unwrap().clone();
+    let RoundOutcome::AggregationFailed(why) = &record.outcome else {
+        panic!("{:?}", record.outcome)
+    };
+    assert_eq!(
+        why.kind,
+        fedcore::AggregationFailureKind::NotFinite {
+            tensor: "linear.weight".into()
+        }
+    );
+    assert_eq!(why.aggregator, "broken");
+    let err = record.ensure_completed().unwrap_err();
     assert!(
-        matches!(&err, Error::AggregateNotFinite { aggregator, tensor } if aggregator == "broken" && tensor == "linear.weight"),
+        err.to_string()
+            .contains("non-finite value in `linear.weight`"),
         "{err}"
     );
     assert_eq!(server.global(), &before);
-    assert!(matches!(
-        server.history()[0].outcome,
-        RoundOutcome::AggregationFailed(_)
-    ));
     assert_eq!(server.next_round(), 2);
 }
 

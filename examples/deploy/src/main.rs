@@ -271,8 +271,16 @@ fn server(args: ServerArgs) -> Result<()> {
         model.evaluate(&test)
     });
     server.subscribe(print_event);
-    net::run_server(&mut server, Duration::from_secs(args.wait))?;
-    println!("run complete: {} rounds", server.history().len());
+    let report = net::run_server(
+        &mut server,
+        &fedcore::RunPolicy::deployment(Duration::from_secs(args.wait)),
+    )?;
+    println!(
+        "run complete: {} rounds ({} completed, {} failed in this process)",
+        server.history().len(),
+        report.completed,
+        report.failed
+    );
     Ok(())
 }
 

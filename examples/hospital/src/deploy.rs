@@ -311,7 +311,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         ServerEvent::RoundFinished { record } | ServerEvent::RoundFailed { record, .. } => {
             let eval = record.federated_evaluation.as_ref();
             println!(
-                "round {} {:?}: {} updates; hospitals' held-out loss {}, macro AUROC {}",
+                "round {} {}: {} updates; hospitals' held-out loss {}, macro AUROC {}",
                 record.round,
                 record.outcome,
                 record.accepted.len(),
@@ -322,7 +322,10 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         }
         _ => {}
     });
-    net::run_server(&mut server, Duration::from_secs(a.wait))?;
+    net::run_server(
+        &mut server,
+        &fedcore::RunPolicy::deployment(Duration::from_secs(a.wait)),
+    )?;
     println!(
         "run complete: {} rounds; checkpoints in {}",
         server.history().len(),

@@ -142,7 +142,7 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("stopping after the current round (Ctrl-C)");
-                shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                shared.stop.stop();
             }
         });
     }
@@ -166,7 +166,7 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         ),
         Err(e) => eprintln!("simulation failed: {e:#}"),
     }
-    let stopped = shared.stop.load(std::sync::atomic::Ordering::SeqCst);
+    let stopped = shared.stop.is_stopped();
     if let Some(server) = server
         && !args.exit_when_done
         && !stopped

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
 use fedcore::trust::TrustPolicy;
 use fedcore::{
     Aggregator, ClientId, Evaluation, FedAvg, Model, ModelClient, Optimizer, Parameters,
-    RoundRecord, Server, ServerConfig, ServerEvent, TrainConfig,
+    RoundRecord, RunEnd, RunPolicy, Server, ServerConfig, ServerEvent, StopSignal, TrainConfig,
 };
 use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Secret};
@@ -273,8 +272,8 @@ pub struct Shared {
     pub progress: RwLock<Progress>,
     /// Hospitals an admin suspended: they get no tasks from the next round.
     pub suspended: Mutex<BTreeSet<String>>,
-    /// Set to stop after the current round.
-    pub stop: AtomicBool,
+    /// Raised to stop after the current round.
+    pub stop: StopSignal,
 }
 
 impl Default for Shared {
@@ -283,7 +282,7 @@ impl Default for Shared {
             events: broadcast::channel(256).0,
             progress: RwLock::new(Progress::idle()),
             suspended: Mutex::new(BTreeSet::new()),
-            stop: AtomicBool::new(false),
+            stop: StopSignal::new(),
         }
     }
 }
@@ -609,17 +608,15 @@ fn run_inner(
         });
     }
 
-    while server.next_round() <= cfg.rounds {
-        if shared.stop.load(Ordering::SeqCst) {
-            bar.suspend(|| println!("stopped by request after round {}", server.next_round() - 1));
-            break;
-        }
-        apply_suspensions(&mut server, shared, cfg.clients, cfg.drop_client)?;
-        let result = server.run_round().map(|_| ());
-        if let Err(e) = &result {
-            bar.suspend(|| println!("round {} failed: {e}", server.next_round() - 1));
-        }
+    apply_suspensions(&mut server, shared, cfg.clients, cfg.drop_client)?;
+    // The core's run loop: a failed round (no quorum, aggregation refused)
+    // is recorded and the run goes on; three failed rounds in a row end it.
+    let policy = RunPolicy::default().with_stop(shared.stop.clone());
+    let report = server.run_with(&policy, |server, _| -> Result<()> {
         for record in rx.try_iter() {
+            if !record.outcome.is_completed() {
+                bar.suspend(|| println!("round {} failed: {}", record.round, record.outcome));
+            }
             let opened = latest.lock().ok().and_then(|mut l| l.take());
             if let Some(full) = opened
                 && let Err(e) = predictor.update(&full, record.round)
@@ -645,12 +642,17 @@ fn run_inner(
                 outcome: row.outcome.clone(),
             });
         }
-        // A failed round (quorum not reached) is recorded; the run goes on.
-        if let Err(e) = result
-            && !matches!(e, fedcore::Error::QuorumNotReached { .. })
-        {
-            return Err(e.into());
+        // Suspensions made on the dashboard take effect from the next round.
+        apply_suspensions(server, shared, cfg.clients, cfg.drop_client)
+    })?;
+    match report.end {
+        RunEnd::Stopped => {
+            bar.suspend(|| println!("stopped by request after round {}", server.next_round() - 1))
         }
+        RunEnd::TooManyFailedRounds { in_a_row } => {
+            bar.suspend(|| println!("{in_a_row} rounds in a row failed; the run ends here"))
+        }
+        _ => {}
     }
     bar.finish_and_clear();
     let last = server
@@ -757,10 +759,7 @@ fn apply_suspensions<A: Aggregator>(
 }
 
 fn round_row(r: &RoundRecord) -> RoundRow {
-    let outcome = serde_json::to_value(&r.outcome)
-        .ok()
-        .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into());
+    let outcome = r.outcome.name().to_owned();
     RoundRow {
         id: r.round as i64,
         outcome,

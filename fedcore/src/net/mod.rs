@@ -38,7 +38,7 @@
 //! let transport = net::GrpcTransport::start(&Kit::load(project.server_kit())?, Default::default())?;
 //! let config = ServerConfig { rounds: 5, min_fit_clients: 2, ..ServerConfig::default() };
 //! let mut server = Server::new(config, SoftmaxRegression::new(4, 3).parameters(), transport, FedAvg)?;
-//! net::run_server(&mut server, std::time::Duration::from_secs(600))?;
+//! net::run_server(&mut server, &fedcore::RunPolicy::deployment(std::time::Duration::from_secs(600)))?;
 //!
 //! // On each hospital's machine:
 //! let kit = Kit::load(project.site_kit("h1"))?;
@@ -58,17 +58,16 @@ pub mod proto {
     tonic::include_proto!("fedcore.v1");
 }
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tracing::warn;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use client::{ClientOptions, connect, open_session, run_client};
-pub use server::{GrpcTransport, ServerOptions};
+pub use server::{GrpcTransport, ServerOptions, ShutdownKind};
 pub use wire::PROTOCOL;
 
-use crate::aggregate::Aggregator;
 use crate::error::{Error, Result};
+use crate::run::{RunEnd, RunPolicy, RunReport};
 use crate::server::Server;
+use crate::strategy::Strategy;
 
 /// Size limits of the wire.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,47 +131,29 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs `server` over the network until it has `config.rounds` rounds.
+/// Runs `server` over the network under `policy` (usually
+/// [`RunPolicy::deployment`]: wait for clients before each round, never give
+/// up on failed rounds, as a deployment should not stop because a hospital
+/// went offline), then tells every client that the run is over.
 ///
-/// Before each round it waits up to `wait` for enough clients (the larger of
-/// `min_available_clients` and `min_fit_clients`); a round that fails (no
-/// quorum, aggregation refused) is recorded and the next one starts, as a
-/// deployment should not stop because a hospital went offline. When the
-/// rounds are done every client is told that the run is finished.
-///
-/// Errors: no enough clients within `wait`, or a failure that is not a
-/// round's (a checkpoint that cannot be written, ...).
-pub fn run_server<A: Aggregator>(
-    server: &mut Server<GrpcTransport, A>,
-    wait: Duration,
-) -> Result<()> {
-    let required = server
-        .config()
-        .min_available_clients
-        .max(server.config().min_fit_clients);
-    while server.next_round() <= server.config().rounds {
-        let connected = server.transport_mut().wait_for_clients(required, wait);
-        if connected < required {
-            return Err(Error::NotEnoughClients {
-                available: connected,
-                required,
-            });
-        }
-        let before = server.next_round();
-        match server.run_round().map(|_| ()) {
-            Ok(_) => {}
-            // A client left between the wait and the round's start.
-            Err(Error::NotEnoughClients { .. }) => {}
-            Err(e @ (Error::Io(_) | Error::Checkpoint { .. })) => return Err(e),
-            Err(e) if server.next_round() > before => {
-                warn!(round = before, error = %e, "round failed; going on with the next");
-            }
-            Err(e) => return Err(e),
-        }
-    }
+/// The loop is [`Server::run_with`]'s: a failed round is recorded and the
+/// next one starts. Errors: not enough clients within the policy's wait, or
+/// a failure that is not a round's (a checkpoint that cannot be written);
+/// the clients are then not told (they reconnect to a restarted server,
+/// which resumes from its checkpoint).
+pub fn run_server<S: Strategy>(
+    server: &mut Server<GrpcTransport, S>,
+    policy: &RunPolicy,
+) -> Result<RunReport> {
+    let report = server.run_with(policy, |_, _| Ok::<(), Error>(()))?;
+    let reason = match report.end {
+        RunEnd::Completed => "the run is complete",
+        RunEnd::Stopped => "the run was stopped",
+        _ => "the run gave up after too many failed rounds",
+    };
     let grace = server.transport_mut().options().finish_grace;
     server
         .transport_mut()
-        .shutdown("the run is complete", true, grace);
-    Ok(())
+        .shutdown(reason, ShutdownKind::Finished, grace);
+    Ok(report)
 }

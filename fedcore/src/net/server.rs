@@ -689,23 +689,16 @@ impl GrpcTransport {
         &self.shared.options
     }
 
-    /// Waits until at least `n` clients are connected or `timeout` passed;
-    /// returns how many are connected.
-    pub fn wait_for_clients(&self, n: usize, timeout: Duration) -> usize {
-        self.shared
-            .wait_until(Instant::now() + timeout, |sessions| sessions.len() >= n)
-    }
-
     /// Tells every client the run is over (`finished`) or that the server is
     /// going away, then stops listening. It waits up to `grace` until every
     /// connected client hung up and every site that held a session during
     /// the run and is still on the roster has heard it: a site that is
     /// reconnecting at that moment (its backoff reaches 15 s by default)
     /// is told when it comes back instead of retrying forever.
-    pub fn shutdown(&mut self, reason: &str, finished: bool, grace: Duration) {
+    pub fn shutdown(&mut self, reason: &str, kind: ShutdownKind, grace: Duration) {
         let message = proto::Shutdown {
             reason: reason.to_owned(),
-            finished,
+            finished: kind == ShutdownKind::Finished,
         };
         *lock(&self.shared.closing) = Some(message.clone());
         let sessions: Vec<Arc<Session>> = lock(&self.shared.sessions).values().cloned().collect();
@@ -747,6 +740,17 @@ impl GrpcTransport {
     }
 }
 
+/// What [`GrpcTransport::shutdown`] tells the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShutdownKind {
+    /// The run is over: [`super::run_client`] returns `Ok`.
+    Finished,
+    /// The server is going away but the run is not over: clients keep
+    /// reconnecting (with backoff) until a server is back.
+    GoingAway,
+}
+
 impl Drop for GrpcTransport {
     fn drop(&mut self) {
         self.stop_listening();
@@ -756,6 +760,12 @@ impl Drop for GrpcTransport {
 impl Transport for GrpcTransport {
     fn clients(&self) -> Vec<ClientId> {
         lock(&self.shared.sessions).keys().cloned().collect()
+    }
+
+    /// Wakes as soon as a session opens (no polling).
+    fn wait_for_clients(&mut self, n: usize, timeout: Duration) -> usize {
+        self.shared
+            .wait_until(Instant::now() + timeout, |sessions| sessions.len() >= n)
     }
 
     fn send(&mut self, client: &ClientId, task: Task, reply_to: ReplySender) -> Result<()> {
@@ -775,6 +785,7 @@ impl Transport for GrpcTransport {
         let (round, kind) = match &task {
             Task::Fit(f) => (f.round, proto::TaskKind::Fit),
             Task::Evaluate(e) => (e.round, proto::TaskKind::Evaluate),
+            Task::Step(s) => (s.round, proto::TaskKind::Step),
         };
         {
             let mut pending = lock(&session.pending);
@@ -809,9 +820,10 @@ impl Transport for GrpcTransport {
             // An update is at most the model's size in the clear plus its
             // sealed part; twice the task's payload leaves room for a sealed
             // encoding that differs between a global and an update.
-            let max_reply_bytes = match kind {
-                proto::TaskKind::Fit => out.payload_len().saturating_mul(2).saturating_add(1 << 20),
-                _ => 0,
+            let max_reply_bytes = match &task {
+                Task::Fit(_) => out.payload_len().saturating_mul(2).saturating_add(1 << 20),
+                Task::Step(s) => s.max_reply_bytes.min(limit),
+                Task::Evaluate(_) => 0,
             };
             pending.insert(
                 task_id,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::proto;
-use crate::client::{EvaluateIns, FitIns};
+use crate::client::{EvaluateIns, FitIns, StepIns, StepReply};
 use crate::error::{Error, Result};
 use crate::model::{Evaluation, TrainConfig};
 use crate::params::{Layout, Parameters, TensorSpec};
@@ -136,6 +136,17 @@ pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::T
             &e.parameters,
             &e.sealed,
         ),
+        Task::Step(s) => (
+            proto::TaskKind::Step,
+            s.round,
+            String::new(),
+            &s.values,
+            &s.sealed,
+        ),
+    };
+    let (step, metrics_json) = match task {
+        Task::Step(s) => (s.step, serde_json::to_string(&s.metrics)?),
+        _ => (0, String::new()),
     };
     let mut payload = vec![values_bytes(parameters.clone())];
     if let Some(s) = sealed {
@@ -149,9 +160,19 @@ pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::T
             train_config_json: config,
             layout: layout_to_proto(parameters.layout()),
             sealed: sealed_header(sealed.as_deref()),
+            step,
+            metrics_json,
         },
         payload,
     })
+}
+
+/// A step reply's fields other than its tensors, sent as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+struct StepMeta {
+    round: u64,
+    step: u32,
+    metrics: Metrics,
 }
 
 /// The update's fields other than its tensors, sent as JSON.
@@ -187,6 +208,29 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 header: proto::ReplyHeader {
                     task_id,
                     kind: proto::TaskKind::Fit as i32,
+                    meta_json: serde_json::to_string(&meta)?,
+                    layout,
+                    sealed,
+                },
+                payload,
+            })
+        }
+        Reply::Step(r) => {
+            let meta = StepMeta {
+                round: r.round,
+                step: r.step,
+                metrics: r.metrics,
+            };
+            let sealed = sealed_header(r.sealed.as_ref());
+            let layout = layout_to_proto(r.values.layout());
+            let mut payload = vec![owned_values_bytes(r.values)];
+            if let Some(s) = r.sealed {
+                payload.push(Bytes::from(s.bytes().to_vec()));
+            }
+            Ok(Outgoing {
+                header: proto::ReplyHeader {
+                    task_id,
+                    kind: proto::TaskKind::Step as i32,
                     meta_json: serde_json::to_string(&meta)?,
                     layout,
                     sealed,
@@ -434,6 +478,19 @@ pub(crate) fn decode_task(
             parameters,
             sealed,
         })),
+        Ok(proto::TaskKind::Step) => {
+            let metrics: Metrics = serde_json::from_str(&header.metrics_json)
+                .map_err(|e| bad(format!("bad step metrics: {e}")))?;
+            Ok(Task::Step(StepIns {
+                round: header.round,
+                step: header.step,
+                values: parameters,
+                sealed,
+                metrics,
+                // A server-side limit; the client does not need it.
+                max_reply_bytes: 0,
+            }))
+        }
         _ => Err(bad(format!("unknown task kind {}", header.kind))),
     }
 }
@@ -463,6 +520,18 @@ pub(crate) fn decode_reply(
             let e: Evaluation = serde_json::from_str(&header.meta_json)
                 .map_err(|e| bad(format!("bad evaluation: {e}")))?;
             Ok(Reply::Evaluate(e))
+        }
+        Ok(proto::TaskKind::Step) => {
+            let meta: StepMeta = serde_json::from_str(&header.meta_json)
+                .map_err(|e| bad(format!("bad step metadata: {e}")))?;
+            let (values, sealed) = plan.finish(assembler)?;
+            Ok(Reply::Step(StepReply {
+                round: meta.round,
+                step: meta.step,
+                values,
+                sealed,
+                metrics: meta.metrics,
+            }))
         }
         _ => Err(bad(format!("unknown reply kind {}", header.kind))),
     }

@@ -65,3 +65,81 @@ pub fn central_loss(params: &Parameters) -> f64 {
     m.set_parameters(params).unwrap();
     m.evaluate(&test_data()).unwrap().loss
 }
+
+/// A two-step strategy for the tests: step 1 averages the updates (FedAvg);
+/// step 2 sends that mean to every client still in the round and asks for
+/// its own update minus the mean ([`residual`]); the aggregate is the
+/// example-weighted mean of `mean + residual` over the clients that answered,
+/// i.e. FedAvg over the clients that stayed for both steps.
+pub struct Residuals;
+
+impl fedcore::Strategy for Residuals {
+    fn describe(&self) -> fedcore::StrategyInfo {
+        fedcore::StrategyInfo::new("residuals")
+    }
+
+    fn aggregate_round(
+        &mut self,
+        updates: &[fedcore::ClientUpdate],
+        steps: &mut fedcore::RoundSteps<'_>,
+    ) -> fedcore::Result<fedcore::Aggregate> {
+        use fedcore::Aggregator;
+        let mean = std::sync::Arc::new(fedcore::FedAvg.aggregate(updates)?.parameters);
+        let answers = steps.ask(|_| fedcore::StepRequest::new(mean.clone()))?;
+        let mut back = Vec::new();
+        for (client, reply) in answers {
+            let u = updates
+                .iter()
+                .find(|u| u.client == client)
+                .expect("an answer from a client of the round");
+            if reply.values.layout() != mean.layout() {
+                steps.reject(&client, "the residual has another layout")?;
+                continue;
+            }
+            let mut values = (*mean).clone();
+            values.axpy(1.0, &reply.values)?;
+            back.push(fedcore::ClientUpdate::new(
+                client,
+                u.round,
+                u.num_examples,
+                values,
+            ));
+        }
+        fedcore::FedAvg.aggregate(&back)
+    }
+}
+
+/// The client side of [`Residuals`]: the update it sent minus the mean.
+pub fn residual(
+    ins: &fedcore::StepIns,
+    sent: &fedcore::ClientUpdate,
+) -> fedcore::Result<fedcore::StepReply> {
+    let mut values = sent.values.clone();
+    values.axpy(-1.0, &ins.values)?;
+    Ok(fedcore::StepReply::new(ins, values))
+}
+
+/// FedAvg that fails in the given rounds (counted by its calls, from 1).
+pub struct FailsInRounds {
+    pub rounds: Vec<u64>,
+    pub calls: u64,
+}
+
+impl fedcore::Aggregator for FailsInRounds {
+    fn name(&self) -> String {
+        "fails-in-rounds".into()
+    }
+
+    fn aggregate(
+        &mut self,
+        updates: &[fedcore::ClientUpdate],
+    ) -> fedcore::Result<fedcore::Aggregate> {
+        self.calls += 1;
+        if self.rounds.contains(&self.calls) {
+            return Err(fedcore::Error::InvalidWeights {
+                reason: format!("refused on call {}", self.calls),
+            });
+        }
+        fedcore::FedAvg.aggregate(updates)
+    }
+}
