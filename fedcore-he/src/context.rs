@@ -227,7 +227,21 @@ impl CkksContext<Secret> {
     pub fn from_file(path: &Path) -> Result<Self> {
         check_private(path)?;
         let bytes = read_key_file(path)?;
-        let file = decode_key_file(path, &bytes, Secret::TAG)?;
+        Self::decode(path, &bytes)
+    }
+
+    /// Loads a hospital's context from a key file's bytes (already read;
+    /// [`CkksContext::from_file`] also checks the file's permissions). Errors
+    /// name the file as `<bytes>`.
+    pub fn from_key_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::decode(Path::new("<bytes>"), bytes)
+    }
+
+    fn decode(path: &Path, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() as u64 > MAX_KEY_FILE {
+            return Err(key_err(path, format!("{} bytes is too large", bytes.len())));
+        }
+        let file = decode_key_file(path, bytes, Secret::TAG)?;
         let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
         let pk = seal::PublicKey::from_bytes(&ctx, file.public)
             .map_err(|e| key_err(path, format!("public key: {e}")))?;
@@ -256,7 +270,20 @@ impl CkksContext<Public> {
     /// server must never be handed the secret key.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = read_key_file(path)?;
-        let file = decode_key_file(path, &bytes, Public::TAG)?;
+        Self::decode(path, &bytes)
+    }
+
+    /// Loads the server's context from a key file's bytes. Errors name the
+    /// file as `<bytes>`.
+    pub fn from_key_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::decode(Path::new("<bytes>"), bytes)
+    }
+
+    fn decode(path: &Path, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() as u64 > MAX_KEY_FILE {
+            return Err(key_err(path, format!("{} bytes is too large", bytes.len())));
+        }
+        let file = decode_key_file(path, bytes, Public::TAG)?;
         let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
         let pk = seal::PublicKey::from_bytes(&ctx, file.public)
             .map_err(|e| key_err(path, format!("public key: {e}")))?;
@@ -379,6 +406,35 @@ fn encode_key_file<R: Role>(
     Ok(out)
 }
 
+/// A key file whose header is valid (small insecure parameters, role from
+/// the first byte of `rest`) around arbitrary key bytes (the rest, split in
+/// two for the public and the secret key): the fuzz target `key_file` uses it
+/// to reach SEAL's key parsers.
+pub fn fuzz_key_file(rest: &[u8]) -> Vec<u8> {
+    let params = CkksParams::dangerous()
+        .insecure(4096, &[40, 40, 40, 40], 30)
+        .expect("valid small parameters");
+    let json = serde_json::to_vec(&params).unwrap_or_default();
+    let (tag, keys) = match rest.split_first() {
+        Some((b, keys)) if b & 1 == 1 => (Secret::TAG, keys),
+        Some((_, keys)) => (Public::TAG, keys),
+        None => (Public::TAG, rest),
+    };
+    let (pk, sk) = keys.split_at(keys.len() / 2);
+    let mut out = Vec::new();
+    out.extend_from_slice(KEY_MAGIC);
+    out.push(tag);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&(pk.len() as u64).to_le_bytes());
+    out.extend_from_slice(pk);
+    if tag == Secret::TAG {
+        out.extend_from_slice(&(sk.len() as u64).to_le_bytes());
+        out.extend_from_slice(sk);
+    }
+    out
+}
+
 fn role_name(tag: u8) -> &'static str {
     match tag {
         t if t == Secret::TAG => Secret::NAME,
@@ -388,7 +444,7 @@ fn role_name(tag: u8) -> &'static str {
 }
 
 fn decode_key_file<'a>(path: &Path, bytes: &'a [u8], want: u8) -> Result<KeyFile<'a>> {
-    let mut r = crate::vector::Reader::new(bytes);
+    let mut r = crate::reader::Reader::new(bytes);
     let bad = |m: &str| key_err(path, m.to_owned());
     if r.take(8).map_err(|_| bad("too short"))? != KEY_MAGIC {
         return Err(bad("not a fedcore-he key file"));

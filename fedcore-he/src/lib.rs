@@ -41,11 +41,12 @@
 //! `seal`). This crate is licensed GPL-3.0-only because SEAL's Rust bindings
 //! (`sealy`, which builds and links SEAL) are; the rest of the workspace stays
 //! MIT OR Apache-2.0 and does not depend on it.
-#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
 
 mod context;
 mod error;
 mod params;
+mod reader;
 mod seal;
 mod sealer;
 mod vector;

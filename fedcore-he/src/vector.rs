@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use crate::context::{CkksContext, Role, Secret};
 use crate::error::{HeError, Result};
+use crate::reader::Reader;
 use crate::seal;
 
 /// The most values one encrypted vector may hold (2^28, about 1 GB of f32),
@@ -522,6 +523,7 @@ fn envelope(form: Form, seeded: bool, key_id: &[u8; 16], len: usize, blobs: &[Ve
 pub mod fuzzing {
     use super::*;
     pub use super::{deflate, inflate};
+    pub use crate::context::fuzz_key_file as key_file;
 
     /// Raw SEAL ciphertext bytes (any bytes) in a valid envelope for `ctx`'s
     /// key: one ciphertext of `slots` values, so that `load` hands them to
@@ -529,49 +531,5 @@ pub mod fuzzing {
     pub fn wrap<R: Role>(ctx: &CkksContext<R>, seal_bytes: &[u8], form: Form) -> Vec<u8> {
         let blob = deflate(seal_bytes).unwrap_or_default();
         envelope(form, false, &ctx.key_id(), ctx.slots(), &[blob])
-    }
-}
-
-/// A bounds-checked little-endian reader.
-pub(crate) struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-/// Reading past the end.
-#[derive(Debug)]
-pub(crate) struct Short;
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Self { rest: bytes }
-    }
-
-    pub(crate) fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], Short> {
-        if n > self.rest.len() {
-            return Err(Short);
-        }
-        let (a, b) = self.rest.split_at(n);
-        self.rest = b;
-        Ok(a)
-    }
-
-    pub(crate) fn u8(&mut self) -> std::result::Result<u8, Short> {
-        Ok(self.take(1)?[0])
-    }
-
-    pub(crate) fn u32(&mut self) -> std::result::Result<u32, Short> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    pub(crate) fn u64(&mut self) -> std::result::Result<u64, Short> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.rest.is_empty()
     }
 }

@@ -48,6 +48,8 @@
 //! ```
 
 mod client;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod provision;
 mod server;
 mod wire;

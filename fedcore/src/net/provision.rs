@@ -191,7 +191,12 @@ impl Roster {
     /// Reads a roster file.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-        serde_json::from_slice(&bytes).map_err(|e| err(path, format!("not a roster: {e}")))
+        Self::from_json(&bytes).map_err(|e| err(path, e))
+    }
+
+    /// Parses a roster's bytes; the error is the reason.
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a roster: {e}"))
     }
 
     /// Writes it atomically.
