@@ -1,7 +1,9 @@
 //! Privacy budgets: an (epsilon, delta) limit and a ledger that refuses a
 //! release before it would exceed it.
 
-use fedcore::{Error, PrivacyCost, Result, Spent};
+use fedcore::{PrivacyCost, Spent};
+
+use crate::error::{DpError, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::rdp::RdpAccountant;
@@ -35,7 +37,7 @@ impl Budget {
     /// Checks epsilon > 0 (may be infinite: no limit) and 0 < delta < 1.
     pub fn check(&self) -> Result<()> {
         if self.epsilon.is_nan() || self.epsilon <= 0.0 || !(self.delta > 0.0 && self.delta < 1.0) {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "a privacy budget needs epsilon > 0 and 0 < delta < 1, got ({}, {})",
                 self.epsilon, self.delta
             )));
@@ -106,7 +108,7 @@ impl Ledger {
     pub fn check(&self, cost: &PrivacyCost) -> Result<f64> {
         let next = self.epsilon_after(cost)?;
         if next > self.budget.epsilon {
-            return Err(Error::PrivacyBudgetExhausted {
+            return Err(DpError::BudgetExhausted {
                 who: self.who.clone(),
                 spent: self.epsilon(),
                 next,
@@ -153,7 +155,7 @@ mod tests {
         // 10,000 steps cost 1.035 (the dp_accounting reference), so four
         // releases of 2,000 fit and the fifth does not.
         assert_eq!(charged, 4);
-        assert!(matches!(err, Error::PrivacyBudgetExhausted { .. }), "{err}");
+        assert!(matches!(err, DpError::BudgetExhausted { .. }), "{err}");
         assert!(err.to_string().contains("client1"), "{err}");
         assert_eq!(l.releases(), 4);
         assert_eq!(l.epsilon(), last);

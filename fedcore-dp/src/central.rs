@@ -5,7 +5,9 @@
 //! who sees the models it releases sees only differentially private ones.
 
 use fedcore::aggregate::ensure_aggregatable;
-use fedcore::{Aggregate, Aggregator, ClientUpdate, Error, PrivacyCost, Result, Spent};
+use fedcore::{Aggregate, Aggregator, ClientUpdate, PrivacyCost, Spent};
+
+use crate::error::{DpError, Result};
 
 use crate::budget::{Budget, Ledger};
 use crate::clip::Clip;
@@ -84,13 +86,13 @@ impl<A: Aggregator> Dp<A> {
     /// Wraps `inner`.
     pub fn new(inner: A, params: DpParams, noise: Noise) -> Result<Self> {
         if !(params.noise_multiplier >= 0.0 && params.noise_multiplier.is_finite()) {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "noise multiplier must be finite and >= 0, got {}",
                 params.noise_multiplier
             )));
         }
         if !(params.sampling_rate > 0.0 && params.sampling_rate <= 1.0) {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "client sampling rate must be in (0, 1], got {}",
                 params.sampling_rate
             )));
@@ -139,7 +141,7 @@ impl<A: Aggregator> Aggregator for Dp<A> {
         )
     }
 
-    fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate> {
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
         ensure_aggregatable(updates)?;
         let cost = self.cost();
         self.ledger.check(&cost)?;

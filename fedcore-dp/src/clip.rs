@@ -4,7 +4,9 @@
 use std::ops::Range;
 
 use fedcore::params::l2_norm;
-use fedcore::{Error, Parameters, PrivacyCost, PrivacyMechanism, Result};
+use fedcore::{Parameters, PrivacyCost, PrivacyMechanism};
+
+use crate::error::{DpError, Result};
 
 /// Scales `values` down to L2 norm `max_norm` if it is longer; returns the
 /// norm before. Never lengthens a vector.
@@ -49,7 +51,7 @@ impl Clip {
     /// Clips the whole update to `max_norm` (> 0 and finite).
     pub fn new(max_norm: f64) -> Result<Self> {
         if !(max_norm > 0.0 && max_norm.is_finite()) {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "clipping norm must be positive and finite, got {max_norm}"
             )));
         }
@@ -141,7 +143,7 @@ impl PrivacyMechanism for Clip {
     }
 
     /// Clipping alone is not differentially private: its cost is `None`.
-    fn privatize(&mut self, update: &mut Parameters) -> Result<PrivacyCost> {
+    fn privatize(&mut self, update: &mut Parameters) -> fedcore::Result<PrivacyCost> {
         self.apply(update)?;
         Ok(PrivacyCost::None)
     }

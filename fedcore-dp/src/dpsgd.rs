@@ -21,6 +21,7 @@ use fedcore::{
 };
 
 use crate::budget::{Budget, Ledger};
+use crate::error::DpError;
 use crate::noise::Noise;
 
 /// Settings of [`DpSgd`].
@@ -54,7 +55,7 @@ impl DpSgdConfig {
         batch_size: usize,
         epochs: usize,
         fits: u64,
-    ) -> Result<Self> {
+    ) -> crate::Result<Self> {
         let (q, steps) = schedule(n, batch_size, epochs)?;
         let sigma = crate::rdp::calibrate_noise(budget.epsilon, budget.delta, q, steps * fits)?;
         Ok(Self {
@@ -72,9 +73,9 @@ impl DpSgdConfig {
 }
 
 /// Sampling rate and steps of one fit.
-pub fn schedule(n: usize, batch_size: usize, epochs: usize) -> Result<(f64, u64)> {
+pub fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Result<(f64, u64)> {
     if n == 0 || batch_size == 0 || epochs == 0 {
-        return Err(Error::InvalidConfig(format!(
+        return Err(DpError::InvalidParams(format!(
             "DP-SGD needs data, a batch size and epochs, got n = {n}, batch {batch_size}, epochs {epochs}"
         )));
     }
@@ -107,15 +108,15 @@ impl<N: Network> DpSgd<N> {
         model: TchModel<N>,
         config: DpSgdConfig,
         noise: Noise,
-    ) -> Result<Self> {
+    ) -> crate::Result<Self> {
         if model.network().has_batch_norm() {
-            return Err(Error::InvalidConfig(
+            return Err(DpError::InvalidParams(
                 "DP-SGD cannot train a network with BatchNorm: batch statistics mix the samples of a batch, so clipping one sample's gradient bounds nothing. Use a network without BatchNorm (GroupNorm, or none)".into(),
             ));
         }
         let ok = |x: f64| x.is_finite() && x > 0.0;
         if !ok(config.clip_norm) || !ok(config.noise_multiplier) {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "DP-SGD needs a positive clipping norm and noise multiplier, got {} and {}",
                 config.clip_norm, config.noise_multiplier
             )));
@@ -252,6 +253,7 @@ impl<N: Network> Model for DpSgd<N> {
             num_examples: n as u64,
             metrics,
             privacy: vec![Protection {
+                kind: fedcore::ProtectionKind::DifferentialPrivacy,
                 mechanism: format!(
                     "dp-sgd(C={},sigma={:.4},q={:.5}{})",
                     self.config.clip_norm,

@@ -14,6 +14,8 @@
 //! - [`rdp`]: the Rényi-DP accountant for the Poisson-sampled Gaussian
 //!   mechanism, conversion to (epsilon, delta) and noise calibration;
 //!   [`Budget`] and [`Ledger`] stop a run before it would exceed its budget.
+//! - [`DpError`]: this crate's errors; they convert into `fedcore::Error`
+//!   (an exhausted budget into `PrivacyBudgetExhausted`).
 //! - `dpsgd` (feature `tch`): sample-level DP-SGD for fedcore's libtorch
 //!   models, with per-sample clipping and Poisson-sampled batches.
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod central;
 pub mod clip;
 #[cfg(feature = "tch")]
 pub mod dpsgd;
+mod error;
 pub mod local;
 pub mod noise;
 pub mod rdp;
@@ -32,6 +35,7 @@ pub use central::{Dp, DpParams};
 pub use clip::{Clip, ClipReport, clip_slice};
 #[cfg(feature = "tch")]
 pub use dpsgd::{DpSgd, DpSgdConfig};
+pub use error::{DpError, Result};
 pub use fedcore::{PrivacyCost, PrivacyMechanism, Spent};
 pub use local::{LocalDp, LocalDpParams};
 pub use noise::Noise;

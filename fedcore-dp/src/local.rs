@@ -2,7 +2,9 @@
 //! Gaussian noise before the update leaves, so the server never sees an
 //! unprotected update.
 
-use fedcore::{Error, Parameters, PrivacyCost, PrivacyMechanism, Result, Spent};
+use fedcore::{Parameters, PrivacyCost, PrivacyMechanism, Spent};
+
+use crate::error::{DpError, Result};
 
 use crate::budget::{Budget, Ledger};
 use crate::clip::Clip;
@@ -66,7 +68,7 @@ impl LocalDp {
     /// The mechanism of client `who` (its name appears in budget errors).
     pub fn new(who: impl Into<String>, params: LocalDpParams, noise: Noise) -> Result<Self> {
         if !(params.noise_multiplier > 0.0 && params.noise_multiplier.is_finite()) {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "local DP needs a positive noise multiplier, got {}",
                 params.noise_multiplier
             )));
@@ -119,7 +121,7 @@ impl PrivacyMechanism for LocalDp {
         )
     }
 
-    fn privatize(&mut self, update: &mut Parameters) -> Result<PrivacyCost> {
+    fn privatize(&mut self, update: &mut Parameters) -> fedcore::Result<PrivacyCost> {
         let cost = self.cost();
         // Refuse before touching the update or drawing noise.
         self.ledger.check(&cost)?;

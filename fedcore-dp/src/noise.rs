@@ -14,7 +14,7 @@
 //! library (Opacus, TF Privacy); floating-point attacks on the low bits
 //! (Mironov 2012) are not mitigated here.
 
-use fedcore::{Error, Result};
+use crate::error::{DpError, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -56,7 +56,7 @@ impl Noise {
     /// ChaCha20 keyed from the operating system's generator.
     pub fn secure() -> Result<Self> {
         let rng = ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng).map_err(|e| {
-            Error::Privacy(format!(
+            DpError::Randomness(format!(
                 "the operating system's random generator failed: {e}"
             ))
         })?;

@@ -14,7 +14,9 @@
 //! implements the sampled-Gaussian RDP bound; the tests pin it to
 //! `dp_accounting`'s published values.
 
-use fedcore::{Error, PrivacyCost, Result};
+use fedcore::PrivacyCost;
+
+use crate::error::{DpError, Result};
 
 /// `dp_accounting`'s default orders: 1.1, 1.2, ..., 10.9, 11, ..., 63, 128,
 /// 256, 512, 1024.
@@ -52,7 +54,7 @@ impl RdpAccountant {
                 .iter()
                 .any(|&a| a.is_nan() || a <= 1.0 || a.is_infinite())
         {
-            return Err(Error::InvalidConfig(
+            return Err(DpError::InvalidParams(
                 "RDP orders must be finite and greater than 1".into(),
             ));
         }
@@ -90,7 +92,7 @@ impl RdpAccountant {
                 sampling_rate,
                 steps,
             } => self.compose_sampled_gaussian(*noise_multiplier, *sampling_rate, *steps),
-            other => Err(Error::Privacy(format!(
+            other => Err(DpError::Accounting(format!(
                 "the RDP accountant cannot compose {other:?}"
             ))),
         }
@@ -106,12 +108,12 @@ impl RdpAccountant {
 
 fn check_sampled_gaussian(sigma: f64, q: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&q) {
-        return Err(Error::InvalidConfig(format!(
+        return Err(DpError::InvalidParams(format!(
             "sampling rate must be in [0, 1], got {q}"
         )));
     }
     if sigma.is_nan() || sigma < 0.0 || sigma.is_infinite() {
-        return Err(Error::InvalidConfig(format!(
+        return Err(DpError::InvalidParams(format!(
             "noise multiplier must be finite and >= 0, got {sigma}"
         )));
     }
@@ -261,7 +263,7 @@ pub fn epsilon_for(sigma: f64, q: f64, steps: u64, delta: f64) -> Result<f64> {
 /// sampling rate `q` stay within (`epsilon`, `delta`).
 pub fn calibrate_noise(epsilon: f64, delta: f64, q: f64, steps: u64) -> Result<f64> {
     if epsilon.is_nan() || epsilon <= 0.0 || !(delta > 0.0 && delta < 1.0) {
-        return Err(Error::InvalidConfig(format!(
+        return Err(DpError::InvalidParams(format!(
             "calibration needs epsilon > 0 and delta in (0, 1), got {epsilon}, {delta}"
         )));
     }
@@ -274,7 +276,7 @@ pub fn calibrate_noise(epsilon: f64, delta: f64, q: f64, steps: u64) -> Result<f
         lo = hi;
         hi *= 2.0;
         if hi > 1e6 {
-            return Err(Error::InvalidConfig(format!(
+            return Err(DpError::InvalidParams(format!(
                 "no noise multiplier up to 1e6 reaches epsilon {epsilon} at delta {delta} over {steps} steps"
             )));
         }

@@ -104,7 +104,7 @@ fn batch_norm_networks_are_refused_with_a_reason() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, Error::InvalidConfig(_)) && e.to_string().contains("BatchNorm"),
+        matches!(e, fedcore_dp::DpError::InvalidParams(_)) && e.to_string().contains("BatchNorm"),
         "{e}"
     );
 }

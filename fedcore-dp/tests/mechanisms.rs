@@ -66,7 +66,10 @@ proptest! {
 #[test]
 fn bad_clipping_norms_are_refused() {
     for c in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        assert!(matches!(Clip::new(c), Err(Error::InvalidConfig(_))), "{c}");
+        assert!(
+            matches!(Clip::new(c), Err(fedcore_dp::DpError::InvalidParams(_))),
+            "{c}"
+        );
     }
     let mut p = params(&[("a", vec![3.0, 4.0])]);
     assert!(
@@ -184,7 +187,7 @@ fn a_resumed_local_dp_counts_the_earlier_releases() {
     // Past the budget: refused at start, not after spending it again.
     assert!(matches!(
         local(5.0, budget).resumed(50),
-        Err(Error::PrivacyBudgetExhausted { .. })
+        Err(fedcore_dp::DpError::BudgetExhausted { .. })
     ));
 }
 
@@ -272,7 +275,7 @@ fn dp_decorator_passes_the_aggregator_contract() {
                 .with_budget(Budget::new(f64::INFINITY, 1e-5).unwrap());
             Dp::new(FedAvg, p, Noise::dangerous().seeded(1)).unwrap()
         },
-        Weighting::Ignored,
+        Weighting::Uniform,
     );
 }
 

@@ -54,7 +54,7 @@ impl From<crate::seal::SealFailure> for HeError {
 
 impl From<HeError> for fedcore::Error {
     fn from(e: HeError) -> Self {
-        fedcore::Error::Sealing(e.to_string())
+        fedcore::Error::SealingScheme(Box::new(e))
     }
 }
 

@@ -171,7 +171,8 @@ fn encrypted_head_follows_the_plaintext_weighted_mean_with_the_aggregators_weigh
             record.accepted[0]
                 .provenance
                 .iter()
-                .any(|p| p.mechanism.starts_with("ckks"))
+                .any(|p| p.kind == fedcore::ProtectionKind::Encryption
+                    && p.mechanism.starts_with("ckks"))
         );
         assert!(
             server

@@ -9,7 +9,7 @@ use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
 use fedcore::memory::InMemoryTransport;
 use fedcore::net::provision::{Kit, ProjectSpec, provision};
 use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
-use fedcore::{Model, ModelClient, Server, ServerConfig, Transport};
+use fedcore::{Model, ModelClient, ProtectionKind, Server, ServerConfig, Transport};
 use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, Form, KeyAuthority, Public, Secret,
 };
@@ -109,11 +109,11 @@ fn a_sealed_run_over_mutual_tls_matches_the_in_memory_run() {
 
     for r in server.history() {
         assert_eq!(r.accepted.len(), 3, "round {}: {:?}", r.round, r.failures);
-        assert!(
-            r.accepted
+        assert!(r.accepted.iter().all(|a| {
+            a.provenance
                 .iter()
-                .all(|a| a.provenance.iter().any(|p| p.mechanism.starts_with("ckks")))
-        );
+                .any(|p| p.kind == ProtectionKind::Encryption)
+        }));
     }
     let (head, body) = finish(&server);
     let (want_head, want_body) = finish(&reference);

@@ -64,15 +64,8 @@ pub use krum::{Krum, KrumParams};
 pub use median::{CoordinateMedian, TrimmedMean, TrimmedMeanParams};
 pub use pre::{Nnm, NormClip, PreAggregated, PreAggregation};
 
-/// How an aggregator weighs clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Weighting {
-    /// By their example counts (the FedAvg weighting).
-    #[default]
-    ExampleCounts,
-    /// Every client alike.
-    Uniform,
-}
+/// How an aggregator weighs clients (fedcore's, shared with the contract suite).
+pub use fedcore::aggregate::Weighting;
 
 /// Per-client weights `alpha_i` for a weighting, positive and finite.
 pub(crate) fn alphas(updates: &[ClientUpdate], weighting: Weighting) -> fedcore::Result<Vec<f64>> {
@@ -186,6 +179,6 @@ impl fedcore::Aggregator for Mean {
 /// `fedcore::Result`.
 impl From<ParamsError> for Error {
     fn from(e: ParamsError) -> Self {
-        Error::InvalidConfig(e.to_string())
+        Error::InvalidParams(Box::new(e))
     }
 }

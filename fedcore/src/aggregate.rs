@@ -98,6 +98,19 @@ pub fn ensure_at_least<'a>(
     Ok(first)
 }
 
+/// How an aggregator weighs clients: what it promises about
+/// [`ClientUpdate::num_examples`] (the contract suite checks the promise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weighting {
+    /// By their example counts, the FedAvg weighting (FedAvg, weighted
+    /// median, weighted geometric median).
+    #[default]
+    ExampleCounts,
+    /// Every client alike: example counts are ignored (Krum, the
+    /// coordinate median, the trimmed mean).
+    Uniform,
+}
+
 /// Example counts turned into weights that sum to 1.
 pub fn example_weights(updates: &[ClientUpdate]) -> Result<Vec<f64>> {
     let total: f64 = updates.iter().map(|u| u.num_examples as f64).sum();

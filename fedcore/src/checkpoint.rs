@@ -164,10 +164,20 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<(Parameters, HashMap<String, Str
     Ok((Parameters::from_tensors(tensors)?, meta))
 }
 
+/// What [`load_into`] does with tensors in the file that the layout lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExtraTensors {
+    /// They are an error naming the first one (a checkpoint of this model).
+    Refuse,
+    /// They are skipped (e.g. a full model read into a part of it).
+    Ignore,
+}
+
 /// Reads the tensors of `layout` from a safetensors buffer, by name. A tensor
 /// of the layout that is missing or has another shape is an error naming it;
-/// with `strict`, so is a tensor in the file that the layout lacks.
-pub fn load_into(bytes: &[u8], layout: &Arc<Layout>, strict: bool) -> Result<Parameters> {
+/// `extra` says what a tensor in the file that the layout lacks is.
+pub fn load_into(bytes: &[u8], layout: &Arc<Layout>, extra: ExtraTensors) -> Result<Parameters> {
     let st = SafeTensors::deserialize(bytes)?;
     let mut params = Parameters::zeros(layout.clone());
     for TensorSpec { name, shape } in layout.tensors() {
@@ -185,7 +195,7 @@ pub fn load_into(bytes: &[u8], layout: &Arc<Layout>, strict: bool) -> Result<Par
             .tensor_mut(name)?
             .copy_from_slice(&decode_f32(name, &view)?);
     }
-    if strict
+    if extra == ExtraTensors::Refuse
         && let Some(extra) = st
             .names()
             .into_iter()
@@ -274,6 +284,25 @@ pub struct CheckpointStore {
     keep: usize,
 }
 
+impl RunState {
+    /// Parses and checks a state file's bytes (format version, a plain model
+    /// file name); the error is the reason, for the caller to attach the path.
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let state: RunState =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a valid state file: {e}"))?;
+        if state.version != STATE_VERSION {
+            return Err(format!("format version {} is not supported", state.version));
+        }
+        if state.model_file.is_empty()
+            || state.model_file.contains(['/', '\\'])
+            || state.model_file.starts_with('.')
+        {
+            return Err("model file name is not a plain file name".into());
+        }
+        Ok(state)
+    }
+}
+
 impl CheckpointStore {
     /// A store in `dir` (created when first saved) that keeps the `keep`
     /// most recent model files (at least 1).
@@ -341,20 +370,7 @@ impl CheckpointStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let state: RunState = serde_json::from_slice(&state_bytes)
-            .map_err(|e| bad(&state_path, format!("not a valid state file: {e}")))?;
-        if state.version != STATE_VERSION {
-            return Err(bad(
-                &state_path,
-                format!("format version {} is not supported", state.version),
-            ));
-        }
-        if state.model_file.contains(['/', '\\']) || state.model_file.starts_with('.') {
-            return Err(bad(
-                &state_path,
-                "model file name is not a plain file name".into(),
-            ));
-        }
+        let state = RunState::from_json(&state_bytes).map_err(|e| bad(&state_path, e))?;
         let model_path = self.dir.join(&state.model_file);
         let bytes = fs::read(&model_path).map_err(|e| bad(&model_path, e.to_string()))?;
         let digest = sha256_hex(&bytes);
@@ -367,8 +383,8 @@ impl CheckpointStore {
                 ),
             ));
         }
-        let params =
-            load_into(&bytes, layout, true).map_err(|e| bad(&model_path, e.to_string()))?;
+        let params = load_into(&bytes, layout, ExtraTensors::Refuse)
+            .map_err(|e| bad(&model_path, e.to_string()))?;
         Ok(Some((params, state)))
     }
 }
@@ -399,7 +415,7 @@ mod tests {
         assert_eq!(p.layout().tensors(), q.layout().tensors());
         let bits = |x: &Parameters| x.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&p), bits(&q));
-        let r = load_into(&bytes, p.layout(), true).unwrap();
+        let r = load_into(&bytes, p.layout(), ExtraTensors::Refuse).unwrap();
         assert_eq!(bits(&p), bits(&r));
     }
 
@@ -408,19 +424,19 @@ mod tests {
         let p = sample();
         let bytes = to_safetensors(&p, []).unwrap();
         let other = Parameters::from_tensors([("z.weight", vec![3, 2], vec![0.0; 6])]).unwrap();
-        let e = load_into(&bytes, other.layout(), false).unwrap_err();
+        let e = load_into(&bytes, other.layout(), ExtraTensors::Ignore).unwrap_err();
         assert!(
             matches!(e, Error::ShapeMismatch { ref name, .. } if name == "z.weight"),
             "{e}"
         );
-        let e = load_into(&bytes, other.layout(), true).unwrap_err();
+        let e = load_into(&bytes, other.layout(), ExtraTensors::Refuse).unwrap_err();
         assert!(e.to_string().contains("z.weight"));
         let missing = Parameters::from_tensors([("nope", vec![1], vec![0.0])]).unwrap();
-        let e = load_into(&bytes, missing.layout(), false).unwrap_err();
+        let e = load_into(&bytes, missing.layout(), ExtraTensors::Ignore).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
         let subset = Parameters::from_tensors([("a.bias", vec![2], vec![0.0; 2])]).unwrap();
-        assert!(load_into(&bytes, subset.layout(), false).is_ok());
-        let e = load_into(&bytes, subset.layout(), true).unwrap_err();
+        assert!(load_into(&bytes, subset.layout(), ExtraTensors::Ignore).is_ok());
+        let e = load_into(&bytes, subset.layout(), ExtraTensors::Refuse).unwrap_err();
         assert!(e.to_string().contains("not in the model"), "{e}");
     }
 
@@ -455,7 +471,7 @@ mod tests {
             if let Ok((p, _)) = from_safetensors(&bytes) {
                 proptest::prop_assert_eq!(p.len(), p.layout().len());
             }
-            let _ = load_into(&bytes, sample().layout(), true);
+            let _ = load_into(&bytes, sample().layout(), ExtraTensors::Refuse);
         }
     }
 }

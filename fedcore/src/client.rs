@@ -268,6 +268,7 @@ where
         for m in &mut self.mechanisms {
             let cost = m.privatize(&mut delta)?;
             provenance.push(Protection {
+                kind: crate::update::ProtectionKind::of_cost(&cost),
                 mechanism: m.name(),
                 cost,
                 spent: m.spent(),
@@ -284,6 +285,7 @@ where
         if let (Some((layout, head)), Some(sealer)) = (sealed_delta, &self.sealer) {
             update.sealed = Some(sealer.seal(&layout, &head)?);
             provenance.push(Protection {
+                kind: crate::update::ProtectionKind::Encryption,
                 mechanism: sealer.name(),
                 cost: crate::privacy::PrivacyCost::None,
                 spent: None,

@@ -19,7 +19,7 @@
 //! 4. input order does not matter (proptest over random updates and permutations);
 //! 5. weights: with [`Weighting::ExampleCounts`], one client with `2k`
 //!    examples counts like two identical clients with `k` each; with
-//!    [`Weighting::Ignored`], changing counts changes nothing;
+//!    [`Weighting::Uniform`], changing counts changes nothing;
 //! 6. the result keeps the input layout and is finite, and there is one
 //!    diagnostics entry per update, in input order, with a finite,
 //!    non-negative weight.
@@ -32,14 +32,7 @@ use crate::error::Error;
 use crate::params::Parameters;
 use crate::update::{ClientId, ClientUpdate};
 
-/// What an aggregator promises about `num_examples`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Weighting {
-    /// Example counts act as weights (FedAvg, weighted median, weighted geometric median).
-    ExampleCounts,
-    /// Example counts are ignored (Krum, unweighted median, trimmed mean).
-    Ignored,
-}
+pub use crate::aggregate::Weighting;
 
 /// Relative tolerance of the comparisons (iterative aggregators converge to it).
 pub const TOLERANCE: f32 = 1e-4;
@@ -203,7 +196,7 @@ pub fn check_aggregator<A: Aggregator>(make: impl Fn() -> A, weighting: Weightin
                         "a client with 2k examples must count like two clients with k",
                     )
                 }
-                Weighting::Ignored => {
+                Weighting::Uniform => {
                     let mut recounted = updates.clone();
                     for (i, u) in recounted.iter_mut().enumerate() {
                         u.num_examples = 1 + (i as u64 * 7919) % 1000;
@@ -267,6 +260,6 @@ mod tests {
                 Ok(agg)
             }
         }
-        check_aggregator(|| First, Weighting::Ignored);
+        check_aggregator(|| First, Weighting::Uniform);
     }
 }

@@ -151,6 +151,18 @@ pub enum Error {
     /// A privacy mechanism refused or failed.
     #[error("privacy: {0}")]
     Privacy(String),
+    /// A sealing scheme's own error (e.g. `fedcore_he::HeError`), kept
+    /// whole as the source: downcast it to react to its kind.
+    #[error("sealed tensors: {0}")]
+    SealingScheme(#[source] BoxError),
+    /// Settings of an aggregator from another crate that cannot work (e.g.
+    /// `fedcore_robust::ParamsError`), kept as the source.
+    #[error("invalid configuration: {0}")]
+    InvalidParams(#[source] BoxError),
+    /// A privacy mechanism's own error (e.g. `fedcore_dp::DpError`), kept
+    /// as the source.
+    #[error("privacy: {0}")]
+    PrivacyMechanism(#[source] BoxError),
 
     /// Another release would spend more privacy than the budget allows; the
     /// update was not released (no noise drawn, nothing sent).
@@ -204,6 +216,9 @@ impl From<safetensors::SafeTensorError> for Error {
         Error::Safetensors(e.to_string())
     }
 }
+
+/// Another crate's error, boxed, as the source of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Shorthand for `std::result::Result<T, fedcore::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -171,8 +171,10 @@ impl AggregationFailure {
             | E::LayoutMismatch { .. }
             | E::ShapeMismatch { .. }
             | E::UnknownTensor { .. } => AggregationFailureKind::Shape,
-            E::Sealing(_) => AggregationFailureKind::Sealing,
-            E::Privacy(_) | E::PrivacyBudgetExhausted { .. } => AggregationFailureKind::Privacy,
+            E::Sealing(_) | E::SealingScheme(_) => AggregationFailureKind::Sealing,
+            E::Privacy(_) | E::PrivacyMechanism(_) | E::PrivacyBudgetExhausted { .. } => {
+                AggregationFailureKind::Privacy
+            }
             _ => AggregationFailureKind::Other,
         };
         Self {

@@ -92,17 +92,17 @@ pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
 pub use client::{Client, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, StepResponder};
-pub use error::{Error, Result};
+pub use error::{BoxError, Error, Result};
 pub use events::{
     AcceptedUpdate, AggregationFailure, AggregationFailureKind, ClientFailure, EventSubscriber,
     RoundOutcome, RoundRecord, ServerEvent,
 };
 pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
 pub use params::{Layout, Parameters, TensorSpec};
-pub use privacy::{PrivacyCost, PrivacyMechanism};
+pub use privacy::{PrivacyCost, PrivacyMechanism, Spent};
 pub use run::{RunEnd, RunPolicy, RunReport, StopSignal};
 pub use sealed::{SealedAggregator, SealedTensors, Sealer};
 pub use server::{Server, ServerConfig};
 pub use strategy::{RoundSteps, StepRequest, Strategy, StrategyInfo};
 pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
-pub use update::{ClientId, ClientUpdate, Metrics, Protection, Spent, UpdateKind};
+pub use update::{ClientId, ClientUpdate, Metrics, Protection, ProtectionKind, UpdateKind};

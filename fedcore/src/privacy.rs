@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::params::Parameters;
-use crate::update::Spent;
 
 /// The privacy cost of one application of a mechanism.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +25,17 @@ pub enum PrivacyCost {
         /// How many times the mechanism ran.
         steps: u64,
     },
+}
+
+/// Privacy spent so far, as an (epsilon, delta) guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spent {
+    /// Epsilon spent.
+    pub epsilon: f64,
+    /// The delta it holds at.
+    pub delta: f64,
+    /// The budget's epsilon, if there is a budget.
+    pub budget: Option<f64>,
 }
 
 /// Privatizes an update before it leaves a client (or an aggregate before it

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::params::Parameters;
-use crate::privacy::PrivacyCost;
+use crate::privacy::{PrivacyCost, Spent};
 use crate::sealed::SealedTensors;
 
 /// Named scalar metrics (`loss`, `accuracy`, `auroc_macro`, ...).
@@ -59,10 +59,39 @@ pub enum UpdateKind {
     Weights,
 }
 
+/// The kinds of [`Protection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ProtectionKind {
+    /// Differential privacy: the mechanism reports a privacy cost.
+    DifferentialPrivacy,
+    /// The values travel encrypted ([`crate::sealed::Sealer`]).
+    Encryption,
+    /// Anything else (clipping alone, a custom transform; also records
+    /// written before 0.2, which did not say).
+    #[default]
+    Other,
+}
+
+impl ProtectionKind {
+    /// The kind a privacy mechanism that reported `cost` provides.
+    pub fn of_cost(cost: &PrivacyCost) -> Self {
+        match cost {
+            PrivacyCost::None => ProtectionKind::Other,
+            _ => ProtectionKind::DifferentialPrivacy,
+        }
+    }
+}
+
 /// One protection that ran on an update, recorded so that the server and the
 /// dashboard can show which mechanisms were applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Protection {
+    /// What kind of protection it is (what the server and the dashboard
+    /// check, rather than the mechanism's name).
+    #[serde(default)]
+    pub kind: ProtectionKind,
     /// The mechanism, e.g. `clip(l2<=1.0)+gaussian(sigma=1.1)`.
     pub mechanism: String,
     /// The privacy cost it reported.
@@ -71,17 +100,6 @@ pub struct Protection {
     /// where the mechanism keeps an accountant.
     #[serde(default)]
     pub spent: Option<Spent>,
-}
-
-/// Privacy spent so far, as an (epsilon, delta) guarantee.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Spent {
-    /// Epsilon spent.
-    pub epsilon: f64,
-    /// The delta it holds at.
-    pub delta: f64,
-    /// The budget's epsilon, if there is a budget.
-    pub budget: Option<f64>,
 }
 
 /// A client's answer to a fit request.
