@@ -91,7 +91,7 @@ impl Clip {
             None => (0..layout.tensors().len())
                 .map(|i| layout.range_at(i))
                 .collect(),
-            Some(pats) => layout.select(pats)?.ranges(layout),
+            Some(pats) => layout.select(pats)?.ranges(layout)?,
         })
     }
 

@@ -284,6 +284,21 @@ pub struct CheckpointStore {
     keep: usize,
 }
 
+/// What [`CheckpointStore::save`] writes: the run's state after a round.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot<'a> {
+    /// The global model (in the clear; zeros where the run seals tensors).
+    pub global: &'a Parameters,
+    /// The sealed global's bytes, when the run seals tensors.
+    pub sealed: Option<&'a [u8]>,
+    /// The seed the run started with.
+    pub seed: u64,
+    /// The round the run continues with.
+    pub next_round: u64,
+    /// Every round so far.
+    pub history: &'a [RoundRecord],
+}
+
 impl RunState {
     /// Parses and checks a state file's bytes (format version, a plain model
     /// file name); the error is the reason, for the caller to attach the path.
@@ -323,24 +338,61 @@ impl CheckpointStore {
         self.dir.join(STATE_FILE).exists()
     }
 
-    /// Saves `global` and the run state; returns the model file's path.
-    /// `state.model_file` and `state.model_sha256` are filled in here.
-    pub fn save(&self, global: &Parameters, mut state: RunState) -> Result<PathBuf> {
-        fs::create_dir_all(&self.dir)?;
-        let round = state.next_round.saturating_sub(1);
+    /// Saves a snapshot: the sealed values (if any) and the model first,
+    /// then the state file that points at them, so a crash in between leaves
+    /// the previous checkpoint whole. Prunes model and sealed files beyond
+    /// the `keep` most recent. Returns the model file's path.
+    pub fn save(&self, snapshot: Snapshot<'_>) -> Result<PathBuf> {
+        fs::create_dir_all(&self.dir).map_err(|e| Error::Checkpoint {
+            path: self.dir.clone(),
+            reason: format!("cannot create the checkpoint folder: {e}"),
+        })?;
+        if let Some(sealed) = snapshot.sealed {
+            write_atomic(&self.sealed_path(snapshot.next_round), sealed)?;
+        }
+        let round = snapshot.next_round.saturating_sub(1);
         let model_file = format!("model-{round:06}.safetensors");
-        let bytes = to_safetensors(global, [("fedcore.round".to_owned(), round.to_string())])?;
+        let bytes = to_safetensors(
+            snapshot.global,
+            [("fedcore.round".to_owned(), round.to_string())],
+        )?;
         let model_path = self.dir.join(&model_file);
         write_atomic(&model_path, &bytes)?;
-        state.version = STATE_VERSION;
-        state.model_sha256 = sha256_hex(&bytes);
-        state.model_file = model_file;
+        let state = RunState {
+            version: STATE_VERSION,
+            seed: snapshot.seed,
+            next_round: snapshot.next_round,
+            model_sha256: sha256_hex(&bytes),
+            model_file,
+            history: snapshot.history.to_vec(),
+        };
         write_atomic(
             &self.dir.join(STATE_FILE),
             &serde_json::to_vec_pretty(&state)?,
         )?;
         self.prune(&state.model_file)?;
+        if snapshot.sealed.is_some() {
+            let stale = snapshot.next_round.saturating_sub(self.keep as u64);
+            for r in 1..=stale {
+                let _ = fs::remove_file(self.sealed_path(r));
+            }
+        }
         Ok(model_path)
+    }
+
+    /// The sealed values saved with the checkpoint of the run that starts
+    /// round `next_round`.
+    pub fn load_sealed(&self, next_round: u64) -> Result<Vec<u8>> {
+        let path = self.sealed_path(next_round);
+        fs::read(&path).map_err(|e| Error::Checkpoint {
+            path,
+            reason: format!("the run seals tensors but their saved values cannot be read: {e}"),
+        })
+    }
+
+    /// Where the sealed global that round `next_round` starts from is saved.
+    fn sealed_path(&self, next_round: u64) -> PathBuf {
+        self.dir.join(format!("sealed-{next_round:06}.bin"))
     }
 
     fn prune(&self, current: &str) -> Result<()> {

@@ -254,7 +254,7 @@ where
         let mut sealed_delta = None;
         if let Some(sealed) = &ins.sealed {
             let selection = sealed_selection(global.layout(), sealed)?;
-            let head = selection.gather(global.layout(), delta.as_slice());
+            let head = selection.gather(global.layout(), delta.as_slice())?;
             if let Some(i) = head.iter().position(|v| !v.is_finite()) {
                 return Err(Error::Model(format!(
                     "local training produced {} in a sealed tensor (value #{i})",
@@ -262,7 +262,7 @@ where
                 )));
             }
             sealed_delta = Some((sealed.layout().clone(), head));
-            delta = selection.complement(global.layout()).subset(&delta);
+            delta = selection.complement(global.layout())?.subset(&delta)?;
         }
         let mut provenance = out.privacy;
         for m in &mut self.mechanisms {
@@ -339,6 +339,6 @@ pub(crate) fn sealed_selection(
         .map(|t| t.name.as_str())
         .collect();
     let selection = layout.select(&names)?;
-    selection.layout(layout).ensure_same(sealed.layout())?;
+    selection.layout(layout)?.ensure_same(sealed.layout())?;
     Ok(selection)
 }

@@ -37,6 +37,15 @@ pub struct AcceptedUpdate {
     pub suspicious: bool,
 }
 
+/// A client an operator kept out of a round, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withheld {
+    /// The client.
+    pub client: ClientId,
+    /// The operator's reason.
+    pub reason: String,
+}
+
 /// A sampled client that did not count, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientFailure {
@@ -245,6 +254,10 @@ pub struct RoundRecord {
     /// previous round (see [`crate::trust::TrustPolicy::exclude_next_round`]).
     #[serde(default)]
     pub excluded: Vec<ClientId>,
+    /// Connected clients an operator kept out of the round
+    /// ([`crate::Server::exclusions`]), with the operator's reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub withheld: Vec<Withheld>,
     /// The updates that counted, sorted by client.
     pub accepted: Vec<AcceptedUpdate>,
     /// The sampled clients that did not count.
@@ -311,6 +324,16 @@ pub enum ServerEvent {
         round: u64,
         /// The clients sampled for it.
         sampled: Vec<ClientId>,
+    },
+    /// A connected client the operator keeps out of training was left out
+    /// of this round ([`crate::Server::exclusions`]).
+    ClientWithheld {
+        /// The round.
+        round: u64,
+        /// The client.
+        client: ClientId,
+        /// The operator's reason.
+        reason: String,
     },
     /// An update passed validation.
     UpdateAccepted {

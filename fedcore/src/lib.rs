@@ -53,8 +53,19 @@
 //!
 //! ## Features
 //!
-//! - `testkit`: [`contract`], the suite every `Aggregator` must pass.
-//! - `net`: `fedcore::net`, the gRPC transport over mutual TLS with provisioning.
+//! None is on by default.
+//!
+//! - `testkit`: [`contract`], the suite every `Aggregator` must pass, and
+//!   `net::testkit` (with `net`) for tests that speak the wire protocol by hand.
+//! - `data`: `fedcore::data`, loaders that need no libtorch: ChestX-ray14
+//!   (CSV + PNG), MNIST (IDX), the synthetic X-ray generator, the
+//!   Dirichlet partitioner.
+//! - `tch`: `fedcore::models`, DenseNet-121 and a small CNN on libtorch
+//!   (tch 0.26, libtorch 2.13; needs `LIBTORCH` at build time). Implies `data`.
+//! - `net`: `fedcore::net`, the gRPC transport over mutual TLS with
+//!   provisioning (needs `protoc` at build time).
+//! - `fuzzing`: `net::fuzzing`, the entry points of the fuzz targets in
+//!   `fedcore/fuzz` (not a stable API). Implies `net`.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
@@ -95,14 +106,14 @@ pub use client::{Client, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, S
 pub use error::{BoxError, Error, Result};
 pub use events::{
     AcceptedUpdate, AggregationFailure, AggregationFailureKind, ClientFailure, EventSubscriber,
-    RoundOutcome, RoundRecord, ServerEvent,
+    RoundOutcome, RoundRecord, ServerEvent, Withheld,
 };
 pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
 pub use params::{Layout, Parameters, TensorSpec};
 pub use privacy::{PrivacyCost, PrivacyMechanism, Spent};
 pub use run::{RunEnd, RunPolicy, RunReport, StopSignal};
 pub use sealed::{SealedAggregator, SealedTensors, Sealer};
-pub use server::{Server, ServerConfig};
+pub use server::{Exclusions, Server, ServerConfig};
 pub use strategy::{RoundSteps, StepRequest, Strategy, StrategyInfo};
 pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
 pub use update::{ClientId, ClientUpdate, Metrics, Protection, ProtectionKind, UpdateKind};

@@ -210,16 +210,42 @@ impl Layout {
             tensors,
             len,
             of: self.specs.len(),
+            digest: self.digest(),
         }
+    }
+
+    /// FNV-1a over the tensors' names and shapes: what a [`Selection`]
+    /// checks a layout against.
+    fn digest(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for s in &self.specs {
+            eat(s.name.as_bytes());
+            eat(&[0xff]);
+            for &d in &s.shape {
+                eat(&(d as u64).to_le_bytes());
+            }
+            eat(&[0xfe]);
+        }
+        h
     }
 }
 
 /// A subset of a [`Layout`]'s tensors, from [`Layout::select`].
+///
+/// It remembers the layout it was made for (a digest of its names and
+/// shapes): every method that takes a layout checks it, and another layout
+/// is [`Error::LayoutMismatch`], never an out-of-range panic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection {
     tensors: Vec<usize>,
     len: usize,
     of: usize,
+    digest: u64,
 }
 
 impl Selection {
@@ -243,15 +269,37 @@ impl Selection {
         self.tensors.binary_search(&i).is_ok()
     }
 
+    /// Checks that `layout` is the one this selection was made for.
+    pub fn check(&self, layout: &Layout) -> Result<()> {
+        if layout.specs.len() != self.of || layout.digest() != self.digest {
+            return Err(Error::LayoutMismatch {
+                position: 0,
+                expected: format!(
+                    "the layout of {} tensors this selection was made for",
+                    self.of
+                ),
+                got: format!("another layout of {} tensors", layout.specs.len()),
+            });
+        }
+        Ok(())
+    }
+
     /// Names of the selected tensors.
-    pub fn names<'a>(&'a self, layout: &'a Layout) -> impl Iterator<Item = &'a str> + 'a {
-        self.tensors
+    pub fn names<'a>(&'a self, layout: &'a Layout) -> Result<impl Iterator<Item = &'a str> + 'a> {
+        self.check(layout)?;
+        Ok(self
+            .tensors
             .iter()
-            .map(move |&i| layout.specs[i].name.as_str())
+            .map(move |&i| layout.specs[i].name.as_str()))
     }
 
     /// The ranges of the flat vector the selection covers (adjacent tensors merged).
-    pub fn ranges(&self, layout: &Layout) -> Vec<Range<usize>> {
+    pub fn ranges(&self, layout: &Layout) -> Result<Vec<Range<usize>>> {
+        self.check(layout)?;
+        Ok(self.ranges_unchecked(layout))
+    }
+
+    fn ranges_unchecked(&self, layout: &Layout) -> Vec<Range<usize>> {
         let mut out: Vec<Range<usize>> = Vec::new();
         for &i in &self.tensors {
             let r = layout.range_at(i);
@@ -264,32 +312,41 @@ impl Selection {
     }
 
     /// Every tensor of `layout` not in this selection (the "body" of a "head").
-    pub fn complement(&self, layout: &Layout) -> Selection {
+    pub fn complement(&self, layout: &Layout) -> Result<Selection> {
+        self.check(layout)?;
         let chosen = (0..self.of).map(|i| !self.contains(i)).collect();
-        layout.selection_from(chosen)
+        Ok(layout.selection_from(chosen))
     }
 
-    /// The selected values of `values`, concatenated in layout order.
-    pub fn gather(&self, layout: &Layout, values: &[f32]) -> Vec<f32> {
+    /// The selected values of `values` (laid out as `layout`), concatenated
+    /// in layout order.
+    pub fn gather(&self, layout: &Layout, values: &[f32]) -> Result<Vec<f32>> {
+        self.check(layout)?;
+        if values.len() != layout.len() {
+            return Err(Error::DimensionMismatch {
+                expected: layout.len(),
+                got: values.len(),
+            });
+        }
         let mut out = Vec::with_capacity(self.len);
-        for r in self.ranges(layout) {
+        for r in self.ranges_unchecked(layout) {
             out.extend_from_slice(&values[r]);
         }
-        out
+        Ok(out)
     }
 
     /// The layout of just the selected tensors, in layout order.
-    pub fn layout(&self, layout: &Layout) -> Layout {
+    pub fn layout(&self, layout: &Layout) -> Result<Layout> {
+        self.check(layout)?;
         Layout::new(self.tensors.iter().map(|&i| layout.specs[i].clone()))
-            .expect("a subset of a valid layout is valid")
     }
 
     /// The selected tensors of `params` as parameters of their own layout.
-    pub fn subset(&self, params: &Parameters) -> Parameters {
-        Parameters {
-            layout: Arc::new(self.layout(params.layout())),
-            values: self.gather(params.layout(), params.as_slice()),
-        }
+    pub fn subset(&self, params: &Parameters) -> Result<Parameters> {
+        Ok(Parameters {
+            layout: Arc::new(self.layout(params.layout())?),
+            values: self.gather(params.layout(), params.as_slice())?,
+        })
     }
 
     /// `values[selected] += alpha * part` (`part` as made by [`Selection::gather`]).
@@ -319,14 +376,21 @@ impl Selection {
         values: &mut [f32],
         mut f: impl FnMut(&mut [f32], &[f32]),
     ) -> Result<()> {
+        self.check(layout)?;
         if part.len() != self.len {
             return Err(Error::DimensionMismatch {
                 expected: self.len,
                 got: part.len(),
             });
         }
+        if values.len() != layout.len() {
+            return Err(Error::DimensionMismatch {
+                expected: layout.len(),
+                got: values.len(),
+            });
+        }
         let mut at = 0;
-        for r in self.ranges(layout) {
+        for r in self.ranges_unchecked(layout) {
             let n = r.len();
             f(&mut values[r], &part[at..at + n]);
             at += n;
@@ -592,19 +656,37 @@ mod tests {
         let head = layout.select(&["classifier.*"]).unwrap();
         assert_eq!(head.tensors(), &[2, 3]);
         assert_eq!(head.len(), 9);
-        assert_eq!(head.ranges(&layout), vec![6..15]);
-        let body = head.complement(&layout);
+        assert_eq!(head.ranges(&layout).unwrap(), vec![6..15]);
+        let body = head.complement(&layout).unwrap();
         assert_eq!(
-            body.names(&layout).collect::<Vec<_>>(),
+            body.names(&layout).unwrap().collect::<Vec<_>>(),
             ["features.conv0.weight", "features.norm0.weight"]
         );
         let values: Vec<f32> = (0..15).map(|v| v as f32).collect();
-        let part = head.gather(&layout, &values);
+        let part = head.gather(&layout, &values).unwrap();
         assert_eq!(part, (6..15).map(|v| v as f32).collect::<Vec<_>>());
         let mut zeros = vec![0.0; 15];
         head.scatter(&layout, &part, &mut zeros).unwrap();
         assert_eq!(&zeros[6..], &values[6..]);
         assert!(head.scatter(&layout, &part[1..], &mut zeros).is_err());
+        // Another layout, even of the same size, is an error, not a panic.
+        let other = Layout::new([
+            TensorSpec::new("features.conv0.weight", [2, 2]),
+            TensorSpec::new("features.norm0.weight", [2]),
+            TensorSpec::new("classifier.weight", [2, 3]),
+            TensorSpec::new("head.bias", [3]),
+        ])
+        .unwrap();
+        let short = Layout::new([TensorSpec::new("w", [1])]).unwrap();
+        for l in [&other, &short] {
+            assert!(matches!(
+                head.gather(l, &vec![0.0; l.len()]),
+                Err(Error::LayoutMismatch { .. })
+            ));
+            assert!(head.complement(l).is_err() && head.layout(l).is_err());
+            assert!(head.scatter(l, &part, &mut vec![0.0; l.len()]).is_err());
+        }
+        assert!(head.gather(&layout, &values[..3]).is_err(), "short values");
         // Exact names work; a pattern matching nothing is an error naming it.
         let one = layout.select(&["features.norm0.weight"]).unwrap();
         assert_eq!(one.tensors(), &[1]);

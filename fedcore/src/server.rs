@@ -5,19 +5,20 @@
 //! apply the step, evaluate, checkpoint and report. Aggregators, privacy
 //! mechanisms and transports only do their one job.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
 use crate::aggregate::Aggregate;
-use crate::checkpoint::{CheckpointStore, RunState};
+use crate::checkpoint::{CheckpointStore, Snapshot};
 use crate::client::{EvaluateIns, FitIns};
 use crate::error::{Error, Result};
 use crate::events::{
     AcceptedUpdate, AggregationFailure, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord,
-    ServerEvent,
+    ServerEvent, Withheld,
 };
 use crate::model::{Evaluation, TrainConfig};
 use crate::params::{Layout, Parameters, Selection};
@@ -154,6 +155,42 @@ pub struct Server<T: Transport, A: Strategy> {
     evaluator: Option<Evaluator>,
     store: Option<CheckpointStore>,
     sealing: Option<Sealing>,
+    exclusions: Exclusions,
+}
+
+/// Clients an operator keeps out of training (e.g. a hospital an
+/// administrator suspended on the dashboard), each with a reason. Cheap to
+/// clone; every clone is the same list, so a dashboard thread can change it
+/// while the server runs. Changes take effect from the next round.
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions(Arc<Mutex<BTreeMap<ClientId, String>>>);
+
+impl Exclusions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ClientId, String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `client` out of the rounds from the next one on.
+    pub fn exclude(&self, client: ClientId, reason: impl Into<String>) {
+        self.lock().insert(client, reason.into());
+    }
+
+    /// Lets `client` take part again; false if it was not excluded.
+    pub fn include(&self, client: &ClientId) -> bool {
+        self.lock().remove(client).is_some()
+    }
+
+    /// Whether `client` is excluded.
+    pub fn contains(&self, client: &ClientId) -> bool {
+        self.lock().contains_key(client)
+    }
+
+    /// The excluded clients and why.
+    pub fn list(&self) -> BTreeMap<ClientId, String> {
+        self.lock().clone()
+    }
 }
 
 /// The server's side of sealed tensors (see [`crate::sealed`]).
@@ -215,6 +252,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             evaluator: None,
             store,
             sealing: None,
+            exclusions: Exclusions::default(),
         })
     }
 
@@ -261,6 +299,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             evaluator: None,
             store: Some(store),
             sealing: None,
+            exclusions: Exclusions::default(),
         })
     }
 
@@ -286,15 +325,15 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 "the sealed tensors hold no values".into(),
             ));
         }
-        let body = head.complement(&layout);
-        let head_layout = Arc::new(head.layout(&layout));
+        let body = head.complement(&layout)?;
+        let head_layout = Arc::new(head.layout(&layout)?);
         let global = match self.saved_sealed(&head_layout)? {
             Some(saved) => {
                 aggregator.check_global(&saved)?;
                 saved
             }
             None => aggregator
-                .seal_initial(&head_layout, &head.gather(&layout, self.global.as_slice()))?,
+                .seal_initial(&head_layout, &head.gather(&layout, self.global.as_slice())?)?,
         };
         if global.layout() != &head_layout {
             return Err(Error::Sealing(format!(
@@ -333,11 +372,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         if self.next_round == 1 {
             return Ok(None);
         }
-        let path = sealed_path(store.dir(), self.next_round);
-        let bytes = std::fs::read(&path).map_err(|e| Error::Checkpoint {
-            path: path.clone(),
-            reason: format!("the run seals tensors but their saved values cannot be read: {e}"),
-        })?;
+        let bytes = store.load_sealed(self.next_round)?;
         Ok(Some(SealedTensors::new(layout.clone(), bytes)))
     }
 
@@ -389,14 +424,27 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         &self.config
     }
 
-    /// The transport (e.g. to inject faults in a simulation).
-    pub fn transport_mut(&mut self) -> &mut T {
+    /// The transport (e.g. to inject faults into an in-memory one, whose
+    /// `inject` takes `&self`).
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// The transport, for the crate's own network loop (shutdown).
+    #[cfg(feature = "net")]
+    pub(crate) fn transport_mut(&mut self) -> &mut T {
         &mut self.transport
     }
 
-    /// The aggregator.
-    pub fn aggregator_mut(&mut self) -> &mut A {
-        &mut self.aggregator
+    /// The aggregator (or multi-step strategy).
+    pub fn aggregator(&self) -> &A {
+        &self.aggregator
+    }
+
+    /// The clients an operator keeps out of training: a handle to change
+    /// from anywhere (see [`Exclusions`]).
+    pub fn exclusions(&self) -> Exclusions {
+        self.exclusions.clone()
     }
 
     /// Runs rounds until `config.rounds` rounds exist under the default
@@ -574,6 +622,24 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             available.retain(|c| !excluded.contains(c));
             info!(round, excluded = ?excluded, "suspicious clients sit this round out");
         }
+        let operator = self.exclusions.list();
+        let withheld: Vec<Withheld> = available
+            .iter()
+            .filter_map(|c| {
+                operator.get(c).map(|reason| Withheld {
+                    client: c.clone(),
+                    reason: reason.clone(),
+                })
+            })
+            .collect();
+        if !withheld.is_empty() {
+            available.retain(|c| !operator.contains_key(c));
+            info!(
+                round,
+                withheld = withheld.len(),
+                "clients kept out by the operator"
+            );
+        }
         let sampled = sample(
             &available,
             self.config.fraction_fit,
@@ -590,6 +656,13 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             round,
             sampled: sampled.clone(),
         });
+        for w in &withheld {
+            self.emit(ServerEvent::ClientWithheld {
+                round,
+                client: w.client.clone(),
+                reason: w.reason.clone(),
+            });
+        }
 
         let global = self.global.clone();
         let sealed_global = self.sealing.as_ref().map(|s| s.global.clone());
@@ -611,7 +684,9 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         );
         // What updates carry in the clear: the whole model, or the body.
         let reference = match &self.sealing {
-            Some(s) => Arc::new(s.body.subset(&global)),
+            // The body selection was made for this layout (checked in
+            // `with_sealing`), so this cannot fail.
+            Some(s) => Arc::new(s.body.subset(&global)?),
             None => global.clone(),
         };
         let mut accepted: Vec<(ClientUpdate, f64)> = Vec::new();
@@ -650,6 +725,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             sampled,
             quorum,
             excluded,
+            withheld,
             accepted: Vec::new(),
             failures,
             train_metrics: Metrics::new(),
@@ -955,38 +1031,14 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         let Some(store) = &self.store else {
             return Ok(());
         };
-        let state = RunState {
-            version: 0,
+        let path = store.save(Snapshot {
+            global: &self.global,
+            sealed: self.sealing.as_ref().map(|s| s.global.bytes()),
             seed: self.config.seed,
             next_round: self.next_round,
-            model_file: String::new(),
-            model_sha256: String::new(),
-            history: self.history.clone(),
-        };
-        if let Some(s) = &self.sealing {
-            // Written before the state that points at it, under the round it
-            // starts, so a crash in between leaves the previous pair intact.
-            let path = sealed_path(store.dir(), self.next_round);
-            std::fs::create_dir_all(store.dir()).map_err(|e| Error::Checkpoint {
-                path: store.dir().to_owned(),
-                reason: format!("cannot create the checkpoint folder: {e}"),
-            })?;
-            crate::checkpoint::write_atomic(&path, s.global.bytes())?;
-        }
-        let path = store.save(&self.global, state)?;
-        if self.sealing.is_some() {
-            let keep = self.config.keep_checkpoints.max(1) as u64;
-            let stale = self.next_round.saturating_sub(keep);
-            for r in 1..=stale {
-                let _ = std::fs::remove_file(sealed_path(store.dir(), r));
-            }
-        }
+            history: &self.history,
+        })?;
         self.emit(ServerEvent::CheckpointWritten { round, path });
         Ok(())
     }
-}
-
-/// Where the sealed global that round `next_round` starts from is saved.
-fn sealed_path(dir: &std::path::Path, next_round: u64) -> PathBuf {
-    dir.join(format!("sealed-{next_round:06}.bin"))
 }

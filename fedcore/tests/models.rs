@@ -279,7 +279,7 @@ fn densenet121_layout_counts_and_shapes_for_1_and_3_channels() {
         );
         let head = model.head();
         assert_eq!(
-            head.names(model.layout()).collect::<Vec<_>>(),
+            head.names(model.layout()).unwrap().collect::<Vec<_>>(),
             ["classifier.weight", "classifier.bias"]
         );
 
@@ -466,7 +466,11 @@ fn small_cnn_learns_and_has_the_documented_size() {
     let mut model = TchModel::build(Device::Cpu, 0, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
     assert_eq!(model.trainable_values(), 215_370);
     assert_eq!(
-        model.head().names(model.layout()).collect::<Vec<_>>(),
+        model
+            .head()
+            .names(model.layout())
+            .unwrap()
+            .collect::<Vec<_>>(),
         ["fc2.weight", "fc2.bias"]
     );
     let train = DataSplit::all(Arc::new(synthetic_digits(400, 1)));

@@ -2,7 +2,7 @@
 //! stream in chunks over mutual TLS, bit-exactly; a payload declared over
 //! the limit closes only the session that declared it.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions
-#![cfg(feature = "net")]
+#![cfg(all(feature = "net", feature = "testkit"))]
 
 mod common;
 
@@ -14,7 +14,8 @@ use std::time::Duration;
 use fedcore::linear::SoftmaxRegression;
 use fedcore::net::provision::{Kit, Project, ProjectSpec, provision};
 use fedcore::net::{
-    self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind, open_session, proto,
+    self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind,
+    testkit::{open_session, proto},
 };
 use fedcore::{
     AggregationFailureKind, Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation,

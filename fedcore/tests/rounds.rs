@@ -187,7 +187,7 @@ fn too_few_valid_updates_is_a_recorded_outcome_and_the_model_is_unchanged() {
 
     // The next round runs once the client is healthy again.
     server
-        .transport_mut()
+        .transport()
         .inject(&ClientId::new(name(0)), None)
         .unwrap();
     assert_eq!(server.run_round().unwrap().round, 2);
@@ -370,4 +370,32 @@ fn impersonated_duplicate_and_unsolicited_replies_do_not_count() {
     )));
     assert!(failures.contains(&("c", &Failure::Rejected(Rejection::WrongReply))));
     assert!(r.sampled.iter().all(|c| c.as_str() != "mallory"));
+}
+
+/// An operator's exclusion list keeps a connected client out of rounds,
+/// records why, and lets it back in.
+#[test]
+fn excluded_clients_are_withheld_recorded_and_readmitted() {
+    let mut cfg = config(3);
+    cfg.min_available_clients = 2;
+    cfg.min_fit_clients = 2;
+    let mut server = Server::new(cfg, initial(), federation(3), FedAvg).unwrap();
+    let (tx, rx) = mpsc::channel();
+    server.subscribe(tx);
+    let exclusions = server.exclusions();
+    exclusions.exclude(ClientId::new(name(1)), "under maintenance");
+    let r = server.run_round().unwrap().clone();
+    assert_eq!(r.outcome, RoundOutcome::Completed);
+    assert!(!r.sampled.contains(&ClientId::new(name(1))));
+    assert_eq!(r.withheld.len(), 1);
+    assert_eq!(r.withheld[0].client.as_str(), "hospital-1");
+    assert_eq!(r.withheld[0].reason, "under maintenance");
+    assert!(rx.try_iter().any(|e| matches!(
+        e,
+        ServerEvent::ClientWithheld { round: 1, ref reason, .. } if reason == "under maintenance"
+    )));
+    assert!(exclusions.include(&ClientId::new(name(1))));
+    let r = server.run_round().unwrap().clone();
+    assert_eq!(r.sampled.len(), 3);
+    assert!(r.withheld.is_empty());
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use fedcore::RoundRecord;
 use fedcore::net::provision::{Kit, ROSTER_FILE, Roster};
-use fedcore::net::{ClientOptions, Limits, open_session, proto};
+use fedcore::net::testkit::{open_session, proto};
+use fedcore::net::{ClientOptions, Limits};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedcore-deploy");
 const WAIT: Duration = Duration::from_secs(90);

@@ -259,7 +259,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     println!("listening on {}", transport.local_addr());
     let template = densenet(a.seed)?;
     let layout = template.layout().clone();
-    let head: Vec<String> = template.head().names(&layout).map(str::to_owned).collect();
+    let head: Vec<String> = template.head().names(&layout)?.map(str::to_owned).collect();
     // Krum's f follows the number of hospitals, as in the simulation.
     let hospitals = Roster::load(&kit.roster_path())?.active().len();
     let aggregator = a.aggregator.build(hospitals.max(a.min_clients))?;

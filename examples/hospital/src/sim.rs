@@ -444,7 +444,7 @@ fn run_inner(
     let template = densenet(cfg.seed)?;
     let layout = template.layout().clone();
     let head = template.head();
-    let head_patterns: Vec<String> = head.names(&layout).map(str::to_owned).collect();
+    let head_patterns: Vec<String> = head.names(&layout)?.map(str::to_owned).collect();
     let dp_names = dp_tensors(&template);
     let mut transport = InMemoryTransport::new();
     for (i, items) in split.hospitals.iter().enumerate() {
@@ -589,6 +589,18 @@ fn run_inner(
                     reason: reason.to_string(),
                 });
             }
+            ServerEvent::ClientWithheld {
+                round,
+                client,
+                reason,
+            } => {
+                bar.suspend(|| println!("  {client} not counted: {reason}"));
+                shared.send(LiveEvent::UpdateRejected {
+                    round: *round,
+                    client: client.to_string(),
+                    reason: reason.clone(),
+                });
+            }
             ServerEvent::ClientFlagged {
                 round,
                 client,
@@ -608,7 +620,7 @@ fn run_inner(
         });
     }
 
-    apply_suspensions(&mut server, shared, cfg.clients, cfg.drop_client)?;
+    apply_suspensions(&server, shared, cfg.clients, cfg.drop_client)?;
     // The core's run loop: a failed round (no quorum, aggregation refused)
     // is recorded and the run goes on; three failed rounds in a row end it.
     let policy = RunPolicy::default().with_stop(shared.stop.clone());
@@ -665,7 +677,11 @@ fn run_inner(
         rounds: server.history().len() as u64,
         initial,
         last,
-        rejected: server.history().iter().map(|r| r.failures.len()).sum(),
+        rejected: server
+            .history()
+            .iter()
+            .map(|r| r.failures.len() + r.withheld.len())
+            .sum(),
         run_dir,
     })
 }
@@ -729,10 +745,11 @@ fn synthetic(cfg: &SimConfig, run_dir: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Suspended hospitals report an error instead of training; reactivated
-/// ones train again.
+/// Suspended hospitals are kept out of training by the server's exclusion
+/// list (recorded as withheld); reactivated ones train again. `--drop-client`
+/// makes one hospital's connection drop (a simulated outage).
 fn apply_suspensions<A: Aggregator>(
-    server: &mut Server<InMemoryTransport, A>,
+    server: &Server<InMemoryTransport, A>,
     shared: &Shared,
     clients: usize,
     dropped: Option<usize>,
@@ -742,18 +759,16 @@ fn apply_suspensions<A: Aggregator>(
         .lock()
         .map(|s| s.clone())
         .unwrap_or_default();
+    let exclusions = server.exclusions();
     for i in 0..clients {
-        let name = hospital(i);
-        let fault = if suspended.contains(&name) {
-            Some(Fault::Error("suspended by an administrator".into()))
-        } else if dropped == Some(i + 1) {
-            Some(Fault::Drop)
+        let id = ClientId::new(hospital(i));
+        if suspended.contains(id.as_str()) {
+            exclusions.exclude(id.clone(), "suspended by an administrator");
         } else {
-            None
-        };
-        server
-            .transport_mut()
-            .inject(&ClientId::new(&name), fault)?;
+            exclusions.include(&id);
+        }
+        let fault = (dropped == Some(i + 1)).then_some(Fault::Drop);
+        server.transport().inject(&id, fault)?;
     }
     Ok(())
 }
@@ -767,7 +782,7 @@ fn round_row(r: &RoundRecord) -> RoundRow {
         started_at: r.started_at_ms as i64,
         duration_ms: r.duration_ms as i64,
         accepted: r.accepted.len() as i64,
-        rejected: r.failures.len() as i64,
+        rejected: (r.failures.len() + r.withheld.len()) as i64,
         loss: r.evaluation.as_ref().map(|e| e.loss),
         train_loss: r.train_metrics.get("loss").copied(),
         auroc_macro: r
@@ -798,11 +813,20 @@ fn to_new_round(r: &RoundRecord, row: &RoundRow) -> NewRound {
             }
         })
         .collect();
-    updates.extend(r.failures.iter().map(|f| UpdateRow {
+    let not_counted = r
+        .failures
+        .iter()
+        .map(|f| (f.client.to_string(), f.reason.to_string()))
+        .chain(
+            r.withheld
+                .iter()
+                .map(|w| (w.client.to_string(), w.reason.clone())),
+        );
+    updates.extend(not_counted.map(|(client_id, reason)| UpdateRow {
         round_id: row.id,
-        client_id: f.client.to_string(),
+        client_id,
         accepted: false,
-        reason: Some(f.reason.to_string()),
+        reason: Some(reason),
         weight: None,
         trust: None,
         update_norm: None,

@@ -59,7 +59,10 @@ impl Default for ClientOptions {
 }
 
 /// A mutually authenticated gRPC channel to the server of `kit`.
-pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationClient<Channel>> {
+pub(crate) async fn connect(
+    kit: &Kit,
+    options: &ClientOptions,
+) -> Result<FederationClient<Channel>> {
     let address = options
         .address
         .clone()
@@ -94,6 +97,8 @@ pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationCli
 /// it; use it directly for a client of your own (or a test that speaks the
 /// protocol by hand). A connection that fails is `Unavailable`; a refusal
 /// keeps the server's code (`PermissionDenied` for a revoked or unknown site).
+///
+/// Public only through `net::testkit` (feature `testkit`).
 pub async fn open_session(
     kit: &Kit,
     options: &ClientOptions,

@@ -54,15 +54,34 @@ pub mod provision;
 mod server;
 mod wire;
 
-/// The generated protobuf messages and gRPC stubs of `proto/fedcore.proto`.
+/// The generated protobuf messages and gRPC stubs of `proto/fedcore.proto`
+/// (private: the wire format is the protocol, not an API).
+#[cfg(not(feature = "testkit"))]
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod proto {
+    tonic::include_proto!("fedcore.v1");
+}
+
+/// With `testkit`, public (hidden here) for [`testkit::proto`].
+#[cfg(feature = "testkit")]
+#[doc(hidden)]
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("fedcore.v1");
 }
 
+/// For tests that speak the wire protocol by hand (feature `testkit`): the
+/// generated messages and [`open_session`](testkit::open_session). Not a
+/// stable API.
+#[cfg(feature = "testkit")]
+pub mod testkit {
+    pub use super::client::open_session;
+    pub use super::proto;
+}
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use client::{ClientOptions, connect, open_session, run_client};
+pub use client::{ClientOptions, run_client};
 pub use server::{GrpcTransport, ServerOptions, ShutdownKind};
 pub use wire::PROTOCOL;
 
@@ -153,7 +172,7 @@ pub fn run_server<S: Strategy>(
         RunEnd::Stopped => "the run was stopped",
         _ => "the run gave up after too many failed rounds",
     };
-    let grace = server.transport_mut().options().finish_grace;
+    let grace = server.transport().options().finish_grace;
     server
         .transport_mut()
         .shutdown(reason, ShutdownKind::Finished, grace);
