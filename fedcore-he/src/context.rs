@@ -238,13 +238,7 @@ impl CkksContext<Secret> {
     }
 
     fn decode(path: &Path, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() as u64 > MAX_KEY_FILE {
-            return Err(key_err(path, format!("{} bytes is too large", bytes.len())));
-        }
-        let file = decode_key_file(path, bytes, Secret::TAG)?;
-        let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
-        let pk = seal::PublicKey::from_bytes(&ctx, file.public)
-            .map_err(|e| key_err(path, format!("public key: {e}")))?;
+        let (file, ctx, pk) = load_key_file(path, bytes, Secret::TAG)?;
         let sk = seal::SecretKey::from_bytes(&ctx, file.secret.unwrap_or_default())
             .map_err(|e| key_err(path, format!("secret key: {e}")))?;
         Self::from_parts(file.params, ctx, Arc::new(pk), Some(Arc::new(sk)))
@@ -280,13 +274,7 @@ impl CkksContext<Public> {
     }
 
     fn decode(path: &Path, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() as u64 > MAX_KEY_FILE {
-            return Err(key_err(path, format!("{} bytes is too large", bytes.len())));
-        }
-        let file = decode_key_file(path, bytes, Public::TAG)?;
-        let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
-        let pk = seal::PublicKey::from_bytes(&ctx, file.public)
-            .map_err(|e| key_err(path, format!("public key: {e}")))?;
+        let (file, ctx, pk) = load_key_file(path, bytes, Public::TAG)?;
         Self::from_parts(file.params, ctx, Arc::new(pk), None)
     }
 }
@@ -433,6 +421,23 @@ pub fn fuzz_key_file(rest: &[u8]) -> Vec<u8> {
         out.extend_from_slice(sk);
     }
     out
+}
+
+/// A key file's bytes for role `tag`: its fields, the SEAL context of its
+/// parameters and its public key (both roles' files hold one).
+fn load_key_file<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    tag: u8,
+) -> Result<(KeyFile<'a>, Arc<seal::Context>, seal::PublicKey)> {
+    if bytes.len() as u64 > MAX_KEY_FILE {
+        return Err(key_err(path, format!("{} bytes is too large", bytes.len())));
+    }
+    let file = decode_key_file(path, bytes, tag)?;
+    let ctx = make_context(&file.params).map_err(|e| key_err(path, e.to_string()))?;
+    let pk = seal::PublicKey::from_bytes(&ctx, file.public)
+        .map_err(|e| key_err(path, format!("public key: {e}")))?;
+    Ok((file, ctx, pk))
 }
 
 fn role_name(tag: u8) -> &'static str {

@@ -17,6 +17,7 @@ use utoipa::ToSchema;
 
 /// Why an upload cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
 pub enum UploadError {
     /// Not PNG or JPEG.
     #[error("not a PNG or JPEG image")]

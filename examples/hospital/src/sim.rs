@@ -561,6 +561,17 @@ fn run_inner(
         let shared = shared.clone();
         let bar = bar.clone();
         let total = cfg.rounds;
+        let not_counted = {
+            let (shared, bar) = (shared.clone(), bar.clone());
+            move |round: u64, client: &ClientId, reason: String| {
+                bar.suspend(|| println!("  {client} not counted: {reason}"));
+                shared.send(LiveEvent::UpdateRejected {
+                    round,
+                    client: client.to_string(),
+                    reason,
+                });
+            }
+        };
         server.subscribe(move |event: &ServerEvent| match event {
             ServerEvent::RoundStarted { round, sampled } => {
                 shared.set_progress(|p| {
@@ -577,30 +588,18 @@ fn run_inner(
                     sampled: sampled.iter().map(ToString::to_string).collect(),
                 });
             }
+            // A rejected update and a hospital kept out by an administrator
+            // both show as "not counted" on the dashboard.
             ServerEvent::UpdateRejected {
                 round,
                 client,
                 reason,
-            } => {
-                bar.suspend(|| println!("  {client} not counted: {reason}"));
-                shared.send(LiveEvent::UpdateRejected {
-                    round: *round,
-                    client: client.to_string(),
-                    reason: reason.to_string(),
-                });
-            }
+            } => not_counted(*round, client, reason.to_string()),
             ServerEvent::ClientWithheld {
                 round,
                 client,
                 reason,
-            } => {
-                bar.suspend(|| println!("  {client} not counted: {reason}"));
-                shared.send(LiveEvent::UpdateRejected {
-                    round: *round,
-                    client: client.to_string(),
-                    reason: reason.clone(),
-                });
-            }
+            } => not_counted(*round, client, reason.clone()),
             ServerEvent::ClientFlagged {
                 round,
                 client,

@@ -160,6 +160,7 @@ pub struct Roster {
 
 /// Why a certificate is not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refusal {
     /// Not on the roster at all.
     #[error("certificate {fingerprint} of `{identity}` is not on the roster")]

@@ -1,0 +1,31 @@
+//! Writes the seed corpora of this crate's targets under the folder given as
+//! the first argument (default `seeds`): key files of both roles (small,
+//! insecure parameters, as the targets use) and encrypted uploads.
+
+use fedcore_he::{CkksContext, CkksParams, Form, KeyAuthority};
+
+fn main() {
+    let root = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "seeds".into()));
+    let params = CkksParams::dangerous()
+        .insecure(4096, &[40, 40, 40, 40], 30)
+        .expect("params");
+    let tmp = std::env::temp_dir().join(format!("fedcore-he-seeds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("temp folder");
+    let (hospital, files) = KeyAuthority::write(params, &tmp).expect("keys");
+    let keys = root.join("key_file");
+    std::fs::create_dir_all(&keys).expect("seed folder");
+    std::fs::copy(&files.public, keys.join("public")).expect("public key");
+    std::fs::copy(&files.secret, keys.join("secret")).expect("secret key");
+    let vectors = root.join("load_vector");
+    std::fs::create_dir_all(&vectors).expect("seed folder");
+    let fresh = hospital.encrypt_compact(&[1.0, -2.0, 3.5]).expect("encrypt");
+    std::fs::write(vectors.join("fresh"), &fresh).expect("seed");
+    let server = hospital.public();
+    let a = server.load(&fresh, Form::Fresh).expect("load");
+    let sum = server.weighted_sum(&[&a, &a], &[0.5, 0.5]).expect("sum");
+    std::fs::write(vectors.join("sum"), sum.to_bytes().expect("bytes")).expect("seed");
+    let _ = CkksContext::<fedcore_he::Public>::from_file(&files.public).expect("reads back");
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("seeds written under {}", root.display());
+}
