@@ -303,10 +303,10 @@ impl Shared {
 /// The DenseNet-121 of the hospital app.
 pub fn densenet(seed: u64) -> Result<TchModel<DenseNet>> {
     let config = DenseNetConfig::densenet121(1, Activation::Square);
-    Ok(
-        TchModel::build(tch::Device::Cpu, seed, |b| DenseNet::build(b, config))?
-            .with_label_names(&FINDINGS)?,
-    )
+    Ok(TchModel::build(fedcore::models::Device::Cpu, seed, |b| {
+        DenseNet::build(b, config)
+    })?
+    .with_label_names(&FINDINGS)?)
 }
 
 /// The image preprocessing of the app (the data set's and inference's).

@@ -47,7 +47,36 @@ use tch::{Kind, Reduction, Tensor, nn};
 pub use cnn::SmallCnn;
 pub use densenet::{Activation, DenseNet, DenseNetConfig, Placement};
 pub use persample::{ClippedGradientSum, PerSampleGradients, Trace};
-pub use tch::Device;
+
+/// Where a model's variables live. fedcore's own type, so that no libtorch
+/// type appears in the public API; it converts into `tch::Device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The CPU.
+    Cpu,
+    /// The CUDA device with this index.
+    Cuda(usize),
+}
+
+impl Device {
+    /// CUDA device 0 when libtorch sees one, else the CPU.
+    pub fn cuda_if_available() -> Self {
+        if tch::Cuda::is_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }
+    }
+}
+
+impl From<Device> for tch::Device {
+    fn from(d: Device) -> Self {
+        match d {
+            Device::Cpu => tch::Device::Cpu,
+            Device::Cuda(n) => tch::Device::Cuda(n),
+        }
+    }
+}
 
 use crate::data::{Batch, DataSplit, Targets};
 use crate::error::{Error, Result};
@@ -139,7 +168,7 @@ pub struct Builder {
 impl Builder {
     fn new(device: Device, seed: u64) -> Self {
         Self {
-            vs: nn::VarStore::new(device),
+            vs: nn::VarStore::new(device.into()),
             specs: Vec::new(),
             tensors: Vec::new(),
             buffers: Vec::new(),
@@ -419,7 +448,11 @@ impl<N: Network> TchModel<N> {
 
     /// Where the variables live.
     pub fn device(&self) -> Device {
-        self.vs.device()
+        match self.vs.device() {
+            tch::Device::Cuda(n) => Device::Cuda(n),
+            // Models are only built on the CPU or CUDA.
+            _ => Device::Cpu,
+        }
     }
 
     /// The layout of [`Model::parameters`].
@@ -876,7 +909,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     let flat = t
         .detach()
-        .to_device(Device::Cpu)
+        .to_device(tch::Device::Cpu)
         .to_kind(Kind::Float)
         .reshape([-1]);
     Vec::<f32>::try_from(&flat).map_err(|e| Error::Model(e.to_string()))
