@@ -26,7 +26,8 @@ use crate::auth::{self, COOKIE, LoginLimiter, Permission, Tokens, allows};
 use crate::infer::{Finding, Predictor, UploadError, decode};
 use crate::sim::{LiveEvent, Progress, Shared};
 use crate::store::{
-    AuditRow, ClientRow, InferenceRow, Role, RoundRow, Store, TrustRow, UpdateRow, User,
+    AuditAction, AuditOutcome, AuditRow, ClientRow, ClientStatus, InferenceRow, Role, RoundRow,
+    Store, TrustRow, UpdateRow, User,
 };
 
 /// Limits on uploads.
@@ -212,9 +213,9 @@ impl Session {
             .audit(crate::store::Audit {
                 actor_id: Some(self.user.id),
                 actor: &self.user.username,
-                action: "permission_denied",
+                action: AuditAction::PermissionDenied,
                 target: Some(what),
-                outcome: "denied",
+                outcome: AuditOutcome::Denied,
                 detail: Some(self.user.role.as_str()),
                 ip: Some(&ip),
             })
@@ -228,7 +229,7 @@ impl Session {
     async fn audit(
         &self,
         state: &AppState,
-        action: &str,
+        action: AuditAction,
         target: Option<&str>,
         detail: Option<&str>,
     ) -> ApiResult<()> {
@@ -240,7 +241,7 @@ impl Session {
                 actor: &self.user.username,
                 action,
                 target,
-                outcome: "success",
+                outcome: AuditOutcome::Success,
                 detail,
                 ip: Some(&ip),
             })
@@ -285,12 +286,13 @@ async fn login(
         state
             .store
             .audit(crate::store::Audit {
+                actor_id: None,
                 actor: &name,
-                action: "login",
-                outcome: "failure",
+                action: AuditAction::Login,
+                target: None,
+                outcome: AuditOutcome::Failure,
                 detail: Some("rate limited"),
                 ip: Some(&ip_s),
-                ..Default::default()
             })
             .await?;
         let mut e = ApiError::new(
@@ -315,12 +317,13 @@ async fn login(
         state
             .store
             .audit(crate::store::Audit {
+                actor_id: None,
                 actor: &name,
-                action: "login",
-                outcome: "failure",
+                action: AuditAction::Login,
+                target: None,
+                outcome: AuditOutcome::Failure,
                 detail: Some("wrong user name or password"),
                 ip: Some(&ip_s),
-                ..Default::default()
             })
             .await?;
         return Err(ApiError::new(
@@ -334,10 +337,11 @@ async fn login(
         .audit(crate::store::Audit {
             actor_id: Some(user.id),
             actor: &user.username,
-            action: "login",
-            outcome: "success",
+            action: AuditAction::Login,
+            target: None,
+            outcome: AuditOutcome::Success,
+            detail: None,
             ip: Some(&ip_s),
-            ..Default::default()
         })
         .await?;
     let ttl = state.tokens.ttl().as_secs();
@@ -449,7 +453,7 @@ async fn register(
     session
         .audit(
             &state,
-            "user_created",
+            AuditAction::UserCreated,
             Some(&user.username),
             Some(req.role.as_str()),
         )
@@ -503,7 +507,12 @@ async fn change_role(
     state.store.set_role(id, req.role).await?;
     let detail = format!("{} -> {}", user.role.as_str(), req.role.as_str());
     session
-        .audit(&state, "role_change", Some(&user.username), Some(&detail))
+        .audit(
+            &state,
+            AuditAction::RoleChange,
+            Some(&user.username),
+            Some(&detail),
+        )
         .await?;
     Ok(Json(User {
         role: req.role,
@@ -547,7 +556,12 @@ async fn export_user(
         .collect::<ApiResult<_>>()?;
     let audit = state.store.audit_log(Some(id), i64::MAX).await?;
     session
-        .audit(&state, "user_data_export", Some(&user.username), None)
+        .audit(
+            &state,
+            AuditAction::UserDataExport,
+            Some(&user.username),
+            None,
+        )
         .await?;
     Ok(Json(UserExport {
         user,
@@ -587,7 +601,12 @@ async fn delete_user(
     }
     state.store.anonymize_user(id).await?;
     session
-        .audit(&state, "user_erased", Some(&format!("user {id}")), None)
+        .audit(
+            &state,
+            AuditAction::UserErased,
+            Some(&format!("user {id}")),
+            None,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -707,25 +726,30 @@ async fn set_client_status(
             "change a client's status",
         )
         .await?;
-    if !matches!(req.status.as_str(), "active" | "suspended") {
-        return Err(ApiError::bad_request("status is `active` or `suspended`"));
-    }
+    let status: ClientStatus = req
+        .status
+        .parse()
+        .map_err(|_| ApiError::bad_request("status is `active` or `suspended`"))?;
     let before = state
         .store
         .client(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("client"))?;
-    state.store.set_client_status(&id, &req.status).await?;
+    state.store.set_client_status(&id, status).await?;
     if let Ok(mut s) = state.shared.suspended.lock() {
-        if req.status == "suspended" {
-            s.insert(id.clone());
-        } else {
-            s.remove(&id);
-        }
+        match status {
+            ClientStatus::Suspended => s.insert(id.clone()),
+            ClientStatus::Active => s.remove(&id),
+        };
     }
-    let detail = format!("{} -> {}", before.status, req.status);
+    let detail = format!("{} -> {}", before.status.as_str(), status.as_str());
     session
-        .audit(&state, "client_status_change", Some(&id), Some(&detail))
+        .audit(
+            &state,
+            AuditAction::ClientStatusChange,
+            Some(&id),
+            Some(&detail),
+        )
         .await?;
     let c = state
         .store
@@ -868,7 +892,10 @@ async fn overview(State(state): State<AppState>, session: Session) -> ApiResult<
     Ok(Json(Overview {
         progress: progress(&state),
         rounds_recorded: rounds.len(),
-        active_clients: clients.iter().filter(|c| c.status == "active").count(),
+        active_clients: clients
+            .iter()
+            .filter(|c| c.status == ClientStatus::Active)
+            .count(),
         clients: clients.len(),
         suspicious_clients: suspicious,
         last_loss: last.and_then(|r| r.loss),
@@ -1167,7 +1194,7 @@ async fn predict(
     session
         .audit(
             &state,
-            "inference",
+            AuditAction::Inference,
             Some(&xray.sha256[..16]),
             Some(&format!("model round {round}")),
         )
@@ -1279,7 +1306,7 @@ async fn export_model(State(state): State<AppState>, session: Session) -> ApiRes
         ),
     };
     session
-        .audit(&state, "model_export", Some(&name), None)
+        .audit(&state, AuditAction::ModelExport, Some(&name), None)
         .await?;
     Ok((
         [

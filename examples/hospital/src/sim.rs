@@ -225,12 +225,27 @@ pub enum LiveEvent {
     },
 }
 
+/// What a run is doing, for the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// No simulation in this process.
+    Idle,
+    /// Writing data, building the model and the keys.
+    Preparing,
+    /// Rounds are running.
+    Training,
+    /// The run ended (all rounds, stopped, or gave up after failed rounds).
+    Finished,
+    /// The run stopped on an error.
+    Failed,
+}
+
 /// Where a run is, for the dashboard.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Progress {
-    /// `idle` (no simulation in this process), `preparing`, `training`,
-    /// `finished` or `failed`.
-    pub status: String,
+    /// What the run is doing.
+    pub status: RunStatus,
     /// The round being trained (0 before the first).
     pub current_round: u64,
     /// Rounds in the run.
@@ -251,7 +266,7 @@ impl Progress {
     /// No simulation in this process.
     pub fn idle() -> Self {
         Self {
-            status: "idle".into(),
+            status: RunStatus::Idle,
             current_round: 0,
             total_rounds: 0,
             aggregator: String::new(),
@@ -346,13 +361,13 @@ pub fn run(
     let result = run_inner(cfg, store, rt, shared, predictor);
     match &result {
         Ok(s) => {
-            shared.set_progress(|p| p.status = "finished".into());
+            shared.set_progress(|p| p.status = RunStatus::Finished);
             shared.send(LiveEvent::Finished { rounds: s.rounds });
         }
         Err(e) => {
             let error = format!("{e:#}");
             shared.set_progress(|p| {
-                p.status = "failed".into();
+                p.status = RunStatus::Failed;
                 p.error = Some(error.clone());
             });
             shared.send(LiveEvent::Failed { error });
@@ -378,7 +393,7 @@ fn run_inner(
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     shared.set_progress(|p| {
         *p = Progress {
-            status: "preparing".into(),
+            status: RunStatus::Preparing,
             current_round: 0,
             total_rounds: cfg.rounds,
             aggregator: format!("{:?}", cfg.aggregator),
@@ -575,7 +590,7 @@ fn run_inner(
         server.subscribe(move |event: &ServerEvent| match event {
             ServerEvent::RoundStarted { round, sampled } => {
                 shared.set_progress(|p| {
-                    p.status = "training".into();
+                    p.status = RunStatus::Training;
                     p.current_round = *round;
                 });
                 bar.set_message(format!(

@@ -81,7 +81,7 @@ pub struct ClientRow {
     /// Its identity (e.g. `hospital-1`).
     pub id: String,
     /// `active` or `suspended` (left out of training).
-    pub status: String,
+    pub status: ClientStatus,
     /// Training images.
     pub examples: i64,
     /// Patients behind them.
@@ -212,22 +212,117 @@ pub struct AuditRow {
 }
 
 /// A new audit entry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Audit<'a> {
     /// The user's id, when known.
     pub actor_id: Option<i64>,
     /// Who.
     pub actor: &'a str,
     /// What.
-    pub action: &'a str,
+    pub action: AuditAction,
     /// On what.
     pub target: Option<&'a str>,
-    /// `success`, `failure` or `denied`.
-    pub outcome: &'a str,
+    /// How it ended.
+    pub outcome: AuditOutcome,
     /// More.
     pub detail: Option<&'a str>,
     /// The peer address.
     pub ip: Option<&'a str>,
+}
+
+/// What an audit entry records (the `action` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuditAction {
+    /// A sign-in attempt.
+    Login,
+    /// A request the user's role does not allow.
+    PermissionDenied,
+    /// An admin created a user.
+    UserCreated,
+    /// An admin changed a user's role.
+    RoleChange,
+    /// A data-subject export.
+    UserDataExport,
+    /// A data-subject erasure.
+    UserErased,
+    /// A hospital suspended or reactivated.
+    ClientStatusChange,
+    /// An X-ray read by the model.
+    Inference,
+    /// The model downloaded.
+    ModelExport,
+}
+
+impl AuditAction {
+    /// The column's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Login => "login",
+            AuditAction::PermissionDenied => "permission_denied",
+            AuditAction::UserCreated => "user_created",
+            AuditAction::RoleChange => "role_change",
+            AuditAction::UserDataExport => "user_data_export",
+            AuditAction::UserErased => "user_erased",
+            AuditAction::ClientStatusChange => "client_status_change",
+            AuditAction::Inference => "inference",
+            AuditAction::ModelExport => "model_export",
+        }
+    }
+}
+
+/// How an audited action ended (the `outcome` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOutcome {
+    /// It was done.
+    Success,
+    /// It failed (a wrong password, a rate limit).
+    Failure,
+    /// The role does not allow it.
+    Denied,
+}
+
+impl AuditOutcome {
+    /// The column's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Success => "success",
+            AuditOutcome::Failure => "failure",
+            AuditOutcome::Denied => "denied",
+        }
+    }
+}
+
+/// A hospital's status on the dashboard (the `status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientStatus {
+    /// Takes part in training.
+    Active,
+    /// Kept out of training by an administrator.
+    Suspended,
+}
+
+impl ClientStatus {
+    /// The column's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientStatus::Active => "active",
+            ClientStatus::Suspended => "suspended",
+        }
+    }
+}
+
+impl std::str::FromStr for ClientStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "active" => Ok(ClientStatus::Active),
+            "suspended" => Ok(ClientStatus::Suspended),
+            other => Err(format!("unknown client status `{other}`")),
+        }
+    }
 }
 
 /// The store.
@@ -420,9 +515,9 @@ impl Store {
     }
 
     /// Sets a hospital's status; false when there is no such hospital.
-    pub async fn set_client_status(&self, id: &str, status: &str) -> Result<bool> {
+    pub async fn set_client_status(&self, id: &str, status: ClientStatus) -> Result<bool> {
         let n = sqlx::query("UPDATE clients SET status = $1 WHERE id = $2")
-            .bind(status)
+            .bind(status.as_str())
             .bind(id)
             .execute(&self.pool)
             .await?
@@ -682,9 +777,9 @@ impl Store {
         .bind(now_ms())
         .bind(a.actor_id)
         .bind(a.actor)
-        .bind(a.action)
+        .bind(a.action.as_str())
         .bind(a.target)
-        .bind(a.outcome)
+        .bind(a.outcome.as_str())
         .bind(a.detail)
         .bind(a.ip)
         .execute(&self.pool)
@@ -733,9 +828,10 @@ fn user(r: &sqlx::any::AnyRow) -> Result<User> {
 }
 
 fn client(r: &sqlx::any::AnyRow) -> Result<ClientRow> {
+    let status: String = r.try_get(1)?;
     Ok(ClientRow {
         id: r.try_get(0)?,
-        status: r.try_get(1)?,
+        status: status.parse().map_err(anyhow::Error::msg)?,
         examples: r.try_get(2)?,
         patients: r.try_get(3)?,
     })

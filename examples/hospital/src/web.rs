@@ -87,7 +87,7 @@ pub async fn state(
         .clients()
         .await?
         .into_iter()
-        .filter(|c| c.status == "suspended")
+        .filter(|c| c.status == crate::store::ClientStatus::Suspended)
         .map(|c| c.id)
         .collect();
     if let Ok(mut s) = shared.suspended.lock() {

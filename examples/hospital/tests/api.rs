@@ -19,7 +19,7 @@ use hospital::atrest::AtRest;
 use hospital::auth::LoginLimit;
 use hospital::infer::Predictor;
 use hospital::sim::Shared;
-use hospital::store::{NewRound, RoundRow, TrustRow, UpdateRow};
+use hospital::store::{ClientStatus, NewRound, RoundRow, TrustRow, UpdateRow};
 use hospital::web::{self, WebConfig};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -562,7 +562,7 @@ async fn roles_are_enforced_and_denials_audited() {
             .unwrap()
             .unwrap()
             .status,
-        "active"
+        ClientStatus::Active
     );
     let denials = h
         .state
@@ -1045,7 +1045,7 @@ async fn sql_injection_shaped_input_changes_nothing() {
             .await
             .unwrap()
             .iter()
-            .all(|c| c.status == "active")
+            .all(|c| c.status == ClientStatus::Active)
     );
     // The injection-shaped names were stored as text in the audit log.
     let log = h.state.store.audit_log(None, 100).await.unwrap();
