@@ -33,7 +33,7 @@ pub const FINDINGS: [&str; 14] = [
 ];
 
 /// The CSV's value for an image with none of the 14 findings.
-pub const NO_FINDING: &str = "No Finding";
+pub(crate) const NO_FINDING: &str = "No Finding";
 
 /// One row of `Data_Entry_2017.csv`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,7 +205,7 @@ pub struct ChestXray14 {
 }
 
 /// The CSV names [`ChestXray14::open`] looks for, in order.
-pub const ENTRY_FILES: [&str; 2] = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"];
+pub(crate) const ENTRY_FILES: [&str; 2] = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"];
 
 impl ChestXray14 {
     /// Opens `root`: the first of [`ENTRY_FILES`] found there and the images

@@ -257,7 +257,7 @@ impl Roster {
 }
 
 /// The DER bytes of the first certificate in a PEM text.
-pub fn pem_certificate(pem: &str) -> Result<Vec<u8>> {
+pub(crate) fn pem_certificate(pem: &str) -> Result<Vec<u8>> {
     use rustls_pki_types::pem::PemObject;
     rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
         .map(|c| c.to_vec())
@@ -273,7 +273,7 @@ pub fn fingerprint(der: &[u8]) -> String {
 }
 
 /// The common name of a DER certificate.
-pub fn common_name(der: &[u8]) -> Result<String> {
+pub(crate) fn common_name(der: &[u8]) -> Result<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| Error::Transport(format!("unreadable certificate: {e}")))?;
     cert.subject()
@@ -286,7 +286,7 @@ pub fn common_name(der: &[u8]) -> Result<String> {
 
 /// A valid identity: 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`
 /// (it names a folder and appears in logs).
-pub fn check_identity(id: &str) -> Result<()> {
+pub(crate) fn check_identity(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && !id.starts_with(['.', '-'])
