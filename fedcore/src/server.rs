@@ -520,7 +520,10 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 report.end = RunEnd::TooManyFailedRounds { in_a_row };
                 break;
             }
-            if !policy.pause_between_rounds.is_zero() && self.next_round <= self.config.rounds {
+            if !policy.pause_between_rounds.is_zero()
+                && self.next_round <= self.config.rounds
+                && !policy.stop.is_stopped()
+            {
                 std::thread::sleep(policy.pause_between_rounds);
             }
         }
@@ -640,12 +643,25 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 "clients kept out by the operator"
             );
         }
-        let sampled = sample(
-            &available,
-            self.config.fraction_fit,
-            quorum,
-            mix(self.config.seed, round),
-        );
+        // With too few clients left after the exclusions the round cannot
+        // reach its quorum: no task is sent (nobody trains, or spends
+        // privacy budget, for nothing) and the round is recorded as failed.
+        let sampled = if available.len() >= quorum {
+            sample(
+                &available,
+                self.config.fraction_fit,
+                quorum,
+                mix(self.config.seed, round),
+            )
+        } else {
+            warn!(
+                round,
+                left = available.len(),
+                quorum,
+                "too few clients left after exclusions; no task is sent"
+            );
+            Vec::new()
+        };
         info!(
             round,
             sampled = sampled.len(),

@@ -6,8 +6,9 @@
 //! collects shares, SCAFFOLD returns control variates. A [`Strategy`] is
 //! handed the updates *and* a [`RoundSteps`], through which it can ask the
 //! clients still in the round for further messages — through the same
-//! [`crate::Transport`] as the fit exchange (in memory or gRPC), under the
-//! same round deadline, with each reply validated and each failure recorded
+//! [`crate::Transport`] as the fit exchange (in memory or gRPC), each step
+//! waiting up to the round's `round_timeout` (a round of k extra steps can
+//! last k + 1 timeouts), with each reply validated and each failure recorded
 //! in the round's record with the step it happened in.
 //!
 //! Every [`Aggregator`] is a one-step strategy, so [`crate::Server`] takes

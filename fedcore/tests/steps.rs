@@ -302,3 +302,61 @@ fn bad_step_answers_and_clients_without_a_responder_are_out_of_the_round() {
         "{reasons:?}"
     );
 }
+
+/// A client in the middle of the sorted order leaves between the steps:
+/// every remaining client keeps its own norm and weight (no shift).
+#[test]
+fn a_client_leaving_mid_order_keeps_norms_and_weights_aligned() {
+    let transport = answering(4);
+    transport
+        .inject(&ClientId::new(name(1)), Some(Fault::DropAtStep))
+        .unwrap();
+    let mut server = Server::new(config(1), initial(), transport, Residuals).unwrap();
+    let (tx, events) = std::sync::mpsc::channel();
+    server.subscribe(tx);
+    let record = server.run_round().unwrap().clone();
+    assert_eq!(record.outcome, RoundOutcome::Completed);
+    let accepted: Vec<&str> = record.accepted.iter().map(|a| a.client.as_str()).collect();
+    assert_eq!(accepted, ["hospital-0", "hospital-2", "hospital-3"]);
+    assert_eq!(record.failures.len(), 1);
+    assert_eq!(
+        (record.failures[0].client.as_str(), record.failures[0].step),
+        ("hospital-1", Some(1))
+    );
+    let norms: std::collections::BTreeMap<ClientId, f64> = events
+        .try_iter()
+        .filter_map(|e| match e {
+            ServerEvent::UpdateAccepted {
+                client,
+                update_norm,
+                ..
+            } => Some((client, update_norm)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(norms.len(), 4, "every fit update was accepted first");
+    let total: u64 = record.accepted.iter().map(|a| a.num_examples).sum();
+    for a in &record.accepted {
+        assert_eq!(a.update_norm, norms[&a.client], "{}", a.client);
+        let expected = a.num_examples as f64 / total as f64;
+        assert!((a.weight - expected).abs() < 1e-12, "{}", a.client);
+    }
+    // The three norms differ, so a shift would have been seen.
+    let mut distinct: Vec<f64> = record.accepted.iter().map(|a| a.update_norm).collect();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3);
+}
+
+#[test]
+fn exclusions_below_the_quorum_send_no_task() {
+    let transport = answering(3);
+    let mut server = Server::new(config(1), initial(), transport, FedAvg).unwrap();
+    server
+        .exclusions()
+        .exclude(ClientId::new(name(0)), "maintenance");
+    let record = server.run_round().unwrap().clone();
+    assert_eq!(record.outcome, RoundOutcome::QuorumNotReached);
+    assert!(record.sampled.is_empty(), "nobody was asked to train");
+    assert_eq!(record.withheld.len(), 1);
+    assert_eq!(server.global(), &initial());
+}

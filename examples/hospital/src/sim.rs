@@ -636,8 +636,11 @@ fn run_inner(
 
     apply_suspensions(&server, shared, cfg.clients, cfg.drop_client)?;
     // The core's run loop: a failed round (no quorum, aggregation refused)
-    // is recorded and the run goes on; three failed rounds in a row end it.
-    let policy = RunPolicy::default().with_stop(shared.stop.clone());
+    // is recorded and the run goes on, as many as there are (suspended
+    // hospitals rejoin when reactivated); Ctrl-C or the stop flag ends it.
+    let policy = RunPolicy::default()
+        .with_max_failed_in_a_row(None)
+        .with_stop(shared.stop.clone());
     let report = server.run_with(&policy, |server, _| -> Result<()> {
         for record in rx.try_iter() {
             if !record.outcome.is_completed() {

@@ -155,7 +155,9 @@ pub(crate) fn now_ms() -> u64 {
 /// Runs `server` over the network under `policy` (usually
 /// [`RunPolicy::deployment`]: wait for clients before each round, never give
 /// up on failed rounds, as a deployment should not stop because a hospital
-/// went offline), then tells every client that the run is over.
+/// went offline), then tells every client that the run is over (after all
+/// its rounds) or that the server is going away (stopped, or gave up: the
+/// clients keep reconnecting for a resumed server).
 ///
 /// The loop is [`Server::run_with`]'s: a failed round is recorded and the
 /// next one starts. Errors: not enough clients within the policy's wait, or
@@ -167,14 +169,18 @@ pub fn run_server<S: Strategy>(
     policy: &RunPolicy,
 ) -> Result<RunReport> {
     let report = server.run_with(policy, |_, _| Ok::<(), Error>(()))?;
-    let reason = match report.end {
-        RunEnd::Completed => "the run is complete",
-        RunEnd::Stopped => "the run was stopped",
-        _ => "the run gave up after too many failed rounds",
+    // Only a complete run sends the clients home; after a stop or giving
+    // up, they keep reconnecting so that a server resumed from its
+    // checkpoint finds them.
+    let (reason, kind) = match report.end {
+        RunEnd::Completed => ("the run is complete", ShutdownKind::Finished),
+        RunEnd::Stopped => ("the run was stopped", ShutdownKind::GoingAway),
+        _ => (
+            "the run gave up after too many failed rounds",
+            ShutdownKind::GoingAway,
+        ),
     };
     let grace = server.transport().options().finish_grace;
-    server
-        .transport_mut()
-        .shutdown(reason, ShutdownKind::Finished, grace);
+    server.transport_mut().shutdown(reason, kind, grace);
     Ok(report)
 }
