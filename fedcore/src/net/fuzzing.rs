@@ -5,7 +5,7 @@
 use prost::Message;
 
 use super::proto::{self, client_message, server_message};
-use super::wire::{self, Plan};
+use super::wire::{self, Assembler, Plan};
 use crate::error::{Error, Result};
 use crate::transport::{Reply, Task};
 
@@ -21,96 +21,117 @@ fn next<M: Message + Default>(buf: &mut &[u8]) -> Result<Option<M>> {
         .map_err(|e| Error::Transport(format!("protobuf: {e}")))
 }
 
-/// Reads `bytes` as a client would: length-delimited `ServerMessage`s, a
-/// task header then its chunks, with a payload limit of `max_payload`
-/// bytes; decodes the task once its payload is complete.
-pub fn task_from_frames(mut bytes: &[u8], max_payload: u64) -> Result<Task> {
+/// One message of a payload stream, as the reader sees it.
+enum Frame<H> {
+    Header(H),
+    Chunk(proto::Chunk),
+    Other,
+}
+
+/// Reads a header (messages before it are skipped, as heartbeats are) and
+/// the chunks of its payload, under the payload limit `max_payload`.
+fn assemble<M: Message + Default, H>(
+    mut bytes: &[u8],
+    max_payload: u64,
+    frame: impl Fn(M) -> Frame<H>,
+    plan: impl Fn(&H) -> Result<(Plan, u64)>,
+) -> Result<(H, Plan, Assembler)> {
     let buf = &mut bytes;
     let header = loop {
-        match next::<proto::ServerMessage>(buf)?.and_then(|m| m.kind) {
-            Some(server_message::Kind::Task(h)) => break h,
+        match next::<M>(buf)?.map(&frame) {
+            Some(Frame::Header(h)) => break h,
             Some(_) => continue,
-            None => return Err(Error::Transport("no task header".into())),
+            None => return Err(Error::Transport("no header".into())),
         }
     };
-    let plan = Plan::of_task(&header)?;
-    let mut assembler = plan.assembler(header.task_id, max_payload)?;
+    let (plan, task_id) = plan(&header)?;
+    let mut assembler = plan.assembler(task_id, max_payload)?;
     for _ in 0..MAX_MESSAGES {
         if assembler.is_complete() {
-            return wire::decode_task(&header, plan, assembler);
+            break;
         }
-        match next::<proto::ServerMessage>(buf)?.and_then(|m| m.kind) {
-            Some(server_message::Kind::Chunk(c)) => assembler.push(&c)?,
+        match next::<M>(buf)?.map(&frame) {
+            Some(Frame::Chunk(c)) => assembler.push(&c)?,
             Some(_) => return Err(Error::Transport("a message inside a payload".into())),
             None => break,
         }
     }
-    if assembler.is_complete() {
-        return wire::decode_task(&header, plan, assembler);
-    }
-    Err(Error::Transport("payload incomplete".into()))
+    // Decoding an incomplete payload is an error of its own.
+    Ok((header, plan, assembler))
+}
+
+/// Reads `bytes` as a client would: length-delimited `ServerMessage`s, a
+/// task header then its chunks, with a payload limit of `max_payload`
+/// bytes; decodes the task once its payload is complete.
+pub fn task_from_frames(bytes: &[u8], max_payload: u64) -> Result<Task> {
+    let (header, plan, assembler) = assemble(
+        bytes,
+        max_payload,
+        |m: proto::ServerMessage| match m.kind {
+            Some(server_message::Kind::Task(h)) => Frame::Header(h),
+            Some(server_message::Kind::Chunk(c)) => Frame::Chunk(c),
+            _ => Frame::Other,
+        },
+        |h| Ok((Plan::of_task(h)?, h.task_id)),
+    )?;
+    wire::decode_task(&header, plan, assembler)
 }
 
 /// Reads `bytes` as the server would: length-delimited `ClientMessage`s, a
 /// reply header then its chunks, with a payload limit of `max_payload`.
-pub fn reply_from_frames(mut bytes: &[u8], max_payload: u64) -> Result<Reply> {
-    let buf = &mut bytes;
-    let header = loop {
-        match next::<proto::ClientMessage>(buf)?.and_then(|m| m.kind) {
-            Some(client_message::Kind::Reply(h)) => break h,
-            Some(_) => continue,
-            None => return Err(Error::Transport("no reply header".into())),
-        }
-    };
-    let plan = Plan::of_reply(&header)?;
-    let mut assembler = plan.assembler(header.task_id, max_payload)?;
-    for _ in 0..MAX_MESSAGES {
-        if assembler.is_complete() {
-            return wire::decode_reply(&header, plan, assembler);
-        }
-        match next::<proto::ClientMessage>(buf)?.and_then(|m| m.kind) {
-            Some(client_message::Kind::Chunk(c)) => assembler.push(&c)?,
-            Some(_) => return Err(Error::Transport("a message inside a payload".into())),
-            None => break,
-        }
+pub fn reply_from_frames(bytes: &[u8], max_payload: u64) -> Result<Reply> {
+    let (header, plan, assembler) = assemble(
+        bytes,
+        max_payload,
+        |m: proto::ClientMessage| match m.kind {
+            Some(client_message::Kind::Reply(h)) => Frame::Header(h),
+            Some(client_message::Kind::Chunk(c)) => Frame::Chunk(c),
+            _ => Frame::Other,
+        },
+        |h| Ok((Plan::of_reply(h)?, h.task_id)),
+    )?;
+    wire::decode_reply(&header, plan, assembler)
+}
+
+/// Length-delimited messages: `header`, then one per chunk of `payload`.
+fn frames<M: Message>(
+    header: M,
+    payload: &[bytes::Bytes],
+    chunk_bytes: usize,
+    chunk: impl Fn(proto::Chunk) -> M,
+) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let messages = std::iter::once(header).chain(wire::chunks(1, payload, chunk_bytes).map(chunk));
+    for m in messages {
+        m.encode_length_delimited(&mut bytes)
+            .map_err(|e| Error::Transport(e.to_string()))?;
     }
-    if assembler.is_complete() {
-        return wire::decode_reply(&header, plan, assembler);
-    }
-    Err(Error::Transport("payload incomplete".into()))
+    Ok(bytes)
 }
 
 /// Encodes `task` as the frames [`task_from_frames`] reads (for seed corpora
 /// and tests), with chunks of `chunk_bytes`.
 pub fn task_to_frames(task: &Task, chunk_bytes: usize) -> Result<Vec<u8>> {
     let out = wire::encode_task(1, task)?;
-    let mut bytes = Vec::new();
     let msg = |kind| proto::ServerMessage { kind: Some(kind) };
-    msg(server_message::Kind::Task(out.header.clone()))
-        .encode_length_delimited(&mut bytes)
-        .map_err(|e| Error::Transport(e.to_string()))?;
-    for c in wire::chunks(1, &out.payload, chunk_bytes) {
-        msg(server_message::Kind::Chunk(c))
-            .encode_length_delimited(&mut bytes)
-            .map_err(|e| Error::Transport(e.to_string()))?;
-    }
-    Ok(bytes)
+    frames(
+        msg(server_message::Kind::Task(out.header)),
+        &out.payload,
+        chunk_bytes,
+        |c| msg(server_message::Kind::Chunk(c)),
+    )
 }
 
 /// Encodes `reply` as the frames [`reply_from_frames`] reads.
 pub fn reply_to_frames(reply: Reply, chunk_bytes: usize) -> Result<Vec<u8>> {
     let out = wire::encode_reply(1, reply)?;
-    let mut bytes = Vec::new();
     let msg = |kind| proto::ClientMessage { kind: Some(kind) };
-    msg(client_message::Kind::Reply(out.header.clone()))
-        .encode_length_delimited(&mut bytes)
-        .map_err(|e| Error::Transport(e.to_string()))?;
-    for c in wire::chunks(1, &out.payload, chunk_bytes) {
-        msg(client_message::Kind::Chunk(c))
-            .encode_length_delimited(&mut bytes)
-            .map_err(|e| Error::Transport(e.to_string()))?;
-    }
-    Ok(bytes)
+    frames(
+        msg(client_message::Kind::Reply(out.header)),
+        &out.payload,
+        chunk_bytes,
+        |c| msg(client_message::Kind::Chunk(c)),
+    )
 }
 
 #[cfg(test)]

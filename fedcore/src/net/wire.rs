@@ -186,6 +186,29 @@ struct UpdateMeta {
     provenance: Vec<Protection>,
 }
 
+/// A reply that carries tensors: its metadata as JSON, its values, then its
+/// sealed bytes (fit updates and step answers).
+fn tensor_reply(
+    task_id: u64,
+    kind: proto::TaskKind,
+    meta: &impl Serialize,
+    values: Parameters,
+    sealed: Option<SealedTensors>,
+) -> Result<Outgoing<proto::ReplyHeader>> {
+    let header = proto::ReplyHeader {
+        task_id,
+        kind: kind as i32,
+        meta_json: serde_json::to_string(meta)?,
+        layout: layout_to_proto(values.layout()),
+        sealed: sealed_header(sealed.as_ref()),
+    };
+    let mut payload = vec![owned_values_bytes(values)];
+    if let Some(s) = sealed {
+        payload.push(Bytes::from(s.bytes().to_vec()));
+    }
+    Ok(Outgoing { header, payload })
+}
+
 /// Encodes a reply.
 pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto::ReplyHeader>> {
     match reply {
@@ -198,22 +221,7 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 metrics: u.metrics,
                 provenance: u.provenance,
             };
-            let sealed = sealed_header(u.sealed.as_ref());
-            let layout = layout_to_proto(u.values.layout());
-            let mut payload = vec![owned_values_bytes(u.values)];
-            if let Some(s) = u.sealed {
-                payload.push(Bytes::from(s.bytes().to_vec()));
-            }
-            Ok(Outgoing {
-                header: proto::ReplyHeader {
-                    task_id,
-                    kind: proto::TaskKind::Fit as i32,
-                    meta_json: serde_json::to_string(&meta)?,
-                    layout,
-                    sealed,
-                },
-                payload,
-            })
+            tensor_reply(task_id, proto::TaskKind::Fit, &meta, u.values, u.sealed)
         }
         Reply::Step(r) => {
             let meta = StepMeta {
@@ -221,22 +229,7 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 step: r.step,
                 metrics: r.metrics,
             };
-            let sealed = sealed_header(r.sealed.as_ref());
-            let layout = layout_to_proto(r.values.layout());
-            let mut payload = vec![owned_values_bytes(r.values)];
-            if let Some(s) = r.sealed {
-                payload.push(Bytes::from(s.bytes().to_vec()));
-            }
-            Ok(Outgoing {
-                header: proto::ReplyHeader {
-                    task_id,
-                    kind: proto::TaskKind::Step as i32,
-                    meta_json: serde_json::to_string(&meta)?,
-                    layout,
-                    sealed,
-                },
-                payload,
-            })
+            tensor_reply(task_id, proto::TaskKind::Step, &meta, r.values, r.sealed)
         }
         Reply::Evaluate(e) => Ok(Outgoing {
             header: proto::ReplyHeader {
