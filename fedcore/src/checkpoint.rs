@@ -299,6 +299,11 @@ pub struct Snapshot<'a> {
     pub history: &'a [RoundRecord],
 }
 
+/// The file holding the sealed global that round `next_round` starts from.
+fn sealed_file(next_round: u64) -> String {
+    format!("sealed-{next_round:06}.bin")
+}
+
 impl RunState {
     /// Parses and checks a state file's bytes (format version, a plain model
     /// file name); the error is the reason, for the caller to attach the path.
@@ -347,8 +352,9 @@ impl CheckpointStore {
             path: self.dir.clone(),
             reason: format!("cannot create the checkpoint folder: {e}"),
         })?;
+        let sealed_file = sealed_file(snapshot.next_round);
         if let Some(sealed) = snapshot.sealed {
-            write_atomic(&self.sealed_path(snapshot.next_round), sealed)?;
+            write_atomic(&self.dir.join(&sealed_file), sealed)?;
         }
         let round = snapshot.next_round.saturating_sub(1);
         let model_file = format!("model-{round:06}.safetensors");
@@ -370,12 +376,9 @@ impl CheckpointStore {
             &self.dir.join(STATE_FILE),
             &serde_json::to_vec_pretty(&state)?,
         )?;
-        self.prune(&state.model_file)?;
+        self.prune(("model-", ".safetensors"), &state.model_file)?;
         if snapshot.sealed.is_some() {
-            let stale = snapshot.next_round.saturating_sub(self.keep as u64);
-            for r in 1..=stale {
-                let _ = fs::remove_file(self.sealed_path(r));
-            }
+            self.prune(("sealed-", ".bin"), &sealed_file)?;
         }
         Ok(model_path)
     }
@@ -383,28 +386,25 @@ impl CheckpointStore {
     /// The sealed values saved with the checkpoint of the run that starts
     /// round `next_round`.
     pub fn load_sealed(&self, next_round: u64) -> Result<Vec<u8>> {
-        let path = self.sealed_path(next_round);
+        let path = self.dir.join(sealed_file(next_round));
         fs::read(&path).map_err(|e| Error::Checkpoint {
             path,
             reason: format!("the run seals tensors but their saved values cannot be read: {e}"),
         })
     }
 
-    /// Where the sealed global that round `next_round` starts from is saved.
-    fn sealed_path(&self, next_round: u64) -> PathBuf {
-        self.dir.join(format!("sealed-{next_round:06}.bin"))
-    }
-
-    fn prune(&self, current: &str) -> Result<()> {
-        let mut models: Vec<String> = fs::read_dir(&self.dir)?
+    /// Removes the oldest files named `prefix..suffix` (numbered, so the
+    /// names sort by round) beyond the `keep` most recent, `current` included.
+    fn prune(&self, (prefix, suffix): (&str, &str), current: &str) -> Result<()> {
+        let mut old: Vec<String> = fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with("model-") && n.ends_with(".safetensors") && n != current)
+            .filter(|n| n.starts_with(prefix) && n.ends_with(suffix) && n != current)
             .collect();
-        models.sort();
-        let excess = (models.len() + 1).saturating_sub(self.keep);
-        for old in models.into_iter().take(excess) {
-            fs::remove_file(self.dir.join(old))?;
+        old.sort();
+        let excess = (old.len() + 1).saturating_sub(self.keep);
+        for name in old.into_iter().take(excess) {
+            fs::remove_file(self.dir.join(name))?;
         }
         Ok(())
     }
