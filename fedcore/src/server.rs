@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::aggregate::Aggregate;
@@ -29,8 +30,6 @@ use crate::strategy::{RoundSteps, Strategy};
 use crate::transport::{Failure, Rejection, Reply, Task, Transport};
 use crate::trust::{TrustPolicy, TrustTracker};
 use crate::update::{ClientId, ClientUpdate, Metrics};
-
-use serde::{Deserialize, Serialize};
 
 /// Settings of a federated run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +84,12 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Clients that must be connected for a round to start: the larger of
+    /// `min_available_clients` and the quorum.
+    pub fn required_clients(&self) -> usize {
+        self.min_available_clients.max(self.min_fit_clients)
+    }
+
     /// Checks that the settings can work.
     pub fn check(&self) -> Result<()> {
         if let Some(t) = &self.trust {
@@ -477,10 +482,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             failed: 0,
         };
         let mut in_a_row = 0u32;
-        let required = self
-            .config
-            .min_available_clients
-            .max(self.config.min_fit_clients);
+        let required = self.config.required_clients();
         while self.next_round <= self.config.rounds {
             if policy.stop.is_stopped() {
                 report.end = RunEnd::Stopped;
@@ -613,7 +615,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         available.sort();
         available.dedup();
         let quorum = self.config.min_fit_clients;
-        let required = self.config.min_available_clients.max(quorum);
+        let required = self.config.required_clients();
         if available.len() < required {
             return Err(Error::NotEnoughClients {
                 available: available.len(),
@@ -779,7 +781,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                     .and_then(|agg| self.check_aggregate(agg, &updates, &reference))
                     .and_then(|agg| {
                         let sealed = self.aggregate_sealed(&updates, &agg)?;
-                        Ok((agg, sealed))
+                        let next = self.apply(&agg)?;
+                        Ok((agg, sealed, next))
                     })
                     .map_err(|e| {
                         RoundOutcome::AggregationFailed(AggregationFailure::from_error(
@@ -794,59 +797,40 @@ impl<T: Transport, A: Strategy> Server<T, A> {
 
         let mut flagged = Vec::new();
         match aggregated {
-            Ok((mut agg, sealed)) => {
-                let mut next = (*self.global).clone();
-                let lr = self.config.server_learning_rate;
-                let applied = match &self.sealing {
-                    None => next.axpy(lr, &agg.parameters),
-                    Some(s) => {
-                        let layout = next.layout().clone();
-                        s.body
-                            .axpy(&layout, lr, agg.parameters.as_slice(), next.as_mut_slice())
-                    }
-                };
-                match applied {
-                    Err(e) => {
-                        record.outcome = RoundOutcome::AggregationFailed(
-                            AggregationFailure::from_error(info.name.clone(), &e),
-                        );
-                    }
-                    Ok(()) => {
-                        if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
-                            s.global = Arc::new(global);
-                            agg.metrics.insert("sealed_sum_ms".into(), ms);
-                        }
-                        record.accepted = updates
-                            .iter()
-                            .zip(&norms)
-                            .zip(&agg.clients)
-                            .map(|((u, norm), d)| AcceptedUpdate {
-                                client: u.client.clone(),
-                                num_examples: u.num_examples,
-                                update_norm: *norm,
-                                metrics: u.metrics.clone(),
-                                provenance: u.provenance.clone(),
-                                weight: d.weight,
-                                distance: d.distance,
-                                trust: d.trust,
-                                trust_ema: None,
-                                suspicious: false,
-                            })
-                            .collect();
-                        flagged = self.track_trust(&mut record.accepted);
-                        record.update_norm = Some(agg.parameters.l2_norm());
-                        record.aggregate_metrics = agg.metrics;
-                        self.global = Arc::new(next);
-                        if let Some(eval) = self.evaluator.as_mut() {
-                            let sealed = self.sealing.as_ref().map(|s| &*s.global);
-                            match eval(&self.global, sealed) {
-                                Ok(e) => record.evaluation = Some(e),
-                                Err(e) => warn!(round, error = %e, "server-side evaluation failed"),
-                            }
-                        }
-                        record.federated_evaluation = self.federated_evaluation(round, &available);
+            Ok((mut agg, sealed, next)) => {
+                if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
+                    s.global = Arc::new(global);
+                    agg.metrics.insert("sealed_sum_ms".into(), ms);
+                }
+                record.accepted = updates
+                    .iter()
+                    .zip(&norms)
+                    .zip(&agg.clients)
+                    .map(|((u, norm), d)| AcceptedUpdate {
+                        client: u.client.clone(),
+                        num_examples: u.num_examples,
+                        update_norm: *norm,
+                        metrics: u.metrics.clone(),
+                        provenance: u.provenance.clone(),
+                        weight: d.weight,
+                        distance: d.distance,
+                        trust: d.trust,
+                        trust_ema: None,
+                        suspicious: false,
+                    })
+                    .collect();
+                flagged = self.track_trust(&mut record.accepted);
+                record.update_norm = Some(agg.parameters.l2_norm());
+                record.aggregate_metrics = agg.metrics;
+                self.global = Arc::new(next);
+                if let Some(eval) = self.evaluator.as_mut() {
+                    let sealed = self.sealing.as_ref().map(|s| &*s.global);
+                    match eval(&self.global, sealed) {
+                        Ok(e) => record.evaluation = Some(e),
+                        Err(e) => warn!(round, error = %e, "server-side evaluation failed"),
                     }
                 }
+                record.federated_evaluation = self.federated_evaluation(round, &available);
             }
             Err(outcome) => record.outcome = outcome,
         }
@@ -882,6 +866,22 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             });
         }
         Ok(self.history.last().expect("just pushed"))
+    }
+
+    /// The next global model: the current one plus the server's step
+    /// along the aggregate (on the body only when the run seals tensors).
+    fn apply(&self, agg: &Aggregate) -> Result<Parameters> {
+        let mut next = (*self.global).clone();
+        let lr = self.config.server_learning_rate;
+        match &self.sealing {
+            None => next.axpy(lr, &agg.parameters)?,
+            Some(s) => {
+                let layout = next.layout().clone();
+                s.body
+                    .axpy(&layout, lr, agg.parameters.as_slice(), next.as_mut_slice())?
+            }
+        }
+        Ok(next)
     }
 
     fn report_failures(&mut self, round: u64, failures: &[ClientFailure]) {
