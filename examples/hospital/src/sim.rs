@@ -571,7 +571,6 @@ fn run_inner(
     // ---- events: terminal progress bar, live events, the store
     let todo = cfg.rounds.saturating_sub(server.next_round() - 1);
     let bar = crate::progress_bar(todo)?;
-    let (tx, rx) = std::sync::mpsc::channel::<RoundRecord>();
     {
         let shared = shared.clone();
         let bar = bar.clone();
@@ -627,9 +626,6 @@ fn run_inner(
                     trust_ema: *trust_ema,
                 });
             }
-            ServerEvent::RoundFinished { record } | ServerEvent::RoundFailed { record, .. } => {
-                let _ = tx.send((**record).clone());
-            }
             _ => {}
         });
     }
@@ -641,47 +637,41 @@ fn run_inner(
     let policy = RunPolicy::default()
         .with_max_failed_in_a_row(None)
         .with_stop(shared.stop.clone());
-    let report = server.run_with(&policy, |server, _| -> Result<()> {
-        for record in rx.try_iter() {
-            if !record.outcome.is_completed() {
-                bar.suspend(|| println!("round {} failed: {}", record.round, record.outcome));
-            }
-            let opened = latest.lock().ok().and_then(|mut l| l.take());
-            if let Some(full) = opened
-                && let Err(e) = predictor.update(&full, record.round)
-            {
-                tracing::warn!(error = %e, "inference model not updated");
-            }
-            let row = round_row(&record);
-            rt.block_on(store.record_round(&to_new_round(&record, &row)))?;
-            let line = format!(
-                "round {:>3}: {} updates, held-out loss {}, macro AUROC {}",
-                record.round,
-                record.accepted.len(),
-                row.loss.map_or("-".into(), |v| format!("{v:.4}")),
-                row.auroc_macro.map_or("-".into(), |v| format!("{v:.3}")),
-            );
-            bar.suspend(|| println!("{line}"));
-            bar.inc(1);
-            shared.send(LiveEvent::RoundFinished {
-                round: record.round,
-                total: cfg.rounds,
-                loss: row.loss,
-                auroc_macro: row.auroc_macro,
-                outcome: row.outcome.clone(),
-            });
+    // The hook gets each round's record: store it, print it, tell the dashboard.
+    let report = server.run_with(&policy, |server, record| -> Result<()> {
+        if !record.outcome.is_completed() {
+            bar.suspend(|| println!("round {} failed: {}", record.round, record.outcome));
         }
+        let opened = latest.lock().ok().and_then(|mut l| l.take());
+        if let Some(full) = opened
+            && let Err(e) = predictor.update(&full, record.round)
+        {
+            tracing::warn!(error = %e, "inference model not updated");
+        }
+        let row = round_row(record);
+        rt.block_on(store.record_round(&to_new_round(record, &row)))?;
+        let line = format!(
+            "round {:>3}: {} updates, held-out loss {}, macro AUROC {}",
+            record.round,
+            record.accepted.len(),
+            row.loss.map_or("-".into(), |v| format!("{v:.4}")),
+            row.auroc_macro.map_or("-".into(), |v| format!("{v:.3}")),
+        );
+        bar.suspend(|| println!("{line}"));
+        bar.inc(1);
+        shared.send(LiveEvent::RoundFinished {
+            round: record.round,
+            total: cfg.rounds,
+            loss: row.loss,
+            auroc_macro: row.auroc_macro,
+            outcome: row.outcome.clone(),
+        });
         // Suspensions made on the dashboard take effect from the next round.
         apply_suspensions(server, shared, cfg.clients, cfg.drop_client)
     })?;
-    match report.end {
-        RunEnd::Stopped => {
-            bar.suspend(|| println!("stopped by request after round {}", server.next_round() - 1))
-        }
-        RunEnd::TooManyFailedRounds { in_a_row } => {
-            bar.suspend(|| println!("{in_a_row} rounds in a row failed; the run ends here"))
-        }
-        _ => {}
+    // The policy never gives up, so a run ends complete or stopped.
+    if report.end == RunEnd::Stopped {
+        bar.suspend(|| println!("stopped by request after round {}", server.next_round() - 1));
     }
     bar.finish_and_clear();
     let last = server
