@@ -13,9 +13,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fedcore::aggregate::streaming_sum;
 use fedcore::{Aggregator, FedAvg};
-use fedcore_benches::updates;
+use fedcore_benches::{streaming_sum, updates};
 
 fn fedavg_vs_read(c: &mut Criterion) {
     let mut group = c.benchmark_group("fedavg");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fedcore::memory::InMemoryTransport;
-use fedcore::net::provision::{Kit, ProjectSpec, provision};
+use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind};
 use fedcore::{
     Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, FitIns, Parameters, Reply, Task,
@@ -178,7 +178,7 @@ impl PlainTls {
 fn net_round(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
     let names: Vec<String> = (1..=CLIENTS).map(|i| format!("hospital-{i}")).collect();
-    let project = provision(
+    let project = Project::create(
         tmp.path().join("p"),
         &ProjectSpec::new("bench", names.clone(), 0),
     )
@@ -255,7 +255,7 @@ fn net_round(c: &mut Criterion) {
 /// and back: that it works, and how long it takes.
 fn big_model(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
-    let project = provision(
+    let project = Project::create(
         tmp.path().join("p"),
         &ProjectSpec::new("bench", vec!["h".into()], 0),
     )

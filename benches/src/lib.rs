@@ -1,8 +1,10 @@
 //! Shared inputs for the criterion benches in `benches/`.
 
+use fedcore::aggregate::CHUNK;
 use fedcore::{ClientUpdate, Parameters};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// `n` seeded updates of `d` values in one tensor, values in [-1, 1), example
 /// counts 50..150. The first `byzantine` of them are scaled by -100 (a
@@ -23,4 +25,54 @@ pub fn updates(n: usize, d: usize, byzantine: usize, seed: u64) -> Vec<ClientUpd
             ClientUpdate::new(format!("c{i:03}").into(), 1, 50 + (i as u64 * 37) % 100, p)
         })
         .collect()
+}
+
+/// Sum of every value of every input, read once in the same chunked, parallel
+/// order as `fedcore::aggregate::weighted_sum_into` (FedAvg's kernel). It
+/// does the least work that still reads all bytes, which makes it the
+/// memory-bandwidth yardstick of the FedAvg bench.
+pub fn streaming_sum(inputs: &[&[f32]]) -> f32 {
+    let len = inputs.iter().map(|x| x.len()).max().unwrap_or(0);
+    (0..len.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = [0.0f32; 16];
+            for x in inputs {
+                let s = &x[(c * CHUNK).min(x.len())..((c + 1) * CHUNK).min(x.len())];
+                let mut it = s.chunks_exact(16);
+                for block in &mut it {
+                    for (a, &b) in acc.iter_mut().zip(block) {
+                        *a += b;
+                    }
+                }
+                acc[0] += it.remainder().iter().sum::<f32>();
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_sum_reads_every_value_of_inputs_of_unequal_length() {
+        let xs: Vec<Vec<f32>> = [2 * CHUNK + 5, CHUNK - 3, 17]
+            .iter()
+            .enumerate()
+            .map(|(k, &d)| {
+                (0..d)
+                    .map(|i| ((i * 7 + k * 13) % 101) as f32 - 50.0)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+        let total: f64 = xs.iter().flatten().map(|&v| f64::from(v)).sum();
+        let got = f64::from(streaming_sum(&refs));
+        assert!(
+            (got - total).abs() < 1e-2 * total.abs().max(1.0),
+            "{got} vs {total}"
+        );
+    }
 }

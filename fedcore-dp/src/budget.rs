@@ -103,7 +103,7 @@ impl Ledger {
         Ok(next.epsilon(self.budget.delta).0)
     }
 
-    /// Refuses with [`Error::PrivacyBudgetExhausted`] when `cost` would take
+    /// Refuses with [`Error::PrivacyBudgetExhausted`](fedcore::Error::PrivacyBudgetExhausted) when `cost` would take
     /// the ledger past its budget; changes nothing either way.
     pub fn check(&self, cost: &PrivacyCost) -> Result<f64> {
         let next = self.epsilon_after(cost)?;

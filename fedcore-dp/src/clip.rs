@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use fedcore::params::l2_norm;
+use fedcore::l2_norm;
 use fedcore::{Parameters, PrivacyCost, PrivacyMechanism};
 
 use crate::error::{DpError, Result};

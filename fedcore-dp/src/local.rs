@@ -89,7 +89,7 @@ impl LocalDp {
     /// The same mechanism after `releases` earlier releases with these
     /// parameters (a client that restarts and must not spend its budget
     /// twice): they are charged to the ledger first. More releases than the
-    /// budget allows is [`Error::PrivacyBudgetExhausted`].
+    /// budget allows is [`Error::PrivacyBudgetExhausted`](fedcore::Error::PrivacyBudgetExhausted).
     pub fn resumed(mut self, releases: u64) -> Result<Self> {
         let cost = self.cost();
         for _ in 0..releases {

@@ -2,9 +2,9 @@
 #![allow(clippy::unwrap_used)]
 
 use fedcore::contract::{Weighting, check_aggregator};
+use fedcore::l2_norm;
 use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
 use fedcore::memory::InMemoryTransport;
-use fedcore::params::l2_norm;
 use fedcore::{
     Aggregator, ClientId, ClientUpdate, Error, FedAvg, Model, ModelClient, Parameters, PrivacyCost,
     PrivacyMechanism, RoundOutcome, RunEnd, Server, ServerConfig, ServerEvent,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
 use fedcore::memory::InMemoryTransport;
-use fedcore::net::provision::{Kit, ProjectSpec, provision};
+use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{Model, ModelClient, ProtectionKind, Server, ServerConfig, Transport};
 use fedcore_he::{
@@ -76,7 +76,7 @@ fn a_sealed_run_over_mutual_tls_matches_the_in_memory_run() {
 
     let tmp = tempfile::tempdir().expect("tmp");
     let spec = ProjectSpec::new("he", SITES.iter().map(|s| s.to_string()).collect(), 0);
-    let project = provision(tmp.path().join("project"), &spec).expect("provision");
+    let project = Project::create(tmp.path().join("project"), &spec).expect("provision");
     let options = ServerOptions {
         listen: Some("127.0.0.1:0".parse().expect("addr")),
         ..ServerOptions::default()
@@ -133,7 +133,7 @@ fn a_sealed_run_over_mutual_tls_matches_the_in_memory_run() {
 fn the_key_authority_writes_its_keys_into_the_startup_kits() {
     let tmp = tempfile::tempdir().expect("tmp");
     let spec = ProjectSpec::new("he", vec!["a".into(), "b".into()], 0);
-    let project = provision(tmp.path(), &spec).expect("provision");
+    let project = Project::create(tmp.path(), &spec).expect("provision");
     let sites = [project.site_kit("a"), project.site_kit("b")];
     let ctx = KeyAuthority::write_kits(CkksParams::default(), &project.server_kit(), &sites)
         .expect("write keys");

@@ -71,7 +71,7 @@ pub use fedcore::aggregate::Weighting;
 pub(crate) fn alphas(updates: &[ClientUpdate], weighting: Weighting) -> fedcore::Result<Vec<f64>> {
     match weighting {
         Weighting::Uniform => Ok(vec![1.0; updates.len()]),
-        Weighting::ExampleCounts => fedcore::aggregate::example_weights(updates),
+        Weighting::ExampleCounts => weighting.weights(updates),
     }
 }
 

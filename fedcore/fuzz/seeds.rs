@@ -6,11 +6,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fedcore::checkpoint::to_safetensors;
 use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
 use fedcore::memory::InMemoryTransport;
 use fedcore::net::fuzzing::{reply_to_frames, task_to_frames};
-use fedcore::net::provision::{ProjectSpec, provision};
+use fedcore::net::provision::{Project, ProjectSpec};
 use fedcore::{
     ClientUpdate, EvaluateIns, Evaluation, FedAvg, FitIns, Model, ModelClient, Parameters, Reply,
     SealedTensors, Server, ServerConfig, StepIns, StepReply, Task, TrainConfig,
@@ -123,11 +122,11 @@ fn main() {
         .map(|e| std::fs::read(e.path()).expect("model"))
         .expect("a model file");
     write(&root.join("checkpoint"), "run", &split_input(&state, &model));
-    let own = to_safetensors(&params(), [("round".to_owned(), "1".to_owned())]).expect("st");
+    let own = params().to_safetensors([("round".to_owned(), "1".to_owned())]).expect("st");
     write(&root.join("checkpoint"), "layout", &split_input(b"{}", &own));
 
     // roster: a provisioned project's
-    let project = provision(tmp.join("project"), &ProjectSpec::new("seeds", vec!["site-1".into(), "site-2".into()], 0))
+    let project = Project::create(tmp.join("project"), &ProjectSpec::new("seeds", vec!["site-1".into(), "site-2".into()], 0))
         .expect("provision");
     project.revoke_site("site-2").expect("revoke");
     let roster = std::fs::read(project.server_kit().join("roster.json")).expect("roster");

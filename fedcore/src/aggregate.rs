@@ -111,18 +111,27 @@ pub enum Weighting {
     Uniform,
 }
 
-/// Example counts turned into weights that sum to 1.
-pub fn example_weights(updates: &[ClientUpdate]) -> Result<Vec<f64>> {
-    let total: f64 = updates.iter().map(|u| u.num_examples as f64).sum();
-    if total <= 0.0 {
-        return Err(Error::InvalidWeights {
-            reason: "every update reports zero examples".into(),
-        });
+impl Weighting {
+    /// Each update's weight under this weighting; the weights sum to 1.
+    /// Under [`Weighting::ExampleCounts`] updates that all report zero
+    /// examples are [`Error::InvalidWeights`].
+    pub fn weights(self, updates: &[ClientUpdate]) -> Result<Vec<f64>> {
+        match self {
+            Weighting::Uniform => Ok(vec![1.0 / updates.len() as f64; updates.len()]),
+            Weighting::ExampleCounts => {
+                let total: f64 = updates.iter().map(|u| u.num_examples as f64).sum();
+                if total <= 0.0 {
+                    return Err(Error::InvalidWeights {
+                        reason: "every update reports zero examples".into(),
+                    });
+                }
+                Ok(updates
+                    .iter()
+                    .map(|u| u.num_examples as f64 / total)
+                    .collect())
+            }
+        }
     }
-    Ok(updates
-        .iter()
-        .map(|u| u.num_examples as f64 / total)
-        .collect())
 }
 
 /// Elements per parallel work item: 64 KiB of f32, small enough that the
@@ -157,30 +166,6 @@ pub fn weighted_sum_into(inputs: &[&[f32]], weights: &[f32], out: &mut [f32]) ->
     Ok(())
 }
 
-/// Sum of every value of every input, read once in the same chunked, parallel
-/// order as [`weighted_sum_into`]. It does the least work that still reads all
-/// bytes, which makes it the memory-bandwidth yardstick in the benches.
-pub fn streaming_sum(inputs: &[&[f32]]) -> f32 {
-    let len = inputs.iter().map(|x| x.len()).max().unwrap_or(0);
-    (0..len.div_ceil(CHUNK))
-        .into_par_iter()
-        .map(|c| {
-            let mut acc = [0.0f32; 16];
-            for x in inputs {
-                let s = &x[(c * CHUNK).min(x.len())..((c + 1) * CHUNK).min(x.len())];
-                let mut it = s.chunks_exact(16);
-                for block in &mut it {
-                    for (a, &b) in acc.iter_mut().zip(block) {
-                        *a += b;
-                    }
-                }
-                acc[0] += it.remainder().iter().sum::<f32>();
-            }
-            acc.iter().sum::<f32>()
-        })
-        .sum()
-}
-
 /// Federated averaging (McMahan et al., 2017): the mean of the updates weighted
 /// by their example counts. The reference aggregator.
 ///
@@ -206,7 +191,7 @@ impl Aggregator for FedAvg {
 
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<Aggregate> {
         let first = ensure_aggregatable(updates)?;
-        let weights = example_weights(updates)?;
+        let weights = Weighting::ExampleCounts.weights(updates)?;
         let inputs: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
         let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
         let mut out = first.values.zeros_like();
@@ -250,8 +235,6 @@ mod tests {
             let expect: f64 = (0..4).map(|k| f64::from(w[k]) * f64::from(xs[k][i])).sum();
             assert!((f64::from(out[i]) - expect).abs() < 1e-4, "index {i}");
         }
-        let total: f64 = xs.iter().flatten().map(|&v| f64::from(v)).sum();
-        assert!((f64::from(streaming_sum(&refs)) - total).abs() < 1e-2 * total.abs().max(1.0));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::params::{Layout, Parameters, TensorSpec};
 
 /// Metadata key that records the tensor order of a `Parameters` value
 /// (safetensors itself sorts tensors by name).
-pub const ORDER_KEY: &str = "fedcore.order";
+const ORDER_KEY: &str = "fedcore.order";
 
 enum OutView<'a> {
     F32 {
@@ -65,18 +65,111 @@ impl View for OutView<'_> {
     }
 }
 
-/// Encodes parameters as a safetensors buffer that PyTorch's
-/// `safetensors.torch.load` reads; `metadata` goes into the header.
-pub fn to_safetensors(
-    params: &Parameters,
-    metadata: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<u8>> {
-    to_safetensors_with_scalars(params, metadata, &[])
+/// Safetensors files: what PyTorch's `safetensors.torch.load` reads and writes.
+impl Parameters {
+    /// Encodes the parameters as a safetensors buffer; `metadata` goes into
+    /// the header, next to the tensor order (safetensors sorts by name).
+    pub fn to_safetensors(
+        &self,
+        metadata: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Vec<u8>> {
+        to_safetensors_with_scalars(self, metadata, &[])
+    }
+
+    /// Decodes a safetensors buffer of F32 tensors. The tensor order is the
+    /// one recorded by [`Parameters::to_safetensors`], or the order in the
+    /// file for foreign files. Returns the header metadata too.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<(Parameters, HashMap<String, String>)> {
+        let (_, header) = SafeTensors::read_metadata(bytes)?;
+        let st = SafeTensors::deserialize(bytes)?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let order: Vec<String> = match meta.get(ORDER_KEY) {
+            Some(o) => {
+                let order: Vec<String> = serde_json::from_str(o)
+                    .map_err(|e| Error::Safetensors(format!("bad `{ORDER_KEY}` metadata: {e}")))?;
+                let mut sorted = order.clone();
+                sorted.sort();
+                let mut names: Vec<&str> = st.names();
+                names.sort_unstable();
+                if sorted.iter().map(String::as_str).ne(names.iter().copied()) {
+                    return Err(Error::Safetensors(format!(
+                        "`{ORDER_KEY}` metadata does not list the file's tensors"
+                    )));
+                }
+                order
+            }
+            None => header.offset_keys(),
+        };
+        let mut tensors = Vec::with_capacity(order.len());
+        for name in order {
+            let view = st.tensor(&name)?;
+            let values = decode_f32(&name, &view)?;
+            tensors.push((name, view.shape().to_vec(), values));
+        }
+        Ok((Parameters::from_tensors(tensors)?, meta))
+    }
+
+    /// Reads the tensors of `layout` from a safetensors buffer, by name. A
+    /// tensor of the layout that is missing or has another shape is an error
+    /// naming it; `extra` says what a tensor in the file that the layout
+    /// lacks is.
+    pub fn from_safetensors_in(
+        bytes: &[u8],
+        layout: &Arc<Layout>,
+        extra: ExtraTensors,
+    ) -> Result<Parameters> {
+        let st = SafeTensors::deserialize(bytes)?;
+        let mut params = Parameters::zeros(layout.clone());
+        for TensorSpec { name, shape } in layout.tensors() {
+            let view = st.tensor(name).map_err(|_| Error::UnknownTensor {
+                name: format!("{name} (missing from the file)"),
+            })?;
+            if view.shape() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    got: view.shape().to_vec(),
+                });
+            }
+            params
+                .tensor_mut(name)?
+                .copy_from_slice(&decode_f32(name, &view)?);
+        }
+        if extra == ExtraTensors::Refuse
+            && let Some(extra) = st
+                .names()
+                .into_iter()
+                .find(|n| layout.position(n).is_none())
+        {
+            return Err(Error::UnknownTensor {
+                name: format!("{extra} (in the file but not in the model)"),
+            });
+        }
+        Ok(params)
+    }
+
+    /// Saves the parameters as a safetensors file, atomically
+    /// ([`write_atomic`]).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &self.to_safetensors([])?)
+    }
+
+    /// Loads a safetensors file written by [`Parameters::save`] (or any F32
+    /// safetensors file); an error names the file.
+    pub fn load(path: &Path) -> Result<Parameters> {
+        let bytes = fs::read(path)?;
+        Self::from_safetensors(&bytes)
+            .map(|(p, _)| p)
+            .map_err(|e| Error::Checkpoint {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+    }
 }
 
-/// [`to_safetensors`] plus 0-dimensional I64 tensors, e.g. the
+/// [`Parameters::to_safetensors`] plus 0-dimensional I64 tensors, e.g. the
 /// `num_batches_tracked` counters PyTorch's BatchNorm keeps in its state dict.
-pub fn to_safetensors_with_scalars(
+pub(crate) fn to_safetensors_with_scalars(
     params: &Parameters,
     metadata: impl IntoIterator<Item = (String, String)>,
     scalars: &[(String, i64)],
@@ -131,40 +224,8 @@ pub(crate) fn decode_f32(
         .collect())
 }
 
-/// Decodes a safetensors buffer of F32 tensors. The tensor order is the one
-/// recorded by [`to_safetensors`], or the order in the file for foreign files.
-/// Returns the header metadata too.
-pub fn from_safetensors(bytes: &[u8]) -> Result<(Parameters, HashMap<String, String>)> {
-    let (_, header) = SafeTensors::read_metadata(bytes)?;
-    let st = SafeTensors::deserialize(bytes)?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let order: Vec<String> = match meta.get(ORDER_KEY) {
-        Some(o) => {
-            let order: Vec<String> = serde_json::from_str(o)
-                .map_err(|e| Error::Safetensors(format!("bad `{ORDER_KEY}` metadata: {e}")))?;
-            let mut sorted = order.clone();
-            sorted.sort();
-            let mut names: Vec<&str> = st.names();
-            names.sort_unstable();
-            if sorted.iter().map(String::as_str).ne(names.iter().copied()) {
-                return Err(Error::Safetensors(format!(
-                    "`{ORDER_KEY}` metadata does not list the file's tensors"
-                )));
-            }
-            order
-        }
-        None => header.offset_keys(),
-    };
-    let mut tensors = Vec::with_capacity(order.len());
-    for name in order {
-        let view = st.tensor(&name)?;
-        let values = decode_f32(&name, &view)?;
-        tensors.push((name, view.shape().to_vec(), values));
-    }
-    Ok((Parameters::from_tensors(tensors)?, meta))
-}
-
-/// What [`load_into`] does with tensors in the file that the layout lacks.
+/// What [`Parameters::from_safetensors_in`] does with tensors in the file
+/// that the layout lacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExtraTensors {
@@ -172,40 +233,6 @@ pub enum ExtraTensors {
     Refuse,
     /// They are skipped (e.g. a full model read into a part of it).
     Ignore,
-}
-
-/// Reads the tensors of `layout` from a safetensors buffer, by name. A tensor
-/// of the layout that is missing or has another shape is an error naming it;
-/// `extra` says what a tensor in the file that the layout lacks is.
-pub fn load_into(bytes: &[u8], layout: &Arc<Layout>, extra: ExtraTensors) -> Result<Parameters> {
-    let st = SafeTensors::deserialize(bytes)?;
-    let mut params = Parameters::zeros(layout.clone());
-    for TensorSpec { name, shape } in layout.tensors() {
-        let view = st.tensor(name).map_err(|_| Error::UnknownTensor {
-            name: format!("{name} (missing from the file)"),
-        })?;
-        if view.shape() != shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                name: name.clone(),
-                expected: shape.clone(),
-                got: view.shape().to_vec(),
-            });
-        }
-        params
-            .tensor_mut(name)?
-            .copy_from_slice(&decode_f32(name, &view)?);
-    }
-    if extra == ExtraTensors::Refuse
-        && let Some(extra) = st
-            .names()
-            .into_iter()
-            .find(|n| layout.position(n).is_none())
-    {
-        return Err(Error::UnknownTensor {
-            name: format!("{extra} (in the file but not in the model)"),
-        });
-    }
-    Ok(params)
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same
@@ -232,22 +259,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // Make the rename itself durable.
     File::open(dir)?.sync_all()?;
     Ok(())
-}
-
-/// Saves parameters as a safetensors file, atomically.
-pub fn save_file(path: &Path, params: &Parameters) -> Result<()> {
-    write_atomic(path, &to_safetensors(params, [])?)
-}
-
-/// Loads a safetensors file written by [`save_file`] (or any F32 safetensors file).
-pub fn load_file(path: &Path) -> Result<Parameters> {
-    let bytes = fs::read(path)?;
-    from_safetensors(&bytes)
-        .map(|(p, _)| p)
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
 }
 
 /// The run's state saved next to each model file.
@@ -358,7 +369,7 @@ impl CheckpointStore {
         }
         let round = snapshot.next_round.saturating_sub(1);
         let model_file = format!("model-{round:06}.safetensors");
-        let bytes = to_safetensors(
+        let bytes = Parameters::to_safetensors(
             snapshot.global,
             [("fedcore.round".to_owned(), round.to_string())],
         )?;
@@ -435,7 +446,7 @@ impl CheckpointStore {
                 ),
             ));
         }
-        let params = load_into(&bytes, layout, ExtraTensors::Refuse)
+        let params = Parameters::from_safetensors_in(&bytes, layout, ExtraTensors::Refuse)
             .map_err(|e| bad(&model_path, e.to_string()))?;
         Ok(Some((params, state)))
     }
@@ -461,47 +472,58 @@ mod tests {
     #[test]
     fn round_trip_is_bit_exact_and_keeps_order() {
         let p = sample();
-        let bytes = to_safetensors(&p, [("k".to_owned(), "v".to_owned())]).unwrap();
-        let (q, meta) = from_safetensors(&bytes).unwrap();
+        let bytes = p
+            .to_safetensors([("k".to_owned(), "v".to_owned())])
+            .unwrap();
+        let (q, meta) = Parameters::from_safetensors(&bytes).unwrap();
         assert_eq!(meta.get("k").map(String::as_str), Some("v"));
         assert_eq!(p.layout().tensors(), q.layout().tensors());
         let bits = |x: &Parameters| x.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&p), bits(&q));
-        let r = load_into(&bytes, p.layout(), ExtraTensors::Refuse).unwrap();
+        let r = Parameters::from_safetensors_in(&bytes, p.layout(), ExtraTensors::Refuse).unwrap();
         assert_eq!(bits(&p), bits(&r));
     }
 
     #[test]
     fn load_into_names_missing_and_mismatched_tensors() {
         let p = sample();
-        let bytes = to_safetensors(&p, []).unwrap();
+        let bytes = p.to_safetensors([]).unwrap();
         let other = Parameters::from_tensors([("z.weight", vec![3, 2], vec![0.0; 6])]).unwrap();
-        let e = load_into(&bytes, other.layout(), ExtraTensors::Ignore).unwrap_err();
+        let e = Parameters::from_safetensors_in(&bytes, other.layout(), ExtraTensors::Ignore)
+            .unwrap_err();
         assert!(
             matches!(e, Error::ShapeMismatch { ref name, .. } if name == "z.weight"),
             "{e}"
         );
-        let e = load_into(&bytes, other.layout(), ExtraTensors::Refuse).unwrap_err();
+        let e = Parameters::from_safetensors_in(&bytes, other.layout(), ExtraTensors::Refuse)
+            .unwrap_err();
         assert!(e.to_string().contains("z.weight"));
         let missing = Parameters::from_tensors([("nope", vec![1], vec![0.0])]).unwrap();
-        let e = load_into(&bytes, missing.layout(), ExtraTensors::Ignore).unwrap_err();
+        let e = Parameters::from_safetensors_in(&bytes, missing.layout(), ExtraTensors::Ignore)
+            .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
         let subset = Parameters::from_tensors([("a.bias", vec![2], vec![0.0; 2])]).unwrap();
-        assert!(load_into(&bytes, subset.layout(), ExtraTensors::Ignore).is_ok());
-        let e = load_into(&bytes, subset.layout(), ExtraTensors::Refuse).unwrap_err();
+        assert!(
+            Parameters::from_safetensors_in(&bytes, subset.layout(), ExtraTensors::Ignore).is_ok()
+        );
+        let e = Parameters::from_safetensors_in(&bytes, subset.layout(), ExtraTensors::Refuse)
+            .unwrap_err();
         assert!(e.to_string().contains("not in the model"), "{e}");
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let bytes = to_safetensors(&sample(), []).unwrap();
+        let bytes = sample().to_safetensors([]).unwrap();
         for cut in [0, 1, 7, 8, 20, bytes.len() - 1] {
-            assert!(from_safetensors(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                Parameters::from_safetensors(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut header_flip = bytes.clone();
         header_flip[10] ^= 0xff;
-        assert!(from_safetensors(&header_flip).is_err());
-        assert!(from_safetensors(b"not a safetensors file at all").is_err());
+        assert!(Parameters::from_safetensors(&header_flip).is_err());
+        assert!(Parameters::from_safetensors(b"not a safetensors file at all").is_err());
     }
 
     proptest::proptest! {
@@ -512,7 +534,7 @@ mod tests {
             flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..8),
             cut in proptest::option::of(0usize..4096),
         ) {
-            let mut bytes = to_safetensors(&sample(), []).unwrap();
+            let mut bytes = sample().to_safetensors([]).unwrap();
             for (at, x) in flips {
                 let i = at % bytes.len();
                 bytes[i] ^= x;
@@ -520,10 +542,10 @@ mod tests {
             if let Some(c) = cut {
                 bytes.truncate(c % (bytes.len() + 1));
             }
-            if let Ok((p, _)) = from_safetensors(&bytes) {
+            if let Ok((p, _)) = Parameters::from_safetensors(&bytes) {
                 proptest::prop_assert_eq!(p.len(), p.layout().len());
             }
-            let _ = load_into(&bytes, sample().layout(), ExtraTensors::Refuse);
+            let _ = Parameters::from_safetensors_in(&bytes, sample().layout(), ExtraTensors::Refuse);
         }
     }
 }

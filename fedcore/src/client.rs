@@ -34,7 +34,7 @@ pub struct EvaluateIns {
     pub sealed: Option<Arc<SealedTensors>>,
 }
 
-/// An extra step of a multi-step round (see [`crate::strategy`]): what the
+/// An extra step of a multi-step round (see [`Strategy`](crate::Strategy)): what the
 /// server's strategy sends to each client still in the round after the fit
 /// exchange, e.g. an aggregate of the first step's updates.
 #[derive(Debug, Clone)]
@@ -152,7 +152,7 @@ where
 /// `local - global`, runs each mechanism on it in order and records each in
 /// the update's provenance.
 ///
-/// When the server seals some tensors (see [`crate::sealed`]), a client with
+/// When the server seals some tensors (see [`SealedTensors`](crate::SealedTensors)), a client with
 /// a [`Sealer`] opens them before training and seals their delta afterwards;
 /// the mechanisms then see only the rest (the body).
 pub struct ModelClient<M: Model>

@@ -53,7 +53,7 @@ pub struct ClientFailure {
     pub client: ClientId,
     /// Why.
     pub reason: Failure,
-    /// The extra step of a multi-step round (see [`crate::strategy`]) in
+    /// The extra step of a multi-step round (see [`Strategy`](crate::Strategy)) in
     /// which it failed, from 1; `None` for the fit exchange.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u32>,

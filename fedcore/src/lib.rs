@@ -55,7 +55,7 @@
 //!
 //! None is on by default.
 //!
-//! - `testkit`: [`contract`], the suite every `Aggregator` must pass, and
+//! - `testkit`: `fedcore::contract`, the suite every `Aggregator` must pass, and
 //!   `net::testkit` (with `net`) for tests that speak the wire protocol by hand.
 //! - `data`: `fedcore::data`, loaders that need no libtorch: ChestX-ray14
 //!   (CSV + PNG), MNIST (IDX), the synthetic X-ray generator, the
@@ -70,31 +70,31 @@
 
 pub mod aggregate;
 pub mod checkpoint;
-pub mod client;
+mod client;
 #[cfg(feature = "testkit")]
 pub mod contract;
 #[cfg(feature = "data")]
 pub mod data;
-pub mod error;
-pub mod events;
+mod error;
+mod events;
 pub mod linear;
 pub mod memory;
 pub mod metrics;
-pub mod model;
+mod model;
 #[cfg(feature = "tch")]
 pub mod models;
 #[cfg(feature = "net")]
 pub mod net;
-pub mod params;
-pub mod privacy;
+mod params;
+mod privacy;
 mod round;
-pub mod run;
-pub mod sealed;
-pub mod server;
-pub mod strategy;
-pub mod transport;
+mod run;
+mod sealed;
+mod server;
+mod strategy;
+mod transport;
 pub mod trust;
-pub mod update;
+mod update;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
@@ -109,11 +109,11 @@ pub use events::{
     RoundOutcome, RoundRecord, ServerEvent, Withheld,
 };
 pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
-pub use params::{Layout, Parameters, TensorSpec};
+pub use params::{Layout, NonFinite, Parameters, Selection, TensorSpec, l2_norm};
 pub use privacy::{PrivacyCost, PrivacyMechanism, Spent};
 pub use run::{RunEnd, RunPolicy, RunReport, StopSignal};
 pub use sealed::{SealedAggregator, SealedTensors, Sealer};
-pub use server::{Exclusions, Server, ServerConfig};
+pub use server::{Evaluator, Exclusions, Server, ServerConfig};
 pub use strategy::{RoundSteps, StepRequest, Strategy, StrategyInfo};
 pub use transport::{Envelope, Failure, Rejection, Reply, ReplySender, Task, Transport};
 pub use update::{ClientId, ClientUpdate, Metrics, Protection, ProtectionKind, UpdateKind};

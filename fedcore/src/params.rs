@@ -1,10 +1,3 @@
-//! Named f32 tensors stored in one flat, contiguous vector.
-//!
-//! A [`Layout`] lists the tensors (name and shape) in a fixed order; a
-//! [`Parameters`] value pairs a shared layout with one `Vec<f32>` that holds
-//! every tensor back to back. Aggregators work on the flat slice (a loop that
-//! rayon can split), models and checkpoints work by tensor name.
-
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
@@ -418,6 +411,13 @@ pub struct NonFinite {
     pub value: String,
 }
 
+/// Named f32 tensors stored in one flat, contiguous vector.
+///
+/// A [`Layout`] lists the tensors (name and shape) in a fixed order; a
+/// [`Parameters`] value pairs a shared layout with one `Vec<f32>` that holds
+/// every tensor back to back. Aggregators work on the flat slice (a loop that
+/// rayon can split), models and checkpoints work by tensor name.
+///
 /// Named f32 tensors with shapes, stored flat.
 ///
 /// ```

@@ -1,9 +1,3 @@
-//! The privacy plug-in point on the client side.
-//!
-//! A [`PrivacyMechanism`] changes an outgoing update in place (clip, add noise)
-//! and reports what it cost. `fedcore-dp` provides the mechanisms and the
-//! accountant that turns costs into (epsilon, delta).
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -38,6 +32,12 @@ pub struct Spent {
     pub budget: Option<f64>,
 }
 
+/// The privacy plug-in point on the client side.
+///
+/// A [`PrivacyMechanism`] changes an outgoing update in place (clip, add noise)
+/// and reports what it cost. `fedcore-dp` provides the mechanisms and the
+/// accountant that turns costs into (epsilon, delta).
+///
 /// Privatizes an update before it leaves a client (or an aggregate before it
 /// leaves the server).
 pub trait PrivacyMechanism: Send {

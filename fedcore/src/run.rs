@@ -1,11 +1,3 @@
-//! The run loop: rounds until the run is done, under a [`RunPolicy`].
-//!
-//! The simulation, the deployed server ([`crate::net::run_server`] with
-//! feature `net`) and every example drive their [`crate::Server`] with
-//! [`crate::Server::run_with`]: one loop that waits for clients, runs rounds,
-//! treats a failed round as data (it is recorded and the run goes on), ends
-//! after too many failed rounds in a row, and stops between rounds when asked.
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -34,6 +26,14 @@ impl StopSignal {
     }
 }
 
+/// The run loop: rounds until the run is done, under a [`RunPolicy`].
+///
+/// The simulation, the deployed server (`net::run_server` with
+/// feature `net`) and every example drive their [`crate::Server`] with
+/// [`crate::Server::run_with`]: one loop that waits for clients, runs rounds,
+/// treats a failed round as data (it is recorded and the run goes on), ends
+/// after too many failed rounds in a row, and stops between rounds when asked.
+///
 /// How [`crate::Server::run_with`] goes from round to round.
 #[derive(Debug, Clone)]
 pub struct RunPolicy {

@@ -1,31 +1,31 @@
-//! Encrypted tensors that the server combines without opening them.
-//!
-//! Some tensors — by default the classifier head, `classifier.*` — can be
-//! *sealed*: clients send them encrypted, the server sums them homomorphically
-//! with the same per-client weights its aggregator gave the plain part, and
-//! only key holders (the hospitals) can open the result. The core knows
-//! nothing about the cryptography: it moves [`SealedTensors`] (a layout plus
-//! opaque bytes) and calls two plug-ins, [`Sealer`] on the clients and
-//! [`SealedAggregator`] on the server. `fedcore-he` implements both with CKKS.
-//!
-//! A round with sealing:
-//! 1. The server holds the body in the clear and the sealed tensors only as
-//!    [`SealedTensors`]; its plain copy of them stays zero. `FitIns` carries both.
-//! 2. The client opens the sealed global, trains the whole model, and sends
-//!    the body delta as [`ClientUpdate::values`](crate::ClientUpdate) (privacy
-//!    mechanisms see only the body) and the sealed delta as
-//!    [`ClientUpdate::sealed`](crate::ClientUpdate).
-//! 3. The server checks each sealed part ([`SealedAggregator::check`]),
-//!    aggregates the bodies with its aggregator, and sets
-//!    `global_sealed += lr * sum_i w_i * sealed_i` with the weights `w_i` that
-//!    the aggregator reported for each client (normalized to sum to 1), so the
-//!    sealed part inherits the aggregator's robustness.
-
 use std::sync::Arc;
 
 use crate::error::Result;
 use crate::params::Layout;
 
+/// Encrypted tensors that the server combines without opening them.
+///
+/// Some tensors — by default the classifier head, `classifier.*` — can be
+/// *sealed*: clients send them encrypted, the server sums them homomorphically
+/// with the same per-client weights its aggregator gave the plain part, and
+/// only key holders (the hospitals) can open the result. The core knows
+/// nothing about the cryptography: it moves [`SealedTensors`] (a layout plus
+/// opaque bytes) and calls two plug-ins, [`Sealer`] on the clients and
+/// [`SealedAggregator`] on the server. `fedcore-he` implements both with CKKS.
+///
+/// A round with sealing:
+/// 1. The server holds the body in the clear and the sealed tensors only as
+///    [`SealedTensors`]; its plain copy of them stays zero. `FitIns` carries both.
+/// 2. The client opens the sealed global, trains the whole model, and sends
+///    the body delta as [`ClientUpdate::values`](crate::ClientUpdate) (privacy
+///    mechanisms see only the body) and the sealed delta as
+///    [`ClientUpdate::sealed`](crate::ClientUpdate).
+/// 3. The server checks each sealed part ([`SealedAggregator::check`]),
+///    aggregates the bodies with its aggregator, and sets
+///    `global_sealed += lr * sum_i w_i * sealed_i` with the weights `w_i` that
+///    the aggregator reported for each client (normalized to sum to 1), so the
+///    sealed part inherits the aggregator's robustness.
+///
 /// The encrypted values of some tensors: their layout in the clear (names and
 /// shapes are not secret) and the scheme's bytes, opaque to the core.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,10 +1,3 @@
-//! The round orchestrator.
-//!
-//! [`Server`] owns the loop: sample clients, send the global model, collect
-//! replies until the deadline, validate each update, aggregate the valid ones,
-//! apply the step, evaluate, checkpoint and report. Aggregators, privacy
-//! mechanisms and transports only do their one job.
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -131,6 +124,13 @@ pub type Evaluator =
 
 /// The round orchestrator.
 ///
+/// [`Server`] owns the loop: sample clients, send the global model, collect
+/// replies until the deadline, validate each update, aggregate the valid ones,
+/// apply the step, evaluate, checkpoint and report. Aggregators, privacy
+/// mechanisms and transports only do their one job.
+///
+/// The round orchestrator.
+///
 /// ```
 /// use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
 /// use fedcore::memory::InMemoryTransport;
@@ -198,7 +198,7 @@ impl Exclusions {
     }
 }
 
-/// The server's side of sealed tensors (see [`crate::sealed`]).
+/// The server's side of sealed tensors (see [`SealedTensors`](crate::SealedTensors)).
 struct Sealing {
     aggregator: Box<dyn SealedAggregator>,
     /// Everything but the sealed tensors: what updates carry in the clear.
@@ -312,7 +312,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
     /// now on the server holds them only encrypted, combines the clients'
     /// encrypted deltas with `aggregator` using the per-client weights of the
     /// plain aggregator, and keeps its plain copy of them at zero. See
-    /// [`crate::sealed`].
+    /// [`SealedTensors`](crate::SealedTensors).
     ///
     /// A new run encrypts the initial values with `aggregator`'s public key; a
     /// resumed run (after [`Server::resume`]) loads the sealed values saved

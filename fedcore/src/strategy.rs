@@ -1,54 +1,3 @@
-//! Rounds of more than one exchange with the clients.
-//!
-//! A plain [`Aggregator`] turns the round's validated updates into one
-//! aggregate. Some protocols need more: an encrypted geometric median asks
-//! the clients for distances to the current estimate, multiparty decryption
-//! collects shares, SCAFFOLD returns control variates. A [`Strategy`] is
-//! handed the updates *and* a [`RoundSteps`], through which it can ask the
-//! clients still in the round for further messages — through the same
-//! [`crate::Transport`] as the fit exchange (in memory or gRPC), each step
-//! waiting up to the round's `round_timeout` (a round of k extra steps can
-//! last k + 1 timeouts), with each reply validated and each failure recorded
-//! in the round's record with the step it happened in.
-//!
-//! Every [`Aggregator`] is a one-step strategy, so [`crate::Server`] takes
-//! either. The quorum holds for every step: a client that fails a step is
-//! out of the round, and when fewer than `min_fit_clients` remain the round
-//! ends as [`crate::RoundOutcome::QuorumNotReached`] with every failure
-//! recorded.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use fedcore::strategy::{RoundSteps, StepRequest, Strategy, StrategyInfo};
-//! use fedcore::{Aggregate, Aggregator, ClientUpdate, FedAvg, Result};
-//!
-//! /// Averages the updates, then asks each client for its own update minus
-//! /// that average and averages again over those that answered.
-//! struct Residuals;
-//!
-//! impl Strategy for Residuals {
-//!     fn describe(&self) -> StrategyInfo {
-//!         StrategyInfo::new("residuals")
-//!     }
-//!
-//!     fn aggregate_round(&mut self, updates: &[ClientUpdate], steps: &mut RoundSteps<'_>) -> Result<Aggregate> {
-//!         let mean = Arc::new(FedAvg.aggregate(updates)?.parameters);
-//!         let answers = steps.ask(|_| StepRequest::new(mean.clone()))?;
-//!         let kept: Vec<ClientUpdate> = updates
-//!             .iter()
-//!             .filter(|u| steps.clients().contains(&u.client))
-//!             .zip(&answers)
-//!             .map(|(u, (_, reply))| {
-//!                 let mut back = mean.as_ref().clone();
-//!                 back.axpy(1.0, &reply.values)?;
-//!                 Ok(ClientUpdate::new(u.client.clone(), u.round, u.num_examples, back))
-//!             })
-//!             .collect::<Result<_>>()?;
-//!         FedAvg.aggregate(&kept)
-//!     }
-//! }
-//! ```
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,8 +39,61 @@ impl StrategyInfo {
     }
 }
 
+/// Rounds of more than one exchange with the clients.
+///
+/// A plain [`Aggregator`] turns the round's validated updates into one
+/// aggregate. Some protocols need more: an encrypted geometric median asks
+/// the clients for distances to the current estimate, multiparty decryption
+/// collects shares, SCAFFOLD returns control variates. A [`Strategy`] is
+/// handed the updates *and* a [`RoundSteps`], through which it can ask the
+/// clients still in the round for further messages — through the same
+/// [`crate::Transport`] as the fit exchange (in memory or gRPC), each step
+/// waiting up to the round's `round_timeout` (a round of k extra steps can
+/// last k + 1 timeouts), with each reply validated and each failure recorded
+/// in the round's record with the step it happened in.
+///
+/// Every [`Aggregator`] is a one-step strategy, so [`crate::Server`] takes
+/// either. The quorum holds for every step: a client that fails a step is
+/// out of the round, and when fewer than `min_fit_clients` remain the round
+/// ends as [`crate::RoundOutcome::QuorumNotReached`] with every failure
+/// recorded.
+///
+/// ```
+/// use std::sync::Arc;
+/// use fedcore::{
+///     Aggregate, Aggregator, ClientUpdate, FedAvg, Result, RoundSteps, StepRequest, Strategy,
+///     StrategyInfo,
+/// };
+///
+/// /// Averages the updates, then asks each client for its own update minus
+/// /// that average and averages again over those that answered.
+/// struct Residuals;
+///
+/// impl Strategy for Residuals {
+///     fn describe(&self) -> StrategyInfo {
+///         StrategyInfo::new("residuals")
+///     }
+///
+///     fn aggregate_round(&mut self, updates: &[ClientUpdate], steps: &mut RoundSteps<'_>) -> Result<Aggregate> {
+///         let mean = Arc::new(FedAvg.aggregate(updates)?.parameters);
+///         let answers = steps.ask(|_| StepRequest::new(mean.clone()))?;
+///         let kept: Vec<ClientUpdate> = updates
+///             .iter()
+///             .filter(|u| steps.clients().contains(&u.client))
+///             .zip(&answers)
+///             .map(|(u, (_, reply))| {
+///                 let mut back = mean.as_ref().clone();
+///                 back.axpy(1.0, &reply.values)?;
+///                 Ok(ClientUpdate::new(u.client.clone(), u.round, u.num_examples, back))
+///             })
+///             .collect::<Result<_>>()?;
+///         FedAvg.aggregate(&kept)
+///     }
+/// }
+/// ```
+///
 /// How the server turns a round's updates into an aggregate, with as many
-/// exchanges with the clients as it needs (see the [module](self)).
+/// exchanges with the clients as it needs (see above).
 pub trait Strategy: Send {
     /// Its name and minimum number of updates.
     fn describe(&self) -> StrategyInfo;

@@ -1,11 +1,3 @@
-//! How the server reaches clients.
-//!
-//! The server hands a [`Task`] for a client to the transport together with a
-//! [`ReplySender`]; the transport delivers it however it can (a worker
-//! thread, a gRPC stream) and sends back one [`Envelope`]. The server alone
-//! owns the round deadline: it waits on the reply channel until every sampled
-//! client answered or the deadline passed, so transports stay simple.
-
 use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +15,7 @@ pub enum Task {
     Fit(FitIns),
     /// Evaluate and send metrics.
     Evaluate(EvaluateIns),
-    /// An extra step of a multi-step round (see [`crate::strategy`]).
+    /// An extra step of a multi-step round (see [`Strategy`](crate::Strategy)).
     Step(StepIns),
 }
 
@@ -143,6 +135,14 @@ pub enum Failure {
     Rejected(Rejection),
 }
 
+/// How the server reaches clients.
+///
+/// The server hands a [`Task`] for a client to the transport together with a
+/// [`ReplySender`]; the transport delivers it however it can (a worker
+/// thread, a gRPC stream) and sends back one [`Envelope`]. The server alone
+/// owns the round deadline: it waits on the reply channel until every sampled
+/// client answered or the deadline passed, so transports stay simple.
+///
 /// The server's way to reach clients.
 pub trait Transport: Send {
     /// The clients connected now, in any order.

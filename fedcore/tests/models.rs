@@ -70,7 +70,7 @@ fn densenet_matches_torchvision() {
     // adaptive and the transition pools average.
     let model = tiny_from_fixture();
     let bytes = std::fs::read(fixture("densenet_tiny_io.safetensors")).unwrap();
-    let (io, _) = fedcore::checkpoint::from_safetensors(&bytes).unwrap();
+    let (io, _) = fedcore::Parameters::from_safetensors(&bytes).unwrap();
     let input = io.tensor("input").unwrap();
     let shape: [usize; 4] = io
         .layout()
@@ -624,7 +624,7 @@ fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
             diff <= 1e-4 * scale,
             "C = {c}: max difference {diff} at scale {scale}"
         );
-        let sum_norm = fedcore::params::l2_norm(&fast.sum);
+        let sum_norm = fedcore::l2_norm(&fast.sum);
         assert!(
             sum_norm <= 8.0 * c * (1.0 + 1e-4),
             "sum of 8 clipped gradients has norm {sum_norm} > 8 C"

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fedcore::linear::SoftmaxRegression;
-use fedcore::net::provision::{Kit, Project, ProjectSpec, provision};
+use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{
     self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind,
     testkit::{open_session, proto},
@@ -83,7 +83,7 @@ fn setup(sites: &[&str], serving: &[&str]) -> Setup {
 fn setup_clients(sites: &[&str], clients: Vec<Box<dyn Client>>) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let spec = ProjectSpec::new("test", sites.iter().map(|s| s.to_string()).collect(), 0);
-    let project = provision(tmp.path().join("p"), &spec).unwrap();
+    let project = Project::create(tmp.path().join("p"), &spec).unwrap();
     let options = ServerOptions {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         ..ServerOptions::default()
@@ -317,7 +317,7 @@ fn revoking_a_connected_site_closes_its_session_and_it_stops() {
 fn payloads_over_the_limit_are_refused_on_either_side() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = ProjectSpec::new("test", vec!["a".into()], 0);
-    let project = provision(tmp.path().join("p"), &spec).unwrap();
+    let project = Project::create(tmp.path().join("p"), &spec).unwrap();
     let limit = |bytes| fedcore::net::Limits {
         max_payload_bytes: bytes,
         ..Default::default()

@@ -22,7 +22,7 @@ use fedcore::data::{
 };
 use fedcore::metrics::multilabel_auroc;
 use fedcore::models::{
-    Activation, DenseNet, DenseNetConfig, LoadOptions, Placement, SmallCnn, TchModel, parse_device,
+    Activation, DenseNet, DenseNetConfig, Device, LoadOptions, Placement, SmallCnn, TchModel,
 };
 use fedcore::{Model, Optimizer, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -173,7 +173,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 fn xray(a: XrayArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let device = Device::parse(&a.device)?;
     let _tmp;
     let root = match &a.data {
         Some(dir) => dir.clone(),
@@ -276,7 +276,7 @@ fn xray(a: XrayArgs) -> Result<()> {
 }
 
 fn mnist(a: MnistArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let device = Device::parse(&a.device)?;
     let train = Mnist::load(&a.data, MnistSplit::Train)
         .with_context(|| format!("MNIST in {}", a.data.display()))?;
     let test = Mnist::load(&a.data, MnistSplit::Test)?;
@@ -347,7 +347,7 @@ fn images_per_second<N: fedcore::models::Network>(
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let device = Device::parse(&a.device)?;
     println!(
         "device {device:?}, libtorch threads {}, batch {}",
         tch::get_num_threads(),
@@ -444,8 +444,6 @@ fn partition(a: PartitionArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use fedcore::models::Device;
-
     use super::*;
 
     #[test]
@@ -453,8 +451,8 @@ mod tests {
         assert!(optimizer("adam").is_ok() && optimizer("sgd").is_ok() && optimizer("x").is_err());
         assert_eq!(placement("final").ok(), Some(Placement::Final));
         assert!(placement("nowhere").is_err());
-        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
-        assert!(parse_device("tpu").is_err());
+        assert!(matches!(Device::parse("cpu"), Ok(Device::Cpu)));
+        assert!(Device::parse("tpu").is_err());
         Cli::try_parse_from(["central", "xray", "--seconds", "1", "--size", "32"])
             .map(|_| ())
             .unwrap_or_else(|e| panic!("{e}"));

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
-use fedcore::net::provision::{Kit, Project, ProjectSpec, provision};
+use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::{
     Client, ClientUpdate, EvaluateIns, Evaluation, FedAvg, FitIns, Model, ModelClient,
@@ -324,7 +324,7 @@ fn main() -> Result<()> {
                 server_hosts: hosts,
                 ..ProjectSpec::new(project, sites, port)
             };
-            let p = provision(&out, &spec)?;
+            let p = Project::create(&out, &spec)?;
             println!(
                 "project in {}: server kit {}",
                 out.display(),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedcore::RoundRecord;
-use fedcore::net::provision::{Kit, ROSTER_FILE, Roster};
+use fedcore::net::provision::{Kit, Roster};
 use fedcore::net::testkit::{open_session, proto};
 use fedcore::net::{ClientOptions, Limits};
 
@@ -345,7 +345,7 @@ fn foreign_off_roster_revoked_plain_and_oversized_connections_are_refused_while_
     run_ok(&["add-site", "--project", p, "h4"]);
     run_ok(&["add-site", "--project", p, "h5"]);
     // h4 has a certificate from the project CA but is taken off the roster.
-    let roster_path = project.join("server").join(ROSTER_FILE);
+    let roster_path = Kit::load(project.join("server")).unwrap().roster_path();
     let mut roster = Roster::load(&roster_path).unwrap();
     roster.certificates.retain(|c| c.identity != "h4");
     roster.save(&roster_path).unwrap();

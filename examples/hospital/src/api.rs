@@ -1290,9 +1290,9 @@ async fn export_model(State(state): State<AppState>, session: Session) -> ApiRes
         .predictor
         .parameters()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model yet"))?;
-    let bytes =
-        fedcore::checkpoint::to_safetensors(&params, [("round".to_owned(), round.to_string())])
-            .map_err(anyhow::Error::from)?;
+    let bytes = params
+        .to_safetensors([("round".to_owned(), round.to_string())])
+        .map_err(anyhow::Error::from)?;
     let (body, name, ctype) = match &state.at_rest {
         Some(k) => (
             k.seal_bytes(&bytes)?.into_bytes(),

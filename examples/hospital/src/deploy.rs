@@ -19,7 +19,7 @@ use fedcore::checkpoint::write_atomic;
 use fedcore::data::{
     ChestXray14, DataSplit, ImageDataset, SyntheticXrays, write_synthetic_chestxray,
 };
-use fedcore::net::provision::{Kit, ProjectSpec, Roster, provision};
+use fedcore::net::provision::{Kit, Project, ProjectSpec, Roster};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::trust::TrustPolicy;
 use fedcore::{
@@ -232,7 +232,7 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
         server_hosts: a.hosts.clone(),
         ..ProjectSpec::new("fedcore-hospital", sites.clone(), a.port)
     };
-    let project = provision(&a.out, &spec)?;
+    let project = Project::create(&a.out, &spec)?;
     println!(
         "startup kits in {}: server/ and {}",
         a.out.display(),

@@ -939,7 +939,7 @@ async fn findings_and_exports_are_encrypted_at_rest_with_a_key() {
         .unwrap()
         .open_bytes(&body)
         .unwrap();
-    let (params, _) = fedcore::checkpoint::from_safetensors(&plain).unwrap();
+    let (params, _) = fedcore::Parameters::from_safetensors(&plain).unwrap();
     assert_eq!(
         params.len(),
         hospital::sim::densenet(1).unwrap().parameters().len()

@@ -6,7 +6,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use fedcore::checkpoint::{ExtraTensors, RunState, from_safetensors, load_into};
+use fedcore::Parameters;
+use fedcore::checkpoint::{ExtraTensors, RunState};
 use fedcore::{Layout, TensorSpec};
 use libfuzzer_sys::fuzz_target;
 
@@ -30,8 +31,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let (state, model) = rest.split_at(n.min(rest.len()));
     let _ = RunState::from_json(state);
-    let _ = from_safetensors(model);
+    let _ = Parameters::from_safetensors(model);
     for extra in [ExtraTensors::Refuse, ExtraTensors::Ignore] {
-        let _ = load_into(model, layout(), extra);
+        let _ = Parameters::from_safetensors_in(model, layout(), extra);
     }
 });

@@ -208,7 +208,8 @@ pub struct ChestXray14 {
 pub(crate) const ENTRY_FILES: [&str; 2] = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"];
 
 impl ChestXray14 {
-    /// Opens `root`: the first of [`ENTRY_FILES`] found there and the images
+    /// Opens `root`: the first of `Data_Entry_2017_v2020.csv` and
+    /// `Data_Entry_2017.csv` found there, and the images
     /// in `root/images`.
     pub fn open(root: impl AsRef<Path>, config: ChestXrayConfig) -> Result<Self> {
         let root = root.as_ref().to_path_buf();

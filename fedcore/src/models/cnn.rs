@@ -4,7 +4,8 @@
 
 use tch::Tensor;
 
-use super::{Builder, Conv, Linear, Network, Task, Trace};
+use super::layers::{Builder, Conv, Linear};
+use super::{Network, Task, Trace};
 use crate::error::{Error, Result};
 
 /// The small CNN (`conv1`, `conv2`, `fc1`, `fc2`).

@@ -4,7 +4,8 @@
 
 use tch::Tensor;
 
-use super::{BatchNorm, Builder, Conv, Linear, Network, Task};
+use super::layers::{BatchNorm, Builder, Conv, Linear};
+use super::{Network, Task};
 use crate::error::{Error, Result};
 
 /// The non-linearity after a BatchNorm.

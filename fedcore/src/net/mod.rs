@@ -28,11 +28,11 @@
 //!
 //! ```no_run
 //! use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
-//! use fedcore::net::{self, provision::{Kit, ProjectSpec, provision}};
+//! use fedcore::net::{self, provision::{Kit, Project, ProjectSpec}};
 //! use fedcore::{FedAvg, Model, ModelClient, Server, ServerConfig};
 //!
 //! // Once, by the project admin: kits for the server and two hospitals.
-//! let project = provision("project", &ProjectSpec::new("chest-xray", vec!["h1".into(), "h2".into()], 50051))?;
+//! let project = Project::create("project", &ProjectSpec::new("chest-xray", vec!["h1".into(), "h2".into()], 50051))?;
 //!
 //! // On the server's machine:
 //! let transport = net::GrpcTransport::start(&Kit::load(project.server_kit())?, Default::default())?;

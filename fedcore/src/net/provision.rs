@@ -31,9 +31,9 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// The file a kit describes itself in.
-pub const KIT_FILE: &str = "kit.json";
+const KIT_FILE: &str = "kit.json";
 /// The roster file in the server's kit.
-pub const ROSTER_FILE: &str = "roster.json";
+const ROSTER_FILE: &str = "roster.json";
 const CA_DIR: &str = "ca";
 const SERVER_DIR: &str = "server";
 
@@ -265,7 +265,7 @@ pub(crate) fn pem_certificate(pem: &str) -> Result<Vec<u8>> {
 }
 
 /// Lower-case hex SHA-256 of a certificate's DER bytes.
-pub fn fingerprint(der: &[u8]) -> String {
+pub(crate) fn fingerprint(der: &[u8]) -> String {
     Sha256::digest(der)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -304,7 +304,7 @@ pub(crate) fn check_identity(id: &str) -> Result<()> {
     }
 }
 
-/// What [`provision`] creates.
+/// What [`Project::create`] creates.
 #[derive(Debug, Clone)]
 pub struct ProjectSpec {
     /// The project's name (in the CA's name and every kit).
@@ -341,7 +341,68 @@ pub struct Project {
 }
 
 impl Project {
-    /// The project at `dir` (made by [`provision`]).
+    /// Creates a project in `dir` (which must not hold one): the CA, the
+    /// server's kit with the roster, one kit per site.
+    pub fn create(dir: impl AsRef<Path>, spec: &ProjectSpec) -> Result<Self> {
+        let dir = dir.as_ref();
+        if dir.join(CA_DIR).exists() {
+            return Err(err(dir, "already holds a project (ca/ exists)"));
+        }
+        let host = spec.server_hosts.first().ok_or_else(|| {
+            Error::InvalidConfig("the server needs at least one host name".into())
+        })?;
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &spec.sites {
+            check_identity(s)?;
+            if !seen.insert(s) {
+                return Err(Error::InvalidConfig(format!("site `{s}` listed twice")));
+            }
+        }
+
+        // The project CA.
+        let ca_key = KeyPair::generate().map_err(cert_err)?;
+        let mut ca_params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{} project CA", spec.project));
+        dn.push(DnType::OrganizationName, spec.project.clone());
+        ca_params.distinguished_name = dn;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params.serial_number = Some(random_serial().0);
+        validity_window(&mut ca_params, spec.validity * 5);
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
+        let ca_pem = ca_cert.pem();
+        let ca_dir = dir.join(CA_DIR);
+        make_private_dir(&ca_dir)?;
+        write_private(&ca_dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
+        fs::write(ca_dir.join("ca.pem"), &ca_pem)?;
+        let issuer = Issuer::new(ca_params, &ca_key);
+
+        // The server.
+        let (_, cert, key, _) = leaf(host, &spec.server_hosts, spec.validity, &issuer, true)?;
+        let server_info = KitInfo {
+            project: spec.project.clone(),
+            identity: SERVER_DIR.into(),
+            role: Role::Server,
+            server_address: format!("{host}:{}", spec.port),
+            server_name: host.clone(),
+            validity_days: (spec.validity.as_secs() / (24 * 3600)).max(1),
+        };
+        let project = Project::open(dir);
+        write_kit(&project.server_kit(), &server_info, &ca_pem, &cert, &key)?;
+
+        // The sites.
+        let mut roster = Roster::default();
+        for site in &spec.sites {
+            let (info, cert, key) =
+                new_site(site, &server_info, spec.validity, &issuer, &mut roster)?;
+            write_kit(&project.site_kit(site), &info, &ca_pem, &cert, &key)?;
+        }
+        roster.save(&project.server_kit().join(ROSTER_FILE))?;
+        Ok(project)
+    }
+
+    /// The project at `dir`, created earlier by [`Project::create`].
     pub fn open(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
@@ -510,67 +571,6 @@ fn write_kit(dir: &Path, info: &KitInfo, ca: &str, cert: &str, key: &str) -> Res
     Ok(())
 }
 
-/// Creates a project in `dir` (which must not hold one): the CA, the server's
-/// kit with the roster, one kit per site. Returns the project.
-pub fn provision(dir: impl AsRef<Path>, spec: &ProjectSpec) -> Result<Project> {
-    let dir = dir.as_ref();
-    if dir.join(CA_DIR).exists() {
-        return Err(err(dir, "already holds a project (ca/ exists)"));
-    }
-    let host = spec
-        .server_hosts
-        .first()
-        .ok_or_else(|| Error::InvalidConfig("the server needs at least one host name".into()))?;
-    let mut seen = std::collections::BTreeSet::new();
-    for s in &spec.sites {
-        check_identity(s)?;
-        if !seen.insert(s) {
-            return Err(Error::InvalidConfig(format!("site `{s}` listed twice")));
-        }
-    }
-
-    // The project CA.
-    let ca_key = KeyPair::generate().map_err(cert_err)?;
-    let mut ca_params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("{} project CA", spec.project));
-    dn.push(DnType::OrganizationName, spec.project.clone());
-    ca_params.distinguished_name = dn;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params.serial_number = Some(random_serial().0);
-    validity_window(&mut ca_params, spec.validity * 5);
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
-    let ca_pem = ca_cert.pem();
-    let ca_dir = dir.join(CA_DIR);
-    make_private_dir(&ca_dir)?;
-    write_private(&ca_dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
-    fs::write(ca_dir.join("ca.pem"), &ca_pem)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
-
-    // The server.
-    let (_, cert, key, _) = leaf(host, &spec.server_hosts, spec.validity, &issuer, true)?;
-    let server_info = KitInfo {
-        project: spec.project.clone(),
-        identity: SERVER_DIR.into(),
-        role: Role::Server,
-        server_address: format!("{host}:{}", spec.port),
-        server_name: host.clone(),
-        validity_days: (spec.validity.as_secs() / (24 * 3600)).max(1),
-    };
-    let project = Project::open(dir);
-    write_kit(&project.server_kit(), &server_info, &ca_pem, &cert, &key)?;
-
-    // The sites.
-    let mut roster = Roster::default();
-    for site in &spec.sites {
-        let (info, cert, key) = new_site(site, &server_info, spec.validity, &issuer, &mut roster)?;
-        write_kit(&project.site_kit(site), &info, &ca_pem, &cert, &key)?;
-    }
-    roster.save(&project.server_kit().join(ROSTER_FILE))?;
-    Ok(project)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,7 +587,7 @@ mod tests {
             vec!["hospital-1".into(), "hospital-2".into()],
             50051,
         );
-        let project = provision(tmp.path(), &spec).unwrap();
+        let project = Project::create(tmp.path(), &spec).unwrap();
         for dir in [
             project.server_kit(),
             project.site_kit("hospital-1"),
@@ -616,14 +616,14 @@ mod tests {
             roster.admit("hospital-2", &fingerprint(&der)),
             Err(Refusal::Mismatch { .. })
         ));
-        assert!(provision(tmp.path(), &spec).is_err(), "no overwrite");
+        assert!(Project::create(tmp.path(), &spec).is_err(), "no overwrite");
     }
 
     #[test]
     fn rotation_revokes_the_old_certificate_and_revocation_all() {
         let tmp = tempfile::tempdir().unwrap();
         let spec = ProjectSpec::new("demo", vec!["h1".into()], 1);
-        let project = provision(tmp.path(), &spec).unwrap();
+        let project = Project::create(tmp.path(), &spec).unwrap();
         let old = fingerprint(&pem_der(
             &Kit::load(project.site_kit("h1")).unwrap().cert_pem,
         ));
@@ -649,7 +649,8 @@ mod tests {
     #[test]
     fn a_world_readable_key_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let project = provision(tmp.path(), &ProjectSpec::new("p", vec!["a".into()], 1)).unwrap();
+        let project =
+            Project::create(tmp.path(), &ProjectSpec::new("p", vec!["a".into()], 1)).unwrap();
         let key = project.site_kit("a").join("key.pem");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
         let e = Kit::load(project.site_kit("a")).unwrap_err();
