@@ -1,6 +1,3 @@
-//! Privacy budgets: an (epsilon, delta) limit and a ledger that refuses a
-//! release before it would exceed it.
-
 use fedcore::{PrivacyCost, Spent};
 
 use crate::error::{DpError, Result};
@@ -8,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::rdp::RdpAccountant;
 
+/// Privacy budgets: an (epsilon, delta) limit and a ledger that refuses a
+/// release before it would exceed it.
+///
 /// An (epsilon, delta) limit. Default: epsilon = 1.0, delta = 1e-5.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Budget {

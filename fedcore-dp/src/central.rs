@@ -1,9 +1,3 @@
-//! Central DP-FedAvg: the server clips every client's update, aggregates,
-//! and adds Gaussian noise to the aggregate before it touches the model
-//! (McMahan et al., "Learning Differentially Private Recurrent Language
-//! Models", 2018). Clients trust the server with their updates; everyone
-//! who sees the models it releases sees only differentially private ones.
-
 use fedcore::aggregate::ensure_aggregatable;
 use fedcore::{Aggregate, Aggregator, ClientUpdate, PrivacyCost, Spent};
 
@@ -52,6 +46,12 @@ impl DpParams {
     }
 }
 
+/// Central DP-FedAvg: the server clips every client's update, aggregates,
+/// and adds Gaussian noise to the aggregate before it touches the model
+/// (McMahan et al., "Learning Differentially Private Recurrent Language
+/// Models", 2018). Clients trust the server with their updates; everyone
+/// who sees the models it releases sees only differentially private ones.
+///
 /// Client-level DP around any aggregator `A`.
 ///
 /// Each round: every update is clipped to `C`, given the same weight (example

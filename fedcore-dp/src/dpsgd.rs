@@ -1,18 +1,3 @@
-//! Sample-level DP-SGD (Abadi et al., "Deep Learning with Differential
-//! Privacy", 2016) for fedcore's libtorch models.
-//!
-//! Every step draws a Poisson sample of the client's data (each example
-//! with probability `q = batch_size / n`), computes each example's gradient
-//! ([`TchModel::per_sample_gradients`]: one backward pass for networks that
-//! trace their layers, such as [`fedcore::models::SmallCnn`]), clips each to
-//! L2 norm `C`, sums them, adds N(0, (sigma C)^2) noise to the sum, divides by
-//! the expected batch size `q n` and takes an SGD (momentum) step. A fit of
-//! `epochs * ceil(n / batch_size)` steps is accounted as that many
-//! sampled-Gaussian steps, charged to the client's ledger before training
-//! starts; a fit that would exceed the budget is refused.
-//!
-//! Networks with BatchNorm are refused: their batch statistics mix samples.
-
 use fedcore::data::{Batch, DataSplit};
 use fedcore::models::{Network, TchModel};
 use fedcore::{
@@ -73,7 +58,7 @@ impl DpSgdConfig {
 }
 
 /// Sampling rate and steps of one fit.
-pub fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Result<(f64, u64)> {
+pub(crate) fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Result<(f64, u64)> {
     if n == 0 || batch_size == 0 || epochs == 0 {
         return Err(DpError::InvalidParams(format!(
             "DP-SGD needs data, a batch size and epochs, got n = {n}, batch {batch_size}, epochs {epochs}"
@@ -83,6 +68,21 @@ pub fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Result<(f6
     Ok((q, (epochs * n.div_ceil(batch_size)) as u64))
 }
 
+/// Sample-level DP-SGD (Abadi et al., "Deep Learning with Differential
+/// Privacy", 2016) for fedcore's libtorch models.
+///
+/// Every step draws a Poisson sample of the client's data (each example
+/// with probability `q = batch_size / n`), computes each example's gradient
+/// ([`TchModel::per_sample_gradients`]: one backward pass for networks that
+/// trace their layers, such as [`fedcore::models::SmallCnn`]), clips each to
+/// L2 norm `C`, sums them, adds N(0, (sigma C)^2) noise to the sum, divides by
+/// the expected batch size `q n` and takes an SGD (momentum) step. A fit of
+/// `epochs * ceil(n / batch_size)` steps is accounted as that many
+/// sampled-Gaussian steps, charged to the client's ledger before training
+/// starts; a fit that would exceed the budget is refused.
+///
+/// Networks with BatchNorm are refused: their batch statistics mix samples.
+///
 /// A [`TchModel`] trained by DP-SGD, as a federated [`Model`].
 pub struct DpSgd<N: Network> {
     model: TchModel<N>,

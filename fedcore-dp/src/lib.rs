@@ -2,9 +2,9 @@
 //!
 //! Differential privacy for `fedcore`:
 //!
-//! - [`clip`]: L2 clipping of a whole update, of a named subset of its
+//! - [`Clip`]: L2 clipping of a whole update, of a named subset of its
 //!   tensors (the "body"), or per layer.
-//! - [`noise`]: the Gaussian mechanism's noise, from a ChaCha20 generator
+//! - [`Noise`]: the Gaussian mechanism's noise, from a ChaCha20 generator
 //!   seeded by the operating system ([`Noise::secure`]) or, for reproducible
 //!   experiments only, from a seed ([`Noise::dangerous`]).
 //! - [`LocalDp`]: client-level DP where each client clips and noises its own
@@ -16,18 +16,18 @@
 //!   [`Budget`] and [`Ledger`] stop a run before it would exceed its budget.
 //! - [`DpError`]: this crate's errors; they convert into `fedcore::Error`
 //!   (an exhausted budget into `PrivacyBudgetExhausted`).
-//! - `dpsgd` (feature `tch`): sample-level DP-SGD for fedcore's libtorch
+//! - `DpSgd` (feature `tch`): sample-level DP-SGD for fedcore's libtorch
 //!   models, with per-sample clipping and Poisson-sampled batches.
 #![forbid(unsafe_code)]
 
-pub mod budget;
-pub mod central;
-pub mod clip;
+mod budget;
+mod central;
+mod clip;
 #[cfg(feature = "tch")]
-pub mod dpsgd;
+mod dpsgd;
 mod error;
-pub mod local;
-pub mod noise;
+mod local;
+mod noise;
 pub mod rdp;
 
 pub use budget::{Budget, Ledger};
@@ -38,5 +38,5 @@ pub use dpsgd::{DpSgd, DpSgdConfig};
 pub use error::{DpError, Result};
 pub use fedcore::{PrivacyCost, PrivacyMechanism, Spent};
 pub use local::{LocalDp, LocalDpParams};
-pub use noise::Noise;
+pub use noise::{Dangerous, Noise};
 pub use rdp::{RdpAccountant, calibrate_noise, epsilon_for};

@@ -1,7 +1,3 @@
-//! Local (client-side) DP-FedAvg: each client clips its update and adds
-//! Gaussian noise before the update leaves, so the server never sees an
-//! unprotected update.
-
 use fedcore::{Parameters, PrivacyCost, PrivacyMechanism, Spent};
 
 use crate::error::{DpError, Result};
@@ -50,6 +46,10 @@ impl LocalDpParams {
     }
 }
 
+/// Local (client-side) DP-FedAvg: each client clips its update and adds
+/// Gaussian noise before the update leaves, so the server never sees an
+/// unprotected update.
+///
 /// Clip + Gaussian noise on every outgoing update, with a per-client ledger.
 ///
 /// Each release is one Gaussian mechanism with sensitivity `C` (the

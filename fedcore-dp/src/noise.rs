@@ -1,19 +1,3 @@
-//! Gaussian noise for the mechanisms.
-//!
-//! Production noise comes from ChaCha20 seeded by the operating system
-//! ([`Noise::secure`]): nobody, including whoever runs the process, can
-//! reproduce it. Reproducible experiments need a seed; that generator is
-//! only reachable through [`Noise::dangerous`], so a seeded run is visible in
-//! the code that asks for it, and [`Noise::is_seeded`] lets callers record it.
-//!
-//! Long vectors are filled in parallel: the generator draws one fresh
-//! 256-bit ChaCha20 key per 64 Ki-value block, and every block is filled from
-//! its own stream, so the result does not depend on the thread count.
-//!
-//! Known limit: the noise is IEEE floating point, like every mainstream DP
-//! library (Opacus, TF Privacy); floating-point attacks on the low bits
-//! (Mironov 2012) are not mitigated here.
-
 use crate::error::{DpError, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -22,6 +6,22 @@ use rayon::prelude::*;
 
 const BLOCK: usize = 1 << 16;
 
+/// Gaussian noise for the mechanisms.
+///
+/// Production noise comes from ChaCha20 seeded by the operating system
+/// ([`Noise::secure`]): nobody, including whoever runs the process, can
+/// reproduce it. Reproducible experiments need a seed; that generator is
+/// only reachable through [`Noise::dangerous`], so a seeded run is visible in
+/// the code that asks for it, and [`Noise::is_seeded`] lets callers record it.
+///
+/// Long vectors are filled in parallel: the generator draws one fresh
+/// 256-bit ChaCha20 key per 64 Ki-value block, and every block is filled from
+/// its own stream, so the result does not depend on the thread count.
+///
+/// Known limit: the noise is IEEE floating point, like every mainstream DP
+/// library (Opacus, TF Privacy); floating-point attacks on the low bits
+/// (Mironov 2012) are not mitigated here.
+///
 /// A source of Gaussian noise.
 pub struct Noise {
     rng: ChaCha20Rng,
