@@ -82,6 +82,8 @@ pub(crate) fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Res
 /// starts; a fit that would exceed the budget is refused.
 ///
 /// Networks with BatchNorm are refused: their batch statistics mix samples.
+/// DenseNet trains with GroupNorm instead
+/// ([`DenseNetConfig::densenet121_group_norm`](fedcore::models::DenseNetConfig::densenet121_group_norm)).
 ///
 /// A [`TchModel`] trained by DP-SGD, as a federated [`Model`].
 pub struct DpSgd<N: Network> {

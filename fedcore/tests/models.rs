@@ -12,8 +12,8 @@ use fedcore::data::{
     synthetic_digits, write_synthetic_chestxray,
 };
 use fedcore::models::{
-    Activation, DenseNet, DenseNetConfig, Device, LoadOptions, Network, Placement, SmallCnn,
-    TchModel,
+    Activation, DenseNet, DenseNetConfig, Device, LoadOptions, Network, Normalization, Placement,
+    SmallCnn, TchModel,
 };
 use fedcore::{Model, Optimizer, TrainConfig};
 use safetensors::SafeTensors;
@@ -36,6 +36,15 @@ fn tiny_config() -> DenseNetConfig {
         multi_label: false,
         activation: Activation::Relu,
         placement: Placement::Everywhere,
+        norm: Normalization::Batch,
+    }
+}
+
+/// The tiny DenseNet with GroupNorm (at most 4 groups per layer).
+fn tiny_group_norm_config() -> DenseNetConfig {
+    DenseNetConfig {
+        norm: Normalization::Group { groups: 4 },
+        ..tiny_config()
     }
 }
 
@@ -635,4 +644,134 @@ fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
             .clipped_gradient_sum(&batch.images, batch.shape, &batch.targets, 0.0)
             .is_err()
     );
+}
+
+/// Inputs and targets for the tiny DenseNet: `n` seeded 3 x 32 x 32 images.
+fn tiny_batch(n: usize, seed: u64) -> (Vec<f32>, [usize; 4], Targets) {
+    let shape = [n, 3, 32, 32];
+    let images: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i as u64 * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let targets = Targets::Classes((0..n).map(|i| ((i as u64 + seed) % 3) as i64).collect());
+    (images, shape, targets)
+}
+
+#[test]
+fn group_norm_densenet_has_per_sample_gradients_in_one_pass() {
+    let model = densenet(tiny_group_norm_config(), 3);
+    assert!(!model.network().has_batch_norm());
+    assert_eq!(model.buffers().len(), 0, "no running statistics");
+    let (images, shape, targets) = tiny_batch(5, 1);
+    let fast = model
+        .per_sample_gradients(&images, shape, &targets)
+        .unwrap();
+    let slow = model
+        .per_sample_gradients_looped(&images, shape, &targets)
+        .unwrap();
+    assert_eq!(fast.grads.size(), [5, model.trainable_values() as i64]);
+    let diff = (&fast.grads - &slow.grads).abs().max().double_value(&[]);
+    let scale = slow.grads.abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-4 * scale,
+        "max difference {diff} at scale {scale}"
+    );
+    // The traced pass computes GroupNorm as normalized * weight + bias: the
+    // same function as libtorch's group_norm, so the same loss.
+    assert!((fast.loss - slow.loss).abs() < 1e-5 * slow.loss.abs().max(1.0));
+    // GroupNorm weights have per-sample gradients of their own (not zero,
+    // not equal across samples).
+    let layout = model.parameters().layout().clone();
+    let trainable = model.trainable_tensors();
+    let norm0 = layout.position("features.norm0.weight").unwrap();
+    let offset: usize = trainable
+        .iter()
+        .take_while(|&&i| i != norm0)
+        .map(|&i| layout.range_at(i).len())
+        .sum();
+    let g = fast.grads.narrow(1, offset as i64, 8);
+    let spread = (g.get(0) - g.get(1)).abs().max().double_value(&[]);
+    assert!(
+        spread > 1e-6 * scale,
+        "norm0 gradients equal across samples"
+    );
+
+    // Clipped sums from the traced pass equal clipping the looped rows.
+    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
+    let c = norms.median().double_value(&[]);
+    let clipped = model
+        .clipped_gradient_sum(&images, shape, &targets, c)
+        .unwrap();
+    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
+    for (a, b) in clipped.norms.iter().zip(&want_norms) {
+        // DenseNet's convolutions have no bias: nothing to count for it.
+        assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
+    }
+    let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
+    let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
+        0,
+        false,
+        tch::Kind::Float,
+    ))
+    .unwrap();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&clipped.sum, &want);
+    assert!(diff <= 1e-4 * scale, "clipped sum: {diff} at scale {scale}");
+}
+
+#[test]
+fn group_norm_densenet_loads_torchvision_weights_except_running_statistics() {
+    let batch_norm = tiny_from_fixture();
+    let mut group_norm = densenet(tiny_group_norm_config(), 9);
+    let path = fixture("densenet_tiny.safetensors");
+    let e = group_norm
+        .load_torchvision(&path, &LoadOptions::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("running_"), "{e}");
+    group_norm
+        .load_torchvision(
+            &path,
+            &LoadOptions {
+                allow_unexpected: true,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+    // Every tensor of the GroupNorm model (convolutions, norm weights and
+    // biases, classifier) now holds the torchvision file's values.
+    let gn = group_norm.parameters();
+    let bn = batch_norm.parameters();
+    for spec in gn.layout().tensors() {
+        assert_eq!(
+            gn.tensor(&spec.name).unwrap(),
+            bn.tensor(&spec.name).unwrap(),
+            "{}",
+            spec.name
+        );
+    }
+    assert_eq!(gn.len(), batch_norm.trainable_values());
+}
+
+#[test]
+fn group_norm_densenet121_has_the_batch_norm_variants_trainable_values() {
+    let config = DenseNetConfig::densenet121_group_norm(1, Activation::Relu);
+    assert_eq!(config.norm, Normalization::Group { groups: 32 });
+    let gn = densenet(config, 0);
+    let bn = densenet(DenseNetConfig::densenet121(1, Activation::Relu), 0);
+    assert_eq!(gn.trainable_values(), bn.trainable_values());
+    assert_eq!(gn.parameters().len(), gn.trainable_values());
+    let traced = gn.network().forward_traced(
+        &Tensor::zeros([1, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu)),
+        &mut Default::default(),
+    );
+    assert!(traced.is_some(), "GroupNorm DenseNet-121 traces its layers");
+    let bn_traced = bn.network().forward_traced(
+        &Tensor::zeros([2, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu)),
+        &mut Default::default(),
+    );
+    assert!(bn_traced.is_none(), "BatchNorm is never traced");
+    let zero_groups = DenseNetConfig {
+        norm: Normalization::Group { groups: 0 },
+        ..tiny_config()
+    };
+    assert!(TchModel::build(Device::Cpu, 0, |b| DenseNet::build(b, zero_groups)).is_err());
 }

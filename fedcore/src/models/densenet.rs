@@ -4,8 +4,8 @@
 
 use tch::Tensor;
 
-use super::layers::{BatchNorm, Builder, Conv, Linear};
-use super::{Network, Task};
+use super::layers::{Builder, Conv, Linear, Norm};
+use super::{Network, Normalization, Task, Trace};
 use crate::error::{Error, Result};
 
 /// The non-linearity after a BatchNorm.
@@ -109,6 +109,13 @@ pub struct DenseNetConfig {
     pub activation: Activation,
     /// Where it is used (ReLU elsewhere).
     pub placement: Placement,
+    /// BatchNorm (torchvision's) or GroupNorm (for DP-SGD). The GroupNorm
+    /// variant keeps torchvision's names: `norm*.weight` and `norm*.bias`
+    /// (shape `[C]` either way) and every convolution and the classifier
+    /// load from a torchvision file; its `running_mean`, `running_var` and
+    /// `num_batches_tracked` have no counterpart and are skipped
+    /// (`LoadOptions::allow_unexpected`).
+    pub norm: Normalization,
 }
 
 impl DenseNetConfig {
@@ -130,6 +137,16 @@ impl DenseNetConfig {
             } else {
                 Placement::Final
             },
+            norm: Normalization::Batch,
+        }
+    }
+
+    /// [`DenseNetConfig::densenet121`] with GroupNorm (32 groups) in place
+    /// of every BatchNorm: the variant sample-level DP-SGD trains.
+    pub fn densenet121_group_norm(in_channels: usize, activation: Activation) -> Self {
+        Self {
+            norm: Normalization::Group { groups: 32 },
+            ..Self::densenet121(in_channels, activation)
         }
     }
 
@@ -148,7 +165,8 @@ impl DenseNetConfig {
             && self.num_init_features > 0
             && self.bn_size > 0
             && self.in_channels > 0
-            && self.num_classes > 0;
+            && self.num_classes > 0
+            && self.norm != Normalization::Group { groups: 0 };
         if ok {
             Ok(())
         } else {
@@ -175,15 +193,15 @@ fn spatial(side: usize, blocks: usize) -> Option<usize> {
 
 #[derive(Debug)]
 struct DenseLayer {
-    norm1: BatchNorm,
+    norm1: Norm,
     conv1: Conv,
-    norm2: BatchNorm,
+    norm2: Norm,
     conv2: Conv,
 }
 
 #[derive(Debug)]
 struct Transition {
-    norm: BatchNorm,
+    norm: Norm,
     conv: Conv,
 }
 
@@ -193,10 +211,10 @@ struct Transition {
 pub struct DenseNet {
     config: DenseNetConfig,
     conv0: Conv,
-    norm0: BatchNorm,
+    norm0: Norm,
     blocks: Vec<Vec<DenseLayer>>,
     transitions: Vec<Transition>,
-    norm5: BatchNorm,
+    norm5: Norm,
     classifier: Linear,
 }
 
@@ -212,7 +230,8 @@ impl DenseNet {
             7,
             false,
         );
-        let norm0 = b.batch_norm("features.norm0", config.num_init_features);
+        let kind = config.norm;
+        let norm0 = b.norm("features.norm0", config.num_init_features, kind);
         let mut features = config.num_init_features;
         let mut blocks = Vec::new();
         let mut transitions = Vec::new();
@@ -223,9 +242,9 @@ impl DenseNet {
                 let p = format!("features.denseblock{}.denselayer{}", bi + 1, li + 1);
                 let cin = features + li * config.growth_rate;
                 block.push(DenseLayer {
-                    norm1: b.batch_norm(&format!("{p}.norm1"), cin),
+                    norm1: b.norm(&format!("{p}.norm1"), cin, kind),
                     conv1: b.conv(&format!("{p}.conv1"), cin, width, 1, false),
-                    norm2: b.batch_norm(&format!("{p}.norm2"), width),
+                    norm2: b.norm(&format!("{p}.norm2"), width, kind),
                     conv2: b.conv(&format!("{p}.conv2"), width, config.growth_rate, 3, false),
                 });
             }
@@ -234,13 +253,13 @@ impl DenseNet {
             if bi + 1 != config.block_config.len() {
                 let p = format!("features.transition{}", bi + 1);
                 transitions.push(Transition {
-                    norm: b.batch_norm(&format!("{p}.norm"), features),
+                    norm: b.norm(&format!("{p}.norm"), features, kind),
                     conv: b.conv(&format!("{p}.conv"), features, features / 2, 1, false),
                 });
                 features /= 2;
             }
         }
-        let norm5 = b.batch_norm("features.norm5", features);
+        let norm5 = b.norm("features.norm5", features, kind);
         let classifier = b.linear("classifier", features, config.num_classes, true);
         Ok(Self {
             config,
@@ -259,37 +278,57 @@ impl DenseNet {
     }
 }
 
-impl Network for DenseNet {
-    fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+impl DenseNet {
+    /// The forward pass, every layer recorded when there is a trace.
+    fn pass(&self, xs: &Tensor, train: bool, mut trace: Option<&mut Trace>) -> Tensor {
         let act = |t: &Tensor| match self.config.placement {
             Placement::Everywhere => self.config.activation.apply(t),
             Placement::Final => t.relu(),
         };
-        let mut x = self.conv0.forward(xs, 2, 3);
-        x = act(&self.norm0.forward(&x, train));
+        let mut x = self.conv0.run(xs, 2, 3, trace.as_deref_mut());
+        x = act(&self.norm0.run(&x, train, trace.as_deref_mut()));
         x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for (bi, block) in self.blocks.iter().enumerate() {
             let mut features = vec![x];
             for layer in block {
                 let input = Tensor::cat(&features, 1);
-                let h = act(&layer.norm1.forward(&input, train));
-                let h = layer.conv1.forward(&h, 1, 0);
-                let h = act(&layer.norm2.forward(&h, train));
-                features.push(layer.conv2.forward(&h, 1, 1));
+                let h = act(&layer.norm1.run(&input, train, trace.as_deref_mut()));
+                let h = layer.conv1.run(&h, 1, 0, trace.as_deref_mut());
+                let h = act(&layer.norm2.run(&h, train, trace.as_deref_mut()));
+                features.push(layer.conv2.run(&h, 1, 1, trace.as_deref_mut()));
             }
             x = Tensor::cat(&features, 1);
             if let Some(t) = self.transitions.get(bi) {
-                let h = act(&t.norm.forward(&x, train));
+                let h = act(&t.norm.run(&x, train, trace.as_deref_mut()));
                 // Average pooling (not torchvision-in-tch's sum pooling).
-                x = t
-                    .conv
-                    .forward(&h, 1, 0)
-                    .avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None);
+                x = t.conv.run(&h, 1, 0, trace.as_deref_mut()).avg_pool2d(
+                    [2, 2],
+                    [2, 2],
+                    [0, 0],
+                    false,
+                    true,
+                    None,
+                );
             }
         }
-        let x = self.config.activation.apply(&self.norm5.forward(&x, train));
+        let x = self
+            .config
+            .activation
+            .apply(&self.norm5.run(&x, train, trace.as_deref_mut()));
         let x = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-        self.classifier.forward(&x)
+        self.classifier.run(&x, trace)
+    }
+}
+
+impl Network for DenseNet {
+    fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.pass(xs, train, None)
+    }
+
+    /// Traced for GroupNorm networks (every convolution, GroupNorm and the
+    /// classifier); BatchNorm networks have no per-sample gradients.
+    fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Option<Tensor> {
+        (self.config.norm != Normalization::Batch).then(|| self.pass(xs, true, Some(trace)))
     }
 
     fn task(&self) -> Task {
@@ -321,7 +360,7 @@ impl Network for DenseNet {
     }
 
     fn has_batch_norm(&self) -> bool {
-        true
+        self.config.norm == Normalization::Batch
     }
 
     fn head_patterns(&self) -> Vec<String> {

@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 use tch::{Tensor, nn};
 
-use super::persample::TracedLayer;
-use super::{Device, Trace};
+use super::persample::{LayerKind, TracedLayer};
+use super::{Device, Normalization, Trace};
 use crate::params::TensorSpec;
 
 #[cfg(doc)]
@@ -127,6 +127,34 @@ impl Builder {
         }
     }
 
+    /// A GroupNorm over `c` channels in `groups` groups (which must divide
+    /// `c`): weight 1, bias 0, under BatchNorm's names (`.weight`, `.bias`).
+    pub fn group_norm(&mut self, name: &str, c: usize, groups: usize) -> GroupNorm {
+        let weight = self.param(&format!("{name}.weight"), &[c], Init::Const(1.0));
+        let bias = self.param(&format!("{name}.bias"), &[c], Init::Const(0.0));
+        GroupNorm {
+            weight,
+            bias,
+            groups: groups as i64,
+            index: self.tensors.len() - 2,
+        }
+    }
+
+    /// The normalization `kind` asks for over `c` channels; GroupNorm uses
+    /// the largest group count that divides `c` and is at most the one asked.
+    pub fn norm(&mut self, name: &str, c: usize, kind: Normalization) -> Norm {
+        match kind {
+            Normalization::Batch => Norm::Batch(self.batch_norm(name, c)),
+            Normalization::Group { groups } => {
+                let g = (1..=groups.clamp(1, c))
+                    .rev()
+                    .find(|g| c.is_multiple_of(*g))
+                    .unwrap_or(1);
+                Norm::Group(self.group_norm(name, c, g))
+            }
+        }
+    }
+
     /// A linear layer, PyTorch's default init; `zero_bias` as torchvision's DenseNet does.
     pub fn linear(&mut self, name: &str, fin: usize, fout: usize, zero_bias: bool) -> Linear {
         let weight = self.param(
@@ -184,9 +212,27 @@ impl Conv {
             bias: self.bias.as_ref().map(|_| self.index + 1),
             input: xs.shallow_clone(),
             output: out.shallow_clone(),
-            conv: Some((self.weight.size()[2], stride, padding)),
+            kind: LayerKind::Conv {
+                kernel: self.weight.size()[2],
+                stride,
+                padding,
+            },
         });
         out
+    }
+
+    /// [`Conv::forward`], recorded when there is a trace.
+    pub(super) fn run(
+        &self,
+        xs: &Tensor,
+        stride: i64,
+        padding: i64,
+        trace: Option<&mut Trace>,
+    ) -> Tensor {
+        match trace {
+            Some(t) => self.forward_traced(xs, stride, padding, t),
+            None => self.forward(xs, stride, padding),
+        }
     }
 }
 
@@ -239,8 +285,93 @@ impl Linear {
             bias: Some(self.index + 1),
             input: xs.shallow_clone(),
             output: out.shallow_clone(),
-            conv: None,
+            kind: LayerKind::Linear,
         });
         out
+    }
+
+    /// [`Linear::forward`], recorded when there is a trace.
+    pub(super) fn run(&self, xs: &Tensor, trace: Option<&mut Trace>) -> Tensor {
+        match trace {
+            Some(t) => self.forward_traced(xs, t),
+            None => self.forward(xs),
+        }
+    }
+}
+
+/// GroupNorm variables (eps 1e-5, as PyTorch's `nn.GroupNorm`): each
+/// sample's channels are split into `groups` groups, each normalized by its
+/// own mean and variance, then scaled and shifted per channel. Unlike
+/// BatchNorm it never mixes the samples of a batch, so every sample keeps a
+/// gradient of its own (what DP-SGD needs); it has no running statistics.
+#[derive(Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    /// Position of the weight among the model's tensors (the bias follows).
+    index: usize,
+}
+
+impl GroupNorm {
+    /// The number of groups.
+    pub fn groups(&self) -> usize {
+        self.groups as usize
+    }
+
+    /// `group_norm` with the layer's weight and bias.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            1e-5,
+            true,
+        )
+    }
+
+    /// [`GroupNorm::forward`] computed as `normalized * weight + bias` and
+    /// recorded in `trace`: a sample's gradient of the weight is the sum
+    /// over positions of its output gradient times its normalized input.
+    pub fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Tensor {
+        let normalized = xs.group_norm(self.groups, None::<Tensor>, None::<Tensor>, 1e-5, true);
+        let shape = [1, -1, 1, 1];
+        let out = &normalized * self.weight.view(shape) + self.bias.view(shape);
+        trace.layers.push(TracedLayer {
+            weight: self.index,
+            bias: Some(self.index + 1),
+            input: normalized,
+            output: out.shallow_clone(),
+            kind: LayerKind::ChannelAffine,
+        });
+        out
+    }
+}
+
+/// A normalization layer: what [`Normalization`] chose.
+#[derive(Debug)]
+pub enum Norm {
+    /// BatchNorm2d.
+    Batch(BatchNorm),
+    /// GroupNorm.
+    Group(GroupNorm),
+}
+
+impl Norm {
+    /// The layer's forward pass (`train` selects BatchNorm's batch statistics).
+    pub fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Norm::Batch(n) => n.forward(xs, train),
+            Norm::Group(n) => n.forward(xs),
+        }
+    }
+
+    /// The forward pass in training mode, recorded when there is a trace
+    /// (GroupNorm; BatchNorm is never traced: it has no per-sample gradient).
+    pub(super) fn run(&self, xs: &Tensor, train: bool, trace: Option<&mut Trace>) -> Tensor {
+        match (self, trace) {
+            (Norm::Group(n), Some(t)) => n.forward_traced(xs, t),
+            _ => self.forward(xs, train),
+        }
     }
 }

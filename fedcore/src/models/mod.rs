@@ -125,6 +125,24 @@ impl Task {
     }
 }
 
+/// The normalization layer a network uses after its convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Normalization {
+    /// BatchNorm2d, as torchvision. Its training-mode output mixes the
+    /// samples of a batch, so DP-SGD refuses it.
+    #[default]
+    Batch,
+    /// GroupNorm with at most `groups` groups per layer (the largest count
+    /// that divides the layer's channels): no sample mixing, no running
+    /// statistics. Opacus' validator substitutes `GroupNorm(min(32, C), C)`
+    /// for BatchNorm; `groups: 32` is the same on DenseNet-121, whose
+    /// channel counts are all multiples of 32.
+    Group {
+        /// Upper bound on the groups of each layer (at least 1).
+        groups: usize,
+    },
+}
+
 /// A network: variables made by a [`Builder`], a forward
 /// pass. Its layers come from [`layers`].
 pub trait Network: Send {

@@ -7,7 +7,10 @@
 //!
 //! - linear `y = x W^T + b`: `dW_i = g_i^T x_i`, `db_i = g_i`;
 //! - convolution: `dW_i = g_i unfold(x_i)^T` over the output positions
-//!   (`im2col`), `db_i = sum over positions of g_i`.
+//!   (`im2col`), `db_i = sum over positions of g_i`;
+//! - GroupNorm's per-channel scale and shift `y = x̂ w + b` (`x̂` the
+//!   normalized input): `dw_i = sum over positions of g_i x̂_i`,
+//!   `db_i = sum over positions of g_i`.
 //!
 //! Other networks take one backward pass per sample: correct for any
 //! network without BatchNorm, and slower.
@@ -30,10 +33,64 @@ pub(super) struct TracedLayer {
     pub(super) weight: usize,
     /// Index of the bias, if any.
     pub(super) bias: Option<usize>,
+    /// The layer's input (for [`LayerKind::ChannelAffine`], the normalized
+    /// input that the weight scales).
     pub(super) input: Tensor,
     pub(super) output: Tensor,
-    /// `(kernel, stride, padding)` of a square convolution; `None` for linear.
-    pub(super) conv: Option<(i64, i64, i64)>,
+    pub(super) kind: LayerKind,
+}
+
+/// How a traced layer maps its input to its output, which decides the
+/// closed form of its per-sample gradients.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum LayerKind {
+    /// `y = x W^T + b` on `[N, in]`.
+    Linear,
+    /// A square 2-d convolution.
+    Conv {
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    },
+    /// `y[n, c, ..] = x[n, c, ..] * w[c] + b[c]` (GroupNorm's affine part).
+    ChannelAffine,
+}
+
+impl TracedLayer {
+    /// Per-sample gradients of the weight and bias as `[N, ...]`, from the
+    /// gradient `g` at the layer's output.
+    fn stored(&self, g: &Tensor) -> (Tensor, Tensor) {
+        match self.kind {
+            LayerKind::Linear => (
+                g.unsqueeze(2).matmul(&self.input.unsqueeze(1)),
+                g.shallow_clone(),
+            ),
+            LayerKind::Conv {
+                kernel,
+                stride,
+                padding,
+            } => {
+                let cols = self.input.im2col(
+                    [kernel, kernel],
+                    [1, 1],
+                    [padding, padding],
+                    [stride, stride],
+                );
+                let g = g.flatten(2, -1);
+                (
+                    g.matmul(&cols.transpose(1, 2)),
+                    g.sum_dim_intlist(2, false, Kind::Float),
+                )
+            }
+            LayerKind::ChannelAffine => {
+                let positions = [2i64, 3].as_slice();
+                (
+                    (g * &self.input).sum_dim_intlist(positions, false, Kind::Float),
+                    g.sum_dim_intlist(positions, false, Kind::Float),
+                )
+            }
+        }
+    }
 }
 
 /// The sum of a batch's per-sample gradients, each clipped to an L2 norm.
@@ -225,8 +282,8 @@ impl<N: Network> TchModel<N> {
         let mut sq = Tensor::zeros([bi], (Kind::Float, self.vs.device()));
         let mut parts = Vec::with_capacity(trace.layers.len());
         for (layer, g) in trace.layers.iter().zip(g_out) {
-            match layer.conv {
-                None => {
+            match layer.kind {
+                LayerKind::Linear => {
                     let gg = g.square().sum_dim_intlist(1, false, Kind::Float);
                     let xx = layer.input.square().sum_dim_intlist(1, false, Kind::Float);
                     sq += &gg * (xx + 1.0); // weight ||g||^2 ||x||^2, bias ||g||^2
@@ -235,18 +292,15 @@ impl<N: Network> TchModel<N> {
                         x: layer.input.shallow_clone(),
                     });
                 }
-                Some((k, stride, padding)) => {
-                    let cols =
-                        layer
-                            .input
-                            .im2col([k, k], [1, 1], [padding, padding], [stride, stride]);
-                    let g = g.flatten(2, -1);
-                    let dw = g.matmul(&cols.transpose(1, 2));
-                    let db = g.sum_dim_intlist(2, false, Kind::Float);
-                    sq += dw
-                        .square()
-                        .sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float);
-                    sq += db.square().sum_dim_intlist(1, false, Kind::Float);
+                LayerKind::Conv { .. } | LayerKind::ChannelAffine => {
+                    let (dw, db) = layer.stored(&g);
+                    let (dw, db) = (dw.reshape([bi, -1]), db.reshape([bi, -1]));
+                    sq += dw.square().sum_dim_intlist(1, false, Kind::Float);
+                    // A layer without a bias (DenseNet's convolutions) has
+                    // no bias gradient to count in the norm.
+                    if layer.bias.is_some() {
+                        sq += db.square().sum_dim_intlist(1, false, Kind::Float);
+                    }
                     parts.push(Part::Stored { dw, db });
                 }
             }
@@ -265,7 +319,7 @@ impl<N: Network> TchModel<N> {
                     )
                 }
                 Part::Stored { dw, db } => (
-                    (dw * c.view([bi, 1, 1])).sum_dim_intlist(0, false, Kind::Float),
+                    (dw * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float),
                     (db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float),
                 ),
             };
@@ -311,23 +365,7 @@ impl<N: Network> TchModel<N> {
         let bi = b as i64;
         let grads = Tensor::zeros([bi, cols.total as i64], (Kind::Float, self.vs.device()));
         for (layer, g) in trace.layers.iter().zip(&g_out) {
-            let (dw, db) = match layer.conv {
-                None => (
-                    g.unsqueeze(2).matmul(&layer.input.unsqueeze(1)),
-                    g.shallow_clone(),
-                ),
-                Some((k, stride, padding)) => {
-                    let cols =
-                        layer
-                            .input
-                            .im2col([k, k], [1, 1], [padding, padding], [stride, stride]);
-                    let g = g.flatten(2, -1);
-                    (
-                        g.matmul(&cols.transpose(1, 2)),
-                        g.sum_dim_intlist(2, false, Kind::Float),
-                    )
-                }
-            };
+            let (dw, db) = layer.stored(g);
             for (idx, part) in [(Some(layer.weight), dw), (layer.bias, db)] {
                 let Some(idx) = idx else { continue };
                 let r = cols.slot(idx, self.layout.range_at(idx).len())?;
