@@ -775,3 +775,50 @@ fn group_norm_densenet121_has_the_batch_norm_variants_trainable_values() {
     };
     assert!(TchModel::build(Device::Cpu, 0, |b| DenseNet::build(b, zero_groups)).is_err());
 }
+
+#[test]
+fn mixed_ghost_clipping_equals_clipping_each_sample_gradient() {
+    // Wide enough that the dense layers' 3x3 convolutions take the ghost
+    // norm (8 x 8 positions: 2 T^2 = 8192 < 32 x 1152) and block 2 takes it
+    // everywhere, while the stem (16 x 16 positions) stores its per-sample
+    // gradients: both paths in one network.
+    let config = DenseNetConfig {
+        growth_rate: 32,
+        block_config: vec![1, 1],
+        num_init_features: 64,
+        bn_size: 4,
+        norm: Normalization::Group { groups: 8 },
+        ..tiny_config()
+    };
+    let model = densenet(config, 21);
+    let (images, shape, targets) = tiny_batch(4, 5);
+    let slow = model
+        .per_sample_gradients_looped(&images, shape, &targets)
+        .unwrap();
+    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
+    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
+    let mut sorted = want_norms.clone();
+    sorted.sort_by(f32::total_cmp);
+    for c in [
+        f64::from(sorted[0]) * 0.5,
+        f64::from(sorted[2]),
+        f64::from(sorted[3]) * 2.0,
+    ] {
+        let fast = model
+            .clipped_gradient_sum(&images, shape, &targets, c)
+            .unwrap();
+        for (a, b) in fast.norms.iter().zip(&want_norms) {
+            assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
+        }
+        let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
+        let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
+            0,
+            false,
+            tch::Kind::Float,
+        ))
+        .unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&fast.sum, &want);
+        assert!(diff <= 1e-4 * scale, "C = {c}: {diff} at scale {scale}");
+    }
+}

@@ -134,6 +134,17 @@ impl Columns {
     }
 }
 
+/// Whether a convolution's per-sample gradient norm is cheaper by ghost norm
+/// (two `T x T` Gram matrices per sample, `T` output positions) than by
+/// forming the gradient (`out x d` per sample, `d = in k k`): the layer-wise
+/// choice of Bu et al. 2022's mixed ghost clipping, `2 T^2 < out d`.
+fn ghost_is_cheaper(g: &Tensor, input: &Tensor, kernel: i64) -> bool {
+    let (gs, is) = (g.size(), input.size());
+    let positions = gs[2..].iter().product::<i64>();
+    let (out, d) = (gs[1], is[1] * kernel * kernel);
+    2 * positions * positions < out * d
+}
+
 impl<N: Network> TchModel<N> {
     fn columns(&self) -> Columns {
         let mut offsets = vec![None; self.tensors.len()];
@@ -272,7 +283,12 @@ impl<N: Network> TchModel<N> {
         max_norm: f64,
     ) -> Result<ClippedGradientSum> {
         enum Part {
+            /// A linear layer: its per-sample gradient is an outer product.
             Outer { g: Tensor, x: Tensor },
+            /// A convolution by ghost norm: output gradients `[N, out, T]`
+            /// and unfolded inputs `[N, d, T]`.
+            Ghost { g: Tensor, cols: Tensor },
+            /// Per-sample gradients stored whole, `[N, ..]`.
             Stored { dw: Tensor, db: Tensor },
         }
         let loss = self.loss_sum(logits, ys);
@@ -281,26 +297,50 @@ impl<N: Network> TchModel<N> {
         let bi = b as i64;
         let mut sq = Tensor::zeros([bi], (Kind::Float, self.vs.device()));
         let mut parts = Vec::with_capacity(trace.layers.len());
+        let sum12 = [1i64, 2].as_slice();
         for (layer, g) in trace.layers.iter().zip(g_out) {
+            // A layer without a bias (DenseNet's convolutions) has no bias
+            // gradient to count in the norm.
+            let has_bias = f64::from(u8::from(layer.bias.is_some()));
             match layer.kind {
                 LayerKind::Linear => {
                     let gg = g.square().sum_dim_intlist(1, false, Kind::Float);
                     let xx = layer.input.square().sum_dim_intlist(1, false, Kind::Float);
-                    sq += &gg * (xx + 1.0); // weight ||g||^2 ||x||^2, bias ||g||^2
+                    sq += &gg * (xx + has_bias); // weight ||g||^2 ||x||^2, bias ||g||^2
                     parts.push(Part::Outer {
                         g,
                         x: layer.input.shallow_clone(),
                     });
                 }
+                LayerKind::Conv {
+                    kernel,
+                    stride,
+                    padding,
+                } if ghost_is_cheaper(&g, &layer.input, kernel) => {
+                    // ||G^T X||_F^2 = <G G^T, X X^T> over positions: the
+                    // per-sample gradient is never formed.
+                    let g = g.flatten(2, -1);
+                    let cols = layer.input.im2col(
+                        [kernel, kernel],
+                        [1, 1],
+                        [padding, padding],
+                        [stride, stride],
+                    );
+                    let gram_g = g.transpose(1, 2).bmm(&g);
+                    let gram_x = cols.transpose(1, 2).bmm(&cols);
+                    sq += (gram_g * gram_x).sum_dim_intlist(sum12, false, Kind::Float);
+                    sq += g
+                        .sum_dim_intlist(2, false, Kind::Float)
+                        .square()
+                        .sum_dim_intlist(1, false, Kind::Float)
+                        * has_bias;
+                    parts.push(Part::Ghost { g, cols });
+                }
                 LayerKind::Conv { .. } | LayerKind::ChannelAffine => {
                     let (dw, db) = layer.stored(&g);
                     let (dw, db) = (dw.reshape([bi, -1]), db.reshape([bi, -1]));
                     sq += dw.square().sum_dim_intlist(1, false, Kind::Float);
-                    // A layer without a bias (DenseNet's convolutions) has
-                    // no bias gradient to count in the norm.
-                    if layer.bias.is_some() {
-                        sq += db.square().sum_dim_intlist(1, false, Kind::Float);
-                    }
+                    sq += db.square().sum_dim_intlist(1, false, Kind::Float) * has_bias;
                     parts.push(Part::Stored { dw, db });
                 }
             }
@@ -316,6 +356,20 @@ impl<N: Network> TchModel<N> {
                     (
                         gc.transpose(0, 1).matmul(&x),
                         gc.sum_dim_intlist(0, false, Kind::Float),
+                    )
+                }
+                Part::Ghost { g, cols } => {
+                    // sum_i c_i G_i^T X_i as one product over every sample's
+                    // positions.
+                    let gc = g * c.view([bi, 1, 1]);
+                    let (out, d) = (gc.size()[1], cols.size()[1]);
+                    let w = gc
+                        .permute([1, 0, 2])
+                        .reshape([out, -1])
+                        .matmul(&cols.permute([0, 2, 1]).reshape([-1, d]));
+                    (
+                        w,
+                        gc.sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Float),
                     )
                 }
                 Part::Stored { dw, db } => (
@@ -443,5 +497,43 @@ impl<N: Network> TchModel<N> {
             off += len;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zeros(shape: &[i64]) -> Tensor {
+        Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu))
+    }
+
+    #[test]
+    fn ghost_norm_is_chosen_where_positions_are_few_and_weights_large() {
+        // DenseNet-121 at 64 x 64, batch 2. The stem: 32 x 32 positions,
+        // 64 x 3 x 7 x 7 weights: store.
+        assert!(!ghost_is_cheaper(
+            &zeros(&[2, 64, 32, 32]),
+            &zeros(&[2, 3, 64, 64]),
+            7
+        ));
+        // Block 1's 3x3 convolution: 16 x 16 positions, 32 x 1152: store.
+        assert!(!ghost_is_cheaper(
+            &zeros(&[2, 32, 16, 16]),
+            &zeros(&[2, 128, 16, 16]),
+            3
+        ));
+        // Block 2's: 8 x 8 positions: ghost.
+        assert!(ghost_is_cheaper(
+            &zeros(&[2, 32, 8, 8]),
+            &zeros(&[2, 128, 8, 8]),
+            3
+        ));
+        // Block 4's 1x1 bottleneck, 2 x 2 positions: ghost.
+        assert!(ghost_is_cheaper(
+            &zeros(&[2, 128, 2, 2]),
+            &zeros(&[2, 512, 2, 2]),
+            1
+        ));
     }
 }
