@@ -675,8 +675,7 @@ fn group_norm_densenet_has_per_sample_gradients_in_one_pass() {
         diff <= 1e-4 * scale,
         "max difference {diff} at scale {scale}"
     );
-    // The traced pass computes GroupNorm as normalized * weight + bias: the
-    // same function as libtorch's group_norm, so the same loss.
+    // The traced pass runs the same layers: the same loss.
     assert!((fast.loss - slow.loss).abs() < 1e-5 * slow.loss.abs().max(1.0));
     // GroupNorm weights have per-sample gradients of their own (not zero,
     // not equal across samples).
@@ -778,10 +777,10 @@ fn group_norm_densenet121_has_the_batch_norm_variants_trainable_values() {
 
 #[test]
 fn mixed_ghost_clipping_equals_clipping_each_sample_gradient() {
-    // Wide enough that the dense layers' 3x3 convolutions take the ghost
-    // norm (8 x 8 positions: 2 T^2 = 8192 < 32 x 1152) and block 2 takes it
-    // everywhere, while the stem (16 x 16 positions) stores its per-sample
-    // gradients: both paths in one network.
+    // Wide enough that block 2 (4 x 4 positions) takes the ghost norm in
+    // both its convolutions (3x3: 16 x (32 + 1152) < 32 x 1152), while the
+    // stem and block 1 (8 x 8 positions) store their per-sample gradients:
+    // both paths in one network.
     let config = DenseNetConfig {
         growth_rate: 32,
         block_config: vec![1, 1],

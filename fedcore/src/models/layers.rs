@@ -330,19 +330,20 @@ impl GroupNorm {
         )
     }
 
-    /// [`GroupNorm::forward`] computed as `normalized * weight + bias` and
-    /// recorded in `trace`: a sample's gradient of the weight is the sum
-    /// over positions of its output gradient times its normalized input.
+    /// [`GroupNorm::forward`], recorded in `trace`: a sample's gradient of
+    /// the weight is the sum over positions of its output gradient times its
+    /// normalized input (recomputed from the input when needed, so the trace
+    /// holds no tensor the forward graph does not already hold).
     pub fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Tensor {
-        let normalized = xs.group_norm(self.groups, None::<Tensor>, None::<Tensor>, 1e-5, true);
-        let shape = [1, -1, 1, 1];
-        let out = &normalized * self.weight.view(shape) + self.bias.view(shape);
+        let out = self.forward(xs);
         trace.layers.push(TracedLayer {
             weight: self.index,
             bias: Some(self.index + 1),
-            input: normalized,
+            input: xs.shallow_clone(),
             output: out.shallow_clone(),
-            kind: LayerKind::ChannelAffine,
+            kind: LayerKind::GroupNorm {
+                groups: self.groups,
+            },
         });
         out
     }

@@ -33,8 +33,6 @@ pub(super) struct TracedLayer {
     pub(super) weight: usize,
     /// Index of the bias, if any.
     pub(super) bias: Option<usize>,
-    /// The layer's input (for [`LayerKind::ChannelAffine`], the normalized
-    /// input that the weight scales).
     pub(super) input: Tensor,
     pub(super) output: Tensor,
     pub(super) kind: LayerKind,
@@ -52,11 +50,27 @@ pub(super) enum LayerKind {
         stride: i64,
         padding: i64,
     },
-    /// `y[n, c, ..] = x[n, c, ..] * w[c] + b[c]` (GroupNorm's affine part).
-    ChannelAffine,
+    /// GroupNorm: `y[n, c, ..] = x̂[n, c, ..] * w[c] + b[c]`, `x̂` the input
+    /// normalized per sample and group.
+    GroupNorm { groups: i64 },
 }
 
 impl TracedLayer {
+    /// The input unfolded for a square convolution of `[kernel, stride,
+    /// padding]`: `[N, in k k, positions]` (`im2col`).
+    fn unfold(&self, [kernel, stride, padding]: [i64; 3]) -> Tensor {
+        if (kernel, stride, padding) == (1, 1, 0) {
+            // A 1x1 convolution (most of DenseNet's) reads its input as is.
+            return self.input.flatten(2, -1);
+        }
+        self.input.im2col(
+            [kernel, kernel],
+            [1, 1],
+            [padding, padding],
+            [stride, stride],
+        )
+    }
+
     /// Per-sample gradients of the weight and bias as `[N, ...]`, from the
     /// gradient `g` at the layer's output.
     fn stored(&self, g: &Tensor) -> (Tensor, Tensor) {
@@ -70,22 +84,21 @@ impl TracedLayer {
                 stride,
                 padding,
             } => {
-                let cols = self.input.im2col(
-                    [kernel, kernel],
-                    [1, 1],
-                    [padding, padding],
-                    [stride, stride],
-                );
+                let cols = self.unfold([kernel, stride, padding]);
                 let g = g.flatten(2, -1);
                 (
                     g.matmul(&cols.transpose(1, 2)),
                     g.sum_dim_intlist(2, false, Kind::Float),
                 )
             }
-            LayerKind::ChannelAffine => {
+            LayerKind::GroupNorm { groups } => {
                 let positions = [2i64, 3].as_slice();
+                let normalized = tch::no_grad(|| {
+                    self.input
+                        .group_norm(groups, None::<Tensor>, None::<Tensor>, 1e-5, false)
+                });
                 (
-                    (g * &self.input).sum_dim_intlist(positions, false, Kind::Float),
+                    (g * normalized).sum_dim_intlist(positions, false, Kind::Float),
                     g.sum_dim_intlist(positions, false, Kind::Float),
                 )
             }
@@ -135,14 +148,18 @@ impl Columns {
 }
 
 /// Whether a convolution's per-sample gradient norm is cheaper by ghost norm
-/// (two `T x T` Gram matrices per sample, `T` output positions) than by
-/// forming the gradient (`out x d` per sample, `d = in k k`): the layer-wise
-/// choice of Bu et al. 2022's mixed ghost clipping, `2 T^2 < out d`.
+/// than by forming the gradient, layer by layer as in Bu et al. 2022's mixed
+/// ghost clipping. With `T` output positions and `d = in k k`, the ghost
+/// norm's two `T x T` Gram matrices cost `T^2 (out + d)` per sample and
+/// forming `G^T X` costs `T out d`; we choose by that time, `T (out + d) <
+/// out d`. (Bu et al. choose by space, `2 T^2 < out d`; on DenseNet-121 at
+/// 64 x 64 the time rule stores block 2's gradients too, which measured
+/// faster and, since they are small, no larger at peak: docs/benchmarks.md.)
 fn ghost_is_cheaper(g: &Tensor, input: &Tensor, kernel: i64) -> bool {
     let (gs, is) = (g.size(), input.size());
     let positions = gs[2..].iter().product::<i64>();
     let (out, d) = (gs[1], is[1] * kernel * kernel);
-    2 * positions * positions < out * d
+    positions * (out + d) < out * d
 }
 
 impl<N: Network> TchModel<N> {
@@ -286,8 +303,8 @@ impl<N: Network> TchModel<N> {
             /// A linear layer: its per-sample gradient is an outer product.
             Outer { g: Tensor, x: Tensor },
             /// A convolution by ghost norm: output gradients `[N, out, T]`
-            /// and unfolded inputs `[N, d, T]`.
-            Ghost { g: Tensor, cols: Tensor },
+            /// (its unfolded input is recomputed rather than kept).
+            Ghost { g: Tensor, conv: [i64; 3] },
             /// Per-sample gradients stored whole, `[N, ..]`.
             Stored { dw: Tensor, db: Tensor },
         }
@@ -320,12 +337,7 @@ impl<N: Network> TchModel<N> {
                     // ||G^T X||_F^2 = <G G^T, X X^T> over positions: the
                     // per-sample gradient is never formed.
                     let g = g.flatten(2, -1);
-                    let cols = layer.input.im2col(
-                        [kernel, kernel],
-                        [1, 1],
-                        [padding, padding],
-                        [stride, stride],
-                    );
+                    let cols = layer.unfold([kernel, stride, padding]);
                     let gram_g = g.transpose(1, 2).bmm(&g);
                     let gram_x = cols.transpose(1, 2).bmm(&cols);
                     sq += (gram_g * gram_x).sum_dim_intlist(sum12, false, Kind::Float);
@@ -334,9 +346,12 @@ impl<N: Network> TchModel<N> {
                         .square()
                         .sum_dim_intlist(1, false, Kind::Float)
                         * has_bias;
-                    parts.push(Part::Ghost { g, cols });
+                    parts.push(Part::Ghost {
+                        g,
+                        conv: [kernel, stride, padding],
+                    });
                 }
-                LayerKind::Conv { .. } | LayerKind::ChannelAffine => {
+                LayerKind::Conv { .. } | LayerKind::GroupNorm { .. } => {
                     let (dw, db) = layer.stored(&g);
                     let (dw, db) = (dw.reshape([bi, -1]), db.reshape([bi, -1]));
                     sq += dw.square().sum_dim_intlist(1, false, Kind::Float);
@@ -358,9 +373,10 @@ impl<N: Network> TchModel<N> {
                         gc.sum_dim_intlist(0, false, Kind::Float),
                     )
                 }
-                Part::Ghost { g, cols } => {
+                Part::Ghost { g, conv } => {
                     // sum_i c_i G_i^T X_i as one product over every sample's
                     // positions.
+                    let cols = layer.unfold(conv);
                     let gc = g * c.view([bi, 1, 1]);
                     let (out, d) = (gc.size()[1], cols.size()[1]);
                     let w = gc
@@ -523,10 +539,16 @@ mod tests {
             &zeros(&[2, 128, 16, 16]),
             3
         ));
-        // Block 2's: 8 x 8 positions: ghost.
-        assert!(ghost_is_cheaper(
+        // Block 2's: 8 x 8 positions, 64 x (32 + 1152) > 32 x 1152: store.
+        assert!(!ghost_is_cheaper(
             &zeros(&[2, 32, 8, 8]),
             &zeros(&[2, 128, 8, 8]),
+            3
+        ));
+        // Block 3's: 4 x 4 positions: ghost.
+        assert!(ghost_is_cheaper(
+            &zeros(&[2, 32, 4, 4]),
+            &zeros(&[2, 128, 4, 4]),
             3
         ));
         // Block 4's 1x1 bottleneck, 2 x 2 positions: ghost.
