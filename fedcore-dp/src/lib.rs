@@ -13,7 +13,9 @@
 //!   [`fedcore::Aggregator`] that clips every update and noises the aggregate.
 //! - [`rdp`]: the Rényi-DP accountant for the Poisson-sampled Gaussian
 //!   mechanism, conversion to (epsilon, delta) and noise calibration;
-//!   [`Budget`] and [`Ledger`] stop a run before it would exceed its budget.
+//!   [`PldAccountant`], the tighter privacy-loss-distribution accountant
+//!   for the same mechanism; [`Budget`] and [`Ledger`] stop a run before it
+//!   would exceed its budget.
 //! - [`DpError`]: this crate's errors; they convert into `fedcore::Error`
 //!   (an exhausted budget into `PrivacyBudgetExhausted`).
 //! - `DpSgd` (feature `tch`): sample-level DP-SGD for fedcore's libtorch
@@ -28,6 +30,7 @@ mod dpsgd;
 mod error;
 mod local;
 mod noise;
+mod pld;
 pub mod rdp;
 
 pub use budget::{Budget, Ledger};
@@ -39,4 +42,5 @@ pub use error::{DpError, Result};
 pub use fedcore::{PrivacyCost, PrivacyMechanism, Spent};
 pub use local::{LocalDp, LocalDpParams};
 pub use noise::{Dangerous, Noise};
+pub use pld::PldAccountant;
 pub use rdp::{RdpAccountant, calibrate_noise, epsilon_for};

@@ -106,7 +106,7 @@ impl RdpAccountant {
     }
 }
 
-fn check_sampled_gaussian(sigma: f64, q: f64) -> Result<()> {
+pub(crate) fn check_sampled_gaussian(sigma: f64, q: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&q) {
         return Err(DpError::InvalidParams(format!(
             "sampling rate must be in [0, 1], got {q}"
