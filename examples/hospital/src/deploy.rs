@@ -15,21 +15,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use fedcore::checkpoint::write_atomic;
 use fedcore::data::{
     ChestXray14, DataSplit, ImageDataset, SyntheticXrays, write_synthetic_chestxray,
 };
 use fedcore::net::provision::{Kit, Project, ProjectSpec, Roster};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::trust::TrustPolicy;
-use fedcore::{
-    Model, ModelClient, Optimizer, Parameters, PrivacyCost, PrivacyMechanism, Server, ServerConfig,
-    ServerEvent, Spent, TrainConfig,
-};
-use fedcore_dp::LocalDp;
+use fedcore::{Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig};
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
-use serde::{Deserialize, Serialize};
 
+use crate::dp::{DpSettings, PersistedDp};
 use crate::sim::{AggregatorChoice, DpArgs, densenet, hospital, image_config};
 
 /// `hospital provision`.
@@ -143,82 +138,6 @@ fn limits(max_message_bytes: usize) -> Limits {
         max_message_bytes,
         chunk_bytes: (max_message_bytes / 4).max(4096),
         ..Limits::default()
-    }
-}
-
-/// The DP settings a hospital's ledger was started with.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-struct DpSettings {
-    dp: DpArgs,
-    rounds: u64,
-}
-
-/// What the ledger file holds.
-#[derive(Debug, Serialize, Deserialize)]
-struct DpRecord {
-    settings: DpSettings,
-    releases: u64,
-    epsilon_spent: f64,
-}
-
-/// Local DP whose releases survive a restart of the hospital's process: the
-/// count is written (atomically) before each update leaves, and charged
-/// again at start, so a restarted hospital cannot spend its budget twice.
-struct PersistedDp {
-    inner: LocalDp,
-    settings: DpSettings,
-    path: PathBuf,
-}
-
-impl PersistedDp {
-    fn open(name: &str, tensors: &[String], settings: DpSettings, path: PathBuf) -> Result<Self> {
-        let mut inner = settings.dp.mechanism(name, tensors, settings.rounds)?;
-        if path.exists() {
-            let record: DpRecord = serde_json::from_slice(&std::fs::read(&path)?)
-                .with_context(|| format!("{} is not a DP ledger", path.display()))?;
-            if record.settings != settings {
-                bail!(
-                    "{} was written with other DP settings ({:?}); this hospital's budget cannot be restarted with {:?}",
-                    path.display(),
-                    record.settings,
-                    settings
-                );
-            }
-            inner = inner.resumed(record.releases)?;
-            println!(
-                "{name}: DP ledger resumed: {} releases, epsilon {:.3} of {} spent",
-                record.releases, record.epsilon_spent, settings.dp.epsilon
-            );
-        } else if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        Ok(Self {
-            inner,
-            settings,
-            path,
-        })
-    }
-}
-
-impl PrivacyMechanism for PersistedDp {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-
-    fn privatize(&mut self, update: &mut Parameters) -> fedcore::Result<PrivacyCost> {
-        let cost = self.inner.privatize(update)?;
-        let record = DpRecord {
-            settings: self.settings,
-            releases: self.inner.ledger().releases(),
-            epsilon_spent: self.inner.ledger().epsilon(),
-        };
-        // If the release cannot be recorded, the update does not leave.
-        write_atomic(&self.path, &serde_json::to_vec_pretty(&record)?)?;
-        Ok(cost)
-    }
-
-    fn spent(&self) -> Option<Spent> {
-        self.inner.spent()
     }
 }
 
@@ -416,55 +335,4 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     net::run_client(&kit, client, &options).with_context(|| format!("hospital `{identity}`"))?;
     println!("{identity}: the run is complete");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn update() -> Parameters {
-        Parameters::from_tensors([("w", vec![3], vec![0.3f32, -0.2, 0.1])]).expect("params")
-    }
-
-    #[test]
-    fn a_restarted_hospital_keeps_counting_its_dp_releases() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("h-dp-ledger.json");
-        let tensors = vec!["w".to_owned()];
-        let settings = DpSettings {
-            dp: DpArgs {
-                enabled: true,
-                clip: 1.0,
-                epsilon: 8.0,
-                delta: 1e-5,
-            },
-            rounds: 3,
-        };
-        let mut first = PersistedDp::open("h", &tensors, settings, path.clone()).expect("open");
-        first.privatize(&mut update()).expect("release 1");
-        first.privatize(&mut update()).expect("release 2");
-        let spent = first.spent().expect("spent").epsilon;
-        drop(first);
-
-        // The process restarts: the two releases are charged again.
-        let mut again = PersistedDp::open("h", &tensors, settings, path.clone()).expect("reopen");
-        assert_eq!(again.inner.ledger().releases(), 2);
-        assert!((again.spent().expect("spent").epsilon - spent).abs() < 1e-9);
-        again.privatize(&mut update()).expect("release 3");
-        // A fourth release would exceed the budget calibrated for 3 rounds.
-        assert!(again.privatize(&mut update()).is_err());
-
-        // Other settings cannot restart the budget.
-        let other = DpSettings {
-            dp: DpArgs {
-                epsilon: 16.0,
-                ..settings.dp
-            },
-            ..settings
-        };
-        let e = PersistedDp::open("h", &tensors, other, path)
-            .err()
-            .expect("refused");
-        assert!(e.to_string().contains("other DP settings"), "{e}");
-    }
 }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod atrest;
 pub mod auth;
 pub mod deploy;
+pub mod dp;
 pub mod infer;
 pub mod sim;
 pub mod store;

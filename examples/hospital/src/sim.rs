@@ -34,6 +34,7 @@ use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, Trimme
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::store::{NewRound, RoundRow, Store, TrustRow, UpdateRow};
 
@@ -131,6 +132,12 @@ pub struct SimConfig {
     /// Local differential privacy on the body.
     #[command(flatten)]
     pub dp: DpArgs,
+    /// Rounds each hospital's DP budget is spread over (default: --rounds).
+    /// A hospital's ledger is kept in `<run-dir>/dp-ledgers/` and a resumed
+    /// run keeps counting it: a run extended past these rounds is refused
+    /// by the budget once a release would exceed it.
+    #[arg(long)]
+    pub dp_rounds: Option<u64>,
     /// CKKS encryption of the classifier head.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub he: bool,
@@ -461,6 +468,13 @@ fn run_inner(
     let head = template.head();
     let head_patterns: Vec<String> = head.names(&layout)?.map(str::to_owned).collect();
     let dp_names = dp_tensors(&template);
+    // Each hospital's DP ledger: a resumed run keeps counting it, a new run
+    // in the same folder starts with the checkpoint and the ledgers gone.
+    let ledgers = run_dir.join("dp-ledgers");
+    if !cfg.resume && ledgers.exists() {
+        std::fs::remove_dir_all(&ledgers)
+            .with_context(|| format!("cannot clear {}", ledgers.display()))?;
+    }
     let mut transport = InMemoryTransport::new();
     for (i, items) in split.hospitals.iter().enumerate() {
         let name = hospital(i);
@@ -478,9 +492,10 @@ fn run_inner(
                 data,
                 &dp_names,
                 &secret,
+                &ledgers,
             )?
         } else {
-            build_client(cfg, &name, model, data, &dp_names, &secret)?
+            build_client(cfg, &name, model, data, &dp_names, &secret, &ledgers)?
         };
         transport.add_client(client)?;
     }
@@ -637,10 +652,20 @@ fn run_inner(
     let policy = RunPolicy::default()
         .with_max_failed_in_a_row(None)
         .with_stop(shared.stop.clone());
+    // Hospitals that refused a release because their budget is spent: they
+    // never come back, so once too few are left for the quorum the run ends.
+    let mut exhausted = BTreeSet::new();
     // The hook gets each round's record: store it, print it, tell the dashboard.
     let report = server.run_with(&policy, |server, record| -> Result<()> {
         if !record.outcome.is_completed() {
             bar.suspend(|| println!("round {} failed: {}", record.round, record.outcome));
+        }
+        for f in &record.failures {
+            if let fedcore::Failure::ClientError(reason) = &f.reason
+                && reason.contains("privacy budget of")
+            {
+                exhausted.insert(f.client.clone());
+            }
         }
         let opened = latest.lock().ok().and_then(|mut l| l.take());
         if let Some(full) = opened
@@ -666,6 +691,16 @@ fn run_inner(
             auroc_macro: row.auroc_macro,
             outcome: row.outcome.clone(),
         });
+        if !record.outcome.is_completed() && cfg.clients - exhausted.len() < record.quorum {
+            let names: Vec<&str> = exhausted.iter().map(|c| c.as_str()).collect();
+            bail!(
+                "the run cannot go on: the privacy budgets of {} are spent, and the {} hospital(s) left are fewer than the quorum of {} (ledgers in {})",
+                names.join(", "),
+                cfg.clients - exhausted.len(),
+                record.quorum,
+                ledgers.display()
+            );
+        }
         // Suspensions made on the dashboard take effect from the next round.
         apply_suspensions(server, shared, cfg.clients, cfg.drop_client)
     })?;
@@ -700,13 +735,19 @@ fn build_client<M>(
     data: DataSplit,
     dp_names: &[String],
     secret: &Option<CkksContext<Secret>>,
+    ledgers: &Path,
 ) -> Result<Box<dyn fedcore::Client>>
 where
     M: Model<Data = DataSplit> + 'static,
 {
     let mut client = ModelClient::new(name, model, data);
     if cfg.dp.enabled {
-        client = client.with_mechanism(cfg.dp.mechanism(name, dp_names, cfg.rounds)?);
+        let settings = DpSettings {
+            dp: cfg.dp,
+            rounds: cfg.dp_rounds.unwrap_or(cfg.rounds),
+        };
+        let path = ledgers.join(format!("{name}.json"));
+        client = client.with_mechanism(PersistedDp::open(name, dp_names, settings, path)?);
     }
     if let Some(secret) = secret {
         client = client.with_sealer(CkksSealer::new(secret.clone()));

@@ -33,6 +33,8 @@ fn config(dir: &std::path::Path, rounds: u64) -> SimConfig {
         "50",
         "--clip",
         "0.01",
+        "--dp-rounds",
+        "3",
         "--run-dir",
         dir.to_str().unwrap(),
     ])
@@ -117,4 +119,34 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     assert_eq!(rounds.len(), 3);
     assert_eq!(rounds[2].accepted, 3);
     assert_eq!(predictor.round(), Some(3));
+    // The ledger came back with the checkpoint: hospital-1's third release
+    // is charged on top of its first two (a fresh ledger would report the
+    // first release's epsilon again).
+    let eps: Vec<f64> = rt
+        .block_on(store.updates(None, Some("hospital-1")))
+        .unwrap()
+        .iter()
+        .filter_map(|u| u.epsilon)
+        .collect();
+    assert_eq!(eps.len(), 3, "{eps:?}");
+    assert!(
+        eps[2] > eps[1] && eps[1] > eps[0] && eps[2] <= 50.0,
+        "{eps:?}"
+    );
+    assert!(dir.path().join("dp-ledgers/hospital-1.json").exists());
+
+    // A fourth round would take hospitals 1 and 3 past the budget spread
+    // over 3 rounds: they refuse, the quorum cannot be met by hospital-2
+    // alone, and the run ends with a clear error instead of retrying.
+    let mut cfg = config(dir.path(), 4);
+    cfg.resume = true;
+    let e = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("privacy budgets of hospital-1, hospital-3 are spent"),
+        "{e}"
+    );
+    let rounds = rt.block_on(store.rounds()).unwrap();
+    assert_eq!(rounds.len(), 4, "the refused round is recorded");
+    assert_eq!(rounds[3].outcome, "quorum_not_reached", "{:?}", rounds[3]);
 }
