@@ -3,7 +3,100 @@ use fedcore::{PrivacyCost, Spent};
 use crate::error::{DpError, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::pld::PldAccountant;
 use crate::rdp::RdpAccountant;
+
+/// How spending is accounted: which accountant turns the composed
+/// mechanism into epsilon (and so how much noise a calibration asks for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Accounting {
+    /// Rényi DP ([`RdpAccountant`]), the default (what Opacus reports).
+    #[default]
+    Rdp,
+    /// The privacy loss distribution ([`PldAccountant`]): 7-15 % less
+    /// epsilon for the same noise at DP-SGD's settings, slower to compose.
+    Pld,
+}
+
+impl Accounting {
+    /// Epsilon at `delta` of `steps` sampled-Gaussian steps.
+    pub fn epsilon(self, sigma: f64, q: f64, steps: u64, delta: f64) -> Result<f64> {
+        match self {
+            Accounting::Rdp => crate::rdp::epsilon_for(sigma, q, steps, delta),
+            Accounting::Pld => {
+                let mut acc = PldAccountant::new();
+                acc.compose_sampled_gaussian(sigma, q, steps)?;
+                Ok(acc.epsilon(delta))
+            }
+        }
+    }
+
+    /// The smallest noise multiplier (to 0.1 %) for which `steps` steps at
+    /// sampling rate `q` stay within (`epsilon`, `delta`) under this
+    /// accounting.
+    pub fn calibrate_noise(self, epsilon: f64, delta: f64, q: f64, steps: u64) -> Result<f64> {
+        if epsilon.is_nan() || epsilon <= 0.0 || !(delta > 0.0 && delta < 1.0) {
+            return Err(DpError::InvalidParams(format!(
+                "calibration needs epsilon > 0 and delta in (0, 1), got {epsilon}, {delta}"
+            )));
+        }
+        crate::rdp::check_sampled_gaussian(1.0, q)?;
+        if q == 0.0 || steps == 0 {
+            return Ok(0.0);
+        }
+        let (mut lo, mut hi) = (0.0f64, 1.0f64);
+        while self.epsilon(hi, q, steps, delta)? > epsilon {
+            lo = hi;
+            hi *= 2.0;
+            if hi > 1e6 {
+                return Err(DpError::InvalidParams(format!(
+                    "no noise multiplier up to 1e6 reaches epsilon {epsilon} at delta {delta} over {steps} steps"
+                )));
+            }
+        }
+        while hi - lo > 1e-3 * hi {
+            let mid = 0.5 * (lo + hi);
+            if self.epsilon(mid, q, steps, delta)? > epsilon {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(hi)
+    }
+}
+
+/// A ledger's accountant.
+#[derive(Debug, Clone, PartialEq)]
+enum Accountant {
+    Rdp(RdpAccountant),
+    Pld(PldAccountant),
+}
+
+impl Accountant {
+    fn new(accounting: Accounting) -> Self {
+        match accounting {
+            Accounting::Rdp => Accountant::Rdp(RdpAccountant::new()),
+            Accounting::Pld => Accountant::Pld(PldAccountant::new()),
+        }
+    }
+
+    fn compose(&mut self, cost: &PrivacyCost) -> Result<()> {
+        match self {
+            Accountant::Rdp(a) => a.compose(cost),
+            Accountant::Pld(a) => a.compose(cost),
+        }
+    }
+
+    fn epsilon(&self, delta: f64) -> f64 {
+        match self {
+            Accountant::Rdp(a) => a.epsilon(delta).0,
+            Accountant::Pld(a) => a.epsilon(delta),
+        }
+    }
+}
 
 /// Privacy budgets: an (epsilon, delta) limit and a ledger that refuses a
 /// release before it would exceed it.
@@ -15,6 +108,9 @@ pub struct Budget {
     pub epsilon: f64,
     /// The delta the epsilon is measured at.
     pub delta: f64,
+    /// How spending is accounted (RDP unless chosen).
+    #[serde(default)]
+    pub accounting: Accounting,
 }
 
 impl Default for Budget {
@@ -22,6 +118,7 @@ impl Default for Budget {
         Self {
             epsilon: 1.0,
             delta: 1e-5,
+            accounting: Accounting::Rdp,
         }
     }
 }
@@ -29,9 +126,18 @@ impl Default for Budget {
 impl Budget {
     /// A budget of `epsilon` at `delta`.
     pub fn new(epsilon: f64, delta: f64) -> Result<Self> {
-        let b = Self { epsilon, delta };
+        let b = Self {
+            epsilon,
+            delta,
+            accounting: Accounting::Rdp,
+        };
         b.check()?;
         Ok(b)
+    }
+
+    /// The same budget under another accounting.
+    pub fn with_accounting(self, accounting: Accounting) -> Self {
+        Self { accounting, ..self }
     }
 
     /// Checks epsilon > 0 (may be infinite: no limit) and 0 < delta < 1.
@@ -51,7 +157,7 @@ impl Budget {
 pub struct Ledger {
     who: String,
     budget: Budget,
-    accountant: RdpAccountant,
+    accountant: Accountant,
     releases: u64,
 }
 
@@ -62,7 +168,7 @@ impl Ledger {
         Ok(Self {
             who: who.into(),
             budget,
-            accountant: RdpAccountant::new(),
+            accountant: Accountant::new(budget.accounting),
             releases: 0,
         })
     }
@@ -77,14 +183,10 @@ impl Ledger {
         self.releases
     }
 
-    /// The accountant with everything charged so far.
-    pub fn accountant(&self) -> &RdpAccountant {
-        &self.accountant
-    }
-
-    /// Epsilon spent so far at the budget's delta.
+    /// Epsilon spent so far at the budget's delta, under the budget's
+    /// accounting.
     pub fn epsilon(&self) -> f64 {
-        self.accountant.epsilon(self.budget.delta).0
+        self.accountant.epsilon(self.budget.delta)
     }
 
     /// Epsilon spent so far, as recorded in provenance.
@@ -100,7 +202,7 @@ impl Ledger {
     pub fn epsilon_after(&self, cost: &PrivacyCost) -> Result<f64> {
         let mut next = self.accountant.clone();
         next.compose(cost)?;
-        Ok(next.epsilon(self.budget.delta).0)
+        Ok(next.epsilon(self.budget.delta))
     }
 
     /// Refuses with [`Error::PrivacyBudgetExhausted`](fedcore::Error::PrivacyBudgetExhausted) when `cost` would take

@@ -42,7 +42,10 @@ impl DpSgdConfig {
         fits: u64,
     ) -> crate::Result<Self> {
         let (q, steps) = schedule(n, batch_size, epochs)?;
-        let sigma = crate::rdp::calibrate_noise(budget.epsilon, budget.delta, q, steps * fits)?;
+        let sigma =
+            budget
+                .accounting
+                .calibrate_noise(budget.epsilon, budget.delta, q, steps * fits)?;
         Ok(Self {
             clip_norm,
             noise_multiplier: sigma,

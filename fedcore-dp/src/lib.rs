@@ -33,7 +33,7 @@ mod noise;
 mod pld;
 pub mod rdp;
 
-pub use budget::{Budget, Ledger};
+pub use budget::{Accounting, Budget, Ledger};
 pub use central::{Dp, DpParams};
 pub use clip::{Clip, ClipReport, clip_slice};
 #[cfg(feature = "tch")]

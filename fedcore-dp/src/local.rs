@@ -31,7 +31,9 @@ impl LocalDpParams {
     /// The noise multiplier that lets `rounds` releases fit `budget`.
     pub fn calibrated(clip: Clip, budget: Budget, rounds: u64) -> Result<Self> {
         budget.check()?;
-        let sigma = crate::rdp::calibrate_noise(budget.epsilon, budget.delta, 1.0, rounds)?;
+        let sigma = budget
+            .accounting
+            .calibrate_noise(budget.epsilon, budget.delta, 1.0, rounds)?;
         Ok(Self {
             clip,
             noise_multiplier: sigma,

@@ -260,34 +260,8 @@ pub fn epsilon_for(sigma: f64, q: f64, steps: u64, delta: f64) -> Result<f64> {
 }
 
 /// The smallest noise multiplier (to 0.1 %) for which `steps` steps at
-/// sampling rate `q` stay within (`epsilon`, `delta`).
+/// sampling rate `q` stay within (`epsilon`, `delta`) under RDP
+/// ([`crate::Accounting::calibrate_noise`] with [`crate::Accounting::Rdp`]).
 pub fn calibrate_noise(epsilon: f64, delta: f64, q: f64, steps: u64) -> Result<f64> {
-    if epsilon.is_nan() || epsilon <= 0.0 || !(delta > 0.0 && delta < 1.0) {
-        return Err(DpError::InvalidParams(format!(
-            "calibration needs epsilon > 0 and delta in (0, 1), got {epsilon}, {delta}"
-        )));
-    }
-    check_sampled_gaussian(1.0, q)?;
-    if q == 0.0 || steps == 0 {
-        return Ok(0.0);
-    }
-    let (mut lo, mut hi) = (0.0f64, 1.0f64);
-    while epsilon_for(hi, q, steps, delta)? > epsilon {
-        lo = hi;
-        hi *= 2.0;
-        if hi > 1e6 {
-            return Err(DpError::InvalidParams(format!(
-                "no noise multiplier up to 1e6 reaches epsilon {epsilon} at delta {delta} over {steps} steps"
-            )));
-        }
-    }
-    while hi - lo > 1e-3 * hi {
-        let mid = 0.5 * (lo + hi);
-        if epsilon_for(mid, q, steps, delta)? > epsilon {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(hi)
+    crate::Accounting::Rdp.calibrate_noise(epsilon, delta, q, steps)
 }

@@ -4,7 +4,8 @@
 //! and below our own RDP accountant's epsilon (the point of a PLD).
 #![allow(clippy::unwrap_used)]
 
-use fedcore_dp::{PldAccountant, RdpAccountant};
+use fedcore::PrivacyCost;
+use fedcore_dp::{Accounting, Budget, Ledger, PldAccountant, RdpAccountant};
 use serde_json::Value;
 
 #[test]
@@ -37,4 +38,48 @@ fn pld_epsilon_matches_dp_accounting_within_one_percent() {
         assert!(got < rdp_eps, "PLD {got} not below RDP {rdp_eps}");
     }
     println!("worst relative difference {:.3} %", 100.0 * worst);
+}
+
+#[test]
+fn pld_calibration_asks_for_less_noise_for_the_same_budget() {
+    let (eps, delta, q, steps) = (1.0, 1e-5, 0.01, 1_000);
+    let rdp = Accounting::Rdp
+        .calibrate_noise(eps, delta, q, steps)
+        .unwrap();
+    let pld = Accounting::Pld
+        .calibrate_noise(eps, delta, q, steps)
+        .unwrap();
+    assert!(pld < 0.97 * rdp, "PLD sigma {pld} vs RDP {rdp}");
+    let spent = Accounting::Pld.epsilon(pld, q, steps, delta).unwrap();
+    assert!(spent <= eps, "{spent}");
+    let less = Accounting::Pld
+        .epsilon(pld * 0.99, q, steps, delta)
+        .unwrap();
+    assert!(less > eps, "{less}");
+}
+
+#[test]
+fn a_pld_ledger_fits_more_releases_in_the_same_budget() {
+    let cost = PrivacyCost::SampledGaussian {
+        noise_multiplier: 1.0,
+        sampling_rate: 0.01,
+        steps: 100,
+    };
+    let count = |accounting: Accounting| {
+        let budget = Budget::new(1.5, 1e-5).unwrap().with_accounting(accounting);
+        let mut ledger = Ledger::new("h", budget).unwrap();
+        let mut n = 0;
+        while ledger.charge(&cost).is_ok() {
+            n += 1;
+        }
+        assert!(ledger.epsilon() <= 1.5);
+        (n, ledger.epsilon())
+    };
+    let (rdp, _) = count(Accounting::Rdp);
+    let (pld, spent) = count(Accounting::Pld);
+    assert!(pld > rdp, "PLD {pld} releases vs RDP {rdp}");
+    // The ledger's epsilon is the accountant's for what it charged.
+    let mut acc = PldAccountant::new();
+    acc.compose_sampled_gaussian(1.0, 0.01, 100 * pld).unwrap();
+    assert!((acc.epsilon(1e-5) - spent).abs() < 1e-6, "{spent}");
 }

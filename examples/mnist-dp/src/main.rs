@@ -27,7 +27,7 @@ use fedcore::models::{Device, SmallCnn, TchModel};
 use fedcore::{
     FedAvg, Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig,
 };
-use fedcore_dp::{Budget, DpSgd, DpSgdConfig, Noise};
+use fedcore_dp::{Accounting, Budget, DpSgd, DpSgdConfig, Noise};
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -59,6 +59,10 @@ struct Args {
     lr_no_dp: f64,
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// The accountant that calibrates the noise: `rdp` or `pld` (tighter:
+    /// less noise for the same epsilon).
+    #[arg(long, value_parser = parse_accounting, default_value = "rdp")]
+    accounting: Accounting,
     /// Training images used (the first N of the 60 000), split among clients.
     #[arg(long, default_value_t = 60_000)]
     train_images: usize,
@@ -122,7 +126,7 @@ fn run(
         match target {
             None => transport.add_client(ModelClient::new(id, cnn(0)?, data))?,
             Some(eps) => {
-                let budget = Budget::new(eps, args.delta)?;
+                let budget = Budget::new(eps, args.delta)?.with_accounting(args.accounting);
                 let config = DpSgdConfig::calibrated(
                     args.clip,
                     budget,
@@ -239,7 +243,7 @@ fn markdown(args: &Args, rows: &[Outcome]) -> String {
          (215,370 parameters), FedAvg over {} rounds of {} local epoch(s). DP \
          runs: DP-SGD with per-sample clipping C = {}, Poisson sampling at \
          q = {}/{n}, SGD lr {} momentum 0.5, noise multiplier calibrated by the \
-         RDP accountant so that all rounds fit epsilon at delta = {:e} (each \
+         {} accountant so that all rounds fit epsilon at delta = {:e} (each \
          client's own budget: sample-level DP for its patients). Without DP: \
          SGD lr {} momentum 0.9. Test accuracy on {} MNIST test images after \
          the last round. 2-core VM, CPU.\n",
@@ -249,6 +253,10 @@ fn markdown(args: &Args, rows: &[Outcome]) -> String {
         args.clip,
         args.batch_size,
         args.lr,
+        match args.accounting {
+            Accounting::Pld => "PLD",
+            _ => "RDP",
+        },
         args.delta,
         args.lr_no_dp,
         args.test_images
@@ -319,6 +327,14 @@ fn main() -> Result<()> {
         print!("{md}");
     }
     Ok(())
+}
+
+fn parse_accounting(s: &str) -> Result<Accounting, String> {
+    match s {
+        "rdp" => Ok(Accounting::Rdp),
+        "pld" => Ok(Accounting::Pld),
+        other => Err(format!("unknown accounting `{other}` (rdp, pld)")),
+    }
 }
 
 #[cfg(test)]
