@@ -98,10 +98,9 @@ impl Accountant {
     }
 }
 
-/// Privacy budgets: an (epsilon, delta) limit and a ledger that refuses a
+/// An (epsilon, delta) limit, and how spending against it is accounted.
+/// Default: epsilon = 1.0, delta = 1e-5, RDP. A [`Ledger`] refuses a
 /// release before it would exceed it.
-///
-/// An (epsilon, delta) limit. Default: epsilon = 1.0, delta = 1e-5.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Budget {
     /// The most epsilon that may be spent.

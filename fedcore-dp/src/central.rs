@@ -46,13 +46,13 @@ impl DpParams {
     }
 }
 
-/// Central DP-FedAvg: the server clips every client's update, aggregates,
-/// and adds Gaussian noise to the aggregate before it touches the model
-/// (McMahan et al., "Learning Differentially Private Recurrent Language
-/// Models", 2018). Clients trust the server with their updates; everyone
-/// who sees the models it releases sees only differentially private ones.
+/// Client-level DP around any aggregator `A`: central DP-FedAvg.
 ///
-/// Client-level DP around any aggregator `A`.
+/// The server clips every client's update, aggregates, and adds Gaussian
+/// noise to the aggregate before it touches the model (McMahan et al.,
+/// "Learning Differentially Private Recurrent Language Models", 2018).
+/// Clients trust the server with their updates; everyone who sees the
+/// models it releases sees only differentially private ones.
 ///
 /// Each round: every update is clipped to `C`, given the same weight (example
 /// counts are themselves private and would make the sensitivity unbounded),

@@ -31,9 +31,6 @@ pub struct ClipReport {
     pub clipped: bool,
 }
 
-/// L2 clipping of updates: the whole vector, a named subset of tensors, or
-/// each tensor on its own.
-///
 /// L2 clipping to `max_norm`, of the whole update or of the tensors that
 /// match some patterns ([`fedcore::Layout::select`]), jointly or per tensor.
 ///

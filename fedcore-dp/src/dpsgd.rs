@@ -71,14 +71,17 @@ pub(crate) fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Res
     Ok((q, (epochs * n.div_ceil(batch_size)) as u64))
 }
 
-/// Sample-level DP-SGD (Abadi et al., "Deep Learning with Differential
+/// A [`TchModel`] trained by DP-SGD, as a federated [`Model`]: sample-level
+/// DP-SGD (Abadi et al., "Deep Learning with Differential
 /// Privacy", 2016) for fedcore's libtorch models.
 ///
 /// Every step draws a Poisson sample of the client's data (each example
-/// with probability `q = batch_size / n`), computes each example's gradient
-/// ([`TchModel::per_sample_gradients`]: one backward pass for networks that
-/// trace their layers, such as [`fedcore::models::SmallCnn`]), clips each to
-/// L2 norm `C`, sums them, adds N(0, (sigma C)^2) noise to the sum, divides by
+/// with probability `q = batch_size / n`), clips each example's gradient to
+/// L2 norm `C` and sums them ([`TchModel::clipped_gradient_sum`]: one
+/// backward pass for networks that trace their layers, such as
+/// [`fedcore::models::SmallCnn`] and the GroupNorm DenseNet, with each
+/// layer's per-sample norm by ghost norm or stored gradients, whichever is
+/// cheaper), adds N(0, (sigma C)^2) noise to the sum, divides by
 /// the expected batch size `q n` and takes an SGD (momentum) step. A fit of
 /// `epochs * ceil(n / batch_size)` steps is accounted as that many
 /// sampled-Gaussian steps, charged to the client's ledger before training
@@ -87,8 +90,6 @@ pub(crate) fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Res
 /// Networks with BatchNorm are refused: their batch statistics mix samples.
 /// DenseNet trains with GroupNorm instead
 /// ([`DenseNetConfig::densenet121_group_norm`](fedcore::models::DenseNetConfig::densenet121_group_norm)).
-///
-/// A [`TchModel`] trained by DP-SGD, as a federated [`Model`].
 pub struct DpSgd<N: Network> {
     model: TchModel<N>,
     config: DpSgdConfig,

@@ -48,11 +48,9 @@ impl LocalDpParams {
     }
 }
 
-/// Local (client-side) DP-FedAvg: each client clips its update and adds
-/// Gaussian noise before the update leaves, so the server never sees an
-/// unprotected update.
-///
-/// Clip + Gaussian noise on every outgoing update, with a per-client ledger.
+/// Clip + Gaussian noise on every outgoing update, with a per-client ledger:
+/// local (client-side) DP-FedAvg, so the server never sees an unprotected
+/// update.
 ///
 /// Each release is one Gaussian mechanism with sensitivity `C` (the
 /// clipping norm) and noise `sigma * C`, accounted at sampling rate 1: the

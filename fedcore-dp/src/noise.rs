@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 const BLOCK: usize = 1 << 16;
 
-/// Gaussian noise for the mechanisms.
+/// A source of Gaussian noise for the mechanisms.
 ///
 /// Production noise comes from ChaCha20 seeded by the operating system
 /// ([`Noise::secure`]): nobody, including whoever runs the process, can
@@ -21,8 +21,6 @@ const BLOCK: usize = 1 << 16;
 /// Known limit: the noise is IEEE floating point, like every mainstream DP
 /// library (Opacus, TF Privacy); floating-point attacks on the low bits
 /// (Mironov 2012) are not mitigated here.
-///
-/// A source of Gaussian noise.
 pub struct Noise {
     rng: ChaCha20Rng,
     seeded: bool,

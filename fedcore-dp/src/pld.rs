@@ -9,8 +9,9 @@
 //! `delta(epsilon) = P[L = inf] + E[(1 - e^(epsilon - L))+]` is exact for
 //! it. The RDP accountant ([`crate::RdpAccountant`]) bounds the same
 //! mechanism through moments and loses a little at each conversion; the
-//! PLD is tighter (for DP-SGD's settings typically 5-25 % less epsilon for
-//! the same noise; the tests list dp_accounting's values side by side).
+//! PLD is tighter: for the same noise, 7-15 % less epsilon over 1,000 steps
+//! and more, 26-41 % over 100 steps at q = 0.01, far less for one step
+//! (docs/privacy.md lists both next to dp_accounting's values).
 //!
 //! How it is computed here, as Google's `dp_accounting` does by default:
 //! - both neighbouring relations (remove one record: `P` the mixture
@@ -43,6 +44,10 @@ use crate::error::{DpError, Result};
 /// Mass cut from each tail of a distribution after a convolution, and the
 /// most mass left outside the loss range of one step.
 const TAIL: f64 = 1e-15;
+
+/// The most grid cells one step may take (8 bytes each, and the FFT
+/// buffers of a composition are complex and padded: about 0.5 GiB).
+const MAX_CELLS: f64 = 2e7;
 
 /// Standard deviations of the noise that bound one step's output range:
 /// the normal tail beyond 8.5 is under 1e-17.
@@ -78,11 +83,11 @@ impl PldAccountant {
     }
 
     /// An accountant with grid spacing `interval` (smaller: tighter and
-    /// slower). Positive and at most 0.1.
+    /// slower), in `[1e-6, 0.1]`.
     pub fn with_interval(interval: f64) -> Result<Self> {
-        if !(interval > 0.0 && interval <= 0.1) {
+        if !(1e-6..=0.1).contains(&interval) {
             return Err(DpError::InvalidParams(format!(
-                "the PLD grid spacing must be in (0, 0.1], got {interval}"
+                "the PLD grid spacing must be in [1e-6, 0.1], got {interval}"
             )));
         }
         Ok(Self {
@@ -103,6 +108,16 @@ impl PldAccountant {
         crate::rdp::check_sampled_gaussian(sigma, q)?;
         if steps == 0 || q == 0.0 {
             return Ok(());
+        }
+        // One step's losses span (1 + 2 Z sigma) / sigma^2 at q = 1 (less
+        // below): refuse grids that would not fit in memory.
+        let span = (1.0 + 2.0 * Z * sigma) / (sigma * sigma);
+        if sigma > 0.0 && span / self.interval > MAX_CELLS {
+            return Err(DpError::Accounting(format!(
+                "the PLD of sigma = {sigma} needs about {:.0e} cells at spacing {}: too fine for memory (use a coarser spacing or the RDP accountant)",
+                span / self.interval,
+                self.interval
+            )));
         }
         for (pld, relation) in [
             (&mut self.remove, Relation::Remove),
@@ -130,8 +145,9 @@ impl PldAccountant {
         }
     }
 
-    /// The smallest delta for which the composition is
-    /// (`epsilon`, delta)-DP.
+    /// A delta for which the composition is (`epsilon`, delta)-DP: the
+    /// exact hockey-stick divergence of the pessimistic discretization, an
+    /// upper bound on the true smallest delta.
     pub fn delta(&self, epsilon: f64) -> f64 {
         let h = self.interval;
         self.remove
@@ -448,7 +464,9 @@ mod tests {
         // Without sampling the remove relation's loss is exactly
         // N(mu^2 / 2, mu^2) with mu = 1 / sigma, and delta(epsilon) is
         // Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle and Wang
-        // 2018). The discretized loss is rounded up by at most one cell.
+        // 2018). The discretization connects the exact curve's values at the
+        // grid points, so between them it lies above the curve but below
+        // its value one cell earlier.
         let sigma = 1.5;
         let mu = 1.0 / sigma;
         let mut acc = PldAccountant::new();
@@ -481,6 +499,9 @@ mod tests {
         none.compose_sampled_gaussian(1.0, 0.0, 100).unwrap();
         assert_eq!(none.epsilon(1e-5), 0.0);
         assert!(PldAccountant::with_interval(0.0).is_err());
+        assert!(PldAccountant::with_interval(1e-9).is_err());
+        // A noise so small that its loss grid would not fit in memory.
+        assert!(none.compose_sampled_gaussian(0.01, 0.5, 1).is_err());
         assert!(none.compose_sampled_gaussian(1.0, 1.5, 1).is_err());
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use fedcore::data::{
-    ChestXray14, ChestXrayConfig, DataSplit, SyntheticXrays, synthetic_digits,
+    ChestXray14, ChestXrayConfig, DataSplit, SyntheticXrays, Targets, synthetic_digits,
     write_synthetic_chestxray,
 };
 use fedcore::models::{DenseNet, DenseNetConfig, Device, Normalization, SmallCnn, TchModel};
@@ -160,13 +160,44 @@ fn dp_sgd_lowers_the_loss_of_a_group_norm_densenet_on_synthetic_xrays() {
     .unwrap();
     let config = DpSgdConfig::new(1.0, 0.7).with_budget(unlimited());
     let mut m = DpSgd::new("h1", net, config, Noise::dangerous().seeded(8)).unwrap();
+    // What predicting each label's frequency scores: a model that only
+    // learned the classifier's biases gets this loss, not less.
+    let mut counts = [0.0f64; 14];
+    let mut n = 0.0;
+    for batch in data.batches(64, None) {
+        let Targets::MultiLabel { values, labels } = batch.unwrap().targets else {
+            panic!("multi-label targets")
+        };
+        for row in values.chunks(labels) {
+            for (c, &v) in counts.iter_mut().zip(row) {
+                *c += f64::from(v);
+            }
+            n += 1.0;
+        }
+    }
+    let prevalence_loss = counts
+        .iter()
+        .map(|c| {
+            let p = (c / n).clamp(1e-6, 1.0 - 1e-6);
+            -(p * p.ln() + (1.0 - p) * (1.0 - p).ln())
+        })
+        .sum::<f64>()
+        / 14.0;
     let before = m.evaluate(&data).unwrap().loss;
     let out = m.fit(&data, &sgd(3, 20, 0.5)).unwrap();
     let after = m.evaluate(&data).unwrap().loss;
     assert!(out.metrics["dp_epsilon"].is_finite() && out.metrics["dp_epsilon"] > 0.0);
+    // The noisy, clipped steps reach the loss of the label frequencies (what
+    // 60 patients at 32 x 32 teach in three epochs: even noise-free SGD
+    // gets no further here; `dp_sgd_trains_a_group_norm_densenet` shows the
+    // body learning on digits).
     assert!(
-        after.is_finite() && after < before * 0.9,
+        after.is_finite() && after < 0.6 * before,
         "loss {before} -> {after}"
+    );
+    assert!(
+        after < 1.05 * prevalence_loss,
+        "loss {after} vs {prevalence_loss} for the label frequencies"
     );
 }
 
@@ -211,7 +242,7 @@ fn an_exhausted_budget_refuses_the_next_fit_and_spending_reaches_provenance() {
     let ins = FitIns {
         round: 1,
         parameters: global.clone(),
-        config: sgd(1, 20, 0.1),
+        config: sgd(3, 20, 0.5),
         sealed: None,
     };
     let mut fits = 0;

@@ -1,7 +1,8 @@
 //! The PLD accountant against Google's dp_accounting (PyPI `dp-accounting`
 //! 0.6.0), whose values `benches/reference/pld_reference.py` wrote to
-//! `tests/data/pld_reference.json`: within 1 % on every point of the grid,
-//! and below our own RDP accountant's epsilon (the point of a PLD).
+//! `tests/data/pld_reference.json`: the issue asks for 1 %; both compute the
+//! same discretization, so we hold them to 1e-5 relative on every point of
+//! the grid, and below our own RDP accountant's epsilon (the point of a PLD).
 #![allow(clippy::unwrap_used)]
 
 use fedcore::PrivacyCost;
@@ -9,7 +10,7 @@ use fedcore_dp::{Accounting, Budget, Ledger, PldAccountant, RdpAccountant};
 use serde_json::Value;
 
 #[test]
-fn pld_epsilon_matches_dp_accounting_within_one_percent() {
+fn pld_epsilon_matches_dp_accounting() {
     let reference: Value = serde_json::from_str(include_str!("data/pld_reference.json")).unwrap();
     let rows = reference["rows"].as_array().unwrap();
     assert!(rows.len() >= 20, "the committed grid");

@@ -369,10 +369,9 @@ impl CheckpointStore {
         }
         let round = snapshot.next_round.saturating_sub(1);
         let model_file = format!("model-{round:06}.safetensors");
-        let bytes = Parameters::to_safetensors(
-            snapshot.global,
-            [("fedcore.round".to_owned(), round.to_string())],
-        )?;
+        let bytes = snapshot
+            .global
+            .to_safetensors([("fedcore.round".to_owned(), round.to_string())])?;
         let model_path = self.dir.join(&model_file);
         write_atomic(&model_path, &bytes)?;
         let state = RunState {
@@ -485,7 +484,7 @@ mod tests {
     }
 
     #[test]
-    fn load_into_names_missing_and_mismatched_tensors() {
+    fn reading_a_layout_names_missing_and_mismatched_tensors() {
         let p = sample();
         let bytes = p.to_safetensors([]).unwrap();
         let other = Parameters::from_tensors([("z.weight", vec![3, 2], vec![0.0; 6])]).unwrap();

@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use crate::events::{AggregationFailure, ClientFailure};
 
+/// How [`Error::PrivacyBudgetExhausted`]'s message starts: a client's error
+/// reaches the server as text, and [`crate::Failure::is_budget_exhausted`]
+/// recognises it by this.
+pub(crate) const BUDGET_EXHAUSTED: &str = "privacy budget of ";
+
 /// Everything that can go wrong in `fedcore`.
 ///
 /// Variants are structured so that callers can react to them (and so that a
@@ -167,7 +172,8 @@ pub enum Error {
     /// Another release would spend more privacy than the budget allows; the
     /// update was not released (no noise drawn, nothing sent).
     #[error(
-        "privacy budget of {who} exhausted: spent epsilon = {spent:.4}, the next release would reach {next:.4} > budget {budget} (delta = {delta:e})"
+        "{prefix}{who} exhausted: spent epsilon = {spent:.4}, the next release would reach {next:.4} > budget {budget} (delta = {delta:e})",
+        prefix = BUDGET_EXHAUSTED
     )]
     PrivacyBudgetExhausted {
         /// Whose budget (a client id, `run`, ...).

@@ -15,7 +15,9 @@
 //!   rejection, events for dashboards and logs, crash-safe checkpoints and
 //!   [`Server::resume`].
 //! - [`FedAvg`], the reference aggregator; [`memory::InMemoryTransport`]
-//!   with fault injection; [`checkpoint`] for safetensors files PyTorch reads;
+//!   with fault injection; safetensors files PyTorch reads
+//!   ([`Parameters::save`], [`Parameters::to_safetensors`]) and crash-safe
+//!   run checkpoints ([`checkpoint`]);
 //!   [`linear::SoftmaxRegression`], a tiny pure-Rust model for tests and demos.
 //!
 //! Robust aggregation lives in `fedcore-robust`, differential privacy in

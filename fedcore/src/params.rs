@@ -418,8 +418,6 @@ pub struct NonFinite {
 /// every tensor back to back. Aggregators work on the flat slice (a loop that
 /// rayon can split), models and checkpoints work by tensor name.
 ///
-/// Named f32 tensors with shapes, stored flat.
-///
 /// ```
 /// use fedcore::Parameters;
 /// let p = Parameters::from_tensors([

@@ -32,14 +32,12 @@ pub struct Spent {
     pub budget: Option<f64>,
 }
 
-/// The privacy plug-in point on the client side.
-///
-/// A [`PrivacyMechanism`] changes an outgoing update in place (clip, add noise)
-/// and reports what it cost. `fedcore-dp` provides the mechanisms and the
-/// accountant that turns costs into (epsilon, delta).
-///
 /// Privatizes an update before it leaves a client (or an aggregate before it
-/// leaves the server).
+/// leaves the server): the privacy plug-in point.
+///
+/// A mechanism changes an outgoing update in place (clip, add noise) and
+/// reports what it cost. `fedcore-dp` provides the mechanisms and the
+/// accountant that turns costs into (epsilon, delta).
 pub trait PrivacyMechanism: Send {
     /// A short description, recorded in the update's provenance.
     fn name(&self) -> String;

@@ -26,15 +26,13 @@ impl StopSignal {
     }
 }
 
-/// The run loop: rounds until the run is done, under a [`RunPolicy`].
+/// How [`crate::Server::run_with`] goes from round to round.
 ///
 /// The simulation, the deployed server (`net::run_server` with
 /// feature `net`) and every example drive their [`crate::Server`] with
 /// [`crate::Server::run_with`]: one loop that waits for clients, runs rounds,
 /// treats a failed round as data (it is recorded and the run goes on), ends
 /// after too many failed rounds in a row, and stops between rounds when asked.
-///
-/// How [`crate::Server::run_with`] goes from round to round.
 #[derive(Debug, Clone)]
 pub struct RunPolicy {
     /// The run ends after this many failed rounds in a row (quorum not

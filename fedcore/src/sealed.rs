@@ -3,8 +3,10 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::params::Layout;
 
-/// Encrypted tensors that the server combines without opening them.
+/// The encrypted values of some tensors: their layout in the clear (names and
+/// shapes are not secret) and the scheme's bytes, opaque to the core.
 ///
+/// Sealed tensors are what the server combines without opening them.
 /// Some tensors — by default the classifier head, `classifier.*` — can be
 /// *sealed*: clients send them encrypted, the server sums them homomorphically
 /// with the same per-client weights its aggregator gave the plain part, and
@@ -25,9 +27,6 @@ use crate::params::Layout;
 ///    `global_sealed += lr * sum_i w_i * sealed_i` with the weights `w_i` that
 ///    the aggregator reported for each client (normalized to sum to 1), so the
 ///    sealed part inherits the aggregator's robustness.
-///
-/// The encrypted values of some tensors: their layout in the clear (names and
-/// shapes are not secret) and the scheme's bytes, opaque to the core.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SealedTensors {
     layout: Arc<Layout>,

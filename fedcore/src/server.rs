@@ -129,8 +129,6 @@ pub type Evaluator =
 /// apply the step, evaluate, checkpoint and report. Aggregators, privacy
 /// mechanisms and transports only do their one job.
 ///
-/// The round orchestrator.
-///
 /// ```
 /// use fedcore::linear::{SoftmaxRegression, synthetic_blobs};
 /// use fedcore::memory::InMemoryTransport;

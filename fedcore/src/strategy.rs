@@ -39,7 +39,8 @@ impl StrategyInfo {
     }
 }
 
-/// Rounds of more than one exchange with the clients.
+/// How the server turns a round's updates into an aggregate, with as many
+/// exchanges with the clients as it needs: rounds of more than one exchange.
 ///
 /// A plain [`Aggregator`] turns the round's validated updates into one
 /// aggregate. Some protocols need more: an encrypted geometric median asks
@@ -91,9 +92,6 @@ impl StrategyInfo {
 ///     }
 /// }
 /// ```
-///
-/// How the server turns a round's updates into an aggregate, with as many
-/// exchanges with the clients as it needs (see above).
 pub trait Strategy: Send {
     /// Its name and minimum number of updates.
     fn describe(&self) -> StrategyInfo;

@@ -135,6 +135,15 @@ pub enum Failure {
     Rejected(Rejection),
 }
 
+impl Failure {
+    /// Whether the client refused because its privacy budget is spent
+    /// ([`crate::Error::PrivacyBudgetExhausted`], reported as a client
+    /// error): it will refuse every later round too.
+    pub fn is_budget_exhausted(&self) -> bool {
+        matches!(self, Failure::ClientError(reason) if reason.starts_with(crate::error::BUDGET_EXHAUSTED))
+    }
+}
+
 /// How the server reaches clients.
 ///
 /// The server hands a [`Task`] for a client to the transport together with a
@@ -142,8 +151,6 @@ pub enum Failure {
 /// thread, a gRPC stream) and sends back one [`Envelope`]. The server alone
 /// owns the round deadline: it waits on the reply channel until every sampled
 /// client answered or the deadline passed, so transports stay simple.
-///
-/// The server's way to reach clients.
 pub trait Transport: Send {
     /// The clients connected now, in any order.
     fn clients(&self) -> Vec<ClientId>;
@@ -181,5 +188,26 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
 
     fn send(&mut self, client: &ClientId, task: Task, reply_to: ReplySender) -> Result<()> {
         (**self).send(client, task, reply_to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    #[test]
+    fn a_spent_budget_is_recognised_from_the_client_error_text() {
+        // What a client's fit error becomes on its way to the server.
+        let refused = Error::PrivacyBudgetExhausted {
+            who: "hospital-1".into(),
+            spent: 0.9,
+            next: 1.2,
+            budget: 1.0,
+            delta: 1e-5,
+        };
+        assert!(Failure::ClientError(refused.to_string()).is_budget_exhausted());
+        assert!(!Failure::ClientError("training diverged".into()).is_budget_exhausted());
+        assert!(!Failure::Timeout(5).is_budget_exhausted());
     }
 }

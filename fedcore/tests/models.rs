@@ -821,3 +821,92 @@ fn mixed_ghost_clipping_equals_clipping_each_sample_gradient() {
         assert!(diff <= 1e-4 * scale, "C = {c}: {diff} at scale {scale}");
     }
 }
+
+/// A network written with the public layer kit: a biased 3x3 convolution on
+/// 8 x 8 (stored per-sample gradients), average pooling to 2 x 2, a biased
+/// 3x3 convolution there (ghost norm: 4 x (64 + 576) < 64 x 576), a linear
+/// classifier.
+struct BiasedConvs {
+    conv1: fedcore::models::layers::Conv,
+    conv2: fedcore::models::layers::Conv,
+    fc: fedcore::models::layers::Linear,
+}
+
+impl BiasedConvs {
+    fn pass(&self, xs: &Tensor, mut trace: Option<&mut fedcore::models::Trace>) -> Tensor {
+        let conv = |c: &fedcore::models::layers::Conv, x: &Tensor, t: Option<&mut _>| match t {
+            Some(t) => c.forward_traced(x, 1, 1, t),
+            None => c.forward(x, 1, 1),
+        };
+        let h = conv(&self.conv1, xs, trace.as_deref_mut()).relu();
+        let h = h.avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None);
+        let h = conv(&self.conv2, &h, trace.as_deref_mut())
+            .relu()
+            .flatten(1, -1);
+        match trace {
+            Some(t) => self.fc.forward_traced(&h, t),
+            None => self.fc.forward(&h),
+        }
+    }
+}
+
+impl Network for BiasedConvs {
+    fn forward(&self, xs: &Tensor, _train: bool) -> Tensor {
+        self.pass(xs, None)
+    }
+    fn task(&self) -> fedcore::models::Task {
+        fedcore::models::Task::MultiClass { classes: 3 }
+    }
+    fn check_input(&self, shape: [usize; 3]) -> fedcore::Result<()> {
+        assert_eq!(shape, [3, 8, 8]);
+        Ok(())
+    }
+    fn has_batch_norm(&self) -> bool {
+        false
+    }
+    fn head_patterns(&self) -> Vec<String> {
+        vec!["fc.*".into()]
+    }
+    fn forward_traced(&self, xs: &Tensor, trace: &mut fedcore::models::Trace) -> Option<Tensor> {
+        Some(self.pass(xs, Some(trace)))
+    }
+}
+
+#[test]
+fn ghost_clipping_counts_and_sums_convolution_biases() {
+    let model = TchModel::build(Device::Cpu, 13, |b| {
+        Ok(BiasedConvs {
+            conv1: b.conv("conv1", 3, 64, 3, true),
+            conv2: b.conv("conv2", 64, 64, 3, true),
+            fc: b.linear("fc", 64 * 4, 3, false),
+        })
+    })
+    .unwrap();
+    let n = 5;
+    let shape = [n, 3, 8, 8];
+    let images: Vec<f32> = (0..n * 3 * 64)
+        .map(|i| ((i * 7919 % 2001) as f32 / 1000.0) - 1.0)
+        .collect();
+    let targets = Targets::Classes((0..n as i64).map(|i| i % 3).collect());
+    let slow = model
+        .per_sample_gradients_looped(&images, shape, &targets)
+        .unwrap();
+    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
+    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
+    let c = norms.median().double_value(&[]);
+    let fast = model
+        .clipped_gradient_sum(&images, shape, &targets, c)
+        .unwrap();
+    for (a, b) in fast.norms.iter().zip(&want_norms) {
+        assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
+    }
+    let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
+    let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
+        0,
+        false,
+        tch::Kind::Float,
+    ))
+    .unwrap();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(max_abs_diff(&fast.sum, &want) <= 1e-4 * scale);
+}

@@ -472,6 +472,10 @@ fn run_inner(
     // in the same folder starts with the checkpoint and the ledgers gone.
     let ledgers = run_dir.join("dp-ledgers");
     if !cfg.resume && ledgers.exists() {
+        println!(
+            "a new run: the DP ledgers of the previous run in {} start over (use --resume to keep counting)",
+            run_dir.display()
+        );
         std::fs::remove_dir_all(&ledgers)
             .with_context(|| format!("cannot clear {}", ledgers.display()))?;
     }
@@ -661,9 +665,7 @@ fn run_inner(
             bar.suspend(|| println!("round {} failed: {}", record.round, record.outcome));
         }
         for f in &record.failures {
-            if let fedcore::Failure::ClientError(reason) = &f.reason
-                && reason.contains("privacy budget of")
-            {
+            if f.reason.is_budget_exhausted() {
                 exhausted.insert(f.client.clone());
             }
         }
@@ -691,12 +693,14 @@ fn run_inner(
             auroc_macro: row.auroc_macro,
             outcome: row.outcome.clone(),
         });
-        if !record.outcome.is_completed() && cfg.clients - exhausted.len() < record.quorum {
+        // Hospitals that can still answer: not out of budget, not the one
+        // --drop-client drops every round.
+        let able = cfg.clients.saturating_sub(faulty + exhausted.len());
+        if !record.outcome.is_completed() && !exhausted.is_empty() && able < record.quorum {
             let names: Vec<&str> = exhausted.iter().map(|c| c.as_str()).collect();
             bail!(
-                "the run cannot go on: the privacy budgets of {} are spent, and the {} hospital(s) left are fewer than the quorum of {} (ledgers in {})",
+                "the run cannot go on: the privacy budgets of {} are spent, and the {able} hospital(s) left are fewer than the quorum of {} (ledgers in {})",
                 names.join(", "),
-                cfg.clients - exhausted.len(),
                 record.quorum,
                 ledgers.display()
             );

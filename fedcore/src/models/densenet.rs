@@ -8,7 +8,7 @@ use super::layers::{Builder, Conv, Linear, Norm};
 use super::{Network, Normalization, Task, Trace};
 use crate::error::{Error, Result};
 
-/// The non-linearity after a BatchNorm.
+/// The non-linearity after a normalization layer (BatchNorm or GroupNorm).
 ///
 /// `Square` (x²) and `Poly` (a x² + b x + c; `0.234, 0.5, 0.1875` is the
 /// least-squares fit of ReLU on [-2, 2]) are the polynomials CKKS can
@@ -81,9 +81,9 @@ impl Activation {
 /// Where the configured activation is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Placement {
-    /// After every BatchNorm (as torchvision uses ReLU).
+    /// After every normalization (as torchvision uses ReLU).
     Everywhere,
-    /// Only after the last BatchNorm (`features.norm5`), ReLU elsewhere.
+    /// Only after the last normalization (`features.norm5`), ReLU elsewhere.
     #[default]
     Final,
 }

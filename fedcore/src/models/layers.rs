@@ -141,7 +141,9 @@ impl Builder {
     }
 
     /// The normalization `kind` asks for over `c` channels; GroupNorm uses
-    /// the largest group count that divides `c` and is at most the one asked.
+    /// the largest group count that divides `c` and is at most the one asked
+    /// (at least 1: `groups: 0` is taken as 1 here, and refused by
+    /// `DenseNetConfig`).
     pub fn norm(&mut self, name: &str, c: usize, kind: Normalization) -> Norm {
         match kind {
             Normalization::Batch => Norm::Batch(self.batch_norm(name, c)),

@@ -162,8 +162,8 @@ pub trait Network: Send {
     /// The default "head": patterns for [`Layout::select`].
     fn head_patterns(&self) -> Vec<String>;
 
-    /// The forward pass in training mode, recording every convolution and
-    /// linear layer in `trace` so that per-sample gradients come from one
+    /// The forward pass in training mode, recording every convolution,
+    /// GroupNorm and linear layer in `trace` (their `forward_traced`) so that per-sample gradients come from one
     /// backward pass ([`TchModel::per_sample_gradients`]). `None` (the
     /// default) when the network cannot: per-sample gradients then take one
     /// backward pass per sample.

@@ -1,7 +1,7 @@
 //! Per-sample gradients, for sample-level DP-SGD (`fedcore-dp`).
 //!
 //! A network that implements [`Network::forward_traced`] records every
-//! convolution and linear layer's input and output; one backward pass to
+//! convolution, GroupNorm and linear layer's input and output; one backward pass to
 //! the outputs then gives each layer's per-sample gradient in closed form
 //! (the technique of Opacus' grad samplers):
 //!
@@ -242,8 +242,12 @@ impl<N: Network> TchModel<N> {
     /// For traced networks the per-sample gradients are never stored whole:
     /// a linear layer's per-sample norm is `||g_i|| ||x_i||` (its gradient is
     /// the outer product), and its clipped sum one matrix product
-    /// `(c * g)^T x`; convolutions store their (small) per-sample weight
-    /// gradients. Other networks go through [`TchModel::per_sample_gradients`].
+    /// `(c * g)^T x`; a convolution with few output positions takes the ghost
+    /// norm (two Gram matrices over positions) and its clipped sum is one
+    /// product over every sample's positions; other convolutions and
+    /// GroupNorm store their per-sample gradients (the choice per layer is
+    /// by cost, see `ghost_is_cheaper`). Other networks go through
+    /// [`TchModel::per_sample_gradients`].
     pub fn clipped_gradient_sum(
         &self,
         images: &[f32],
