@@ -553,7 +553,7 @@ async fn export_user(
         .await?
         .into_iter()
         .map(|r| view(&state, r))
-        .collect::<ApiResult<_>>()?;
+        .collect();
     let audit = state.store.audit_log(Some(id), i64::MAX).await?;
     session
         .audit(
@@ -1098,22 +1098,41 @@ pub struct InferenceView {
     pub row: InferenceRow,
     /// The findings, parsed (and opened when sealed at rest).
     pub parsed: Vec<Finding>,
+    /// Why this row's findings could not be opened (a key that is not
+    /// configured, or a value that fails authentication); the other rows
+    /// are unaffected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
-fn view(state: &AppState, mut row: InferenceRow) -> ApiResult<InferenceView> {
+/// Where an inference's findings are stored: what their sealed value is
+/// bound to, so that it cannot be moved to another row.
+fn findings_place(user_id: i64, model_round: Option<i64>, image_sha256: &str) -> String {
+    format!(
+        "inference_logs.findings user={user_id} round={} image={image_sha256}",
+        model_round.map_or("-".into(), |r| r.to_string())
+    )
+}
+
+fn view(state: &AppState, mut row: InferenceRow) -> InferenceView {
+    let mut error = None;
     if is_sealed(&row.findings) {
-        row.findings = match &state.at_rest {
-            Some(k) => k.open(&row.findings)?,
+        let place = findings_place(row.user_id, row.model_round, &row.image_sha256);
+        match &state.at_rest {
+            Some(k) => match k.open_for(&row.findings, &place) {
+                Ok(plain) => row.findings = plain,
+                Err(e) => error = Some(format!("{e:#}")),
+            },
             None => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "stored findings are encrypted and no data key is configured",
-                ));
+                error = Some("stored findings are encrypted and no data key is configured".into())
             }
-        };
+        }
     }
-    let parsed = serde_json::from_str(&row.findings).unwrap_or_default();
-    Ok(InferenceView { row, parsed })
+    let parsed = match error {
+        None => serde_json::from_str(&row.findings).unwrap_or_default(),
+        Some(_) => Vec::new(),
+    };
+    InferenceView { row, parsed, error }
 }
 
 #[derive(ToSchema)]
@@ -1177,7 +1196,10 @@ async fn predict(
     })?;
     let json = serde_json::to_string(&findings).map_err(anyhow::Error::from)?;
     let stored = match &state.at_rest {
-        Some(k) => k.seal(&json)?,
+        Some(k) => k.seal_for(
+            &json,
+            &findings_place(session.user.id, Some(round as i64), &xray.sha256),
+        )?,
         None => json,
     };
     let id = state
@@ -1245,11 +1267,7 @@ async fn inference_history(
     let who =
         (!allows(session.user.role, Permission::ViewAllInferences)).then_some(session.user.id);
     let rows = state.store.inferences(who, limit).await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|r| view(&state, r))
-            .collect::<ApiResult<_>>()?,
-    ))
+    Ok(Json(rows.into_iter().map(|r| view(&state, r)).collect()))
 }
 
 // ---------------------------------------------------------------- audit, export

@@ -2,12 +2,15 @@
 //! dashboard stores (inference findings) and for exported models.
 //!
 //! A sealed value is `enc:v1:<key id>:<base64(nonce || ciphertext)>`; the key
-//! id (8 hex digits of SHA-256 of the key) says which key opens it, so a key
-//! can be rotated: configure the new key as `FEDCORE_DATA_KEY` and the old
+//! id (8 hex digits of SHA-256 of the key) says which key opens it. A value
+//! stored in a database row is sealed as `enc:v2:...` with associated data
+//! that names the row and column ([`AtRest::seal_for`]): moved to another
+//! row it no longer authenticates. `v1` values (exports, and rows written
+//! before `v2`) still open. A key can be rotated: configure the new key as `FEDCORE_DATA_KEY` and the old
 //! one as `FEDCORE_DATA_KEY_OLD`; values sealed with either open, new ones are
 //! sealed with the new key (docs/dashboard.md, "Key rotation").
 
-use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
@@ -16,6 +19,8 @@ use rand::RngExt;
 use sha2::{Digest, Sha256};
 
 const PREFIX: &str = "enc:v1:";
+/// Values bound to their place (associated data).
+const PREFIX_BOUND: &str = "enc:v2:";
 
 /// One key.
 #[derive(Clone)]
@@ -95,17 +100,28 @@ impl AtRest {
 
     /// Seals bytes with the current key.
     pub fn seal_bytes(&self, plain: &[u8]) -> Result<String> {
+        self.seal_with(PREFIX, plain, b"")
+    }
+
+    /// Seals text stored at `place` (e.g. a table, column and the row's
+    /// identifying fields): it opens only with the same `place`
+    /// ([`AtRest::open_for`]).
+    pub fn seal_for(&self, plain: &str, place: &str) -> Result<String> {
+        self.seal_with(PREFIX_BOUND, plain.as_bytes(), place.as_bytes())
+    }
+
+    fn seal_with(&self, prefix: &str, plain: &[u8], aad: &[u8]) -> Result<String> {
         let mut nonce = [0u8; 12];
         rand::rng().fill(&mut nonce);
         let ct = self
             .current
             .cipher
-            .encrypt(&Nonce::from(nonce), plain)
+            .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad })
             .map_err(|_| anyhow!("encryption failed"))?;
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&ct);
         Ok(format!(
-            "{PREFIX}{}:{}",
+            "{prefix}{}:{}",
             self.current.id,
             STANDARD.encode(blob)
         ))
@@ -119,6 +135,20 @@ impl AtRest {
     /// Opens a sealed value with whichever configured key sealed it.
     pub fn open_bytes(&self, sealed: &str) -> Result<Vec<u8>> {
         let rest = sealed.strip_prefix(PREFIX).context("not a sealed value")?;
+        self.open_with(rest, b"")
+    }
+
+    /// Opens text stored at `place`: a `v2` value sealed for that place
+    /// ([`AtRest::seal_for`]), or a `v1` value from before places were bound.
+    pub fn open_for(&self, sealed: &str, place: &str) -> Result<String> {
+        let plain = match sealed.strip_prefix(PREFIX_BOUND) {
+            Some(rest) => self.open_with(rest, place.as_bytes())?,
+            None => self.open_bytes(sealed)?,
+        };
+        String::from_utf8(plain).context("sealed text is not UTF-8")
+    }
+
+    fn open_with(&self, rest: &str, aad: &[u8]) -> Result<Vec<u8>> {
         let (id, blob) = rest.split_once(':').context("malformed sealed value")?;
         let key = std::iter::once(&self.current)
             .chain(&self.old)
@@ -132,9 +162,11 @@ impl AtRest {
         key.cipher
             .decrypt(
                 &Nonce::try_from(nonce).map_err(|_| anyhow!("nonce length"))?,
-                ct,
+                Payload { msg: ct, aad },
             )
-            .map_err(|_| anyhow!("sealed value fails authentication (tampered or wrong key)"))
+            .map_err(|_| {
+                anyhow!("sealed value fails authentication (tampered, moved from another row, or wrong key)")
+            })
     }
 
     /// Opens sealed text.
@@ -145,7 +177,7 @@ impl AtRest {
 
 /// Whether a stored value is sealed.
 pub fn is_sealed(value: &str) -> bool {
-    value.starts_with(PREFIX)
+    value.starts_with(PREFIX) || value.starts_with(PREFIX_BOUND)
 }
 
 #[cfg(test)]
@@ -182,5 +214,20 @@ mod tests {
         assert!(a.open(std::str::from_utf8(&t).unwrap()).is_err());
         assert!(a.open("plain").is_err());
         assert!(AtRest::from_base64("c2hvcnQ=", &[]).is_err());
+    }
+
+    #[test]
+    fn a_value_sealed_for_a_place_opens_only_there() {
+        let a = AtRest::from_base64(&key(1), &[]).unwrap();
+        let s = a.seal_for("findings", "row 1").unwrap();
+        assert!(is_sealed(&s) && s.starts_with(PREFIX_BOUND));
+        assert_eq!(a.open_for(&s, "row 1").unwrap(), "findings");
+        let e = a.open_for(&s, "row 2").unwrap_err();
+        assert!(e.to_string().contains("fails authentication"), "{e}");
+        // Values sealed before places were bound still open anywhere.
+        let legacy = a.seal("findings").unwrap();
+        assert_eq!(a.open_for(&legacy, "row 2").unwrap(), "findings");
+        // A bound value is not a v1 value.
+        assert!(a.open(&s).is_err());
     }
 }

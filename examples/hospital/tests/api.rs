@@ -956,6 +956,104 @@ async fn findings_and_exports_are_encrypted_at_rest_with_a_key() {
 }
 
 #[tokio::test]
+async fn sealed_findings_are_bound_to_their_row_and_fail_alone() {
+    use base64::Engine;
+    let b64 = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+    let h = harness_at(None, Some(AtRest::from_base64(&b64(7), &[]).unwrap())).await;
+    let t = login(&h.app, "admin").await;
+    for side in [64, 72] {
+        let r = send(&h.app, upload(Some(&t), "image", &png(side, side))).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let raw = h.state.store.inferences(None, 10).await.unwrap();
+    let (a, b) = (&raw[1], &raw[0]);
+    assert_ne!(a.image_sha256, b.image_sha256);
+    // Row b's sealed findings copied into a row that names a's image: the
+    // associated data differs, so they no longer open.
+    let moved = h
+        .state
+        .store
+        .log_inference(
+            a.user_id,
+            a.model_round,
+            &a.image_sha256,
+            a.width,
+            a.height,
+            &b.findings,
+        )
+        .await
+        .unwrap();
+    // A row sealed under a key this server does not have.
+    let foreign = AtRest::from_base64(&b64(9), &[]).unwrap();
+    let place = format!(
+        "inference_logs.findings user={} round={} image={}",
+        a.user_id,
+        a.model_round.unwrap(),
+        a.image_sha256
+    );
+    let unknown = h
+        .state
+        .store
+        .log_inference(
+            a.user_id,
+            a.model_round,
+            &a.image_sha256,
+            a.width,
+            a.height,
+            &foreign.seal_for("[]", &place).unwrap(),
+        )
+        .await
+        .unwrap();
+    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None)).await;
+    assert_eq!(
+        hist.status,
+        StatusCode::OK,
+        "one bad row does not fail the list"
+    );
+    let rows = hist.json();
+    let by_id = |id: i64| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let m = by_id(moved);
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap()
+            .contains("fails authentication"),
+        "{m}"
+    );
+    assert!(m["parsed"].as_array().unwrap().is_empty());
+    let u = by_id(unknown);
+    assert!(
+        u["error"].as_str().unwrap().contains("not configured"),
+        "{u}"
+    );
+    for id in [a.id, b.id] {
+        let ok = by_id(id);
+        assert!(ok.get("error").is_none(), "{ok}");
+        assert_eq!(ok["parsed"].as_array().unwrap().len(), 14);
+    }
+    // The user's data export goes through as well.
+    let export = send(
+        &h.app,
+        req(
+            "GET",
+            &format!("/api/users/{}/export", a.user_id),
+            Some(&t),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(export.status, StatusCode::OK);
+    assert_eq!(export.json()["inferences"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
 async fn sql_injection_shaped_input_changes_nothing() {
     let h = harness().await;
     let admin = login(&h.app, "admin").await;
