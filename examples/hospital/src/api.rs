@@ -37,6 +37,12 @@ pub struct UploadLimits {
     pub max_bytes: usize,
     /// Pixels on the longer side of a decoded image.
     pub max_side: u32,
+    /// Bytes an image may take decoded in its own pixel format (read from
+    /// its header before any pixel is decoded).
+    pub max_decoded_bytes: u64,
+    /// Uploads decoded at the same time; more wait their turn. Together
+    /// with `max_decoded_bytes` this bounds the memory decoding takes.
+    pub max_concurrent_decodes: usize,
 }
 
 impl Default for UploadLimits {
@@ -44,6 +50,9 @@ impl Default for UploadLimits {
         Self {
             max_bytes: 8 * 1024 * 1024,
             max_side: 4096,
+            // A 4096 x 4096 X-ray with 16-bit gray values is 32 MiB.
+            max_decoded_bytes: 48 << 20,
+            max_concurrent_decodes: 2,
         }
     }
 }
@@ -65,6 +74,8 @@ pub struct AppState {
     pub at_rest: Option<AtRest>,
     /// Upload limits.
     pub uploads: UploadLimits,
+    /// Permits for decoding uploads (`UploadLimits::max_concurrent_decodes`).
+    pub decodes: Arc<tokio::sync::Semaphore>,
     /// Whether the server speaks TLS (cookies get `Secure`, HSTS is sent).
     pub tls: bool,
 }
@@ -1174,8 +1185,21 @@ async fn predict(
         .ok_or_else(|| ApiError::bad_request("send the X-ray in a form field named `image`"))?;
     let limits = state.uploads;
     let predictor = state.predictor.clone();
+    // At most `max_concurrent_decodes` decodes at once; the others wait here.
+    let permit = state
+        .decodes
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| anyhow::anyhow!("decode permits: {e}"))?;
     let (xray, answer) = tokio::task::spawn_blocking(move || {
-        let x = decode(&bytes, limits.max_side, predictor.size())?;
+        let _permit = permit;
+        let x = decode(
+            &bytes,
+            limits.max_side,
+            limits.max_decoded_bytes,
+            predictor.size(),
+        )?;
         let answer = predictor.predict(&x);
         Ok::<_, UploadError>((x, answer))
     })

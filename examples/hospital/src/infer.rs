@@ -31,6 +31,10 @@ pub enum UploadError {
     /// The bytes do not decode.
     #[error("the image cannot be decoded: {0}")]
     Corrupt(String),
+    /// Decoded, the image would take more memory than allowed (its header
+    /// declares the size and pixel format: nothing was decoded).
+    #[error("the image would decode to {0} bytes, over the limit of {1}")]
+    TooManyBytes(u64, u64),
 }
 
 /// A finding and its probability.
@@ -55,9 +59,15 @@ pub struct Xray {
     pub sha256: String,
 }
 
-/// Decodes `bytes` (PNG or JPEG, at most `max_side` pixels a side) into the
+/// Decodes `bytes` (PNG or JPEG, at most `max_side` pixels a side, at most
+/// `max_decoded_bytes` once decoded in its own pixel format) into the
 /// model's input of side `size`.
-pub fn decode(bytes: &[u8], max_side: u32, size: u32) -> Result<Xray, UploadError> {
+pub fn decode(
+    bytes: &[u8],
+    max_side: u32,
+    max_decoded_bytes: u64,
+    size: u32,
+) -> Result<Xray, UploadError> {
     let format = image::guess_format(bytes).map_err(|_| UploadError::NotAnImage)?;
     if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg) {
         return Err(UploadError::NotAnImage);
@@ -67,7 +77,7 @@ pub fn decode(bytes: &[u8], max_side: u32, size: u32) -> Result<Xray, UploadErro
         let mut limits = Limits::default();
         limits.max_image_width = Some(max_side);
         limits.max_image_height = Some(max_side);
-        limits.max_alloc = Some(u64::from(max_side) * u64::from(max_side) * 8);
+        limits.max_alloc = Some(max_decoded_bytes);
         r.limits(limits);
         r
     };
@@ -81,6 +91,15 @@ pub fn decode(bytes: &[u8], max_side: u32, size: u32) -> Result<Xray, UploadErro
     }
     if w > max_side || h > max_side {
         return Err(UploadError::TooLarge(w, h, max_side));
+    }
+    // What the pixels take decoded (a 4096 x 4096 RGBA16 PNG of 130 KB is
+    // 128 MiB), from the header.
+    let decoded = ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_decoder()
+        .map(|d| image::ImageDecoder::total_bytes(&d))
+        .map_err(|e| UploadError::Corrupt(e.to_string()))?;
+    if decoded > max_decoded_bytes {
+        return Err(UploadError::TooManyBytes(decoded, max_decoded_bytes));
     }
     let img = reader()
         .decode()
@@ -210,26 +229,47 @@ mod tests {
 
     #[test]
     fn uploads_are_checked_before_decoding() {
-        let x = decode(&png(40, 30), 1024, 32).unwrap();
+        let x = decode(&png(40, 30), 1024, 1 << 26, 32).unwrap();
         assert_eq!((x.width, x.height, x.pixels.len()), (40, 30, 32 * 32));
         assert_eq!(x.sha256.len(), 64);
         assert_eq!(
-            decode(b"hello", 1024, 32).unwrap_err(),
+            decode(b"hello", 1024, 1 << 26, 32).unwrap_err(),
             UploadError::NotAnImage
         );
         assert_eq!(
-            decode(b"GIF89a....", 1024, 32).unwrap_err(),
+            decode(b"GIF89a....", 1024, 1 << 26, 32).unwrap_err(),
             UploadError::NotAnImage
         );
         assert!(matches!(
-            decode(&png(300, 20), 256, 32),
+            decode(&png(300, 20), 256, 1 << 26, 32),
             Err(UploadError::TooLarge(300, 20, 256))
         ));
         let mut cut = png(64, 64);
         cut.truncate(cut.len() / 2);
         assert!(matches!(
-            decode(&cut, 1024, 32),
+            decode(&cut, 1024, 1 << 26, 32),
             Err(UploadError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn an_image_that_would_decode_too_large_is_refused_from_its_header() {
+        // 512 x 512 RGBA with 16 bits a channel: 2 MiB decoded, a few KB
+        // as a PNG of one colour.
+        let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
+            512,
+            512,
+            image::Rgba([1000, 2000, 3000, 65535]),
+        );
+        let mut bytes = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut bytes), ImageFormat::Png)
+            .unwrap();
+        assert!(bytes.len() < 64 * 1024, "{} bytes", bytes.len());
+        assert_eq!(
+            decode(&bytes, 4096, 1 << 20, 32).unwrap_err(),
+            UploadError::TooManyBytes(512 * 512 * 8, 1 << 20)
+        );
+        // The same image under a limit it fits decodes.
+        assert!(decode(&bytes, 4096, 4 << 20, 32).is_ok());
     }
 }

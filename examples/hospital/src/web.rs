@@ -101,6 +101,9 @@ pub async fn state(
         predictor,
         at_rest: config.at_rest.clone(),
         uploads: config.uploads,
+        decodes: Arc::new(tokio::sync::Semaphore::new(
+            config.uploads.max_concurrent_decodes.max(1),
+        )),
         tls: config.tls.is_some(),
     })
 }

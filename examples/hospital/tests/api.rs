@@ -57,6 +57,8 @@ async fn harness_at(url: Option<String>, at_rest: Option<AtRest>) -> Harness {
         uploads: UploadLimits {
             max_bytes: 256 * 1024,
             max_side: 2048,
+            max_decoded_bytes: 1 << 20,
+            max_concurrent_decodes: 1,
         },
         tls: None,
         at_rest,
@@ -1051,6 +1053,38 @@ async fn sealed_findings_are_bound_to_their_row_and_fail_alone() {
     .await;
     assert_eq!(export.status, StatusCode::OK);
     assert_eq!(export.json()["inferences"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn decoding_is_bounded_in_bytes_and_in_parallel() {
+    let h = harness().await;
+    let t = login(&h.app, "admin").await;
+    // 512 x 512 RGBA16: a few KB as a PNG, 2 MiB decoded, over the
+    // harness's 1 MiB: refused from the header.
+    let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
+        512,
+        512,
+        image::Rgba([1, 2, 3, 65535]),
+    );
+    let mut big = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+        .unwrap();
+    let r = send(&h.app, upload(Some(&t), "image", &big)).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("would decode to 2097152 bytes")
+    );
+    // Four uploads at once with one decode permit: they take turns, all
+    // answer, and the permit is back afterwards.
+    assert_eq!(h.state.decodes.available_permits(), 1);
+    let uploads = (0..4).map(|i| send(&h.app, upload(Some(&t), "image", &png(40 + i, 40))));
+    for r in futures_util::future::join_all(uploads).await {
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert_eq!(h.state.decodes.available_permits(), 1);
 }
 
 #[tokio::test]
