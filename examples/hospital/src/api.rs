@@ -272,6 +272,14 @@ pub struct LoginRequest {
     pub password: String,
 }
 
+/// What the audit log and the limiter record for a sign-in with a name no
+/// account can have.
+const INVALID_NAME: &str = "(invalid user name)";
+
+/// Throttled sign-ins from one address within this window share one audit
+/// row.
+const THROTTLE_AUDIT_WINDOW_MS: i64 = 60_000;
+
 /// A successful login.
 #[derive(Serialize, ToSchema)]
 pub struct LoginResponse {
@@ -292,19 +300,19 @@ async fn login(
     Json(req): Json<LoginRequest>,
 ) -> ApiResult<Response> {
     let ip_s = ip.to_string();
-    let name = req.username.trim().to_owned();
+    // A name no account can have is not looked up, and never written to the
+    // audit log or the limiter's map as given (it could be 60 KB of text).
+    let given = req.username.trim();
+    let valid = auth::check_username(given).is_ok();
+    let name = if valid {
+        given.to_owned()
+    } else {
+        INVALID_NAME.to_owned()
+    };
     if let Err(wait) = state.limiter.check(ip, &name) {
         state
             .store
-            .audit(crate::store::Audit {
-                actor_id: None,
-                actor: &name,
-                action: AuditAction::Login,
-                target: None,
-                outcome: AuditOutcome::Failure,
-                detail: Some("rate limited"),
-                ip: Some(&ip_s),
-            })
+            .audit_throttled(&name, &ip_s, THROTTLE_AUDIT_WINDOW_MS)
             .await?;
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -313,7 +321,11 @@ async fn login(
         e.retry_after = Some(wait);
         return Err(e);
     }
-    let found = state.store.user_by_name(&name).await?;
+    let found = if valid {
+        state.store.user_by_name(&name).await?
+    } else {
+        None
+    };
     let password = req.password.clone();
     // Verify against a dummy hash when the user is unknown, so both cases
     // take the same time.
@@ -1296,11 +1308,14 @@ async fn inference_history(
 
 // ---------------------------------------------------------------- audit, export
 
-/// Paging of the audit log.
+/// Paging of the audit log: newest first; pass the smallest id of a page as
+/// `before` to get the next (older) page.
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct AuditQuery {
     /// At most this many entries (default 200, at most 1000).
     pub limit: Option<i64>,
+    /// Only entries with an id below this one.
+    pub before: Option<i64>,
 }
 
 #[utoipa::path(get, path = "/api/audit", tag = "audit", params(AuditQuery),
@@ -1316,7 +1331,7 @@ async fn audit_log(
     Ok(Json(
         state
             .store
-            .audit_log(None, q.limit.unwrap_or(200).clamp(1, 1000))
+            .audit_page(None, q.before, q.limit.unwrap_or(200).clamp(1, 1000))
             .await?,
     ))
 }

@@ -787,13 +787,74 @@ impl Store {
         Ok(())
     }
 
+    /// Records a throttled sign-in attempt from `ip`: the first of a burst
+    /// gets a row, later ones within `window_ms` only raise its count
+    /// (`rate limited (N attempts)`), so throttled attempts cannot flood the
+    /// log and push real entries out of view.
+    pub async fn audit_throttled(&self, actor: &str, ip: &str, window_ms: i64) -> Result<()> {
+        let since = now_ms() - window_ms;
+        let last = sqlx::query(
+            "SELECT id, detail FROM audit_log WHERE action = $1 AND outcome = $2 AND ip = $3 \
+             AND at >= $4 AND detail LIKE 'rate limited%' ORDER BY id DESC LIMIT 1",
+        )
+        .bind(AuditAction::Login.as_str())
+        .bind(AuditOutcome::Failure.as_str())
+        .bind(ip)
+        .bind(since)
+        .fetch_optional(&self.pool)
+        .await?;
+        match last {
+            Some(row) => {
+                let id: i64 = row.try_get(0)?;
+                let detail: Option<String> = row.try_get(1)?;
+                let n = detail
+                    .as_deref()
+                    .and_then(|d| d.strip_prefix("rate limited ("))
+                    .and_then(|d| d.split(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(1);
+                sqlx::query("UPDATE audit_log SET detail = $1 WHERE id = $2")
+                    .bind(format!("rate limited ({} attempts)", n + 1))
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+            None => {
+                self.audit(Audit {
+                    actor_id: None,
+                    actor,
+                    action: AuditAction::Login,
+                    target: None,
+                    outcome: AuditOutcome::Failure,
+                    detail: Some("rate limited (1 attempts)"),
+                    ip: Some(ip),
+                })
+                .await
+            }
+        }
+    }
+
     /// The audit log, newest first; optionally one user's entries.
     pub async fn audit_log(&self, actor_id: Option<i64>, limit: i64) -> Result<Vec<AuditRow>> {
+        self.audit_page(actor_id, None, limit).await
+    }
+
+    /// A page of the audit log, newest first: entries with an id below
+    /// `before` (all when `None`), at most `limit`.
+    pub async fn audit_page(
+        &self,
+        actor_id: Option<i64>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>> {
         sqlx::query(
             "SELECT id, at, actor_id, actor, action, target, outcome, detail, ip FROM audit_log \
-             WHERE ($1 IS NULL OR actor_id = $1) ORDER BY id DESC LIMIT $2",
+             WHERE ($1 IS NULL OR actor_id = $1) AND ($2 IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
         )
         .bind(actor_id)
+        .bind(before)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?
