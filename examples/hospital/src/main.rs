@@ -50,6 +50,10 @@ struct SimulateArgs {
     /// Where the dashboard listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// The dashboard sits behind a proxy that terminates TLS: allow a
+    /// non-loopback `--listen` without `TLS_CERT`/`TLS_KEY`.
+    #[arg(long)]
+    behind_tls_proxy: bool,
     /// Train without serving the dashboard.
     #[arg(long)]
     no_dashboard: bool,
@@ -107,6 +111,10 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         s.seed
     );
     let config = WebConfig::from_env(&run_dir.join("dashboard.sqlite"))?;
+    if !args.no_dashboard {
+        // Before anything starts: no dashboard in the clear beyond loopback.
+        web::check_exposure(args.listen, config.tls.is_some(), args.behind_tls_proxy)?;
+    }
     let shared = Arc::new(Shared::default());
     let predictor = Arc::new(Predictor::new(s.image_size, s.seed));
     let state = web::state(&config, shared.clone(), predictor.clone()).await?;

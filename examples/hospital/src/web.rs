@@ -66,6 +66,18 @@ impl WebConfig {
     }
 }
 
+/// Refuses to serve the dashboard in the clear beyond this machine: on an
+/// address other than loopback it needs TLS (`TLS_CERT` + `TLS_KEY`), or
+/// `behind_tls_proxy` when a proxy in front of it terminates HTTPS.
+pub fn check_exposure(addr: std::net::SocketAddr, tls: bool, behind_tls_proxy: bool) -> Result<()> {
+    if addr.ip().is_loopback() || tls || behind_tls_proxy {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the dashboard would listen on {addr} without TLS, sending passwords and tokens in the clear: set TLS_CERT and TLS_KEY (PEM files), or pass --behind-tls-proxy when a TLS proxy in front of it terminates HTTPS"
+    )
+}
+
 /// Opens the store and builds the state.
 pub async fn state(
     config: &WebConfig,
@@ -271,4 +283,21 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dashboard_is_not_served_in_the_clear_beyond_loopback() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(check_exposure(at("127.0.0.1:8080"), false, false).is_ok());
+        assert!(check_exposure(at("[::1]:8080"), false, false).is_ok());
+        let e = check_exposure(at("0.0.0.0:8080"), false, false).unwrap_err();
+        assert!(e.to_string().contains("without TLS"), "{e}");
+        assert!(check_exposure(at("10.0.0.5:443"), false, false).is_err());
+        assert!(check_exposure(at("0.0.0.0:8443"), true, false).is_ok());
+        assert!(check_exposure(at("0.0.0.0:8080"), false, true).is_ok());
+    }
 }
