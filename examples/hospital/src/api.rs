@@ -304,8 +304,9 @@ async fn login(
     // audit log or the limiter's map as given (it could be 60 KB of text).
     let given = req.username.trim();
     let valid = auth::check_username(given).is_ok();
+    // Names are one account in any case: fold before the limiter and lookup.
     let name = if valid {
-        given.to_owned()
+        given.to_ascii_lowercase()
     } else {
         INVALID_NAME.to_owned()
     };
@@ -463,7 +464,7 @@ async fn register(
         .require(&state, Permission::ManageUsers, "create users")
         .await?;
     auth::check_username(&req.username).map_err(ApiError::bad_request)?;
-    auth::check_password(&req.password).map_err(ApiError::bad_request)?;
+    auth::check_password(&req.password, &[&req.username]).map_err(ApiError::bad_request)?;
     let password = req.password;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await

@@ -144,13 +144,29 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The password rule for new users.
-pub fn check_password(password: &str) -> std::result::Result<(), String> {
+/// The password rule for new users: 12 characters to 256 bytes, and not
+/// easy to guess: zxcvbn (Dropbox's estimator, with its lists of common
+/// passwords, names and words) must score it at least 3 of 4, counting
+/// `context` (the user name, the app's name) as known to an attacker.
+pub fn check_password(password: &str, context: &[&str]) -> std::result::Result<(), String> {
     if password.chars().count() < 12 {
         return Err("the password must have at least 12 characters".into());
     }
     if password.len() > 256 {
         return Err("the password must have at most 256 bytes".into());
+    }
+    let mut known = vec!["hospital", "fedcore", "dashboard"];
+    known.extend_from_slice(context);
+    let estimate = zxcvbn::zxcvbn(password, &known);
+    if estimate.score() < zxcvbn::Score::Three {
+        let why = estimate
+            .feedback()
+            .and_then(|f| f.warning())
+            .map(|w| format!(" ({})", w.to_string().trim_end_matches('.')))
+            .unwrap_or_default();
+        return Err(format!(
+            "the password is too easy to guess{why}: add more unrelated words or characters"
+        ));
     }
     Ok(())
 }
@@ -313,6 +329,26 @@ mod tests {
         assert!(
             l.check(b, "X").is_err(),
             "third for one name, case-insensitive"
+        );
+    }
+
+    #[test]
+    fn common_or_guessable_passwords_are_refused() {
+        for weak in [
+            "password1234",
+            "qwertyuiop123",
+            "111111111111",
+            "dr.house1234",
+        ] {
+            let e = check_password(weak, &["dr.house"]).expect_err(weak);
+            assert!(e.contains("too easy to guess"), "{weak}: {e}");
+        }
+        assert!(check_password("admin-password-123", &["admin"]).is_ok());
+        assert!(check_password(&generate_password(), &["admin"]).is_ok());
+        assert!(
+            check_password("short", &[])
+                .unwrap_err()
+                .contains("12 characters")
         );
     }
 }

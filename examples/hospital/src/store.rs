@@ -366,7 +366,8 @@ impl Store {
 
     // ---- users
 
-    /// Creates a user; `Ok(None)` when the name is taken.
+    /// Creates a user, its name in lower case; `Ok(None)` when the name is
+    /// taken (in any case).
     pub async fn create_user(
         &self,
         username: &str,
@@ -374,11 +375,12 @@ impl Store {
         role: Role,
     ) -> Result<Option<User>> {
         let now = now_ms();
+        let username = username.to_lowercase();
         let row = sqlx::query(
             "INSERT INTO users (username, password_hash, role, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (username) DO NOTHING RETURNING id",
+             ON CONFLICT DO NOTHING RETURNING id",
         )
-        .bind(username)
+        .bind(&username)
         .bind(hash)
         .bind(role.as_str())
         .bind(now)
@@ -386,19 +388,20 @@ impl Store {
         .await?;
         Ok(row.map(|r| User {
             id: r.get::<i64, _>(0),
-            username: username.to_owned(),
+            username,
             role,
             created_at: now,
         }))
     }
 
-    /// A user and its password hash, by name (deleted users are not found).
+    /// A user and its password hash, by name in any case (deleted users are
+    /// not found).
     pub async fn user_by_name(&self, username: &str) -> Result<Option<(User, String)>> {
         let row = sqlx::query(
             "SELECT id, username, role, created_at, password_hash FROM users \
-             WHERE username = $1 AND deleted = 0",
+             WHERE lower(username) = $1 AND deleted = 0",
         )
-        .bind(username)
+        .bind(username.to_lowercase())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| Ok((user(&r)?, r.try_get::<String, _>(4)?)))

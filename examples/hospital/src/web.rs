@@ -136,7 +136,7 @@ pub async fn bootstrap_users(store: &Store) -> Result<Vec<(String, Role, String)
         let var = format!("HOSPITAL_{}_PASSWORD", name.to_ascii_uppercase());
         let (password, generated) = match auth::secret_from_env(&var)? {
             Some(p) => {
-                auth::check_password(&p).map_err(|e| anyhow::anyhow!("{var}: {e}"))?;
+                auth::check_password(&p, &[name]).map_err(|e| anyhow::anyhow!("{var}: {e}"))?;
                 (p, false)
             }
             None => (auth::generate_password(), true),

@@ -1182,6 +1182,51 @@ async fn decoding_is_bounded_in_bytes_and_in_parallel() {
 }
 
 #[tokio::test]
+async fn user_names_fold_case_and_guessable_passwords_are_refused() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let register = |name: &str, password: &str| {
+        send(
+            &h.app,
+            req(
+                "POST",
+                "/api/auth/register",
+                Some(&admin),
+                Some(json!({"username": name, "password": password, "role": "doctor"})),
+            ),
+        )
+    };
+    let weak = register("dr.who", "password1234").await;
+    assert_eq!(weak.status, StatusCode::BAD_REQUEST);
+    assert!(
+        weak.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("too easy to guess")
+    );
+    let made = register("Dr.Who", "tardis-blue-box-1963").await;
+    assert_eq!(made.status, StatusCode::CREATED);
+    assert_eq!(made.json()["username"], "dr.who");
+    assert_eq!(
+        register("DR.WHO", "another-tardis-1964").await.status,
+        StatusCode::CONFLICT,
+        "a name that differs only in case is taken"
+    );
+    let signed_in = send(
+        &h.app,
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "dR.wHo", "password": "tardis-blue-box-1963"})),
+        ),
+    )
+    .await;
+    assert_eq!(signed_in.status, StatusCode::OK);
+    assert_eq!(signed_in.json()["user"]["username"], "dr.who");
+}
+
+#[tokio::test]
 async fn sql_injection_shaped_input_changes_nothing() {
     let h = harness().await;
     let admin = login(&h.app, "admin").await;
