@@ -646,6 +646,38 @@ fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
     );
 }
 
+/// Checks `clipped_gradient_sum` at clipping norm `c` against clipping the
+/// per-sample gradients `slow` (one backward pass per sample): the norms and
+/// the clipped sum within 1e-4 relative.
+fn assert_clipped_sum_matches<N: Network>(
+    model: &TchModel<N>,
+    (images, shape, targets): (&[f32], [usize; 4], &Targets),
+    slow: &fedcore::models::PerSampleGradients,
+    c: f64,
+) {
+    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
+    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
+    let fast = model
+        .clipped_gradient_sum(images, shape, targets, c)
+        .unwrap();
+    for (a, b) in fast.norms.iter().zip(&want_norms) {
+        assert!((a - b).abs() <= 1e-4 * b, "C = {c}: norm {a} vs {b}");
+    }
+    let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
+    let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
+        0,
+        false,
+        tch::Kind::Float,
+    ))
+    .unwrap();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&fast.sum, &want);
+    assert!(
+        diff <= 1e-4 * scale,
+        "C = {c}: clipped sum {diff} at scale {scale}"
+    );
+}
+
 /// Inputs and targets for the tiny DenseNet: `n` seeded 3 x 32 x 32 images.
 fn tiny_batch(n: usize, seed: u64) -> (Vec<f32>, [usize; 4], Targets) {
     let shape = [n, 3, 32, 32];
@@ -694,27 +726,14 @@ fn group_norm_densenet_has_per_sample_gradients_in_one_pass() {
         "norm0 gradients equal across samples"
     );
 
-    // Clipped sums from the traced pass equal clipping the looped rows.
-    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
-    let c = norms.median().double_value(&[]);
-    let clipped = model
-        .clipped_gradient_sum(&images, shape, &targets, c)
-        .unwrap();
-    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
-    for (a, b) in clipped.norms.iter().zip(&want_norms) {
-        // DenseNet's convolutions have no bias: nothing to count for it.
-        assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
-    }
-    let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
-    let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
-        0,
-        false,
-        tch::Kind::Float,
-    ))
-    .unwrap();
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let diff = max_abs_diff(&clipped.sum, &want);
-    assert!(diff <= 1e-4 * scale, "clipped sum: {diff} at scale {scale}");
+    // Clipped sums from the traced pass equal clipping the looped rows
+    // (DenseNet's convolutions have no bias: nothing to count for it).
+    let c = slow
+        .grads
+        .norm_scalaropt_dim(2, [1], false)
+        .median()
+        .double_value(&[]);
+    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
 }
 
 #[test]
@@ -794,31 +813,16 @@ fn mixed_ghost_clipping_equals_clipping_each_sample_gradient() {
     let slow = model
         .per_sample_gradients_looped(&images, shape, &targets)
         .unwrap();
-    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
-    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
-    let mut sorted = want_norms.clone();
+    let mut sorted: Vec<f32> =
+        Vec::try_from(&slow.grads.norm_scalaropt_dim(2, [1], false)).unwrap();
     sorted.sort_by(f32::total_cmp);
+    // A norm that clips every sample, one that clips some, one that clips none.
     for c in [
         f64::from(sorted[0]) * 0.5,
         f64::from(sorted[2]),
         f64::from(sorted[3]) * 2.0,
     ] {
-        let fast = model
-            .clipped_gradient_sum(&images, shape, &targets, c)
-            .unwrap();
-        for (a, b) in fast.norms.iter().zip(&want_norms) {
-            assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
-        }
-        let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
-        let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
-            0,
-            false,
-            tch::Kind::Float,
-        ))
-        .unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(&fast.sum, &want);
-        assert!(diff <= 1e-4 * scale, "C = {c}: {diff} at scale {scale}");
+        assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
     }
 }
 
@@ -891,22 +895,10 @@ fn ghost_clipping_counts_and_sums_convolution_biases() {
     let slow = model
         .per_sample_gradients_looped(&images, shape, &targets)
         .unwrap();
-    let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
-    let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
-    let c = norms.median().double_value(&[]);
-    let fast = model
-        .clipped_gradient_sum(&images, shape, &targets, c)
-        .unwrap();
-    for (a, b) in fast.norms.iter().zip(&want_norms) {
-        assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
-    }
-    let factor = (c / (&norms + 1e-6)).clamp_max(1.0);
-    let want: Vec<f32> = Vec::try_from(&(&slow.grads * factor.unsqueeze(1)).sum_dim_intlist(
-        0,
-        false,
-        tch::Kind::Float,
-    ))
-    .unwrap();
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    assert!(max_abs_diff(&fast.sum, &want) <= 1e-4 * scale);
+    let c = slow
+        .grads
+        .norm_scalaropt_dim(2, [1], false)
+        .median()
+        .double_value(&[]);
+    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
 }
