@@ -190,8 +190,12 @@ impl Ledger {
 
     /// Epsilon spent so far, as recorded in provenance.
     pub fn spent(&self) -> Spent {
+        self.spent_at(self.epsilon())
+    }
+
+    fn spent_at(&self, epsilon: f64) -> Spent {
         Spent {
-            epsilon: self.epsilon(),
+            epsilon,
             delta: self.budget.delta,
             budget: Some(self.budget.epsilon),
         }
@@ -207,25 +211,34 @@ impl Ledger {
     /// Refuses with [`Error::PrivacyBudgetExhausted`](fedcore::Error::PrivacyBudgetExhausted) when `cost` would take
     /// the ledger past its budget; changes nothing either way.
     pub fn check(&self, cost: &PrivacyCost) -> Result<f64> {
-        let next = self.epsilon_after(cost)?;
-        if next > self.budget.epsilon {
-            return Err(DpError::BudgetExhausted {
-                who: self.who.clone(),
-                spent: self.epsilon(),
-                next,
-                budget: self.budget.epsilon,
-                delta: self.budget.delta,
-            });
-        }
-        Ok(next)
+        self.after(cost).map(|(_, next)| next)
     }
 
     /// Charges `cost` if it fits the budget ([`Ledger::check`]), else refuses.
     pub fn charge(&mut self, cost: &PrivacyCost) -> Result<Spent> {
-        self.check(cost)?;
-        self.accountant.compose(cost)?;
+        let (accountant, epsilon) = self.after(cost)?;
+        self.accountant = accountant;
         self.releases += 1;
-        Ok(self.spent())
+        Ok(self.spent_at(epsilon))
+    }
+
+    /// The accountant with `cost` composed and its epsilon, refused past the
+    /// budget: the one composition both checking and charging need (a PLD
+    /// composition is an FFT, not worth doing twice).
+    fn after(&self, cost: &PrivacyCost) -> Result<(Accountant, f64)> {
+        let mut next = self.accountant.clone();
+        next.compose(cost)?;
+        let epsilon = next.epsilon(self.budget.delta);
+        if epsilon > self.budget.epsilon {
+            return Err(DpError::BudgetExhausted {
+                who: self.who.clone(),
+                spent: self.epsilon(),
+                next: epsilon,
+                budget: self.budget.epsilon,
+                delta: self.budget.delta,
+            });
+        }
+        Ok((next, epsilon))
     }
 }
 
