@@ -132,16 +132,9 @@ impl PldAccountant {
 
     /// Adds a cost reported by a mechanism.
     pub fn compose(&mut self, cost: &PrivacyCost) -> Result<()> {
-        match cost {
-            PrivacyCost::None => Ok(()),
-            PrivacyCost::SampledGaussian {
-                noise_multiplier,
-                sampling_rate,
-                steps,
-            } => self.compose_sampled_gaussian(*noise_multiplier, *sampling_rate, *steps),
-            other => Err(DpError::Accounting(format!(
-                "the PLD accountant cannot compose {other:?}"
-            ))),
+        match crate::rdp::sampled_gaussian(cost, "PLD")? {
+            Some((sigma, q, steps)) => self.compose_sampled_gaussian(sigma, q, steps),
+            None => Ok(()),
         }
     }
 

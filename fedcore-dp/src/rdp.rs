@@ -85,16 +85,9 @@ impl RdpAccountant {
 
     /// Adds a cost reported by a mechanism.
     pub fn compose(&mut self, cost: &PrivacyCost) -> Result<()> {
-        match cost {
-            PrivacyCost::None => Ok(()),
-            PrivacyCost::SampledGaussian {
-                noise_multiplier,
-                sampling_rate,
-                steps,
-            } => self.compose_sampled_gaussian(*noise_multiplier, *sampling_rate, *steps),
-            other => Err(DpError::Accounting(format!(
-                "the RDP accountant cannot compose {other:?}"
-            ))),
+        match sampled_gaussian(cost, "RDP")? {
+            Some((sigma, q, steps)) => self.compose_sampled_gaussian(sigma, q, steps),
+            None => Ok(()),
         }
     }
 
@@ -103,6 +96,25 @@ impl RdpAccountant {
     /// order gives a finite bound (e.g. sigma = 0).
     pub fn epsilon(&self, delta: f64) -> (f64, f64) {
         epsilon_from_rdp(&self.orders, &self.rdp, delta)
+    }
+}
+
+/// What the accountants compose: `(sigma, q, steps)` of a sampled-Gaussian
+/// cost, `None` for no cost, an error naming `accountant` for anything else.
+pub(crate) fn sampled_gaussian(
+    cost: &PrivacyCost,
+    accountant: &str,
+) -> Result<Option<(f64, f64, u64)>> {
+    match cost {
+        PrivacyCost::None => Ok(None),
+        PrivacyCost::SampledGaussian {
+            noise_multiplier,
+            sampling_rate,
+            steps,
+        } => Ok(Some((*noise_multiplier, *sampling_rate, *steps))),
+        other => Err(DpError::Accounting(format!(
+            "the {accountant} accountant cannot compose {other:?}"
+        ))),
     }
 }
 

@@ -27,6 +27,23 @@ fn sgd(epochs: usize, batch_size: usize, lr: f64) -> TrainConfig {
     }
 }
 
+/// Two small dense blocks with GroupNorm, one input channel; 14 labels
+/// unless changed.
+fn small_group_norm_config() -> DenseNetConfig {
+    DenseNetConfig {
+        block_config: vec![2, 2],
+        growth_rate: 8,
+        num_init_features: 16,
+        bn_size: 2,
+        norm: Normalization::Group { groups: 8 },
+        ..DenseNetConfig::densenet121(1, fedcore::models::Activation::Relu)
+    }
+}
+
+fn small_group_norm_densenet(config: DenseNetConfig, seed: u64) -> TchModel<DenseNet> {
+    TchModel::build(Device::Cpu, seed, |b| DenseNet::build(b, config)).unwrap()
+}
+
 fn unlimited() -> Budget {
     Budget::new(f64::INFINITY, 1e-5).unwrap()
 }
@@ -89,22 +106,14 @@ fn dp_sgd_trains_a_group_norm_densenet() {
     // The BatchNorm-free DenseNet variant, two small blocks, on 28 x 28
     // digits: DP-SGD accepts it (one traced backward pass per step) and the
     // noisy, clipped steps still learn (seeded: 0.14 -> 0.52 here).
-    let net = TchModel::build(Device::Cpu, 3, |b| {
-        DenseNet::build(
-            b,
-            DenseNetConfig {
-                block_config: vec![2, 2],
-                growth_rate: 8,
-                num_init_features: 16,
-                bn_size: 2,
-                num_classes: 10,
-                multi_label: false,
-                norm: Normalization::Group { groups: 8 },
-                ..DenseNetConfig::densenet121(1, fedcore::models::Activation::Relu)
-            },
-        )
-    })
-    .unwrap();
+    let net = small_group_norm_densenet(
+        DenseNetConfig {
+            num_classes: 10,
+            multi_label: false,
+            ..small_group_norm_config()
+        },
+        3,
+    );
     let train = DataSplit::all(Arc::new(synthetic_digits(300, 3)));
     let test = DataSplit::all(Arc::new(synthetic_digits(100, 4)));
     let config = DpSgdConfig::new(1.0, 0.5).with_budget(unlimited());
@@ -144,20 +153,7 @@ fn dp_sgd_lowers_the_loss_of_a_group_norm_densenet_on_synthetic_xrays() {
     )
     .unwrap();
     let data = DataSplit::all(Arc::new(xrays));
-    let net = TchModel::build(Device::Cpu, 4, |b| {
-        DenseNet::build(
-            b,
-            DenseNetConfig {
-                block_config: vec![2, 2],
-                growth_rate: 8,
-                num_init_features: 16,
-                bn_size: 2,
-                norm: Normalization::Group { groups: 8 },
-                ..DenseNetConfig::densenet121(1, fedcore::models::Activation::Relu)
-            },
-        )
-    })
-    .unwrap();
+    let net = small_group_norm_densenet(small_group_norm_config(), 4);
     let config = DpSgdConfig::new(1.0, 0.7).with_budget(unlimited());
     let mut m = DpSgd::new("h1", net, config, Noise::dangerous().seeded(8)).unwrap();
     // What predicting each label's frequency scores: a model that only

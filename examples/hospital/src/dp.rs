@@ -126,25 +126,39 @@ mod tests {
         Parameters::from_tensors([("w", vec![3], vec![0.3f32, -0.2, 0.1])]).expect("params")
     }
 
+    fn tensors() -> Vec<String> {
+        vec!["w".to_owned()]
+    }
+
+    fn settings(epsilon: f64, rounds: u64) -> DpSettings {
+        DpSettings {
+            dp: DpArgs {
+                enabled: true,
+                clip: 1.0,
+                epsilon,
+                delta: 1e-5,
+            },
+            rounds,
+        }
+    }
+
+    /// A hospital's first process: a new ledger at `path`, two releases,
+    /// then the process ends. Returns the epsilon it spent.
+    fn two_releases_then_exit(path: &std::path::Path, settings: DpSettings) -> f64 {
+        let mut first =
+            PersistedDp::open("h", &tensors(), settings, path.to_owned()).expect("open");
+        first.privatize(&mut update()).expect("release 1");
+        first.privatize(&mut update()).expect("release 2");
+        first.spent().expect("spent").epsilon
+    }
+
     #[test]
     fn a_restarted_hospital_keeps_counting_its_dp_releases() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("h-dp-ledger.json");
-        let tensors = vec!["w".to_owned()];
-        let settings = DpSettings {
-            dp: DpArgs {
-                enabled: true,
-                clip: 1.0,
-                epsilon: 8.0,
-                delta: 1e-5,
-            },
-            rounds: 3,
-        };
-        let mut first = PersistedDp::open("h", &tensors, settings, path.clone()).expect("open");
-        first.privatize(&mut update()).expect("release 1");
-        first.privatize(&mut update()).expect("release 2");
-        let spent = first.spent().expect("spent").epsilon;
-        drop(first);
+        let tensors = tensors();
+        let settings = settings(8.0, 3);
+        let spent = two_releases_then_exit(&path, settings);
 
         // The process restarts: the two releases are charged again.
         let mut again = PersistedDp::open("h", &tensors, settings, path.clone()).expect("reopen");
@@ -172,21 +186,9 @@ mod tests {
     fn a_longer_run_keeps_the_noise_and_is_refused_by_the_budget() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("h.json");
-        let tensors = vec!["w".to_owned()];
-        let settings = DpSettings {
-            dp: DpArgs {
-                enabled: true,
-                clip: 1.0,
-                epsilon: 4.0,
-                delta: 1e-5,
-            },
-            rounds: 2,
-        };
-        let mut first = PersistedDp::open("h", &tensors, settings, path.clone()).expect("open");
-        first.privatize(&mut update()).expect("release 1");
-        first.privatize(&mut update()).expect("release 2");
-        let spent = first.spent().expect("spent").epsilon;
-        drop(first);
+        let tensors = tensors();
+        let settings = settings(4.0, 2);
+        let spent = two_releases_then_exit(&path, settings);
         // Resumed with more rounds: the budget is not spread again (that
         // would lower the noise of releases already made), so the third
         // release is refused and the update is left as it was.

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 use tch::{Tensor, nn};
 
-use super::persample::{LayerKind, TracedLayer};
+use super::persample::LayerKind;
 use super::{Device, Normalization, Trace};
 use crate::params::TensorSpec;
 
@@ -209,17 +209,12 @@ impl Conv {
         trace: &mut Trace,
     ) -> Tensor {
         let out = self.forward(xs, stride, padding);
-        trace.layers.push(TracedLayer {
-            weight: self.index,
-            bias: self.bias.as_ref().map(|_| self.index + 1),
-            input: xs.shallow_clone(),
-            output: out.shallow_clone(),
-            kind: LayerKind::Conv {
-                kernel: self.weight.size()[2],
-                stride,
-                padding,
-            },
-        });
+        let kind = LayerKind::Conv {
+            kernel: self.weight.size()[2],
+            stride,
+            padding,
+        };
+        trace.record(self.index, self.bias.is_some(), xs, &out, kind);
         out
     }
 
@@ -282,13 +277,7 @@ impl Linear {
     /// [`Linear::forward`] on `[N, in]`, recorded in `trace`.
     pub fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Tensor {
         let out = self.forward(xs);
-        trace.layers.push(TracedLayer {
-            weight: self.index,
-            bias: Some(self.index + 1),
-            input: xs.shallow_clone(),
-            output: out.shallow_clone(),
-            kind: LayerKind::Linear,
-        });
+        trace.record(self.index, true, xs, &out, LayerKind::Linear);
         out
     }
 
@@ -338,15 +327,10 @@ impl GroupNorm {
     /// holds no tensor the forward graph does not already hold).
     pub fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Tensor {
         let out = self.forward(xs);
-        trace.layers.push(TracedLayer {
-            weight: self.index,
-            bias: Some(self.index + 1),
-            input: xs.shallow_clone(),
-            output: out.shallow_clone(),
-            kind: LayerKind::GroupNorm {
-                groups: self.groups,
-            },
-        });
+        let kind = LayerKind::GroupNorm {
+            groups: self.groups,
+        };
+        trace.record(self.index, true, xs, &out, kind);
         out
     }
 }

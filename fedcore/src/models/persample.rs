@@ -24,18 +24,39 @@ use crate::error::{Error, Result};
 /// Layers recorded by [`Network::forward_traced`].
 #[derive(Debug, Default)]
 pub struct Trace {
-    pub(super) layers: Vec<TracedLayer>,
+    layers: Vec<TracedLayer>,
+}
+
+impl Trace {
+    /// Records a layer whose weight is tensor `weight` of the model (its
+    /// bias, if it has one, the next tensor), with its input and output.
+    pub(super) fn record(
+        &mut self,
+        weight: usize,
+        has_bias: bool,
+        input: &Tensor,
+        output: &Tensor,
+        kind: LayerKind,
+    ) {
+        self.layers.push(TracedLayer {
+            weight,
+            bias: has_bias.then_some(weight + 1),
+            input: input.shallow_clone(),
+            output: output.shallow_clone(),
+            kind,
+        });
+    }
 }
 
 #[derive(Debug)]
-pub(super) struct TracedLayer {
+struct TracedLayer {
     /// Index of the weight among the model's tensors.
-    pub(super) weight: usize,
+    weight: usize,
     /// Index of the bias, if any.
-    pub(super) bias: Option<usize>,
-    pub(super) input: Tensor,
-    pub(super) output: Tensor,
-    pub(super) kind: LayerKind,
+    bias: Option<usize>,
+    input: Tensor,
+    output: Tensor,
+    kind: LayerKind,
 }
 
 /// How a traced layer maps its input to its output, which decides the
