@@ -388,8 +388,20 @@ async function main() {
   });
   window.addEventListener("hashchange", route);
   await route();
+  // Access tokens are short-lived: renew this session's cookie well before
+  // it ends (the server ends a session 8 h after sign-in; then sign in again).
+  const renew = async () => {
+    const r = await fetch("/api/auth/refresh", { method: "POST", credentials: "same-origin" });
+    if (r.status === 401) { location.href = "/login"; return; }
+    const j = r.ok ? await r.json() : { expires_in: 90 };
+    setTimeout(renew, Math.max(30, Math.floor(j.expires_in * 2 / 3)) * 1000);
+  };
+  await renew();
   const live = $("live");
   const es = new EventSource("/api/events");
+  // The server closes the stream when the session ends or the token
+  // expires; the browser reconnects, and a refused reconnect is checked.
+  es.onerror = () => { if (es.readyState === EventSource.CLOSED) api("/api/auth/me").catch(() => {}); };
   let pending = false;
   const kick = () => {
     if (!refresh || pending) return;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::connect_info::ConnectInfo;
@@ -22,7 +23,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::atrest::{AtRest, is_sealed};
-use crate::auth::{self, COOKIE, LoginLimiter, Permission, Tokens, allows};
+use crate::auth::{self, COOKIE, ClientAddress, LoginLimiter, Permission, Tokens, allows};
 use crate::infer::{Finding, Predictor, UploadError, decode};
 use crate::sim::{LiveEvent, Progress, Shared};
 use crate::store::{
@@ -78,6 +79,79 @@ pub struct AppState {
     pub decodes: Arc<tokio::sync::Semaphore>,
     /// Whether the server speaks TLS (cookies get `Secure`, HSTS is sent).
     pub tls: bool,
+    /// Where a request's client address comes from.
+    pub client_address: Arc<ClientAddress>,
+    /// User ids whose sessions just ended: open event streams of theirs
+    /// close at once.
+    pub revocations: tokio::sync::broadcast::Sender<i64>,
+    /// Open event streams, bounded in all and per user.
+    pub streams: EventStreams,
+    /// A response must start within this.
+    pub request_timeout: Duration,
+}
+
+/// Bounds on open event streams (server-sent events hold a connection for
+/// as long as the page is open).
+#[derive(Debug, Clone)]
+pub struct EventStreams {
+    total: Arc<tokio::sync::Semaphore>,
+    per_user: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    max_per_user: usize,
+}
+
+/// One open event stream; dropping it frees its place.
+#[derive(Debug)]
+pub struct StreamPermit {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    per_user: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    user: i64,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut m = self
+            .per_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl EventStreams {
+    /// At most `max` streams open at once, `max_per_user` of one user.
+    pub fn new(max: usize, max_per_user: usize) -> Self {
+        Self {
+            total: Arc::new(tokio::sync::Semaphore::new(max)),
+            per_user: Arc::default(),
+            max_per_user,
+        }
+    }
+
+    /// A place for one more stream of `user`, if there is one.
+    fn open(&self, user: i64) -> Result<StreamPermit, &'static str> {
+        let mut m = self
+            .per_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(user).or_insert(0);
+        if *n >= self.max_per_user {
+            return Err("too many open event streams for this user; close another tab");
+        }
+        let total = Arc::clone(&self.total)
+            .try_acquire_owned()
+            .map_err(|_| "too many open event streams on this server; try again later")?;
+        *n += 1;
+        Ok(StreamPermit {
+            _total: total,
+            per_user: Arc::clone(&self.per_user),
+            user,
+        })
+    }
 }
 
 // ---------------------------------------------------------------- errors
@@ -146,30 +220,39 @@ type ApiResult<T> = Result<T, ApiError>;
 
 // ---------------------------------------------------------------- extractors
 
-/// The peer address (from the connection; unspecified in in-process tests).
+/// The client's address: the connection's peer, or the address a trusted
+/// reverse proxy forwarded (`AppState::client_address`); unspecified in
+/// in-process tests without connection info.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
+impl FromRequestParts<AppState> for Peer {
     type Rejection = Infallible;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
-        Ok(Peer(
-            ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
-                .await
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
-        ))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Infallible> {
+        let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+            .await
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        Ok(Peer(state.client_address.of(peer, &parts.headers)))
     }
 }
 
 /// The signed-in user, from the `Authorization: Bearer` header or the
-/// session cookie; the user is read from the store on every request, so a
-/// deleted user or a changed role takes effect at once.
+/// session cookie; the user and their session version are read from the
+/// store on every request, so signing out, an erasure, a password or a
+/// role change takes effect at once.
 #[derive(Debug, Clone)]
 pub struct Session {
     /// The user.
     pub user: User,
     /// Their address.
     pub ip: IpAddr,
+    /// The session version the token carries (the store's, or it would
+    /// have been refused).
+    pub version: i64,
+    /// When the user signed in (seconds since the epoch).
+    pub auth: u64,
+    /// When the token expires (seconds since the epoch).
+    pub exp: u64,
 }
 
 fn token_of(headers: &HeaderMap) -> Option<String> {
@@ -205,10 +288,35 @@ impl FromRequestParts<AppState> for Session {
             .sub
             .parse()
             .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"))?;
-        let user = state.store.user(id).await?.ok_or_else(|| {
+        let (user, version) = state.store.session(id).await?.ok_or_else(|| {
             ApiError::new(StatusCode::UNAUTHORIZED, "the account no longer exists")
         })?;
-        Ok(Session { user, ip })
+        if version != claims.ver {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this session has ended (signed out, or the password or role changed); sign in again",
+            ));
+        }
+        Ok(Session {
+            user,
+            ip,
+            version,
+            auth: claims.auth,
+            exp: claims.exp,
+        })
+    }
+}
+
+/// A request that may carry a session (sign-out): no token or a token that
+/// no longer holds is `None`; a failing store is still an error.
+impl axum::extract::OptionalFromRequestParts<AppState> for Session {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Option<Self>> {
+        match <Session as FromRequestParts<AppState>>::from_request_parts(parts, state).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.status == StatusCode::UNAUTHORIZED => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -331,13 +439,14 @@ async fn login(
     // Verify against a dummy hash when the user is unknown, so both cases
     // take the same time.
     let (user, hash) = match found {
-        Some((u, h)) => (Some(u), h),
+        Some((u, h, version)) => (Some((u, version)), h),
         None => (None, dummy_hash()),
     };
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
         .await
         .map_err(|e| anyhow::anyhow!("verify task: {e}"))?;
-    let Some(user) = user.filter(|_| ok) else {
+    let Some((user, version)) = user.filter(|_| ok) else {
+        state.limiter.failed(ip, &name);
         state
             .store
             .audit(crate::store::Audit {
@@ -355,7 +464,7 @@ async fn login(
             "wrong user name or password",
         ));
     };
-    let token = state.tokens.issue(&user)?;
+    state.limiter.succeeded(ip, &name);
     state
         .store
         .audit(crate::store::Audit {
@@ -368,7 +477,21 @@ async fn login(
             ip: Some(&ip_s),
         })
         .await?;
-    let ttl = state.tokens.ttl().as_secs();
+    signed_in(&state, user, version, None)
+}
+
+/// The answer to a sign-in, a refresh or a password change: a new token
+/// for session version `version`, signed in at `auth` (`None`: now), in
+/// the body and as the session cookie.
+fn signed_in(state: &AppState, user: User, version: i64, auth: Option<u64>) -> ApiResult<Response> {
+    let token = state.tokens.issue(&user, version, auth)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the session is over; sign in again",
+        )
+    })?;
+    let claims = state.tokens.verify(&token)?;
+    let ttl = claims.exp.saturating_sub(claims.iat);
     let cookie = format!(
         "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}{}",
         if state.tls { "; Secure" } else { "" }
@@ -395,8 +518,14 @@ fn dummy_hash() -> String {
 }
 
 #[utoipa::path(post, path = "/api/auth/logout", tag = "auth",
-    responses((status = 204, description = "the session cookie is cleared")))]
-async fn logout(State(state): State<AppState>) -> Response {
+    responses((status = 204, description = "the session cookie is cleared and, when the request carried a valid token, every session of the user ends")))]
+async fn logout(State(state): State<AppState>, session: Option<Session>) -> ApiResult<Response> {
+    if let Some(session) = session {
+        end_sessions(&state, session.user.id).await?;
+        session
+            .audit(&state, AuditAction::Logout, None, None)
+            .await?;
+    }
     let cookie = format!(
         "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
         if state.tls { "; Secure" } else { "" }
@@ -405,7 +534,137 @@ async fn logout(State(state): State<AppState>) -> Response {
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
-    r
+    Ok(r)
+}
+
+/// Ends every session of a user: tokens issued before stop working, and
+/// their open event streams close.
+async fn end_sessions(state: &AppState, user: i64) -> ApiResult<()> {
+    state.store.revoke_sessions(user).await?;
+    after_revocation(state, user);
+    Ok(())
+}
+
+/// Closes the open event streams of a user whose session version moved.
+fn after_revocation(state: &AppState, user: i64) {
+    // No receiver (no stream open) is not an error.
+    let _ = state.revocations.send(user);
+}
+
+#[utoipa::path(post, path = "/api/auth/refresh", tag = "auth",
+    responses((status = 200, description = "a new token for the same session (the session cookie is renewed); a session ends 8 h after sign-in", body = LoginResponse),
+              (status = 401, body = ErrorBody)))]
+async fn refresh(State(state): State<AppState>, session: Session) -> ApiResult<Response> {
+    signed_in(&state, session.user, session.version, Some(session.auth))
+}
+
+/// A user's own password change.
+#[derive(Deserialize, ToSchema)]
+pub struct PasswordChange {
+    /// The password now.
+    pub current_password: String,
+    /// The new one (the same rule as for new users).
+    #[schema(min_length = 12, max_length = 256)]
+    pub new_password: String,
+}
+
+#[utoipa::path(post, path = "/api/auth/password", tag = "auth", request_body = PasswordChange,
+    responses((status = 200, description = "changed: every other session ends, this one gets a new token", body = LoginResponse),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 429, description = "too many attempts", body = ErrorBody)))]
+async fn change_password(
+    State(state): State<AppState>,
+    session: Session,
+    Json(req): Json<PasswordChange>,
+) -> ApiResult<Response> {
+    let name = session.user.username.to_lowercase();
+    // A stolen token must not become a way to guess the password.
+    if let Err(wait) = state.limiter.check(session.ip, &name) {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many attempts; try again in {wait} s"),
+        );
+        e.retry_after = Some(wait);
+        return Err(e);
+    }
+    let hash = state
+        .store
+        .password_hash(session.user.id)
+        .await?
+        .unwrap_or_default();
+    let current = req.current_password;
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&current, &hash))
+        .await
+        .map_err(|e| anyhow::anyhow!("verify task: {e}"))?;
+    if !ok {
+        state.limiter.failed(session.ip, &name);
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the current password is wrong",
+        ));
+    }
+    auth::check_password(&req.new_password, &[&name]).map_err(ApiError::bad_request)?;
+    let version = set_password(&state, session.user.id, req.new_password)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the account no longer exists"))?;
+    session
+        .audit(&state, AuditAction::PasswordChange, None, None)
+        .await?;
+    signed_in(&state, session.user, version, Some(session.auth))
+}
+
+/// Hashes and stores a new password, ending the user's sessions; the new
+/// session version.
+async fn set_password(state: &AppState, user: i64, password: String) -> ApiResult<Option<i64>> {
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| anyhow::anyhow!("hash task: {e}"))??;
+    let version = state.store.set_password(user, &hash).await?;
+    after_revocation(state, user);
+    Ok(version)
+}
+
+/// An admin's reset of a user's password.
+#[derive(Deserialize, ToSchema)]
+pub struct PasswordReset {
+    /// The new password (the same rule as for new users); tell it to the
+    /// user out of band.
+    #[schema(min_length = 12, max_length = 256)]
+    pub new_password: String,
+}
+
+#[utoipa::path(put, path = "/api/users/{id}/password", tag = "users", request_body = PasswordReset,
+    params(("id" = i64, Path, description = "user id")),
+    responses((status = 204, description = "set: every session of the user ends"),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn reset_password(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<i64>,
+    Json(req): Json<PasswordReset>,
+) -> ApiResult<StatusCode> {
+    session
+        .require(&state, Permission::ManageUsers, "reset passwords")
+        .await?;
+    let user = state
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    auth::check_password(&req.new_password, &[&user.username]).map_err(ApiError::bad_request)?;
+    set_password(&state, id, req.new_password)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    session
+        .audit(
+            &state,
+            AuditAction::PasswordReset,
+            Some(&user.username),
+            None,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The signed-in user and what they may do.
@@ -529,6 +788,7 @@ async fn change_role(
         ));
     }
     state.store.set_role(id, req.role).await?;
+    after_revocation(&state, id);
     let detail = format!("{} -> {}", user.role.as_str(), req.role.as_str());
     session
         .audit(
@@ -551,7 +811,8 @@ pub struct UserExport {
     pub user: User,
     /// Their inferences (findings opened).
     pub inferences: Vec<InferenceView>,
-    /// Audit entries about their actions.
+    /// Audit entries about them: their actions, sign-ins tried with their
+    /// name, and entries naming them as the target.
     pub audit: Vec<AuditRow>,
 }
 
@@ -578,7 +839,7 @@ async fn export_user(
         .into_iter()
         .map(|r| view(&state, r))
         .collect();
-    let audit = state.store.audit_log(Some(id), i64::MAX).await?;
+    let audit = state.store.audit_of_user(id).await?;
     session
         .audit(
             &state,
@@ -624,6 +885,7 @@ async fn delete_user(
         ));
     }
     state.store.anonymize_user(id).await?;
+    after_revocation(&state, id);
     session
         .audit(
             &state,
@@ -1383,7 +1645,8 @@ async fn export_model(State(state): State<AppState>, session: Session) -> ApiRes
 
 #[utoipa::path(get, path = "/api/events", tag = "training",
     responses((status = 200, description = "server-sent events: round_started, round_finished, update_rejected, client_flagged, finished, failed", content_type = "text/event-stream"),
-              (status = 401, body = ErrorBody)))]
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 429, description = "too many open event streams, for the user or the server", body = ErrorBody)))]
 async fn events(
     State(state): State<AppState>,
     session: Session,
@@ -1391,7 +1654,39 @@ async fn events(
     session
         .require(&state, Permission::ViewMetrics, "view training")
         .await?;
-    let stream = BroadcastStream::new(state.shared.events.subscribe()).filter_map(|e| {
+    let permit = state
+        .streams
+        .open(session.user.id)
+        .map_err(|m| ApiError::new(StatusCode::TOO_MANY_REQUESTS, m))?;
+    // The stream ends when the user's sessions end (signed out, erased,
+    // password or role changed) and when the token expires; the browser
+    // reconnects with its refreshed cookie, or gets a 401.
+    let user = session.user.id;
+    let mut revoked = state.revocations.subscribe();
+    let left = Duration::from_secs(session.exp.saturating_sub(auth::now_s()));
+    let end = async move {
+        let until_revoked = async {
+            loop {
+                match revoked.recv().await {
+                    Ok(id) if id == user => break,
+                    Ok(_) => {}
+                    // It may have been this user's: the browser reconnects
+                    // and is checked again.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = until_revoked => {}
+            () = tokio::time::sleep(left) => {}
+        }
+    };
+    let stream = BroadcastStream::new(state.shared.events.subscribe()).filter_map(move |e| {
+        // The stream holds its place until it is dropped.
+        let _held = &permit;
         // A lagging browser skips events; it re-reads the REST endpoints.
         let e: LiveEvent = e.ok()?;
         let name = serde_json::to_value(&e)
@@ -1401,6 +1696,7 @@ async fn events(
             .to_owned();
         Some(Ok(Event::default().event(name).json_data(&e).ok()?))
     });
+    let stream = futures_util::StreamExt::take_until(stream, Box::pin(end));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -1410,7 +1706,8 @@ async fn events(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "fedcore hospital dashboard", description = "Federated chest X-ray training: monitoring, hospitals, privacy, inference."),
-    paths(login, logout, me, register, list_users, change_role, export_user, delete_user,
+    paths(login, logout, refresh, change_password, me, register,
+          list_users, change_role, reset_password, export_user, delete_user,
           list_clients, get_client, client_trust, set_client_status,
           rounds, current_round, round_detail, events,
           overview, auc_history, loss_history, aggregation, privacy,
@@ -1451,6 +1748,12 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/auth/logout", post(logout))
         .route("/api/auth/me", get(me))
         .route("/api/auth/register", post(register))
+        .route("/api/auth/refresh", post(refresh))
+        .route("/api/auth/password", post(change_password))
+        .route(
+            "/api/users/{id}/password",
+            axum::routing::put(reset_password),
+        )
         .route("/api/users", get(list_users))
         .route("/api/users/{id}/role", patch(change_role))
         .route("/api/users/{id}/export", get(export_user))

@@ -3,10 +3,12 @@
 //! Bearer` for API clients), the role/permission table and login rate
 //! limiting.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use argon2::Argon2;
@@ -62,6 +64,14 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at (seconds since the epoch).
     pub exp: u64,
+    /// The user's session version when issued: a request with a token whose
+    /// version is behind the store's is refused (signed out, password or
+    /// role changed, erased).
+    pub ver: i64,
+    /// When the user signed in with their password (seconds since the
+    /// epoch); refreshing keeps it, so a session ends `max_session` after
+    /// it.
+    pub auth: u64,
 }
 
 /// Token signing and verification (HS256).
@@ -70,24 +80,49 @@ pub struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     ttl: Duration,
+    max_session: Duration,
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens").field("ttl", &self.ttl).finish()
+        f.debug_struct("Tokens")
+            .field("ttl", &self.ttl)
+            .field("max_session", &self.max_session)
+            .finish()
+    }
+}
+
+/// How long tokens and sessions live.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLife {
+    /// One access token (the browser refreshes it before it ends).
+    pub access: Duration,
+    /// A session from sign-in: no refresh past this, the password is asked
+    /// again.
+    pub session: Duration,
+}
+
+impl Default for TokenLife {
+    fn default() -> Self {
+        Self {
+            access: Duration::from_secs(15 * 60),
+            session: Duration::from_secs(8 * 3600),
+        }
     }
 }
 
 impl Tokens {
-    /// Tokens signed with `secret` (at least 32 bytes), valid for `ttl`.
-    pub fn new(secret: &[u8], ttl: Duration) -> Result<Self> {
+    /// Tokens signed with `secret` (at least 32 bytes) that live as `life`
+    /// says.
+    pub fn new(secret: &[u8], life: TokenLife) -> Result<Self> {
         if secret.len() < 32 {
             return Err(anyhow!("the JWT secret must be at least 32 bytes"));
         }
         Ok(Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
-            ttl,
+            ttl: life.access,
+            max_session: life.session,
         })
     }
 
@@ -96,16 +131,26 @@ impl Tokens {
         self.ttl
     }
 
-    /// A token for `user`.
-    pub fn issue(&self, user: &User) -> Result<String> {
+    /// A token for `user` at session version `version`, signed in at `auth`
+    /// (seconds since the epoch; `None`: now). It never outlives the
+    /// session; `None` when the session is over.
+    pub fn issue(&self, user: &User, version: i64, auth: Option<u64>) -> Result<Option<String>> {
         let iat = now_s();
+        let auth = auth.unwrap_or(iat);
+        let end = auth.saturating_add(self.max_session.as_secs());
+        if iat >= end {
+            return Ok(None);
+        }
         let claims = Claims {
             sub: user.id.to_string(),
             role: user.role,
             iat,
-            exp: iat + self.ttl.as_secs(),
+            exp: (iat + self.ttl.as_secs()).min(end),
+            ver: version,
+            auth,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map(Some)
             .context("signing a token")
     }
 
@@ -118,7 +163,8 @@ impl Tokens {
     }
 }
 
-fn now_s() -> u64 {
+/// Seconds since the epoch.
+pub fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -193,7 +239,8 @@ pub fn generate_password() -> String {
         .collect()
 }
 
-/// Login attempts allowed per peer address and per user name.
+/// Login attempts allowed per client address, per user name from one
+/// address, and failures per user name from everywhere.
 #[derive(Debug, Clone, Copy)]
 pub struct LoginLimit {
     /// Attempts in a burst.
@@ -211,12 +258,35 @@ impl Default for LoginLimit {
     }
 }
 
-/// Login rate limiting, by peer address and by user name (so neither many
-/// names from one address nor one name from many addresses gets through).
+type Pair = (IpAddr, String);
+
+/// Login rate limiting that slows guessing without letting anyone lock a
+/// user out:
+/// - every attempt from one client address takes from that address's
+///   bucket, four times the size of the others (no spraying many names
+///   from one address, room for a hospital behind one NAT address);
+/// - every attempt at one name from one address takes from that pair's
+///   bucket, so one address failing at `admin` does not block `admin` from
+///   elsewhere;
+/// - failures at one name from anywhere take from the name's bucket; while
+///   it is empty (guessing from many addresses), addresses that failed at
+///   that name recently are refused, and an address that has not failed
+///   still gets its password checked: the right password passes.
+///
+/// The buckets are governor's; governor cannot tell whether a key has
+/// failed without taking from its bucket, so which addresses failed at a
+/// name, and until when a name is guarded, are two small maps here. All of
+/// them are pruned as they go (`prune`, every 256 attempts).
 #[derive(Clone)]
 pub struct LoginLimiter {
     by_ip: Arc<DefaultKeyedRateLimiter<IpAddr>>,
-    by_name: Arc<DefaultKeyedRateLimiter<String>>,
+    by_pair: Arc<DefaultKeyedRateLimiter<Pair>>,
+    failures_by_name: Arc<DefaultKeyedRateLimiter<String>>,
+    failed: Arc<Mutex<HashMap<Pair, Instant>>>,
+    guarded: Arc<Mutex<HashMap<String, Instant>>>,
+    /// How long a failure is remembered: the time a bucket takes to refill.
+    memory: Duration,
+    attempts: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for LoginLimiter {
@@ -225,32 +295,146 @@ impl std::fmt::Debug for LoginLimiter {
     }
 }
 
+fn wait_secs(e: &governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
+    let clock = governor::clock::DefaultClock::default();
+    e.wait_time_from(governor::clock::Clock::now(&clock))
+        .as_secs()
+        .max(1)
+}
+
 impl LoginLimiter {
-    /// A limiter with `limit` for each key.
+    /// A limiter with `limit` for each bucket.
     pub fn new(limit: LoginLimit) -> Result<Self> {
         let burst = NonZeroU32::new(limit.burst).context("the login burst must be positive")?;
         let quota = Quota::with_period(limit.per)
             .context("the login period must be positive")?
             .allow_burst(burst);
+        // One address may be a whole hospital behind NAT: it gets four
+        // times the attempts of one name at one address.
+        let per_address = Quota::with_period(limit.per / 4)
+            .context("the login period must be positive")?
+            .allow_burst(burst.saturating_mul(NonZeroU32::MIN.saturating_add(3)));
         Ok(Self {
-            by_ip: Arc::new(RateLimiter::keyed(quota)),
-            by_name: Arc::new(RateLimiter::keyed(quota)),
+            by_ip: Arc::new(RateLimiter::keyed(per_address)),
+            by_pair: Arc::new(RateLimiter::keyed(quota)),
+            failures_by_name: Arc::new(RateLimiter::keyed(quota)),
+            failed: Arc::default(),
+            guarded: Arc::default(),
+            memory: limit.per.saturating_mul(limit.burst),
+            attempts: Arc::default(),
         })
     }
 
-    /// Takes one attempt; `Err(seconds)` to wait when over the limit.
+    /// Takes one attempt at `username` (folded) from `ip` before the
+    /// password is checked; `Err(seconds)` to wait when over a limit.
     pub fn check(&self, ip: IpAddr, username: &str) -> std::result::Result<(), u64> {
-        let clock = governor::clock::DefaultClock::default();
-        let wait = |e: governor::NotUntil<_>| {
-            e.wait_time_from(governor::clock::Clock::now(&clock))
-                .as_secs()
-                .max(1)
-        };
-        self.by_ip.check_key(&ip).map_err(wait)?;
-        self.by_name
-            .check_key(&username.to_ascii_lowercase())
-            .map_err(wait)?;
+        if self.attempts.fetch_add(1, Ordering::Relaxed) % 256 == 255 {
+            self.prune();
+        }
+        self.by_ip.check_key(&ip).map_err(|e| wait_secs(&e))?;
+        let pair = (ip, username.to_owned());
+        self.by_pair.check_key(&pair).map_err(|e| wait_secs(&e))?;
+        let now = Instant::now();
+        let guarded_until = lock(&self.guarded).get(username).copied();
+        if let Some(until) = guarded_until.filter(|u| *u > now) {
+            let failed_here = lock(&self.failed)
+                .get(&pair)
+                .is_some_and(|t| now.duration_since(*t) < self.memory);
+            if failed_here {
+                return Err(until.duration_since(now).as_secs().max(1));
+            }
+        }
         Ok(())
+    }
+
+    /// Records a wrong password for `username` from `ip`.
+    pub fn failed(&self, ip: IpAddr, username: &str) {
+        let now = Instant::now();
+        lock(&self.failed).insert((ip, username.to_owned()), now);
+        if let Err(e) = self.failures_by_name.check_key(&username.to_owned()) {
+            let until = now + Duration::from_secs(wait_secs(&e));
+            let mut g = lock(&self.guarded);
+            let entry = g.entry(username.to_owned()).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+    }
+
+    /// Records a sign-in: the address's failures at the name are forgotten.
+    pub fn succeeded(&self, ip: IpAddr, username: &str) {
+        lock(&self.failed).remove(&(ip, username.to_owned()));
+    }
+
+    /// Drops what no longer limits anything: full buckets, old failures,
+    /// names no longer guarded.
+    pub fn prune(&self) {
+        self.by_ip.retain_recent();
+        self.by_pair.retain_recent();
+        self.failures_by_name.retain_recent();
+        let now = Instant::now();
+        lock(&self.failed).retain(|_, t| now.duration_since(*t) < self.memory);
+        lock(&self.guarded).retain(|_, until| *until > now);
+    }
+
+    /// How many keys the limiter holds (buckets and maps together).
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
+            + self.by_pair.len()
+            + self.failures_by_name.len()
+            + lock(&self.failed).len()
+            + lock(&self.guarded).len()
+    }
+
+    /// Whether it holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Where the client's address comes from: the TCP peer, or, when the peer
+/// is one of the trusted reverse proxies, the last address that proxy
+/// appended to `X-Forwarded-For` (anything before it came from the client
+/// and can be forged).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAddress {
+    /// The proxies' own addresses (`TRUSTED_PROXIES`, comma-separated).
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl ClientAddress {
+    /// From `TRUSTED_PROXIES` (comma-separated addresses; none when unset).
+    pub fn from_env() -> Result<Self> {
+        let Ok(v) = std::env::var("TRUSTED_PROXIES") else {
+            return Ok(Self::default());
+        };
+        let trusted_proxies = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .with_context(|| format!("TRUSTED_PROXIES: `{s}` is not an IP address"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { trusted_proxies })
+    }
+
+    /// The client's address for a request from `peer` with these headers.
+    pub fn of(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> IpAddr {
+        if !self.trusted_proxies.contains(&peer) {
+            return peer;
+        }
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+            .next_back()
+            .unwrap_or(peer)
     }
 }
 
@@ -292,16 +476,35 @@ mod tests {
             role: Role::Doctor,
             created_at: 0,
         };
-        let t = Tokens::new(&[1; 32], Duration::from_secs(60)).unwrap();
-        let c = t.verify(&t.issue(&user).unwrap()).unwrap();
-        assert_eq!((c.sub.as_str(), c.role), ("7", Role::Doctor));
-        let other = Tokens::new(&[2; 32], Duration::from_secs(60)).unwrap();
-        assert!(other.verify(&t.issue(&user).unwrap()).is_err());
-        let expired = Tokens::new(&[1; 32], Duration::ZERO).unwrap();
-        let token = expired.issue(&user).unwrap();
+        let life = |access, session| TokenLife {
+            access: Duration::from_secs(access),
+            session: Duration::from_secs(session),
+        };
+        let t = Tokens::new(&[1; 32], life(60, 3600)).unwrap();
+        let c = t
+            .verify(&t.issue(&user, 3, None).unwrap().unwrap())
+            .unwrap();
+        assert_eq!((c.sub.as_str(), c.role, c.ver), ("7", Role::Doctor, 3));
+        assert_eq!(c.exp - c.iat, 60);
+        let other = Tokens::new(&[2; 32], life(60, 3600)).unwrap();
+        assert!(
+            other
+                .verify(&t.issue(&user, 0, None).unwrap().unwrap())
+                .is_err()
+        );
+        // A refresh keeps the sign-in time; a token never outlives the
+        // session, and a session that is over gets no token.
+        let now = now_s();
+        let c = t
+            .verify(&t.issue(&user, 0, Some(now - 3590)).unwrap().unwrap())
+            .unwrap();
+        assert_eq!((c.auth, c.exp), (now - 3590, now + 10));
+        assert!(t.issue(&user, 0, Some(now - 3600)).unwrap().is_none());
+        let expired = Tokens::new(&[1; 32], life(0, 3600)).unwrap();
+        let token = expired.issue(&user, 0, None).unwrap().unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         assert!(t.verify(&token).is_err());
-        assert!(Tokens::new(b"short", Duration::from_secs(1)).is_err());
+        assert!(Tokens::new(b"short", life(1, 1)).is_err());
     }
 
     #[test]
@@ -314,22 +517,90 @@ mod tests {
         assert!(!allows(Role::Viewer, RunInference) && !allows(Role::Viewer, ExportModel));
     }
 
-    #[test]
-    fn limiter_stops_bursts_per_ip_and_per_name() {
-        let l = LoginLimiter::new(LoginLimit {
-            burst: 2,
+    fn limiter(burst: u32) -> LoginLimiter {
+        LoginLimiter::new(LoginLimit {
+            burst,
             per: Duration::from_secs(60),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn limiter_stops_bursts_per_address_and_per_name_at_an_address() {
+        let l = limiter(2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert!(l.check(a, "x").is_ok() && l.check(a, "y").is_ok());
-        assert!(l.check(a, "z").is_err(), "third from one address");
-        assert!(l.check(b, "x").is_ok());
+        for name in ["p", "q", "r", "s", "t", "u", "v", "w"] {
+            assert!(l.check(a, name).is_ok(), "{name}");
+        }
+        assert!(l.check(a, "z").is_err(), "ninth from one address");
+        assert!(l.check(b, "x").is_ok() && l.check(b, "x").is_ok());
         assert!(
-            l.check(b, "X").is_err(),
-            "third for one name, case-insensitive"
+            l.check(b, "x").is_err(),
+            "third at one name from one address"
         );
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(l.check(c, "x").is_ok(), "another address is not blocked");
+    }
+
+    #[test]
+    fn guessing_from_many_addresses_cannot_lock_out_the_owner() {
+        let l = limiter(3);
+        // Failures at `admin` from many addresses empty the name's bucket.
+        let attackers: Vec<IpAddr> = (1..=6)
+            .map(|i| format!("192.0.2.{i}").parse().unwrap())
+            .collect();
+        for ip in &attackers {
+            assert!(l.check(*ip, "admin").is_ok());
+            l.failed(*ip, "admin");
+        }
+        // While it is empty, an address that failed is refused before its
+        // password is checked ...
+        assert!(l.check(attackers[0], "admin").is_err());
+        assert!(l.check(attackers[5], "admin").is_err());
+        // ... and one that has not failed still gets to try.
+        let owner: IpAddr = "10.1.1.1".parse().unwrap();
+        assert!(l.check(owner, "admin").is_ok());
+        l.succeeded(owner, "admin");
+        assert!(l.check(owner, "admin").is_ok());
+        // Other names are not guarded.
+        assert!(l.check(attackers[0], "doctor").is_ok());
+    }
+
+    #[test]
+    fn the_limiter_forgets_what_no_longer_limits() {
+        let l = LoginLimiter::new(LoginLimit {
+            burst: 1,
+            per: Duration::from_millis(50),
+        })
+        .unwrap();
+        for i in 0..100u8 {
+            let ip = IpAddr::from([10, 0, 1, i]);
+            let _ = l.check(ip, &format!("user{i}"));
+            l.failed(ip, &format!("user{i}"));
+        }
+        assert!(l.len() >= 300, "{}", l.len());
+        std::thread::sleep(Duration::from_millis(120));
+        l.prune();
+        assert!(l.is_empty(), "{} keys left", l.len());
+    }
+
+    #[test]
+    fn the_client_address_comes_from_a_trusted_proxy_only() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let proxy: IpAddr = "10.0.0.254".parse().unwrap();
+        let c = ClientAddress {
+            trusted_proxies: vec![proxy],
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9"),
+        );
+        assert_eq!(c.of(proxy, &h), "203.0.113.9".parse::<IpAddr>().unwrap());
+        let direct: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(c.of(direct, &h), direct, "a client cannot name itself");
+        assert_eq!(c.of(proxy, &HeaderMap::new()), proxy);
     }
 
     #[test]

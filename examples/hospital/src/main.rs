@@ -132,7 +132,9 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         let app = web::app(state);
         let tls = config.tls.clone();
         let listen = args.listen;
-        let handle = tokio::spawn(async move { web::serve(app, listen, tls.as_ref(), tx).await });
+        let limits = config.server;
+        let handle =
+            tokio::spawn(async move { web::serve(app, listen, tls.as_ref(), limits, tx).await });
         let addr = rx.await.context("the dashboard did not start")?;
         let scheme = if config.tls.is_some() {
             "https"

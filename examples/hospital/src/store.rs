@@ -246,6 +246,12 @@ pub enum AuditAction {
     UserDataExport,
     /// A data-subject erasure.
     UserErased,
+    /// A user signed out (every session of theirs ended).
+    Logout,
+    /// A user changed their own password.
+    PasswordChange,
+    /// An admin set a new password for a user.
+    PasswordReset,
     /// A hospital suspended or reactivated.
     ClientStatusChange,
     /// An X-ray read by the model.
@@ -264,6 +270,9 @@ impl AuditAction {
             AuditAction::RoleChange => "role_change",
             AuditAction::UserDataExport => "user_data_export",
             AuditAction::UserErased => "user_erased",
+            AuditAction::Logout => "logout",
+            AuditAction::PasswordChange => "password_change",
+            AuditAction::PasswordReset => "password_reset",
             AuditAction::ClientStatusChange => "client_status_change",
             AuditAction::Inference => "inference",
             AuditAction::ModelExport => "model_export",
@@ -394,18 +403,24 @@ impl Store {
         }))
     }
 
-    /// A user and its password hash, by name in any case (deleted users are
-    /// not found).
-    pub async fn user_by_name(&self, username: &str) -> Result<Option<(User, String)>> {
+    /// A user, its password hash and its session version, by name in any
+    /// case (deleted users are not found).
+    pub async fn user_by_name(&self, username: &str) -> Result<Option<(User, String, i64)>> {
         let row = sqlx::query(
-            "SELECT id, username, role, created_at, password_hash FROM users \
+            "SELECT id, username, role, created_at, password_hash, session_version FROM users \
              WHERE lower(username) = $1 AND deleted = 0",
         )
         .bind(username.to_lowercase())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| Ok((user(&r)?, r.try_get::<String, _>(4)?)))
-            .transpose()
+        row.map(|r| {
+            Ok((
+                user(&r)?,
+                r.try_get::<String, _>(4)?,
+                r.try_get::<i64, _>(5)?,
+            ))
+        })
+        .transpose()
     }
 
     /// A user by id (deleted users are not found).
@@ -417,6 +432,56 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| user(&r)).transpose()
+    }
+
+    /// A user by id with its session version (deleted users are not found):
+    /// what every authenticated request checks its token against.
+    pub async fn session(&self, id: i64) -> Result<Option<(User, i64)>> {
+        let row = sqlx::query(
+            "SELECT id, username, role, created_at, session_version FROM users \
+             WHERE id = $1 AND deleted = 0",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((user(&r)?, r.try_get::<i64, _>(4)?)))
+            .transpose()
+    }
+
+    /// Ends every session of a user (raises its session version); the new
+    /// version, or `None` when there is no such user.
+    pub async fn revoke_sessions(&self, id: i64) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "UPDATE users SET session_version = session_version + 1 \
+             WHERE id = $1 AND deleted = 0 RETURNING session_version",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok(r.try_get::<i64, _>(0)?)).transpose()
+    }
+
+    /// A user's password hash (deleted users have none).
+    pub async fn password_hash(&self, id: i64) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT password_hash FROM users WHERE id = $1 AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok(r.try_get::<String, _>(0)?)).transpose()
+    }
+
+    /// Sets a new password hash and ends every session of the user; the new
+    /// session version, or `None` when there is no such user.
+    pub async fn set_password(&self, id: i64, hash: &str) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "UPDATE users SET password_hash = $1, session_version = session_version + 1 \
+             WHERE id = $2 AND deleted = 0 RETURNING session_version",
+        )
+        .bind(hash)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok(r.try_get::<i64, _>(0)?)).transpose()
     }
 
     /// Every user that is not deleted.
@@ -431,14 +496,18 @@ impl Store {
         .collect()
     }
 
-    /// Changes a role; false when there is no such user.
+    /// Changes a role and ends the user's sessions (a token issued under
+    /// the old role stops working); false when there is no such user.
     pub async fn set_role(&self, id: i64, role: Role) -> Result<bool> {
-        let n = sqlx::query("UPDATE users SET role = $1 WHERE id = $2 AND deleted = 0")
-            .bind(role.as_str())
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let n = sqlx::query(
+            "UPDATE users SET role = $1, session_version = session_version + 1 \
+             WHERE id = $2 AND deleted = 0",
+        )
+        .bind(role.as_str())
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 
@@ -453,29 +522,52 @@ impl Store {
     }
 
     /// Erases a user's personal data: the name becomes `deleted-<id>`, the
-    /// password hash is cleared (no login), and the audit entries keep only
-    /// the id. The inference log keeps the (non-personal) rows under the id.
+    /// password hash is cleared (no login) and every session ends. In the
+    /// audit log, the entries by the user keep only the id (no name, no
+    /// address), and entries that name the user (a sign-in tried with the
+    /// name, the account's creation, a role change, a data export) show
+    /// the alias instead. The inference log keeps the (non-personal) rows
+    /// under the id.
     pub async fn anonymize_user(&self, id: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let alias = format!("deleted-{id}");
-        let n = sqlx::query(
-            "UPDATE users SET username = $1, password_hash = '', deleted = 1 \
-             WHERE id = $2 AND deleted = 0",
+        let name = sqlx::query("SELECT username FROM users WHERE id = $1 AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<String, _>(0))
+            .transpose()?;
+        let Some(name) = name else {
+            return Ok(false);
+        };
+        sqlx::query(
+            "UPDATE users SET username = $1, password_hash = '', deleted = 1, \
+             session_version = session_version + 1 WHERE id = $2",
         )
         .bind(&alias)
         .bind(id)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            sqlx::query("UPDATE audit_log SET actor = $1, ip = NULL WHERE actor_id = $2")
-                .bind(&alias)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
+        .await?;
+        let name = name.to_lowercase();
+        sqlx::query(
+            "UPDATE audit_log SET actor = $1, ip = NULL \
+             WHERE actor_id = $2 OR (actor_id IS NULL AND lower(actor) = $3)",
+        )
+        .bind(&alias)
+        .bind(id)
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE audit_log SET target = $1 WHERE lower(target) = $2 AND action IN ({})",
+            TARGETS_USER
+        ))
+        .bind(&alias)
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(n == 1)
+        Ok(true)
     }
 
     // ---- clients
@@ -838,6 +930,28 @@ impl Store {
         }
     }
 
+    /// Every audit entry about a user, newest first: what they did (by id),
+    /// sign-ins tried with their name, and the entries that name them as
+    /// the target (creation, role changes, data exports, password resets).
+    /// What a data-subject export returns.
+    pub async fn audit_of_user(&self, id: i64) -> Result<Vec<AuditRow>> {
+        let Some(u) = self.user(id).await? else {
+            return Ok(Vec::new());
+        };
+        sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE actor_id = $1 \
+             OR (actor_id IS NULL AND lower(actor) = $2) \
+             OR (lower(target) = $2 AND action IN ({TARGETS_USER})) ORDER BY id DESC"
+        ))
+        .bind(id)
+        .bind(u.username.to_lowercase())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_row)
+        .collect()
+    }
+
     /// The audit log, newest first; optionally one user's entries.
     pub async fn audit_log(&self, actor_id: Option<i64>, limit: i64) -> Result<Vec<AuditRow>> {
         self.audit_page(actor_id, None, limit).await
@@ -851,36 +965,43 @@ impl Store {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditRow>> {
-        sqlx::query(
-            "SELECT id, at, actor_id, actor, action, target, outcome, detail, ip FROM audit_log \
+        sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log \
              WHERE ($1 IS NULL OR actor_id = $1) AND ($2 IS NULL OR id < $2) \
-             ORDER BY id DESC LIMIT $3",
-        )
+             ORDER BY id DESC LIMIT $3"
+        ))
         .bind(actor_id)
         .bind(before)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| {
-            Ok(AuditRow {
-                id: r.try_get(0)?,
-                at: r.try_get(1)?,
-                actor_id: r.try_get(2)?,
-                actor: r.try_get(3)?,
-                action: r.try_get(4)?,
-                target: r.try_get(5)?,
-                outcome: r.try_get(6)?,
-                detail: r.try_get(7)?,
-                ip: r.try_get(8)?,
-            })
-        })
+        .map(audit_row)
         .collect()
     }
 }
 
 const ROUND_COLUMNS: &str = "SELECT id, outcome, aggregator, started_at, duration_ms, accepted, \
      rejected, loss, train_loss, auroc_macro, update_norm FROM rounds";
+
+/// The audit actions whose target is a user name.
+const TARGETS_USER: &str = "'user_created', 'role_change', 'user_data_export', 'password_reset'";
+
+const AUDIT_COLUMNS: &str = "id, at, actor_id, actor, action, target, outcome, detail, ip";
+
+fn audit_row(r: &sqlx::any::AnyRow) -> Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.try_get(0)?,
+        at: r.try_get(1)?,
+        actor_id: r.try_get(2)?,
+        actor: r.try_get(3)?,
+        action: r.try_get(4)?,
+        target: r.try_get(5)?,
+        outcome: r.try_get(6)?,
+        detail: r.try_get(7)?,
+        ip: r.try_get(8)?,
+    })
+}
 
 fn user(r: &sqlx::any::AnyRow) -> Result<User> {
     Ok(User {

@@ -18,7 +18,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::api::{self, AppState, UploadLimits};
 use crate::atrest::AtRest;
-use crate::auth::{self, LoginLimit, LoginLimiter, Tokens};
+use crate::auth::{self, ClientAddress, LoginLimit, LoginLimiter, TokenLife, Tokens};
 use crate::infer::Predictor;
 use crate::sim::Shared;
 use crate::store::{Role, Store};
@@ -31,10 +31,14 @@ pub struct WebConfig {
     /// The JWT signing secret (`JWT_SECRET` / `JWT_SECRET_FILE`); a random one
     /// per process when unset (tokens then end with the process).
     pub jwt_secret: Option<String>,
-    /// Token lifetime.
-    pub token_ttl: Duration,
+    /// How long access tokens and sessions live.
+    pub token_life: TokenLife,
     /// Login attempts.
     pub login_limit: LoginLimit,
+    /// Where the client's address comes from (`TRUSTED_PROXIES`).
+    pub client_address: ClientAddress,
+    /// Bounds on connections, requests and event streams.
+    pub server: ServerLimits,
     /// Upload limits.
     pub uploads: UploadLimits,
     /// TLS certificate and key (PEM), when the server should speak HTTPS.
@@ -45,7 +49,8 @@ pub struct WebConfig {
 
 impl WebConfig {
     /// From the environment: `DATABASE_URL` (default `sqlite://<default_db>`),
-    /// `JWT_SECRET[_FILE]`, `TLS_CERT` + `TLS_KEY`, `FEDCORE_DATA_KEY[_FILE]`.
+    /// `JWT_SECRET[_FILE]`, `TLS_CERT` + `TLS_KEY`, `FEDCORE_DATA_KEY[_FILE]`,
+    /// `TRUSTED_PROXIES`.
     pub fn from_env(default_db: &std::path::Path) -> Result<Self> {
         let database_url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| format!("sqlite://{}?mode=rwc", default_db.display()));
@@ -57,12 +62,44 @@ impl WebConfig {
         Ok(Self {
             database_url,
             jwt_secret: auth::secret_from_env("JWT_SECRET")?,
-            token_ttl: Duration::from_secs(8 * 3600),
+            token_life: TokenLife::default(),
             login_limit: LoginLimit::default(),
+            client_address: ClientAddress::from_env()?,
+            server: ServerLimits::default(),
             uploads: UploadLimits::default(),
             tls,
             at_rest: AtRest::from_env()?,
         })
+    }
+}
+
+/// Bounds on what clients can hold open. Slow or idle clients are cut off
+/// by hyper's header-read timeout and tower-http's request timeout; the
+/// number of connections and of event streams is capped.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// A request's headers must arrive within this (slow-header clients).
+    pub header_read_timeout: Duration,
+    /// A response must start within this (slow uploads included); event
+    /// streams, once started, are not cut.
+    pub request_timeout: Duration,
+    /// Open connections; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Open event streams on the server.
+    pub max_event_streams: usize,
+    /// Open event streams of one user.
+    pub max_event_streams_per_user: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            max_event_streams: 128,
+            max_event_streams_per_user: 4,
+        }
     }
 }
 
@@ -107,7 +144,7 @@ pub async fn state(
     }
     Ok(AppState {
         store,
-        tokens: Tokens::new(&secret, config.token_ttl)?,
+        tokens: Tokens::new(&secret, config.token_life)?,
         limiter: LoginLimiter::new(config.login_limit)?,
         shared,
         predictor,
@@ -117,6 +154,13 @@ pub async fn state(
             config.uploads.max_concurrent_decodes.max(1),
         )),
         tls: config.tls.is_some(),
+        client_address: Arc::new(config.client_address.clone()),
+        revocations: tokio::sync::broadcast::channel(64).0,
+        streams: api::EventStreams::new(
+            config.server.max_event_streams,
+            config.server.max_event_streams_per_user,
+        ),
+        request_timeout: config.server.request_timeout,
     })
 }
 
@@ -202,6 +246,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// The whole application: API, pages, docs, headers.
 pub fn app(state: AppState) -> Router {
     let tls = state.tls;
+    let timeout = state.request_timeout;
     Router::new()
         .merge(api::routes(&state))
         .merge(SwaggerUi::new("/docs").url("/api/openapi.json", api::ApiDoc::openapi()))
@@ -245,6 +290,10 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .with_state(state)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .layer(middleware::from_fn(move |req, next| {
             security_headers(tls, req, next)
         }))
@@ -252,20 +301,33 @@ pub fn app(state: AppState) -> Router {
 
 /// Serves `app` on `addr` until the process ends; HTTPS with rustls when the
 /// config names a certificate. Returns the bound address through `bound`.
+/// Headers must arrive within `limits.header_read_timeout`, and at most
+/// `limits.max_connections` connections are open (more are closed).
 pub async fn serve(
     app: Router,
     addr: SocketAddr,
     tls: Option<&(PathBuf, PathBuf)>,
+    limits: ServerLimits,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> Result<()> {
     let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
     match tls {
         None => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            let _ = bound.send(listener.local_addr()?);
-            axum::serve(listener, make).await?;
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(Capped {
+                    inner: axum_server::accept::DefaultAcceptor,
+                    handle: handle.clone(),
+                    max: limits.max_connections,
+                })
+                .handle(handle.clone());
+            configure(server.http_builder(), limits);
+            let _ = bound.send(local);
+            server.serve(make).await?;
         }
         Some((cert, key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -274,15 +336,65 @@ pub async fn serve(
                 .with_context(|| {
                     format!("TLS certificate {} / key {}", cert.display(), key.display())
                 })?;
-            let std_listener = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            let _ = bound.send(std_listener.local_addr()?);
-            axum_server::from_tcp_rustls(std_listener, config)?
-                .serve(make)
-                .await?;
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(Capped {
+                    inner: axum_server::tls_rustls::RustlsAcceptor::new(config),
+                    handle: handle.clone(),
+                    max: limits.max_connections,
+                })
+                .handle(handle.clone());
+            configure(server.http_builder(), limits);
+            let _ = bound.send(local);
+            server.serve(make).await?;
         }
     }
     Ok(())
+}
+
+/// hyper's settings: the header-read timeout needs a timer to run at all.
+fn configure(
+    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: ServerLimits,
+) {
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(64)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+}
+
+/// An acceptor that closes a new connection when `max` are open already
+/// (axum-server counts the new one before it is accepted).
+#[derive(Clone)]
+struct Capped<A> {
+    inner: A,
+    handle: axum_server::Handle<SocketAddr>,
+    max: usize,
+}
+
+impl<I, S, A: axum_server::accept::Accept<I, S>> axum_server::accept::Accept<I, S> for Capped<A> {
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future = futures_util::future::Either<
+        A::Future,
+        std::future::Ready<std::io::Result<(A::Stream, A::Service)>>,
+    >;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        if self.handle.connection_count() > self.max {
+            tracing::warn!(
+                max = self.max,
+                "connection refused: too many open connections"
+            );
+            return futures_util::future::Either::Right(std::future::ready(Err(
+                std::io::Error::other("too many open connections"),
+            )));
+        }
+        futures_util::future::Either::Left(self.inner.accept(stream, service))
+    }
 }
 
 #[cfg(test)]

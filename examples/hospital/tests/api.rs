@@ -16,11 +16,11 @@ use axum::http::{Request, StatusCode, header};
 use fedcore::Model;
 use hospital::api::{AppState, UploadLimits};
 use hospital::atrest::AtRest;
-use hospital::auth::LoginLimit;
+use hospital::auth::{ClientAddress, LoginLimit, TokenLife};
 use hospital::infer::Predictor;
 use hospital::sim::Shared;
 use hospital::store::{ClientStatus, NewRound, RoundRow, TrustRow, UpdateRow};
-use hospital::web::{self, WebConfig};
+use hospital::web::{self, ServerLimits, WebConfig};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -49,11 +49,16 @@ async fn harness_at(url: Option<String>, at_rest: Option<AtRest>) -> Harness {
     let config = WebConfig {
         database_url,
         jwt_secret: Some("a test secret that is long enough!".into()),
-        token_ttl: Duration::from_secs(600),
+        token_life: TokenLife {
+            access: Duration::from_secs(600),
+            session: Duration::from_secs(3600),
+        },
         login_limit: LoginLimit {
             burst: 5,
             per: Duration::from_secs(60),
         },
+        client_address: ClientAddress::default(),
+        server: ServerLimits::default(),
         uploads: UploadLimits {
             max_bytes: 256 * 1024,
             max_side: 2048,
@@ -287,7 +292,10 @@ async fn every_endpoint_needs_a_valid_token() {
         .map(|p| ("GET", *p))
         .chain([
             ("POST", "/api/auth/register"),
+            ("POST", "/api/auth/refresh"),
+            ("POST", "/api/auth/password"),
             ("GET", "/api/users"),
+            ("PUT", "/api/users/2/password"),
             ("PATCH", "/api/users/1/role"),
             ("GET", "/api/users/1/export"),
             ("DELETE", "/api/users/2"),
@@ -301,9 +309,9 @@ async fn every_endpoint_needs_a_valid_token() {
         .collect();
     let forged = {
         // Signed with another key.
-        let other = hospital::auth::Tokens::new(&[9; 32], Duration::from_secs(60)).unwrap();
+        let other = hospital::auth::Tokens::new(&[9; 32], TokenLife::default()).unwrap();
         let admin = h.state.store.user(1).await.unwrap().unwrap();
-        other.issue(&admin).unwrap()
+        other.issue(&admin, 0, None).unwrap().unwrap()
     };
     for (method, path) in protected {
         for token in [None, Some("garbage"), Some(forged.as_str())] {
@@ -404,7 +412,16 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
         me.json()["permissions"],
         json!(["view_metrics", "run_inference"])
     );
-    let out = send(&h.app, req("POST", "/api/auth/logout", None, None)).await;
+    let out = send(
+        &h.app,
+        Request::builder()
+            .method("POST")
+            .uri("/api/auth/logout")
+            .header(header::COOKIE, pair)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(out.status, StatusCode::NO_CONTENT);
     assert!(
         out.headers[header::SET_COOKIE]
@@ -412,6 +429,17 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
             .unwrap()
             .contains("Max-Age=0")
     );
+    // The token itself is dead after sign-out, not just the cookie.
+    let token = pair.split_once('=').unwrap().1;
+    assert_eq!(
+        send(&h.app, req("GET", "/api/auth/me", Some(token), None))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Signing out without a session is harmless.
+    let out = send(&h.app, req("POST", "/api/auth/logout", None, None)).await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
 
     for (user, pw) in [
         ("doctor", "wrong-password-123"),
@@ -461,37 +489,38 @@ async fn login_sets_a_safe_cookie_and_logout_clears_it() {
     assert!(a.status.is_client_error(), "{}", a.status);
 }
 
+/// The app as seen from another client address.
+fn from_address(state: &AppState, ip: [u8; 4]) -> Router {
+    web::app(state.clone()).layer(MockConnectInfo(SocketAddr::from((ip, 4000))))
+}
+
+fn login_req(user: &str, password: &str) -> Request<Body> {
+    req(
+        "POST",
+        "/api/auth/login",
+        None,
+        Some(json!({"username": user, "password": password})),
+    )
+}
+
+async fn sign_in(app: &Router, user: &str, password: &str) -> String {
+    let a = send(app, login_req(user, password)).await;
+    assert_eq!(a.status, StatusCode::OK, "{user}: {}", a.json());
+    a.json()["token"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn login_is_rate_limited() {
     let h = harness().await;
-    let attempt = || {
-        send(
-            &h.app,
-            req(
-                "POST",
-                "/api/auth/login",
-                None,
-                Some(json!({"username": "admin", "password": "nope-nope-nope"})),
-            ),
-        )
-    };
+    let attempt = || send(&h.app, login_req("admin", "nope-nope-nope"));
     for _ in 0..5 {
         assert_eq!(attempt().await.status, StatusCode::UNAUTHORIZED);
     }
     let a = attempt().await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(a.headers.contains_key(header::RETRY_AFTER));
-    // Even the right password waits now.
-    let a = send(
-        &h.app,
-        req(
-            "POST",
-            "/api/auth/login",
-            None,
-            Some(json!({"username": "admin", "password": "admin-password-123"})),
-        ),
-    )
-    .await;
+    // From the address that guessed, even the right password waits.
+    let a = send(&h.app, login_req("admin", "admin-password-123")).await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
     let limited = h
         .state
@@ -504,6 +533,287 @@ async fn login_is_rate_limited() {
         .collect::<Vec<_>>();
     // Both throttled attempts, counted in one row.
     assert_eq!(limited, ["rate limited (2 attempts)"]);
+}
+
+#[tokio::test]
+async fn nobody_can_lock_the_admin_out() {
+    let h = harness().await;
+    // Before the fix, one address failing at `admin` blocked `admin` from
+    // everywhere: the owner from another address is let in.
+    for _ in 0..6 {
+        send(&h.app, login_req("admin", "nope-nope-nope")).await;
+    }
+    let owner = from_address(&h.state, [10, 9, 9, 9]);
+    sign_in(&owner, "admin", "admin-password-123").await;
+
+    // Behind a trusted reverse proxy, each client has its own address (the
+    // one the proxy appends to X-Forwarded-For), so guessing from many
+    // addresses empties the name's failure bucket ...
+    let mut state = h.state.clone();
+    state.client_address = Arc::new(ClientAddress {
+        trusted_proxies: vec!["10.0.0.7".parse().unwrap()],
+    });
+    let proxied = web::app(state).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 4000))));
+    let via = |client: &str, password: &str| {
+        let mut r = login_req("admin", password);
+        r.headers_mut().insert(
+            "x-forwarded-for",
+            format!("1.2.3.4, {client}").parse().unwrap(),
+        );
+        send(&proxied, r)
+    };
+    for i in 1..=6 {
+        let a = via(&format!("192.0.2.{i}"), "nope-nope-nope").await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.json());
+    }
+    // ... after which the guessers are refused before their password is
+    // checked, while the owner's address, which has not failed, gets in.
+    assert_eq!(
+        via("192.0.2.1", "admin-password-123").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let a = via("198.51.100.20", "admin-password-123").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json());
+    // The address in the log is the client's, not the proxy's.
+    let log = h.state.store.audit_log(None, 5).await.unwrap();
+    assert_eq!(log[0].ip.as_deref(), Some("198.51.100.20"));
+}
+
+#[tokio::test]
+async fn sessions_end_on_sign_out_password_change_reset_and_refresh_keeps_them() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let me = |t: String| {
+        let app = h.app.clone();
+        async move {
+            send(&app, req("GET", "/api/auth/me", Some(&t), None))
+                .await
+                .status
+        }
+    };
+    // Refresh: a new token for the same session, the old one still valid
+    // until it expires or the session ends.
+    let t1 = login(&h.app, "doctor").await;
+    let r = send(&h.app, req("POST", "/api/auth/refresh", Some(&t1), None)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("HttpOnly")
+    );
+    let t2 = r.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(me(t2.clone()).await, StatusCode::OK);
+    // Signing out ends every session of the user.
+    let t3 = login(&h.app, "doctor").await;
+    assert_eq!(
+        send(&h.app, req("POST", "/api/auth/logout", Some(&t3), None))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    for t in [&t1, &t2, &t3] {
+        assert_eq!(me(t.clone()).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            send(&h.app, req("POST", "/api/auth/refresh", Some(t), None))
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    // Changing one's password: the current one is checked, other sessions
+    // end, this one continues with a new token. (From another address: this
+    // one has used its sign-in attempts at `doctor` for the minute.)
+    let elsewhere = from_address(&h.state, [10, 0, 0, 8]);
+    let other = login(&elsewhere, "doctor").await;
+    let mine = login(&elsewhere, "doctor").await;
+    let change = |current: &str, new: &str| {
+        req(
+            "POST",
+            "/api/auth/password",
+            Some(&mine),
+            Some(json!({"current_password": current, "new_password": new})),
+        )
+    };
+    assert_eq!(
+        send(
+            &elsewhere,
+            change("not-the-password", "doctor-new-password-42")
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let weak = send(&elsewhere, change("doctor-password-123", "password1234")).await;
+    assert_eq!(weak.status, StatusCode::BAD_REQUEST);
+    let ok = send(
+        &elsewhere,
+        change("doctor-password-123", "doctor-new-password-42"),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.json());
+    let renewed = ok.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(me(other).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me(mine.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me(renewed.clone()).await, StatusCode::OK);
+    assert_eq!(
+        send(&h.app, login_req("doctor", "doctor-password-123"))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    sign_in(&h.app, "doctor", "doctor-new-password-42").await;
+
+    // An admin's reset: only admins, the rule holds, sessions end.
+    let reset = |token: &str, pw: &str| {
+        req(
+            "PUT",
+            "/api/users/2/password",
+            Some(token),
+            Some(json!({"new_password": pw})),
+        )
+    };
+    let viewer = login(&h.app, "viewer").await;
+    assert_eq!(
+        send(&h.app, reset(&viewer, "reset-by-a-viewer-99"))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(&h.app, reset(&admin, "short")).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(&h.app, reset(&admin, "a-reset-password-for-doc"))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(me(renewed).await, StatusCode::UNAUTHORIZED);
+    sign_in(&h.app, "doctor", "a-reset-password-for-doc").await;
+    assert_eq!(
+        send(
+            &h.app,
+            req(
+                "PUT",
+                "/api/users/999/password",
+                Some(&admin),
+                Some(json!({"new_password": "a-reset-password-for-doc"}))
+            )
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    let log = h.state.store.audit_log(None, 100).await.unwrap();
+    for action in ["logout", "password_change", "password_reset"] {
+        assert!(log.iter().any(|a| a.action == action), "{action}");
+    }
+}
+
+/// Opens the event stream; the answer's status and, when it is 200, its
+/// body.
+async fn open_stream(app: &Router, token: &str) -> (StatusCode, Body) {
+    let r = app
+        .clone()
+        .oneshot(req("GET", "/api/events", Some(token), None))
+        .await
+        .unwrap();
+    (r.status(), r.into_body())
+}
+
+/// Whether the stream's body ends within `within`.
+async fn ends(body: Body, within: Duration) -> bool {
+    tokio::time::timeout(within, body.collect()).await.is_ok()
+}
+
+#[tokio::test]
+async fn open_event_streams_close_when_the_session_ends() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let doctor = login(&h.app, "doctor").await;
+    let viewer = login(&h.app, "viewer").await;
+    let (status, doctor_stream) = open_stream(&h.app, &doctor).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, viewer_stream) = open_stream(&h.app, &viewer).await;
+    let (_, admin_stream) = open_stream(&h.app, &admin).await;
+    // Erasing the doctor closes the doctor's stream, and only that one.
+    assert_eq!(
+        send(&h.app, req("DELETE", "/api/users/2", Some(&admin), None))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(ends(doctor_stream, Duration::from_secs(5)).await, "erased");
+    // Demoting the viewer... to viewer still ends their sessions; signing
+    // out ends the admin's.
+    assert_eq!(
+        send(
+            &h.app,
+            req(
+                "PATCH",
+                "/api/users/3/role",
+                Some(&admin),
+                Some(json!({"role": "viewer"}))
+            )
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert!(ends(viewer_stream, Duration::from_secs(5)).await, "role");
+    let (_, admin_stream_2) = open_stream(&h.app, &admin).await;
+    send(&h.app, req("POST", "/api/auth/logout", Some(&admin), None)).await;
+    assert!(ends(admin_stream, Duration::from_secs(5)).await, "logout");
+    assert!(ends(admin_stream_2, Duration::from_secs(5)).await, "logout");
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_per_user_and_in_all() {
+    let h = harness().await;
+    let mut state = h.state.clone();
+    state.streams = hospital::api::EventStreams::new(3, 2);
+    let app = from_address(&state, [10, 0, 0, 7]);
+    let admin = login(&app, "admin").await;
+    let doctor = login(&app, "doctor").await;
+    let (s1, b1) = open_stream(&app, &admin).await;
+    let (s2, _b2) = open_stream(&app, &admin).await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    let (s3, _) = open_stream(&app, &admin).await;
+    assert_eq!(s3, StatusCode::TOO_MANY_REQUESTS, "third of one user");
+    let (s4, _b4) = open_stream(&app, &doctor).await;
+    assert_eq!(s4, StatusCode::OK);
+    let (s5, _) = open_stream(&app, &doctor).await;
+    assert_eq!(s5, StatusCode::TOO_MANY_REQUESTS, "fourth on the server");
+    // A closed stream frees its place.
+    drop(b1);
+    let (s6, _b6) = open_stream(&app, &doctor).await;
+    assert_eq!(s6, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_finish_times_out() {
+    let h = harness().await;
+    let mut state = h.state.clone();
+    state.request_timeout = Duration::from_millis(500);
+    let app = from_address(&state, [10, 0, 0, 7]);
+    let doctor = login(&app, "doctor").await;
+    // An upload whose body never ends (a slow client).
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let r = Request::builder()
+        .method("POST")
+        .uri("/api/inference/predict")
+        .header(header::AUTHORIZATION, format!("Bearer {doctor}"))
+        .header(header::CONTENT_TYPE, "multipart/form-data; boundary=B")
+        .body(body)
+        .unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(10), send(&app, r))
+        .await
+        .expect("the server answers");
+    assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT);
 }
 
 #[tokio::test]
@@ -740,13 +1050,43 @@ async fn admins_manage_users_and_data_subject_requests() {
     )
     .await;
     assert_eq!(a.status, StatusCode::OK);
-    // The role takes effect at once, with the same token.
+    // The role change ends the sessions issued under the old role; signed
+    // in again, the new role holds.
+    assert_eq!(
+        send(&h.app, upload(Some(&t), "image", &png(64, 64)))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let a = send(
+        &h.app,
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "dr.house", "password": "a-long-password"})),
+        ),
+    )
+    .await;
+    let t = a.json()["token"].as_str().unwrap().to_owned();
     assert_eq!(
         send(&h.app, upload(Some(&t), "image", &png(64, 64)))
             .await
             .status,
         StatusCode::FORBIDDEN
     );
+    // A sign-in tried with the name by someone else.
+    let tried = send(
+        &h.app,
+        req(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "Dr.House", "password": "a-guess-at-it"})),
+        ),
+    )
+    .await;
+    assert_eq!(tried.status, StatusCode::UNAUTHORIZED);
     let export = send(
         &h.app,
         req(
@@ -762,13 +1102,31 @@ async fn admins_manage_users_and_data_subject_requests() {
     assert_eq!(e["user"]["username"], "dr.house");
     assert_eq!(e["inferences"].as_array().unwrap().len(), 1);
     assert_eq!(e["inferences"][0]["parsed"].as_array().unwrap().len(), 14);
-    assert!(
-        e["audit"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["action"] == "inference")
-    );
+    // The export holds every audit entry about the user: their actions,
+    // sign-ins tried with their name, and entries naming them as target.
+    let entries: Vec<(String, String)> = e["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["action"].as_str().unwrap().to_owned(),
+                a["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (action, outcome) in [
+        ("inference", "success"),
+        ("login", "success"),
+        ("login", "failure"),
+        ("user_created", "success"),
+        ("role_change", "success"),
+    ] {
+        assert!(
+            entries.contains(&(action.to_owned(), outcome.to_owned())),
+            "{action}/{outcome} missing from {entries:?}"
+        );
+    }
 
     // Erasure: no login, no token, name gone from the audit log.
     assert_eq!(
@@ -797,11 +1155,22 @@ async fn admins_manage_users_and_data_subject_requests() {
     )
     .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
-    let log = h.state.store.audit_log(None, 1000).await.unwrap();
+    let mut log = h.state.store.audit_log(None, 1000).await.unwrap();
+    // (The sign-in tried just now, after the erasure, is a new entry.)
+    let newest = log[0].id;
+    log.retain(|a| a.id < newest);
     assert!(
         log.iter()
             .filter(|a| a.actor_id == Some(id))
             .all(|a| a.actor == format!("deleted-{id}") && a.ip.is_none())
+    );
+    // The name is nowhere in the log: not as actor (the sign-in someone
+    // tried), not as target (creation, role change, export).
+    let text = serde_json::to_string(&log).unwrap().to_lowercase();
+    assert!(!text.contains("dr.house"), "{text}");
+    assert!(
+        log.iter()
+            .any(|a| a.action == "user_created" && a.target == Some(format!("deleted-{id}")))
     );
     assert!(log.iter().any(|a| a.action == "user_erased"));
     assert!(
@@ -1400,6 +1769,156 @@ async fn pages_docs_and_headers() {
 }
 
 /// The same store code on PostgreSQL, when scripts/test.sh started one.
+/// Serves `state`'s app on 127.0.0.1 over real TCP, as `hospital` does.
+async fn serve(
+    state: &AppState,
+    limits: ServerLimits,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+) -> SocketAddr {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let app = web::app(state.clone());
+    let at = SocketAddr::from(([127, 0, 0, 1], 0));
+    tokio::spawn(async move { web::serve(app, at, tls.as_ref(), limits, tx).await });
+    rx.await.unwrap()
+}
+
+/// Reads until the server closes the connection (or `within` passes:
+/// `None`).
+async fn read_to_close<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    within: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    match tokio::time::timeout(within, r.read_to_end(&mut out)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let h = harness().await;
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_secs(1),
+        max_connections: 3,
+        ..ServerLimits::default()
+    };
+    let at = serve(&h.state, limits, None).await;
+    // Half-sent headers: closed after the header-read timeout (before the
+    // fix they were held for as long as the client liked).
+    let mut slow = tokio::net::TcpStream::connect(at).await.unwrap();
+    slow.write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    assert!(
+        read_to_close(&mut slow, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a slow-header connection stays open"
+    );
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // At most three connections: a fourth is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(at).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = tokio::net::TcpStream::connect(at).await.unwrap();
+    let _ = fourth
+        .write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let answer = read_to_close(&mut fourth, Duration::from_millis(800)).await;
+    assert_eq!(
+        answer.as_deref(),
+        Some(""),
+        "the fourth connection is served"
+    );
+    // Once they are gone (the header timeout closes idle ones too), the
+    // server takes connections again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ok = tokio::net::TcpStream::connect(at).await.unwrap();
+    ok.write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut ok, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn the_dashboard_speaks_https_with_secure_cookies_and_hsts() {
+    use tokio::io::AsyncWriteExt;
+    let h = harness().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let mut state = h.state.clone();
+    state.tls = true;
+    let at = serve(&state, ServerLimits::default(), Some((cert_pem, key_pem))).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let https = |request: String| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(request.as_bytes()).await.unwrap();
+            read_to_close(&mut tls, Duration::from_secs(10))
+                .await
+                .unwrap()
+        }
+    };
+    let page =
+        https("GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into()).await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.to_lowercase()
+            .contains("strict-transport-security: max-age="),
+        "{page}"
+    );
+    let body = json!({"username": "doctor", "password": "doctor-password-123"}).to_string();
+    let login = https(format!(
+        "POST /api/auth/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    assert!(login.starts_with("HTTP/1.1 200"), "{login}");
+    let cookie = login
+        .lines()
+        .find(|l| l.to_lowercase().starts_with("set-cookie:"))
+        .unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    // Plain HTTP to the TLS port gets no page.
+    let mut plain = tokio::net::TcpStream::connect(at).await.unwrap();
+    plain
+        .write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut plain, Duration::from_secs(15)).await;
+    assert!(!answer.unwrap_or_default().contains("200 OK"));
+}
+
 #[tokio::test]
 async fn postgres_runs_the_same_queries() {
     let Ok(url) = std::env::var("FEDCORE_TEST_POSTGRES") else {
@@ -1444,6 +1963,34 @@ async fn postgres_runs_the_same_queries() {
     .await;
     assert_eq!(a.status, StatusCode::CREATED);
     let id = a.json()["id"].as_i64().unwrap();
+    // Session versions: a reset ends the user's sessions.
+    let pg_doc = sign_in(&h.app, "pg.doc", "a-long-password").await;
+    assert_eq!(
+        send(
+            &h.app,
+            req(
+                "PUT",
+                &format!("/api/users/{id}/password"),
+                Some(&admin),
+                Some(json!({"new_password": "another-long-password-7"}))
+            )
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        send(&h.app, req("GET", "/api/auth/me", Some(&pg_doc), None))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&h.app, req("POST", "/api/auth/refresh", Some(&admin), None))
+            .await
+            .status,
+        StatusCode::OK
+    );
     assert_eq!(
         send(
             &h.app,
