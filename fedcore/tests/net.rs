@@ -15,7 +15,7 @@ use fedcore::linear::SoftmaxRegression;
 use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{
     self, ClientOptions, GrpcTransport, ServerOptions, ShutdownKind,
-    testkit::{open_session, proto},
+    testkit::{self, open_session, proto},
 };
 use fedcore::{
     AggregationFailureKind, Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation,
@@ -507,4 +507,117 @@ fn a_two_step_round_over_grpc_survives_a_client_dropping_between_the_steps() {
     }
     let c = sites.next().unwrap().join().unwrap();
     assert!(c.unwrap_err().to_string().contains("revoked"));
+}
+
+#[test]
+fn a_site_opening_many_sessions_holds_two_and_the_others_keep_working() {
+    let mut s = setup(&["good", "greedy"], &["good"]);
+    let kit = Kit::load(s.project.site_kit("greedy")).unwrap();
+    let options = client_options(&s.transport);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Twenty session calls that never say hello: ten over one connection,
+    // ten over connections of their own. Before the cap each waited out
+    // its hello timeout holding a task, however many there were.
+    let (refused, pending, held) = rt.block_on(async {
+        let shared = testkit::connect(&kit, &options).await.unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        let mut held = Vec::new();
+        for i in 0..20 {
+            let mut grpc = if i < 10 {
+                shared.clone()
+            } else {
+                testkit::connect(&kit, &options).await.unwrap()
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<proto::ClientMessage>(1);
+            held.push(tx);
+            calls.spawn(async move {
+                grpc.session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code())
+            });
+        }
+        let mut refused = 0;
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        while refused < 18 {
+            tokio::select! {
+                r = calls.join_next() => match r {
+                    // Over the site's cap; or over the connection's stream
+                    // cap (the client opens streams before it has read the
+                    // server's settings, and HTTP/2 refuses the extra ones).
+                    Some(Ok(Err(tonic::Code::ResourceExhausted | tonic::Code::Unavailable))) => {
+                        refused += 1;
+                    }
+                    other => panic!("a call ended otherwise: {other:?}"),
+                },
+                () = &mut deadline => break,
+            }
+        }
+        (refused, calls.len(), held)
+    });
+    assert_eq!((refused, pending), (18, 2));
+    // The good site is served as before.
+    let global = Arc::new(model(100));
+    let (tx, rx) = mpsc::channel();
+    s.transport
+        .send(&ClientId::new("good"), fit(1, global.clone(), None), tx)
+        .unwrap();
+    check_doubled(collect(&rx, 1).remove(0), &global);
+    drop(held);
+    drop(rt);
+    finish(s);
+}
+
+#[test]
+fn connections_are_capped_per_address_and_freed_when_they_close() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = ProjectSpec::new("test", vec!["a".into()], 0);
+    let project = Project::create(tmp.path().join("p"), &spec).unwrap();
+    let options = ServerOptions {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        max_connections_per_address: 3,
+        handshake_timeout: Duration::from_secs(30),
+        ..ServerOptions::default()
+    };
+    let transport =
+        GrpcTransport::start(&Kit::load(project.server_kit()).unwrap(), options).unwrap();
+    let at = transport.local_addr();
+    // Three sockets that never start TLS hold the address's places ...
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(at).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while transport.open_connections() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(transport.open_connections(), 3);
+    // ... so a fourth is closed at once,
+    let mut fourth = std::net::TcpStream::connect(at).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = fourth.write_all(b"\x16\x03\x01\x00\x05hello");
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(fourth.read(&mut buf), Ok(0) | Err(_)),
+        "the fourth connection was served"
+    );
+    assert_eq!(transport.open_connections(), 3);
+    // and once they close, a site connects.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while transport.open_connections() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kit = Kit::load(project.site_kit("a")).unwrap();
+    let options = ClientOptions {
+        address: Some(at.to_string()),
+        ..ClientOptions::default()
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { open_session(&kit, &options).await.map(|_| ()) })
+        .unwrap();
 }

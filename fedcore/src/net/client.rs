@@ -59,10 +59,7 @@ impl Default for ClientOptions {
 }
 
 /// A mutually authenticated gRPC channel to the server of `kit`.
-pub(crate) async fn connect(
-    kit: &Kit,
-    options: &ClientOptions,
-) -> Result<FederationClient<Channel>> {
+pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationClient<Channel>> {
     let address = options
         .address
         .clone()

@@ -47,6 +47,7 @@
 //! # Ok::<(), fedcore::Error>(())
 //! ```
 
+mod caps;
 mod client;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -75,7 +76,7 @@ pub mod proto {
 /// stable API.
 #[cfg(feature = "testkit")]
 pub mod testkit {
-    pub use super::client::open_session;
+    pub use super::client::{connect, open_session};
     pub use super::proto;
 }
 

@@ -11,13 +11,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use super::caps::{Connections, SiteSessions, SiteSlot};
 use super::proto::federation_server::{Federation, FederationServer};
 use super::proto::{self, client_message, server_message};
 use super::provision::{Kit, Role, Roster, common_name, fingerprint};
@@ -50,10 +51,23 @@ pub struct ServerOptions {
     /// After the last round, how long [`super::run_server`] waits for sites
     /// that are away to come back and hear that the run is finished.
     pub finish_grace: Duration,
+    /// Open connections (TLS handshakes included); more are closed as they
+    /// arrive.
+    pub max_connections: usize,
+    /// Open connections from one address.
+    pub max_connections_per_address: usize,
+    /// Session calls of one site open at once, saying hello or live: two
+    /// let a reconnecting site replace its old session; more are refused
+    /// (`resource_exhausted`).
+    pub max_sessions_per_site: usize,
+    /// HTTP/2 streams one connection may open at once.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServerOptions {
-    /// The kit's port, default limits, a heartbeat every 2 s, 10 s liveness.
+    /// The kit's port, default limits, a heartbeat every 2 s, 10 s liveness;
+    /// 256 connections, 16 per address, 2 session calls per site, 4 streams
+    /// per connection.
     fn default() -> Self {
         Self {
             listen: None,
@@ -63,6 +77,10 @@ impl Default for ServerOptions {
             hello_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             finish_grace: Duration::from_secs(20),
+            max_connections: 256,
+            max_connections_per_address: 16,
+            max_sessions_per_site: 2,
+            max_streams_per_connection: 4,
         }
     }
 }
@@ -106,6 +124,8 @@ struct Session {
     forgotten: Mutex<VecDeque<u64>>,
     last_seen: Mutex<Instant>,
     cancel: CancellationToken,
+    /// The site's place among its session calls, freed with the session.
+    _slot: SiteSlot,
 }
 
 /// The roster file, re-read when it changes.
@@ -166,6 +186,8 @@ struct Shared {
     seen: Mutex<BTreeSet<ClientId>>,
     /// The sites that were sent the final `Shutdown`.
     told: Mutex<BTreeSet<ClientId>>,
+    /// Session calls per site.
+    site_sessions: SiteSessions,
 }
 
 impl Shared {
@@ -290,6 +312,15 @@ impl Federation for Service {
             warn!(identity = %identity, reason = %reason, "connection refused");
             return Err(Status::permission_denied(reason));
         }
+        // Before waiting for hello: a site that opens session after session
+        // without finishing them holds at most this many.
+        let slot = shared.site_sessions.take(&identity).map_err(|_| {
+            warn!(identity = %identity, "session refused: too many open session calls");
+            Status::resource_exhausted(format!(
+                "`{identity}` has {} session calls open already",
+                shared.options.max_sessions_per_site
+            ))
+        })?;
         let mut inbound = request.into_inner();
         let hello = tokio::time::timeout(shared.options.hello_timeout, inbound.message()).await;
         let hello = match hello {
@@ -340,6 +371,7 @@ impl Federation for Service {
             forgotten: Mutex::new(VecDeque::new()),
             last_seen: Mutex::new(Instant::now()),
             cancel: CancellationToken::new(),
+            _slot: slot,
         });
         let welcome = server_msg(server_message::Kind::Welcome(proto::Welcome {
             identity,
@@ -587,6 +619,7 @@ fn deliver_if_complete(session: &Session, current: &mut Option<Incoming>) {
 pub struct GrpcTransport {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    connections: Connections,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -620,6 +653,18 @@ impl GrpcTransport {
                 SocketAddr::from(([0, 0, 0, 0], port))
             }
         };
+        if options.max_connections == 0
+            || options.max_connections_per_address == 0
+            || options.max_sessions_per_site == 0
+            || options.max_streams_per_connection == 0
+        {
+            return Err(Error::InvalidConfig(
+                "the connection, session and stream caps must be positive".into(),
+            ));
+        }
+        let options_sessions_per_site = options.max_sessions_per_site;
+        let connections =
+            Connections::new(options.max_connections, options.max_connections_per_address);
         let shared = Arc::new(Shared {
             roster: Mutex::new(RosterWatch::load(kit.roster_path())?),
             options,
@@ -630,6 +675,7 @@ impl GrpcTransport {
             closing: Mutex::new(None),
             seen: Mutex::new(BTreeSet::new()),
             told: Mutex::new(BTreeSet::new()),
+            site_sessions: SiteSessions::new(options_sessions_per_site),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -657,9 +703,20 @@ impl GrpcTransport {
             .initial_connection_window_size(Some(limits.window_bytes))
             .http2_keepalive_interval(Some(shared.options.heartbeat))
             .http2_keepalive_timeout(Some(shared.options.liveness))
+            .max_concurrent_streams(Some(shared.options.max_streams_per_connection))
             .add_service(service);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let incoming = TcpListenerStream::new(listener);
+        // Every accepted socket is counted until it closes; over a cap it is
+        // closed at once. Accept errors (out of descriptors) are logged and
+        // skipped: the server goes on.
+        let counted = connections.clone();
+        let incoming = TcpListenerStream::new(listener).filter_map(move |conn| match conn {
+            Ok(io) => counted.admit(io).map(Ok::<_, std::io::Error>),
+            Err(e) => {
+                warn!(error = %e, "accepting a connection failed");
+                None
+            }
+        });
         runtime.spawn(async move {
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, async {
@@ -674,6 +731,7 @@ impl GrpcTransport {
         Ok(Self {
             shared,
             local_addr,
+            connections,
             stop: Some(stop),
             runtime: Some(runtime),
         })
@@ -682,6 +740,11 @@ impl GrpcTransport {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// How many connections are open now (TLS handshakes included).
+    pub fn open_connections(&self) -> usize {
+        self.connections.open()
     }
 
     /// The settings it runs with.
