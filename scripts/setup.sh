@@ -12,11 +12,14 @@
 #   npm:   playwright-core (drives Debian's Chromium; no browser download)
 #   .venv: the torch 2.13.0 wheel, whose libtorch the `tch` feature links
 #          (CPU works with no GPU present; the CUDA runtime comes from the
-#          cuda-toolkit wheel so that libtorch's libraries load)
+#          cuda-toolkit wheel so that libtorch's libraries load); and
+#          schemathesis, which checks the dashboard's API against its
+#          OpenAPI document (a test tool only: nothing we ship imports it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.13.0
+SCHEMATHESIS_VERSION=4.32.5
 CUDA_TOOLKIT="cuda-toolkit[cudart,cupti]==13.0.3"
 VENV=.venv
 APT_PACKAGES=(build-essential make pkg-config cmake clang libclang-dev libzstd-dev protobuf-compiler
@@ -75,6 +78,20 @@ if [ ! -f "$marker" ]; then
     # need the dependencies skipped above).
     ls "$VENV"/lib/python3*/site-packages/torch/lib/libtorch_cpu.so >/dev/null || {
         log "the torch wheel did not install libtorch_cpu.so"; exit 1; }
+    touch "$marker"
+fi
+
+marker="$VENV/.fedcore-schemathesis-$SCHEMATHESIS_VERSION"
+if [ ! -f "$marker" ]; then
+    log "installing schemathesis==$SCHEMATHESIS_VERSION into $VENV (the dashboard's API checks)"
+    if ! out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" 2>&1); then
+        printf '%s\n' "$out" >&2
+        log "installing schemathesis failed"
+        exit 1
+    fi
+    # pip re-checks the whole venv and names torch's skipped dependencies.
+    printf '%s\n' "$out" | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
+        -e "but you have .* which is incompatible" -e '^$' >&2 || true
     touch "$marker"
 fi
 

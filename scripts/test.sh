@@ -15,6 +15,8 @@ echo "== cargo test (all crates, all features)"
 cargo test --workspace --all-features --no-fail-fast
 echo "== browser end-to-end test (headless Debian Chromium)"
 E2E_OUT=target/e2e-screenshots node e2e/dashboard.mjs target/debug/hospital
+echo "== black-box checks of the running dashboard (own checks + schemathesis, 127.0.0.1 only)"
+examples/hospital/blackbox/run.sh target/debug/hospital
 echo "== cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== all checks passed in $(( $(date +%s) - start )) s"

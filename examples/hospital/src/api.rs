@@ -399,7 +399,7 @@ pub struct LoginResponse {
     pub user: User,
 }
 
-#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = LoginRequest,
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = LoginRequest, security(()),
     responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody),
               (status = 429, description = "too many attempts", body = ErrorBody)))]
 async fn login(
@@ -517,7 +517,7 @@ fn dummy_hash() -> String {
         .clone()
 }
 
-#[utoipa::path(post, path = "/api/auth/logout", tag = "auth",
+#[utoipa::path(post, path = "/api/auth/logout", tag = "auth", security((), ("bearer" = []), ("cookie" = [])),
     responses((status = 204, description = "the session cookie is cleared and, when the request carried a valid token, every session of the user ends")))]
 async fn logout(State(state): State<AppState>, session: Option<Session>) -> ApiResult<Response> {
     if let Some(session) = session {
@@ -563,7 +563,8 @@ async fn refresh(State(state): State<AppState>, session: Session) -> ApiResult<R
 pub struct PasswordChange {
     /// The password now.
     pub current_password: String,
-    /// The new one (the same rule as for new users).
+    /// The new one: 12 to 256 characters, not easy to guess (as for new
+    /// users).
     #[schema(min_length = 12, max_length = 256)]
     pub new_password: String,
 }
@@ -627,8 +628,8 @@ async fn set_password(state: &AppState, user: i64, password: String) -> ApiResul
 /// An admin's reset of a user's password.
 #[derive(Deserialize, ToSchema)]
 pub struct PasswordReset {
-    /// The new password (the same rule as for new users); tell it to the
-    /// user out of band.
+    /// The new password: 12 to 256 characters, not easy to guess (as for
+    /// new users); tell it to the user out of band.
     #[schema(min_length = 12, max_length = 256)]
     pub new_password: String,
 }
@@ -637,7 +638,8 @@ pub struct PasswordReset {
     params(("id" = i64, Path, description = "user id")),
     responses((status = 204, description = "set: every session of the user ends"),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "one's own password (use POST /api/auth/password)", body = ErrorBody)))]
 async fn reset_password(
     State(state): State<AppState>,
     session: Session,
@@ -647,6 +649,14 @@ async fn reset_password(
     session
         .require(&state, Permission::ManageUsers, "reset passwords")
         .await?;
+    if id == session.user.id {
+        // Changing one's own password asks for the current one: a stolen
+        // admin token must not be enough to take the account.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "change your own password with POST /api/auth/password",
+        ));
+    }
     let user = state
         .store
         .user(id)
@@ -702,9 +712,13 @@ async fn me(session: Session) -> Json<Me> {
 /// A new user.
 #[derive(Deserialize, ToSchema)]
 pub struct RegisterRequest {
-    /// User name: 3 to 64 of letters, digits, `. _ - @`.
+    /// User name: 3 to 64 of letters, digits, `. _ - @` (stored in lower
+    /// case; names that differ only in case are one account).
+    #[schema(min_length = 3, max_length = 64, pattern = "^[A-Za-z0-9._@-]{3,64}$")]
     pub username: String,
-    /// At least 12 characters.
+    /// 12 to 256 characters, and not easy to guess (zxcvbn score 3 of 4,
+    /// counting the user name as known; refused with 400 otherwise).
+    #[schema(min_length = 12, max_length = 256)]
     pub password: String,
     /// Its role.
     pub role: Role,
@@ -1421,7 +1435,8 @@ fn view(state: &AppState, mut row: InferenceRow) -> InferenceView {
     InferenceView { row, parsed, error }
 }
 
-#[derive(ToSchema)]
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct Upload {
     /// A PNG or JPEG chest X-ray.
@@ -1452,8 +1467,19 @@ async fn predict(
             Ok(None) => break,
             Err(e) => return Err(multipart_error(e)),
         };
-        if field.name() == Some("image") {
-            bytes = Some(field.bytes().await.map_err(multipart_error)?);
+        match field.name() {
+            Some("image") if bytes.is_none() => {
+                bytes = Some(field.bytes().await.map_err(multipart_error)?);
+            }
+            Some("image") => return Err(ApiError::bad_request("send one `image` field")),
+            // The form has one field (the schema says so): anything else is
+            // a client's mistake, said rather than ignored.
+            other => {
+                let name: String = other.unwrap_or("").chars().take(64).collect();
+                return Err(ApiError::bad_request(format!(
+                    "unexpected form field `{name}`: send only `image`"
+                )));
+            }
         }
     }
     let bytes = bytes
@@ -1712,12 +1738,72 @@ async fn events(
           rounds, current_round, round_detail, events,
           overview, auc_history, loss_history, aggregation, privacy,
           predict, inference_history, audit_log, export_model),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []), ("cookie" = []))
 )]
 pub struct ApiDoc;
 
 struct BearerAuth;
+
+/// The error answers any operation can give, by its shape, added where the
+/// operation does not document them itself: what the framework and the
+/// server's layers answer before a handler runs.
+struct ErrorResponses;
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                let body = op.request_body.is_some();
+                let params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+                let r = &mut op.responses.responses;
+                let mut add = |code: &str, description: &str| {
+                    r.entry(code.to_owned())
+                        .or_insert_with(|| error(description));
+                };
+                if body {
+                    add("400", "the body is not well-formed JSON");
+                    add("413", "the body is over the size limit");
+                    add("415", "the body is not of the documented content type");
+                    add("422", "a field is missing or of the wrong type");
+                }
+                if params {
+                    add("400", "a path or query parameter does not parse");
+                }
+                let open = op
+                    .security
+                    .as_ref()
+                    .is_some_and(|s| s.iter().any(|r| r == &Default::default()));
+                if !open {
+                    add("401", "no valid token: sign in (again)");
+                }
+                add("408", "the request did not complete in time");
+                add("500", "internal error (the detail is in the server's log)");
+            }
+        }
+    }
+}
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

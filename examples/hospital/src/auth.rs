@@ -190,7 +190,7 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The password rule for new users: 12 characters to 256 bytes, and not
+/// The password rule for new users: 12 to 256 characters, and not
 /// easy to guess: zxcvbn (Dropbox's estimator, with its lists of common
 /// passwords, names and words) must score it at least 3 of 4, counting
 /// `context` (the user name, the app's name) as known to an attacker.
@@ -198,8 +198,8 @@ pub fn check_password(password: &str, context: &[&str]) -> std::result::Result<(
     if password.chars().count() < 12 {
         return Err("the password must have at least 12 characters".into());
     }
-    if password.len() > 256 {
-        return Err("the password must have at most 256 bytes".into());
+    if password.chars().count() > 256 {
+        return Err("the password must have at most 256 characters".into());
     }
     let mut known = vec!["hospital", "fedcore", "dashboard"];
     known.extend_from_slice(context);

@@ -496,11 +496,13 @@ impl Store {
         .collect()
     }
 
-    /// Changes a role and ends the user's sessions (a token issued under
-    /// the old role stops working); false when there is no such user.
+    /// Changes a role and, when it is another role, ends the user's
+    /// sessions (a token issued under the old role stops working); false
+    /// when there is no such user.
     pub async fn set_role(&self, id: i64, role: Role) -> Result<bool> {
         let n = sqlx::query(
-            "UPDATE users SET role = $1, session_version = session_version + 1 \
+            "UPDATE users SET role = $1, \
+             session_version = session_version + CASE WHEN role = $1 THEN 0 ELSE 1 END \
              WHERE id = $2 AND deleted = 0",
         )
         .bind(role.as_str())

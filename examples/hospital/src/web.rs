@@ -239,6 +239,49 @@ async fn security_headers(tls: bool, req: Request, next: Next) -> Response {
     r
 }
 
+/// Every error answer is `{"error": "..."}` (docs/dashboard.md): the
+/// handlers' own errors are already; this turns the rest into it, keeping
+/// the status and headers (`Allow`, `Retry-After`): the framework's
+/// rejections (malformed JSON 400, wrong content type 415, missing field
+/// 422, a bad path or query 400, a body over the limit 413, a method not
+/// allowed 405) and the request timeout (408), which come as plain text or
+/// empty.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    let status = r.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return r;
+    }
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    let body = serde_json::to_vec(&api::ErrorBody { error }).unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
@@ -294,6 +337,7 @@ pub fn app(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(move |req, next| {
             security_headers(tls, req, next)
         }))

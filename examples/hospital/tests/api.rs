@@ -747,8 +747,8 @@ async fn open_event_streams_close_when_the_session_ends() {
         StatusCode::NO_CONTENT
     );
     assert!(ends(doctor_stream, Duration::from_secs(5)).await, "erased");
-    // Demoting the viewer... to viewer still ends their sessions; signing
-    // out ends the admin's.
+    // Promoting the viewer ends their sessions (a token of the old role);
+    // signing out ends the admin's.
     assert_eq!(
         send(
             &h.app,
@@ -756,7 +756,7 @@ async fn open_event_streams_close_when_the_session_ends() {
                 "PATCH",
                 "/api/users/3/role",
                 Some(&admin),
-                Some(json!({"role": "viewer"}))
+                Some(json!({"role": "doctor"}))
             )
         )
         .await
@@ -799,7 +799,9 @@ async fn a_request_that_does_not_finish_times_out() {
     let mut state = h.state.clone();
     state.request_timeout = Duration::from_millis(500);
     let app = from_address(&state, [10, 0, 0, 7]);
-    let doctor = login(&app, "doctor").await;
+    // (Signing in hashes a password, which takes longer than this timeout
+    // in a debug build: through the app with the default timeout.)
+    let doctor = login(&h.app, "doctor").await;
     // An upload whose body never ends (a slow client).
     let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -1769,6 +1771,110 @@ async fn pages_docs_and_headers() {
 }
 
 /// The same store code on PostgreSQL, when scripts/test.sh started one.
+#[tokio::test]
+async fn every_error_is_json_and_documented() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let raw = |method: &str, path: &str, content_type: Option<&str>, body: &str| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {admin}"));
+        if let Some(c) = content_type {
+            b = b.header(header::CONTENT_TYPE, c);
+        }
+        b.body(Body::from(body.to_owned())).unwrap()
+    };
+    // Before, the framework's rejections were text/plain (or empty).
+    let cases = [
+        (
+            raw(
+                "POST",
+                "/api/auth/register",
+                Some("application/json"),
+                "{not json",
+            ),
+            400,
+        ),
+        (
+            raw("POST", "/api/auth/register", Some("text/plain"), "{}"),
+            415,
+        ),
+        (raw("POST", "/api/auth/register", None, "{}"), 415),
+        (
+            raw(
+                "POST",
+                "/api/auth/register",
+                Some("application/json"),
+                r#"{"username":"abc"}"#,
+            ),
+            422,
+        ),
+        (raw("GET", "/api/users/not-a-number/export", None, ""), 400),
+        (raw("GET", "/api/audit?limit=many", None, ""), 400),
+        (raw("PUT", "/api/metrics/overview", None, ""), 405),
+        (
+            raw(
+                "POST",
+                "/api/auth/register",
+                Some("application/json"),
+                &format!(r#"{{"username":"{}"}}"#, "x".repeat(70_000)),
+            ),
+            413,
+        ),
+    ];
+    for (request, want) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let a = send(&h.app, request).await;
+        assert_eq!(a.status.as_u16(), want, "{what}");
+        assert_eq!(
+            a.headers[header::CONTENT_TYPE],
+            "application/json",
+            "{what}"
+        );
+        assert!(
+            a.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}"
+        );
+        if want == 405 {
+            assert!(a.headers.contains_key(header::ALLOW), "{what}");
+        }
+    }
+    // The document lists those answers, and the constraints the server
+    // enforces.
+    let doc = send(&h.app, req("GET", "/api/openapi.json", None, None))
+        .await
+        .json();
+    let responses = |path: &str, method: &str| -> Vec<String> {
+        doc["paths"][path][method]["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let register = responses("/api/auth/register", "post");
+    for code in [
+        "201", "400", "401", "403", "408", "409", "413", "415", "422",
+    ] {
+        assert!(register.contains(&code.to_owned()), "register lacks {code}");
+    }
+    assert!(responses("/api/users/{id}/export", "get").contains(&"400".to_owned()));
+    // Signing in needs no token: the document says so.
+    assert_eq!(
+        doc["paths"]["/api/auth/login"]["post"]["security"],
+        json!([{}])
+    );
+    let schema = &doc["components"]["schemas"]["RegisterRequest"]["properties"];
+    assert_eq!(schema["password"]["minLength"], 12);
+    assert_eq!(schema["password"]["maxLength"], 256);
+    assert_eq!(schema["username"]["pattern"], "^[A-Za-z0-9._@-]{3,64}$");
+    assert_eq!(
+        doc["components"]["schemas"]["Upload"]["additionalProperties"],
+        false
+    );
+}
+
 /// Serves `state`'s app on 127.0.0.1 over real TCP, as `hospital` does.
 async fn serve(
     state: &AppState,

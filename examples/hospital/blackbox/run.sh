@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Black-box checks of the running dashboard (`make test` runs this): starts
+# `hospital simulate` on 127.0.0.1 (a short run on synthetic data, SQLite in
+# a temporary folder), waits for its first model, then runs
+#   - checks.py: our own checks (headers, tokens, roles, throttling, JSON
+#     errors, uploads, sessions, caps, slow clients), and
+#   - schemathesis with all checks against /api/openapi.json as the admin,
+#     except the event stream (endless) and sign-out and password change
+#     (they end the very session the run uses; tests/api.rs covers them).
+# Bounded: a few minutes, only 127.0.0.1.
+#
+#   examples/hospital/blackbox/run.sh [path/to/hospital]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../../.." && pwd)
+bin=${1:-$root/target/debug/hospital}
+schemathesis=${SCHEMATHESIS:-$root/.venv/bin/schemathesis}
+[ -x "$schemathesis" ] || { echo "blackbox: $schemathesis is missing (scripts/setup.sh installs it)" >&2; exit 1; }
+
+work=$(mktemp -d)
+pid=
+cleanup() {
+    local rc=$?
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+    exit "$rc"
+}
+trap cleanup EXIT
+
+admin_pw=blackbox-admin-password-1
+doctor_pw=blackbox-doctor-password-1
+viewer_pw=blackbox-viewer-password-1
+HOSPITAL_ADMIN_PASSWORD=$admin_pw HOSPITAL_DOCTOR_PASSWORD=$doctor_pw HOSPITAL_VIEWER_PASSWORD=$viewer_pw \
+DATABASE_URL="sqlite://$work/blackbox.sqlite?mode=rwc" \
+    "$bin" simulate --rounds 2 --image-size 32 --patients 90 --run-dir "$work/run" \
+    --listen 127.0.0.1:0 >"$work/server.log" 2>&1 &
+pid=$!
+
+base=
+for _ in $(seq 1 240); do
+    base=$(sed -n 's|^dashboard: \(http://127\.0\.0\.1:[0-9]*\)/.*|\1|p' "$work/server.log" | head -1)
+    [ -n "$base" ] && break
+    kill -0 "$pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "blackbox: the dashboard exited" >&2; exit 1; }
+    sleep 0.5
+done
+[ -n "$base" ] || { cat "$work/server.log" >&2; echo "blackbox: the dashboard did not start" >&2; exit 1; }
+echo "blackbox: dashboard at $base"
+
+token() {
+    python3 -c 'import json, sys, urllib.request
+r = urllib.request.Request(sys.argv[1] + "/api/auth/login", method="POST",
+    data=json.dumps({"username": "admin", "password": sys.argv[2]}).encode(),
+    headers={"Content-Type": "application/json"})
+print(json.load(urllib.request.urlopen(r, timeout=20))["token"])' "$base" "$admin_pw"
+}
+# The first model (the inference and export endpoints answer 503 before).
+admin=$(token)
+for _ in $(seq 1 360); do
+    code=$(python3 -c 'import sys, urllib.request, urllib.error
+r = urllib.request.Request(sys.argv[1] + "/api/model/export", headers={"Authorization": "Bearer " + sys.argv[2]})
+try:
+    print(urllib.request.urlopen(r, timeout=20).status)
+except urllib.error.HTTPError as e:
+    print(e.code)' "$base" "$admin")
+    [ "$code" = 200 ] && break
+    sleep 0.5
+done
+[ "$code" = 200 ] || { echo "blackbox: no model after 180 s" >&2; exit 1; }
+
+python3 "$here/checks.py" "$base" "$admin_pw" "$doctor_pw" "$viewer_pw"
+
+echo "blackbox: schemathesis (all checks)"
+cd "$work"
+FEDCORE_ADMIN_TOKEN=$(token) PYTHONPATH="$here" timeout 900 "$schemathesis" \
+    --config-file "$here/schemathesis.toml" run "$base/api/openapi.json" \
+    --checks all --exclude-path /api/events \
+    --exclude-path /api/auth/logout --exclude-path /api/auth/password
