@@ -138,14 +138,13 @@ impl EventStreams {
             .per_user
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(user).or_insert(0);
-        if *n >= self.max_per_user {
+        if m.get(&user).copied().unwrap_or(0) >= self.max_per_user {
             return Err("too many open event streams for this user; close another tab");
         }
         let total = Arc::clone(&self.total)
             .try_acquire_owned()
             .map_err(|_| "too many open event streams on this server; try again later")?;
-        *n += 1;
+        *m.entry(user).or_insert(0) += 1;
         Ok(StreamPermit {
             _total: total,
             per_user: Arc::clone(&self.per_user),
@@ -1689,6 +1688,14 @@ async fn events(
     // reconnects with its refreshed cookie, or gets a 401.
     let user = session.user.id;
     let mut revoked = state.revocations.subscribe();
+    // A revocation between reading the session and subscribing would be
+    // missed: read the version again now that nothing can be.
+    if state.store.session(user).await?.map(|(_, v)| v) != Some(session.version) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this session has ended; sign in again",
+        ));
+    }
     let left = Duration::from_secs(session.exp.saturating_sub(auth::now_s()));
     let end = async move {
         let until_revoked = async {

@@ -260,30 +260,39 @@ impl Default for LoginLimit {
 
 type Pair = (IpAddr, String);
 
-/// Login rate limiting that slows guessing without letting anyone lock a
-/// user out:
-/// - every attempt from one client address takes from that address's
-///   bucket, four times the size of the others (no spraying many names
-///   from one address, room for a hospital behind one NAT address);
-/// - every attempt at one name from one address takes from that pair's
-///   bucket, so one address failing at `admin` does not block `admin` from
-///   elsewhere;
-/// - failures at one name from anywhere take from the name's bucket; while
-///   it is empty (guessing from many addresses), addresses that failed at
-///   that name recently are refused, and an address that has not failed
-///   still gets its password checked: the right password passes.
+/// What a block holds back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Block {
+    Address(IpAddr),
+    Pair(Pair),
+    Name(String),
+}
+
+/// Sign-in throttling that slows guessing without letting anyone lock a
+/// user out. Only failures count (a hospital's staff signing in from one
+/// NAT address are never held back by each other's successes):
+/// - failures from one client address (four times the quota: no spraying
+///   many names from one address);
+/// - failures at one name from one address, so an address failing at
+///   `admin` does not block `admin` from elsewhere;
+/// - failures at one name from anywhere; while that bucket is empty
+///   (guessing from many addresses) the name is guarded: addresses that
+///   failed at it recently are refused before their password is checked,
+///   and an address that has not failed still gets its password checked.
 ///
-/// The buckets are governor's; governor cannot tell whether a key has
-/// failed without taking from its bucket, so which addresses failed at a
-/// name, and until when a name is guarded, are two small maps here. All of
-/// them are pruned as they go (`prune`, every 256 attempts).
+/// A bucket that runs empty blocks its key until it has room again. IPv6
+/// clients are keyed by their /64 (one customer's network), IPv4-mapped
+/// addresses as IPv4. The buckets are governor's; governor cannot tell
+/// whether a key's bucket is empty without taking from it, so the blocks
+/// and which addresses failed at a name are two small maps here. All are
+/// pruned as they go (`prune`, every 256 attempts).
 #[derive(Clone)]
 pub struct LoginLimiter {
-    by_ip: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+    by_address: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     by_pair: Arc<DefaultKeyedRateLimiter<Pair>>,
-    failures_by_name: Arc<DefaultKeyedRateLimiter<String>>,
+    by_name: Arc<DefaultKeyedRateLimiter<String>>,
+    blocked: Arc<Mutex<HashMap<Block, Instant>>>,
     failed: Arc<Mutex<HashMap<Pair, Instant>>>,
-    guarded: Arc<Mutex<HashMap<String, Instant>>>,
     /// How long a failure is remembered: the time a bucket takes to refill.
     memory: Duration,
     attempts: Arc<AtomicU64>,
@@ -295,93 +304,119 @@ impl std::fmt::Debug for LoginLimiter {
     }
 }
 
-fn wait_secs(e: &governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
+fn wait_of(e: &governor::NotUntil<governor::clock::QuantaInstant>) -> Duration {
     let clock = governor::clock::DefaultClock::default();
     e.wait_time_from(governor::clock::Clock::now(&clock))
-        .as_secs()
-        .max(1)
+        .max(Duration::from_secs(1))
+}
+
+/// The key an address is throttled by: IPv4 as it is (IPv4-mapped IPv6
+/// too), IPv6 by its /64.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
 }
 
 impl LoginLimiter {
-    /// A limiter with `limit` for each bucket.
+    /// A limiter with `limit` for each bucket (four times it per address).
     pub fn new(limit: LoginLimit) -> Result<Self> {
         let burst = NonZeroU32::new(limit.burst).context("the login burst must be positive")?;
         let quota = Quota::with_period(limit.per)
             .context("the login period must be positive")?
             .allow_burst(burst);
-        // One address may be a whole hospital behind NAT: it gets four
-        // times the attempts of one name at one address.
         let per_address = Quota::with_period(limit.per / 4)
             .context("the login period must be positive")?
             .allow_burst(burst.saturating_mul(NonZeroU32::MIN.saturating_add(3)));
         Ok(Self {
-            by_ip: Arc::new(RateLimiter::keyed(per_address)),
+            by_address: Arc::new(RateLimiter::keyed(per_address)),
             by_pair: Arc::new(RateLimiter::keyed(quota)),
-            failures_by_name: Arc::new(RateLimiter::keyed(quota)),
+            by_name: Arc::new(RateLimiter::keyed(quota)),
+            blocked: Arc::default(),
             failed: Arc::default(),
-            guarded: Arc::default(),
             memory: limit.per.saturating_mul(limit.burst),
             attempts: Arc::default(),
         })
     }
 
-    /// Takes one attempt at `username` (folded) from `ip` before the
-    /// password is checked; `Err(seconds)` to wait when over a limit.
+    /// Whether an attempt at `username` (folded) from `ip` may have its
+    /// password checked; `Err(seconds)` to wait when it is held back.
     pub fn check(&self, ip: IpAddr, username: &str) -> std::result::Result<(), u64> {
         if self.attempts.fetch_add(1, Ordering::Relaxed) % 256 == 255 {
             self.prune();
         }
-        self.by_ip.check_key(&ip).map_err(|e| wait_secs(&e))?;
-        let pair = (ip, username.to_owned());
-        self.by_pair.check_key(&pair).map_err(|e| wait_secs(&e))?;
+        let ip = address_key(ip);
         let now = Instant::now();
-        let guarded_until = lock(&self.guarded).get(username).copied();
-        if let Some(until) = guarded_until.filter(|u| *u > now) {
+        let pair = (ip, username.to_owned());
+        let blocked = lock(&self.blocked);
+        let until = |b: &Block| blocked.get(b).copied().filter(|u| *u > now);
+        let wait = |u: Instant| u.duration_since(now).as_secs().max(1);
+        if let Some(u) = until(&Block::Address(ip)).or_else(|| until(&Block::Pair(pair.clone()))) {
+            return Err(wait(u));
+        }
+        if let Some(u) = until(&Block::Name(username.to_owned())) {
             let failed_here = lock(&self.failed)
                 .get(&pair)
                 .is_some_and(|t| now.duration_since(*t) < self.memory);
             if failed_here {
-                return Err(until.duration_since(now).as_secs().max(1));
+                return Err(wait(u));
             }
         }
         Ok(())
     }
 
-    /// Records a wrong password for `username` from `ip`.
+    /// Records a wrong password for `username` from `ip`: it takes from the
+    /// three buckets, and a bucket that runs empty blocks its key.
     pub fn failed(&self, ip: IpAddr, username: &str) {
+        let ip = address_key(ip);
         let now = Instant::now();
-        lock(&self.failed).insert((ip, username.to_owned()), now);
-        if let Err(e) = self.failures_by_name.check_key(&username.to_owned()) {
-            let until = now + Duration::from_secs(wait_secs(&e));
-            let mut g = lock(&self.guarded);
-            let entry = g.entry(username.to_owned()).or_insert(until);
+        let pair = (ip, username.to_owned());
+        lock(&self.failed).insert(pair.clone(), now);
+        let mut over = Vec::new();
+        if let Err(e) = self.by_address.check_key(&ip) {
+            over.push((Block::Address(ip), wait_of(&e)));
+        }
+        if let Err(e) = self.by_pair.check_key(&pair) {
+            over.push((Block::Pair(pair), wait_of(&e)));
+        }
+        if let Err(e) = self.by_name.check_key(&username.to_owned()) {
+            over.push((Block::Name(username.to_owned()), wait_of(&e)));
+        }
+        let mut blocked = lock(&self.blocked);
+        for (block, wait) in over {
+            let until = now + wait;
+            let entry = blocked.entry(block).or_insert(until);
             *entry = (*entry).max(until);
         }
     }
 
     /// Records a sign-in: the address's failures at the name are forgotten.
     pub fn succeeded(&self, ip: IpAddr, username: &str) {
-        lock(&self.failed).remove(&(ip, username.to_owned()));
+        lock(&self.failed).remove(&(address_key(ip), username.to_owned()));
     }
 
     /// Drops what no longer limits anything: full buckets, old failures,
-    /// names no longer guarded.
+    /// blocks that ended.
     pub fn prune(&self) {
-        self.by_ip.retain_recent();
+        self.by_address.retain_recent();
         self.by_pair.retain_recent();
-        self.failures_by_name.retain_recent();
+        self.by_name.retain_recent();
         let now = Instant::now();
         lock(&self.failed).retain(|_, t| now.duration_since(*t) < self.memory);
-        lock(&self.guarded).retain(|_, until| *until > now);
+        lock(&self.blocked).retain(|_, until| *until > now);
     }
 
     /// How many keys the limiter holds (buckets and maps together).
     pub fn len(&self) -> usize {
-        self.by_ip.len()
+        self.by_address.len()
             + self.by_pair.len()
-            + self.failures_by_name.len()
+            + self.by_name.len()
             + lock(&self.failed).len()
-            + lock(&self.guarded).len()
+            + lock(&self.blocked).len()
     }
 
     /// Whether it holds no key.
@@ -422,19 +457,32 @@ impl ClientAddress {
         Ok(Self { trusted_proxies })
     }
 
-    /// The client's address for a request from `peer` with these headers.
+    /// The client's address for a request from `peer` with these headers:
+    /// the last `X-Forwarded-For` entry (what the trusted proxy appended),
+    /// taken strictly: when it is not an address (with or without a port)
+    /// the peer's is used, never an earlier, client-written entry.
     pub fn of(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> IpAddr {
-        if !self.trusted_proxies.contains(&peer) {
+        let peer = peer.to_canonical();
+        if !self
+            .trusted_proxies
+            .iter()
+            .any(|p| p.to_canonical() == peer)
+        {
             return peer;
         }
-        headers
+        let Some(last) = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
             .next_back()
-            .unwrap_or(peer)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim)
+        else {
+            return peer;
+        };
+        last.parse::<IpAddr>()
+            .or_else(|_| last.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+            .map_or(peer, |ip| ip.to_canonical())
     }
 }
 
@@ -526,21 +574,51 @@ mod tests {
     }
 
     #[test]
-    fn limiter_stops_bursts_per_address_and_per_name_at_an_address() {
+    fn failures_block_an_address_and_a_name_at_an_address_but_successes_never() {
         let l = limiter(2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        for name in ["p", "q", "r", "s", "t", "u", "v", "w"] {
-            assert!(l.check(a, name).is_ok(), "{name}");
+        // Successes do not count: a hospital behind one address signs in
+        // as often as it likes.
+        for _ in 0..50 {
+            assert!(l.check(a, "doc").is_ok());
+            l.succeeded(a, "doc");
         }
-        assert!(l.check(a, "z").is_err(), "ninth from one address");
-        assert!(l.check(b, "x").is_ok() && l.check(b, "x").is_ok());
-        assert!(
-            l.check(b, "x").is_err(),
-            "third at one name from one address"
-        );
+        // Failures at many names from one address: 8 fit its bucket, the
+        // ninth blocks the address.
+        for name in ["p", "q", "r", "s", "t", "u", "v", "w", "z"] {
+            assert!(l.check(a, name).is_ok(), "{name}");
+            l.failed(a, name);
+        }
+        assert!(l.check(a, "doc").is_err(), "the address is blocked");
+        // Failures at one name from one address block that pair only.
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(l.check(b, "x").is_ok());
+            l.failed(b, "x");
+        }
+        assert!(l.check(b, "x").is_err(), "x from b is blocked");
+        assert!(l.check(b, "y").is_ok(), "other names from b are not");
         let c: IpAddr = "10.0.0.3".parse().unwrap();
-        assert!(l.check(c, "x").is_ok(), "another address is not blocked");
+        assert!(l.check(c, "x").is_ok(), "x from elsewhere is not");
+    }
+
+    #[test]
+    fn ipv6_clients_are_throttled_by_their_network() {
+        let l = limiter(1);
+        for i in 1..=6u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 0, 7, 0, 0, 0, i]);
+            let _ = l.check(ip, "admin");
+            l.failed(ip, "admin");
+        }
+        // One /64: the fifth failure from it blocked the whole network.
+        let next = IpAddr::from([0x2001, 0xdb8, 0, 7, 0xffff, 0, 0, 1]);
+        assert!(l.check(next, "someone").is_err());
+        let other = IpAddr::from([0x2001, 0xdb8, 0, 8, 0, 0, 0, 1]);
+        assert!(l.check(other, "someone").is_ok());
+        assert_eq!(
+            address_key("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -601,6 +679,21 @@ mod tests {
         let direct: IpAddr = "198.51.100.1".parse().unwrap();
         assert_eq!(c.of(direct, &h), direct, "a client cannot name itself");
         assert_eq!(c.of(proxy, &HeaderMap::new()), proxy);
+        // The proxy seen as IPv4-mapped IPv6 is still the proxy; its entry
+        // with a port is read; one that is not an address falls back to the
+        // peer, never to the client-written entry before it.
+        let mapped: IpAddr = "::ffff:10.0.0.254".parse().unwrap();
+        assert_eq!(c.of(mapped, &h), "203.0.113.9".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9:5123"),
+        );
+        assert_eq!(c.of(proxy, &h), "203.0.113.9".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, unknown"),
+        );
+        assert_eq!(c.of(proxy, &h), proxy);
     }
 
     #[test]

@@ -133,8 +133,10 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         let tls = config.tls.clone();
         let listen = args.listen;
         let limits = config.server;
-        let handle =
-            tokio::spawn(async move { web::serve(app, listen, tls.as_ref(), limits, tx).await });
+        let proxies = config.client_address.trusted_proxies.clone();
+        let handle = tokio::spawn(async move {
+            web::serve(app, listen, tls.as_ref(), limits, &proxies, tx).await
+        });
         let addr = rx.await.context("the dashboard did not start")?;
         let scheme = if config.tls.is_some() {
             "https"

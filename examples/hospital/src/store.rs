@@ -935,7 +935,8 @@ impl Store {
     /// Every audit entry about a user, newest first: what they did (by id),
     /// sign-ins tried with their name, and the entries that name them as
     /// the target (creation, role changes, data exports, password resets).
-    /// What a data-subject export returns.
+    /// What a data-subject export returns; the address is left out of the
+    /// entries the user did not make (it is someone else's).
     pub async fn audit_of_user(&self, id: i64) -> Result<Vec<AuditRow>> {
         let Some(u) = self.user(id).await? else {
             return Ok(Vec::new());
@@ -950,7 +951,16 @@ impl Store {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(audit_row)
+        .map(|r| {
+            // Someone else's address is theirs, not the subject's: an
+            // admin's on the entries naming the user, an attacker's on a
+            // sign-in tried with the name.
+            let mut row = audit_row(r)?;
+            if row.actor_id != Some(id) {
+                row.ip = None;
+            }
+            Ok(row)
+        })
         .collect()
     }
 

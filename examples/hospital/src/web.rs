@@ -85,6 +85,8 @@ pub struct ServerLimits {
     pub request_timeout: Duration,
     /// Open connections; more are closed as they arrive.
     pub max_connections: usize,
+    /// Open connections from one address (a trusted proxy's not counted).
+    pub max_connections_per_address: usize,
     /// Open event streams on the server.
     pub max_event_streams: usize,
     /// Open event streams of one user.
@@ -97,6 +99,7 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 512,
+            max_connections_per_address: 128,
             max_event_streams: 128,
             max_event_streams_per_user: 4,
         }
@@ -345,13 +348,20 @@ pub fn app(state: AppState) -> Router {
 
 /// Serves `app` on `addr` until the process ends; HTTPS with rustls when the
 /// config names a certificate. Returns the bound address through `bound`.
-/// Headers must arrive within `limits.header_read_timeout`, and at most
-/// `limits.max_connections` connections are open (more are closed).
+///
+/// HTTP/1.1 only (browsers speak it; no protocol sniffing that would wait
+/// for a first byte without a timeout), so hyper's header-read timeout runs
+/// from the moment a connection waits for a request: a client that says
+/// nothing, sends headers slowly or idles between requests is cut off after
+/// `limits.header_read_timeout`. At most `limits.max_connections` are open,
+/// `limits.max_connections_per_address` from one address (not counting
+/// `trusted_proxies`); more are closed as they arrive.
 pub async fn serve(
     app: Router,
     addr: SocketAddr,
     tls: Option<&(PathBuf, PathBuf)>,
     limits: ServerLimits,
+    trusted_proxies: &[std::net::IpAddr],
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> Result<()> {
     let make = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -359,20 +369,13 @@ pub async fn serve(
         std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    let handle = axum_server::Handle::new();
-    match tls {
-        None => {
-            let mut server = axum_server::from_tcp(listener)?
-                .acceptor(Capped {
-                    inner: axum_server::accept::DefaultAcceptor,
-                    handle: handle.clone(),
-                    max: limits.max_connections,
-                })
-                .handle(handle.clone());
-            configure(server.http_builder(), limits);
-            let _ = bound.send(local);
-            server.serve(make).await?;
-        }
+    let connections = fedcore::net::Connections::with_exempt(
+        limits.max_connections,
+        limits.max_connections_per_address,
+        trusted_proxies,
+    );
+    let tls = match tls {
+        None => None,
         Some((cert, key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
@@ -380,64 +383,75 @@ pub async fn serve(
                 .with_context(|| {
                     format!("TLS certificate {} / key {}", cert.display(), key.display())
                 })?;
-            let mut server = axum_server::from_tcp(listener)?
-                .acceptor(Capped {
-                    inner: axum_server::tls_rustls::RustlsAcceptor::new(config),
-                    handle: handle.clone(),
-                    max: limits.max_connections,
-                })
-                .handle(handle.clone());
-            configure(server.http_builder(), limits);
-            let _ = bound.send(local);
-            server.serve(make).await?;
+            // HTTP/1.1 is all this server speaks: say so in the handshake.
+            let mut inner = (*config.get_inner()).clone();
+            inner.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(axum_server::tls_rustls::RustlsAcceptor::new(
+                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(inner)),
+            ))
         }
-    }
-    Ok(())
-}
-
-/// hyper's settings: the header-read timeout needs a timer to run at all.
-fn configure(
-    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    limits: ServerLimits,
-) {
-    b.http1()
+    };
+    let acceptor = Capped {
+        tls,
+        connections,
+        first_byte: limits.header_read_timeout,
+    };
+    let mut server = axum_server::from_tcp(listener)?
+        .acceptor(acceptor)
+        .http1_only();
+    server
+        .http_builder()
+        .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    b.http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(64)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let _ = bound.send(local);
+    server.serve(make).await?;
+    Ok(())
 }
-
-/// An acceptor that closes a new connection when `max` are open already
-/// (axum-server counts the new one before it is accepted).
+/// The acceptor: counts the connection against the caps (over one, it is
+/// closed), waits at most `first_byte` for the client to send anything
+/// (before the TLS handshake, whose own timeout follows), then speaks TLS
+/// when configured.
 #[derive(Clone)]
-struct Capped<A> {
-    inner: A,
-    handle: axum_server::Handle<SocketAddr>,
-    max: usize,
+struct Capped {
+    tls: Option<axum_server::tls_rustls::RustlsAcceptor>,
+    connections: fedcore::net::Connections,
+    first_byte: Duration,
 }
 
-impl<I, S, A: axum_server::accept::Accept<I, S>> axum_server::accept::Accept<I, S> for Capped<A> {
-    type Stream = A::Stream;
-    type Service = A::Service;
-    type Future = futures_util::future::Either<
-        A::Future,
-        std::future::Ready<std::io::Result<(A::Stream, A::Service)>>,
+type TlsStream<S> = <axum_server::tls_rustls::RustlsAcceptor as axum_server::accept::Accept<
+    fedcore::net::Counted,
+    S,
+>>::Stream;
+
+impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> for Capped {
+    type Stream = tokio_util::either::Either<fedcore::net::Counted, TlsStream<S>>;
+    type Service = S;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<(Self::Stream, S)>> + Send>,
     >;
 
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        if self.handle.connection_count() > self.max {
-            tracing::warn!(
-                max = self.max,
-                "connection refused: too many open connections"
-            );
-            return futures_util::future::Either::Right(std::future::ready(Err(
-                std::io::Error::other("too many open connections"),
-            )));
-        }
-        futures_util::future::Either::Left(self.inner.accept(stream, service))
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let admitted = self.connections.admit(stream);
+        let tls = self.tls.clone();
+        let wait = self.first_byte;
+        Box::pin(async move {
+            let counted =
+                admitted.ok_or_else(|| std::io::Error::other("too many open connections"))?;
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(wait, counted.get_ref().peek(&mut byte)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(std::io::Error::other("the client sent nothing in time")),
+            }
+            match tls {
+                None => Ok((tokio_util::either::Either::Left(counted), service)),
+                Some(tls) => {
+                    let (stream, service) =
+                        axum_server::accept::Accept::accept(&tls, counted, service).await?;
+                    Ok((tokio_util::either::Either::Right(stream), service))
+                }
+            }
+        })
     }
 }
 

@@ -1,6 +1,8 @@
-//! Bounds on what remote peers can hold open on the server: connections in
+//! Bounds on what remote peers can hold open on a server: connections in
 //! all and per address (counted from accept until the socket closes, TLS
-//! handshakes included), and session calls per site.
+//! handshakes included), and session calls per site. [`Connections`] and
+//! [`Counted`] are public for other servers over the same machine's
+//! sockets (the hospital dashboard caps its connections with them).
 
 use std::collections::HashMap;
 use std::io;
@@ -29,10 +31,12 @@ struct Counter<K> {
     counts: Mutex<Counts<K>>,
     max: usize,
     max_per_key: usize,
+    /// Keys the per-key cap does not apply to.
+    exempt: Vec<K>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Counter<K> {
-    fn new(max: usize, max_per_key: usize) -> Arc<Self> {
+    fn new(max: usize, max_per_key: usize, exempt: Vec<K>) -> Arc<Self> {
         Arc::new(Self {
             counts: Mutex::new(Counts {
                 total: 0,
@@ -40,6 +44,7 @@ impl<K: std::hash::Hash + Eq + Clone> Counter<K> {
             }),
             max,
             max_per_key,
+            exempt,
         })
     }
 
@@ -49,11 +54,11 @@ impl<K: std::hash::Hash + Eq + Clone> Counter<K> {
         if c.total >= self.max {
             return Err(Full::Total(self.max));
         }
-        let n = c.by_key.entry(key.clone()).or_insert(0);
-        if *n >= self.max_per_key {
+        let n = c.by_key.get(&key).copied().unwrap_or(0);
+        if n >= self.max_per_key && !self.exempt.contains(&key) {
             return Err(Full::PerKey(self.max_per_key));
         }
-        *n += 1;
+        *c.by_key.entry(key.clone()).or_insert(0) += 1;
         c.total += 1;
         Ok(Slot {
             counter: Arc::clone(self),
@@ -68,7 +73,7 @@ impl<K: std::hash::Hash + Eq + Clone> Counter<K> {
 
 /// Which cap refused a place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Full {
+pub enum Full {
     /// The cap on everything.
     Total(usize),
     /// The cap per address or per site.
@@ -77,7 +82,7 @@ pub(crate) enum Full {
 
 /// A place held until dropped.
 #[derive(Debug)]
-pub(crate) struct Slot<K: std::hash::Hash + Eq + Clone> {
+pub struct Slot<K: std::hash::Hash + Eq + Clone> {
     counter: Arc<Counter<K>>,
     key: K,
 }
@@ -95,19 +100,28 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
     }
 }
 
-/// Open connections, in all and per peer address.
+/// Open connections, in all and per peer address (IPv4-mapped IPv6 counted
+/// as IPv4).
 #[derive(Debug, Clone)]
-pub(crate) struct Connections(Arc<Counter<IpAddr>>);
+pub struct Connections(Arc<Counter<IpAddr>>);
 
 impl Connections {
-    pub(crate) fn new(max: usize, max_per_address: usize) -> Self {
-        Self(Counter::new(max, max_per_address))
+    /// At most `max` connections, `max_per_address` from one address.
+    pub fn new(max: usize, max_per_address: usize) -> Self {
+        Self(Counter::new(max, max_per_address, Vec::new()))
+    }
+
+    /// The same caps, except that `exempt` addresses (a reverse proxy that
+    /// carries many clients) have no cap of their own.
+    pub fn with_exempt(max: usize, max_per_address: usize, exempt: &[IpAddr]) -> Self {
+        let exempt = exempt.iter().map(IpAddr::to_canonical).collect();
+        Self(Counter::new(max, max_per_address, exempt))
     }
 
     /// The accepted socket, counted until it closes; `None` (the socket is
     /// dropped, which closes it) over a cap.
-    pub(crate) fn admit(&self, io: TcpStream) -> Option<Counted> {
-        let ip = io.peer_addr().ok()?.ip();
+    pub fn admit(&self, io: TcpStream) -> Option<Counted> {
+        let ip = io.peer_addr().ok()?.ip().to_canonical();
         match self.0.take(ip) {
             Ok(slot) => Some(Counted { io, _slot: slot }),
             Err(full) => {
@@ -118,7 +132,7 @@ impl Connections {
     }
 
     /// How many are open.
-    pub(crate) fn open(&self) -> usize {
+    pub fn open(&self) -> usize {
         self.0.total()
     }
 }
@@ -132,7 +146,7 @@ pub(crate) type SiteSlot = Slot<String>;
 
 impl SiteSessions {
     pub(crate) fn new(max_per_site: usize) -> Self {
-        Self(Counter::new(usize::MAX, max_per_site))
+        Self(Counter::new(usize::MAX, max_per_site, Vec::new()))
     }
 
     pub(crate) fn take(&self, site: &str) -> Result<SiteSlot, Full> {
@@ -142,9 +156,16 @@ impl SiteSessions {
 
 /// A TCP connection holding its place among the open connections.
 #[derive(Debug)]
-pub(crate) struct Counted {
+pub struct Counted {
     io: TcpStream,
     _slot: Slot<IpAddr>,
+}
+
+impl Counted {
+    /// The socket.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.io
+    }
 }
 
 impl AsyncRead for Counted {
@@ -201,7 +222,7 @@ mod tests {
 
     #[test]
     fn places_are_capped_in_all_and_per_key_and_freed_on_drop() {
-        let c = Counter::new(3, 2);
+        let c = Counter::new(3, 2, vec!["x"]);
         let a1 = c.take("a").unwrap();
         let _a2 = c.take("a").unwrap();
         assert_eq!(c.take("a").unwrap_err(), Full::PerKey(2));
@@ -211,5 +232,11 @@ mod tests {
         assert_eq!(c.total(), 2);
         let _c = c.take("c").unwrap();
         assert_eq!(c.take("a").unwrap_err(), Full::Total(3));
+        // An exempt key has no cap of its own, only the total.
+        let c = Counter::new(5, 1, vec!["x"]);
+        let held: Vec<_> = (0..4).map(|_| c.take("x").unwrap()).collect();
+        assert_eq!(held.len(), 4);
+        let _y = c.take("y").unwrap();
+        assert_eq!(c.take("x").unwrap_err(), Full::Total(5));
     }
 }

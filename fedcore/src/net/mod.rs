@@ -82,6 +82,7 @@ pub mod testkit {
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use caps::{Connections, Counted};
 pub use client::{ClientOptions, run_client};
 pub use server::{GrpcTransport, ServerOptions, ShutdownKind};
 pub use wire::PROTOCOL;

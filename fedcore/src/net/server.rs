@@ -707,16 +707,25 @@ impl GrpcTransport {
             .add_service(service);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // Every accepted socket is counted until it closes; over a cap it is
-        // closed at once. Accept errors (out of descriptors) are logged and
-        // skipped: the server goes on.
+        // closed at once. An accept error (out of file descriptors) is
+        // logged and the server goes on after a pause: retrying at once
+        // would spin, since the error repeats until descriptors are freed.
         let counted = connections.clone();
-        let incoming = TcpListenerStream::new(listener).filter_map(move |conn| match conn {
-            Ok(io) => counted.admit(io).map(Ok::<_, std::io::Error>),
-            Err(e) => {
-                warn!(error = %e, "accepting a connection failed");
-                None
-            }
-        });
+        let incoming = TcpListenerStream::new(listener)
+            .then(move |conn| {
+                let counted = counted.clone();
+                async move {
+                    match conn {
+                        Ok(io) => counted.admit(io).map(Ok::<_, std::io::Error>),
+                        Err(e) => {
+                            warn!(error = %e, "accepting a connection failed; pausing 100 ms");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            None
+                        }
+                    }
+                }
+            })
+            .filter_map(|admitted| admitted);
         runtime.spawn(async move {
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, async {
