@@ -16,12 +16,15 @@
 //!   [`PldAccountant`], the tighter privacy-loss-distribution accountant
 //!   for the same mechanism; [`Budget`] and [`Ledger`] stop a run before it
 //!   would exceed its budget.
+//! - [`one_run_audit`]: an empirical lower bound on epsilon from canaries
+//!   in one training run, to check a guarantee against what a model leaks.
 //! - [`DpError`]: this crate's errors; they convert into `fedcore::Error`
 //!   (an exhausted budget into `PrivacyBudgetExhausted`).
 //! - `DpSgd` (feature `tch`): sample-level DP-SGD for fedcore's libtorch
 //!   models, with per-sample clipping and Poisson-sampled batches.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod budget;
 mod central;
 mod clip;
@@ -33,6 +36,7 @@ mod noise;
 mod pld;
 pub mod rdp;
 
+pub use audit::{AuditOutcome, one_run_audit};
 pub use budget::{Accounting, Budget, Ledger};
 pub use central::{Dp, DpParams};
 pub use clip::{Clip, ClipReport, clip_slice};

@@ -257,8 +257,21 @@ async function viewPrivacy(root) {
         return el("tr", {}, el("td", {}, p.client), el("td", {}, fmt(p.epsilon, 2)), el("td", {}, p.delta ?? "–"),
           el("td", {}, p.budget ? p.budget[0] : "DP off"), el("td", {}, el("span", { class: "bar" }, bar)));
       })),
-    el("div", { class: "charts" }, lineChart("privacy-chart", "ε spent per round",
-      ps.map((p) => ({ name: p.client, points: p.history })))));
+    el("div", { class: "charts" }, lineChart("privacy-chart", "ε spent per round, against the budget",
+      privacySeries(ps))));
+}
+
+// Each hospital's ε after each round it took part in, and the budget as a
+// flat line over the same rounds: a hospital stops before it would cross it.
+function privacySeries(ps) {
+  const series = ps.map((p) => ({ name: p.client, points: p.history }));
+  const budget = ps.find((p) => p.budget)?.budget;
+  const rounds = ps.flatMap((p) => p.history.map(([r]) => r));
+  if (budget && rounds.length) {
+    const first = Math.min(...rounds), last = Math.max(...rounds);
+    series.push({ name: `budget ε = ${budget[0]}`, points: [[first, budget[0]], [last, budget[0]]] });
+  }
+  return series;
 }
 
 async function viewInference(root) {

@@ -11,7 +11,15 @@
 //! ```text
 //! cargo run --release -p mnist-dp -- --epsilons 3                 # one run
 //! cargo run --release -p mnist-dp -- --epsilons none,1,3,8 --out docs
+//! cargo run --release -p mnist-dp -- --epsilons none,1,8 --audit-canaries 1000
 //! ```
+//!
+//! `--audit-canaries M` checks the guarantee empirically: it reserves M
+//! training images as canaries (negated, with random labels), puts each into client 1's
+//! data with probability 1/2, and after the run guesses which were trained
+//! on from the global model's loss on them ([`fedcore_dp::one_run_audit`]):
+//! the right guesses give a lower bound on epsilon, next to the
+//! accountant's.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -21,13 +29,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fedcore::data::mnist::MnistSplit;
-use fedcore::data::{DataSplit, ImageDataset, Mnist};
+use fedcore::data::{Batch, DataSplit, ImageDataset, Mnist, Targets};
 use fedcore::memory::InMemoryTransport;
 use fedcore::models::{Device, SmallCnn, TchModel};
 use fedcore::{
     FedAvg, Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig,
 };
-use fedcore_dp::{Accounting, Budget, DpSgd, DpSgdConfig, Noise};
+use fedcore_dp::{Accounting, AuditOutcome, Budget, DpSgd, DpSgdConfig, Noise, one_run_audit};
+use rand::{RngExt, SeedableRng};
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -75,6 +84,11 @@ struct Args {
     /// Where mnist-dp.md goes when more than one epsilon runs.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Audit with this many canaries (0: no audit): the last M training
+    /// images, negated and with a random label, each go into client 1's
+    /// data with probability 1/2.
+    #[arg(long, default_value_t = 0)]
+    audit_canaries: usize,
 }
 
 /// An equal IID share per client: client `k` gets items `k, k + n, ...`.
@@ -101,6 +115,144 @@ struct Outcome {
     accuracy: f64,
     epsilon: Option<f64>,
     seconds: f64,
+    audit: Option<AuditOutcome>,
+}
+
+/// MNIST with some images made canaries: random dots (a fifth of the
+/// pixels at full ink, at MNIST's normalized values), out of the data's
+/// distribution, so that nothing but having trained on one makes a model
+/// sure of its random label.
+struct Relabeled {
+    inner: Arc<dyn ImageDataset>,
+    labels: std::collections::HashMap<usize, i64>,
+}
+
+impl ImageDataset for Relabeled {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        self.inner.image_shape()
+    }
+
+    fn batch(&self, indices: &[usize]) -> fedcore::Result<Batch> {
+        let mut b = self.inner.batch(indices)?;
+        let per: usize = b.shape[1..].iter().product();
+        if let Targets::Classes(t) = &mut b.targets {
+            for (k, (slot, i)) in t.iter_mut().zip(indices).enumerate() {
+                if let Some(&l) = self.labels.get(i) {
+                    *slot = l;
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(*i as u64);
+                    for v in &mut b.images[k * per..(k + 1) * per] {
+                        *v = if rng.random_bool(0.2) { 2.8 } else { -0.42 };
+                    }
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// A client's model that keeps a copy of what it releases after each fit
+/// (its trained parameters, which its update is the difference to): what
+/// the audit scores for client 1.
+struct Released<M> {
+    inner: M,
+    last: Arc<std::sync::Mutex<Option<fedcore::Parameters>>>,
+}
+
+impl<M: Model> Model for Released<M> {
+    type Data = M::Data;
+
+    fn parameters(&self) -> fedcore::Parameters {
+        self.inner.parameters()
+    }
+
+    fn set_parameters(&mut self, p: &fedcore::Parameters) -> fedcore::Result<()> {
+        self.inner.set_parameters(p)
+    }
+
+    fn fit(&mut self, data: &M::Data, config: &TrainConfig) -> fedcore::Result<fedcore::FitOutput> {
+        let out = self.inner.fit(data, config)?;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(self.inner.parameters());
+        }
+        Ok(out)
+    }
+
+    fn evaluate(&mut self, data: &M::Data) -> fedcore::Result<fedcore::Evaluation> {
+        self.inner.evaluate(data)
+    }
+}
+
+/// The audit's canaries: indices into the training set, their wrong
+/// labels, and whether each is in client 1's data.
+struct Canaries {
+    indices: Vec<usize>,
+    source: Arc<dyn ImageDataset>,
+    included: Vec<bool>,
+}
+
+impl Canaries {
+    /// The last `m` of the first `total` training images. The coins are
+    /// drawn once from a fixed seed: the model never sees them.
+    fn new(train: &Arc<dyn ImageDataset>, total: usize, m: usize) -> Result<Self> {
+        let indices: Vec<usize> = (total - m..total).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x00ca_4a41);
+        let labels = indices
+            .iter()
+            .map(|&i| (i, rng.random_range(0..10i64)))
+            .collect();
+        let included = (0..m).map(|_| rng.random_bool(0.5)).collect();
+        Ok(Self {
+            indices,
+            source: Arc::new(Relabeled {
+                inner: train.clone(),
+                labels,
+            }),
+            included,
+        })
+    }
+
+    /// Client 1's data: its share and the canaries that are in.
+    fn with_share(&self, share: Vec<usize>) -> Result<DataSplit> {
+        let mut all = share;
+        all.extend(
+            self.indices
+                .iter()
+                .zip(&self.included)
+                .filter(|(_, inside)| **inside)
+                .map(|(i, _)| *i),
+        );
+        Ok(DataSplit::subset(self.source.clone(), all)?)
+    }
+
+    /// Scores each canary by the log-probability the model gives its
+    /// label, and audits: guesses for the best and worst tenth.
+    fn audit(&self, model: &mut TchModel<SmallCnn>) -> Result<AuditOutcome> {
+        let split = DataSplit::subset(self.source.clone(), self.indices.clone())?;
+        let p = model.predict(&split, 256)?;
+        let Targets::Classes(labels) = &p.targets else {
+            bail!("MNIST has class targets");
+        };
+        let scores: Vec<f64> = p
+            .logits
+            .chunks(10)
+            .zip(labels)
+            .map(|(row, &l)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                f64::from(row[l as usize] - lse)
+            })
+            .collect();
+        Ok(one_run_audit(
+            &scores,
+            &self.included,
+            self.indices.len() / 5,
+            0.95,
+        )?)
+    }
 }
 
 fn cnn(seed: u64) -> Result<TchModel<SmallCnn>> {
@@ -116,15 +268,39 @@ fn run(
     target: Option<f64>,
 ) -> Result<Outcome> {
     let start = Instant::now();
-    let shares = iid_shares(args.train_images.min(train.len()), args.clients);
+    let total = args.train_images.min(train.len());
+    let canaries = match args.audit_canaries {
+        0 => None,
+        m if m * 2 > total => bail!("{m} canaries are too many for {total} training images"),
+        m => Some(Canaries::new(train, total, m)?),
+    };
+    let shares = iid_shares(
+        total - canaries.as_ref().map_or(0, |c| c.indices.len()),
+        args.clients,
+    );
     let mut transport = InMemoryTransport::new();
     let mut sigma = None;
+    let released: Arc<std::sync::Mutex<Option<fedcore::Parameters>>> = Arc::default();
     for (k, share) in shares.into_iter().enumerate() {
         let id = format!("client{}", k + 1);
-        let n = share.len();
-        let data = DataSplit::subset(train.clone(), share)?;
+        let data = match (&canaries, k) {
+            (Some(c), 0) => c.with_share(share)?,
+            _ => DataSplit::subset(train.clone(), share)?,
+        };
+        let n = data.len();
+        let slot = if k == 0 {
+            released.clone()
+        } else {
+            Arc::default()
+        };
         match target {
-            None => transport.add_client(ModelClient::new(id, cnn(0)?, data))?,
+            None => {
+                let model = Released {
+                    inner: cnn(0)?,
+                    last: slot,
+                };
+                transport.add_client(ModelClient::new(id, model, data))?;
+            }
             Some(eps) => {
                 let budget = Budget::new(eps, args.delta)?.with_accounting(args.accounting);
                 let config = DpSgdConfig::calibrated(
@@ -141,6 +317,10 @@ fn run(
                     None => Noise::secure()?,
                 };
                 let model = DpSgd::new(id.clone(), cnn(0)?, config, noise)?;
+                let model = Released {
+                    inner: model,
+                    last: slot,
+                };
                 transport.add_client(ModelClient::new(id, model, data))?;
             }
         }
@@ -172,6 +352,7 @@ fn run(
     let label = target.map_or("no DP".to_owned(), |e| format!("epsilon <= {e}"));
     let spent = Arc::new(std::sync::Mutex::new(None::<f64>));
     let spent_in = spent.clone();
+    let round_label = label.clone();
     server.subscribe(move |ev: &ServerEvent| {
         if let ServerEvent::RoundFinished { record } = ev {
             let acc = record
@@ -199,7 +380,7 @@ fn run(
                 *s = max;
             }
             println!(
-                "[{label}] round {}: test accuracy {:.2} %{}",
+                "[{round_label}] round {}: test accuracy {:.2} %{}",
                 record.round,
                 acc * 100.0,
                 if eps.is_empty() {
@@ -218,12 +399,42 @@ fn run(
         .and_then(|e| e.metrics.get("accuracy").copied())
         .context("no evaluation recorded")?;
     let epsilon = *spent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    // The audit scores what client 1 released last (what its DP protects)
+    // and, for comparison, the global model (its release averaged with the
+    // others').
+    let audit = match &canaries {
+        Some(c) => {
+            let mut model = cnn(0)?;
+            let last = released
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .clone()
+                .context("client 1 released nothing")?;
+            model.set_parameters(&last)?;
+            let a = c.audit(&mut model)?;
+            model.set_parameters(server.global())?;
+            let g = c.audit(&mut model)?;
+            println!(
+                "[{label}] audit of client 1's release: {} of {} guesses right on {} canaries: epsilon >= {:.2} (95 % confidence); of the global model: {} right, epsilon >= {:.2}",
+                a.correct,
+                a.guesses,
+                a.canaries,
+                a.epsilon_lower_bound,
+                g.correct,
+                g.epsilon_lower_bound
+            );
+            Some(a)
+        }
+        None => None,
+    };
     Ok(Outcome {
         target,
         sigma,
         accuracy,
         epsilon,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
+        audit,
     })
 }
 
@@ -233,9 +444,14 @@ fn markdown(args: &Args, rows: &[Outcome]) -> String {
     let _ = writeln!(s, "# MNIST with DP-SGD: accuracy against epsilon\n");
     let _ = writeln!(
         s,
-        "```sh\ncargo run --release -p mnist-dp -- --epsilons {} --rounds {} --out docs\n```\n",
+        "```sh\ncargo run --release -p mnist-dp -- --epsilons {} --rounds {}{} --out docs\n```\n",
         args.epsilons.join(","),
-        args.rounds
+        args.rounds,
+        if args.audit_canaries > 0 {
+            format!(" --audit-canaries {}", args.audit_canaries)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         s,
@@ -263,18 +479,35 @@ fn markdown(args: &Args, rows: &[Outcome]) -> String {
     );
     let _ = writeln!(
         s,
-        "| target | noise multiplier | epsilon spent | test accuracy | time |"
+        "| target | noise multiplier | epsilon spent | test accuracy | time |{}",
+        if args.audit_canaries > 0 {
+            " audit: right guesses | empirical epsilon lower bound |"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|{}",
+        if args.audit_canaries > 0 {
+            "---:|---:|"
+        } else {
+            ""
+        }
+    );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.2} % | {:.0} s |",
+            "| {} | {} | {} | {:.2} % | {:.0} s |{}",
             r.target.map_or("no DP".into(), |e| format!("epsilon {e}")),
             r.sigma.map_or("-".into(), |x| format!("{x:.3}")),
             r.epsilon.map_or("-".into(), |x| format!("{x:.3}")),
             r.accuracy * 100.0,
-            r.seconds
+            r.seconds,
+            r.audit.map_or(String::new(), |a| format!(
+                " {} / {} | {:.2} |",
+                a.correct, a.guesses, a.epsilon_lower_bound
+            ))
         );
     }
     let _ = writeln!(
@@ -345,6 +578,26 @@ mod tests {
     fn shares_are_disjoint_equal_and_cover_everything() {
         let s = iid_shares(10, 3);
         assert_eq!(s, [vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8]]);
+    }
+
+    #[test]
+    fn canaries_are_dots_with_random_labels_and_half_go_into_client_1() {
+        let n = 200;
+        let images = vec![0.5f32; n * 28 * 28];
+        let targets = Targets::Classes((0..n as i64).map(|i| i % 10).collect());
+        let train: Arc<dyn ImageDataset> =
+            Arc::new(fedcore::data::InMemoryImages::new(images, [1, 28, 28], targets).unwrap());
+        let c = Canaries::new(&train, n, 100).unwrap();
+        assert_eq!(c.indices, (100..200).collect::<Vec<_>>());
+        let inside = c.included.iter().filter(|i| **i).count();
+        assert!((30..=70).contains(&inside), "{inside} of 100 included");
+        let b = c.source.batch(&[5, 150]).unwrap();
+        // An ordinary image is untouched; a canary is dots.
+        assert!(b.images[..784].iter().all(|v| *v == 0.5));
+        assert!(b.images[784..].iter().all(|v| *v == 2.8 || *v == -0.42));
+        assert!(b.images[784..].contains(&2.8));
+        let split = c.with_share((0..10).collect()).unwrap();
+        assert_eq!(split.len(), 10 + inside);
     }
 
     #[test]
