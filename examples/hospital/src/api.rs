@@ -25,7 +25,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::atrest::{AtRest, is_sealed};
 use crate::auth::{self, COOKIE, ClientAddress, LoginLimiter, Permission, Tokens, allows};
 use crate::infer::{Finding, Predictor, UploadError, decode};
-use crate::sim::{LiveEvent, Progress, Shared};
+use crate::live::{LiveEvent, Progress, Shared};
 use crate::store::{
     AuditAction, AuditOutcome, AuditRow, ClientRow, ClientStatus, InferenceRow, Role, RoundRow,
     Store, TrustRow, UpdateRow, User,

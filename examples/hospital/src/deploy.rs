@@ -11,6 +11,7 @@
 //! patients each round (the server holds no data and no key).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -25,7 +26,10 @@ use fedcore::{Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, 
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
 
 use crate::dp::{DpSettings, PersistedDp};
+use crate::infer::Predictor;
+use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::sim::{AggregatorChoice, DpArgs, densenet, hospital, image_config};
+use crate::web::{self, WebConfig};
 
 /// `hospital provision`.
 #[derive(Args, Debug, Clone)]
@@ -89,6 +93,15 @@ pub struct ServerArgs {
     /// The largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
+    /// Serve the dashboard here while the federation trains, and after the
+    /// run until Ctrl-C (its store: `DATABASE_URL`, default
+    /// `<run-dir>/dashboard.sqlite`; users, TLS and keys as for `simulate`).
+    #[arg(long)]
+    pub dashboard: Option<std::net::SocketAddr>,
+    /// A proxy in front of the dashboard terminates TLS: allow a
+    /// non-loopback `--dashboard` without `TLS_CERT`/`TLS_KEY`.
+    #[arg(long)]
+    pub behind_tls_proxy: bool,
 }
 
 /// `hospital client`.
@@ -216,6 +229,10 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         server = server.with_sealing(&head, CkksSum::new(public))?;
         println!("classifier head sealed with CKKS ({} tensors)", head.len());
     }
+    let dashboard = match a.dashboard {
+        Some(at) => Some(Dashboard::start(a, at, &mut server)?),
+        None => None,
+    };
     server.subscribe(|event: &ServerEvent| match event {
         ServerEvent::RoundStarted { round, sampled } => {
             println!("round {round} started with {} hospitals", sampled.len());
@@ -241,16 +258,148 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         }
         _ => {}
     });
-    net::run_server(
+    let report = net::run_server(
         &mut server,
         &fedcore::RunPolicy::deployment(Duration::from_secs(a.wait)),
-    )?;
+    );
+    if let Some(d) = &dashboard {
+        d.shared.set_progress(|p| match &report {
+            Ok(_) => p.status = RunStatus::Finished,
+            Err(e) => {
+                p.status = RunStatus::Failed;
+                p.error = Some(e.to_string());
+            }
+        });
+    }
+    report?;
     println!(
         "run complete: {} rounds; checkpoints in {}",
         server.history().len(),
         checkpoints.display()
     );
+    if let Some(d) = dashboard {
+        d.serve_until_ctrl_c()?;
+    }
     Ok(())
+}
+
+/// The dashboard of a deployed server: the same app as the simulation's,
+/// fed by this server's rounds. The server holds no data and no HE secret
+/// key, so the held-out numbers are the hospitals' own evaluations, and
+/// there is no model to read X-rays with here (the head stays encrypted):
+/// inference answers 503.
+struct Dashboard {
+    rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Dashboard {
+    fn start<S: fedcore::Strategy>(
+        a: &ServerArgs,
+        at: std::net::SocketAddr,
+        server: &mut Server<GrpcTransport, S>,
+    ) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dashboard")
+            .enable_all()
+            .build()?;
+        std::fs::create_dir_all(&a.run_dir)
+            .with_context(|| format!("cannot create {}", a.run_dir.display()))?;
+        let config = WebConfig::from_env(&a.run_dir.join("dashboard.sqlite"))?;
+        web::check_exposure(at, config.tls.is_some(), a.behind_tls_proxy)?;
+        let shared = Arc::new(Shared::default());
+        shared.set_progress(|p| {
+            p.status = RunStatus::Training;
+            p.total_rounds = a.rounds;
+            p.current_round = server.next_round().saturating_sub(1);
+            p.aggregator = format!("{:?}", a.aggregator);
+            p.he = a.kit.join(KeyAuthority::PUBLIC_FILE).exists();
+        });
+        // Any image size: nothing is ever read here (see above).
+        let predictor = Arc::new(Predictor::new(32, a.seed));
+        let state = rt.block_on(web::state(&config, shared.clone(), predictor))?;
+        for (name, role, password) in rt.block_on(web::bootstrap_users(&state.store))? {
+            println!(
+                "created user {name:<7} ({}) with password {password}",
+                role.as_str()
+            );
+        }
+        let store = state.store.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let app = web::app(state);
+        let tls = config.tls.clone();
+        let limits = config.server;
+        let proxies = config.client_address.trusted_proxies.clone();
+        let task =
+            rt.spawn(async move { web::serve(app, at, tls.as_ref(), limits, &proxies, tx).await });
+        let bound = rt.block_on(rx).context("the dashboard did not start")?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("dashboard: {scheme}://{bound}/ (API docs at /docs)");
+
+        // Rounds into the store and onto the page; suspensions made on the
+        // page keep a hospital out from the next round.
+        let exclusions = server.exclusions();
+        let handle = rt.handle().clone();
+        let live = shared.clone();
+        let total = a.rounds;
+        server.subscribe(move |event: &ServerEvent| match event {
+            ServerEvent::RoundFinished { record } | ServerEvent::RoundFailed { record, .. } => {
+                let row = round_row(record);
+                let stored = handle.block_on(async {
+                    for u in &record.accepted {
+                        // What the server knows of a hospital: the examples
+                        // it trained on (its patients stay at the hospital).
+                        store
+                            .upsert_client(u.client.as_str(), u.num_examples as i64, 0)
+                            .await?;
+                    }
+                    store.record_round(&to_new_round(record, &row)).await
+                });
+                if let Err(e) = stored {
+                    tracing::error!(error = %format!("{e:#}"), round = record.round, "round not stored");
+                }
+                live.send(LiveEvent::RoundFinished {
+                    round: record.round,
+                    total,
+                    loss: row.loss,
+                    auroc_macro: row.auroc_macro,
+                    outcome: row.outcome.clone(),
+                });
+                let suspended = live.suspended.lock().map(|s| s.clone()).unwrap_or_default();
+                for id in record
+                    .accepted
+                    .iter()
+                    .map(|u| &u.client)
+                    .chain(record.withheld.iter().map(|w| &w.client))
+                {
+                    if suspended.contains(id.as_str()) {
+                        exclusions.exclude(id.clone(), "suspended by an administrator");
+                    } else {
+                        exclusions.include(id);
+                    }
+                }
+            }
+            other => live.observe(other, total),
+        });
+        Ok(Self { rt, shared, task })
+    }
+
+    /// Keeps serving after the run, until Ctrl-C.
+    fn serve_until_ctrl_c(self) -> Result<()> {
+        println!("the dashboard keeps serving (Ctrl-C to stop)");
+        self.rt.block_on(async {
+            tokio::select! {
+                r = self.task => r.context("dashboard task")?,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        })
+    }
 }
 
 /// Serves one hospital until the server says the run is complete.

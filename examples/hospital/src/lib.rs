@@ -1,7 +1,8 @@
 //! The fedcore hospital app: a chest X-ray federated simulation
 //! ([`sim`]) and the dashboard that hospitals and their doctors use
 //! ([`web`], [`api`]), over a SQLite or PostgreSQL store ([`store`]), and
-//! the same federation deployed across processes over mutual TLS ([`deploy`]).
+//! the same federation deployed across processes over mutual TLS ([`deploy`]);
+//! both runs tell the dashboard what they do through [`live`].
 //!
 //! It links `fedcore-he` (SEAL, GPL-3.0) and is therefore GPL-3.0.
 
@@ -11,6 +12,7 @@ pub mod auth;
 pub mod deploy;
 pub mod dp;
 pub mod infer;
+pub mod live;
 pub mod sim;
 pub mod store;
 pub mod web;

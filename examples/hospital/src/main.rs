@@ -18,7 +18,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hospital::infer::Predictor;
-use hospital::sim::{self, Shared, SimConfig};
+use hospital::live::Shared;
+use hospital::sim::{self, SimConfig};
 use hospital::web::{self, WebConfig};
 
 #[derive(Parser, Debug)]

@@ -8,9 +8,9 @@
 //! (in a deployment: one of the hospitals), never at the aggregation server,
 //! which only ever holds the head encrypted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -24,19 +24,19 @@ use fedcore::memory::{Fault, InMemoryTransport};
 use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
 use fedcore::trust::TrustPolicy;
 use fedcore::{
-    Aggregator, ClientId, Evaluation, FedAvg, Model, ModelClient, Optimizer, Parameters,
-    RoundRecord, RunEnd, RunPolicy, Server, ServerConfig, ServerEvent, StopSignal, TrainConfig,
+    Aggregator, ClientId, Evaluation, FedAvg, Model, ModelClient, Optimizer, Parameters, RunEnd,
+    RunPolicy, Server, ServerConfig, ServerEvent, TrainConfig,
 };
 use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Secret};
 use fedcore_robust::attacks::{Attack, Byzantine};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
-use crate::store::{NewRound, RoundRow, Store, TrustRow, UpdateRow};
+use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
+use crate::store::Store;
 
 /// The aggregation rule for the body, swappable with one flag.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,152 +174,6 @@ pub struct SimConfig {
 /// The name of hospital `i` (0-based).
 pub fn hospital(i: usize) -> String {
     format!("hospital-{}", i + 1)
-}
-
-/// What the dashboard hears while a simulation runs.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum LiveEvent {
-    /// A round began.
-    RoundStarted {
-        /// The round.
-        round: u64,
-        /// Rounds in the run.
-        total: u64,
-        /// Hospitals training.
-        sampled: Vec<String>,
-    },
-    /// A hospital's update did not count.
-    UpdateRejected {
-        /// The round.
-        round: u64,
-        /// The hospital.
-        client: String,
-        /// Why.
-        reason: String,
-    },
-    /// A hospital's trust fell below the threshold.
-    ClientFlagged {
-        /// The round.
-        round: u64,
-        /// The hospital.
-        client: String,
-        /// Its moving-average trust.
-        trust_ema: f64,
-    },
-    /// A round ended and is recorded.
-    RoundFinished {
-        /// The round.
-        round: u64,
-        /// Rounds in the run.
-        total: u64,
-        /// Held-out loss.
-        loss: Option<f64>,
-        /// Held-out macro AUROC.
-        auroc_macro: Option<f64>,
-        /// How it ended.
-        outcome: String,
-    },
-    /// The run ended.
-    Finished {
-        /// Rounds recorded.
-        rounds: u64,
-    },
-    /// The run stopped with an error.
-    Failed {
-        /// The error.
-        error: String,
-    },
-}
-
-/// What a run is doing, for the dashboard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
-    /// No simulation in this process.
-    Idle,
-    /// Writing data, building the model and the keys.
-    Preparing,
-    /// Rounds are running.
-    Training,
-    /// The run ended (all rounds, stopped, or gave up after failed rounds).
-    Finished,
-    /// The run stopped on an error.
-    Failed,
-}
-
-/// Where a run is, for the dashboard.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Progress {
-    /// What the run is doing.
-    pub status: RunStatus,
-    /// The round being trained (0 before the first).
-    pub current_round: u64,
-    /// Rounds in the run.
-    pub total_rounds: u64,
-    /// The body aggregator.
-    pub aggregator: String,
-    /// Whether the head is encrypted.
-    pub he: bool,
-    /// Whether the body carries local DP.
-    pub dp: bool,
-    /// Each hospital's (epsilon, delta) budget when DP is on.
-    pub budget: Option<(f64, f64)>,
-    /// The last error, when failed.
-    pub error: Option<String>,
-}
-
-impl Progress {
-    /// No simulation in this process.
-    pub fn idle() -> Self {
-        Self {
-            status: RunStatus::Idle,
-            current_round: 0,
-            total_rounds: 0,
-            aggregator: String::new(),
-            he: false,
-            dp: false,
-            budget: None,
-            error: None,
-        }
-    }
-}
-
-/// State shared by the simulation and the dashboard.
-#[derive(Debug)]
-pub struct Shared {
-    /// Live events (server-sent to the browser).
-    pub events: broadcast::Sender<LiveEvent>,
-    /// Where the run is.
-    pub progress: RwLock<Progress>,
-    /// Hospitals an admin suspended: they get no tasks from the next round.
-    pub suspended: Mutex<BTreeSet<String>>,
-    /// Raised to stop after the current round.
-    pub stop: StopSignal,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        Self {
-            events: broadcast::channel(256).0,
-            progress: RwLock::new(Progress::idle()),
-            suspended: Mutex::new(BTreeSet::new()),
-            stop: StopSignal::new(),
-        }
-    }
-}
-
-impl Shared {
-    fn send(&self, e: LiveEvent) {
-        // No subscriber is fine.
-        let _ = self.events.send(e);
-    }
-
-    fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
-        if let Ok(mut p) = self.progress.write() {
-            f(&mut p);
-        }
-    }
 }
 
 /// The DenseNet-121 of the hospital app.
@@ -594,58 +448,28 @@ fn run_inner(
         let shared = shared.clone();
         let bar = bar.clone();
         let total = cfg.rounds;
-        let not_counted = {
-            let (shared, bar) = (shared.clone(), bar.clone());
-            move |round: u64, client: &ClientId, reason: String| {
-                bar.suspend(|| println!("  {client} not counted: {reason}"));
-                shared.send(LiveEvent::UpdateRejected {
-                    round,
-                    client: client.to_string(),
-                    reason,
-                });
-            }
-        };
-        server.subscribe(move |event: &ServerEvent| match event {
-            ServerEvent::RoundStarted { round, sampled } => {
-                shared.set_progress(|p| {
-                    p.status = RunStatus::Training;
-                    p.current_round = *round;
-                });
-                bar.set_message(format!(
+        server.subscribe(move |event: &ServerEvent| {
+            shared.observe(event, total);
+            match event {
+                ServerEvent::RoundStarted { round, sampled } => bar.set_message(format!(
                     "round {round}: {} hospitals training",
                     sampled.len()
-                ));
-                shared.send(LiveEvent::RoundStarted {
-                    round: *round,
-                    total,
-                    sampled: sampled.iter().map(ToString::to_string).collect(),
-                });
+                )),
+                // A rejected update and a hospital kept out by an
+                // administrator both show as "not counted".
+                ServerEvent::UpdateRejected { client, reason, .. } => {
+                    bar.suspend(|| println!("  {client} not counted: {reason}"));
+                }
+                ServerEvent::ClientWithheld { client, reason, .. } => {
+                    bar.suspend(|| println!("  {client} not counted: {reason}"));
+                }
+                ServerEvent::ClientFlagged {
+                    client, trust_ema, ..
+                } => {
+                    bar.suspend(|| println!("  {client} is suspicious (trust {trust_ema:.2})"));
+                }
+                _ => {}
             }
-            // A rejected update and a hospital kept out by an administrator
-            // both show as "not counted" on the dashboard.
-            ServerEvent::UpdateRejected {
-                round,
-                client,
-                reason,
-            } => not_counted(*round, client, reason.to_string()),
-            ServerEvent::ClientWithheld {
-                round,
-                client,
-                reason,
-            } => not_counted(*round, client, reason.clone()),
-            ServerEvent::ClientFlagged {
-                round,
-                client,
-                trust_ema,
-            } => {
-                bar.suspend(|| println!("  {client} is suspicious (trust {trust_ema:.2})"));
-                shared.send(LiveEvent::ClientFlagged {
-                    round: *round,
-                    client: client.to_string(),
-                    trust_ema: *trust_ema,
-                });
-            }
-            _ => {}
         });
     }
 
@@ -823,103 +647,4 @@ fn apply_suspensions<A: Aggregator>(
         server.transport().inject(&id, fault)?;
     }
     Ok(())
-}
-
-fn round_row(r: &RoundRecord) -> RoundRow {
-    let outcome = r.outcome.name().to_owned();
-    RoundRow {
-        id: r.round as i64,
-        outcome,
-        aggregator: r.aggregator.clone(),
-        started_at: r.started_at_ms as i64,
-        duration_ms: r.duration_ms as i64,
-        accepted: r.accepted.len() as i64,
-        rejected: (r.failures.len() + r.withheld.len()) as i64,
-        loss: r.evaluation.as_ref().map(|e| e.loss),
-        train_loss: r.train_metrics.get("loss").copied(),
-        auroc_macro: r
-            .evaluation
-            .as_ref()
-            .and_then(|e| e.metrics.get("auroc_macro").copied()),
-        update_norm: r.update_norm,
-    }
-}
-
-fn to_new_round(r: &RoundRecord, row: &RoundRow) -> NewRound {
-    let mut updates: Vec<UpdateRow> = r
-        .accepted
-        .iter()
-        .map(|u| {
-            let spent = u.provenance.iter().rev().find_map(|p| p.spent);
-            UpdateRow {
-                round_id: row.id,
-                client_id: u.client.to_string(),
-                accepted: true,
-                reason: None,
-                weight: Some(u.weight),
-                trust: u.trust,
-                update_norm: Some(u.update_norm),
-                num_examples: Some(u.num_examples as i64),
-                epsilon: spent.map(|s| s.epsilon),
-                delta: spent.map(|s| s.delta),
-            }
-        })
-        .collect();
-    let not_counted = r
-        .failures
-        .iter()
-        .map(|f| (f.client.to_string(), f.reason.to_string()))
-        .chain(
-            r.withheld
-                .iter()
-                .map(|w| (w.client.to_string(), w.reason.clone())),
-        );
-    updates.extend(not_counted.map(|(client_id, reason)| UpdateRow {
-        round_id: row.id,
-        client_id,
-        accepted: false,
-        reason: Some(reason),
-        weight: None,
-        trust: None,
-        update_norm: None,
-        num_examples: None,
-        epsilon: None,
-        delta: None,
-    }));
-    let trust = r
-        .accepted
-        .iter()
-        .filter_map(|u| {
-            u.trust.map(|t| {
-                (
-                    u.client.to_string(),
-                    TrustRow {
-                        round_id: row.id,
-                        trust: t,
-                        trust_ema: u.trust_ema,
-                        suspicious: u.suspicious,
-                    },
-                )
-            })
-        })
-        .collect();
-    let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
-    if let Some(e) = &r.evaluation {
-        metrics.insert("eval.loss".into(), e.loss);
-        for (k, v) in &e.metrics {
-            metrics.insert(format!("eval.{k}"), *v);
-        }
-    }
-    for (k, v) in &r.train_metrics {
-        metrics.insert(format!("train.{k}"), *v);
-    }
-    for (k, v) in &r.aggregate_metrics {
-        metrics.insert(format!("agg.{k}"), *v);
-    }
-    NewRound {
-        round: row.clone(),
-        updates,
-        trust,
-        metrics: metrics.into_iter().collect(),
-    }
 }

@@ -20,7 +20,7 @@ use crate::api::{self, AppState, UploadLimits};
 use crate::atrest::AtRest;
 use crate::auth::{self, ClientAddress, LoginLimit, LoginLimiter, TokenLife, Tokens};
 use crate::infer::Predictor;
-use crate::sim::Shared;
+use crate::live::Shared;
 use crate::store::{Role, Store};
 
 /// How the dashboard is set up.

@@ -18,7 +18,7 @@ use hospital::api::{AppState, UploadLimits};
 use hospital::atrest::AtRest;
 use hospital::auth::{ClientAddress, LoginLimit, TokenLife};
 use hospital::infer::Predictor;
-use hospital::sim::Shared;
+use hospital::live::Shared;
 use hospital::store::{ClientStatus, NewRound, RoundRow, TrustRow, UpdateRow};
 use hospital::web::{self, ServerLimits, WebConfig};
 use http_body_util::BodyExt;

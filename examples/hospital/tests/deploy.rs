@@ -1,9 +1,10 @@
 //! The hospital federation deployed as processes on 127.0.0.1: provisioning
 //! with CKKS keys in the kits, the aggregation server and two hospitals over
-//! gRPC with mutual TLS, the head encrypted end to end.
+//! gRPC with mutual TLS, the head encrypted end to end, and the server's
+//! dashboard showing the run.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,42 @@ fn wait_ok(child: &mut Child, what: &str, within: Duration) {
         assert!(Instant::now() < deadline, "{what} did not finish in time");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// One HTTP/1.1 request to the dashboard: (status, body).
+fn http(
+    at: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(at).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
+    // Chunked answers: the one chunk of a small JSON body.
+    let body = if head.to_lowercase().contains("transfer-encoding: chunked") {
+        let (_, chunk) = rest.split_once("\r\n").unwrap();
+        chunk
+            .rsplit_once("\r\n0\r\n")
+            .map_or(chunk, |c| c.0)
+            .to_owned()
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
 }
 
 #[test]
@@ -72,6 +109,15 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                 "2",
             ])
             .args(["--batch-size", "8", "--run-dir", run.to_str().unwrap()])
+            .args(["--dashboard", "127.0.0.1:0"])
+            .env("HOSPITAL_ADMIN_PASSWORD", "deploy-admin-password-7")
+            .env(
+                "DATABASE_URL",
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    tmp.path().join("d.sqlite").display()
+                ),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -89,6 +135,14 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
         .strip_prefix("listening on ")
         .expect("listening line")
         .to_owned();
+    let mut printed = vec![first];
+    let dashboard = loop {
+        let l = lines.recv_timeout(Duration::from_secs(60)).unwrap();
+        printed.push(l.clone());
+        if let Some(rest) = l.strip_prefix("dashboard: http://") {
+            break rest.split('/').next().unwrap().to_owned();
+        }
+    };
     let mut sites: Vec<Killed> = ["hospital-1", "hospital-2"]
         .iter()
         .map(|h| {
@@ -125,7 +179,15 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             )
         })
         .collect();
-    wait_ok(&mut server.0, "server", Duration::from_secs(600));
+    // The server keeps its dashboard up after the run: wait for the run.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !printed.iter().any(|l| l.starts_with("run complete")) {
+        assert!(Instant::now() < deadline, "the run did not complete");
+        if let Ok(l) = lines.recv_timeout(Duration::from_secs(1)) {
+            printed.push(l);
+        }
+        assert!(server.0.try_wait().unwrap().is_none(), "the server exited");
+    }
     for (i, s) in sites.iter_mut().enumerate() {
         wait_ok(
             &mut s.0,
@@ -133,7 +195,7 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             Duration::from_secs(60),
         );
     }
-    let printed: Vec<String> = lines.try_iter().collect();
+    printed.extend(lines.try_iter());
     let text = printed.join("\n");
     assert!(text.contains("classifier head sealed with CKKS"), "{text}");
     for round in [1, 2] {
@@ -170,6 +232,54 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             );
         }
     }
+    // The deployed server's dashboard shows the run: its rounds with the
+    // hospitals' own held-out numbers, the hospitals, hospital-2's epsilon.
+    let (status, body) = http(
+        &dashboard,
+        "POST",
+        "/api/auth/login",
+        None,
+        Some(r#"{"username":"admin","password":"deploy-admin-password-7"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let login: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = login["token"].as_str().unwrap();
+    let get = |path: &str| {
+        let (status, body) = http(&dashboard, "GET", path, Some(token), None);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let rounds = get("/api/training/rounds");
+    let rounds = rounds.as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    for r in rounds {
+        assert_eq!(r["outcome"], "completed", "{r}");
+        assert_eq!(r["accepted"], 2, "{r}");
+        assert!(r["loss"].is_number(), "the hospitals' evaluation: {r}");
+    }
+    assert_eq!(
+        get("/api/training/rounds/current")["progress"]["status"],
+        "finished"
+    );
+    let clients = get("/api/clients");
+    assert_eq!(clients.as_array().unwrap().len(), 2, "{clients}");
+    let privacy = get("/api/metrics/privacy");
+    let spent = |c: &str| {
+        privacy
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["client"] == c)
+            .map(|p| p["history"].as_array().unwrap().len())
+    };
+    assert_eq!(
+        (spent("hospital-1"), spent("hospital-2")),
+        (Some(0), Some(2))
+    );
+    // No model to read X-rays with at the server (the head stays sealed).
+    let (status, _) = http(&dashboard, "GET", "/api/model/export", Some(token), None);
+    assert_eq!(status, 503);
+
     // The sealed head was checkpointed next to the model (as bytes the server cannot open).
     let sealed = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()

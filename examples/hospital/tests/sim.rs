@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use hospital::infer::Predictor;
-use hospital::sim::{self, Shared, SimConfig};
+use hospital::live::Shared;
+use hospital::sim::{self, SimConfig};
 use hospital::store::Store;
 
 #[derive(Parser)]
