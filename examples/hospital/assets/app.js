@@ -136,8 +136,22 @@ async function viewTraining(root) {
   ]);
   const p = cur.progress;
   const done = rounds.length;
+  const running = p.status === "training" || p.status === "preparing";
+  const stopNote = el("span", { class: "muted", id: "stop-note" });
+  const stop = el("button", { id: "stop-training", type: "button" }, "Stop after this round");
+  stop.addEventListener("click", async () => {
+    stop.disabled = true;
+    try {
+      await api("/api/training/stop", { method: "POST" });
+      stopNote.textContent = " The run stops after the current round (its checkpoint is kept; resume it from the command line).";
+    } catch (e) {
+      stopNote.textContent = ` ${e.message}`;
+      stop.disabled = false;
+    }
+  });
   root.append(
     el("h1", {}, "Training monitor"),
+    can("control_training") && running ? el("p", {}, stop, stopNote) : "",
     el("div", { class: "cards" },
       card("Status", p.status, "status"),
       card("Rounds recorded", `${done} / ${p.total_rounds || done}`, "round-counter"),

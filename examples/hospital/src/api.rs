@@ -25,7 +25,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::atrest::{AtRest, is_sealed};
 use crate::auth::{self, COOKIE, ClientAddress, LoginLimiter, Permission, Tokens, allows};
 use crate::infer::{Finding, Predictor, UploadError, decode};
-use crate::live::{LiveEvent, Progress, Shared};
+use crate::live::{LiveEvent, Progress, RunStatus, Shared};
 use crate::store::{
     AuditAction, AuditOutcome, AuditRow, ClientRow, ClientStatus, InferenceRow, Role, RoundRow,
     Store, TrustRow, UpdateRow, User,
@@ -697,6 +697,7 @@ async fn me(session: Session) -> Json<Me> {
         (ManageClients, "manage_clients"),
         (ViewAudit, "view_audit"),
         (ExportModel, "export_model"),
+        (ControlTraining, "control_training"),
     ];
     Json(Me {
         permissions: all
@@ -1091,6 +1092,31 @@ async fn current_round(
         progress: progress(&state),
         last: state.store.rounds().await?.pop(),
     }))
+}
+
+#[utoipa::path(post, path = "/api/training/stop", tag = "training",
+    responses((status = 202, description = "the run stops after its current round (its checkpoint is written; `--resume` continues it)", body = Progress),
+              (status = 403, body = ErrorBody),
+              (status = 409, description = "no run is training in this process", body = ErrorBody)))]
+async fn stop_training(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<(StatusCode, Json<Progress>)> {
+    session
+        .require(&state, Permission::ControlTraining, "stop training")
+        .await?;
+    let now = progress(&state);
+    if !matches!(now.status, RunStatus::Preparing | RunStatus::Training) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no run is training in this process",
+        ));
+    }
+    state.shared.stop.stop();
+    session
+        .audit(&state, AuditAction::TrainingStopped, None, None)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(now)))
 }
 
 fn progress(state: &AppState) -> Progress {
@@ -1742,7 +1768,7 @@ async fn events(
     paths(login, logout, refresh, change_password, me, register,
           list_users, change_role, reset_password, export_user, delete_user,
           list_clients, get_client, client_trust, set_client_status,
-          rounds, current_round, round_detail, events,
+          rounds, current_round, round_detail, stop_training, events,
           overview, auc_history, loss_history, aggregation, privacy,
           predict, inference_history, audit_log, export_model),
     modifiers(&BearerAuth, &ErrorResponses),
@@ -1858,6 +1884,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/training/rounds", get(rounds))
         .route("/api/training/rounds/current", get(current_round))
         .route("/api/training/rounds/{id}", get(round_detail))
+        .route("/api/training/stop", post(stop_training))
         .route("/api/metrics/overview", get(overview))
         .route("/api/metrics/auc-history", get(auc_history))
         .route("/api/metrics/loss-history", get(loss_history))

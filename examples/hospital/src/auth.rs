@@ -41,6 +41,8 @@ pub enum Permission {
     ViewAudit,
     /// Download the current global model.
     ExportModel,
+    /// Stop the run after its current round.
+    ControlTraining,
 }
 
 /// The permission table.
@@ -563,6 +565,7 @@ mod tests {
         assert!(!allows(Role::Doctor, ManageClients) && !allows(Role::Doctor, ViewAudit));
         assert!(allows(Role::Viewer, ViewMetrics));
         assert!(!allows(Role::Viewer, RunInference) && !allows(Role::Viewer, ExportModel));
+        assert!(allows(Role::Admin, ControlTraining) && !allows(Role::Doctor, ControlTraining));
     }
 
     fn limiter(burst: u32) -> LoginLimiter {

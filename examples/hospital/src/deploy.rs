@@ -258,10 +258,12 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         }
         _ => {}
     });
-    let report = net::run_server(
-        &mut server,
-        &fedcore::RunPolicy::deployment(Duration::from_secs(a.wait)),
-    );
+    let mut policy = fedcore::RunPolicy::deployment(Duration::from_secs(a.wait));
+    if let Some(d) = &dashboard {
+        // An admin's "stop" on the page ends the run after its round.
+        policy = policy.with_stop(d.shared.stop.clone());
+    }
+    let report = net::run_server(&mut server, &policy);
     if let Some(d) = &dashboard {
         d.shared.set_progress(|p| match &report {
             Ok(_) => p.status = RunStatus::Finished,
@@ -271,9 +273,14 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
             }
         });
     }
-    report?;
+    let report = report?;
     println!(
-        "run complete: {} rounds; checkpoints in {}",
+        "run {}: {} rounds; checkpoints in {}",
+        if report.end == fedcore::RunEnd::Completed {
+            "complete"
+        } else {
+            "stopped"
+        },
         server.history().len(),
         checkpoints.display()
     );

@@ -252,6 +252,8 @@ pub enum AuditAction {
     PasswordChange,
     /// An admin set a new password for a user.
     PasswordReset,
+    /// An admin asked the run to stop after its current round.
+    TrainingStopped,
     /// A hospital suspended or reactivated.
     ClientStatusChange,
     /// An X-ray read by the model.
@@ -273,6 +275,7 @@ impl AuditAction {
             AuditAction::Logout => "logout",
             AuditAction::PasswordChange => "password_change",
             AuditAction::PasswordReset => "password_reset",
+            AuditAction::TrainingStopped => "training_stopped",
             AuditAction::ClientStatusChange => "client_status_change",
             AuditAction::Inference => "inference",
             AuditAction::ModelExport => "model_export",

@@ -300,6 +300,7 @@ async fn every_endpoint_needs_a_valid_token() {
             ("GET", "/api/users/1/export"),
             ("DELETE", "/api/users/2"),
             ("PATCH", "/api/clients/hospital-1/status"),
+            ("POST", "/api/training/stop"),
             ("POST", "/api/inference/predict"),
             ("GET", "/api/inference/history"),
             ("GET", "/api/audit"),
@@ -1229,6 +1230,41 @@ async fn admins_manage_users_and_data_subject_requests() {
         .await
         .json();
     assert_eq!(users.as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn admins_stop_a_run_from_the_page() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let doctor = login(&h.app, "doctor").await;
+    let stop = |t: &str| send(&h.app, req("POST", "/api/training/stop", Some(t), None));
+    // Nothing trains in this process yet.
+    assert_eq!(stop(&admin).await.status, StatusCode::CONFLICT);
+    h.state
+        .shared
+        .set_progress(|p| p.status = hospital::live::RunStatus::Training);
+    assert_eq!(stop(&doctor).await.status, StatusCode::FORBIDDEN);
+    assert!(!h.state.shared.stop.is_stopped());
+    let a = stop(&admin).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.json());
+    assert!(
+        h.state.shared.stop.is_stopped(),
+        "the run loop sees the stop"
+    );
+    let log = h.state.store.audit_log(None, 10).await.unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.action == "training_stopped" && e.actor == "admin")
+    );
+    let me = send(&h.app, req("GET", "/api/auth/me", Some(&admin), None))
+        .await
+        .json();
+    assert!(
+        me["permissions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("control_training"))
+    );
 }
 
 #[tokio::test]
