@@ -584,6 +584,35 @@ fn per_sample_gradients_in_one_pass_match_one_pass_per_sample() {
 }
 
 #[test]
+fn the_tanh_cnn_has_its_per_sample_gradients_in_one_pass_too() {
+    let model = TchModel::build(Device::Cpu, 4, |b| {
+        Ok(SmallCnn::build(b, 1, 28, 10)?.with_activation(Activation::Tanh))
+    })
+    .unwrap();
+    let relu = TchModel::build(Device::Cpu, 4, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    let data = DataSplit::all(Arc::new(synthetic_digits(4, 3)));
+    let batch = data.batches(4, None).next().unwrap().unwrap();
+    let fast = model
+        .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    let slow = model
+        .per_sample_gradients_looped(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    let diff = (&fast.grads - &slow.grads).abs().max().double_value(&[]);
+    let scale = slow.grads.abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-5 * scale,
+        "max difference {diff} at scale {scale}"
+    );
+    // Same weights, another activation: another loss.
+    let other = relu
+        .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
+        .unwrap();
+    assert!((other.loss - fast.loss).abs() > 1e-6);
+    assert_eq!(Activation::parse("tanh").unwrap(), Activation::Tanh);
+}
+
+#[test]
 fn per_sample_gradients_refuse_batch_norm() {
     let model = densenet(tiny_config(), 1);
     let shape = [2, 3, 32, 32];

@@ -31,7 +31,7 @@ use clap::Parser;
 use fedcore::data::mnist::MnistSplit;
 use fedcore::data::{Batch, DataSplit, ImageDataset, Mnist, Targets};
 use fedcore::memory::InMemoryTransport;
-use fedcore::models::{Device, SmallCnn, TchModel};
+use fedcore::models::{Activation, Device, SmallCnn, TchModel};
 use fedcore::{
     FedAvg, Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig,
 };
@@ -84,6 +84,10 @@ struct Args {
     /// Where mnist-dp.md goes when more than one epsilon runs.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The CNN's activation: `relu` or `tanh` (a tempered sigmoid, which
+    /// suits DP-SGD).
+    #[arg(long, value_parser = parse_activation, default_value = "relu")]
+    activation: Activation,
     /// Audit with this many canaries (0: no audit): the last M training
     /// images, negated and with a random label, each go into client 1's
     /// data with probability 1/2.
@@ -255,9 +259,9 @@ impl Canaries {
     }
 }
 
-fn cnn(seed: u64) -> Result<TchModel<SmallCnn>> {
+fn cnn(seed: u64, activation: Activation) -> Result<TchModel<SmallCnn>> {
     Ok(TchModel::build(Device::Cpu, seed, |b| {
-        SmallCnn::build(b, 1, 28, 10)
+        Ok(SmallCnn::build(b, 1, 28, 10)?.with_activation(activation))
     })?)
 }
 
@@ -296,7 +300,7 @@ fn run(
         match target {
             None => {
                 let model = Released {
-                    inner: cnn(0)?,
+                    inner: cnn(0, args.activation)?,
                     last: slot,
                 };
                 transport.add_client(ModelClient::new(id, model, data))?;
@@ -316,7 +320,7 @@ fn run(
                     Some(s) => Noise::dangerous().seeded(s.wrapping_add(k as u64)),
                     None => Noise::secure()?,
                 };
-                let model = DpSgd::new(id.clone(), cnn(0)?, config, noise)?;
+                let model = DpSgd::new(id.clone(), cnn(0, args.activation)?, config, noise)?;
                 let model = Released {
                     inner: model,
                     last: slot,
@@ -342,8 +346,13 @@ fn run(
         },
         ..ServerConfig::default()
     };
-    let mut server = Server::new(config, cnn(0)?.parameters(), transport, FedAvg)?;
-    let mut evaluator = cnn(0)?;
+    let mut server = Server::new(
+        config,
+        cnn(0, args.activation)?.parameters(),
+        transport,
+        FedAvg,
+    )?;
+    let mut evaluator = cnn(0, args.activation)?;
     let test_eval = test.clone();
     server.set_evaluator(move |p| {
         evaluator.set_parameters(p)?;
@@ -405,7 +414,7 @@ fn run(
     // others').
     let audit = match &canaries {
         Some(c) => {
-            let mut model = cnn(0)?;
+            let mut model = cnn(0, args.activation)?;
             let last = released
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -560,6 +569,10 @@ fn main() -> Result<()> {
         print!("{md}");
     }
     Ok(())
+}
+
+fn parse_activation(s: &str) -> Result<Activation, String> {
+    Activation::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_accounting(s: &str) -> Result<Accounting, String> {

@@ -1,9 +1,11 @@
 //! A small CNN for MNIST-sized images: two 5x5 convolutions (16 and 32
-//! channels, each followed by ReLU and 2x2 max pooling) and two linear layers
-//! (128 hidden units). For 28 x 28 inputs and 10 classes: 215 370 parameters.
+//! channels, each followed by the activation, ReLU unless chosen otherwise,
+//! and 2x2 max pooling) and two linear layers (128 hidden units). For 28 x
+//! 28 inputs and 10 classes: 215 370 parameters.
 
 use tch::Tensor;
 
+use super::Activation;
 use super::layers::{Builder, Conv, Linear};
 use super::{Network, Task, Trace};
 use crate::error::{Error, Result};
@@ -18,6 +20,7 @@ pub struct SmallCnn {
     conv2: Conv,
     fc1: Linear,
     fc2: Linear,
+    activation: Activation,
 }
 
 impl SmallCnn {
@@ -38,15 +41,24 @@ impl SmallCnn {
             conv2: b.conv("conv2", 16, 32, 5, true),
             fc1: b.linear("fc1", flat, 128, false),
             fc2: b.linear("fc2", 128, classes, false),
+            activation: Activation::Relu,
         })
+    }
+
+    /// The same network with another activation after each hidden layer
+    /// (e.g. [`Activation::Tanh`] for DP-SGD).
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
     }
 }
 
 impl Network for SmallCnn {
     fn forward(&self, xs: &Tensor, _train: bool) -> Tensor {
-        let x = self.conv1.forward(xs, 1, 2).relu().max_pool2d_default(2);
-        let x = self.conv2.forward(&x, 1, 2).relu().max_pool2d_default(2);
-        let x = self.fc1.forward(&x.flatten(1, -1)).relu();
+        let act = |t: Tensor| self.activation.apply(&t);
+        let x = act(self.conv1.forward(xs, 1, 2)).max_pool2d_default(2);
+        let x = act(self.conv2.forward(&x, 1, 2)).max_pool2d_default(2);
+        let x = act(self.fc1.forward(&x.flatten(1, -1)));
         self.fc2.forward(&x)
     }
 
@@ -76,17 +88,10 @@ impl Network for SmallCnn {
     }
 
     fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Option<Tensor> {
-        let x = self
-            .conv1
-            .forward_traced(xs, 1, 2, trace)
-            .relu()
-            .max_pool2d_default(2);
-        let x = self
-            .conv2
-            .forward_traced(&x, 1, 2, trace)
-            .relu()
-            .max_pool2d_default(2);
-        let x = self.fc1.forward_traced(&x.flatten(1, -1), trace).relu();
+        let act = |t: Tensor| self.activation.apply(&t);
+        let x = act(self.conv1.forward_traced(xs, 1, 2, trace)).max_pool2d_default(2);
+        let x = act(self.conv2.forward_traced(&x, 1, 2, trace)).max_pool2d_default(2);
+        let x = act(self.fc1.forward_traced(&x.flatten(1, -1), trace));
         Some(self.fc2.forward_traced(&x, trace))
     }
 }

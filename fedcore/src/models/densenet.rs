@@ -34,6 +34,9 @@ pub enum Activation {
     Relu,
     /// x².
     Square,
+    /// tanh(x): the tempered sigmoid Papernot et al. (2021) found to suit
+    /// DP-SGD (bounded activations keep clipped gradients informative).
+    Tanh,
     /// a x² + b x + c.
     Poly {
         /// Quadratic coefficient.
@@ -51,15 +54,17 @@ impl Activation {
         match *self {
             Activation::Relu => xs.relu(),
             Activation::Square => xs.square(),
+            Activation::Tanh => xs.tanh(),
             Activation::Poly { a, b, c } => xs.square() * a + xs * b + c,
         }
     }
 
-    /// `relu`, `square` or `poly:a,b,c`.
+    /// `relu`, `square`, `tanh` or `poly:a,b,c`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "relu" => Ok(Activation::Relu),
             "square" => Ok(Activation::Square),
+            "tanh" => Ok(Activation::Tanh),
             other => {
                 let coeffs: Option<Vec<f64>> = other
                     .strip_prefix("poly:")
@@ -70,7 +75,7 @@ impl Activation {
                         Ok(Activation::Poly { a, b, c })
                     }
                     _ => Err(Error::InvalidConfig(format!(
-                        "unknown activation `{other}` (relu, square, poly:a,b,c)"
+                        "unknown activation `{other}` (relu, square, tanh, poly:a,b,c)"
                     ))),
                 }
             }
