@@ -1947,6 +1947,29 @@ async fn read_to_close<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Opens `cap` connections to `at` and checks that one more is closed
+/// without an answer; returns the ones held.
+async fn one_over_the_cap_is_closed(at: SocketAddr, cap: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(tokio::net::TcpStream::connect(at).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = tokio::net::TcpStream::connect(at).await.unwrap();
+    let _ = over
+        .write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let answer = read_to_close(&mut over, Duration::from_millis(800)).await;
+    assert_eq!(
+        answer.as_deref(),
+        Some(""),
+        "connection {} was served",
+        cap + 1
+    );
+    held
+}
+
 #[tokio::test]
 async fn slow_headers_are_cut_off_and_connections_are_capped() {
     use tokio::io::AsyncWriteExt;
@@ -1982,21 +2005,7 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     drop(silent);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // At most three connections: a fourth is closed at once.
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(tokio::net::TcpStream::connect(at).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut fourth = tokio::net::TcpStream::connect(at).await.unwrap();
-    let _ = fourth
-        .write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await;
-    let answer = read_to_close(&mut fourth, Duration::from_millis(800)).await;
-    assert_eq!(
-        answer.as_deref(),
-        Some(""),
-        "the fourth connection is served"
-    );
+    let held = one_over_the_cap_is_closed(at, 3).await;
     // Once they are gone (the header timeout closes idle ones too), the
     // server takes connections again.
     drop(held);
@@ -2017,22 +2026,7 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
         ..ServerLimits::default()
     };
     let at = serve(&h.state, per_address, None).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        held.push(tokio::net::TcpStream::connect(at).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut third = tokio::net::TcpStream::connect(at).await.unwrap();
-    let _ = third
-        .write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await;
-    let answer = read_to_close(&mut third, Duration::from_millis(800)).await;
-    assert_eq!(
-        answer.as_deref(),
-        Some(""),
-        "a third from one address is served"
-    );
-    drop(held);
+    drop(one_over_the_cap_is_closed(at, 2).await);
 }
 
 #[tokio::test]

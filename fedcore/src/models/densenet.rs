@@ -398,6 +398,7 @@ mod tests {
             }
         );
         assert!(Activation::parse("poly:1,2").is_err());
-        assert!(Activation::parse("tanh").is_err());
+        assert_eq!(Activation::parse("tanh").unwrap(), Activation::Tanh);
+        assert!(Activation::parse("sigmoid").is_err());
     }
 }
