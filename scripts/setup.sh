@@ -60,20 +60,26 @@ for component in rustfmt clippy; do
     fi
 done
 
+# pip install into the venv. torch's own dependency list (triton, nccl, ...)
+# is not needed to link libtorch and is skipped; pip's resolver then names it
+# after every install, which is expected and filtered out here.
+venv_install() {
+    local out
+    if ! out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        log "installing $* failed"
+        exit 1
+    fi
+    printf '%s\n' "$out" | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
+        -e "but you have .* which is incompatible" -e '^$' >&2 || true
+}
+
 marker="$VENV/.fedcore-torch-$TORCH_VERSION"
 if [ ! -f "$marker" ]; then
     log "installing torch==$TORCH_VERSION into $VENV (about 540 MB, once)"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
-    # torch's own dependency list (triton, nccl, ...) is not needed to link libtorch;
-    # pip's resolver warns about it, which is expected and filtered out here.
-    if ! out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check "$CUDA_TOOLKIT" 2>&1); then
-        printf '%s\n' "$out" >&2
-        log "installing $CUDA_TOOLKIT failed"
-        exit 1
-    fi
-    printf '%s\n' "$out" | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
-        -e "but you have .* which is incompatible" -e '^$' >&2 || true
+    venv_install "$CUDA_TOOLKIT"
     # libtorch is all `tch` needs from the wheel (importing torch in Python would
     # need the dependencies skipped above).
     ls "$VENV"/lib/python3*/site-packages/torch/lib/libtorch_cpu.so >/dev/null || {
@@ -84,14 +90,7 @@ fi
 marker="$VENV/.fedcore-schemathesis-$SCHEMATHESIS_VERSION"
 if [ ! -f "$marker" ]; then
     log "installing schemathesis==$SCHEMATHESIS_VERSION into $VENV (the dashboard's API checks)"
-    if ! out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" 2>&1); then
-        printf '%s\n' "$out" >&2
-        log "installing schemathesis failed"
-        exit 1
-    fi
-    # pip re-checks the whole venv and names torch's skipped dependencies.
-    printf '%s\n' "$out" | grep -v -e "dependency resolver" -e "requires .*, which is not installed" \
-        -e "but you have .* which is incompatible" -e '^$' >&2 || true
+    venv_install "schemathesis==$SCHEMATHESIS_VERSION"
     touch "$marker"
 fi
 
