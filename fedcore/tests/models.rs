@@ -544,19 +544,22 @@ fn rgb_weights_load_into_a_gray_model() {
     assert!(e.to_string().contains("features.conv0.weight"), "{e}");
 }
 
-#[test]
-fn per_sample_gradients_in_one_pass_match_one_pass_per_sample() {
-    let model = TchModel::build(Device::Cpu, 4, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
-    let data = DataSplit::all(Arc::new(synthetic_digits(6, 9)));
-    let batch = data.batches(6, None).next().unwrap().unwrap();
+/// Per-sample gradients and loss in one pass equal those of one backward
+/// pass per sample (1e-5 relative); returns both and the gradients' scale.
+fn assert_one_pass_matches_looped<N: Network>(
+    model: &TchModel<N>,
+    batch: &fedcore::data::Batch,
+) -> (
+    fedcore::models::PerSampleGradients,
+    fedcore::models::PerSampleGradients,
+    f64,
+) {
     let fast = model
         .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
         .unwrap();
     let slow = model
         .per_sample_gradients_looped(&batch.images, batch.shape, &batch.targets)
         .unwrap();
-    assert_eq!(fast.grads.size(), [6, 215_370]);
-    assert_eq!(slow.grads.size(), [6, 215_370]);
     let diff = (&fast.grads - &slow.grads).abs().max().double_value(&[]);
     let scale = slow.grads.abs().max().double_value(&[]);
     assert!(
@@ -564,6 +567,17 @@ fn per_sample_gradients_in_one_pass_match_one_pass_per_sample() {
         "max difference {diff} at scale {scale}"
     );
     assert!((fast.loss - slow.loss).abs() < 1e-5 * slow.loss.abs().max(1.0));
+    (fast, slow, scale)
+}
+
+#[test]
+fn per_sample_gradients_in_one_pass_match_one_pass_per_sample() {
+    let model = TchModel::build(Device::Cpu, 4, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    let data = DataSplit::all(Arc::new(synthetic_digits(6, 9)));
+    let batch = data.batches(6, None).next().unwrap().unwrap();
+    let (fast, slow, scale) = assert_one_pass_matches_looped(&model, &batch);
+    assert_eq!(fast.grads.size(), [6, 215_370]);
+    assert_eq!(slow.grads.size(), [6, 215_370]);
     // Rows differ: they are per-sample, not copies of the batch gradient.
     let r01 = (fast.grads.get(0) - fast.grads.get(1))
         .abs()
@@ -592,18 +606,7 @@ fn the_tanh_cnn_has_its_per_sample_gradients_in_one_pass_too() {
     let relu = TchModel::build(Device::Cpu, 4, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
     let data = DataSplit::all(Arc::new(synthetic_digits(4, 3)));
     let batch = data.batches(4, None).next().unwrap().unwrap();
-    let fast = model
-        .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
-        .unwrap();
-    let slow = model
-        .per_sample_gradients_looped(&batch.images, batch.shape, &batch.targets)
-        .unwrap();
-    let diff = (&fast.grads - &slow.grads).abs().max().double_value(&[]);
-    let scale = slow.grads.abs().max().double_value(&[]);
-    assert!(
-        diff <= 1e-5 * scale,
-        "max difference {diff} at scale {scale}"
-    );
+    let (fast, _, _) = assert_one_pass_matches_looped(&model, &batch);
     // Same weights, another activation: another loss.
     let other = relu
         .per_sample_gradients(&batch.images, batch.shape, &batch.targets)
@@ -634,8 +637,8 @@ fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
     let full = model
         .per_sample_gradients_looped(&batch.images, batch.shape, &batch.targets)
         .unwrap();
-    let norms: Vec<f32> = Vec::try_from(&full.grads.norm_scalaropt_dim(2, [1], false)).unwrap();
-    let mut sorted = norms.clone();
+    let mut sorted: Vec<f32> =
+        Vec::try_from(&full.grads.norm_scalaropt_dim(2, [1], false)).unwrap();
     sorted.sort_by(f32::total_cmp);
     // A norm that clips every sample, one that clips about half, one that clips none.
     for c in [
@@ -643,24 +646,11 @@ fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
         f64::from(sorted[4]),
         f64::from(sorted[7]) * 2.0,
     ] {
-        let fast = model
-            .clipped_gradient_sum(&batch.images, batch.shape, &batch.targets, c)
-            .unwrap();
-        for (a, b) in fast.norms.iter().zip(&norms) {
-            assert!((a - b).abs() <= 1e-4 * b, "norm {a} vs {b}");
-        }
-        let factor = (c / (&full.grads.norm_scalaropt_dim(2, [1], false) + 1e-6)).clamp_max(1.0);
-        let want: Vec<f32> = Vec::try_from(&(&full.grads * factor.unsqueeze(1)).sum_dim_intlist(
-            0,
-            false,
-            tch::Kind::Float,
-        ))
-        .unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(&fast.sum, &want);
-        assert!(
-            diff <= 1e-4 * scale,
-            "C = {c}: max difference {diff} at scale {scale}"
+        let fast = assert_clipped_sum_matches(
+            &model,
+            (&batch.images, batch.shape, &batch.targets),
+            &full,
+            c,
         );
         let sum_norm = fedcore::l2_norm(&fast.sum);
         assert!(
@@ -677,13 +667,13 @@ fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
 
 /// Checks `clipped_gradient_sum` at clipping norm `c` against clipping the
 /// per-sample gradients `slow` (one backward pass per sample): the norms and
-/// the clipped sum within 1e-4 relative.
+/// the clipped sum within 1e-4 relative. Returns the one-pass result.
 fn assert_clipped_sum_matches<N: Network>(
     model: &TchModel<N>,
     (images, shape, targets): (&[f32], [usize; 4], &Targets),
     slow: &fedcore::models::PerSampleGradients,
     c: f64,
-) {
+) -> fedcore::models::ClippedGradientSum {
     let norms = slow.grads.norm_scalaropt_dim(2, [1], false);
     let want_norms: Vec<f32> = Vec::try_from(&norms).unwrap();
     let fast = model
@@ -705,6 +695,7 @@ fn assert_clipped_sum_matches<N: Network>(
         diff <= 1e-4 * scale,
         "C = {c}: clipped sum {diff} at scale {scale}"
     );
+    fast
 }
 
 /// Inputs and targets for the tiny DenseNet: `n` seeded 3 x 32 x 32 images.
