@@ -16,7 +16,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	@source scripts/env.sh && cargo run --release -p hospital -- simulate $(ARGS)
+	@source scripts/env.sh && cargo run --release -p fedcore-hospital -- simulate $(ARGS)
 
 test: setup
 	@source scripts/env.sh && scripts/test.sh

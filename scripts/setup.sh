@@ -94,7 +94,7 @@ if [ ! -f "$marker" ]; then
     touch "$marker"
 fi
 
-if [ ! -f e2e/node_modules/playwright-core/package.json ]; then
+if [ ! -f apps/hospital/e2e/node_modules/playwright-core/package.json ]; then
     log "installing the browser test's playwright-core (npm ci, uses Debian's Chromium)"
-    npm ci --prefix e2e --no-audit --no-fund --loglevel=error >/dev/null
+    npm ci --prefix apps/hospital/e2e --no-audit --no-fund --loglevel=error >/dev/null
 fi

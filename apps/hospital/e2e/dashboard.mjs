@@ -6,14 +6,14 @@
 // and reads the 14 findings, visits the other pages, signs out. Screenshots
 // go to $E2E_OUT (default target/e2e-screenshots).
 //
-//   node e2e/dashboard.mjs [path/to/hospital]
+//   node apps/hospital/e2e/dashboard.mjs [path/to/hospital]
 import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { chromium } from "playwright-core";
 
-const root = resolve(new URL("..", import.meta.url).pathname);
+const root = resolve(new URL("../../..", import.meta.url).pathname);
 const binary = process.argv[2] || join(root, "target/debug/hospital");
 const out = process.env.E2E_OUT || join(root, "target/e2e-screenshots");
 const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";

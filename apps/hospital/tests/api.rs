@@ -14,13 +14,13 @@ use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode, header};
 use fedcore::Model;
-use hospital::api::{AppState, UploadLimits};
-use hospital::atrest::AtRest;
-use hospital::auth::{ClientAddress, LoginLimit, TokenLife};
-use hospital::infer::Predictor;
-use hospital::live::Shared;
-use hospital::store::{ClientStatus, NewRound, RoundRow, TrustRow, UpdateRow};
-use hospital::web::{self, ServerLimits, WebConfig};
+use fedcore_hospital::api::{AppState, UploadLimits};
+use fedcore_hospital::atrest::AtRest;
+use fedcore_hospital::auth::{ClientAddress, LoginLimit, TokenLife};
+use fedcore_hospital::infer::Predictor;
+use fedcore_hospital::live::Shared;
+use fedcore_hospital::store::{ClientStatus, NewRound, RoundRow, TrustRow, UpdateRow};
+use fedcore_hospital::web::{self, ServerLimits, WebConfig};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -70,14 +70,17 @@ async fn harness_at(url: Option<String>, at_rest: Option<AtRest>) -> Harness {
     };
     let predictor = Arc::new(Predictor::new(SIZE, 1));
     predictor
-        .update(&hospital::sim::densenet(1).unwrap().parameters(), 3)
+        .update(
+            &fedcore_hospital::recipe::densenet(1).unwrap().parameters(),
+            3,
+        )
         .unwrap();
     let state = web::state(&config, Arc::new(Shared::default()), predictor)
         .await
         .unwrap();
     for (name, password) in PASSWORDS {
         // SAFETY of the test: the env var route is what `bootstrap_users` reads.
-        let hash = hospital::auth::hash_password(password).unwrap();
+        let hash = fedcore_hospital::auth::hash_password(password).unwrap();
         state
             .store
             .create_user(name, &hash, name.parse().unwrap())
@@ -310,7 +313,7 @@ async fn every_endpoint_needs_a_valid_token() {
         .collect();
     let forged = {
         // Signed with another key.
-        let other = hospital::auth::Tokens::new(&[9; 32], TokenLife::default()).unwrap();
+        let other = fedcore_hospital::auth::Tokens::new(&[9; 32], TokenLife::default()).unwrap();
         let admin = h.state.store.user(1).await.unwrap().unwrap();
         other.issue(&admin, 0, None).unwrap().unwrap()
     };
@@ -776,7 +779,7 @@ async fn open_event_streams_close_when_the_session_ends() {
 async fn event_streams_are_capped_per_user_and_in_all() {
     let h = harness().await;
     let mut state = h.state.clone();
-    state.streams = hospital::api::EventStreams::new(3, 2);
+    state.streams = fedcore_hospital::api::EventStreams::new(3, 2);
     let app = from_address(&state, [10, 0, 0, 7]);
     let admin = login(&app, "admin").await;
     let doctor = login(&app, "doctor").await;
@@ -1242,7 +1245,7 @@ async fn admins_stop_a_run_from_the_page() {
     assert_eq!(stop(&admin).await.status, StatusCode::CONFLICT);
     h.state
         .shared
-        .set_progress(|p| p.status = hospital::live::RunStatus::Training);
+        .set_progress(|p| p.status = fedcore_hospital::live::RunStatus::Training);
     assert_eq!(stop(&doctor).await.status, StatusCode::FORBIDDEN);
     assert!(!h.state.shared.stop.is_stopped());
     let a = stop(&admin).await;
@@ -1435,7 +1438,7 @@ async fn findings_and_exports_are_encrypted_at_rest_with_a_key() {
     );
     let raw = h.state.store.inferences(None, 10).await.unwrap();
     assert!(
-        hospital::atrest::is_sealed(&raw[0].findings),
+        fedcore_hospital::atrest::is_sealed(&raw[0].findings),
         "{}",
         raw[0].findings
     );
@@ -1454,7 +1457,10 @@ async fn findings_and_exports_are_encrypted_at_rest_with_a_key() {
     let (params, _) = fedcore::Parameters::from_safetensors(&plain).unwrap();
     assert_eq!(
         params.len(),
-        hospital::sim::densenet(1).unwrap().parameters().len()
+        fedcore_hospital::recipe::densenet(1)
+            .unwrap()
+            .parameters()
+            .len()
     );
     assert!(
         h.state

@@ -22,13 +22,15 @@ use fedcore::data::{
 use fedcore::net::provision::{Kit, Project, ProjectSpec, Roster};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::trust::TrustPolicy;
-use fedcore::{Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig};
+use fedcore::{Model, ModelClient, Server, ServerConfig, ServerEvent};
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
 
 use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
-use crate::sim::{AggregatorChoice, DpArgs, densenet, hospital, image_config};
+use crate::recipe::{
+    AggregatorChoice, DpArgs, densenet, dp_tensors, hospital, image_config, local_training,
+};
 use crate::web::{self, WebConfig};
 
 /// `hospital provision`.
@@ -204,13 +206,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         fraction_evaluate: 1.0,
         round_timeout: Duration::from_secs(a.round_timeout),
         seed: a.seed,
-        train: TrainConfig {
-            epochs: a.epochs,
-            batch_size: a.batch_size,
-            learning_rate: a.lr,
-            optimizer: Optimizer::adam(),
-            seed: 0,
-        },
+        train: local_training(a.epochs, a.batch_size, a.lr),
         checkpoint_dir: Some(checkpoints.clone()),
         trust: Some(TrustPolicy::default()),
         ..ServerConfig::default()
@@ -456,7 +452,7 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     );
     let ds: std::sync::Arc<dyn ImageDataset> = std::sync::Arc::new(ds);
     let model = densenet(a.seed)?;
-    let dp_tensors = crate::sim::dp_tensors(&model);
+    let dp_tensors = dp_tensors(&model);
     let mut client = ModelClient::new(
         identity.clone(),
         model,

@@ -10,7 +10,7 @@ use fedcore::{Parameters, PrivacyCost, PrivacyMechanism, Spent};
 use fedcore_dp::LocalDp;
 use serde::{Deserialize, Serialize};
 
-use crate::sim::DpArgs;
+use crate::recipe::DpArgs;
 
 /// The DP settings a hospital's ledger was started with.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

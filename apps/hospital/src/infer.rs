@@ -106,7 +106,7 @@ pub fn decode(
         .map_err(|e| UploadError::Corrupt(e.to_string()))?;
     let gray = img.into_luma8();
     let resized = image::imageops::resize(&gray, size, size, image::imageops::FilterType::Triangle);
-    let c = crate::sim::image_config(size);
+    let c = crate::recipe::image_config(size);
     let pixels = resized
         .as_raw()
         .iter()
@@ -173,7 +173,7 @@ impl Predictor {
             .map_err(|_| anyhow::anyhow!("predictor lock poisoned"))?;
         if guard.is_none() {
             *guard = Some(Loaded {
-                model: crate::sim::densenet(self.seed)?,
+                model: crate::recipe::densenet(self.seed)?,
                 round,
                 parameters: parameters.clone(),
             });

@@ -1,4 +1,4 @@
-# Sourced by scripts/test.sh: starts a throwaway PostgreSQL cluster (Debian's
+# Sourced by scripts/test.sh (from the repository root): starts a throwaway PostgreSQL cluster (Debian's
 # server binaries) on 127.0.0.1:55432 for the dashboard store's tests, exports
 # FEDCORE_TEST_POSTGRES and stops the cluster when the shell exits.
 _pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)

@@ -14,92 +14,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
-use fedcore::data::chestxray::FINDINGS;
+use clap::Args;
 use fedcore::data::{
-    ChestXray14, ChestXrayConfig, DataSplit, ImageDataset, PartitionConfig, SyntheticXrays,
-    dirichlet_partition, write_synthetic_chestxray,
+    ChestXray14, DataSplit, ImageDataset, PartitionConfig, SyntheticXrays, dirichlet_partition,
+    write_synthetic_chestxray,
 };
 use fedcore::memory::{Fault, InMemoryTransport};
-use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
 use fedcore::trust::TrustPolicy;
 use fedcore::{
-    Aggregator, ClientId, Evaluation, FedAvg, Model, ModelClient, Optimizer, Parameters, RunEnd,
-    RunPolicy, Server, ServerConfig, ServerEvent, TrainConfig,
+    Aggregator, ClientId, Evaluation, Model, ModelClient, Parameters, RunEnd, RunPolicy, Server,
+    ServerConfig, ServerEvent,
 };
-use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
 use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Secret};
 use fedcore_robust::attacks::{Attack, Byzantine};
-use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
-use serde::{Deserialize, Serialize};
 
 use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
+use crate::recipe::{
+    AggregatorChoice, DpArgs, densenet, dp_tensors, hospital, image_config, local_training,
+};
 use crate::store::Store;
-
-/// The aggregation rule for the body, swappable with one flag.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AggregatorChoice {
-    /// Example-weighted mean (not robust).
-    Fedavg,
-    /// Geometric median by smoothed Weiszfeld.
-    GeometricMedian,
-    /// Coordinate-wise median.
-    Median,
-    /// Coordinate-wise trimmed mean, beta = 0.2.
-    TrimmedMean,
-    /// Krum tolerating f = (n - 3) / 2 Byzantine hospitals.
-    Krum,
-}
-
-impl AggregatorChoice {
-    /// The aggregator, for `clients` hospitals (Krum's f depends on it).
-    pub fn build(self, clients: usize) -> Result<Box<dyn Aggregator>> {
-        Ok(match self {
-            Self::Fedavg => Box::new(FedAvg),
-            Self::GeometricMedian => Box::new(GeometricMedianParams::new().check()?),
-            Self::Median => Box::new(CoordinateMedian),
-            Self::TrimmedMean => Box::new(TrimmedMeanParams::new(0.2).check()?),
-            Self::Krum => {
-                Box::new(KrumParams::new(clients, clients.saturating_sub(3) / 2).check()?)
-            }
-        })
-    }
-}
-
-/// Local differential privacy on a hospital's body update: the flags of the
-/// simulation and of a deployed hospital (`hospital client`).
-#[derive(Args, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct DpArgs {
-    /// Local differential privacy on the body (clip + Gaussian noise, RDP
-    /// accountant). Off by default: with a handful of hospitals the noise
-    /// that client-level DP needs on 7M parameters stops learning
-    /// (docs/dashboard.md, "Differential privacy").
-    #[arg(long = "dp", value_name = "DP", default_value_t = false, action = clap::ArgAction::Set)]
-    pub enabled: bool,
-    /// Each hospital's epsilon for the whole run.
-    #[arg(long, default_value_t = 8.0)]
-    pub epsilon: f64,
-    /// Each hospital's delta.
-    #[arg(long, default_value_t = 1e-5)]
-    pub delta: f64,
-    /// L2 clipping norm of a hospital's body update.
-    #[arg(long, default_value_t = 1.0)]
-    pub clip: f64,
-}
-
-impl DpArgs {
-    /// Hospital `name`'s mechanism on `tensors`: clip to `clip`, Gaussian
-    /// noise calibrated by the RDP accountant so that `rounds` releases
-    /// spend (epsilon, delta).
-    pub fn mechanism(&self, name: &str, tensors: &[String], rounds: u64) -> Result<LocalDp> {
-        let clip = Clip::new(self.clip)?.only(tensors);
-        let budget = Budget::new(self.epsilon, self.delta)?;
-        let params = LocalDpParams::calibrated(clip, budget, rounds)?;
-        Ok(LocalDp::new(name, params, Noise::secure()?)?)
-    }
-}
 
 /// Every choice of a simulation.
 #[derive(Args, Debug, Clone)]
@@ -169,29 +104,6 @@ pub struct SimConfig {
     /// Make this hospital (1-based) drop out of every round.
     #[arg(long)]
     pub drop_client: Option<usize>,
-}
-
-/// The name of hospital `i` (0-based).
-pub fn hospital(i: usize) -> String {
-    format!("hospital-{}", i + 1)
-}
-
-/// The DenseNet-121 of the hospital app.
-pub fn densenet(seed: u64) -> Result<TchModel<DenseNet>> {
-    let config = DenseNetConfig::densenet121(1, Activation::Square);
-    Ok(TchModel::build(fedcore::models::Device::Cpu, seed, |b| {
-        DenseNet::build(b, config)
-    })?
-    .with_label_names(&FINDINGS)?)
-}
-
-/// The image preprocessing of the app (the data set's and inference's).
-pub fn image_config(size: u32) -> ChestXrayConfig {
-    ChestXrayConfig {
-        size,
-        channels: 1,
-        ..ChestXrayConfig::default()
-    }
 }
 
 /// What a finished simulation reports.
@@ -382,13 +294,7 @@ fn run_inner(
         fraction_evaluate: 0.0,
         round_timeout: Duration::from_secs(cfg.round_timeout),
         seed: cfg.seed,
-        train: TrainConfig {
-            epochs: cfg.epochs,
-            batch_size: cfg.batch_size,
-            learning_rate: cfg.lr,
-            optimizer: Optimizer::adam(),
-            seed: 0,
-        },
+        train: local_training(cfg.epochs, cfg.batch_size, cfg.lr),
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         trust: Some(TrustPolicy::default()),
         ..ServerConfig::default()
@@ -581,21 +487,6 @@ where
         client = client.with_sealer(CkksSealer::new(secret.clone()));
     }
     Ok(Box::new(client))
-}
-
-/// The tensors local DP covers: the trained tensors of the body. BatchNorm
-/// running statistics are averaged without noise (docs/dashboard.md,
-/// "Limits"); the head is encrypted.
-pub fn dp_tensors(model: &TchModel<DenseNet>) -> Vec<String> {
-    let layout = model.layout();
-    let (buffers, head) = (model.buffers(), model.head());
-    layout
-        .tensors()
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
-        .map(|(_, s)| s.name.clone())
-        .collect()
 }
 
 /// Writes the synthetic set once into the run folder.

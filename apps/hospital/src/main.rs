@@ -17,10 +17,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use hospital::infer::Predictor;
-use hospital::live::Shared;
-use hospital::sim::{self, SimConfig};
-use hospital::web::{self, WebConfig};
+use fedcore_hospital::infer::Predictor;
+use fedcore_hospital::live::Shared;
+use fedcore_hospital::sim::{self, SimConfig};
+use fedcore_hospital::web::{self, WebConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,11 +37,11 @@ enum Command {
     /// Run the federated simulation and serve the dashboard while it trains.
     Simulate(SimulateArgs),
     /// Create startup kits (project CA, certificates, CKKS keys) for a deployment.
-    Provision(hospital::deploy::ProvisionArgs),
+    Provision(fedcore_hospital::deploy::ProvisionArgs),
     /// Run the aggregation server of a deployment (gRPC over mutual TLS).
-    Server(hospital::deploy::ServerArgs),
+    Server(fedcore_hospital::deploy::ServerArgs),
     /// Run one hospital of a deployment: it dials the server and trains on its own data.
-    Client(hospital::deploy::ClientArgs),
+    Client(fedcore_hospital::deploy::ClientArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,14 +73,14 @@ fn main() -> Result<()> {
         .init();
     let mut args = match Cli::parse().command {
         Command::Simulate(a) => a,
-        Command::Provision(a) => return hospital::deploy::provision_cmd(&a),
-        Command::Server(a) => return hospital::deploy::server_cmd(&a),
-        Command::Client(a) => return hospital::deploy::client_cmd(&a),
+        Command::Provision(a) => return fedcore_hospital::deploy::provision_cmd(&a),
+        Command::Server(a) => return fedcore_hospital::deploy::server_cmd(&a),
+        Command::Client(a) => return fedcore_hospital::deploy::client_cmd(&a),
     };
     let run_dir = args.sim.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "runs/hospital-{}",
-            hospital::store::now_ms() / 1000
+            fedcore_hospital::store::now_ms() / 1000
         ))
     });
     std::fs::create_dir_all(&run_dir)

@@ -3,7 +3,7 @@
 The run signs in once as the admin. Operations that would end that very
 session are kept off user 1 (the admin): a role change, an erasure and a
 password reset of user 1 would revoke the run's token (by design, tested in
-examples/hospital/tests/api.rs), and every later request would only see 401.
+apps/hospital/tests/api.rs), and every later request would only see 401.
 """
 
 import schemathesis

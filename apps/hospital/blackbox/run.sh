@@ -9,7 +9,7 @@
 #     (they end the very session the run uses; tests/api.rs covers them).
 # Bounded: a few minutes, only 127.0.0.1.
 #
-#   examples/hospital/blackbox/run.sh [path/to/hospital]
+#   apps/hospital/blackbox/run.sh [path/to/hospital]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)

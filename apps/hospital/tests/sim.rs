@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use hospital::infer::Predictor;
-use hospital::live::Shared;
-use hospital::sim::{self, SimConfig};
-use hospital::store::Store;
+use fedcore_hospital::infer::Predictor;
+use fedcore_hospital::live::Shared;
+use fedcore_hospital::sim::{self, SimConfig};
+use fedcore_hospital::store::Store;
 
 #[derive(Parser)]
 struct Cli {

@@ -1,0 +1,244 @@
+//! What the charts read (`/api/metrics`).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::Permission;
+use crate::live::Progress;
+use crate::store::ClientStatus;
+
+use super::training::progress;
+use super::{ApiResult, AppState, ErrorBody, Session};
+
+/// The run at a glance.
+#[derive(Serialize, ToSchema)]
+pub struct Overview {
+    /// Where the run is.
+    pub progress: Progress,
+    /// Rounds recorded.
+    pub rounds_recorded: usize,
+    /// Hospitals.
+    pub clients: usize,
+    /// Hospitals not suspended.
+    pub active_clients: usize,
+    /// Hospitals flagged suspicious in their latest round.
+    pub suspicious_clients: Vec<String>,
+    /// Held-out loss after the last round.
+    pub last_loss: Option<f64>,
+    /// Held-out macro AUROC after the last round.
+    pub last_auroc: Option<f64>,
+    /// The best macro AUROC so far.
+    pub best_auroc: Option<f64>,
+    /// The round of the model that answers inference.
+    pub model_round: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/overview", tag = "metrics",
+    responses((status = 200, body = Overview), (status = 401, body = ErrorBody)))]
+pub(super) async fn overview(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Overview>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
+    let rounds = state.store.rounds().await?;
+    let clients = state.store.clients().await?;
+    let mut suspicious = Vec::new();
+    for c in &clients {
+        if state
+            .store
+            .trust(&c.id)
+            .await?
+            .last()
+            .is_some_and(|t| t.suspicious)
+        {
+            suspicious.push(c.id.clone());
+        }
+    }
+    let last = rounds.iter().rev().find(|r| r.loss.is_some());
+    Ok(Json(Overview {
+        progress: progress(&state),
+        rounds_recorded: rounds.len(),
+        active_clients: clients
+            .iter()
+            .filter(|c| c.status == ClientStatus::Active)
+            .count(),
+        clients: clients.len(),
+        suspicious_clients: suspicious,
+        last_loss: last.and_then(|r| r.loss),
+        last_auroc: last.and_then(|r| r.auroc_macro),
+        best_auroc: rounds
+            .iter()
+            .filter_map(|r| r.auroc_macro)
+            .max_by(f64::total_cmp),
+        model_round: state.predictor.round(),
+    }))
+}
+
+/// AUROC after one round.
+#[derive(Serialize, ToSchema)]
+pub struct AucPoint {
+    /// The round.
+    pub round: i64,
+    /// Macro mean over the labels where it is defined.
+    pub macro_auroc: Option<f64>,
+    /// Per label.
+    pub per_label: BTreeMap<String, f64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/auc-history", tag = "metrics",
+    responses((status = 200, body = [AucPoint]), (status = 401, body = ErrorBody)))]
+pub(super) async fn auc_history(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<AucPoint>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
+    let mut per = state.store.metrics("eval.auroc.", None).await?;
+    Ok(Json(
+        state
+            .store
+            .rounds()
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                let per_label = per.remove(&r.id);
+                (r.auroc_macro.is_some() || per_label.is_some()).then(|| AucPoint {
+                    round: r.id,
+                    macro_auroc: r.auroc_macro,
+                    per_label: per_label.unwrap_or_default(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// Loss after one round.
+#[derive(Serialize, ToSchema)]
+pub struct LossPoint {
+    /// The round.
+    pub round: i64,
+    /// Held-out loss.
+    pub loss: Option<f64>,
+    /// Mean training loss of the accepted hospitals.
+    pub train_loss: Option<f64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/loss-history", tag = "metrics",
+    responses((status = 200, body = [LossPoint]), (status = 401, body = ErrorBody)))]
+pub(super) async fn loss_history(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<LossPoint>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
+    Ok(Json(
+        state
+            .store
+            .rounds()
+            .await?
+            .into_iter()
+            .map(|r| LossPoint {
+                round: r.id,
+                loss: r.loss,
+                train_loss: r.train_loss,
+            })
+            .collect(),
+    ))
+}
+
+/// How one round was aggregated.
+#[derive(Serialize, ToSchema)]
+pub struct AggregationPoint {
+    /// The round.
+    pub round: i64,
+    /// The aggregator.
+    pub aggregator: String,
+    /// Updates that counted.
+    pub accepted: i64,
+    /// Updates that did not.
+    pub rejected: i64,
+    /// Norm of the aggregated step.
+    pub update_norm: Option<f64>,
+    /// The aggregator's numbers (iterations, objective, sealed_sum_ms, ...).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/aggregation", tag = "metrics",
+    responses((status = 200, body = [AggregationPoint]), (status = 401, body = ErrorBody)))]
+pub(super) async fn aggregation(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<AggregationPoint>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
+    let mut per = state.store.metrics("agg.", None).await?;
+    Ok(Json(
+        state
+            .store
+            .rounds()
+            .await?
+            .into_iter()
+            .map(|r| AggregationPoint {
+                metrics: per.remove(&r.id).unwrap_or_default(),
+                round: r.id,
+                aggregator: r.aggregator,
+                accepted: r.accepted,
+                rejected: r.rejected,
+                update_norm: r.update_norm,
+            })
+            .collect(),
+    ))
+}
+
+/// A hospital's privacy spending.
+#[derive(Serialize, ToSchema)]
+pub struct PrivacyView {
+    /// The hospital.
+    pub client: String,
+    /// Epsilon spent so far.
+    pub epsilon: Option<f64>,
+    /// Its delta.
+    pub delta: Option<f64>,
+    /// The run's budget (epsilon, delta), when DP is on.
+    pub budget: Option<(f64, f64)>,
+    /// Epsilon after each round it took part in.
+    pub history: Vec<(i64, f64)>,
+}
+
+#[utoipa::path(get, path = "/api/metrics/privacy", tag = "metrics",
+    responses((status = 200, body = [PrivacyView]), (status = 401, body = ErrorBody)))]
+pub(super) async fn privacy(
+    State(state): State<AppState>,
+    session: Session,
+) -> ApiResult<Json<Vec<PrivacyView>>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view metrics")
+        .await?;
+    let budget = progress(&state).budget;
+    let mut out = Vec::new();
+    for c in state.store.clients().await? {
+        let ups = state.store.updates(None, Some(&c.id)).await?;
+        let history: Vec<(i64, f64)> = ups
+            .iter()
+            .filter_map(|u| u.epsilon.map(|e| (u.round_id, e)))
+            .collect();
+        let last = ups.iter().rev().find(|u| u.epsilon.is_some());
+        out.push(PrivacyView {
+            client: c.id,
+            epsilon: last.and_then(|u| u.epsilon),
+            delta: last.and_then(|u| u.delta),
+            budget,
+            history,
+        });
+    }
+    Ok(Json(out))
+}

@@ -1,0 +1,128 @@
+//! The recipe: what a hospital federation trains and how, shared by the
+//! simulation ([`crate::sim`]) and the deployment ([`crate::deploy`]): the
+//! model, the body's aggregator, local DP on the body, the local training
+//! and the image preprocessing. The encrypted head is the model's
+//! [`TchModel::head`] under `fedcore_he`'s default CKKS parameters.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use fedcore::data::ChestXrayConfig;
+use fedcore::data::chestxray::FINDINGS;
+use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
+use fedcore::{Aggregator, FedAvg, Optimizer, TrainConfig};
+use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
+use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
+use serde::{Deserialize, Serialize};
+
+/// The aggregation rule for the body, swappable with one flag.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregatorChoice {
+    /// Example-weighted mean (not robust).
+    Fedavg,
+    /// Geometric median by smoothed Weiszfeld.
+    GeometricMedian,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean, beta = 0.2.
+    TrimmedMean,
+    /// Krum tolerating f = (n - 3) / 2 Byzantine hospitals.
+    Krum,
+}
+
+impl AggregatorChoice {
+    /// The aggregator, for `clients` hospitals (Krum's f depends on it).
+    pub fn build(self, clients: usize) -> Result<Box<dyn Aggregator>> {
+        Ok(match self {
+            Self::Fedavg => Box::new(FedAvg),
+            Self::GeometricMedian => Box::new(GeometricMedianParams::new().check()?),
+            Self::Median => Box::new(CoordinateMedian),
+            Self::TrimmedMean => Box::new(TrimmedMeanParams::new(0.2).check()?),
+            Self::Krum => {
+                Box::new(KrumParams::new(clients, clients.saturating_sub(3) / 2).check()?)
+            }
+        })
+    }
+}
+
+/// Local differential privacy on a hospital's body update: the flags of the
+/// simulation and of a deployed hospital (`hospital client`).
+#[derive(Args, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpArgs {
+    /// Local differential privacy on the body (clip + Gaussian noise, RDP
+    /// accountant). Off by default: with a handful of hospitals the noise
+    /// that client-level DP needs on 7M parameters stops learning
+    /// (docs/dashboard.md, "Differential privacy").
+    #[arg(long = "dp", value_name = "DP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+    /// Each hospital's epsilon for the whole run.
+    #[arg(long, default_value_t = 8.0)]
+    pub epsilon: f64,
+    /// Each hospital's delta.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// L2 clipping norm of a hospital's body update.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+}
+
+impl DpArgs {
+    /// Hospital `name`'s mechanism on `tensors`: clip to `clip`, Gaussian
+    /// noise calibrated by the RDP accountant so that `rounds` releases
+    /// spend (epsilon, delta).
+    pub fn mechanism(&self, name: &str, tensors: &[String], rounds: u64) -> Result<LocalDp> {
+        let clip = Clip::new(self.clip)?.only(tensors);
+        let budget = Budget::new(self.epsilon, self.delta)?;
+        let params = LocalDpParams::calibrated(clip, budget, rounds)?;
+        Ok(LocalDp::new(name, params, Noise::secure()?)?)
+    }
+}
+
+/// The name of hospital `i` (0-based).
+pub fn hospital(i: usize) -> String {
+    format!("hospital-{}", i + 1)
+}
+
+/// The DenseNet-121 of the hospital app.
+pub fn densenet(seed: u64) -> Result<TchModel<DenseNet>> {
+    let config = DenseNetConfig::densenet121(1, Activation::Square);
+    Ok(TchModel::build(fedcore::models::Device::Cpu, seed, |b| {
+        DenseNet::build(b, config)
+    })?
+    .with_label_names(&FINDINGS)?)
+}
+
+/// The image preprocessing of the app (the data set's and inference's).
+pub fn image_config(size: u32) -> ChestXrayConfig {
+    ChestXrayConfig {
+        size,
+        channels: 1,
+        ..ChestXrayConfig::default()
+    }
+}
+
+/// A hospital's local training each round: `epochs` over its data with
+/// Adam at `lr` in batches of `batch_size`.
+pub fn local_training(epochs: usize, batch_size: usize, lr: f64) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size,
+        learning_rate: lr,
+        optimizer: Optimizer::adam(),
+        seed: 0,
+    }
+}
+
+/// The tensors local DP covers: the trained tensors of the body. BatchNorm
+/// running statistics are averaged without noise (docs/dashboard.md,
+/// "Limits"); the head is encrypted.
+pub fn dp_tensors(model: &TchModel<DenseNet>) -> Vec<String> {
+    let layout = model.layout();
+    let (buffers, head) = (model.buffers(), model.head());
+    layout
+        .tensors()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
+        .map(|(_, s)| s.name.clone())
+        .collect()
+}
