@@ -129,6 +129,114 @@ pub struct Weiszfeld {
     pub converged: bool,
 }
 
+/// The result of [`GeometricMedian::compute_on_gram`]: the estimate as
+/// coefficients over the points, and what [`Weiszfeld`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GramWeiszfeld {
+    /// `median = sum_j coefficients[j] * x_j`; non-negative, summing to 1.
+    pub coefficients: Vec<f64>,
+    /// Iterations run.
+    pub iterations: usize,
+    /// The objective at the estimate (`alpha` normalized to sum to 1).
+    pub objective: f64,
+    /// Distance of each point to the estimate.
+    pub distances: Vec<f64>,
+    /// The last Weiszfeld weights, normalized (see [`Weiszfeld::weights`]).
+    pub weights: Vec<f64>,
+    /// The optimality residual (see [`Weiszfeld::residual`]).
+    pub residual: f64,
+    /// Whether both stopping rules held before `max_iterations`.
+    pub converged: bool,
+}
+
+/// A Gram matrix that no set of points has: see
+/// [`GeometricMedian::compute_on_gram`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("not a Gram matrix{}: {reason}", row.map(|r| format!(" (row {r})")).unwrap_or_default())]
+pub struct GramError {
+    /// The first row (point) found inconsistent, if one is to blame.
+    pub row: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Checks that `g` (n x n, row-major) could be the Gram matrix of real
+/// points: finite, symmetric, non-negative diagonal, and every entry within
+/// Cauchy-Schwarz, each up to `tolerance` relative to the diagonal's scale.
+pub fn check_gram(g: &[f64], n: usize, tolerance: f64) -> Result<(), GramError> {
+    let err = |row: Option<usize>, reason: String| Err(GramError { row, reason });
+    if n == 0 {
+        return err(None, "no points".into());
+    }
+    if g.len() != n * n {
+        return err(None, format!("{} entries for {n} points", g.len()));
+    }
+    if !(tolerance.is_finite() && tolerance >= 0.0) {
+        return err(
+            None,
+            format!("tolerance {tolerance} is not a finite non-negative number"),
+        );
+    }
+    let scale = (0..n).map(|i| g[i * n + i].abs()).fold(0.0, f64::max);
+    for i in 0..n {
+        let d = g[i * n + i];
+        if !d.is_finite() || d < -tolerance * scale {
+            return err(
+                Some(i),
+                format!("squared norm {d} is negative or not finite"),
+            );
+        }
+    }
+    for i in 0..n {
+        for j in 0..i {
+            let (a, b) = (g[i * n + j], g[j * n + i]);
+            if !a.is_finite() || !b.is_finite() {
+                return err(Some(i), format!("entry ({i}, {j}) is not finite"));
+            }
+            if (a - b).abs() > tolerance * scale {
+                return err(
+                    Some(i),
+                    format!("entries ({i}, {j}) = {a} and ({j}, {i}) = {b} differ"),
+                );
+            }
+        }
+    }
+    // Cauchy-Schwarz, |<x_i, x_j>| <= |x_i| |x_j|: a row whose squared norm
+    // is not what its inner products say (an encrypted upload whose norm
+    // wrapped around the modulus) breaks it with most other rows; blame the
+    // row with the most breaks (ties: the smaller norm).
+    let mut breaks = vec![0usize; n];
+    let mut first = None;
+    for i in 0..n {
+        for j in 0..i {
+            let a = g[i * n + j];
+            let bound = (g[i * n + i].max(0.0) * g[j * n + j].max(0.0)).sqrt();
+            if a.abs() > bound + tolerance * scale {
+                breaks[i] += 1;
+                breaks[j] += 1;
+                first.get_or_insert((i, j, a, bound));
+            }
+        }
+    }
+    if let Some((i, j, a, bound)) = first {
+        let row = (0..n)
+            .max_by(|&x, &y| {
+                breaks[x]
+                    .cmp(&breaks[y])
+                    .then(g[y * n + y].total_cmp(&g[x * n + x]))
+            })
+            .unwrap_or(i);
+        return err(
+            Some(row),
+            format!(
+                "breaks Cauchy-Schwarz with {} other rows (first: <x_{i}, x_{j}> = {a} exceeds |x_{i}| |x_{j}| = {bound})",
+                breaks[row]
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// The weighted geometric median: the point minimizing the weighted sum of
 /// Euclidean distances to the updates. With fewer than half the weight on
 /// arbitrary outliers it stays close to the rest.
@@ -188,14 +296,72 @@ impl GeometricMedian {
             Method::Passes => false,
         };
         if use_gram {
-            self.iterate(points, alpha, GramState::new(points))
+            self.iterate_points(points, alpha, GramState::new(points))
         } else {
-            self.iterate(points, alpha, PassState { points, scratch })
+            self.iterate_points(points, alpha, PassState { points, scratch })
         }
     }
 
-    /// The Weiszfeld loop, the same for both ways of holding the iterate.
-    fn iterate(&self, points: &[&[f32]], alpha: &[f64], mut state: impl Iterate) -> Weiszfeld {
+    /// Runs smoothed Weiszfeld from the Gram matrix of the points alone
+    /// (`gram[i * n + j] = <x_i, x_j>`, row-major, `n = alpha.len()`), without
+    /// the points: the estimate comes back as coefficients over the points,
+    /// `median = sum_j coefficients[j] * x_j`. Same iterations, weights,
+    /// distances and stopping rules as [`GeometricMedian::compute`] with
+    /// [`Method::Gram`] on the points themselves.
+    ///
+    /// This is how a server that holds the updates only encrypted aggregates
+    /// them: the Gram matrix is computed under encryption and decrypted (n²
+    /// numbers instead of n vectors), the coefficients become the weights of
+    /// an encrypted weighted sum. A Gram matrix that no set of points could
+    /// have (not symmetric, a negative or non-finite entry on the diagonal,
+    /// an entry beyond Cauchy-Schwarz by more than `tolerance` relative) is
+    /// an error naming the first offending row: a client that lied about its
+    /// update, or a decryption that failed.
+    pub fn compute_on_gram(
+        &self,
+        gram: &[f64],
+        alpha: &[f64],
+        tolerance: f64,
+    ) -> Result<GramWeiszfeld, GramError> {
+        let n = alpha.len();
+        check_gram(gram, n, tolerance)?;
+        if let Some(i) = alpha.iter().position(|a| !(a.is_finite() && *a > 0.0)) {
+            return Err(GramError {
+                row: Some(i),
+                reason: format!("weight alpha_{i} = {} is not positive", alpha[i]),
+            });
+        }
+        let state = GramState {
+            n,
+            g: gram.to_vec(),
+            w: Vec::new(),
+            next: Vec::new(),
+        };
+        let (result, state) = self.iterate(alpha, state);
+        Ok(GramWeiszfeld {
+            coefficients: state.w,
+            iterations: result.iterations,
+            objective: result.objective,
+            distances: result.distances,
+            weights: result.weights,
+            residual: result.residual,
+            converged: result.converged,
+        })
+    }
+
+    /// The Weiszfeld loop on points, materializing the estimate.
+    fn iterate_points<S: Iterate>(&self, points: &[&[f32]], alpha: &[f64], state: S) -> Weiszfeld {
+        let (w, state) = self.iterate(alpha, state);
+        Weiszfeld {
+            median: state.finish(points),
+            ..w
+        }
+    }
+
+    /// The Weiszfeld loop, the same for every way of holding the iterate;
+    /// the result's `median` is left empty (the caller materializes it from
+    /// the returned state).
+    fn iterate<S: Iterate>(&self, alpha: &[f64], mut state: S) -> (Weiszfeld, S) {
         let p = &self.params;
         let total: f64 = alpha.iter().sum();
         let alpha: Vec<f64> = alpha.iter().map(|a| a / total).collect();
@@ -240,15 +406,16 @@ impl GeometricMedian {
         }
         let b = beta(&dists);
         let bsum: f64 = b.iter().sum();
-        Weiszfeld {
-            median: state.finish(points),
+        let w = Weiszfeld {
+            median: Vec::new(),
             iterations,
             objective: obj,
             distances: dists,
             residual,
             weights: b.iter().map(|x| x / bsum).collect(),
             converged,
-        }
+        };
+        (w, state)
     }
 }
 

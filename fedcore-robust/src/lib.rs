@@ -59,7 +59,10 @@ mod pre;
 use fedcore::{ClientDiagnostics, ClientUpdate, Error, FedAvg};
 
 pub use error::ParamsError;
-pub use geomed::{GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, Method, Weiszfeld};
+pub use geomed::{
+    GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, GramError, GramWeiszfeld, Method,
+    Weiszfeld, check_gram,
+};
 pub use krum::{Krum, KrumParams};
 pub use median::{CoordinateMedian, TrimmedMean, TrimmedMeanParams};
 pub use pre::{Nnm, NormClip, PreAggregated, PreAggregation};

@@ -455,6 +455,89 @@ proptest! {
     }
 }
 
+fn gram_of(points: &[Vec<f32>]) -> Vec<f64> {
+    let n = points.len();
+    let mut g = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            g[i * n + j] = points[i]
+                .iter()
+                .zip(&points[j])
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+        }
+    }
+    g
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// From the Gram matrix alone, the same iterations reach the same
+    /// estimate: its coefficients over the points give the median of
+    /// `compute`, with the same weights and distances.
+    #[test]
+    fn the_median_from_the_gram_matrix_alone_is_the_median(points in points_strategy(1..12, 1..40), outliers in 0usize..3) {
+        let mut points = points;
+        for k in 0..outliers.min(points.len().saturating_sub(1) / 2) {
+            points[k].iter_mut().for_each(|v| *v *= -1000.0);
+        }
+        let refs: Vec<&[f32]> = points.iter().map(|v| v.as_slice()).collect();
+        let alpha: Vec<f64> = (0..points.len()).map(|i| 1.0 + (i % 3) as f64).collect();
+        let gm = GeometricMedianParams::new().method(Method::Gram).check().unwrap();
+        let direct = gm.compute(&refs, &alpha);
+        let g = gm.compute_on_gram(&gram_of(&points), &alpha, 1e-9).unwrap();
+        // The Gram matrix here is summed in another order than the one
+        // `compute` forms, so the two agree to rounding, not bit for bit.
+        prop_assert!(g.iterations.abs_diff(direct.iterations) <= 1);
+        prop_assert!((g.coefficients.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        let scale = points.iter().flatten().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (k, m) in direct.median.iter().enumerate() {
+            let z: f64 = g.coefficients.iter().zip(&points).map(|(c, p)| c * f64::from(p[k])).sum();
+            prop_assert!((z - f64::from(*m)).abs() <= 1e-5 * f64::from(scale), "coordinate {k}: {z} vs {m}");
+        }
+        for (a, b) in g.weights.iter().zip(&direct.weights) {
+            prop_assert!((a - b).abs() < 1e-6, "weight {a} vs {b}");
+        }
+        for (a, b) in g.distances.iter().zip(&direct.distances) {
+            prop_assert!((a - b).abs() <= 1e-5 * b.max(1.0), "distance {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn a_matrix_no_points_could_have_is_refused_naming_the_row() {
+    let gm = GeometricMedianParams::new().check().unwrap();
+    let good = gram_of(&[vec![1.0, 0.0], vec![0.0, 2.0], vec![1.0, 1.0]]);
+    let alpha = [1.0; 3];
+    assert!(gm.compute_on_gram(&good, &alpha, 1e-9).is_ok());
+    let refused = |g: Vec<f64>, alpha: &[f64]| gm.compute_on_gram(&g, alpha, 1e-9).unwrap_err();
+    // A negative squared norm.
+    let mut g = good.clone();
+    g[4] = -1.0;
+    assert_eq!(refused(g, &alpha).row, Some(1));
+    // An inner product beyond Cauchy-Schwarz: |<x_0, x_2>| <= |x_0| |x_2| = 1.41.
+    let mut g = good.clone();
+    g[2] = 5.0;
+    g[6] = 5.0;
+    let e = refused(g, &alpha);
+    assert_eq!(e.row, Some(0), "{e}");
+    assert!(e.to_string().contains("exceeds"), "{e}");
+    // Not symmetric, not finite, the wrong size, a zero weight.
+    let mut g = good.clone();
+    g[1] = 0.5;
+    assert!(refused(g, &alpha).to_string().contains("differ"));
+    let mut g = good.clone();
+    g[8] = f64::NAN;
+    assert_eq!(refused(g, &alpha).row, Some(2));
+    assert!(
+        refused(good[..8].to_vec(), &alpha)
+            .to_string()
+            .contains("8 entries")
+    );
+    assert_eq!(refused(good.clone(), &[1.0, 0.0, 1.0]).row, Some(1));
+}
+
 #[test]
 fn pre_aggregated_trust_follows_distances_to_the_original_updates() {
     // Clipping to the median norm makes the outlier look like the others to
