@@ -55,6 +55,15 @@ pub(crate) struct Inner {
     pub(crate) level: usize,
     public_key: Arc<seal::PublicKey>,
     secret_key: Option<Arc<seal::SecretKey>>,
+    /// Relinearization and rotation keys, when given
+    /// ([`CkksContext::with_evaluation_keys`]).
+    pub(crate) eval: Option<Arc<crate::gram::EvalKeys>>,
+}
+
+impl Inner {
+    pub(crate) fn secret_key(&self) -> Option<&seal::SecretKey> {
+        self.secret_key.as_deref()
+    }
 }
 
 /// A CKKS context over SEAL, with the keys of its role `R`.
@@ -154,6 +163,28 @@ impl<R: Role> CkksContext<R> {
                 level,
                 public_key,
                 secret_key,
+                eval: None,
+            }),
+            _role: PhantomData,
+        })
+    }
+
+    /// The same context with `eval` as its evaluation keys.
+    pub(crate) fn with_eval(&self, eval: crate::gram::EvalKeys) -> Result<Self> {
+        let i = &self.inner;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                params: i.params.clone(),
+                engine: seal::Engine::new(
+                    i.engine.context().clone(),
+                    i.secret_key.clone(),
+                    Some(i.public_key.clone()),
+                )?,
+                key_id: i.key_id,
+                level: i.level,
+                public_key: i.public_key.clone(),
+                secret_key: i.secret_key.clone(),
+                eval: Some(Arc::new(eval)),
             }),
             _role: PhantomData,
         })
@@ -216,6 +247,7 @@ impl CkksContext<Secret> {
                 level: self.inner.level,
                 public_key: self.inner.public_key.clone(),
                 secret_key: None,
+                eval: self.inner.eval.clone(),
             }),
             _role: PhantomData,
         }

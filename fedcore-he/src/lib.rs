@@ -45,6 +45,7 @@
 
 mod context;
 mod error;
+mod gram;
 mod params;
 mod reader;
 mod seal;
@@ -53,6 +54,7 @@ mod vector;
 
 pub use context::{CkksContext, KeyAuthority, KeyFiles, Public, Role, Secret};
 pub use error::{HeError, Result};
+pub use gram::{EncryptedGram, MAX_GRAM_POINTS};
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};
 pub use vector::{EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, fuzzing};

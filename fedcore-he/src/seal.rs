@@ -74,6 +74,23 @@ unsafe extern "C" {
     fn KeyGenerator_Destroy(p: Handle) -> Hr;
     fn KeyGenerator_SecretKey(p: Handle, out: *mut Handle) -> Hr;
     fn KeyGenerator_CreatePublicKey(p: Handle, save_seed: bool, out: *mut Handle) -> Hr;
+    fn KeyGenerator_Create2(ctx: Handle, sk: Handle, out: *mut Handle) -> Hr;
+    fn KeyGenerator_CreateRelinKeys(p: Handle, save_seed: bool, out: *mut Handle) -> Hr;
+    fn KeyGenerator_CreateGaloisKeysFromSteps(
+        p: Handle,
+        count: u64,
+        steps: *mut c_int,
+        save_seed: bool,
+        out: *mut Handle,
+    ) -> Hr;
+
+    // Relinearization and Galois keys are both `KSwitchKeys` in the C API.
+    fn KSwitchKeys_Create1(out: *mut Handle) -> Hr;
+    fn KSwitchKeys_Destroy(p: Handle) -> Hr;
+    fn KSwitchKeys_Size(p: Handle, out: *mut u64) -> Hr;
+    fn KSwitchKeys_SaveSize(p: Handle, compr: u8, out: *mut i64) -> Hr;
+    fn KSwitchKeys_Save(p: Handle, buf: *mut u8, size: u64, compr: u8, written: *mut i64) -> Hr;
+    fn KSwitchKeys_Load(p: Handle, ctx: Handle, buf: *mut u8, size: u64, read: *mut i64) -> Hr;
 
     fn SecretKey_Create1(out: *mut Handle) -> Hr;
     fn SecretKey_Destroy(p: Handle) -> Hr;
@@ -131,6 +148,22 @@ unsafe extern "C" {
     fn Evaluator_Create(ctx: Handle, out: *mut Handle) -> Hr;
     fn Evaluator_Destroy(p: Handle) -> Hr;
     fn Evaluator_Add(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
+    fn Evaluator_Multiply(p: Handle, a: Handle, b: Handle, dest: Handle, pool: Handle) -> Hr;
+    fn Evaluator_Relinearize(
+        p: Handle,
+        enc: Handle,
+        relin: Handle,
+        dest: Handle,
+        pool: Handle,
+    ) -> Hr;
+    fn Evaluator_RotateVector(
+        p: Handle,
+        enc: Handle,
+        steps: c_int,
+        galois: Handle,
+        dest: Handle,
+        pool: Handle,
+    ) -> Hr;
     fn Evaluator_MultiplyPlain(
         p: Handle,
         enc: Handle,
@@ -547,6 +580,105 @@ impl PublicKey {
     }
 }
 
+/// Owned SEAL key-switching keys: the relinearization keys or the Galois
+/// (rotation) keys.
+pub(crate) struct KSwitchKeys {
+    h: Handle,
+    _ctx: Arc<Context>,
+}
+owned!(KSwitchKeys, KSwitchKeys_Destroy);
+// SAFETY: keys are immutable after creation.
+unsafe impl Send for KSwitchKeys {}
+// SAFETY: as above.
+unsafe impl Sync for KSwitchKeys {}
+
+/// The relinearization keys and the Galois keys for rotations by `steps`,
+/// derived from `sk`, as SEAL's seeded serializations (about half the
+/// bytes; only loading makes them usable).
+pub(crate) fn evaluation_keys(
+    ctx: &Arc<Context>,
+    sk: &SecretKey,
+    steps: &[i32],
+) -> SealResult<(Vec<u8>, Vec<u8>)> {
+    // SAFETY: live context and secret key, valid out-pointer.
+    let kg = create("KeyGenerator_Create2", |o| unsafe {
+        KeyGenerator_Create2(ctx.h, sk.h, o)
+    })?;
+    struct Kg(Handle);
+    impl Drop for Kg {
+        fn drop(&mut self) {
+            // SAFETY: created above, destroyed once.
+            let _ = unsafe { KeyGenerator_Destroy(self.0) };
+        }
+    }
+    let kg = Kg(kg);
+    // SAFETY: live key generator; SEAL returns a new owned object.
+    let relin = create("KeyGenerator_CreateRelinKeys", |o| unsafe {
+        KeyGenerator_CreateRelinKeys(kg.0, true, o)
+    })?;
+    let relin = KSwitchKeys {
+        h: relin,
+        _ctx: ctx.clone(),
+    };
+    let mut steps: Vec<c_int> = steps.iter().map(|&s| s as c_int).collect();
+    // SAFETY: SEAL reads `steps.len()` ints; returns a new owned object.
+    let galois = create("KeyGenerator_CreateGaloisKeysFromSteps", |o| unsafe {
+        KeyGenerator_CreateGaloisKeysFromSteps(
+            kg.0,
+            steps.len() as u64,
+            steps.as_mut_ptr(),
+            true,
+            o,
+        )
+    })?;
+    let galois = KSwitchKeys {
+        h: galois,
+        _ctx: ctx.clone(),
+    };
+    Ok((relin.to_bytes()?, galois.to_bytes()?))
+}
+
+impl KSwitchKeys {
+    pub(crate) fn to_bytes(&self) -> SealResult<Vec<u8>> {
+        save(
+            "KSwitchKeys_Save",
+            self.h,
+            KSwitchKeys_SaveSize,
+            KSwitchKeys_Save,
+        )
+    }
+
+    /// Loads and validates against `ctx` (SEAL checks the parameters, the
+    /// key level and every coefficient); a seeded serialization is expanded.
+    pub(crate) fn from_bytes(ctx: &Arc<Context>, bytes: &[u8]) -> SealResult<Self> {
+        // SAFETY: valid out-pointer.
+        let h = create("KSwitchKeys_Create1", |o| unsafe { KSwitchKeys_Create1(o) })?;
+        let keys = Self {
+            h,
+            _ctx: ctx.clone(),
+        };
+        let read = load("KSwitchKeys_Load", keys.h, ctx, bytes, KSwitchKeys_Load)?;
+        if read != bytes.len() {
+            return Err(SealFailure {
+                call: "KSwitchKeys_Load",
+                class: "trailing bytes after the keys",
+            });
+        }
+        Ok(keys)
+    }
+
+    /// Number of keys held (1 for relinearization keys, one per rotation
+    /// step for Galois keys).
+    pub(crate) fn size(&self) -> SealResult<u64> {
+        let mut n = 0u64;
+        // SAFETY: live handle, valid out-pointer.
+        check("KSwitchKeys_Size", unsafe {
+            KSwitchKeys_Size(self.h, &mut n)
+        })?;
+        Ok(n)
+    }
+}
+
 /// Owned SEAL ciphertext.
 pub(crate) struct Ciphertext {
     h: Handle,
@@ -849,6 +981,54 @@ impl Engine {
         // SAFETY: live handles, distinct destination.
         check("Evaluator_MultiplyPlain", unsafe {
             Evaluator_MultiplyPlain(self.evaluator, c.h, p.h, out.h, null_mut())
+        })?;
+        Ok(out)
+    }
+
+    /// `a * b` into a new ciphertext of size 3 (same level, checked by SEAL;
+    /// the product of scales must stay below the level's modulus).
+    pub(crate) fn multiply(&self, a: &Ciphertext, b: &Ciphertext) -> SealResult<Ciphertext> {
+        let out = Ciphertext::empty()?;
+        // SAFETY: live handles, distinct destination.
+        check("Evaluator_Multiply", unsafe {
+            Evaluator_Multiply(self.evaluator, a.h, b.h, out.h, null_mut())
+        })?;
+        Ok(out)
+    }
+
+    /// Back to size 2 with the relinearization keys, in place.
+    pub(crate) fn relinearize_inplace(
+        &self,
+        c: &mut Ciphertext,
+        relin: &KSwitchKeys,
+    ) -> SealResult<()> {
+        // SAFETY: live handles; SEAL allows the destination to alias the
+        // source. The keys were loaded as relinearization keys (`KSwitchKeys`
+        // is what SEAL's `RelinKeys` adds nothing to).
+        check("Evaluator_Relinearize", unsafe {
+            Evaluator_Relinearize(self.evaluator, c.h, relin.h, c.h, null_mut())
+        })
+    }
+
+    /// The slots of `c` rotated left by `steps`, with the Galois keys (which
+    /// must hold that step; SEAL reports a missing one as an error).
+    pub(crate) fn rotate(
+        &self,
+        c: &Ciphertext,
+        steps: i32,
+        galois: &KSwitchKeys,
+    ) -> SealResult<Ciphertext> {
+        let out = Ciphertext::empty()?;
+        // SAFETY: live handles, distinct destination; as above for the keys.
+        check("Evaluator_RotateVector", unsafe {
+            Evaluator_RotateVector(
+                self.evaluator,
+                c.h,
+                steps as c_int,
+                galois.h,
+                out.h,
+                null_mut(),
+            )
         })?;
         Ok(out)
     }

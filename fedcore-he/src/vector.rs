@@ -111,7 +111,7 @@ fn check_values(values: &[f64], bound: f64) -> Result<()> {
 }
 
 impl<R: Role> CkksContext<R> {
-    fn engine(&self) -> &seal::Engine {
+    pub(crate) fn engine(&self) -> &seal::Engine {
         &self.inner.engine
     }
 
@@ -149,7 +149,7 @@ impl<R: Role> CkksContext<R> {
         self.pack(values, Form::Sum, |p| self.engine().encrypt_public(p))
     }
 
-    fn check_same(&self, v: &EncryptedVector, form: Form, len: usize) -> Result<()> {
+    pub(crate) fn check_same(&self, v: &EncryptedVector, form: Form, len: usize) -> Result<()> {
         if v.key_id != self.key_id() {
             return Err(HeError::Mismatch("encrypted under another key".into()));
         }

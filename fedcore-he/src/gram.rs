@@ -1,0 +1,394 @@
+//! Inner products under encryption: the evaluation keys and the encrypted
+//! Gram matrix of a set of encrypted vectors.
+//!
+//! The geometric median by Weiszfeld needs, per iteration, each point's
+//! distance to the current estimate `z = sum_j w_j x_j`, and
+//! `||x_i - z||^2 = G_ii - 2 (G w)_i + w^T G w` with `G_ij = <x_i, x_j>`: the
+//! Gram matrix of the points is all it needs. So the server computes `G`
+//! under encryption once per round ([`CkksContext::inner_products`]), the
+//! key holders decrypt its `n (n + 1) / 2` entries
+//! ([`CkksContext::decrypt_gram`]), the server iterates in the clear on those
+//! numbers and forms the estimate as an encrypted weighted sum
+//! ([`CkksContext::weighted_sum`]) that only the key holders can open.
+
+use rayon::prelude::*;
+
+use crate::context::{CkksContext, Role, Secret};
+use crate::error::{HeError, Result};
+use crate::reader::Reader;
+use crate::seal;
+use crate::vector::{EncryptedVector, Form, deflate, inflate};
+
+/// The most points an encrypted Gram matrix may have (its entries are
+/// `n (n + 1) / 2` ciphertexts).
+pub const MAX_GRAM_POINTS: usize = 256;
+
+const KEYS_MAGIC: &[u8; 4] = b"FCEK";
+const GRAM_MAGIC: &[u8; 4] = b"FCKG";
+const VERSION: u8 = 1;
+
+/// Relinearization keys and the Galois keys of a slot sum, loaded.
+pub(crate) struct EvalKeys {
+    relin: seal::KSwitchKeys,
+    galois: seal::KSwitchKeys,
+}
+
+/// The rotations that sum all slots into every slot: 1, 2, 4, ..., slots/2.
+fn sum_steps(slots: usize) -> Vec<i32> {
+    std::iter::successors(Some(1usize), |s| Some(s * 2))
+        .take_while(|&s| s < slots)
+        .map(|s| s as i32)
+        .collect()
+}
+
+/// The most bytes one set of `count` key-switching keys may take in SEAL's
+/// uncompressed serialization: each key is `primes - 1` ciphertexts of two
+/// polynomials over all `primes`, 8 bytes per coefficient, plus headers.
+fn max_kswitch_bytes<R: Role>(ctx: &CkksContext<R>, count: usize) -> usize {
+    let primes = ctx.params().coeff_bits().len();
+    count * ((primes - 1) * (2 * ctx.params().degree() * primes * 8 + 1024)) + 4096
+}
+
+/// An `n x n` Gram matrix `G_ij = <x_i, x_j>` under encryption: one
+/// ciphertext per entry of the upper triangle, each holding the entry in
+/// every slot. Made by [`CkksContext::inner_products`], opened by
+/// [`CkksContext::decrypt_gram`] (key holders only).
+pub struct EncryptedGram {
+    n: usize,
+    key_id: [u8; 16],
+    /// Upper triangle, row by row: (0,0), (0,1), ..., (0,n-1), (1,1), ...
+    cts: Vec<seal::Ciphertext>,
+}
+
+impl std::fmt::Debug for EncryptedGram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedGram")
+            .field("points", &self.n)
+            .field("ciphertexts", &self.cts.len())
+            .finish()
+    }
+}
+
+impl EncryptedGram {
+    /// Number of points (rows).
+    pub fn points(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes for the wire: magic, version, key id, `n` (u32 LE), then each
+    /// entry's ciphertext as SEAL writes it, deflate-compressed, with its
+    /// length (u32 LE).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let blobs = self
+            .cts
+            .par_iter()
+            .map(|ct| {
+                let raw = ct.to_bytes()?;
+                deflate(&raw).map_err(|e| HeError::Seal(format!("deflate: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(32 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
+        out.extend_from_slice(GRAM_MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.key_id);
+        out.extend_from_slice(&(self.n as u32).to_le_bytes());
+        for b in &blobs {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        Ok(out)
+    }
+}
+
+impl CkksContext<Secret> {
+    /// The evaluation keys the server needs for
+    /// [`inner_products`](CkksContext::inner_products): relinearization
+    /// keys and the Galois keys of the rotations that sum the slots
+    /// (`log2(slots)` of them). They are public keys — they let their holder
+    /// compute, never decrypt — and are written once by the key authority
+    /// next to the public key. About 5 MB at the default parameters.
+    pub fn evaluation_keys(&self) -> Result<Vec<u8>> {
+        let sk = self
+            .inner
+            .secret_key()
+            .expect("a CkksContext<Secret> holds its secret key");
+        let steps = sum_steps(self.slots());
+        let (relin, galois) = seal::evaluation_keys(self.inner.engine.context(), sk, &steps)?;
+        let (relin, galois) = (
+            deflate(&relin).map_err(|e| HeError::Seal(format!("deflate: {e}")))?,
+            deflate(&galois).map_err(|e| HeError::Seal(format!("deflate: {e}")))?,
+        );
+        let mut out = Vec::with_capacity(48 + relin.len() + galois.len());
+        out.extend_from_slice(KEYS_MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.key_id());
+        out.extend_from_slice(&(relin.len() as u64).to_le_bytes());
+        out.extend_from_slice(&relin);
+        out.extend_from_slice(&(galois.len() as u64).to_le_bytes());
+        out.extend_from_slice(&galois);
+        Ok(out)
+    }
+
+    /// Opens an encrypted Gram matrix: `n x n`, row-major, symmetric. Each
+    /// entry is the mean of its ciphertext's slots (all of which hold it).
+    ///
+    /// Whoever receives these numbers learns the inner products of the
+    /// points and nothing else about them; see docs/he.md for what that is.
+    pub fn decrypt_gram(&self, g: &EncryptedGram) -> Result<Vec<f64>> {
+        if g.key_id != self.key_id() {
+            return Err(HeError::Mismatch("encrypted under another key".into()));
+        }
+        let n = g.n;
+        let values = g
+            .cts
+            .par_iter()
+            .map(|ct| {
+                let p = self.engine().decrypt(ct)?;
+                let slots = self.engine().decode(&p)?;
+                Ok(slots.iter().sum::<f64>() / slots.len().max(1) as f64)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        let mut out = vec![0.0; n * n];
+        let mut k = 0;
+        for i in 0..n {
+            for j in i..n {
+                out[i * n + j] = values[k];
+                out[j * n + i] = values[k];
+                k += 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<R: Role> CkksContext<R> {
+    /// This context with the evaluation keys made by
+    /// [`CkksContext::evaluation_keys`] for the same key pair. The bytes are
+    /// checked as uploads are: header, key id, bounded decompression, then
+    /// SEAL's own validation against the parameters, then the number of
+    /// keys; anything else is a [`HeError::Malformed`] or
+    /// [`HeError::Mismatch`].
+    pub fn with_evaluation_keys(&self, bytes: &[u8]) -> Result<Self> {
+        let malformed = |m: &str| HeError::Malformed(format!("evaluation keys: {m}"));
+        let mut r = Reader::new(bytes);
+        if r.take(4).map_err(|_| malformed("too short"))? != KEYS_MAGIC {
+            return Err(malformed("not fedcore-he evaluation keys"));
+        }
+        let version = r.u8().map_err(|_| malformed("truncated header"))?;
+        if version != VERSION {
+            return Err(malformed(&format!("format version {version}")));
+        }
+        let key = r.take(16).map_err(|_| malformed("truncated header"))?;
+        if key != self.key_id() {
+            return Err(HeError::Mismatch(
+                "evaluation keys of another key pair (key id differs)".into(),
+            ));
+        }
+        let mut part = |what: &str| -> Result<&[u8]> {
+            let n = r
+                .u64()
+                .map_err(|_| malformed(&format!("truncated before the {what} keys")))?;
+            let n = usize::try_from(n).map_err(|_| malformed("bad length"))?;
+            r.take(n)
+                .map_err(|_| malformed(&format!("the {what} keys are truncated")))
+        };
+        let (relin, galois) = (part("relinearization")?, part("Galois")?);
+        if !r.is_empty() {
+            return Err(malformed("trailing bytes"));
+        }
+        let steps = sum_steps(self.slots());
+        let ctx = self.inner.engine.context();
+        let load = |blob: &[u8], what: &str, count: usize| -> Result<seal::KSwitchKeys> {
+            let raw = inflate(blob, max_kswitch_bytes(self, count))
+                .map_err(|e| malformed(&format!("{what} keys: decompression: {e}")))?;
+            let keys = seal::KSwitchKeys::from_bytes(ctx, &raw)
+                .map_err(|e| malformed(&format!("{what} keys: {e}")))?;
+            let held = keys.size()?;
+            if held != count as u64 {
+                return Err(malformed(&format!(
+                    "{held} {what} keys where {count} are needed"
+                )));
+            }
+            Ok(keys)
+        };
+        let keys = EvalKeys {
+            relin: load(relin, "relinearization", 1)?,
+            galois: load(galois, "Galois", steps.len())?,
+        };
+        self.with_eval(keys)
+    }
+
+    /// Whether [`with_evaluation_keys`](CkksContext::with_evaluation_keys)
+    /// gave this context its evaluation keys.
+    pub fn has_evaluation_keys(&self) -> bool {
+        self.inner.eval.is_some()
+    }
+
+    /// The largest inner product an encrypted Gram matrix can hold:
+    /// `2^(upload level bits - 2 scale bits - 1)` (2^19 at the default
+    /// parameters). An upload whose squared norm reaches it makes its row of
+    /// the matrix wrap around; a hospital checks its own update against it
+    /// before encrypting, and the server's check of the decrypted matrix
+    /// (Cauchy-Schwarz) catches one that did not.
+    pub fn inner_product_bound(&self) -> f64 {
+        let l = &self.inner.engine.context().levels[self.inner.level];
+        let bits = l.modulus_bits as i32 - 2 * self.params().scale_bits() as i32 - 1;
+        2f64.powi(bits)
+    }
+
+    /// The Gram matrix `G_ij = <parts_i, parts_j>` of fresh uploads, under
+    /// encryption, with the evaluation keys: per pair, the ciphertexts'
+    /// products summed, relinearized once, then the slots summed by
+    /// `log2(slots)` rotations. No level is spent: the products stay at the
+    /// upload level at scale `2^(2 scale bits)`.
+    ///
+    /// Cost: `n (n + 1) / 2` pairs, each one ciphertext product per
+    /// `slots` values plus one relinearization and `log2(slots)` rotations.
+    pub fn inner_products(&self, parts: &[&EncryptedVector]) -> Result<EncryptedGram> {
+        let keys = self.inner.eval.as_ref().ok_or_else(|| {
+            HeError::Mismatch(
+                "this context has no evaluation keys (CkksContext::with_evaluation_keys)".into(),
+            )
+        })?;
+        let first = parts
+            .first()
+            .ok_or_else(|| HeError::OutOfRange("inner products of nothing".into()))?;
+        if first.is_empty() {
+            return Err(HeError::OutOfRange(
+                "inner products of empty vectors".into(),
+            ));
+        }
+        let n = parts.len();
+        if n > MAX_GRAM_POINTS {
+            return Err(HeError::OutOfRange(format!(
+                "{n} points; at most {MAX_GRAM_POINTS}"
+            )));
+        }
+        for p in parts {
+            self.check_same(p, Form::Fresh, first.len)?;
+        }
+        let steps = sum_steps(self.slots());
+        let pairs: Vec<(usize, usize)> = (0..n).flat_map(|i| (i..n).map(move |j| (i, j))).collect();
+        let engine = self.engine();
+        let cts = pairs
+            .par_iter()
+            .map(|&(i, j)| {
+                let mut acc = parts[i]
+                    .cts
+                    .par_iter()
+                    .zip(&parts[j].cts)
+                    .map(|(a, b)| -> Result<seal::Ciphertext> { Ok(engine.multiply(a, b)?) })
+                    .try_reduce_with(|mut acc, c| {
+                        engine.add_inplace(&mut acc, &c)?;
+                        Ok(acc)
+                    })
+                    .expect("a non-empty vector has a ciphertext")?;
+                engine.relinearize_inplace(&mut acc, &keys.relin)?;
+                for &s in &steps {
+                    let rotated = engine.rotate(&acc, s, &keys.galois)?;
+                    engine.add_inplace(&mut acc, &rotated)?;
+                }
+                Ok(acc)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EncryptedGram {
+            n,
+            key_id: self.key_id(),
+            cts,
+        })
+    }
+
+    /// Loads an encrypted Gram matrix saved by [`EncryptedGram::to_bytes`]:
+    /// header, key id, the entry count `n (n + 1) / 2` with `n` at most
+    /// [`MAX_GRAM_POINTS`], bounded decompression, SEAL's validation, then
+    /// each ciphertext's level, size and scale (what
+    /// [`inner_products`](CkksContext::inner_products) makes).
+    pub fn load_gram(&self, bytes: &[u8]) -> Result<EncryptedGram> {
+        let malformed = |m: String| HeError::Malformed(format!("encrypted Gram matrix: {m}"));
+        let mut r = Reader::new(bytes);
+        if r.take(4).map_err(|_| malformed("too short".into()))? != GRAM_MAGIC {
+            return Err(malformed("not a fedcore-he encrypted Gram matrix".into()));
+        }
+        let version = r.u8().map_err(|_| malformed("truncated header".into()))?;
+        if version != VERSION {
+            return Err(malformed(format!("format version {version}")));
+        }
+        let key: [u8; 16] = r
+            .take(16)
+            .map_err(|_| malformed("truncated header".into()))?
+            .try_into()
+            .expect("16 bytes");
+        if key != self.key_id() {
+            return Err(HeError::Mismatch(
+                "encrypted under another key (key id differs)".into(),
+            ));
+        }
+        let n = r.u32().map_err(|_| malformed("truncated header".into()))? as usize;
+        if n == 0 || n > MAX_GRAM_POINTS {
+            return Err(malformed(format!("{n} points (1 to {MAX_GRAM_POINTS})")));
+        }
+        let count = n * (n + 1) / 2;
+        let mut blobs = Vec::with_capacity(count);
+        for k in 0..count {
+            let len = r
+                .u32()
+                .map_err(|_| malformed(format!("truncated before entry {k}")))?;
+            blobs.push(
+                r.take(len as usize)
+                    .map_err(|_| malformed(format!("entry {k} is truncated")))?,
+            );
+        }
+        if !r.is_empty() {
+            return Err(malformed("trailing bytes".into()));
+        }
+        let ctx = self.engine().context();
+        let level = &ctx.levels[self.inner.level];
+        let max_raw = 2 * self.params().degree() * level.primes * 8 + 1024;
+        let scale = 2f64.powi(2 * self.params().scale_bits() as i32);
+        let cts = blobs
+            .par_iter()
+            .enumerate()
+            .map(|(k, blob)| {
+                let raw = inflate(blob, max_raw)
+                    .map_err(|e| malformed(format!("entry {k}: decompression: {e}")))?;
+                let ct = seal::Ciphertext::from_bytes(ctx, &raw)
+                    .map_err(|e| malformed(format!("entry {k}: {e}")))?;
+                if ct.parms_id()? != level.parms_id {
+                    return Err(HeError::Mismatch(format!(
+                        "entry {k} is at level {:?}, expected {}",
+                        ctx.level_of(&ct.parms_id()?),
+                        self.inner.level
+                    )));
+                }
+                if ct.size()? != 2 || !ct.is_ntt_form()? {
+                    return Err(malformed(format!("entry {k} has the wrong shape")));
+                }
+                if ct.scale()? != scale {
+                    return Err(HeError::Mismatch(format!(
+                        "entry {k} has scale 2^{:.2}, expected 2^{:.0}",
+                        ct.scale()?.log2(),
+                        scale.log2()
+                    )));
+                }
+                Ok(ct)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EncryptedGram {
+            n,
+            key_id: key,
+            cts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sum_steps;
+
+    #[test]
+    fn the_slot_sum_rotates_by_every_power_of_two_below_the_slot_count() {
+        assert_eq!(sum_steps(8), vec![1, 2, 4]);
+        assert_eq!(sum_steps(4096).len(), 12);
+        assert!(sum_steps(1).is_empty());
+    }
+}
