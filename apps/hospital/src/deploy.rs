@@ -29,7 +29,7 @@ use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, densenet, dp_tensors, hospital, image_config, local_training,
+    AggregatorChoice, DpArgs, TrainingArgs, densenet, dp_tensors, hospital, image_config,
 };
 use crate::web::{self, WebConfig};
 
@@ -83,15 +83,9 @@ pub struct ServerArgs {
     /// Seed of the initial model and of client sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Local batch size.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Local learning rate (Adam).
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
+    /// Each hospital's local training.
+    #[command(flatten)]
+    pub training: TrainingArgs,
     /// The largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
@@ -206,7 +200,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         fraction_evaluate: 1.0,
         round_timeout: Duration::from_secs(a.round_timeout),
         seed: a.seed,
-        train: local_training(a.epochs, a.batch_size, a.lr),
+        train: a.training.config(),
         checkpoint_dir: Some(checkpoints.clone()),
         trust: Some(TrustPolicy::default()),
         ..ServerConfig::default()

@@ -100,15 +100,32 @@ pub fn image_config(size: u32) -> ChestXrayConfig {
     }
 }
 
-/// A hospital's local training each round: `epochs` over its data with
-/// Adam at `lr` in batches of `batch_size`.
-pub fn local_training(epochs: usize, batch_size: usize, lr: f64) -> TrainConfig {
-    TrainConfig {
-        epochs,
-        batch_size,
-        learning_rate: lr,
-        optimizer: Optimizer::adam(),
-        seed: 0,
+/// A hospital's local training each round: the flags of the simulation and
+/// of the aggregation server (which sends them with every task).
+#[derive(Args, Debug, Clone, Copy, PartialEq)]
+pub struct TrainingArgs {
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Local learning rate (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+}
+
+impl TrainingArgs {
+    /// `epochs` over the hospital's data with Adam at `lr` in batches of
+    /// `batch_size`.
+    pub fn config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.lr,
+            optimizer: Optimizer::adam(),
+            seed: 0,
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, densenet, dp_tensors, hospital, image_config, local_training,
+    AggregatorChoice, DpArgs, TrainingArgs, densenet, dp_tensors, hospital, image_config,
 };
 use crate::store::Store;
 
@@ -76,15 +76,9 @@ pub struct SimConfig {
     /// CKKS encryption of the classifier head.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub he: bool,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Local batch size.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Local learning rate (Adam).
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
+    /// Each hospital's local training.
+    #[command(flatten)]
+    pub training: TrainingArgs,
     /// Quorum: valid updates a round needs (default: all but one, at least 1).
     #[arg(long)]
     pub min_clients: Option<usize>,
@@ -209,7 +203,7 @@ fn run_inner(
             hospitals: cfg.clients,
             alpha: cfg.alpha,
             seed: cfg.seed,
-            min_items: cfg.batch_size.min(8),
+            min_items: cfg.training.batch_size.min(8),
         },
     )?;
     let ds: Arc<dyn ImageDataset> = Arc::new(ds);
@@ -294,7 +288,7 @@ fn run_inner(
         fraction_evaluate: 0.0,
         round_timeout: Duration::from_secs(cfg.round_timeout),
         seed: cfg.seed,
-        train: local_training(cfg.epochs, cfg.batch_size, cfg.lr),
+        train: cfg.training.config(),
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         trust: Some(TrustPolicy::default()),
         ..ServerConfig::default()
