@@ -17,7 +17,7 @@ use crate::context::{CkksContext, Role, Secret};
 use crate::error::{HeError, Result};
 use crate::reader::Reader;
 use crate::seal;
-use crate::vector::{EncryptedVector, Form, deflate, inflate};
+use crate::vector::{EncryptedVector, Form, deflate, deflate_all, inflate, load_all};
 
 /// The most points an encrypted Gram matrix may have (its entries are
 /// `n (n + 1) / 2` ciphertexts).
@@ -79,14 +79,7 @@ impl EncryptedGram {
     /// entry's ciphertext as SEAL writes it, deflate-compressed, with its
     /// length (u32 LE).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let blobs = self
-            .cts
-            .par_iter()
-            .map(|ct| {
-                let raw = ct.to_bytes()?;
-                deflate(&raw).map_err(|e| HeError::Seal(format!("deflate: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let blobs = deflate_all(&self.cts)?;
         let mut out = Vec::with_capacity(32 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
         out.extend_from_slice(GRAM_MAGIC);
         out.push(VERSION);
@@ -106,7 +99,7 @@ impl CkksContext<Secret> {
     /// keys and the Galois keys of the rotations that sum the slots
     /// (`log2(slots)` of them). They are public keys — they let their holder
     /// compute, never decrypt — and are written once by the key authority
-    /// next to the public key. About 5 MB at the default parameters.
+    /// next to the public key. About 9 MB at the default parameters.
     pub fn evaluation_keys(&self) -> Result<Vec<u8>> {
         let sk = self
             .inner
@@ -341,38 +334,8 @@ impl<R: Role> CkksContext<R> {
         if !r.is_empty() {
             return Err(malformed("trailing bytes".into()));
         }
-        let ctx = self.engine().context();
-        let level = &ctx.levels[self.inner.level];
-        let max_raw = 2 * self.params().degree() * level.primes * 8 + 1024;
         let scale = 2f64.powi(2 * self.params().scale_bits() as i32);
-        let cts = blobs
-            .par_iter()
-            .enumerate()
-            .map(|(k, blob)| {
-                let raw = inflate(blob, max_raw)
-                    .map_err(|e| malformed(format!("entry {k}: decompression: {e}")))?;
-                let ct = seal::Ciphertext::from_bytes(ctx, &raw)
-                    .map_err(|e| malformed(format!("entry {k}: {e}")))?;
-                if ct.parms_id()? != level.parms_id {
-                    return Err(HeError::Mismatch(format!(
-                        "entry {k} is at level {:?}, expected {}",
-                        ctx.level_of(&ct.parms_id()?),
-                        self.inner.level
-                    )));
-                }
-                if ct.size()? != 2 || !ct.is_ntt_form()? {
-                    return Err(malformed(format!("entry {k} has the wrong shape")));
-                }
-                if ct.scale()? != scale {
-                    return Err(HeError::Mismatch(format!(
-                        "entry {k} has scale 2^{:.2}, expected 2^{:.0}",
-                        ct.scale()?.log2(),
-                        scale.log2()
-                    )));
-                }
-                Ok(ct)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let cts = load_all(self, &blobs, scale, "entry", "encrypted Gram matrix: ")?;
         Ok(EncryptedGram {
             n,
             key_id: key,

@@ -546,6 +546,23 @@ fn load(
     Ok(read.max(0) as usize)
 }
 
+/// [`load`] that must consume every byte: trailing bytes are an error.
+fn load_all_of(
+    call: &'static str,
+    h: Handle,
+    ctx: &Context,
+    bytes: &[u8],
+    loader: unsafe extern "C" fn(Handle, Handle, *mut u8, u64, *mut i64) -> Hr,
+) -> SealResult<()> {
+    if load(call, h, ctx, bytes, loader)? != bytes.len() {
+        return Err(SealFailure {
+            call,
+            class: "trailing bytes after the object",
+        });
+    }
+    Ok(())
+}
+
 impl SecretKey {
     pub(crate) fn to_bytes(&self) -> SealResult<Vec<u8>> {
         save("SecretKey_Save", self.h, SecretKey_SaveSize, SecretKey_Save)
@@ -657,13 +674,7 @@ impl KSwitchKeys {
             h,
             _ctx: ctx.clone(),
         };
-        let read = load("KSwitchKeys_Load", keys.h, ctx, bytes, KSwitchKeys_Load)?;
-        if read != bytes.len() {
-            return Err(SealFailure {
-                call: "KSwitchKeys_Load",
-                class: "trailing bytes after the keys",
-            });
-        }
+        load_all_of("KSwitchKeys_Load", keys.h, ctx, bytes, KSwitchKeys_Load)?;
         Ok(keys)
     }
 
@@ -751,13 +762,7 @@ impl Ciphertext {
     /// coefficients reduced, sizes consistent); a seeded ciphertext is expanded.
     pub(crate) fn from_bytes(ctx: &Context, bytes: &[u8]) -> SealResult<Self> {
         let c = Self::empty()?;
-        let read = load("Ciphertext_Load", c.h, ctx, bytes, Ciphertext_Load)?;
-        if read != bytes.len() {
-            return Err(SealFailure {
-                call: "Ciphertext_Load",
-                class: "trailing bytes after the ciphertext",
-            });
-        }
+        load_all_of("Ciphertext_Load", c.h, ctx, bytes, Ciphertext_Load)?;
         Ok(c)
     }
 }

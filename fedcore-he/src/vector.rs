@@ -340,10 +340,6 @@ impl<R: Role> CkksContext<R> {
                 self.slots()
             )));
         }
-        let level = &self.engine().context().levels[self.inner.level];
-        // Two polynomials of degree N over the level's primes, 8 bytes per
-        // coefficient, plus SEAL's headers: the most a valid one can inflate to.
-        let max_raw = 2 * self.params().degree() * level.primes * 8 + 1024;
         let mut blobs = Vec::with_capacity(count);
         for i in 0..count {
             let n = r
@@ -358,38 +354,13 @@ impl<R: Role> CkksContext<R> {
         if !r.is_empty() {
             return Err(malformed("trailing bytes".into()));
         }
-        let scale = scale_of(self.params(), form);
-        let ctx = self.engine().context();
-        let cts = blobs
-            .par_iter()
-            .enumerate()
-            .map(|(i, blob)| {
-                let raw = inflate(blob, max_raw)
-                    .map_err(|e| malformed(format!("ciphertext {i}: decompression: {e}")))?;
-                let ct = seal::Ciphertext::from_bytes(ctx, &raw)
-                    .map_err(|e| malformed(format!("ciphertext {i}: {e}")))?;
-                let at = ct.parms_id()?;
-                if at != level.parms_id {
-                    return Err(HeError::Mismatch(format!(
-                        "ciphertext {i} is at level {:?}, expected {}",
-                        ctx.level_of(&at),
-                        self.inner.level
-                    )));
-                }
-                if ct.size()? != 2 || !ct.is_ntt_form()? {
-                    return Err(malformed(format!("ciphertext {i} has the wrong shape")));
-                }
-                let s = ct.scale()?;
-                if s != scale {
-                    return Err(HeError::Mismatch(format!(
-                        "ciphertext {i} has scale 2^{:.2}, expected 2^{:.0}",
-                        s.log2(),
-                        scale.log2()
-                    )));
-                }
-                Ok(ct)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let cts = load_all(
+            self,
+            &blobs,
+            scale_of(self.params(), form),
+            "ciphertext",
+            "",
+        )?;
         Ok(EncryptedVector {
             len,
             form,
@@ -487,16 +458,67 @@ impl EncryptedVector {
     }
 
     fn write(&self, seeded: bool) -> Result<Vec<u8>> {
-        let blobs = self
-            .cts
-            .par_iter()
-            .map(|ct| {
-                let raw = ct.to_bytes()?;
-                deflate(&raw).map_err(|e| HeError::Seal(format!("deflate: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let blobs = deflate_all(&self.cts)?;
         Ok(envelope(self.form, seeded, &self.key_id, self.len, &blobs))
     }
+}
+
+/// Each ciphertext as SEAL writes it, deflate-compressed, in parallel.
+pub(crate) fn deflate_all(cts: &[seal::Ciphertext]) -> Result<Vec<Vec<u8>>> {
+    cts.par_iter()
+        .map(|ct| {
+            let raw = ct.to_bytes()?;
+            deflate(&raw).map_err(|e| HeError::Seal(format!("deflate: {e}")))
+        })
+        .collect()
+}
+
+/// Loads deflate-compressed ciphertexts at `ctx`'s upload level, in
+/// parallel: bounded decompression (two polynomials over the level's primes,
+/// the most a valid one inflates to), SEAL's validation against the
+/// context, then the level, size 2, NTT form and `scale` this crate's
+/// arithmetic needs. Errors name the `what` by index, after `prefix`.
+pub(crate) fn load_all<R: Role>(
+    ctx: &CkksContext<R>,
+    blobs: &[&[u8]],
+    scale: f64,
+    what: &str,
+    prefix: &str,
+) -> Result<Vec<seal::Ciphertext>> {
+    let malformed = |m: String| HeError::Malformed(format!("{prefix}{m}"));
+    let seal_ctx = ctx.engine().context();
+    let level = &seal_ctx.levels[ctx.inner.level];
+    let max_raw = 2 * ctx.params().degree() * level.primes * 8 + 1024;
+    blobs
+        .par_iter()
+        .enumerate()
+        .map(|(i, blob)| {
+            let raw = inflate(blob, max_raw)
+                .map_err(|e| malformed(format!("{what} {i}: decompression: {e}")))?;
+            let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
+                .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
+            let at = ct.parms_id()?;
+            if at != level.parms_id {
+                return Err(HeError::Mismatch(format!(
+                    "{what} {i} is at level {:?}, expected {}",
+                    seal_ctx.level_of(&at),
+                    ctx.inner.level
+                )));
+            }
+            if ct.size()? != 2 || !ct.is_ntt_form()? {
+                return Err(malformed(format!("{what} {i} has the wrong shape")));
+            }
+            let s = ct.scale()?;
+            if s != scale {
+                return Err(HeError::Mismatch(format!(
+                    "{what} {i} has scale 2^{:.2}, expected 2^{:.0}",
+                    s.log2(),
+                    scale.log2()
+                )));
+            }
+            Ok(ct)
+        })
+        .collect()
 }
 
 /// The serialized form: magic, version, form, seeded flag, key id, length

@@ -73,7 +73,7 @@ fn upload_all(s: &CkksContext<Public>, x: &[Vec<f64>]) -> Vec<EncryptedVector> {
 /// from it (an encrypted weighted sum) decrypts to the plaintext geometric
 /// median of the same updates, with the same weights and distances.
 fn encrypted_median_matches_plaintext(n: usize, len: usize) {
-    let byzantine = (n * 3) / 10;
+    let byzantine = (n * 3).div_ceil(10);
     let x = updates(n, byzantine, len, 40 + n as u64);
     let (h, _) = keys();
     let s = server();
