@@ -1,0 +1,144 @@
+//! Cost and accuracy of the encrypted geometric median on whole updates,
+//! side by side with the plaintext geometric median and with today's
+//! head-only encryption, in one run:
+//!
+//! ```text
+//! cargo run --release -p fedcore-he --example encrypted_median -- [VALUES] [HOSPITALS...]
+//! cargo run --release -p fedcore-he --example encrypted_median -- 7000000 3 10
+//! ```
+//!
+//! Per round and hospital count: hospitals encrypt their updates (30 % of
+//! them Byzantine: sign-flipped or scaled), the server loads them, computes
+//! the Gram matrix under encryption, a hospital decrypts it, the server runs
+//! Weiszfeld on it and forms the median as an encrypted weighted sum, a
+//! hospital decrypts that. The median is compared with the plaintext
+//! geometric median of the same updates (same nu, same stopping rules).
+
+use std::time::Instant;
+
+use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form};
+use fedcore_robust::{GeometricMedianParams, Method};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The classifier head of the hospital app's DenseNet-121 (1024 x 14 + 14).
+const HEAD_VALUES: usize = 14_350;
+
+fn updates(n: usize, len: usize, seed: u64) -> Vec<Vec<f64>> {
+    let byzantine = (n * 3).div_ceil(10);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let common: Vec<f64> = (0..len).map(|_| rng.random_range(-1e-3..1e-3)).collect();
+    (0..n)
+        .map(|i| {
+            let honest = common.iter().map(|c| c + rng.random_range(-4e-4..4e-4));
+            match i {
+                i if i < byzantine && i % 2 == 0 => honest.map(|v| -4.0 * v).collect(),
+                i if i < byzantine => honest.map(|v| 10.0 * v).collect(),
+                _ => honest.collect(),
+            }
+        })
+        .collect()
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let len: usize = args.next().map_or(Ok(7_000_000), |a| a.parse())?;
+    let mut counts: Vec<usize> = args.map(|a| a.parse()).collect::<Result<_, _>>()?;
+    if counts.is_empty() {
+        counts = vec![3, 10];
+    }
+    let t = Instant::now();
+    let hospital = CkksContext::generate(CkksParams::default())?;
+    let eval = hospital.evaluation_keys()?;
+    let server = hospital.public().with_evaluation_keys(&eval)?;
+    println!(
+        "keys: {:.1} s; evaluation keys {:.1} MB (sent once); {} values per update, {} threads",
+        secs(t),
+        eval.len() as f64 / 1e6,
+        len,
+        rayon::current_num_threads()
+    );
+    let gm = GeometricMedianParams::new().method(Method::Gram).check()?;
+    println!(
+        "| hospitals | upload B/value | encrypt s (1 hospital) | server load s | encrypted Gram s | Gram bytes | decrypt Gram s | Weiszfeld iterations | encrypted weighted sum s | server total s | plaintext GM s | head-only HE s | max error / max abs |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in &counts {
+        let x = updates(n, len, 7 + n as u64);
+        // Hospitals: compact uploads (timed for the first; each encrypts its own).
+        let t = Instant::now();
+        let first = hospital.encrypt_compact(&x[0])?;
+        let encrypt = secs(t);
+        let mut uploads = vec![first];
+        for v in &x[1..] {
+            uploads.push(hospital.encrypt_compact(v)?);
+        }
+        let per_value = uploads[0].len() as f64 / len as f64;
+        // Server: load, Gram, (hospital decrypts), Weiszfeld, weighted sum.
+        let t = Instant::now();
+        let parts = uploads
+            .iter()
+            .map(|u| server.load(u, Form::Fresh))
+            .collect::<Result<Vec<_>, _>>()?;
+        let load = secs(t);
+        drop(uploads);
+        let refs: Vec<&EncryptedVector> = parts.iter().collect();
+        let t = Instant::now();
+        let sealed = server.inner_products(&refs)?;
+        let gram_s = secs(t);
+        let gram_bytes = sealed.to_bytes()?;
+        let t = Instant::now();
+        let gram = hospital.decrypt_gram(&hospital.load_gram(&gram_bytes)?)?;
+        let decrypt = secs(t);
+        let alpha = vec![1.0; n];
+        let t = Instant::now();
+        let w = gm.compute_on_gram(&gram, &alpha, 1e-6)?;
+        let weiszfeld = secs(t);
+        let t = Instant::now();
+        let median = server.weighted_sum(&refs, &w.coefficients)?;
+        let wsum = secs(t);
+        drop(parts);
+        let median = hospital.decrypt(&median)?;
+        // The plaintext geometric median of the same updates.
+        let points: Vec<Vec<f32>> = x
+            .iter()
+            .map(|v| v.iter().map(|&a| a as f32).collect())
+            .collect();
+        drop(x);
+        let refs32: Vec<&[f32]> = points.iter().map(Vec::as_slice).collect();
+        let t = Instant::now();
+        let plain = gm.compute(&refs32, &alpha);
+        let plain_s = secs(t);
+        let top = plain
+            .median
+            .iter()
+            .fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
+        let err = median
+            .iter()
+            .zip(&plain.median)
+            .fold(0.0f64, |m, (e, p)| m.max((e - f64::from(*p)).abs()));
+        // Today's head-only encryption: each hospital's head encrypted, the
+        // server's weighted sum of them (the body's plaintext median aside).
+        let head: Vec<Vec<f64>> = (0..n).map(|i| vec![1e-3 * i as f64; HEAD_VALUES]).collect();
+        let t = Instant::now();
+        let head_parts = head
+            .iter()
+            .map(|v| server.load(&hospital.encrypt_compact(v)?, Form::Fresh))
+            .collect::<Result<Vec<_>, _>>()?;
+        let head_refs: Vec<&EncryptedVector> = head_parts.iter().collect();
+        server.weighted_sum(&head_refs, &vec![1.0 / n as f64; n])?;
+        let head_s = secs(t);
+        let server_total = load + gram_s + weiszfeld + wsum;
+        println!(
+            "| {n} | {per_value:.1} | {encrypt:.1} | {load:.1} | {gram_s:.1} | {:.1} MB | {decrypt:.2} | {} | {wsum:.1} | {server_total:.1} | {plain_s:.2} | {head_s:.2} | {:.1e} |",
+            gram_bytes.len() as f64 / 1e6,
+            w.iterations,
+            err / top.max(f64::MIN_POSITIVE),
+        );
+    }
+    Ok(())
+}
