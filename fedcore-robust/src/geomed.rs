@@ -160,10 +160,40 @@ pub struct GramError {
     pub reason: String,
 }
 
+/// How far a Gram matrix's entries may be from exact (decrypted entries
+/// carry CKKS noise): entry `(i, j)` may be off by
+/// `relative * sqrt(G_ii G_jj) + absolute`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GramSlack {
+    /// Relative to the two points' norms.
+    pub relative: f64,
+    /// An absolute floor (the noise when the norms are near zero).
+    pub absolute: f64,
+}
+
+impl GramSlack {
+    /// `relative` and `absolute` slack, both finite and non-negative.
+    pub fn new(relative: f64, absolute: f64) -> Result<Self, GramError> {
+        if !(relative.is_finite() && relative >= 0.0 && absolute.is_finite() && absolute >= 0.0) {
+            return Err(GramError {
+                row: None,
+                reason: format!(
+                    "slack {relative} relative, {absolute} absolute: both must be finite and non-negative"
+                ),
+            });
+        }
+        Ok(Self { relative, absolute })
+    }
+
+    fn of(&self, gii: f64, gjj: f64) -> f64 {
+        self.relative * (gii.max(0.0) * gjj.max(0.0)).sqrt() + self.absolute
+    }
+}
+
 /// Checks that `g` (n x n, row-major) could be the Gram matrix of real
-/// points: finite, symmetric, non-negative diagonal, and every entry within
-/// Cauchy-Schwarz, each up to `tolerance` relative to the diagonal's scale.
-pub fn check_gram(g: &[f64], n: usize, tolerance: f64) -> Result<(), GramError> {
+/// points, up to `slack`: finite, symmetric, non-negative diagonal, every
+/// entry within Cauchy-Schwarz.
+pub fn check_gram(g: &[f64], n: usize, slack: GramSlack) -> Result<(), GramError> {
     let err = |row: Option<usize>, reason: String| Err(GramError { row, reason });
     if n == 0 {
         return err(None, "no points".into());
@@ -171,16 +201,9 @@ pub fn check_gram(g: &[f64], n: usize, tolerance: f64) -> Result<(), GramError> 
     if g.len() != n * n {
         return err(None, format!("{} entries for {n} points", g.len()));
     }
-    if !(tolerance.is_finite() && tolerance >= 0.0) {
-        return err(
-            None,
-            format!("tolerance {tolerance} is not a finite non-negative number"),
-        );
-    }
-    let scale = (0..n).map(|i| g[i * n + i].abs()).fold(0.0, f64::max);
     for i in 0..n {
         let d = g[i * n + i];
-        if !d.is_finite() || d < -tolerance * scale {
+        if !d.is_finite() || d < -slack.absolute {
             return err(
                 Some(i),
                 format!("squared norm {d} is negative or not finite"),
@@ -193,7 +216,7 @@ pub fn check_gram(g: &[f64], n: usize, tolerance: f64) -> Result<(), GramError> 
             if !a.is_finite() || !b.is_finite() {
                 return err(Some(i), format!("entry ({i}, {j}) is not finite"));
             }
-            if (a - b).abs() > tolerance * scale {
+            if (a - b).abs() > slack.of(g[i * n + i], g[j * n + j]) {
                 return err(
                     Some(i),
                     format!("entries ({i}, {j}) = {a} and ({j}, {i}) = {b} differ"),
@@ -210,8 +233,9 @@ pub fn check_gram(g: &[f64], n: usize, tolerance: f64) -> Result<(), GramError> 
     for i in 0..n {
         for j in 0..i {
             let a = g[i * n + j];
-            let bound = (g[i * n + i].max(0.0) * g[j * n + j].max(0.0)).sqrt();
-            if a.abs() > bound + tolerance * scale {
+            let (gii, gjj) = (g[i * n + i], g[j * n + j]);
+            let bound = (gii.max(0.0) * gjj.max(0.0)).sqrt();
+            if a.abs() > bound + slack.of(gii, gjj) {
                 breaks[i] += 1;
                 breaks[j] += 1;
                 first.get_or_insert((i, j, a, bound));
@@ -314,17 +338,17 @@ impl GeometricMedian {
     /// numbers instead of n vectors), the coefficients become the weights of
     /// an encrypted weighted sum. A Gram matrix that no set of points could
     /// have (not symmetric, a negative or non-finite entry on the diagonal,
-    /// an entry beyond Cauchy-Schwarz by more than `tolerance` relative) is
+    /// an entry beyond Cauchy-Schwarz, each by more than `slack`) is
     /// an error naming the first offending row: a client that lied about its
     /// update, or a decryption that failed.
     pub fn compute_on_gram(
         &self,
         gram: &[f64],
         alpha: &[f64],
-        tolerance: f64,
+        slack: GramSlack,
     ) -> Result<GramWeiszfeld, GramError> {
         let n = alpha.len();
-        check_gram(gram, n, tolerance)?;
+        check_gram(gram, n, slack)?;
         if let Some(i) = alpha.iter().position(|a| !(a.is_finite() && *a > 0.0)) {
             return Err(GramError {
                 row: Some(i),

@@ -60,8 +60,8 @@ use fedcore::{ClientDiagnostics, ClientUpdate, Error, FedAvg};
 
 pub use error::ParamsError;
 pub use geomed::{
-    GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, GramError, GramWeiszfeld, Method,
-    Weiszfeld, check_gram,
+    GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, GramError, GramSlack, GramWeiszfeld,
+    Method, Weiszfeld, check_gram,
 };
 pub use krum::{Krum, KrumParams};
 pub use median::{CoordinateMedian, TrimmedMean, TrimmedMeanParams};

@@ -486,7 +486,7 @@ proptest! {
         let alpha: Vec<f64> = (0..points.len()).map(|i| 1.0 + (i % 3) as f64).collect();
         let gm = GeometricMedianParams::new().method(Method::Gram).check().unwrap();
         let direct = gm.compute(&refs, &alpha);
-        let g = gm.compute_on_gram(&gram_of(&points), &alpha, 1e-9).unwrap();
+        let g = gm.compute_on_gram(&gram_of(&points), &alpha, GramSlack::new(1e-9, 0.0).unwrap()).unwrap();
         // The Gram matrix here is summed in another order than the one
         // `compute` forms, so the two agree to rounding, not bit for bit.
         prop_assert!(g.iterations.abs_diff(direct.iterations) <= 1);
@@ -510,8 +510,9 @@ fn a_matrix_no_points_could_have_is_refused_naming_the_row() {
     let gm = GeometricMedianParams::new().check().unwrap();
     let good = gram_of(&[vec![1.0, 0.0], vec![0.0, 2.0], vec![1.0, 1.0]]);
     let alpha = [1.0; 3];
-    assert!(gm.compute_on_gram(&good, &alpha, 1e-9).is_ok());
-    let refused = |g: Vec<f64>, alpha: &[f64]| gm.compute_on_gram(&g, alpha, 1e-9).unwrap_err();
+    let slack = GramSlack::new(1e-9, 0.0).unwrap();
+    assert!(gm.compute_on_gram(&good, &alpha, slack).is_ok());
+    let refused = |g: Vec<f64>, alpha: &[f64]| gm.compute_on_gram(&g, alpha, slack).unwrap_err();
     // A negative squared norm.
     let mut g = good.clone();
     g[4] = -1.0;
@@ -536,6 +537,20 @@ fn a_matrix_no_points_could_have_is_refused_naming_the_row() {
             .contains("8 entries")
     );
     assert_eq!(refused(good.clone(), &[1.0, 0.0, 1.0]).row, Some(1));
+    // Slack is per pair: one large norm does not loosen the check of the
+    // others, and a floor lets near-zero points carry decryption noise.
+    let mut g = gram_of(&[vec![1e3, 0.0], vec![1e-3, 0.0], vec![0.0, 1e-3]]);
+    g[5] = 1e-4; // <x_1, x_2> = 1e-4 > |x_1| |x_2| = 1e-6
+    g[7] = 1e-4;
+    assert!(
+        gm.compute_on_gram(&g, &alpha, GramSlack::new(1e-6, 0.0).unwrap())
+            .is_err()
+    );
+    assert!(
+        gm.compute_on_gram(&g, &alpha, GramSlack::new(1e-6, 1e-3).unwrap())
+            .is_ok()
+    );
+    assert!(GramSlack::new(f64::NAN, 0.0).is_err() && GramSlack::new(0.0, -1.0).is_err());
 }
 
 #[test]
