@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form};
-use fedcore_robust::{GeometricMedianParams, Method};
+use fedcore_robust::{GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -92,11 +92,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let gram_s = secs(t);
         let gram_bytes = sealed.to_bytes()?;
         let t = Instant::now();
-        let gram = hospital.decrypt_gram(&hospital.load_gram(&gram_bytes)?)?;
+        let gram = hospital.decrypt_gram(&hospital.load_gram(&gram_bytes, n)?)?;
         let decrypt = secs(t);
         let alpha = vec![1.0; n];
         let t = Instant::now();
-        let w = gm.compute_on_gram(&gram, &alpha, 1e-6)?;
+        let w = gm.compute_on_gram(&gram, &alpha, GramSlack::new(1e-6, 1e-6)?)?;
         let weiszfeld = secs(t);
         let t = Instant::now();
         let median = server.weighted_sum(&refs, &w.coefficients)?;

@@ -43,10 +43,81 @@ fn sum_steps(slots: usize) -> Vec<i32> {
 
 /// The most bytes one set of `count` key-switching keys may take in SEAL's
 /// uncompressed serialization: each key is `primes - 1` ciphertexts of two
-/// polynomials over all `primes`, 8 bytes per coefficient, plus headers.
+/// polynomials over all `primes`, 8 bytes per coefficient, plus headers, and
+/// one length word per Galois index (up to `degree` of them).
 fn max_kswitch_bytes<R: Role>(ctx: &CkksContext<R>, count: usize) -> usize {
     let primes = ctx.params().coeff_bits().len();
-    count * ((primes - 1) * (2 * ctx.params().degree() * primes * 8 + 1024)) + 4096
+    count * ((primes - 1) * (2 * ctx.params().degree() * primes * 8 + 1024))
+        + 8 * ctx.params().degree()
+        + 4096
+}
+
+/// The index SEAL files the Galois key of a left rotation by `step` under:
+/// `(3^step mod 2N - 1) / 2` (SEAL's `GaloisTool`, generator 3).
+fn galois_index(step: i32, degree: usize) -> usize {
+    let m = 2 * degree as u64;
+    let elt = (0..step).fold(1u64, |e, _| (e * 3) % m);
+    ((elt - 1) / 2) as usize
+}
+
+/// Checks SEAL's uncompressed serialization of key-switching keys before
+/// SEAL reads it (SEAL reserves memory for the counts it reads before it
+/// validates them, and an allocation failure would abort the process): the
+/// header, then at most `degree` key slots, each empty or holding exactly
+/// `primes - 1` keys of a bounded size, and non-empty exactly at `want`
+/// (so every key the arithmetic uses is there and nothing else is).
+fn check_kswitch_layout(
+    raw: &[u8],
+    degree: usize,
+    primes: usize,
+    want: &[usize],
+) -> std::result::Result<(), String> {
+    let short = |_| "truncated".to_owned();
+    let mut r = Reader::new(raw);
+    let header = |r: &mut Reader<'_>| -> std::result::Result<u64, String> {
+        let h = r.take(16).map_err(short)?;
+        if h[..2] != [0x5E, 0xA1] || h[2] != 16 || h[5] != 0 {
+            return Err("not an uncompressed SEAL object".into());
+        }
+        Ok(u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")))
+    };
+    if header(&mut r)? != raw.len() as u64 {
+        return Err("the header's size is not the object's".into());
+    }
+    r.take(32).map_err(short)?;
+    let slots = r.u64().map_err(short)?;
+    if slots > degree as u64 {
+        return Err(format!("{slots} key slots (at most {degree})"));
+    }
+    let max_key = 2 * degree * primes * 8 + 1024;
+    for index in 0..slots as usize {
+        let keys = r.u64().map_err(short)?;
+        let wanted = want.contains(&index);
+        if keys != 0 && keys != (primes - 1) as u64 {
+            return Err(format!("slot {index} holds {keys} keys"));
+        }
+        if (keys != 0) != wanted {
+            return Err(format!(
+                "slot {index} is {} where it must be {}",
+                if keys == 0 { "empty" } else { "filled" },
+                if wanted { "filled" } else { "empty" }
+            ));
+        }
+        for _ in 0..keys {
+            let size = header(&mut r)?;
+            if !(16..=max_key as u64).contains(&size) {
+                return Err(format!("a key of {size} bytes"));
+            }
+            r.take(size as usize - 16).map_err(short)?;
+        }
+    }
+    if want.iter().any(|&i| i >= slots as usize) {
+        return Err("a key the slot sum needs is missing".into());
+    }
+    if !r.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(())
 }
 
 /// An `n x n` Gram matrix `G_ij = <x_i, x_j>` under encryption: one
@@ -111,15 +182,7 @@ impl CkksContext<Secret> {
             deflate(&relin).map_err(|e| HeError::Seal(format!("deflate: {e}")))?,
             deflate(&galois).map_err(|e| HeError::Seal(format!("deflate: {e}")))?,
         );
-        let mut out = Vec::with_capacity(48 + relin.len() + galois.len());
-        out.extend_from_slice(KEYS_MAGIC);
-        out.push(VERSION);
-        out.extend_from_slice(&self.key_id());
-        out.extend_from_slice(&(relin.len() as u64).to_le_bytes());
-        out.extend_from_slice(&relin);
-        out.extend_from_slice(&(galois.len() as u64).to_le_bytes());
-        out.extend_from_slice(&galois);
-        Ok(out)
+        Ok(keys_envelope(&self.key_id(), &relin, &galois))
     }
 
     /// Opens an encrypted Gram matrix: `n x n`, row-major, symmetric. Each
@@ -191,9 +254,13 @@ impl<R: Role> CkksContext<R> {
         }
         let steps = sum_steps(self.slots());
         let ctx = self.inner.engine.context();
-        let load = |blob: &[u8], what: &str, count: usize| -> Result<seal::KSwitchKeys> {
+        let (degree, primes) = (self.params().degree(), self.params().coeff_bits().len());
+        let load = |blob: &[u8], what: &str, want: &[usize]| -> Result<seal::KSwitchKeys> {
+            let count = want.len();
             let raw = inflate(blob, max_kswitch_bytes(self, count))
                 .map_err(|e| malformed(&format!("{what} keys: decompression: {e}")))?;
+            check_kswitch_layout(&raw, degree, primes, want)
+                .map_err(|e| malformed(&format!("{what} keys: {e}")))?;
             let keys = seal::KSwitchKeys::from_bytes(ctx, &raw)
                 .map_err(|e| malformed(&format!("{what} keys: {e}")))?;
             let held = keys.size()?;
@@ -204,9 +271,12 @@ impl<R: Role> CkksContext<R> {
             }
             Ok(keys)
         };
+        // Relinearization keys sit at index 0 (the key for s^2); the Galois
+        // keys at the indices of the slot sum's rotations.
+        let galois_at: Vec<usize> = steps.iter().map(|&s| galois_index(s, degree)).collect();
         let keys = EvalKeys {
-            relin: load(relin, "relinearization", 1)?,
-            galois: load(galois, "Galois", steps.len())?,
+            relin: load(relin, "relinearization", &[0])?,
+            galois: load(galois, "Galois", &galois_at)?,
         };
         self.with_eval(keys)
     }
@@ -291,12 +361,13 @@ impl<R: Role> CkksContext<R> {
         })
     }
 
-    /// Loads an encrypted Gram matrix saved by [`EncryptedGram::to_bytes`]:
-    /// header, key id, the entry count `n (n + 1) / 2` with `n` at most
-    /// [`MAX_GRAM_POINTS`], bounded decompression, SEAL's validation, then
+    /// Loads an encrypted Gram matrix of `points` points saved by
+    /// [`EncryptedGram::to_bytes`] (a hospital knows how many took part, so
+    /// the bytes cannot make it hold more): header, key id, the point count,
+    /// bounded decompression, SEAL's validation, then
     /// each ciphertext's level, size and scale (what
     /// [`inner_products`](CkksContext::inner_products) makes).
-    pub fn load_gram(&self, bytes: &[u8]) -> Result<EncryptedGram> {
+    pub fn load_gram(&self, bytes: &[u8], points: usize) -> Result<EncryptedGram> {
         let malformed = |m: String| HeError::Malformed(format!("encrypted Gram matrix: {m}"));
         let mut r = Reader::new(bytes);
         if r.take(4).map_err(|_| malformed("too short".into()))? != GRAM_MAGIC {
@@ -317,8 +388,10 @@ impl<R: Role> CkksContext<R> {
             ));
         }
         let n = r.u32().map_err(|_| malformed("truncated header".into()))? as usize;
-        if n == 0 || n > MAX_GRAM_POINTS {
-            return Err(malformed(format!("{n} points (1 to {MAX_GRAM_POINTS})")));
+        if n != points || n == 0 || n > MAX_GRAM_POINTS {
+            return Err(malformed(format!(
+                "{n} points where {points} are expected (1 to {MAX_GRAM_POINTS})"
+            )));
         }
         let count = n * (n + 1) / 2;
         let mut blobs = Vec::with_capacity(count);
@@ -344,9 +417,42 @@ impl<R: Role> CkksContext<R> {
     }
 }
 
+/// The serialized evaluation keys: magic, version, key id, then the
+/// deflated relinearization and Galois keys, each after its length (u64 LE).
+fn keys_envelope(key_id: &[u8; 16], relin: &[u8], galois: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + relin.len() + galois.len());
+    out.extend_from_slice(KEYS_MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(key_id);
+    for part in [relin, galois] {
+        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Evaluation keys' bytes for `ctx`'s key pair around raw (uncompressed)
+/// SEAL bytes for the relinearization and the Galois keys: the fuzz target
+/// `eval_keys` uses it to reach the layout check and SEAL's parser.
+pub fn fuzz_eval_keys<R: Role>(ctx: &CkksContext<R>, relin: &[u8], galois: &[u8]) -> Vec<u8> {
+    keys_envelope(
+        &ctx.key_id(),
+        &deflate(relin).unwrap_or_default(),
+        &deflate(galois).unwrap_or_default(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::sum_steps;
+    use super::{galois_index, sum_steps};
+
+    #[test]
+    fn galois_indices_follow_seal_s_generator() {
+        // 3^1 mod 16384 = 3 -> index 1; 3^2 = 9 -> index 4; 3^4 = 81 -> 40.
+        assert_eq!(galois_index(1, 8192), 1);
+        assert_eq!(galois_index(2, 8192), 4);
+        assert_eq!(galois_index(4, 8192), 40);
+    }
 
     #[test]
     fn the_slot_sum_rotates_by_every_power_of_two_below_the_slot_count() {

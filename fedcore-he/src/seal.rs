@@ -179,6 +179,7 @@ unsafe extern "C" {
     fn Ciphertext_ParmsId(p: Handle, out: *mut u64) -> Hr;
     fn Ciphertext_Scale(p: Handle, out: *mut f64) -> Hr;
     fn Ciphertext_IsNTTForm(p: Handle, out: *mut bool) -> Hr;
+    fn Ciphertext_IsTransparent(p: Handle, out: *mut bool) -> Hr;
     fn Ciphertext_SaveSize(p: Handle, compr: u8, out: *mut i64) -> Hr;
     fn Ciphertext_Save(p: Handle, buf: *mut u8, size: u64, compr: u8, written: *mut i64) -> Hr;
     fn Ciphertext_Load(p: Handle, ctx: Handle, buf: *mut u8, size: u64, read: *mut i64) -> Hr;
@@ -743,6 +744,18 @@ impl Ciphertext {
         // SAFETY: live handle, valid out-pointer.
         check("Ciphertext_IsNTTForm", unsafe {
             Ciphertext_IsNTTForm(self.h, &mut b)
+        })?;
+        Ok(b)
+    }
+
+    /// Whether the second polynomial is zero, so that the first is the
+    /// plaintext itself: no encryption at all (SEAL refuses products with
+    /// such a ciphertext).
+    pub(crate) fn is_transparent(&self) -> SealResult<bool> {
+        let mut b = false;
+        // SAFETY: live handle, valid out-pointer.
+        check("Ciphertext_IsTransparent", unsafe {
+            Ciphertext_IsTransparent(self.h, &mut b)
         })?;
         Ok(b)
     }

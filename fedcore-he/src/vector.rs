@@ -508,6 +508,11 @@ pub(crate) fn load_all<R: Role>(
             if ct.size()? != 2 || !ct.is_ntt_form()? {
                 return Err(malformed(format!("{what} {i} has the wrong shape")));
             }
+            if ct.is_transparent()? {
+                return Err(malformed(format!(
+                    "{what} {i} is not encrypted (transparent)"
+                )));
+            }
             let s = ct.scale()?;
             if s != scale {
                 return Err(HeError::Mismatch(format!(
@@ -546,6 +551,7 @@ pub mod fuzzing {
     use super::*;
     pub use super::{deflate, inflate};
     pub use crate::context::fuzz_key_file as key_file;
+    pub use crate::gram::fuzz_eval_keys as eval_keys;
 
     /// Raw SEAL ciphertext bytes (any bytes) in a valid envelope for `ctx`'s
     /// key: one ciphertext of `slots` values, so that `load` hands them to

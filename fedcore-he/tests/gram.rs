@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form, HeError, Public, Secret};
-use fedcore_robust::{GeometricMedianParams, Method};
+use fedcore_robust::{GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -17,6 +17,11 @@ fn keys() -> &'static (CkksContext<Secret>, Vec<u8>) {
         let eval = h.evaluation_keys().expect("evaluation keys");
         (h, eval)
     })
+}
+
+/// What decrypted entries may be off by: CKKS noise, about 1e-7 here.
+fn slack() -> GramSlack {
+    GramSlack::new(1e-6, 1e-6).expect("slack")
 }
 
 /// The server: the public key and the evaluation keys, nothing else.
@@ -85,7 +90,7 @@ fn encrypted_median_matches_plaintext(n: usize, len: usize) {
     assert_eq!(sealed.points(), n);
     let bytes = sealed.to_bytes().expect("bytes");
     let gram = h
-        .decrypt_gram(&h.load_gram(&bytes).expect("hospital loads"))
+        .decrypt_gram(&h.load_gram(&bytes, n).expect("hospital loads"))
         .expect("decrypt");
     let exact = plain_gram(&x);
     let scale = exact.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -104,7 +109,7 @@ fn encrypted_median_matches_plaintext(n: usize, len: usize) {
         .expect("params");
     let alpha = vec![1.0; n];
     let on_gram = gm
-        .compute_on_gram(&gram, &alpha, 1e-6)
+        .compute_on_gram(&gram, &alpha, slack())
         .expect("a Gram matrix");
     let median = s
         .weighted_sum(&refs, &on_gram.coefficients)
@@ -184,7 +189,10 @@ fn without_evaluation_keys_or_with_another_pair_s_it_is_refused() {
     let bytes = sealed.expect("inner products").to_bytes().expect("bytes");
     let other_keys = other.evaluation_keys().expect("evaluation keys");
     assert!(other.with_evaluation_keys(&other_keys).is_ok());
-    assert!(matches!(other.load_gram(&bytes), Err(HeError::Mismatch(_))));
+    assert!(matches!(
+        other.load_gram(&bytes, 2),
+        Err(HeError::Mismatch(_))
+    ));
 }
 
 #[test]
@@ -214,19 +222,23 @@ fn malformed_evaluation_keys_and_gram_bytes_are_typed_errors() {
     flipped[mid] ^= 0xff;
     assert!(public.with_evaluation_keys(&flipped).is_err());
     for cut in [0, 4, 20, 25, bytes.len() / 2, bytes.len() - 1] {
-        let e = h.load_gram(&bytes[..cut]).unwrap_err();
+        let e = h.load_gram(&bytes[..cut], 3).unwrap_err();
         assert!(matches!(e, HeError::Malformed(_)), "cut {cut}: {e}");
     }
-    // An entry count that does not match the points.
+    // A point count other than the one the hospital expects, either way:
+    // refused before anything is inflated.
     let mut wrong_n = bytes.clone();
     wrong_n[21..25].copy_from_slice(&4u32.to_le_bytes());
-    assert!(matches!(h.load_gram(&wrong_n), Err(HeError::Malformed(_))));
+    let e = h.load_gram(&wrong_n, 3).unwrap_err();
+    assert!(e.to_string().contains("4 points where 3"), "{e}");
+    let e = h.load_gram(&bytes, 4).unwrap_err();
+    assert!(e.to_string().contains("3 points where 4"), "{e}");
     let mut zero = bytes.clone();
     zero[21..25].copy_from_slice(&0u32.to_le_bytes());
-    assert!(matches!(h.load_gram(&zero), Err(HeError::Malformed(_))));
+    assert!(matches!(h.load_gram(&zero, 0), Err(HeError::Malformed(_))));
     // A fresh upload is not a Gram matrix, and the other way round.
     let upload = h.encrypt_compact(&[1.0; 10]).expect("encrypt");
-    assert!(h.load_gram(&upload).is_err());
+    assert!(h.load_gram(&upload, 1).is_err());
     assert!(h.load(&bytes, Form::Sum).is_err());
 }
 
@@ -254,6 +266,69 @@ fn an_update_beyond_the_bound_makes_an_inconsistent_row_that_the_check_names() {
         .expect("decrypt");
     assert!(gram[8].abs() < bound, "the diagonal wrapped: {gram:?}");
     let gm = GeometricMedianParams::new().check().expect("params");
-    let e = gm.compute_on_gram(&gram, &[1.0; 3], 1e-6).unwrap_err();
+    let e = gm.compute_on_gram(&gram, &[1.0; 3], slack()).unwrap_err();
     assert_eq!(e.row, Some(2), "{e}");
+}
+
+/// SEAL's uncompressed key-switching-key layout with `slots` slots, the
+/// listed ones holding `keys` keys of `key_bytes` bytes each (header only
+/// filled in; enough for the layout check, which runs before SEAL parses).
+fn kswitch_raw(slots: u64, filled: &[(usize, u64)], key_bytes: usize) -> Vec<u8> {
+    let header = |size: u64| {
+        let mut h = vec![0x5E, 0xA1, 16, 4, 0, 0, 0, 0];
+        h.extend_from_slice(&size.to_le_bytes());
+        h
+    };
+    let mut body = vec![0u8; 32];
+    body.extend_from_slice(&slots.to_le_bytes());
+    for slot in 0..slots as usize {
+        let keys = filled.iter().find(|(s, _)| *s == slot).map_or(0, |f| f.1);
+        body.extend_from_slice(&keys.to_le_bytes());
+        for _ in 0..keys {
+            let mut key = header(key_bytes as u64);
+            key.resize(key_bytes, 0);
+            body.extend_from_slice(&key);
+        }
+    }
+    let mut out = header(16 + body.len() as u64);
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn key_layouts_seal_would_choke_on_are_refused_before_seal_reads_them() {
+    let (h, _) = keys();
+    let public = h.public();
+    let refused = |relin: Vec<u8>| {
+        let bytes = fedcore_he::fuzzing::eval_keys(h, &relin, &[]);
+        match public.with_evaluation_keys(&bytes) {
+            Err(HeError::Malformed(m)) => m,
+            other => panic!("accepted or wrong error: {other:?}"),
+        }
+    };
+    // A slot count SEAL would reserve memory for before checking it
+    // (2^50 slots: an allocation failure aborts the process).
+    let mut huge = kswitch_raw(0, &[], 0);
+    huge[48..56].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    let m = refused(huge);
+    assert!(m.contains("key slots"), "{m}");
+    // The relinearization key's slot empty and another filled: SEAL counts
+    // one key and calls it valid, then reads the empty slot in a product.
+    let m = refused(kswitch_raw(2, &[(1, 3)], 64));
+    assert!(m.contains("slot 0 is empty"), "{m}");
+    // A slot with a key count other than the decomposition's (3 here).
+    let mut many = kswitch_raw(1, &[], 0);
+    many[56..64].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let m = refused(many);
+    assert!(m.contains("holds"), "{m}");
+    // A key whose header claims more than a key can be.
+    let mut big = kswitch_raw(1, &[(0, 3)], 64);
+    big[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let m = refused(big);
+    assert!(m.contains("a key of 1099511627776 bytes"), "{m}");
+    // Compressed SEAL objects (SEAL would inflate them without a limit).
+    let mut compressed = kswitch_raw(1, &[(0, 3)], 64);
+    compressed[5] = 2;
+    let m = refused(compressed);
+    assert!(m.contains("uncompressed"), "{m}");
 }
