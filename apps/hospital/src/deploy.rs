@@ -255,13 +255,13 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     }
     let report = net::run_server(&mut server, &policy);
     if let Some(d) = &dashboard {
-        d.shared.set_progress(|p| match &report {
-            Ok(_) => p.status = RunStatus::Finished,
-            Err(e) => {
-                p.status = RunStatus::Failed;
-                p.error = Some(e.to_string());
-            }
-        });
+        let rounds = server.history().len() as u64;
+        d.shared.end(
+            report
+                .as_ref()
+                .map(|_| rounds)
+                .map_err(|e| format!("{e:#}")),
+        );
     }
     let report = report?;
     println!(

@@ -158,6 +158,25 @@ impl Shared {
         }
     }
 
+    /// The run ended, with the rounds it recorded or its error: the status
+    /// and the last live event, the same for the simulation and a deployed
+    /// server.
+    pub fn end(&self, outcome: std::result::Result<u64, String>) {
+        match outcome {
+            Ok(rounds) => {
+                self.set_progress(|p| p.status = RunStatus::Finished);
+                self.send(LiveEvent::Finished { rounds });
+            }
+            Err(error) => {
+                self.set_progress(|p| {
+                    p.status = RunStatus::Failed;
+                    p.error = Some(error.clone());
+                });
+                self.send(LiveEvent::Failed { error });
+            }
+        }
+    }
+
     /// Passes the core's events on to the dashboard: a round starting (and
     /// where the run is), an update not counted or a hospital kept out (both
     /// shown as not counted), a hospital flagged. Rounds that end are the
@@ -309,4 +328,34 @@ pub fn to_new_round(r: &RoundRecord, row: &RoundRow) -> NewRound {
 
 fn held_out(r: &RoundRecord) -> Option<&Evaluation> {
     r.evaluation.as_ref().or(r.federated_evaluation.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_run_sets_its_status_and_tells_the_pages() {
+        let shared = Shared::default();
+        let mut events = shared.events.subscribe();
+        shared.end(Ok(4));
+        assert_eq!(
+            shared.progress.read().map(|p| p.status).ok(),
+            Some(RunStatus::Finished)
+        );
+        assert!(matches!(
+            events.try_recv(),
+            Ok(LiveEvent::Finished { rounds: 4 })
+        ));
+        shared.end(Err("quorum lost".into()));
+        let p = shared
+            .progress
+            .read()
+            .map(|p| (p.status, p.error.clone()))
+            .ok();
+        assert_eq!(p, Some((RunStatus::Failed, Some("quorum lost".into()))));
+        assert!(
+            matches!(events.try_recv(), Ok(LiveEvent::Failed { error }) if error == "quorum lost")
+        );
+    }
 }

@@ -126,20 +126,12 @@ pub fn run(
     predictor: &Arc<Predictor>,
 ) -> Result<Summary> {
     let result = run_inner(cfg, store, rt, shared, predictor);
-    match &result {
-        Ok(s) => {
-            shared.set_progress(|p| p.status = RunStatus::Finished);
-            shared.send(LiveEvent::Finished { rounds: s.rounds });
-        }
-        Err(e) => {
-            let error = format!("{e:#}");
-            shared.set_progress(|p| {
-                p.status = RunStatus::Failed;
-                p.error = Some(error.clone());
-            });
-            shared.send(LiveEvent::Failed { error });
-        }
-    }
+    shared.end(
+        result
+            .as_ref()
+            .map(|s| s.rounds)
+            .map_err(|e| format!("{e:#}")),
+    );
     result
 }
 
