@@ -1,6 +1,7 @@
 //! Writes the seed corpora of this crate's targets under the folder given as
 //! the first argument (default `seeds`): key files of both roles (small,
-//! insecure parameters, as the targets use) and encrypted uploads.
+//! insecure parameters, as the targets use), encrypted uploads, evaluation
+//! keys and an encrypted Gram matrix.
 
 use fedcore_he::{CkksContext, CkksParams, Form, KeyAuthority};
 
@@ -19,12 +20,24 @@ fn main() {
     std::fs::copy(&files.secret, keys.join("secret")).expect("secret key");
     let vectors = root.join("load_vector");
     std::fs::create_dir_all(&vectors).expect("seed folder");
-    let fresh = hospital.encrypt_compact(&[1.0, -2.0, 3.5]).expect("encrypt");
+    let fresh = hospital
+        .encrypt_compact(&[1.0, -2.0, 3.5])
+        .expect("encrypt");
     std::fs::write(vectors.join("fresh"), &fresh).expect("seed");
     let server = hospital.public();
     let a = server.load(&fresh, Form::Fresh).expect("load");
     let sum = server.weighted_sum(&[&a, &a], &[0.5, 0.5]).expect("sum");
     std::fs::write(vectors.join("sum"), sum.to_bytes().expect("bytes")).expect("seed");
+    // Evaluation keys and an encrypted Gram matrix of two uploads.
+    let eval = hospital.evaluation_keys().expect("evaluation keys");
+    let dir = root.join("eval_keys");
+    std::fs::create_dir_all(&dir).expect("seed folder");
+    std::fs::write(dir.join("keys"), &eval).expect("seed");
+    let with = server.with_evaluation_keys(&eval).expect("load keys");
+    let gram = with.inner_products(&[&a, &a]).expect("inner products");
+    let dir = root.join("load_gram");
+    std::fs::create_dir_all(&dir).expect("seed folder");
+    std::fs::write(dir.join("gram"), gram.to_bytes().expect("bytes")).expect("seed");
     let _ = CkksContext::<fedcore_he::Public>::from_file(&files.public).expect("reads back");
     let _ = std::fs::remove_dir_all(&tmp);
     println!("seeds written under {}", root.display());

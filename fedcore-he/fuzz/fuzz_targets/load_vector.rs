@@ -2,26 +2,17 @@
 //! a typed error, never panic or abort (a C++ exception escaping SEAL would
 //! abort the process, which libFuzzer reports as a crash).
 //!
-//! Seeds: `cargo fuzz run load_vector` starts from nothing; the corpus
-//! folder can be seeded with real uploads (see fedcore-he/fuzz/README.md).
+//! Seeds: `seeds.rs` writes an upload and a sum (see
+//! fedcore-he/fuzz/README.md); their key id is replaced by this run's.
 #![no_main]
 
-use std::sync::OnceLock;
+#[path = "common.rs"]
+mod common;
 
-use fedcore_he::{CkksContext, CkksParams, Form, Secret};
+use fedcore_he::Form;
 use libfuzzer_sys::fuzz_target;
 
-fn ctx() -> &'static CkksContext<Secret> {
-    static CTX: OnceLock<CkksContext<Secret>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        // Smaller (insecure) parameters keep each run fast; the decoder's
-        // paths are the same at every size.
-        let p = CkksParams::dangerous()
-            .insecure(4096, &[40, 40, 40, 40], 30)
-            .expect("params");
-        CkksContext::generate(p).expect("keygen")
-    })
-}
+use common::ctx;
 
 fuzz_target!(|data: &[u8]| {
     let ctx = ctx();
@@ -34,8 +25,10 @@ fuzz_target!(|data: &[u8]| {
         }
         return;
     }
+    // Seeds come from another key: put this one's id in the header.
+    let data = common::with_key_id(data, 7);
     for form in [Form::Fresh, Form::Sum] {
-        if let Ok(v) = ctx.load(data, form) {
+        if let Ok(v) = ctx.load(&data, form) {
             let _ = ctx.decrypt(&v);
         }
     }
