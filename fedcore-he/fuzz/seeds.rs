@@ -34,10 +34,14 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("seed folder");
     std::fs::write(dir.join("keys"), &eval).expect("seed");
     let with = server.with_evaluation_keys(&eval).expect("load keys");
-    let gram = with.inner_products(&[&a, &a]).expect("inner products");
+    let b = hospital.encrypt_compact(&[0.5, 2.0, -1.0]).expect("encrypt");
+    let b = server.load(&b, Form::Fresh).expect("load");
     let dir = root.join("load_gram");
     std::fs::create_dir_all(&dir).expect("seed folder");
+    let gram = with.inner_products(&[&a, &b]).expect("inner products");
     std::fs::write(dir.join("gram"), gram.to_bytes().expect("bytes")).expect("seed");
+    let distances = with.squared_distances(&[&a, &b]).expect("distances");
+    std::fs::write(dir.join("distances"), distances.to_bytes().expect("bytes")).expect("seed");
     let _ = CkksContext::<fedcore_he::Public>::from_file(&files.public).expect("reads back");
     let _ = std::fs::remove_dir_all(&tmp);
     println!("seeds written under {}", root.display());

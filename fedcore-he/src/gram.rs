@@ -120,14 +120,44 @@ fn check_kswitch_layout(
     Ok(())
 }
 
-/// An `n x n` Gram matrix `G_ij = <x_i, x_j>` under encryption: one
+/// What an [`EncryptedGram`] holds for each pair of points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairs {
+    /// `<x_i, x_j>` for `i <= j`: the Gram matrix.
+    InnerProducts,
+    /// `||x_i - x_j||^2` for `i < j` (the diagonal is zero): tells only
+    /// how far apart the points are, not where they are.
+    SquaredDistances,
+}
+
+impl Pairs {
+    fn tag(self) -> u8 {
+        match self {
+            Pairs::InnerProducts => 1,
+            Pairs::SquaredDistances => 2,
+        }
+    }
+
+    /// The pairs `(i, j)` with an entry, row by row.
+    fn of(self, n: usize) -> Vec<(usize, usize)> {
+        let skip = usize::from(self == Pairs::SquaredDistances);
+        (0..n)
+            .flat_map(|i| (i + skip..n).map(move |j| (i, j)))
+            .collect()
+    }
+}
+
+/// An `n x n` matrix of pairwise quantities of encrypted vectors, under
+/// encryption: the Gram matrix `G_ij = <x_i, x_j>`
+/// ([`CkksContext::inner_products`]) or the squared distances
+/// `D_ij = ||x_i - x_j||^2` ([`CkksContext::squared_distances`]); one
 /// ciphertext per entry of the upper triangle, each holding the entry in
-/// every slot. Made by [`CkksContext::inner_products`], opened by
-/// [`CkksContext::decrypt_gram`] (key holders only).
+/// every slot. Opened by [`CkksContext::decrypt_gram`] (key holders only).
 pub struct EncryptedGram {
     n: usize,
+    kind: Pairs,
     key_id: [u8; 16],
-    /// Upper triangle, row by row: (0,0), (0,1), ..., (0,n-1), (1,1), ...
+    /// The entries of `kind.of(n)`, in that order.
     cts: Vec<seal::Ciphertext>,
 }
 
@@ -146,7 +176,13 @@ impl EncryptedGram {
         self.n
     }
 
-    /// Bytes for the wire: magic, version, key id, `n` (u32 LE), then each
+    /// Inner products or squared distances.
+    pub fn kind(&self) -> Pairs {
+        self.kind
+    }
+
+    /// Bytes for the wire: magic, version, key id, kind (1 byte: 1 inner
+    /// products, 2 squared distances), `n` (u32 LE), then each
     /// entry's ciphertext as SEAL writes it, deflate-compressed, with its
     /// length (u32 LE).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -155,6 +191,7 @@ impl EncryptedGram {
         out.extend_from_slice(GRAM_MAGIC);
         out.push(VERSION);
         out.extend_from_slice(&self.key_id);
+        out.push(self.kind.tag());
         out.extend_from_slice(&(self.n as u32).to_le_bytes());
         for b in &blobs {
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -185,7 +222,8 @@ impl CkksContext<Secret> {
         Ok(keys_envelope(&self.key_id(), &relin, &galois))
     }
 
-    /// Opens an encrypted Gram matrix: `n x n`, row-major, symmetric. Each
+    /// Opens an encrypted Gram or squared-distance matrix: `n x n`,
+    /// row-major, symmetric (a distance matrix with a zero diagonal). Each
     /// entry is the mean of its ciphertext's slots (all of which hold it).
     ///
     /// Whoever receives these numbers learns the inner products of the
@@ -205,13 +243,9 @@ impl CkksContext<Secret> {
             })
             .collect::<Result<Vec<f64>>>()?;
         let mut out = vec![0.0; n * n];
-        let mut k = 0;
-        for i in 0..n {
-            for j in i..n {
-                out[i * n + j] = values[k];
-                out[j * n + i] = values[k];
-                k += 1;
-            }
+        for ((i, j), v) in g.kind.of(n).into_iter().zip(values) {
+            out[i * n + j] = v;
+            out[j * n + i] = v;
         }
         Ok(out)
     }
@@ -308,6 +342,28 @@ impl<R: Role> CkksContext<R> {
     /// Cost: `n (n + 1) / 2` pairs, each one ciphertext product per
     /// `slots` values plus one relinearization and `log2(slots)` rotations.
     pub fn inner_products(&self, parts: &[&EncryptedVector]) -> Result<EncryptedGram> {
+        self.pairwise(parts, Pairs::InnerProducts)
+    }
+
+    /// The squared distances `D_ij = ||parts_i - parts_j||^2` of fresh
+    /// uploads, under encryption, as [`inner_products`](Self::inner_products)
+    /// computes the Gram matrix but on the differences (one ciphertext
+    /// subtraction more per product, `n (n - 1) / 2` pairs). Whoever decrypts
+    /// them learns how far apart the points are and nothing about where they
+    /// are (every point shifted by one vector gives the same matrix), which
+    /// is all the geometric median needs
+    /// (`fedcore_robust::GeometricMedian::compute_on_distances`). At least
+    /// two parts.
+    pub fn squared_distances(&self, parts: &[&EncryptedVector]) -> Result<EncryptedGram> {
+        if parts.len() < 2 {
+            return Err(HeError::OutOfRange(
+                "squared distances need at least two parts".into(),
+            ));
+        }
+        self.pairwise(parts, Pairs::SquaredDistances)
+    }
+
+    fn pairwise(&self, parts: &[&EncryptedVector], kind: Pairs) -> Result<EncryptedGram> {
         let keys = self.inner.eval.as_ref().ok_or_else(|| {
             HeError::Mismatch(
                 "this context has no evaluation keys (CkksContext::with_evaluation_keys)".into(),
@@ -331,8 +387,17 @@ impl<R: Role> CkksContext<R> {
             self.check_same(p, Form::Fresh, first.len)?;
         }
         let steps = sum_steps(self.slots());
-        let pairs: Vec<(usize, usize)> = (0..n).flat_map(|i| (i..n).map(move |j| (i, j))).collect();
+        let pairs = kind.of(n);
         let engine = self.engine();
+        let product = |a: &seal::Ciphertext, b: &seal::Ciphertext| -> Result<seal::Ciphertext> {
+            Ok(match kind {
+                Pairs::InnerProducts => engine.multiply(a, b)?,
+                Pairs::SquaredDistances => {
+                    let d = engine.sub(a, b)?;
+                    engine.multiply(&d, &d)?
+                }
+            })
+        };
         let cts = pairs
             .par_iter()
             .map(|&(i, j)| {
@@ -340,7 +405,7 @@ impl<R: Role> CkksContext<R> {
                     .cts
                     .par_iter()
                     .zip(&parts[j].cts)
-                    .map(|(a, b)| -> Result<seal::Ciphertext> { Ok(engine.multiply(a, b)?) })
+                    .map(|(a, b)| product(a, b))
                     .try_reduce_with(|mut acc, c| {
                         engine.add_inplace(&mut acc, &c)?;
                         Ok(acc)
@@ -356,6 +421,7 @@ impl<R: Role> CkksContext<R> {
             .collect::<Result<Vec<_>>>()?;
         Ok(EncryptedGram {
             n,
+            kind,
             key_id: self.key_id(),
             cts,
         })
@@ -387,13 +453,18 @@ impl<R: Role> CkksContext<R> {
                 "encrypted under another key (key id differs)".into(),
             ));
         }
+        let kind = match r.u8().map_err(|_| malformed("truncated header".into()))? {
+            1 => Pairs::InnerProducts,
+            2 => Pairs::SquaredDistances,
+            t => return Err(malformed(format!("unknown kind {t}"))),
+        };
         let n = r.u32().map_err(|_| malformed("truncated header".into()))? as usize;
         if n != points || n == 0 || n > MAX_GRAM_POINTS {
             return Err(malformed(format!(
                 "{n} points where {points} are expected (1 to {MAX_GRAM_POINTS})"
             )));
         }
-        let count = n * (n + 1) / 2;
+        let count = kind.of(n).len();
         let mut blobs = Vec::with_capacity(count);
         for k in 0..count {
             let len = r
@@ -411,6 +482,7 @@ impl<R: Role> CkksContext<R> {
         let cts = load_all(self, &blobs, scale, "entry", "encrypted Gram matrix: ")?;
         Ok(EncryptedGram {
             n,
+            kind,
             key_id: key,
             cts,
         })

@@ -54,7 +54,7 @@ mod vector;
 
 pub use context::{CkksContext, KeyAuthority, KeyFiles, Public, Role, Secret};
 pub use error::{HeError, Result};
-pub use gram::{EncryptedGram, MAX_GRAM_POINTS};
+pub use gram::{EncryptedGram, MAX_GRAM_POINTS, Pairs};
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};
 pub use vector::{EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, fuzzing};

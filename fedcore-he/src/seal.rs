@@ -148,6 +148,7 @@ unsafe extern "C" {
     fn Evaluator_Create(ctx: Handle, out: *mut Handle) -> Hr;
     fn Evaluator_Destroy(p: Handle) -> Hr;
     fn Evaluator_Add(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
+    fn Evaluator_Sub(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
     fn Evaluator_Multiply(p: Handle, a: Handle, b: Handle, dest: Handle, pool: Handle) -> Hr;
     fn Evaluator_Relinearize(
         p: Handle,
@@ -999,6 +1000,16 @@ impl Engine {
         // SAFETY: live handles, distinct destination.
         check("Evaluator_MultiplyPlain", unsafe {
             Evaluator_MultiplyPlain(self.evaluator, c.h, p.h, out.h, null_mut())
+        })?;
+        Ok(out)
+    }
+
+    /// `a - b` into a new ciphertext (same level and scale, checked by SEAL).
+    pub(crate) fn sub(&self, a: &Ciphertext, b: &Ciphertext) -> SealResult<Ciphertext> {
+        let out = Ciphertext::empty()?;
+        // SAFETY: live handles, distinct destination.
+        check("Evaluator_Sub", unsafe {
+            Evaluator_Sub(self.evaluator, a.h, b.h, out.h)
         })?;
         Ok(out)
     }

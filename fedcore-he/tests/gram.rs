@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form, HeError, Public, Secret};
+use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form, HeError, Pairs, Public, Secret};
 use fedcore_robust::{GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -77,7 +77,7 @@ fn upload_all(s: &CkksContext<Public>, x: &[Vec<f64>]) -> Vec<EncryptedVector> {
 /// Gram matrix matches the plaintext one, and the median the server forms
 /// from it (an encrypted weighted sum) decrypts to the plaintext geometric
 /// median of the same updates, with the same weights and distances.
-fn encrypted_median_matches_plaintext(n: usize, len: usize) {
+fn encrypted_median_matches_plaintext(n: usize, len: usize, kind: Pairs) {
     let byzantine = (n * 3).div_ceil(10);
     let x = updates(n, byzantine, len, 40 + n as u64);
     let (h, _) = keys();
@@ -85,14 +85,28 @@ fn encrypted_median_matches_plaintext(n: usize, len: usize) {
     let parts = upload_all(&s, &x);
     let refs: Vec<&EncryptedVector> = parts.iter().collect();
 
-    // Server: the Gram matrix under encryption; a hospital opens it.
-    let sealed = s.inner_products(&refs).expect("inner products");
-    assert_eq!(sealed.points(), n);
+    // Server: the Gram (or distance) matrix under encryption; a hospital
+    // opens it.
+    let sealed = match kind {
+        Pairs::InnerProducts => s.inner_products(&refs),
+        Pairs::SquaredDistances => s.squared_distances(&refs),
+    }
+    .expect("pairwise products");
+    assert_eq!((sealed.points(), sealed.kind()), (n, kind));
     let bytes = sealed.to_bytes().expect("bytes");
     let gram = h
         .decrypt_gram(&h.load_gram(&bytes, n).expect("hospital loads"))
         .expect("decrypt");
-    let exact = plain_gram(&x);
+    let g = plain_gram(&x);
+    let exact: Vec<f64> = match kind {
+        Pairs::InnerProducts => g,
+        _ => (0..n * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                g[i * n + i] + g[j * n + j] - 2.0 * g[k]
+            })
+            .collect(),
+    };
     let scale = exact.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     for (k, (a, b)) in gram.iter().zip(&exact).enumerate() {
         assert!(
@@ -108,9 +122,11 @@ fn encrypted_median_matches_plaintext(n: usize, len: usize) {
         .check()
         .expect("params");
     let alpha = vec![1.0; n];
-    let on_gram = gm
-        .compute_on_gram(&gram, &alpha, slack())
-        .expect("a Gram matrix");
+    let on_gram = match kind {
+        Pairs::InnerProducts => gm.compute_on_gram(&gram, &alpha, slack()),
+        _ => gm.compute_on_distances(&gram, &alpha, slack()),
+    }
+    .expect("a Gram or distance matrix");
     let median = s
         .weighted_sum(&refs, &on_gram.coefficients)
         .expect("weighted sum");
@@ -159,12 +175,17 @@ fn encrypted_median_matches_plaintext(n: usize, len: usize) {
 
 #[test]
 fn the_encrypted_median_of_3_hospitals_is_the_plaintext_one() {
-    encrypted_median_matches_plaintext(3, 10_000);
+    encrypted_median_matches_plaintext(3, 10_000, Pairs::InnerProducts);
+}
+
+#[test]
+fn from_encrypted_distances_alone_the_median_of_3_hospitals_is_the_plaintext_one() {
+    encrypted_median_matches_plaintext(3, 10_000, Pairs::SquaredDistances);
 }
 
 #[test]
 fn the_encrypted_median_of_10_hospitals_is_the_plaintext_one() {
-    encrypted_median_matches_plaintext(10, 5_000);
+    encrypted_median_matches_plaintext(10, 5_000, Pairs::InnerProducts);
 }
 
 #[test]
@@ -228,13 +249,13 @@ fn malformed_evaluation_keys_and_gram_bytes_are_typed_errors() {
     // A point count other than the one the hospital expects, either way:
     // refused before anything is inflated.
     let mut wrong_n = bytes.clone();
-    wrong_n[21..25].copy_from_slice(&4u32.to_le_bytes());
+    wrong_n[22..26].copy_from_slice(&4u32.to_le_bytes());
     let e = h.load_gram(&wrong_n, 3).unwrap_err();
     assert!(e.to_string().contains("4 points where 3"), "{e}");
     let e = h.load_gram(&bytes, 4).unwrap_err();
     assert!(e.to_string().contains("3 points where 4"), "{e}");
     let mut zero = bytes.clone();
-    zero[21..25].copy_from_slice(&0u32.to_le_bytes());
+    zero[22..26].copy_from_slice(&0u32.to_le_bytes());
     assert!(matches!(h.load_gram(&zero, 0), Err(HeError::Malformed(_))));
     // A fresh upload is not a Gram matrix, and the other way round.
     let upload = h.encrypt_compact(&[1.0; 10]).expect("encrypt");

@@ -373,6 +373,60 @@ impl GeometricMedian {
         })
     }
 
+    /// Runs smoothed Weiszfeld from the points' squared pairwise distances
+    /// alone (`d[i * n + j] = ||x_i - x_j||^2`), as
+    /// [`compute_on_gram`](Self::compute_on_gram) does from the Gram matrix:
+    /// Weiszfeld's iterates are affine combinations of the points, so it is
+    /// the same on the points shifted to their mean, whose Gram matrix is
+    /// `-1/2 J D J` (`J = I - 11^T / n`). The coefficients apply to the
+    /// original points. A matrix whose diagonal is not zero (within the
+    /// absolute slack), or that is not symmetric, or whose centered form no
+    /// points could have (not a Euclidean distance matrix) is an error naming
+    /// the row.
+    pub fn compute_on_distances(
+        &self,
+        d: &[f64],
+        alpha: &[f64],
+        slack: GramSlack,
+    ) -> Result<GramWeiszfeld, GramError> {
+        let n = alpha.len();
+        if n == 0 || d.len() != n * n {
+            return Err(GramError {
+                row: None,
+                reason: format!("{} entries for {n} points", d.len()),
+            });
+        }
+        for i in 0..n {
+            let v = d[i * n + i];
+            if !v.is_finite() || v.abs() > slack.absolute {
+                return Err(GramError {
+                    row: Some(i),
+                    reason: format!("distance {v} from point {i} to itself"),
+                });
+            }
+            for j in 0..i {
+                let (a, b) = (d[i * n + j], d[j * n + i]);
+                if !a.is_finite() || !b.is_finite() || (a - b).abs() > slack.of(a, b) {
+                    return Err(GramError {
+                        row: Some(i),
+                        reason: format!("distances ({i}, {j}) = {a} and ({j}, {i}) = {b}"),
+                    });
+                }
+            }
+        }
+        let row_mean: Vec<f64> = (0..n)
+            .map(|i| d[i * n..(i + 1) * n].iter().sum::<f64>() / n as f64)
+            .collect();
+        let mean = row_mean.iter().sum::<f64>() / n as f64;
+        let centered: Vec<f64> = (0..n * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                -0.5 * (d[k] - row_mean[i] - row_mean[j] + mean)
+            })
+            .collect();
+        self.compute_on_gram(&centered, alpha, slack)
+    }
+
     /// The Weiszfeld loop on points, materializing the estimate.
     fn iterate_points<S: Iterate>(&self, points: &[&[f32]], alpha: &[f64], state: S) -> Weiszfeld {
         let (w, state) = self.iterate(alpha, state);

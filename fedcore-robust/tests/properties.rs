@@ -505,6 +505,69 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// From the squared pairwise distances alone (nothing about where the
+    /// points are), the same estimate: its coefficients over the original
+    /// points give the median of `compute`.
+    #[test]
+    fn the_median_from_pairwise_distances_alone_is_the_median(points in points_strategy(2..12, 1..40), shift in -50.0f32..50.0) {
+        let refs: Vec<&[f32]> = points.iter().map(|v| v.as_slice()).collect();
+        let alpha: Vec<f64> = (0..points.len()).map(|i| 1.0 + (i % 3) as f64).collect();
+        let gm = GeometricMedianParams::new().method(Method::Gram).check().unwrap();
+        let direct = gm.compute(&refs, &alpha);
+        let n = points.len();
+        // The distances of the points shifted by a common vector: the same.
+        let shifted: Vec<Vec<f32>> = points.iter().map(|p| p.iter().map(|v| v + shift).collect()).collect();
+        let g = gram_of(&shifted);
+        let d: Vec<f64> = (0..n * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                (g[i * n + i] + g[j * n + j] - 2.0 * g[k]).max(0.0) * f64::from(u8::from(i != j))
+            })
+            .collect();
+        let slack = GramSlack::new(1e-6, 1e-6 * d.iter().fold(1.0f64, |m, v| m.max(*v))).unwrap();
+        let w = gm.compute_on_distances(&d, &alpha, slack).unwrap();
+        let scale = points.iter().flatten().fold(1.0f32, |m, v| m.max(v.abs())) + shift.abs();
+        for (k, m) in direct.median.iter().enumerate() {
+            let z: f64 = w.coefficients.iter().zip(&points).map(|(c, p)| c * f64::from(p[k])).sum();
+            prop_assert!((z - f64::from(*m)).abs() <= 1e-4 * f64::from(scale), "coordinate {k}: {z} vs {m}");
+        }
+    }
+}
+
+#[test]
+fn a_distance_matrix_with_a_nonzero_diagonal_or_asymmetric_is_refused() {
+    let gm = GeometricMedianParams::new().check().unwrap();
+    let slack = GramSlack::new(1e-9, 1e-9).unwrap();
+    let good = [0.0, 1.0, 4.0, 1.0, 0.0, 1.0, 4.0, 1.0, 0.0]; // 0, 1, 2 on a line
+    let w = gm.compute_on_distances(&good, &[1.0; 3], slack).unwrap();
+    // The median of 0, 1, 2 is 1.
+    assert!(
+        (w.coefficients[0] * 0.0 + w.coefficients[1] + 2.0 * w.coefficients[2] - 1.0).abs() < 1e-4
+    );
+    let mut bad = good;
+    bad[4] = 0.5;
+    assert_eq!(
+        gm.compute_on_distances(&bad, &[1.0; 3], slack)
+            .unwrap_err()
+            .row,
+        Some(1)
+    );
+    let mut bad = good;
+    bad[2] = 9.0;
+    assert_eq!(
+        gm.compute_on_distances(&bad, &[1.0; 3], slack)
+            .unwrap_err()
+            .row,
+        Some(2)
+    );
+    // Not a Euclidean distance matrix: 0-1 and 1-2 at distance 1, 0-2 at 10.
+    let far = [0.0, 1.0, 100.0, 1.0, 0.0, 1.0, 100.0, 1.0, 0.0];
+    assert!(gm.compute_on_distances(&far, &[1.0; 3], slack).is_err());
+}
+
 #[test]
 fn a_matrix_no_points_could_have_is_refused_naming_the_row() {
     let gm = GeometricMedianParams::new().check().unwrap();
