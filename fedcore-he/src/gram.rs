@@ -10,6 +10,11 @@
 //! ([`CkksContext::decrypt_gram`]), the server iterates in the clear on those
 //! numbers and forms the estimate as an encrypted weighted sum
 //! ([`CkksContext::weighted_sum`]) that only the key holders can open.
+//!
+//! The squared pairwise distances ([`CkksContext::squared_distances`]) do
+//! the same and tell less: Weiszfeld is translation-invariant, so the
+//! centered Gram matrix they determine serves as well, and they reveal how
+//! far apart the points are, not where they are.
 
 use rayon::prelude::*;
 

@@ -498,6 +498,19 @@ pub(crate) fn keygen(ctx: &Arc<Context>) -> SealResult<(SecretKey, PublicKey)> {
     ))
 }
 
+/// A scalar property of a live SEAL object, read through its getter.
+fn get<T: Default>(
+    call: &'static str,
+    h: Handle,
+    getter: unsafe extern "C" fn(Handle, *mut T) -> Hr,
+) -> SealResult<T> {
+    let mut out = T::default();
+    // SAFETY: `h` is a live handle of the type `getter` reads, and `out` a
+    // valid out-pointer of the type it writes.
+    check(call, unsafe { getter(h, &mut out) })?;
+    Ok(out)
+}
+
 /// Saves any SEAL object with the matching `SaveSize`/`Save` pair, uncompressed.
 fn save(
     call: &'static str,
@@ -683,12 +696,7 @@ impl KSwitchKeys {
     /// Number of keys held (1 for relinearization keys, one per rotation
     /// step for Galois keys).
     pub(crate) fn size(&self) -> SealResult<u64> {
-        let mut n = 0u64;
-        // SAFETY: live handle, valid out-pointer.
-        check("KSwitchKeys_Size", unsafe {
-            KSwitchKeys_Size(self.h, &mut n)
-        })?;
-        Ok(n)
+        get("KSwitchKeys_Size", self.h, KSwitchKeys_Size)
     }
 }
 
@@ -722,43 +730,23 @@ impl Ciphertext {
     }
 
     pub(crate) fn scale(&self) -> SealResult<f64> {
-        let mut s = 0.0;
-        // SAFETY: live handle, valid out-pointer.
-        check("Ciphertext_Scale", unsafe {
-            Ciphertext_Scale(self.h, &mut s)
-        })?;
-        Ok(s)
+        get("Ciphertext_Scale", self.h, Ciphertext_Scale)
     }
 
     /// Number of polynomials (2 for a fresh or plaintext-multiplied ciphertext).
     pub(crate) fn size(&self) -> SealResult<u64> {
-        let mut s = 0u64;
-        // SAFETY: live handle, valid out-pointer.
-        check("Ciphertext_Size", unsafe {
-            Ciphertext_Size(self.h, &mut s)
-        })?;
-        Ok(s)
+        get("Ciphertext_Size", self.h, Ciphertext_Size)
     }
 
     pub(crate) fn is_ntt_form(&self) -> SealResult<bool> {
-        let mut b = false;
-        // SAFETY: live handle, valid out-pointer.
-        check("Ciphertext_IsNTTForm", unsafe {
-            Ciphertext_IsNTTForm(self.h, &mut b)
-        })?;
-        Ok(b)
+        get("Ciphertext_IsNTTForm", self.h, Ciphertext_IsNTTForm)
     }
 
     /// Whether the second polynomial is zero, so that the first is the
     /// plaintext itself: no encryption at all (SEAL refuses products with
     /// such a ciphertext).
     pub(crate) fn is_transparent(&self) -> SealResult<bool> {
-        let mut b = false;
-        // SAFETY: live handle, valid out-pointer.
-        check("Ciphertext_IsTransparent", unsafe {
-            Ciphertext_IsTransparent(self.h, &mut b)
-        })?;
-        Ok(b)
+        get("Ciphertext_IsTransparent", self.h, Ciphertext_IsTransparent)
     }
 
     /// SEAL's uncompressed serialization. A ciphertext from seeded symmetric
