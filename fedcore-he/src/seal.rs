@@ -463,23 +463,22 @@ unsafe impl Send for PublicKey {}
 // SAFETY: as above.
 unsafe impl Sync for PublicKey {}
 
+/// Owned SEAL key generator (only while keys are made).
+struct KeyGenerator {
+    h: Handle,
+}
+owned!(KeyGenerator, KeyGenerator_Destroy);
+
 /// A fresh key pair for `ctx`.
 pub(crate) fn keygen(ctx: &Arc<Context>) -> SealResult<(SecretKey, PublicKey)> {
     // SAFETY: live context, valid out-pointer.
     let kg = create("KeyGenerator_Create1", |o| unsafe {
         KeyGenerator_Create1(ctx.h, o)
     })?;
-    struct Kg(Handle);
-    impl Drop for Kg {
-        fn drop(&mut self) {
-            // SAFETY: created above, destroyed once.
-            let _ = unsafe { KeyGenerator_Destroy(self.0) };
-        }
-    }
-    let kg = Kg(kg);
+    let kg = KeyGenerator { h: kg };
     // SAFETY: live key generator; SEAL returns a new owned copy of each key.
     let sk = create("KeyGenerator_SecretKey", |o| unsafe {
-        KeyGenerator_SecretKey(kg.0, o)
+        KeyGenerator_SecretKey(kg.h, o)
     })?;
     let sk = SecretKey {
         h: sk,
@@ -487,7 +486,7 @@ pub(crate) fn keygen(ctx: &Arc<Context>) -> SealResult<(SecretKey, PublicKey)> {
     };
     // SAFETY: as above.
     let pk = create("KeyGenerator_CreatePublicKey", |o| unsafe {
-        KeyGenerator_CreatePublicKey(kg.0, false, o)
+        KeyGenerator_CreatePublicKey(kg.h, false, o)
     })?;
     Ok((
         sk,
@@ -636,17 +635,10 @@ pub(crate) fn evaluation_keys(
     let kg = create("KeyGenerator_Create2", |o| unsafe {
         KeyGenerator_Create2(ctx.h, sk.h, o)
     })?;
-    struct Kg(Handle);
-    impl Drop for Kg {
-        fn drop(&mut self) {
-            // SAFETY: created above, destroyed once.
-            let _ = unsafe { KeyGenerator_Destroy(self.0) };
-        }
-    }
-    let kg = Kg(kg);
+    let kg = KeyGenerator { h: kg };
     // SAFETY: live key generator; SEAL returns a new owned object.
     let relin = create("KeyGenerator_CreateRelinKeys", |o| unsafe {
-        KeyGenerator_CreateRelinKeys(kg.0, true, o)
+        KeyGenerator_CreateRelinKeys(kg.h, true, o)
     })?;
     let relin = KSwitchKeys {
         h: relin,
@@ -656,7 +648,7 @@ pub(crate) fn evaluation_keys(
     // SAFETY: SEAL reads `steps.len()` ints; returns a new owned object.
     let galois = create("KeyGenerator_CreateGaloisKeysFromSteps", |o| unsafe {
         KeyGenerator_CreateGaloisKeysFromSteps(
-            kg.0,
+            kg.h,
             steps.len() as u64,
             steps.as_mut_ptr(),
             true,
