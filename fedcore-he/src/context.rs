@@ -322,6 +322,10 @@ pub struct KeyFiles {
     pub secret: PathBuf,
     /// The server's file (public key only): `he-public.key`.
     pub public: PathBuf,
+    /// The server's evaluation keys (public: they let their holder compute
+    /// on ciphertexts, never decrypt): `he-evaluation.keys`, for
+    /// [`EncryptedMedian`](crate::EncryptedMedian).
+    pub evaluation: PathBuf,
 }
 
 impl KeyAuthority {
@@ -329,17 +333,21 @@ impl KeyAuthority {
     pub const SECRET_FILE: &'static str = "he-secret.key";
     /// File name of the server's context.
     pub const PUBLIC_FILE: &'static str = "he-public.key";
+    /// File name of the server's evaluation keys.
+    pub const EVALUATION_FILE: &'static str = "he-evaluation.keys";
 
     /// Generates a key pair for `params` and writes the secret context to
-    /// `dir/he-secret.key` and the public context to `dir/he-public.key`,
-    /// both mode 0600 (the directory is created if needed). Existing key
-    /// files are never overwritten. Returns the hospitals' context too.
+    /// `dir/he-secret.key`, the public context to `dir/he-public.key` and
+    /// the evaluation keys to `dir/he-evaluation.keys`, all mode 0600 (the
+    /// directory is created if needed). Existing key files are never
+    /// overwritten. Returns the hospitals' context too.
     pub fn write(params: CkksParams, dir: &Path) -> Result<(CkksContext<Secret>, KeyFiles)> {
         let files = KeyFiles {
             secret: dir.join(Self::SECRET_FILE),
             public: dir.join(Self::PUBLIC_FILE),
+            evaluation: dir.join(Self::EVALUATION_FILE),
         };
-        for p in [&files.secret, &files.public] {
+        for p in [&files.secret, &files.public, &files.evaluation] {
             if p.exists() {
                 return Err(key_err(p, "exists already; keys are created once".into()));
             }
@@ -348,12 +356,14 @@ impl KeyAuthority {
         let ctx = CkksContext::generate(params)?;
         ctx.write_secret(&files.secret)?;
         ctx.write_public(&files.public)?;
+        write_new(&files.evaluation, &ctx.evaluation_keys()?)?;
         Ok((ctx, files))
     }
 
     /// Generates a key pair for `params` and writes it into startup kits
-    /// (the folders of `fedcore::net::provision`): the public context into
-    /// the server's kit, the secret context into each site's kit, all mode
+    /// (the folders of `fedcore::net::provision`): the public context and
+    /// the evaluation keys into the server's kit, the secret context into
+    /// each site's kit, all mode
     /// 0600. Nothing is written if any of the files already exists. Returns
     /// the sites' context.
     pub fn write_kits(
@@ -362,11 +372,12 @@ impl KeyAuthority {
         site_kits: &[PathBuf],
     ) -> Result<CkksContext<Secret>> {
         let public = server_kit.join(Self::PUBLIC_FILE);
+        let evaluation = server_kit.join(Self::EVALUATION_FILE);
         let secrets: Vec<PathBuf> = site_kits
             .iter()
             .map(|d| d.join(Self::SECRET_FILE))
             .collect();
-        for p in std::iter::once(&public).chain(&secrets) {
+        for p in [&public, &evaluation].into_iter().chain(&secrets) {
             if p.exists() {
                 return Err(key_err(p, "exists already; keys are created once".into()));
             }
@@ -377,6 +388,7 @@ impl KeyAuthority {
         }
         let ctx = CkksContext::generate(params)?;
         ctx.write_public(&public)?;
+        write_new(&evaluation, &ctx.evaluation_keys()?)?;
         for s in &secrets {
             ctx.write_secret(s)?;
         }

@@ -320,6 +320,27 @@ impl<R: Role> CkksContext<R> {
         self.with_eval(keys)
     }
 
+    /// [`with_evaluation_keys`](CkksContext::with_evaluation_keys) from a
+    /// file the key authority wrote (`he-evaluation.keys`); a file larger
+    /// than the keys can be is refused before it is read.
+    pub fn with_evaluation_key_file(&self, path: &std::path::Path) -> Result<Self> {
+        let key_file = |reason: String| HeError::KeyFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let limit = 2 * max_kswitch_bytes(self, 1 + sum_steps(self.slots()).len()) as u64;
+        let size = std::fs::metadata(path)
+            .map_err(|e| key_file(e.to_string()))?
+            .len();
+        if size > limit {
+            return Err(key_file(format!(
+                "{size} bytes; evaluation keys take at most {limit}"
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| key_file(e.to_string()))?;
+        self.with_evaluation_keys(&bytes)
+    }
+
     /// Whether [`with_evaluation_keys`](CkksContext::with_evaluation_keys)
     /// gave this context its evaluation keys.
     pub fn has_evaluation_keys(&self) -> bool {

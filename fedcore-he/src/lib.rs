@@ -46,6 +46,7 @@
 mod context;
 mod error;
 mod gram;
+mod median;
 mod params;
 mod reader;
 mod seal;
@@ -55,6 +56,9 @@ mod vector;
 pub use context::{CkksContext, KeyAuthority, KeyFiles, Public, Role, Secret};
 pub use error::{HeError, Result};
 pub use gram::{EncryptedGram, MAX_GRAM_POINTS, Pairs};
+pub use median::{
+    DEFAULT_FLOODING, DISTANCES_TENSOR, DistanceDecryptor, EncryptedMedian, POINTS_METRIC,
+};
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};
 pub use vector::{EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, fuzzing};

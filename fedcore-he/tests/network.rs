@@ -11,7 +11,8 @@ use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{Model, ModelClient, ProtectionKind, Server, ServerConfig, Transport};
 use fedcore_he::{
-    CkksContext, CkksParams, CkksSealer, CkksSum, Form, KeyAuthority, Public, Secret,
+    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian, Form,
+    KeyAuthority, Public, Secret,
 };
 use fedcore_robust::GeometricMedian;
 
@@ -159,8 +160,128 @@ fn the_key_authority_writes_its_keys_into_the_startup_kits() {
             .exists(),
         "no secret on the server"
     );
+    let evaluation = project.server_kit().join(KeyAuthority::EVALUATION_FILE);
+    CkksContext::<Public>::from_file(&server)
+        .expect("server keys")
+        .with_evaluation_key_file(&evaluation)
+        .expect("evaluation keys");
     // Keys are created once.
     assert!(
         KeyAuthority::write_kits(CkksParams::default(), &project.server_kit(), &sites).is_err()
     );
+}
+
+/// A site that seals its whole update and answers the distance step.
+fn median_site(i: usize, secret: &CkksContext<Secret>) -> ModelClient<SoftmaxRegression> {
+    let data = synthetic_blobs((1 << 17) + i as u64, 120, DIM, CLASSES, 3.0);
+    ModelClient::new(SITES[i], SoftmaxRegression::new(DIM, CLASSES), data)
+        .with_sealer(CkksSealer::new(secret.clone()))
+        .with_responder(DistanceDecryptor::new(secret.clone()).expect("decryptor"))
+}
+
+fn opened<T: Transport>(
+    server: &Server<T, EncryptedMedian>,
+    secret: &CkksContext<Secret>,
+) -> Vec<f64> {
+    let sealed = server.sealed_global().expect("sealed");
+    secret
+        .decrypt(&secret.load(sealed.bytes(), Form::Sum).expect("load"))
+        .expect("decrypt")
+}
+
+#[test]
+fn the_encrypted_median_over_mutual_tls_with_server_keys_from_its_kit_matches_in_memory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let spec = ProjectSpec::new("he", SITES.iter().map(|s| s.to_string()).collect(), 0);
+    let project = Project::create(tmp.path().join("project"), &spec).expect("provision");
+    let site_kits: Vec<_> = SITES.iter().map(|s| project.site_kit(s)).collect();
+    KeyAuthority::write_kits(CkksParams::default(), &project.server_kit(), &site_kits)
+        .expect("keys");
+    // The server's keys come from its kit alone: a public context (no
+    // secret key in the kit, no decrypt method on the type) and the
+    // evaluation keys.
+    let server_kit = project.server_kit();
+    assert!(!server_kit.join(KeyAuthority::SECRET_FILE).exists());
+    let public = CkksContext::<Public>::from_file(&server_kit.join(KeyAuthority::PUBLIC_FILE))
+        .expect("public context")
+        .with_evaluation_key_file(&server_kit.join(KeyAuthority::EVALUATION_FILE))
+        .expect("evaluation keys");
+    let secret = CkksContext::<Secret>::from_file(&site_kits[0].join(KeyAuthority::SECRET_FILE))
+        .expect("site keys");
+    let initial = SoftmaxRegression::new(DIM, CLASSES).parameters();
+    fn make<T: Transport>(
+        t: T,
+        public: &CkksContext<Public>,
+        initial: &fedcore::Parameters,
+    ) -> Server<T, EncryptedMedian> {
+        Server::new(
+            config(),
+            initial.clone(),
+            t,
+            EncryptedMedian::new(public.clone()).expect("strategy"),
+        )
+        .expect("server")
+        .with_sealing(&["*"], CkksSum::new(public.clone()))
+        .expect("seal everything")
+    }
+
+    let mut memory = InMemoryTransport::new();
+    for i in 0..3 {
+        memory.add_client(median_site(i, &secret)).expect("add");
+    }
+    let mut reference = make(memory, &public, &initial);
+    reference.run().expect("in-memory run");
+
+    let options = ServerOptions {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..ServerOptions::default()
+    };
+    let transport =
+        GrpcTransport::start(&Kit::load(&server_kit).expect("kit"), options).expect("listen");
+    let address = transport.local_addr().to_string();
+    let sites: Vec<_> = (0..3)
+        .map(|i| {
+            let kit = Kit::load(project.site_kit(SITES[i])).expect("kit");
+            let secret = CkksContext::<Secret>::from_file(&kit.dir.join(KeyAuthority::SECRET_FILE))
+                .expect("site keys");
+            let options = ClientOptions {
+                address: Some(address.clone()),
+                ..ClientOptions::default()
+            };
+            std::thread::spawn(move || net::run_client(&kit, median_site(i, &secret), &options))
+        })
+        .collect();
+    let mut server = make(transport, &public, &initial);
+    net::run_server(
+        &mut server,
+        &fedcore::RunPolicy::deployment(Duration::from_secs(60)),
+    )
+    .expect("network run");
+    for s in sites {
+        s.join().expect("site thread").expect("site finished");
+    }
+
+    assert_eq!(server.history().len(), 3);
+    for r in server.history() {
+        assert!(
+            r.outcome.is_completed(),
+            "round {}: {:?}",
+            r.round,
+            r.failures
+        );
+        assert_eq!(r.accepted.len(), 3, "round {}: {:?}", r.round, r.failures);
+        assert!(r.aggregator.starts_with("encrypted-geometric-median"));
+        assert!(r.accepted.iter().all(|a| a.trust.is_some()));
+    }
+    // Nothing travels in the clear: the plain global stays zero.
+    assert!(server.global().as_slice().iter().all(|&v| v == 0.0));
+    let (got, want) = (opened(&server, &secret), opened(&reference, &secret));
+    let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(top > 1e-3, "the model trained");
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-4 * top, "global differs by {diff:e}");
 }

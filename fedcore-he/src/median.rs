@@ -1,0 +1,433 @@
+//! The geometric median of encrypted updates as a `fedcore` round strategy:
+//! [`EncryptedMedian`] on the server, [`DistanceDecryptor`] at each hospital.
+//!
+//! A round, with every tensor sealed (`Server::with_sealing(&["*"], CkksSum)`):
+//! 1. *Fit* (step 0): each hospital uploads its whole delta encrypted.
+//! 2. The server computes the encrypted squared distances between every
+//!    pair of uploads ([`CkksContext::squared_distances`]) and sends them,
+//!    one ciphertext per pair, to every hospital still in the round
+//!    (step 1).
+//! 3. Each hospital decrypts them, floods the decryption noise, and answers
+//!    the `n (n - 1) / 2` numbers ([`DistanceDecryptor`]).
+//! 4. The server takes the median of the answers per entry (a minority of
+//!    lying hospitals cannot move it), adds the squared distances of the
+//!    tensors that travel in the clear (none when everything is sealed),
+//!    and runs smoothed Weiszfeld on the distances alone
+//!    ([`GeometricMedian::compute_on_distances`]). A row that no set of
+//!    points could have (a wrapped or forged upload) takes that hospital
+//!    out of the round, and the rest is iterated again.
+//! 5. It reports the median's coefficients as the clients' weights, so the
+//!    orchestrator's sealed sum `global += lr * sum_i w_i Enc(x_i)` forms
+//!    the median under encryption; the plain tensors, if any, get the same
+//!    coefficients. Trust scores come from the distances to the median.
+//!
+//! The server learns the pairwise distances of the updates and nothing else
+//! about them; it never holds a secret key (its context is
+//! [`CkksContext<Public>`]) and never decrypts a vector. See docs/he.md.
+
+use std::sync::Arc;
+
+use fedcore::aggregate::{Weighting, weighted_sum_into};
+use fedcore::{
+    Aggregate, ClientDiagnostics, ClientId, ClientUpdate, Layout, Metrics, Parameters, RoundSteps,
+    SealedTensors, StepIns, StepReply, StepRequest, StepResponder, Strategy, StrategyInfo,
+    TensorSpec,
+};
+use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack, trust_from_distances};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+use crate::context::{CkksContext, Public, Secret};
+use crate::error::HeError;
+use crate::gram::{MAX_GRAM_POINTS, Pairs};
+use crate::vector::{EncryptedVector, Form};
+
+/// The name of the one tensor a distance step carries (sealed, from the
+/// server) and its answer carries (decrypted, from a hospital).
+pub const DISTANCES_TENSOR: &str = "squared_distances";
+
+/// The step metric that tells a hospital how many points the distances are
+/// between.
+pub const POINTS_METRIC: &str = "points";
+
+/// Relative slack of the distance check: decrypted distances carry the
+/// flooding noise and f32 rounding, about `2^-23` of each entry.
+const DISTANCE_SLACK: f64 = 1e-6;
+
+/// The server's side: the geometric median of encrypted updates, computed
+/// from their decrypted pairwise distances (see the [module](self)).
+///
+/// Needs a public context with evaluation keys
+/// ([`CkksContext::with_evaluation_keys`]); its type has no decryption
+/// method, so the strategy cannot open an update:
+///
+/// ```compile_fail
+/// # fn f(m: &fedcore_he::EncryptedMedian, v: &fedcore_he::EncryptedVector) {
+/// // There is no secret key on the server's side to decrypt with.
+/// m.context().decrypt(v);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct EncryptedMedian {
+    ctx: CkksContext<Public>,
+    median: GeometricMedian,
+    weighting: Weighting,
+}
+
+impl EncryptedMedian {
+    /// The strategy over `ctx` (which must hold the evaluation keys) with
+    /// the default geometric-median settings, weighted by example counts.
+    pub fn new(ctx: CkksContext<Public>) -> crate::Result<Self> {
+        if !ctx.has_evaluation_keys() {
+            return Err(HeError::Mismatch(
+                "the encrypted geometric median needs the evaluation keys (CkksContext::with_evaluation_keys)".into(),
+            ));
+        }
+        let median = GeometricMedianParams::new()
+            .check()
+            .map_err(|e| HeError::InvalidParameters(e.to_string()))?;
+        Ok(Self {
+            ctx,
+            median,
+            weighting: Weighting::ExampleCounts,
+        })
+    }
+
+    /// Other smoothing, tolerance or iteration settings.
+    pub fn with_median(mut self, median: GeometricMedian) -> Self {
+        self.median = median;
+        self
+    }
+
+    /// How the points are weighted (`alpha_i`).
+    pub fn with_weighting(mut self, weighting: Weighting) -> Self {
+        self.weighting = weighting;
+        self
+    }
+
+    /// The server's context (public key and evaluation keys only).
+    pub fn context(&self) -> &CkksContext<Public> {
+        &self.ctx
+    }
+
+    /// The squared distances between the sealed parts of `clients`' updates,
+    /// decrypted by the hospitals still in the round (median of their
+    /// answers per entry), `n x n` over the clients still in after the step.
+    fn sealed_distances(
+        &self,
+        updates: &[&ClientUpdate],
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Vec<f64>> {
+        let mut parts: Vec<EncryptedVector> = Vec::with_capacity(updates.len());
+        let mut asked: Vec<ClientId> = Vec::with_capacity(updates.len());
+        for u in updates {
+            let loaded = u
+                .sealed
+                .as_ref()
+                .ok_or_else(|| HeError::Mismatch("no sealed part".into()))
+                .and_then(|s| {
+                    let v = self.ctx.load(s.bytes(), Form::Fresh)?;
+                    if v.len() != s.len() {
+                        return Err(HeError::Mismatch(format!(
+                            "{} values for a layout of {}",
+                            v.len(),
+                            s.len()
+                        )));
+                    }
+                    Ok(v)
+                });
+            match loaded {
+                Ok(v) => {
+                    parts.push(v);
+                    asked.push(u.client.clone());
+                }
+                Err(e) => steps.reject(&u.client, format!("sealed part: {e}"))?,
+            }
+        }
+        let n = parts.len();
+        if n < 2 {
+            return Ok(vec![0.0; n * n]);
+        }
+        let refs: Vec<&EncryptedVector> = parts.iter().collect();
+        let bytes = self.ctx.squared_distances(&refs)?.to_bytes()?;
+        drop(refs);
+        drop(parts);
+        let pairs = n * (n - 1) / 2;
+        let layout = Arc::new(Layout::new([TensorSpec::new(DISTANCES_TENSOR, [pairs])])?);
+        let request = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
+            .with_sealed(Arc::new(SealedTensors::new(layout.clone(), bytes)))
+            .with_metrics([(POINTS_METRIC.to_owned(), n as f64)].into())
+            .with_max_reply_bytes(pairs as u64 * 4 + (1 << 16));
+        let answers = steps.ask(|_| request.clone())?;
+        let mut columns: Vec<Vec<f64>> = vec![Vec::with_capacity(answers.len()); pairs];
+        for (client, reply) in &answers {
+            if reply.values.layout().as_ref() != layout.as_ref() {
+                steps.reject(
+                    client,
+                    format!("the distance answer is not one tensor `{DISTANCES_TENSOR}` of {pairs} values"),
+                )?;
+                continue;
+            }
+            for (c, v) in columns.iter_mut().zip(reply.values.as_slice()) {
+                c.push(f64::from(*v));
+            }
+        }
+        let decrypted: Vec<f64> = columns.iter_mut().map(|c| median_of(c)).collect();
+        // Restrict the matrix to the hospitals still in the round.
+        let kept: Vec<usize> = (0..n)
+            .filter(|&i| steps.clients().contains(&asked[i]))
+            .collect();
+        let index = |i: usize, j: usize| {
+            let (i, j) = (i.min(j), i.max(j));
+            i * n - i * (i + 1) / 2 + (j - i - 1)
+        };
+        let m = kept.len();
+        let mut d = vec![0.0; m * m];
+        for (a, &i) in kept.iter().enumerate() {
+            for (b, &j) in kept.iter().enumerate() {
+                if i != j {
+                    d[a * m + b] = decrypted[index(i, j)];
+                }
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// The median of `values` (the mean of the two middle ones for an even
+/// count); `values` must not be empty.
+fn median_of(values: &mut [f64]) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        0.5 * (values[n / 2 - 1] + values[n / 2])
+    }
+}
+
+/// `||a - b||^2` in f64.
+fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.par_iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = f64::from(*x) - f64::from(*y);
+            d * d
+        })
+        .sum()
+}
+
+impl Strategy for EncryptedMedian {
+    fn describe(&self) -> StrategyInfo {
+        StrategyInfo::new(format!(
+            "encrypted-geometric-median(n={})",
+            self.ctx.params().degree()
+        ))
+    }
+
+    fn aggregate_round(
+        &mut self,
+        updates: &[ClientUpdate],
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Aggregate> {
+        let first = fedcore::aggregate::ensure_aggregatable(updates)?;
+        let sealed = updates.iter().any(|u| u.sealed.is_some());
+        let in_round: Vec<&ClientUpdate> = updates
+            .iter()
+            .filter(|u| steps.clients().contains(&u.client))
+            .collect();
+        let mut d = if sealed {
+            self.sealed_distances(&in_round, steps)?
+        } else {
+            vec![0.0; in_round.len() * in_round.len()]
+        };
+        let mut kept: Vec<&ClientUpdate> = in_round
+            .into_iter()
+            .filter(|u| steps.clients().contains(&u.client))
+            .collect();
+        // The tensors that travel in the clear add their own distances.
+        let m = kept.len();
+        for i in 0..m {
+            for j in 0..i {
+                let p = squared_distance(kept[i].values.as_slice(), kept[j].values.as_slice());
+                d[i * m + j] += p;
+                d[j * m + i] += p;
+            }
+        }
+        let (w, metrics) = loop {
+            let m = kept.len();
+            if m == 0 {
+                return Err(fedcore::Error::EmptyUpdates);
+            }
+            let alpha: Vec<f64> = match self.weighting {
+                Weighting::Uniform => vec![1.0; m],
+                Weighting::ExampleCounts => kept.iter().map(|u| u.num_examples as f64).collect(),
+            };
+            let top = d.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            let slack = GramSlack::new(DISTANCE_SLACK, DISTANCE_SLACK * top + f64::MIN_POSITIVE)
+                .map_err(|e| fedcore::Error::InvalidInput(e.reason))?;
+            match self.median.compute_on_distances(&d, &alpha, slack) {
+                Ok(w) => {
+                    let metrics: Metrics = [
+                        ("iterations".to_owned(), w.iterations as f64),
+                        ("objective".to_owned(), w.objective),
+                        ("residual".to_owned(), w.residual),
+                        ("converged".to_owned(), f64::from(u8::from(w.converged))),
+                    ]
+                    .into();
+                    break (w, metrics);
+                }
+                Err(e) => {
+                    let Some(row) = e.row.filter(|&r| r < m) else {
+                        return Err(fedcore::Error::InvalidInput(format!(
+                            "the decrypted distances: {}",
+                            e.reason
+                        )));
+                    };
+                    steps.reject(
+                        &kept[row].client,
+                        format!("its distances to the others are inconsistent: {}", e.reason),
+                    )?;
+                    kept.remove(row);
+                    d = remove_row(&d, m, row);
+                }
+            }
+        };
+        let coefficients: Vec<f32> = w.coefficients.iter().map(|&c| c as f32).collect();
+        let mut body = first.values.zeros_like();
+        let inputs: Vec<&[f32]> = kept.iter().map(|u| u.values.as_slice()).collect();
+        weighted_sum_into(&inputs, &coefficients, body.as_mut_slice())?;
+        let trust = trust_from_distances(&w.distances);
+        Ok(Aggregate {
+            parameters: body,
+            clients: kept
+                .iter()
+                .zip(w.coefficients.iter().zip(&w.distances).zip(trust))
+                .map(|(u, ((&weight, &distance), trust))| ClientDiagnostics {
+                    client: u.client.clone(),
+                    weight,
+                    distance: Some(distance),
+                    trust: Some(trust),
+                })
+                .collect(),
+            metrics,
+        })
+    }
+}
+
+/// `d` (`m x m`) without row and column `row`.
+fn remove_row(d: &[f64], m: usize, row: usize) -> Vec<f64> {
+    (0..m * m)
+        .filter(|k| k / m != row && k % m != row)
+        .map(|k| d[k])
+        .collect()
+}
+
+/// The relative standard deviation of the Gaussian noise a
+/// [`DistanceDecryptor`] adds to each decrypted distance by default:
+/// `2^-24`, the resolution of the f32 it is sent as.
+pub const DEFAULT_FLOODING: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// A hospital's answer to the distance step of [`EncryptedMedian`]: loads
+/// the encrypted squared distances the server sent (only for as many points
+/// as the step names, at most [`MAX_GRAM_POINTS`]; an inner-product matrix,
+/// which would tell where the updates are, is refused), decrypts them, adds
+/// Gaussian noise of standard deviation `flooding * |entry|` to each (noise
+/// flooding: the decryption error of CKKS depends on the secret key, and
+/// many published decryptions could reveal it; Li and Micciancio, 2021)
+/// and answers the upper triangle as one f32 tensor
+/// [`DISTANCES_TENSOR`].
+///
+/// Plug it into a client with
+/// [`ModelClient::with_responder`](fedcore::ModelClient::with_responder).
+pub struct DistanceDecryptor {
+    ctx: CkksContext<Secret>,
+    flooding: f64,
+    rng: ChaCha20Rng,
+}
+
+impl std::fmt::Debug for DistanceDecryptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistanceDecryptor")
+            .field("flooding", &self.flooding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DistanceDecryptor {
+    /// A decryptor with a hospital's context and [`DEFAULT_FLOODING`]; its
+    /// noise comes from a ChaCha20 generator seeded by the operating system.
+    pub fn new(ctx: CkksContext<Secret>) -> crate::Result<Self> {
+        let rng = ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+            .map_err(|e| HeError::Seal(format!("the operating system's random source: {e}")))?;
+        Ok(Self {
+            ctx,
+            flooding: DEFAULT_FLOODING,
+            rng,
+        })
+    }
+
+    /// Sets the relative noise (0 turns flooding off: tests only).
+    pub fn with_flooding(mut self, relative: f64) -> crate::Result<Self> {
+        if !(relative.is_finite() && (0.0..=1e-3).contains(&relative)) {
+            return Err(HeError::OutOfRange(format!(
+                "flooding {relative} is not in [0, 1e-3]"
+            )));
+        }
+        self.flooding = relative;
+        Ok(self)
+    }
+
+    /// The decrypted, flooded upper triangle of the distances `ins` carries.
+    fn answer(&mut self, ins: &StepIns) -> crate::Result<Vec<f32>> {
+        let sealed = ins.sealed.as_ref().ok_or_else(|| {
+            HeError::Mismatch("the distance step carries no encrypted distances".into())
+        })?;
+        let points = ins
+            .metrics
+            .get(POINTS_METRIC)
+            .copied()
+            .filter(|p| p.fract() == 0.0 && (2.0..=MAX_GRAM_POINTS as f64).contains(p))
+            .ok_or_else(|| {
+                HeError::OutOfRange(format!(
+                    "the step must name between 2 and {MAX_GRAM_POINTS} points (`{POINTS_METRIC}`)"
+                ))
+            })? as usize;
+        let pairs = points * (points - 1) / 2;
+        let tensors = sealed.layout().tensors();
+        if tensors.len() != 1 || tensors[0].name != DISTANCES_TENSOR || sealed.len() != pairs {
+            return Err(HeError::Mismatch(format!(
+                "the step must carry one tensor `{DISTANCES_TENSOR}` of {pairs} values"
+            )));
+        }
+        let g = self.ctx.load_gram(sealed.bytes(), points)?;
+        if g.kind() != Pairs::SquaredDistances {
+            return Err(HeError::Mismatch(
+                "refusing to decrypt inner products: only squared distances are answered".into(),
+            ));
+        }
+        let d = self.ctx.decrypt_gram(&g)?;
+        let mut out = Vec::with_capacity(pairs);
+        for i in 0..points {
+            for j in i + 1..points {
+                let v = d[i * points + j];
+                let noise: f64 = StandardNormal.sample(&mut self.rng);
+                out.push((v + noise * self.flooding * v.abs()) as f32);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl StepResponder for DistanceDecryptor {
+    fn respond(&mut self, ins: &StepIns, _sent: &ClientUpdate) -> fedcore::Result<StepReply> {
+        let values = self.answer(ins)?;
+        let n = values.len();
+        Ok(StepReply::new(
+            ins,
+            Parameters::from_tensors([(DISTANCES_TENSOR, vec![n], values)])?,
+        ))
+    }
+}
