@@ -174,6 +174,11 @@ impl EncryptedMedian {
                 c.push(f64::from(*v));
             }
         }
+        if columns.first().is_some_and(Vec::is_empty) {
+            return Err(fedcore::Error::InvalidInput(
+                "no hospital answered the distance step".into(),
+            ));
+        }
         let decrypted: Vec<f64> = columns.iter_mut().map(|c| median_of(c)).collect();
         // Restrict the matrix to the hospitals still in the round.
         let kept: Vec<usize> = (0..n)
