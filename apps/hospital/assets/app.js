@@ -116,7 +116,9 @@ async function viewOverview(root) {
       card("Best AUROC", fmt(o.best_auroc)),
       card("Held-out loss", fmt(o.last_loss, 4)),
       card("Hospitals active", `${o.active_clients} / ${o.clients}`),
-      card("Protection", [p.he ? "CKKS head" : "plain head", p.dp ? "DP body" : "no DP"].join(" · ")),
+      card("Protection", p.encrypt === "all"
+        ? "CKKS whole update"
+        : [p.he ? "CKKS head" : "plain head", p.dp ? "DP body" : "no DP"].join(" · ")),
       card("Aggregator", p.aggregator || "–"),
     ),
     o.suspicious_clients.length

@@ -3,10 +3,12 @@
 //! another, over gRPC with mutual TLS (`fedcore::net`).
 //!
 //! `hospital provision` creates the startup kits and has the HE key
-//! authority write its keys into them (the public key into the server's
-//! kit, the secret key into each hospital's); `hospital server --kit` runs
-//! the round orchestrator with the robust aggregator on the body and the
-//! encrypted sum on the head; `hospital client --kit` trains on the
+//! authority write its keys into them (the public and evaluation keys into
+//! the server's kit, the secret key into each hospital's); `hospital server
+//! --kit` runs the round orchestrator with the robust aggregator on the
+//! body and the encrypted sum on the head (with `--encrypt all`, the
+//! encrypted geometric median of whole encrypted updates); `hospital client
+//! --kit` trains on the
 //! hospital's own data and evaluates the global model on its own held-out
 //! patients each round (the server holds no data and no key).
 
@@ -22,14 +24,16 @@ use fedcore::data::{
 use fedcore::net::provision::{Kit, Project, ProjectSpec, Roster};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::trust::TrustPolicy;
-use fedcore::{Model, ModelClient, Server, ServerConfig, ServerEvent};
-use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Public, Secret};
+use fedcore::{Model, ModelClient, Server, ServerConfig, ServerEvent, Strategy};
+use fedcore_he::{
+    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, KeyAuthority, Public, Secret,
+};
 
 use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, TrainingArgs, densenet, dp_tensors, hospital, image_config,
+    AggregatorChoice, DpArgs, Encrypt, TrainingArgs, densenet, dp_tensors, hospital, image_config,
 };
 use crate::web::{self, WebConfig};
 
@@ -65,6 +69,11 @@ pub struct ServerArgs {
     /// How the server combines the body updates.
     #[arg(long, value_enum, default_value = "geometric-median")]
     pub aggregator: AggregatorChoice,
+    /// What the hospitals send encrypted, when the kit holds CKKS keys: the
+    /// classifier head, or the whole update (then the aggregator must be
+    /// geometric-median, run as the encrypted geometric median, or fedavg).
+    #[arg(long, value_enum, default_value_t = Encrypt::Head)]
+    pub encrypt: Encrypt,
     /// Rounds in total (a resumed run counts those already done).
     #[arg(long, default_value_t = 10)]
     pub rounds: u64,
@@ -186,15 +195,44 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let transport = GrpcTransport::start(&kit, options)?;
     println!("listening on {}", transport.local_addr());
     let template = densenet(a.seed)?;
-    let layout = template.layout().clone();
-    let head: Vec<String> = template.head().names(&layout)?.map(str::to_owned).collect();
+    // What is sealed: nothing without keys in the kit.
+    let public_key = kit.dir.join(KeyAuthority::PUBLIC_FILE);
+    let encrypt = if public_key.exists() {
+        a.encrypt
+    } else {
+        if a.encrypt == Encrypt::All {
+            bail!(
+                "--encrypt all needs the CKKS keys in the kit ({} is missing)",
+                public_key.display()
+            );
+        }
+        Encrypt::None
+    };
+    let public = match encrypt {
+        Encrypt::None => None,
+        Encrypt::Head => Some(CkksContext::<Public>::from_file(&public_key)?),
+        Encrypt::All => {
+            let eval = kit.dir.join(KeyAuthority::EVALUATION_FILE);
+            if !eval.exists() {
+                bail!(
+                    "--encrypt all needs the evaluation keys in the kit ({} is missing: kits provisioned \
+                     before they were written need new keys)",
+                    eval.display()
+                );
+            }
+            Some(CkksContext::<Public>::from_file(&public_key)?.with_evaluation_key_file(&eval)?)
+        }
+    };
+    let sealed = encrypt.patterns(&template)?;
     // Krum's f follows the number of hospitals, as in the simulation.
     let hospitals = Roster::load(&kit.roster_path())?.active().len();
-    let aggregator = a.aggregator.build(hospitals.max(a.min_clients))?;
+    let aggregator = a
+        .aggregator
+        .rule(hospitals.max(a.min_clients), encrypt, public.as_ref())?;
     let checkpoints = a.run_dir.join("checkpoints");
     let config = ServerConfig {
         rounds: a.rounds,
-        min_fit_clients: a.min_clients.max(aggregator.min_updates()),
+        min_fit_clients: a.min_clients.max(aggregator.describe().min_updates),
         min_available_clients: a.min_clients,
         // Evaluation happens at the hospitals, on their own held-out patients.
         fraction_evaluate: 1.0,
@@ -213,11 +251,18 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     } else {
         Server::new(config, initial, transport, aggregator)?
     };
-    let public_key = kit.dir.join(KeyAuthority::PUBLIC_FILE);
-    if public_key.exists() {
-        let public = CkksContext::<Public>::from_file(&public_key)?;
-        server = server.with_sealing(&head, CkksSum::new(public))?;
-        println!("classifier head sealed with CKKS ({} tensors)", head.len());
+    if let Some(public) = public {
+        server = server.with_sealing(&sealed, CkksSum::new(public))?;
+        match encrypt {
+            Encrypt::All => println!(
+                "whole updates sealed with CKKS; {}",
+                server.aggregator().describe().name
+            ),
+            _ => println!(
+                "classifier head sealed with CKKS ({} tensors)",
+                sealed.len()
+            ),
+        }
     }
     let dashboard = match a.dashboard {
         Some(at) => Some(Dashboard::start(a, at, &mut server)?),
@@ -312,7 +357,8 @@ impl Dashboard {
             p.total_rounds = a.rounds;
             p.current_round = server.next_round().saturating_sub(1);
             p.aggregator = format!("{:?}", a.aggregator);
-            p.he = a.kit.join(KeyAuthority::PUBLIC_FILE).exists();
+            p.he = a.kit.join(KeyAuthority::PUBLIC_FILE).exists() && a.encrypt != Encrypt::None;
+            p.encrypt = if p.he { a.encrypt } else { Encrypt::None };
         });
         // Any image size: nothing is ever read here (see above).
         let predictor = Arc::new(Predictor::new(32, a.seed));
@@ -468,9 +514,12 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     }
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
     if secret_key.exists() {
-        client = client.with_sealer(CkksSealer::new(CkksContext::<Secret>::from_file(
-            &secret_key,
-        )?));
+        // It seals what the server sends sealed (the head, or everything)
+        // and, for the encrypted geometric median, decrypts the distances.
+        let secret = CkksContext::<Secret>::from_file(&secret_key)?;
+        client = client
+            .with_sealer(CkksSealer::new(secret.clone()))
+            .with_responder(DistanceDecryptor::new(secret)?);
     }
     let options = ClientOptions {
         address: a.server.clone(),

@@ -93,8 +93,10 @@ pub struct Progress {
     pub total_rounds: u64,
     /// The body aggregator.
     pub aggregator: String,
-    /// Whether the head is encrypted.
+    /// Whether anything is encrypted (the head, or the whole update).
     pub he: bool,
+    /// What leaves a hospital encrypted: `none`, `head` or `all`.
+    pub encrypt: crate::recipe::Encrypt,
     /// Whether the body carries local DP.
     pub dp: bool,
     /// Each hospital's (epsilon, delta) budget when DP is on.
@@ -112,6 +114,7 @@ impl Progress {
             total_rounds: 0,
             aggregator: String::new(),
             he: false,
+            encrypt: crate::recipe::Encrypt::None,
             dp: false,
             budget: None,
             error: None,

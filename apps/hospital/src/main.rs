@@ -94,13 +94,17 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
     let s = &args.sim;
     println!(
         "fedcore hospital simulation: {} hospitals, {} rounds, DenseNet-121 (x^2 activation) at {}x{}, \
-         {:?} on the body, HE head {}, local DP {}, seed {}",
+         {:?} on the body, encryption {}, local DP {}, seed {}",
         s.clients,
         s.rounds,
         s.image_size,
         s.image_size,
         s.aggregator,
-        if s.he { "on (CKKS)" } else { "off" },
+        match s.encrypt {
+            fedcore_hospital::recipe::Encrypt::None => "off",
+            fedcore_hospital::recipe::Encrypt::Head => "on the head (CKKS)",
+            fedcore_hospital::recipe::Encrypt::All => "on the whole update (CKKS)",
+        },
         if s.dp.enabled {
             format!(
                 "on (epsilon {} per hospital, delta {})",

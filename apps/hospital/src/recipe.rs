@@ -1,18 +1,96 @@
 //! The recipe: what a hospital federation trains and how, shared by the
 //! simulation ([`crate::sim`]) and the deployment ([`crate::deploy`]): the
 //! model, the body's aggregator, local DP on the body, the local training
-//! and the image preprocessing. The encrypted head is the model's
-//! [`TchModel::head`] under `fedcore_he`'s default CKKS parameters.
+//! and the image preprocessing, and what is encrypted: by default the
+//! model's [`TchModel::head`], with `--encrypt all` the whole update, under
+//! `fedcore_he`'s default CKKS parameters.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use fedcore::data::ChestXrayConfig;
 use fedcore::data::chestxray::FINDINGS;
 use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
-use fedcore::{Aggregator, FedAvg, Optimizer, TrainConfig};
+use fedcore::{
+    Aggregate, Aggregator, ClientUpdate, FedAvg, Optimizer, RoundSteps, Strategy, StrategyInfo,
+    TrainConfig,
+};
 use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
+use fedcore_he::{CkksContext, EncryptedMedian, Public};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
+
+/// What leaves a hospital encrypted with CKKS.
+#[derive(
+    ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Encrypt {
+    /// Nothing: the server sees every update in the clear.
+    None,
+    /// The classifier head; the body travels in the clear (after local DP
+    /// when it is on) and its aggregator's weights carry over to the head.
+    #[default]
+    Head,
+    /// The whole update: the server aggregates ciphertexts only (fedavg as
+    /// the encrypted weighted sum, geometric-median as the encrypted
+    /// geometric median) and sees nothing in the clear but the pairwise
+    /// distances between updates (docs/he.md).
+    All,
+}
+
+impl Encrypt {
+    /// The tensors to seal of `model`: none, its head, or all of them.
+    pub fn patterns(self, model: &TchModel<DenseNet>) -> Result<Vec<String>> {
+        Ok(match self {
+            Self::None => Vec::new(),
+            Self::Head => model
+                .head()
+                .names(model.layout())?
+                .map(str::to_owned)
+                .collect(),
+            Self::All => vec!["*".to_owned()],
+        })
+    }
+
+    /// As the dashboard and logs show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Head => "head",
+            Self::All => "all",
+        }
+    }
+}
+
+/// How the server aggregates a round: a plain aggregator (on the body, its
+/// weights carried over to a sealed head), or the encrypted geometric
+/// median of whole encrypted updates.
+pub enum Rule {
+    /// An aggregator of `fedcore` / `fedcore-robust`.
+    Plain(Box<dyn Aggregator>),
+    /// `fedcore_he::EncryptedMedian`.
+    EncryptedMedian(EncryptedMedian),
+}
+
+impl Strategy for Rule {
+    fn describe(&self) -> StrategyInfo {
+        match self {
+            Self::Plain(a) => a.describe(),
+            Self::EncryptedMedian(m) => m.describe(),
+        }
+    }
+
+    fn aggregate_round(
+        &mut self,
+        updates: &[ClientUpdate],
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Aggregate> {
+        match self {
+            Self::Plain(a) => a.aggregate_round(updates, steps),
+            Self::EncryptedMedian(m) => m.aggregate_round(updates, steps),
+        }
+    }
+}
 
 /// The aggregation rule for the body, swappable with one flag.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +118,33 @@ impl AggregatorChoice {
             Self::Krum => {
                 Box::new(KrumParams::new(clients, clients.saturating_sub(3) / 2).check()?)
             }
+        })
+    }
+
+    /// The server's rule for `clients` hospitals when `encrypt` is what they
+    /// encrypt; `public` (the server's CKKS context, with the evaluation keys
+    /// for `--encrypt all`) is needed whenever something is encrypted.
+    pub fn rule(
+        self,
+        clients: usize,
+        encrypt: Encrypt,
+        public: Option<&CkksContext<Public>>,
+    ) -> Result<Rule> {
+        if encrypt != Encrypt::All {
+            return Ok(Rule::Plain(self.build(clients)?));
+        }
+        let Some(public) = public else {
+            bail!("--encrypt all needs the CKKS keys");
+        };
+        Ok(match self {
+            Self::Fedavg => Rule::Plain(Box::new(FedAvg)),
+            Self::GeometricMedian => Rule::EncryptedMedian(EncryptedMedian::new(public.clone())?),
+            other => bail!(
+                "--aggregator {} needs the updates in the clear; with --encrypt all use geometric-median or fedavg",
+                other
+                    .to_possible_value()
+                    .map_or_else(|| format!("{other:?}"), |v| v.get_name().to_owned())
+            ),
         })
     }
 }

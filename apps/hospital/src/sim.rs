@@ -2,11 +2,14 @@
 //! each with its own patients, a DenseNet-121 (square activation), local DP
 //! on the body and a CKKS sealer for the classifier head; the server runs
 //! the fedcore round orchestrator with a robust aggregator on the body and
-//! the trust-weighted encrypted sum on the head.
+//! the trust-weighted encrypted sum on the head. With `--encrypt all` the
+//! whole update is sealed and the server runs the encrypted geometric median
+//! (`fedcore_he::EncryptedMedian`): the hospitals decrypt only the pairwise
+//! distances of the updates for it.
 //!
 //! The held-out evaluation runs at an evaluation site that holds the HE key
 //! (in a deployment: one of the hospitals), never at the aggregation server,
-//! which only ever holds the head encrypted.
+//! which only ever holds the sealed tensors encrypted.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -22,17 +25,19 @@ use fedcore::data::{
 use fedcore::memory::{Fault, InMemoryTransport};
 use fedcore::trust::TrustPolicy;
 use fedcore::{
-    Aggregator, ClientId, Evaluation, Model, ModelClient, Parameters, RunEnd, RunPolicy, Server,
-    ServerConfig, ServerEvent,
+    ClientId, Evaluation, Model, ModelClient, Parameters, RunEnd, RunPolicy, Server, ServerConfig,
+    ServerEvent, Strategy,
 };
-use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, KeyAuthority, Secret};
+use fedcore_he::{
+    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, KeyAuthority, Secret,
+};
 use fedcore_robust::attacks::{Attack, Byzantine};
 
 use crate::dp::{DpSettings, PersistedDp};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, TrainingArgs, densenet, dp_tensors, hospital, image_config,
+    AggregatorChoice, DpArgs, Encrypt, TrainingArgs, densenet, dp_tensors, hospital, image_config,
 };
 use crate::store::Store;
 
@@ -73,9 +78,11 @@ pub struct SimConfig {
     /// by the budget once a release would exceed it.
     #[arg(long)]
     pub dp_rounds: Option<u64>,
-    /// CKKS encryption of the classifier head.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub he: bool,
+    /// What leaves a hospital encrypted with CKKS: none, the classifier
+    /// head, or the whole update (then the aggregator must be
+    /// geometric-median, run as the encrypted geometric median, or fedavg).
+    #[arg(long, value_enum, default_value_t = Encrypt::Head)]
+    pub encrypt: Encrypt,
     /// Each hospital's local training.
     #[command(flatten)]
     pub training: TrainingArgs,
@@ -156,7 +163,8 @@ fn run_inner(
             current_round: 0,
             total_rounds: cfg.rounds,
             aggregator: format!("{:?}", cfg.aggregator),
-            he: cfg.he,
+            he: cfg.encrypt != Encrypt::None,
+            encrypt: cfg.encrypt,
             dp: cfg.dp.enabled,
             budget: cfg.dp.enabled.then_some((cfg.dp.epsilon, cfg.dp.delta)),
             error: None,
@@ -203,7 +211,13 @@ fn run_inner(
 
     // ---- HE keys (the key authority writes them into the run folder once)
     let key_dir = run_dir.join("he-keys");
-    let secret: Option<CkksContext<Secret>> = if !cfg.he {
+    if cfg.encrypt == Encrypt::All && cfg.dp.enabled {
+        bail!(
+            "--dp with --encrypt all is not supported yet: local DP runs on the part of the update \
+             that travels in the clear, and with --encrypt all nothing does"
+        );
+    }
+    let secret: Option<CkksContext<Secret>> = if cfg.encrypt == Encrypt::None {
         None
     } else if key_dir.join("he-secret.key").exists() {
         Some(CkksContext::<Secret>::from_file(
@@ -217,8 +231,8 @@ fn run_inner(
     // ---- hospitals
     let template = densenet(cfg.seed)?;
     let layout = template.layout().clone();
-    let head = template.head();
-    let head_patterns: Vec<String> = head.names(&layout)?.map(str::to_owned).collect();
+    let sealed_patterns = cfg.encrypt.patterns(&template)?;
+    let sealed_selection = layout.select(&sealed_patterns)?;
     let dp_names = dp_tensors(&template);
     // Each hospital's DP ledger: a resumed run keeps counting it, a new run
     // in the same folder starts with the checkpoint and the ledgers gone.
@@ -265,13 +279,22 @@ fn run_inner(
     }
 
     // ---- server
-    let aggregator = cfg.aggregator.build(cfg.clients)?;
+    // The server's context: the public key, and the evaluation keys that
+    // the encrypted geometric median computes distances with.
+    let public = match (&secret, cfg.encrypt) {
+        (Some(s), Encrypt::All) => Some(s.public().with_evaluation_keys(&s.evaluation_keys()?)?),
+        (Some(s), _) => Some(s.public()),
+        (None, _) => None,
+    };
+    let aggregator = cfg
+        .aggregator
+        .rule(cfg.clients, cfg.encrypt, public.as_ref())?;
     let faulty = usize::from(cfg.drop_client.is_some());
     let quorum = cfg.min_clients.unwrap_or_else(|| {
         (cfg.clients - faulty)
             .saturating_sub(1)
             .max(1)
-            .max(aggregator.min_updates())
+            .max(aggregator.describe().min_updates)
     });
     let config = ServerConfig {
         rounds: cfg.rounds,
@@ -291,15 +314,15 @@ fn run_inner(
     } else {
         Server::new(config, initial_params, transport, aggregator)?
     };
-    if let Some(secret) = &secret {
-        server = server.with_sealing(&head_patterns, CkksSum::new(secret.public()))?;
+    if let Some(public) = &public {
+        server = server.with_sealing(&sealed_patterns, CkksSum::new(public.clone()))?;
     }
 
     // ---- the evaluation site: opens the head, evaluates on held-out patients
     let opener = secret.clone().map(CkksSealer::new);
     let mut evaluator = densenet(cfg.seed)?;
     let open_head = {
-        let head = head.clone();
+        let head = sealed_selection.clone();
         let layout = layout.clone();
         move |p: &Parameters,
               sealed: Option<&fedcore::SealedTensors>|
@@ -470,7 +493,9 @@ where
         client = client.with_mechanism(PersistedDp::open(name, dp_names, settings, path)?);
     }
     if let Some(secret) = secret {
-        client = client.with_sealer(CkksSealer::new(secret.clone()));
+        client = client
+            .with_sealer(CkksSealer::new(secret.clone()))
+            .with_responder(DistanceDecryptor::new(secret.clone())?);
     }
     Ok(Box::new(client))
 }
@@ -501,7 +526,7 @@ fn synthetic(cfg: &SimConfig, run_dir: &Path) -> Result<PathBuf> {
 /// Suspended hospitals are kept out of training by the server's exclusion
 /// list (recorded as withheld); reactivated ones train again. `--drop-client`
 /// makes one hospital's connection drop (a simulated outage).
-fn apply_suspensions<A: Aggregator>(
+fn apply_suspensions<A: Strategy>(
     server: &Server<InMemoryTransport, A>,
     shared: &Shared,
     clients: usize,

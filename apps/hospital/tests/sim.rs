@@ -151,3 +151,67 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     assert_eq!(rounds.len(), 4, "the refused round is recorded");
     assert_eq!(rounds[3].outcome, "quorum_not_reached", "{:?}", rounds[3]);
 }
+
+/// `--encrypt all`: every hospital seals its whole DenseNet-121 update, the
+/// server aggregates ciphertexts only with the encrypted geometric median,
+/// and the sign-flipping hospital gets the lowest weight and trust.
+#[test]
+fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("db.sqlite").display()
+    );
+    let store = rt.block_on(Store::connect(&url)).unwrap();
+    let shared = Arc::new(Shared::default());
+    let predictor = Arc::new(Predictor::new(32, 42));
+    let cfg = Cli::parse_from([
+        "sim",
+        "--rounds",
+        "1",
+        "--image-size",
+        "32",
+        "--patients",
+        "45",
+        "--batch-size",
+        "8",
+        "--encrypt",
+        "all",
+        "--byzantine",
+        "1",
+        "--min-clients",
+        "3",
+        "--run-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .sim;
+    let s = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap();
+    assert_eq!(s.rounds, 1);
+    let rounds = rt.block_on(store.rounds()).unwrap();
+    assert_eq!(rounds.len(), 1);
+    let r = &rounds[0];
+    assert_eq!(r.outcome, "completed", "{r:?}");
+    assert_eq!(r.accepted, 3, "{r:?}");
+    assert!(
+        r.aggregator.starts_with("encrypted-geometric-median"),
+        "{r:?}"
+    );
+    // The evaluation site opened the whole encrypted model.
+    assert!(r.loss.unwrap().is_finite(), "{r:?}");
+    let ups = rt.block_on(store.updates(Some(1), None)).unwrap();
+    let of = |name: &str| ups.iter().find(|u| u.client_id == name).unwrap();
+    let byzantine = of("hospital-1");
+    for honest in [of("hospital-2"), of("hospital-3")] {
+        assert!(
+            byzantine.weight.unwrap() < honest.weight.unwrap()
+                && byzantine.trust.unwrap() < honest.trust.unwrap(),
+            "{byzantine:?} vs {honest:?}"
+        );
+    }
+    // DP on the clear part would cover nothing here: refused.
+    let mut dp = cfg.clone();
+    dp.dp.enabled = true;
+    let e = sim::run(&dp, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    assert!(e.to_string().contains("--encrypt all"), "{e}");
+}
