@@ -8,6 +8,18 @@
 //! ```text
 //! cargo run --release -p byzantine -- --data ../shared/data/mnist --out docs
 //! ```
+//!
+//! With `--encrypt all` every hospital uploads its whole update encrypted
+//! with CKKS (`fedcore-he`): FedAvg becomes the encrypted weighted sum and
+//! the geometric median the encrypted geometric median
+//! (`fedcore_he::EncryptedMedian`); the server holds no secret key, and the
+//! final global model is decrypted by a key holder for the test set. The
+//! results go to `byzantine-encrypted.{md,json,png}`.
+//!
+//! ```text
+//! cargo run --release -p byzantine -- --encrypt all --attacks none,sign-flip,scaling \
+//!     --aggregators fedavg,geometric-median --out docs
+//! ```
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use fedcore::data::mnist::MnistSplit;
 use fedcore::data::{
     DataSplit, ImageDataset, LabelFlip, Mnist, PartitionConfig, dirichlet_partition,
@@ -23,7 +35,12 @@ use fedcore::data::{
 use fedcore::memory::InMemoryTransport;
 use fedcore::models::{Device, SmallCnn, TchModel};
 use fedcore::{
-    Aggregator, FedAvg, Model, ModelClient, Optimizer, Server, ServerConfig, TrainConfig,
+    Aggregator, FedAvg, Model, ModelClient, Optimizer, Parameters, Sealer, Server, ServerConfig,
+    Strategy, TrainConfig,
+};
+use fedcore_he::{
+    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian, Public,
+    Secret,
 };
 use fedcore_robust::attacks::{Attack, Byzantine};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
@@ -76,6 +93,35 @@ struct Args {
         default_value = "fedavg,median,trimmed-mean,krum,geometric-median"
     )]
     aggregators: Vec<String>,
+    /// What the hospitals encrypt: nothing, or their whole update (then
+    /// only fedavg and geometric-median can run).
+    #[arg(long, value_enum, default_value_t = Encrypt::None)]
+    encrypt: Encrypt,
+}
+
+/// What the hospitals encrypt.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Encrypt {
+    /// Updates travel in the clear.
+    None,
+    /// Whole updates are encrypted with CKKS.
+    All,
+}
+
+/// The hospitals' key and the server's public context with evaluation keys.
+struct Keys {
+    secret: CkksContext<Secret>,
+    public: CkksContext<Public>,
+}
+
+impl Keys {
+    fn generate() -> Result<Self> {
+        let secret = CkksContext::generate(CkksParams::default())?;
+        let public = secret
+            .public()
+            .with_evaluation_keys(&secret.evaluation_keys()?)?;
+        Ok(Self { secret, public })
+    }
 }
 
 /// The attacks, with the strengths used in the table.
@@ -108,9 +154,28 @@ fn aggregator(name: &str, clients: usize, byzantine: usize) -> Result<Box<dyn Ag
     })
 }
 
+/// Runs `server` and returns the global model, decrypted by a key holder
+/// when the run seals it.
+fn run_to_end<S: Strategy>(
+    mut server: Server<InMemoryTransport, S>,
+    keys: Option<&Keys>,
+) -> Result<Parameters> {
+    server.run()?;
+    let global = server.global().clone();
+    match (server.sealed_global(), keys) {
+        (Some(sealed), Some(k)) => {
+            // Everything is sealed, in the layout's order.
+            let values = CkksSealer::new(k.secret.clone()).open(sealed)?;
+            Ok(global.with_values(values)?)
+        }
+        _ => Ok(global),
+    }
+}
+
 /// One run: the final global model's test accuracy.
 fn run_one(
     args: &Args,
+    keys: Option<&Keys>,
     train: &Arc<dyn ImageDataset>,
     parts: &[Vec<usize>],
     test: &DataSplit,
@@ -121,23 +186,33 @@ fn run_one(
     let classes = 10;
     let model = |seed| TchModel::build(Device::Cpu, seed, |b| SmallCnn::build(b, 1, 28, classes));
     let mut transport = InMemoryTransport::new();
+    // With encryption every hospital (Byzantine ones too) seals its whole
+    // update and answers the distance step.
+    fn keyed<M: Model>(c: ModelClient<M>, keys: Option<&Keys>) -> Result<ModelClient<M>>
+    where
+        M::Data: Sized + Send,
+    {
+        Ok(match keys {
+            Some(k) => c
+                .with_sealer(CkksSealer::new(k.secret.clone()))
+                .with_responder(DistanceDecryptor::new(k.secret.clone())?),
+            None => c,
+        })
+    }
     for (i, part) in parts.iter().enumerate() {
         let id = format!("h{i:02}");
         let is_byzantine = i < byzantine && attack_name != "none";
         if is_byzantine && attack_name == "label-flip" {
             let flipped: Arc<dyn ImageDataset> = Arc::new(LabelFlip::new(train.clone(), classes));
             let data = DataSplit::subset(flipped, part.clone())?;
-            transport.add_client(ModelClient::new(id, model(args.seed)?, data))?;
+            transport.add_client(keyed(ModelClient::new(id, model(args.seed)?, data), keys)?)?;
         } else if let (true, Some(a)) = (is_byzantine, attack(attack_name)?) {
             let data = DataSplit::subset(train.clone(), part.clone())?;
-            transport.add_client(ModelClient::new(
-                id,
-                Byzantine::new(model(args.seed)?, a)?,
-                data,
-            ))?;
+            let model = Byzantine::new(model(args.seed)?, a)?;
+            transport.add_client(keyed(ModelClient::new(id, model, data), keys)?)?;
         } else {
             let data = DataSplit::subset(train.clone(), part.clone())?;
-            transport.add_client(ModelClient::new(id, model(args.seed)?, data))?;
+            transport.add_client(keyed(ModelClient::new(id, model(args.seed)?, data), keys)?)?;
         }
     }
     let agg = aggregator(aggregator_name, args.clients, byzantine)?;
@@ -156,10 +231,31 @@ fn run_one(
         ..ServerConfig::default()
     };
     let initial = model(args.seed)?.parameters();
-    let mut server = Server::new(config, initial, transport, agg)?;
-    server.run()?;
+    let global = match keys {
+        None => run_to_end(Server::new(config, initial, transport, agg)?, None)?,
+        Some(k) => {
+            let sum = CkksSum::new(k.public.clone());
+            match aggregator_name {
+                "fedavg" => run_to_end(
+                    Server::new(config, initial, transport, FedAvg)?.with_sealing(&["*"], sum)?,
+                    keys,
+                )?,
+                "geometric-median" => {
+                    let strategy = EncryptedMedian::new(k.public.clone())?;
+                    run_to_end(
+                        Server::new(config, initial, transport, strategy)?
+                            .with_sealing(&["*"], sum)?,
+                        keys,
+                    )?
+                }
+                other => bail!(
+                    "`{other}` cannot run on encrypted updates (fedavg or geometric-median can)"
+                ),
+            }
+        }
+    };
     let mut eval = model(args.seed)?;
-    eval.set_parameters(server.global())?;
+    eval.set_parameters(&global)?;
     let e = eval.evaluate(test)?;
     e.metrics
         .get("accuracy")
@@ -185,7 +281,7 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
          1 local epoch of Adam (lr {}, batch {}) per round, {} test images, seed {}. Attacks: sign flip x4, \
          Gaussian N(0, 0.3²), scaling x50, ALIE z = 1 (3 local runs), IPM epsilon = 0.5 (2 local runs), label flip \
          (digit d -> 9 - d). Trimmed mean trims beta = {:.1} per side, Krum assumes f = {byz}. {:.0} s in all on the \
-         2-core VM.\n\n```sh\ncargo run --release -p byzantine -- --data ../shared/data/mnist --out docs\n```\n",
+         2-core VM.{}\n\n```sh\ncargo run --release -p byzantine -- {}\n```\n",
         args.rounds,
         args.clients,
         args.alpha,
@@ -196,7 +292,14 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
         args.test_images,
         args.seed,
         (byz as f64 / args.clients as f64).max(0.1),
-        seconds
+        seconds,
+        if args.encrypt == Encrypt::All {
+            " Every update is encrypted whole with CKKS (degree 8192): fedavg is the encrypted \
+             weighted sum, geometric-median the encrypted geometric median (fedcore_he::EncryptedMedian)."
+        } else {
+            ""
+        },
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
     let _ = write!(s, "| attack |");
     for a in &r.aggregators {
@@ -214,8 +317,20 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
         }
         s.push('\n');
     }
-    s.push_str("\n![final accuracy per attack and aggregator](byzantine.png)\n");
+    let _ = write!(
+        s,
+        "\n![final accuracy per attack and aggregator]({}.png)\n",
+        stem(args)
+    );
     s
+}
+
+/// The output files' name: `byzantine`, or `byzantine-encrypted`.
+fn stem(args: &Args) -> &'static str {
+    match args.encrypt {
+        Encrypt::None => "byzantine",
+        Encrypt::All => "byzantine-encrypted",
+    }
 }
 
 fn plot(path: &Path, r: &Results) -> Result<()> {
@@ -290,7 +405,7 @@ fn main() -> Result<()> {
     if let Some(json) = &args.plot_only {
         let r: Results = serde_json::from_slice(&std::fs::read(json)?)
             .with_context(|| format!("reading {}", json.display()))?;
-        return plot(&args.out.join("byzantine.png"), &r);
+        return plot(&args.out.join(format!("{}.png", stem(&args))), &r);
     }
     // Ten clients train at once on the worker threads: one libtorch thread each.
     tch::set_num_threads(1);
@@ -315,6 +430,10 @@ fn main() -> Result<()> {
     )?;
     let train: Arc<dyn ImageDataset> = Arc::new(train);
     let test = DataSplit::subset(Arc::new(test), (0..args.test_images.min(10_000)).collect())?;
+    let keys = match args.encrypt {
+        Encrypt::All => Some(Keys::generate()?),
+        Encrypt::None => None,
+    };
     let start = Instant::now();
     let mut results = Results {
         attacks: args.attacks.clone(),
@@ -325,7 +444,15 @@ fn main() -> Result<()> {
         let mut row = Vec::new();
         for g in &args.aggregators {
             let t = Instant::now();
-            let acc = run_one(&args, &train, &partition.hospitals, &test, a, g)?;
+            let acc = run_one(
+                &args,
+                keys.as_ref(),
+                &train,
+                &partition.hospitals,
+                &test,
+                a,
+                g,
+            )?;
             println!(
                 "{a:>12} {g:>18}: {:5.1} %  ({:.0} s)",
                 acc * 100.0,
@@ -337,12 +464,13 @@ fn main() -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)?;
     let md = markdown(&args, &results, start.elapsed().as_secs_f64());
-    std::fs::write(args.out.join("byzantine.md"), &md)?;
+    let stem = stem(&args);
+    std::fs::write(args.out.join(format!("{stem}.md")), &md)?;
     std::fs::write(
-        args.out.join("byzantine.json"),
+        args.out.join(format!("{stem}.json")),
         serde_json::to_vec_pretty(&results)?,
     )?;
-    plot(&args.out.join("byzantine.png"), &results)?;
+    plot(&args.out.join(format!("{stem}.png")), &results)?;
     print!("{md}");
     Ok(())
 }
