@@ -393,6 +393,12 @@ impl CheckpointStore {
         Ok(model_path)
     }
 
+    /// Whether the checkpoint of the run that starts round `next_round`
+    /// saved sealed values.
+    pub(crate) fn has_sealed(&self, next_round: u64) -> bool {
+        self.dir.join(sealed_file(next_round)).exists()
+    }
+
     /// The sealed values saved with the checkpoint of the run that starts
     /// round `next_round`.
     pub fn load_sealed(&self, next_round: u64) -> Result<Vec<u8>> {

@@ -600,10 +600,23 @@ impl<T: Transport, A: Strategy> Server<T, A> {
     /// is unchanged; the next call runs the next round.
     ///
     /// Errors only when no round could be recorded: fewer connected clients
-    /// than required ([`Error::NotEnoughClients`], nothing recorded), or a
-    /// checkpoint that cannot be written (the round is in the history).
+    /// than required ([`Error::NotEnoughClients`], nothing recorded), a
+    /// resumed checkpoint that sealed tensors in a run that seals none
+    /// ([`Error::InvalidConfig`]), or a checkpoint that cannot be written
+    /// (the round is in the history).
     pub fn run_round(&mut self) -> Result<&RoundRecord> {
         let round = self.next_round;
+        // A resumed run whose checkpoint sealed tensors holds zeros in
+        // their place: going on without sealing would train from them.
+        if self.sealing.is_none()
+            && let Some(store) = &self.store
+            && store.has_sealed(round)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "the checkpoint in {} holds sealed tensors: resume it with the same sealing (Server::with_sealing)",
+                store.dir().display()
+            )));
+        }
         let started = Instant::now();
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
