@@ -227,6 +227,24 @@ impl CkksContext<Secret> {
         Ok(keys_envelope(&self.key_id(), &relin, &galois))
     }
 
+    /// A 32-byte seed that only key holders can compute, the same for every
+    /// key holder and every time for the same `data`: SHA-256 of a label,
+    /// the secret key and `data`.
+    pub(crate) fn keyed_seed(&self, data: &[u8]) -> Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let sk = self
+            .inner
+            .secret_key()
+            .expect("a CkksContext<Secret> holds its secret key")
+            .to_bytes()?;
+        let mut h = Sha256::new();
+        h.update(b"fedcore-he decryption flooding v1");
+        h.update((sk.len() as u64).to_le_bytes());
+        h.update(&sk);
+        h.update(data);
+        Ok(h.finalize().into())
+    }
+
     /// Opens an encrypted Gram or squared-distance matrix: `n x n`,
     /// row-major, symmetric (a distance matrix with a zero diagonal). Each
     /// entry is the mean of its ciphertext's slots (all of which hold it).

@@ -18,6 +18,10 @@
 //!   ([`CkksContext::encrypt_compact`]: seeded symmetric encryption at the
 //!   lowest level the sum needs, deflate) and validated loading
 //!   ([`CkksContext::load`]): malformed bytes are a typed error.
+//! - [`EncryptedMedian`] (a `fedcore::Strategy`) and [`DistanceDecryptor`]
+//!   (its hospitals' side): the geometric median of whole encrypted
+//!   updates, from encrypted pairwise distances that the hospitals decrypt;
+//!   the server never holds a secret key or decrypts a vector.
 //! - [`CkksSealer`] and [`CkksSum`] plug into `fedcore`'s
 //!   [`Server::with_sealing`](fedcore::Server::with_sealing) and
 //!   [`ModelClient::with_sealer`](fedcore::ModelClient::with_sealer).
@@ -57,7 +61,8 @@ pub use context::{CkksContext, KeyAuthority, KeyFiles, Public, Role, Secret};
 pub use error::{HeError, Result};
 pub use gram::{EncryptedGram, MAX_GRAM_POINTS, Pairs};
 pub use median::{
-    DEFAULT_FLOODING, DISTANCES_TENSOR, DistanceDecryptor, EncryptedMedian, POINTS_METRIC,
+    DEFAULT_DISTANCE_SLACK, DEFAULT_FLOODING, DISTANCES_TENSOR, DistanceDecryptor, EncryptedMedian,
+    FLOODING_FLOOR, POINTS_METRIC,
 };
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};

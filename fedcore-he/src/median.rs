@@ -13,17 +13,23 @@
 //!    lying hospitals cannot move it), adds the squared distances of the
 //!    tensors that travel in the clear (none when everything is sealed),
 //!    and runs smoothed Weiszfeld on the distances alone
-//!    ([`GeometricMedian::compute_on_distances`]). A row that no set of
-//!    points could have (a wrapped or forged upload) takes that hospital
-//!    out of the round, and the rest is iterated again.
+//!    ([`GeometricMedian::compute_on_distances`]). A row that breaks
+//!    Cauchy-Schwarz on the centered Gram matrix the distances determine (a
+//!    wrapped or forged upload) takes that hospital out of the round, and
+//!    the rest is iterated again.
 //! 5. It reports the median's coefficients as the clients' weights, so the
 //!    orchestrator's sealed sum `global += lr * sum_i w_i Enc(x_i)` forms
 //!    the median under encryption; the plain tensors, if any, get the same
 //!    coefficients. Trust scores come from the distances to the median.
 //!
-//! The server learns the pairwise distances of the updates and nothing else
-//! about them; it never holds a secret key (its context is
-//! [`CkksContext<Public>`]) and never decrypts a vector. See docs/he.md.
+//! An honest-but-curious server learns the pairwise distances of the
+//! updates and nothing else about them (every hospital learns the same
+//! distances); it never holds a secret key (its context is
+//! [`CkksContext<Public>`]) and never decrypts a vector. A malicious server
+//! is outside this threat model: a hospital cannot tell what the
+//! ciphertexts it is asked to decrypt hold. With two hospitals the median
+//! of the answers is their mean, so a lying decryptor needs at least three
+//! hospitals to be outvoted. See docs/he.md.
 
 use std::sync::Arc;
 
@@ -52,9 +58,11 @@ pub const DISTANCES_TENSOR: &str = "squared_distances";
 /// between.
 pub const POINTS_METRIC: &str = "points";
 
-/// Relative slack of the distance check: decrypted distances carry the
-/// flooding noise and f32 rounding, about `2^-23` of each entry.
-const DISTANCE_SLACK: f64 = 1e-6;
+/// The default relative slack of the distance check
+/// ([`EncryptedMedian::with_slack`]): decrypted distances carry the
+/// hospitals' flooding noise ([`DEFAULT_FLOODING`], about `2.4e-7` of
+/// each entry) and f32 rounding.
+pub const DEFAULT_DISTANCE_SLACK: f64 = 1e-5;
 
 /// The server's side: the geometric median of encrypted updates, computed
 /// from their decrypted pairwise distances (see the [module](self)).
@@ -74,6 +82,7 @@ pub struct EncryptedMedian {
     ctx: CkksContext<Public>,
     median: GeometricMedian,
     weighting: Weighting,
+    slack: f64,
 }
 
 impl EncryptedMedian {
@@ -92,7 +101,24 @@ impl EncryptedMedian {
             ctx,
             median,
             weighting: Weighting::ExampleCounts,
+            slack: DEFAULT_DISTANCE_SLACK,
         })
+    }
+
+    /// The relative slack of the check that the decrypted distances are
+    /// distances of some points (Cauchy-Schwarz on the centered Gram
+    /// matrix, each entry allowed `slack` times the largest distance);
+    /// several times the hospitals' flooding
+    /// ([`DistanceDecryptor::with_flooding`]). Default
+    /// [`DEFAULT_DISTANCE_SLACK`].
+    pub fn with_slack(mut self, relative: f64) -> crate::Result<Self> {
+        if !(relative.is_finite() && relative > 0.0 && relative < 1.0) {
+            return Err(HeError::OutOfRange(format!(
+                "slack {relative} is not in (0, 1)"
+            )));
+        }
+        self.slack = relative;
+        Ok(self)
     }
 
     /// Other smoothing, tolerance or iteration settings.
@@ -261,7 +287,13 @@ impl Strategy for EncryptedMedian {
                 d[j * m + i] += p;
             }
         }
-        let (w, metrics) = loop {
+        // Weiszfeld on `d` (over `alpha`), its slack scaled by `d`'s largest entry.
+        let attempt = |d: &[f64], alpha: &[f64]| {
+            let top = d.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            let slack = GramSlack::new(self.slack, self.slack * top + f64::MIN_POSITIVE)?;
+            self.median.compute_on_distances(d, alpha, slack)
+        };
+        let w = loop {
             let m = kept.len();
             if m == 0 {
                 return Err(fedcore::Error::EmptyUpdates);
@@ -270,36 +302,42 @@ impl Strategy for EncryptedMedian {
                 Weighting::Uniform => vec![1.0; m],
                 Weighting::ExampleCounts => kept.iter().map(|u| u.num_examples as f64).collect(),
             };
-            let top = d.iter().fold(0.0f64, |a, v| a.max(v.abs()));
-            let slack = GramSlack::new(DISTANCE_SLACK, DISTANCE_SLACK * top + f64::MIN_POSITIVE)
-                .map_err(|e| fedcore::Error::InvalidInput(e.reason))?;
-            match self.median.compute_on_distances(&d, &alpha, slack) {
-                Ok(w) => {
-                    let metrics: Metrics = [
-                        ("iterations".to_owned(), w.iterations as f64),
-                        ("objective".to_owned(), w.objective),
-                        ("residual".to_owned(), w.residual),
-                        ("converged".to_owned(), f64::from(u8::from(w.converged))),
-                    ]
-                    .into();
-                    break (w, metrics);
-                }
-                Err(e) => {
-                    let Some(row) = e.row.filter(|&r| r < m) else {
-                        return Err(fedcore::Error::InvalidInput(format!(
-                            "the decrypted distances: {}",
-                            e.reason
-                        )));
-                    };
-                    steps.reject(
-                        &kept[row].client,
-                        format!("its distances to the others are inconsistent: {}", e.reason),
-                    )?;
-                    kept.remove(row);
-                    d = remove_row(&d, m, row);
-                }
-            }
+            let e = match attempt(&d, &alpha) {
+                Ok(w) => break w,
+                Err(e) => e,
+            };
+            // The distances are not those of any points: take out the
+            // hospital without which they are (the most outlying one if
+            // several would do; a wrapped upload spoils the centering of
+            // every row, so the row the check names need not be its own),
+            // else the row the check names, and try again.
+            let without = |i: usize| {
+                let mut a = alpha.clone();
+                a.remove(i);
+                attempt(&remove_row(&d, m, i), &a).is_ok()
+            };
+            let spread = |i: usize| d[i * m..(i + 1) * m].iter().sum::<f64>();
+            let row = (0..m)
+                .filter(|&i| without(i))
+                .max_by(|&a, &b| spread(a).total_cmp(&spread(b)))
+                .or(e.row.filter(|&r| r < m))
+                .ok_or_else(|| {
+                    fedcore::Error::InvalidInput(format!("the decrypted distances: {}", e.reason))
+                })?;
+            steps.reject(
+                &kept[row].client,
+                format!("its distances to the others are inconsistent: {}", e.reason),
+            )?;
+            kept.remove(row);
+            d = remove_row(&d, m, row);
         };
+        let metrics: Metrics = [
+            ("iterations".to_owned(), w.iterations as f64),
+            ("objective".to_owned(), w.objective),
+            ("residual".to_owned(), w.residual),
+            ("converged".to_owned(), f64::from(u8::from(w.converged))),
+        ]
+        .into();
         let coefficients: Vec<f32> = w.coefficients.iter().map(|&c| c as f32).collect();
         let mut body = first.values.zeros_like();
         let inputs: Vec<&[f32]> = kept.iter().map(|u| u.values.as_slice()).collect();
@@ -332,53 +370,71 @@ fn remove_row(d: &[f64], m: usize, row: usize) -> Vec<f64> {
 
 /// The relative standard deviation of the Gaussian noise a
 /// [`DistanceDecryptor`] adds to each decrypted distance by default:
-/// `2^-24`, the resolution of the f32 it is sent as.
-pub const DEFAULT_FLOODING: f64 = 1.0 / (1u64 << 24) as f64;
+/// `2^-22`, 4 times the resolution of the f32 it is sent as and, measured
+/// at 7M values, about 200 times CKKS's own error on the distances
+/// (docs/he.md). More costs accuracy: the distances to the median come
+/// from differences of the pairwise ones, which amplify the noise.
+pub const DEFAULT_FLOODING: f64 = 1.0 / (1u64 << 22) as f64;
+
+/// The absolute part of the flooding noise's standard deviation, in the
+/// units of the values: `2^-40`, so that a distance near zero (identical
+/// updates, or a ciphertext the server paired with itself) is flooded too
+/// (CKKS's own error there is measured in docs/he.md).
+pub const FLOODING_FLOOR: f64 = 1.0 / (1u64 << 40) as f64;
 
 /// A hospital's answer to the distance step of [`EncryptedMedian`]: loads
 /// the encrypted squared distances the server sent (only for as many points
 /// as the step names, at most [`MAX_GRAM_POINTS`]; an inner-product matrix,
 /// which would tell where the updates are, is refused), decrypts them, adds
-/// Gaussian noise of standard deviation `flooding * |entry|` to each (noise
-/// flooding: the decryption error of CKKS depends on the secret key, and
-/// many published decryptions could reveal it; Li and Micciancio, 2021)
-/// and answers the upper triangle as one f32 tensor
-/// [`DISTANCES_TENSOR`].
+/// Gaussian noise of standard deviation `flooding * |entry| +`
+/// [`FLOODING_FLOOR`] to each and answers the upper triangle as one f32
+/// tensor [`DISTANCES_TENSOR`].
+///
+/// The noise floods CKKS's decryption error, which depends on the secret
+/// key (published decryptions can leak it; Li and Micciancio, 2021). It is
+/// drawn from a generator seeded by the secret key and the ciphertexts, so
+/// every hospital adds the same noise to the same ciphertexts and asking
+/// again, or asking every hospital, gives the server no fresh samples to
+/// average; and a decryptor answers at most one distance step per round.
+/// This protects against an honest-but-curious server: the hospital cannot
+/// tell what the ciphertexts hold, so a malicious server could ask it to
+/// decrypt something else tagged as distances (docs/he.md).
 ///
 /// Plug it into a client with
 /// [`ModelClient::with_responder`](fedcore::ModelClient::with_responder).
 pub struct DistanceDecryptor {
     ctx: CkksContext<Secret>,
     flooding: f64,
-    rng: ChaCha20Rng,
+    /// The last round answered.
+    answered: Option<u64>,
 }
 
 impl std::fmt::Debug for DistanceDecryptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DistanceDecryptor")
             .field("flooding", &self.flooding)
+            .field("answered", &self.answered)
             .finish_non_exhaustive()
     }
 }
 
 impl DistanceDecryptor {
-    /// A decryptor with a hospital's context and [`DEFAULT_FLOODING`]; its
-    /// noise comes from a ChaCha20 generator seeded by the operating system.
+    /// A decryptor with a hospital's context and [`DEFAULT_FLOODING`].
     pub fn new(ctx: CkksContext<Secret>) -> crate::Result<Self> {
-        let rng = ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
-            .map_err(|e| HeError::Seal(format!("the operating system's random source: {e}")))?;
         Ok(Self {
             ctx,
             flooding: DEFAULT_FLOODING,
-            rng,
+            answered: None,
         })
     }
 
-    /// Sets the relative noise (0 turns flooding off: tests only).
+    /// Sets the relative noise, at most `1e-4` (0 turns flooding off:
+    /// tests only). The server's [`EncryptedMedian::with_slack`] must stay
+    /// several times above it.
     pub fn with_flooding(mut self, relative: f64) -> crate::Result<Self> {
-        if !(relative.is_finite() && (0.0..=1e-3).contains(&relative)) {
+        if !(relative.is_finite() && (0.0..=1e-4).contains(&relative)) {
             return Err(HeError::OutOfRange(format!(
-                "flooding {relative} is not in [0, 1e-3]"
+                "flooding {relative} is not in [0, 1e-4]"
             )));
         }
         self.flooding = relative;
@@ -387,6 +443,12 @@ impl DistanceDecryptor {
 
     /// The decrypted, flooded upper triangle of the distances `ins` carries.
     fn answer(&mut self, ins: &StepIns) -> crate::Result<Vec<f32>> {
+        if self.answered == Some(ins.round) {
+            return Err(HeError::Mismatch(format!(
+                "the distances of round {} were answered already; a hospital answers once per round",
+                ins.round
+            )));
+        }
         let sealed = ins.sealed.as_ref().ok_or_else(|| {
             HeError::Mismatch("the distance step carries no encrypted distances".into())
         })?;
@@ -414,12 +476,15 @@ impl DistanceDecryptor {
             ));
         }
         let d = self.ctx.decrypt_gram(&g)?;
+        self.answered = Some(ins.round);
+        let mut rng = ChaCha20Rng::from_seed(self.ctx.keyed_seed(sealed.bytes())?);
         let mut out = Vec::with_capacity(pairs);
         for i in 0..points {
             for j in i + 1..points {
                 let v = d[i * points + j];
-                let noise: f64 = StandardNormal.sample(&mut self.rng);
-                out.push((v + noise * self.flooding * v.abs()) as f32);
+                let noise: f64 = StandardNormal.sample(&mut rng);
+                let sigma = self.flooding * v.abs() + FLOODING_FLOOR;
+                out.push((v + noise * sigma) as f32);
             }
         }
         Ok(out)

@@ -348,6 +348,44 @@ fn a_resumed_run_continues_from_the_saved_encrypted_global() {
     for (a, b) in after_two.iter().zip(&after_one) {
         assert!((a - 2.0 * b).abs() < 1e-6, "{a} vs 2 x {b}");
     }
+    drop(resumed);
+    // Resumed without sealing, the run would train from the zeros that
+    // stand in for the sealed values: refused.
+    let strategy = EncryptedMedian::new(keys().1.clone()).expect("strategy");
+    let mut unsealed = Server::resume(
+        with_checkpoints(3),
+        initial(5_000),
+        transport(&x, &[]),
+        strategy,
+    )
+    .expect("resume");
+    let err = unsealed.run_round().expect_err("sealing is missing");
+    assert!(err.to_string().contains("sealed tensors"), "{err}");
+}
+
+#[test]
+fn an_upload_whose_distances_wrap_is_taken_out_and_the_rest_is_aggregated() {
+    // Hospital 3's values are large enough that its squared distances pass
+    // the modulus (CkksContext::inner_product_bound) and wrap around.
+    let mut x = deltas(4, 0, LEN, 11);
+    let bound = keys().1.inner_product_bound();
+    x[3].iter_mut().for_each(|v| *v *= 2e4);
+    let far: f64 = x[3].iter().map(|v| f64::from(*v).powi(2)).sum();
+    assert!(far > 4.0 * bound, "{far} vs {bound}");
+    let mut s = server(config(4, 3), LEN, transport(&x, &[]));
+    s.run_round().expect("round");
+    assert_matches_plaintext(&s, &x, &[0, 1, 2]);
+    let f = &s.history()[0]
+        .failures
+        .iter()
+        .find(|f| f.client == name(3))
+        .expect("the wrapped hospital is out");
+    match &f.reason {
+        Failure::Rejected(Rejection::Strategy { detail }) => {
+            assert!(detail.contains("inconsistent"), "{detail}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -395,6 +433,34 @@ fn a_hospital_decrypts_only_squared_distances_for_the_points_it_is_told() {
     for (g, want) in got.iter().zip([100.0, 400.0, 100.0]) {
         assert!((g - want).abs() < 1e-3, "{got:?}");
     }
+    // Once per round.
+    let again = d
+        .respond(&step(distances.to_bytes().expect("bytes"), 3, 3.0), &sent)
+        .expect_err("a second answer in round 1");
+    assert!(again.to_string().contains("once per round"), "{again}");
+    // Every key holder floods the same ciphertexts with the same noise, so
+    // asking several gives no fresh samples; without flooding the answer
+    // differs (the noise is there).
+    let bytes = distances.to_bytes().expect("bytes");
+    let other = DistanceDecryptor::new(secret.clone())
+        .expect("decryptor")
+        .respond(&step(bytes.clone(), 3, 3.0), &sent)
+        .expect("answer");
+    assert_eq!(other.values, ok.values);
+    let plain = DistanceDecryptor::new(secret.clone())
+        .expect("decryptor")
+        .with_flooding(0.0)
+        .expect("no flooding")
+        .respond(&step(bytes, 3, 3.0), &sent)
+        .expect("answer");
+    assert_ne!(plain.values, ok.values);
+    assert!(
+        DistanceDecryptor::new(secret.clone())
+            .expect("decryptor")
+            .with_flooding(0.1)
+            .is_err()
+    );
+    let mut d = DistanceDecryptor::new(secret.clone()).expect("decryptor");
     let inner = public.inner_products(&refs).expect("gram");
     let err = d
         .respond(&step(inner.to_bytes().expect("bytes"), 3, 3.0), &sent)
@@ -414,4 +480,30 @@ fn a_hospital_decrypts_only_squared_distances_for_the_points_it_is_told() {
 fn the_strategy_needs_evaluation_keys() {
     let err = EncryptedMedian::new(keys().0.public()).expect_err("no evaluation keys");
     assert!(err.to_string().contains("evaluation keys"), "{err}");
+}
+
+#[test]
+fn the_flooding_floor_is_far_above_ckks_error_on_distances_of_known_values() {
+    // What a server that encrypted known values itself would see of CKKS's
+    // error without flooding: the distances of encryptions of zeros, and
+    // of a vector from itself.
+    let (secret, public) = keys();
+    let zeros = vec![0.0; 4096 * 4];
+    let parts: Vec<_> = (0..3)
+        .map(|_| {
+            public
+                .load(
+                    &secret.encrypt_compact(&zeros).expect("encrypt"),
+                    Form::Fresh,
+                )
+                .expect("load")
+        })
+        .collect();
+    let refs: Vec<_> = parts.iter().collect();
+    let d = secret
+        .decrypt_gram(&public.squared_distances(&refs).expect("distances"))
+        .expect("decrypt");
+    let worst = d.iter().fold(0f64, |m, v| m.max(v.abs()));
+    eprintln!("CKKS error on the distances of encryptions of zeros: {worst:e}");
+    assert!(worst < fedcore_he::FLOODING_FLOOR / 1e3, "{worst:e}");
 }
