@@ -143,6 +143,12 @@ pub struct ClientArgs {
     /// Local DP on the body before it leaves the hospital, as in the simulation.
     #[command(flatten)]
     pub dp: DpArgs,
+    /// What this hospital agrees to: `head` (it seals what the server
+    /// seals) or `all` (it also decrypts the pairwise distances of the
+    /// updates for the server's encrypted geometric median; needs the
+    /// server's `--encrypt all`).
+    #[arg(long, value_enum, default_value_t = Encrypt::Head)]
+    pub encrypt: Encrypt,
     /// Rounds the budget is spread over (the server's `--rounds`, plus some
     /// slack: a round the server re-runs after a restart costs a release
     /// again); the accountant refuses to release more. The releases are
@@ -356,9 +362,14 @@ impl Dashboard {
             p.status = RunStatus::Training;
             p.total_rounds = a.rounds;
             p.current_round = server.next_round().saturating_sub(1);
-            p.aggregator = format!("{:?}", a.aggregator);
-            p.he = a.kit.join(KeyAuthority::PUBLIC_FILE).exists() && a.encrypt != Encrypt::None;
-            p.encrypt = if p.he { a.encrypt } else { Encrypt::None };
+            // What the server seals: nothing without keys in its kit.
+            p.encrypt = if a.kit.join(KeyAuthority::PUBLIC_FILE).exists() {
+                a.encrypt
+            } else {
+                Encrypt::None
+            };
+            p.he = p.encrypt != Encrypt::None;
+            p.aggregator = a.aggregator.label(p.encrypt);
         });
         // Any image size: nothing is ever read here (see above).
         let predictor = Arc::new(Predictor::new(32, a.seed));
@@ -447,6 +458,12 @@ impl Dashboard {
 
 /// Serves one hospital until the server says the run is complete.
 pub fn client_cmd(a: &ClientArgs) -> Result<()> {
+    if a.encrypt == Encrypt::All && a.dp.enabled {
+        bail!(
+            "--dp with --encrypt all is not supported yet: local DP runs on the part of the update \
+             that travels in the clear, and with --encrypt all nothing does"
+        );
+    }
     let kit = Kit::load(&a.kit)?;
     let identity = kit.info.identity.clone();
     let root = match &a.data_dir {
@@ -515,11 +532,18 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
     if secret_key.exists() {
         // It seals what the server sends sealed (the head, or everything)
-        // and, for the encrypted geometric median, decrypts the distances.
+        // and, when it agreed to the encrypted geometric median, decrypts
+        // the distances.
         let secret = CkksContext::<Secret>::from_file(&secret_key)?;
-        client = client
-            .with_sealer(CkksSealer::new(secret.clone()))
-            .with_responder(DistanceDecryptor::new(secret)?);
+        client = client.with_sealer(CkksSealer::new(secret.clone()));
+        if a.encrypt == Encrypt::All {
+            client = client.with_responder(DistanceDecryptor::new(secret)?);
+        }
+    } else if a.encrypt == Encrypt::All {
+        bail!(
+            "--encrypt all needs the CKKS secret key in the kit ({} is missing)",
+            secret_key.display()
+        );
     }
     let options = ClientOptions {
         address: a.server.clone(),

@@ -121,6 +121,15 @@ impl AggregatorChoice {
         })
     }
 
+    /// The rule's name for the dashboard and logs.
+    pub fn label(self, encrypt: Encrypt) -> String {
+        match (self, encrypt) {
+            (Self::GeometricMedian, Encrypt::All) => "EncryptedGeometricMedian".into(),
+            (Self::Fedavg, Encrypt::All) => "EncryptedFedavg".into(),
+            (other, _) => format!("{other:?}"),
+        }
+    }
+
     /// The server's rule for `clients` hospitals when `encrypt` is what they
     /// encrypt; `public` (the server's CKKS context, with the evaluation keys
     /// for `--encrypt all`) is needed whenever something is encrypted.

@@ -152,6 +152,12 @@ fn run_inner(
     if cfg.clients == 0 {
         bail!("--clients must be at least 1");
     }
+    if cfg.encrypt == Encrypt::All && cfg.dp.enabled {
+        bail!(
+            "--dp with --encrypt all is not supported yet: local DP runs on the part of the update \
+             that travels in the clear, and with --encrypt all nothing does"
+        );
+    }
     let run_dir = cfg.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!("runs/hospital-{}", crate::store::now_ms() / 1000))
     });
@@ -162,7 +168,7 @@ fn run_inner(
             status: RunStatus::Preparing,
             current_round: 0,
             total_rounds: cfg.rounds,
-            aggregator: format!("{:?}", cfg.aggregator),
+            aggregator: cfg.aggregator.label(cfg.encrypt),
             he: cfg.encrypt != Encrypt::None,
             encrypt: cfg.encrypt,
             dp: cfg.dp.enabled,
@@ -211,12 +217,6 @@ fn run_inner(
 
     // ---- HE keys (the key authority writes them into the run folder once)
     let key_dir = run_dir.join("he-keys");
-    if cfg.encrypt == Encrypt::All && cfg.dp.enabled {
-        bail!(
-            "--dp with --encrypt all is not supported yet: local DP runs on the part of the update \
-             that travels in the clear, and with --encrypt all nothing does"
-        );
-    }
     let secret: Option<CkksContext<Secret>> = if cfg.encrypt == Encrypt::None {
         None
     } else if key_dir.join("he-secret.key").exists() {
@@ -493,9 +493,12 @@ where
         client = client.with_mechanism(PersistedDp::open(name, dp_names, settings, path)?);
     }
     if let Some(secret) = secret {
-        client = client
-            .with_sealer(CkksSealer::new(secret.clone()))
-            .with_responder(DistanceDecryptor::new(secret.clone())?);
+        client = client.with_sealer(CkksSealer::new(secret.clone()));
+        // Only a hospital that agreed to the encrypted geometric median
+        // decrypts distances for the server.
+        if cfg.encrypt == Encrypt::All {
+            client = client.with_responder(DistanceDecryptor::new(secret.clone())?);
+        }
     }
     Ok(Box::new(client))
 }
