@@ -14,11 +14,28 @@
 //! hospital decrypts that. The median is compared with the plaintext
 //! geometric median of the same updates (same nu, same stopping rules), as
 //! is the median formed from the encrypted squared distances instead.
+//!
+//! Then the same updates go through one real round of the orchestrator
+//! (`fedcore::Server`, in-memory transport) with the round strategy
+//! `EncryptedMedian`: hospitals seal their whole update, decrypt and flood
+//! the distances; the server forms the median under encryption. Its time is
+//! the whole round (hospitals' encryption and decryption included, on the
+//! same cores), beside a plaintext geometric-median round of the same
+//! updates.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form};
-use fedcore_robust::{GeometricMedianParams, GramSlack, Method};
+use fedcore::memory::InMemoryTransport;
+use fedcore::{
+    Evaluation, FitOutput, Model, ModelClient, Parameters, Server, ServerConfig, Strategy,
+    TrainConfig,
+};
+use fedcore_he::{
+    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian,
+    EncryptedVector, Form, Public, Secret,
+};
+use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -45,6 +62,118 @@ fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// A "model" whose training adds a fixed delta: a hospital that sends the
+/// same update every round.
+struct Shift {
+    params: Parameters,
+    delta: Arc<Vec<f32>>,
+}
+
+impl Model for Shift {
+    type Data = ();
+
+    fn parameters(&self) -> Parameters {
+        self.params.clone()
+    }
+
+    fn set_parameters(&mut self, p: &Parameters) -> fedcore::Result<()> {
+        self.params = p.clone();
+        Ok(())
+    }
+
+    fn fit(&mut self, _: &(), _: &TrainConfig) -> fedcore::Result<FitOutput> {
+        for (v, d) in self.params.as_mut_slice().iter_mut().zip(self.delta.iter()) {
+            *v += d;
+        }
+        Ok(FitOutput {
+            num_examples: 100,
+            metrics: Default::default(),
+            privacy: Vec::new(),
+        })
+    }
+
+    fn evaluate(&mut self, _: &()) -> fedcore::Result<Evaluation> {
+        Err(fedcore::Error::Unsupported("no data".into()))
+    }
+}
+
+/// One round of the orchestrator over `points`: with `keys`, every
+/// hospital seals its whole update and the server runs `EncryptedMedian`;
+/// without, the plaintext geometric median. Returns the round's seconds
+/// and the aggregated delta (decrypted by a key holder when sealed).
+fn round(
+    points: &[Arc<Vec<f32>>],
+    keys: Option<(&CkksContext<Secret>, &CkksContext<Public>)>,
+) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
+    let len = points[0].len();
+    let initial = Parameters::from_tensors([("w", vec![len], vec![0.0; len])])?;
+    let mut transport = InMemoryTransport::new();
+    for (i, delta) in points.iter().enumerate() {
+        let model = Shift {
+            params: initial.clone(),
+            delta: delta.clone(),
+        };
+        let mut client = ModelClient::new(format!("hospital-{i:02}"), model, ());
+        if let Some((secret, _)) = keys {
+            client = client
+                .with_sealer(CkksSealer::new(secret.clone()))
+                .with_responder(DistanceDecryptor::new(secret.clone())?);
+        }
+        transport.add_client(client)?;
+    }
+    let config = ServerConfig {
+        rounds: 1,
+        min_fit_clients: points.len(),
+        min_available_clients: points.len(),
+        round_timeout: Duration::from_secs(3600),
+        ..ServerConfig::default()
+    };
+    fn run<S: Strategy>(
+        mut server: Server<InMemoryTransport, S>,
+    ) -> fedcore::Result<(f64, Server<InMemoryTransport, S>)> {
+        let t = Instant::now();
+        let record = server.run_round()?;
+        if !record.outcome.is_completed() {
+            return Err(fedcore::Error::InvalidInput(format!(
+                "round failed: {}",
+                record.outcome
+            )));
+        }
+        Ok((secs(t), server))
+    }
+    Ok(match keys {
+        None => {
+            let (s, server) = run(Server::new(
+                config,
+                initial,
+                transport,
+                GeometricMedian::default(),
+            )?)?;
+            (
+                s,
+                server
+                    .global()
+                    .as_slice()
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect(),
+            )
+        }
+        Some((secret, public)) => {
+            let server = Server::new(
+                config,
+                initial,
+                transport,
+                EncryptedMedian::new(public.clone())?,
+            )?
+            .with_sealing(&["*"], CkksSum::new(public.clone()))?;
+            let (s, server) = run(server)?;
+            let sealed = server.sealed_global().ok_or("nothing sealed")?;
+            (s, secret.decrypt(&secret.load(sealed.bytes(), Form::Sum)?)?)
+        }
+    })
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let len: usize = args.next().map_or(Ok(7_000_000), |a| a.parse())?;
@@ -64,6 +193,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads()
     );
     let gm = GeometricMedianParams::new().method(Method::Gram).check()?;
+    let mut rounds = Vec::new();
     println!(
         "| hospitals | upload B/value | encrypt s (1 hospital) | server load s | encrypted Gram s | Gram bytes | decrypt Gram s | Weiszfeld iterations | encrypted weighted sum s | server total s | plaintext GM s | head-only HE s | max error / max abs | encrypted distances s | max error / max abs (distances) |"
     );
@@ -109,6 +239,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let sealed = server.squared_distances(&refs)?;
         let dist_s = secs(t);
         let d = hospital.decrypt_gram(&hospital.load_gram(&sealed.to_bytes()?, n)?)?;
+        // CKKS's own error on the decrypted distances (before any flooding),
+        // relative to each distance: what DistanceDecryptor's flooding hides.
+        let mut decryption_error = 0.0f64;
+        for i in 0..n {
+            for j in i + 1..n {
+                let exact: f64 = x[i].iter().zip(&x[j]).map(|(a, b)| (a - b) * (a - b)).sum();
+                decryption_error = decryption_error.max((d[i * n + j] - exact).abs() / exact);
+            }
+        }
         let wd = gm.compute_on_distances(&d, &alpha, GramSlack::new(1e-6, 1e-6)?)?;
         let median_d = hospital.decrypt(&server.weighted_sum(&refs, &wd.coefficients)?)?;
         drop(parts);
@@ -150,6 +289,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             gram_bytes.len() as f64 / 1e6,
             w.iterations,
         );
+        // One round of the orchestrator each way, on the same updates.
+        let shared: Vec<Arc<Vec<f32>>> = points.into_iter().map(Arc::new).collect();
+        let (plain_round, plain_median) = round(&shared, None)?;
+        let (he_round, he_median) = round(&shared, Some((&hospital, &server)))?;
+        let round_err = he_median
+            .iter()
+            .zip(&plain_median)
+            .fold(0.0f64, |acc, (e, p)| acc.max((e - p).abs()))
+            / top.max(f64::MIN_POSITIVE);
+        rounds.push((n, plain_round, he_round, round_err, decryption_error));
+    }
+    println!(
+        "\nOne round of the orchestrator (fedcore::Server, in-memory transport), the same updates:\n"
+    );
+    println!(
+        "| hospitals | plaintext geometric-median round s | EncryptedMedian round s (hospitals' encryption and decryption included) | max error / max abs | CKKS error of the decrypted distances (relative, before flooding) |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (n, p, h, e, de) in rounds {
+        println!("| {n} | {p:.1} | {h:.1} | {e:.1e} | {de:.1e} |");
     }
     Ok(())
 }
