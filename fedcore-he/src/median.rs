@@ -35,11 +35,10 @@ use std::sync::Arc;
 
 use fedcore::aggregate::{Weighting, weighted_sum_into};
 use fedcore::{
-    Aggregate, ClientDiagnostics, ClientId, ClientUpdate, Layout, Metrics, Parameters, RoundSteps,
-    SealedTensors, StepIns, StepReply, StepRequest, StepResponder, Strategy, StrategyInfo,
-    TensorSpec,
+    Aggregate, ClientId, ClientUpdate, Layout, Parameters, RoundSteps, SealedTensors, StepIns,
+    StepReply, StepRequest, StepResponder, Strategy, StrategyInfo, TensorSpec,
 };
-use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack, trust_from_distances};
+use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -331,30 +330,14 @@ impl Strategy for EncryptedMedian {
             kept.remove(row);
             d = remove_row(&d, m, row);
         };
-        let metrics: Metrics = [
-            ("iterations".to_owned(), w.iterations as f64),
-            ("objective".to_owned(), w.objective),
-            ("residual".to_owned(), w.residual),
-            ("converged".to_owned(), f64::from(u8::from(w.converged))),
-        ]
-        .into();
         let coefficients: Vec<f32> = w.coefficients.iter().map(|&c| c as f32).collect();
         let mut body = first.values.zeros_like();
         let inputs: Vec<&[f32]> = kept.iter().map(|u| u.values.as_slice()).collect();
         weighted_sum_into(&inputs, &coefficients, body.as_mut_slice())?;
-        let trust = trust_from_distances(&w.distances);
+        let (clients, metrics) = w.report(kept.iter().map(|u| u.client.clone()));
         Ok(Aggregate {
             parameters: body,
-            clients: kept
-                .iter()
-                .zip(w.coefficients.iter().zip(&w.distances).zip(trust))
-                .map(|(u, ((&weight, &distance), trust))| ClientDiagnostics {
-                    client: u.client.clone(),
-                    weight,
-                    distance: Some(distance),
-                    trust: Some(trust),
-                })
-                .collect(),
+            clients,
             metrics,
         })
     }

@@ -2,7 +2,7 @@
 //! Harchaoui, "Robust Aggregation for Federated Learning", 2022).
 
 use fedcore::aggregate::ensure_aggregatable;
-use fedcore::{Aggregate, Aggregator, ClientDiagnostics, ClientUpdate, Metrics};
+use fedcore::{Aggregate, Aggregator, ClientDiagnostics, ClientId, ClientUpdate, Metrics};
 
 use crate::error::ParamsError;
 use fedcore::aggregate::weighted_sum_into;
@@ -509,28 +509,70 @@ impl Aggregator for GeometricMedian {
         let mut scratch = std::mem::take(&mut self.scratch);
         let w = self.compute_with(&points, &alpha, &mut scratch);
         self.scratch = scratch;
-        let trust = trust_from_distances(&w.distances);
-        let metrics: Metrics = [
-            ("iterations".to_owned(), w.iterations as f64),
-            ("objective".to_owned(), w.objective),
-            ("residual".to_owned(), w.residual),
-            ("converged".to_owned(), f64::from(u8::from(w.converged))),
-        ]
-        .into();
+        let (clients, metrics) = report(
+            updates.iter().map(|u| u.client.clone()),
+            &w.weights,
+            &w.distances,
+            [w.iterations as f64, w.objective, w.residual],
+            w.converged,
+        );
         Ok(Aggregate {
             parameters: first.values.with_values(w.median)?,
-            clients: updates
-                .iter()
-                .zip(w.weights.iter().zip(&w.distances).zip(trust))
-                .map(|(u, ((&weight, &distance), trust))| ClientDiagnostics {
-                    client: u.client.clone(),
-                    weight,
-                    distance: Some(distance),
-                    trust: Some(trust),
-                })
-                .collect(),
+            clients,
             metrics,
         })
+    }
+}
+
+/// Per-client diagnostics (`weights`, the distances to the median and the
+/// trust from them) and the metrics of a Weiszfeld run
+/// (`[iterations, objective, residual]`, converged).
+fn report(
+    clients: impl Iterator<Item = ClientId>,
+    weights: &[f64],
+    distances: &[f64],
+    [iterations, objective, residual]: [f64; 3],
+    converged: bool,
+) -> (Vec<ClientDiagnostics>, Metrics) {
+    let trust = trust_from_distances(distances);
+    let diagnostics = clients
+        .zip(weights.iter().zip(distances).zip(trust))
+        .map(
+            |(client, ((&weight, &distance), trust))| ClientDiagnostics {
+                client,
+                weight,
+                distance: Some(distance),
+                trust: Some(trust),
+            },
+        )
+        .collect();
+    let metrics: Metrics = [
+        ("iterations".to_owned(), iterations),
+        ("objective".to_owned(), objective),
+        ("residual".to_owned(), residual),
+        ("converged".to_owned(), f64::from(u8::from(converged))),
+    ]
+    .into();
+    (diagnostics, metrics)
+}
+
+impl GramWeiszfeld {
+    /// What an aggregator reports of this run for `clients` (in the points'
+    /// order): each client's coefficient as its weight, its distance to the
+    /// median and the trust score from the distances (as
+    /// [`GeometricMedian`]'s aggregate reports them), and the run's metrics
+    /// (`iterations`, `objective`, `residual`, `converged`).
+    pub fn report(
+        &self,
+        clients: impl IntoIterator<Item = ClientId>,
+    ) -> (Vec<ClientDiagnostics>, Metrics) {
+        report(
+            clients.into_iter(),
+            &self.coefficients,
+            &self.distances,
+            [self.iterations as f64, self.objective, self.residual],
+            self.converged,
+        )
     }
 }
 
