@@ -17,42 +17,61 @@ struct Cli {
     sim: SimConfig,
 }
 
-fn config(dir: &std::path::Path, rounds: u64) -> SimConfig {
-    Cli::parse_from([
+/// A tiny simulation in `dir` with `extra` flags.
+fn sim_config(dir: &std::path::Path, rounds: u64, extra: &[&str]) -> SimConfig {
+    let rounds = rounds.to_string();
+    let mut args = vec![
         "sim",
         "--rounds",
-        &rounds.to_string(),
+        &rounds,
         "--image-size",
         "32",
         "--patients",
         "45",
         "--batch-size",
         "8",
-        "--dp",
-        "true",
-        "--epsilon",
-        "50",
-        "--clip",
-        "0.01",
-        "--dp-rounds",
-        "3",
         "--run-dir",
         dir.to_str().unwrap(),
-    ])
-    .sim
+    ];
+    args.extend_from_slice(extra);
+    Cli::parse_from(args).sim
+}
+
+/// With local DP on the body.
+fn config(dir: &std::path::Path, rounds: u64) -> SimConfig {
+    sim_config(
+        dir,
+        rounds,
+        &[
+            "--dp",
+            "true",
+            "--epsilon",
+            "50",
+            "--clip",
+            "0.01",
+            "--dp-rounds",
+            "3",
+        ],
+    )
+}
+
+/// A runtime, a SQLite store in `dir`, the live state and a predictor.
+fn setup(dir: &std::path::Path) -> (tokio::runtime::Runtime, Store, Arc<Shared>, Arc<Predictor>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
+    let store = rt.block_on(Store::connect(&url)).unwrap();
+    (
+        rt,
+        store,
+        Arc::new(Shared::default()),
+        Arc::new(Predictor::new(32, 42)),
+    )
 }
 
 #[test]
 fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("db.sqlite").display()
-    );
-    let store = rt.block_on(Store::connect(&url)).unwrap();
-    let shared = Arc::new(Shared::default());
-    let predictor = Arc::new(Predictor::new(32, 42));
+    let (rt, store, shared, predictor) = setup(dir.path());
     shared.suspended.lock().unwrap().insert("hospital-2".into());
     let mut events = shared.events.subscribe();
 
@@ -158,34 +177,12 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
 #[test]
 fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("db.sqlite").display()
+    let (rt, store, shared, predictor) = setup(dir.path());
+    let cfg = sim_config(
+        dir.path(),
+        1,
+        &["--encrypt", "all", "--byzantine", "1", "--min-clients", "3"],
     );
-    let store = rt.block_on(Store::connect(&url)).unwrap();
-    let shared = Arc::new(Shared::default());
-    let predictor = Arc::new(Predictor::new(32, 42));
-    let cfg = Cli::parse_from([
-        "sim",
-        "--rounds",
-        "1",
-        "--image-size",
-        "32",
-        "--patients",
-        "45",
-        "--batch-size",
-        "8",
-        "--encrypt",
-        "all",
-        "--byzantine",
-        "1",
-        "--min-clients",
-        "3",
-        "--run-dir",
-        dir.path().to_str().unwrap(),
-    ])
-    .sim;
     let s = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap();
     assert_eq!(s.rounds, 1);
     let rounds = rt.block_on(store.rounds()).unwrap();
