@@ -287,3 +287,54 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
         .any(|e| e.file_name().to_string_lossy().contains("sealed"));
     assert!(sealed, "a sealed checkpoint file");
 }
+
+/// A hospital decrypts distances for the server only when it agreed to
+/// `--encrypt all`, and refuses that together with local DP (which would
+/// cover nothing) before doing any work; the server refuses `--encrypt all`
+/// with an aggregator that needs the updates in the clear.
+#[test]
+fn encrypt_all_is_refused_with_dp_at_a_hospital_and_with_krum_at_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let out = Command::new(BIN)
+        .args(["provision", "--out", project.to_str().unwrap()])
+        .args(["--hospitals", "1", "--port", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let client = Command::new(BIN)
+        .args([
+            "client",
+            "--kit",
+            project.join("hospital-1").to_str().unwrap(),
+        ])
+        .args(["--encrypt", "all", "--dp", "true", "--give-up-after", "5"])
+        .args(["--work-dir", tmp.path().join("site").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&client.stderr);
+    assert!(
+        !client.status.success() && err.contains("--dp with --encrypt all"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("site").exists(), "no work was done");
+    let server = Command::new(BIN)
+        .args(["server", "--kit", project.join("server").to_str().unwrap()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--encrypt",
+            "all",
+            "--aggregator",
+            "krum",
+        ])
+        .args(["--run-dir", tmp.path().join("run").to_str().unwrap()])
+        .args(["--wait", "1", "--rounds", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&server.stderr);
+    assert!(
+        !server.status.success() && err.contains("needs the updates in the clear"),
+        "{err}"
+    );
+}
