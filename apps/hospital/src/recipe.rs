@@ -51,15 +51,6 @@ impl Encrypt {
             Self::All => vec!["*".to_owned()],
         })
     }
-
-    /// As the dashboard and logs show it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Head => "head",
-            Self::All => "all",
-        }
-    }
 }
 
 /// How the server aggregates a round: a plain aggregator (on the body, its
