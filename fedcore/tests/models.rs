@@ -630,6 +630,98 @@ fn per_sample_gradients_refuse_batch_norm() {
 }
 
 #[test]
+fn frozen_batch_norm_runs_on_its_statistics_and_has_per_sample_gradients() {
+    // torchvision's weights and running statistics; every BatchNorm layer
+    // and block 1 frozen: the traced per-sample gradients of what is left
+    // (block 2's and the transition's convolutions, the classifier) equal
+    // one backward pass per sample, both with BatchNorm on its running
+    // statistics, which mixes no samples.
+    let mut model = tiny_from_fixture();
+    let names: Vec<String> = model
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let is_norm = |n: &str| n.contains("norm") && (n.ends_with(".weight") || n.ends_with(".bias"));
+    // Only some BatchNorm layers frozen: still refused, naming one.
+    model.set_frozen(&["features.norm0.*"]).unwrap();
+    let (images, shape, targets) = tiny_batch(4, 5);
+    let e = model
+        .per_sample_gradients(&images, shape, &targets)
+        .unwrap_err();
+    assert!(e.to_string().contains("features.denseblock1"), "{e}");
+    assert!(!model.frozen_statistics());
+    let mut frozen: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| is_norm(n))
+        .collect();
+    frozen.push("features.denseblock1.*");
+    frozen.push("features.conv0.*");
+    model.set_frozen(&frozen).unwrap();
+    assert!(model.frozen_statistics());
+    model.check_per_sample().unwrap();
+    let fast = model
+        .per_sample_gradients(&images, shape, &targets)
+        .unwrap();
+    let slow = model
+        .per_sample_gradients_looped(&images, shape, &targets)
+        .unwrap();
+    assert_eq!(fast.grads.size(), [4, model.trainable_values() as i64]);
+    let diff = (&fast.grads - &slow.grads).abs().max().double_value(&[]);
+    let scale = slow.grads.abs().max().double_value(&[]);
+    assert!(scale > 0.0 && diff <= 1e-4 * scale, "{diff} at {scale}");
+    // A sample's gradient does not depend on the others in its batch.
+    let (one, one_shape) = (&images[..3 * 32 * 32], [1, 3, 32, 32]);
+    let first = model
+        .per_sample_gradients(
+            one,
+            one_shape,
+            &Targets::Classes(vec![match &targets {
+                Targets::Classes(c) => c[0],
+                _ => unreachable!(),
+            }]),
+        )
+        .unwrap();
+    let d0 = (fast.grads.get(0) - first.grads.get(0))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d0 <= 1e-5 * scale, "sample 0 alone differs by {d0}");
+    let c = slow
+        .grads
+        .norm_scalaropt_dim(2, [1], false)
+        .median()
+        .double_value(&[]);
+    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
+
+    // Training leaves the running statistics and every frozen tensor as
+    // they are (evaluation-mode BatchNorm), and moves the rest.
+    let before = model.parameters();
+    let data = DataSplit::all(Arc::new(
+        InMemoryImages::new(images.clone(), [3, 32, 32], targets.clone()).unwrap(),
+    ));
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: 4,
+        learning_rate: 0.05,
+        optimizer: Optimizer::adam(),
+        seed: 0,
+    };
+    model.fit(&data, &config).unwrap();
+    let after = model.parameters();
+    let layout = model.layout().clone();
+    let frozen = model.frozen();
+    for (i, spec) in layout.tensors().iter().enumerate() {
+        let r = layout.range_at(i);
+        let same = before.as_slice()[r.clone()] == after.as_slice()[r];
+        let kept = frozen.contains(i) || model.buffers().contains(i);
+        assert_eq!(same, kept, "{}", spec.name);
+    }
+}
+
+#[test]
 fn clipped_gradient_sum_equals_clipping_each_sample_gradient() {
     let model = TchModel::build(Device::Cpu, 5, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
     let data = DataSplit::all(Arc::new(synthetic_digits(8, 11)));
@@ -757,6 +849,96 @@ fn group_norm_densenet_has_per_sample_gradients_in_one_pass() {
 }
 
 #[test]
+fn a_frozen_part_has_no_gradients_and_stays_as_it_is() {
+    // Freeze the stem, block 1 and the transition: DP-SGD's per-sample
+    // gradients cover only block 2, norm5 and the classifier, and equal
+    // the columns of those tensors in the unfrozen network's gradients.
+    let full = densenet(tiny_group_norm_config(), 3);
+    let mut model = densenet(tiny_group_norm_config(), 3);
+    let frozen = [
+        "features.conv0.*",
+        "features.norm0.*",
+        "features.denseblock1.*",
+        "features.transition1.*",
+    ];
+    model.set_frozen(&frozen).unwrap();
+    let layout = model.layout().clone();
+    let selection = model.frozen();
+    assert!(!selection.is_empty());
+    assert_eq!(
+        model.trainable_values() + selection.len(),
+        full.trainable_values()
+    );
+    assert!(model.set_frozen(&["no.such.*"]).is_err());
+    model.set_frozen(&frozen).unwrap();
+
+    let (images, shape, targets) = tiny_batch(4, 2);
+    let fast = model
+        .per_sample_gradients(&images, shape, &targets)
+        .unwrap();
+    let all = full
+        .per_sample_gradients_looped(&images, shape, &targets)
+        .unwrap();
+    // The unfrozen network's columns of the tensors still trainable.
+    let mut offset = 0i64;
+    let mut kept = Vec::new();
+    for i in full.trainable_tensors() {
+        let len = layout.range_at(i).len() as i64;
+        if !selection.contains(i) {
+            kept.push(all.grads.narrow(1, offset, len));
+        }
+        offset += len;
+    }
+    let want = tch::Tensor::cat(&kept, 1);
+    assert_eq!(fast.grads.size(), want.size());
+    let diff = (&fast.grads - &want).abs().max().double_value(&[]);
+    let scale = want.abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-4 * scale,
+        "max difference {diff} at scale {scale}"
+    );
+    let slow = model
+        .per_sample_gradients_looped(&images, shape, &targets)
+        .unwrap();
+    let c = slow
+        .grads
+        .norm_scalaropt_dim(2, [1], false)
+        .median()
+        .double_value(&[]);
+    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
+
+    // A DP-SGD-like step and plain training move only what is trainable.
+    let before = model.parameters();
+    let step = vec![0.01f32; model.trainable_values()];
+    model.sub_trainable(&step).unwrap();
+    let data = DataSplit::all(Arc::new(
+        InMemoryImages::new(images.clone(), [3, 32, 32], targets.clone()).unwrap(),
+    ));
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: 2,
+        learning_rate: 0.1,
+        optimizer: Optimizer::adam(),
+        seed: 0,
+    };
+    model.fit(&data, &config).unwrap();
+    let after = model.parameters();
+    for i in 0..layout.tensors().len() {
+        let r = layout.range_at(i);
+        let same = before.as_slice()[r.clone()] == after.as_slice()[r];
+        assert_eq!(same, selection.contains(i), "{}", layout.tensors()[i].name);
+    }
+
+    // Nothing left to train is an error, not an empty gradient.
+    model.set_frozen(&["*"]).unwrap();
+    assert!(
+        model
+            .per_sample_gradients(&images, shape, &targets)
+            .is_err()
+    );
+}
+
+#[test]
 fn group_norm_densenet_loads_torchvision_weights_except_running_statistics() {
     let batch_norm = tiny_from_fixture();
     let mut group_norm = densenet(tiny_group_norm_config(), 9);
@@ -806,7 +988,10 @@ fn group_norm_densenet121_has_the_batch_norm_variants_trainable_values() {
         &Tensor::zeros([2, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu)),
         &mut Default::default(),
     );
-    assert!(bn_traced.is_none(), "BatchNorm is never traced");
+    assert!(
+        bn_traced.is_some(),
+        "BatchNorm networks trace (BatchNorm itself on its running statistics)"
+    );
     let zero_groups = DenseNetConfig {
         norm: Normalization::Group { groups: 0 },
         ..tiny_config()

@@ -330,10 +330,14 @@ impl Network for DenseNet {
         self.pass(xs, train, None)
     }
 
-    /// Traced for GroupNorm networks (every convolution, GroupNorm and the
-    /// classifier); BatchNorm networks have no per-sample gradients.
+    /// Traced: every convolution, GroupNorm and the classifier. BatchNorm
+    /// is not traced and runs on its running statistics (it must be frozen
+    /// for per-sample gradients: [`TchModel::check_per_sample`]).
+    ///
+    /// [`TchModel::check_per_sample`]: super::TchModel::check_per_sample
     fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Option<Tensor> {
-        (self.config.norm != Normalization::Batch).then(|| self.pass(xs, true, Some(trace)))
+        let train = self.config.norm != Normalization::Batch;
+        Some(self.pass(xs, train, Some(trace)))
     }
 
     fn task(&self) -> Task {

@@ -166,7 +166,9 @@ pub trait Network: Send {
     /// GroupNorm and linear layer in `trace` (their `forward_traced`) so that per-sample gradients come from one
     /// backward pass ([`TchModel::per_sample_gradients`]). `None` (the
     /// default) when the network cannot: per-sample gradients then take one
-    /// backward pass per sample.
+    /// backward pass per sample. BatchNorm runs on its running statistics
+    /// here (per-sample gradients need it frozen,
+    /// [`TchModel::check_per_sample`]).
     fn forward_traced(&self, xs: &Tensor, trace: &mut Trace) -> Option<Tensor> {
         let _ = (xs, trace);
         None
@@ -205,6 +207,7 @@ pub struct TchModel<N: Network> {
     layout: Arc<Layout>,
     tensors: Vec<Tensor>,
     buffers: Vec<bool>,
+    frozen: Vec<bool>,
     head: Vec<String>,
     label_names: Option<Vec<String>>,
     batches_tracked: i64,
@@ -233,12 +236,14 @@ impl<N: Network> TchModel<N> {
         let layout = Arc::new(Layout::new(b.specs)?);
         let head = net.head_patterns();
         layout.select(&head)?;
+        let frozen = vec![false; b.buffers.len()];
         Ok(Self {
             net,
             vs: b.vs,
             layout,
             tensors: b.tensors,
             buffers: b.buffers,
+            frozen,
             head,
             label_names: None,
             batches_tracked: 0,
@@ -264,15 +269,81 @@ impl<N: Network> TchModel<N> {
         &self.layout
     }
 
-    /// Number of trainable values (buffers excluded).
+    /// Number of trainable values (buffers and frozen tensors excluded).
     pub fn trainable_values(&self) -> usize {
-        self.layout
-            .tensors()
-            .iter()
-            .zip(&self.buffers)
-            .filter(|(_, b)| !**b)
-            .map(|(s, _)| s.numel())
+        self.trainable_tensors()
+            .into_iter()
+            .map(|i| self.layout.tensors()[i].numel())
             .sum()
+    }
+
+    /// Freezes exactly the tensors that `patterns` select (as in
+    /// [`Layout::select`]; an empty list unfreezes everything). Training
+    /// leaves a frozen tensor as it is: [`Model::fit`], the per-sample
+    /// gradients and clipped sums of DP-SGD (whose columns and
+    /// [`TchModel::sub_trainable`] skip it) and their backward passes, which
+    /// stop where nothing below is trainable. Frozen tensors still travel in
+    /// [`Model::parameters`] and are set by [`Model::set_parameters`].
+    /// Freeze a layer whole (weight and bias): a layer whose weight is frozen
+    /// and bias is not has no per-sample gradient path and is refused there.
+    /// BatchNorm's running statistics in a frozen part still update in
+    /// training mode; freeze GroupNorm networks (or none) for fixed features.
+    pub fn set_frozen<S: AsRef<str>>(&mut self, patterns: &[S]) -> Result<()> {
+        let selection = self.layout.select(patterns)?;
+        for (i, t) in self.tensors.iter().enumerate() {
+            self.frozen[i] = selection.contains(i);
+            if !self.buffers[i] {
+                let _ = t.set_requires_grad(!self.frozen[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors [`TchModel::set_frozen`] froze.
+    pub fn frozen(&self) -> Selection {
+        self.layout.select_by(|i, _| self.frozen[i])
+    }
+
+    /// The BatchNorm layers (by name prefix, `features.norm0`) whose weight
+    /// or bias is not frozen.
+    fn unfrozen_batch_norms(&self) -> Vec<String> {
+        let specs = self.layout.tensors();
+        (0..specs.len())
+            .filter(|&i| self.buffers[i])
+            .filter_map(|i| specs[i].name.strip_suffix(".running_mean"))
+            .filter(|prefix| {
+                ["weight", "bias"].iter().any(|p| {
+                    self.layout
+                        .position(&format!("{prefix}.{p}"))
+                        .is_some_and(|j| !self.frozen[j])
+                })
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether the network has BatchNorm and every BatchNorm layer is
+    /// frozen: then training runs them on their running statistics
+    /// (evaluation mode, as detectron2's `FrozenBatchNorm2d`), which mixes
+    /// no samples and leaves the statistics as they are.
+    pub fn frozen_statistics(&self) -> bool {
+        self.net.has_batch_norm() && self.unfrozen_batch_norms().is_empty()
+    }
+
+    /// Whether each sample's gradient is its own, as DP-SGD needs: true
+    /// without BatchNorm, or with every BatchNorm layer frozen
+    /// ([`TchModel::frozen_statistics`]); an error that names a BatchNorm
+    /// layer still trained otherwise (its batch statistics mix the samples).
+    pub fn check_per_sample(&self) -> Result<()> {
+        if !self.net.has_batch_norm() {
+            return Ok(());
+        }
+        match self.unfrozen_batch_norms().first() {
+            None => Ok(()),
+            Some(layer) => Err(Error::InvalidConfig(format!(
+                "per-sample gradients need a network without BatchNorm, or with every BatchNorm layer frozen (then it runs on its running statistics and mixes no samples); `{layer}` is trained: its batch statistics mix the samples of a batch, so no sample has a gradient of its own (use GroupNorm, or freeze the BatchNorm layers)"
+            ))),
+        }
     }
 
     /// The BatchNorm running statistics (not trained by gradient descent).
@@ -563,7 +634,9 @@ impl<N: Network> TchModel<N> {
             .build(&self.vs, lr),
         }
         .map_err(|e| Error::Model(e.to_string()))?;
-        let skip_single = self.net.has_batch_norm();
+        // Frozen BatchNorm runs on its running statistics: evaluation mode.
+        let train = !self.frozen_statistics();
+        let skip_single = train && self.net.has_batch_norm();
         let (mut seen, mut steps) = (0u64, 0usize);
         let mut last_epoch_loss = (0.0f64, 0u64);
         for epoch in 0..config.epochs {
@@ -581,7 +654,7 @@ impl<N: Network> TchModel<N> {
                 let ys = self.targets(&targets)?;
                 let loss = guarded(|| {
                     let xs = self.input(&images, shape);
-                    let logits = self.net.forward(&xs, true);
+                    let logits = self.net.forward(&xs, train);
                     let loss = self.loss(&logits, &ys);
                     opt.backward_step(&loss);
                     Ok(loss.double_value(&[]))

@@ -25,6 +25,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 pub struct Trace {
     layers: Vec<TracedLayer>,
+    /// Tensors not trained (frozen, or buffers): a layer whose weight is one
+    /// is not recorded, so that its activations are freed as the forward
+    /// pass goes on.
+    untrained: Vec<bool>,
 }
 
 impl Trace {
@@ -38,6 +42,9 @@ impl Trace {
         output: &Tensor,
         kind: LayerKind,
     ) {
+        if self.untrained.get(weight).copied().unwrap_or(false) {
+            return;
+        }
         self.layers.push(TracedLayer {
             weight,
             bias: has_bias.then_some(weight + 1),
@@ -209,6 +216,21 @@ impl<N: Network> TchModel<N> {
         }
     }
 
+    /// The traced layers whose weight is trainable, each with its bias if
+    /// that is trainable too: a frozen layer has no gradient to compute
+    /// (and, below every trainable layer, no graph to run backward through).
+    fn trainable_layers<'t>(
+        trace: &'t Trace,
+        cols: &Columns,
+    ) -> Vec<(&'t TracedLayer, Option<usize>)> {
+        trace
+            .layers
+            .iter()
+            .filter(|l| cols.offsets[l.weight].is_some())
+            .map(|l| (l, l.bias.filter(|&b| cols.offsets[b].is_some())))
+            .collect()
+    }
+
     /// Checks the batch, then runs the traced forward pass and `traced` on
     /// its logits, or `looped` on the inputs when the network does not trace.
     fn with_trace<T>(
@@ -223,7 +245,12 @@ impl<N: Network> TchModel<N> {
         let ys = self.targets(targets)?;
         guarded(|| {
             let xs = self.input(images, shape);
-            let mut trace = Trace::default();
+            let mut trace = Trace {
+                layers: Vec::new(),
+                untrained: (0..self.tensors.len())
+                    .map(|i| self.buffers[i] || self.frozen[i])
+                    .collect(),
+            };
             match self.net.forward_traced(&xs, &mut trace) {
                 Some(logits) => traced(&logits, &ys, &trace),
                 None => looped(&xs, &ys),
@@ -231,10 +258,11 @@ impl<N: Network> TchModel<N> {
         })
     }
 
-    /// Layout indices of the trainable tensors (buffers left out), in order.
+    /// Layout indices of the trainable tensors (buffers and frozen tensors
+    /// left out), in order.
     pub fn trainable_tensors(&self) -> Vec<usize> {
         (0..self.tensors.len())
-            .filter(|&i| !self.buffers[i])
+            .filter(|&i| !self.buffers[i] && !self.frozen[i])
             .collect()
     }
 
@@ -302,9 +330,10 @@ impl<N: Network> TchModel<N> {
     }
 
     fn per_sample_checks(&self, images: &[f32], shape: [usize; 4]) -> Result<()> {
-        if self.net.has_batch_norm() {
+        self.check_per_sample()?;
+        if self.trainable_values() == 0 {
             return Err(Error::InvalidConfig(
-                "per-sample gradients need a network without BatchNorm: batch statistics mix the samples of a batch, so no sample has a gradient of its own (use GroupNorm or no normalization)".into(),
+                "every tensor is frozen: there is no gradient to compute".into(),
             ));
         }
         if images.len() != shape.iter().product::<usize>() || shape[0] == 0 {
@@ -334,16 +363,18 @@ impl<N: Network> TchModel<N> {
             Stored { dw: Tensor, db: Tensor },
         }
         let loss = self.loss_sum(logits, ys);
-        let outputs: Vec<&Tensor> = trace.layers.iter().map(|l| &l.output).collect();
+        let mut cols = self.columns();
+        let layers = Self::trainable_layers(trace, &cols);
+        let outputs: Vec<&Tensor> = layers.iter().map(|(l, _)| &l.output).collect();
         let g_out = Tensor::run_backward(&[&loss], &outputs, false, false);
         let bi = b as i64;
         let mut sq = Tensor::zeros([bi], (Kind::Float, self.vs.device()));
-        let mut parts = Vec::with_capacity(trace.layers.len());
+        let mut parts = Vec::with_capacity(layers.len());
         let sum12 = [1i64, 2].as_slice();
-        for (layer, g) in trace.layers.iter().zip(g_out) {
-            // A layer without a bias (DenseNet's convolutions) has no bias
-            // gradient to count in the norm.
-            let has_bias = f64::from(u8::from(layer.bias.is_some()));
+        for (&(layer, bias), g) in layers.iter().zip(g_out) {
+            // A layer without a (trainable) bias, such as DenseNet's
+            // convolutions, has no bias gradient to count in the norm.
+            let has_bias = f64::from(u8::from(bias.is_some()));
             match layer.kind {
                 LayerKind::Linear => {
                     let gg = g.square().sum_dim_intlist(1, false, Kind::Float);
@@ -387,9 +418,8 @@ impl<N: Network> TchModel<N> {
         }
         let norms = sq.sqrt();
         let c = (max_norm / (&norms + 1e-6)).clamp_max(1.0);
-        let mut cols = self.columns();
         let mut sum = vec![0.0f32; cols.total];
-        for (layer, part) in trace.layers.iter().zip(parts) {
+        for (&(layer, bias_index), part) in layers.iter().zip(parts) {
             let (w, bias) = match part {
                 Part::Outer { g, x } => {
                     let gc = g * c.unsqueeze(1);
@@ -418,7 +448,7 @@ impl<N: Network> TchModel<N> {
                     (db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float),
                 ),
             };
-            for (idx, t) in [(Some(layer.weight), w), (layer.bias, bias)] {
+            for (idx, t) in [(Some(layer.weight), w), (bias_index, bias)] {
                 let Some(idx) = idx else { continue };
                 let len = self.layout.range_at(idx).len();
                 let v = to_vec(&t)?;
@@ -454,14 +484,15 @@ impl<N: Network> TchModel<N> {
         b: usize,
     ) -> Result<PerSampleGradients> {
         let loss = self.loss_sum(logits, ys);
-        let outputs: Vec<&Tensor> = trace.layers.iter().map(|l| &l.output).collect();
-        let g_out = Tensor::run_backward(&[&loss], &outputs, false, false);
         let mut cols = self.columns();
+        let layers = Self::trainable_layers(trace, &cols);
+        let outputs: Vec<&Tensor> = layers.iter().map(|(l, _)| &l.output).collect();
+        let g_out = Tensor::run_backward(&[&loss], &outputs, false, false);
         let bi = b as i64;
         let grads = Tensor::zeros([bi, cols.total as i64], (Kind::Float, self.vs.device()));
-        for (layer, g) in trace.layers.iter().zip(&g_out) {
+        for (&(layer, bias), g) in layers.iter().zip(&g_out) {
             let (dw, db) = layer.stored(g);
-            for (idx, part) in [(Some(layer.weight), dw), (layer.bias, db)] {
+            for (idx, part) in [(Some(layer.weight), dw), (bias, db)] {
                 let Some(idx) = idx else { continue };
                 let r = cols.slot(idx, self.layout.range_at(idx).len())?;
                 let len = r.len() as i64;
@@ -485,8 +516,11 @@ impl<N: Network> TchModel<N> {
             .collect();
         let mut rows = Vec::with_capacity(b);
         let mut loss_sum = 0.0;
+        // Frozen BatchNorm (the only BatchNorm allowed here) on its running
+        // statistics, as in the traced pass.
+        let train = !self.net.has_batch_norm();
         for i in 0..b as i64 {
-            let logits = self.net.forward(&xs.narrow(0, i, 1), true);
+            let logits = self.net.forward(&xs.narrow(0, i, 1), train);
             let loss = self.loss_sum(&logits, &ys.narrow(0, i, 1));
             loss_sum += loss.double_value(&[]);
             let g = Tensor::run_backward(&[&loss], &params, false, false);
