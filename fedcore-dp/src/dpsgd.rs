@@ -87,8 +87,10 @@ pub(crate) fn schedule(n: usize, batch_size: usize, epochs: usize) -> crate::Res
 /// sampled-Gaussian steps, charged to the client's ledger before training
 /// starts; a fit that would exceed the budget is refused.
 ///
-/// Networks with BatchNorm are refused: their batch statistics mix samples.
-/// DenseNet trains with GroupNorm instead
+/// Networks with BatchNorm are refused unless every BatchNorm layer is
+/// frozen ([`TchModel::set_frozen`]; it then runs on its running
+/// statistics, which mix no samples): batch statistics mix samples. DenseNet
+/// trains whole with GroupNorm instead
 /// ([`DenseNetConfig::densenet121_group_norm`](fedcore::models::DenseNetConfig::densenet121_group_norm)).
 pub struct DpSgd<N: Network> {
     model: TchModel<N>,
@@ -108,17 +110,18 @@ impl<N: Network> std::fmt::Debug for DpSgd<N> {
 }
 
 impl<N: Network> DpSgd<N> {
-    /// DP-SGD for client `who`'s `model`. Refuses networks with BatchNorm.
+    /// DP-SGD for client `who`'s `model`. Refuses networks with BatchNorm
+    /// that is not frozen ([`TchModel::check_per_sample`]).
     pub fn new(
         who: impl Into<String>,
         model: TchModel<N>,
         config: DpSgdConfig,
         noise: Noise,
     ) -> crate::Result<Self> {
-        if model.network().has_batch_norm() {
-            return Err(DpError::InvalidParams(
-                "DP-SGD cannot train a network with BatchNorm: batch statistics mix the samples of a batch, so clipping one sample's gradient bounds nothing. Use a network without BatchNorm (GroupNorm, or none)".into(),
-            ));
+        if let Err(e) = model.check_per_sample() {
+            return Err(DpError::InvalidParams(format!(
+                "DP-SGD cannot train this network: clipping one sample's gradient must bound its influence. {e}"
+            )));
         }
         let ok = |x: f64| x.is_finite() && x > 0.0;
         if !ok(config.clip_norm) || !ok(config.noise_multiplier) {
@@ -148,6 +151,37 @@ impl<N: Network> DpSgd<N> {
     /// The settings.
     pub fn config(&self) -> DpSgdConfig {
         self.config
+    }
+
+    /// What one [`Model::fit`] over `n` examples in Poisson batches of
+    /// `batch_size` (expected) for `epochs` costs: the sampled Gaussian at
+    /// this noise multiplier, `epochs * ceil(n / batch_size)` steps.
+    pub fn fit_cost(
+        &self,
+        n: usize,
+        batch_size: usize,
+        epochs: usize,
+    ) -> crate::Result<PrivacyCost> {
+        let (q, steps) = schedule(n, batch_size, epochs)?;
+        Ok(PrivacyCost::SampledGaussian {
+            noise_multiplier: self.config.noise_multiplier,
+            sampling_rate: q,
+            steps,
+        })
+    }
+
+    /// The same client after the fits that cost `earlier` (a hospital that
+    /// restarts must not spend its budget twice): each is charged to the
+    /// ledger first. More than the budget allows is
+    /// [`Error::PrivacyBudgetExhausted`](fedcore::Error::PrivacyBudgetExhausted).
+    pub fn resumed<'a>(
+        mut self,
+        earlier: impl IntoIterator<Item = &'a PrivacyCost>,
+    ) -> crate::Result<Self> {
+        for cost in earlier {
+            self.ledger.charge(cost)?;
+        }
+        Ok(self)
     }
 
     /// One DP-SGD step on `batch` (already sampled), normalized by
@@ -207,11 +241,7 @@ impl<N: Network> Model for DpSgd<N> {
         };
         let n = data.len();
         let (q, steps) = schedule(n, config.batch_size, config.epochs)?;
-        let cost = PrivacyCost::SampledGaussian {
-            noise_multiplier: self.config.noise_multiplier,
-            sampling_rate: q,
-            steps,
-        };
+        let cost = self.fit_cost(n, config.batch_size, config.epochs)?;
         // Charged up front: a fit that would exceed the budget never starts,
         // and one that fails halfway has still spent what it ran.
         let spent = self.ledger.charge(&cost)?;
