@@ -35,7 +35,7 @@ doctor_pw=blackbox-doctor-password-1
 viewer_pw=blackbox-viewer-password-1
 HOSPITAL_ADMIN_PASSWORD=$admin_pw HOSPITAL_DOCTOR_PASSWORD=$doctor_pw HOSPITAL_VIEWER_PASSWORD=$viewer_pw \
 DATABASE_URL="sqlite://$work/blackbox.sqlite?mode=rwc" \
-    "$bin" simulate --rounds 2 --image-size 32 --patients 90 --run-dir "$work/run" \
+    "$bin" simulate --rounds 2 --image-size 32 --patients 90 --public-patients 30 --run-dir "$work/run" \
     --listen 127.0.0.1:0 >"$work/server.log" 2>&1 &
 pid=$!
 

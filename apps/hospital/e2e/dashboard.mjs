@@ -28,7 +28,7 @@ function fail(msg) {
 }
 
 const server = spawn(binary, [
-  "simulate", "--rounds", String(ROUNDS), "--image-size", "32", "--patients", "90",
+  "simulate", "--rounds", String(ROUNDS), "--image-size", "32", "--patients", "90", "--public-patients", "30",
   "--run-dir", runDir, "--listen", "127.0.0.1:0",
 ], {
   env: {

@@ -29,11 +29,12 @@ use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, KeyAuthority, Public, Secret,
 };
 
-use crate::dp::{DpSettings, PersistedDp};
+use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, Encrypt, TrainingArgs, densenet, dp_tensors, hospital, image_config,
+    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs, densenet,
+    dp_tensors, hospital, image_config,
 };
 use crate::web::{self, WebConfig};
 
@@ -92,9 +93,16 @@ pub struct ServerArgs {
     /// Seed of the initial model and of client sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Each hospital's local training.
+    /// Each hospital's local training (without DP; a hospital on DP-SGD
+    /// trains on its own schedule).
     #[command(flatten)]
     pub training: TrainingArgs,
+    /// Public pretraining of the initial model, before the server listens.
+    #[command(flatten)]
+    pub pretrain: PretrainArgs,
+    /// Side of the images public pretraining uses (the hospitals' size).
+    #[arg(long, default_value_t = 64)]
+    pub image_size: u32,
     /// The largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
@@ -140,9 +148,14 @@ pub struct ClientArgs {
     /// The largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
-    /// Local DP on the body before it leaves the hospital, as in the simulation.
+    /// Differential privacy before anything trained leaves the hospital,
+    /// as in the simulation.
     #[command(flatten)]
     pub dp: DpArgs,
+    /// What this hospital trains (the rest stays as the server's initial
+    /// model has it; train everything when the server did not pretrain).
+    #[arg(long, value_enum, default_value_t = Trainable::default())]
+    pub trainable: Trainable,
     /// What this hospital agrees to: `head` (it seals what the server
     /// seals) or `all` (it also decrypts the pairwise distances of the
     /// updates for the server's encrypted geometric median; needs the
@@ -198,9 +211,25 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         limits: limits(a.max_message_bytes),
         ..ServerOptions::default()
     };
+    let checkpoints = a.run_dir.join("checkpoints");
+    let resuming = checkpoints.join("state.json").exists();
+    let mut template = densenet(a.seed)?;
+    if !resuming {
+        let started = std::time::Instant::now();
+        let public = a.run_dir.join("public");
+        let images = a
+            .pretrain
+            .pretrain(&mut template, a.image_size, a.seed, &public)?;
+        if images > 0 {
+            println!(
+                "public pretraining: {} epochs over {images} images in {:.0} s",
+                a.pretrain.public_epochs,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
     let transport = GrpcTransport::start(&kit, options)?;
     println!("listening on {}", transport.local_addr());
-    let template = densenet(a.seed)?;
     // What is sealed: nothing without keys in the kit.
     let public_key = kit.dir.join(KeyAuthority::PUBLIC_FILE);
     let encrypt = if public_key.exists() {
@@ -235,7 +264,6 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let aggregator = a
         .aggregator
         .rule(hospitals.max(a.min_clients), encrypt, public.as_ref())?;
-    let checkpoints = a.run_dir.join("checkpoints");
     let config = ServerConfig {
         rounds: a.rounds,
         min_fit_clients: a.min_clients.max(aggregator.describe().min_updates),
@@ -250,7 +278,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let initial = template.parameters();
-    let mut server = if checkpoints.join("state.json").exists() {
+    let mut server = if resuming {
         let s = Server::resume(config, initial, transport, aggregator)?;
         println!("resumed at round {}", s.next_round());
         s
@@ -458,10 +486,10 @@ impl Dashboard {
 
 /// Serves one hospital until the server says the run is complete.
 pub fn client_cmd(a: &ClientArgs) -> Result<()> {
-    if a.encrypt == Encrypt::All && a.dp.enabled {
+    if a.encrypt == Encrypt::All && a.dp.mode == DpMode::Client {
         bail!(
-            "--dp with --encrypt all is not supported yet: local DP runs on the part of the update \
-             that travels in the clear, and with --encrypt all nothing does"
+            "--dp client with --encrypt all is not supported: client-level DP runs on the part of \
+             the update that travels in the clear, and with --encrypt all nothing does (--dp sample works)"
         );
     }
     let kit = Kit::load(&a.kit)?;
@@ -508,27 +536,57 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
         test.len()
     );
     let ds: std::sync::Arc<dyn ImageDataset> = std::sync::Arc::new(ds);
-    let model = densenet(a.seed)?;
+    let mut model = densenet(a.seed)?;
+    a.trainable.apply(&mut model)?;
     let dp_tensors = dp_tensors(&model);
-    let mut client = ModelClient::new(
-        identity.clone(),
-        model,
+    let (train, test) = (
         DataSplit::subset(ds.clone(), train)?,
-    )
-    .with_test_data(DataSplit::subset(ds, test)?);
-    if a.dp.enabled {
-        let settings = DpSettings {
-            dp: a.dp,
-            rounds: a.dp_rounds,
-        };
-        let ledger = a.work_dir.join(format!("{identity}-dp-ledger.json"));
-        let dp = PersistedDp::open(&identity, &dp_tensors, settings, ledger)?;
-        client = client.with_mechanism(dp);
-        println!(
-            "{identity}: local DP on the body, epsilon {} over {} rounds (delta {})",
-            a.dp.epsilon, a.dp_rounds, a.dp.delta
-        );
+        DataSplit::subset(ds, test)?,
+    );
+    let settings = DpSettings {
+        dp: a.dp,
+        rounds: a.dp_rounds,
+    };
+    let ledger = a.work_dir.join(format!("{identity}-dp-ledger.json"));
+    let (epsilon, delta, rounds) = (a.dp.epsilon, a.dp.delta, a.dp_rounds);
+    match a.dp.mode {
+        DpMode::Sample => {
+            let images = train.len();
+            let model = PersistedDpSgd::open(&identity, model, images, settings, ledger)?;
+            println!(
+                "{identity}: DP-SGD on each image, epsilon {epsilon} over {rounds} rounds (delta {delta})"
+            );
+            serve(
+                a,
+                &kit,
+                ModelClient::new(identity.clone(), model, train).with_test_data(test),
+            )
+        }
+        DpMode::Client => {
+            let dp = PersistedDp::open(&identity, &dp_tensors, settings, ledger)?;
+            println!(
+                "{identity}: client-level DP on the body, epsilon {epsilon} over {rounds} rounds (delta {delta})"
+            );
+            let client = ModelClient::new(identity.clone(), model, train)
+                .with_test_data(test)
+                .with_mechanism(dp);
+            serve(a, &kit, client)
+        }
+        DpMode::Off => serve(
+            a,
+            &kit,
+            ModelClient::new(identity.clone(), model, train).with_test_data(test),
+        ),
     }
+}
+
+/// Seals what the server asks sealed, then serves the run to its end.
+fn serve<M>(a: &ClientArgs, kit: &Kit, client: ModelClient<M>) -> Result<()>
+where
+    M: Model<Data = DataSplit> + 'static,
+{
+    let identity = kit.info.identity.clone();
+    let mut client = client;
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
     if secret_key.exists() {
         // It seals what the server sends sealed (the head, or everything)
@@ -551,7 +609,7 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
         give_up_after: a.give_up_after.map(Duration::from_secs),
         ..ClientOptions::default()
     };
-    net::run_client(&kit, client, &options).with_context(|| format!("hospital `{identity}`"))?;
+    net::run_client(kit, client, &options).with_context(|| format!("hospital `{identity}`"))?;
     println!("{identity}: the run is complete");
     Ok(())
 }

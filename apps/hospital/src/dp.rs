@@ -2,15 +2,21 @@
 //! resumes: the simulation keeps one per hospital in its run folder, a
 //! deployed hospital in its work folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use fedcore::checkpoint::write_atomic;
-use fedcore::{Parameters, PrivacyCost, PrivacyMechanism, Spent};
-use fedcore_dp::LocalDp;
+use fedcore::data::DataSplit;
+use fedcore::models::{DenseNet, TchModel};
+use fedcore::{
+    Evaluation, FitOutput, Model, Parameters, PrivacyCost, PrivacyMechanism, Spent, TrainConfig,
+};
+use fedcore_dp::{DpSgd, LocalDp};
 use serde::{Deserialize, Serialize};
 
 use crate::recipe::DpArgs;
+#[cfg(test)]
+use crate::recipe::DpMode;
 
 /// The DP settings a hospital's ledger was started with.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -27,6 +33,66 @@ struct DpRecord {
     settings: DpSettings,
     releases: u64,
     epsilon_spent: f64,
+    /// What one DP-SGD release cost (absent for client-level DP, whose
+    /// cost follows from the settings).
+    #[serde(default)]
+    fit_cost: Option<PrivacyCost>,
+}
+
+/// The ledger at `path`: the settings it was started with (other DP flags
+/// are refused: a budget cannot be restarted; other rounds keep the noise
+/// calibrated for the first ones) and what it recorded, or `settings` and
+/// nothing when there is none yet.
+fn load(name: &str, settings: DpSettings, path: &Path) -> Result<(DpSettings, Option<DpRecord>)> {
+    if !path.exists() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        return Ok((settings, None));
+    }
+    let record: DpRecord = serde_json::from_slice(&std::fs::read(path)?)
+        .with_context(|| format!("{} is not a DP ledger", path.display()))?;
+    if record.settings.dp != settings.dp {
+        bail!(
+            "{} was written with other DP settings ({:?}); this hospital's budget cannot be restarted with {:?}",
+            path.display(),
+            record.settings.dp,
+            settings.dp
+        );
+    }
+    if record.settings.rounds != settings.rounds {
+        println!(
+            "{name}: the DP noise stays calibrated for the {} rounds the ledger was started with (asked: {})",
+            record.settings.rounds, settings.rounds
+        );
+    }
+    Ok((record.settings, Some(record)))
+}
+
+/// Writes the ledger (atomically); a release that cannot be recorded must
+/// not leave the hospital.
+fn record(
+    path: &Path,
+    settings: DpSettings,
+    ledger: &fedcore_dp::Ledger,
+    fit_cost: Option<PrivacyCost>,
+) -> Result<()> {
+    let record = DpRecord {
+        settings,
+        releases: ledger.releases(),
+        epsilon_spent: ledger.epsilon(),
+        fit_cost,
+    };
+    write_atomic(path, &serde_json::to_vec_pretty(&record)?)?;
+    Ok(())
+}
+
+fn resumed_line(name: &str, ledger: &fedcore_dp::Ledger, budget: f64) {
+    println!(
+        "{name}: DP ledger resumed: {} releases, epsilon {:.3} of {budget} spent",
+        ledger.releases(),
+        ledger.epsilon(),
+    );
 }
 
 /// Local DP whose releases survive a restart of the hospital's process: the
@@ -39,49 +105,20 @@ pub struct PersistedDp {
 }
 
 impl PersistedDp {
-    /// Hospital `name`'s mechanism on `tensors`, its ledger kept at `path`.
-    /// A ledger already there was started with some settings: other DP
-    /// flags are refused (a budget cannot be restarted), and the noise stays
-    /// calibrated for the rounds it was started with (a run extended past
-    /// them is refused by the budget, not given a fresh one).
+    /// Hospital `name`'s mechanism on `tensors`, its ledger kept at `path`
+    /// (a ledger already there: see [`PersistedDpSgd::open`]).
     pub fn open(
         name: &str,
         tensors: &[String],
         settings: DpSettings,
         path: PathBuf,
     ) -> Result<Self> {
-        let mut settings = settings;
-        let mut releases = 0;
-        if path.exists() {
-            let record: DpRecord = serde_json::from_slice(&std::fs::read(&path)?)
-                .with_context(|| format!("{} is not a DP ledger", path.display()))?;
-            if record.settings.dp != settings.dp {
-                bail!(
-                    "{} was written with other DP settings ({:?}); this hospital's budget cannot be restarted with {:?}",
-                    path.display(),
-                    record.settings.dp,
-                    settings.dp
-                );
-            }
-            if record.settings.rounds != settings.rounds {
-                println!(
-                    "{name}: the DP noise stays calibrated for the {} rounds the ledger was started with (asked: {})",
-                    record.settings.rounds, settings.rounds
-                );
-            }
-            settings = record.settings;
-            releases = record.releases;
-        } else if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        let (settings, earlier) = load(name, settings, &path)?;
+        let releases = earlier.map_or(0, |r| r.releases);
         let mut inner = settings.dp.mechanism(name, tensors, settings.rounds)?;
         if releases > 0 {
             inner = inner.resumed(releases)?;
-            println!(
-                "{name}: DP ledger resumed: {releases} releases, epsilon {:.3} of {} spent",
-                inner.ledger().epsilon(),
-                settings.dp.epsilon
-            );
+            resumed_line(name, inner.ledger(), settings.dp.epsilon);
         }
         Ok(Self {
             inner,
@@ -96,6 +133,93 @@ impl PersistedDp {
     }
 }
 
+/// Sample-level DP-SGD whose fits survive a restart of the hospital's
+/// process, as [`PersistedDp`]'s releases do: each fit is charged before it
+/// trains, written to the ledger before its update leaves, and charged
+/// again when the hospital starts. It trains on the hospital's own schedule
+/// ([`DpArgs::sgd_config`]), not the server's: the guarantee depends on it.
+pub struct PersistedDpSgd {
+    inner: DpSgd<DenseNet>,
+    settings: DpSettings,
+    images: usize,
+    fit_cost: PrivacyCost,
+    path: PathBuf,
+}
+
+impl PersistedDpSgd {
+    /// Hospital `name`'s DP-SGD on `model` over its `images` images, the
+    /// noise calibrated for `settings.rounds` fits, its ledger kept at
+    /// `path`. A ledger already there was started with some settings: other
+    /// DP flags are refused (a budget cannot be restarted), and the noise
+    /// stays calibrated for the rounds it was started with (a run extended
+    /// past them is refused by the budget, not given a fresh one).
+    pub fn open(
+        name: &str,
+        model: TchModel<DenseNet>,
+        images: usize,
+        settings: DpSettings,
+        path: PathBuf,
+    ) -> Result<Self> {
+        let (settings, earlier) = load(name, settings, &path)?;
+        let dp = settings.dp;
+        let mut inner = dp.dp_sgd(name, model, images, settings.rounds)?;
+        let fit_cost = inner.fit_cost(images, dp.dp_batch_size, dp.dp_epochs)?;
+        if let Some(r) = earlier.filter(|r| r.releases > 0) {
+            // Charged at what they cost then (the data may have changed since).
+            let cost = r.fit_cost.unwrap_or_else(|| fit_cost.clone());
+            inner = inner.resumed(std::iter::repeat_n(&cost, r.releases as usize))?;
+            resumed_line(name, inner.ledger(), dp.epsilon);
+        }
+        Ok(Self {
+            inner,
+            settings,
+            images,
+            fit_cost,
+            path,
+        })
+    }
+
+    /// The hospital's ledger.
+    pub fn ledger(&self) -> &fedcore_dp::Ledger {
+        self.inner.ledger()
+    }
+}
+
+impl Model for PersistedDpSgd {
+    type Data = DataSplit;
+
+    fn parameters(&self) -> Parameters {
+        self.inner.parameters()
+    }
+
+    fn set_parameters(&mut self, parameters: &Parameters) -> fedcore::Result<()> {
+        self.inner.set_parameters(parameters)
+    }
+
+    fn fit(&mut self, data: &DataSplit, _server: &TrainConfig) -> fedcore::Result<FitOutput> {
+        if data.len() != self.images {
+            return Err(fedcore::Error::InvalidInput(format!(
+                "DP-SGD was calibrated for {} images, the data has {}",
+                self.images,
+                data.len()
+            )));
+        }
+        let out = self.inner.fit(data, &self.settings.dp.sgd_config())?;
+        record(
+            &self.path,
+            self.settings,
+            self.inner.ledger(),
+            Some(self.fit_cost.clone()),
+        )
+        .map_err(|e| fedcore::Error::Model(format!("the DP ledger cannot be written: {e:#}")))?;
+        Ok(out)
+    }
+
+    fn evaluate(&mut self, data: &DataSplit) -> fedcore::Result<Evaluation> {
+        self.inner.evaluate(data)
+    }
+}
+
 impl PrivacyMechanism for PersistedDp {
     fn name(&self) -> String {
         self.inner.name()
@@ -103,13 +227,10 @@ impl PrivacyMechanism for PersistedDp {
 
     fn privatize(&mut self, update: &mut Parameters) -> fedcore::Result<PrivacyCost> {
         let cost = self.inner.privatize(update)?;
-        let record = DpRecord {
-            settings: self.settings,
-            releases: self.inner.ledger().releases(),
-            epsilon_spent: self.inner.ledger().epsilon(),
-        };
         // If the release cannot be recorded, the update does not leave.
-        write_atomic(&self.path, &serde_json::to_vec_pretty(&record)?)?;
+        record(&self.path, self.settings, self.inner.ledger(), None).map_err(|e| {
+            fedcore::Error::Model(format!("the DP ledger cannot be written: {e:#}"))
+        })?;
         Ok(cost)
     }
 
@@ -133,10 +254,9 @@ mod tests {
     fn settings(epsilon: f64, rounds: u64) -> DpSettings {
         DpSettings {
             dp: DpArgs {
-                enabled: true,
-                clip: 1.0,
+                mode: DpMode::Client,
                 epsilon,
-                delta: 1e-5,
+                ..DpArgs::default()
             },
             rounds,
         }

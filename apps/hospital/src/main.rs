@@ -94,7 +94,7 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
     let s = &args.sim;
     println!(
         "fedcore hospital simulation: {} hospitals, {} rounds, DenseNet-121 (x^2 activation) at {}x{}, \
-         {:?} on the body, encryption {}, local DP {}, seed {}",
+         {:?} on the body, encryption {}, DP {}, seed {}",
         s.clients,
         s.rounds,
         s.image_size,
@@ -105,13 +105,16 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
             fedcore_hospital::recipe::Encrypt::Head => "on the head (CKKS)",
             fedcore_hospital::recipe::Encrypt::All => "on the whole update (CKKS)",
         },
-        if s.dp.enabled {
-            format!(
-                "on (epsilon {} per hospital, delta {})",
+        match s.dp.mode {
+            fedcore_hospital::recipe::DpMode::Off => "off".into(),
+            fedcore_hospital::recipe::DpMode::Sample => format!(
+                "DP-SGD on each image (epsilon {} per hospital, delta {})",
                 s.dp.epsilon, s.dp.delta
-            )
-        } else {
-            "off".into()
+            ),
+            fedcore_hospital::recipe::DpMode::Client => format!(
+                "client-level on the body update (epsilon {} per hospital, delta {})",
+                s.dp.epsilon, s.dp.delta
+            ),
         },
         s.seed
     );

@@ -5,16 +5,21 @@
 //! model's [`TchModel::head`], with `--encrypt all` the whole update, under
 //! `fedcore_he`'s default CKKS parameters.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
-use fedcore::data::ChestXrayConfig;
 use fedcore::data::chestxray::FINDINGS;
+use fedcore::data::{
+    ChestXray14, ChestXrayConfig, DataSplit, SyntheticXrays, write_synthetic_chestxray,
+};
 use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
 use fedcore::{
-    Aggregate, Aggregator, ClientUpdate, FedAvg, Optimizer, RoundSteps, Strategy, StrategyInfo,
-    TrainConfig,
+    Aggregate, Aggregator, ClientUpdate, FedAvg, Model, Optimizer, RoundSteps, Strategy,
+    StrategyInfo, TrainConfig,
 };
-use fedcore_dp::{Budget, Clip, LocalDp, LocalDpParams, Noise};
+use fedcore_dp::{Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
 use fedcore_he::{CkksContext, EncryptedMedian, Public};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
@@ -149,36 +154,229 @@ impl AggregatorChoice {
     }
 }
 
-/// Local differential privacy on a hospital's body update: the flags of the
-/// simulation and of a deployed hospital (`hospital client`).
+/// The differential privacy a hospital applies before anything it trained
+/// leaves it.
+#[derive(
+    ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DpMode {
+    /// None: the updates carry what the hospital's images taught the model.
+    Off,
+    /// Sample-level DP-SGD (the default): every step clips each image's
+    /// gradient and adds Gaussian noise, over Poisson-sampled batches, so
+    /// that each image's influence on everything the hospital releases is
+    /// bounded by its (epsilon, delta), counted by the RDP accountant.
+    #[default]
+    Sample,
+    /// Client-level: the hospital's whole body update is clipped and noised
+    /// once per round (protects the hospital's data set as a whole; with a
+    /// handful of hospitals the noise it needs on 7M values stops learning).
+    Client,
+}
+
+/// A hospital's differential privacy: the flags of the simulation and of a
+/// deployed hospital (`hospital client`). The hospital sets its DP-SGD
+/// schedule itself (batch, epochs, learning rate), not the server: its
+/// guarantee depends on them.
 #[derive(Args, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DpArgs {
-    /// Local differential privacy on the body (clip + Gaussian noise, RDP
-    /// accountant). Off by default: with a handful of hospitals the noise
-    /// that client-level DP needs on 7M parameters stops learning
-    /// (docs/dashboard.md, "Differential privacy").
-    #[arg(long = "dp", value_name = "DP", default_value_t = false, action = clap::ArgAction::Set)]
-    pub enabled: bool,
+    /// Differential privacy at each hospital: sample (DP-SGD on each
+    /// image), client (noise on the body update), or off.
+    #[arg(long = "dp", value_name = "DP", value_enum, default_value_t = DpMode::Sample)]
+    pub mode: DpMode,
     /// Each hospital's epsilon for the whole run.
     #[arg(long, default_value_t = 8.0)]
     pub epsilon: f64,
     /// Each hospital's delta.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
-    /// L2 clipping norm of a hospital's body update.
+    /// L2 clipping norm: of each image's gradient (--dp sample), or of a
+    /// hospital's body update (--dp client).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// DP-SGD: images per step on average (each image is in a step's batch
+    /// with probability this / the hospital's images).
+    #[arg(long, default_value_t = 128)]
+    pub dp_batch_size: usize,
+    /// DP-SGD: epochs over the hospital's images per round.
+    #[arg(long, default_value_t = 1)]
+    pub dp_epochs: usize,
+    /// DP-SGD: learning rate (SGD with momentum 0.9).
+    #[arg(long, default_value_t = 0.05)]
+    pub dp_lr: f64,
+}
+
+impl Default for DpArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            dp: DpArgs,
+        }
+        <Flags as clap::Parser>::parse_from(["hospital"]).dp
+    }
 }
 
 impl DpArgs {
-    /// Hospital `name`'s mechanism on `tensors`: clip to `clip`, Gaussian
-    /// noise calibrated by the RDP accountant so that `rounds` releases
-    /// spend (epsilon, delta).
+    /// Whether any DP is on.
+    pub fn enabled(&self) -> bool {
+        self.mode != DpMode::Off
+    }
+
+    /// The budget of each hospital.
+    pub fn budget(&self) -> Result<Budget> {
+        Ok(Budget::new(self.epsilon, self.delta)?)
+    }
+
+    /// Hospital `name`'s client-level mechanism on `tensors`: clip to
+    /// `clip`, Gaussian noise calibrated by the RDP accountant so that
+    /// `rounds` releases spend (epsilon, delta).
     pub fn mechanism(&self, name: &str, tensors: &[String], rounds: u64) -> Result<LocalDp> {
         let clip = Clip::new(self.clip)?.only(tensors);
-        let budget = Budget::new(self.epsilon, self.delta)?;
-        let params = LocalDpParams::calibrated(clip, budget, rounds)?;
+        let params = LocalDpParams::calibrated(clip, self.budget()?, rounds)?;
         Ok(LocalDp::new(name, params, Noise::secure()?)?)
+    }
+
+    /// A DP-SGD fit's schedule: SGD with momentum 0.9 at `dp_lr`, Poisson
+    /// batches of `dp_batch_size` on average, `dp_epochs` epochs.
+    pub fn sgd_config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.dp_epochs,
+            batch_size: self.dp_batch_size,
+            learning_rate: self.dp_lr,
+            optimizer: Optimizer::Sgd { momentum: 0.9 },
+            seed: 0,
+        }
+    }
+
+    /// Hospital `name`'s DP-SGD on `model` for `rounds` fits over `images`
+    /// images: the noise multiplier that keeps them within the budget.
+    pub fn dp_sgd(
+        &self,
+        name: &str,
+        model: TchModel<DenseNet>,
+        images: usize,
+        rounds: u64,
+    ) -> Result<DpSgd<DenseNet>> {
+        let config = DpSgdConfig::calibrated(
+            self.clip,
+            self.budget()?,
+            images,
+            self.dp_batch_size,
+            self.dp_epochs,
+            rounds,
+        )?;
+        DpSgd::new(name, model, config, Noise::secure()?)
+            .map_err(|e| anyhow::anyhow!("{e} (--dp sample needs --trainable head or last-block)"))
+    }
+}
+
+/// What the hospitals train; the rest of the network stays as the initial
+/// global model has it (public pretraining, [`PretrainArgs`]).
+#[derive(
+    ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainable {
+    /// Every layer (BatchNorm on batch statistics: not with `--dp sample`).
+    All,
+    /// The convolutions of the last dense block and the classifier
+    /// (2,129,920 + 14,350 values); everything else, every BatchNorm layer
+    /// included, is frozen (BatchNorm then runs on its running statistics).
+    LastBlock,
+    /// The classifier (14,350 values): a linear model on the features
+    /// public pretraining learned, everything else frozen.
+    #[default]
+    Head,
+}
+
+impl Trainable {
+    /// Whether the hospitals train tensor `name`.
+    pub fn trains(self, name: &str) -> bool {
+        let head = name.starts_with("classifier.");
+        match self {
+            Self::All => true,
+            Self::LastBlock => {
+                head || (name.starts_with("features.denseblock4.") && name.contains(".conv"))
+            }
+            Self::Head => head,
+        }
+    }
+
+    /// Freezes what this leaves out of `model`'s training.
+    pub fn apply(self, model: &mut TchModel<DenseNet>) -> Result<()> {
+        let buffers = model.buffers();
+        let frozen: Vec<String> = model
+            .layout()
+            .tensors()
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| !buffers.contains(*i) && !self.trains(&t.name))
+            .map(|(_, t)| t.name.clone())
+            .collect();
+        Ok(model.set_frozen(&frozen)?)
+    }
+}
+
+/// Public pretraining: the initial global model is trained, without DP, on
+/// a public set before any hospital trains (as a real deployment starts
+/// from weights trained on a public chest X-ray collection).
+#[derive(Args, Debug, Clone, Copy, PartialEq)]
+pub struct PretrainArgs {
+    /// Patients of the public synthetic set the initial model is trained on
+    /// (other patients than any hospital's: the generator's seed differs);
+    /// 0 starts from the random initialization.
+    #[arg(long, default_value_t = 400)]
+    pub public_patients: usize,
+    /// Epochs of public pretraining.
+    #[arg(long, default_value_t = 4)]
+    pub public_epochs: usize,
+}
+
+/// Added to the run's seed for the public set's patients.
+const PUBLIC_SEED: u64 = 0x5055_424c_4943; // "PUBLIC"
+
+impl PretrainArgs {
+    /// Trains `model` (all of it, Adam at 1e-3, batches of 32) on the public
+    /// synthetic set written into `dir` (once) at `image_size`; returns the
+    /// images it trained on (0 when pretraining is off).
+    pub fn pretrain(
+        &self,
+        model: &mut TchModel<DenseNet>,
+        image_size: u32,
+        seed: u64,
+        dir: &Path,
+    ) -> Result<usize> {
+        if self.public_patients == 0 || self.public_epochs == 0 {
+            return Ok(0);
+        }
+        if !dir.join("test_list.txt").exists() {
+            write_synthetic_chestxray(
+                dir,
+                &SyntheticXrays {
+                    patients: self.public_patients,
+                    size: image_size.max(64),
+                    seed: seed.wrapping_add(PUBLIC_SEED),
+                    ..SyntheticXrays::default()
+                },
+            )?;
+        }
+        let ds = ChestXray14::open(dir, image_config(image_size))?;
+        let mut all = ds.official_split("train_val_list.txt")?;
+        all.extend(ds.official_split("test_list.txt")?);
+        let images = all.len();
+        let data = DataSplit::subset(Arc::new(ds), all)?;
+        let config = TrainConfig {
+            epochs: self.public_epochs,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            optimizer: Optimizer::adam(),
+            seed,
+        };
+        model.fit(&data, &config)?;
+        Ok(images)
     }
 }
 
@@ -187,7 +385,10 @@ pub fn hospital(i: usize) -> String {
     format!("hospital-{}", i + 1)
 }
 
-/// The DenseNet-121 of the hospital app.
+/// The DenseNet-121 of the hospital app: torchvision's, with BatchNorm,
+/// which DP-SGD trains frozen ([`Trainable`]): on its running statistics
+/// from public pretraining it mixes no samples. (The GroupNorm variant,
+/// which DP-SGD trains whole, learned far less here: docs/privacy.md.)
 pub fn densenet(seed: u64) -> Result<TchModel<DenseNet>> {
     let config = DenseNetConfig::densenet121(1, Activation::Square);
     Ok(TchModel::build(fedcore::models::Device::Cpu, seed, |b| {

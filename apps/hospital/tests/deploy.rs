@@ -109,6 +109,9 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                 "2",
             ])
             .args(["--batch-size", "8", "--run-dir", run.to_str().unwrap()])
+            // Public pretraining, small: 6 patients, one epoch.
+            .args(["--image-size", "32", "--public-patients", "6"])
+            .args(["--public-epochs", "1"])
             .args(["--dashboard", "127.0.0.1:0"])
             .env("HOSPITAL_ADMIN_PASSWORD", "deploy-admin-password-7")
             .env(
@@ -130,12 +133,18 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             let _ = tx.send(l);
         }
     });
-    let first = lines.recv_timeout(Duration::from_secs(60)).unwrap();
-    let addr = first
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_owned();
-    let mut printed = vec![first];
+    let mut printed = Vec::new();
+    let addr = loop {
+        let l = lines.recv_timeout(Duration::from_secs(120)).unwrap();
+        printed.push(l.clone());
+        if let Some(addr) = l.strip_prefix("listening on ") {
+            break addr.to_owned();
+        }
+    };
+    assert!(
+        printed[0].starts_with("public pretraining: 1 epochs over"),
+        "{printed:?}"
+    );
     let dashboard = loop {
         let l = lines.recv_timeout(Duration::from_secs(60)).unwrap();
         printed.push(l.clone());
@@ -156,11 +165,13 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                         &addr,
                     ])
                     .args(["--image-size", "32", "--patients", "16"])
-                    // hospital-2 protects its body update with local DP.
+                    // hospital-1 trains by DP-SGD (the default), on the
+                    // last block as the default leaves it; hospital-2
+                    // protects its body update with client-level DP.
                     .args(if *h == "hospital-2" {
                         &[
                             "--dp",
-                            "true",
+                            "client",
                             "--epsilon",
                             "50",
                             "--clip",
@@ -169,7 +180,7 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                             "2",
                         ][..]
                     } else {
-                        &[][..]
+                        &["--epsilon", "50", "--dp-batch-size", "4"][..]
                     })
                     .args(["--work-dir", tmp.path().join(h).to_str().unwrap()])
                     .stdout(Stdio::null())
@@ -214,7 +225,8 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             .unwrap();
     let history = state["history"].as_array().unwrap();
     assert_eq!(history.len(), 2);
-    // Each update says what protected it: CKKS for both, local DP for hospital-2.
+    // Each update says what protected it: CKKS for both, DP-SGD for
+    // hospital-1, client-level DP for hospital-2.
     for update in history[0]["accepted"].as_array().unwrap() {
         let provenance: Vec<fedcore::Protection> =
             serde_json::from_value(update["provenance"].clone()).unwrap();
@@ -223,14 +235,19 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             kinds.contains(&fedcore::ProtectionKind::Encryption),
             "{provenance:?}"
         );
-        let dp = kinds.contains(&fedcore::ProtectionKind::DifferentialPrivacy);
-        assert_eq!(dp, update["client"] == "hospital-2", "{provenance:?}");
-        if dp {
-            assert!(
-                provenance.iter().any(|p| p.mechanism.contains("gaussian")),
-                "{provenance:?}"
-            );
-        }
+        assert!(
+            kinds.contains(&fedcore::ProtectionKind::DifferentialPrivacy),
+            "{provenance:?}"
+        );
+        let mechanism = if update["client"] == "hospital-2" {
+            "gaussian"
+        } else {
+            "dp-sgd"
+        };
+        assert!(
+            provenance.iter().any(|p| p.mechanism.contains(mechanism)),
+            "{provenance:?}"
+        );
     }
     // The deployed server's dashboard shows the run: its rounds with the
     // hospitals' own held-out numbers, the hospitals, hospital-2's epsilon.
@@ -274,7 +291,7 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
     };
     assert_eq!(
         (spent("hospital-1"), spent("hospital-2")),
-        (Some(0), Some(2))
+        (Some(2), Some(2))
     );
     // No model to read X-rays with at the server (the head stays sealed).
     let (status, _) = http(&dashboard, "GET", "/api/model/export", Some(token), None);
@@ -308,13 +325,13 @@ fn encrypt_all_is_refused_with_dp_at_a_hospital_and_with_krum_at_the_server() {
             "--kit",
             project.join("hospital-1").to_str().unwrap(),
         ])
-        .args(["--encrypt", "all", "--dp", "true", "--give-up-after", "5"])
+        .args(["--encrypt", "all", "--dp", "client", "--give-up-after", "5"])
         .args(["--work-dir", tmp.path().join("site").to_str().unwrap()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&client.stderr);
     assert!(
-        !client.status.success() && err.contains("--dp with --encrypt all"),
+        !client.status.success() && err.contains("--dp client with --encrypt all"),
         "{err}"
     );
     assert!(!tmp.path().join("site").exists(), "no work was done");

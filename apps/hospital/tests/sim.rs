@@ -1,5 +1,5 @@
 //! The simulation end to end on a tiny synthetic set: DenseNet-121 with the
-//! CKKS head and local DP on the body, records in the store, a hospital
+//! CKKS head and DP-SGD at every hospital, records in the store, a hospital
 //! suspended from the dashboard, resume from the checkpoint.
 #![allow(clippy::unwrap_used)]
 
@@ -30,6 +30,8 @@ fn sim_config(dir: &std::path::Path, rounds: u64, extra: &[&str]) -> SimConfig {
         "45",
         "--batch-size",
         "8",
+        "--public-patients",
+        "0",
         "--run-dir",
         dir.to_str().unwrap(),
     ];
@@ -37,22 +39,24 @@ fn sim_config(dir: &std::path::Path, rounds: u64, extra: &[&str]) -> SimConfig {
     Cli::parse_from(args).sim
 }
 
-/// With local DP on the body.
+/// With DP-SGD at every hospital (the default) on the last block, after
+/// public pretraining on 8 other patients.
 fn config(dir: &std::path::Path, rounds: u64) -> SimConfig {
-    sim_config(
+    let mut cfg = sim_config(
         dir,
         rounds,
         &[
-            "--dp",
-            "true",
             "--epsilon",
             "50",
-            "--clip",
-            "0.01",
+            "--dp-batch-size",
+            "8",
             "--dp-rounds",
             "3",
         ],
-    )
+    );
+    cfg.pretrain.public_patients = 8;
+    cfg.pretrain.public_epochs = 1;
+    cfg
 }
 
 /// A runtime, a SQLite store in `dir`, the live state and a predictor.
@@ -90,7 +94,11 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
         ups.iter()
             .all(|u| !u.accepted && u.reason.as_deref().unwrap().contains("suspended"))
     );
-    // Local DP: each counted update carries the hospital's growing epsilon.
+    // DP-SGD: each counted update carries the hospital's growing epsilon.
+    assert!(
+        dir.path().join("public/test_list.txt").exists(),
+        "pretrained"
+    );
     let eps: Vec<f64> = rt
         .block_on(store.updates(None, Some("hospital-1")))
         .unwrap()
@@ -206,9 +214,9 @@ fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
             "{byzantine:?} vs {honest:?}"
         );
     }
-    // DP on the clear part would cover nothing here: refused.
+    // Client-level DP on the clear part would cover nothing here: refused.
     let mut dp = cfg.clone();
-    dp.dp.enabled = true;
+    dp.dp.mode = fedcore_hospital::recipe::DpMode::Client;
     let e = sim::run(&dp, &store, rt.handle(), &shared, &predictor).unwrap_err();
     assert!(e.to_string().contains("--encrypt all"), "{e}");
 }
