@@ -33,8 +33,8 @@ use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs, densenet,
-    dp_tensors, hospital, image_config,
+    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs,
+    check_client_dp, densenet, dp_tensors, hospital, image_config,
 };
 use crate::web::{self, WebConfig};
 
@@ -539,6 +539,7 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     let mut model = densenet(a.seed)?;
     a.trainable.apply(&mut model)?;
     let dp_tensors = dp_tensors(&model);
+    check_client_dp(&a.dp, &dp_tensors)?;
     let (train, test) = (
         DataSplit::subset(ds.clone(), train)?,
         DataSplit::subset(ds, test)?,

@@ -435,17 +435,72 @@ impl TrainingArgs {
     }
 }
 
-/// The tensors local DP covers: the trained tensors of the body. BatchNorm
-/// running statistics are averaged without noise (docs/dashboard.md,
-/// "Limits"); the head is encrypted.
+/// The tensors client-level DP covers: the trained tensors of the body that
+/// travel in the clear. BatchNorm running statistics are averaged without
+/// noise (docs/dashboard.md, "Limits"); the head is encrypted; frozen
+/// tensors do not change.
 pub fn dp_tensors(model: &TchModel<DenseNet>) -> Vec<String> {
     let layout = model.layout();
-    let (buffers, head) = (model.buffers(), model.head());
+    let (buffers, head, frozen) = (model.buffers(), model.head(), model.frozen());
     layout
         .tensors()
         .iter()
         .enumerate()
-        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i))
+        .filter(|(i, _)| !buffers.contains(*i) && !head.contains(*i) && !frozen.contains(*i))
         .map(|(_, s)| s.name.clone())
         .collect()
+}
+
+/// Refuses client-level DP when it would cover nothing: with `--trainable
+/// head` the only trained values are the encrypted classifier's.
+pub fn check_client_dp(dp: &DpArgs, dp_tensors: &[String]) -> Result<()> {
+    if dp.mode == DpMode::Client && dp_tensors.is_empty() {
+        bail!(
+            "--dp client protects the trained values that travel in the clear, and with this \
+             --trainable there are none (the classifier is encrypted): use --dp sample, or \
+             --trainable last-block or all"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_hospitals_train_decides_what_client_level_dp_covers() {
+        let mut model = densenet(1).expect("model");
+        let client = DpArgs {
+            mode: DpMode::Client,
+            ..DpArgs::default()
+        };
+        // The classifier alone: encrypted, so client-level DP has nothing
+        // in the clear to cover and is refused; DP-SGD is not.
+        Trainable::Head.apply(&mut model).expect("freeze");
+        assert_eq!(model.trainable_values(), 14_350);
+        assert!(model.frozen_statistics(), "BatchNorm frozen");
+        assert!(dp_tensors(&model).is_empty());
+        assert!(check_client_dp(&client, &dp_tensors(&model)).is_err());
+        assert!(check_client_dp(&DpArgs::default(), &[]).is_ok());
+        // The last block's convolutions travel in the clear: covered.
+        Trainable::LastBlock.apply(&mut model).expect("freeze");
+        assert_eq!(model.trainable_values(), 2_129_920 + 14_350);
+        let covered = dp_tensors(&model);
+        assert!(
+            !covered.is_empty()
+                && covered
+                    .iter()
+                    .all(|n| n.starts_with("features.denseblock4.") && n.contains(".conv")),
+            "{covered:?}"
+        );
+        check_client_dp(&client, &covered).expect("covered");
+        // Everything: BatchNorm trains on batch statistics, so DP-SGD refuses.
+        Trainable::All.apply(&mut model).expect("unfreeze");
+        assert!(model.frozen().is_empty());
+        let e = DpArgs::default()
+            .dp_sgd("h", model, 100, 10)
+            .expect_err("BatchNorm trained");
+        assert!(e.to_string().contains("--trainable head"), "{e}");
+    }
 }

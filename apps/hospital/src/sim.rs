@@ -37,8 +37,8 @@ use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs, densenet,
-    dp_tensors, hospital, image_config,
+    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs,
+    check_client_dp, densenet, dp_tensors, hospital, image_config,
 };
 use crate::store::Store;
 
@@ -259,7 +259,11 @@ fn run_inner(
     let layout = template.layout().clone();
     let sealed_patterns = cfg.encrypt.patterns(&template)?;
     let sealed_selection = layout.select(&sealed_patterns)?;
+    // What the hospitals train (the template is frozen after pretraining,
+    // so that client-level DP covers what changes).
+    cfg.trainable.apply(&mut template)?;
     let dp_names = dp_tensors(&template);
+    check_client_dp(&cfg.dp, &dp_names)?;
     // Each hospital's DP ledger: a resumed run keeps counting it, a new run
     // in the same folder starts with the checkpoint and the ledgers gone.
     let ledgers = run_dir.join("dp-ledgers");

@@ -166,10 +166,12 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                     ])
                     .args(["--image-size", "32", "--patients", "16"])
                     // hospital-1 trains by DP-SGD (the default), on the
-                    // last block as the default leaves it; hospital-2
-                    // protects its body update with client-level DP.
+                    // classifier (the default); hospital-2 trains the last
+                    // block too and protects it with client-level DP.
                     .args(if *h == "hospital-2" {
                         &[
+                            "--trainable",
+                            "last-block",
                             "--dp",
                             "client",
                             "--epsilon",
