@@ -215,18 +215,9 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let resuming = checkpoints.join("state.json").exists();
     let mut template = densenet(a.seed)?;
     if !resuming {
-        let started = std::time::Instant::now();
         let public = a.run_dir.join("public");
-        let images = a
-            .pretrain
+        a.pretrain
             .pretrain(&mut template, a.image_size, a.seed, &public)?;
-        if images > 0 {
-            println!(
-                "public pretraining: {} epochs over {images} images in {:.0} s",
-                a.pretrain.public_epochs,
-                started.elapsed().as_secs_f64()
-            );
-        }
     }
     let transport = GrpcTransport::start(&kit, options)?;
     println!("listening on {}", transport.local_addr());

@@ -340,8 +340,9 @@ const PUBLIC_SEED: u64 = 0x5055_424c_4943; // "PUBLIC"
 
 impl PretrainArgs {
     /// Trains `model` (all of it, Adam at 1e-3, batches of 32) on the public
-    /// synthetic set written into `dir` (once) at `image_size`; returns the
-    /// images it trained on (0 when pretraining is off).
+    /// synthetic set written into `dir` (once) at `image_size`, and says so
+    /// on standard output; returns the images it trained on (0 when
+    /// pretraining is off).
     pub fn pretrain(
         &self,
         model: &mut TchModel<DenseNet>,
@@ -375,7 +376,14 @@ impl PretrainArgs {
             optimizer: Optimizer::adam(),
             seed,
         };
+        let started = std::time::Instant::now();
         model.fit(&data, &config)?;
+        println!(
+            "public pretraining: {} epochs over {images} images of {} other patients in {:.0} s",
+            self.public_epochs,
+            self.public_patients,
+            started.elapsed().as_secs_f64()
+        );
         Ok(images)
     }
 }

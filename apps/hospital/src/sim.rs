@@ -240,19 +240,9 @@ fn run_inner(
     // ---- public pretraining of the initial model (a resumed run has it)
     let mut template = densenet(cfg.seed)?;
     if !cfg.resume {
-        let started = std::time::Instant::now();
         let public = run_dir.join("public");
-        let images = cfg
-            .pretrain
+        cfg.pretrain
             .pretrain(&mut template, cfg.image_size, cfg.seed, &public)?;
-        if images > 0 {
-            println!(
-                "public pretraining: {} epochs over {images} images of {} other patients in {:.0} s",
-                cfg.pretrain.public_epochs,
-                cfg.pretrain.public_patients,
-                started.elapsed().as_secs_f64()
-            );
-        }
     }
 
     // ---- hospitals
