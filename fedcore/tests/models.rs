@@ -689,12 +689,7 @@ fn frozen_batch_norm_runs_on_its_statistics_and_has_per_sample_gradients() {
         .max()
         .double_value(&[]);
     assert!(d0 <= 1e-5 * scale, "sample 0 alone differs by {d0}");
-    let c = slow
-        .grads
-        .norm_scalaropt_dim(2, [1], false)
-        .median()
-        .double_value(&[]);
-    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
+    assert_clipped_sum_matches_at_median(&model, (&images, shape, &targets), &slow);
 
     // Training leaves the running statistics and every frozen tensor as
     // they are (evaluation-mode BatchNorm), and moves the rest.
@@ -803,6 +798,21 @@ fn assert_clipped_sum_matches<N: Network>(
     fast
 }
 
+/// [`assert_clipped_sum_matches`] with `C` the median per-sample norm, so
+/// that some samples are clipped and some are not.
+fn assert_clipped_sum_matches_at_median<N: Network>(
+    model: &TchModel<N>,
+    batch: (&[f32], [usize; 4], &Targets),
+    slow: &fedcore::models::PerSampleGradients,
+) {
+    let c = slow
+        .grads
+        .norm_scalaropt_dim(2, [1], false)
+        .median()
+        .double_value(&[]);
+    assert_clipped_sum_matches(model, batch, slow, c);
+}
+
 /// Inputs and targets for the tiny DenseNet: `n` seeded 3 x 32 x 32 images.
 fn tiny_batch(n: usize, seed: u64) -> (Vec<f32>, [usize; 4], Targets) {
     let shape = [n, 3, 32, 32];
@@ -853,12 +863,7 @@ fn group_norm_densenet_has_per_sample_gradients_in_one_pass() {
 
     // Clipped sums from the traced pass equal clipping the looped rows
     // (DenseNet's convolutions have no bias: nothing to count for it).
-    let c = slow
-        .grads
-        .norm_scalaropt_dim(2, [1], false)
-        .median()
-        .double_value(&[]);
-    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
+    assert_clipped_sum_matches_at_median(&model, (&images, shape, &targets), &slow);
 }
 
 #[test]
@@ -913,12 +918,7 @@ fn a_frozen_part_has_no_gradients_and_stays_as_it_is() {
     let slow = model
         .per_sample_gradients_looped(&images, shape, &targets)
         .unwrap();
-    let c = slow
-        .grads
-        .norm_scalaropt_dim(2, [1], false)
-        .median()
-        .double_value(&[]);
-    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
+    assert_clipped_sum_matches_at_median(&model, (&images, shape, &targets), &slow);
 
     // A DP-SGD-like step and plain training move only what is trainable.
     assert_only_trainable_tensors_move(&mut model, &images, &targets);
@@ -1094,10 +1094,5 @@ fn ghost_clipping_counts_and_sums_convolution_biases() {
     let slow = model
         .per_sample_gradients_looped(&images, shape, &targets)
         .unwrap();
-    let c = slow
-        .grads
-        .norm_scalaropt_dim(2, [1], false)
-        .median()
-        .double_value(&[]);
-    assert_clipped_sum_matches(&model, (&images, shape, &targets), &slow, c);
+    assert_clipped_sum_matches_at_median(&model, (&images, shape, &targets), &slow);
 }
