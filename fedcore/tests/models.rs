@@ -616,6 +616,41 @@ fn the_tanh_cnn_has_its_per_sample_gradients_in_one_pass_too() {
 }
 
 #[test]
+fn the_compact_cnn_is_papernots_network_with_per_sample_gradients_in_one_pass() {
+    let model = TchModel::build(Device::Cpu, 4, |b| SmallCnn::compact(b, 1, 28, 10)).unwrap();
+    // conv1 16x1x8x8 + 16, conv2 32x16x4x4 + 32, fc1 512x32 + 32, fc2 32x10 + 10.
+    let shapes: Vec<Vec<usize>> = model
+        .layout()
+        .tensors()
+        .iter()
+        .map(|s| s.shape.clone())
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            vec![16, 1, 8, 8],
+            vec![16],
+            vec![32, 16, 4, 4],
+            vec![32],
+            vec![32, 512],
+            vec![32],
+            vec![10, 32],
+            vec![10]
+        ]
+    );
+    let data = DataSplit::all(Arc::new(synthetic_digits(5, 7)));
+    let batch = data.batches(5, None).next().unwrap().unwrap();
+    let (fast, _, _) = assert_one_pass_matches_looped(&model, &batch);
+    assert_eq!(fast.grads.size(), [5, 26_010]);
+    // The strided convolutions leave 4x4 maps at 28 pixels; at 8 pixels
+    // nothing is left, which is refused rather than crashing in libtorch.
+    let e = TchModel::build(Device::Cpu, 4, |b| SmallCnn::compact(b, 1, 8, 10)).unwrap_err();
+    assert!(e.to_string().contains("large enough"), "{e}");
+    let wide = TchModel::build(Device::Cpu, 4, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    assert_eq!(wide.parameters().len(), 215_370);
+}
+
+#[test]
 fn per_sample_gradients_refuse_batch_norm() {
     let model = densenet(tiny_config(), 1);
     let shape = [2, 3, 32, 32];
