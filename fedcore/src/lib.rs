@@ -110,7 +110,7 @@ pub use events::{
     AcceptedUpdate, AggregationFailure, AggregationFailureKind, ClientFailure, EventSubscriber,
     RoundOutcome, RoundRecord, ServerEvent, Withheld,
 };
-pub use model::{Evaluation, FitOutput, Model, Optimizer, TrainConfig};
+pub use model::{Evaluation, FitOutput, LrSchedule, Model, Optimizer, TrainConfig};
 pub use params::{Layout, NonFinite, Parameters, Selection, TensorSpec, l2_norm};
 pub use privacy::{PrivacyCost, PrivacyMechanism, Spent};
 pub use run::{RunEnd, RunPolicy, RunReport, StopSignal};

@@ -93,6 +93,72 @@ impl TrainConfig {
     }
 }
 
+/// How the server varies the clients' learning rate over a run's rounds:
+/// round `r` of `R` trains at [`TrainConfig::learning_rate`] times
+/// [`LrSchedule::factor`]. Decaying the step size lets noisy training
+/// (DP-SGD above all, whose noise does not shrink as the model converges)
+/// settle instead of wandering around the optimum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// The same learning rate every round.
+    #[default]
+    Constant,
+    /// Cosine decay from the full rate in round 1 to `floor` times it in the
+    /// last round (Loshchilov and Hutter 2017, one cycle, per round).
+    Cosine {
+        /// The last round's fraction of the full rate, in [0, 1].
+        floor: f64,
+    },
+}
+
+impl LrSchedule {
+    /// The factor for round `round` (1-based) of `rounds`; rounds past the
+    /// end keep the last round's factor.
+    pub fn factor(&self, round: u64, rounds: u64) -> f64 {
+        match *self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine { floor } => {
+                if rounds <= 1 {
+                    return 1.0;
+                }
+                let t = (round.clamp(1, rounds) - 1) as f64 / (rounds - 1) as f64;
+                floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+
+    /// Checks that the settings can work.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            LrSchedule::Cosine { floor } if !(0.0..=1.0).contains(&floor) => Err(
+                crate::Error::InvalidConfig(format!("cosine floor {floor} is not in [0, 1]")),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// `constant` or `cosine:FLOOR` (e.g. `cosine:0.1`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || {
+            crate::Error::InvalidConfig(format!(
+                "learning-rate schedule `{s}`: expected `constant` or `cosine:FLOOR`"
+            ))
+        };
+        let schedule = match s {
+            "constant" => LrSchedule::Constant,
+            other => {
+                let floor = other.strip_prefix("cosine:").ok_or_else(bad)?;
+                LrSchedule::Cosine {
+                    floor: floor.trim().parse().map_err(|_| bad())?,
+                }
+            }
+        };
+        schedule.check()?;
+        Ok(schedule)
+    }
+}
+
 /// What local training reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FitOutput {

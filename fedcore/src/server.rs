@@ -14,7 +14,7 @@ use crate::events::{
     AcceptedUpdate, AggregationFailure, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord,
     ServerEvent, Withheld,
 };
-use crate::model::{Evaluation, TrainConfig};
+use crate::model::{Evaluation, LrSchedule, TrainConfig};
 use crate::params::{Layout, Parameters, Selection};
 use crate::round::{client_seed, dispatch, mix, sample, validate, weighted_metrics};
 use crate::run::{RunEnd, RunPolicy, RunReport};
@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub server_learning_rate: f32,
     /// Local training settings sent to the clients (the seed is replaced per client and round).
     pub train: TrainConfig,
+    /// How the learning rate sent with `train` changes over the rounds.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     /// Where checkpoints go; `None` disables them.
     pub checkpoint_dir: Option<PathBuf>,
     /// Model files kept in the checkpoint directory.
@@ -69,6 +72,7 @@ impl Default for ServerConfig {
             seed: 0,
             server_learning_rate: 1.0,
             train: TrainConfig::default(),
+            lr_schedule: LrSchedule::Constant,
             checkpoint_dir: None,
             keep_checkpoints: 3,
             trust: None,
@@ -110,7 +114,16 @@ impl ServerConfig {
         if !(self.server_learning_rate.is_finite() && self.server_learning_rate > 0.0) {
             return bad("server_learning_rate must be positive and finite".into());
         }
+        self.lr_schedule.check()?;
         self.train.check()
+    }
+
+    /// The training settings for round `round` (before the per-client
+    /// seed): `train` with the schedule's learning rate.
+    pub fn train_for(&self, round: u64) -> TrainConfig {
+        let mut train = self.train.clone();
+        train.learning_rate *= self.lr_schedule.factor(round, self.rounds);
+        train
     }
 }
 
@@ -695,7 +708,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
 
         let global = self.global.clone();
         let sealed_global = self.sealing.as_ref().map(|s| s.global.clone());
-        let (train, seed) = (&self.config.train, self.config.seed);
+        let (train, seed) = (self.config.train_for(round), self.config.seed);
         let (replies, mut failures) = dispatch(
             &mut self.transport,
             self.config.round_timeout,

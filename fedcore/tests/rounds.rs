@@ -10,7 +10,8 @@ use common::*;
 use fedcore::linear::SoftmaxRegression;
 use fedcore::memory::Fault;
 use fedcore::{
-    ClientId, Error, Failure, FedAvg, Model, Rejection, RoundOutcome, Server, ServerEvent,
+    ClientId, Error, Failure, FedAvg, LrSchedule, Model, Rejection, RoundOutcome, Server,
+    ServerEvent,
 };
 
 #[test]
@@ -252,6 +253,87 @@ fn bad_configuration_is_refused() {
     let mut nan = initial();
     nan.as_mut_slice()[0] = f32::NAN;
     assert!(Server::new(config(1), nan, federation(3), FedAvg).is_err());
+}
+
+/// A softmax regression that writes down the learning rate of every fit.
+struct RecordsRate {
+    inner: SoftmaxRegression,
+    rates: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+}
+
+impl Model for RecordsRate {
+    type Data = fedcore::linear::Dataset;
+
+    fn parameters(&self) -> fedcore::Parameters {
+        self.inner.parameters()
+    }
+
+    fn set_parameters(&mut self, p: &fedcore::Parameters) -> fedcore::Result<()> {
+        self.inner.set_parameters(p)
+    }
+
+    fn fit(
+        &mut self,
+        data: &Self::Data,
+        config: &fedcore::TrainConfig,
+    ) -> fedcore::Result<fedcore::FitOutput> {
+        self.rates.lock().unwrap().push(config.learning_rate);
+        self.inner.fit(data, config)
+    }
+
+    fn evaluate(&mut self, data: &Self::Data) -> fedcore::Result<fedcore::Evaluation> {
+        self.inner.evaluate(data)
+    }
+}
+
+#[test]
+fn a_cosine_schedule_sends_each_round_its_learning_rate() {
+    let rates = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut transport = fedcore::memory::InMemoryTransport::new();
+    for i in 0..3 {
+        let model = RecordsRate {
+            inner: SoftmaxRegression::new(DIM, CLASSES),
+            rates: if i == 0 {
+                rates.clone()
+            } else {
+                Default::default()
+            },
+        };
+        transport
+            .add_client(fedcore::ModelClient::new(name(i), model, client_data(i)))
+            .unwrap();
+    }
+    let mut cfg = config(5);
+    cfg.lr_schedule = LrSchedule::Cosine { floor: 0.1 };
+    let mut server = Server::new(cfg, initial(), transport, FedAvg).unwrap();
+    let before = central_loss(server.global());
+    server.run().unwrap();
+    assert!(central_loss(server.global()) < before);
+    // Round r of 5 trains at 0.05 (0.1 + 0.9 (1 + cos(pi (r - 1) / 4)) / 2):
+    // 0.05 in round 1, 0.0275 half-way, 0.005 in round 5.
+    let half = 0.5f64.sqrt();
+    let expected: Vec<f64> = [1.0, half, 0.0, -half, -1.0]
+        .iter()
+        .map(|cos| 0.05 * (0.1 + 0.9 * 0.5 * (1.0 + cos)))
+        .collect();
+    let got = rates.lock().unwrap().clone();
+    assert_eq!(got.len(), 5);
+    for (g, e) in got.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-12, "{got:?} against {expected:?}");
+    }
+    // A floor outside [0, 1] is refused before any round.
+    let mut bad = config(5);
+    bad.lr_schedule = LrSchedule::Cosine { floor: 1.5 };
+    assert!(matches!(
+        Server::new(bad, initial(), federation(3), FedAvg),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert_eq!(
+        LrSchedule::parse("cosine:0.1").unwrap(),
+        LrSchedule::Cosine { floor: 0.1 }
+    );
+    assert_eq!(LrSchedule::parse("constant").unwrap(), LrSchedule::Constant);
+    assert!(LrSchedule::parse("cosine:-1").is_err() && LrSchedule::parse("step").is_err());
 }
 
 /// An aggregator that returns NaN: the round fails, nothing is applied.
