@@ -33,7 +33,8 @@ use fedcore::data::{Batch, DataSplit, ImageDataset, Mnist, Targets};
 use fedcore::memory::InMemoryTransport;
 use fedcore::models::{Activation, Device, SmallCnn, TchModel};
 use fedcore::{
-    FedAvg, Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent, TrainConfig,
+    FedAvg, LrSchedule, Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent,
+    TrainConfig,
 };
 use fedcore_dp::{Accounting, AuditOutcome, Budget, DpSgd, DpSgdConfig, Noise, one_run_audit};
 use rand::{RngExt, SeedableRng};
@@ -60,9 +61,16 @@ struct Args {
     /// Per-sample clipping norm.
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
-    /// Learning rate of DP-SGD (SGD, momentum 0.5).
+    /// Learning rate of DP-SGD.
     #[arg(long, default_value_t = 0.1)]
     lr: f64,
+    /// How the learning rate changes over the rounds: `constant` or
+    /// `cosine:FLOOR` (down to FLOOR times it in the last round).
+    #[arg(long, value_parser = parse_schedule, default_value = "constant")]
+    lr_schedule: LrSchedule,
+    /// SGD momentum of DP-SGD.
+    #[arg(long, default_value_t = 0.5)]
+    momentum: f64,
     /// Learning rate without DP (SGD, momentum 0.9).
     #[arg(long, default_value_t = 0.05)]
     lr_no_dp: f64,
@@ -84,10 +92,15 @@ struct Args {
     /// Where mnist-dp.md goes when more than one epsilon runs.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The CNN's activation: `relu` or `tanh` (a tempered sigmoid, which
-    /// suits DP-SGD).
-    #[arg(long, value_parser = parse_activation, default_value = "relu")]
-    activation: Activation,
+    /// The CNN: `compact` (Papernot et al.'s and Opacus' 26,010-parameter
+    /// network, tanh) or `wide` (two 5x5 convolutions, 215,370 parameters,
+    /// ReLU).
+    #[arg(long, value_parser = ["compact", "wide"], default_value = "compact")]
+    model: String,
+    /// The CNN's activation instead of its own: `relu` or `tanh` (a
+    /// tempered sigmoid, which suits DP-SGD).
+    #[arg(long, value_parser = parse_activation)]
+    activation: Option<Activation>,
     /// Audit with this many canaries (0: no audit): the last M training
     /// images, negated and with a random label, each go into client 1's
     /// data with probability 1/2.
@@ -259,9 +272,16 @@ impl Canaries {
     }
 }
 
-fn cnn(seed: u64, activation: Activation) -> Result<TchModel<SmallCnn>> {
-    Ok(TchModel::build(Device::Cpu, seed, |b| {
-        Ok(SmallCnn::build(b, 1, 28, 10)?.with_activation(activation))
+fn cnn(args: &Args) -> Result<TchModel<SmallCnn>> {
+    Ok(TchModel::build(Device::Cpu, 0, |b| {
+        let net = match args.model.as_str() {
+            "wide" => SmallCnn::build(b, 1, 28, 10)?,
+            _ => SmallCnn::compact(b, 1, 28, 10)?,
+        };
+        Ok(match args.activation {
+            Some(a) => net.with_activation(a),
+            None => net,
+        })
     })?)
 }
 
@@ -300,7 +320,7 @@ fn run(
         match target {
             None => {
                 let model = Released {
-                    inner: cnn(0, args.activation)?,
+                    inner: cnn(args)?,
                     last: slot,
                 };
                 transport.add_client(ModelClient::new(id, model, data))?;
@@ -320,7 +340,7 @@ fn run(
                     Some(s) => Noise::dangerous().seeded(s.wrapping_add(k as u64)),
                     None => Noise::secure()?,
                 };
-                let model = DpSgd::new(id.clone(), cnn(0, args.activation)?, config, noise)?;
+                let model = DpSgd::new(id.clone(), cnn(args)?, config, noise)?;
                 let model = Released {
                     inner: model,
                     last: slot,
@@ -330,7 +350,7 @@ fn run(
         }
     }
     let (lr, momentum) = match target {
-        Some(_) => (args.lr, 0.5),
+        Some(_) => (args.lr, args.momentum),
         None => (args.lr_no_dp, 0.9),
     };
     let config = ServerConfig {
@@ -344,15 +364,11 @@ fn run(
             optimizer: Optimizer::Sgd { momentum },
             seed: 0,
         },
+        lr_schedule: args.lr_schedule,
         ..ServerConfig::default()
     };
-    let mut server = Server::new(
-        config,
-        cnn(0, args.activation)?.parameters(),
-        transport,
-        FedAvg,
-    )?;
-    let mut evaluator = cnn(0, args.activation)?;
+    let mut server = Server::new(config, cnn(args)?.parameters(), transport, FedAvg)?;
+    let mut evaluator = cnn(args)?;
     let test_eval = test.clone();
     server.set_evaluator(move |p| {
         evaluator.set_parameters(p)?;
@@ -414,7 +430,7 @@ fn run(
     // others').
     let audit = match &canaries {
         Some(c) => {
-            let mut model = cnn(0, args.activation)?;
+            let mut model = cnn(args)?;
             let last = released
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -447,37 +463,38 @@ fn run(
     })
 }
 
-fn markdown(args: &Args, rows: &[Outcome]) -> String {
+fn markdown(args: &Args, rows: &[Outcome]) -> Result<String> {
+    let parameters = cnn(args)?.parameters().len();
     let mut s = String::new();
     let n = args.train_images.min(60_000) / args.clients;
     let _ = writeln!(s, "# MNIST with DP-SGD: accuracy against epsilon\n");
     let _ = writeln!(
         s,
-        "```sh\ncargo run --release -p mnist-dp -- --epsilons {} --rounds {}{} --out docs\n```\n",
-        args.epsilons.join(","),
-        args.rounds,
-        if args.audit_canaries > 0 {
-            format!(" --audit-canaries {}", args.audit_canaries)
-        } else {
-            String::new()
-        }
+        "```sh\ncargo run --release -p mnist-dp -- {} --out docs\n```\n",
+        command_line(std::env::args().skip(1))
     );
     let _ = writeln!(
         s,
-        "{} clients with ~{n} MNIST training images each (IID), the small CNN \
-         (215,370 parameters), FedAvg over {} rounds of {} local epoch(s). DP \
+        "{} clients with ~{n} MNIST training images each (IID), the {} CNN \
+         ({} parameters{}), FedAvg over {} rounds of {} local epoch(s). DP \
          runs: DP-SGD with per-sample clipping C = {}, Poisson sampling at \
-         q = {}/{n}, SGD lr {} momentum 0.5, noise multiplier calibrated by the \
+         q = {}/{n}, SGD lr {} ({:?} over the rounds) momentum {}, noise multiplier calibrated by the \
          {} accountant so that all rounds fit epsilon at delta = {:e} (each \
          client's own budget: sample-level DP for its patients). Without DP: \
          SGD lr {} momentum 0.9. Test accuracy on {} MNIST test images after \
          the last round. 2-core VM, CPU.\n",
         args.clients,
+        args.model,
+        parameters,
+        args.activation
+            .map_or(String::new(), |a| format!(", activation {a:?}")),
         args.rounds,
         args.epochs,
         args.clip,
         args.batch_size,
         args.lr,
+        args.lr_schedule,
+        args.momentum,
         match args.accounting {
             Accounting::Pld => "PLD",
             _ => "RDP",
@@ -526,7 +543,25 @@ fn markdown(args: &Args, rows: &[Outcome]) -> String {
          example reports 94.9 % at epsilon 1.16, 96.8 % at 2.91 and 98.9 % \
          without DP."
     );
-    s
+    Ok(s)
+}
+
+/// The arguments as given, without `--out` and its folder (the table says
+/// where it goes).
+fn command_line(args: impl Iterator<Item = String>) -> String {
+    let mut kept = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) || a.starts_with("--out=") {
+            continue;
+        }
+        if a == "--out" {
+            skip = true;
+            continue;
+        }
+        kept.push(a);
+    }
+    kept.join(" ")
 }
 
 fn main() -> Result<()> {
@@ -564,7 +599,7 @@ fn main() -> Result<()> {
     }
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
-        let md = markdown(&args, &rows);
+        let md = markdown(&args, &rows)?;
         std::fs::write(out.join("mnist-dp.md"), &md)?;
         print!("{md}");
     }
@@ -573,6 +608,10 @@ fn main() -> Result<()> {
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_schedule(s: &str) -> Result<LrSchedule, String> {
+    LrSchedule::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_accounting(s: &str) -> Result<Accounting, String> {
@@ -611,6 +650,15 @@ mod tests {
         assert!(b.images[784..].contains(&2.8));
         let split = c.with_share((0..10).collect()).unwrap();
         assert_eq!(split.len(), 10 + inside);
+    }
+
+    #[test]
+    fn the_table_repeats_the_command_without_its_output_folder() {
+        let args = ["--epsilons", "1,3", "--out", "docs", "--lr", "2", "--out=x"];
+        assert_eq!(
+            command_line(args.into_iter().map(String::from)),
+            "--epsilons 1,3 --lr 2"
+        );
     }
 
     #[test]
