@@ -116,9 +116,10 @@ async function viewOverview(root) {
       card("Best AUROC", fmt(o.best_auroc)),
       card("Held-out loss", fmt(o.last_loss, 4)),
       card("Hospitals active", `${o.active_clients} / ${o.clients}`),
-      card("Protection", p.encrypt === "all"
-        ? "CKKS whole update"
-        : [p.he ? "CKKS head" : "plain head", p.dp ? "DP body" : "no DP"].join(" · ")),
+      card("Protection", [
+        { all: "CKKS whole update", head: "CKKS head" }[p.encrypt] || "nothing encrypted",
+        { sample: "DP-SGD per image", client: "client-level DP", off: "no DP" }[p.dp_mode] || "DP per hospital",
+      ].join(" · ")),
       card("Aggregator", p.aggregator || "–"),
     ),
     o.suspicious_clients.length
@@ -261,9 +262,9 @@ async function viewClient(root, id) {
 }
 
 async function viewPrivacy(root) {
-  const ps = await api("/api/metrics/privacy");
+  const [ps, o] = await Promise.all([api("/api/metrics/privacy"), api("/api/metrics/overview")]);
   root.append(el("h1", {}, "Privacy budget per hospital"),
-    el("p", { class: "muted" }, "Each hospital clips its body update and adds Gaussian noise before it leaves (local DP); the RDP accountant converts the noise into (ε, δ). The classifier head travels CKKS-encrypted."),
+    el("p", { class: "muted", id: "privacy-mechanism" }, dpExplanation(o.progress)),
     el("table", { id: "privacy-table" },
       el("tr", {}, ["Hospital", "ε spent", "δ", "Budget ε", "Used"].map((h) => el("th", {}, h))),
       ps.map((p) => {
@@ -275,6 +276,20 @@ async function viewPrivacy(root) {
       })),
     el("div", { class: "charts" }, lineChart("privacy-chart", "ε spent per round, against the budget",
       privacySeries(ps))));
+}
+
+// What the hospitals' differential privacy and encryption do, in words.
+function dpExplanation(p) {
+  const dp = {
+    sample: "Each hospital trains with DP-SGD: every step clips each image's gradient and adds Gaussian noise, so that each image's influence on everything the hospital sends is bounded by (ε, δ). The hospital's accountant counts what each round spent, and the hospital stops before a round would exceed its budget.",
+    client: "Each hospital clips the part of its update that travels in the clear and adds Gaussian noise before it leaves (client-level DP); its accountant converts the noise into (ε, δ).",
+    off: "Differential privacy is off: the updates carry what the hospitals' images taught the model.",
+  }[p.dp_mode] || "Each hospital chooses its own differential privacy and reports with every update what it has spent; the table shows those reports.";
+  const enc = {
+    all: " Every update travels CKKS-encrypted.",
+    head: " The classifier head travels CKKS-encrypted.",
+  }[p.encrypt] || "";
+  return dp + enc;
 }
 
 // Each hospital's ε after each round it took part in, and the budget as a

@@ -97,8 +97,12 @@ pub struct Progress {
     pub he: bool,
     /// What leaves a hospital encrypted: `none`, `head` or `all`.
     pub encrypt: crate::recipe::Encrypt,
-    /// Whether the body carries local DP.
+    /// Whether the hospitals apply differential privacy (known in a
+    /// simulation; a deployed server does not set it, see `dp_mode`).
     pub dp: bool,
+    /// The simulation's DP at every hospital; `None` in a deployment, where
+    /// each hospital chooses its own and reports what it spent.
+    pub dp_mode: Option<crate::recipe::DpMode>,
     /// Each hospital's (epsilon, delta) budget when DP is on.
     pub budget: Option<(f64, f64)>,
     /// The last error, when failed.
@@ -116,6 +120,7 @@ impl Progress {
             he: false,
             encrypt: crate::recipe::Encrypt::None,
             dp: false,
+            dp_mode: None,
             budget: None,
             error: None,
         }

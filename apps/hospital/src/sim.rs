@@ -181,6 +181,7 @@ fn run_inner(
             he: cfg.encrypt != Encrypt::None,
             encrypt: cfg.encrypt,
             dp: cfg.dp.enabled(),
+            dp_mode: Some(cfg.dp.mode),
             budget: cfg.dp.enabled().then_some((cfg.dp.epsilon, cfg.dp.delta)),
             error: None,
         }
