@@ -262,9 +262,9 @@ async function viewClient(root, id) {
 }
 
 async function viewPrivacy(root) {
-  const [ps, o] = await Promise.all([api("/api/metrics/privacy"), api("/api/metrics/overview")]);
+  const [ps, cur] = await Promise.all([api("/api/metrics/privacy"), api("/api/training/rounds/current")]);
   root.append(el("h1", {}, "Privacy budget per hospital"),
-    el("p", { class: "muted", id: "privacy-mechanism" }, dpExplanation(o.progress)),
+    el("p", { class: "muted", id: "privacy-mechanism" }, dpExplanation(cur.progress)),
     el("table", { id: "privacy-table" },
       el("tr", {}, ["Hospital", "ε spent", "δ", "Budget ε", "Used"].map((h) => el("th", {}, h))),
       ps.map((p) => {
