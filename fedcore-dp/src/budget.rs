@@ -68,6 +68,30 @@ impl Accounting {
     }
 }
 
+impl std::fmt::Display for Accounting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accounting::Rdp => "rdp",
+            Accounting::Pld => "pld",
+        })
+    }
+}
+
+impl std::str::FromStr for Accounting {
+    type Err = DpError;
+
+    /// `rdp` or `pld`, as command lines and configuration files name them.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "rdp" => Ok(Accounting::Rdp),
+            "pld" => Ok(Accounting::Pld),
+            other => Err(DpError::InvalidParams(format!(
+                "unknown accounting `{other}` (rdp or pld)"
+            ))),
+        }
+    }
+}
+
 /// A ledger's accountant.
 #[derive(Debug, Clone, PartialEq)]
 enum Accountant {

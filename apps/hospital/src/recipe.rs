@@ -19,7 +19,7 @@ use fedcore::{
     Aggregate, Aggregator, ClientUpdate, FedAvg, Model, Optimizer, RoundSteps, Strategy,
     StrategyInfo, TrainConfig,
 };
-use fedcore_dp::{Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
+use fedcore_dp::{Accounting, Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
 use fedcore_he::{CkksContext, EncryptedMedian, Public};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
@@ -166,7 +166,8 @@ pub enum DpMode {
     /// Sample-level DP-SGD (the default): every step clips each image's
     /// gradient and adds Gaussian noise, over Poisson-sampled batches, so
     /// that each image's influence on everything the hospital releases is
-    /// bounded by its (epsilon, delta), counted by the RDP accountant.
+    /// bounded by its (epsilon, delta), counted by the PLD accountant
+    /// (`--accounting`).
     #[default]
     Sample,
     /// Client-level: the hospital's whole body update is clipped and noised
@@ -191,6 +192,13 @@ pub struct DpArgs {
     /// Each hospital's delta.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// The accountant that calibrates the noise and counts each hospital's
+    /// epsilon: `pld` (the privacy loss distribution: less noise for the
+    /// same epsilon) or `rdp` (Rényi DP, what Opacus reports). Settings
+    /// saved before this flag existed were accounted by RDP.
+    #[arg(long, default_value = "pld")]
+    #[serde(default)]
+    pub accounting: Accounting,
     /// L2 clipping norm: of each image's gradient (--dp sample), or of a
     /// hospital's body update (--dp client).
     #[arg(long, default_value_t = 1.0)]
@@ -227,11 +235,11 @@ impl DpArgs {
 
     /// The budget of each hospital.
     pub fn budget(&self) -> Result<Budget> {
-        Ok(Budget::new(self.epsilon, self.delta)?)
+        Ok(Budget::new(self.epsilon, self.delta)?.with_accounting(self.accounting))
     }
 
     /// Hospital `name`'s client-level mechanism on `tensors`: clip to
-    /// `clip`, Gaussian noise calibrated by the RDP accountant so that
+    /// `clip`, Gaussian noise calibrated by the budget's accountant so that
     /// `rounds` releases spend (epsilon, delta).
     pub fn mechanism(&self, name: &str, tensors: &[String], rounds: u64) -> Result<LocalDp> {
         let clip = Clip::new(self.clip)?.only(tensors);
@@ -475,6 +483,38 @@ pub fn check_client_dp(dp: &DpArgs, dp_tensors: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hospitals_account_by_pld_and_settings_saved_before_it_by_rdp() {
+        let pld = DpArgs::default();
+        assert_eq!(pld.accounting, Accounting::Pld);
+        assert_eq!(pld.budget().expect("budget").accounting, Accounting::Pld);
+        // The same budget costs less noise under PLD than under RDP.
+        let rdp = DpArgs {
+            accounting: Accounting::Rdp,
+            ..pld
+        };
+        let sigma = |dp: &DpArgs| {
+            DpSgdConfig::calibrated(dp.clip, dp.budget().expect("budget"), 1_000, 128, 1, 10)
+                .expect("calibrated")
+                .noise_multiplier
+        };
+        let (s_pld, s_rdp) = (sigma(&pld), sigma(&rdp));
+        assert!(s_pld < 0.97 * s_rdp, "PLD {s_pld} vs RDP {s_rdp}");
+        // A ledger or run saved before the flag existed was accounted by
+        // RDP and keeps being so.
+        let mut saved = serde_json::to_value(pld).expect("json");
+        saved.as_object_mut().expect("object").remove("accounting");
+        let old: DpArgs = serde_json::from_value(saved).expect("old settings");
+        assert_eq!(old.accounting, Accounting::Rdp);
+        assert_eq!(
+            DpArgs {
+                accounting: Accounting::Pld,
+                ..old
+            },
+            pld
+        );
+    }
 
     #[test]
     fn what_hospitals_train_decides_what_client_level_dp_covers() {

@@ -78,7 +78,7 @@ struct Args {
     delta: f64,
     /// The accountant that calibrates the noise: `rdp` or `pld` (tighter:
     /// less noise for the same epsilon).
-    #[arg(long, value_parser = parse_accounting, default_value = "rdp")]
+    #[arg(long, default_value = "rdp")]
     accounting: Accounting,
     /// Training images used (the first N of the 60 000), split among clients.
     #[arg(long, default_value_t = 60_000)]
@@ -612,14 +612,6 @@ fn parse_activation(s: &str) -> Result<Activation, String> {
 
 fn parse_schedule(s: &str) -> Result<LrSchedule, String> {
     LrSchedule::parse(s).map_err(|e| e.to_string())
-}
-
-fn parse_accounting(s: &str) -> Result<Accounting, String> {
-    match s {
-        "rdp" => Ok(Accounting::Rdp),
-        "pld" => Ok(Accounting::Pld),
-        other => Err(format!("unknown accounting `{other}` (rdp, pld)")),
-    }
 }
 
 #[cfg(test)]
