@@ -43,58 +43,58 @@ const can = (p) => me && me.permissions.includes(p);
 
 const COLORS = ["#1f6feb", "#c4320a", "#067647", "#7a5af8", "#dc6803", "#0e9384", "#c11574"];
 
-// series: [{name, points: [[x, y], ...]}]
+// A line chart drawn by uPlot (vendored, served by the app): axes with
+// ticks, gridlines, a legend under the plot that shows the hovered round's
+// values, points on every round.
+// series: [{name, points: [[x, y], ...], dash?}]; opts: {y0, y1, log}.
+// The container carries the chart's id and, in data-points, how many
+// values it plots (the browser test watches it grow).
 function lineChart(id, title, series, opts = {}) {
-  const W = 520, H = 240, L = 44, R = 12, T = 22, B = 28;
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("width", W);
-  svg.setAttribute("height", H);
-  svg.setAttribute("id", id);
-  const pts = series.flatMap((s) => s.points).filter((p) => p[1] !== null && p[1] !== undefined);
-  svg.setAttribute("data-points", String(pts.length));
-  const mk = (tag, a) => {
-    const e = document.createElementNS(ns, tag);
-    for (const [k, v] of Object.entries(a)) e.setAttribute(k, v);
-    svg.append(e);
-    return e;
-  };
-  mk("text", { x: L, y: 14 }).textContent = title;
-  if (pts.length === 0) {
-    mk("text", { x: W / 2 - 40, y: H / 2 }).textContent = "no data yet";
-    return el("div", { class: "chart" }, svg);
+  const box = el("div", { class: "chart", id });
+  box.append(el("div", { class: "chart-title" }, title));
+  const shown = (p) => p[1] !== null && p[1] !== undefined && Number.isFinite(p[1]) && (!opts.log || p[1] > 0);
+  const pts = series.flatMap((s) => s.points).filter(shown);
+  box.setAttribute("data-points", String(pts.length));
+  if (pts.length === 0 || typeof uPlot === "undefined") {
+    box.append(el("p", { class: "muted" }, pts.length ? "the chart library did not load" : "no data yet"));
+    return box;
   }
-  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
-  let x0 = Math.min(...xs), x1 = Math.max(...xs);
-  let y0 = opts.y0 ?? Math.min(...ys), y1 = opts.y1 ?? Math.max(...ys);
-  if (x1 === x0) { x0 -= 1; x1 += 1; }
-  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
-  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
-  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
-  mk("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#d0d5dd" });
-  mk("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#d0d5dd" });
-  for (const y of [y0, (y0 + y1) / 2, y1]) {
-    mk("text", { x: 2, y: sy(y) + 4 }).textContent = fmt(y, 2);
-  }
-  mk("text", { x: L, y: H - 8 }).textContent = `round ${x0}`;
-  mk("text", { x: W - R - 60, y: H - 8 }).textContent = `round ${x1}`;
-  series.forEach((s, i) => {
-    const p = s.points.filter((q) => q[1] !== null && q[1] !== undefined);
-    const color = s.color || COLORS[i % COLORS.length];
-    if (p.length > 1) {
-      mk("polyline", {
-        points: p.map((q) => `${sx(q[0])},${sy(q[1])}`).join(" "),
-        fill: "none", stroke: color, "stroke-width": 2,
-      });
-    }
-    for (const q of p) mk("circle", { cx: sx(q[0]), cy: sy(q[1]), r: 3, fill: color });
-    if (series.length > 1) {
-      const t = mk("text", { x: L + 8 + i * 110, y: T + 10 });
-      t.textContent = s.name;
-      t.style.fill = color; // CSSOM, allowed by the CSP (no inline style attribute)
-    }
-  });
-  return el("div", { class: "chart" }, svg);
+  // uPlot takes one x array shared by every series: the union of rounds.
+  const xs = [...new Set(pts.map((p) => p[0]))].sort((a, b) => a - b);
+  const data = [xs, ...series.map((s) => {
+    const at = new Map(s.points.filter(shown).map((p) => [p[0], p[1]]));
+    return xs.map((x) => (at.has(x) ? at.get(x) : null));
+  })];
+  const y = opts.log ? { distr: 3 } : {};
+  if (opts.y0 !== undefined && opts.y1 !== undefined && !opts.log) y.range = [opts.y0, opts.y1];
+  const plot = new uPlot({
+    width: 520,
+    height: 240,
+    scales: { x: { time: false }, y },
+    axes: [
+      { label: "round", incrs: [1, 2, 5, 10, 20, 50, 100], values: (u, v) => v.map((r) => String(r)) },
+      {
+        size: 56,
+        // Log ticks by their significant digits (0.5, 1, 2, 10), linear ones to 2 decimals.
+        values: (u, v) => v.map((t) => (t === null ? "" : opts.log ? String(Number(t.toPrecision(2))) : fmt(t, 2))),
+      },
+    ],
+    series: [
+      { label: "round", value: (u, v) => (v === null || v === undefined ? "–" : String(v)) },
+      ...series.map((s, i) => ({
+        label: s.name,
+        stroke: s.color || COLORS[i % COLORS.length],
+        width: 2,
+        dash: s.dash,
+        spanGaps: true,
+        points: { show: true, size: 6 },
+        value: (u, v) => fmt(v, opts.log ? 4 : 3),
+      })),
+    ],
+    legend: { live: true },
+  }, data, box);
+  box.chart = plot;
+  return box;
 }
 
 // ---------------------------------------------------------------- views
@@ -163,10 +163,10 @@ async function viewTraining(root) {
     ),
     el("div", { class: "charts" },
       lineChart("auroc-chart", "Held-out macro AUROC", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y0: 0.4, y1: 1 }),
-      lineChart("loss-chart", "Loss", [
+      lineChart("loss-chart", "Loss (log scale)", [
         { name: "held-out", points: loss.map((l) => [l.round, l.loss]) },
         { name: "training", points: loss.map((l) => [l.round, l.train_loss]) },
-      ]),
+      ], { log: true }),
     ),
     el("h2", {}, "Rounds"),
     el("table", { id: "rounds-table" },
@@ -275,7 +275,14 @@ async function viewPrivacy(root) {
           el("td", {}, p.budget ? p.budget[0] : "DP off"), el("td", {}, el("span", { class: "bar" }, bar)));
       })),
     el("div", { class: "charts" }, lineChart("privacy-chart", "ε spent per round, against the budget",
-      privacySeries(ps))));
+      privacySeries(ps), privacyRange(ps))));
+}
+
+// The privacy chart's y axis: from 0 to a little above the budget (or the
+// largest ε spent, if a hospital reports more than the first budget).
+function privacyRange(ps) {
+  const top = Math.max(0, ...ps.map((p) => (p.budget ? p.budget[0] : 0)), ...ps.flatMap((p) => p.history.map(([, e]) => e)));
+  return top > 0 ? { y0: 0, y1: top * 1.1 } : {};
 }
 
 // What the hospitals' differential privacy and encryption do, in words.
@@ -294,13 +301,14 @@ function dpExplanation(p) {
 
 // Each hospital's ε after each round it took part in, and the budget as a
 // flat line over the same rounds: a hospital stops before it would cross it.
+// Every hospital starts at ε = 0 before round 1 (the round-0 point).
 function privacySeries(ps) {
-  const series = ps.map((p) => ({ name: p.client, points: p.history }));
+  const series = ps.map((p) => ({ name: p.client, points: p.history.length ? [[0, 0], ...p.history] : [] }));
   const budget = ps.find((p) => p.budget)?.budget;
   const rounds = ps.flatMap((p) => p.history.map(([r]) => r));
   if (budget && rounds.length) {
-    const first = Math.min(...rounds), last = Math.max(...rounds);
-    series.push({ name: `budget ε = ${budget[0]}`, points: [[first, budget[0]], [last, budget[0]]] });
+    const first = 0, last = Math.max(...rounds);
+    series.push({ name: `budget ε = ${budget[0]}`, points: [[first, budget[0]], [last, budget[0]]], dash: [6, 4], color: "#667085" });
   }
   return series;
 }

@@ -289,6 +289,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
+const UPLOT_JS: &str = include_str!("../assets/vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../assets/vendor/uPlot.min.css");
+const UPLOT_LICENSE: &str = include_str!("../assets/vendor/uPlot.LICENSE");
+
 /// The whole application: API, pages, docs, headers.
 pub fn app(state: AppState) -> Router {
     let tls = state.tls;
@@ -326,6 +330,20 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/assets/app.css",
             get(|| async { asset("text/css; charset=utf-8", include_str!("../assets/app.css")) }),
+        )
+        // The charting library (uPlot, MIT), vendored from npm by
+        // scripts/vendor-web.sh at the version apps/hospital/web's lock pins.
+        .route(
+            "/assets/vendor/uPlot.iife.min.js",
+            get(|| async { asset("text/javascript; charset=utf-8", UPLOT_JS) }),
+        )
+        .route(
+            "/assets/vendor/uPlot.min.css",
+            get(|| async { asset("text/css; charset=utf-8", UPLOT_CSS) }),
+        )
+        .route(
+            "/assets/vendor/uPlot.LICENSE",
+            get(|| async { asset("text/plain; charset=utf-8", UPLOT_LICENSE) }),
         )
         .fallback(|| async {
             (
@@ -469,5 +487,21 @@ mod tests {
         assert!(check_exposure(at("10.0.0.5:443"), false, false).is_err());
         assert!(check_exposure(at("0.0.0.0:8443"), true, false).is_ok());
         assert!(check_exposure(at("0.0.0.0:8080"), false, true).is_ok());
+    }
+
+    #[test]
+    fn the_vendored_chart_library_is_the_version_the_lock_file_pins() {
+        let lock: serde_json::Value =
+            serde_json::from_str(include_str!("../web/package-lock.json")).expect("lock");
+        let version = lock["packages"]["node_modules/uplot"]["version"]
+            .as_str()
+            .expect("uplot in the lock");
+        let header = UPLOT_JS.lines().next().expect("header");
+        assert!(
+            header.contains(&format!("(v{version})")),
+            "assets/vendor has {header}, the lock pins {version}: run scripts/vendor-web.sh"
+        );
+        assert!(UPLOT_LICENSE.contains("MIT License"));
+        assert!(UPLOT_CSS.contains(".uplot"));
     }
 }
