@@ -67,6 +67,9 @@ function lineChart(id, title, series, opts = {}) {
   })];
   const y = opts.log ? { distr: 3 } : {};
   if (opts.y0 !== undefined && opts.y1 !== undefined && !opts.log) y.range = [opts.y0, opts.y1];
+  // A fixed top (AUROC's 1) over a bottom that follows the data, in steps
+  // of 0.05, so that small gains late in a run stay visible.
+  else if (opts.y1 !== undefined && !opts.log) y.range = (u, min) => [Math.max(0, Math.floor((min - 0.01) * 20) / 20), opts.y1];
   const plot = new uPlot({
     width: 520,
     height: 240,
@@ -126,7 +129,7 @@ async function viewOverview(root) {
       ? el("p", {}, el("span", { class: "flag" }, "suspicious"), " ", o.suspicious_clients.join(", "))
       : el("p", { class: "muted" }, "No hospital is flagged as suspicious."),
     el("div", { class: "charts" },
-      lineChart("overview-auroc", "Macro AUROC per round", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y0: 0.4, y1: 1 })),
+      lineChart("overview-auroc", "Macro AUROC per round", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y1: 1 })),
   );
 }
 
@@ -162,7 +165,7 @@ async function viewTraining(root) {
       card("Last macro AUROC", fmt(cur.last && cur.last.auroc_macro), "last-auroc"),
     ),
     el("div", { class: "charts" },
-      lineChart("auroc-chart", "Held-out macro AUROC", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y0: 0.4, y1: 1 }),
+      lineChart("auroc-chart", "Held-out macro AUROC", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y1: 1 }),
       lineChart("loss-chart", "Loss (log scale)", [
         { name: "held-out", points: loss.map((l) => [l.round, l.loss]) },
         { name: "training", points: loss.map((l) => [l.round, l.train_loss]) },
