@@ -425,6 +425,9 @@ async function route() {
   } catch (e) {
     fresh.replaceChildren(el("p", { class: "error" }, e.message));
   }
+  // uPlot keeps every chart in a global set with window listeners until
+  // destroy(): free the page's old charts before they leave the DOM.
+  root.querySelectorAll(".chart").forEach((c) => c.chart && c.chart.destroy());
   root.replaceChildren(fresh);
   // Views with charts follow the training live; forms are not re-rendered.
   refresh = ["overview", "training", "clients", "privacy"].includes(name) && !arg ? route : null;

@@ -52,6 +52,19 @@ fn load(name: &str, settings: DpSettings, path: &Path) -> Result<(DpSettings, Op
     }
     let record: DpRecord = serde_json::from_slice(&std::fs::read(path)?)
         .with_context(|| format!("{} is not a DP ledger", path.display()))?;
+    let other_accountant = DpArgs {
+        accounting: settings.dp.accounting,
+        ..record.settings.dp
+    };
+    if record.settings.dp != settings.dp && other_accountant == settings.dp {
+        bail!(
+            "{} was counted with the {} accountant and this hospital asks for {}: a budget cannot be recounted; restart with --accounting {}",
+            path.display(),
+            record.settings.dp.accounting,
+            settings.dp.accounting,
+            record.settings.dp.accounting
+        );
+    }
     if record.settings.dp != settings.dp {
         bail!(
             "{} was written with other DP settings ({:?}); this hospital's budget cannot be restarted with {:?}",
@@ -296,10 +309,26 @@ mod tests {
             },
             ..settings
         };
-        let e = PersistedDp::open("h", &tensors, other, path)
+        let e = PersistedDp::open("h", &tensors, other, path.clone())
             .err()
             .expect("refused");
         assert!(e.to_string().contains("other DP settings"), "{e}");
+        // Another accountant alone: refused, with the flag that resumes it.
+        let other = DpSettings {
+            dp: DpArgs {
+                accounting: match settings.dp.accounting {
+                    fedcore_dp::Accounting::Pld => fedcore_dp::Accounting::Rdp,
+                    _ => fedcore_dp::Accounting::Pld,
+                },
+                ..settings.dp
+            },
+            ..settings
+        };
+        let e = PersistedDp::open("h", &tensors, other, path)
+            .err()
+            .expect("refused");
+        let flag = format!("restart with --accounting {}", settings.dp.accounting);
+        assert!(e.to_string().contains(&flag), "{e}");
     }
 
     #[test]

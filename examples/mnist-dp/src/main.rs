@@ -106,15 +106,16 @@ struct Args {
     /// data with probability 1/2.
     #[arg(long, default_value_t = 0)]
     audit_canaries: usize,
-    /// The released model is the mean of the last K rounds' global models
+    /// Report the accuracy of the mean of the last K rounds' global models
     /// (tail averaging of the iterates; post-processing of what the
-    /// clients released, so it costs no privacy). 1: the last global model.
+    /// clients released, so it costs no privacy), next to each round's
+    /// own. 1: the last global model. The audit scores the last round's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     average_last: u64,
 }
 
 /// The mean of the last `k` global models, updated each round: what
-/// `--average-last` releases.
+/// `--average-last` evaluates.
 struct TailAverage {
     k: usize,
     last: std::collections::VecDeque<fedcore::Parameters>,
