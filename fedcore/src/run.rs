@@ -24,6 +24,12 @@ impl StopSignal {
     pub fn is_stopped(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+
+    /// Lowers the signal, for the next run that shares it (a queue that
+    /// runs one job after another with one stop button).
+    pub fn reset(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// How [`crate::Server::run_with`] goes from round to round.

@@ -332,6 +332,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
                 .map(|_| rounds)
                 .map_err(|e| format!("{e:#}")),
         );
+        d.finish(report.as_ref().map(|r| r.end).map_err(|e| format!("{e:#}")));
     }
     let report = report?;
     println!(
@@ -359,6 +360,8 @@ struct Dashboard {
     rt: tokio::runtime::Runtime,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<Result<()>>,
+    store: crate::store::Store,
+    job: i64,
 }
 
 impl Dashboard {
@@ -400,6 +403,22 @@ impl Dashboard {
             );
         }
         let store = state.store.clone();
+        // The run is a job of the store: its rounds are kept apart from
+        // earlier runs' (a resumed run continues its job).
+        let settings = serde_json::json!({
+            "kind": "deployment",
+            "rounds": a.rounds,
+            "aggregator": a.aggregator,
+            "encrypt": shared.progress.read().map(|p| p.encrypt).unwrap_or_default(),
+        });
+        let job = rt.block_on(crate::jobs::deployment_job(
+            &store,
+            &a.run_dir,
+            &settings,
+            server.next_round() > 1,
+        ))?;
+        shared.set_progress(|p| p.job = Some(job));
+        let job_store = store.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let app = web::app(state);
         let tls = config.tls.clone();
@@ -432,7 +451,7 @@ impl Dashboard {
                             .upsert_client(u.client.as_str(), u.num_examples as i64, 0)
                             .await?;
                     }
-                    store.record_round(&to_new_round(record, &row)).await
+                    store.record_round(job, &to_new_round(record, &row)).await
                 });
                 if let Err(e) = stored {
                     tracing::error!(error = %format!("{e:#}"), round = record.round, "round not stored");
@@ -442,6 +461,7 @@ impl Dashboard {
                     total,
                     loss: row.loss,
                     auroc_macro: row.auroc_macro,
+                    accuracy: None,
                     outcome: row.outcome.clone(),
                 });
                 let suspended = live.suspended.lock().map(|s| s.clone()).unwrap_or_default();
@@ -460,7 +480,36 @@ impl Dashboard {
             }
             other => live.observe(other, total),
         });
-        Ok(Self { rt, shared, task })
+        Ok(Self {
+            rt,
+            shared,
+            task,
+            store: job_store,
+            job,
+        })
+    }
+
+    /// Records how the run ended on its job.
+    fn finish(&self, end: std::result::Result<fedcore::RunEnd, String>) {
+        use crate::store::JobStatus;
+        let (to, error) = match &end {
+            Ok(fedcore::RunEnd::Completed) => (JobStatus::Finished, None),
+            Ok(fedcore::RunEnd::Stopped) => (JobStatus::Stopped, None),
+            Ok(fedcore::RunEnd::TooManyFailedRounds { .. }) => {
+                (JobStatus::Failed, Some("too many failed rounds in a row"))
+            }
+            Ok(_) => (JobStatus::Failed, Some("the run ended")),
+            Err(e) => (JobStatus::Failed, Some(e.as_str())),
+        };
+        let moved = self.rt.block_on(self.store.move_job(
+            self.job,
+            &[JobStatus::Running, JobStatus::Stopping],
+            to,
+            error,
+        ));
+        if let Err(e) = moved {
+            tracing::error!(error = %format!("{e:#}"), "the job's end not stored");
+        }
     }
 
     /// Keeps serving after the run, until Ctrl-C.

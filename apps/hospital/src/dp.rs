@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use fedcore::checkpoint::write_atomic;
 use fedcore::data::DataSplit;
-use fedcore::models::{DenseNet, TchModel};
+use fedcore::models::{DenseNet, Network, TchModel};
 use fedcore::{
     Evaluation, FitOutput, Model, Parameters, PrivacyCost, PrivacyMechanism, Spent, TrainConfig,
 };
@@ -151,15 +151,15 @@ impl PersistedDp {
 /// trains, written to the ledger before its update leaves, and charged
 /// again when the hospital starts. It trains on the hospital's own schedule
 /// ([`DpArgs::sgd_config`]), not the server's: the guarantee depends on it.
-pub struct PersistedDpSgd {
-    inner: DpSgd<DenseNet>,
+pub struct PersistedDpSgd<N: Network = DenseNet> {
+    inner: DpSgd<N>,
     settings: DpSettings,
     images: usize,
     fit_cost: PrivacyCost,
     path: PathBuf,
 }
 
-impl PersistedDpSgd {
+impl<N: Network> PersistedDpSgd<N> {
     /// Hospital `name`'s DP-SGD on `model` over its `images` images, the
     /// noise calibrated for `settings.rounds` fits, its ledger kept at
     /// `path`. A ledger already there was started with some settings: other
@@ -168,7 +168,7 @@ impl PersistedDpSgd {
     /// past them is refused by the budget, not given a fresh one).
     pub fn open(
         name: &str,
-        model: TchModel<DenseNet>,
+        model: TchModel<N>,
         images: usize,
         settings: DpSettings,
         path: PathBuf,
@@ -198,7 +198,7 @@ impl PersistedDpSgd {
     }
 }
 
-impl Model for PersistedDpSgd {
+impl<N: Network> Model for PersistedDpSgd<N> {
     type Data = DataSplit;
 
     fn parameters(&self) -> Parameters {

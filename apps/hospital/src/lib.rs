@@ -9,7 +9,10 @@
 //! - [`store`]: the database (SQLite or PostgreSQL), by table group;
 //! - [`live`]: a run's live state and events, written by the runners and
 //!   read by the API;
+//! - [`jobs`]: what a run is and its lifecycle: the form's settings, the
+//!   queue that runs one job at a time, stop, resume and delete;
 //! - [`sim`]: the simulation runner (N hospitals in one process);
+//!   [`mnist`]: the MNIST job's runner (the small CNN with DP-SGD);
 //!   [`deploy`]: the deployment runner (`hospital provision/server/client`),
 //!   which does not use the simulation;
 //! - [`api`]: the HTTP API by resource, with [`auth`] (passwords, tokens,
@@ -24,7 +27,9 @@ pub mod auth;
 pub mod deploy;
 pub mod dp;
 pub mod infer;
+pub mod jobs;
 pub mod live;
+pub mod mnist;
 pub mod recipe;
 pub mod sim;
 pub mod store;

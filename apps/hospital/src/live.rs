@@ -49,8 +49,11 @@ pub enum LiveEvent {
         total: u64,
         /// Held-out loss.
         loss: Option<f64>,
-        /// Held-out macro AUROC.
+        /// Held-out macro AUROC (X-ray runs).
         auroc_macro: Option<f64>,
+        /// Test accuracy (MNIST runs).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        accuracy: Option<f64>,
         /// How it ended.
         outcome: String,
     },
@@ -107,6 +110,8 @@ pub struct Progress {
     pub budget: Option<(f64, f64)>,
     /// The last error, when failed.
     pub error: Option<String>,
+    /// The job training (`None` when none is).
+    pub job: Option<i64>,
 }
 
 impl Progress {
@@ -123,6 +128,7 @@ impl Progress {
             dp_mode: None,
             budget: None,
             error: None,
+            job: None,
         }
     }
 }

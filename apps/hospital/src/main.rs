@@ -18,8 +18,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedcore_hospital::infer::Predictor;
+use fedcore_hospital::jobs::{JobOptions, JobQueue};
 use fedcore_hospital::live::Shared;
-use fedcore_hospital::sim::{self, SimConfig};
+use fedcore_hospital::sim::SimConfig;
 use fedcore_hospital::web::{self, WebConfig};
 
 #[derive(Parser, Debug)]
@@ -58,9 +59,19 @@ struct SimulateArgs {
     /// Train without serving the dashboard.
     #[arg(long)]
     no_dashboard: bool,
-    /// Exit when training ends instead of serving the dashboard until Ctrl-C.
+    /// Exit when training ends instead of serving the dashboard (and
+    /// running the jobs queued on it) until Ctrl-C.
     #[arg(long)]
     exit_when_done: bool,
+    /// The MNIST IDX files that MNIST jobs started from the dashboard train
+    /// on (default: ../shared/data/mnist when it is there; without them the
+    /// form offers no MNIST).
+    #[arg(long)]
+    mnist_dir: Option<PathBuf>,
+    /// A ChestX-ray14 folder that jobs started from the dashboard may
+    /// train on (the form offers it only when given).
+    #[arg(long)]
+    chestxray14_dir: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -125,7 +136,7 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
     }
     let shared = Arc::new(Shared::default());
     let predictor = Arc::new(Predictor::new(s.image_size, s.seed));
-    let state = web::state(&config, shared.clone(), predictor.clone()).await?;
+    let mut state = web::state(&config, shared.clone(), predictor.clone()).await?;
     for (name, role, password) in web::bootstrap_users(&state.store).await? {
         println!(
             "created user {name:<7} ({}) with password {password}",
@@ -133,6 +144,27 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
         );
     }
     let store = state.store.clone();
+    let stale = store.recover_jobs().await?;
+    if stale > 0 {
+        println!(
+            "{stale} job(s) left training by an earlier process are stopped (resume them on the runs page)"
+        );
+    }
+    let mnist_dir = args.mnist_dir.clone().or_else(|| {
+        let d = PathBuf::from("../shared/data/mnist");
+        d.is_dir().then_some(d)
+    });
+    let queue = Arc::new(JobQueue::new(
+        store.clone(),
+        shared.clone(),
+        predictor.clone(),
+        JobOptions {
+            root: run_dir.clone(),
+            mnist_dir,
+            chestxray14_dir: args.chestxray14_dir.clone(),
+        },
+    ));
+    state.jobs = Some(queue.clone());
     let server = if args.no_dashboard {
         None
     } else {
@@ -156,25 +188,29 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
     };
 
     // Ctrl-C while training: finish the round (its checkpoint is written),
-    // then stop; `--resume` continues from there.
+    // then stop; `--resume` (or resume on the runs page) continues it.
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let shared = shared.clone();
+        let queue = queue.clone();
+        let interrupted = interrupted.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("stopping after the current round (Ctrl-C)");
+                interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+                queue.close();
                 shared.stop.stop();
             }
         });
     }
-    let rt = tokio::runtime::Handle::current();
-    let cfg = args.sim.clone();
-    let sim_shared = shared.clone();
-    let summary =
-        tokio::task::spawn_blocking(move || sim::run(&cfg, &store, &rt, &sim_shared, &predictor))
-            .await
-            .context("simulation thread")?;
-    match &summary {
-        Ok(s) => println!(
+    // The command line's run is a job like the ones started on the page;
+    // they wait in the queue until it ends.
+    let job = queue
+        .command_line_job(&args.sim, &run_dir, args.sim.resume)
+        .await?;
+    let outcome = queue.run(job).await?;
+    match (&outcome.summary, &outcome.error) {
+        (Some(s), None) => println!(
             "done: {} rounds; held-out loss {:.4} -> {:.4}, macro AUROC {} -> {}; {} update(s) not counted; run folder {}",
             s.rounds,
             s.initial.loss,
@@ -184,20 +220,32 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
             s.rejected,
             s.run_dir.display()
         ),
-        Err(e) => eprintln!("simulation failed: {e:#}"),
+        (_, Some(e)) => eprintln!("simulation failed: {e}"),
+        (None, None) => {}
     }
-    let stopped = shared.stop.is_stopped();
+    let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
     if let Some(server) = server
         && !args.exit_when_done
-        && !stopped
+        && !interrupted
     {
-        println!("training finished; the dashboard keeps serving (Ctrl-C to stop)");
+        println!(
+            "training finished; the dashboard keeps serving and runs the jobs started on it (Ctrl-C to stop)"
+        );
+        let worker = tokio::spawn(queue.clone().work());
         tokio::select! {
             r = server => { r.context("dashboard task")??; }
-            _ = tokio::signal::ctrl_c() => {}
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("stopping: the job training ends after its current round (Ctrl-C)");
+                queue.close();
+                shared.stop.stop();
+                worker.await.context("job queue")??;
+            }
         }
     }
-    summary.map(|_| ())
+    match outcome.error {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(()),
+    }
 }
 
 fn fmt_auroc(e: &fedcore::Evaluation) -> String {

@@ -14,7 +14,7 @@ use fedcore::data::chestxray::FINDINGS;
 use fedcore::data::{
     ChestXray14, ChestXrayConfig, DataSplit, SyntheticXrays, write_synthetic_chestxray,
 };
-use fedcore::models::{Activation, DenseNet, DenseNetConfig, TchModel};
+use fedcore::models::{Activation, DenseNet, DenseNetConfig, Network, TchModel};
 use fedcore::{
     Aggregate, Aggregator, ClientUpdate, FedAvg, Model, Optimizer, RoundSteps, Strategy,
     StrategyInfo, TrainConfig,
@@ -89,7 +89,10 @@ impl Strategy for Rule {
 }
 
 /// The aggregation rule for the body, swappable with one flag.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum AggregatorChoice {
     /// Example-weighted mean (not robust).
     Fedavg,
@@ -261,13 +264,13 @@ impl DpArgs {
 
     /// Hospital `name`'s DP-SGD on `model` for `rounds` fits over `images`
     /// images: the noise multiplier that keeps them within the budget.
-    pub fn dp_sgd(
+    pub fn dp_sgd<N: Network>(
         &self,
         name: &str,
-        model: TchModel<DenseNet>,
+        model: TchModel<N>,
         images: usize,
         rounds: u64,
-    ) -> Result<DpSgd<DenseNet>> {
+    ) -> Result<DpSgd<N>> {
         let config = DpSgdConfig::calibrated(
             self.clip,
             self.budget()?,
@@ -331,7 +334,7 @@ impl Trainable {
 /// Public pretraining: the initial global model is trained, without DP, on
 /// a public set before any hospital trains (as a real deployment starts
 /// from weights trained on a public chest X-ray collection).
-#[derive(Args, Debug, Clone, Copy, PartialEq)]
+#[derive(Args, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PretrainArgs {
     /// Patients of the public synthetic set the initial model is trained on
     /// (other patients than any hospital's: the generator's seed differs);
@@ -424,7 +427,7 @@ pub fn image_config(size: u32) -> ChestXrayConfig {
 
 /// A hospital's local training each round: the flags of the simulation and
 /// of the aggregation server (which sends them with every task).
-#[derive(Args, Debug, Clone, Copy, PartialEq)]
+#[derive(Args, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TrainingArgs {
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]

@@ -43,7 +43,7 @@ use crate::recipe::{
 use crate::store::Store;
 
 /// Every choice of a simulation.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimConfig {
     /// How the server combines the body updates.
     #[arg(long, value_enum, default_value = "geometric-median")]
@@ -116,6 +116,18 @@ pub struct SimConfig {
     pub drop_client: Option<usize>,
 }
 
+impl SimConfig {
+    /// The command line's defaults (the demo's run).
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            sim: SimConfig,
+        }
+        <Flags as clap::Parser>::parse_from(["hospital"]).sim
+    }
+}
+
 /// What a finished simulation reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -136,12 +148,13 @@ pub struct Summary {
 /// every new global model (head opened at the evaluation site) to `predictor`.
 pub fn run(
     cfg: &SimConfig,
+    job: i64,
     store: &Store,
     rt: &tokio::runtime::Handle,
     shared: &Arc<Shared>,
     predictor: &Arc<Predictor>,
 ) -> Result<Summary> {
-    let result = run_inner(cfg, store, rt, shared, predictor);
+    let result = run_inner(cfg, job, store, rt, shared, predictor);
     shared.end(
         result
             .as_ref()
@@ -153,6 +166,7 @@ pub fn run(
 
 fn run_inner(
     cfg: &SimConfig,
+    job: i64,
     store: &Store,
     rt: &tokio::runtime::Handle,
     shared: &Arc<Shared>,
@@ -184,6 +198,7 @@ fn run_inner(
             dp_mode: Some(cfg.dp.mode),
             budget: cfg.dp.enabled().then_some((cfg.dp.epsilon, cfg.dp.delta)),
             error: None,
+            job: Some(job),
         }
     });
 
@@ -449,7 +464,7 @@ fn run_inner(
             tracing::warn!(error = %e, "inference model not updated");
         }
         let row = round_row(record);
-        rt.block_on(store.record_round(&to_new_round(record, &row)))?;
+        rt.block_on(store.record_round(job, &to_new_round(record, &row)))?;
         let line = format!(
             "round {:>3}: {} updates, held-out loss {}, macro AUROC {}",
             record.round,
@@ -464,6 +479,7 @@ fn run_inner(
             total: cfg.rounds,
             loss: row.loss,
             auroc_macro: row.auroc_macro,
+            accuracy: None,
             outcome: row.outcome.clone(),
         });
         // Hospitals that can still answer: not out of budget, not the one
@@ -563,7 +579,7 @@ fn synthetic(cfg: &SimConfig, run_dir: &Path) -> Result<PathBuf> {
 /// Suspended hospitals are kept out of training by the server's exclusion
 /// list (recorded as withheld); reactivated ones train again. `--drop-client`
 /// makes one hospital's connection drop (a simulated outage).
-fn apply_suspensions<A: Strategy>(
+pub(crate) fn apply_suspensions<A: Strategy>(
     server: &Server<InMemoryTransport, A>,
     shared: &Shared,
     clients: usize,

@@ -164,6 +164,7 @@ pub async fn state(
             config.server.max_event_streams_per_user,
         ),
         request_timeout: config.server.request_timeout,
+        jobs: None,
     })
 }
 

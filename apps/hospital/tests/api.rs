@@ -19,7 +19,9 @@ use fedcore_hospital::atrest::AtRest;
 use fedcore_hospital::auth::{ClientAddress, LoginLimit, TokenLife};
 use fedcore_hospital::infer::Predictor;
 use fedcore_hospital::live::Shared;
-use fedcore_hospital::store::{ClientStatus, NewRound, RoundRow, TrustRow, UpdateRow};
+use fedcore_hospital::store::{
+    ClientStatus, JobKind, JobStatus, NewJob, NewRound, RoundRow, TrustRow, UpdateRow,
+};
 use fedcore_hospital::web::{self, ServerLimits, WebConfig};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -106,6 +108,18 @@ async fn seed_rounds(state: &AppState) {
     for c in ["hospital-1", "hospital-2"] {
         state.store.upsert_client(c, 100, 40).await.unwrap();
     }
+    let job = state
+        .store
+        .create_job(&NewJob {
+            kind: JobKind::Xray,
+            name: "seeded",
+            settings: &serde_json::json!({}),
+            created_by: None,
+            run_dir: None,
+            status: JobStatus::Running,
+        })
+        .await
+        .unwrap();
     for round in 1..=2i64 {
         let update = |c: &str, accepted: bool| UpdateRow {
             round_id: round,
@@ -121,36 +135,39 @@ async fn seed_rounds(state: &AppState) {
         };
         state
             .store
-            .record_round(&NewRound {
-                round: RoundRow {
-                    id: round,
-                    outcome: "completed".into(),
-                    aggregator: "geometric_median".into(),
-                    started_at: 1_700_000_000_000 + round,
-                    duration_ms: 1000,
-                    accepted: 1,
-                    rejected: 1,
-                    loss: Some(0.5 / round as f64),
-                    train_loss: Some(0.6),
-                    auroc_macro: Some(0.6 + 0.1 * round as f64),
-                    update_norm: Some(1.0),
-                },
-                updates: vec![update("hospital-1", true), update("hospital-2", false)],
-                trust: vec![(
-                    "hospital-1".into(),
-                    TrustRow {
-                        round_id: round,
-                        trust: 0.9,
-                        trust_ema: Some(0.8),
-                        suspicious: round == 2,
+            .record_round(
+                job,
+                &NewRound {
+                    round: RoundRow {
+                        id: round,
+                        outcome: "completed".into(),
+                        aggregator: "geometric_median".into(),
+                        started_at: 1_700_000_000_000 + round,
+                        duration_ms: 1000,
+                        accepted: 1,
+                        rejected: 1,
+                        loss: Some(0.5 / round as f64),
+                        train_loss: Some(0.6),
+                        auroc_macro: Some(0.6 + 0.1 * round as f64),
+                        update_norm: Some(1.0),
                     },
-                )],
-                metrics: vec![
-                    ("eval.auroc.Effusion".into(), 0.7),
-                    ("eval.auroc_macro".into(), 0.6 + 0.1 * round as f64),
-                    ("agg.iterations".into(), 5.0),
-                ],
-            })
+                    updates: vec![update("hospital-1", true), update("hospital-2", false)],
+                    trust: vec![(
+                        "hospital-1".into(),
+                        TrustRow {
+                            round_id: round,
+                            trust: 0.9,
+                            trust_ema: Some(0.8),
+                            suspicious: round == 2,
+                        },
+                    )],
+                    metrics: vec![
+                        ("eval.auroc.Effusion".into(), 0.7),
+                        ("eval.auroc_macro".into(), 0.6 + 0.1 * round as f64),
+                        ("agg.iterations".into(), 5.0),
+                    ],
+                },
+            )
             .await
             .unwrap();
     }
@@ -1655,7 +1672,7 @@ async fn sql_injection_shaped_input_changes_nothing() {
     let before = (
         h.state.store.users().await.unwrap().len(),
         h.state.store.clients().await.unwrap().len(),
-        h.state.store.rounds().await.unwrap().len(),
+        h.state.store.rounds(1).await.unwrap().len(),
     );
     for name in [
         "admin' OR '1'='1",
@@ -1728,7 +1745,7 @@ async fn sql_injection_shaped_input_changes_nothing() {
     let after = (
         h.state.store.users().await.unwrap().len(),
         h.state.store.clients().await.unwrap().len(),
-        h.state.store.rounds().await.unwrap().len(),
+        h.state.store.rounds(1).await.unwrap().len(),
     );
     assert_eq!(before, after);
     assert!(
@@ -2213,8 +2230,11 @@ async fn postgres_runs_the_same_queries() {
     assert_eq!(h.state.store.clients().await.unwrap().len(), 2);
     // Re-recording a round replaces it.
     seed_rounds(&h.state).await;
-    assert_eq!(h.state.store.rounds().await.unwrap().len(), 2);
-    assert_eq!(h.state.store.updates(Some(1), None).await.unwrap().len(), 2);
+    assert_eq!(h.state.store.rounds(1).await.unwrap().len(), 2);
+    assert_eq!(
+        h.state.store.updates(1, Some(1), None).await.unwrap().len(),
+        2
+    );
 }
 
 async fn reset_postgres(url: &str) {

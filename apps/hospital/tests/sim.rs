@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+/// The job the simulations record their rounds under.
+const JOB: i64 = 1;
+
 use clap::Parser;
 use fedcore_hospital::infer::Predictor;
 use fedcore_hospital::live::Shared;
@@ -80,15 +83,15 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     let mut events = shared.events.subscribe();
 
     let cfg = config(dir.path(), 2);
-    let s = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap();
+    let s = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap();
     assert_eq!(s.rounds, 2);
     assert_eq!(s.rejected, 2, "the suspended hospital, twice");
     assert!(dir.path().join("he-keys/he-secret.key").exists());
-    let rounds = rt.block_on(store.rounds()).unwrap();
+    let rounds = rt.block_on(store.rounds(JOB)).unwrap();
     assert_eq!(rounds.len(), 2);
     assert!(rounds.iter().all(|r| r.accepted == 2 && r.rejected == 1));
     let ups = rt
-        .block_on(store.updates(None, Some("hospital-2")))
+        .block_on(store.updates(JOB, None, Some("hospital-2")))
         .unwrap();
     assert!(
         ups.iter()
@@ -100,7 +103,7 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
         "pretrained"
     );
     let eps: Vec<f64> = rt
-        .block_on(store.updates(None, Some("hospital-1")))
+        .block_on(store.updates(JOB, None, Some("hospital-1")))
         .unwrap()
         .iter()
         .map(|u| u.epsilon.unwrap())
@@ -110,10 +113,12 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     // The evaluation site opened the encrypted head: finite held-out metrics.
     let last = rounds.last().unwrap();
     assert!(last.loss.unwrap().is_finite(), "{last:?}");
-    let metrics = rt.block_on(store.metrics("eval.auroc.", None)).unwrap();
+    let metrics = rt
+        .block_on(store.metrics(JOB, "eval.auroc.", None))
+        .unwrap();
     assert!(!metrics.is_empty());
     assert!(
-        rt.block_on(store.metrics("agg.sealed_sum_ms", None))
+        rt.block_on(store.metrics(JOB, "agg.sealed_sum_ms", None))
             .unwrap()
             .len()
             == 2
@@ -141,9 +146,9 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     shared.suspended.lock().unwrap().clear();
     let mut cfg = config(dir.path(), 3);
     cfg.resume = true;
-    let s = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap();
+    let s = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap();
     assert_eq!(s.rounds, 3);
-    let rounds = rt.block_on(store.rounds()).unwrap();
+    let rounds = rt.block_on(store.rounds(JOB)).unwrap();
     assert_eq!(rounds.len(), 3);
     assert_eq!(rounds[2].accepted, 3);
     assert_eq!(predictor.round(), Some(3));
@@ -151,7 +156,7 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     // is charged on top of its first two (a fresh ledger would report the
     // first release's epsilon again).
     let eps: Vec<f64> = rt
-        .block_on(store.updates(None, Some("hospital-1")))
+        .block_on(store.updates(JOB, None, Some("hospital-1")))
         .unwrap()
         .iter()
         .filter_map(|u| u.epsilon)
@@ -168,13 +173,13 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     // alone, and the run ends with a clear error instead of retrying.
     let mut cfg = config(dir.path(), 4);
     cfg.resume = true;
-    let e = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    let e = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
     assert!(
         e.to_string()
             .contains("privacy budgets of hospital-1, hospital-3 are spent"),
         "{e}"
     );
-    let rounds = rt.block_on(store.rounds()).unwrap();
+    let rounds = rt.block_on(store.rounds(JOB)).unwrap();
     assert_eq!(rounds.len(), 4, "the refused round is recorded");
     assert_eq!(rounds[3].outcome, "quorum_not_reached", "{:?}", rounds[3]);
 }
@@ -191,9 +196,9 @@ fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
         1,
         &["--encrypt", "all", "--byzantine", "1", "--min-clients", "3"],
     );
-    let s = sim::run(&cfg, &store, rt.handle(), &shared, &predictor).unwrap();
+    let s = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap();
     assert_eq!(s.rounds, 1);
-    let rounds = rt.block_on(store.rounds()).unwrap();
+    let rounds = rt.block_on(store.rounds(JOB)).unwrap();
     assert_eq!(rounds.len(), 1);
     let r = &rounds[0];
     assert_eq!(r.outcome, "completed", "{r:?}");
@@ -204,7 +209,7 @@ fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
     );
     // The evaluation site opened the whole encrypted model.
     assert!(r.loss.unwrap().is_finite(), "{r:?}");
-    let ups = rt.block_on(store.updates(Some(1), None)).unwrap();
+    let ups = rt.block_on(store.updates(JOB, Some(1), None)).unwrap();
     let of = |name: &str| ups.iter().find(|u| u.client_id == name).unwrap();
     let byzantine = of("hospital-1");
     for honest in [of("hospital-2"), of("hospital-3")] {
@@ -217,6 +222,6 @@ fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
     // Client-level DP on the clear part would cover nothing here: refused.
     let mut dp = cfg.clone();
     dp.dp.mode = fedcore_hospital::recipe::DpMode::Client;
-    let e = sim::run(&dp, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    let e = sim::run(&dp, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
     assert!(e.to_string().contains("--encrypt all"), "{e}");
 }

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use crate::auth::Permission;
 use crate::store::{AuditAction, ClientRow, ClientStatus, TrustRow};
 
-use super::{ApiError, ApiResult, AppState, ErrorBody, Session};
+use super::{ApiError, ApiResult, AppState, ErrorBody, JobQuery, JobSel, Session};
 
 /// A hospital with its latest numbers.
 #[derive(Serialize, ToSchema)]
@@ -30,9 +30,9 @@ pub struct ClientView {
     pub rounds_rejected: i64,
 }
 
-pub(super) async fn client_view(state: &AppState, c: ClientRow) -> ApiResult<ClientView> {
-    let trust = state.store.trust(&c.id).await?;
-    let updates = state.store.updates(None, Some(&c.id)).await?;
+pub(super) async fn client_view(state: &AppState, job: i64, c: ClientRow) -> ApiResult<ClientView> {
+    let trust = state.store.trust(job, &c.id).await?;
+    let updates = state.store.updates(job, None, Some(&c.id)).await?;
     let last = trust.last();
     Ok(ClientView {
         trust: last.map(|t| t.trust),
@@ -45,29 +45,31 @@ pub(super) async fn client_view(state: &AppState, c: ClientRow) -> ApiResult<Cli
     })
 }
 
-#[utoipa::path(get, path = "/api/clients", tag = "clients",
+#[utoipa::path(get, path = "/api/clients", tag = "clients", params(JobQuery),
     responses((status = 200, body = [ClientView]), (status = 401, body = ErrorBody)))]
 pub(super) async fn list_clients(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<ClientView>>> {
     session
         .require(&state, Permission::ViewMetrics, "view clients")
         .await?;
     let mut out = Vec::new();
     for c in state.store.clients().await? {
-        out.push(client_view(&state, c).await?);
+        out.push(client_view(&state, job, c).await?);
     }
     Ok(Json(out))
 }
 
 #[utoipa::path(get, path = "/api/clients/{id}", tag = "clients",
-    params(("id" = String, Path, description = "hospital id")),
+    params(("id" = String, Path, description = "hospital id"), JobQuery),
     responses((status = 200, body = ClientView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_client(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<String>,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<ClientView>> {
     session
         .require(&state, Permission::ViewMetrics, "view clients")
@@ -77,16 +79,17 @@ pub(super) async fn get_client(
         .client(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("client"))?;
-    Ok(Json(client_view(&state, c).await?))
+    Ok(Json(client_view(&state, job, c).await?))
 }
 
 #[utoipa::path(get, path = "/api/clients/{id}/trust", tag = "clients",
-    params(("id" = String, Path, description = "hospital id")),
+    params(("id" = String, Path, description = "hospital id"), JobQuery),
     responses((status = 200, body = [TrustRow]), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn client_trust(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<String>,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<TrustRow>>> {
     session
         .require(&state, Permission::ViewMetrics, "view clients")
@@ -96,7 +99,7 @@ pub(super) async fn client_trust(
         .client(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("client"))?;
-    Ok(Json(state.store.trust(&id).await?))
+    Ok(Json(state.store.trust(job, &id).await?))
 }
 
 /// A status change.
@@ -153,5 +156,6 @@ pub(super) async fn set_client_status(
         .client(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("client"))?;
-    Ok(Json(client_view(&state, c).await?))
+    let job = state.store.current_job().await?.unwrap_or(0);
+    Ok(Json(client_view(&state, job, c).await?))
 }

@@ -12,7 +12,7 @@ use crate::live::Progress;
 use crate::store::ClientStatus;
 
 use super::training::progress;
-use super::{ApiResult, AppState, ErrorBody, Session};
+use super::{ApiResult, AppState, ErrorBody, JobQuery, JobSel, Session};
 
 /// The run at a glance.
 #[derive(Serialize, ToSchema)]
@@ -35,24 +35,27 @@ pub struct Overview {
     pub best_auroc: Option<f64>,
     /// The round of the model that answers inference.
     pub model_round: Option<u64>,
+    /// The job shown (`None` before any job started).
+    pub job: Option<crate::store::JobRow>,
 }
 
-#[utoipa::path(get, path = "/api/metrics/overview", tag = "metrics",
+#[utoipa::path(get, path = "/api/metrics/overview", tag = "metrics", params(JobQuery),
     responses((status = 200, body = Overview), (status = 401, body = ErrorBody)))]
 pub(super) async fn overview(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Overview>> {
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
-    let rounds = state.store.rounds().await?;
+    let rounds = state.store.rounds(job).await?;
     let clients = state.store.clients().await?;
     let mut suspicious = Vec::new();
     for c in &clients {
         if state
             .store
-            .trust(&c.id)
+            .trust(job, &c.id)
             .await?
             .last()
             .is_some_and(|t| t.suspicious)
@@ -77,6 +80,7 @@ pub(super) async fn overview(
             .filter_map(|r| r.auroc_macro)
             .max_by(f64::total_cmp),
         model_round: state.predictor.round(),
+        job: state.store.job(job).await?,
     }))
 }
 
@@ -91,20 +95,21 @@ pub struct AucPoint {
     pub per_label: BTreeMap<String, f64>,
 }
 
-#[utoipa::path(get, path = "/api/metrics/auc-history", tag = "metrics",
+#[utoipa::path(get, path = "/api/metrics/auc-history", tag = "metrics", params(JobQuery),
     responses((status = 200, body = [AucPoint]), (status = 401, body = ErrorBody)))]
 pub(super) async fn auc_history(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<AucPoint>>> {
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
-    let mut per = state.store.metrics("eval.auroc.", None).await?;
+    let mut per = state.store.metrics(job, "eval.auroc.", None).await?;
     Ok(Json(
         state
             .store
-            .rounds()
+            .rounds(job)
             .await?
             .into_iter()
             .filter_map(|r| {
@@ -130,11 +135,12 @@ pub struct LossPoint {
     pub train_loss: Option<f64>,
 }
 
-#[utoipa::path(get, path = "/api/metrics/loss-history", tag = "metrics",
+#[utoipa::path(get, path = "/api/metrics/loss-history", tag = "metrics", params(JobQuery),
     responses((status = 200, body = [LossPoint]), (status = 401, body = ErrorBody)))]
 pub(super) async fn loss_history(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<LossPoint>>> {
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
@@ -142,7 +148,7 @@ pub(super) async fn loss_history(
     Ok(Json(
         state
             .store
-            .rounds()
+            .rounds(job)
             .await?
             .into_iter()
             .map(|r| LossPoint {
@@ -171,20 +177,21 @@ pub struct AggregationPoint {
     pub metrics: BTreeMap<String, f64>,
 }
 
-#[utoipa::path(get, path = "/api/metrics/aggregation", tag = "metrics",
+#[utoipa::path(get, path = "/api/metrics/aggregation", tag = "metrics", params(JobQuery),
     responses((status = 200, body = [AggregationPoint]), (status = 401, body = ErrorBody)))]
 pub(super) async fn aggregation(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<AggregationPoint>>> {
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
-    let mut per = state.store.metrics("agg.", None).await?;
+    let mut per = state.store.metrics(job, "agg.", None).await?;
     Ok(Json(
         state
             .store
-            .rounds()
+            .rounds(job)
             .await?
             .into_iter()
             .map(|r| AggregationPoint {
@@ -214,19 +221,24 @@ pub struct PrivacyView {
     pub history: Vec<(i64, f64)>,
 }
 
-#[utoipa::path(get, path = "/api/metrics/privacy", tag = "metrics",
+#[utoipa::path(get, path = "/api/metrics/privacy", tag = "metrics", params(JobQuery),
     responses((status = 200, body = [PrivacyView]), (status = 401, body = ErrorBody)))]
 pub(super) async fn privacy(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<PrivacyView>>> {
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
-    let budget = progress(&state).budget;
+    let live = progress(&state);
+    let budget = match state.store.job(job).await? {
+        Some(j) if live.job != Some(job) => crate::jobs::budget_of(&j),
+        _ => live.budget,
+    };
     let mut out = Vec::new();
     for c in state.store.clients().await? {
-        let ups = state.store.updates(None, Some(&c.id)).await?;
+        let ups = state.store.updates(job, None, Some(&c.id)).await?;
         let history: Vec<(i64, f64)> = ups
             .iter()
             .filter_map(|u| u.epsilon.map(|e| (u.round_id, e)))

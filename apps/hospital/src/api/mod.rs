@@ -4,6 +4,7 @@ mod audit;
 mod auth;
 mod hospitals;
 mod inference;
+mod jobs;
 mod metrics;
 mod training;
 mod users;
@@ -86,6 +87,8 @@ pub struct AppState {
     pub streams: EventStreams,
     /// A response must start within this.
     pub request_timeout: Duration,
+    /// The job queue (`None` on a deployed server, which runs no jobs).
+    pub jobs: Option<Arc<crate::jobs::JobQueue>>,
 }
 
 /// Bounds on open event streams (server-sent events hold a connection for
@@ -304,6 +307,32 @@ impl FromRequestParts<AppState> for Session {
     }
 }
 
+/// Which job a read is about.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobQuery {
+    /// The job (default: the one training, or else the one that started
+    /// last).
+    pub job: Option<i64>,
+}
+
+/// The job a read is about: `?job=N`, or else the one training, or else
+/// the one that started last (0, which has no rounds, before any did).
+#[derive(Debug, Clone, Copy)]
+pub struct JobSel(pub i64);
+
+impl FromRequestParts<AppState> for JobSel {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let q = axum::extract::Query::<JobQuery>::try_from_uri(&parts.uri)
+            .map_err(|_| ApiError::bad_request("`job` must be a job number"))?;
+        Ok(JobSel(match q.0.job {
+            Some(j) => j,
+            None => state.store.current_job().await?.unwrap_or(0),
+        }))
+    }
+}
+
 /// A request that may carry a session (sign-out): no token or a token that
 /// no longer holds is `None`; a failing store is still an error.
 impl axum::extract::OptionalFromRequestParts<AppState> for Session {
@@ -377,7 +406,9 @@ impl Session {
           hospitals::list_clients, hospitals::get_client, hospitals::client_trust, hospitals::set_client_status,
           training::rounds, training::current_round, training::round_detail, training::stop_training, training::events,
           metrics::overview, metrics::auc_history, metrics::loss_history, metrics::aggregation, metrics::privacy,
-          inference::predict, inference::inference_history, audit::audit_log, training::export_model),
+          inference::predict, inference::inference_history, audit::audit_log, training::export_model,
+          jobs::list_jobs, jobs::job_choices, jobs::create_job, jobs::get_job, jobs::stop_job, jobs::resume_job,
+          jobs::delete_job, jobs::job_curve),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []), ("cookie" = []))
 )]
@@ -508,6 +539,15 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/audit", get(audit::audit_log))
         .route("/api/model/export", get(training::export_model))
         .route("/api/events", get(training::events))
+        .route("/api/jobs", get(jobs::list_jobs).post(jobs::create_job))
+        .route("/api/jobs/choices", get(jobs::job_choices))
+        .route(
+            "/api/jobs/{id}",
+            get(jobs::get_job).delete(jobs::delete_job),
+        )
+        .route("/api/jobs/{id}/stop", post(jobs::stop_job))
+        .route("/api/jobs/{id}/resume", post(jobs::resume_job))
+        .route("/api/jobs/{id}/curve", get(jobs::job_curve))
         // JSON bodies of the other endpoints are small.
         .layer(DefaultBodyLimit::max(64 * 1024))
 }

@@ -20,18 +20,19 @@ use crate::auth::{self, Permission};
 use crate::live::{LiveEvent, Progress, RunStatus};
 use crate::store::{AuditAction, RoundRow, UpdateRow};
 
-use super::{ApiError, ApiResult, AppState, ErrorBody, Session};
+use super::{ApiError, ApiResult, AppState, ErrorBody, JobQuery, JobSel, Session};
 
-#[utoipa::path(get, path = "/api/training/rounds", tag = "training",
+#[utoipa::path(get, path = "/api/training/rounds", tag = "training", params(JobQuery),
     responses((status = 200, body = [RoundRow]), (status = 401, body = ErrorBody)))]
 pub(super) async fn rounds(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<Vec<RoundRow>>> {
     session
         .require(&state, Permission::ViewMetrics, "view training")
         .await?;
-    Ok(Json(state.store.rounds().await?))
+    Ok(Json(state.store.rounds(job).await?))
 }
 
 /// The round in progress.
@@ -43,18 +44,19 @@ pub struct CurrentRound {
     pub last: Option<RoundRow>,
 }
 
-#[utoipa::path(get, path = "/api/training/rounds/current", tag = "training",
+#[utoipa::path(get, path = "/api/training/rounds/current", tag = "training", params(JobQuery),
     responses((status = 200, body = CurrentRound), (status = 401, body = ErrorBody)))]
 pub(super) async fn current_round(
     State(state): State<AppState>,
     session: Session,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<CurrentRound>> {
     session
         .require(&state, Permission::ViewMetrics, "view training")
         .await?;
     Ok(Json(CurrentRound {
         progress: progress(&state),
-        last: state.store.rounds().await?.pop(),
+        last: state.store.rounds(job).await?.pop(),
     }))
 }
 
@@ -77,6 +79,17 @@ pub(super) async fn stop_training(
         ));
     }
     state.shared.stop.stop();
+    if let Some(job) = now.job {
+        state
+            .store
+            .move_job(
+                job,
+                &[crate::store::JobStatus::Running],
+                crate::store::JobStatus::Stopping,
+                None,
+            )
+            .await?;
+    }
     session
         .audit(&state, AuditAction::TrainingStopped, None, None)
         .await?;
@@ -104,30 +117,31 @@ pub struct RoundDetail {
 }
 
 #[utoipa::path(get, path = "/api/training/rounds/{id}", tag = "training",
-    params(("id" = i64, Path, description = "round number")),
+    params(("id" = i64, Path, description = "round number"), JobQuery),
     responses((status = 200, body = RoundDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn round_detail(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<i64>,
+    JobSel(job): JobSel,
 ) -> ApiResult<Json<RoundDetail>> {
     session
         .require(&state, Permission::ViewMetrics, "view training")
         .await?;
     let round = state
         .store
-        .round(id)
+        .round(job, id)
         .await?
         .ok_or_else(|| ApiError::not_found("round"))?;
     let metrics = state
         .store
-        .metrics("", Some(id))
+        .metrics(job, "", Some(id))
         .await?
         .remove(&id)
         .unwrap_or_default();
     Ok(Json(RoundDetail {
         round,
-        updates: state.store.updates(Some(id), None).await?,
+        updates: state.store.updates(job, Some(id), None).await?,
         metrics,
     }))
 }

@@ -73,6 +73,14 @@ pub enum AuditAction {
     PasswordReset,
     /// An admin asked the run to stop after its current round.
     TrainingStopped,
+    /// An admin queued a job.
+    JobCreated,
+    /// An admin stopped a job.
+    JobStopped,
+    /// An admin queued a stopped job again.
+    JobResumed,
+    /// An admin deleted a job.
+    JobDeleted,
     /// A hospital suspended or reactivated.
     ClientStatusChange,
     /// An X-ray read by the model.
@@ -95,6 +103,10 @@ impl AuditAction {
             AuditAction::PasswordChange => "password_change",
             AuditAction::PasswordReset => "password_reset",
             AuditAction::TrainingStopped => "training_stopped",
+            AuditAction::JobCreated => "job_created",
+            AuditAction::JobStopped => "job_stopped",
+            AuditAction::JobResumed => "job_resumed",
+            AuditAction::JobDeleted => "job_deleted",
             AuditAction::ClientStatusChange => "client_status_change",
             AuditAction::Inference => "inference",
             AuditAction::ModelExport => "model_export",

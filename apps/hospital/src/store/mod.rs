@@ -9,6 +9,7 @@
 mod audit;
 mod hospitals;
 mod inference;
+mod jobs;
 mod rounds;
 mod users;
 
@@ -22,6 +23,7 @@ use sqlx::migrate::Migrator;
 pub use audit::{Audit, AuditAction, AuditOutcome, AuditRow};
 pub use hospitals::{ClientRow, ClientStatus};
 pub use inference::InferenceRow;
+pub use jobs::{JobKind, JobRow, JobStatus, NewJob};
 pub use rounds::{NewRound, RoundRow, TrustRow, UpdateRow};
 pub use users::{Role, User};
 

@@ -89,27 +89,32 @@ pub struct NewRound {
 }
 
 impl Store {
-    /// Records a round (replacing an earlier record of the same number, as
-    /// after a resumed run re-ran it), in one transaction.
-    pub async fn record_round(&self, r: &NewRound) -> Result<()> {
+    /// Records a round of `job` (replacing an earlier record of the same
+    /// number, as after a resumed run re-ran it), in one transaction.
+    pub async fn record_round(&self, job: i64, r: &NewRound) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let id = r.round.id;
         for table in ["client_updates", "trust_scores", "round_metrics"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE round_id = $1"))
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE job_id = $1 AND round_id = $2"
+            ))
+            .bind(job)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query("DELETE FROM rounds WHERE id = $1")
+        sqlx::query("DELETE FROM rounds WHERE job_id = $1 AND id = $2")
+            .bind(job)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         let x = &r.round;
         sqlx::query(
-            "INSERT INTO rounds (id, outcome, aggregator, started_at, duration_ms, accepted, \
+            "INSERT INTO rounds (job_id, id, outcome, aggregator, started_at, duration_ms, accepted, \
              rejected, loss, train_loss, auroc_macro, update_norm) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
+        .bind(job)
         .bind(id)
         .bind(&x.outcome)
         .bind(&x.aggregator)
@@ -125,10 +130,11 @@ impl Store {
         .await?;
         for u in &r.updates {
             sqlx::query(
-                "INSERT INTO client_updates (round_id, client_id, accepted, reason, weight, trust, \
-                 update_norm, num_examples, epsilon, delta) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "INSERT INTO client_updates (job_id, round_id, client_id, accepted, reason, weight, \
+                 trust, update_norm, num_examples, epsilon, delta) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
+            .bind(job)
             .bind(id)
             .bind(&u.client_id)
             .bind(i64::from(u.accepted))
@@ -144,9 +150,10 @@ impl Store {
         }
         for (client, t) in &r.trust {
             sqlx::query(
-                "INSERT INTO trust_scores (round_id, client_id, trust, trust_ema, suspicious) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO trust_scores (job_id, round_id, client_id, trust, trust_ema, suspicious) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
+            .bind(job)
             .bind(id)
             .bind(client)
             .bind(t.trust)
@@ -159,20 +166,24 @@ impl Store {
             if !value.is_finite() {
                 continue;
             }
-            sqlx::query("INSERT INTO round_metrics (round_id, name, value) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(name)
-                .bind(*value)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO round_metrics (job_id, round_id, name, value) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(job)
+            .bind(id)
+            .bind(name)
+            .bind(*value)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// Every round, in order.
-    pub async fn rounds(&self) -> Result<Vec<RoundRow>> {
-        sqlx::query(&format!("{ROUND_COLUMNS} ORDER BY id"))
+    /// Every round of `job`, in order.
+    pub async fn rounds(&self, job: i64) -> Result<Vec<RoundRow>> {
+        sqlx::query(&format!("{ROUND_COLUMNS} WHERE job_id = $1 ORDER BY id"))
+            .bind(job)
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -180,9 +191,10 @@ impl Store {
             .collect()
     }
 
-    /// One round.
-    pub async fn round(&self, id: i64) -> Result<Option<RoundRow>> {
-        sqlx::query(&format!("{ROUND_COLUMNS} WHERE id = $1"))
+    /// One round of `job`.
+    pub async fn round(&self, job: i64, id: i64) -> Result<Option<RoundRow>> {
+        sqlx::query(&format!("{ROUND_COLUMNS} WHERE job_id = $1 AND id = $2"))
+            .bind(job)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -191,18 +203,21 @@ impl Store {
             .transpose()
     }
 
-    /// The hospitals' parts in a round, or in every round of one hospital.
+    /// The hospitals' parts in a round of `job`, or in every round of one
+    /// hospital.
     pub async fn updates(
         &self,
+        job: i64,
         round: Option<i64>,
         client: Option<&str>,
     ) -> Result<Vec<UpdateRow>> {
         sqlx::query(
             "SELECT round_id, client_id, accepted, reason, weight, trust, update_norm, \
              num_examples, epsilon, delta FROM client_updates \
-             WHERE ($1 IS NULL OR round_id = $1) AND ($2 IS NULL OR client_id = $2) \
+             WHERE job_id = $1 AND ($2 IS NULL OR round_id = $2) AND ($3 IS NULL OR client_id = $3) \
              ORDER BY round_id, client_id",
         )
+        .bind(job)
         .bind(round)
         .bind(client)
         .fetch_all(&self.pool)
@@ -225,12 +240,13 @@ impl Store {
         .collect()
     }
 
-    /// A hospital's trust timeline.
-    pub async fn trust(&self, client: &str) -> Result<Vec<TrustRow>> {
+    /// A hospital's trust timeline in `job`.
+    pub async fn trust(&self, job: i64, client: &str) -> Result<Vec<TrustRow>> {
         sqlx::query(
             "SELECT round_id, trust, trust_ema, suspicious FROM trust_scores \
-             WHERE client_id = $1 ORDER BY round_id",
+             WHERE job_id = $1 AND client_id = $2 ORDER BY round_id",
         )
+        .bind(job)
         .bind(client)
         .fetch_all(&self.pool)
         .await?
@@ -246,18 +262,20 @@ impl Store {
         .collect()
     }
 
-    /// Per round, the metrics whose names start with `prefix`, keyed by the
+    /// Per round of `job`, the metrics whose names start with `prefix`, keyed by the
     /// rest of the name; one round or every round. The prefix is matched
     /// here: a `LIKE` pattern would treat `_` in metric names as a wildcard.
     pub async fn metrics(
         &self,
+        job: i64,
         prefix: &str,
         round: Option<i64>,
     ) -> Result<BTreeMap<i64, BTreeMap<String, f64>>> {
         let rows = sqlx::query(
             "SELECT round_id, name, value FROM round_metrics \
-             WHERE ($1 IS NULL OR round_id = $1) ORDER BY round_id, name",
+             WHERE job_id = $1 AND ($2 IS NULL OR round_id = $2) ORDER BY round_id, name",
         )
+        .bind(job)
         .bind(round)
         .fetch_all(&self.pool)
         .await?;

@@ -1,0 +1,690 @@
+//! Jobs: what a run is and its lifecycle. A job is a simulated run (X-rays
+//! with DenseNet-121, or MNIST with the small CNN) with its settings, or
+//! the rounds of a deployed server. Jobs started from the web wait in a
+//! queue and run one at a time (a 2-core machine trains one model well):
+//!
+//! ```text
+//! queued --start--> running --stop--> stopping --round ends--> stopped --resume--> queued
+//!                      |                                           ^
+//!                      +--all rounds--> finished      error --> failed --resume--> queued
+//! ```
+//!
+//! A stopped or failed job resumes from its last checkpoint (and its
+//! hospitals' DP ledgers keep counting); a job that is not training can be
+//! deleted with everything recorded for it and its folder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use utoipa::ToSchema;
+
+use crate::infer::Predictor;
+use crate::live::Shared;
+use crate::mnist::MnistConfig;
+use crate::recipe::{AggregatorChoice, DpMode, Encrypt};
+use crate::sim::SimConfig;
+use crate::store::{JobKind, JobRow, JobStatus, NewJob, Store};
+
+/// The data a job trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DataChoice {
+    /// Synthetic chest X-rays written into the job's folder (the demo's).
+    SyntheticXrays,
+    /// The ChestX-ray14 folder the server was started with
+    /// (`--chestxray14-dir`).
+    Chestxray14,
+    /// MNIST from the folder the server was started with (`--mnist-dir`).
+    Mnist,
+}
+
+/// The model a job trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelChoice {
+    /// DenseNet-121 (X-rays), at `image_size`.
+    Densenet121,
+    /// The compact CNN (MNIST).
+    SmallCnn,
+}
+
+/// What an administrator asks for on the form.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// A name for the runs page (default: from the settings).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The data.
+    pub data: DataChoice,
+    /// The model (default: DenseNet-121 for X-rays, the small CNN for MNIST).
+    #[serde(default)]
+    pub model: Option<ModelChoice>,
+    /// DenseNet-121's input side, 32 to 224 (default 64).
+    #[serde(default)]
+    pub image_size: Option<u32>,
+    /// How the server combines the updates (default: geometric median).
+    #[serde(default)]
+    pub aggregator: Option<AggregatorChoice>,
+    /// Rounds, 1 to 100.
+    pub rounds: u64,
+    /// Hospitals, 1 to 10.
+    pub hospitals: usize,
+    /// DP-SGD at every hospital (default: on).
+    #[serde(default = "yes")]
+    pub dp: bool,
+    /// Each hospital's epsilon for the whole job when DP is on (at delta
+    /// 1e-5), above 0 and at most 100 (default 8).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    /// What leaves a hospital encrypted (X-rays only; default: the head).
+    #[serde(default)]
+    pub encrypt: Option<Encrypt>,
+    /// This hospital (1-based) sends sign-flipped, scaled updates.
+    #[serde(default)]
+    pub byzantine: Option<usize>,
+    /// This hospital (1-based) drops out of every round.
+    #[serde(default)]
+    pub drop_hospital: Option<usize>,
+    /// Seed (default 42).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A job's settings, as stored: what its runner needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobSettings {
+    /// A simulated X-ray federation (the command line's settings).
+    Xray(Box<SimConfig>),
+    /// A simulated MNIST federation.
+    Mnist(MnistConfig),
+}
+
+/// Where the queue finds data and keeps job folders.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Job `N` keeps its files in `<root>/jobs/N`.
+    pub root: PathBuf,
+    /// The MNIST IDX files, when this server has them.
+    pub mnist_dir: Option<PathBuf>,
+    /// A ChestX-ray14 folder, when this server has one.
+    pub chestxray14_dir: Option<PathBuf>,
+}
+
+/// What the form can offer on this server.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobChoices {
+    /// The data this server has.
+    pub data: Vec<DataChoice>,
+    /// The aggregators.
+    pub aggregators: Vec<AggregatorChoice>,
+    /// Whether jobs can be started here (not on a deployed server).
+    pub enabled: bool,
+}
+
+/// A refused request, with the reason for the form.
+#[derive(Debug)]
+pub struct Invalid(pub String);
+
+fn invalid<T>(m: impl Into<String>) -> std::result::Result<T, Invalid> {
+    Err(Invalid(m.into()))
+}
+
+impl JobOptions {
+    /// What the form can offer.
+    pub fn choices(&self) -> JobChoices {
+        let mut data = vec![DataChoice::SyntheticXrays];
+        if self.chestxray14_dir.is_some() {
+            data.push(DataChoice::Chestxray14);
+        }
+        if self.mnist_dir.is_some() {
+            data.push(DataChoice::Mnist);
+        }
+        JobChoices {
+            data,
+            aggregators: vec![
+                AggregatorChoice::GeometricMedian,
+                AggregatorChoice::Fedavg,
+                AggregatorChoice::Median,
+                AggregatorChoice::TrimmedMean,
+                AggregatorChoice::Krum,
+            ],
+            enabled: true,
+        }
+    }
+
+    /// Checks a request and turns it into settings and a name.
+    pub fn settings(
+        &self,
+        r: &JobRequest,
+    ) -> std::result::Result<(JobKind, JobSettings, String), Invalid> {
+        if !(1..=100).contains(&r.rounds) {
+            return invalid("rounds must be between 1 and 100");
+        }
+        if !(1..=10).contains(&r.hospitals) {
+            return invalid("hospitals must be between 1 and 10");
+        }
+        for (what, h) in [
+            ("byzantine", r.byzantine),
+            ("drop_hospital", r.drop_hospital),
+        ] {
+            if let Some(h) = h
+                && !(1..=r.hospitals).contains(&h)
+            {
+                return invalid(format!(
+                    "{what} must name one of the hospitals, 1 to {}",
+                    r.hospitals
+                ));
+            }
+        }
+        if r.byzantine.is_some() && r.byzantine == r.drop_hospital {
+            return invalid("the Byzantine hospital and the dropping one must differ");
+        }
+        let epsilon = if r.dp {
+            let e = r.epsilon.unwrap_or(8.0);
+            if !(e > 0.0 && e <= 100.0) {
+                return invalid("epsilon must be above 0 and at most 100");
+            }
+            Some(e)
+        } else {
+            None
+        };
+        let aggregator = r.aggregator.unwrap_or(AggregatorChoice::GeometricMedian);
+        if let Err(e) = aggregator.build(r.hospitals) {
+            return invalid(format!(
+                "{aggregator:?} cannot run with {} hospitals: {e:#}",
+                r.hospitals
+            ));
+        }
+        let seed = r.seed.unwrap_or(42);
+        let name = r.name.as_deref().map(str::trim).unwrap_or_default();
+        if name.chars().count() > 80 || name.chars().any(char::is_control) {
+            return invalid("the name must be at most 80 characters, without control characters");
+        }
+        let dp_label = epsilon.map_or("no DP".to_owned(), |e| format!("epsilon {e}"));
+        match r.data {
+            DataChoice::Mnist => {
+                if r.model.is_some_and(|m| m != ModelChoice::SmallCnn) {
+                    return invalid("MNIST trains the small CNN");
+                }
+                if r.encrypt.is_some_and(|e| e != Encrypt::None) {
+                    return invalid("encryption is offered for the X-ray model only");
+                }
+                if r.image_size.is_some() {
+                    return invalid("MNIST images are 28 x 28; leave image_size out");
+                }
+                if self.mnist_dir.is_none() {
+                    return invalid(
+                        "this server has no MNIST (start it with --mnist-dir pointing at the IDX files)",
+                    );
+                }
+                let cfg = MnistConfig {
+                    hospitals: r.hospitals,
+                    rounds: r.rounds,
+                    aggregator,
+                    epsilon,
+                    train_images: 60_000,
+                    test_images: 10_000,
+                    byzantine: r.byzantine,
+                    drop_hospital: r.drop_hospital,
+                    seed,
+                };
+                let name = if name.is_empty() {
+                    format!("MNIST, {} hospitals, {dp_label}", r.hospitals)
+                } else {
+                    name.to_owned()
+                };
+                Ok((JobKind::Mnist, JobSettings::Mnist(cfg), name))
+            }
+            DataChoice::SyntheticXrays | DataChoice::Chestxray14 => {
+                if r.model.is_some_and(|m| m != ModelChoice::Densenet121) {
+                    return invalid("X-rays train DenseNet-121");
+                }
+                let size = r.image_size.unwrap_or(64);
+                if !(32..=224).contains(&size) {
+                    return invalid("image_size must be between 32 and 224");
+                }
+                let encrypt = r.encrypt.unwrap_or(Encrypt::Head);
+                if encrypt == Encrypt::All
+                    && !matches!(
+                        aggregator,
+                        AggregatorChoice::GeometricMedian | AggregatorChoice::Fedavg
+                    )
+                {
+                    return invalid(
+                        "encrypting whole updates needs the geometric median or fedavg",
+                    );
+                }
+                let data_dir = match r.data {
+                    DataChoice::Chestxray14 => match &self.chestxray14_dir {
+                        Some(d) => Some(d.clone()),
+                        None => {
+                            return invalid(
+                                "this server has no ChestX-ray14 folder (start it with --chestxray14-dir)",
+                            );
+                        }
+                    },
+                    _ => None,
+                };
+                let mut cfg = SimConfig::defaults();
+                cfg.clients = r.hospitals;
+                cfg.rounds = r.rounds;
+                cfg.aggregator = aggregator;
+                cfg.image_size = size;
+                cfg.encrypt = encrypt;
+                cfg.dp.mode = if r.dp { DpMode::Sample } else { DpMode::Off };
+                cfg.dp.epsilon = epsilon.unwrap_or(cfg.dp.epsilon);
+                cfg.byzantine = r.byzantine;
+                cfg.drop_client = r.drop_hospital;
+                cfg.seed = seed;
+                cfg.data_dir = data_dir;
+                let name = if name.is_empty() {
+                    format!(
+                        "X-rays {size} px, {} hospitals, {aggregator:?}, {dp_label}",
+                        r.hospitals
+                    )
+                } else {
+                    name.to_owned()
+                };
+                Ok((JobKind::Xray, JobSettings::Xray(Box::new(cfg)), name))
+            }
+        }
+    }
+}
+
+/// Why a job could not be stopped, resumed or deleted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such job.
+    NotFound,
+    /// Not in a state that allows it (the message says why).
+    Conflict(String),
+}
+
+/// The queue: runs one job at a time on a blocking thread, the oldest
+/// queued first.
+#[derive(Debug)]
+pub struct JobQueue {
+    store: Store,
+    shared: Arc<Shared>,
+    predictor: Arc<Predictor>,
+    options: JobOptions,
+    wake: Notify,
+    closing: AtomicBool,
+}
+
+impl JobQueue {
+    /// A queue over `store` that tells the dashboard through `shared` and
+    /// gives X-ray models to `predictor`.
+    pub fn new(
+        store: Store,
+        shared: Arc<Shared>,
+        predictor: Arc<Predictor>,
+        options: JobOptions,
+    ) -> Self {
+        Self {
+            store,
+            shared,
+            predictor,
+            options,
+            wake: Notify::new(),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// What the form can offer.
+    pub fn options(&self) -> &JobOptions {
+        &self.options
+    }
+
+    /// Queues a job for `user`.
+    pub async fn submit(
+        &self,
+        request: &JobRequest,
+        user: i64,
+    ) -> Result<std::result::Result<JobRow, Invalid>> {
+        let (kind, settings, name) = match self.options.settings(request) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let id = self
+            .store
+            .create_job(&NewJob {
+                kind,
+                name: &name,
+                settings: &serde_json::to_value(&settings)?,
+                created_by: Some(user),
+                run_dir: None,
+                status: JobStatus::Queued,
+            })
+            .await?;
+        let dir = self.options.root.join("jobs").join(id.to_string());
+        self.store
+            .set_job_run_dir(id, &dir.to_string_lossy())
+            .await?;
+        self.wake.notify_one();
+        let row = self.store.job(id).await?.context("the job just created")?;
+        Ok(Ok(row))
+    }
+
+    /// Stops a job ([`stop_job`]).
+    pub async fn stop(&self, id: i64) -> Result<std::result::Result<JobRow, Refusal>> {
+        stop_job(&self.store, &self.shared, id).await
+    }
+
+    /// Queues a stopped or failed job again, to continue from its
+    /// checkpoint (or start over when it never wrote one).
+    pub async fn resume(&self, id: i64) -> Result<std::result::Result<JobRow, Refusal>> {
+        let Some(job) = self.store.job(id).await? else {
+            return Ok(Err(Refusal::NotFound));
+        };
+        if job.kind == JobKind::Deployment {
+            return Ok(Err(Refusal::Conflict(
+                "a deployment resumes by restarting `hospital server`".into(),
+            )));
+        }
+        let checkpoint = job
+            .run_dir
+            .as_deref()
+            .is_some_and(|d| has_checkpoint(Path::new(d)));
+        if !self.store.requeue_job(id, checkpoint).await? {
+            return Ok(Err(Refusal::Conflict(format!(
+                "the job is {}; only a stopped or failed job resumes",
+                job.status.as_str()
+            ))));
+        }
+        self.wake.notify_one();
+        Ok(Ok(self.store.job(id).await?.context("the job")?))
+    }
+
+    /// Deletes a job that is not training, its records and its folder (a
+    /// folder of a job started from the web; the command line's run
+    /// folder stays).
+    pub async fn delete(&self, id: i64) -> Result<std::result::Result<(), Refusal>> {
+        let Some(job) = self.store.job(id).await? else {
+            return Ok(Err(Refusal::NotFound));
+        };
+        if !self.store.delete_job(id).await? {
+            return Ok(Err(Refusal::Conflict(format!(
+                "the job is {}; stop it first",
+                job.status.as_str()
+            ))));
+        }
+        let jobs = self.options.root.join("jobs");
+        if let Some(dir) = job.run_dir.map(PathBuf::from)
+            && dir.parent() == Some(jobs.as_path())
+            && dir.exists()
+        {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Runs queued jobs, one at a time, until [`JobQueue::close`].
+    pub async fn work(self: Arc<Self>) -> Result<()> {
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            match self.store.start_next_job().await? {
+                Some(job) => {
+                    self.run(job).await?;
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
+
+    /// Starts no more jobs (the one training goes on until it ends; raise
+    /// the stop signal to end it after its round).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Runs `job` (already marked running) to its end and records how it
+    /// ended; an error is the store's (a job's own failure is its status).
+    pub async fn run(&self, job: JobRow) -> Result<JobOutcome> {
+        self.shared.stop.reset();
+        let id = job.id;
+        let trained = self.train(&job).await;
+        let stopped = self.shared.stop.is_stopped();
+        self.shared.set_progress(|p| p.job = None);
+        let (status, error, summary) = match trained {
+            Err(e) => (JobStatus::Failed, Some(format!("{e:#}")), None),
+            Ok(s) if stopped => (JobStatus::Stopped, None, s),
+            Ok(s) => (JobStatus::Finished, None, s),
+        };
+        self.store
+            .move_job(
+                id,
+                &[JobStatus::Running, JobStatus::Stopping],
+                status,
+                error.as_deref(),
+            )
+            .await?;
+        match &error {
+            None => println!("job {id} {}", status.as_str()),
+            Some(e) => eprintln!("job {id} failed: {e}"),
+        }
+        Ok(JobOutcome {
+            status,
+            error,
+            summary,
+        })
+    }
+
+    async fn train(&self, job: &JobRow) -> Result<Option<crate::sim::Summary>> {
+        let settings: JobSettings = serde_json::from_value(job.settings.clone())
+            .with_context(|| format!("job {} has settings this version cannot read", job.id))?;
+        let dir = PathBuf::from(
+            job.run_dir
+                .clone()
+                .context("the job has no folder to run in")?,
+        );
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let resume = job.resume && has_checkpoint(&dir);
+        let (store, shared, predictor) = (
+            self.store.clone(),
+            self.shared.clone(),
+            self.predictor.clone(),
+        );
+        let rt = tokio::runtime::Handle::current();
+        let id = job.id;
+        let mnist = self.options.mnist_dir.clone();
+        println!(
+            "job {id}: {} ({})",
+            job.name,
+            if resume { "resumed" } else { "started" }
+        );
+        tokio::task::spawn_blocking(move || -> Result<Option<crate::sim::Summary>> {
+            match settings {
+                JobSettings::Xray(mut cfg) => {
+                    cfg.run_dir = Some(dir);
+                    cfg.resume = resume;
+                    crate::sim::run(&cfg, id, &store, &rt, &shared, &predictor).map(Some)
+                }
+                JobSettings::Mnist(cfg) => {
+                    let data = mnist.context("this server has no MNIST (--mnist-dir)")?;
+                    let r = crate::mnist::run(&cfg, &data, &dir, resume, id, &store, &rt, &shared);
+                    shared.end(r.as_ref().map(|n| *n).map_err(|e| format!("{e:#}")));
+                    r.map(|_| None)
+                }
+            }
+        })
+        .await
+        .context("the job's thread")?
+    }
+
+    /// The job of a command-line run in `dir`: the newest X-ray job kept
+    /// there (or a job recorded before jobs had folders) when `resume`,
+    /// now running with `settings`; else a new one, running.
+    pub async fn command_line_job(
+        &self,
+        settings: &SimConfig,
+        dir: &Path,
+        resume: bool,
+    ) -> Result<JobRow> {
+        let value = serde_json::to_value(JobSettings::Xray(Box::new(settings.clone())))?;
+        let dir_s = dir.to_string_lossy().into_owned();
+        if resume {
+            let found = self.store.jobs().await?.into_iter().find(|j| {
+                j.kind == JobKind::Xray
+                    && (j.run_dir.as_deref() == Some(dir_s.as_str()) || j.run_dir.is_none())
+            });
+            if let Some(j) = found {
+                if j.status.is_active() {
+                    bail!("job {} is training in another process", j.id);
+                }
+                self.store.set_job_settings(j.id, &value).await?;
+                self.store.set_job_run_dir(j.id, &dir_s).await?;
+                self.store
+                    .move_job(
+                        j.id,
+                        &[
+                            JobStatus::Queued,
+                            JobStatus::Stopped,
+                            JobStatus::Finished,
+                            JobStatus::Failed,
+                        ],
+                        JobStatus::Running,
+                        None,
+                    )
+                    .await?;
+                return self.store.job(j.id).await?.context("the job");
+            }
+        }
+        let name = format!(
+            "command line: X-rays {} px, {} hospitals, {:?}",
+            settings.image_size, settings.clients, settings.aggregator
+        );
+        let id = self
+            .store
+            .create_job(&NewJob {
+                kind: JobKind::Xray,
+                name: &name,
+                settings: &value,
+                created_by: None,
+                run_dir: Some(&dir_s),
+                status: JobStatus::Running,
+            })
+            .await?;
+        self.store.job(id).await?.context("the job just created")
+    }
+}
+
+/// Stops a job: a running one (it must be the one training in this
+/// process, whose stop signal `shared` holds) after its current round, a
+/// queued one at once.
+pub async fn stop_job(
+    store: &Store,
+    shared: &Shared,
+    id: i64,
+) -> Result<std::result::Result<JobRow, Refusal>> {
+    let Some(job) = store.job(id).await? else {
+        return Ok(Err(Refusal::NotFound));
+    };
+    match job.status {
+        JobStatus::Queued => {
+            store
+                .move_job(id, &[JobStatus::Queued], JobStatus::Stopped, None)
+                .await?;
+        }
+        JobStatus::Running => {
+            let training = shared.progress.read().ok().and_then(|p| p.job);
+            if training != Some(id) {
+                return Ok(Err(Refusal::Conflict(
+                    "this job is not training in this process".into(),
+                )));
+            }
+            shared.stop.stop();
+            store
+                .move_job(id, &[JobStatus::Running], JobStatus::Stopping, None)
+                .await?;
+        }
+        JobStatus::Stopping => {}
+        other => {
+            return Ok(Err(Refusal::Conflict(format!(
+                "the job is {}; only a queued or running job stops",
+                other.as_str()
+            ))));
+        }
+    }
+    Ok(Ok(store.job(id).await?.context("the job")?))
+}
+
+/// The (epsilon, delta) budget of each hospital of a job, when it runs
+/// with DP and its settings say so.
+pub fn budget_of(job: &JobRow) -> Option<(f64, f64)> {
+    match serde_json::from_value::<JobSettings>(job.settings.clone()).ok()? {
+        JobSettings::Xray(cfg) => cfg.dp.enabled().then_some((cfg.dp.epsilon, cfg.dp.delta)),
+        JobSettings::Mnist(cfg) => cfg.epsilon.map(|e| (e, crate::mnist::DELTA)),
+    }
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub struct JobOutcome {
+    /// `Finished`, `Stopped` or `Failed`.
+    pub status: JobStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// What an X-ray run reports.
+    pub summary: Option<crate::sim::Summary>,
+}
+
+/// Whether a run folder holds a checkpoint to resume from.
+pub fn has_checkpoint(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("checkpoints"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// The job of a deployed server in `dir`: when it resumes a run, the
+/// newest deployment job kept there (running again); else a new one.
+pub async fn deployment_job(
+    store: &Store,
+    dir: &Path,
+    settings: &serde_json::Value,
+    resuming: bool,
+) -> Result<i64> {
+    store.recover_jobs().await?;
+    let dir_s = dir.to_string_lossy().into_owned();
+    if resuming
+        && let Some(j) =
+            store.jobs().await?.into_iter().find(|j| {
+                j.kind == JobKind::Deployment && j.run_dir.as_deref() == Some(dir_s.as_str())
+            })
+    {
+        store
+            .move_job(
+                j.id,
+                &[JobStatus::Stopped, JobStatus::Finished, JobStatus::Failed],
+                JobStatus::Running,
+                None,
+            )
+            .await?;
+        return Ok(j.id);
+    }
+    store
+        .create_job(&NewJob {
+            kind: JobKind::Deployment,
+            name: "deployment",
+            settings,
+            created_by: None,
+            run_dir: Some(&dir_s),
+            status: JobStatus::Running,
+        })
+        .await
+}

@@ -1,0 +1,735 @@
+//! Jobs: the store's `jobs` table and its lifecycle on SQLite (and on
+//! PostgreSQL when `FEDCORE_TEST_POSTGRES` is set), rounds recorded before
+//! jobs existed, and the runs page's API with a real queue training small
+//! MNIST jobs: an admin starts, stops, resumes, compares and deletes them;
+//! a viewer can do none of it.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Request, StatusCode, header};
+use fedcore_hospital::api::{AppState, UploadLimits};
+use fedcore_hospital::auth::{ClientAddress, LoginLimit, TokenLife};
+use fedcore_hospital::infer::Predictor;
+use fedcore_hospital::jobs::{JobOptions, JobQueue};
+use fedcore_hospital::live::Shared;
+use fedcore_hospital::store::{
+    JobKind, JobStatus, NewJob, NewRound, RoundRow, Store, TrustRow, UpdateRow,
+};
+use fedcore_hospital::web::{self, ServerLimits, WebConfig};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+// ---------------------------------------------------------------- the store
+
+fn round(job_round: i64, auroc: f64, epsilon: f64) -> NewRound {
+    NewRound {
+        round: RoundRow {
+            id: job_round,
+            outcome: "completed".into(),
+            aggregator: "FedAvg".into(),
+            started_at: 1_700_000_000_000 + job_round,
+            duration_ms: 10,
+            accepted: 1,
+            rejected: 0,
+            loss: Some(1.0 / job_round as f64),
+            train_loss: None,
+            auroc_macro: Some(auroc),
+            update_norm: None,
+        },
+        updates: vec![UpdateRow {
+            round_id: job_round,
+            client_id: "hospital-1".into(),
+            accepted: true,
+            reason: None,
+            weight: Some(1.0),
+            trust: Some(1.0),
+            update_norm: Some(1.0),
+            num_examples: Some(10),
+            epsilon: Some(epsilon),
+            delta: Some(1e-5),
+        }],
+        trust: vec![(
+            "hospital-1".into(),
+            TrustRow {
+                round_id: job_round,
+                trust: 1.0,
+                trust_ema: None,
+                suspicious: false,
+            },
+        )],
+        metrics: vec![("eval.accuracy".into(), auroc)],
+    }
+}
+
+fn new_job(status: JobStatus) -> NewJob<'static> {
+    static SETTINGS: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    NewJob {
+        kind: JobKind::Mnist,
+        name: "a job",
+        settings: SETTINGS.get_or_init(|| json!({"kind": "mnist"})),
+        created_by: None,
+        run_dir: None,
+        status,
+    }
+}
+
+/// The lifecycle and the per-job records on one store.
+async fn lifecycle(store: &Store) {
+    // Two runs record the same round numbers without touching each other.
+    let a = store
+        .create_job(&new_job(JobStatus::Running))
+        .await
+        .unwrap();
+    let b = store.create_job(&new_job(JobStatus::Queued)).await.unwrap();
+    assert_eq!((a, b), (1, 2), "a new store numbers its jobs from 1");
+    assert_eq!(store.current_job().await.unwrap(), Some(a));
+    for r in 1..=3 {
+        store
+            .record_round(a, &round(r, 0.5 + 0.1 * r as f64, r as f64))
+            .await
+            .unwrap();
+    }
+    store.record_round(b, &round(1, 0.9, 7.0)).await.unwrap();
+    assert_eq!(store.rounds(a).await.unwrap().len(), 3);
+    assert_eq!(store.rounds(b).await.unwrap().len(), 1);
+    assert_eq!(store.updates(a, Some(1), None).await.unwrap().len(), 1);
+    assert_eq!(store.trust(b, "hospital-1").await.unwrap().len(), 1);
+    assert_eq!(
+        store.epsilons(a).await.unwrap(),
+        vec![(1, 1.0), (2, 2.0), (3, 3.0)]
+    );
+    let row = store.job(a).await.unwrap().unwrap();
+    assert_eq!(row.rounds, 3);
+    assert_eq!(row.epsilon, Some(3.0));
+    assert!((row.auroc_macro.unwrap() - 0.8).abs() < 1e-12);
+    assert!((row.accuracy.unwrap() - 0.8).abs() < 1e-12);
+    assert!(row.started_at.is_some() && row.finished_at.is_none());
+
+    // Transitions happen only from the states they name.
+    assert!(
+        !store
+            .move_job(a, &[JobStatus::Queued], JobStatus::Stopped, None)
+            .await
+            .unwrap()
+    );
+    assert!(!store.delete_job(a).await.unwrap(), "a running job stays");
+    assert!(
+        store
+            .move_job(a, &[JobStatus::Running], JobStatus::Failed, Some("boom"))
+            .await
+            .unwrap()
+    );
+    let row = store.job(a).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.error.as_deref()),
+        (JobStatus::Failed, Some("boom"))
+    );
+    assert!(row.finished_at.is_some());
+    assert!(store.requeue_job(a, true).await.unwrap());
+    assert!(!store.requeue_job(a, true).await.unwrap(), "already queued");
+    let row = store.job(a).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.resume, row.error),
+        (JobStatus::Queued, true, None)
+    );
+
+    // The queue takes the oldest queued job first.
+    let next = store.start_next_job().await.unwrap().unwrap();
+    assert_eq!((next.id, next.status), (a, JobStatus::Running));
+    let next = store.start_next_job().await.unwrap().unwrap();
+    assert_eq!(next.id, b);
+    assert!(store.start_next_job().await.unwrap().is_none());
+
+    // A restart finds both training: they become stopped and resumable.
+    assert_eq!(store.recover_jobs().await.unwrap(), 2);
+    for id in [a, b] {
+        let j = store.job(id).await.unwrap().unwrap();
+        assert_eq!((j.status, j.resume), (JobStatus::Stopped, true));
+    }
+
+    // Deleting one job takes its records and leaves the other's.
+    assert!(store.delete_job(b).await.unwrap());
+    assert!(store.job(b).await.unwrap().is_none());
+    assert!(store.rounds(b).await.unwrap().is_empty());
+    assert!(store.trust(b, "hospital-1").await.unwrap().is_empty());
+    assert!(store.epsilons(b).await.unwrap().is_empty());
+    assert_eq!(store.rounds(a).await.unwrap().len(), 3);
+    assert_eq!(
+        store
+            .jobs()
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
+    assert!(
+        store
+            .move_job(a, &[], JobStatus::Stopped, None)
+            .await
+            .is_err(),
+        "a move names where it comes from"
+    );
+}
+
+/// A store migrated from before jobs: the rounds recorded then are job 1.
+async fn migrated(url: &str, old_migrations: &Path) {
+    use sqlx::any::{AnyPoolOptions, install_default_drivers};
+    install_default_drivers();
+    let pool = AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old_migrations)
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO rounds (id, outcome, aggregator, started_at, duration_ms, accepted, rejected, \
+         auroc_macro) VALUES (1, 'completed', 'FedAvg', 1000, 50, 3, 0, 0.7), \
+         (2, 'completed', 'FedAvg', 2000, 50, 3, 0, 0.8)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO client_updates (round_id, client_id, accepted, epsilon) \
+         VALUES (2, 'hospital-1', 1, 2.5)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let store = Store::connect(url).await.unwrap();
+    let jobs = store.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let j = &jobs[0];
+    assert_eq!(
+        (j.id, j.kind, j.status),
+        (1, JobKind::Xray, JobStatus::Finished)
+    );
+    assert_eq!(
+        (j.rounds, j.auroc_macro, j.epsilon),
+        (2, Some(0.8), Some(2.5))
+    );
+    assert_eq!(j.started_at, Some(1000));
+    assert_eq!(j.finished_at, Some(2050));
+    assert_eq!(store.current_job().await.unwrap(), Some(1));
+    assert_eq!(store.updates(1, Some(2), None).await.unwrap().len(), 1);
+    // New jobs number on from it.
+    let next = store.create_job(&new_job(JobStatus::Queued)).await.unwrap();
+    assert_eq!(next, 2);
+}
+
+/// The migrations before jobs, copied into a folder of their own.
+fn old_migrations(db: &str, to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(db);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        if name.as_str() < "0004" {
+            std::fs::copy(e.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_run_is_a_job_with_its_own_rounds_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("j.sqlite").display()
+    );
+    lifecycle(&Store::connect(&url).await.unwrap()).await;
+    old_migrations("sqlite", &dir.path().join("old-sqlite"));
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("old.sqlite").display()
+    );
+    migrated(&url, &dir.path().join("old-sqlite")).await;
+
+    let Ok(pg) = std::env::var("FEDCORE_TEST_POSTGRES") else {
+        eprintln!("FEDCORE_TEST_POSTGRES is not set: PostgreSQL not tested here");
+        return;
+    };
+    reset_postgres(&pg).await;
+    lifecycle(&Store::connect(&pg).await.unwrap()).await;
+    reset_postgres(&pg).await;
+    old_migrations("postgres", &dir.path().join("old-postgres"));
+    migrated(&pg, &dir.path().join("old-postgres")).await;
+    reset_postgres(&pg).await;
+}
+
+async fn reset_postgres(url: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    for q in ["DROP SCHEMA public CASCADE", "CREATE SCHEMA public"] {
+        sqlx::query(q).execute(&mut c).await.unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- the API
+
+const PASSWORDS: [(&str, &str); 2] = [
+    ("admin", "admin-password-123"),
+    ("viewer", "viewer-password-123"),
+];
+
+/// A tiny MNIST: 28 x 28 images whose digit is where a bright square sits,
+/// on noise, as IDX files (what `--mnist-dir` points at).
+fn write_mnist(dir: &Path, train: usize, test: usize) {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut images = vec![0, 0, 8, 3];
+        images.extend((n as u32).to_be_bytes());
+        images.extend(28u32.to_be_bytes());
+        images.extend(28u32.to_be_bytes());
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend((n as u32).to_be_bytes());
+        for _ in 0..n {
+            let digit = rng.random_range(0..10u8);
+            labels.push(digit);
+            let (r0, c0) = (
+                4 + usize::from(digit / 5) * 12,
+                1 + usize::from(digit % 5) * 5,
+            );
+            for r in 0..28 {
+                for c in 0..28 {
+                    let inside = (r0..r0 + 6).contains(&r) && (c0..c0 + 5).contains(&c);
+                    let noise: u8 = rng.random_range(0..60);
+                    images.push(if inside { 255 - noise } else { noise });
+                }
+            }
+        }
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+}
+
+struct Harness {
+    app: Router,
+    state: AppState,
+    root: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mnist = dir.path().join("mnist");
+    write_mnist(&mnist, 600, 200);
+    let config = WebConfig {
+        database_url: format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("t.sqlite").display()
+        ),
+        jwt_secret: Some("a test secret that is long enough!".into()),
+        token_life: TokenLife {
+            access: Duration::from_secs(600),
+            session: Duration::from_secs(3600),
+        },
+        login_limit: LoginLimit {
+            burst: 5,
+            per: Duration::from_secs(60),
+        },
+        client_address: ClientAddress::default(),
+        server: ServerLimits::default(),
+        uploads: UploadLimits::default(),
+        tls: None,
+        at_rest: None,
+    };
+    let shared = Arc::new(Shared::default());
+    let predictor = Arc::new(Predictor::new(32, 1));
+    let mut state = web::state(&config, shared.clone(), predictor.clone())
+        .await
+        .unwrap();
+    for (name, password) in PASSWORDS {
+        let hash = fedcore_hospital::auth::hash_password(password).unwrap();
+        state
+            .store
+            .create_user(name, &hash, name.parse().unwrap())
+            .await
+            .unwrap();
+    }
+    let root = dir.path().join("run");
+    let queue = Arc::new(JobQueue::new(
+        state.store.clone(),
+        shared,
+        predictor,
+        JobOptions {
+            root: root.clone(),
+            mnist_dir: Some(mnist),
+            chestxray14_dir: None,
+        },
+    ));
+    state.jobs = Some(queue.clone());
+    tokio::spawn(queue.work());
+    let app =
+        web::app(state.clone()).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 4000))));
+    Harness {
+        app,
+        state,
+        root,
+        _dir: dir,
+    }
+}
+
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"));
+    let req = match body {
+        Some(v) => b
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(v.to_string()))
+            .unwrap(),
+        None => b.body(Body::empty()).unwrap(),
+    };
+    let r = app.clone().oneshot(req).await.unwrap();
+    let status = r.status();
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, v)
+}
+
+async fn login(app: &Router, user: &str) -> String {
+    let pw = PASSWORDS.iter().find(|p| p.0 == user).unwrap().1;
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/auth/login")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"username": user, "password": pw}).to_string(),
+        ))
+        .unwrap();
+    let r = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice::<Value>(&bytes).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Polls a job until `done` says so (or fails after two minutes).
+async fn wait_for(
+    app: &Router,
+    token: &str,
+    id: i64,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let (s, job) = send(app, "GET", &format!("/api/jobs/{id}"), token, None).await;
+        assert_eq!(s, StatusCode::OK);
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "job {id} never {what}: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn mnist_job(rounds: u64, dp: bool) -> Value {
+    json!({"data": "mnist", "rounds": rounds, "hospitals": 2, "aggregator": "fedavg",
+           "dp": dp, "epsilon": 8.0, "seed": 3})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_start_stop_resume_compare_and_delete_jobs_and_viewers_cannot() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let viewer = login(&h.app, "viewer").await;
+
+    // The form offers MNIST here; a viewer reads but starts nothing.
+    let (s, choices) = send(&h.app, "GET", "/api/jobs/choices", &viewer, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(choices["enabled"], true);
+    assert!(
+        choices["data"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("mnist"))
+    );
+    assert!(
+        !choices["data"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("chestxray14"))
+    );
+    let (s, _) = send(
+        &h.app,
+        "POST",
+        "/api/jobs",
+        &viewer,
+        Some(mnist_job(2, false)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(h.state.store.jobs().await.unwrap().is_empty());
+
+    // Bad requests are refused with a reason.
+    for (bad, why) in [
+        (
+            json!({"data": "mnist", "rounds": 0, "hospitals": 2}),
+            "rounds",
+        ),
+        (
+            json!({"data": "mnist", "rounds": 2, "hospitals": 2, "encrypt": "head"}),
+            "encryption",
+        ),
+        (
+            json!({"data": "mnist", "rounds": 2, "hospitals": 2, "byzantine": 3}),
+            "byzantine",
+        ),
+        (
+            json!({"data": "mnist", "rounds": 2, "hospitals": 2, "epsilon": -1.0}),
+            "epsilon",
+        ),
+        (
+            json!({"data": "chestxray14", "rounds": 2, "hospitals": 2}),
+            "ChestX-ray14",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 2, "aggregator": "krum"}),
+            "Krum",
+        ),
+    ] {
+        let (s, body) = send(&h.app, "POST", "/api/jobs", &admin, Some(bad.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(why),
+            "{bad}: {body}"
+        );
+    }
+
+    // An MNIST job without DP: it trains, an admin stops it mid-way...
+    let (s, a) = send(
+        &h.app,
+        "POST",
+        "/api/jobs",
+        &admin,
+        Some(mnist_job(12, false)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    let a_id = a["id"].as_i64().unwrap();
+    assert_eq!(a["kind"], "mnist");
+    assert_eq!(a["created_by"], "admin");
+    wait_for(&h.app, &admin, a_id, "trained a round", |j| {
+        j["rounds"].as_i64() >= Some(1)
+    })
+    .await;
+    let (s, _) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{a_id}/stop"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, j) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{a_id}/stop"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{j}");
+    let stopped = wait_for(&h.app, &admin, a_id, "stopped", |j| {
+        j["status"] == "stopped"
+    })
+    .await;
+    let done_before = stopped["rounds"].as_i64().unwrap();
+    assert!((1..12).contains(&done_before), "{stopped}");
+    let first = h.state.store.rounds(a_id).await.unwrap()[0].clone();
+    // ...a stopped job cannot be stopped again, and a viewer cannot resume it...
+    let (s, _) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{a_id}/stop"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{a_id}/resume"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // ...an admin resumes it from its checkpoint, and it finishes.
+    let (s, j) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{a_id}/resume"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{j}");
+    assert_eq!(j["resume"], true, "it continues from its checkpoint");
+    let a = wait_for(&h.app, &admin, a_id, "finished", |j| {
+        j["status"] == "finished"
+    })
+    .await;
+    assert_eq!(a["rounds"], 12, "{a}");
+    let rounds = h.state.store.rounds(a_id).await.unwrap();
+    assert_eq!(
+        rounds.iter().map(|r| r.id).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        rounds[0].started_at, first.started_at,
+        "resumed, not started over: the rounds before the stop stay as they were"
+    );
+    let accuracy = a["accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5, "the squares are learnable: {accuracy}");
+
+    // A second job with DP-SGD at epsilon 8; both curves for the comparison.
+    let (s, b) = send(
+        &h.app,
+        "POST",
+        "/api/jobs",
+        &admin,
+        Some(mnist_job(3, true)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let b_id = b["id"].as_i64().unwrap();
+    let b = wait_for(&h.app, &admin, b_id, "finished", |j| {
+        j["status"] == "finished" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(b["status"], "finished", "{b}");
+    let (s, ca) = send(
+        &h.app,
+        "GET",
+        &format!("/api/jobs/{a_id}/curve"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, cb) = send(
+        &h.app,
+        "GET",
+        &format!("/api/jobs/{b_id}/curve"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(ca["metric"], "accuracy");
+    assert_eq!(ca["points"].as_array().unwrap().len(), 12);
+    assert!(ca["points"][11]["value"].as_f64().unwrap() > 0.5);
+    assert!(ca["points"][0]["epsilon"].is_null(), "no DP, no epsilon");
+    assert_eq!(ca["budget"], Value::Null);
+    let eps: Vec<f64> = cb["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["epsilon"].as_f64().unwrap())
+        .collect();
+    assert_eq!(eps.len(), 3);
+    assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+    assert!(eps[2] <= 8.0 + 1e-9, "{eps:?}");
+    assert_eq!(cb["budget"], json!([8.0, 1e-5]));
+
+    // The dashboard's pages read any job; by default the latest.
+    let (_, latest) = send(&h.app, "GET", "/api/training/rounds", &viewer, None).await;
+    assert_eq!(latest.as_array().unwrap().len(), 3);
+    let (_, older) = send(
+        &h.app,
+        "GET",
+        &format!("/api/training/rounds?job={a_id}"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(older.as_array().unwrap().len(), 12);
+    let (s, _) = send(&h.app, "GET", "/api/training/rounds?job=x", &viewer, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // The runs page lists both; deleting one takes its rounds and folder.
+    let (_, list) = send(&h.app, "GET", "/api/jobs", &viewer, None).await;
+    assert_eq!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![b_id, a_id]
+    );
+    let folder = h.root.join("jobs").join(b_id.to_string());
+    assert!(folder.join("checkpoints").is_dir());
+    let (s, _) = send(
+        &h.app,
+        "DELETE",
+        &format!("/api/jobs/{b_id}"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = send(&h.app, "DELETE", &format!("/api/jobs/{b_id}"), &admin, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!folder.exists());
+    assert!(h.state.store.rounds(b_id).await.unwrap().is_empty());
+    let (s, _) = send(&h.app, "GET", &format!("/api/jobs/{b_id}"), &admin, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{b_id}/resume"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let log = h.state.store.audit_log(None, 50).await.unwrap();
+    for action in ["job_created", "job_stopped", "job_resumed", "job_deleted"] {
+        assert!(
+            log.iter().any(|e| e.action == action && e.actor == "admin"),
+            "{action} audited"
+        );
+    }
+    assert!(
+        log.iter()
+            .any(|e| e.action == "permission_denied" && e.actor == "viewer"),
+        "the viewer's attempts audited"
+    );
+}
