@@ -133,39 +133,56 @@ async function viewOverview(root) {
   );
 }
 
-async function viewTraining(root) {
-  const [cur, auc, loss, rounds] = await Promise.all([
-    api("/api/training/rounds/current"),
-    api("/api/metrics/auc-history"),
-    api("/api/metrics/loss-history"),
-    api("/api/training/rounds"),
+// `?job=N` for the reads of a chosen job (none: the one training, or
+// else the one that started last).
+const jobQuery = (job, sep = "?") => (job ? `${sep}job=${encodeURIComponent(job)}` : "");
+
+async function viewTraining(root, job) {
+  const [o, cur, auc, loss, rounds] = await Promise.all([
+    api(`/api/metrics/overview${jobQuery(job)}`),
+    api(`/api/training/rounds/current${jobQuery(job)}`),
+    api(`/api/metrics/auc-history${jobQuery(job)}`),
+    api(`/api/metrics/loss-history${jobQuery(job)}`),
+    api(`/api/training/rounds${jobQuery(job)}`),
   ]);
+  const j = o.job;
+  // Live numbers are the job training's; another job shows what it recorded.
+  const live = !j || cur.progress.job === j.id;
   const p = cur.progress;
   const done = rounds.length;
-  const running = p.status === "training" || p.status === "preparing";
+  const total = live ? p.total_rounds : (j.settings.rounds || done);
+  const mnist = j && j.kind === "mnist";
+  const curve = mnist ? await api(`/api/jobs/${j.id}/curve`) : null;
+  const running = live && (p.status === "training" || p.status === "preparing");
   const stopNote = el("span", { class: "muted", id: "stop-note" });
   const stop = el("button", { id: "stop-training", type: "button" }, "Stop after this round");
   stop.addEventListener("click", async () => {
     stop.disabled = true;
     try {
       await api("/api/training/stop", { method: "POST" });
-      stopNote.textContent = " The run stops after the current round (its checkpoint is kept; resume it from the command line).";
+      stopNote.textContent = " The run stops after the current round (its checkpoint is kept; resume it on the runs page).";
     } catch (e) {
       stopNote.textContent = ` ${e.message}`;
       stop.disabled = false;
     }
   });
+  const quality = mnist
+    ? lineChart("accuracy-chart", "Test accuracy", [{ name: "accuracy", points: curve.points.map((c) => [c.round, c.value]) }], { y1: 1 })
+    : lineChart("auroc-chart", "Held-out macro AUROC", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y1: 1 });
+  const lastQuality = mnist ? (j.accuracy ?? null) : (rounds.length ? rounds[rounds.length - 1].auroc_macro : null);
   root.append(
     el("h1", {}, "Training monitor"),
+    j ? el("p", { id: "job-title" }, el("a", { href: "#/runs" }, `Run ${j.id}`), `: ${j.name} · `,
+      el("span", { class: `status-${j.status}` }, j.status)) : "",
     can("control_training") && running ? el("p", {}, stop, stopNote) : "",
     el("div", { class: "cards" },
-      card("Status", p.status, "status"),
-      card("Rounds recorded", `${done} / ${p.total_rounds || done}`, "round-counter"),
-      card("Training round", p.current_round || "–"),
-      card("Last macro AUROC", fmt(cur.last && cur.last.auroc_macro), "last-auroc"),
+      card("Status", live ? p.status : j.status, "status"),
+      card("Rounds recorded", `${done} / ${total || done}`, "round-counter"),
+      card("Training round", live ? (p.current_round || "–") : "–"),
+      card(mnist ? "Last accuracy" : "Last macro AUROC", fmt(lastQuality), mnist ? "last-accuracy" : "last-auroc"),
     ),
     el("div", { class: "charts" },
-      lineChart("auroc-chart", "Held-out macro AUROC", [{ name: "macro", points: auc.map((a) => [a.round, a.macro_auroc]) }], { y1: 1 }),
+      quality,
       lineChart("loss-chart", "Loss (log scale)", [
         { name: "held-out", points: loss.map((l) => [l.round, l.loss]) },
         { name: "training", points: loss.map((l) => [l.round, l.train_loss]) },
@@ -173,16 +190,17 @@ async function viewTraining(root) {
     ),
     el("h2", {}, "Rounds"),
     el("table", { id: "rounds-table" },
-      el("tr", {}, ["Round", "Outcome", "Accepted", "Rejected", "Loss", "AUROC", "Step norm", "Duration"].map((h) => el("th", {}, h))),
+      el("tr", {}, ["Round", "Outcome", "Accepted", "Rejected", "Loss", mnist ? "Accuracy" : "AUROC", "Step norm", "Duration"].map((h) => el("th", {}, h))),
       rounds.slice().reverse().map((r) => el("tr", {},
-        el("td", {}, el("a", { href: `#/rounds/${r.id}` }, r.id)),
+        el("td", {}, el("a", { href: `#/rounds/${r.id}${j ? `/${j.id}` : ""}` }, r.id)),
         el("td", {}, r.outcome), el("td", {}, r.accepted),
         el("td", { class: r.rejected ? "bad" : "" }, r.rejected),
-        el("td", {}, fmt(r.loss, 4)), el("td", {}, fmt(r.auroc_macro)),
+        el("td", {}, fmt(r.loss, 4)),
+        el("td", {}, fmt(mnist ? (curve.points.find((c) => c.round === r.id) || {}).value : r.auroc_macro)),
         el("td", {}, fmt(r.update_norm, 3)), el("td", {}, `${(r.duration_ms / 1000).toFixed(1)} s`))),
     ),
   );
-  if (auc.length) {
+  if (auc.length && !mnist) {
     const last = auc[auc.length - 1];
     root.append(el("h2", {}, `Per-label AUROC after round ${last.round}`),
       el("table", { id: "per-label" }, el("tr", {}, el("th", {}, "Finding"), el("th", {}, "AUROC")),
@@ -190,8 +208,8 @@ async function viewTraining(root) {
   }
 }
 
-async function viewRound(root, id) {
-  const d = await api(`/api/training/rounds/${encodeURIComponent(id)}`);
+async function viewRound(root, id, job) {
+  const d = await api(`/api/training/rounds/${encodeURIComponent(id)}${jobQuery(job)}`);
   const r = d.round;
   root.append(
     el("h1", {}, `Round ${r.id}`),
@@ -316,6 +334,174 @@ function privacySeries(ps) {
   return series;
 }
 
+// ---------------------------------------------------------------- runs
+
+const METRIC = { mnist: "accuracy", xray: "auroc_macro", deployment: "auroc_macro" };
+
+function jobQuality(j) {
+  return j.kind === "mnist" ? `accuracy ${fmt(j.accuracy)}` : `AUROC ${fmt(j.auroc_macro)}`;
+}
+
+// What a job was asked for, in a few words.
+function jobSettings(j) {
+  const s = j.settings || {};
+  if (j.kind === "mnist") {
+    return `${s.hospitals} hospitals · ${s.aggregator} · ${s.epsilon ? `DP ε ${s.epsilon}` : "no DP"}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_hospital ? ` · hospital ${s.drop_hospital} drops` : ""}`;
+  }
+  if (j.kind === "xray" && s.clients) {
+    const dp = s.dp && s.dp.mode !== "off" ? `DP ε ${s.dp.epsilon}` : "no DP";
+    return `${s.data_dir ? "ChestX-ray14" : "synthetic"} ${s.image_size} px · ${s.clients} hospitals · ${s.aggregator} · ${dp} · encrypt ${s.encrypt}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_client ? ` · hospital ${s.drop_client} drops` : ""}`;
+  }
+  return s.rounds ? `${s.rounds} rounds` : "";
+}
+
+function jobForm(choices, msg, onDone) {
+  const field = (label, input) => el("label", {}, label, " ", input);
+  const data = el("select", { id: "job-data" }, choices.data.map((d) => el("option", { value: d },
+    { synthetic_xrays: "Synthetic X-rays", chestxray14: "ChestX-ray14 (server folder)", mnist: "MNIST" }[d] || d)));
+  const model = el("span", { class: "muted", id: "job-model" });
+  const size = el("input", { id: "job-size", type: "number", min: "32", max: "224", step: "32", value: "64" });
+  const agg = el("select", { id: "job-aggregator" }, choices.aggregators.map((a) => el("option", { value: a }, a)));
+  const rounds = el("input", { id: "job-rounds", type: "number", min: "1", max: "100", value: "5" });
+  const hospitals = el("input", { id: "job-hospitals", type: "number", min: "1", max: "10", value: "3" });
+  const dp = el("input", { id: "job-dp", type: "checkbox", checked: "" });
+  const eps = el("input", { id: "job-epsilon", type: "number", min: "0.1", max: "100", step: "0.1", value: "8" });
+  const enc = el("select", { id: "job-encrypt" }, [["head", "CKKS head"], ["all", "CKKS whole update"], ["none", "none"]].map(([v, t]) => el("option", { value: v }, t)));
+  const byz = el("input", { id: "job-byzantine", type: "number", min: "1", max: "10", placeholder: "none" });
+  const drop = el("input", { id: "job-drop", type: "number", min: "1", max: "10", placeholder: "none" });
+  const name = el("input", { id: "job-name", placeholder: "(from the settings)", maxlength: "80" });
+  const xrayOnly = [field("Image size", size), field("Encryption", enc)];
+  const sync = () => {
+    const mnist = data.value === "mnist";
+    model.textContent = mnist ? "small CNN (26,010 parameters)" : "DenseNet-121";
+    xrayOnly.forEach((f) => { f.hidden = mnist; });
+    eps.disabled = !dp.checked;
+  };
+  data.addEventListener("change", sync);
+  dp.addEventListener("change", sync);
+  const form = el("form", { class: "inline job-form", id: "job-form" },
+    field("Data", data), field("Model", model), ...xrayOnly, field("Aggregator", agg),
+    field("Rounds", rounds), field("Hospitals", hospitals), field("DP-SGD", dp), field("ε per hospital", eps),
+    field("Byzantine hospital", byz), field("Dropping hospital", drop), field("Name", name),
+    el("button", { type: "submit", class: "primary", id: "job-start" }, "Start run"));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const mnist = data.value === "mnist";
+    const body = {
+      data: data.value, aggregator: agg.value, rounds: Number(rounds.value), hospitals: Number(hospitals.value),
+      dp: dp.checked, ...(dp.checked ? { epsilon: Number(eps.value) } : {}),
+      ...(mnist ? {} : { image_size: Number(size.value), encrypt: enc.value }),
+      ...(byz.value ? { byzantine: Number(byz.value) } : {}),
+      ...(drop.value ? { drop_hospital: Number(drop.value) } : {}),
+      ...(name.value.trim() ? { name: name.value.trim() } : {}),
+    };
+    try {
+      const j = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      msg.className = "muted";
+      msg.textContent = `Run ${j.id} queued: ${j.name}`;
+      await onDone();
+    } catch (e) {
+      msg.className = "error";
+      msg.textContent = e.message;
+    }
+  });
+  sync();
+  return form;
+}
+
+async function viewRuns(root) {
+  const [jobs, choices] = await Promise.all([api("/api/jobs"), api("/api/jobs/choices")]);
+  const msg = el("p", { class: "muted", id: "jobs-msg" });
+  const table = el("div", { id: "runs" });
+  const selected = new Set();
+  const act = async (j, what) => {
+    try {
+      if (what === "delete") {
+        if (!confirm(`Delete run ${j.id} with everything it recorded?`)) return;
+        await api(`/api/jobs/${j.id}`, { method: "DELETE" });
+      } else {
+        await api(`/api/jobs/${j.id}/${what}`, { method: "POST" });
+      }
+      msg.className = "muted";
+      msg.textContent = `Run ${j.id}: ${what === "stop" ? "stopping after its current round" : what === "resume" ? "queued to continue from its checkpoint" : "deleted"}.`;
+      await render();
+    } catch (e) {
+      msg.className = "error";
+      msg.textContent = e.message;
+    }
+  };
+  const compare = el("button", { type: "button", id: "compare", disabled: "" }, "Compare selected");
+  compare.addEventListener("click", () => { location.hash = `#/compare/${[...selected].join(",")}`; });
+  async function render() {
+    const list = await api("/api/jobs");
+    const admin = can("control_training");
+    table.replaceChildren(el("table", { id: "runs-table" },
+      el("tr", {}, ["", "Run", "Name", "Settings", "Status", "Rounds", "Result", "ε", "Started by", "Created", ""].map((h) => el("th", {}, h))),
+      list.map((j) => {
+        const box = el("input", { type: "checkbox", class: "compare-box", "data-job": String(j.id) });
+        box.checked = selected.has(j.id);
+        box.addEventListener("change", () => {
+          if (box.checked) selected.add(j.id); else selected.delete(j.id);
+          compare.disabled = selected.size < 1;
+        });
+        const actions = admin ? [
+          ["queued", "running"].includes(j.status)
+            ? el("button", { type: "button", class: "job-stop", "data-job": String(j.id), onclick: () => act(j, "stop") }, "Stop") : "",
+          ["stopped", "failed"].includes(j.status) && j.kind !== "deployment"
+            ? el("button", { type: "button", class: "job-resume", "data-job": String(j.id), onclick: () => act(j, "resume") }, "Resume") : "",
+          !["running", "stopping"].includes(j.status)
+            ? el("button", { type: "button", class: "job-delete", "data-job": String(j.id), onclick: () => act(j, "delete") }, "Delete") : "",
+        ] : [];
+        return el("tr", { "data-job": String(j.id), "data-status": j.status },
+          el("td", {}, box),
+          el("td", {}, el("a", { href: `#/training/${j.id}` }, j.id)),
+          el("td", {}, j.name), el("td", { class: "muted" }, jobSettings(j)),
+          el("td", { class: `status-${j.status}` }, j.status, j.error ? el("div", { class: "error" }, j.error) : ""),
+          el("td", {}, j.rounds), el("td", {}, j.rounds ? jobQuality(j) : "–"), el("td", {}, fmt(j.epsilon, 2)),
+          el("td", {}, j.created_by || "command line"), el("td", {}, when(j.created_at)),
+          el("td", {}, ...actions.map((a) => (a ? [a, " "] : ""))));
+      })));
+  }
+  root.append(el("h1", {}, "Runs"));
+  if (can("control_training") && choices.enabled) {
+    root.append(el("h2", {}, "Start a run"),
+      el("p", { class: "muted" }, "Runs wait in a queue and train one at a time. A stopped run continues from its last checkpoint; its hospitals' privacy ledgers keep counting."),
+      jobForm(choices, msg, render), msg);
+  } else if (can("control_training")) {
+    root.append(msg, el("p", { class: "muted" }, "This server runs a deployment: its run is the one listed; simulated runs start under `hospital simulate`."));
+  } else {
+    root.append(msg);
+  }
+  root.append(el("h2", {}, "Every run"), el("p", {}, compare, " ", el("span", { class: "muted" }, "Tick runs to overlay their curves.")), table);
+  await render();
+  return render;
+}
+
+async function viewCompare(root, ids) {
+  const list = (ids || "").split(",").map(Number).filter((n) => Number.isInteger(n) && n > 0);
+  const curves = await Promise.all(list.map((id) => api(`/api/jobs/${id}/curve`)));
+  const label = (c) => `run ${c.job.id}`;
+  root.append(el("h1", {}, "Compare runs"), el("p", {}, el("a", { href: "#/runs" }, "← all runs")),
+    el("table", { id: "compare-table" },
+      el("tr", {}, ["Run", "Name", "Settings", "Status", "Rounds", "Result", "ε spent", "Budget ε"].map((h) => el("th", {}, h))),
+      curves.map((c) => el("tr", {}, el("td", {}, el("a", { href: `#/training/${c.job.id}` }, c.job.id)), el("td", {}, c.job.name),
+        el("td", { class: "muted" }, jobSettings(c.job)), el("td", {}, c.job.status), el("td", {}, c.job.rounds),
+        el("td", {}, jobQuality(c.job)), el("td", {}, fmt(c.job.epsilon, 2)), el("td", {}, c.budget ? c.budget[0] : "DP off")))));
+  const charts = el("div", { class: "charts" });
+  for (const [metric, title] of [["accuracy", "Test accuracy"], ["auroc_macro", "Held-out macro AUROC"]]) {
+    const of = curves.filter((c) => c.metric === metric);
+    if (of.length) {
+      charts.append(lineChart(`compare-${metric}`, `${title} per round`,
+        of.map((c) => ({ name: label(c), points: c.points.map((p) => [p.round, p.value]) })), { y1: 1 }));
+    }
+  }
+  charts.append(lineChart("compare-epsilon", "ε spent per round (largest of the hospitals)",
+    curves.filter((c) => c.points.some((p) => p.epsilon !== null)).map((c) => ({
+      name: label(c), points: [[0, 0], ...c.points.map((p) => [p.round, p.epsilon])],
+    }))));
+  root.append(charts);
+}
+
 async function viewInference(root) {
   const out = el("div", { id: "inference-result" });
   const form = el("form", { class: "inline", id: "inference-form" },
@@ -401,6 +587,7 @@ async function viewUsers(root) {
 const ROUTES = [
   ["overview", "Overview", "view_metrics", viewOverview],
   ["training", "Training", "view_metrics", viewTraining],
+  ["runs", "Runs", "view_metrics", viewRuns],
   ["clients", "Hospitals", "view_metrics", viewClients],
   ["privacy", "Privacy", "view_metrics", viewPrivacy],
   ["inference", "Inference", "run_inference", viewInference],
@@ -415,12 +602,16 @@ async function route() {
   nav.replaceChildren(...ROUTES.filter((r) => can(r[2])).map((r) =>
     el("a", { href: `#/${r[0]}`, class: r[0] === name ? "active" : "" }, r[1])));
   const fresh = el("div", {});
+  let own = null; // a view's own refresher (re-renders a part, not its form)
+  const jobArg = location.hash.split("/")[3];
   try {
-    if (name === "rounds" && arg) await viewRound(fresh, arg);
+    if (name === "rounds" && arg) await viewRound(fresh, arg, jobArg);
     else if (name === "clients" && arg) await viewClient(fresh, arg);
+    else if (name === "training" && arg) await viewTraining(fresh, arg);
+    else if (name === "compare") await viewCompare(fresh, arg);
     else {
       const r = ROUTES.find((x) => x[0] === name) || ROUTES[1];
-      await r[3](fresh);
+      own = await r[3](fresh);
     }
   } catch (e) {
     fresh.replaceChildren(el("p", { class: "error" }, e.message));
@@ -430,7 +621,8 @@ async function route() {
   root.querySelectorAll(".chart").forEach((c) => c.chart && c.chart.destroy());
   root.replaceChildren(fresh);
   // Views with charts follow the training live; forms are not re-rendered.
-  refresh = ["overview", "training", "clients", "privacy"].includes(name) && !arg ? route : null;
+  refresh = typeof own === "function" ? own
+    : (["overview", "training", "clients", "privacy"].includes(name) && (!arg || name === "training")) || name === "compare" ? route : null;
 }
 
 async function main() {
@@ -468,11 +660,19 @@ async function main() {
   };
   const say = (t) => { live.textContent = t; };
   es.addEventListener("round_started", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round} of ${d.total}: ${d.sampled.length} hospitals training…`); kick(); });
-  es.addEventListener("round_finished", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round} of ${d.total} finished: AUROC ${fmt(d.auroc_macro)}, loss ${fmt(d.loss, 4)}`); kick(); });
+  es.addEventListener("round_finished", (e) => {
+    const d = JSON.parse(e.data);
+    const q = d.accuracy !== undefined ? `accuracy ${fmt(d.accuracy)}` : `AUROC ${fmt(d.auroc_macro)}`;
+    say(`Round ${d.round} of ${d.total} finished: ${q}, loss ${fmt(d.loss, 4)}`);
+    kick();
+  });
   es.addEventListener("update_rejected", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round}: ${d.client} not counted (${d.reason})`); });
   es.addEventListener("client_flagged", (e) => { const d = JSON.parse(e.data); say(`Round ${d.round}: ${d.client} flagged suspicious (trust ${fmt(d.trust_ema, 2)})`); kick(); });
   es.addEventListener("finished", (e) => { const d = JSON.parse(e.data); say(`Training finished after ${d.rounds} rounds.`); kick(); });
   es.addEventListener("failed", (e) => { const d = JSON.parse(e.data); say(`Training failed: ${d.error}`); kick(); });
+  // Queued runs start, and stopped ones end, between events: the runs
+  // page also looks every few seconds.
+  setInterval(() => { if (location.hash.startsWith("#/runs")) kick(); }, 3000);
 }
 
 main();

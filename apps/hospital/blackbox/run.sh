@@ -30,13 +30,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A tiny MNIST (the digit is where a bright square sits) for the runs the
+# API run queues (hooks.py keeps them to one round of MNIST).
+python3 - "$work/mnist" <<'PY'
+import os, random, struct, sys
+d = sys.argv[1]; os.makedirs(d); rng = random.Random(7)
+for prefix, n in (("train", 200), ("t10k", 50)):
+    images = bytearray(struct.pack(">IIII", 0x803, n, 28, 28)); labels = bytearray(struct.pack(">II", 0x801, n))
+    for _ in range(n):
+        k = rng.randrange(10); labels.append(k); r0, c0 = 4 + (k // 5) * 12, 1 + (k % 5) * 5
+        images += bytes(255 if r0 <= r < r0 + 6 and c0 <= c < c0 + 5 else rng.randrange(60) for r in range(28) for c in range(28))
+    open(os.path.join(d, prefix + "-images-idx3-ubyte"), "wb").write(images)
+    open(os.path.join(d, prefix + "-labels-idx1-ubyte"), "wb").write(labels)
+PY
+
 admin_pw=blackbox-admin-password-1
 doctor_pw=blackbox-doctor-password-1
 viewer_pw=blackbox-viewer-password-1
 HOSPITAL_ADMIN_PASSWORD=$admin_pw HOSPITAL_DOCTOR_PASSWORD=$doctor_pw HOSPITAL_VIEWER_PASSWORD=$viewer_pw \
 DATABASE_URL="sqlite://$work/blackbox.sqlite?mode=rwc" \
     "$bin" simulate --rounds 2 --image-size 32 --patients 90 --public-patients 30 --run-dir "$work/run" \
-    --listen 127.0.0.1:0 >"$work/server.log" 2>&1 &
+    --listen 127.0.0.1:0 --mnist-dir "$work/mnist" >"$work/server.log" 2>&1 &
 pid=$!
 
 base=

@@ -3,12 +3,16 @@
 // Starts `hospital simulate` (a short run on the synthetic set), drives
 // Debian's Chromium through playwright-core: signs in, watches the round
 // counter and the AUROC chart advance while training runs, uploads an X-ray
-// and reads the 14 findings, visits the other pages, signs out. Screenshots
+// and reads the 14 findings, visits the other pages; then starts an MNIST
+// job from the runs page's form (on a tiny MNIST this script writes),
+// watches its accuracy chart advance, stops it, resumes it, starts a
+// second one with DP, compares the two; checks that a viewer can start or
+// stop nothing (no form, no buttons, 403); signs out. Screenshots
 // go to $E2E_OUT (default target/e2e-screenshots).
 //
 //   node apps/hospital/e2e/dashboard.mjs [path/to/hospital]
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { chromium } from "playwright-core";
@@ -22,6 +26,34 @@ const PASSWORD = "e2e-admin-password";
 mkdirSync(out, { recursive: true });
 const runDir = mkdtempSync(join(tmpdir(), "fedcore-e2e-"));
 
+// A tiny MNIST in IDX files: the digit is where a bright square sits, on
+// noise (what `--mnist-dir` points at; the real one is not needed here).
+function writeMnist(dir, counts) {
+  mkdirSync(dir, { recursive: true });
+  let seed = 7;
+  const rand = (n) => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n; };
+  for (const [prefix, n] of counts) {
+    const images = Buffer.alloc(16 + n * 784);
+    images.writeUInt32BE(0x803, 0); images.writeUInt32BE(n, 4); images.writeUInt32BE(28, 8); images.writeUInt32BE(28, 12);
+    const labels = Buffer.alloc(8 + n);
+    labels.writeUInt32BE(0x801, 0); labels.writeUInt32BE(n, 4);
+    for (let i = 0; i < n; i++) {
+      const d = rand(10);
+      labels[8 + i] = d;
+      const r0 = 4 + Math.floor(d / 5) * 12, c0 = 1 + (d % 5) * 5;
+      for (let r = 0; r < 28; r++) {
+        for (let c = 0; c < 28; c++) {
+          const inside = r >= r0 && r < r0 + 6 && c >= c0 && c < c0 + 5;
+          images[16 + i * 784 + r * 28 + c] = inside ? 255 - rand(60) : rand(60);
+        }
+      }
+    }
+    writeFileSync(join(dir, `${prefix}-images-idx3-ubyte`), images);
+    writeFileSync(join(dir, `${prefix}-labels-idx1-ubyte`), labels);
+  }
+}
+writeMnist(join(runDir, "mnist"), [["train", 600], ["t10k", 200]]);
+
 function fail(msg) {
   console.error(`e2e: FAILED: ${msg}`);
   process.exitCode = 1;
@@ -29,7 +61,7 @@ function fail(msg) {
 
 const server = spawn(binary, [
   "simulate", "--rounds", String(ROUNDS), "--image-size", "32", "--patients", "90", "--public-patients", "30",
-  "--run-dir", runDir, "--listen", "127.0.0.1:0",
+  "--run-dir", runDir, "--listen", "127.0.0.1:0", "--mnist-dir", join(runDir, "mnist"),
 ], {
   env: {
     ...process.env,
@@ -142,6 +174,87 @@ try {
       }
     }
   }
+
+  // Jobs: an MNIST run started from the form; its accuracy chart advances
+  // live; it is stopped, resumed from its checkpoint, and finishes.
+  await page.goto(`${base}/app#/runs`);
+  await page.waitForSelector("#job-form");
+  const startJob = async (rounds, dp) => {
+    const before = await page.$$eval("#runs-table tr[data-job]", (trs) => trs.map((tr) => Number(tr.dataset.job)));
+    await page.selectOption("#job-data", "mnist");
+    await page.selectOption("#job-aggregator", "fedavg");
+    await page.fill("#job-rounds", String(rounds));
+    await page.fill("#job-hospitals", "2");
+    if ((await page.isChecked("#job-dp")) !== dp) await page.click("#job-dp");
+    if (dp) await page.fill("#job-epsilon", "8");
+    await page.click("#job-start");
+    await page.waitForFunction((n) => document.querySelectorAll("#runs-table tr[data-job]").length > n, before.length);
+    return Math.max(...(await page.$$eval("#runs-table tr[data-job]", (trs) => trs.map((tr) => Number(tr.dataset.job)))));
+  };
+  const statusOf = (id) => page.getAttribute(`#runs-table tr[data-job="${id}"]`, "data-status");
+  const waitStatus = async (id, want, ms = 300_000) => {
+    await page.waitForSelector(`#runs-table tr[data-job="${id}"][data-status="${want}"]`, { timeout: ms });
+  };
+  const MNIST_ROUNDS = 20;
+  const a = await startJob(MNIST_ROUNDS, false);
+  await snap("runs-queued");
+  await page.goto(`${base}/app#/training/${a}`);
+  await page.waitForSelector("#accuracy-chart");
+  const accPoints = async () => Number(await page.getAttribute("#accuracy-chart", "data-points"));
+  let accSeen = new Set([await accPoints()]);
+  const accStart = Date.now();
+  while (accSeen.size < 3) {
+    if (Date.now() - accStart > 300_000) throw new Error(`the accuracy chart did not advance: ${[...accSeen]}`);
+    await page.waitForTimeout(300);
+    accSeen.add(await accPoints());
+  }
+  console.log(`e2e: accuracy chart points seen live: ${[...accSeen].sort((x, y) => x - y).join(", ")}`);
+  await snap("mnist-training");
+  await page.goto(`${base}/app#/runs`);
+  await page.waitForSelector(`.job-stop[data-job="${a}"]`);
+  await page.click(`.job-stop[data-job="${a}"]`);
+  await waitStatus(a, "stopped");
+  const stoppedAt = Number(await page.textContent(`#runs-table tr[data-job="${a}"] td:nth-child(6)`));
+  if (!(stoppedAt >= 1 && stoppedAt < MNIST_ROUNDS)) fail(`the stopped run recorded ${stoppedAt} rounds`);
+  await snap("runs-stopped");
+  await page.click(`.job-resume[data-job="${a}"]`);
+  await waitStatus(a, "finished");
+  const doneRounds = Number(await page.textContent(`#runs-table tr[data-job="${a}"] td:nth-child(6)`));
+  if (doneRounds !== MNIST_ROUNDS) fail(`the resumed run recorded ${doneRounds} rounds`);
+  console.log(`e2e: MNIST run ${a} stopped after ${stoppedAt} rounds, resumed, finished ${doneRounds}: ${await statusOf(a)}`);
+
+  // A second run with DP-SGD at epsilon 8; the two compared.
+  const b = await startJob(3, true);
+  await waitStatus(b, "finished");
+  await page.check(`.compare-box[data-job="${a}"]`);
+  await page.check(`.compare-box[data-job="${b}"]`);
+  await snap("runs-finished");
+  await page.click("#compare");
+  await page.waitForURL(new RegExp(`#/compare/`));
+  await page.waitForSelector("#compare-accuracy");
+  const cmp = Number(await page.getAttribute("#compare-accuracy", "data-points"));
+  if (cmp !== MNIST_ROUNDS + 3) fail(`the comparison plots ${cmp} accuracy points, not ${MNIST_ROUNDS + 3}`);
+  const cmpEps = Number(await page.getAttribute("#compare-epsilon", "data-points"));
+  if (cmpEps !== 4) fail(`the comparison plots ${cmpEps} epsilon points, not 4 (round 0 and 3 rounds of the DP run)`);
+  await snap("runs-compare");
+
+  // A viewer sees the runs but no form and no buttons, and is refused.
+  const viewer = await (await browser.newContext()).newPage();
+  await viewer.goto(`${base}/login`);
+  await viewer.fill("#username", "viewer");
+  await viewer.fill("#password", "e2e-viewer-password");
+  await viewer.click("#login-button");
+  await viewer.waitForURL(/\/app#\/training/);
+  await viewer.goto(`${base}/app#/runs`);
+  await viewer.waitForSelector(`#runs-table tr[data-job="${a}"]`);
+  const controls = await viewer.$$("#job-form, .job-stop, .job-resume, .job-delete");
+  if (controls.length) fail(`a viewer sees ${controls.length} job controls`);
+  const refused = await viewer.evaluate(async () => (await fetch("/api/jobs", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ data: "mnist", rounds: 1, hospitals: 2 }),
+  })).status);
+  if (refused !== 403) fail(`a viewer's POST /api/jobs answered ${refused}`);
+  await viewer.context().close();
 
   // Signing out: back to the login page, and the app needs a new sign-in.
   await page.click("#logout");

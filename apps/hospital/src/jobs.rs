@@ -56,23 +56,30 @@ pub enum ModelChoice {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// A name for the runs page (default: from the settings).
+    /// A name for the runs page (default: from the settings), at most 80
+    /// characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 80)]
     pub name: Option<String>,
     /// The data.
     pub data: DataChoice,
     /// The model (default: DenseNet-121 for X-rays, the small CNN for MNIST).
     #[serde(default)]
     pub model: Option<ModelChoice>,
-    /// DenseNet-121's input side, 32 to 224 (default 64).
-    #[serde(default)]
+    /// DenseNet-121's input side, 32 to 224 (default 64; X-rays only).
+    #[serde(default, deserialize_with = "whole_opt")]
+    #[schema(minimum = 32, maximum = 224)]
     pub image_size: Option<u32>,
     /// How the server combines the updates (default: geometric median).
     #[serde(default)]
     pub aggregator: Option<AggregatorChoice>,
     /// Rounds, 1 to 100.
+    #[serde(deserialize_with = "whole")]
+    #[schema(minimum = 1, maximum = 100)]
     pub rounds: u64,
     /// Hospitals, 1 to 10.
+    #[serde(deserialize_with = "whole")]
+    #[schema(minimum = 1, maximum = 10)]
     pub hospitals: usize,
     /// DP-SGD at every hospital (default: on).
     #[serde(default = "yes")]
@@ -80,23 +87,82 @@ pub struct JobRequest {
     /// Each hospital's epsilon for the whole job when DP is on (at delta
     /// 1e-5), above 0 and at most 100 (default 8).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 100.0)]
     pub epsilon: Option<f64>,
     /// What leaves a hospital encrypted (X-rays only; default: the head).
     #[serde(default)]
     pub encrypt: Option<Encrypt>,
-    /// This hospital (1-based) sends sign-flipped, scaled updates.
-    #[serde(default)]
+    /// This hospital (1-based, at most `hospitals`) sends sign-flipped,
+    /// scaled updates.
+    #[serde(default, deserialize_with = "whole_opt")]
+    #[schema(minimum = 1, maximum = 10)]
     pub byzantine: Option<usize>,
-    /// This hospital (1-based) drops out of every round.
-    #[serde(default)]
+    /// This hospital (1-based, at most `hospitals`, not the Byzantine
+    /// one) drops out of every round.
+    #[serde(default, deserialize_with = "whole_opt")]
+    #[schema(minimum = 1, maximum = 10)]
     pub drop_hospital: Option<usize>,
     /// Seed (default 42).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_opt")]
     pub seed: Option<u64>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// Whole numbers as JSON writes them: `8` or `8.0` (JSON Schema's
+/// `integer` allows both; serde's integers only the first).
+struct WholeVisitor;
+
+impl serde::de::Visitor<'_> for WholeVisitor {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a whole number of at least 0")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<u64, E> {
+        Ok(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(format!("{v} is below 0")))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<u64, E> {
+        if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+            Ok(v as u64)
+        } else {
+            Err(E::custom(format!(
+                "{v} is not a whole number of at least 0"
+            )))
+        }
+    }
+}
+
+fn whole<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let v = d.deserialize_any(WholeVisitor)?;
+    T::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is too large")))
+}
+
+fn whole_opt<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "whole")] u64);
+    match Option::<Wrap>::deserialize(d)? {
+        None => Ok(None),
+        Some(Wrap(v)) => T::try_from(v)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{v} is too large"))),
+    }
 }
 
 /// A job's settings, as stored: what its runner needs.
@@ -301,14 +367,22 @@ impl JobOptions {
     }
 }
 
-/// Why a job could not be stopped, resumed or deleted.
+/// Why a job could not be created, stopped, resumed or deleted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
+    /// The request's settings do not hold (the message says why).
+    Invalid(String),
     /// No such job.
     NotFound,
-    /// Not in a state that allows it (the message says why).
+    /// Not in a state that allows it, or the queue is full (the message
+    /// says why).
     Conflict(String),
 }
+
+/// Runs that may wait in the queue at once: more are refused until one
+/// starts, is stopped or deleted (each queued run is a folder on disk
+/// and, once it starts, hours of the machine).
+pub const MAX_QUEUED: usize = 10;
 
 /// The queue: runs one job at a time on a blocking thread, the oldest
 /// queued first.
@@ -351,11 +425,23 @@ impl JobQueue {
         &self,
         request: &JobRequest,
         user: i64,
-    ) -> Result<std::result::Result<JobRow, Invalid>> {
+    ) -> Result<std::result::Result<JobRow, Refusal>> {
         let (kind, settings, name) = match self.options.settings(request) {
             Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(Refusal::Invalid(e.0))),
         };
+        let waiting = self
+            .store
+            .jobs()
+            .await?
+            .iter()
+            .filter(|j| j.status == JobStatus::Queued)
+            .count();
+        if waiting >= MAX_QUEUED {
+            return Ok(Err(Refusal::Conflict(format!(
+                "{waiting} runs are waiting already; stop or delete one first"
+            ))));
+        }
         let id = self
             .store
             .create_job(&NewJob {
@@ -687,4 +773,33 @@ pub async fn deployment_job(
             status: JobStatus::Running,
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_come_as_json_writes_them_and_nothing_else_passes() {
+        let r: JobRequest = serde_json::from_value(serde_json::json!({
+            "data": "mnist", "rounds": 3.0, "hospitals": 2, "byzantine": 1.0, "seed": 18446744073709551615u64
+        }))
+        .unwrap();
+        assert_eq!(
+            (r.rounds, r.hospitals, r.byzantine, r.seed),
+            (3, 2, Some(1), Some(u64::MAX))
+        );
+        for bad in [
+            serde_json::json!({"data": "mnist", "rounds": 2.5, "hospitals": 2}),
+            serde_json::json!({"data": "mnist", "rounds": -1, "hospitals": 2}),
+            serde_json::json!({"data": "mnist", "rounds": 2, "hospitals": 1e30}),
+            serde_json::json!({"data": "mnist", "rounds": "2", "hospitals": 2}),
+            serde_json::json!({"data": "mnist", "rounds": 2, "hospitals": 2, "unknown": 1}),
+        ] {
+            assert!(
+                serde_json::from_value::<JobRequest>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -15,6 +15,7 @@ use super::{ApiError, ApiResult, AppState, ErrorBody, Session};
 
 fn refused(r: Refusal) -> ApiError {
     match r {
+        Refusal::Invalid(m) => ApiError::bad_request(m),
         Refusal::NotFound => ApiError::not_found("job"),
         Refusal::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
     }
@@ -60,8 +61,8 @@ pub(super) async fn job_choices(
 
 #[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = JobRequest,
     responses((status = 201, description = "queued; it starts when the runs before it end", body = JobRow),
-              (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
-              (status = 409, description = "a deployed server starts no jobs", body = ErrorBody)))]
+              (status = 400, description = "settings that do not hold together (an aggregator that cannot run with that many hospitals, encryption on MNIST, a hospital number out of range, data this server does not have)", body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 409, description = "the queue is full (10 runs wait), or this is a deployed server, which starts no jobs", body = ErrorBody)))]
 pub(super) async fn create_job(
     State(state): State<AppState>,
     session: Session,
@@ -74,7 +75,7 @@ pub(super) async fn create_job(
     let job = queue
         .submit(&req, session.user.id)
         .await?
-        .map_err(|e| ApiError::bad_request(e.0))?;
+        .map_err(refused)?;
     let id = job.id.to_string();
     session
         .audit(&state, AuditAction::JobCreated, Some(&id), Some(&job.name))
