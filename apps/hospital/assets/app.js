@@ -214,6 +214,9 @@ async function viewRound(root, id, job) {
   root.append(
     el("h1", {}, `Round ${r.id}`),
     el("p", {}, `${r.outcome} · ${r.aggregator} · started ${when(r.started_at)} · ${(r.duration_ms / 1000).toFixed(1)} s`),
+    d.notes.length
+      ? el("ul", { id: "round-notes" }, d.notes.map((n) => el("li", {}, el("strong", {}, n.client), `: ${n.note}`)))
+      : el("p", { class: "muted", id: "round-notes" }, "No sampled hospital was left out, flagged, or weighed less than half the mean of the others."),
     el("table", { id: "round-updates" },
       el("tr", {}, ["Hospital", "Counted", "Reason", "Weight", "Trust", "Update norm", "Images", "ε spent"].map((h) => el("th", {}, h))),
       d.updates.map((u) => el("tr", {},

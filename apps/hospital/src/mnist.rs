@@ -214,6 +214,11 @@ pub fn run(
         Server::new(config, initial, transport, aggregator)?
     };
     let mut evaluator = cnn(cfg.seed)?;
+    if !resume {
+        evaluator.set_parameters(server.global())?;
+        let e = evaluator.evaluate(&test)?;
+        rt.block_on(store.record_initial(job, e.loss, &e.metrics))?;
+    }
     server.set_evaluator(move |p| {
         evaluator.set_parameters(p)?;
         evaluator.evaluate(&test)

@@ -388,6 +388,9 @@ fn run_inner(
     let full = open_head(server.global(), server.sealed_global())?;
     evaluator.set_parameters(&full)?;
     let initial = evaluator.evaluate(&holdout)?;
+    if !cfg.resume {
+        rt.block_on(store.record_initial(job, initial.loss, &initial.metrics))?;
+    }
     predictor.update(&full, server.next_round() - 1)?;
     // The opened global model of the last completed round, for inference;
     // the loop below installs it under the round's number.

@@ -653,13 +653,25 @@ async fn admins_start_stop_resume_compare_and_delete_jobs_and_viewers_cannot() {
     )
     .await;
     assert_eq!(ca["metric"], "accuracy");
-    assert_eq!(ca["points"].as_array().unwrap().len(), 12);
-    assert!(ca["points"][11]["value"].as_f64().unwrap() > 0.5);
-    assert!(ca["points"][0]["epsilon"].is_null(), "no DP, no epsilon");
+    let pa = ca["points"].as_array().unwrap();
+    assert_eq!(
+        pa.iter()
+            .map(|p| p["round"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        (0..=12).collect::<Vec<_>>(),
+        "round 0 is the model before training, recorded once (not again on resume)"
+    );
+    let before = pa[0]["value"].as_f64().unwrap();
+    assert!(before < 0.5, "an untrained CNN is near chance: {before}");
+    assert!(pa[12]["value"].as_f64().unwrap() > 0.5);
+    assert!(
+        pa.iter().all(|p| p["epsilon"].is_null()),
+        "no DP, no epsilon"
+    );
     assert_eq!(ca["budget"], Value::Null);
-    let eps: Vec<f64> = cb["points"]
-        .as_array()
-        .unwrap()
+    let pb = cb["points"].as_array().unwrap();
+    assert!(pb[0]["epsilon"].is_null(), "nothing spent before round 1");
+    let eps: Vec<f64> = pb[1..]
         .iter()
         .map(|p| p["epsilon"].as_f64().unwrap())
         .collect();

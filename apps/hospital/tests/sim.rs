@@ -116,7 +116,11 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     let metrics = rt
         .block_on(store.metrics(JOB, "eval.auroc.", None))
         .unwrap();
-    assert!(!metrics.is_empty());
+    assert_eq!(
+        metrics.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2],
+        "per-label AUROC before training (round 0) and after each round"
+    );
     assert!(
         rt.block_on(store.metrics(JOB, "agg.sealed_sum_ms", None))
             .unwrap()

@@ -231,21 +231,39 @@ pub(super) async fn job_curve(
     };
     let eps: std::collections::BTreeMap<i64, f64> =
         state.store.epsilons(id).await?.into_iter().collect();
-    let points = state
+    // Round 0: the model before any hospital trained (nothing spent yet).
+    let initial = state
         .store
-        .rounds(id)
+        .metrics(id, "eval.", Some(0))
         .await?
+        .remove(&0)
+        .map(|m| CurvePoint {
+            round: 0,
+            value: m
+                .get(if accuracy { "accuracy" } else { "auroc_macro" })
+                .copied(),
+            loss: m.get("loss").copied(),
+            epsilon: None,
+        });
+    let points = initial
         .into_iter()
-        .map(|r| CurvePoint {
-            value: if accuracy {
-                acc.remove(&r.id).and_then(|m| m.get("").copied())
-            } else {
-                r.auroc_macro
-            },
-            loss: r.loss,
-            epsilon: eps.get(&r.id).copied(),
-            round: r.id,
-        })
+        .chain(
+            state
+                .store
+                .rounds(id)
+                .await?
+                .into_iter()
+                .map(|r| CurvePoint {
+                    value: if accuracy {
+                        acc.remove(&r.id).and_then(|m| m.get("").copied())
+                    } else {
+                        r.auroc_macro
+                    },
+                    loss: r.loss,
+                    epsilon: eps.get(&r.id).copied(),
+                    round: r.id,
+                }),
+        )
         .collect();
     Ok(Json(JobCurve {
         metric: if accuracy { "accuracy" } else { "auroc_macro" }.into(),

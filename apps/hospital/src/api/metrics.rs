@@ -106,20 +106,28 @@ pub(super) async fn auc_history(
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
     let mut per = state.store.metrics(job, "eval.auroc.", None).await?;
+    // Round 0: the model before any hospital trained, when it was recorded.
+    let initial = state.store.metrics(job, "eval.", Some(0)).await?.remove(&0);
+    let start = initial.and_then(|m| {
+        let per_label = per.remove(&0).unwrap_or_default();
+        let macro_auroc = m.get("auroc_macro").copied();
+        (macro_auroc.is_some() || !per_label.is_empty()).then_some(AucPoint {
+            round: 0,
+            macro_auroc,
+            per_label,
+        })
+    });
     Ok(Json(
-        state
-            .store
-            .rounds(job)
-            .await?
+        start
             .into_iter()
-            .filter_map(|r| {
+            .chain(state.store.rounds(job).await?.into_iter().filter_map(|r| {
                 let per_label = per.remove(&r.id);
                 (r.auroc_macro.is_some() || per_label.is_some()).then(|| AucPoint {
                     round: r.id,
                     macro_auroc: r.auroc_macro,
                     per_label: per_label.unwrap_or_default(),
                 })
-            })
+            }))
             .collect(),
     ))
 }
@@ -145,17 +153,32 @@ pub(super) async fn loss_history(
     session
         .require(&state, Permission::ViewMetrics, "view metrics")
         .await?;
+    let initial = state
+        .store
+        .metrics(job, "eval.loss", Some(0))
+        .await?
+        .remove(&0)
+        .and_then(|m| m.get("").copied())
+        .map(|loss| LossPoint {
+            round: 0,
+            loss: Some(loss),
+            train_loss: None,
+        });
     Ok(Json(
-        state
-            .store
-            .rounds(job)
-            .await?
+        initial
             .into_iter()
-            .map(|r| LossPoint {
-                round: r.id,
-                loss: r.loss,
-                train_loss: r.train_loss,
-            })
+            .chain(
+                state
+                    .store
+                    .rounds(job)
+                    .await?
+                    .into_iter()
+                    .map(|r| LossPoint {
+                        round: r.id,
+                        loss: r.loss,
+                        train_loss: r.train_loss,
+                    }),
+            )
             .collect(),
     ))
 }

@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{self, Permission};
 use crate::live::{LiveEvent, Progress, RunStatus};
-use crate::store::{AuditAction, RoundRow, UpdateRow};
+use crate::store::{AuditAction, RoundRow, TrustRow, UpdateRow};
 
 use super::{ApiError, ApiResult, AppState, ErrorBody, JobQuery, JobSel, Session};
 
@@ -114,6 +114,83 @@ pub struct RoundDetail {
     pub updates: Vec<UpdateRow>,
     /// The held-out evaluation and aggregator numbers.
     pub metrics: BTreeMap<String, f64>,
+    /// Why a hospital counted less than the others, or not at all.
+    pub notes: Vec<RoundNote>,
+}
+
+/// Why one hospital counted less in a round, or not at all.
+#[derive(Debug, Serialize, ToSchema, PartialEq)]
+pub struct RoundNote {
+    /// The hospital.
+    pub client: String,
+    /// What happened to its update, in words.
+    pub note: String,
+}
+
+/// The notes of a round: every update not counted (with its reason), every
+/// counted one whose weight is under half the counted ones' mean (with
+/// what the aggregator weighs by), every hospital flagged suspicious.
+pub fn round_notes(
+    round: &RoundRow,
+    updates: &[UpdateRow],
+    trust: &BTreeMap<String, TrustRow>,
+) -> Vec<RoundNote> {
+    let weights: Vec<f64> = updates
+        .iter()
+        .filter(|u| u.accepted)
+        .filter_map(|u| u.weight)
+        .collect();
+    let mean = weights.iter().sum::<f64>() / weights.len().max(1) as f64;
+    let agg = round.aggregator.as_str();
+    let by = if agg.contains("FedAvg") || agg.contains("Fedavg") {
+        "FedAvg weighs each hospital by its images"
+    } else if agg.contains("GeometricMedian") {
+        "the geometric median gives an update far from the others less weight"
+    } else if agg.contains("Krum") {
+        "Krum keeps the update closest to its neighbours"
+    } else {
+        "the aggregator's weight"
+    };
+    let mut notes = Vec::new();
+    for u in updates {
+        let mut say = |note: String| {
+            notes.push(RoundNote {
+                client: u.client_id.clone(),
+                note,
+            })
+        };
+        if !u.accepted {
+            say(format!(
+                "not counted: {}",
+                u.reason.as_deref().unwrap_or("no reason recorded")
+            ));
+            continue;
+        }
+        if let Some(w) = u.weight
+            && weights.len() > 1
+            && mean > 0.0
+            && w < 0.5 * mean
+        {
+            say(if w == 0.0 {
+                format!("left out of the aggregate (weight 0): {by}")
+            } else {
+                format!(
+                    "down-weighted: weight {w:.3}, {:.2} times the mean of the counted hospitals; {by}",
+                    w / mean
+                )
+            });
+        }
+        if let Some(t) = trust.get(&u.client_id)
+            && t.suspicious
+        {
+            say(format!(
+                "flagged suspicious: trust {:.2} this round, moving average {} below the threshold",
+                t.trust,
+                t.trust_ema.map_or("-".into(), |e| format!("{e:.2}"))
+            ));
+        }
+    }
+    notes
 }
 
 #[utoipa::path(get, path = "/api/training/rounds/{id}", tag = "training",
@@ -139,9 +216,23 @@ pub(super) async fn round_detail(
         .await?
         .remove(&id)
         .unwrap_or_default();
+    let updates = state.store.updates(job, Some(id), None).await?;
+    let mut trust = BTreeMap::new();
+    for u in updates.iter().filter(|u| u.accepted) {
+        if let Some(t) = state
+            .store
+            .trust(job, &u.client_id)
+            .await?
+            .into_iter()
+            .find(|t| t.round_id == id)
+        {
+            trust.insert(u.client_id.clone(), t);
+        }
+    }
     Ok(Json(RoundDetail {
+        notes: round_notes(&round, &updates, &trust),
         round,
-        updates: state.store.updates(job, Some(id), None).await?,
+        updates,
         metrics,
     }))
 }
@@ -254,4 +345,81 @@ pub(super) async fn events(
     });
     let stream = futures_util::StreamExt::take_until(stream, Box::pin(end));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(client: &str, weight: Option<f64>, reason: Option<&str>) -> UpdateRow {
+        UpdateRow {
+            round_id: 3,
+            client_id: client.into(),
+            accepted: reason.is_none(),
+            reason: reason.map(Into::into),
+            weight,
+            trust: None,
+            update_norm: None,
+            num_examples: None,
+            epsilon: None,
+            delta: None,
+        }
+    }
+
+    #[test]
+    fn a_round_says_who_counted_less_and_why() {
+        let round = RoundRow {
+            id: 3,
+            outcome: "completed".into(),
+            aggregator: "GeometricMedian".into(),
+            started_at: 0,
+            duration_ms: 0,
+            accepted: 3,
+            rejected: 1,
+            loss: None,
+            train_loss: None,
+            auroc_macro: None,
+            update_norm: None,
+        };
+        let updates = [
+            update("hospital-1", Some(0.45), None),
+            update("hospital-2", Some(0.45), None),
+            update("hospital-3", Some(0.10), None),
+            update("hospital-4", None, Some("invalid update: NaN")),
+        ];
+        let trust = BTreeMap::from([(
+            "hospital-3".to_owned(),
+            TrustRow {
+                round_id: 3,
+                trust: 0.2,
+                trust_ema: Some(0.3),
+                suspicious: true,
+            },
+        )]);
+        let notes = round_notes(&round, &updates, &trust);
+        let of = |c: &str| -> Vec<&str> {
+            notes
+                .iter()
+                .filter(|n| n.client == c)
+                .map(|n| n.note.as_str())
+                .collect()
+        };
+        assert!(of("hospital-1").is_empty() && of("hospital-2").is_empty());
+        let h3 = of("hospital-3");
+        assert_eq!(h3.len(), 2, "{h3:?}");
+        assert!(
+            h3[0].starts_with("down-weighted: weight 0.100, 0.30 times the mean"),
+            "{}",
+            h3[0]
+        );
+        assert!(h3[0].contains("geometric median"), "{}", h3[0]);
+        assert!(
+            h3[1].contains("flagged suspicious") && h3[1].contains("0.30"),
+            "{}",
+            h3[1]
+        );
+        assert_eq!(of("hospital-4"), vec!["not counted: invalid update: NaN"]);
+        // One counted hospital has nobody to be compared with.
+        assert!(round_notes(&round, &updates[..1], &BTreeMap::new()).is_empty());
+    }
 }

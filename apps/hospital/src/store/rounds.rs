@@ -180,6 +180,39 @@ impl Store {
         Ok(())
     }
 
+    /// The held-out evaluation of `job`'s model before its first round
+    /// (round 0 of its charts): its loss and metrics as `eval.*` metrics
+    /// of round 0, replacing an earlier record.
+    pub async fn record_initial(
+        &self,
+        job: i64,
+        loss: f64,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM round_metrics WHERE job_id = $1 AND round_id = 0")
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        let all =
+            std::iter::once(("loss", loss)).chain(metrics.iter().map(|(k, v)| (k.as_str(), *v)));
+        for (name, value) in all {
+            if !value.is_finite() {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO round_metrics (job_id, round_id, name, value) VALUES ($1, 0, $2, $3)",
+            )
+            .bind(job)
+            .bind(format!("eval.{name}"))
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Every round of `job`, in order.
     pub async fn rounds(&self, job: i64) -> Result<Vec<RoundRow>> {
         sqlx::query(&format!("{ROUND_COLUMNS} WHERE job_id = $1 ORDER BY id"))
