@@ -353,7 +353,7 @@ function jobSettings(j) {
   }
   if (j.kind === "xray" && s.clients) {
     const dp = s.dp && s.dp.mode !== "off" ? `DP ε ${s.dp.epsilon}` : "no DP";
-    return `${s.data_dir ? "ChestX-ray14" : "synthetic"} ${s.image_size} px · ${s.clients} hospitals · ${s.aggregator} · ${dp} · encrypt ${s.encrypt}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_client ? ` · hospital ${s.drop_client} drops` : ""}`;
+    return `${s.chestxray14 ? "ChestX-ray14" : "synthetic"} ${s.image_size} px · ${s.clients} hospitals · ${s.aggregator} · ${dp} · encrypt ${s.encrypt}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_client ? ` · hospital ${s.drop_client} drops` : ""}`;
   }
   return s.rounds ? `${s.rounds} rounds` : "";
 }

@@ -394,6 +394,7 @@ pub struct JobQueue {
     options: JobOptions,
     wake: Notify,
     closing: AtomicBool,
+    accepting: AtomicBool,
 }
 
 impl JobQueue {
@@ -412,12 +413,27 @@ impl JobQueue {
             options,
             wake: Notify::new(),
             closing: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
         }
     }
 
-    /// What the form can offer.
-    pub fn options(&self) -> &JobOptions {
-        &self.options
+    /// What the form can offer here (nothing when this process takes no
+    /// more runs).
+    pub fn choices(&self) -> JobChoices {
+        let mut c = self.options.choices();
+        c.enabled = self.accepts();
+        c
+    }
+
+    /// Whether this process runs jobs queued now: not when it exits after
+    /// its command-line run, nor once it shuts down.
+    pub fn accepts(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst) && !self.closing.load(Ordering::SeqCst)
+    }
+
+    /// This process takes no runs from the page (`--exit-when-done`).
+    pub fn refuse_new_jobs(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
     }
 
     /// Queues a job for `user`.
@@ -426,6 +442,12 @@ impl JobQueue {
         request: &JobRequest,
         user: i64,
     ) -> Result<std::result::Result<JobRow, Refusal>> {
+        if !self.accepts() {
+            return Ok(Err(Refusal::Conflict(
+                "this server runs no more jobs (it exits when its own run ends, or is shutting down)"
+                    .into(),
+            )));
+        }
         let (kind, settings, name) = match self.options.settings(request) {
             Ok(s) => s,
             Err(e) => return Ok(Err(Refusal::Invalid(e.0))),
@@ -478,10 +500,19 @@ impl JobQueue {
                 "a deployment resumes by restarting `hospital server`".into(),
             )));
         }
-        let checkpoint = job
-            .run_dir
-            .as_deref()
-            .is_some_and(|d| has_checkpoint(Path::new(d)));
+        let Some(dir) = job.run_dir.as_deref().map(PathBuf::from) else {
+            return Ok(Err(Refusal::Conflict(
+                "this run's folder was taken over by a later run in it; start a new run".into(),
+            )));
+        };
+        let checkpoint = has_checkpoint(&dir);
+        if !checkpoint && has_ledgers(&dir) {
+            return Ok(Err(Refusal::Conflict(
+                "this run spent privacy budget before its first checkpoint: it cannot continue, \
+                 and starting it over would start its hospitals' budgets over; start a new run"
+                    .into(),
+            )));
+        }
         if !self.store.requeue_job(id, checkpoint).await? {
             return Ok(Err(Refusal::Conflict(format!(
                 "the job is {}; only a stopped or failed job resumes",
@@ -509,9 +540,10 @@ impl JobQueue {
         if let Some(dir) = job.run_dir.map(PathBuf::from)
             && dir.parent() == Some(jobs.as_path())
             && dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
         {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot remove {}", dir.display()))?;
+            // The job is gone from the store; its folder stays, said in the log.
+            tracing::warn!(job = id, folder = %dir.display(), error = %e, "the deleted job's folder was not removed");
         }
         Ok(Ok(()))
     }
@@ -522,11 +554,20 @@ impl JobQueue {
             if self.closing.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            match self.store.start_next_job().await? {
-                Some(job) => {
-                    self.run(job).await?;
+            // A store that fails now and then does not end the queue: the
+            // error goes to the log and the queue tries again.
+            match self.store.start_next_job().await {
+                Ok(Some(job)) => {
+                    let id = job.id;
+                    if let Err(e) = self.run(job).await {
+                        tracing::error!(job = id, error = %format!("{e:#}"), "the job's end was not recorded");
+                    }
                 }
-                None => self.wake.notified().await,
+                Ok(None) => self.wake.notified().await,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "the queue cannot read the store");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
             }
         }
     }
@@ -542,10 +583,22 @@ impl JobQueue {
     /// ended; an error is the store's (a job's own failure is its status).
     pub async fn run(&self, job: JobRow) -> Result<JobOutcome> {
         self.shared.stop.reset();
+        // A shutdown that began while the job was taken from the queue:
+        // it stops before its first round (and stays resumable).
+        if self.closing.load(Ordering::SeqCst) {
+            self.shared.stop.stop();
+        }
         let id = job.id;
+        let total = job
+            .settings
+            .get("rounds")
+            .and_then(serde_json::Value::as_i64);
         let trained = self.train(&job).await;
-        let stopped = self.shared.stop.is_stopped();
         self.shared.set_progress(|p| p.job = None);
+        // Stopped means rounds are left: a stop during the last round still
+        // finished the job.
+        let recorded = self.store.rounds(id).await?.len() as i64;
+        let stopped = self.shared.stop.is_stopped() && total.is_none_or(|t| recorded < t);
         let (status, error, summary) = match trained {
             Err(e) => (JobStatus::Failed, Some(format!("{e:#}")), None),
             Ok(s) if stopped => (JobStatus::Stopped, None, s),
@@ -651,6 +704,14 @@ impl JobQueue {
                 return self.store.job(j.id).await?.context("the job");
             }
         }
+        // A new run in the folder replaces what was there (its checkpoint
+        // and ledgers start over): earlier jobs lose the folder, and with it
+        // their resume.
+        for j in self.store.jobs().await? {
+            if j.run_dir.as_deref() == Some(dir_s.as_str()) {
+                self.store.clear_job_run_dir(j.id).await?;
+            }
+        }
         let name = format!(
             "command line: X-rays {} px, {} hospitals, {:?}",
             settings.image_size, settings.clients, settings.aggregator
@@ -678,36 +739,46 @@ pub async fn stop_job(
     shared: &Shared,
     id: i64,
 ) -> Result<std::result::Result<JobRow, Refusal>> {
-    let Some(job) = store.job(id).await? else {
-        return Ok(Err(Refusal::NotFound));
-    };
-    match job.status {
-        JobStatus::Queued => {
-            store
-                .move_job(id, &[JobStatus::Queued], JobStatus::Stopped, None)
-                .await?;
-        }
-        JobStatus::Running => {
-            let training = shared.progress.read().ok().and_then(|p| p.job);
-            if training != Some(id) {
-                return Ok(Err(Refusal::Conflict(
-                    "this job is not training in this process".into(),
-                )));
+    // A queued job may start, and a running one end, while this looks: a
+    // transition that did not happen is looked at again.
+    for _ in 0..5 {
+        let Some(job) = store.job(id).await? else {
+            return Ok(Err(Refusal::NotFound));
+        };
+        let moved = match job.status {
+            JobStatus::Queued => {
+                store
+                    .move_job(id, &[JobStatus::Queued], JobStatus::Stopped, None)
+                    .await?
             }
-            shared.stop.stop();
-            store
-                .move_job(id, &[JobStatus::Running], JobStatus::Stopping, None)
-                .await?;
-        }
-        JobStatus::Stopping => {}
-        other => {
-            return Ok(Err(Refusal::Conflict(format!(
-                "the job is {}; only a queued or running job stops",
-                other.as_str()
-            ))));
+            JobStatus::Running => {
+                let training = shared.progress.read().ok().and_then(|p| p.job);
+                if training != Some(id) {
+                    // Taken from the queue a moment ago, or training in
+                    // another process (which this one cannot stop).
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+                shared.stop.stop();
+                store
+                    .move_job(id, &[JobStatus::Running], JobStatus::Stopping, None)
+                    .await?
+            }
+            JobStatus::Stopping => true,
+            other => {
+                return Ok(Err(Refusal::Conflict(format!(
+                    "the job is {}; only a queued or running job stops",
+                    other.as_str()
+                ))));
+            }
+        };
+        if moved {
+            return Ok(Ok(store.job(id).await?.context("the job")?));
         }
     }
-    Ok(Ok(store.job(id).await?.context("the job")?))
+    Ok(Err(Refusal::Conflict(
+        "this job is not training in this process".into(),
+    )))
 }
 
 /// The (epsilon, delta) budget of each hospital of a job, when it runs
@@ -728,6 +799,13 @@ pub struct JobOutcome {
     pub error: Option<String>,
     /// What an X-ray run reports.
     pub summary: Option<crate::sim::Summary>,
+}
+
+/// Whether a run folder holds DP ledgers.
+fn has_ledgers(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("dp-ledgers"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }
 
 /// Whether a run folder holds a checkpoint to resume from.

@@ -164,6 +164,10 @@ async fn simulate(args: SimulateArgs, run_dir: PathBuf) -> Result<()> {
             chestxray14_dir: args.chestxray14_dir.clone(),
         },
     ));
+    if args.exit_when_done || args.no_dashboard {
+        // Nothing would run what the page queued.
+        queue.refuse_new_jobs();
+    }
     state.jobs = Some(queue.clone());
     let server = if args.no_dashboard {
         None

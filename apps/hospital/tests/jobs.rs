@@ -732,6 +732,65 @@ async fn admins_start_stop_resume_compare_and_delete_jobs_and_viewers_cannot() {
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
+    // The API shows no server folders; an unknown job is 404.
+    let (_, a_row) = send(&h.app, "GET", &format!("/api/jobs/{a_id}"), &viewer, None).await;
+    assert!(a_row["settings"].get("run_dir").is_none(), "{a_row}");
+    let (s, _) = send(&h.app, "GET", "/api/training/rounds?job=999", &viewer, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Resuming is refused where it would lie: a job whose folder a later
+    // run took over, and one that spent privacy budget before its first
+    // checkpoint (starting it over would start its budgets over).
+    let orphan = h
+        .state
+        .store
+        .create_job(&new_job(JobStatus::Running))
+        .await
+        .unwrap();
+    h.state
+        .store
+        .move_job(orphan, &[JobStatus::Running], JobStatus::Stopped, None)
+        .await
+        .unwrap();
+    let (s, body) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{orphan}/resume"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("taken over"),
+        "{body}"
+    );
+    let spent = h.root.join("jobs").join("spent");
+    std::fs::create_dir_all(spent.join("dp-ledgers")).unwrap();
+    std::fs::write(spent.join("dp-ledgers").join("hospital-1.json"), "{}").unwrap();
+    h.state
+        .store
+        .set_job_run_dir(orphan, spent.to_str().unwrap())
+        .await
+        .unwrap();
+    let (s, body) = send(
+        &h.app,
+        "POST",
+        &format!("/api/jobs/{orphan}/resume"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("privacy budget"),
+        "{body}"
+    );
+    assert_eq!(
+        h.state.store.job(orphan).await.unwrap().unwrap().status,
+        JobStatus::Stopped
+    );
+
     let log = h.state.store.audit_log(None, 50).await.unwrap();
     for action in ["job_created", "job_stopped", "job_resumed", "job_deleted"] {
         assert!(

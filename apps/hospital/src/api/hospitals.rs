@@ -105,8 +105,8 @@ pub(super) async fn client_trust(
 /// A status change.
 #[derive(Deserialize, ToSchema)]
 pub struct StatusChange {
-    /// `active` or `suspended`.
-    pub status: String,
+    /// The new status.
+    pub status: ClientStatus,
 }
 
 #[utoipa::path(patch, path = "/api/clients/{id}/status", tag = "clients", request_body = StatusChange,
@@ -126,10 +126,7 @@ pub(super) async fn set_client_status(
             "change a client's status",
         )
         .await?;
-    let status: ClientStatus = req
-        .status
-        .parse()
-        .map_err(|_| ApiError::bad_request("status is `active` or `suspended`"))?;
+    let status = req.status;
     let before = state
         .store
         .client(&id)

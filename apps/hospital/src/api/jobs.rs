@@ -37,7 +37,15 @@ pub(super) async fn list_jobs(
     session
         .require(&state, Permission::ViewMetrics, "view jobs")
         .await?;
-    Ok(Json(state.store.jobs().await?))
+    Ok(Json(
+        state
+            .store
+            .jobs()
+            .await?
+            .into_iter()
+            .map(JobRow::public)
+            .collect(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/jobs/choices", tag = "jobs",
@@ -50,7 +58,7 @@ pub(super) async fn job_choices(
         .require(&state, Permission::ViewMetrics, "view jobs")
         .await?;
     Ok(Json(match &state.jobs {
-        Some(q) => q.options().choices(),
+        Some(q) => q.choices(),
         None => JobChoices {
             data: Vec::new(),
             aggregators: Vec::new(),
@@ -80,7 +88,7 @@ pub(super) async fn create_job(
     session
         .audit(&state, AuditAction::JobCreated, Some(&id), Some(&job.name))
         .await?;
-    Ok((StatusCode::CREATED, Json(job)))
+    Ok((StatusCode::CREATED, Json(job.public())))
 }
 
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs",
@@ -99,7 +107,8 @@ pub(super) async fn get_job(
             .store
             .job(id)
             .await?
-            .ok_or_else(|| ApiError::not_found("job"))?,
+            .ok_or_else(|| ApiError::not_found("job"))?
+            .public(),
     ))
 }
 
@@ -122,14 +131,14 @@ pub(super) async fn stop_job(
     session
         .audit(&state, AuditAction::JobStopped, Some(&id.to_string()), None)
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(job)))
+    Ok((StatusCode::ACCEPTED, Json(job.public())))
 }
 
 #[utoipa::path(post, path = "/api/jobs/{id}/resume", tag = "jobs",
     params(("id" = i64, Path, description = "job number")),
-    responses((status = 202, description = "queued again; it continues from its last checkpoint", body = JobRow),
+    responses((status = 202, description = "queued again; it continues from its last checkpoint (or starts over when it wrote none and spent no privacy budget)", body = JobRow),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, description = "the job is not stopped or failed, or this server starts no jobs", body = ErrorBody)))]
+              (status = 409, description = "the job is not stopped or failed, its folder was taken over by a later run, it spent privacy budget before its first checkpoint, or this server starts no jobs", body = ErrorBody)))]
 pub(super) async fn resume_job(
     State(state): State<AppState>,
     session: Session,
@@ -143,7 +152,7 @@ pub(super) async fn resume_job(
     session
         .audit(&state, AuditAction::JobResumed, Some(&id.to_string()), None)
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(job)))
+    Ok((StatusCode::ACCEPTED, Json(job.public())))
 }
 
 #[utoipa::path(delete, path = "/api/jobs/{id}", tag = "jobs",
@@ -268,7 +277,7 @@ pub(super) async fn job_curve(
     Ok(Json(JobCurve {
         metric: if accuracy { "accuracy" } else { "auroc_macro" }.into(),
         budget: crate::jobs::budget_of(&job),
-        job,
+        job: job.public(),
         points,
     }))
 }

@@ -80,7 +80,11 @@ pub(super) async fn overview(
             .filter_map(|r| r.auroc_macro)
             .max_by(f64::total_cmp),
         model_round: state.predictor.round(),
-        job: state.store.job(job).await?,
+        job: state
+            .store
+            .job(job)
+            .await?
+            .map(crate::store::JobRow::public),
     }))
 }
 

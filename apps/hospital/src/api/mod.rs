@@ -327,7 +327,8 @@ impl FromRequestParts<AppState> for JobSel {
         let q = axum::extract::Query::<JobQuery>::try_from_uri(&parts.uri)
             .map_err(|_| ApiError::bad_request("`job` must be a job number"))?;
         Ok(JobSel(match q.0.job {
-            Some(j) => j,
+            Some(j) if state.store.job(j).await?.is_some() => j,
+            Some(_) => return Err(ApiError::not_found("job")),
             None => state.store.current_job().await?.unwrap_or(0),
         }))
     }
@@ -461,6 +462,7 @@ impl utoipa::Modify for ErrorResponses {
                 }
                 if params {
                     add("400", "a path or query parameter does not parse");
+                    add("404", "what a path or query parameter names does not exist");
                 }
                 let open = op
                     .security

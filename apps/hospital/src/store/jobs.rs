@@ -144,6 +144,20 @@ const JOB_COLUMNS: &str = "SELECT j.id, j.kind, j.name, j.settings, j.status, u.
      (SELECT MAX(c.epsilon) FROM client_updates c WHERE c.job_id = j.id) \
      FROM jobs j LEFT JOIN users u ON u.id = j.created_by";
 
+impl JobRow {
+    /// The row as the API shows it: its settings without the server's
+    /// folders (`run_dir`; `data_dir` becomes `"chestxray14": true`).
+    pub fn public(mut self) -> Self {
+        if let Some(m) = self.settings.as_object_mut() {
+            m.remove("run_dir");
+            if let Some(d) = m.remove("data_dir") {
+                m.insert("chestxray14".into(), serde_json::Value::Bool(!d.is_null()));
+            }
+        }
+        self
+    }
+}
+
 fn job(r: &sqlx::any::AnyRow) -> Result<JobRow> {
     let settings: String = r.try_get(3)?;
     Ok(JobRow {
@@ -270,7 +284,8 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// The oldest queued job, now running; `None` when none waits.
+    /// The oldest queued job that has its folder, now running; `None` when
+    /// none waits.
     pub async fn start_next_job(&self) -> Result<Option<JobRow>> {
         loop {
             let Some(row) =
@@ -295,6 +310,16 @@ impl Store {
     pub async fn set_job_run_dir(&self, id: i64, dir: &str) -> Result<()> {
         sqlx::query("UPDATE jobs SET run_dir = $1 WHERE id = $2")
             .bind(dir)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a job's folder away (a later run took it over): it can no
+    /// longer be resumed.
+    pub async fn clear_job_run_dir(&self, id: i64) -> Result<()> {
+        sqlx::query("UPDATE jobs SET run_dir = NULL WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
