@@ -1131,3 +1131,140 @@ fn ghost_clipping_counts_and_sums_convolution_biases() {
         .unwrap();
     assert_clipped_sum_matches_at_median(&model, (&images, shape, &targets), &slow);
 }
+
+/// 32 x 32 images with a bright 8 x 8 square in a random quadrant when the
+/// single label is 1, noise only when it is 0.
+struct Squares {
+    images: Vec<f32>,
+    labels: Vec<f32>,
+    quadrant: Vec<usize>,
+}
+
+impl Squares {
+    fn new(n: usize, seed: u64) -> Self {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (mut images, mut labels, mut quadrant) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..n {
+            let present = rng.random_bool(0.5);
+            let q = rng.random_range(0..4usize);
+            let (r0, c0) = (4 + 16 * (q / 2), 4 + 16 * (q % 2));
+            for r in 0..32 {
+                for c in 0..32 {
+                    let inside = present && (r0..r0 + 8).contains(&r) && (c0..c0 + 8).contains(&c);
+                    images.push(if inside {
+                        2.0
+                    } else {
+                        rng.random_range(-0.5..0.5)
+                    });
+                }
+            }
+            labels.push(if present { 1.0 } else { 0.0 });
+            quadrant.push(q);
+        }
+        Self {
+            images,
+            labels,
+            quadrant,
+        }
+    }
+}
+
+impl fedcore::data::ImageDataset for Squares {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        [1, 32, 32]
+    }
+
+    fn batch(&self, indices: &[usize]) -> fedcore::Result<fedcore::data::Batch> {
+        let mut images = Vec::with_capacity(indices.len() * 1024);
+        let mut values = Vec::with_capacity(indices.len());
+        for &i in indices {
+            images.extend_from_slice(&self.images[i * 1024..(i + 1) * 1024]);
+            values.push(self.labels[i]);
+        }
+        Ok(fedcore::data::Batch {
+            images,
+            shape: [indices.len(), 1, 32, 32],
+            targets: fedcore::data::Targets::MultiLabel { values, labels: 1 },
+        })
+    }
+}
+
+#[test]
+fn grad_cam_points_at_what_the_model_learned_to_look_for() {
+    let config = DenseNetConfig {
+        block_config: vec![2, 2, 2],
+        growth_rate: 8,
+        num_init_features: 16,
+        num_classes: 1,
+        ..DenseNetConfig::densenet121(1, Activation::Relu)
+    };
+    let mut model = densenet(config, 5);
+    let train = Squares::new(256, 1);
+    let data = DataSplit::all(Arc::new(train));
+    model
+        .fit(
+            &data,
+            &TrainConfig {
+                epochs: 12,
+                batch_size: 32,
+                learning_rate: 3e-3,
+                optimizer: Optimizer::adam(),
+                seed: 2,
+            },
+        )
+        .unwrap();
+    let test = Squares::new(40, 9);
+    let mut hits = 0;
+    let mut shown = 0;
+    for i in 0..40 {
+        if test.labels[i] == 0.0 {
+            continue;
+        }
+        shown += 1;
+        let image = &test.images[i * 1024..(i + 1) * 1024];
+        let maps = model.grad_cam(image, [1, 1, 32, 32], &[0]).unwrap();
+        let cam = &maps[0];
+        assert_eq!(cam.len(), 1024);
+        assert!(
+            cam.iter().all(|v| (0.0..=1.0).contains(v)),
+            "scaled to [0, 1]"
+        );
+        // The quadrant with the square holds more of the map than any other.
+        let mass = |q: usize| -> f32 {
+            let (r0, c0) = (16 * (q / 2), 16 * (q % 2));
+            (r0..r0 + 16)
+                .flat_map(|r| (c0..c0 + 16).map(move |c| r * 32 + c))
+                .map(|k| cam[k])
+                .sum()
+        };
+        let best = (0..4).max_by(|&a, &b| mass(a).total_cmp(&mass(b))).unwrap();
+        if best == test.quadrant[i] {
+            hits += 1;
+        }
+    }
+    eprintln!("Grad-CAM found the square in {hits} of {shown} test images");
+    assert!(shown >= 10);
+    // By chance a quarter of the maps would point at the right quadrant.
+    assert!(
+        hits * 10 >= shown * 7,
+        "Grad-CAM found the square in {hits} of {shown} images"
+    );
+    // Bad requests are errors, and the model still works.
+    let one = &test.images[..1024];
+    assert!(
+        model.grad_cam(one, [1, 1, 32, 32], &[1]).is_err(),
+        "one output only"
+    );
+    assert!(
+        model
+            .grad_cam(&test.images[..2048], [2, 1, 32, 32], &[0])
+            .is_err()
+    );
+    assert!(model.grad_cam(&one[..100], [1, 1, 32, 32], &[0]).is_err());
+    assert!(model.grad_cam(one, [1, 1, 32, 32], &[0]).is_ok());
+}

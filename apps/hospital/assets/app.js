@@ -505,11 +505,20 @@ async function viewCompare(root, ids) {
   root.append(charts);
 }
 
+// What protected the model that answered, in a few words.
+function protections(p) {
+  const dp = { sample: "DP-SGD per image", client: "client-level DP", off: "no DP" }[p.dp_mode];
+  const eps = p.budget ? ` (ε ≤ ${p.budget[0]} per hospital)` : "";
+  const enc = { all: "whole updates CKKS-encrypted", head: "classifier CKKS-encrypted", none: "nothing encrypted" }[p.encrypt];
+  return [dp ? dp + eps : "DP chosen by each hospital", enc].filter(Boolean).join(" · ");
+}
+
 async function viewInference(root) {
   const out = el("div", { id: "inference-result" });
   const form = el("form", { class: "inline", id: "inference-form" },
     el("label", {}, "Chest X-ray (PNG or JPEG) ", el("input", { type: "file", id: "xray", name: "image", accept: "image/png,image/jpeg", required: "" })),
     el("button", { type: "submit", class: "primary" }, "Find"));
+  let shownUrl = null;
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     out.replaceChildren(el("p", { class: "muted" }, "Running…"));
@@ -518,11 +527,41 @@ async function viewInference(root) {
     if (!f) return;
     fd.append("image", f);
     try {
-      const p = await api("/api/inference/predict", { method: "POST", body: fd });
+      const [p, o] = await Promise.all([
+        api("/api/inference/predict", { method: "POST", body: fd }),
+        api("/api/metrics/overview"),
+      ]);
+      if (shownUrl) URL.revokeObjectURL(shownUrl);
+      shownUrl = URL.createObjectURL(f);
+      // The image with the heatmap of the chosen finding laid over it.
+      const overlay = el("img", { id: "saliency-overlay", class: "overlay", alt: "" });
+      const caption = el("div", { class: "muted", id: "saliency-caption" });
+      const show = (s) => {
+        if (!s) { overlay.hidden = true; caption.textContent = "No heatmap (the model changed while it was computed)."; return; }
+        overlay.hidden = false;
+        overlay.src = s.heatmap_png;
+        caption.textContent = s.evidence
+          ? `Where the model looked for ${s.label} (${fmt(s.probability * 100, 1)} %): Grad-CAM on the last dense block; red is strongest.`
+          : `No part of the image raised the score of ${s.label} (${fmt(s.probability * 100, 1)} %): Grad-CAM is zero everywhere.`;
+        picks.querySelectorAll("button").forEach((b) => b.classList.toggle("active", b.dataset.label === s.label));
+      };
+      const picks = el("div", { class: "picks", id: "saliency-picks" }, p.saliency.map((s) =>
+        el("button", { type: "button", "data-label": s.label, onclick: () => show(s) }, s.label)));
+      const top = p.findings[0] ? p.findings[0].probability : 1;
       out.replaceChildren(
-        el("p", {}, `Model after round ${p.model_round} · ${p.width}×${p.height} · sha256 ${p.image_sha256.slice(0, 12)}…`),
-        el("table", { id: "findings" }, el("tr", {}, el("th", {}, "Finding"), el("th", {}, "Probability")),
-          p.findings.map((x) => el("tr", {}, el("td", {}, x.label), el("td", {}, fmt(x.probability))))));
+        el("p", { id: "inference-model" }, `Model after round ${p.model_round} · ${protections(o.progress)} · ${p.width}×${p.height} · sha256 ${p.image_sha256.slice(0, 12)}…`),
+        el("div", { class: "reading" },
+          el("figure", { class: "xray-figure" },
+            el("div", { class: "xray-box" }, el("img", { id: "xray-image", src: shownUrl, alt: "the uploaded X-ray" }), overlay),
+            picks, caption),
+          el("table", { id: "findings", class: "findings" }, el("tr", {}, el("th", {}, "Finding"), el("th", {}, "Probability"), el("th", {}, "")),
+            p.findings.map((x) => {
+              const bar = el("span", {});
+              bar.style.width = `${Math.max(1, (x.probability / Math.max(top, 1e-9)) * 100).toFixed(0)}%`;
+              return el("tr", {}, el("td", {}, x.label), el("td", {}, `${fmt(x.probability * 100, 1)} %`), el("td", {}, el("span", { class: "bar" }, bar)));
+            }))),
+      );
+      show(p.saliency[0]);
       await history();
     } catch (e) {
       out.replaceChildren(el("p", { class: "error" }, e.message));
@@ -532,12 +571,12 @@ async function viewInference(root) {
   async function history() {
     const h = await api("/api/inference/history");
     hist.replaceChildren(el("table", {}, el("tr", {}, ["When", "User", "Model round", "Image", "Top finding"].map((x) => el("th", {}, x))),
-      h.map((r) => el("tr", {}, el("td", {}, when(r.created_at)), el("td", {}, r.user_id), el("td", {}, r.model_round ?? "–"),
+      h.map((r) => el("tr", {}, el("td", {}, when(r.created_at)), el("td", {}, r.username || `user ${r.user_id}`), el("td", {}, r.model_round ?? "–"),
         el("td", {}, `${r.width}×${r.height} ${r.image_sha256.slice(0, 10)}…`),
         el("td", {}, r.parsed.length ? `${r.parsed[0].label} ${fmt(r.parsed[0].probability)}` : "")))));
   }
   root.append(el("h1", {}, "Inference"),
-    el("p", { class: "muted" }, "The image is analysed by the latest global model and not stored; its hash and the findings are logged."),
+    el("p", { class: "muted" }, "The image is read by the latest global model on this server and not stored; its hash, the findings and who asked are logged. The heatmap shows where the model found the evidence for a finding; it is not a diagnosis."),
     form, out, el("h2", {}, "History"), hist);
   await history();
 }

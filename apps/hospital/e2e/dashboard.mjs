@@ -158,10 +158,22 @@ try {
   const rows = await page.$$eval("#findings tr", (trs) => trs.slice(1).map((tr) => [...tr.children].map((td) => td.textContent)));
   if (rows.length !== 14) fail(`${rows.length} findings`);
   for (const [label, p] of rows) {
-    const v = Number(p);
-    if (!label || !(v >= 0 && v <= 1)) fail(`bad finding row ${label} ${p}`);
+    const v = parseFloat(p) / 100;
+    if (!label || !p.endsWith("%") || !(v >= 0 && v <= 1)) fail(`bad finding row ${label} ${p}`);
   }
+  // The upload is shown with the heatmap of the top finding over it, and
+  // the other two of the top three can be picked.
+  const overlay = await page.getAttribute("#saliency-overlay", "src");
+  if (!overlay || !overlay.startsWith("data:image/png;base64,")) fail(`no heatmap over the image: ${overlay && overlay.slice(0, 40)}`);
+  if (!(await page.getAttribute("#xray-image", "src") || "").startsWith("blob:")) fail("the uploaded image is not shown");
+  const picks = await page.$$("#saliency-picks button");
+  if (picks.length !== 3) fail(`${picks.length} findings to show a heatmap for, not 3`);
+  const second = await picks[1].getAttribute("data-label");
+  await picks[1].click();
+  if (!(await page.textContent("#saliency-caption")).includes(second)) fail(`picking ${second} did not show its heatmap`);
+  if (!(await page.textContent("#inference-model")).includes("Model after round")) fail("the model's round is not shown");
   await page.waitForFunction(() => document.querySelectorAll("#inference-history tr").length >= 2);
+  if (!(await page.textContent("#inference-history")).includes("admin")) fail("the history does not name who asked");
   await snap("inference");
 
   for (const [route, sel] of [["overview", "#round-counter"], ["clients", "#clients-table"], ["privacy", "#privacy-table"], ["audit", "#audit-table"], ["rounds/1", "#round-updates"]]) {

@@ -46,6 +46,48 @@ pub struct Finding {
     pub probability: f64,
 }
 
+/// Where the model looked for one finding: Grad-CAM on the last dense
+/// block (`TchModel::<DenseNet>::grad_cam`), as an RGBA PNG of the model's
+/// input size (red where the finding's evidence is strongest, transparent
+/// where there is none) to lay over the image, stretched to its box (the
+/// model sees the image stretched to a square too).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Saliency {
+    /// The finding.
+    pub label: String,
+    /// Its probability.
+    pub probability: f64,
+    /// Whether any part of the image raised the finding's score (false: the
+    /// map is zero everywhere and the heatmap transparent).
+    pub evidence: bool,
+    /// `data:image/png;base64,...`.
+    pub heatmap_png: String,
+}
+
+/// The colour of a Grad-CAM value in `[0, 1]`: blue through green and
+/// yellow to red, more opaque as it grows; nothing under 0.15.
+fn heat(v: f32) -> [u8; 4] {
+    let v = v.clamp(0.0, 1.0);
+    let ch = |centre: f32| ((1.5 - (4.0 * v - centre).abs()).clamp(0.0, 1.0) * 255.0) as u8;
+    let alpha = if v < 0.15 { 0 } else { (v * 190.0) as u8 };
+    [ch(3.0), ch(2.0), ch(1.0), alpha]
+}
+
+/// A Grad-CAM map of side `size` as a PNG data URL.
+fn heatmap_png(map: &[f32], size: u32) -> anyhow::Result<String> {
+    use base64::Engine;
+    let mut img = image::RgbaImage::new(size, size);
+    for (p, v) in img.pixels_mut().zip(map) {
+        *p = image::Rgba(heat(*v));
+    }
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, ImageFormat::Png)?;
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png.into_inner())
+    ))
+}
+
 /// A decoded, preprocessed upload.
 #[derive(Debug, Clone)]
 pub struct Xray {
@@ -212,6 +254,43 @@ impl Predictor {
             .collect();
         findings.sort_by(|a, b| b.probability.total_cmp(&a.probability));
         Ok(Some((findings, l.round)))
+    }
+
+    /// Where the model looked for each of `findings` (Grad-CAM), with the
+    /// model that answered `round`; `None` when the model changed since
+    /// (the maps would explain another model) or there is none.
+    pub fn explain(
+        &self,
+        x: &Xray,
+        findings: &[Finding],
+        round: u64,
+    ) -> anyhow::Result<Option<Vec<Saliency>>> {
+        let guard = self
+            .loaded
+            .lock()
+            .map_err(|_| anyhow::anyhow!("predictor lock poisoned"))?;
+        let Some(l) = guard.as_ref().filter(|l| l.round == round) else {
+            return Ok(None);
+        };
+        let classes: Vec<usize> = findings
+            .iter()
+            .filter_map(|f| FINDINGS.iter().position(|n| *n == f.label))
+            .collect();
+        let s = self.size as usize;
+        let maps = l.model.grad_cam(&x.pixels, [1, 1, s, s], &classes)?;
+        findings
+            .iter()
+            .zip(maps)
+            .map(|(f, m)| {
+                Ok(Saliency {
+                    label: f.label.clone(),
+                    probability: f.probability,
+                    evidence: m.iter().any(|v| *v > 0.0),
+                    heatmap_png: heatmap_png(&m, self.size)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()
+            .map(Some)
     }
 }
 

@@ -1366,6 +1366,26 @@ async fn uploads_are_checked() {
     assert!(
         probs.iter().all(|p| (0.0..=1.0).contains(p)) && probs.windows(2).all(|w| w[0] >= w[1])
     );
+    // Where the model looked for the three most likely findings: a heatmap
+    // PNG of the model's input size each, in the findings' order.
+    let saliency = p["saliency"].as_array().unwrap();
+    assert_eq!(saliency.len(), 3);
+    for (s, f) in saliency.iter().zip(p["findings"].as_array().unwrap()) {
+        assert_eq!(s["label"], f["label"]);
+        let url = s["heatmap_png"].as_str().unwrap();
+        let b64 = url.strip_prefix("data:image/png;base64,").unwrap();
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let img = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((img.width(), img.height()), (SIZE, SIZE));
+    }
+    // The history names who asked.
+    let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None))
+        .await
+        .json();
+    assert_eq!(hist[0]["username"], "doctor");
 
     let cases: Vec<(Vec<u8>, &str, StatusCode)> = vec![
         (

@@ -2,7 +2,7 @@
 //! pooling in the transitions, adaptive average pooling at the end, any input
 //! size from 29 x 29 up, and a choice of activation.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::layers::{Builder, Conv, Linear, Norm};
 use super::{Network, Normalization, Task, Trace};
@@ -286,6 +286,13 @@ impl DenseNet {
 impl DenseNet {
     /// The forward pass, every layer recorded when there is a trace.
     fn pass(&self, xs: &Tensor, train: bool, mut trace: Option<&mut Trace>) -> Tensor {
+        let x = self.features_pass(xs, train, trace.as_deref_mut());
+        self.head_pass(&x, train, trace)
+    }
+
+    /// The feature maps of the last dense block (before the final norm):
+    /// what Grad-CAM weighs.
+    fn features_pass(&self, xs: &Tensor, train: bool, mut trace: Option<&mut Trace>) -> Tensor {
         let act = |t: &Tensor| match self.config.placement {
             Placement::Everywhere => self.config.activation.apply(t),
             Placement::Final => t.relu(),
@@ -316,12 +323,77 @@ impl DenseNet {
                 );
             }
         }
+        x
+    }
+
+    /// From the last dense block's feature maps to the logits: the final
+    /// norm, the activation, global average pooling, the classifier.
+    fn head_pass(&self, x: &Tensor, train: bool, mut trace: Option<&mut Trace>) -> Tensor {
         let x = self
             .config
             .activation
-            .apply(&self.norm5.run(&x, train, trace.as_deref_mut()));
+            .apply(&self.norm5.run(x, train, trace.as_deref_mut()));
         let x = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
         self.classifier.run(&x, trace)
+    }
+}
+
+impl super::TchModel<DenseNet> {
+    /// Grad-CAM (Selvaraju et al., ICCV 2017) on the last dense block, for
+    /// one image (`[1, C, H, W]`, row-major) and each of `classes`: the
+    /// block's feature maps weighted by the mean gradient of the class's
+    /// logit over each map, summed, rectified, upsampled bilinearly to
+    /// `H x W` and scaled to a maximum of 1 (all zeros when nothing
+    /// speaks for the class). Evaluation mode; the parameters are not
+    /// changed and no gradient is left on them.
+    pub fn grad_cam(
+        &self,
+        image: &[f32],
+        shape: [usize; 4],
+        classes: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let [n, c, h, w] = shape;
+        if n != 1 {
+            return Err(Error::InvalidInput(format!(
+                "Grad-CAM explains one image at a time, not {n}"
+            )));
+        }
+        self.net.check_input([c, h, w])?;
+        if image.len() != c * h * w {
+            return Err(Error::DimensionMismatch {
+                expected: c * h * w,
+                got: image.len(),
+            });
+        }
+        let outputs = self.net.task().outputs();
+        if let Some(bad) = classes.iter().find(|&&k| k >= outputs) {
+            return Err(Error::InvalidInput(format!(
+                "class {bad} of a network with {outputs} outputs"
+            )));
+        }
+        super::guarded(|| {
+            let xs = self.input(image, shape);
+            // Gradients flow from the logits to the feature maps only.
+            let features = tch::no_grad(|| self.net.features_pass(&xs, false, None))
+                .detach()
+                .set_requires_grad(true);
+            let logits = self.net.head_pass(&features, false, None);
+            let mut maps = Vec::with_capacity(classes.len());
+            for &k in classes {
+                let score = logits.get(0).get(k as i64);
+                let grads = Tensor::run_backward(&[&score], &[&features], true, false);
+                let weights = grads[0].mean_dim(&[2i64, 3][..], true, Kind::Float);
+                let cam = (&weights * &features)
+                    .sum_dim_intlist(&[1i64][..], true, Kind::Float)
+                    .relu()
+                    .detach()
+                    .upsample_bilinear2d([h as i64, w as i64], false, None, None);
+                let max = cam.max().double_value(&[]);
+                let cam = if max > 0.0 { cam / max } else { cam };
+                maps.push(super::to_vec(&cam)?);
+            }
+            Ok(maps)
+        })
     }
 }
 

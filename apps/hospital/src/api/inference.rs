@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use crate::atrest::is_sealed;
 use crate::auth::{Permission, allows};
-use crate::infer::{Finding, UploadError, decode};
+use crate::infer::{Finding, Saliency, UploadError, decode};
 use crate::store::{AuditAction, InferenceRow};
 
 use super::{ApiError, ApiResult, AppState, ErrorBody, Session};
@@ -23,6 +23,9 @@ pub struct Prediction {
     pub model_round: u64,
     /// The 14 findings, most likely first.
     pub findings: Vec<Finding>,
+    /// Where the model looked for the three most likely findings
+    /// (Grad-CAM heatmaps; shown, never stored).
+    pub saliency: Vec<Saliency>,
     /// SHA-256 of the upload.
     pub image_sha256: String,
     /// Decoded size.
@@ -142,7 +145,14 @@ pub(super) async fn predict(
             limits.max_decoded_bytes,
             predictor.size(),
         )?;
-        let answer = predictor.predict(&x);
+        let answer = predictor.predict(&x).and_then(|a| match a {
+            Some((findings, round)) => {
+                let top: Vec<Finding> = findings.iter().take(3).cloned().collect();
+                let saliency = predictor.explain(&x, &top, round)?.unwrap_or_default();
+                Ok(Some((findings, round, saliency)))
+            }
+            None => Ok(None),
+        });
         Ok::<_, UploadError>((x, answer))
     })
     .await
@@ -154,7 +164,7 @@ pub(super) async fn predict(
         };
         ApiError::new(status, e.to_string())
     })?;
-    let (findings, round) = answer?.ok_or_else(|| {
+    let (findings, round, saliency) = answer?.ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no model has been trained yet",
@@ -191,6 +201,7 @@ pub(super) async fn predict(
         id,
         model_round: round,
         findings,
+        saliency,
         image_sha256: xray.sha256,
         width: xray.width,
         height: xray.height,

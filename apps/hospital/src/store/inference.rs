@@ -14,6 +14,8 @@ pub struct InferenceRow {
     pub id: i64,
     /// Who ran it.
     pub user_id: i64,
+    /// Their user name (`None` once the account is gone).
+    pub username: Option<String>,
     /// When.
     pub created_at: i64,
     /// The round of the model that answered.
@@ -60,8 +62,9 @@ impl Store {
     /// The inference log, newest first: everyone's, or one user's.
     pub async fn inferences(&self, user: Option<i64>, limit: i64) -> Result<Vec<InferenceRow>> {
         sqlx::query(
-            "SELECT id, user_id, created_at, model_round, image_sha256, width, height, findings \
-             FROM inference_logs WHERE ($1 IS NULL OR user_id = $1) ORDER BY id DESC LIMIT $2",
+            "SELECT l.id, l.user_id, l.created_at, l.model_round, l.image_sha256, l.width, l.height, \
+             l.findings, u.username FROM inference_logs l LEFT JOIN users u ON u.id = l.user_id \
+             WHERE ($1 IS NULL OR l.user_id = $1) ORDER BY l.id DESC LIMIT $2",
         )
         .bind(user)
         .bind(limit)
@@ -78,6 +81,7 @@ impl Store {
                 width: r.try_get(5)?,
                 height: r.try_get(6)?,
                 findings: r.try_get(7)?,
+                username: r.try_get(8)?,
             })
         })
         .collect()
