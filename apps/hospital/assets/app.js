@@ -510,7 +510,7 @@ function protections(p) {
   const dp = { sample: "DP-SGD per image", client: "client-level DP", off: "no DP" }[p.dp_mode];
   const eps = p.budget ? ` (ε ≤ ${p.budget[0]} per hospital)` : "";
   const enc = { all: "whole updates CKKS-encrypted", head: "classifier CKKS-encrypted", none: "nothing encrypted" }[p.encrypt];
-  return [dp ? dp + eps : "DP chosen by each hospital", enc].filter(Boolean).join(" · ");
+  return [dp + eps, enc].filter(Boolean).join(" · ");
 }
 
 async function viewInference(root) {
@@ -527,10 +527,7 @@ async function viewInference(root) {
     if (!f) return;
     fd.append("image", f);
     try {
-      const [p, o] = await Promise.all([
-        api("/api/inference/predict", { method: "POST", body: fd }),
-        api("/api/metrics/overview"),
-      ]);
+      const p = await api("/api/inference/predict", { method: "POST", body: fd });
       if (shownUrl) URL.revokeObjectURL(shownUrl);
       shownUrl = URL.createObjectURL(f);
       // The image with the heatmap of the chosen finding laid over it.
@@ -549,7 +546,7 @@ async function viewInference(root) {
         el("button", { type: "button", "data-label": s.label, onclick: () => show(s) }, s.label)));
       const top = p.findings[0] ? p.findings[0].probability : 1;
       out.replaceChildren(
-        el("p", { id: "inference-model" }, `Model after round ${p.model_round} · ${protections(o.progress)} · ${p.width}×${p.height} · sha256 ${p.image_sha256.slice(0, 12)}…`),
+        el("p", { id: "inference-model" }, `Model after round ${p.model_round} · ${p.protections ? protections(p.protections) : "protections not recorded"} · ${p.width}×${p.height} · sha256 ${p.image_sha256.slice(0, 12)}…`),
         el("div", { class: "reading" },
           el("figure", { class: "xray-figure" },
             el("div", { class: "xray-box" }, el("img", { id: "xray-image", src: shownUrl, alt: "the uploaded X-ray" }), overlay),

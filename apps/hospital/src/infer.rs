@@ -88,6 +88,18 @@ fn heatmap_png(map: &[f32], size: u32) -> anyhow::Result<String> {
     ))
 }
 
+/// How the model that answers was protected while it trained: what the
+/// inference page tells a doctor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
+pub struct Protections {
+    /// The hospitals' differential privacy.
+    pub dp_mode: crate::recipe::DpMode,
+    /// Each hospital's (epsilon, delta) budget when DP was on.
+    pub budget: Option<(f64, f64)>,
+    /// What left the hospitals encrypted.
+    pub encrypt: crate::recipe::Encrypt,
+}
+
 /// A decoded, preprocessed upload.
 #[derive(Debug, Clone)]
 pub struct Xray {
@@ -177,6 +189,7 @@ pub struct Predictor {
     size: u32,
     seed: u64,
     loaded: Mutex<Option<Loaded>>,
+    protections: Mutex<Option<Protections>>,
 }
 
 impl std::fmt::Debug for Predictor {
@@ -194,12 +207,26 @@ impl Predictor {
             size,
             seed,
             loaded: Mutex::new(None),
+            protections: Mutex::new(None),
         }
     }
 
     /// The model's input side.
     pub fn size(&self) -> u32 {
         self.size
+    }
+
+    /// Records how the run whose models this predictor answers with was
+    /// protected (set by the runner before its first model).
+    pub fn set_protections(&self, p: Protections) {
+        if let Ok(mut g) = self.protections.lock() {
+            *g = Some(p);
+        }
+    }
+
+    /// How the current model was protected, when a runner said so.
+    pub fn protections(&self) -> Option<Protections> {
+        self.protections.lock().ok().and_then(|g| *g)
     }
 
     /// The round of the current model, if any.

@@ -495,6 +495,12 @@ impl JobQueue {
         let Some(job) = self.store.job(id).await? else {
             return Ok(Err(Refusal::NotFound));
         };
+        if !self.accepts() {
+            return Ok(Err(Refusal::Conflict(
+                "this server runs no more jobs (it exits when its own run ends, or is shutting down)"
+                    .into(),
+            )));
+        }
         if job.kind == JobKind::Deployment {
             return Ok(Err(Refusal::Conflict(
                 "a deployment resumes by restarting `hospital server`".into(),
@@ -506,7 +512,9 @@ impl JobQueue {
             )));
         };
         let checkpoint = has_checkpoint(&dir);
-        if !checkpoint && has_ledgers(&dir) {
+        // Budget spent shows in the ledgers, or in what the hospitals
+        // reported (should the folder be gone).
+        if !checkpoint && (has_ledgers(&dir) || job.epsilon.is_some_and(|e| e > 0.0)) {
             return Ok(Err(Refusal::Conflict(
                 "this run spent privacy budget before its first checkpoint: it cannot continue, \
                  and starting it over would start its hospitals' budgets over; start a new run"
@@ -597,7 +605,9 @@ impl JobQueue {
         self.shared.set_progress(|p| p.job = None);
         // Stopped means rounds are left: a stop during the last round still
         // finished the job.
-        let recorded = self.store.rounds(id).await?.len() as i64;
+        // A store that cannot say counts as none recorded: the job's end
+        // is still recorded below.
+        let recorded = self.store.rounds(id).await.map_or(0, |r| r.len() as i64);
         let stopped = self.shared.stop.is_stopped() && total.is_none_or(|t| recorded < t);
         let (status, error, summary) = match trained {
             Err(e) => (JobStatus::Failed, Some(format!("{e:#}")), None),
@@ -679,8 +689,13 @@ impl JobQueue {
         let dir_s = dir.to_string_lossy().into_owned();
         if resume {
             let found = self.store.jobs().await?.into_iter().find(|j| {
+                // Its own folder, or the rounds recorded before jobs had
+                // folders (job 1 of a migrated store, with no settings); a
+                // job whose folder a later run took over is neither.
                 j.kind == JobKind::Xray
-                    && (j.run_dir.as_deref() == Some(dir_s.as_str()) || j.run_dir.is_none())
+                    && (j.run_dir.as_deref() == Some(dir_s.as_str())
+                        || (j.run_dir.is_none()
+                            && j.settings.as_object().is_some_and(|m| m.is_empty())))
             });
             if let Some(j) = found {
                 if j.status.is_active() {

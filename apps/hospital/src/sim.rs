@@ -388,6 +388,11 @@ fn run_inner(
     let full = open_head(server.global(), server.sealed_global())?;
     evaluator.set_parameters(&full)?;
     let initial = evaluator.evaluate(&holdout)?;
+    predictor.set_protections(crate::infer::Protections {
+        dp_mode: cfg.dp.mode,
+        budget: cfg.dp.enabled().then_some((cfg.dp.epsilon, cfg.dp.delta)),
+        encrypt: cfg.encrypt,
+    });
     if !cfg.resume {
         rt.block_on(store.record_initial(job, initial.loss, &initial.metrics))?;
     }

@@ -1381,6 +1381,8 @@ async fn uploads_are_checked() {
         let img = image::load_from_memory(&bytes).unwrap();
         assert_eq!((img.width(), img.height()), (SIZE, SIZE));
     }
+    // The harness's predictor was given no runner's protections.
+    assert!(p["protections"].is_null());
     // The history names who asked.
     let hist = send(&h.app, req("GET", "/api/inference/history", Some(&t), None))
         .await

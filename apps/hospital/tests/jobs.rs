@@ -76,7 +76,7 @@ fn new_job(status: JobStatus) -> NewJob<'static> {
         name: "a job",
         settings: SETTINGS.get_or_init(|| json!({"kind": "mnist"})),
         created_by: None,
-        run_dir: None,
+        run_dir: Some("a-folder"),
         status,
     }
 }
@@ -179,6 +179,17 @@ async fn lifecycle(store: &Store) {
             .is_err(),
         "a move names where it comes from"
     );
+    // A queued job runs only once it has its folder.
+    let c = store
+        .create_job(&NewJob {
+            run_dir: None,
+            ..new_job(JobStatus::Queued)
+        })
+        .await
+        .unwrap();
+    assert!(store.start_next_job().await.unwrap().is_none());
+    store.set_job_run_dir(c, "its-folder").await.unwrap();
+    assert_eq!(store.start_next_job().await.unwrap().map(|j| j.id), Some(c));
 }
 
 /// A store migrated from before jobs: the rounds recorded then are job 1.
@@ -744,7 +755,10 @@ async fn admins_start_stop_resume_compare_and_delete_jobs_and_viewers_cannot() {
     let orphan = h
         .state
         .store
-        .create_job(&new_job(JobStatus::Running))
+        .create_job(&NewJob {
+            run_dir: None,
+            ..new_job(JobStatus::Running)
+        })
         .await
         .unwrap();
     h.state

@@ -290,8 +290,7 @@ impl DenseNet {
         self.head_pass(&x, train, trace)
     }
 
-    /// The feature maps of the last dense block (before the final norm):
-    /// what Grad-CAM weighs.
+    /// The feature maps of the last dense block (before the final norm).
     fn features_pass(&self, xs: &Tensor, train: bool, mut trace: Option<&mut Trace>) -> Tensor {
         let act = |t: &Tensor| match self.config.placement {
             Placement::Everywhere => self.config.activation.apply(t),
@@ -326,21 +325,31 @@ impl DenseNet {
         x
     }
 
-    /// From the last dense block's feature maps to the logits: the final
-    /// norm, the activation, global average pooling, the classifier.
+    /// From the last dense block's feature maps to the logits.
     fn head_pass(&self, x: &Tensor, train: bool, mut trace: Option<&mut Trace>) -> Tensor {
-        let x = self
-            .config
+        let maps = self.final_maps(x, train, trace.as_deref_mut());
+        self.classify(&maps, trace)
+    }
+
+    /// The last block's maps after the final norm and the activation: what
+    /// the classifier sees, averaged (and what Grad-CAM weighs).
+    fn final_maps(&self, x: &Tensor, train: bool, trace: Option<&mut Trace>) -> Tensor {
+        self.config
             .activation
-            .apply(&self.norm5.run(x, train, trace.as_deref_mut()));
-        let x = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+            .apply(&self.norm5.run(x, train, trace))
+    }
+
+    /// Global average pooling and the classifier.
+    fn classify(&self, maps: &Tensor, trace: Option<&mut Trace>) -> Tensor {
+        let x = maps.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
         self.classifier.run(&x, trace)
     }
 }
 
 impl super::TchModel<DenseNet> {
-    /// Grad-CAM (Selvaraju et al., ICCV 2017) on the last dense block, for
-    /// one image (`[1, C, H, W]`, row-major) and each of `classes`: the
+    /// Grad-CAM (Selvaraju et al., ICCV 2017) on the last dense block's
+    /// maps as the classifier sees them (after the final norm and
+    /// activation), for one image (`[1, C, H, W]`, row-major) and each of `classes`: the
     /// block's feature maps weighted by the mean gradient of the class's
     /// logit over each map, summed, rectified, upsampled bilinearly to
     /// `H x W` and scaled to a maximum of 1 (all zeros when nothing
@@ -373,11 +382,17 @@ impl super::TchModel<DenseNet> {
         }
         super::guarded(|| {
             let xs = self.input(image, shape);
-            // Gradients flow from the logits to the feature maps only.
-            let features = tch::no_grad(|| self.net.features_pass(&xs, false, None))
-                .detach()
-                .set_requires_grad(true);
-            let logits = self.net.head_pass(&features, false, None);
+            // The maps the classifier averages (after the final norm and
+            // activation): with a linear classifier over their mean,
+            // Grad-CAM on them is exactly CAM. Gradients flow from the
+            // logits to these maps only.
+            let features = tch::no_grad(|| {
+                let x = self.net.features_pass(&xs, false, None);
+                self.net.final_maps(&x, false, None)
+            })
+            .detach()
+            .set_requires_grad(true);
+            let logits = self.net.classify(&features, None);
             let mut maps = Vec::with_capacity(classes.len());
             for &k in classes {
                 let score = logits.get(0).get(k as i64);

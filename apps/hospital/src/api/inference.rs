@@ -23,6 +23,9 @@ pub struct Prediction {
     pub model_round: u64,
     /// The 14 findings, most likely first.
     pub findings: Vec<Finding>,
+    /// How the model was protected while it trained (`None` when its
+    /// runner did not say).
+    pub protections: Option<crate::infer::Protections>,
     /// Where the model looked for the three most likely findings
     /// (Grad-CAM heatmaps; shown, never stored).
     pub saliency: Vec<Saliency>,
@@ -145,13 +148,19 @@ pub(super) async fn predict(
             limits.max_decoded_bytes,
             predictor.size(),
         )?;
-        let answer = predictor.predict(&x).and_then(|a| match a {
-            Some((findings, round)) => {
+        let answer = predictor.predict(&x).map(|a| {
+            a.map(|(findings, round)| {
                 let top: Vec<Finding> = findings.iter().take(3).cloned().collect();
-                let saliency = predictor.explain(&x, &top, round)?.unwrap_or_default();
-                Ok(Some((findings, round, saliency)))
-            }
-            None => Ok(None),
+                // The findings stand without their heatmaps.
+                let saliency = match predictor.explain(&x, &top, round) {
+                    Ok(s) => s.unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "no Grad-CAM heatmaps");
+                        Vec::new()
+                    }
+                };
+                (findings, round, saliency)
+            })
         });
         Ok::<_, UploadError>((x, answer))
     })
@@ -202,6 +211,7 @@ pub(super) async fn predict(
         model_round: round,
         findings,
         saliency,
+        protections: state.predictor.protections(),
         image_sha256: xray.sha256,
         width: xray.width,
         height: xray.height,

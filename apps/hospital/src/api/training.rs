@@ -141,12 +141,14 @@ pub fn round_notes(
         .filter_map(|u| u.weight)
         .collect();
     let mean = weights.iter().sum::<f64>() / weights.len().max(1) as f64;
-    let agg = round.aggregator.as_str();
-    let by = if agg.contains("FedAvg") || agg.contains("Fedavg") {
-        "FedAvg weighs each hospital by its images"
-    } else if agg.contains("GeometricMedian") {
+    // The store holds the aggregator's own name (`fedavg`,
+    // `geometric-median`, `clip(median)+geometric-median`, `krum(f=1)`, ...).
+    let agg = round.aggregator.to_lowercase();
+    let by = if agg.contains("geometric-median") || agg.contains("geometricmedian") {
         "the geometric median gives an update far from the others less weight"
-    } else if agg.contains("Krum") {
+    } else if agg.contains("fedavg") {
+        "FedAvg weighs each hospital by its images"
+    } else if agg.contains("krum") {
         "Krum keeps the update closest to its neighbours"
     } else {
         "the aggregator's weight"
@@ -371,7 +373,7 @@ mod tests {
         let round = RoundRow {
             id: 3,
             outcome: "completed".into(),
-            aggregator: "GeometricMedian".into(),
+            aggregator: "clip(median)+geometric-median".into(),
             started_at: 0,
             duration_ms: 0,
             accepted: 3,

@@ -140,6 +140,7 @@ const JOB_COLUMNS: &str = "SELECT j.id, j.kind, j.name, j.settings, j.status, u.
      (SELECT r.auroc_macro FROM rounds r WHERE r.job_id = j.id AND r.auroc_macro IS NOT NULL \
       ORDER BY r.id DESC LIMIT 1), \
      (SELECT m.value FROM round_metrics m WHERE m.job_id = j.id AND m.name = 'eval.accuracy' \
+      AND m.round_id > 0 \
       ORDER BY m.round_id DESC LIMIT 1), \
      (SELECT MAX(c.epsilon) FROM client_updates c WHERE c.job_id = j.id) \
      FROM jobs j LEFT JOIN users u ON u.id = j.created_by";
@@ -288,10 +289,12 @@ impl Store {
     /// none waits.
     pub async fn start_next_job(&self) -> Result<Option<JobRow>> {
         loop {
-            let Some(row) =
-                sqlx::query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1")
-                    .fetch_optional(&self.pool)
-                    .await?
+            let Some(row) = sqlx::query(
+                "SELECT id FROM jobs WHERE status = 'queued' AND run_dir IS NOT NULL \
+                     ORDER BY id LIMIT 1",
+            )
+            .fetch_optional(&self.pool)
+            .await?
             else {
                 return Ok(None);
             };
