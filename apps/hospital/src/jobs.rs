@@ -484,11 +484,6 @@ impl JobQueue {
         Ok(Ok(row))
     }
 
-    /// Stops a job ([`stop_job`]).
-    pub async fn stop(&self, id: i64) -> Result<std::result::Result<JobRow, Refusal>> {
-        stop_job(&self.store, &self.shared, id).await
-    }
-
     /// Queues a stopped or failed job again, to continue from its
     /// checkpoint (or start over when it never wrote one).
     pub async fn resume(&self, id: i64) -> Result<std::result::Result<JobRow, Refusal>> {
@@ -816,18 +811,21 @@ pub struct JobOutcome {
     pub summary: Option<crate::sim::Summary>,
 }
 
-/// Whether a run folder holds DP ledgers.
-fn has_ledgers(dir: &Path) -> bool {
-    std::fs::read_dir(dir.join("dp-ledgers"))
+/// Whether `dir/sub` exists and holds anything.
+fn holds(dir: &Path, sub: &str) -> bool {
+    std::fs::read_dir(dir.join(sub))
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
 }
 
+/// Whether a run folder holds DP ledgers.
+fn has_ledgers(dir: &Path) -> bool {
+    holds(dir, "dp-ledgers")
+}
+
 /// Whether a run folder holds a checkpoint to resume from.
 pub fn has_checkpoint(dir: &Path) -> bool {
-    std::fs::read_dir(dir.join("checkpoints"))
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
+    holds(dir, "checkpoints")
 }
 
 /// The job of a deployed server in `dir`: when it resumes a run, the
