@@ -291,6 +291,20 @@ fn a_reply_declared_over_the_payload_limit_closes_only_its_session() {
 #[test]
 fn revoking_a_connected_site_closes_its_session_and_it_stops() {
     let mut s = setup(&["a", "b"], &["a", "b"]);
+    let monitor = s.transport.monitor();
+    let a_kit = Kit::load(s.project.site_kit("a")).unwrap();
+    let sites = monitor.sites();
+    assert_eq!(sites.len(), 2, "{sites:?}");
+    let year = 300 * 24 * 3600 * 1000_i64; // certificates last a year
+    for site in &sites {
+        assert!(site.closed.is_none(), "{site:?}");
+        assert_eq!(site.fingerprint.len(), 64);
+        assert!(site.peer.as_deref().unwrap().starts_with("127.0.0.1:"));
+        assert!(site.not_after_ms.unwrap() > site.connected_at_ms + year);
+        assert!(site.last_seen_ms >= site.connected_at_ms);
+    }
+    assert_eq!(sites[0].fingerprint, a_kit.fingerprint().unwrap());
+    assert!(monitor.refused_since(0).is_empty());
     assert_eq!(s.project.revoke_site("a").unwrap(), 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while s.transport.clients().len() != 1 && std::time::Instant::now() < deadline {
@@ -303,6 +317,29 @@ fn revoking_a_connected_site_closes_its_session_and_it_stops() {
         err.contains("refused by the server") && err.contains("revoked"),
         "{err}"
     );
+    // The monitor saw the session closed by the revocation, as a refusal.
+    let sites = monitor.sites();
+    let closed = sites[0].closed.as_ref().expect("a's session closed");
+    assert!(closed.reason.contains("revoked"), "{closed:?}");
+    assert!(sites[1].closed.is_none(), "{sites:?}");
+    let refused = monitor.refused_since(0);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].identity.as_str(), refused[0].kind),
+        ("a", net::RefusedKind::Revoked)
+    );
+    assert!(refused[0].closed_session);
+    assert!(monitor.refused_since(refused[0].seq).is_empty());
+    // A new connection with the revoked certificate is refused and listed.
+    let again = net::run_client(
+        &a_kit,
+        Box::new(Doubler(ClientId::new("a"))) as Box<dyn Client>,
+        &client_options(&s.transport),
+    );
+    assert!(again.unwrap_err().to_string().contains("revoked"));
+    let refused = monitor.refused_since(1);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(!refused[0].closed_session && refused[0].seq == 2);
     // `b` is unaffected.
     let global = Arc::new(model(100));
     let (tx, rx) = mpsc::channel();

@@ -51,6 +51,7 @@ mod caps;
 mod client;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod monitor;
 pub mod provision;
 mod server;
 mod wire;
@@ -84,6 +85,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use caps::{Connections, Counted};
 pub use client::{ClientOptions, run_client};
+pub use monitor::{Closed, NetMonitor, REFUSALS_KEPT, Refused, RefusedKind, SiteConnection};
 pub use server::{GrpcTransport, ServerOptions, ShutdownKind};
 pub use wire::PROTOCOL;
 

@@ -242,6 +242,56 @@ impl Roster {
         n
     }
 
+    /// Lists a site's new certificate (PEM), issued elsewhere by the
+    /// project CA, so that the site can connect with it: the server's way
+    /// to rotate a site without holding the CA key. The certificate must
+    /// chain to `ca_pem` for client authentication and be valid now (the
+    /// checks of the TLS handshake), name a valid identity, and not be on
+    /// the roster already. With `revoke_previous`, the site's other
+    /// certificates are revoked (rotation). Returns the new entry.
+    pub fn add_certificate(
+        &mut self,
+        cert_pem: &str,
+        ca_pem: &str,
+        revoke_previous: bool,
+    ) -> Result<RosterEntry> {
+        let der = pem_certificate(cert_pem)?;
+        verify_client_certificate(&der, &pem_certificate(ca_pem)?)?;
+        let identity = common_name(&der).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        check_identity(&identity)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| Error::InvalidConfig(format!("unreadable certificate: {e}")))?;
+        let serial = cert
+            .tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let fingerprint = fingerprint(&der);
+        if let Some(c) = self
+            .certificates
+            .iter()
+            .find(|c| c.fingerprint == fingerprint)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "certificate {fingerprint} is on the roster already (for `{}`{})",
+                c.identity,
+                if c.revoked { ", revoked" } else { "" }
+            )));
+        }
+        if revoke_previous {
+            self.revoke(&identity);
+        }
+        let entry = RosterEntry {
+            identity,
+            fingerprint,
+            serial,
+            revoked: false,
+        };
+        self.certificates.push(entry.clone());
+        Ok(entry)
+    }
+
     /// The identities with at least one active certificate.
     pub fn active(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
@@ -282,6 +332,33 @@ pub(crate) fn common_name(der: &[u8]) -> Result<String> {
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned)
         .ok_or_else(|| Error::Transport("certificate has no common name".into()))
+}
+
+/// Checks a client certificate (DER) as the server's TLS handshake does:
+/// signed by the CA `ca_der`, valid now, for client authentication.
+fn verify_client_certificate(der: &[u8], ca_der: &[u8]) -> Result<()> {
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    let invalid = |e: &dyn std::fmt::Display| Error::InvalidConfig(format!("certificate: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca_der.to_vec()))
+        .map_err(|e| invalid(&e))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| invalid(&e))?;
+    verifier
+        .verify_client_cert(&CertificateDer::from(der.to_vec()), &[], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| invalid(&e))
+}
+
+/// When a DER certificate expires (ms since the Unix epoch).
+pub(crate) fn not_after_ms(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.validity().not_after.timestamp().checked_mul(1000)
 }
 
 /// A valid identity: 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`
@@ -644,6 +721,73 @@ mod tests {
         assert!(roster.admit("h1", &new).is_err());
         assert!(project.revoke_site("nobody").is_err());
         assert!(project.issue_site("../evil", false).is_err());
+    }
+
+    /// The server lists a certificate the CA issued elsewhere (rotation
+    /// without the CA key at the server), and refuses what the TLS
+    /// handshake would refuse.
+    #[test]
+    fn a_certificate_from_the_project_ca_is_added_and_others_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ProjectSpec::new("demo", vec!["h1".into(), "h2".into()], 1);
+        let project = Project::create(tmp.path().join("p"), &spec).unwrap();
+        let server = Kit::load(project.server_kit()).unwrap();
+        let mut roster = Roster::load(&server.roster_path()).unwrap();
+        let old = Kit::load(project.site_kit("h1")).unwrap();
+        // Issued where the CA is: the project's roster lists it, the
+        // server's copy (here: `roster`, read before) does not yet.
+        project.issue_site("h1", true).unwrap();
+        let new = Kit::load(project.site_kit("h1")).unwrap();
+        let new_fp = new.fingerprint().unwrap();
+        assert!(roster.admit("h1", &new_fp).is_err());
+        let entry = roster
+            .add_certificate(&new.cert_pem, &server.ca_pem, true)
+            .unwrap();
+        assert_eq!(
+            (entry.identity.as_str(), &entry.fingerprint),
+            ("h1", &new_fp)
+        );
+        assert_eq!(entry.serial.len(), 32, "{entry:?}");
+        assert_eq!(roster.admit("h1", &new_fp), Ok(()));
+        assert!(matches!(
+            roster.admit("h1", &old.fingerprint().unwrap()),
+            Err(Refusal::Revoked { .. })
+        ));
+        assert!(
+            roster
+                .admit(
+                    "h2",
+                    &Kit::load(project.site_kit("h2"))
+                        .unwrap()
+                        .fingerprint()
+                        .unwrap()
+                )
+                .is_ok()
+        );
+        let e = roster
+            .add_certificate(&new.cert_pem, &server.ca_pem, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("on the roster already"), "{e}");
+
+        // Another project's CA; the server's own certificate (server
+        // authentication only); not a certificate at all.
+        let other = Project::create(tmp.path().join("q"), &spec).unwrap();
+        let foreign = Kit::load(other.site_kit("h2")).unwrap();
+        let e = roster
+            .add_certificate(&foreign.cert_pem, &server.ca_pem, false)
+            .unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        let e = roster
+            .add_certificate(&server.cert_pem, &server.ca_pem, false)
+            .unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        assert!(
+            roster
+                .add_certificate("hello", &server.ca_pem, false)
+                .is_err()
+        );
+        assert_eq!(roster.active(), ["h1", "h2"]);
+        assert_eq!(roster.certificates.len(), 3);
     }
 
     #[test]

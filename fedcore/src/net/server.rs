@@ -19,9 +19,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use super::caps::{Connections, SiteSessions, SiteSlot};
+use super::monitor::{ConnectionLog, NetMonitor, Peer};
 use super::proto::federation_server::{Federation, FederationServer};
 use super::proto::{self, client_message, server_message};
-use super::provision::{Kit, Role, Roster, common_name, fingerprint};
+use super::provision::{Kit, Refusal, Role, Roster, common_name, fingerprint, not_after_ms};
 use super::wire::{self, Assembler, Outgoing, PROTOCOL, Plan};
 use super::{Limits, now_ms};
 use crate::error::{Error, Result};
@@ -115,6 +116,10 @@ struct Session {
     id: ClientId,
     number: u64,
     fingerprint: String,
+    /// When its certificate expires (ms since the Unix epoch).
+    not_after_ms: Option<i64>,
+    /// The address it connected from.
+    peer: Option<String>,
     /// Payload bytes per chunk sent to this client (fits its message limit).
     chunk_bytes: usize,
     queue: mpsc::UnboundedSender<Out>,
@@ -173,8 +178,10 @@ impl RosterWatch {
     }
 }
 
-struct Shared {
+pub(super) struct Shared {
     options: ServerOptions,
+    /// Sessions opened and closed, connections refused: for [`NetMonitor`].
+    pub(super) log: ConnectionLog,
     roster: Mutex<RosterWatch>,
     sessions: Mutex<BTreeMap<ClientId, Arc<Session>>>,
     changed: Condvar,
@@ -191,11 +198,16 @@ struct Shared {
 }
 
 impl Shared {
-    fn admit(&self, identity: &str, fingerprint: &str) -> std::result::Result<(), String> {
-        lock(&self.roster)
-            .get()
-            .admit(identity, fingerprint)
-            .map_err(|r| r.to_string())
+    fn admit(&self, identity: &str, fingerprint: &str) -> std::result::Result<(), Refusal> {
+        lock(&self.roster).get().admit(identity, fingerprint)
+    }
+
+    /// Each open session's site and how long it has been silent.
+    pub(super) fn open_sessions(&self) -> Vec<(String, Duration)> {
+        lock(&self.sessions)
+            .values()
+            .map(|s| (s.id.to_string(), lock(&s.last_seen).elapsed()))
+            .collect()
     }
 
     /// Registers a session; a newer connection of the same site replaces
@@ -212,6 +224,12 @@ impl Shared {
             sessions.insert(session.id.clone(), session.clone())
         };
         lock(&self.seen).insert(session.id.clone());
+        self.log.opened(Peer {
+            identity: session.id.as_str(),
+            fingerprint: &session.fingerprint,
+            not_after_ms: session.not_after_ms,
+            peer: session.peer.clone(),
+        });
         if let Some(old) = old {
             self.fail(
                 &old,
@@ -256,6 +274,9 @@ impl Shared {
             {
                 sessions.remove(&session.id);
                 info!(client = %session.id, session = session.number, reason = %reason, "client disconnected");
+                let silent = lock(&session.last_seen).elapsed().as_millis() as i64;
+                self.log
+                    .closed(session.id.as_str(), now_ms() as i64 - silent, &reason);
             }
         }
         self.changed.notify_all();
@@ -308,9 +329,21 @@ impl Federation for Service {
         let identity =
             common_name(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let fp = fingerprint(leaf.as_ref());
-        if let Err(reason) = shared.admit(&identity, &fp) {
-            warn!(identity = %identity, reason = %reason, "connection refused");
-            return Err(Status::permission_denied(reason));
+        let not_after = not_after_ms(leaf.as_ref());
+        let peer = request.remote_addr().map(|a| a.to_string());
+        if let Err(refusal) = shared.admit(&identity, &fp) {
+            warn!(identity = %identity, reason = %refusal, "connection refused");
+            shared.log.refused(
+                Peer {
+                    identity: &identity,
+                    fingerprint: &fp,
+                    not_after_ms: not_after,
+                    peer,
+                },
+                &refusal,
+                false,
+            );
+            return Err(Status::permission_denied(refusal.to_string()));
         }
         // Before waiting for hello: a site that opens session after session
         // without finishing them holds at most this many.
@@ -365,6 +398,8 @@ impl Federation for Service {
             id: ClientId::new(identity.clone()),
             number: shared.next_session.fetch_add(1, Ordering::Relaxed),
             fingerprint: fp,
+            not_after_ms: not_after,
+            peer,
             chunk_bytes,
             queue: queue_tx,
             pending: Mutex::new(HashMap::new()),
@@ -471,8 +506,19 @@ async fn writer(
                 if silent > opts.liveness {
                     break format!("no message for {} ms", silent.as_millis());
                 }
-                if let Err(r) = shared.admit(session.id.as_str(), &session.fingerprint) {
-                    warn!(client = %session.id, reason = %r, "closing the session");
+                if let Err(refusal) = shared.admit(session.id.as_str(), &session.fingerprint) {
+                    warn!(client = %session.id, reason = %refusal, "closing the session");
+                    shared.log.refused(
+                        Peer {
+                            identity: session.id.as_str(),
+                            fingerprint: &session.fingerprint,
+                            not_after_ms: session.not_after_ms,
+                            peer: session.peer.clone(),
+                        },
+                        &refusal,
+                        true,
+                    );
+                    let r = refusal.to_string();
                     let _ = out.try_send(Err(Status::permission_denied(r.clone())));
                     break r;
                 }
@@ -667,6 +713,7 @@ impl GrpcTransport {
             Connections::new(options.max_connections, options.max_connections_per_address);
         let shared = Arc::new(Shared {
             roster: Mutex::new(RosterWatch::load(kit.roster_path())?),
+            log: ConnectionLog::default(),
             options,
             sessions: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
@@ -749,6 +796,14 @@ impl GrpcTransport {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// A handle on the sites' sessions and the refused connections, to
+    /// read from another thread while the server runs (an operator's page).
+    pub fn monitor(&self) -> NetMonitor {
+        NetMonitor {
+            shared: self.shared.clone(),
+        }
     }
 
     /// How many connections are open now (TLS handshakes included).
