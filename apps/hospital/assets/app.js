@@ -264,6 +264,84 @@ async function viewClients(root) {
   const trusts = await Promise.all(cs.map((c) => api(`/api/clients/${encodeURIComponent(c.id)}/trust`)));
   root.append(el("div", { class: "charts" }, lineChart("trust-chart", "Trust per round (moving average)",
     cs.map((c, i) => ({ name: c.id, points: trusts[i].map((t) => [t.round_id, t.trust_ema ?? t.trust]) })), { y0: 0, y1: 1 })));
+  const conn = await api("/api/connections");
+  if (conn.deployed || conn.sites.length) root.append(connections(conn));
+}
+
+const ago = (ms) => {
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 90 ? `${s} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : when(ms);
+};
+const short = (fp) => (fp ? `${fp.slice(0, 16)}…` : "–");
+const DAY = 24 * 3600 * 1000;
+
+// A deployed server's hospitals on the wire: sessions, certificates,
+// refused connections; revoke and rotate on the roster.
+function connections(conn) {
+  const manage = can("manage_clients") && conn.deployed;
+  const post = async (path, body) => {
+    try {
+      await api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}) });
+    } catch (e) {
+      alert(e.message);
+    }
+    route();
+  };
+  const actions = (s) => {
+    if (!manage || !s.certificates.length) return "";
+    const active = s.certificates.some((c) => !c.revoked);
+    const file = el("input", { type: "file", accept: ".pem,.crt", class: "hidden", "data-site": s.site });
+    file.addEventListener("change", async () => {
+      if (!file.files.length) return;
+      const certificate = await file.files[0].text();
+      await post(`/api/connections/${encodeURIComponent(s.site)}/certificate`, { certificate });
+    });
+    return [
+      active ? el("button", {
+        type: "button", class: "revoke", "data-site": s.site,
+        onclick: () => {
+          if (confirm(`Revoke every certificate of ${s.site}? Its session closes within seconds and it cannot connect again until it gets a new certificate.`)) {
+            post(`/api/connections/${encodeURIComponent(s.site)}/revoke`);
+          }
+        },
+      }, "Revoke") : "",
+      " ",
+      el("button", { type: "button", class: "rotate", "data-site": s.site, onclick: () => file.click() }, "New certificate…"),
+      file,
+    ];
+  };
+  const rows = conn.sites.map((s) => {
+    const c = s.connection;
+    const expiry = c && c.not_after;
+    const soon = expiry && expiry - Date.now() < 30 * DAY;
+    const active = s.certificates.filter((x) => !x.revoked).length;
+    return el("tr", { "data-site": s.site },
+      el("td", {}, s.site),
+      el("td", { class: s.connected ? "good" : "bad" }, s.connected ? "connected" : c ? "disconnected" : "never connected",
+        s.suspended ? " · suspended" : ""),
+      el("td", {}, c ? ago(c.last_seen) : "–"),
+      el("td", {}, c && c.peer ? c.peer : "–"),
+      el("td", { title: c ? c.fingerprint : "" }, el("code", {}, c ? short(c.fingerprint) : "–")),
+      el("td", { class: soon ? "bad" : "" }, expiry ? new Date(expiry).toLocaleDateString() : "–"),
+      el("td", {}, s.certificates.length ? `${active} active, ${s.certificates.length - active} revoked` : "not on the roster"),
+      el("td", { class: "muted" }, c && c.close_reason ? c.close_reason : ""),
+      el("td", {}, actions(s)));
+  });
+  const refused = conn.refused.map((r) => el("tr", {},
+    el("td", {}, when(r.at)), el("td", {}, r.site),
+    el("td", { class: "bad" }, r.kind.replaceAll("_", " "), r.closed_session ? " (session closed)" : ""),
+    el("td", {}, r.peer || "–"), el("td", { title: r.fingerprint }, el("code", {}, short(r.fingerprint)))));
+  return el("section", { id: "connections" },
+    el("h2", {}, "Connections"),
+    el("p", { class: "muted" }, "Each hospital's session with this server over mutual TLS: a heartbeat every 2 s while connected. ",
+      "Revoking takes effect at the next heartbeat; a new certificate is issued where the project CA is kept (fedcore-deploy rotate) and listed here."),
+    el("table", { id: "connections-table" },
+      el("tr", {}, ["Hospital", "Session", "Last heartbeat", "From", "Certificate", "Expires", "Roster", "Last closed because", ""].map((h) => el("th", {}, h))),
+      rows),
+    el("h3", {}, "Refused connections"),
+    refused.length
+      ? el("table", { id: "refused-table" }, el("tr", {}, ["When", "Certificate of", "Why", "From", "Fingerprint"].map((h) => el("th", {}, h))), refused)
+      : el("p", { class: "muted", id: "refused-none" }, "None."));
 }
 
 async function viewClient(root, id) {
@@ -711,7 +789,8 @@ async function main() {
   es.addEventListener("failed", (e) => { const d = JSON.parse(e.data); say(`Training failed: ${d.error}`); kick(); });
   // Queued runs start, and stopped ones end, between events: the runs
   // page also looks every few seconds.
-  setInterval(() => { if (location.hash.startsWith("#/runs")) kick(); }, 3000);
+  // The hospitals page follows the heartbeats the same way.
+  setInterval(() => { if (location.hash.startsWith("#/runs") || location.hash === "#/clients") kick(); }, 3000);
 }
 
 main();

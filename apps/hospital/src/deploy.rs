@@ -30,6 +30,7 @@ use fedcore_he::{
 };
 
 use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
+use crate::federation::FederationLink;
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
@@ -81,6 +82,10 @@ pub struct ServerArgs {
     /// The quorum: valid updates a round needs.
     #[arg(long, default_value_t = 2)]
     pub min_clients: usize,
+    /// Hospitals connected before round 1 starts (default: the quorum);
+    /// later rounds start with the quorum.
+    #[arg(long)]
+    pub start_with: Option<usize>,
     /// Seconds a round waits for updates.
     #[arg(long, default_value_t = 1800)]
     pub round_timeout: u64,
@@ -290,7 +295,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         }
     }
     let dashboard = match a.dashboard {
-        Some(at) => Some(Dashboard::start(a, at, &mut server)?),
+        Some(at) => Some(Dashboard::start(a, at, &kit, &mut server)?),
         None => None,
     };
     server.subscribe(|event: &ServerEvent| match event {
@@ -322,6 +327,19 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     if let Some(d) = &dashboard {
         // An admin's "stop" on the page ends the run after its round.
         policy = policy.with_stop(d.shared.stop.clone());
+    }
+    if let Some(n) = a.start_with.filter(|_| server.next_round() == 1) {
+        use fedcore::Transport;
+        let deadline = std::time::Instant::now() + Duration::from_secs(a.wait);
+        while server.transport().clients().len() < n {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} of the {n} hospitals of --start-with connected within --wait",
+                    server.transport().clients().len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let report = net::run_server(&mut server, &policy);
     if let Some(d) = &dashboard {
@@ -368,6 +386,7 @@ impl Dashboard {
     fn start<S: fedcore::Strategy>(
         a: &ServerArgs,
         at: std::net::SocketAddr,
+        kit: &Kit,
         server: &mut Server<GrpcTransport, S>,
     ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -395,7 +414,25 @@ impl Dashboard {
         });
         // Any image size: nothing is ever read here (see above).
         let predictor = Arc::new(Predictor::new(32, a.seed));
-        let state = rt.block_on(web::state(&config, shared.clone(), predictor))?;
+        let mut state = rt.block_on(web::state(&config, shared.clone(), predictor))?;
+        // The admin's actions that reach the federation: suspensions (the
+        // stored ones at once), the roster; the sessions into the store.
+        let link = FederationLink::new(
+            server.transport().monitor(),
+            server.exclusions(),
+            kit.roster_path(),
+            kit.ca_pem.clone(),
+        );
+        for c in rt.block_on(state.store.clients())? {
+            if c.status == crate::store::ClientStatus::Suspended {
+                link.suspend(&c.id, true);
+            }
+        }
+        rt.spawn(crate::federation::record_connections(
+            state.store.clone(),
+            server.transport().monitor(),
+        ));
+        state.federation = Some(Arc::new(link));
         for (name, role, password) in rt.block_on(web::bootstrap_users(&state.store))? {
             println!(
                 "created user {name:<7} ({}) with password {password}",
@@ -434,9 +471,7 @@ impl Dashboard {
         };
         println!("dashboard: {scheme}://{bound}/ (API docs at /docs)");
 
-        // Rounds into the store and onto the page; suspensions made on the
-        // page keep a hospital out from the next round.
-        let exclusions = server.exclusions();
+        // Rounds into the store and onto the page.
         let handle = rt.handle().clone();
         let live = shared.clone();
         let total = a.rounds;
@@ -464,19 +499,6 @@ impl Dashboard {
                     accuracy: None,
                     outcome: row.outcome.clone(),
                 });
-                let suspended = live.suspended.lock().map(|s| s.clone()).unwrap_or_default();
-                for id in record
-                    .accepted
-                    .iter()
-                    .map(|u| &u.client)
-                    .chain(record.withheld.iter().map(|w| &w.client))
-                {
-                    if suspended.contains(id.as_str()) {
-                        exclusions.exclude(id.clone(), "suspended by an administrator");
-                    } else {
-                        exclusions.include(id);
-                    }
-                }
             }
             other => live.observe(other, total),
         });

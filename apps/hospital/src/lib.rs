@@ -14,7 +14,9 @@
 //! - [`sim`]: the simulation runner (N hospitals in one process);
 //!   [`mnist`]: the MNIST job's runner (the small CNN with DP-SGD);
 //!   [`deploy`]: the deployment runner (`hospital provision/server/client`),
-//!   which does not use the simulation;
+//!   which does not use the simulation; [`federation`]: what the dashboard
+//!   of a deployed server sees of its hospitals' connections and changes
+//!   (suspension, the certificate roster);
 //! - [`api`]: the HTTP API by resource, with [`auth`] (passwords, tokens,
 //!   roles, sign-in limits); [`infer`]: inference on uploads; [`atrest`]:
 //!   encryption at rest; [`web`]: the server that serves pages and API.
@@ -26,6 +28,7 @@ pub mod atrest;
 pub mod auth;
 pub mod deploy;
 pub mod dp;
+pub mod federation;
 pub mod infer;
 pub mod jobs;
 pub mod live;

@@ -165,6 +165,7 @@ pub async fn state(
         ),
         request_timeout: config.server.request_timeout,
         jobs: None,
+        federation: None,
     })
 }
 

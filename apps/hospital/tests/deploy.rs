@@ -1,7 +1,10 @@
 //! The hospital federation deployed as processes on 127.0.0.1: provisioning
 //! with CKKS keys in the kits, the aggregation server and two hospitals over
 //! gRPC with mutual TLS, the head encrypted end to end, and the server's
-//! dashboard showing the run.
+//! dashboard showing the run and steering the federation: both hospitals
+//! connected with their certificates, one suspended (the next round does
+//! not sample it), then revoked (its session is closed and the refusal
+//! listed), then given a new certificate; a viewer can do none of that.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -69,7 +72,7 @@ fn http(
 }
 
 #[test]
-fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
+fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one() {
     let tmp = tempfile::tempdir().unwrap();
     let project = tmp.path().join("project");
     let out = Command::new(BIN)
@@ -95,6 +98,14 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
         "the server never holds the secret key"
     );
     assert!(project.join("hospital-1/he-secret.key").exists());
+    // Where the project CA is kept (not on the server): a copy made now,
+    // which issues hospital-2's new certificate later.
+    let offline = tmp.path().join("offline");
+    let copied = Command::new("cp")
+        .args(["-a", project.to_str().unwrap(), offline.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copied.success());
 
     let run = tmp.path().join("server-run");
     let mut server = Killed(
@@ -103,9 +114,13 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             .args([
                 "--listen",
                 "127.0.0.1:0",
+                // Both hospitals in round 1; later rounds need one (one
+                // is suspended, then revoked).
                 "--rounds",
-                "2",
+                "4",
                 "--min-clients",
+                "1",
+                "--start-with",
                 "2",
             ])
             .args(["--batch-size", "8", "--run-dir", run.to_str().unwrap()])
@@ -114,6 +129,7 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             .args(["--public-epochs", "1"])
             .args(["--dashboard", "127.0.0.1:0"])
             .env("HOSPITAL_ADMIN_PASSWORD", "deploy-admin-password-7")
+            .env("HOSPITAL_VIEWER_PASSWORD", "deploy-viewer-password-7")
             .env(
                 "DATABASE_URL",
                 format!(
@@ -152,6 +168,48 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             break rest.split('/').next().unwrap().to_owned();
         }
     };
+    let login = |user: &str, password: &str| {
+        let (status, body) = http(
+            &dashboard,
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(&format!(
+                r#"{{"username":"{user}","password":"{password}"}}"#
+            )),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+    let token = login("admin", "deploy-admin-password-7");
+    let viewer = login("viewer", "deploy-viewer-password-7");
+    let token = token.as_str();
+    let get = |path: &str| {
+        let (status, body) = http(&dashboard, "GET", path, Some(token), None);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let site = |connections: &serde_json::Value, name: &str| {
+        connections["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["site"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed: {connections}"))
+    };
+    // The roster's hospitals, before any connected.
+    let before = get("/api/connections");
+    assert_eq!(before["deployed"], true, "{before}");
+    assert_eq!(site(&before, "hospital-2")["connected"], false);
+    assert_eq!(
+        site(&before, "hospital-2")["certificates"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let mut sites: Vec<Killed> = ["hospital-1", "hospital-2"]
         .iter()
         .map(|h| {
@@ -179,7 +237,7 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
                             "--clip",
                             "0.01",
                             "--dp-rounds",
-                            "2",
+                            "4",
                         ][..]
                     } else {
                         &["--epsilon", "50", "--dp-batch-size", "4"][..]
@@ -192,31 +250,215 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             )
         })
         .collect();
-    // The server keeps its dashboard up after the run: wait for the run.
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !printed.iter().any(|l| l.starts_with("run complete")) {
-        assert!(Instant::now() < deadline, "the run did not complete");
-        if let Ok(l) = lines.recv_timeout(Duration::from_secs(1)) {
-            printed.push(l);
+    let mut wait_for = |what: &str, printed: &mut Vec<String>| {
+        while !printed.iter().any(|l| l.starts_with(what)) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{what}`:\n{}",
+                printed.join("\n")
+            );
+            if let Ok(l) = lines.recv_timeout(Duration::from_secs(1)) {
+                printed.push(l);
+            }
+            assert!(server.0.try_wait().unwrap().is_none(), "the server exited");
         }
-        assert!(server.0.try_wait().unwrap().is_none(), "the server exited");
+    };
+    // Round 1 starts with both hospitals connected: the page shows their
+    // sessions with the certificates of their kits.
+    wait_for("round 1 started", &mut printed);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let connected = loop {
+        let c = get("/api/connections");
+        if ["hospital-1", "hospital-2"]
+            .iter()
+            .all(|h| site(&c, h)["connected"] == true)
+        {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "{c}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for h in ["hospital-1", "hospital-2"] {
+        let s = site(&connected, h);
+        let kit = fedcore::net::provision::Kit::load(project.join(h)).unwrap();
+        let c = &s["connection"];
+        assert_eq!(c["fingerprint"], kit.fingerprint().unwrap().as_str(), "{s}");
+        let year = 300 * 24 * 3600 * 1000_i64;
+        assert!(c["not_after"].as_i64().unwrap() > now_ms() + year, "{s}");
+        assert!(c["last_seen"].as_i64().unwrap() > now_ms() - 30_000, "{s}");
+        assert!(c["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{s}");
     }
-    for (i, s) in sites.iter_mut().enumerate() {
-        wait_ok(
-            &mut s.0,
-            &format!("hospital-{}", i + 1),
-            Duration::from_secs(60),
+    assert_eq!(connected["refused"].as_array().unwrap().len(), 0);
+
+    // A viewer steers nothing.
+    for path in [
+        "/api/connections/hospital-2/revoke",
+        "/api/connections/hospital-2/certificate",
+    ] {
+        let body = Some(r#"{"certificate":"-----BEGIN CERTIFICATE-----"}"#);
+        let (status, body) = http(&dashboard, "POST", path, Some(&viewer), body);
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    let (status, _) = http(
+        &dashboard,
+        "PATCH",
+        "/api/clients/hospital-2/status",
+        Some(&viewer),
+        Some(r#"{"status":"suspended"}"#),
+    );
+    assert_eq!(status, 403);
+
+    // An admin suspends hospital-2: no round that starts from now on
+    // samples it.
+    let (status, body) = http(
+        &dashboard,
+        "PATCH",
+        "/api/clients/hospital-2/status",
+        Some(token),
+        Some(r#"{"status":"suspended"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let suspended_at = now_ms();
+
+    // After round 2, the admin revokes hospital-2's certificate: its
+    // session is closed, the hospital stops, the refusal is listed.
+    wait_for("round 2 completed", &mut printed);
+    let (status, body) = http(
+        &dashboard,
+        "POST",
+        "/api/connections/hospital-2/revoke",
+        Some(token),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let revoked: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(revoked["certificates"][0]["revoked"], true, "{revoked}");
+    let (status, _) = http(
+        &dashboard,
+        "POST",
+        "/api/connections/hospital-2/revoke",
+        Some(token),
+        None,
+    );
+    assert_eq!(status, 409, "revoked already");
+    let mut hospital_2 = sites.remove(1);
+    let stopped = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = hospital_2.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < stopped, "hospital-2 still runs");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success(), "a revoked hospital stops with an error");
+    let after = loop {
+        let c = get("/api/connections");
+        if !c["refused"].as_array().unwrap().is_empty()
+            && site(&c, "hospital-2")["connected"] == false
+        {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "{c}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let h2 = site(&after, "hospital-2");
+    assert!(
+        h2["connection"]["close_reason"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{h2}"
+    );
+    assert_eq!(h2["suspended"], true);
+    let refusal = &after["refused"][0];
+    assert_eq!(
+        (
+            &refusal["site"],
+            &refusal["kind"],
+            &refusal["closed_session"]
+        ),
+        (&"hospital-2".into(), &"revoked".into(), &true.into()),
+        "{after}"
+    );
+    assert_eq!(site(&after, "hospital-1")["connected"], true);
+
+    // Its new certificate, issued where the CA is kept, listed from the
+    // page; a certificate of another hospital under its name is refused.
+    fedcore::net::provision::Project::open(&offline)
+        .issue_site("hospital-2", true)
+        .unwrap();
+    let new_kit = fedcore::net::provision::Kit::load(offline.join("hospital-2")).unwrap();
+    let body = serde_json::json!({ "certificate": new_kit.cert_pem }).to_string();
+    let wrong = serde_json::json!({
+        "certificate": fedcore::net::provision::Kit::load(offline.join("hospital-1")).unwrap().cert_pem
+    })
+    .to_string();
+    let (status, answer) = http(
+        &dashboard,
+        "POST",
+        "/api/connections/hospital-2/certificate",
+        Some(token),
+        Some(&wrong),
+    );
+    assert_eq!(status, 422, "{answer}");
+    let (status, answer) = http(
+        &dashboard,
+        "POST",
+        "/api/connections/hospital-2/certificate",
+        Some(token),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let rotated: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let certs = rotated["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 2, "{rotated}");
+    assert_eq!(
+        certs[1]["fingerprint"],
+        new_kit.fingerprint().unwrap().as_str()
+    );
+    assert_eq!(certs[1]["revoked"], false);
+    let roster =
+        fedcore::net::provision::Roster::load(&project.join("server/roster.json")).unwrap();
+    assert_eq!(
+        roster.admit("hospital-2", &new_kit.fingerprint().unwrap()),
+        Ok(())
+    );
+    let audit = get("/api/audit");
+    for action in [
+        "certificate_revoked",
+        "certificate_rotated",
+        "client_status_change",
+    ] {
+        assert!(
+            audit
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["action"] == action),
+            "{action}: {audit}"
         );
     }
+
+    // The server keeps its dashboard up after the run: wait for the run.
+    wait_for("run complete", &mut printed);
+    wait_ok(&mut sites[0].0, "hospital-1", Duration::from_secs(60));
     printed.extend(lines.try_iter());
     let text = printed.join("\n");
     assert!(text.contains("classifier head sealed with CKKS"), "{text}");
-    for round in [1, 2] {
+    for round in 1..=4 {
         let line = printed
             .iter()
             .find(|l| l.starts_with(&format!("round {round} completed")))
             .unwrap_or_else(|| panic!("round {round} not completed:\n{text}"));
-        assert!(line.contains(": 2 updates"), "{line}");
+        if round == 1 {
+            assert!(line.contains(": 2 updates"), "{line}");
+        }
         assert!(
             !line.contains("held-out loss -"),
             "the hospitals evaluated: {line}"
@@ -226,7 +468,16 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
         serde_json::from_slice(&std::fs::read(run.join("checkpoints/state.json")).unwrap())
             .unwrap();
     let history = state["history"].as_array().unwrap();
-    assert_eq!(history.len(), 2);
+    assert_eq!(history.len(), 4);
+    // Every round that started after the suspension left hospital-2 out.
+    let later: Vec<&serde_json::Value> = history
+        .iter()
+        .filter(|r| r["started_at_ms"].as_i64().unwrap() > suspended_at)
+        .collect();
+    assert!(!later.is_empty(), "rounds 3 and 4 start after it");
+    for r in &later {
+        assert_eq!(r["sampled"], serde_json::json!(["hospital-1"]), "{r}");
+    }
     // Each update says what protected it: CKKS for both, DP-SGD for
     // hospital-1, client-level DP for hospital-2.
     for update in history[0]["accepted"].as_array().unwrap() {
@@ -253,29 +504,17 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
     }
     // The deployed server's dashboard shows the run: its rounds with the
     // hospitals' own held-out numbers, the hospitals, hospital-2's epsilon.
-    let (status, body) = http(
-        &dashboard,
-        "POST",
-        "/api/auth/login",
-        None,
-        Some(r#"{"username":"admin","password":"deploy-admin-password-7"}"#),
-    );
-    assert_eq!(status, 200, "{body}");
-    let login: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let token = login["token"].as_str().unwrap();
-    let get = |path: &str| {
-        let (status, body) = http(&dashboard, "GET", path, Some(token), None);
-        assert_eq!(status, 200, "{path}: {body}");
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()
-    };
     let rounds = get("/api/training/rounds");
     let rounds = rounds.as_array().unwrap();
-    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    assert_eq!(rounds.len(), 4, "{rounds:?}");
     for r in rounds {
         assert_eq!(r["outcome"], "completed", "{r}");
-        assert_eq!(r["accepted"], 2, "{r}");
+        if r["started_at"].as_i64().unwrap() > suspended_at {
+            assert_eq!(r["accepted"], 1, "only hospital-1: {r}");
+        }
         assert!(r["loss"].is_number(), "the hospitals' evaluation: {r}");
     }
+    assert_eq!(rounds[0]["accepted"], 2);
     assert_eq!(
         get("/api/training/rounds/current")["progress"]["status"],
         "finished"
@@ -291,10 +530,8 @@ fn a_server_and_two_hospitals_train_with_the_head_encrypted() {
             .find(|p| p["client"] == c)
             .map(|p| p["history"].as_array().unwrap().len())
     };
-    assert_eq!(
-        (spent("hospital-1"), spent("hospital-2")),
-        (Some(2), Some(2))
-    );
+    assert_eq!(spent("hospital-1"), Some(4));
+    assert!(matches!(spent("hospital-2"), Some(1 | 2)), "{privacy}");
     // No model to read X-rays with at the server (the head stays sealed).
     let (status, _) = http(&dashboard, "GET", "/api/model/export", Some(token), None);
     assert_eq!(status, 503);

@@ -858,6 +858,12 @@ impl GrpcTransport {
             .into_values()
             .collect();
         for s in &open {
+            let silent = lock(&s.last_seen).elapsed().as_millis() as i64;
+            self.shared.log.closed(
+                s.id.as_str(),
+                now_ms() as i64 - silent,
+                "the server stopped",
+            );
             self.shared.fail(s, "the server stopped".into());
         }
         self.shared.changed.notify_all();

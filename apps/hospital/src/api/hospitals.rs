@@ -139,6 +139,10 @@ pub(super) async fn set_client_status(
             ClientStatus::Active => s.remove(&id),
         };
     }
+    // A deployed server leaves it out of the next round to start.
+    if let Some(link) = &state.federation {
+        link.suspend(&id, status == ClientStatus::Suspended);
+    }
     let detail = format!("{} -> {}", before.status.as_str(), status.as_str());
     session
         .audit(

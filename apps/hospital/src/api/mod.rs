@@ -2,6 +2,7 @@
 //! stream.
 mod audit;
 mod auth;
+mod connections;
 mod hospitals;
 mod inference;
 mod jobs;
@@ -89,6 +90,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// The job queue (`None` on a deployed server, which runs no jobs).
     pub jobs: Option<Arc<crate::jobs::JobQueue>>,
+    /// The deployed server's federation (`None` in the simulation).
+    pub federation: Option<Arc<crate::federation::FederationLink>>,
 }
 
 /// Bounds on open event streams (server-sent events hold a connection for
@@ -409,7 +412,8 @@ impl Session {
           metrics::overview, metrics::auc_history, metrics::loss_history, metrics::aggregation, metrics::privacy,
           inference::predict, inference::inference_history, audit::audit_log, training::export_model,
           jobs::list_jobs, jobs::job_choices, jobs::create_job, jobs::get_job, jobs::stop_job, jobs::resume_job,
-          jobs::delete_job, jobs::job_curve),
+          jobs::delete_job, jobs::job_curve,
+          connections::list_connections, connections::revoke, connections::rotate),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []), ("cookie" = []))
 )]
@@ -523,6 +527,12 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route(
             "/api/clients/{id}/status",
             patch(hospitals::set_client_status),
+        )
+        .route("/api/connections", get(connections::list_connections))
+        .route("/api/connections/{site}/revoke", post(connections::revoke))
+        .route(
+            "/api/connections/{site}/certificate",
+            post(connections::rotate),
         )
         .route("/api/training/rounds", get(training::rounds))
         .route("/api/training/rounds/current", get(training::current_round))

@@ -83,6 +83,10 @@ pub enum AuditAction {
     JobDeleted,
     /// A hospital suspended or reactivated.
     ClientStatusChange,
+    /// An admin revoked a hospital's certificates on the server's roster.
+    CertificateRevoked,
+    /// An admin listed a hospital's new certificate (rotation).
+    CertificateRotated,
     /// An X-ray read by the model.
     Inference,
     /// The model downloaded.
@@ -108,6 +112,8 @@ impl AuditAction {
             AuditAction::JobResumed => "job_resumed",
             AuditAction::JobDeleted => "job_deleted",
             AuditAction::ClientStatusChange => "client_status_change",
+            AuditAction::CertificateRevoked => "certificate_revoked",
+            AuditAction::CertificateRotated => "certificate_rotated",
             AuditAction::Inference => "inference",
             AuditAction::ModelExport => "model_export",
         }

@@ -69,6 +69,20 @@ impl Store {
         Ok(())
     }
 
+    /// Registers a hospital that is not known yet (a deployed hospital
+    /// that connected); one that is keeps its numbers and status.
+    pub async fn ensure_client(&self, id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO clients (id, status, examples, patients, created_at) \
+             VALUES ($1, 'active', 0, 0, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Every hospital.
     pub async fn clients(&self) -> Result<Vec<ClientRow>> {
         sqlx::query("SELECT id, status, examples, patients FROM clients ORDER BY id")

@@ -7,6 +7,7 @@
 //! `sqlx::Any`.
 
 mod audit;
+mod connections;
 mod hospitals;
 mod inference;
 mod jobs;
@@ -21,6 +22,7 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 
 pub use audit::{Audit, AuditAction, AuditOutcome, AuditRow};
+pub use connections::{ConnectionRow, REFUSALS_KEPT, RefusalRow};
 pub use hospitals::{ClientRow, ClientStatus};
 pub use inference::InferenceRow;
 pub use jobs::{JobKind, JobRow, JobStatus, NewJob};
