@@ -307,6 +307,7 @@ const READS: &[&str] = &[
     "/api/metrics/loss-history",
     "/api/metrics/aggregation",
     "/api/metrics/privacy",
+    "/api/connections",
 ];
 
 #[tokio::test]
@@ -325,6 +326,8 @@ async fn every_endpoint_needs_a_valid_token() {
             ("GET", "/api/users/1/export"),
             ("DELETE", "/api/users/2"),
             ("PATCH", "/api/clients/hospital-1/status"),
+            ("POST", "/api/connections/hospital-1/revoke"),
+            ("POST", "/api/connections/hospital-1/certificate"),
             ("POST", "/api/training/stop"),
             ("POST", "/api/inference/predict"),
             ("GET", "/api/inference/history"),
@@ -1292,6 +1295,41 @@ async fn admins_stop_a_run_from_the_page() {
     );
 }
 
+/// The simulation has no roster: no connections, and the roster's actions
+/// say why they cannot be done (the deployment test does them).
+#[tokio::test]
+async fn the_simulation_lists_no_connections_and_refuses_roster_changes() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let c = send(&h.app, req("GET", "/api/connections", Some(&admin), None))
+        .await
+        .json();
+    assert_eq!(c, json!({"deployed": false, "sites": [], "refused": []}));
+    let a = send(
+        &h.app,
+        req(
+            "POST",
+            "/api/connections/hospital-1/revoke",
+            Some(&admin),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    assert!(a.json()["error"].as_str().unwrap().contains("no roster"));
+    let a = send(
+        &h.app,
+        req(
+            "POST",
+            "/api/connections/hospital-1/certificate",
+            Some(&admin),
+            Some(json!({"certificate": "-----BEGIN CERTIFICATE-----"})),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+}
+
 #[tokio::test]
 async fn admins_suspend_hospitals() {
     let h = harness().await;
@@ -1836,6 +1874,9 @@ async fn pages_docs_and_headers() {
         "/api/clients/{id}",
         "/api/clients/{id}/trust",
         "/api/clients/{id}/status",
+        "/api/connections",
+        "/api/connections/{site}/revoke",
+        "/api/connections/{site}/certificate",
         "/api/training/rounds",
         "/api/training/rounds/current",
         "/api/training/rounds/{id}",

@@ -347,6 +347,14 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
         None,
     );
     assert_eq!(status, 409, "revoked already");
+    let (status, _) = http(
+        &dashboard,
+        "POST",
+        "/api/connections/hospital-9/revoke",
+        Some(token),
+        None,
+    );
+    assert_eq!(status, 404, "not on the roster");
     let mut hospital_2 = sites.remove(1);
     let stopped = Instant::now() + Duration::from_secs(60);
     let status = loop {

@@ -1,6 +1,6 @@
 //! Jobs: the store's `jobs` table and its lifecycle on SQLite (and on
 //! PostgreSQL when `FEDCORE_TEST_POSTGRES` is set), rounds recorded before
-//! jobs existed, and the runs page's API with a real queue training small
+//! jobs existed, a deployed server's connection tables, and the runs page's API with a real queue training small
 //! MNIST jobs: an admin starts, stops, resumes, compares and deletes them;
 //! a viewer can do none of it.
 #![allow(clippy::unwrap_used)]
@@ -20,7 +20,8 @@ use fedcore_hospital::infer::Predictor;
 use fedcore_hospital::jobs::{JobOptions, JobQueue};
 use fedcore_hospital::live::Shared;
 use fedcore_hospital::store::{
-    JobKind, JobStatus, NewJob, NewRound, RoundRow, Store, TrustRow, UpdateRow,
+    ClientStatus, ConnectionRow, JobKind, JobStatus, NewJob, NewRound, REFUSALS_KEPT, RefusalRow,
+    RoundRow, Store, TrustRow, UpdateRow,
 };
 use fedcore_hospital::web::{self, ServerLimits, WebConfig};
 use http_body_util::BodyExt;
@@ -259,6 +260,89 @@ fn old_migrations(db: &str, to: &Path) {
     }
 }
 
+/// A deployed server's connections: each hospital's latest session
+/// replaces the one before; refused connections are kept newest first, at
+/// most `REFUSALS_KEPT`; a hospital that connects is registered without
+/// touching a known one's status.
+async fn connections(store: &Store) {
+    let session = |site: &str, at: i64| ConnectionRow {
+        site: site.into(),
+        fingerprint: format!("{site}-fp"),
+        not_after: Some(at + 365 * 24 * 3600 * 1000),
+        peer: Some("127.0.0.1:4000".into()),
+        connected_at: at,
+        last_seen: at + 2000,
+        closed_at: None,
+        close_reason: None,
+    };
+    store.record_connection(&session("h2", 1000)).await.unwrap();
+    store.record_connection(&session("h1", 500)).await.unwrap();
+    let mut closed = session("h2", 1000);
+    closed.last_seen = 9000;
+    closed.closed_at = Some(9500);
+    closed.close_reason = Some("certificate h2-fp of `h2` is revoked".into());
+    store.record_connection(&closed).await.unwrap();
+    assert_eq!(
+        store.connections().await.unwrap(),
+        [session("h1", 500), closed.clone()]
+    );
+    // A new session of h2 replaces the closed one.
+    store
+        .record_connection(&session("h2", 20_000))
+        .await
+        .unwrap();
+    assert_eq!(store.connections().await.unwrap()[1], session("h2", 20_000));
+
+    let refusal = |i: i64| RefusalRow {
+        id: 0,
+        at: i,
+        site: "h3".into(),
+        fingerprint: format!("fp{i}"),
+        not_after: None,
+        peer: None,
+        kind: if i % 2 == 0 {
+            "revoked"
+        } else {
+            "not_on_roster"
+        }
+        .into(),
+        reason: format!("refusal {i}"),
+        closed_session: i == 1,
+    };
+    let first = store.record_refusal(&refusal(1)).await.unwrap();
+    store.record_refusal(&refusal(2)).await.unwrap();
+    let newest = store.refusals(10).await.unwrap();
+    assert_eq!(newest.len(), 2);
+    assert_eq!(
+        newest[1],
+        RefusalRow {
+            id: first,
+            ..refusal(1)
+        }
+    );
+    assert_eq!(newest[0].kind, "revoked");
+    assert!(!newest[0].closed_session);
+    for i in 3..=REFUSALS_KEPT + 2 {
+        store.record_refusal(&refusal(i)).await.unwrap();
+    }
+    let kept = store.refusals(2 * REFUSALS_KEPT).await.unwrap();
+    assert_eq!(kept.len() as i64, REFUSALS_KEPT, "the oldest are deleted");
+    assert_eq!(kept[0].at, REFUSALS_KEPT + 2);
+    assert_eq!(kept.last().unwrap().at, 3);
+
+    store.ensure_client("h1").await.unwrap();
+    store.upsert_client("h2", 40, 10).await.unwrap();
+    store
+        .set_client_status("h2", ClientStatus::Suspended)
+        .await
+        .unwrap();
+    store.ensure_client("h2").await.unwrap();
+    let h1 = store.client("h1").await.unwrap().unwrap();
+    assert_eq!((h1.status, h1.examples), (ClientStatus::Active, 0));
+    let h2 = store.client("h2").await.unwrap().unwrap();
+    assert_eq!((h2.status, h2.examples), (ClientStatus::Suspended, 40));
+}
+
 #[tokio::test]
 async fn each_run_is_a_job_with_its_own_rounds_on_sqlite_and_postgres() {
     let dir = tempfile::tempdir().unwrap();
@@ -267,6 +351,7 @@ async fn each_run_is_a_job_with_its_own_rounds_on_sqlite_and_postgres() {
         dir.path().join("j.sqlite").display()
     );
     lifecycle(&Store::connect(&url).await.unwrap()).await;
+    connections(&Store::connect(&url).await.unwrap()).await;
     old_migrations("sqlite", &dir.path().join("old-sqlite"));
     let url = format!(
         "sqlite://{}?mode=rwc",
@@ -280,6 +365,7 @@ async fn each_run_is_a_job_with_its_own_rounds_on_sqlite_and_postgres() {
     };
     reset_postgres(&pg).await;
     lifecycle(&Store::connect(&pg).await.unwrap()).await;
+    connections(&Store::connect(&pg).await.unwrap()).await;
     reset_postgres(&pg).await;
     old_migrations("postgres", &dir.path().join("old-postgres"));
     migrated(&pg, &dir.path().join("old-postgres")).await;
