@@ -173,6 +173,18 @@ pub struct ClientArgs {
     /// counted in `<work-dir>/<hospital>-dp-ledger.json` across restarts.
     #[arg(long, default_value_t = 10)]
     pub dp_rounds: u64,
+    /// Serve the hospital's own dashboard here: its staff sign in and read
+    /// X-rays with the latest global model, whose encrypted head this
+    /// hospital opens with its key (the server cannot). Its store:
+    /// `DATABASE_URL`, default `<work-dir>/<hospital>-dashboard.sqlite`;
+    /// users, TLS and keys as for `simulate`. It keeps serving after the
+    /// run, until Ctrl-C.
+    #[arg(long)]
+    pub dashboard: Option<std::net::SocketAddr>,
+    /// A proxy in front of the dashboard terminates TLS: allow a
+    /// non-loopback `--dashboard` without `TLS_CERT`/`TLS_KEY`.
+    #[arg(long)]
+    pub behind_tls_proxy: bool,
 }
 
 fn limits(max_message_bytes: usize) -> Limits {
@@ -536,13 +548,7 @@ impl Dashboard {
 
     /// Keeps serving after the run, until Ctrl-C.
     fn serve_until_ctrl_c(self) -> Result<()> {
-        println!("the dashboard keeps serving (Ctrl-C to stop)");
-        self.rt.block_on(async {
-            tokio::select! {
-                r = self.task => r.context("dashboard task")?,
-                _ = tokio::signal::ctrl_c() => Ok(()),
-            }
-        })
+        serve_until_ctrl_c(&self.rt, self.task)
     }
 }
 
@@ -643,6 +649,118 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     }
 }
 
+/// A hospital's client that hands every global model it evaluates (its
+/// head opened with the hospital's key) to the hospital's inference page.
+struct FeedsInference<M: Model<Data = DataSplit>> {
+    client: ModelClient<M>,
+    predictor: Arc<Predictor>,
+}
+
+impl<M> fedcore::Client for FeedsInference<M>
+where
+    M: Model<Data = DataSplit>,
+{
+    fn id(&self) -> &fedcore::ClientId {
+        self.client.id()
+    }
+
+    fn fit(&mut self, ins: &fedcore::FitIns) -> fedcore::Result<fedcore::ClientUpdate> {
+        self.client.fit(ins)
+    }
+
+    fn step(&mut self, ins: &fedcore::StepIns) -> fedcore::Result<fedcore::StepReply> {
+        self.client.step(ins)
+    }
+
+    /// Evaluates the round's global model, which the model then holds.
+    fn evaluate(&mut self, ins: &fedcore::EvaluateIns) -> fedcore::Result<fedcore::Evaluation> {
+        let evaluation = self.client.evaluate(ins)?;
+        if let Err(e) = self
+            .predictor
+            .update(&self.client.model().parameters(), ins.round)
+        {
+            tracing::error!(error = %format!("{e:#}"), round = ins.round, "the inference model was not updated");
+        }
+        Ok(evaluation)
+    }
+}
+
+/// A hospital's own dashboard: the app with its users and the inference
+/// page, answering with the global models this hospital receives.
+struct HospitalDashboard {
+    rt: tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<Result<()>>,
+    predictor: Arc<Predictor>,
+}
+
+impl HospitalDashboard {
+    fn start(
+        a: &ClientArgs,
+        at: std::net::SocketAddr,
+        identity: &str,
+        sealed: bool,
+    ) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dashboard")
+            .enable_all()
+            .build()?;
+        std::fs::create_dir_all(&a.work_dir)
+            .with_context(|| format!("cannot create {}", a.work_dir.display()))?;
+        let config = WebConfig::from_env(&a.work_dir.join(format!("{identity}-dashboard.sqlite")))?;
+        web::check_exposure(at, config.tls.is_some(), a.behind_tls_proxy)?;
+        let shared = Arc::new(Shared::default());
+        let predictor = Arc::new(Predictor::new(a.image_size, a.seed));
+        predictor.set_protections(crate::infer::Protections {
+            dp_mode: a.dp.mode,
+            budget: (a.dp.mode != DpMode::Off).then_some((a.dp.epsilon, a.dp.delta)),
+            encrypt: if sealed { a.encrypt } else { Encrypt::None },
+        });
+        let state = rt.block_on(web::state(&config, shared, predictor.clone()))?;
+        for (name, role, password) in rt.block_on(web::bootstrap_users(&state.store))? {
+            println!(
+                "created user {name:<7} ({}) with password {password}",
+                role.as_str()
+            );
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let app = web::app(state);
+        let tls = config.tls.clone();
+        let limits = config.server;
+        let proxies = config.client_address.trusted_proxies.clone();
+        let task =
+            rt.spawn(async move { web::serve(app, at, tls.as_ref(), limits, &proxies, tx).await });
+        let bound = rt.block_on(rx).context("the dashboard did not start")?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!(
+            "{identity}: dashboard: {scheme}://{bound}/ (inference with the global model after each round)"
+        );
+        Ok(Self {
+            rt,
+            task,
+            predictor,
+        })
+    }
+}
+
+/// Keeps a dashboard's task serving until Ctrl-C.
+fn serve_until_ctrl_c(
+    rt: &tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    println!("the dashboard keeps serving (Ctrl-C to stop)");
+    rt.block_on(async {
+        tokio::select! {
+            r = task => r.context("dashboard task")?,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}
+
 /// Seals what the server asks sealed, then serves the run to its end.
 fn serve<M>(a: &ClientArgs, kit: &Kit, client: ModelClient<M>) -> Result<()>
 where
@@ -672,7 +790,30 @@ where
         give_up_after: a.give_up_after.map(Duration::from_secs),
         ..ClientOptions::default()
     };
-    net::run_client(kit, client, &options).with_context(|| format!("hospital `{identity}`"))?;
+    let dashboard = match a.dashboard {
+        Some(at) => Some(HospitalDashboard::start(
+            a,
+            at,
+            &identity,
+            secret_key.exists(),
+        )?),
+        None => None,
+    };
+    match &dashboard {
+        Some(d) => net::run_client(
+            kit,
+            FeedsInference {
+                client,
+                predictor: d.predictor.clone(),
+            },
+            &options,
+        ),
+        None => net::run_client(kit, client, &options),
+    }
+    .with_context(|| format!("hospital `{identity}`"))?;
     println!("{identity}: the run is complete");
+    if let Some(d) = dashboard {
+        serve_until_ctrl_c(&d.rt, d.task)?;
+    }
     Ok(())
 }

@@ -23,19 +23,7 @@ impl Drop for Killed {
     }
 }
 
-fn wait_ok(child: &mut Child, what: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{what} failed: {status}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not finish in time");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// One HTTP/1.1 request to the dashboard: (status, body).
+/// One HTTP/1.1 request with a JSON body to a dashboard: (status, body).
 fn http(
     at: &str,
     method: &str,
@@ -43,17 +31,52 @@ fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(at).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let body = body.unwrap_or("");
+    http_raw(at, method, path, token, "application/json", body.as_bytes())
+}
+
+/// An X-ray upload (multipart, field `image`) to a dashboard's inference.
+fn predict(at: &str, token: &str) -> (u16, String) {
+    let img =
+        image::GrayImage::from_fn(64, 64, |x, y| image::Luma([((x * 3 + y * 5) % 256) as u8]));
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let mut body =
+        b"--XB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\
+                     Content-Type: image/png\r\n\r\n"
+            .to_vec();
+    body.extend_from_slice(&png);
+    body.extend_from_slice(b"\r\n--XB--\r\n");
+    http_raw(
+        at,
+        "POST",
+        "/api/inference/predict",
+        Some(token),
+        "multipart/form-data; boundary=XB",
+        &body,
+    )
+}
+
+fn http_raw(
+    at: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(at).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
+    s.write_all(body).unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     let status = answer[9..12].parse().unwrap();
@@ -243,13 +266,37 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
                         &["--epsilon", "50", "--dp-batch-size", "4"][..]
                     })
                     .args(["--work-dir", tmp.path().join(h).to_str().unwrap()])
-                    .stdout(Stdio::null())
+                    // hospital-1's staff read X-rays on its own dashboard.
+                    .args(if *h == "hospital-1" {
+                        &["--dashboard", "127.0.0.1:0"][..]
+                    } else {
+                        &[][..]
+                    })
+                    .env("HOSPITAL_ADMIN_PASSWORD", "site-admin-password-7")
+                    .env("HOSPITAL_DOCTOR_PASSWORD", "site-doctor-password-7")
+                    .env_remove("DATABASE_URL")
+                    .stdout(Stdio::piped())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .unwrap(),
             )
         })
         .collect();
+    let (site_tx, site_lines) = mpsc::channel();
+    let stdout = sites[0].0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = site_tx.send(l);
+        }
+    });
+    let mut site_printed = Vec::new();
+    let site_dashboard = loop {
+        let l = site_lines.recv_timeout(Duration::from_secs(120)).unwrap();
+        site_printed.push(l.clone());
+        if let Some(rest) = l.strip_prefix("hospital-1: dashboard: http://") {
+            break rest.split('/').next().unwrap().to_owned();
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut wait_for = |what: &str, printed: &mut Vec<String>| {
         while !printed.iter().any(|l| l.starts_with(what)) {
@@ -455,7 +502,43 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
 
     // The server keeps its dashboard up after the run: wait for the run.
     wait_for("run complete", &mut printed);
-    wait_ok(&mut sites[0].0, "hospital-1", Duration::from_secs(60));
+    // hospital-1 heard the run is complete and keeps serving its dashboard.
+    while !site_printed
+        .iter()
+        .any(|l| l == "hospital-1: the run is complete")
+    {
+        assert!(Instant::now() < deadline, "{site_printed:?}");
+        if let Ok(l) = site_lines.recv_timeout(Duration::from_secs(1)) {
+            site_printed.push(l);
+        }
+        assert!(
+            sites[0].0.try_wait().unwrap().is_none(),
+            "hospital-1 exited"
+        );
+    }
+    // A doctor at hospital-1 reads an X-ray with round 4's global model,
+    // whose head hospital-1 opened; the server cannot read one.
+    let doctor = {
+        let (status, body) = http(
+            &site_dashboard,
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(r#"{"username":"doctor","password":"site-doctor-password-7"}"#),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+    let (status, body) = predict(&site_dashboard, &doctor);
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["model_round"], 4, "{answer}");
+    assert_eq!(answer["findings"].as_array().unwrap().len(), 14, "{answer}");
+    assert_eq!(answer["protections"]["encrypt"], "head", "{answer}");
+    assert_eq!(answer["protections"]["dp_mode"], "sample", "{answer}");
+    let (status, _) = predict(&dashboard, token);
+    assert_eq!(status, 503, "the server holds no key to open the head");
     printed.extend(lines.try_iter());
     let text = printed.join("\n");
     assert!(text.contains("classifier head sealed with CKKS"), "{text}");
