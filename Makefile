@@ -15,7 +15,9 @@ help:
 setup:
 	@scripts/setup.sh
 
-demo: setup
+# The demo needs no test tools (browser, PostgreSQL): set-up leaves them out.
+demo:
+	@scripts/setup.sh --demo
 	@source scripts/env.sh && cargo run --release -p fedcore-hospital -- simulate $(ARGS)
 
 test: setup

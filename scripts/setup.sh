@@ -15,17 +15,32 @@
 #          cuda-toolkit wheel so that libtorch's libraries load); and
 #          schemathesis, which checks the dashboard's API against its
 #          OpenAPI document (a test tool only: nothing we ship imports it)
+#
+# `setup.sh --demo` (what `make demo` runs) leaves out what only the tests
+# need (Chromium, Node.js and playwright-core, PostgreSQL, schemathesis):
+# a newcomer's first `make demo` does not wait for them; `make test`
+# installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEMO=0
+if [ "${1:-}" = "--demo" ]; then
+    DEMO=1
+elif [ -n "${1:-}" ]; then
+    echo "usage: scripts/setup.sh [--demo]" >&2
+    exit 2
+fi
 
 TORCH_VERSION=2.13.0
 SCHEMATHESIS_VERSION=4.32.5
 CUDA_TOOLKIT="cuda-toolkit[cudart,cupti]==13.0.3"
 VENV=.venv
 APT_PACKAGES=(build-essential make pkg-config cmake clang libclang-dev libzstd-dev protobuf-compiler
-              python3 python3-venv ca-certificates fonts-dejavu-core chromium postgresql)
-# Node.js: Debian's, unless one is already on the PATH (some images ship their own).
-command -v node >/dev/null && command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
+              python3 python3-venv ca-certificates fonts-dejavu-core)
+if [ "$DEMO" = 0 ]; then
+    APT_PACKAGES+=(chromium postgresql)
+    # Node.js: Debian's, unless one is already on the PATH (some images ship their own).
+    command -v node >/dev/null && command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
+fi
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -45,12 +60,12 @@ if ((${#missing[@]})); then
 fi
 
 if ! command -v cargo >/dev/null; then
-    log "cargo not found: install Rust 1.88 or newer (https://rustup.rs), then run this again"
+    log "cargo not found: install Rust 1.89 or newer (https://rustup.rs), then run this again"
     exit 1
 fi
 rust_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
-if [ "${rust_minor:-0}" -lt 88 ]; then
-    log "Rust 1.88 or newer is required, found $(rustc --version)"
+if [ "${rust_minor:-0}" -lt 89 ]; then
+    log "Rust 1.89 or newer is required, found $(rustc --version)"
     exit 1
 fi
 for component in rustfmt clippy; do
@@ -86,6 +101,8 @@ if [ ! -f "$marker" ]; then
         log "the torch wheel did not install libtorch_cpu.so"; exit 1; }
     touch "$marker"
 fi
+
+[ "$DEMO" = 1 ] && exit 0
 
 marker="$VENV/.fedcore-schemathesis-$SCHEMATHESIS_VERSION"
 if [ ! -f "$marker" ]; then

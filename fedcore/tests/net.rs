@@ -322,14 +322,15 @@ fn revoking_a_connected_site_closes_its_session_and_it_stops() {
     let closed = sites[0].closed.as_ref().expect("a's session closed");
     assert!(closed.reason.contains("revoked"), "{closed:?}");
     assert!(sites[1].closed.is_none(), "{sites:?}");
+    // (A client that saw its stream end before the refusal could retry
+    // once: the closing refusal is the first.)
     let refused = monitor.refused_since(0);
-    assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(
         (refused[0].identity.as_str(), refused[0].kind),
         ("a", net::RefusedKind::Revoked)
     );
-    assert!(refused[0].closed_session);
-    assert!(monitor.refused_since(refused[0].seq).is_empty());
+    assert!(refused[0].closed_session, "{refused:?}");
+    let seen = refused.last().unwrap().seq;
     // A new connection with the revoked certificate is refused and listed.
     let again = net::run_client(
         &a_kit,
@@ -337,9 +338,9 @@ fn revoking_a_connected_site_closes_its_session_and_it_stops() {
         &client_options(&s.transport),
     );
     assert!(again.unwrap_err().to_string().contains("revoked"));
-    let refused = monitor.refused_since(1);
+    let refused = monitor.refused_since(seen);
     assert_eq!(refused.len(), 1, "{refused:?}");
-    assert!(!refused[0].closed_session && refused[0].seq == 2);
+    assert!(!refused[0].closed_session && refused[0].seq == seen + 1);
     // `b` is unaffected.
     let global = Arc::new(model(100));
     let (tx, rx) = mpsc::channel();

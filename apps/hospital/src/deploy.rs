@@ -435,6 +435,11 @@ impl Dashboard {
             kit.roster_path(),
             kit.ca_pem.clone(),
         );
+        rt.block_on(
+            state
+                .store
+                .close_open_connections(crate::store::now_ms(), "the server restarted"),
+        )?;
         for c in rt.block_on(state.store.clients())? {
             if c.status == crate::store::ClientStatus::Suspended {
                 link.suspend(&c.id, true);

@@ -36,8 +36,6 @@ pub struct FederationLink {
     exclusions: Exclusions,
     roster_path: PathBuf,
     ca_pem: String,
-    /// One roster edit at a time (each is a read, a change and a write).
-    edits: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for FederationLink {
@@ -61,7 +59,6 @@ impl FederationLink {
             exclusions,
             roster_path,
             ca_pem,
-            edits: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -88,61 +85,76 @@ impl FederationLink {
 
     /// Revokes every certificate of `site`: the transport closes its open
     /// session at its next heartbeat check (2 s) and refuses it from then
-    /// on. Returns how many certificates were active.
-    pub async fn revoke(&self, site: &str) -> std::result::Result<usize, RosterError> {
-        let _edit = self.edits.lock().await;
-        let mut roster = self.roster().map_err(RosterError::Failed)?;
-        if !roster.certificates.iter().any(|c| c.identity == site) {
-            return Err(RosterError::UnknownSite);
+    /// on. Returns how many certificates were active. Blocking (the
+    /// roster's file lock, [`Roster::update`]).
+    pub fn revoke(&self, site: &str) -> std::result::Result<usize, RosterError> {
+        let mut refused = None;
+        let revoked = Roster::update(&self.roster_path, |roster| {
+            let n = roster.revoke(site);
+            if n == 0 {
+                refused = Some(if roster.certificates.iter().any(|c| c.identity == site) {
+                    RosterError::AlreadyRevoked
+                } else {
+                    RosterError::UnknownSite
+                });
+                // Nothing changed: fail, so that nothing is written.
+                return Err(fedcore::Error::InvalidInput("unchanged".into()));
+            }
+            Ok(n)
+        });
+        match (refused, revoked) {
+            (Some(r), _) => Err(r),
+            (None, Ok(n)) => Ok(n),
+            (None, Err(e)) => Err(RosterError::Failed(e.into())),
         }
-        let n = roster.revoke(site);
-        if n == 0 {
-            return Err(RosterError::AlreadyRevoked);
-        }
-        roster
-            .save(&self.roster_path)
-            .map_err(|e| RosterError::Failed(e.into()))?;
-        Ok(n)
     }
 
     /// Lists `site`'s new certificate (PEM, issued by the project CA where
     /// its key is kept, e.g. `fedcore-deploy rotate`) and revokes its
-    /// others: the site connects with the new kit from now on.
-    pub async fn rotate(
+    /// others: the site connects with the new kit from now on. Blocking.
+    pub fn rotate(
         &self,
         site: &str,
         cert_pem: &str,
     ) -> std::result::Result<RosterEntry, RosterError> {
-        let _edit = self.edits.lock().await;
-        let mut roster = self.roster().map_err(RosterError::Failed)?;
-        if !roster.certificates.iter().any(|c| c.identity == site) {
-            return Err(RosterError::UnknownSite);
+        let mut refused = None;
+        let entry = Roster::update(&self.roster_path, |roster| {
+            if !roster.certificates.iter().any(|c| c.identity == site) {
+                refused = Some(RosterError::UnknownSite);
+                return Err(fedcore::Error::InvalidInput("unknown site".into()));
+            }
+            // Checked on a copy: a certificate for another site changes nothing.
+            let mut changed = roster.clone();
+            let entry = match changed.add_certificate(cert_pem, &self.ca_pem, false) {
+                Ok(e) if e.identity == site => e,
+                Ok(e) => {
+                    let m = format!("the certificate is `{}`'s, not `{site}`'s", e.identity);
+                    refused = Some(RosterError::Invalid(m.clone()));
+                    return Err(fedcore::Error::InvalidInput(m));
+                }
+                Err(e) => {
+                    refused = Some(RosterError::Invalid(e.to_string()));
+                    return Err(e);
+                }
+            };
+            roster.revoke(site);
+            roster.certificates.push(entry.clone());
+            Ok(entry)
+        });
+        match (refused, entry) {
+            (Some(r), _) => Err(r),
+            (None, Ok(e)) => Ok(e),
+            (None, Err(e)) => Err(RosterError::Failed(e.into())),
         }
-        // Checked on a copy: a certificate for another site changes nothing.
-        let mut changed = roster.clone();
-        let entry = changed
-            .add_certificate(cert_pem, &self.ca_pem, false)
-            .map_err(|e| RosterError::Invalid(e.to_string()))?;
-        if entry.identity != site {
-            return Err(RosterError::Invalid(format!(
-                "the certificate is `{}`'s, not `{site}`'s",
-                entry.identity
-            )));
-        }
-        roster.revoke(site);
-        roster.certificates.push(entry.clone());
-        roster
-            .save(&self.roster_path)
-            .map_err(|e| RosterError::Failed(e.into()))?;
-        Ok(entry)
     }
 }
 
 /// Every second: each hospital's session into `site_connections` (when it
 /// changed), new refused connections into `connection_refusals`, and each
 /// connected hospital into `clients` (so that it can be suspended before
-/// its first update). Runs until its task is dropped; a store error is
-/// logged and retried at the next tick (nothing is skipped).
+/// its first update). Runs until its task is dropped; a row the store
+/// refuses is logged and tried again at the next tick, without holding up
+/// the others (no refusal is skipped: they are written in order).
 pub async fn record_connections(store: Store, monitor: NetMonitor) {
     let mut written: HashMap<String, ConnectionRow> = HashMap::new();
     let mut seq = 0u64;
@@ -150,33 +162,53 @@ pub async fn record_connections(store: Store, monitor: NetMonitor) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = record_once(&store, &monitor, &mut written, &mut seq).await {
-            tracing::warn!(error = %format!("{e:#}"), "connections not recorded; retrying");
+        for e in record_once(&store, &monitor, &mut written, &mut seq).await {
+            tracing::warn!(error = %format!("{e:#}"), "connection not recorded; retrying");
         }
     }
 }
 
-/// One pass of [`record_connections`].
+/// One pass of [`record_connections`]; returns what the store refused.
 pub async fn record_once(
     store: &Store,
     monitor: &NetMonitor,
     written: &mut HashMap<String, ConnectionRow>,
     seq: &mut u64,
-) -> Result<()> {
+) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
     for site in monitor.sites() {
         let row = ConnectionRow::from(&site);
         if written.get(&row.site) == Some(&row) {
             continue;
         }
-        if !written.contains_key(&row.site) {
-            store.ensure_client(&row.site).await?;
+        let stored = async {
+            if !written.contains_key(&row.site) {
+                store.ensure_client(&row.site).await?;
+            }
+            store.record_connection(&row).await
+        };
+        match stored.await {
+            Ok(()) => {
+                written.insert(row.site.clone(), row);
+            }
+            Err(e) => errors.push(e.context(format!("the session of `{}`", row.site))),
         }
-        store.record_connection(&row).await?;
-        written.insert(row.site.clone(), row);
     }
-    for refused in monitor.refused_since(*seq) {
-        store.record_refusal(&RefusalRow::from(&refused)).await?;
-        *seq = refused.seq;
+    let refused = monitor.refused_since(*seq);
+    if let Some(first) = refused.first()
+        && first.seq > *seq + 1
+    {
+        tracing::warn!(
+            missed = first.seq - *seq - 1,
+            "refused connections came faster than they were recorded; some are not in the store"
+        );
     }
-    Ok(())
+    for r in refused {
+        if let Err(e) = store.record_refusal(&RefusalRow::from(&r)).await {
+            errors.push(e.context("a refused connection"));
+            break; // in order: the rest next time
+        }
+        *seq = r.seq;
+    }
+    errors
 }

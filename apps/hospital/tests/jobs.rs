@@ -292,6 +292,18 @@ async fn connections(store: &Store) {
         .await
         .unwrap();
     assert_eq!(store.connections().await.unwrap()[1], session("h2", 20_000));
+    // A server that starts closes what an ended process left open.
+    assert_eq!(
+        store
+            .close_open_connections(30_000, "the server restarted")
+            .await
+            .unwrap(),
+        2
+    );
+    for c in store.connections().await.unwrap() {
+        assert_eq!(c.closed_at, Some(30_000));
+        assert_eq!(c.close_reason.as_deref(), Some("the server restarted"));
+    }
 
     let refusal = |i: i64| RefusalRow {
         id: 0,

@@ -59,7 +59,7 @@ pub enum RefusedKind {
     NotOnRoster,
     /// On the roster, revoked.
     Revoked,
-    /// The certificate's name and the roster's (or the hello's) differ.
+    /// The roster lists the certificate under another name than its own.
     IdentityMismatch,
 }
 
@@ -102,8 +102,9 @@ pub struct Refused {
 #[derive(Debug, Default)]
 pub(super) struct ConnectionLog {
     sites: Mutex<BTreeMap<String, SiteConnection>>,
-    refused: Mutex<VecDeque<Refused>>,
-    next_seq: Mutex<u64>,
+    /// The refusals kept and the last number given, under one lock: they
+    /// are listed in the order of their numbers.
+    refused: Mutex<(VecDeque<Refused>, u64)>,
 }
 
 /// What a session is, for the log.
@@ -144,13 +145,11 @@ impl ConnectionLog {
     }
 
     pub(super) fn refused(&self, p: Peer<'_>, refusal: &Refusal, closed_session: bool) {
-        let seq = {
-            let mut n = lock(&self.next_seq);
-            *n += 1;
-            *n
-        };
+        let mut guard = lock(&self.refused);
+        let (refused, last) = &mut *guard;
+        *last += 1;
         let r = Refused {
-            seq,
+            seq: *last,
             at_ms: now_ms() as i64,
             identity: p.identity.to_owned(),
             fingerprint: p.fingerprint.to_owned(),
@@ -160,7 +159,6 @@ impl ConnectionLog {
             reason: refusal.to_string(),
             closed_session,
         };
-        let mut refused = lock(&self.refused);
         if refused.len() == REFUSALS_KEPT {
             refused.pop_front();
         }
@@ -199,9 +197,11 @@ impl NetMonitor {
     }
 
     /// The refused connections numbered after `seq` (0: all kept), oldest
-    /// first; at most [`REFUSALS_KEPT`].
+    /// first; at most [`REFUSALS_KEPT`] (a reader that falls further behind
+    /// sees a gap in the numbers).
     pub fn refused_since(&self, seq: u64) -> Vec<Refused> {
         lock(&self.shared.log.refused)
+            .0
             .iter()
             .filter(|r| r.seq > seq)
             .cloned()

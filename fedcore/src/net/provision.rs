@@ -205,6 +205,28 @@ impl Roster {
         crate::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(self)?)
     }
 
+    /// Reads the roster at `path`, applies `change` and writes the result
+    /// back (only if `change` succeeded), holding an exclusive lock on
+    /// `<path>.lock` throughout: two writers on one machine (a server's
+    /// dashboard, `fedcore-deploy` where the CA is) never lose each other's
+    /// change, such as a revocation.
+    pub fn update<T>(path: &Path, change: impl FnOnce(&mut Roster) -> Result<T>) -> Result<T> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| err(Path::new(&lock_path), format!("cannot open: {e}")))?;
+        lock.lock()
+            .map_err(|e| err(Path::new(&lock_path), format!("cannot lock: {e}")))?;
+        let mut roster = Roster::load(path)?;
+        let out = change(&mut roster)?;
+        roster.save(path)?;
+        Ok(out)
+    }
+
     /// Admits the certificate `(identity, fingerprint)` or says why not.
     pub fn admit(&self, identity: &str, fingerprint: &str) -> std::result::Result<(), Refusal> {
         match self
@@ -511,18 +533,16 @@ impl Project {
         check_identity(site)?;
         let (ca_pem, ca_key) = self.ca()?;
         let server = Kit::load(self.server_kit())?;
-        let roster_path = server.roster_path();
-        let mut roster = Roster::load(&roster_path)?;
-        if revoke_previous {
-            roster.revoke(site);
-        }
         let validity = Duration::from_secs(server.info.validity_days * 24 * 3600);
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(cert_err)?;
-        let (info, cert_pem, key_pem) =
-            new_site(site, &server.info, validity, &issuer, &mut roster)?;
         // The roster first: a kit whose certificate is not on the roster
         // would lock its site out; a roster entry nobody holds is harmless.
-        roster.save(&roster_path)?;
+        let (info, cert_pem, key_pem) = Roster::update(&server.roster_path(), |roster| {
+            if revoke_previous {
+                roster.revoke(site);
+            }
+            new_site(site, &server.info, validity, &issuer, roster)
+        })?;
         let dir = self.site_kit(site);
         write_kit(&dir, &info, &ca_pem, &cert_pem, &key_pem)?;
         Ok(dir)
@@ -531,22 +551,23 @@ impl Project {
     /// Revokes every certificate of `site` on the server's roster; returns
     /// how many were active.
     pub fn revoke_site(&self, site: &str) -> Result<usize> {
-        let path = self.server_kit().join(ROSTER_FILE);
-        let mut roster = Roster::load(&path)?;
-        let n = roster.revoke(site);
-        if n == 0 && !roster.certificates.iter().any(|c| c.identity == site) {
-            return Err(Error::InvalidConfig(format!(
-                "no site `{site}` on the roster"
-            )));
-        }
-        roster.save(&path)?;
-        Ok(n)
+        Roster::update(&self.server_kit().join(ROSTER_FILE), |roster| {
+            let n = roster.revoke(site);
+            if n == 0 && !roster.certificates.iter().any(|c| c.identity == site) {
+                return Err(Error::InvalidConfig(format!(
+                    "no site `{site}` on the roster"
+                )));
+            }
+            Ok(n)
+        })
     }
 }
 
 fn random_serial() -> (SerialNumber, String) {
     let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f; // positive
+    // Positive, and no leading zero byte: the DER encoding keeps all 16
+    // bytes, so the serial reads back as the same 32 hex digits.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
     let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
     (SerialNumber::from_slice(&bytes), hex)
 }
@@ -747,7 +768,16 @@ mod tests {
             (entry.identity.as_str(), &entry.fingerprint),
             ("h1", &new_fp)
         );
-        assert_eq!(entry.serial.len(), 32, "{entry:?}");
+        let listed = Roster::load(&project.server_kit().join(ROSTER_FILE)).unwrap();
+        let issued = listed
+            .certificates
+            .iter()
+            .find(|c| c.fingerprint == new_fp)
+            .unwrap();
+        assert_eq!(
+            entry.serial, issued.serial,
+            "the serial reads back as issued"
+        );
         assert_eq!(roster.admit("h1", &new_fp), Ok(()));
         assert!(matches!(
             roster.admit("h1", &old.fingerprint().unwrap()),

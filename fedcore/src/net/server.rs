@@ -195,6 +195,8 @@ pub(super) struct Shared {
     told: Mutex<BTreeSet<ClientId>>,
     /// Session calls per site.
     site_sessions: SiteSessions,
+    /// Set when the server stops listening: no session registers after.
+    stopped: Mutex<bool>,
 }
 
 impl Shared {
@@ -215,21 +217,24 @@ impl Shared {
     fn register(&self, session: Arc<Session>) -> bool {
         let old = {
             let mut sessions = lock(&self.sessions);
-            if sessions
-                .get(&session.id)
-                .is_some_and(|s| s.number > session.number)
+            if *lock(&self.stopped)
+                || sessions
+                    .get(&session.id)
+                    .is_some_and(|s| s.number > session.number)
             {
                 return false;
             }
+            // Logged under the sessions lock, as `end_session` logs a
+            // close: the log's order is the sessions' order.
+            self.log.opened(Peer {
+                identity: session.id.as_str(),
+                fingerprint: &session.fingerprint,
+                not_after_ms: session.not_after_ms,
+                peer: session.peer.clone(),
+            });
             sessions.insert(session.id.clone(), session.clone())
         };
         lock(&self.seen).insert(session.id.clone());
-        self.log.opened(Peer {
-            identity: session.id.as_str(),
-            fingerprint: &session.fingerprint,
-            not_after_ms: session.not_after_ms,
-            peer: session.peer.clone(),
-        });
         if let Some(old) = old {
             self.fail(
                 &old,
@@ -420,6 +425,9 @@ impl Federation for Service {
             .await
             .map_err(|_| Status::unavailable("session closed"))?;
         if !shared.register(session.clone()) {
+            if *lock(&shared.stopped) {
+                return Err(Status::unavailable("the server is stopping"));
+            }
             return Err(Status::aborted("a newer connection of this site is open"));
         }
         if let Some(s) = lock(&shared.closing).clone() {
@@ -723,6 +731,7 @@ impl GrpcTransport {
             seen: Mutex::new(BTreeSet::new()),
             told: Mutex::new(BTreeSet::new()),
             site_sessions: SiteSessions::new(options_sessions_per_site),
+            stopped: Mutex::new(false),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -854,16 +863,21 @@ impl GrpcTransport {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let open: Vec<Arc<Session>> = std::mem::take(&mut *lock(&self.shared.sessions))
-            .into_values()
-            .collect();
+        let open: Vec<Arc<Session>> = {
+            let mut sessions = lock(&self.shared.sessions);
+            *lock(&self.shared.stopped) = true;
+            let open: Vec<Arc<Session>> = std::mem::take(&mut *sessions).into_values().collect();
+            for s in &open {
+                let silent = lock(&s.last_seen).elapsed().as_millis() as i64;
+                self.shared.log.closed(
+                    s.id.as_str(),
+                    now_ms() as i64 - silent,
+                    "the server stopped",
+                );
+            }
+            open
+        };
         for s in &open {
-            let silent = lock(&s.last_seen).elapsed().as_millis() as i64;
-            self.shared.log.closed(
-                s.id.as_str(),
-                now_ms() as i64 - silent,
-                "the server stopped",
-            );
             self.shared.fail(s, "the server stopped".into());
         }
         self.shared.changed.notify_all();

@@ -131,8 +131,8 @@ fn roster_error(e: RosterError) -> ApiError {
     }
 }
 
-fn link(state: &AppState) -> ApiResult<&crate::federation::FederationLink> {
-    state.federation.as_deref().ok_or_else(|| {
+fn link(state: &AppState) -> ApiResult<&std::sync::Arc<crate::federation::FederationLink>> {
+    state.federation.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             "this process is not a deployed server: it has no roster",
@@ -160,7 +160,12 @@ pub(super) async fn revoke(
     session
         .require(&state, Permission::ManageClients, "revoke a certificate")
         .await?;
-    let n = link(&state)?.revoke(&site).await.map_err(roster_error)?;
+    let link = link(&state)?.clone();
+    let name = site.clone();
+    let n = tokio::task::spawn_blocking(move || link.revoke(&name))
+        .await
+        .map_err(|e| anyhow::anyhow!("roster task: {e}"))?
+        .map_err(roster_error)?;
     let detail = format!("{n} certificate(s) revoked");
     session
         .audit(
@@ -196,9 +201,11 @@ pub(super) async fn rotate(
     session
         .require(&state, Permission::ManageClients, "rotate a certificate")
         .await?;
-    let entry = link(&state)?
-        .rotate(&site, &req.certificate)
+    let link = link(&state)?.clone();
+    let name = site.clone();
+    let entry = tokio::task::spawn_blocking(move || link.rotate(&name, &req.certificate))
         .await
+        .map_err(|e| anyhow::anyhow!("roster task: {e}"))?
         .map_err(roster_error)?;
     let detail = format!("new certificate {}", entry.fingerprint);
     session

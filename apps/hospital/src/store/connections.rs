@@ -118,6 +118,20 @@ impl Store {
         Ok(())
     }
 
+    /// Marks every session the store still has open as closed at `at`
+    /// with `reason` (a server that starts has no session yet: those rows
+    /// were left by a process that ended); returns how many.
+    pub async fn close_open_connections(&self, at: i64, reason: &str) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE site_connections SET closed_at = $1, close_reason = $2 WHERE closed_at IS NULL",
+        )
+        .bind(at)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// Every hospital's latest session, by name.
     pub async fn connections(&self) -> Result<Vec<ConnectionRow>> {
         sqlx::query(
