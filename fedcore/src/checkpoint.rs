@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::events::RoundRecord;
 use crate::params::{Layout, Parameters, TensorSpec};
+use crate::server_opt::OptState;
 
 /// Metadata key that records the tensor order of a `Parameters` value
 /// (safetensors itself sorts tensors by name).
@@ -276,6 +277,21 @@ pub struct RunState {
     pub model_sha256: String,
     /// Every round so far, failed ones included.
     pub history: Vec<RoundRecord>,
+    /// The server optimizer's state file, when it keeps state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerFile>,
+}
+
+/// Where a checkpoint keeps the server optimizer's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerFile {
+    /// The optimizer ([`crate::ServerOpt::name`]).
+    pub kind: String,
+    /// Its file (tensors `m` and, but for momentum, `v`), relative to the
+    /// checkpoint directory.
+    pub file: String,
+    /// Lower-case hex SHA-256 of the file.
+    pub sha256: String,
 }
 
 const STATE_FILE: &str = "state.json";
@@ -308,6 +324,8 @@ pub struct Snapshot<'a> {
     pub next_round: u64,
     /// Every round so far.
     pub history: &'a [RoundRecord],
+    /// The server optimizer's name and state, when it keeps state.
+    pub optimizer: Option<(&'a str, &'a OptState)>,
 }
 
 /// The file holding the sealed global that round `next_round` starts from.
@@ -374,6 +392,24 @@ impl CheckpointStore {
             .to_safetensors([("fedcore.round".to_owned(), round.to_string())])?;
         let model_path = self.dir.join(&model_file);
         write_atomic(&model_path, &bytes)?;
+        let optimizer = match snapshot.optimizer {
+            None => None,
+            Some((kind, opt)) => {
+                let file = format!("server-opt-{round:06}.safetensors");
+                let tensors = [("m", &opt.m), ("v", &opt.v)]
+                    .into_iter()
+                    .filter(|(_, t)| !t.is_empty())
+                    .map(|(n, t)| (n.to_owned(), vec![t.len()], t.clone()));
+                let opt_bytes = Parameters::from_tensors(tensors)?
+                    .to_safetensors([("fedcore.server_opt".to_owned(), kind.to_owned())])?;
+                write_atomic(&self.dir.join(&file), &opt_bytes)?;
+                Some(OptimizerFile {
+                    kind: kind.to_owned(),
+                    sha256: sha256_hex(&opt_bytes),
+                    file,
+                })
+            }
+        };
         let state = RunState {
             version: STATE_VERSION,
             seed: snapshot.seed,
@@ -381,6 +417,7 @@ impl CheckpointStore {
             model_sha256: sha256_hex(&bytes),
             model_file,
             history: snapshot.history.to_vec(),
+            optimizer,
         };
         write_atomic(
             &self.dir.join(STATE_FILE),
@@ -389,6 +426,9 @@ impl CheckpointStore {
         self.prune(("model-", ".safetensors"), &state.model_file)?;
         if snapshot.sealed.is_some() {
             self.prune(("sealed-", ".bin"), &sealed_file)?;
+        }
+        if let Some(o) = &state.optimizer {
+            self.prune(("server-opt-", ".safetensors"), &o.file)?;
         }
         Ok(model_path)
     }
@@ -423,6 +463,32 @@ impl CheckpointStore {
             fs::remove_file(self.dir.join(name))?;
         }
         Ok(())
+    }
+
+    /// The server optimizer's state a checkpoint names, its hash checked.
+    pub fn load_optimizer(&self, file: &OptimizerFile) -> Result<OptState> {
+        let path = self.dir.join(&file.file);
+        let bad = |reason: String| Error::Checkpoint {
+            path: path.clone(),
+            reason,
+        };
+        if file.file.is_empty() || file.file.contains(['/', '\\']) || file.file.starts_with('.') {
+            return Err(bad("not a plain file name".into()));
+        }
+        let bytes = fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        let digest = sha256_hex(&bytes);
+        if digest != file.sha256 {
+            return Err(bad(format!(
+                "SHA-256 is {digest}, the state file expects {}: the file is corrupt",
+                file.sha256
+            )));
+        }
+        let (params, _) = Parameters::from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
+        let get = |n: &str| params.tensor(n).map(<[f32]>::to_vec).unwrap_or_default();
+        Ok(OptState {
+            m: get("m"),
+            v: get("v"),
+        })
     }
 
     /// Loads the latest checkpoint, checking the model file's hash and that its

@@ -19,6 +19,7 @@ use crate::params::{Layout, Parameters, Selection};
 use crate::round::{client_seed, dispatch, mix, sample, validate, weighted_metrics};
 use crate::run::{RunEnd, RunPolicy, RunReport};
 use crate::sealed::{SealedAggregator, SealedTensors};
+use crate::server_opt::{OptState, ServerOpt};
 use crate::strategy::{RoundSteps, Strategy};
 use crate::transport::{Failure, Rejection, Reply, Task, Transport};
 use crate::trust::{TrustPolicy, TrustTracker};
@@ -44,6 +45,10 @@ pub struct ServerConfig {
     pub seed: u64,
     /// Step size applied to the aggregated delta (1.0 = plain FedAvg).
     pub server_learning_rate: f32,
+    /// What the server makes of the aggregate before stepping along it
+    /// (FedAvgM, FedAdam, ...; default: nothing, plain SGD).
+    #[serde(default)]
+    pub server_opt: ServerOpt,
     /// Local training settings sent to the clients (the seed is replaced per client and round).
     pub train: TrainConfig,
     /// How the learning rate sent with `train` changes over the rounds.
@@ -71,6 +76,7 @@ impl Default for ServerConfig {
             round_timeout: Duration::from_secs(60),
             seed: 0,
             server_learning_rate: 1.0,
+            server_opt: ServerOpt::Sgd,
             train: TrainConfig::default(),
             lr_schedule: LrSchedule::Constant,
             checkpoint_dir: None,
@@ -115,6 +121,7 @@ impl ServerConfig {
             return bad("server_learning_rate must be positive and finite".into());
         }
         self.lr_schedule.check()?;
+        self.server_opt.check()?;
         self.train.check()
     }
 
@@ -172,6 +179,8 @@ pub struct Server<T: Transport, A: Strategy> {
     store: Option<CheckpointStore>,
     sealing: Option<Sealing>,
     exclusions: Exclusions,
+    /// The server optimizer's state (empty for plain SGD).
+    opt_state: OptState,
 }
 
 /// Clients an operator keeps out of training (e.g. a hospital an
@@ -269,6 +278,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             store,
             sealing: None,
             exclusions: Exclusions::default(),
+            opt_state: OptState::default(),
         })
     }
 
@@ -300,7 +310,27 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             )));
         }
         info!(round = state.next_round, dir = %dir.display(), "resuming");
+        // A stateful server optimizer continues from its saved state, or
+        // the resumed run would not be the uninterrupted one.
+        let opt_state = match (&state.optimizer, config.server_opt.is_stateful()) {
+            (None, false) => OptState::default(),
+            (None, true) if state.next_round <= 1 => OptState::default(),
+            (saved, _) => {
+                let saved_name = saved.as_ref().map_or("sgd", |o| o.kind.as_str());
+                if saved_name != config.server_opt.name() {
+                    return Err(Error::InvalidConfig(format!(
+                        "the checkpoint was written with server optimizer {saved_name}, not {}",
+                        config.server_opt.name()
+                    )));
+                }
+                match saved {
+                    Some(o) => store.load_optimizer(o)?,
+                    None => OptState::default(),
+                }
+            }
+        };
         Ok(Self {
+            opt_state,
             trust: config
                 .trust
                 .clone()
@@ -805,8 +835,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                     .and_then(|agg| self.check_aggregate(agg, &updates, &reference))
                     .and_then(|agg| {
                         let sealed = self.aggregate_sealed(&updates, &agg)?;
-                        let next = self.apply(&agg)?;
-                        Ok((agg, sealed, next))
+                        let (next, opt) = self.apply(&agg)?;
+                        Ok((agg, sealed, (next, opt)))
                     })
                     .map_err(|e| {
                         RoundOutcome::AggregationFailed(AggregationFailure::from_error(
@@ -821,7 +851,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
 
         let mut flagged = Vec::new();
         match aggregated {
-            Ok((mut agg, sealed, next)) => {
+            Ok((mut agg, sealed, (next, opt))) => {
+                self.opt_state = opt;
                 if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
                     s.global = Arc::new(global);
                     agg.metrics.insert("sealed_sum_ms".into(), ms);
@@ -893,19 +924,26 @@ impl<T: Transport, A: Strategy> Server<T, A> {
     }
 
     /// The next global model: the current one plus the server's step
-    /// along the aggregate (on the body only when the run seals tensors).
-    fn apply(&self, agg: &Aggregate) -> Result<Parameters> {
+    /// along what its optimizer makes of the aggregate (on the body only
+    /// when the run seals tensors), and the optimizer's next state (kept
+    /// only if the round completes).
+    fn apply(&self, agg: &Aggregate) -> Result<(Parameters, OptState)> {
         let mut next = (*self.global).clone();
         let lr = self.config.server_learning_rate;
+        let mut direction = agg.parameters.clone();
+        let mut state = self.opt_state.clone();
+        self.config
+            .server_opt
+            .direction(&mut state, direction.as_mut_slice())?;
         match &self.sealing {
-            None => next.axpy(lr, &agg.parameters)?,
+            None => next.axpy(lr, &direction)?,
             Some(s) => {
                 let layout = next.layout().clone();
                 s.body
-                    .axpy(&layout, lr, agg.parameters.as_slice(), next.as_mut_slice())?
+                    .axpy(&layout, lr, direction.as_slice(), next.as_mut_slice())?
             }
         }
-        Ok(next)
+        Ok((next, state))
     }
 
     fn report_failures(&mut self, round: u64, failures: &[ClientFailure]) {
@@ -1074,6 +1112,11 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         let path = store.save(Snapshot {
             global: &self.global,
             sealed: self.sealing.as_ref().map(|s| s.global.bytes()),
+            optimizer: self
+                .config
+                .server_opt
+                .is_stateful()
+                .then_some((self.config.server_opt.name(), &self.opt_state)),
             seed: self.config.seed,
             next_round: self.next_round,
             history: &self.history,

@@ -53,6 +53,80 @@ fn a_run_killed_between_rounds_and_resumed_matches_an_uninterrupted_run() {
     assert_eq!(models, 3);
 }
 
+/// A stateful server optimizer (FedAvgM, FedAdagrad, FedAdam, FedYogi)
+/// keeps its moments in the checkpoint: killed after round 3 and resumed,
+/// the run ends on the uninterrupted run's model bit for bit, and it moved
+/// elsewhere than plain FedAvg. Resuming with another optimizer, or with
+/// its state file damaged, is refused.
+#[test]
+fn every_server_optimizer_resumes_bit_for_bit() {
+    use fedcore::ServerOpt;
+    let plain = {
+        let mut s = Server::new(config(6), initial(), federation(4), FedAvg).unwrap();
+        s.run().unwrap();
+        bits(s.global())
+    };
+    for opt in [
+        ServerOpt::momentum(),
+        ServerOpt::adagrad(),
+        ServerOpt::adam(),
+        ServerOpt::yogi(),
+    ] {
+        let mut cfg = config(6);
+        cfg.server_opt = opt;
+        cfg.server_learning_rate = 0.05;
+        let mut uninterrupted = Server::new(cfg.clone(), initial(), federation(4), FedAvg).unwrap();
+        uninterrupted.run().unwrap();
+        assert!(
+            uninterrupted
+                .history()
+                .iter()
+                .all(|r| r.outcome.is_completed()),
+            "{opt:?}"
+        );
+        assert_ne!(
+            bits(uninterrupted.global()),
+            plain,
+            "{opt:?} steps like FedAvg"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        cfg.checkpoint_dir = Some(dir.path().to_owned());
+        {
+            let mut first = Server::new(cfg.clone(), initial(), federation(4), FedAvg).unwrap();
+            for _ in 0..3 {
+                first.run_round().unwrap();
+            }
+        }
+        let mut resumed = Server::resume(cfg.clone(), initial(), federation(4), FedAvg).unwrap();
+        resumed.run().unwrap();
+        assert_eq!(
+            bits(resumed.global()),
+            bits(uninterrupted.global()),
+            "{opt:?}"
+        );
+
+        let mut other = cfg.clone();
+        other.server_opt = if opt == ServerOpt::adam() {
+            ServerOpt::yogi()
+        } else {
+            ServerOpt::adam()
+        };
+        let e = resume_error(&other);
+        assert!(e.contains("server optimizer"), "{e}");
+        let mut sgd = cfg.clone();
+        sgd.server_opt = ServerOpt::Sgd;
+        assert!(resume_error(&sgd).contains("server optimizer"));
+        let file = dir.path().join("server-opt-000006.safetensors");
+        let mut bytes = fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(&file, &bytes).unwrap();
+        let e = resume_error(&cfg);
+        assert!(e.contains("corrupt"), "{e}");
+    }
+}
+
 fn checkpointed(dir: &std::path::Path) -> fedcore::ServerConfig {
     let mut cfg = config(2);
     cfg.checkpoint_dir = Some(dir.to_owned());

@@ -51,6 +51,14 @@ struct Args {
     /// Folder with the MNIST IDX files (gz or raw).
     #[arg(long, default_value = "../shared/data/mnist")]
     data: PathBuf,
+    /// What the server makes of the robust aggregate: sgd, momentum
+    /// (FedAvgM: server momentum against attackers' drift), adagrad, adam,
+    /// yogi.
+    #[arg(long, default_value = "sgd")]
+    server_opt: fedcore::ServerOpt,
+    /// The server's learning rate.
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f32,
     /// Where byzantine.md and byzantine.png go.
     #[arg(long, default_value = "docs")]
     out: PathBuf,
@@ -228,6 +236,8 @@ fn run_one(
             optimizer: Optimizer::adam(),
             seed: 0,
         },
+        server_opt: args.server_opt,
+        server_learning_rate: args.server_lr,
         ..ServerConfig::default()
     };
     let initial = model(args.seed)?.parameters();

@@ -68,6 +68,14 @@ struct Args {
     /// `cosine:FLOOR` (down to FLOOR times it in the last round).
     #[arg(long, value_parser = parse_schedule, default_value = "constant")]
     lr_schedule: LrSchedule,
+    /// What the server makes of the round's aggregate: sgd (FedAvg),
+    /// momentum (FedAvgM), adagrad, adam, yogi (Reddi et al. 2021).
+    #[arg(long, default_value = "sgd")]
+    server_opt: fedcore::ServerOpt,
+    /// The server's learning rate (1 with sgd is plain FedAvg; the adaptive
+    /// optimizers want about 0.01-0.1).
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f32,
     /// SGD momentum of DP-SGD.
     #[arg(long, default_value_t = 0.5)]
     momentum: f64,
@@ -402,6 +410,8 @@ fn run(
             seed: 0,
         },
         lr_schedule: args.lr_schedule,
+        server_opt: args.server_opt,
+        server_learning_rate: args.server_lr,
         ..ServerConfig::default()
     };
     let mut server = Server::new(config, cnn(args)?.parameters(), transport, FedAvg)?;
