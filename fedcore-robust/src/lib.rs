@@ -10,6 +10,7 @@
 //! | [`CoordinateMedian`] | < 1/2 per coordinate | ignored |
 //! | [`TrimmedMean`] (beta) | beta per coordinate | ignored |
 //! | [`Krum`] / Multi-Krum (f, m) | f with n > 2f + 2 | ignored |
+//! | [`Bulyan`] (f): Krum selection, then the mean around each coordinate's median | f with n >= 4f + 3 | ignored |
 //! | [`Mean`] | nothing (the baseline) | example counts or uniform |
 //!
 //! Pre-aggregation: [`NormClip`] (fixed or median threshold) and [`Nnm`]
@@ -49,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attacks;
+mod bulyan;
 mod error;
 mod geomed;
 mod kernels;
@@ -58,6 +60,7 @@ mod pre;
 
 use fedcore::{ClientDiagnostics, ClientUpdate, Error, FedAvg};
 
+pub use bulyan::{Bulyan, BulyanParams};
 pub use error::ParamsError;
 pub use geomed::{
     GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, GramError, GramSlack, GramWeiszfeld,

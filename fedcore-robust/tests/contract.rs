@@ -52,6 +52,18 @@ fn krum_and_multi_krum() {
 }
 
 #[test]
+fn bulyan() {
+    check_aggregator(
+        || BulyanParams::new(11, 1).check().unwrap(),
+        Weighting::Uniform,
+    );
+    check_aggregator(
+        || BulyanParams::new(11, 2).check().unwrap(),
+        Weighting::Uniform,
+    );
+}
+
+#[test]
 fn means() {
     check_aggregator(Mean::default, Weighting::ExampleCounts);
     check_aggregator(

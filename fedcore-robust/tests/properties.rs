@@ -305,6 +305,39 @@ proptest! {
         prop_assert_eq!(agg.parameters.as_slice(), all[chosen[0]].as_slice());
     }
 
+    /// Bulyan with n >= 4f + 3 stays within the honest updates' range in
+    /// every coordinate when the f others send far values (together or
+    /// not), and selects none of them when they do not collude (colluders'
+    /// identical updates can be selected last, when few are left: the
+    /// coordinate step keeps them out of the result).
+    #[test]
+    fn bulyan_stays_within_the_honest_range(
+        honest in points_strategy(7..14, 1..8),
+        far in 100.0f32..1e6,
+        colluding in any::<bool>(),
+    ) {
+        let n_honest = honest.len();
+        let f = (n_honest - 3) / 3; // n = n_honest + f >= 4f + 3
+        let n = n_honest + f;
+        let mut all = honest.clone();
+        for k in 0..f {
+            let v = if colluding { far } else { -far * (k as f32 + 1.0) };
+            all.push(vec![v; honest[0].len()]);
+        }
+        let mut bulyan = BulyanParams::new(n, f).check().unwrap();
+        let agg = bulyan.aggregate(&updates(&all)).unwrap();
+        for (j, &got) in agg.parameters.as_slice().iter().enumerate() {
+            let lo = honest.iter().map(|p| p[j]).fold(f32::INFINITY, f32::min);
+            let hi = honest.iter().map(|p| p[j]).fold(f32::NEG_INFINITY, f32::max);
+            prop_assert!(got >= lo - 1e-4 && got <= hi + 1e-4, "coordinate {j}: {got} not in [{lo}, {hi}]");
+        }
+        if !colluding {
+            for d in &agg.clients[n_honest..] {
+                prop_assert_eq!(d.weight, 0.0, "a far update was selected");
+            }
+        }
+    }
+
     /// Trimmed mean with beta = 0 is the mean.
     #[test]
     fn trimmed_mean_without_trimming_is_the_mean(points in points_strategy(1..10, 1..30)) {
@@ -358,6 +391,8 @@ fn impossible_settings_are_refused_at_construction() {
     assert!(KrumParams::new(5, 1).check().is_ok());
     assert!(KrumParams::new(5, 1).multi(5).check().is_err(), "m > n - f");
     assert!(KrumParams::new(5, 1).multi(0).check().is_err());
+    assert!(BulyanParams::new(6, 1).check().is_err(), "n < 4f + 3");
+    assert!(BulyanParams::new(7, 1).check().is_ok());
     assert!(TrimmedMeanParams::new(0.5).check().is_err());
     assert!(TrimmedMeanParams::new(-0.1).check().is_err());
     assert!(GeometricMedianParams::new().nu(0.0).check().is_err());

@@ -43,7 +43,9 @@ use fedcore_he::{
     Secret,
 };
 use fedcore_robust::attacks::{Attack, Byzantine};
-use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
+use fedcore_robust::{
+    BulyanParams, CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams,
+};
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -157,6 +159,8 @@ fn aggregator(name: &str, clients: usize, byzantine: usize) -> Result<Box<dyn Ag
             Box::new(TrimmedMeanParams::new(beta).check()?)
         }
         "krum" => Box::new(KrumParams::new(clients, byzantine).check()?),
+        // Needs clients >= 4 * byzantine + 3.
+        "bulyan" => Box::new(BulyanParams::new(clients, byzantine).check()?),
         "geometric-median" => Box::new(GeometricMedianParams::new().check()?),
         other => bail!("unknown aggregator `{other}`"),
     })
@@ -512,6 +516,7 @@ mod tests {
             assert!(aggregator(g, 10, 3).is_ok(), "{g}");
         }
         assert!(attack("nope").is_err() && aggregator("nope", 10, 3).is_err());
+        assert!(aggregator("bulyan", 15, 3).is_ok() && aggregator("bulyan", 10, 3).is_err());
     }
 
     #[test]
