@@ -132,6 +132,14 @@ impl<A: Aggregator> Dp<A> {
 }
 
 impl<A: Aggregator> Aggregator for Dp<A> {
+    fn state(&self) -> Option<Vec<f32>> {
+        self.inner.state()
+    }
+
+    fn restore(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
+        self.inner.restore(state)
+    }
+
     fn name(&self) -> String {
         format!(
             "dp({},{},sigma={})",

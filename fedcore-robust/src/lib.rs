@@ -11,6 +11,7 @@
 //! | [`TrimmedMean`] (beta) | beta per coordinate | ignored |
 //! | [`Krum`] / Multi-Krum (f, m) | f with n > 2f + 2 | ignored |
 //! | [`Bulyan`] (f): Krum selection, then the mean around each coordinate's median | f with n >= 4f + 3 | ignored |
+//! | [`CenteredClipping`] (tau, L): offsets from the last aggregate clipped to tau | any f: each moves the result by at most tau/n per iteration | ignored |
 //! | [`Mean`] | nothing (the baseline) | example counts or uniform |
 //!
 //! Pre-aggregation: [`NormClip`] (fixed or median threshold) and [`Nnm`]
@@ -51,6 +52,7 @@
 
 pub mod attacks;
 mod bulyan;
+mod clipping;
 mod error;
 mod geomed;
 mod kernels;
@@ -61,6 +63,7 @@ mod pre;
 use fedcore::{ClientDiagnostics, ClientUpdate, Error, FedAvg};
 
 pub use bulyan::{Bulyan, BulyanParams};
+pub use clipping::{CenteredClipping, CenteredClippingParams};
 pub use error::ParamsError;
 pub use geomed::{
     GRAM_MAX_POINTS, GeometricMedian, GeometricMedianParams, GramError, GramSlack, GramWeiszfeld,

@@ -65,6 +65,14 @@ impl<A: Aggregator> Aggregator for PreAggregated<A> {
             .fold(self.inner.min_updates(), usize::max)
     }
 
+    fn state(&self) -> Option<Vec<f32>> {
+        self.inner.state()
+    }
+
+    fn restore(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
+        self.inner.restore(state)
+    }
+
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
         ensure_aggregatable(updates)?;
         let mut current: Option<Vec<ClientUpdate>> = None;

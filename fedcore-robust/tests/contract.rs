@@ -63,6 +63,21 @@ fn bulyan() {
     );
 }
 
+/// Run to its fixed point (many iterations) for the contract's
+/// comparisons; a fresh aggregator, its center at zero, for each check.
+#[test]
+fn centered_clipping() {
+    check_aggregator(
+        || {
+            CenteredClippingParams::new(2.0)
+                .iterations(100_000)
+                .check()
+                .unwrap()
+        },
+        Weighting::Uniform,
+    );
+}
+
 #[test]
 fn means() {
     check_aggregator(Mean::default, Weighting::ExampleCounts);

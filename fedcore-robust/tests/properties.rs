@@ -338,6 +338,34 @@ proptest! {
         }
     }
 
+    /// Centered clipping moves its center by at most tau per iteration
+    /// however far the updates are, and is the mean when every update is
+    /// within tau of the center.
+    #[test]
+    fn centered_clipping_steps_are_bounded_by_tau(
+        points in points_strategy(1..10, 1..20),
+        far in 1.0f32..1e6,
+        tau in 0.1f64..5.0,
+        iterations in 1usize..4,
+    ) {
+        let mut all = points.clone();
+        all.push(vec![far; points[0].len()]);
+        let mut cc = CenteredClippingParams::new(tau).iterations(iterations).check().unwrap();
+        let agg = cc.aggregate(&updates(&all)).unwrap();
+        let zero = vec![0.0f64; points[0].len()];
+        let moved = dist(agg.parameters.as_slice(), &zero);
+        prop_assert!(moved <= tau * iterations as f64 * (1.0 + 1e-5) + 1e-5, "moved {moved}");
+        // Within tau of zero: one iteration is the mean.
+        let small: Vec<Vec<f32>> = points.iter().map(|p| p.iter().map(|v| v * 1e-3).collect()).collect();
+        let mut cc = CenteredClippingParams::new(tau).iterations(1).check().unwrap();
+        let a = cc.aggregate(&updates(&small)).unwrap();
+        let mut mean = Mean { weighting: Weighting::Uniform };
+        let b = mean.aggregate(&updates(&small)).unwrap();
+        for (x, y) in a.parameters.as_slice().iter().zip(b.parameters.as_slice()) {
+            prop_assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
+    }
+
     /// Trimmed mean with beta = 0 is the mean.
     #[test]
     fn trimmed_mean_without_trimming_is_the_mean(points in points_strategy(1..10, 1..30)) {
@@ -393,6 +421,13 @@ fn impossible_settings_are_refused_at_construction() {
     assert!(KrumParams::new(5, 1).multi(0).check().is_err());
     assert!(BulyanParams::new(6, 1).check().is_err(), "n < 4f + 3");
     assert!(BulyanParams::new(7, 1).check().is_ok());
+    assert!(CenteredClippingParams::new(0.0).check().is_err());
+    assert!(
+        CenteredClippingParams::new(1.0)
+            .iterations(0)
+            .check()
+            .is_err()
+    );
     assert!(TrimmedMeanParams::new(0.5).check().is_err());
     assert!(TrimmedMeanParams::new(-0.1).check().is_err());
     assert!(GeometricMedianParams::new().nu(0.0).check().is_err());

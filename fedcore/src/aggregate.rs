@@ -52,6 +52,23 @@ pub trait Aggregator: Send {
     fn min_updates(&self) -> usize {
         1
     }
+
+    /// What it carries from round to round (centered clipping's center),
+    /// saved with every checkpoint so that a resumed run continues bit for
+    /// bit; `None` (the default) for a rule without state.
+    fn state(&self) -> Option<Vec<f32>> {
+        None
+    }
+
+    /// Takes back what [`Self::state`] returned, on resume. The default
+    /// refuses: a rule without state has nothing to restore.
+    fn restore(&mut self, state: Vec<f32>) -> Result<()> {
+        Err(crate::Error::InvalidConfig(format!(
+            "`{}` keeps no state, but the checkpoint holds {} values for it",
+            self.name(),
+            state.len()
+        )))
+    }
 }
 
 impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
@@ -65,6 +82,14 @@ impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
 
     fn min_updates(&self) -> usize {
         (**self).min_updates()
+    }
+
+    fn state(&self) -> Option<Vec<f32>> {
+        (**self).state()
+    }
+
+    fn restore(&mut self, state: Vec<f32>) -> Result<()> {
+        (**self).restore(state)
     }
 }
 

@@ -277,18 +277,24 @@ pub struct RunState {
     pub model_sha256: String,
     /// Every round so far, failed ones included.
     pub history: Vec<RoundRecord>,
-    /// The server optimizer's state file, when it keeps state.
+    /// The server optimizer's state (tensors `m` and, but for momentum,
+    /// `v`), when it keeps state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub optimizer: Option<OptimizerFile>,
+    pub optimizer: Option<StateFile>,
+    /// The strategy's state (tensor `state`), when it keeps state across
+    /// rounds ([`crate::Aggregator::state`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<StateFile>,
 }
 
-/// Where a checkpoint keeps the server optimizer's state.
+/// Where a checkpoint keeps a piece of state carried from round to round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OptimizerFile {
-    /// The optimizer ([`crate::ServerOpt::name`]).
+pub struct StateFile {
+    /// Whose state: the optimizer's [`crate::ServerOpt::name`], the
+    /// strategy's name.
     pub kind: String,
-    /// Its file (tensors `m` and, but for momentum, `v`), relative to the
-    /// checkpoint directory.
+    /// Its file (safetensors), relative to the checkpoint directory; empty
+    /// for an empty state.
     pub file: String,
     /// Lower-case hex SHA-256 of the file.
     pub sha256: String,
@@ -326,6 +332,8 @@ pub struct Snapshot<'a> {
     pub history: &'a [RoundRecord],
     /// The server optimizer's name and state, when it keeps state.
     pub optimizer: Option<(&'a str, &'a OptState)>,
+    /// The strategy's name and state, when it keeps state.
+    pub strategy: Option<(&'a str, &'a [f32])>,
 }
 
 /// The file holding the sealed global that round `next_round` starts from.
@@ -394,21 +402,19 @@ impl CheckpointStore {
         write_atomic(&model_path, &bytes)?;
         let optimizer = match snapshot.optimizer {
             None => None,
-            Some((kind, opt)) => {
-                let file = format!("server-opt-{round:06}.safetensors");
-                let tensors = [("m", &opt.m), ("v", &opt.v)]
-                    .into_iter()
-                    .filter(|(_, t)| !t.is_empty())
-                    .map(|(n, t)| (n.to_owned(), vec![t.len()], t.clone()));
-                let opt_bytes = Parameters::from_tensors(tensors)?
-                    .to_safetensors([("fedcore.server_opt".to_owned(), kind.to_owned())])?;
-                write_atomic(&self.dir.join(&file), &opt_bytes)?;
-                Some(OptimizerFile {
-                    kind: kind.to_owned(),
-                    sha256: sha256_hex(&opt_bytes),
-                    file,
-                })
-            }
+            Some((kind, opt)) => Some(self.write_state_file(
+                &format!("server-opt-{round:06}.safetensors"),
+                kind,
+                &[("m", &opt.m), ("v", &opt.v)],
+            )?),
+        };
+        let strategy = match snapshot.strategy {
+            None => None,
+            Some((kind, values)) => Some(self.write_state_file(
+                &format!("strategy-{round:06}.safetensors"),
+                kind,
+                &[("state", values)],
+            )?),
         };
         let state = RunState {
             version: STATE_VERSION,
@@ -418,6 +424,7 @@ impl CheckpointStore {
             model_file,
             history: snapshot.history.to_vec(),
             optimizer,
+            strategy,
         };
         write_atomic(
             &self.dir.join(STATE_FILE),
@@ -429,6 +436,9 @@ impl CheckpointStore {
         }
         if let Some(o) = &state.optimizer {
             self.prune(("server-opt-", ".safetensors"), &o.file)?;
+        }
+        if let Some(s) = &state.strategy {
+            self.prune(("strategy-", ".safetensors"), &s.file)?;
         }
         Ok(model_path)
     }
@@ -465,14 +475,48 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// The server optimizer's state a checkpoint names, its hash checked.
-    pub fn load_optimizer(&self, file: &OptimizerFile) -> Result<OptState> {
+    /// Writes named flat tensors (the empty ones left out) as `file`;
+    /// no file when all are empty.
+    fn write_state_file(
+        &self,
+        file: &str,
+        kind: &str,
+        tensors: &[(&str, &[f32])],
+    ) -> Result<StateFile> {
+        let kept: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
+            .iter()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(n, t)| ((*n).to_owned(), vec![t.len()], t.to_vec()))
+            .collect();
+        if kept.is_empty() {
+            return Ok(StateFile {
+                kind: kind.to_owned(),
+                file: String::new(),
+                sha256: String::new(),
+            });
+        }
+        let bytes = Parameters::from_tensors(kept)?
+            .to_safetensors([("fedcore.state".to_owned(), kind.to_owned())])?;
+        write_atomic(&self.dir.join(file), &bytes)?;
+        Ok(StateFile {
+            kind: kind.to_owned(),
+            sha256: sha256_hex(&bytes),
+            file: file.to_owned(),
+        })
+    }
+
+    /// The named tensors of a state file a checkpoint names, its hash
+    /// checked (none for a state that was empty).
+    pub fn load_state_file(&self, file: &StateFile) -> Result<Vec<(String, Vec<f32>)>> {
+        if file.file.is_empty() {
+            return Ok(Vec::new());
+        }
         let path = self.dir.join(&file.file);
         let bad = |reason: String| Error::Checkpoint {
             path: path.clone(),
             reason,
         };
-        if file.file.is_empty() || file.file.contains(['/', '\\']) || file.file.starts_with('.') {
+        if file.file.contains(['/', '\\']) || file.file.starts_with('.') {
             return Err(bad("not a plain file name".into()));
         }
         let bytes = fs::read(&path).map_err(|e| bad(e.to_string()))?;
@@ -484,7 +528,24 @@ impl CheckpointStore {
             )));
         }
         let (params, _) = Parameters::from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
-        let get = |n: &str| params.tensor(n).map(<[f32]>::to_vec).unwrap_or_default();
+        params
+            .layout()
+            .tensors()
+            .iter()
+            .map(|t| Ok((t.name.clone(), params.tensor(&t.name)?.to_vec())))
+            .collect()
+    }
+
+    /// The server optimizer's state a checkpoint names, its hash checked.
+    pub fn load_optimizer(&self, file: &StateFile) -> Result<OptState> {
+        let tensors = self.load_state_file(file)?;
+        let get = |n: &str| {
+            tensors
+                .iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
         Ok(OptState {
             m: get("m"),
             v: get("v"),

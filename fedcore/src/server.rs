@@ -329,6 +329,32 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 }
             }
         };
+        // So does a strategy that keeps state (centered clipping's center).
+        let mut aggregator = aggregator;
+        let name = aggregator.describe().name;
+        match (&state.strategy, aggregator.saved_state().is_some()) {
+            (None, false) => {}
+            (None, true) => {
+                return Err(Error::InvalidConfig(format!(
+                    "`{name}` keeps state across rounds, but the checkpoint holds none for it"
+                )));
+            }
+            (Some(saved), _) => {
+                if saved.kind != name {
+                    return Err(Error::InvalidConfig(format!(
+                        "the checkpoint was written with strategy `{}`, not `{name}`",
+                        saved.kind
+                    )));
+                }
+                let values = store
+                    .load_state_file(saved)?
+                    .into_iter()
+                    .find(|(n, _)| n == "state")
+                    .map(|(_, v)| v)
+                    .unwrap_or_default();
+                aggregator.restore_state(values)?;
+            }
+        }
         Ok(Self {
             opt_state,
             trust: config
@@ -1109,6 +1135,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         let Some(store) = &self.store else {
             return Ok(());
         };
+        let strategy_state = self.aggregator.saved_state();
+        let name = self.aggregator.describe().name;
         let path = store.save(Snapshot {
             global: &self.global,
             sealed: self.sealing.as_ref().map(|s| s.global.bytes()),
@@ -1117,6 +1145,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 .server_opt
                 .is_stateful()
                 .then_some((self.config.server_opt.name(), &self.opt_state)),
+            strategy: strategy_state.as_deref().map(|s| (name.as_str(), s)),
             seed: self.config.seed,
             next_round: self.next_round,
             history: &self.history,

@@ -109,6 +109,23 @@ pub trait Strategy: Send {
         updates: &[ClientUpdate],
         steps: &mut RoundSteps<'_>,
     ) -> Result<Aggregate>;
+
+    /// What it carries from round to round, saved with every checkpoint
+    /// ([`Aggregator::state`] for a rule); `None` by default. (Named apart
+    /// from the aggregator's methods: every aggregator is a strategy.)
+    fn saved_state(&self) -> Option<Vec<f32>> {
+        None
+    }
+
+    /// Takes back what [`Self::saved_state`] returned, on resume; the
+    /// default refuses.
+    fn restore_state(&mut self, state: Vec<f32>) -> Result<()> {
+        Err(crate::Error::InvalidConfig(format!(
+            "`{}` keeps no state, but the checkpoint holds {} values for it",
+            self.describe().name,
+            state.len()
+        )))
+    }
 }
 
 /// Every aggregator is a strategy of one step.
@@ -123,6 +140,14 @@ impl<A: Aggregator> Strategy for A {
         _steps: &mut RoundSteps<'_>,
     ) -> Result<Aggregate> {
         self.aggregate(updates)
+    }
+
+    fn saved_state(&self) -> Option<Vec<f32>> {
+        self.state()
+    }
+
+    fn restore_state(&mut self, state: Vec<f32>) -> Result<()> {
+        self.restore(state)
     }
 }
 

@@ -86,6 +86,20 @@ impl Strategy for Rule {
             Self::EncryptedMedian(m) => m.aggregate_round(updates, steps),
         }
     }
+
+    fn saved_state(&self) -> Option<Vec<f32>> {
+        match self {
+            Self::Plain(a) => a.saved_state(),
+            Self::EncryptedMedian(m) => m.saved_state(),
+        }
+    }
+
+    fn restore_state(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
+        match self {
+            Self::Plain(a) => a.restore_state(state),
+            Self::EncryptedMedian(m) => m.restore_state(state),
+        }
+    }
 }
 
 /// The aggregation rule for the body, swappable with one flag.

@@ -44,7 +44,8 @@ use fedcore_he::{
 };
 use fedcore_robust::attacks::{Attack, Byzantine};
 use fedcore_robust::{
-    BulyanParams, CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams,
+    BulyanParams, CenteredClippingParams, CoordinateMedian, GeometricMedianParams, KrumParams,
+    TrimmedMeanParams,
 };
 
 #[derive(Parser, Debug, Clone)]
@@ -161,6 +162,8 @@ fn aggregator(name: &str, clients: usize, byzantine: usize) -> Result<Box<dyn Ag
         "krum" => Box::new(KrumParams::new(clients, byzantine).check()?),
         // Needs clients >= 4 * byzantine + 3.
         "bulyan" => Box::new(BulyanParams::new(clients, byzantine).check()?),
+        // Karimireddy et al. pair it with momentum: add --server-opt momentum.
+        "centered-clipping" => Box::new(CenteredClippingParams::new(1.0).check()?),
         "geometric-median" => Box::new(GeometricMedianParams::new().check()?),
         other => bail!("unknown aggregator `{other}`"),
     })
@@ -517,6 +520,7 @@ mod tests {
         }
         assert!(attack("nope").is_err() && aggregator("nope", 10, 3).is_err());
         assert!(aggregator("bulyan", 15, 3).is_ok() && aggregator("bulyan", 10, 3).is_err());
+        assert!(aggregator("centered-clipping", 10, 3).is_ok());
     }
 
     #[test]
