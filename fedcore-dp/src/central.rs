@@ -172,6 +172,12 @@ impl<A: Aggregator> Aggregator for Dp<A> {
             self.noise.add_gaussian(&mut values[r], std);
         }
         let spent = self.ledger.charge(&cost)?;
+        // An inner rule that carries its output to the next round (centered
+        // clipping's center) carries the noised aggregate, the one that was
+        // released, never its own noiseless one.
+        if self.inner.state().is_some() {
+            self.inner.restore(agg.parameters.as_slice().to_vec())?;
+        }
         agg.metrics.insert("dp_epsilon".into(), spent.epsilon);
         agg.metrics.insert("dp_delta".into(), spent.delta);
         agg.metrics.insert("dp_noise_std".into(), std);

@@ -311,6 +311,43 @@ fn dp_decorator_clips_each_client_and_noises_the_mean() {
     assert!(e2 > e1 && e1 > 0.0);
 }
 
+/// An inner rule that keeps its last output (as centered clipping keeps
+/// its center): under `Dp` it must keep the released, noised aggregate.
+#[derive(Default)]
+struct KeepsLast(Vec<f32>);
+
+impl Aggregator for KeepsLast {
+    fn name(&self) -> String {
+        "keeps-last".into()
+    }
+
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<fedcore::Aggregate> {
+        let agg = FedAvg.aggregate(updates)?;
+        self.0 = agg.parameters.as_slice().to_vec();
+        Ok(agg)
+    }
+
+    fn state(&self) -> Option<Vec<f32>> {
+        Some(self.0.clone())
+    }
+
+    fn restore(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
+        self.0 = state;
+        Ok(())
+    }
+}
+
+#[test]
+fn an_inner_rule_with_state_keeps_the_noised_aggregate() {
+    let p = DpParams::new(Clip::new(1.0).unwrap(), 1.0)
+        .with_budget(Budget::new(f64::INFINITY, 1e-5).unwrap());
+    let mut dp = Dp::new(KeepsLast::default(), p, Noise::dangerous().seeded(4)).unwrap();
+    let ups: Vec<ClientUpdate> = (0..3).map(|i| update(i, vec![0.1; 50])).collect();
+    let agg = dp.aggregate(&ups).unwrap();
+    assert_ne!(agg.parameters.as_slice(), &[0.1; 50][..], "noised");
+    assert_eq!(dp.state().unwrap(), agg.parameters.as_slice());
+}
+
 #[test]
 fn dp_decorator_refuses_a_round_past_the_budget() {
     let p =

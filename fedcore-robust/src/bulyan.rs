@@ -25,7 +25,12 @@ impl BulyanParams {
 
     /// Checks `n >= 4f + 3`.
     pub fn check(self) -> Result<Bulyan, ParamsError> {
-        if self.n < 4 * self.f + 3 {
+        if self
+            .f
+            .checked_mul(4)
+            .and_then(|x| x.checked_add(3))
+            .is_none_or(|min| self.n < min)
+        {
             return Err(ParamsError::new(
                 "bulyan",
                 format!(

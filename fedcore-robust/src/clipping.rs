@@ -54,10 +54,12 @@ impl CenteredClippingParams {
 /// round), each iteration moves `v` by the mean of the updates' offsets
 /// from it, each offset clipped to norm `tau`:
 /// `v <- v + (1/n) Σ (x_i - v) min(1, tau / ||x_i - v||)`. An update
-/// moves the result by at most `tau / n` per iteration however far it is,
-/// and the result by at most `tau` per iteration in all; the center
-/// carries the history (with clients' or the server's momentum, as the
-/// paper pairs it). The center is the aggregator's state, saved in every
+/// moves the result by at most `tau / n` per iteration however far it is
+/// (f attackers by `f·tau/n`, which the center carries on to later
+/// rounds), and the result moves by at most `tau` per iteration in all.
+/// The paper pairs it with momentum at the workers (their local
+/// optimizer), which reduces the honest updates' variance; server
+/// momentum (`ServerOpt::Momentum`) smooths the server's steps instead. The center is the aggregator's state, saved in every
 /// checkpoint ([`Aggregator::state`]). Example counts are ignored;
 /// iterations stop early once `v` no longer moves.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,7 @@
 //! | [`TrimmedMean`] (beta) | beta per coordinate | ignored |
 //! | [`Krum`] / Multi-Krum (f, m) | f with n > 2f + 2 | ignored |
 //! | [`Bulyan`] (f): Krum selection, then the mean around each coordinate's median | f with n >= 4f + 3 | ignored |
-//! | [`CenteredClipping`] (tau, L): offsets from the last aggregate clipped to tau | any f: each moves the result by at most tau/n per iteration | ignored |
+//! | [`CenteredClipping`] (tau, L): offsets from the last aggregate clipped to tau | a minority (the paper, with worker momentum): f attackers move the result by at most f·tau/n per iteration | ignored |
 //! | [`Mean`] | nothing (the baseline) | example counts or uniform |
 //!
 //! Pre-aggregation: [`NormClip`] (fixed or median threshold) and [`Nnm`]

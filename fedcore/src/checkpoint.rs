@@ -301,7 +301,9 @@ pub struct StateFile {
 }
 
 const STATE_FILE: &str = "state.json";
-const STATE_VERSION: u32 = 1;
+/// Version 2 adds the optimizer's and the strategy's state files; a state
+/// file without them is written as version 1, which older readers take.
+const STATE_VERSION: u32 = 2;
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -347,7 +349,7 @@ impl RunState {
     pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
         let state: RunState =
             serde_json::from_slice(bytes).map_err(|e| format!("not a valid state file: {e}"))?;
-        if state.version != STATE_VERSION {
+        if state.version != STATE_VERSION && state.version != 1 {
             return Err(format!("format version {} is not supported", state.version));
         }
         if state.model_file.is_empty()
@@ -417,7 +419,12 @@ impl CheckpointStore {
             )?),
         };
         let state = RunState {
-            version: STATE_VERSION,
+            // An older reader would resume without the state files.
+            version: if optimizer.is_some() || strategy.is_some() {
+                STATE_VERSION
+            } else {
+                1
+            },
             seed: snapshot.seed,
             next_round: snapshot.next_round,
             model_sha256: sha256_hex(&bytes),
@@ -536,19 +543,42 @@ impl CheckpointStore {
             .collect()
     }
 
-    /// The server optimizer's state a checkpoint names, its hash checked.
+    /// The tensor `name` of a state file (empty for an empty state); a
+    /// non-empty file without it is an error, not an empty state.
+    pub fn load_state_tensor(&self, file: &StateFile, name: &str) -> Result<Vec<f32>> {
+        let tensors = self.load_state_file(file)?;
+        if tensors.is_empty() {
+            return Ok(Vec::new());
+        }
+        tensors
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::Checkpoint {
+                path: self.dir.join(&file.file),
+                reason: format!("the state file holds no tensor `{name}`"),
+            })
+    }
+
+    /// The server optimizer's state a checkpoint names, its hash checked
+    /// (`v` may be absent: momentum keeps none).
     pub fn load_optimizer(&self, file: &StateFile) -> Result<OptState> {
         let tensors = self.load_state_file(file)?;
+        if tensors.is_empty() {
+            return Ok(OptState::default());
+        }
         let get = |n: &str| {
             tensors
                 .iter()
                 .find(|(name, _)| name == n)
                 .map(|(_, v)| v.clone())
-                .unwrap_or_default()
         };
         Ok(OptState {
-            m: get("m"),
-            v: get("v"),
+            m: get("m").ok_or_else(|| Error::Checkpoint {
+                path: self.dir.join(&file.file),
+                reason: "the optimizer's state file holds no tensor `m`".into(),
+            })?,
+            v: get("v").unwrap_or_default(),
         })
     }
 

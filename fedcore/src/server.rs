@@ -316,11 +316,13 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             (None, false) => OptState::default(),
             (None, true) if state.next_round <= 1 => OptState::default(),
             (saved, _) => {
-                let saved_name = saved.as_ref().map_or("sgd", |o| o.kind.as_str());
-                if saved_name != config.server_opt.name() {
+                let saved_kind = saved
+                    .as_ref()
+                    .map_or_else(|| ServerOpt::Sgd.kind(), |o| o.kind.clone());
+                if saved_kind != config.server_opt.kind() {
                     return Err(Error::InvalidConfig(format!(
-                        "the checkpoint was written with server optimizer {saved_name}, not {}",
-                        config.server_opt.name()
+                        "the checkpoint was written with server optimizer {saved_kind}, not {}",
+                        config.server_opt.kind()
                     )));
                 }
                 match saved {
@@ -346,12 +348,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                         saved.kind
                     )));
                 }
-                let values = store
-                    .load_state_file(saved)?
-                    .into_iter()
-                    .find(|(n, _)| n == "state")
-                    .map(|(_, v)| v)
-                    .unwrap_or_default();
+                let values = store.load_state_tensor(saved, "state")?;
                 aggregator.restore_state(values)?;
             }
         }
@@ -835,6 +832,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             duration_ms: 0,
         };
 
+        let mut state_before = None;
         let aggregated = if updates.len() < quorum {
             Err(RoundOutcome::QuorumNotReached)
         } else {
@@ -846,6 +844,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 quorum,
                 clients,
             );
+            // A strategy's state moves only with a round that completes.
+            state_before = self.aggregator.saved_state();
             let result = self.aggregator.aggregate_round(&updates, &mut steps);
             let (still_in, step_failures) = steps.finish();
             self.report_failures(round, &step_failures);
@@ -913,7 +913,12 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 }
                 record.federated_evaluation = self.federated_evaluation(round, &available);
             }
-            Err(outcome) => record.outcome = outcome,
+            Err(outcome) => {
+                record.outcome = outcome;
+                if let Some(state) = state_before {
+                    self.aggregator.restore_state(state)?;
+                }
+            }
         }
 
         record.duration_ms = started.elapsed().as_millis() as u64;
@@ -961,6 +966,12 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         self.config
             .server_opt
             .direction(&mut state, direction.as_mut_slice())?;
+        if let Some(nf) = direction.first_non_finite() {
+            return Err(Error::AggregateNotFinite {
+                aggregator: format!("server optimizer {}", self.config.server_opt.name()),
+                tensor: nf.tensor,
+            });
+        }
         match &self.sealing {
             None => next.axpy(lr, &direction)?,
             Some(s) => {
@@ -1136,6 +1147,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             return Ok(());
         };
         let strategy_state = self.aggregator.saved_state();
+        let opt_kind = self.config.server_opt.kind();
         let name = self.aggregator.describe().name;
         let path = store.save(Snapshot {
             global: &self.global,
@@ -1144,7 +1156,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 .config
                 .server_opt
                 .is_stateful()
-                .then_some((self.config.server_opt.name(), &self.opt_state)),
+                .then_some((opt_kind.as_str(), &self.opt_state)),
             strategy: strategy_state.as_deref().map(|s| (name.as_str(), s)),
             seed: self.config.seed,
             next_round: self.next_round,

@@ -108,6 +108,12 @@ impl ServerOpt {
         }
     }
 
+    /// The optimizer with its settings, as a checkpoint records it (JSON):
+    /// a run resumes only with the same.
+    pub fn kind(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| self.name().to_owned())
+    }
+
     /// Checks the hyperparameters.
     pub fn check(&self) -> Result<()> {
         let unit = |n: &str, v: f32| {
@@ -175,9 +181,10 @@ impl ServerOpt {
         };
         if state.m.len() != n || state.v.len() != expected_v {
             return Err(Error::InvalidInput(format!(
-                "server optimizer {}: its state holds {} values, the aggregate {n}",
+                "server optimizer {}: its state holds {} and {} values, the aggregate {n}",
                 self.name(),
-                state.m.len()
+                state.m.len(),
+                state.v.len()
             )));
         }
         let m = &mut state.m;
@@ -368,7 +375,7 @@ mod tests {
         let e = ServerOpt::adam()
             .direction(&mut state, &mut [1.0, 2.0, 3.0])
             .unwrap_err();
-        assert!(e.to_string().contains("holds 2 values"), "{e}");
+        assert!(e.to_string().contains("holds 2 and 2 values"), "{e}");
         for name in ["sgd", "momentum", "adagrad", "adam", "yogi"] {
             assert_eq!(name.parse::<ServerOpt>().unwrap().name(), name);
         }

@@ -61,8 +61,12 @@ fn a_run_killed_between_rounds_and_resumed_matches_an_uninterrupted_run() {
 #[test]
 fn every_server_optimizer_resumes_bit_for_bit() {
     use fedcore::ServerOpt;
+    // Plain SGD at the same server learning rate: what the optimizers
+    // must differ from.
     let plain = {
-        let mut s = Server::new(config(6), initial(), federation(4), FedAvg).unwrap();
+        let mut cfg = config(6);
+        cfg.server_learning_rate = 0.05;
+        let mut s = Server::new(cfg, initial(), federation(4), FedAvg).unwrap();
         s.run().unwrap();
         bits(s.global())
     };
@@ -117,6 +121,27 @@ fn every_server_optimizer_resumes_bit_for_bit() {
         let mut sgd = cfg.clone();
         sgd.server_opt = ServerOpt::Sgd;
         assert!(resume_error(&sgd).contains("server optimizer"));
+        // The same optimizer with other settings: its moments do not fit.
+        let mut tweaked = cfg.clone();
+        tweaked.server_opt = match opt {
+            ServerOpt::Momentum { beta } => ServerOpt::Momentum { beta: beta / 2.0 },
+            ServerOpt::Adagrad { beta1, tau } => ServerOpt::Adagrad {
+                beta1,
+                tau: tau * 2.0,
+            },
+            ServerOpt::Adam { beta1, beta2, tau } => ServerOpt::Adam {
+                beta1,
+                beta2: beta2 / 2.0,
+                tau,
+            },
+            ServerOpt::Yogi { beta1, beta2, tau } => ServerOpt::Yogi {
+                beta1: beta1 / 2.0,
+                beta2,
+                tau,
+            },
+            ServerOpt::Sgd => unreachable!("stateful ones only"),
+        };
+        assert!(resume_error(&tweaked).contains("server optimizer"));
         let file = dir.path().join("server-opt-000006.safetensors");
         let mut bytes = fs::read(&file).unwrap();
         let last = bytes.len() - 1;

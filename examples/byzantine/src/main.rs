@@ -55,8 +55,8 @@ struct Args {
     #[arg(long, default_value = "../shared/data/mnist")]
     data: PathBuf,
     /// What the server makes of the robust aggregate: sgd, momentum
-    /// (FedAvgM: server momentum against attackers' drift), adagrad, adam,
-    /// yogi.
+    /// (FedAvgM), adagrad, adam, yogi (the adaptive ones want a
+    /// --server-lr around 0.01-0.1).
     #[arg(long, default_value = "sgd")]
     server_opt: fedcore::ServerOpt,
     /// The server's learning rate.
@@ -162,7 +162,7 @@ fn aggregator(name: &str, clients: usize, byzantine: usize) -> Result<Box<dyn Ag
         "krum" => Box::new(KrumParams::new(clients, byzantine).check()?),
         // Needs clients >= 4 * byzantine + 3.
         "bulyan" => Box::new(BulyanParams::new(clients, byzantine).check()?),
-        // Karimireddy et al. pair it with momentum: add --server-opt momentum.
+        // Karimireddy et al. pair it with momentum at the workers.
         "centered-clipping" => Box::new(CenteredClippingParams::new(1.0).check()?),
         "geometric-median" => Box::new(GeometricMedianParams::new().check()?),
         other => bail!("unknown aggregator `{other}`"),

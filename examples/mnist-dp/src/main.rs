@@ -73,7 +73,8 @@ struct Args {
     #[arg(long, default_value = "sgd")]
     server_opt: fedcore::ServerOpt,
     /// The server's learning rate (1 with sgd is plain FedAvg; the adaptive
-    /// optimizers want about 0.01-0.1).
+    /// optimizers want about 0.01-0.1: 1 moves every coordinate by up to 1
+    /// per round).
     #[arg(long, default_value_t = 1.0)]
     server_lr: f32,
     /// SGD momentum of DP-SGD.
