@@ -28,6 +28,7 @@ fn dp(c: &mut Criterion) {
         learning_rate: 0.05,
         optimizer: Optimizer::Sgd { momentum: 0.5 },
         seed: 1,
+        ..TrainConfig::default()
     };
     let cnn = || TchModel::build(Device::Cpu, 0, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
     let mut group = c.benchmark_group("dp");

@@ -65,6 +65,7 @@ fn round(t: &mut impl Transport, ids: &[ClientId], global: &Arc<Parameters>) {
             parameters: global.clone(),
             config: TrainConfig::default(),
             sealed: None,
+            extra: None,
         });
         t.send(id, task, tx.clone()).unwrap();
     }

@@ -187,6 +187,11 @@ impl<N: Network> DpSgd<N> {
     /// One DP-SGD step on `batch` (already sampled), normalized by
     /// `expected_batch`; returns the batch's mean loss (0 for an empty batch).
     /// Not accounted: [`Model::fit`] charges the ledger for its steps.
+    ///
+    /// `terms` adds what does not depend on the batch to the noised
+    /// gradient: FedProx's `mu * (w - w_start)` (the drift so far, kept up
+    /// to date here) and SCAFFOLD's correction. Both are post-processing of
+    /// the privatized gradients and cost no privacy.
     fn step(
         &mut self,
         batch: Option<&Batch>,
@@ -194,6 +199,7 @@ impl<N: Network> DpSgd<N> {
         lr: f64,
         velocity: &mut [f32],
         momentum: f64,
+        terms: &mut Terms,
     ) -> Result<f64> {
         let c = self.config.clip_norm;
         let (mut grad, loss) = match batch {
@@ -209,12 +215,58 @@ impl<N: Network> DpSgd<N> {
             .add_gaussian(&mut grad, self.config.noise_multiplier * c);
         let scale = (1.0 / expected_batch) as f32;
         let (lr, mu) = (lr as f32, momentum as f32);
-        for (v, g) in velocity.iter_mut().zip(&mut grad) {
-            *v = mu * *v + *g * scale;
-            *g = lr * *v;
+        if terms.is_empty() {
+            for (v, g) in velocity.iter_mut().zip(&mut grad) {
+                *v = mu * *v + *g * scale;
+                *g = lr * *v;
+            }
+        } else {
+            let prox = terms.prox_mu;
+            for (k, (v, g)) in velocity.iter_mut().zip(&mut grad).enumerate() {
+                let mut ge = *g * scale;
+                if let Some(d) = &terms.drift {
+                    ge += prox * d[k];
+                }
+                if let Some(c) = &terms.correction {
+                    ge += c[k];
+                }
+                *v = mu * *v + ge;
+                *g = lr * *v;
+            }
+            if let Some(d) = &mut terms.drift {
+                for (d, s) in d.iter_mut().zip(&grad) {
+                    *d -= s;
+                }
+            }
         }
         self.model.sub_trainable(&grad)?;
         Ok(loss)
+    }
+
+    /// The trainable values of `p` (SCAFFOLD's correction), in the order of
+    /// [`TchModel::sub_trainable`].
+    fn trainable_part(&self, p: &Parameters) -> Result<Vec<f32>> {
+        let layout = self.model.layout();
+        layout.ensure_same(p.layout())?;
+        let mut out = Vec::with_capacity(self.model.trainable_values());
+        for i in self.model.trainable_tensors() {
+            out.extend_from_slice(&p.as_slice()[layout.range_at(i)]);
+        }
+        Ok(out)
+    }
+}
+
+/// What [`DpSgd`] adds to each noised gradient besides the data's part.
+struct Terms {
+    prox_mu: f32,
+    /// `w - w_start` over the trainable values, when `prox_mu > 0`.
+    drift: Option<Vec<f32>>,
+    correction: Option<Vec<f32>>,
+}
+
+impl Terms {
+    fn is_empty(&self) -> bool {
+        self.drift.is_none() && self.correction.is_none()
     }
 }
 
@@ -230,6 +282,31 @@ impl<N: Network> Model for DpSgd<N> {
     }
 
     fn fit(&mut self, data: &DataSplit, config: &TrainConfig) -> Result<FitOutput> {
+        self.train(data, config, None)
+    }
+
+    fn fit_corrected(
+        &mut self,
+        data: &DataSplit,
+        config: &TrainConfig,
+        correction: &Parameters,
+    ) -> Result<FitOutput> {
+        let correction = self.trainable_part(correction)?;
+        self.train(data, config, Some(correction))
+    }
+
+    fn evaluate(&mut self, data: &DataSplit) -> Result<Evaluation> {
+        self.model.evaluate(data)
+    }
+}
+
+impl<N: Network> DpSgd<N> {
+    fn train(
+        &mut self,
+        data: &DataSplit,
+        config: &TrainConfig,
+        correction: Option<Vec<f32>>,
+    ) -> Result<FitOutput> {
         config.check()?;
         let momentum = match config.optimizer {
             Optimizer::Sgd { momentum } => momentum,
@@ -246,6 +323,11 @@ impl<N: Network> Model for DpSgd<N> {
         // and one that fails halfway has still spent what it ran.
         let spent = self.ledger.charge(&cost)?;
         let mut velocity = vec![0.0f32; self.model.trainable_values()];
+        let mut terms = Terms {
+            prox_mu: config.proximal_mu as f32,
+            drift: (config.proximal_mu > 0.0).then(|| vec![0.0f32; velocity.len()]),
+            correction,
+        };
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         for step in 0..steps {
             let picked: Vec<usize> = self
@@ -270,6 +352,7 @@ impl<N: Network> Model for DpSgd<N> {
                 config.learning_rate,
                 &mut velocity,
                 momentum,
+                &mut terms,
             )?;
             if !loss.is_finite() {
                 return Err(Error::Model(format!(
@@ -304,10 +387,7 @@ impl<N: Network> Model for DpSgd<N> {
                 cost,
                 spent: Some(spent),
             }],
+            steps,
         })
-    }
-
-    fn evaluate(&mut self, data: &DataSplit) -> Result<Evaluation> {
-        self.model.evaluate(data)
     }
 }

@@ -24,6 +24,7 @@ fn sgd(epochs: usize, batch_size: usize, lr: f64) -> TrainConfig {
         learning_rate: lr,
         optimizer: Optimizer::Sgd { momentum: 0.5 },
         seed: 1,
+        ..TrainConfig::default()
     }
 }
 
@@ -240,6 +241,7 @@ fn an_exhausted_budget_refuses_the_next_fit_and_spending_reaches_provenance() {
         parameters: global.clone(),
         config: sgd(3, 20, 0.5),
         sealed: None,
+        extra: None,
     };
     let mut fits = 0;
     let mut last = 0.0;
@@ -270,4 +272,59 @@ fn an_exhausted_budget_refuses_the_next_fit_and_spending_reaches_provenance() {
     );
     assert!(matches!(err, Error::PrivacyBudgetExhausted { .. }), "{err}");
     assert_eq!(client.model().ledger().epsilon(), last);
+}
+
+/// FedProx's term and SCAFFOLD's correction are added to DP-SGD's noised
+/// gradient (post-processing: the privacy cost is the same). With the same
+/// seeded noise and every example in each step (q = 1), a correction `c`
+/// moves one step by `-lr * c`, and the proximal term adds
+/// `lr * mu * (w1 - w0)` to the second step.
+#[test]
+fn dp_sgd_takes_the_proximal_term_and_the_correction_after_the_noise() {
+    let data = DataSplit::all(Arc::new(synthetic_digits(8, 4)));
+    let config = |epochs, mu| TrainConfig {
+        optimizer: Optimizer::Sgd { momentum: 0.0 },
+        proximal_mu: mu,
+        ..sgd(epochs, 8, 0.2)
+    };
+    let dp = || {
+        let config = DpSgdConfig::new(1.0, 0.5).with_budget(unlimited());
+        DpSgd::new("client1", cnn(3), config, Noise::dangerous().seeded(11)).unwrap()
+    };
+    let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| {
+        a.as_slice()
+            .iter()
+            .zip(b.as_slice())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let mut plain = dp();
+    let w0 = plain.parameters();
+    let out = plain.fit(&data, &config(1, 0.0)).unwrap();
+    assert_eq!(out.steps, 1);
+    let w1 = plain.parameters();
+
+    let c = w0
+        .with_values(
+            (0..w0.len())
+                .map(|i| ((i % 5) as f32 - 2.0) * 0.01)
+                .collect(),
+        )
+        .unwrap();
+    let mut corrected = dp();
+    let out_c = corrected.fit_corrected(&data, &config(1, 0.0), &c).unwrap();
+    assert_eq!(out_c.privacy[0].cost, out.privacy[0].cost);
+    let mut want = w1.clone();
+    want.axpy(-0.2, &c).unwrap();
+    assert!(max_diff(&corrected.parameters(), &want) < 1e-6);
+
+    plain.fit(&data, &config(1, 0.0)).unwrap();
+    let mut want = plain.parameters();
+    let mut drift = w1.sub(&w0).unwrap();
+    drift.scale(0.2 * 0.5);
+    want.axpy(-1.0, &drift).unwrap();
+    let mut prox = dp();
+    prox.fit(&data, &config(2, 0.5)).unwrap();
+    assert!(max_diff(&prox.parameters(), &want) < 1e-6);
+    assert!(max_diff(&prox.parameters(), &plain.parameters()) > 1e-6);
 }

@@ -89,6 +89,7 @@ impl Model for Shift {
             num_examples: 100,
             metrics: Default::default(),
             privacy: Vec::new(),
+            steps: 1,
         })
     }
 

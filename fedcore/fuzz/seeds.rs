@@ -47,12 +47,14 @@ fn main() {
             parameters: p.clone(),
             config: TrainConfig::default(),
             sealed: None,
+            extra: None,
         }),
         Task::Fit(FitIns {
             round: 2,
             parameters: p.clone(),
             config: TrainConfig::default(),
             sealed: Some(sealed.clone()),
+            extra: None,
         }),
         Task::Evaluate(EvaluateIns {
             round: 3,

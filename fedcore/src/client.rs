@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{Evaluation, Model, TrainConfig};
 use crate::params::Parameters;
 use crate::privacy::PrivacyMechanism;
+use crate::scaffold::ControlVariate;
 use crate::sealed::{SealedTensors, Sealer};
 use crate::update::{ClientId, ClientUpdate, Metrics, Protection};
 
@@ -21,6 +22,9 @@ pub struct FitIns {
     /// The sealed tensors of the global model, when the run seals some
     /// (their values in `parameters` are then zeros).
     pub sealed: Option<Arc<SealedTensors>>,
+    /// The strategy's tensors for this round ([`crate::Strategy::fit_extra`]),
+    /// e.g. SCAFFOLD's server control variate.
+    pub extra: Option<Arc<Parameters>>,
 }
 
 /// An evaluate request: evaluate `parameters` on local held-out data.
@@ -168,6 +172,8 @@ where
     responder: Option<Box<dyn StepResponder>>,
     /// The last update sent, kept only when a responder needs it.
     sent: Option<ClientUpdate>,
+    /// SCAFFOLD's client control variate, when the client takes part.
+    variate: Option<ControlVariate>,
 }
 
 impl<M: Model> ModelClient<M>
@@ -185,7 +191,17 @@ where
             sealer: None,
             responder: None,
             sent: None,
+            variate: None,
         }
+    }
+
+    /// Takes part in SCAFFOLD with the control variate `variate` (in memory,
+    /// or in a file a restarted client reads back): when a fit request
+    /// carries the server's control variate, training is corrected by it
+    /// and the update carries the variate's change.
+    pub fn with_control_variate(mut self, variate: ControlVariate) -> Self {
+        self.variate = Some(variate);
+        self
     }
 
     /// Answers the extra steps of a multi-step round with `responder`; the
@@ -249,7 +265,30 @@ where
     fn fit(&mut self, ins: &FitIns) -> Result<ClientUpdate> {
         let global = self.open_global(&ins.parameters, ins.sealed.as_deref())?;
         self.model.set_parameters(&global)?;
-        let out = self.model.fit(&self.train, &ins.config)?;
+        // SCAFFOLD: train with c - c_i added to every gradient.
+        let scaffold = match (&ins.extra, &self.variate) {
+            (None, _) => None,
+            (Some(_), _) if ins.sealed.is_some() => {
+                return Err(Error::Unsupported(
+                    "SCAFFOLD with sealed tensors: their control variates would travel in the clear"
+                        .into(),
+                ));
+            }
+            (Some(c), Some(variate)) => Some(variate.correction(c)?),
+            (Some(_), None) => {
+                return Err(Error::Unsupported(format!(
+                    "the server sent a control variate (SCAFFOLD) and client `{}` keeps none (ModelClient::with_control_variate)",
+                    self.id
+                )));
+            }
+        };
+        let out = match &scaffold {
+            Some((_, correction)) => {
+                self.model
+                    .fit_corrected(&self.train, &ins.config, correction)?
+            }
+            None => self.model.fit(&self.train, &ins.config)?,
+        };
         let mut delta = self.model.parameters().sub(&global)?;
         let mut sealed_delta = None;
         if let Some(sealed) = &ins.sealed {
@@ -280,8 +319,20 @@ where
                 nf.value, nf.tensor, nf.index
             )));
         }
+        let extra = match (scaffold, self.variate.as_mut()) {
+            // From the released delta: post-processing of what the server sees.
+            (Some((ci, correction)), Some(variate)) => Some(variate.finish(
+                &ci,
+                &correction,
+                &delta,
+                out.steps,
+                ins.config.learning_rate,
+            )?),
+            _ => None,
+        };
         let mut update = ClientUpdate::new(self.id.clone(), ins.round, out.num_examples, delta)
             .with_metrics(out.metrics);
+        update.extra = extra;
         if let (Some((layout, head)), Some(sealer)) = (sealed_delta, &self.sealer) {
             update.sealed = Some(sealer.seal(&layout, &head)?);
             provenance.push(Protection {

@@ -91,6 +91,7 @@ mod params;
 mod privacy;
 mod round;
 mod run;
+mod scaffold;
 mod sealed;
 mod server;
 mod server_opt;
@@ -115,6 +116,7 @@ pub use model::{Evaluation, FitOutput, LrSchedule, Model, Optimizer, TrainConfig
 pub use params::{Layout, NonFinite, Parameters, Selection, TensorSpec, l2_norm};
 pub use privacy::{PrivacyCost, PrivacyMechanism, Spent};
 pub use run::{RunEnd, RunPolicy, RunReport, StopSignal};
+pub use scaffold::{ControlVariate, Scaffold};
 pub use sealed::{SealedAggregator, SealedTensors, Sealer};
 pub use server::{Evaluator, Exclusions, Server, ServerConfig};
 pub use server_opt::{OptState, ServerOpt};

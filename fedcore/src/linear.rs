@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -208,11 +208,58 @@ impl Model for SoftmaxRegression {
     }
 
     fn fit(&mut self, data: &Dataset, config: &TrainConfig) -> Result<FitOutput> {
+        self.train(data, config, None)
+    }
+
+    fn fit_corrected(
+        &mut self,
+        data: &Dataset,
+        config: &TrainConfig,
+        correction: &Parameters,
+    ) -> Result<FitOutput> {
+        self.layout.ensure_same(correction.layout())?;
+        self.train(data, config, Some(correction))
+    }
+
+    fn evaluate(&mut self, data: &Dataset) -> Result<Evaluation> {
+        self.check_data(data)?;
+        if data.is_empty() {
+            return Err(Error::Model("no evaluation examples".into()));
+        }
+        let (loss, acc, _, _) = self.loss_and_grad(data.x.view(), &data.y);
+        Ok(Evaluation {
+            loss,
+            num_examples: data.len() as u64,
+            metrics: [("accuracy".to_owned(), acc)].into(),
+        })
+    }
+}
+
+impl SoftmaxRegression {
+    /// Local training; each step's gradient gets FedProx's
+    /// `mu * (w - w_start)` when `config.proximal_mu > 0` and `correction`
+    /// (SCAFFOLD's) when given.
+    fn train(
+        &mut self,
+        data: &Dataset,
+        config: &TrainConfig,
+        correction: Option<&Parameters>,
+    ) -> Result<FitOutput> {
         config.check()?;
         self.check_data(data)?;
         if data.is_empty() {
             return Err(Error::Model("no training examples".into()));
         }
+        let mu = config.proximal_mu as f32;
+        let anchor = (mu > 0.0).then(|| (self.w.clone(), self.b.clone()));
+        let correction = match correction {
+            Some(c) => Some((
+                ArrayView2::from_shape(self.w.raw_dim(), c.tensor("linear.weight")?)
+                    .map_err(|e| Error::Model(e.to_string()))?,
+                ArrayView1::from(c.tensor("linear.bias")?),
+            )),
+            None => None,
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let mut order: Vec<usize> = (0..data.len()).collect();
         let lr = config.learning_rate as f32;
@@ -230,7 +277,17 @@ impl Model for SoftmaxRegression {
             for batch in order.chunks(config.batch_size) {
                 let xb = data.x.select(Axis(0), batch);
                 let yb: Vec<usize> = batch.iter().map(|&i| data.y[i]).collect();
-                let (loss, acc, gw, gb) = self.loss_and_grad(xb.view(), &yb);
+                let (loss, acc, mut gw, mut gb) = self.loss_and_grad(xb.view(), &yb);
+                if let Some((w0, b0)) = &anchor {
+                    gw.zip_mut_with(&self.w, |g, &w| *g += mu * w);
+                    gw.scaled_add(-mu, w0);
+                    gb.zip_mut_with(&self.b, |g, &b| *g += mu * b);
+                    gb.scaled_add(-mu, b0);
+                }
+                if let Some((cw, cb)) = &correction {
+                    gw += cw;
+                    gb += cb;
+                }
                 if last {
                     loss_sum += loss * batch.len() as f64;
                     acc_sum += acc * batch.len() as f64;
@@ -274,19 +331,7 @@ impl Model for SoftmaxRegression {
             privacy: Vec::new(),
             num_examples: data.len() as u64,
             metrics,
-        })
-    }
-
-    fn evaluate(&mut self, data: &Dataset) -> Result<Evaluation> {
-        self.check_data(data)?;
-        if data.is_empty() {
-            return Err(Error::Model("no evaluation examples".into()));
-        }
-        let (loss, acc, _, _) = self.loss_and_grad(data.x.view(), &data.y);
-        Ok(Evaluation {
-            loss,
-            num_examples: data.len() as u64,
-            metrics: [("accuracy".to_owned(), acc)].into(),
+            steps: t as u64,
         })
     }
 }
@@ -335,6 +380,7 @@ mod tests {
                 learning_rate: 0.05,
                 optimizer,
                 seed: 9,
+                ..TrainConfig::default()
             };
             let mut a = SoftmaxRegression::new(6, 3);
             let before = a.evaluate(&test).unwrap();

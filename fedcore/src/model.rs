@@ -51,6 +51,16 @@ pub struct TrainConfig {
     /// Seed for shuffling and any other randomness in training. The server
     /// derives a distinct one per round and client, so runs are reproducible.
     pub seed: u64,
+    /// FedProx (Li et al. 2020): the weight `mu` of the proximal term
+    /// `mu / 2 * ||w - w_global||^2` added to the local loss, which keeps a
+    /// client's model near the global one it started from on non-IID data.
+    /// `0` (the default) is plain local training, bit for bit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub proximal_mu: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for TrainConfig {
@@ -62,6 +72,7 @@ impl Default for TrainConfig {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd { momentum: 0.0 },
             seed: 0,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -78,6 +89,9 @@ impl TrainConfig {
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad("learning_rate must be positive and finite");
+        }
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return bad("proximal_mu must be finite and not negative");
         }
         match self.optimizer {
             Optimizer::Sgd { momentum } if !(0.0..1.0).contains(&momentum) => {
@@ -170,6 +184,10 @@ pub struct FitOutput {
     /// in the update's provenance.
     #[serde(default)]
     pub privacy: Vec<Protection>,
+    /// Optimizer steps taken (SCAFFOLD divides the model's change by them);
+    /// 0 where a model does not count them.
+    #[serde(default)]
+    pub steps: u64,
 }
 
 /// The result of evaluating a model on some data.
@@ -199,6 +217,23 @@ pub trait Model: Send {
 
     /// Trains on `data` from the current parameters.
     fn fit(&mut self, data: &Self::Data, config: &TrainConfig) -> Result<FitOutput>;
+
+    /// Trains like [`Self::fit`], adding `correction` (in the model's
+    /// layout) to the gradient of every optimizer step: SCAFFOLD's
+    /// `c - c_i` (Karimireddy et al. 2020). Must report
+    /// [`FitOutput::steps`]. The default refuses, so a model that cannot
+    /// take part in SCAFFOLD says so instead of training uncorrected.
+    fn fit_corrected(
+        &mut self,
+        data: &Self::Data,
+        config: &TrainConfig,
+        correction: &Parameters,
+    ) -> Result<FitOutput> {
+        let _ = (data, config, correction);
+        Err(crate::Error::Unsupported(
+            "this model does not support gradient corrections (SCAFFOLD)".into(),
+        ))
+    }
 
     /// Evaluates the current parameters on `data`.
     fn evaluate(&mut self, data: &Self::Data) -> Result<Evaluation>;

@@ -129,6 +129,29 @@ pub(crate) fn validate(
     Ok((update, norm))
 }
 
+/// Checks an update's extra tensors against what the strategy sent with the
+/// fit request: the same layout and finite, or none when none was sent.
+pub(crate) fn validate_extra(
+    sent: Option<&Parameters>,
+    (update, norm): (ClientUpdate, f64),
+) -> std::result::Result<(ClientUpdate, f64), Rejection> {
+    let refuse = |detail: String| Err(Rejection::Strategy { detail });
+    match (sent, &update.extra) {
+        (None, None) => {}
+        (None, Some(_)) => return refuse("extra tensors that the strategy did not ask for".into()),
+        (Some(_), None) => return refuse("no extra tensors, which the strategy asked for".into()),
+        (Some(sent), Some(got)) => {
+            if let Err(e) = sent.ensure_compatible(got) {
+                return refuse(format!("extra tensors: {e}"));
+            }
+            if let Some(nf) = got.first_non_finite() {
+                return Err(Rejection::NonFinite(nf));
+            }
+        }
+    }
+    Ok((update, norm))
+}
+
 /// Example-weighted mean of each metric over the entries that report it.
 pub(crate) fn weighted_metrics<'a>(entries: impl Iterator<Item = (u64, &'a Metrics)>) -> Metrics {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();

@@ -16,7 +16,9 @@ use crate::events::{
 };
 use crate::model::{Evaluation, LrSchedule, TrainConfig};
 use crate::params::{Layout, Parameters, Selection};
-use crate::round::{client_seed, dispatch, mix, sample, validate, weighted_metrics};
+use crate::round::{
+    client_seed, dispatch, mix, sample, validate, validate_extra, weighted_metrics,
+};
 use crate::run::{RunEnd, RunPolicy, RunReport};
 use crate::sealed::{SealedAggregator, SealedTensors};
 use crate::server_opt::{OptState, ServerOpt};
@@ -761,6 +763,13 @@ impl<T: Transport, A: Strategy> Server<T, A> {
 
         let global = self.global.clone();
         let sealed_global = self.sealing.as_ref().map(|s| s.global.clone());
+        let extra = self.aggregator.fit_extra();
+        if extra.is_some() && self.sealing.is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "`{}` sends tensors with the fit request, which sealed tensors cannot have (they would travel in the clear)",
+                self.aggregator.describe().name
+            )));
+        }
         let (train, seed) = (self.config.train_for(round), self.config.seed);
         let (replies, mut failures) = dispatch(
             &mut self.transport,
@@ -774,6 +783,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                     parameters: global.clone(),
                     config,
                     sealed: sealed_global.clone(),
+                    extra: extra.clone(),
                 })
             },
         );
@@ -790,6 +800,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         for (client, reply) in replies {
             let checked = match reply {
                 Reply::Fit(update) => validate(&reference, round, &client, update)
+                    .and_then(|v| validate_extra(extra.as_deref(), v))
                     .and_then(|v| self.validate_sealed(v)),
                 _ => Err(Rejection::WrongReply),
             };

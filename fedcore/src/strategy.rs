@@ -110,6 +110,15 @@ pub trait Strategy: Send {
         steps: &mut RoundSteps<'_>,
     ) -> Result<Aggregate>;
 
+    /// Tensors sent to every client with the round's fit request (next to
+    /// the global model), e.g. SCAFFOLD's server control variate; `None`
+    /// (the default) sends none. When it sends some, every update must carry
+    /// [`ClientUpdate::extra`] of the same layout (the server refuses an
+    /// update without, and one with extra tensors nobody asked for).
+    fn fit_extra(&self) -> Option<Arc<Parameters>> {
+        None
+    }
+
     /// What it carries from round to round, saved with every checkpoint
     /// ([`Aggregator::state`] for a rule); `None` by default. (Named apart
     /// from the aggregator's methods: every aggregator is a strategy.)

@@ -126,6 +126,9 @@ pub struct ClientUpdate {
     pub metrics: Metrics,
     /// Protections applied to `values` before they left the client, in order.
     pub provenance: Vec<Protection>,
+    /// Tensors a strategy asked for with [`FitIns::extra`](crate::FitIns::extra)
+    /// (SCAFFOLD's control variate change), in that request's layout.
+    pub extra: Option<Parameters>,
 }
 
 impl ClientUpdate {
@@ -140,11 +143,12 @@ impl ClientUpdate {
             sealed: None,
             metrics: Metrics::new(),
             provenance: Vec::new(),
+            extra: None,
         }
     }
 
-    /// The same update (client, round, counts, metrics, provenance) with other
-    /// values; copies everything but the values.
+    /// The same update (client, round, counts, metrics, provenance, extra
+    /// tensors) with other values; copies everything but the values.
     pub fn with_values(&self, values: Parameters) -> Self {
         Self {
             client: self.client.clone(),
@@ -155,6 +159,7 @@ impl ClientUpdate {
             sealed: self.sealed.clone(),
             metrics: self.metrics.clone(),
             provenance: self.provenance.clone(),
+            extra: self.extra.clone(),
         }
     }
 
@@ -173,6 +178,12 @@ impl ClientUpdate {
     /// Sets the metrics.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Attaches the tensors a strategy asked for.
+    pub fn with_extra(mut self, extra: Parameters) -> Self {
+        self.extra = Some(extra);
         self
     }
 

@@ -351,6 +351,7 @@ fn square_densenet121_trains_on_synthetic_xrays_with_finite_falling_loss() {
         learning_rate: 1e-3,
         optimizer: Optimizer::Sgd { momentum: 0.9 },
         seed: 1,
+        ..TrainConfig::default()
     };
     let before = model.parameters();
     let mut losses = Vec::new();
@@ -398,6 +399,7 @@ fn training_is_seeded_and_statistics_travel_with_the_parameters() {
         learning_rate: 0.05,
         optimizer: Optimizer::Sgd { momentum: 0.9 },
         seed: 42,
+        ..TrainConfig::default()
     };
     let mut a = densenet(config.clone(), 7);
     let mut b = densenet(config.clone(), 7);
@@ -491,6 +493,7 @@ fn small_cnn_learns_and_has_the_documented_size() {
         learning_rate: 1e-3,
         optimizer: Optimizer::adam(),
         seed: 3,
+        ..TrainConfig::default()
     };
     let fit = model.fit(&train, &config).unwrap();
     assert_eq!(fit.num_examples, 400);
@@ -751,6 +754,7 @@ fn assert_only_trainable_tensors_move<N: Network>(
         learning_rate: 0.05,
         optimizer: Optimizer::adam(),
         seed: 0,
+        ..TrainConfig::default()
     };
     model.fit(&data, &config).unwrap();
     let after = model.parameters();
@@ -1215,6 +1219,7 @@ fn grad_cam_points_at_what_the_model_learned_to_look_for() {
                 learning_rate: 3e-3,
                 optimizer: Optimizer::adam(),
                 seed: 2,
+                ..TrainConfig::default()
             },
         )
         .unwrap();
@@ -1267,4 +1272,69 @@ fn grad_cam_points_at_what_the_model_learned_to_look_for() {
     );
     assert!(model.grad_cam(&one[..100], [1, 1, 32, 32], &[0]).is_err());
     assert!(model.grad_cam(one, [1, 1, 32, 32], &[0]).is_ok());
+}
+
+/// FedProx and SCAFFOLD on a libtorch model, against plain SGD as the
+/// oracle: a correction `c` moves one full-batch SGD step by `-lr * c`, a
+/// zero correction changes nothing, and the proximal term adds
+/// `lr * mu * (w1 - w0)` to the second step.
+#[test]
+fn the_proximal_term_and_the_correction_enter_each_sgd_step() {
+    let data = DataSplit::all(Arc::new(synthetic_digits(8, 5)));
+    let (lr, mu) = (0.05, 0.5);
+    let config = |epochs, mu| TrainConfig {
+        epochs,
+        batch_size: 8,
+        learning_rate: lr,
+        proximal_mu: mu,
+        ..TrainConfig::default()
+    };
+    let build = || TchModel::build(Device::Cpu, 6, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+    let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| {
+        a.as_slice()
+            .iter()
+            .zip(b.as_slice())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let mut plain = build();
+    let w0 = plain.parameters();
+    let out = plain.fit(&data, &config(1, 0.0)).unwrap();
+    assert_eq!(out.steps, 1);
+    let w1 = plain.parameters();
+
+    let mut zero = build();
+    zero.fit_corrected(&data, &config(1, 0.0), &w0.zeros_like())
+        .unwrap();
+    assert_eq!(zero.parameters(), w1, "a zero correction is plain SGD");
+
+    let c = w0
+        .with_values(
+            (0..w0.len())
+                .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+                .collect(),
+        )
+        .unwrap();
+    let mut corrected = build();
+    corrected.fit_corrected(&data, &config(1, 0.0), &c).unwrap();
+    let mut want = w1.clone();
+    want.axpy(-(lr as f32), &c).unwrap();
+    assert!(max_diff(&corrected.parameters(), &want) < 1e-6);
+
+    // Prox: two steps from w0; plain's second step from w1 is the oracle.
+    plain.fit(&data, &config(1, 0.0)).unwrap();
+    let mut want = plain.parameters();
+    let mut drift = w1.sub(&w0).unwrap();
+    drift.scale((lr * mu) as f32);
+    want.axpy(-1.0, &drift).unwrap();
+    let mut prox = build();
+    prox.fit(&data, &config(2, mu)).unwrap();
+    assert!(max_diff(&prox.parameters(), &want) < 1e-6);
+    assert!(max_diff(&prox.parameters(), &plain.parameters()) > 1e-6);
+    let wrong = fedcore::Parameters::from_tensors([("x", vec![1], vec![0.0])]).unwrap();
+    assert!(
+        build()
+            .fit_corrected(&data, &config(1, 0.0), &wrong)
+            .is_err()
+    );
 }

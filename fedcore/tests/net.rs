@@ -126,6 +126,7 @@ fn fit(round: u64, params: Arc<Parameters>, sealed: Option<Arc<SealedTensors>>) 
         parameters: params,
         config: TrainConfig::default(),
         sealed,
+        extra: None,
     })
 }
 
@@ -251,6 +252,7 @@ fn a_reply_declared_over_the_payload_limit_closes_only_its_session() {
                                 shape: vec![1 << 31],
                             }],
                             sealed: None,
+                            extra: None,
                         };
                         tx.send(msg(proto::client_message::Kind::Reply(header)))
                             .await
@@ -476,6 +478,51 @@ fn an_aggregator_failing_in_round_2_over_grpc_is_recorded_and_the_run_goes_on() 
     assert_eq!(why.kind, AggregationFailureKind::InvalidWeights);
     assert!(server.history()[2..].iter().all(|r| r.accepted.len() == 3));
     // Every site heard that the run is complete and exited cleanly.
+    for h in s.sites {
+        h.join().unwrap().unwrap();
+    }
+}
+
+/// SCAFFOLD over mutual TLS: the server's control variate travels with each
+/// fit task and each client's variate change with its update; the run ends
+/// on the in-memory run's model and variate bit for bit.
+#[test]
+fn scaffold_over_grpc_ends_where_the_in_memory_run_does() {
+    let sites = ["a", "b", "c"];
+    let scaffold_client = |i: usize| {
+        softmax_client(sites[i], i as u64).with_control_variate(fedcore::ControlVariate::new())
+    };
+    let strategy =
+        || fedcore::Scaffold::new(fedcore::FedAvg, common::initial().layout().clone(), 3).unwrap();
+    let mut memory = fedcore::memory::InMemoryTransport::new();
+    for i in 0..3 {
+        memory.add_client(scaffold_client(i)).unwrap();
+    }
+    let mut local = Server::new(grpc_config(3, 3), common::initial(), memory, strategy()).unwrap();
+    local.run().unwrap();
+
+    let clients = (0..3)
+        .map(|i| Box::new(scaffold_client(i)) as Box<dyn Client>)
+        .collect();
+    let s = setup_clients(&sites, clients);
+    let mut server = Server::new(
+        grpc_config(3, 3),
+        common::initial(),
+        s.transport,
+        strategy(),
+    )
+    .unwrap();
+    let report =
+        net::run_server(&mut server, &RunPolicy::deployment(Duration::from_secs(20))).unwrap();
+    assert_eq!(report.end, RunEnd::Completed);
+    assert_eq!(report.completed, 3);
+    let bits = |p: &Parameters| p.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(server.global()), bits(local.global()));
+    assert_eq!(
+        bits(server.aggregator().control()),
+        bits(local.aggregator().control())
+    );
+    assert!(server.aggregator().control().l2_norm() > 0.0);
     for h in s.sites {
         h.join().unwrap().unwrap();
     }

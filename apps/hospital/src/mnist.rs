@@ -203,6 +203,7 @@ pub fn run(
             learning_rate: 0.05,
             optimizer: Optimizer::Sgd { momentum: 0.9 },
             seed: 0,
+            ..TrainConfig::default()
         },
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         ..ServerConfig::default()

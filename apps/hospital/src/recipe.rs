@@ -273,6 +273,7 @@ impl DpArgs {
             learning_rate: self.dp_lr,
             optimizer: Optimizer::Sgd { momentum: 0.9 },
             seed: 0,
+            ..TrainConfig::default()
         }
     }
 
@@ -400,6 +401,7 @@ impl PretrainArgs {
             learning_rate: 1e-3,
             optimizer: Optimizer::adam(),
             seed,
+            ..TrainConfig::default()
         };
         let started = std::time::Instant::now();
         model.fit(&data, &config)?;
@@ -464,6 +466,7 @@ impl TrainingArgs {
             learning_rate: self.lr,
             optimizer: Optimizer::adam(),
             seed: 0,
+            ..TrainConfig::default()
         }
     }
 }

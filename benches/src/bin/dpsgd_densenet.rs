@@ -57,6 +57,7 @@ fn main() {
         learning_rate: 0.01,
         optimizer: Optimizer::Sgd { momentum: 0.9 },
         seed: 1,
+        ..TrainConfig::default()
     };
     let net = || {
         TchModel::build(Device::Cpu, 0, |b| {

@@ -242,6 +242,7 @@ fn run_one(
             learning_rate: args.lr,
             optimizer: Optimizer::adam(),
             seed: 0,
+            ..TrainConfig::default()
         },
         server_opt: args.server_opt,
         server_learning_rate: args.server_lr,

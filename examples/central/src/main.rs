@@ -243,6 +243,7 @@ fn xray(a: XrayArgs) -> Result<()> {
             learning_rate: a.lr,
             optimizer: optimizer(&a.optimizer)?,
             seed: a.seed.wrapping_add(epoch),
+            ..TrainConfig::default()
         };
         let fit = model.fit(&train, &config)?;
         epoch += 1;
@@ -294,6 +295,7 @@ fn mnist(a: MnistArgs) -> Result<()> {
             learning_rate: a.lr,
             optimizer: Optimizer::adam(),
             seed: a.seed.wrapping_add(epoch as u64),
+            ..TrainConfig::default()
         };
         let fit = model.fit(&train, &config)?;
         let eval = model.evaluate(&test)?;
@@ -336,6 +338,7 @@ fn images_per_second<N: fedcore::models::Network>(
         learning_rate: 1e-4,
         optimizer: Optimizer::Sgd { momentum: 0.9 },
         seed,
+        ..TrainConfig::default()
     };
     // Warm-up: one step (allocator, kernels).
     let warm = DataSplit::subset(data.source().clone(), (0..batch_size).collect())?;

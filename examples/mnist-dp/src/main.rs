@@ -244,6 +244,19 @@ impl<M: Model> Model for Released<M> {
         Ok(out)
     }
 
+    fn fit_corrected(
+        &mut self,
+        data: &M::Data,
+        config: &TrainConfig,
+        correction: &fedcore::Parameters,
+    ) -> fedcore::Result<fedcore::FitOutput> {
+        let out = self.inner.fit_corrected(data, config, correction)?;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(self.inner.parameters());
+        }
+        Ok(out)
+    }
+
     fn evaluate(&mut self, data: &M::Data) -> fedcore::Result<fedcore::Evaluation> {
         self.inner.evaluate(data)
     }
@@ -409,6 +422,7 @@ fn run(
             learning_rate: lr,
             optimizer: Optimizer::Sgd { momentum },
             seed: 0,
+            ..TrainConfig::default()
         },
         lr_schedule: args.lr_schedule,
         server_opt: args.server_opt,

@@ -612,12 +612,49 @@ impl<N: Network> TchModel<N> {
         crate::checkpoint::write_atomic(path, &bytes)
     }
 
+    /// For each trainable tensor: its index, its value when training
+    /// started (FedProx's anchor, when `mu > 0`) and its SCAFFOLD
+    /// correction on the model's device (when given).
+    fn gradient_terms(
+        &self,
+        mu: f64,
+        correction: Option<&Parameters>,
+    ) -> Result<Vec<GradientTerm>> {
+        if let Some(c) = correction {
+            self.layout.ensure_same(c.layout())?;
+        }
+        let device = self.vs.device();
+        Ok(self
+            .trainable_tensors()
+            .into_iter()
+            .map(|i| {
+                let t = &self.tensors[i];
+                let anchor = (mu > 0.0).then(|| t.detach().copy());
+                let corr = correction.map(|c| {
+                    Tensor::from_slice(&c.as_slice()[self.layout.range_at(i)])
+                        .reshape(t.size())
+                        .to_device(device)
+                });
+                (i, anchor, corr)
+            })
+            .collect())
+    }
+
     fn train_epochs(
         &mut self,
         data: &DataSplit,
         config: &TrainConfig,
+        correction: Option<&Parameters>,
     ) -> Result<(u64, f64, usize)> {
         let lr = config.learning_rate;
+        let mu = config.proximal_mu;
+        // FedProx adds mu * (w - w_start) and SCAFFOLD its correction to
+        // each step's gradient; without either the step is libtorch's own.
+        let terms = if mu > 0.0 || correction.is_some() {
+            self.gradient_terms(mu, correction)?
+        } else {
+            Vec::new()
+        };
         let mut opt = match config.optimizer {
             Optimizer::Sgd { momentum } => nn::Sgd {
                 momentum,
@@ -656,7 +693,29 @@ impl<N: Network> TchModel<N> {
                     let xs = self.input(&images, shape);
                     let logits = self.net.forward(&xs, train);
                     let loss = self.loss(&logits, &ys);
-                    opt.backward_step(&loss);
+                    if terms.is_empty() {
+                        opt.backward_step(&loss);
+                    } else {
+                        opt.zero_grad();
+                        loss.backward();
+                        let _guard = tch::no_grad_guard();
+                        for (i, anchor, corr) in &terms {
+                            let w = &self.tensors[*i];
+                            let mut g = w.grad();
+                            if !g.defined() {
+                                continue;
+                            }
+                            if let Some(w0) = anchor {
+                                let _ = g
+                                    .f_add_(&((w - w0) * mu))
+                                    .map_err(|e| Error::Model(e.to_string()))?;
+                            }
+                            if let Some(c) = corr {
+                                let _ = g.f_add_(c).map_err(|e| Error::Model(e.to_string()))?;
+                            }
+                        }
+                        opt.step();
+                    }
                     Ok(loss.double_value(&[]))
                 })?;
                 if !loss.is_finite() {
@@ -683,6 +742,31 @@ impl<N: Network> TchModel<N> {
         ))
     }
 }
+
+impl<N: Network> TchModel<N> {
+    fn fit_with(
+        &mut self,
+        data: &DataSplit,
+        config: &TrainConfig,
+        correction: Option<&Parameters>,
+    ) -> Result<FitOutput> {
+        config.check()?;
+        self.net.check_input(data.image_shape())?;
+        let (seen, loss, steps) = self.train_epochs(data, config, correction)?;
+        let mut metrics = Metrics::new();
+        metrics.insert("loss".into(), loss);
+        metrics.insert("steps".into(), steps as f64);
+        Ok(FitOutput {
+            privacy: Vec::new(),
+            num_examples: seen / config.epochs as u64,
+            metrics,
+            steps: steps as u64,
+        })
+    }
+}
+
+/// A trainable tensor's index, FedProx anchor and SCAFFOLD correction.
+type GradientTerm = (usize, Option<Tensor>, Option<Tensor>);
 
 impl<N: Network> Model for TchModel<N> {
     type Data = DataSplit;
@@ -720,17 +804,16 @@ impl<N: Network> Model for TchModel<N> {
     }
 
     fn fit(&mut self, data: &DataSplit, config: &TrainConfig) -> Result<FitOutput> {
-        config.check()?;
-        self.net.check_input(data.image_shape())?;
-        let (seen, loss, steps) = self.train_epochs(data, config)?;
-        let mut metrics = Metrics::new();
-        metrics.insert("loss".into(), loss);
-        metrics.insert("steps".into(), steps as f64);
-        Ok(FitOutput {
-            privacy: Vec::new(),
-            num_examples: seen / config.epochs as u64,
-            metrics,
-        })
+        self.fit_with(data, config, None)
+    }
+
+    fn fit_corrected(
+        &mut self,
+        data: &DataSplit,
+        config: &TrainConfig,
+        correction: &Parameters,
+    ) -> Result<FitOutput> {
+        self.fit_with(data, config, Some(correction))
     }
 
     fn evaluate(&mut self, data: &DataSplit) -> Result<Evaluation> {

@@ -155,6 +155,7 @@ mod tests {
             parameters: Arc::new(params()),
             config: TrainConfig::default(),
             sealed: None,
+            extra: None,
         });
         let bytes = task_to_frames(&task, 7).unwrap();
         let Task::Fit(back) = task_from_frames(&bytes, 1 << 20).unwrap() else {

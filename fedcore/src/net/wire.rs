@@ -105,6 +105,12 @@ fn sealed_header(sealed: Option<&SealedTensors>) -> Option<proto::Sealed> {
     })
 }
 
+fn extra_header(extra: &Parameters) -> proto::Extra {
+    proto::Extra {
+        layout: layout_to_proto(extra.layout()),
+    }
+}
+
 /// A message to stream: its header and the payload that follows as chunks.
 #[derive(Debug, Clone)]
 pub(crate) struct Outgoing<H> {
@@ -121,6 +127,10 @@ impl<H> Outgoing<H> {
 
 /// Encodes a task; the model values are shared, not copied.
 pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::TaskHeader>> {
+    let extra = match task {
+        Task::Fit(f) => f.extra.clone(),
+        _ => None,
+    };
     let (kind, round, config, parameters, sealed) = match task {
         Task::Fit(f) => (
             proto::TaskKind::Fit,
@@ -149,6 +159,10 @@ pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::T
         _ => (0, String::new()),
     };
     let mut payload = vec![values_bytes(parameters.clone())];
+    let extra_header = extra.as_ref().map(|e| extra_header(e));
+    if let Some(e) = extra {
+        payload.push(values_bytes(e));
+    }
     if let Some(s) = sealed {
         payload.push(sealed_bytes(s.clone()));
     }
@@ -162,6 +176,7 @@ pub(crate) fn encode_task(task_id: u64, task: &Task) -> Result<Outgoing<proto::T
             sealed: sealed_header(sealed.as_deref()),
             step,
             metrics_json,
+            extra: extra_header,
         },
         payload,
     })
@@ -193,6 +208,7 @@ fn tensor_reply(
     kind: proto::TaskKind,
     meta: &impl Serialize,
     values: Parameters,
+    extra: Option<Parameters>,
     sealed: Option<SealedTensors>,
 ) -> Result<Outgoing<proto::ReplyHeader>> {
     let header = proto::ReplyHeader {
@@ -201,8 +217,12 @@ fn tensor_reply(
         meta_json: serde_json::to_string(meta)?,
         layout: layout_to_proto(values.layout()),
         sealed: sealed_header(sealed.as_ref()),
+        extra: extra.as_ref().map(extra_header),
     };
     let mut payload = vec![owned_values_bytes(values)];
+    if let Some(e) = extra {
+        payload.push(owned_values_bytes(e));
+    }
     if let Some(s) = sealed {
         payload.push(Bytes::from(s.bytes().to_vec()));
     }
@@ -221,7 +241,14 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 metrics: u.metrics,
                 provenance: u.provenance,
             };
-            tensor_reply(task_id, proto::TaskKind::Fit, &meta, u.values, u.sealed)
+            tensor_reply(
+                task_id,
+                proto::TaskKind::Fit,
+                &meta,
+                u.values,
+                u.extra,
+                u.sealed,
+            )
         }
         Reply::Step(r) => {
             let meta = StepMeta {
@@ -229,7 +256,14 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 step: r.step,
                 metrics: r.metrics,
             };
-            tensor_reply(task_id, proto::TaskKind::Step, &meta, r.values, r.sealed)
+            tensor_reply(
+                task_id,
+                proto::TaskKind::Step,
+                &meta,
+                r.values,
+                None,
+                r.sealed,
+            )
         }
         Reply::Evaluate(e) => Ok(Outgoing {
             header: proto::ReplyHeader {
@@ -238,6 +272,7 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 meta_json: serde_json::to_string(&e)?,
                 layout: Vec::new(),
                 sealed: None,
+                extra: None,
             },
             payload: Vec::new(),
         }),
@@ -401,16 +436,29 @@ fn sealed_layout(sealed: &Option<proto::Sealed>) -> Result<Option<(Arc<Layout>, 
         .transpose()
 }
 
-/// A header's payload plan: the values' layout, the sealed layout and size.
+/// A header's payload plan: the values' layout, the extra tensors' layout,
+/// the sealed layout and size.
 pub(crate) struct Plan {
     pub layout: Arc<Layout>,
+    pub extra: Option<Arc<Layout>>,
     pub sealed: Option<(Arc<Layout>, u64)>,
+}
+
+/// A payload's parts, decoded.
+type Parts = (Parameters, Option<Parameters>, Option<SealedTensors>);
+
+fn extra_layout(extra: &Option<proto::Extra>) -> Result<Option<Arc<Layout>>> {
+    extra
+        .as_ref()
+        .map(|e| layout_from_proto(&e.layout))
+        .transpose()
 }
 
 impl Plan {
     pub fn of_task(h: &proto::TaskHeader) -> Result<Self> {
         Ok(Self {
             layout: layout_from_proto(&h.layout)?,
+            extra: extra_layout(&h.extra)?,
             sealed: sealed_layout(&h.sealed)?,
         })
     }
@@ -418,13 +466,21 @@ impl Plan {
     pub fn of_reply(h: &proto::ReplyHeader) -> Result<Self> {
         Ok(Self {
             layout: layout_from_proto(&h.layout)?,
+            extra: extra_layout(&h.extra)?,
             sealed: sealed_layout(&h.sealed)?,
         })
     }
 
+    /// f32 values in the payload: the tensors', then the extra tensors'.
+    fn values(&self) -> usize {
+        self.layout
+            .len()
+            .saturating_add(self.extra.as_ref().map_or(0, |e| e.len()))
+    }
+
     /// Payload bytes the header declares.
     pub fn total_bytes(&self) -> u64 {
-        (self.layout.len() as u64)
+        (self.values() as u64)
             .saturating_mul(4)
             .saturating_add(self.sealed.as_ref().map_or(0, |s| s.1))
     }
@@ -432,17 +488,24 @@ impl Plan {
     pub fn assembler(&self, task_id: u64, max_bytes: u64) -> Result<Assembler> {
         Assembler::new(
             task_id,
-            self.layout.len(),
+            self.values(),
             self.sealed.as_ref().map_or(0, |s| s.1),
             max_bytes,
         )
     }
 
-    fn finish(self, assembler: Assembler) -> Result<(Parameters, Option<SealedTensors>)> {
-        let (values, sealed) = assembler.finish()?;
+    fn finish(self, assembler: Assembler) -> Result<Parts> {
+        let (mut values, sealed) = assembler.finish()?;
+        let extra = match self.extra {
+            Some(layout) => {
+                let tail = values.split_off(self.layout.len());
+                Some(Parameters::new(layout, tail)?)
+            }
+            None => None,
+        };
         let params = Parameters::new(self.layout, values)?;
         let sealed = self.sealed.map(|(l, _)| SealedTensors::new(l, sealed));
-        Ok((params, sealed))
+        Ok((params, extra, sealed))
     }
 }
 
@@ -452,10 +515,14 @@ pub(crate) fn decode_task(
     plan: Plan,
     assembler: Assembler,
 ) -> Result<Task> {
-    let (parameters, sealed) = plan.finish(assembler)?;
+    let (parameters, extra, sealed) = plan.finish(assembler)?;
     let parameters = Arc::new(parameters);
     let sealed = sealed.map(Arc::new);
-    match proto::TaskKind::try_from(header.kind) {
+    let kind = proto::TaskKind::try_from(header.kind);
+    if extra.is_some() && kind != Ok(proto::TaskKind::Fit) {
+        return Err(bad("only a fit task carries extra tensors"));
+    }
+    match kind {
         Ok(proto::TaskKind::Fit) => {
             let config: TrainConfig = serde_json::from_str(&header.train_config_json)
                 .map_err(|e| bad(format!("bad training configuration: {e}")))?;
@@ -464,6 +531,7 @@ pub(crate) fn decode_task(
                 parameters,
                 config,
                 sealed,
+                extra: extra.map(Arc::new),
             }))
         }
         Ok(proto::TaskKind::Evaluate) => Ok(Task::Evaluate(EvaluateIns {
@@ -498,16 +566,17 @@ pub(crate) fn decode_reply(
         Ok(proto::TaskKind::Fit) => {
             let meta: UpdateMeta = serde_json::from_str(&header.meta_json)
                 .map_err(|e| bad(format!("bad update metadata: {e}")))?;
-            let (values, sealed) = plan.finish(assembler)?;
+            let (values, extra, sealed) = plan.finish(assembler)?;
             let mut update = ClientUpdate::new(meta.client, meta.round, meta.num_examples, values)
                 .with_kind(meta.kind)
                 .with_metrics(meta.metrics);
             update.provenance = meta.provenance;
             update.sealed = sealed;
+            update.extra = extra;
             Ok(Reply::Fit(update))
         }
         Ok(proto::TaskKind::Evaluate) => {
-            if !plan.layout.is_empty() || plan.sealed.is_some() {
+            if !plan.layout.is_empty() || plan.sealed.is_some() || plan.extra.is_some() {
                 return Err(bad("an evaluation reply carries tensors"));
             }
             let e: Evaluation = serde_json::from_str(&header.meta_json)
@@ -517,7 +586,10 @@ pub(crate) fn decode_reply(
         Ok(proto::TaskKind::Step) => {
             let meta: StepMeta = serde_json::from_str(&header.meta_json)
                 .map_err(|e| bad(format!("bad step metadata: {e}")))?;
-            let (values, sealed) = plan.finish(assembler)?;
+            let (values, extra, sealed) = plan.finish(assembler)?;
+            if extra.is_some() {
+                return Err(bad("a step reply carries extra tensors"));
+            }
             Ok(Reply::Step(StepReply {
                 round: meta.round,
                 step: meta.step,
@@ -563,10 +635,13 @@ mod tests {
             parameters: Arc::new(params()),
             config: TrainConfig::default(),
             sealed: Some(Arc::new(SealedTensors::new(layout, vec![9, 8, 7, 6, 5]))),
+            extra: Some(Arc::new(
+                Parameters::from_tensors([("c", vec![2], vec![0.5, -f32::MAX])]).unwrap(),
+            )),
         });
         for chunk in [1, 3, 4, 7, 1024] {
             let out = encode_task(11, &task).unwrap();
-            assert_eq!(out.payload_len(), 9 * 4 + 5);
+            assert_eq!(out.payload_len(), (9 + 2) * 4 + 5);
             let plan = Plan::of_task(&out.header).unwrap();
             let a = reassemble(&plan, 11, &out.payload, chunk);
             let Task::Fit(got) = decode_task(&out.header, plan, a).unwrap() else {
@@ -585,6 +660,7 @@ mod tests {
                 want.parameters.layout().tensors()
             );
             assert_eq!(got.sealed.unwrap().bytes(), &[9, 8, 7, 6, 5]);
+            assert_eq!(got.extra, want.extra);
         }
     }
 
@@ -593,13 +669,44 @@ mod tests {
         let mut u =
             ClientUpdate::new("site-a".into(), 3, 42, params()).with_kind(UpdateKind::Delta);
         u.metrics.insert("loss".into(), 0.25);
-        let out = encode_reply(5, Reply::Fit(u.clone())).unwrap();
+        for u in [
+            u.clone(),
+            u.with_extra(Parameters::from_tensors([("c", vec![1, 2], vec![1.5, -2.0])]).unwrap()),
+        ] {
+            let out = encode_reply(5, Reply::Fit(u.clone())).unwrap();
+            let plan = Plan::of_reply(&out.header).unwrap();
+            let a = reassemble(&plan, 5, &out.payload, 5);
+            let Reply::Fit(got) = decode_reply(&out.header, plan, a).unwrap() else {
+                panic!("not a fit reply")
+            };
+            assert_eq!(got, u);
+        }
+    }
+
+    #[test]
+    fn extra_tensors_outside_a_fit_are_refused() {
+        let mut out = encode_reply(
+            2,
+            Reply::Step(StepReply {
+                round: 1,
+                step: 1,
+                values: params(),
+                sealed: None,
+                metrics: Metrics::new(),
+            }),
+        )
+        .unwrap();
+        out.header.extra = Some(proto::Extra {
+            layout: vec![proto::TensorSpec {
+                name: "c".into(),
+                shape: vec![1],
+            }],
+        });
+        out.payload.push(Bytes::from_static(&[0, 0, 128, 63]));
         let plan = Plan::of_reply(&out.header).unwrap();
-        let a = reassemble(&plan, 5, &out.payload, 5);
-        let Reply::Fit(got) = decode_reply(&out.header, plan, a).unwrap() else {
-            panic!("not a fit reply")
-        };
-        assert_eq!(got, u);
+        let a = reassemble(&plan, 2, &out.payload, 7);
+        let err = decode_reply(&out.header, plan, a).unwrap_err();
+        assert!(err.to_string().contains("carries extra tensors"), "{err}");
     }
 
     #[test]
