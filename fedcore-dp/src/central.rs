@@ -136,6 +136,10 @@ impl<A: Aggregator> Aggregator for Dp<A> {
         self.inner.state()
     }
 
+    fn privatizes(&self) -> bool {
+        true
+    }
+
     fn restore(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
         self.inner.restore(state)
     }

@@ -368,3 +368,20 @@ fn dp_decorator_refuses_a_round_past_the_budget() {
     assert!(dp.aggregate(&ups).is_err());
     assert_eq!(dp.ledger().epsilon(), before);
 }
+
+/// SCAFFOLD's control variate moves by the clients' raw variate changes,
+/// which central DP does not cover: SCAFFOLD over `Dp` is refused, also
+/// behind a pre-aggregation wrapper's `Box`.
+#[test]
+fn scaffold_refuses_central_dp_as_its_inner_rule() {
+    let p = DpParams::new(Clip::new(1.0).unwrap(), 1.0)
+        .with_budget(Budget::new(f64::INFINITY, 1e-5).unwrap());
+    let layout = SoftmaxRegression::new(3, 2).parameters().layout().clone();
+    let dp = Dp::new(FedAvg, p.clone(), Noise::dangerous().seeded(1)).unwrap();
+    let err = fedcore::Scaffold::new(dp, layout.clone(), 3).unwrap_err();
+    assert!(err.to_string().contains("central DP"), "{err}");
+    let boxed: Box<dyn fedcore::Aggregator> =
+        Box::new(Dp::new(FedAvg, p, Noise::dangerous().seeded(1)).unwrap());
+    assert!(fedcore::Scaffold::new(boxed, layout.clone(), 3).is_err());
+    assert!(fedcore::Scaffold::new(FedAvg, layout, 3).is_ok());
+}

@@ -69,6 +69,10 @@ impl<A: Aggregator> Aggregator for PreAggregated<A> {
         self.inner.state()
     }
 
+    fn privatizes(&self) -> bool {
+        self.inner.privatizes()
+    }
+
     fn restore(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
         self.inner.restore(state)
     }

@@ -60,6 +60,14 @@ pub trait Aggregator: Send {
         None
     }
 
+    /// Whether its aggregate is differentially private (central DP, e.g.
+    /// `fedcore_dp::Dp`): strategies that would release other functions of
+    /// the raw updates next to it (SCAFFOLD's control variate) refuse it.
+    /// False by default; wrappers pass their inner rule's answer on.
+    fn privatizes(&self) -> bool {
+        false
+    }
+
     /// Takes back what [`Self::state`] returned, on resume. The default
     /// refuses: a rule without state has nothing to restore.
     fn restore(&mut self, state: Vec<f32>) -> Result<()> {
@@ -86,6 +94,10 @@ impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
 
     fn state(&self) -> Option<Vec<f32>> {
         (**self).state()
+    }
+
+    fn privatizes(&self) -> bool {
+        (**self).privatizes()
     }
 
     fn restore(&mut self, state: Vec<f32>) -> Result<()> {

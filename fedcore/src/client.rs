@@ -274,6 +274,14 @@ where
                         .into(),
                 ));
             }
+            (Some(_), Some(_))
+                if ins.config.optimizer != (crate::model::Optimizer::Sgd { momentum: 0.0 }) =>
+            {
+                return Err(Error::Unsupported(format!(
+                    "SCAFFOLD's control variates assume plain local SGD, and the server asked for {:?}",
+                    ins.config.optimizer
+                )));
+            }
             (Some(c), Some(variate)) => Some(variate.correction(c)?),
             (Some(_), None) => {
                 return Err(Error::Unsupported(format!(

@@ -15,8 +15,14 @@
 //!
 //! The client computes `c_i+` from the update it releases (after its privacy
 //! mechanisms), so what it sends about its data is post-processing of that
-//! update. Sealed (encrypted) tensors are refused: their control variates
-//! would travel in the clear.
+//! update. Central DP at the server (`fedcore_dp::Dp`) is refused as the
+//! inner rule: `c` moves by the raw variate changes, which it does not
+//! cover. Sealed (encrypted) tensors are refused: their control variates
+//! would travel in the clear. Option II assumes plain local SGD: a client
+//! asked to train with momentum or Adam under SCAFFOLD refuses. SCAFFOLD is
+//! not Byzantine-robust: a robust inner rule bounds a lying client's model
+//! update, but its variate change moves `c` unchecked (only NaN, infinity
+//! and wrong shapes are refused).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,6 +53,12 @@ impl<A: Aggregator> Scaffold<A> {
             return Err(Error::InvalidConfig(
                 "SCAFFOLD needs the number of clients in the federation (at least 1)".into(),
             ));
+        }
+        if inner.privatizes() {
+            return Err(Error::InvalidConfig(format!(
+                "SCAFFOLD over `{}`: its control variate moves by the clients' raw variate changes, which central DP does not cover; use client-side DP (DP-SGD) with SCAFFOLD",
+                inner.name()
+            )));
         }
         Ok(Self {
             inner,
@@ -113,6 +125,14 @@ impl<A: Aggregator> Strategy for Scaffold<A> {
         let scale = 1.0 / self.clients as f32;
         for dc in changes {
             c.axpy(scale, dc)?;
+        }
+        // Finite changes can still overflow together; the server then
+        // restores the state the round started from.
+        if let Some(nf) = c.first_non_finite() {
+            return Err(Error::AggregateNotFinite {
+                aggregator: format!("SCAFFOLD's control variate ({})", self.inner.name()),
+                tensor: nf.tensor,
+            });
         }
         Ok(agg)
     }

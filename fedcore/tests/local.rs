@@ -361,3 +361,115 @@ fn scaffold_refuses_clients_without_variates_and_unrequested_tensors() {
 fn scaffold_needs_the_federation_size() {
     assert!(Scaffold::new(FedAvg, Arc::new(fedcore::Layout::new([]).unwrap()), 0).is_err());
 }
+
+/// One full-batch step of the softmax regression with a correction `c` is
+/// plain SGD's step moved by `-lr * c` (the oracle).
+#[test]
+fn a_correction_moves_one_sgd_step_by_minus_lr_times_it() {
+    let data = client_data(2);
+    let config = TrainConfig {
+        batch_size: data.len(),
+        learning_rate: 0.4,
+        ..TrainConfig::default()
+    };
+    let mut plain = SoftmaxRegression::new(DIM, CLASSES);
+    let w0 = plain.parameters();
+    plain.fit(&data, &config).unwrap();
+    let c = w0
+        .with_values((0..w0.len()).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect())
+        .unwrap();
+    let mut corrected = SoftmaxRegression::new(DIM, CLASSES);
+    corrected.set_parameters(&w0).unwrap();
+    let out = corrected.fit_corrected(&data, &config, &c).unwrap();
+    assert_eq!(out.steps, 1);
+    let mut want = plain.parameters();
+    want.axpy(-0.4, &c).unwrap();
+    assert!(max_abs_diff(&corrected.parameters(), &want) < 1e-6);
+    let wrong = Parameters::from_tensors([("w", vec![1], vec![0.0])]).unwrap();
+    assert!(corrected.fit_corrected(&data, &config, &wrong).is_err());
+}
+
+/// How a lying SCAFFOLD client tampers with its variate change.
+enum Lie {
+    Drop,
+    Shape,
+    Nan,
+}
+
+struct Lies(ModelClient<SoftmaxRegression>, Lie);
+
+impl Client for Lies {
+    fn id(&self) -> &ClientId {
+        self.0.id()
+    }
+
+    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<ClientUpdate> {
+        let mut u = self.0.fit(ins)?;
+        match self.1 {
+            Lie::Drop => u.extra = None,
+            Lie::Shape => {
+                u.extra = Some(Parameters::from_tensors([("w", vec![2], vec![1.0, 2.0])])?)
+            }
+            Lie::Nan => {
+                if let Some(e) = &mut u.extra {
+                    e.as_mut_slice()[3] = f32::NAN;
+                }
+            }
+        }
+        Ok(u)
+    }
+
+    fn evaluate(&mut self, ins: &EvaluateIns) -> fedcore::Result<Evaluation> {
+        self.0.evaluate(ins)
+    }
+}
+
+/// The server refuses a SCAFFOLD update without the variate change, with
+/// one of another shape or with NaN in it, and the round goes on with the
+/// honest clients; a client asked to train with momentum under SCAFFOLD
+/// refuses.
+#[test]
+fn scaffold_rejects_lying_variates_and_momentum() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<Dataset> = (0..3).map(client_data).collect();
+    let mut t = scaffold_federation(&data, dir.path());
+    for (i, lie) in [(3, Lie::Drop), (4, Lie::Shape), (5, Lie::Nan)] {
+        let client = ModelClient::new(
+            name(i),
+            SoftmaxRegression::new(DIM, CLASSES),
+            client_data(i),
+        )
+        .with_control_variate(ControlVariate::new());
+        t.add_client(Lies(client, lie)).unwrap();
+    }
+    let mut s = Server::new(config(1), initial(), t, scaffold(6)).unwrap();
+    s.run().unwrap();
+    let r = &s.history()[0];
+    assert_eq!(r.outcome, RoundOutcome::Completed);
+    assert_eq!(r.accepted.len(), 3);
+    let reasons: Vec<String> = r.failures.iter().map(|f| f.reason.to_string()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("no extra tensors"), "{reasons:?}");
+    assert!(reasons[1].contains("extra tensors:"), "{reasons:?}");
+    assert!(reasons[2].contains("non-finite"), "{reasons:?}");
+
+    let mut cfg = config(1);
+    cfg.train.optimizer = fedcore::Optimizer::Sgd { momentum: 0.9 };
+    let mut s = Server::new(
+        cfg,
+        initial(),
+        scaffold_federation(&data, dir.path()),
+        scaffold(3),
+    )
+    .unwrap();
+    s.run().unwrap();
+    let r = &s.history()[0];
+    assert_eq!(r.outcome, RoundOutcome::QuorumNotReached);
+    assert!(
+        r.failures
+            .iter()
+            .all(|f| matches!(&f.reason, Failure::ClientError(e) if e.contains("plain local SGD"))),
+        "{:?}",
+        r.failures
+    );
+}
