@@ -75,6 +75,7 @@ pub mod checkpoint;
 mod client;
 #[cfg(feature = "testkit")]
 pub mod contract;
+mod cross_site;
 #[cfg(feature = "data")]
 pub mod data;
 mod error;
@@ -107,6 +108,7 @@ pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
 pub use client::{Client, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, StepResponder};
+pub use cross_site::{CrossSiteEvaluation, CrossSiteFailure, CrossSiteModel};
 pub use error::{BoxError, Error, Result};
 pub use events::{
     AcceptedUpdate, AggregationFailure, AggregationFailureKind, ClientFailure, EventSubscriber,

@@ -109,7 +109,7 @@ pub enum RunEnd {
 }
 
 /// What [`crate::Server::run_with`] did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
     /// Why it ended.
     pub end: RunEnd,
@@ -117,6 +117,10 @@ pub struct RunReport {
     pub completed: u64,
     /// Rounds run by this call that failed (recorded, model unchanged).
     pub failed: u64,
+    /// The cross-site matrix, when [`crate::ServerConfig::cross_site_evaluation`]
+    /// is on and the run completed.
+    #[serde(default)]
+    pub cross_site: Option<crate::CrossSiteEvaluation>,
 }
 
 impl RunReport {

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use crate::aggregate::Aggregate;
 use crate::checkpoint::{CheckpointStore, Snapshot};
 use crate::client::{EvaluateIns, FitIns};
+use crate::cross_site::{CrossSiteEvaluation, CrossSiteFailure, CrossSiteModel};
 use crate::error::{Error, Result};
 use crate::events::{
     AcceptedUpdate, AggregationFailure, ClientFailure, EventSubscriber, RoundOutcome, RoundRecord,
@@ -64,6 +65,13 @@ pub struct ServerConfig {
     /// trust, e.g. those of `fedcore-robust`); `None` disables it.
     #[serde(default)]
     pub trust: Option<TrustPolicy>,
+    /// At the end of a completed run, evaluate the global model and every
+    /// site's local model on every site's held-out data
+    /// ([`Server::cross_site_evaluation`], in [`RunReport::cross_site`]).
+    /// The server then keeps one local model per site. Not with sealed
+    /// tensors.
+    #[serde(default)]
+    pub cross_site_evaluation: bool,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +92,7 @@ impl Default for ServerConfig {
             checkpoint_dir: None,
             keep_checkpoints: 3,
             trust: None,
+            cross_site_evaluation: false,
         }
     }
 }
@@ -183,6 +192,9 @@ pub struct Server<T: Transport, A: Strategy> {
     exclusions: Exclusions,
     /// The server optimizer's state (empty for plain SGD).
     opt_state: OptState,
+    /// Each site's local model from its last accepted update, kept while
+    /// `config.cross_site_evaluation` is on.
+    local_models: BTreeMap<ClientId, (u64, Arc<Parameters>)>,
 }
 
 /// Clients an operator keeps out of training (e.g. a hospital an
@@ -281,6 +293,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             sealing: None,
             exclusions: Exclusions::default(),
             opt_state: OptState::default(),
+            local_models: BTreeMap::new(),
         })
     }
 
@@ -356,6 +369,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         }
         Ok(Self {
             opt_state,
+            local_models: BTreeMap::new(),
             trust: config
                 .trust
                 .clone()
@@ -388,6 +402,17 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         patterns: &[S],
         aggregator: impl SealedAggregator + 'static,
     ) -> Result<Self> {
+        if self.config.cross_site_evaluation {
+            return Err(Error::InvalidConfig(
+                "cross-site evaluation needs plain models, and sealed tensors are encrypted".into(),
+            ));
+        }
+        if self.aggregator.fit_extra().is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "`{}` sends tensors with the fit request, which sealed tensors cannot have (they would travel in the clear)",
+                self.aggregator.describe().name
+            )));
+        }
         let layout = self.global.layout().clone();
         let head = layout.select(patterns)?;
         let sealed_values = head.len();
@@ -546,6 +571,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             end: RunEnd::Completed,
             completed: 0,
             failed: 0,
+            cross_site: None,
         };
         let mut in_a_row = 0u32;
         let required = self.config.required_clients();
@@ -595,7 +621,88 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 std::thread::sleep(policy.pause_between_rounds);
             }
         }
+        if self.config.cross_site_evaluation && report.end == RunEnd::Completed {
+            report.cross_site = Some(self.cross_site_evaluation()?);
+        }
         Ok(report)
+    }
+
+    /// Evaluates the global model and every kept local model (see
+    /// [`ServerConfig::cross_site_evaluation`]) on every connected site's
+    /// held-out data, each model one evaluate exchange with every site (up
+    /// to `round_timeout` each). A site that fails, or answers with a
+    /// non-finite loss or no examples, leaves its cell empty with the
+    /// reason in [`CrossSiteEvaluation::failures`]. Errors only when the
+    /// run seals tensors (the server holds no plain head).
+    pub fn cross_site_evaluation(&mut self) -> Result<CrossSiteEvaluation> {
+        if self.sealing.is_some() {
+            return Err(Error::Unsupported(
+                "cross-site evaluation of a run with sealed tensors: the server holds no plain head"
+                    .into(),
+            ));
+        }
+        let round = self.next_round.saturating_sub(1);
+        let mut sites = self.transport.clients();
+        sites.sort();
+        sites.dedup();
+        let mut models = vec![(CrossSiteModel::Global, self.global.clone())];
+        models.extend(self.local_models.iter().map(|(site, (r, p))| {
+            (
+                CrossSiteModel::Local {
+                    site: site.clone(),
+                    round: *r,
+                },
+                p.clone(),
+            )
+        }));
+        let mut cells = Vec::with_capacity(models.len());
+        let mut failures = Vec::new();
+        for (m, (_, params)) in models.iter().enumerate() {
+            let (replies, failed) = dispatch(
+                &mut self.transport,
+                self.config.round_timeout,
+                &sites,
+                |_| {
+                    Task::Evaluate(EvaluateIns {
+                        round,
+                        parameters: params.clone(),
+                        sealed: None,
+                    })
+                },
+            );
+            let mut row = vec![None; sites.len()];
+            for (site, reply) in replies {
+                let Some(k) = sites.iter().position(|s| s == &site) else {
+                    continue;
+                };
+                match reply {
+                    Reply::Evaluate(e) if e.loss.is_finite() && e.num_examples > 0 => {
+                        row[k] = Some(e)
+                    }
+                    _ => failures.push(CrossSiteFailure {
+                        model: m,
+                        site,
+                        reason: Failure::Rejected(Rejection::WrongReply),
+                    }),
+                }
+            }
+            failures.extend(failed.into_iter().map(|f| CrossSiteFailure {
+                model: m,
+                site: f.client,
+                reason: f.reason,
+            }));
+            cells.push(row);
+        }
+        for f in &failures {
+            warn!(site = %f.site, model = %models[f.model].0, reason = %f.reason, "cross-site evaluation failed");
+        }
+        Ok(CrossSiteEvaluation {
+            round,
+            models: models.into_iter().map(|(m, _)| m).collect(),
+            sites,
+            cells,
+            failures,
+        })
     }
 
     fn emit(&mut self, event: ServerEvent) {
@@ -912,6 +1019,14 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                     })
                     .collect();
                 flagged = self.track_trust(&mut record.accepted);
+                if self.config.cross_site_evaluation {
+                    for u in &updates {
+                        let mut local = (*self.global).clone();
+                        local.axpy(1.0, &u.values)?;
+                        self.local_models
+                            .insert(u.client.clone(), (round, Arc::new(local)));
+                    }
+                }
                 record.update_norm = Some(agg.parameters.l2_norm());
                 record.aggregate_metrics = agg.metrics;
                 self.global = Arc::new(next);

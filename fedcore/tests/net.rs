@@ -485,7 +485,8 @@ fn an_aggregator_failing_in_round_2_over_grpc_is_recorded_and_the_run_goes_on() 
 
 /// SCAFFOLD over mutual TLS: the server's control variate travels with each
 /// fit task and each client's variate change with its update; the run ends
-/// on the in-memory run's model and variate bit for bit.
+/// on the in-memory run's model and variate bit for bit, then evaluates
+/// every model on every site (cross-site evaluation) before it ends.
 #[test]
 fn scaffold_over_grpc_ends_where_the_in_memory_run_does() {
     let sites = ["a", "b", "c"];
@@ -505,17 +506,21 @@ fn scaffold_over_grpc_ends_where_the_in_memory_run_does() {
         .map(|i| Box::new(scaffold_client(i)) as Box<dyn Client>)
         .collect();
     let s = setup_clients(&sites, clients);
-    let mut server = Server::new(
-        grpc_config(3, 3),
-        common::initial(),
-        s.transport,
-        strategy(),
-    )
-    .unwrap();
+    let config = ServerConfig {
+        cross_site_evaluation: true,
+        ..grpc_config(3, 3)
+    };
+    let mut server = Server::new(config, common::initial(), s.transport, strategy()).unwrap();
     let report =
         net::run_server(&mut server, &RunPolicy::deployment(Duration::from_secs(20))).unwrap();
     assert_eq!(report.end, RunEnd::Completed);
     assert_eq!(report.completed, 3);
+    // Cross-site evaluation ran before the sites were sent home: the global
+    // model and each site's local model on each site's data.
+    let matrix = report.cross_site.expect("cross-site evaluation");
+    assert_eq!((matrix.models.len(), matrix.sites.len()), (4, 3));
+    assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
+    assert!(matrix.cells.iter().flatten().all(Option::is_some));
     let bits = |p: &Parameters| p.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(server.global()), bits(local.global()));
     assert_eq!(

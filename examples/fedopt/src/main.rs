@@ -85,6 +85,13 @@ struct Args {
     /// FedAdam's and FedYogi's server learning rate.
     #[arg(long, default_value_t = 0.01)]
     adaptive_lr: f32,
+    /// Also evaluate, at the end of each strategy's first seed, the global
+    /// model and every client's local model on every client's held-out
+    /// data (cross-site evaluation; in those runs each client holds out the
+    /// last tenth of its share from training); the matrices go into the
+    /// markdown.
+    #[arg(long)]
+    cross_site: bool,
     /// Redraw the PNG from a JSON written by an earlier run.
     #[arg(long)]
     plot_only: Option<PathBuf>,
@@ -99,6 +106,9 @@ struct Results {
     strategies: Vec<String>,
     seeds: Vec<u64>,
     accuracy: Vec<Vec<Vec<f64>>>,
+    /// Per strategy, the cross-site matrix of its first seed (`--cross-site`).
+    #[serde(default)]
+    cross_site: Vec<Option<fedcore::CrossSiteEvaluation>>,
 }
 
 fn model(seed: u64) -> Result<TchModel<SmallCnn>> {
@@ -113,7 +123,8 @@ fn run_one(
     seed: u64,
     (train, labels): (&Arc<dyn ImageDataset>, &[usize]),
     test: &DataSplit,
-) -> Result<Vec<f64>> {
+    cross_site: bool,
+) -> Result<(Vec<f64>, Option<fedcore::CrossSiteEvaluation>)> {
     let n = args.train_images.min(train.len());
     let profiles = &labels[..n];
     let groups: Vec<u64> = (0..n as u64).collect();
@@ -130,8 +141,17 @@ fn run_one(
     let scaffold = strategy == "scaffold";
     let mut transport = InMemoryTransport::new();
     for (i, part) in partition.hospitals.iter().enumerate() {
-        let data = DataSplit::subset(train.clone(), part.clone())?;
-        let client = ModelClient::new(format!("h{i:03}"), model(seed)?, data);
+        let id = format!("h{i:03}");
+        let client = if cross_site {
+            let held_out = (part.len() / 10).max(1);
+            let (own, held) = part.split_at(part.len() - held_out);
+            let data = DataSplit::subset(train.clone(), own.to_vec())?;
+            ModelClient::new(id, model(seed)?, data)
+                .with_test_data(DataSplit::subset(train.clone(), held.to_vec())?)
+        } else {
+            let data = DataSplit::subset(train.clone(), part.clone())?;
+            ModelClient::new(id, model(seed)?, data)
+        };
         let client = if scaffold {
             client.with_control_variate(ControlVariate::new())
         } else {
@@ -153,6 +173,7 @@ fn run_one(
             optimizer: Optimizer::Sgd { momentum: 0.0 },
             ..TrainConfig::default()
         },
+        cross_site_evaluation: cross_site,
         ..ServerConfig::default()
     };
     configure(args, strategy, &mut config)?;
@@ -197,7 +218,7 @@ fn curve<S: Strategy>(
     mut server: Server<InMemoryTransport, S>,
     seed: u64,
     test: &DataSplit,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, Option<fedcore::CrossSiteEvaluation>)> {
     let mut eval = model(seed)?;
     eval.set_parameters(server.global())?;
     let accuracy = |e: fedcore::Evaluation| e.metrics.get("accuracy").copied();
@@ -207,13 +228,13 @@ fn curve<S: Strategy>(
         eval.set_parameters(p)?;
         eval.evaluate(&test)
     });
-    server.run()?;
+    let report = server.run()?;
     for r in server.history() {
         // A failed round leaves the model (and its accuracy) as it was.
         let last = *out.last().expect("round 0 is there");
         out.push(r.evaluation.clone().and_then(accuracy).unwrap_or(last));
     }
-    Ok(out)
+    Ok((out, report.cross_site))
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -270,6 +291,19 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
         let finals: Vec<f64> = runs.iter().map(|c| c[rounds] * 100.0).collect();
         let (m, sd) = mean_std(&finals);
         let _ = writeln!(s, "| {name} | {to_target} | {m:.2} ± {sd:.2} |");
+    }
+    for (name, matrix) in r.strategies.iter().zip(&r.cross_site) {
+        if let Some(m) = matrix {
+            let _ = writeln!(
+                s,
+                "\n### Cross-site accuracy (%) after round {}: `{name}`, seed {}\n\nRows: the global \
+                 model and each client's local model (the global model its last update started \
+                 from plus that update); columns: each client's held-out tenth of its share.\n\n{}",
+                m.round,
+                r.seeds[0],
+                m.to_markdown("accuracy", 100.0, 1)
+            );
+        }
     }
     s
 }
@@ -364,12 +398,25 @@ fn main() -> Result<()> {
         strategies: args.strategies.clone(),
         seeds: args.seeds.clone(),
         accuracy: Vec::new(),
+        cross_site: Vec::new(),
     };
     for strategy in &args.strategies {
         let mut runs = Vec::new();
+        let mut matrix = None;
         for &seed in &args.seeds {
             let t = Instant::now();
-            let c = run_one(&args, strategy, seed, (&train, &labels), &test)?;
+            let first = seed == args.seeds[0];
+            let (c, m) = run_one(
+                &args,
+                strategy,
+                seed,
+                (&train, &labels),
+                &test,
+                args.cross_site && first,
+            )?;
+            if first {
+                matrix = m;
+            }
             println!(
                 "{strategy:>9} seed {seed}: {:5.2} % after {} rounds ({:.0} s)",
                 c.last().copied().unwrap_or_default() * 100.0,
@@ -379,6 +426,7 @@ fn main() -> Result<()> {
             runs.push(c);
         }
         results.accuracy.push(runs);
+        results.cross_site.push(matrix);
     }
     std::fs::create_dir_all(&args.out)?;
     let md = markdown(&args, &results, start.elapsed().as_secs_f64());
@@ -408,6 +456,7 @@ mod tests {
                 vec![vec![0.1, 0.5, 0.92, 0.95], vec![0.1, 0.91, 0.93, 0.97]],
                 vec![vec![0.1, 0.2, 0.3, 0.4], vec![0.1, 0.2, 0.3, 0.6]],
             ],
+            cross_site: Vec::new(),
         };
         let md = markdown(&args, &r, 1.0);
         assert!(
