@@ -4,7 +4,7 @@
 //! images by a Dirichlet(`--alpha`) draw over digits (each seed its own
 //! split). For every strategy and seed the server trains the compact CNN
 //! (26,010 parameters) with the same local SGD; the test accuracy after each
-//! round gives the rounds to `--target` and the final accuracy, as mean and
+//! round gives the rounds to each of `--targets` and the final accuracy, as mean and
 //! spread over the seeds, in a markdown table and a plot of the mean curves.
 //!
 //! ```text
@@ -60,9 +60,9 @@ struct Args {
         default_value = "fedavg,fedavgm,fedadam,fedyogi,fedprox,scaffold"
     )]
     strategies: Vec<String>,
-    /// Test accuracy whose first round the table reports.
-    #[arg(long, default_value_t = 0.97)]
-    target: f64,
+    /// Test accuracies whose first round the table reports.
+    #[arg(long, value_delimiter = ',', default_value = "0.95,0.97")]
+    targets: Vec<f64>,
     /// Training images used (the first N of the 60 000).
     #[arg(long, default_value_t = 60_000)]
     train_images: usize,
@@ -102,7 +102,7 @@ struct Args {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Results {
     title: String,
-    target: f64,
+    targets: Vec<f64>,
     strategies: Vec<String>,
     seeds: Vec<u64>,
     accuracy: Vec<Vec<Vec<f64>>>,
@@ -253,7 +253,7 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "## {}\n\nRounds to {:.0} % test accuracy and test accuracy after {rounds} rounds, mean ± \
+        "## {}\n\nRounds to each target test accuracy and test accuracy after {rounds} rounds, mean ± \
          sample standard deviation over seeds {:?} (each seed draws its own split, initial model \
          and sampling); a run that never reached the target counts as `>{rounds}` and the mean \
          is over the runs that did (their number in brackets). Local training: {} epoch of SGD \
@@ -261,7 +261,6 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
          FedAdam/FedYogi: server lr {}, tau 1e-3; FedProx: mu = {}; SCAFFOLD: option II control \
          variates, FedAvg inside. {:.0} s on the 2-core VM.\n\n```sh\ncargo run --release -p fedopt -- {}\n```\n",
         r.title,
-        r.target * 100.0,
         r.seeds,
         args.epochs,
         args.lr,
@@ -272,25 +271,30 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
         seconds,
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
-    let _ = writeln!(
-        s,
-        "| strategy | rounds to {:.0} % | accuracy after {rounds} rounds (%) |\n|---|---:|---:|",
-        r.target * 100.0
-    );
+    let _ = write!(s, "| strategy |");
+    for t in &r.targets {
+        let _ = write!(s, " rounds to {} % |", (t * 1000.0).round() / 10.0);
+    }
+    let _ = writeln!(s, " accuracy after {rounds} rounds (%) |");
+    let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(r.targets.len()));
     for (name, runs) in r.strategies.iter().zip(&r.accuracy) {
-        let reached: Vec<f64> = runs
-            .iter()
-            .filter_map(|c| c.iter().position(|&a| a >= r.target).map(|p| p as f64))
-            .collect();
-        let to_target = if reached.is_empty() {
-            format!(">{rounds}")
-        } else {
-            let (m, sd) = mean_std(&reached);
-            format!("{m:.1} ± {sd:.1} [{}/{}]", reached.len(), runs.len())
-        };
+        let _ = write!(s, "| {name} |");
+        for &target in &r.targets {
+            let reached: Vec<f64> = runs
+                .iter()
+                .filter_map(|c| c.iter().position(|&a| a >= target).map(|p| p as f64))
+                .collect();
+            let to_target = if reached.is_empty() {
+                format!(">{rounds}")
+            } else {
+                let (m, sd) = mean_std(&reached);
+                format!("{m:.1} ± {sd:.1} [{}/{}]", reached.len(), runs.len())
+            };
+            let _ = write!(s, " {to_target} |");
+        }
         let finals: Vec<f64> = runs.iter().map(|c| c[rounds] * 100.0).collect();
         let (m, sd) = mean_std(&finals);
-        let _ = writeln!(s, "| {name} | {to_target} | {m:.2} ± {sd:.2} |");
+        let _ = writeln!(s, " {m:.2} ± {sd:.2} |");
     }
     for (name, matrix) in r.strategies.iter().zip(&r.cross_site) {
         if let Some(m) = matrix {
@@ -345,11 +349,13 @@ fn plot(path: &Path, r: &Results) -> Result<()> {
         .x_desc("round")
         .y_desc("test accuracy (%), mean over seeds")
         .draw()?;
-    let target = r.target * 100.0;
-    chart.draw_series(LineSeries::new(
-        [(0.0, target), (rounds as f64, target)],
-        BLACK.mix(0.3).stroke_width(1),
-    ))?;
+    for t in &r.targets {
+        let target = t * 100.0;
+        chart.draw_series(LineSeries::new(
+            [(0.0, target), (rounds as f64, target)],
+            BLACK.mix(0.3).stroke_width(1),
+        ))?;
+    }
     for (i, (name, runs)) in r.strategies.iter().zip(&r.accuracy).enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -394,7 +400,7 @@ fn main() -> Result<()> {
             ((args.clients as f64 * args.fraction).ceil() as usize).clamp(1, args.clients),
             args.alpha
         ),
-        target: args.target,
+        targets: args.targets.clone(),
         strategies: args.strategies.clone(),
         seeds: args.seeds.clone(),
         accuracy: Vec::new(),
@@ -449,7 +455,7 @@ mod tests {
         let args = Args::parse_from(["fedopt", "--rounds", "3"]);
         let r = Results {
             title: "t".into(),
-            target: 0.9,
+            targets: vec![0.9, 0.99],
             strategies: vec!["fedavg".into(), "scaffold".into()],
             seeds: vec![0, 1],
             accuracy: vec![
@@ -460,10 +466,17 @@ mod tests {
         };
         let md = markdown(&args, &r, 1.0);
         assert!(
-            md.contains("| fedavg | 1.5 ± 0.7 [2/2] | 96.00 ± 1.41 |"),
+            md.contains("| fedavg | 1.5 ± 0.7 [2/2] | >3 | 96.00 ± 1.41 |"),
             "{md}"
         );
-        assert!(md.contains("| scaffold | >3 | 50.00 ± 14.14 |"), "{md}");
+        assert!(
+            md.contains("| scaffold | >3 | >3 | 50.00 ± 14.14 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| strategy | rounds to 90 % | rounds to 99 % |"),
+            "{md}"
+        );
     }
 
     #[test]
