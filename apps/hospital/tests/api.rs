@@ -875,6 +875,7 @@ async fn anonymous_sign_ins_cannot_flood_the_audit_log_and_it_pages() {
     // 40 more attempts from the same address: the limiter blocks the
     // address once its failures fill its bucket, and the throttled attempts
     // share one row.
+    let started = std::time::Instant::now();
     for i in 0..40 {
         let name = if i % 2 == 0 {
             huge.clone()
@@ -897,13 +898,21 @@ async fn anonymous_sign_ins_cannot_flood_the_audit_log_and_it_pages() {
                 .is_some_and(|d| d.starts_with("rate limited"))
         })
         .collect();
-    assert_eq!(throttled.len(), 1, "{throttled:?}");
-    // The address's bucket holds 4 x 5 failures; after them one row counts
-    // the throttled attempts: 41 attempts write at most about 23 rows.
+    let slow_refills = (started.elapsed().as_secs() / 15) as usize;
     assert!(
-        all.len() <= 4 * 5 + 4,
-        "41 attempts wrote {} rows; the sign-in that opened the test is still in view",
-        all.len()
+        (1..=1 + slow_refills).contains(&throttled.len()),
+        "{throttled:?}"
+    );
+    // The address's bucket holds 4 x 5 failures and gets one back every
+    // 60 s / 4 (the harness's limit); after them one row counts the
+    // throttled attempts: 41 attempts write at most about 23 rows, plus one
+    // per refill on a slow (loaded) machine.
+    let refills = (started.elapsed().as_secs() / 15) as usize;
+    assert!(
+        all.len() <= 4 * 5 + 4 + refills,
+        "41 attempts wrote {} rows in {:?}; the sign-in that opened the test is still in view",
+        all.len(),
+        started.elapsed()
     );
     assert!(
         all.iter()
