@@ -135,6 +135,20 @@ fn scaffold_federation(data: &[Dataset], dir: &std::path::Path) -> InMemoryTrans
     t
 }
 
+/// The same clients without control variates (plain FedAvg).
+fn plain_federation(data: &[Dataset]) -> InMemoryTransport {
+    let mut t = InMemoryTransport::new();
+    for (i, d) in data.iter().enumerate() {
+        t.add_client(ModelClient::new(
+            name(i as u64),
+            SoftmaxRegression::new(DIM, CLASSES),
+            d.clone(),
+        ))
+        .unwrap();
+    }
+    t
+}
+
 fn scaffold(clients: usize) -> Scaffold<FedAvg> {
     Scaffold::new(FedAvg, initial().layout().clone(), clients).unwrap()
 }
@@ -167,17 +181,7 @@ fn scaffold_corrections_vanish_on_iid_identical_clients() {
         let gap = c.sub(&ci).unwrap().l2_norm();
         assert!(gap < 1e-5 * c.l2_norm(), "client {i}: |c - c_i| = {gap}");
     }
-    let mut plain = InMemoryTransport::new();
-    for (i, d) in data.iter().enumerate() {
-        plain
-            .add_client(ModelClient::new(
-                name(i as u64),
-                SoftmaxRegression::new(DIM, CLASSES),
-                d.clone(),
-            ))
-            .unwrap();
-    }
-    let fedavg = run(cfg, plain);
+    let fedavg = run(cfg, plain_federation(&data));
     assert!(
         max_abs_diff(s.global(), &fedavg) < 1e-5,
         "{}",
@@ -204,17 +208,7 @@ fn scaffold_corrects_non_iid_clients() {
     )
     .unwrap();
     s.run().unwrap();
-    let mut plain = InMemoryTransport::new();
-    for (i, d) in data.iter().enumerate() {
-        plain
-            .add_client(ModelClient::new(
-                name(i as u64),
-                SoftmaxRegression::new(DIM, CLASSES),
-                d.clone(),
-            ))
-            .unwrap();
-    }
-    let fedavg = run(cfg, plain);
+    let fedavg = run(cfg, plain_federation(&data));
     let (scaffold_loss, fedavg_loss) = (central_loss(s.global()), central_loss(&fedavg));
     assert!(max_abs_diff(s.global(), &fedavg) > 1e-2);
     // Seeded, so this is one fixed comparison (0.217 against 0.274 when
@@ -296,25 +290,6 @@ fn scaffold_resumes_bit_for_bit() {
     assert!(err.contains("scaffold(fedavg)"), "{err}");
 }
 
-/// Sends its inner client's update with extra tensors nobody asked for.
-struct SendsExtra(ModelClient<SoftmaxRegression>);
-
-impl Client for SendsExtra {
-    fn id(&self) -> &ClientId {
-        self.0.id()
-    }
-
-    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<ClientUpdate> {
-        let u = self.0.fit(ins)?;
-        let extra = u.values.clone();
-        Ok(u.with_extra(extra))
-    }
-
-    fn evaluate(&mut self, ins: &EvaluateIns) -> fedcore::Result<Evaluation> {
-        self.0.evaluate(ins)
-    }
-}
-
 /// A client without a control variate in a SCAFFOLD round says why it
 /// cannot train; an update with extra tensors that the strategy did not ask
 /// for, or without the ones it asked for, is rejected; the others go on.
@@ -340,12 +315,12 @@ fn scaffold_refuses_clients_without_variates_and_unrequested_tensors() {
     assert!(why.contains("keeps none"), "{why}");
 
     let mut t = federation(3);
-    t.add_client(SendsExtra(ModelClient::new(
+    let plain = ModelClient::new(
         name(3),
         SoftmaxRegression::new(DIM, CLASSES),
         client_data(3),
-    )))
-    .unwrap();
+    );
+    t.add_client(Lies(plain, Lie::Unrequested)).unwrap();
     let mut s = Server::new(config(1), initial(), t, FedAvg).unwrap();
     s.run().unwrap();
     let r = &s.history()[0];
@@ -389,11 +364,13 @@ fn a_correction_moves_one_sgd_step_by_minus_lr_times_it() {
     assert!(corrected.fit_corrected(&data, &config, &wrong).is_err());
 }
 
-/// How a lying SCAFFOLD client tampers with its variate change.
+/// How a lying client tampers with its SCAFFOLD variate change.
 enum Lie {
     Drop,
     Shape,
     Nan,
+    /// Sends extra tensors to a server that asked for none.
+    Unrequested,
 }
 
 struct Lies(ModelClient<SoftmaxRegression>, Lie);
@@ -415,6 +392,7 @@ impl Client for Lies {
                     e.as_mut_slice()[3] = f32::NAN;
                 }
             }
+            Lie::Unrequested => u.extra = Some(u.values.clone()),
         }
         Ok(u)
     }
