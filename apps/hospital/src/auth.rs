@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Role, User};
+use crate::store::{ERASED_PREFIX, Role, User};
 
 /// The cookie that carries the browser's token.
 pub const COOKIE: &str = "fedcore_token";
@@ -230,6 +230,20 @@ pub fn check_username(name: &str) -> std::result::Result<(), String> {
     } else {
         Err("user names have 3 to 64 characters: letters, digits, . _ - @".into())
     }
+}
+
+/// The rule for a new user's name: [`check_username`], and not the
+/// prefix of erased users' names (erasing user 7 renames it `deleted-7`,
+/// which an account so named would block). Signing in checks only the
+/// shape, so an account named so before this rule can still sign in.
+pub fn check_new_username(name: &str) -> std::result::Result<(), String> {
+    check_username(name)?;
+    if name.to_ascii_lowercase().starts_with(ERASED_PREFIX) {
+        return Err(format!(
+            "user names cannot start with {ERASED_PREFIX:?}: erased users are named so"
+        ));
+    }
+    Ok(())
 }
 
 /// A random password of 20 characters from an unambiguous alphabet.

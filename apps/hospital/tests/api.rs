@@ -1738,6 +1738,23 @@ async fn user_names_fold_case_and_guessable_passwords_are_refused() {
     .await;
     assert_eq!(signed_in.status, StatusCode::OK);
     assert_eq!(signed_in.json()["user"]["username"], "dr.who");
+    // Erased users are named `deleted-<id>`: a new name cannot take that
+    // form (it would make erasing that id fail), in any case.
+    let id = made.json()["id"].as_i64().unwrap();
+    let reserved = register(&format!("Deleted-{id}"), "tardis-blue-box-1963").await;
+    assert_eq!(reserved.status, StatusCode::BAD_REQUEST);
+    assert!(
+        reserved.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot start with")
+    );
+    let erased = send(
+        &h.app,
+        req("DELETE", &format!("/api/users/{id}"), Some(&admin), None),
+    )
+    .await;
+    assert_eq!(erased.status, StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]

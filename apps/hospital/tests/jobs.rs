@@ -1,8 +1,9 @@
 //! Jobs: the store's `jobs` table and its lifecycle on SQLite (and on
 //! PostgreSQL when `FEDCORE_TEST_POSTGRES` is set), rounds recorded before
-//! jobs existed, a deployed server's connection tables, and the runs page's API with a real queue training small
-//! MNIST jobs: an admin starts, stops, resumes, compares and deletes them;
-//! a viewer can do none of it.
+//! jobs existed, a deployed server's connection tables, a user's erasure
+//! beside a concurrent writer, and the runs page's API with a real queue
+//! training small MNIST jobs: an admin starts, stops, resumes, compares and
+//! deletes them; a viewer can do none of it.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use fedcore_hospital::jobs::{JobOptions, JobQueue};
 use fedcore_hospital::live::Shared;
 use fedcore_hospital::store::{
     ClientStatus, ConnectionRow, JobKind, JobStatus, NewJob, NewRound, REFUSALS_KEPT, RefusalRow,
-    RoundRow, Store, TrustRow, UpdateRow,
+    Role, RoundRow, Store, TrustRow, UpdateRow,
 };
 use fedcore_hospital::web::{self, ServerLimits, WebConfig};
 use http_body_util::BodyExt;
@@ -382,6 +383,73 @@ async fn each_run_is_a_job_with_its_own_rounds_on_sqlite_and_postgres() {
     old_migrations("postgres", &dir.path().join("old-postgres"));
     migrated(&pg, &dir.path().join("old-postgres")).await;
     reset_postgres(&pg).await;
+}
+
+/// Erasing a user while another connection holds SQLite's write lock
+/// waits for it (the busy timeout) instead of failing: the erasure's
+/// transaction starts with a write. A transaction that reads first cannot
+/// upgrade while another connection writes (SQLite answers SQLITE_BUSY at
+/// once, without waiting), which was a 500 from DELETE /api/users/{id}
+/// whenever a training round was being recorded at that moment.
+#[tokio::test]
+async fn erasing_a_user_waits_for_a_concurrent_writer() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("u.sqlite").display()
+    );
+    let store = Store::connect(&url).await.unwrap();
+    let user = store
+        .create_user("carol", "hash", Role::Viewer)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut writer = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let erase = tokio::spawn({
+        let store = store.clone();
+        async move { store.anonymize_user(user.id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!erase.is_finished(), "the erasure waits for the writer");
+    sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+    assert!(erase.await.unwrap().unwrap(), "erased after the writer");
+    assert!(store.user(user.id).await.unwrap().is_none());
+    let alias: String = sqlx::query_scalar("SELECT username FROM users WHERE id = ?")
+        .bind(user.id)
+        .fetch_one(&mut writer)
+        .await
+        .unwrap();
+    assert_eq!(alias, format!("deleted-{}", user.id));
+    assert!(store.user_by_name("carol").await.unwrap().is_none());
+    // A second erasure finds nothing to erase.
+    assert!(!store.anonymize_user(user.id).await.unwrap());
+
+    // A name from before new names were kept off `deleted-`: the alias
+    // steps aside instead of failing on the unique name.
+    let dave = store
+        .create_user("dave", "hash", Role::Viewer)
+        .await
+        .unwrap()
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, 'h', 'viewer', 0)",
+    )
+    .bind(format!("Deleted-{}", dave.id))
+    .execute(&mut writer)
+    .await
+    .unwrap();
+    assert!(store.anonymize_user(dave.id).await.unwrap());
+    let alias: String = sqlx::query_scalar("SELECT username FROM users WHERE id = ?")
+        .bind(dave.id)
+        .fetch_one(&mut writer)
+        .await
+        .unwrap();
+    assert_eq!(alias, format!("deleted-{}-2", dave.id));
 }
 
 async fn reset_postgres(url: &str) {

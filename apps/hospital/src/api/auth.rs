@@ -341,7 +341,7 @@ pub(super) async fn register(
     session
         .require(&state, Permission::ManageUsers, "create users")
         .await?;
-    auth::check_username(&req.username).map_err(ApiError::bad_request)?;
+    auth::check_new_username(&req.username).map_err(ApiError::bad_request)?;
     auth::check_password(&req.password, &[&req.username]).map_err(ApiError::bad_request)?;
     let password = req.password;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))

@@ -27,7 +27,7 @@ pub use hospitals::{ClientRow, ClientStatus};
 pub use inference::InferenceRow;
 pub use jobs::{JobKind, JobRow, JobStatus, NewJob};
 pub use rounds::{NewRound, RoundRow, TrustRow, UpdateRow};
-pub use users::{Role, User};
+pub use users::{ERASED_PREFIX, Role, User};
 
 static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -65,11 +65,10 @@ impl Store {
             .with_context(|| format!("cannot open the database {}", redact(url)))?;
         let migrator = if postgres { &POSTGRES } else { &SQLITE };
         migrator.run(&pool).await.context("database migrations")?;
-        if !postgres {
-            sqlx::query("PRAGMA foreign_keys = ON")
-                .execute(&pool)
-                .await?;
-        }
+        // SQLite: sqlx opens every connection with foreign keys on and a
+        // busy timeout of 5 s (a pragma run here would reach one connection
+        // of the pool only). A transaction that writes must write first
+        // (see `anonymize_user`).
         Ok(Self { pool, postgres })
     }
 

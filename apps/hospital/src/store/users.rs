@@ -10,6 +10,9 @@ use utoipa::ToSchema;
 use super::audit::TARGETS_USER;
 use super::{Store, now_ms};
 
+/// How an erased user's name starts (`deleted-<id>`); no new name may.
+pub const ERASED_PREFIX: &str = "deleted-";
+
 /// A role and what it may do (see [`Permission`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -216,24 +219,47 @@ impl Store {
     /// under the id.
     pub async fn anonymize_user(&self, id: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let alias = format!("deleted-{id}");
-        let name = sqlx::query("SELECT username FROM users WHERE id = $1 AND deleted = 0")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get::<String, _>(0))
-            .transpose()?;
-        let Some(name) = name else {
-            return Ok(false);
-        };
-        sqlx::query(
-            "UPDATE users SET username = $1, password_hash = '', deleted = 1, \
-             session_version = session_version + 1 WHERE id = $2",
+        // A write first, so that SQLite takes its write lock (waiting out
+        // another writer) at the start. A transaction that read first would
+        // have to upgrade, which SQLite refuses at once (SQLITE_BUSY, no
+        // busy wait) while another connection writes: a round being
+        // recorded made the erasure fail.
+        let n = sqlx::query(
+            "UPDATE users SET password_hash = '', deleted = 1, \
+             session_version = session_version + 1 WHERE id = $1 AND deleted = 0",
         )
-        .bind(&alias)
         .bind(id)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if n != 1 {
+            return Ok(false);
+        }
+        let name: String = sqlx::query("SELECT username FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        // New names cannot start with `deleted-` (auth::check_username); a
+        // name from before that rule could, so the alias is checked.
+        let mut alias = format!("{ERASED_PREFIX}{id}");
+        for k in 2.. {
+            let taken = sqlx::query("SELECT 1 FROM users WHERE lower(username) = $1 AND id <> $2")
+                .bind(&alias)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if !taken {
+                break;
+            }
+            alias = format!("{ERASED_PREFIX}{id}-{k}");
+        }
+        sqlx::query("UPDATE users SET username = $1 WHERE id = $2")
+            .bind(&alias)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let name = name.to_lowercase();
         sqlx::query(
             "UPDATE audit_log SET actor = $1, ip = NULL \
