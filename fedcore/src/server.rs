@@ -871,6 +871,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         let global = self.global.clone();
         let sealed_global = self.sealing.as_ref().map(|s| s.global.clone());
         let extra = self.aggregator.fit_extra();
+        // `with_sealing` refused a strategy that sent tensors then; one may
+        // start sending them later, and sealed tensors cannot have them.
         if extra.is_some() && self.sealing.is_some() {
             return Err(Error::InvalidConfig(format!(
                 "`{}` sends tensors with the fit request, which sealed tensors cannot have (they would travel in the clear)",
