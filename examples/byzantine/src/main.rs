@@ -21,6 +21,9 @@
 //!     --aggregators fedavg,geometric-median --out docs
 //! ```
 
+#[path = "../../common/report.rs"]
+mod report;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,7 +97,7 @@ struct Args {
         default_value = "none,sign-flip,gaussian,scaling,alie,ipm,label-flip"
     )]
     attacks: Vec<String>,
-    /// Redraw the PNG from a byzantine.json written by an earlier run, without training.
+    /// Redraw the PNG (in --out, named as the JSON) from a JSON written by an earlier run, without training.
     #[arg(long)]
     plot_only: Option<PathBuf>,
     /// Aggregators to compare.
@@ -353,13 +356,7 @@ fn stem(args: &Args) -> &'static str {
 
 fn plot(path: &Path, r: &Results) -> Result<()> {
     use plotters::prelude::*;
-    // ab_glyph needs the font bytes; DejaVu Sans ships with Debian (fonts-dejavu-core).
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").context(
-        "the plot needs /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf (Debian fonts-dejavu-core)",
-    )?;
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("cannot load the font"))?;
+    report::register_font()?;
     let root = BitMapBackend::new(path, (1100, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let groups = r.attacks.len();
@@ -421,9 +418,7 @@ fn plot(path: &Path, r: &Results) -> Result<()> {
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(json) = &args.plot_only {
-        let r: Results = serde_json::from_slice(&std::fs::read(json)?)
-            .with_context(|| format!("reading {}", json.display()))?;
-        return plot(&args.out.join(format!("{}.png", stem(&args))), &r);
+        return report::redraw(&args.out, json, plot);
     }
     // Ten clients train at once on the worker threads: one libtorch thread each.
     tch::set_num_threads(1);
@@ -480,15 +475,9 @@ fn main() -> Result<()> {
         }
         results.accuracy.push(row);
     }
-    std::fs::create_dir_all(&args.out)?;
     let md = markdown(&args, &results, start.elapsed().as_secs_f64());
     let stem = stem(&args);
-    std::fs::write(args.out.join(format!("{stem}.md")), &md)?;
-    std::fs::write(
-        args.out.join(format!("{stem}.json")),
-        serde_json::to_vec_pretty(&results)?,
-    )?;
-    plot(&args.out.join(format!("{stem}.png")), &results)?;
+    report::write(&args.out, stem, &md, &results, plot)?;
     print!("{md}");
     Ok(())
 }

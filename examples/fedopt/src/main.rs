@@ -15,6 +15,9 @@
 //! `fedyogi` (Reddi et al. 2021, server rate `--adaptive-lr`); `fedprox`
 //! (proximal term `--mu`); `scaffold` (control variates, FedAvg inside).
 
+#[path = "../../common/report.rs"]
+mod report;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,7 +95,7 @@ struct Args {
     /// markdown.
     #[arg(long)]
     cross_site: bool,
-    /// Redraw the PNG from a JSON written by an earlier run.
+    /// Redraw the PNG (in --out, named as the JSON) from a JSON written by an earlier run.
     #[arg(long)]
     plot_only: Option<PathBuf>,
 }
@@ -314,13 +317,7 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
 
 fn plot(path: &Path, r: &Results) -> Result<()> {
     use plotters::prelude::*;
-    // ab_glyph needs the font bytes; DejaVu Sans ships with Debian (fonts-dejavu-core).
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").context(
-        "the plot needs /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf (Debian fonts-dejavu-core)",
-    )?;
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("cannot load the font"))?;
+    report::register_font()?;
     let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let rounds = r.accuracy[0][0].len() - 1;
@@ -377,9 +374,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let stem = format!("fedopt-{}-{}", args.clients, args.alpha);
     if let Some(json) = &args.plot_only {
-        let r: Results = serde_json::from_slice(&std::fs::read(json)?)
-            .with_context(|| format!("reading {}", json.display()))?;
-        return plot(&args.out.join(format!("{stem}.png")), &r);
+        return report::redraw(&args.out, json, plot);
     }
     if args.seeds.is_empty() || args.rounds == 0 {
         bail!("need at least one seed and one round");
@@ -434,14 +429,8 @@ fn main() -> Result<()> {
         results.accuracy.push(runs);
         results.cross_site.push(matrix);
     }
-    std::fs::create_dir_all(&args.out)?;
     let md = markdown(&args, &results, start.elapsed().as_secs_f64());
-    std::fs::write(args.out.join(format!("{stem}.md")), &md)?;
-    std::fs::write(
-        args.out.join(format!("{stem}.json")),
-        serde_json::to_vec_pretty(&results)?,
-    )?;
-    plot(&args.out.join(format!("{stem}.png")), &results)?;
+    report::write(&args.out, &stem, &md, &results, plot)?;
     print!("{md}");
     Ok(())
 }
