@@ -291,13 +291,7 @@ fn dp_sgd_takes_the_proximal_term_and_the_correction_after_the_noise() {
         let config = DpSgdConfig::new(1.0, 0.5).with_budget(unlimited());
         DpSgd::new("client1", cnn(3), config, Noise::dangerous().seeded(11)).unwrap()
     };
-    let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| {
-        a.as_slice()
-            .iter()
-            .zip(b.as_slice())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
+    let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| a.max_abs_diff(b).unwrap();
     let mut plain = dp();
     let w0 = plain.parameters();
     let out = plain.fit(&data, &config(1, 0.0)).unwrap();

@@ -596,6 +596,19 @@ impl Parameters {
         l2_norm(&self.values)
     }
 
+    /// The largest `|self[i] - other[i]|` (0 for empty parameters; NaN
+    /// where either holds a NaN); layouts must match. How far two models
+    /// are apart, as tests that compare training paths ask.
+    pub fn max_abs_diff(&self, other: &Parameters) -> Result<f32> {
+        self.ensure_compatible(other)?;
+        Ok(self
+            .values
+            .iter()
+            .zip(&other.values)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m }))
+    }
+
     /// `self - other`, element-wise; layouts must match.
     pub fn sub(&self, other: &Parameters) -> Result<Parameters> {
         self.ensure_compatible(other)?;
@@ -787,5 +800,19 @@ mod tests {
         d.scale(0.5);
         assert_eq!(d, p);
         assert!((p.l2_norm() - 55f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn max_abs_diff_is_the_worst_coordinate_and_keeps_nan() {
+        let p = sample();
+        assert_eq!(p.max_abs_diff(&p).unwrap(), 0.0);
+        let mut q = p.clone();
+        q.as_mut_slice()[1] -= 3.0;
+        q.as_mut_slice()[4] += 0.5;
+        assert_eq!(p.max_abs_diff(&q).unwrap(), 3.0);
+        q.as_mut_slice()[0] = f32::NAN;
+        assert!(p.max_abs_diff(&q).unwrap().is_nan(), "NaN is not ignored");
+        let other = Parameters::from_tensors([("a", vec![4], vec![1.0; 4])]).unwrap();
+        assert!(p.max_abs_diff(&other).is_err());
     }
 }

@@ -1290,13 +1290,7 @@ fn the_proximal_term_and_the_correction_enter_each_sgd_step() {
         ..TrainConfig::default()
     };
     let build = || TchModel::build(Device::Cpu, 6, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
-    let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| {
-        a.as_slice()
-            .iter()
-            .zip(b.as_slice())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
+    let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| a.max_abs_diff(b).unwrap();
     let mut plain = build();
     let w0 = plain.parameters();
     let out = plain.fit(&data, &config(1, 0.0)).unwrap();

@@ -192,12 +192,7 @@ fn a_two_step_round_computes_fedavg_over_the_clients_that_stayed() {
         assert!(matches!(r.failures[0].reason, Failure::Disconnected(_)));
         assert!(r.failures[0].to_string().contains("(step 1)"));
     }
-    let (a, b) = (server.global().as_slice(), reference.global().as_slice());
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let worst = server.global().max_abs_diff(reference.global()).unwrap();
     assert!(
         worst < 1e-5,
         "two-step result differs from FedAvg by {worst}"
