@@ -1332,3 +1332,49 @@ fn the_proximal_term_and_the_correction_enter_each_sgd_step() {
             .is_err()
     );
 }
+
+/// A frozen tensor takes neither SCAFFOLD's correction nor FedProx's pull:
+/// it stays as it was while the trainable tensors move by the oracle above
+/// (plain SGD of the same frozen model, minus `lr * c`).
+#[test]
+fn frozen_tensors_take_no_correction_and_no_proximal_term() {
+    let data = DataSplit::all(Arc::new(synthetic_digits(8, 5)));
+    let lr = 0.05;
+    let config = |epochs, mu| TrainConfig {
+        epochs,
+        batch_size: 8,
+        learning_rate: lr,
+        proximal_mu: mu,
+        ..TrainConfig::default()
+    };
+    let build = || {
+        let mut m = TchModel::build(Device::Cpu, 6, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
+        m.set_frozen(&["conv1.*", "fc1.*"]).unwrap();
+        m
+    };
+    let mut plain = build();
+    let frozen = plain.frozen();
+    assert_eq!(frozen.tensors().len(), 4, "conv1 and fc1, weight and bias");
+    let w0 = plain.parameters();
+    plain.fit(&data, &config(1, 0.0)).unwrap();
+    let w1 = plain.parameters();
+    let c = w0.with_values(vec![0.01; w0.len()]).unwrap();
+    let mut corrected = build();
+    corrected.fit_corrected(&data, &config(1, 0.0), &c).unwrap();
+    let mut prox = build();
+    prox.fit(&data, &config(2, 0.5)).unwrap();
+    let (got, pulled) = (corrected.parameters(), prox.parameters());
+    for (i, (spec, values)) in got.iter().enumerate() {
+        let name = spec.name.as_str();
+        if frozen.contains(i) {
+            assert_eq!(values, w0.tensor(name).unwrap(), "{name} moved");
+            assert_eq!(pulled.tensor(name).unwrap(), w0.tensor(name).unwrap());
+        } else {
+            let near = values
+                .iter()
+                .zip(w1.tensor(name).unwrap())
+                .all(|(g, w)| (g - (w - lr as f32 * 0.01)).abs() < 1e-6);
+            assert!(near, "{name} is not plain SGD minus lr * c");
+        }
+    }
+}
