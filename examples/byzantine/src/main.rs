@@ -23,6 +23,8 @@
 
 #[path = "../../common/report.rs"]
 mod report;
+#[path = "../../common/robust.rs"]
+mod robust;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -45,11 +47,8 @@ use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian, Public,
     Secret,
 };
-use fedcore_robust::attacks::{Attack, Byzantine};
-use fedcore_robust::{
-    BulyanParams, CenteredClippingParams, CoordinateMedian, GeometricMedianParams, KrumParams,
-    TrimmedMeanParams,
-};
+use fedcore_robust::attacks::Byzantine;
+use robust::{aggregator, attack};
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -136,40 +135,6 @@ impl Keys {
             .with_evaluation_keys(&secret.evaluation_keys()?)?;
         Ok(Self { secret, public })
     }
-}
-
-/// The attacks, with the strengths used in the table.
-fn attack(name: &str) -> Result<Option<Attack>> {
-    Ok(Some(match name {
-        "none" | "label-flip" => return Ok(None),
-        "sign-flip" => Attack::SignFlip { scale: 4.0 },
-        "gaussian" => Attack::Gaussian { std: 0.3 },
-        "scaling" => Attack::Scaling { factor: 50.0 },
-        "alie" => Attack::Alie { z: 1.0, samples: 3 },
-        "ipm" => Attack::Ipm {
-            epsilon: 0.5,
-            samples: 2,
-        },
-        other => bail!("unknown attack `{other}`"),
-    }))
-}
-
-fn aggregator(name: &str, clients: usize, byzantine: usize) -> Result<Box<dyn Aggregator>> {
-    Ok(match name {
-        "fedavg" => Box::new(FedAvg),
-        "median" => Box::new(CoordinateMedian),
-        "trimmed-mean" => {
-            let beta = (byzantine as f64 / clients as f64).max(0.1);
-            Box::new(TrimmedMeanParams::new(beta).check()?)
-        }
-        "krum" => Box::new(KrumParams::new(clients, byzantine).check()?),
-        // Needs clients >= 4 * byzantine + 3.
-        "bulyan" => Box::new(BulyanParams::new(clients, byzantine).check()?),
-        // Karimireddy et al. pair it with momentum at the workers.
-        "centered-clipping" => Box::new(CenteredClippingParams::new(1.0).check()?),
-        "geometric-median" => Box::new(GeometricMedianParams::new().check()?),
-        other => bail!("unknown aggregator `{other}`"),
-    })
 }
 
 /// Runs `server` and returns the global model, decrypted by a key holder

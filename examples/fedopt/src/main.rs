@@ -14,9 +14,22 @@
 //! Strategies: `fedavg`; `fedavgm` (server momentum 0.9); `fedadam`,
 //! `fedyogi` (Reddi et al. 2021, server rate `--adaptive-lr`); `fedprox`
 //! (proximal term `--mu`); `scaffold` (control variates, FedAvg inside).
+//!
+//! With `--aggregator` a robust rule replaces the mean inside every
+//! strategy (the server optimizers step by its aggregate), and with
+//! `--byzantine` the first clients attack (`--attack`, as in the
+//! `byzantine` example): a robust rule under attack with and without
+//! server momentum is
+//!
+//! ```text
+//! cargo run --release -p fedopt -- --aggregator geometric-median --byzantine 0.2 \
+//!     --attack sign-flip --strategies fedavg,fedavgm
+//! ```
 
 #[path = "../../common/report.rs"]
 mod report;
+#[path = "../../common/robust.rs"]
+mod robust;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,14 +38,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use fedcore::data::LabelFlip;
 use fedcore::data::mnist::MnistSplit;
 use fedcore::data::{DataSplit, ImageDataset, Mnist, PartitionConfig, dirichlet_partition};
 use fedcore::memory::InMemoryTransport;
 use fedcore::models::{Device, SmallCnn, TchModel};
 use fedcore::{
-    ControlVariate, FedAvg, Model, ModelClient, Optimizer, Scaffold, Server, ServerConfig,
+    Aggregator, ControlVariate, Model, ModelClient, Optimizer, Scaffold, Server, ServerConfig,
     ServerOpt, Strategy, TrainConfig,
 };
+use fedcore_robust::attacks::Byzantine;
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -95,9 +110,59 @@ struct Args {
     /// markdown.
     #[arg(long)]
     cross_site: bool,
+    /// The rule inside every strategy: fedavg, or a robust one (median,
+    /// trimmed-mean, krum, bulyan, centered-clipping, geometric-median);
+    /// the server optimizers step by its aggregate.
+    #[arg(long, default_value = "fedavg")]
+    aggregator: String,
+    /// Share of the clients that attack (the first ones: h000, h001, ...).
+    #[arg(long, default_value_t = 0.0)]
+    byzantine: f64,
+    /// What they do: sign-flip (x4), gaussian, scaling, alie, ipm (on the
+    /// update) or label-flip (on the data), as in the byzantine example.
+    #[arg(long, default_value = "sign-flip")]
+    attack: String,
     /// Redraw the PNG (in --out, named as the JSON) from a JSON written by an earlier run.
     #[arg(long)]
     plot_only: Option<PathBuf>,
+}
+
+impl Args {
+    /// How many clients attack.
+    fn attackers(&self) -> usize {
+        (self.clients as f64 * self.byzantine).round() as usize
+    }
+
+    /// The files' name: `fedopt-<clients>-<alpha>`, then the rule when it
+    /// is not FedAvg and the attack when there is one.
+    fn stem(&self) -> String {
+        let mut stem = format!("fedopt-{}-{}", self.clients, self.alpha);
+        if self.aggregator != "fedavg" {
+            stem += &format!("-{}", self.aggregator);
+        }
+        if self.attackers() > 0 {
+            stem += &format!("-{}-{}", self.attack, self.byzantine);
+        }
+        stem
+    }
+
+    /// A strategy's name in the table: with a robust rule inside, the rule
+    /// and what the server does with its aggregate.
+    fn label(&self, strategy: &str) -> String {
+        if self.aggregator == "fedavg" {
+            return strategy.to_owned();
+        }
+        let server = match strategy {
+            "fedavg" => return self.aggregator.clone(),
+            "fedavgm" => "server momentum",
+            "fedadam" => "server Adam",
+            "fedyogi" => "server Yogi",
+            "fedprox" => "FedProx",
+            "scaffold" => "SCAFFOLD",
+            other => other,
+        };
+        format!("{} + {server}", self.aggregator)
+    }
 }
 
 /// Per strategy, per seed, the test accuracy after each round (round 0:
@@ -142,25 +207,47 @@ fn run_one(
         },
     )?;
     let scaffold = strategy == "scaffold";
+    let attackers = args.attackers();
+    let attack = robust::attack(&args.attack)?;
+    if attackers > 0 && scaffold {
+        bail!("scaffold with attackers: the attack wrapper has no control variate");
+    }
+    let flipped: Arc<dyn ImageDataset> = Arc::new(LabelFlip::new(train.clone(), 10));
     let mut transport = InMemoryTransport::new();
     for (i, part) in partition.hospitals.iter().enumerate() {
         let id = format!("h{i:03}");
-        let client = if cross_site {
+        let attacker = i < attackers;
+        let source = if attacker && args.attack == "label-flip" {
+            &flipped
+        } else {
+            train
+        };
+        // Cross-site runs hold out the last tenth of each share.
+        let (own, held) = if cross_site {
             let held_out = (part.len() / 10).max(1);
             let (own, held) = part.split_at(part.len() - held_out);
-            let data = DataSplit::subset(train.clone(), own.to_vec())?;
-            ModelClient::new(id, model(seed)?, data)
-                .with_test_data(DataSplit::subset(train.clone(), held.to_vec())?)
+            (own, Some(DataSplit::subset(train.clone(), held.to_vec())?))
         } else {
-            let data = DataSplit::subset(train.clone(), part.clone())?;
-            ModelClient::new(id, model(seed)?, data)
+            (&part[..], None)
         };
-        let client = if scaffold {
-            client.with_control_variate(ControlVariate::new())
-        } else {
-            client
-        };
-        transport.add_client(client)?;
+        let data = DataSplit::subset(source.clone(), own.to_vec())?;
+        match (attacker, &attack) {
+            (true, Some(a)) => {
+                let model = Byzantine::new(model(seed)?, *a)?;
+                add(
+                    &mut transport,
+                    ModelClient::new(id, model, data),
+                    held,
+                    scaffold,
+                )?
+            }
+            _ => add(
+                &mut transport,
+                ModelClient::new(id, model(seed)?, data),
+                held,
+                scaffold,
+            )?,
+        }
     }
     let sampled = ((args.clients as f64 * args.fraction).ceil() as usize).clamp(1, args.clients);
     let mut config = ServerConfig {
@@ -181,16 +268,41 @@ fn run_one(
     };
     configure(args, strategy, &mut config)?;
     let initial = model(seed)?.parameters();
+    let rule = robust::aggregator(&args.aggregator, args.clients, attackers)?;
+    config.min_fit_clients = config.min_fit_clients.max(rule.min_updates());
     if scaffold {
-        let strategy = Scaffold::new(FedAvg, initial.layout().clone(), args.clients)?;
+        let strategy = Scaffold::new(rule, initial.layout().clone(), args.clients)?;
         curve(
             Server::new(config, initial, transport, strategy)?,
             seed,
             test,
         )
     } else {
-        curve(Server::new(config, initial, transport, FedAvg)?, seed, test)
+        curve(Server::new(config, initial, transport, rule)?, seed, test)
     }
+}
+
+/// Adds a client, with its held-out data (cross-site runs) and a control
+/// variate (SCAFFOLD).
+fn add<M: Model + 'static>(
+    transport: &mut InMemoryTransport,
+    client: ModelClient<M>,
+    held: Option<M::Data>,
+    scaffold: bool,
+) -> Result<()>
+where
+    M::Data: Sized + Send,
+{
+    let client = match held {
+        Some(held) => client.with_test_data(held),
+        None => client,
+    };
+    let client = if scaffold {
+        client.with_control_variate(ControlVariate::new())
+    } else {
+        client
+    };
+    Ok(transport.add_client(client)?)
 }
 
 /// The server and training settings of `strategy`.
@@ -251,6 +363,35 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// What the header says about a robust rule and the attackers.
+fn rule_and_attack(args: &Args) -> String {
+    let mut s = String::new();
+    if args.aggregator != "fedavg" {
+        let _ = write!(
+            s,
+            " Every strategy aggregates by the {} of the updates instead of their mean \
+             (`{}`: the server steps by it with lr 1; `+ server momentum`: FedAvgM's step).",
+            args.aggregator, args.aggregator
+        );
+    }
+    let k = args.attackers();
+    if k > 0 {
+        let what = match args.attack.as_str() {
+            "sign-flip" => "send their honest update flipped and scaled by 4",
+            "label-flip" => "train on labels d -> 9 - d",
+            _ => "attack as in the byzantine example",
+        };
+        let _ = write!(
+            s,
+            " {k} of {} clients (h000..h{:03}) are Byzantine and {what} (`{}`) every round.",
+            args.clients,
+            k - 1,
+            args.attack
+        );
+    }
+    s
+}
+
 fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
     let rounds = r.accuracy[0][0].len() - 1;
     let mut s = String::new();
@@ -262,7 +403,7 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
          is over the runs that did (their number in brackets). Local training: {} epoch of SGD \
          (lr {}, batch {}, no momentum) on the compact CNN; FedAvgM: momentum 0.9, server lr {}; \
          FedAdam/FedYogi: server lr {}, tau 1e-3; FedProx: mu = {}; SCAFFOLD: option II control \
-         variates, FedAvg inside. {:.0} s on the 2-core VM.\n\n```sh\ncargo run --release -p fedopt -- {}\n```\n",
+         variates, {} inside.{} {:.0} s on the 2-core VM.\n\n```sh\ncargo run --release -p fedopt -- {}\n```\n",
         r.title,
         r.seeds,
         args.epochs,
@@ -271,6 +412,8 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
         args.momentum_lr,
         args.adaptive_lr,
         args.mu,
+        args.aggregator,
+        rule_and_attack(args),
         seconds,
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
@@ -372,7 +515,7 @@ fn plot(path: &Path, r: &Results) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let stem = format!("fedopt-{}-{}", args.clients, args.alpha);
+    let stem = args.stem();
     if let Some(json) = &args.plot_only {
         return report::redraw(&args.out, json, plot);
     }
@@ -390,13 +533,17 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let mut results = Results {
         title: format!(
-            "MNIST, {} clients ({} sampled per round), Dirichlet({})",
+            "MNIST, {} clients ({} sampled per round), Dirichlet({}){}",
             args.clients,
             ((args.clients as f64 * args.fraction).ceil() as usize).clamp(1, args.clients),
-            args.alpha
+            args.alpha,
+            match args.attackers() {
+                0 => String::new(),
+                k => format!(", {k} attack ({})", args.attack),
+            }
         ),
         targets: args.targets.clone(),
-        strategies: args.strategies.clone(),
+        strategies: args.strategies.iter().map(|s| args.label(s)).collect(),
         seeds: args.seeds.clone(),
         accuracy: Vec::new(),
         cross_site: Vec::new(),
@@ -483,5 +630,32 @@ mod tests {
         }
         let err = configure(&args, "fedsgd", &mut ServerConfig::default()).unwrap_err();
         assert!(err.to_string().contains("unknown strategy"), "{err}");
+    }
+
+    #[test]
+    fn a_robust_rule_under_attack_names_its_files_rows_and_attackers() {
+        let plain = Args::parse_from(["fedopt", "--clients", "10", "--alpha", "0.5"]);
+        assert_eq!(plain.stem(), "fedopt-10-0.5");
+        assert_eq!(plain.label("fedavgm"), "fedavgm");
+        assert_eq!(rule_and_attack(&plain), "");
+        let args = Args::parse_from([
+            "fedopt",
+            "--aggregator",
+            "geometric-median",
+            "--byzantine",
+            "0.2",
+            "--attack",
+            "sign-flip",
+        ]);
+        assert_eq!(args.attackers(), 2);
+        assert_eq!(args.stem(), "fedopt-10-0.5-geometric-median-sign-flip-0.2");
+        assert_eq!(args.label("fedavg"), "geometric-median");
+        assert_eq!(args.label("fedavgm"), "geometric-median + server momentum");
+        let text = rule_and_attack(&args);
+        assert!(text.contains("2 of 10 clients (h000..h001)"), "{text}");
+        assert!(text.contains("geometric-median of the updates"), "{text}");
+        assert!(robust::aggregator(&args.aggregator, 10, 2).is_ok());
+        assert!(robust::attack("sign-flip").unwrap().is_some());
+        assert!(robust::attack("nope").is_err());
     }
 }
