@@ -200,6 +200,10 @@ async function viewTraining(root, job) {
         el("td", {}, fmt(r.update_norm, 3)), el("td", {}, `${(r.duration_ms / 1000).toFixed(1)} s`))),
     ),
   );
+  if (mnist && j.settings.cross_site && j.status === "finished") {
+    const cs = await api(`/api/jobs/${j.id}/cross-site`).catch(() => null);
+    if (cs) root.append(...crossSiteTable(cs.matrix));
+  }
   if (auc.length && !mnist) {
     const last = auc[auc.length - 1];
     root.append(el("h2", {}, `Per-label AUROC after round ${last.round}`),
@@ -419,6 +423,20 @@ function privacySeries(ps) {
 
 const METRIC = { mnist: "accuracy", xray: "auroc_macro", deployment: "auroc_macro" };
 
+// The cross-site matrix: a row per model (the global one, then each
+// hospital's last local model), a column per hospital's held-out data.
+function crossSiteTable(m) {
+  const cell = (c) => (c && c.metrics && c.metrics.accuracy !== undefined ? `${(c.metrics.accuracy * 100).toFixed(1)} %` : "–");
+  const modelName = (x) => (x.type === "global" ? "global model" : `${x.site}'s local model (round ${x.round})`);
+  return [
+    el("h2", {}, `Cross-site accuracy after round ${m.round}`),
+    el("p", { class: "muted" }, "Each model scored on each hospital's held-out tenth of its share, which it did not train on."),
+    el("table", { id: "cross-site" },
+      el("tr", {}, el("th", {}, "Model"), m.sites.map((s) => el("th", {}, s))),
+      m.models.map((x, i) => el("tr", {}, el("td", {}, modelName(x)), m.cells[i].map((c) => el("td", {}, cell(c)))))),
+  ];
+}
+
 function jobQuality(j) {
   return j.kind === "mnist" ? `accuracy ${fmt(j.accuracy)}` : `AUROC ${fmt(j.auroc_macro)}`;
 }
@@ -427,7 +445,7 @@ function jobQuality(j) {
 function jobSettings(j) {
   const s = j.settings || {};
   if (j.kind === "mnist") {
-    return `${s.hospitals} hospitals · ${s.aggregator} · ${s.epsilon ? `DP ε ${s.epsilon}` : "no DP"}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_hospital ? ` · hospital ${s.drop_hospital} drops` : ""}`;
+    return `${s.hospitals} hospitals · ${s.aggregator}${s.server_optimizer && s.server_optimizer !== "sgd" ? ` + server ${s.server_optimizer}` : ""}${s.proximal_mu ? ` · FedProx μ ${s.proximal_mu}` : ""} · ${s.epsilon ? `DP ε ${s.epsilon}` : "no DP"}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_hospital ? ` · hospital ${s.drop_hospital} drops` : ""}${s.cross_site ? " · cross-site" : ""}`;
   }
   if (j.kind === "xray" && s.clients) {
     const dp = s.dp && s.dp.mode !== "off" ? `DP ε ${s.dp.epsilon}` : "no DP";
@@ -451,11 +469,16 @@ function jobForm(choices, msg, onDone) {
   const byz = el("input", { id: "job-byzantine", type: "number", min: "1", max: "10", placeholder: "none" });
   const drop = el("input", { id: "job-drop", type: "number", min: "1", max: "10", placeholder: "none" });
   const name = el("input", { id: "job-name", placeholder: "(from the settings)", maxlength: "80" });
+  const serverOpt = el("select", { id: "job-server-optimizer" }, (choices.server_optimizers || []).map((o) => el("option", { value: o }, o)));
+  const mu = el("input", { id: "job-mu", type: "number", min: "0", max: "10", step: "0.001", value: "0" });
+  const crossSite = el("input", { id: "job-cross-site", type: "checkbox" });
   const xrayOnly = [field("Image size", size), field("Encryption", enc)];
+  const mnistOnly = [field("Server optimizer", serverOpt), field("FedProx μ", mu), field("Cross-site evaluation", crossSite)];
   const sync = () => {
     const mnist = data.value === "mnist";
     model.textContent = mnist ? "small CNN (26,010 parameters)" : "DenseNet-121";
     xrayOnly.forEach((f) => { f.hidden = mnist; });
+    mnistOnly.forEach((f) => { f.hidden = !mnist; });
     eps.disabled = !dp.checked;
   };
   data.addEventListener("change", sync);
@@ -463,7 +486,7 @@ function jobForm(choices, msg, onDone) {
   const form = el("form", { class: "inline job-form", id: "job-form" },
     field("Data", data), field("Model", model), ...xrayOnly, field("Aggregator", agg),
     field("Rounds", rounds), field("Hospitals", hospitals), field("DP-SGD", dp), field("ε per hospital", eps),
-    field("Byzantine hospital", byz), field("Dropping hospital", drop), field("Name", name),
+    field("Byzantine hospital", byz), field("Dropping hospital", drop), ...mnistOnly, field("Name", name),
     el("button", { type: "submit", class: "primary", id: "job-start" }, "Start run"));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -472,6 +495,7 @@ function jobForm(choices, msg, onDone) {
       data: data.value, aggregator: agg.value, rounds: Number(rounds.value), hospitals: Number(hospitals.value),
       dp: dp.checked, ...(dp.checked ? { epsilon: Number(eps.value) } : {}),
       ...(mnist ? {} : { image_size: Number(size.value), encrypt: enc.value }),
+      ...(mnist ? { server_optimizer: serverOpt.value, proximal_mu: Number(mu.value), cross_site: crossSite.checked } : {}),
       ...(byz.value ? { byzantine: Number(byz.value) } : {}),
       ...(drop.value ? { drop_hospital: Number(drop.value) } : {}),
       ...(name.value.trim() ? { name: name.value.trim() } : {}),

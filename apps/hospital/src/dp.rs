@@ -209,7 +209,10 @@ impl<N: Network> Model for PersistedDpSgd<N> {
         self.inner.set_parameters(parameters)
     }
 
-    fn fit(&mut self, data: &DataSplit, _server: &TrainConfig) -> fedcore::Result<FitOutput> {
+    /// Trains on the hospital's own DP-SGD schedule (the guarantee depends
+    /// on it), taking from the server only FedProx's `proximal_mu`, which
+    /// DP-SGD adds after the noise (it reads no example).
+    fn fit(&mut self, data: &DataSplit, server: &TrainConfig) -> fedcore::Result<FitOutput> {
         if data.len() != self.images {
             return Err(fedcore::Error::InvalidInput(format!(
                 "DP-SGD was calibrated for {} images, the data has {}",
@@ -217,7 +220,11 @@ impl<N: Network> Model for PersistedDpSgd<N> {
                 data.len()
             )));
         }
-        let out = self.inner.fit(data, &self.settings.dp.sgd_config())?;
+        let config = TrainConfig {
+            proximal_mu: server.proximal_mu,
+            ..self.settings.dp.sgd_config()
+        };
+        let out = self.inner.fit(data, &config)?;
         record(
             &self.path,
             self.settings,

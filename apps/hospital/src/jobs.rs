@@ -25,7 +25,7 @@ use utoipa::ToSchema;
 use crate::infer::Predictor;
 use crate::live::Shared;
 use crate::mnist::MnistConfig;
-use crate::recipe::{AggregatorChoice, DpMode, Encrypt};
+use crate::recipe::{AggregatorChoice, DpMode, Encrypt, ServerOptimizerChoice};
 use crate::sim::SimConfig;
 use crate::store::{JobKind, JobRow, JobStatus, NewJob, Store};
 
@@ -105,6 +105,18 @@ pub struct JobRequest {
     /// Seed (default 42).
     #[serde(default, deserialize_with = "whole_opt")]
     pub seed: Option<u64>,
+    /// What the server makes of the aggregate (MNIST only; default sgd,
+    /// the aggregate as it is).
+    #[serde(default)]
+    pub server_optimizer: Option<ServerOptimizerChoice>,
+    /// FedProx's mu, 0 to 10 (MNIST only; default 0: off).
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 10.0)]
+    pub proximal_mu: Option<f64>,
+    /// Evaluate the global model and every hospital's local model on every
+    /// hospital's held-out tenth at the end (MNIST only; default off).
+    #[serde(default)]
+    pub cross_site: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -193,6 +205,8 @@ pub struct JobChoices {
     pub data: Vec<DataChoice>,
     /// The aggregators.
     pub aggregators: Vec<AggregatorChoice>,
+    /// The server optimizers (MNIST jobs).
+    pub server_optimizers: Vec<ServerOptimizerChoice>,
     /// Whether jobs can be started here (not on a deployed server).
     pub enabled: bool,
 }
@@ -223,6 +237,12 @@ impl JobOptions {
                 AggregatorChoice::Median,
                 AggregatorChoice::TrimmedMean,
                 AggregatorChoice::Krum,
+            ],
+            server_optimizers: vec![
+                ServerOptimizerChoice::Sgd,
+                ServerOptimizerChoice::Momentum,
+                ServerOptimizerChoice::Adam,
+                ServerOptimizerChoice::Yogi,
             ],
             enabled: true,
         }
@@ -277,6 +297,10 @@ impl JobOptions {
             return invalid("the name must be at most 80 characters, without control characters");
         }
         let dp_label = epsilon.map_or("no DP".to_owned(), |e| format!("epsilon {e}"));
+        let mu = r.proximal_mu.unwrap_or(0.0);
+        if !(0.0..=10.0).contains(&mu) {
+            return invalid("proximal_mu must be between 0 and 10");
+        }
         match r.data {
             DataChoice::Mnist => {
                 if r.model.is_some_and(|m| m != ModelChoice::SmallCnn) {
@@ -303,6 +327,9 @@ impl JobOptions {
                     byzantine: r.byzantine,
                     drop_hospital: r.drop_hospital,
                     seed,
+                    server_optimizer: r.server_optimizer.unwrap_or_default(),
+                    proximal_mu: mu,
+                    cross_site: r.cross_site.unwrap_or(false),
                 };
                 let name = if name.is_empty() {
                     format!("MNIST, {} hospitals, {dp_label}", r.hospitals)
@@ -314,6 +341,17 @@ impl JobOptions {
             DataChoice::SyntheticXrays | DataChoice::Chestxray14 => {
                 if r.model.is_some_and(|m| m != ModelChoice::Densenet121) {
                     return invalid("X-rays train DenseNet-121");
+                }
+                if r.server_optimizer
+                    .is_some_and(|o| o != ServerOptimizerChoice::Sgd)
+                    || mu > 0.0
+                    || r.cross_site == Some(true)
+                {
+                    return invalid(
+                        "server optimizers, FedProx and cross-site evaluation are offered for MNIST jobs; \
+                         X-ray runs train with the recipe's settings (and cross-site evaluation cannot \
+                         score an encrypted head)",
+                    );
                 }
                 let size = r.image_size.unwrap_or(64);
                 if !(32..=224).contains(&size) {

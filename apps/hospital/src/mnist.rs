@@ -29,7 +29,9 @@ use utoipa::ToSchema;
 
 use crate::dp::{DpSettings, PersistedDpSgd};
 use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
-use crate::recipe::{AggregatorChoice, DpArgs, DpMode, Encrypt, Rule, hospital};
+use crate::recipe::{
+    AggregatorChoice, DpArgs, DpMode, Encrypt, Rule, ServerOptimizerChoice, hospital,
+};
 use crate::sim::apply_suspensions;
 use crate::store::Store;
 
@@ -55,6 +57,18 @@ pub struct MnistConfig {
     pub drop_hospital: Option<usize>,
     /// Seed of the split, the sampling and the initial model.
     pub seed: u64,
+    /// What the server makes of the aggregate (default: a plain step).
+    #[serde(default)]
+    pub server_optimizer: ServerOptimizerChoice,
+    /// FedProx's mu: local training is pulled towards the round's global
+    /// model by `mu / 2 * ||w - w_global||^2` (0: off, the default).
+    #[serde(default)]
+    pub proximal_mu: f64,
+    /// At the end, the global model and every hospital's last local model
+    /// are evaluated on every hospital's held-out tenth of its share (which
+    /// it then does not train on); the matrix is kept with the job.
+    #[serde(default)]
+    pub cross_site: bool,
 }
 
 /// Each hospital's delta.
@@ -139,6 +153,13 @@ pub fn run(
     let mut order: Vec<usize> = (0..total).collect();
     order.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
     let share = total / cfg.hospitals;
+    // With cross-site evaluation each hospital holds out the last tenth of
+    // its share: it trains on (and DP-SGD is calibrated for) the rest.
+    let held_out = if cfg.cross_site { share / 10 } else { 0 };
+    if cfg.cross_site && held_out == 0 {
+        bail!("cross-site evaluation needs at least 10 images per hospital");
+    }
+    let trained = share - held_out;
 
     let ledgers = run_dir.join("dp-ledgers");
     if !resume && ledgers.exists() {
@@ -148,36 +169,31 @@ pub fn run(
     let mut transport = InMemoryTransport::new();
     for k in 0..cfg.hospitals {
         let name = hospital(k);
-        let indices = order[k * share..(k + 1) * share].to_vec();
-        rt.block_on(store.upsert_client(&name, share as i64, share as i64))?;
-        let data = DataSplit::subset(train.clone(), indices)?;
+        let indices = &order[k * share..(k + 1) * share];
+        rt.block_on(store.upsert_client(&name, trained as i64, trained as i64))?;
+        let data = DataSplit::subset(train.clone(), indices[..trained].to_vec())?;
+        let held = (held_out > 0)
+            .then(|| DataSplit::subset(train.clone(), indices[trained..].to_vec()))
+            .transpose()?;
         let model = cnn(cfg.seed)?;
         let byzantine = cfg.byzantine == Some(k + 1);
         let attack = Attack::SignFlip { scale: 4.0 };
-        let client: Box<dyn fedcore::Client> = match (cfg.dp_args(share), byzantine) {
+        let client: Box<dyn fedcore::Client> = match (cfg.dp_args(trained), byzantine) {
             (Some(dp), b) => {
                 let settings = DpSettings {
                     dp,
                     rounds: cfg.rounds,
                 };
                 let path = ledgers.join(format!("{name}.json"));
-                let model = PersistedDpSgd::open(&name, model, share, settings, path)?;
+                let model = PersistedDpSgd::open(&name, model, trained, settings, path)?;
                 if b {
-                    Box::new(ModelClient::new(
-                        name.as_str(),
-                        Byzantine::new(model, attack)?,
-                        data,
-                    ))
+                    client(&name, Byzantine::new(model, attack)?, data, held)
                 } else {
-                    Box::new(ModelClient::new(name.as_str(), model, data))
+                    client(&name, model, data, held)
                 }
             }
-            (None, true) => Box::new(ModelClient::new(
-                name.as_str(),
-                Byzantine::new(model, attack)?,
-                data,
-            )),
-            (None, false) => Box::new(ModelClient::new(name.as_str(), model, data)),
+            (None, true) => client(&name, Byzantine::new(model, attack)?, data, held),
+            (None, false) => client(&name, model, data, held),
         };
         transport.add_client(client)?;
     }
@@ -189,6 +205,7 @@ pub fn run(
         .saturating_sub(faulty)
         .max(1)
         .max(aggregator.describe().min_updates);
+    let (server_opt, server_learning_rate) = cfg.server_optimizer.build();
     let config = ServerConfig {
         rounds: cfg.rounds,
         min_fit_clients: quorum,
@@ -203,8 +220,11 @@ pub fn run(
             learning_rate: 0.05,
             optimizer: Optimizer::Sgd { momentum: 0.9 },
             seed: 0,
-            ..TrainConfig::default()
+            proximal_mu: cfg.proximal_mu,
         },
+        server_opt,
+        server_learning_rate,
+        cross_site_evaluation: cfg.cross_site,
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         ..ServerConfig::default()
     };
@@ -236,7 +256,7 @@ pub fn run(
         .with_max_failed_in_a_row(Some(3))
         .with_stop(shared.stop.clone());
     let mut exhausted = BTreeSet::new();
-    server.run_with(&policy, |server, record| -> Result<()> {
+    let report = server.run_with(&policy, |server, record| -> Result<()> {
         for f in &record.failures {
             if f.reason.is_budget_exhausted() {
                 exhausted.insert(f.client.clone());
@@ -261,5 +281,22 @@ pub fn run(
         }
         apply_suspensions(server, shared, clients, dropped)
     })?;
+    if let Some(matrix) = &report.cross_site {
+        rt.block_on(store.set_job_cross_site(job, &serde_json::to_value(matrix)?))?;
+    }
     Ok(server.history().len() as u64)
+}
+
+/// A hospital of the job, with its held-out data for cross-site evaluation.
+fn client<M: Model<Data = DataSplit> + 'static>(
+    name: &str,
+    model: M,
+    data: DataSplit,
+    held: Option<DataSplit>,
+) -> Box<dyn fedcore::Client> {
+    let c = ModelClient::new(name, model, data);
+    match held {
+        Some(held) => Box::new(c.with_test_data(held)),
+        None => Box::new(c),
+    }
 }

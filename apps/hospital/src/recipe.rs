@@ -16,7 +16,7 @@ use fedcore::data::{
 };
 use fedcore::models::{Activation, DenseNet, DenseNetConfig, Network, TchModel};
 use fedcore::{
-    Aggregate, Aggregator, ClientUpdate, FedAvg, Model, Optimizer, RoundSteps, Strategy,
+    Aggregate, Aggregator, ClientUpdate, FedAvg, Model, Optimizer, RoundSteps, ServerOpt, Strategy,
     StrategyInfo, TrainConfig,
 };
 use fedcore_dp::{Accounting, Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
@@ -98,6 +98,37 @@ impl Strategy for Rule {
         match self {
             Self::Plain(a) => a.restore_state(state),
             Self::EncryptedMedian(m) => m.restore_state(state),
+        }
+    }
+}
+
+/// What the server makes of the aggregate (Reddi et al. 2021): a step by
+/// it, or a server optimizer fed with it as a pseudo-gradient, at the
+/// rates of the fedopt experiments (docs/strategies.md).
+#[derive(
+    ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerOptimizerChoice {
+    /// The aggregate as it is (FedAvg).
+    #[default]
+    Sgd,
+    /// FedAvgM: momentum 0.9, server learning rate 0.5.
+    Momentum,
+    /// FedAdam: server learning rate 0.01, tau 1e-3.
+    Adam,
+    /// FedYogi: server learning rate 0.01, tau 1e-3.
+    Yogi,
+}
+
+impl ServerOptimizerChoice {
+    /// The optimizer and its learning rate.
+    pub fn build(self) -> (ServerOpt, f32) {
+        match self {
+            Self::Sgd => (ServerOpt::Sgd, 1.0),
+            Self::Momentum => (ServerOpt::momentum(), 0.5),
+            Self::Adam => (ServerOpt::adam(), 0.01),
+            Self::Yogi => (ServerOpt::yogi(), 0.01),
         }
     }
 }

@@ -192,6 +192,20 @@ async fn lifecycle(store: &Store) {
     assert!(store.start_next_job().await.unwrap().is_none());
     store.set_job_run_dir(c, "its-folder").await.unwrap();
     assert_eq!(store.start_next_job().await.unwrap().map(|j| j.id), Some(c));
+
+    // A cross-site matrix is kept with its job and goes with it.
+    assert_eq!(store.job_cross_site(c).await.unwrap(), Some(None));
+    assert_eq!(store.job_cross_site(999).await.unwrap(), None);
+    let matrix = serde_json::json!({"round": 3, "sites": ["hospital-1"], "cells": [[null]]});
+    store.set_job_cross_site(c, &matrix).await.unwrap();
+    assert_eq!(store.job_cross_site(c).await.unwrap(), Some(Some(matrix)));
+    assert_eq!(store.job_cross_site(a).await.unwrap(), Some(None));
+    store
+        .move_job(c, &[JobStatus::Running], JobStatus::Stopped, None)
+        .await
+        .unwrap();
+    assert!(store.delete_job(c).await.unwrap());
+    assert_eq!(store.job_cross_site(c).await.unwrap(), None);
 }
 
 /// A store migrated from before jobs: the rounds recorded then are job 1.
@@ -631,6 +645,126 @@ async fn wait_for(
             "job {id} never {what}: {job}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An MNIST job with server momentum, FedProx and cross-site evaluation
+/// (issue 22 in the app): it trains, and its matrix scores the global model
+/// and each hospital's local model on each hospital's held-out tenth; X-ray
+/// runs refuse these settings, and a run without the matrix answers 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mnist_job_with_server_momentum_fedprox_and_cross_site_keeps_its_matrix() {
+    let h = harness().await;
+    let admin = login(&h.app, "admin").await;
+    let viewer = login(&h.app, "viewer").await;
+    let (s, choices) = send(&h.app, "GET", "/api/jobs/choices", &admin, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        choices["server_optimizers"],
+        json!(["sgd", "momentum", "adam", "yogi"])
+    );
+    let mut body = mnist_job(2, true);
+    body["server_optimizer"] = json!("momentum");
+    body["proximal_mu"] = json!(0.01);
+    body["cross_site"] = json!(true);
+    let (s, job) = send(&h.app, "POST", "/api/jobs", &admin, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    assert_eq!(job["settings"]["server_optimizer"], "momentum");
+    assert_eq!(job["settings"]["proximal_mu"], 0.01);
+    let done = wait_for(&h.app, &admin, id, "finished", |j| {
+        j["status"] != "queued" && j["status"] != "running"
+    })
+    .await;
+    assert_eq!(done["status"], "finished", "{done}");
+    assert_eq!(done["rounds"], 2);
+
+    let (s, cs) = send(
+        &h.app,
+        "GET",
+        &format!("/api/jobs/{id}/cross-site"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{cs}");
+    let m = &cs["matrix"];
+    assert_eq!(m["round"], 2);
+    assert_eq!(m["sites"], json!(["hospital-1", "hospital-2"]));
+    let models: Vec<&str> = m["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["global", "local", "local"]);
+    for row in m["cells"].as_array().unwrap() {
+        let row = row.as_array().unwrap();
+        assert_eq!(row.len(), 2);
+        for cell in row {
+            // 600 images, 2 hospitals: 300 each, 30 held out.
+            assert_eq!(cell["num_examples"], 30, "{cell}");
+            let acc = cell["metrics"]["accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&acc), "{cell}");
+        }
+    }
+    // The hospitals train on the rest: the dashboard lists 270 images each.
+    let (_, clients) = send(&h.app, "GET", "/api/clients", &admin, None).await;
+    assert_eq!(clients.as_array().unwrap().len(), 2, "{clients}");
+    assert!(
+        clients
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["examples"] == 270),
+        "{clients}"
+    );
+
+    // A job without the matrix, and no job at all: 404.
+    let (s, other) = send(
+        &h.app,
+        "POST",
+        "/api/jobs",
+        &admin,
+        Some(mnist_job(1, false)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let other = other["id"].as_i64().unwrap();
+    wait_for(&h.app, &admin, other, "finished", |j| {
+        j["status"] == "finished"
+    })
+    .await;
+    for missing in [other, 999] {
+        let (s, _) = send(
+            &h.app,
+            "GET",
+            &format!("/api/jobs/{missing}/cross-site"),
+            &admin,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+    // X-ray runs and out-of-range values are refused with the reason.
+    for (extra, why) in [
+        (
+            json!({"data": "synthetic_xrays", "cross_site": true}),
+            "MNIST jobs",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "server_optimizer": "adam"}),
+            "MNIST jobs",
+        ),
+        (json!({"proximal_mu": 11.0}), "proximal_mu"),
+    ] {
+        let mut body = mnist_job(1, false);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (s, e) = send(&h.app, "POST", "/api/jobs", &admin, Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(why), "{e}");
     }
 }
 

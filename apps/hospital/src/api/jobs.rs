@@ -62,6 +62,7 @@ pub(super) async fn job_choices(
         None => JobChoices {
             data: Vec::new(),
             aggregators: Vec::new(),
+            server_optimizers: Vec::new(),
             enabled: false,
         },
     }))
@@ -188,6 +189,41 @@ pub(super) async fn delete_job(
         .audit(&state, AuditAction::JobDeleted, Some(&id.to_string()), None)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A job's cross-site evaluation.
+#[derive(Serialize, ToSchema)]
+pub struct CrossSite {
+    /// The job.
+    pub job: i64,
+    /// fedcore's `CrossSiteEvaluation`: `round`, `models` (the global
+    /// model, then each hospital's last local model), `sites` (the
+    /// hospitals whose held-out data scored them), `cells` (one row per
+    /// model, one column per site: `{loss, num_examples, metrics}` or null)
+    /// and `failures`.
+    #[schema(value_type = Object)]
+    pub matrix: serde_json::Value,
+}
+
+#[utoipa::path(get, path = "/api/jobs/{id}/cross-site", tag = "jobs",
+    params(("id" = i64, Path, description = "job number")),
+    responses((status = 200, body = CrossSite), (status = 401, body = ErrorBody),
+              (status = 404, description = "no such job, or it has no cross-site evaluation (it was not asked for, or the job has not completed)", body = ErrorBody)))]
+pub(super) async fn job_cross_site(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<CrossSite>> {
+    session
+        .require(&state, Permission::ViewMetrics, "view jobs")
+        .await?;
+    let matrix = state
+        .store
+        .job_cross_site(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?
+        .ok_or_else(|| ApiError::not_found("cross-site evaluation of this job"))?;
+    Ok(Json(CrossSite { job: id, matrix }))
 }
 
 /// One round of a job's curve.

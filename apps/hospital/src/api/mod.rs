@@ -412,7 +412,7 @@ impl Session {
           metrics::overview, metrics::auc_history, metrics::loss_history, metrics::aggregation, metrics::privacy,
           inference::predict, inference::inference_history, audit::audit_log, training::export_model,
           jobs::list_jobs, jobs::job_choices, jobs::create_job, jobs::get_job, jobs::stop_job, jobs::resume_job,
-          jobs::delete_job, jobs::job_curve,
+          jobs::delete_job, jobs::job_curve, jobs::job_cross_site,
           connections::list_connections, connections::revoke, connections::rotate),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []), ("cookie" = []))
@@ -560,6 +560,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/jobs/{id}/stop", post(jobs::stop_job))
         .route("/api/jobs/{id}/resume", post(jobs::resume_job))
         .route("/api/jobs/{id}/curve", get(jobs::job_curve))
+        .route("/api/jobs/{id}/cross-site", get(jobs::job_cross_site))
         // JSON bodies of the other endpoints are small.
         .layer(DefaultBodyLimit::max(64 * 1024))
 }

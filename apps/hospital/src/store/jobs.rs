@@ -329,6 +329,30 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps a job's cross-site evaluation (JSON).
+    pub async fn set_job_cross_site(&self, id: i64, matrix: &serde_json::Value) -> Result<()> {
+        sqlx::query("UPDATE jobs SET cross_site = $1 WHERE id = $2")
+            .bind(serde_json::to_string(matrix)?)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A job's cross-site evaluation: `None` when the job does not exist,
+    /// `Some(None)` when it has none.
+    pub async fn job_cross_site(&self, id: i64) -> Result<Option<Option<serde_json::Value>>> {
+        let Some(row) = sqlx::query("SELECT cross_site FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let text: Option<String> = row.try_get(0)?;
+        Ok(Some(text.map(|t| serde_json::from_str(&t)).transpose()?))
+    }
+
     /// Replaces a job's settings (a resumed command-line run may extend its
     /// rounds).
     pub async fn set_job_settings(&self, id: i64, settings: &serde_json::Value) -> Result<()> {
