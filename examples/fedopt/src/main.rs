@@ -539,7 +539,7 @@ fn main() -> Result<()> {
             args.alpha,
             match args.attackers() {
                 0 => String::new(),
-                k => format!(", {k} attack ({})", args.attack),
+                k => format!(", {k} Byzantine ({})", args.attack),
             }
         ),
         targets: args.targets.clone(),
