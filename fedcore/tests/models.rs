@@ -1274,6 +1274,20 @@ fn grad_cam_points_at_what_the_model_learned_to_look_for() {
     assert!(model.grad_cam(one, [1, 1, 32, 32], &[0]).is_ok());
 }
 
+const FULL_BATCH_LR: f64 = 0.05;
+
+/// Plain SGD over the 8 images of the next two tests in one batch, with
+/// FedProx's `mu`.
+fn full_batch(epochs: usize, mu: f64) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: 8,
+        learning_rate: FULL_BATCH_LR,
+        proximal_mu: mu,
+        ..TrainConfig::default()
+    }
+}
+
 /// FedProx and SCAFFOLD on a libtorch model, against plain SGD as the
 /// oracle: a correction `c` moves one full-batch SGD step by `-lr * c`, a
 /// zero correction changes nothing, and the proximal term adds
@@ -1281,14 +1295,8 @@ fn grad_cam_points_at_what_the_model_learned_to_look_for() {
 #[test]
 fn the_proximal_term_and_the_correction_enter_each_sgd_step() {
     let data = DataSplit::all(Arc::new(synthetic_digits(8, 5)));
-    let (lr, mu) = (0.05, 0.5);
-    let config = |epochs, mu| TrainConfig {
-        epochs,
-        batch_size: 8,
-        learning_rate: lr,
-        proximal_mu: mu,
-        ..TrainConfig::default()
-    };
+    let (lr, mu) = (FULL_BATCH_LR, 0.5);
+    let config = full_batch;
     let build = || TchModel::build(Device::Cpu, 6, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
     let max_diff = |a: &fedcore::Parameters, b: &fedcore::Parameters| a.max_abs_diff(b).unwrap();
     let mut plain = build();
@@ -1339,14 +1347,7 @@ fn the_proximal_term_and_the_correction_enter_each_sgd_step() {
 #[test]
 fn frozen_tensors_take_no_correction_and_no_proximal_term() {
     let data = DataSplit::all(Arc::new(synthetic_digits(8, 5)));
-    let lr = 0.05;
-    let config = |epochs, mu| TrainConfig {
-        epochs,
-        batch_size: 8,
-        learning_rate: lr,
-        proximal_mu: mu,
-        ..TrainConfig::default()
-    };
+    let (lr, config) = (FULL_BATCH_LR, full_batch);
     let build = || {
         let mut m = TchModel::build(Device::Cpu, 6, |b| SmallCnn::build(b, 1, 28, 10)).unwrap();
         m.set_frozen(&["conv1.*", "fc1.*"]).unwrap();

@@ -128,8 +128,11 @@ struct Args {
 }
 
 impl Args {
-    /// How many clients attack.
+    /// How many clients attack (none with `--attack none`).
     fn attackers(&self) -> usize {
+        if self.attack == "none" {
+            return 0;
+        }
         (self.clients as f64 * self.byzantine).round() as usize
     }
 
@@ -209,8 +212,8 @@ fn run_one(
     let scaffold = strategy == "scaffold";
     let attackers = args.attackers();
     let attack = robust::attack(&args.attack)?;
-    if attackers > 0 && scaffold {
-        bail!("scaffold with attackers: the attack wrapper has no control variate");
+    if attackers > 0 && scaffold && attack.is_some() {
+        bail!("scaffold with an attack on the update: the attack wrapper has no control variate");
     }
     let flipped: Arc<dyn ImageDataset> = Arc::new(LabelFlip::new(train.clone(), 10));
     let mut transport = InMemoryTransport::new();
@@ -269,7 +272,13 @@ fn run_one(
     configure(args, strategy, &mut config)?;
     let initial = model(seed)?.parameters();
     let rule = robust::aggregator(&args.aggregator, args.clients, attackers)?;
-    config.min_fit_clients = config.min_fit_clients.max(rule.min_updates());
+    if rule.min_updates() > sampled {
+        bail!(
+            "`{}` needs {} updates a round and --fraction samples {sampled}",
+            args.aggregator,
+            rule.min_updates()
+        );
+    }
     if scaffold {
         let strategy = Scaffold::new(rule, initial.layout().clone(), args.clients)?;
         curve(
@@ -657,5 +666,10 @@ mod tests {
         assert!(robust::aggregator(&args.aggregator, 10, 2).is_ok());
         assert!(robust::attack("sign-flip").unwrap().is_some());
         assert!(robust::attack("nope").is_err());
+        let none = Args::parse_from(["fedopt", "--byzantine", "0.2", "--attack", "none"]);
+        assert_eq!(
+            (none.attackers(), none.stem().as_str()),
+            (0, "fedopt-10-0.5")
+        );
     }
 }
