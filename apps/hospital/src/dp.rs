@@ -151,6 +151,8 @@ impl PersistedDp {
 /// trains, written to the ledger before its update leaves, and charged
 /// again when the hospital starts. It trains on the hospital's own schedule
 /// ([`DpArgs::sgd_config`]), not the server's: the guarantee depends on it.
+/// From the server it takes only FedProx's `proximal_mu`, which DP-SGD adds
+/// after the noise (it reads no example, so it costs no privacy).
 pub struct PersistedDpSgd<N: Network = DenseNet> {
     inner: DpSgd<N>,
     settings: DpSettings,

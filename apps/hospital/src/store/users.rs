@@ -240,7 +240,7 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;
-        // New names cannot start with `deleted-` (auth::check_username); a
+        // New names cannot start with `deleted-` (auth::check_new_username); a
         // name from before that rule could, so the alias is checked.
         let mut alias = format!("{ERASED_PREFIX}{id}");
         for k in 2.. {
