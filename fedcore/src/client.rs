@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::compress::ErrorFeedback;
 use crate::error::{Error, Result};
 use crate::model::{Evaluation, Model, TrainConfig};
 use crate::params::Parameters;
@@ -174,6 +175,8 @@ where
     sent: Option<ClientUpdate>,
     /// SCAFFOLD's client control variate, when the client takes part.
     variate: Option<ControlVariate>,
+    /// What lossy upload encodings dropped so far.
+    feedback: ErrorFeedback,
 }
 
 impl<M: Model> ModelClient<M>
@@ -192,6 +195,7 @@ where
             responder: None,
             sent: None,
             variate: None,
+            feedback: ErrorFeedback::new(),
         }
     }
 
@@ -338,9 +342,28 @@ where
             )?),
             _ => None,
         };
+        // The upload encoding: post-processing of the released delta; what
+        // it drops is carried into the next update (error feedback), and a
+        // lossless round sends what is left of earlier ones.
+        let upload = ins.config.upload;
+        let mut compressed = None;
+        if !upload.is_lossless() || self.feedback.residual().is_some() {
+            let (c, sent) = self.feedback.compress(&upload, &delta)?;
+            delta = sent;
+            if !upload.is_lossless() {
+                provenance.push(Protection {
+                    kind: crate::update::ProtectionKind::Compression,
+                    mechanism: format!("{upload}+error-feedback"),
+                    cost: crate::privacy::PrivacyCost::None,
+                    spent: None,
+                });
+                compressed = Some(c);
+            }
+        }
         let mut update = ClientUpdate::new(self.id.clone(), ins.round, out.num_examples, delta)
             .with_metrics(out.metrics);
         update.extra = extra;
+        update.compressed = compressed;
         if let (Some((layout, head)), Some(sealer)) = (sealed_delta, &self.sealer) {
             update.sealed = Some(sealer.seal(&layout, &head)?);
             provenance.push(Protection {

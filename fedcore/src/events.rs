@@ -35,6 +35,11 @@ pub struct AcceptedUpdate {
     /// Whether that average is below the policy's threshold.
     #[serde(default)]
     pub suspicious: bool,
+    /// The bytes of its values (in their upload encoding), extra tensors
+    /// and sealed tensors as the network transport carries them (0 in
+    /// records written before 0.2).
+    #[serde(default)]
+    pub upload_bytes: u64,
 }
 
 /// A client an operator kept out of a round, and why.

@@ -73,6 +73,7 @@
 pub mod aggregate;
 pub mod checkpoint;
 mod client;
+mod compress;
 #[cfg(feature = "testkit")]
 pub mod contract;
 mod cross_site;
@@ -108,6 +109,7 @@ pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
 pub use client::{Client, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, StepResponder};
+pub use compress::{Compressed, Encoding, ErrorFeedback};
 pub use cross_site::{CrossSiteEvaluation, CrossSiteFailure, CrossSiteModel};
 pub use error::{BoxError, Error, Result};
 pub use events::{

@@ -57,6 +57,12 @@ pub struct TrainConfig {
     /// `0` (the default) is plain local training, bit for bit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub proximal_mu: f64,
+    /// How the client encodes its update for the upload
+    /// ([`Encoding`](crate::Encoding)): `f32`, the default, sends the values
+    /// as they are; the lossy encodings cut the bytes and keep what they
+    /// drop at the client for its next update (error feedback).
+    #[serde(default, skip_serializing_if = "crate::Encoding::is_lossless")]
+    pub upload: crate::Encoding,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -73,6 +79,7 @@ impl Default for TrainConfig {
             optimizer: Optimizer::Sgd { momentum: 0.0 },
             seed: 0,
             proximal_mu: 0.0,
+            upload: crate::Encoding::F32,
         }
     }
 }
@@ -93,6 +100,7 @@ impl TrainConfig {
         if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
             return bad("proximal_mu must be finite and not negative");
         }
+        self.upload.check()?;
         match self.optimizer {
             Optimizer::Sgd { momentum } if !(0.0..1.0).contains(&momentum) => {
                 bad("SGD momentum must be in [0, 1)")

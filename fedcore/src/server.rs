@@ -1018,6 +1018,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                         trust: d.trust,
                         trust_ema: None,
                         suspicious: false,
+                        upload_bytes: u.upload_bytes(),
                     })
                     .collect();
                 flagged = self.track_trust(&mut record.accepted);

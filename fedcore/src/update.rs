@@ -68,6 +68,9 @@ pub enum ProtectionKind {
     DifferentialPrivacy,
     /// The values travel encrypted ([`crate::sealed::Sealer`]).
     Encryption,
+    /// The values travel in a lossy encoding ([`crate::Encoding`]); not a
+    /// protection, but a transform the server should know of.
+    Compression,
     /// Anything else (clipping alone, a custom transform; also records
     /// written before 0.2, which did not say).
     #[default]
@@ -129,6 +132,12 @@ pub struct ClientUpdate {
     /// Tensors a strategy asked for with [`FitIns::extra`](crate::FitIns::extra)
     /// (SCAFFOLD's control variate change), in that request's layout.
     pub extra: Option<Parameters>,
+    /// `values` in the upload encoding the server asked for
+    /// ([`TrainConfig::upload`](crate::TrainConfig::upload)), when it is a
+    /// lossy one: what the network transport sends instead of the float32
+    /// values (which are its decoding). Code that changes `values` in place
+    /// must clear it ([`Self::with_values`] does).
+    pub compressed: Option<crate::Compressed>,
 }
 
 impl ClientUpdate {
@@ -144,11 +153,13 @@ impl ClientUpdate {
             metrics: Metrics::new(),
             provenance: Vec::new(),
             extra: None,
+            compressed: None,
         }
     }
 
     /// The same update (client, round, counts, metrics, provenance, extra
-    /// tensors) with other values; copies everything but the values.
+    /// tensors) with other values; copies everything but the values (and
+    /// their encoding, which no longer holds).
     pub fn with_values(&self, values: Parameters) -> Self {
         Self {
             client: self.client.clone(),
@@ -160,6 +171,7 @@ impl ClientUpdate {
             metrics: self.metrics.clone(),
             provenance: self.provenance.clone(),
             extra: self.extra.clone(),
+            compressed: None,
         }
     }
 
@@ -185,6 +197,18 @@ impl ClientUpdate {
     pub fn with_extra(mut self, extra: Parameters) -> Self {
         self.extra = Some(extra);
         self
+    }
+
+    /// The bytes its values, extra tensors and sealed tensors take on the
+    /// network transport (in their encoding).
+    pub fn upload_bytes(&self) -> u64 {
+        let values = match &self.compressed {
+            Some(c) => c.bytes().len() as u64,
+            None => self.values.len() as u64 * 4,
+        };
+        values
+            + self.extra.as_ref().map_or(0, |e| e.len() as u64 * 4)
+            + self.sealed.as_ref().map_or(0, |s| s.bytes().len() as u64)
     }
 
     /// Appends a protection record.

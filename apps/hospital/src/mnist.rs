@@ -221,6 +221,7 @@ pub fn run(
             optimizer: Optimizer::Sgd { momentum: 0.9 },
             seed: 0,
             proximal_mu: cfg.proximal_mu,
+            ..TrainConfig::default()
         },
         server_opt,
         server_learning_rate,

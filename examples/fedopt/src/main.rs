@@ -122,6 +122,11 @@ struct Args {
     /// update) or label-flip (on the data), as in the byzantine example.
     #[arg(long, default_value = "sign-flip")]
     attack: String,
+    /// How the clients encode their updates for the upload: f32 (as they
+    /// are), f16, bf16, int8 or top-k:F (a fraction F of each tensor), the
+    /// lossy ones with error feedback; the table then reports the bytes.
+    #[arg(long, default_value = "f32")]
+    upload: fedcore::Encoding,
     /// Redraw the PNG (in --out, named as the JSON) from a JSON written by an earlier run.
     #[arg(long)]
     plot_only: Option<PathBuf>,
@@ -145,6 +150,9 @@ impl Args {
         }
         if self.attackers() > 0 {
             stem += &format!("-{}-{}", self.attack, self.byzantine);
+        }
+        if !self.upload.is_lossless() {
+            stem += &format!("-{}", self.upload.to_string().replace(':', "-"));
         }
         stem
     }
@@ -180,7 +188,15 @@ struct Results {
     /// Per strategy, the cross-site matrix of its first seed (`--cross-site`).
     #[serde(default)]
     cross_site: Vec<Option<fedcore::CrossSiteEvaluation>>,
+    /// Per strategy, the mean bytes of an accepted update's upload over its
+    /// seeds' rounds (values in the upload encoding plus SCAFFOLD's variate).
+    #[serde(default)]
+    upload_bytes: Vec<f64>,
 }
+
+/// One run: the accuracy before and after each round, the cross-site
+/// matrix, the mean upload bytes of an accepted update.
+type Run = (Vec<f64>, Option<fedcore::CrossSiteEvaluation>, f64);
 
 fn model(seed: u64) -> Result<TchModel<SmallCnn>> {
     Ok(TchModel::build(Device::Cpu, seed, |b| {
@@ -195,7 +211,7 @@ fn run_one(
     (train, labels): (&Arc<dyn ImageDataset>, &[usize]),
     test: &DataSplit,
     cross_site: bool,
-) -> Result<(Vec<f64>, Option<fedcore::CrossSiteEvaluation>)> {
+) -> Result<Run> {
     let n = args.train_images.min(train.len());
     let profiles = &labels[..n];
     let groups: Vec<u64> = (0..n as u64).collect();
@@ -264,6 +280,7 @@ fn run_one(
             batch_size: args.batch_size,
             learning_rate: args.lr,
             optimizer: Optimizer::Sgd { momentum: 0.0 },
+            upload: args.upload,
             ..TrainConfig::default()
         },
         cross_site_evaluation: cross_site,
@@ -342,7 +359,7 @@ fn curve<S: Strategy>(
     mut server: Server<InMemoryTransport, S>,
     seed: u64,
     test: &DataSplit,
-) -> Result<(Vec<f64>, Option<fedcore::CrossSiteEvaluation>)> {
+) -> Result<Run> {
     let mut eval = model(seed)?;
     eval.set_parameters(server.global())?;
     let accuracy = |e: fedcore::Evaluation| e.metrics.get("accuracy").copied();
@@ -353,12 +370,19 @@ fn curve<S: Strategy>(
         eval.evaluate(&test)
     });
     let report = server.run()?;
+    let sent: Vec<f64> = server
+        .history()
+        .iter()
+        .flat_map(|r| &r.accepted)
+        .map(|a| a.upload_bytes as f64)
+        .collect();
+    let bytes = sent.iter().sum::<f64>() / sent.len().max(1) as f64;
     for r in server.history() {
         // A failed round leaves the model (and its accuracy) as it was.
         let last = *out.last().expect("round 0 is there");
         out.push(r.evaluation.clone().and_then(accuracy).unwrap_or(last));
     }
-    Ok((out, report.cross_site))
+    Ok((out, report.cross_site, bytes))
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -398,6 +422,14 @@ fn rule_and_attack(args: &Args) -> String {
             args.attack
         );
     }
+    if !args.upload.is_lossless() {
+        let _ = write!(
+            s,
+            " Clients upload their updates in `{}` with error feedback (the last column: \
+             the mean bytes of an accepted update, float32 being 4 per value).",
+            args.upload
+        );
+    }
     s
 }
 
@@ -430,9 +462,15 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
     for t in &r.targets {
         let _ = write!(s, " rounds to {} % |", (t * 1000.0).round() / 10.0);
     }
-    let _ = writeln!(s, " accuracy after {rounds} rounds (%) |");
-    let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(r.targets.len()));
-    for (name, runs) in r.strategies.iter().zip(&r.accuracy) {
+    let bytes = !args.upload.is_lossless();
+    let _ = write!(s, " accuracy after {rounds} rounds (%) |");
+    let _ = writeln!(s, "{}", if bytes { " upload bytes |" } else { "" });
+    let _ = writeln!(
+        s,
+        "|---|{}---:|",
+        "---:|".repeat(r.targets.len() + usize::from(bytes))
+    );
+    for (i, (name, runs)) in r.strategies.iter().zip(&r.accuracy).enumerate() {
         let _ = write!(s, "| {name} |");
         for &target in &r.targets {
             let reached: Vec<f64> = runs
@@ -449,7 +487,15 @@ fn markdown(args: &Args, r: &Results, seconds: f64) -> String {
         }
         let finals: Vec<f64> = runs.iter().map(|c| c[rounds] * 100.0).collect();
         let (m, sd) = mean_std(&finals);
-        let _ = writeln!(s, " {m:.2} ± {sd:.2} |");
+        let _ = write!(s, " {m:.2} ± {sd:.2} |");
+        match r.upload_bytes.get(i) {
+            Some(b) if bytes => {
+                let _ = writeln!(s, " {b:.0} |");
+            }
+            _ => {
+                let _ = writeln!(s);
+            }
+        }
     }
     for (name, matrix) in r.strategies.iter().zip(&r.cross_site) {
         if let Some(m) = matrix {
@@ -556,14 +602,16 @@ fn main() -> Result<()> {
         seeds: args.seeds.clone(),
         accuracy: Vec::new(),
         cross_site: Vec::new(),
+        upload_bytes: Vec::new(),
     };
     for strategy in &args.strategies {
         let mut runs = Vec::new();
         let mut matrix = None;
+        let mut bytes = Vec::new();
         for &seed in &args.seeds {
             let t = Instant::now();
             let first = seed == args.seeds[0];
-            let (c, m) = run_one(
+            let (c, m, b) = run_one(
                 &args,
                 strategy,
                 seed,
@@ -574,6 +622,7 @@ fn main() -> Result<()> {
             if first {
                 matrix = m;
             }
+            bytes.push(b);
             println!(
                 "{strategy:>9} seed {seed}: {:5.2} % after {} rounds ({:.0} s)",
                 c.last().copied().unwrap_or_default() * 100.0,
@@ -584,6 +633,7 @@ fn main() -> Result<()> {
         }
         results.accuracy.push(runs);
         results.cross_site.push(matrix);
+        results.upload_bytes.push(mean_std(&bytes).0);
     }
     let md = markdown(&args, &results, start.elapsed().as_secs_f64());
     report::write(&args.out, &stem, &md, &results, plot)?;
@@ -608,6 +658,7 @@ mod tests {
                 vec![vec![0.1, 0.2, 0.3, 0.4], vec![0.1, 0.2, 0.3, 0.6]],
             ],
             cross_site: Vec::new(),
+            upload_bytes: vec![104040.0, 208080.0],
         };
         let md = markdown(&args, &r, 1.0);
         assert!(
@@ -622,6 +673,16 @@ mod tests {
             md.contains("| strategy | rounds to 90 % | rounds to 99 % |"),
             "{md}"
         );
+        // With a lossy upload the table gains the bytes.
+        let args = Args::parse_from(["fedopt", "--rounds", "3", "--upload", "top-k:0.1"]);
+        assert_eq!(args.stem(), "fedopt-10-0.5-top-k-0.1");
+        let md = markdown(&args, &r, 1.0);
+        assert!(
+            md.contains("| scaffold | >3 | >3 | 50.00 ± 14.14 | 208080 |"),
+            "{md}"
+        );
+        assert!(md.contains("`top-k:0.1` with error feedback"), "{md}");
+        assert!(Args::try_parse_from(["fedopt", "--upload", "top-k:2"]).is_err());
     }
 
     #[test]

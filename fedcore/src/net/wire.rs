@@ -1,7 +1,9 @@
 //! Tasks and replies to protobuf headers plus a chunked payload, and back.
 //!
 //! A payload is the values of the header's layout as little-endian f32
-//! (4 bytes each, the layout's order), followed by the sealed bytes. On the
+//! (4 bytes each, the layout's order; a fit reply's may come in a lossy
+//! [`Encoding`] its header names), then the extra tensors' values, then
+//! the sealed bytes. On the
 //! sending side the payload of a task borrows the global model's memory
 //! ([`Bytes::from_owner`]); on the receiving side an [`Assembler`] copies
 //! each chunk straight into the final `Vec<f32>` and sealed buffer, after
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::proto;
 use crate::client::{EvaluateIns, FitIns, StepIns, StepReply};
+use crate::compress::{Compressed, Encoding};
 use crate::error::{Error, Result};
 use crate::model::{Evaluation, TrainConfig};
 use crate::params::{Layout, Parameters, TensorSpec};
@@ -208,6 +211,7 @@ fn tensor_reply(
     kind: proto::TaskKind,
     meta: &impl Serialize,
     values: Parameters,
+    compressed: Option<Compressed>,
     extra: Option<Parameters>,
     sealed: Option<SealedTensors>,
 ) -> Result<Outgoing<proto::ReplyHeader>> {
@@ -218,8 +222,15 @@ fn tensor_reply(
         layout: layout_to_proto(values.layout()),
         sealed: sealed_header(sealed.as_ref()),
         extra: extra.as_ref().map(extra_header),
+        encoding: compressed
+            .as_ref()
+            .map(|c| c.encoding().to_string())
+            .unwrap_or_default(),
     };
-    let mut payload = vec![owned_values_bytes(values)];
+    let mut payload = vec![match compressed {
+        Some(c) => Bytes::from(c.into_bytes()),
+        None => owned_values_bytes(values),
+    }];
     if let Some(e) = extra {
         payload.push(owned_values_bytes(e));
     }
@@ -246,6 +257,7 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 proto::TaskKind::Fit,
                 &meta,
                 u.values,
+                u.compressed,
                 u.extra,
                 u.sealed,
             )
@@ -262,6 +274,7 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 &meta,
                 r.values,
                 None,
+                None,
                 r.sealed,
             )
         }
@@ -273,6 +286,7 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
                 layout: Vec::new(),
                 sealed: None,
                 extra: None,
+                encoding: String::new(),
             },
             payload: Vec::new(),
         }),
@@ -301,10 +315,12 @@ pub(crate) fn chunks(
     })
 }
 
-/// Collects a payload of known size from chunks.
+/// Collects a payload of known size from chunks: encoded bytes (a lossy
+/// encoding's values), f32 values, sealed bytes, in that order.
 #[derive(Debug)]
 pub(crate) struct Assembler {
     task_id: u64,
+    encoded: Vec<u8>,
     values: Vec<f32>,
     sealed: Vec<u8>,
     received: u64,
@@ -315,12 +331,19 @@ pub(crate) struct Assembler {
 }
 
 impl Assembler {
-    /// Expects `values` f32 values then `sealed` bytes; refuses a total over
-    /// `max_bytes` before allocating anything.
-    pub fn new(task_id: u64, values: usize, sealed: u64, max_bytes: u64) -> Result<Self> {
+    /// Expects `encoded` bytes, `values` f32 values, then `sealed` bytes;
+    /// refuses a total over `max_bytes` before allocating anything.
+    pub fn new(
+        task_id: u64,
+        encoded: u64,
+        values: usize,
+        sealed: u64,
+        max_bytes: u64,
+    ) -> Result<Self> {
         let total = (values as u64)
             .checked_mul(4)
             .and_then(|v| v.checked_add(sealed))
+            .and_then(|v| v.checked_add(encoded))
             .ok_or_else(|| bad("declared payload size overflows"))?;
         if total > max_bytes {
             return Err(bad(format!(
@@ -329,6 +352,7 @@ impl Assembler {
         }
         Ok(Self {
             task_id,
+            encoded: vec![0; encoded as usize],
             values: vec![0.0; values],
             sealed: vec![0; sealed as usize],
             received: 0,
@@ -346,6 +370,7 @@ impl Assembler {
         }
         Ok(Self {
             task_id,
+            encoded: Vec::new(),
             values: Vec::new(),
             sealed: Vec::new(),
             received: 0,
@@ -394,25 +419,28 @@ impl Assembler {
             return Ok(());
         }
         let mut data: &[u8] = &chunk.data;
-        let value_bytes = self.values.len() as u64 * 4;
-        if self.received < value_bytes {
-            let start = self.received as usize;
-            let n = data.len().min(value_bytes as usize - start);
-            bytemuck::cast_slice_mut::<f32, u8>(&mut self.values)[start..start + n]
-                .copy_from_slice(&data[..n]);
-            data = &data[n..];
-            self.received += n as u64;
+        let mut base = 0u64;
+        for region in [
+            &mut self.encoded[..],
+            bytemuck::cast_slice_mut::<f32, u8>(&mut self.values),
+            &mut self.sealed[..],
+        ] {
+            let len = region.len() as u64;
+            if !data.is_empty() && self.received < base + len {
+                let start = (self.received - base) as usize;
+                let n = data.len().min(region.len() - start);
+                region[start..start + n].copy_from_slice(&data[..n]);
+                data = &data[n..];
+                self.received += n as u64;
+            }
+            base += len;
         }
-        if !data.is_empty() {
-            let start = (self.received - value_bytes) as usize;
-            self.sealed[start..start + data.len()].copy_from_slice(data);
-            self.received += data.len() as u64;
-        }
+        debug_assert!(data.is_empty());
         Ok(())
     }
 
-    /// The values (in host order) and the sealed bytes.
-    fn finish(mut self) -> Result<(Vec<f32>, Vec<u8>)> {
+    /// The encoded bytes, the values (in host order) and the sealed bytes.
+    fn finish(mut self) -> Result<(Vec<u8>, Vec<f32>, Vec<u8>)> {
         if !self.is_complete() {
             return Err(bad(format!(
                 "payload incomplete: {} of {} bytes",
@@ -425,7 +453,7 @@ impl Assembler {
                 *v = f32::from_le_bytes(v.to_ne_bytes());
             }
         }
-        Ok((self.values, self.sealed))
+        Ok((self.encoded, self.values, self.sealed))
     }
 }
 
@@ -436,16 +464,23 @@ fn sealed_layout(sealed: &Option<proto::Sealed>) -> Result<Option<(Arc<Layout>, 
         .transpose()
 }
 
-/// A header's payload plan: the values' layout, the extra tensors' layout,
-/// the sealed layout and size.
+/// A header's payload plan: the values' layout and encoding, the extra
+/// tensors' layout, the sealed layout and size.
 pub(crate) struct Plan {
     pub layout: Arc<Layout>,
+    pub encoding: Encoding,
     pub extra: Option<Arc<Layout>>,
     pub sealed: Option<(Arc<Layout>, u64)>,
 }
 
-/// A payload's parts, decoded.
-type Parts = (Parameters, Option<Parameters>, Option<SealedTensors>);
+/// A payload's parts, decoded: the values (and their encoded form, when
+/// they came in a lossy encoding), the extra tensors, the sealed tensors.
+type Parts = (
+    Parameters,
+    Option<Compressed>,
+    Option<Parameters>,
+    Option<SealedTensors>,
+);
 
 fn extra_layout(extra: &Option<proto::Extra>) -> Result<Option<Arc<Layout>>> {
     extra
@@ -458,36 +493,63 @@ impl Plan {
     pub fn of_task(h: &proto::TaskHeader) -> Result<Self> {
         Ok(Self {
             layout: layout_from_proto(&h.layout)?,
+            encoding: Encoding::F32,
             extra: extra_layout(&h.extra)?,
             sealed: sealed_layout(&h.sealed)?,
         })
     }
 
     pub fn of_reply(h: &proto::ReplyHeader) -> Result<Self> {
+        let encoding = match h.encoding.as_str() {
+            "" => Encoding::F32,
+            e => e
+                .parse()
+                .map_err(|e| bad(format!("bad value encoding: {e}")))?,
+        };
+        if !encoding.is_lossless() && h.kind != proto::TaskKind::Fit as i32 {
+            return Err(bad("only a fit reply carries encoded values"));
+        }
         Ok(Self {
             layout: layout_from_proto(&h.layout)?,
+            encoding,
             extra: extra_layout(&h.extra)?,
             sealed: sealed_layout(&h.sealed)?,
         })
     }
 
-    /// f32 values in the payload: the tensors', then the extra tensors'.
+    /// Bytes of the layout's values in a lossy encoding (0 when they come
+    /// as f32 with the rest).
+    fn encoded(&self) -> u64 {
+        if self.encoding.is_lossless() {
+            0
+        } else {
+            self.encoding.encoded_len(&self.layout)
+        }
+    }
+
+    /// f32 values in the payload: the tensors' (unless encoded), then the
+    /// extra tensors'.
     fn values(&self) -> usize {
-        self.layout
-            .len()
-            .saturating_add(self.extra.as_ref().map_or(0, |e| e.len()))
+        let own = if self.encoding.is_lossless() {
+            self.layout.len()
+        } else {
+            0
+        };
+        own.saturating_add(self.extra.as_ref().map_or(0, |e| e.len()))
     }
 
     /// Payload bytes the header declares.
     pub fn total_bytes(&self) -> u64 {
         (self.values() as u64)
             .saturating_mul(4)
+            .saturating_add(self.encoded())
             .saturating_add(self.sealed.as_ref().map_or(0, |s| s.1))
     }
 
     pub fn assembler(&self, task_id: u64, max_bytes: u64) -> Result<Assembler> {
         Assembler::new(
             task_id,
+            self.encoded(),
             self.values(),
             self.sealed.as_ref().map_or(0, |s| s.1),
             max_bytes,
@@ -495,17 +557,23 @@ impl Plan {
     }
 
     fn finish(self, assembler: Assembler) -> Result<Parts> {
-        let (mut values, sealed) = assembler.finish()?;
+        let (encoded, mut values, sealed) = assembler.finish()?;
+        let (params, compressed, tail) = if self.encoding.is_lossless() {
+            let tail = values.split_off(self.layout.len());
+            (Parameters::new(self.layout, values)?, None, tail)
+        } else {
+            let c = Compressed::new(self.encoding, encoded);
+            let params = c
+                .decode(self.layout)
+                .map_err(|e| bad(format!("bad encoded values: {e}")))?;
+            (params, Some(c), values)
+        };
         let extra = match self.extra {
-            Some(layout) => {
-                let tail = values.split_off(self.layout.len());
-                Some(Parameters::new(layout, tail)?)
-            }
+            Some(layout) => Some(Parameters::new(layout, tail)?),
             None => None,
         };
-        let params = Parameters::new(self.layout, values)?;
         let sealed = self.sealed.map(|(l, _)| SealedTensors::new(l, sealed));
-        Ok((params, extra, sealed))
+        Ok((params, compressed, extra, sealed))
     }
 }
 
@@ -515,7 +583,7 @@ pub(crate) fn decode_task(
     plan: Plan,
     assembler: Assembler,
 ) -> Result<Task> {
-    let (parameters, extra, sealed) = plan.finish(assembler)?;
+    let (parameters, _, extra, sealed) = plan.finish(assembler)?;
     let parameters = Arc::new(parameters);
     let sealed = sealed.map(Arc::new);
     let kind = proto::TaskKind::try_from(header.kind);
@@ -566,13 +634,14 @@ pub(crate) fn decode_reply(
         Ok(proto::TaskKind::Fit) => {
             let meta: UpdateMeta = serde_json::from_str(&header.meta_json)
                 .map_err(|e| bad(format!("bad update metadata: {e}")))?;
-            let (values, extra, sealed) = plan.finish(assembler)?;
+            let (values, compressed, extra, sealed) = plan.finish(assembler)?;
             let mut update = ClientUpdate::new(meta.client, meta.round, meta.num_examples, values)
                 .with_kind(meta.kind)
                 .with_metrics(meta.metrics);
             update.provenance = meta.provenance;
             update.sealed = sealed;
             update.extra = extra;
+            update.compressed = compressed;
             Ok(Reply::Fit(update))
         }
         Ok(proto::TaskKind::Evaluate) => {
@@ -586,7 +655,7 @@ pub(crate) fn decode_reply(
         Ok(proto::TaskKind::Step) => {
             let meta: StepMeta = serde_json::from_str(&header.meta_json)
                 .map_err(|e| bad(format!("bad step metadata: {e}")))?;
-            let (values, extra, sealed) = plan.finish(assembler)?;
+            let (values, _, extra, sealed) = plan.finish(assembler)?;
             if extra.is_some() {
                 return Err(bad("a step reply carries extra tensors"));
             }
@@ -683,6 +752,72 @@ mod tests {
         }
     }
 
+    /// An update in a lossy encoding travels as its encoded bytes, comes
+    /// back equal (values, encoding, extra tensors), and costs the bytes
+    /// the encoding promises.
+    fn compressed(u: &ClientUpdate, enc: Encoding) -> ClientUpdate {
+        let c = enc.encode(&u.values).unwrap();
+        let mut out = u.with_values(c.decode(u.values.layout().clone()).unwrap());
+        out.compressed = Some(c);
+        out
+    }
+
+    #[test]
+    fn an_encoded_fit_reply_round_trips_in_fewer_bytes() {
+        let extra = Parameters::from_tensors([("c", vec![1, 2], vec![1.5, -2.0])]).unwrap();
+        let u = ClientUpdate::new("site-a".into(), 3, 42, params()).with_extra(extra);
+        for (enc, values_bytes) in [
+            (Encoding::F16, 18),
+            (Encoding::Bf16, 18),
+            (Encoding::Int8, 6 + 4 + 3 + 4),
+            (Encoding::TopK { fraction: 0.3 }, (2 + 1) * 8),
+        ] {
+            let u = compressed(&u, enc);
+            let out = encode_reply(5, Reply::Fit(u.clone())).unwrap();
+            assert_eq!(out.header.encoding, enc.to_string());
+            assert_eq!(out.payload_len(), values_bytes + 2 * 4, "{enc}");
+            assert_eq!(u.upload_bytes(), values_bytes + 2 * 4, "{enc}");
+            let plan = Plan::of_reply(&out.header).unwrap();
+            assert_eq!(plan.total_bytes(), out.payload_len());
+            for chunk in [1, 5, 1024] {
+                let a = reassemble(&plan, 5, &out.payload, chunk);
+                let plan = Plan::of_reply(&out.header).unwrap();
+                let Reply::Fit(got) = decode_reply(&out.header, plan, a).unwrap() else {
+                    panic!("not a fit reply")
+                };
+                assert_eq!(got, u, "{enc}, chunks of {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_encoded_values_are_refused_with_a_reason() {
+        let u = compressed(
+            &ClientUpdate::new("site-a".into(), 3, 42, params()),
+            Encoding::Int8,
+        );
+        let out = encode_reply(5, Reply::Fit(u)).unwrap();
+        // A NaN scale for `a.weight` (the payload's first four bytes).
+        let mut bytes = out.payload[0].to_vec();
+        bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let plan = Plan::of_reply(&out.header).unwrap();
+        let a = reassemble(&plan, 5, &[Bytes::from(bytes)], 7);
+        let err = decode_reply(&out.header, plan, a).unwrap_err().to_string();
+        assert!(
+            err.contains("bad encoded values") && err.contains("NaN"),
+            "{err}"
+        );
+        // An unknown encoding, and an encoding on a step reply.
+        let mut header = out.header.clone();
+        header.encoding = "int4".into();
+        let err = Plan::of_reply(&header).err().unwrap().to_string();
+        assert!(err.contains("bad value encoding"), "{err}");
+        header.encoding = "int8".into();
+        header.kind = proto::TaskKind::Step as i32;
+        let err = Plan::of_reply(&header).err().unwrap().to_string();
+        assert!(err.contains("only a fit reply"), "{err}");
+    }
+
     #[test]
     fn extra_tensors_outside_a_fit_are_refused() {
         let mut out = encode_reply(
@@ -711,10 +846,10 @@ mod tests {
 
     #[test]
     fn assembler_refuses_oversized_declarations_and_bad_chunks() {
-        let err = Assembler::new(1, 1 << 30, 0, 1 << 20).unwrap_err();
+        let err = Assembler::new(1, 0, 1 << 30, 0, 1 << 20).unwrap_err();
         assert!(err.to_string().contains("exceeds the limit"), "{err}");
-        assert!(Assembler::new(1, usize::MAX / 2, u64::MAX, u64::MAX).is_err());
-        let mut a = Assembler::new(1, 2, 0, 100).unwrap();
+        assert!(Assembler::new(1, 0, usize::MAX / 2, u64::MAX, u64::MAX).is_err());
+        let mut a = Assembler::new(1, 0, 2, 0, 100).unwrap();
         let chunk = |task_id, offset, data: &[u8]| proto::Chunk {
             task_id,
             offset,
