@@ -22,6 +22,7 @@ function el(tag, attrs, ...children) {
 }
 
 const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
+const kib = (b) => (b === null || b === undefined ? "–" : b >= 1048576 ? `${(b / 1048576).toFixed(1)} MiB` : `${(b / 1024).toFixed(1)} KiB`);
 const when = (ms) => new Date(ms).toLocaleString();
 
 async function api(path, opts = {}) {
@@ -222,13 +223,15 @@ async function viewRound(root, id, job) {
       ? el("ul", { id: "round-notes" }, d.notes.map((n) => el("li", {}, el("strong", {}, n.client), `: ${n.note}`)))
       : el("p", { class: "muted", id: "round-notes" }, "No sampled hospital was left out, flagged, or weighed less than half the mean of the others."),
     el("table", { id: "round-updates" },
-      el("tr", {}, ["Hospital", "Counted", "Reason", "Weight", "Trust", "Update norm", "Images", "ε spent"].map((h) => el("th", {}, h))),
+      el("tr", {}, ["Hospital", "Counted", "Reason", "Weight", "Trust", "Update norm", "Images", "ε spent", "Uploaded"].map((h) => el("th", {}, h))),
       d.updates.map((u) => el("tr", {},
         el("td", {}, el("a", { href: `#/clients/${u.client_id}` }, u.client_id)),
         el("td", { class: u.accepted ? "good" : "bad" }, u.accepted ? "accepted" : "rejected"),
         el("td", {}, u.reason || ""), el("td", {}, fmt(u.weight)), el("td", {}, fmt(u.trust)),
-        el("td", {}, fmt(u.update_norm)), el("td", {}, u.num_examples ?? "–"), el("td", {}, fmt(u.epsilon, 2)))),
+        el("td", {}, fmt(u.update_norm)), el("td", {}, u.num_examples ?? "–"), el("td", {}, fmt(u.epsilon, 2)),
+        el("td", {}, kib(u.upload_bytes)))),
     ),
+    el("p", { class: "muted", id: "round-bytes" }, `Uploaded this round: ${kib(d.updates.reduce((a, u) => a + (u.upload_bytes || 0), 0))}.`),
     el("h2", {}, "Metrics"),
     el("table", {}, Object.entries(d.metrics).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, fmt(v, 4))))),
   );
@@ -445,7 +448,7 @@ function jobQuality(j) {
 function jobSettings(j) {
   const s = j.settings || {};
   if (j.kind === "mnist") {
-    return `${s.hospitals} hospitals · ${s.aggregator}${s.server_optimizer && s.server_optimizer !== "sgd" ? ` + server ${s.server_optimizer}` : ""}${s.proximal_mu ? ` · FedProx μ ${s.proximal_mu}` : ""} · ${s.epsilon ? `DP ε ${s.epsilon}` : "no DP"}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_hospital ? ` · hospital ${s.drop_hospital} drops` : ""}${s.cross_site ? " · cross-site" : ""}`;
+    return `${s.hospitals} hospitals · ${s.aggregator}${s.server_optimizer && s.server_optimizer !== "sgd" ? ` + server ${s.server_optimizer}` : ""}${s.proximal_mu ? ` · FedProx μ ${s.proximal_mu}` : ""} · ${s.epsilon ? `DP ε ${s.epsilon}` : "no DP"}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_hospital ? ` · hospital ${s.drop_hospital} drops` : ""}${s.cross_site ? " · cross-site" : ""}${s.upload && s.upload !== "f32" ? ` · uploads in ${s.upload}` : ""}`;
   }
   if (j.kind === "xray" && s.clients) {
     const dp = s.dp && s.dp.mode !== "off" ? `DP ε ${s.dp.epsilon}` : "no DP";
@@ -472,8 +475,9 @@ function jobForm(choices, msg, onDone) {
   const serverOpt = el("select", { id: "job-server-optimizer" }, (choices.server_optimizers || []).map((o) => el("option", { value: o }, o)));
   const mu = el("input", { id: "job-mu", type: "number", min: "0", max: "10", step: "0.001", value: "0" });
   const crossSite = el("input", { id: "job-cross-site", type: "checkbox" });
+  const upload = el("select", { id: "job-upload" }, (choices.uploads || []).map((o) => el("option", { value: o }, o)));
   const xrayOnly = [field("Image size", size), field("Encryption", enc)];
-  const mnistOnly = [field("Server optimizer", serverOpt), field("FedProx μ", mu), field("Cross-site evaluation", crossSite)];
+  const mnistOnly = [field("Server optimizer", serverOpt), field("FedProx μ", mu), field("Cross-site evaluation", crossSite), field("Upload encoding", upload)];
   const sync = () => {
     const mnist = data.value === "mnist";
     model.textContent = mnist ? "small CNN (26,010 parameters)" : "DenseNet-121";
@@ -495,7 +499,7 @@ function jobForm(choices, msg, onDone) {
       data: data.value, aggregator: agg.value, rounds: Number(rounds.value), hospitals: Number(hospitals.value),
       dp: dp.checked, ...(dp.checked ? { epsilon: Number(eps.value) } : {}),
       ...(mnist ? {} : { image_size: Number(size.value), encrypt: enc.value }),
-      ...(mnist ? { server_optimizer: serverOpt.value, proximal_mu: Number(mu.value), cross_site: crossSite.checked } : {}),
+      ...(mnist ? { server_optimizer: serverOpt.value, proximal_mu: Number(mu.value), cross_site: crossSite.checked, ...(upload.value ? { upload: upload.value } : {}) } : {}),
       ...(byz.value ? { byzantine: Number(byz.value) } : {}),
       ...(drop.value ? { drop_hospital: Number(drop.value) } : {}),
       ...(name.value.trim() ? { name: name.value.trim() } : {}),

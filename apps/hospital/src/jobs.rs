@@ -117,6 +117,13 @@ pub struct JobRequest {
     /// hospital's held-out tenth at the end (MNIST only; default off).
     #[serde(default)]
     pub cross_site: Option<bool>,
+    /// How the hospitals encode their updates for the upload (MNIST only):
+    /// `f32` (the default: as they are), `f16`, `bf16`, `int8` or `top-k:F`
+    /// (the fraction F of each tensor's values of largest magnitude); the
+    /// lossy ones keep what they drop for the next round.
+    #[serde(default)]
+    #[schema(example = "int8")]
+    pub upload: Option<String>,
 }
 
 fn yes() -> bool {
@@ -207,6 +214,9 @@ pub struct JobChoices {
     pub aggregators: Vec<AggregatorChoice>,
     /// The server optimizers (MNIST jobs).
     pub server_optimizers: Vec<ServerOptimizerChoice>,
+    /// Upload encodings the form offers (MNIST jobs; any `top-k:F` with F
+    /// in (0, 1] is accepted).
+    pub uploads: Vec<String>,
     /// Whether jobs can be started here (not on a deployed server).
     pub enabled: bool,
 }
@@ -244,6 +254,9 @@ impl JobOptions {
                 ServerOptimizerChoice::Adam,
                 ServerOptimizerChoice::Yogi,
             ],
+            uploads: ["f32", "f16", "bf16", "int8", "top-k:0.1", "top-k:0.01"]
+                .map(String::from)
+                .to_vec(),
             enabled: true,
         }
     }
@@ -301,6 +314,13 @@ impl JobOptions {
         if !(0.0..=10.0).contains(&mu) {
             return invalid("proximal_mu must be between 0 and 10");
         }
+        let upload: fedcore::Encoding = match r.upload.as_deref() {
+            None => fedcore::Encoding::F32,
+            Some(u) => match u.parse() {
+                Ok(e) => e,
+                Err(e) => return invalid(format!("upload: {e}")),
+            },
+        };
         match r.data {
             DataChoice::Mnist => {
                 if r.model.is_some_and(|m| m != ModelChoice::SmallCnn) {
@@ -330,6 +350,7 @@ impl JobOptions {
                     server_optimizer: r.server_optimizer.unwrap_or_default(),
                     proximal_mu: mu,
                     cross_site: r.cross_site.unwrap_or(false),
+                    upload,
                 };
                 let name = if name.is_empty() {
                     format!("MNIST, {} hospitals, {dp_label}", r.hospitals)
@@ -346,9 +367,10 @@ impl JobOptions {
                     .is_some_and(|o| o != ServerOptimizerChoice::Sgd)
                     || mu > 0.0
                     || r.cross_site == Some(true)
+                    || !upload.is_lossless()
                 {
                     return invalid(
-                        "server optimizers, FedProx and cross-site evaluation are offered for MNIST jobs; \
+                        "server optimizers, FedProx, cross-site evaluation and compressed uploads are offered for MNIST jobs; \
                          X-ray runs train with the recipe's settings (and cross-site evaluation cannot \
                          score an encrypted head)",
                     );

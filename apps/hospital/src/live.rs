@@ -278,6 +278,8 @@ pub fn to_new_round(r: &RoundRecord, row: &RoundRow) -> NewRound {
                 num_examples: Some(u.num_examples as i64),
                 epsilon: spent.map(|s| s.epsilon),
                 delta: spent.map(|s| s.delta),
+                upload_bytes: (u.upload_bytes > 0)
+                    .then(|| i64::try_from(u.upload_bytes).unwrap_or(i64::MAX)),
             }
         })
         .collect();
@@ -301,6 +303,7 @@ pub fn to_new_round(r: &RoundRecord, row: &RoundRow) -> NewRound {
         num_examples: None,
         epsilon: None,
         delta: None,
+        upload_bytes: None,
     }));
     let trust = r
         .accepted

@@ -69,6 +69,11 @@ pub struct MnistConfig {
     /// it then does not train on); the matrix is kept with the job.
     #[serde(default)]
     pub cross_site: bool,
+    /// How the hospitals encode their updates for the upload (default
+    /// `f32`); the bytes each sent are on the round page.
+    #[serde(default)]
+    #[schema(value_type = String, example = "int8")]
+    pub upload: fedcore::Encoding,
 }
 
 /// Each hospital's delta.
@@ -221,7 +226,7 @@ pub fn run(
             optimizer: Optimizer::Sgd { momentum: 0.9 },
             seed: 0,
             proximal_mu: cfg.proximal_mu,
-            ..TrainConfig::default()
+            upload: cfg.upload,
         },
         server_opt,
         server_learning_rate,

@@ -137,6 +137,7 @@ async fn seed_rounds(state: &AppState) {
             num_examples: accepted.then_some(100),
             epsilon: accepted.then_some(round as f64 * 1.5),
             delta: accepted.then_some(1e-5),
+            upload_bytes: accepted.then_some(104_040),
         };
         state
             .store

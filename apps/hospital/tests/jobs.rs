@@ -57,6 +57,7 @@ fn round(job_round: i64, auroc: f64, epsilon: f64) -> NewRound {
             num_examples: Some(10),
             epsilon: Some(epsilon),
             delta: Some(1e-5),
+            upload_bytes: Some(5_000),
         }],
         trust: vec![(
             "hospital-1".into(),
@@ -102,7 +103,13 @@ async fn lifecycle(store: &Store) {
     store.record_round(b, &round(1, 0.9, 7.0)).await.unwrap();
     assert_eq!(store.rounds(a).await.unwrap().len(), 3);
     assert_eq!(store.rounds(b).await.unwrap().len(), 1);
-    assert_eq!(store.updates(a, Some(1), None).await.unwrap().len(), 1);
+    let ups = store.updates(a, Some(1), None).await.unwrap();
+    assert_eq!(ups.len(), 1);
+    assert_eq!(
+        ups[0].upload_bytes,
+        Some(5_000),
+        "the upload's bytes are kept"
+    );
     assert_eq!(store.trust(b, "hospital-1").await.unwrap().len(), 1);
     assert_eq!(
         store.epsilons(a).await.unwrap(),
@@ -667,17 +674,33 @@ async fn an_mnist_job_with_server_momentum_fedprox_and_cross_site_keeps_its_matr
     body["server_optimizer"] = json!("momentum");
     body["proximal_mu"] = json!(0.01);
     body["cross_site"] = json!(true);
+    body["upload"] = json!("int8");
     let (s, job) = send(&h.app, "POST", "/api/jobs", &admin, Some(body)).await;
     assert_eq!(s, StatusCode::CREATED, "{job}");
     let id = job["id"].as_i64().unwrap();
     assert_eq!(job["settings"]["server_optimizer"], "momentum");
     assert_eq!(job["settings"]["proximal_mu"], 0.01);
+    assert_eq!(job["settings"]["upload"], "int8");
     let done = wait_for(&h.app, &admin, id, "finished", |j| {
         j["status"] != "queued" && j["status"] != "running"
     })
     .await;
     assert_eq!(done["status"], "finished", "{done}");
     assert_eq!(done["rounds"], 2);
+    // In int8 each update took a byte per value and a 4-byte scale per
+    // tensor: 26,010 + 8 x 4 bytes, against 104,040 in float32.
+    let (s, round) = send(
+        &h.app,
+        "GET",
+        &format!("/api/training/rounds/1?job={id}"),
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{round}");
+    let ups = round["updates"].as_array().unwrap();
+    assert_eq!(ups.len(), 2, "{round}");
+    assert!(ups.iter().all(|u| u["upload_bytes"] == 26_042), "{round}");
 
     let (s, cs) = send(
         &h.app,
@@ -757,6 +780,14 @@ async fn an_mnist_job_with_server_momentum_fedprox_and_cross_site_keeps_its_matr
             "MNIST jobs",
         ),
         (json!({"proximal_mu": 11.0}), "proximal_mu"),
+        (
+            json!({"upload": "top-k:2"}),
+            "top-k keeps a fraction in (0, 1]",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "upload": "int8"}),
+            "compressed uploads",
+        ),
     ] {
         let mut body = mnist_job(1, false);
         for (k, v) in extra.as_object().unwrap() {

@@ -63,6 +63,7 @@ pub(super) async fn job_choices(
             data: Vec::new(),
             aggregators: Vec::new(),
             server_optimizers: Vec::new(),
+            uploads: Vec::new(),
             enabled: false,
         },
     }))

@@ -365,6 +365,7 @@ mod tests {
             num_examples: None,
             epsilon: None,
             delta: None,
+            upload_bytes: None,
         }
     }
 

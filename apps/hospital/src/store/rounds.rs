@@ -60,6 +60,10 @@ pub struct UpdateRow {
     pub epsilon: Option<f64>,
     /// The delta of that epsilon.
     pub delta: Option<f64>,
+    /// The bytes its update took on the network (values in their upload
+    /// encoding, plus any variate and sealed bytes).
+    #[serde(default)]
+    pub upload_bytes: Option<i64>,
 }
 
 /// One point of a hospital's trust timeline.
@@ -131,8 +135,8 @@ impl Store {
         for u in &r.updates {
             sqlx::query(
                 "INSERT INTO client_updates (job_id, round_id, client_id, accepted, reason, weight, \
-                 trust, update_norm, num_examples, epsilon, delta) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 trust, update_norm, num_examples, epsilon, delta, upload_bytes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(job)
             .bind(id)
@@ -145,6 +149,7 @@ impl Store {
             .bind(u.num_examples)
             .bind(u.epsilon)
             .bind(u.delta)
+            .bind(u.upload_bytes)
             .execute(&mut *tx)
             .await?;
         }
@@ -246,7 +251,7 @@ impl Store {
     ) -> Result<Vec<UpdateRow>> {
         sqlx::query(
             "SELECT round_id, client_id, accepted, reason, weight, trust, update_norm, \
-             num_examples, epsilon, delta FROM client_updates \
+             num_examples, epsilon, delta, upload_bytes FROM client_updates \
              WHERE job_id = $1 AND ($2 IS NULL OR round_id = $2) AND ($3 IS NULL OR client_id = $3) \
              ORDER BY round_id, client_id",
         )
@@ -268,6 +273,7 @@ impl Store {
                 num_examples: r.try_get(7)?,
                 epsilon: r.try_get(8)?,
                 delta: r.try_get(9)?,
+                upload_bytes: r.try_get(10)?,
             })
         })
         .collect()
