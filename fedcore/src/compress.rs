@@ -494,6 +494,56 @@ mod tests {
         assert!(ef.residual().is_none());
     }
 
+    proptest::proptest! {
+        /// Any finite update of two tensors comes back within its
+        /// encoding's precision, in exactly the promised bytes, and the
+        /// error-feedback identity (sent + residual = update + old
+        /// residual) holds.
+        #[test]
+        fn any_update_round_trips_within_its_encodings_bound(
+            a in proptest::collection::vec(-1e3f32..1e3, 1..40),
+            b in proptest::collection::vec(-1e-2f32..1e-2, 1..40),
+            fraction in 0.01f64..1.0,
+        ) {
+            let layout = Arc::new(Layout::new([
+                TensorSpec::new("a", vec![a.len()]),
+                TensorSpec::new("b", vec![b.len()]),
+            ]).unwrap());
+            let p = Parameters::new(layout.clone(), [a.clone(), b.clone()].concat()).unwrap();
+            let max = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for enc in [Encoding::F32, Encoding::F16, Encoding::Bf16, Encoding::Int8, Encoding::TopK { fraction }] {
+                let c = enc.encode(&p).unwrap();
+                proptest::prop_assert_eq!(c.bytes().len() as u64, enc.encoded_len(&layout));
+                let back = c.decode(layout.clone()).unwrap();
+                for (t, v) in [(0usize, &a), (1, &b)] {
+                    let got = &back.as_slice()[layout.range_at(t)];
+                    let m = max(v);
+                    for (x, y) in v.iter().zip(got) {
+                        let err = (x - y).abs();
+                        let bound = match enc {
+                            Encoding::F32 => 0.0,
+                            // Half precision: relative 2^-11, or its
+                            // subnormal step near zero.
+                            Encoding::F16 => x.abs() * 4.9e-4 + 6e-8,
+                            Encoding::Bf16 => x.abs() * 3.91e-3,
+                            Encoding::Int8 => m / 254.0 * 1.0001,
+                            // Top-k drops values no larger than the kept ones.
+                            Encoding::TopK { .. } => if *y == 0.0 { m } else { 0.0 },
+                        };
+                        proptest::prop_assert!(err <= bound, "{} {} -> {} ({})", enc, x, y, bound);
+                    }
+                }
+            }
+            let mut ef = ErrorFeedback::new();
+            let enc = Encoding::TopK { fraction };
+            let (_, first) = ef.compress(&enc, &p).unwrap();
+            let old = ef.residual().cloned().unwrap_or_else(|| p.zeros_like());
+            let mut want = first.clone();
+            want.axpy(1.0, &old).unwrap();
+            proptest::prop_assert!(want.max_abs_diff(&p).unwrap() <= 1e-3 * (1.0 + max(&a)));
+        }
+    }
+
     #[test]
     fn serde_uses_the_names() {
         let e: Encoding = serde_json::from_str("\"top-k:0.1\"").unwrap();
