@@ -346,6 +346,7 @@ where
         // it drops is carried into the next update (error feedback), and a
         // lossless round sends what is left of earlier ones.
         let upload = ins.config.upload;
+        self.feedback.start_round(ins.round);
         let mut compressed = None;
         if !upload.is_lossless() || self.feedback.residual().is_some() {
             let (c, sent) = self.feedback.compress(&upload, &delta)?;

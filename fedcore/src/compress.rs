@@ -98,7 +98,9 @@ impl Encoding {
             Encoding::F32 => (layout.len() as u64).saturating_mul(4),
             Encoding::F16 | Encoding::Bf16 => (layout.len() as u64).saturating_mul(2),
             Encoding::Int8 => per_tensor(&|n| n.saturating_add(4)),
-            Encoding::TopK { .. } => per_tensor(&|n| (self.kept(n as usize) as u64) * 8),
+            Encoding::TopK { .. } => {
+                per_tensor(&|n| (self.kept(n as usize) as u64).saturating_mul(8))
+            }
         }
     }
 
@@ -120,9 +122,11 @@ impl Encoding {
                     let h = f16::from_f32(x.clamp(f16::MIN.to_f32(), f16::MAX.to_f32()));
                     out.extend(h.to_le_bytes())
                 }),
-                Encoding::Bf16 => v
-                    .iter()
-                    .for_each(|x| out.extend(bf16::from_f32(*x).to_le_bytes())),
+                Encoding::Bf16 => v.iter().for_each(|x| {
+                    // Within 0.4 % of f32's largest, rounding would give inf.
+                    let b = bf16::from_f32(x.clamp(bf16::MIN.to_f32(), bf16::MAX.to_f32()));
+                    out.extend(b.to_le_bytes())
+                }),
                 Encoding::Int8 => {
                     let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
                     let scale = max / 127.0;
@@ -301,7 +305,14 @@ impl Compressed {
                         return bad(format!("the scale of `{}` is {scale}", spec.name));
                     }
                     for (o, q) in out.iter_mut().zip(take(n)) {
-                        *o = f32::from(*q as i8) * scale;
+                        let q = *q as i8;
+                        if q == i8::MIN {
+                            return bad(format!(
+                                "`{}` holds -128, outside the encoder's [-127, 127]",
+                                spec.name
+                            ));
+                        }
+                        *o = f32::from(q) * scale;
                     }
                 }
                 Encoding::TopK { .. } => {
@@ -338,11 +349,14 @@ fn word(b: &[u8], i: usize) -> [u8; 4] {
 }
 
 /// A client's error-feedback residual: what its lossy encodings dropped so
-/// far, added to its next update. Kept in memory for the client's life
-/// (reset when the update's layout changes).
+/// far, added to its next update. Kept in memory for the client's life;
+/// dropped when the update's layout changes or a round comes that is not
+/// after the last one (a new run, or a server resumed from an earlier
+/// checkpoint), so one run's residual never enters another's.
 #[derive(Debug, Default, Clone)]
 pub struct ErrorFeedback {
     residual: Option<Parameters>,
+    round: Option<u64>,
 }
 
 impl ErrorFeedback {
@@ -354,6 +368,17 @@ impl ErrorFeedback {
     /// The residual carried into the next update, if any.
     pub fn residual(&self) -> Option<&Parameters> {
         self.residual.as_ref()
+    }
+
+    /// Starts `round`: a round that is not after the last one started
+    /// drops the residual.
+    pub fn start_round(&mut self, round: u64) {
+        if self.round.is_some_and(|last| round <= last) && self.residual.take().is_some() {
+            tracing::debug!(
+                "round {round} is not after the last one; the error-feedback residual is dropped"
+            );
+        }
+        self.round = Some(round);
     }
 
     /// Encodes `values` plus the residual and keeps what the encoding lost;
@@ -448,6 +473,10 @@ mod tests {
         nan_scale.bytes[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
         let err = nan_scale.decode(layout.clone()).unwrap_err().to_string();
         assert!(err.contains("scale of `a` is NaN"), "{err}");
+        let mut low = Encoding::Int8.encode(&p).unwrap();
+        low.bytes[4] = 0x80;
+        let err = low.decode(layout.clone()).unwrap_err().to_string();
+        assert!(err.contains("-128"), "{err}");
         let inf = Compressed::new(Encoding::F16, [f16::INFINITY.to_le_bytes(); 4].concat());
         let err = inf.decode(layout).unwrap_err().to_string();
         assert!(err.contains("inf"), "{err}");
@@ -472,6 +501,7 @@ mod tests {
         let mut ef = ErrorFeedback::new();
         let mut total = p.zeros_like();
         for round in 1..=40 {
+            ef.start_round(round);
             let (c, sent) = ef.compress(&enc, &p).unwrap();
             assert_eq!(c.decode(p.layout().clone()).unwrap(), sent);
             total.axpy(1.0, &sent).unwrap();
@@ -485,6 +515,12 @@ mod tests {
         }
         let r = ef.residual().unwrap();
         assert!(r.as_slice().iter().all(|v| v.abs() <= 12.0), "{r:?}");
+        // A round that is not after the last one (a new run) drops it.
+        let mut other = ef.clone();
+        other.start_round(41);
+        assert!(other.residual().is_some());
+        other.start_round(3);
+        assert!(other.residual().is_none());
         // A lossless round flushes the residual.
         let (_, sent) = ef.compress(&Encoding::F32, &p).unwrap();
         total.axpy(1.0, &sent).unwrap();

@@ -22,7 +22,7 @@ function el(tag, attrs, ...children) {
 }
 
 const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
-const kib = (b) => (b === null || b === undefined ? "–" : b >= 1048576 ? `${(b / 1048576).toFixed(1)} MiB` : `${(b / 1024).toFixed(1)} KiB`);
+const kib = (b) => (b === null || b === undefined ? "–" : b >= 1048576 ? `${(b / 1048576).toFixed(1)} MiB` : b >= 1024 ? `${(b / 1024).toFixed(1)} KiB` : `${b} bytes`);
 const when = (ms) => new Date(ms).toLocaleString();
 
 async function api(path, opts = {}) {
@@ -231,7 +231,7 @@ async function viewRound(root, id, job) {
         el("td", {}, fmt(u.update_norm)), el("td", {}, u.num_examples ?? "–"), el("td", {}, fmt(u.epsilon, 2)),
         el("td", {}, kib(u.upload_bytes)))),
     ),
-    el("p", { class: "muted", id: "round-bytes" }, `Uploaded this round: ${kib(d.updates.reduce((a, u) => a + (u.upload_bytes || 0), 0))}.`),
+    el("p", { class: "muted", id: "round-bytes" }, `Uploaded this round: ${d.updates.some((u) => u.upload_bytes != null) ? kib(d.updates.reduce((a, u) => a + (u.upload_bytes || 0), 0)) : "not recorded"}.`),
     el("h2", {}, "Metrics"),
     el("table", {}, Object.entries(d.metrics).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, fmt(v, 4))))),
   );

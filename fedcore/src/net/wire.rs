@@ -547,6 +547,16 @@ impl Plan {
     }
 
     pub fn assembler(&self, task_id: u64, max_bytes: u64) -> Result<Assembler> {
+        // Encoded values decode to float32: their decoded size is held to
+        // the same limit, so a few declared bytes cannot ask for a huge
+        // allocation.
+        let decoded = (self.layout.len() as u64).saturating_mul(4);
+        if !self.encoding.is_lossless() && decoded > max_bytes {
+            return Err(bad(format!(
+                "declared {} values decode to {decoded} bytes, over the limit of {max_bytes} bytes",
+                self.encoding
+            )));
+        }
         Assembler::new(
             task_id,
             self.encoded(),
@@ -809,6 +819,18 @@ mod tests {
         );
         // An unknown encoding, and an encoding on a step reply.
         let mut header = out.header.clone();
+        // Top-k of a tiny fraction declares 8 bytes for a huge tensor;
+        // its decoded size is over the limit, refused before allocating.
+        let mut huge = out.header.clone();
+        huge.encoding = "top-k:1e-300".into();
+        huge.layout = vec![proto::TensorSpec {
+            name: "w".into(),
+            shape: vec![1 << 40],
+        }];
+        let plan = Plan::of_reply(&huge).unwrap();
+        assert_eq!(plan.total_bytes(), 8);
+        let err = plan.assembler(5, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("decode to 4398046511104 bytes"), "{err}");
         header.encoding = "int4".into();
         let err = Plan::of_reply(&header).err().unwrap().to_string();
         assert!(err.contains("bad value encoding"), "{err}");
