@@ -27,8 +27,29 @@ def small_jobs(ctx, body):
     op = ctx.operation
     if op.method.upper() == "POST" and op.path == "/api/jobs" and isinstance(body, dict):
         body = dict(body)
-        body["data"] = "mnist"
-        body["rounds"] = 1
+        # Only values the schema allows are swapped or dropped: a value
+        # schemathesis made invalid on purpose (a negative case) stays as
+        # it is, so that the request stays invalid and must be refused.
+        if body.get("data") in VALID["data"]:
+            body["data"] = "mnist"
+        if _whole_in(body.get("rounds"), 1, 100):
+            body["rounds"] = 1
         for k in ("image_size", "encrypt", "model"):
-            body.pop(k, None)
+            if k in body and (body[k] is None or body[k] in VALID.get(k, ()) or
+                              (k == "image_size" and _whole_in(body[k], 32, 224))):
+                body.pop(k)
     return body
+
+
+VALID = {
+    "data": ("synthetic_xrays", "chestxray14", "mnist"),
+    "encrypt": ("none", "head", "all"),
+    "model": ("densenet121", "small_cnn"),
+}
+
+
+def _whole_in(v, lo, hi):
+    """A JSON integer (8 or 8.0, not true) from lo to hi."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return float(v).is_integer() and lo <= v <= hi
