@@ -256,6 +256,60 @@ where
     pub fn model(&self) -> &M {
         &self.model
     }
+
+    /// Takes the client apart, keeping what it carries from one round to
+    /// the next besides its model: its privacy mechanisms (with their
+    /// ledgers), its error-feedback residual and its SCAFFOLD variate. The
+    /// model, the data, the key and the responder are dropped, and so is the
+    /// copy of the last update a responder keeps (it serves the round that
+    /// ends). [`ModelClient::with_state`] puts it back into a client built
+    /// afresh; see [`crate::pool`].
+    pub fn into_state(self) -> ClientState {
+        ClientState {
+            mechanisms: self.mechanisms,
+            feedback: self.feedback,
+            variate: self.variate,
+        }
+    }
+
+    /// Gives a client what [`ModelClient::into_state`] kept of an earlier
+    /// one of the same id, in place of its own mechanisms, residual and
+    /// variate.
+    pub fn with_state(mut self, state: ClientState) -> Self {
+        self.mechanisms = state.mechanisms;
+        self.feedback = state.feedback;
+        self.variate = state.variate;
+        self
+    }
+}
+
+/// What a [`ModelClient`] carries from one round to the next besides its
+/// model (see [`ModelClient::into_state`]).
+pub struct ClientState {
+    mechanisms: Vec<Box<dyn PrivacyMechanism>>,
+    feedback: ErrorFeedback,
+    variate: Option<ControlVariate>,
+}
+
+impl ClientState {
+    /// Whether it holds nothing a fresh client lacks: no mechanism, no
+    /// residual, no variate.
+    pub fn is_empty(&self) -> bool {
+        self.mechanisms.is_empty() && self.feedback.residual().is_none() && self.variate.is_none()
+    }
+}
+
+impl std::fmt::Debug for ClientState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientState")
+            .field(
+                "mechanisms",
+                &self.mechanisms.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            )
+            .field("residual", &self.feedback.residual().map(|r| r.len()))
+            .field("variate", &self.variate.is_some())
+            .finish()
+    }
 }
 
 impl<M: Model> Client for ModelClient<M>

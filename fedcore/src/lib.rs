@@ -15,7 +15,8 @@
 //!   rejection, events for dashboards and logs, crash-safe checkpoints and
 //!   [`Server::resume`].
 //! - [`FedAvg`], the reference aggregator; [`memory::InMemoryTransport`]
-//!   with fault injection; safetensors files PyTorch reads
+//!   with fault injection; [`pool::ClientPool`], thousands of virtual
+//!   clients of which only those at work exist; safetensors files PyTorch reads
 //!   ([`Parameters::save`], [`Parameters::to_safetensors`]) and crash-safe
 //!   run checkpoints ([`checkpoint`]);
 //!   [`linear::SoftmaxRegression`], a tiny pure-Rust model for tests and demos.
@@ -90,6 +91,7 @@ pub mod models;
 #[cfg(feature = "net")]
 pub mod net;
 mod params;
+pub mod pool;
 mod privacy;
 mod round;
 mod run;
@@ -108,7 +110,9 @@ mod update;
 pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Aggregator, ClientDiagnostics, FedAvg};
-pub use client::{Client, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, StepResponder};
+pub use client::{
+    Client, ClientState, EvaluateIns, FitIns, ModelClient, StepIns, StepReply, StepResponder,
+};
 pub use compress::{Compressed, Encoding, ErrorFeedback};
 pub use cross_site::{CrossSiteEvaluation, CrossSiteFailure, CrossSiteModel};
 pub use error::{BoxError, Error, Result};

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 
 pub use chestxray::{ChestXray14, ChestXrayConfig, Entry, FINDINGS};
 pub use mnist::Mnist;
-pub use partition::{Partition, PartitionConfig, dirichlet_partition};
+pub use partition::{Partition, PartitionConfig, dirichlet_label_split, dirichlet_partition};
 pub use synthetic::{SyntheticXrays, synthetic_digits, write_synthetic_chestxray};
 
 /// What a model is asked to predict for each image.

@@ -197,6 +197,80 @@ pub fn dirichlet_partition(
     )))
 }
 
+/// Splits items among many clients of equal size, each with its own label
+/// mix: client `c` draws proportions `q_c ~ Dirichlet(alpha, ..., alpha)`
+/// over the labels and then each of its `per_client` items by a label drawn
+/// from `q_c` (the next unused item of that label; an exhausted label is
+/// left out of later draws). This is the split of Hsu et al. (2019, "Measuring
+/// the effects of non-identical data distribution") for thousands of
+/// clients with a few items each, where [`dirichlet_partition`] (label
+/// shares over clients) would leave clients empty. Items are taken in a
+/// seeded shuffle; the same inputs and seed give the same split.
+///
+/// Needs `clients * per_client <= labels.len()`; items left over belong to
+/// no client.
+pub fn dirichlet_label_split(
+    labels: &[usize],
+    clients: usize,
+    per_client: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Partition> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(Error::InvalidConfig(format!(
+            "alpha must be positive and finite, got {alpha}"
+        )));
+    }
+    if clients.saturating_mul(per_client) > labels.len() {
+        return Err(Error::InvalidConfig(format!(
+            "{clients} clients of {per_client} items need {} items, there are {}",
+            clients.saturating_mul(per_client),
+            labels.len()
+        )));
+    }
+    let gamma = Gamma::new(alpha, 1.0).map_err(|e| Error::InvalidConfig(format!("alpha: {e}")))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // The items of each label, shuffled; each client takes from the back.
+    let mut pools: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &l) in labels.iter().enumerate() {
+        pools.entry(l).or_default().push(i);
+    }
+    let mut pools: Vec<Vec<usize>> = pools.into_values().collect();
+    pools.iter_mut().for_each(|p| p.shuffle(&mut rng));
+    let mut hospitals = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let mut q: Vec<f64> = (0..pools.len()).map(|_| gamma.sample(&mut rng)).collect();
+        let mut items = Vec::with_capacity(per_client);
+        for _ in 0..per_client {
+            let weight = |q: &[f64], k: usize| if pools[k].is_empty() { 0.0 } else { q[k] };
+            let mut total: f64 = (0..pools.len()).map(|k| weight(&q, k)).sum();
+            if !(total > 0.0 && total.is_finite()) {
+                // Every weight left underflowed (tiny alpha): uniform over the
+                // labels that have items.
+                q = vec![1.0; pools.len()];
+                total = (0..pools.len()).map(|k| weight(&q, k)).sum();
+            }
+            let mut x = rng.random_range(0.0..total);
+            let mut label = None;
+            for k in 0..pools.len() {
+                let w = weight(&q, k);
+                if w > 0.0 {
+                    label = Some(k);
+                    if x < w {
+                        break;
+                    }
+                    x -= w;
+                }
+            }
+            let k = label.expect("clients * per_client <= items, so an item is left");
+            items.push(pools[k].pop().expect("weighted labels have items"));
+        }
+        items.sort_unstable();
+        hospitals.push(items);
+    }
+    Ok(Partition { hospitals })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -221,6 +295,44 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&s| s), "an item was lost");
+    }
+
+    #[test]
+    fn the_label_split_gives_every_client_its_items_once_and_skews_with_alpha() {
+        let labels: Vec<usize> = (0..3000).map(|i| i % 10).collect();
+        let split = |alpha, seed| dirichlet_label_split(&labels, 400, 6, alpha, seed).unwrap();
+        let p = split(0.5, 1);
+        assert_eq!(p.hospitals.len(), 400);
+        let mut seen = vec![false; labels.len()];
+        for h in &p.hospitals {
+            assert_eq!(h.len(), 6);
+            for &i in h {
+                assert!(!seen[i], "item {i} twice");
+                seen[i] = true;
+            }
+        }
+        assert_eq!(p, split(0.5, 1));
+        assert_ne!(p, split(0.5, 2));
+        // Distinct labels per client: few with alpha 0.1, most of 6 with 100.
+        let distinct = |p: &Partition| {
+            p.hospitals
+                .iter()
+                .map(|h| {
+                    let mut l: Vec<usize> = h.iter().map(|&i| labels[i]).collect();
+                    l.sort_unstable();
+                    l.dedup();
+                    l.len() as f64
+                })
+                .sum::<f64>()
+                / p.hospitals.len() as f64
+        };
+        let (skewed, flat) = (distinct(&split(0.1, 3)), distinct(&split(100.0, 3)));
+        assert!(skewed < 2.5 && flat > 4.0, "{skewed} {flat}");
+        // Every item taken: labels run out and the rest comes from others.
+        let all = dirichlet_label_split(&labels, 500, 6, 0.1, 4).unwrap();
+        assert_eq!(all.hospitals.iter().map(Vec::len).sum::<usize>(), 3000);
+        assert!(dirichlet_label_split(&labels, 501, 6, 0.5, 0).is_err());
+        assert!(dirichlet_label_split(&labels, 10, 6, 0.0, 0).is_err());
     }
 
     proptest! {
