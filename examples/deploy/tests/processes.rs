@@ -278,14 +278,17 @@ fn a_site_killed_mid_round_is_a_dropout_and_rejoins_after_restart() {
     let mut h1 = start_client(project, "h1", &addr, &slow);
     let mut h2 = start_client(project, "h2", &addr, &slow);
     let mut h3 = start_client(project, "h3", &addr, &slow);
-    // Round 2 with all three sampled; kill h3 while it trains.
+    // Round 2 with all three sampled; kill h3 while it trains and start it
+    // again. The server keeps h3's task for the resume window (a dropped
+    // link would resume it); the restarted process no longer holds it, so
+    // it fails as a dropout as soon as h3 is back.
     server.wait_line(|l| l.starts_with("round 2 started") && l.contains("h3"));
     std::thread::sleep(Duration::from_millis(300));
     h3.kill();
+    let mut h3 = start_client(project, "h3", &addr, &slow);
     let line = server.wait_line(|l| l.starts_with("round 2 "));
     assert!(line.contains("finished accepted=h1,h2 "), "{line}");
     assert!(line.contains("h3(disconnected"), "{line}");
-    let mut h3 = start_client(project, "h3", &addr, &slow);
     server.wait_success();
     for c in [&mut h1, &mut h2, &mut h3] {
         c.wait_success();

@@ -1,9 +1,9 @@
 //! The client side: a site's process dials the server, keeps its session,
 //! trains when asked and reconnects when the connection drops.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeSet;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -12,10 +12,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Status, Streaming};
 use tracing::{info, warn};
 
+use super::caps::{Progress, Tracked};
 use super::proto::federation_client::FederationClient;
 use super::proto::{self, client_message, server_message};
 use super::provision::{Kit, Role};
-use super::wire::{self, Assembler, PROTOCOL, Plan};
+use super::wire::{self, Assembler, Outgoing, PROTOCOL, Plan};
 use super::{Limits, now_ms};
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -31,7 +32,9 @@ pub struct ClientOptions {
     pub limits: Limits,
     /// How often to send a heartbeat.
     pub heartbeat: Duration,
-    /// With no message from the server for this long, reconnect.
+    /// With no byte from the server for this long, reconnect (progress,
+    /// not whole messages: a download that takes minutes per chunk on a
+    /// slow link is alive while its bytes flow).
     pub liveness: Duration,
     /// The first wait before reconnecting; doubled after each failure.
     pub backoff_initial: Duration,
@@ -58,8 +61,21 @@ impl Default for ClientOptions {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A mutually authenticated gRPC channel to the server of `kit`.
+#[cfg(feature = "testkit")]
 pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationClient<Channel>> {
+    Ok(connect_tracked(kit, options).await?.0)
+}
+
+/// [`connect`], with the connection's byte counts.
+async fn connect_tracked(
+    kit: &Kit,
+    options: &ClientOptions,
+) -> Result<(FederationClient<Channel>, Arc<Progress>)> {
     let address = options
         .address
         .clone()
@@ -69,6 +85,27 @@ pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationCli
         .identity(Identity::from_pem(&kit.cert_pem, &kit.key_pem))
         .domain_name(kit.info.server_name.clone());
     let limits = &options.limits;
+    // Our own TCP connector (tonic puts TLS over it) so that the session
+    // sees the connection's bytes. No HTTP/2 keepalive: on a slow link its
+    // ping waits behind megabytes of data in the socket buffers and would
+    // time out a link that is moving; the session's liveness is progress.
+    let progress = Arc::new(Progress::default());
+    let connector = {
+        let progress = progress.clone();
+        tower::service_fn(move |uri: http::Uri| {
+            let progress = progress.clone();
+            async move {
+                let host = uri
+                    .host()
+                    .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+                    .ok_or_else(|| std::io::Error::other(format!("no host in `{uri}`")))?;
+                let port = uri.port_u16().unwrap_or(443);
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Tracked::new(tcp, progress)))
+            }
+        })
+    };
     let channel = Endpoint::from_shared(format!("https://{address}"))
         .map_err(|e| Error::InvalidConfig(format!("server address `{address}`: {e}")))?
         .tls_config(tls)
@@ -76,16 +113,15 @@ pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationCli
         .connect_timeout(options.connect_timeout)
         .initial_stream_window_size(Some(limits.window_bytes))
         .initial_connection_window_size(Some(limits.window_bytes))
-        .http2_keep_alive_interval(options.heartbeat)
-        .keep_alive_timeout(options.liveness)
-        .connect()
+        .connect_with_connector(connector)
         .await
         .map_err(|e| {
             Error::Transport(format!("cannot connect to {address}: {}", error_chain(&e)))
         })?;
-    Ok(FederationClient::new(channel)
+    let client = FederationClient::new(channel)
         .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes))
+        .max_encoding_message_size(limits.max_message_bytes);
+    Ok((client, progress))
 }
 
 /// Opens a session with the server of `kit`: connects with mutual TLS and
@@ -96,6 +132,7 @@ pub async fn connect(kit: &Kit, options: &ClientOptions) -> Result<FederationCli
 /// keeps the server's code (`PermissionDenied` for a revoked or unknown site).
 ///
 /// Public only through `net::testkit` (feature `testkit`).
+#[cfg(feature = "testkit")]
 pub async fn open_session(
     kit: &Kit,
     options: &ClientOptions,
@@ -106,7 +143,23 @@ pub async fn open_session(
     ),
     Status,
 > {
-    let mut grpc = connect(kit, options)
+    let (out, inbound, _) = open_session_holding(kit, options, Vec::new()).await?;
+    Ok((out, inbound))
+}
+
+type Opened = (
+    mpsc::Sender<proto::ClientMessage>,
+    Streaming<proto::ServerMessage>,
+    Arc<Progress>,
+);
+
+/// [`open_session`] for a client that holds tasks of an earlier session.
+async fn open_session_holding(
+    kit: &Kit,
+    options: &ClientOptions,
+    holding: Vec<proto::Holding>,
+) -> std::result::Result<Opened, Status> {
+    let (mut grpc, progress) = connect_tracked(kit, options)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let (out, out_rx) = mpsc::channel(16);
@@ -114,6 +167,7 @@ pub async fn open_session(
         identity: kit.info.identity.clone(),
         protocol: PROTOCOL,
         max_message_bytes: options.limits.max_message_bytes as u64,
+        holding,
     }));
     out.send(hello)
         .await
@@ -122,7 +176,7 @@ pub async fn open_session(
         .session(ReceiverStream::new(out_rx))
         .await?
         .into_inner();
-    Ok((out, inbound))
+    Ok((out, inbound, progress))
 }
 
 /// An error with its sources (TLS alerts hide two levels down).
@@ -138,13 +192,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 struct Job {
-    session: u64,
     task_id: u64,
     task: Task,
 }
 
 struct Done {
-    session: u64,
     task_id: u64,
     reply: std::result::Result<Reply, Failure>,
 }
@@ -161,11 +213,51 @@ enum End {
     },
 }
 
+/// Tasks whose results are still wanted: received whole, being worked on,
+/// or answered with a reply the server may not hold in full yet. A
+/// reconnect keeps those the server resumes; the worker skips the others.
+type Live = Arc<Mutex<BTreeSet<u64>>>;
+
+/// What a client keeps across sessions so that a dropped connection
+/// resumes where it stopped instead of starting over.
+#[derive(Default)]
+struct Held {
+    /// The task being downloaded, as far as it arrived.
+    receiving: Option<(proto::TaskHeader, Plan, Assembler)>,
+    /// The last reply sent (or being sent), until a welcome says the server
+    /// has it all (the task is not resumed) or wants the rest.
+    reply: Option<Outgoing<proto::ReplyHeader>>,
+}
+
+impl Held {
+    /// The hello's list: the partial download, then every live task.
+    fn holding(&self, live: &Live) -> Vec<proto::Holding> {
+        let mut holding: Vec<proto::Holding> = self
+            .receiving
+            .iter()
+            .map(|(h, _, a)| proto::Holding {
+                task_id: h.task_id,
+                received: a.received(),
+                complete: false,
+            })
+            .collect();
+        holding.extend(lock(live).iter().map(|&task_id| proto::Holding {
+            task_id,
+            received: 0,
+            complete: true,
+        }));
+        holding
+    }
+}
+
 /// Serves `client` to the server of `kit` until the server says the run is
 /// finished. Reconnects with exponential backoff when the connection drops
-/// (a task in progress is then abandoned: the server counted it as a
-/// dropout). Returns an error when the server refuses this site (revoked,
-/// not on the roster) or when `give_up_after` passes without a session.
+/// and resumes what was in flight: the rest of a task's download from the
+/// bytes that arrived, the task being worked on, the rest of a reply from
+/// the bytes the server holds (as long as the server kept the task, see
+/// [`super::ServerOptions::resume_window`]). Returns an error when the
+/// server refuses this site (revoked, not on the roster) or when
+/// `give_up_after` passes without a session.
 pub fn run_client<C: Client + 'static>(
     kit: &Kit,
     client: C,
@@ -186,26 +278,23 @@ pub fn run_client<C: Client + 'static>(
     }
     options.limits.check()?;
     super::check_timing(options.heartbeat, options.liveness)?;
-    // The model works on its own thread; results come back tagged with the
-    // session they belong to, so that a reconnect drops stale ones.
+    // The model works on its own thread; it skips tasks that are no longer
+    // live (the server gave up on them while the client was away).
     let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    // The session whose jobs are worth running; jobs of a session that has
-    // ended are skipped (the server already counted them as dropouts).
-    let current = Arc::new(AtomicU64::new(0));
-    let worker_current = current.clone();
+    let live: Live = Arc::default();
+    let worker_live = live.clone();
     let worker = std::thread::Builder::new()
         .name(format!("fedcore-client-{}", kit.info.identity))
         .spawn(move || {
             let mut client = client;
             for job in jobs_rx {
-                if job.session != worker_current.load(Ordering::SeqCst) {
+                if !lock(&worker_live).contains(&job.task_id) {
                     continue;
                 }
                 let reply = crate::memory::run(&mut client, &job.task);
                 if done_tx
                     .send(Done {
-                        session: job.session,
                         task_id: job.task_id,
                         reply,
                     })
@@ -223,12 +312,9 @@ pub fn run_client<C: Client + 'static>(
     let result = runtime.block_on(async {
         let mut delay = options.backoff_initial;
         let mut last_held = Instant::now();
-        let mut session = 0u64;
+        let mut held = Held::default();
         loop {
-            session += 1;
-            current.store(session, Ordering::SeqCst);
-            let end = run_session(kit, options, session, &jobs_tx, &mut done_rx).await;
-            current.store(0, Ordering::SeqCst);
+            let end = run_session(kit, options, &jobs_tx, &mut done_rx, &live, &mut held).await;
             match end {
                 End::Finished => return Ok(()),
                 End::Refused(r) => return Err(Error::Transport(format!("refused by the server: {r}"))),
@@ -259,6 +345,7 @@ pub fn run_client<C: Client + 'static>(
             }
         }
     });
+    lock(&live).clear();
     drop(jobs_tx);
     drop(done_rx);
     drop(runtime);
@@ -274,34 +361,87 @@ fn client_msg(kind: client_message::Kind) -> proto::ClientMessage {
 
 type OutTx = mpsc::Sender<proto::ClientMessage>;
 
+/// The connection's side of a session: where to send, how the link moves.
+struct Link<'a> {
+    out: &'a OutTx,
+    progress: &'a Progress,
+    liveness: Duration,
+    chunk_bytes: usize,
+}
+
+impl Link<'_> {
+    /// Sends one message, waiting while the link moves (however slowly)
+    /// and failing when no byte came from the server for `liveness` (the
+    /// server's window updates are its reading of what we send).
+    async fn send(&self, msg: proto::ClientMessage) -> std::result::Result<(), String> {
+        loop {
+            tokio::select! {
+                permit = self.out.reserve() => {
+                    let permit = permit.map_err(|_| "the session closed while sending".to_owned())?;
+                    permit.send(msg);
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(self.liveness / 4) => {
+                    let silent = self.progress.since_read();
+                    if silent > self.liveness {
+                        return Err(format!("the server took in nothing for {} ms", silent.as_millis()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a reply from byte `from` of its payload (0: with its header).
+    async fn send_reply(
+        &self,
+        reply: &Outgoing<proto::ReplyHeader>,
+        from: u64,
+    ) -> std::result::Result<(), String> {
+        let id = reply.header.task_id;
+        if from == 0 {
+            self.send(client_msg(client_message::Kind::Reply(
+                reply.header.clone(),
+            )))
+            .await?;
+        }
+        for chunk in wire::chunks_from(id, &reply.payload, self.chunk_bytes, from) {
+            self.send(client_msg(client_message::Kind::Chunk(chunk)))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 async fn run_session(
     kit: &Kit,
     options: &ClientOptions,
-    session: u64,
     jobs: &std_mpsc::Sender<Job>,
     done: &mut mpsc::UnboundedReceiver<Done>,
+    live: &Live,
+    held: &mut Held,
 ) -> End {
     let lost = |reason: String| End::Lost { reason, held: None };
-    let (out, mut inbound) = match open_session(kit, options).await {
-        Ok(s) => s,
-        Err(s)
-            if matches!(
-                s.code(),
-                Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition
-            ) =>
-        {
-            return End::Refused(s.message().to_owned());
-        }
-        Err(s) => return lost(format!("{}: {}", s.code(), error_chain(&s))),
-    };
+    let (out, mut inbound, progress) =
+        match open_session_holding(kit, options, held.holding(live)).await {
+            Ok(s) => s,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition
+                ) =>
+            {
+                return End::Refused(s.message().to_owned());
+            }
+            Err(s) => return lost(format!("{}: {}", s.code(), error_chain(&s))),
+        };
     let mut liveness = options.liveness;
     let mut heartbeat = options.heartbeat;
     let mut chunk_bytes = options.limits.chunk_bytes;
-    match tokio::time::timeout(options.connect_timeout, inbound.message()).await {
+    let resumed = match tokio::time::timeout(options.connect_timeout, inbound.message()).await {
         Ok(Ok(Some(proto::ServerMessage {
             kind: Some(server_message::Kind::Welcome(w)),
         }))) if w.identity == kit.info.identity => {
-            info!(server = %kit.info.server_address, identity = %w.identity, "session established");
+            info!(server = %kit.info.server_address, identity = %w.identity, resumed = w.resumed.len(), "session established");
             // Follow the server's pace and chunk size: a server that sends
             // heartbeats every 15 s must not look dead after 10.
             liveness = liveness.max(Duration::from_millis(w.heartbeat_ms.saturating_mul(3)));
@@ -313,6 +453,7 @@ async fn run_session(
                 heartbeat = heartbeat
                     .min(Duration::from_millis(w.liveness_ms / 3).max(Duration::from_millis(10)));
             }
+            w.resumed
         }
         Ok(Ok(other)) => {
             return lost(format!(
@@ -324,16 +465,45 @@ async fn run_session(
         }
         Ok(Err(s)) => return lost(format!("{}: {}", s.code(), s.message())),
         Err(_) => return lost("no welcome from the server".into()),
-    }
+    };
     let established = Instant::now();
     let lost_held = |reason: String| End::Lost {
         reason,
         held: Some(established.elapsed()),
     };
+    let link = Link {
+        out: &out,
+        progress: &progress,
+        liveness,
+        chunk_bytes,
+    };
+    // Keep what the server resumed, drop the rest (it gave up on it).
+    let resumed_ids: BTreeSet<u64> = resumed.iter().map(|r| r.task_id).collect();
+    lock(live).retain(|id| resumed_ids.contains(id));
+    if held
+        .receiving
+        .as_ref()
+        .is_some_and(|(h, _, _)| !resumed_ids.contains(&h.task_id))
+    {
+        held.receiving = None;
+    }
+    if let Some(reply) = held.reply.take()
+        && let Some(r) = resumed.iter().find(|r| r.task_id == reply.header.task_id)
+    {
+        let from = r.reply_received.unwrap_or(0);
+        info!(task = r.task_id, from, "resuming a reply");
+        let sent = link.send_reply(&reply, from).await;
+        held.reply = Some(reply);
+        if let Err(e) = sent {
+            return lost_held(e);
+        }
+    }
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
-    let mut receiving: Option<(proto::TaskHeader, Plan, Assembler)> = None;
+    // The connection's bytes read when the last message arrived: a
+    // download's progress within a chunk, for the heartbeats.
+    let mut read_at_message = progress.bytes_read();
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -344,9 +514,11 @@ async fn run_session(
                     Err(s) => return lost_held(format!("{}: {}", s.code(), s.message())),
                 };
                 last_seen = Instant::now();
-                match on_message(msg, options, &mut receiving) {
+                read_at_message = progress.bytes_read();
+                match on_message(msg, options, &mut held.receiving) {
                     Ok(Some(Event::Task(task_id, task))) => {
-                        if jobs.send(Job { session, task_id, task }).is_err() {
+                        lock(live).insert(task_id);
+                        if jobs.send(Job { task_id, task }).is_err() {
                             return lost_held("the model's worker stopped".into());
                         }
                     }
@@ -356,26 +528,68 @@ async fn run_session(
                     }
                     Ok(Some(Event::Shutdown(s))) => return lost_held(format!("server going away: {}", s.reason)),
                     Ok(None) => {}
-                    Err(e) => return lost_held(format!("protocol error: {e}")),
+                    Err(e) => {
+                        // A task this client refuses (over its limits) is
+                        // not held: the server fails it when it is back.
+                        held.receiving = None;
+                        return lost_held(format!("protocol error: {e}"));
+                    }
                 }
             }
             d = done.recv() => {
                 let Some(d) = d else { return lost_held("the model's worker stopped".into()) };
-                if d.session != session {
-                    continue; // a task of an earlier session: the server gave up on it
+                if !lock(live).contains(&d.task_id) {
+                    continue; // the server gave up on it while we were away
                 }
-                if let Err(e) = send_reply(&out, d, chunk_bytes).await {
-                    return lost_held(e);
+                let message = match d.reply {
+                    Ok(reply) => wire::encode_reply(d.task_id, reply),
+                    Err(Failure::ClientError(m)) => Err(Error::Transport(m)),
+                    Err(f) => Err(Error::Transport(f.to_string())),
+                };
+                match message {
+                    Ok(reply) => {
+                        // Kept until the server has it all: a newer one replaces it.
+                        if let Some(old) = held.reply.replace(reply) {
+                            lock(live).remove(&old.header.task_id);
+                        }
+                        if let Some(reply) = &held.reply
+                            && let Err(e) = link.send_reply(reply, 0).await
+                        {
+                            return lost_held(e);
+                        }
+                    }
+                    Err(e) => {
+                        lock(live).remove(&d.task_id);
+                        let error = client_msg(client_message::Kind::Error(proto::TaskError {
+                            task_id: d.task_id,
+                            message: match e {
+                                Error::Transport(m) => m,
+                                e => e.to_string(),
+                            },
+                        }));
+                        if let Err(e) = link.send(error).await {
+                            return lost_held(e);
+                        }
+                    }
                 }
                 // The server took the whole reply, so it is alive, even if its
                 // heartbeats wait unread while a large reply was going out.
                 last_seen = Instant::now();
             }
             _ = tick.tick() => {
-                if last_seen.elapsed() > liveness {
-                    return lost_held(format!("no message from the server for {} ms", last_seen.elapsed().as_millis()));
+                let silent = last_seen.elapsed().min(progress.since_read());
+                if silent > liveness {
+                    return lost_held(format!("no byte from the server for {} ms", silent.as_millis()));
                 }
-                let _ = out.try_send(client_msg(client_message::Kind::Heartbeat(proto::Heartbeat { sent_at_ms: now_ms() })));
+                let (task_id, received) = held.receiving.as_ref().map_or((0, 0), |(h, _, a)| {
+                    let within = progress.bytes_read().saturating_sub(read_at_message);
+                    (h.task_id, a.received().saturating_add(within).min(a.total()))
+                });
+                let _ = out.try_send(client_msg(client_message::Kind::Heartbeat(proto::Heartbeat {
+                    sent_at_ms: now_ms(),
+                    task_id,
+                    received,
+                })));
             }
         }
     }
@@ -429,41 +643,4 @@ fn complete(
     };
     let task = wire::decode_task(&header, plan, assembler)?;
     Ok(Some((header.task_id, task)))
-}
-
-async fn send_reply(
-    out: &OutTx,
-    done: Done,
-    chunk_bytes: usize,
-) -> std::result::Result<(), String> {
-    let closed = |_| "the session closed while sending a reply".to_owned();
-    let message = match done.reply {
-        Ok(reply) => wire::encode_reply(done.task_id, reply),
-        Err(Failure::ClientError(m)) => Err(Error::Transport(m)),
-        Err(f) => Err(Error::Transport(f.to_string())),
-    };
-    match message {
-        Ok(o) => {
-            out.send(client_msg(client_message::Kind::Reply(o.header)))
-                .await
-                .map_err(closed)?;
-            for chunk in wire::chunks(done.task_id, &o.payload, chunk_bytes) {
-                out.send(client_msg(client_message::Kind::Chunk(chunk)))
-                    .await
-                    .map_err(closed)?;
-            }
-        }
-        Err(e) => {
-            out.send(client_msg(client_message::Kind::Error(proto::TaskError {
-                task_id: done.task_id,
-                message: match e {
-                    Error::Transport(m) => m,
-                    e => e.to_string(),
-                },
-            })))
-            .await
-            .map_err(closed)?;
-        }
-    }
-    Ok(())
 }

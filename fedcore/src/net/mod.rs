@@ -83,10 +83,10 @@ pub mod testkit {
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use caps::{Connections, Counted};
+pub use caps::{Connections, Counted, Progress};
 pub use client::{ClientOptions, run_client};
 pub use monitor::{Closed, NetMonitor, REFUSALS_KEPT, Refused, RefusedKind, SiteConnection};
-pub use server::{GrpcTransport, ServerOptions, ShutdownKind};
+pub use server::{GrpcTransport, ServerOptions, ShutdownKind, Transfer};
 pub use wire::PROTOCOL;
 
 use crate::error::{Error, Result};

@@ -196,6 +196,12 @@ impl NetMonitor {
         sites.into_values().collect()
     }
 
+    /// The transfers in progress (a task's download, a reply's upload):
+    /// bytes so far, rate and time left, per site. Also logged every 5 s.
+    pub fn transfers(&self) -> Vec<super::Transfer> {
+        self.shared.transfers()
+    }
+
     /// The refused connections numbered after `seq` (0: all kept), oldest
     /// first; at most [`REFUSALS_KEPT`] (a reader that falls further behind
     /// sees a gap in the numbers).

@@ -18,7 +18,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use super::caps::{Connections, SiteSessions, SiteSlot};
+use super::caps::{Connections, Progress, SiteSessions, SiteSlot};
 use super::monitor::{ConnectionLog, NetMonitor, Peer};
 use super::proto::federation_server::{Federation, FederationServer};
 use super::proto::{self, client_message, server_message};
@@ -43,8 +43,17 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// How often the server sends a heartbeat and checks each session.
     pub heartbeat: Duration,
-    /// A session silent for this long is closed (its tasks fail as disconnected).
+    /// A session whose connection moved no byte from the client for this
+    /// long is closed (progress, not whole messages: a slow link that
+    /// takes minutes per chunk stays open while its bytes flow).
     pub liveness: Duration,
+    /// How long the tasks of a site whose connection dropped wait for it to
+    /// reconnect: a site back in time resumes them where they stopped (the
+    /// rest of a download from the bytes it holds, the rest of its reply
+    /// from the bytes the server holds); otherwise they fail as
+    /// disconnected. Zero fails them at once. A session closed for a
+    /// protocol error or a revocation never resumes.
+    pub resume_window: Duration,
     /// How long a new connection has to say hello.
     pub hello_timeout: Duration,
     /// How long a TLS handshake may take.
@@ -66,15 +75,16 @@ pub struct ServerOptions {
 }
 
 impl Default for ServerOptions {
-    /// The kit's port, default limits, a heartbeat every 2 s, 10 s liveness;
-    /// 256 connections, 16 per address, 2 session calls per site, 4 streams
-    /// per connection.
+    /// The kit's port, default limits, a heartbeat every 2 s, 10 s liveness,
+    /// 60 s to resume after a dropped connection; 256 connections, 16 per
+    /// address, 2 session calls per site, 4 streams per connection.
     fn default() -> Self {
         Self {
             listen: None,
             limits: Limits::default(),
             heartbeat: Duration::from_secs(2),
             liveness: Duration::from_secs(10),
+            resume_window: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             finish_grace: Duration::from_secs(20),
@@ -87,8 +97,103 @@ impl Default for ServerOptions {
 }
 
 enum Out {
-    Task(Outgoing<proto::TaskHeader>),
+    /// A task: its header and payload (`None`), or its payload from a byte
+    /// on (a download resumed after a reconnect).
+    Task(Arc<Outgoing<proto::TaskHeader>>, Option<u64>),
     Shutdown(proto::Shutdown),
+}
+
+/// How often a transfer's progress is logged.
+const METER_EVERY: Duration = Duration::from_secs(5);
+
+/// A transfer in progress to or from a site, as the server's log and
+/// [`NetMonitor::transfers`] show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Transfer {
+    /// The site.
+    pub identity: String,
+    /// `"download"` (a task to the site) or `"upload"` (its reply).
+    pub direction: String,
+    /// The task.
+    pub task_id: u64,
+    /// Payload bytes moved so far (counting those moved before a resume).
+    pub bytes: u64,
+    /// The payload's size.
+    pub total: u64,
+    /// Bytes per second since the transfer (or its resumption) started.
+    pub rate_bytes_per_s: f64,
+    /// Seconds left at that rate (`None` before any byte moved).
+    pub eta_s: Option<f64>,
+    /// It resumed after a dropped connection (bytes and rate count from
+    /// where it resumed).
+    pub resumed: bool,
+}
+
+/// Which way a transfer goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Download = 0,
+    Upload = 1,
+}
+
+/// Measures one transfer. An upload's bytes are counted on the connection
+/// as they arrive (framing included, so slightly ahead, and capped at the
+/// payload), which follows a slow link within a chunk, and by whole chunks
+/// where the session does not know its connection. A download's are what
+/// the client's heartbeats report: the server's own writes land in socket
+/// buffers long before they cross a slow link.
+struct Meter {
+    way: Way,
+    task_id: u64,
+    total: u64,
+    /// Where it (re)started, in payload bytes.
+    from: u64,
+    /// Payload bytes known to have moved (whole chunks).
+    chunks: u64,
+    /// The connection's counter when it started.
+    counter_at_start: Option<u64>,
+    started: Instant,
+    logged: Instant,
+}
+
+impl Meter {
+    fn new(way: Way, task_id: u64, total: u64, from: u64, counter: Option<u64>) -> Self {
+        let now = Instant::now();
+        Self {
+            way,
+            task_id,
+            total,
+            from,
+            chunks: from,
+            counter_at_start: counter,
+            started: now,
+            logged: now,
+        }
+    }
+
+    fn snapshot(&self, identity: &ClientId, counter: Option<u64>) -> Transfer {
+        let counted = match (self.counter_at_start, counter) {
+            (Some(a), Some(b)) => self.from.saturating_add(b.saturating_sub(a)),
+            _ => 0,
+        };
+        let bytes = self.chunks.max(counted).min(self.total);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = bytes.saturating_sub(self.from) as f64 / secs;
+        Transfer {
+            identity: identity.to_string(),
+            direction: match self.way {
+                Way::Download => "download",
+                Way::Upload => "upload",
+            }
+            .to_owned(),
+            task_id: self.task_id,
+            bytes,
+            total: self.total,
+            rate_bytes_per_s: rate,
+            eta_s: (rate > 0.0).then(|| self.total.saturating_sub(bytes) as f64 / rate),
+            resumed: self.from > 0,
+        }
+    }
 }
 
 /// Task ids remembered per session after they were dropped from `pending`.
@@ -110,6 +215,19 @@ struct Pending {
     kind: proto::TaskKind,
     /// The largest reply payload accepted for it.
     max_reply_bytes: u64,
+    /// Its header and payload, to resume its download after a reconnect.
+    task: Arc<Outgoing<proto::TaskHeader>>,
+}
+
+/// The tasks of a site whose connection dropped, kept for
+/// [`ServerOptions::resume_window`].
+struct Parked {
+    /// The session they belonged to.
+    session: u64,
+    pending: HashMap<u64, Pending>,
+    /// The reply it was sending, as far as it arrived.
+    incoming: Option<Incoming>,
+    reason: String,
 }
 
 struct Session {
@@ -128,6 +246,13 @@ struct Session {
     /// a reply to one that was sent is read and thrown away.
     forgotten: Mutex<VecDeque<u64>>,
     last_seen: Mutex<Instant>,
+    /// The connection's bytes (`None` where the server could not tell
+    /// which connection carries the session: then whole messages count).
+    progress: Option<Arc<Progress>>,
+    /// The reply being received.
+    incoming: Mutex<Option<Incoming>>,
+    /// The download and the upload in progress.
+    transfers: Mutex<[Option<Meter>; 2]>,
     cancel: CancellationToken,
     /// The site's place among its session calls, freed with the session.
     _slot: SiteSlot,
@@ -197,6 +322,90 @@ pub(super) struct Shared {
     site_sessions: SiteSessions,
     /// Set when the server stops listening: no session registers after.
     stopped: Mutex<bool>,
+    /// Tasks waiting for their site to reconnect.
+    parked: Mutex<HashMap<ClientId, Parked>>,
+    /// The open connections and their progress.
+    connections: Connections,
+}
+
+impl Session {
+    /// How long the client has been silent: no message and no byte.
+    fn silent(&self) -> Duration {
+        let message = lock(&self.last_seen).elapsed();
+        self.progress
+            .as_ref()
+            .map_or(message, |p| message.min(p.since_read()))
+    }
+
+    /// The connection's counter for an upload (bytes read); none for a
+    /// download (the client reports it).
+    fn counter(&self, way: Way) -> Option<u64> {
+        match way {
+            Way::Download => None,
+            Way::Upload => self.progress.as_ref().map(|p| p.bytes_read()),
+        }
+    }
+
+    /// A transfer starts (or resumes at `from`). An upload's start ends
+    /// the download of its task.
+    fn start_transfer(&self, way: Way, task_id: u64, total: u64, from: u64) {
+        let meter = Meter::new(way, task_id, total, from, self.counter(way));
+        let mut transfers = lock(&self.transfers);
+        transfers[way as usize] = Some(meter);
+        if way == Way::Upload {
+            transfers[Way::Download as usize] = None;
+        }
+    }
+
+    /// `bytes` of the payload moved: whole chunks of an upload, or what
+    /// the client reports of a download. A transfer that moved all its
+    /// bytes ends.
+    fn moved(&self, way: Way, task_id: u64, bytes: u64) {
+        let mut transfers = lock(&self.transfers);
+        let slot = &mut transfers[way as usize];
+        if let Some(m) = slot.as_mut().filter(|m| m.task_id == task_id) {
+            m.chunks = m.chunks.max(bytes);
+            if bytes >= m.total {
+                self.log_transfer(m, true);
+                *slot = None;
+            }
+        }
+    }
+
+    /// The transfers in progress; logs each every [`METER_EVERY`].
+    fn transfers(&self) -> Vec<Transfer> {
+        let mut transfers = lock(&self.transfers);
+        let mut out = Vec::new();
+        for slot in transfers.iter_mut() {
+            let Some(m) = slot.as_mut() else { continue };
+            let t = m.snapshot(&self.id, self.counter(m.way));
+            if m.logged.elapsed() >= METER_EVERY {
+                self.log_transfer(m, false);
+            }
+            out.push(t);
+        }
+        out
+    }
+
+    fn log_transfer(&self, m: &mut Meter, done: bool) {
+        // Small transfers finish in one go: only slow ones are logged.
+        if done && m.started.elapsed() < METER_EVERY {
+            return;
+        }
+        m.logged = Instant::now();
+        let t = m.snapshot(&self.id, self.counter(m.way));
+        info!(
+            client = %t.identity,
+            direction = %t.direction,
+            task = t.task_id,
+            bytes = t.bytes,
+            total = t.total,
+            rate_kb_s = (t.rate_bytes_per_s / 1e3).round(),
+            eta_s = t.eta_s.map_or(-1.0, f64::round),
+            resumed = t.resumed,
+            "transfer progress"
+        );
+    }
 }
 
 impl Shared {
@@ -208,21 +417,37 @@ impl Shared {
     pub(super) fn open_sessions(&self) -> Vec<(String, Duration)> {
         lock(&self.sessions)
             .values()
-            .map(|s| (s.id.to_string(), lock(&s.last_seen).elapsed()))
+            .map(|s| (s.id.to_string(), s.silent()))
+            .collect()
+    }
+
+    /// The transfers in progress.
+    pub(super) fn transfers(&self) -> Vec<Transfer> {
+        lock(&self.sessions)
+            .values()
+            .flat_map(|s| s.transfers())
             .collect()
     }
 
     /// Registers a session; a newer connection of the same site replaces
-    /// an older one (whose tasks fail), never the other way round.
-    fn register(&self, session: Arc<Session>) -> bool {
-        let old = {
+    /// an older one, never the other way round. The new session takes over
+    /// the tasks of the one it replaces and those parked for the site:
+    /// those the client still holds resume (the rest of a download is
+    /// queued from the client's offset), the others fail. Returns what
+    /// resumed, for the welcome; `None` if it may not register.
+    fn register(
+        &self,
+        session: Arc<Session>,
+        holding: &[proto::Holding],
+    ) -> Option<Vec<proto::Resumed>> {
+        let (old, resumed) = {
             let mut sessions = lock(&self.sessions);
             if *lock(&self.stopped)
                 || sessions
                     .get(&session.id)
                     .is_some_and(|s| s.number > session.number)
             {
-                return false;
+                return None;
             }
             // Logged under the sessions lock, as `end_session` logs a
             // close: the log's order is the sessions' order.
@@ -232,18 +457,140 @@ impl Shared {
                 not_after_ms: session.not_after_ms,
                 peer: session.peer.clone(),
             });
-            sessions.insert(session.id.clone(), session.clone())
+            let old = sessions.insert(session.id.clone(), session.clone());
+            // Before the new session can be sent anything: a resumed
+            // download goes out before any new task.
+            let resumed = self.adopt(&session, old.as_deref(), holding);
+            (old, resumed)
         };
         lock(&self.seen).insert(session.id.clone());
         if let Some(old) = old {
+            // Its tasks moved to the new session; this stops its streams.
             self.fail(
                 &old,
                 "replaced by a new connection from the same site".into(),
             );
         }
-        info!(client = %session.id, session = session.number, "client connected");
+        info!(client = %session.id, session = session.number, resumed = resumed.len(), "client connected");
         self.changed.notify_all();
-        true
+        Some(resumed)
+    }
+
+    /// Moves the tasks of `old` (a session being replaced) and of the
+    /// site's parked session to `session`, as far as the client holds them.
+    fn adopt(
+        &self,
+        session: &Session,
+        old: Option<&Session>,
+        holding: &[proto::Holding],
+    ) -> Vec<proto::Resumed> {
+        let mut pending = HashMap::new();
+        let mut incoming = None;
+        if let Some(p) = lock(&self.parked).remove(&session.id) {
+            pending.extend(p.pending);
+            incoming = p.incoming;
+        }
+        if let Some(old) = old {
+            old.cancel.cancel();
+            pending.extend(lock(&old.pending).drain());
+            if let Some(i) = lock(&old.incoming).take() {
+                incoming = Some(i);
+            }
+        }
+        let mut ids: Vec<u64> = pending.keys().copied().collect();
+        ids.sort_unstable();
+        let mut resumed = Vec::new();
+        for id in ids {
+            let Some(p) = pending.remove(&id) else {
+                continue;
+            };
+            let Some(h) = holding.iter().find(|h| h.task_id == id) else {
+                // The client restarted, or never got the task's header.
+                let _ = p.reply_to.send(Envelope {
+                    client: session.id.clone(),
+                    reply: Err(Failure::Disconnected(
+                        "the connection dropped and the client no longer holds the task".into(),
+                    )),
+                });
+                continue;
+            };
+            let reply_received = match incoming.take() {
+                Some(i) if i.header.task_id == id && h.complete => {
+                    let received = i.assembler.received();
+                    session.start_transfer(Way::Upload, id, i.assembler.total(), received);
+                    *lock(&session.incoming) = Some(i);
+                    Some(received)
+                }
+                other => {
+                    incoming = other;
+                    None
+                }
+            };
+            if !h.complete {
+                let _ = session
+                    .queue
+                    .send(Out::Task(p.task.clone(), Some(h.received)));
+            }
+            info!(client = %session.id, task = id, download_from = h.received, complete = h.complete,
+                  reply_from = ?reply_received, "resuming a task after a reconnect");
+            lock(&session.pending).insert(id, p);
+            resumed.push(proto::Resumed {
+                task_id: id,
+                reply_received,
+            });
+        }
+        resumed
+    }
+
+    /// Keeps `session`'s tasks for the resume window instead of failing
+    /// them; fails them when the window passes without the site.
+    fn park(self: &Arc<Self>, session: &Session, reason: String) {
+        session.cancel.cancel();
+        let pending: HashMap<u64, Pending> = lock(&session.pending).drain().collect();
+        if pending.is_empty() {
+            return;
+        }
+        let window = self.options.resume_window;
+        info!(client = %session.id, tasks = pending.len(), window_s = window.as_secs(), "keeping the tasks of a dropped connection");
+        lock(&self.parked).insert(
+            session.id.clone(),
+            Parked {
+                session: session.number,
+                pending,
+                incoming: lock(&session.incoming).take(),
+                reason,
+            },
+        );
+        let shared = self.clone();
+        let (id, number) = (session.id.clone(), session.number);
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            shared.expire(&id, number);
+        });
+    }
+
+    /// Fails the tasks parked for `id` by session `number`, if still there.
+    fn expire(&self, id: &ClientId, number: u64) {
+        let parked = {
+            let mut parked = lock(&self.parked);
+            if parked.get(id).is_none_or(|p| p.session != number) {
+                return;
+            }
+            parked.remove(id)
+        };
+        if let Some(p) = parked {
+            let reason = format!(
+                "{} (not back within {} s)",
+                p.reason,
+                self.options.resume_window.as_secs()
+            );
+            for (_, pending) in p.pending {
+                let _ = pending.reply_to.send(Envelope {
+                    client: id.clone(),
+                    reply: Err(Failure::Disconnected(reason.clone())),
+                });
+            }
+        }
     }
 
     /// Waits until `done` holds for the open sessions (checked under their
@@ -269,8 +616,9 @@ impl Shared {
         sessions.len()
     }
 
-    /// Ends a session: stops its tasks, fails its pending tasks.
-    fn end_session(&self, session: &Arc<Session>, reason: String) {
+    /// Ends a session: stops its tasks; parks them for the resume window
+    /// when `resumable` (the connection dropped), fails them otherwise.
+    fn end_session(self: &Arc<Self>, session: &Arc<Session>, reason: String, resumable: bool) {
         {
             let mut sessions = lock(&self.sessions);
             if sessions
@@ -279,9 +627,14 @@ impl Shared {
             {
                 sessions.remove(&session.id);
                 info!(client = %session.id, session = session.number, reason = %reason, "client disconnected");
-                let silent = lock(&session.last_seen).elapsed().as_millis() as i64;
+                let silent = session.silent().as_millis() as i64;
                 self.log
                     .closed(session.id.as_str(), now_ms() as i64 - silent, &reason);
+                if resumable && !self.options.resume_window.is_zero() && !*lock(&self.stopped) {
+                    // Under the sessions lock: a reconnect registering next
+                    // finds the parked tasks.
+                    self.park(session, reason.clone());
+                }
             }
         }
         self.changed.notify_all();
@@ -335,7 +688,9 @@ impl Federation for Service {
             common_name(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let fp = fingerprint(leaf.as_ref());
         let not_after = not_after_ms(leaf.as_ref());
-        let peer = request.remote_addr().map(|a| a.to_string());
+        let remote = request.remote_addr();
+        let peer = remote.map(|a| a.to_string());
+        let progress = remote.and_then(|a| shared.connections.progress(a));
         if let Err(refusal) = shared.admit(&identity, &fp) {
             warn!(identity = %identity, reason = %refusal, "connection refused");
             shared.log.refused(
@@ -410,25 +765,41 @@ impl Federation for Service {
             pending: Mutex::new(HashMap::new()),
             forgotten: Mutex::new(VecDeque::new()),
             last_seen: Mutex::new(Instant::now()),
+            progress,
+            incoming: Mutex::new(None),
+            transfers: Mutex::new([None, None]),
             cancel: CancellationToken::new(),
             _slot: slot,
         });
+        if hello.holding.len() > MAX_PENDING * 2 {
+            return Err(Status::invalid_argument(format!(
+                "hello lists {} held tasks; a site has at most {MAX_PENDING}",
+                hello.holding.len()
+            )));
+        }
+        let Some(resumed) = shared.register(session.clone(), &hello.holding) else {
+            if *lock(&shared.stopped) {
+                return Err(Status::unavailable("the server is stopping"));
+            }
+            return Err(Status::aborted("a newer connection of this site is open"));
+        };
         let welcome = server_msg(server_message::Kind::Welcome(proto::Welcome {
             identity,
             protocol: PROTOCOL,
             heartbeat_ms: shared.options.heartbeat.as_millis() as u64,
             chunk_bytes: chunk_bytes as u64,
             liveness_ms: shared.options.liveness.as_millis() as u64,
+            resumed,
         }));
-        out_tx
-            .send(Ok(welcome))
-            .await
-            .map_err(|_| Status::unavailable("session closed"))?;
-        if !shared.register(session.clone()) {
-            if *lock(&shared.stopped) {
-                return Err(Status::unavailable("the server is stopping"));
-            }
-            return Err(Status::aborted("a newer connection of this site is open"));
+        // The welcome goes first: the writer, which sends everything
+        // queued (a resumed download first), starts after it.
+        if out_tx.send(Ok(welcome)).await.is_err() {
+            shared.end_session(
+                &session,
+                "the session closed before its welcome".into(),
+                true,
+            );
+            return Err(Status::unavailable("session closed"));
         }
         if let Some(s) = lock(&shared.closing).clone() {
             let _ = session.queue.send(Out::Shutdown(s));
@@ -442,19 +813,37 @@ impl Federation for Service {
 type OutTx = mpsc::Sender<std::result::Result<proto::ServerMessage, Status>>;
 
 /// Sends one message unless the session is cancelled first or the client
-/// reads nothing for `patience` (a client that stops reading must not hold
-/// the session, and the models queued for it, forever).
+/// takes in nothing for `patience` (a client that stops reading must not
+/// hold the session, and the models queued for it, forever). Taking in is
+/// progress in bytes: while the connection writes any, however slowly, the
+/// client is reading.
 async fn push(
     session: &Session,
     out: &OutTx,
     msg: proto::ServerMessage,
     patience: Duration,
 ) -> std::result::Result<(), String> {
-    tokio::select! {
-        _ = session.cancel.cancelled() => Err("session closed".into()),
-        r = out.send(Ok(msg)) => r.map_err(|_| "the client stopped reading".to_owned()),
-        _ = tokio::time::sleep(patience) => {
-            Err(format!("the client read nothing for {} ms", patience.as_millis()))
+    let started = Instant::now();
+    let stalled = || {
+        let waited = started.elapsed();
+        session
+            .progress
+            .as_ref()
+            .map_or(waited, |p| waited.min(p.since_written()))
+    };
+    loop {
+        tokio::select! {
+            _ = session.cancel.cancelled() => return Err("session closed".into()),
+            permit = out.reserve() => {
+                let permit = permit.map_err(|_| "the client stopped reading".to_owned())?;
+                permit.send(Ok(msg));
+                return Ok(());
+            }
+            _ = tokio::time::sleep(patience / 4) => {
+                if stalled() > patience {
+                    return Err(format!("the client took in nothing for {} ms", stalled().as_millis()));
+                }
+            }
         }
     }
 }
@@ -469,7 +858,9 @@ async fn writer(
     let opts = &shared.options;
     let mut tick = tokio::time::interval(opts.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = loop {
+    // Why the session ends, and whether its tasks may resume (the link
+    // failed, not the protocol).
+    let (reason, resumable) = loop {
         tokio::select! {
             _ = session.cancel.cancelled() => return,
             item = queue.recv() => match item {
@@ -486,33 +877,39 @@ async fn writer(
                     // message and hung up (the reader then ends the session).
                     tokio::select! {
                         _ = session.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(opts.liveness) => break s.reason,
+                        _ = tokio::time::sleep(opts.liveness) => break (s.reason, false),
                     }
                 }
-                Some(Out::Task(task)) => {
+                Some(Out::Task(task, from)) => {
                     let id = task.header.task_id;
                     if !lock(&session.pending).contains_key(&id) {
                         continue; // forgotten before it left: nobody waits for it
                     }
-                    if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Task(task.header.clone())), opts.liveness).await {
-                        break r;
+                    if from.is_none()
+                        && let Err(r) = push(&session, &out, server_msg(server_message::Kind::Task(task.header.clone())), opts.liveness).await
+                    {
+                        break (r, true);
                     }
+                    let total = task.payload_len();
+                    session.start_transfer(Way::Download, id, total, from.unwrap_or(0));
                     let mut failed = None;
-                    for chunk in wire::chunks(id, &task.payload, session.chunk_bytes) {
+                    for chunk in wire::chunks_from(id, &task.payload, session.chunk_bytes, from.unwrap_or(0)) {
                         if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Chunk(chunk)), opts.liveness).await {
                             failed = Some(r);
                             break;
                         }
                     }
                     if let Some(r) = failed {
-                        break r;
+                        break (r, true);
                     }
                 }
             },
             _ = tick.tick() => {
-                let silent = lock(&session.last_seen).elapsed();
+                // Logs the transfers in progress every few seconds.
+                let _ = session.transfers();
+                let silent = session.silent();
                 if silent > opts.liveness {
-                    break format!("no message for {} ms", silent.as_millis());
+                    break (format!("no byte from the client for {} ms", silent.as_millis()), true);
                 }
                 if let Err(refusal) = shared.admit(session.id.as_str(), &session.fingerprint) {
                     warn!(client = %session.id, reason = %refusal, "closing the session");
@@ -528,16 +925,17 @@ async fn writer(
                     );
                     let r = refusal.to_string();
                     let _ = out.try_send(Err(Status::permission_denied(r.clone())));
-                    break r;
+                    break (r, false);
                 }
                 // A full queue means data is flowing; no heartbeat needed.
                 let _ = out.try_send(Ok(server_msg(server_message::Kind::Heartbeat(proto::Heartbeat {
                     sent_at_ms: now_ms(),
+                    ..proto::Heartbeat::default()
                 }))));
             }
         }
     };
-    shared.end_session(&session, reason);
+    shared.end_session(&session, reason, resumable);
 }
 
 /// The reply being received.
@@ -553,8 +951,7 @@ async fn reader(
     session: Arc<Session>,
     mut inbound: Streaming<proto::ClientMessage>,
 ) {
-    let mut current: Option<Incoming> = None;
-    let reason = loop {
+    let (reason, resumable) = loop {
         let msg = tokio::select! {
             _ = session.cancel.cancelled() => return,
             m = inbound.message() => m,
@@ -562,16 +959,17 @@ async fn reader(
         match msg {
             Ok(Some(m)) => {
                 *lock(&session.last_seen) = Instant::now();
+                let mut current = lock(&session.incoming);
                 if let Err(e) = handle(&shared, &session, m, &mut current) {
                     warn!(client = %session.id, error = %e, "protocol error; closing the session");
-                    break e;
+                    break (e, false);
                 }
             }
-            Ok(None) => break "the client closed the session".to_owned(),
-            Err(status) => break format!("connection lost: {}", status.message()),
+            Ok(None) => break ("the client closed the session".to_owned(), true),
+            Err(status) => break (format!("connection lost: {}", status.message()), true),
         }
     };
-    shared.end_session(&session, reason);
+    shared.end_session(&session, reason, resumable);
 }
 
 fn handle(
@@ -583,7 +981,12 @@ fn handle(
     use client_message::Kind;
     match msg.kind {
         None | Some(Kind::Hello(_)) => Err("unexpected message".into()),
-        Some(Kind::Heartbeat(_)) => Ok(()),
+        Some(Kind::Heartbeat(h)) => {
+            if h.task_id != 0 {
+                session.moved(Way::Download, h.task_id, h.received);
+            }
+            Ok(())
+        }
         Some(Kind::Error(e)) => {
             if let Some(p) = lock(&session.pending).remove(&e.task_id) {
                 let _ = p.reply_to.send(Envelope {
@@ -619,6 +1022,7 @@ fn handle(
                 None => return Err(format!("reply to unknown task {}", header.task_id)),
             }
             .map_err(|e| e.to_string())?;
+            session.start_transfer(Way::Upload, header.task_id, assembler.total(), 0);
             *current = Some(Incoming {
                 header,
                 plan,
@@ -632,6 +1036,7 @@ fn handle(
                 .as_mut()
                 .ok_or_else(|| "a chunk outside a reply".to_owned())?;
             incoming.assembler.push(&chunk).map_err(|e| e.to_string())?;
+            session.moved(Way::Upload, chunk.task_id, incoming.assembler.received());
             deliver_if_complete(session, current);
             Ok(())
         }
@@ -732,6 +1137,8 @@ impl GrpcTransport {
             told: Mutex::new(BTreeSet::new()),
             site_sessions: SiteSessions::new(options_sessions_per_site),
             stopped: Mutex::new(false),
+            parked: Mutex::new(HashMap::new()),
+            connections: connections.clone(),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -757,8 +1164,10 @@ impl GrpcTransport {
             .map_err(|e| Error::Transport(format!("TLS configuration: {e}")))?
             .initial_stream_window_size(Some(limits.window_bytes))
             .initial_connection_window_size(Some(limits.window_bytes))
-            .http2_keepalive_interval(Some(shared.options.heartbeat))
-            .http2_keepalive_timeout(Some(shared.options.liveness))
+            // No HTTP/2 keepalive: on a slow link its ping waits behind
+            // megabytes of data in the socket buffers and would time out a
+            // link that is moving. Sessions' liveness is their progress.
+            .http2_keepalive_interval(None)
             .max_concurrent_streams(Some(shared.options.max_streams_per_connection))
             .add_service(service);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -880,6 +1289,15 @@ impl GrpcTransport {
         for s in &open {
             self.shared.fail(s, "the server stopped".into());
         }
+        let parked: Vec<(ClientId, Parked)> = lock(&self.shared.parked).drain().collect();
+        for (id, p) in parked {
+            for (_, pending) in p.pending {
+                let _ = pending.reply_to.send(Envelope {
+                    client: id.clone(),
+                    reply: Err(Failure::Disconnected("the server stopped".into())),
+                });
+            }
+        }
         self.shared.changed.notify_all();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(2));
@@ -921,7 +1339,7 @@ impl Transport for GrpcTransport {
             .cloned()
             .ok_or_else(|| Error::Transport(format!("`{client}` is not connected")))?;
         let task_id = self.shared.next_task.fetch_add(1, Ordering::Relaxed);
-        let out = wire::encode_task(task_id, &task)?;
+        let out = Arc::new(wire::encode_task(task_id, &task)?);
         let limit = self.shared.options.limits.max_payload_bytes;
         if out.payload_len() > limit {
             return Err(Error::Transport(format!(
@@ -979,10 +1397,11 @@ impl Transport for GrpcTransport {
                     round,
                     kind,
                     max_reply_bytes,
+                    task: out.clone(),
                 },
             );
         }
-        if (session.cancel.is_cancelled() || session.queue.send(Out::Task(out)).is_err())
+        if (session.cancel.is_cancelled() || session.queue.send(Out::Task(out, None)).is_err())
             && lock(&session.pending).remove(&task_id).is_some()
         {
             return Err(Error::Transport(format!("`{client}` disconnected")));

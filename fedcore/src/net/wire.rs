@@ -294,19 +294,32 @@ pub(crate) fn encode_reply(task_id: u64, reply: Reply) -> Result<Outgoing<proto:
 }
 
 /// Splits payload parts into chunks of at most `chunk_bytes` (no copies).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn chunks(
     task_id: u64,
     payload: &[Bytes],
     chunk_bytes: usize,
 ) -> impl Iterator<Item = proto::Chunk> + '_ {
+    chunks_from(task_id, payload, chunk_bytes, 0)
+}
+
+/// The chunks of the payload from byte `from` on (a resumed transfer).
+pub(crate) fn chunks_from(
+    task_id: u64,
+    payload: &[Bytes],
+    chunk_bytes: usize,
+    from: u64,
+) -> impl Iterator<Item = proto::Chunk> + '_ {
     let chunk_bytes = chunk_bytes.max(1);
     let mut offset = 0u64;
     payload.iter().flat_map(move |part| {
         let n = part.len();
-        let starts = (0..n).step_by(chunk_bytes);
-        let part = part.clone();
         let base = offset;
         offset += n as u64;
+        // Where this part starts being sent: past `from`, or not at all.
+        let first = usize::try_from(from.saturating_sub(base)).map_or(n, |f| f.min(n));
+        let starts = (first..n).step_by(chunk_bytes);
+        let part = part.clone();
         starts.map(move |s| proto::Chunk {
             task_id,
             offset: base + s as u64,
@@ -379,13 +392,18 @@ impl Assembler {
         })
     }
 
-    fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         self.total
     }
 
     /// True when it keeps nothing.
     pub fn is_discarding(&self) -> bool {
         self.discard
+    }
+
+    /// The bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// True when every byte arrived.
@@ -741,6 +759,43 @@ mod tests {
             assert_eq!(got.sealed.unwrap().bytes(), &[9, 8, 7, 6, 5]);
             assert_eq!(got.extra, want.extra);
         }
+    }
+
+    /// A transfer cut anywhere resumes from the receiver's offset: the
+    /// chunks from there complete it, whatever the chunk size on either
+    /// side of the cut and wherever the payload's parts meet.
+    #[test]
+    fn a_transfer_resumes_from_any_offset_bit_exactly() {
+        let u = ClientUpdate::new("site-a".into(), 3, 42, params())
+            .with_extra(Parameters::from_tensors([("c", vec![1, 2], vec![1.5, -2.0])]).unwrap());
+        let out = encode_reply(5, Reply::Fit(u.clone())).unwrap();
+        let total = out.payload_len();
+        assert!(out.payload.len() >= 2, "parts that meet inside the payload");
+        for (before, after) in [(3, 5), (7, 1), (64, 2), (1, 64)] {
+            for cut in 0..=total {
+                let plan = Plan::of_reply(&out.header).unwrap();
+                let mut a = plan.assembler(5, 1 << 20).unwrap();
+                for c in chunks(5, &out.payload, before) {
+                    if a.received() + c.data.len() as u64 > cut {
+                        break; // the connection dropped here
+                    }
+                    a.push(&c).unwrap();
+                }
+                let from = a.received();
+                assert!(from <= cut);
+                for c in chunks_from(5, &out.payload, after, from) {
+                    a.push(&c).unwrap();
+                }
+                assert!(a.is_complete(), "cut at {cut}, resumed at {from}");
+                let Reply::Fit(got) = decode_reply(&out.header, plan, a).unwrap() else {
+                    panic!("not a fit reply")
+                };
+                assert_eq!(got, u);
+            }
+        }
+        // From the end: nothing left; past it: nothing either.
+        assert_eq!(chunks_from(5, &out.payload, 4, total).count(), 0);
+        assert_eq!(chunks_from(5, &out.payload, 4, total + 9).count(), 0);
     }
 
     #[test]
