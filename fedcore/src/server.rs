@@ -42,8 +42,16 @@ pub struct ServerConfig {
     pub min_available_clients: usize,
     /// Fraction of connected clients asked to evaluate after each round (0 = none).
     pub fraction_evaluate: f64,
-    /// How long the server waits for replies in one round.
+    /// How long the server waits for replies in one round (plus
+    /// `round_timeout_per_mb` for the model's size).
     pub round_timeout: Duration,
+    /// Added to `round_timeout` per megabyte (10^6 bytes) of the model
+    /// and its sealed tensors sent with each task: the time the slowest
+    /// link the run must wait for takes to move one megabyte down and one
+    /// up (2 s for a 1 MB/s link). Zero by default: the deadline is then
+    /// `round_timeout` whatever the model's size.
+    #[serde(default)]
+    pub round_timeout_per_mb: Duration,
     /// Seeds client sampling and each client's training seed.
     pub seed: u64,
     /// Step size applied to the aggregated delta (1.0 = plain FedAvg).
@@ -84,6 +92,7 @@ impl Default for ServerConfig {
             min_available_clients: 1,
             fraction_evaluate: 0.0,
             round_timeout: Duration::from_secs(60),
+            round_timeout_per_mb: Duration::ZERO,
             seed: 0,
             server_learning_rate: 1.0,
             server_opt: ServerOpt::Sgd,
@@ -134,6 +143,14 @@ impl ServerConfig {
         self.lr_schedule.check()?;
         self.server_opt.check()?;
         self.train.check()
+    }
+
+    /// How long a round with a model of `model_bytes` (values and sealed
+    /// bytes) waits for replies: `round_timeout`, plus
+    /// `round_timeout_per_mb` per megabyte.
+    pub fn deadline_for(&self, model_bytes: u64) -> Duration {
+        self.round_timeout
+            .saturating_add(self.round_timeout_per_mb.mul_f64(model_bytes as f64 / 1e6))
     }
 
     /// The training settings for round `round` (before the per-client
@@ -244,6 +261,14 @@ struct Sealing {
 }
 
 impl<T: Transport, A: Strategy> Server<T, A> {
+    /// How long this round waits for replies ([`ServerConfig::deadline_for`]
+    /// the global model and its sealed tensors).
+    fn round_deadline(&self) -> Duration {
+        let sealed = self.sealing.as_ref().map_or(0, |s| s.global.bytes().len());
+        let bytes = self.global.len() as u64 * 4 + sealed as u64;
+        self.config.deadline_for(bytes)
+    }
+
     /// A new run from `initial`. If `config.checkpoint_dir` already holds a
     /// checkpoint this is an error (nothing is overwritten): use
     /// [`Server::resume`] or another directory.
@@ -657,19 +682,15 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         }));
         let mut cells = Vec::with_capacity(models.len());
         let mut failures = Vec::new();
+        let deadline = self.round_deadline();
         for (m, (_, params)) in models.iter().enumerate() {
-            let (replies, failed) = dispatch(
-                &mut self.transport,
-                self.config.round_timeout,
-                &sites,
-                |_| {
-                    Task::Evaluate(EvaluateIns {
-                        round,
-                        parameters: params.clone(),
-                        sealed: None,
-                    })
-                },
-            );
+            let (replies, failed) = dispatch(&mut self.transport, deadline, &sites, |_| {
+                Task::Evaluate(EvaluateIns {
+                    round,
+                    parameters: params.clone(),
+                    sealed: None,
+                })
+            });
             let mut row = vec![None; sites.len()];
             for (site, reply) in replies {
                 let Some(k) = sites.iter().position(|s| s == &site) else {
@@ -880,22 +901,18 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             )));
         }
         let (train, seed) = (self.config.train_for(round), self.config.seed);
-        let (replies, mut failures) = dispatch(
-            &mut self.transport,
-            self.config.round_timeout,
-            &sampled,
-            |client| {
-                let mut config = train.clone();
-                config.seed = client_seed(seed, round, client);
-                Task::Fit(FitIns {
-                    round,
-                    parameters: global.clone(),
-                    config,
-                    sealed: sealed_global.clone(),
-                    extra: extra.clone(),
-                })
-            },
-        );
+        let deadline = self.round_deadline();
+        let (replies, mut failures) = dispatch(&mut self.transport, deadline, &sampled, |client| {
+            let mut config = train.clone();
+            config.seed = client_seed(seed, round, client);
+            Task::Fit(FitIns {
+                round,
+                parameters: global.clone(),
+                config,
+                sealed: sealed_global.clone(),
+                extra: extra.clone(),
+            })
+        });
         // What updates carry in the clear: the whole model, or the body.
         let reference = match &self.sealing {
             // The body selection was made for this layout (checked in
@@ -957,13 +974,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             Err(RoundOutcome::QuorumNotReached)
         } else {
             let clients = updates.iter().map(|u| u.client.clone()).collect();
-            let mut steps = RoundSteps::new(
-                &mut self.transport,
-                round,
-                self.config.round_timeout,
-                quorum,
-                clients,
-            );
+            let deadline = self.round_deadline();
+            let mut steps = RoundSteps::new(&mut self.transport, round, deadline, quorum, clients);
             // A strategy's state moves only with a round that completes.
             state_before = self.aggregator.saved_state();
             let result = self.aggregator.aggregate_round(&updates, &mut steps);
@@ -1237,18 +1249,14 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         );
         let global = self.global.clone();
         let sealed = self.sealing.as_ref().map(|s| s.global.clone());
-        let (replies, failures) = dispatch(
-            &mut self.transport,
-            self.config.round_timeout,
-            &chosen,
-            |_| {
-                Task::Evaluate(EvaluateIns {
-                    round,
-                    parameters: global.clone(),
-                    sealed: sealed.clone(),
-                })
-            },
-        );
+        let deadline = self.round_deadline();
+        let (replies, failures) = dispatch(&mut self.transport, deadline, &chosen, |_| {
+            Task::Evaluate(EvaluateIns {
+                round,
+                parameters: global.clone(),
+                sealed: sealed.clone(),
+            })
+        });
         for f in failures {
             warn!(round, client = %f.client, reason = %f.reason, "evaluation failed");
         }
