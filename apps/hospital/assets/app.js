@@ -280,6 +280,13 @@ const ago = (ms) => {
   return s < 90 ? `${s} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : when(ms);
 };
 const short = (fp) => (fp ? `${fp.slice(0, 16)}…` : "–");
+const megabytes = (b) => `${(b / 1e6).toFixed(b < 1e7 ? 1 : 0)} MB`;
+// A model moving now: "download 45 % of 28 MB, 1.2 MB/s, 12 s left".
+const transfer = (t) => {
+  const pct = t.total ? Math.floor((100 * t.bytes) / t.total) : 100;
+  const eta = t.eta_s == null ? "" : t.eta_s < 90 ? `, ${Math.ceil(t.eta_s)} s left` : `, ${Math.ceil(t.eta_s / 60)} min left`;
+  return `${t.direction} ${pct} % of ${megabytes(t.total)}, ${megabytes(t.rate_bytes_per_s)}/s${eta}${t.resumed ? " (resumed)" : ""}`;
+};
 const DAY = 24 * 3600 * 1000;
 
 // A deployed server's hospitals on the wire: sessions, certificates,
@@ -327,6 +334,7 @@ function connections(conn) {
       el("td", { class: s.connected ? "good" : "bad" }, s.connected ? "connected" : c ? "disconnected" : "never connected",
         s.suspended ? " · suspended" : ""),
       el("td", {}, c ? ago(c.last_seen) : "–"),
+      el("td", { class: "transfer" }, s.transfers.length ? s.transfers.map(transfer).join("; ") : "–"),
       el("td", {}, c && c.peer ? c.peer : "–"),
       el("td", { title: c ? c.fingerprint : "" }, el("code", {}, c ? short(c.fingerprint) : "–")),
       el("td", { class: soon ? "bad" : "" }, expiry ? new Date(expiry).toLocaleDateString() : "–"),
@@ -340,10 +348,10 @@ function connections(conn) {
     el("td", {}, r.peer || "–"), el("td", { title: r.fingerprint }, el("code", {}, short(r.fingerprint)))));
   return el("section", { id: "connections" },
     el("h2", {}, "Connections"),
-    el("p", { class: "muted" }, "Each hospital's session with this server over mutual TLS: a heartbeat every 2 s while connected. ",
+    el("p", { class: "muted" }, "Each hospital's session with this server over mutual TLS: a heartbeat every 2 s while connected; a model moving to or from it shows its progress (a dropped connection resumes where it stopped). ",
       "Revoking takes effect at the next heartbeat; a new certificate is issued where the project CA is kept (fedcore-deploy rotate) and listed here."),
     el("table", { id: "connections-table" },
-      el("tr", {}, ["Hospital", "Session", "Last heartbeat", "From", "Certificate", "Expires", "Roster", "Last closed because", ""].map((h) => el("th", {}, h))),
+      el("tr", {}, ["Hospital", "Session", "Last heartbeat", "Transfer", "From", "Certificate", "Expires", "Roster", "Last closed because", ""].map((h) => el("th", {}, h))),
       rows),
     el("h3", {}, "Refused connections"),
     refused.length

@@ -350,6 +350,14 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
         assert!(c["not_after"].as_i64().unwrap() > now_ms() + year, "{s}");
         assert!(c["last_seen"].as_i64().unwrap() > now_ms() - 30_000, "{s}");
         assert!(c["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{s}");
+        // The live transfers (a model moving now, or none): each with its
+        // size and progress.
+        for t in s["transfers"].as_array().unwrap() {
+            assert!(
+                t["bytes"].as_u64().unwrap() <= t["total"].as_u64().unwrap(),
+                "{t}"
+            );
+        }
     }
     assert_eq!(connected["refused"].as_array().unwrap().len(), 0);
 

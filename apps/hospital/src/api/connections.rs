@@ -29,6 +29,23 @@ pub struct CertificateView {
     pub revoked: bool,
 }
 
+/// A model moving to or from a hospital now (live, not stored).
+#[derive(Serialize, ToSchema)]
+pub struct TransferView {
+    /// `download` (a task to the hospital) or `upload` (its reply).
+    pub direction: String,
+    /// Payload bytes moved so far.
+    pub bytes: u64,
+    /// The payload's size in bytes.
+    pub total: u64,
+    /// Bytes per second since it (re)started.
+    pub rate_bytes_per_s: f64,
+    /// Seconds left at that rate (`None` before any byte moved).
+    pub eta_s: Option<f64>,
+    /// It resumed after a dropped connection.
+    pub resumed: bool,
+}
+
 /// A hospital of the deployment.
 #[derive(Serialize, ToSchema)]
 pub struct SiteView {
@@ -43,6 +60,8 @@ pub struct SiteView {
     pub certificates: Vec<CertificateView>,
     /// Suspended on the dashboard: no work from the next round on.
     pub suspended: bool,
+    /// Its transfers in progress (the server also logs them every 5 s).
+    pub transfers: Vec<TransferView>,
 }
 
 /// The deployment's hospitals and the refused connections.
@@ -63,6 +82,11 @@ async fn site_views(state: &AppState, only: Option<&str>) -> ApiResult<Vec<SiteV
         None => Vec::new(),
     };
     let connections = state.store.connections().await?;
+    let transfers = state
+        .federation
+        .as_ref()
+        .map(|link| link.monitor().transfers())
+        .unwrap_or_default();
     let suspended: Vec<String> = state
         .store
         .clients()
@@ -96,6 +120,18 @@ async fn site_views(state: &AppState, only: Option<&str>) -> ApiResult<Vec<SiteV
                     })
                     .collect(),
                 suspended: suspended.contains(&site),
+                transfers: transfers
+                    .iter()
+                    .filter(|t| t.identity == site)
+                    .map(|t| TransferView {
+                        direction: t.direction.clone(),
+                        bytes: t.bytes,
+                        total: t.total,
+                        rate_bytes_per_s: t.rate_bytes_per_s,
+                        eta_s: t.eta_s,
+                        resumed: t.resumed,
+                    })
+                    .collect(),
                 site,
             }
         })
