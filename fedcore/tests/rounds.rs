@@ -150,6 +150,33 @@ fn late_stale_and_failing_clients_are_rejected_with_reasons() {
 }
 
 #[test]
+fn the_round_deadline_grows_with_the_model_when_asked() {
+    let mut cfg = config(1);
+    cfg.round_timeout = Duration::from_millis(500);
+    assert_eq!(cfg.deadline_for(200_000_000), Duration::from_millis(500));
+    cfg.round_timeout_per_mb = Duration::from_secs(2);
+    assert_eq!(
+        cfg.deadline_for(200_000_000),
+        Duration::from_millis(400_500)
+    );
+    // A client 1.5 s late: out with the fixed 0.5 s, in with 3 s for this
+    // model's size.
+    let bytes = initial().len() as u64 * 4;
+    cfg.round_timeout_per_mb = Duration::from_secs_f64(2.5 / (bytes as f64 / 1e6));
+    cfg.min_fit_clients = 3;
+    let transport = federation(3);
+    transport
+        .inject(
+            &ClientId::new(name(0)),
+            Some(Fault::Delay(Duration::from_millis(1500))),
+        )
+        .unwrap();
+    let mut server = Server::new(cfg, initial(), transport, FedAvg).unwrap();
+    let r = server.run_round().unwrap().clone();
+    assert_eq!(r.accepted.len(), 3, "{:?}", r.failures);
+}
+
+#[test]
 fn too_few_valid_updates_is_a_recorded_outcome_and_the_model_is_unchanged() {
     let transport = federation(3);
     transport
