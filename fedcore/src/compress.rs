@@ -69,6 +69,21 @@ impl Encoding {
         }
     }
 
+    /// Every kind's name (`top-k` for any fraction): what a client of
+    /// this version can send, as it lists them when it connects.
+    pub const KINDS: [&'static str; 5] = ["f32", "f16", "bf16", "int8", "top-k"];
+
+    /// Its kind's name, one of [`Encoding::KINDS`] (`top-k` for any fraction).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Encoding::F32 => "f32",
+            Encoding::F16 => "f16",
+            Encoding::Bf16 => "bf16",
+            Encoding::Int8 => "int8",
+            Encoding::TopK { .. } => "top-k",
+        }
+    }
+
     /// True for `f32`, which sends the values as they are.
     pub fn is_lossless(&self) -> bool {
         matches!(self, Encoding::F32)

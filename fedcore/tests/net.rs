@@ -756,3 +756,68 @@ fn connections_are_capped_per_address_and_freed_when_they_close() {
         .block_on(async { open_session(&kit, &options).await.map(|_| ()) })
         .unwrap();
 }
+
+/// The server asks a session only for an update encoding its client listed
+/// in its hello: a client that lists none (built before encodings) is
+/// asked for float32 when the round wants int8; one that lists int8 is
+/// asked for int8.
+#[test]
+fn a_session_is_asked_only_for_encodings_its_client_listed() {
+    let mut s = setup(&["old", "new"], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let open = |site: &str, encodings: Vec<String>| {
+        let kit = Kit::load(s.project.site_kit(site)).unwrap();
+        let options = client_options(&s.transport);
+        rt.block_on(async move {
+            let mut grpc = testkit::connect(&kit, &options).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel::<proto::ClientMessage>(4);
+            let hello = proto::Hello {
+                identity: kit.info.identity.clone(),
+                protocol: net::PROTOCOL,
+                max_message_bytes: 4 << 20,
+                holding: Vec::new(),
+                encodings,
+            };
+            tx.send(proto::ClientMessage {
+                kind: Some(proto::client_message::Kind::Hello(hello)),
+            })
+            .await
+            .unwrap();
+            let inbound = grpc
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            (tx, inbound)
+        })
+    };
+    let (_old_tx, mut old) = open("old", Vec::new());
+    let (_new_tx, mut new) = open("new", vec!["f16".into(), "int8".into()]);
+    assert_eq!(s.transport.wait_for_clients(2, Duration::from_secs(10)), 2);
+    let global = Arc::new(model(10));
+    let (tx, _rx) = mpsc::channel();
+    for site in ["old", "new"] {
+        let mut task = fit(1, global.clone(), None);
+        if let Task::Fit(f) = &mut task {
+            f.config.upload = fedcore::Encoding::Int8;
+        }
+        s.transport
+            .send(&ClientId::new(site), task, tx.clone())
+            .unwrap();
+    }
+    let asked = |inbound: &mut tonic::Streaming<proto::ServerMessage>| {
+        rt.block_on(async {
+            loop {
+                let m = inbound.message().await.unwrap().unwrap();
+                if let Some(proto::server_message::Kind::Task(t)) = m.kind {
+                    let c: TrainConfig = serde_json::from_str(&t.train_config_json).unwrap();
+                    return c.upload;
+                }
+            }
+        })
+    };
+    assert_eq!(asked(&mut old), fedcore::Encoding::F32);
+    assert_eq!(asked(&mut new), fedcore::Encoding::Int8);
+    s.transport
+        .shutdown("done", ShutdownKind::Finished, Duration::from_secs(1));
+}

@@ -168,6 +168,7 @@ async fn open_session_holding(
         protocol: PROTOCOL,
         max_message_bytes: options.limits.max_message_bytes as u64,
         holding,
+        encodings: crate::Encoding::KINDS.map(str::to_owned).to_vec(),
     }));
     out.send(hello)
         .await

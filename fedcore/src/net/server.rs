@@ -240,6 +240,8 @@ struct Session {
     peer: Option<String>,
     /// Payload bytes per chunk sent to this client (fits its message limit).
     chunk_bytes: usize,
+    /// The update encodings it can send (its hello's), besides float32.
+    encodings: Vec<String>,
     queue: mpsc::UnboundedSender<Out>,
     pending: Mutex<HashMap<u64, Pending>>,
     /// Tasks dropped from `pending` to make room: not sent if still queued;
@@ -761,6 +763,7 @@ impl Federation for Service {
             not_after_ms: not_after,
             peer,
             chunk_bytes,
+            encodings: hello.encodings.clone(),
             queue: queue_tx,
             pending: Mutex::new(HashMap::new()),
             forgotten: Mutex::new(VecDeque::new()),
@@ -771,6 +774,11 @@ impl Federation for Service {
             cancel: CancellationToken::new(),
             _slot: slot,
         });
+        if hello.encodings.len() > 16 || hello.encodings.iter().any(|e| e.len() > 32) {
+            return Err(Status::invalid_argument(
+                "hello lists too many or too long encodings",
+            ));
+        }
         if hello.holding.len() > MAX_PENDING * 2 {
             return Err(Status::invalid_argument(format!(
                 "hello lists {} held tasks; a site has at most {MAX_PENDING}",
@@ -1338,6 +1346,21 @@ impl Transport for GrpcTransport {
             .get(client)
             .cloned()
             .ok_or_else(|| Error::Transport(format!("`{client}` is not connected")))?;
+        // Ask only for an encoding the client said it can send.
+        let task = match task {
+            Task::Fit(mut f)
+                if !f.config.upload.is_lossless()
+                    && !session
+                        .encodings
+                        .iter()
+                        .any(|e| e == f.config.upload.kind()) =>
+            {
+                info!(client = %client, asked = %f.config.upload, "the client cannot send this encoding; asking for float32");
+                f.config.upload = crate::Encoding::F32;
+                Task::Fit(f)
+            }
+            t => t,
+        };
         let task_id = self.shared.next_task.fetch_add(1, Ordering::Relaxed);
         let out = Arc::new(wire::encode_task(task_id, &task)?);
         let limit = self.shared.options.limits.max_payload_bytes;
