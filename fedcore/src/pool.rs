@@ -344,8 +344,14 @@ fn work<F: ClientFactory>(shared: &Shared<F>, jobs: &Mutex<Receiver<Job>>) {
         let slot = shared.slot(&id);
         let reply = {
             let mut s = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            // The latest round the client worked in: a late task of an
+            // earlier round must not make it look older than it is.
+            let mut latest = round;
             let built = match s.take() {
-                Some(Slot::Live { client, .. }) => Ok(client),
+                Some(Slot::Live { client, round: r }) => {
+                    latest = latest.max(r);
+                    Ok(client)
+                }
                 Some(Slot::Suspended(state)) => match shared.factory.make(&id) {
                     Ok(client) => Ok(shared.factory.resume(client, state)),
                     Err(e) => {
@@ -358,7 +364,10 @@ fn work<F: ClientFactory>(shared: &Shared<F>, jobs: &Mutex<Receiver<Job>>) {
             match built {
                 Ok(mut client) => {
                     let reply = crate::memory::run(&mut client, &task);
-                    *s = Some(Slot::Live { client, round });
+                    *s = Some(Slot::Live {
+                        client,
+                        round: latest,
+                    });
                     // A round that started while this one worked: suspend now.
                     let now = shared.round.load(Ordering::SeqCst);
                     shared.suspend_before(&id, &mut s, now);

@@ -821,3 +821,116 @@ fn a_session_is_asked_only_for_encodings_its_client_listed() {
     s.transport
         .shutdown("done", ShutdownKind::Finished, Duration::from_secs(1));
 }
+
+/// Opens a session by hand with `hello` (identity and protocol filled in);
+/// returns where to send and the server's stream after its welcome, and
+/// the welcome.
+fn raw_session(
+    rt: &tokio::runtime::Runtime,
+    kit: &Kit,
+    options: &ClientOptions,
+    mut hello: proto::Hello,
+) -> (
+    tokio::sync::mpsc::Sender<proto::ClientMessage>,
+    tonic::Streaming<proto::ServerMessage>,
+    proto::Welcome,
+) {
+    hello.identity = kit.info.identity.clone();
+    hello.protocol = net::PROTOCOL;
+    rt.block_on(async move {
+        let mut grpc = testkit::connect(kit, options).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<proto::ClientMessage>(64);
+        tx.send(proto::ClientMessage {
+            kind: Some(proto::client_message::Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut inbound = grpc
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(proto::server_message::Kind::Welcome(w)) =
+            inbound.message().await.unwrap().unwrap().kind
+        else {
+            panic!("no welcome")
+        };
+        (tx, inbound, w)
+    })
+}
+
+/// A reply cut after its header, before any of its payload: the site
+/// reconnects holding the task, the server says it holds the header and 0
+/// bytes, and the payload alone (no second header) completes the reply.
+#[test]
+fn a_reply_cut_after_its_header_resumes_from_byte_0_without_a_second_header() {
+    let mut s = setup(&["h"], &[]);
+    let kit = Kit::load(s.project.site_kit("h")).unwrap();
+    let options = client_options(&s.transport);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tx1, mut in1, _) = raw_session(&rt, &kit, &options, proto::Hello::default());
+    assert_eq!(s.transport.wait_for_clients(1, Duration::from_secs(10)), 1);
+    let global = Arc::new(model(1000));
+    let (reply_tx, reply_rx) = mpsc::channel();
+    s.transport
+        .send(&ClientId::new("h"), fit(1, global.clone(), None), reply_tx)
+        .unwrap();
+    // The whole task arrives.
+    let task_id = rt.block_on(async {
+        let (mut id, mut got, mut total) = (0, 0u64, u64::MAX);
+        while got < total {
+            match in1.message().await.unwrap().unwrap().kind {
+                Some(proto::server_message::Kind::Task(t)) => {
+                    id = t.task_id;
+                    total = 4000;
+                }
+                Some(proto::server_message::Kind::Chunk(c)) => got += c.data.len() as u64,
+                _ => {}
+            }
+        }
+        id
+    });
+    let values = global.as_slice().iter().map(|v| v * 2.0).collect();
+    let update = ClientUpdate::new(
+        ClientId::new("h"),
+        1,
+        10,
+        global.with_values(values).unwrap(),
+    );
+    let (header, payload) = testkit::encode_reply(task_id, Reply::Fit(update)).unwrap();
+    let msg = |k| proto::ClientMessage { kind: Some(k) };
+    rt.block_on(tx1.send(msg(proto::client_message::Kind::Reply(header))))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop((tx1, in1)); // the connection drops after the header
+    let holding = vec![proto::Holding {
+        task_id,
+        received: 4000,
+        complete: true,
+    }];
+    let hello = proto::Hello {
+        holding,
+        ..proto::Hello::default()
+    };
+    let (tx2, _in2, welcome) = raw_session(&rt, &kit, &options, hello);
+    assert_eq!(
+        welcome.resumed,
+        [proto::Resumed {
+            task_id,
+            reply_received: Some(0)
+        }]
+    );
+    let chunk = proto::Chunk {
+        task_id,
+        offset: 0,
+        data: payload.into(),
+    };
+    rt.block_on(tx2.send(msg(proto::client_message::Kind::Chunk(chunk))))
+        .unwrap();
+    let env = reply_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the reply");
+    check_doubled(env, &global);
+    s.transport
+        .shutdown("done", ShutdownKind::Finished, Duration::from_secs(1));
+}

@@ -219,19 +219,29 @@ enum End {
 /// reconnect keeps those the server resumes; the worker skips the others.
 type Live = Arc<Mutex<BTreeSet<u64>>>;
 
+/// Replies kept until a welcome settles them: a reply handed to the
+/// connection may still sit in its buffers when the link drops, and on one
+/// stream only the newest few can be incomplete at the server.
+const REPLIES_KEPT: usize = 2;
+
+/// Live tasks a hello lists (the server keeps at most 4 per site): the
+/// newest; the older ones are given up.
+const HOLDING_LISTED: usize = 4;
+
 /// What a client keeps across sessions so that a dropped connection
 /// resumes where it stopped instead of starting over.
 #[derive(Default)]
 struct Held {
     /// The task being downloaded, as far as it arrived.
     receiving: Option<(proto::TaskHeader, Plan, Assembler)>,
-    /// The last reply sent (or being sent), until a welcome says the server
-    /// has it all (the task is not resumed) or wants the rest.
-    reply: Option<Outgoing<proto::ReplyHeader>>,
+    /// The last replies sent (or being sent), oldest first, until a welcome
+    /// says the server has them (the task is not resumed) or wants the rest.
+    replies: Vec<Outgoing<proto::ReplyHeader>>,
 }
 
 impl Held {
-    /// The hello's list: the partial download, then every live task.
+    /// The hello's list: the partial download, then the newest live tasks
+    /// (older ones leave `live`: the server has given up on them).
     fn holding(&self, live: &Live) -> Vec<proto::Holding> {
         let mut holding: Vec<proto::Holding> = self
             .receiving
@@ -242,7 +252,11 @@ impl Held {
                 complete: false,
             })
             .collect();
-        holding.extend(lock(live).iter().map(|&task_id| proto::Holding {
+        let mut live = lock(live);
+        while live.len() > HOLDING_LISTED {
+            live.pop_first();
+        }
+        holding.extend(live.iter().map(|&task_id| proto::Holding {
             task_id,
             received: 0,
             complete: true,
@@ -392,20 +406,21 @@ impl Link<'_> {
         }
     }
 
-    /// Sends a reply from byte `from` of its payload (0: with its header).
+    /// Sends a reply: with its header from the start (`None`), or the rest
+    /// of its payload from byte `from` (the server holds the header).
     async fn send_reply(
         &self,
         reply: &Outgoing<proto::ReplyHeader>,
-        from: u64,
+        from: Option<u64>,
     ) -> std::result::Result<(), String> {
         let id = reply.header.task_id;
-        if from == 0 {
+        if from.is_none() {
             self.send(client_msg(client_message::Kind::Reply(
                 reply.header.clone(),
             )))
             .await?;
         }
-        for chunk in wire::chunks_from(id, &reply.payload, self.chunk_bytes, from) {
+        for chunk in wire::chunks_from(id, &reply.payload, self.chunk_bytes, from.unwrap_or(0)) {
             self.send(client_msg(client_message::Kind::Chunk(chunk)))
                 .await?;
         }
@@ -488,14 +503,17 @@ async fn run_session(
     {
         held.receiving = None;
     }
-    if let Some(reply) = held.reply.take()
-        && let Some(r) = resumed.iter().find(|r| r.task_id == reply.header.task_id)
-    {
-        let from = r.reply_received.unwrap_or(0);
-        info!(task = r.task_id, from, "resuming a reply");
-        let sent = link.send_reply(&reply, from).await;
-        held.reply = Some(reply);
-        if let Err(e) = sent {
+    // Replies the server still waits for go out again (the rest, where it
+    // holds the start), oldest first; it has the others.
+    held.replies
+        .retain(|r| resumed_ids.contains(&r.header.task_id));
+    for reply in &held.replies {
+        let from = resumed
+            .iter()
+            .find(|r| r.task_id == reply.header.task_id)
+            .and_then(|r| r.reply_received);
+        info!(task = reply.header.task_id, from = ?from, "resuming a reply");
+        if let Err(e) = link.send_reply(reply, from).await {
             return lost_held(e);
         }
     }
@@ -518,6 +536,12 @@ async fn run_session(
                 read_at_message = progress.bytes_read();
                 match on_message(msg, options, &mut held.receiving) {
                     Ok(Some(Event::Task(task_id, task))) => {
+                        // Ends the server's report of this download.
+                        let _ = out.try_send(client_msg(client_message::Kind::Heartbeat(proto::Heartbeat {
+                            sent_at_ms: now_ms(),
+                            task_id,
+                            received: u64::MAX,
+                        })));
                         lock(live).insert(task_id);
                         if jobs.send(Job { task_id, task }).is_err() {
                             return lost_held("the model's worker stopped".into());
@@ -549,12 +573,17 @@ async fn run_session(
                 };
                 match message {
                     Ok(reply) => {
-                        // Kept until the server has it all: a newer one replaces it.
-                        if let Some(old) = held.reply.replace(reply) {
+                        // Kept until a welcome settles it. The oldest of
+                        // three is dropped (and given up if a welcome still
+                        // asks for it): two newer replies were handed to the
+                        // same stream after it.
+                        held.replies.push(reply);
+                        if held.replies.len() > REPLIES_KEPT {
+                            let old = held.replies.remove(0);
                             lock(live).remove(&old.header.task_id);
                         }
-                        if let Some(reply) = &held.reply
-                            && let Err(e) = link.send_reply(reply, 0).await
+                        if let Some(reply) = held.replies.last()
+                            && let Err(e) = link.send_reply(reply, None).await
                         {
                             return lost_held(e);
                         }

@@ -79,6 +79,15 @@ pub mod proto {
 pub mod testkit {
     pub use super::client::{connect, open_session};
     pub use super::proto;
+
+    /// A reply as a client sends it: its header and its payload's bytes.
+    pub fn encode_reply(
+        task_id: u64,
+        reply: crate::Reply,
+    ) -> crate::Result<(proto::ReplyHeader, Vec<u8>)> {
+        let out = super::wire::encode_reply(task_id, reply)?;
+        Ok((out.header, out.payload.concat()))
+    }
 }
 
 use std::time::{SystemTime, UNIX_EPOCH};

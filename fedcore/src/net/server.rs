@@ -494,8 +494,11 @@ impl Shared {
         }
         if let Some(old) = old {
             old.cancel.cancel();
+            // `incoming` before `pending`, as the reader takes them: a reply
+            // the reader completes meanwhile is delivered, not lost.
+            let mut old_incoming = lock(&old.incoming);
             pending.extend(lock(&old.pending).drain());
-            if let Some(i) = lock(&old.incoming).take() {
+            if let Some(i) = old_incoming.take() {
                 incoming = Some(i);
             }
         }
@@ -548,7 +551,13 @@ impl Shared {
     /// them; fails them when the window passes without the site.
     fn park(self: &Arc<Self>, session: &Session, reason: String) {
         session.cancel.cancel();
-        let pending: HashMap<u64, Pending> = lock(&session.pending).drain().collect();
+        // `incoming` before `pending`, as the reader takes them: a reply
+        // the reader completes meanwhile is delivered, not lost.
+        let (pending, incoming) = {
+            let mut incoming = lock(&session.incoming);
+            let pending: HashMap<u64, Pending> = lock(&session.pending).drain().collect();
+            (pending, incoming.take())
+        };
         if pending.is_empty() {
             return;
         }
@@ -559,7 +568,7 @@ impl Shared {
             Parked {
                 session: session.number,
                 pending,
-                incoming: lock(&session.incoming).take(),
+                incoming,
                 reason,
             },
         );
@@ -632,7 +641,13 @@ impl Shared {
                 let silent = session.silent().as_millis() as i64;
                 self.log
                     .closed(session.id.as_str(), now_ms() as i64 - silent, &reason);
-                if resumable && !self.options.resume_window.is_zero() && !*lock(&self.stopped) {
+                if resumable
+                    && !self.options.resume_window.is_zero()
+                    && !*lock(&self.stopped)
+                    && self
+                        .admit(session.id.as_str(), &session.fingerprint)
+                        .is_ok()
+                {
                     // Under the sessions lock: a reconnect registering next
                     // finds the parked tasks.
                     self.park(session, reason.clone());
@@ -779,13 +794,9 @@ impl Federation for Service {
                 "hello lists too many or too long encodings",
             ));
         }
-        if hello.holding.len() > MAX_PENDING * 2 {
-            return Err(Status::invalid_argument(format!(
-                "hello lists {} held tasks; a site has at most {MAX_PENDING}",
-                hello.holding.len()
-            )));
-        }
-        let Some(resumed) = shared.register(session.clone(), &hello.holding) else {
+        // A site has at most MAX_PENDING tasks: more holdings are ignored.
+        let holding = &hello.holding[..hello.holding.len().min(MAX_PENDING * 2)];
+        let Some(resumed) = shared.register(session.clone(), holding) else {
             if *lock(&shared.stopped) {
                 return Err(Status::unavailable("the server is stopping"));
             }
@@ -890,8 +901,10 @@ async fn writer(
                 }
                 Some(Out::Task(task, from)) => {
                     let id = task.header.task_id;
-                    if !lock(&session.pending).contains_key(&id) {
-                        continue; // forgotten before it left: nobody waits for it
+                    // Forgotten before it left: nobody waits for it. A resumed
+                    // download goes out regardless (the client expects its rest).
+                    if from.is_none() && !lock(&session.pending).contains_key(&id) {
+                        continue;
                     }
                     if from.is_none()
                         && let Err(r) = push(&session, &out, server_msg(server_message::Kind::Task(task.header.clone())), opts.liveness).await
