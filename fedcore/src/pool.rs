@@ -39,8 +39,10 @@
 //! # Ok::<(), fedcore::Error>(())
 //! ```
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -168,7 +170,13 @@ impl<F: ClientFactory> Shared<F> {
         if matches!(slot, Some(Slot::Live { round: r, .. }) if *r < round)
             && let Some(Slot::Live { client, .. }) = slot.take()
         {
-            *slot = self.factory.suspend(client).map(Slot::Suspended);
+            // A factory that panics loses this client's state, not the pool.
+            match catch_unwind(AssertUnwindSafe(|| self.factory.suspend(client))) {
+                Ok(state) => *slot = state.map(Slot::Suspended),
+                Err(panic) => {
+                    tracing::warn!(client = %id, panic = %panic_message(&*panic), "suspending the client panicked; its state is lost");
+                }
+            }
         }
         if slot.is_none() {
             // Nothing kept: forget the id (it starts fresh next time).
@@ -180,6 +188,19 @@ impl<F: ClientFactory> Shared<F> {
             }
         }
     }
+}
+
+/// A panic's message.
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+fn panicked(panic: &(dyn Any + Send)) -> Error {
+    Error::InvalidInput(format!("the factory panicked: {}", panic_message(panic)))
 }
 
 struct Job {
@@ -352,14 +373,26 @@ fn work<F: ClientFactory>(shared: &Shared<F>, jobs: &Mutex<Receiver<Job>>) {
                     latest = latest.max(r);
                     Ok(client)
                 }
-                Some(Slot::Suspended(state)) => match shared.factory.make(&id) {
-                    Ok(client) => Ok(shared.factory.resume(client, state)),
-                    Err(e) => {
-                        *s = Some(Slot::Suspended(state));
-                        Err(e)
+                // A factory that panics fails this task (and loses what was
+                // kept for the client), not the worker.
+                Some(Slot::Suspended(state)) => {
+                    match catch_unwind(AssertUnwindSafe(|| shared.factory.make(&id))) {
+                        Ok(Ok(client)) => {
+                            catch_unwind(AssertUnwindSafe(|| shared.factory.resume(client, state)))
+                                .map_err(|p| panicked(&*p))
+                        }
+                        Ok(Err(e)) => {
+                            *s = Some(Slot::Suspended(state));
+                            Err(e)
+                        }
+                        Err(p) => {
+                            *s = Some(Slot::Suspended(state));
+                            Err(panicked(&*p))
+                        }
                     }
-                },
-                None => shared.factory.make(&id),
+                }
+                None => catch_unwind(AssertUnwindSafe(|| shared.factory.make(&id)))
+                    .unwrap_or_else(|p| Err(panicked(&*p))),
             };
             match built {
                 Ok(mut client) => {

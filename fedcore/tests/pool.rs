@@ -224,6 +224,55 @@ fn a_client_the_factory_cannot_build_fails_alone() {
     }
 }
 
+/// A factory that panics for one client fails that client's task with the
+/// panic's message; the workers live on and the other clients train, round
+/// after round.
+#[test]
+fn a_factory_that_panics_fails_its_client_not_the_pool() {
+    struct Panicky;
+    impl ClientFactory for Panicky {
+        type Client = ModelClient<SoftmaxRegression>;
+        type State = fedcore::ClientState;
+
+        fn make(&self, id: &ClientId) -> fedcore::Result<Self::Client> {
+            assert!(index(id) != 2, "hospital-2's loader broke");
+            Ok(client(index(id), Kind::Stateful))
+        }
+
+        fn resume(&self, c: Self::Client, state: Self::State) -> Self::Client {
+            c.with_state(state)
+        }
+
+        fn suspend(&self, c: Self::Client) -> Option<Self::State> {
+            Some(c.into_state())
+        }
+    }
+    let mut c = cfg(Kind::Plain);
+    c.fraction_fit = 1.0;
+    c.rounds = 3;
+    let mut s = Server::new(
+        c,
+        initial(),
+        ClientPool::new(Panicky, ids(), 2).unwrap(),
+        FedAvg,
+    )
+    .unwrap();
+    s.run().unwrap();
+    assert_eq!(s.history().len(), 3);
+    for r in s.history() {
+        assert_eq!(r.accepted.len(), CLIENTS as usize - 1);
+        let [f] = &r.failures[..] else {
+            panic!("{:?}", r.failures)
+        };
+        assert_eq!(f.client.as_str(), "hospital-2");
+        assert!(
+            matches!(&f.reason, Failure::ClientError(m) if m.contains("panicked") && m.contains("loader broke")),
+            "{:?}",
+            f.reason
+        );
+    }
+}
+
 /// A client built once, then not (its data went offline), then again:
 /// what was kept of it survives the failed build, so its third release
 /// is its second one's successor (scaled by 1/2), as with a live client
