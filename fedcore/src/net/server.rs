@@ -987,7 +987,20 @@ async fn reader(
                 }
             }
             Ok(None) => break ("the client closed the session".to_owned(), true),
-            Err(status) => break (format!("connection lost: {}", status.message()), true),
+            // The link failed (resumable), or the stream broke a rule: a
+            // message over the limit (`OutOfRange`), one that does not
+            // decode (`Internal`), which a reconnect would only repeat.
+            Err(status) => {
+                let resumable = matches!(
+                    status.code(),
+                    tonic::Code::Unknown
+                        | tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Aborted
+                        | tonic::Code::DeadlineExceeded
+                );
+                break (format!("connection lost: {}", status.message()), resumable);
+            }
         }
     };
     shared.end_session(&session, reason, resumable);
