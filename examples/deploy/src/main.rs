@@ -99,6 +99,18 @@ struct Wire {
     heartbeat_ms: u64,
 }
 
+/// How long the server waits for a site that dropped (seconds; 0: its
+/// task fails at once) and how the round's deadline grows with the model.
+#[derive(Args)]
+struct Patience {
+    /// Seconds a site whose connection dropped has to come back and resume.
+    #[arg(long, default_value_t = 60)]
+    resume_window: u64,
+    /// Seconds added to the round's wait per megabyte of the model.
+    #[arg(long, default_value_t = 0)]
+    round_timeout_per_mb: u64,
+}
+
 impl Wire {
     fn limits(&self) -> Limits {
         Limits {
@@ -145,6 +157,8 @@ struct ServerArgs {
     finish_grace: u64,
     #[command(flatten)]
     wire: Wire,
+    #[command(flatten)]
+    patience: Patience,
 }
 
 #[derive(Args)]
@@ -238,6 +252,7 @@ fn server(args: ServerArgs) -> Result<()> {
         limits: args.wire.limits(),
         heartbeat: args.wire.heartbeat(),
         liveness: args.wire.heartbeat() * 5,
+        resume_window: Duration::from_secs(args.patience.resume_window),
         finish_grace: Duration::from_secs(args.finish_grace),
         ..ServerOptions::default()
     };
@@ -248,6 +263,7 @@ fn server(args: ServerArgs) -> Result<()> {
         min_fit_clients: args.min_clients,
         min_available_clients: args.min_available,
         round_timeout: Duration::from_secs(args.round_timeout),
+        round_timeout_per_mb: Duration::from_secs(args.patience.round_timeout_per_mb),
         seed: 7,
         checkpoint_dir: args.checkpoint_dir.clone(),
         ..ServerConfig::default()

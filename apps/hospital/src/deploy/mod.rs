@@ -92,6 +92,14 @@ pub struct ServerArgs {
     /// Seconds a round waits for updates.
     #[arg(long, default_value_t = 1800)]
     pub round_timeout: u64,
+    /// Seconds added to the round's wait per megabyte of the model, for
+    /// the slowest link to wait for (2 for a 1 MB/s link: down and up).
+    #[arg(long, default_value_t = 0.0)]
+    pub round_timeout_per_mb: f64,
+    /// Seconds a hospital whose connection dropped has to come back and
+    /// resume its transfer where it stopped (0: its task fails at once).
+    #[arg(long, default_value_t = 60)]
+    pub resume_window: u64,
     /// Seconds to wait for enough hospitals before a round.
     #[arg(long, default_value_t = 3600)]
     pub wait: u64,
@@ -226,9 +234,13 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
 /// Runs the aggregation server until the run is complete.
 pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let kit = Kit::load(&a.kit)?;
+    if !(a.round_timeout_per_mb.is_finite() && a.round_timeout_per_mb >= 0.0) {
+        bail!("--round-timeout-per-mb must be a number of seconds >= 0");
+    }
     let options = ServerOptions {
         listen: a.listen,
         limits: limits(a.max_message_bytes),
+        resume_window: Duration::from_secs(a.resume_window),
         ..ServerOptions::default()
     };
     let checkpoints = a.run_dir.join("checkpoints");
@@ -282,6 +294,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         // Evaluation happens at the hospitals, on their own held-out patients.
         fraction_evaluate: 1.0,
         round_timeout: Duration::from_secs(a.round_timeout),
+        round_timeout_per_mb: Duration::from_secs_f64(a.round_timeout_per_mb),
         seed: a.seed,
         train: a.training.config(),
         checkpoint_dir: Some(checkpoints.clone()),
