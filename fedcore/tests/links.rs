@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 #![cfg(feature = "net")]
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,37 +17,9 @@ use std::time::{Duration, Instant};
 
 use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions, ShutdownKind};
-use fedcore::{
-    Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation, Failure, FitIns, Parameters,
-    Reply, Task, TrainConfig, Transport,
-};
+use fedcore::{ClientId, Failure, FitIns, Parameters, Task, TrainConfig, Transport};
 
-/// Sends back `2 * global`.
-struct Doubler(ClientId);
-
-impl Client for Doubler {
-    fn id(&self) -> &ClientId {
-        &self.0
-    }
-
-    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<ClientUpdate> {
-        let values = ins.parameters.as_slice().iter().map(|v| v * 2.0).collect();
-        Ok(ClientUpdate::new(
-            self.0.clone(),
-            ins.round,
-            10,
-            ins.parameters.with_values(values)?,
-        ))
-    }
-
-    fn evaluate(&mut self, _: &EvaluateIns) -> fedcore::Result<Evaluation> {
-        Ok(Evaluation {
-            loss: 0.0,
-            num_examples: 1,
-            metrics: Default::default(),
-        })
-    }
-}
+use common::{Doubler, check_doubled};
 
 /// What the proxy does to the link.
 #[derive(Default)]
@@ -258,19 +232,6 @@ fn fit(global: &Arc<Parameters>) -> Task {
         sealed: None,
         extra: None,
     })
-}
-
-fn check_doubled(env: Envelope, global: &Parameters) {
-    let Ok(Reply::Fit(u)) = env.reply else {
-        panic!("{}: {:?}", env.client, env.reply.err())
-    };
-    assert!(
-        u.values
-            .as_slice()
-            .iter()
-            .zip(global.as_slice())
-            .all(|(a, b)| a.to_bits() == (b * 2.0).to_bits())
-    );
 }
 
 #[test]

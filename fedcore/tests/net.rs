@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use common::{Doubler, check_doubled};
 use fedcore::linear::SoftmaxRegression;
 use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{
@@ -18,43 +19,10 @@ use fedcore::net::{
     testkit::{self, open_session, proto},
 };
 use fedcore::{
-    AggregationFailureKind, Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation,
-    Failure, FitIns, Layout, ModelClient, Parameters, Reply, RoundOutcome, RunEnd, RunPolicy,
-    SealedTensors, Server, ServerConfig, Task, TensorSpec, TrainConfig, Transport,
+    AggregationFailureKind, Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Failure, FitIns,
+    Layout, ModelClient, Parameters, Reply, RoundOutcome, RunEnd, RunPolicy, SealedTensors, Server,
+    ServerConfig, Task, TensorSpec, TrainConfig, Transport,
 };
-
-/// Sends back `2 * global` as its update, and the sealed bytes reversed.
-struct Doubler(ClientId);
-
-impl Client for Doubler {
-    fn id(&self) -> &ClientId {
-        &self.0
-    }
-
-    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<ClientUpdate> {
-        let values = ins.parameters.as_slice().iter().map(|v| v * 2.0).collect();
-        let mut u = ClientUpdate::new(
-            self.0.clone(),
-            ins.round,
-            10,
-            ins.parameters.with_values(values)?,
-        );
-        if let Some(s) = &ins.sealed {
-            let mut bytes = s.bytes().to_vec();
-            bytes.reverse();
-            u.sealed = Some(SealedTensors::new(s.layout().clone(), bytes));
-        }
-        Ok(u)
-    }
-
-    fn evaluate(&mut self, _: &EvaluateIns) -> fedcore::Result<Evaluation> {
-        Ok(Evaluation {
-            loss: 0.5,
-            num_examples: 3,
-            metrics: Default::default(),
-        })
-    }
-}
 
 struct Setup {
     _tmp: tempfile::TempDir,
@@ -152,21 +120,6 @@ fn model(n: usize) -> Parameters {
         ),
     ])
     .unwrap()
-}
-
-fn check_doubled(env: Envelope, global: &Parameters) {
-    let Ok(Reply::Fit(u)) = env.reply else {
-        panic!("{}: {:?}", env.client, env.reply.err())
-    };
-    assert_eq!(u.client, env.client);
-    assert_eq!(u.values.layout().tensors(), global.layout().tensors());
-    assert!(
-        u.values
-            .as_slice()
-            .iter()
-            .zip(global.as_slice())
-            .all(|(a, b)| a.to_bits() == (b * 2.0).to_bits())
-    );
 }
 
 #[test]

@@ -148,8 +148,9 @@ struct Meter {
     total: u64,
     /// Where it (re)started, in payload bytes.
     from: u64,
-    /// Payload bytes known to have moved (whole chunks).
-    chunks: u64,
+    /// Payload bytes known to have moved: an upload's whole chunks, or
+    /// what the client's heartbeats report of a download.
+    known: u64,
     /// The connection's counter when it started.
     counter_at_start: Option<u64>,
     started: Instant,
@@ -164,7 +165,7 @@ impl Meter {
             task_id,
             total,
             from,
-            chunks: from,
+            known: from,
             counter_at_start: counter,
             started: now,
             logged: now,
@@ -176,7 +177,7 @@ impl Meter {
             (Some(a), Some(b)) => self.from.saturating_add(b.saturating_sub(a)),
             _ => 0,
         };
-        let bytes = self.chunks.max(counted).min(self.total);
+        let bytes = self.known.max(counted).min(self.total);
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = bytes.saturating_sub(self.from) as f64 / secs;
         Transfer {
@@ -366,7 +367,7 @@ impl Session {
         let mut transfers = lock(&self.transfers);
         let slot = &mut transfers[way as usize];
         if let Some(m) = slot.as_mut().filter(|m| m.task_id == task_id) {
-            m.chunks = m.chunks.max(bytes);
+            m.known = m.known.max(bytes);
             if bytes >= m.total {
                 self.log_transfer(m, true);
                 *slot = None;

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use fedcore::linear::{Dataset, SoftmaxRegression, synthetic_blobs};
 use fedcore::memory::InMemoryTransport;
-use fedcore::{Model, ModelClient, Parameters, ServerConfig, TrainConfig};
+use fedcore::{
+    Client, ClientId, ClientUpdate, Envelope, EvaluateIns, Evaluation, FitIns, Model, ModelClient,
+    Parameters, Reply, SealedTensors, ServerConfig, TrainConfig,
+};
 
 pub const DIM: usize = 10;
 pub const CLASSES: usize = 4;
@@ -142,4 +145,54 @@ impl fedcore::Aggregator for FailsInRounds {
         }
         fedcore::FedAvg.aggregate(updates)
     }
+}
+
+/// Sends back `2 * global` as its update, and the sealed bytes reversed.
+pub struct Doubler(pub ClientId);
+
+impl Client for Doubler {
+    fn id(&self) -> &ClientId {
+        &self.0
+    }
+
+    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<ClientUpdate> {
+        let values = ins.parameters.as_slice().iter().map(|v| v * 2.0).collect();
+        let mut u = ClientUpdate::new(
+            self.0.clone(),
+            ins.round,
+            10,
+            ins.parameters.with_values(values)?,
+        );
+        if let Some(s) = &ins.sealed {
+            let mut bytes = s.bytes().to_vec();
+            bytes.reverse();
+            u.sealed = Some(SealedTensors::new(s.layout().clone(), bytes));
+        }
+        Ok(u)
+    }
+
+    fn evaluate(&mut self, _: &EvaluateIns) -> fedcore::Result<Evaluation> {
+        Ok(Evaluation {
+            loss: 0.5,
+            num_examples: 3,
+            metrics: Default::default(),
+        })
+    }
+}
+
+/// Checks that `env` is a fit reply from [`Doubler`]: its own client,
+/// `global`'s layout, and `2 * global` bit for bit.
+pub fn check_doubled(env: Envelope, global: &Parameters) {
+    let Ok(Reply::Fit(u)) = env.reply else {
+        panic!("{}: {:?}", env.client, env.reply.err())
+    };
+    assert_eq!(u.client, env.client);
+    assert_eq!(u.values.layout().tensors(), global.layout().tensors());
+    assert!(
+        u.values
+            .as_slice()
+            .iter()
+            .zip(global.as_slice())
+            .all(|(a, b)| a.to_bits() == (b * 2.0).to_bits())
+    );
 }
