@@ -1379,3 +1379,162 @@ fn frozen_tensors_take_no_correction_and_no_proximal_term() {
         }
     }
 }
+
+/// The images of `benches/reference/scattering_fixture.py`:
+/// `((3 i + 5 k + 7 c) mod 11) / 11`.
+fn scattering_test_image([c, h, w]: [usize; 3]) -> Vec<f32> {
+    let mut v = Vec::with_capacity(c * h * w);
+    for ch in 0..c {
+        for i in 0..h {
+            for k in 0..w {
+                v.push(((3 * i + 5 * k + 7 * ch) % 11) as f32 / 11.0);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn the_scattering_transform_equals_kymatio() {
+    // Kymatio 0.3.0's Scattering2D on three inputs: MNIST's 28 x 28 with
+    // J = 2, L = 8 (81 maps of 7 x 7); a non-square image with J = 3, L = 4
+    // (second order with two scales after the first, filters periodized
+    // to coarser grids); two channels with J = 1.
+    let text = std::fs::read_to_string(fixture("scattering_kymatio.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let dims = |k: &str| -> [usize; 3] {
+            let v: Vec<usize> = case[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            [v[0], v[1], v[2]]
+        };
+        let (shape, out) = (dims("shape"), dims("out_shape"));
+        let j = case["J"].as_u64().unwrap() as usize;
+        let l = case["L"].as_u64().unwrap() as usize;
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let s = fedcore::models::Scattering::new(shape, j, l).unwrap();
+        assert_eq!(s.output_shape(), out, "J = {j}, L = {l}, {shape:?}");
+        let [c, h, w] = shape.map(|v| v as i64);
+        let x = Tensor::from_slice(&scattering_test_image(shape)).view([1, c, h, w]);
+        let got = Vec::<f32>::try_from(s.transform(&x).unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff <= 1e-5 * scale,
+            "J = {j}, L = {l}, {shape:?}: max difference {diff} at scale {scale}"
+        );
+    }
+}
+
+#[test]
+fn scattering_features_of_a_data_set_keep_its_targets_and_refuse_other_shapes() {
+    use fedcore::data::ImageDataset;
+    use fedcore::models::Scattering;
+    let s = Scattering::mnist().unwrap();
+    assert_eq!(s.output_shape(), [81, 7, 7]);
+    let digits = synthetic_digits(5, 3);
+    // Batches of 2 (the last one short) give what one batch of 5 gives.
+    let features = s.features(&digits, 2).unwrap();
+    assert_eq!(features.len(), 5);
+    assert_eq!(features.image_shape(), [81, 7, 7]);
+    let all: Vec<usize> = (0..5).collect();
+    let images = digits.batch(&all).unwrap();
+    let direct = s
+        .transform(&Tensor::from_slice(&images.images).view([5, 1, 28, 28]))
+        .unwrap();
+    let kept = features.batch(&all).unwrap();
+    assert_eq!(kept.targets, images.targets);
+    assert_eq!(
+        max_abs_diff(
+            &kept.images,
+            &Vec::<f32>::try_from(direct.flatten(0, -1)).unwrap()
+        ),
+        0.0
+    );
+    // A blank image has no energy beyond order 0.
+    let blank = s
+        .transform(&Tensor::zeros([1, 1, 28, 28], tch::kind::FLOAT_CPU))
+        .unwrap();
+    assert_eq!(blank.abs().max().double_value(&[]), 0.0);
+    // Wrong shapes and settings are refused with what was expected.
+    let e = s
+        .transform(&Tensor::zeros([2, 1, 32, 32], tch::kind::FLOAT_CPU))
+        .unwrap_err();
+    assert!(e.to_string().contains("[N, 1, 28, 28]"), "{e}");
+    let wrong = InMemoryImages::new(vec![0.0; 64], [1, 8, 8], Targets::Classes(vec![1])).unwrap();
+    assert!(s.features(&wrong, 4).is_err());
+    for (shape, j, l) in [([1, 4, 28], 2, 8), ([1, 28, 28], 0, 8), ([0, 28, 28], 2, 8)] {
+        assert!(
+            Scattering::new(shape, j, l).is_err(),
+            "{shape:?} J {j} L {l}"
+        );
+    }
+}
+
+#[test]
+fn a_linear_model_on_scattering_features_has_per_sample_gradients_and_learns() {
+    use fedcore::models::{ScatterLinear, Scattering};
+    let s = Scattering::mnist().unwrap();
+    let build = |seed| {
+        TchModel::build(Device::Cpu, seed, |b| {
+            ScatterLinear::build(b, s.output_shape(), 27, 10)
+        })
+        .unwrap()
+    };
+    let mut model = build(4);
+    // One linear layer: 10 x 3969 weights and 10 biases.
+    assert_eq!(model.parameters().len(), 39_700);
+    let data = DataSplit::all(Arc::new(s.features(&synthetic_digits(6, 9), 6).unwrap()));
+    let batch = data.batches(6, None).next().unwrap().unwrap();
+    let (fast, _, _) = assert_one_pass_matches_looped(&model, &batch);
+    assert_eq!(fast.grads.size(), [6, 39_700]);
+    // It learns the synthetic digits.
+    let train = DataSplit::all(Arc::new(
+        s.features(&synthetic_digits(300, 1), 100).unwrap(),
+    ));
+    let test = DataSplit::all(Arc::new(
+        s.features(&synthetic_digits(100, 2), 100).unwrap(),
+    ));
+    let before = model.evaluate(&test).unwrap();
+    let config = TrainConfig {
+        epochs: 5,
+        batch_size: 32,
+        learning_rate: 0.5,
+        optimizer: Optimizer::Sgd { momentum: 0.9 },
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    model.fit(&train, &config).unwrap();
+    let after = model.evaluate(&test).unwrap();
+    assert!(
+        after.loss < before.loss * 0.5,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(after.metrics["accuracy"] > 0.9, "{:?}", after.metrics);
+    // Raw images and a group count that does not divide the maps are refused.
+    assert!(
+        model
+            .evaluate(&DataSplit::all(Arc::new(synthetic_digits(2, 1))))
+            .is_err()
+    );
+    let e = TchModel::build(Device::Cpu, 1, |b| {
+        ScatterLinear::build(b, [81, 7, 7], 10, 10)
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("divides"), "{e}");
+    let _ = build(5);
+}

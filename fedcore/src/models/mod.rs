@@ -34,6 +34,7 @@ mod cnn;
 mod densenet;
 pub mod layers;
 mod persample;
+mod scatter;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use tch::{Kind, Reduction, Tensor, nn};
 pub use cnn::SmallCnn;
 pub use densenet::{Activation, DenseNet, DenseNetConfig, Placement};
 pub use persample::{ClippedGradientSum, PerSampleGradients, Trace};
+pub use scatter::{ScatterLinear, Scattering};
 
 use layers::Builder;
 
