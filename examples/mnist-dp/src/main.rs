@@ -31,7 +31,9 @@ use clap::Parser;
 use fedcore::data::mnist::MnistSplit;
 use fedcore::data::{Batch, DataSplit, ImageDataset, Mnist, Targets};
 use fedcore::memory::InMemoryTransport;
-use fedcore::models::{Activation, Device, SmallCnn, TchModel};
+use fedcore::models::{
+    Activation, Device, Network, ScatterLinear, Scattering, SmallCnn, Task, TchModel, Trace,
+};
 use fedcore::{
     FedAvg, LrSchedule, Model, ModelClient, Optimizer, Server, ServerConfig, ServerEvent,
     TrainConfig,
@@ -101,11 +103,16 @@ struct Args {
     /// Where mnist-dp.md goes when more than one epsilon runs.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The CNN: `compact` (Papernot et al.'s and Opacus' 26,010-parameter
-    /// network, tanh) or `wide` (two 5x5 convolutions, 215,370 parameters,
-    /// ReLU).
-    #[arg(long, value_parser = ["compact", "wide"], default_value = "compact")]
+    /// The model: `compact` (Papernot et al.'s and Opacus' 26,010-parameter
+    /// CNN, tanh), `wide` (two 5x5 convolutions, 215,370 parameters, ReLU)
+    /// or `scatter` (Tramèr and Boneh's ScatterNet + linear: a linear model,
+    /// 39,700 parameters, on the images' scattering coefficients, J = 2,
+    /// L = 8, computed once before training; they cost no privacy).
+    #[arg(long, value_parser = ["compact", "wide", "scatter"], default_value = "compact")]
     model: String,
+    /// GroupNorm groups over the 81 scattering maps (`--model scatter`).
+    #[arg(long, default_value_t = 27)]
+    scatter_groups: usize,
     /// The CNN's activation instead of its own: `relu` or `tanh` (a
     /// tempered sigmoid, which suits DP-SGD).
     #[arg(long, value_parser = parse_activation)]
@@ -306,7 +313,7 @@ impl Canaries {
 
     /// Scores each canary by the log-probability the model gives its
     /// label, and audits: guesses for the best and worst tenth.
-    fn audit(&self, model: &mut TchModel<SmallCnn>) -> Result<AuditOutcome> {
+    fn audit(&self, model: &mut TchModel<Net>) -> Result<AuditOutcome> {
         let split = DataSplit::subset(self.source.clone(), self.indices.clone())?;
         let p = model.predict(&split, 256)?;
         let Targets::Classes(labels) = &p.targets else {
@@ -331,32 +338,125 @@ impl Canaries {
     }
 }
 
-fn cnn(args: &Args) -> Result<TchModel<SmallCnn>> {
+/// The model `--model` names: one of the CNNs on the images, or the
+/// linear model on their scattering coefficients.
+#[derive(Debug)]
+enum Net {
+    Cnn(SmallCnn),
+    Scatter(ScatterLinear),
+}
+
+impl Net {
+    fn inner(&self) -> &dyn Network {
+        match self {
+            Net::Cnn(n) => n,
+            Net::Scatter(n) => n,
+        }
+    }
+}
+
+impl Network for Net {
+    fn forward(&self, xs: &tch::Tensor, train: bool) -> tch::Tensor {
+        self.inner().forward(xs, train)
+    }
+
+    fn task(&self) -> Task {
+        self.inner().task()
+    }
+
+    fn check_input(&self, shape: [usize; 3]) -> fedcore::Result<()> {
+        self.inner().check_input(shape)
+    }
+
+    fn has_batch_norm(&self) -> bool {
+        self.inner().has_batch_norm()
+    }
+
+    fn head_patterns(&self) -> Vec<String> {
+        self.inner().head_patterns()
+    }
+
+    fn forward_traced(&self, xs: &tch::Tensor, trace: &mut Trace) -> Option<tch::Tensor> {
+        self.inner().forward_traced(xs, trace)
+    }
+}
+
+fn cnn(args: &Args) -> Result<TchModel<Net>> {
     Ok(TchModel::build(Device::Cpu, 0, |b| {
+        if args.model == "scatter" {
+            let shape = Scattering::mnist()?.output_shape();
+            return Ok(Net::Scatter(ScatterLinear::build(
+                b,
+                shape,
+                args.scatter_groups,
+                10,
+            )?));
+        }
         let net = match args.model.as_str() {
             "wide" => SmallCnn::build(b, 1, 28, 10)?,
             _ => SmallCnn::compact(b, 1, 28, 10)?,
         };
-        Ok(match args.activation {
+        Ok(Net::Cnn(match args.activation {
             Some(a) => net.with_activation(a),
             None => net,
-        })
+        }))
     })?)
 }
 
-fn run(
-    args: &Args,
-    train: &Arc<dyn ImageDataset>,
-    test: &DataSplit,
-    target: Option<f64>,
-) -> Result<Outcome> {
+/// What every run trains and tests on: MNIST (with the audit's canaries
+/// when there are any), or its scattering coefficients for `--model
+/// scatter`, computed once for all runs.
+struct Prepared {
+    train: Arc<dyn ImageDataset>,
+    test: DataSplit,
+    canaries: Option<Canaries>,
+}
+
+impl Prepared {
+    fn new(args: &Args, train: Arc<dyn ImageDataset>, test: DataSplit) -> Result<Self> {
+        let total = args.train_images.min(train.len());
+        let mut canaries = match args.audit_canaries {
+            0 => None,
+            m if m * 2 > total => bail!("{m} canaries are too many for {total} training images"),
+            m => Some(Canaries::new(&train, total, m)?),
+        };
+        // The canaries' source differs from MNIST only at the canaries,
+        // which no other client draws: every client can draw from it.
+        let source = canaries.as_ref().map_or(train, |c| c.source.clone());
+        if args.model != "scatter" {
+            return Ok(Self {
+                train: source,
+                test,
+                canaries,
+            });
+        }
+        let start = Instant::now();
+        let s = Scattering::mnist()?;
+        let train: Arc<dyn ImageDataset> = Arc::new(s.features(&*source, 200)?);
+        let test_features: Arc<dyn ImageDataset> = Arc::new(s.features(&**test.source(), 200)?);
+        let test = DataSplit::subset(test_features, test.indices().to_vec())?;
+        if let Some(c) = &mut canaries {
+            c.source = train.clone();
+        }
+        println!(
+            "scattering coefficients (J = 2, L = 8: {:?} per image) of {} training and {} test images in {:.0} s",
+            s.output_shape(),
+            train.len(),
+            test.source().len(),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            train,
+            test,
+            canaries,
+        })
+    }
+}
+
+fn run(args: &Args, prepared: &Prepared, target: Option<f64>) -> Result<Outcome> {
     let start = Instant::now();
+    let (train, test, canaries) = (&prepared.train, &prepared.test, &prepared.canaries);
     let total = args.train_images.min(train.len());
-    let canaries = match args.audit_canaries {
-        0 => None,
-        m if m * 2 > total => bail!("{m} canaries are too many for {total} training images"),
-        m => Some(Canaries::new(train, total, m)?),
-    };
     let shares = iid_shares(
         total - canaries.as_ref().map_or(0, |c| c.indices.len()),
         args.clients,
@@ -558,7 +658,7 @@ fn markdown(args: &Args, rows: &[Outcome]) -> Result<String> {
     );
     let _ = writeln!(
         s,
-        "{} clients with ~{n} MNIST training images each (IID), the {} CNN \
+        "{} clients with ~{n} MNIST training images each (IID), the {} model \
          ({} parameters{}), FedAvg over {} rounds of {} local epoch(s). DP \
          runs: DP-SGD with per-sample clipping C = {}, Poisson sampling at \
          q = {}/{n}, SGD lr {} ({:?} over the rounds) momentum {}, noise multiplier calibrated by the \
@@ -661,17 +761,18 @@ fn main() -> Result<()> {
     if args.seed.is_some() {
         eprintln!("warning: --seed makes the noise reproducible and therefore not private");
     }
-    // The clients train at once on the transport's worker threads: one
-    // libtorch thread each.
-    tch::set_num_threads(1);
     let train = Mnist::load(&args.data, MnistSplit::Train)
         .with_context(|| format!("MNIST in {}", args.data.display()))?;
     let test = Mnist::load(&args.data, MnistSplit::Test)?;
     let train: Arc<dyn ImageDataset> = Arc::new(train);
     let test = DataSplit::subset(Arc::new(test), (0..args.test_images.min(10_000)).collect())?;
+    let prepared = Prepared::new(&args, train, test)?;
+    // The clients train at once on the transport's worker threads: one
+    // libtorch thread each.
+    tch::set_num_threads(1);
     let mut rows = Vec::new();
     for t in targets {
-        let o = run(&args, &train, &test, t)?;
+        let o = run(&args, &prepared, t)?;
         println!(
             "=> {}: {:.2} % after {} rounds{} ({:.0} s)",
             o.target
