@@ -133,6 +133,17 @@ pub fn check_aggregator<A: Aggregator>(make: impl Fn() -> A, weighting: Weightin
         if let Err(e) = close(out.parameters.as_slice(), &v) {
             panic!("{name}: {n} identical updates must aggregate to that update ({e})");
         }
+        // The same through `aggregate_into` with a used buffer (NaN where
+        // a rule that forgot to overwrite a value would leave it).
+        let mut used = updates[0].values.zeros_like();
+        used.as_mut_slice().fill(f32::NAN);
+        let out = make()
+            .aggregate_into(&updates, used)
+            .unwrap_or_else(|e| panic!("{name}: aggregate_into failed on valid input: {e}"));
+        if let Err(e) = close(out.parameters.as_slice(), &v) {
+            panic!("{name}: aggregate_into a used buffer must give what aggregate gives ({e})");
+        }
+        check_shape(&name, &updates, &out);
     }
 
     let runner = || {
@@ -244,6 +255,33 @@ mod tests {
             }
         }
         check_aggregator(|| PlainMean, Weighting::ExampleCounts);
+    }
+
+    /// A rule that writes into the buffer but skips a value fails.
+    #[test]
+    #[should_panic(expected = "aggregate_into a used buffer")]
+    fn a_rule_that_leaves_old_values_in_the_buffer_fails() {
+        struct Sloppy;
+        impl Aggregator for Sloppy {
+            fn name(&self) -> String {
+                "sloppy".into()
+            }
+            fn aggregate(&mut self, updates: &[ClientUpdate]) -> crate::Result<Aggregate> {
+                FedAvg.aggregate(updates)
+            }
+            fn aggregate_into(
+                &mut self,
+                updates: &[ClientUpdate],
+                mut buffer: crate::Parameters,
+            ) -> crate::Result<Aggregate> {
+                let mut agg = FedAvg.aggregate(updates)?;
+                let n = buffer.as_slice().len();
+                buffer.as_mut_slice()[..n - 1].copy_from_slice(&agg.parameters.as_slice()[..n - 1]);
+                agg.parameters = buffer;
+                Ok(agg)
+            }
+        }
+        check_aggregator(|| Sloppy, Weighting::ExampleCounts);
     }
 
     #[test]

@@ -212,6 +212,12 @@ pub struct Server<T: Transport, A: Strategy> {
     /// Each site's local model from its last accepted update, kept while
     /// `config.cross_site_evaluation` is on.
     local_models: BTreeMap<ClientId, (u64, Arc<Parameters>)>,
+    /// The last round's aggregate, offered to the next round's strategy
+    /// to write into ([`RoundSteps::take_spare`]).
+    spare: Option<Parameters>,
+    /// The previous global model's memory, when nothing else held it: the
+    /// next global is written into it.
+    spare_global: Option<Parameters>,
 }
 
 /// Clients an operator keeps out of training (e.g. a hospital an
@@ -319,6 +325,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             exclusions: Exclusions::default(),
             opt_state: OptState::default(),
             local_models: BTreeMap::new(),
+            spare: None,
+            spare_global: None,
         })
     }
 
@@ -410,6 +418,8 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             store: Some(store),
             sealing: None,
             exclusions: Exclusions::default(),
+            spare: None,
+            spare_global: None,
         })
     }
 
@@ -970,12 +980,14 @@ impl<T: Transport, A: Strategy> Server<T, A> {
         };
 
         let mut state_before = None;
+        let spare_global = self.spare_global.take();
         let aggregated = if updates.len() < quorum {
             Err(RoundOutcome::QuorumNotReached)
         } else {
             let clients = updates.iter().map(|u| u.client.clone()).collect();
             let deadline = self.round_deadline();
-            let mut steps = RoundSteps::new(&mut self.transport, round, deadline, quorum, clients);
+            let mut steps = RoundSteps::new(&mut self.transport, round, deadline, quorum, clients)
+                .with_spare(self.spare.take());
             // A strategy's state moves only with a round that completes.
             state_before = self.aggregator.saved_state();
             let result = self.aggregator.aggregate_round(&updates, &mut steps);
@@ -991,10 +1003,13 @@ impl<T: Transport, A: Strategy> Server<T, A> {
             } else {
                 result
                     .and_then(|agg| self.check_aggregate(agg, &updates, &reference))
-                    .and_then(|agg| {
+                    .and_then(|mut agg| {
                         let sealed = self.aggregate_sealed(&updates, &agg)?;
-                        let (next, opt) = self.apply(&agg)?;
-                        Ok((agg, sealed, (next, opt)))
+                        let norm = agg.parameters.l2_norm();
+                        // `apply` turns the aggregate into the optimizer's
+                        // direction in place.
+                        let (next, opt) = self.apply(&mut agg.parameters, spare_global)?;
+                        Ok((agg, norm, sealed, (next, opt)))
                     })
                     .map_err(|e| {
                         RoundOutcome::AggregationFailed(AggregationFailure::from_error(
@@ -1009,7 +1024,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
 
         let mut flagged = Vec::new();
         match aggregated {
-            Ok((mut agg, sealed, (next, opt))) => {
+            Ok((mut agg, norm, sealed, (next, opt))) => {
                 self.opt_state = opt;
                 if let (Some(s), Some((global, ms))) = (self.sealing.as_mut(), sealed) {
                     s.global = Arc::new(global);
@@ -1042,9 +1057,14 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                             .insert(u.client.clone(), (round, Arc::new(local)));
                     }
                 }
-                record.update_norm = Some(agg.parameters.l2_norm());
+                record.update_norm = Some(norm);
                 record.aggregate_metrics = agg.metrics;
-                self.global = Arc::new(next);
+                // The old global and the aggregate are next round's
+                // buffers: a 7M-value model then costs no fresh pages per
+                // round (the old global only if nothing else holds it).
+                self.spare = Some(agg.parameters);
+                self.spare_global =
+                    Arc::try_unwrap(std::mem::replace(&mut self.global, Arc::new(next))).ok();
                 if let Some(eval) = self.evaluator.as_mut() {
                     let sealed = self.sealing.as_ref().map(|s| &*s.global);
                     match eval(&self.global, sealed) {
@@ -1099,10 +1119,16 @@ impl<T: Transport, A: Strategy> Server<T, A> {
     /// along what its optimizer makes of the aggregate (on the body only
     /// when the run seals tensors), and the optimizer's next state (kept
     /// only if the round completes).
-    fn apply(&self, agg: &Aggregate) -> Result<(Parameters, OptState)> {
-        let mut next = (*self.global).clone();
+    ///
+    /// `direction` holds the aggregate and is left holding the optimizer's
+    /// direction; `buffer` (the previous global, if the server has it) is
+    /// overwritten with the current global and becomes the next one.
+    fn apply(
+        &self,
+        direction: &mut Parameters,
+        buffer: Option<Parameters>,
+    ) -> Result<(Parameters, OptState)> {
         let lr = self.config.server_learning_rate;
-        let mut direction = agg.parameters.clone();
         let mut state = self.opt_state.clone();
         self.config
             .server_opt
@@ -1113,8 +1139,16 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 tensor: nf.tensor,
             });
         }
+        let mut next = match buffer {
+            Some(mut b) if b.ensure_compatible(&self.global).is_ok() => {
+                b.as_mut_slice().copy_from_slice(self.global.as_slice());
+                b
+            }
+            _ => (*self.global).clone(),
+        };
+        let direction = &*direction;
         match &self.sealing {
-            None => next.axpy(lr, &direction)?,
+            None => next.axpy(lr, direction)?,
             Some(s) => {
                 let layout = next.layout().clone();
                 s.body

@@ -146,9 +146,12 @@ impl<A: Aggregator> Strategy for A {
     fn aggregate_round(
         &mut self,
         updates: &[ClientUpdate],
-        _steps: &mut RoundSteps<'_>,
+        steps: &mut RoundSteps<'_>,
     ) -> Result<Aggregate> {
-        self.aggregate(updates)
+        match steps.take_spare() {
+            Some(buffer) => self.aggregate_into(updates, buffer),
+            None => self.aggregate(updates),
+        }
     }
 
     fn saved_state(&self) -> Option<Vec<f32>> {
@@ -217,6 +220,7 @@ pub struct RoundSteps<'a> {
     step: u32,
     clients: Vec<ClientId>,
     failures: Vec<ClientFailure>,
+    spare: Option<Parameters>,
 }
 
 impl<'a> RoundSteps<'a> {
@@ -238,7 +242,23 @@ impl<'a> RoundSteps<'a> {
             step: 0,
             clients,
             failures: Vec::new(),
+            spare: None,
         }
+    }
+
+    /// Offers `buffer` (memory the server no longer needs, such as the last
+    /// round's aggregate) for the aggregate ([`RoundSteps::take_spare`]).
+    pub(crate) fn with_spare(mut self, buffer: Option<Parameters>) -> Self {
+        self.spare = buffer;
+        self
+    }
+
+    /// A buffer the strategy may write its aggregate into and return as
+    /// [`Aggregate::parameters`] (see [`Aggregator::aggregate_into`]): the
+    /// last round's aggregate, when the server has it. Old values, any
+    /// layout: check it and overwrite every value.
+    pub fn take_spare(&mut self) -> Option<Parameters> {
+        self.spare.take()
     }
 
     /// The round.

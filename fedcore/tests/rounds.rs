@@ -508,3 +508,71 @@ fn excluded_clients_are_withheld_recorded_and_readmitted() {
     assert_eq!(r.sampled.len(), 3);
     assert!(r.withheld.is_empty());
 }
+
+#[test]
+fn the_server_offers_the_last_aggregate_to_write_into_and_the_result_is_unchanged() {
+    use std::sync::{Arc, Mutex};
+
+    use fedcore::{Aggregate, Aggregator, ClientUpdate, Parameters};
+
+    /// FedAvg that records, each round, whether it was offered a buffer
+    /// and of how many values.
+    struct Recording(Arc<Mutex<Vec<Option<usize>>>>);
+    impl Aggregator for Recording {
+        fn name(&self) -> String {
+            "recording-fedavg".into()
+        }
+        fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+            self.0.lock().unwrap().push(None);
+            FedAvg.aggregate(updates)
+        }
+        fn aggregate_into(
+            &mut self,
+            updates: &[ClientUpdate],
+            buffer: Parameters,
+        ) -> fedcore::Result<Aggregate> {
+            self.0.lock().unwrap().push(Some(buffer.len()));
+            FedAvg.aggregate_into(updates, buffer)
+        }
+    }
+    let offered = Arc::new(Mutex::new(Vec::new()));
+    let mut reusing = Server::new(
+        config(4),
+        initial(),
+        federation(3),
+        Recording(offered.clone()),
+    )
+    .unwrap();
+    reusing.run().unwrap();
+    // Round 1 has nothing to offer; every later round gets the last
+    // aggregate, which has the model's size.
+    let len = initial().len();
+    assert_eq!(
+        *offered.lock().unwrap(),
+        [None, Some(len), Some(len), Some(len)]
+    );
+    // The same run with a FedAvg that always aggregates into fresh memory
+    // (the default `aggregate_into` drops the buffer) gives the same model,
+    // bit for bit, and the same norms.
+    struct Fresh;
+    impl Aggregator for Fresh {
+        fn name(&self) -> String {
+            "fresh-fedavg".into()
+        }
+        fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+            FedAvg.aggregate(updates)
+        }
+    }
+    let mut plain = Server::new(config(4), initial(), federation(3), Fresh).unwrap();
+    plain.run().unwrap();
+    assert_eq!(reusing.global(), plain.global());
+    let norms = |h: &[fedcore::RoundRecord]| -> Vec<Option<f64>> {
+        h.iter().map(|r| r.update_norm).collect()
+    };
+    assert_eq!(norms(reusing.history()), norms(plain.history()));
+    assert!(
+        norms(plain.history())
+            .iter()
+            .all(|n| n.is_some_and(|v| v > 0.0))
+    );
+}
