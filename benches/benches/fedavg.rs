@@ -4,7 +4,9 @@
 //! (one size: `cargo bench -p fedcore-benches --bench fedavg -- 'n10/d7000000'`).
 //!
 //! Both functions read the same `n * d` f32 values once, in the same chunked,
-//! parallel order; the streaming read only sums them. Criterion reports both
+//! parallel order; the streaming read only sums them. `aggregate` writes a
+//! fresh output, `aggregate_into` the previous one's memory (what the server
+//! does from its second round on). Criterion reports both
 //! as bytes/s, so FedAvg's throughput divided by the read's is the fraction of
 //! usable memory bandwidth that FedAvg reaches (docs/benchmarks.md).
 #![allow(missing_docs, clippy::unwrap_used)]
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fedcore::{Aggregator, FedAvg};
-use fedcore_benches::{streaming_sum, updates};
+use fedcore_benches::{streaming_sum, streaming_sum4, updates};
 
 fn fedavg_vs_read(c: &mut Criterion) {
     let mut group = c.benchmark_group("fedavg");
@@ -29,9 +31,22 @@ fn fedavg_vs_read(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("aggregate", &id), |b| {
                 b.iter(|| FedAvg.aggregate(black_box(&ups)).unwrap())
             });
+            // Into the last aggregate's memory, as the server does from
+            // round 2 on: no first-touch page faults.
+            let mut spare = Some(FedAvg.aggregate(&ups).unwrap().parameters);
+            group.bench_function(BenchmarkId::new("aggregate_into", &id), |b| {
+                b.iter(|| {
+                    let buffer = spare.take().expect("put back after every call");
+                    let agg = FedAvg.aggregate_into(black_box(&ups), buffer).unwrap();
+                    spare = Some(agg.parameters);
+                })
+            });
             let slices: Vec<&[f32]> = ups.iter().map(|u| u.values.as_slice()).collect();
             group.bench_function(BenchmarkId::new("stream_read", &id), |b| {
                 b.iter(|| streaming_sum(black_box(&slices)))
+            });
+            group.bench_function(BenchmarkId::new("stream_read4", &id), |b| {
+                b.iter(|| streaming_sum4(black_box(&slices)))
             });
         }
     }

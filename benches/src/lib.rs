@@ -52,9 +52,64 @@ pub fn streaming_sum(inputs: &[&[f32]]) -> f32 {
         .sum()
 }
 
+/// [`streaming_sum`] reading four inputs at once per pass over a chunk, as
+/// FedAvg's kernel does since it adds up to four inputs per pass: more
+/// streams in flight per core. On the 2-core VM the one-input-at-a-time
+/// read stays near 13 GiB/s at n = 100 while the four-stream read and
+/// FedAvg go past 20; the faster of the two is the yardstick.
+pub fn streaming_sum4(inputs: &[&[f32]]) -> f32 {
+    let len = inputs.iter().map(|x| x.len()).min().unwrap_or(0);
+    (0..len.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let range = c * CHUNK..((c + 1) * CHUNK).min(len);
+            let mut acc = [0.0f32; 16];
+            for group in inputs.chunks(4) {
+                let x = |k: usize| &group[k][range.clone()];
+                let n = range.len();
+                match group.len() {
+                    4 => {
+                        let (a, b, cc, d) = (x(0), x(1), x(2), x(3));
+                        for i in 0..n {
+                            acc[i % 16] += a[i] + b[i] + cc[i] + d[i];
+                        }
+                    }
+                    3 => {
+                        let (a, b, cc) = (x(0), x(1), x(2));
+                        for i in 0..n {
+                            acc[i % 16] += a[i] + b[i] + cc[i];
+                        }
+                    }
+                    2 => {
+                        let (a, b) = (x(0), x(1));
+                        for i in 0..n {
+                            acc[i % 16] += a[i] + b[i];
+                        }
+                    }
+                    _ => {
+                        for (i, v) in x(0).iter().enumerate() {
+                            acc[i % 16] += v;
+                        }
+                    }
+                }
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_four_stream_read_sums_every_value() {
+        let xs: Vec<Vec<f32>> = (0..6).map(|k| vec![k as f32; CHUNK + 3]).collect();
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let want = (0..6).sum::<usize>() as f32 * (CHUNK + 3) as f32;
+        assert_eq!(streaming_sum4(&refs), want);
+        assert_eq!(streaming_sum(&refs), want);
+    }
 
     #[test]
     fn streaming_sum_reads_every_value_of_inputs_of_unequal_length() {
