@@ -105,7 +105,7 @@ fn morlet(m: usize, n: usize, sigma: f64, theta: f64, xi: f64, slant: f64) -> Ve
 }
 
 /// The real part of the 2-D DFT of an `m x n` complex signal.
-fn fourier_real(signal: &[(f64, f64)], m: usize, n: usize) -> Vec<f64> {
+fn fourier_real(signal: &[(f64, f64)], m: usize, n: usize) -> Result<Vec<f64>> {
     let dims = [m as i64, n as i64];
     let re: Vec<f64> = signal.iter().map(|v| v.0).collect();
     let im: Vec<f64> = signal.iter().map(|v| v.1).collect();
@@ -118,8 +118,8 @@ fn fourier_real(signal: &[(f64, f64)], m: usize, n: usize) -> Vec<f64> {
         .real()
         .contiguous()
         .flatten(0, -1);
-    // Both come from the same DFT of `m x n` values: the sizes agree.
-    Vec::<f64>::try_from(&f).unwrap_or_default()
+    Vec::<f64>::try_from(&f)
+        .map_err(|e| Error::InvalidConfig(format!("scattering filter spectrum: {e}")))
 }
 
 /// Kymatio's `periodize_filter_fft`: keeps the frequencies a signal
@@ -224,21 +224,21 @@ impl Scattering {
                         let signal = morlet(m, n, sigma, theta, xi, 4.0 / angles as f64);
                         fourier_real(&signal, m, n)
                     })
-                    .collect();
-                (0..levels)
+                    .collect::<Result<_>>()?;
+                Ok((0..levels)
                     .map(|res| {
                         let per: Vec<Tensor> =
                             spectra.iter().map(|s| periodize(s, m, n, res)).collect();
                         Tensor::stack(&per, 0)
                     })
-                    .collect()
+                    .collect())
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let low = fourier_real(
             &gabor(m, n, 0.8 * 2f64.powi(scales as i32 - 1), 0.0, 0.0, 1.0),
             m,
             n,
-        );
+        )?;
         let phi = (0..scales).map(|res| periodize(&low, m, n, res)).collect();
         Ok(Self {
             scales,
@@ -263,18 +263,21 @@ impl Scattering {
 
     /// Coefficient maps per input channel: `1 + J L + L^2 J (J - 1) / 2`.
     pub fn maps_per_channel(&self) -> usize {
-        let (j, l) = (self.scales, self.angles);
-        1 + j * l + l * l * j * (j - 1) / 2
+        Self::shape_for([1, 0, 0], self.scales, self.angles)[0]
     }
 
     /// `[C * K, H / 2^J, W / 2^J]`: the shape of one image's coefficients.
     pub fn output_shape(&self) -> [usize; 3] {
-        let [c, h, w] = self.input;
-        [
-            c * self.maps_per_channel(),
-            h >> self.scales,
-            w >> self.scales,
-        ]
+        Self::shape_for(self.input, self.scales, self.angles)
+    }
+
+    /// [`Scattering::output_shape`] of the transform
+    /// `Scattering::new(input, scales, angles)` would build, without
+    /// building its filters.
+    pub fn shape_for([c, h, w]: [usize; 3], scales: usize, angles: usize) -> [usize; 3] {
+        let (j, l) = (scales, angles);
+        let maps = 1 + j * l + l * l * j * j.saturating_sub(1) / 2;
+        [c * maps, h >> j, w >> j]
     }
 
     /// The coefficients of a batch of images `[N, C, H, W]` (float), as
