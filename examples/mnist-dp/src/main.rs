@@ -1,7 +1,8 @@
 //! Federated MNIST with sample-level differential privacy.
 //!
 //! `--clients` hospitals (`client1`, `client2`, ...) each hold an equal IID
-//! share of MNIST and train the small CNN with DP-SGD (per-sample clipping,
+//! share of MNIST and train a small model (`--model`: a CNN on the pixels,
+//! or a linear model on the images' scattering coefficients) with DP-SGD (per-sample clipping,
 //! Gaussian noise, Poisson-sampled batches); the server averages with FedAvg.
 //! For each target epsilon the noise multiplier is calibrated so that all
 //! rounds fit the budget at delta = 1e-5; every round prints test accuracy
@@ -381,10 +382,10 @@ impl Network for Net {
     }
 }
 
-fn cnn(args: &Args) -> Result<TchModel<Net>> {
+fn build_model(args: &Args) -> Result<TchModel<Net>> {
     Ok(TchModel::build(Device::Cpu, 0, |b| {
         if args.model == "scatter" {
-            let shape = Scattering::mnist()?.output_shape();
+            let shape = Scattering::shape_for([1, 28, 28], 2, 8);
             return Ok(Net::Scatter(ScatterLinear::build(
                 b,
                 shape,
@@ -401,6 +402,32 @@ fn cnn(args: &Args) -> Result<TchModel<Net>> {
             None => net,
         }))
     })?)
+}
+
+/// The first `len` images of a data set.
+struct First {
+    inner: Arc<dyn ImageDataset>,
+    len: usize,
+}
+
+impl ImageDataset for First {
+    fn len(&self) -> usize {
+        self.len.min(self.inner.len())
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        self.inner.image_shape()
+    }
+
+    fn batch(&self, indices: &[usize]) -> fedcore::Result<Batch> {
+        if let Some(i) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(fedcore::Error::InvalidInput(format!(
+                "image {i} out of range ({} images)",
+                self.len()
+            )));
+        }
+        self.inner.batch(indices)
+    }
 }
 
 /// What every run trains and tests on: MNIST (with the audit's canaries
@@ -430,9 +457,18 @@ impl Prepared {
                 canaries,
             });
         }
+        if args.activation.is_some() {
+            bail!("--activation is for the CNNs; the scattering model is linear");
+        }
         let start = Instant::now();
         let s = Scattering::mnist()?;
-        let train: Arc<dyn ImageDataset> = Arc::new(s.features(&*source, 200)?);
+        // Only the images the run uses (the clients' shares and the
+        // canaries are all among the first `total`).
+        let used = First {
+            inner: source,
+            len: total,
+        };
+        let train: Arc<dyn ImageDataset> = Arc::new(s.features(&used, 200)?);
         let test_features: Arc<dyn ImageDataset> = Arc::new(s.features(&**test.source(), 200)?);
         let test = DataSplit::subset(test_features, test.indices().to_vec())?;
         if let Some(c) = &mut canaries {
@@ -479,7 +515,7 @@ fn run(args: &Args, prepared: &Prepared, target: Option<f64>) -> Result<Outcome>
         match target {
             None => {
                 let model = Released {
-                    inner: cnn(args)?,
+                    inner: build_model(args)?,
                     last: slot,
                 };
                 transport.add_client(ModelClient::new(id, model, data))?;
@@ -499,7 +535,7 @@ fn run(args: &Args, prepared: &Prepared, target: Option<f64>) -> Result<Outcome>
                     Some(s) => Noise::dangerous().seeded(s.wrapping_add(k as u64)),
                     None => Noise::secure()?,
                 };
-                let model = DpSgd::new(id.clone(), cnn(args)?, config, noise)?;
+                let model = DpSgd::new(id.clone(), build_model(args)?, config, noise)?;
                 let model = Released {
                     inner: model,
                     last: slot,
@@ -529,8 +565,8 @@ fn run(args: &Args, prepared: &Prepared, target: Option<f64>) -> Result<Outcome>
         server_learning_rate: args.server_lr,
         ..ServerConfig::default()
     };
-    let mut server = Server::new(config, cnn(args)?.parameters(), transport, FedAvg)?;
-    let mut evaluator = cnn(args)?;
+    let mut server = Server::new(config, build_model(args)?.parameters(), transport, FedAvg)?;
+    let mut evaluator = build_model(args)?;
     let test_eval = test.clone();
     // With --average-last K > 1, `accuracy` is the tail average's (the
     // released model) and `accuracy_last_round` the round's global model's.
@@ -613,7 +649,7 @@ fn run(args: &Args, prepared: &Prepared, target: Option<f64>) -> Result<Outcome>
     // others').
     let audit = match &canaries {
         Some(c) => {
-            let mut model = cnn(args)?;
+            let mut model = build_model(args)?;
             let last = released
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -647,13 +683,13 @@ fn run(args: &Args, prepared: &Prepared, target: Option<f64>) -> Result<Outcome>
 }
 
 fn markdown(args: &Args, rows: &[Outcome]) -> Result<String> {
-    let parameters = cnn(args)?.parameters().len();
+    let parameters = build_model(args)?.parameters().len();
     let mut s = String::new();
     let n = args.train_images.min(60_000) / args.clients;
     let _ = writeln!(s, "# MNIST with DP-SGD: accuracy against epsilon\n");
     let _ = writeln!(
         s,
-        "```sh\ncargo run --release -p mnist-dp -- {} --out docs\n```\n",
+        "```sh\ncargo run --release -p mnist-dp -- {}\n```\n",
         command_line(std::env::args().skip(1))
     );
     let _ = writeln!(
