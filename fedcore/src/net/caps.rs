@@ -274,6 +274,11 @@ impl Connections {
     /// dropped, which closes it) over a cap.
     pub fn admit(&self, io: TcpStream) -> Option<Counted> {
         let peer = io.peer_addr().ok()?;
+        // As the client does: small messages (a welcome, a step's answer)
+        // go out at once instead of waiting for Nagle's timer.
+        if let Err(e) = io.set_nodelay(true) {
+            tracing::debug!(peer = %peer, error = %e, "TCP_NODELAY not set");
+        }
         let ip = peer.ip().to_canonical();
         match self.counter.take(ip) {
             Ok(slot) => {

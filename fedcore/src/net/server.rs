@@ -1199,6 +1199,7 @@ impl GrpcTransport {
             .map_err(|e| Error::Transport(format!("TLS configuration: {e}")))?
             .initial_stream_window_size(Some(limits.window_bytes))
             .initial_connection_window_size(Some(limits.window_bytes))
+            .max_frame_size(Some(limits.frame_bytes()))
             // No HTTP/2 keepalive: on a slow link its ping waits behind
             // megabytes of data in the socket buffers and would time out a
             // link that is moving. Sessions' liveness is their progress.

@@ -333,8 +333,15 @@ pub(crate) fn chunks_from(
 #[derive(Debug)]
 pub(crate) struct Assembler {
     task_id: u64,
+    /// Declared sizes: encoded bytes, f32 values, sealed bytes.
+    sizes: [usize; 3],
+    /// The payload's parts as they arrive. Reserved, not zeroed: bytes are
+    /// appended, so memory is written once (a zeroed 28 MB buffer cost a
+    /// pass of its own per transfer).
     encoded: Vec<u8>,
     values: Vec<f32>,
+    /// The first bytes of a value that the chunk ended in the middle of.
+    partial: ([u8; 4], usize),
     sealed: Vec<u8>,
     received: u64,
     total: u64,
@@ -365,9 +372,11 @@ impl Assembler {
         }
         Ok(Self {
             task_id,
-            encoded: vec![0; encoded as usize],
-            values: vec![0.0; values],
-            sealed: vec![0; sealed as usize],
+            sizes: [encoded as usize, values, sealed as usize],
+            encoded: Vec::with_capacity(encoded as usize),
+            values: Vec::with_capacity(values),
+            partial: ([0; 4], 0),
+            sealed: Vec::with_capacity(sealed as usize),
             received: 0,
             total,
             discard: false,
@@ -383,8 +392,10 @@ impl Assembler {
         }
         Ok(Self {
             task_id,
+            sizes: [0; 3],
             encoded: Vec::new(),
             values: Vec::new(),
+            partial: ([0; 4], 0),
             sealed: Vec::new(),
             received: 0,
             total,
@@ -436,40 +447,50 @@ impl Assembler {
             self.received = end;
             return Ok(());
         }
-        let mut data: &[u8] = &chunk.data;
-        let mut base = 0u64;
-        for region in [
-            &mut self.encoded[..],
-            bytemuck::cast_slice_mut::<f32, u8>(&mut self.values),
-            &mut self.sealed[..],
-        ] {
-            let len = region.len() as u64;
-            if !data.is_empty() && self.received < base + len {
-                let start = (self.received - base) as usize;
-                let n = data.len().min(region.len() - start);
-                region[start..start + n].copy_from_slice(&data[..n]);
-                data = &data[n..];
-                self.received += n as u64;
-            }
-            base += len;
-        }
-        debug_assert!(data.is_empty());
+        // The parts in order; `end <= total` above means the chunk fits.
+        let data: &[u8] = &chunk.data;
+        let [encoded, values, _] = self.sizes;
+        let n = (encoded - self.encoded.len()).min(data.len());
+        self.encoded.extend_from_slice(&data[..n]);
+        let data = &data[n..];
+        let n = (values * 4 - self.values.len() * 4 - self.partial.1).min(data.len());
+        self.push_values(&data[..n]);
+        self.sealed.extend_from_slice(&data[n..]);
+        self.received = end;
         Ok(())
     }
 
+    /// Appends little-endian f32 bytes, keeping a value split across
+    /// chunks until its last byte comes.
+    fn push_values(&mut self, mut bytes: &[u8]) {
+        let (buf, have) = &mut self.partial;
+        if *have > 0 {
+            let k = (4 - *have).min(bytes.len());
+            buf[*have..*have + k].copy_from_slice(&bytes[..k]);
+            *have += k;
+            bytes = &bytes[k..];
+            if *have < 4 {
+                return;
+            }
+            self.values.push(f32::from_le_bytes(*buf));
+            *have = 0;
+        }
+        let whole = bytes.chunks_exact(4);
+        let rest = whole.remainder();
+        self.values
+            .extend(whole.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        buf[..rest.len()].copy_from_slice(rest);
+        *have = rest.len();
+    }
+
     /// The encoded bytes, the values (in host order) and the sealed bytes.
-    fn finish(mut self) -> Result<(Vec<u8>, Vec<f32>, Vec<u8>)> {
+    fn finish(self) -> Result<(Vec<u8>, Vec<f32>, Vec<u8>)> {
         if !self.is_complete() {
             return Err(bad(format!(
                 "payload incomplete: {} of {} bytes",
                 self.received,
                 self.total()
             )));
-        }
-        if cfg!(target_endian = "big") {
-            for v in &mut self.values {
-                *v = f32::from_le_bytes(v.to_ne_bytes());
-            }
         }
         Ok((self.encoded, self.values, self.sealed))
     }
