@@ -170,8 +170,12 @@ fn serve<C: Client>(mut client: C, jobs: Receiver<Job>, fault: Arc<Mutex<Option<
         if let Some(Fault::Delay(d)) = fault {
             std::thread::sleep(d);
         }
+        // The task goes before the reply: the server may reuse the model it
+        // shares once the round's replies are in, if no task still holds it.
+        let Job { task, reply_to } = job;
+        drop(task);
         // The server stops listening after the deadline; a late reply is dropped.
-        let _ = job.reply_to.send(Envelope {
+        let _ = reply_to.send(Envelope {
             client: id.clone(),
             reply,
         });

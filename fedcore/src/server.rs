@@ -1063,6 +1063,10 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                 // buffers: a 7M-value model then costs no fresh pages per
                 // round (the old global only if nothing else holds it).
                 self.spare = Some(agg.parameters);
+                // This round's own handles on the old global go first, or
+                // it is never the only holder.
+                drop(reference);
+                drop(global);
                 self.spare_global =
                     Arc::try_unwrap(std::mem::replace(&mut self.global, Arc::new(next))).ok();
                 if let Some(eval) = self.evaluator.as_mut() {

@@ -576,3 +576,42 @@ fn the_server_offers_the_last_aggregate_to_write_into_and_the_result_is_unchange
             .all(|n| n.is_some_and(|v| v > 0.0))
     );
 }
+
+#[test]
+fn the_server_writes_each_new_global_into_the_memory_of_the_one_before_last() {
+    // With the in-memory transport nothing holds an old global once its
+    // round is over, so the server alternates between two buffers: round
+    // 2's global lives where the initial model was, round 3's where round
+    // 1's was. A stateful server optimizer (momentum) computes its
+    // direction in the aggregate's memory; the run equals one that never
+    // reuses memory.
+    use fedcore::{Aggregate, Aggregator, ClientUpdate, ServerOpt};
+    struct Fresh;
+    impl Aggregator for Fresh {
+        fn name(&self) -> String {
+            "fresh-fedavg".into()
+        }
+        fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+            FedAvg.aggregate(updates)
+        }
+    }
+    let mut cfg = config(4);
+    cfg.server_opt = ServerOpt::Momentum { beta: 0.9 };
+    let mut server = Server::new(cfg.clone(), initial(), federation(3), FedAvg).unwrap();
+    let mut at = vec![server.global().as_slice().as_ptr()];
+    for _ in 0..3 {
+        server.run_round().unwrap();
+        at.push(server.global().as_slice().as_ptr());
+    }
+    assert_eq!(at[2], at[0], "round 2 in the initial model's memory");
+    assert_eq!(at[3], at[1], "round 3 in round 1's");
+    assert_ne!(at[1], at[0]);
+    server.run_round().unwrap();
+    let mut fresh = Server::new(cfg, initial(), federation(3), Fresh).unwrap();
+    fresh.run().unwrap();
+    assert_eq!(server.global(), fresh.global());
+    let norms = |h: &[fedcore::RoundRecord]| -> Vec<Option<f64>> {
+        h.iter().map(|r| r.update_norm).collect()
+    };
+    assert_eq!(norms(server.history()), norms(fresh.history()));
+}
