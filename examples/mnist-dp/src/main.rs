@@ -469,7 +469,12 @@ impl Prepared {
             len: total,
         };
         let train: Arc<dyn ImageDataset> = Arc::new(s.features(&used, 200)?);
-        let test_features: Arc<dyn ImageDataset> = Arc::new(s.features(&**test.source(), 200)?);
+        // The test split is the first `--test-images` of the test set.
+        let tested = First {
+            inner: test.source().clone(),
+            len: test.indices().iter().max().map_or(0, |i| i + 1),
+        };
+        let test_features: Arc<dyn ImageDataset> = Arc::new(s.features(&tested, 200)?);
         let test = DataSplit::subset(test_features, test.indices().to_vec())?;
         if let Some(c) = &mut canaries {
             c.source = train.clone();
