@@ -552,26 +552,16 @@ fn the_server_offers_the_last_aggregate_to_write_into_and_the_result_is_unchange
         [None, Some(len), Some(len), Some(len)]
     );
     // The same run with a FedAvg that always aggregates into fresh memory
-    // (the default `aggregate_into` drops the buffer) gives the same model,
-    // bit for bit, and the same norms.
-    struct Fresh;
-    impl Aggregator for Fresh {
-        fn name(&self) -> String {
-            "fresh-fedavg".into()
-        }
-        fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
-            FedAvg.aggregate(updates)
-        }
-    }
-    let mut plain = Server::new(config(4), initial(), federation(3), Fresh).unwrap();
+    // gives the same model, bit for bit, and the same norms.
+    let mut plain = Server::new(config(4), initial(), federation(3), FreshFedAvg).unwrap();
     plain.run().unwrap();
     assert_eq!(reusing.global(), plain.global());
-    let norms = |h: &[fedcore::RoundRecord]| -> Vec<Option<f64>> {
-        h.iter().map(|r| r.update_norm).collect()
-    };
-    assert_eq!(norms(reusing.history()), norms(plain.history()));
+    assert_eq!(
+        update_norms(reusing.history()),
+        update_norms(plain.history())
+    );
     assert!(
-        norms(plain.history())
+        update_norms(plain.history())
             .iter()
             .all(|n| n.is_some_and(|v| v > 0.0))
     );
@@ -585,16 +575,7 @@ fn the_server_writes_each_new_global_into_the_memory_of_the_one_before_last() {
     // 1's was. A stateful server optimizer (momentum) computes its
     // direction in the aggregate's memory; the run equals one that never
     // reuses memory.
-    use fedcore::{Aggregate, Aggregator, ClientUpdate, ServerOpt};
-    struct Fresh;
-    impl Aggregator for Fresh {
-        fn name(&self) -> String {
-            "fresh-fedavg".into()
-        }
-        fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
-            FedAvg.aggregate(updates)
-        }
-    }
+    use fedcore::ServerOpt;
     let mut cfg = config(4);
     cfg.server_opt = ServerOpt::Momentum { beta: 0.9 };
     let mut server = Server::new(cfg.clone(), initial(), federation(3), FedAvg).unwrap();
@@ -607,11 +588,32 @@ fn the_server_writes_each_new_global_into_the_memory_of_the_one_before_last() {
     assert_eq!(at[3], at[1], "round 3 in round 1's");
     assert_ne!(at[1], at[0]);
     server.run_round().unwrap();
-    let mut fresh = Server::new(cfg, initial(), federation(3), Fresh).unwrap();
+    let mut fresh = Server::new(cfg, initial(), federation(3), FreshFedAvg).unwrap();
     fresh.run().unwrap();
     assert_eq!(server.global(), fresh.global());
-    let norms = |h: &[fedcore::RoundRecord]| -> Vec<Option<f64>> {
-        h.iter().map(|r| r.update_norm).collect()
-    };
-    assert_eq!(norms(server.history()), norms(fresh.history()));
+    assert_eq!(
+        update_norms(server.history()),
+        update_norms(fresh.history())
+    );
+}
+
+/// FedAvg that always aggregates into fresh memory: it keeps the default
+/// `aggregate_into`, which drops the buffer the server offers.
+struct FreshFedAvg;
+
+impl fedcore::Aggregator for FreshFedAvg {
+    fn name(&self) -> String {
+        "fresh-fedavg".into()
+    }
+    fn aggregate(
+        &mut self,
+        updates: &[fedcore::ClientUpdate],
+    ) -> fedcore::Result<fedcore::Aggregate> {
+        FedAvg.aggregate(updates)
+    }
+}
+
+/// Each round's update norm.
+fn update_norms(history: &[fedcore::RoundRecord]) -> Vec<Option<f64>> {
+    history.iter().map(|r| r.update_norm).collect()
 }
