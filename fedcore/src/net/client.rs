@@ -113,7 +113,6 @@ async fn connect_tracked(
         .connect_timeout(options.connect_timeout)
         .initial_stream_window_size(Some(limits.window_bytes))
         .initial_connection_window_size(Some(limits.window_bytes))
-        .max_frame_size(Some(limits.frame_bytes()))
         .connect_with_connector(connector)
         .await
         .map_err(|e| {

@@ -103,9 +103,6 @@ use crate::run::{RunEnd, RunPolicy, RunReport};
 use crate::server::Server;
 use crate::strategy::Strategy;
 
-/// HTTP/2 frame size: see [`Limits::frame_bytes`].
-const FRAME_BYTES: u32 = 64 << 10;
-
 /// Size limits of the wire.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -135,16 +132,6 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The HTTP/2 frame size each side advertises: 64 KiB, four times
-    /// HTTP/2's default. A 16 KiB frame cut each 1 MiB chunk into 64
-    /// frames, each with its header, flow-control bookkeeping and buffer
-    /// growth on the receiving side (FRAME_BYTES in docs/benchmarks.md);
-    /// a larger one delays the first message on a slow link, since a
-    /// frame is read whole before any message in it is decoded.
-    pub(crate) fn frame_bytes(&self) -> u32 {
-        FRAME_BYTES
-    }
-
     /// Checks that chunks fit in messages.
     pub fn check(&self) -> Result<()> {
         if self.chunk_bytes == 0 || self.chunk_bytes + 4096 > self.max_message_bytes {

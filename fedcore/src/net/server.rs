@@ -1199,7 +1199,11 @@ impl GrpcTransport {
             .map_err(|e| Error::Transport(format!("TLS configuration: {e}")))?
             .initial_stream_window_size(Some(limits.window_bytes))
             .initial_connection_window_size(Some(limits.window_bytes))
-            .max_frame_size(Some(limits.frame_bytes()))
+            // HTTP/2's default 16 KiB frames stay: with 64 KiB ones the gRPC
+            // round was 10 % faster on loopback, but a moving 50 KB/s link
+            // with a 1 s liveness was sometimes cut (likely: h2 reads
+            // nothing while it flushes a frame, 1.3 s at that rate; see
+            // docs/benchmarks.md, "Closer to plain TLS").
             // No HTTP/2 keepalive: on a slow link its ping waits behind
             // megabytes of data in the socket buffers and would time out a
             // link that is moving. Sessions' liveness is their progress.
