@@ -470,6 +470,27 @@ fn bad_input_is_an_error_and_the_model_keeps_working() {
     assert_eq!(ok.len(), 14);
 }
 
+/// Trains `model` on `train` with `config` and checks that it learned:
+/// the test loss at least halves and the test accuracy passes 90 %.
+fn assert_learns<N: Network>(
+    model: &mut TchModel<N>,
+    train: &DataSplit,
+    test: &DataSplit,
+    config: &TrainConfig,
+) -> fedcore::FitOutput {
+    let before = model.evaluate(test).unwrap();
+    let fit = model.fit(train, config).unwrap();
+    let after = model.evaluate(test).unwrap();
+    assert!(
+        after.loss < before.loss * 0.5,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(after.metrics["accuracy"] > 0.9, "{:?}", after.metrics);
+    fit
+}
+
 /// 28 x 28 images whose class is where a bright 7 x 7 square sits (a 3 x 3
 /// grid plus "empty"), with noise: learnable in a few epochs.
 #[test]
@@ -486,7 +507,6 @@ fn small_cnn_learns_and_has_the_documented_size() {
     );
     let train = DataSplit::all(Arc::new(synthetic_digits(400, 1)));
     let test = DataSplit::all(Arc::new(synthetic_digits(200, 2)));
-    let before = model.evaluate(&test).unwrap();
     let config = TrainConfig {
         epochs: 3,
         batch_size: 32,
@@ -495,16 +515,8 @@ fn small_cnn_learns_and_has_the_documented_size() {
         seed: 3,
         ..TrainConfig::default()
     };
-    let fit = model.fit(&train, &config).unwrap();
+    let fit = assert_learns(&mut model, &train, &test, &config);
     assert_eq!(fit.num_examples, 400);
-    let after = model.evaluate(&test).unwrap();
-    assert!(
-        after.loss < before.loss * 0.5,
-        "{} -> {}",
-        before.loss,
-        after.loss
-    );
-    assert!(after.metrics["accuracy"] > 0.9, "{:?}", after.metrics);
     // Images of the wrong size are refused.
     let e = model
         .fit(&DataSplit::all(Arc::new(synthetic_digits(4, 1))), &config)
@@ -1516,7 +1528,6 @@ fn a_linear_model_on_scattering_features_has_per_sample_gradients_and_learns() {
     let test = DataSplit::all(Arc::new(
         s.features(&synthetic_digits(100, 2), 100).unwrap(),
     ));
-    let before = model.evaluate(&test).unwrap();
     let config = TrainConfig {
         epochs: 5,
         batch_size: 32,
@@ -1525,15 +1536,7 @@ fn a_linear_model_on_scattering_features_has_per_sample_gradients_and_learns() {
         seed: 3,
         ..TrainConfig::default()
     };
-    model.fit(&train, &config).unwrap();
-    let after = model.evaluate(&test).unwrap();
-    assert!(
-        after.loss < before.loss * 0.5,
-        "{} -> {}",
-        before.loss,
-        after.loss
-    );
-    assert!(after.metrics["accuracy"] > 0.9, "{:?}", after.metrics);
+    assert_learns(&mut model, &train, &test, &config);
     // Raw images and a group count that does not divide the maps are refused.
     assert!(
         model
