@@ -115,7 +115,7 @@ impl<R: Role> fmt::Debug for CkksContext<R> {
     }
 }
 
-fn make_context(params: &CkksParams) -> Result<Arc<seal::Context>> {
+pub(crate) fn make_context(params: &CkksParams) -> Result<Arc<seal::Context>> {
     params.check()?;
     let sec = if params.is_secure() {
         seal::SEC_TC128
@@ -190,6 +190,12 @@ impl<R: Role> CkksContext<R> {
         })
     }
 
+    /// The public key (the tests' coalition contexts reuse it).
+    #[cfg(test)]
+    pub(crate) fn public_key(&self) -> &Arc<seal::PublicKey> {
+        &self.inner.public_key
+    }
+
     /// The parameters.
     pub fn params(&self) -> &CkksParams {
         &self.inner.params
@@ -253,6 +259,18 @@ impl CkksContext<Secret> {
         }
     }
 
+    /// A context for a secret key made elsewhere: the tests' coalition
+    /// keys (sums of some parties' shares), never a product path.
+    #[cfg(test)]
+    pub(crate) fn from_secret_key(
+        params: CkksParams,
+        ctx: Arc<seal::Context>,
+        public_key: Arc<seal::PublicKey>,
+        secret_key: seal::SecretKey,
+    ) -> Result<Self> {
+        Self::from_parts(params, ctx, public_key, Some(Arc::new(secret_key)))
+    }
+
     /// Loads a hospital's context from a key file written by
     /// [`KeyAuthority::write`]. A public file is [`HeError::WrongRole`]; a
     /// secret file readable by group or others is refused.
@@ -291,6 +309,16 @@ impl CkksContext<Secret> {
 }
 
 impl CkksContext<Public> {
+    /// A public context for a public key made elsewhere (the collective key
+    /// of [`crate::multiparty`]).
+    pub(crate) fn from_public_key(
+        params: CkksParams,
+        ctx: Arc<seal::Context>,
+        public_key: seal::PublicKey,
+    ) -> Result<Self> {
+        Self::from_parts(params, ctx, Arc::new(public_key), None)
+    }
+
     /// Loads the server's context from a key file written by
     /// [`KeyAuthority::write`]. A secret file is [`HeError::WrongRole`]: the
     /// server must never be handed the secret key.

@@ -40,6 +40,11 @@ impl<'a> Reader<'a> {
         ))
     }
 
+    /// Bytes not read yet.
+    pub(crate) fn rest_len(&self) -> usize {
+        self.rest.len()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.rest.is_empty()
     }

@@ -149,6 +149,7 @@ unsafe extern "C" {
     fn Evaluator_Destroy(p: Handle) -> Hr;
     fn Evaluator_Add(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
     fn Evaluator_Sub(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
+    fn Evaluator_TransformToNTT2(p: Handle, a: Handle, dest: Handle) -> Hr;
     fn Evaluator_Multiply(p: Handle, a: Handle, b: Handle, dest: Handle, pool: Handle) -> Hr;
     fn Evaluator_Relinearize(
         p: Handle,
@@ -263,6 +264,10 @@ pub(crate) struct Level {
 pub(crate) struct Context {
     h: Handle,
     pub(crate) levels: Vec<Level>,
+    /// Every prime of the coefficient modulus, in order: the data primes,
+    /// then the special prime (the key level holds all of them; data level
+    /// `i` holds the first `levels[i].primes`).
+    pub(crate) primes: Vec<u64>,
 }
 owned!(Context, SEALContext_Destroy);
 // SAFETY: a SEALContext is immutable after construction and SEAL documents
@@ -354,6 +359,7 @@ impl Context {
         let mut ctx = Self {
             h,
             levels: Vec::new(),
+            primes,
         };
         let mut set = false;
         // SAFETY: live context handle, valid out-pointer.
@@ -953,6 +959,19 @@ impl Engine {
             Decryptor_Decrypt(self.decryptor, c.h, p.h)
         })?;
         Ok(p)
+    }
+
+    /// The same ciphertext with every polynomial taken to the NTT domain;
+    /// `c` must be in coefficient form (SEAL refuses one already in NTT form).
+    pub(crate) fn to_ntt(&self, c: &Ciphertext) -> SealResult<Ciphertext> {
+        let d = Ciphertext::empty()?;
+        // SAFETY: live evaluator, a valid ciphertext and a fresh destination;
+        // SEAL checks the form and the parameters and reports a mismatch as an
+        // `invalid_argument`, which its C API catches.
+        check("Evaluator_TransformToNTT2", unsafe {
+            Evaluator_TransformToNTT2(self.evaluator, c.h, d.h)
+        })?;
+        Ok(d)
     }
 
     /// A deep copy of `c`.

@@ -149,6 +149,15 @@ impl<R: Role> CkksContext<R> {
         self.pack(values, Form::Sum, |p| self.engine().encrypt_public(p))
     }
 
+    /// Public-key encryption in the [`Form::Fresh`] form: an upload by a
+    /// party that does not hold the secret key, as every hospital under a
+    /// collective key ([`crate::multiparty`]). Twice the bytes of
+    /// [`CkksContext::encrypt_compact`] (no seed stands in for the second
+    /// polynomial).
+    pub fn encrypt_upload(&self, values: &[f64]) -> Result<EncryptedVector> {
+        self.pack(values, Form::Fresh, |p| self.engine().encrypt_public(p))
+    }
+
     pub(crate) fn check_same(&self, v: &EncryptedVector, form: Form, len: usize) -> Result<()> {
         if v.key_id != self.key_id() {
             return Err(HeError::Mismatch("encrypted under another key".into()));
