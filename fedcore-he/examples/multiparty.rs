@@ -12,12 +12,16 @@
 //! hospital uploads a public-key encryption under the collective key, the
 //! server adds them, every hospital answers the key switch of the sum to the
 //! hospitals' output key, the server combines the answers and a hospital
-//! decrypts. Times are wall-clock on all cores; "per hospital" times are one
+//! decrypts. Then the same with threshold keys (t = n - 1): every hospital
+//! deals Shamir shares of its secret to the others, the last hospital drops
+//! out, and the others answer the switch. Times are wall-clock on all cores; "per hospital" times are one
 //! hospital's work (the hospitals run one after another here).
 
 use std::time::Instant;
 
-use fedcore_he::multiparty::{CollectiveKey, Crs, KeyShare, PartyKey, SwitchShare};
+use fedcore_he::multiparty::{
+    CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster, SwitchShare, ThresholdKey,
+};
 use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -76,11 +80,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let collective = CollectiveKey::combine(&params, &crs, &shares)?;
     let combine = ms(t);
     let output = CkksContext::generate(params.clone())?;
+    // Threshold: t = n - 1, every hospital deals to every other.
+    let t_of = n.saturating_sub(1).max(1);
+    let roster = Roster::new(
+        t_of,
+        parties
+            .iter()
+            .map(|p| (p.party(), p.transport_key()))
+            .collect(),
+    )?;
+    let t = Instant::now();
+    let deals: Vec<Vec<u8>> = parties
+        .iter()
+        .map(|p| p.deal(&roster, &crs))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .map(|d| d.to_bytes())
+        .collect();
+    let deal_time = ms(t) / n as f64;
+    let deal_bytes = deals.iter().map(Vec::len).sum::<usize>() / n;
+    let deals: Vec<Deal> = deals
+        .iter()
+        .map(|b| Deal::from_bytes(&params, b))
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    let keys: Vec<ThresholdKey> = parties
+        .iter()
+        .map(|p| {
+            let mine: Vec<Deal> = deals
+                .iter()
+                .filter(|d| d.recipient() == p.party())
+                .cloned()
+                .collect();
+            p.threshold_key(&roster, &crs, &mine)
+        })
+        .collect::<Result<_, _>>()?;
+    let open_time = ms(t) / n as f64;
+    drop(deals);
+    let threshold = collective.clone().with_roster(roster)?;
     println!(
         "per hospital: secret share {generate:.1} ms, key share {share_time:.1} ms, {} bytes",
         shares[0].to_bytes().len()
     );
     println!("server: combine {n} key shares {combine:.1} ms");
+    println!(
+        "threshold {t_of} of {n}, per hospital: deal {deal_time:.1} ms, {deal_bytes} B sent (all its deals); open its deals {open_time:.1} ms"
+    );
 
     for &len in &lens {
         let plain = updates(n, len);
@@ -147,17 +193,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|b| SwitchShare::from_bytes(&collective, b))
             .collect::<Result<_, _>>()?;
         let switched = collective.switch(&sum, &out, &answers)?.to_bytes()?;
+        let switched_len = switched.len();
         let combine = ms(t);
         drop(answers);
         let t = Instant::now();
         let got = output.decrypt(&output.load(&switched, Form::Sum)?)?;
         let dec = ms(t);
+        drop(switched);
+        let error = max_error(&got, &plain, &weights);
+        // Threshold: the last hospital has dropped out; the others sign.
+        let signers: Vec<u32> = (1..=t_of as u32).collect();
+        let t = Instant::now();
+        let mut answers = Vec::with_capacity(t_of);
+        for k in keys.iter().filter(|k| signers.contains(&k.party())) {
+            answers.push(k.switch_share(&threshold, &sum, &out, &signers)?.to_bytes());
+        }
+        let t_answer = ms(t) / t_of as f64;
+        let t_bytes = answers[0].len();
+        let t = Instant::now();
+        let answers: Vec<SwitchShare> = answers
+            .iter()
+            .map(|b| SwitchShare::from_bytes(&threshold, b))
+            .collect::<Result<_, _>>()?;
+        let t_switched = threshold.switch(&sum, &out, &answers)?;
+        let t_combine = ms(t);
+        drop(answers);
+        let t_got = output.decrypt(&t_switched)?;
         println!(
             "multiparty: upload {enc:.1} ms, {up_bytes} B ({:.1} B/value); server sum {summed:.1} ms; key switch per hospital {answer:.1} ms, {share_bytes} B ({:.1} B/value); server combine {combine:.1} ms; switched sum {} B; load + decrypt {dec:.1} ms; max error {:.1e}",
             up_bytes as f64 / len as f64,
             share_bytes as f64 / len as f64,
-            switched.len(),
-            max_error(&got, &plain, &weights)
+            switched_len,
+            error
+        );
+        println!(
+            "threshold {t_of} of {n} (hospital {n} dropped): key switch per signer {t_answer:.1} ms, {t_bytes} B; server combine {t_combine:.1} ms; max error {:.1e}",
+            max_error(&t_got, &plain, &weights)
         );
     }
     Ok(())

@@ -50,6 +50,7 @@
 mod context;
 mod error;
 mod gram;
+pub mod keyswitch;
 mod median;
 pub mod multiparty;
 mod params;

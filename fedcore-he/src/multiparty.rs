@@ -23,6 +23,17 @@
 //!    `(c0 + sum h0_i, sum h1_i)`, a ciphertext under `s'`. The server holds
 //!    no secret; `s'` alone decrypts nothing a hospital uploaded.
 //!
+//! **Threshold t-of-N** (Mouchet, Bertrand and Hubaux, "An Efficient
+//! Threshold Access-Structure for RLWE-Based Multiparty Homomorphic
+//! Encryption", ePrint 2022/780, with Shamir shares): each hospital Shamir-shares its `s_i` among a [`Roster`]
+//! ([`PartyKey::deal`]; each [`Deal`] sealed to its recipient's X25519 key,
+//! so the server relays them blind) and sums the shares it receives into a
+//! [`ThresholdKey`] ([`PartyKey::threshold_key`]), a Shamir share of `s`.
+//! Any `t` of them answer a switch ([`ThresholdKey::switch_share`]) with
+//! their share weighted by its Lagrange coefficient within the signing set
+//! the server names, so the round completes when up to `N - t` hospitals
+//! have dropped out before the key switch.
+//!
 //! `E_i` is the smudging noise: Gaussian with a standard deviation
 //! ([`PartyKey::smudging_sigma`]) `2^40 * sqrt(N)` times a bound on the
 //! aggregate's own noise, so that the switched result reveals that noise
@@ -158,6 +169,7 @@ fn seal_err(e: seal::SealFailure) -> HeError {
 /// A hospital's secret share `s_i` of the collective key. It can make a
 /// key share and answer a key switch; it has no decryption method, and
 /// there is no way to combine it with another party's.
+#[derive(Clone)]
 pub struct PartyKey {
     params: CkksParams,
     ctx: Arc<seal::Context>,
@@ -167,6 +179,8 @@ pub struct PartyKey {
     /// The key level's public key for `s_i` alone, `(-a' s_i + e, a')`,
     /// from which the key share is made.
     own_public: RawCiphertext,
+    /// The X25519 key that deals ([`Deal`]) are sealed to.
+    transport: x25519_dalek::StaticSecret,
     weight_sum: f64,
 }
 
@@ -195,12 +209,14 @@ impl PartyKey {
             RawSecretKey::parse(&sk.to_bytes().map_err(seal_err)?, n * k).map_err(HeError::Seal)?;
         let own_public =
             RawCiphertext::parse(&pk.to_bytes().map_err(seal_err)?, n, k).map_err(HeError::Seal)?;
+        let transport = x25519_dalek::StaticSecret::from(secure_rng()?.random::<[u8; 32]>());
         Ok(Self {
             params,
             ctx,
             party,
             secret,
             own_public,
+            transport,
             weight_sum: 1.0,
         })
     }
@@ -256,8 +272,7 @@ impl PartyKey {
     /// parameters and weight-sum bound: `2^SMUDGING_BITS * sqrt(N)` times
     /// the bound [`aggregate_noise_bound`] on the aggregate's own noise.
     pub fn smudging_sigma(&self, parties: usize) -> f64 {
-        let b = aggregate_noise_bound(&self.params, parties, self.weight_sum);
-        2f64.powi(SMUDGING_BITS as i32) * (self.params.degree() as f64).sqrt() * b
+        smudging_sigma(&self.params, parties, self.weight_sum)
     }
 
     /// This party's answer to a key switch of `aggregate` (a weighted sum
@@ -283,7 +298,49 @@ impl PartyKey {
                 self.party
             )));
         }
-        if collective.ctx.params() != &self.params || output.params() != &self.params {
+        let answer = Answer {
+            params: &self.params,
+            primes: &self.ctx.primes,
+            party: self.party,
+            secret: &self.secret.data,
+            weight_sum: self.weight_sum,
+            signers: Vec::new(),
+        };
+        answer.switch_share(collective, aggregate, output)
+    }
+
+    /// The secret polynomial, for the tests' coalition attacks only.
+    #[cfg(test)]
+    pub(crate) fn secret(&self) -> &RawSecretKey {
+        &self.secret
+    }
+}
+
+fn smudging_sigma(params: &CkksParams, parties: usize, weight_sum: f64) -> f64 {
+    let b = aggregate_noise_bound(params, parties, weight_sum);
+    2f64.powi(SMUDGING_BITS as i32) * (params.degree() as f64).sqrt() * b
+}
+
+/// What a key-switch answer needs: the party's secret (its additive share,
+/// or its Lagrange-weighted Shamir share) and who else signs.
+struct Answer<'a> {
+    params: &'a CkksParams,
+    primes: &'a [u64],
+    party: u32,
+    secret: &'a [u64],
+    weight_sum: f64,
+    /// Empty for N-of-N; the signing set of a threshold switch.
+    signers: Vec<u32>,
+}
+
+impl Answer<'_> {
+    fn switch_share(
+        &self,
+        collective: &CollectiveKey,
+        aggregate: &EncryptedVector,
+        output: &CkksContext<Public>,
+    ) -> Result<SwitchShare> {
+        if collective.ctx.params() != self.params || output.params() != self.params {
             return Err(HeError::Mismatch(
                 "the collective or output key has other parameters".into(),
             ));
@@ -291,8 +348,8 @@ impl PartyKey {
         let cipher = collective.raw_aggregate(aggregate)?;
         let digest = digest_of(&cipher);
         let n = self.params.degree();
-        let primes = &self.ctx.primes;
-        let sigma = self.smudging_sigma(collective.parties.len());
+        let primes = self.primes;
+        let sigma = smudging_sigma(self.params, collective.parties.len(), self.weight_sum);
         let seed = self.keyed_seed(&digest, collective.ctx.key_id(), output.key_id());
         let polys = cipher
             .par_iter()
@@ -309,7 +366,7 @@ impl PartyKey {
                     .map_err(HeError::Seal)?;
                 let smudge =
                     smudging(output, ct, &primes[..k], sigma, derive(&seed, index as u64))?;
-                let (c1, s) = (ct.poly(1), &self.secret.data);
+                let (c1, s) = (ct.poly(1), self.secret);
                 let (z0, z1) = (zero.poly(0), zero.poly(1));
                 let h0: Vec<u64> = (0..k * n)
                     .map(|i| {
@@ -325,28 +382,26 @@ impl PartyKey {
             collective: collective.ctx.key_id(),
             output: output.key_id(),
             digest,
+            signers: self.signers.clone(),
             polys,
         })
     }
 
     /// A 32-byte seed only this party can compute, the same every time for
-    /// the same aggregate and keys.
+    /// the same aggregate, keys and signers.
     fn keyed_seed(&self, digest: &[u8; 32], collective: [u8; 16], output: [u8; 16]) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(b"fedcore-he key-switch smudging v1");
-        for w in &self.secret.data {
+        for w in self.secret {
             h.update(w.to_le_bytes());
         }
         h.update(digest);
         h.update(collective);
         h.update(output);
+        for p in &self.signers {
+            h.update(p.to_le_bytes());
+        }
         h.finalize().into()
-    }
-
-    /// The secret polynomial, for the tests' coalition attacks only.
-    #[cfg(test)]
-    pub(crate) fn secret(&self) -> &RawSecretKey {
-        &self.secret
     }
 }
 
@@ -525,6 +580,8 @@ pub struct CollectiveKey {
     ctx: CkksContext<Public>,
     parties: Vec<u32>,
     crs: Crs,
+    /// Set by [`CollectiveKey::with_roster`]: t-of-N switches allowed.
+    roster: Option<Roster>,
 }
 
 impl fmt::Debug for CollectiveKey {
@@ -594,7 +651,28 @@ impl CollectiveKey {
             ctx,
             parties,
             crs: *crs,
+            roster: None,
         })
+    }
+
+    /// Allows threshold switches: any `roster.threshold()` of the parties,
+    /// each answering with its [`ThresholdKey`]. The roster must name exactly
+    /// this key's parties.
+    pub fn with_roster(mut self, roster: Roster) -> Result<Self> {
+        let members: Vec<u32> = roster.members.iter().map(|m| m.0).collect();
+        if members != self.parties {
+            return Err(HeError::Mismatch(format!(
+                "the roster names parties {members:?}, the collective key {:?}",
+                self.parties
+            )));
+        }
+        self.roster = Some(roster);
+        Ok(self)
+    }
+
+    /// The roster of threshold switches, if set.
+    pub fn roster(&self) -> Option<&Roster> {
+        self.roster.as_ref()
     }
 
     /// The server's (and the hospitals') context under the collective key:
@@ -652,11 +730,44 @@ impl CollectiveKey {
             .collect()
     }
 
-    /// Combines the switch shares of every party into the aggregate under
-    /// `output`'s key: `(c0 + sum h0_i, sum h1_i)`. N-of-N: a missing party
-    /// is an error naming it; a share for another aggregate, key or output,
-    /// a duplicate, an unknown party or a malformed share is refused with its
-    /// reason.
+    /// Who must have answered: every party for N-of-N shares; for threshold
+    /// shares, the signing set they all name, at least the threshold and
+    /// within the roster.
+    fn signers_of(&self, shares: &[SwitchShare]) -> Result<Vec<u32>> {
+        let Some(first) = shares.first() else {
+            return Err(HeError::Mismatch("no switch share".into()));
+        };
+        if first.signers.is_empty() {
+            if let Some(s) = shares.iter().find(|s| !s.signers.is_empty()) {
+                return Err(HeError::Mismatch(format!(
+                    "party {}'s threshold share mixed with N-of-N shares",
+                    s.party
+                )));
+            }
+            return Ok(self.parties.clone());
+        }
+        let Some(roster) = &self.roster else {
+            return Err(HeError::Mismatch(
+                "threshold shares for a collective key without a roster".into(),
+            ));
+        };
+        if let Some(s) = shares.iter().find(|s| s.signers != first.signers) {
+            return Err(HeError::Mismatch(format!(
+                "party {}'s share names signers {:?}, party {}'s {:?}",
+                s.party, s.signers, first.party, first.signers
+            )));
+        }
+        roster.check_signers(&first.signers)?;
+        Ok(first.signers.clone())
+    }
+
+    /// Combines the switch shares into the aggregate under `output`'s key:
+    /// `(c0 + sum h0_i, sum h1_i)`. N-of-N shares ([`PartyKey`]) need every
+    /// party; threshold shares ([`ThresholdKey`], with a roster set) need
+    /// every signer they name, at least the threshold. A missing party is an
+    /// error naming it; a share for another aggregate, key, output or
+    /// signing set, a duplicate, an unknown party or a malformed share is
+    /// refused with its reason.
     pub fn switch(
         &self,
         aggregate: &EncryptedVector,
@@ -665,9 +776,10 @@ impl CollectiveKey {
     ) -> Result<EncryptedVector> {
         let cipher = self.raw_aggregate(aggregate)?;
         let digest = digest_of(&cipher);
+        let signers = self.signers_of(shares)?;
         let mut seen: Vec<u32> = Vec::with_capacity(shares.len());
         for s in shares {
-            if !self.parties.contains(&s.party) {
+            if !signers.contains(&s.party) {
                 return Err(HeError::Mismatch(format!(
                     "a switch share from party {}, which is not in the collective key",
                     s.party
@@ -707,16 +819,23 @@ impl CollectiveKey {
             }
             seen.push(s.party);
         }
-        let missing: Vec<u32> = self
-            .parties
+        let missing: Vec<u32> = signers
             .iter()
             .copied()
             .filter(|p| !seen.contains(p))
             .collect();
         if !missing.is_empty() {
-            return Err(HeError::Mismatch(format!(
-                "the key switch needs every party's share (N-of-N); missing {missing:?}"
-            )));
+            return Err(HeError::Mismatch(
+                if signers.len() == self.parties.len()
+                    && shares.iter().all(|s| s.signers.is_empty())
+                {
+                    format!(
+                        "the key switch needs every party's share (N-of-N); missing {missing:?}"
+                    )
+                } else {
+                    format!("the signers {signers:?} named a share from each; missing {missing:?}")
+                },
+            ));
         }
         let n = self.ctx.params().degree();
         let primes = &self.ctx.engine().context().primes;
@@ -766,6 +885,8 @@ pub struct SwitchShare {
     collective: [u8; 16],
     output: [u8; 16],
     digest: [u8; 32],
+    /// Empty for an N-of-N share; the signing set of a threshold one.
+    signers: Vec<u32>,
     polys: Vec<(Vec<u64>, Vec<u64>)>,
 }
 
@@ -784,10 +905,16 @@ impl SwitchShare {
         self.party
     }
 
+    /// The signing set of a threshold share (empty for N-of-N).
+    pub fn signers(&self) -> &[u32] {
+        &self.signers
+    }
+
     /// Bytes for the wire: magic, version, party (u32), collective and
     /// output key ids (16 bytes each), the aggregate's digest (32 bytes),
-    /// ciphertext count (u32), coefficients per polynomial (u32), then `h0`
-    /// and `h1` of each ciphertext (u64 each).
+    /// signer count (u32) and signers (u32 each), ciphertext count (u32),
+    /// coefficients per polynomial (u32), then `h0` and `h1` of each
+    /// ciphertext (u64 each).
     pub fn to_bytes(&self) -> Vec<u8> {
         let per = self.polys.first().map_or(0, |(h0, _)| h0.len());
         let mut out = Vec::with_capacity(77 + 16 * per * self.polys.len());
@@ -797,6 +924,10 @@ impl SwitchShare {
         out.extend_from_slice(&self.collective);
         out.extend_from_slice(&self.output);
         out.extend_from_slice(&self.digest);
+        out.extend_from_slice(&(self.signers.len() as u32).to_le_bytes());
+        for p in &self.signers {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
         out.extend_from_slice(&(self.polys.len() as u32).to_le_bytes());
         out.extend_from_slice(&(per as u32).to_le_bytes());
         for (h0, h1) in &self.polys {
@@ -834,6 +965,15 @@ impl SwitchShare {
             .map_err(|_| bad("truncated"))?
             .try_into()
             .expect("32 bytes");
+        let signer_count = r.u32().map_err(|_| bad("truncated"))? as usize;
+        if signer_count > MAX_PARTIES {
+            return Err(bad(&format!(
+                "{signer_count} signers; at most {MAX_PARTIES}"
+            )));
+        }
+        let signers = (0..signer_count)
+            .map(|_| r.u32().map_err(|_| bad("truncated")))
+            .collect::<Result<Vec<u32>>>()?;
         let count = r.u32().map_err(|_| bad("truncated"))? as usize;
         let per = r.u32().map_err(|_| bad("truncated"))? as usize;
         let params = collective.ctx.params();
@@ -874,8 +1014,537 @@ impl SwitchShare {
             collective: coll,
             output: out,
             digest,
+            signers,
             polys,
         })
+    }
+}
+
+/// Who holds a threshold key and how many must answer a switch: each
+/// member's party number and transport public key ([`PartyKey::transport_key`]),
+/// and the threshold `t`. Every member and the server build the same roster
+/// (the server publishes it with the seed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Roster {
+    threshold: usize,
+    /// Sorted by party.
+    members: Vec<(u32, [u8; 32])>,
+}
+
+impl fmt::Debug for Roster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Roster")
+            .field("threshold", &self.threshold)
+            .field(
+                "parties",
+                &self.members.iter().map(|m| m.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Roster {
+    /// `threshold` of the `members` (party, transport key) must answer;
+    /// `1 <= threshold <= members <= MAX_PARTIES`, parties distinct.
+    pub fn new(threshold: usize, mut members: Vec<(u32, [u8; 32])>) -> Result<Self> {
+        members.sort_unstable_by_key(|m| m.0);
+        if members.is_empty() || members.len() > MAX_PARTIES {
+            return Err(HeError::OutOfRange(format!(
+                "{} members; between 1 and {MAX_PARTIES}",
+                members.len()
+            )));
+        }
+        if !(1..=members.len()).contains(&threshold) {
+            return Err(HeError::OutOfRange(format!(
+                "threshold {threshold} of {} members",
+                members.len()
+            )));
+        }
+        if let Some(w) = members.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(HeError::Mismatch(format!(
+                "party {} twice in the roster",
+                w[0].0
+            )));
+        }
+        Ok(Self { threshold, members })
+    }
+
+    /// How many must answer.
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    /// The parties, ascending.
+    pub fn parties(&self) -> Vec<u32> {
+        self.members.iter().map(|m| m.0).collect()
+    }
+
+    /// The Shamir evaluation point of `party`: its position + 1 (at most
+    /// `MAX_PARTIES`, below every prime, so that differences are invertible).
+    fn point(&self, party: u32) -> Option<u64> {
+        self.members
+            .iter()
+            .position(|m| m.0 == party)
+            .map(|i| i as u64 + 1)
+    }
+
+    fn transport(&self, party: u32) -> Option<[u8; 32]> {
+        self.members.iter().find(|m| m.0 == party).map(|m| m.1)
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"fedcore-he roster v1");
+        h.update((self.threshold as u64).to_le_bytes());
+        for (p, k) in &self.members {
+            h.update(p.to_le_bytes());
+            h.update(k);
+        }
+        h.finalize().into()
+    }
+
+    /// A signing set: sorted, distinct, members, at least the threshold.
+    fn check_signers(&self, signers: &[u32]) -> Result<()> {
+        if signers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(HeError::Mismatch(format!(
+                "signers {signers:?} are not sorted and distinct"
+            )));
+        }
+        if let Some(p) = signers.iter().find(|&&p| self.point(p).is_none()) {
+            return Err(HeError::Mismatch(format!(
+                "signer {p} is not in the roster"
+            )));
+        }
+        if signers.len() < self.threshold {
+            return Err(HeError::Mismatch(format!(
+                "{} signers {signers:?}; the threshold is {} of {}",
+                signers.len(),
+                self.threshold,
+                self.members.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The Lagrange coefficient at 0 of `party` within `signers`, mod `q`.
+    fn lagrange(&self, party: u32, signers: &[u32], q: u64) -> u64 {
+        let x = self.point(party).expect("a checked signer");
+        let (mut num, mut den) = (1u64, 1u64);
+        for &m in signers.iter().filter(|&&m| m != party) {
+            let xm = self.point(m).expect("a checked signer");
+            num = mul(num, xm % q, q);
+            den = mul(den, sub(xm % q, x % q, q), q);
+        }
+        mul(num, inverse(den, q), q)
+    }
+}
+
+/// `a^-1 mod q` for a prime `q` and `a` not a multiple of it.
+fn inverse(a: u64, q: u64) -> u64 {
+    let (mut base, mut e, mut r) = (a % q, q - 2, 1u64);
+    while e > 0 {
+        if e & 1 == 1 {
+            r = mul(r, base, q);
+        }
+        base = mul(base, base, q);
+        e >>= 1;
+    }
+    r
+}
+
+const DEAL_MAGIC: &[u8; 4] = b"FCDL";
+
+/// One Shamir share of a party's secret, sealed to its recipient: only the
+/// recipient's transport key opens it (X25519 with a fresh ephemeral key,
+/// a key derived by SHA-256, AES-256-GCM whose associated data binds the
+/// dealer, the recipient, the roster and the seed). The server relays it
+/// and learns nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Deal {
+    dealer: u32,
+    recipient: u32,
+    ephemeral: [u8; 32],
+    sealed: Vec<u8>,
+}
+
+impl fmt::Debug for Deal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deal")
+            .field("dealer", &self.dealer)
+            .field("recipient", &self.recipient)
+            .field("bytes", &self.sealed.len())
+            .finish()
+    }
+}
+
+impl Deal {
+    /// The party that dealt it.
+    pub fn dealer(&self) -> u32 {
+        self.dealer
+    }
+
+    /// The party it is sealed to.
+    pub fn recipient(&self) -> u32 {
+        self.recipient
+    }
+
+    /// Bytes for the wire: magic, version, dealer, recipient (u32 each),
+    /// ephemeral public key (32 bytes), sealed length (u32), sealed bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(49 + self.sealed.len());
+        out.extend_from_slice(DEAL_MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.dealer.to_le_bytes());
+        out.extend_from_slice(&self.recipient.to_le_bytes());
+        out.extend_from_slice(&self.ephemeral);
+        out.extend_from_slice(&(self.sealed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.sealed);
+        out
+    }
+
+    /// Parses [`Deal::to_bytes`] for `params` (the sealed length must be one
+    /// key-level polynomial plus the tag).
+    pub fn from_bytes(params: &CkksParams, bytes: &[u8]) -> Result<Self> {
+        let bad = |m: &str| HeError::Malformed(format!("deal: {m}"));
+        let mut r = Reader::new(bytes);
+        if r.take(4).map_err(|_| bad("truncated"))? != DEAL_MAGIC {
+            return Err(bad("not a fedcore-he deal"));
+        }
+        let version = r.u8().map_err(|_| bad("truncated"))?;
+        if version != VERSION {
+            return Err(bad(&format!("format version {version}")));
+        }
+        let dealer = r.u32().map_err(|_| bad("truncated"))?;
+        let recipient = r.u32().map_err(|_| bad("truncated"))?;
+        let ephemeral: [u8; 32] = r
+            .take(32)
+            .map_err(|_| bad("truncated"))?
+            .try_into()
+            .expect("32 bytes");
+        let len = r.u32().map_err(|_| bad("truncated"))? as usize;
+        let expected = params.degree() * params.coeff_bits().len() * 8 + 16;
+        if len != expected {
+            return Err(bad(&format!("{len} sealed bytes, expected {expected}")));
+        }
+        let sealed = r.take(len).map_err(|_| bad("truncated"))?.to_vec();
+        if !r.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self {
+            dealer,
+            recipient,
+            ephemeral,
+            sealed,
+        })
+    }
+}
+
+fn deal_aad(roster: &Roster, crs: &Crs, dealer: u32, recipient: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(90);
+    aad.extend_from_slice(b"fedcore-he deal v1");
+    aad.extend_from_slice(&roster.digest());
+    aad.extend_from_slice(&crs.0);
+    aad.extend_from_slice(&dealer.to_le_bytes());
+    aad.extend_from_slice(&recipient.to_le_bytes());
+    aad
+}
+
+fn deal_cipher(
+    shared: &[u8; 32],
+    ephemeral: &[u8; 32],
+    recipient: &[u8; 32],
+) -> aes_gcm::Aes256Gcm {
+    use aes_gcm::KeyInit;
+    let mut h = Sha256::new();
+    h.update(b"fedcore-he deal key v1");
+    h.update(shared);
+    h.update(ephemeral);
+    h.update(recipient);
+    let key: [u8; 32] = h.finalize().into();
+    aes_gcm::Aes256Gcm::new_from_slice(&key).expect("a 32-byte key")
+}
+
+fn words_to_bytes(w: &[u64]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_to_words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+fn secure_rng() -> Result<ChaCha20Rng> {
+    ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| HeError::Seal(format!("the operating system's generator failed: {e}")))
+}
+
+impl PartyKey {
+    /// This party's transport public key (X25519), for the roster: other
+    /// members seal their deals to it.
+    pub fn transport_key(&self) -> [u8; 32] {
+        x25519_dalek::PublicKey::from(&self.transport).to_bytes()
+    }
+
+    /// Shamir-shares this party's secret `s_i` among the roster: a random
+    /// polynomial `f(X) = s_i + c_1 X + ... + c_(t-1) X^(t-1)` over the
+    /// ring (each coefficient uniform below each prime), and `f(x_j)` sealed
+    /// to each member `j` (itself included). Fresh randomness every call:
+    /// deal once per roster.
+    pub fn deal(&self, roster: &Roster, crs: &Crs) -> Result<Vec<Deal>> {
+        use aes_gcm::aead::{Aead, Payload};
+        if roster.point(self.party).is_none() {
+            return Err(HeError::Mismatch(format!(
+                "party {} is not in the roster",
+                self.party
+            )));
+        }
+        let n = self.params.degree();
+        let primes = &self.ctx.primes;
+        let mut rng = secure_rng()?;
+        let coeffs: Vec<Vec<u64>> = (1..roster.threshold)
+            .map(|_| {
+                primes
+                    .iter()
+                    .flat_map(|&q| (0..n).map(|_| rng.random_range(0..q)).collect::<Vec<_>>())
+                    .collect()
+            })
+            .collect();
+        roster
+            .members
+            .iter()
+            .map(|&(recipient, key)| {
+                let x = roster.point(recipient).expect("a member");
+                // Horner: f(x) = s + x (c_1 + x (c_2 + ...)).
+                let share: Vec<u64> = (0..primes.len() * n)
+                    .map(|i| {
+                        let q = primes[i / n];
+                        let acc = coeffs
+                            .iter()
+                            .rev()
+                            .fold(0, |acc, c| add(mul(acc, x, q), c[i], q));
+                        add(mul(acc, x, q), self.secret.data[i], q)
+                    })
+                    .collect();
+                let eph = x25519_dalek::StaticSecret::from(rng.random::<[u8; 32]>());
+                let eph_pub = x25519_dalek::PublicKey::from(&eph).to_bytes();
+                let shared = eph.diffie_hellman(&x25519_dalek::PublicKey::from(key));
+                let cipher = deal_cipher(shared.as_bytes(), &eph_pub, &key);
+                let aad = deal_aad(roster, crs, self.party, recipient);
+                let sealed = cipher
+                    .encrypt(
+                        &Default::default(),
+                        Payload {
+                            msg: &words_to_bytes(&share),
+                            aad: &aad,
+                        },
+                    )
+                    .map_err(|_| HeError::Seal("sealing a deal failed".into()))?;
+                Ok(Deal {
+                    dealer: self.party,
+                    recipient,
+                    ephemeral: eph_pub,
+                    sealed,
+                })
+            })
+            .collect()
+    }
+
+    /// This party's threshold key from the deals addressed to it, one from
+    /// every member (itself included): the sum of the opened shares, a
+    /// Shamir share of the collective secret `s = sum s_i`. A missing,
+    /// duplicate, misaddressed, tampered or unreduced deal is an error naming
+    /// its dealer.
+    pub fn threshold_key(
+        &self,
+        roster: &Roster,
+        crs: &Crs,
+        deals: &[Deal],
+    ) -> Result<ThresholdKey> {
+        use aes_gcm::aead::{Aead, Payload};
+        if roster.point(self.party).is_none() {
+            return Err(HeError::Mismatch(format!(
+                "party {} is not in the roster",
+                self.party
+            )));
+        }
+        if roster.transport(self.party) != Some(self.transport_key()) {
+            return Err(HeError::Mismatch(format!(
+                "the roster has another transport key for party {}",
+                self.party
+            )));
+        }
+        let n = self.params.degree();
+        let primes = &self.ctx.primes;
+        let mut share = vec![0u64; primes.len() * n];
+        let mut seen = Vec::with_capacity(deals.len());
+        for d in deals {
+            if d.recipient != self.party {
+                return Err(HeError::Mismatch(format!(
+                    "a deal from party {} for party {}, not for {}",
+                    d.dealer, d.recipient, self.party
+                )));
+            }
+            if roster.point(d.dealer).is_none() {
+                return Err(HeError::Mismatch(format!(
+                    "a deal from party {}, which is not in the roster",
+                    d.dealer
+                )));
+            }
+            if seen.contains(&d.dealer) {
+                return Err(HeError::Mismatch(format!(
+                    "two deals from party {}",
+                    d.dealer
+                )));
+            }
+            seen.push(d.dealer);
+            let shared = self
+                .transport
+                .diffie_hellman(&x25519_dalek::PublicKey::from(d.ephemeral));
+            let cipher = deal_cipher(shared.as_bytes(), &d.ephemeral, &self.transport_key());
+            let aad = deal_aad(roster, crs, d.dealer, d.recipient);
+            let plain = cipher
+                .decrypt(
+                    &Default::default(),
+                    Payload {
+                        msg: &d.sealed,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| {
+                    HeError::Mismatch(format!(
+                        "the deal from party {} does not open: tampered, or sealed for another key, roster or seed",
+                        d.dealer
+                    ))
+                })?;
+            let words = bytes_to_words(&plain);
+            check_reduced(
+                &words,
+                primes,
+                n,
+                &format!("the deal from party {}", d.dealer),
+            )?;
+            for (i, (acc, w)) in share.iter_mut().zip(&words).enumerate() {
+                *acc = add(*acc, *w, primes[i / n]);
+            }
+        }
+        let missing: Vec<u32> = roster
+            .parties()
+            .into_iter()
+            .filter(|p| !seen.contains(p))
+            .collect();
+        if !missing.is_empty() {
+            return Err(HeError::Mismatch(format!(
+                "a threshold key needs a deal from every member; missing {missing:?}"
+            )));
+        }
+        Ok(ThresholdKey {
+            params: self.params.clone(),
+            primes: primes.clone(),
+            party: self.party,
+            roster: roster.clone(),
+            share,
+            weight_sum: self.weight_sum,
+        })
+    }
+}
+
+/// A hospital's Shamir share of the collective secret: any `t` of the
+/// roster's members answer a key switch together ([`ThresholdKey::switch_share`]).
+/// Like [`PartyKey`], it has no decryption method.
+#[derive(Clone)]
+pub struct ThresholdKey {
+    params: CkksParams,
+    primes: Vec<u64>,
+    party: u32,
+    roster: Roster,
+    /// `sum_i f_i(x_party)`: NTT form, every prime of the key level.
+    share: Vec<u64>,
+    weight_sum: f64,
+}
+
+impl fmt::Debug for ThresholdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThresholdKey")
+            .field("party", &self.party)
+            .field("roster", &self.roster)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ThresholdKey {
+    /// This party's number.
+    pub fn party(&self) -> u32 {
+        self.party
+    }
+
+    /// The roster it was dealt for.
+    pub fn roster(&self) -> &Roster {
+        &self.roster
+    }
+
+    /// This party's answer to the key switch of `aggregate` signed by
+    /// `signers` (sorted, at least the threshold, this party among them; the
+    /// server names them in its request, and every signer must answer for
+    /// the same set): as [`PartyKey::switch_share`] with the secret
+    /// `lambda * share`, `lambda` the Lagrange coefficient at 0 of this
+    /// party within `signers`, so that the signers' secrets add up to `s`.
+    /// Answer one signing set per aggregate: each set's answer has its own
+    /// smudging noise.
+    pub fn switch_share(
+        &self,
+        collective: &CollectiveKey,
+        aggregate: &EncryptedVector,
+        output: &CkksContext<Public>,
+        signers: &[u32],
+    ) -> Result<SwitchShare> {
+        if collective.roster.as_ref() != Some(&self.roster) {
+            return Err(HeError::Mismatch(
+                "the collective key has another roster (or none)".into(),
+            ));
+        }
+        self.roster.check_signers(signers)?;
+        if !signers.contains(&self.party) {
+            return Err(HeError::Mismatch(format!(
+                "party {} is not among the signers {signers:?}",
+                self.party
+            )));
+        }
+        let n = self.params.degree();
+        let lambdas: Vec<u64> = self
+            .primes
+            .iter()
+            .map(|&q| self.roster.lagrange(self.party, signers, q))
+            .collect();
+        let secret: Vec<u64> = self
+            .share
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| mul(w, lambdas[i / n], self.primes[i / n]))
+            .collect();
+        Answer {
+            params: &self.params,
+            primes: &self.primes,
+            party: self.party,
+            secret: &secret,
+            weight_sum: self.weight_sum,
+            signers: signers.to_vec(),
+        }
+        .switch_share(collective, aggregate, output)
+    }
+
+    /// `lambda * share` for `signers`, for the tests' coalition attacks only.
+    #[cfg(test)]
+    pub(crate) fn weighted(&self, signers: &[u32]) -> Vec<u64> {
+        let n = self.params.degree();
+        self.share
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let q = self.primes[i / n];
+                mul(w, self.roster.lagrange(self.party, signers, q), q)
+            })
+            .collect()
     }
 }
 
@@ -1099,6 +1768,209 @@ mod tests {
         assert!(max_error(&all, &plain[0]) < 1e-6);
     }
 
+    /// Every party deals to the roster (through bytes) and builds its
+    /// threshold key from the deals addressed to it.
+    fn threshold(f: &Federation, t: usize) -> (CollectiveKey, Vec<ThresholdKey>) {
+        let members = f
+            .parties
+            .iter()
+            .map(|p| (p.party(), p.transport_key()))
+            .collect();
+        let roster = Roster::new(t, members).unwrap();
+        let crs = f.collective.crs();
+        let deals: Vec<Deal> = f
+            .parties
+            .iter()
+            .flat_map(|p| p.deal(&roster, &crs).unwrap())
+            .map(|d| Deal::from_bytes(&f.params, &d.to_bytes()).unwrap())
+            .collect();
+        let keys = f
+            .parties
+            .iter()
+            .map(|p| {
+                let mine: Vec<Deal> = deals
+                    .iter()
+                    .filter(|d| d.recipient() == p.party())
+                    .cloned()
+                    .collect();
+                p.threshold_key(&roster, &crs, &mine).unwrap()
+            })
+            .collect();
+        (f.collective.clone().with_roster(roster).unwrap(), keys)
+    }
+
+    #[test]
+    fn any_t_of_the_hospitals_switch_the_aggregate_and_fewer_cannot() {
+        let f = federation();
+        let (collective, keys) = threshold(&f, 2);
+        let (plain, uploads, sum) = round(&f, 5000);
+        let out = f.output.public();
+        let want = expected(&plain);
+        for signers in [vec![1, 2], vec![1, 3], vec![2, 3], vec![1, 2, 3]] {
+            let shares: Vec<SwitchShare> = keys
+                .iter()
+                .filter(|k| signers.contains(&k.party()))
+                .map(|k| {
+                    let s = k.switch_share(&collective, &sum, &out, &signers).unwrap();
+                    SwitchShare::from_bytes(&collective, &s.to_bytes()).unwrap()
+                })
+                .collect();
+            let got = f
+                .output
+                .decrypt(&collective.switch(&sum, &out, &shares).unwrap())
+                .unwrap();
+            let err = max_error(&got, &want);
+            assert!(err < 1e-6, "signers {signers:?}: max error {err:e}");
+        }
+        // Fewer than the threshold: refused by the hospital...
+        let e = keys[0]
+            .switch_share(&collective, &sum, &out, &[1])
+            .unwrap_err();
+        assert!(e.to_string().contains("the threshold is 2 of 3"), "{e}");
+        // ...and by the server when a named signer does not answer.
+        let one = keys[0]
+            .switch_share(&collective, &sum, &out, &[1, 2])
+            .unwrap();
+        let e = collective
+            .switch(&sum, &out, std::slice::from_ref(&one))
+            .unwrap_err();
+        assert!(e.to_string().contains("missing [2]"), "{e}");
+        // A zero share in place of the missing signer leaves noise.
+        let zeros = one
+            .polys
+            .iter()
+            .map(|(a, b)| (vec![0; a.len()], vec![0; b.len()]))
+            .collect();
+        let forged = SwitchShare {
+            party: 2,
+            polys: zeros,
+            ..one.clone()
+        };
+        let got = f
+            .output
+            .decrypt(
+                &collective
+                    .switch(&sum, &out, &[one.clone(), forged])
+                    .unwrap(),
+            )
+            .unwrap();
+        assert!(max_error(&got, &want) > 1e3 * 2.0);
+        // Shares for different signing sets do not mix.
+        let other = keys[1]
+            .switch_share(&collective, &sum, &out, &[2, 3])
+            .unwrap();
+        let e = collective.switch(&sum, &out, &[one, other]).unwrap_err();
+        assert!(e.to_string().contains("names signers [2, 3]"), "{e}");
+        // The server with one hospital's threshold key (t - 1 = 1) cannot
+        // decrypt an upload; two hospitals' weighted shares can (the shares
+        // are right, the attack fails for want of one).
+        let ctx = f.collective.context().engine().context().clone();
+        let decrypt_with = |secret: Vec<u64>| {
+            let mut key = f.parties[0].secret().clone();
+            key.data = secret;
+            let sk = seal::SecretKey::from_bytes(&ctx, &key.to_bytes()).unwrap();
+            CkksContext::from_secret_key(
+                f.params.clone(),
+                ctx.clone(),
+                f.collective.context().public_key().clone(),
+                sk,
+            )
+            .unwrap()
+            .decrypt(&uploads[0])
+            .unwrap()
+        };
+        for k in &keys {
+            for signers in [[1, 2], [1, 3], [2, 3]] {
+                if signers.contains(&k.party()) {
+                    let err = max_error(&decrypt_with(k.weighted(&signers)), &plain[0]);
+                    assert!(
+                        err > 1e3 * 2.0,
+                        "party {} alone: error only {err:e}",
+                        k.party()
+                    );
+                }
+            }
+        }
+        let n = f.params.degree();
+        let pair: Vec<u64> = keys[0]
+            .weighted(&[1, 3])
+            .iter()
+            .zip(keys[2].weighted(&[1, 3]))
+            .enumerate()
+            .map(|(i, (a, b))| add(*a, b, ctx.primes[i / n]))
+            .collect();
+        assert!(max_error(&decrypt_with(pair), &plain[0]) < 1e-6);
+    }
+
+    #[test]
+    fn deals_open_only_for_their_recipient_and_roster() {
+        let f = federation();
+        let members: Vec<(u32, [u8; 32])> = f
+            .parties
+            .iter()
+            .map(|p| (p.party(), p.transport_key()))
+            .collect();
+        let roster = Roster::new(2, members.clone()).unwrap();
+        let crs = f.collective.crs();
+        let deals: Vec<Vec<Deal>> = f
+            .parties
+            .iter()
+            .map(|p| p.deal(&roster, &crs).unwrap())
+            .collect();
+        // Deals for party 1: deals[dealer][0].
+        let for_one = |d: &[Vec<Deal>]| d.iter().map(|v| v[0].clone()).collect::<Vec<_>>();
+        let me = &f.parties[0];
+        assert!(me.threshold_key(&roster, &crs, &for_one(&deals)).is_ok());
+        let err = |deals: &[Deal], roster: &Roster, crs: &Crs| {
+            me.threshold_key(roster, crs, deals)
+                .unwrap_err()
+                .to_string()
+        };
+        let mut tampered = for_one(&deals);
+        tampered[2].sealed[10] ^= 1;
+        assert!(err(&tampered, &roster, &crs).contains("the deal from party 3 does not open"));
+        // Another roster (threshold 3) or seed: the associated data differs.
+        let other = Roster::new(3, members.clone()).unwrap();
+        assert!(err(&for_one(&deals), &other, &crs).contains("does not open"));
+        assert!(err(&for_one(&deals), &roster, &Crs::new([9; 32])).contains("does not open"));
+        // Party 2's deal from party 3, handed to party 1.
+        let mut wrong = for_one(&deals);
+        wrong[2] = deals[2][1].clone();
+        assert!(err(&wrong, &roster, &crs).contains("for party 2, not for 1"));
+        // Even relabelled, it does not open with party 1's key.
+        wrong[2].recipient = 1;
+        assert!(err(&wrong, &roster, &crs).contains("does not open"));
+        let mut missing = for_one(&deals);
+        missing.pop();
+        assert!(err(&missing, &roster, &crs).contains("missing [3]"));
+        let mut dup = for_one(&deals);
+        dup[2] = dup[1].clone();
+        assert!(err(&dup, &roster, &crs).contains("two deals from party 2"));
+        // Bytes: truncated or the wrong size for the parameters.
+        let bytes = deals[0][0].to_bytes();
+        assert!(Deal::from_bytes(&f.params, &bytes[..bytes.len() - 1]).is_err());
+        assert!(
+            Deal::from_bytes(&CkksParams::new(8192, &[60, 40, 60], 40).unwrap(), &bytes)
+                .unwrap_err()
+                .to_string()
+                .contains("expected")
+        );
+        // Rosters: threshold out of range, duplicates.
+        assert!(Roster::new(0, members.clone()).is_err());
+        assert!(Roster::new(4, members.clone()).is_err());
+        let mut twice = members.clone();
+        twice[1].0 = 1;
+        assert!(
+            Roster::new(2, twice)
+                .unwrap_err()
+                .to_string()
+                .contains("party 1 twice")
+        );
+        // A roster that does not match the collective key's parties.
+        let short = Roster::new(1, members[..2].to_vec()).unwrap();
+        assert!(f.collective.clone().with_roster(short).is_err());
+    }
+
     #[test]
     fn malformed_or_foreign_shares_are_refused_with_a_reason() {
         let f = federation();
@@ -1208,7 +2080,7 @@ mod tests {
                 .contains("truncated")
         );
         assert!(
-            KeyShare::from_bytes(&CkksParams::default(), &bytes)
+            KeyShare::from_bytes(&CkksParams::new(8192, &[60, 40, 60], 40).unwrap(), &bytes)
                 .unwrap_err()
                 .to_string()
                 .contains("expected")

@@ -1,0 +1,585 @@
+//! Multiparty keys in the round: hospitals upload under the collective key,
+//! and a second step of the round switches the sealed aggregate to the
+//! hospitals' output key (see [`crate::multiparty`]).
+//!
+//! - Server: [`key_switch_round`] pairs a strategy ([`KeySwitchRound`],
+//!   wrapping the body's strategy, e.g. FedAvg) with a sealed aggregator
+//!   ([`KeySwitchSum`], for [`Server::with_sealing`](fedcore::Server::with_sealing)).
+//!   After the body is aggregated, the strategy forms the encrypted weighted
+//!   sum of the sealed parts with the weights the server will use, asks every
+//!   hospital still in the round for its switch share (one extra step), and
+//!   combines them; the sealed aggregator then adds the switched sum to the
+//!   sealed global, after checking that it was made from the same parts and
+//!   weights.
+//! - Hospitals: [`MultipartySealer`] (decrypts the global with the output
+//!   key, uploads under the collective key) and [`KeySwitcher`] (answers the
+//!   step with its [`PartyKey`] or [`ThresholdKey`]).
+//!
+//! N-of-N: every party must upload and answer in every round (the strategy
+//! asks for a quorum of all of them); a hospital that drops before the key
+//! switch ends the round (the sealed global stays as it was). Threshold:
+//! when a hospital drops at the step, the strategy forms the sum again
+//! without it and asks the rest, as long as at least `t` remain.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use fedcore::{
+    Aggregate, ClientId, ClientUpdate, Layout, Parameters, RoundSteps, SealedAggregator,
+    SealedTensors, Sealer, StepIns, StepReply, StepRequest, StepResponder, Strategy, StrategyInfo,
+};
+use sha2::{Digest, Sha256};
+
+use crate::context::{CkksContext, Public, Secret};
+use crate::error::HeError;
+use crate::multiparty::{CollectiveKey, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey};
+use crate::reader::Reader;
+use crate::vector::{EncryptedVector, Form};
+
+/// How many key switches a hospital answers in one round: the first ask
+/// and, under a threshold, one more per hospital that dropped at the step.
+pub const MAX_SWITCHES_PER_ROUND: usize = 4;
+
+const REQUEST_MAGIC: &[u8; 4] = b"FCSR";
+const VERSION: u8 = 1;
+
+/// The step's sealed bytes: magic, version, signer count (u32), signers
+/// (u32 each; none for N-of-N), then the aggregate's bytes.
+fn request_bytes(signers: &[u32], aggregate: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + 4 * signers.len() + aggregate.len());
+    out.extend_from_slice(REQUEST_MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&(signers.len() as u32).to_le_bytes());
+    for s in signers {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.extend_from_slice(aggregate);
+    out
+}
+
+fn parse_request(bytes: &[u8]) -> crate::Result<(Vec<u32>, &[u8])> {
+    let bad = |m: &str| HeError::Malformed(format!("key-switch request: {m}"));
+    let mut r = Reader::new(bytes);
+    if r.take(4).map_err(|_| bad("truncated"))? != REQUEST_MAGIC {
+        return Err(bad("not a fedcore-he key-switch request"));
+    }
+    let version = r.u8().map_err(|_| bad("truncated"))?;
+    if version != VERSION {
+        return Err(bad(&format!("format version {version}")));
+    }
+    let count = r.u32().map_err(|_| bad("truncated"))? as usize;
+    if count > MAX_PARTIES {
+        return Err(bad(&format!("{count} signers; at most {MAX_PARTIES}")));
+    }
+    let signers = (0..count)
+        .map(|_| r.u32().map_err(|_| bad("truncated")))
+        .collect::<crate::Result<Vec<u32>>>()?;
+    let rest = r.rest_len();
+    let aggregate = r.take(rest).map_err(|_| bad("truncated"))?;
+    Ok((signers, aggregate))
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// What the strategy hands the sealed aggregator: the switched sum and
+/// what it was made from.
+struct Pending {
+    weights: Vec<f64>,
+    parts: Vec<[u8; 32]>,
+    switched: EncryptedVector,
+}
+
+type Slot = Arc<Mutex<Option<Pending>>>;
+
+fn take(slot: &Slot) -> Option<Pending> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// The server's pair for a round with multiparty keys: the strategy
+/// (wrapping `inner`, which aggregates the body and reports the weights)
+/// and the sealed aggregator to give
+/// [`Server::with_sealing`](fedcore::Server::with_sealing).
+///
+/// `parties` maps each hospital's client id to its party number in
+/// `collective`, and must cover exactly its parties. `server_learning_rate`
+/// must be the server's (`ServerConfig::server_learning_rate`): the sealed
+/// sum is weighted `lr * w_i / sum w`, and the sealed aggregator refuses a
+/// switched sum made with other weights. With a roster on `collective`
+/// ([`CollectiveKey::with_roster`]) the switch is t-of-N, else N-of-N.
+pub fn key_switch_round<S: Strategy>(
+    inner: S,
+    collective: CollectiveKey,
+    output: CkksContext<Public>,
+    parties: BTreeMap<ClientId, u32>,
+    server_learning_rate: f32,
+) -> crate::Result<(KeySwitchRound<S>, KeySwitchSum)> {
+    let mut named: Vec<u32> = parties.values().copied().collect();
+    named.sort_unstable();
+    if named != collective.parties() {
+        return Err(HeError::Mismatch(format!(
+            "the client map names parties {named:?}, the collective key {:?}",
+            collective.parties()
+        )));
+    }
+    if collective.context().params() != output.params() {
+        return Err(HeError::Mismatch(
+            "the output key has other parameters than the collective key".into(),
+        ));
+    }
+    if !(server_learning_rate.is_finite() && server_learning_rate > 0.0) {
+        return Err(HeError::OutOfRange(format!(
+            "server learning rate {server_learning_rate}"
+        )));
+    }
+    let slot: Slot = Arc::new(Mutex::new(None));
+    Ok((
+        KeySwitchRound {
+            inner,
+            collective: collective.clone(),
+            output: output.clone(),
+            parties,
+            lr: f64::from(server_learning_rate),
+            slot: slot.clone(),
+        },
+        KeySwitchSum {
+            collective,
+            output,
+            slot,
+        },
+    ))
+}
+
+/// The server's strategy for multiparty keys (see [`key_switch_round`]).
+pub struct KeySwitchRound<S> {
+    inner: S,
+    collective: CollectiveKey,
+    output: CkksContext<Public>,
+    parties: BTreeMap<ClientId, u32>,
+    lr: f64,
+    slot: Slot,
+}
+
+impl<S> std::fmt::Debug for KeySwitchRound<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySwitchRound")
+            .field("collective", &self.collective)
+            .field("parties", &self.parties)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Strategy> KeySwitchRound<S> {
+    /// One attempt over the clients still in: the body's aggregate, the
+    /// sealed sum, the step. `Ok(None)` when a hospital left at the step
+    /// and a threshold allows another attempt without it.
+    fn attempt(
+        &mut self,
+        updates: &[ClientUpdate],
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Option<Aggregate>> {
+        let in_round: Vec<ClientUpdate> = updates
+            .iter()
+            .filter(|u| steps.clients().contains(&u.client))
+            .cloned()
+            .collect();
+        let agg = self.inner.aggregate_round(&in_round, steps)?;
+        let kept: Vec<&ClientUpdate> = in_round
+            .iter()
+            .filter(|u| steps.clients().contains(&u.client))
+            .collect();
+        let total: f64 = agg.clients.iter().map(|d| d.weight).sum();
+        if !(total.is_finite() && total > 0.0) {
+            return Err(HeError::OutOfRange(format!(
+                "the body's strategy reported weights summing to {total}"
+            ))
+            .into());
+        }
+        let ctx = self.collective.context();
+        let mut weights = Vec::with_capacity(kept.len());
+        let mut parts = Vec::with_capacity(kept.len());
+        let mut digests = Vec::with_capacity(kept.len());
+        let mut signers = Vec::with_capacity(kept.len());
+        for u in &kept {
+            let w = agg
+                .clients
+                .iter()
+                .find(|d| d.client == u.client)
+                .ok_or_else(|| {
+                    fedcore::Error::InvalidInput(format!(
+                        "the body's strategy reports no weight for `{}`",
+                        u.client
+                    ))
+                })?
+                .weight;
+            let sealed = u.sealed.as_ref().ok_or_else(|| {
+                fedcore::Error::Sealing(format!("update of {} has no sealed part", u.client))
+            })?;
+            let party = self.parties.get(&u.client).copied().ok_or_else(|| {
+                HeError::Mismatch(format!(
+                    "`{}` is not a party of the collective key",
+                    u.client
+                ))
+            })?;
+            weights.push(self.lr * w / total);
+            parts.push(ctx.load(sealed.bytes(), Form::Fresh)?);
+            digests.push(digest(sealed.bytes()));
+            signers.push(party);
+        }
+        signers.sort_unstable();
+        let threshold = self.collective.roster().map(|r| r.threshold());
+        match threshold {
+            None if signers.len() != self.collective.parties().len() => {
+                return Err(HeError::Mismatch(format!(
+                    "the N-of-N key switch needs every party; only {signers:?} of {:?} are in the round",
+                    self.collective.parties()
+                ))
+                .into());
+            }
+            Some(t) if signers.len() < t => {
+                return Err(HeError::Mismatch(format!(
+                    "the key switch needs {t} hospitals; only {signers:?} are in the round"
+                ))
+                .into());
+            }
+            _ => {}
+        }
+        let refs: Vec<&EncryptedVector> = parts.iter().collect();
+        let sum = ctx.weighted_sum(&refs, &weights)?;
+        drop(refs);
+        drop(parts);
+        let named = if threshold.is_some() {
+            signers.clone()
+        } else {
+            Vec::new()
+        };
+        let layout = kept
+            .first()
+            .and_then(|u| u.sealed.as_ref())
+            .map(|s| s.layout().clone())
+            .ok_or(fedcore::Error::EmptyUpdates)?;
+        let request = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
+            .with_sealed(Arc::new(SealedTensors::new(
+                layout,
+                request_bytes(&named, &sum.to_bytes()?),
+            )));
+        let asked: Vec<ClientId> = steps.clients().to_vec();
+        let replies = steps.ask(|_| request.clone())?;
+        let mut shares = Vec::with_capacity(replies.len());
+        for (client, reply) in &replies {
+            let share = reply
+                .sealed
+                .as_ref()
+                .ok_or_else(|| HeError::Malformed("no switch share".into()))
+                .and_then(|s| SwitchShare::from_bytes(&self.collective, s.bytes()))
+                .and_then(|s| {
+                    if Some(&s.party()) == self.parties.get(client) {
+                        Ok(s)
+                    } else {
+                        Err(HeError::Mismatch(format!(
+                            "a switch share of party {} from `{client}`",
+                            s.party()
+                        )))
+                    }
+                });
+            match share {
+                Ok(s) => shares.push(s),
+                Err(e) => steps.reject(client, format!("key switch: {e}"))?,
+            }
+        }
+        if steps.clients().len() != asked.len() {
+            // Someone left at the step (or answered wrongly): the sum holds
+            // their upload. Without a threshold the round cannot complete.
+            if threshold.is_none() {
+                let gone: Vec<&ClientId> = asked
+                    .iter()
+                    .filter(|c| !steps.clients().contains(c))
+                    .collect();
+                return Err(HeError::Mismatch(format!(
+                    "the key switch needs every party's share (N-of-N); {gone:?} left at the step"
+                ))
+                .into());
+            }
+            return Ok(None);
+        }
+        let switched = self.collective.switch(&sum, &self.output, &shares)?;
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Pending {
+            weights,
+            parts: digests,
+            switched,
+        });
+        Ok(Some(agg))
+    }
+}
+
+impl<S: Strategy> Strategy for KeySwitchRound<S> {
+    fn describe(&self) -> StrategyInfo {
+        let inner = self.inner.describe();
+        let need = self
+            .collective
+            .roster()
+            .map_or(self.collective.parties().len(), |r| r.threshold());
+        StrategyInfo::new(format!("{}+key-switch", inner.name))
+            .with_min_updates(inner.min_updates.max(need))
+    }
+
+    fn aggregate_round(
+        &mut self,
+        updates: &[ClientUpdate],
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Aggregate> {
+        take(&self.slot);
+        for _ in 0..=self.parties.len() {
+            if let Some(agg) = self.attempt(updates, steps)? {
+                return Ok(agg);
+            }
+        }
+        Err(HeError::Mismatch("the key switch lost a hospital at every attempt".into()).into())
+    }
+
+    fn saved_state(&self) -> Option<Vec<f32>> {
+        self.inner.saved_state()
+    }
+
+    fn restore_state(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
+        self.inner.restore_state(state)
+    }
+}
+
+/// The server's sealed aggregator for multiparty keys (see
+/// [`key_switch_round`]): the sealed global is under the output key; each
+/// round adds the sum the strategy switched to it.
+#[derive(Clone)]
+pub struct KeySwitchSum {
+    collective: CollectiveKey,
+    output: CkksContext<Public>,
+    slot: Slot,
+}
+
+impl std::fmt::Debug for KeySwitchSum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySwitchSum")
+            .field("collective", &self.collective)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_len(sealed: &SealedTensors, v: &EncryptedVector) -> crate::Result<()> {
+    if v.len() != sealed.len() {
+        return Err(HeError::Mismatch(format!(
+            "{} values for a layout of {}",
+            v.len(),
+            sealed.len()
+        )));
+    }
+    Ok(())
+}
+
+impl SealedAggregator for KeySwitchSum {
+    fn name(&self) -> String {
+        format!(
+            "ckks-key-switch(parties={})",
+            self.collective.parties().len()
+        )
+    }
+
+    fn seal_initial(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let v = self.output.encrypt_public(&values)?;
+        Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
+    }
+
+    fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
+        let v = self.collective.context().load(part.bytes(), Form::Fresh)?;
+        Ok(check_len(part, &v)?)
+    }
+
+    fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {
+        let v = self.output.load(global.bytes(), Form::Sum)?;
+        Ok(check_len(global, &v)?)
+    }
+
+    fn accumulate(
+        &self,
+        global: &SealedTensors,
+        parts: &[&SealedTensors],
+        weights: &[f64],
+    ) -> fedcore::Result<SealedTensors> {
+        let pending = take(&self.slot).ok_or_else(|| {
+            HeError::Mismatch("no switched sum: the round's strategy is not KeySwitchRound".into())
+        })?;
+        let same_parts = pending.parts.len() == parts.len()
+            && pending
+                .parts
+                .iter()
+                .zip(parts)
+                .all(|(d, p)| *d == digest(p.bytes()));
+        let same_weights = pending.weights.len() == weights.len()
+            && pending
+                .weights
+                .iter()
+                .zip(weights)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        if !same_parts || !same_weights {
+            return Err(HeError::Mismatch(
+                "the switched sum was made from other parts or weights (is the strategy's server learning rate the server's?)".into(),
+            )
+            .into());
+        }
+        let g = self.output.load(global.bytes(), Form::Sum)?;
+        check_len(global, &g)?;
+        let next = self.output.add(&g, &pending.switched)?;
+        Ok(SealedTensors::new(
+            global.layout().clone(),
+            next.to_bytes()?,
+        ))
+    }
+}
+
+/// A hospital's [`Sealer`] under multiparty keys: opens the global with the
+/// output key, uploads under the collective key (public-key encryption).
+#[derive(Debug, Clone)]
+pub struct MultipartySealer {
+    collective: CkksContext<Public>,
+    output: CkksContext<Secret>,
+}
+
+impl MultipartySealer {
+    /// A sealer uploading under `collective` and decrypting with `output`.
+    pub fn new(collective: &CollectiveKey, output: CkksContext<Secret>) -> Self {
+        Self {
+            collective: collective.context().clone(),
+            output,
+        }
+    }
+}
+
+impl Sealer for MultipartySealer {
+    fn name(&self) -> String {
+        format!("ckks-multiparty(n={})", self.output.params().degree())
+    }
+
+    fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
+        let v = self.output.load(sealed.bytes(), Form::Sum)?;
+        check_len(sealed, &v)?;
+        Ok(self
+            .output
+            .decrypt(&v)?
+            .into_iter()
+            .map(|x| x as f32)
+            .collect())
+    }
+
+    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        if layout.len() != values.len() {
+            return Err(HeError::Mismatch(format!(
+                "{} values for a layout of {}",
+                values.len(),
+                layout.len()
+            ))
+            .into());
+        }
+        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let v = self.collective.encrypt_upload(&values)?;
+        Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
+    }
+}
+
+enum SwitchKey {
+    Full(PartyKey),
+    Threshold(ThresholdKey),
+}
+
+/// A hospital's answer to the key-switch step ([`StepResponder`]): its
+/// switch share of the aggregate the server sends, at most
+/// [`MAX_SWITCHES_PER_ROUND`] per round.
+pub struct KeySwitcher {
+    key: SwitchKey,
+    collective: CollectiveKey,
+    output: CkksContext<Public>,
+    answered: (u64, usize),
+}
+
+impl std::fmt::Debug for KeySwitcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySwitcher")
+            .field("collective", &self.collective)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeySwitcher {
+    /// Answers N-of-N switches with `key`.
+    pub fn new(key: PartyKey, collective: CollectiveKey, output: CkksContext<Public>) -> Self {
+        Self {
+            key: SwitchKey::Full(key),
+            collective,
+            output,
+            answered: (0, 0),
+        }
+    }
+
+    /// Answers threshold switches with `key` (`collective` must carry the
+    /// same roster).
+    pub fn threshold(
+        key: ThresholdKey,
+        collective: CollectiveKey,
+        output: CkksContext<Public>,
+    ) -> Self {
+        Self {
+            key: SwitchKey::Threshold(key),
+            collective,
+            output,
+            answered: (0, 0),
+        }
+    }
+
+    fn answer(&mut self, ins: &StepIns) -> crate::Result<SealedTensors> {
+        let sealed = ins
+            .sealed
+            .as_ref()
+            .ok_or_else(|| HeError::Malformed("the key-switch step carries no aggregate".into()))?;
+        let (signers, bytes) = parse_request(sealed.bytes())?;
+        let aggregate = self.collective.context().load(bytes, Form::Sum)?;
+        check_len(sealed, &aggregate)?;
+        let count = if self.answered.0 == ins.round {
+            self.answered.1
+        } else {
+            0
+        };
+        if count >= MAX_SWITCHES_PER_ROUND {
+            return Err(HeError::Mismatch(format!(
+                "already answered {count} key switches in round {}",
+                ins.round
+            )));
+        }
+        let share = match &self.key {
+            SwitchKey::Full(k) if signers.is_empty() => {
+                k.switch_share(&self.collective, &aggregate, &self.output)?
+            }
+            SwitchKey::Full(_) => {
+                return Err(HeError::Mismatch(
+                    "a threshold switch asked of an N-of-N key".into(),
+                ));
+            }
+            SwitchKey::Threshold(k) => {
+                k.switch_share(&self.collective, &aggregate, &self.output, &signers)?
+            }
+        };
+        self.answered = (ins.round, count + 1);
+        Ok(SealedTensors::new(
+            sealed.layout().clone(),
+            share.to_bytes(),
+        ))
+    }
+}
+
+impl StepResponder for KeySwitcher {
+    fn respond(&mut self, ins: &StepIns, _sent: &ClientUpdate) -> fedcore::Result<StepReply> {
+        let sealed = self.answer(ins)?;
+        let mut reply = StepReply::new(ins, Parameters::zeros(Arc::new(Layout::new([])?)));
+        reply.sealed = Some(sealed);
+        Ok(reply)
+    }
+}
