@@ -3,13 +3,17 @@
 //! the output key. N-of-N and t-of-N, with a hospital dropping at the step.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fedcore::memory::{Fault, InMemoryTransport};
+use fedcore::net::provision::{Kit, Project, ProjectSpec};
+use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{
     Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure, FedAvg, FitIns, Parameters,
-    RoundOutcome, Sealer, Server, ServerConfig, StepIns, StepReply, StepResponder,
+    RoundOutcome, RunPolicy, Sealer, Server, ServerConfig, StepIns, StepReply, StepResponder,
+    Transport,
 };
 use fedcore_he::keyswitch::{KeySwitchRound, KeySwitcher, MultipartySealer, key_switch_round};
 use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster, ThresholdKey};
@@ -94,6 +98,9 @@ struct Hospital {
     party: u32,
     sealer: MultipartySealer,
     switcher: KeySwitcher,
+    /// Over gRPC: tells the test it was asked for the key switch, then waits
+    /// (while the test revokes it) before answering.
+    gate: Option<(Sender<()>, Receiver<()>)>,
 }
 
 impl Client for Hospital {
@@ -114,6 +121,10 @@ impl Client for Hospital {
     }
 
     fn step(&mut self, ins: &StepIns) -> fedcore::Result<StepReply> {
+        if let Some((asked, release)) = &self.gate {
+            let _ = asked.send(());
+            let _ = release.recv_timeout(Duration::from_secs(60));
+        }
         let sent = ClientUpdate::new(
             self.id.clone(),
             ins.round,
@@ -124,9 +135,9 @@ impl Client for Hospital {
     }
 }
 
-fn transport(threshold: bool) -> InMemoryTransport {
+fn hospitals(threshold: bool) -> Vec<Hospital> {
     let k = keys();
-    let mut t = InMemoryTransport::new();
+    let mut out = Vec::new();
     for (i, p) in k.parties.iter().enumerate() {
         let (collective, switcher) = if threshold {
             let (c, keys) = &k.threshold;
@@ -138,13 +149,21 @@ fn transport(threshold: bool) -> InMemoryTransport {
                 KeySwitcher::new(p.clone(), k.collective.clone(), k.output.public()),
             )
         };
-        t.add_client(Hospital {
+        out.push(Hospital {
             id: name(p.party()),
             party: p.party(),
             sealer: MultipartySealer::new(collective, k.output.clone()),
             switcher,
-        })
-        .expect("add client");
+            gate: None,
+        });
+    }
+    out
+}
+
+fn transport(threshold: bool) -> InMemoryTransport {
+    let mut t = InMemoryTransport::new();
+    for h in hospitals(threshold) {
+        t.add_client(h).expect("add client");
     }
     t
 }
@@ -160,9 +179,19 @@ fn config(quorum: usize, lr: f32) -> ServerConfig {
     }
 }
 
-type KsServer = Server<InMemoryTransport, KeySwitchRound<FedAvg>>;
+type KsServer<T = InMemoryTransport> = Server<T, KeySwitchRound<FedAvg>>;
 
 fn server(threshold: bool, quorum: usize, strategy_lr: f32, server_lr: f32) -> KsServer {
+    let t = transport(threshold);
+    make(threshold, config(quorum, server_lr), strategy_lr, t)
+}
+
+fn make<T: Transport>(
+    threshold: bool,
+    config: ServerConfig,
+    strategy_lr: f32,
+    t: T,
+) -> KsServer<T> {
     let k = keys();
     let collective = if threshold {
         k.threshold.0.clone()
@@ -174,18 +203,13 @@ fn server(threshold: bool, quorum: usize, strategy_lr: f32, server_lr: f32) -> K
         key_switch_round(FedAvg, collective, k.output.public(), parties, strategy_lr)
             .expect("pair");
     let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
-    Server::new(
-        config(quorum, server_lr),
-        initial,
-        transport(threshold),
-        strategy,
-    )
-    .expect("server")
-    .with_sealing(&["*"], sum)
-    .expect("seal everything")
+    Server::new(config, initial, t, strategy)
+        .expect("server")
+        .with_sealing(&["*"], sum)
+        .expect("seal everything")
 }
 
-fn open(s: &KsServer) -> Vec<f64> {
+fn open<T: Transport>(s: &KsServer<T>) -> Vec<f64> {
     let out = &keys().output;
     let sealed = s.sealed_global().expect("sealed");
     out.decrypt(&out.load(sealed.bytes(), Form::Sum).expect("load"))
@@ -287,4 +311,97 @@ fn a_switch_made_with_another_learning_rate_is_refused_and_the_global_kept() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.sealed_global().expect("sealed"), &before);
+}
+
+/// One round over gRPC with mutual TLS: hospital 3 is asked for the key
+/// switch, and revoked (its session closes) before it answers.
+fn over_grpc_with_hospital_3_revoked_at_the_switch(threshold: bool) -> KsServer<GrpcTransport> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sites: Vec<String> = (1..=N).map(|p| name(p).as_str().to_owned()).collect();
+    let project = Project::create(tmp.path().join("p"), &ProjectSpec::new("mhe", sites, 0))
+        .expect("provision");
+    let options = ServerOptions {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..ServerOptions::default()
+    };
+    let mut transport =
+        GrpcTransport::start(&Kit::load(project.server_kit()).expect("kit"), options)
+            .expect("listen");
+    let address = transport.local_addr().to_string();
+    let (asked_tx, asked_rx) = channel();
+    let (release_tx, release_rx) = channel();
+    let mut gate = Some((asked_tx, release_rx));
+    let handles: Vec<_> = hospitals(threshold)
+        .into_iter()
+        .map(|mut h| {
+            if h.party == 3 {
+                h.gate = gate.take();
+            }
+            let kit = Kit::load(project.site_kit(h.id.as_str())).expect("kit");
+            let options = ClientOptions {
+                address: Some(address.clone()),
+                ..ClientOptions::default()
+            };
+            std::thread::spawn(move || net::run_client(&kit, h, &options))
+        })
+        .collect();
+    assert_eq!(transport.wait_for_clients(3, Duration::from_secs(30)), 3);
+    let revoker = {
+        let project = project.clone();
+        std::thread::spawn(move || {
+            asked_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("hospital 3 is asked for the key switch");
+            project.revoke_site(name(3).as_str()).expect("revoke");
+        })
+    };
+    let quorum = if threshold { 2 } else { 3 };
+    let config = ServerConfig {
+        min_available_clients: quorum,
+        ..config(quorum, 1.0)
+    };
+    let mut server = make(threshold, config, 1.0, transport);
+    net::run_server(&mut server, &RunPolicy::deployment(Duration::from_secs(20))).expect("run");
+    let _ = release_tx.send(());
+    revoker.join().expect("revoker");
+    for (i, h) in handles.into_iter().enumerate() {
+        let r = h.join().expect("site thread");
+        if i < 2 {
+            r.expect("hospitals 1 and 2 finish");
+        } else {
+            let e = r.expect_err("hospital 3 is revoked");
+            assert!(e.to_string().contains("revoked"), "{e}");
+        }
+    }
+    server
+}
+
+#[test]
+fn over_grpc_a_threshold_round_completes_without_the_hospital_that_dropped_at_the_switch() {
+    let s = over_grpc_with_hospital_3_revoked_at_the_switch(true);
+    let r = &s.history()[0];
+    assert!(r.outcome.is_completed(), "{:?} {:?}", r.outcome, r.failures);
+    let accepted: Vec<&str> = r.accepted.iter().map(|a| a.client.as_str()).collect();
+    assert_eq!(accepted, ["hospital-1", "hospital-2"]);
+    let f = &r.failures[0];
+    assert_eq!((f.client.as_str(), f.step), ("hospital-3", Some(1)));
+    assert!(matches!(f.reason, Failure::Disconnected(_)), "{f}");
+    let err = max_error(&open(&s), &mean(&[1, 2]));
+    assert!(err < 1e-6, "max error {err:e}");
+}
+
+#[test]
+fn over_grpc_an_n_of_n_round_fails_cleanly_when_a_hospital_drops_at_the_switch() {
+    let s = over_grpc_with_hospital_3_revoked_at_the_switch(false);
+    let r = &s.history()[0];
+    assert_eq!(
+        r.outcome,
+        RoundOutcome::QuorumNotReached,
+        "{:?}",
+        r.failures
+    );
+    let f = &r.failures[0];
+    assert_eq!((f.client.as_str(), f.step), ("hospital-3", Some(1)));
+    // The sealed global is still the initial zeros.
+    assert!(open(&s).iter().all(|v| v.abs() < 1e-6));
 }
