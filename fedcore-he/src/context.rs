@@ -424,7 +424,7 @@ impl KeyAuthority {
     }
 }
 
-fn key_err(path: &Path, reason: String) -> HeError {
+pub(crate) fn key_err(path: &Path, reason: String) -> HeError {
     HeError::KeyFile {
         path: path.to_path_buf(),
         reason,
@@ -561,7 +561,7 @@ fn decode_key_file<'a>(path: &Path, bytes: &'a [u8], want: u8) -> Result<KeyFile
     })
 }
 
-fn read_key_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_key_file(path: &Path) -> Result<Vec<u8>> {
     let meta = fs::metadata(path).map_err(|e| key_err(path, e.to_string()))?;
     if meta.len() > MAX_KEY_FILE {
         return Err(key_err(path, format!("{} bytes is too large", meta.len())));
@@ -570,7 +570,7 @@ fn read_key_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 #[cfg(unix)]
-fn check_private(path: &Path) -> Result<()> {
+pub(crate) fn check_private(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(path)
         .map_err(|e| key_err(path, e.to_string()))?
@@ -589,13 +589,13 @@ fn check_private(path: &Path) -> Result<()> {
 }
 
 #[cfg(not(unix))]
-fn check_private(_: &Path) -> Result<()> {
+pub(crate) fn check_private(_: &Path) -> Result<()> {
     Ok(())
 }
 
 /// Writes a new file with mode 0600 (created with it, never widened first),
 /// refusing to replace an existing one.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]

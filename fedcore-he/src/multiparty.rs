@@ -126,6 +126,54 @@ impl Crs {
     }
 }
 
+const PARTY_FILE_MAGIC: &[u8; 4] = b"FCPK";
+const THRESHOLD_FILE_MAGIC: &[u8; 4] = b"FCTK";
+
+/// Appends `bytes` with its length (u32).
+fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A key file's common head: magic, version, parameters (JSON, sized).
+fn file_head(magic: &[u8; 4], params: &CkksParams) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    out.extend_from_slice(magic);
+    out.push(VERSION);
+    let json = serde_json::to_vec(params)
+        .map_err(|e| HeError::Seal(format!("parameters to JSON: {e}")))?;
+    push_sized(&mut out, &json);
+    Ok(out)
+}
+
+/// Reads a key file's head: checks the magic and version, parses and checks
+/// the parameters.
+fn read_head<'a>(
+    r: &mut Reader<'a>,
+    magic: &[u8; 4],
+    bad: &dyn Fn(&str) -> HeError,
+) -> Result<CkksParams> {
+    if r.take(4).map_err(|_| bad("truncated"))? != magic {
+        return Err(bad("not a key file of this kind"));
+    }
+    let version = r.u8().map_err(|_| bad("truncated"))?;
+    if version != VERSION {
+        return Err(bad(&format!("format version {version}")));
+    }
+    let json = sized(r, bad)?;
+    let params: CkksParams =
+        serde_json::from_slice(json).map_err(|e| bad(&format!("parameters: {e}")))?;
+    params
+        .check()
+        .map_err(|e| bad(&format!("parameters: {e}")))?;
+    Ok(params)
+}
+
+fn sized<'a>(r: &mut Reader<'a>, bad: &dyn Fn(&str) -> HeError) -> Result<&'a [u8]> {
+    let n = r.u32().map_err(|_| bad("truncated"))? as usize;
+    r.take(n).map_err(|_| bad("truncated"))
+}
+
 /// `a * b mod q`.
 fn mul(a: u64, b: u64, q: u64) -> u64 {
     ((a as u128 * b as u128) % q as u128) as u64
@@ -229,6 +277,62 @@ impl PartyKey {
     /// The parameters.
     pub fn params(&self) -> &CkksParams {
         &self.params
+    }
+
+    /// Writes this secret share to `path` (mode 0600; an existing file is
+    /// an error, never overwritten): a hospital keeps it across restarts.
+    /// Layout: magic `FCPK`, version, parameters (JSON), party, weight-sum
+    /// bound, transport secret, SEAL's secret key and this party's own
+    /// public key (each sized).
+    pub fn write(&self, path: &std::path::Path) -> Result<()> {
+        let mut out = file_head(PARTY_FILE_MAGIC, &self.params)?;
+        out.extend_from_slice(&self.party.to_le_bytes());
+        out.extend_from_slice(&self.weight_sum.to_le_bytes());
+        out.extend_from_slice(self.transport.as_bytes());
+        push_sized(&mut out, &self.secret.to_bytes());
+        push_sized(&mut out, &self.own_public.to_bytes());
+        crate::context::write_new(path, &out)
+    }
+
+    /// Reads a secret share written by [`PartyKey::write`]. The file must
+    /// not be readable by group or others; every part is checked (the keys
+    /// through SEAL's validation against the parameters).
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        crate::context::check_private(path)?;
+        let bytes = crate::context::read_key_file(path)?;
+        let bad = |m: &str| crate::context::key_err(path, m.to_owned());
+        let mut r = Reader::new(&bytes);
+        let params = read_head(&mut r, PARTY_FILE_MAGIC, &bad)?;
+        let party = r.u32().map_err(|_| bad("truncated"))?;
+        let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
+        let transport: [u8; 32] = r
+            .take(32)
+            .map_err(|_| bad("truncated"))?
+            .try_into()
+            .expect("32 bytes");
+        let secret = sized(&mut r, &bad)?;
+        let public = sized(&mut r, &bad)?;
+        if !r.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        if !(1.0..=1_048_576.0).contains(&weight_sum) {
+            return Err(bad(&format!("weight sum bound {weight_sum}")));
+        }
+        let ctx = context_for(&params)?;
+        let (n, k) = (params.degree(), ctx.primes.len());
+        seal::SecretKey::from_bytes(&ctx, secret).map_err(|e| bad(&format!("secret key: {e}")))?;
+        seal::PublicKey::from_bytes(&ctx, public).map_err(|e| bad(&format!("public key: {e}")))?;
+        let secret = RawSecretKey::parse(secret, n * k).map_err(|e| bad(&e))?;
+        let own_public = RawCiphertext::parse(public, n, k).map_err(|e| bad(&e))?;
+        Ok(Self {
+            params,
+            ctx,
+            party,
+            secret,
+            own_public,
+            transport: x25519_dalek::StaticSecret::from(transport),
+            weight_sum,
+        })
     }
 
     /// Sets the bound on the sum of the absolute weights of the aggregates
@@ -1483,6 +1587,73 @@ impl ThresholdKey {
         &self.roster
     }
 
+    /// Writes this threshold key to `path` (mode 0600, never overwriting).
+    /// Layout: magic `FCTK`, version, parameters (JSON), party, weight-sum
+    /// bound, threshold, member count, members (party and transport key),
+    /// the share's coefficients (sized).
+    pub fn write(&self, path: &std::path::Path) -> Result<()> {
+        let mut out = file_head(THRESHOLD_FILE_MAGIC, &self.params)?;
+        out.extend_from_slice(&self.party.to_le_bytes());
+        out.extend_from_slice(&self.weight_sum.to_le_bytes());
+        out.extend_from_slice(&(self.roster.threshold as u32).to_le_bytes());
+        out.extend_from_slice(&(self.roster.members.len() as u32).to_le_bytes());
+        for (p, k) in &self.roster.members {
+            out.extend_from_slice(&p.to_le_bytes());
+            out.extend_from_slice(k);
+        }
+        push_sized(&mut out, &words_to_bytes(&self.share));
+        crate::context::write_new(path, &out)
+    }
+
+    /// Reads a threshold key written by [`ThresholdKey::write`] (private
+    /// file; roster and coefficients checked).
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        crate::context::check_private(path)?;
+        let bytes = crate::context::read_key_file(path)?;
+        let bad = |m: &str| crate::context::key_err(path, m.to_owned());
+        let mut r = Reader::new(&bytes);
+        let params = read_head(&mut r, THRESHOLD_FILE_MAGIC, &bad)?;
+        let party = r.u32().map_err(|_| bad("truncated"))?;
+        let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
+        let threshold = r.u32().map_err(|_| bad("truncated"))? as usize;
+        let count = r.u32().map_err(|_| bad("truncated"))? as usize;
+        if count > MAX_PARTIES {
+            return Err(bad(&format!("{count} members; at most {MAX_PARTIES}")));
+        }
+        let mut members = Vec::with_capacity(count);
+        for _ in 0..count {
+            let p = r.u32().map_err(|_| bad("truncated"))?;
+            let k: [u8; 32] = r
+                .take(32)
+                .map_err(|_| bad("truncated"))?
+                .try_into()
+                .expect("32 bytes");
+            members.push((p, k));
+        }
+        let share = bytes_to_words(sized(&mut r, &bad)?);
+        if !r.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        if !(1.0..=1_048_576.0).contains(&weight_sum) {
+            return Err(bad(&format!("weight sum bound {weight_sum}")));
+        }
+        let roster = Roster::new(threshold, members).map_err(|e| bad(&format!("roster: {e}")))?;
+        if roster.point(party).is_none() {
+            return Err(bad(&format!("party {party} is not in its roster")));
+        }
+        let ctx = context_for(&params)?;
+        check_reduced(&share, &ctx.primes, params.degree(), "share")
+            .map_err(|e| bad(&e.to_string()))?;
+        Ok(Self {
+            params,
+            primes: ctx.primes.clone(),
+            party,
+            roster,
+            share,
+            weight_sum,
+        })
+    }
+
     /// This party's answer to the key switch of `aggregate` signed by
     /// `signers` (sorted, at least the threshold, this party among them; the
     /// server names them in its request, and every signer must answer for
@@ -1900,6 +2071,81 @@ mod tests {
             .map(|(i, (a, b))| add(*a, b, ctx.primes[i / n]))
             .collect();
         assert!(max_error(&decrypt_with(pair), &plain[0]) < 1e-6);
+    }
+
+    #[test]
+    fn secret_shares_and_threshold_keys_survive_a_restart_in_private_files() {
+        let f = federation();
+        let (collective, keys) = threshold(&f, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let (pk, tk) = (
+            dir.path().join("party.key"),
+            dir.path().join("threshold.key"),
+        );
+        f.parties[1].write(&pk).unwrap();
+        keys[1].write(&tk).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for p in [&pk, &tk] {
+                assert_eq!(
+                    std::fs::metadata(p).unwrap().permissions().mode() & 0o777,
+                    0o600
+                );
+            }
+        }
+        let party = PartyKey::from_file(&pk).unwrap();
+        let crs = f.collective.crs();
+        assert_eq!(
+            party.key_share(&crs).unwrap(),
+            f.parties[1].key_share(&crs).unwrap()
+        );
+        assert_eq!(party.transport_key(), f.parties[1].transport_key());
+        let key = ThresholdKey::from_file(&tk).unwrap();
+        assert_eq!(key.weighted(&[1, 2]), keys[1].weighted(&[1, 2]));
+        // The reloaded key answers a switch the others can complete.
+        let (plain, _, sum) = round(&f, 100);
+        let out = f.output.public();
+        let shares = vec![
+            keys[0]
+                .switch_share(&collective, &sum, &out, &[1, 2])
+                .unwrap(),
+            key.switch_share(&collective, &sum, &out, &[1, 2]).unwrap(),
+        ];
+        let got = f
+            .output
+            .decrypt(&collective.switch(&sum, &out, &shares).unwrap())
+            .unwrap();
+        assert!(max_error(&got, &expected(&plain)) < 1e-6);
+        // Never overwritten; refused when others may read it; truncation
+        // and the other kind of file are reasons.
+        assert!(f.parties[1].write(&pk).is_err());
+        let bytes = std::fs::read(&pk).unwrap();
+        let short = dir.path().join("short.key");
+        crate::context::write_new(&short, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(
+            PartyKey::from_file(&short)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+        assert!(
+            PartyKey::from_file(&tk)
+                .unwrap_err()
+                .to_string()
+                .contains("not a key file of this kind")
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tk, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(
+                ThresholdKey::from_file(&tk)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("chmod 600")
+            );
+        }
     }
 
     #[test]

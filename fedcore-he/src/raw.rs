@@ -202,8 +202,7 @@ impl RawSecretKey {
         })
     }
 
-    /// SEAL's uncompressed secret-key bytes (the tests build coalition keys).
-    #[cfg(test)]
+    /// SEAL's uncompressed secret-key bytes.
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let total = HEADER + 32 + 16 + HEADER + 8 + self.data.len() * 8;
         let mut out = Vec::with_capacity(total);
