@@ -22,6 +22,11 @@
 //!   (its hospitals' side): the geometric median of whole encrypted
 //!   updates, from encrypted pairwise distances that the hospitals decrypt;
 //!   the server never holds a secret key or decrypts a vector.
+//! - [`multiparty`]: keys no single party holds. A collective key from
+//!   every hospital's key share (no dealer), the aggregate switched to the
+//!   hospitals' output key by all of them (N-of-N) or any `t` (threshold,
+//!   Shamir shares); no hospital, alone or with the server, can decrypt
+//!   another's upload. [`keyswitch`] runs it as a second step of the round.
 //! - [`CkksSealer`] and [`CkksSum`] plug into `fedcore`'s
 //!   [`Server::with_sealing`](fedcore::Server::with_sealing) and
 //!   [`ModelClient::with_sealer`](fedcore::ModelClient::with_sealer).
