@@ -214,12 +214,13 @@ impl<R: Role> CkksContext<R> {
     }
 
     /// The largest magnitude a weighted sum may reach:
-    /// `2^(upload level bits - scale bits - weight bits - 1)` (2^29 with the
-    /// default parameters).
+    /// `2^(upload level bits - scale bits - weight bits - 2)` (2^28 with the
+    /// default parameters): a level's modulus `q` of `b` bits is at least
+    /// `2^(b-1)`, and a centered value must stay below `q/2`.
     pub fn sum_bound(&self) -> f64 {
         let l = &self.inner.engine.context().levels[self.inner.level];
         let p = &self.inner.params;
-        2f64.powi((l.modulus_bits - p.scale_bits() - p.weight_bits()) as i32 - 1)
+        2f64.powi((l.modulus_bits - p.scale_bits() - p.weight_bits()) as i32 - 2)
     }
 
     /// Writes this context's public part (parameters and public key) to

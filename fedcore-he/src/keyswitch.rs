@@ -43,12 +43,14 @@ pub const MAX_SWITCHES_PER_ROUND: usize = 4;
 const REQUEST_MAGIC: &[u8; 4] = b"FCSR";
 const VERSION: u8 = 1;
 
-/// The step's sealed bytes: magic, version, signer count (u32), signers
-/// (u32 each; none for N-of-N), then the aggregate's bytes.
-fn request_bytes(signers: &[u32], aggregate: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + 4 * signers.len() + aggregate.len());
+/// The step's sealed bytes: magic, version, the sum of the weights'
+/// absolute values (f64), signer count (u32), signers (u32 each; none for
+/// N-of-N), then the aggregate's bytes.
+fn request_bytes(weight_sum: f64, signers: &[u32], aggregate: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17 + 4 * signers.len() + aggregate.len());
     out.extend_from_slice(REQUEST_MAGIC);
     out.push(VERSION);
+    out.extend_from_slice(&weight_sum.to_le_bytes());
     out.extend_from_slice(&(signers.len() as u32).to_le_bytes());
     for s in signers {
         out.extend_from_slice(&s.to_le_bytes());
@@ -57,7 +59,10 @@ fn request_bytes(signers: &[u32], aggregate: &[u8]) -> Vec<u8> {
     out
 }
 
-fn parse_request(bytes: &[u8]) -> crate::Result<(Vec<u32>, &[u8])> {
+/// A parsed request: the weights' absolute sum, the signers, the aggregate.
+type Request<'a> = (f64, Vec<u32>, &'a [u8]);
+
+fn parse_request(bytes: &[u8]) -> crate::Result<Request<'_>> {
     let bad = |m: &str| HeError::Malformed(format!("key-switch request: {m}"));
     let mut r = Reader::new(bytes);
     if r.take(4).map_err(|_| bad("truncated"))? != REQUEST_MAGIC {
@@ -66,6 +71,10 @@ fn parse_request(bytes: &[u8]) -> crate::Result<(Vec<u32>, &[u8])> {
     let version = r.u8().map_err(|_| bad("truncated"))?;
     if version != VERSION {
         return Err(bad(&format!("format version {version}")));
+    }
+    let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
+    if !(weight_sum.is_finite() && weight_sum >= 0.0) {
+        return Err(bad(&format!("weight sum {weight_sum}")));
     }
     let count = r.u32().map_err(|_| bad("truncated"))? as usize;
     if count > MAX_PARTIES {
@@ -76,7 +85,7 @@ fn parse_request(bytes: &[u8]) -> crate::Result<(Vec<u32>, &[u8])> {
         .collect::<crate::Result<Vec<u32>>>()?;
     let rest = r.rest_len();
     let aggregate = r.take(rest).map_err(|_| bad("truncated"))?;
-    Ok((signers, aggregate))
+    Ok((weight_sum, signers, aggregate))
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -179,20 +188,45 @@ impl<S: Strategy> KeySwitchRound<S> {
         updates: &[ClientUpdate],
         steps: &mut RoundSteps<'_>,
     ) -> fedcore::Result<Option<Aggregate>> {
-        let in_round: Vec<ClientUpdate> = updates
-            .iter()
-            .filter(|u| steps.clients().contains(&u.client))
-            .cloned()
-            .collect();
-        let agg = self.inner.aggregate_round(&in_round, steps)?;
+        // Copies only after a hospital has left (a retry).
+        let copied: Vec<ClientUpdate>;
+        let in_round: &[ClientUpdate] =
+            if updates.iter().all(|u| steps.clients().contains(&u.client)) {
+                updates
+            } else {
+                copied = updates
+                    .iter()
+                    .filter(|u| steps.clients().contains(&u.client))
+                    .cloned()
+                    .collect();
+                &copied
+            };
+        let agg = self.inner.aggregate_round(in_round, steps)?;
         let kept: Vec<&ClientUpdate> = in_round
             .iter()
             .filter(|u| steps.clients().contains(&u.client))
             .collect();
-        let total: f64 = agg.clients.iter().map(|d| d.weight).sum();
-        if !(total.is_finite() && total > 0.0) {
+        // The weights in the updates' order, summed in that order: exactly
+        // what the server's sealed sum will compute.
+        let raw = kept
+            .iter()
+            .map(|u| {
+                agg.clients
+                    .iter()
+                    .find(|d| d.client == u.client)
+                    .map(|d| d.weight)
+                    .ok_or_else(|| {
+                        fedcore::Error::InvalidInput(format!(
+                            "the body's strategy reports no weight for `{}`",
+                            u.client
+                        ))
+                    })
+            })
+            .collect::<fedcore::Result<Vec<f64>>>()?;
+        let total: f64 = raw.iter().sum();
+        if !(total.is_finite() && total > 0.0) || raw.iter().any(|w| *w < 0.0) {
             return Err(HeError::OutOfRange(format!(
-                "the body's strategy reported weights summing to {total}"
+                "the body's strategy reported weights {raw:?}; the key switch needs non-negative weights with a positive sum"
             ))
             .into());
         }
@@ -201,18 +235,7 @@ impl<S: Strategy> KeySwitchRound<S> {
         let mut parts = Vec::with_capacity(kept.len());
         let mut digests = Vec::with_capacity(kept.len());
         let mut signers = Vec::with_capacity(kept.len());
-        for u in &kept {
-            let w = agg
-                .clients
-                .iter()
-                .find(|d| d.client == u.client)
-                .ok_or_else(|| {
-                    fedcore::Error::InvalidInput(format!(
-                        "the body's strategy reports no weight for `{}`",
-                        u.client
-                    ))
-                })?
-                .weight;
+        for (u, w) in kept.iter().zip(raw) {
             let sealed = u.sealed.as_ref().ok_or_else(|| {
                 fedcore::Error::Sealing(format!("update of {} has no sealed part", u.client))
             })?;
@@ -262,7 +285,7 @@ impl<S: Strategy> KeySwitchRound<S> {
         let request = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
             .with_sealed(Arc::new(SealedTensors::new(
                 layout,
-                request_bytes(&named, &sum.to_bytes()?),
+                request_bytes(weights.iter().sum(), &named, &sum.to_bytes()?),
             )));
         let asked: Vec<ClientId> = steps.clients().to_vec();
         let replies = steps.ask(|_| request.clone())?;
@@ -330,12 +353,23 @@ impl<S: Strategy> Strategy for KeySwitchRound<S> {
         steps: &mut RoundSteps<'_>,
     ) -> fedcore::Result<Aggregate> {
         take(&self.slot);
-        for _ in 0..=self.parties.len() {
+        // A retry aggregates the body again: a stateful body strategy
+        // (centered clipping's center, say) must start from the same state.
+        let state = self.inner.saved_state();
+        for attempt in 0..MAX_SWITCHES_PER_ROUND {
+            if attempt > 0
+                && let Some(s) = &state
+            {
+                self.inner.restore_state(s.clone())?;
+            }
             if let Some(agg) = self.attempt(updates, steps)? {
                 return Ok(agg);
             }
         }
-        Err(HeError::Mismatch("the key switch lost a hospital at every attempt".into()).into())
+        Err(HeError::Mismatch(format!(
+            "hospitals left at each of {MAX_SWITCHES_PER_ROUND} key-switch attempts"
+        ))
+        .into())
     }
 
     fn saved_state(&self) -> Option<Vec<f32>> {
@@ -540,7 +574,17 @@ impl KeySwitcher {
             .sealed
             .as_ref()
             .ok_or_else(|| HeError::Malformed("the key-switch step carries no aggregate".into()))?;
-        let (signers, bytes) = parse_request(sealed.bytes())?;
+        let (weight_sum, signers, bytes) = parse_request(sealed.bytes())?;
+        let bound = match &self.key {
+            SwitchKey::Full(k) => k.weight_sum(),
+            SwitchKey::Threshold(k) => k.weight_sum(),
+        };
+        // Normalized weights add up to 1 only to rounding.
+        if weight_sum > bound * (1.0 + 1e-9) {
+            return Err(HeError::OutOfRange(format!(
+                "the aggregate's weights add up to {weight_sum}; this hospital smudges for at most {bound} (PartyKey::with_weight_sum)"
+            )));
+        }
         let aggregate = self.collective.context().load(bytes, Form::Sum)?;
         check_len(sealed, &aggregate)?;
         let count = if self.answered.0 == ins.round {

@@ -224,9 +224,8 @@ pub struct PartyKey {
     party: u32,
     /// `s_i`: NTT form, every prime of the key level.
     secret: RawSecretKey,
-    /// The key level's public key for `s_i` alone, `(-a' s_i + e, a')`,
-    /// from which the key share is made.
-    own_public: RawCiphertext,
+    /// The same secret as SEAL's object, for fresh public keys.
+    sk: Arc<seal::SecretKey>,
     /// The X25519 key that deals ([`Deal`]) are sealed to.
     transport: x25519_dalek::StaticSecret,
     weight_sum: f64,
@@ -250,20 +249,18 @@ impl PartyKey {
     /// federation, unique within it).
     pub fn generate(params: CkksParams, party: u32) -> Result<Self> {
         let ctx = context_for(&params)?;
-        let (sk, pk) = seal::keygen(&ctx).map_err(seal_err)?;
+        let (sk, _) = seal::keygen(&ctx).map_err(seal_err)?;
         let n = params.degree();
         let k = ctx.primes.len();
         let secret =
             RawSecretKey::parse(&sk.to_bytes().map_err(seal_err)?, n * k).map_err(HeError::Seal)?;
-        let own_public =
-            RawCiphertext::parse(&pk.to_bytes().map_err(seal_err)?, n, k).map_err(HeError::Seal)?;
         let transport = x25519_dalek::StaticSecret::from(secure_rng()?.random::<[u8; 32]>());
         Ok(Self {
             params,
             ctx,
             party,
             secret,
-            own_public,
+            sk: Arc::new(sk),
             transport,
             weight_sum: 1.0,
         })
@@ -274,6 +271,11 @@ impl PartyKey {
         self.party
     }
 
+    /// The bound on the weights' absolute sum it smudges for.
+    pub fn weight_sum(&self) -> f64 {
+        self.weight_sum
+    }
+
     /// The parameters.
     pub fn params(&self) -> &CkksParams {
         &self.params
@@ -282,15 +284,13 @@ impl PartyKey {
     /// Writes this secret share to `path` (mode 0600; an existing file is
     /// an error, never overwritten): a hospital keeps it across restarts.
     /// Layout: magic `FCPK`, version, parameters (JSON), party, weight-sum
-    /// bound, transport secret, SEAL's secret key and this party's own
-    /// public key (each sized).
+    /// bound, transport secret, SEAL's secret key (sized).
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
         let mut out = file_head(PARTY_FILE_MAGIC, &self.params)?;
         out.extend_from_slice(&self.party.to_le_bytes());
         out.extend_from_slice(&self.weight_sum.to_le_bytes());
         out.extend_from_slice(self.transport.as_bytes());
         push_sized(&mut out, &self.secret.to_bytes());
-        push_sized(&mut out, &self.own_public.to_bytes());
         crate::context::write_new(path, &out)
     }
 
@@ -311,7 +311,6 @@ impl PartyKey {
             .try_into()
             .expect("32 bytes");
         let secret = sized(&mut r, &bad)?;
-        let public = sized(&mut r, &bad)?;
         if !r.is_empty() {
             return Err(bad("trailing bytes"));
         }
@@ -320,16 +319,15 @@ impl PartyKey {
         }
         let ctx = context_for(&params)?;
         let (n, k) = (params.degree(), ctx.primes.len());
-        seal::SecretKey::from_bytes(&ctx, secret).map_err(|e| bad(&format!("secret key: {e}")))?;
-        seal::PublicKey::from_bytes(&ctx, public).map_err(|e| bad(&format!("public key: {e}")))?;
+        let sk = seal::SecretKey::from_bytes(&ctx, secret)
+            .map_err(|e| bad(&format!("secret key: {e}")))?;
         let secret = RawSecretKey::parse(secret, n * k).map_err(|e| bad(&e))?;
-        let own_public = RawCiphertext::parse(public, n, k).map_err(|e| bad(&e))?;
         Ok(Self {
             params,
             ctx,
             party,
             secret,
-            own_public,
+            sk: Arc::new(sk),
             transport: x25519_dalek::StaticSecret::from(transport),
             weight_sum,
         })
@@ -349,14 +347,19 @@ impl PartyKey {
     }
 
     /// This party's key share `p_i = -a * s_i + e_i` for the common random
-    /// polynomial of `crs`: its own public key `(-a' s_i + e, a')` turned to
-    /// `a` by adding `(a' - a) * s_i`.
+    /// polynomial of `crs`: a fresh public key `(-a' s_i + e, a')` for its
+    /// secret (new `a'` and, above all, new error `e` every call) turned to
+    /// `a` by adding `(a' - a) * s_i`. With the same `e` twice, two shares
+    /// for different seeds would give `s_i` away by one division.
     pub fn key_share(&self, crs: &Crs) -> Result<KeyShare> {
         let n = self.params.degree();
         let primes = &self.ctx.primes;
         let a = crs.expand(primes, n);
-        let p0 = self.own_public.poly(0);
-        let a_own = self.own_public.poly(1);
+        let fresh = seal::public_key_for(&self.ctx, &self.sk).map_err(seal_err)?;
+        let fresh = RawCiphertext::parse(&fresh.to_bytes().map_err(seal_err)?, n, primes.len())
+            .map_err(HeError::Seal)?;
+        let p0 = fresh.poly(0);
+        let a_own = fresh.poly(1);
         let s = &self.secret.data;
         let poly = (0..primes.len() * n)
             .into_par_iter()
@@ -425,6 +428,30 @@ fn smudging_sigma(params: &CkksParams, parties: usize, weight_sum: f64) -> f64 {
     2f64.powi(SMUDGING_BITS as i32) * (params.degree() as f64).sqrt() * b
 }
 
+/// The largest standard deviation of the smudging's error per value that a
+/// switch may add: 2^-22, about 2.4e-7 (a switched sum stays within 1e-6).
+pub const MAX_SWITCH_ERROR: f64 = 1.0 / (1u64 << 22) as f64;
+
+/// The standard deviation of the error `signers` smudged shares add to each
+/// value of a switched sum: `sigma * sqrt(signers * N) / 2^(scale + weight bits)`.
+pub fn switch_error(params: &CkksParams, parties: usize, signers: usize, weight_sum: f64) -> f64 {
+    let sigma = smudging_sigma(params, parties, weight_sum);
+    let scale = 2f64.powi((params.scale_bits() + params.weight_bits()) as i32);
+    sigma * ((signers * params.degree()) as f64).sqrt() / scale
+}
+
+/// Refuses parameters under which the smudging would drown the values
+/// ([`MAX_SWITCH_ERROR`]), naming the way out.
+fn check_switch_error(params: &CkksParams, parties: usize, weight_sum: f64) -> Result<()> {
+    let e = switch_error(params, parties, parties, weight_sum);
+    if e > MAX_SWITCH_ERROR {
+        return Err(HeError::InvalidParameters(format!(
+            "with {parties} parties and a weight sum up to {weight_sum}, the key switch's smudging adds an error of {e:.1e} per value (at most {MAX_SWITCH_ERROR:.1e}); use CkksParams::multiparty() or a larger scale"
+        )));
+    }
+    Ok(())
+}
+
 /// What a key-switch answer needs: the party's secret (its additive share,
 /// or its Lagrange-weighted Shamir share) and who else signs.
 struct Answer<'a> {
@@ -449,6 +476,7 @@ impl Answer<'_> {
                 "the collective or output key has other parameters".into(),
             ));
         }
+        check_switch_error(self.params, collective.parties.len(), self.weight_sum)?;
         let cipher = collective.raw_aggregate(aggregate)?;
         let digest = digest_of(&cipher);
         let n = self.params.degree();
@@ -749,6 +777,7 @@ impl CollectiveKey {
         pk.poly_mut(0).copy_from_slice(&p0);
         pk.poly_mut(1).copy_from_slice(&a);
         let pk = seal::PublicKey::from_bytes(&ctx, &pk.to_bytes()).map_err(seal_err)?;
+        check_switch_error(params, shares.len(), 1.0)?;
         let ctx = CkksContext::from_public_key(params.clone(), ctx, pk)?;
         parties.sort_unstable();
         Ok(Self {
@@ -1173,6 +1202,15 @@ impl Roster {
         Ok(Self { threshold, members })
     }
 
+    /// SHA-256 of the roster (threshold, parties, transport keys), in hex:
+    /// what each hospital compares with the others through a channel the
+    /// server does not control before it deals. A server that swaps a
+    /// transport key in the roster it publishes could open that member's
+    /// deals; the fingerprint is how hospitals notice.
+    pub fn fingerprint(&self) -> String {
+        hex(&self.digest())
+    }
+
     /// How many must answer.
     pub fn threshold(&self) -> usize {
         self.threshold
@@ -1433,6 +1471,11 @@ impl PartyKey {
                 let eph = x25519_dalek::StaticSecret::from(rng.random::<[u8; 32]>());
                 let eph_pub = x25519_dalek::PublicKey::from(&eph).to_bytes();
                 let shared = eph.diffie_hellman(&x25519_dalek::PublicKey::from(key));
+                if !shared.was_contributory() {
+                    return Err(HeError::Mismatch(format!(
+                        "party {recipient}'s transport key in the roster is a low-order point"
+                    )));
+                }
                 let cipher = deal_cipher(shared.as_bytes(), &eph_pub, &key);
                 let aad = deal_aad(roster, crs, self.party, recipient);
                 let sealed = cipher
@@ -1505,6 +1548,12 @@ impl PartyKey {
             let shared = self
                 .transport
                 .diffie_hellman(&x25519_dalek::PublicKey::from(d.ephemeral));
+            if !shared.was_contributory() {
+                return Err(HeError::Mismatch(format!(
+                    "the deal from party {} has a low-order ephemeral key",
+                    d.dealer
+                )));
+            }
             let cipher = deal_cipher(shared.as_bytes(), &d.ephemeral, &self.transport_key());
             let aad = deal_aad(roster, crs, d.dealer, d.recipient);
             let plain = cipher
@@ -1580,6 +1629,11 @@ impl ThresholdKey {
     /// This party's number.
     pub fn party(&self) -> u32 {
         self.party
+    }
+
+    /// The bound on the weights' absolute sum it smudges for.
+    pub fn weight_sum(&self) -> f64 {
+        self.weight_sum
     }
 
     /// The roster it was dealt for.
@@ -1860,7 +1914,30 @@ mod tests {
                 .unwrap_err()
                 .contains("expected")
         );
-        assert_eq!(party.own_public.primes, k);
+        assert_eq!(party.secret.data.len(), n * k);
+    }
+
+    #[test]
+    fn key_shares_for_two_seeds_do_not_give_the_secret_away() {
+        let params = CkksParams::multiparty();
+        let party = PartyKey::generate(params.clone(), 1).unwrap();
+        let (c1, c2) = (Crs::new([1; 32]), Crs::new([2; 32]));
+        let (p1, p2) = (party.key_share(&c1).unwrap(), party.key_share(&c2).unwrap());
+        let primes = &party.ctx.primes;
+        let n = params.degree();
+        let (a1, a2) = (c1.expand(primes, n), c2.expand(primes, n));
+        // With one error for both, (p1 - p2) / (a2 - a1) would be s_i.
+        let s = &party.secret.data;
+        let recovered = (0..primes.len() * n)
+            .filter(|&i| {
+                let q = primes[i / n];
+                let d = sub(a2[i], a1[i], q);
+                d != 0 && mul(sub(p1.poly[i], p2.poly[i], q), inverse(d, q), q) == s[i]
+            })
+            .count();
+        assert!(recovered < 16, "{recovered} coefficients of s_i recovered");
+        // The same seed twice gives two different shares (fresh errors).
+        assert_ne!(party.key_share(&c1).unwrap().poly, p1.poly);
     }
 
     #[test]
@@ -2095,11 +2172,8 @@ mod tests {
             }
         }
         let party = PartyKey::from_file(&pk).unwrap();
-        let crs = f.collective.crs();
-        assert_eq!(
-            party.key_share(&crs).unwrap(),
-            f.parties[1].key_share(&crs).unwrap()
-        );
+        assert_eq!(party.secret, f.parties[1].secret);
+        assert_eq!(party.party(), 2);
         assert_eq!(party.transport_key(), f.parties[1].transport_key());
         let key = ThresholdKey::from_file(&tk).unwrap();
         assert_eq!(key.weighted(&[1, 2]), keys[1].weighted(&[1, 2]));
@@ -2212,6 +2286,17 @@ mod tests {
                 .to_string()
                 .contains("party 1 twice")
         );
+        // A low-order transport key (the shared secret would be zero) is
+        // refused before anything is sealed to it.
+        let mut weak = members.clone();
+        weak[2].1 = [0; 32];
+        let weak = Roster::new(2, weak).unwrap();
+        let e = f.parties[0].deal(&weak, &crs).unwrap_err().to_string();
+        assert!(
+            e.contains("party 3's transport key in the roster is a low-order point"),
+            "{e}"
+        );
+        assert_ne!(weak.fingerprint(), roster.fingerprint());
         // A roster that does not match the collective key's parties.
         let short = Roster::new(1, members[..2].to_vec()).unwrap();
         assert!(f.collective.clone().with_roster(short).is_err());
@@ -2285,6 +2370,14 @@ mod tests {
             .switch_share(&f.collective, &uploads[0], &out)
             .unwrap_err();
         assert!(e.to_string().contains("only a weighted sum"), "{e}");
+        // Parameters whose smudging would drown the values are refused.
+        let default = CkksParams::default();
+        let weak = PartyKey::generate(default.clone(), 1).unwrap();
+        let crs = f.collective.crs();
+        let e = CollectiveKey::combine(&default, &crs, &[weak.key_share(&crs).unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smudging adds an error"), "{e}");
         // Key shares: another common random polynomial, a duplicate,
         // unreduced coefficients, bad bytes.
         let crs = f.collective.crs();
@@ -2331,8 +2424,9 @@ mod tests {
                 .to_string()
                 .contains("expected")
         );
-        // The same parties recombine to the same key (a hospital's check).
+        // The same shares recombine to the same key (a hospital's check).
+        let once = CollectiveKey::combine(&f.params, &crs, &ks).unwrap();
         let again = CollectiveKey::combine(&f.params, &crs, &ks).unwrap();
-        assert_eq!(again.context().key_id(), f.collective.context().key_id());
+        assert_eq!(again.context().key_id(), once.context().key_id());
     }
 }

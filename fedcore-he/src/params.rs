@@ -73,7 +73,7 @@ impl CkksParams {
     /// 140 bits of the three data primes. The scale is high because the key
     /// switch adds smudging noise `2^40 * sqrt(N)` times the sum's own noise
     /// (docs/he.md); the result still decrypts within about 2e-7. Sums stay
-    /// below 2^19 in magnitude
+    /// below 2^18 in magnitude
     /// ([`CkksContext::sum_bound`](crate::CkksContext::sum_bound)).
     pub fn multiparty() -> Self {
         let p = Self {

@@ -629,6 +629,24 @@ unsafe impl Send for KSwitchKeys {}
 // SAFETY: as above.
 unsafe impl Sync for KSwitchKeys {}
 
+/// A fresh public key for `sk`: `(-a s - e, a)` with new `a` and `e` every
+/// call (SEAL's key generator seeded with an existing secret key).
+pub(crate) fn public_key_for(ctx: &Arc<Context>, sk: &SecretKey) -> SealResult<PublicKey> {
+    // SAFETY: live context and secret key, valid out-pointer.
+    let kg = create("KeyGenerator_Create2", |o| unsafe {
+        KeyGenerator_Create2(ctx.h, sk.h, o)
+    })?;
+    let kg = KeyGenerator { h: kg };
+    // SAFETY: live key generator; SEAL returns a new owned public key.
+    let pk = create("KeyGenerator_CreatePublicKey", |o| unsafe {
+        KeyGenerator_CreatePublicKey(kg.h, false, o)
+    })?;
+    Ok(PublicKey {
+        h: pk,
+        _ctx: ctx.clone(),
+    })
+}
+
 /// The relinearization keys and the Galois keys for rotations by `steps`,
 /// derived from `sk`, as SEAL's seeded serializations (about half the
 /// bytes; only loading makes them usable).

@@ -299,6 +299,30 @@ fn an_n_of_n_round_fails_cleanly_when_a_hospital_drops_at_the_key_switch() {
 }
 
 #[test]
+fn hospitals_refuse_to_switch_a_sum_heavier_than_their_smudging_covers() {
+    // Weights adding up to 2 (server learning rate 2): each hospital's
+    // smudging is sized for 1, so none answers and the round fails.
+    let mut s = server(false, 3, 2.0, 2.0);
+    let before = s.sealed_global().expect("sealed").clone();
+    s.run_round().expect("round");
+    let r = &s.history()[0];
+    assert_eq!(
+        r.outcome,
+        RoundOutcome::QuorumNotReached,
+        "{:?}",
+        r.failures
+    );
+    assert!(
+        r.failures
+            .iter()
+            .all(|f| f.step == Some(1) && f.reason.to_string().contains("smudges for at most 1")),
+        "{:?}",
+        r.failures
+    );
+    assert_eq!(s.sealed_global().expect("sealed"), &before);
+}
+
+#[test]
 fn a_switch_made_with_another_learning_rate_is_refused_and_the_global_kept() {
     let mut s = server(false, 3, 0.5, 1.0);
     let before = s.sealed_global().expect("sealed").clone();
