@@ -108,11 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let keys: Vec<ThresholdKey> = parties
         .iter()
         .map(|p| {
-            let mine: Vec<Deal> = deals
-                .iter()
-                .filter(|d| d.recipient() == p.party())
-                .cloned()
-                .collect();
+            let mine = Deal::addressed_to(&deals, p.party());
             p.threshold_key(&roster, &crs, &mine)
         })
         .collect::<Result<_, _>>()?;

@@ -32,7 +32,9 @@ use sha2::{Digest, Sha256};
 
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
-use crate::multiparty::{CollectiveKey, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey};
+use crate::multiparty::{
+    CollectiveKey, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey, VERSION, expect_magic,
+};
 use crate::reader::Reader;
 use crate::vector::{EncryptedVector, Form};
 
@@ -41,7 +43,6 @@ use crate::vector::{EncryptedVector, Form};
 pub const MAX_SWITCHES_PER_ROUND: usize = 4;
 
 const REQUEST_MAGIC: &[u8; 4] = b"FCSR";
-const VERSION: u8 = 1;
 
 /// The step's sealed bytes: magic, version, the sum of the weights'
 /// absolute values (f64), signer count (u32), signers (u32 each; none for
@@ -65,13 +66,12 @@ type Request<'a> = (f64, Vec<u32>, &'a [u8]);
 fn parse_request(bytes: &[u8]) -> crate::Result<Request<'_>> {
     let bad = |m: &str| HeError::Malformed(format!("key-switch request: {m}"));
     let mut r = Reader::new(bytes);
-    if r.take(4).map_err(|_| bad("truncated"))? != REQUEST_MAGIC {
-        return Err(bad("not a fedcore-he key-switch request"));
-    }
-    let version = r.u8().map_err(|_| bad("truncated"))?;
-    if version != VERSION {
-        return Err(bad(&format!("format version {version}")));
-    }
+    expect_magic(
+        &mut r,
+        REQUEST_MAGIC,
+        "a fedcore-he key-switch request",
+        &bad,
+    )?;
     let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
     if !(weight_sum.is_finite() && weight_sum >= 0.0) {
         return Err(bad(&format!("weight sum {weight_sum}")));

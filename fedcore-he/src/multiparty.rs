@@ -74,7 +74,7 @@ pub const MAX_PARTIES: usize = 1024;
 
 const KEY_SHARE_MAGIC: &[u8; 4] = b"FCKS";
 const SWITCH_SHARE_MAGIC: &[u8; 4] = b"FCSW";
-const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 
 /// The public seed of the common random polynomial `a` (the "common
 /// reference string"): every hospital must use the same one, and no party
@@ -146,6 +146,31 @@ fn file_head(magic: &[u8; 4], params: &CkksParams) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Checks an object's magic and format version; `what` names the object
+/// in the error.
+pub(crate) fn expect_magic(
+    r: &mut Reader<'_>,
+    magic: &[u8; 4],
+    what: &str,
+    bad: &dyn Fn(&str) -> HeError,
+) -> Result<()> {
+    if r.take(4).map_err(|_| bad("truncated"))? != magic {
+        return Err(bad(&format!("not {what}")));
+    }
+    let version = r.u8().map_err(|_| bad("truncated"))?;
+    if version != VERSION {
+        return Err(bad(&format!("format version {version}")));
+    }
+    Ok(())
+}
+
+/// Little-endian words, appended.
+fn push_words(out: &mut Vec<u8>, words: &[u64]) {
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
 /// Reads a key file's head: checks the magic and version, parses and checks
 /// the parameters.
 fn read_head<'a>(
@@ -153,13 +178,7 @@ fn read_head<'a>(
     magic: &[u8; 4],
     bad: &dyn Fn(&str) -> HeError,
 ) -> Result<CkksParams> {
-    if r.take(4).map_err(|_| bad("truncated"))? != magic {
-        return Err(bad("not a key file of this kind"));
-    }
-    let version = r.u8().map_err(|_| bad("truncated"))?;
-    if version != VERSION {
-        return Err(bad(&format!("format version {version}")));
-    }
+    expect_magic(r, magic, "a key file of this kind", bad)?;
     let json = sized(r, bad)?;
     let params: CkksParams =
         serde_json::from_slice(json).map_err(|e| bad(&format!("parameters: {e}")))?;
@@ -658,9 +677,7 @@ impl KeyShare {
         out.extend_from_slice(&self.party.to_le_bytes());
         out.extend_from_slice(&self.crs.0);
         out.extend_from_slice(&(self.poly.len() as u32).to_le_bytes());
-        for w in &self.poly {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
+        push_words(&mut out, &self.poly);
         out
     }
 
@@ -670,13 +687,7 @@ impl KeyShare {
     pub fn from_bytes(params: &CkksParams, bytes: &[u8]) -> Result<Self> {
         let bad = |m: &str| HeError::Malformed(format!("key share: {m}"));
         let mut r = Reader::new(bytes);
-        if r.take(4).map_err(|_| bad("truncated"))? != KEY_SHARE_MAGIC {
-            return Err(bad("not a fedcore-he key share"));
-        }
-        let version = r.u8().map_err(|_| bad("truncated"))?;
-        if version != VERSION {
-            return Err(bad(&format!("format version {version}")));
-        }
+        expect_magic(&mut r, KEY_SHARE_MAGIC, "a fedcore-he key share", &bad)?;
         let party = r.u32().map_err(|_| bad("truncated"))?;
         let crs = Crs(r
             .take(32)
@@ -696,11 +707,11 @@ impl KeyShare {
         if !r.is_empty() {
             return Err(bad("trailing bytes"));
         }
-        let poly = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        Ok(Self { party, crs, poly })
+        Ok(Self {
+            party,
+            crs,
+            poly: bytes_to_words(raw),
+        })
     }
 }
 
@@ -1064,9 +1075,8 @@ impl SwitchShare {
         out.extend_from_slice(&(self.polys.len() as u32).to_le_bytes());
         out.extend_from_slice(&(per as u32).to_le_bytes());
         for (h0, h1) in &self.polys {
-            for w in h0.iter().chain(h1) {
-                out.extend_from_slice(&w.to_le_bytes());
-            }
+            push_words(&mut out, h0);
+            push_words(&mut out, h1);
         }
         out
     }
@@ -1078,13 +1088,12 @@ impl SwitchShare {
     pub fn from_bytes(collective: &CollectiveKey, bytes: &[u8]) -> Result<Self> {
         let bad = |m: &str| HeError::Malformed(format!("switch share: {m}"));
         let mut r = Reader::new(bytes);
-        if r.take(4).map_err(|_| bad("truncated"))? != SWITCH_SHARE_MAGIC {
-            return Err(bad("not a fedcore-he switch share"));
-        }
-        let version = r.u8().map_err(|_| bad("truncated"))?;
-        if version != VERSION {
-            return Err(bad(&format!("format version {version}")));
-        }
+        expect_magic(
+            &mut r,
+            SWITCH_SHARE_MAGIC,
+            "a fedcore-he switch share",
+            &bad,
+        )?;
         let party = r.u32().map_err(|_| bad("truncated"))?;
         let mut id = || -> Result<[u8; 16]> {
             Ok(r.take(16)
@@ -1131,13 +1140,7 @@ impl SwitchShare {
         }
         let mut polys = Vec::with_capacity(count);
         for _ in 0..count {
-            let mut poly = || -> Vec<u64> {
-                r.take(per * 8)
-                    .expect("length checked above")
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect()
-            };
+            let mut poly = || bytes_to_words(r.take(per * 8).expect("length checked above"));
             let h0 = poly();
             let h1 = poly();
             polys.push((h0, h1));
@@ -1320,6 +1323,16 @@ impl fmt::Debug for Deal {
 }
 
 impl Deal {
+    /// The deals of `deals` addressed to `party` (what the server forwards
+    /// to it), in order.
+    pub fn addressed_to(deals: &[Deal], party: u32) -> Vec<Deal> {
+        deals
+            .iter()
+            .filter(|d| d.recipient == party)
+            .cloned()
+            .collect()
+    }
+
     /// The party that dealt it.
     pub fn dealer(&self) -> u32 {
         self.dealer
@@ -1349,13 +1362,7 @@ impl Deal {
     pub fn from_bytes(params: &CkksParams, bytes: &[u8]) -> Result<Self> {
         let bad = |m: &str| HeError::Malformed(format!("deal: {m}"));
         let mut r = Reader::new(bytes);
-        if r.take(4).map_err(|_| bad("truncated"))? != DEAL_MAGIC {
-            return Err(bad("not a fedcore-he deal"));
-        }
-        let version = r.u8().map_err(|_| bad("truncated"))?;
-        if version != VERSION {
-            return Err(bad(&format!("format version {version}")));
-        }
+        expect_magic(&mut r, DEAL_MAGIC, "a fedcore-he deal", &bad)?;
         let dealer = r.u32().map_err(|_| bad("truncated"))?;
         let recipient = r.u32().map_err(|_| bad("truncated"))?;
         let ephemeral: [u8; 32] = r
@@ -1407,7 +1414,9 @@ fn deal_cipher(
 }
 
 fn words_to_bytes(w: &[u64]) -> Vec<u8> {
-    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    let mut out = Vec::with_capacity(8 * w.len());
+    push_words(&mut out, w);
+    out
 }
 
 fn bytes_to_words(b: &[u8]) -> Vec<u64> {
@@ -2036,11 +2045,7 @@ mod tests {
             .parties
             .iter()
             .map(|p| {
-                let mine: Vec<Deal> = deals
-                    .iter()
-                    .filter(|d| d.recipient() == p.party())
-                    .cloned()
-                    .collect();
+                let mine = Deal::addressed_to(&deals, p.party());
                 p.threshold_key(&roster, &crs, &mine).unwrap()
             })
             .collect();

@@ -59,11 +59,7 @@ fn keys() -> &'static Keys {
         let threshold = parties
             .iter()
             .map(|p| {
-                let mine: Vec<Deal> = deals
-                    .iter()
-                    .filter(|d| d.recipient() == p.party())
-                    .cloned()
-                    .collect();
+                let mine = Deal::addressed_to(&deals, p.party());
                 p.threshold_key(&roster, &crs, &mine)
                     .expect("threshold key")
             })
