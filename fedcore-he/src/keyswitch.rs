@@ -33,7 +33,8 @@ use sha2::{Digest, Sha256};
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
 use crate::multiparty::{
-    CollectiveKey, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey, VERSION, expect_magic,
+    CollectiveKey, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey, VERSION, check_switch_error,
+    expect_magic,
 };
 use crate::reader::Reader;
 use crate::vector::{EncryptedVector, Form};
@@ -176,6 +177,13 @@ impl<S> std::fmt::Debug for KeySwitchRound<S> {
             .field("collective", &self.collective)
             .field("parties", &self.parties)
             .finish_non_exhaustive()
+    }
+}
+
+impl<S> KeySwitchRound<S> {
+    /// The body's strategy.
+    pub fn inner(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -544,29 +552,36 @@ impl std::fmt::Debug for KeySwitcher {
 }
 
 impl KeySwitcher {
-    /// Answers N-of-N switches with `key`.
-    pub fn new(key: PartyKey, collective: CollectiveKey, output: CkksContext<Public>) -> Self {
-        Self {
+    /// Answers N-of-N switches with `key`. Refuses a federation too large
+    /// for the parameters' smudging (see [`crate::multiparty::MAX_SWITCH_ERROR`]).
+    pub fn new(
+        key: PartyKey,
+        collective: CollectiveKey,
+        output: CkksContext<Public>,
+    ) -> crate::Result<Self> {
+        check_switch_error(key.params(), collective.parties().len(), key.weight_sum())?;
+        Ok(Self {
             key: SwitchKey::Full(key),
             collective,
             output,
             answered: (0, 0),
-        }
+        })
     }
 
     /// Answers threshold switches with `key` (`collective` must carry the
-    /// same roster).
+    /// same roster), with the same check as [`KeySwitcher::new`].
     pub fn threshold(
         key: ThresholdKey,
         collective: CollectiveKey,
         output: CkksContext<Public>,
-    ) -> Self {
-        Self {
+    ) -> crate::Result<Self> {
+        check_switch_error(key.params(), collective.parties().len(), key.weight_sum())?;
+        Ok(Self {
             key: SwitchKey::Threshold(key),
             collective,
             output,
             answered: (0, 0),
-        }
+        })
     }
 
     fn answer(&mut self, ins: &StepIns) -> crate::Result<SealedTensors> {

@@ -243,8 +243,6 @@ pub struct PartyKey {
     party: u32,
     /// `s_i`: NTT form, every prime of the key level.
     secret: RawSecretKey,
-    /// The same secret as SEAL's object, for fresh public keys.
-    sk: Arc<seal::SecretKey>,
     /// The X25519 key that deals ([`Deal`]) are sealed to.
     transport: x25519_dalek::StaticSecret,
     weight_sum: f64,
@@ -279,7 +277,6 @@ impl PartyKey {
             ctx,
             party,
             secret,
-            sk: Arc::new(sk),
             transport,
             weight_sum: 1.0,
         })
@@ -338,15 +335,13 @@ impl PartyKey {
         }
         let ctx = context_for(&params)?;
         let (n, k) = (params.degree(), ctx.primes.len());
-        let sk = seal::SecretKey::from_bytes(&ctx, secret)
-            .map_err(|e| bad(&format!("secret key: {e}")))?;
+        seal::SecretKey::from_bytes(&ctx, secret).map_err(|e| bad(&format!("secret key: {e}")))?;
         let secret = RawSecretKey::parse(secret, n * k).map_err(|e| bad(&e))?;
         Ok(Self {
             params,
             ctx,
             party,
             secret,
-            sk: Arc::new(sk),
             transport: x25519_dalek::StaticSecret::from(transport),
             weight_sum,
         })
@@ -365,26 +360,25 @@ impl PartyKey {
         Ok(self)
     }
 
-    /// This party's key share `p_i = -a * s_i + e_i` for the common random
-    /// polynomial of `crs`: a fresh public key `(-a' s_i + e, a')` for its
-    /// secret (new `a'` and, above all, new error `e` every call) turned to
-    /// `a` by adding `(a' - a) * s_i`. With the same `e` twice, two shares
-    /// for different seeds would give `s_i` away by one division.
+    /// This party's key share `p_i = -(a * s_i + e_i)` for the common
+    /// random polynomial of `crs`. The error `e_i` is SEAL's (a clipped
+    /// normal of deviation 3.19, at most 19 in magnitude), drawn from
+    /// ChaCha20 keyed by this party's secret and the seed: asked again for
+    /// the same seed, a party gives the same share (averaging several shares
+    /// for one `a` would wear the error down), and for another seed an
+    /// independent error (one error for two seeds would give `s_i` away by
+    /// one division).
     pub fn key_share(&self, crs: &Crs) -> Result<KeyShare> {
         let n = self.params.degree();
         let primes = &self.ctx.primes;
         let a = crs.expand(primes, n);
-        let fresh = seal::public_key_for(&self.ctx, &self.sk).map_err(seal_err)?;
-        let fresh = RawCiphertext::parse(&fresh.to_bytes().map_err(seal_err)?, n, primes.len())
-            .map_err(HeError::Seal)?;
-        let p0 = fresh.poly(0);
-        let a_own = fresh.poly(1);
+        let e = self.share_error(crs)?;
         let s = &self.secret.data;
         let poly = (0..primes.len() * n)
             .into_par_iter()
             .map(|i| {
                 let q = primes[i / n];
-                add(p0[i], mul(sub(a_own[i], a[i], q), s[i], q), q)
+                sub(0, add(mul(a[i], s[i], q), e[i], q), q)
             })
             .collect();
         Ok(KeyShare {
@@ -392,6 +386,75 @@ impl PartyKey {
             crs: *crs,
             poly,
         })
+    }
+
+    /// The key share's error for `crs`, in the NTT domain of every prime of
+    /// the key level. SEAL transforms only data-level ciphertexts, and the
+    /// key level's last prime is in no data level; a second context whose
+    /// modulus is the same primes plus one more has them all at its first
+    /// level (SEAL's NTT tables depend only on the degree and the prime;
+    /// the primes are checked to be the same).
+    fn share_error(&self, crs: &Crs) -> Result<Vec<u64>> {
+        let n = self.params.degree();
+        let primes = &self.ctx.primes;
+        let mut h = Sha256::new();
+        h.update(b"fedcore-he key share error v1");
+        for w in &self.secret.data {
+            h.update(w.to_le_bytes());
+        }
+        h.update(crs.0);
+        let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
+        let error: Vec<i64> = (0..n)
+            .map(|_| {
+                loop {
+                    let x: f64 = StandardNormal.sample(&mut rng);
+                    let x = (x * 3.19).round();
+                    if x.abs() <= 19.0 {
+                        break x as i64;
+                    }
+                }
+            })
+            .collect();
+        // One more prime of a size the parameters do not use, so that SEAL
+        // picks the same primes for the sizes they do.
+        let mut bits = self.params.coeff_bits().to_vec();
+        let extra = (20..=60)
+            .rev()
+            .find(|b| !bits.contains(b))
+            .expect("at most 41 distinct prime sizes are in use");
+        bits.push(extra);
+        let aux = Arc::new(
+            seal::Context::new(n, &bits, seal::SEC_NONE).map_err(HeError::InvalidParameters)?,
+        );
+        if aux.primes[..primes.len()] != primes[..] {
+            return Err(HeError::Seal(
+                "SEAL chose other primes for the key level's NTT".into(),
+            ));
+        }
+        let engine = seal::Engine::new(aux.clone(), None, None).map_err(seal_err)?;
+        let k = primes.len();
+        let mut raw = RawCiphertext {
+            parms_id: aux.levels[0].parms_id,
+            ntt: false,
+            size: 2,
+            degree: n,
+            primes: k,
+            scale: 1.0,
+            data: vec![0; 2 * k * n],
+        };
+        // In both polynomials: SEAL refuses a transparent result.
+        for (j, &q) in primes.iter().enumerate() {
+            for (c, &e) in error.iter().enumerate() {
+                let r = e.rem_euclid(q as i64) as u64;
+                raw.data[j * n + c] = r;
+                raw.data[(k + j) * n + c] = r;
+            }
+        }
+        let ct = seal::Ciphertext::from_bytes(&aux, &raw.to_bytes()).map_err(seal_err)?;
+        let ct = engine.to_ntt(&ct).map_err(seal_err)?;
+        let out =
+            RawCiphertext::parse(&ct.to_bytes().map_err(seal_err)?, n, k).map_err(HeError::Seal)?;
+        Ok(out.poly(0).to_vec())
     }
 
     /// The standard deviation of the smudging noise for this party's
@@ -448,7 +511,10 @@ fn smudging_sigma(params: &CkksParams, parties: usize, weight_sum: f64) -> f64 {
 }
 
 /// The largest standard deviation of the smudging's error per value that a
-/// switch may add: 2^-22, about 2.4e-7 (a switched sum stays within 1e-6).
+/// switch may add: 2^-22, about 2.4e-7 (a switched sum of the head stays
+/// within 1e-6; a 7M-value one reaches about 5.3 deviations at the limit).
+/// With [`CkksParams::multiparty`] the error is about `P * W * 2^-26.5` for
+/// `P` parties and a weight-sum bound `W`: up to 22 parties at `W = 1`.
 pub const MAX_SWITCH_ERROR: f64 = 1.0 / (1u64 << 22) as f64;
 
 /// The standard deviation of the error `signers` smudged shares add to each
@@ -461,7 +527,11 @@ pub fn switch_error(params: &CkksParams, parties: usize, signers: usize, weight_
 
 /// Refuses parameters under which the smudging would drown the values
 /// ([`MAX_SWITCH_ERROR`]), naming the way out.
-fn check_switch_error(params: &CkksParams, parties: usize, weight_sum: f64) -> Result<()> {
+pub(crate) fn check_switch_error(
+    params: &CkksParams,
+    parties: usize,
+    weight_sum: f64,
+) -> Result<()> {
     let e = switch_error(params, parties, parties, weight_sum);
     if e > MAX_SWITCH_ERROR {
         return Err(HeError::InvalidParameters(format!(
@@ -749,6 +819,7 @@ impl CollectiveKey {
                 shares.len()
             )));
         }
+        check_switch_error(params, shares.len(), 1.0)?;
         let ctx = context_for(params)?;
         let n = params.degree();
         let primes = ctx.primes.clone();
@@ -788,7 +859,6 @@ impl CollectiveKey {
         pk.poly_mut(0).copy_from_slice(&p0);
         pk.poly_mut(1).copy_from_slice(&a);
         let pk = seal::PublicKey::from_bytes(&ctx, &pk.to_bytes()).map_err(seal_err)?;
-        check_switch_error(params, shares.len(), 1.0)?;
         let ctx = CkksContext::from_public_key(params.clone(), ctx, pk)?;
         parties.sort_unstable();
         Ok(Self {
@@ -1645,6 +1715,11 @@ impl ThresholdKey {
         self.weight_sum
     }
 
+    /// The parameters.
+    pub fn params(&self) -> &CkksParams {
+        &self.params
+    }
+
     /// The roster it was dealt for.
     pub fn roster(&self) -> &Roster {
         &self.roster
@@ -1945,8 +2020,27 @@ mod tests {
             })
             .count();
         assert!(recovered < 16, "{recovered} coefficients of s_i recovered");
-        // The same seed twice gives two different shares (fresh errors).
-        assert_ne!(party.key_share(&c1).unwrap().poly, p1.poly);
+        // The same seed twice gives the same share: re-asking yields nothing
+        // to average.
+        assert_eq!(party.key_share(&c1).unwrap(), p1);
+        // The error is small: p + a s is within SEAL's bound of 19 once
+        // taken back from the NTT domain; here, checked through the
+        // collective key: one party's key encrypts and its secret decrypts.
+        let key = CollectiveKey::combine(&params, &c1, &[p1]).unwrap();
+        let ctx = key.context().engine().context().clone();
+        let sk = seal::SecretKey::from_bytes(&ctx, &party.secret.to_bytes()).unwrap();
+        let own = CkksContext::from_secret_key(
+            params.clone(),
+            ctx,
+            key.context().public_key().clone(),
+            sk,
+        )
+        .unwrap();
+        let v: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+        let back = own
+            .decrypt(&key.context().encrypt_upload(&v).unwrap())
+            .unwrap();
+        assert!(max_error(&back, &v) < 1e-6);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{HeError, Result};
 
 /// The fewest bits of the upload level's modulus left above the scale of a
-/// weighted sum: the sum's values must stay below `2^(headroom - 1)`.
+/// weighted sum: the sum's values must stay below `2^(headroom - 2)`.
 pub const MIN_HEADROOM_BITS: u32 = 10;
 
 /// CKKS encryption parameters.

@@ -286,41 +286,25 @@ pub(crate) fn max_bits_128(degree: usize) -> Option<u32> {
     (hr == S_OK && bits > 0).then_some(bits as u32)
 }
 
+/// Owned SEAL `Modulus` handles (null entries are skipped).
+struct Moduli(Vec<Handle>);
+
+impl Drop for Moduli {
+    fn drop(&mut self) {
+        for &m in &self.0 {
+            if !m.is_null() {
+                // SAFETY: each was allocated by CoeffModulus_Create1 and is
+                // destroyed once, here.
+                let _ = unsafe { Modulus_Destroy(m) };
+            }
+        }
+    }
+}
+
 impl Context {
     /// A CKKS context; `sec_level` is [`SEC_TC128`] or [`SEC_NONE`]. Returns
     /// SEAL's own reason when the parameters are not valid.
     pub(crate) fn new(degree: usize, bits: &[u32], sec_level: c_int) -> Result<Self, String> {
-        let fail = |e: SealFailure| e.to_string();
-        struct Params(Handle);
-        impl Drop for Params {
-            fn drop(&mut self) {
-                // SAFETY: created below by EncParams_Create1, destroyed once.
-                let _ = unsafe { EncParams_Destroy(self.0) };
-            }
-        }
-        struct Moduli(Vec<Handle>);
-        impl Drop for Moduli {
-            fn drop(&mut self) {
-                for &m in &self.0 {
-                    if !m.is_null() {
-                        // SAFETY: each was allocated by CoeffModulus_Create1.
-                        let _ = unsafe { Modulus_Destroy(m) };
-                    }
-                }
-            }
-        }
-        // SAFETY: valid out-pointer.
-        let params = Params(
-            create("EncParams_Create1", |o| unsafe {
-                EncParams_Create1(SCHEME_CKKS, o)
-            })
-            .map_err(fail)?,
-        );
-        // SAFETY: live handle, plain value.
-        check("EncParams_SetPolyModulusDegree", unsafe {
-            EncParams_SetPolyModulusDegree(params.0, degree as u64)
-        })
-        .map_err(fail)?;
         let mut sizes: Vec<c_int> = bits.iter().map(|&b| b as c_int).collect();
         let mut moduli = Moduli(vec![null_mut(); sizes.len()]);
         // SAFETY: `sizes` and `moduli` both hold `sizes.len()` elements; SEAL
@@ -339,6 +323,32 @@ impl Context {
                 bits.len()
             )
         })?;
+        Self::with_moduli(degree, moduli, sec_level)
+    }
+
+    /// A CKKS context over `moduli` (destroyed when it returns: SEAL copies
+    /// them).
+    fn with_moduli(degree: usize, mut moduli: Moduli, sec_level: c_int) -> Result<Self, String> {
+        let fail = |e: SealFailure| e.to_string();
+        struct Params(Handle);
+        impl Drop for Params {
+            fn drop(&mut self) {
+                // SAFETY: created below by EncParams_Create1, destroyed once.
+                let _ = unsafe { EncParams_Destroy(self.0) };
+            }
+        }
+        // SAFETY: valid out-pointer.
+        let params = Params(
+            create("EncParams_Create1", |o| unsafe {
+                EncParams_Create1(SCHEME_CKKS, o)
+            })
+            .map_err(fail)?,
+        );
+        // SAFETY: live handle, plain value.
+        check("EncParams_SetPolyModulusDegree", unsafe {
+            EncParams_SetPolyModulusDegree(params.0, degree as u64)
+        })
+        .map_err(fail)?;
         let mut primes = Vec::with_capacity(moduli.0.len());
         for &m in &moduli.0 {
             let mut v = 0u64;
@@ -628,24 +638,6 @@ owned!(KSwitchKeys, KSwitchKeys_Destroy);
 unsafe impl Send for KSwitchKeys {}
 // SAFETY: as above.
 unsafe impl Sync for KSwitchKeys {}
-
-/// A fresh public key for `sk`: `(-a s - e, a)` with new `a` and `e` every
-/// call (SEAL's key generator seeded with an existing secret key).
-pub(crate) fn public_key_for(ctx: &Arc<Context>, sk: &SecretKey) -> SealResult<PublicKey> {
-    // SAFETY: live context and secret key, valid out-pointer.
-    let kg = create("KeyGenerator_Create2", |o| unsafe {
-        KeyGenerator_Create2(ctx.h, sk.h, o)
-    })?;
-    let kg = KeyGenerator { h: kg };
-    // SAFETY: live key generator; SEAL returns a new owned public key.
-    let pk = create("KeyGenerator_CreatePublicKey", |o| unsafe {
-        KeyGenerator_CreatePublicKey(kg.h, false, o)
-    })?;
-    Ok(PublicKey {
-        h: pk,
-        _ctx: ctx.clone(),
-    })
-}
 
 /// The relinearization keys and the Galois keys for rotations by `steps`,
 /// derived from `sk`, as SEAL's seeded serializations (about half the

@@ -11,9 +11,9 @@ use fedcore::memory::{Fault, InMemoryTransport};
 use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{
-    Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure, FedAvg, FitIns, Parameters,
-    RoundOutcome, RunPolicy, Sealer, Server, ServerConfig, StepIns, StepReply, StepResponder,
-    Transport,
+    Aggregate, Aggregator, Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure,
+    FedAvg, FitIns, Parameters, RoundOutcome, RoundSteps, RunPolicy, Sealer, Server, ServerConfig,
+    StepIns, StepReply, StepResponder, Strategy, StrategyInfo, Transport,
 };
 use fedcore_he::keyswitch::{KeySwitchRound, KeySwitcher, MultipartySealer, key_switch_round};
 use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster, ThresholdKey};
@@ -138,11 +138,15 @@ fn hospitals(threshold: bool) -> Vec<Hospital> {
         let (collective, switcher) = if threshold {
             let (c, keys) = &k.threshold;
             let key = keys[i].clone();
-            (c, KeySwitcher::threshold(key, c.clone(), k.output.public()))
+            (
+                c,
+                KeySwitcher::threshold(key, c.clone(), k.output.public()).expect("switcher"),
+            )
         } else {
             (
                 &k.collective,
-                KeySwitcher::new(p.clone(), k.collective.clone(), k.output.public()),
+                KeySwitcher::new(p.clone(), k.collective.clone(), k.output.public())
+                    .expect("switcher"),
             )
         };
         out.push(Hospital {
@@ -188,6 +192,16 @@ fn make<T: Transport>(
     strategy_lr: f32,
     t: T,
 ) -> KsServer<T> {
+    make_with(FedAvg, threshold, config, strategy_lr, t)
+}
+
+fn make_with<S: Strategy, T: Transport>(
+    inner: S,
+    threshold: bool,
+    config: ServerConfig,
+    strategy_lr: f32,
+    t: T,
+) -> Server<T, KeySwitchRound<S>> {
     let k = keys();
     let collective = if threshold {
         k.threshold.0.clone()
@@ -196,8 +210,7 @@ fn make<T: Transport>(
     };
     let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
     let (strategy, sum) =
-        key_switch_round(FedAvg, collective, k.output.public(), parties, strategy_lr)
-            .expect("pair");
+        key_switch_round(inner, collective, k.output.public(), parties, strategy_lr).expect("pair");
     let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
     Server::new(config, initial, t, strategy)
         .expect("server")
@@ -205,7 +218,7 @@ fn make<T: Transport>(
         .expect("seal everything")
 }
 
-fn open<T: Transport>(s: &KsServer<T>) -> Vec<f64> {
+fn open<T: Transport, S: Strategy>(s: &Server<T, KeySwitchRound<S>>) -> Vec<f64> {
     let out = &keys().output;
     let sealed = s.sealed_global().expect("sealed");
     out.decrypt(&out.load(sealed.bytes(), Form::Sum).expect("load"))
@@ -316,6 +329,77 @@ fn hospitals_refuse_to_switch_a_sum_heavier_than_their_smudging_covers() {
         r.failures
     );
     assert_eq!(s.sealed_global().expect("sealed"), &before);
+}
+
+/// A body strategy that counts its calls (its saved state), FedAvg
+/// otherwise; `negative` reports hospital 1's weight negated.
+struct Counting {
+    calls: f32,
+    negative: bool,
+}
+
+impl Strategy for Counting {
+    fn describe(&self) -> StrategyInfo {
+        StrategyInfo::new("counting")
+    }
+
+    fn aggregate_round(
+        &mut self,
+        updates: &[ClientUpdate],
+        _: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Aggregate> {
+        self.calls += 1.0;
+        let mut agg = FedAvg.aggregate(updates)?;
+        if self.negative {
+            agg.clients[0].weight = -agg.clients[0].weight;
+        }
+        Ok(agg)
+    }
+
+    fn saved_state(&self) -> Option<Vec<f32>> {
+        Some(vec![self.calls])
+    }
+
+    fn restore_state(&mut self, state: Vec<f32>) -> fedcore::Result<()> {
+        self.calls = state[0];
+        Ok(())
+    }
+}
+
+#[test]
+fn a_retry_after_a_drop_starts_the_body_strategy_from_the_same_state() {
+    let counting = Counting {
+        calls: 0.0,
+        negative: false,
+    };
+    let mut s = make_with(counting, true, config(2, 1.0), 1.0, transport(true));
+    s.transport()
+        .inject(&name(3), Some(Fault::DropAtStep))
+        .expect("inject");
+    s.run_round().expect("round");
+    let r = &s.history()[0];
+    assert!(r.outcome.is_completed(), "{:?} {:?}", r.outcome, r.failures);
+    // Two attempts (with and without hospital 3), one call's worth of state.
+    assert_eq!(s.aggregator().inner().saved_state(), Some(vec![1.0]));
+    assert!(max_error(&open(&s), &mean(&[1, 2])) < 1e-6);
+}
+
+#[test]
+fn negative_weights_are_refused_before_any_hospital_is_asked() {
+    let counting = Counting {
+        calls: 0.0,
+        negative: true,
+    };
+    let mut s = make_with(counting, false, config(3, 1.0), 1.0, transport(false));
+    s.run_round().expect("round");
+    let r = &s.history()[0];
+    match &r.outcome {
+        RoundOutcome::AggregationFailed(f) => {
+            assert!(f.detail.contains("non-negative weights"), "{}", f.detail)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
 }
 
 #[test]
