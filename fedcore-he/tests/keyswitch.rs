@@ -18,6 +18,7 @@ use fedcore::{
 use fedcore_he::keyswitch::{KeySwitchRound, KeySwitcher, MultipartySealer, key_switch_round};
 use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster, ThresholdKey};
 use fedcore_he::{CkksContext, CkksParams, Form, Secret};
+use proptest::prelude::*;
 
 const N: u32 = 3;
 const LEN: usize = 5_000;
@@ -508,4 +509,108 @@ fn over_grpc_an_n_of_n_round_fails_cleanly_when_a_hospital_drops_at_the_switch()
     assert_eq!((f.client.as_str(), f.step), ("hospital-3", Some(1)));
     // The sealed global is still the initial zeros.
     assert!(open(&s).iter().all(|v| v.abs() < 1e-6));
+}
+
+/// Valid wire objects of every multiparty kind, for the mutation test: a
+/// key share, a deal, a threshold switch share, and the aggregate it is for.
+struct Wire {
+    key_share: Vec<u8>,
+    /// The deals for party 2, from parties 1, 2 and 3 (the first mutated).
+    deals: Vec<Vec<u8>>,
+    switch_share: Vec<u8>,
+    sum: fedcore_he::EncryptedVector,
+}
+
+fn wire() -> &'static Wire {
+    static W: OnceLock<Wire> = OnceLock::new();
+    W.get_or_init(|| {
+        let k = keys();
+        let crs = k.collective.crs();
+        let (collective, threshold) = &k.threshold;
+        let roster = collective.roster().expect("roster").clone();
+        let ctx = collective.context();
+        let up = ctx.encrypt_upload(&[0.25; 64]).expect("encrypt");
+        let sum = ctx.weighted_sum(&[&up], &[1.0]).expect("sum");
+        let share = threshold[0]
+            .switch_share(collective, &sum, &k.output.public(), &[1, 2])
+            .expect("switch share");
+        let deals: Vec<Vec<u8>> = k
+            .parties
+            .iter()
+            .map(|p| p.deal(&roster, &crs).expect("deal")[1].to_bytes())
+            .collect();
+        // Unchanged, they make party 2's threshold key.
+        let intact: Vec<Deal> = deals
+            .iter()
+            .map(|b| Deal::from_bytes(&CkksParams::multiparty(), b).expect("deal"))
+            .collect();
+        k.parties[1]
+            .threshold_key(&roster, &crs, &intact)
+            .expect("intact deals open");
+        Wire {
+            key_share: k.parties[0].key_share(&crs).expect("key share").to_bytes(),
+            deals,
+            switch_share: share.to_bytes(),
+            sum,
+        }
+    })
+}
+
+fn mutate(
+    bytes: &[u8],
+    flips: &[(prop::sample::Index, u8)],
+    cut: Option<prop::sample::Index>,
+) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    for (at, x) in flips {
+        // Half of the flips at the headers, where the lengths are.
+        let i = if x & 0x80 == 0 {
+            at.index(b.len().min(96))
+        } else {
+            at.index(b.len())
+        };
+        b[i] ^= x | 1;
+    }
+    if let Some(c) = cut {
+        b.truncate(c.index(b.len()));
+    }
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random byte changes and truncations in key shares, deals and switch
+    /// shares: parsing, combining, opening and switching return an error or
+    /// a result; never a panic.
+    #[test]
+    fn mutated_multiparty_bytes_fail_cleanly(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let k = keys();
+        let w = wire();
+        let params = CkksParams::multiparty();
+        let crs = k.collective.crs();
+        let (collective, _) = &k.threshold;
+        let roster = collective.roster().expect("roster");
+        if let Ok(s) = KeyShare::from_bytes(&params, &mutate(&w.key_share, &flips, cut)) {
+            let _ = CollectiveKey::combine(&params, &crs, &[s]);
+        }
+        if let Ok(d) = Deal::from_bytes(&params, &mutate(&w.deals[0], &flips, cut)) {
+            // A changed deal does not open (AES-GCM) or is refused, where the
+            // intact set makes a key (checked once, in `wire`).
+            let mut set = vec![d];
+            for b in &w.deals[1..] {
+                set.push(Deal::from_bytes(&params, b).expect("deal"));
+            }
+            prop_assert!(k.parties[1].threshold_key(roster, &crs, &set).is_err());
+        }
+        if let Ok(s) = fedcore_he::multiparty::SwitchShare::from_bytes(
+            collective,
+            &mutate(&w.switch_share, &flips, cut),
+        ) {
+            let _ = collective.switch(&w.sum, &k.output.public(), &[s]);
+        }
+    }
 }
