@@ -6,7 +6,7 @@
 //!
 //! 1. **Collective key generation (CKG).** Each hospital `i` draws its own
 //!    secret `s_i` ([`PartyKey::generate`]) and publishes a key share
-//!    `p_i = -a * s_i + e_i` ([`PartyKey::key_share`]), where `a` is a
+//!    `p_i = -(a * s_i + e_i)` ([`PartyKey::key_share`]), where `a` is a
 //!    common random polynomial expanded from a public seed ([`Crs`]). The
 //!    server adds the shares ([`CollectiveKey::combine`]):
 //!    `(sum p_i, a)` is an ordinary CKKS public key for the secret
@@ -25,9 +25,11 @@
 //!
 //! **Threshold t-of-N** (Mouchet, Bertrand and Hubaux, "An Efficient
 //! Threshold Access-Structure for RLWE-Based Multiparty Homomorphic
-//! Encryption", ePrint 2022/780, with Shamir shares): each hospital Shamir-shares its `s_i` among a [`Roster`]
-//! ([`PartyKey::deal`]; each [`Deal`] sealed to its recipient's X25519 key,
-//! so the server relays them blind) and sums the shares it receives into a
+//! Encryption", ePrint 2022/780, with Shamir shares): each hospital
+//! Shamir-shares its `s_i` among a [`Roster`] ([`PartyKey::deal`]; each
+//! [`Deal`] sealed to its recipient's X25519 key, so the server relays them
+//! blind once the hospitals have compared [`Roster::fingerprint`]) and sums
+//! the shares it receives into a
 //! [`ThresholdKey`] ([`PartyKey::threshold_key`]), a Shamir share of `s`.
 //! Any `t` of them answer a switch ([`ThresholdKey::switch_share`]) with
 //! their share weighted by its Lagrange coefficient within the signing set
@@ -44,7 +46,7 @@
 //! the same noise, so averaging answers removes nothing.
 //!
 //! Every polynomial operation is pointwise per prime in SEAL's NTT domain;
-//! the coefficients travel through SEAL's byte format ([`crate::raw`]) and
+//! the coefficients travel through SEAL's byte format (module `raw`) and
 //! every object built here is loaded back through SEAL's validation.
 
 use std::fmt;
@@ -713,7 +715,7 @@ fn digest_of(cts: &[RawCiphertext]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// One hospital's key share `p_i = -a * s_i + e_i` (public: it reveals
+/// One hospital's key share `p_i = -(a * s_i + e_i)` (public: it reveals
 /// nothing of `s_i` under RLWE).
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyShare {
