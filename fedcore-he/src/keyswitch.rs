@@ -37,6 +37,7 @@ use crate::multiparty::{
     expect_magic,
 };
 use crate::reader::Reader;
+use crate::sealer::{check_len, open_sum};
 use crate::vector::{EncryptedVector, Form};
 
 /// How many key switches a hospital answers in one round: the first ask
@@ -407,17 +408,6 @@ impl std::fmt::Debug for KeySwitchSum {
     }
 }
 
-fn check_len(sealed: &SealedTensors, v: &EncryptedVector) -> crate::Result<()> {
-    if v.len() != sealed.len() {
-        return Err(HeError::Mismatch(format!(
-            "{} values for a layout of {}",
-            v.len(),
-            sealed.len()
-        )));
-    }
-    Ok(())
-}
-
 impl SealedAggregator for KeySwitchSum {
     fn name(&self) -> String {
         format!(
@@ -434,12 +424,12 @@ impl SealedAggregator for KeySwitchSum {
 
     fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
         let v = self.collective.context().load(part.bytes(), Form::Fresh)?;
-        Ok(check_len(part, &v)?)
+        Ok(check_len(part.layout(), v.len())?)
     }
 
     fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {
         let v = self.output.load(global.bytes(), Form::Sum)?;
-        Ok(check_len(global, &v)?)
+        Ok(check_len(global.layout(), v.len())?)
     }
 
     fn accumulate(
@@ -470,7 +460,7 @@ impl SealedAggregator for KeySwitchSum {
             .into());
         }
         let g = self.output.load(global.bytes(), Form::Sum)?;
-        check_len(global, &g)?;
+        check_len(global.layout(), g.len())?;
         let next = self.output.add(&g, &pending.switched)?;
         Ok(SealedTensors::new(
             global.layout().clone(),
@@ -503,25 +493,11 @@ impl Sealer for MultipartySealer {
     }
 
     fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
-        let v = self.output.load(sealed.bytes(), Form::Sum)?;
-        check_len(sealed, &v)?;
-        Ok(self
-            .output
-            .decrypt(&v)?
-            .into_iter()
-            .map(|x| x as f32)
-            .collect())
+        open_sum(&self.output, sealed)
     }
 
     fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        if layout.len() != values.len() {
-            return Err(HeError::Mismatch(format!(
-                "{} values for a layout of {}",
-                values.len(),
-                layout.len()
-            ))
-            .into());
-        }
+        check_len(layout, values.len())?;
         let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
         let v = self.collective.encrypt_upload(&values)?;
         Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
@@ -531,6 +507,22 @@ impl Sealer for MultipartySealer {
 enum SwitchKey {
     Full(PartyKey),
     Threshold(ThresholdKey),
+}
+
+impl SwitchKey {
+    fn params(&self) -> &crate::CkksParams {
+        match self {
+            SwitchKey::Full(k) => k.params(),
+            SwitchKey::Threshold(k) => k.params(),
+        }
+    }
+
+    fn weight_sum(&self) -> f64 {
+        match self {
+            SwitchKey::Full(k) => k.weight_sum(),
+            SwitchKey::Threshold(k) => k.weight_sum(),
+        }
+    }
 }
 
 /// A hospital's answer to the key-switch step ([`StepResponder`]): its
@@ -559,13 +551,7 @@ impl KeySwitcher {
         collective: CollectiveKey,
         output: CkksContext<Public>,
     ) -> crate::Result<Self> {
-        check_switch_error(key.params(), collective.parties().len(), key.weight_sum())?;
-        Ok(Self {
-            key: SwitchKey::Full(key),
-            collective,
-            output,
-            answered: (0, 0),
-        })
+        Self::with_key(SwitchKey::Full(key), collective, output)
     }
 
     /// Answers threshold switches with `key` (`collective` must carry the
@@ -575,9 +561,17 @@ impl KeySwitcher {
         collective: CollectiveKey,
         output: CkksContext<Public>,
     ) -> crate::Result<Self> {
+        Self::with_key(SwitchKey::Threshold(key), collective, output)
+    }
+
+    fn with_key(
+        key: SwitchKey,
+        collective: CollectiveKey,
+        output: CkksContext<Public>,
+    ) -> crate::Result<Self> {
         check_switch_error(key.params(), collective.parties().len(), key.weight_sum())?;
         Ok(Self {
-            key: SwitchKey::Threshold(key),
+            key,
             collective,
             output,
             answered: (0, 0),
@@ -590,10 +584,7 @@ impl KeySwitcher {
             .as_ref()
             .ok_or_else(|| HeError::Malformed("the key-switch step carries no aggregate".into()))?;
         let (weight_sum, signers, bytes) = parse_request(sealed.bytes())?;
-        let bound = match &self.key {
-            SwitchKey::Full(k) => k.weight_sum(),
-            SwitchKey::Threshold(k) => k.weight_sum(),
-        };
+        let bound = self.key.weight_sum();
         // Normalized weights add up to 1 only to rounding.
         if weight_sum > bound * (1.0 + 1e-9) {
             return Err(HeError::OutOfRange(format!(
@@ -601,7 +592,7 @@ impl KeySwitcher {
             )));
         }
         let aggregate = self.collective.context().load(bytes, Form::Sum)?;
-        check_len(sealed, &aggregate)?;
+        check_len(sealed.layout(), aggregate.len())?;
         let count = if self.answered.0 == ins.round {
             self.answered.1
         } else {

@@ -137,14 +137,26 @@ fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// A key file's common head: magic, version, parameters (JSON, sized).
-fn file_head(magic: &[u8; 4], params: &CkksParams) -> Result<Vec<u8>> {
+/// The range of a weight-sum bound ([`PartyKey::with_weight_sum`]).
+fn check_weight_sum(bound: f64) -> std::result::Result<(), String> {
+    if (1.0..=1_048_576.0).contains(&bound) {
+        Ok(())
+    } else {
+        Err(format!("weight sum bound {bound} is not in [1, 2^20]"))
+    }
+}
+
+/// A key file's common head: magic, version, parameters (JSON, sized),
+/// party, weight-sum bound.
+fn file_head(magic: &[u8; 4], params: &CkksParams, party: u32, weight_sum: f64) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     out.extend_from_slice(magic);
     out.push(VERSION);
     let json = serde_json::to_vec(params)
         .map_err(|e| HeError::Seal(format!("parameters to JSON: {e}")))?;
     push_sized(&mut out, &json);
+    out.extend_from_slice(&party.to_le_bytes());
+    out.extend_from_slice(&weight_sum.to_le_bytes());
     Ok(out)
 }
 
@@ -174,12 +186,12 @@ fn push_words(out: &mut Vec<u8>, words: &[u64]) {
 }
 
 /// Reads a key file's head: checks the magic and version, parses and checks
-/// the parameters.
+/// the parameters and the weight-sum bound; returns them with the party.
 fn read_head<'a>(
     r: &mut Reader<'a>,
     magic: &[u8; 4],
     bad: &dyn Fn(&str) -> HeError,
-) -> Result<CkksParams> {
+) -> Result<(CkksParams, u32, f64)> {
     expect_magic(r, magic, "a key file of this kind", bad)?;
     let json = sized(r, bad)?;
     let params: CkksParams =
@@ -187,7 +199,10 @@ fn read_head<'a>(
     params
         .check()
         .map_err(|e| bad(&format!("parameters: {e}")))?;
-    Ok(params)
+    let party = r.u32().map_err(|_| bad("truncated"))?;
+    let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
+    check_weight_sum(weight_sum).map_err(|e| bad(&e))?;
+    Ok((params, party, weight_sum))
 }
 
 fn sized<'a>(r: &mut Reader<'a>, bad: &dyn Fn(&str) -> HeError) -> Result<&'a [u8]> {
@@ -304,9 +319,7 @@ impl PartyKey {
     /// Layout: magic `FCPK`, version, parameters (JSON), party, weight-sum
     /// bound, transport secret, SEAL's secret key (sized).
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
-        let mut out = file_head(PARTY_FILE_MAGIC, &self.params)?;
-        out.extend_from_slice(&self.party.to_le_bytes());
-        out.extend_from_slice(&self.weight_sum.to_le_bytes());
+        let mut out = file_head(PARTY_FILE_MAGIC, &self.params, self.party, self.weight_sum)?;
         out.extend_from_slice(self.transport.as_bytes());
         push_sized(&mut out, &self.secret.to_bytes());
         crate::context::write_new(path, &out)
@@ -320,9 +333,7 @@ impl PartyKey {
         let bytes = crate::context::read_key_file(path)?;
         let bad = |m: &str| crate::context::key_err(path, m.to_owned());
         let mut r = Reader::new(&bytes);
-        let params = read_head(&mut r, PARTY_FILE_MAGIC, &bad)?;
-        let party = r.u32().map_err(|_| bad("truncated"))?;
-        let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
+        let (params, party, weight_sum) = read_head(&mut r, PARTY_FILE_MAGIC, &bad)?;
         let transport: [u8; 32] = r
             .take(32)
             .map_err(|_| bad("truncated"))?
@@ -331,9 +342,6 @@ impl PartyKey {
         let secret = sized(&mut r, &bad)?;
         if !r.is_empty() {
             return Err(bad("trailing bytes"));
-        }
-        if !(1.0..=1_048_576.0).contains(&weight_sum) {
-            return Err(bad(&format!("weight sum bound {weight_sum}")));
         }
         let ctx = context_for(&params)?;
         let (n, k) = (params.degree(), ctx.primes.len());
@@ -353,11 +361,7 @@ impl PartyKey {
     /// this party will switch (1 by default: a weighted mean). The smudging
     /// noise grows with it, in `[1, 2^20]`.
     pub fn with_weight_sum(mut self, bound: f64) -> Result<Self> {
-        if !(1.0..=1_048_576.0).contains(&bound) {
-            return Err(HeError::OutOfRange(format!(
-                "weight sum bound {bound} is not in [1, 2^20]"
-            )));
-        }
+        check_weight_sum(bound).map_err(HeError::OutOfRange)?;
         self.weight_sum = bound;
         Ok(self)
     }
@@ -406,13 +410,13 @@ impl PartyKey {
         }
         h.update(crs.0);
         let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
-        let error: Vec<i64> = (0..n)
+        let error: Vec<i128> = (0..n)
             .map(|_| {
                 loop {
                     let x: f64 = StandardNormal.sample(&mut rng);
                     let x = (x * 3.19).round();
                     if x.abs() <= 19.0 {
-                        break x as i64;
+                        break x as i128;
                     }
                 }
             })
@@ -434,29 +438,7 @@ impl PartyKey {
             ));
         }
         let engine = seal::Engine::new(aux.clone(), None, None).map_err(seal_err)?;
-        let k = primes.len();
-        let mut raw = RawCiphertext {
-            parms_id: aux.levels[0].parms_id,
-            ntt: false,
-            size: 2,
-            degree: n,
-            primes: k,
-            scale: 1.0,
-            data: vec![0; 2 * k * n],
-        };
-        // In both polynomials: SEAL refuses a transparent result.
-        for (j, &q) in primes.iter().enumerate() {
-            for (c, &e) in error.iter().enumerate() {
-                let r = e.rem_euclid(q as i64) as u64;
-                raw.data[j * n + c] = r;
-                raw.data[(k + j) * n + c] = r;
-            }
-        }
-        let ct = seal::Ciphertext::from_bytes(&aux, &raw.to_bytes()).map_err(seal_err)?;
-        let ct = engine.to_ntt(&ct).map_err(seal_err)?;
-        let out =
-            RawCiphertext::parse(&ct.to_bytes().map_err(seal_err)?, n, k).map_err(HeError::Seal)?;
-        Ok(out.poly(0).to_vec())
+        to_ntt(&engine, aux.levels[0].parms_id, primes, &error)
     }
 
     /// The standard deviation of the smudging noise for this party's
@@ -657,31 +639,42 @@ fn smudging(
             (g * sigma).round() as i128 + rng.random_range(-dither..=dither)
         })
         .collect();
+    to_ntt(ctx.engine(), like.parms_id, primes, &noise)
+}
+
+/// An integer polynomial (coefficient domain) in the NTT domain of each of
+/// `primes`, by SEAL's `engine` at the level `parms_id` (which must hold
+/// exactly those primes): a coefficient-form ciphertext is loaded through
+/// SEAL's validation, transformed, and its first polynomial read back.
+fn to_ntt(
+    engine: &seal::Engine,
+    parms_id: seal::ParmsId,
+    primes: &[u64],
+    coeffs: &[i128],
+) -> Result<Vec<u64>> {
+    let (n, k) = (coeffs.len(), primes.len());
     let mut raw = RawCiphertext {
-        parms_id: like.parms_id,
+        parms_id,
         ntt: false,
         size: 2,
         degree: n,
-        primes: primes.len(),
+        primes: k,
         scale: 1.0,
-        data: vec![0; 2 * primes.len() * n],
+        data: vec![0; 2 * k * n],
     };
-    // The noise goes in both polynomials: SEAL refuses to return a
-    // ciphertext whose second polynomial is zero ("transparent").
-    let k = primes.len();
+    // In both polynomials: SEAL refuses to return a ciphertext whose second
+    // polynomial is zero ("transparent").
     for (j, &q) in primes.iter().enumerate() {
-        let q = q as i128;
-        for (c, &e) in noise.iter().enumerate() {
-            let r = e.rem_euclid(q) as u64;
+        for (c, &e) in coeffs.iter().enumerate() {
+            let r = e.rem_euclid(q as i128) as u64;
             raw.data[j * n + c] = r;
             raw.data[(k + j) * n + c] = r;
         }
     }
-    let seal_ctx = ctx.engine().context();
-    let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw.to_bytes()).map_err(seal_err)?;
-    let ct = ctx.engine().to_ntt(&ct).map_err(seal_err)?;
-    let out = RawCiphertext::parse(&ct.to_bytes().map_err(seal_err)?, n, primes.len())
-        .map_err(HeError::Seal)?;
+    let ct = seal::Ciphertext::from_bytes(engine.context(), &raw.to_bytes()).map_err(seal_err)?;
+    let ct = engine.to_ntt(&ct).map_err(seal_err)?;
+    let out =
+        RawCiphertext::parse(&ct.to_bytes().map_err(seal_err)?, n, k).map_err(HeError::Seal)?;
     Ok(out.poly(0).to_vec())
 }
 
@@ -1732,9 +1725,12 @@ impl ThresholdKey {
     /// bound, threshold, member count, members (party and transport key),
     /// the share's coefficients (sized).
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
-        let mut out = file_head(THRESHOLD_FILE_MAGIC, &self.params)?;
-        out.extend_from_slice(&self.party.to_le_bytes());
-        out.extend_from_slice(&self.weight_sum.to_le_bytes());
+        let mut out = file_head(
+            THRESHOLD_FILE_MAGIC,
+            &self.params,
+            self.party,
+            self.weight_sum,
+        )?;
         out.extend_from_slice(&(self.roster.threshold as u32).to_le_bytes());
         out.extend_from_slice(&(self.roster.members.len() as u32).to_le_bytes());
         for (p, k) in &self.roster.members {
@@ -1752,9 +1748,7 @@ impl ThresholdKey {
         let bytes = crate::context::read_key_file(path)?;
         let bad = |m: &str| crate::context::key_err(path, m.to_owned());
         let mut r = Reader::new(&bytes);
-        let params = read_head(&mut r, THRESHOLD_FILE_MAGIC, &bad)?;
-        let party = r.u32().map_err(|_| bad("truncated"))?;
-        let weight_sum = f64::from_bits(r.u64().map_err(|_| bad("truncated"))?);
+        let (params, party, weight_sum) = read_head(&mut r, THRESHOLD_FILE_MAGIC, &bad)?;
         let threshold = r.u32().map_err(|_| bad("truncated"))? as usize;
         let count = r.u32().map_err(|_| bad("truncated"))? as usize;
         if count > MAX_PARTIES {
@@ -1773,9 +1767,6 @@ impl ThresholdKey {
         let share = bytes_to_words(sized(&mut r, &bad)?);
         if !r.is_empty() {
             return Err(bad("trailing bytes"));
-        }
-        if !(1.0..=1_048_576.0).contains(&weight_sum) {
-            return Err(bad(&format!("weight sum bound {weight_sum}")));
         }
         let roster = Roster::new(threshold, members).map_err(|e| bad(&format!("roster: {e}")))?;
         if roster.point(party).is_none() {

@@ -12,13 +12,28 @@ use crate::vector::{EncryptedVector, Form};
 /// The default tensors to seal: the classifier head.
 pub const DEFAULT_PATTERNS: &[&str] = &["classifier.*"];
 
-fn check_len(layout: &Layout, n: usize) -> fedcore::Result<()> {
+/// `n` values where `layout` names as many, or a mismatch.
+pub(crate) fn check_len(layout: &Layout, n: usize) -> crate::Result<()> {
     if layout.len() != n {
-        return Err(
-            HeError::Mismatch(format!("{n} values for a layout of {}", layout.len())).into(),
-        );
+        return Err(HeError::Mismatch(format!(
+            "{n} values for a layout of {}",
+            layout.len()
+        )));
     }
     Ok(())
+}
+
+/// Loads sealed global values (a [`Form::Sum`] vector of the layout's
+/// length) and decrypts them with `ctx`: what every hospital-side sealer's
+/// `open` does.
+pub(crate) fn open_sum(
+    ctx: &CkksContext<Secret>,
+    sealed: &SealedTensors,
+) -> fedcore::Result<Vec<f32>> {
+    let v = ctx.load(sealed.bytes(), Form::Sum)?;
+    check_len(sealed.layout(), v.len())?;
+    let values = ctx.decrypt(&v)?;
+    Ok(values.into_iter().map(|x| x as f32).collect())
 }
 
 /// A hospital's [`Sealer`]: decrypts the global sealed tensors and encrypts
@@ -42,10 +57,7 @@ impl Sealer for CkksSealer {
     }
 
     fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
-        let v = self.ctx.load(sealed.bytes(), Form::Sum)?;
-        check_len(sealed.layout(), v.len())?;
-        let values = self.ctx.decrypt(&v)?;
-        Ok(values.into_iter().map(|x| x as f32).collect())
+        open_sum(&self.ctx, sealed)
     }
 
     fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
