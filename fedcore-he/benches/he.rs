@@ -20,6 +20,9 @@ fn values(n: usize, seed: u64) -> Vec<f64> {
 fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
     let v = values(HEAD, 1);
     let compact = h.encrypt_compact(&v).expect("compact").len();
+    let deflated = fedcore_he::fuzzing::encrypt_compact_deflated(h, &v)
+        .expect("deflated")
+        .len();
     let unseeded = h
         .encrypt(&v)
         .expect("encrypt")
@@ -33,10 +36,26 @@ fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
         .to_bytes()
         .expect("bytes")
         .len();
+    let sum = h
+        .public()
+        .weighted_sum(&[&h.encrypt(&v).expect("e")], &[1.0])
+        .expect("sum");
+    let (sum_packed, sum_deflated) = (
+        sum.to_bytes().expect("bytes").len(),
+        fedcore_he::fuzzing::to_deflated_bytes(&sum)
+            .expect("bytes")
+            .len(),
+    );
+    let per = |b: usize| b as f64 / HEAD as f64;
     eprintln!(
-        "upload of the {HEAD}-value head: compact (seeded, lowest level, deflate) {compact} B = {:.1} B/value; \
-         unseeded symmetric at the same level {unseeded} B; public-key at the same level {public} B",
-        compact as f64 / HEAD as f64
+        "upload of the {HEAD}-value head: compact (seeded, lowest level, packed) {compact} B = {:.1} B/value; \
+         the same deflated (before 0.3) {deflated} B = {:.1} B/value; \
+         unseeded symmetric at the same level {unseeded} B; public-key at the same level {public} B; \
+         the sum sent back: packed {sum_packed} B = {:.1} B/value, deflated {sum_deflated} B = {:.1} B/value",
+        per(compact),
+        per(deflated),
+        per(sum_packed),
+        per(sum_deflated)
     );
 }
 
@@ -76,9 +95,16 @@ fn bench(c: &mut Criterion) {
     g.bench_function("encrypt_compact/head", |b| {
         b.iter(|| h.encrypt_compact(black_box(&head)).expect("encrypt"))
     });
+    g.bench_function("encrypt_compact_deflated/head", |b| {
+        b.iter(|| fedcore_he::fuzzing::encrypt_compact_deflated(&h, black_box(&head)).expect("e"))
+    });
     let upload = h.encrypt_compact(&head).expect("encrypt");
     g.bench_function("load_upload/head", |b| {
         b.iter(|| s.load(black_box(&upload), Form::Fresh).expect("load"))
+    });
+    let deflated = fedcore_he::fuzzing::encrypt_compact_deflated(&h, &head).expect("e");
+    g.bench_function("load_upload_deflated/head", |b| {
+        b.iter(|| s.load(black_box(&deflated), Form::Fresh).expect("load"))
     });
     for n in [3usize, 10] {
         let parts: Vec<EncryptedVector> = (0..n)
@@ -103,9 +129,16 @@ fn bench(c: &mut Criterion) {
     g.bench_function("serialize_sum/head", |b| {
         b.iter(|| black_box(&head_sum).to_bytes().expect("bytes"))
     });
+    g.bench_function("serialize_sum_deflated/head", |b| {
+        b.iter(|| fedcore_he::fuzzing::to_deflated_bytes(black_box(&head_sum)).expect("bytes"))
+    });
     let bytes = head_sum.to_bytes().expect("bytes");
     g.bench_function("deserialize_sum/head", |b| {
         b.iter(|| h.load(black_box(&bytes), Form::Sum).expect("load"))
+    });
+    let deflated = fedcore_he::fuzzing::to_deflated_bytes(&head_sum).expect("bytes");
+    g.bench_function("deserialize_sum_deflated/head", |b| {
+        b.iter(|| h.load(black_box(&deflated), Form::Sum).expect("load"))
     });
     g.bench_function("decrypt/head", |b| {
         b.iter(|| h.decrypt(black_box(&head_sum)).expect("decrypt"))

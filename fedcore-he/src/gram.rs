@@ -22,7 +22,9 @@ use crate::context::{CkksContext, Role, Secret};
 use crate::error::{HeError, Result};
 use crate::reader::Reader;
 use crate::seal;
-use crate::vector::{EncryptedVector, Form, deflate, deflate_all, inflate, load_all};
+use crate::vector::{
+    DEFLATE_VERSION, Encoding, EncryptedVector, Form, Packing, deflate, inflate, load_all, pack_all,
+};
 
 /// The most points an encrypted Gram matrix may have (its entries are
 /// `n (n + 1) / 2` ciphertexts).
@@ -30,7 +32,11 @@ pub const MAX_GRAM_POINTS: usize = 256;
 
 const KEYS_MAGIC: &[u8; 4] = b"FCEK";
 const GRAM_MAGIC: &[u8; 4] = b"FCKG";
+/// The evaluation keys' format.
 const VERSION: u8 = 1;
+/// The Gram matrix's format: 2 packs the entries (1, still read, deflated
+/// SEAL's bytes).
+const GRAM_VERSION: u8 = 2;
 
 /// Relinearization keys and the Galois keys of a slot sum, loaded.
 pub(crate) struct EvalKeys {
@@ -164,6 +170,7 @@ pub struct EncryptedGram {
     key_id: [u8; 16],
     /// The entries of `kind.of(n)`, in that order.
     cts: Vec<seal::Ciphertext>,
+    packing: Packing,
 }
 
 impl std::fmt::Debug for EncryptedGram {
@@ -188,13 +195,13 @@ impl EncryptedGram {
 
     /// Bytes for the wire: magic, version, key id, kind (1 byte: 1 inner
     /// products, 2 squared distances), `n` (u32 LE), then each
-    /// entry's ciphertext as SEAL writes it, deflate-compressed, with its
-    /// length (u32 LE).
+    /// entry's ciphertext packed (each coefficient in its prime's bit width),
+    /// with its length (u32 LE).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let blobs = deflate_all(&self.cts)?;
+        let blobs = pack_all(&self.cts, &self.packing)?;
         let mut out = Vec::with_capacity(32 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
         out.extend_from_slice(GRAM_MAGIC);
-        out.push(VERSION);
+        out.push(GRAM_VERSION);
         out.extend_from_slice(&self.key_id);
         out.push(self.kind.tag());
         out.extend_from_slice(&(self.n as u32).to_le_bytes());
@@ -468,6 +475,7 @@ impl<R: Role> CkksContext<R> {
             kind,
             key_id: self.key_id(),
             cts,
+            packing: self.packing(entry_scale(self.params())),
         })
     }
 
@@ -484,9 +492,14 @@ impl<R: Role> CkksContext<R> {
             return Err(malformed("not a fedcore-he encrypted Gram matrix".into()));
         }
         let version = r.u8().map_err(|_| malformed("truncated header".into()))?;
-        if version != VERSION {
+        if version != GRAM_VERSION && version != DEFLATE_VERSION {
             return Err(malformed(format!("format version {version}")));
         }
+        let encoding = if version == DEFLATE_VERSION {
+            Encoding::Deflate
+        } else {
+            Encoding::Packed { seeded: false }
+        };
         let key: [u8; 16] = r
             .take(16)
             .map_err(|_| malformed("truncated header".into()))?
@@ -522,13 +535,21 @@ impl<R: Role> CkksContext<R> {
         if !r.is_empty() {
             return Err(malformed("trailing bytes".into()));
         }
-        let scale = 2f64.powi(2 * self.params().scale_bits() as i32);
-        let cts = load_all(self, &blobs, scale, "entry", "encrypted Gram matrix: ")?;
+        let packing = self.packing(entry_scale(self.params()));
+        let cts = load_all(
+            self,
+            &blobs,
+            &packing,
+            encoding,
+            "entry",
+            "encrypted Gram matrix: ",
+        )?;
         Ok(EncryptedGram {
             n,
             kind,
             key_id: key,
             cts,
+            packing,
         })
     }
 }
@@ -556,6 +577,11 @@ pub fn fuzz_eval_keys<R: Role>(ctx: &CkksContext<R>, relin: &[u8], galois: &[u8]
         &deflate(relin).unwrap_or_default(),
         &deflate(galois).unwrap_or_default(),
     )
+}
+
+/// The scale of a Gram entry: a product of two fresh uploads, not rescaled.
+fn entry_scale(params: &crate::CkksParams) -> f64 {
+    2f64.powi(2 * params.scale_bits() as i32)
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ use sha2::{Digest, Sha256};
 use crate::context::{CkksContext, Public};
 use crate::error::{HeError, Result};
 use crate::params::CkksParams;
-use crate::raw::{RawCiphertext, RawSecretKey};
+use crate::raw::{self, RawCiphertext, RawSecretKey};
 use crate::reader::Reader;
 use crate::seal;
 use crate::vector::{EncryptedVector, Form};
@@ -76,6 +76,9 @@ pub const MAX_PARTIES: usize = 1024;
 
 const KEY_SHARE_MAGIC: &[u8; 4] = b"FCKS";
 const SWITCH_SHARE_MAGIC: &[u8; 4] = b"FCSW";
+/// Switch shares pack their residues since version 2 (they are not kept,
+/// so version 1 is not read).
+const SWITCH_SHARE_VERSION: u8 = 2;
 pub(crate) const VERSION: u8 = 1;
 
 /// The public seed of the common random polynomial `a` (the "common
@@ -168,11 +171,22 @@ pub(crate) fn expect_magic(
     what: &str,
     bad: &dyn Fn(&str) -> HeError,
 ) -> Result<()> {
+    expect_version(r, magic, VERSION, what, bad)
+}
+
+/// [`expect_magic`] for an object at another format version than the rest.
+fn expect_version(
+    r: &mut Reader<'_>,
+    magic: &[u8; 4],
+    want: u8,
+    what: &str,
+    bad: &dyn Fn(&str) -> HeError,
+) -> Result<()> {
     if r.take(4).map_err(|_| bad("truncated"))? != magic {
         return Err(bad(&format!("not {what}")));
     }
     let version = r.u8().map_err(|_| bad("truncated"))?;
-    if version != VERSION {
+    if version != want {
         return Err(bad(&format!("format version {version}")));
     }
     Ok(())
@@ -582,6 +596,7 @@ impl Answer<'_> {
                 Ok((h0, z1.to_vec()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let k = cipher.first().map_or(0, |c| c.primes);
         Ok(SwitchShare {
             party: self.party,
             collective: collective.ctx.key_id(),
@@ -589,6 +604,7 @@ impl Answer<'_> {
             digest,
             signers: self.signers.clone(),
             polys,
+            widths: raw::widths(&primes[..k]),
         })
     }
 
@@ -1082,6 +1098,7 @@ impl CollectiveKey {
             form: Form::Sum,
             key_id: output.key_id(),
             cts,
+            packing: output.packing_of(Form::Sum),
         })
     }
 }
@@ -1097,6 +1114,9 @@ pub struct SwitchShare {
     /// Empty for an N-of-N share; the signing set of a threshold one.
     signers: Vec<u32>,
     polys: Vec<(Vec<u64>, Vec<u64>)>,
+    /// The bits of each prime at the aggregate's level: the packed width
+    /// of its residues on the wire.
+    widths: Vec<u32>,
 }
 
 impl fmt::Debug for SwitchShare {
@@ -1123,12 +1143,13 @@ impl SwitchShare {
     /// output key ids (16 bytes each), the aggregate's digest (32 bytes),
     /// signer count (u32) and signers (u32 each), ciphertext count (u32),
     /// coefficients per polynomial (u32), then `h0` and `h1` of each
-    /// ciphertext (u64 each).
+    /// ciphertext, each residue in its prime's bit width (as
+    /// [`EncryptedVector::to_bytes`] packs them).
     pub fn to_bytes(&self) -> Vec<u8> {
         let per = self.polys.first().map_or(0, |(h0, _)| h0.len());
         let mut out = Vec::with_capacity(77 + 16 * per * self.polys.len());
         out.extend_from_slice(SWITCH_SHARE_MAGIC);
-        out.push(VERSION);
+        out.push(SWITCH_SHARE_VERSION);
         out.extend_from_slice(&self.party.to_le_bytes());
         out.extend_from_slice(&self.collective);
         out.extend_from_slice(&self.output);
@@ -1139,9 +1160,10 @@ impl SwitchShare {
         }
         out.extend_from_slice(&(self.polys.len() as u32).to_le_bytes());
         out.extend_from_slice(&(per as u32).to_le_bytes());
+        let n = per / self.widths.len().max(1);
         for (h0, h1) in &self.polys {
-            push_words(&mut out, h0);
-            push_words(&mut out, h1);
+            raw::pack_words(&mut out, h0, n, &self.widths);
+            raw::pack_words(&mut out, h1, n, &self.widths);
         }
         out
     }
@@ -1153,9 +1175,10 @@ impl SwitchShare {
     pub fn from_bytes(collective: &CollectiveKey, bytes: &[u8]) -> Result<Self> {
         let bad = |m: &str| HeError::Malformed(format!("switch share: {m}"));
         let mut r = Reader::new(bytes);
-        expect_magic(
+        expect_version(
             &mut r,
             SWITCH_SHARE_MAGIC,
+            SWITCH_SHARE_VERSION,
             "a fedcore-he switch share",
             &bad,
         )?;
@@ -1196,18 +1219,23 @@ impl SwitchShare {
                 "{per} coefficients per polynomial is not a data level of degree {n}"
             )));
         }
-        if r.rest_len() != count * 2 * per * 8 {
+        let primes = &collective.ctx.engine().context().primes[..per / n];
+        let packed = raw::packed_len(1, n, primes);
+        if r.rest_len() != count * 2 * packed {
             return Err(bad(&format!(
                 "{} bytes of coefficients, expected {}",
                 r.rest_len(),
-                count * 2 * per * 8
+                count * 2 * packed
             )));
         }
         let mut polys = Vec::with_capacity(count);
-        for _ in 0..count {
-            let mut poly = || bytes_to_words(r.take(per * 8).expect("length checked above"));
-            let h0 = poly();
-            let h1 = poly();
+        for c in 0..count {
+            let mut poly = |h: &str| {
+                raw::unpack_words(r.take(packed).expect("length checked above"), 1, n, primes)
+                    .map_err(|e| bad(&format!("ciphertext {c}, {h}: {e}")))
+            };
+            let h0 = poly("h0")?;
+            let h1 = poly("h1")?;
             polys.push((h0, h1));
         }
         Ok(Self {
@@ -1217,6 +1245,7 @@ impl SwitchShare {
             digest,
             signers,
             polys,
+            widths: raw::widths(primes),
         })
     }
 }

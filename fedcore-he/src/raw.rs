@@ -217,3 +217,190 @@ impl RawSecretKey {
         out
     }
 }
+
+/// The most bytes SEAL's seed record may take after a seeded ciphertext's
+/// first polynomial (it takes 81 in SEAL 4.0: a header, the PRNG type and
+/// a 64-byte seed); the packed form bounds it so that a length field cannot
+/// hand SEAL more.
+pub(crate) const MAX_SEED_RECORD: usize = 256;
+
+/// Bits a residue below each prime needs.
+pub(crate) fn widths(primes: &[u64]) -> Vec<u32> {
+    primes.iter().map(|q| 64 - q.leading_zeros()).collect()
+}
+
+/// Bytes of `polys` packed polynomials of `degree` residues per prime.
+pub(crate) fn packed_len(polys: usize, degree: usize, primes: &[u64]) -> usize {
+    polys * degree * widths(primes).iter().map(|&b| b as usize).sum::<usize>() / 8
+}
+
+/// A ciphertext at a known level in the packed form: each residue in its
+/// prime's bit width instead of a 64-bit word, polynomial by polynomial,
+/// prime by prime, least significant bit first; then, for a seeded
+/// ciphertext (its second polynomial replaced by a PRNG seed), SEAL's seed
+/// record as SEAL wrote it. The level, size, NTT form and scale are not
+/// written: the reader knows them. `seal` is SEAL's uncompressed bytes of a
+/// ciphertext that must be at `parms_id` (the level of `primes`) with
+/// `scale`, in NTT form; anything else is an error (a bug in the caller).
+///
+/// Written by hand, not with a bit-stream crate: the packing is one 128-bit
+/// shift register over the words (about 15 lines), the general crates
+/// (`bitstream-io`, `bitvec`) pay a call per field, and `bitpacking` packs
+/// 32-bit integers only.
+pub(crate) fn pack_ciphertext(
+    seal: &[u8],
+    degree: usize,
+    primes: &[u64],
+    parms_id: &ParmsId,
+    scale: f64,
+) -> Result<Vec<u8>, String> {
+    let what = "ciphertext";
+    let mut r = Reader::new(seal);
+    read_header(&mut r, seal.len(), what)?;
+    let short = |_| format!("{what}: truncated metadata");
+    let at = self::parms_id(&mut r).map_err(short)?;
+    let ntt = r.u8().map_err(short)? != 0;
+    let size = r.u64().map_err(short)?;
+    let n = r.u64().map_err(short)?;
+    let k = r.u64().map_err(short)?;
+    let s = f64::from_bits(r.u64().map_err(short)?);
+    let _correction = r.u64().map_err(short)?;
+    if &at != parms_id || !ntt || size != 2 || n != degree as u64 || k != primes.len() as u64 {
+        return Err(format!(
+            "{what}: not a 2-polynomial NTT-form ciphertext of degree {degree} at the expected level"
+        ));
+    }
+    if s != scale {
+        return Err(format!(
+            "{what}: scale 2^{:.2} where 2^{:.0} is expected",
+            s.log2(),
+            scale.log2()
+        ));
+    }
+    let full = 2 * degree * primes.len();
+    let half = full / 2;
+    // A seeded ciphertext holds the first polynomial only, then the seed.
+    let rest = r.rest_len();
+    let count = if rest == HEADER + 8 + full * 8 {
+        full
+    } else {
+        half
+    };
+    let data = nested_words(&mut r, count, what)?;
+    let seed = r.take(r.rest_len()).expect("the rest");
+    if count == half && (seed.is_empty() || seed.len() > MAX_SEED_RECORD) {
+        return Err(format!("{what}: a seed record of {} bytes", seed.len()));
+    }
+    let polys = count / (degree * primes.len());
+    let mut out = Vec::with_capacity(packed_len(polys, degree, primes) + seed.len());
+    pack_words(&mut out, &data, degree, &widths(primes));
+    out.extend_from_slice(seed);
+    Ok(out)
+}
+
+/// SEAL's uncompressed bytes of the ciphertext packed by
+/// [`pack_ciphertext`]: `seeded` says whether its second polynomial is a
+/// seed record. The length must be exact (the seed record at most
+/// [`MAX_SEED_RECORD`] bytes) and every residue below its prime; what
+/// is returned goes to SEAL's validated loading.
+pub(crate) fn unpack_ciphertext(
+    packed: &[u8],
+    seeded: bool,
+    degree: usize,
+    primes: &[u64],
+    parms_id: &ParmsId,
+    scale: f64,
+) -> Result<Vec<u8>, String> {
+    let polys = if seeded { 1 } else { 2 };
+    let len = packed_len(polys, degree, primes);
+    if packed.len() < len {
+        return Err(format!("{} bytes where {len} are needed", packed.len()));
+    }
+    let (coeffs, seed) = packed.split_at(len);
+    if seeded && (seed.is_empty() || seed.len() > MAX_SEED_RECORD) {
+        return Err(format!(
+            "a seed record of {} bytes (1 to {MAX_SEED_RECORD})",
+            seed.len()
+        ));
+    }
+    if !seeded && !seed.is_empty() {
+        return Err(format!("{} trailing bytes", seed.len()));
+    }
+    let data = unpack_words(coeffs, polys, degree, primes)?;
+    let total = HEADER + 32 + 1 + 5 * 8 + HEADER + 8 + data.len() * 8 + seed.len();
+    let mut out = Vec::with_capacity(total);
+    header(&mut out, total);
+    for w in parms_id {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.push(1);
+    for w in [2, degree as u64, primes.len() as u64] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.extend_from_slice(&scale.to_bits().to_le_bytes());
+    out.extend_from_slice(&1u64.to_le_bytes());
+    push_nested(&mut out, &data);
+    out.extend_from_slice(seed);
+    debug_assert_eq!(out.len(), total);
+    Ok(out)
+}
+
+/// Appends `words` (polynomial by polynomial, `degree` residues per prime)
+/// at `widths[j]` bits for prime `j`, least significant bit first. `degree`
+/// is a multiple of 64, so every prime's run ends on a word boundary.
+pub(crate) fn pack_words(out: &mut Vec<u8>, words: &[u64], degree: usize, widths: &[u32]) {
+    debug_assert_eq!(degree % 64, 0);
+    let (mut acc, mut held) = (0u128, 0u32);
+    for (run, chunk) in words.chunks_exact(degree).enumerate() {
+        let b = widths[run % widths.len()];
+        for &w in chunk {
+            acc |= u128::from(w) << held;
+            held += b;
+            if held >= 64 {
+                out.extend_from_slice(&(acc as u64).to_le_bytes());
+                acc >>= 64;
+                held -= 64;
+            }
+        }
+    }
+    debug_assert_eq!(held, 0);
+}
+
+/// The inverse of [`pack_words`] for `polys` polynomials; `bytes` must hold
+/// exactly their packed length. A residue not below its prime is an error
+/// naming it.
+pub(crate) fn unpack_words(
+    bytes: &[u8],
+    polys: usize,
+    degree: usize,
+    primes: &[u64],
+) -> Result<Vec<u64>, String> {
+    debug_assert_eq!(bytes.len(), packed_len(polys, degree, primes));
+    let widths = widths(primes);
+    let mut src = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    let mut out = Vec::with_capacity(polys * degree * primes.len());
+    let (mut acc, mut held) = (0u128, 0u32);
+    for run in 0..polys * primes.len() {
+        let (j, b) = (run % primes.len(), widths[run % primes.len()]);
+        let mask = (1u128 << b) - 1;
+        for i in 0..degree {
+            if held < b {
+                acc |= u128::from(src.next().expect("exact length")) << held;
+                held += 64;
+            }
+            let w = (acc & mask) as u64;
+            acc >>= b;
+            held -= b;
+            if w >= primes[j] {
+                return Err(format!(
+                    "polynomial {}: coefficient {i} of prime {j} is not reduced",
+                    run / primes.len()
+                ));
+            }
+            out.push(w);
+        }
+    }
+    Ok(out)
+}

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use crate::context::{CkksContext, Role, Secret};
 use crate::error::{HeError, Result};
 use crate::reader::Reader;
-use crate::seal;
+use crate::{raw, seal};
 
 /// The most values one encrypted vector may hold (2^28, about 1 GB of f32),
 /// so that a length field cannot ask for unbounded work.
@@ -49,6 +49,18 @@ pub struct EncryptedVector {
     pub(crate) form: Form,
     pub(crate) key_id: [u8; 16],
     pub(crate) cts: Vec<seal::Ciphertext>,
+    pub(crate) packing: Packing,
+}
+
+/// The level and scale a vector's ciphertexts are at, as the packed form
+/// ([`raw::pack_ciphertext`]) needs them: it writes neither.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Packing {
+    degree: usize,
+    parms_id: seal::ParmsId,
+    /// The level's primes.
+    primes: Vec<u64>,
+    scale: f64,
 }
 
 impl std::fmt::Debug for EncryptedVector {
@@ -83,7 +95,7 @@ impl EncryptedVector {
     }
 }
 
-fn scale_of(params: &crate::CkksParams, form: Form) -> f64 {
+pub(crate) fn scale_of(params: &crate::CkksParams, form: Form) -> f64 {
     let bits = match form {
         Form::Fresh => params.scale_bits(),
         Form::Sum => params.scale_bits() + params.weight_bits(),
@@ -115,6 +127,23 @@ impl<R: Role> CkksContext<R> {
         &self.inner.engine
     }
 
+    /// The packing of ciphertexts at the upload level with `scale`.
+    pub(crate) fn packing(&self, scale: f64) -> Packing {
+        let ctx = self.engine().context();
+        let level = &ctx.levels[self.inner.level];
+        Packing {
+            degree: self.params().degree(),
+            parms_id: level.parms_id,
+            primes: ctx.primes[..level.primes].to_vec(),
+            scale,
+        }
+    }
+
+    /// The packing of a vector in `form`.
+    pub(crate) fn packing_of(&self, form: Form) -> Packing {
+        self.packing(scale_of(self.params(), form))
+    }
+
     /// Encodes and encrypts at the upload level with `encrypt`, chunk by chunk
     /// in parallel.
     fn pack(
@@ -139,6 +168,7 @@ impl<R: Role> CkksContext<R> {
             form,
             key_id: self.key_id(),
             cts,
+            packing: self.packing_of(form),
         })
     }
 
@@ -248,6 +278,7 @@ impl<R: Role> CkksContext<R> {
             form: Form::Sum,
             key_id: self.key_id(),
             cts,
+            packing: self.packing_of(Form::Sum),
         })
     }
 
@@ -270,6 +301,7 @@ impl<R: Role> CkksContext<R> {
             form: a.form,
             key_id: a.key_id,
             cts,
+            packing: a.packing.clone(),
         })
     }
 
@@ -316,12 +348,17 @@ impl<R: Role> CkksContext<R> {
             return Err(malformed("not a fedcore-he encrypted vector".into()));
         }
         let version = r.u8().map_err(|_| malformed("truncated header".into()))?;
-        if version != VERSION {
+        if version != VERSION && version != DEFLATE_VERSION {
             return Err(malformed(format!("format version {version}")));
         }
         let got_form = Form::from_tag(r.u8().map_err(|_| malformed("truncated header".into()))?)
             .ok_or_else(|| malformed("unknown form".into()))?;
-        let _seeded = r.u8().map_err(|_| malformed("truncated header".into()))?;
+        let seeded = match r.u8().map_err(|_| malformed("truncated header".into()))? {
+            0 => false,
+            1 => true,
+            f => return Err(malformed(format!("seeded flag {f}"))),
+        };
+        let encoding = encoding(version, seeded);
         let key: [u8; 16] = r
             .take(16)
             .map_err(|_| malformed("truncated header".into()))?
@@ -363,18 +400,14 @@ impl<R: Role> CkksContext<R> {
         if !r.is_empty() {
             return Err(malformed("trailing bytes".into()));
         }
-        let cts = load_all(
-            self,
-            &blobs,
-            scale_of(self.params(), form),
-            "ciphertext",
-            "",
-        )?;
+        let packing = self.packing_of(form);
+        let cts = load_all(self, &blobs, &packing, encoding, "ciphertext", "")?;
         Ok(EncryptedVector {
             len,
             form,
             key_id: key,
             cts,
+            packing,
         })
     }
 }
@@ -392,12 +425,18 @@ impl CkksContext<Secret> {
     /// Encrypts for upload, as small as SEAL allows: symmetric encryption
     /// with the second polynomial replaced by its 64-byte PRNG seed (about
     /// half the bytes; SEAL regenerates it when the server loads), at the
-    /// lowest level the server's weighted sum needs, deflate-compressed.
+    /// lowest level the server's weighted sum needs, each coefficient in its
+    /// prime's bit width (25 bytes per value at the default parameters: two
+    /// coefficients of 60 + 40 bits per slot).
     pub fn encrypt_compact(&self, values: &[f64]) -> Result<Vec<u8>> {
-        let v = self.pack(values, Form::Fresh, |p| {
+        self.encrypt_seeded(values)?.write(true)
+    }
+
+    /// The seeded ciphertexts [`CkksContext::encrypt_compact`] writes.
+    fn encrypt_seeded(&self, values: &[f64]) -> Result<EncryptedVector> {
+        self.pack(values, Form::Fresh, |p| {
             self.engine().encrypt_symmetric(p, true)
-        })?;
-        v.write(true)
+        })
     }
 
     /// Decrypts and decodes into the vector's values.
@@ -424,7 +463,29 @@ impl CkksContext<Secret> {
 }
 
 const VECTOR_MAGIC: &[u8; 4] = b"FCKK";
-const VERSION: u8 = 1;
+/// The packed format ([`raw::pack_ciphertext`]).
+const VERSION: u8 = 2;
+/// The format before 0.3 (each ciphertext as SEAL writes it, deflated),
+/// still read so that saved vectors (a server's checkpoint) load.
+pub(crate) const DEFLATE_VERSION: u8 = 1;
+
+/// How an envelope's ciphertexts are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// SEAL's uncompressed bytes, deflated (format version 1).
+    Deflate,
+    /// [`raw::pack_ciphertext`]; `seeded` when the second polynomial is a
+    /// seed record (an upload from [`CkksContext::encrypt_compact`]).
+    Packed { seeded: bool },
+}
+
+fn encoding(version: u8, seeded: bool) -> Encoding {
+    if version == DEFLATE_VERSION {
+        Encoding::Deflate
+    } else {
+        Encoding::Packed { seeded }
+    }
+}
 /// Raw deflate (RFC 1951) through `flate2`'s pure-Rust backend (miniz_oxide:
 /// no C symbols to collide with SEAL's bundled zlib).
 ///
@@ -461,36 +522,48 @@ pub fn inflate(compressed: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
 
 impl EncryptedVector {
     /// Bytes for the wire or a file: a small header (format, form, key id,
-    /// length, count) and each ciphertext as SEAL writes it, deflate-compressed.
+    /// length, count) and each ciphertext with every coefficient in its
+    /// prime's bit width ([`raw::pack_ciphertext`]).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.write(false)
     }
 
     fn write(&self, seeded: bool) -> Result<Vec<u8>> {
-        let blobs = deflate_all(&self.cts)?;
-        Ok(envelope(self.form, seeded, &self.key_id, self.len, &blobs))
+        let blobs = pack_all(&self.cts, &self.packing)?;
+        Ok(envelope(
+            VERSION,
+            self.form,
+            seeded,
+            &self.key_id,
+            self.len,
+            &blobs,
+        ))
     }
 }
 
-/// Each ciphertext as SEAL writes it, deflate-compressed, in parallel.
-pub(crate) fn deflate_all(cts: &[seal::Ciphertext]) -> Result<Vec<Vec<u8>>> {
+/// Each ciphertext packed ([`raw::pack_ciphertext`]), in parallel.
+pub(crate) fn pack_all(cts: &[seal::Ciphertext], packing: &Packing) -> Result<Vec<Vec<u8>>> {
     cts.par_iter()
         .map(|ct| {
-            let raw = ct.to_bytes()?;
-            deflate(&raw).map_err(|e| HeError::Seal(format!("deflate: {e}")))
+            let p = packing;
+            raw::pack_ciphertext(&ct.to_bytes()?, p.degree, &p.primes, &p.parms_id, p.scale)
+                .map_err(|e| HeError::Seal(format!("packing: {e}")))
         })
         .collect()
 }
 
-/// Loads deflate-compressed ciphertexts at `ctx`'s upload level, in
-/// parallel: bounded decompression (two polynomials over the level's primes,
-/// the most a valid one inflates to), SEAL's validation against the
-/// context, then the level, size 2, NTT form and `scale` this crate's
-/// arithmetic needs. Errors name the `what` by index, after `prefix`.
+/// Loads ciphertexts at `ctx`'s upload level written with `encoding`, in
+/// parallel: exact unpacking with every coefficient checked against its
+/// prime (or, for the old format, bounded decompression: two polynomials
+/// over the level's primes, the most a valid one inflates to), SEAL's
+/// validation against the context, then the level, size 2, NTT form and
+/// scale of `packing` this crate's arithmetic needs. Errors name the `what`
+/// by index, after `prefix`.
 pub(crate) fn load_all<R: Role>(
     ctx: &CkksContext<R>,
     blobs: &[&[u8]],
-    scale: f64,
+    packing: &Packing,
+    encoding: Encoding,
     what: &str,
     prefix: &str,
 ) -> Result<Vec<seal::Ciphertext>> {
@@ -498,12 +571,20 @@ pub(crate) fn load_all<R: Role>(
     let seal_ctx = ctx.engine().context();
     let level = &seal_ctx.levels[ctx.inner.level];
     let max_raw = 2 * ctx.params().degree() * level.primes * 8 + 1024;
+    let scale = packing.scale;
     blobs
         .par_iter()
         .enumerate()
         .map(|(i, blob)| {
-            let raw = inflate(blob, max_raw)
-                .map_err(|e| malformed(format!("{what} {i}: decompression: {e}")))?;
+            let raw = match encoding {
+                Encoding::Deflate => inflate(blob, max_raw)
+                    .map_err(|e| malformed(format!("{what} {i}: decompression: {e}")))?,
+                Encoding::Packed { seeded } => {
+                    let p = packing;
+                    raw::unpack_ciphertext(blob, seeded, p.degree, &p.primes, &p.parms_id, scale)
+                        .map_err(|e| malformed(format!("{what} {i}: {e}")))?
+                }
+            };
             let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
                 .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
             let at = ct.parms_id()?;
@@ -536,12 +617,19 @@ pub(crate) fn load_all<R: Role>(
 }
 
 /// The serialized form: magic, version, form, seeded flag, key id, length
-/// (u64 LE), ciphertext count (u32 LE), then each compressed ciphertext with
-/// its length (u32 LE).
-fn envelope(form: Form, seeded: bool, key_id: &[u8; 16], len: usize, blobs: &[Vec<u8>]) -> Vec<u8> {
+/// (u64 LE), ciphertext count (u32 LE), then each packed (version 2) or
+/// deflated (version 1) ciphertext with its length (u32 LE).
+fn envelope(
+    version: u8,
+    form: Form,
+    seeded: bool,
+    key_id: &[u8; 16],
+    len: usize,
+    blobs: &[Vec<u8>],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(40 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
     out.extend_from_slice(VECTOR_MAGIC);
-    out.push(VERSION);
+    out.push(version);
     out.push(form.tag());
     out.push(u8::from(seeded));
     out.extend_from_slice(key_id);
@@ -563,10 +651,67 @@ pub mod fuzzing {
     pub use crate::gram::fuzz_eval_keys as eval_keys;
 
     /// Raw SEAL ciphertext bytes (any bytes) in a valid envelope for `ctx`'s
-    /// key: one ciphertext of `slots` values, so that `load` hands them to
-    /// SEAL's parser.
+    /// key: one ciphertext of `slots` values in the deflated format (version
+    /// 1), so that `load` hands them to SEAL's parser unchanged.
     pub fn wrap<R: Role>(ctx: &CkksContext<R>, seal_bytes: &[u8], form: Form) -> Vec<u8> {
         let blob = deflate(seal_bytes).unwrap_or_default();
-        envelope(form, false, &ctx.key_id(), ctx.slots(), &[blob])
+        envelope(
+            DEFLATE_VERSION,
+            form,
+            false,
+            &ctx.key_id(),
+            ctx.slots(),
+            &[blob],
+        )
+    }
+
+    /// `encrypt_compact`'s upload in the format before 0.3 (each seeded
+    /// ciphertext as SEAL writes it, deflated): what the bench compares the
+    /// packed form with, and what the tests load to show it still loads.
+    pub fn encrypt_compact_deflated(ctx: &CkksContext<Secret>, values: &[f64]) -> Result<Vec<u8>> {
+        write_deflated(&ctx.encrypt_seeded(values)?, true)
+    }
+
+    /// [`EncryptedVector::to_bytes`] in the format before 0.3.
+    pub fn to_deflated_bytes(v: &EncryptedVector) -> Result<Vec<u8>> {
+        write_deflated(v, false)
+    }
+
+    fn write_deflated(v: &EncryptedVector, seeded: bool) -> Result<Vec<u8>> {
+        let blobs = v
+            .cts
+            .par_iter()
+            .map(|ct| deflate(&ct.to_bytes()?).map_err(|e| HeError::Seal(format!("deflate: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(envelope(
+            DEFLATE_VERSION,
+            v.form,
+            seeded,
+            &v.key_id,
+            v.len,
+            &blobs,
+        ))
+    }
+
+    /// The SEAL bytes the loader makes of an upload's first packed
+    /// ciphertext (its first polynomial and seed record), for the tests
+    /// that mutate SEAL's own format.
+    pub fn first_seal_bytes<R: Role>(ctx: &CkksContext<R>, upload: &[u8]) -> Result<Vec<u8>> {
+        let header = 4 + 3 + 16 + 8 + 4;
+        let blob = upload
+            .get(header + 4..)
+            .ok_or_else(|| HeError::Malformed("too short".into()))?;
+        let n = u32::from_le_bytes(upload[header..header + 4].try_into().expect("4 bytes"));
+        let p = ctx.packing_of(Form::Fresh);
+        raw::unpack_ciphertext(
+            blob.get(..n as usize)
+                .ok_or_else(|| HeError::Malformed("truncated".into()))?,
+            true,
+            p.degree,
+            &p.primes,
+            &p.parms_id,
+            p.scale,
+        )
+        .map_err(HeError::Malformed)
     }
 }

@@ -147,6 +147,71 @@ fn compact_upload_is_about_half_of_a_plain_one() {
 }
 
 #[test]
+fn packed_uploads_hold_each_coefficient_in_its_prime_s_bits() {
+    let h = hospital();
+    let values = uniform(14_350, -1.0, 1.0, 10);
+    let packed = h.encrypt_compact(&values).expect("compact");
+    let deflated = fedcore_he::fuzzing::encrypt_compact_deflated(h, &values).expect("deflated");
+    eprintln!(
+        "14,350 values: packed {} B ({:.1} B/value), deflated {} B ({:.1} B/value)",
+        packed.len(),
+        packed.len() as f64 / 14_350.0,
+        deflated.len(),
+        deflated.len() as f64 / 14_350.0
+    );
+    // Four ciphertexts of one polynomial: 8192 coefficients of 60 + 40 bits
+    // (102,400 B), a seed record (at most 256 B) and a length; a 35-byte
+    // header.
+    let coefficients = 4 * 8192 * 100 / 8;
+    assert!(packed.len() > coefficients && packed.len() <= 35 + coefficients + 4 * 260);
+    assert!(packed.len() < deflated.len());
+    // Both formats load and decrypt to the values.
+    for bytes in [&packed, &deflated] {
+        let v = h.load(bytes, Form::Fresh).expect("load");
+        assert!(max_abs_diff(&h.decrypt(&v).expect("decrypt"), &values) < 1e-6);
+    }
+    // A sum (two polynomials, not seeded) packs to twice the coefficients.
+    let sum = h
+        .public()
+        .weighted_sum(&[&h.load(&packed, Form::Fresh).expect("load")], &[1.0])
+        .expect("sum")
+        .to_bytes()
+        .expect("bytes");
+    assert_eq!(sum.len(), 35 + 4 * (4 + 2 * 8192 * 100 / 8));
+    let back = h.load(&sum, Form::Sum).expect("load sum");
+    assert!(max_abs_diff(&h.decrypt(&back).expect("decrypt"), &values) < 1e-6);
+
+    // A coefficient at or above its prime is refused with the place named:
+    // the first 60 bits of the first ciphertext all ones (the 60-bit prime
+    // is below 2^60).
+    let mut bad = packed.clone();
+    let at = 35 + 4;
+    bad[at..at + 7].fill(0xFF);
+    bad[at + 7] |= 0x0F;
+    let e = h.load(&bad, Form::Fresh).unwrap_err();
+    assert!(matches!(e, HeError::Malformed(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("ciphertext 0: polynomial 0: coefficient 0 of prime 0 is not reduced"),
+        "{e}"
+    );
+    // A seeded flag on a sum's bytes, or none on an upload's, is a length
+    // error, not a misread.
+    let mut flagged = sum.clone();
+    flagged[6] = 1;
+    assert!(matches!(
+        h.load(&flagged, Form::Sum),
+        Err(HeError::Malformed(_))
+    ));
+    let mut unflagged = packed.clone();
+    unflagged[6] = 0;
+    assert!(matches!(
+        h.load(&unflagged, Form::Fresh),
+        Err(HeError::Malformed(_))
+    ));
+}
+
+#[test]
 fn insecure_parameters_are_refused_unless_dangerous() {
     let e = CkksParams::new(8192, &[60, 60, 60, 60], 40).unwrap_err();
     assert!(matches!(e, HeError::Insecure(_)), "{e}");
@@ -327,10 +392,12 @@ fn truncated_random_and_bomb_bytes_are_typed_errors() {
         .collect::<Vec<u8>>();
     assert!(h.load(&random, Form::Fresh).is_err());
 
-    // A valid header followed by a deflate bomb: 64 MB of zeros compress to a
-    // few KB; decompression stops at the largest valid ciphertext.
+    // A valid header of the deflated format (version 1, still read)
+    // followed by a deflate bomb: 64 MB of zeros compress to a few KB;
+    // decompression stops at the largest valid ciphertext.
     let header_len = 4 + 3 + 16 + 8 + 4;
     let mut bomb = upload[..header_len].to_vec();
+    bomb[4] = 1;
     bomb[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
     bomb[header_len - 4..].copy_from_slice(&1u32.to_le_bytes());
     let zeros = fedcore_he::fuzzing::deflate(&vec![0u8; 64 << 20]).expect("compress");
@@ -341,6 +408,7 @@ fn truncated_random_and_bomb_bytes_are_typed_errors() {
 
     // Valid compression of bytes that are not a SEAL ciphertext.
     let mut junk = upload[..header_len].to_vec();
+    junk[4] = 1;
     junk[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
     junk[header_len - 4..].copy_from_slice(&1u32.to_le_bytes());
     let z = fedcore_he::fuzzing::deflate(&random).expect("compress");
@@ -359,8 +427,7 @@ fn small_upload() -> &'static (Vec<u8>, Vec<u8>) {
     U.get_or_init(|| {
         let h = hospital();
         let upload = h.encrypt_compact(&[0.5; 100]).expect("encrypt");
-        let header_len = 4 + 3 + 16 + 8 + 4;
-        let raw = fedcore_he::fuzzing::inflate(&upload[header_len + 4..], 1 << 20).expect("raw");
+        let raw = fedcore_he::fuzzing::first_seal_bytes(h, &upload).expect("raw");
         (upload, raw)
     })
 }
