@@ -49,7 +49,7 @@ fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
     let per = |b: usize| b as f64 / HEAD as f64;
     eprintln!(
         "upload of the {HEAD}-value head: compact (seeded, lowest level, packed) {compact} B = {:.1} B/value; \
-         the same deflated (before 0.3) {deflated} B = {:.1} B/value; \
+         the same deflated (format 1, before 0.2) {deflated} B = {:.1} B/value; \
          unseeded symmetric at the same level {unseeded} B; public-key at the same level {public} B; \
          the sum sent back: packed {sum_packed} B = {:.1} B/value, deflated {sum_deflated} B = {:.1} B/value",
         per(compact),

@@ -24,7 +24,7 @@ fn main() {
         .encrypt_compact(&[1.0, -2.0, 3.5])
         .expect("encrypt");
     std::fs::write(vectors.join("fresh"), &fresh).expect("seed");
-    // The same upload in the deflated format before 0.3, which still loads.
+    // The same upload in the deflated format 1 (before 0.2), which still loads.
     let deflated = fedcore_he::fuzzing::encrypt_compact_deflated(&hospital, &[1.0, -2.0, 3.5])
         .expect("encrypt");
     std::fs::write(vectors.join("fresh-deflated"), &deflated).expect("seed");

@@ -23,7 +23,7 @@ use crate::error::{HeError, Result};
 use crate::reader::Reader;
 use crate::seal;
 use crate::vector::{
-    DEFLATE_VERSION, Encoding, EncryptedVector, Form, Packing, deflate, inflate, load_all, pack_all,
+    DEFLATE_VERSION, EncryptedVector, Form, Packing, deflate, encoding, inflate, load_all, pack_all,
 };
 
 /// The most points an encrypted Gram matrix may have (its entries are
@@ -198,7 +198,7 @@ impl EncryptedGram {
     /// entry's ciphertext packed (each coefficient in its prime's bit width),
     /// with its length (u32 LE).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let blobs = pack_all(&self.cts, &self.packing)?;
+        let blobs = pack_all(&self.cts, &self.packing, false)?;
         let mut out = Vec::with_capacity(32 + blobs.iter().map(|b| b.len() + 4).sum::<usize>());
         out.extend_from_slice(GRAM_MAGIC);
         out.push(GRAM_VERSION);
@@ -482,7 +482,8 @@ impl<R: Role> CkksContext<R> {
     /// Loads an encrypted Gram matrix of `points` points saved by
     /// [`EncryptedGram::to_bytes`] (a hospital knows how many took part, so
     /// the bytes cannot make it hold more): header, key id, the point count,
-    /// bounded decompression, SEAL's validation, then
+    /// each entry's exact packed length and reduced coefficients, SEAL's
+    /// validation, then
     /// each ciphertext's level, size and scale (what
     /// [`inner_products`](CkksContext::inner_products) makes).
     pub fn load_gram(&self, bytes: &[u8], points: usize) -> Result<EncryptedGram> {
@@ -495,11 +496,7 @@ impl<R: Role> CkksContext<R> {
         if version != GRAM_VERSION && version != DEFLATE_VERSION {
             return Err(malformed(format!("format version {version}")));
         }
-        let encoding = if version == DEFLATE_VERSION {
-            Encoding::Deflate
-        } else {
-            Encoding::Packed { seeded: false }
-        };
+        let encoding = encoding(version, false);
         let key: [u8; 16] = r
             .take(16)
             .map_err(|_| malformed("truncated header".into()))?

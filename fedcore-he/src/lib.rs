@@ -16,7 +16,8 @@
 //!   ciphertexts; [`CkksContext::weighted_sum`] and
 //!   [`CkksContext::accumulate`] on the server; compact bytes
 //!   ([`CkksContext::encrypt_compact`]: seeded symmetric encryption at the
-//!   lowest level the sum needs, deflate) and validated loading
+//!   lowest level the sum needs, each residue in its prime's bits) and
+//!   validated loading
 //!   ([`CkksContext::load`]): malformed bytes are a typed error.
 //! - [`EncryptedMedian`] (a `fedcore::Strategy`) and [`DistanceDecryptor`]
 //!   (its hospitals' side): the geometric median of whole encrypted

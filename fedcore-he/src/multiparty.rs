@@ -1147,7 +1147,9 @@ impl SwitchShare {
     /// [`EncryptedVector::to_bytes`] packs them).
     pub fn to_bytes(&self) -> Vec<u8> {
         let per = self.polys.first().map_or(0, |(h0, _)| h0.len());
-        let mut out = Vec::with_capacity(77 + 16 * per * self.polys.len());
+        let bits: usize = self.widths.iter().map(|&b| b as usize).sum();
+        let n = per / self.widths.len().max(1);
+        let mut out = Vec::with_capacity(77 + 2 * n * bits / 8 * self.polys.len());
         out.extend_from_slice(SWITCH_SHARE_MAGIC);
         out.push(SWITCH_SHARE_VERSION);
         out.extend_from_slice(&self.party.to_le_bytes());
@@ -1160,7 +1162,6 @@ impl SwitchShare {
         }
         out.extend_from_slice(&(self.polys.len() as u32).to_le_bytes());
         out.extend_from_slice(&(per as u32).to_le_bytes());
-        let n = per / self.widths.len().max(1);
         for (h0, h1) in &self.polys {
             raw::pack_words(&mut out, h0, n, &self.widths);
             raw::pack_words(&mut out, h1, n, &self.widths);

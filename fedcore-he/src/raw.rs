@@ -103,6 +103,22 @@ impl RawCiphertext {
     /// Parses SEAL's uncompressed ciphertext bytes, expecting `degree` and at
     /// most `max_primes` primes and 2 polynomials (all this crate makes).
     pub(crate) fn parse(bytes: &[u8], degree: usize, max_primes: usize) -> Result<Self, String> {
+        match Self::parse_any(bytes, degree, max_primes)? {
+            (raw, None) => Ok(raw),
+            (_, Some(_)) => Err("ciphertext: seeded; expected both polynomials".into()),
+        }
+    }
+
+    /// [`RawCiphertext::parse`], also accepting a seeded ciphertext (as
+    /// SEAL saves one from seeded symmetric encryption: the first
+    /// polynomial, then the seed record), whose `data` then holds the first
+    /// polynomial only. The seed record is checked in full (uncompressed,
+    /// its exact size, a known PRNG) so that SEAL never reads a size from it.
+    pub(crate) fn parse_any(
+        bytes: &[u8],
+        degree: usize,
+        max_primes: usize,
+    ) -> Result<(Self, Option<Seed>), String> {
         let what = "ciphertext";
         let mut r = Reader::new(bytes);
         read_header(&mut r, bytes.len(), what)?;
@@ -119,12 +135,26 @@ impl RawCiphertext {
                 "{what}: {size} polynomials of degree {n} over {k} primes; expected 2 of degree {degree} over at most {max_primes}"
             ));
         }
-        let count = 2 * degree * k as usize;
-        let data = nested_words(&mut r, count, what)?;
+        let full = 2 * degree * k as usize;
+        let seeded = r.rest_len() == HEADER + 8 + full / 2 * 8 + SEED_RECORD;
+        let data = nested_words(&mut r, if seeded { full / 2 } else { full }, what)?;
+        let seed = if seeded {
+            let mut record = Reader::new(r.take(SEED_RECORD).expect("length checked"));
+            read_header(&mut record, SEED_RECORD, "seed record")?;
+            let seed: Seed = record
+                .take(SEED)
+                .expect("length checked")
+                .try_into()
+                .expect("65");
+            check_prng(seed[0])?;
+            Some(seed)
+        } else {
+            None
+        };
         if !r.is_empty() {
             return Err(format!("{what}: trailing bytes"));
         }
-        Ok(Self {
+        let raw = Self {
             parms_id,
             ntt,
             size: 2,
@@ -132,13 +162,21 @@ impl RawCiphertext {
             primes: k as usize,
             scale,
             data,
-        })
+        };
+        Ok((raw, seed))
     }
 
     /// SEAL's uncompressed ciphertext bytes.
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         debug_assert_eq!(self.data.len(), self.size * self.primes * self.degree);
-        let total = HEADER + 32 + 1 + 5 * 8 + HEADER + 8 + self.data.len() * 8;
+        self.to_bytes_with(None)
+    }
+
+    /// SEAL's uncompressed bytes of a ciphertext, seeded when `seed` is
+    /// given (then `data` holds the first polynomial only).
+    fn to_bytes_with(&self, seed: Option<&Seed>) -> Vec<u8> {
+        let record = seed.map_or(0, |_| SEED_RECORD);
+        let total = HEADER + 32 + 1 + 5 * 8 + HEADER + 8 + self.data.len() * 8 + record;
         let mut out = Vec::with_capacity(total);
         header(&mut out, total);
         for w in self.parms_id {
@@ -151,6 +189,10 @@ impl RawCiphertext {
         out.extend_from_slice(&self.scale.to_bits().to_le_bytes());
         out.extend_from_slice(&1u64.to_le_bytes());
         push_nested(&mut out, &self.data);
+        if let Some(seed) = seed {
+            header(&mut out, SEED_RECORD);
+            out.extend_from_slice(seed);
+        }
         debug_assert_eq!(out.len(), total);
         out
     }
@@ -218,11 +260,21 @@ impl RawSecretKey {
     }
 }
 
-/// The most bytes SEAL's seed record may take after a seeded ciphertext's
-/// first polynomial (it takes 81 in SEAL 4.0: a header, the PRNG type and
-/// a 64-byte seed); the packed form bounds it so that a length field cannot
-/// hand SEAL more.
-pub(crate) const MAX_SEED_RECORD: usize = 256;
+/// What this crate keeps of SEAL's seed record: the PRNG type (1 byte)
+/// and the 64-byte seed.
+pub(crate) type Seed = [u8; SEED];
+const SEED: usize = 65;
+/// SEAL's seed record: its own 16-byte header, then the type and the seed.
+const SEED_RECORD: usize = HEADER + SEED;
+
+/// SEAL 4.0's PRNGs: 1 (BLAKE2xb), 2 (SHAKE256).
+fn check_prng(t: u8) -> Result<(), String> {
+    if matches!(t, 1 | 2) {
+        Ok(())
+    } else {
+        Err(format!("seed record: unknown PRNG type {t}"))
+    }
+}
 
 /// Bits a residue below each prime needs.
 pub(crate) fn widths(primes: &[u64]) -> Vec<u32> {
@@ -237,11 +289,13 @@ pub(crate) fn packed_len(polys: usize, degree: usize, primes: &[u64]) -> usize {
 /// A ciphertext at a known level in the packed form: each residue in its
 /// prime's bit width instead of a 64-bit word, polynomial by polynomial,
 /// prime by prime, least significant bit first; then, for a seeded
-/// ciphertext (its second polynomial replaced by a PRNG seed), SEAL's seed
-/// record as SEAL wrote it. The level, size, NTT form and scale are not
-/// written: the reader knows them. `seal` is SEAL's uncompressed bytes of a
-/// ciphertext that must be at `parms_id` (the level of `primes`) with
-/// `scale`, in NTT form; anything else is an error (a bug in the caller).
+/// ciphertext (its second polynomial replaced by a PRNG seed), the PRNG
+/// type and the seed (65 bytes). The level, size, NTT form, scale and the
+/// seed record's header are not written: the reader knows them. `seal` is
+/// SEAL's uncompressed bytes of a ciphertext that must be at `parms_id`
+/// (the level of `primes`) with `scale`, in NTT form; anything else is an
+/// error naming what differs. Returns the packed bytes and whether the
+/// ciphertext is seeded.
 ///
 /// Written by hand, not with a bit-stream crate: the packing is one 128-bit
 /// shift register over the words (about 15 lines), the general crates
@@ -253,56 +307,33 @@ pub(crate) fn pack_ciphertext(
     primes: &[u64],
     parms_id: &ParmsId,
     scale: f64,
-) -> Result<Vec<u8>, String> {
-    let what = "ciphertext";
-    let mut r = Reader::new(seal);
-    read_header(&mut r, seal.len(), what)?;
-    let short = |_| format!("{what}: truncated metadata");
-    let at = self::parms_id(&mut r).map_err(short)?;
-    let ntt = r.u8().map_err(short)? != 0;
-    let size = r.u64().map_err(short)?;
-    let n = r.u64().map_err(short)?;
-    let k = r.u64().map_err(short)?;
-    let s = f64::from_bits(r.u64().map_err(short)?);
-    let _correction = r.u64().map_err(short)?;
-    if &at != parms_id || !ntt || size != 2 || n != degree as u64 || k != primes.len() as u64 {
-        return Err(format!(
-            "{what}: not a 2-polynomial NTT-form ciphertext of degree {degree} at the expected level"
-        ));
+) -> Result<(Vec<u8>, bool), String> {
+    let (raw, seed) = RawCiphertext::parse_any(seal, degree, primes.len())?;
+    if &raw.parms_id != parms_id || !raw.ntt || raw.primes != primes.len() {
+        return Err("ciphertext: not an NTT-form ciphertext at the expected level".into());
     }
-    if s != scale {
+    if raw.scale != scale {
         return Err(format!(
-            "{what}: scale 2^{:.2} where 2^{:.0} is expected",
-            s.log2(),
+            "ciphertext: scale 2^{:.2} where 2^{:.0} is expected",
+            raw.scale.log2(),
             scale.log2()
         ));
     }
-    let full = 2 * degree * primes.len();
-    let half = full / 2;
-    // A seeded ciphertext holds the first polynomial only, then the seed.
-    let rest = r.rest_len();
-    let count = if rest == HEADER + 8 + full * 8 {
-        full
-    } else {
-        half
-    };
-    let data = nested_words(&mut r, count, what)?;
-    let seed = r.take(r.rest_len()).expect("the rest");
-    if count == half && (seed.is_empty() || seed.len() > MAX_SEED_RECORD) {
-        return Err(format!("{what}: a seed record of {} bytes", seed.len()));
+    let polys = raw.data.len() / (degree * primes.len());
+    let mut out = Vec::with_capacity(packed_len(polys, degree, primes) + SEED);
+    pack_words(&mut out, &raw.data, degree, &widths(primes));
+    if let Some(seed) = &seed {
+        out.extend_from_slice(seed);
     }
-    let polys = count / (degree * primes.len());
-    let mut out = Vec::with_capacity(packed_len(polys, degree, primes) + seed.len());
-    pack_words(&mut out, &data, degree, &widths(primes));
-    out.extend_from_slice(seed);
-    Ok(out)
+    Ok((out, seed.is_some()))
 }
 
 /// SEAL's uncompressed bytes of the ciphertext packed by
 /// [`pack_ciphertext`]: `seeded` says whether its second polynomial is a
-/// seed record. The length must be exact (the seed record at most
-/// [`MAX_SEED_RECORD`] bytes) and every residue below its prime; what
-/// is returned goes to SEAL's validated loading.
+/// seed. The length must be exact, every residue below its prime and the
+/// PRNG type known; the seed record's header is written here, so that
+/// nothing in the input sets a size SEAL reads. What is returned goes to
+/// SEAL's validated loading.
 pub(crate) fn unpack_ciphertext(
     packed: &[u8],
     seeded: bool,
@@ -313,43 +344,34 @@ pub(crate) fn unpack_ciphertext(
 ) -> Result<Vec<u8>, String> {
     let polys = if seeded { 1 } else { 2 };
     let len = packed_len(polys, degree, primes);
-    if packed.len() < len {
-        return Err(format!("{} bytes where {len} are needed", packed.len()));
+    let want = len + if seeded { SEED } else { 0 };
+    if packed.len() != want {
+        return Err(format!("{} bytes where {want} are needed", packed.len()));
     }
-    let (coeffs, seed) = packed.split_at(len);
-    if seeded && (seed.is_empty() || seed.len() > MAX_SEED_RECORD) {
-        return Err(format!(
-            "a seed record of {} bytes (1 to {MAX_SEED_RECORD})",
-            seed.len()
-        ));
-    }
-    if !seeded && !seed.is_empty() {
-        return Err(format!("{} trailing bytes", seed.len()));
-    }
-    let data = unpack_words(coeffs, polys, degree, primes)?;
-    let total = HEADER + 32 + 1 + 5 * 8 + HEADER + 8 + data.len() * 8 + seed.len();
-    let mut out = Vec::with_capacity(total);
-    header(&mut out, total);
-    for w in parms_id {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out.push(1);
-    for w in [2, degree as u64, primes.len() as u64] {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out.extend_from_slice(&scale.to_bits().to_le_bytes());
-    out.extend_from_slice(&1u64.to_le_bytes());
-    push_nested(&mut out, &data);
-    out.extend_from_slice(seed);
-    debug_assert_eq!(out.len(), total);
-    Ok(out)
+    let (coeffs, rest) = packed.split_at(len);
+    let seed: Option<Seed> = if seeded {
+        check_prng(rest[0])?;
+        Some(rest.try_into().expect("length checked"))
+    } else {
+        None
+    };
+    let raw = RawCiphertext {
+        parms_id: *parms_id,
+        ntt: true,
+        size: 2,
+        degree,
+        primes: primes.len(),
+        scale,
+        data: unpack_words(coeffs, polys, degree, primes)?,
+    };
+    Ok(raw.to_bytes_with(seed.as_ref()))
 }
 
 /// Appends `words` (polynomial by polynomial, `degree` residues per prime)
 /// at `widths[j]` bits for prime `j`, least significant bit first. `degree`
 /// is a multiple of 64, so every prime's run ends on a word boundary.
 pub(crate) fn pack_words(out: &mut Vec<u8>, words: &[u64], degree: usize, widths: &[u32]) {
-    debug_assert_eq!(degree % 64, 0);
+    assert_eq!(degree % 64, 0, "degrees are powers of two from 1024");
     let (mut acc, mut held) = (0u128, 0u32);
     for (run, chunk) in words.chunks_exact(degree).enumerate() {
         let b = widths[run % widths.len()];

@@ -333,11 +333,14 @@ impl<R: Role> CkksContext<R> {
     ///
     /// Everything is checked before SEAL sees it and again by SEAL: the
     /// header, the key id, the length against the ciphertext count, each
-    /// ciphertext's compressed and decompressed size (decompression is
-    /// bounded, so a compression bomb is refused), then SEAL's own validation
-    /// against the context (known parameters, reduced coefficients), then the
-    /// level, size and scale this crate's arithmetic needs. Any failure is a
-    /// [`HeError::Malformed`] or [`HeError::Mismatch`].
+    /// ciphertext's exact packed length, every coefficient below its prime
+    /// and the seed's PRNG type, then SEAL's own validation against the
+    /// context of the bytes rebuilt here (SEAL never reads a size from the
+    /// input), then the level, size and scale this crate's arithmetic needs.
+    /// Format version 1 (deflated SEAL bytes) is inflated with a bound (a
+    /// compression bomb is refused) and parsed in full before the same
+    /// path. Any failure is a [`HeError::Malformed`] or
+    /// [`HeError::Mismatch`].
     pub fn load(&self, bytes: &[u8], form: Form) -> Result<EncryptedVector> {
         let malformed = |m: String| HeError::Malformed(m);
         let mut r = Reader::new(bytes);
@@ -463,10 +466,14 @@ impl CkksContext<Secret> {
 }
 
 const VECTOR_MAGIC: &[u8; 4] = b"FCKK";
+/// The envelope's header: magic, version, form, seeded flag, key id,
+/// length (u64), ciphertext count (u32).
+pub const ENVELOPE_HEADER: usize = 4 + 3 + 16 + 8 + 4;
 /// The packed format ([`raw::pack_ciphertext`]).
 const VERSION: u8 = 2;
-/// The format before 0.3 (each ciphertext as SEAL writes it, deflated),
-/// still read so that saved vectors (a server's checkpoint) load.
+/// Format version 1, before 0.2 (each ciphertext as SEAL writes it,
+/// deflated), still read so that saved vectors (a server's checkpoint)
+/// load; its SEAL bytes are parsed and rewritten before SEAL sees them.
 pub(crate) const DEFLATE_VERSION: u8 = 1;
 
 /// How an envelope's ciphertexts are written.
@@ -479,7 +486,7 @@ pub(crate) enum Encoding {
     Packed { seeded: bool },
 }
 
-fn encoding(version: u8, seeded: bool) -> Encoding {
+pub(crate) fn encoding(version: u8, seeded: bool) -> Encoding {
     if version == DEFLATE_VERSION {
         Encoding::Deflate
     } else {
@@ -529,7 +536,7 @@ impl EncryptedVector {
     }
 
     fn write(&self, seeded: bool) -> Result<Vec<u8>> {
-        let blobs = pack_all(&self.cts, &self.packing)?;
+        let blobs = pack_all(&self.cts, &self.packing, seeded)?;
         Ok(envelope(
             VERSION,
             self.form,
@@ -541,13 +548,27 @@ impl EncryptedVector {
     }
 }
 
-/// Each ciphertext packed ([`raw::pack_ciphertext`]), in parallel.
-pub(crate) fn pack_all(cts: &[seal::Ciphertext], packing: &Packing) -> Result<Vec<Vec<u8>>> {
+/// Each ciphertext packed ([`raw::pack_ciphertext`]), in parallel; each
+/// must be `seeded` or not, as the envelope will say.
+pub(crate) fn pack_all(
+    cts: &[seal::Ciphertext],
+    packing: &Packing,
+    seeded: bool,
+) -> Result<Vec<Vec<u8>>> {
     cts.par_iter()
         .map(|ct| {
             let p = packing;
-            raw::pack_ciphertext(&ct.to_bytes()?, p.degree, &p.primes, &p.parms_id, p.scale)
-                .map_err(|e| HeError::Seal(format!("packing: {e}")))
+            let (bytes, is_seeded) =
+                raw::pack_ciphertext(&ct.to_bytes()?, p.degree, &p.primes, &p.parms_id, p.scale)
+                    .map_err(|e| HeError::Seal(format!("packing: {e}")))?;
+            if is_seeded != seeded {
+                return Err(HeError::Seal(format!(
+                    "packing: a ciphertext that is {}seeded where the envelope says {}",
+                    if is_seeded { "" } else { "not " },
+                    if seeded { "seeded" } else { "not seeded" }
+                )));
+            }
+            Ok(bytes)
         })
         .collect()
 }
@@ -576,14 +597,24 @@ pub(crate) fn load_all<R: Role>(
         .par_iter()
         .enumerate()
         .map(|(i, blob)| {
+            let p = packing;
+            let unpack = |packed: &[u8], seeded: bool| {
+                raw::unpack_ciphertext(packed, seeded, p.degree, &p.primes, &p.parms_id, scale)
+                    .map_err(|e| malformed(format!("{what} {i}: {e}")))
+            };
             let raw = match encoding {
-                Encoding::Deflate => inflate(blob, max_raw)
-                    .map_err(|e| malformed(format!("{what} {i}: decompression: {e}")))?,
-                Encoding::Packed { seeded } => {
-                    let p = packing;
-                    raw::unpack_ciphertext(blob, seeded, p.degree, &p.primes, &p.parms_id, scale)
-                        .map_err(|e| malformed(format!("{what} {i}: {e}")))?
+                // The old format's SEAL bytes are parsed here in full and
+                // rewritten, so that SEAL sees only headers this crate wrote
+                // (a header of SEAL's format can ask for any allocation).
+                Encoding::Deflate => {
+                    let raw = inflate(blob, max_raw)
+                        .map_err(|e| malformed(format!("{what} {i}: decompression: {e}")))?;
+                    let (packed, seeded) =
+                        raw::pack_ciphertext(&raw, p.degree, &p.primes, &p.parms_id, scale)
+                            .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
+                    unpack(&packed, seeded)?
                 }
+                Encoding::Packed { seeded } => unpack(blob, seeded)?,
             };
             let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
                 .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
@@ -646,7 +677,7 @@ fn envelope(
 #[doc(hidden)]
 pub mod fuzzing {
     use super::*;
-    pub use super::{deflate, inflate};
+    pub use super::{ENVELOPE_HEADER, deflate, inflate};
     pub use crate::context::fuzz_key_file as key_file;
     pub use crate::gram::fuzz_eval_keys as eval_keys;
 
@@ -665,14 +696,14 @@ pub mod fuzzing {
         )
     }
 
-    /// `encrypt_compact`'s upload in the format before 0.3 (each seeded
+    /// `encrypt_compact`'s upload in format version 1 (each seeded
     /// ciphertext as SEAL writes it, deflated): what the bench compares the
     /// packed form with, and what the tests load to show it still loads.
     pub fn encrypt_compact_deflated(ctx: &CkksContext<Secret>, values: &[f64]) -> Result<Vec<u8>> {
         write_deflated(&ctx.encrypt_seeded(values)?, true)
     }
 
-    /// [`EncryptedVector::to_bytes`] in the format before 0.3.
+    /// [`EncryptedVector::to_bytes`] in format version 1.
     pub fn to_deflated_bytes(v: &EncryptedVector) -> Result<Vec<u8>> {
         write_deflated(v, false)
     }
@@ -697,7 +728,7 @@ pub mod fuzzing {
     /// ciphertext (its first polynomial and seed record), for the tests
     /// that mutate SEAL's own format.
     pub fn first_seal_bytes<R: Role>(ctx: &CkksContext<R>, upload: &[u8]) -> Result<Vec<u8>> {
-        let header = 4 + 3 + 16 + 8 + 4;
+        let header = ENVELOPE_HEADER;
         let blob = upload
             .get(header + 4..)
             .ok_or_else(|| HeError::Malformed("too short".into()))?;

@@ -160,10 +160,9 @@ fn packed_uploads_hold_each_coefficient_in_its_prime_s_bits() {
         deflated.len() as f64 / 14_350.0
     );
     // Four ciphertexts of one polynomial: 8192 coefficients of 60 + 40 bits
-    // (102,400 B), a seed record (at most 256 B) and a length; a 35-byte
+    // (102,400 B), the PRNG type and seed (65 B) and a length; a 35-byte
     // header.
-    let coefficients = 4 * 8192 * 100 / 8;
-    assert!(packed.len() > coefficients && packed.len() <= 35 + coefficients + 4 * 260);
+    assert_eq!(packed.len(), 35 + 4 * (4 + 8192 * 100 / 8 + 65));
     assert!(packed.len() < deflated.len());
     // Both formats load and decrypt to the values.
     for bytes in [&packed, &deflated] {
@@ -195,6 +194,12 @@ fn packed_uploads_hold_each_coefficient_in_its_prime_s_bits() {
             .contains("ciphertext 0: polynomial 0: coefficient 0 of prime 0 is not reduced"),
         "{e}"
     );
+    // An unknown PRNG type in the seed (the byte after the first
+    // ciphertext's coefficients).
+    let mut bad = packed.clone();
+    bad[at + 8192 * 100 / 8] = 7;
+    let e = h.load(&bad, Form::Fresh).unwrap_err();
+    assert!(e.to_string().contains("unknown PRNG type 7"), "{e}");
     // A seeded flag on a sum's bytes, or none on an upload's, is a length
     // error, not a misread.
     let mut flagged = sum.clone();
@@ -395,7 +400,7 @@ fn truncated_random_and_bomb_bytes_are_typed_errors() {
     // A valid header of the deflated format (version 1, still read)
     // followed by a deflate bomb: 64 MB of zeros compress to a few KB;
     // decompression stops at the largest valid ciphertext.
-    let header_len = 4 + 3 + 16 + 8 + 4;
+    let header_len = fedcore_he::fuzzing::ENVELOPE_HEADER;
     let mut bomb = upload[..header_len].to_vec();
     bomb[4] = 1;
     bomb[header_len - 12..header_len - 4].copy_from_slice(&1u64.to_le_bytes());
@@ -418,6 +423,35 @@ fn truncated_random_and_bomb_bytes_are_typed_errors() {
         h.load(&junk, Form::Fresh),
         Err(HeError::Malformed(_))
     ));
+}
+
+/// The old format's SEAL bytes are parsed before SEAL sees them: a SEAL
+/// header (the ciphertext's, its coefficients' or its seed record's) that
+/// claims compression and a huge size would make SEAL allocate that size
+/// (and abort when it cannot); each is refused with a reason instead.
+#[test]
+fn format_1_headers_asking_seal_to_allocate_are_refused() {
+    let h = hospital();
+    let (_, raw) = small_upload();
+    assert!(
+        h.load(&fedcore_he::fuzzing::wrap(h, raw, Form::Fresh), Form::Fresh)
+            .is_ok()
+    );
+    let seed_header = raw.len() - 81;
+    let nested_header = 16 + 32 + 1 + 5 * 8;
+    for at in [0, nested_header, seed_header] {
+        let mut bad = raw.clone();
+        bad[at + 5] = 2; // zstd
+        bad[at + 8..at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let e = h
+            .load(
+                &fedcore_he::fuzzing::wrap(h, &bad, Form::Fresh),
+                Form::Fresh,
+            )
+            .unwrap_err();
+        assert!(matches!(e, HeError::Malformed(_)), "{e}");
+        assert!(e.to_string().contains("compressed"), "header at {at}: {e}");
+    }
 }
 
 /// A small upload, and the SEAL bytes inside its first ciphertext, for the

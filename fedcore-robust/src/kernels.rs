@@ -218,7 +218,13 @@ fn batcher(n: usize) -> Vec<(usize, usize)> {
 /// network `pairs`, then writes the mean of rows `lo..hi` of each column to
 /// `out`, summed in f64 in row order.
 #[multiversion(targets = "simd")]
-fn network_block(rows: &mut [f32], pairs: &[(usize, usize)], lo: usize, hi: usize, out: &mut [f32]) {
+fn network_block(
+    rows: &mut [f32],
+    pairs: &[(usize, usize)],
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) {
     let len = out.len();
     for &(a, b) in pairs {
         let (low, high) = rows.split_at_mut(b * len);
@@ -360,7 +366,18 @@ mod tests {
         // Network path (n <= NETWORK_MAX) and selection path, a partial
         // last block, ties, and every (lo, hi) window kind the callers use.
         let d = LANES + 7;
-        for n in [1usize, 2, 3, 10, 24, 25, 40, 100, NETWORK_MAX, NETWORK_MAX + 1] {
+        for n in [
+            1usize,
+            2,
+            3,
+            10,
+            24,
+            25,
+            40,
+            100,
+            NETWORK_MAX,
+            NETWORK_MAX + 1,
+        ] {
             let xs: Vec<Vec<f32>> = (0..n)
                 .map(|k| {
                     (0..d)
