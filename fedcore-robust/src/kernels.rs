@@ -28,10 +28,13 @@ pub(crate) fn weighted_mean_and_sq_dists(xs: &[&[f32]], w: &[f64], out: &mut [f6
     let total: f64 = w.iter().sum();
     let w: Vec<f64> = w.iter().map(|&v| v / total).collect();
     let n = xs.len();
-    out.par_chunks_mut(CHUNK)
+    // Blocks small enough that the second read of every input's block (for
+    // the distances) comes from L2: 512 KB of inputs per block.
+    let block = (131_072 / n.max(1)).clamp(1024, CHUNK) / 64 * 64;
+    out.par_chunks_mut(block)
         .enumerate()
         .map(|(c, z)| {
-            let start = c * CHUNK;
+            let start = c * block;
             let len = z.len();
             z.fill(0.0);
             for (x, &wi) in xs.iter().zip(&w) {
