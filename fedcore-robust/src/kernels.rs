@@ -280,7 +280,7 @@ const LANES: usize = 1024;
 /// Batcher's odd-even merge sort on `n` wires: its compare-exchanges `(a, b)`,
 /// `a < b`, in order. It is the network for the next power of two with the
 /// wires from `n` on removed: they would hold +inf, which no
-/// compare-exchange moves. `n log^2 n / 4` of them about (1,225 at n = 100,
+/// compare-exchange moves. About `n log^2 n / 4` of them (1,104 at n = 100,
 /// against 4,950 for odd-even transposition).
 fn batcher(n: usize) -> Vec<(usize, usize)> {
     let size = n.next_power_of_two();
