@@ -308,9 +308,53 @@ pub(crate) fn pack_ciphertext(
     parms_id: &ParmsId,
     scale: f64,
 ) -> Result<(Vec<u8>, bool), String> {
+    let (raw, seed) = checked(seal, degree, primes, parms_id, scale)?;
+    let polys = raw.data.len() / (degree * primes.len());
+    let mut out = Vec::with_capacity(packed_len(polys, degree, primes) + SEED);
+    pack_words(&mut out, &raw.data, degree, &widths(primes));
+    if let Some(seed) = &seed {
+        out.extend_from_slice(seed);
+    }
+    Ok((out, seed.is_some()))
+}
+
+/// SEAL's bytes of a ciphertext (format 1 of an encrypted vector: SEAL's
+/// own, from untrusted hands) checked as [`pack_ciphertext`] checks them
+/// and written anew, so that SEAL reads no header this crate did not write.
+pub(crate) fn rewrite_ciphertext(
+    seal: &[u8],
+    degree: usize,
+    primes: &[u64],
+    parms_id: &ParmsId,
+    scale: f64,
+) -> Result<Vec<u8>, String> {
+    let (raw, seed) = checked(seal, degree, primes, parms_id, scale)?;
+    Ok(raw.to_bytes_with(seed.as_ref()))
+}
+
+/// Parses SEAL's ciphertext bytes ([`RawCiphertext::parse_any`]) and checks
+/// the level, NTT form and scale against what is expected and every
+/// coefficient against its prime.
+fn checked(
+    seal: &[u8],
+    degree: usize,
+    primes: &[u64],
+    parms_id: &ParmsId,
+    scale: f64,
+) -> Result<(RawCiphertext, Option<Seed>), String> {
     let (raw, seed) = RawCiphertext::parse_any(seal, degree, primes.len())?;
-    if &raw.parms_id != parms_id || !raw.ntt || raw.primes != primes.len() {
-        return Err("ciphertext: not an NTT-form ciphertext at the expected level".into());
+    if raw.primes != primes.len() {
+        return Err(format!(
+            "ciphertext: {} primes where the level has {}",
+            raw.primes,
+            primes.len()
+        ));
+    }
+    if &raw.parms_id != parms_id {
+        return Err("ciphertext: at another level than expected".into());
+    }
+    if !raw.ntt {
+        return Err("ciphertext: not in NTT form".into());
     }
     if raw.scale != scale {
         return Err(format!(
@@ -319,13 +363,16 @@ pub(crate) fn pack_ciphertext(
             scale.log2()
         ));
     }
-    let polys = raw.data.len() / (degree * primes.len());
-    let mut out = Vec::with_capacity(packed_len(polys, degree, primes) + SEED);
-    pack_words(&mut out, &raw.data, degree, &widths(primes));
-    if let Some(seed) = &seed {
-        out.extend_from_slice(seed);
+    for (run, chunk) in raw.data.chunks_exact(degree).enumerate() {
+        let (j, q) = (run % primes.len(), primes[run % primes.len()]);
+        if let Some(i) = chunk.iter().position(|&w| w >= q) {
+            return Err(format!(
+                "polynomial {}: coefficient {i} of prime {j} is not reduced",
+                run / primes.len()
+            ));
+        }
     }
-    Ok((out, seed.is_some()))
+    Ok((raw, seed))
 }
 
 /// SEAL's uncompressed bytes of the ciphertext packed by

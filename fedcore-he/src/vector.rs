@@ -598,10 +598,6 @@ pub(crate) fn load_all<R: Role>(
         .enumerate()
         .map(|(i, blob)| {
             let p = packing;
-            let unpack = |packed: &[u8], seeded: bool| {
-                raw::unpack_ciphertext(packed, seeded, p.degree, &p.primes, &p.parms_id, scale)
-                    .map_err(|e| malformed(format!("{what} {i}: {e}")))
-            };
             let raw = match encoding {
                 // The old format's SEAL bytes are parsed here in full and
                 // rewritten, so that SEAL sees only headers this crate wrote
@@ -609,12 +605,13 @@ pub(crate) fn load_all<R: Role>(
                 Encoding::Deflate => {
                     let raw = inflate(blob, max_raw)
                         .map_err(|e| malformed(format!("{what} {i}: decompression: {e}")))?;
-                    let (packed, seeded) =
-                        raw::pack_ciphertext(&raw, p.degree, &p.primes, &p.parms_id, scale)
-                            .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
-                    unpack(&packed, seeded)?
+                    raw::rewrite_ciphertext(&raw, p.degree, &p.primes, &p.parms_id, scale)
+                        .map_err(|e| malformed(format!("{what} {i}: {e}")))?
                 }
-                Encoding::Packed { seeded } => unpack(blob, seeded)?,
+                Encoding::Packed { seeded } => {
+                    raw::unpack_ciphertext(blob, seeded, p.degree, &p.primes, &p.parms_id, scale)
+                        .map_err(|e| malformed(format!("{what} {i}: {e}")))?
+                }
             };
             let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
                 .map_err(|e| malformed(format!("{what} {i}: {e}")))?;

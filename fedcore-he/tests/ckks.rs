@@ -452,6 +452,23 @@ fn format_1_headers_asking_seal_to_allocate_are_refused() {
         assert!(matches!(e, HeError::Malformed(_)), "{e}");
         assert!(e.to_string().contains("compressed"), "header at {at}: {e}");
     }
+    // An unreduced coefficient in the old format is refused as in the new
+    // one (the first residue, after the headers and metadata, all ones).
+    let mut bad = raw.clone();
+    let first = nested_header + 16 + 8;
+    bad[first..first + 7].fill(0xFF);
+    bad[first + 7] |= 0x0F;
+    let e = h
+        .load(
+            &fedcore_he::fuzzing::wrap(h, &bad, Form::Fresh),
+            Form::Fresh,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("coefficient 0 of prime 0 is not reduced"),
+        "{e}"
+    );
 }
 
 /// A small upload, and the SEAL bytes inside its first ciphertext, for the
