@@ -37,7 +37,7 @@ use crate::multiparty::{
     expect_magic,
 };
 use crate::reader::Reader;
-use crate::sealer::{check_len, open_sum};
+use crate::sealer::{check_len, load_sealed, open_sum, seal_values};
 use crate::vector::{EncryptedVector, Form};
 
 /// How many key switches a hospital answers in one round: the first ask
@@ -417,19 +417,17 @@ impl SealedAggregator for KeySwitchSum {
     }
 
     fn seal_initial(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
-        let v = self.output.encrypt_public(&values)?;
-        Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
+        seal_values(layout, values, |v| {
+            self.output.encrypt_public(v)?.to_bytes()
+        })
     }
 
     fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
-        let v = self.collective.context().load(part.bytes(), Form::Fresh)?;
-        Ok(check_len(part.layout(), v.len())?)
+        load_sealed(self.collective.context(), part, Form::Fresh).map(drop)
     }
 
     fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {
-        let v = self.output.load(global.bytes(), Form::Sum)?;
-        Ok(check_len(global.layout(), v.len())?)
+        load_sealed(&self.output, global, Form::Sum).map(drop)
     }
 
     fn accumulate(
@@ -459,8 +457,7 @@ impl SealedAggregator for KeySwitchSum {
             )
             .into());
         }
-        let g = self.output.load(global.bytes(), Form::Sum)?;
-        check_len(global.layout(), g.len())?;
+        let g = load_sealed(&self.output, global, Form::Sum)?;
         let next = self.output.add(&g, &pending.switched)?;
         Ok(SealedTensors::new(
             global.layout().clone(),
@@ -497,10 +494,9 @@ impl Sealer for MultipartySealer {
     }
 
     fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        check_len(layout, values.len())?;
-        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
-        let v = self.collective.encrypt_upload(&values)?;
-        Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
+        seal_values(layout, values, |v| {
+            self.collective.encrypt_upload(v)?.to_bytes()
+        })
     }
 }
 

@@ -250,12 +250,10 @@ fn check_reduced(data: &[u64], primes: &[u64], degree: usize, what: &str) -> Res
             primes.len()
         )));
     }
-    for (j, (chunk, &q)) in data.chunks_exact(degree).zip(primes).enumerate() {
-        if let Some(c) = chunk.iter().position(|&x| x >= q) {
-            return Err(HeError::Malformed(format!(
-                "{what}: coefficient {c} of prime {j} is not reduced"
-            )));
-        }
+    if let Some((_, j, c)) = raw::unreduced(data, primes, degree) {
+        return Err(HeError::Malformed(format!(
+            "{what}: coefficient {c} of prime {j} is not reduced"
+        )));
     }
     Ok(())
 }

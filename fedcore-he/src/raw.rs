@@ -363,16 +363,31 @@ fn checked(
             scale.log2()
         ));
     }
-    for (run, chunk) in raw.data.chunks_exact(degree).enumerate() {
-        let (j, q) = (run % primes.len(), primes[run % primes.len()]);
-        if let Some(i) = chunk.iter().position(|&w| w >= q) {
-            return Err(format!(
-                "polynomial {}: coefficient {i} of prime {j} is not reduced",
-                run / primes.len()
-            ));
-        }
+    if let Some((poly, j, i)) = unreduced(&raw.data, primes, degree) {
+        return Err(format!(
+            "polynomial {poly}: coefficient {i} of prime {j} is not reduced"
+        ));
     }
     Ok((raw, seed))
+}
+
+/// The first coefficient of `data` (polynomials of `degree` residues per
+/// prime, prime by prime) that is not below its prime, as (polynomial,
+/// prime, coefficient).
+pub(crate) fn unreduced(
+    data: &[u64],
+    primes: &[u64],
+    degree: usize,
+) -> Option<(usize, usize, usize)> {
+    data.chunks_exact(degree)
+        .enumerate()
+        .find_map(|(run, chunk)| {
+            let (j, q) = (run % primes.len(), primes[run % primes.len()]);
+            chunk
+                .iter()
+                .position(|&w| w >= q)
+                .map(|i| (run / primes.len(), j, i))
+        })
 }
 
 /// SEAL's uncompressed bytes of the ciphertext packed by

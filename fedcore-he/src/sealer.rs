@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use fedcore::{Layout, SealedAggregator, SealedTensors, Sealer};
 
-use crate::context::{CkksContext, Public, Secret};
+use crate::context::{CkksContext, Public, Role, Secret};
 use crate::error::HeError;
 use crate::vector::{EncryptedVector, Form};
 
@@ -23,6 +23,31 @@ pub(crate) fn check_len(layout: &Layout, n: usize) -> crate::Result<()> {
     Ok(())
 }
 
+/// Loads and validates `sealed` as `form` under `ctx`, with the length its
+/// layout names.
+pub(crate) fn load_sealed<R: Role>(
+    ctx: &CkksContext<R>,
+    sealed: &SealedTensors,
+    form: Form,
+) -> fedcore::Result<EncryptedVector> {
+    let v = ctx.load(sealed.bytes(), form)?;
+    check_len(sealed.layout(), v.len())?;
+    Ok(v)
+}
+
+/// Checks `values` against `layout` and seals them with `encrypt` (the
+/// values in f64 in, the vector's bytes out): what every sealer's `seal`
+/// and every sealed aggregator's `seal_initial` does.
+pub(crate) fn seal_values(
+    layout: &Arc<Layout>,
+    values: &[f32],
+    encrypt: impl FnOnce(&[f64]) -> crate::Result<Vec<u8>>,
+) -> fedcore::Result<SealedTensors> {
+    check_len(layout, values.len())?;
+    let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+    Ok(SealedTensors::new(layout.clone(), encrypt(&values)?))
+}
+
 /// Loads sealed global values (a [`Form::Sum`] vector of the layout's
 /// length) and decrypts them with `ctx`: what every hospital-side sealer's
 /// `open` does.
@@ -30,8 +55,7 @@ pub(crate) fn open_sum(
     ctx: &CkksContext<Secret>,
     sealed: &SealedTensors,
 ) -> fedcore::Result<Vec<f32>> {
-    let v = ctx.load(sealed.bytes(), Form::Sum)?;
-    check_len(sealed.layout(), v.len())?;
+    let v = load_sealed(ctx, sealed, Form::Sum)?;
     let values = ctx.decrypt(&v)?;
     Ok(values.into_iter().map(|x| x as f32).collect())
 }
@@ -61,10 +85,7 @@ impl Sealer for CkksSealer {
     }
 
     fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        check_len(layout, values.len())?;
-        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
-        let bytes = self.ctx.encrypt_compact(&values)?;
-        Ok(SealedTensors::new(layout.clone(), bytes))
+        seal_values(layout, values, |v| self.ctx.encrypt_compact(v))
     }
 }
 
@@ -85,9 +106,7 @@ impl CkksSum {
 impl CkksSum {
     /// Loads and validates `sealed` as `form`, with the length its layout names.
     fn load(&self, sealed: &SealedTensors, form: Form) -> fedcore::Result<EncryptedVector> {
-        let v = self.ctx.load(sealed.bytes(), form)?;
-        check_len(sealed.layout(), v.len())?;
-        Ok(v)
+        load_sealed(&self.ctx, sealed, form)
     }
 }
 
@@ -97,10 +116,7 @@ impl SealedAggregator for CkksSum {
     }
 
     fn seal_initial(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        check_len(layout, values.len())?;
-        let values: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
-        let v = self.ctx.encrypt_public(&values)?;
-        Ok(SealedTensors::new(layout.clone(), v.to_bytes()?))
+        seal_values(layout, values, |v| self.ctx.encrypt_public(v)?.to_bytes())
     }
 
     fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
