@@ -13,10 +13,9 @@
 //! The arithmetic kernels are compiled for several instruction sets
 //! (`multiversion`'s "simd" list: AVX2 + FMA, SSE4.2, NEON, and the
 //! baseline the crate is built for) and pick the best the CPU has at run
-//! time. Rust never
-//! fuses a multiply and an add on its own and the lanes fix the order of
-//! every sum, so each version returns the same bits; only the vector width
-//! differs.
+//! time. Rust never fuses a multiply and an add on its own and the lanes
+//! fix the order of every sum, so each version returns the same bits; only
+//! the vector width differs.
 
 use fedcore::aggregate::CHUNK;
 use multiversion::multiversion;
