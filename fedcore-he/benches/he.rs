@@ -1,12 +1,13 @@
 //! CKKS costs at the default parameters (degree 8192, [60, 40, 40, 60],
-//! scale 2^40) for the DenseNet-121 head (14,350 values = 4 ciphertexts) and
+//! scale 2^40) for the DenseNet-121 head (14,350 values = 4 ciphertexts at
+//! one value per slot, 2 at two per slot: the `_2perslot` rows) and
 //! per ciphertext (4096 values, TenSEAL's benchmark size), plus upload sizes.
 //!
 //! `cargo bench -p fedcore-he --bench he`; numbers in docs/benchmarks.md.
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form};
+use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form, SlotPacking};
 
 const HEAD: usize = 1024 * 14 + 14;
 
@@ -46,7 +47,22 @@ fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
             .expect("bytes")
             .len(),
     );
+    let two = h.clone().with_slot_packing(SlotPacking::Complex);
+    let compact2 = two.encrypt_compact(&v).expect("compact").len();
+    let sum2 = two
+        .public()
+        .weighted_sum(&[&two.encrypt(&v).expect("e")], &[1.0])
+        .expect("sum")
+        .to_bytes()
+        .expect("bytes")
+        .len();
     let per = |b: usize| b as f64 / HEAD as f64;
+    eprintln!(
+        "two values per slot (SlotPacking::Complex, CkksSum's default): compact upload {compact2} B = {:.1} B/value; \
+         the sum sent back {sum2} B = {:.1} B/value",
+        per(compact2),
+        per(sum2)
+    );
     eprintln!(
         "upload of the {HEAD}-value head: compact (seeded, lowest level, packed) {compact} B = {:.1} B/value; \
          the same deflated (format 1, before 0.2) {deflated} B = {:.1} B/value; \
@@ -90,59 +106,70 @@ fn bench(c: &mut Criterion) {
         b.iter(|| h.decrypt(black_box(&sum_a)).expect("decrypt"))
     });
 
-    // The head.
+    // The head, one value per slot (what the encrypted median needs) and
+    // two (what `CkksSum` seals by default), side by side.
     let head = values(HEAD, 3);
-    g.bench_function("encrypt_compact/head", |b| {
-        b.iter(|| h.encrypt_compact(black_box(&head)).expect("encrypt"))
-    });
     g.bench_function("encrypt_compact_deflated/head", |b| {
         b.iter(|| fedcore_he::fuzzing::encrypt_compact_deflated(&h, black_box(&head)).expect("e"))
-    });
-    let upload = h.encrypt_compact(&head).expect("encrypt");
-    g.bench_function("load_upload/head", |b| {
-        b.iter(|| s.load(black_box(&upload), Form::Fresh).expect("load"))
     });
     let deflated = fedcore_he::fuzzing::encrypt_compact_deflated(&h, &head).expect("e");
     g.bench_function("load_upload_deflated/head", |b| {
         b.iter(|| s.load(black_box(&deflated), Form::Fresh).expect("load"))
     });
-    for n in [3usize, 10] {
-        let parts: Vec<EncryptedVector> = (0..n)
-            .map(|i| {
-                s.load(
-                    &h.encrypt_compact(&values(HEAD, i as u64)).expect("e"),
-                    Form::Fresh,
-                )
-                .expect("load")
-            })
-            .collect();
-        let refs: Vec<&EncryptedVector> = parts.iter().collect();
-        let w = vec![1.0 / n as f64; n];
-        g.bench_with_input(BenchmarkId::new("weighted_sum/head", n), &n, |b, _| {
-            b.iter(|| s.weighted_sum(black_box(&refs), &w).expect("sum"))
+    for (tag, packing) in [("", SlotPacking::Real), ("_2perslot", SlotPacking::Complex)] {
+        let h = h.clone().with_slot_packing(packing);
+        let s = h.public();
+        g.bench_function(format!("encrypt_compact{tag}/head"), |b| {
+            b.iter(|| h.encrypt_compact(black_box(&head)).expect("encrypt"))
+        });
+        let upload = h.encrypt_compact(&head).expect("encrypt");
+        g.bench_function(format!("load_upload{tag}/head"), |b| {
+            b.iter(|| s.load(black_box(&upload), Form::Fresh).expect("load"))
+        });
+        for n in [3usize, 10] {
+            let parts: Vec<EncryptedVector> = (0..n)
+                .map(|i| {
+                    s.load(
+                        &h.encrypt_compact(&values(HEAD, i as u64)).expect("e"),
+                        Form::Fresh,
+                    )
+                    .expect("load")
+                })
+                .collect();
+            let refs: Vec<&EncryptedVector> = parts.iter().collect();
+            let w = vec![1.0 / n as f64; n];
+            g.bench_with_input(
+                BenchmarkId::new(format!("weighted_sum{tag}/head"), n),
+                &n,
+                |b, _| b.iter(|| s.weighted_sum(black_box(&refs), &w).expect("sum")),
+            );
+        }
+        let head_sum = {
+            let p = h.encrypt(&head).expect("e");
+            s.weighted_sum(&[&p], &[1.0]).expect("sum")
+        };
+        g.bench_function(format!("serialize_sum{tag}/head"), |b| {
+            b.iter(|| black_box(&head_sum).to_bytes().expect("bytes"))
+        });
+        if packing == SlotPacking::Real {
+            g.bench_function("serialize_sum_deflated/head", |b| {
+                b.iter(|| {
+                    fedcore_he::fuzzing::to_deflated_bytes(black_box(&head_sum)).expect("bytes")
+                })
+            });
+            let deflated = fedcore_he::fuzzing::to_deflated_bytes(&head_sum).expect("bytes");
+            g.bench_function("deserialize_sum_deflated/head", |b| {
+                b.iter(|| h.load(black_box(&deflated), Form::Sum).expect("load"))
+            });
+        }
+        let bytes = head_sum.to_bytes().expect("bytes");
+        g.bench_function(format!("deserialize_sum{tag}/head"), |b| {
+            b.iter(|| h.load(black_box(&bytes), Form::Sum).expect("load"))
+        });
+        g.bench_function(format!("decrypt{tag}/head"), |b| {
+            b.iter(|| h.decrypt(black_box(&head_sum)).expect("decrypt"))
         });
     }
-    let head_sum = {
-        let p = h.encrypt(&head).expect("e");
-        s.weighted_sum(&[&p], &[1.0]).expect("sum")
-    };
-    g.bench_function("serialize_sum/head", |b| {
-        b.iter(|| black_box(&head_sum).to_bytes().expect("bytes"))
-    });
-    g.bench_function("serialize_sum_deflated/head", |b| {
-        b.iter(|| fedcore_he::fuzzing::to_deflated_bytes(black_box(&head_sum)).expect("bytes"))
-    });
-    let bytes = head_sum.to_bytes().expect("bytes");
-    g.bench_function("deserialize_sum/head", |b| {
-        b.iter(|| h.load(black_box(&bytes), Form::Sum).expect("load"))
-    });
-    let deflated = fedcore_he::fuzzing::to_deflated_bytes(&head_sum).expect("bytes");
-    g.bench_function("deserialize_sum_deflated/head", |b| {
-        b.iter(|| h.load(black_box(&deflated), Form::Sum).expect("load"))
-    });
-    g.bench_function("decrypt/head", |b| {
-        b.iter(|| h.decrypt(black_box(&head_sum)).expect("decrypt"))
-    });
     g.finish();
 }
 

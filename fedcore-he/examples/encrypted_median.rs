@@ -33,7 +33,7 @@ use fedcore::{
 };
 use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian,
-    EncryptedVector, Form, Public, Secret,
+    EncryptedVector, Form, Public, Secret, SlotPacking,
 };
 use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
@@ -167,7 +167,10 @@ fn round(
                 transport,
                 EncryptedMedian::new(public.clone())?,
             )?
-            .with_sealing(&["*"], CkksSum::new(public.clone()))?;
+            .with_sealing(
+                &["*"],
+                CkksSum::new(public.clone()).with_slot_packing(SlotPacking::Real),
+            )?;
             let (s, server) = run(server)?;
             let sealed = server.sealed_global().ok_or("nothing sealed")?;
             (s, secret.decrypt(&secret.load(sealed.bytes(), Form::Sum)?)?)

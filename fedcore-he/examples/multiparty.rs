@@ -14,15 +14,18 @@
 //! hospitals' output key, the server combines the answers and a hospital
 //! decrypts. Then the same with threshold keys (t = n - 1): every hospital
 //! deals Shamir shares of its secret to the others, the last hospital drops
-//! out, and the others answer the switch. Times are wall-clock on all cores; "per hospital" times are one
-//! hospital's work (the hospitals run one after another here).
+//! out, and the others answer the switch. Every length runs with one value
+//! per CKKS slot and with two (`SlotPacking::Complex`, the default of
+//! `CkksSum` and `KeySwitchSum`). Times are wall-clock on all cores; "per
+//! hospital" times are one hospital's work (the hospitals run one after
+//! another here).
 
 use std::time::Instant;
 
 use fedcore_he::multiparty::{
     CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster, SwitchShare, ThresholdKey,
 };
-use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form};
+use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form, SlotPacking};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -128,104 +131,110 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let plain = updates(n, len);
         println!("\n## {len} values");
 
-        // Today: one key, compact symmetric uploads.
-        let single = CkksContext::generate(CkksParams::default())?;
-        let server = single.public();
-        let t = Instant::now();
-        let up = single.encrypt_compact(&plain[0])?;
-        let enc1 = ms(t);
-        let up_bytes = up.len();
-        let mut loaded = vec![server.load(&up, Form::Fresh)?];
-        drop(up);
-        for v in &plain[1..] {
-            loaded.push(server.load(&single.encrypt_compact(v)?, Form::Fresh)?);
-        }
-        let refs: Vec<&EncryptedVector> = loaded.iter().collect();
-        let t = Instant::now();
-        let sum = server.weighted_sum(&refs, &weights)?;
-        let sum1 = ms(t);
-        let sum_bytes = sum.to_bytes()?;
-        drop(loaded);
-        let t = Instant::now();
-        let got = single.decrypt(&single.load(&sum_bytes, Form::Sum)?)?;
-        let dec1 = ms(t);
-        println!(
-            "single key: upload {enc1:.1} ms, {up_bytes} B ({:.1} B/value); server sum {sum1:.1} ms; sum {} B; load + decrypt {dec1:.1} ms; max error {:.1e}",
-            up_bytes as f64 / len as f64,
-            sum_bytes.len(),
-            max_error(&got, &plain, &weights)
-        );
-        drop(sum_bytes);
+        for packing in [SlotPacking::Real, SlotPacking::Complex] {
+            println!(
+                "### {packing:?} slots ({} per slot)",
+                packing.values_per_slot()
+            );
+            // Today: one key, compact symmetric uploads.
+            let single = CkksContext::generate(CkksParams::default())?.with_slot_packing(packing);
+            let server = single.public();
+            let t = Instant::now();
+            let up = single.encrypt_compact(&plain[0])?;
+            let enc1 = ms(t);
+            let up_bytes = up.len();
+            let mut loaded = vec![server.load(&up, Form::Fresh)?];
+            drop(up);
+            for v in &plain[1..] {
+                loaded.push(server.load(&single.encrypt_compact(v)?, Form::Fresh)?);
+            }
+            let refs: Vec<&EncryptedVector> = loaded.iter().collect();
+            let t = Instant::now();
+            let sum = server.weighted_sum(&refs, &weights)?;
+            let sum1 = ms(t);
+            let sum_bytes = sum.to_bytes()?;
+            drop(loaded);
+            let t = Instant::now();
+            let got = single.decrypt(&single.load(&sum_bytes, Form::Sum)?)?;
+            let dec1 = ms(t);
+            println!(
+                "single key: upload {enc1:.1} ms, {up_bytes} B ({:.1} B/value); server sum {sum1:.1} ms; sum {} B; load + decrypt {dec1:.1} ms; max error {:.1e}",
+                up_bytes as f64 / len as f64,
+                sum_bytes.len(),
+                max_error(&got, &plain, &weights)
+            );
+            drop(sum_bytes);
 
-        // Multiparty: uploads under the collective key, a key switch.
-        let server = collective.context();
-        let t = Instant::now();
-        let up = server.encrypt_upload(&plain[0])?.to_bytes()?;
-        let enc = ms(t);
-        let up_bytes = up.len();
-        let mut loaded = vec![server.load(&up, Form::Fresh)?];
-        drop(up);
-        for v in &plain[1..] {
-            loaded.push(server.load(&server.encrypt_upload(v)?.to_bytes()?, Form::Fresh)?);
+            // Multiparty: uploads under the collective key, a key switch.
+            let server = collective.context().clone().with_slot_packing(packing);
+            let t = Instant::now();
+            let up = server.encrypt_upload(&plain[0])?.to_bytes()?;
+            let enc = ms(t);
+            let up_bytes = up.len();
+            let mut loaded = vec![server.load(&up, Form::Fresh)?];
+            drop(up);
+            for v in &plain[1..] {
+                loaded.push(server.load(&server.encrypt_upload(v)?.to_bytes()?, Form::Fresh)?);
+            }
+            let refs: Vec<&EncryptedVector> = loaded.iter().collect();
+            let t = Instant::now();
+            let sum = server.weighted_sum(&refs, &weights)?;
+            let summed = ms(t);
+            drop(loaded);
+            let out = output.public();
+            let t = Instant::now();
+            let mut answers = Vec::with_capacity(n);
+            let mut share_bytes = 0;
+            for p in &parties {
+                let b = p.switch_share(&collective, &sum, &out)?.to_bytes();
+                share_bytes = b.len();
+                answers.push(b);
+            }
+            let answer = ms(t) / n as f64;
+            let t = Instant::now();
+            let answers: Vec<SwitchShare> = answers
+                .iter()
+                .map(|b| SwitchShare::from_bytes(&collective, b))
+                .collect::<Result<_, _>>()?;
+            let switched = collective.switch(&sum, &out, &answers)?.to_bytes()?;
+            let switched_len = switched.len();
+            let combine = ms(t);
+            drop(answers);
+            let t = Instant::now();
+            let got = output.decrypt(&output.load(&switched, Form::Sum)?)?;
+            let dec = ms(t);
+            drop(switched);
+            let error = max_error(&got, &plain, &weights);
+            // Threshold: the last hospital has dropped out; the others sign.
+            let signers: Vec<u32> = (1..=t_of as u32).collect();
+            let t = Instant::now();
+            let mut answers = Vec::with_capacity(t_of);
+            for k in keys.iter().filter(|k| signers.contains(&k.party())) {
+                answers.push(k.switch_share(&threshold, &sum, &out, &signers)?.to_bytes());
+            }
+            let t_answer = ms(t) / t_of as f64;
+            let t_bytes = answers[0].len();
+            let t = Instant::now();
+            let answers: Vec<SwitchShare> = answers
+                .iter()
+                .map(|b| SwitchShare::from_bytes(&threshold, b))
+                .collect::<Result<_, _>>()?;
+            let t_switched = threshold.switch(&sum, &out, &answers)?.to_bytes()?;
+            let t_combine = ms(t);
+            drop(answers);
+            let t_got = output.decrypt(&output.load(&t_switched, Form::Sum)?)?;
+            println!(
+                "multiparty: upload {enc:.1} ms, {up_bytes} B ({:.1} B/value); server sum {summed:.1} ms; key switch per hospital {answer:.1} ms, {share_bytes} B ({:.1} B/value); server combine (and save) {combine:.1} ms; switched sum {} B; load + decrypt {dec:.1} ms; max error {:.1e}",
+                up_bytes as f64 / len as f64,
+                share_bytes as f64 / len as f64,
+                switched_len,
+                error
+            );
+            println!(
+                "threshold {t_of} of {n} (hospital {n} dropped): key switch per signer {t_answer:.1} ms, {t_bytes} B; server combine (and save) {t_combine:.1} ms; max error {:.1e}",
+                max_error(&t_got, &plain, &weights)
+            );
         }
-        let refs: Vec<&EncryptedVector> = loaded.iter().collect();
-        let t = Instant::now();
-        let sum = server.weighted_sum(&refs, &weights)?;
-        let summed = ms(t);
-        drop(loaded);
-        let out = output.public();
-        let t = Instant::now();
-        let mut answers = Vec::with_capacity(n);
-        let mut share_bytes = 0;
-        for p in &parties {
-            let b = p.switch_share(&collective, &sum, &out)?.to_bytes();
-            share_bytes = b.len();
-            answers.push(b);
-        }
-        let answer = ms(t) / n as f64;
-        let t = Instant::now();
-        let answers: Vec<SwitchShare> = answers
-            .iter()
-            .map(|b| SwitchShare::from_bytes(&collective, b))
-            .collect::<Result<_, _>>()?;
-        let switched = collective.switch(&sum, &out, &answers)?.to_bytes()?;
-        let switched_len = switched.len();
-        let combine = ms(t);
-        drop(answers);
-        let t = Instant::now();
-        let got = output.decrypt(&output.load(&switched, Form::Sum)?)?;
-        let dec = ms(t);
-        drop(switched);
-        let error = max_error(&got, &plain, &weights);
-        // Threshold: the last hospital has dropped out; the others sign.
-        let signers: Vec<u32> = (1..=t_of as u32).collect();
-        let t = Instant::now();
-        let mut answers = Vec::with_capacity(t_of);
-        for k in keys.iter().filter(|k| signers.contains(&k.party())) {
-            answers.push(k.switch_share(&threshold, &sum, &out, &signers)?.to_bytes());
-        }
-        let t_answer = ms(t) / t_of as f64;
-        let t_bytes = answers[0].len();
-        let t = Instant::now();
-        let answers: Vec<SwitchShare> = answers
-            .iter()
-            .map(|b| SwitchShare::from_bytes(&threshold, b))
-            .collect::<Result<_, _>>()?;
-        let t_switched = threshold.switch(&sum, &out, &answers)?.to_bytes()?;
-        let t_combine = ms(t);
-        drop(answers);
-        let t_got = output.decrypt(&output.load(&t_switched, Form::Sum)?)?;
-        println!(
-            "multiparty: upload {enc:.1} ms, {up_bytes} B ({:.1} B/value); server sum {summed:.1} ms; key switch per hospital {answer:.1} ms, {share_bytes} B ({:.1} B/value); server combine (and save) {combine:.1} ms; switched sum {} B; load + decrypt {dec:.1} ms; max error {:.1e}",
-            up_bytes as f64 / len as f64,
-            share_bytes as f64 / len as f64,
-            switched_len,
-            error
-        );
-        println!(
-            "threshold {t_of} of {n} (hospital {n} dropped): key switch per signer {t_answer:.1} ms, {t_bytes} B; server combine (and save) {t_combine:.1} ms; max error {:.1e}",
-            max_error(&t_got, &plain, &weights)
-        );
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{HeError, Result};
 use crate::params::{CkksParams, MIN_HEADROOM_BITS};
 use crate::seal;
+use crate::vector::SlotPacking;
 
 mod sealed_role {
     pub trait Sealed {}
@@ -94,6 +95,7 @@ impl Inner {
 pub struct CkksContext<R: Role> {
     pub(crate) inner: Arc<Inner>,
     _role: PhantomData<R>,
+    pub(crate) slot_packing: SlotPacking,
 }
 
 impl<R: Role> Clone for CkksContext<R> {
@@ -101,6 +103,7 @@ impl<R: Role> Clone for CkksContext<R> {
         Self {
             inner: self.inner.clone(),
             _role: PhantomData,
+            slot_packing: self.slot_packing,
         }
     }
 }
@@ -166,6 +169,7 @@ impl<R: Role> CkksContext<R> {
                 eval: None,
             }),
             _role: PhantomData,
+            slot_packing: SlotPacking::Real,
         })
     }
 
@@ -187,6 +191,7 @@ impl<R: Role> CkksContext<R> {
                 eval: Some(Arc::new(eval)),
             }),
             _role: PhantomData,
+            slot_packing: self.slot_packing,
         })
     }
 
@@ -201,9 +206,25 @@ impl<R: Role> CkksContext<R> {
         &self.inner.params
     }
 
-    /// Values per ciphertext.
+    /// Slots per ciphertext: the values one ciphertext holds with
+    /// [`SlotPacking::Real`], half of what it holds with
+    /// [`SlotPacking::Complex`].
     pub fn slots(&self) -> usize {
         self.inner.engine.slots()
+    }
+
+    /// The same keys, encrypting with `packing` from now on (what is loaded
+    /// keeps the packing its bytes say).
+    pub fn with_slot_packing(mut self, packing: SlotPacking) -> Self {
+        self.slot_packing = packing;
+        self
+    }
+
+    /// How this context packs the values it encrypts
+    /// ([`SlotPacking::Real`] unless set with
+    /// [`with_slot_packing`](Self::with_slot_packing)).
+    pub fn slot_packing(&self) -> SlotPacking {
+        self.slot_packing
     }
 
     /// The key pair's id: the first 16 bytes of SHA-256 of the public key.
@@ -216,11 +237,17 @@ impl<R: Role> CkksContext<R> {
     /// The largest magnitude a weighted sum may reach:
     /// `2^(upload level bits - scale bits - weight bits - 2)` (2^28 with the
     /// default parameters): a level's modulus `q` of `b` bits is at least
-    /// `2^(b-1)`, and a centered value must stay below `q/2`.
+    /// `2^(b-1)`, and a centered value must stay below `q/2`. With
+    /// [`SlotPacking::Complex`] it is `sqrt(2)` smaller: a slot holds two
+    /// values, and its magnitude bounds the plaintext's coefficients.
     pub fn sum_bound(&self) -> f64 {
         let l = &self.inner.engine.context().levels[self.inner.level];
         let p = &self.inner.params;
-        2f64.powi((l.modulus_bits - p.scale_bits() - p.weight_bits()) as i32 - 2)
+        let real = 2f64.powi((l.modulus_bits - p.scale_bits() - p.weight_bits()) as i32 - 2);
+        match self.slot_packing {
+            SlotPacking::Real => real,
+            SlotPacking::Complex => real / std::f64::consts::SQRT_2,
+        }
     }
 
     /// Writes this context's public part (parameters and public key) to
@@ -257,6 +284,7 @@ impl CkksContext<Secret> {
                 eval: self.inner.eval.clone(),
             }),
             _role: PhantomData,
+            slot_packing: self.slot_packing,
         }
     }
 

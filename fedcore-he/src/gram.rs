@@ -23,7 +23,8 @@ use crate::error::{HeError, Result};
 use crate::reader::Reader;
 use crate::seal;
 use crate::vector::{
-    DEFLATE_VERSION, EncryptedVector, Form, Packing, deflate, encoding, inflate, load_all, pack_all,
+    DEFLATE_VERSION, EncryptedVector, Form, Packing, SlotPacking, deflate, encoding, inflate,
+    load_all, pack_all,
 };
 
 /// The most points an encrypted Gram matrix may have (its entries are
@@ -436,6 +437,13 @@ impl<R: Role> CkksContext<R> {
         }
         for p in parts {
             self.check_same(p, Form::Fresh, first.len)?;
+            // A product of two slots packed two values each mixes the parts
+            // (`(a + ib)(c + id)` is not `ac + bd`).
+            Self::check_slots(p, SlotPacking::Real).map_err(|e| {
+                HeError::Mismatch(format!(
+                    "inner products under encryption need one value per slot: {e} (a sealed sum for the encrypted median packs SlotPacking::Real)"
+                ))
+            })?;
         }
         let steps = sum_steps(self.slots());
         let pairs = kind.of(n);

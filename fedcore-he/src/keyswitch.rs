@@ -37,8 +37,10 @@ use crate::multiparty::{
     expect_magic,
 };
 use crate::reader::Reader;
-use crate::sealer::{check_len, load_sealed, open_sum, seal_values};
-use crate::vector::{EncryptedVector, Form};
+use crate::sealer::{
+    check_len, check_part_packing, load_sealed, open_sum, packing_of_global, seal_values,
+};
+use crate::vector::{EncryptedVector, Form, SlotPacking};
 
 /// How many key switches a hospital answers in one round: the first ask
 /// and, under a threshold, one more per hospital that dropped at the step.
@@ -156,7 +158,10 @@ pub fn key_switch_round<S: Strategy>(
         },
         KeySwitchSum {
             collective,
-            output,
+            // Key switching is linear: the global and the uploads pack two
+            // values per slot (half the bytes of uploads, switch shares and
+            // the sum).
+            output: output.with_slot_packing(SlotPacking::Complex),
             slot,
         },
     ))
@@ -422,8 +427,9 @@ impl SealedAggregator for KeySwitchSum {
         })
     }
 
-    fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
-        load_sealed(self.collective.context(), part, Form::Fresh).map(drop)
+    fn check(&self, global: &SealedTensors, part: &SealedTensors) -> fedcore::Result<()> {
+        let p = load_sealed(self.collective.context(), part, Form::Fresh)?;
+        Ok(check_part_packing(global, &p)?)
     }
 
     fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {
@@ -493,9 +499,13 @@ impl Sealer for MultipartySealer {
         open_sum(&self.output, sealed)
     }
 
-    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        seal_values(layout, values, |v| {
-            self.collective.encrypt_upload(v)?.to_bytes()
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        let ctx = self
+            .collective
+            .clone()
+            .with_slot_packing(packing_of_global(global)?);
+        seal_values(global.layout(), values, |v| {
+            ctx.encrypt_upload(v)?.to_bytes()
         })
     }
 }

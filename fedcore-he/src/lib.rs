@@ -75,7 +75,9 @@ pub use median::{
 };
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};
-pub use vector::{EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, fuzzing};
+pub use vector::{
+    EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, SlotPacking, fuzzing, slot_packing_of,
+};
 
 // `sealy` builds SEAL and its C API (`libsealc`), whose functions `seal`
 // declares; nothing of its Rust API is used.

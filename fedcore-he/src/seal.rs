@@ -129,6 +129,15 @@ unsafe extern "C" {
         dest: Handle,
         pool: Handle,
     ) -> Hr;
+    fn CKKSEncoder_Encode2(
+        p: Handle,
+        count: u64,
+        complex_values: *mut f64,
+        parms_id: *mut u64,
+        scale: f64,
+        dest: Handle,
+        pool: Handle,
+    ) -> Hr;
     fn CKKSEncoder_Encode3(
         p: Handle,
         value: f64,
@@ -142,6 +151,14 @@ unsafe extern "C" {
         plain: Handle,
         count: *mut u64,
         values: *mut f64,
+        pool: Handle,
+    ) -> Hr;
+
+    fn CKKSEncoder_Decode2(
+        p: Handle,
+        plain: Handle,
+        count: *mut u64,
+        complex_values: *mut f64,
         pool: Handle,
     ) -> Hr;
 
@@ -907,6 +924,43 @@ impl Engine {
         Ok(p)
     }
 
+    /// Encodes at most `2 * slots` finite values at `level` with `scale`,
+    /// two per slot: `values[2k]` as slot `k`'s real part, `values[2k + 1]`
+    /// as its imaginary part (0 when `values` has odd length).
+    pub(crate) fn encode_complex(
+        &self,
+        values: &[f64],
+        level: usize,
+        scale: f64,
+    ) -> SealResult<Plaintext> {
+        debug_assert!(values.len() <= 2 * self.slots && values.iter().all(|v| v.is_finite()));
+        let mut padded;
+        let pairs = if values.len() % 2 == 1 {
+            padded = values.to_vec();
+            padded.push(0.0);
+            &padded[..]
+        } else {
+            values
+        };
+        let p = Plaintext::empty()?;
+        let mut id = self.ctx.levels[level].parms_id;
+        // SAFETY: live encoder and plaintext; SEAL reads `2 * count` values
+        // (`pairs` has even length, at most twice the slot count, checked by
+        // the callers) and 4 id words.
+        check("CKKSEncoder_Encode2", unsafe {
+            CKKSEncoder_Encode2(
+                self.encoder,
+                (pairs.len() / 2) as u64,
+                pairs.as_ptr().cast_mut(),
+                id.as_mut_ptr(),
+                scale,
+                p.h,
+                null_mut(),
+            )
+        })?;
+        Ok(p)
+    }
+
     /// Encodes one finite value in every slot at `level` with `scale`.
     pub(crate) fn encode_scalar(
         &self,
@@ -934,6 +988,21 @@ impl Engine {
             CKKSEncoder_Decode1(self.encoder, p.h, &mut n, out.as_mut_ptr(), null_mut())
         })?;
         out.truncate(n as usize);
+        Ok(out)
+    }
+
+    /// Decodes all `slots` complex values as `2 * slots` numbers: slot
+    /// `k`'s real part, then its imaginary part.
+    pub(crate) fn decode_complex(&self, p: &Plaintext) -> SealResult<Vec<f64>> {
+        let mut out = vec![0.0f64; 2 * self.slots];
+        let mut n = 0u64;
+        // SAFETY: SEAL writes `slots` complex values (two doubles each; a
+        // CKKS plaintext decodes to exactly the slot count) into a buffer of
+        // twice that size.
+        check("CKKSEncoder_Decode2", unsafe {
+            CKKSEncoder_Decode2(self.encoder, p.h, &mut n, out.as_mut_ptr(), null_mut())
+        })?;
+        out.truncate(2 * n as usize);
         Ok(out)
     }
 

@@ -7,7 +7,7 @@ use fedcore::{Layout, SealedAggregator, SealedTensors, Sealer};
 
 use crate::context::{CkksContext, Public, Role, Secret};
 use crate::error::HeError;
-use crate::vector::{EncryptedVector, Form};
+use crate::vector::{EncryptedVector, Form, SlotPacking, slot_packing_of};
 
 /// The default tensors to seal: the classifier head.
 pub const DEFAULT_PATTERNS: &[&str] = &["classifier.*"];
@@ -48,6 +48,30 @@ pub(crate) fn seal_values(
     Ok(SealedTensors::new(layout.clone(), encrypt(&values)?))
 }
 
+/// The slot packing of the sealed global `global`, which an update of it
+/// must share to be added to it.
+pub(crate) fn packing_of_global(global: &SealedTensors) -> crate::Result<SlotPacking> {
+    slot_packing_of(global.bytes())
+}
+
+/// Checks that `part` (loaded) is packed as `global` (sealed) is.
+pub(crate) fn check_part_packing(
+    global: &SealedTensors,
+    part: &EncryptedVector,
+) -> crate::Result<()> {
+    let want = packing_of_global(global)?;
+    if part.slot_packing() != want {
+        return Err(HeError::Mismatch(format!(
+            "packed {:?} (values per slot: {}), the global {:?} ({})",
+            part.slot_packing(),
+            part.slot_packing().values_per_slot(),
+            want,
+            want.values_per_slot()
+        )));
+    }
+    Ok(())
+}
+
 /// Loads sealed global values (a [`Form::Sum`] vector of the layout's
 /// length) and decrypts them with `ctx`: what every hospital-side sealer's
 /// `open` does.
@@ -62,7 +86,8 @@ pub(crate) fn open_sum(
 
 /// A hospital's [`Sealer`]: decrypts the global sealed tensors and encrypts
 /// its delta compactly (seeded symmetric encryption at the lowest level the
-/// server needs, compressed).
+/// server needs, each coefficient in its prime's bits), packed into slots
+/// as the global is (see [`CkksSum::with_slot_packing`]).
 #[derive(Debug, Clone)]
 pub struct CkksSealer {
     ctx: CkksContext<Secret>,
@@ -84,22 +109,42 @@ impl Sealer for CkksSealer {
         open_sum(&self.ctx, sealed)
     }
 
-    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
-        seal_values(layout, values, |v| self.ctx.encrypt_compact(v))
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        let ctx = self
+            .ctx
+            .clone()
+            .with_slot_packing(packing_of_global(global)?);
+        seal_values(global.layout(), values, |v| ctx.encrypt_compact(v))
     }
 }
 
 /// The server's [`SealedAggregator`]: the encrypted weighted sum, with only
 /// the public key.
+///
+/// It seals the initial global two values per slot
+/// ([`SlotPacking::Complex`]): half the bytes each way, and the hospitals'
+/// [`CkksSealer`]s follow the global's packing. The encrypted median
+/// computes inner products, which need one value per slot: pair it with
+/// `CkksSum::new(ctx).with_slot_packing(SlotPacking::Real)`. A sealed
+/// global read back from a checkpoint keeps its packing, and so do the
+/// updates of it.
 #[derive(Debug, Clone)]
 pub struct CkksSum {
     ctx: CkksContext<Public>,
 }
 
 impl CkksSum {
-    /// A summer with the server's context.
+    /// A summer with the server's context, packing two values per slot.
     pub fn new(ctx: CkksContext<Public>) -> Self {
-        Self { ctx }
+        Self {
+            ctx: ctx.with_slot_packing(SlotPacking::Complex),
+        }
+    }
+
+    /// Seals the initial global with `packing` instead.
+    pub fn with_slot_packing(mut self, packing: SlotPacking) -> Self {
+        self.ctx = self.ctx.with_slot_packing(packing);
+        self
     }
 }
 
@@ -119,8 +164,9 @@ impl SealedAggregator for CkksSum {
         seal_values(layout, values, |v| self.ctx.encrypt_public(v)?.to_bytes())
     }
 
-    fn check(&self, part: &SealedTensors) -> fedcore::Result<()> {
-        self.load(part, Form::Fresh).map(drop)
+    fn check(&self, global: &SealedTensors, part: &SealedTensors) -> fedcore::Result<()> {
+        let p = self.load(part, Form::Fresh)?;
+        Ok(check_part_packing(global, &p)?)
     }
 
     fn check_global(&self, global: &SealedTensors) -> fedcore::Result<()> {

@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 
 use fedcore_he::{
     CkksContext, CkksParams, EncryptedVector, Form, HeError, KeyAuthority, Public, Secret,
+    SlotPacking, slot_packing_of,
 };
 use proptest::prelude::*;
 use rand::{RngExt, SeedableRng};
@@ -212,6 +213,108 @@ fn packed_uploads_hold_each_coefficient_in_its_prime_s_bits() {
     unflagged[6] = 0;
     assert!(matches!(
         h.load(&unflagged, Form::Fresh),
+        Err(HeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn complex_slots_hold_two_values_each_at_the_same_precision() {
+    let real = hospital();
+    let h = real.clone().with_slot_packing(SlotPacking::Complex);
+    let s = h.public();
+    assert_eq!(h.values_per_ciphertext(SlotPacking::Complex), 8192);
+    // Lengths around the ciphertext boundaries, odd and even.
+    for (i, len) in [1, 2, 4095, 4096, 4097, 8191, 8192, 8193, 3 * 8192 + 1]
+        .into_iter()
+        .enumerate()
+    {
+        let values = uniform(len, -1.0, 1.0, 40 + i as u64);
+        let bytes = h.encrypt_compact(&values).expect("compact");
+        assert_eq!(
+            slot_packing_of(&bytes).expect("header"),
+            SlotPacking::Complex
+        );
+        // Any context loads it: the packing is in the bytes.
+        let v = real.load(&bytes, Form::Fresh).expect("load");
+        assert_eq!(v.slot_packing(), SlotPacking::Complex);
+        assert_eq!(v.ciphertexts(), len.div_ceil(8192), "{len} values");
+        let err = max_abs_diff(&real.decrypt(&v).expect("decrypt"), &values);
+        assert!(err < 1e-6, "{len} values: max error {err:e}");
+    }
+    // The head: two ciphertexts instead of four, 14.3 bytes per value.
+    let values = uniform(14_350, -1.0, 1.0, 11);
+    let bytes = h.encrypt_compact(&values).expect("compact");
+    assert_eq!(bytes.len(), 35 + 2 * (4 + 8192 * 100 / 8 + 65));
+    // A weighted sum of three uploads and a global: within 1e-6, as with
+    // one value per slot, and half the bytes going back.
+    let clients: Vec<Vec<f64>> = (0..3).map(|i| uniform(14_350, -1.0, 1.0, 50 + i)).collect();
+    let parts: Vec<EncryptedVector> = clients
+        .iter()
+        .map(|v| {
+            s.load(&h.encrypt_compact(v).expect("encrypt"), Form::Fresh)
+                .expect("load")
+        })
+        .collect();
+    let refs: Vec<&EncryptedVector> = parts.iter().collect();
+    let weights = [0.5, 0.3, 0.2];
+    let start = uniform(14_350, -1.0, 1.0, 60);
+    let global = s.encrypt_public(&start).expect("global");
+    assert_eq!(global.slot_packing(), SlotPacking::Complex);
+    let next = s.accumulate(&global, &refs, &weights).expect("accumulate");
+    let down = next.to_bytes().expect("bytes");
+    assert_eq!(down.len(), 35 + 2 * (4 + 2 * 8192 * 100 / 8));
+    let got = h
+        .decrypt(&h.load(&down, Form::Sum).expect("load"))
+        .expect("decrypt");
+    let expected: Vec<f64> = (0..14_350)
+        .map(|j| start[j] + (0..3).map(|i| weights[i] * clients[i][j]).sum::<f64>())
+        .collect();
+    let err = max_abs_diff(&got, &expected);
+    assert!(err < 1e-6, "max error {err:e}");
+
+    // One value per slot and two do not mix: a clear mismatch, not noise.
+    let one = real.public();
+    let real_part = one
+        .load(
+            &real.encrypt_compact(&clients[0]).expect("encrypt"),
+            Form::Fresh,
+        )
+        .expect("load");
+    for e in [
+        s.weighted_sum(&[&parts[0], &real_part], &[0.5, 0.5])
+            .unwrap_err(),
+        s.accumulate(&global, &[&real_part], &[1.0]).unwrap_err(),
+        s.add(&parts[0], &real_part).unwrap_err(),
+    ] {
+        assert!(matches!(e, HeError::Mismatch(_)), "{e}");
+        assert!(e.to_string().contains("per slot"), "{e}");
+    }
+    assert_eq!(
+        slot_packing_of(&real.encrypt_compact(&[1.0]).expect("encrypt")).expect("header"),
+        SlotPacking::Real
+    );
+
+    // The bound: a slot's magnitude is what must stay below the modulus.
+    assert_eq!(h.sum_bound(), 2f64.powi(28) / 2f64.sqrt());
+    let e = h.encrypt_compact(&[0.0, 2f64.powi(28) * 0.75]).unwrap_err();
+    assert!(matches!(e, HeError::OutOfRange(_)), "{e}");
+    assert!(real.encrypt_compact(&[0.0, 2f64.powi(28) * 0.75]).is_ok());
+
+    // Unknown flag bits are refused; format 1 never had the packing bit.
+    let mut bad = bytes.clone();
+    bad[6] |= 4;
+    let e = real.load(&bad, Form::Fresh).unwrap_err();
+    assert!(e.to_string().contains("flags"), "{e}");
+    let mut old = fedcore_he::fuzzing::encrypt_compact_deflated(real, &[1.0]).expect("format 1");
+    old[6] |= 2;
+    let e = real.load(&old, Form::Fresh).unwrap_err();
+    assert!(matches!(e, HeError::Malformed(_)), "{e}");
+    // Clearing the packing bit of a complex upload: its ciphertext count no
+    // longer matches its length.
+    let mut cleared = bytes.clone();
+    cleared[6] &= !2;
+    assert!(matches!(
+        real.load(&cleared, Form::Fresh),
         Err(HeError::Malformed(_))
     ));
 }

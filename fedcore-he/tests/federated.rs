@@ -10,7 +10,7 @@ use fedcore::{
     Client, ClientId, EvaluateIns, Failure, FitIns, Layout, Model, ModelClient, Rejection,
     SealedTensors, Sealer, Server, ServerConfig,
 };
-use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, Form, Secret};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, CkksSum, Form, Secret, SlotPacking};
 use fedcore_robust::GeometricMedian;
 
 const HEAD: &str = "linear.weight";
@@ -38,9 +38,9 @@ impl Sealer for Recording {
     fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
         self.inner.open(sealed)
     }
-    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> fedcore::Result<SealedTensors> {
         self.log.lock().expect("lock").push(values.to_vec());
-        self.inner.seal(layout, values)
+        self.inner.seal(global, values)
     }
 }
 
@@ -54,14 +54,31 @@ impl Sealer for Garbage {
     fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
         CkksSealer::new(keys().clone()).open(sealed)
     }
-    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> fedcore::Result<SealedTensors> {
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> fedcore::Result<SealedTensors> {
         let mut bytes = CkksSealer::new(keys().clone())
-            .seal(layout, values)?
+            .seal(global, values)?
             .bytes()
             .to_vec();
         let n = bytes.len();
         bytes[n / 2..].iter_mut().for_each(|b| *b = !*b);
-        Ok(SealedTensors::new(layout.clone(), bytes))
+        Ok(SealedTensors::new(global.layout().clone(), bytes))
+    }
+}
+
+/// A client that seals one value per slot whatever the global's packing.
+struct OnePerSlot;
+
+impl Sealer for OnePerSlot {
+    fn name(&self) -> String {
+        "one-per-slot".into()
+    }
+    fn open(&self, sealed: &SealedTensors) -> fedcore::Result<Vec<f32>> {
+        CkksSealer::new(keys().clone()).open(sealed)
+    }
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> fedcore::Result<SealedTensors> {
+        let v: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let bytes = keys().encrypt_compact(&v).map_err(fedcore::Error::from)?;
+        Ok(SealedTensors::new(global.layout().clone(), bytes))
     }
 }
 
@@ -209,6 +226,90 @@ fn a_malformed_sealed_part_is_rejected_and_the_round_completes() {
         matches!(&f.reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains("malformed")),
         "{:?}",
         f.reason
+    );
+}
+
+#[test]
+fn a_part_packed_otherwise_than_the_global_is_rejected_and_the_round_completes() {
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let config = ServerConfig {
+        rounds: 1,
+        min_fit_clients: 3,
+        ..ServerConfig::default()
+    };
+    let mut t = transport(&logs, false);
+    let data = synthetic_blobs(98, 150, DIM, CLASSES, 3.0);
+    t.add_client(
+        ModelClient::new(site(8), SoftmaxRegression::new(DIM, CLASSES), data)
+            .with_sealer(OnePerSlot),
+    )
+    .expect("add client");
+    let mut server = sealed_server(config, initial(), t);
+    // CkksSum seals the global two values per slot by default.
+    let global = server.sealed_global().expect("sealed");
+    assert_eq!(
+        fedcore_he::slot_packing_of(global.bytes()).expect("header"),
+        SlotPacking::Complex
+    );
+    let record = server.run_round().expect("round completes with the quorum");
+    assert_eq!(record.accepted.len(), 3);
+    let f = record
+        .failures
+        .iter()
+        .find(|f| f.client == site(8))
+        .expect("the client packing otherwise is rejected");
+    assert!(
+        matches!(&f.reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains("Real")),
+        "{:?}",
+        f.reason
+    );
+}
+
+#[test]
+fn a_checkpoint_sealed_one_value_per_slot_resumes_in_its_packing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let config = ServerConfig {
+        rounds: 2,
+        min_fit_clients: 3,
+        checkpoint_dir: Some(dir.path().join("checkpoints")),
+        ..ServerConfig::default()
+    };
+    let after_one = {
+        let mut server = Server::new(
+            config.clone(),
+            initial(),
+            transport(&logs, false),
+            GeometricMedian::default(),
+        )
+        .expect("server")
+        .with_sealing(
+            &[HEAD],
+            CkksSum::new(keys().public()).with_slot_packing(SlotPacking::Real),
+        )
+        .expect("sealing");
+        server.run_round().expect("round 1");
+        open_global(&server)
+    };
+    // Resumed by a server that would seal a new global two per slot: the
+    // saved global keeps one per slot, the hospitals follow it, and the
+    // round completes with every part accepted.
+    let mut server = Server::resume(
+        config,
+        initial(),
+        transport(&logs, false),
+        GeometricMedian::default(),
+    )
+    .expect("resume")
+    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+    .expect("sealing from the checkpoint");
+    assert!(max_diff(&open_global(&server), &after_one) < 1e-9);
+    let record = server.run_round().expect("round 2");
+    assert_eq!(record.accepted.len(), 3, "{:?}", record.failures);
+    let global = server.sealed_global().expect("sealed");
+    assert_eq!(
+        fedcore_he::slot_packing_of(global.bytes()).expect("header"),
+        SlotPacking::Real
     );
 }
 

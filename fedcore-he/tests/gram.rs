@@ -4,7 +4,9 @@
 
 use std::sync::OnceLock;
 
-use fedcore_he::{CkksContext, CkksParams, EncryptedVector, Form, HeError, Pairs, Public, Secret};
+use fedcore_he::{
+    CkksContext, CkksParams, EncryptedVector, Form, HeError, Pairs, Public, Secret, SlotPacking,
+};
 use fedcore_robust::{GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -199,6 +201,30 @@ fn without_evaluation_keys_or_with_another_pair_s_it_is_refused() {
     let e = plain_server.inner_products(&refs).unwrap_err();
     assert!(matches!(e, HeError::Mismatch(_)), "{e}");
     assert!(e.to_string().contains("evaluation keys"), "{e}");
+
+    // Two values per slot: a product would mix them, so it is refused with
+    // the fix named.
+    let s = server();
+    let complex: Vec<EncryptedVector> = x
+        .iter()
+        .map(|v| {
+            let bytes = h
+                .clone()
+                .with_slot_packing(SlotPacking::Complex)
+                .encrypt_compact(v)
+                .expect("encrypt");
+            s.load(&bytes, Form::Fresh).expect("load")
+        })
+        .collect();
+    for e in [
+        s.inner_products(&complex.iter().collect::<Vec<_>>()),
+        s.squared_distances(&complex.iter().collect::<Vec<_>>()),
+    ]
+    .map(Result::unwrap_err)
+    {
+        assert!(matches!(e, HeError::Mismatch(_)), "{e}");
+        assert!(e.to_string().contains("SlotPacking::Real"), "{e}");
+    }
 
     let other = CkksContext::generate(CkksParams::default()).expect("keygen");
     let e = other.public().with_evaluation_keys(eval).unwrap_err();

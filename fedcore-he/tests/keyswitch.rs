@@ -109,7 +109,7 @@ impl Client for Hospital {
         let sealed = ins.sealed.as_ref().expect("everything is sealed");
         let body = Parameters::zeros(Arc::new(fedcore::Layout::new([])?));
         let mut u = ClientUpdate::new(self.id.clone(), ins.round, examples(self.party), body);
-        u.sealed = Some(self.sealer.seal(sealed.layout(), &delta(self.party))?);
+        u.sealed = Some(self.sealer.seal(sealed, &delta(self.party))?);
         Ok(u)
     }
 

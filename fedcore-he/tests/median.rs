@@ -13,7 +13,7 @@ use fedcore::{
 };
 use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DISTANCES_TENSOR, DistanceDecryptor,
-    EncryptedMedian, Form, POINTS_METRIC, Public, Secret,
+    EncryptedMedian, Form, POINTS_METRIC, Public, Secret, SlotPacking,
 };
 use fedcore_robust::GeometricMedian;
 use rand::{RngExt, SeedableRng};
@@ -61,7 +61,7 @@ impl Client for Fixed {
         // Everything is sealed: the part in the clear has no tensors.
         let body = Parameters::zeros(Arc::new(fedcore::Layout::new([])?));
         let mut u = ClientUpdate::new(self.id.clone(), ins.round, self.examples, body);
-        u.sealed = Some(CkksSealer::new(keys().0.clone()).seal(sealed.layout(), &self.delta)?);
+        u.sealed = Some(CkksSealer::new(keys().0.clone()).seal(sealed, &self.delta)?);
         Ok(u)
     }
 
@@ -151,7 +151,10 @@ fn server(
     let strategy = EncryptedMedian::new(keys().1.clone()).expect("strategy");
     Server::new(config, initial(len), t, strategy)
         .expect("server")
-        .with_sealing(&["*"], CkksSum::new(keys().1.clone()))
+        .with_sealing(
+            &["*"],
+            CkksSum::new(keys().1.clone()).with_slot_packing(SlotPacking::Real),
+        )
         .expect("seal everything")
 }
 
@@ -339,7 +342,10 @@ fn a_resumed_run_continues_from_the_saved_encrypted_global() {
         strategy,
     )
     .expect("resume")
-    .with_sealing(&["*"], CkksSum::new(keys().1.clone()))
+    .with_sealing(
+        &["*"],
+        CkksSum::new(keys().1.clone()).with_slot_packing(SlotPacking::Real),
+    )
     .expect("sealing");
     assert_eq!(resumed.next_round(), 2);
     resumed.run().expect("round 2");

@@ -12,7 +12,7 @@ use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{Model, ModelClient, ProtectionKind, Server, ServerConfig, Transport};
 use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian, Form,
-    KeyAuthority, Public, Secret,
+    KeyAuthority, Public, Secret, SlotPacking,
 };
 use fedcore_robust::GeometricMedian;
 
@@ -221,7 +221,10 @@ fn the_encrypted_median_over_mutual_tls_with_server_keys_from_its_kit_matches_in
             EncryptedMedian::new(public.clone()).expect("strategy"),
         )
         .expect("server")
-        .with_sealing(&["*"], CkksSum::new(public.clone()))
+        .with_sealing(
+            &["*"],
+            CkksSum::new(public.clone()).with_slot_packing(SlotPacking::Real),
+        )
         .expect("seal everything")
     }
 

@@ -366,7 +366,7 @@ where
                     head[i]
                 )));
             }
-            sealed_delta = Some((sealed.layout().clone(), head));
+            sealed_delta = Some((sealed.clone(), head));
             delta = selection.complement(global.layout())?.subset(&delta)?;
         }
         let mut provenance = out.privacy;
@@ -419,8 +419,8 @@ where
             .with_metrics(out.metrics);
         update.extra = extra;
         update.compressed = compressed;
-        if let (Some((layout, head)), Some(sealer)) = (sealed_delta, &self.sealer) {
-            update.sealed = Some(sealer.seal(&layout, &head)?);
+        if let (Some((global, head)), Some(sealer)) = (sealed_delta, &self.sealer) {
+            update.sealed = Some(sealer.seal(&global, &head)?);
             provenance.push(Protection {
                 kind: crate::update::ProtectionKind::Encryption,
                 mechanism: sealer.name(),

@@ -69,8 +69,10 @@ pub trait Sealer: Send {
     /// Decrypts `sealed` into its values, in its layout's order.
     fn open(&self, sealed: &SealedTensors) -> Result<Vec<f32>>;
 
-    /// Encrypts `values` (in `layout`'s order) for upload.
-    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> Result<SealedTensors>;
+    /// Encrypts `values` for upload as an update of `global` (the sealed
+    /// global values of this round): in its layout's order and encoded so
+    /// that the server can add it to `global` (e.g. the same packing).
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> Result<SealedTensors>;
 }
 
 /// The server side: combines sealed parts without a secret key.
@@ -82,9 +84,11 @@ pub trait SealedAggregator: Send {
     fn seal_initial(&self, layout: &Arc<Layout>, values: &[f32]) -> Result<SealedTensors>;
 
     /// Checks that one client's sealed part is well formed for this key and
-    /// can be added (parses, right parameters, level and length). The
-    /// error's text becomes the rejection reason.
-    fn check(&self, part: &SealedTensors) -> Result<()>;
+    /// can be added to `global` (parses, right parameters, level, length
+    /// and encoding), before any part is added: one client's bad part must
+    /// not fail the others' sum. The error's text becomes the rejection
+    /// reason.
+    fn check(&self, global: &SealedTensors, part: &SealedTensors) -> Result<()>;
 
     /// Checks sealed global values (e.g. read back from a checkpoint).
     fn check_global(&self, global: &SealedTensors) -> Result<()>;
@@ -107,8 +111,8 @@ impl<S: Sealer + ?Sized> Sealer for Box<S> {
         (**self).open(sealed)
     }
 
-    fn seal(&self, layout: &Arc<Layout>, values: &[f32]) -> Result<SealedTensors> {
-        (**self).seal(layout, values)
+    fn seal(&self, global: &SealedTensors, values: &[f32]) -> Result<SealedTensors> {
+        (**self).seal(global, values)
     }
 }
 
@@ -121,8 +125,8 @@ impl<S: SealedAggregator + ?Sized> SealedAggregator for Box<S> {
         (**self).seal_initial(layout, values)
     }
 
-    fn check(&self, part: &SealedTensors) -> Result<()> {
-        (**self).check(part)
+    fn check(&self, global: &SealedTensors, part: &SealedTensors) -> Result<()> {
+        (**self).check(global, part)
     }
 
     fn check_global(&self, global: &SealedTensors) -> Result<()> {

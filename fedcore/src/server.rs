@@ -1233,7 +1233,7 @@ impl<T: Transport, A: Strategy> Server<T, A> {
                     )));
                 }
                 s.aggregator
-                    .check(part)
+                    .check(&s.global, part)
                     .map_err(|e| detail(e.to_string()))?;
             }
         }

@@ -152,7 +152,7 @@ impl SealedAggregator for NeverSeals {
         Ok(SealedTensors::new(layout.clone(), Vec::new()))
     }
 
-    fn check(&self, _: &SealedTensors) -> fedcore::Result<()> {
+    fn check(&self, _: &SealedTensors, _: &SealedTensors) -> fedcore::Result<()> {
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use fedcore::{
     StrategyInfo, TrainConfig,
 };
 use fedcore_dp::{Accounting, Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
-use fedcore_he::{CkksContext, EncryptedMedian, Public};
+use fedcore_he::{CkksContext, CkksSum, EncryptedMedian, Public, SlotPacking};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,19 @@ pub enum Rule {
     Plain(Box<dyn Aggregator>),
     /// `fedcore_he::EncryptedMedian`.
     EncryptedMedian(EncryptedMedian),
+}
+
+impl Rule {
+    /// The server's sealed sum for this rule: two values per CKKS slot
+    /// (half the bytes), except for the encrypted median, whose inner
+    /// products need one.
+    pub fn sealed_sum(&self, public: CkksContext<Public>) -> CkksSum {
+        let sum = CkksSum::new(public);
+        match self {
+            Self::Plain(_) => sum,
+            Self::EncryptedMedian(_) => sum.with_slot_packing(SlotPacking::Real),
+        }
+    }
 }
 
 impl Strategy for Rule {

@@ -28,9 +28,7 @@ use fedcore::{
     ClientId, Evaluation, Model, ModelClient, Parameters, RunEnd, RunPolicy, Server, ServerConfig,
     ServerEvent, Strategy,
 };
-use fedcore_he::{
-    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, KeyAuthority, Secret,
-};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, DistanceDecryptor, KeyAuthority, Secret};
 use fedcore_robust::attacks::{Attack, Byzantine};
 
 use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
@@ -358,13 +356,14 @@ fn run_inner(
         ..ServerConfig::default()
     };
     let initial_params = template.parameters();
+    let sealed_sum = public.clone().map(|p| aggregator.sealed_sum(p));
     let mut server = if cfg.resume {
         Server::resume(config, initial_params, transport, aggregator)?
     } else {
         Server::new(config, initial_params, transport, aggregator)?
     };
-    if let Some(public) = &public {
-        server = server.with_sealing(&sealed_patterns, CkksSum::new(public.clone()))?;
+    if let Some(sum) = sealed_sum {
+        server = server.with_sealing(&sealed_patterns, sum)?;
     }
 
     // ---- the evaluation site: opens the head, evaluates on held-out patients

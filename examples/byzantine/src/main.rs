@@ -45,7 +45,7 @@ use fedcore::{
 };
 use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian, Public,
-    Secret,
+    Secret, SlotPacking,
 };
 use fedcore_robust::attacks::Byzantine;
 use robust::{aggregator, attack};
@@ -230,7 +230,7 @@ fn run_one(
                     let strategy = EncryptedMedian::new(k.public.clone())?;
                     run_to_end(
                         Server::new(config, initial, transport, strategy)?
-                            .with_sealing(&["*"], sum)?,
+                            .with_sealing(&["*"], sum.with_slot_packing(SlotPacking::Real))?,
                         keys,
                     )?
                 }

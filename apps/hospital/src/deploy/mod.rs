@@ -26,7 +26,7 @@ use fedcore::net::{self, ClientOptions, GrpcTransport, Limits, ServerOptions};
 use fedcore::trust::TrustPolicy;
 use fedcore::{Model, ModelClient, Server, ServerConfig, ServerEvent, Strategy};
 use fedcore_he::{
-    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, KeyAuthority, Public, Secret,
+    CkksContext, CkksParams, CkksSealer, DistanceDecryptor, KeyAuthority, Public, Secret,
 };
 
 use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
@@ -302,6 +302,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let initial = template.parameters();
+    let sealed_sum = public.map(|p| aggregator.sealed_sum(p));
     let mut server = if resuming {
         let s = Server::resume(config, initial, transport, aggregator)?;
         println!("resumed at round {}", s.next_round());
@@ -309,8 +310,8 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     } else {
         Server::new(config, initial, transport, aggregator)?
     };
-    if let Some(public) = public {
-        server = server.with_sealing(&sealed, CkksSum::new(public))?;
+    if let Some(sum) = sealed_sum {
+        server = server.with_sealing(&sealed, sum)?;
         match encrypt {
             Encrypt::All => println!(
                 "whole updates sealed with CKKS; {}",
