@@ -503,9 +503,10 @@ fn the_server_refuses_a_quorum_below_the_aggregators_minimum() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
-    /// The Gram-matrix and direct-pass iterations reach the same median.
+    /// The Gram-matrix and direct-pass iterations reach the same median, up
+    /// to beyond the 64 points where `Method::Auto` switches.
     #[test]
-    fn gram_and_passes_agree(points in points_strategy(1..24, 1..40), outliers in 0usize..3) {
+    fn gram_and_passes_agree(points in points_strategy(1..70, 1..40), outliers in 0usize..3) {
         let mut points = points;
         for k in 0..outliers.min(points.len().saturating_sub(1) / 2) {
             points[k].iter_mut().for_each(|v| *v *= -1000.0);

@@ -1,0 +1,51 @@
+//! The geometric median's two ways of holding the iterate against FedAvg
+//! on the same updates, at sizes the criterion bench does not cover (the
+//! choice of `GRAM_MAX_POINTS`):
+//!
+//! ```text
+//! cargo run --release -p fedcore-benches --example gm_methods -- 32 gram
+//! cargo run --release -p fedcore-benches --example gm_methods -- 32 passes
+//! ```
+//!
+//! Arguments: the number of updates (7M values each, 30 % Byzantine, as in
+//! `benches/robust.rs`) and the method (`gram`, `passes`, or `auto`, the
+//! default). Prints the mean of 20 aggregations after 3 warm-up rounds.
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use fedcore::{Aggregator, FedAvg};
+use fedcore_robust::{GeometricMedianParams, Method};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().map_or(10, |a| a.parse().unwrap());
+    let method = match args.next().as_deref() {
+        Some("gram") => Method::Gram,
+        Some("passes") => Method::Passes,
+        None | Some("auto") => Method::Auto,
+        Some(other) => panic!("method `{other}`: gram, passes or auto"),
+    };
+    let ups = fedcore_benches::updates(n, 7_000_000, n * 3 / 10, 7);
+    let mut gm = GeometricMedianParams::new().method(method).check().unwrap();
+    let mut fedavg = FedAvg;
+    for _ in 0..3 {
+        gm.aggregate(&ups).unwrap();
+        fedavg.aggregate(&ups).unwrap();
+    }
+    let reps = 20;
+    let time = |agg: &mut dyn Aggregator| {
+        let t = Instant::now();
+        for _ in 0..reps {
+            black_box(agg.aggregate(black_box(&ups)).unwrap());
+        }
+        t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
+    };
+    let f = time(&mut fedavg);
+    let g = time(&mut gm);
+    println!(
+        "n {n}, {method:?}: fedavg {f:.2} ms, geometric median {g:.2} ms ({:.2}x)",
+        g / f
+    );
+}
