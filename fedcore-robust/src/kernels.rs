@@ -168,12 +168,6 @@ fn sq_dist_f64s(a: &[f64], b: &[f64]) -> f64 {
     lanes(a, b, |p, q| (p - q) * (p - q))
 }
 
-/// `a . b` for two f32 slices, accumulated in f64.
-#[multiversion(targets = "simd")]
-fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
-    lanes(a, b, |x, y| f64::from(x) * f64::from(y))
-}
-
 /// `||a - b||` for two f64 vectors, in parallel blocks of 8 lanes, summed in
 /// block order (reproducible).
 pub(crate) fn dist_f64(a: &[f64], b: &[f64]) -> f64 {
