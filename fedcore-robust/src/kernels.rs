@@ -261,34 +261,49 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
 /// at n = 10).
 pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
     let n = xs.len();
+    thread_local! {
+        /// Each thread's widened chunk, kept across chunks and calls.
+        static WIDE: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     pairwise(xs, |r, part| {
-        let width = r.len();
-        let mut wide = Vec::with_capacity(n * width);
-        for x in xs {
-            widen(&x[r.clone()], &mut wide);
-        }
-        for start in (0..width).step_by(GRAM_SUB) {
-            let len = GRAM_SUB.min(width - start);
-            let row = |p: usize| &wide[p * width + start..p * width + start + len];
-            for i in (0..n).step_by(2) {
-                let rows = [i, (i + 1).min(n - 1)];
-                for j in (i..n).step_by(4) {
-                    let cols = [j, j + 1, j + 2, j + 3].map(|c| c.min(n - 1));
-                    let t = dot_tile(rows.map(row), cols.map(row));
-                    for (p, &a) in rows.iter().enumerate() {
-                        for (q, &b) in cols.iter().enumerate() {
-                            // Skip what is below the diagonal and the
-                            // clamped repeats of the last row or column.
-                            let repeat = (p == 1 && a == rows[0]) || (q > 0 && b == cols[q - 1]);
-                            if b >= a && !repeat {
-                                part[a * n + b] += t[p][q];
-                            }
+        WIDE.with_borrow_mut(|wide| gram_block(xs, r, part, wide));
+    })
+}
+
+/// The upper triangle of [`gram`]'s partial sums for the coordinates in `r`.
+fn gram_block(xs: &[&[f32]], r: std::ops::Range<usize>, part: &mut [f64], wide: &mut Vec<f64>) {
+    let n = xs.len();
+    let width = r.len();
+    wide.clear();
+    wide.reserve(n * width);
+    for x in xs {
+        widen(&x[r.clone()], wide);
+    }
+    for start in (0..width).step_by(GRAM_SUB) {
+        let len = GRAM_SUB.min(width - start);
+        let row = |p: usize| &wide[p * width + start..p * width + start + len];
+        for i in (0..n).step_by(2) {
+            if i + 1 == n {
+                // The last row of an odd count needs only its diagonal.
+                part[i * n + i] += dot_f64(row(i), row(i));
+                continue;
+            }
+            let rows = [i, i + 1];
+            for j in (i..n).step_by(4) {
+                let cols = [j, j + 1, j + 2, j + 3].map(|c| c.min(n - 1));
+                let t = dot_tile(rows.map(row), cols.map(row));
+                for (p, &a) in rows.iter().enumerate() {
+                    for (q, &b) in cols.iter().enumerate() {
+                        // Skip what is below the diagonal and the clamped
+                        // repeats of the last column.
+                        if b >= a && (q == 0 || b != cols[q - 1]) {
+                            part[a * n + b] += t[p][q];
                         }
                     }
                 }
             }
         }
-    })
+    }
 }
 
 /// Coordinates per tile pass of [`gram`]: 16 KB of f64 per input (256 KB
@@ -296,6 +311,12 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
 /// at a time (long streams for the prefetcher: 8 KB pieces of 10 inputs
 /// made the widening 2x slower).
 const GRAM_SUB: usize = 2048;
+
+/// `a . b` for two f64 slices, in 8 lanes.
+#[multiversion(targets = "simd")]
+fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+    lanes(a, b, |x, y| x * y)
+}
 
 /// Appends `x` in f64 to `out` (no zeroing first: it has the capacity).
 #[multiversion(targets = "simd")]
