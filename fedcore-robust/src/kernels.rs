@@ -260,9 +260,10 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
 /// below the diagonal computes products nobody reads (72 for the 55 wanted
 /// at n = 10).
 pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
-    let n = xs.len();
     thread_local! {
-        /// Each thread's widened chunk, kept across chunks and calls.
+        /// Each thread's widened chunk, kept across chunks and calls (8 MB
+        /// at most per thread at `GRAM_MAX_POINTS`; a larger count is only
+        /// reached by asking for `Method::Gram`).
         static WIDE: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     pairwise(xs, |r, part| {
