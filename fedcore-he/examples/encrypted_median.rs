@@ -32,8 +32,8 @@ use fedcore::{
     TrainConfig,
 };
 use fedcore_he::{
-    CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian,
-    EncryptedVector, Form, Public, Secret, SlotPacking,
+    CkksContext, CkksParams, CkksSealer, DistanceDecryptor, EncryptedMedian, EncryptedVector, Form,
+    Public, Secret,
 };
 use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack, Method};
 use rand::{RngExt, SeedableRng};
@@ -161,16 +161,10 @@ fn round(
             )
         }
         Some((secret, public)) => {
-            let server = Server::new(
-                config,
-                initial,
-                transport,
-                EncryptedMedian::new(public.clone())?,
-            )?
-            .with_sealing(
-                &["*"],
-                CkksSum::new(public.clone()).with_slot_packing(SlotPacking::Real),
-            )?;
+            let strategy = EncryptedMedian::new(public.clone())?;
+            let sum = strategy.sealed_sum();
+            let server =
+                Server::new(config, initial, transport, strategy)?.with_sealing(&["*"], sum)?;
             let (s, server) = run(server)?;
             let sealed = server.sealed_global().ok_or("nothing sealed")?;
             (s, secret.decrypt(&secret.load(sealed.bytes(), Form::Sum)?)?)

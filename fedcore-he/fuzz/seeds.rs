@@ -28,6 +28,13 @@ fn main() {
     let deflated = fedcore_he::fuzzing::encrypt_compact_deflated(&hospital, &[1.0, -2.0, 3.5])
         .expect("encrypt");
     std::fs::write(vectors.join("fresh-deflated"), &deflated).expect("seed");
+    // Two values per slot, as `CkksSum` seals by default.
+    let two = hospital
+        .clone()
+        .with_slot_packing(fedcore_he::SlotPacking::Complex)
+        .encrypt_compact(&[1.0, -2.0, 3.5])
+        .expect("encrypt");
+    std::fs::write(vectors.join("fresh-two-per-slot"), &two).expect("seed");
     let server = hospital.public();
     let a = server.load(&fresh, Form::Fresh).expect("load");
     let sum = server.weighted_sum(&[&a, &a], &[0.5, 0.5]).expect("sum");

@@ -439,11 +439,11 @@ impl<R: Role> CkksContext<R> {
             self.check_same(p, Form::Fresh, first.len)?;
             // A product of two slots packed two values each mixes the parts
             // (`(a + ib)(c + id)` is not `ac + bd`).
-            Self::check_slots(p, SlotPacking::Real).map_err(|e| {
-                HeError::Mismatch(format!(
-                    "inner products under encryption need one value per slot: {e} (a sealed sum for the encrypted median packs SlotPacking::Real)"
-                ))
-            })?;
+            if p.slot_packing() != SlotPacking::Real {
+                return Err(HeError::Mismatch(
+                    "inner products under encryption need one value per slot, these hold two (seal the global for the encrypted median with EncryptedMedian::sealed_sum, which packs SlotPacking::Real)".into(),
+                ));
+            }
         }
         let steps = sum_steps(self.slots());
         let pairs = kind.of(n);

@@ -413,6 +413,15 @@ impl std::fmt::Debug for KeySwitchSum {
     }
 }
 
+impl KeySwitchSum {
+    /// Seals the initial global with `packing` instead of two values per
+    /// slot (the hospitals' uploads follow the global).
+    pub fn with_slot_packing(mut self, packing: SlotPacking) -> Self {
+        self.output = self.output.with_slot_packing(packing);
+        self
+    }
+}
+
 impl SealedAggregator for KeySwitchSum {
     fn name(&self) -> String {
         format!(

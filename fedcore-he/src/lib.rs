@@ -13,7 +13,8 @@
 //!   decryption method at all). [`KeyAuthority::write`] creates the keys once
 //!   and writes one file per role (mode 0600); loading checks the role.
 //! - [`EncryptedVector`]: any length, packed into `ceil(len / 4096)`
-//!   ciphertexts; [`CkksContext::weighted_sum`] and
+//!   ciphertexts, or `ceil(len / 8192)` two values per slot
+//!   ([`SlotPacking`]); [`CkksContext::weighted_sum`] and
 //!   [`CkksContext::accumulate`] on the server; compact bytes
 //!   ([`CkksContext::encrypt_compact`]: seeded symmetric encryption at the
 //!   lowest level the sum needs, each residue in its prime's bits) and

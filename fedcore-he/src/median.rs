@@ -1,7 +1,8 @@
 //! The geometric median of encrypted updates as a `fedcore` round strategy:
 //! [`EncryptedMedian`] on the server, [`DistanceDecryptor`] at each hospital.
 //!
-//! A round, with every tensor sealed (`Server::with_sealing(&["*"], CkksSum)`):
+//! A round, with every tensor sealed (`Server::with_sealing(&["*"],
+//! median.sealed_sum())`, one value per CKKS slot):
 //! 1. *Fit* (step 0): each hospital uploads its whole delta encrypted.
 //! 2. The server computes the encrypted squared distances between every
 //!    pair of uploads ([`CkksContext::squared_distances`]) and sends them,
@@ -47,7 +48,8 @@ use rayon::prelude::*;
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
 use crate::gram::{MAX_GRAM_POINTS, Pairs};
-use crate::vector::{EncryptedVector, Form};
+use crate::sealer::CkksSum;
+use crate::vector::{EncryptedVector, Form, SlotPacking};
 
 /// The name of the one tensor a distance step carries (sealed, from the
 /// server) and its answer carries (decrypted, from a hospital).
@@ -135,6 +137,14 @@ impl EncryptedMedian {
     /// The server's context (public key and evaluation keys only).
     pub fn context(&self) -> &CkksContext<Public> {
         &self.ctx
+    }
+
+    /// The sealed sum this strategy needs beside it
+    /// (`Server::with_sealing(&["*"], median.sealed_sum())`): a [`CkksSum`]
+    /// over the same keys that seals one value per slot, so that the
+    /// uploads' inner products can be formed ([`CkksSum::new`] packs two).
+    pub fn sealed_sum(&self) -> CkksSum {
+        CkksSum::new(self.ctx.clone()).with_slot_packing(SlotPacking::Real)
     }
 
     /// The squared distances between the sealed parts of `clients`' updates,

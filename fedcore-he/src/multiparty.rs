@@ -1097,7 +1097,7 @@ impl CollectiveKey {
             key_id: output.key_id(),
             cts,
             packing: output.packing_of(Form::Sum),
-            slots: aggregate.slots,
+            slot_packing: aggregate.slot_packing,
         })
     }
 }

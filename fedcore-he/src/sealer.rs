@@ -125,7 +125,9 @@ impl Sealer for CkksSealer {
 /// ([`SlotPacking::Complex`]): half the bytes each way, and the hospitals'
 /// [`CkksSealer`]s follow the global's packing. The encrypted median
 /// computes inner products, which need one value per slot: pair it with
-/// `CkksSum::new(ctx).with_slot_packing(SlotPacking::Real)`. A sealed
+/// `CkksSum::new(ctx).with_slot_packing(SlotPacking::Real)`
+/// ([`EncryptedMedian::sealed_sum`](crate::EncryptedMedian::sealed_sum)
+/// makes it). A sealed
 /// global read back from a checkpoint keeps its packing, and so do the
 /// updates of it.
 #[derive(Debug, Clone)]
@@ -134,7 +136,9 @@ pub struct CkksSum {
 }
 
 impl CkksSum {
-    /// A summer with the server's context, packing two values per slot.
+    /// A summer with the server's context, packing two values per slot
+    /// whatever `ctx`'s own packing (set it with
+    /// [`with_slot_packing`](Self::with_slot_packing)).
     pub fn new(ctx: CkksContext<Public>) -> Self {
         Self {
             ctx: ctx.with_slot_packing(SlotPacking::Complex),

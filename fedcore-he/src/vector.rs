@@ -85,7 +85,7 @@ pub struct EncryptedVector {
     pub(crate) key_id: [u8; 16],
     pub(crate) cts: Vec<seal::Ciphertext>,
     pub(crate) packing: Packing,
-    pub(crate) slots: SlotPacking,
+    pub(crate) slot_packing: SlotPacking,
 }
 
 /// The level and scale a vector's ciphertexts are at, as the packed form
@@ -104,7 +104,7 @@ impl std::fmt::Debug for EncryptedVector {
         f.debug_struct("EncryptedVector")
             .field("len", &self.len)
             .field("form", &self.form)
-            .field("slots", &self.slots)
+            .field("slot_packing", &self.slot_packing)
             .field("ciphertexts", &self.cts.len())
             .finish()
     }
@@ -133,7 +133,7 @@ impl EncryptedVector {
 
     /// How its values are packed into slots.
     pub fn slot_packing(&self) -> SlotPacking {
-        self.slots
+        self.slot_packing
     }
 }
 
@@ -215,7 +215,7 @@ impl<R: Role> CkksContext<R> {
             key_id: self.key_id(),
             cts,
             packing: self.packing_of(form),
-            slots,
+            slot_packing: slots,
         })
     }
 
@@ -261,10 +261,10 @@ impl<R: Role> CkksContext<R> {
 
     /// `v` packed as `slots`, or a mismatch naming both.
     pub(crate) fn check_slots(v: &EncryptedVector, slots: SlotPacking) -> Result<()> {
-        if v.slots != slots {
+        if v.slot_packing != slots {
             return Err(HeError::Mismatch(format!(
                 "values packed {} where {} are needed",
-                v.slots.describe(),
+                v.slot_packing.describe(),
                 slots.describe()
             )));
         }
@@ -299,7 +299,7 @@ impl<R: Role> CkksContext<R> {
         }
         for p in parts {
             self.check_same(p, Form::Fresh, first.len)?;
-            Self::check_slots(p, first.slots)?;
+            Self::check_slots(p, first.slot_packing)?;
         }
         let wscale = 2f64.powi(self.params().weight_bits() as i32);
         if let Some(w) = weights
@@ -344,7 +344,7 @@ impl<R: Role> CkksContext<R> {
             key_id: self.key_id(),
             cts,
             packing: self.packing_of(Form::Sum),
-            slots: first.slots,
+            slot_packing: first.slot_packing,
         })
     }
 
@@ -352,7 +352,7 @@ impl<R: Role> CkksContext<R> {
     pub fn add(&self, a: &EncryptedVector, b: &EncryptedVector) -> Result<EncryptedVector> {
         self.check_same(a, a.form, a.len)?;
         self.check_same(b, a.form, a.len)?;
-        Self::check_slots(b, a.slots)?;
+        Self::check_slots(b, a.slot_packing)?;
         let cts = a
             .cts
             .par_iter()
@@ -369,7 +369,7 @@ impl<R: Role> CkksContext<R> {
             key_id: a.key_id,
             cts,
             packing: a.packing.clone(),
-            slots: a.slots,
+            slot_packing: a.slot_packing,
         })
     }
 
@@ -383,7 +383,7 @@ impl<R: Role> CkksContext<R> {
     ) -> Result<EncryptedVector> {
         self.check_same(global, Form::Sum, global.len)?;
         if let Some(p) = parts.first() {
-            Self::check_slots(p, global.slots)?;
+            Self::check_slots(p, global.slot_packing)?;
         }
         let mut sum = self.weighted_sum(parts, weights)?;
         if sum.len != global.len {
@@ -479,7 +479,7 @@ impl<R: Role> CkksContext<R> {
             key_id: key,
             cts,
             packing,
-            slots,
+            slot_packing: slots,
         })
     }
 }
@@ -499,7 +499,8 @@ impl CkksContext<Secret> {
     /// half the bytes; SEAL regenerates it when the server loads), at the
     /// lowest level the server's weighted sum needs, each coefficient in its
     /// prime's bit width (25 bytes per value at the default parameters: two
-    /// coefficients of 60 + 40 bits per slot).
+    /// coefficients of 60 + 40 bits per slot; 12.5 with
+    /// [`SlotPacking::Complex`], two values per slot).
     pub fn encrypt_compact(&self, values: &[f64]) -> Result<Vec<u8>> {
         self.encrypt_seeded(values)?.write(true)
     }
@@ -516,13 +517,13 @@ impl CkksContext<Secret> {
         if v.key_id != self.key_id() {
             return Err(HeError::Mismatch("encrypted under another key".into()));
         }
-        let per = self.values_per_ciphertext(v.slots);
+        let per = self.values_per_ciphertext(v.slot_packing);
         let chunks = v
             .cts
             .par_iter()
             .map(|ct| {
                 let p = self.engine().decrypt(ct)?;
-                Ok(match v.slots {
+                Ok(match v.slot_packing {
                     SlotPacking::Real => self.engine().decode(&p)?,
                     SlotPacking::Complex => self.engine().decode_complex(&p)?,
                 })
@@ -591,7 +592,11 @@ pub fn slot_packing_of(bytes: &[u8]) -> Result<SlotPacking> {
             "not a fedcore-he encrypted vector".into(),
         ));
     }
-    Ok(parse_flags(header[4], header[6])?.1)
+    let version = header[4];
+    if version != VERSION && version != DEFLATE_VERSION {
+        return Err(HeError::Malformed(format!("format version {version}")));
+    }
+    Ok(parse_flags(version, header[6])?.1)
 }
 
 pub(crate) fn encoding(version: u8, seeded: bool) -> Encoding {
@@ -648,7 +653,7 @@ impl EncryptedVector {
         Ok(envelope(
             VERSION,
             self.form,
-            flags(seeded, self.slots),
+            flags(seeded, self.slot_packing),
             &self.key_id,
             self.len,
             &blobs,
@@ -815,6 +820,11 @@ pub mod fuzzing {
     }
 
     fn write_deflated(v: &EncryptedVector, seeded: bool) -> Result<Vec<u8>> {
+        if v.slot_packing != SlotPacking::Real {
+            return Err(HeError::Mismatch(
+                "format 1 holds one value per slot only".into(),
+            ));
+        }
         let blobs = v
             .cts
             .par_iter()
@@ -823,7 +833,7 @@ pub mod fuzzing {
         Ok(envelope(
             DEFLATE_VERSION,
             v.form,
-            flags(seeded, v.slots),
+            flags(seeded, SlotPacking::Real),
             &v.key_id,
             v.len,
             &blobs,

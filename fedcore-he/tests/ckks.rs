@@ -309,6 +309,14 @@ fn complex_slots_hold_two_values_each_at_the_same_precision() {
     old[6] |= 2;
     let e = real.load(&old, Form::Fresh).unwrap_err();
     assert!(matches!(e, HeError::Malformed(_)), "{e}");
+    // The header alone: an unknown version is refused there too.
+    let mut future = bytes.clone();
+    future[4] = 9;
+    assert!(slot_packing_of(&future).is_err());
+    assert!(slot_packing_of(&bytes[..5]).is_err());
+    // Format 1 cannot say two values per slot, so it is not written.
+    let e = fedcore_he::fuzzing::to_deflated_bytes(&global).unwrap_err();
+    assert!(e.to_string().contains("one value per slot"), "{e}");
     // Clearing the packing bit of a complex upload: its ciphertext count no
     // longer matches its length.
     let mut cleared = bytes.clone();

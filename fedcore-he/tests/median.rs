@@ -149,12 +149,10 @@ fn server(
     t: InMemoryTransport,
 ) -> Server<InMemoryTransport, EncryptedMedian> {
     let strategy = EncryptedMedian::new(keys().1.clone()).expect("strategy");
+    let sum = strategy.sealed_sum();
     Server::new(config, initial(len), t, strategy)
         .expect("server")
-        .with_sealing(
-            &["*"],
-            CkksSum::new(keys().1.clone()).with_slot_packing(SlotPacking::Real),
-        )
+        .with_sealing(&["*"], sum)
         .expect("seal everything")
 }
 
@@ -253,6 +251,30 @@ fn the_encrypted_median_of_10_hospitals_three_byzantine_is_the_plaintext_one() {
     for a in &r.accepted[..3] {
         assert!(a.weight < 0.05, "{}: weight {}", a.client, a.weight);
     }
+}
+
+#[test]
+fn a_sealed_sum_packing_two_values_per_slot_is_named_as_the_cause() {
+    // `CkksSum::new` packs two values per slot: the hospitals follow it, and
+    // the distances cannot be formed. The round fails with the fix named,
+    // and the sealed global is kept.
+    let x = deltas(3, 0, LEN, 4);
+    let strategy = EncryptedMedian::new(keys().1.clone()).expect("strategy");
+    let mut s = Server::new(config(3, 3), initial(LEN), transport(&x, &[]), strategy)
+        .expect("server")
+        .with_sealing(&["*"], CkksSum::new(keys().1.clone()))
+        .expect("seal everything");
+    let before = s.sealed_global().expect("sealed").bytes().to_vec();
+    let record = s.run_round().expect("a failed round is a record").clone();
+    let RoundOutcome::AggregationFailed(why) = &record.outcome else {
+        panic!("{:?}", record.outcome)
+    };
+    assert!(
+        why.detail.contains("EncryptedMedian::sealed_sum"),
+        "{}",
+        why.detail
+    );
+    assert_eq!(s.sealed_global().expect("sealed").bytes(), &before[..]);
 }
 
 #[test]

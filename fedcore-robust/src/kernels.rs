@@ -252,14 +252,25 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
 /// The Gram matrix `G_ij = x_i . x_j`, accumulated in f64 (each product of
 /// two f32 values is exact in f64; only the sums round).
 ///
-/// Per block of [`GRAM_SUB`] coordinates, every input is widened to f64
-/// once into a scratch that stays in L2, and the upper triangle is covered
-/// by tiles of 2 rows by 4 columns ([`dot_tile`]): each coordinate of the 6
-/// inputs is loaded once for 8 products, where one dot product at a time
-/// loads and widens 2 for 1. A tile that reaches past the last input or
-/// below the diagonal computes products nobody reads (72 for the 55 wanted
-/// at n = 10).
+/// Up to [`GRAM_DIRECT_MAX`] inputs, one dot product at a time over the f32
+/// data: the pass is bound by memory. Above, each chunk's inputs are widened
+/// to f64 once into a per-thread scratch, and the upper triangle is covered
+/// block by block ([`GRAM_SUB`] coordinates) by tiles of 2 rows
+/// by 4 columns ([`dot_tile`]): each coordinate of the 6 inputs is loaded
+/// once for 8 products, where one dot product at a time loads and widens 2
+/// for 1. A tile that reaches past the last input or below the diagonal
+/// computes products nobody reads (72 for the 55 wanted at n = 10).
 pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
+    if xs.len() <= GRAM_DIRECT_MAX {
+        return pairwise(xs, |r, part| {
+            let n = xs.len();
+            for i in 0..n {
+                for j in i..n {
+                    part[i * n + j] = dot_f32(&xs[i][r.clone()], &xs[j][r.clone()]);
+                }
+            }
+        });
+    }
     thread_local! {
         /// Each thread's widened chunk, kept across chunks and calls (8 MB
         /// at most per thread at `GRAM_MAX_POINTS`; a larger count is only
@@ -307,11 +318,23 @@ fn gram_block(xs: &[&[f32]], r: std::ops::Range<usize>, part: &mut [f64], wide: 
     }
 }
 
-/// Coordinates per tile pass of [`gram`]: 16 KB of f64 per input (256 KB
-/// at 16 inputs, within a core's L2). The inputs are widened a whole chunk
-/// at a time (long streams for the prefetcher: 8 KB pieces of 10 inputs
-/// made the widening 2x slower).
+/// Up to this many inputs [`gram`] takes one dot product at a time over
+/// the f32 data (at 3 inputs the tiles' widening made it 1.2x slower).
+const GRAM_DIRECT_MAX: usize = 4;
+
+/// Coordinates per tile pass of [`gram`]: 16 KB of f64 per input, so a
+/// tile's two rows stay in L1 while the columns stream (from L2 up to 64
+/// inputs). Smaller passes were slower at 64 inputs (512 coordinates: 1.1x
+/// the time). The inputs are widened a whole chunk at a time (long streams
+/// for the prefetcher: 8 KB pieces of 10 inputs made the widening 2x
+/// slower).
 const GRAM_SUB: usize = 2048;
+
+/// `a . b` for two f32 slices, accumulated in f64.
+#[multiversion(targets = "simd")]
+fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
+    lanes(a, b, |x, y| f64::from(x) * f64::from(y))
+}
 
 /// `a . b` for two f64 slices, in 8 lanes.
 #[multiversion(targets = "simd")]

@@ -20,7 +20,7 @@ use fedcore::{
     StrategyInfo, TrainConfig,
 };
 use fedcore_dp::{Accounting, Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
-use fedcore_he::{CkksContext, CkksSum, EncryptedMedian, Public, SlotPacking};
+use fedcore_he::{CkksContext, CkksSum, EncryptedMedian, Public};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
 
@@ -73,10 +73,9 @@ impl Rule {
     /// (half the bytes), except for the encrypted median, whose inner
     /// products need one.
     pub fn sealed_sum(&self, public: CkksContext<Public>) -> CkksSum {
-        let sum = CkksSum::new(public);
         match self {
-            Self::Plain(_) => sum,
-            Self::EncryptedMedian(_) => sum.with_slot_packing(SlotPacking::Real),
+            Self::Plain(_) => CkksSum::new(public),
+            Self::EncryptedMedian(m) => m.sealed_sum(),
         }
     }
 }

@@ -45,7 +45,7 @@ use fedcore::{
 };
 use fedcore_he::{
     CkksContext, CkksParams, CkksSealer, CkksSum, DistanceDecryptor, EncryptedMedian, Public,
-    Secret, SlotPacking,
+    Secret,
 };
 use fedcore_robust::attacks::Byzantine;
 use robust::{aggregator, attack};
@@ -228,9 +228,10 @@ fn run_one(
                 )?,
                 "geometric-median" => {
                     let strategy = EncryptedMedian::new(k.public.clone())?;
+                    let sum = strategy.sealed_sum();
                     run_to_end(
                         Server::new(config, initial, transport, strategy)?
-                            .with_sealing(&["*"], sum.with_slot_packing(SlotPacking::Real))?,
+                            .with_sealing(&["*"], sum)?,
                         keys,
                     )?
                 }
