@@ -580,9 +580,10 @@ impl GramWeiszfeld {
 /// Forming it costs `n (n + 1) / 2` dot products over the data (in tiles,
 /// one read of the data; compute-bound from about 10 points), after which
 /// iterations are free; each direct iteration reads the data twice in f64.
-/// Measured at 7M values (docs/benchmarks.md): the Gram matrix path is 2.9x
-/// FedAvg at 3 points, 4.4x at 10, 6.5x at 32 and 14x at 64 (the direct
-/// passes: 18-20x), 21x at 100 (passes: 18x).
+/// Measured at 7M values (docs/benchmarks.md, "The geometric median's Gram
+/// matrix in tiles"): the Gram matrix path is 2.8x FedAvg at 3 points,
+/// 4.1-4.5x at 10 and 16, 6.9x at 32 and 14x at 64 (the direct passes:
+/// 17-19x), 20x at 100 (passes: 16x).
 pub const GRAM_MAX_POINTS: usize = 64;
 
 /// How the Weiszfeld iterate is held.
