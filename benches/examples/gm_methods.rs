@@ -8,8 +8,11 @@
 //! ```
 //!
 //! Arguments: the number of updates (7M values each, 30 % Byzantine, as in
-//! `benches/robust.rs`) and the method (`gram`, `passes`, or `auto`, the
-//! default). Prints the mean of 20 aggregations after 3 warm-up rounds.
+//! `benches/robust.rs`), the method (`gram`, `passes`, or `auto`, the
+//! default) and, optionally, `into`: both aggregators write into the last
+//! round's output (`Aggregator::aggregate_into`, as the server calls them)
+//! instead of a fresh one. Prints the mean of 20 aggregations after 3
+//! warm-up rounds.
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
@@ -27,6 +30,7 @@ fn main() {
         None | Some("auto") => Method::Auto,
         Some(other) => panic!("method `{other}`: gram, passes or auto"),
     };
+    let into = args.next().as_deref() == Some("into");
     let ups = fedcore_benches::updates(n, 7_000_000, n * 3 / 10, 7);
     let mut gm = GeometricMedianParams::new().method(method).check().unwrap();
     let mut fedavg = FedAvg;
@@ -36,16 +40,23 @@ fn main() {
     }
     let reps = 20;
     let time = |agg: &mut dyn Aggregator| {
+        let mut last = agg.aggregate(&ups).unwrap().parameters;
         let t = Instant::now();
         for _ in 0..reps {
-            black_box(agg.aggregate(black_box(&ups)).unwrap());
+            let a = if into {
+                agg.aggregate_into(black_box(&ups), last).unwrap()
+            } else {
+                agg.aggregate(black_box(&ups)).unwrap()
+            };
+            last = black_box(a).parameters;
         }
         t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
     };
     let f = time(&mut fedavg);
     let g = time(&mut gm);
     println!(
-        "n {n}, {method:?}: fedavg {f:.2} ms, geometric median {g:.2} ms ({:.2}x)",
+        "n {n}, {method:?}{}: fedavg {f:.2} ms, geometric median {g:.2} ms ({:.2}x)",
+        if into { ", into the last output" } else { "" },
         g / f
     );
 }

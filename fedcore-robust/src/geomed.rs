@@ -2,7 +2,9 @@
 //! Harchaoui, "Robust Aggregation for Federated Learning", 2022).
 
 use fedcore::aggregate::ensure_aggregatable;
-use fedcore::{Aggregate, Aggregator, ClientDiagnostics, ClientId, ClientUpdate, Metrics};
+use fedcore::{
+    Aggregate, Aggregator, ClientDiagnostics, ClientId, ClientUpdate, Metrics, Parameters,
+};
 
 use crate::error::ParamsError;
 use fedcore::aggregate::weighted_sum_into;
@@ -303,15 +305,19 @@ impl GeometricMedian {
     /// as one fused pass (new estimate and the distances to it). All points
     /// must have the same length.
     pub fn compute(&self, points: &[&[f32]], alpha: &[f64]) -> Weiszfeld {
-        let mut scratch = Default::default();
-        self.compute_with(points, alpha, &mut scratch)
+        let mut median = vec![0.0f32; points.first().map_or(0, |x| x.len())];
+        let w = self.compute_with(points, alpha, &mut Default::default(), &mut median);
+        Weiszfeld { median, ..w }
     }
 
+    /// [`compute`](Self::compute) with the estimate written into `out` (the
+    /// points' length) and the result's `median` left empty.
     fn compute_with(
         &self,
         points: &[&[f32]],
         alpha: &[f64],
         scratch: &mut (Vec<f64>, Vec<f64>),
+        out: &mut [f32],
     ) -> Weiszfeld {
         let n = points.len();
         let use_gram = match self.params.method {
@@ -320,9 +326,9 @@ impl GeometricMedian {
             Method::Passes => false,
         };
         if use_gram {
-            self.iterate_points(points, alpha, GramState::new(points))
+            self.iterate_points(points, alpha, GramState::new(points), out)
         } else {
-            self.iterate_points(points, alpha, PassState { points, scratch })
+            self.iterate_points(points, alpha, PassState { points, scratch }, out)
         }
     }
 
@@ -427,13 +433,17 @@ impl GeometricMedian {
         self.compute_on_gram(&centered, alpha, slack)
     }
 
-    /// The Weiszfeld loop on points, materializing the estimate.
-    fn iterate_points<S: Iterate>(&self, points: &[&[f32]], alpha: &[f64], state: S) -> Weiszfeld {
+    /// The Weiszfeld loop on points, writing the estimate into `out`.
+    fn iterate_points<S: Iterate>(
+        &self,
+        points: &[&[f32]],
+        alpha: &[f64],
+        state: S,
+        out: &mut [f32],
+    ) -> Weiszfeld {
         let (w, state) = self.iterate(alpha, state);
-        Weiszfeld {
-            median: state.finish(points),
-            ..w
-        }
+        state.finish(points, out);
+        w
     }
 
     /// The Weiszfeld loop, the same for every way of holding the iterate;
@@ -503,11 +513,35 @@ impl Aggregator for GeometricMedian {
     }
 
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+        self.aggregate_with(updates, None)
+    }
+
+    fn aggregate_into(
+        &mut self,
+        updates: &[ClientUpdate],
+        buffer: Parameters,
+    ) -> fedcore::Result<Aggregate> {
+        self.aggregate_with(updates, Some(buffer))
+    }
+}
+
+impl GeometricMedian {
+    /// The aggregate, into `buffer` when it has the updates' layout (no
+    /// fresh 28 MB output per round at 7M values), else into a new one.
+    fn aggregate_with(
+        &mut self,
+        updates: &[ClientUpdate],
+        buffer: Option<Parameters>,
+    ) -> fedcore::Result<Aggregate> {
         let first = ensure_aggregatable(updates)?;
         let alpha = alphas(updates, self.params.weighting)?;
         let points: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
+        let mut out = match buffer {
+            Some(b) if first.values.ensure_compatible(&b).is_ok() => b,
+            _ => first.values.zeros_like(),
+        };
         let mut scratch = std::mem::take(&mut self.scratch);
-        let w = self.compute_with(&points, &alpha, &mut scratch);
+        let w = self.compute_with(&points, &alpha, &mut scratch, out.as_mut_slice());
         self.scratch = scratch;
         let (clients, metrics) = report(
             updates.iter().map(|u| u.client.clone()),
@@ -517,7 +551,7 @@ impl Aggregator for GeometricMedian {
             w.converged,
         );
         Ok(Aggregate {
-            parameters: first.values.with_values(w.median)?,
+            parameters: out,
             clients,
             metrics,
         })
@@ -610,8 +644,8 @@ trait Iterate {
     fn propose(&mut self, b: &[f64]) -> (Vec<f64>, f64);
     /// Makes the proposal the iterate.
     fn accept(&mut self);
-    /// The iterate as f32 values.
-    fn finish(self, points: &[&[f32]]) -> Vec<f32>;
+    /// Writes the iterate as f32 values into `out` (the points' length).
+    fn finish(self, points: &[&[f32]], out: &mut [f32]);
 }
 
 struct PassState<'a, 'p> {
@@ -639,8 +673,10 @@ impl Iterate for PassState<'_, '_> {
         std::mem::swap(z, next);
     }
 
-    fn finish(self, _: &[&[f32]]) -> Vec<f32> {
-        self.scratch.0.iter().map(|&v| v as f32).collect()
+    fn finish(self, _: &[&[f32]], out: &mut [f32]) {
+        for (o, &z) in out.iter_mut().zip(&self.scratch.0) {
+            *o = z as f32;
+        }
     }
 }
 
@@ -704,11 +740,8 @@ impl Iterate for GramState {
         std::mem::swap(&mut self.w, &mut self.next);
     }
 
-    fn finish(self, points: &[&[f32]]) -> Vec<f32> {
-        let d = points.first().map_or(0, |x| x.len());
-        let mut out = vec![0.0f32; d];
+    fn finish(self, points: &[&[f32]], out: &mut [f32]) {
         let w: Vec<f32> = self.w.iter().map(|&v| v as f32).collect();
-        weighted_sum_into(points, &w, &mut out).expect("points share one length");
-        out
+        weighted_sum_into(points, &w, out).expect("points share one length");
     }
 }
