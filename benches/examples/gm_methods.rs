@@ -40,15 +40,16 @@ fn main() {
     }
     let reps = 20;
     let time = |agg: &mut dyn Aggregator| {
-        let mut last = agg.aggregate(&ups).unwrap().parameters;
+        let mut last = Some(agg.aggregate(&ups).unwrap().parameters);
         let t = Instant::now();
         for _ in 0..reps {
-            let a = if into {
-                agg.aggregate_into(black_box(&ups), last).unwrap()
-            } else {
-                agg.aggregate(black_box(&ups)).unwrap()
+            // Without `into` the last output is dropped first, as criterion
+            // and the default `aggregate_into` do.
+            let a = match last.take().filter(|_| into) {
+                Some(buffer) => agg.aggregate_into(black_box(&ups), buffer).unwrap(),
+                None => agg.aggregate(black_box(&ups)).unwrap(),
             };
-            last = black_box(a).parameters;
+            last = Some(black_box(a).parameters);
         }
         t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
     };

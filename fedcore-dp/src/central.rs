@@ -154,6 +154,29 @@ impl<A: Aggregator> Aggregator for Dp<A> {
     }
 
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+        self.aggregate_with(updates, None)
+    }
+
+    fn aggregate_into(
+        &mut self,
+        updates: &[ClientUpdate],
+        buffer: fedcore::Parameters,
+    ) -> fedcore::Result<Aggregate> {
+        self.aggregate_with(updates, Some(buffer))
+    }
+
+    fn min_updates(&self) -> usize {
+        self.inner.min_updates()
+    }
+}
+
+impl<A: Aggregator> Dp<A> {
+    /// Clip, the inner rule (into `buffer` where it can), noise.
+    fn aggregate_with(
+        &mut self,
+        updates: &[ClientUpdate],
+        buffer: Option<fedcore::Parameters>,
+    ) -> fedcore::Result<Aggregate> {
         ensure_aggregatable(updates)?;
         let cost = self.cost();
         self.ledger.check(&cost)?;
@@ -168,7 +191,10 @@ impl<A: Aggregator> Aggregator for Dp<A> {
                 Ok(c)
             })
             .collect::<Result<_>>()?;
-        let mut agg = self.inner.aggregate(&clipped)?;
+        let mut agg = match buffer {
+            Some(b) => self.inner.aggregate_into(&clipped, b)?,
+            None => self.inner.aggregate(&clipped)?,
+        };
         let std = self.sigma * self.clip.max_norm() / updates.len() as f64;
         let ranges = self.clip.ranges(&agg.parameters)?;
         let values = agg.parameters.as_mut_slice();
@@ -188,9 +214,5 @@ impl<A: Aggregator> Aggregator for Dp<A> {
         agg.metrics
             .insert("dp_clipped".into(), clipped_count as f64);
         Ok(agg)
-    }
-
-    fn min_updates(&self) -> usize {
-        self.inner.min_updates()
     }
 }

@@ -357,6 +357,8 @@ fn a_resumed_run_continues_from_the_saved_encrypted_global() {
     let after_one = open(&first);
     drop(first);
     let strategy = EncryptedMedian::new(keys().1.clone()).expect("strategy");
+    // The long form of `strategy.sealed_sum()`.
+    let sum = CkksSum::new(keys().1.clone()).with_slot_packing(SlotPacking::Real);
     let mut resumed = Server::resume(
         with_checkpoints(2),
         initial(5_000),
@@ -364,10 +366,7 @@ fn a_resumed_run_continues_from_the_saved_encrypted_global() {
         strategy,
     )
     .expect("resume")
-    .with_sealing(
-        &["*"],
-        CkksSum::new(keys().1.clone()).with_slot_packing(SlotPacking::Real),
-    )
+    .with_sealing(&["*"], sum)
     .expect("sealing");
     assert_eq!(resumed.next_round(), 2);
     resumed.run().expect("round 2");

@@ -278,7 +278,14 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
         static WIDE: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     pairwise(xs, |r, part| {
-        WIDE.with_borrow_mut(|wide| gram_block(xs, r, part, wide));
+        WIDE.with_borrow_mut(|wide| {
+            gram_block(xs, r, part, wide);
+            if wide.capacity() > GRAM_KEEP {
+                // Asked for many more points than `Method::Auto` takes
+                // here: give the memory back.
+                *wide = Vec::new();
+            }
+        });
     })
 }
 
@@ -322,13 +329,17 @@ fn gram_block(xs: &[&[f32]], r: std::ops::Range<usize>, part: &mut [f64], wide: 
 /// the f32 data (at 3 inputs the tiles' widening made it 1.2x slower).
 const GRAM_DIRECT_MAX: usize = 4;
 
-/// Coordinates per tile pass of [`gram`]: 16 KB of f64 per input, so a
-/// tile's two rows stay in L1 while the columns stream (from L2 up to 64
-/// inputs). Smaller passes were slower at 64 inputs (512 coordinates: 1.1x
-/// the time). The inputs are widened a whole chunk at a time (long streams
-/// for the prefetcher: 8 KB pieces of 10 inputs made the widening 2x
-/// slower).
+/// Coordinates per tile pass of [`gram`]: 16 KB of f64 per input (a tile
+/// reads 6 of them; all 64 inputs' pieces are 1 MB). Smaller passes were
+/// slower at 64 inputs (512 coordinates: 528 against 471-480 ms). The
+/// inputs are widened a whole chunk at a time: widening them in pieces of
+/// one pass (16 KB of f64 each, interleaved over 10 inputs) made the
+/// geometric median at n = 10 take 31.9 ms instead of 26 ms.
 const GRAM_SUB: usize = 2048;
+
+/// Widened values a thread keeps between calls of [`gram`] (8 MB: a chunk
+/// of 64 inputs); a larger scratch is freed after use.
+const GRAM_KEEP: usize = 64 * CHUNK;
 
 /// `a . b` for two f32 slices, accumulated in f64.
 #[multiversion(targets = "simd")]

@@ -78,14 +78,35 @@ impl<A: Aggregator> Aggregator for PreAggregated<A> {
     }
 
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> fedcore::Result<Aggregate> {
+        self.aggregate_with(updates, None)
+    }
+
+    fn aggregate_into(
+        &mut self,
+        updates: &[ClientUpdate],
+        buffer: fedcore::Parameters,
+    ) -> fedcore::Result<Aggregate> {
+        self.aggregate_with(updates, Some(buffer))
+    }
+}
+
+impl<A: Aggregator> PreAggregated<A> {
+    /// The steps, then the inner rule (into `buffer` where it can).
+    fn aggregate_with(
+        &mut self,
+        updates: &[ClientUpdate],
+        buffer: Option<fedcore::Parameters>,
+    ) -> fedcore::Result<Aggregate> {
         ensure_aggregatable(updates)?;
         let mut current: Option<Vec<ClientUpdate>> = None;
         for step in &self.steps {
             current = Some(step.apply(current.as_deref().unwrap_or(updates))?);
         }
-        let mut agg = self
-            .inner
-            .aggregate(current.as_deref().unwrap_or(updates))?;
+        let inputs = current.as_deref().unwrap_or(updates);
+        let mut agg = match buffer {
+            Some(b) => self.inner.aggregate_into(inputs, b)?,
+            None => self.inner.aggregate(inputs)?,
+        };
         if !self.steps.is_empty() {
             // Distances to the original updates are what the dashboard should
             // show, and trust follows the same distances (the inner

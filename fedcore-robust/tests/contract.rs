@@ -19,6 +19,58 @@ fn geometric_median_weighted() {
 }
 
 #[test]
+fn geometric_median_by_direct_passes() {
+    check_aggregator(
+        || tight().method(Method::Passes).check().unwrap(),
+        Weighting::ExampleCounts,
+    );
+}
+
+/// One aggregator over rounds of other dimensions, into the last round's
+/// output or a buffer of another layout: always what `aggregate` gives.
+#[test]
+fn geometric_median_into_reused_buffers_across_dimensions() {
+    use fedcore::{Aggregator, ClientUpdate, Parameters};
+    let round = |d: usize, seed: usize| -> Vec<ClientUpdate> {
+        (0..5)
+            .map(|i| {
+                let v: Vec<f32> = (0..d)
+                    .map(|k| ((k * 7 + i * 13 + seed) % 17) as f32 - 8.0)
+                    .collect();
+                let p = Parameters::from_tensors([("w", vec![d], v)]).unwrap();
+                ClientUpdate::new(format!("c{i}").into(), 1, 10 + i as u64, p)
+            })
+            .collect()
+    };
+    for method in [Method::Gram, Method::Passes] {
+        let mut reused = tight().method(method).check().unwrap();
+        let mut last: Option<Parameters> = None;
+        for (r, d) in [30usize, 5, 30, 30].into_iter().enumerate() {
+            let ups = round(d, r);
+            let fresh = tight()
+                .method(method)
+                .check()
+                .unwrap()
+                .aggregate(&ups)
+                .unwrap();
+            let got = match last.take() {
+                Some(b) => reused.aggregate_into(&ups, b).unwrap(),
+                None => reused.aggregate(&ups).unwrap(),
+            };
+            assert_eq!(got.parameters.layout(), fresh.parameters.layout());
+            let same = got
+                .parameters
+                .as_slice()
+                .iter()
+                .zip(fresh.parameters.as_slice())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{method:?}, round {r}, d = {d}");
+            last = Some(got.parameters);
+        }
+    }
+}
+
+#[test]
 fn geometric_median_uniform() {
     check_aggregator(
         || tight().weighting(Weighting::Uniform).check().unwrap(),

@@ -71,7 +71,8 @@ pub enum Rule {
 impl Rule {
     /// The server's sealed sum for this rule: two values per CKKS slot
     /// (half the bytes), except for the encrypted median, whose inner
-    /// products need one.
+    /// products need one (its own `sealed_sum`, over the keys it was built
+    /// with: `public` is not used then).
     pub fn sealed_sum(&self, public: CkksContext<Public>) -> CkksSum {
         match self {
             Self::Plain(_) => CkksSum::new(public),
