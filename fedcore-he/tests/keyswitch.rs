@@ -254,6 +254,41 @@ fn an_n_of_n_round_switches_the_sealed_mean_to_the_output_key() {
     assert!(r.aggregator.contains("+key-switch"), "{}", r.aggregator);
     let err = max_error(&open(&s), &mean(&[1, 2, 3]));
     assert!(err < 1e-6, "max error {err:e}");
+    // Two values per slot by default: the global, and so the uploads.
+    let sealed = s.sealed_global().expect("sealed");
+    assert_eq!(
+        fedcore_he::slot_packing_of(sealed.bytes()).expect("header"),
+        fedcore_he::SlotPacking::Complex
+    );
+}
+
+#[test]
+fn a_key_switch_round_one_value_per_slot_gives_the_same_mean() {
+    let k = keys();
+    let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
+    let (strategy, sum) = key_switch_round(
+        FedAvg,
+        k.collective.clone(),
+        k.output.public(),
+        parties,
+        1.0,
+    )
+    .expect("pair");
+    let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
+    let mut s = Server::new(config(3, 1.0), initial, transport(false), strategy)
+        .expect("server")
+        .with_sealing(&["*"], sum.with_slot_packing(fedcore_he::SlotPacking::Real))
+        .expect("seal everything");
+    s.run_round().expect("round");
+    let r = &s.history()[0];
+    assert!(r.outcome.is_completed(), "{:?} {:?}", r.outcome, r.failures);
+    let err = max_error(&open(&s), &mean(&[1, 2, 3]));
+    assert!(err < 1e-6, "max error {err:e}");
+    let sealed = s.sealed_global().expect("sealed");
+    assert_eq!(
+        fedcore_he::slot_packing_of(sealed.bytes()).expect("header"),
+        fedcore_he::SlotPacking::Real
+    );
 }
 
 #[test]
