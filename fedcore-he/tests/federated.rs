@@ -216,14 +216,20 @@ fn a_malformed_sealed_part_is_rejected_and_the_round_completes() {
     };
     let mut server = sealed_server(config, initial(), transport(&logs, true));
     let record = server.run_round().expect("round completes with the quorum");
+    assert_sealed_part_rejected(record, &site(9), "malformed");
+}
+
+/// The round kept the three honest hospitals, and `client`'s sealed part
+/// was rejected with `reason` in the detail.
+fn assert_sealed_part_rejected(record: &fedcore::RoundRecord, client: &ClientId, reason: &str) {
     assert_eq!(record.accepted.len(), 3);
     let f = record
         .failures
         .iter()
-        .find(|f| f.client == site(9))
-        .expect("garbage client rejected");
+        .find(|f| &f.client == client)
+        .expect("the client is rejected");
     assert!(
-        matches!(&f.reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains("malformed")),
+        matches!(&f.reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains(reason)),
         "{:?}",
         f.reason
     );
@@ -252,17 +258,7 @@ fn a_part_packed_otherwise_than_the_global_is_rejected_and_the_round_completes()
         SlotPacking::Complex
     );
     let record = server.run_round().expect("round completes with the quorum");
-    assert_eq!(record.accepted.len(), 3);
-    let f = record
-        .failures
-        .iter()
-        .find(|f| f.client == site(8))
-        .expect("the client packing otherwise is rejected");
-    assert!(
-        matches!(&f.reason, Failure::Rejected(Rejection::Sealed { detail }) if detail.contains("Real")),
-        "{:?}",
-        f.reason
-    );
+    assert_sealed_part_rejected(record, &site(8), "Real");
 }
 
 #[test]
