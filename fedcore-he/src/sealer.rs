@@ -127,9 +127,8 @@ impl Sealer for CkksSealer {
 /// computes inner products, which need one value per slot: pair it with
 /// `CkksSum::new(ctx).with_slot_packing(SlotPacking::Real)`
 /// ([`EncryptedMedian::sealed_sum`](crate::EncryptedMedian::sealed_sum)
-/// makes it). A sealed
-/// global read back from a checkpoint keeps its packing, and so do the
-/// updates of it.
+/// makes it). A sealed global read back from a checkpoint keeps its
+/// packing, and so do the updates of it.
 #[derive(Debug, Clone)]
 pub struct CkksSum {
     ctx: CkksContext<Public>,
