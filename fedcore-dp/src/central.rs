@@ -1,4 +1,4 @@
-use fedcore::aggregate::ensure_aggregatable;
+use fedcore::aggregate::{aggregate_maybe_into, ensure_aggregatable};
 use fedcore::{Aggregate, Aggregator, ClientUpdate, PrivacyCost, Spent};
 
 use crate::error::{DpError, Result};
@@ -191,10 +191,7 @@ impl<A: Aggregator> Dp<A> {
                 Ok(c)
             })
             .collect::<Result<_>>()?;
-        let mut agg = match buffer {
-            Some(b) => self.inner.aggregate_into(&clipped, b)?,
-            None => self.inner.aggregate(&clipped)?,
-        };
+        let mut agg = aggregate_maybe_into(&mut self.inner, &clipped, buffer)?;
         let std = self.sigma * self.clip.max_norm() / updates.len() as f64;
         let ranges = self.clip.ranges(&agg.parameters)?;
         let values = agg.parameters.as_mut_slice();

@@ -7,7 +7,7 @@ use fedcore::{
 };
 
 use crate::error::ParamsError;
-use fedcore::aggregate::weighted_sum_into;
+use fedcore::aggregate::{output_buffer, weighted_sum_into};
 
 use crate::kernels::{dist_f64, gram, weighted_mean_and_sq_dists};
 use crate::{Weighting, alphas, trust_from_distances};
@@ -536,10 +536,7 @@ impl GeometricMedian {
         let first = ensure_aggregatable(updates)?;
         let alpha = alphas(updates, self.params.weighting)?;
         let points: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
-        let mut out = match buffer {
-            Some(b) if first.values.ensure_compatible(&b).is_ok() => b,
-            _ => first.values.zeros_like(),
-        };
+        let mut out = output_buffer(&first.values, buffer);
         let mut scratch = std::mem::take(&mut self.scratch);
         let w = self.compute_with(&points, &alpha, &mut scratch, out.as_mut_slice());
         self.scratch = scratch;

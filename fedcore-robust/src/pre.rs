@@ -1,6 +1,6 @@
 //! Pre-aggregation steps that compose in front of any aggregator.
 
-use fedcore::aggregate::ensure_aggregatable;
+use fedcore::aggregate::{aggregate_maybe_into, ensure_aggregatable};
 use fedcore::{Aggregate, Aggregator, ClientUpdate};
 
 use crate::error::ParamsError;
@@ -103,10 +103,7 @@ impl<A: Aggregator> PreAggregated<A> {
             current = Some(step.apply(current.as_deref().unwrap_or(updates))?);
         }
         let inputs = current.as_deref().unwrap_or(updates);
-        let mut agg = match buffer {
-            Some(b) => self.inner.aggregate_into(inputs, b)?,
-            None => self.inner.aggregate(inputs)?,
-        };
+        let mut agg = aggregate_maybe_into(&mut self.inner, inputs, buffer)?;
         if !self.steps.is_empty() {
             // Distances to the original updates are what the dashboard should
             // show, and trust follows the same distances (the inner

@@ -305,6 +305,29 @@ impl Aggregator for FedAvg {
     }
 }
 
+/// Where an aggregate of updates shaped like `like` goes: `buffer` (a
+/// caller's earlier output, see [`Aggregator::aggregate_into`]) when it
+/// has `like`'s layout, else new zeros. The rule must overwrite every value.
+pub fn output_buffer(like: &Parameters, buffer: Option<Parameters>) -> Parameters {
+    match buffer {
+        Some(b) if like.ensure_compatible(&b).is_ok() => b,
+        _ => like.zeros_like(),
+    }
+}
+
+/// `agg`'s aggregate of `updates`, into `buffer` if there is one: how a
+/// rule that wraps another passes the server's buffer on.
+pub fn aggregate_maybe_into<A: Aggregator + ?Sized>(
+    agg: &mut A,
+    updates: &[ClientUpdate],
+    buffer: Option<Parameters>,
+) -> Result<Aggregate> {
+    match buffer {
+        Some(b) => agg.aggregate_into(updates, b),
+        None => agg.aggregate(updates),
+    }
+}
+
 /// FedAvg into `buffer` when it has the updates' layout, else into a new
 /// one ([`weighted_sum_into`] overwrites every value).
 fn fedavg(updates: &[ClientUpdate], buffer: Option<Parameters>) -> Result<Aggregate> {
@@ -312,10 +335,7 @@ fn fedavg(updates: &[ClientUpdate], buffer: Option<Parameters>) -> Result<Aggreg
     let weights = Weighting::ExampleCounts.weights(updates)?;
     let inputs: Vec<&[f32]> = updates.iter().map(|u| u.values.as_slice()).collect();
     let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
-    let mut out = match buffer {
-        Some(b) if first.values.ensure_compatible(&b).is_ok() => b,
-        _ => first.values.zeros_like(),
-    };
+    let mut out = output_buffer(&first.values, buffer);
     weighted_sum_into(&inputs, &w32, out.as_mut_slice())?;
     Ok(Aggregate {
         parameters: out,
