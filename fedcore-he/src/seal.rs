@@ -30,6 +30,10 @@ use std::sync::Arc;
 
 type Hr = c_long;
 type Handle = *mut c_void;
+/// `CKKSEncoder_Encode1` and `CKKSEncoder_Encode2`: encoder, slot count,
+/// numbers, parms id, scale, destination plaintext, memory pool.
+type ArrayEncoder =
+    unsafe extern "C" fn(Handle, u64, *mut f64, *mut u64, f64, Handle, Handle) -> Hr;
 
 const S_OK: Hr = 0;
 const E_POINTER: Hr = 0x8000_4003_u32 as i32 as Hr;
@@ -906,15 +910,37 @@ impl Engine {
     /// Encodes at most `slots` finite values at `level` with `scale`.
     pub(crate) fn encode(&self, values: &[f64], level: usize, scale: f64) -> SealResult<Plaintext> {
         debug_assert!(values.len() <= self.slots && values.iter().all(|v| v.is_finite()));
+        self.encode_array(
+            ("CKKSEncoder_Encode1", CKKSEncoder_Encode1),
+            values,
+            1,
+            level,
+            scale,
+        )
+    }
+
+    /// Encodes `data` with one of SEAL's array encoders, whose slots hold
+    /// `per` numbers each (1: `CKKSEncoder_Encode1`, reals; 2:
+    /// `CKKSEncoder_Encode2`, interleaved real and imaginary parts).
+    fn encode_array(
+        &self,
+        (name, encoder): (&'static str, ArrayEncoder),
+        data: &[f64],
+        per: usize,
+        level: usize,
+        scale: f64,
+    ) -> SealResult<Plaintext> {
+        assert!(data.len().is_multiple_of(per) && data.len() <= per * self.slots);
         let p = Plaintext::empty()?;
         let mut id = self.ctx.levels[level].parms_id;
-        // SAFETY: live encoder and plaintext; SEAL reads `values.len()` values
-        // (checked against the slot count by the callers) and 4 id words.
-        check("CKKSEncoder_Encode1", unsafe {
-            CKKSEncoder_Encode1(
+        // SAFETY: live encoder and plaintext; SEAL reads `per` numbers for
+        // each of the `data.len() / per` slots (at most the slot count,
+        // asserted above), all within `data`, and 4 id words.
+        check(name, unsafe {
+            encoder(
                 self.encoder,
-                values.len() as u64,
-                values.as_ptr().cast_mut(),
+                (data.len() / per) as u64,
+                data.as_ptr().cast_mut(),
                 id.as_mut_ptr(),
                 scale,
                 p.h,
@@ -942,23 +968,13 @@ impl Engine {
         } else {
             values
         };
-        let p = Plaintext::empty()?;
-        let mut id = self.ctx.levels[level].parms_id;
-        // SAFETY: live encoder and plaintext; SEAL reads `2 * count` values
-        // (`pairs` has even length, at most twice the slot count, checked by
-        // the callers) and 4 id words.
-        check("CKKSEncoder_Encode2", unsafe {
-            CKKSEncoder_Encode2(
-                self.encoder,
-                (pairs.len() / 2) as u64,
-                pairs.as_ptr().cast_mut(),
-                id.as_mut_ptr(),
-                scale,
-                p.h,
-                null_mut(),
-            )
-        })?;
-        Ok(p)
+        self.encode_array(
+            ("CKKSEncoder_Encode2", CKKSEncoder_Encode2),
+            pairs,
+            2,
+            level,
+            scale,
+        )
     }
 
     /// Encodes one finite value in every slot at `level` with `scale`.
