@@ -123,10 +123,46 @@ fn sealed_server(
     initial: fedcore::Parameters,
     t: InMemoryTransport,
 ) -> Server<InMemoryTransport, GeometricMedian> {
+    sealed_server_with(config, initial, t, CkksSum::new(keys().public()))
+}
+
+/// [`sealed_server`] with `sum` as the sealed aggregator.
+fn sealed_server_with(
+    config: ServerConfig,
+    initial: fedcore::Parameters,
+    t: InMemoryTransport,
+    sum: CkksSum,
+) -> Server<InMemoryTransport, GeometricMedian> {
     Server::new(config, initial, t, GeometricMedian::default())
         .expect("server")
-        .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+        .with_sealing(&[HEAD], sum)
         .expect("sealing")
+}
+
+/// The server resumed from `config`'s checkpoints with a default `CkksSum`;
+/// its sealed global is `after_one`, the global after round 1.
+fn resumed_sealed_server(
+    config: ServerConfig,
+    logs: &[Log],
+    after_one: &[f64],
+) -> Server<InMemoryTransport, GeometricMedian> {
+    let server = Server::resume(
+        config,
+        initial(),
+        transport(logs, false),
+        GeometricMedian::default(),
+    )
+    .expect("resume")
+    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
+    .expect("sealing from the checkpoint");
+    assert!(max_diff(&open_global(&server), after_one) < 1e-9);
+    server
+}
+
+/// How the server's sealed global packs its values.
+fn global_packing(server: &Server<InMemoryTransport, GeometricMedian>) -> SlotPacking {
+    let global = server.sealed_global().expect("sealed");
+    fedcore_he::slot_packing_of(global.bytes()).expect("header")
 }
 
 fn open_global(server: &Server<InMemoryTransport, GeometricMedian>) -> Vec<f64> {
@@ -252,11 +288,7 @@ fn a_part_packed_otherwise_than_the_global_is_rejected_and_the_round_completes()
     .expect("add client");
     let mut server = sealed_server(config, initial(), t);
     // CkksSum seals the global two values per slot by default.
-    let global = server.sealed_global().expect("sealed");
-    assert_eq!(
-        fedcore_he::slot_packing_of(global.bytes()).expect("header"),
-        SlotPacking::Complex
-    );
+    assert_eq!(global_packing(&server), SlotPacking::Complex);
     let record = server.run_round().expect("round completes with the quorum");
     assert_sealed_part_rejected(record, &site(8), "Real");
 }
@@ -272,41 +304,22 @@ fn a_checkpoint_sealed_one_value_per_slot_resumes_in_its_packing() {
         ..ServerConfig::default()
     };
     let after_one = {
-        let mut server = Server::new(
+        let mut server = sealed_server_with(
             config.clone(),
             initial(),
             transport(&logs, false),
-            GeometricMedian::default(),
-        )
-        .expect("server")
-        .with_sealing(
-            &[HEAD],
             CkksSum::new(keys().public()).with_slot_packing(SlotPacking::Real),
-        )
-        .expect("sealing");
+        );
         server.run_round().expect("round 1");
         open_global(&server)
     };
     // Resumed by a server that would seal a new global two per slot: the
     // saved global keeps one per slot, the hospitals follow it, and the
     // round completes with every part accepted.
-    let mut server = Server::resume(
-        config,
-        initial(),
-        transport(&logs, false),
-        GeometricMedian::default(),
-    )
-    .expect("resume")
-    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
-    .expect("sealing from the checkpoint");
-    assert!(max_diff(&open_global(&server), &after_one) < 1e-9);
+    let mut server = resumed_sealed_server(config, &logs, &after_one);
     let record = server.run_round().expect("round 2");
     assert_eq!(record.accepted.len(), 3, "{:?}", record.failures);
-    let global = server.sealed_global().expect("sealed");
-    assert_eq!(
-        fedcore_he::slot_packing_of(global.bytes()).expect("header"),
-        SlotPacking::Real
-    );
+    assert_eq!(global_packing(&server), SlotPacking::Real);
 }
 
 #[test]
@@ -325,16 +338,7 @@ fn a_resumed_run_continues_from_the_saved_sealed_head() {
         server.run_round().expect("round 1");
         open_global(&server)
     };
-    let mut server = Server::resume(
-        config,
-        initial(),
-        transport(&logs, false),
-        GeometricMedian::default(),
-    )
-    .expect("resume")
-    .with_sealing(&[HEAD], CkksSum::new(keys().public()))
-    .expect("sealing from the checkpoint");
-    assert!(max_diff(&open_global(&server), &after_one) < 1e-9);
+    let mut server = resumed_sealed_server(config, &logs, &after_one);
     server.run().expect("round 2");
     assert_eq!(server.history().len(), 2);
 }
