@@ -203,6 +203,19 @@ fn make_with<S: Strategy, T: Transport>(
     strategy_lr: f32,
     t: T,
 ) -> Server<T, KeySwitchRound<S>> {
+    make_packed(inner, threshold, config, strategy_lr, t, None)
+}
+
+/// [`make_with`], the global sealed with `packing` (`None`: what
+/// `KeySwitchSum` seals by default).
+fn make_packed<S: Strategy, T: Transport>(
+    inner: S,
+    threshold: bool,
+    config: ServerConfig,
+    strategy_lr: f32,
+    t: T,
+    packing: Option<fedcore_he::SlotPacking>,
+) -> Server<T, KeySwitchRound<S>> {
     let k = keys();
     let collective = if threshold {
         k.threshold.0.clone()
@@ -212,6 +225,10 @@ fn make_with<S: Strategy, T: Transport>(
     let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
     let (strategy, sum) =
         key_switch_round(inner, collective, k.output.public(), parties, strategy_lr).expect("pair");
+    let sum = match packing {
+        Some(p) => sum.with_slot_packing(p),
+        None => sum,
+    };
     let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
     Server::new(config, initial, t, strategy)
         .expect("server")
@@ -264,21 +281,8 @@ fn an_n_of_n_round_switches_the_sealed_mean_to_the_output_key() {
 
 #[test]
 fn a_key_switch_round_one_value_per_slot_gives_the_same_mean() {
-    let k = keys();
-    let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
-    let (strategy, sum) = key_switch_round(
-        FedAvg,
-        k.collective.clone(),
-        k.output.public(),
-        parties,
-        1.0,
-    )
-    .expect("pair");
-    let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
-    let mut s = Server::new(config(3, 1.0), initial, transport(false), strategy)
-        .expect("server")
-        .with_sealing(&["*"], sum.with_slot_packing(fedcore_he::SlotPacking::Real))
-        .expect("seal everything");
+    let real = Some(fedcore_he::SlotPacking::Real);
+    let mut s = make_packed(FedAvg, false, config(3, 1.0), 1.0, transport(false), real);
     s.run_round().expect("round");
     let r = &s.history()[0];
     assert!(r.outcome.is_completed(), "{:?} {:?}", r.outcome, r.failures);
