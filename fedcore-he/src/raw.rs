@@ -434,20 +434,103 @@ pub(crate) fn unpack_ciphertext(
 /// is a multiple of 64, so every prime's run ends on a word boundary.
 pub(crate) fn pack_words(out: &mut Vec<u8>, words: &[u64], degree: usize, widths: &[u32]) {
     assert_eq!(degree % 64, 0, "degrees are powers of two from 1024");
-    let (mut acc, mut held) = (0u128, 0u32);
+    let mut bits = BitWriter::new(out);
     for (run, chunk) in words.chunks_exact(degree).enumerate() {
         let b = widths[run % widths.len()];
         for &w in chunk {
-            acc |= u128::from(w) << held;
-            held += b;
-            if held >= 64 {
-                out.extend_from_slice(&(acc as u64).to_le_bytes());
-                acc >>= 64;
-                held -= 64;
-            }
+            bits.push(w, b);
         }
     }
-    debug_assert_eq!(held, 0);
+    bits.finish();
+}
+
+/// Fields of up to 64 bits appended least significant bit first, flushed
+/// as little-endian 64-bit words: one 128-bit shift register.
+struct BitWriter<'a> {
+    out: &'a mut Vec<u8>,
+    acc: u128,
+    held: u32,
+}
+
+impl<'a> BitWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        Self {
+            out,
+            acc: 0,
+            held: 0,
+        }
+    }
+
+    /// Appends the low `bits` (at most 64) of `w`, which holds no others.
+    #[inline(always)]
+    fn push(&mut self, w: u64, bits: u32) {
+        debug_assert!(bits <= 64 && (bits == 64 || w >> bits == 0));
+        self.acc |= u128::from(w) << self.held;
+        self.held += bits;
+        if self.held >= 64 {
+            self.out.extend_from_slice(&(self.acc as u64).to_le_bytes());
+            self.acc >>= 64;
+            self.held -= 64;
+        }
+    }
+
+    /// Appends the low `bits` (at most 128) of `w`.
+    #[inline(always)]
+    fn push_wide(&mut self, w: u128, bits: u32) {
+        if bits > 64 {
+            self.push(w as u64, 64);
+            self.push((w >> 64) as u64, bits - 64);
+        } else {
+            self.push(w as u64, bits);
+        }
+    }
+
+    /// Checks that the fields ended on a word boundary.
+    fn finish(self) {
+        debug_assert_eq!(self.held, 0, "fields must fill whole words");
+    }
+}
+
+/// The reader of [`BitWriter`]'s stream; the caller checks the length.
+struct BitReader<'a> {
+    src: std::slice::ChunksExact<'a, u8>,
+    acc: u128,
+    held: u32,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self {
+            src: bytes.chunks_exact(8),
+            acc: 0,
+            held: 0,
+        }
+    }
+
+    /// The next field of `bits` (at most 64).
+    #[inline(always)]
+    fn pull(&mut self, bits: u32) -> u64 {
+        if self.held < bits {
+            let w = self.src.next().expect("length checked by the caller");
+            self.acc |= u128::from(u64::from_le_bytes(w.try_into().expect("8 bytes"))) << self.held;
+            self.held += 64;
+        }
+        let w = (self.acc & ((1u128 << bits) - 1)) as u64;
+        self.acc >>= bits;
+        self.held -= bits;
+        w
+    }
+
+    /// The next field of `bits` (at most 128).
+    #[inline(always)]
+    fn pull_wide(&mut self, bits: u32) -> u128 {
+        if bits > 64 {
+            let lo = self.pull(64);
+            u128::from(lo) | (u128::from(self.pull(bits - 64)) << 64)
+        } else {
+            u128::from(self.pull(bits))
+        }
+    }
 }
 
 /// The inverse of [`pack_words`] for `polys` polynomials; `bytes` must hold
@@ -461,22 +544,12 @@ pub(crate) fn unpack_words(
 ) -> Result<Vec<u64>, String> {
     debug_assert_eq!(bytes.len(), packed_len(polys, degree, primes));
     let widths = widths(primes);
-    let mut src = bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    let mut bits = BitReader::new(bytes);
     let mut out = Vec::with_capacity(polys * degree * primes.len());
-    let (mut acc, mut held) = (0u128, 0u32);
     for run in 0..polys * primes.len() {
         let (j, b) = (run % primes.len(), widths[run % primes.len()]);
-        let mask = (1u128 << b) - 1;
         for i in 0..degree {
-            if held < b {
-                acc |= u128::from(src.next().expect("exact length")) << held;
-                held += 64;
-            }
-            let w = (acc & mask) as u64;
-            acc >>= b;
-            held -= b;
+            let w = bits.pull(b);
             if w >= primes[j] {
                 return Err(format!(
                     "polynomial {}: coefficient {i} of prime {j} is not reduced",
@@ -487,4 +560,265 @@ pub(crate) fn unpack_words(
         }
     }
     Ok(out)
+}
+
+/// `a * b mod q`.
+#[inline(always)]
+fn mul_mod(a: u64, b: u64, q: u64) -> u64 {
+    (u128::from(a) * u128::from(b) % u128::from(q)) as u64
+}
+
+/// `a^e mod q`.
+fn pow_mod(mut a: u64, mut e: u64, q: u64) -> u64 {
+    let mut r = 1 % q;
+    a %= q;
+    while e > 0 {
+        if e & 1 == 1 {
+            r = mul_mod(r, a, q);
+        }
+        a = mul_mod(a, a, q);
+        e >>= 1;
+    }
+    r
+}
+
+/// The rounded form of a ciphertext in coefficient form, for what the
+/// server sends back (a weighted sum, which cannot be seeded): each
+/// coefficient of both polynomials is composed from its residues (CRT)
+/// into one integer `c` modulo the level's modulus `Q`, and only
+/// `t = round(c / 2^drop)` is written, in `width` bits. A `t` with
+/// `t * 2^drop >= Q` is written as 0, which is the same modulo `Q`, so
+/// that every written `t` lies below `ceil(Q / 2^drop)` and rounding again
+/// what was read gives the same `t`.
+///
+/// Rounding is a public operation (anyone holding the ciphertext can do
+/// it). Decryption computes `c0 + c1 * s`; rounding moves `c0` by at most
+/// `2^(drop[0] - 1)` and `c1` by at most `2^(drop[1] - 1)` per coefficient,
+/// so the message by `e0 + e1 * s`: noise that the caller sizes below the
+/// values' precision (`vector::sum_rounding`).
+///
+/// Written by hand: a CRT composition over at most 126 bits is a few
+/// `u128` operations per coefficient, and the bignum crates allocate.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rounding {
+    primes: Vec<u64>,
+    modulus: u128,
+    /// Low bits rounded away from the first and the second polynomial.
+    drop: [u32; 2],
+    /// Per prime `q_j`: `(Q / q_j)^-1 mod q_j` and `Q / q_j`.
+    crt: Vec<(u64, u128)>,
+    /// Per polynomial, per prime: `2^drop mod q_j`.
+    lift: [Vec<u64>; 2],
+}
+
+impl Rounding {
+    /// The rounding of ciphertexts over `primes` (distinct primes, as
+    /// SEAL's levels have) dropping `drop` bits; `None` when `Q` reaches
+    /// `2^126` (the composition stays in `u128`) or a drop leaves fewer
+    /// than two bits.
+    pub(crate) fn new(primes: &[u64], drop: [u32; 2]) -> Option<Self> {
+        let modulus = primes
+            .iter()
+            .try_fold(1u128, |m, &q| m.checked_mul(u128::from(q)))?;
+        let bits = 128 - modulus.leading_zeros();
+        if primes.is_empty() || bits > 126 || drop.iter().any(|&d| d == 0 || d + 2 > bits) {
+            return None;
+        }
+        let crt = primes
+            .iter()
+            .map(|&q| {
+                let qhat = modulus / u128::from(q);
+                let inv = pow_mod((qhat % u128::from(q)) as u64, q - 2, q);
+                (inv, qhat)
+            })
+            .collect();
+        let lift = drop.map(|d| primes.iter().map(|&q| pow_mod(2, d.into(), q)).collect());
+        Some(Self {
+            primes: primes.to_vec(),
+            modulus,
+            drop,
+            crt,
+            lift,
+        })
+    }
+
+    /// Bits dropped from each polynomial.
+    #[cfg(test)]
+    pub(crate) fn drop(&self) -> [u32; 2] {
+        self.drop
+    }
+
+    /// The largest `t` polynomial `p` may hold.
+    fn max(&self, p: usize) -> u128 {
+        (self.modulus - 1) >> self.drop[p]
+    }
+
+    /// Bits each `t` of polynomial `p` takes.
+    pub(crate) fn width(&self, p: usize) -> u32 {
+        128 - self.max(p).leading_zeros()
+    }
+
+    /// Bytes of one rounded ciphertext of `degree` coefficients per
+    /// polynomial (`degree` is a multiple of 64, so both end on a word).
+    pub(crate) fn packed_len(&self, degree: usize) -> usize {
+        degree * (self.width(0) + self.width(1)) as usize / 8
+    }
+
+    /// The rounded bytes of `raw`, a ciphertext in coefficient form over
+    /// this rounding's primes.
+    pub(crate) fn round(&self, raw: &RawCiphertext) -> Vec<u8> {
+        assert!(!raw.ntt && raw.size == 2 && raw.primes == self.primes.len());
+        assert_eq!(raw.degree % 64, 0, "degrees are powers of two from 1024");
+        let n = raw.degree;
+        let mut out = Vec::with_capacity(self.packed_len(n));
+        let mut bits = BitWriter::new(&mut out);
+        for p in 0..2 {
+            let poly = raw.poly(p);
+            let (d, width, max) = (self.drop[p], self.width(p), self.max(p));
+            let half = 1u128 << (d - 1);
+            for i in 0..n {
+                let mut c = 0u128;
+                for (j, (&q, &(inv, qhat))) in self.primes.iter().zip(&self.crt).enumerate() {
+                    c += u128::from(mul_mod(poly[j * n + i], inv, q)) * qhat;
+                    if c >= self.modulus {
+                        c -= self.modulus;
+                    }
+                }
+                let t = (c + half) >> d;
+                bits.push_wide(if t > max { 0 } else { t }, width);
+            }
+        }
+        bits.finish();
+        out
+    }
+
+    /// The ciphertext (coefficient form, at `parms_id` with `scale`) whose
+    /// coefficients are `t * 2^drop` for the `t` in `bytes`, which must be
+    /// exactly [`Rounding::packed_len`] long with every `t` in range; an
+    /// error names what is not.
+    pub(crate) fn unround(
+        &self,
+        bytes: &[u8],
+        degree: usize,
+        parms_id: &ParmsId,
+        scale: f64,
+    ) -> Result<RawCiphertext, String> {
+        let want = self.packed_len(degree);
+        if bytes.len() != want {
+            return Err(format!("{} bytes where {want} are needed", bytes.len()));
+        }
+        let k = self.primes.len();
+        let mut data = vec![0u64; 2 * k * degree];
+        let mut bits = BitReader::new(bytes);
+        for p in 0..2 {
+            let (width, max) = (self.width(p), self.max(p));
+            let poly = &mut data[p * k * degree..(p + 1) * k * degree];
+            for i in 0..degree {
+                let t = bits.pull_wide(width);
+                if t > max {
+                    return Err(format!(
+                        "polynomial {p}: coefficient {i} is not below the modulus"
+                    ));
+                }
+                for (j, &q) in self.primes.iter().enumerate() {
+                    let r = (t % u128::from(q)) as u64;
+                    poly[j * degree + i] = mul_mod(r, self.lift[p][j], q);
+                }
+            }
+        }
+        Ok(RawCiphertext {
+            parms_id: *parms_id,
+            ntt: false,
+            size: 2,
+            degree,
+            primes: k,
+            scale,
+            data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    /// Garner's reconstruction for two primes, written apart from the
+    /// rounding's own composition.
+    fn garner(r0: u64, r1: u64, q0: u64, q1: u64) -> u128 {
+        let inv = pow_mod(q0 % q1, q1 - 2, q1);
+        let d = (u128::from(r1) + u128::from(q1) - u128::from(r0 % q1)) % u128::from(q1);
+        let h = (d * u128::from(inv)) % u128::from(q1);
+        u128::from(r0) + u128::from(q0) * h
+    }
+
+    #[test]
+    fn rounding_moves_each_coefficient_by_at_most_half_a_step_and_reads_back_exactly() {
+        let (q0, q1) = ((1u64 << 61) - 1, (1u64 << 31) - 1);
+        let q = u128::from(q0) * u128::from(q1);
+        let r = Rounding::new(&[q0, q1], [30, 26]).expect("92 bits");
+        assert_eq!(r.drop(), [30, 26]);
+        assert_eq!((r.width(0), r.width(1)), (92 - 30, 92 - 26));
+        let n = 128;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut coeffs: Vec<u128> = (0..2 * n).map(|_| rng.random_range(0..q)).collect();
+        // The edges: zero, the top, and both sides of the wrap to 0.
+        for (i, d) in [30u32, 26].into_iter().enumerate() {
+            let p = &mut coeffs[i * n..];
+            let half = 1u128 << (d - 1);
+            p[..6].copy_from_slice(&[0, q - 1, q - half, q - half - 1, half - 1, half]);
+        }
+        let mut data = vec![0u64; 4 * n];
+        for p in 0..2 {
+            for (j, &m) in [q0, q1].iter().enumerate() {
+                for i in 0..n {
+                    data[(p * 2 + j) * n + i] = (coeffs[p * n + i] % u128::from(m)) as u64;
+                }
+            }
+        }
+        let raw = RawCiphertext {
+            parms_id: [1, 2, 3, 4],
+            ntt: false,
+            size: 2,
+            degree: n,
+            primes: 2,
+            scale: 8.0,
+            data,
+        };
+        let bytes = r.round(&raw);
+        assert_eq!(bytes.len(), r.packed_len(n));
+        let back = r.unround(&bytes, n, &raw.parms_id, 8.0).expect("unround");
+        assert!(!back.ntt && back.scale == 8.0 && back.parms_id == raw.parms_id);
+        for p in 0..2 {
+            let d = [30, 26][p];
+            for i in 0..n {
+                let got = garner(back.poly(p)[i], back.poly(p)[n + i], q0, q1);
+                assert!(got < q && got.is_multiple_of(1 << d), "{p}/{i}");
+                let c = coeffs[p * n + i];
+                let diff = (c + q - got) % q;
+                let dist = diff.min(q - diff);
+                assert!(dist <= 1 << (d - 1), "{p}/{i}: moved by {dist}");
+            }
+        }
+        // Rounding what was read changes nothing.
+        assert_eq!(r.round(&back), bytes);
+        // Any field above the top, or a wrong length, is refused.
+        let mut bad = bytes.clone();
+        bad[..8].fill(0xFF);
+        bad[8] = 0xFF;
+        let e = r.unround(&bad, n, &raw.parms_id, 8.0).unwrap_err();
+        assert!(e.contains("coefficient 0 is not below the modulus"), "{e}");
+        assert!(r.unround(&bytes[1..], n, &raw.parms_id, 8.0).is_err());
+    }
+
+    #[test]
+    fn rounding_needs_a_modulus_below_2_126_and_bits_left() {
+        let (a, b, c) = ((1u64 << 61) - 1, (1u64 << 31) - 1, 1_000_000_007u64);
+        assert!(Rounding::new(&[a, b, c], [40, 40]).is_some());
+        assert!(Rounding::new(&[a, b, c, 998_244_353], [40, 40]).is_none());
+        assert!(Rounding::new(&[b], [29, 29]).is_some());
+        assert!(Rounding::new(&[b], [30, 29]).is_none());
+        assert!(Rounding::new(&[b], [0, 29]).is_none());
+        assert!(Rounding::new(&[], [1, 1]).is_none());
+    }
 }

@@ -171,6 +171,7 @@ unsafe extern "C" {
     fn Evaluator_Add(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
     fn Evaluator_Sub(p: Handle, a: Handle, b: Handle, dest: Handle) -> Hr;
     fn Evaluator_TransformToNTT2(p: Handle, a: Handle, dest: Handle) -> Hr;
+    fn Evaluator_TransformFromNTT(p: Handle, a: Handle, dest: Handle) -> Hr;
     fn Evaluator_Multiply(p: Handle, a: Handle, b: Handle, dest: Handle, pool: Handle) -> Hr;
     fn Evaluator_Relinearize(
         p: Handle,
@@ -1065,6 +1066,19 @@ impl Engine {
         // `invalid_argument`, which its C API catches.
         check("Evaluator_TransformToNTT2", unsafe {
             Evaluator_TransformToNTT2(self.evaluator, c.h, d.h)
+        })?;
+        Ok(d)
+    }
+
+    /// The same ciphertext with every polynomial taken back to coefficient
+    /// form; `c` must be in NTT form (SEAL refuses one that is not).
+    pub(crate) fn to_coefficients(&self, c: &Ciphertext) -> SealResult<Ciphertext> {
+        let d = Ciphertext::empty()?;
+        // SAFETY: as in `to_ntt`: live evaluator, a valid ciphertext, a fresh
+        // destination; SEAL reports a form or parameter mismatch as an
+        // `invalid_argument`, which its C API catches.
+        check("Evaluator_TransformFromNTT", unsafe {
+            Evaluator_TransformFromNTT(self.evaluator, c.h, d.h)
         })?;
         Ok(d)
     }
