@@ -1,7 +1,8 @@
 //! CKKS costs at the default parameters (degree 8192, [60, 40, 40, 60],
 //! scale 2^40) for the DenseNet-121 head (14,350 values = 4 ciphertexts at
 //! one value per slot, 2 at two per slot: the `_2perslot` rows) and
-//! per ciphertext (4096 values, TenSEAL's benchmark size), plus upload sizes.
+//! per ciphertext (4096 values, TenSEAL's benchmark size), plus upload sizes;
+//! the sum sent back rounded (`to_bytes`) and unrounded (`_unrounded` rows).
 //!
 //! `cargo bench -p fedcore-he --bench he`; numbers in docs/benchmarks.md.
 use std::hint::black_box;
@@ -41,8 +42,14 @@ fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
         .public()
         .weighted_sum(&[&h.encrypt(&v).expect("e")], &[1.0])
         .expect("sum");
-    let (sum_packed, sum_deflated) = (
+    let unrounded = |s: &EncryptedVector| {
+        fedcore_he::fuzzing::to_unrounded_bytes(s)
+            .expect("bytes")
+            .len()
+    };
+    let (sum_rounded, sum_packed, sum_deflated) = (
         sum.to_bytes().expect("bytes").len(),
+        unrounded(&sum),
         fedcore_he::fuzzing::to_deflated_bytes(&sum)
             .expect("bytes")
             .len(),
@@ -52,24 +59,25 @@ fn report_sizes(h: &CkksContext<fedcore_he::Secret>) {
     let sum2 = two
         .public()
         .weighted_sum(&[&two.encrypt(&v).expect("e")], &[1.0])
-        .expect("sum")
-        .to_bytes()
-        .expect("bytes")
-        .len();
+        .expect("sum");
+    let (sum2_rounded, sum2_packed) = (sum2.to_bytes().expect("bytes").len(), unrounded(&sum2));
     let per = |b: usize| b as f64 / HEAD as f64;
     eprintln!(
         "two values per slot (SlotPacking::Complex, CkksSum's default): compact upload {compact2} B = {:.1} B/value; \
-         the sum sent back {sum2} B = {:.1} B/value",
+         the sum sent back: rounded {sum2_rounded} B = {:.2} B/value, unrounded {sum2_packed} B = {:.1} B/value",
         per(compact2),
-        per(sum2)
+        per(sum2_rounded),
+        per(sum2_packed)
     );
     eprintln!(
         "upload of the {HEAD}-value head: compact (seeded, lowest level, packed) {compact} B = {:.1} B/value; \
          the same deflated (format 1, before 0.2) {deflated} B = {:.1} B/value; \
          unseeded symmetric at the same level {unseeded} B; public-key at the same level {public} B; \
-         the sum sent back: packed {sum_packed} B = {:.1} B/value, deflated {sum_deflated} B = {:.1} B/value",
+         the sum sent back: rounded {sum_rounded} B = {:.1} B/value, unrounded (packed) {sum_packed} B = {:.1} B/value, \
+         deflated {sum_deflated} B = {:.1} B/value",
         per(compact),
         per(deflated),
+        per(sum_rounded),
         per(sum_packed),
         per(sum_deflated)
     );
@@ -150,6 +158,13 @@ fn bench(c: &mut Criterion) {
         };
         g.bench_function(format!("serialize_sum{tag}/head"), |b| {
             b.iter(|| black_box(&head_sum).to_bytes().expect("bytes"))
+        });
+        g.bench_function(format!("serialize_sum_unrounded{tag}/head"), |b| {
+            b.iter(|| fedcore_he::fuzzing::to_unrounded_bytes(black_box(&head_sum)).expect("bytes"))
+        });
+        let exact = fedcore_he::fuzzing::to_unrounded_bytes(&head_sum).expect("bytes");
+        g.bench_function(format!("deserialize_sum_unrounded{tag}/head"), |b| {
+            b.iter(|| h.load(black_box(&exact), Form::Sum).expect("load"))
         });
         if packing == SlotPacking::Real {
             g.bench_function("serialize_sum_deflated/head", |b| {

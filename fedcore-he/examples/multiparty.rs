@@ -152,18 +152,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let sum = server.weighted_sum(&refs, &weights)?;
             let sum1 = ms(t);
-            let sum_bytes = sum.to_bytes()?;
             drop(loaded);
+            let t = Instant::now();
+            let sum_bytes = sum.to_bytes()?;
+            let ser1 = ms(t);
             let t = Instant::now();
             let got = single.decrypt(&single.load(&sum_bytes, Form::Sum)?)?;
             let dec1 = ms(t);
             println!(
-                "single key: upload {enc1:.1} ms, {up_bytes} B ({:.1} B/value); server sum {sum1:.1} ms; sum {} B; load + decrypt {dec1:.1} ms; max error {:.1e}",
+                "single key: upload {enc1:.1} ms, {up_bytes} B ({:.1} B/value); server sum {sum1:.1} ms; \
+                 sum sent back (rounded) {} B ({:.2} B/value), written in {ser1:.1} ms; load + decrypt {dec1:.1} ms; max error {:.1e}",
                 up_bytes as f64 / len as f64,
                 sum_bytes.len(),
+                sum_bytes.len() as f64 / len as f64,
                 max_error(&got, &plain, &weights)
             );
             drop(sum_bytes);
+            // The same sum unrounded, as written before the rounded form.
+            let t = Instant::now();
+            let exact = fedcore_he::fuzzing::to_unrounded_bytes(&sum)?;
+            let ser0 = ms(t);
+            let t = Instant::now();
+            let got = single.decrypt(&single.load(&exact, Form::Sum)?)?;
+            let dec0 = ms(t);
+            println!(
+                "single key, unrounded: sum {} B ({:.2} B/value), written in {ser0:.1} ms; load + decrypt {dec0:.1} ms; max error {:.1e}",
+                exact.len(),
+                exact.len() as f64 / len as f64,
+                max_error(&got, &plain, &weights)
+            );
+            drop((exact, sum));
 
             // Multiparty: uploads under the collective key, a key switch.
             let server = collective.context().clone().with_slot_packing(packing);

@@ -38,7 +38,10 @@ fn main() {
     let server = hospital.public();
     let a = server.load(&fresh, Form::Fresh).expect("load");
     let sum = server.weighted_sum(&[&a, &a], &[0.5, 0.5]).expect("sum");
+    // A sum is written rounded (flag bit 2); unrounded, as before, it still loads.
     std::fs::write(vectors.join("sum"), sum.to_bytes().expect("bytes")).expect("seed");
+    let exact = fedcore_he::fuzzing::to_unrounded_bytes(&sum).expect("bytes");
+    std::fs::write(vectors.join("sum-unrounded"), exact).expect("seed");
     // Evaluation keys and an encrypted Gram matrix of two uploads.
     let eval = hospital.evaluation_keys().expect("evaluation keys");
     let dir = root.join("eval_keys");

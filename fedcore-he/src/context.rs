@@ -51,6 +51,9 @@ impl Role for Public {
 pub(crate) struct Inner {
     pub(crate) params: CkksParams,
     pub(crate) engine: seal::Engine,
+    /// An engine of the same SEAL context without keys, which encrypted
+    /// vectors keep to write themselves (the rounded form of a sum).
+    pub(crate) keyless: Arc<seal::Engine>,
     pub(crate) key_id: [u8; 16],
     /// Index (into the context's levels) of the level uploads are encrypted at.
     pub(crate) level: usize,
@@ -157,11 +160,13 @@ impl<R: Role> CkksContext<R> {
     ) -> Result<Self> {
         let level = upload_level(&params, &ctx)?;
         let id = key_id(&public_key.to_bytes()?);
+        let keyless = Arc::new(seal::Engine::new(ctx.clone(), None, None)?);
         let engine = seal::Engine::new(ctx, secret_key.clone(), Some(public_key.clone()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 params,
                 engine,
+                keyless,
                 key_id: id,
                 level,
                 public_key,
@@ -184,6 +189,7 @@ impl<R: Role> CkksContext<R> {
                     i.secret_key.clone(),
                     Some(i.public_key.clone()),
                 )?,
+                keyless: i.keyless.clone(),
                 key_id: i.key_id,
                 level: i.level,
                 public_key: i.public_key.clone(),
@@ -277,6 +283,7 @@ impl CkksContext<Secret> {
                     Some(self.inner.public_key.clone()),
                 )
                 .expect("an engine for a context that already has one"),
+                keyless: self.inner.keyless.clone(),
                 key_id: self.inner.key_id,
                 level: self.inner.level,
                 public_key: self.inner.public_key.clone(),

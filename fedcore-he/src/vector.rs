@@ -4,6 +4,8 @@ use rayon::prelude::*;
 
 use crate::context::{CkksContext, Role, Secret};
 use crate::error::{HeError, Result};
+use std::sync::Arc;
+
 use crate::reader::Reader;
 use crate::{raw, seal};
 
@@ -90,8 +92,10 @@ pub struct EncryptedVector {
 
 /// The level and scale a vector's ciphertexts are at, as the packed form
 /// ([`raw::pack_ciphertext`]) needs them: it writes neither.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub(crate) struct Packing {
+    /// A keyless engine of the vector's SEAL context.
+    engine: Arc<seal::Engine>,
     degree: usize,
     parms_id: seal::ParmsId,
     /// The level's primes.
@@ -174,6 +178,7 @@ impl<R: Role> CkksContext<R> {
         let ctx = self.engine().context();
         let level = &ctx.levels[self.inner.level];
         Packing {
+            engine: self.inner.keyless.clone(),
             degree: self.params().degree(),
             parms_id: level.parms_id,
             primes: ctx.primes[..level.primes].to_vec(),
@@ -428,8 +433,16 @@ impl<R: Role> CkksContext<R> {
         let got_form = Form::from_tag(r.u8().map_err(|_| malformed("truncated header".into()))?)
             .ok_or_else(|| malformed("unknown form".into()))?;
         let flags = r.u8().map_err(|_| malformed("truncated header".into()))?;
-        let (seeded, slots) = parse_flags(version, flags)?;
-        let encoding = encoding(version, seeded);
+        let Flags {
+            seeded,
+            slots,
+            rounded,
+        } = parse_flags(version, flags)?;
+        let encoding = if rounded {
+            Encoding::Rounded
+        } else {
+            encoding(version, seeded)
+        };
         let key: [u8; 16] = r
             .take(16)
             .map_err(|_| malformed("truncated header".into()))?
@@ -446,6 +459,9 @@ impl<R: Role> CkksContext<R> {
             return Err(HeError::Mismatch(format!(
                 "a {got_form:?} vector where a {form:?} one is expected"
             )));
+        }
+        if rounded && form != Form::Sum {
+            return Err(malformed(format!("a rounded {form:?} vector")));
         }
         let len = usize::try_from(len)
             .ok()
@@ -557,18 +573,30 @@ pub(crate) enum Encoding {
     /// [`raw::pack_ciphertext`]; `seeded` when the second polynomial is a
     /// seed record (an upload from [`CkksContext::encrypt_compact`]).
     Packed { seeded: bool },
+    /// [`raw::Rounding`] with the drops [`sum_rounding`] gives the level:
+    /// a [`Form::Sum`] vector's low bits rounded away.
+    Rounded,
 }
 
-/// The envelope's flags byte: bit 0 seeded, bit 1 two values per slot.
-fn flags(seeded: bool, slots: SlotPacking) -> u8 {
-    u8::from(seeded) | (u8::from(slots == SlotPacking::Complex) << 1)
+/// The envelope's flags byte: bit 0 seeded, bit 1 two values per slot,
+/// bit 2 rounded ([`Encoding::Rounded`]).
+fn flags(seeded: bool, slots: SlotPacking, rounded: bool) -> u8 {
+    u8::from(seeded) | (u8::from(slots == SlotPacking::Complex) << 1) | (u8::from(rounded) << 2)
 }
 
-/// The seeded flag and the slot packing from an envelope's flags byte;
-/// format 1 knows only the seeded flag.
-fn parse_flags(version: u8, flags: u8) -> Result<(bool, SlotPacking)> {
-    let known = if version == DEFLATE_VERSION { 1 } else { 3 };
-    if flags & !known != 0 {
+/// What an envelope's flags byte says.
+#[derive(Debug, Clone, Copy)]
+struct Flags {
+    seeded: bool,
+    slots: SlotPacking,
+    rounded: bool,
+}
+
+/// An envelope's flags byte read; format 1 knows only the seeded flag, and
+/// a rounded vector is not seeded.
+fn parse_flags(version: u8, flags: u8) -> Result<Flags> {
+    let known = if version == DEFLATE_VERSION { 1 } else { 7 };
+    if flags & !known != 0 || flags & 5 == 5 {
         return Err(HeError::Malformed(format!(
             "flags {flags:#04x} in format version {version}"
         )));
@@ -578,7 +606,46 @@ fn parse_flags(version: u8, flags: u8) -> Result<(bool, SlotPacking)> {
     } else {
         SlotPacking::Complex
     };
-    Ok((flags & 1 == 1, slots))
+    Ok(Flags {
+        seeded: flags & 1 == 1,
+        slots,
+        rounded: flags & 4 == 4,
+    })
+}
+
+/// How far below the values' unit the noise of rounding a [`Form::Sum`]
+/// vector lies: about `2^-31` in standard deviation per value (3.2e-10
+/// measured at the default parameters, beside 1.7e-10 of a fresh upload's
+/// encryption noise; its tail is heavier than a Gaussian's, 2.6e-9 at most
+/// over 14,350 values). The hospitals read the global as `f32`, whose own
+/// rounding is larger for every value above `2^-7` in magnitude.
+pub const SUM_ROUNDING_PRECISION_BITS: u32 = 31;
+
+/// Extra bits rounded from a ciphertext's first polynomial: its error
+/// reaches the message directly, the second's through the secret key
+/// (`sqrt(N / 18)` times larger, 21 at `N = 8192`); 4 more bits leave the
+/// first's share of the noise at about 5 % of the variance.
+const SUM_ROUNDING_FIRST_EXTRA: u32 = 4;
+
+/// The rounding of [`Form::Sum`] vectors packed as `p`: the most bits
+/// whose rounding noise stays about [`SUM_ROUNDING_PRECISION_BITS`] below
+/// the values' unit, or `None` where the level's modulus reaches `2^126`
+/// (the multiparty parameters) or the scale leaves no bit to drop.
+///
+/// The noise: rounding `c1` adds a uniform error of variance `4^d / 12`
+/// per coefficient, times a ternary secret key (variance 2/3) in
+/// `c1 * s`: variance `N 4^d / 18` per coefficient, `N` times that in a
+/// slot after decoding, halved in each of its parts. A collective key
+/// (a sum of `n` ternary keys) makes it `sqrt(n)` times larger.
+pub(crate) fn sum_rounding(p: &Packing) -> Option<raw::Rounding> {
+    let n = p.degree as f64;
+    let spread = 0.5 * (n * n / 36.0).log2();
+    let d = (p.scale.log2() - f64::from(SUM_ROUNDING_PRECISION_BITS) - spread).floor();
+    if d < 1.0 {
+        return None;
+    }
+    let d = d as u32;
+    raw::Rounding::new(&p.primes, [d + SUM_ROUNDING_FIRST_EXTRA, d])
 }
 
 /// The slot packing an encrypted vector's bytes declare, from the header
@@ -596,7 +663,7 @@ pub fn slot_packing_of(bytes: &[u8]) -> Result<SlotPacking> {
     if version != VERSION && version != DEFLATE_VERSION {
         return Err(HeError::Malformed(format!("format version {version}")));
     }
-    Ok(parse_flags(version, header[6])?.1)
+    Ok(parse_flags(version, header[6])?.slots)
 }
 
 pub(crate) fn encoding(version: u8, seeded: bool) -> Encoding {
@@ -648,17 +715,54 @@ impl EncryptedVector {
         self.write(false)
     }
 
+    /// The packed form; a sum (not seeded) rounded where its level allows.
     fn write(&self, seeded: bool) -> Result<Vec<u8>> {
-        let blobs = pack_all(&self.cts, &self.packing, seeded)?;
+        self.write_as(seeded, true)
+    }
+
+    fn write_as(&self, seeded: bool, round: bool) -> Result<Vec<u8>> {
+        let rounding = match self.form {
+            Form::Sum if round && !seeded => sum_rounding(&self.packing),
+            _ => None,
+        };
+        let blobs = match &rounding {
+            Some(r) => round_all(&self.cts, &self.packing, r)?,
+            None => pack_all(&self.cts, &self.packing, seeded)?,
+        };
         Ok(envelope(
             VERSION,
             self.form,
-            flags(seeded, self.slot_packing),
+            flags(seeded, self.slot_packing, rounding.is_some()),
             &self.key_id,
             self.len,
             &blobs,
         ))
     }
+}
+
+/// Each ciphertext in the rounded form ([`raw::Rounding`]), in parallel:
+/// taken to coefficient form by SEAL (an evaluator of the packing's
+/// context), read back, composed and rounded.
+fn round_all(
+    cts: &[seal::Ciphertext],
+    packing: &Packing,
+    rounding: &raw::Rounding,
+) -> Result<Vec<Vec<u8>>> {
+    let engine = &packing.engine;
+    cts.par_iter()
+        .map(|ct| {
+            let p = packing;
+            let coeffs = engine.to_coefficients(ct)?.to_bytes()?;
+            let raw = raw::RawCiphertext::parse(&coeffs, p.degree, p.primes.len())
+                .map_err(|e| HeError::Seal(format!("rounding: {e}")))?;
+            if raw.parms_id != p.parms_id || raw.scale != p.scale || raw.ntt {
+                return Err(HeError::Seal(
+                    "rounding: a ciphertext at another level or scale than its vector's".into(),
+                ));
+            }
+            Ok(rounding.round(&raw))
+        })
+        .collect()
 }
 
 /// Each ciphertext packed ([`raw::pack_ciphertext`]), in parallel; each
@@ -706,6 +810,16 @@ pub(crate) fn load_all<R: Role>(
     let level = &seal_ctx.levels[ctx.inner.level];
     let max_raw = 2 * ctx.params().degree() * level.primes * 8 + 1024;
     let scale = packing.scale;
+    let rounding = match encoding {
+        Encoding::Rounded => Some(sum_rounding(packing).ok_or_else(|| {
+            malformed(format!(
+                "{what}s rounded at a level that is never rounded (modulus of {} bits, scale 2^{:.0})",
+                raw::widths(&packing.primes).iter().sum::<u32>(),
+                scale.log2()
+            ))
+        })?),
+        _ => None,
+    };
     blobs
         .par_iter()
         .enumerate()
@@ -725,9 +839,21 @@ pub(crate) fn load_all<R: Role>(
                     raw::unpack_ciphertext(blob, seeded, p.degree, &p.primes, &p.parms_id, scale)
                         .map_err(|e| malformed(format!("{what} {i}: {e}")))?
                 }
+                // Coefficient form, which SEAL validates and takes to the
+                // NTT form below.
+                Encoding::Rounded => rounding
+                    .as_ref()
+                    .expect("set for this encoding")
+                    .unround(blob, p.degree, &p.parms_id, scale)
+                    .map_err(|e| malformed(format!("{what} {i}: {e}")))?
+                    .to_bytes(),
             };
             let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
                 .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
+            let ct = match encoding {
+                Encoding::Rounded => p.engine.to_ntt(&ct)?,
+                _ => ct,
+            };
             let at = ct.parms_id()?;
             if at != level.parms_id {
                 return Err(HeError::Mismatch(format!(
@@ -800,7 +926,7 @@ pub mod fuzzing {
         envelope(
             DEFLATE_VERSION,
             form,
-            flags(false, SlotPacking::Real),
+            flags(false, SlotPacking::Real, false),
             &ctx.key_id(),
             ctx.slots(),
             &[blob],
@@ -812,6 +938,13 @@ pub mod fuzzing {
     /// packed form with, and what the tests load to show it still loads.
     pub fn encrypt_compact_deflated(ctx: &CkksContext<Secret>, values: &[f64]) -> Result<Vec<u8>> {
         write_deflated(&ctx.encrypt_seeded(values)?, true)
+    }
+
+    /// [`EncryptedVector::to_bytes`] without rounding a sum: every
+    /// coefficient exact, as format 2 wrote sums before the rounded form
+    /// (flag bit 2), which still load.
+    pub fn to_unrounded_bytes(v: &EncryptedVector) -> Result<Vec<u8>> {
+        v.write_as(false, false)
     }
 
     /// [`EncryptedVector::to_bytes`] in format version 1.
@@ -833,7 +966,7 @@ pub mod fuzzing {
         Ok(envelope(
             DEFLATE_VERSION,
             v.form,
-            flags(seeded, SlotPacking::Real),
+            flags(seeded, SlotPacking::Real, false),
             &v.key_id,
             v.len,
             &blobs,

@@ -170,14 +170,16 @@ fn packed_uploads_hold_each_coefficient_in_its_prime_s_bits() {
         let v = h.load(bytes, Form::Fresh).expect("load");
         assert!(max_abs_diff(&h.decrypt(&v).expect("decrypt"), &values) < 1e-6);
     }
-    // A sum (two polynomials, not seeded) packs to twice the coefficients.
+    // A sum (two polynomials, not seeded) is rounded: of each coefficient's
+    // 100 bits (modulo the level's 100-bit modulus), 68 and 72 are kept
+    // (`a_sum_sent_back_is_rounded_below_its_noise`).
     let sum = h
         .public()
         .weighted_sum(&[&h.load(&packed, Form::Fresh).expect("load")], &[1.0])
         .expect("sum")
         .to_bytes()
         .expect("bytes");
-    assert_eq!(sum.len(), 35 + 4 * (4 + 2 * 8192 * 100 / 8));
+    assert_eq!(sum.len(), 35 + 4 * (4 + 8192 * (68 + 72) / 8));
     let back = h.load(&sum, Form::Sum).expect("load sum");
     assert!(max_abs_diff(&h.decrypt(&back).expect("decrypt"), &values) < 1e-6);
 
@@ -246,7 +248,8 @@ fn complex_slots_hold_two_values_each_at_the_same_precision() {
     let bytes = h.encrypt_compact(&values).expect("compact");
     assert_eq!(bytes.len(), 35 + 2 * (4 + 8192 * 100 / 8 + 65));
     // A weighted sum of three uploads and a global: within 1e-6, as with
-    // one value per slot, and half the bytes going back.
+    // one value per slot, and half the bytes going back (rounded, 68 + 72
+    // bits per coefficient).
     let clients: Vec<Vec<f64>> = (0..3).map(|i| uniform(14_350, -1.0, 1.0, 50 + i)).collect();
     let parts: Vec<EncryptedVector> = clients
         .iter()
@@ -262,7 +265,7 @@ fn complex_slots_hold_two_values_each_at_the_same_precision() {
     assert_eq!(global.slot_packing(), SlotPacking::Complex);
     let next = s.accumulate(&global, &refs, &weights).expect("accumulate");
     let down = next.to_bytes().expect("bytes");
-    assert_eq!(down.len(), 35 + 2 * (4 + 2 * 8192 * 100 / 8));
+    assert_eq!(down.len(), 35 + 2 * (4 + 8192 * (68 + 72) / 8));
     let got = h
         .decrypt(&h.load(&down, Form::Sum).expect("load"))
         .expect("decrypt");
@@ -325,6 +328,134 @@ fn complex_slots_hold_two_values_each_at_the_same_precision() {
         real.load(&cleared, Form::Fresh),
         Err(HeError::Malformed(_))
     ));
+}
+
+/// Standard deviation of `a - b`.
+fn std_of_diff(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mean = d.iter().sum::<f64>() / n;
+    (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+#[test]
+fn a_sum_sent_back_is_rounded_below_its_noise() {
+    let real = hospital();
+    for packing in [SlotPacking::Complex, SlotPacking::Real] {
+        let h = real.clone().with_slot_packing(packing);
+        let s = h.public();
+        let values = uniform(14_350, -1.0, 1.0, 70);
+        let global = s.encrypt_public(&values).expect("global");
+        let bytes = global.to_bytes().expect("bytes");
+        // Of each coefficient's 100 bits, 68 (first polynomial) and 72
+        // (second) are written: 19.98 B/value for the head two per slot.
+        let cts = 14_350usize.div_ceil(h.values_per_ciphertext(packing));
+        assert_eq!(bytes.len(), 35 + cts * (4 + 8192 * (68 + 72) / 8));
+        let unrounded = fedcore_he::fuzzing::to_unrounded_bytes(&global).expect("exact");
+        assert_eq!(unrounded.len(), 35 + cts * (4 + 2 * 8192 * 100 / 8));
+        eprintln!(
+            "{packing:?}: the head's sum sent back {} B ({:.2} B/value), unrounded {} B ({:.2})",
+            bytes.len(),
+            bytes.len() as f64 / 14_350.0,
+            unrounded.len(),
+            unrounded.len() as f64 / 14_350.0
+        );
+
+        // The rounding's own error: the rounded sum against the same sum
+        // decrypted unrounded. The bound in `SUM_ROUNDING_PRECISION_BITS`
+        // (about 2^-31 standard deviation), and not zero: bits were dropped.
+        let exact = h.decrypt(&global).expect("decrypt");
+        let loaded = h.load(&bytes, Form::Sum).expect("load");
+        let rounded = h.decrypt(&loaded).expect("decrypt");
+        let (std, max) = (
+            std_of_diff(&rounded, &exact),
+            max_abs_diff(&rounded, &exact),
+        );
+        let fresh = h
+            .decrypt(
+                &h.load(&h.encrypt_compact(&values).expect("enc"), Form::Fresh)
+                    .expect("load"),
+            )
+            .expect("decrypt");
+        eprintln!(
+            "{packing:?}: rounding error std {std:.2e}, max {max:.2e}; a fresh upload's noise std {:.2e}",
+            std_of_diff(&fresh, &values)
+        );
+        assert!(
+            std > 2f64.powi(-34) && std < 2f64.powi(-30),
+            "rounding error std {std:e}"
+        );
+        // Its tail is heavier than a Gaussian's (each slot's error is the
+        // rounding's times the secret key's value there): 2.1-2.6e-9 at
+        // most over these 14,350 values.
+        assert!(max < 1e-8, "rounding error max {max:e}");
+        // The unrounded form still loads (saved before rounding) and
+        // decrypts exactly as the vector in memory.
+        let old = h.load(&unrounded, Form::Sum).expect("load unrounded");
+        assert_eq!(h.decrypt(&old).expect("decrypt"), exact);
+        // Writing what was read gives the same bytes: a resumed server's
+        // global does not drift by being saved again.
+        assert_eq!(loaded.to_bytes().expect("bytes"), bytes);
+        // A round on a rounded global stays within 1e-6 of the plaintext.
+        let part = s
+            .load(&h.encrypt_compact(&values).expect("enc"), Form::Fresh)
+            .expect("load");
+        let next = s.accumulate(&loaded, &[&part], &[0.5]).expect("round");
+        let back = h
+            .decrypt(
+                &h.load(&next.to_bytes().expect("bytes"), Form::Sum)
+                    .expect("load"),
+            )
+            .expect("decrypt");
+        let want: Vec<f64> = values.iter().map(|v| 1.5 * v).collect();
+        let err = max_abs_diff(&back, &want);
+        assert!(err < 1e-6, "max error {err:e}");
+    }
+
+    // Malformed rounded bytes are typed errors naming the place.
+    let s = real.public().with_slot_packing(SlotPacking::Complex);
+    let bytes = s
+        .encrypt_public(&[0.25; 100])
+        .expect("global")
+        .to_bytes()
+        .expect("bytes");
+    // The first coefficient all ones: at or above the modulus.
+    let mut bad = bytes.clone();
+    bad[35 + 4..35 + 4 + 9].fill(0xFF);
+    let e = real.load(&bad, Form::Sum).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("ciphertext 0: polynomial 0: coefficient 0 is not below the modulus"),
+        "{e}"
+    );
+    // Truncated, or a byte more: the length is exact.
+    for cut in [
+        bytes[..bytes.len() - 1].to_vec(),
+        [&bytes[..], &[0]].concat(),
+    ] {
+        assert!(matches!(
+            real.load(&cut, Form::Sum),
+            Err(HeError::Malformed(_))
+        ));
+    }
+    // The rounded flag on an upload, or with the seeded flag, is refused.
+    let mut upload = real.encrypt_compact(&[0.25; 100]).expect("upload");
+    upload[6] = 4;
+    let e = real.load(&upload, Form::Fresh).unwrap_err();
+    assert!(e.to_string().contains("rounded Fresh"), "{e}");
+    let mut both = bytes.clone();
+    both[6] |= 1;
+    let e = real.load(&both, Form::Sum).unwrap_err();
+    assert!(e.to_string().contains("flags"), "{e}");
+    // Where the level is never rounded (the multiparty parameters' 140-bit
+    // modulus), a rounded flag is refused, and sums are written exactly.
+    let wide = CkksContext::generate(CkksParams::multiparty()).expect("keygen");
+    let sum = wide.public().encrypt_public(&[0.25; 100]).expect("global");
+    let mut flagged = sum.to_bytes().expect("bytes");
+    assert_eq!(flagged[6] & 4, 0);
+    flagged[6] |= 4;
+    let e = wide.load(&flagged, Form::Sum).unwrap_err();
+    assert!(e.to_string().contains("never rounded"), "{e}");
 }
 
 #[test]
@@ -615,6 +746,32 @@ proptest! {
             bytes.truncate(c.index(bytes.len()));
         }
         if let Ok(v) = h.load(&bytes, Form::Fresh) {
+            prop_assert!(h.decrypt(&v).is_ok());
+        }
+    }
+
+    /// The same for a rounded sum (what the server sends back), half of the
+    /// flips in the header (flags, length, count) and the first fields.
+    #[test]
+    fn mutated_rounded_sums_fail_cleanly(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        static SUM: OnceLock<Vec<u8>> = OnceLock::new();
+        let h = hospital();
+        let sum = SUM.get_or_init(|| {
+            let s = h.public().with_slot_packing(SlotPacking::Complex);
+            s.encrypt_public(&[0.5; 100]).expect("global").to_bytes().expect("bytes")
+        });
+        let mut bytes = sum.clone();
+        for (at, b) in &flips {
+            let i = if b & 0x80 == 0 { at.index(64) } else { at.index(bytes.len()) };
+            bytes[i] ^= b | 1;
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c.index(bytes.len()));
+        }
+        if let Ok(v) = h.load(&bytes, Form::Sum) {
             prop_assert!(h.decrypt(&v).is_ok());
         }
     }
