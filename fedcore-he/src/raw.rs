@@ -568,6 +568,36 @@ fn mul_mod(a: u64, b: u64, q: u64) -> u64 {
     (u128::from(a) * u128::from(b) % u128::from(q)) as u64
 }
 
+/// A constant multiplier `w < q` modulo `q < 2^63` with Shoup's
+/// precomputed quotient `floor(w 2^64 / q)`: `a w mod q` for any 64-bit
+/// `a` in two multiplications and no division.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MulConst {
+    w: u64,
+    shoup: u64,
+}
+
+impl MulConst {
+    fn new(w: u64, q: u64) -> Self {
+        debug_assert!(w < q && q < 1 << 63);
+        Self {
+            w,
+            shoup: ((u128::from(w) << 64) / u128::from(q)) as u64,
+        }
+    }
+
+    /// `a * w mod q`.
+    #[inline(always)]
+    fn mul(self, a: u64, q: u64) -> u64 {
+        let quotient = ((u128::from(a) * u128::from(self.shoup)) >> 64) as u64;
+        // Within [0, 2q) (Shoup), which fits a word for q < 2^63.
+        let r = a
+            .wrapping_mul(self.w)
+            .wrapping_sub(quotient.wrapping_mul(q));
+        if r >= q { r - q } else { r }
+    }
+}
+
 /// `a^e mod q`.
 fn pow_mod(mut a: u64, mut e: u64, q: u64) -> u64 {
     let mut r = 1 % q;
@@ -606,22 +636,27 @@ pub(crate) struct Rounding {
     /// Low bits rounded away from the first and the second polynomial.
     drop: [u32; 2],
     /// Per prime `q_j`: `(Q / q_j)^-1 mod q_j` and `Q / q_j`.
-    crt: Vec<(u64, u128)>,
-    /// Per polynomial, per prime: `2^drop mod q_j`.
-    lift: [Vec<u64>; 2],
+    crt: Vec<(MulConst, u128)>,
+    /// Per polynomial, per prime: `2^drop mod q_j` and `2^(drop + 64) mod
+    /// q_j`, which lift a `t`'s low and high words.
+    lift: [Vec<(MulConst, MulConst)>; 2],
 }
 
 impl Rounding {
-    /// The rounding of ciphertexts over `primes` (distinct primes, as
-    /// SEAL's levels have) dropping `drop` bits; `None` when `Q` reaches
-    /// `2^126` (the composition stays in `u128`) or a drop leaves fewer
-    /// than two bits.
+    /// The rounding of ciphertexts over `primes` (distinct primes below
+    /// `2^62`, as SEAL's levels have) dropping `drop` bits; `None` when `Q`
+    /// reaches `2^126` (the composition stays in `u128`) or a drop leaves
+    /// fewer than two bits.
     pub(crate) fn new(primes: &[u64], drop: [u32; 2]) -> Option<Self> {
         let modulus = primes
             .iter()
             .try_fold(1u128, |m, &q| m.checked_mul(u128::from(q)))?;
         let bits = 128 - modulus.leading_zeros();
-        if primes.is_empty() || bits > 126 || drop.iter().any(|&d| d == 0 || d + 2 > bits) {
+        if primes.is_empty()
+            || primes.iter().any(|&q| q >= 1 << 62)
+            || bits > 126
+            || drop.iter().any(|&d| d == 0 || d + 2 > bits)
+        {
             return None;
         }
         let crt = primes
@@ -629,10 +664,18 @@ impl Rounding {
             .map(|&q| {
                 let qhat = modulus / u128::from(q);
                 let inv = pow_mod((qhat % u128::from(q)) as u64, q - 2, q);
-                (inv, qhat)
+                (MulConst::new(inv, q), qhat)
             })
             .collect();
-        let lift = drop.map(|d| primes.iter().map(|&q| pow_mod(2, d.into(), q)).collect());
+        let lift = drop.map(|d| {
+            primes
+                .iter()
+                .map(|&q| {
+                    let (lo, hi) = (pow_mod(2, d.into(), q), pow_mod(2, u64::from(d) + 64, q));
+                    (MulConst::new(lo, q), MulConst::new(hi, q))
+                })
+                .collect()
+        });
         Some(Self {
             primes: primes.to_vec(),
             modulus,
@@ -679,7 +722,7 @@ impl Rounding {
             for i in 0..n {
                 let mut c = 0u128;
                 for (j, (&q, &(inv, qhat))) in self.primes.iter().zip(&self.crt).enumerate() {
-                    c += u128::from(mul_mod(poly[j * n + i], inv, q)) * qhat;
+                    c += u128::from(inv.mul(poly[j * n + i], q)) * qhat;
                     if c >= self.modulus {
                         c -= self.modulus;
                     }
@@ -720,9 +763,11 @@ impl Rounding {
                         "polynomial {p}: coefficient {i} is not below the modulus"
                     ));
                 }
-                for (j, &q) in self.primes.iter().enumerate() {
-                    let r = (t % u128::from(q)) as u64;
-                    poly[j * degree + i] = mul_mod(r, self.lift[p][j], q);
+                let (lo, hi) = (t as u64, (t >> 64) as u64);
+                for (j, (&q, &(by_lo, by_hi))) in self.primes.iter().zip(&self.lift[p]).enumerate()
+                {
+                    let r = by_lo.mul(lo, q) + by_hi.mul(hi, q);
+                    poly[j * degree + i] = if r >= q { r - q } else { r };
                 }
             }
         }
