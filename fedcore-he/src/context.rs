@@ -99,6 +99,9 @@ pub struct CkksContext<R: Role> {
     pub(crate) inner: Arc<Inner>,
     _role: PhantomData<R>,
     pub(crate) slot_packing: SlotPacking,
+    /// How precisely the sums it writes are rounded
+    /// ([`with_sum_rounding`](Self::with_sum_rounding)).
+    pub(crate) sum_rounding: Option<u32>,
 }
 
 impl<R: Role> Clone for CkksContext<R> {
@@ -107,6 +110,7 @@ impl<R: Role> Clone for CkksContext<R> {
             inner: self.inner.clone(),
             _role: PhantomData,
             slot_packing: self.slot_packing,
+            sum_rounding: self.sum_rounding,
         }
     }
 }
@@ -175,6 +179,7 @@ impl<R: Role> CkksContext<R> {
             }),
             _role: PhantomData,
             slot_packing: SlotPacking::Real,
+            sum_rounding: Some(crate::vector::SUM_ROUNDING_PRECISION_BITS),
         })
     }
 
@@ -198,6 +203,7 @@ impl<R: Role> CkksContext<R> {
             }),
             _role: PhantomData,
             slot_packing: self.slot_packing,
+            sum_rounding: self.sum_rounding,
         })
     }
 
@@ -231,6 +237,22 @@ impl<R: Role> CkksContext<R> {
     /// [`with_slot_packing`](Self::with_slot_packing)).
     pub fn slot_packing(&self) -> SlotPacking {
         self.slot_packing
+    }
+
+    /// The same keys, writing sums ([`Form::Sum`](crate::Form::Sum)
+    /// vectors, what the server sends back) rounded so that the rounding's
+    /// noise stays about `2^-bits` per value (`Some(bits)`; the default is
+    /// [`SUM_ROUNDING_PRECISION_BITS`](crate::SUM_ROUNDING_PRECISION_BITS)),
+    /// or exactly (`None`: 40 % more bytes). Sums are read whichever way
+    /// they were written: the bits dropped travel with them.
+    pub fn with_sum_rounding(mut self, bits: Option<u32>) -> Self {
+        self.sum_rounding = bits;
+        self
+    }
+
+    /// How this context writes sums ([`with_sum_rounding`](Self::with_sum_rounding)).
+    pub fn sum_rounding(&self) -> Option<u32> {
+        self.sum_rounding
     }
 
     /// The key pair's id: the first 16 bytes of SHA-256 of the public key.
@@ -292,6 +314,7 @@ impl CkksContext<Secret> {
             }),
             _role: PhantomData,
             slot_packing: self.slot_packing,
+            sum_rounding: self.sum_rounding,
         }
     }
 

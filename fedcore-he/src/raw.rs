@@ -616,7 +616,9 @@ fn pow_mod(mut a: u64, mut e: u64, q: u64) -> u64 {
 /// server sends back (a weighted sum, which cannot be seeded): each
 /// coefficient of both polynomials is composed from its residues (CRT)
 /// into one integer `c` modulo the level's modulus `Q`, and only
-/// `t = round(c / 2^drop)` is written, in `width` bits. A `t` with
+/// `t = round(c / 2^drop)` is written, in `width` bits, after the two
+/// polynomials' `drop` (one byte each), so that a reader needs nothing
+/// but the level to read it ([`Rounding::read`]). A `t` with
 /// `t * 2^drop >= Q` is written as 0, which is the same modulo `Q`, so
 /// that every written `t` lies below `ceil(Q / 2^drop)` and rounding again
 /// what was read gives the same `t`.
@@ -702,9 +704,29 @@ impl Rounding {
     }
 
     /// Bytes of one rounded ciphertext of `degree` coefficients per
-    /// polynomial (`degree` is a multiple of 64, so both end on a word).
+    /// polynomial: the drops, then the fields (`degree` is a multiple of
+    /// 64, so both polynomials end on a word).
     pub(crate) fn packed_len(&self, degree: usize) -> usize {
-        degree * (self.width(0) + self.width(1)) as usize / 8
+        2 + degree * (self.width(0) + self.width(1)) as usize / 8
+    }
+
+    /// Reads what [`Rounding::round`] wrote of a ciphertext over `primes`:
+    /// its drops must suit the level ([`Rounding::new`]) and the rest is
+    /// read as [`Rounding::unround`] reads it.
+    pub(crate) fn read(
+        primes: &[u64],
+        bytes: &[u8],
+        degree: usize,
+        parms_id: &ParmsId,
+        scale: f64,
+    ) -> Result<RawCiphertext, String> {
+        let [a, b] = *bytes
+            .first_chunk::<2>()
+            .ok_or("truncated before the bits dropped")?;
+        let r = Self::new(primes, [a.into(), b.into()]).ok_or_else(|| {
+            format!("{a} and {b} bits dropped: out of range for this level, or it is never rounded")
+        })?;
+        r.unround(bytes, degree, parms_id, scale)
     }
 
     /// The rounded bytes of `raw`, a ciphertext in coefficient form over
@@ -714,6 +736,10 @@ impl Rounding {
         assert_eq!(raw.degree % 64, 0, "degrees are powers of two from 1024");
         let n = raw.degree;
         let mut out = Vec::with_capacity(self.packed_len(n));
+        out.extend(
+            self.drop
+                .map(|d| u8::try_from(d).expect("a drop below 126")),
+        );
         let mut bits = BitWriter::new(&mut out);
         for p in 0..2 {
             let poly = raw.poly(p);
@@ -737,8 +763,8 @@ impl Rounding {
 
     /// The ciphertext (coefficient form, at `parms_id` with `scale`) whose
     /// coefficients are `t * 2^drop` for the `t` in `bytes`, which must be
-    /// exactly [`Rounding::packed_len`] long with every `t` in range; an
-    /// error names what is not.
+    /// exactly [`Rounding::packed_len`] long, begin with this rounding's
+    /// drops and hold every `t` in range; an error names what is not.
     pub(crate) fn unround(
         &self,
         bytes: &[u8],
@@ -750,9 +776,16 @@ impl Rounding {
         if bytes.len() != want {
             return Err(format!("{} bytes where {want} are needed", bytes.len()));
         }
+        if bytes[..2] != self.drop.map(|d| d as u8) {
+            return Err(format!(
+                "{:?} bits dropped where {:?} are expected",
+                &bytes[..2],
+                self.drop
+            ));
+        }
         let k = self.primes.len();
         let mut data = vec![0u64; 2 * k * degree];
-        let mut bits = BitReader::new(bytes);
+        let mut bits = BitReader::new(&bytes[2..]);
         for p in 0..2 {
             let (width, max) = (self.width(p), self.max(p));
             let poly = &mut data[p * k * degree..(p + 1) * k * degree];
@@ -847,13 +880,29 @@ mod tests {
         }
         // Rounding what was read changes nothing.
         assert_eq!(r.round(&back), bytes);
-        // Any field above the top, or a wrong length, is refused.
+        assert_eq!(
+            Rounding::read(&[q0, q1], &bytes, n, &raw.parms_id, 8.0).expect("read"),
+            back
+        );
+        // Any field above the top, a wrong length, or drops other than
+        // this rounding's, or out of range, are refused.
         let mut bad = bytes.clone();
-        bad[..8].fill(0xFF);
-        bad[8] = 0xFF;
+        bad[2..10].fill(0xFF);
+        bad[10] = 0xFF;
         let e = r.unround(&bad, n, &raw.parms_id, 8.0).unwrap_err();
         assert!(e.contains("coefficient 0 is not below the modulus"), "{e}");
         assert!(r.unround(&bytes[1..], n, &raw.parms_id, 8.0).is_err());
+        let mut other = bytes.clone();
+        other[0] = 31;
+        let e = r.unround(&other, n, &raw.parms_id, 8.0).unwrap_err();
+        assert!(e.contains("bits dropped where"), "{e}");
+        for drops in [[0, 26], [91, 26], [30, 200]] {
+            let mut bad = bytes.clone();
+            bad[..2].copy_from_slice(&drops);
+            let e = Rounding::read(&[q0, q1], &bad, n, &raw.parms_id, 8.0).unwrap_err();
+            assert!(e.contains("out of range"), "{drops:?}: {e}");
+        }
+        assert!(Rounding::read(&[q0, q1], &bytes[..1], n, &raw.parms_id, 8.0).is_err());
     }
 
     #[test]

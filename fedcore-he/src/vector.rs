@@ -101,6 +101,8 @@ pub(crate) struct Packing {
     /// The level's primes.
     primes: Vec<u64>,
     scale: f64,
+    /// How precisely sums are rounded when written ([`sum_rounding`]).
+    sum_rounding: Option<u32>,
 }
 
 impl std::fmt::Debug for EncryptedVector {
@@ -183,6 +185,7 @@ impl<R: Role> CkksContext<R> {
             parms_id: level.parms_id,
             primes: ctx.primes[..level.primes].to_vec(),
             scale,
+            sum_rounding: self.sum_rounding,
         }
     }
 
@@ -573,8 +576,9 @@ pub(crate) enum Encoding {
     /// [`raw::pack_ciphertext`]; `seeded` when the second polynomial is a
     /// seed record (an upload from [`CkksContext::encrypt_compact`]).
     Packed { seeded: bool },
-    /// [`raw::Rounding`] with the drops [`sum_rounding`] gives the level:
-    /// a [`Form::Sum`] vector's low bits rounded away.
+    /// A [`Form::Sum`] vector's low bits rounded away ([`raw::Rounding`]):
+    /// each ciphertext's bits dropped from its two polynomials (one byte
+    /// each), then its fields.
     Rounded,
 }
 
@@ -614,7 +618,8 @@ fn parse_flags(version: u8, flags: u8) -> Result<Flags> {
 }
 
 /// How far below the values' unit the noise of rounding a [`Form::Sum`]
-/// vector lies: about `2^-31` in standard deviation per value (3.2e-10
+/// vector lies by default
+/// ([`CkksContext::with_sum_rounding`]): about `2^-31` in standard deviation per value (3.2e-10
 /// measured at the default parameters, beside 1.7e-10 of a fresh upload's
 /// encryption noise; its tail is heavier than a Gaussian's, 2.6e-9 at most
 /// over 14,350 values). The hospitals read the global as `f32`, whose own
@@ -628,8 +633,9 @@ pub const SUM_ROUNDING_PRECISION_BITS: u32 = 31;
 const SUM_ROUNDING_FIRST_EXTRA: u32 = 4;
 
 /// The rounding of [`Form::Sum`] vectors packed as `p`: the most bits
-/// whose rounding noise stays about [`SUM_ROUNDING_PRECISION_BITS`] below
-/// the values' unit, or `None` where the level's modulus reaches `2^126`
+/// whose rounding noise stays about `p.sum_rounding` bits (by default
+/// [`SUM_ROUNDING_PRECISION_BITS`]) below the values' unit, or `None`
+/// where no rounding is asked for, the level's modulus reaches `2^126`
 /// (the multiparty parameters) or the scale leaves no bit to drop.
 ///
 /// The noise: rounding `c1` adds a uniform error of variance `4^d / 12`
@@ -638,9 +644,10 @@ const SUM_ROUNDING_FIRST_EXTRA: u32 = 4;
 /// slot after decoding, halved in each of its parts. A collective key
 /// (a sum of `n` ternary keys) makes it `sqrt(n)` times larger.
 pub(crate) fn sum_rounding(p: &Packing) -> Option<raw::Rounding> {
+    let bits = p.sum_rounding?;
     let n = p.degree as f64;
     let spread = 0.5 * (n * n / 36.0).log2();
-    let d = (p.scale.log2() - f64::from(SUM_ROUNDING_PRECISION_BITS) - spread).floor();
+    let d = (p.scale.log2() - f64::from(bits) - spread).floor();
     if d < 1.0 {
         return None;
     }
@@ -810,16 +817,6 @@ pub(crate) fn load_all<R: Role>(
     let level = &seal_ctx.levels[ctx.inner.level];
     let max_raw = 2 * ctx.params().degree() * level.primes * 8 + 1024;
     let scale = packing.scale;
-    let rounding = match encoding {
-        Encoding::Rounded => Some(sum_rounding(packing).ok_or_else(|| {
-            malformed(format!(
-                "{what}s rounded at a level that is never rounded (modulus of {} bits, scale 2^{:.0})",
-                raw::widths(&packing.primes).iter().sum::<u32>(),
-                scale.log2()
-            ))
-        })?),
-        _ => None,
-    };
     blobs
         .par_iter()
         .enumerate()
@@ -841,12 +838,11 @@ pub(crate) fn load_all<R: Role>(
                 }
                 // Coefficient form, which SEAL validates and takes to the
                 // NTT form below.
-                Encoding::Rounded => rounding
-                    .as_ref()
-                    .expect("set for this encoding")
-                    .unround(blob, p.degree, &p.parms_id, scale)
-                    .map_err(|e| malformed(format!("{what} {i}: {e}")))?
-                    .to_bytes(),
+                Encoding::Rounded => {
+                    raw::Rounding::read(&p.primes, blob, p.degree, &p.parms_id, scale)
+                        .map_err(|e| malformed(format!("{what} {i}: {e}")))?
+                        .to_bytes()
+                }
             };
             let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
                 .map_err(|e| malformed(format!("{what} {i}: {e}")))?;

@@ -179,7 +179,7 @@ fn packed_uploads_hold_each_coefficient_in_its_prime_s_bits() {
         .expect("sum")
         .to_bytes()
         .expect("bytes");
-    assert_eq!(sum.len(), 35 + 4 * (4 + 8192 * (68 + 72) / 8));
+    assert_eq!(sum.len(), 35 + 4 * (4 + 2 + 8192 * (68 + 72) / 8));
     let back = h.load(&sum, Form::Sum).expect("load sum");
     assert!(max_abs_diff(&h.decrypt(&back).expect("decrypt"), &values) < 1e-6);
 
@@ -265,7 +265,7 @@ fn complex_slots_hold_two_values_each_at_the_same_precision() {
     assert_eq!(global.slot_packing(), SlotPacking::Complex);
     let next = s.accumulate(&global, &refs, &weights).expect("accumulate");
     let down = next.to_bytes().expect("bytes");
-    assert_eq!(down.len(), 35 + 2 * (4 + 8192 * (68 + 72) / 8));
+    assert_eq!(down.len(), 35 + 2 * (4 + 2 + 8192 * (68 + 72) / 8));
     let got = h
         .decrypt(&h.load(&down, Form::Sum).expect("load"))
         .expect("decrypt");
@@ -350,7 +350,7 @@ fn a_sum_sent_back_is_rounded_below_its_noise() {
         // Of each coefficient's 100 bits, 68 (first polynomial) and 72
         // (second) are written: 19.98 B/value for the head two per slot.
         let cts = 14_350usize.div_ceil(h.values_per_ciphertext(packing));
-        assert_eq!(bytes.len(), 35 + cts * (4 + 8192 * (68 + 72) / 8));
+        assert_eq!(bytes.len(), 35 + cts * (4 + 2 + 8192 * (68 + 72) / 8));
         let unrounded = fedcore_he::fuzzing::to_unrounded_bytes(&global).expect("exact");
         assert_eq!(unrounded.len(), 35 + cts * (4 + 2 * 8192 * 100 / 8));
         eprintln!(
@@ -419,15 +419,24 @@ fn a_sum_sent_back_is_rounded_below_its_noise() {
         .expect("global")
         .to_bytes()
         .expect("bytes");
-    // The first coefficient all ones: at or above the modulus.
+    // The first coefficient all ones (after the two bytes of bits
+    // dropped): at or above the modulus.
     let mut bad = bytes.clone();
-    bad[35 + 4..35 + 4 + 9].fill(0xFF);
+    bad[35 + 4 + 2..35 + 4 + 2 + 9].fill(0xFF);
     let e = real.load(&bad, Form::Sum).unwrap_err();
     assert!(
         e.to_string()
             .contains("ciphertext 0: polynomial 0: coefficient 0 is not below the modulus"),
         "{e}"
     );
+    // Bits dropped out of range for the level, or more than the bytes
+    // hold.
+    for drops in [[0, 28], [99, 28], [32, 60]] {
+        let mut bad = bytes.clone();
+        bad[35 + 4..35 + 4 + 2].copy_from_slice(&drops);
+        let e = real.load(&bad, Form::Sum).unwrap_err();
+        assert!(matches!(e, HeError::Malformed(_)), "{drops:?}: {e}");
+    }
     // Truncated, or a byte more: the length is exact.
     for cut in [
         bytes[..bytes.len() - 1].to_vec(),
@@ -455,7 +464,52 @@ fn a_sum_sent_back_is_rounded_below_its_noise() {
     assert_eq!(flagged[6] & 4, 0);
     flagged[6] |= 4;
     let e = wide.load(&flagged, Form::Sum).unwrap_err();
-    assert!(e.to_string().contains("never rounded"), "{e}");
+    assert!(matches!(e, HeError::Malformed(_)), "{e}");
+}
+
+#[test]
+fn sums_are_written_as_precisely_as_the_writer_asks_and_read_either_way() {
+    let h = hospital().clone().with_slot_packing(SlotPacking::Complex);
+    let values = uniform(8192, -1.0, 1.0, 71);
+    let global = h.public().encrypt_public(&values).expect("global");
+    let exact = h.decrypt(&global).expect("decrypt");
+    assert_eq!(
+        h.sum_rounding(),
+        Some(fedcore_he::SUM_ROUNDING_PRECISION_BITS)
+    );
+    let mut last = 0;
+    // Coarser to finer, then exact: more bytes, less rounding error. The
+    // reader's own setting does not matter: the bits dropped travel with
+    // the sum.
+    for bits in [Some(25), Some(31), Some(40), None] {
+        let writer = h.public().with_sum_rounding(bits);
+        let v = writer
+            .load(
+                &fedcore_he::fuzzing::to_unrounded_bytes(&global).expect("bytes"),
+                Form::Sum,
+            )
+            .expect("load");
+        let bytes = v.to_bytes().expect("bytes");
+        assert!(bytes.len() > last, "{bits:?}: {} B", bytes.len());
+        last = bytes.len();
+        assert_eq!(bytes[6] & 4 != 0, bits.is_some());
+        let got = h
+            .clone()
+            .with_sum_rounding(None)
+            .decrypt(&h.load(&bytes, Form::Sum).expect("load"))
+            .expect("decrypt");
+        let std = std_of_diff(&got, &exact);
+        eprintln!("{bits:?}: {} B, rounding error std {std:.2e}", bytes.len());
+        match bits {
+            // About 2^-bits, and not nothing.
+            Some(b) => assert!(
+                std < 2f64.powi(-(b as i32) + 1) && std > 2f64.powi(-(b as i32) - 2),
+                "{b}: {std:e}"
+            ),
+            None => assert_eq!(got, exact),
+        }
+    }
+    assert_eq!(last, 35 + 4 + 2 * 8192 * 100 / 8);
 }
 
 #[test]
