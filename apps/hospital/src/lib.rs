@@ -29,6 +29,7 @@ pub mod auth;
 pub mod deploy;
 pub mod dp;
 pub mod federation;
+pub mod he_keys;
 pub mod infer;
 pub mod jobs;
 pub mod live;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
+use fedcore::SealedAggregator;
 use fedcore::data::chestxray::FINDINGS;
 use fedcore::data::{
     ChestXray14, ChestXrayConfig, DataSplit, SyntheticXrays, write_synthetic_chestxray,
@@ -20,6 +21,7 @@ use fedcore::{
     StrategyInfo, TrainConfig,
 };
 use fedcore_dp::{Accounting, Budget, Clip, DpSgd, DpSgdConfig, LocalDp, LocalDpParams, Noise};
+use fedcore_he::keyswitch::{KeySwitchRound, KeySwitchSum};
 use fedcore_he::{CkksContext, CkksSum, EncryptedMedian, Public};
 use fedcore_robust::{CoordinateMedian, GeometricMedianParams, KrumParams, TrimmedMeanParams};
 use serde::{Deserialize, Serialize};
@@ -41,6 +43,26 @@ pub enum Encrypt {
     /// geometric median) and sees nothing in the clear but the pairwise
     /// distances between updates (docs/he.md).
     All,
+}
+
+/// Whose CKKS keys seal what a hospital encrypts.
+#[derive(
+    ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum HeKeys {
+    /// One key pair from the key authority: every hospital holds the same
+    /// secret key, so one hospital with the server could read another's
+    /// upload.
+    #[default]
+    Single,
+    /// Multiparty keys (docs/he.md "Multiparty keys"): hospitals upload
+    /// under a collective key made from a share of each, so no hospital,
+    /// nor the server, nor both together, can decrypt another's upload; a
+    /// second step of each round switches the server's sum to the
+    /// hospitals' output key. Every hospital must answer it (N-of-N), or
+    /// `--threshold` of them.
+    Multiparty,
 }
 
 impl Encrypt {
@@ -66,17 +88,24 @@ pub enum Rule {
     Plain(Box<dyn Aggregator>),
     /// `fedcore_he::EncryptedMedian`.
     EncryptedMedian(EncryptedMedian),
+    /// An aggregator under multiparty keys: its round forms the sealed sum
+    /// and has the hospitals switch it to their output key, which the
+    /// paired sealed aggregator adds to the sealed global
+    /// (`fedcore_he::key_switch_round`).
+    KeySwitch(Box<KeySwitchRound<Box<dyn Aggregator>>>, KeySwitchSum),
 }
 
 impl Rule {
     /// The server's sealed sum for this rule: two values per CKKS slot
     /// (half the bytes), except for the encrypted median, whose inner
     /// products need one (its own `sealed_sum`, over the keys it was built
-    /// with: `public` is not used then).
-    pub fn sealed_sum(&self, public: CkksContext<Public>) -> CkksSum {
+    /// with: `public` is not used then), and the key switch's own (under
+    /// the output key it was built with).
+    pub fn sealed_sum(&self, public: CkksContext<Public>) -> Box<dyn SealedAggregator> {
         match self {
-            Self::Plain(_) => CkksSum::new(public),
-            Self::EncryptedMedian(m) => m.sealed_sum(),
+            Self::Plain(_) => Box::new(CkksSum::new(public)),
+            Self::EncryptedMedian(m) => Box::new(m.sealed_sum()),
+            Self::KeySwitch(_, sum) => Box::new(sum.clone()),
         }
     }
 }
@@ -86,6 +115,7 @@ impl Strategy for Rule {
         match self {
             Self::Plain(a) => a.describe(),
             Self::EncryptedMedian(m) => m.describe(),
+            Self::KeySwitch(k, _) => k.describe(),
         }
     }
 
@@ -97,6 +127,7 @@ impl Strategy for Rule {
         match self {
             Self::Plain(a) => a.aggregate_round(updates, steps),
             Self::EncryptedMedian(m) => m.aggregate_round(updates, steps),
+            Self::KeySwitch(k, _) => k.aggregate_round(updates, steps),
         }
     }
 
@@ -104,6 +135,7 @@ impl Strategy for Rule {
         match self {
             Self::Plain(a) => a.saved_state(),
             Self::EncryptedMedian(m) => m.saved_state(),
+            Self::KeySwitch(k, _) => k.saved_state(),
         }
     }
 
@@ -111,6 +143,7 @@ impl Strategy for Rule {
         match self {
             Self::Plain(a) => a.restore_state(state),
             Self::EncryptedMedian(m) => m.restore_state(state),
+            Self::KeySwitch(k, _) => k.restore_state(state),
         }
     }
 }

@@ -28,14 +28,15 @@ use fedcore::{
     ClientId, Evaluation, Model, ModelClient, Parameters, RunEnd, RunPolicy, Server, ServerConfig,
     ServerEvent, Strategy,
 };
-use fedcore_he::{CkksContext, CkksParams, CkksSealer, DistanceDecryptor, KeyAuthority, Secret};
+use fedcore_he::{CkksContext, CkksSealer, DistanceDecryptor, Secret};
 use fedcore_robust::attacks::{Attack, Byzantine};
 
 use crate::dp::{DpSettings, PersistedDp, PersistedDpSgd};
+use crate::he_keys::SimKeys;
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, Progress, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs,
+    AggregatorChoice, DpArgs, DpMode, Encrypt, HeKeys, PretrainArgs, Trainable, TrainingArgs,
     check_client_dp, densenet, dp_tensors, hospital, image_config,
 };
 use crate::store::Store;
@@ -90,6 +91,20 @@ pub struct SimConfig {
     /// geometric-median, run as the encrypted geometric median, or fedavg).
     #[arg(long, value_enum, default_value_t = Encrypt::Head)]
     pub encrypt: Encrypt,
+    /// Whose keys encrypt: one key pair at every hospital (single), or
+    /// multiparty keys (a collective key from a share of each hospital: no
+    /// hospital, nor the server, can decrypt another's upload; each round
+    /// has the hospitals switch the server's sum to their output key).
+    /// Multiparty keys seal the head (--encrypt head).
+    #[arg(long, value_enum, default_value_t = HeKeys::Single)]
+    #[serde(default)]
+    pub keys: HeKeys,
+    /// With --keys multiparty: how many hospitals' shares complete a key
+    /// switch (default: every hospital's, N-of-N; then one hospital
+    /// missing fails the round).
+    #[arg(long)]
+    #[serde(default)]
+    pub threshold: Option<usize>,
     /// Each hospital's local training.
     #[command(flatten)]
     pub training: TrainingArgs,
@@ -173,6 +188,22 @@ fn run_inner(
     if cfg.clients == 0 {
         bail!("--clients must be at least 1");
     }
+    if cfg.keys == HeKeys::Multiparty {
+        if cfg.encrypt != Encrypt::Head {
+            bail!(
+                "--keys multiparty seals the classifier head (--encrypt head): the encrypted geometric \
+                 median of whole updates needs evaluation keys, which multiparty keys do not have yet"
+            );
+        }
+        if cfg.threshold.is_none() && cfg.drop_client.is_some() {
+            bail!(
+                "--keys multiparty without --threshold needs every hospital's share in every round; \
+                 with --drop-client no round could complete (set --threshold)"
+            );
+        }
+    } else if cfg.threshold.is_some() {
+        bail!("--threshold applies to --keys multiparty");
+    }
     if cfg.encrypt == Encrypt::All && cfg.dp.mode == DpMode::Client {
         bail!(
             "--dp client with --encrypt all is not supported: client-level DP runs on the part of \
@@ -238,18 +269,19 @@ fn run_inner(
     let ds: Arc<dyn ImageDataset> = Arc::new(ds);
     let holdout = DataSplit::subset(ds.clone(), test)?;
 
-    // ---- HE keys (the key authority writes them into the run folder once)
-    let key_dir = run_dir.join("he-keys");
-    let secret: Option<CkksContext<Secret>> = if cfg.encrypt == Encrypt::None {
+    // ---- HE keys (written into the run folder once, read back on resume)
+    let keys: Option<SimKeys> = if cfg.encrypt == Encrypt::None {
         None
-    } else if key_dir.join("he-secret.key").exists() {
-        Some(CkksContext::<Secret>::from_file(
-            &key_dir.join("he-secret.key"),
-        )?)
     } else {
-        std::fs::create_dir_all(&key_dir)?;
-        Some(KeyAuthority::write(CkksParams::default(), &key_dir)?.0)
+        Some(SimKeys::load_or_create(
+            &run_dir.join("he-keys"),
+            cfg.keys,
+            cfg.clients,
+            cfg.threshold,
+            cfg.resume,
+        )?)
     };
+    let secret: Option<CkksContext<Secret>> = keys.as_ref().map(|k| k.opener().clone());
 
     // ---- public pretraining of the initial model (a resumed run has it)
     let mut template = densenet(cfg.seed)?;
@@ -299,20 +331,19 @@ fn run_inner(
         };
         let attack = Attack::SignFlip { scale: 4.0 };
         let byzantine = cfg.byzantine == Some(i + 1);
-        let (names, secret, ledgers) = (dp_names.as_slice(), &secret, ledgers.as_path());
+        let (names, ledgers) = (dp_names.as_slice(), ledgers.as_path());
+        let keys = keys.as_ref().map(|k| (k, i));
         let client: Box<dyn fedcore::Client> = match (cfg.dp.mode == DpMode::Sample, byzantine) {
             (true, true) => {
                 let model = Byzantine::new(dp_sgd(model)?, attack)?;
-                build_client(cfg, &name, model, data, names, secret, ledgers)?
+                build_client(cfg, &name, model, data, names, keys, ledgers)?
             }
-            (true, false) => {
-                build_client(cfg, &name, dp_sgd(model)?, data, names, secret, ledgers)?
-            }
+            (true, false) => build_client(cfg, &name, dp_sgd(model)?, data, names, keys, ledgers)?,
             (false, true) => {
                 let model = Byzantine::new(model, attack)?;
-                build_client(cfg, &name, model, data, names, secret, ledgers)?
+                build_client(cfg, &name, model, data, names, keys, ledgers)?
             }
-            (false, false) => build_client(cfg, &name, model, data, names, secret, ledgers)?,
+            (false, false) => build_client(cfg, &name, model, data, names, keys, ledgers)?,
         };
         transport.add_client(client)?;
     }
@@ -336,6 +367,13 @@ fn run_inner(
     let aggregator = cfg
         .aggregator
         .rule(cfg.clients, cfg.encrypt, public.as_ref())?;
+    // Under multiparty keys the round switches the sealed sum, weighted as
+    // the server will weigh it (its learning rate, the default's).
+    let server_learning_rate = ServerConfig::default().server_learning_rate;
+    let aggregator = match &keys {
+        Some(k) => k.server_rule(aggregator, server_learning_rate)?,
+        None => aggregator,
+    };
     let faulty = usize::from(cfg.drop_client.is_some());
     let quorum = cfg.min_clients.unwrap_or_else(|| {
         (cfg.clients - faulty)
@@ -353,6 +391,7 @@ fn run_inner(
         train: cfg.training.config(),
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         trust: Some(TrustPolicy::default()),
+        server_learning_rate,
         ..ServerConfig::default()
     };
     let initial_params = template.parameters();
@@ -534,7 +573,7 @@ fn build_client<M>(
     model: M,
     data: DataSplit,
     dp_names: &[String],
-    secret: &Option<CkksContext<Secret>>,
+    keys: Option<(&SimKeys, usize)>,
     ledgers: &Path,
 ) -> Result<Box<dyn fedcore::Client>>
 where
@@ -549,12 +588,17 @@ where
         let path = ledgers.join(format!("{name}.json"));
         client = client.with_mechanism(PersistedDp::open(name, dp_names, settings, path)?);
     }
-    if let Some(secret) = secret {
-        client = client.with_sealer(CkksSealer::new(secret.clone()));
+    if let Some((keys, i)) = keys {
+        let (sealer, switcher) = keys.hospital(i)?;
+        client = client.with_sealer(sealer);
+        // Under multiparty keys the hospital answers the key switch.
+        if let Some(s) = switcher {
+            client = client.with_responder(s);
+        }
         // Only a hospital that agreed to the encrypted geometric median
         // decrypts distances for the server.
         if cfg.encrypt == Encrypt::All {
-            client = client.with_responder(DistanceDecryptor::new(secret.clone())?);
+            client = client.with_responder(DistanceDecryptor::new(keys.opener().clone())?);
         }
     }
     Ok(Box::new(client))

@@ -229,3 +229,89 @@ fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
     let e = sim::run(&dp, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
     assert!(e.to_string().contains("--encrypt all"), "{e}");
 }
+
+/// `--keys multiparty`: the head is sealed under a collective key made from
+/// each hospital's share, and every round's sum is switched to the
+/// hospitals' output key by a second step. The run folder holds each
+/// hospital's share and no secret of the server's; the run resumes with
+/// the same keys; a threshold lets a round complete with a hospital gone.
+#[test]
+fn multiparty_keys_run_switch_each_round_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, store, shared, predictor) = setup(dir.path());
+    let flags = ["--keys", "multiparty", "--dp", "off"];
+    let cfg = sim_config(dir.path(), 2, &flags);
+    let s = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap();
+    assert_eq!(s.rounds, 2);
+    let rounds = rt.block_on(store.rounds(JOB)).unwrap();
+    assert_eq!(rounds.len(), 2);
+    for r in &rounds {
+        assert_eq!(r.outcome, "completed", "{r:?}");
+        assert_eq!(r.accepted, 3, "N-of-N: every hospital, {r:?}");
+        assert!(r.aggregator.ends_with("+key-switch"), "{r:?}");
+        // The evaluation site opened the head under the output key.
+        assert!(r.loss.unwrap().is_finite(), "{r:?}");
+    }
+    let keys = dir.path().join("he-keys");
+    for i in 1..=3 {
+        assert!(keys.join(format!("he-party-{i}.key")).exists());
+    }
+    assert!(keys.join("he-crs.bin").exists());
+    assert!(!keys.join("he-threshold-1.key").exists());
+
+    // Resumed: the same keys are read back (the sealed global in the
+    // checkpoint is under the same output key) and round 3 completes.
+    let mut more = sim_config(dir.path(), 3, &flags);
+    more.resume = true;
+    let s = sim::run(&more, JOB, &store, rt.handle(), &shared, &predictor).unwrap();
+    assert_eq!(s.rounds, 3);
+    let rounds = rt.block_on(store.rounds(JOB)).unwrap();
+    assert_eq!(rounds[2].outcome, "completed", "{:?}", rounds[2]);
+    // Asking the same folder for other keys is refused, not mixed.
+    let mut single = sim_config(dir.path(), 4, &["--dp", "off"]);
+    single.resume = true;
+    let e = sim::run(&single, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    assert!(e.to_string().contains("are multiparty keys"), "{e}");
+    let mut other = sim_config(dir.path(), 4, &[&flags[..], &["--threshold", "2"]].concat());
+    other.resume = true;
+    let e = sim::run(&other, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    assert!(
+        e.to_string().contains("were made for every hospital"),
+        "{e}"
+    );
+
+    // 2 of 3: hospital 3 drops out of every round, the others complete it.
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, store, shared, predictor) = setup(dir.path());
+    let cfg = sim_config(
+        dir.path(),
+        1,
+        &[&flags[..], &["--threshold", "2", "--drop-client", "3"]].concat(),
+    );
+    let s = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap();
+    assert_eq!(s.rounds, 1);
+    let r = &rt.block_on(store.rounds(JOB)).unwrap()[0];
+    assert_eq!(r.outcome, "completed", "{r:?}");
+    assert_eq!(r.accepted, 2, "{r:?}");
+    assert!(dir.path().join("he-keys/he-threshold-3.key").exists());
+
+    // What multiparty keys cannot do yet, or a threshold without them.
+    for (extra, says) in [
+        (&["--encrypt", "all"][..], "--encrypt head"),
+        (&["--drop-client", "3"][..], "set --threshold"),
+        (&["--threshold", "1"][..], "between 2 and the 3 hospitals"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = sim_config(dir.path(), 1, &[&flags[..], extra].concat());
+        let e = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
+        assert!(e.to_string().contains(says), "{extra:?}: {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sim_config(dir.path(), 1, &["--threshold", "2"]);
+    let e = sim::run(&cfg, JOB, &store, rt.handle(), &shared, &predictor).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("--threshold applies to --keys multiparty"),
+        "{e}"
+    );
+}

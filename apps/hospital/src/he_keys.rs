@@ -1,0 +1,305 @@
+//! The CKKS keys of a simulation, written once into its run folder and read
+//! back on `--resume`: one key pair from the key authority (`--keys
+//! single`), or multiparty keys (`--keys multiparty`): a secret share per
+//! hospital, the collective key combined from their key shares (no secret
+//! at the server), optionally threshold keys, and the output key the
+//! hospitals open the global with.
+//!
+//! In a simulation every hospital is a thread of one process, so the key
+//! ceremony runs here in one go: each hospital's share is made by its own
+//! [`PartyKey`] and only its public key share and deals leave it. What a
+//! deployment does over its own channels is in docs/he.md ("Provisioning").
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use fedcore::ClientId;
+use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer, key_switch_round};
+use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, PartyKey, Roster, ThresholdKey};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, KeyAuthority, Secret};
+
+use crate::recipe::{HeKeys, Rule, hospital};
+
+/// File of the common reference string's seed (public).
+const CRS_FILE: &str = "he-crs.bin";
+
+/// The keys of a simulation's hospitals.
+pub enum SimKeys {
+    /// Every hospital holds the key authority's secret key.
+    Single(CkksContext<Secret>),
+    /// Multiparty keys.
+    Multiparty(Box<MultipartyKeys>),
+}
+
+/// Multiparty keys of `n` hospitals (party `i + 1` is `hospital(i)`).
+pub struct MultipartyKeys {
+    /// The hospitals' output key: the sealed global is under it.
+    output: CkksContext<Secret>,
+    collective: CollectiveKey,
+    parties: Vec<PartyKey>,
+    /// Each party's threshold key, with a threshold.
+    threshold: Option<Vec<ThresholdKey>>,
+}
+
+impl SimKeys {
+    /// The keys in `dir`, made there first unless `resume` (then they must
+    /// be there, of the same kind). `threshold` applies to multiparty keys.
+    pub fn load_or_create(
+        dir: &Path,
+        kind: HeKeys,
+        hospitals: usize,
+        threshold: Option<usize>,
+        resume: bool,
+    ) -> Result<Self> {
+        let secret = dir.join(KeyAuthority::SECRET_FILE);
+        let saved = if secret.exists() {
+            Some(if dir.join(CRS_FILE).exists() {
+                HeKeys::Multiparty
+            } else {
+                HeKeys::Single
+            })
+        } else {
+            None
+        };
+        match (saved, resume) {
+            (Some(s), _) if s != kind => bail!(
+                "the keys in {} are {} keys; this run asks for {} (--keys)",
+                dir.display(),
+                name(s),
+                name(kind)
+            ),
+            (None, true) => bail!("no HE keys in {} to resume with", dir.display()),
+            _ => {}
+        }
+        Ok(match kind {
+            HeKeys::Single => Self::Single(match saved {
+                Some(_) => CkksContext::<Secret>::from_file(&secret)
+                    .with_context(|| format!("reading {}", secret.display()))?,
+                None => KeyAuthority::write(CkksParams::default(), dir)?.0,
+            }),
+            HeKeys::Multiparty => Self::Multiparty(Box::new(match saved {
+                Some(_) => MultipartyKeys::read(dir, hospitals, threshold)?,
+                None => MultipartyKeys::create(dir, hospitals, threshold)?,
+            })),
+        })
+    }
+
+    /// The key the hospitals open the global with (and the evaluation site
+    /// opens the head with).
+    pub fn opener(&self) -> &CkksContext<Secret> {
+        match self {
+            Self::Single(s) => s,
+            Self::Multiparty(m) => &m.output,
+        }
+    }
+
+    /// The server's rule for these keys: `rule` itself for one key pair;
+    /// under multiparty keys, a plain rule's round with the key switch
+    /// (`server_learning_rate` must be the server's).
+    pub fn server_rule(&self, rule: Rule, server_learning_rate: f32) -> Result<Rule> {
+        let Self::Multiparty(m) = self else {
+            return Ok(rule);
+        };
+        let Rule::Plain(inner) = rule else {
+            bail!("multiparty keys seal the head with a plain aggregator's weights only");
+        };
+        let (round, sum) = key_switch_round(
+            inner,
+            m.collective.clone(),
+            m.output.public(),
+            m.parties(),
+            server_learning_rate,
+        )?;
+        Ok(Rule::KeySwitch(Box::new(round), sum))
+    }
+
+    /// Hospital `i`'s (0-based) sealer and, under multiparty keys, its
+    /// answer to the key-switch step.
+    pub fn hospital(&self, i: usize) -> Result<(Box<dyn fedcore::Sealer>, Option<KeySwitcher>)> {
+        Ok(match self {
+            Self::Single(s) => (Box::new(CkksSealer::new(s.clone())), None),
+            Self::Multiparty(m) => {
+                let sealer = MultipartySealer::new(&m.collective, m.output.clone());
+                let output = m.output.public();
+                let party = m
+                    .parties
+                    .get(i)
+                    .with_context(|| format!("no hospital {}", i + 1))?;
+                let switcher = match &m.threshold {
+                    Some(keys) => {
+                        KeySwitcher::threshold(keys[i].clone(), m.collective.clone(), output)?
+                    }
+                    None => KeySwitcher::new(party.clone(), m.collective.clone(), output)?,
+                };
+                (Box::new(sealer), Some(switcher))
+            }
+        })
+    }
+}
+
+fn name(k: HeKeys) -> &'static str {
+    match k {
+        HeKeys::Single => "single",
+        HeKeys::Multiparty => "multiparty",
+    }
+}
+
+fn party_file(dir: &Path, party: u32) -> std::path::PathBuf {
+    dir.join(format!("he-party-{party}.key"))
+}
+
+fn threshold_file(dir: &Path, party: u32) -> std::path::PathBuf {
+    dir.join(format!("he-threshold-{party}.key"))
+}
+
+impl MultipartyKeys {
+    /// Every hospital's secret share, their key shares combined, the deals
+    /// of a threshold, and the output key; each written to `dir`.
+    fn create(dir: &Path, hospitals: usize, threshold: Option<usize>) -> Result<Self> {
+        let params = CkksParams::multiparty();
+        if let Some(t) = threshold {
+            check_threshold(t, hospitals)?;
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let crs = Crs::random()?;
+        let parties = (1..=hospitals as u32)
+            .map(|p| PartyKey::generate(params.clone(), p))
+            .collect::<fedcore_he::Result<Vec<_>>>()?;
+        for p in &parties {
+            p.write(&party_file(dir, p.party()))?;
+        }
+        let threshold = match threshold {
+            None => None,
+            Some(t) => {
+                let roster = roster(t, &parties)?;
+                // Each hospital deals to every other; only its own deals
+                // reach each one.
+                let deals: Vec<Deal> = parties
+                    .iter()
+                    .map(|p| p.deal(&roster, &crs))
+                    .collect::<fedcore_he::Result<Vec<_>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let keys = parties
+                    .iter()
+                    .map(|p| p.threshold_key(&roster, &crs, &Deal::addressed_to(&deals, p.party())))
+                    .collect::<fedcore_he::Result<Vec<_>>>()?;
+                for k in &keys {
+                    k.write(&threshold_file(dir, k.party()))?;
+                }
+                Some(keys)
+            }
+        };
+        // Written last: the CRS file marks a complete multiparty key set.
+        let (output, _) = KeyAuthority::write(params.clone(), dir)?;
+        std::fs::write(dir.join(CRS_FILE), crs.bytes())
+            .with_context(|| format!("writing {}", dir.join(CRS_FILE).display()))?;
+        Self::assemble(output, crs, parties, threshold)
+    }
+
+    /// The keys [`MultipartyKeys::create`] wrote, for `hospitals` hospitals
+    /// with `threshold` (as the run that wrote them).
+    fn read(dir: &Path, hospitals: usize, threshold: Option<usize>) -> Result<Self> {
+        let seed: [u8; 32] = std::fs::read(dir.join(CRS_FILE))
+            .with_context(|| format!("reading {}", dir.join(CRS_FILE).display()))?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{CRS_FILE}: not a 32-byte seed"))?;
+        let output = CkksContext::<Secret>::from_file(&dir.join(KeyAuthority::SECRET_FILE))?;
+        let mut parties = Vec::with_capacity(hospitals);
+        for p in 1..=hospitals as u32 {
+            let path = party_file(dir, p);
+            if !path.exists() {
+                bail!(
+                    "{} is missing: the keys were made for another number of hospitals",
+                    path.display()
+                );
+            }
+            parties.push(PartyKey::from_file(&path)?);
+        }
+        if party_file(dir, hospitals as u32 + 1).exists() {
+            bail!(
+                "the keys in {} are for more than {hospitals} hospitals",
+                dir.display()
+            );
+        }
+        let keys = (1..=hospitals as u32)
+            .filter(|p| threshold_file(dir, *p).exists())
+            .map(|p| ThresholdKey::from_file(&threshold_file(dir, p)))
+            .collect::<fedcore_he::Result<Vec<_>>>()?;
+        let saved = keys.first().map(|k| k.roster().threshold());
+        if saved != threshold || (!keys.is_empty() && keys.len() != hospitals) {
+            bail!(
+                "the keys in {} were made for {}; this run asks for {}",
+                dir.display(),
+                describe(saved),
+                describe(threshold)
+            );
+        }
+        Self::assemble(output, Crs::new(seed), parties, threshold.map(|_| keys))
+    }
+
+    /// The collective key from each party's key share (with the roster of
+    /// the threshold keys, if any).
+    fn assemble(
+        output: CkksContext<Secret>,
+        crs: Crs,
+        parties: Vec<PartyKey>,
+        threshold: Option<Vec<ThresholdKey>>,
+    ) -> Result<Self> {
+        let params = CkksParams::multiparty();
+        let shares = parties
+            .iter()
+            .map(|p| p.key_share(&crs))
+            .collect::<fedcore_he::Result<Vec<_>>>()?;
+        let mut collective = CollectiveKey::combine(&params, &crs, &shares)?;
+        if let Some(keys) = &threshold {
+            let first = keys.first().context("a threshold with no keys")?;
+            collective = collective.with_roster(first.roster().clone())?;
+        }
+        Ok(Self {
+            output,
+            collective,
+            parties,
+            threshold,
+        })
+    }
+
+    /// Each hospital's client id and party number.
+    fn parties(&self) -> BTreeMap<ClientId, u32> {
+        self.parties
+            .iter()
+            .map(|p| (ClientId::new(hospital(p.party() as usize - 1)), p.party()))
+            .collect()
+    }
+}
+
+/// A threshold of 1 would let any one hospital's share (with the
+/// server's aggregate) open every upload.
+fn check_threshold(threshold: usize, hospitals: usize) -> Result<()> {
+    if threshold < 2 || threshold > hospitals {
+        bail!(
+            "--threshold {threshold}: between 2 and the {hospitals} hospitals (with 1, any one hospital's key would open every upload)"
+        );
+    }
+    Ok(())
+}
+
+fn roster(threshold: usize, parties: &[PartyKey]) -> Result<Roster> {
+    check_threshold(threshold, parties.len())?;
+    Ok(Roster::new(
+        threshold,
+        parties
+            .iter()
+            .map(|p| (p.party(), p.transport_key()))
+            .collect(),
+    )?)
+}
+
+fn describe(threshold: Option<usize>) -> String {
+    threshold.map_or_else(
+        || "every hospital (N-of-N)".into(),
+        |t| format!("a threshold of {t}"),
+    )
+}
