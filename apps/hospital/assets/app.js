@@ -460,7 +460,7 @@ function jobSettings(j) {
   }
   if (j.kind === "xray" && s.clients) {
     const dp = s.dp && s.dp.mode !== "off" ? `DP ε ${s.dp.epsilon}` : "no DP";
-    return `${s.chestxray14 ? "ChestX-ray14" : "synthetic"} ${s.image_size} px · ${s.clients} hospitals · ${s.aggregator} · ${dp} · encrypt ${s.encrypt}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_client ? ` · hospital ${s.drop_client} drops` : ""}`;
+    return `${s.chestxray14 ? "ChestX-ray14" : "synthetic"} ${s.image_size} px · ${s.clients} hospitals · ${s.aggregator} · ${dp} · encrypt ${s.encrypt}${s.keys === "multiparty" ? ` · multiparty keys${s.threshold ? ` (${s.threshold} of ${s.clients})` : ""}` : ""}${s.byzantine ? ` · hospital ${s.byzantine} Byzantine` : ""}${s.drop_client ? ` · hospital ${s.drop_client} drops` : ""}`;
   }
   return s.rounds ? `${s.rounds} rounds` : "";
 }
@@ -477,6 +477,8 @@ function jobForm(choices, msg, onDone) {
   const dp = el("input", { id: "job-dp", type: "checkbox", checked: "" });
   const eps = el("input", { id: "job-epsilon", type: "number", min: "0.1", max: "100", step: "0.1", value: "8" });
   const enc = el("select", { id: "job-encrypt" }, [["head", "CKKS head"], ["all", "CKKS whole update"], ["none", "none"]].map(([v, t]) => el("option", { value: v }, t)));
+  const keys = el("select", { id: "job-keys" }, [["single", "one key pair"], ["multiparty", "multiparty (each hospital a share)"]].map(([v, t]) => el("option", { value: v }, t)));
+  const threshold = el("input", { id: "job-threshold", type: "number", min: "2", max: "10", placeholder: "every hospital" });
   const byz = el("input", { id: "job-byzantine", type: "number", min: "1", max: "10", placeholder: "none" });
   const drop = el("input", { id: "job-drop", type: "number", min: "1", max: "10", placeholder: "none" });
   const name = el("input", { id: "job-name", placeholder: "(from the settings)", maxlength: "80" });
@@ -484,17 +486,20 @@ function jobForm(choices, msg, onDone) {
   const mu = el("input", { id: "job-mu", type: "number", min: "0", max: "10", step: "0.001", value: "0" });
   const crossSite = el("input", { id: "job-cross-site", type: "checkbox" });
   const upload = el("select", { id: "job-upload" }, (choices.uploads || []).map((o) => el("option", { value: o }, o)));
-  const xrayOnly = [field("Image size", size), field("Encryption", enc)];
+  const thresholdField = field("Key-switch threshold", threshold);
+  const xrayOnly = [field("Image size", size), field("Encryption", enc), field("HE keys", keys), thresholdField];
   const mnistOnly = [field("Server optimizer", serverOpt), field("FedProx μ", mu), field("Cross-site evaluation", crossSite), field("Upload encoding", upload)];
   const sync = () => {
     const mnist = data.value === "mnist";
     model.textContent = mnist ? "small CNN (26,010 parameters)" : "DenseNet-121";
     xrayOnly.forEach((f) => { f.hidden = mnist; });
     mnistOnly.forEach((f) => { f.hidden = !mnist; });
+    thresholdField.hidden = mnist || keys.value !== "multiparty";
     eps.disabled = !dp.checked;
   };
   data.addEventListener("change", sync);
   dp.addEventListener("change", sync);
+  keys.addEventListener("change", sync);
   const form = el("form", { class: "inline job-form", id: "job-form" },
     field("Data", data), field("Model", model), ...xrayOnly, field("Aggregator", agg),
     field("Rounds", rounds), field("Hospitals", hospitals), field("DP-SGD", dp), field("ε per hospital", eps),
@@ -506,7 +511,8 @@ function jobForm(choices, msg, onDone) {
     const body = {
       data: data.value, aggregator: agg.value, rounds: Number(rounds.value), hospitals: Number(hospitals.value),
       dp: dp.checked, ...(dp.checked ? { epsilon: Number(eps.value) } : {}),
-      ...(mnist ? {} : { image_size: Number(size.value), encrypt: enc.value }),
+      ...(mnist ? {} : { image_size: Number(size.value), encrypt: enc.value, keys: keys.value }),
+      ...(!mnist && keys.value === "multiparty" && threshold.value ? { threshold: Number(threshold.value) } : {}),
       ...(mnist ? { server_optimizer: serverOpt.value, proximal_mu: Number(mu.value), cross_site: crossSite.checked, ...(upload.value ? { upload: upload.value } : {}) } : {}),
       ...(byz.value ? { byzantine: Number(byz.value) } : {}),
       ...(drop.value ? { drop_hospital: Number(drop.value) } : {}),

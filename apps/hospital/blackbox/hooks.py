@@ -34,9 +34,10 @@ def small_jobs(ctx, body):
             body["data"] = "mnist"
         if _whole_in(body.get("rounds"), 1, 100):
             body["rounds"] = 1
-        for k in ("image_size", "encrypt", "model"):
+        for k in ("image_size", "encrypt", "model", "keys", "threshold"):
             if k in body and (body[k] is None or body[k] in VALID.get(k, ()) or
-                              (k == "image_size" and _whole_in(body[k], 32, 224))):
+                              (k == "image_size" and _whole_in(body[k], 32, 224)) or
+                              (k == "threshold" and _whole_in(body[k], 2, 10))):
                 body.pop(k)
     return body
 
@@ -44,6 +45,7 @@ def small_jobs(ctx, body):
 VALID = {
     "data": ("synthetic_xrays", "chestxray14", "mnist"),
     "encrypt": ("none", "head", "all"),
+    "keys": ("single", "multiparty"),
     "model": ("densenet121", "small_cnn"),
 }
 

@@ -25,7 +25,7 @@ use utoipa::ToSchema;
 use crate::infer::Predictor;
 use crate::live::Shared;
 use crate::mnist::MnistConfig;
-use crate::recipe::{AggregatorChoice, DpMode, Encrypt, ServerOptimizerChoice};
+use crate::recipe::{AggregatorChoice, DpMode, Encrypt, HeKeys, ServerOptimizerChoice};
 use crate::sim::SimConfig;
 use crate::store::{JobKind, JobRow, JobStatus, NewJob, Store};
 
@@ -92,6 +92,18 @@ pub struct JobRequest {
     /// What leaves a hospital encrypted (X-rays only; default: the head).
     #[serde(default)]
     pub encrypt: Option<Encrypt>,
+    /// Whose keys encrypt the head (X-rays only; default `single`: one key
+    /// pair at every hospital). `multiparty`: a collective key from a
+    /// share of each hospital, so that no hospital, nor the server, can
+    /// decrypt another's upload; each round then needs every hospital's
+    /// key switch, or `threshold` of them.
+    #[serde(default)]
+    pub keys: Option<HeKeys>,
+    /// With `keys: multiparty`: how many hospitals complete a key switch,
+    /// 2 to `hospitals` (default: all of them).
+    #[serde(default, deserialize_with = "whole_opt")]
+    #[schema(minimum = 2, maximum = 10)]
+    pub threshold: Option<usize>,
     /// This hospital (1-based, at most `hospitals`) sends sign-flipped,
     /// scaled updates.
     #[serde(default, deserialize_with = "whole_opt")]
@@ -326,7 +338,10 @@ impl JobOptions {
                 if r.model.is_some_and(|m| m != ModelChoice::SmallCnn) {
                     return invalid("MNIST trains the small CNN");
                 }
-                if r.encrypt.is_some_and(|e| e != Encrypt::None) {
+                if r.encrypt.is_some_and(|e| e != Encrypt::None)
+                    || r.keys.is_some_and(|k| k != HeKeys::Single)
+                    || r.threshold.is_some()
+                {
                     return invalid("encryption is offered for the X-ray model only");
                 }
                 if r.image_size.is_some() {
@@ -390,6 +405,29 @@ impl JobOptions {
                         "encrypting whole updates needs the geometric median or fedavg",
                     );
                 }
+                let keys = r.keys.unwrap_or_default();
+                if keys == HeKeys::Multiparty {
+                    if encrypt != Encrypt::Head {
+                        return invalid("multiparty keys seal the head (encrypt: head)");
+                    }
+                    if r.threshold.is_none() && r.drop_hospital.is_some() {
+                        return invalid(
+                            "multiparty keys without a threshold need every hospital in every round; set threshold to run with a dropping hospital",
+                        );
+                    }
+                }
+                match r.threshold {
+                    Some(_) if keys != HeKeys::Multiparty => {
+                        return invalid("threshold applies to multiparty keys");
+                    }
+                    Some(t) if !(2..=r.hospitals).contains(&t) => {
+                        return invalid(format!(
+                            "threshold must be between 2 and the {} hospitals",
+                            r.hospitals
+                        ));
+                    }
+                    _ => {}
+                }
                 let data_dir = match r.data {
                     DataChoice::Chestxray14 => match &self.chestxray14_dir {
                         Some(d) => Some(d.clone()),
@@ -407,6 +445,8 @@ impl JobOptions {
                 cfg.aggregator = aggregator;
                 cfg.image_size = size;
                 cfg.encrypt = encrypt;
+                cfg.keys = keys;
+                cfg.threshold = r.threshold;
                 cfg.dp.mode = if r.dp { DpMode::Sample } else { DpMode::Off };
                 cfg.dp.epsilon = epsilon.unwrap_or(cfg.dp.epsilon);
                 cfg.byzantine = r.byzantine;

@@ -863,6 +863,29 @@ async fn admins_start_stop_resume_compare_and_delete_jobs_and_viewers_cannot() {
             json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 2, "aggregator": "krum"}),
             "Krum",
         ),
+        (
+            json!({"data": "mnist", "rounds": 2, "hospitals": 2, "keys": "multiparty"}),
+            "encryption",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 3, "keys": "multiparty",
+                   "encrypt": "all", "aggregator": "fedavg"}),
+            "seal the head",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 3, "keys": "multiparty",
+                   "drop_hospital": 3}),
+            "set threshold",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 3, "keys": "multiparty",
+                   "threshold": 4}),
+            "between 2 and the 3 hospitals",
+        ),
+        (
+            json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 3, "threshold": 2}),
+            "threshold applies to multiparty keys",
+        ),
     ] {
         let (s, body) = send(&h.app, "POST", "/api/jobs", &admin, Some(bad.clone())).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
