@@ -868,7 +868,11 @@ impl CollectiveKey {
         pk.poly_mut(0).copy_from_slice(&p0);
         pk.poly_mut(1).copy_from_slice(&a);
         let pk = seal::PublicKey::from_bytes(&ctx, &pk.to_bytes()).map_err(seal_err)?;
-        let ctx = CkksContext::from_public_key(params.clone(), ctx, pk)?;
+        // Sums under it are written exactly: the key switch's request must
+        // be the very sum the server switches (its digest binds the
+        // shares), and the rounding's noise is sized for one ternary key,
+        // not a sum of them.
+        let ctx = CkksContext::from_public_key(params.clone(), ctx, pk)?.with_sum_rounding(None);
         parties.sort_unstable();
         Ok(Self {
             ctx,

@@ -277,6 +277,10 @@ fn an_n_of_n_round_switches_the_sealed_mean_to_the_output_key() {
         fedcore_he::slot_packing_of(sealed.bytes()).expect("header"),
         fedcore_he::SlotPacking::Complex
     );
+    // The request's sum is written exactly under the collective key (its
+    // digest binds the shares; rounding would change it at levels below
+    // 2^126, and its noise is sized for one ternary key).
+    assert_eq!(keys().collective.context().sum_rounding(), None);
 }
 
 #[test]
