@@ -729,11 +729,25 @@ impl Rounding {
         r.unround(bytes, degree, parms_id, scale)
     }
 
-    /// The rounded bytes of `raw`, a ciphertext in coefficient form over
-    /// this rounding's primes.
-    pub(crate) fn round(&self, raw: &RawCiphertext) -> Vec<u8> {
-        assert!(!raw.ntt && raw.size == 2 && raw.primes == self.primes.len());
-        assert_eq!(raw.degree % 64, 0, "degrees are powers of two from 1024");
+    /// The rounded bytes of `raw`, a ciphertext of two polynomials in
+    /// coefficient form over this rounding's primes, of a degree that is a
+    /// multiple of 64.
+    pub(crate) fn round(&self, raw: &RawCiphertext) -> Result<Vec<u8>, String> {
+        if raw.ntt
+            || raw.size != 2
+            || raw.primes != self.primes.len()
+            || !raw.degree.is_multiple_of(64)
+            || raw.data.len() != 2 * raw.primes * raw.degree
+        {
+            return Err(format!(
+                "a ciphertext of {} polynomials of degree {} over {} primes{}; expected 2 over {} in coefficient form",
+                raw.size,
+                raw.degree,
+                raw.primes,
+                if raw.ntt { " in NTT form" } else { "" },
+                self.primes.len()
+            ));
+        }
         let n = raw.degree;
         let mut out = Vec::with_capacity(self.packed_len(n));
         out.extend(
@@ -758,7 +772,7 @@ impl Rounding {
             }
         }
         bits.finish();
-        out
+        Ok(out)
     }
 
     /// The ciphertext (coefficient form, at `parms_id` with `scale`) whose
@@ -863,7 +877,7 @@ mod tests {
             scale: 8.0,
             data,
         };
-        let bytes = r.round(&raw);
+        let bytes = r.round(&raw).expect("round");
         assert_eq!(bytes.len(), r.packed_len(n));
         let back = r.unround(&bytes, n, &raw.parms_id, 8.0).expect("unround");
         assert!(!back.ntt && back.scale == 8.0 && back.parms_id == raw.parms_id);
@@ -879,7 +893,10 @@ mod tests {
             }
         }
         // Rounding what was read changes nothing.
-        assert_eq!(r.round(&back), bytes);
+        assert_eq!(r.round(&back).expect("round"), bytes);
+        let mut ntt = back.clone();
+        ntt.ntt = true;
+        assert!(r.round(&ntt).unwrap_err().contains("in NTT form"));
         assert_eq!(
             Rounding::read(&[q0, q1], &bytes, n, &raw.parms_id, 8.0).expect("read"),
             back

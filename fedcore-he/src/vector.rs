@@ -623,13 +623,14 @@ fn parse_flags(version: u8, flags: u8) -> Result<Flags> {
 /// measured at the default parameters, beside 1.7e-10 of a fresh upload's
 /// encryption noise; its tail is heavier than a Gaussian's, 2.6e-9 at most
 /// over 14,350 values). The hospitals read the global as `f32`, whose own
-/// rounding is larger for every value above `2^-7` in magnitude.
+/// rounding is larger than the typical error for every value above `2^-7`
+/// in magnitude.
 pub const SUM_ROUNDING_PRECISION_BITS: u32 = 31;
 
 /// Extra bits rounded from a ciphertext's first polynomial: its error
 /// reaches the message directly, the second's through the secret key
-/// (`sqrt(N / 18)` times larger, 21 at `N = 8192`); 4 more bits leave the
-/// first's share of the noise at about 5 % of the variance.
+/// (at equal drops `sqrt(2N / 3)` times larger, 74 at `N = 8192`); 4 more
+/// bits leave the first's share of the noise at about 5 % of the variance.
 const SUM_ROUNDING_FIRST_EXTRA: u32 = 4;
 
 /// The rounding of [`Form::Sum`] vectors packed as `p`: the most bits
@@ -767,7 +768,9 @@ fn round_all(
                     "rounding: a ciphertext at another level or scale than its vector's".into(),
                 ));
             }
-            Ok(rounding.round(&raw))
+            rounding
+                .round(&raw)
+                .map_err(|e| HeError::Seal(format!("rounding: {e}")))
         })
         .collect()
 }
@@ -847,7 +850,12 @@ pub(crate) fn load_all<R: Role>(
             let ct = seal::Ciphertext::from_bytes(seal_ctx, &raw)
                 .map_err(|e| malformed(format!("{what} {i}: {e}")))?;
             let ct = match encoding {
-                Encoding::Rounded => p.engine.to_ntt(&ct)?,
+                // SEAL refuses, for one, a ciphertext whose second
+                // polynomial is all zeros (transparent).
+                Encoding::Rounded => p
+                    .engine
+                    .to_ntt(&ct)
+                    .map_err(|e| malformed(format!("{what} {i}: {e}")))?,
                 _ => ct,
             };
             let at = ct.parms_id()?;
