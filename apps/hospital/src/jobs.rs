@@ -426,6 +426,12 @@ impl JobOptions {
                             r.hospitals
                         ));
                     }
+                    Some(t) if r.drop_hospital.is_some() && t >= r.hospitals => {
+                        return invalid(format!(
+                            "with a dropping hospital only {} can answer the key switch: lower the threshold",
+                            r.hospitals - 1
+                        ));
+                    }
                     _ => {}
                 }
                 let data_dir = match r.data {

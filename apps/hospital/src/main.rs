@@ -9,6 +9,9 @@
 //! hospital provision --out project --hospitals 3 --host aggregator.example.org
 //! hospital server --kit project/server --rounds 20            # the aggregator
 //! hospital client --kit project/hospital-1 --data-dir /data   # each hospital
+//!
+//! hospital provision --out project --keys multiparty          # no shared secret:
+//! hospital keygen --kit project/hospital-1                    # each hospital its share
 //! ```
 
 use std::net::SocketAddr;
@@ -43,6 +46,9 @@ enum Command {
     Server(fedcore_hospital::deploy::ServerArgs),
     /// Run one hospital of a deployment: it dials the server and trains on its own data.
     Client(fedcore_hospital::deploy::ClientArgs),
+    /// Make a hospital's share of multiparty CKKS keys (kits provisioned
+    /// with `--keys multiparty`) and write its key share for the server.
+    Keygen(fedcore_hospital::deploy::KeygenArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,6 +93,7 @@ fn main() -> Result<()> {
         Command::Provision(a) => return fedcore_hospital::deploy::provision_cmd(&a),
         Command::Server(a) => return fedcore_hospital::deploy::server_cmd(&a),
         Command::Client(a) => return fedcore_hospital::deploy::client_cmd(&a),
+        Command::Keygen(a) => return fedcore_hospital::deploy::keygen_cmd(&a),
     };
     let run_dir = args.sim.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!(

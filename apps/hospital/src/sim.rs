@@ -195,11 +195,16 @@ fn run_inner(
                  median of whole updates needs evaluation keys, which multiparty keys do not have yet"
             );
         }
-        if cfg.threshold.is_none() && cfg.drop_client.is_some() {
-            bail!(
+        match (cfg.threshold, cfg.drop_client) {
+            (None, Some(_)) => bail!(
                 "--keys multiparty without --threshold needs every hospital's share in every round; \
                  with --drop-client no round could complete (set --threshold)"
-            );
+            ),
+            (Some(t), Some(_)) if t >= cfg.clients => bail!(
+                "--threshold {t} with --drop-client: only {} hospitals can answer the key switch",
+                cfg.clients - 1
+            ),
+            _ => {}
         }
     } else if cfg.threshold.is_some() {
         bail!("--threshold applies to --keys multiparty");
@@ -375,12 +380,13 @@ fn run_inner(
         None => aggregator,
     };
     let faulty = usize::from(cfg.drop_client.is_some());
-    let quorum = cfg.min_clients.unwrap_or_else(|| {
-        (cfg.clients - faulty)
-            .saturating_sub(1)
-            .max(1)
-            .max(aggregator.describe().min_updates)
-    });
+    // Never below what the rule needs (the key switch: every hospital, or
+    // its threshold).
+    let needs = aggregator.describe().min_updates;
+    let quorum = cfg
+        .min_clients
+        .unwrap_or_else(|| (cfg.clients - faulty).saturating_sub(1).max(1))
+        .max(needs);
     let config = ServerConfig {
         rounds: cfg.rounds,
         min_fit_clients: quorum,

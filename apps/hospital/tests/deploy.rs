@@ -708,3 +708,182 @@ fn encrypt_all_is_refused_with_dp_at_a_hospital_and_with_krum_at_the_server() {
         "{err}"
     );
 }
+
+/// Multiparty keys deployed: provisioning makes no share of the collective
+/// key; each hospital makes its own (`hospital keygen`) and only its key
+/// share travels, carried by the operator; two hospitals and the server,
+/// all showing the same collective key id, train a round over mutual TLS
+/// with the head switched to the hospitals' output key. A hospital whose
+/// share is not the one under its name, or that has none, refuses to start.
+#[test]
+fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let kit = |h: &str| project.join(h).to_str().unwrap().to_owned();
+    let work = tmp.path().join("work").to_str().unwrap().to_owned();
+    let (ok, said) = run(&[
+        "provision",
+        "--out",
+        project.to_str().unwrap(),
+        "--hospitals",
+        "2",
+        "--port",
+        "1",
+        "--keys",
+        "multiparty",
+    ]);
+    assert!(ok, "{said}");
+    assert!(project.join("server/he-crs.bin").exists());
+    assert!(!project.join("server/he-secret.key").exists());
+    assert!(
+        project.join("hospital-1/he-secret.key").exists(),
+        "the output key"
+    );
+    assert!(
+        !project.join("hospital-1/he-party.key").exists(),
+        "made by the hospital"
+    );
+    // Before its share is made, a hospital refuses to start (before it
+    // touches any data: nothing is written to its work folder).
+    let (ok, said) = run(&[
+        "client",
+        "--kit",
+        &kit("hospital-1"),
+        "--server",
+        "127.0.0.1:1",
+        "--work-dir",
+        &work,
+    ]);
+    assert!(!ok && said.contains("hospital keygen"), "{said}");
+    assert!(!std::path::Path::new(&work).exists());
+
+    let shares = project.join("server/he-keyshares");
+    for h in ["hospital-1", "hospital-2"] {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(ok, "{said}");
+        let share = std::fs::read(project.join(h).join("he-keyshare.bin")).unwrap();
+        // Asked again: the same secret share, the same key share.
+        assert!(run(&["keygen", "--kit", &kit(h)]).0);
+        assert_eq!(
+            std::fs::read(project.join(h).join("he-keyshare.bin")).unwrap(),
+            share
+        );
+        std::fs::write(shares.join(format!("{h}.bin")), share).unwrap();
+    }
+    for h in ["hospital-1", "hospital-2"] {
+        let copied = Command::new("cp")
+            .args(["-a", shares.to_str().unwrap(), &kit(h)])
+            .status()
+            .unwrap();
+        assert!(copied.success());
+    }
+
+    let run_dir = tmp.path().join("server-run");
+    let mut server = Killed(
+        Command::new(BIN)
+            .args(["server", "--kit", &kit("server")])
+            .args(["--listen", "127.0.0.1:0", "--rounds", "1"])
+            .args(["--min-clients", "2", "--start-with", "2"])
+            .args(["--batch-size", "8", "--run-dir", run_dir.to_str().unwrap()])
+            .args(["--image-size", "32", "--public-patients", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = mpsc::channel();
+    let stdout = server.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut printed = Vec::new();
+    let next = |printed: &mut Vec<String>| {
+        let l = lines.recv_timeout(Duration::from_secs(600)).unwrap();
+        printed.push(l.clone());
+        l
+    };
+    let addr = loop {
+        if let Some(a) = next(&mut printed).strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    let key = loop {
+        let l = next(&mut printed);
+        if let Some(rest) = l.strip_prefix("multiparty keys: collective key ") {
+            assert!(rest.ends_with(" of 2 hospitals"), "{l}");
+            break rest.split(' ').next().unwrap().to_owned();
+        }
+    };
+    let sites: Vec<Killed> = ["hospital-1", "hospital-2"]
+        .iter()
+        .map(|h| {
+            Killed(
+                Command::new(BIN)
+                    .args(["client", "--kit", &kit(h), "--server", &addr])
+                    .args(["--image-size", "32", "--patients", "16", "--dp", "off"])
+                    .args(["--work-dir", tmp.path().join(h).to_str().unwrap()])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let finished = loop {
+        let l = next(&mut printed);
+        if l.starts_with("round 1 ") && !l.starts_with("round 1 started") {
+            break l;
+        }
+    };
+    assert!(
+        finished.starts_with("round 1 completed: 2 updates"),
+        "{printed:?}"
+    );
+    let done = loop {
+        let l = next(&mut printed);
+        if l.starts_with("run ") {
+            break l;
+        }
+    };
+    assert!(done.starts_with("run complete: 1 rounds"), "{printed:?}");
+    for mut s in sites {
+        let status = s.0.wait().unwrap();
+        let mut out = String::new();
+        s.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert!(status.success(), "{out}");
+        assert!(
+            out.contains(&format!("multiparty keys, collective key {key}")),
+            "the hospital combined the same key: {out}"
+        );
+    }
+
+    // A share under hospital-2's name that is not hospital-2's: refused.
+    std::fs::copy(
+        project.join("hospital-1/he-keyshare.bin"),
+        project.join("hospital-2/he-keyshares/hospital-2.bin"),
+    )
+    .unwrap();
+    let (ok, said) = run(&[
+        "client",
+        "--kit",
+        &kit("hospital-2"),
+        "--server",
+        &addr,
+        "--work-dir",
+        &work,
+    ]);
+    assert!(
+        !ok && said.contains("is not this hospital's key share"),
+        "{said}"
+    );
+}

@@ -886,6 +886,11 @@ async fn admins_start_stop_resume_compare_and_delete_jobs_and_viewers_cannot() {
             json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 3, "threshold": 2}),
             "threshold applies to multiparty keys",
         ),
+        (
+            json!({"data": "synthetic_xrays", "rounds": 2, "hospitals": 3, "keys": "multiparty",
+                   "threshold": 3, "drop_hospital": 1}),
+            "lower the threshold",
+        ),
     ] {
         let (s, body) = send(&h.app, "POST", "/api/jobs", &admin, Some(bad.clone())).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");

@@ -300,6 +300,10 @@ fn multiparty_keys_run_switch_each_round_and_resume() {
         (&["--encrypt", "all"][..], "--encrypt head"),
         (&["--drop-client", "3"][..], "set --threshold"),
         (&["--threshold", "1"][..], "between 2 and the 3 hospitals"),
+        (
+            &["--threshold", "3", "--drop-client", "1"][..],
+            "only 2 hospitals can answer",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = sim_config(dir.path(), 1, &[&flags[..], extra].concat());

@@ -34,7 +34,7 @@ use crate::federation::FederationLink;
 use crate::infer::Predictor;
 use crate::live::{LiveEvent, RunStatus, Shared, round_row, to_new_round};
 use crate::recipe::{
-    AggregatorChoice, DpArgs, DpMode, Encrypt, PretrainArgs, Trainable, TrainingArgs,
+    AggregatorChoice, DpArgs, DpMode, Encrypt, HeKeys, PretrainArgs, Trainable, TrainingArgs,
     check_client_dp, densenet, dp_tensors, hospital, image_config,
 };
 use crate::web::{self, WebConfig};
@@ -60,6 +60,19 @@ pub struct ProvisionArgs {
     /// Write CKKS keys into the kits (the head is then encrypted).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub he: bool,
+    /// One key pair, its secret in every hospital's kit (single), or
+    /// multiparty keys: each hospital then makes its own share with
+    /// `hospital keygen` (docs/he.md "In the hospital app").
+    #[arg(long, value_enum, default_value_t = HeKeys::Single)]
+    pub keys: HeKeys,
+}
+
+/// `hospital keygen`.
+#[derive(Args, Debug, Clone)]
+pub struct KeygenArgs {
+    /// The hospital's startup kit (provisioned with `--keys multiparty`).
+    #[arg(long)]
+    pub kit: PathBuf,
 }
 
 /// `hospital server`.
@@ -222,13 +235,47 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
         a.out.display(),
         sites.join("/, ")
     );
-    if a.he {
-        let kits: Vec<PathBuf> = sites.iter().map(|s| project.site_kit(s)).collect();
-        KeyAuthority::write_kits(CkksParams::default(), &project.server_kit(), &kits)?;
-        println!("CKKS keys: the public key in server/, the secret key in each hospital's kit");
+    match (a.he, a.keys) {
+        (false, HeKeys::Multiparty) => bail!("--keys multiparty needs --he true"),
+        (false, HeKeys::Single) => {}
+        (true, HeKeys::Single) => {
+            let kits: Vec<PathBuf> = sites.iter().map(|s| project.site_kit(s)).collect();
+            KeyAuthority::write_kits(CkksParams::default(), &project.server_kit(), &kits)?;
+            println!("CKKS keys: the public key in server/, the secret key in each hospital's kit");
+        }
+        (true, HeKeys::Multiparty) => {
+            let kits: Vec<(String, PathBuf)> = sites
+                .iter()
+                .map(|s| (s.clone(), project.site_kit(s)))
+                .collect();
+            crate::he_keys::kit::provision(&project.server_kit(), &kits)?;
+            println!(
+                "CKKS multiparty keys: each hospital runs `hospital keygen --kit <its kit>` and sends its {}; \
+                 put them in server/{}/<site>.bin and copy that folder into every hospital's kit",
+                crate::he_keys::kit::KEYSHARE_FILE,
+                crate::he_keys::kit::KEYSHARES_DIR
+            );
+        }
     }
     println!("keep ca/ offline; give each participant its own folder only");
     Ok(())
+}
+
+/// Makes a hospital's secret share of multiparty keys (once) and writes its
+/// key share for the server's operator.
+pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
+    let share = crate::he_keys::kit::keygen(&a.kit)?;
+    println!(
+        "secret share in {} (keep it); key share in {}: send it to the server's operator",
+        a.kit.join(crate::he_keys::kit::PARTY_KEY_FILE).display(),
+        share.display()
+    );
+    Ok(())
+}
+
+/// The first 8 bytes of a key id, in hex, for operators to compare.
+fn key_id_hex(id: [u8; 16]) -> String {
+    id[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs the aggregation server until the run is complete.
@@ -287,6 +334,27 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let aggregator = a
         .aggregator
         .rule(hospitals.max(a.min_clients), encrypt, public.as_ref())?;
+    // Under multiparty keys each round has the hospitals switch the sealed
+    // sum, weighted as the server will weigh it.
+    let server_learning_rate = ServerConfig::default().server_learning_rate;
+    let aggregator = match &public {
+        Some(output) if crate::he_keys::kit::is_multiparty(&kit.dir) => {
+            let (collective, parties) = crate::he_keys::kit::collective(&kit.dir)?;
+            println!(
+                "multiparty keys: collective key {} of {} hospitals",
+                key_id_hex(collective.context().key_id()),
+                parties.len()
+            );
+            crate::he_keys::switch_rule(
+                aggregator,
+                collective,
+                output.clone(),
+                parties,
+                server_learning_rate,
+            )?
+        }
+        _ => aggregator,
+    };
     let config = ServerConfig {
         rounds: a.rounds,
         min_fit_clients: a.min_clients.max(aggregator.describe().min_updates),
@@ -299,6 +367,7 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         train: a.training.config(),
         checkpoint_dir: Some(checkpoints.clone()),
         trust: Some(TrustPolicy::default()),
+        server_learning_rate,
         ..ServerConfig::default()
     };
     let initial = template.parameters();
@@ -408,6 +477,17 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     }
     let kit = Kit::load(&a.kit)?;
     let identity = kit.info.identity.clone();
+    // Multiparty keys are checked before any data is touched.
+    let multiparty = if crate::he_keys::kit::is_multiparty(&kit.dir) {
+        if a.encrypt == Encrypt::All {
+            bail!(
+                "--encrypt all is not offered under multiparty keys (no collective evaluation keys)"
+            );
+        }
+        Some(crate::he_keys::kit::hospital(&kit.dir, &identity)?)
+    } else {
+        None
+    };
     let root = match &a.data_dir {
         Some(d) => d.clone(),
         None => {
@@ -475,6 +555,7 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
                 a,
                 &kit,
                 ModelClient::new(identity.clone(), model, train).with_test_data(test),
+                multiparty,
             )
         }
         DpMode::Client => {
@@ -485,25 +566,39 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
             let client = ModelClient::new(identity.clone(), model, train)
                 .with_test_data(test)
                 .with_mechanism(dp);
-            serve(a, &kit, client)
+            serve(a, &kit, client, multiparty)
         }
         DpMode::Off => serve(
             a,
             &kit,
             ModelClient::new(identity.clone(), model, train).with_test_data(test),
+            multiparty,
         ),
     }
 }
 
 /// Seals what the server asks sealed, then serves the run to its end.
-fn serve<M>(a: &ClientArgs, kit: &Kit, client: ModelClient<M>) -> Result<()>
+fn serve<M>(
+    a: &ClientArgs,
+    kit: &Kit,
+    client: ModelClient<M>,
+    multiparty: Option<crate::he_keys::kit::HospitalKeys>,
+) -> Result<()>
 where
     M: Model<Data = DataSplit> + 'static,
 {
     let identity = kit.info.identity.clone();
     let mut client = client;
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
-    if secret_key.exists() {
+    if let Some((sealer, switcher, id)) = multiparty {
+        // It uploads under the collective key, answers the key switch with
+        // its share, and opens the global with the output key.
+        println!(
+            "{identity}: multiparty keys, collective key {}",
+            key_id_hex(id)
+        );
+        client = client.with_sealer(sealer).with_responder(switcher);
+    } else if secret_key.exists() {
         // It seals what the server sends sealed (the head, or everything)
         // and, when it agreed to the encrypted geometric median, decrypts
         // the distances.

@@ -7,8 +7,14 @@
 //!
 //! In a simulation every hospital is a thread of one process, so the key
 //! ceremony runs here in one go: each hospital's share is made by its own
-//! [`PartyKey`] and only its public key share and deals leave it. What a
-//! deployment does over its own channels is in docs/he.md ("Provisioning").
+//! [`PartyKey`] and only its public key share and deals leave it.
+//!
+//! In a deployment ([`kit`]) each hospital makes its share on its own
+//! machine (`hospital keygen`), and only its key share travels: the
+//! operator collects them into the server's kit and hands the same folder
+//! to every hospital, which checks that its own is in it.
+
+pub mod kit;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,12 +23,12 @@ use anyhow::{Context, Result, bail};
 use fedcore::ClientId;
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer, key_switch_round};
 use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, PartyKey, Roster, ThresholdKey};
-use fedcore_he::{CkksContext, CkksParams, CkksSealer, KeyAuthority, Secret};
+use fedcore_he::{CkksContext, CkksParams, CkksSealer, KeyAuthority, Public, Secret};
 
 use crate::recipe::{HeKeys, Rule, hospital};
 
 /// File of the common reference string's seed (public).
-const CRS_FILE: &str = "he-crs.bin";
+pub(crate) const CRS_FILE: &str = "he-crs.bin";
 
 /// The keys of a simulation's hospitals.
 pub enum SimKeys {
@@ -72,17 +78,42 @@ impl SimKeys {
             (None, true) => bail!("no HE keys in {} to resume with", dir.display()),
             _ => {}
         }
-        Ok(match kind {
-            HeKeys::Single => Self::Single(match saved {
-                Some(_) => CkksContext::<Secret>::from_file(&secret)
-                    .with_context(|| format!("reading {}", secret.display()))?,
-                None => KeyAuthority::write(CkksParams::default(), dir)?.0,
-            }),
-            HeKeys::Multiparty => Self::Multiparty(Box::new(match saved {
-                Some(_) => MultipartyKeys::read(dir, hospitals, threshold)?,
-                None => MultipartyKeys::create(dir, hospitals, threshold)?,
-            })),
-        })
+        if saved.is_some() {
+            return Ok(match kind {
+                HeKeys::Single => Self::Single(
+                    CkksContext::<Secret>::from_file(&secret)
+                        .with_context(|| format!("reading {}", secret.display()))?,
+                ),
+                HeKeys::Multiparty => {
+                    Self::Multiparty(Box::new(MultipartyKeys::read(dir, hospitals, threshold)?))
+                }
+            });
+        }
+        // A new set is made in a folder of its own and renamed into place
+        // whole, so that a ceremony cut short leaves nothing half made.
+        let partial = dir.with_extension("partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)
+                .with_context(|| format!("removing {}", partial.display()))?;
+        }
+        if dir.exists() {
+            if std::fs::read_dir(dir)?.next().is_some() {
+                bail!(
+                    "{} holds files but no complete set of keys: remove it to make new ones",
+                    dir.display()
+                );
+            }
+            std::fs::remove_dir(dir)?;
+        }
+        let keys = match kind {
+            HeKeys::Single => Self::Single(KeyAuthority::write(CkksParams::default(), &partial)?.0),
+            HeKeys::Multiparty => Self::Multiparty(Box::new(MultipartyKeys::create(
+                &partial, hospitals, threshold,
+            )?)),
+        };
+        std::fs::rename(&partial, dir)
+            .with_context(|| format!("moving the new keys to {}", dir.display()))?;
+        Ok(keys)
     }
 
     /// The key the hospitals open the global with (and the evaluation site
@@ -101,17 +132,13 @@ impl SimKeys {
         let Self::Multiparty(m) = self else {
             return Ok(rule);
         };
-        let Rule::Plain(inner) = rule else {
-            bail!("multiparty keys seal the head with a plain aggregator's weights only");
-        };
-        let (round, sum) = key_switch_round(
-            inner,
+        switch_rule(
+            rule,
             m.collective.clone(),
             m.output.public(),
             m.parties(),
             server_learning_rate,
-        )?;
-        Ok(Rule::KeySwitch(Box::new(round), sum))
+        )
     }
 
     /// Hospital `i`'s (0-based) sealer and, under multiparty keys, its
@@ -136,6 +163,24 @@ impl SimKeys {
             }
         })
     }
+}
+
+/// A plain `rule`'s round with the key switch to `output`
+/// (`server_learning_rate` must be the server's).
+pub fn switch_rule(
+    rule: Rule,
+    collective: CollectiveKey,
+    output: CkksContext<Public>,
+    parties: BTreeMap<ClientId, u32>,
+    server_learning_rate: f32,
+) -> Result<Rule> {
+    let Rule::Plain(inner) = rule else {
+        bail!(
+            "multiparty keys seal the head with a plain aggregator's weights only (not --encrypt all)"
+        );
+    };
+    let (round, sum) = key_switch_round(inner, collective, output, parties, server_learning_rate)?;
+    Ok(Rule::KeySwitch(Box::new(round), sum))
 }
 
 fn name(k: HeKeys) -> &'static str {
@@ -224,10 +269,22 @@ impl MultipartyKeys {
                 dir.display()
             );
         }
-        let keys = (1..=hospitals as u32)
-            .filter(|p| threshold_file(dir, *p).exists())
-            .map(|p| ThresholdKey::from_file(&threshold_file(dir, p)))
-            .collect::<fedcore_he::Result<Vec<_>>>()?;
+        let mut keys = Vec::new();
+        for p in (1..=hospitals as u32).filter(|p| threshold_file(dir, *p).exists()) {
+            let path = threshold_file(dir, p);
+            let k = ThresholdKey::from_file(&path)?;
+            if k.party() != p
+                || keys
+                    .first()
+                    .is_some_and(|f: &ThresholdKey| f.roster() != k.roster())
+            {
+                bail!(
+                    "{}: not party {p}'s threshold key, or of another roster than the others",
+                    path.display()
+                );
+            }
+            keys.push(k);
+        }
         let saved = keys.first().map(|k| k.roster().threshold());
         if saved != threshold || (!keys.is_empty() && keys.len() != hospitals) {
             bail!(
