@@ -23,6 +23,18 @@ impl Drop for Killed {
     }
 }
 
+/// The lines `child` prints on its (piped) standard output, as they come.
+fn lines_of(child: &mut Killed) -> mpsc::Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    lines
+}
+
 /// One HTTP/1.1 request with a JSON body to a dashboard: (status, body).
 fn http(
     at: &str,
@@ -165,13 +177,7 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
             .spawn()
             .unwrap(),
     );
-    let (tx, lines) = mpsc::channel();
-    let stdout = server.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let lines = lines_of(&mut server);
     let mut printed = Vec::new();
     let addr = loop {
         let l = lines.recv_timeout(Duration::from_secs(600)).unwrap();
@@ -286,13 +292,7 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
             )
         })
         .collect();
-    let (site_tx, site_lines) = mpsc::channel();
-    let stdout = sites[0].0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = site_tx.send(l);
-        }
-    });
+    let site_lines = lines_of(&mut sites[0]);
     let mut site_printed = Vec::new();
     let site_dashboard = loop {
         // Before its dashboard a hospital writes its synthetic set, builds
@@ -785,8 +785,34 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
             .unwrap();
         assert!(copied.success());
     }
-
     let run_dir = tmp.path().join("server-run");
+    let server_refuses = |extra: &[&str], says: &str| {
+        let (ok, said) = run(&[
+            &["server", "--kit", &kit("server"), "--listen", "127.0.0.1:0"][..],
+            &["--run-dir", run_dir.to_str().unwrap()][..],
+            extra,
+        ]
+        .concat());
+        assert!(!ok && said.contains(says), "{extra:?}: {said}");
+    };
+    // The head must be sealed: a multiparty kit never runs in the clear.
+    server_refuses(&["--encrypt", "none"], "seals the head");
+    // A share for a site that was not provisioned (whoever made it would
+    // know part of the collective key), or a missing one, is refused.
+    let extra = shares.join("hospital-9.bin");
+    std::fs::copy(shares.join("hospital-1.bin"), &extra).unwrap();
+    server_refuses(&[], "hospital-9 is not a party provisioned");
+    // hospital-2's share under another name.
+    std::fs::rename(shares.join("hospital-2.bin"), &extra).unwrap();
+    server_refuses(&[], "hospital-9 is not a party provisioned");
+    std::fs::remove_file(&extra).unwrap();
+    server_refuses(&[], "has no key share of hospital-2");
+    std::fs::copy(
+        project.join("hospital-2/he-keyshare.bin"),
+        shares.join("hospital-2.bin"),
+    )
+    .unwrap();
+
     let mut server = Killed(
         Command::new(BIN)
             .args(["server", "--kit", &kit("server")])
@@ -799,23 +825,12 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
             .spawn()
             .unwrap(),
     );
-    let (tx, lines) = mpsc::channel();
-    let stdout = server.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let lines = lines_of(&mut server);
     let mut printed = Vec::new();
     let next = |printed: &mut Vec<String>| {
         let l = lines.recv_timeout(Duration::from_secs(600)).unwrap();
         printed.push(l.clone());
         l
-    };
-    let addr = loop {
-        if let Some(a) = next(&mut printed).strip_prefix("listening on ") {
-            break a.to_owned();
-        }
     };
     let key = loop {
         let l = next(&mut printed);
@@ -824,7 +839,12 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
             break rest.split(' ').next().unwrap().to_owned();
         }
     };
-    let sites: Vec<Killed> = ["hospital-1", "hospital-2"]
+    let addr = loop {
+        if let Some(a) = next(&mut printed).strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    let mut sites: Vec<Killed> = ["hospital-1", "hospital-2"]
         .iter()
         .map(|h| {
             Killed(
@@ -839,6 +859,7 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
             )
         })
         .collect();
+    let site_lines: Vec<_> = sites.iter_mut().map(lines_of).collect();
     let finished = loop {
         let l = next(&mut printed);
         if l.starts_with("round 1 ") && !l.starts_with("round 1 started") {
@@ -856,34 +877,58 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
         }
     };
     assert!(done.starts_with("run complete: 1 rounds"), "{printed:?}");
-    for mut s in sites {
-        let status = s.0.wait().unwrap();
-        let mut out = String::new();
-        s.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        assert!(status.success(), "{out}");
+    // Each hospital combined the same key, and ends with the run.
+    for (s, lines) in sites.iter_mut().zip(site_lines) {
+        let mut said = Vec::new();
+        loop {
+            let l = lines.recv_timeout(Duration::from_secs(300)).unwrap();
+            said.push(l.clone());
+            if l.ends_with("the run is complete") {
+                break;
+            }
+        }
         assert!(
-            out.contains(&format!("multiparty keys, collective key {key}")),
-            "the hospital combined the same key: {out}"
+            said.iter()
+                .any(|l| l.ends_with(&format!("multiparty keys, collective key {key}"))),
+            "{said:?}"
         );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = s.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "{said:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{said:?}");
     }
 
-    // A share under hospital-2's name that is not hospital-2's: refused.
-    std::fs::copy(
-        project.join("hospital-1/he-keyshare.bin"),
-        project.join("hospital-2/he-keyshares/hospital-2.bin"),
-    )
-    .unwrap();
-    let (ok, said) = run(&[
-        "client",
-        "--kit",
-        &kit("hospital-2"),
-        "--server",
-        &addr,
-        "--work-dir",
-        &work,
-    ]);
-    assert!(
-        !ok && said.contains("is not this hospital's key share"),
-        "{said}"
-    );
+    // A share under hospital-2's name that is not hospital-2's: of
+    // another party, or of party 2 made by someone else (an impostor's
+    // keygen in a copy of the kit). Both refused.
+    let mine = project.join("hospital-2/he-keyshares/hospital-2.bin");
+    let client_refuses = |says: &str| {
+        let (ok, said) = run(&[
+            "client",
+            "--kit",
+            &kit("hospital-2"),
+            "--server",
+            &addr,
+            "--work-dir",
+            &work,
+        ]);
+        assert!(!ok && said.contains(says), "{said}");
+    };
+    std::fs::copy(project.join("hospital-1/he-keyshare.bin"), &mine).unwrap();
+    client_refuses("a share of party 1, where hospital-2 is party 2");
+    let impostor = tmp.path().join("impostor");
+    let copied = Command::new("cp")
+        .args(["-a", &kit("hospital-2"), impostor.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::remove_file(impostor.join("he-party.key")).unwrap();
+    assert!(run(&["keygen", "--kit", impostor.to_str().unwrap()]).0);
+    std::fs::copy(impostor.join("he-keyshare.bin"), &mine).unwrap();
+    client_refuses("is not this hospital's key share");
 }

@@ -284,6 +284,33 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     if !(a.round_timeout_per_mb.is_finite() && a.round_timeout_per_mb >= 0.0) {
         bail!("--round-timeout-per-mb must be a number of seconds >= 0");
     }
+    // Multiparty keys are checked before pretraining: the head is sealed,
+    // and every party of the collective key is a hospital on the roster.
+    let multiparty = if crate::he_keys::kit::is_multiparty(&kit.dir) {
+        if a.encrypt != Encrypt::Head || !kit.dir.join(KeyAuthority::PUBLIC_FILE).exists() {
+            bail!(
+                "a kit with multiparty keys seals the head (--encrypt head, with {} in the kit): \
+                 anything else would send it in the clear or is not offered",
+                KeyAuthority::PUBLIC_FILE
+            );
+        }
+        let (collective, parties) = crate::he_keys::kit::collective(&kit.dir)?;
+        let roster = Roster::load(&kit.roster_path())?.active();
+        if let Some(gone) = parties.keys().find(|p| !roster.contains(&p.to_string())) {
+            bail!(
+                "{gone} is a party of the collective key but has no valid certificate on the roster \
+                 (revoked?): every party must answer every round; make new keys without it"
+            );
+        }
+        println!(
+            "multiparty keys: collective key {} of {} hospitals",
+            key_id_hex(collective.context().key_id()),
+            parties.len()
+        );
+        Some((collective, parties))
+    } else {
+        None
+    };
     let options = ServerOptions {
         listen: a.listen,
         limits: limits(a.max_message_bytes),
@@ -337,23 +364,16 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     // Under multiparty keys each round has the hospitals switch the sealed
     // sum, weighted as the server will weigh it.
     let server_learning_rate = ServerConfig::default().server_learning_rate;
-    let aggregator = match &public {
-        Some(output) if crate::he_keys::kit::is_multiparty(&kit.dir) => {
-            let (collective, parties) = crate::he_keys::kit::collective(&kit.dir)?;
-            println!(
-                "multiparty keys: collective key {} of {} hospitals",
-                key_id_hex(collective.context().key_id()),
-                parties.len()
-            );
-            crate::he_keys::switch_rule(
-                aggregator,
-                collective,
-                output.clone(),
-                parties,
-                server_learning_rate,
-            )?
-        }
-        _ => aggregator,
+    let aggregator = match (multiparty, &public) {
+        (Some((collective, parties)), Some(output)) => crate::he_keys::switch_rule(
+            aggregator,
+            collective,
+            output.clone(),
+            parties,
+            server_learning_rate,
+        )?,
+        (Some(_), None) => bail!("multiparty keys without the output key's public key"),
+        (None, _) => aggregator,
     };
     let config = ServerConfig {
         rounds: a.rounds,

@@ -89,9 +89,10 @@ impl SimKeys {
                 }
             });
         }
-        // A new set is made in a folder of its own and renamed into place
-        // whole, so that a ceremony cut short leaves nothing half made.
-        let partial = dir.with_extension("partial");
+        // A new set is made in a folder of this process's own and renamed
+        // into place whole, so that a ceremony cut short leaves nothing
+        // half made where the keys are looked for.
+        let partial = dir.with_extension(format!("partial-{}", std::process::id()));
         if partial.exists() {
             std::fs::remove_dir_all(&partial)
                 .with_context(|| format!("removing {}", partial.display()))?;
