@@ -243,8 +243,10 @@ impl<R: Role> CkksContext<R> {
     /// vectors, what the server sends back) rounded so that the rounding's
     /// noise stays about `2^-bits` per value (`Some(bits)`; the default is
     /// [`SUM_ROUNDING_PRECISION_BITS`](crate::SUM_ROUNDING_PRECISION_BITS)),
-    /// or exactly (`None`: 40 % more bytes). Sums are read whichever way
-    /// they were written: the bits dropped travel with them.
+    /// or exactly (`None`: about 40 % more bytes). `bits` below
+    /// [`SUM_ROUNDING_MIN_BITS`](crate::SUM_ROUNDING_MIN_BITS) (20) count as
+    /// 20. Sums are read whichever way they were written: the bits dropped
+    /// travel with them.
     pub fn with_sum_rounding(mut self, bits: Option<u32>) -> Self {
         self.sum_rounding = bits;
         self

@@ -77,8 +77,8 @@ pub use median::{
 pub use params::{CkksParams, Dangerous, MIN_HEADROOM_BITS, max_bits_128};
 pub use sealer::{CkksSealer, CkksSum, DEFAULT_PATTERNS};
 pub use vector::{
-    EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, SUM_ROUNDING_PRECISION_BITS, SlotPacking,
-    fuzzing, slot_packing_of,
+    EncryptedVector, Form, MAX_VALUES, MAX_WEIGHT, SUM_ROUNDING_MIN_BITS,
+    SUM_ROUNDING_PRECISION_BITS, SlotPacking, fuzzing, slot_packing_of,
 };
 
 // `sealy` builds SEAL and its C API (`libsealc`), whose functions `seal`

@@ -1,11 +1,11 @@
 //! Encrypted vectors: packing into ciphertexts, arithmetic, bytes.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::context::{CkksContext, Role, Secret};
 use crate::error::{HeError, Result};
-use std::sync::Arc;
-
 use crate::reader::Reader;
 use crate::{raw, seal};
 
@@ -91,7 +91,8 @@ pub struct EncryptedVector {
 }
 
 /// The level and scale a vector's ciphertexts are at, as the packed form
-/// ([`raw::pack_ciphertext`]) needs them: it writes neither.
+/// ([`raw::pack_ciphertext`]) needs them (it writes neither), and what
+/// writing a sum rounded needs: an engine of the context and the precision.
 #[derive(Clone)]
 pub(crate) struct Packing {
     /// A keyless engine of the vector's SEAL context.
@@ -618,14 +619,17 @@ fn parse_flags(version: u8, flags: u8) -> Result<Flags> {
 }
 
 /// How far below the values' unit the noise of rounding a [`Form::Sum`]
-/// vector lies by default
-/// ([`CkksContext::with_sum_rounding`]): about `2^-31` in standard deviation per value (3.2e-10
-/// measured at the default parameters, beside 1.7e-10 of a fresh upload's
-/// encryption noise; its tail is heavier than a Gaussian's, 2.6e-9 at most
-/// over 14,350 values). The hospitals read the global as `f32`, whose own
-/// rounding is larger than the typical error for every value above `2^-7`
-/// in magnitude.
+/// vector lies by default ([`CkksContext::with_sum_rounding`]): about
+/// `2^-31` in standard deviation per value (3.2e-10 measured at the default
+/// parameters, beside 1.7e-10 of a fresh upload's encryption noise; its
+/// tail is heavier than a Gaussian's, 2.6e-9 at most over 14,350 values).
+/// The hospitals read the global as `f32`, whose own rounding is larger
+/// than the typical error for every value above `2^-7` in magnitude.
 pub const SUM_ROUNDING_PRECISION_BITS: u32 = 31;
+
+/// The coarsest rounding of a sum: `2^-20` (1e-6) of noise per value; a
+/// context asking for less precision gets this.
+pub const SUM_ROUNDING_MIN_BITS: u32 = 20;
 
 /// Extra bits rounded from a ciphertext's first polynomial: its error
 /// reaches the message directly, the second's through the secret key
@@ -645,7 +649,7 @@ const SUM_ROUNDING_FIRST_EXTRA: u32 = 4;
 /// slot after decoding, halved in each of its parts. A collective key
 /// (a sum of `n` ternary keys) makes it `sqrt(n)` times larger.
 pub(crate) fn sum_rounding(p: &Packing) -> Option<raw::Rounding> {
-    let bits = p.sum_rounding?;
+    let bits = p.sum_rounding?.max(SUM_ROUNDING_MIN_BITS);
     let n = p.degree as f64;
     let spread = 0.5 * (n * n / 36.0).log2();
     let d = (p.scale.log2() - f64::from(bits) - spread).floor();

@@ -481,6 +481,22 @@ fn sums_are_written_as_precisely_as_the_writer_asks_and_read_either_way() {
     // Coarser to finer, then exact: more bytes, less rounding error. The
     // reader's own setting does not matter: the bits dropped travel with
     // the sum.
+    // Asking for less than 20 bits gets 20 (noise about 1e-6).
+    let coarse = h.public().with_sum_rounding(Some(2));
+    let v = coarse
+        .load(
+            &fedcore_he::fuzzing::to_unrounded_bytes(&global).expect("bytes"),
+            Form::Sum,
+        )
+        .expect("load");
+    let got = h
+        .decrypt(
+            &h.load(&v.to_bytes().expect("bytes"), Form::Sum)
+                .expect("load"),
+        )
+        .expect("decrypt");
+    let std = std_of_diff(&got, &exact);
+    assert!(std < 2f64.powi(-19) && std > 2f64.powi(-22), "{std:e}");
     for bits in [Some(25), Some(31), Some(40), None] {
         let writer = h.public().with_sum_rounding(bits);
         let v = writer

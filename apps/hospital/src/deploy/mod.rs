@@ -251,7 +251,8 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
             crate::he_keys::kit::provision(&project.server_kit(), &kits)?;
             println!(
                 "CKKS multiparty keys: each hospital runs `hospital keygen --kit <its kit>` and sends its {}; \
-                 put them in server/{}/<site>.bin and copy that folder into every hospital's kit",
+                 put them in server/{}/<site>.bin, then copy those files into the same folder of every \
+                 hospital's kit (docs/deployment.md)",
                 crate::he_keys::kit::KEYSHARE_FILE,
                 crate::he_keys::kit::KEYSHARES_DIR
             );
