@@ -18,6 +18,8 @@
 //! - secret key (a plaintext): header, `parms_id`, coefficient count (u64),
 //!   scale (f64), then the coefficients as a nested object.
 
+use crypto_bigint::{U64, U192};
+
 use crate::reader::Reader;
 use crate::seal::ParmsId;
 
@@ -562,6 +564,12 @@ pub(crate) fn unpack_words(
     Ok(out)
 }
 
+/// `x` as a `u128`, if it fits.
+fn narrow(x: &U192) -> Option<u128> {
+    let w = x.as_words();
+    (w[2] == 0).then(|| u128::from(w[0]) | (u128::from(w[1]) << 64))
+}
+
 /// `a * b mod q`.
 #[inline(always)]
 fn mul_mod(a: u64, b: u64, q: u64) -> u64 {
@@ -629,16 +637,17 @@ fn pow_mod(mut a: u64, mut e: u64, q: u64) -> u64 {
 /// so the message by `e0 + e1 * s`: noise that the caller sizes below the
 /// values' precision (`vector::sum_rounding`).
 ///
-/// Written by hand: a CRT composition over at most 126 bits is a few
-/// `u128` operations per coefficient, and the bignum crates allocate.
+/// The composition is in 192-bit integers (`crypto-bigint`'s fixed-size
+/// `U192`, no allocation), for levels up to 190 bits (the multiparty
+/// parameters' 140 included); what is written, `t`, has at most 127 bits.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Rounding {
     primes: Vec<u64>,
-    modulus: u128,
+    modulus: U192,
     /// Low bits rounded away from the first and the second polynomial.
     drop: [u32; 2],
     /// Per prime `q_j`: `(Q / q_j)^-1 mod q_j` and `Q / q_j`.
-    crt: Vec<(MulConst, u128)>,
+    crt: Vec<(MulConst, U192)>,
     /// Per polynomial, per prime: `2^drop mod q_j` and `2^(drop + 64) mod
     /// q_j`, which lift a `t`'s low and high words.
     lift: [Vec<(MulConst, MulConst)>; 2],
@@ -646,27 +655,41 @@ pub(crate) struct Rounding {
 
 impl Rounding {
     /// The rounding of ciphertexts over `primes` (distinct primes below
-    /// `2^62`, as SEAL's levels have) dropping `drop` bits; `None` when `Q`
-    /// reaches `2^126` (the composition stays in `u128`) or a drop leaves
-    /// fewer than two bits.
+    /// `2^62`, as SEAL's levels have) dropping `drop` bits; `None` when
+    /// their bits add up to more than 190, a drop leaves fewer than two
+    /// bits, or more than 127.
     pub(crate) fn new(primes: &[u64], drop: [u32; 2]) -> Option<Self> {
-        let modulus = primes
+        let width: u32 = primes.iter().map(|q| 64 - q.leading_zeros()).sum();
+        if primes.is_empty() || primes.iter().any(|&q| q >= 1 << 62) || width > 190 {
+            return None;
+        }
+        // Below 2^190: no product overflows.
+        let product = |skip: Option<usize>| {
+            primes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| Some(*j) != skip)
+                .fold(U192::ONE, |m, (_, &q)| m.wrapping_mul(&U64::from_u64(q)))
+        };
+        let modulus = product(None);
+        let bits = modulus.bits() as u32;
+        if drop
             .iter()
-            .try_fold(1u128, |m, &q| m.checked_mul(u128::from(q)))?;
-        let bits = 128 - modulus.leading_zeros();
-        if primes.is_empty()
-            || primes.iter().any(|&q| q >= 1 << 62)
-            || bits > 126
-            || drop.iter().any(|&d| d == 0 || d + 2 > bits)
+            .any(|&d| d == 0 || d + 2 > bits || bits - d > 127)
         {
             return None;
         }
         let crt = primes
             .iter()
-            .map(|&q| {
-                let qhat = modulus / u128::from(q);
-                let inv = pow_mod((qhat % u128::from(q)) as u64, q - 2, q);
-                (MulConst::new(inv, q), qhat)
+            .enumerate()
+            .map(|(j, &q)| {
+                let qhat_mod_q = primes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != j)
+                    .fold(1 % q, |m, (_, &p)| mul_mod(m, p % q, q));
+                let inv = pow_mod(qhat_mod_q, q - 2, q);
+                (MulConst::new(inv, q), product(Some(j)))
             })
             .collect();
         let lift = drop.map(|d| {
@@ -693,9 +716,16 @@ impl Rounding {
         self.drop
     }
 
-    /// The largest `t` polynomial `p` may hold.
+    /// The largest `t` polynomial `p` may hold (below 2^127, checked in
+    /// [`Rounding::new`]).
     fn max(&self, p: usize) -> u128 {
-        (self.modulus - 1) >> self.drop[p]
+        narrow(
+            &self
+                .modulus
+                .wrapping_sub(&U192::ONE)
+                .shr_vartime(self.drop[p] as usize),
+        )
+        .expect("checked when made")
     }
 
     /// Bits each `t` of polynomial `p` takes.
@@ -752,22 +782,26 @@ impl Rounding {
         let mut out = Vec::with_capacity(self.packed_len(n));
         out.extend(
             self.drop
-                .map(|d| u8::try_from(d).expect("a drop below 126")),
+                .map(|d| u8::try_from(d).expect("a drop below 190")),
         );
         let mut bits = BitWriter::new(&mut out);
         for p in 0..2 {
             let poly = raw.poly(p);
             let (d, width, max) = (self.drop[p], self.width(p), self.max(p));
-            let half = 1u128 << (d - 1);
+            let half = U192::ONE.shl_vartime(d as usize - 1);
             for i in 0..n {
-                let mut c = 0u128;
-                for (j, (&q, &(inv, qhat))) in self.primes.iter().zip(&self.crt).enumerate() {
-                    c += u128::from(inv.mul(poly[j * n + i], q)) * qhat;
+                let mut c = U192::ZERO;
+                for (j, (&q, (inv, qhat))) in self.primes.iter().zip(&self.crt).enumerate() {
+                    let r = U64::from_u64(inv.mul(poly[j * n + i], q));
+                    // Each term is below Q, the sum below 2Q < 2^191.
+                    c = c.wrapping_add(&qhat.wrapping_mul(&r));
                     if c >= self.modulus {
-                        c -= self.modulus;
+                        c = c.wrapping_sub(&self.modulus);
                     }
                 }
-                let t = (c + half) >> d;
+                // At most max + 1, which is at most 2^127.
+                let t =
+                    narrow(&c.wrapping_add(&half).shr_vartime(d as usize)).expect("at most 2^127");
                 bits.push_wide(if t > max { 0 } else { t }, width);
             }
         }
@@ -922,11 +956,106 @@ mod tests {
         assert!(Rounding::read(&[q0, q1], &bytes[..1], n, &raw.parms_id, 8.0).is_err());
     }
 
+    /// Composes `residues` (one per prime) with big integers: the
+    /// reference the 192-bit composition is checked against.
+    fn compose(residues: &[u64], primes: &[u64]) -> num_bigint::BigUint {
+        use num_bigint::BigUint;
+        let q: BigUint = primes.iter().map(|&p| BigUint::from(p)).product();
+        let mut c = BigUint::from(0u32);
+        for (&r, &p) in residues.iter().zip(primes) {
+            let m = &q / p;
+            let inv = pow_mod((&m % p).try_into().expect("below p"), p - 2, p);
+            c += m * BigUint::from(mul_mod(r, inv, p));
+        }
+        c % q
+    }
+
     #[test]
-    fn rounding_needs_a_modulus_below_2_126_and_bits_left() {
+    fn rounding_a_152_bit_level_agrees_with_big_integers() {
+        use num_bigint::BigUint;
+        let primes = [
+            (1u64 << 61) - 1,
+            (1u64 << 31) - 1,
+            1_000_000_007,
+            998_244_353,
+        ];
+        let q: BigUint = primes.iter().map(|&p| BigUint::from(p)).product();
+        assert_eq!(q.bits(), 152);
+        let drops = [40u32, 36];
+        let r = Rounding::new(&primes, drops).expect("152 bits");
+        assert_eq!((r.width(0), r.width(1)), (112, 116));
+        let (n, k) = (64, primes.len());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        // Uniform residues are a uniform coefficient below Q; the first few
+        // are the edges: 0, Q - 1 and both sides of the wrap to 0.
+        let mut coeffs: Vec<BigUint> = (0..2 * n)
+            .map(|_| {
+                let res: Vec<u64> = primes.iter().map(|&p| rng.random_range(0..p)).collect();
+                compose(&res, &primes)
+            })
+            .collect();
+        for (p, d) in drops.into_iter().enumerate() {
+            let half = BigUint::from(1u32) << (d - 1);
+            let edges = [
+                BigUint::from(0u32),
+                &q - 1u32,
+                &q - &half,
+                &q - &half - 1u32,
+            ];
+            for (i, e) in edges.into_iter().enumerate() {
+                coeffs[p * n + i] = e;
+            }
+        }
+        let mut data = vec![0u64; 2 * k * n];
+        for p in 0..2 {
+            for (j, &m) in primes.iter().enumerate() {
+                for i in 0..n {
+                    let res = &coeffs[p * n + i] % m;
+                    data[(p * k + j) * n + i] = res.try_into().expect("below the prime");
+                }
+            }
+        }
+        let raw = RawCiphertext {
+            parms_id: [5, 6, 7, 8],
+            ntt: false,
+            size: 2,
+            degree: n,
+            primes: k,
+            scale: 2.0,
+            data,
+        };
+        let bytes = r.round(&raw).expect("round");
+        let back = r.unround(&bytes, n, &raw.parms_id, 2.0).expect("unround");
+        for (p, d) in drops.into_iter().enumerate() {
+            let step = BigUint::from(1u32) << d;
+            for i in 0..n {
+                let res: Vec<u64> = (0..k).map(|j| back.poly(p)[j * n + i]).collect();
+                let got = compose(&res, &primes);
+                assert!(got < q && (&got % &step) == BigUint::from(0u32), "{p}/{i}");
+                let c = &coeffs[p * n + i];
+                let diff = (c + &q - &got) % &q;
+                let dist = diff.clone().min(&q - &diff);
+                assert!(dist <= &step >> 1, "{p}/{i}: moved by {dist}");
+            }
+        }
+        assert_eq!(r.round(&back).expect("round"), bytes);
+    }
+
+    #[test]
+    fn rounding_needs_a_modulus_below_2_190_and_bits_left() {
         let (a, b, c) = ((1u64 << 61) - 1, (1u64 << 31) - 1, 1_000_000_007u64);
         assert!(Rounding::new(&[a, b, c], [40, 40]).is_some());
-        assert!(Rounding::new(&[a, b, c, 998_244_353], [40, 40]).is_none());
+        // 152 bits: fine, but a field of more than 127 bits is not.
+        assert!(Rounding::new(&[a, b, c, 998_244_353], [40, 40]).is_some());
+        assert!(Rounding::new(&[a, b, c, 998_244_353], [24, 40]).is_none());
+        // More than 190 bits.
+        let wide = [
+            a,
+            (1u64 << 61) + 20_091,
+            (1u64 << 61) + 20_787,
+            (1u64 << 59) + 2_239,
+        ];
+        assert!(Rounding::new(&wide, [100, 100]).is_none());
         assert!(Rounding::new(&[b], [29, 29]).is_some());
         assert!(Rounding::new(&[b], [30, 29]).is_none());
         assert!(Rounding::new(&[b], [0, 29]).is_none());

@@ -640,8 +640,8 @@ const SUM_ROUNDING_FIRST_EXTRA: u32 = 4;
 /// The rounding of [`Form::Sum`] vectors packed as `p`: the most bits
 /// whose rounding noise stays about `p.sum_rounding` bits (by default
 /// [`SUM_ROUNDING_PRECISION_BITS`]) below the values' unit, or `None`
-/// where no rounding is asked for, the level's modulus reaches `2^126`
-/// (the multiparty parameters) or the scale leaves no bit to drop.
+/// where no rounding is asked for, the level's modulus has more than 190
+/// bits, or the scale leaves no bit to drop.
 ///
 /// The noise: rounding `c1` adds a uniform error of variance `4^d / 12`
 /// per coefficient, times a ternary secret key (variance 2/3) in

@@ -456,12 +456,24 @@ fn a_sum_sent_back_is_rounded_below_its_noise() {
     both[6] |= 1;
     let e = real.load(&both, Form::Sum).unwrap_err();
     assert!(e.to_string().contains("flags"), "{e}");
-    // Where the level is never rounded (the multiparty parameters' 140-bit
-    // modulus), a rounded flag is refused, and sums are written exactly.
-    let wide = CkksContext::generate(CkksParams::multiparty()).expect("keygen");
-    let sum = wide.public().encrypt_public(&[0.25; 100]).expect("global");
-    let mut flagged = sum.to_bytes().expect("bytes");
-    assert_eq!(flagged[6] & 4, 0);
+    // The multiparty parameters' 140-bit level (the global under the
+    // output key) is rounded too, through 192-bit integers: 62 + 58 of 140
+    // bits, within the same noise.
+    let wide = CkksContext::generate(CkksParams::multiparty())
+        .expect("keygen")
+        .with_slot_packing(SlotPacking::Complex);
+    let values = uniform(8192, -1.0, 1.0, 72);
+    let sum = wide.public().encrypt_public(&values).expect("global");
+    let bytes = sum.to_bytes().expect("bytes");
+    assert_eq!(bytes.len(), 35 + 4 + 2 + 8192 * (58 + 62) / 8);
+    let exact = wide.decrypt(&sum).expect("decrypt");
+    let got = wide
+        .decrypt(&wide.load(&bytes, Form::Sum).expect("load"))
+        .expect("decrypt");
+    let std = std_of_diff(&got, &exact);
+    assert!(std > 2f64.powi(-34) && std < 2f64.powi(-30), "{std:e}");
+    // A rounded flag on a sum written exactly is a malformed length.
+    let mut flagged = fedcore_he::fuzzing::to_unrounded_bytes(&sum).expect("bytes");
     flagged[6] |= 4;
     let e = wide.load(&flagged, Form::Sum).unwrap_err();
     assert!(matches!(e, HeError::Malformed(_)), "{e}");
