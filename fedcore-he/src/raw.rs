@@ -564,6 +564,9 @@ pub(crate) fn unpack_words(
     Ok(out)
 }
 
+// `narrow` reads a `U192` as three 64-bit words.
+const _: () = assert!(crypto_bigint::Limb::BITS == 64, "64-bit limbs");
+
 /// `x` as a `u128`, if it fits.
 fn narrow(x: &U192) -> Option<u128> {
     let w = x.as_words();
@@ -981,31 +984,47 @@ mod tests {
         ];
         let q: BigUint = primes.iter().map(|&p| BigUint::from(p)).product();
         assert_eq!(q.bits(), 152);
-        let drops = [40u32, 36];
+        // The first drop is one where rounding up wraps past Q to 0 (Q mod
+        // 2^d above half a step); the second leaves 127-bit fields.
+        let step = |d: u32| BigUint::from(1u32) << d;
+        let d0 = (36..64)
+            .find(|&d| (&q % step(d)) > step(d - 1))
+            .expect("a drop that wraps");
+        let drops = [d0, 25];
         let r = Rounding::new(&primes, drops).expect("152 bits");
-        assert_eq!((r.width(0), r.width(1)), (112, 116));
+        assert_eq!((r.width(0), r.width(1)), (152 - d0, 127));
         let (n, k) = (64, primes.len());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         // Uniform residues are a uniform coefficient below Q; the first few
-        // are the edges: 0, Q - 1 and both sides of the wrap to 0.
+        // are the edges: 0, Q - 1, half a step and either side of it, and
+        // either side of where rounding up reaches Q (the wrap to 0).
         let mut coeffs: Vec<BigUint> = (0..2 * n)
             .map(|_| {
                 let res: Vec<u64> = primes.iter().map(|&p| rng.random_range(0..p)).collect();
                 compose(&res, &primes)
             })
             .collect();
+        let mut wrapped = [false; 2];
         for (p, d) in drops.into_iter().enumerate() {
-            let half = BigUint::from(1u32) << (d - 1);
-            let edges = [
+            let half = step(d - 1);
+            let top = ((&q >> d) + 1u32) << d;
+            let wrap = &top - &half;
+            let mut edges = vec![
                 BigUint::from(0u32),
                 &q - 1u32,
-                &q - &half,
-                &q - &half - 1u32,
+                &half - 1u32,
+                half.clone(),
+                &half + 1u32,
             ];
+            if wrap < q {
+                wrapped[p] = true;
+                edges.extend([&wrap - 1u32, wrap]);
+            }
             for (i, e) in edges.into_iter().enumerate() {
                 coeffs[p * n + i] = e;
             }
         }
+        assert!(wrapped[0]);
         let mut data = vec![0u64; 2 * k * n];
         for p in 0..2 {
             for (j, &m) in primes.iter().enumerate() {
@@ -1027,15 +1046,19 @@ mod tests {
         let bytes = r.round(&raw).expect("round");
         let back = r.unround(&bytes, n, &raw.parms_id, 2.0).expect("unround");
         for (p, d) in drops.into_iter().enumerate() {
-            let step = BigUint::from(1u32) << d;
+            let unit = step(d);
             for i in 0..n {
                 let res: Vec<u64> = (0..k).map(|j| back.poly(p)[j * n + i]).collect();
                 let got = compose(&res, &primes);
-                assert!(got < q && (&got % &step) == BigUint::from(0u32), "{p}/{i}");
+                assert!(got < q && (&got % &unit) == BigUint::from(0u32), "{p}/{i}");
                 let c = &coeffs[p * n + i];
                 let diff = (c + &q - &got) % &q;
                 let dist = diff.clone().min(&q - &diff);
-                assert!(dist <= &step >> 1, "{p}/{i}: moved by {dist}");
+                assert!(dist <= &unit >> 1, "{p}/{i}: moved by {dist}");
+                // The wrap edge (the 7th) rounds up to Q: written as 0.
+                if wrapped[p] && i == 6 {
+                    assert_eq!(got, BigUint::from(0u32));
+                }
             }
         }
         assert_eq!(r.round(&back).expect("round"), bytes);
