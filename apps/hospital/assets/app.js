@@ -121,7 +121,7 @@ async function viewOverview(root) {
       card("Held-out loss", fmt(o.last_loss, 4)),
       card("Hospitals active", `${o.active_clients} / ${o.clients}`),
       card("Protection", [
-        { all: "CKKS whole update", head: "CKKS head" }[p.encrypt] || "nothing encrypted",
+        ({ all: "CKKS whole update", head: "CKKS head" }[p.encrypt] || "nothing encrypted") + (p.keys === "multiparty" && p.encrypt !== "none" ? " (multiparty keys)" : ""),
         { sample: "DP-SGD per image", client: "client-level DP", off: "no DP" }[p.dp_mode] || "DP per hospital",
       ].join(" · ")),
       card("Aggregator", p.aggregator || "–"),
@@ -413,7 +413,10 @@ function dpExplanation(p) {
     all: " Every update travels CKKS-encrypted.",
     head: " The classifier head travels CKKS-encrypted.",
   }[p.encrypt] || "";
-  return dp + enc;
+  const keys = p.encrypt && p.encrypt !== "none" && p.keys === "multiparty"
+    ? " It is encrypted under multiparty keys: a collective key made from a share of each hospital, so that no hospital, nor the server, can decrypt another hospital's upload; each round, the hospitals switch the server's encrypted sum to their output key."
+    : "";
+  return dp + enc + keys;
 }
 
 // Each hospital's ε after each round it took part in, and the budget as a

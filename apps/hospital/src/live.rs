@@ -100,6 +100,10 @@ pub struct Progress {
     pub he: bool,
     /// What leaves a hospital encrypted: `none`, `head` or `all`.
     pub encrypt: crate::recipe::Encrypt,
+    /// Whose keys encrypt it: `single` (one key pair at every hospital) or
+    /// `multiparty` (no hospital, nor the server, can decrypt another's
+    /// upload).
+    pub keys: crate::recipe::HeKeys,
     /// Whether the hospitals apply differential privacy (known in a
     /// simulation; a deployed server does not set it, see `dp_mode`).
     pub dp: bool,
@@ -124,6 +128,7 @@ impl Progress {
             aggregator: String::new(),
             he: false,
             encrypt: crate::recipe::Encrypt::None,
+            keys: crate::recipe::HeKeys::Single,
             dp: false,
             dp_mode: None,
             budget: None,

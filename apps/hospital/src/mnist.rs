@@ -130,6 +130,7 @@ pub fn run(
             aggregator: cfg.aggregator.label(Encrypt::None),
             he: false,
             encrypt: Encrypt::None,
+            keys: crate::recipe::HeKeys::Single,
             dp: cfg.epsilon.is_some(),
             dp_mode: Some(if cfg.epsilon.is_some() {
                 DpMode::Sample

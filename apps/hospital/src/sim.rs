@@ -228,6 +228,7 @@ fn run_inner(
             aggregator: cfg.aggregator.label(cfg.encrypt),
             he: cfg.encrypt != Encrypt::None,
             encrypt: cfg.encrypt,
+            keys: cfg.keys,
             dp: cfg.dp.enabled(),
             dp_mode: Some(cfg.dp.mode),
             budget: cfg.dp.enabled().then_some((cfg.dp.epsilon, cfg.dp.delta)),

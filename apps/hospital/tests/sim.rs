@@ -258,6 +258,11 @@ fn multiparty_keys_run_switch_each_round_and_resume() {
     }
     assert!(keys.join("he-crs.bin").exists());
     assert!(!keys.join("he-threshold-1.key").exists());
+    // The dashboard is told whose keys protect the head.
+    assert_eq!(
+        shared.progress.read().unwrap().keys,
+        fedcore_hospital::recipe::HeKeys::Multiparty
+    );
 
     // Resumed: the same keys are read back (the sealed global in the
     // checkpoint is under the same output key) and round 3 completes.

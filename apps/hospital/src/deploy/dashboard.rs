@@ -41,6 +41,9 @@ impl Dashboard {
                 Encrypt::None
             };
             p.he = p.encrypt != Encrypt::None;
+            if p.he && crate::he_keys::kit::is_multiparty(&a.kit) {
+                p.keys = crate::recipe::HeKeys::Multiparty;
+            }
             p.aggregator = a.aggregator.label(p.encrypt);
         });
         // Any image size: nothing is ever read here (see above).
