@@ -11,8 +11,8 @@
 //!   share on its own machine (`he-party.key`, mode 0600, never
 //!   overwritten) and writes its key share (`he-keyshare.bin`, public).
 //! - The operator copies each hospital's `he-keyshare.bin` to
-//!   `<server kit>/he-keyshares/<site>.bin`, and that folder into every
-//!   hospital's kit. The server combines the collective key from it; each
+//!   `<server kit>/he-keyshares/<site>.bin`, and those files into the same
+//!   folder of every hospital's kit. The server combines the collective key from it; each
 //!   hospital combines it too, after checking that the folder holds exactly
 //!   one share per listed party, under its name and number, and that the
 //!   share under its own name is its own. Each prints the collective key's

@@ -11,8 +11,9 @@
 //!
 //! In a deployment ([`kit`]) each hospital makes its share on its own
 //! machine (`hospital keygen`), and only its key share travels: the
-//! operator collects them into the server's kit and hands the same folder
-//! to every hospital, which checks that its own is in it.
+//! operator collects them into the server's kit and hands the same shares
+//! to every hospital, which checks that they are one per listed party and
+//! that its own is among them.
 
 pub mod kit;
 
