@@ -35,6 +35,10 @@ type Handle = *mut c_void;
 type ArrayEncoder =
     unsafe extern "C" fn(Handle, u64, *mut f64, *mut u64, f64, Handle, Handle) -> Hr;
 
+/// `Evaluator_TransformToNTT2` and `Evaluator_TransformFromNTT`: evaluator,
+/// source ciphertext, destination ciphertext.
+type Transform = unsafe extern "C" fn(Handle, Handle, Handle) -> Hr;
+
 const S_OK: Hr = 0;
 const E_POINTER: Hr = 0x8000_4003_u32 as i32 as Hr;
 const E_INVALIDARG: Hr = 0x8007_0057_u32 as i32 as Hr;
@@ -1060,26 +1064,29 @@ impl Engine {
     /// The same ciphertext with every polynomial taken to the NTT domain;
     /// `c` must be in coefficient form (SEAL refuses one already in NTT form).
     pub(crate) fn to_ntt(&self, c: &Ciphertext) -> SealResult<Ciphertext> {
-        let d = Ciphertext::empty()?;
-        // SAFETY: live evaluator, a valid ciphertext and a fresh destination;
-        // SEAL checks the form and the parameters and reports a mismatch as an
-        // `invalid_argument`, which its C API catches.
-        check("Evaluator_TransformToNTT2", unsafe {
-            Evaluator_TransformToNTT2(self.evaluator, c.h, d.h)
-        })?;
-        Ok(d)
+        self.transform(("Evaluator_TransformToNTT2", Evaluator_TransformToNTT2), c)
     }
 
     /// The same ciphertext with every polynomial taken back to coefficient
     /// form; `c` must be in NTT form (SEAL refuses one that is not).
     pub(crate) fn to_coefficients(&self, c: &Ciphertext) -> SealResult<Ciphertext> {
+        self.transform(
+            ("Evaluator_TransformFromNTT", Evaluator_TransformFromNTT),
+            c,
+        )
+    }
+
+    /// `c` through one of SEAL's NTT transforms, into a new ciphertext.
+    fn transform(
+        &self,
+        (name, transform): (&'static str, Transform),
+        c: &Ciphertext,
+    ) -> SealResult<Ciphertext> {
         let d = Ciphertext::empty()?;
-        // SAFETY: as in `to_ntt`: live evaluator, a valid ciphertext, a fresh
-        // destination; SEAL reports a form or parameter mismatch as an
+        // SAFETY: live evaluator, a valid ciphertext and a fresh destination;
+        // SEAL checks the form and the parameters and reports a mismatch as an
         // `invalid_argument`, which its C API catches.
-        check("Evaluator_TransformFromNTT", unsafe {
-            Evaluator_TransformFromNTT(self.evaluator, c.h, d.h)
-        })?;
+        check(name, unsafe { transform(self.evaluator, c.h, d.h) })?;
         Ok(d)
     }
 
