@@ -265,21 +265,13 @@ fn max_error(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn an_n_of_n_round_switches_the_sealed_mean_to_the_output_key() {
     let mut s = server(false, 3, 1.0, 1.0);
-    s.run_round().expect("round");
-    let r = &s.history()[0];
-    assert!(r.outcome.is_completed(), "{:?} {:?}", r.outcome, r.failures);
-    assert!(r.aggregator.contains("+key-switch"), "{}", r.aggregator);
-    let err = max_error(&open(&s), &mean(&[1, 2, 3]));
-    assert!(err < 1e-6, "max error {err:e}");
     // Two values per slot by default: the global, and so the uploads.
-    let sealed = s.sealed_global().expect("sealed");
-    assert_eq!(
-        fedcore_he::slot_packing_of(sealed.bytes()).expect("header"),
-        fedcore_he::SlotPacking::Complex
-    );
+    round_gives_the_mean_packed(&mut s, fedcore_he::SlotPacking::Complex);
+    let r = &s.history()[0];
+    assert!(r.aggregator.contains("+key-switch"), "{}", r.aggregator);
     // The request's sum is written exactly under the collective key (its
-    // digest binds the shares; rounding would change it at levels below
-    // 2^126, and its noise is sized for one ternary key).
+    // digest binds the shares, which rounding would change, and the
+    // rounding's noise is sized for one ternary key).
     assert_eq!(keys().collective.context().sum_rounding(), None);
 }
 
@@ -287,15 +279,21 @@ fn an_n_of_n_round_switches_the_sealed_mean_to_the_output_key() {
 fn a_key_switch_round_one_value_per_slot_gives_the_same_mean() {
     let real = Some(fedcore_he::SlotPacking::Real);
     let mut s = make_packed(FedAvg, false, config(3, 1.0), 1.0, transport(false), real);
+    round_gives_the_mean_packed(&mut s, fedcore_he::SlotPacking::Real);
+}
+
+/// Runs one round of all three hospitals: it completes, the sealed global
+/// decrypts within 1e-6 of their mean, and it is packed as `packing`.
+fn round_gives_the_mean_packed(s: &mut KsServer, packing: fedcore_he::SlotPacking) {
     s.run_round().expect("round");
     let r = &s.history()[0];
     assert!(r.outcome.is_completed(), "{:?} {:?}", r.outcome, r.failures);
-    let err = max_error(&open(&s), &mean(&[1, 2, 3]));
+    let err = max_error(&open(s), &mean(&[1, 2, 3]));
     assert!(err < 1e-6, "max error {err:e}");
     let sealed = s.sealed_global().expect("sealed");
     assert_eq!(
         fedcore_he::slot_packing_of(sealed.bytes()).expect("header"),
-        fedcore_he::SlotPacking::Real
+        packing
     );
 }
 
