@@ -358,72 +358,78 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
 /// The Gram matrix `G_ij = x_i . x_j`, accumulated in f64 (each product of
 /// two f32 values is exact in f64; only the sums round).
 ///
-/// Up to [`GRAM_DIRECT_MAX`] inputs, one dot product at a time over the f32
-/// data: the pass is bound by memory. Above, each chunk's inputs are widened
-/// to f64 once into a per-thread scratch, and the upper triangle is covered
-/// block by block ([`GRAM_SUB`] coordinates) by tiles of 2 rows
-/// by 4 columns ([`dot_tile`]): each coordinate of the 6 inputs is loaded
-/// once for 8 products, where one dot product at a time loads and widens 2
-/// for 1. A tile that reaches past the last input or below the diagonal
-/// computes products nobody reads (72 for the 55 wanted at n = 10).
+/// The upper triangle is covered block by block ([`GRAM_SUB`] coordinates)
+/// by tiles ([`gram_tiles`]): each coordinate of a tile's inputs is loaded
+/// and widened once for all the tile's products, where one dot product at a
+/// time loads and widens 2 for 1.
 pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
-    if xs.len() <= GRAM_DIRECT_MAX {
-        return pairwise(xs, |r, part| {
-            let n = xs.len();
-            for i in 0..n {
-                for j in i..n {
-                    part[i * n + j] = dot_f32(&xs[i][r.clone()], &xs[j][r.clone()]);
-                }
-            }
-        });
-    }
-    thread_local! {
-        /// Each thread's widened chunk, kept across chunks and calls (8 MB
-        /// at most per thread at `GRAM_MAX_POINTS`; a larger count is only
-        /// reached by asking for `Method::Gram`).
-        static WIDE: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     pairwise(xs, |r, part| {
-        WIDE.with_borrow_mut(|wide| {
-            gram_block(xs, r, part, wide);
-            if wide.capacity() > GRAM_KEEP {
-                // Asked for many more points than `Method::Auto` takes
-                // here: give the memory back.
-                *wide = Vec::new();
-            }
-        });
+        for start in r.clone().step_by(GRAM_SUB) {
+            let end = (start + GRAM_SUB).min(r.end);
+            let rows: Vec<&[f32]> = xs.iter().map(|x| &x[start..end]).collect();
+            gram_tiles(&rows, part);
+        }
     })
 }
 
-/// The upper triangle of [`gram`]'s partial sums for the coordinates in `r`.
-fn gram_block(xs: &[&[f32]], r: std::ops::Range<usize>, part: &mut [f64], wide: &mut Vec<f64>) {
-    let n = xs.len();
-    let width = r.len();
-    wide.clear();
-    wide.reserve(n * width);
-    for x in xs {
-        widen(&x[r.clone()], wide);
+simd! {
+/// Adds the upper triangle of the Gram matrix of `rows` (of one length)
+/// to `part` (`n x n`, row-major), by tiles of 4 rows by 4 columns
+/// ([`tile_4x4`]: 16 accumulators of one 512-bit register each, of 32)
+/// with AVX-512 where they compute no more products than tiles of 2 rows
+/// by 4 columns ([`tile_2x4`]), and by those otherwise. The tile's shape
+/// changes which products share a load, not how any sum is formed: the
+/// same bits either way. (At n = 10, 4 x 4 tiles compute 96 products for
+/// 72: 21-22 against 19 ms for the geometric median; at 16, 160 each:
+/// 32 against 33 ms.)
+fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
+    const FMA: bool = multiversion::target::selected_target!().supports_feature_str("fma");
+    let n = rows.len();
+    if multiversion::target::selected_target!().supports_feature_str("avx512f")
+        && tiled_products(n, 4) <= tiled_products(n, 2)
+    {
+        cover::<4, 4, FMA, Tile4x4>(rows, part);
+    } else {
+        cover::<2, 4, FMA, Tile2x4>(rows, part);
     }
-    for start in (0..width).step_by(GRAM_SUB) {
-        let len = GRAM_SUB.min(width - start);
-        let row = |p: usize| &wide[p * width + start..p * width + start + len];
-        for i in (0..n).step_by(2) {
-            if i + 1 == n {
-                // The last row of an odd count needs only its diagonal.
-                part[i * n + i] += dot_f64(row(i), row(i));
-                continue;
-            }
-            let rows = [i, i + 1];
-            for j in (i..n).step_by(4) {
-                let cols = [j, j + 1, j + 2, j + 3].map(|c| c.min(n - 1));
-                let t = dot_tile(rows.map(row), cols.map(row));
-                for (p, &a) in rows.iter().enumerate() {
-                    for (q, &b) in cols.iter().enumerate() {
-                        // Skip what is below the diagonal and the clamped
-                        // repeats of the last column.
-                        if b >= a && (q == 0 || b != cols[q - 1]) {
-                            part[a * n + b] += t[p][q];
-                        }
+}
+}
+
+/// Products [`cover`] computes for `n` inputs with tiles of `rows` rows by
+/// 4 columns.
+fn tiled_products(n: usize, rows: usize) -> usize {
+    (0..n)
+        .step_by(rows)
+        .map(|i| (n - i).div_ceil(4) * 4 * rows)
+        .sum()
+}
+
+/// [`gram_tiles`] with tiles of `R` rows by `C` columns, computed by `T`.
+/// A tile that reaches past the last input or below the diagonal computes
+/// products nobody reads (at n = 10, 72 with 2 x 4 tiles and 96 with 4 x 4
+/// for the 55 wanted).
+#[inline(always)]
+fn cover<const R: usize, const C: usize, const FMA: bool, T: Tile<R, C>>(
+    rows: &[&[f32]],
+    part: &mut [f64],
+) {
+    let n = rows.len();
+    let len = rows.first().map_or(0, |r| r.len());
+    let full = len / TILE_LANES * TILE_LANES;
+    for i in (0..n).step_by(R) {
+        let a: [usize; R] = std::array::from_fn(|p| (i + p).min(n - 1));
+        for j in (i..n).step_by(C) {
+            let b: [usize; C] = std::array::from_fn(|q| (j + q).min(n - 1));
+            let acc = T::products::<FMA>(a.map(|p| &rows[p][..full]), b.map(|q| &rows[q][..full]));
+            for (p, &ra) in a.iter().enumerate() {
+                for (q, &cb) in b.iter().enumerate() {
+                    // Skip what is below the diagonal and the clamped
+                    // repeats of the last row or column.
+                    if cb >= ra && (p == 0 || ra != a[p - 1]) && (q == 0 || cb != b[q - 1]) {
+                        let tail: f64 = (full..len)
+                            .map(|k| f64::from(rows[ra][k]) * f64::from(rows[cb][k]))
+                            .sum();
+                        part[ra * n + cb] += acc[p][q].iter().sum::<f64>() + tail;
                     }
                 }
             }
@@ -431,89 +437,58 @@ fn gram_block(xs: &[&[f32]], r: std::ops::Range<usize>, part: &mut [f64], wide: 
     }
 }
 
-/// Up to this many inputs [`gram`] takes one dot product at a time over
-/// the f32 data (at 3 inputs the tiles' widening made it 1.2x slower).
-const GRAM_DIRECT_MAX: usize = 4;
-
-/// Coordinates per tile pass of [`gram`]: 16 KB of f64 per input (a tile
-/// reads 6 of them; all 64 inputs' pieces are 1 MB). Smaller passes were
-/// slower at 64 inputs (512 coordinates: 528 against 471-480 ms). The
-/// inputs are widened a whole chunk at a time: widening them in pieces of
-/// one pass (16 KB of f64 each, interleaved over 10 inputs) made the
-/// geometric median at n = 10 take 31.9 ms instead of 26 ms.
-const GRAM_SUB: usize = 2048;
-
-/// Widened values a thread keeps between calls of [`gram`] (8 MB: a chunk
-/// of 64 inputs); a larger scratch is freed after use.
-const GRAM_KEEP: usize = 64 * CHUNK;
-
-simd! {
-/// `a . b` for two f32 slices, accumulated in f64.
-fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
-    lanes(a, b, |x, y| f64::from(x) * f64::from(y))
-}
+/// A tile's products, `R` rows by `C` columns (a trait, not a function
+/// passed in: a function pointer or closure argument was not inlined, and
+/// `mul_add` outside the instruction set's version calls the software
+/// `fma`, 50x slower).
+trait Tile<const R: usize, const C: usize> {
+    fn products<const FMA: bool>(a: [&[f32]; R], b: [&[f32]; C]) -> [[[f64; TILE_LANES]; C]; R];
 }
 
-simd! {
-/// `a . b` for two f64 slices, in 8 lanes.
-fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
-    lanes(a, b, |x, y| x * y)
-}
-}
+/// [`tile_2x4`].
+struct Tile2x4;
 
-simd! {
-/// Appends `x` in f64 to `out` (no zeroing first: it has the capacity).
-fn widen(x: &[f32], out: &mut Vec<f64>) {
-    out.extend(x.iter().map(|&v| f64::from(v)));
-}
-}
-
-/// `a_p . b_q` for 2 rows and 4 columns of equal length (the tile of
-/// [`gram`]), each accumulated in 4 f64 lanes (coordinate `k` in lane
-/// `k % 4`, the lanes summed in order at the end), the same bits on every
-/// instruction set.
-fn dot_tile(a: [&[f64]; 2], b: [&[f64]; 4]) -> [[f64; 4]; 2] {
-    let len = a[0].len();
-    let full = len / 4 * 4;
-    let acc = dot_tile_lanes(a.map(|x| &x[..full]), b.map(|y| &y[..full]));
-    let mut out = [[0.0; 4]; 2];
-    for p in 0..2 {
-        for q in 0..4 {
-            let tail: f64 = (full..len).map(|k| a[p][k] * b[q][k]).sum();
-            out[p][q] = acc[4 * p + q].iter().sum::<f64>() + tail;
-        }
-    }
-    out
-}
-
-simd! {
-/// The lanes of [`dot_tile`] over a multiple of 4 coordinates: `8` named
-/// accumulators of 4 lanes, returned unsummed. (Summing them here lets
-/// LLVM's SLP vectorizer group lanes across accumulators, with a shuffle
-/// per product: 3x slower.)
-fn dot_tile_lanes(a: [&[f64]; 2], b: [&[f64]; 4]) -> [[f64; 4]; 8] {
-    type V = [f64; 4];
+impl Tile<2, 4> for Tile2x4 {
     #[inline(always)]
-    fn madd(acc: V, x: V, y: V) -> V {
-        [
-            acc[0] + x[0] * y[0],
-            acc[1] + x[1] * y[1],
-            acc[2] + x[2] * y[2],
-            acc[3] + x[3] * y[3],
-        ]
+    fn products<const FMA: bool>(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 2] {
+        tile_2x4::<FMA>(a, b)
     }
+}
+
+/// [`tile_4x4`].
+struct Tile4x4;
+
+impl Tile<4, 4> for Tile4x4 {
     #[inline(always)]
-    fn ld(s: &[f64], i: usize) -> V {
-        [s[i], s[i + 1], s[i + 2], s[i + 3]]
+    fn products<const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 4] {
+        tile_4x4::<FMA>(a, b)
     }
+}
+
+/// Lanes of each of [`tile_2x4`]'s sums: one 512-bit register of f64 (two
+/// of 256 bits with AVX2).
+const TILE_LANES: usize = 8;
+
+/// `a_p . b_q` for 2 rows and 4 columns of one length (a multiple of
+/// [`TILE_LANES`]), each accumulated in [`TILE_LANES`] f64 lanes
+/// (coordinate `k` in lane `k % TILE_LANES`, the lanes summed in order by
+/// the caller), the same bits on every instruction set. Every coordinate of
+/// the 6 inputs is loaded and widened once for 8 products. The product of
+/// two f32 values is exact in f64, so with `FMA` a fused multiply-add
+/// rounds once where a multiply and an add round once too: the same bits
+/// in half the instructions. Eight named accumulators, inlined into
+/// [`gram_tiles`]: written with loops over arrays of accumulators, LLVM
+/// kept them on the stack (2x slower).
+#[inline(always)]
+fn tile_2x4<const FMA: bool>(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 2] {
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
     let full = a[0].len();
-    let [a0, a1] = a;
+    let [a0, a1] = a.map(|x| &x[..full]);
     let [b0, b1, b2, b3] = b.map(|y| &y[..full]);
-    let a1 = &a1[..full];
-    let z = [0.0; 4];
+    let z = [0.0; TILE_LANES];
     let (mut c00, mut c01, mut c02, mut c03) = (z, z, z, z);
     let (mut c10, mut c11, mut c12, mut c13) = (z, z, z, z);
-    for i in (0..full).step_by(4) {
+    for i in (0..full).step_by(TILE_LANES) {
         let (x0, x1) = (ld(a0, i), ld(a1, i));
         let y0 = ld(b0, i);
         c00 = madd(c00, x0, y0);
@@ -528,9 +503,92 @@ fn dot_tile_lanes(a: [&[f64]; 2], b: [&[f64]; 4]) -> [[f64; 4]; 8] {
         c03 = madd(c03, x0, y3);
         c13 = madd(c13, x1, y3);
     }
-    [c00, c01, c02, c03, c10, c11, c12, c13]
+    [[c00, c01, c02, c03], [c10, c11, c12, c13]]
 }
+
+/// [`tile_2x4`] for 4 rows: 16 named accumulators, 8 loads per coordinate
+/// for 16 products.
+#[inline(always)]
+fn tile_4x4<const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 4] {
+    type V = [f64; TILE_LANES];
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
+    let full = a[0].len();
+    let [a0, a1, a2, a3] = a.map(|x| &x[..full]);
+    let [b0, b1, b2, b3] = b.map(|y| &y[..full]);
+    let z: V = [0.0; TILE_LANES];
+    let (mut c00, mut c01, mut c02, mut c03) = (z, z, z, z);
+    let (mut c10, mut c11, mut c12, mut c13) = (z, z, z, z);
+    let (mut c20, mut c21, mut c22, mut c23) = (z, z, z, z);
+    let (mut c30, mut c31, mut c32, mut c33) = (z, z, z, z);
+    for i in (0..full).step_by(TILE_LANES) {
+        let (x0, x1, x2, x3) = (ld(a0, i), ld(a1, i), ld(a2, i), ld(a3, i));
+        let y = ld(b0, i);
+        (c00, c10, c20, c30) = (
+            madd(c00, x0, y),
+            madd(c10, x1, y),
+            madd(c20, x2, y),
+            madd(c30, x3, y),
+        );
+        let y = ld(b1, i);
+        (c01, c11, c21, c31) = (
+            madd(c01, x0, y),
+            madd(c11, x1, y),
+            madd(c21, x2, y),
+            madd(c31, x3, y),
+        );
+        let y = ld(b2, i);
+        (c02, c12, c22, c32) = (
+            madd(c02, x0, y),
+            madd(c12, x1, y),
+            madd(c22, x2, y),
+            madd(c32, x3, y),
+        );
+        let y = ld(b3, i);
+        (c03, c13, c23, c33) = (
+            madd(c03, x0, y),
+            madd(c13, x1, y),
+            madd(c23, x2, y),
+            madd(c33, x3, y),
+        );
+    }
+    [
+        [c00, c01, c02, c03],
+        [c10, c11, c12, c13],
+        [c20, c21, c22, c23],
+        [c30, c31, c32, c33],
+    ]
 }
+
+/// 8 coordinates of `s` from `i`, widened.
+#[inline(always)]
+fn tile_load(s: &[f32], i: usize) -> [f64; TILE_LANES] {
+    let v: &[f32; TILE_LANES] = s[i..i + TILE_LANES].try_into().expect("a lane group");
+    v.map(f64::from)
+}
+
+/// `acc + x y` per lane; fused where `FMA` (see [`tile_2x4`]: the same bits).
+#[inline(always)]
+fn tile_madd<const FMA: bool>(
+    acc: [f64; TILE_LANES],
+    x: [f64; TILE_LANES],
+    y: [f64; TILE_LANES],
+) -> [f64; TILE_LANES] {
+    let mut out = acc;
+    for k in 0..TILE_LANES {
+        out[k] = if FMA {
+            x[k].mul_add(y[k], out[k])
+        } else {
+            out[k] + x[k] * y[k]
+        };
+    }
+    out
+}
+
+/// Coordinates per tile pass of [`gram`]: 8 KB of f32 per input (a tile
+/// reads 6 or 8 of them; all 64 inputs' pieces are 512 KB, within L2).
+/// 1,024 and 4,096 were the same within the run-to-run noise at 10, 16
+/// and 64 inputs (18-19, 31-32 and 212-221 ms).
+const GRAM_SUB: usize = 2048;
 
 /// Update counts up to this are sorted per coordinate by a compare-exchange
 /// network over blocks of coordinates (vectorized min/max, no branches);
@@ -700,6 +758,45 @@ mod tests {
             );
             let each = x.map(|x| sq_dist_f64(x, &one).to_bits());
             assert_eq!(sq_dist_f64_x4(x, &one).map(f64::to_bits), each, "len {len}");
+        }
+    }
+
+    #[test]
+    fn every_tile_shape_with_or_without_fma_gives_the_same_bits() {
+        for n in 1..=13usize {
+            for len in [1usize, 8, 13, 300] {
+                let xs: Vec<Vec<f32>> = (0..n)
+                    .map(|k| {
+                        (0..len)
+                            .map(|i| ((i * (k + 3) * 2_654_435_761) % 7_919) as f32 / 77.0 - 50.0)
+                            .collect()
+                    })
+                    .collect();
+                let rows: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+                let run = |f: fn(&[&[f32]], &mut [f64])| {
+                    let mut part = vec![0.0f64; n * n];
+                    f(&rows, &mut part);
+                    part.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                let narrow = run(cover::<2, 4, false, Tile2x4>);
+                assert!(narrow.iter().any(|&b| b != 0), "n {n}, len {len}");
+                assert_eq!(
+                    run(cover::<2, 4, true, Tile2x4>),
+                    narrow,
+                    "n {n}, len {len}"
+                );
+                assert_eq!(
+                    run(cover::<4, 4, false, Tile4x4>),
+                    narrow,
+                    "n {n}, len {len}"
+                );
+                assert_eq!(
+                    run(cover::<4, 4, true, Tile4x4>),
+                    narrow,
+                    "n {n}, len {len}"
+                );
+                assert_eq!(run(gram_tiles), narrow, "n {n}, len {len}");
+            }
         }
     }
 
