@@ -144,7 +144,6 @@ pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
 }
 }
 
-simd! {
 /// `||a - b||^2` for the pairwise matrices (Krum, Bulyan, pre-aggregated
 /// distances), at a quarter of [`sq_dist_f32`]'s f64 work: each square is
 /// taken in f32 and 4 of them are summed per lane (16 lanes) in f32 before
@@ -154,22 +153,14 @@ simd! {
 /// f32 squares overflow (differences above about 9e18) is summed again in
 /// f64, and squares below f32's normal range (differences below 1e-19)
 /// lose at most 1.4e-45 each. It ranks distances, it does not locate a
-/// median.
+/// median. Not built for AVX-512 (multiversion's own list): LLVM
+/// scalarized this loop there, 2.6x slower than the AVX2 version.
+#[multiversion(targets = "simd")]
 fn sq_dist_ranked(a: &[f32], b: &[f32]) -> f64 {
     ranked(a, [b])[0]
 }
-}
 
-simd! {
-/// [`sq_dist_ranked`] of `a` and four `b`s at once (the same bits as four
-/// calls: the same code): `a` is read once for four pairs.
-fn sq_dist_ranked_x4(a: &[f32], b: [&[f32]; 4]) -> [f64; 4] {
-    ranked(a, b)
-}
-}
-
-/// The body of [`sq_dist_ranked`] for `P` pairs sharing `a`, inlined into
-/// each multiversioned caller.
+/// The body of [`sq_dist_ranked`] for `P` pairs sharing `a`.
 #[inline(always)]
 fn ranked<const P: usize>(a: &[f32], b: [&[f32]; P]) -> [f64; P] {
     const RUN: usize = 4;
@@ -335,24 +326,69 @@ fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + 
     m
 }
 
-/// All pairwise squared distances as an `n x n` row-major matrix
-/// ([`sq_dist_ranked`]: within 2.4e-7 relatively of the f64-summed ones).
+/// All pairwise squared distances as an `n x n` row-major matrix, each
+/// within [`PAIR_RELATIVE`] of its exact value, relatively.
+///
+/// From the Gram matrix ([`gram`], one read of the data in tiles):
+/// `||a - b||^2 = G_aa + G_bb - 2 G_ab`. That difference cancels where two
+/// points are close compared with their norms, so each entry is kept only
+/// where the Gram matrix's rounding bound ([`gram_error`]) is within
+/// [`PAIR_RELATIVE`] of it; the others (close pairs, equal points) are
+/// summed again directly ([`sq_dist_ranked`]: within 2.4e-7). Updates that
+/// share a large common part (whole models rather than their changes) fall
+/// back pair by pair; deltas of the usual size never do. At n = 100 and 7M
+/// values Krum went from 1.2 s (4,950 direct distances) to the Gram
+/// matrix's 0.4-0.5 s (docs/benchmarks.md).
 pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
     let n = xs.len();
-    pairwise(xs, |r, part| {
-        for (i, out) in part.chunks_exact_mut(n).enumerate() {
-            let a = &xs[i][r.clone()];
-            let mut j = i + 1;
-            while j + 4 <= n {
-                let b = [0, 1, 2, 3].map(|k| &xs[j + k][r.clone()]);
-                out[j..j + 4].copy_from_slice(&sq_dist_ranked_x4(a, b));
-                j += 4;
-            }
-            for j in j..n {
-                out[j] = sq_dist_ranked(a, &xs[j][r.clone()]);
+    let len = xs.first().map_or(0, |x| x.len());
+    let g = gram(xs);
+    let bound = gram_error(len);
+    let mut m = vec![0.0; n * n];
+    let mut close = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let (gii, gjj) = (g[i * n + i], g[j * n + j]);
+            let v = (gii + gjj - 2.0 * g[i * n + j]).max(0.0);
+            // The entry's error is at most bound * (G_ii + G_jj).
+            if bound * (gii + gjj) <= PAIR_RELATIVE * v {
+                (m[i * n + j], m[j * n + i]) = (v, v);
+            } else {
+                close.push((i, j));
             }
         }
-    })
+    }
+    let exact: Vec<f64> = close
+        .par_iter()
+        .map(|&(i, j)| sq_dist_ranked(xs[i], xs[j]))
+        .collect();
+    for (&(i, j), v) in close.iter().zip(exact) {
+        (m[i * n + j], m[j * n + i]) = (v, v);
+    }
+    m
+}
+
+/// How far, relatively, an entry of [`pairwise_sq_dists`] may be from its
+/// exact value (the direct sums' own bound is 2.4e-7).
+const PAIR_RELATIVE: f64 = 2e-7;
+
+/// `c` such that `|G_ab + G_aa + ... - exact| <= c (G_aa + G_bb)` for
+/// `G_aa + G_bb - 2 G_ab` computed from [`gram`] over `len` coordinates.
+/// Each Gram entry is a sum of exact products in which every term passes
+/// through at most `m` roundings: a tile lane's [`GRAM_SUB`]` / 8` terms,
+/// the 8 lanes, the tail (at most 7), the sub-blocks of a chunk, and the
+/// chunks in order; so its error is at most `gamma(m) sum |x_a x_b|`
+/// (Higham's `gamma(m) = m u / (1 - m u)`, `u = 2^-53`), and
+/// `sum |x_a x_b| <= (G_aa + G_bb) / 2`. The three entries then contribute
+/// `2 gamma(m) (G_aa + G_bb)`, and the two additions and the doubling at
+/// most `3 u (G_aa + G_bb)` more (everything is bounded by `G_aa + G_bb`
+/// there).
+fn gram_error(len: usize) -> f64 {
+    let u = f64::EPSILON / 2.0;
+    let m = (GRAM_SUB / TILE_LANES + TILE_LANES + TILE_LANES + CHUNK / GRAM_SUB + len / CHUNK + 2)
+        as f64;
+    let gamma = m * u / (1.0 - m * u);
+    2.0 * gamma + 3.0 * u
 }
 
 /// The Gram matrix `G_ij = x_i . x_j`, accumulated in f64 (each product of
@@ -801,6 +837,48 @@ mod tests {
     }
 
     #[test]
+    fn pairwise_distances_are_summed_directly_where_the_gram_matrix_cancels() {
+        // Five points sharing a large common part (as whole models would),
+        // two of them equal, and one far away: the close pairs' Gram
+        // differences lose most of their digits, the far pairs' do not.
+        let len = 3 * CHUNK + 11;
+        let xs: Vec<Vec<f32>> = (0..6)
+            .map(|k| {
+                (0..len)
+                    .map(|i| {
+                        let noise = (((i * (k.min(3) + 1) * 2_654_435_761) % 17) as f32) * 1e-4;
+                        if k == 5 { -3e3 - noise } else { 1e3 + noise }
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let m = pairwise_sq_dists(&refs);
+        let g = gram(&refs);
+        let mut cancelled = 0;
+        for i in 0..6 {
+            assert_eq!(m[i * 6 + i], 0.0);
+            for j in 0..6 {
+                assert_eq!(m[i * 6 + j].to_bits(), m[j * 6 + i].to_bits());
+                let e = sq_dist_f32(refs[i], refs[j]);
+                assert!(
+                    (m[i * 6 + j] - e).abs() <= 2.4e-7 * e,
+                    "{i}, {j}: {} vs {e}",
+                    m[i * 6 + j]
+                );
+                let from_gram = g[i * 6 + i] + g[j * 6 + j] - 2.0 * g[i * 6 + j];
+                if (from_gram - e).abs() > 2.4e-7 * e {
+                    cancelled += 1;
+                }
+            }
+        }
+        // The test is only worth something if the Gram differences alone
+        // would have failed it for the close pairs.
+        assert!(cancelled >= 2 * 6, "{cancelled} pairs cancelled");
+        assert_eq!(m[4 * 6 + 3], 0.0, "points 3 and 4 are equal");
+    }
+
+    #[test]
     fn tiled_gram_matches_the_f64_dot_products_for_every_count_and_tail() {
         for n in 1..=17usize {
             for len in [0usize, 1, 3, 4, 5, 1001, CHUNK + 6] {
@@ -863,21 +941,6 @@ mod tests {
         );
         // Identical rows are exactly 0 apart.
         assert_eq!(sq_dist_ranked(&big, &big), 0.0);
-        // Four at once: the same bits as one at a time.
-        let rows: Vec<Vec<f32>> = (0..5)
-            .map(|k| {
-                (0..1003)
-                    .map(|i| ((i * (k + 2)) % 101) as f32 * 0.37 - 9.0)
-                    .collect()
-            })
-            .collect();
-        let four = sq_dist_ranked_x4(&rows[0], [1, 2, 3, 4].map(|k| rows[k].as_slice()));
-        for k in 0..4 {
-            assert_eq!(
-                four[k].to_bits(),
-                sq_dist_ranked(&rows[0], &rows[k + 1]).to_bits()
-            );
-        }
         // The matrix: symmetric, zero diagonal, each entry its pair's.
         let xs: Vec<Vec<f32>> = (0..6)
             .map(|k| {
