@@ -610,11 +610,13 @@ impl GramWeiszfeld {
 /// Up to this many points, [`Method::Auto`] iterates on the Gram matrix.
 /// Forming it costs `n (n + 1) / 2` dot products over the data (in tiles,
 /// one read of the data; compute-bound from about 10 points), after which
-/// iterations are free; each direct iteration reads the data twice in f64.
-/// Measured at 7M values (docs/benchmarks.md, "The geometric median's Gram
-/// matrix in tiles"): the Gram matrix path is 2.8x FedAvg at 3 points,
-/// 4.1-4.5x at 10 and 16, 6.9x at 32 and 14x at 64 (the direct passes:
-/// 17-19x), 20x at 100 (passes: 16x).
+/// iterations are free; each direct iteration reads the data once from
+/// memory and once from cache. Measured at 7M values on a CPU with AVX-512
+/// (docs/benchmarks.md, "AVX-512, four inputs per load, and Krum from the
+/// Gram matrix"): the Gram matrix path is 1.9x FedAvg at 3 points,
+/// 2.6-3.1x at 10 and 16, 3.6x at 32 and 5.3x at 64 (the direct passes:
+/// 7.5-8.6x), 8.7x at 100 (passes: 8.9x); without AVX-512 its multiplies
+/// cost twice as much, the passes about the same.
 pub const GRAM_MAX_POINTS: usize = 64;
 
 /// How the Weiszfeld iterate is held.
