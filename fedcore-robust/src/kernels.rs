@@ -326,8 +326,9 @@ fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + 
     m
 }
 
-/// All pairwise squared distances as an `n x n` row-major matrix, each
-/// within [`PAIR_RELATIVE`] of its exact value, relatively.
+/// All pairwise squared distances as an `n x n` row-major matrix: each
+/// within [`PAIR_RELATIVE`] of its exact value, relatively, or, where it
+/// was summed directly, within 2.4e-7 of [`sq_dist_f32`]'s.
 ///
 /// From the Gram matrix ([`gram`], one read of the data in tiles):
 /// `||a - b||^2 = G_aa + G_bb - 2 G_ab`. That difference cancels where two
@@ -336,9 +337,11 @@ fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + 
 /// [`PAIR_RELATIVE`] of it; the others (close pairs, equal points) are
 /// summed again directly ([`sq_dist_ranked`]: within 2.4e-7). Updates that
 /// share a large common part (whole models rather than their changes) fall
-/// back pair by pair; deltas of the usual size never do. At n = 100 and 7M
-/// values Krum went from 1.2 s (4,950 direct distances) to the Gram
-/// matrix's 0.4-0.5 s (docs/benchmarks.md).
+/// back pair by pair (still one chunked read of the data for all of them);
+/// deltas of the usual size never do. At n = 100 and 7M values Krum went
+/// from 1.2 s (4,950 direct distances) to 0.56-0.58 s (docs/benchmarks.md).
+/// A pair's value and whether it is summed again depend only on the Gram
+/// matrix's bits, which are the same on every instruction set.
 pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
     let n = xs.len();
     let len = xs.first().map_or(0, |x| x.len());
@@ -358,12 +361,19 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
             }
         }
     }
-    let exact: Vec<f64> = close
-        .par_iter()
-        .map(|&(i, j)| sq_dist_ranked(xs[i], xs[j]))
-        .collect();
-    for (&(i, j), v) in close.iter().zip(exact) {
-        (m[i * n + j], m[j * n + i]) = (v, v);
+    if close.is_empty() {
+        return m;
+    }
+    // Chunk by chunk, as the Gram matrix was read: every input once per
+    // chunk however many of its pairs are close (a pair at a time over the
+    // whole vectors read 56 MB per pair at 7M values).
+    let direct = pairwise(xs, |r, part| {
+        for &(i, j) in &close {
+            part[i * n + j] = sq_dist_ranked(&xs[i][r.clone()], &xs[j][r.clone()]);
+        }
+    });
+    for &(i, j) in &close {
+        (m[i * n + j], m[j * n + i]) = (direct[i * n + j], direct[i * n + j]);
     }
     m
 }
@@ -419,7 +429,9 @@ simd! {
 /// 72: 21-22 against 19 ms for the geometric median; at 16, 160 each:
 /// 32 against 33 ms.)
 fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
-    const FMA: bool = multiversion::target::selected_target!().supports_feature_str("fma");
+    // Fused multiply-adds are part of every aarch64 CPU.
+    const FMA: bool = multiversion::target::selected_target!().supports_feature_str("fma")
+        || cfg!(target_arch = "aarch64");
     let n = rows.len();
     if multiversion::target::selected_target!().supports_feature_str("avx512f")
         && tiled_products(n, 4) <= tiled_products(n, 2)
@@ -860,7 +872,12 @@ mod tests {
             assert_eq!(m[i * 6 + i], 0.0);
             for j in 0..6 {
                 assert_eq!(m[i * 6 + j].to_bits(), m[j * 6 + i].to_bits());
-                let e = sq_dist_f32(refs[i], refs[j]);
+                // Exact differences (f32 differences in f64 are exact here).
+                let e: f64 = refs[i]
+                    .iter()
+                    .zip(refs[j])
+                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                    .sum();
                 assert!(
                     (m[i * 6 + j] - e).abs() <= 2.4e-7 * e,
                     "{i}, {j}: {} vs {e}",
@@ -875,6 +892,11 @@ mod tests {
         // The test is only worth something if the Gram differences alone
         // would have failed it for the close pairs.
         assert!(cancelled >= 2 * 6, "{cancelled} pairs cancelled");
+        // The far pairs are not summed again: they are the Gram matrix's.
+        for i in 0..5 {
+            let from_gram = (g[i * 6 + i] + g[5 * 6 + 5] - 2.0 * g[i * 6 + 5]).max(0.0);
+            assert_eq!(m[i * 6 + 5].to_bits(), from_gram.to_bits(), "{i}, 5");
+        }
         assert_eq!(m[4 * 6 + 3], 0.0, "points 3 and 4 are equal");
     }
 
