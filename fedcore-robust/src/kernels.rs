@@ -420,14 +420,17 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
 
 simd! {
 /// Adds the upper triangle of the Gram matrix of `rows` (of one length)
-/// to `part` (`n x n`, row-major), by tiles of 4 rows by 4 columns
-/// ([`tile_4x4`]: 16 accumulators of one 512-bit register each, of 32)
-/// with AVX-512 where they compute no more products than tiles of 2 rows
-/// by 4 columns ([`tile_2x4`]), and by those otherwise. The tile's shape
-/// changes which products share a load, not how any sum is formed: the
-/// same bits either way. (At n = 10, 4 x 4 tiles compute 96 products for
-/// 72: 21-22 against 19 ms for the geometric median; at 16, 160 each:
-/// 32 against 33 ms.)
+/// to `part` (`n x n`, row-major). With AVX-512, by tiles of 4 rows by 4
+/// columns ([`tile_4x4`]: 16 accumulators of one 512-bit register each, of
+/// 32) where they compute no more products than tiles of 2 rows by 4
+/// columns ([`tile_2x4`]), and by those otherwise: at n = 10, 4 x 4 tiles
+/// compute 96 products for 72, 21-22 against 19 ms for the geometric
+/// median; at 16, 160 each, 32 against 33 ms. Without AVX-512, by tiles of
+/// 1 row by 4 columns ([`tile_1x4`]): 2 x 4 tiles' 8 accumulators of 8
+/// lanes fill AVX2's 16 registers, and their spills made the geometric
+/// median at n = 64 take 600-617 ms against 403-408 (27-28 against 32-34
+/// at n = 10). The tile's shape changes which products share a load, not
+/// how any sum is formed: the same bits either way.
 fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
     // Fused multiply-adds are part of every aarch64 CPU.
     const FMA: bool = multiversion::target::selected_target!().supports_feature_str("fma")
@@ -437,8 +440,10 @@ fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
         && tiled_products(n, 4) <= tiled_products(n, 2)
     {
         cover::<4, 4, FMA, Tile4x4>(rows, part);
-    } else {
+    } else if multiversion::target::selected_target!().supports_feature_str("avx512f") {
         cover::<2, 4, FMA, Tile2x4>(rows, part);
+    } else {
+        cover::<1, 4, FMA, Tile1x4>(rows, part);
     }
 }
 }
@@ -605,6 +610,41 @@ fn tile_4x4<const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[[f64; TILE_LAN
         [c20, c21, c22, c23],
         [c30, c31, c32, c33],
     ]
+}
+
+/// [`tile_2x4`] for 1 row: 4 accumulators, which without AVX-512 (two
+/// 256-bit registers each, of 16) leave room for the loads.
+#[inline(always)]
+fn tile_1x4<const FMA: bool>(a: [&[f32]; 1], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 1] {
+    type V = [f64; TILE_LANES];
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
+    let full = a[0].len();
+    let [a0] = a.map(|x| &x[..full]);
+    let [b0, b1, b2, b3] = b.map(|y| &y[..full]);
+    let z: V = [0.0; TILE_LANES];
+    let (mut c00, mut c01, mut c02, mut c03) = (z, z, z, z);
+    for i in (0..full).step_by(TILE_LANES) {
+        let x0 = ld(a0, i);
+        let y = ld(b0, i);
+        c00 = madd(c00, x0, y);
+        let y = ld(b1, i);
+        c01 = madd(c01, x0, y);
+        let y = ld(b2, i);
+        c02 = madd(c02, x0, y);
+        let y = ld(b3, i);
+        c03 = madd(c03, x0, y);
+    }
+    [[c00, c01, c02, c03]]
+}
+
+/// [`tile_1x4`].
+struct Tile1x4;
+
+impl Tile<1, 4> for Tile1x4 {
+    #[inline(always)]
+    fn products<const FMA: bool>(a: [&[f32]; 1], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 1] {
+        tile_1x4::<FMA>(a, b)
+    }
 }
 
 /// 8 coordinates of `s` from `i`, widened.
@@ -830,6 +870,11 @@ mod tests {
                 assert!(narrow.iter().any(|&b| b != 0), "n {n}, len {len}");
                 assert_eq!(
                     run(cover::<2, 4, true, Tile2x4>),
+                    narrow,
+                    "n {n}, len {len}"
+                );
+                assert_eq!(
+                    run(cover::<1, 4, false, Tile1x4>),
                     narrow,
                     "n {n}, len {len}"
                 );
