@@ -157,46 +157,32 @@ pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
 /// scalarized this loop there, 2.6x slower than the AVX2 version.
 #[multiversion(targets = "simd")]
 fn sq_dist_ranked(a: &[f32], b: &[f32]) -> f64 {
-    ranked(a, [b])[0]
-}
-
-/// The body of [`sq_dist_ranked`] for `P` pairs sharing `a`.
-#[inline(always)]
-fn ranked<const P: usize>(a: &[f32], b: [&[f32]; P]) -> [f64; P] {
     const RUN: usize = 4;
     const W: usize = 16;
     const BLOCK: usize = RUN * W;
-    let mut acc = [[0.0f64; W]; P];
+    let mut acc = [0.0f64; W];
     let full = a.len() / BLOCK * BLOCK;
     for start in (0..full).step_by(BLOCK) {
         let x: &[f32; BLOCK] = a[start..start + BLOCK].try_into().expect("a block");
-        let ys: [&[f32; BLOCK]; P] =
-            b.map(|y| y[start..start + BLOCK].try_into().expect("a block"));
-        let mut run = [[0.0f32; W]; P];
+        let y: &[f32; BLOCK] = b[start..start + BLOCK].try_into().expect("a block");
+        let mut run = [0.0f32; W];
         for r in 0..RUN {
-            for (run, y) in run.iter_mut().zip(&ys) {
-                for k in 0..W {
-                    let d = x[r * W + k] - y[r * W + k];
-                    run[k] += d * d;
-                }
-            }
-        }
-        for (acc, run) in acc.iter_mut().zip(&run) {
             for k in 0..W {
-                acc[k] += f64::from(run[k]);
+                let d = x[r * W + k] - y[r * W + k];
+                run[k] += d * d;
             }
         }
-    }
-    let mut out = [0.0; P];
-    for (p, o) in out.iter_mut().enumerate() {
-        *o = acc[p].iter().sum::<f64>() + sq_dist_f32(&a[full..], &b[p][full..]);
-        if *o == f64::INFINITY {
-            // An f32 square overflowed (or the inputs hold inf): the pair in
-            // f64, as the geometric median sums it.
-            *o = sq_dist_f32(a, b[p]);
+        for k in 0..W {
+            acc[k] += f64::from(run[k]);
         }
     }
-    out
+    let sum = acc.iter().sum::<f64>() + sq_dist_f32(&a[full..], &b[full..]);
+    if sum == f64::INFINITY {
+        // An f32 square overflowed (or the inputs hold inf): the pair in
+        // f64, as the geometric median sums it.
+        return sq_dist_f32(a, b);
+    }
+    sum
 }
 
 simd! {
