@@ -153,8 +153,11 @@ pub(crate) fn sq_dist_f32(a: &[f32], b: &[f32]) -> f64 {
 /// f32 squares overflow (differences above about 9e18) is summed again in
 /// f64, and squares below f32's normal range (differences below 1e-19)
 /// lose at most 1.4e-45 each. It ranks distances, it does not locate a
-/// median. Not built for AVX-512 (multiversion's own list): LLVM
-/// scalarized this loop there, 2.6x slower than the AVX2 version.
+/// median. Built from multiversion's own list, without AVX-512: there
+/// LLVM scalarized the four-pair form this kernel had before the Gram
+/// matrix took over (2.6x slower than its AVX2 version); this one-pair
+/// form only serves the pairs the Gram matrix cannot, and was not
+/// measured there.
 #[multiversion(targets = "simd")]
 fn sq_dist_ranked(a: &[f32], b: &[f32]) -> f64 {
     const RUN: usize = 4;
@@ -368,8 +371,8 @@ pub(crate) fn pairwise_sq_dists(xs: &[&[f32]]) -> Vec<f64> {
 /// exact value (the direct sums' own bound is 2.4e-7).
 const PAIR_RELATIVE: f64 = 2e-7;
 
-/// `c` such that `|G_ab + G_aa + ... - exact| <= c (G_aa + G_bb)` for
-/// `G_aa + G_bb - 2 G_ab` computed from [`gram`] over `len` coordinates.
+/// `c` such that `G_aa + G_bb - 2 G_ab`, computed from [`gram`] over `len`
+/// coordinates, is within `c (G_aa + G_bb)` of its exact value.
 /// Each Gram entry is a sum of exact products in which every term passes
 /// through at most `m` roundings: a tile lane's [`GRAM_SUB`]` / 8` terms,
 /// the 8 lanes, the tail (at most 7), the sub-blocks of a chunk, and the
@@ -421,12 +424,11 @@ fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
     // Fused multiply-adds are part of every aarch64 CPU.
     const FMA: bool = multiversion::target::selected_target!().supports_feature_str("fma")
         || cfg!(target_arch = "aarch64");
+    const AVX512: bool = multiversion::target::selected_target!().supports_feature_str("avx512f");
     let n = rows.len();
-    if multiversion::target::selected_target!().supports_feature_str("avx512f")
-        && tiled_products(n, 4) <= tiled_products(n, 2)
-    {
+    if AVX512 && tiled_products(n, 4) <= tiled_products(n, 2) {
         cover::<4, 4, FMA, Tile4x4>(rows, part);
-    } else if multiversion::target::selected_target!().supports_feature_str("avx512f") {
+    } else if AVX512 {
         cover::<2, 4, FMA, Tile2x4>(rows, part);
     } else {
         cover::<1, 4, FMA, Tile1x4>(rows, part);
