@@ -206,13 +206,8 @@ fn sq_dist_f64_x4(x: [&[f32]; 4], z: &[f64]) -> [f64; 4] {
     let acc = sq_dist_f64_x4_lanes(x.map(|x| &x[..full]), &z[..full]);
     let mut out = [0.0; 4];
     for (p, o) in out.iter_mut().enumerate() {
-        let tail: f64 = (full..len)
-            .map(|k| {
-                let d = f64::from(x[p][k]) - z[k];
-                d * d
-            })
-            .sum();
-        *o = acc[p].iter().sum::<f64>() + tail;
+        // Under 8 coordinates `sq_dist_f64` is its own tail sum, exactly.
+        *o = acc[p].iter().sum::<f64>() + sq_dist_f64(&x[p][full..len], &z[full..]);
     }
     out
 }
