@@ -208,7 +208,10 @@ try {
   const waitStatus = async (id, want, ms = 300_000) => {
     await page.waitForSelector(`#runs-table tr[data-job="${id}"][data-status="${want}"]`, { timeout: ms });
   };
-  const MNIST_ROUNDS = 20;
+  // Long enough that the run is still going when the stop button is
+  // pressed: with 20 a CI run saw rounds 1, 4 and 9 on the chart and the
+  // job finished before the runs page showed its stop button.
+  const MNIST_ROUNDS = 40;
   const a = await startJob(MNIST_ROUNDS, false);
   await snap("runs-queued");
   await page.goto(`${base}/app#/training/${a}`);
