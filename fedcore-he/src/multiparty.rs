@@ -1331,7 +1331,8 @@ impl Roster {
             .map(|i| i as u64 + 1)
     }
 
-    fn transport(&self, party: u32) -> Option<[u8; 32]> {
+    /// The transport key of `party`, if it is a member.
+    pub fn transport(&self, party: u32) -> Option<[u8; 32]> {
         self.members.iter().find(|m| m.0 == party).map(|m| m.1)
     }
 

@@ -106,6 +106,67 @@ fn http_raw(
     (status, body)
 }
 
+/// Runs `hospital` with `args` to its end: (success, stdout and stderr).
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `cp -a from into`: a file or a folder, as an operator copies it.
+fn copy_into(from: &std::path::Path, into: &std::path::Path) {
+    let copied = Command::new("cp")
+        .arg("-a")
+        .args([from, into])
+        .status()
+        .unwrap();
+    assert!(
+        copied.success(),
+        "cp -a {} {}",
+        from.display(),
+        into.display()
+    );
+}
+
+/// `hospital server` on 127.0.0.1 with the small model for one round,
+/// starting with `min_clients` hospitals, and the lines it prints.
+fn small_server(
+    kit: &str,
+    run_dir: &std::path::Path,
+    min_clients: &str,
+) -> (Killed, mpsc::Receiver<String>) {
+    let mut server = Killed(
+        Command::new(BIN)
+            .args(["server", "--kit", kit])
+            .args(["--listen", "127.0.0.1:0", "--rounds", "1"])
+            .args(["--min-clients", min_clients, "--start-with", min_clients])
+            .args(["--batch-size", "8", "--run-dir", run_dir.to_str().unwrap()])
+            .args(["--image-size", "32", "--public-patients", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = lines_of(&mut server);
+    (server, lines)
+}
+
+/// `hospital client` with the small model, its data in `work`.
+fn small_client(kit: &str, addr: &str, work: &std::path::Path) -> Killed {
+    Killed(
+        Command::new(BIN)
+            .args(["client", "--kit", kit, "--server", addr])
+            .args(["--image-size", "32", "--patients", "16", "--dp", "off"])
+            .args(["--work-dir", work.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -136,11 +197,7 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
     // Where the project CA is kept (not on the server): a copy made now,
     // which issues hospital-2's new certificate later.
     let offline = tmp.path().join("offline");
-    let copied = Command::new("cp")
-        .args(["-a", project.to_str().unwrap(), offline.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    copy_into(&project, &offline);
 
     let run = tmp.path().join("server-run");
     let mut server = Killed(
@@ -719,14 +776,6 @@ fn encrypt_all_is_refused_with_dp_at_a_hospital_and_with_krum_at_the_server() {
 fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     let tmp = tempfile::tempdir().unwrap();
     let project = tmp.path().join("project");
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
     let kit = |h: &str| project.join(h).to_str().unwrap().to_owned();
     let work = tmp.path().join("work").to_str().unwrap().to_owned();
     let (ok, said) = run(&[
@@ -779,11 +828,7 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
         std::fs::write(shares.join(format!("{h}.bin")), share).unwrap();
     }
     for h in ["hospital-1", "hospital-2"] {
-        let copied = Command::new("cp")
-            .args(["-a", shares.to_str().unwrap(), &kit(h)])
-            .status()
-            .unwrap();
-        assert!(copied.success());
+        copy_into(&shares, &project.join(h));
     }
     let run_dir = tmp.path().join("server-run");
     let server_refuses = |extra: &[&str], says: &str| {
@@ -813,19 +858,7 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     )
     .unwrap();
 
-    let mut server = Killed(
-        Command::new(BIN)
-            .args(["server", "--kit", &kit("server")])
-            .args(["--listen", "127.0.0.1:0", "--rounds", "1"])
-            .args(["--min-clients", "2", "--start-with", "2"])
-            .args(["--batch-size", "8", "--run-dir", run_dir.to_str().unwrap()])
-            .args(["--image-size", "32", "--public-patients", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = lines_of(&mut server);
+    let (_server, lines) = small_server(&kit("server"), &run_dir, "2");
     let mut printed = Vec::new();
     let next = |printed: &mut Vec<String>| {
         let l = lines.recv_timeout(Duration::from_secs(600)).unwrap();
@@ -846,18 +879,7 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     };
     let mut sites: Vec<Killed> = ["hospital-1", "hospital-2"]
         .iter()
-        .map(|h| {
-            Killed(
-                Command::new(BIN)
-                    .args(["client", "--kit", &kit(h), "--server", &addr])
-                    .args(["--image-size", "32", "--patients", "16", "--dp", "off"])
-                    .args(["--work-dir", tmp.path().join(h).to_str().unwrap()])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
+        .map(|h| small_client(&kit(h), &addr, &tmp.path().join(h)))
         .collect();
     let site_lines: Vec<_> = sites.iter_mut().map(lines_of).collect();
     let finished = loop {
@@ -922,13 +944,197 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     std::fs::copy(project.join("hospital-1/he-keyshare.bin"), &mine).unwrap();
     client_refuses("a share of party 1, where hospital-2 is party 2");
     let impostor = tmp.path().join("impostor");
-    let copied = Command::new("cp")
-        .args(["-a", &kit("hospital-2"), impostor.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    copy_into(&project.join("hospital-2"), &impostor);
     std::fs::remove_file(impostor.join("he-party.key")).unwrap();
     assert!(run(&["keygen", "--kit", impostor.to_str().unwrap()]).0);
     std::fs::copy(impostor.join("he-keyshare.bin"), &mine).unwrap();
     client_refuses("is not this hospital's key share");
+}
+
+/// Threshold multiparty keys made as a deployment makes them: provisioned
+/// 2 of 3, each hospital's key share and transport key carried to every
+/// kit, each hospital dealing its secret once (a second `keygen` keeps the
+/// deals), the deals carried to their recipients, and every kit showing one
+/// roster. A round then completes with two hospitals while the third never
+/// comes. A deal that does not open, or a transport key under a
+/// hospital's name that is not its own, is refused.
+#[test]
+fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let kit = |h: &str| project.join(h).to_str().unwrap().to_owned();
+    let sites = ["hospital-1", "hospital-2", "hospital-3"];
+    let provision = |threshold: &str| {
+        run(&[
+            "provision",
+            "--out",
+            project.to_str().unwrap(),
+            "--hospitals",
+            "3",
+            "--port",
+            "1",
+            "--keys",
+            "multiparty",
+            "--threshold",
+            threshold,
+        ])
+    };
+    // A threshold of 1 would let any hospital open every upload.
+    let (ok, said) = provision("1");
+    assert!(
+        !ok && said.contains("between 2 and the 3 hospitals"),
+        "{said}"
+    );
+    let (ok, said) = provision("2");
+    assert!(ok, "{said}");
+    let server = project.join("server");
+    for h in sites {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(ok && said.contains("run keygen again to deal"), "{said}");
+        std::fs::copy(
+            project.join(h).join("he-keyshare.bin"),
+            server.join(format!("he-keyshares/{h}.bin")),
+        )
+        .unwrap();
+        std::fs::copy(
+            project.join(h).join("he-transport.bin"),
+            server.join(format!("he-transport/{h}.bin")),
+        )
+        .unwrap();
+    }
+    let mut fingerprints = Vec::new();
+    for h in sites {
+        copy_into(&server.join("he-keyshares"), &project.join(h));
+        copy_into(&server.join("he-transport"), &project.join(h));
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(ok && said.contains("deals made"), "{said}");
+        let fingerprint = said
+            .lines()
+            .find_map(|l| l.strip_prefix("roster "))
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .to_owned();
+        fingerprints.push(fingerprint);
+        // Asked again, it keeps the deals it made (dealing twice for one
+        // roster would give keys that do not fit together).
+        let dealt = std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap();
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(ok && said.contains("made before, kept"), "{said}");
+        assert_eq!(
+            std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap(),
+            dealt
+        );
+    }
+    assert!(
+        fingerprints.iter().all(|f| *f == fingerprints[0]),
+        "{fingerprints:?}"
+    );
+    // The operator carries each deal to its recipient.
+    for dealer in sites {
+        for to in sites {
+            let into = project.join(to).join("he-deals");
+            std::fs::create_dir_all(&into).unwrap();
+            std::fs::copy(
+                project.join(dealer).join(format!("he-deals-out/{to}.bin")),
+                into.join(format!("{dealer}.bin")),
+            )
+            .unwrap();
+        }
+    }
+
+    let run_dir = tmp.path().join("server-run");
+    let (_server, lines) = small_server(&kit("server"), &run_dir, "2");
+    let mut printed = Vec::new();
+    let mut next = || {
+        let l = lines.recv_timeout(Duration::from_secs(600)).unwrap();
+        printed.push(l.clone());
+        l
+    };
+    let roster = format!(
+        "multiparty keys: threshold 2 of 3, roster {}",
+        fingerprints[0]
+    );
+    while next() != roster {}
+    let addr = loop {
+        if let Some(a) = next().strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    // hospital-3 never comes: two of three switch the round's sum.
+    let mut clients: Vec<Killed> = sites[..2]
+        .iter()
+        .map(|h| small_client(&kit(h), &addr, &tmp.path().join(h)))
+        .collect();
+    let client_lines: Vec<_> = clients.iter_mut().map(lines_of).collect();
+    let finished = loop {
+        let l = next();
+        if l.starts_with("round 1 ") && !l.starts_with("round 1 started") {
+            break l;
+        }
+    };
+    assert!(
+        finished.starts_with("round 1 completed: 2 updates"),
+        "{finished}"
+    );
+    loop {
+        if next().starts_with("run complete: 1 rounds") {
+            break;
+        }
+    }
+    for (h, lines) in sites.iter().zip(client_lines) {
+        let mut said = Vec::new();
+        loop {
+            let l = lines.recv_timeout(Duration::from_secs(300)).unwrap();
+            if l.ends_with("the run is complete") {
+                break;
+            }
+            said.push(l);
+        }
+        let roster = format!("{h}: threshold 2, roster {}", fingerprints[0]);
+        assert!(said.contains(&roster), "{said:?}");
+    }
+    drop(clients);
+
+    // hospital-3's kit, tampered: a deal that does not open, then a
+    // transport key under its name that is hospital-1's.
+    let work = tmp.path().join("refused");
+    let client_refuses = |says: &str| {
+        let (ok, said) = run(&[
+            "client",
+            "--kit",
+            &kit("hospital-3"),
+            "--server",
+            &addr,
+            "--work-dir",
+            work.to_str().unwrap(),
+        ]);
+        assert!(!ok && said.contains(says), "{said}");
+        assert!(!work.exists(), "refused before touching any data");
+    };
+    let deal = project.join("hospital-3/he-deals/hospital-2.bin");
+    let good = std::fs::read(&deal).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&deal, &bad).unwrap();
+    client_refuses("the deal from party 2 does not open");
+    std::fs::copy(
+        project.join("hospital-1/he-deals-out/hospital-3.bin"),
+        &deal,
+    )
+    .unwrap();
+    client_refuses("a deal from party 1 to party 3, where hospital-2 is party 2");
+    std::fs::write(&deal, &good).unwrap();
+    std::fs::copy(
+        project.join("hospital-1/he-transport.bin"),
+        project.join("hospital-3/he-transport/hospital-3.bin"),
+    )
+    .unwrap();
+    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-3")]);
+    assert!(
+        !ok && said.contains("is not this hospital's transport key"),
+        "{said}"
+    );
 }

@@ -65,6 +65,11 @@ pub struct ProvisionArgs {
     /// `hospital keygen` (docs/he.md "In the hospital app").
     #[arg(long, value_enum, default_value_t = HeKeys::Single)]
     pub keys: HeKeys,
+    /// With multiparty keys: any this many hospitals (at least 2) switch a
+    /// round's sum, so a round completes when the others drop out
+    /// (default: every hospital, N-of-N).
+    #[arg(long)]
+    pub threshold: Option<usize>,
 }
 
 /// `hospital keygen`.
@@ -224,6 +229,12 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
     if a.hospitals == 0 {
         bail!("--hospitals must be at least 1");
     }
+    if a.threshold.is_some() && (a.keys != HeKeys::Multiparty || !a.he) {
+        bail!("--threshold applies to --keys multiparty");
+    }
+    if let Some(t) = a.threshold {
+        crate::he_keys::check_threshold(t, a.hospitals)?;
+    }
     let sites: Vec<String> = (0..a.hospitals).map(hospital).collect();
     let spec = ProjectSpec {
         server_hosts: a.hosts.clone(),
@@ -248,7 +259,7 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
                 .iter()
                 .map(|s| (s.clone(), project.site_kit(s)))
                 .collect();
-            crate::he_keys::kit::provision(&project.server_kit(), &kits)?;
+            crate::he_keys::kit::provision(&project.server_kit(), &kits, a.threshold)?;
             println!(
                 "CKKS multiparty keys: each hospital runs `hospital keygen --kit <its kit>` and sends its {}; \
                  put them in server/{}/<site>.bin, then copy those files into the same folder of every \
@@ -256,6 +267,18 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
                 crate::he_keys::kit::KEYSHARE_FILE,
                 crate::he_keys::kit::KEYSHARES_DIR
             );
+            if let Some(t) = a.threshold {
+                println!(
+                    "threshold {t} of {}: each hospital's {} goes the same way, into {}/<site>.bin; \
+                     then each runs `hospital keygen` again to deal, and each {}/<site>.bin goes to \
+                     <site's kit>/{}/<dealer>.bin",
+                    a.hospitals,
+                    crate::he_keys::kit::TRANSPORT_FILE,
+                    crate::he_keys::kit::TRANSPORT_DIR,
+                    crate::he_keys::kit::DEALS_OUT_DIR,
+                    crate::he_keys::kit::DEALS_DIR
+                );
+            }
         }
     }
     println!("keep ca/ offline; give each participant its own folder only");
@@ -265,12 +288,37 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
 /// Makes a hospital's secret share of multiparty keys (once) and writes its
 /// key share for the server's operator.
 pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
-    let share = crate::he_keys::kit::keygen(&a.kit)?;
+    use crate::he_keys::kit;
+    let made = kit::keygen(&a.kit)?;
     println!(
         "secret share in {} (keep it); key share in {}: send it to the server's operator",
-        a.kit.join(crate::he_keys::kit::PARTY_KEY_FILE).display(),
-        share.display()
+        a.kit.join(kit::PARTY_KEY_FILE).display(),
+        made.share.display()
     );
+    if let Some(transport) = &made.transport {
+        println!(
+            "transport key in {}: send it to the server's operator too",
+            transport.display()
+        );
+    }
+    match (&made.transport, &made.dealt) {
+        (Some(_), None) => println!(
+            "once every hospital's transport key is in {}/, run keygen again to deal",
+            a.kit.join(kit::TRANSPORT_DIR).display()
+        ),
+        (Some(_), Some((fingerprint, now))) => {
+            println!(
+                "roster {fingerprint}: compare it with the other hospitals (not only with the operator)"
+            );
+            println!(
+                "deals {} in {}: each <site>.bin goes to that site's kit as {}/<this site>.bin",
+                if *now { "made" } else { "made before, kept" },
+                a.kit.join(kit::DEALS_OUT_DIR).display(),
+                kit::DEALS_DIR
+            );
+        }
+        _ => {}
+    }
     Ok(())
 }
 
@@ -297,10 +345,31 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         }
         let (collective, parties) = crate::he_keys::kit::collective(&kit.dir)?;
         let roster = Roster::load(&kit.roster_path())?.active();
-        if let Some(gone) = parties.keys().find(|p| !roster.contains(&p.to_string())) {
+        let gone: Vec<String> = parties
+            .keys()
+            .filter(|p| !roster.contains(&p.to_string()))
+            .map(ToString::to_string)
+            .collect();
+        let needed = collective
+            .roster()
+            .map_or(parties.len(), fedcore_he::multiparty::Roster::threshold);
+        if parties.len() - gone.len() < needed {
             bail!(
-                "{gone} is a party of the collective key but has no valid certificate on the roster \
-                 (revoked?): every party must answer every round; make new keys without it"
+                "{} of the collective key's parties have no valid certificate on the roster (revoked?): \
+                 {} must answer every round; make new keys without them",
+                gone.join(", "),
+                if needed == parties.len() {
+                    "every party".to_owned()
+                } else {
+                    format!("{needed} parties")
+                }
+            );
+        }
+        if !gone.is_empty() {
+            println!(
+                "multiparty keys: {} have no valid certificate; the other {} switch the rounds",
+                gone.join(", "),
+                parties.len() - gone.len()
             );
         }
         println!(
@@ -308,6 +377,14 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
             key_id_hex(collective.context().key_id()),
             parties.len()
         );
+        if let Some(r) = collective.roster() {
+            println!(
+                "multiparty keys: threshold {} of {}, roster {}",
+                r.threshold(),
+                parties.len(),
+                r.fingerprint()
+            );
+        }
         Some((collective, parties))
     } else {
         None
@@ -611,14 +688,19 @@ where
     let identity = kit.info.identity.clone();
     let mut client = client;
     let secret_key = kit.dir.join(KeyAuthority::SECRET_FILE);
-    if let Some((sealer, switcher, id)) = multiparty {
+    if let Some(keys) = multiparty {
         // It uploads under the collective key, answers the key switch with
         // its share, and opens the global with the output key.
         println!(
             "{identity}: multiparty keys, collective key {}",
-            key_id_hex(id)
+            key_id_hex(keys.key_id)
         );
-        client = client.with_sealer(sealer).with_responder(switcher);
+        if let Some((t, fingerprint)) = &keys.roster {
+            println!("{identity}: threshold {t}, roster {fingerprint}");
+        }
+        client = client
+            .with_sealer(keys.sealer)
+            .with_responder(keys.switcher);
     } else if secret_key.exists() {
         // It seals what the server sends sealed (the head, or everything)
         // and, when it agreed to the encrypted geometric median, decrypts

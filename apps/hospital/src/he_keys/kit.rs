@@ -19,6 +19,18 @@
 //!   id: the hospitals compare it with each other (not only with the
 //!   operator, who carried the shares): equal ids mean one set of shares,
 //!   in which each hospital has found its own.
+//! - With a threshold (`provision --threshold T`, written to
+//!   `he-threshold.txt` in every kit), `keygen` also writes the hospital's
+//!   transport public key (`he-transport.bin`); the operator gathers those
+//!   into `he-transport/<site>.bin` of every kit, as the key shares. Run
+//!   again with them, `keygen` builds the roster (threshold, parties,
+//!   transport keys), prints its fingerprint (compared between the
+//!   hospitals, as the key id) and deals once: `he-deals-out/<site>.bin`,
+//!   one Shamir share of its secret for each member, sealed to that
+//!   member's transport key. The operator carries each to
+//!   `<that site's kit>/he-deals/<dealer>.bin`; at start a hospital opens
+//!   the deals addressed to it into its threshold key, and any `T`
+//!   hospitals then switch a round's sum.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +38,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use fedcore::ClientId;
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer};
-use fedcore_he::multiparty::{CollectiveKey, Crs, KeyShare, PartyKey};
+use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster as HeRoster};
 use fedcore_he::{CkksContext, CkksParams, KeyAuthority, Secret};
 
 use super::CRS_FILE;
@@ -44,15 +56,40 @@ pub const KEYSHARE_FILE: &str = "he-keyshare.bin";
 /// The largest key-share file read (a share at the multiparty parameters
 /// is 262 KB).
 const MAX_SHARE_FILE: u64 = 4 << 20;
+/// The threshold, written at provisioning with `--threshold` (public).
+const THRESHOLD_FILE: &str = "he-threshold.txt";
+/// A hospital's transport public key (X25519), written by `keygen` under a
+/// threshold: the others' deals to it are sealed to it.
+pub const TRANSPORT_FILE: &str = "he-transport.bin";
+/// Every hospital's transport key, one `<site>.bin` each.
+pub const TRANSPORT_DIR: &str = "he-transport";
+/// The deals a hospital made, one `<recipient site>.bin` each, and the
+/// fingerprint of the roster they were made for.
+pub const DEALS_OUT_DIR: &str = "he-deals-out";
+/// The deals addressed to a hospital, one `<dealer site>.bin` each.
+pub const DEALS_DIR: &str = "he-deals";
+/// In [`DEALS_OUT_DIR`]: the roster the deals were made for.
+const DEALT_FOR_FILE: &str = "roster-fingerprint.txt";
+/// The largest deal file read (a deal at the multiparty parameters is
+/// 197 KB).
+const MAX_DEAL_FILE: u64 = 4 << 20;
 
 /// Whether `kit` was provisioned for multiparty keys.
 pub fn is_multiparty(kit: &Path) -> bool {
     kit.join(CRS_FILE).exists()
 }
 
-/// Writes the output key, the seed and the party numbers into the kits
-/// (`sites`: each hospital's name and kit, party `i + 1` for the `i`-th).
-pub fn provision(server: &Path, sites: &[(String, PathBuf)]) -> Result<()> {
+/// Writes the output key, the seed, the party numbers and the threshold
+/// (if any) into the kits (`sites`: each hospital's name and kit, party
+/// `i + 1` for the `i`-th).
+pub fn provision(
+    server: &Path,
+    sites: &[(String, PathBuf)],
+    threshold: Option<usize>,
+) -> Result<()> {
+    if let Some(t) = threshold {
+        super::check_threshold(t, sites.len())?;
+    }
     // The key switch's smudging covers so many parties.
     let params = CkksParams::multiparty();
     let error = fedcore_he::multiparty::switch_error(&params, sites.len(), sites.len(), 1.0);
@@ -73,6 +110,9 @@ pub fn provision(server: &Path, sites: &[(String, PathBuf)]) -> Result<()> {
     for dir in std::iter::once(server).chain(kits.iter().map(PathBuf::as_path)) {
         write(&dir.join(CRS_FILE), &crs.bytes())?;
         write(&dir.join(PARTIES_FILE), list.as_bytes())?;
+        if let Some(t) = threshold {
+            write(&dir.join(THRESHOLD_FILE), format!("{t}\n").as_bytes())?;
+        }
     }
     for (i, (_, kit)) in sites.iter().enumerate() {
         write(
@@ -81,7 +121,24 @@ pub fn provision(server: &Path, sites: &[(String, PathBuf)]) -> Result<()> {
         )?;
     }
     std::fs::create_dir_all(server.join(KEYSHARES_DIR))?;
+    if threshold.is_some() {
+        std::fs::create_dir_all(server.join(TRANSPORT_DIR))?;
+    }
     Ok(())
+}
+
+/// The threshold provisioned in `kit`, if any.
+pub fn threshold(kit: &Path) -> Result<Option<usize>> {
+    let path = kit.join(THRESHOLD_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let t = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{}: not a threshold", path.display()))?;
+    Ok(Some(t))
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -97,10 +154,224 @@ fn crs(kit: &Path) -> Result<Crs> {
     Ok(Crs::new(seed))
 }
 
+/// The parties provisioning listed in `kit`: each site's number.
+pub fn parties(kit: &Path) -> Result<BTreeMap<ClientId, u32>> {
+    let path = kit.join(PARTIES_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let parsed = line
+            .split_once(' ')
+            .and_then(|(site, n)| Some((site, n.trim().parse::<u32>().ok()?)));
+        let Some((site, party)) = parsed else {
+            bail!("{}: `{line}` is not `<site> <party>`", path.display());
+        };
+        if out.insert(ClientId::new(site), party).is_some() {
+            bail!("{}: {site} is listed twice", path.display());
+        }
+    }
+    Ok(out)
+}
+
+/// The files of `kit/<folder>/`: exactly one `<site>.bin` per party listed
+/// at provisioning, each at most `max` bytes, by site (with its party). A
+/// file for a site that is not listed is refused: a key share of whoever
+/// made it would fold a secret of theirs into the collective key, and a
+/// transport key of theirs would let them open a deal. `what` names the
+/// files and `how` says how they get there, for the errors.
+fn per_site(
+    kit: &Path,
+    folder: &str,
+    max: u64,
+    what: &str,
+    how: &str,
+) -> Result<BTreeMap<ClientId, (u32, Vec<u8>)>> {
+    let listed = parties(kit)?;
+    let dir = kit.join(folder);
+    let mut out = BTreeMap::new();
+    let entries = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {} (one {what} <site>.bin each)", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let name = || format!("{}", path.display());
+        let meta = std::fs::symlink_metadata(&path).with_context(name)?;
+        let site = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".bin"))
+            .filter(|_| meta.is_file());
+        let Some(site) = site else {
+            bail!(
+                "{}: {folder}/ holds only files <site>.bin (copy the files, not their folder)",
+                path.display()
+            );
+        };
+        let Some(&party) = listed.get(&ClientId::new(site)) else {
+            bail!(
+                "{}: {site} is not a party provisioned in this kit",
+                path.display()
+            );
+        };
+        if meta.len() > max {
+            bail!("{}: {} bytes is not a {what}", path.display(), meta.len());
+        }
+        let bytes = std::fs::read(&path).with_context(name)?;
+        out.insert(ClientId::new(site), (party, bytes));
+    }
+    let missing: Vec<String> = listed
+        .keys()
+        .filter(|s| !out.contains_key(*s))
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} has no {what} of {}: {how}",
+            dir.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+/// The key shares in `kit/he-keyshares/`, one per listed party, of that
+/// party.
+fn shares(kit: &Path) -> Result<BTreeMap<ClientId, KeyShare>> {
+    let files = per_site(
+        kit,
+        KEYSHARES_DIR,
+        MAX_SHARE_FILE,
+        "key share",
+        "every hospital runs `hospital keygen` first",
+    )?;
+    let dir = kit.join(KEYSHARES_DIR);
+    let mut out = BTreeMap::new();
+    for (site, (party, bytes)) in files {
+        let path = dir.join(format!("{site}.bin"));
+        let share = KeyShare::from_bytes(&CkksParams::multiparty(), &bytes)
+            .with_context(|| format!("{}", path.display()))?;
+        if share.party() != party {
+            bail!(
+                "{}: a share of party {}, where {site} is party {party}",
+                path.display(),
+                share.party()
+            );
+        }
+        out.insert(site, share);
+    }
+    Ok(out)
+}
+
+/// The threshold roster of `kit` (threshold `t`): each listed party with
+/// the transport key in `kit/he-transport/<site>.bin`.
+fn roster(kit: &Path, t: usize) -> Result<HeRoster> {
+    let files = per_site(
+        kit,
+        TRANSPORT_DIR,
+        32,
+        "transport key",
+        "every hospital runs `hospital keygen` and sends its he-transport.bin",
+    )?;
+    let mut members = Vec::with_capacity(files.len());
+    for (site, (party, bytes)) in files {
+        let key: [u8; 32] = bytes.try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "{}/{site}.bin: not a 32-byte transport key",
+                kit.join(TRANSPORT_DIR).display()
+            )
+        })?;
+        members.push((party, key));
+    }
+    Ok(HeRoster::new(t, members)?)
+}
+
+/// The deals in `kit/he-deals/` addressed to `party`: one from every
+/// listed party, each from the party its file is named after.
+fn deals(kit: &Path, party: u32) -> Result<Vec<Deal>> {
+    let files = per_site(
+        kit,
+        DEALS_DIR,
+        MAX_DEAL_FILE,
+        "deal",
+        "every hospital deals (`hospital keygen` once every transport key is in its kit) and \
+         its he-deals-out/<this site>.bin is copied here as <dealer>.bin",
+    )?;
+    let dir = kit.join(DEALS_DIR);
+    let mut out = Vec::with_capacity(files.len());
+    for (site, (dealer, bytes)) in files {
+        let path = dir.join(format!("{site}.bin"));
+        let deal = Deal::from_bytes(&CkksParams::multiparty(), &bytes)
+            .with_context(|| format!("{}", path.display()))?;
+        if deal.dealer() != dealer || deal.recipient() != party {
+            bail!(
+                "{}: a deal from party {} to party {}, where {site} is party {dealer} and this hospital party {party}",
+                path.display(),
+                deal.dealer(),
+                deal.recipient()
+            );
+        }
+        out.push(deal);
+    }
+    Ok(out)
+}
+
+/// The collective key from `shares` (by site) of `kit`'s seed, with the
+/// kit's threshold roster if it has one, and each site's party.
+fn combine(
+    kit: &Path,
+    shares: BTreeMap<ClientId, KeyShare>,
+) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>)> {
+    let parties = shares
+        .iter()
+        .map(|(site, s)| (site.clone(), s.party()))
+        .collect();
+    let list: Vec<KeyShare> = shares.into_values().collect();
+    let mut collective = CollectiveKey::combine(&CkksParams::multiparty(), &crs(kit)?, &list)
+        .with_context(|| {
+            format!(
+                "combining the key shares in {}",
+                kit.join(KEYSHARES_DIR).display()
+            )
+        })?;
+    if let Some(t) = threshold(kit)? {
+        collective = collective.with_roster(roster(kit, t)?)?;
+    }
+    Ok((collective, parties))
+}
+
+/// The collective key from the key shares in `kit` (with its threshold
+/// roster) and each site's party.
+pub fn collective(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>)> {
+    combine(kit, shares(kit)?)
+}
+
+/// The site provisioned as `party` in `kit`.
+fn site_of(kit: &Path, party: u32) -> Result<ClientId> {
+    parties(kit)?
+        .into_iter()
+        .find(|(_, p)| *p == party)
+        .map(|(site, _)| site)
+        .with_context(|| format!("party {party} is not listed in {}", kit.display()))
+}
+
+/// What `keygen` wrote.
+#[derive(Debug)]
+pub struct Keygen {
+    /// The key share, for the server's operator.
+    pub share: PathBuf,
+    /// Under a threshold: the transport key, for the operator too.
+    pub transport: Option<PathBuf>,
+    /// Under a threshold, once every transport key is in the kit: the
+    /// roster's fingerprint, and whether the deals were made by this call
+    /// (false: by an earlier one, for the same roster).
+    pub dealt: Option<(String, bool)>,
+}
+
 /// `hospital keygen`: the hospital's secret share (made here once, read
-/// back after) and its key share, written to `he-keyshare.bin`; returns
-/// that file's path.
-pub fn keygen(kit: &Path) -> Result<PathBuf> {
+/// back after) and its key share, written to `he-keyshare.bin`. Under a
+/// threshold also its transport key, and, once every hospital's transport
+/// key is in `he-transport/`, its deals (made once per roster).
+pub fn keygen(kit: &Path) -> Result<Keygen> {
     if !is_multiparty(kit) {
         bail!(
             "{} was not provisioned for multiparty keys (no {CRS_FILE}; `hospital provision --keys multiparty`)",
@@ -137,129 +408,112 @@ pub fn keygen(kit: &Path) -> Result<PathBuf> {
     // The same share for the same secret and seed: writing it again is safe.
     let share = kit.join(KEYSHARE_FILE);
     write(&share, &key.key_share(&crs(kit)?)?.to_bytes())?;
-    Ok(share)
+    let Some(t) = threshold(kit)? else {
+        return Ok(Keygen {
+            share,
+            transport: None,
+            dealt: None,
+        });
+    };
+    let transport = kit.join(TRANSPORT_FILE);
+    write(&transport, &key.transport_key())?;
+    let dealt = if kit.join(TRANSPORT_DIR).exists() {
+        Some(deal(kit, &key, t)?)
+    } else {
+        None
+    };
+    Ok(Keygen {
+        share,
+        transport: Some(transport),
+        dealt,
+    })
 }
 
-/// The parties provisioning listed in `kit`: each site's number.
-pub fn parties(kit: &Path) -> Result<BTreeMap<ClientId, u32>> {
-    let path = kit.join(PARTIES_FILE);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let parsed = line
-            .split_once(' ')
-            .and_then(|(site, n)| Some((site, n.trim().parse::<u32>().ok()?)));
-        let Some((site, party)) = parsed else {
-            bail!("{}: `{line}` is not `<site> <party>`", path.display());
-        };
-        if out.insert(ClientId::new(site), party).is_some() {
-            bail!("{}: {site} is listed twice", path.display());
-        }
-    }
-    Ok(out)
-}
-
-/// The key shares in `kit/he-keyshares/`: exactly one `<site>.bin` per
-/// party listed at provisioning, of that party. A share for a site that is
-/// not listed would let whoever made it fold a secret of their own into
-/// the collective key.
-fn shares(kit: &Path) -> Result<BTreeMap<ClientId, KeyShare>> {
-    let listed = parties(kit)?;
-    let dir = kit.join(KEYSHARES_DIR);
-    let mut out = BTreeMap::new();
-    let entries = std::fs::read_dir(&dir).with_context(|| {
-        format!(
-            "reading {} (the hospitals' {KEYSHARE_FILE} files, one <site>.bin each)",
-            dir.display()
-        )
-    })?;
-    for entry in entries {
-        let path = entry?.path();
-        let what = || format!("{}", path.display());
-        let meta = std::fs::symlink_metadata(&path).with_context(what)?;
-        let site = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".bin"))
-            .filter(|_| meta.is_file());
-        let Some(site) = site else {
-            bail!(
-                "{}: {KEYSHARES_DIR}/ holds only files <site>.bin (copy the shares' files, not their folder)",
-                path.display()
-            );
-        };
-        let Some(&party) = listed.get(&ClientId::new(site)) else {
-            bail!(
-                "{}: {site} is not a party provisioned in this kit",
-                path.display()
-            );
-        };
-        if meta.len() > MAX_SHARE_FILE {
-            bail!(
-                "{}: {} bytes is not a key share",
-                path.display(),
-                meta.len()
-            );
-        }
-        let bytes = std::fs::read(&path).with_context(what)?;
-        let share = KeyShare::from_bytes(&CkksParams::multiparty(), &bytes).with_context(what)?;
-        if share.party() != party {
-            bail!(
-                "{}: a share of party {}, where {site} is party {party}",
-                path.display(),
-                share.party()
-            );
-        }
-        out.insert(ClientId::new(site), share);
-    }
-    let missing: Vec<String> = listed
-        .keys()
-        .filter(|s| !out.contains_key(*s))
-        .map(ToString::to_string)
-        .collect();
-    if !missing.is_empty() {
+/// Deals `key`'s secret to the roster of `kit` (threshold `t`) into
+/// `he-deals-out/`, once: a second set of deals for one roster, some
+/// members opening the first and some the second, would give keys that
+/// do not fit together. Its own deal also goes to its `he-deals/`.
+fn deal(kit: &Path, key: &PartyKey, t: usize) -> Result<(String, bool)> {
+    let roster = roster(kit, t)?;
+    let me = site_of(kit, key.party())?;
+    if roster.transport(key.party()) != Some(key.transport_key()) {
         bail!(
-            "{} has no key share of {}: every hospital runs `hospital keygen` first",
-            dir.display(),
-            missing.join(", ")
+            "{}/{me}.bin is not this hospital's transport key ({TRANSPORT_FILE}): deals to it would be sealed to someone else",
+            kit.join(TRANSPORT_DIR).display()
         );
     }
-    Ok(out)
+    let fingerprint = roster.fingerprint();
+    let out = kit.join(DEALS_OUT_DIR);
+    let own = |out: &Path| -> Result<()> {
+        let mine = kit.join(DEALS_DIR);
+        std::fs::create_dir_all(&mine)?;
+        let to = mine.join(format!("{me}.bin"));
+        std::fs::copy(out.join(format!("{me}.bin")), &to)
+            .with_context(|| format!("writing {}", to.display()))?;
+        Ok(())
+    };
+    if out.exists() {
+        let path = out.join(DEALT_FOR_FILE);
+        let before = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if before.trim() != fingerprint {
+            bail!(
+                "{} holds deals for roster {}; this kit's roster is {fingerprint}: a hospital deals once \
+                 per roster (for new members, provision anew and make new keys)",
+                out.display(),
+                before.trim()
+            );
+        }
+        own(&out)?;
+        return Ok((fingerprint, false));
+    }
+    let names = parties(kit)?;
+    let site = |party: u32| {
+        names
+            .iter()
+            .find(|(_, p)| **p == party)
+            .map(|(s, _)| s.clone())
+            .expect("the roster's parties are the listed ones")
+    };
+    // Written whole, then renamed: a crash leaves no half set of deals.
+    let partial = kit.join(format!("{DEALS_OUT_DIR}.partial"));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial)?;
+    for d in key.deal(&roster, &crs(kit)?)? {
+        write(
+            &partial.join(format!("{}.bin", site(d.recipient()))),
+            &d.to_bytes(),
+        )?;
+    }
+    write(
+        &partial.join(DEALT_FOR_FILE),
+        format!("{fingerprint}\n").as_bytes(),
+    )?;
+    std::fs::rename(&partial, &out)
+        .with_context(|| format!("moving the deals to {}", out.display()))?;
+    own(&out)?;
+    Ok((fingerprint, true))
 }
 
-/// The collective key from `shares` (by site) of `kit`'s seed, and each
-/// site's party.
-fn combine(
-    kit: &Path,
-    shares: BTreeMap<ClientId, KeyShare>,
-) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>)> {
-    let parties = shares
-        .iter()
-        .map(|(site, s)| (site.clone(), s.party()))
-        .collect();
-    let list: Vec<KeyShare> = shares.into_values().collect();
-    let collective = CollectiveKey::combine(&CkksParams::multiparty(), &crs(kit)?, &list)
-        .with_context(|| {
-            format!(
-                "combining the key shares in {}",
-                kit.join(KEYSHARES_DIR).display()
-            )
-        })?;
-    Ok((collective, parties))
+/// A hospital's keys from its kit.
+pub struct HospitalKeys {
+    /// Uploads under the collective key; opens the global with the output key.
+    pub sealer: MultipartySealer,
+    /// Answers the key switch with the secret share or the threshold key.
+    pub switcher: KeySwitcher,
+    /// The collective key's id.
+    pub key_id: [u8; 16],
+    /// Under a threshold: the roster's threshold and fingerprint.
+    pub roster: Option<(usize, String)>,
 }
-
-/// The collective key from the key shares in `kit` and each site's party.
-pub fn collective(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>)> {
-    combine(kit, shares(kit)?)
-}
-
-/// A hospital's sealer, key switcher and the collective key's id.
-pub type HospitalKeys = (MultipartySealer, KeySwitcher, [u8; 16]);
 
 /// A hospital's keys from its kit (`identity` is its site): its secret
-/// share, the output key, and the collective key of the shares in its
-/// kit, once the share under its name is checked to be its own.
+/// share (or, under a threshold, the threshold key it opens from the deals
+/// addressed to it), the output key, and the collective key of the shares
+/// in its kit, once the share under its name is checked to be its own.
 pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
     let key_path = kit.join(PARTY_KEY_FILE);
     if !key_path.exists() {
@@ -270,7 +524,8 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
         );
     }
     let key = PartyKey::from_file(&key_path)?;
-    let mine = key.key_share(&crs(kit)?)?;
+    let crs = crs(kit)?;
+    let mine = key.key_share(&crs)?;
     let listed = shares(kit)?;
     match listed.get(&ClientId::new(identity)) {
         Some(s) if *s == mine => {}
@@ -285,7 +540,30 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
     }
     let (collective, _) = combine(kit, listed)?;
     let output = CkksContext::<Secret>::from_file(&kit.join(KeyAuthority::SECRET_FILE))?;
-    let id = collective.context().key_id();
-    let switcher = KeySwitcher::new(key, collective.clone(), output.public())?;
-    Ok((MultipartySealer::new(&collective, output), switcher, id))
+    let key_id = collective.context().key_id();
+    let (switcher, roster) = match collective.roster().cloned() {
+        None => (
+            KeySwitcher::new(key, collective.clone(), output.public())?,
+            None,
+        ),
+        Some(roster) => {
+            let threshold = key
+                .threshold_key(&roster, &crs, &deals(kit, key.party())?)
+                .with_context(|| {
+                    format!(
+                        "opening the deals in {} (roster {})",
+                        kit.join(DEALS_DIR).display(),
+                        roster.fingerprint()
+                    )
+                })?;
+            let switcher = KeySwitcher::threshold(threshold, collective.clone(), output.public())?;
+            (switcher, Some((roster.threshold(), roster.fingerprint())))
+        }
+    };
+    Ok(HospitalKeys {
+        sealer: MultipartySealer::new(&collective, output),
+        switcher,
+        key_id,
+        roster,
+    })
 }

@@ -336,7 +336,7 @@ impl MultipartyKeys {
 
 /// A threshold of 1 would let any one hospital's share (with the
 /// server's aggregate) open every upload.
-fn check_threshold(threshold: usize, hospitals: usize) -> Result<()> {
+pub(crate) fn check_threshold(threshold: usize, hospitals: usize) -> Result<()> {
     if threshold < 2 || threshold > hospitals {
         bail!(
             "--threshold {threshold}: between 2 and the {hospitals} hospitals (with 1, any one hospital's key would open every upload)"
