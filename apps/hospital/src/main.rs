@@ -12,6 +12,7 @@
 //!
 //! hospital provision --out project --keys multiparty          # no shared secret:
 //! hospital keygen --kit project/hospital-1                    # each hospital its share
+//! hospital provision --out project --keys multiparty --threshold 2   # any 2 switch
 //! ```
 
 use std::net::SocketAddr;

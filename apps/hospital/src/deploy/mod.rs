@@ -367,7 +367,8 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
         }
         if !gone.is_empty() {
             println!(
-                "multiparty keys: {} have no valid certificate; the other {} switch the rounds",
+                "multiparty keys: {} have no valid certificate; the other {} switch the rounds \
+                 (a revoked hospital keeps its threshold key: make new keys without it)",
                 gone.join(", "),
                 parties.len() - gone.len()
             );
