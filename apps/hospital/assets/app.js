@@ -121,7 +121,7 @@ async function viewOverview(root) {
       card("Held-out loss", fmt(o.last_loss, 4)),
       card("Hospitals active", `${o.active_clients} / ${o.clients}`),
       card("Protection", [
-        ({ all: "CKKS whole update", head: "CKKS head" }[p.encrypt] || "nothing encrypted") + (p.keys === "multiparty" && p.encrypt !== "none" ? " (multiparty keys)" : ""),
+        ({ all: "CKKS whole update", head: "CKKS head" }[p.encrypt] || "nothing encrypted") + (p.keys === "multiparty" && p.encrypt !== "none" ? ` (multiparty keys${p.threshold ? `, any ${p.threshold} switch` : ""})` : ""),
         { sample: "DP-SGD per image", client: "client-level DP", off: "no DP" }[p.dp_mode] || "DP per hospital",
       ].join(" · ")),
       card("Aggregator", p.aggregator || "–"),
@@ -415,6 +415,7 @@ function dpExplanation(p) {
   }[p.encrypt] || "";
   const keys = p.encrypt && p.encrypt !== "none" && p.keys === "multiparty"
     ? " It is encrypted under multiparty keys: a collective key made from a share of each hospital, so that no hospital, nor the server, can decrypt another hospital's upload; each round, the hospitals switch the server's encrypted sum to their output key."
+      + (p.threshold ? ` Any ${p.threshold} of them suffice (threshold keys), so a round completes while the others are away.` : " Every hospital must answer every round.")
     : "";
   return dp + enc + keys;
 }

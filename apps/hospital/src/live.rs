@@ -104,6 +104,10 @@ pub struct Progress {
     /// `multiparty` (no hospital, nor the server, can decrypt another's
     /// upload).
     pub keys: crate::recipe::HeKeys,
+    /// Under multiparty keys with a threshold: how many hospitals must
+    /// answer each round's key switch (`None`: every one, or no multiparty
+    /// keys).
+    pub threshold: Option<usize>,
     /// Whether the hospitals apply differential privacy (known in a
     /// simulation; a deployed server does not set it, see `dp_mode`).
     pub dp: bool,
@@ -129,6 +133,7 @@ impl Progress {
             he: false,
             encrypt: crate::recipe::Encrypt::None,
             keys: crate::recipe::HeKeys::Single,
+            threshold: None,
             dp: false,
             dp_mode: None,
             budget: None,

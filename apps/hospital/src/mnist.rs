@@ -131,6 +131,7 @@ pub fn run(
             he: false,
             encrypt: Encrypt::None,
             keys: crate::recipe::HeKeys::Single,
+            threshold: None,
             dp: cfg.epsilon.is_some(),
             dp_mode: Some(if cfg.epsilon.is_some() {
                 DpMode::Sample

@@ -229,6 +229,7 @@ fn run_inner(
             he: cfg.encrypt != Encrypt::None,
             encrypt: cfg.encrypt,
             keys: cfg.keys,
+            threshold: cfg.threshold,
             dp: cfg.dp.enabled(),
             dp_mode: Some(cfg.dp.mode),
             budget: cfg.dp.enabled().then_some((cfg.dp.epsilon, cfg.dp.delta)),

@@ -263,6 +263,7 @@ fn multiparty_keys_run_switch_each_round_and_resume() {
         shared.progress.read().unwrap().keys,
         fedcore_hospital::recipe::HeKeys::Multiparty
     );
+    assert_eq!(shared.progress.read().unwrap().threshold, None);
 
     // Resumed: the same keys are read back (the sealed global in the
     // checkpoint is under the same output key) and round 3 completes.
@@ -299,6 +300,7 @@ fn multiparty_keys_run_switch_each_round_and_resume() {
     assert_eq!(r.outcome, "completed", "{r:?}");
     assert_eq!(r.accepted, 2, "{r:?}");
     assert!(dir.path().join("he-keys/he-threshold-3.key").exists());
+    assert_eq!(shared.progress.read().unwrap().threshold, Some(2));
 
     // What multiparty keys cannot do yet, or a threshold without them.
     for (extra, says) in [

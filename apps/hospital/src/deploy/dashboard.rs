@@ -30,6 +30,7 @@ impl Dashboard {
         let config = WebConfig::from_env(&a.run_dir.join("dashboard.sqlite"))?;
         web::check_exposure(at, config.tls.is_some(), a.behind_tls_proxy)?;
         let shared = Arc::new(Shared::default());
+        let threshold = crate::he_keys::kit::threshold(&a.kit)?;
         shared.set_progress(|p| {
             p.status = RunStatus::Training;
             p.total_rounds = a.rounds;
@@ -43,6 +44,7 @@ impl Dashboard {
             p.he = p.encrypt != Encrypt::None;
             if p.he && crate::he_keys::kit::is_multiparty(&a.kit) {
                 p.keys = crate::recipe::HeKeys::Multiparty;
+                p.threshold = threshold;
             }
             p.aggregator = a.aggregator.label(p.encrypt);
         });
