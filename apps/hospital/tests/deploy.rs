@@ -953,11 +953,13 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
 
 /// Threshold multiparty keys made as a deployment makes them: provisioned
 /// 2 of 3, each hospital's key share and transport key carried to every
-/// kit, each hospital dealing its secret once (a second `keygen` keeps the
-/// deals), the deals carried to their recipients, and every kit showing one
-/// roster. A round then completes with two hospitals while the third never
-/// comes. A deal that does not open, or a transport key under a
-/// hospital's name that is not its own, is refused.
+/// kit, every hospital printing one roster, dealing only when given that
+/// roster's fingerprint and only once, the deals carried to their
+/// recipients. A round then completes with two hospitals while the third
+/// never comes. A deal that does not open, a deal of another dealer, a
+/// transport key under a hospital's name that is not its own, a kit whose
+/// roster changed after dealing, a threshold of 1, and a server with fewer
+/// certified parties than the threshold are refused.
 #[test]
 fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -990,47 +992,71 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     let server = project.join("server");
     for h in sites {
         let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
-        assert!(ok && said.contains("run keygen again to deal"), "{said}");
-        std::fs::copy(
-            project.join(h).join("he-keyshare.bin"),
-            server.join(format!("he-keyshares/{h}.bin")),
-        )
-        .unwrap();
-        std::fs::copy(
-            project.join(h).join("he-transport.bin"),
-            server.join(format!("he-transport/{h}.bin")),
-        )
-        .unwrap();
+        assert!(ok && said.contains("run keygen again"), "{said}");
+        for (file, folder) in [
+            ("he-keyshare.bin", "he-keyshares"),
+            ("he-transport.bin", "he-transport"),
+        ] {
+            std::fs::copy(
+                project.join(h).join(file),
+                server.join(format!("{folder}/{h}.bin")),
+            )
+            .unwrap();
+        }
     }
+    // Every kit shows the roster; nothing is dealt without its fingerprint.
     let mut fingerprints = Vec::new();
     for h in sites {
         copy_into(&server.join("he-keyshares"), &project.join(h));
         copy_into(&server.join("he-transport"), &project.join(h));
         let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
-        assert!(ok && said.contains("deals made"), "{said}");
+        assert!(ok && said.contains("--deal "), "{said}");
         let fingerprint = said
             .lines()
-            .find_map(|l| l.strip_prefix("roster "))
-            .unwrap()
-            .split(':')
-            .next()
+            .find_map(|l| l.strip_prefix("threshold 2 of 3, roster "))
             .unwrap()
             .to_owned();
         fingerprints.push(fingerprint);
-        // Asked again, it keeps the deals it made (dealing twice for one
-        // roster would give keys that do not fit together).
-        let dealt = std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap();
-        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
-        assert!(ok && said.contains("made before, kept"), "{said}");
-        assert_eq!(
-            std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap(),
-            dealt
-        );
+        assert!(!project.join(h).join("he-deals-out").exists());
     }
     assert!(
         fingerprints.iter().all(|f| *f == fingerprints[0]),
         "{fingerprints:?}"
     );
+    let fingerprint = fingerprints[0].clone();
+    let work = tmp.path().join("refused");
+    let client_refuses = |h: &str, says: &str| {
+        let (ok, said) = run(&[
+            "client",
+            "--kit",
+            &kit(h),
+            "--server",
+            "127.0.0.1:1",
+            "--work-dir",
+            work.to_str().unwrap(),
+        ]);
+        assert!(!ok && said.contains(says), "{said}");
+        assert!(!work.exists(), "refused before touching any data");
+    };
+    client_refuses("hospital-1", "has not dealt yet");
+    let other = format!("{}0", &fingerprint[..fingerprint.len() - 1]);
+    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-1"), "--deal", &other]);
+    assert!(!ok && said.contains("is not this kit's roster"), "{said}");
+    for h in sites {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h), "--deal", &fingerprint]);
+        assert!(ok && said.contains("deals made"), "{said}");
+        // Asked again, it keeps the deals it made (dealing twice for one
+        // roster would give keys that do not fit together).
+        let dealt = std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap();
+        for again in [&[][..], &["--deal", &fingerprint][..]] {
+            let (ok, said) = run(&[&["keygen", "--kit", &kit(h)][..], again].concat());
+            assert!(ok && said.contains("made before, kept"), "{said}");
+        }
+        assert_eq!(
+            std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap(),
+            dealt
+        );
+    }
     // The operator carries each deal to its recipient.
     for dealer in sites {
         for to in sites {
@@ -1052,10 +1078,7 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         printed.push(l.clone());
         l
     };
-    let roster = format!(
-        "multiparty keys: threshold 2 of 3, roster {}",
-        fingerprints[0]
-    );
+    let roster = format!("multiparty keys: threshold 2 of 3, roster {fingerprint}");
     while next() != roster {}
     let addr = loop {
         if let Some(a) = next().strip_prefix("listening on ") {
@@ -1078,12 +1101,8 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         finished.starts_with("round 1 completed: 2 updates"),
         "{finished}"
     );
-    loop {
-        if next().starts_with("run complete: 1 rounds") {
-            break;
-        }
-    }
-    for (h, lines) in sites.iter().zip(client_lines) {
+    while !next().starts_with("run complete: 1 rounds") {}
+    for ((h, lines), client) in sites.iter().zip(client_lines).zip(&mut clients) {
         let mut said = Vec::new();
         loop {
             let l = lines.recv_timeout(Duration::from_secs(300)).unwrap();
@@ -1092,49 +1111,108 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
             }
             said.push(l);
         }
-        let roster = format!("{h}: threshold 2, roster {}", fingerprints[0]);
+        let roster = format!("{h}: threshold 2 of 3, roster {fingerprint}");
         assert!(said.contains(&roster), "{said:?}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = client.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "{said:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{said:?}");
     }
     drop(clients);
 
-    // hospital-3's kit, tampered: a deal that does not open, then a
-    // transport key under its name that is hospital-1's.
-    let work = tmp.path().join("refused");
-    let client_refuses = |says: &str| {
-        let (ok, said) = run(&[
-            "client",
-            "--kit",
-            &kit("hospital-3"),
-            "--server",
-            &addr,
-            "--work-dir",
-            work.to_str().unwrap(),
-        ]);
-        assert!(!ok && said.contains(says), "{said}");
-        assert!(!work.exists(), "refused before touching any data");
-    };
+    // hospital-3's kit, tampered: a deal that does not open, a deal of
+    // another dealer under hospital-2's name.
     let deal = project.join("hospital-3/he-deals/hospital-2.bin");
     let good = std::fs::read(&deal).unwrap();
     let mut bad = good.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
     std::fs::write(&deal, &bad).unwrap();
-    client_refuses("the deal from party 2 does not open");
+    client_refuses("hospital-3", "the deal from party 2 does not open");
     std::fs::copy(
         project.join("hospital-1/he-deals-out/hospital-3.bin"),
         &deal,
     )
     .unwrap();
-    client_refuses("a deal from party 1 to party 3, where hospital-2 is party 2");
+    client_refuses(
+        "hospital-3",
+        "a deal from party 1 to party 3, where hospital-2 is party 2",
+    );
     std::fs::write(&deal, &good).unwrap();
+    // A roster changed after dealing: another hospital's transport key
+    // replaced (an operator's own, say), then hospital-3's own.
+    let transports = project.join("hospital-3/he-transport");
+    let theirs = std::fs::read(transports.join("hospital-2.bin")).unwrap();
     std::fs::copy(
         project.join("hospital-1/he-transport.bin"),
-        project.join("hospital-3/he-transport/hospital-3.bin"),
+        transports.join("hospital-2.bin"),
+    )
+    .unwrap();
+    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-3")]);
+    assert!(
+        !ok && said.contains("this hospital dealt for roster"),
+        "{said}"
+    );
+    client_refuses("hospital-3", "the kit changed since");
+    std::fs::write(transports.join("hospital-2.bin"), &theirs).unwrap();
+    std::fs::copy(
+        project.join("hospital-1/he-transport.bin"),
+        transports.join("hospital-3.bin"),
     )
     .unwrap();
     let (ok, said) = run(&["keygen", "--kit", &kit("hospital-3")]);
     assert!(
         !ok && said.contains("is not this hospital's transport key"),
+        "{said}"
+    );
+    // A threshold of 1 written into a kit is refused as at provisioning.
+    std::fs::write(project.join("hospital-2/he-threshold.txt"), "1\n").unwrap();
+    client_refuses("hospital-2", "between 2 and the 3 hospitals");
+
+    // The server starts while 2 parties hold a valid certificate, and
+    // refuses with 1.
+    let revoke = |site: &str| {
+        let path = server.join("roster.json");
+        let mut roster: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for c in roster["certificates"].as_array_mut().unwrap() {
+            if c["identity"] == site {
+                c["revoked"] = true.into();
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec(&roster).unwrap()).unwrap();
+    };
+    revoke("hospital-3");
+    let later = tmp.path().join("server-run-2");
+    let (_again, lines) = small_server(&kit("server"), &later, "2");
+    let notice = loop {
+        let l = lines.recv_timeout(Duration::from_secs(600)).unwrap();
+        if l.contains("no valid certificate") {
+            break l;
+        }
+    };
+    assert!(
+        notice.contains("for hospital-3; the other 2 switch"),
+        "{notice}"
+    );
+    revoke("hospital-2");
+    let (ok, said) = run(&[
+        "server",
+        "--kit",
+        &kit("server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--run-dir",
+        tmp.path().join("server-run-3").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && said.contains("hospital-2, hospital-3 of the collective key's parties")
+            && said.contains("at least 2 parties must answer"),
         "{said}"
     );
 }

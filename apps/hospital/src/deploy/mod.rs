@@ -78,6 +78,10 @@ pub struct KeygenArgs {
     /// The hospital's startup kit (provisioned with `--keys multiparty`).
     #[arg(long)]
     pub kit: PathBuf,
+    /// Under a threshold: deal, for the roster of this fingerprint (the
+    /// one every hospital's `keygen` printed, compared between them).
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub deal: Option<String>,
 }
 
 /// `hospital server`.
@@ -289,7 +293,7 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
 /// key share for the server's operator.
 pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
     use crate::he_keys::kit;
-    let made = kit::keygen(&a.kit)?;
+    let made = kit::keygen(&a.kit, a.deal.as_deref())?;
     println!(
         "secret share in {} (keep it); key share in {}: send it to the server's operator",
         a.kit.join(kit::PARTY_KEY_FILE).display(),
@@ -301,15 +305,29 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
             transport.display()
         );
     }
-    match (&made.transport, &made.dealt) {
-        (Some(_), None) => println!(
-            "once every hospital's transport key is in {}/, run keygen again to deal",
+    let roster = |r: &kit::RosterInfo| {
+        println!(
+            "threshold {} of {}, roster {}",
+            r.threshold, r.parties, r.fingerprint
+        );
+    };
+    match &made.dealing {
+        None => {}
+        Some(kit::Dealing::WaitingForTransportKeys) => println!(
+            "once every hospital's transport key is in {}/, run keygen again",
             a.kit.join(kit::TRANSPORT_DIR).display()
         ),
-        (Some(_), Some((fingerprint, now))) => {
+        Some(kit::Dealing::ToCompare(r)) => {
+            roster(r);
             println!(
-                "roster {fingerprint}: compare it with the other hospitals (not only with the operator)"
+                "compare this roster with the other hospitals (a call of your own, not through the operator); \
+                 when all print the same, deal: hospital keygen --kit {} --deal {}",
+                a.kit.display(),
+                r.fingerprint
             );
+        }
+        Some(kit::Dealing::Dealt(r, now)) => {
+            roster(r);
             println!(
                 "deals {} in {}: each <site>.bin goes to that site's kit as {}/<this site>.bin",
                 if *now { "made" } else { "made before, kept" },
@@ -317,7 +335,6 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
                 kit::DEALS_DIR
             );
         }
-        _ => {}
     }
     Ok(())
 }
@@ -361,13 +378,13 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
                 if needed == parties.len() {
                     "every party".to_owned()
                 } else {
-                    format!("{needed} parties")
+                    format!("at least {needed} parties")
                 }
             );
         }
         if !gone.is_empty() {
             println!(
-                "multiparty keys: {} have no valid certificate; the other {} switch the rounds \
+                "multiparty keys: no valid certificate for {}; the other {} switch the rounds \
                  (a revoked hospital keeps its threshold key: make new keys without it)",
                 gone.join(", "),
                 parties.len() - gone.len()
@@ -696,8 +713,11 @@ where
             "{identity}: multiparty keys, collective key {}",
             key_id_hex(keys.key_id)
         );
-        if let Some((t, fingerprint)) = &keys.roster {
-            println!("{identity}: threshold {t}, roster {fingerprint}");
+        if let Some(r) = &keys.roster {
+            println!(
+                "{identity}: threshold {} of {}, roster {}",
+                r.threshold, r.parties, r.fingerprint
+            );
         }
         client = client
             .with_sealer(keys.sealer)

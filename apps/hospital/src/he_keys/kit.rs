@@ -70,6 +70,9 @@ pub const DEALS_OUT_DIR: &str = "he-deals-out";
 pub const DEALS_DIR: &str = "he-deals";
 /// In [`DEALS_OUT_DIR`]: the roster the deals were made for.
 const DEALT_FOR_FILE: &str = "roster-fingerprint.txt";
+/// In a hospital's kit: the roster it dealt for, written before its deals
+/// can leave (it deals once, for that roster).
+const DEALT_FILE: &str = "he-dealt.txt";
 /// The largest deal file read (a deal at the multiparty parameters is
 /// 197 KB).
 const MAX_DEAL_FILE: u64 = 4 << 20;
@@ -127,7 +130,8 @@ pub fn provision(
     Ok(())
 }
 
-/// The threshold provisioned in `kit`, if any.
+/// The threshold provisioned in `kit`, if any (checked as at
+/// provisioning: 1 would let any one hospital open every upload).
 pub fn threshold(kit: &Path) -> Result<Option<usize>> {
     let path = kit.join(THRESHOLD_FILE);
     if !path.exists() {
@@ -138,6 +142,8 @@ pub fn threshold(kit: &Path) -> Result<Option<usize>> {
         .trim()
         .parse()
         .with_context(|| format!("{}: not a threshold", path.display()))?;
+    super::check_threshold(t, parties(kit)?.len())
+        .with_context(|| format!("{}", path.display()))?;
     Ok(Some(t))
 }
 
@@ -354,6 +360,39 @@ fn site_of(kit: &Path, party: u32) -> Result<ClientId> {
         .with_context(|| format!("party {party} is not listed in {}", kit.display()))
 }
 
+/// A threshold roster as `keygen` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RosterInfo {
+    /// How many hospitals must answer a key switch.
+    pub threshold: usize,
+    /// How many hospitals it lists.
+    pub parties: usize,
+    /// [`HeRoster::fingerprint`]: what the hospitals compare.
+    pub fingerprint: String,
+}
+
+impl RosterInfo {
+    fn of(roster: &HeRoster) -> Self {
+        Self {
+            threshold: roster.threshold(),
+            parties: roster.parties().len(),
+            fingerprint: roster.fingerprint(),
+        }
+    }
+}
+
+/// Where a hospital's threshold keys stand after `keygen`.
+#[derive(Debug)]
+pub enum Dealing {
+    /// `he-transport/` is not in the kit yet.
+    WaitingForTransportKeys,
+    /// Every transport key is in: the roster, to compare with the other
+    /// hospitals before dealing (`keygen --deal <fingerprint>`).
+    ToCompare(RosterInfo),
+    /// The deals are in `he-deals-out/`; `true` when this call made them.
+    Dealt(RosterInfo, bool),
+}
+
 /// What `keygen` wrote.
 #[derive(Debug)]
 pub struct Keygen {
@@ -361,21 +400,27 @@ pub struct Keygen {
     pub share: PathBuf,
     /// Under a threshold: the transport key, for the operator too.
     pub transport: Option<PathBuf>,
-    /// Under a threshold, once every transport key is in the kit: the
-    /// roster's fingerprint, and whether the deals were made by this call
-    /// (false: by an earlier one, for the same roster).
-    pub dealt: Option<(String, bool)>,
+    /// Under a threshold: where the dealing stands.
+    pub dealing: Option<Dealing>,
 }
 
 /// `hospital keygen`: the hospital's secret share (made here once, read
 /// back after) and its key share, written to `he-keyshare.bin`. Under a
-/// threshold also its transport key, and, once every hospital's transport
-/// key is in `he-transport/`, its deals (made once per roster).
-pub fn keygen(kit: &Path) -> Result<Keygen> {
+/// threshold also its transport key; once every hospital's transport key
+/// is in `he-transport/`, the roster they make, and with `deal` (that
+/// roster's fingerprint, as the hospitals agreed on it) its deals, made
+/// once.
+pub fn keygen(kit: &Path, deal: Option<&str>) -> Result<Keygen> {
     if !is_multiparty(kit) {
         bail!(
             "{} was not provisioned for multiparty keys (no {CRS_FILE}; `hospital provision --keys multiparty`)",
             kit.display()
+        );
+    }
+    let threshold = threshold(kit)?;
+    if deal.is_some() && threshold.is_none() {
+        bail!(
+            "--deal applies to a kit provisioned with --threshold: under N-of-N nothing is dealt"
         );
     }
     let key_path = kit.join(PARTY_KEY_FILE);
@@ -408,32 +453,45 @@ pub fn keygen(kit: &Path) -> Result<Keygen> {
     // The same share for the same secret and seed: writing it again is safe.
     let share = kit.join(KEYSHARE_FILE);
     write(&share, &key.key_share(&crs(kit)?)?.to_bytes())?;
-    let Some(t) = threshold(kit)? else {
+    let Some(t) = threshold else {
         return Ok(Keygen {
             share,
             transport: None,
-            dealt: None,
+            dealing: None,
         });
     };
     let transport = kit.join(TRANSPORT_FILE);
     write(&transport, &key.transport_key())?;
-    let dealt = if kit.join(TRANSPORT_DIR).exists() {
-        Some(deal(kit, &key, t)?)
+    let dealing = if kit.join(TRANSPORT_DIR).exists() {
+        dealing(kit, &key, t, deal).with_context(|| {
+            format!(
+                "(the key share {} and the transport key {} are written)",
+                share.display(),
+                transport.display()
+            )
+        })?
+    } else if deal.is_some() {
+        bail!(
+            "--deal: {} is missing: every hospital's transport key comes first",
+            kit.join(TRANSPORT_DIR).display()
+        );
     } else {
-        None
+        Dealing::WaitingForTransportKeys
     };
     Ok(Keygen {
         share,
         transport: Some(transport),
-        dealt,
+        dealing: Some(dealing),
     })
 }
 
-/// Deals `key`'s secret to the roster of `kit` (threshold `t`) into
-/// `he-deals-out/`, once: a second set of deals for one roster, some
-/// members opening the first and some the second, would give keys that
-/// do not fit together. Its own deal also goes to its `he-deals/`.
-fn deal(kit: &Path, key: &PartyKey, t: usize) -> Result<(String, bool)> {
+/// The roster of `kit` (threshold `t`) and, with `deal` equal to its
+/// fingerprint, `key`'s deals to it in `he-deals-out/`. A hospital deals
+/// once: `he-dealt.txt`, written before its deals can leave, records the
+/// roster; a second set of deals for one roster (some members opening the
+/// first, some the second) would give threshold keys that do not fit
+/// together, and deals for another roster mean the kit changed under it.
+fn dealing(kit: &Path, key: &PartyKey, t: usize, deal: Option<&str>) -> Result<Dealing> {
     let roster = roster(kit, t)?;
     let me = site_of(kit, key.party())?;
     if roster.transport(key.party()) != Some(key.transport_key()) {
@@ -442,30 +500,44 @@ fn deal(kit: &Path, key: &PartyKey, t: usize) -> Result<(String, bool)> {
             kit.join(TRANSPORT_DIR).display()
         );
     }
-    let fingerprint = roster.fingerprint();
+    let info = RosterInfo::of(&roster);
     let out = kit.join(DEALS_OUT_DIR);
-    let own = |out: &Path| -> Result<()> {
-        let mine = kit.join(DEALS_DIR);
-        std::fs::create_dir_all(&mine)?;
-        let to = mine.join(format!("{me}.bin"));
-        std::fs::copy(out.join(format!("{me}.bin")), &to)
-            .with_context(|| format!("writing {}", to.display()))?;
-        Ok(())
-    };
-    if out.exists() {
-        let path = out.join(DEALT_FOR_FILE);
-        let before = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if before.trim() != fingerprint {
+    let partial = kit.join(format!("{DEALS_OUT_DIR}.partial"));
+    if let Some(before) = dealt_for(kit)? {
+        if before != info.fingerprint {
             bail!(
-                "{} holds deals for roster {}; this kit's roster is {fingerprint}: a hospital deals once \
-                 per roster (for new members, provision anew and make new keys)",
-                out.display(),
-                before.trim()
+                "this hospital dealt for roster {before} ({DEALT_FILE}); this kit's roster is {}: the kit's \
+                 transport keys or threshold changed since, and it deals once (for new members, provision anew)",
+                info.fingerprint
             );
         }
-        own(&out)?;
-        return Ok((fingerprint, false));
+        if !out.exists() {
+            // Cut short between the record and the rename: the deals are
+            // in the partial folder, and none has left.
+            let made = std::fs::read_to_string(partial.join(DEALT_FOR_FILE)).unwrap_or_default();
+            if made.trim() != info.fingerprint {
+                bail!(
+                    "{DEALT_FILE} says this hospital dealt for roster {before}, but {} is gone: restore it \
+                     (the operator has copies); dealing again would hand out shares that do not fit the first",
+                    out.display()
+                );
+            }
+            std::fs::rename(&partial, &out)
+                .with_context(|| format!("moving the deals to {}", out.display()))?;
+        }
+        keep_own_deal(kit, &out, &me)?;
+        return Ok(Dealing::Dealt(info, false));
+    }
+    let Some(agreed) = deal else {
+        return Ok(Dealing::ToCompare(info));
+    };
+    if !agreed.trim().eq_ignore_ascii_case(&info.fingerprint) {
+        bail!(
+            "--deal {agreed} is not this kit's roster {}: the hospitals' kits differ (a transport key or \
+             the threshold); compare {}/ between the hospitals before anyone deals",
+            info.fingerprint,
+            TRANSPORT_DIR
+        );
     }
     let names = parties(kit)?;
     let site = |party: u32| {
@@ -475,8 +547,8 @@ fn deal(kit: &Path, key: &PartyKey, t: usize) -> Result<(String, bool)> {
             .map(|(s, _)| s.clone())
             .expect("the roster's parties are the listed ones")
     };
-    // Written whole, then renamed: a crash leaves no half set of deals.
-    let partial = kit.join(format!("{DEALS_OUT_DIR}.partial"));
+    // Written whole, recorded, then renamed: a crash leaves no half set
+    // of deals where the operator collects them.
     if partial.exists() {
         std::fs::remove_dir_all(&partial)
             .with_context(|| format!("removing {}", partial.display()))?;
@@ -488,14 +560,33 @@ fn deal(kit: &Path, key: &PartyKey, t: usize) -> Result<(String, bool)> {
             &d.to_bytes(),
         )?;
     }
-    write(
-        &partial.join(DEALT_FOR_FILE),
-        format!("{fingerprint}\n").as_bytes(),
-    )?;
+    let record = format!("{}\n", info.fingerprint);
+    write(&partial.join(DEALT_FOR_FILE), record.as_bytes())?;
+    write(&kit.join(DEALT_FILE), record.as_bytes())?;
     std::fs::rename(&partial, &out)
         .with_context(|| format!("moving the deals to {}", out.display()))?;
-    own(&out)?;
-    Ok((fingerprint, true))
+    keep_own_deal(kit, &out, &me)?;
+    Ok(Dealing::Dealt(info, true))
+}
+
+/// The roster fingerprint this hospital dealt for, if it has dealt.
+fn dealt_for(kit: &Path) -> Result<Option<String>> {
+    let path = kit.join(DEALT_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(text.trim().to_owned()))
+}
+
+/// Puts a hospital's deal to itself into its own `he-deals/`.
+fn keep_own_deal(kit: &Path, out: &Path, me: &ClientId) -> Result<()> {
+    let from = out.join(format!("{me}.bin"));
+    let bytes = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+    let mine = kit.join(DEALS_DIR);
+    std::fs::create_dir_all(&mine)?;
+    write(&mine.join(format!("{me}.bin")), &bytes)
 }
 
 /// A hospital's keys from its kit.
@@ -506,8 +597,8 @@ pub struct HospitalKeys {
     pub switcher: KeySwitcher,
     /// The collective key's id.
     pub key_id: [u8; 16],
-    /// Under a threshold: the roster's threshold and fingerprint.
-    pub roster: Option<(usize, String)>,
+    /// Under a threshold: the roster.
+    pub roster: Option<RosterInfo>,
 }
 
 /// A hospital's keys from its kit (`identity` is its site): its secret
@@ -547,6 +638,20 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
             None,
         ),
         Some(roster) => {
+            let info = RosterInfo::of(&roster);
+            match dealt_for(kit)? {
+                Some(f) if f == info.fingerprint => {}
+                Some(f) => bail!(
+                    "this hospital dealt for roster {f} ({DEALT_FILE}); this kit's roster is {}: the kit changed \
+                     since (provision anew for new members)",
+                    info.fingerprint
+                ),
+                None => bail!(
+                    "this hospital has not dealt yet: compare the roster with the other hospitals, then \
+                     `hospital keygen --kit {} --deal <fingerprint>`",
+                    kit.display()
+                ),
+            }
             let threshold = key
                 .threshold_key(&roster, &crs, &deals(kit, key.party())?)
                 .with_context(|| {
@@ -557,7 +662,7 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
                     )
                 })?;
             let switcher = KeySwitcher::threshold(threshold, collective.clone(), output.public())?;
-            (switcher, Some((roster.threshold(), roster.fingerprint())))
+            (switcher, Some(info))
         }
     };
     Ok(HospitalKeys {
