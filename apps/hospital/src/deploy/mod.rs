@@ -274,7 +274,8 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
             if let Some(t) = a.threshold {
                 println!(
                     "threshold {t} of {}: each hospital's {} goes the same way, into {}/<site>.bin; \
-                     then each runs `hospital keygen` again to deal, and each {}/<site>.bin goes to \
+                     then each runs `hospital keygen` again, the hospitals compare the roster it prints, \
+                     each deals with `hospital keygen --deal <fingerprint>`, and each {}/<site>.bin goes to \
                      <site's kit>/{}/<dealer>.bin",
                     a.hospitals,
                     crate::he_keys::kit::TRANSPORT_FILE,
