@@ -136,6 +136,125 @@ impl Kit {
     pub fn roster_path(&self) -> PathBuf {
         self.dir.join(ROSTER_FILE)
     }
+
+    /// Signs `statement` with the kit's private key, so that any kit of
+    /// the project can check that this participant made it, whoever
+    /// carried it ([`SignedStatement::verify`]).
+    pub fn sign(&self, statement: &str) -> Result<SignedStatement> {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
+            err(
+                &self.dir.join("key.pem"),
+                format!("not a PEM private key: {e}"),
+            )
+        })?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| err(&self.dir.join("key.pem"), format!("unusable key: {e}")))?;
+        let signer = key.choose_scheme(STATEMENT_SCHEMES).ok_or_else(|| {
+            err(
+                &self.dir.join("key.pem"),
+                "a key of a kind statements are not signed with",
+            )
+        })?;
+        let signature = signer
+            .sign(&statement_message(statement))
+            .map_err(|e| Error::Transport(format!("signing a statement: {e}")))?;
+        Ok(SignedStatement {
+            statement: statement.to_owned(),
+            certificate: self.cert_pem.clone(),
+            scheme: u16::from(signer.scheme()),
+            signature: signature.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}
+
+/// The schemes a [`SignedStatement`] may be signed with (the kinds of key
+/// a kit can hold; the project's own are ECDSA P-256).
+const STATEMENT_SCHEMES: &[rustls::SignatureScheme] = &[
+    rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+    rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+    rustls::SignatureScheme::ED25519,
+    rustls::SignatureScheme::RSA_PSS_SHA256,
+];
+
+/// What a statement's signature covers: a context string (so that no
+/// signature made for anything else, a TLS handshake's included, passes
+/// for a statement), then the statement.
+fn statement_message(statement: &str) -> Vec<u8> {
+    [
+        b"fedcore signed statement v1\0".as_slice(),
+        statement.as_bytes(),
+    ]
+    .concat()
+}
+
+/// A statement signed by a participant with its kit's key
+/// ([`Kit::sign`]), to be carried by anyone (the server, an operator) to
+/// the other participants, who check it against the project CA
+/// ([`SignedStatement::verify`]). A relay can withhold it, not alter it or
+/// make one in another participant's name (short of the CA's key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStatement {
+    /// What the signer states.
+    pub statement: String,
+    /// The signer's certificate (PEM).
+    pub certificate: String,
+    /// The signature scheme (TLS's code point, e.g. 0x0403 for ECDSA P-256
+    /// with SHA-256).
+    pub scheme: u16,
+    /// The signature, lower-case hex.
+    pub signature: String,
+}
+
+impl SignedStatement {
+    /// Checks that the certificate is the project CA's (`ca_pem`), valid
+    /// now, for a participant, and that its key signed the statement;
+    /// returns the signer's identity (the certificate's common name).
+    pub fn verify(&self, ca_pem: &str) -> Result<String> {
+        let der = pem_certificate(&self.certificate)?;
+        verify_client_certificate(&der, &pem_certificate(ca_pem)?)?;
+        let bad = |m: &str| Error::InvalidConfig(format!("signed statement: {m}"));
+        let scheme = rustls::SignatureScheme::from(self.scheme);
+        if !STATEMENT_SCHEMES.contains(&scheme) {
+            return Err(bad(&format!(
+                "scheme {scheme:?} is not one statements are signed with"
+            )));
+        }
+        let signature = unhex(&self.signature).ok_or_else(|| bad("the signature is not hex"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| bad(&format!("unreadable certificate: {e}")))?;
+        let key = &cert.public_key().subject_public_key.data;
+        let provider = rustls::crypto::ring::default_provider();
+        let algorithms = provider
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .map(|(_, a)| *a)
+            .unwrap_or_default();
+        let message = statement_message(&self.statement);
+        if !algorithms
+            .iter()
+            .any(|a| a.verify_signature(key, &message, &signature).is_ok())
+        {
+            return Err(bad(
+                "the signature is not the certificate's key's over this statement",
+            ));
+        }
+        common_name(&der)
+    }
+}
+
+/// Lower-case or upper-case hex to bytes.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// One certificate the roster knows.
@@ -818,6 +937,54 @@ mod tests {
         );
         assert_eq!(roster.active(), ["h1", "h2"]);
         assert_eq!(roster.certificates.len(), 3);
+    }
+
+    #[test]
+    fn a_signed_statement_names_its_signer_and_nothing_altered_or_foreign_passes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ProjectSpec::new("demo", vec!["h1".into(), "h2".into()], 1);
+        let project = Project::create(&tmp.path().join("a"), &spec).unwrap();
+        let h1 = Kit::load(project.site_kit("h1")).unwrap();
+        let h2 = Kit::load(project.site_kit("h2")).unwrap();
+        let signed = h1.sign("key id 00ff").unwrap();
+        assert_eq!(signed.verify(&h2.ca_pem).unwrap(), "h1");
+        let json = serde_json::to_string(&signed).unwrap();
+        let back: SignedStatement = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.verify(&h2.ca_pem).unwrap(), "h1");
+        // Another statement under the same signature.
+        let altered = SignedStatement {
+            statement: "key id 00fe".into(),
+            ..signed.clone()
+        };
+        let e = altered.verify(&h2.ca_pem).unwrap_err().to_string();
+        assert!(e.contains("not the certificate's key's"), "{e}");
+        // h2's certificate on h1's signature: h2 did not say it.
+        let claimed = SignedStatement {
+            certificate: h2.cert_pem.clone(),
+            ..signed.clone()
+        };
+        assert!(claimed.verify(&h2.ca_pem).is_err());
+        // A certificate of another project's CA (the same names).
+        let other = Project::create(&tmp.path().join("b"), &spec).unwrap();
+        let stranger = Kit::load(other.site_kit("h1")).unwrap();
+        let e = stranger
+            .sign("key id 00ff")
+            .unwrap()
+            .verify(&h2.ca_pem)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+        // A signature cut short, or not hex.
+        let mut cut = signed.clone();
+        cut.signature.truncate(cut.signature.len() - 2);
+        assert!(cut.verify(&h2.ca_pem).is_err());
+        cut.signature.push_str("zz");
+        assert!(
+            cut.verify(&h2.ca_pem)
+                .unwrap_err()
+                .to_string()
+                .contains("not hex")
+        );
     }
 
     #[test]
