@@ -248,7 +248,7 @@ impl SignedStatement {
 
 /// Lower-case or upper-case hex to bytes.
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -943,7 +943,7 @@ mod tests {
     fn a_signed_statement_names_its_signer_and_nothing_altered_or_foreign_passes() {
         let tmp = tempfile::tempdir().unwrap();
         let spec = ProjectSpec::new("demo", vec!["h1".into(), "h2".into()], 1);
-        let project = Project::create(&tmp.path().join("a"), &spec).unwrap();
+        let project = Project::create(tmp.path().join("a"), &spec).unwrap();
         let h1 = Kit::load(project.site_kit("h1")).unwrap();
         let h2 = Kit::load(project.site_kit("h2")).unwrap();
         let signed = h1.sign("key id 00ff").unwrap();
@@ -965,7 +965,7 @@ mod tests {
         };
         assert!(claimed.verify(&h2.ca_pem).is_err());
         // A certificate of another project's CA (the same names).
-        let other = Project::create(&tmp.path().join("b"), &spec).unwrap();
+        let other = Project::create(tmp.path().join("b"), &spec).unwrap();
         let stranger = Kit::load(other.site_kit("h1")).unwrap();
         let e = stranger
             .sign("key id 00ff")
