@@ -830,6 +830,30 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     for h in ["hospital-1", "hospital-2"] {
         copy_into(&shares, &project.join(h));
     }
+    // Each hospital combines the key and signs a statement of it; the
+    // operator carries the statements to every kit, the server's too.
+    let statements = project.join("server/he-attestations");
+    std::fs::create_dir_all(&statements).unwrap();
+    for h in ["hospital-1", "hospital-2"] {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(
+            ok && said.contains("signed statement of these keys"),
+            "{said}"
+        );
+        std::fs::copy(
+            project.join(h).join("he-attestation.json"),
+            statements.join(format!("{h}.json")),
+        )
+        .unwrap();
+    }
+    for h in ["hospital-1", "hospital-2"] {
+        copy_into(&statements, &project.join(h));
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(
+            ok && said.contains("every hospital states the same keys"),
+            "{said}"
+        );
+    }
     let run_dir = tmp.path().join("server-run");
     let server_refuses = |extra: &[&str], says: &str| {
         let (ok, said) = run(&[
@@ -945,21 +969,71 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     client_refuses("a share of party 1, where hospital-2 is party 2");
     let impostor = tmp.path().join("impostor");
     copy_into(&project.join("hospital-2"), &impostor);
-    std::fs::remove_file(impostor.join("he-party.key")).unwrap();
+    for made in ["he-party.key", "he-keyshares", "he-attestations"] {
+        let path = impostor.join(made);
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+        } else {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     assert!(run(&["keygen", "--kit", impostor.to_str().unwrap()]).0);
     std::fs::copy(impostor.join("he-keyshare.bin"), &mine).unwrap();
     client_refuses("is not this hospital's key share");
+    std::fs::copy(project.join("hospital-2/he-keyshare.bin"), &mine).unwrap();
+
+    // The statements: hospital-2's kit holding another set of shares (the
+    // impostor's under its name) states another key, signed with its
+    // certificate; hospital-1 refuses to start beside it, as it refuses a
+    // statement altered on the way or signed by another hospital.
+    copy_into(&shares, &impostor);
+    std::fs::copy(
+        impostor.join("he-keyshare.bin"),
+        impostor.join("he-keyshares/hospital-2.bin"),
+    )
+    .unwrap();
+    assert!(run(&["keygen", "--kit", impostor.to_str().unwrap()]).0);
+    let theirs = project.join("hospital-1/he-attestations/hospital-2.json");
+    let good = std::fs::read(&theirs).unwrap();
+    std::fs::copy(impostor.join("he-attestation.json"), &theirs).unwrap();
+    let refuses = |says: &str| {
+        let (ok, said) = run(&[
+            "client",
+            "--kit",
+            &kit("hospital-1"),
+            "--server",
+            &addr,
+            "--work-dir",
+            &work,
+        ]);
+        assert!(!ok && said.contains(says), "{said}");
+    };
+    refuses("hospital-2 states other keys than this kit makes");
+    let altered = String::from_utf8(good.clone())
+        .unwrap()
+        .replace("site: hospital-2", "site: hospital-9");
+    std::fs::write(&theirs, altered).unwrap();
+    refuses("not the certificate's key's over this statement");
+    std::fs::copy(
+        project.join("hospital-1/he-attestations/hospital-1.json"),
+        &theirs,
+    )
+    .unwrap();
+    refuses("signed by hospital-1, not by hospital-2");
+    std::fs::write(&theirs, &good).unwrap();
 }
 
 /// Threshold multiparty keys made as a deployment makes them: provisioned
 /// 2 of 3, each hospital's key share and transport key carried to every
-/// kit, every hospital printing one roster, dealing only when given that
-/// roster's fingerprint and only once, the deals carried to their
-/// recipients. A round then completes with two hospitals while the third
-/// never comes. A deal that does not open, a deal of another dealer, a
-/// transport key under a hospital's name that is not its own, a kit whose
-/// roster changed after dealing, a threshold of 1, and a server with fewer
-/// certified parties than the threshold are refused.
+/// kit, each hospital signing a statement of the keys its kit makes, the
+/// statements carried to every kit, each hospital dealing only when every
+/// statement agrees with its own and only once, the deals carried to their
+/// recipients. A kit with a transport key swapped by whoever carried them
+/// is caught by the statements before anyone deals. A round then
+/// completes with two hospitals while the third never comes. A deal that
+/// does not open, a deal of another dealer, a transport key under a
+/// hospital's name that is not its own, a threshold of 1, and a server
+/// with fewer certified parties than the threshold are refused.
 #[test]
 fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -990,40 +1064,76 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     let (ok, said) = provision("2");
     assert!(ok, "{said}");
     let server = project.join("server");
-    for h in sites {
-        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
-        assert!(ok && said.contains("run keygen again"), "{said}");
-        for (file, folder) in [
-            ("he-keyshare.bin", "he-keyshares"),
-            ("he-transport.bin", "he-transport"),
-        ] {
+    // The operator gathers each hospital's public file into the server's
+    // kit, then copies that folder into every hospital's kit.
+    let carry = |file: &str, folder: &str, ext: &str, from: &[&str]| {
+        std::fs::create_dir_all(server.join(folder)).unwrap();
+        for h in from {
             std::fs::copy(
                 project.join(h).join(file),
-                server.join(format!("{folder}/{h}.bin")),
+                server.join(folder).join(format!("{h}.{ext}")),
             )
             .unwrap();
         }
-    }
-    // Every kit shows the roster; nothing is dealt without its fingerprint.
-    let mut fingerprints = Vec::new();
+        for h in sites {
+            copy_into(&server.join(folder), &project.join(h));
+        }
+    };
     for h in sites {
-        copy_into(&server.join("he-keyshares"), &project.join(h));
-        copy_into(&server.join("he-transport"), &project.join(h));
         let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
-        assert!(ok && said.contains("--deal "), "{said}");
-        let fingerprint = said
-            .lines()
-            .find_map(|l| l.strip_prefix("threshold 2 of 3, roster "))
-            .unwrap()
-            .to_owned();
-        fingerprints.push(fingerprint);
+        assert!(ok && said.contains("run keygen again"), "{said}");
+    }
+    carry("he-keyshare.bin", "he-keyshares", "bin", &sites);
+    carry("he-transport.bin", "he-transport", "bin", &sites);
+    // Whoever carried them put hospital-3's transport key under
+    // hospital-2's name in hospital-1's kit (as an operator would put his
+    // own, to open hospital-1's deal to hospital-2).
+    let swapped = project.join("hospital-1/he-transport/hospital-2.bin");
+    let real = std::fs::read(&swapped).unwrap();
+    std::fs::copy(project.join("hospital-3/he-transport.bin"), &swapped).unwrap();
+    let mut rosters = Vec::new();
+    for h in sites {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(
+            ok && said.contains("signed statement of these keys"),
+            "{said}"
+        );
+        rosters.push(
+            said.lines()
+                .find_map(|l| l.strip_prefix("threshold 2 of 3, roster "))
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_ne!(rosters[0], rosters[1]);
+    assert_eq!(rosters[1], rosters[2]);
+    // Nothing is dealt before every statement is in, nor beside one that
+    // states other keys.
+    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-2"), "--deal"]);
+    assert!(
+        !ok && said.contains("needs every hospital's signed statement"),
+        "{said}"
+    );
+    carry("he-attestation.json", "he-attestations", "json", &sites);
+    for (h, says) in [
+        ("hospital-1", "hospital-2 states other keys"),
+        ("hospital-2", "hospital-1 states other keys"),
+    ] {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h), "--deal"]);
+        assert!(!ok && said.contains(says), "{h}: {said}");
+    }
+    for h in sites {
         assert!(!project.join(h).join("he-deals-out").exists());
     }
-    assert!(
-        fingerprints.iter().all(|f| *f == fingerprints[0]),
-        "{fingerprints:?}"
+    // The kit put right, hospital-1 signs anew.
+    std::fs::write(&swapped, &real).unwrap();
+    assert!(run(&["keygen", "--kit", &kit("hospital-1")]).0);
+    carry(
+        "he-attestation.json",
+        "he-attestations",
+        "json",
+        &["hospital-1"],
     );
-    let fingerprint = fingerprints[0].clone();
     let work = tmp.path().join("refused");
     let client_refuses = |h: &str, says: &str| {
         let (ok, said) = run(&[
@@ -1039,16 +1149,15 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         assert!(!work.exists(), "refused before touching any data");
     };
     client_refuses("hospital-1", "has not dealt yet");
-    let other = format!("{}0", &fingerprint[..fingerprint.len() - 1]);
-    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-1"), "--deal", &other]);
-    assert!(!ok && said.contains("is not this kit's roster"), "{said}");
+    let fingerprint = rosters[1].clone();
     for h in sites {
-        let (ok, said) = run(&["keygen", "--kit", &kit(h), "--deal", &fingerprint]);
+        let (ok, said) = run(&["keygen", "--kit", &kit(h), "--deal"]);
         assert!(ok && said.contains("deals made"), "{said}");
+        assert!(said.contains(&fingerprint), "{said}");
         // Asked again, it keeps the deals it made (dealing twice for one
         // roster would give keys that do not fit together).
         let dealt = std::fs::read(project.join(h).join("he-deals-out/hospital-1.bin")).unwrap();
-        for again in [&[][..], &["--deal", &fingerprint][..]] {
+        for again in [&[][..], &["--deal"][..]] {
             let (ok, said) = run(&[&["keygen", "--kit", &kit(h)][..], again].concat());
             assert!(ok && said.contains("made before, kept"), "{said}");
         }
@@ -1126,7 +1235,8 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     drop(clients);
 
     // hospital-3's kit, tampered: a deal that does not open, a deal of
-    // another dealer under hospital-2's name.
+    // another dealer under hospital-2's name, its own transport key
+    // replaced.
     let deal = project.join("hospital-3/he-deals/hospital-2.bin");
     let good = std::fs::read(&deal).unwrap();
     let mut bad = good.clone();
@@ -1144,25 +1254,9 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         "a deal from party 1 to party 3, where hospital-2 is party 2",
     );
     std::fs::write(&deal, &good).unwrap();
-    // A roster changed after dealing: another hospital's transport key
-    // replaced (an operator's own, say), then hospital-3's own.
-    let transports = project.join("hospital-3/he-transport");
-    let theirs = std::fs::read(transports.join("hospital-2.bin")).unwrap();
     std::fs::copy(
         project.join("hospital-1/he-transport.bin"),
-        transports.join("hospital-2.bin"),
-    )
-    .unwrap();
-    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-3")]);
-    assert!(
-        !ok && said.contains("this hospital dealt for roster"),
-        "{said}"
-    );
-    client_refuses("hospital-3", "the kit changed since");
-    std::fs::write(transports.join("hospital-2.bin"), &theirs).unwrap();
-    std::fs::copy(
-        project.join("hospital-1/he-transport.bin"),
-        transports.join("hospital-3.bin"),
+        project.join("hospital-3/he-transport/hospital-3.bin"),
     )
     .unwrap();
     let (ok, said) = run(&["keygen", "--kit", &kit("hospital-3")]);

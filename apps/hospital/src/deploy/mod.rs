@@ -78,10 +78,10 @@ pub struct KeygenArgs {
     /// The hospital's startup kit (provisioned with `--keys multiparty`).
     #[arg(long)]
     pub kit: PathBuf,
-    /// Under a threshold: deal, for the roster of this fingerprint (the
-    /// one every hospital's `keygen` printed, compared between them).
-    #[arg(long, value_name = "FINGERPRINT")]
-    pub deal: Option<String>,
+    /// Under a threshold: deal (once every hospital's signed statement is
+    /// in the kit and agrees with this kit's keys).
+    #[arg(long)]
+    pub deal: bool,
 }
 
 /// `hospital server`.
@@ -267,16 +267,17 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
             println!(
                 "CKKS multiparty keys: each hospital runs `hospital keygen --kit <its kit>` and sends its {}; \
                  put them in server/{}/<site>.bin, then copy those files into the same folder of every \
-                 hospital's kit (docs/deployment.md)",
+                 hospital's kit; each runs keygen again and its signed he-attestation.json goes the same way, \
+                 into he-attestations/<site>.json (docs/deployment.md)",
                 crate::he_keys::kit::KEYSHARE_FILE,
                 crate::he_keys::kit::KEYSHARES_DIR
             );
             if let Some(t) = a.threshold {
                 println!(
                     "threshold {t} of {}: each hospital's {} goes the same way, into {}/<site>.bin; \
-                     then each runs `hospital keygen` again, the hospitals compare the roster it prints, \
-                     each deals with `hospital keygen --deal <fingerprint>`, and each {}/<site>.bin goes to \
-                     <site's kit>/{}/<dealer>.bin",
+                     then each runs `hospital keygen` again and its he-attestation.json goes the same way, \
+                     into he-attestations/<site>.json; then each deals with `hospital keygen --deal`, and each \
+                     {}/<site>.bin goes to <site's kit>/{}/<dealer>.bin",
                     a.hospitals,
                     crate::he_keys::kit::TRANSPORT_FILE,
                     crate::he_keys::kit::TRANSPORT_DIR,
@@ -294,7 +295,7 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
 /// key share for the server's operator.
 pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
     use crate::he_keys::kit;
-    let made = kit::keygen(&a.kit, a.deal.as_deref())?;
+    let made = kit::keygen(&a.kit, a.deal)?;
     println!(
         "secret share in {} (keep it); key share in {}: send it to the server's operator",
         a.kit.join(kit::PARTY_KEY_FILE).display(),
@@ -306,36 +307,56 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
             transport.display()
         );
     }
-    let roster = |r: &kit::RosterInfo| {
+    let Some((view, statement)) = &made.attested else {
+        println!(
+            "once every hospital's key share is in {}/{}, run keygen again",
+            a.kit.join(kit::KEYSHARES_DIR).display(),
+            if made.transport.is_some() {
+                format!(" and its transport key in {}/", kit::TRANSPORT_DIR)
+            } else {
+                String::new()
+            }
+        );
+        return Ok(());
+    };
+    println!("collective key {}", key_id_hex(view.key_id));
+    if let Some(r) = &view.roster {
         println!(
             "threshold {} of {}, roster {}",
             r.threshold, r.parties, r.fingerprint
         );
-    };
-    match &made.dealing {
-        None => {}
-        Some(kit::Dealing::WaitingForTransportKeys) => println!(
-            "once every hospital's transport key is in {}/, run keygen again",
-            a.kit.join(kit::TRANSPORT_DIR).display()
+    }
+    println!(
+        "signed statement of these keys in {}: send it to the server's operator",
+        statement.display()
+    );
+    if let Some(why) = &made.disagreement {
+        println!("the statements in the kit do not agree: {why}");
+    }
+    if !made.agreed {
+        println!(
+            "once every hospital's statement is in {}/, run keygen again{}",
+            a.kit.join(kit::ATTESTATIONS_DIR).display(),
+            if view.roster.is_some() {
+                " with --deal"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
+    println!("every hospital states the same keys");
+    match made.dealt {
+        Some(now) => println!(
+            "deals {} in {}: each <site>.bin goes to that site's kit as {}/<this site>.bin",
+            if now { "made" } else { "made before, kept" },
+            a.kit.join(kit::DEALS_OUT_DIR).display(),
+            kit::DEALS_DIR
         ),
-        Some(kit::Dealing::ToCompare(r)) => {
-            roster(r);
-            println!(
-                "compare this roster with the other hospitals (a call of your own, not through the operator); \
-                 when all print the same, deal: hospital keygen --kit {} --deal {}",
-                a.kit.display(),
-                r.fingerprint
-            );
+        None if view.roster.is_some() => {
+            println!("deal: hospital keygen --kit {} --deal", a.kit.display())
         }
-        Some(kit::Dealing::Dealt(r, now)) => {
-            roster(r);
-            println!(
-                "deals {} in {}: each <site>.bin goes to that site's kit as {}/<this site>.bin",
-                if *now { "made" } else { "made before, kept" },
-                a.kit.join(kit::DEALS_OUT_DIR).display(),
-                kit::DEALS_DIR
-            );
-        }
+        None => println!("ready: start the client"),
     }
     Ok(())
 }
@@ -361,7 +382,9 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
                 KeyAuthority::PUBLIC_FILE
             );
         }
-        let (collective, parties) = crate::he_keys::kit::collective(&kit.dir)?;
+        let (collective, parties, view) = crate::he_keys::kit::server_view(&kit.dir)?;
+        // The hospitals' signed statements: every one combined these keys.
+        crate::he_keys::kit::check_attestations(&kit.dir, &view)?;
         let roster = Roster::load(&kit.roster_path())?.active();
         let gone: Vec<String> = parties
             .keys()
@@ -712,9 +735,9 @@ where
         // its share, and opens the global with the output key.
         println!(
             "{identity}: multiparty keys, collective key {}",
-            key_id_hex(keys.key_id)
+            key_id_hex(keys.view.key_id)
         );
-        if let Some(r) = &keys.roster {
+        if let Some(r) = &keys.view.roster {
             println!(
                 "{identity}: threshold {} of {}, roster {}",
                 r.threshold, r.parties, r.fingerprint

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use fedcore::ClientId;
+use fedcore::net::provision::{Kit, SignedStatement};
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer};
 use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster as HeRoster};
 use fedcore_he::{CkksContext, CkksParams, KeyAuthority, Secret};
@@ -73,6 +74,13 @@ const DEALT_FOR_FILE: &str = "roster-fingerprint.txt";
 /// In a hospital's kit: the roster it dealt for, written before its deals
 /// can leave (it deals once, for that roster).
 const DEALT_FILE: &str = "he-dealt.txt";
+/// A hospital's statement of the keys its kit makes, signed with its
+/// kit's key, written by `keygen` for the operator to carry.
+pub const ATTESTATION_FILE: &str = "he-attestation.json";
+/// Every hospital's signed statement, one `<site>.json` each.
+pub const ATTESTATIONS_DIR: &str = "he-attestations";
+/// The largest statement file read (one is about 1.5 KB).
+const MAX_ATTESTATION_FILE: u64 = 64 << 10;
 /// The largest deal file read (a deal at the multiparty parameters is
 /// 197 KB).
 const MAX_DEAL_FILE: u64 = 4 << 20;
@@ -189,6 +197,7 @@ pub fn parties(kit: &Path) -> Result<BTreeMap<ClientId, u32>> {
 fn per_site(
     kit: &Path,
     folder: &str,
+    ext: &str,
     max: u64,
     what: &str,
     how: &str,
@@ -197,7 +206,7 @@ fn per_site(
     let dir = kit.join(folder);
     let mut out = BTreeMap::new();
     let entries = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {} (one {what} <site>.bin each)", dir.display()))?;
+        .with_context(|| format!("reading {} (one {what} <site>.{ext} each)", dir.display()))?;
     for entry in entries {
         let path = entry?.path();
         let name = || format!("{}", path.display());
@@ -205,11 +214,11 @@ fn per_site(
         let site = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".bin"))
+            .and_then(|n| n.strip_suffix(ext)?.strip_suffix('.'))
             .filter(|_| meta.is_file());
         let Some(site) = site else {
             bail!(
-                "{}: {folder}/ holds only files <site>.bin (copy the files, not their folder)",
+                "{}: {folder}/ holds only files <site>.{ext} (copy the files, not their folder)",
                 path.display()
             );
         };
@@ -246,6 +255,7 @@ fn shares(kit: &Path) -> Result<BTreeMap<ClientId, KeyShare>> {
     let files = per_site(
         kit,
         KEYSHARES_DIR,
+        "bin",
         MAX_SHARE_FILE,
         "key share",
         "every hospital runs `hospital keygen` first",
@@ -274,6 +284,7 @@ fn roster(kit: &Path, t: usize) -> Result<HeRoster> {
     let files = per_site(
         kit,
         TRANSPORT_DIR,
+        "bin",
         32,
         "transport key",
         "every hospital runs `hospital keygen` and sends its he-transport.bin",
@@ -297,6 +308,7 @@ fn deals(kit: &Path, party: u32) -> Result<Vec<Deal>> {
     let files = per_site(
         kit,
         DEALS_DIR,
+        "bin",
         MAX_DEAL_FILE,
         "deal",
         "every hospital deals (`hospital keygen` once every transport key is in its kit) and \
@@ -367,7 +379,7 @@ pub struct RosterInfo {
     pub threshold: usize,
     /// How many hospitals it lists.
     pub parties: usize,
-    /// [`HeRoster::fingerprint`]: what the hospitals compare.
+    /// [`HeRoster::fingerprint`].
     pub fingerprint: String,
 }
 
@@ -381,36 +393,149 @@ impl RosterInfo {
     }
 }
 
-/// Where a hospital's threshold keys stand after `keygen`.
-#[derive(Debug)]
-pub enum Dealing {
-    /// `he-transport/` is not in the kit yet.
-    WaitingForTransportKeys,
-    /// Every transport key is in: the roster, to compare with the other
-    /// hospitals before dealing (`keygen --deal <fingerprint>`).
-    ToCompare(RosterInfo),
-    /// The deals are in `he-deals-out/`; `true` when this call made them.
-    Dealt(RosterInfo, bool),
+/// The keys a kit makes, as the hospitals state them to each other: the
+/// seed, the collective key's id and, under a threshold, the roster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyView {
+    seed: [u8; 32],
+    /// The collective key's id.
+    pub key_id: [u8; 16],
+    /// Under a threshold: the roster.
+    pub roster: Option<RosterInfo>,
 }
 
-/// What `keygen` wrote.
+impl KeyView {
+    fn of(collective: &CollectiveKey) -> Self {
+        Self {
+            seed: collective.crs().bytes(),
+            key_id: collective.context().key_id(),
+            roster: collective.roster().map(RosterInfo::of),
+        }
+    }
+
+    /// What `site` signs: these keys, in words.
+    fn statement(&self, site: &str) -> String {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let roster = self.roster.as_ref().map_or_else(
+            || "every hospital (N-of-N)".to_owned(),
+            |r| format!("{} of {}, roster {}", r.threshold, r.parties, r.fingerprint),
+        );
+        format!(
+            "fedcore-hospital multiparty keys v1\nsite: {site}\nseed: {}\ncollective key: {}\nthreshold: {roster}\n",
+            hex(&self.seed),
+            hex(&self.key_id)
+        )
+    }
+}
+
+/// The collective key of `kit` and what it is, from the server's side.
+pub fn server_view(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>, KeyView)> {
+    let (collective, parties) = collective(kit)?;
+    let view = KeyView::of(&collective);
+    Ok((collective, parties, view))
+}
+
+/// Checks every hospital's signed statement in `kit/he-attestations/`: one
+/// per listed site, signed with that site's certificate from the
+/// project's CA (`ca.pem` in the kit), stating the keys of `view`. Equal
+/// statements mean that every hospital combined the same key shares (in
+/// which each found its own) and the same transport keys; whoever carried
+/// them could not make a hospital state what it did not.
+pub fn check_attestations(kit: &Path, view: &KeyView) -> Result<()> {
+    let ca = std::fs::read_to_string(kit.join("ca.pem"))
+        .with_context(|| format!("reading {}", kit.join("ca.pem").display()))?;
+    let files = per_site(
+        kit,
+        ATTESTATIONS_DIR,
+        "json",
+        MAX_ATTESTATION_FILE,
+        "signed statement",
+        "every hospital runs `hospital keygen` once every key share is in its kit, and its \
+         he-attestation.json is copied here as <site>.json",
+    )?;
+    for (site, (_, bytes)) in files {
+        let path = kit.join(ATTESTATIONS_DIR).join(format!("{site}.json"));
+        let signed: SignedStatement = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a signed statement", path.display()))?;
+        let signer = signed
+            .verify(&ca)
+            .with_context(|| format!("{}", path.display()))?;
+        if signer != site.as_str() {
+            bail!("{}: signed by {signer}, not by {site}", path.display());
+        }
+        let mine = view.statement(site.as_str());
+        if signed.statement != mine {
+            bail!(
+                "{site} states other keys than this kit makes:\n{}\nthis kit:\n{mine}\nthe kits hold different \
+                 key shares, transport keys or seeds: do not deal or start; find out which kit was changed",
+                signed.statement
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The collective key of `kit` as hospital `me` (`key` its secret share)
+/// combines it, once the share under its name is its own and, under a
+/// threshold, the transport key under its name too.
+fn hospital_view(kit: &Path, key: &PartyKey, me: &str) -> Result<(CollectiveKey, KeyView)> {
+    let mine = key.key_share(&crs(kit)?)?;
+    let listed = shares(kit)?;
+    match listed.get(&ClientId::new(me)) {
+        Some(s) if *s == mine => {}
+        Some(_) => bail!(
+            "{}/{me}.bin is not this hospital's key share: the collective key would not be the one it made",
+            kit.join(KEYSHARES_DIR).display()
+        ),
+        None => bail!(
+            "{} has no share of {me}: copy the server kit's {KEYSHARES_DIR}/ here once every hospital's is in it",
+            kit.join(KEYSHARES_DIR).display()
+        ),
+    }
+    let (collective, _) = combine(kit, listed)?;
+    if let Some(roster) = collective.roster()
+        && roster.transport(key.party()) != Some(key.transport_key())
+    {
+        bail!(
+            "{}/{me}.bin is not this hospital's transport key ({TRANSPORT_FILE}): deals to it would be sealed to someone else",
+            kit.join(TRANSPORT_DIR).display()
+        );
+    }
+    let view = KeyView::of(&collective);
+    Ok((collective, view))
+}
+
+/// What `keygen` wrote, and where the kit stands.
 #[derive(Debug)]
 pub struct Keygen {
     /// The key share, for the server's operator.
     pub share: PathBuf,
     /// Under a threshold: the transport key, for the operator too.
     pub transport: Option<PathBuf>,
-    /// Under a threshold: where the dealing stands.
-    pub dealing: Option<Dealing>,
+    /// Once every key share (and transport key) is in the kit: the keys
+    /// it makes and the signed statement of them, for the operator.
+    pub attested: Option<(KeyView, PathBuf)>,
+    /// Whether every hospital's statement is in the kit and agrees.
+    pub agreed: bool,
+    /// Why the statements in the kit do not agree (yet): a stale one, or
+    /// a kit that makes other keys.
+    pub disagreement: Option<String>,
+    /// Under a threshold, once dealt: whether this call made the deals
+    /// (`false`: an earlier one, for the same roster).
+    pub dealt: Option<bool>,
 }
 
-/// `hospital keygen`: the hospital's secret share (made here once, read
-/// back after) and its key share, written to `he-keyshare.bin`. Under a
-/// threshold also its transport key; once every hospital's transport key
-/// is in `he-transport/`, the roster they make, and with `deal` (that
-/// roster's fingerprint, as the hospitals agreed on it) its deals, made
-/// once.
-pub fn keygen(kit: &Path, deal: Option<&str>) -> Result<Keygen> {
+/// `hospital keygen`, run at each hospital as the operator brings the
+/// others' public files:
+/// 1. the hospital's secret share (made here once, read back after), its
+///    key share (`he-keyshare.bin`) and, under a threshold, its transport
+///    key (`he-transport.bin`);
+/// 2. once every key share (and transport key) is in the kit: the
+///    collective key, and a statement of it signed with the kit's key
+///    (`he-attestation.json`);
+/// 3. once every hospital's statement is in `he-attestations/`: whether
+///    they agree; under a threshold, with `deal`, its deals (made once).
+pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
     if !is_multiparty(kit) {
         bail!(
             "{} was not provisioned for multiparty keys (no {CRS_FILE}; `hospital provision --keys multiparty`)",
@@ -418,11 +543,13 @@ pub fn keygen(kit: &Path, deal: Option<&str>) -> Result<Keygen> {
         );
     }
     let threshold = threshold(kit)?;
-    if deal.is_some() && threshold.is_none() {
+    if deal && threshold.is_none() {
         bail!(
             "--deal applies to a kit provisioned with --threshold: under N-of-N nothing is dealt"
         );
     }
+    let signer = Kit::load(kit)?;
+    let me = signer.info.identity.clone();
     let key_path = kit.join(PARTY_KEY_FILE);
     let number = kit.join(PARTY_NUMBER_FILE);
     let party: u32 = std::fs::read_to_string(&number)
@@ -430,6 +557,9 @@ pub fn keygen(kit: &Path, deal: Option<&str>) -> Result<Keygen> {
         .trim()
         .parse()
         .with_context(|| format!("{}: not a party number", number.display()))?;
+    if site_of(kit, party)?.as_str() != me {
+        bail!("{}: party {party} is not {me}", number.display());
+    }
     let key = if key_path.exists() {
         let key = PartyKey::from_file(&key_path).with_context(|| {
             format!(
@@ -453,69 +583,92 @@ pub fn keygen(kit: &Path, deal: Option<&str>) -> Result<Keygen> {
     // The same share for the same secret and seed: writing it again is safe.
     let share = kit.join(KEYSHARE_FILE);
     write(&share, &key.key_share(&crs(kit)?)?.to_bytes())?;
-    let Some(t) = threshold else {
-        return Ok(Keygen {
-            share,
-            transport: None,
-            dealing: None,
-        });
+    let transport = match threshold {
+        Some(_) => {
+            let path = kit.join(TRANSPORT_FILE);
+            write(&path, &key.transport_key())?;
+            Some(path)
+        }
+        None => None,
     };
-    let transport = kit.join(TRANSPORT_FILE);
-    write(&transport, &key.transport_key())?;
-    let dealing = if kit.join(TRANSPORT_DIR).exists() {
-        dealing(kit, &key, t, deal).with_context(|| {
-            format!(
-                "(the key share {} and the transport key {} are written)",
-                share.display(),
-                transport.display()
-            )
-        })?
-    } else if deal.is_some() {
-        bail!(
-            "--deal: {} is missing: every hospital's transport key comes first",
-            kit.join(TRANSPORT_DIR).display()
-        );
-    } else {
-        Dealing::WaitingForTransportKeys
-    };
-    Ok(Keygen {
+    let mut made = Keygen {
         share,
-        transport: Some(transport),
-        dealing: Some(dealing),
-    })
+        transport,
+        attested: None,
+        agreed: false,
+        disagreement: None,
+        dealt: None,
+    };
+    let ready = kit.join(KEYSHARES_DIR).exists()
+        && (threshold.is_none() || kit.join(TRANSPORT_DIR).exists());
+    if !ready {
+        if deal {
+            bail!("--deal: every hospital's key share and transport key come first");
+        }
+        return Ok(made);
+    }
+    let written = || {
+        format!(
+            "(this hospital's {KEYSHARE_FILE}{} written)",
+            if threshold.is_some() {
+                format!(" and {TRANSPORT_FILE} are")
+            } else {
+                " is".into()
+            }
+        )
+    };
+    let (collective, view) = hospital_view(kit, &key, &me).with_context(written)?;
+    let statement = signer.sign(&view.statement(&me))?;
+    let path = kit.join(ATTESTATION_FILE);
+    write(&path, &serde_json::to_vec_pretty(&statement)?)?;
+    made.attested = Some((view.clone(), path));
+    if kit.join(ATTESTATIONS_DIR).exists() {
+        match check_attestations(kit, &view) {
+            Ok(()) => made.agreed = true,
+            // Dealing needs agreement; otherwise this is news for the
+            // operator (a statement to carry again, or a kit to examine).
+            Err(e) if !deal => made.disagreement = Some(format!("{e:#}")),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(roster) = collective.roster() {
+        made.dealt = dealing(kit, &key, roster, &me, deal, made.agreed)?;
+    }
+    Ok(made)
 }
 
-/// The roster of `kit` (threshold `t`) and, with `deal` equal to its
-/// fingerprint, `key`'s deals to it in `he-deals-out/`. A hospital deals
-/// once: `he-dealt.txt`, written before its deals can leave, records the
-/// roster; a second set of deals for one roster (some members opening the
-/// first, some the second) would give threshold keys that do not fit
-/// together, and deals for another roster mean the kit changed under it.
-fn dealing(kit: &Path, key: &PartyKey, t: usize, deal: Option<&str>) -> Result<Dealing> {
-    let roster = roster(kit, t)?;
-    let me = site_of(kit, key.party())?;
-    if roster.transport(key.party()) != Some(key.transport_key()) {
-        bail!(
-            "{}/{me}.bin is not this hospital's transport key ({TRANSPORT_FILE}): deals to it would be sealed to someone else",
-            kit.join(TRANSPORT_DIR).display()
-        );
-    }
-    let info = RosterInfo::of(&roster);
+/// `key`'s deals to `roster` in `he-deals-out/`, made once and only when
+/// `deal` is asked and every hospital's statement `agreed` with this kit:
+/// before that, an operator who put transport keys of his own in the kits
+/// could open the deals. `he-dealt.txt`, written before the deals can
+/// leave, records the roster: a second set of deals for one roster (some
+/// members opening the first, some the second) would give threshold keys
+/// that do not fit together, and deals for another roster mean the kit
+/// changed under it. Returns whether this call dealt (`None`: not dealt).
+fn dealing(
+    kit: &Path,
+    key: &PartyKey,
+    roster: &HeRoster,
+    me: &str,
+    deal: bool,
+    agreed: bool,
+) -> Result<Option<bool>> {
+    let fingerprint = roster.fingerprint();
     let out = kit.join(DEALS_OUT_DIR);
     let partial = kit.join(format!("{DEALS_OUT_DIR}.partial"));
+    let me = ClientId::new(me);
     if let Some(before) = dealt_for(kit)? {
-        if before != info.fingerprint {
+        if before != fingerprint {
             bail!(
-                "this hospital dealt for roster {before} ({DEALT_FILE}); this kit's roster is {}: the kit's \
-                 transport keys or threshold changed since, and it deals once (for new members, provision anew)",
-                info.fingerprint
+                "this hospital dealt for roster {before} ({DEALT_FILE}); this kit's roster is {fingerprint}: the \
+                 kit's transport keys or threshold changed since, and it deals once (for new members, provision anew)"
             );
         }
         if !out.exists() {
             // Cut short between the record and the rename: the deals are
             // in the partial folder, and none has left.
             let made = std::fs::read_to_string(partial.join(DEALT_FOR_FILE)).unwrap_or_default();
-            if made.trim() != info.fingerprint {
+            if made.trim() != fingerprint {
                 bail!(
                     "{DEALT_FILE} says this hospital dealt for roster {before}, but {} is gone: restore it \
                      (the operator has copies); dealing again would hand out shares that do not fit the first",
@@ -526,17 +679,16 @@ fn dealing(kit: &Path, key: &PartyKey, t: usize, deal: Option<&str>) -> Result<D
                 .with_context(|| format!("moving the deals to {}", out.display()))?;
         }
         keep_own_deal(kit, &out, &me)?;
-        return Ok(Dealing::Dealt(info, false));
+        return Ok(Some(false));
     }
-    let Some(agreed) = deal else {
-        return Ok(Dealing::ToCompare(info));
-    };
-    if !agreed.trim().eq_ignore_ascii_case(&info.fingerprint) {
+    if !deal {
+        return Ok(None);
+    }
+    if !agreed {
         bail!(
-            "--deal {agreed} is not this kit's roster {}: the hospitals' kits differ (a transport key or \
-             the threshold); compare {}/ between the hospitals before anyone deals",
-            info.fingerprint,
-            TRANSPORT_DIR
+            "--deal needs every hospital's signed statement in {}/, agreeing with this kit's: \
+             before that, deals could be sealed to transport keys that are not the hospitals'",
+            kit.join(ATTESTATIONS_DIR).display()
         );
     }
     let names = parties(kit)?;
@@ -554,19 +706,19 @@ fn dealing(kit: &Path, key: &PartyKey, t: usize, deal: Option<&str>) -> Result<D
             .with_context(|| format!("removing {}", partial.display()))?;
     }
     std::fs::create_dir_all(&partial)?;
-    for d in key.deal(&roster, &crs(kit)?)? {
+    for d in key.deal(roster, &crs(kit)?)? {
         write(
             &partial.join(format!("{}.bin", site(d.recipient()))),
             &d.to_bytes(),
         )?;
     }
-    let record = format!("{}\n", info.fingerprint);
+    let record = format!("{fingerprint}\n");
     write(&partial.join(DEALT_FOR_FILE), record.as_bytes())?;
     write(&kit.join(DEALT_FILE), record.as_bytes())?;
     std::fs::rename(&partial, &out)
         .with_context(|| format!("moving the deals to {}", out.display()))?;
     keep_own_deal(kit, &out, &me)?;
-    Ok(Dealing::Dealt(info, true))
+    Ok(Some(true))
 }
 
 /// The roster fingerprint this hospital dealt for, if it has dealt.
@@ -595,16 +747,15 @@ pub struct HospitalKeys {
     pub sealer: MultipartySealer,
     /// Answers the key switch with the secret share or the threshold key.
     pub switcher: KeySwitcher,
-    /// The collective key's id.
-    pub key_id: [u8; 16],
-    /// Under a threshold: the roster.
-    pub roster: Option<RosterInfo>,
+    /// The keys, as every hospital stated them.
+    pub view: KeyView,
 }
 
 /// A hospital's keys from its kit (`identity` is its site): its secret
 /// share (or, under a threshold, the threshold key it opens from the deals
 /// addressed to it), the output key, and the collective key of the shares
-/// in its kit, once the share under its name is checked to be its own.
+/// in its kit, once the share under its name is checked to be its own and
+/// every hospital's signed statement agrees with it.
 pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
     let key_path = kit.join(PARTY_KEY_FILE);
     if !key_path.exists() {
@@ -615,45 +766,26 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
         );
     }
     let key = PartyKey::from_file(&key_path)?;
-    let crs = crs(kit)?;
-    let mine = key.key_share(&crs)?;
-    let listed = shares(kit)?;
-    match listed.get(&ClientId::new(identity)) {
-        Some(s) if *s == mine => {}
-        Some(_) => bail!(
-            "{}/{identity}.bin is not this hospital's key share: the collective key would not be the one it made",
-            kit.join(KEYSHARES_DIR).display()
-        ),
-        None => bail!(
-            "{} has no share of {identity}: copy the server kit's {KEYSHARES_DIR}/ here once every hospital's is in it",
-            kit.join(KEYSHARES_DIR).display()
-        ),
-    }
-    let (collective, _) = combine(kit, listed)?;
+    let (collective, view) = hospital_view(kit, &key, identity)?;
+    check_attestations(kit, &view)?;
     let output = CkksContext::<Secret>::from_file(&kit.join(KeyAuthority::SECRET_FILE))?;
-    let key_id = collective.context().key_id();
-    let (switcher, roster) = match collective.roster().cloned() {
-        None => (
-            KeySwitcher::new(key, collective.clone(), output.public())?,
-            None,
-        ),
+    let switcher = match collective.roster().cloned() {
+        None => KeySwitcher::new(key, collective.clone(), output.public())?,
         Some(roster) => {
-            let info = RosterInfo::of(&roster);
             match dealt_for(kit)? {
-                Some(f) if f == info.fingerprint => {}
+                Some(f) if f == roster.fingerprint() => {}
                 Some(f) => bail!(
                     "this hospital dealt for roster {f} ({DEALT_FILE}); this kit's roster is {}: the kit changed \
                      since (provision anew for new members)",
-                    info.fingerprint
+                    roster.fingerprint()
                 ),
                 None => bail!(
-                    "this hospital has not dealt yet: compare the roster with the other hospitals, then \
-                     `hospital keygen --kit {} --deal <fingerprint>`",
+                    "this hospital has not dealt yet: `hospital keygen --kit {} --deal`",
                     kit.display()
                 ),
             }
             let threshold = key
-                .threshold_key(&roster, &crs, &deals(kit, key.party())?)
+                .threshold_key(&roster, &crs(kit)?, &deals(kit, key.party())?)
                 .with_context(|| {
                     format!(
                         "opening the deals in {} (roster {})",
@@ -661,14 +793,12 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
                         roster.fingerprint()
                     )
                 })?;
-            let switcher = KeySwitcher::threshold(threshold, collective.clone(), output.public())?;
-            (switcher, Some(info))
+            KeySwitcher::threshold(threshold, collective.clone(), output.public())?
         }
     };
     Ok(HospitalKeys {
         sealer: MultipartySealer::new(&collective, output),
         switcher,
-        key_id,
-        roster,
+        view,
     })
 }
