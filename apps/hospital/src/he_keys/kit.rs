@@ -132,6 +132,7 @@ pub fn provision(
         )?;
     }
     std::fs::create_dir_all(server.join(KEYSHARES_DIR))?;
+    std::fs::create_dir_all(server.join(ATTESTATIONS_DIR))?;
     if threshold.is_some() {
         std::fs::create_dir_all(server.join(TRANSPORT_DIR))?;
     }
