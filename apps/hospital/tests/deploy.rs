@@ -881,6 +881,13 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
         shares.join("hospital-2.bin"),
     )
     .unwrap();
+    // The statements: one missing, or hospital-1's under hospital-2's name.
+    let second = statements.join("hospital-2.json");
+    std::fs::remove_file(&second).unwrap();
+    server_refuses(&[], "has no signed statement of hospital-2");
+    std::fs::copy(statements.join("hospital-1.json"), &second).unwrap();
+    server_refuses(&[], "signed by hospital-1, not by hospital-2");
+    std::fs::copy(project.join("hospital-2/he-attestation.json"), &second).unwrap();
 
     let (_server, lines) = small_server(&kit("server"), &run_dir, "2");
     let mut printed = Vec::new();
@@ -1125,9 +1132,14 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     for h in sites {
         assert!(!project.join(h).join("he-deals-out").exists());
     }
-    // The kit put right, hospital-1 signs anew.
+    // The kit put right, hospital-1 signs anew; its old statement, in
+    // every kit, is no longer what it states.
     std::fs::write(&swapped, &real).unwrap();
-    assert!(run(&["keygen", "--kit", &kit("hospital-1")]).0);
+    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-1")]);
+    assert!(
+        !ok && said.contains("own statement is not the one it makes now"),
+        "{said}"
+    );
     carry(
         "he-attestation.json",
         "he-attestations",

@@ -244,11 +244,17 @@ impl SignedStatement {
         }
         common_name(&der)
     }
+
+    /// The SHA-256 fingerprint of the signer's certificate, to check it
+    /// against a [`Roster`] (revoked or rotated certificates).
+    pub fn signer_fingerprint(&self) -> Result<String> {
+        Ok(fingerprint(&pem_certificate(&self.certificate)?))
+    }
 }
 
 /// Lower-case or upper-case hex to bytes.
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -963,7 +969,28 @@ mod tests {
             certificate: h2.cert_pem.clone(),
             ..signed.clone()
         };
-        assert!(claimed.verify(&h2.ca_pem).is_err());
+        let e = claimed.verify(&h2.ca_pem).unwrap_err().to_string();
+        assert!(e.contains("not the certificate's key's"), "{e}");
+        assert_ne!(
+            claimed.signer_fingerprint().unwrap(),
+            signed.signer_fingerprint().unwrap()
+        );
+        // The server's certificate (server authentication only) is not a
+        // participant's.
+        let server = Kit::load(project.server_kit()).unwrap();
+        let e = server
+            .sign("key id 00ff")
+            .unwrap()
+            .verify(&h2.ca_pem)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+        // Another scheme than the one it was signed with.
+        let rescheme = SignedStatement {
+            scheme: u16::from(rustls::SignatureScheme::ECDSA_NISTP384_SHA384),
+            ..signed.clone()
+        };
+        assert!(rescheme.verify(&h2.ca_pem).is_err());
         // A certificate of another project's CA (the same names).
         let other = Project::create(tmp.path().join("b"), &spec).unwrap();
         let stranger = Kit::load(other.site_kit("h1")).unwrap();
@@ -979,6 +1006,13 @@ mod tests {
         cut.signature.truncate(cut.signature.len() - 2);
         assert!(cut.verify(&h2.ca_pem).is_err());
         cut.signature.push_str("zz");
+        assert!(
+            cut.verify(&h2.ca_pem)
+                .unwrap_err()
+                .to_string()
+                .contains("not hex")
+        );
+        cut.signature = format!("+{}", &signed.signature[1..]);
         assert!(
             cut.verify(&h2.ca_pem)
                 .unwrap_err()

@@ -330,13 +330,11 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
         "signed statement of these keys in {}: send it to the server's operator",
         statement.display()
     );
-    if let Some(why) = &made.disagreement {
-        println!("the statements in the kit do not agree: {why}");
-    }
     if !made.agreed {
         println!(
-            "once every hospital's statement is in {}/, run keygen again{}",
+            "once every hospital's statement is in {}/ (missing: {}), run keygen again{}",
             a.kit.join(kit::ATTESTATIONS_DIR).display(),
+            made.missing.join(", "),
             if view.roster.is_some() {
                 " with --deal"
             } else {
@@ -383,9 +381,8 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
             );
         }
         let (collective, parties, view) = crate::he_keys::kit::server_view(&kit.dir)?;
-        // The hospitals' signed statements: every one combined these keys.
-        crate::he_keys::kit::check_attestations(&kit.dir, &view)?;
-        let roster = Roster::load(&kit.roster_path())?.active();
+        let certificates = Roster::load(&kit.roster_path())?;
+        let roster = certificates.active();
         let gone: Vec<String> = parties
             .keys()
             .filter(|p| !roster.contains(&p.to_string()))
@@ -412,6 +409,21 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
                  (a revoked hospital keeps its threshold key: make new keys without it)",
                 gone.join(", "),
                 parties.len() - gone.len()
+            );
+        }
+        // The hospitals' signed statements: every one combined these keys
+        // (each signed with a certificate the roster admits).
+        use crate::he_keys::kit::{Checker, Statements, check_attestations};
+        if let Statements::Missing(sites) =
+            check_attestations(&kit.dir, &view, Checker::Server(&certificates, &gone))?
+        {
+            bail!(
+                "{} has no signed statement of {}: each hospital's he-attestation.json goes there as \
+                 <site>.json (docs/deployment.md)",
+                kit.dir
+                    .join(crate::he_keys::kit::ATTESTATIONS_DIR)
+                    .display(),
+                sites.join(", ")
             );
         }
         println!(

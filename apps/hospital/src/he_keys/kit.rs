@@ -40,7 +40,7 @@ use fedcore::ClientId;
 use fedcore::net::provision::{Kit, SignedStatement};
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer};
 use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster as HeRoster};
-use fedcore_he::{CkksContext, CkksParams, KeyAuthority, Secret};
+use fedcore_he::{CkksContext, CkksParams, KeyAuthority, Public, Secret};
 
 use super::CRS_FILE;
 
@@ -395,54 +395,127 @@ impl RosterInfo {
 }
 
 /// The keys a kit makes, as the hospitals state them to each other: the
-/// seed, the collective key's id and, under a threshold, the roster.
+/// seed, the parties, the digest of the very key shares combined (not only
+/// the collective key: shares chosen to add up to a key of someone else's
+/// would give the same key in every kit, each holding its own hospital's
+/// genuine share), the collective key's id, the output key's id and,
+/// under a threshold, the roster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyView {
     seed: [u8; 32],
+    parties: String,
+    shares: [u8; 32],
+    output: [u8; 16],
     /// The collective key's id.
     pub key_id: [u8; 16],
     /// Under a threshold: the roster.
     pub roster: Option<RosterInfo>,
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 impl KeyView {
-    fn of(collective: &CollectiveKey) -> Self {
-        Self {
+    fn of(
+        kit: &Path,
+        shares: &BTreeMap<ClientId, KeyShare>,
+        collective: &CollectiveKey,
+        output: [u8; 16],
+    ) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"fedcore-hospital key shares v1");
+        for (site, share) in shares {
+            let bytes = share.to_bytes();
+            h.update((site.as_str().len() as u64).to_le_bytes());
+            h.update(site.as_str());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+        let parties = parties(kit)?
+            .iter()
+            .map(|(site, p)| format!("{site}={p}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Self {
             seed: collective.crs().bytes(),
+            parties,
+            shares: h.finalize().into(),
+            output,
             key_id: collective.context().key_id(),
             roster: collective.roster().map(RosterInfo::of),
-        }
+        })
     }
 
     /// What `site` signs: these keys, in words.
     fn statement(&self, site: &str) -> String {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         let roster = self.roster.as_ref().map_or_else(
             || "every hospital (N-of-N)".to_owned(),
             |r| format!("{} of {}, roster {}", r.threshold, r.parties, r.fingerprint),
         );
         format!(
-            "fedcore-hospital multiparty keys v1\nsite: {site}\nseed: {}\ncollective key: {}\nthreshold: {roster}\n",
+            "fedcore-hospital multiparty keys v2\nsite: {site}\nseed: {}\nparties: {}\nkey shares: {}\n\
+             collective key: {}\noutput key: {}\nthreshold: {roster}\n",
             hex(&self.seed),
-            hex(&self.key_id)
+            self.parties,
+            hex(&self.shares),
+            hex(&self.key_id),
+            hex(&self.output)
         )
     }
 }
 
-/// The collective key of `kit` and what it is, from the server's side.
+/// The collective key of `kit`, each site's party, and what the keys are,
+/// from the server's side (the output key's public key in the kit).
 pub fn server_view(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>, KeyView)> {
-    let (collective, parties) = collective(kit)?;
-    let view = KeyView::of(&collective);
+    let listed = shares(kit)?;
+    let (collective, parties) = combine(kit, listed.clone())?;
+    let output = CkksContext::<Public>::from_file(&kit.join(KeyAuthority::PUBLIC_FILE))?.key_id();
+    let view = KeyView::of(kit, &listed, &collective, output)?;
     Ok((collective, parties, view))
 }
 
-/// Checks every hospital's signed statement in `kit/he-attestations/`: one
+/// Whether every hospital's statement is in a kit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Statements {
+    /// Every listed hospital's is there, and all state the kit's keys.
+    Agree,
+    /// These hospitals' are not there yet.
+    Missing(Vec<String>),
+}
+
+/// Who is checking statements, and against what.
+#[derive(Clone, Copy)]
+pub enum Checker<'a> {
+    /// A hospital (its site): its own statement must be the one it makes
+    /// now.
+    Hospital(&'a str),
+    /// The server: each signer's certificate must be one the roster
+    /// admits, except for the sites named (parties without a valid
+    /// certificate, already reported).
+    Server(&'a fedcore::net::provision::Roster, &'a [String]),
+}
+
+/// Checks the hospitals' signed statements in `kit/he-attestations/`: one
 /// per listed site, signed with that site's certificate from the
 /// project's CA (`ca.pem` in the kit), stating the keys of `view`. Equal
 /// statements mean that every hospital combined the same key shares (in
-/// which each found its own) and the same transport keys; whoever carried
-/// them could not make a hospital state what it did not.
-pub fn check_attestations(kit: &Path, view: &KeyView) -> Result<()> {
+/// which each found its own genuine share), the same transport keys, the
+/// same parties and output key; whoever carried them could not make a
+/// hospital state what it did not (short of the CA's key or a copy of a
+/// hospital's kit). Errors on a statement that does not check or states
+/// other keys.
+pub fn check_attestations(kit: &Path, view: &KeyView, checker: Checker<'_>) -> Result<Statements> {
+    let dir = kit.join(ATTESTATIONS_DIR);
+    let missing: Vec<String> = parties(kit)?
+        .keys()
+        .filter(|s| !dir.join(format!("{s}.json")).exists())
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        return Ok(Statements::Missing(missing));
+    }
     let ca = std::fs::read_to_string(kit.join("ca.pem"))
         .with_context(|| format!("reading {}", kit.join("ca.pem").display()))?;
     let files = per_site(
@@ -455,7 +528,7 @@ pub fn check_attestations(kit: &Path, view: &KeyView) -> Result<()> {
          he-attestation.json is copied here as <site>.json",
     )?;
     for (site, (_, bytes)) in files {
-        let path = kit.join(ATTESTATIONS_DIR).join(format!("{site}.json"));
+        let path = dir.join(format!("{site}.json"));
         let signed: SignedStatement = serde_json::from_slice(&bytes)
             .with_context(|| format!("{}: not a signed statement", path.display()))?;
         let signer = signed
@@ -464,22 +537,46 @@ pub fn check_attestations(kit: &Path, view: &KeyView) -> Result<()> {
         if signer != site.as_str() {
             bail!("{}: signed by {signer}, not by {site}", path.display());
         }
-        let mine = view.statement(site.as_str());
-        if signed.statement != mine {
+        if let Checker::Server(roster, unadmitted) = checker
+            && !unadmitted.iter().any(|s| s == site.as_str())
+            && let Err(refusal) = roster.admit(site.as_str(), &signed.signer_fingerprint()?)
+        {
             bail!(
-                "{site} states other keys than this kit makes:\n{}\nthis kit:\n{mine}\nthe kits hold different \
-                 key shares, transport keys or seeds: do not deal or start; find out which kit was changed",
-                signed.statement
+                "{}: signed with a certificate the roster does not admit ({refusal})",
+                path.display()
             );
         }
+        let mine = view.statement(site.as_str());
+        if signed.statement == mine {
+            continue;
+        }
+        if matches!(checker, Checker::Hospital(me) if me == site.as_str()) {
+            bail!(
+                "{}: this hospital's own statement is not the one it makes now (an older one?): carry its \
+                 {ATTESTATION_FILE} to the other kits again",
+                path.display()
+            );
+        }
+        bail!(
+            "{site} states other keys than this kit makes:\n{}\nthis kit:\n{mine}\nthe kits hold different \
+             key shares, transport keys, parties or output keys: do not deal or start; find out which kit \
+             was changed",
+            signed.statement
+        );
     }
-    Ok(())
+    Ok(Statements::Agree)
 }
 
 /// The collective key of `kit` as hospital `me` (`key` its secret share)
 /// combines it, once the share under its name is its own and, under a
-/// threshold, the transport key under its name too.
-fn hospital_view(kit: &Path, key: &PartyKey, me: &str) -> Result<(CollectiveKey, KeyView)> {
+/// threshold, the transport key under its name too; and what the keys
+/// are (`output`: the output key's id).
+fn hospital_view(
+    kit: &Path,
+    key: &PartyKey,
+    me: &str,
+    output: [u8; 16],
+) -> Result<(CollectiveKey, KeyView)> {
     let mine = key.key_share(&crs(kit)?)?;
     let listed = shares(kit)?;
     match listed.get(&ClientId::new(me)) {
@@ -493,7 +590,7 @@ fn hospital_view(kit: &Path, key: &PartyKey, me: &str) -> Result<(CollectiveKey,
             kit.join(KEYSHARES_DIR).display()
         ),
     }
-    let (collective, _) = combine(kit, listed)?;
+    let (collective, _) = combine(kit, listed.clone())?;
     if let Some(roster) = collective.roster()
         && roster.transport(key.party()) != Some(key.transport_key())
     {
@@ -502,7 +599,7 @@ fn hospital_view(kit: &Path, key: &PartyKey, me: &str) -> Result<(CollectiveKey,
             kit.join(TRANSPORT_DIR).display()
         );
     }
-    let view = KeyView::of(&collective);
+    let view = KeyView::of(kit, &listed, &collective, output)?;
     Ok((collective, view))
 }
 
@@ -518,9 +615,8 @@ pub struct Keygen {
     pub attested: Option<(KeyView, PathBuf)>,
     /// Whether every hospital's statement is in the kit and agrees.
     pub agreed: bool,
-    /// Why the statements in the kit do not agree (yet): a stale one, or
-    /// a kit that makes other keys.
-    pub disagreement: Option<String>,
+    /// The hospitals whose statements are not in the kit yet.
+    pub missing: Vec<String>,
     /// Under a threshold, once dealt: whether this call made the deals
     /// (`false`: an earlier one, for the same roster).
     pub dealt: Option<bool>,
@@ -597,7 +693,7 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
         transport,
         attested: None,
         agreed: false,
-        disagreement: None,
+        missing: Vec::new(),
         dealt: None,
     };
     let ready = kit.join(KEYSHARES_DIR).exists()
@@ -618,19 +714,17 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
             }
         )
     };
-    let (collective, view) = hospital_view(kit, &key, &me).with_context(written)?;
+    let output = CkksContext::<Secret>::from_file(&kit.join(KeyAuthority::SECRET_FILE))?.key_id();
+    let (collective, view) = hospital_view(kit, &key, &me, output).with_context(written)?;
     let statement = signer.sign(&view.statement(&me))?;
     let path = kit.join(ATTESTATION_FILE);
     write(&path, &serde_json::to_vec_pretty(&statement)?)?;
     made.attested = Some((view.clone(), path));
-    if kit.join(ATTESTATIONS_DIR).exists() {
-        match check_attestations(kit, &view) {
-            Ok(()) => made.agreed = true,
-            // Dealing needs agreement; otherwise this is news for the
-            // operator (a statement to carry again, or a kit to examine).
-            Err(e) if !deal => made.disagreement = Some(format!("{e:#}")),
-            Err(e) => return Err(e),
-        }
+    // A statement that does not check or states other keys is an error
+    // (written after this hospital's own: carry it, examine the kits).
+    match check_attestations(kit, &view, Checker::Hospital(&me))? {
+        Statements::Agree => made.agreed = true,
+        Statements::Missing(sites) => made.missing = sites,
     }
     if let Some(roster) = collective.roster() {
         made.dealt = dealing(kit, &key, roster, &me, deal, made.agreed)?;
@@ -767,9 +861,17 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
         );
     }
     let key = PartyKey::from_file(&key_path)?;
-    let (collective, view) = hospital_view(kit, &key, identity)?;
-    check_attestations(kit, &view)?;
     let output = CkksContext::<Secret>::from_file(&kit.join(KeyAuthority::SECRET_FILE))?;
+    let (collective, view) = hospital_view(kit, &key, identity, output.key_id())?;
+    if let Statements::Missing(sites) = check_attestations(kit, &view, Checker::Hospital(identity))?
+    {
+        bail!(
+            "{} has no signed statement of {}: every hospital runs `hospital keygen` once every key share \
+             is in its kit, and the operator copies each he-attestation.json here as <site>.json",
+            kit.join(ATTESTATIONS_DIR).display(),
+            sites.join(", ")
+        );
+    }
     let switcher = match collective.roster().cloned() {
         None => KeySwitcher::new(key, collective.clone(), output.public())?,
         Some(roster) => {
@@ -802,4 +904,78 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
         switcher,
         view,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two kits, each holding its hospital's genuine key share and a share
+    /// made up for the other, chosen so that both add up to one collective
+    /// key: the key ids agree, the statements (which digest the shares) do
+    /// not.
+    #[test]
+    fn kits_with_shares_that_add_up_to_one_key_state_different_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(PARTIES_FILE),
+            "hospital-1 1\nhospital-2 2\n",
+        )
+        .unwrap();
+        let params = CkksParams::multiparty();
+        let crs = Crs::random().unwrap();
+        let genuine: Vec<KeyShare> = [1, 2]
+            .iter()
+            .map(|&p| {
+                PartyKey::generate(params.clone(), p)
+                    .unwrap()
+                    .key_share(&crs)
+                    .unwrap()
+            })
+            .collect();
+        // The same coefficient of each, lowered by one: p1 + (p2 - 1) and
+        // (p1 - 1) + p2 are the same polynomial.
+        let header = 4 + 1 + 4 + 32 + 4;
+        let bytes: Vec<Vec<u8>> = genuine.iter().map(KeyShare::to_bytes).collect();
+        let word = |b: &[u8], i: usize| {
+            u64::from_le_bytes(b[header + 8 * i..header + 8 * i + 8].try_into().unwrap())
+        };
+        let i = (0..)
+            .find(|&i| word(&bytes[0], i) > 0 && word(&bytes[1], i) > 0)
+            .unwrap();
+        let lowered: Vec<KeyShare> = bytes
+            .iter()
+            .map(|b| {
+                let mut b = b.clone();
+                let w = (word(&b, i) - 1).to_le_bytes();
+                b[header + 8 * i..header + 8 * i + 8].copy_from_slice(&w);
+                KeyShare::from_bytes(&params, &b).unwrap()
+            })
+            .collect();
+        let set = |a: &KeyShare, b: &KeyShare| -> BTreeMap<ClientId, KeyShare> {
+            [
+                (ClientId::new("hospital-1"), a.clone()),
+                (ClientId::new("hospital-2"), b.clone()),
+            ]
+            .into_iter()
+            .collect()
+        };
+        let view = |shares: BTreeMap<ClientId, KeyShare>| {
+            let list: Vec<KeyShare> = shares.values().cloned().collect();
+            let collective = CollectiveKey::combine(&params, &crs, &list).unwrap();
+            KeyView::of(dir.path(), &shares, &collective, [7; 16]).unwrap()
+        };
+        let first = view(set(&genuine[0], &lowered[1]));
+        let second = view(set(&lowered[0], &genuine[1]));
+        assert_eq!(first.key_id, second.key_id, "one collective key");
+        assert_ne!(
+            first.statement("hospital-1"),
+            second.statement("hospital-1")
+        );
+        // The genuine set states itself the same way every time.
+        assert_eq!(
+            view(set(&genuine[0], &genuine[1])).statement("hospital-2"),
+            view(set(&genuine[0], &genuine[1])).statement("hospital-2")
+        );
+    }
 }
