@@ -208,11 +208,12 @@ try {
   const waitStatus = async (id, want, ms = 300_000) => {
     await page.waitForSelector(`#runs-table tr[data-job="${id}"][data-status="${want}"]`, { timeout: ms });
   };
-  // Long enough that the run is still going when the stop button is
-  // pressed: with 20 a CI run saw rounds 1, 4 and 9 on the chart and the
-  // job finished before the runs page showed its stop button.
-  const MNIST_ROUNDS = 40;
-  const a = await startJob(MNIST_ROUNDS, false);
+  // Long enough that the run is usually still going when the stop button
+  // is pressed (with 20 a CI run saw rounds 1, 4 and 9 on the chart and
+  // the job finished before the runs page showed its stop button); if it
+  // finishes first anyway, a run twice as long is started and stopped.
+  let MNIST_ROUNDS = 40;
+  let a = await startJob(MNIST_ROUNDS, false);
   await snap("runs-queued");
   await page.goto(`${base}/app#/training/${a}`);
   await page.waitForSelector("#accuracy-chart");
@@ -226,10 +227,37 @@ try {
   }
   console.log(`e2e: accuracy chart points seen live: ${[...accSeen].sort((x, y) => x - y).join(", ")}`);
   await snap("mnist-training");
-  await page.goto(`${base}/app#/runs`);
-  await page.waitForSelector(`.job-stop[data-job="${a}"]`);
-  await page.click(`.job-stop[data-job="${a}"]`);
-  await waitStatus(a, "stopped");
+  // Stops job `a`: true once it is stopped, false if it finished first.
+  // The job's stop button ("running") or its final status, whichever
+  // the runs page shows first.
+  const settled = async (withButton) => {
+    const h = await page.waitForFunction(
+      ([id, button]) => {
+        if (button && document.querySelector(`.job-stop[data-job="${id}"]`)) return "running";
+        const tr = document.querySelector(`#runs-table tr[data-job="${id}"]`);
+        return tr && ["stopped", "finished", "failed"].includes(tr.dataset.status) ? tr.dataset.status : false;
+      },
+      [a, withButton],
+      { timeout: 300_000, polling: 100 },
+    );
+    return h.jsonValue();
+  };
+  const stopJob = async () => {
+    await page.goto(`${base}/app#/runs`);
+    if ((await settled(true)) === "running") {
+      // It may still finish between the wait and the click.
+      await page.click(`.job-stop[data-job="${a}"]`, { timeout: 5_000 }).catch(() => {});
+    }
+    const status = await settled(false);
+    if (status === "failed") throw new Error(`MNIST run ${a} failed`);
+    return status === "stopped";
+  };
+  for (let attempt = 1; !(await stopJob()); attempt++) {
+    if (attempt === 3) throw new Error(`three MNIST runs (up to ${MNIST_ROUNDS} rounds) finished before they could be stopped`);
+    console.log(`e2e: MNIST run ${a} (${MNIST_ROUNDS} rounds) finished before its stop button was pressed; a longer one`);
+    MNIST_ROUNDS *= 2;
+    a = await startJob(MNIST_ROUNDS, false);
+  }
   const stoppedAt = Number(await page.textContent(`#runs-table tr[data-job="${a}"] td:nth-child(6)`));
   if (!(stoppedAt >= 1 && stoppedAt < MNIST_ROUNDS)) fail(`the stopped run recorded ${stoppedAt} rounds`);
   await snap("runs-stopped");
