@@ -153,6 +153,29 @@ fn small_server(
     (server, lines)
 }
 
+/// The lines a hospital prints until it says the run is complete (that
+/// one left out); then it must exit successfully within a minute.
+fn until_it_completes(client: &mut Killed, lines: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut said = Vec::new();
+    loop {
+        let l = lines.recv_timeout(Duration::from_secs(300)).unwrap();
+        if l.ends_with("the run is complete") {
+            break;
+        }
+        said.push(l);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = client.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{said:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{said:?}");
+    said
+}
+
 /// `hospital client` with the small model, its data in `work`.
 fn small_client(kit: &str, addr: &str, work: &std::path::Path) -> Killed {
     Killed(
@@ -932,28 +955,12 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     assert!(done.starts_with("run complete: 1 rounds"), "{printed:?}");
     // Each hospital combined the same key, and ends with the run.
     for (s, lines) in sites.iter_mut().zip(site_lines) {
-        let mut said = Vec::new();
-        loop {
-            let l = lines.recv_timeout(Duration::from_secs(300)).unwrap();
-            said.push(l.clone());
-            if l.ends_with("the run is complete") {
-                break;
-            }
-        }
+        let said = until_it_completes(s, &lines);
         assert!(
             said.iter()
                 .any(|l| l.ends_with(&format!("multiparty keys, collective key {key}"))),
             "{said:?}"
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(st) = s.0.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "{said:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "{said:?}");
     }
 
     // A share under hospital-2's name that is not hospital-2's: of
@@ -1224,25 +1231,9 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     );
     while !next().starts_with("run complete: 1 rounds") {}
     for ((h, lines), client) in sites.iter().zip(client_lines).zip(&mut clients) {
-        let mut said = Vec::new();
-        loop {
-            let l = lines.recv_timeout(Duration::from_secs(300)).unwrap();
-            if l.ends_with("the run is complete") {
-                break;
-            }
-            said.push(l);
-        }
+        let said = until_it_completes(client, &lines);
         let roster = format!("{h}: threshold 2 of 3, roster {fingerprint}");
         assert!(said.contains(&roster), "{said:?}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(st) = client.0.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "{said:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "{said:?}");
     }
     drop(clients);
 

@@ -975,16 +975,18 @@ mod tests {
             claimed.signer_fingerprint().unwrap(),
             signed.signer_fingerprint().unwrap()
         );
-        // The server's certificate (server authentication only) is not a
-        // participant's.
-        let server = Kit::load(project.server_kit()).unwrap();
-        let e = server
-            .sign("key id 00ff")
-            .unwrap()
-            .verify(&h2.ca_pem)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("certificate"), "{e}");
+        // A kit whose certificate is not a participant's of this project.
+        let refused = |kit: &Kit| {
+            let e = kit
+                .sign("key id 00ff")
+                .unwrap()
+                .verify(&h2.ca_pem)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("certificate"), "{e}");
+        };
+        // The server's (server authentication only).
+        refused(&Kit::load(project.server_kit()).unwrap());
         // Another scheme than the one it was signed with.
         let rescheme = SignedStatement {
             scheme: u16::from(rustls::SignatureScheme::ECDSA_NISTP384_SHA384),
@@ -993,14 +995,7 @@ mod tests {
         assert!(rescheme.verify(&h2.ca_pem).is_err());
         // A certificate of another project's CA (the same names).
         let other = Project::create(tmp.path().join("b"), &spec).unwrap();
-        let stranger = Kit::load(other.site_kit("h1")).unwrap();
-        let e = stranger
-            .sign("key id 00ff")
-            .unwrap()
-            .verify(&h2.ca_pem)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("certificate"), "{e}");
+        refused(&Kit::load(other.site_kit("h1")).unwrap());
         // A signature cut short, or not hex.
         let mut cut = signed.clone();
         cut.signature.truncate(cut.signature.len() - 2);
