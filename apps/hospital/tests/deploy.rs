@@ -164,16 +164,24 @@ fn until_it_completes(client: &mut Killed, lines: &mpsc::Receiver<String>) -> Ve
         }
         said.push(l);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = client.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "{said:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{said:?}");
+    assert!(exit_within_a_minute(client, &said).success(), "{said:?}");
     said
+}
+
+/// `child`'s exit status, which must come within a minute (`what` is
+/// shown otherwise).
+fn exit_within_a_minute(
+    child: &mut Killed,
+    what: &dyn std::fmt::Debug,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running: {what:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `hospital client` with the small model, its data in `work`.
@@ -501,14 +509,7 @@ fn a_server_and_two_hospitals_train_and_the_dashboard_suspends_and_revokes_one()
     );
     assert_eq!(status, 404, "not on the roster");
     let mut hospital_2 = sites.remove(1);
-    let stopped = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = hospital_2.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < stopped, "hospital-2 still runs");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = exit_within_a_minute(&mut hospital_2, &"hospital-2");
     assert!(!status.success(), "a revoked hospital stops with an error");
     let closing = |c: &serde_json::Value| {
         c["refused"]
