@@ -968,11 +968,11 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     // another party, or of party 2 made by someone else (an impostor's
     // keygen in a copy of the kit). Both refused.
     let mine = project.join("hospital-2/he-keyshares/hospital-2.bin");
-    let client_refuses = |says: &str| {
+    let client_refuses = |h: &str, says: &str| {
         let (ok, said) = run(&[
             "client",
             "--kit",
-            &kit("hospital-2"),
+            &kit(h),
             "--server",
             &addr,
             "--work-dir",
@@ -981,7 +981,10 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
         assert!(!ok && said.contains(says), "{said}");
     };
     std::fs::copy(project.join("hospital-1/he-keyshare.bin"), &mine).unwrap();
-    client_refuses("a share of party 1, where hospital-2 is party 2");
+    client_refuses(
+        "hospital-2",
+        "a share of party 1, where hospital-2 is party 2",
+    );
     let impostor = tmp.path().join("impostor");
     copy_into(&project.join("hospital-2"), &impostor);
     for made in ["he-party.key", "he-keyshares", "he-attestations"] {
@@ -994,7 +997,7 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     }
     assert!(run(&["keygen", "--kit", impostor.to_str().unwrap()]).0);
     std::fs::copy(impostor.join("he-keyshare.bin"), &mine).unwrap();
-    client_refuses("is not this hospital's key share");
+    client_refuses("hospital-2", "is not this hospital's key share");
     std::fs::copy(project.join("hospital-2/he-keyshare.bin"), &mine).unwrap();
 
     // The statements: hospital-2's kit holding another set of shares (the
@@ -1011,30 +1014,24 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     let theirs = project.join("hospital-1/he-attestations/hospital-2.json");
     let good = std::fs::read(&theirs).unwrap();
     std::fs::copy(impostor.join("he-attestation.json"), &theirs).unwrap();
-    let refuses = |says: &str| {
-        let (ok, said) = run(&[
-            "client",
-            "--kit",
-            &kit("hospital-1"),
-            "--server",
-            &addr,
-            "--work-dir",
-            &work,
-        ]);
-        assert!(!ok && said.contains(says), "{said}");
-    };
-    refuses("hospital-2 states other keys than this kit makes");
+    client_refuses(
+        "hospital-1",
+        "hospital-2 states other keys than this kit makes",
+    );
     let altered = String::from_utf8(good.clone())
         .unwrap()
         .replace("site: hospital-2", "site: hospital-9");
     std::fs::write(&theirs, altered).unwrap();
-    refuses("not the certificate's key's over this statement");
+    client_refuses(
+        "hospital-1",
+        "not the certificate's key's over this statement",
+    );
     std::fs::copy(
         project.join("hospital-1/he-attestations/hospital-1.json"),
         &theirs,
     )
     .unwrap();
-    refuses("signed by hospital-1, not by hospital-2");
+    client_refuses("hospital-1", "signed by hospital-1, not by hospital-2");
     std::fs::write(&theirs, &good).unwrap();
 }
 
