@@ -184,6 +184,22 @@ fn exit_within_a_minute(
     }
 }
 
+/// `hospital client` of `kit` refuses to start, saying `says`, before it
+/// touches any data (nothing is written to `work`).
+fn refuses_to_start(kit: &str, server: &str, work: &std::path::Path, says: &str) {
+    let (ok, said) = run(&[
+        "client",
+        "--kit",
+        kit,
+        "--server",
+        server,
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert!(!ok && said.contains(says), "{said}");
+    assert!(!work.exists(), "refused before touching any data");
+}
+
 /// `hospital client` with the small model, its data in `work`.
 fn small_client(kit: &str, addr: &str, work: &std::path::Path) -> Killed {
     Killed(
@@ -968,18 +984,8 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     // another party, or of party 2 made by someone else (an impostor's
     // keygen in a copy of the kit). Both refused.
     let mine = project.join("hospital-2/he-keyshares/hospital-2.bin");
-    let client_refuses = |h: &str, says: &str| {
-        let (ok, said) = run(&[
-            "client",
-            "--kit",
-            &kit(h),
-            "--server",
-            &addr,
-            "--work-dir",
-            &work,
-        ]);
-        assert!(!ok && said.contains(says), "{said}");
-    };
+    let client_refuses =
+        |h: &str, says: &str| refuses_to_start(&kit(h), &addr, std::path::Path::new(&work), says);
     std::fs::copy(project.join("hospital-1/he-keyshare.bin"), &mine).unwrap();
     client_refuses(
         "hospital-2",
@@ -1152,19 +1158,8 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         &["hospital-1"],
     );
     let work = tmp.path().join("refused");
-    let client_refuses = |h: &str, says: &str| {
-        let (ok, said) = run(&[
-            "client",
-            "--kit",
-            &kit(h),
-            "--server",
-            "127.0.0.1:1",
-            "--work-dir",
-            work.to_str().unwrap(),
-        ]);
-        assert!(!ok && said.contains(says), "{said}");
-        assert!(!work.exists(), "refused before touching any data");
-    };
+    let client_refuses =
+        |h: &str, says: &str| refuses_to_start(&kit(h), "127.0.0.1:1", &work, says);
     client_refuses("hospital-1", "has not dealt yet");
     let fingerprint = rosters[1].clone();
     for h in sites {
