@@ -895,10 +895,13 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
         );
     }
     let run_dir = tmp.path().join("server-run");
+    // A server that does not refuse gives up after 3 s without hospitals
+    // (the small model: nothing long before), and the assertion says so.
     let server_refuses = |extra: &[&str], says: &str| {
         let (ok, said) = run(&[
             &["server", "--kit", &kit("server"), "--listen", "127.0.0.1:0"][..],
-            &["--run-dir", run_dir.to_str().unwrap()][..],
+            &["--run-dir", run_dir.to_str().unwrap(), "--wait", "3"][..],
+            &["--image-size", "32", "--public-patients", "0"][..],
             extra,
         ]
         .concat());
@@ -927,6 +930,53 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     server_refuses(&[], "has no signed statement of hospital-2");
     std::fs::copy(statements.join("hospital-1.json"), &second).unwrap();
     server_refuses(&[], "signed by hospital-1, not by hospital-2");
+    std::fs::copy(project.join("hospital-2/he-attestation.json"), &second).unwrap();
+    // hospital-1's certificate rotated (the roster admits another one):
+    // its statement, under the old one, is refused.
+    let roster_path = project.join("server/roster.json");
+    let roster = std::fs::read(&roster_path).unwrap();
+    let mut rotated: serde_json::Value = serde_json::from_slice(&roster).unwrap();
+    for c in rotated["certificates"].as_array_mut().unwrap() {
+        if c["identity"] == "hospital-1" {
+            c["fingerprint"] = "00".repeat(32).into();
+        }
+    }
+    std::fs::write(&roster_path, serde_json::to_vec(&rotated).unwrap()).unwrap();
+    server_refuses(&[], "signed with a certificate the roster does not admit");
+    std::fs::write(&roster_path, &roster).unwrap();
+    // hospital-2 stating other keys: its kit held another party 1's share
+    // (an impostor's, made in a copy of hospital-1's kit). `other` copies
+    // a kit as it was provisioned, before its keygen.
+    let other = |name: &str, from: &str| {
+        let dir = tmp.path().join(name);
+        copy_into(&project.join(from), &dir);
+        for made in ["he-party.key", "he-keyshares", "he-attestations"] {
+            let path = dir.join(made);
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).unwrap();
+            } else if path.exists() {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        dir
+    };
+    let impostor_1 = other("impostor-1", "hospital-1");
+    assert!(run(&["keygen", "--kit", impostor_1.to_str().unwrap()]).0);
+    let misled = other("misled-2", "hospital-2");
+    copy_into(&shares, &misled);
+    std::fs::copy(
+        impostor_1.join("he-keyshare.bin"),
+        misled.join("he-keyshares/hospital-1.bin"),
+    )
+    .unwrap();
+    std::fs::copy(
+        project.join("hospital-2/he-party.key"),
+        misled.join("he-party.key"),
+    )
+    .unwrap();
+    assert!(run(&["keygen", "--kit", misled.to_str().unwrap()]).0);
+    std::fs::copy(misled.join("he-attestation.json"), &second).unwrap();
+    server_refuses(&[], "hospital-2 states other keys than this kit makes");
     std::fs::copy(project.join("hospital-2/he-attestation.json"), &second).unwrap();
 
     let (_server, lines) = small_server(&kit("server"), &run_dir, "2");
@@ -991,16 +1041,7 @@ fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
         "hospital-2",
         "a share of party 1, where hospital-2 is party 2",
     );
-    let impostor = tmp.path().join("impostor");
-    copy_into(&project.join("hospital-2"), &impostor);
-    for made in ["he-party.key", "he-keyshares", "he-attestations"] {
-        let path = impostor.join(made);
-        if path.is_dir() {
-            std::fs::remove_dir_all(path).unwrap();
-        } else {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+    let impostor = other("impostor", "hospital-2");
     assert!(run(&["keygen", "--kit", impostor.to_str().unwrap()]).0);
     std::fs::copy(impostor.join("he-keyshare.bin"), &mine).unwrap();
     client_refuses("hospital-2", "is not this hospital's key share");
@@ -1148,7 +1189,7 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     std::fs::write(&swapped, &real).unwrap();
     let (ok, said) = run(&["keygen", "--kit", &kit("hospital-1")]);
     assert!(
-        !ok && said.contains("own statement is not the one it makes now"),
+        !ok && said.contains("this kit makes other keys than this hospital stated"),
         "{said}"
     );
     carry(
@@ -1290,6 +1331,13 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         notice.contains("for hospital-3; the other 2 switch"),
         "{notice}"
     );
+    // It goes on past the statements (hospital-3's checked against the CA
+    // only, its certificate being revoked).
+    while !lines
+        .recv_timeout(Duration::from_secs(600))
+        .unwrap()
+        .starts_with("multiparty keys: collective key ")
+    {}
     revoke("hospital-2");
     let (ok, said) = run(&[
         "server",

@@ -15,19 +15,25 @@
 //!   folder of every hospital's kit. The server combines the collective key from it; each
 //!   hospital combines it too, after checking that the folder holds exactly
 //!   one share per listed party, under its name and number, and that the
-//!   share under its own name is its own. Each prints the collective key's
-//!   id: the hospitals compare it with each other (not only with the
-//!   operator, who carried the shares): equal ids mean one set of shares,
-//!   in which each hospital has found its own.
+//!   share under its own name is its own.
+//! - Run again with every share in its kit, `keygen` signs a statement of
+//!   the keys the kit makes (`he-attestation.json`: seed, parties, a digest
+//!   of the shares combined, the collective and output keys' ids, the
+//!   roster) with the hospital's certificate key; the operator carries the
+//!   statements into every kit's `he-attestations/<site>.json`. The server
+//!   and each hospital start only if every hospital's statement checks
+//!   against the project CA and states their own kit's keys: one set of
+//!   shares, in which each hospital has found its own (equal collective
+//!   key ids alone would not say that: shares can be made up to add up to
+//!   any key).
 //! - With a threshold (`provision --threshold T`, written to
 //!   `he-threshold.txt` in every kit), `keygen` also writes the hospital's
 //!   transport public key (`he-transport.bin`); the operator gathers those
-//!   into `he-transport/<site>.bin` of every kit, as the key shares. Run
-//!   again with them, `keygen` builds the roster (threshold, parties,
-//!   transport keys), prints its fingerprint (compared between the
-//!   hospitals, as the key id) and deals once: `he-deals-out/<site>.bin`,
-//!   one Shamir share of its secret for each member, sealed to that
-//!   member's transport key. The operator carries each to
+//!   into `he-transport/<site>.bin` of every kit, as the key shares, and
+//!   the statements state the roster they make. Once every statement
+//!   agrees, `keygen --deal` deals once: `he-deals-out/<site>.bin`, one
+//!   Shamir share of its secret for each member, sealed to that member's
+//!   transport key. The operator carries each to
 //!   `<that site's kit>/he-deals/<dealer>.bin`; at start a hospital opens
 //!   the deals addressed to it into its threshold key, and any `T`
 //!   hospitals then switch a round's sum.
@@ -542,7 +548,9 @@ pub fn check_attestations(kit: &Path, view: &KeyView, checker: Checker<'_>) -> R
             && let Err(refusal) = roster.admit(site.as_str(), &signed.signer_fingerprint()?)
         {
             bail!(
-                "{}: signed with a certificate the roster does not admit ({refusal})",
+                "{}: signed with a certificate the roster does not admit ({refusal}); if {site}'s \
+                 certificate was rotated or renewed, run `hospital keygen` in its kit and carry its new \
+                 {ATTESTATION_FILE} here",
                 path.display()
             );
         }
@@ -552,8 +560,9 @@ pub fn check_attestations(kit: &Path, view: &KeyView, checker: Checker<'_>) -> R
         }
         if matches!(checker, Checker::Hospital(me) if me == site.as_str()) {
             bail!(
-                "{}: this hospital's own statement is not the one it makes now (an older one?): carry its \
-                 {ATTESTATION_FILE} to the other kits again",
+                "{}: this kit makes other keys than this hospital stated: run `hospital keygen` again and \
+                 carry the new {ATTESTATION_FILE} to every kit (the server's too); if this kit was not \
+                 meant to change, find out what changed it",
                 path.display()
             );
         }
