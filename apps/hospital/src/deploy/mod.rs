@@ -274,10 +274,9 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
             );
             if let Some(t) = a.threshold {
                 println!(
-                    "threshold {t} of {}: each hospital's {} goes the same way, into {}/<site>.bin; \
-                     then each runs `hospital keygen` again and its he-attestation.json goes the same way, \
-                     into he-attestations/<site>.json; then each deals with `hospital keygen --deal`, and each \
-                     {}/<site>.bin goes to <site's kit>/{}/<dealer>.bin",
+                    "threshold {t} of {}: each hospital's {} goes with its key share, into {}/<site>.bin, \
+                     before keygen's second run; once every statement is in, each deals with \
+                     `hospital keygen --deal`, and each {}/<site>.bin goes to <site's kit>/{}/<dealer>.bin",
                     a.hospitals,
                     crate::he_keys::kit::TRANSPORT_FILE,
                     crate::he_keys::kit::TRANSPORT_DIR,
@@ -291,8 +290,9 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
     Ok(())
 }
 
-/// Makes a hospital's secret share of multiparty keys (once) and writes its
-/// key share for the server's operator.
+/// `hospital keygen`: the hospital's next step in the multiparty key
+/// ceremony ([`crate::he_keys::kit::keygen`]), and what the operator
+/// carries next.
 pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
     use crate::he_keys::kit;
     let made = kit::keygen(&a.kit, a.deal)?;
