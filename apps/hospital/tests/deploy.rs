@@ -1271,25 +1271,36 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
     }
     drop(clients);
 
-    // hospital-3's kit, tampered: a deal that does not open, a deal of
-    // another dealer under hospital-2's name, its own transport key
-    // replaced.
+    // hospital-3's kit, tampered: a deal altered on the way, a deal of
+    // another dealer under hospital-2's name, hospital-2's deal to another
+    // hospital, a deal with no signature; its own transport key replaced.
     let deal = project.join("hospital-3/he-deals/hospital-2.bin");
     let good = std::fs::read(&deal).unwrap();
     let mut bad = good.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
     std::fs::write(&deal, &bad).unwrap();
-    client_refuses("hospital-3", "the deal from party 2 does not open");
+    client_refuses(
+        "hospital-3",
+        "hospital-2's signature is not over this deal to hospital-3",
+    );
     std::fs::copy(
         project.join("hospital-1/he-deals-out/hospital-3.bin"),
         &deal,
     )
     .unwrap();
+    client_refuses("hospital-3", "signed by hospital-1, not by hospital-2");
+    std::fs::copy(
+        project.join("hospital-2/he-deals-out/hospital-1.bin"),
+        &deal,
+    )
+    .unwrap();
     client_refuses(
         "hospital-3",
-        "a deal from party 1 to party 3, where hospital-2 is party 2",
+        "hospital-2's signature is not over this deal to hospital-3",
     );
+    std::fs::write(&deal, &good[good.len() - 100..]).unwrap();
+    client_refuses("hospital-3", "not a signed deal");
     std::fs::write(&deal, &good).unwrap();
     std::fs::copy(
         project.join("hospital-1/he-transport.bin"),

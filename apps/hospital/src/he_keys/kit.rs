@@ -309,24 +309,76 @@ fn roster(kit: &Path, t: usize) -> Result<HeRoster> {
     Ok(HeRoster::new(t, members)?)
 }
 
-/// The deals in `kit/he-deals/` addressed to `party`: one from every
-/// listed party, each from the party its file is named after.
-fn deals(kit: &Path, party: u32) -> Result<Vec<Deal>> {
+/// What a dealer signs with a deal: who dealt it to whom, for which
+/// roster, and the SHA-256 of its bytes.
+fn deal_statement(dealer: &str, recipient: &str, roster: &str, deal: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "fedcore-hospital deal v1\nfrom: {dealer}\nto: {recipient}\nroster: {roster}\nsha256: {}\n",
+        hex(&Sha256::digest(deal))
+    )
+}
+
+/// A deal's file: the dealer's signed statement of it (JSON, after its
+/// length as a u32), then the deal's bytes. The signature makes a deal
+/// that is not its dealer's (made up by whoever carried it, to spoil the
+/// recipient's threshold key) an error at the recipient, not a key that
+/// silently decrypts nothing.
+fn signed_deal(signer: &Kit, recipient: &str, roster: &str, deal: &[u8]) -> Result<Vec<u8>> {
+    let statement = signer.sign(&deal_statement(
+        &signer.info.identity,
+        recipient,
+        roster,
+        deal,
+    ))?;
+    let json = serde_json::to_vec(&statement)?;
+    let mut out = Vec::with_capacity(4 + json.len() + deal.len());
+    out.extend_from_slice(&u32::try_from(json.len())?.to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(deal);
+    Ok(out)
+}
+
+/// The deals in `kit/he-deals/` addressed to `me` (party `party`) for the
+/// roster `roster` (fingerprint): one from every listed party, each signed
+/// by the site its file is named after (a certificate of the project's
+/// CA, `ca.pem` in the kit), from that site's party.
+fn deals(kit: &Path, me: &str, party: u32, roster: &str) -> Result<Vec<Deal>> {
     let files = per_site(
         kit,
         DEALS_DIR,
         "bin",
         MAX_DEAL_FILE,
         "deal",
-        "every hospital deals (`hospital keygen` once every transport key is in its kit) and \
+        "every hospital deals (`hospital keygen --deal` once every statement is in its kit) and \
          its he-deals-out/<this site>.bin is copied here as <dealer>.bin",
     )?;
+    let ca = std::fs::read_to_string(kit.join("ca.pem"))
+        .with_context(|| format!("reading {}", kit.join("ca.pem").display()))?;
     let dir = kit.join(DEALS_DIR);
     let mut out = Vec::with_capacity(files.len());
     for (site, (dealer, bytes)) in files {
         let path = dir.join(format!("{site}.bin"));
-        let deal = Deal::from_bytes(&CkksParams::multiparty(), &bytes)
-            .with_context(|| format!("{}", path.display()))?;
+        let what = || format!("{}", path.display());
+        let (json, raw) = bytes
+            .get(..4)
+            .map(|n| u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize)
+            .and_then(|n| Some((bytes.get(4..4 + n)?, bytes.get(4 + n..)?)))
+            .with_context(|| format!("{}: not a signed deal (truncated)", path.display()))?;
+        let signed: SignedStatement = serde_json::from_slice(json)
+            .with_context(|| format!("{}: not a signed deal", path.display()))?;
+        let signer = signed.verify(&ca).with_context(what)?;
+        if signer != site.as_str() {
+            bail!("{}: signed by {signer}, not by {site}", path.display());
+        }
+        if signed.statement != deal_statement(site.as_str(), me, roster, raw) {
+            bail!(
+                "{}: {site}'s signature is not over this deal to {me} for roster {roster} \
+                 (altered on the way, or made for another hospital or roster)",
+                path.display()
+            );
+        }
+        let deal = Deal::from_bytes(&CkksParams::multiparty(), raw).with_context(what)?;
         if deal.dealer() != dealer || deal.recipient() != party {
             bail!(
                 "{}: a deal from party {} to party {}, where {site} is party {dealer} and this hospital party {party}",
@@ -736,7 +788,7 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
         Statements::Missing(sites) => made.missing = sites,
     }
     if let Some(roster) = collective.roster() {
-        made.dealt = dealing(kit, &key, roster, &me, deal, made.agreed)?;
+        made.dealt = dealing(kit, &signer, &key, roster, deal, made.agreed)?;
     }
     Ok(made)
 }
@@ -751,12 +803,13 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
 /// changed under it. Returns whether this call dealt (`None`: not dealt).
 fn dealing(
     kit: &Path,
+    signer: &Kit,
     key: &PartyKey,
     roster: &HeRoster,
-    me: &str,
     deal: bool,
     agreed: bool,
 ) -> Result<Option<bool>> {
+    let me = signer.info.identity.as_str();
     let fingerprint = roster.fingerprint();
     let out = kit.join(DEALS_OUT_DIR);
     let partial = kit.join(format!("{DEALS_OUT_DIR}.partial"));
@@ -811,9 +864,10 @@ fn dealing(
     }
     std::fs::create_dir_all(&partial)?;
     for d in key.deal(roster, &crs(kit)?)? {
+        let to = site(d.recipient());
         write(
-            &partial.join(format!("{}.bin", site(d.recipient()))),
-            &d.to_bytes(),
+            &partial.join(format!("{to}.bin")),
+            &signed_deal(signer, to.as_str(), &fingerprint, &d.to_bytes())?,
         )?;
     }
     let record = format!("{fingerprint}\n");
@@ -897,7 +951,11 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
                 ),
             }
             let threshold = key
-                .threshold_key(&roster, &crs(kit)?, &deals(kit, key.party())?)
+                .threshold_key(
+                    &roster,
+                    &crs(kit)?,
+                    &deals(kit, identity, key.party(), &roster.fingerprint())?,
+                )
                 .with_context(|| {
                     format!(
                         "opening the deals in {} (roster {})",
