@@ -1270,6 +1270,36 @@ fn threshold_keys_are_dealt_between_hospitals_and_a_round_completes_without_one(
         assert!(said.contains(&roster), "{said:?}");
     }
     drop(clients);
+    // The hospitals that started opened their deals once, into their
+    // threshold key: hospital-1 starts again without them (the deals'
+    // signatures need not outlive the certificates), up to dialing a
+    // server that is not there.
+    assert!(project.join("hospital-1/he-threshold.key").exists());
+    assert!(!project.join("hospital-3/he-threshold.key").exists());
+    std::fs::remove_dir_all(project.join("hospital-1/he-deals")).unwrap();
+    let (ok, said) = run(&[
+        "client",
+        "--kit",
+        &kit("hospital-1"),
+        "--server",
+        "127.0.0.1:1",
+        "--give-up-after",
+        "1",
+        "--image-size",
+        "32",
+        "--patients",
+        "16",
+        "--dp",
+        "off",
+        "--work-dir",
+        tmp.path().join("hospital-1").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && said.contains(&format!(
+            "hospital-1: threshold 2 of 3, roster {fingerprint}"
+        )),
+        "{said}"
+    );
 
     // hospital-3's kit, tampered: a deal altered on the way, a deal of
     // another dealer under hospital-2's name, hospital-2's deal to another

@@ -45,7 +45,9 @@ use anyhow::{Context, Result, bail};
 use fedcore::ClientId;
 use fedcore::net::provision::{Kit, SignedStatement};
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer};
-use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster as HeRoster};
+use fedcore_he::multiparty::{
+    CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster as HeRoster, ThresholdKey,
+};
 use fedcore_he::{CkksContext, CkksParams, KeyAuthority, Public, Secret};
 
 use super::CRS_FILE;
@@ -80,6 +82,10 @@ const DEALT_FOR_FILE: &str = "roster-fingerprint.txt";
 /// In a hospital's kit: the roster it dealt for, written before its deals
 /// can leave (it deals once, for that roster).
 const DEALT_FILE: &str = "he-dealt.txt";
+/// In a hospital's kit: its threshold key, opened from the deals at its
+/// first start (mode 0600). Later starts read it: the deals' signatures
+/// need not outlive the dealers' certificates.
+pub const THRESHOLD_KEY_FILE: &str = "he-threshold.key";
 /// A hospital's statement of the keys its kit makes, signed with its
 /// kit's key, written by `keygen` for the operator to carry.
 pub const ATTESTATION_FILE: &str = "he-attestation.json";
@@ -361,10 +367,16 @@ fn deals(kit: &Path, me: &str, party: u32, roster: &str) -> Result<Vec<Deal>> {
         let path = dir.join(format!("{site}.bin"));
         let what = || format!("{}", path.display());
         let (json, raw) = bytes
-            .get(..4)
-            .map(|n| u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize)
-            .and_then(|n| Some((bytes.get(4..4 + n)?, bytes.get(4 + n..)?)))
-            .with_context(|| format!("{}: not a signed deal (truncated)", path.display()))?;
+            .split_at_checked(4)
+            .and_then(|(n, rest)| {
+                rest.split_at_checked(u32::from_le_bytes(n.try_into().ok()?) as usize)
+            })
+            .with_context(|| {
+                format!(
+                    "{}: not a signed deal (truncated, or made before deals were signed: provision anew)",
+                    path.display()
+                )
+            })?;
         let signed: SignedStatement = serde_json::from_slice(json)
             .with_context(|| format!("{}: not a signed deal", path.display()))?;
         let signer = signed.verify(&ca).with_context(what)?;
@@ -950,19 +962,38 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
                     kit.display()
                 ),
             }
-            let threshold = key
-                .threshold_key(
-                    &roster,
-                    &crs(kit)?,
-                    &deals(kit, identity, key.party(), &roster.fingerprint())?,
-                )
-                .with_context(|| {
-                    format!(
-                        "opening the deals in {} (roster {})",
-                        kit.join(DEALS_DIR).display(),
+            let path = kit.join(THRESHOLD_KEY_FILE);
+            let threshold = if path.exists() {
+                let threshold = ThresholdKey::from_file(&path)?;
+                if threshold.roster() != &roster || threshold.party() != key.party() {
+                    bail!(
+                        "{} is party {}'s threshold key for roster {}; this kit is party {}'s, roster {}: \
+                         the kit changed since (provision anew for new members)",
+                        path.display(),
+                        threshold.party(),
+                        threshold.roster().fingerprint(),
+                        key.party(),
                         roster.fingerprint()
+                    );
+                }
+                threshold
+            } else {
+                let threshold = key
+                    .threshold_key(
+                        &roster,
+                        &crs(kit)?,
+                        &deals(kit, identity, key.party(), &roster.fingerprint())?,
                     )
-                })?;
+                    .with_context(|| {
+                        format!(
+                            "opening the deals in {} (roster {})",
+                            kit.join(DEALS_DIR).display(),
+                            roster.fingerprint()
+                        )
+                    })?;
+                threshold.write(&path)?;
+                threshold
+            };
             KeySwitcher::threshold(threshold, collective.clone(), output.public())?
         }
     };
