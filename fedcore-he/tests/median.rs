@@ -210,14 +210,26 @@ fn assert_matches_plaintext(
         "median off by {worst:e} (largest value {top:e})"
     );
     assert_eq!(record.accepted.len(), kept.len());
+    // Each distance is to its own estimate: by the triangle inequality the
+    // two differ by at most the estimates' distance, plus the decrypted
+    // Gram matrix's error (at most 1.7e-6 of the distance in 72 distances
+    // of 12 runs). A fixed 1e-4 of the distance failed a CI run: the
+    // estimates' distance alone reaches 1.4e-6 against distances of 0.014,
+    // which is 1e-4 of them.
+    let gap = got
+        .iter()
+        .zip(want.parameters.as_slice())
+        .map(|(a, b)| (a - f64::from(*b)).powi(2))
+        .sum::<f64>()
+        .sqrt();
     for (a, w) in record.accepted.iter().zip(&want.clients) {
         assert_eq!(a.client, w.client);
         let (t, wt) = (a.trust.expect("trust"), w.trust.expect("trust"));
         assert!((t - wt).abs() <= 1e-4, "{}: trust {t} vs {wt}", a.client);
         let (d, wd) = (a.distance.expect("distance"), w.distance.expect("distance"));
         assert!(
-            (d - wd).abs() <= 1e-4 * wd.max(1e-12),
-            "{}: distance {d} vs {wd}",
+            (d - wd).abs() <= gap + 1e-5 * wd.max(1e-12),
+            "{}: distance {d} vs {wd}, the estimates {gap:e} apart",
             a.client
         );
     }
