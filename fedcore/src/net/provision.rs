@@ -164,7 +164,7 @@ impl Kit {
             statement: statement.to_owned(),
             certificate: self.cert_pem.clone(),
             scheme: u16::from(signer.scheme()),
-            signature: signature.iter().map(|b| format!("{b:02x}")).collect(),
+            signature: hex(&signature),
         })
     }
 }
@@ -250,6 +250,11 @@ impl SignedStatement {
     pub fn signer_fingerprint(&self) -> Result<String> {
         Ok(fingerprint(&pem_certificate(&self.certificate)?))
     }
+}
+
+/// Bytes to lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Lower-case or upper-case hex to bytes.
@@ -408,12 +413,7 @@ impl Roster {
         check_identity(&identity)?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| Error::InvalidConfig(format!("unreadable certificate: {e}")))?;
-        let serial = cert
-            .tbs_certificate
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let serial = hex(cert.tbs_certificate.raw_serial());
         let fingerprint = fingerprint(&der);
         if let Some(c) = self
             .certificates
@@ -463,10 +463,7 @@ pub(crate) fn pem_certificate(pem: &str) -> Result<Vec<u8>> {
 
 /// Lower-case hex SHA-256 of a certificate's DER bytes.
 pub(crate) fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(der))
 }
 
 /// The common name of a DER certificate.
@@ -693,8 +690,7 @@ fn random_serial() -> (SerialNumber, String) {
     // Positive, and no leading zero byte: the DER encoding keeps all 16
     // bytes, so the serial reads back as the same 32 hex digits.
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    (SerialNumber::from_slice(&bytes), hex)
+    (SerialNumber::from_slice(&bytes), hex(&bytes))
 }
 
 fn validity_window(params: &mut CertificateParams, validity: Duration) {
