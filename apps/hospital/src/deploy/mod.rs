@@ -321,10 +321,7 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
     };
     println!("collective key {}", key_id_hex(view.key_id));
     if let Some(r) = &view.roster {
-        println!(
-            "threshold {} of {}, roster {}",
-            r.threshold, r.parties, r.fingerprint
-        );
+        println!("{r}");
     }
     println!(
         "signed statement of these keys in {}: send it to the server's operator",
@@ -431,13 +428,8 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
             key_id_hex(collective.context().key_id()),
             parties.len()
         );
-        if let Some(r) = collective.roster() {
-            println!(
-                "multiparty keys: threshold {} of {}, roster {}",
-                r.threshold(),
-                parties.len(),
-                r.fingerprint()
-            );
+        if let Some(r) = &view.roster {
+            println!("multiparty keys: {r}");
         }
         Some((collective, parties))
     } else {
@@ -750,10 +742,7 @@ where
             key_id_hex(keys.view.key_id)
         );
         if let Some(r) = &keys.view.roster {
-            println!(
-                "{identity}: threshold {} of {}, roster {}",
-                r.threshold, r.parties, r.fingerprint
-            );
+            println!("{identity}: {r}");
         }
         client = client
             .with_sealer(keys.sealer)

@@ -315,6 +315,25 @@ fn roster(kit: &Path, t: usize) -> Result<HeRoster> {
     Ok(HeRoster::new(t, members)?)
 }
 
+/// The project CA's certificate in `kit` (`ca.pem`), which signed
+/// statements are checked against.
+fn ca_pem(kit: &Path) -> Result<String> {
+    let path = kit.join("ca.pem");
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Checks that `signed` (read from `path`) is signed by `site` with a
+/// certificate of the project's CA (`ca`, PEM).
+fn check_signer(signed: &SignedStatement, ca: &str, site: &ClientId, path: &Path) -> Result<()> {
+    let signer = signed
+        .verify(ca)
+        .with_context(|| format!("{}", path.display()))?;
+    if signer != site.as_str() {
+        bail!("{}: signed by {signer}, not by {site}", path.display());
+    }
+    Ok(())
+}
+
 /// What a dealer signs with a deal: who dealt it to whom, for which
 /// roster, and the SHA-256 of its bytes.
 fn deal_statement(dealer: &str, recipient: &str, roster: &str, deal: &[u8]) -> String {
@@ -359,8 +378,7 @@ fn deals(kit: &Path, me: &str, party: u32, roster: &str) -> Result<Vec<Deal>> {
         "every hospital deals (`hospital keygen --deal` once every statement is in its kit) and \
          its he-deals-out/<this site>.bin is copied here as <dealer>.bin",
     )?;
-    let ca = std::fs::read_to_string(kit.join("ca.pem"))
-        .with_context(|| format!("reading {}", kit.join("ca.pem").display()))?;
+    let ca = ca_pem(kit)?;
     let dir = kit.join(DEALS_DIR);
     let mut out = Vec::with_capacity(files.len());
     for (site, (dealer, bytes)) in files {
@@ -379,10 +397,7 @@ fn deals(kit: &Path, me: &str, party: u32, roster: &str) -> Result<Vec<Deal>> {
             })?;
         let signed: SignedStatement = serde_json::from_slice(json)
             .with_context(|| format!("{}: not a signed deal", path.display()))?;
-        let signer = signed.verify(&ca).with_context(what)?;
-        if signer != site.as_str() {
-            bail!("{}: signed by {signer}, not by {site}", path.display());
-        }
+        check_signer(&signed, &ca, &site, &path)?;
         if signed.statement != deal_statement(site.as_str(), me, roster, raw) {
             bail!(
                 "{}: {site}'s signature is not over this deal to {me} for roster {roster} \
@@ -408,13 +423,13 @@ fn deals(kit: &Path, me: &str, party: u32, roster: &str) -> Result<Vec<Deal>> {
 /// kit's threshold roster if it has one, and each site's party.
 fn combine(
     kit: &Path,
-    shares: BTreeMap<ClientId, KeyShare>,
+    shares: &BTreeMap<ClientId, KeyShare>,
 ) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>)> {
     let parties = shares
         .iter()
         .map(|(site, s)| (site.clone(), s.party()))
         .collect();
-    let list: Vec<KeyShare> = shares.into_values().collect();
+    let list: Vec<KeyShare> = shares.values().cloned().collect();
     let mut collective = CollectiveKey::combine(&CkksParams::multiparty(), &crs(kit)?, &list)
         .with_context(|| {
             format!(
@@ -428,19 +443,9 @@ fn combine(
     Ok((collective, parties))
 }
 
-/// The collective key from the key shares in `kit` (with its threshold
-/// roster) and each site's party.
-pub fn collective(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>)> {
-    combine(kit, shares(kit)?)
-}
-
-/// The site provisioned as `party` in `kit`.
-fn site_of(kit: &Path, party: u32) -> Result<ClientId> {
-    parties(kit)?
-        .into_iter()
-        .find(|(_, p)| *p == party)
-        .map(|(site, _)| site)
-        .with_context(|| format!("party {party} is not listed in {}", kit.display()))
+/// The site listed as `party` in `listed` (a kit's [`parties`]).
+fn site_of(listed: &BTreeMap<ClientId, u32>, party: u32) -> Option<&ClientId> {
+    listed.iter().find(|(_, p)| **p == party).map(|(s, _)| s)
 }
 
 /// A threshold roster as `keygen` shows it.
@@ -452,6 +457,18 @@ pub struct RosterInfo {
     pub parties: usize,
     /// [`HeRoster::fingerprint`].
     pub fingerprint: String,
+}
+
+/// `threshold T of N, roster <fingerprint>`: what `keygen`, the server and
+/// the hospitals print.
+impl std::fmt::Display for RosterInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "threshold {} of {}, roster {}",
+            self.threshold, self.parties, self.fingerprint
+        )
+    }
 }
 
 impl RosterInfo {
@@ -540,7 +557,7 @@ impl KeyView {
 /// from the server's side (the output key's public key in the kit).
 pub fn server_view(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>, KeyView)> {
     let listed = shares(kit)?;
-    let (collective, parties) = combine(kit, listed.clone())?;
+    let (collective, parties) = combine(kit, &listed)?;
     let output = CkksContext::<Public>::from_file(&kit.join(KeyAuthority::PUBLIC_FILE))?.key_id();
     let view = KeyView::of(kit, &listed, &collective, output)?;
     Ok((collective, parties, view))
@@ -586,8 +603,7 @@ pub fn check_attestations(kit: &Path, view: &KeyView, checker: Checker<'_>) -> R
     if !missing.is_empty() {
         return Ok(Statements::Missing(missing));
     }
-    let ca = std::fs::read_to_string(kit.join("ca.pem"))
-        .with_context(|| format!("reading {}", kit.join("ca.pem").display()))?;
+    let ca = ca_pem(kit)?;
     let files = per_site(
         kit,
         ATTESTATIONS_DIR,
@@ -601,12 +617,7 @@ pub fn check_attestations(kit: &Path, view: &KeyView, checker: Checker<'_>) -> R
         let path = dir.join(format!("{site}.json"));
         let signed: SignedStatement = serde_json::from_slice(&bytes)
             .with_context(|| format!("{}: not a signed statement", path.display()))?;
-        let signer = signed
-            .verify(&ca)
-            .with_context(|| format!("{}", path.display()))?;
-        if signer != site.as_str() {
-            bail!("{}: signed by {signer}, not by {site}", path.display());
-        }
+        check_signer(&signed, &ca, &site, &path)?;
         if let Checker::Server(roster, unadmitted) = checker
             && !unadmitted.iter().any(|s| s == site.as_str())
             && let Err(refusal) = roster.admit(site.as_str(), &signed.signer_fingerprint()?)
@@ -663,7 +674,7 @@ fn hospital_view(
             kit.join(KEYSHARES_DIR).display()
         ),
     }
-    let (collective, _) = combine(kit, listed.clone())?;
+    let (collective, _) = combine(kit, &listed)?;
     if let Some(roster) = collective.roster()
         && roster.transport(key.party()) != Some(key.transport_key())
     {
@@ -727,7 +738,7 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
         .trim()
         .parse()
         .with_context(|| format!("{}: not a party number", number.display()))?;
-    if site_of(kit, party)?.as_str() != me {
+    if site_of(&parties(kit)?, party).map(ClientId::as_str) != Some(me.as_str()) {
         bail!("{}: party {party} is not {me}", number.display());
     }
     let key = if key_path.exists() {
@@ -861,13 +872,8 @@ fn dealing(
         );
     }
     let names = parties(kit)?;
-    let site = |party: u32| {
-        names
-            .iter()
-            .find(|(_, p)| **p == party)
-            .map(|(s, _)| s.clone())
-            .expect("the roster's parties are the listed ones")
-    };
+    let site =
+        |party: u32| site_of(&names, party).expect("the roster's parties are the listed ones");
     // Written whole, recorded, then renamed: a crash leaves no half set
     // of deals where the operator collects them.
     if partial.exists() {
