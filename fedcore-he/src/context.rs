@@ -207,6 +207,11 @@ impl<R: Role> CkksContext<R> {
         })
     }
 
+    /// The index of the upload level in the SEAL context's data levels.
+    pub(crate) fn upload_level_index(&self) -> usize {
+        self.inner.level
+    }
+
     /// The public key (the tests' coalition contexts reuse it).
     #[cfg(test)]
     pub(crate) fn public_key(&self) -> &Arc<seal::PublicKey> {

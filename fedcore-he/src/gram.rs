@@ -39,10 +39,13 @@ const VERSION: u8 = 1;
 /// SEAL's bytes).
 const GRAM_VERSION: u8 = 2;
 
-/// Relinearization keys and the Galois keys of a slot sum, loaded.
+/// Relinearization keys and the Galois keys of a slot sum, loaded. A
+/// collective key's relinearization keys ([`crate::multiparty`]) come
+/// without Galois keys: its distances are decrypted from one coefficient,
+/// with no slot sum.
 pub(crate) struct EvalKeys {
     relin: seal::KSwitchKeys,
-    galois: seal::KSwitchKeys,
+    galois: Option<seal::KSwitchKeys>,
 }
 
 /// The rotations that sum all slots into every slot: 1, 2, 4, ..., slots/2.
@@ -78,7 +81,7 @@ fn galois_index(step: i32, degree: usize) -> usize {
 /// header, then at most `degree` key slots, each empty or holding exactly
 /// `primes - 1` keys of a bounded size, and non-empty exactly at `want`
 /// (so every key the arithmetic uses is there and nothing else is).
-fn check_kswitch_layout(
+pub(crate) fn check_kswitch_layout(
     raw: &[u8],
     degree: usize,
     primes: usize,
@@ -341,7 +344,7 @@ impl<R: Role> CkksContext<R> {
         let galois_at: Vec<usize> = steps.iter().map(|&s| galois_index(s, degree)).collect();
         let keys = EvalKeys {
             relin: load(relin, "relinearization", &[0])?,
-            galois: load(galois, "Galois", &galois_at)?,
+            galois: Some(load(galois, "Galois", &galois_at)?),
         };
         self.with_eval(keys)
     }
@@ -416,6 +419,52 @@ impl<R: Role> CkksContext<R> {
     }
 
     fn pairwise(&self, parts: &[&EncryptedVector], kind: Pairs) -> Result<EncryptedGram> {
+        let n = parts.len();
+        let cts = self.pair_products(parts, kind, true)?;
+        Ok(EncryptedGram {
+            n,
+            kind,
+            key_id: self.key_id(),
+            cts,
+            packing: self.packing(entry_scale(self.params())),
+        })
+    }
+
+    /// This context with relinearization keys alone, from SEAL's
+    /// uncompressed serialization of key-switching keys (a collective key's,
+    /// made by [`crate::multiparty`]'s RKG): the layout is checked before
+    /// SEAL reads it (one key slot, index 0, `primes - 1` keys of a bounded
+    /// size), then SEAL validates the keys against the parameters.
+    pub(crate) fn with_relinearization_keys(&self, raw: &[u8]) -> Result<Self> {
+        let bad = |m: String| HeError::Malformed(format!("relinearization keys: {m}"));
+        let (degree, primes) = (self.params().degree(), self.params().coeff_bits().len());
+        if raw.len() > max_kswitch_bytes(self, 1) {
+            return Err(bad(format!("{} bytes", raw.len())));
+        }
+        check_kswitch_layout(raw, degree, primes, &[0]).map_err(bad)?;
+        let relin = seal::KSwitchKeys::from_bytes(self.inner.engine.context(), raw)
+            .map_err(|e| bad(e.to_string()))?;
+        if relin.size()? != 1 {
+            return Err(bad("not one relinearization key".into()));
+        }
+        self.with_eval(EvalKeys {
+            relin,
+            galois: None,
+        })
+    }
+
+    /// Per pair of `parts`, the ciphertexts' products (of the differences,
+    /// for [`Pairs::SquaredDistances`]) summed and relinearized once, then,
+    /// with `slot_sum`, the slots summed by `log2(slots)` rotations. Without
+    /// it every slot holds its own partial sum, and the sum of the slots is
+    /// `N / 2` times the constant coefficient of the plaintext: what a
+    /// collective decryption of that one coefficient reveals.
+    pub(crate) fn pair_products(
+        &self,
+        parts: &[&EncryptedVector],
+        kind: Pairs,
+        slot_sum: bool,
+    ) -> Result<Vec<seal::Ciphertext>> {
         let keys = self.inner.eval.as_ref().ok_or_else(|| {
             HeError::Mismatch(
                 "this context has no evaluation keys (CkksContext::with_evaluation_keys)".into(),
@@ -445,6 +494,15 @@ impl<R: Role> CkksContext<R> {
                 ));
             }
         }
+        let galois = match (slot_sum, &keys.galois) {
+            (true, None) => {
+                return Err(HeError::Mismatch(
+                    "these evaluation keys have no Galois keys for the slot sum".into(),
+                ));
+            }
+            (true, Some(g)) => Some(g),
+            (false, _) => None,
+        };
         let steps = sum_steps(self.slots());
         let pairs = kind.of(n);
         let engine = self.engine();
@@ -457,7 +515,7 @@ impl<R: Role> CkksContext<R> {
                 }
             })
         };
-        let cts = pairs
+        pairs
             .par_iter()
             .map(|&(i, j)| {
                 let mut acc = parts[i]
@@ -471,20 +529,15 @@ impl<R: Role> CkksContext<R> {
                     })
                     .expect("a non-empty vector has a ciphertext")?;
                 engine.relinearize_inplace(&mut acc, &keys.relin)?;
-                for &s in &steps {
-                    let rotated = engine.rotate(&acc, s, &keys.galois)?;
-                    engine.add_inplace(&mut acc, &rotated)?;
+                if let Some(galois) = galois {
+                    for &s in &steps {
+                        let rotated = engine.rotate(&acc, s, galois)?;
+                        engine.add_inplace(&mut acc, &rotated)?;
+                    }
                 }
                 Ok(acc)
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(EncryptedGram {
-            n,
-            kind,
-            key_id: self.key_id(),
-            cts,
-            packing: self.packing(entry_scale(self.params())),
-        })
+            .collect::<Result<Vec<_>>>()
     }
 
     /// Loads an encrypted Gram matrix of `points` points saved by

@@ -32,9 +32,10 @@ use sha2::{Digest, Sha256};
 
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
+use crate::median::POINTS_METRIC;
 use crate::multiparty::{
-    CollectiveKey, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey, VERSION, check_switch_error,
-    expect_magic,
+    CollectiveKey, DistanceRequest, MAX_PARTIES, PartyKey, SwitchShare, ThresholdKey, VERSION,
+    check_switch_error, expect_magic, is_distance_step, parse_distance_step,
 };
 use crate::reader::Reader;
 use crate::sealer::{
@@ -542,12 +543,16 @@ impl SwitchKey {
 
 /// A hospital's answer to the key-switch step ([`StepResponder`]): its
 /// switch share of the aggregate the server sends, at most
-/// [`MAX_SWITCHES_PER_ROUND`] per round.
+/// [`MAX_SWITCHES_PER_ROUND`] per round. Under the encrypted geometric
+/// median ([`EncryptedMedian::multiparty`](crate::EncryptedMedian::multiparty))
+/// it also answers the distance step with its share of the distances'
+/// decryption, at most as many times a round.
 pub struct KeySwitcher {
     key: SwitchKey,
     collective: CollectiveKey,
     output: CkksContext<Public>,
     answered: (u64, usize),
+    distances_answered: (u64, usize),
 }
 
 impl std::fmt::Debug for KeySwitcher {
@@ -590,7 +595,50 @@ impl KeySwitcher {
             collective,
             output,
             answered: (0, 0),
+            distances_answered: (0, 0),
         })
+    }
+
+    /// This hospital's share of the decryption of the squared distances a
+    /// distance step carries.
+    fn answer_distances(&mut self, ins: &StepIns, bytes: &[u8]) -> crate::Result<Vec<u8>> {
+        let (signers, request) = parse_distance_step(bytes)?;
+        let points = ins
+            .metrics
+            .get(POINTS_METRIC)
+            .copied()
+            .filter(|p| p.fract() == 0.0 && (2.0..=crate::MAX_GRAM_POINTS as f64).contains(p))
+            .ok_or_else(|| {
+                HeError::OutOfRange(format!(
+                    "the step must name between 2 and {} points (`{POINTS_METRIC}`)",
+                    crate::MAX_GRAM_POINTS
+                ))
+            })? as usize;
+        let count = if self.distances_answered.0 == ins.round {
+            self.distances_answered.1
+        } else {
+            0
+        };
+        if count >= MAX_SWITCHES_PER_ROUND {
+            return Err(HeError::Mismatch(format!(
+                "already answered {count} distance steps in round {}",
+                ins.round
+            )));
+        }
+        let request = DistanceRequest::from_bytes(&self.collective, request, points)?;
+        let share = match &self.key {
+            SwitchKey::Full(k) if signers.is_empty() => {
+                k.distance_share(&self.collective, &request)?
+            }
+            SwitchKey::Full(_) => {
+                return Err(HeError::Mismatch(
+                    "a threshold decryption asked of an N-of-N key".into(),
+                ));
+            }
+            SwitchKey::Threshold(k) => k.distance_share(&self.collective, &request, &signers)?,
+        };
+        self.distances_answered = (ins.round, count + 1);
+        Ok(share.to_bytes())
     }
 
     fn answer(&mut self, ins: &StepIns) -> crate::Result<SealedTensors> {
@@ -598,6 +646,10 @@ impl KeySwitcher {
             .sealed
             .as_ref()
             .ok_or_else(|| HeError::Malformed("the key-switch step carries no aggregate".into()))?;
+        if is_distance_step(sealed.bytes()) {
+            let share = self.answer_distances(ins, sealed.bytes())?;
+            return Ok(SealedTensors::new(sealed.layout().clone(), share));
+        }
         let (weight_sum, signers, bytes) = parse_request(sealed.bytes())?;
         let bound = self.key.weight_sum();
         // Normalized weights add up to 1 only to rounding.

@@ -32,6 +32,7 @@
 //! of the answers is their mean, so a lying decryptor needs at least three
 //! hospitals to be outvoted. See docs/he.md.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedcore::aggregate::{Weighting, weighted_sum_into};
@@ -48,6 +49,8 @@ use rayon::prelude::*;
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
 use crate::gram::{MAX_GRAM_POINTS, Pairs};
+use crate::keyswitch::MAX_SWITCHES_PER_ROUND;
+use crate::multiparty::{CollectiveKey, DistanceShare, distance_step_bytes};
 use crate::sealer::CkksSum;
 use crate::vector::{EncryptedVector, Form, SlotPacking};
 
@@ -84,6 +87,16 @@ pub struct EncryptedMedian {
     median: GeometricMedian,
     weighting: Weighting,
     slack: f64,
+    /// Under multiparty keys: who decrypts the distances together.
+    collective: Option<Collective>,
+}
+
+/// The collective decryption of the distances under multiparty keys.
+#[derive(Debug, Clone)]
+struct Collective {
+    key: CollectiveKey,
+    parties: BTreeMap<ClientId, u32>,
+    bound: f64,
 }
 
 impl EncryptedMedian {
@@ -103,7 +116,52 @@ impl EncryptedMedian {
             median,
             weighting: Weighting::ExampleCounts,
             slack: DEFAULT_DISTANCE_SLACK,
+            collective: None,
         })
+    }
+
+    /// The strategy under multiparty keys: the distances are computed under
+    /// `collective` (which must hold its collective relinearization key,
+    /// [`CollectiveKey::with_relinearization`]) and decrypted together by
+    /// the hospitals, one coefficient per pair
+    /// ([`crate::multiparty::Distances`]): every party for N-of-N, the
+    /// hospitals still in the round (at least the threshold) under a
+    /// roster. `parties` maps each hospital's client id to its party
+    /// number and must cover exactly the collective key's parties; `bound`
+    /// is the largest squared distance the parameters must hold (the
+    /// hospitals smudge for their own,
+    /// [`PartyKey::with_distance_bound`](crate::multiparty::PartyKey::with_distance_bound)).
+    ///
+    /// Pair it with the key switch of the weighted sum:
+    /// `key_switch_round(median, collective, output, parties, lr)`, its
+    /// sealed sum with one value per slot
+    /// (`sum.with_slot_packing(SlotPacking::Real)`); hospitals answer both
+    /// steps with one [`KeySwitcher`](crate::keyswitch::KeySwitcher).
+    pub fn multiparty(
+        collective: CollectiveKey,
+        parties: BTreeMap<ClientId, u32>,
+        bound: f64,
+    ) -> crate::Result<Self> {
+        let mut named: Vec<u32> = parties.values().copied().collect();
+        named.sort_unstable();
+        if named != collective.parties() {
+            return Err(HeError::Mismatch(format!(
+                "the client map names parties {named:?}, the collective key {:?}",
+                collective.parties()
+            )));
+        }
+        if !collective.context().has_evaluation_keys() {
+            return Err(HeError::Mismatch(
+                "the encrypted geometric median under multiparty keys needs the collective relinearization key (CollectiveKey::with_relinearization)".into(),
+            ));
+        }
+        let mut median = Self::new(collective.context().clone())?;
+        median.collective = Some(Collective {
+            key: collective,
+            parties,
+            bound,
+        });
+        Ok(median)
     }
 
     /// The relative slack of the check that the decrypted distances are
@@ -185,12 +243,46 @@ impl EncryptedMedian {
         if n < 2 {
             return Ok(vec![0.0; n * n]);
         }
+        let decrypted = match &self.collective {
+            None => self.each_decrypts(parts, steps)?,
+            Some(c) => c.decrypt(parts, steps)?,
+        };
+        // Restrict the matrix to the hospitals still in the round.
+        let kept: Vec<usize> = (0..n)
+            .filter(|&i| steps.clients().contains(&asked[i]))
+            .collect();
+        let index = |i: usize, j: usize| {
+            let (i, j) = (i.min(j), i.max(j));
+            i * n - i * (i + 1) / 2 + (j - i - 1)
+        };
+        let m = kept.len();
+        let mut d = vec![0.0; m * m];
+        for (a, &i) in kept.iter().enumerate() {
+            for (b, &j) in kept.iter().enumerate() {
+                if i != j {
+                    d[a * m + b] = decrypted[index(i, j)];
+                }
+            }
+        }
+        Ok(d)
+    }
+}
+
+impl EncryptedMedian {
+    /// Under one key: every hospital decrypts the distances and floods them;
+    /// the median of the answers per pair.
+    fn each_decrypts(
+        &self,
+        parts: Vec<EncryptedVector>,
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Vec<f64>> {
+        let n = parts.len();
         let refs: Vec<&EncryptedVector> = parts.iter().collect();
         let bytes = self.ctx.squared_distances(&refs)?.to_bytes()?;
         drop(refs);
         drop(parts);
         let pairs = n * (n - 1) / 2;
-        let layout = Arc::new(Layout::new([TensorSpec::new(DISTANCES_TENSOR, [pairs])])?);
+        let layout = distances_layout(pairs)?;
         let request = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
             .with_sealed(Arc::new(SealedTensors::new(layout.clone(), bytes)))
             .with_metrics([(POINTS_METRIC.to_owned(), n as f64)].into())
@@ -214,25 +306,114 @@ impl EncryptedMedian {
                 "no hospital answered the distance step".into(),
             ));
         }
-        let decrypted: Vec<f64> = columns.iter_mut().map(|c| median_of(c)).collect();
-        // Restrict the matrix to the hospitals still in the round.
-        let kept: Vec<usize> = (0..n)
-            .filter(|&i| steps.clients().contains(&asked[i]))
-            .collect();
-        let index = |i: usize, j: usize| {
-            let (i, j) = (i.min(j), i.max(j));
-            i * n - i * (i + 1) / 2 + (j - i - 1)
-        };
-        let m = kept.len();
-        let mut d = vec![0.0; m * m];
-        for (a, &i) in kept.iter().enumerate() {
-            for (b, &j) in kept.iter().enumerate() {
-                if i != j {
-                    d[a * m + b] = decrypted[index(i, j)];
+        Ok(columns.iter_mut().map(|c| median_of(c)).collect())
+    }
+}
+
+fn distances_layout(pairs: usize) -> fedcore::Result<Arc<Layout>> {
+    Ok(Arc::new(Layout::new([TensorSpec::new(
+        DISTANCES_TENSOR,
+        [pairs],
+    )])?))
+}
+
+impl Collective {
+    /// Under multiparty keys: the distances under the collective key, each
+    /// hospital's share of their decryption, combined. N-of-N needs every
+    /// party's share; a threshold asks the hospitals still in the round and,
+    /// when one leaves at the step, asks the rest again (a new signing set),
+    /// up to [`MAX_SWITCHES_PER_ROUND`] times.
+    fn decrypt(
+        &self,
+        parts: Vec<EncryptedVector>,
+        steps: &mut RoundSteps<'_>,
+    ) -> fedcore::Result<Vec<f64>> {
+        let n = parts.len();
+        let refs: Vec<&EncryptedVector> = parts.iter().collect();
+        let distances = self.key.distances(&refs, self.bound)?;
+        drop(refs);
+        drop(parts);
+        let request = distances.request().to_bytes();
+        let layout = distances_layout(n * (n - 1) / 2)?;
+        let threshold = self.key.roster().map(|r| r.threshold());
+        for _ in 0..MAX_SWITCHES_PER_ROUND {
+            let mut signers: Vec<u32> = steps
+                .clients()
+                .iter()
+                .filter_map(|c| self.parties.get(c).copied())
+                .collect();
+            signers.sort_unstable();
+            match threshold {
+                None if signers.len() != self.key.parties().len() => {
+                    return Err(HeError::Mismatch(format!(
+                        "the distances' decryption needs every party (N-of-N); only {signers:?} of {:?} are in the round",
+                        self.key.parties()
+                    ))
+                    .into());
+                }
+                Some(t) if signers.len() < t => {
+                    return Err(HeError::Mismatch(format!(
+                        "the distances' decryption needs {t} hospitals; only {signers:?} are in the round"
+                    ))
+                    .into());
+                }
+                _ => {}
+            }
+            let named = if threshold.is_some() {
+                signers
+            } else {
+                Vec::new()
+            };
+            let step = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
+                .with_sealed(Arc::new(SealedTensors::new(
+                    layout.clone(),
+                    distance_step_bytes(&named, &request),
+                )))
+                .with_metrics([(POINTS_METRIC.to_owned(), n as f64)].into())
+                .with_max_reply_bytes(distances.request().share_len() as u64 + (1 << 16));
+            let asked: Vec<ClientId> = steps.clients().to_vec();
+            let replies = steps.ask(|_| step.clone())?;
+            let mut shares = Vec::with_capacity(replies.len());
+            for (client, reply) in &replies {
+                let share = reply
+                    .sealed
+                    .as_ref()
+                    .ok_or_else(|| HeError::Malformed("no distance share".into()))
+                    .and_then(|s| DistanceShare::from_bytes(&self.key, s.bytes()))
+                    .and_then(|s| {
+                        if Some(&s.party()) == self.parties.get(client) {
+                            Ok(s)
+                        } else {
+                            Err(HeError::Mismatch(format!(
+                                "a distance share of party {} from `{client}`",
+                                s.party()
+                            )))
+                        }
+                    });
+                match share {
+                    Ok(s) => shares.push(s),
+                    Err(e) => steps.reject(client, format!("distance step: {e}"))?,
                 }
             }
+            if steps.clients().len() != asked.len() {
+                if threshold.is_none() {
+                    let gone: Vec<&ClientId> = asked
+                        .iter()
+                        .filter(|c| !steps.clients().contains(c))
+                        .collect();
+                    return Err(HeError::Mismatch(format!(
+                        "the distances' decryption needs every party's share (N-of-N); {gone:?} left at the step"
+                    ))
+                    .into());
+                }
+                continue;
+            }
+            return Ok(distances.combine(&self.key, &shares)?);
         }
-        Ok(d)
+        Err(HeError::Mismatch(format!(
+            "hospitals left at each of {MAX_SWITCHES_PER_ROUND} distance decryptions"
+        ))
+        .into())
     }
 }
 

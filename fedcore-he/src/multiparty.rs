@@ -66,6 +66,16 @@ use crate::reader::Reader;
 use crate::seal;
 use crate::vector::{EncryptedVector, Form};
 
+mod distance;
+mod relin;
+
+pub use distance::{
+    DEFAULT_DISTANCE_BOUND, DistanceRequest, DistanceShare, Distances, distance_error,
+    distance_noise_bound,
+};
+pub(crate) use distance::{distance_step_bytes, is_distance_step, parse_distance_step};
+pub use relin::RelinShare;
+
 /// The statistical security of the smudging noise, in bits: the switched
 /// aggregate's distribution is within `2^-(SMUDGING_BITS + 1)` of one that
 /// does not depend on the aggregate's noise, per ciphertext.
@@ -275,6 +285,9 @@ pub struct PartyKey {
     /// The X25519 key that deals ([`Deal`]) are sealed to.
     transport: x25519_dalek::StaticSecret,
     weight_sum: f64,
+    /// The largest squared distance its distance shares smudge for (not
+    /// written to its file).
+    distance_bound: f64,
 }
 
 impl fmt::Debug for PartyKey {
@@ -308,6 +321,7 @@ impl PartyKey {
             secret,
             transport,
             weight_sum: 1.0,
+            distance_bound: DEFAULT_DISTANCE_BOUND,
         })
     }
 
@@ -366,6 +380,7 @@ impl PartyKey {
             secret,
             transport: x25519_dalek::StaticSecret::from(transport),
             weight_sum,
+            distance_bound: DEFAULT_DISTANCE_BOUND,
         })
     }
 
@@ -422,35 +437,7 @@ impl PartyKey {
         }
         h.update(crs.0);
         let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
-        let error: Vec<i128> = (0..n)
-            .map(|_| {
-                loop {
-                    let x: f64 = StandardNormal.sample(&mut rng);
-                    let x = (x * 3.19).round();
-                    if x.abs() <= 19.0 {
-                        break x as i128;
-                    }
-                }
-            })
-            .collect();
-        // One more prime of a size the parameters do not use, so that SEAL
-        // picks the same primes for the sizes they do.
-        let mut bits = self.params.coeff_bits().to_vec();
-        let extra = (20..=60)
-            .rev()
-            .find(|b| !bits.contains(b))
-            .expect("at most 41 distinct prime sizes are in use");
-        bits.push(extra);
-        let aux = Arc::new(
-            seal::Context::new(n, &bits, seal::SEC_NONE).map_err(HeError::InvalidParameters)?,
-        );
-        if aux.primes[..primes.len()] != primes[..] {
-            return Err(HeError::Seal(
-                "SEAL chose other primes for the key level's NTT".into(),
-            ));
-        }
-        let engine = seal::Engine::new(aux.clone(), None, None).map_err(seal_err)?;
-        to_ntt(&engine, aux.levels[0].parms_id, primes, &error)
+        KeyNtt::new(&self.params, primes)?.ntt(&key_error(&mut rng, n))
     }
 
     /// The standard deviation of the smudging noise for this party's
@@ -483,15 +470,19 @@ impl PartyKey {
                 self.party
             )));
         }
-        let answer = Answer {
+        self.answer().switch_share(collective, aggregate, output)
+    }
+
+    fn answer(&self) -> Answer<'_> {
+        Answer {
             params: &self.params,
             primes: &self.ctx.primes,
             party: self.party,
             secret: &self.secret.data,
             weight_sum: self.weight_sum,
+            distance_bound: self.distance_bound,
             signers: Vec::new(),
-        };
-        answer.switch_share(collective, aggregate, output)
+        }
     }
 
     /// The secret polynomial, for the tests' coalition attacks only.
@@ -545,6 +536,7 @@ struct Answer<'a> {
     party: u32,
     secret: &'a [u64],
     weight_sum: f64,
+    distance_bound: f64,
     /// Empty for N-of-N; the signing set of a threshold switch.
     signers: Vec<u32>,
 }
@@ -654,6 +646,67 @@ fn smudging(
         })
         .collect();
     to_ntt(ctx.engine(), like.parms_id, primes, &noise)
+}
+
+/// SEAL's key error: `n` integers from a normal of deviation 3.19 clipped at
+/// 19 in magnitude.
+fn key_error(rng: &mut ChaCha20Rng, n: usize) -> Vec<i128> {
+    (0..n)
+        .map(|_| {
+            loop {
+                let x: f64 = StandardNormal.sample(rng);
+                let x = (x * 3.19).round();
+                if x.abs() <= 19.0 {
+                    break x as i128;
+                }
+            }
+        })
+        .collect()
+}
+
+/// The NTT of integer polynomials over every prime of the key level. SEAL
+/// transforms only data-level ciphertexts, and the key level's last prime is
+/// in no data level; a second context whose modulus is the same primes plus
+/// one more has them all at its first level (SEAL's NTT tables depend only
+/// on the degree and the prime; the primes are checked to be the same).
+struct KeyNtt {
+    engine: seal::Engine,
+    parms_id: seal::ParmsId,
+    primes: Vec<u64>,
+}
+
+impl KeyNtt {
+    fn new(params: &CkksParams, primes: &[u64]) -> Result<Self> {
+        // One more prime of a size the parameters do not use, so that SEAL
+        // picks the same primes for the sizes they do.
+        let mut bits = params.coeff_bits().to_vec();
+        let extra = (20..=60)
+            .rev()
+            .find(|b| !bits.contains(b))
+            .expect("at most 41 distinct prime sizes are in use");
+        bits.push(extra);
+        let aux = Arc::new(
+            seal::Context::new(params.degree(), &bits, seal::SEC_NONE)
+                .map_err(HeError::InvalidParameters)?,
+        );
+        if aux.primes[..primes.len()] != primes[..] {
+            return Err(HeError::Seal(
+                "SEAL chose other primes for the key level's NTT".into(),
+            ));
+        }
+        let parms_id = aux.levels[0].parms_id;
+        let engine = seal::Engine::new(aux, None, None).map_err(seal_err)?;
+        Ok(Self {
+            engine,
+            parms_id,
+            primes: primes.to_vec(),
+        })
+    }
+
+    /// `coeffs` in the NTT domain of every prime of the key level.
+    fn ntt(&self, coeffs: &[i128]) -> Result<Vec<u64>> {
+        to_ntt(&self.engine, self.parms_id, &self.primes, coeffs)
+    }
 }
 
 /// An integer polynomial (coefficient domain) in the NTT domain of each of
@@ -960,15 +1013,15 @@ impl CollectiveKey {
     /// Who must have answered: every party for N-of-N shares; for threshold
     /// shares, the signing set they all name, at least the threshold and
     /// within the roster.
-    fn signers_of(&self, shares: &[SwitchShare]) -> Result<Vec<u32>> {
+    fn signers_of<S: Signed>(&self, shares: &[S]) -> Result<Vec<u32>> {
         let Some(first) = shares.first() else {
-            return Err(HeError::Mismatch("no switch share".into()));
+            return Err(HeError::Mismatch("no share".into()));
         };
-        if first.signers.is_empty() {
-            if let Some(s) = shares.iter().find(|s| !s.signers.is_empty()) {
+        if first.signers().is_empty() {
+            if let Some(s) = shares.iter().find(|s| !s.signers().is_empty()) {
                 return Err(HeError::Mismatch(format!(
                     "party {}'s threshold share mixed with N-of-N shares",
-                    s.party
+                    s.party()
                 )));
             }
             return Ok(self.parties.clone());
@@ -978,14 +1031,17 @@ impl CollectiveKey {
                 "threshold shares for a collective key without a roster".into(),
             ));
         };
-        if let Some(s) = shares.iter().find(|s| s.signers != first.signers) {
+        if let Some(s) = shares.iter().find(|s| s.signers() != first.signers()) {
             return Err(HeError::Mismatch(format!(
                 "party {}'s share names signers {:?}, party {}'s {:?}",
-                s.party, s.signers, first.party, first.signers
+                s.party(),
+                s.signers(),
+                first.party(),
+                first.signers()
             )));
         }
-        roster.check_signers(&first.signers)?;
-        Ok(first.signers.clone())
+        roster.check_signers(first.signers())?;
+        Ok(first.signers().to_vec())
     }
 
     /// Combines the switch shares into the aggregate under `output`'s key:
@@ -1103,6 +1159,22 @@ impl CollectiveKey {
             packing: output.packing_of(Form::Sum),
             slot_packing: aggregate.slot_packing,
         })
+    }
+}
+
+/// A share answered by one party, alone (N-of-N: no signers named) or
+/// within a signing set.
+trait Signed {
+    fn party(&self) -> u32;
+    fn signers(&self) -> &[u32];
+}
+
+impl Signed for SwitchShare {
+    fn party(&self) -> u32 {
+        self.party
+    }
+    fn signers(&self) -> &[u32] {
+        &self.signers
     }
 }
 
@@ -1706,6 +1778,7 @@ impl PartyKey {
             roster: roster.clone(),
             share,
             weight_sum: self.weight_sum,
+            distance_bound: self.distance_bound,
         })
     }
 }
@@ -1722,6 +1795,9 @@ pub struct ThresholdKey {
     /// `sum_i f_i(x_party)`: NTT form, every prime of the key level.
     share: Vec<u64>,
     weight_sum: f64,
+    /// The largest squared distance its distance shares smudge for (not
+    /// written to its file).
+    distance_bound: f64,
 }
 
 impl fmt::Debug for ThresholdKey {
@@ -1816,6 +1892,7 @@ impl ThresholdKey {
             roster,
             share,
             weight_sum,
+            distance_bound: DEFAULT_DISTANCE_BOUND,
         })
     }
 
@@ -1834,6 +1911,15 @@ impl ThresholdKey {
         output: &CkksContext<Public>,
         signers: &[u32],
     ) -> Result<SwitchShare> {
+        let secret = self.signing(collective, signers)?;
+        self.answer(&secret, signers)
+            .switch_share(collective, aggregate, output)
+    }
+
+    /// `lambda * share` for `signers` (checked against the collective key's
+    /// roster, this party among them): this party's part of `s` within the
+    /// signing set.
+    fn signing(&self, collective: &CollectiveKey, signers: &[u32]) -> Result<Vec<u64>> {
         if collective.roster.as_ref() != Some(&self.roster) {
             return Err(HeError::Mismatch(
                 "the collective key has another roster (or none)".into(),
@@ -1852,21 +1938,24 @@ impl ThresholdKey {
             .iter()
             .map(|&q| self.roster.lagrange(self.party, signers, q))
             .collect();
-        let secret: Vec<u64> = self
+        Ok(self
             .share
             .iter()
             .enumerate()
             .map(|(i, &w)| mul(w, lambdas[i / n], self.primes[i / n]))
-            .collect();
+            .collect())
+    }
+
+    fn answer<'a>(&'a self, secret: &'a [u64], signers: &[u32]) -> Answer<'a> {
         Answer {
             params: &self.params,
             primes: &self.primes,
             party: self.party,
-            secret: &secret,
+            secret,
             weight_sum: self.weight_sum,
+            distance_bound: self.distance_bound,
             signers: signers.to_vec(),
         }
-        .switch_share(collective, aggregate, output)
     }
 
     /// `lambda * share` for `signers`, for the tests' coalition attacks only.

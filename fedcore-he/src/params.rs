@@ -87,6 +87,30 @@ impl CkksParams {
         p
     }
 
+    /// The parameters of multiparty keys for the encrypted geometric median
+    /// ([`crate::multiparty`]'s collective relinearization key and distance
+    /// decryption): degree 16384, primes [50, 50, 50, 60, 60] (270 bits;
+    /// 128-bit security allows 438), scale 2^95, weights at 2^50. A squared
+    /// distance is a product of uploads, at scale 2^190, and its collective
+    /// decryption adds smudging noise `2^40` times that product's own noise,
+    /// which grows with the scale (docs/he.md, "The encrypted geometric
+    /// median under multiparty keys"): degree 8192's 218 bits cannot hold
+    /// both. Uploads stay at the first level (210 bits: the weighted sum at
+    /// 2^145 needs more than the 150 of the next), which holds squared
+    /// distances up to 2^19 with their smudging. The key switch of a
+    /// weighted sum works as under [`CkksParams::multiparty`].
+    pub fn multiparty_median() -> Self {
+        let p = Self {
+            degree: 16384,
+            coeff_bits: vec![50, 50, 50, 60, 60],
+            scale_bits: 95,
+            weight_bits: 50,
+            secure: true,
+        };
+        debug_assert!(p.check().is_ok());
+        p
+    }
+
     /// The way to parameters below 128-bit security, for tests and
     /// experiments only: `CkksParams::dangerous().insecure(2048, &[30, 30], 20)`.
     pub fn dangerous() -> Dangerous {

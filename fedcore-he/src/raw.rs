@@ -85,6 +85,26 @@ fn push_nested(out: &mut Vec<u8>, data: &[u64]) {
     }
 }
 
+/// SEAL's uncompressed serialization of key-switching keys with one key
+/// slot, index 0 (relinearization keys: the key for `s^2`), holding `keys`
+/// (key-level ciphertexts, one per data prime).
+pub(crate) fn relin_keys_bytes(parms_id: ParmsId, keys: &[RawCiphertext]) -> Vec<u8> {
+    let body: Vec<Vec<u8>> = keys.iter().map(RawCiphertext::to_bytes).collect();
+    let total = HEADER + 32 + 8 + 8 + body.iter().map(Vec::len).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    header(&mut out, total);
+    for w in parms_id {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.extend_from_slice(&1u64.to_le_bytes());
+    out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for b in &body {
+        out.extend_from_slice(b);
+    }
+    debug_assert_eq!(out.len(), total);
+    out
+}
+
 /// A ciphertext's (or public key's) polynomials in RNS form.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct RawCiphertext {

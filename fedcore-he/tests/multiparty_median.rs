@@ -1,0 +1,340 @@
+//! The encrypted geometric median under multiparty keys, in the
+//! orchestrator's round (in memory): whole updates uploaded under the
+//! collective key, their squared distances computed under it with the
+//! collective relinearization key and decrypted together by the hospitals
+//! (one coefficient per pair), the median's weighted sum switched to the
+//! output key. Compared with the plaintext geometric median of the same
+//! updates; N-of-N and t-of-N, with a hospital dropping at the distance
+//! step.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fedcore::memory::{Fault, InMemoryTransport};
+use fedcore::{
+    Aggregator, Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure, FitIns,
+    Parameters, RoundOutcome, Sealer, Server, ServerConfig, StepIns, StepReply, StepResponder,
+};
+use fedcore_he::keyswitch::{KeySwitchRound, KeySwitcher, MultipartySealer, key_switch_round};
+use fedcore_he::multiparty::{
+    CollectiveKey, Crs, DEFAULT_DISTANCE_BOUND, Deal, KeyShare, PartyKey, RelinShare, Roster,
+    ThresholdKey,
+};
+use fedcore_he::{CkksContext, CkksParams, EncryptedMedian, Form, Secret, SlotPacking};
+use fedcore_robust::GeometricMedian;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const N: u32 = 4;
+const LEN: usize = 10_000;
+
+/// Four hospitals' keys at the median's parameters, made once: secret
+/// shares, the collective key with its relinearization key (both RKG rounds
+/// through bytes), the threshold keys (3 of 4) and the output key.
+struct Keys {
+    parties: Vec<PartyKey>,
+    collective: CollectiveKey,
+    threshold: (CollectiveKey, Vec<ThresholdKey>),
+    output: CkksContext<Secret>,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let params = CkksParams::multiparty_median();
+        let parties: Vec<PartyKey> = (1..=N)
+            .map(|i| PartyKey::generate(params.clone(), i).expect("secret share"))
+            .collect();
+        let crs = Crs::new([5; 32]);
+        let shares: Vec<KeyShare> = parties
+            .iter()
+            .map(|p| p.key_share(&crs).expect("key share"))
+            .collect();
+        let collective = CollectiveKey::combine(&params, &crs, &shares).expect("collective key");
+        let wire = |s: RelinShare| RelinShare::from_bytes(&params, &s.to_bytes()).expect("bytes");
+        let round1: Vec<RelinShare> = parties
+            .iter()
+            .map(|p| wire(p.relin_round1(&collective).expect("round 1")))
+            .collect();
+        let round2: Vec<RelinShare> = parties
+            .iter()
+            .map(|p| wire(p.relin_round2(&collective, &round1).expect("round 2")))
+            .collect();
+        let collective = collective
+            .with_relinearization(&round1, &round2)
+            .expect("relinearization key");
+        let roster = Roster::new(
+            3,
+            parties
+                .iter()
+                .map(|p| (p.party(), p.transport_key()))
+                .collect(),
+        )
+        .expect("roster");
+        let deals: Vec<Deal> = parties
+            .iter()
+            .flat_map(|p| p.deal(&roster, &crs).expect("deal"))
+            .collect();
+        let threshold = parties
+            .iter()
+            .map(|p| {
+                p.threshold_key(&roster, &crs, &Deal::addressed_to(&deals, p.party()))
+                    .expect("threshold key")
+            })
+            .collect();
+        let with_roster = collective.clone().with_roster(roster).expect("roster");
+        Keys {
+            parties,
+            collective,
+            threshold: (with_roster, threshold),
+            output: CkksContext::generate(params).expect("output key"),
+        }
+    })
+}
+
+fn name(party: u32) -> ClientId {
+    ClientId::new(format!("hospital-{party}"))
+}
+
+fn examples(party: u32) -> u64 {
+    40 + 10 * u64::from(party)
+}
+
+/// The hospitals' deltas around a common direction; hospital 1 is
+/// sign-flipped (x4).
+fn deltas() -> &'static Vec<Vec<f32>> {
+    static DELTAS: OnceLock<Vec<Vec<f32>>> = OnceLock::new();
+    DELTAS.get_or_init(|| {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let common: Vec<f32> = (0..LEN).map(|_| rng.random_range(-1e-2..1e-2)).collect();
+        (1..=N)
+            .map(|p| {
+                let honest = common.iter().map(|c| c + rng.random_range(-4e-3..4e-3));
+                if p == 1 {
+                    honest.map(|v| -4.0 * v).collect()
+                } else {
+                    honest.collect()
+                }
+            })
+            .collect()
+    })
+}
+
+/// A hospital whose whole update is its fixed delta, sealed under the
+/// collective key; one `KeySwitcher` answers both steps.
+struct Hospital {
+    id: ClientId,
+    party: u32,
+    sealer: MultipartySealer,
+    switcher: KeySwitcher,
+}
+
+impl Client for Hospital {
+    fn id(&self) -> &ClientId {
+        &self.id
+    }
+
+    fn fit(&mut self, ins: &FitIns) -> fedcore::Result<ClientUpdate> {
+        let sealed = ins.sealed.as_ref().expect("everything is sealed");
+        let body = Parameters::zeros(Arc::new(fedcore::Layout::new([])?));
+        let mut u = ClientUpdate::new(self.id.clone(), ins.round, examples(self.party), body);
+        u.sealed = Some(
+            self.sealer
+                .seal(sealed, &deltas()[self.party as usize - 1])?,
+        );
+        Ok(u)
+    }
+
+    fn evaluate(&mut self, _: &EvaluateIns) -> fedcore::Result<Evaluation> {
+        Err(fedcore::Error::Unsupported("no evaluation".into()))
+    }
+
+    fn step(&mut self, ins: &StepIns) -> fedcore::Result<StepReply> {
+        let sent = ClientUpdate::new(
+            self.id.clone(),
+            ins.round,
+            1,
+            Parameters::zeros(Arc::new(fedcore::Layout::new([])?)),
+        );
+        self.switcher.respond(ins, &sent)
+    }
+}
+
+fn collective(threshold: bool) -> &'static CollectiveKey {
+    let k = keys();
+    if threshold {
+        &k.threshold.0
+    } else {
+        &k.collective
+    }
+}
+
+fn transport(threshold: bool) -> InMemoryTransport {
+    let k = keys();
+    let mut t = InMemoryTransport::new();
+    for (i, p) in k.parties.iter().enumerate() {
+        let c = collective(threshold);
+        let switcher = if threshold {
+            KeySwitcher::threshold(k.threshold.1[i].clone(), c.clone(), k.output.public())
+        } else {
+            KeySwitcher::new(p.clone(), c.clone(), k.output.public())
+        }
+        .expect("switcher");
+        t.add_client(Hospital {
+            id: name(p.party()),
+            party: p.party(),
+            sealer: MultipartySealer::new(c, k.output.clone()),
+            switcher,
+        })
+        .expect("add client");
+    }
+    t
+}
+
+type MedianServer = Server<InMemoryTransport, KeySwitchRound<EncryptedMedian>>;
+
+fn server(threshold: bool, quorum: usize) -> MedianServer {
+    let k = keys();
+    let c = collective(threshold).clone();
+    let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
+    let median = EncryptedMedian::multiparty(c.clone(), parties.clone(), DEFAULT_DISTANCE_BOUND)
+        .expect("strategy");
+    let (strategy, sum) =
+        key_switch_round(median, c, k.output.public(), parties, 1.0).expect("pair");
+    let config = ServerConfig {
+        rounds: 1,
+        min_fit_clients: quorum,
+        min_available_clients: N as usize,
+        round_timeout: Duration::from_secs(120),
+        ..ServerConfig::default()
+    };
+    let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
+    Server::new(config, initial, transport(threshold), strategy)
+        .expect("server")
+        .with_sealing(&["*"], sum.with_slot_packing(SlotPacking::Real))
+        .expect("seal everything")
+}
+
+fn open(s: &MedianServer) -> Vec<f64> {
+    let out = &keys().output;
+    let sealed = s.sealed_global().expect("sealed");
+    out.decrypt(&out.load(sealed.bytes(), Form::Sum).expect("load"))
+        .expect("decrypt")
+}
+
+/// The plaintext geometric median of the `kept` hospitals' deltas.
+fn plaintext(kept: &[u32]) -> fedcore::Aggregate {
+    let updates: Vec<ClientUpdate> = kept
+        .iter()
+        .map(|&p| {
+            let d = deltas()[p as usize - 1].clone();
+            let values = Parameters::from_tensors([("w", vec![LEN], d)]).expect("params");
+            ClientUpdate::new(name(p), 1, examples(p), values)
+        })
+        .collect();
+    GeometricMedian::default()
+        .aggregate(&updates)
+        .expect("plaintext median")
+}
+
+/// The decrypted global is the plaintext geometric median of `kept` within
+/// 1e-4 of its largest value, with the same trust scores; the sign-flipped
+/// hospital 1, if kept, is the least trusted.
+fn assert_matches_plaintext(s: &MedianServer, kept: &[u32]) {
+    let record = s.history().last().expect("a round");
+    assert!(
+        record.outcome.is_completed(),
+        "{:?} {:?}",
+        record.outcome,
+        record.failures
+    );
+    let want = plaintext(kept);
+    let got = open(s);
+    let top = want
+        .parameters
+        .as_slice()
+        .iter()
+        .fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let worst = got
+        .iter()
+        .zip(want.parameters.as_slice())
+        .map(|(a, b)| (a - f64::from(*b)).abs())
+        .fold(0f64, f64::max);
+    assert!(
+        worst <= 1e-4 * top,
+        "median off by {worst:e} (largest value {top:e})"
+    );
+    let accepted: Vec<ClientId> = record.accepted.iter().map(|a| a.client.clone()).collect();
+    let names: Vec<ClientId> = kept.iter().map(|&p| name(p)).collect();
+    assert_eq!(accepted, names);
+    for (a, w) in record.accepted.iter().zip(&want.clients) {
+        let (t, wt) = (a.trust.expect("trust"), w.trust.expect("trust"));
+        assert!((t - wt).abs() <= 1e-4, "{}: trust {t} vs {wt}", a.client);
+    }
+    if kept.contains(&1) {
+        let least = record
+            .accepted
+            .iter()
+            .min_by(|a, b| a.trust.partial_cmp(&b.trust).expect("finite"))
+            .expect("accepted");
+        assert_eq!(least.client, name(1), "{:?}", record.accepted);
+    }
+}
+
+#[test]
+fn the_multiparty_median_of_4_hospitals_one_byzantine_is_the_plaintext_one() {
+    let mut s = server(false, N as usize);
+    s.run_round().expect("round");
+    assert_matches_plaintext(&s, &[1, 2, 3, 4]);
+    assert!(
+        s.history()[0]
+            .aggregator
+            .contains("encrypted-geometric-median")
+    );
+}
+
+#[test]
+fn a_threshold_median_round_completes_when_a_hospital_drops_at_the_distance_step() {
+    let mut s = server(true, 3);
+    s.transport()
+        .inject(&name(2), Some(Fault::DropAtStep))
+        .expect("inject");
+    s.run_round().expect("round");
+    let r = &s.history()[0];
+    let f = r
+        .failures
+        .iter()
+        .find(|f| f.client == name(2))
+        .expect("hospital 2's failure");
+    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    assert!(
+        matches!(f.reason, Failure::Disconnected(_)),
+        "{:?}",
+        f.reason
+    );
+    assert_matches_plaintext(&s, &[1, 3, 4]);
+}
+
+#[test]
+fn an_n_of_n_median_round_fails_cleanly_when_a_hospital_drops_at_the_distance_step() {
+    let mut s = server(false, N as usize);
+    let before = s.sealed_global().expect("sealed").clone();
+    s.transport()
+        .inject(&name(3), Some(Fault::DropAtStep))
+        .expect("inject");
+    s.run_round()
+        .expect("a failed round is recorded, not an error");
+    let r = &s.history()[0];
+    assert_eq!(
+        r.outcome,
+        RoundOutcome::QuorumNotReached,
+        "{:?}",
+        r.failures
+    );
+    assert_eq!(s.sealed_global().expect("sealed"), &before);
+    // With hospital 3 back, the next round completes.
+    s.transport().inject(&name(3), None).expect("heal");
+    s.run_round().expect("round");
+    assert_matches_plaintext(&s, &[1, 2, 3, 4]);
+}
