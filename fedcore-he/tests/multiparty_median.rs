@@ -8,13 +8,17 @@
 //! step.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fedcore::memory::{Fault, InMemoryTransport};
+use fedcore::net::provision::{Kit, Project, ProjectSpec};
+use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{
     Aggregator, Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure, FitIns,
-    Parameters, RoundOutcome, Sealer, Server, ServerConfig, StepIns, StepReply, StepResponder,
+    Parameters, RoundOutcome, RunPolicy, Sealer, Server, ServerConfig, StepIns, StepReply,
+    StepResponder, Transport,
 };
 use fedcore_he::keyswitch::{KeySwitchRound, KeySwitcher, MultipartySealer, key_switch_round};
 use fedcore_he::multiparty::{
@@ -128,6 +132,9 @@ struct Hospital {
     party: u32,
     sealer: MultipartySealer,
     switcher: KeySwitcher,
+    /// Over gRPC: tells the test it was asked for its first step (the
+    /// distances), then waits (while the test revokes it) before answering.
+    gate: Option<(Sender<()>, Receiver<()>)>,
 }
 
 impl Client for Hospital {
@@ -151,6 +158,10 @@ impl Client for Hospital {
     }
 
     fn step(&mut self, ins: &StepIns) -> fedcore::Result<StepReply> {
+        if let Some((asked, release)) = self.gate.take() {
+            let _ = asked.send(());
+            let _ = release.recv_timeout(Duration::from_secs(60));
+        }
         let sent = ClientUpdate::new(
             self.id.clone(),
             ins.round,
@@ -170,9 +181,9 @@ fn collective(threshold: bool) -> &'static CollectiveKey {
     }
 }
 
-fn transport(threshold: bool) -> InMemoryTransport {
+fn hospitals(threshold: bool) -> Vec<Hospital> {
     let k = keys();
-    let mut t = InMemoryTransport::new();
+    let mut out = Vec::new();
     for (i, p) in k.parties.iter().enumerate() {
         let c = collective(threshold);
         let switcher = if threshold {
@@ -181,20 +192,32 @@ fn transport(threshold: bool) -> InMemoryTransport {
             KeySwitcher::new(p.clone(), c.clone(), k.output.public())
         }
         .expect("switcher");
-        t.add_client(Hospital {
+        out.push(Hospital {
             id: name(p.party()),
             party: p.party(),
             sealer: MultipartySealer::new(c, k.output.clone()),
             switcher,
-        })
-        .expect("add client");
+            gate: None,
+        });
+    }
+    out
+}
+
+fn transport(threshold: bool) -> InMemoryTransport {
+    let mut t = InMemoryTransport::new();
+    for h in hospitals(threshold) {
+        t.add_client(h).expect("add client");
     }
     t
 }
 
-type MedianServer = Server<InMemoryTransport, KeySwitchRound<EncryptedMedian>>;
+type MedianServer<T = InMemoryTransport> = Server<T, KeySwitchRound<EncryptedMedian>>;
 
 fn server(threshold: bool, quorum: usize) -> MedianServer {
+    make(threshold, quorum, transport(threshold))
+}
+
+fn make<T: Transport>(threshold: bool, quorum: usize, t: T) -> MedianServer<T> {
     let k = keys();
     let c = collective(threshold).clone();
     let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
@@ -210,13 +233,13 @@ fn server(threshold: bool, quorum: usize) -> MedianServer {
         ..ServerConfig::default()
     };
     let initial = Parameters::from_tensors([("w", vec![LEN], vec![0.0; LEN])]).expect("initial");
-    Server::new(config, initial, transport(threshold), strategy)
+    Server::new(config, initial, t, strategy)
         .expect("server")
         .with_sealing(&["*"], sum.with_slot_packing(SlotPacking::Real))
         .expect("seal everything")
 }
 
-fn open(s: &MedianServer) -> Vec<f64> {
+fn open<T: Transport>(s: &MedianServer<T>) -> Vec<f64> {
     let out = &keys().output;
     let sealed = s.sealed_global().expect("sealed");
     out.decrypt(&out.load(sealed.bytes(), Form::Sum).expect("load"))
@@ -241,7 +264,7 @@ fn plaintext(kept: &[u32]) -> fedcore::Aggregate {
 /// The decrypted global is the plaintext geometric median of `kept` within
 /// 1e-4 of its largest value, with the same trust scores; the sign-flipped
 /// hospital 1, if kept, is the least trusted.
-fn assert_matches_plaintext(s: &MedianServer, kept: &[u32]) {
+fn assert_matches_plaintext<T: Transport>(s: &MedianServer<T>, kept: &[u32]) {
     let record = s.history().last().expect("a round");
     assert!(
         record.outcome.is_completed(),
@@ -337,4 +360,95 @@ fn an_n_of_n_median_round_fails_cleanly_when_a_hospital_drops_at_the_distance_st
     s.transport().inject(&name(3), None).expect("heal");
     s.run_round().expect("round");
     assert_matches_plaintext(&s, &[1, 2, 3, 4]);
+}
+
+/// Over gRPC with mutual TLS: hospital 4 is revoked while it is asked for
+/// its share of the distances' decryption.
+fn over_grpc_with_hospital_4_revoked_at_the_distances(
+    threshold: bool,
+) -> MedianServer<GrpcTransport> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sites: Vec<String> = (1..=N).map(|p| name(p).as_str().to_owned()).collect();
+    let project = Project::create(
+        tmp.path().join("p"),
+        &ProjectSpec::new("mhe-median", sites, 0),
+    )
+    .expect("provision");
+    let options = ServerOptions {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..ServerOptions::default()
+    };
+    let mut transport =
+        GrpcTransport::start(&Kit::load(project.server_kit()).expect("kit"), options)
+            .expect("listen");
+    let address = transport.local_addr().to_string();
+    let (asked_tx, asked_rx) = channel();
+    let (release_tx, release_rx) = channel();
+    let mut gate = Some((asked_tx, release_rx));
+    let handles: Vec<_> = hospitals(threshold)
+        .into_iter()
+        .map(|mut h| {
+            if h.party == 4 {
+                h.gate = gate.take();
+            }
+            let kit = Kit::load(project.site_kit(h.id.as_str())).expect("kit");
+            let options = ClientOptions {
+                address: Some(address.clone()),
+                ..ClientOptions::default()
+            };
+            std::thread::spawn(move || net::run_client(&kit, h, &options))
+        })
+        .collect();
+    assert_eq!(transport.wait_for_clients(4, Duration::from_secs(30)), 4);
+    let revoker = {
+        let project = project.clone();
+        std::thread::spawn(move || {
+            asked_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("hospital 4 is asked for its distance share");
+            project.revoke_site(name(4).as_str()).expect("revoke");
+        })
+    };
+    let quorum = if threshold { 3 } else { N as usize };
+    let mut server = make(threshold, quorum, transport);
+    net::run_server(&mut server, &RunPolicy::deployment(Duration::from_secs(20))).expect("run");
+    let _ = release_tx.send(());
+    revoker.join().expect("revoker");
+    for (i, h) in handles.into_iter().enumerate() {
+        let r = h.join().expect("site thread");
+        if i < 3 {
+            r.expect("hospitals 1 to 3 finish");
+        } else {
+            let e = r.expect_err("hospital 4 is revoked");
+            assert!(e.to_string().contains("revoked"), "{e}");
+        }
+    }
+    server
+}
+
+#[test]
+fn over_grpc_a_threshold_median_round_completes_without_the_hospital_revoked_at_the_distances() {
+    let s = over_grpc_with_hospital_4_revoked_at_the_distances(true);
+    let r = &s.history()[0];
+    let f = r
+        .failures
+        .iter()
+        .find(|f| f.client == name(4))
+        .expect("hospital 4's failure");
+    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    assert_matches_plaintext(&s, &[1, 2, 3]);
+}
+
+#[test]
+fn over_grpc_an_n_of_n_median_round_fails_cleanly_when_a_hospital_is_revoked_at_the_distances() {
+    let s = over_grpc_with_hospital_4_revoked_at_the_distances(false);
+    let r = &s.history()[0];
+    assert_eq!(
+        r.outcome,
+        RoundOutcome::QuorumNotReached,
+        "{:?}",
+        r.failures
+    );
+    // The sealed global is still the initial zeros.
+    assert!(open(&s).iter().all(|v| v.abs() < 1e-6));
 }
