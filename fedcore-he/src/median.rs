@@ -336,6 +336,15 @@ impl Collective {
         let request = distances.request().to_bytes();
         let layout = distances_layout(n * (n - 1) / 2)?;
         let threshold = self.key.roster().map(|r| r.threshold());
+        let strangers: Vec<ClientId> = steps
+            .clients()
+            .iter()
+            .filter(|c| !self.parties.contains_key(*c))
+            .cloned()
+            .collect();
+        for c in &strangers {
+            steps.reject(c, "not a party of the collective key".to_owned())?;
+        }
         for _ in 0..MAX_SWITCHES_PER_ROUND {
             let mut signers: Vec<u32> = steps
                 .clients()
@@ -381,14 +390,16 @@ impl Collective {
                     .ok_or_else(|| HeError::Malformed("no distance share".into()))
                     .and_then(|s| DistanceShare::from_bytes(&self.key, s.bytes()))
                     .and_then(|s| {
-                        if Some(&s.party()) == self.parties.get(client) {
-                            Ok(s)
-                        } else {
-                            Err(HeError::Mismatch(format!(
+                        if Some(&s.party()) != self.parties.get(client) {
+                            return Err(HeError::Mismatch(format!(
                                 "a distance share of party {} from `{client}`",
                                 s.party()
-                            )))
+                            )));
                         }
+                        // A share that cannot be combined takes its
+                        // hospital out, not the round.
+                        distances.check_share(&self.key, &s, &named)?;
+                        Ok(s)
                     });
                 match share {
                     Ok(s) => shares.push(s),

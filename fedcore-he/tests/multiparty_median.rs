@@ -135,6 +135,9 @@ struct Hospital {
     /// Over gRPC: tells the test it was asked for its first step (the
     /// distances), then waits (while the test revokes it) before answering.
     gate: Option<(Sender<()>, Receiver<()>)>,
+    /// Answers the distance step with a share whose request digest is
+    /// altered (well-formed, but for another request).
+    corrupt: bool,
 }
 
 impl Client for Hospital {
@@ -168,7 +171,19 @@ impl Client for Hospital {
             1,
             Parameters::zeros(Arc::new(fedcore::Layout::new([])?)),
         );
-        self.switcher.respond(ins, &sent)
+        let mut reply = self.switcher.respond(ins, &sent)?;
+        let distances = ins
+            .sealed
+            .as_ref()
+            .is_some_and(|s| s.bytes().starts_with(b"FCDT"));
+        if self.corrupt && distances {
+            let sealed = reply.sealed.take().expect("a share");
+            let mut bytes = sealed.bytes().to_vec();
+            // Magic, version, party, then the digest.
+            bytes[9] ^= 1;
+            reply.sealed = Some(fedcore::SealedTensors::new(sealed.layout().clone(), bytes));
+        }
+        Ok(reply)
     }
 }
 
@@ -198,14 +213,21 @@ fn hospitals(threshold: bool) -> Vec<Hospital> {
             sealer: MultipartySealer::new(c, k.output.clone()),
             switcher,
             gate: None,
+            corrupt: false,
         });
     }
     out
 }
 
 fn transport(threshold: bool) -> InMemoryTransport {
+    transport_with(threshold, None)
+}
+
+/// The hospitals, `corrupt` answering the distance step wrongly.
+fn transport_with(threshold: bool, corrupt: Option<u32>) -> InMemoryTransport {
     let mut t = InMemoryTransport::new();
-    for h in hospitals(threshold) {
+    for mut h in hospitals(threshold) {
+        h.corrupt = Some(h.party) == corrupt;
         t.add_client(h).expect("add client");
     }
     t
@@ -333,6 +355,25 @@ fn a_threshold_median_round_completes_when_a_hospital_drops_at_the_distance_step
     assert_eq!(f.step, Some(1), "{:?}", r.failures);
     assert!(
         matches!(f.reason, Failure::Disconnected(_)),
+        "{:?}",
+        f.reason
+    );
+    assert_matches_plaintext(&s, &[1, 3, 4]);
+}
+
+#[test]
+fn a_hospital_whose_distance_share_cannot_be_combined_is_out_and_a_threshold_round_completes() {
+    let mut s = make(true, 3, transport_with(true, Some(2)));
+    s.run_round().expect("round");
+    let r = &s.history()[0];
+    let f = r
+        .failures
+        .iter()
+        .find(|f| f.client == name(2))
+        .expect("hospital 2's failure");
+    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    assert!(
+        format!("{:?}", f.reason).contains("another request"),
         "{:?}",
         f.reason
     );

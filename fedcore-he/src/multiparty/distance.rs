@@ -260,7 +260,7 @@ impl DistanceRequest {
     /// The bytes of the share that answers it: header and one residue per
     /// pair and prime.
     pub fn share_len(&self) -> usize {
-        45 + 4 * MAX_PARTIES + 8 * self.pairs() * self.primes
+        49 + 4 * MAX_PARTIES + 8 * self.pairs() * self.primes
     }
 
     fn pairs(&self) -> usize {
@@ -282,8 +282,11 @@ impl DistanceRequest {
         out
     }
 
-    /// Parses [`DistanceRequest::to_bytes`] for `points` points (a hospital
-    /// knows how many took part, so the bytes cannot make it hold more):
+    /// Parses [`DistanceRequest::to_bytes`] for `points` points (what the
+    /// step names, at most 256: the bytes cannot make a hospital hold more
+    /// than that many points' pairs, 512 KiB each at
+    /// [`CkksParams::multiparty_median`]; the transport's message limit
+    /// bounds the rest):
     /// the collective key's id, the point count (2 to 256), the level (the
     /// upload level's primes), the scale (the product of two uploads'), the
     /// exact length and every coefficient reduced.
@@ -378,6 +381,76 @@ impl Distances {
         &self.request
     }
 
+    fn check_key(&self, collective: &CollectiveKey) -> Result<()> {
+        if collective.ctx.key_id() != self.request.key_id {
+            return Err(HeError::Mismatch(
+                "these distances are under another collective key".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks one share before it is combined (the round does it for each
+    /// answer, so that a hospital that answers wrongly is out of the round
+    /// and the others can still decrypt): under this request's key, naming
+    /// the signing set `named` (empty for N-of-N), from a party in it (or
+    /// in the collective key), for this request, one reduced value per pair
+    /// and prime. A well-formed share made with a wrong secret passes: no
+    /// proof of a correct decryption is asked for (docs/he.md).
+    pub fn check_share(
+        &self,
+        collective: &CollectiveKey,
+        share: &DistanceShare,
+        named: &[u32],
+    ) -> Result<()> {
+        self.check_key(collective)?;
+        let who = format!("party {}'s distance share", share.party);
+        if share.signers != named {
+            return Err(HeError::Mismatch(format!(
+                "{who} names signers {:?}, the request {named:?}",
+                share.signers
+            )));
+        }
+        let members = if named.is_empty() {
+            &collective.parties[..]
+        } else {
+            named
+        };
+        if !members.contains(&share.party) {
+            return Err(HeError::Mismatch(format!(
+                "{who}: the party is not {}",
+                if named.is_empty() {
+                    "in the collective key"
+                } else {
+                    "among the signers"
+                }
+            )));
+        }
+        if share.digest != self.request.digest {
+            return Err(HeError::Mismatch(format!("{who} is for another request")));
+        }
+        let (primes, _) = collective.upload_level();
+        let k = self.request.primes;
+        let want = self.request.pairs() * k;
+        if share.values.len() != want {
+            return Err(HeError::Malformed(format!(
+                "{who} has {} values, expected {want}",
+                share.values.len()
+            )));
+        }
+        if let Some((i, _)) = share
+            .values
+            .iter()
+            .enumerate()
+            .find(|&(i, &v)| v >= primes[i % k])
+        {
+            return Err(HeError::Malformed(format!(
+                "{who}: value {i} is not reduced"
+            )));
+        }
+        Ok(())
+    }
+
     /// The squared distances `||x_i - x_j||^2` for `i < j`, row by row, from
     /// the hospitals' shares: every party's for N-of-N shares, the signers'
     /// (at least the threshold, all naming the same set) for threshold
@@ -389,44 +462,18 @@ impl Distances {
         collective: &CollectiveKey,
         shares: &[DistanceShare],
     ) -> Result<Vec<f64>> {
+        self.check_key(collective)?;
         let (primes, _) = collective.upload_level();
         let signers = collective.signers_of(shares)?;
-        let pairs = self.request.pairs();
+        let named = shares.first().map_or(&[][..], |s| &s.signers[..]);
         let k = self.request.primes;
         let mut seen: Vec<u32> = Vec::with_capacity(shares.len());
         for s in shares {
-            let who = format!("party {}'s distance share", s.party);
-            if !signers.contains(&s.party) {
-                return Err(HeError::Mismatch(format!(
-                    "{who}: the party is not {}",
-                    if s.signers.is_empty() {
-                        "in the collective key"
-                    } else {
-                        "among the signers"
-                    }
-                )));
-            }
+            self.check_share(collective, s, named)?;
             if seen.contains(&s.party) {
-                return Err(HeError::Mismatch(format!("two of {who}")));
-            }
-            if s.digest != self.request.digest {
-                return Err(HeError::Mismatch(format!("{who} is for another request")));
-            }
-            if s.values.len() != pairs * k {
-                return Err(HeError::Malformed(format!(
-                    "{who} has {} values, expected {}",
-                    s.values.len(),
-                    pairs * k
-                )));
-            }
-            if let Some((i, _)) = s
-                .values
-                .iter()
-                .enumerate()
-                .find(|&(i, &v)| v >= primes[i % k])
-            {
-                return Err(HeError::Malformed(format!(
-                    "{who}: value {i} is not reduced"
+                return Err(HeError::Mismatch(format!(
+                    "two of party {}'s distance shares",
+                    s.party
                 )));
             }
             seen.push(s.party);
@@ -446,7 +493,7 @@ impl Distances {
             ));
         }
         let n = collective.ctx.params().degree() as f64;
-        Ok((0..pairs)
+        Ok((0..self.request.pairs())
             .map(|p| {
                 let residues: Vec<u64> = (0..k)
                     .map(|j| {
@@ -968,11 +1015,11 @@ mod tests {
         );
         // Without the relinearization key the server cannot form them.
         let plain_refs: Vec<&EncryptedVector> = cts.iter().collect();
-        assert!(
-            other
-                .distances(&plain_refs, DEFAULT_DISTANCE_BOUND)
-                .is_err()
-        );
+        let e = other
+            .distances(&plain_refs, DEFAULT_DISTANCE_BOUND)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no evaluation keys"), "{e}");
 
         // Shares: for another request, twice from one party, a stranger's,
         // an unreduced value, truncated bytes.
@@ -1072,6 +1119,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing [3]"), "{e}");
+        // A second round made from another first round (party 3's first
+        // share altered on the way to the others) is refused.
+        let mut altered = round1.clone();
+        let q = s.collective.context().engine().context().primes[0];
+        let mut bytes = altered[2].to_bytes();
+        let w = u64::from_le_bytes(bytes[78..86].try_into().unwrap());
+        bytes[78..86].copy_from_slice(&((w + 1) % q).to_le_bytes());
+        altered[2] = RelinShare::from_bytes(&s.params, &bytes).unwrap();
+        let stale: Vec<RelinShare> = s.parties[..2]
+            .iter()
+            .map(|p| p.relin_round2(&s.collective, &altered).unwrap())
+            .chain([round2[2].clone()])
+            .collect();
+        let e = s
+            .collective
+            .clone()
+            .with_relinearization(&round1, &stale)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("answers another first round"), "{e}");
         let e = s
             .collective
             .clone()
@@ -1207,8 +1274,10 @@ mod tests {
             }
         }
         let deviation = (squares / count).sqrt();
+        // Nine samples: chi-square with 9 degrees of freedom leaves this band
+        // with a probability below 1e-6.
         assert!(
-            (0.4 * sigma..1.6 * sigma).contains(&deviation),
+            (0.25 * sigma..2.5 * sigma).contains(&deviation),
             "{deviation:e} vs {sigma:e}"
         );
     }
