@@ -408,7 +408,9 @@ impl JobOptions {
                 let keys = r.keys.unwrap_or_default();
                 if keys == HeKeys::Multiparty {
                     if encrypt != Encrypt::Head {
-                        return invalid("multiparty keys seal the head (encrypt: head)");
+                        return invalid(
+                            "multiparty keys seal the head here (encrypt: head); whole updates under multiparty keys run from the command line (hospital simulate --keys multiparty --encrypt all): three hospitals in one process need about 18 GB",
+                        );
                     }
                     if r.threshold.is_none() && r.drop_hospital.is_some() {
                         return invalid(

@@ -93,6 +93,10 @@ pub enum Rule {
     /// paired sealed aggregator adds to the sealed global
     /// (`fedcore_he::key_switch_round`).
     KeySwitch(Box<KeySwitchRound<Box<dyn Aggregator>>>, KeySwitchSum),
+    /// The encrypted geometric median under multiparty keys: its distances
+    /// decrypted together by the hospitals, its sum switched to their
+    /// output key (`fedcore_he::EncryptedMedian::multiparty`).
+    KeySwitchMedian(Box<KeySwitchRound<EncryptedMedian>>, KeySwitchSum),
 }
 
 impl Rule {
@@ -105,7 +109,7 @@ impl Rule {
         match self {
             Self::Plain(_) => Box::new(CkksSum::new(public)),
             Self::EncryptedMedian(m) => Box::new(m.sealed_sum()),
-            Self::KeySwitch(_, sum) => Box::new(sum.clone()),
+            Self::KeySwitch(_, sum) | Self::KeySwitchMedian(_, sum) => Box::new(sum.clone()),
         }
     }
 }
@@ -116,6 +120,7 @@ impl Strategy for Rule {
             Self::Plain(a) => a.describe(),
             Self::EncryptedMedian(m) => m.describe(),
             Self::KeySwitch(k, _) => k.describe(),
+            Self::KeySwitchMedian(k, _) => k.describe(),
         }
     }
 
@@ -128,6 +133,7 @@ impl Strategy for Rule {
             Self::Plain(a) => a.aggregate_round(updates, steps),
             Self::EncryptedMedian(m) => m.aggregate_round(updates, steps),
             Self::KeySwitch(k, _) => k.aggregate_round(updates, steps),
+            Self::KeySwitchMedian(k, _) => k.aggregate_round(updates, steps),
         }
     }
 
@@ -136,6 +142,7 @@ impl Strategy for Rule {
             Self::Plain(a) => a.saved_state(),
             Self::EncryptedMedian(m) => m.saved_state(),
             Self::KeySwitch(k, _) => k.saved_state(),
+            Self::KeySwitchMedian(k, _) => k.saved_state(),
         }
     }
 
@@ -144,6 +151,7 @@ impl Strategy for Rule {
             Self::Plain(a) => a.restore_state(state),
             Self::EncryptedMedian(m) => m.restore_state(state),
             Self::KeySwitch(k, _) => k.restore_state(state),
+            Self::KeySwitchMedian(k, _) => k.restore_state(state),
         }
     }
 }

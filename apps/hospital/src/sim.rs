@@ -189,11 +189,8 @@ fn run_inner(
         bail!("--clients must be at least 1");
     }
     if cfg.keys == HeKeys::Multiparty {
-        if cfg.encrypt != Encrypt::Head {
-            bail!(
-                "--keys multiparty seals the classifier head (--encrypt head): the encrypted geometric \
-                 median of whole updates needs evaluation keys, which multiparty keys do not have yet"
-            );
+        if cfg.encrypt == Encrypt::None {
+            bail!("--keys multiparty needs something encrypted (--encrypt head or all)");
         }
         match (cfg.threshold, cfg.drop_client) {
             (None, Some(_)) => bail!(
@@ -286,6 +283,7 @@ fn run_inner(
             cfg.clients,
             cfg.threshold,
             cfg.resume,
+            cfg.encrypt == Encrypt::All,
         )?)
     };
     let secret: Option<CkksContext<Secret>> = keys.as_ref().map(|k| k.opener().clone());
@@ -366,20 +364,35 @@ fn run_inner(
     // ---- server
     // The server's context: the public key, and the evaluation keys that
     // the encrypted geometric median computes distances with.
+    // Under multiparty keys the distances are computed with the collective
+    // relinearization key instead, and decrypted by the hospitals together.
+    let multiparty = cfg.keys == HeKeys::Multiparty;
     let public = match (&secret, cfg.encrypt) {
-        (Some(s), Encrypt::All) => Some(s.public().with_evaluation_keys(&s.evaluation_keys()?)?),
+        (Some(s), Encrypt::All) if !multiparty => {
+            Some(s.public().with_evaluation_keys(&s.evaluation_keys()?)?)
+        }
         (Some(s), _) => Some(s.public()),
         (None, _) => None,
     };
-    let aggregator = cfg
-        .aggregator
-        .rule(cfg.clients, cfg.encrypt, public.as_ref())?;
     // Under multiparty keys the round switches the sealed sum, weighted as
     // the server will weigh it (its learning rate, the default's).
     let server_learning_rate = ServerConfig::default().server_learning_rate;
     let aggregator = match &keys {
-        Some(k) => k.server_rule(aggregator, server_learning_rate)?,
-        None => aggregator,
+        Some(k)
+            if multiparty
+                && cfg.encrypt == Encrypt::All
+                && cfg.aggregator == AggregatorChoice::GeometricMedian =>
+        {
+            k.median_rule(server_learning_rate)?
+        }
+        Some(k) => k.server_rule(
+            cfg.aggregator
+                .rule(cfg.clients, cfg.encrypt, public.as_ref())?,
+            server_learning_rate,
+        )?,
+        None => cfg
+            .aggregator
+            .rule(cfg.clients, cfg.encrypt, public.as_ref())?,
     };
     let faulty = usize::from(cfg.drop_client.is_some());
     // Never below what the rule needs (the key switch: every hospital, or
@@ -599,13 +612,13 @@ where
     if let Some((keys, i)) = keys {
         let (sealer, switcher) = keys.hospital(i)?;
         client = client.with_sealer(sealer);
-        // Under multiparty keys the hospital answers the key switch.
+        // Under multiparty keys the hospital answers the key switch (and
+        // its share of the distances' decryption); under one key, only a
+        // hospital that agreed to the encrypted geometric median decrypts
+        // distances for the server.
         if let Some(s) = switcher {
             client = client.with_responder(s);
-        }
-        // Only a hospital that agreed to the encrypted geometric median
-        // decrypts distances for the server.
-        if cfg.encrypt == Encrypt::All {
+        } else if cfg.encrypt == Encrypt::All {
             client = client.with_responder(DistanceDecryptor::new(keys.opener().clone())?);
         }
     }

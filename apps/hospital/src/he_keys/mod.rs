@@ -23,8 +23,12 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use fedcore::ClientId;
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer, key_switch_round};
-use fedcore_he::multiparty::{CollectiveKey, Crs, Deal, PartyKey, Roster, ThresholdKey};
-use fedcore_he::{CkksContext, CkksParams, CkksSealer, KeyAuthority, Public, Secret};
+use fedcore_he::multiparty::{
+    CollectiveKey, Crs, DEFAULT_DISTANCE_BOUND, Deal, PartyKey, RelinShare, Roster, ThresholdKey,
+};
+use fedcore_he::{
+    CkksContext, CkksParams, CkksSealer, EncryptedMedian, KeyAuthority, Public, Secret, SlotPacking,
+};
 
 use crate::recipe::{HeKeys, Rule, hospital};
 
@@ -49,16 +53,31 @@ pub struct MultipartyKeys {
     threshold: Option<Vec<ThresholdKey>>,
 }
 
+/// The multiparty parameters for what is sealed: the head's, or the
+/// encrypted geometric median's (`whole`, `--encrypt all`: their upload
+/// level holds a product of uploads with its smudging).
+pub fn multiparty_params(whole: bool) -> CkksParams {
+    if whole {
+        CkksParams::multiparty_median()
+    } else {
+        CkksParams::multiparty()
+    }
+}
+
 impl SimKeys {
     /// The keys in `dir`, made there first unless `resume` (then they must
-    /// be there, of the same kind). `threshold` applies to multiparty keys.
+    /// be there, of the same kind). `threshold` applies to multiparty keys,
+    /// and `whole` (`--encrypt all`) picks their parameters
+    /// ([`multiparty_params`]) and makes the collective relinearization key.
     pub fn load_or_create(
         dir: &Path,
         kind: HeKeys,
         hospitals: usize,
         threshold: Option<usize>,
         resume: bool,
+        whole: bool,
     ) -> Result<Self> {
+        let params = multiparty_params(whole);
         let secret = dir.join(KeyAuthority::SECRET_FILE);
         let saved = if secret.exists() {
             Some(if dir.join(CRS_FILE).exists() {
@@ -85,9 +104,9 @@ impl SimKeys {
                     CkksContext::<Secret>::from_file(&secret)
                         .with_context(|| format!("reading {}", secret.display()))?,
                 ),
-                HeKeys::Multiparty => {
-                    Self::Multiparty(Box::new(MultipartyKeys::read(dir, hospitals, threshold)?))
-                }
+                HeKeys::Multiparty => Self::Multiparty(Box::new(MultipartyKeys::read(
+                    dir, hospitals, threshold, &params,
+                )?)),
             });
         }
         // A new set is made in a folder of this process's own and renamed
@@ -110,7 +129,7 @@ impl SimKeys {
         let keys = match kind {
             HeKeys::Single => Self::Single(KeyAuthority::write(CkksParams::default(), &partial)?.0),
             HeKeys::Multiparty => Self::Multiparty(Box::new(MultipartyKeys::create(
-                &partial, hospitals, threshold,
+                &partial, hospitals, threshold, params,
             )?)),
         };
         std::fs::rename(&partial, dir)
@@ -143,8 +162,32 @@ impl SimKeys {
         )
     }
 
+    /// The encrypted geometric median under multiparty keys: the distances
+    /// computed under the collective key and decrypted together by the
+    /// hospitals, the median's sum switched to the output key
+    /// (`server_learning_rate` must be the server's).
+    pub fn median_rule(&self, server_learning_rate: f32) -> Result<Rule> {
+        let Self::Multiparty(m) = self else {
+            bail!("the multiparty median needs multiparty keys");
+        };
+        let median =
+            EncryptedMedian::multiparty(m.collective.clone(), m.parties(), DEFAULT_DISTANCE_BOUND)?;
+        let (round, sum) = key_switch_round(
+            median,
+            m.collective.clone(),
+            m.output.public(),
+            m.parties(),
+            server_learning_rate,
+        )?;
+        Ok(Rule::KeySwitchMedian(
+            Box::new(round),
+            sum.with_slot_packing(SlotPacking::Real),
+        ))
+    }
+
     /// Hospital `i`'s (0-based) sealer and, under multiparty keys, its
-    /// answer to the key-switch step.
+    /// answer to the key-switch step (and to the distance step of the
+    /// encrypted geometric median).
     pub fn hospital(&self, i: usize) -> Result<(Box<dyn fedcore::Sealer>, Option<KeySwitcher>)> {
         Ok(match self {
             Self::Single(s) => (Box::new(CkksSealer::new(s.clone())), None),
@@ -178,11 +221,20 @@ pub fn switch_rule(
 ) -> Result<Rule> {
     let Rule::Plain(inner) = rule else {
         bail!(
-            "multiparty keys seal the head with a plain aggregator's weights only (not --encrypt all)"
+            "the key switch wraps a plain aggregator's rule (the encrypted geometric median under multiparty keys is SimKeys::median_rule)"
         );
     };
     let (round, sum) = key_switch_round(inner, collective, output, parties, server_learning_rate)?;
     Ok(Rule::KeySwitch(Box::new(round), sum))
+}
+
+/// What keys of `params` seal.
+fn sealed_by(params: &CkksParams) -> &'static str {
+    if *params == CkksParams::multiparty_median() {
+        "whole updates (all)"
+    } else {
+        "the head (head)"
+    }
 }
 
 fn name(k: HeKeys) -> &'static str {
@@ -203,8 +255,12 @@ fn threshold_file(dir: &Path, party: u32) -> std::path::PathBuf {
 impl MultipartyKeys {
     /// Every hospital's secret share, their key shares combined, the deals
     /// of a threshold, and the output key; each written to `dir`.
-    fn create(dir: &Path, hospitals: usize, threshold: Option<usize>) -> Result<Self> {
-        let params = CkksParams::multiparty();
+    fn create(
+        dir: &Path,
+        hospitals: usize,
+        threshold: Option<usize>,
+        params: CkksParams,
+    ) -> Result<Self> {
         if let Some(t) = threshold {
             check_threshold(t, hospitals)?;
         }
@@ -248,7 +304,12 @@ impl MultipartyKeys {
 
     /// The keys [`MultipartyKeys::create`] wrote, for `hospitals` hospitals
     /// with `threshold` (as the run that wrote them).
-    fn read(dir: &Path, hospitals: usize, threshold: Option<usize>) -> Result<Self> {
+    fn read(
+        dir: &Path,
+        hospitals: usize,
+        threshold: Option<usize>,
+        params: &CkksParams,
+    ) -> Result<Self> {
         let seed: [u8; 32] = std::fs::read(dir.join(CRS_FILE))
             .with_context(|| format!("reading {}", dir.join(CRS_FILE).display()))?
             .try_into()
@@ -263,7 +324,16 @@ impl MultipartyKeys {
                     path.display()
                 );
             }
-            parties.push(PartyKey::from_file(&path)?);
+            let party = PartyKey::from_file(&path)?;
+            if party.params() != params {
+                bail!(
+                    "the keys in {} were made for {}; this run seals {} (--encrypt)",
+                    dir.display(),
+                    sealed_by(party.params()),
+                    sealed_by(params)
+                );
+            }
+            parties.push(party);
         }
         if party_file(dir, hospitals as u32 + 1).exists() {
             bail!(
@@ -300,19 +370,33 @@ impl MultipartyKeys {
     }
 
     /// The collective key from each party's key share (with the roster of
-    /// the threshold keys, if any).
+    /// the threshold keys, if any) and, at the median's parameters, the
+    /// collective relinearization key from both rounds of every party's
+    /// shares (made again on resume: a party's shares are the same every
+    /// time for the same secret and seed).
     fn assemble(
         output: CkksContext<Secret>,
         crs: Crs,
         parties: Vec<PartyKey>,
         threshold: Option<Vec<ThresholdKey>>,
     ) -> Result<Self> {
-        let params = CkksParams::multiparty();
+        let params = parties.first().context("no hospitals")?.params().clone();
         let shares = parties
             .iter()
             .map(|p| p.key_share(&crs))
             .collect::<fedcore_he::Result<Vec<_>>>()?;
         let mut collective = CollectiveKey::combine(&params, &crs, &shares)?;
+        if params == CkksParams::multiparty_median() {
+            let round1 = parties
+                .iter()
+                .map(|p| p.relin_round1(&collective))
+                .collect::<fedcore_he::Result<Vec<RelinShare>>>()?;
+            let round2 = parties
+                .iter()
+                .map(|p| p.relin_round2(&collective, &round1))
+                .collect::<fedcore_he::Result<Vec<RelinShare>>>()?;
+            collective = collective.with_relinearization(&round1, &round2)?;
+        }
         if let Some(keys) = &threshold {
             let first = keys.first().context("a threshold with no keys")?;
             collective = collective.with_roster(first.roster().clone())?;
