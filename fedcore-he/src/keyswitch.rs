@@ -97,6 +97,29 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// The signing set a collective step names, from the parties in the round:
+/// none for N-of-N (every party must be in the round), the sorted parties
+/// under a roster (at least its threshold); otherwise an error naming the
+/// step (`what`).
+pub(crate) fn signing_set(
+    collective: &CollectiveKey,
+    mut parties: Vec<u32>,
+    what: &str,
+) -> crate::Result<Vec<u32>> {
+    parties.sort_unstable();
+    match collective.roster().map(|r| r.threshold()) {
+        None if parties.len() != collective.parties().len() => Err(HeError::Mismatch(format!(
+            "the {what} needs every party (N-of-N); only {parties:?} of {:?} are in the round",
+            collective.parties()
+        ))),
+        Some(t) if parties.len() < t => Err(HeError::Mismatch(format!(
+            "the {what} needs {t} hospitals; only {parties:?} are in the round"
+        ))),
+        None => Ok(Vec::new()),
+        Some(_) => Ok(parties),
+    }
+}
+
 /// What the strategy hands the sealed aggregator: the switched sum and
 /// what it was made from.
 struct Pending {
@@ -265,33 +288,12 @@ impl<S: Strategy> KeySwitchRound<S> {
             digests.push(digest(sealed.bytes()));
             signers.push(party);
         }
-        signers.sort_unstable();
         let threshold = self.collective.roster().map(|r| r.threshold());
-        match threshold {
-            None if signers.len() != self.collective.parties().len() => {
-                return Err(HeError::Mismatch(format!(
-                    "the N-of-N key switch needs every party; only {signers:?} of {:?} are in the round",
-                    self.collective.parties()
-                ))
-                .into());
-            }
-            Some(t) if signers.len() < t => {
-                return Err(HeError::Mismatch(format!(
-                    "the key switch needs {t} hospitals; only {signers:?} are in the round"
-                ))
-                .into());
-            }
-            _ => {}
-        }
+        let named = signing_set(&self.collective, signers, "key switch")?;
         let refs: Vec<&EncryptedVector> = parts.iter().collect();
         let sum = ctx.weighted_sum(&refs, &weights)?;
         drop(refs);
         drop(parts);
-        let named = if threshold.is_some() {
-            signers.clone()
-        } else {
-            Vec::new()
-        };
         let layout = kept
             .first()
             .and_then(|u| u.sealed.as_ref())

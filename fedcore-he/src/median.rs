@@ -49,7 +49,7 @@ use rayon::prelude::*;
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
 use crate::gram::{MAX_GRAM_POINTS, Pairs};
-use crate::keyswitch::MAX_SWITCHES_PER_ROUND;
+use crate::keyswitch::{MAX_SWITCHES_PER_ROUND, signing_set};
 use crate::multiparty::{CollectiveKey, DistanceShare, distance_step_bytes};
 use crate::sealer::CkksSum;
 use crate::vector::{EncryptedVector, Form, SlotPacking};
@@ -346,33 +346,12 @@ impl Collective {
             steps.reject(c, "not a party of the collective key".to_owned())?;
         }
         for _ in 0..MAX_SWITCHES_PER_ROUND {
-            let mut signers: Vec<u32> = steps
+            let parties: Vec<u32> = steps
                 .clients()
                 .iter()
                 .filter_map(|c| self.parties.get(c).copied())
                 .collect();
-            signers.sort_unstable();
-            match threshold {
-                None if signers.len() != self.key.parties().len() => {
-                    return Err(HeError::Mismatch(format!(
-                        "the distances' decryption needs every party (N-of-N); only {signers:?} of {:?} are in the round",
-                        self.key.parties()
-                    ))
-                    .into());
-                }
-                Some(t) if signers.len() < t => {
-                    return Err(HeError::Mismatch(format!(
-                        "the distances' decryption needs {t} hospitals; only {signers:?} are in the round"
-                    ))
-                    .into());
-                }
-                _ => {}
-            }
-            let named = if threshold.is_some() {
-                signers
-            } else {
-                Vec::new()
-            };
+            let named = signing_set(&self.key, parties, "distances' decryption")?;
             let step = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
                 .with_sealed(Arc::new(SealedTensors::new(
                     layout.clone(),

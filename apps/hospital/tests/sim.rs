@@ -188,6 +188,21 @@ fn encrypted_private_run_is_recorded_honours_suspension_and_resumes() {
     assert_eq!(rounds[3].outcome, "quorum_not_reached", "{:?}", rounds[3]);
 }
 
+/// Round 1's sign-flipping hospital-1 has a lower weight and trust than
+/// hospitals 2 and 3.
+fn assert_byzantine_least(rt: &tokio::runtime::Runtime, store: &Store) {
+    let ups = rt.block_on(store.updates(JOB, Some(1), None)).unwrap();
+    let of = |name: &str| ups.iter().find(|u| u.client_id == name).unwrap();
+    let byzantine = of("hospital-1");
+    for honest in [of("hospital-2"), of("hospital-3")] {
+        assert!(
+            byzantine.weight.unwrap() < honest.weight.unwrap()
+                && byzantine.trust.unwrap() < honest.trust.unwrap(),
+            "{byzantine:?} vs {honest:?}"
+        );
+    }
+}
+
 /// `--encrypt all`: every hospital seals its whole DenseNet-121 update, the
 /// server aggregates ciphertexts only with the encrypted geometric median,
 /// and the sign-flipping hospital gets the lowest weight and trust.
@@ -213,16 +228,7 @@ fn whole_updates_encrypted_run_the_encrypted_geometric_median() {
     );
     // The evaluation site opened the whole encrypted model.
     assert!(r.loss.unwrap().is_finite(), "{r:?}");
-    let ups = rt.block_on(store.updates(JOB, Some(1), None)).unwrap();
-    let of = |name: &str| ups.iter().find(|u| u.client_id == name).unwrap();
-    let byzantine = of("hospital-1");
-    for honest in [of("hospital-2"), of("hospital-3")] {
-        assert!(
-            byzantine.weight.unwrap() < honest.weight.unwrap()
-                && byzantine.trust.unwrap() < honest.trust.unwrap(),
-            "{byzantine:?} vs {honest:?}"
-        );
-    }
+    assert_byzantine_least(&rt, &store);
     // Client-level DP on the clear part would cover nothing here: refused.
     let mut dp = cfg.clone();
     dp.dp.mode = fedcore_hospital::recipe::DpMode::Client;
@@ -273,16 +279,7 @@ fn whole_updates_under_multiparty_keys_run_the_multiparty_median() {
         "{r:?}"
     );
     assert!(r.loss.unwrap().is_finite(), "{r:?}");
-    let ups = rt.block_on(store.updates(JOB, Some(1), None)).unwrap();
-    let of = |name: &str| ups.iter().find(|u| u.client_id == name).unwrap();
-    let byzantine = of("hospital-1");
-    for honest in [of("hospital-2"), of("hospital-3")] {
-        assert!(
-            byzantine.weight.unwrap() < honest.weight.unwrap()
-                && byzantine.trust.unwrap() < honest.trust.unwrap(),
-            "{byzantine:?} vs {honest:?}"
-        );
-    }
+    assert_byzantine_least(&rt, &store);
     // Resumed: the keys are read back and the relinearization key made
     // again from the same shares; round 2 completes.
     let mut more = sim_config(dir.path(), 2, &flags);
