@@ -23,9 +23,19 @@
 //!    the median under encryption; the plain tensors, if any, get the same
 //!    coefficients. Trust scores come from the distances to the median.
 //!
+//! Under multiparty keys ([`EncryptedMedian::multiparty`]) step 2 computes
+//! the distances with the collective relinearization key and steps 3 and 4
+//! are a collective decryption: each hospital answers its smudged share of
+//! one coefficient per pair ([`crate::multiparty::Distances`], answered by
+//! [`KeySwitcher`](crate::keyswitch::KeySwitcher)), every party's under
+//! N-of-N, the signing set's under a roster; the hospitals learn nothing of
+//! the distances, and a lying share is not outvoted (docs/he.md). The
+//! median's sum is then switched to the hospitals' output key
+//! ([`crate::keyswitch::key_switch_round`]).
+//!
 //! An honest-but-curious server learns the pairwise distances of the
-//! updates and nothing else about them (every hospital learns the same
-//! distances); it never holds a secret key (its context is
+//! updates and nothing else about them (under one key, every hospital
+//! learns the same distances); it never holds a secret key (its context is
 //! [`CkksContext<Public>`]) and never decrypts a vector. A malicious server
 //! is outside this threat model: a hospital cannot tell what the
 //! ciphertexts it is asked to decrypt hold. With two hospitals the median
@@ -155,6 +165,7 @@ impl EncryptedMedian {
                 "the encrypted geometric median under multiparty keys needs the collective relinearization key (CollectiveKey::with_relinearization)".into(),
             ));
         }
+        collective.check_distance_bound(bound)?;
         let mut median = Self::new(collective.context().clone())?;
         median.collective = Some(Collective {
             key: collective,

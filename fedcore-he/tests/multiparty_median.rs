@@ -493,3 +493,34 @@ fn over_grpc_an_n_of_n_median_round_fails_cleanly_when_a_hospital_is_revoked_at_
     // The sealed global is still the initial zeros.
     assert!(open(&s).iter().all(|v| v.abs() < 1e-6));
 }
+
+#[test]
+fn the_strategy_refuses_keys_and_bounds_it_cannot_decrypt_distances_with() {
+    let k = keys();
+    let parties: BTreeMap<ClientId, u32> = (1..=N).map(|p| (name(p), p)).collect();
+    // A distance bound the upload level cannot hold with its smudging.
+    let e = EncryptedMedian::multiparty(k.collective.clone(), parties.clone(), 2f64.powi(40))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bits at the upload level"), "{e}");
+    // A collective key without its relinearization key.
+    let params = CkksParams::multiparty_median();
+    let crs = Crs::new([6; 32]);
+    let shares: Vec<KeyShare> = k
+        .parties
+        .iter()
+        .map(|p| p.key_share(&crs).expect("key share"))
+        .collect();
+    let bare = CollectiveKey::combine(&params, &crs, &shares).expect("collective key");
+    let e = EncryptedMedian::multiparty(bare, parties.clone(), DEFAULT_DISTANCE_BOUND)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("relinearization key"), "{e}");
+    // A client map that is not the collective key's parties.
+    let mut fewer = parties;
+    fewer.remove(&name(4));
+    let e = EncryptedMedian::multiparty(k.collective.clone(), fewer, DEFAULT_DISTANCE_BOUND)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the client map names parties"), "{e}");
+}

@@ -608,6 +608,13 @@ impl DistanceShare {
 }
 
 impl CollectiveKey {
+    /// Refuses a distance bound this key's parameters cannot decrypt with
+    /// its smudging (see [`CollectiveKey::distances`]).
+    pub(crate) fn check_distance_bound(&self, bound: f64) -> Result<()> {
+        let (_, bits) = self.upload_level();
+        check_distance_params(self.ctx.params(), bits, self.parties.len(), bound)
+    }
+
     /// The primes of the upload level and its modulus bits.
     fn upload_level(&self) -> (Vec<u64>, u32) {
         let ctx = self.ctx.engine().context();
@@ -624,8 +631,8 @@ impl CollectiveKey {
     /// level holds a squared distance up to `bound` with its smudging
     /// ([`CkksParams::multiparty_median`]).
     pub fn distances(&self, uploads: &[&EncryptedVector], bound: f64) -> Result<Distances> {
-        let (primes, bits) = self.upload_level();
-        check_distance_params(self.ctx.params(), bits, self.parties.len(), bound)?;
+        self.check_distance_bound(bound)?;
+        let (primes, _) = self.upload_level();
         if uploads.len() < 2 {
             return Err(HeError::OutOfRange(
                 "squared distances need at least two uploads".into(),
