@@ -812,6 +812,181 @@ fn encrypt_all_is_refused_with_dp_at_a_hospital_and_with_krum_at_the_server() {
 /// all showing the same collective key id, train a round over mutual TLS
 /// with the head switched to the hospitals' output key. A hospital whose
 /// share is not the one under its name, or that has none, refuses to start.
+/// `provision --keys multiparty --encrypt all`: the encrypted geometric
+/// median's parameters, and two more `keygen` rounds for the collective
+/// relinearization key, each share signed and carried like the key shares.
+/// The server and the hospitals make the key at start (no round runs here:
+/// three whole DenseNet-121 updates under multiparty keys take gigabytes;
+/// the round is tested in fedcore-he/tests/multiparty_median.rs).
+#[test]
+fn multiparty_keys_for_whole_updates_take_two_signed_relinearization_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let kit = |h: &str| project.join(h).to_str().unwrap().to_owned();
+    let hospitals = ["hospital-1", "hospital-2"];
+    let (ok, said) = run(&[
+        "provision",
+        "--out",
+        project.to_str().unwrap(),
+        "--hospitals",
+        "2",
+        "--port",
+        "1",
+        "--keys",
+        "multiparty",
+        "--encrypt",
+        "all",
+    ]);
+    assert!(ok && said.contains("he-relin1.bin"), "{said}");
+    // Carries `file` of every hospital into `folder/<site>.<ext>` of the
+    // server's kit and then of every hospital's, as the operator does.
+    let carry = |file: &str, folder: &str, ext: &str| {
+        let dir = project.join("server").join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        for h in hospitals {
+            std::fs::copy(project.join(h).join(file), dir.join(format!("{h}.{ext}"))).unwrap();
+        }
+        for h in hospitals {
+            let mine = project.join(h).join(folder);
+            if mine.exists() {
+                std::fs::remove_dir_all(&mine).unwrap();
+            }
+            copy_into(&dir, &project.join(h));
+        }
+    };
+    let keygen = |h: &str| {
+        let (ok, said) = run(&["keygen", "--kit", &kit(h)]);
+        assert!(ok, "{said}");
+        said
+    };
+    for h in hospitals {
+        keygen(h);
+    }
+    carry("he-keyshare.bin", "he-keyshares", "bin");
+    // The second run signs the statement and the first-round share.
+    for h in hospitals {
+        let said = keygen(h);
+        assert!(said.contains("first relinearization share"), "{said}");
+        assert!(!project.join(h).join("he-relin2.bin").exists());
+    }
+    carry("he-attestation.json", "he-attestations", "json");
+    carry("he-relin1.bin", "he-relin1", "bin");
+    // The third: the statements agree and every first-round share is in.
+    for h in hospitals {
+        let said = keygen(h);
+        assert!(said.contains("second relinearization share"), "{said}");
+    }
+    // Asked again, the same second round; for another first round (its
+    // record says so), refused: answers could be averaged.
+    let second = std::fs::read(project.join("hospital-1/he-relin2.bin")).unwrap();
+    keygen("hospital-1");
+    let record = project.join("hospital-1/he-relin2.txt");
+    let answered = std::fs::read_to_string(&record).unwrap();
+    std::fs::write(&record, "00\n").unwrap();
+    let (ok, said) = run(&["keygen", "--kit", &kit("hospital-1")]);
+    assert!(!ok && said.contains("for another first round"), "{said}");
+    std::fs::write(&record, answered).unwrap();
+    keygen("hospital-1");
+    // The signature is fresh each time; the share it signs is the same.
+    let share_of = |file: &[u8]| {
+        let n = u32::from_le_bytes(file[..4].try_into().unwrap()) as usize;
+        file[4 + n..].to_vec()
+    };
+    assert_eq!(
+        share_of(&std::fs::read(project.join("hospital-1/he-relin2.bin")).unwrap()),
+        share_of(&second)
+    );
+    carry("he-relin2.bin", "he-relin2", "bin");
+
+    let run_dir = tmp.path().join("server-run");
+    let server = |extra: &[&str]| {
+        run(&[
+            &["server", "--kit", &kit("server"), "--listen", "127.0.0.1:0"][..],
+            &["--run-dir", run_dir.to_str().unwrap(), "--wait", "3"][..],
+            &["--image-size", "32", "--public-patients", "0"][..],
+            extra,
+        ]
+        .concat())
+    };
+    // The server makes the relinearization key and seals whole updates
+    // (then gives up: no hospital connects).
+    let (_, said) = server(&["--encrypt", "all"]);
+    assert!(
+        said.contains("with its relinearization key (whole updates)")
+            && said.contains("whole updates sealed with CKKS; encrypted-geometric-median"),
+        "{said}"
+    );
+    let (ok, said) = server(&[]);
+    assert!(
+        !ok && said.contains("seals whole updates (--encrypt all)"),
+        "{said}"
+    );
+    // A second-round share altered on the way, or under another name.
+    let relin2 = project.join("server/he-relin2");
+    let theirs = relin2.join("hospital-2.bin");
+    let genuine = std::fs::read(&theirs).unwrap();
+    let mut altered = genuine.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    std::fs::write(&theirs, &altered).unwrap();
+    let (ok, said) = server(&["--encrypt", "all"]);
+    assert!(
+        !ok && said.contains("signature is not over this relinearization share"),
+        "{said}"
+    );
+    std::fs::copy(relin2.join("hospital-1.bin"), &theirs).unwrap();
+    let (ok, said) = server(&["--encrypt", "all"]);
+    assert!(
+        !ok && said.contains("signed by hospital-1, not by hospital-2"),
+        "{said}"
+    );
+    std::fs::write(&theirs, &genuine).unwrap();
+    std::fs::remove_file(project.join("server/he-relin1/hospital-2.bin")).unwrap();
+    let (ok, said) = server(&["--encrypt", "all"]);
+    assert!(
+        !ok && said.contains("has no relinearization share of hospital-2"),
+        "{said}"
+    );
+    std::fs::copy(
+        project.join("hospital-2/he-relin1.bin"),
+        project.join("server/he-relin1/hospital-2.bin"),
+    )
+    .unwrap();
+
+    // A hospital makes the key too (then gives up: no server), and refuses
+    // to seal only the head with keys for whole updates.
+    let work = tmp.path().join("work");
+    let (ok, said) = run(&[
+        "client",
+        "--kit",
+        &kit("hospital-1"),
+        "--server",
+        "127.0.0.1:1",
+        "--encrypt",
+        "all",
+        "--image-size",
+        "32",
+        "--patients",
+        "16",
+        "--dp",
+        "off",
+        "--give-up-after",
+        "2",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && said.contains("hospital-1: multiparty keys, collective key"),
+        "{said}"
+    );
+    refuses_to_start(
+        &kit("hospital-2"),
+        "127.0.0.1:1",
+        &tmp.path().join("work-2"),
+        "seal whole updates: run with --encrypt all",
+    );
+}
+
 #[test]
 fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     let tmp = tempfile::tempdir().unwrap();

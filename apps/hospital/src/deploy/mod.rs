@@ -70,6 +70,12 @@ pub struct ProvisionArgs {
     /// (default: every hospital, N-of-N).
     #[arg(long)]
     pub threshold: Option<usize>,
+    /// With multiparty keys: what they seal, the head (default) or whole
+    /// updates (`all`: the encrypted geometric median's parameters, and two
+    /// more `keygen` rounds for its collective relinearization key).
+    /// Single keys serve both.
+    #[arg(long, value_enum, default_value_t = Encrypt::Head)]
+    pub encrypt: Encrypt,
 }
 
 /// `hospital keygen`.
@@ -236,6 +242,14 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
     if a.threshold.is_some() && (a.keys != HeKeys::Multiparty || !a.he) {
         bail!("--threshold applies to --keys multiparty");
     }
+    if a.encrypt != Encrypt::Head && (a.keys != HeKeys::Multiparty || !a.he) {
+        bail!(
+            "--encrypt applies to --keys multiparty (single keys serve the head and whole updates)"
+        );
+    }
+    if a.encrypt == Encrypt::None {
+        bail!("--keys multiparty --encrypt none: nothing to make keys for");
+    }
     if let Some(t) = a.threshold {
         crate::he_keys::check_threshold(t, a.hospitals)?;
     }
@@ -263,7 +277,8 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
                 .iter()
                 .map(|s| (s.clone(), project.site_kit(s)))
                 .collect();
-            crate::he_keys::kit::provision(&project.server_kit(), &kits, a.threshold)?;
+            let whole = a.encrypt == Encrypt::All;
+            crate::he_keys::kit::provision(&project.server_kit(), &kits, a.threshold, whole)?;
             println!(
                 "CKKS multiparty keys: each hospital runs `hospital keygen --kit <its kit>` and sends its {}; \
                  put them in server/{}/<site>.bin, then copy those files into the same folder of every \
@@ -282,6 +297,19 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
                     crate::he_keys::kit::TRANSPORT_DIR,
                     crate::he_keys::kit::DEALS_OUT_DIR,
                     crate::he_keys::kit::DEALS_DIR
+                );
+            }
+            if whole {
+                println!(
+                    "whole updates: keygen also writes {} (from its second run) and then {} (once every \
+                     statement agrees and every {} is in {}/): each goes, like the key shares, into {}/ \
+                     and {}/<site>.bin of every kit",
+                    crate::he_keys::kit::RELIN1_FILE,
+                    crate::he_keys::kit::RELIN2_FILE,
+                    crate::he_keys::kit::RELIN1_FILE,
+                    crate::he_keys::kit::RELIN1_DIR,
+                    crate::he_keys::kit::RELIN1_DIR,
+                    crate::he_keys::kit::RELIN2_DIR
                 );
             }
         }
@@ -327,6 +355,24 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
         "signed statement of these keys in {}: send it to the server's operator",
         statement.display()
     );
+    if let Some(r1) = &made.relin1 {
+        println!(
+            "first relinearization share in {}: send it to the server's operator",
+            r1.display()
+        );
+        match &made.relin2 {
+            Some(r2) => println!(
+                "second relinearization share in {}: send it to the server's operator",
+                r2.display()
+            ),
+            None => println!(
+                "once every hospital's statement and {} are in this kit ({}/, {}/), run keygen again",
+                kit::RELIN1_FILE,
+                kit::ATTESTATIONS_DIR,
+                kit::RELIN1_DIR
+            ),
+        }
+    }
     if !made.agreed {
         println!(
             "once every hospital's statement is in {}/ (missing: {}), run keygen again{}",
@@ -370,11 +416,31 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     // Multiparty keys are checked before pretraining: the head is sealed,
     // and every party of the collective key is a hospital on the roster.
     let multiparty = if crate::he_keys::kit::is_multiparty(&kit.dir) {
-        if a.encrypt != Encrypt::Head || !kit.dir.join(KeyAuthority::PUBLIC_FILE).exists() {
+        if !kit.dir.join(KeyAuthority::PUBLIC_FILE).exists() {
             bail!(
-                "a kit with multiparty keys seals the head (--encrypt head, with {} in the kit): \
-                 anything else would send it in the clear or is not offered",
+                "a kit with multiparty keys needs {} in it",
                 KeyAuthority::PUBLIC_FILE
+            );
+        }
+        let sealed = if crate::he_keys::kit::is_whole(&kit.dir)? {
+            Encrypt::All
+        } else {
+            Encrypt::Head
+        };
+        if a.encrypt != sealed {
+            bail!(
+                "a kit with these multiparty keys seals {} (--encrypt {}): anything else would send it \
+                 in the clear or is not what the keys were made for (provision --encrypt)",
+                if sealed == Encrypt::All {
+                    "whole updates"
+                } else {
+                    "the head"
+                },
+                if sealed == Encrypt::All {
+                    "all"
+                } else {
+                    "head"
+                }
             );
         }
         let (collective, parties, view) = crate::he_keys::kit::server_view(&kit.dir)?;
@@ -424,9 +490,14 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
             );
         }
         println!(
-            "multiparty keys: collective key {} of {} hospitals",
+            "multiparty keys: collective key {} of {} hospitals{}",
             key_id_hex(collective.context().key_id()),
-            parties.len()
+            parties.len(),
+            if a.encrypt == Encrypt::All {
+                ", with its relinearization key (whole updates)"
+            } else {
+                ""
+            }
         );
         if let Some(r) = &view.roster {
             println!("multiparty keys: {r}");
@@ -467,6 +538,11 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let public = match encrypt {
         Encrypt::None => None,
         Encrypt::Head => Some(CkksContext::<Public>::from_file(&public_key)?),
+        // Under multiparty keys the distances need the collective key's
+        // relinearization key, not the output key's evaluation keys.
+        Encrypt::All if multiparty.is_some() => {
+            Some(CkksContext::<Public>::from_file(&public_key)?)
+        }
         Encrypt::All => {
             let eval = kit.dir.join(KeyAuthority::EVALUATION_FILE);
             if !eval.exists() {
@@ -482,22 +558,28 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
     let sealed = encrypt.patterns(&template)?;
     // Krum's f follows the number of hospitals, as in the simulation.
     let hospitals = Roster::load(&kit.roster_path())?.active().len();
-    let aggregator = a
-        .aggregator
-        .rule(hospitals.max(a.min_clients), encrypt, public.as_ref())?;
     // Under multiparty keys each round has the hospitals switch the sealed
-    // sum, weighted as the server will weigh it.
+    // sum, weighted as the server will weigh it; the encrypted geometric
+    // median's distances are decrypted by them together.
     let server_learning_rate = ServerConfig::default().server_learning_rate;
     let aggregator = match (multiparty, &public) {
+        (Some((collective, parties)), Some(output))
+            if encrypt == Encrypt::All && a.aggregator == AggregatorChoice::GeometricMedian =>
+        {
+            crate::he_keys::median_rule(collective, output.clone(), parties, server_learning_rate)?
+        }
         (Some((collective, parties)), Some(output)) => crate::he_keys::switch_rule(
-            aggregator,
+            a.aggregator
+                .rule(hospitals.max(a.min_clients), encrypt, public.as_ref())?,
             collective,
             output.clone(),
             parties,
             server_learning_rate,
         )?,
         (Some(_), None) => bail!("multiparty keys without the output key's public key"),
-        (None, _) => aggregator,
+        (None, _) => a
+            .aggregator
+            .rule(hospitals.max(a.min_clients), encrypt, public.as_ref())?,
     };
     let config = ServerConfig {
         rounds: a.rounds,
@@ -623,9 +705,12 @@ pub fn client_cmd(a: &ClientArgs) -> Result<()> {
     let identity = kit.info.identity.clone();
     // Multiparty keys are checked before any data is touched.
     let multiparty = if crate::he_keys::kit::is_multiparty(&kit.dir) {
-        if a.encrypt == Encrypt::All {
+        let whole = crate::he_keys::kit::is_whole(&kit.dir)?;
+        if (a.encrypt == Encrypt::All) != whole {
             bail!(
-                "--encrypt all is not offered under multiparty keys (no collective evaluation keys)"
+                "this kit's multiparty keys seal {}: run with --encrypt {} (provision --encrypt decides)",
+                if whole { "whole updates" } else { "the head" },
+                if whole { "all" } else { "head" }
             );
         }
         Some(crate::he_keys::kit::hospital(&kit.dir, &identity)?)

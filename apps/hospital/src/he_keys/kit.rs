@@ -37,6 +37,16 @@
 //!   `<that site's kit>/he-deals/<dealer>.bin`; at start a hospital opens
 //!   the deals addressed to it into its threshold key, and any `T`
 //!   hospitals then switch a round's sum.
+//! - For whole updates (`provision --encrypt all`: the encrypted geometric
+//!   median's parameters), the collective relinearization key takes two
+//!   more rounds: with the statements written, `keygen` also writes the
+//!   hospital's signed first-round share (`he-relin1.bin`); once every
+//!   statement agrees and every first-round share is in `he-relin1/`, its
+//!   signed second-round share (`he-relin2.bin`), for one first round only
+//!   (`he-relin2.txt` records which). The operator carries both as the key
+//!   shares, into `he-relin1/<site>.bin` and `he-relin2/<site>.bin` of
+//!   every kit; the server and each hospital check every signature and
+//!   make the relinearization key at start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,7 +56,7 @@ use fedcore::ClientId;
 use fedcore::net::provision::{Kit, SignedStatement};
 use fedcore_he::keyswitch::{KeySwitcher, MultipartySealer};
 use fedcore_he::multiparty::{
-    CollectiveKey, Crs, Deal, KeyShare, PartyKey, Roster as HeRoster, ThresholdKey,
+    CollectiveKey, Crs, Deal, KeyShare, PartyKey, RelinShare, Roster as HeRoster, ThresholdKey,
 };
 use fedcore_he::{CkksContext, CkksParams, KeyAuthority, Public, Secret};
 
@@ -97,24 +107,68 @@ const MAX_ATTESTATION_FILE: u64 = 64 << 10;
 /// 197 KB).
 const MAX_DEAL_FILE: u64 = 4 << 20;
 
+/// A whole-update kit's signed first-round relinearization share.
+pub const RELIN1_FILE: &str = "he-relin1.bin";
+/// The folder of every hospital's signed first-round share.
+pub const RELIN1_DIR: &str = "he-relin1";
+/// A whole-update kit's signed second-round relinearization share.
+pub const RELIN2_FILE: &str = "he-relin2.bin";
+/// The folder of every hospital's signed second-round share.
+pub const RELIN2_DIR: &str = "he-relin2";
+/// The first round (SHA-256 of its shares) this hospital answered the
+/// second round for: it answers one.
+const RELIN2_ANSWERED: &str = "he-relin2.txt";
+/// A relinearization share (5.2 MB at the median's parameters) and its
+/// signed statement.
+const MAX_RELIN_FILE: u64 = 8 << 20;
+
 /// Whether `kit` was provisioned for multiparty keys.
 pub fn is_multiparty(kit: &Path) -> bool {
     kit.join(CRS_FILE).exists()
 }
 
+/// The multiparty parameters of `kit`: its output key's (the public key in
+/// the server's kit, the secret key in a hospital's).
+pub fn params(kit: &Path) -> Result<CkksParams> {
+    let public = kit.join(KeyAuthority::PUBLIC_FILE);
+    let params = if public.exists() {
+        CkksContext::<Public>::from_file(&public)?.params().clone()
+    } else {
+        CkksContext::<Secret>::from_file(&kit.join(KeyAuthority::SECRET_FILE))?
+            .params()
+            .clone()
+    };
+    if params != super::multiparty_params(false) && params != super::multiparty_params(true) {
+        bail!(
+            "{}: keys of other parameters than multiparty keys'",
+            kit.display()
+        );
+    }
+    Ok(params)
+}
+
+/// Whether `kit`'s multiparty keys are for whole updates (`provision
+/// --encrypt all`: the encrypted geometric median's parameters, with a
+/// collective relinearization key).
+pub fn is_whole(kit: &Path) -> Result<bool> {
+    Ok(params(kit)? == super::multiparty_params(true))
+}
+
 /// Writes the output key, the seed, the party numbers and the threshold
 /// (if any) into the kits (`sites`: each hospital's name and kit, party
-/// `i + 1` for the `i`-th).
+/// `i + 1` for the `i`-th), at the parameters of what is sealed (`whole`:
+/// whole updates, [`super::multiparty_params`]).
 pub fn provision(
     server: &Path,
     sites: &[(String, PathBuf)],
     threshold: Option<usize>,
+    whole: bool,
 ) -> Result<()> {
     if let Some(t) = threshold {
         super::check_threshold(t, sites.len())?;
     }
     // The key switch's smudging covers so many parties.
-    let params = CkksParams::multiparty();
+    let params = super::multiparty_params(whole);
     let error = fedcore_he::multiparty::switch_error(&params, sites.len(), sites.len(), 1.0);
     if error > fedcore_he::multiparty::MAX_SWITCH_ERROR {
         bail!(
@@ -274,11 +328,12 @@ fn shares(kit: &Path) -> Result<BTreeMap<ClientId, KeyShare>> {
         "every hospital runs `hospital keygen` first",
     )?;
     let dir = kit.join(KEYSHARES_DIR);
+    let params = params(kit)?;
     let mut out = BTreeMap::new();
     for (site, (party, bytes)) in files {
         let path = dir.join(format!("{site}.bin"));
-        let share = KeyShare::from_bytes(&CkksParams::multiparty(), &bytes)
-            .with_context(|| format!("{}", path.display()))?;
+        let share =
+            KeyShare::from_bytes(&params, &bytes).with_context(|| format!("{}", path.display()))?;
         if share.party() != party {
             bail!(
                 "{}: a share of party {}, where {site} is party {party}",
@@ -344,24 +399,141 @@ fn deal_statement(dealer: &str, recipient: &str, roster: &str, deal: &[u8]) -> S
     )
 }
 
-/// A deal's file: the dealer's signed statement of it (JSON, after its
-/// length as a u32), then the deal's bytes. The signature makes a deal
-/// that is not its dealer's (made up by whoever carried it, to spoil the
-/// recipient's threshold key) an error at the recipient, not a key that
-/// silently decrypts nothing.
-fn signed_deal(signer: &Kit, recipient: &str, roster: &str, deal: &[u8]) -> Result<Vec<u8>> {
-    let statement = signer.sign(&deal_statement(
-        &signer.info.identity,
-        recipient,
-        roster,
-        deal,
-    ))?;
-    let json = serde_json::to_vec(&statement)?;
-    let mut out = Vec::with_capacity(4 + json.len() + deal.len());
+/// A signed file: `signer`'s signed `statement` (JSON, after its length as
+/// a u32), then `bytes`.
+fn signed_file(signer: &Kit, statement: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(&signer.sign(statement)?)?;
+    let mut out = Vec::with_capacity(4 + json.len() + bytes.len());
     out.extend_from_slice(&u32::try_from(json.len())?.to_le_bytes());
     out.extend_from_slice(&json);
-    out.extend_from_slice(deal);
+    out.extend_from_slice(bytes);
     Ok(out)
+}
+
+/// The bytes of a [`signed_file`] read from `path` (a `what`), once its
+/// statement is signed by `site` with a certificate of the project's CA
+/// (`ca`) and is `expected(bytes)` (`mismatch` says what else it could be).
+fn open_signed<'a>(
+    file: &'a [u8],
+    path: &Path,
+    ca: &str,
+    site: &ClientId,
+    what: &str,
+    expected: impl Fn(&[u8]) -> String,
+    mismatch: &str,
+) -> Result<&'a [u8]> {
+    let (json, raw) = file
+        .split_at_checked(4)
+        .and_then(|(n, rest)| rest.split_at_checked(u32::from_le_bytes(n.try_into().ok()?) as usize))
+        .with_context(|| {
+            format!(
+                "{}: not a signed {what} (truncated, or made before they were signed: provision anew)",
+                path.display()
+            )
+        })?;
+    let signed: SignedStatement = serde_json::from_slice(json)
+        .with_context(|| format!("{}: not a signed {what}", path.display()))?;
+    check_signer(&signed, ca, site, path)?;
+    if signed.statement != expected(raw) {
+        bail!(
+            "{}: {site}'s signature is not over this {what} {mismatch} (altered on the way, or made for \
+             something else)",
+            path.display()
+        );
+    }
+    Ok(raw)
+}
+
+/// A deal's file: the dealer's signed statement of it, then the deal's
+/// bytes. The signature makes a deal that is not its dealer's (made up by
+/// whoever carried it, to spoil the recipient's threshold key) an error at
+/// the recipient, not a key that silently decrypts nothing.
+fn signed_deal(signer: &Kit, recipient: &str, roster: &str, deal: &[u8]) -> Result<Vec<u8>> {
+    let statement = deal_statement(&signer.info.identity, recipient, roster, deal);
+    signed_file(signer, &statement, deal)
+}
+
+/// What a hospital signs with a relinearization share: who made it, for
+/// which round and collective key, and the SHA-256 of its bytes.
+fn relin_statement(site: &str, round: u8, collective: [u8; 16], share: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "fedcore-hospital relinearization share v1\nfrom: {site}\nround: {round}\ncollective key: {}\nsha256: {}\n",
+        hex(&collective),
+        hex(&Sha256::digest(share))
+    )
+}
+
+/// The relinearization shares of `round` in `kit` (`he-relin1/` or
+/// `he-relin2/`): one per listed party, each signed by the site its file is
+/// named after for this round and `collective`, of that site's party.
+fn relin_shares(kit: &Path, round: u8, collective: &CollectiveKey) -> Result<Vec<RelinShare>> {
+    let (folder, file) = if round == 1 {
+        (RELIN1_DIR, RELIN1_FILE)
+    } else {
+        (RELIN2_DIR, RELIN2_FILE)
+    };
+    let how = format!(
+        "every hospital runs `hospital keygen` {} and its {file} is copied here as <site>.bin",
+        if round == 1 {
+            "once every key share is in its kit"
+        } else {
+            "once every statement agrees and every first-round share is in its kit"
+        }
+    );
+    let files = per_site(
+        kit,
+        folder,
+        "bin",
+        MAX_RELIN_FILE,
+        "relinearization share",
+        &how,
+    )?;
+    let ca = ca_pem(kit)?;
+    let params = params(kit)?;
+    let key_id = collective.context().key_id();
+    let dir = kit.join(folder);
+    let mut out = Vec::with_capacity(files.len());
+    for (site, (party, bytes)) in files {
+        let path = dir.join(format!("{site}.bin"));
+        let raw = open_signed(
+            &bytes,
+            &path,
+            &ca,
+            &site,
+            "relinearization share",
+            |raw| relin_statement(site.as_str(), round, key_id, raw),
+            &format!("of round {round} for collective key {}", hex(&key_id)),
+        )?;
+        let share =
+            RelinShare::from_bytes(&params, raw).with_context(|| format!("{}", path.display()))?;
+        if share.party() != party || share.round() != round {
+            bail!(
+                "{}: a round-{} share of party {}, where {site} is party {party}",
+                path.display(),
+                share.round(),
+                share.party()
+            );
+        }
+        out.push(share);
+    }
+    Ok(out)
+}
+
+/// `collective` with the relinearization key of the signed shares in a
+/// whole-update `kit`'s `he-relin1/` and `he-relin2/`.
+fn relinearized(kit: &Path, collective: CollectiveKey) -> Result<CollectiveKey> {
+    let round1 = relin_shares(kit, 1, &collective)?;
+    let round2 = relin_shares(kit, 2, &collective)?;
+    collective
+        .with_relinearization(&round1, &round2)
+        .with_context(|| {
+            format!(
+                "the relinearization shares in {}/ and {}/",
+                kit.join(RELIN1_DIR).display(),
+                kit.join(RELIN2_DIR).display()
+            )
+        })
 }
 
 /// The deals in `kit/he-deals/` addressed to `me` (party `party`) for the
@@ -379,33 +551,22 @@ fn deals(kit: &Path, me: &str, party: u32, roster: &str) -> Result<Vec<Deal>> {
          its he-deals-out/<this site>.bin is copied here as <dealer>.bin",
     )?;
     let ca = ca_pem(kit)?;
+    let params = params(kit)?;
     let dir = kit.join(DEALS_DIR);
     let mut out = Vec::with_capacity(files.len());
     for (site, (dealer, bytes)) in files {
         let path = dir.join(format!("{site}.bin"));
         let what = || format!("{}", path.display());
-        let (json, raw) = bytes
-            .split_at_checked(4)
-            .and_then(|(n, rest)| {
-                rest.split_at_checked(u32::from_le_bytes(n.try_into().ok()?) as usize)
-            })
-            .with_context(|| {
-                format!(
-                    "{}: not a signed deal (truncated, or made before deals were signed: provision anew)",
-                    path.display()
-                )
-            })?;
-        let signed: SignedStatement = serde_json::from_slice(json)
-            .with_context(|| format!("{}: not a signed deal", path.display()))?;
-        check_signer(&signed, &ca, &site, &path)?;
-        if signed.statement != deal_statement(site.as_str(), me, roster, raw) {
-            bail!(
-                "{}: {site}'s signature is not over this deal to {me} for roster {roster} \
-                 (altered on the way, or made for another hospital or roster)",
-                path.display()
-            );
-        }
-        let deal = Deal::from_bytes(&CkksParams::multiparty(), raw).with_context(what)?;
+        let raw = open_signed(
+            &bytes,
+            &path,
+            &ca,
+            &site,
+            "deal",
+            |raw| deal_statement(site.as_str(), me, roster, raw),
+            &format!("to {me} for roster {roster}"),
+        )?;
+        let deal = Deal::from_bytes(&params, raw).with_context(what)?;
         if deal.dealer() != dealer || deal.recipient() != party {
             bail!(
                 "{}: a deal from party {} to party {}, where {site} is party {dealer} and this hospital party {party}",
@@ -430,8 +591,8 @@ fn combine(
         .map(|(site, s)| (site.clone(), s.party()))
         .collect();
     let list: Vec<KeyShare> = shares.values().cloned().collect();
-    let mut collective = CollectiveKey::combine(&CkksParams::multiparty(), &crs(kit)?, &list)
-        .with_context(|| {
+    let mut collective =
+        CollectiveKey::combine(&params(kit)?, &crs(kit)?, &list).with_context(|| {
             format!(
                 "combining the key shares in {}",
                 kit.join(KEYSHARES_DIR).display()
@@ -560,6 +721,11 @@ pub fn server_view(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>
     let (collective, parties) = combine(kit, &listed)?;
     let output = CkksContext::<Public>::from_file(&kit.join(KeyAuthority::PUBLIC_FILE))?.key_id();
     let view = KeyView::of(kit, &listed, &collective, output)?;
+    let collective = if is_whole(kit)? {
+        relinearized(kit, collective)?
+    } else {
+        collective
+    };
     Ok((collective, parties, view))
 }
 
@@ -704,6 +870,12 @@ pub struct Keygen {
     /// Under a threshold, once dealt: whether this call made the deals
     /// (`false`: an earlier one, for the same roster).
     pub dealt: Option<bool>,
+    /// A whole-update kit, once attested: the signed first-round
+    /// relinearization share, for the operator.
+    pub relin1: Option<PathBuf>,
+    /// Once every statement agrees and every first-round share is in the
+    /// kit: the signed second-round share, for the operator.
+    pub relin2: Option<PathBuf>,
 }
 
 /// `hospital keygen`, run at each hospital as the operator brings the
@@ -715,7 +887,11 @@ pub struct Keygen {
 ///    collective key, and a statement of it signed with the kit's key
 ///    (`he-attestation.json`);
 /// 3. once every hospital's statement is in `he-attestations/`: whether
-///    they agree; under a threshold, with `deal`, its deals (made once).
+///    they agree; under a threshold, with `deal`, its deals (made once);
+/// 4. for whole updates: from step 2 its signed first-round
+///    relinearization share, and once the statements agree and every
+///    first-round share is in `he-relin1/`, its signed second-round share
+///    (for one first round only).
 pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
     if !is_multiparty(kit) {
         bail!(
@@ -757,7 +933,7 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
         }
         key
     } else {
-        let key = PartyKey::generate(CkksParams::multiparty(), party)?;
+        let key = PartyKey::generate(params(kit)?, party)?;
         key.write(&key_path)?;
         key
     };
@@ -779,6 +955,8 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
         agreed: false,
         missing: Vec::new(),
         dealt: None,
+        relin1: None,
+        relin2: None,
     };
     let ready = kit.join(KEYSHARES_DIR).exists()
         && (threshold.is_none() || kit.join(TRANSPORT_DIR).exists());
@@ -813,7 +991,75 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
     if let Some(roster) = collective.roster() {
         made.dealt = dealing(kit, &signer, &key, roster, deal, made.agreed)?;
     }
+    if is_whole(kit)? {
+        relinearizing(kit, &signer, &key, &collective, &mut made)?;
+    }
     Ok(made)
+}
+
+/// A whole-update kit's relinearization rounds at `keygen`: this
+/// hospital's signed first-round share (the same every time for its
+/// secret and seed) and, once every statement agrees and every first-round
+/// share is in the kit, its signed second-round share. It answers the
+/// second round for one first round only (`he-relin2.txt`): a second round
+/// is this hospital's secret times the first round's sum plus a small
+/// error, and answers for first rounds varied by whoever carries them
+/// could be averaged toward the secret.
+fn relinearizing(
+    kit: &Path,
+    signer: &Kit,
+    key: &PartyKey,
+    collective: &CollectiveKey,
+    made: &mut Keygen,
+) -> Result<()> {
+    let me = signer.info.identity.as_str();
+    let key_id = collective.context().key_id();
+    let share = key.relin_round1(collective)?.to_bytes();
+    let path = kit.join(RELIN1_FILE);
+    write(
+        &path,
+        &signed_file(signer, &relin_statement(me, 1, key_id, &share), &share)?,
+    )?;
+    made.relin1 = Some(path);
+    if !made.agreed || !kit.join(RELIN1_DIR).exists() {
+        return Ok(());
+    }
+    let round1 = relin_shares(kit, 1, collective)?;
+    let first = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"fedcore-hospital relinearization round 1 v1");
+        for s in &round1 {
+            let bytes = s.to_bytes();
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+        hex(&h.finalize())
+    };
+    let record = kit.join(RELIN2_ANSWERED);
+    if record.exists() {
+        let before = std::fs::read_to_string(&record)
+            .with_context(|| format!("reading {}", record.display()))?;
+        if before.trim() != first {
+            bail!(
+                "this hospital answered the second relinearization round for another first round ({}): \
+                 it answers one (answers for varied first rounds could be averaged toward its secret); \
+                 the shares in {}/ changed since: find out why, or provision anew",
+                record.display(),
+                kit.join(RELIN1_DIR).display()
+            );
+        }
+    }
+    // Recorded before the share can leave.
+    write(&record, format!("{first}\n").as_bytes())?;
+    let share = key.relin_round2(collective, &round1)?.to_bytes();
+    let path = kit.join(RELIN2_FILE);
+    write(
+        &path,
+        &signed_file(signer, &relin_statement(me, 2, key_id, &share), &share)?,
+    )?;
+    made.relin2 = Some(path);
+    Ok(())
 }
 
 /// `key`'s deals to `roster` in `he-deals-out/`, made once and only when
@@ -953,6 +1199,11 @@ pub fn hospital(kit: &Path, identity: &str) -> Result<HospitalKeys> {
             sites.join(", ")
         );
     }
+    let collective = if is_whole(kit)? {
+        relinearized(kit, collective)?
+    } else {
+        collective
+    };
     let switcher = match collective.roster().cloned() {
         None => KeySwitcher::new(key, collective.clone(), output.public())?,
         Some(roster) => {

@@ -170,19 +170,12 @@ impl SimKeys {
         let Self::Multiparty(m) = self else {
             bail!("the multiparty median needs multiparty keys");
         };
-        let median =
-            EncryptedMedian::multiparty(m.collective.clone(), m.parties(), DEFAULT_DISTANCE_BOUND)?;
-        let (round, sum) = key_switch_round(
-            median,
+        median_rule(
             m.collective.clone(),
             m.output.public(),
             m.parties(),
             server_learning_rate,
-        )?;
-        Ok(Rule::KeySwitchMedian(
-            Box::new(round),
-            sum.with_slot_packing(SlotPacking::Real),
-        ))
+        )
     }
 
     /// Hospital `i`'s (0-based) sealer and, under multiparty keys, its
@@ -208,6 +201,25 @@ impl SimKeys {
             }
         })
     }
+}
+
+/// The encrypted geometric median under multiparty keys (`collective`
+/// with its relinearization key): its distance step decrypted together by
+/// the hospitals, its sum switched to `output` (`server_learning_rate` must
+/// be the server's); one value per slot.
+pub fn median_rule(
+    collective: CollectiveKey,
+    output: CkksContext<Public>,
+    parties: BTreeMap<ClientId, u32>,
+    server_learning_rate: f32,
+) -> Result<Rule> {
+    let median =
+        EncryptedMedian::multiparty(collective.clone(), parties.clone(), DEFAULT_DISTANCE_BOUND)?;
+    let (round, sum) = key_switch_round(median, collective, output, parties, server_learning_rate)?;
+    Ok(Rule::KeySwitchMedian(
+        Box::new(round),
+        sum.with_slot_packing(SlotPacking::Real),
+    ))
 }
 
 /// A plain `rule`'s round with the key switch to `output`
