@@ -806,12 +806,6 @@ fn encrypt_all_is_refused_with_dp_at_a_hospital_and_with_krum_at_the_server() {
     );
 }
 
-/// Multiparty keys deployed: provisioning makes no share of the collective
-/// key; each hospital makes its own (`hospital keygen`) and only its key
-/// share travels, carried by the operator; two hospitals and the server,
-/// all showing the same collective key id, train a round over mutual TLS
-/// with the head switched to the hospitals' output key. A hospital whose
-/// share is not the one under its name, or that has none, refuses to start.
 /// `provision --keys multiparty --encrypt all`: the encrypted geometric
 /// median's parameters, and two more `keygen` rounds for the collective
 /// relinearization key, each share signed and carried like the key shares.
@@ -870,6 +864,20 @@ fn multiparty_keys_for_whole_updates_take_two_signed_relinearization_rounds() {
         assert!(!project.join(h).join("he-relin2.bin").exists());
     }
     carry("he-attestation.json", "he-attestations", "json");
+    // Provisioning made the folders the operator copies into.
+    assert!(project.join("server/he-relin1").is_dir() && project.join("server/he-relin2").is_dir());
+    // With only its own first-round share in, a hospital says whose are
+    // missing and waits.
+    let own = project.join("hospital-1/he-relin1");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::copy(
+        project.join("hospital-1/he-relin1.bin"),
+        own.join("hospital-1.bin"),
+    )
+    .unwrap();
+    let said = keygen("hospital-1");
+    assert!(said.contains("missing hospital-2"), "{said}");
+    assert!(!project.join("hospital-1/he-relin2.bin").exists());
     carry("he-relin1.bin", "he-relin1", "bin");
     // The third: the statements agree and every first-round share is in.
     for h in hospitals {
@@ -979,6 +987,28 @@ fn multiparty_keys_for_whole_updates_take_two_signed_relinearization_rounds() {
         !ok && said.contains("hospital-1: multiparty keys, collective key"),
         "{said}"
     );
+    // A hospital refuses a second-round share altered in its own kit.
+    let in_kit = project.join("hospital-2/he-relin2/hospital-1.bin");
+    let genuine = std::fs::read(&in_kit).unwrap();
+    let mut altered = genuine.clone();
+    altered[genuine.len() - 1] ^= 1;
+    std::fs::write(&in_kit, &altered).unwrap();
+    let (ok, said) = run(&[
+        "client",
+        "--kit",
+        &kit("hospital-2"),
+        "--server",
+        "127.0.0.1:1",
+        "--encrypt",
+        "all",
+        "--work-dir",
+        tmp.path().join("work-3").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && said.contains("signature is not over this relinearization share"),
+        "{said}"
+    );
+    std::fs::write(&in_kit, &genuine).unwrap();
     refuses_to_start(
         &kit("hospital-2"),
         "127.0.0.1:1",
@@ -987,6 +1017,12 @@ fn multiparty_keys_for_whole_updates_take_two_signed_relinearization_rounds() {
     );
 }
 
+/// Multiparty keys deployed: provisioning makes no share of the collective
+/// key; each hospital makes its own (`hospital keygen`) and only its key
+/// share travels, carried by the operator; two hospitals and the server,
+/// all showing the same collective key id, train a round over mutual TLS
+/// with the head switched to the hospitals' output key. A hospital whose
+/// share is not the one under its name, or that has none, refuses to start.
 #[test]
 fn multiparty_keys_are_made_at_each_hospital_and_a_round_switches_the_head() {
     let tmp = tempfile::tempdir().unwrap();

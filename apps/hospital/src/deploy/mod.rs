@@ -244,7 +244,7 @@ pub fn provision_cmd(a: &ProvisionArgs) -> Result<()> {
     }
     if a.encrypt != Encrypt::Head && (a.keys != HeKeys::Multiparty || !a.he) {
         bail!(
-            "--encrypt applies to --keys multiparty (single keys serve the head and whole updates)"
+            "--encrypt applies to --keys multiparty with --he true (single keys serve the head and whole updates)"
         );
     }
     if a.encrypt == Encrypt::None {
@@ -366,10 +366,15 @@ pub fn keygen_cmd(a: &KeygenArgs) -> Result<()> {
                 r2.display()
             ),
             None => println!(
-                "once every hospital's statement and {} are in this kit ({}/, {}/), run keygen again",
+                "once every hospital's statement and {} are in this kit ({}/, {}/{}), run keygen again",
                 kit::RELIN1_FILE,
                 kit::ATTESTATIONS_DIR,
-                kit::RELIN1_DIR
+                kit::RELIN1_DIR,
+                if made.relin_missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(": missing {}", made.relin_missing.join(", "))
+                }
             ),
         }
     }
@@ -489,6 +494,13 @@ pub fn server_cmd(a: &ServerArgs) -> Result<()> {
                 sites.join(", ")
             );
         }
+        // The relinearization key once the statements check (a share error
+        // must not hide a certificate or statement error).
+        let collective = if a.encrypt == Encrypt::All {
+            crate::he_keys::kit::relinearized(&kit.dir, collective)?
+        } else {
+            collective
+        };
         println!(
             "multiparty keys: collective key {} of {} hospitals{}",
             key_id_hex(collective.context().key_id()),

@@ -130,11 +130,13 @@ pub fn is_multiparty(kit: &Path) -> bool {
 /// The multiparty parameters of `kit`: its output key's (the public key in
 /// the server's kit, the secret key in a hospital's).
 pub fn params(kit: &Path) -> Result<CkksParams> {
-    let public = kit.join(KeyAuthority::PUBLIC_FILE);
-    let params = if public.exists() {
-        CkksContext::<Public>::from_file(&public)?.params().clone()
+    // A hospital's own secret key first: a public key file dropped into its
+    // kit must not decide.
+    let secret = kit.join(KeyAuthority::SECRET_FILE);
+    let params = if secret.exists() {
+        CkksContext::<Secret>::from_file(&secret)?.params().clone()
     } else {
-        CkksContext::<Secret>::from_file(&kit.join(KeyAuthority::SECRET_FILE))?
+        CkksContext::<Public>::from_file(&kit.join(KeyAuthority::PUBLIC_FILE))?
             .params()
             .clone()
     };
@@ -202,6 +204,10 @@ pub fn provision(
     if threshold.is_some() {
         std::fs::create_dir_all(server.join(TRANSPORT_DIR))?;
     }
+    if whole {
+        std::fs::create_dir_all(server.join(RELIN1_DIR))?;
+        std::fs::create_dir_all(server.join(RELIN2_DIR))?;
+    }
     Ok(())
 }
 
@@ -224,6 +230,24 @@ pub fn threshold(kit: &Path) -> Result<Option<usize>> {
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `bytes` to `path` whole or not at all, synced to disk: written beside it
+/// and renamed over it (a crash leaves the old file or the new one).
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let context = || format!("writing {}", path.display());
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::File::create(&partial).with_context(context)?;
+    file.write_all(bytes).with_context(context)?;
+    file.sync_all().with_context(context)?;
+    std::fs::rename(&partial, path).with_context(context)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(context)?;
+    }
+    Ok(())
 }
 
 fn crs(kit: &Path) -> Result<Crs> {
@@ -509,10 +533,10 @@ fn relin_shares(kit: &Path, round: u8, collective: &CollectiveKey) -> Result<Vec
             RelinShare::from_bytes(&params, raw).with_context(|| format!("{}", path.display()))?;
         if share.party() != party || share.round() != round {
             bail!(
-                "{}: a round-{} share of party {}, where {site} is party {party}",
+                "{}: party {}'s share of round {}, where {site} is party {party} and this is round {round}",
                 path.display(),
-                share.round(),
-                share.party()
+                share.party(),
+                share.round()
             );
         }
         out.push(share);
@@ -521,19 +545,33 @@ fn relin_shares(kit: &Path, round: u8, collective: &CollectiveKey) -> Result<Vec
 }
 
 /// `collective` with the relinearization key of the signed shares in a
-/// whole-update `kit`'s `he-relin1/` and `he-relin2/`.
-fn relinearized(kit: &Path, collective: CollectiveKey) -> Result<CollectiveKey> {
-    let round1 = relin_shares(kit, 1, &collective)?;
-    let round2 = relin_shares(kit, 2, &collective)?;
-    collective
-        .with_relinearization(&round1, &round2)
-        .with_context(|| {
-            format!(
-                "the relinearization shares in {}/ and {}/",
-                kit.join(RELIN1_DIR).display(),
-                kit.join(RELIN2_DIR).display()
-            )
-        })
+/// whole-update `kit`'s `he-relin1/` and `he-relin2/` (the server calls it
+/// once the statements check; a hospital's keys come with it).
+pub fn relinearized(kit: &Path, collective: CollectiveKey) -> Result<CollectiveKey> {
+    let make = || -> Result<CollectiveKey> {
+        let round1 = relin_shares(kit, 1, &collective)?;
+        let round2 = relin_shares(kit, 2, &collective)?;
+        Ok(collective.clone().with_relinearization(&round1, &round2)?)
+    };
+    make().with_context(|| {
+        format!(
+            "the relinearization key from {}/ and {}/ (a signature that no longer checks because a \
+             certificate expired or was renewed: run `hospital keygen` again in every kit and carry the \
+             new files; the shares stay the same)",
+            kit.join(RELIN1_DIR).display(),
+            kit.join(RELIN2_DIR).display()
+        )
+    })
+}
+
+/// The sites of `kit` whose file is not in `kit/<folder>/<site>.<ext>`.
+fn missing_in(kit: &Path, folder: &str, ext: &str) -> Result<Vec<String>> {
+    let dir = kit.join(folder);
+    Ok(parties(kit)?
+        .keys()
+        .filter(|s| !dir.join(format!("{s}.{ext}")).exists())
+        .map(ToString::to_string)
+        .collect())
 }
 
 /// The deals in `kit/he-deals/` addressed to `me` (party `party`) for the
@@ -721,11 +759,6 @@ pub fn server_view(kit: &Path) -> Result<(CollectiveKey, BTreeMap<ClientId, u32>
     let (collective, parties) = combine(kit, &listed)?;
     let output = CkksContext::<Public>::from_file(&kit.join(KeyAuthority::PUBLIC_FILE))?.key_id();
     let view = KeyView::of(kit, &listed, &collective, output)?;
-    let collective = if is_whole(kit)? {
-        relinearized(kit, collective)?
-    } else {
-        collective
-    };
     Ok((collective, parties, view))
 }
 
@@ -876,6 +909,8 @@ pub struct Keygen {
     /// Once every statement agrees and every first-round share is in the
     /// kit: the signed second-round share, for the operator.
     pub relin2: Option<PathBuf>,
+    /// The hospitals whose first-round shares are not in the kit yet.
+    pub relin_missing: Vec<String>,
 }
 
 /// `hospital keygen`, run at each hospital as the operator brings the
@@ -957,6 +992,7 @@ pub fn keygen(kit: &Path, deal: bool) -> Result<Keygen> {
         dealt: None,
         relin1: None,
         relin2: None,
+        relin_missing: Vec::new(),
     };
     let ready = kit.join(KEYSHARES_DIR).exists()
         && (threshold.is_none() || kit.join(TRANSPORT_DIR).exists());
@@ -1021,7 +1057,11 @@ fn relinearizing(
         &signed_file(signer, &relin_statement(me, 1, key_id, &share), &share)?,
     )?;
     made.relin1 = Some(path);
-    if !made.agreed || !kit.join(RELIN1_DIR).exists() {
+    if !made.agreed {
+        return Ok(());
+    }
+    made.relin_missing = missing_in(kit, RELIN1_DIR, "bin")?;
+    if !made.relin_missing.is_empty() {
         return Ok(());
     }
     let round1 = relin_shares(kit, 1, collective)?;
@@ -1050,9 +1090,9 @@ fn relinearizing(
             );
         }
     }
-    // Recorded before the share can leave.
-    write(&record, format!("{first}\n").as_bytes())?;
     let share = key.relin_round2(collective, &round1)?.to_bytes();
+    // Recorded, whole and on disk, before the share can leave.
+    write_durably(&record, format!("{first}\n").as_bytes())?;
     let path = kit.join(RELIN2_FILE);
     write(
         &path,
