@@ -95,8 +95,10 @@ const MAX_DISTANCE_BOUND: f64 = 1_099_511_627_776.0;
 /// canonical embedding's Parseval identity) and `sigma_e`, the difference
 /// of two fresh encryptions' roundings, `sqrt(2) sqrt(N parties / 18)`
 /// ([`aggregate_noise_bound`]). The bound is 68 such deviations; `2^32`
-/// covers `e^2`, the relinearization and its rounding (below `2^20` each at
-/// [`CkksParams::multiparty_median`]).
+/// covers `e^2` (about `sqrt(C N) sigma_e^2` over `C` ciphertexts: 2^24 for
+/// 855, a 7M-value update, at [`CkksParams::multiparty_median`]) and the
+/// relinearization with its rounding (about `2^18` for 3 parties, linear in
+/// their number).
 pub fn distance_noise_bound(params: &CkksParams, parties: usize, bound: f64) -> f64 {
     let scale = 2f64.powi(params.scale_bits() as i32);
     136.0 * scale * bound.sqrt() * (2.0 * parties as f64).sqrt() / 3.0 + 2f64.powi(32)
