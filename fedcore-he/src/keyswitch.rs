@@ -120,6 +120,59 @@ pub(crate) fn signing_set(
     }
 }
 
+/// Asks the hospitals in the round `request` and reads each reply's sealed
+/// bytes with `parse` (which checks the share and says whose it is); a
+/// reply that cannot be read, or that is not from its client's party, takes
+/// that hospital out (`names`: the step and its share, for the reasons).
+/// `None` when a hospital left and a threshold allows asking the rest
+/// again; under N-of-N that is an error naming who left.
+pub(crate) fn ask_shares<S>(
+    steps: &mut RoundSteps<'_>,
+    request: &StepRequest,
+    parties: &BTreeMap<ClientId, u32>,
+    threshold: Option<usize>,
+    (step, share): (&str, &str),
+    parse: impl Fn(&[u8]) -> crate::Result<(u32, S)>,
+) -> fedcore::Result<Option<Vec<S>>> {
+    let asked: Vec<ClientId> = steps.clients().to_vec();
+    let replies = steps.ask(|_| request.clone())?;
+    let mut shares = Vec::with_capacity(replies.len());
+    for (client, reply) in &replies {
+        let read = reply
+            .sealed
+            .as_ref()
+            .ok_or_else(|| HeError::Malformed(format!("no {share}")))
+            .and_then(|s| parse(s.bytes()))
+            .and_then(|(party, s)| {
+                if Some(&party) == parties.get(client) {
+                    Ok(s)
+                } else {
+                    Err(HeError::Mismatch(format!(
+                        "a {share} of party {party} from `{client}`"
+                    )))
+                }
+            });
+        match read {
+            Ok(s) => shares.push(s),
+            Err(e) => steps.reject(client, format!("{step}: {e}"))?,
+        }
+    }
+    if steps.clients().len() == asked.len() {
+        return Ok(Some(shares));
+    }
+    if threshold.is_none() {
+        let gone: Vec<&ClientId> = asked
+            .iter()
+            .filter(|c| !steps.clients().contains(c))
+            .collect();
+        return Err(HeError::Mismatch(format!(
+            "the {step} needs every party's share (N-of-N); {gone:?} left at the step"
+        ))
+        .into());
+    }
+    Ok(None)
+}
+
 /// What the strategy hands the sealed aggregator: the switched sum and
 /// what it was made from.
 struct Pending {
@@ -304,45 +357,22 @@ impl<S: Strategy> KeySwitchRound<S> {
                 layout,
                 request_bytes(weights.iter().sum(), &named, &sum.to_bytes()?),
             )));
-        let asked: Vec<ClientId> = steps.clients().to_vec();
-        let replies = steps.ask(|_| request.clone())?;
-        let mut shares = Vec::with_capacity(replies.len());
-        for (client, reply) in &replies {
-            let share = reply
-                .sealed
-                .as_ref()
-                .ok_or_else(|| HeError::Malformed("no switch share".into()))
-                .and_then(|s| SwitchShare::from_bytes(&self.collective, s.bytes()))
-                .and_then(|s| {
-                    if Some(&s.party()) == self.parties.get(client) {
-                        Ok(s)
-                    } else {
-                        Err(HeError::Mismatch(format!(
-                            "a switch share of party {} from `{client}`",
-                            s.party()
-                        )))
-                    }
-                });
-            match share {
-                Ok(s) => shares.push(s),
-                Err(e) => steps.reject(client, format!("key switch: {e}"))?,
-            }
-        }
-        if steps.clients().len() != asked.len() {
-            // Someone left at the step (or answered wrongly): the sum holds
-            // their upload. Without a threshold the round cannot complete.
-            if threshold.is_none() {
-                let gone: Vec<&ClientId> = asked
-                    .iter()
-                    .filter(|c| !steps.clients().contains(c))
-                    .collect();
-                return Err(HeError::Mismatch(format!(
-                    "the key switch needs every party's share (N-of-N); {gone:?} left at the step"
-                ))
-                .into());
-            }
+        // Someone leaving at the step (or answering wrongly) leaves their
+        // upload in the sum: without a threshold the round cannot complete.
+        let Some(shares) = ask_shares(
+            steps,
+            &request,
+            &self.parties,
+            threshold,
+            ("key switch", "switch share"),
+            |bytes| {
+                let s = SwitchShare::from_bytes(&self.collective, bytes)?;
+                Ok((s.party(), s))
+            },
+        )?
+        else {
             return Ok(None);
-        }
+        };
         let switched = self.collective.switch(&sum, &self.output, &shares)?;
         *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Pending {
             weights,

@@ -59,7 +59,7 @@ use rayon::prelude::*;
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
 use crate::gram::{MAX_GRAM_POINTS, Pairs};
-use crate::keyswitch::{MAX_SWITCHES_PER_ROUND, signing_set};
+use crate::keyswitch::{MAX_SWITCHES_PER_ROUND, ask_shares, signing_set};
 use crate::multiparty::{CollectiveKey, DistanceShare, distance_step_bytes};
 use crate::sealer::CkksSum;
 use crate::vector::{EncryptedVector, Form, SlotPacking};
@@ -370,46 +370,23 @@ impl Collective {
                 )))
                 .with_metrics([(POINTS_METRIC.to_owned(), n as f64)].into())
                 .with_max_reply_bytes(distances.request().share_len() as u64 + (1 << 16));
-            let asked: Vec<ClientId> = steps.clients().to_vec();
-            let replies = steps.ask(|_| step.clone())?;
-            let mut shares = Vec::with_capacity(replies.len());
-            for (client, reply) in &replies {
-                let share = reply
-                    .sealed
-                    .as_ref()
-                    .ok_or_else(|| HeError::Malformed("no distance share".into()))
-                    .and_then(|s| DistanceShare::from_bytes(&self.key, s.bytes()))
-                    .and_then(|s| {
-                        if Some(&s.party()) != self.parties.get(client) {
-                            return Err(HeError::Mismatch(format!(
-                                "a distance share of party {} from `{client}`",
-                                s.party()
-                            )));
-                        }
-                        // A share that cannot be combined takes its
-                        // hospital out, not the round.
-                        distances.check_share(&self.key, &s, &named)?;
-                        Ok(s)
-                    });
-                match share {
-                    Ok(s) => shares.push(s),
-                    Err(e) => steps.reject(client, format!("distance step: {e}"))?,
-                }
+            // A share that cannot be combined takes its hospital out, not
+            // the round.
+            let shares = ask_shares(
+                steps,
+                &step,
+                &self.parties,
+                threshold,
+                ("distances' decryption", "distance share"),
+                |bytes| {
+                    let s = DistanceShare::from_bytes(&self.key, bytes)?;
+                    distances.check_share(&self.key, &s, &named)?;
+                    Ok((s.party(), s))
+                },
+            )?;
+            if let Some(shares) = shares {
+                return Ok(distances.combine(&self.key, &shares)?);
             }
-            if steps.clients().len() != asked.len() {
-                if threshold.is_none() {
-                    let gone: Vec<&ClientId> = asked
-                        .iter()
-                        .filter(|c| !steps.clients().contains(c))
-                        .collect();
-                    return Err(HeError::Mismatch(format!(
-                        "the distances' decryption needs every party's share (N-of-N); {gone:?} left at the step"
-                    ))
-                    .into());
-                }
-                continue;
-            }
-            return Ok(distances.combine(&self.key, &shares)?);
         }
         Err(HeError::Mismatch(format!(
             "hospitals left at each of {MAX_SWITCHES_PER_ROUND} distance decryptions"

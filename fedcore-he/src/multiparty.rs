@@ -1102,24 +1102,7 @@ impl CollectiveKey {
             }
             seen.push(s.party);
         }
-        let missing: Vec<u32> = signers
-            .iter()
-            .copied()
-            .filter(|p| !seen.contains(p))
-            .collect();
-        if !missing.is_empty() {
-            return Err(HeError::Mismatch(
-                if signers.len() == self.parties.len()
-                    && shares.iter().all(|s| s.signers.is_empty())
-                {
-                    format!(
-                        "the key switch needs every party's share (N-of-N); missing {missing:?}"
-                    )
-                } else {
-                    format!("the signers {signers:?} named a share from each; missing {missing:?}")
-                },
-            ));
-        }
+        check_complete(&signers, &seen, shares, "the key switch needs")?;
         let n = self.ctx.params().degree();
         let primes = &self.ctx.engine().context().primes;
         let seal_ctx = output.engine().context();
@@ -1160,6 +1143,31 @@ impl CollectiveKey {
             slot_packing: aggregate.slot_packing,
         })
     }
+}
+
+/// An error naming the `signers` whose share is not among those `seen`
+/// (`needs` says what: "the key switch needs").
+fn check_complete<S: Signed>(
+    signers: &[u32],
+    seen: &[u32],
+    shares: &[S],
+    needs: &str,
+) -> Result<()> {
+    let missing: Vec<u32> = signers
+        .iter()
+        .copied()
+        .filter(|p| !seen.contains(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(HeError::Mismatch(
+        if shares.iter().all(|s| s.signers().is_empty()) {
+            format!("{needs} every party's share (N-of-N); missing {missing:?}")
+        } else {
+            format!("the signers {signers:?} named a share from each; missing {missing:?}")
+        },
+    ))
 }
 
 /// A share answered by one party, alone (N-of-N: no signers named) or

@@ -480,20 +480,7 @@ impl Distances {
             }
             seen.push(s.party);
         }
-        let missing: Vec<u32> = signers
-            .iter()
-            .copied()
-            .filter(|p| !seen.contains(p))
-            .collect();
-        if !missing.is_empty() {
-            return Err(HeError::Mismatch(
-                if shares.iter().all(|s| s.signers.is_empty()) {
-                    format!("the distances need every party's share (N-of-N); missing {missing:?}")
-                } else {
-                    format!("the signers {signers:?} named a share from each; missing {missing:?}")
-                },
-            ));
-        }
+        check_complete(&signers, &seen, shares, "the distances need")?;
         let n = collective.ctx.params().degree() as f64;
         Ok((0..self.request.pairs())
             .map(|p| {
