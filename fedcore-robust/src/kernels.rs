@@ -404,46 +404,98 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
 
 simd! {
 /// Adds the upper triangle of the Gram matrix of `rows` (of one length)
-/// to `part` (`n x n`, row-major). With AVX-512, by tiles of 4 rows by 4
-/// columns ([`tile_4x4`]: 16 accumulators of one 512-bit register each, of
-/// 32) where they compute no more products than tiles of 2 rows by 4
-/// columns ([`tile_2x4`]), and by those otherwise: at n = 10, 4 x 4 tiles
-/// compute 96 products for 72, 21-22 against 19 ms for the geometric
-/// median; at 16, 160 each, 32 against 33 ms. Without AVX-512, by tiles of
-/// 1 row by 4 columns ([`tile_1x4`]): 2 x 4 tiles' 8 accumulators of 8
-/// lanes fill AVX2's 16 registers, and their spills made the geometric
-/// median at n = 64 take 600-617 ms against 403-408 (27-28 against 32-34
-/// at n = 10). The tile's shape changes which products share a load, not
-/// how any sum is formed: the same bits either way.
+/// to `part` (`n x n`, row-major). With AVX-512, by [`cover_blocks`]: the
+/// inputs in blocks of 4, tiles of up to 4 x 4 (16 accumulators of one
+/// 512-bit register each, of 32). Without AVX-512, by tiles of 1 row by 4
+/// columns ([`tile_1x4`]): 2 x 4 tiles' 8 accumulators of 8 lanes fill
+/// AVX2's 16 registers, and their spills made the geometric median at n =
+/// 64 take 600-617 ms against 403-408 (27-28 against 32-34 at n = 10). The
+/// tile's shape changes which products share a load, not how any sum is
+/// formed: the same bits either way.
 fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
     // Fused multiply-adds are part of every aarch64 CPU.
     const FMA: bool = multiversion::target::selected_target!().supports_feature_str("fma")
         || cfg!(target_arch = "aarch64");
     const AVX512: bool = multiversion::target::selected_target!().supports_feature_str("avx512f");
-    let n = rows.len();
-    if AVX512 && tiled_products(n, 4) <= tiled_products(n, 2) {
-        cover::<4, 4, FMA, Tile4x4>(rows, part);
-    } else if AVX512 {
-        cover::<2, 4, FMA, Tile2x4>(rows, part);
+    if AVX512 {
+        cover_blocks::<FMA>(rows, part);
     } else {
         cover::<1, 4, FMA, Tile1x4>(rows, part);
     }
 }
 }
 
-/// Products [`cover`] computes for `n` inputs with tiles of `rows` rows by
-/// 4 columns.
-fn tiled_products(n: usize, rows: usize) -> usize {
-    (0..n)
-        .step_by(rows)
-        .map(|i| (n - i).div_ceil(4) * 4 * rows)
-        .sum()
+/// [`gram_tiles`] with AVX-512: the inputs in blocks of 4; each block's
+/// own products by [`tile_diag4`] (4 loads for the 10 products of the
+/// upper triangle), each pair of blocks by [`tile_4x4`] (8 loads for 16),
+/// or by [`tile_1x4`] or [`tile_2x4`] where the later block has only 1 or
+/// 2 inputs (the last block, clamped to the last input). Each load widens
+/// 8 f32 values (`vcvtps2pd`, which took as many samples in `perf annotate`
+/// as the multiply-adds): at n = 10, 30 loads and 66 multiply-adds per 8
+/// coordinates, where tiles of 2 x 4 over the upper triangle did 54 and 72
+/// (the geometric median 19-20 ms, here 18; at n = 16, 31 and 28 ms).
+#[inline(always)]
+fn cover_blocks<const FMA: bool>(rows: &[&[f32]], part: &mut [f64]) {
+    let n = rows.len();
+    let len = rows.first().map_or(0, |r| r.len());
+    let full = len / TILE_LANES * TILE_LANES;
+    let slice = |i: usize| &rows[i][..full];
+    let block = |b: usize| -> [usize; 4] { std::array::from_fn(|p| (4 * b + p).min(n - 1)) };
+    for bi in 0..n.div_ceil(4) {
+        let a = block(bi);
+        add_tile(rows, part, a, a, &tile_diag4::<FMA>(a.map(slice)), true);
+        for bj in bi + 1..n.div_ceil(4) {
+            let b = block(bj);
+            match n - 4 * bj {
+                1 => {
+                    let acc = tile_1x4::<FMA>([slice(b[0])], a.map(slice));
+                    add_tile(rows, part, [b[0]], a, &acc, false);
+                }
+                2 => {
+                    let acc = tile_2x4::<FMA>([slice(b[0]), slice(b[1])], a.map(slice));
+                    add_tile(rows, part, [b[0], b[1]], a, &acc, false);
+                }
+                _ => {
+                    let acc = tile_4x4::<FMA>(a.map(slice), b.map(slice));
+                    add_tile(rows, part, a, b, &acc, false);
+                }
+            }
+        }
+    }
 }
 
-/// [`gram_tiles`] with tiles of `R` rows by `C` columns, computed by `T`.
-/// A tile that reaches past the last input or below the diagonal computes
-/// products nobody reads (at n = 10, 72 with 2 x 4 tiles and 96 with 4 x 4
-/// for the 55 wanted).
+/// Adds a tile's products (`acc[p][q]`, inputs `a[p]` and `b[q]`) to the
+/// upper triangle of `part`, with the coordinates past the last whole lane
+/// group, skipping the clamped repeats of the last input and, on a tile
+/// that crosses the diagonal (`diagonal`), what is below it. The product
+/// of inputs `i` and `j` is the same bits either way round.
+#[inline(always)]
+fn add_tile<const R: usize, const C: usize>(
+    rows: &[&[f32]],
+    part: &mut [f64],
+    a: [usize; R],
+    b: [usize; C],
+    acc: &[[[f64; TILE_LANES]; C]; R],
+    diagonal: bool,
+) {
+    let n = rows.len();
+    let len = rows.first().map_or(0, |r| r.len());
+    let full = len / TILE_LANES * TILE_LANES;
+    for (p, &ra) in a.iter().enumerate() {
+        for (q, &cb) in b.iter().enumerate() {
+            if (!diagonal || cb >= ra) && (p == 0 || ra != a[p - 1]) && (q == 0 || cb != b[q - 1]) {
+                let tail: f64 = (full..len)
+                    .map(|k| f64::from(rows[ra][k]) * f64::from(rows[cb][k]))
+                    .sum();
+                part[ra.min(cb) * n + ra.max(cb)] += acc[p][q].iter().sum::<f64>() + tail;
+            }
+        }
+    }
+}
+
+/// [`gram_tiles`] with tiles of `R` rows by `C` columns, computed by `T`,
+/// over the upper triangle (a tile that reaches past the last input or
+/// below the diagonal computes products nobody reads).
 #[inline(always)]
 fn cover<const R: usize, const C: usize, const FMA: bool, T: Tile<R, C>>(
     rows: &[&[f32]],
@@ -457,18 +509,7 @@ fn cover<const R: usize, const C: usize, const FMA: bool, T: Tile<R, C>>(
         for j in (i..n).step_by(C) {
             let b: [usize; C] = std::array::from_fn(|q| (j + q).min(n - 1));
             let acc = T::products::<FMA>(a.map(|p| &rows[p][..full]), b.map(|q| &rows[q][..full]));
-            for (p, &ra) in a.iter().enumerate() {
-                for (q, &cb) in b.iter().enumerate() {
-                    // Skip what is below the diagonal and the clamped
-                    // repeats of the last row or column.
-                    if cb >= ra && (p == 0 || ra != a[p - 1]) && (q == 0 || cb != b[q - 1]) {
-                        let tail: f64 = (full..len)
-                            .map(|k| f64::from(rows[ra][k]) * f64::from(rows[cb][k]))
-                            .sum();
-                        part[ra * n + cb] += acc[p][q].iter().sum::<f64>() + tail;
-                    }
-                }
-            }
+            add_tile(rows, part, a, b, &acc, true);
         }
     }
 }
@@ -479,26 +520,6 @@ fn cover<const R: usize, const C: usize, const FMA: bool, T: Tile<R, C>>(
 /// `fma`, 50x slower).
 trait Tile<const R: usize, const C: usize> {
     fn products<const FMA: bool>(a: [&[f32]; R], b: [&[f32]; C]) -> [[[f64; TILE_LANES]; C]; R];
-}
-
-/// [`tile_2x4`].
-struct Tile2x4;
-
-impl Tile<2, 4> for Tile2x4 {
-    #[inline(always)]
-    fn products<const FMA: bool>(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 2] {
-        tile_2x4::<FMA>(a, b)
-    }
-}
-
-/// [`tile_4x4`].
-struct Tile4x4;
-
-impl Tile<4, 4> for Tile4x4 {
-    #[inline(always)]
-    fn products<const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 4] {
-        tile_4x4::<FMA>(a, b)
-    }
 }
 
 /// Lanes of each of [`tile_2x4`]'s sums: one 512-bit register of f64 (two
@@ -592,6 +613,38 @@ fn tile_4x4<const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[[f64; TILE_LAN
         [c10, c11, c12, c13],
         [c20, c21, c22, c23],
         [c30, c31, c32, c33],
+    ]
+}
+
+/// The upper triangle of the products of 4 inputs with each other
+/// (`acc[p][q]`, `q >= p`; what is below the diagonal stays 0), as
+/// [`tile_2x4`] computes them: 10 named accumulators, 4 loads.
+#[inline(always)]
+fn tile_diag4<const FMA: bool>(a: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 4] {
+    type V = [f64; TILE_LANES];
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
+    let full = a[0].len();
+    let [a0, a1, a2, a3] = a.map(|x| &x[..full]);
+    let z: V = [0.0; TILE_LANES];
+    let (mut c00, mut c01, mut c02, mut c03) = (z, z, z, z);
+    let (mut c11, mut c12, mut c13) = (z, z, z);
+    let (mut c22, mut c23, mut c33) = (z, z, z);
+    for i in (0..full).step_by(TILE_LANES) {
+        let (x0, x1, x2, x3) = (ld(a0, i), ld(a1, i), ld(a2, i), ld(a3, i));
+        (c00, c01, c02, c03) = (
+            madd(c00, x0, x0),
+            madd(c01, x0, x1),
+            madd(c02, x0, x2),
+            madd(c03, x0, x3),
+        );
+        (c11, c12, c13) = (madd(c11, x1, x1), madd(c12, x1, x2), madd(c13, x1, x3));
+        (c22, c23, c33) = (madd(c22, x2, x2), madd(c23, x2, x3), madd(c33, x3, x3));
+    }
+    [
+        [c00, c01, c02, c03],
+        [z, c11, c12, c13],
+        [z, z, c22, c23],
+        [z, z, z, c33],
     ]
 }
 
@@ -849,28 +902,15 @@ mod tests {
                     f(&rows, &mut part);
                     part.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
-                let narrow = run(cover::<2, 4, false, Tile2x4>);
+                let narrow = run(cover::<1, 4, false, Tile1x4>);
                 assert!(narrow.iter().any(|&b| b != 0), "n {n}, len {len}");
                 assert_eq!(
-                    run(cover::<2, 4, true, Tile2x4>),
+                    run(cover::<1, 4, true, Tile1x4>),
                     narrow,
                     "n {n}, len {len}"
                 );
-                assert_eq!(
-                    run(cover::<1, 4, false, Tile1x4>),
-                    narrow,
-                    "n {n}, len {len}"
-                );
-                assert_eq!(
-                    run(cover::<4, 4, false, Tile4x4>),
-                    narrow,
-                    "n {n}, len {len}"
-                );
-                assert_eq!(
-                    run(cover::<4, 4, true, Tile4x4>),
-                    narrow,
-                    "n {n}, len {len}"
-                );
+                assert_eq!(run(cover_blocks::<false>), narrow, "n {n}, len {len}");
+                assert_eq!(run(cover_blocks::<true>), narrow, "n {n}, len {len}");
                 assert_eq!(run(gram_tiles), narrow, "n {n}, len {len}");
             }
         }
