@@ -433,7 +433,7 @@ fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
 /// 8 f32 values (`vcvtps2pd`, which took as many samples in `perf annotate`
 /// as the multiply-adds): at n = 10, 30 loads and 66 multiply-adds per 8
 /// coordinates, where tiles of 2 x 4 over the upper triangle did 54 and 72
-/// (the geometric median 19-20 ms, here 18; at n = 16, 31 and 28 ms).
+/// (the geometric median 19-20 ms, here 17-19; at n = 16, 29-31 and 28-30).
 #[inline(always)]
 fn cover_blocks<const FMA: bool>(rows: &[&[f32]], part: &mut [f64]) {
     let n = rows.len();
