@@ -97,6 +97,32 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// Checks that a client map (client id to party number) names exactly the
+/// parties of `collective`.
+pub(crate) fn check_client_map(
+    collective: &CollectiveKey,
+    parties: &BTreeMap<ClientId, u32>,
+) -> crate::Result<()> {
+    let mut named: Vec<u32> = parties.values().copied().collect();
+    named.sort_unstable();
+    if named != collective.parties() {
+        return Err(HeError::Mismatch(format!(
+            "the client map names parties {named:?}, the collective key {:?}",
+            collective.parties()
+        )));
+    }
+    Ok(())
+}
+
+/// A step request that carries only `bytes`, sealed under `layout` (no
+/// plain parameters).
+pub(crate) fn sealed_request(layout: Arc<Layout>, bytes: Vec<u8>) -> fedcore::Result<StepRequest> {
+    Ok(
+        StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
+            .with_sealed(Arc::new(SealedTensors::new(layout, bytes))),
+    )
+}
+
 /// The signing set a collective step names, from the parties in the round:
 /// none for N-of-N (every party must be in the round), the sorted parties
 /// under a roster (at least its threshold); otherwise an error naming the
@@ -205,14 +231,7 @@ pub fn key_switch_round<S: Strategy>(
     parties: BTreeMap<ClientId, u32>,
     server_learning_rate: f32,
 ) -> crate::Result<(KeySwitchRound<S>, KeySwitchSum)> {
-    let mut named: Vec<u32> = parties.values().copied().collect();
-    named.sort_unstable();
-    if named != collective.parties() {
-        return Err(HeError::Mismatch(format!(
-            "the client map names parties {named:?}, the collective key {:?}",
-            collective.parties()
-        )));
-    }
+    check_client_map(&collective, &parties)?;
     if collective.context().params() != output.params() {
         return Err(HeError::Mismatch(
             "the output key has other parameters than the collective key".into(),
@@ -352,11 +371,10 @@ impl<S: Strategy> KeySwitchRound<S> {
             .and_then(|u| u.sealed.as_ref())
             .map(|s| s.layout().clone())
             .ok_or(fedcore::Error::EmptyUpdates)?;
-        let request = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
-            .with_sealed(Arc::new(SealedTensors::new(
-                layout,
-                request_bytes(weights.iter().sum(), &named, &sum.to_bytes()?),
-            )));
+        let request = sealed_request(
+            layout,
+            request_bytes(weights.iter().sum(), &named, &sum.to_bytes()?),
+        )?;
         // Someone leaving at the step (or answering wrongly) leaves their
         // upload in the sum: without a threshold the round cannot complete.
         let Some(shares) = ask_shares(

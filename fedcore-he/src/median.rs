@@ -47,8 +47,8 @@ use std::sync::Arc;
 
 use fedcore::aggregate::{Weighting, weighted_sum_into};
 use fedcore::{
-    Aggregate, ClientId, ClientUpdate, Layout, Parameters, RoundSteps, SealedTensors, StepIns,
-    StepReply, StepRequest, StepResponder, Strategy, StrategyInfo, TensorSpec,
+    Aggregate, ClientId, ClientUpdate, Layout, Parameters, RoundSteps, StepIns, StepReply,
+    StepResponder, Strategy, StrategyInfo, TensorSpec,
 };
 use fedcore_robust::{GeometricMedian, GeometricMedianParams, GramSlack};
 use rand::SeedableRng;
@@ -59,7 +59,9 @@ use rayon::prelude::*;
 use crate::context::{CkksContext, Public, Secret};
 use crate::error::HeError;
 use crate::gram::{MAX_GRAM_POINTS, Pairs};
-use crate::keyswitch::{MAX_SWITCHES_PER_ROUND, ask_shares, signing_set};
+use crate::keyswitch::{
+    MAX_SWITCHES_PER_ROUND, ask_shares, check_client_map, sealed_request, signing_set,
+};
 use crate::multiparty::{CollectiveKey, DistanceShare, distance_step_bytes};
 use crate::sealer::CkksSum;
 use crate::vector::{EncryptedVector, Form, SlotPacking};
@@ -152,14 +154,7 @@ impl EncryptedMedian {
         parties: BTreeMap<ClientId, u32>,
         bound: f64,
     ) -> crate::Result<Self> {
-        let mut named: Vec<u32> = parties.values().copied().collect();
-        named.sort_unstable();
-        if named != collective.parties() {
-            return Err(HeError::Mismatch(format!(
-                "the client map names parties {named:?}, the collective key {:?}",
-                collective.parties()
-            )));
-        }
+        check_client_map(&collective, &parties)?;
         if !collective.context().has_evaluation_keys() {
             return Err(HeError::Mismatch(
                 "the encrypted geometric median under multiparty keys needs the collective relinearization key (CollectiveKey::with_relinearization)".into(),
@@ -294,8 +289,7 @@ impl EncryptedMedian {
         drop(parts);
         let pairs = n * (n - 1) / 2;
         let layout = distances_layout(pairs)?;
-        let request = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
-            .with_sealed(Arc::new(SealedTensors::new(layout.clone(), bytes)))
+        let request = sealed_request(layout.clone(), bytes)?
             .with_metrics([(POINTS_METRIC.to_owned(), n as f64)].into())
             .with_max_reply_bytes(pairs as u64 * 4 + (1 << 16));
         let answers = steps.ask(|_| request.clone())?;
@@ -363,11 +357,7 @@ impl Collective {
                 .filter_map(|c| self.parties.get(c).copied())
                 .collect();
             let named = signing_set(&self.key, parties, "distances' decryption")?;
-            let step = StepRequest::new(Arc::new(Parameters::zeros(Arc::new(Layout::new([])?))))
-                .with_sealed(Arc::new(SealedTensors::new(
-                    layout.clone(),
-                    distance_step_bytes(&named, &request),
-                )))
+            let step = sealed_request(layout.clone(), distance_step_bytes(&named, &request))?
                 .with_metrics([(POINTS_METRIC.to_owned(), n as f64)].into())
                 .with_max_reply_bytes(distances.request().share_len() as u64 + (1 << 16));
             // A share that cannot be combined takes its hospital out, not
