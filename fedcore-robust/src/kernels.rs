@@ -425,17 +425,72 @@ fn gram_tiles(rows: &[&[f32]], part: &mut [f64]) {
 }
 }
 
-/// [`gram_tiles`] with AVX-512: the inputs in blocks of 4; each block's
-/// own products by [`tile_diag4`] (4 loads for the 10 products of the
-/// upper triangle), each pair of blocks by [`tile_4x4`] (8 loads for 16),
-/// or by [`tile_1x4`] or [`tile_2x4`] where the later block has only 1 or
-/// 2 inputs (the last block, clamped to the last input). Each load widens
-/// 8 f32 values (`vcvtps2pd`, which took as many samples in `perf annotate`
-/// as the multiply-adds): at n = 10, 30 loads and 66 multiply-adds per 8
-/// coordinates, where tiles of 2 x 4 over the upper triangle did 54 and 72
-/// (the geometric median 19-20 ms, here 17-19; at n = 16, 29-31 and 28-30).
+/// [`gram_tiles`] with AVX-512: the inputs in as few blocks as hold at
+/// most 5 each, `k = ceil(n / 5)`, of 4 or 5 inputs where `n` allows it
+/// (`4k <= n`: every count from 12 on, and 4, 5, 8, 9, 10), else
+/// [`cover_fours`]. Each block's own products by a triangular tile
+/// ([`tile_diag4`], [`tile_diag5`]: 4 loads for 10 products, 5 for 15),
+/// each pair of blocks by a rectangular one ([`tile_4x4`], [`tile_4x5`],
+/// [`tile_5x5`]: 25 accumulators and 6 operands of 32 registers). Every
+/// product of the upper triangle is computed once, and each input is loaded
+/// (and widened: `vcvtps2pd`, which took as many samples in `perf annotate`
+/// as the multiply-adds) once per block, `k` times. At n = 10, 20 loads and
+/// 55 multiply-adds per 8 coordinates, where 2 x 4 tiles over the upper
+/// triangle did 54 and 72 (the geometric median 17-20 ms, here 15-17).
 #[inline(always)]
 fn cover_blocks<const FMA: bool>(rows: &[&[f32]], part: &mut [f64]) {
+    let n = rows.len();
+    let k = n.div_ceil(5);
+    if n < 4 * k {
+        return cover_fours::<FMA>(rows, part);
+    }
+    let len = rows.first().map_or(0, |r| r.len());
+    let full = len / TILE_LANES * TILE_LANES;
+    let slice = |i: usize| &rows[i][..full];
+    // `k - fives` blocks of 4, then `fives` blocks of 5.
+    let fives = n - 4 * k;
+    let start = |b: usize| 4 * b + b.saturating_sub(k - fives);
+    let four = |b: usize| -> [usize; 4] { std::array::from_fn(|p| start(b) + p) };
+    let five = |b: usize| -> [usize; 5] { std::array::from_fn(|p| start(b) + p) };
+    let is_five = |b: usize| b >= k - fives;
+    for bi in 0..k {
+        if is_five(bi) {
+            let a = five(bi);
+            add_tile(rows, part, a, a, &tile_diag5::<FMA>(a.map(slice)), true);
+        } else {
+            let a = four(bi);
+            add_tile(rows, part, a, a, &tile_diag4::<FMA>(a.map(slice)), true);
+        }
+        for bj in bi + 1..k {
+            match (is_five(bi), is_five(bj)) {
+                (false, false) => {
+                    let (a, b) = (four(bi), four(bj));
+                    let acc = tile_4x4::<FMA>(a.map(slice), b.map(slice));
+                    add_tile(rows, part, a, b, &acc, false);
+                }
+                (false, true) => {
+                    let (a, b) = (four(bi), five(bj));
+                    let acc = tile_4x5::<FMA>(a.map(slice), b.map(slice));
+                    add_tile(rows, part, a, b, &acc, false);
+                }
+                // The blocks of 5 come last.
+                (true, _) => {
+                    let (a, b) = (five(bi), five(bj));
+                    let acc = tile_5x5::<FMA>(a.map(slice), b.map(slice));
+                    add_tile(rows, part, a, b, &acc, false);
+                }
+            }
+        }
+    }
+}
+
+/// [`cover_blocks`] for the counts that are not sums of `ceil(n / 5)`
+/// blocks of 4 and 5 (1, 2, 3, 6, 7 and 11): blocks of 4, the last one
+/// clamped to the last input; each block's own products by [`tile_diag4`],
+/// each pair of blocks by [`tile_4x4`], or by [`tile_1x4`] or [`tile_2x4`]
+/// where the later block has only 1 or 2 inputs.
+#[inline(always)]
+fn cover_fours<const FMA: bool>(rows: &[&[f32]], part: &mut [f64]) {
     let n = rows.len();
     let len = rows.first().map_or(0, |r| r.len());
     let full = len / TILE_LANES * TILE_LANES;
@@ -645,6 +700,173 @@ fn tile_diag4<const FMA: bool>(a: [&[f32]; 4]) -> [[[f64; TILE_LANES]; 4]; 4] {
         [z, c11, c12, c13],
         [z, z, c22, c23],
         [z, z, z, c33],
+    ]
+}
+
+/// [`tile_diag4`] for 5 inputs: 15 named accumulators, 5 loads.
+#[inline(always)]
+fn tile_diag5<const FMA: bool>(a: [&[f32]; 5]) -> [[[f64; TILE_LANES]; 5]; 5] {
+    type V = [f64; TILE_LANES];
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
+    let full = a[0].len();
+    let [a0, a1, a2, a3, a4] = a.map(|x| &x[..full]);
+    let z: V = [0.0; TILE_LANES];
+    let (mut c00, mut c01, mut c02, mut c03, mut c04) = (z, z, z, z, z);
+    let (mut c11, mut c12, mut c13, mut c14) = (z, z, z, z);
+    let (mut c22, mut c23, mut c24) = (z, z, z);
+    let (mut c33, mut c34, mut c44) = (z, z, z);
+    for i in (0..full).step_by(TILE_LANES) {
+        let (x0, x1, x2, x3, x4) = (ld(a0, i), ld(a1, i), ld(a2, i), ld(a3, i), ld(a4, i));
+        (c00, c01, c02, c03, c04) = (
+            madd(c00, x0, x0),
+            madd(c01, x0, x1),
+            madd(c02, x0, x2),
+            madd(c03, x0, x3),
+            madd(c04, x0, x4),
+        );
+        (c11, c12, c13, c14) = (
+            madd(c11, x1, x1),
+            madd(c12, x1, x2),
+            madd(c13, x1, x3),
+            madd(c14, x1, x4),
+        );
+        (c22, c23, c24) = (madd(c22, x2, x2), madd(c23, x2, x3), madd(c24, x2, x4));
+        (c33, c34, c44) = (madd(c33, x3, x3), madd(c34, x3, x4), madd(c44, x4, x4));
+    }
+    [
+        [c00, c01, c02, c03, c04],
+        [z, c11, c12, c13, c14],
+        [z, z, c22, c23, c24],
+        [z, z, z, c33, c34],
+        [z, z, z, z, c44],
+    ]
+}
+
+/// [`tile_4x4`] with 5 columns: 20 named accumulators, 9 loads per
+/// coordinate for 20 products.
+#[inline(always)]
+fn tile_4x5<const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 5]) -> [[[f64; TILE_LANES]; 5]; 4] {
+    type V = [f64; TILE_LANES];
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
+    let full = a[0].len();
+    let [a0, a1, a2, a3] = a.map(|x| &x[..full]);
+    let [b0, b1, b2, b3, b4] = b.map(|y| &y[..full]);
+    let z: V = [0.0; TILE_LANES];
+    let (mut c00, mut c01, mut c02, mut c03, mut c04) = (z, z, z, z, z);
+    let (mut c10, mut c11, mut c12, mut c13, mut c14) = (z, z, z, z, z);
+    let (mut c20, mut c21, mut c22, mut c23, mut c24) = (z, z, z, z, z);
+    let (mut c30, mut c31, mut c32, mut c33, mut c34) = (z, z, z, z, z);
+    for i in (0..full).step_by(TILE_LANES) {
+        let (x0, x1, x2, x3) = (ld(a0, i), ld(a1, i), ld(a2, i), ld(a3, i));
+        let y = ld(b0, i);
+        (c00, c10, c20, c30) = (
+            madd(c00, x0, y),
+            madd(c10, x1, y),
+            madd(c20, x2, y),
+            madd(c30, x3, y),
+        );
+        let y = ld(b1, i);
+        (c01, c11, c21, c31) = (
+            madd(c01, x0, y),
+            madd(c11, x1, y),
+            madd(c21, x2, y),
+            madd(c31, x3, y),
+        );
+        let y = ld(b2, i);
+        (c02, c12, c22, c32) = (
+            madd(c02, x0, y),
+            madd(c12, x1, y),
+            madd(c22, x2, y),
+            madd(c32, x3, y),
+        );
+        let y = ld(b3, i);
+        (c03, c13, c23, c33) = (
+            madd(c03, x0, y),
+            madd(c13, x1, y),
+            madd(c23, x2, y),
+            madd(c33, x3, y),
+        );
+        let y = ld(b4, i);
+        (c04, c14, c24, c34) = (
+            madd(c04, x0, y),
+            madd(c14, x1, y),
+            madd(c24, x2, y),
+            madd(c34, x3, y),
+        );
+    }
+    [
+        [c00, c01, c02, c03, c04],
+        [c10, c11, c12, c13, c14],
+        [c20, c21, c22, c23, c24],
+        [c30, c31, c32, c33, c34],
+    ]
+}
+
+/// [`tile_4x4`] for 5 rows and 5 columns: 25 named accumulators, with the
+/// 5 rows' values and one column's, 31 of AVX-512's 32 registers; 10 loads
+/// per coordinate for 25 products.
+#[inline(always)]
+fn tile_5x5<const FMA: bool>(a: [&[f32]; 5], b: [&[f32]; 5]) -> [[[f64; TILE_LANES]; 5]; 5] {
+    type V = [f64; TILE_LANES];
+    let (ld, madd) = (tile_load, tile_madd::<FMA>);
+    let full = a[0].len();
+    let [a0, a1, a2, a3, a4] = a.map(|x| &x[..full]);
+    let [b0, b1, b2, b3, b4] = b.map(|y| &y[..full]);
+    let z: V = [0.0; TILE_LANES];
+    let (mut c00, mut c01, mut c02, mut c03, mut c04) = (z, z, z, z, z);
+    let (mut c10, mut c11, mut c12, mut c13, mut c14) = (z, z, z, z, z);
+    let (mut c20, mut c21, mut c22, mut c23, mut c24) = (z, z, z, z, z);
+    let (mut c30, mut c31, mut c32, mut c33, mut c34) = (z, z, z, z, z);
+    let (mut c40, mut c41, mut c42, mut c43, mut c44) = (z, z, z, z, z);
+    for i in (0..full).step_by(TILE_LANES) {
+        let (x0, x1, x2, x3, x4) = (ld(a0, i), ld(a1, i), ld(a2, i), ld(a3, i), ld(a4, i));
+        let y = ld(b0, i);
+        (c00, c10, c20, c30, c40) = (
+            madd(c00, x0, y),
+            madd(c10, x1, y),
+            madd(c20, x2, y),
+            madd(c30, x3, y),
+            madd(c40, x4, y),
+        );
+        let y = ld(b1, i);
+        (c01, c11, c21, c31, c41) = (
+            madd(c01, x0, y),
+            madd(c11, x1, y),
+            madd(c21, x2, y),
+            madd(c31, x3, y),
+            madd(c41, x4, y),
+        );
+        let y = ld(b2, i);
+        (c02, c12, c22, c32, c42) = (
+            madd(c02, x0, y),
+            madd(c12, x1, y),
+            madd(c22, x2, y),
+            madd(c32, x3, y),
+            madd(c42, x4, y),
+        );
+        let y = ld(b3, i);
+        (c03, c13, c23, c33, c43) = (
+            madd(c03, x0, y),
+            madd(c13, x1, y),
+            madd(c23, x2, y),
+            madd(c33, x3, y),
+            madd(c43, x4, y),
+        );
+        let y = ld(b4, i);
+        (c04, c14, c24, c34, c44) = (
+            madd(c04, x0, y),
+            madd(c14, x1, y),
+            madd(c24, x2, y),
+            madd(c34, x3, y),
+            madd(c44, x4, y),
+        );
+    }
+    [
+        [c00, c01, c02, c03, c04],
+        [c10, c11, c12, c13, c14],
+        [c20, c21, c22, c23, c24],
+        [c30, c31, c32, c33, c34],
+        [c40, c41, c42, c43, c44],
     ]
 }
 
@@ -887,7 +1109,8 @@ mod tests {
 
     #[test]
     fn every_tile_shape_with_or_without_fma_gives_the_same_bits() {
-        for n in 1..=13usize {
+        // Up to 23: every mix of blocks of 4 and 5 up to 5 blocks.
+        for n in 1..=23usize {
             for len in [1usize, 8, 13, 300] {
                 let xs: Vec<Vec<f32>> = (0..n)
                     .map(|k| {
@@ -911,6 +1134,7 @@ mod tests {
                 );
                 assert_eq!(run(cover_blocks::<false>), narrow, "n {n}, len {len}");
                 assert_eq!(run(cover_blocks::<true>), narrow, "n {n}, len {len}");
+                assert_eq!(run(cover_fours::<true>), narrow, "n {n}, len {len}");
                 assert_eq!(run(gram_tiles), narrow, "n {n}, len {len}");
             }
         }
