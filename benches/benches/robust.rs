@@ -9,14 +9,16 @@
 //! timing, the bench prints the Weiszfeld iterations the geometric median
 //! needs at tolerance 1e-6 for each size.
 //!
-//! What bounds the geometric median at n <= 16 (2.6-2.7x FedAvg at n = 10,
-//! 1.7x at n = 3; the target is 3x): one read of the data for the Gram
-//! matrix and one for the final weighted sum. On the Gram pass, the FP
-//! units: a `vcvtps2pd` per 8 f32 values loaded and a multiply-add per
-//! product, at n = 16 64 and 136 per 8 coordinates.
-//! Profile: `perf record` then `perf annotate` of
-//! `gm_methods -- 10 auto` (docs/benchmarks.md, "Tiles by blocks of four
-//! inputs").
+//! What bounds the geometric median at n <= 16 (2.3-2.4x FedAvg at n = 10,
+//! 1.6-1.9x at n = 3, 2.7-3.05x at n = 16 in `gm_methods`; the target is
+//! 3x): one read of the data for the Gram matrix and one for the final
+//! weighted sum. On the Gram pass, the FP units: a `vcvtps2pd` per 8 f32
+//! values loaded and a multiply-add per product, at n = 16 64 and 136 per
+//! 8 coordinates. At n = 100 (8.6-9.3x on 2026-12-05; the target is 8x):
+//! 5 passes over the data (4 Weiszfeld iterations), each reading it from
+//! memory and each block again from L2 for the distances. Profile: `perf
+//! record` then `perf annotate` of `gm_methods -- 10 auto` (docs/benchmarks.md,
+//! "Tiles by blocks of four and five inputs").
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::hint::black_box;
