@@ -405,8 +405,8 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
 simd! {
 /// Adds the upper triangle of the Gram matrix of `rows` (of one length)
 /// to `part` (`n x n`, row-major). With AVX-512, by [`cover_blocks`]: the
-/// inputs in blocks of 4, tiles of up to 4 x 4 (16 accumulators of one
-/// 512-bit register each, of 32). Without AVX-512, by tiles of 1 row by 4
+/// inputs in blocks of 4 or 5, tiles of up to 5 x 5 (25 accumulators of
+/// one 512-bit register each, of 32). Without AVX-512, by tiles of 1 row by 4
 /// columns ([`tile_1x4`]): 2 x 4 tiles' 8 accumulators of 8 lanes fill
 /// AVX2's 16 registers, and their spills made the geometric median at n =
 /// 64 take 600-617 ms against 403-408 (27-28 against 32-34 at n = 10). The
@@ -488,7 +488,9 @@ fn cover_blocks<const FMA: bool>(rows: &[&[f32]], part: &mut [f64]) {
 /// blocks of 4 and 5 (1, 2, 3, 6, 7 and 11): blocks of 4, the last one
 /// clamped to the last input; each block's own products by [`tile_diag4`],
 /// each pair of blocks by [`tile_4x4`], or by [`tile_1x4`] or [`tile_2x4`]
-/// where the later block has only 1 or 2 inputs.
+/// where the later block has only 1 or 2 inputs (of those counts, 2 x 4 at
+/// n = 6; 1 x 4 only for counts [`cover_blocks`] splits otherwise, as the
+/// tests call it for every count).
 #[inline(always)]
 fn cover_fours<const FMA: bool>(rows: &[&[f32]], part: &mut [f64]) {
     let n = rows.len();
@@ -931,7 +933,7 @@ fn tile_madd<const FMA: bool>(
 }
 
 /// Coordinates per tile pass of [`gram`]: 8 KB of f32 per input (a tile
-/// reads 6 or 8 of them; all 64 inputs' pieces are 512 KB, within L2).
+/// reads 4 to 10 of them; all 64 inputs' pieces are 512 KB, within L2).
 /// 1,024 and 4,096 were the same within the run-to-run noise at 10, 16
 /// and 64 inputs (18-19, 31-32 and 212-221 ms).
 const GRAM_SUB: usize = 2048;
@@ -1109,7 +1111,9 @@ mod tests {
 
     #[test]
     fn every_tile_shape_with_or_without_fma_gives_the_same_bits() {
-        // Up to 23: every mix of blocks of 4 and 5 up to 5 blocks.
+        // Up to 23: every tile shape of the blocks of 4 and 5 (4 x 5 from
+        // 9, 5 x 5 from 10) and of the blocks of 4 (1 x 4 at 5, 2 x 4 at 6,
+        // a clamped 4 x 4 at 7 and 11).
         for n in 1..=23usize {
             for len in [1usize, 8, 13, 300] {
                 let xs: Vec<Vec<f32>> = (0..n)
