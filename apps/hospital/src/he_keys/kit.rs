@@ -1050,13 +1050,17 @@ fn relinearizing(
 ) -> Result<()> {
     let me = signer.info.identity.as_str();
     let key_id = collective.context().key_id();
+    // Writes this hospital's signed share of `round` into `file`.
+    let signed = |round: u8, file: &str, share: &[u8]| -> Result<PathBuf> {
+        let path = kit.join(file);
+        write(
+            &path,
+            &signed_file(signer, &relin_statement(me, round, key_id, share), share)?,
+        )?;
+        Ok(path)
+    };
     let share = key.relin_round1(collective)?.to_bytes();
-    let path = kit.join(RELIN1_FILE);
-    write(
-        &path,
-        &signed_file(signer, &relin_statement(me, 1, key_id, &share), &share)?,
-    )?;
-    made.relin1 = Some(path);
+    made.relin1 = Some(signed(1, RELIN1_FILE, &share)?);
     if !made.agreed {
         return Ok(());
     }
@@ -1093,12 +1097,7 @@ fn relinearizing(
     let share = key.relin_round2(collective, &round1)?.to_bytes();
     // Recorded, whole and on disk, before the share can leave.
     write_durably(&record, format!("{first}\n").as_bytes())?;
-    let path = kit.join(RELIN2_FILE);
-    write(
-        &path,
-        &signed_file(signer, &relin_statement(me, 2, key_id, &share), &share)?,
-    )?;
-    made.relin2 = Some(path);
+    made.relin2 = Some(signed(2, RELIN2_FILE, &share)?);
     Ok(())
 }
 
