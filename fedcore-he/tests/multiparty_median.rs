@@ -16,8 +16,8 @@ use fedcore::memory::{Fault, InMemoryTransport};
 use fedcore::net::provision::{Kit, Project, ProjectSpec};
 use fedcore::net::{self, ClientOptions, GrpcTransport, ServerOptions};
 use fedcore::{
-    Aggregator, Client, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure, FitIns,
-    Parameters, RoundOutcome, RunPolicy, Sealer, Server, ServerConfig, StepIns, StepReply,
+    Aggregator, Client, ClientFailure, ClientId, ClientUpdate, EvaluateIns, Evaluation, Failure,
+    FitIns, Parameters, RoundOutcome, RunPolicy, Sealer, Server, ServerConfig, StepIns, StepReply,
     StepResponder, Transport,
 };
 use fedcore_he::keyswitch::{KeySwitchRound, KeySwitcher, MultipartySealer, key_switch_round};
@@ -283,6 +283,19 @@ fn plaintext(kept: &[u32]) -> fedcore::Aggregate {
         .expect("plaintext median")
 }
 
+/// Hospital `party`'s failure in the first round, which was at the distance
+/// step (step 1).
+fn failed_at_the_distances<T: Transport>(s: &MedianServer<T>, party: u32) -> &ClientFailure {
+    let r = &s.history()[0];
+    let f = r
+        .failures
+        .iter()
+        .find(|f| f.client == name(party))
+        .unwrap_or_else(|| panic!("hospital {party}'s failure: {:?}", r.failures));
+    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    f
+}
+
 /// The decrypted global is the plaintext geometric median of `kept` within
 /// 1e-4 of its largest value, with the same trust scores; the sign-flipped
 /// hospital 1, if kept, is the least trusted.
@@ -346,13 +359,7 @@ fn a_threshold_median_round_completes_when_a_hospital_drops_at_the_distance_step
         .inject(&name(2), Some(Fault::DropAtStep))
         .expect("inject");
     s.run_round().expect("round");
-    let r = &s.history()[0];
-    let f = r
-        .failures
-        .iter()
-        .find(|f| f.client == name(2))
-        .expect("hospital 2's failure");
-    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    let f = failed_at_the_distances(&s, 2);
     assert!(
         matches!(f.reason, Failure::Disconnected(_)),
         "{:?}",
@@ -365,13 +372,7 @@ fn a_threshold_median_round_completes_when_a_hospital_drops_at_the_distance_step
 fn a_hospital_whose_distance_share_cannot_be_combined_is_out_and_a_threshold_round_completes() {
     let mut s = make(true, 3, transport_with(true, Some(2)));
     s.run_round().expect("round");
-    let r = &s.history()[0];
-    let f = r
-        .failures
-        .iter()
-        .find(|f| f.client == name(2))
-        .expect("hospital 2's failure");
-    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    let f = failed_at_the_distances(&s, 2);
     assert!(
         format!("{:?}", f.reason).contains("another request"),
         "{:?}",
@@ -470,13 +471,7 @@ fn over_grpc_with_hospital_4_revoked_at_the_distances(
 #[test]
 fn over_grpc_a_threshold_median_round_completes_without_the_hospital_revoked_at_the_distances() {
     let s = over_grpc_with_hospital_4_revoked_at_the_distances(true);
-    let r = &s.history()[0];
-    let f = r
-        .failures
-        .iter()
-        .find(|f| f.client == name(4))
-        .expect("hospital 4's failure");
-    assert_eq!(f.step, Some(1), "{:?}", r.failures);
+    failed_at_the_distances(&s, 4);
     assert_matches_plaintext(&s, &[1, 2, 3]);
 }
 
