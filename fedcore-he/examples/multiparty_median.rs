@@ -55,6 +55,25 @@ fn plain_distances(x: &[Vec<f64>]) -> Vec<f64> {
     out
 }
 
+/// Each hospital's upload: encrypted by `encrypt` (the time per hospital
+/// and the bytes per value printed under `label`), loaded by `load` as the
+/// server does.
+fn upload(
+    label: &str,
+    x: &[Vec<f64>],
+    encrypt: impl Fn(&[f64]) -> fedcore_he::Result<Vec<u8>>,
+    load: impl Fn(&[u8]) -> fedcore_he::Result<EncryptedVector>,
+) -> fedcore_he::Result<Vec<EncryptedVector>> {
+    let t = Instant::now();
+    let bytes: Vec<Vec<u8>> = x.iter().map(|v| encrypt(v)).collect::<Result<_, _>>()?;
+    println!(
+        "{label}: upload {:.2} s per hospital, {:.1} B/value",
+        secs(t) / x.len() as f64,
+        bytes[0].len() as f64 / x[0].len() as f64
+    );
+    bytes.iter().map(|b| load(b)).collect()
+}
+
 fn worst_relative(got: &[f64], want: &[f64]) -> f64 {
     got.iter()
         .zip(want)
@@ -83,21 +102,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         secs(t),
         eval.len() as f64 / 1e6
     );
-    let t = Instant::now();
-    let bytes: Vec<Vec<u8>> = x
-        .iter()
-        .map(|v| secret.encrypt_compact(v))
-        .collect::<Result<_, _>>()?;
-    println!(
-        "single key: upload {:.2} s per hospital, {:.1} B/value",
-        secs(t) / n as f64,
-        bytes[0].len() as f64 / len as f64
-    );
-    let parts: Vec<EncryptedVector> = bytes
-        .iter()
-        .map(|b| server.load(b, Form::Fresh))
-        .collect::<Result<_, _>>()?;
-    drop(bytes);
+    let parts = upload(
+        "single key",
+        &x,
+        |v| secret.encrypt_compact(v),
+        |b| server.load(b, Form::Fresh),
+    )?;
     let refs: Vec<&EncryptedVector> = parts.iter().collect();
     let t = Instant::now();
     let gram = server.squared_distances(&refs)?;
@@ -161,21 +171,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         relin * 1e3
     );
     let ctx = collective.context();
-    let t = Instant::now();
-    let bytes: Vec<Vec<u8>> = x
-        .iter()
-        .map(|v| ctx.encrypt_upload(v).and_then(|c| c.to_bytes()))
-        .collect::<Result<_, _>>()?;
-    println!(
-        "multiparty: upload {:.2} s per hospital, {:.1} B/value",
-        secs(t) / n as f64,
-        bytes[0].len() as f64 / len as f64
-    );
-    let parts: Vec<EncryptedVector> = bytes
-        .iter()
-        .map(|b| ctx.load(b, Form::Fresh))
-        .collect::<Result<_, _>>()?;
-    drop(bytes);
+    let parts = upload(
+        "multiparty",
+        &x,
+        |v| ctx.encrypt_upload(v).and_then(|c| c.to_bytes()),
+        |b| ctx.load(b, Form::Fresh),
+    )?;
     let refs: Vec<&EncryptedVector> = parts.iter().collect();
     let t = Instant::now();
     let distances = collective.distances(&refs, DEFAULT_DISTANCE_BOUND)?;
