@@ -113,6 +113,7 @@ async fn connect_tracked(
         .connect_timeout(options.connect_timeout)
         .initial_stream_window_size(Some(limits.window_bytes))
         .initial_connection_window_size(Some(limits.window_bytes))
+        .max_frame_size(Some(limits.frame_bytes))
         .connect_with_connector(connector)
         .await
         .map_err(|e| {
@@ -420,7 +421,13 @@ impl Link<'_> {
             )))
             .await?;
         }
-        for chunk in wire::chunks_from(id, &reply.payload, self.chunk_bytes, from.unwrap_or(0)) {
+        for chunk in wire::chunks_from(
+            id,
+            &reply.payload,
+            self.chunk_bytes,
+            wire::LEAD_CHUNK_BYTES,
+            from.unwrap_or(0),
+        ) {
             self.send(client_msg(client_message::Kind::Chunk(chunk)))
                 .await?;
         }

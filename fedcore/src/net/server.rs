@@ -915,7 +915,7 @@ async fn writer(
                     let total = task.payload_len();
                     session.start_transfer(Way::Download, id, total, from.unwrap_or(0));
                     let mut failed = None;
-                    for chunk in wire::chunks_from(id, &task.payload, session.chunk_bytes, from.unwrap_or(0)) {
+                    for chunk in wire::chunks_from(id, &task.payload, session.chunk_bytes, wire::LEAD_CHUNK_BYTES, from.unwrap_or(0)) {
                         if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Chunk(chunk)), opts.liveness).await {
                             failed = Some(r);
                             break;
@@ -1199,11 +1199,7 @@ impl GrpcTransport {
             .map_err(|e| Error::Transport(format!("TLS configuration: {e}")))?
             .initial_stream_window_size(Some(limits.window_bytes))
             .initial_connection_window_size(Some(limits.window_bytes))
-            // HTTP/2's default 16 KiB frames stay: with 64 KiB ones the gRPC
-            // round was 10 % faster on loopback, but a moving 50 KB/s link
-            // with a 1 s liveness was sometimes cut (likely: h2 reads
-            // nothing while it flushes a frame, 1.3 s at that rate; see
-            // docs/benchmarks.md, "Closer to plain TLS").
+            .max_frame_size(Some(limits.frame_bytes))
             // No HTTP/2 keepalive: on a slow link its ping waits behind
             // megabytes of data in the socket buffers and would time out a
             // link that is moving. Sessions' liveness is their progress.
