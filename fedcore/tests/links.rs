@@ -380,8 +380,11 @@ fn a_site_that_does_not_come_back_fails_its_task_after_the_resume_window() {
     };
     assert!(reason.contains("not back within 2 s"), "{reason}");
     // Liveness (1 s) then the window (2 s), not at once and not forever.
+    // The silence starts with the client's last byte before the stall,
+    // which can be a heartbeat (250 ms) or more earlier: 2.97 s was seen
+    // once in 12 runs with both cores busy.
     assert!(
-        waited >= Duration::from_secs(3) && waited < Duration::from_secs(8),
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(8),
         "{waited:?}"
     );
     s.finish();
