@@ -8,16 +8,15 @@
 //! Each round moves 3 x 28 MB down and 3 x 28 MB up; criterion reports the
 //! rate as bytes/s over those 168 MB (docs/benchmarks.md).
 //!
-//! What bounds gRPC against the floor (1.27-1.48x on the 2-core VM; the
-//! target was 1.2x): copies that tonic and h2 make and the plain socket
-//! does not, and the hand-offs between the server's runtime, three clients'
-//! runtimes and their training threads on two cores. tonic encodes each
-//! chunk message into its own buffer. On the receiving side it gathers the
-//! HTTP/2 frames into another before decoding, and the chunk is copied once
-//! more into the values. Profile: `perf record --call-graph dwarf` of the
-//! bench binary with `--bench grpc_mtls/c3 --profile-time 4`. AES-GCM is
-//! 15 % on both sides; `memmove`, 15 %, is spread over those sites at
-//! 1.2-2.2 % each; the kernel's wake-ups are 10.6 %.
+//! gRPC against the floor on the 2-core VM: 1.04-1.11x with 256 KiB HTTP/2
+//! frames (`Limits::frame_bytes`; 1.36-1.41x with HTTP/2's default 16 KiB;
+//! the target is 1.2x). What is left: copies that tonic makes and the plain
+//! socket does not, and the hand-offs between the server's runtime, three
+//! clients' runtimes and their training threads on two cores. tonic encodes
+//! each chunk message into its own buffer. On the receiving side it gathers
+//! the HTTP/2 frames into another before decoding, and the chunk is copied
+//! once more into the values. Profile: `perf record --call-graph dwarf` of
+//! the bench binary with `--bench grpc_mtls/c3 --profile-time 4`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::{Arc, mpsc};
