@@ -9,7 +9,7 @@ use fedcore::{
 use crate::error::ParamsError;
 use fedcore::aggregate::{output_buffer, weighted_sum_into};
 
-use crate::kernels::{dist_f64, gram, weighted_mean_and_sq_dists};
+use crate::kernels::{GRAM_SUB, dist_f64, gram, sampled_gram, weighted_mean_and_sq_dists};
 use crate::{Weighting, alphas, trust_from_distances};
 
 /// Settings of [`GeometricMedian`]; [`GeometricMedianParams::check`] turns
@@ -300,10 +300,11 @@ impl PartialEq for GeometricMedian {
 
 impl GeometricMedian {
     /// Runs smoothed Weiszfeld on `points` with weights `alpha` (any positive
-    /// scale), starting from the weighted mean. How each iteration is computed
-    /// depends on the [`Method`]: on the Gram matrix (no pass over the data) or
-    /// as one fused pass (new estimate and the distances to it). All points
-    /// must have the same length.
+    /// scale), starting from the weighted mean, or, with direct passes over
+    /// long points, from the median of a sample of the coordinates. How each
+    /// iteration is computed depends on the [`Method`]: on the Gram matrix
+    /// (no pass over the data) or as one fused pass (new estimate and the
+    /// distances to it). All points must have the same length.
     pub fn compute(&self, points: &[&[f32]], alpha: &[f64]) -> Weiszfeld {
         let mut median = vec![0.0f32; points.first().map_or(0, |x| x.len())];
         let w = self.compute_with(points, alpha, &mut Default::default(), &mut median);
@@ -326,10 +327,47 @@ impl GeometricMedian {
             Method::Passes => false,
         };
         if use_gram {
-            self.iterate_points(points, alpha, GramState::new(points), out)
+            self.iterate_points(points, alpha, None, GramState::new(points), out)
         } else {
-            self.iterate_points(points, alpha, PassState { points, scratch }, out)
+            let start = self.sampled_start(points, alpha);
+            let state = PassState { points, scratch };
+            self.iterate_points(points, alpha, start.as_deref(), state, out)
         }
+    }
+
+    /// Where direct passes start on long points: the median of the points
+    /// restricted to a sample of their coordinates (one run of 2,048 in
+    /// every [`SAMPLE_EVERY`]), as weights over the points, found on that
+    /// sample's Gram matrix (scaled to the whole length) with this
+    /// aggregator's settings. It costs about a tenth of one pass (8-10 ms
+    /// for 100 points of 7M values) and takes the place of the first
+    /// iterations from the weighted mean: 30 outliers in 100 updates of 7M
+    /// values pull the mean far off, and from there five passes were needed
+    /// (four iterations), from the sample's median two (one iteration;
+    /// docs/benchmarks.md). The iterations after it,
+    /// and their stopping rules, are the same as from the mean, over all
+    /// coordinates; where the sample misleads (coordinates outside it that
+    /// differ), they only need more passes. `None` (start from the weighted
+    /// mean) for short points, where the sample would be the whole, and for
+    /// more than [`SAMPLE_MAX_POINTS`] points, where the sample's Gram
+    /// matrix would cost more than a pass.
+    fn sampled_start(&self, points: &[&[f32]], alpha: &[f64]) -> Option<Vec<f64>> {
+        let n = points.len();
+        let d = points.first().map_or(0, |x| x.len());
+        if !(2..=SAMPLE_MAX_POINTS).contains(&n) || d < 4 * SAMPLE_EVERY * GRAM_SUB {
+            return None;
+        }
+        let (mut g, taken) = sampled_gram(points, SAMPLE_EVERY);
+        let scale = d as f64 / taken as f64;
+        g.iter_mut().for_each(|v| *v *= scale);
+        let state = GramState {
+            n,
+            g,
+            w: Vec::new(),
+            next: Vec::new(),
+        };
+        let (_, state) = self.iterate(alpha, None, state);
+        state.w.iter().all(|v| v.is_finite()).then_some(state.w)
     }
 
     /// Runs smoothed Weiszfeld from the Gram matrix of the points alone
@@ -367,7 +405,7 @@ impl GeometricMedian {
             w: Vec::new(),
             next: Vec::new(),
         };
-        let (result, state) = self.iterate(alpha, state);
+        let (result, state) = self.iterate(alpha, None, state);
         Ok(GramWeiszfeld {
             coefficients: state.w,
             iterations: result.iterations,
@@ -438,18 +476,25 @@ impl GeometricMedian {
         &self,
         points: &[&[f32]],
         alpha: &[f64],
+        start: Option<&[f64]>,
         state: S,
         out: &mut [f32],
     ) -> Weiszfeld {
-        let (w, state) = self.iterate(alpha, state);
+        let (w, state) = self.iterate(alpha, start, state);
         state.finish(points, out);
         w
     }
 
-    /// The Weiszfeld loop, the same for every way of holding the iterate;
-    /// the result's `median` is left empty (the caller materializes it from
-    /// the returned state).
-    fn iterate<S: Iterate>(&self, alpha: &[f64], mut state: S) -> (Weiszfeld, S) {
+    /// The Weiszfeld loop, the same for every way of holding the iterate,
+    /// from `sum_j start_j x_j` (by default the `alpha`-weighted mean); the
+    /// result's `median` is left empty (the caller materializes it from the
+    /// returned state).
+    fn iterate<S: Iterate>(
+        &self,
+        alpha: &[f64],
+        start: Option<&[f64]>,
+        mut state: S,
+    ) -> (Weiszfeld, S) {
         let p = &self.params;
         let total: f64 = alpha.iter().sum();
         let alpha: Vec<f64> = alpha.iter().map(|a| a / total).collect();
@@ -458,7 +503,7 @@ impl GeometricMedian {
                 .map(|v| v.max(0.0).sqrt())
                 .collect::<Vec<f64>>()
         };
-        let mut dists = dist(state.start(&alpha));
+        let mut dists = dist(state.start(start.unwrap_or(&alpha)));
         let objective = |ds: &[f64]| ds.iter().zip(&alpha).map(|(d, a)| d * a).sum::<f64>();
         let mut obj = objective(&dists);
         let beta = |ds: &[f64]| -> Vec<f64> {
@@ -611,14 +656,27 @@ impl GramWeiszfeld {
 /// Forming it costs `n (n + 1) / 2` dot products over the data (in tiles,
 /// one read of the data; compute-bound from about 10 points), after which
 /// iterations are free; each direct iteration reads the data once from
-/// memory and once from cache. Measured at 7M values on a CPU with AVX-512
-/// (docs/benchmarks.md, "AVX-512, four inputs per load, and Krum from the
-/// Gram matrix"): the Gram matrix path is 1.9x FedAvg at 3 points,
-/// 2.6-3.1x at 10 and 16, 3.6x at 32 and 5.3x at 64 (the direct passes:
-/// 7.5-8.6x), 8.7x at 100 (passes: 8.9x). Without AVX-512 (the AVX2
-/// build on the same machine): 3.5x at 10, 4.0x at 16, 9.0x at 64, and at
-/// 100 839 ms against the passes' 563 ms.
-pub const GRAM_MAX_POINTS: usize = 64;
+/// memory and once from cache, and on long points they start from the
+/// median of a sample of the coordinates, which saved three passes of five
+/// in the benches. Measured at 7M values on a CPU with AVX-512 (docs/benchmarks.md,
+/// "The direct passes start from a sample's median"), against FedAvg: the
+/// Gram matrix 2.7x at 20 and 24 points, 3.2x at 28 and 32, 4.7x at 64;
+/// the passes 3.0-3.2x at 20 and 24, 3.2-3.5x at 28 and 32, 3.7x at 64,
+/// 3.5-3.7x at 100. The passes' count depends on the data (1 to 4
+/// iterations after the start in the benches); the Gram matrix's cost
+/// does not.
+pub const GRAM_MAX_POINTS: usize = 32;
+
+/// Direct passes over points of at least `4 * SAMPLE_EVERY * 2048` values
+/// start from the median of one run of 2,048 coordinates in every
+/// `SAMPLE_EVERY` (see `GeometricMedian::sampled_start`).
+const SAMPLE_EVERY: usize = 64;
+
+/// Up to this many points: the sample's Gram matrix costs `n^2 / 2`
+/// products per sampled coordinate, about `n / 12 / SAMPLE_EVERY` of a
+/// pass (a pass reads `n` values per coordinate at memory bandwidth), so a
+/// third of a pass at 256 points.
+const SAMPLE_MAX_POINTS: usize = 256;
 
 /// How the Weiszfeld iterate is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -630,7 +688,10 @@ pub enum Method {
     /// iteration costs O(n^2), with `||x_i - z||^2 = G_ii - 2 (G w)_i + w^T G w`
     /// for `z = sum_j w_j x_j`; the estimate is formed once at the end.
     Gram,
-    /// As an explicit f64 vector: each iteration is one fused pass over the data.
+    /// As an explicit f64 vector: each iteration is one fused pass over the
+    /// data. On long points (at least 524,288 values) and up to 256 of them,
+    /// the first iterate is the median of a sample of the coordinates,
+    /// found on the sample's Gram matrix.
     Passes,
 }
 
@@ -743,5 +804,129 @@ impl Iterate for GramState {
     fn finish(self, points: &[&[f32]], out: &mut [f32]) {
         let w: Vec<f32> = self.w.iter().map(|&v| v as f32).collect();
         weighted_sum_into(points, &w, out).expect("points share one length");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest length that gets a sampled start, and a little more.
+    const LONG: usize = 4 * SAMPLE_EVERY * GRAM_SUB + 1000;
+
+    /// `n` points of `d` values in [-1, 1); the first `outliers` are scaled
+    /// by -100 on the coordinates where `scaled` holds.
+    fn points(
+        n: usize,
+        d: usize,
+        outliers: usize,
+        scaled: impl Fn(usize) -> bool,
+    ) -> Vec<Vec<f32>> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|i| {
+                (0..d)
+                    .map(|k| {
+                        state = state
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407);
+                        let v = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                        if i < outliers && scaled(k) {
+                            -100.0 * v
+                        } else {
+                            v
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn passes(
+        gm: &GeometricMedian,
+        refs: &[&[f32]],
+        alpha: &[f64],
+        start: Option<&[f64]>,
+    ) -> Weiszfeld {
+        let mut scratch = Default::default();
+        let state = PassState {
+            points: refs,
+            scratch: &mut scratch,
+        };
+        gm.iterate(alpha, start, state).0
+    }
+
+    #[test]
+    fn passes_over_long_points_start_from_the_samples_median_and_need_fewer_iterations() {
+        let pts = points(7, LONG, 2, |_| true);
+        let refs: Vec<&[f32]> = pts.iter().map(Vec::as_slice).collect();
+        let alpha = [1.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0];
+        let gm = GeometricMedianParams::new()
+            .method(Method::Passes)
+            .check()
+            .unwrap();
+        let start = gm.sampled_start(&refs, &alpha).expect("a sampled start");
+        // Not the weighted mean: the outliers hardly count in it.
+        assert!(start[0] < 0.01 && start[1] < 0.01, "{start:?}");
+        assert!((start.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        let (from_mean, from_sample) = (
+            passes(&gm, &refs, &alpha, None),
+            passes(&gm, &refs, &alpha, Some(&start)),
+        );
+        assert!(from_mean.converged && from_sample.converged);
+        assert!(
+            from_sample.iterations < from_mean.iterations,
+            "{} iterations from the sample's median, {} from the mean",
+            from_sample.iterations,
+            from_mean.iterations
+        );
+        let rel = (from_sample.objective - from_mean.objective).abs() / from_mean.objective;
+        assert!(
+            rel < 1e-6,
+            "objectives {} and {}",
+            from_sample.objective,
+            from_mean.objective
+        );
+        // `compute` takes that start; short points or too many start from the mean.
+        assert_eq!(gm.compute(&refs, &alpha).iterations, from_sample.iterations);
+        let short: Vec<&[f32]> = refs.iter().map(|x| &x[..LONG - 2000]).collect();
+        assert!(gm.sampled_start(&short, &alpha).is_none());
+        assert!(gm.sampled_start(&refs[..1], &alpha[..1]).is_none());
+    }
+
+    #[test]
+    fn a_sample_that_misleads_costs_iterations_not_accuracy() {
+        // The outliers are honest on every sampled coordinate and far off
+        // everywhere else: the sample's median counts them fully.
+        let pts = points(7, LONG, 3, |k| k % (SAMPLE_EVERY * GRAM_SUB) >= GRAM_SUB);
+        let refs: Vec<&[f32]> = pts.iter().map(Vec::as_slice).collect();
+        let alpha = [1.0; 7];
+        let tight = |m| {
+            GeometricMedianParams::new()
+                .method(m)
+                .tolerance(1e-12)
+                .max_iterations(10_000)
+                .check()
+                .unwrap()
+        };
+        let start = tight(Method::Passes)
+            .sampled_start(&refs, &alpha)
+            .expect("a sampled start");
+        assert!(start[..3].iter().all(|&c| c > 0.1), "{start:?}");
+        let (a, b) = (
+            tight(Method::Gram).compute(&refs, &alpha),
+            tight(Method::Passes).compute(&refs, &alpha),
+        );
+        assert!(a.converged && b.converged);
+        let off = a
+            .median
+            .iter()
+            .zip(&b.median)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(off <= 1e-4, "gram and passes differ by {off}");
+        assert!((a.objective - b.objective).abs() <= 1e-7 * a.objective);
+        // The outliers end with almost no weight either way.
+        assert!(b.weights[..3].iter().all(|&w| w < 0.01), "{:?}", b.weights);
     }
 }

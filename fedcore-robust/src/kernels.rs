@@ -302,12 +302,48 @@ fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + 
         .collect::<Vec<_>>()
         .into_iter()
         .fold(vec![0.0; n * n], add_vecs);
+    mirror(&mut m, n);
+    m
+}
+
+/// Copies the upper triangle of `m` (`n x n`, row-major) into the lower.
+fn mirror(m: &mut [f64], n: usize) {
     for i in 0..n {
         for j in 0..i {
             m[i * n + j] = m[j * n + i];
         }
     }
-    m
+}
+
+/// The Gram matrix of the points restricted to a sample of their
+/// coordinates: the first run of [`GRAM_SUB`] in every `every` runs, spread
+/// over the whole length. Returns it and the number of coordinates taken.
+/// The runs are summed in at most 16 groups, each in order, and the groups
+/// in order: the same bits however many threads run it, and at most 16
+/// partial matrices in memory.
+pub(crate) fn sampled_gram(xs: &[&[f32]], every: usize) -> (Vec<f64>, usize) {
+    let n = xs.len();
+    let d = xs.first().map_or(0, |x| x.len());
+    let runs: Vec<std::ops::Range<usize>> = (0..d)
+        .step_by(GRAM_SUB * every.max(1))
+        .map(|s| s..(s + GRAM_SUB).min(d))
+        .collect();
+    let taken = runs.iter().map(|r| r.len()).sum();
+    let mut m = runs
+        .par_chunks(runs.len().div_ceil(16).max(1))
+        .map(|group| {
+            let mut part = vec![0.0f64; n * n];
+            for r in group {
+                let rows: Vec<&[f32]> = xs.iter().map(|x| &x[r.clone()]).collect();
+                gram_tiles(&rows, &mut part);
+            }
+            part
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0.0; n * n], add_vecs);
+    mirror(&mut m, n);
+    (m, taken)
 }
 
 /// All pairwise squared distances as an `n x n` row-major matrix: each
@@ -936,7 +972,7 @@ fn tile_madd<const FMA: bool>(
 /// reads 4 to 10 of them; all 64 inputs' pieces are 512 KB, within L2).
 /// 1,024 and 4,096 were the same within the run-to-run noise at 10, 16
 /// and 64 inputs (18-19, 31-32 and 212-221 ms).
-const GRAM_SUB: usize = 2048;
+pub(crate) const GRAM_SUB: usize = 2048;
 
 /// Update counts up to this are sorted per coordinate by a compare-exchange
 /// network over blocks of coordinates (vectorized min/max, no branches);
