@@ -1,5 +1,6 @@
-//! Where the geometric median's direct passes start, and what it saves:
-//! both methods on the bench's updates (`benches/robust.rs`), with the
+//! Where the geometric median's iterations start, and what it saves:
+//! `Method::Gram`, `Method::Passes` and `Method::Auto` on the bench's
+//! updates (`benches/robust.rs`), with the
 //! iterations each needed, the objective, the residual and the mean time
 //! of 5 `compute` calls (fresh buffers each, so slower than the
 //! aggregator, which reuses them):
@@ -35,7 +36,7 @@ fn main() {
     }
     let points: Vec<&[f32]> = ups.iter().map(|u| u.values.as_slice()).collect();
     let alpha: Vec<f64> = ups.iter().map(|u| u.num_examples as f64).collect();
-    for method in [Method::Gram, Method::Passes] {
+    for method in [Method::Gram, Method::Passes, Method::Auto] {
         let gm = GeometricMedianParams::new().method(method).check().unwrap();
         let mut w = gm.compute(&points, &alpha);
         let t = std::time::Instant::now();

@@ -9,7 +9,9 @@ use fedcore::{
 use crate::error::ParamsError;
 use fedcore::aggregate::{output_buffer, weighted_sum_into};
 
-use crate::kernels::{GRAM_SUB, dist_f64, gram, sampled_gram, weighted_mean_and_sq_dists};
+use crate::kernels::{
+    GRAM_SUB, dist_f64, gram, gram_with_sum, sampled_gram, weighted_mean_and_sq_dists,
+};
 use crate::{Weighting, alphas, trust_from_distances};
 
 /// Settings of [`GeometricMedian`]; [`GeometricMedianParams::check`] turns
@@ -114,7 +116,10 @@ impl GeometricMedianParams {
 pub struct Weiszfeld {
     /// The estimate.
     pub median: Vec<f32>,
-    /// Iterations run (0 when the starting point already had objective 0).
+    /// Iterations run: 0 when the starting point already had objective 0,
+    /// or, with [`Method::Auto`] on long points, when the starting point
+    /// (the median of a sample of the coordinates) already met both
+    /// stopping rules and is the estimate.
     pub iterations: usize,
     /// The objective `sum_i alpha_i ||median - x_i||` at `median`, with `alpha` summing to 1.
     pub objective: f64,
@@ -124,8 +129,9 @@ pub struct Weiszfeld {
     /// how much each point pulled on the estimate.
     pub weights: Vec<f64>,
     /// The optimality residual `||sum_i alpha_i (z - x_i) / max(nu, d_i)||`
-    /// at the last iterate before `median`: the net pull of the points, in
-    /// `[0, 1]`, 0 at the exact median.
+    /// at the last iterate before `median` (at `median` itself when no
+    /// iteration moved it): the net pull of the points, in `[0, 1]`, 0 at
+    /// the exact median.
     pub residual: f64,
     /// Whether both stopping rules held before `max_iterations`.
     pub converged: bool,
@@ -300,8 +306,9 @@ impl PartialEq for GeometricMedian {
 
 impl GeometricMedian {
     /// Runs smoothed Weiszfeld on `points` with weights `alpha` (any positive
-    /// scale), starting from the weighted mean, or, with direct passes over
-    /// long points, from the median of a sample of the coordinates. How each
+    /// scale), starting from the weighted mean, or, on long points with
+    /// [`Method::Auto`] or [`Method::Passes`], from the median of a sample
+    /// of the coordinates (see [`Method`]). How each
     /// iteration is computed depends on the [`Method`]: on the Gram matrix
     /// (no pass over the data) or as one fused pass (new estimate and the
     /// distances to it). All points must have the same length.
@@ -326,8 +333,23 @@ impl GeometricMedian {
             Method::Gram => true,
             Method::Passes => false,
         };
-        if use_gram {
-            self.iterate_points(points, alpha, None, GramState::new(points), out)
+        if use_gram
+            && self.params.method == Method::Auto
+            && n >= GUESS_MIN_POINTS
+            && let Some(guess) = self.sampled_start(points, alpha)
+        {
+            // The sample's median is formed with the Gram matrix, in its
+            // read, and kept if it already meets the stopping rules.
+            let w: Vec<f32> = guess.iter().map(|&v| v as f32).collect();
+            let state = GramState::of(n, gram_with_sum(points, &w, out));
+            let (result, state) = self.iterate(alpha, Some(&guess), true, state);
+            if state.moved {
+                state.finish(points, out);
+            }
+            result
+        } else if use_gram {
+            let state = GramState::of(n, gram(points));
+            self.iterate_points(points, alpha, None, state, out)
         } else {
             let start = self.sampled_start(points, alpha);
             let state = PassState { points, scratch };
@@ -360,13 +382,7 @@ impl GeometricMedian {
         let (mut g, taken) = sampled_gram(points, SAMPLE_EVERY);
         let scale = d as f64 / taken as f64;
         g.iter_mut().for_each(|v| *v *= scale);
-        let state = GramState {
-            n,
-            g,
-            w: Vec::new(),
-            next: Vec::new(),
-        };
-        let (_, state) = self.iterate(alpha, None, state);
+        let (_, state) = self.iterate(alpha, None, false, GramState::of(n, g));
         state.w.iter().all(|v| v.is_finite()).then_some(state.w)
     }
 
@@ -399,13 +415,7 @@ impl GeometricMedian {
                 reason: format!("weight alpha_{i} = {} is not positive", alpha[i]),
             });
         }
-        let state = GramState {
-            n,
-            g: gram.to_vec(),
-            w: Vec::new(),
-            next: Vec::new(),
-        };
-        let (result, state) = self.iterate(alpha, None, state);
+        let (result, state) = self.iterate(alpha, None, false, GramState::of(n, gram.to_vec()));
         Ok(GramWeiszfeld {
             coefficients: state.w,
             iterations: result.iterations,
@@ -480,7 +490,7 @@ impl GeometricMedian {
         state: S,
         out: &mut [f32],
     ) -> Weiszfeld {
-        let (w, state) = self.iterate(alpha, start, state);
+        let (w, state) = self.iterate(alpha, start, false, state);
         state.finish(points, out);
         w
     }
@@ -488,11 +498,14 @@ impl GeometricMedian {
     /// The Weiszfeld loop, the same for every way of holding the iterate,
     /// from `sum_j start_j x_j` (by default the `alpha`-weighted mean); the
     /// result's `median` is left empty (the caller materializes it from the
-    /// returned state).
+    /// returned state). With `keep_start`, a start that already meets both
+    /// stopping rules (as the first step shows) is the estimate, with 0
+    /// iterations and the residual at the start itself.
     fn iterate<S: Iterate>(
         &self,
         alpha: &[f64],
         start: Option<&[f64]>,
+        keep_start: bool,
         mut state: S,
     ) -> (Weiszfeld, S) {
         let p = &self.params;
@@ -532,9 +545,13 @@ impl GeometricMedian {
                 converged = residual <= residual_tolerance;
                 break;
             }
+            converged = obj - new_obj <= p.tolerance * new_obj && residual <= residual_tolerance;
+            if converged && keep_start && iterations == 1 {
+                iterations = 0;
+                break;
+            }
             state.accept();
             dists = new_dists;
-            converged = obj - new_obj <= p.tolerance * new_obj && residual <= residual_tolerance;
             obj = new_obj;
         }
         let b = beta(&dists);
@@ -658,14 +675,25 @@ impl GramWeiszfeld {
 /// iterations are free; each direct iteration reads the data once from
 /// memory and once from cache, and on long points they start from the
 /// median of a sample of the coordinates, which saved three passes of five
-/// in the benches. Measured at 7M values on a CPU with AVX-512 (docs/benchmarks.md,
-/// "The direct passes start from a sample's median"), against FedAvg: the
-/// Gram matrix 2.7x at 20 and 24 points, 3.2x at 28 and 32, 4.7x at 64;
-/// the passes 3.0-3.2x at 20 and 24, 3.2-3.5x at 28 and 32, 3.7x at 64,
-/// 3.5-3.7x at 100. The passes' count depends on the data (1 to 4
-/// iterations after the start in the benches); the Gram matrix's cost
-/// does not.
+/// in the benches. Measured at 7M values on a CPU with AVX-512
+/// (docs/benchmarks.md, "The direct passes start from a sample's median"
+/// and "The Gram matrix keeps the sample's median"), against FedAvg: the
+/// Gram matrix with the sample's median formed in its read (as
+/// [`Method::Auto`] runs it) 2.75x at 24 points, 2.66x at 32, 3.00x at
+/// 40, 3.51x at 48, 5.19x at 64; the passes 2.69x, 2.81x, 2.94x, 2.88x
+/// and 3.52x, and 3.1-3.9x at 100. The passes' count depends on the data
+/// (1 to 4 iterations after the start in the benches); the Gram matrix's
+/// cost does not, hence the switch at 32 rather than 40.
 pub const GRAM_MAX_POINTS: usize = 32;
+
+/// From this many points, [`Method::Auto`] on long points forms the
+/// sample's median with the Gram matrix and keeps it where it meets the
+/// stopping rules. Below, the Gram matrix's read is bound by memory and
+/// the weighted sum's writes add much to it: at 3 points of the
+/// bench, where Weiszfeld does not converge in 100 iterations and the
+/// estimate is formed again anyway, 4.6 ms against 3.3 ms without
+/// (docs/benchmarks.md).
+const GUESS_MIN_POINTS: usize = 4;
 
 /// Direct passes over points of at least `4 * SAMPLE_EVERY * 2048` values
 /// start from the median of one run of 2,048 coordinates in every
@@ -681,7 +709,15 @@ const SAMPLE_MAX_POINTS: usize = 256;
 /// How the Weiszfeld iterate is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Method {
-    /// [`Method::Gram`] up to [`GRAM_MAX_POINTS`] points, [`Method::Passes`] beyond.
+    /// [`Method::Gram`] up to [`GRAM_MAX_POINTS`] points, [`Method::Passes`]
+    /// beyond. From 4 points up to [`GRAM_MAX_POINTS`], on long points (at
+    /// least 524,288 values), the Gram matrix's iterations start from the
+    /// median of a sample of the coordinates, whose weighted sum is formed
+    /// in the same read as the Gram matrix. Where that start already meets
+    /// both stopping rules on all coordinates it is the estimate (0
+    /// iterations), and the data is read once instead of twice; else the
+    /// iterations go on from it and the estimate is formed at the end, as
+    /// with [`Method::Gram`].
     #[default]
     Auto,
     /// As weights over the points: one pass builds `G = X X^T`, then each
@@ -746,15 +782,19 @@ struct GramState {
     g: Vec<f64>,
     w: Vec<f64>,
     next: Vec<f64>,
+    /// Whether a proposal was accepted: the iterate left its start.
+    moved: bool,
 }
 
 impl GramState {
-    fn new(points: &[&[f32]]) -> Self {
+    /// Iterations on the Gram matrix `g` of `n` points.
+    fn of(n: usize, g: Vec<f64>) -> Self {
         Self {
-            n: points.len(),
-            g: gram(points),
+            n,
+            g,
             w: Vec::new(),
             next: Vec::new(),
+            moved: false,
         }
     }
 
@@ -799,6 +839,7 @@ impl Iterate for GramState {
 
     fn accept(&mut self) {
         std::mem::swap(&mut self.w, &mut self.next);
+        self.moved = true;
     }
 
     fn finish(self, points: &[&[f32]], out: &mut [f32]) {
@@ -853,7 +894,7 @@ mod tests {
             points: refs,
             scratch: &mut scratch,
         };
-        gm.iterate(alpha, start, state).0
+        gm.iterate(alpha, start, false, state).0
     }
 
     #[test]
@@ -892,6 +933,73 @@ mod tests {
         let short: Vec<&[f32]> = refs.iter().map(|x| &x[..LONG - 2000]).collect();
         assert!(gm.sampled_start(&short, &alpha).is_none());
         assert!(gm.sampled_start(&refs[..1], &alpha[..1]).is_none());
+    }
+
+    #[test]
+    fn on_long_points_the_gram_matrix_keeps_the_samples_median_when_it_meets_the_rules() {
+        let pts = points(7, LONG, 2, |_| true);
+        let refs: Vec<&[f32]> = pts.iter().map(Vec::as_slice).collect();
+        let alpha = [1.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0];
+        let with = |m, tolerance| {
+            GeometricMedianParams::new()
+                .method(m)
+                .tolerance(tolerance)
+                .check()
+                .unwrap()
+        };
+        // A tolerance the sample's median meets on all coordinates.
+        let loose = 1e-4;
+        let auto = with(Method::Auto, loose).compute(&refs, &alpha);
+        let guess = with(Method::Auto, loose)
+            .sampled_start(&refs, &alpha)
+            .unwrap();
+        assert_eq!((auto.iterations, auto.converged), (0, true));
+        assert!(auto.residual <= loose.sqrt());
+        // The estimate is the sample's median, formed in the Gram matrix's read.
+        let w: Vec<f32> = guess.iter().map(|&v| v as f32).collect();
+        let mut want = vec![0.0f32; LONG];
+        weighted_sum_into(&refs, &w, &mut want).unwrap();
+        assert!(
+            auto.median
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        // What it reports is about that estimate: distances, objective.
+        for (x, d) in refs.iter().zip(&auto.distances) {
+            let exact = x
+                .iter()
+                .zip(&auto.median)
+                .map(|(&a, &m)| (f64::from(a) - f64::from(m)).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!((d - exact).abs() <= 1e-5 * exact, "{d} vs {exact}");
+        }
+        let gram = with(Method::Gram, loose).compute(&refs, &alpha);
+        assert!(gram.iterations > 0 && gram.converged);
+        let rel = (auto.objective - gram.objective).abs() / gram.objective;
+        assert!(
+            rel <= loose,
+            "objectives {} and {}",
+            auto.objective,
+            gram.objective
+        );
+        // Where it does not meet them, the iterations go on from it and
+        // the estimate is formed again: the median Method::Gram finds.
+        let tight = 1e-12;
+        let (auto, gram) = (
+            with(Method::Auto, tight).compute(&refs, &alpha),
+            with(Method::Gram, tight).compute(&refs, &alpha),
+        );
+        assert!(auto.iterations > 0 && auto.converged && gram.converged);
+        let off = auto
+            .median
+            .iter()
+            .zip(&gram.median)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(off <= 1e-4, "auto and gram differ by {off}");
+        assert!((auto.objective - gram.objective).abs() <= 1e-9 * gram.objective);
     }
 
     #[test]

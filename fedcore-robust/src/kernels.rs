@@ -438,6 +438,34 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
     })
 }
 
+/// [`gram`] (the same bits), and in the same read `out = sum_j w_j x_j`
+/// by FedAvg's kernel (`weighted_sum_into`, the same bits as after it),
+/// piece by piece while the tiles have the inputs' pieces in cache: the
+/// weighted sum adds `n` f32 multiply-adds per coordinate to the tiles'
+/// `n (n + 1) / 2` in f64, instead of a read of its own.
+pub(crate) fn gram_with_sum(xs: &[&[f32]], w: &[f32], out: &mut [f32]) -> Vec<f64> {
+    let n = xs.len();
+    let mut m = out
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .map(|(c, o)| {
+            let mut part = vec![0.0f64; n * n];
+            for (s, piece) in o.chunks_mut(GRAM_SUB).enumerate() {
+                let start = c * CHUNK + s * GRAM_SUB;
+                let rows: Vec<&[f32]> = xs.iter().map(|x| &x[start..start + piece.len()]).collect();
+                gram_tiles(&rows, &mut part);
+                fedcore::aggregate::weighted_sum_into(&rows, w, piece)
+                    .expect("points, weights and output of one length");
+            }
+            part
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0.0; n * n], add_vecs);
+    mirror(&mut m, n);
+    m
+}
+
 simd! {
 /// Adds the upper triangle of the Gram matrix of `rows` (of one length)
 /// to `part` (`n x n`, row-major). With AVX-512, by [`cover_blocks`]: the
@@ -1230,6 +1258,71 @@ mod tests {
             assert_eq!(m[i * 6 + 5].to_bits(), from_gram.to_bits(), "{i}, 5");
         }
         assert_eq!(m[4 * 6 + 3], 0.0, "points 3 and 4 are equal");
+    }
+
+    #[test]
+    fn the_gram_matrix_with_a_weighted_sum_has_the_bits_of_each_alone() {
+        for n in [1usize, 3, 5, 10] {
+            for len in [0usize, 7, GRAM_SUB + 3, 2 * CHUNK + GRAM_SUB + 5] {
+                let xs: Vec<Vec<f32>> = (0..n)
+                    .map(|k| {
+                        (0..len)
+                            .map(|i| ((i * (k + 7) * 2_654_435_761) % 8_191) as f32 / 819.0 - 5.0)
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+                let w: Vec<f32> = (0..n).map(|k| 0.1 + k as f32 / 7.0).collect();
+                let mut fused = vec![f32::NAN; len];
+                let g = gram_with_sum(&refs, &w, &mut fused);
+                let mut sum = vec![0.0f32; len];
+                fedcore::aggregate::weighted_sum_into(&refs, &w, &mut sum).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fused), bits(&sum), "n {n}, len {len}");
+                let plain = gram(&refs);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&g), bits(&plain), "n {n}, len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sampled_gram_matrix_is_the_gram_matrix_of_the_sampled_runs() {
+        let (n, every) = (4usize, 3usize);
+        let len = 7 * GRAM_SUB + 100;
+        let xs: Vec<Vec<f32>> = (0..n)
+            .map(|k| {
+                (0..len)
+                    .map(|i| ((i * (k + 2)) % 101) as f32 / 10.0 - 5.0)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let (g, taken) = sampled_gram(&refs, every);
+        // Runs 0, 3 and 6 of 2,048: 0..2048, 6144..8192, 12288..14336.
+        let picked: Vec<usize> = [0, 3, 6]
+            .iter()
+            .flat_map(|r| r * GRAM_SUB..(r + 1) * GRAM_SUB)
+            .collect();
+        assert_eq!(taken, picked.len());
+        for i in 0..n {
+            for j in 0..n {
+                let dot: f64 = picked
+                    .iter()
+                    .map(|&t| f64::from(xs[i][t]) * f64::from(xs[j][t]))
+                    .sum();
+                assert!(
+                    (g[i * n + j] - dot).abs() <= 1e-9 * dot.abs().max(1.0),
+                    "({i}, {j})"
+                );
+            }
+        }
+        // Every run, when every = 1, is the whole Gram matrix.
+        let (all, taken) = sampled_gram(&refs, 1);
+        assert_eq!(taken, len);
+        for (a, b) in all.iter().zip(gram(&refs)) {
+            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0));
+        }
     }
 
     #[test]
