@@ -85,6 +85,9 @@ async fn connect_tracked(
         .identity(Identity::from_pem(&kit.cert_pem, &kit.key_pem))
         .domain_name(kit.info.server_name.clone());
     let limits = &options.limits;
+    // Also for the testkit's `connect`: an HTTP/2 setting out of range
+    // would panic in h2 instead of being a clear error.
+    limits.check()?;
     // Our own TCP connector (tonic puts TLS over it) so that the session
     // sees the connection's bytes. No HTTP/2 keepalive: on a slow link its
     // ping waits behind megabytes of data in the socket buffers and would
@@ -421,13 +424,7 @@ impl Link<'_> {
             )))
             .await?;
         }
-        for chunk in wire::chunks_from(
-            id,
-            &reply.payload,
-            self.chunk_bytes,
-            wire::LEAD_CHUNK_BYTES,
-            from.unwrap_or(0),
-        ) {
+        for chunk in wire::transfer_chunks(id, &reply.payload, self.chunk_bytes, from) {
             self.send(client_msg(client_message::Kind::Chunk(chunk)))
                 .await?;
         }

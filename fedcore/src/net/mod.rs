@@ -126,7 +126,7 @@ pub struct Limits {
     /// sends (default 256 KiB; HTTP/2 allows 16 KiB to 16 MiB - 1). Each
     /// frame costs a header, flow-control bookkeeping and buffer handling
     /// on both sides: with HTTP/2's usual 16 KiB the 7M-value round took
-    /// 1.4x a plain TLS socket on loopback, with 256 KiB 1.0-1.15x
+    /// 1.36-1.41x a plain TLS socket on loopback, with 256 KiB 1.04-1.11x
     /// (docs/benchmarks.md). A frame is decoded only once it has arrived
     /// whole, so on a very slow link a message waits for the frame it ends
     /// in: 5 s at 50 KB/s for 256 KiB. Liveness and the transfers' progress

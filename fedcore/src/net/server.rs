@@ -915,7 +915,7 @@ async fn writer(
                     let total = task.payload_len();
                     session.start_transfer(Way::Download, id, total, from.unwrap_or(0));
                     let mut failed = None;
-                    for chunk in wire::chunks_from(id, &task.payload, session.chunk_bytes, wire::LEAD_CHUNK_BYTES, from.unwrap_or(0)) {
+                    for chunk in wire::transfer_chunks(id, &task.payload, session.chunk_bytes, from) {
                         if let Err(r) = push(&session, &out, server_msg(server_message::Kind::Chunk(chunk)), opts.liveness).await {
                             failed = Some(r);
                             break;

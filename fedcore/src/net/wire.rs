@@ -300,22 +300,38 @@ pub(crate) fn chunks(
     payload: &[Bytes],
     chunk_bytes: usize,
 ) -> impl Iterator<Item = proto::Chunk> + '_ {
-    chunks_from(task_id, payload, chunk_bytes, chunk_bytes, 0)
+    chunks_from(task_id, payload, chunk_bytes, 0, 0)
 }
 
-/// The size of a transfer's first chunk, which shares a buffer with the
-/// header before it. tonic hands the encoded messages to HTTP/2 in buffers
-/// of at least 32 KiB (its yield threshold) and HTTP/2 never puts two of
-/// them in one frame, so a first chunk this large leaves the header in a
-/// frame of 32 KiB and a little, not in the first of 256 KiB
+/// How many bytes a transfer sends in short chunks first, after its
+/// header. tonic hands the encoded messages to HTTP/2 in buffers of at
+/// least 32 KiB (its yield threshold) and HTTP/2 never puts two of them in
+/// one frame, so this lead leaves the header in a frame of 32 KiB and a
+/// little, not in the first of 256 KiB
 /// ([`Limits::frame_bytes`](super::Limits::frame_bytes)). On a 50 KB/s link
 /// the peer then knows the transfer, and reports its progress, after
 /// 0.7 s instead of 5 s.
 pub(crate) const LEAD_CHUNK_BYTES: usize = 32 << 10;
 
-/// The chunks of the payload from byte `from` on (a resumed transfer): the
-/// first of at most `lead` bytes, the others of at most `chunk_bytes`, none
-/// across the end of a part (no copies).
+/// The chunks of a transfer: from the start after its header, led by
+/// [`LEAD_CHUNK_BYTES`] in short chunks; or, resumed from byte `from`
+/// (no header goes first), in whole chunks only.
+pub(crate) fn transfer_chunks(
+    task_id: u64,
+    payload: &[Bytes],
+    chunk_bytes: usize,
+    from: Option<u64>,
+) -> impl Iterator<Item = proto::Chunk> + '_ {
+    match from {
+        None => chunks_from(task_id, payload, chunk_bytes, LEAD_CHUNK_BYTES, 0),
+        Some(from) => chunks_from(task_id, payload, chunk_bytes, 0, from),
+    }
+}
+
+/// The chunks of the payload from byte `from` on (a resumed transfer):
+/// the first `lead` bytes in chunks of at most `lead` bytes, the rest in
+/// chunks of at most `chunk_bytes`, none across the end of a part (no
+/// copies).
 pub(crate) fn chunks_from(
     task_id: u64,
     payload: &[Bytes],
@@ -324,7 +340,8 @@ pub(crate) fn chunks_from(
     from: u64,
 ) -> impl Iterator<Item = proto::Chunk> + '_ {
     let chunk_bytes = chunk_bytes.max(1);
-    let mut size = lead.clamp(1, chunk_bytes);
+    // What is left of the lead.
+    let mut lead = lead;
     // The part being sent, where it starts in the payload, and where in it
     // the next chunk starts.
     let (mut part, mut base, mut at) = (0, 0u64, 0usize);
@@ -339,8 +356,14 @@ pub(crate) fn chunks_from(
                 (part, base, at) = (part + 1, base + n as u64, 0);
                 continue;
             }
+            let size = if lead > 0 {
+                lead.min(chunk_bytes)
+            } else {
+                chunk_bytes
+            };
             let end = (s + size).min(n);
-            (at, size) = (end, chunk_bytes);
+            at = end;
+            lead = lead.saturating_sub(end - s);
             return Some(proto::Chunk {
                 task_id,
                 offset: base + s as u64,
@@ -845,7 +868,7 @@ mod tests {
     }
 
     #[test]
-    fn a_transfer_leads_with_a_short_chunk_and_goes_on_in_whole_ones() {
+    fn a_transfer_leads_with_short_chunks_and_goes_on_in_whole_ones() {
         let part = |n: usize| Bytes::from((0..n).map(|i| i as u8).collect::<Vec<u8>>());
         let payload = [part(10), part(3), part(0), part(9)];
         let sizes = |lead, from| {
@@ -867,11 +890,26 @@ mod tests {
                 (21, 1)
             ]
         );
-        // From inside a part; a lead beyond a part ends with the part; a
-        // lead larger than a chunk is a chunk.
+        // From inside a part. A lead that a part ends goes on in the next
+        // part (a header followed by a short part still leaves with the
+        // whole lead). A lead larger than a chunk goes in whole chunks.
         assert_eq!(sizes(2, 11), [(11, 2), (13, 4), (17, 4), (21, 1)]);
-        assert_eq!(sizes(3, 8), [(8, 2), (10, 3), (13, 4), (17, 4), (21, 1)]);
-        assert_eq!(sizes(9, 0)[..2], [(0, 4), (4, 4)]);
+        assert_eq!(
+            sizes(3, 8),
+            [(8, 2), (10, 1), (11, 2), (13, 4), (17, 4), (21, 1)]
+        );
+        assert_eq!(sizes(6, 9)[..3], [(9, 1), (10, 3), (13, 2)]);
+        assert_eq!(sizes(9, 0)[..4], [(0, 4), (4, 4), (8, 1), (9, 1)]);
+        // A transfer from the start leads; a resumed one does not.
+        let big = [part(100_000)];
+        let lens = |from| {
+            transfer_chunks(1, &big, 64 << 10, from)
+                .map(|c| c.data.len())
+                .collect::<Vec<_>>()
+        };
+        let (lead, chunk) = (LEAD_CHUNK_BYTES, 64 << 10);
+        assert_eq!(lens(None), [lead, chunk, 100_000 - lead - chunk]);
+        assert_eq!(lens(Some(0)), [chunk, 100_000 - chunk]);
         // The bytes are the payload's, in order.
         let joined: Vec<u8> = chunks_from(1, &payload, 4, 1, 0)
             .flat_map(|c| c.data.to_vec())
