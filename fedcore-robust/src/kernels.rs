@@ -291,7 +291,7 @@ fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
 fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + Sync) -> Vec<f64> {
     let n = xs.len();
     let d = xs.first().map_or(0, |x| x.len());
-    let mut m = (0..d.div_ceil(CHUNK))
+    let parts = (0..d.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             let r = c * CHUNK..((c + 1) * CHUNK).min(d);
@@ -299,9 +299,14 @@ fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + 
             block(r, &mut part);
             part
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![0.0; n * n], add_vecs);
+        .collect::<Vec<_>>();
+    sum_upper(parts, n)
+}
+
+/// The sum of per-block partial matrices (`n x n`, row-major, upper
+/// triangle), added in block order, with the lower triangle mirrored.
+fn sum_upper(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
+    let mut m = parts.into_iter().fold(vec![0.0; n * n], add_vecs);
     mirror(&mut m, n);
     m
 }
@@ -329,7 +334,7 @@ pub(crate) fn sampled_gram(xs: &[&[f32]], every: usize) -> (Vec<f64>, usize) {
         .map(|s| s..(s + GRAM_SUB).min(d))
         .collect();
     let taken = runs.iter().map(|r| r.len()).sum();
-    let mut m = runs
+    let parts = runs
         .par_chunks(runs.len().div_ceil(16).max(1))
         .map(|group| {
             let mut part = vec![0.0f64; n * n];
@@ -339,11 +344,8 @@ pub(crate) fn sampled_gram(xs: &[&[f32]], every: usize) -> (Vec<f64>, usize) {
             }
             part
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![0.0; n * n], add_vecs);
-    mirror(&mut m, n);
-    (m, taken)
+        .collect::<Vec<_>>();
+    (sum_upper(parts, n), taken)
 }
 
 /// All pairwise squared distances as an `n x n` row-major matrix: each
@@ -445,7 +447,7 @@ pub(crate) fn gram(xs: &[&[f32]]) -> Vec<f64> {
 /// `n (n + 1) / 2` in f64, instead of a read of its own.
 pub(crate) fn gram_with_sum(xs: &[&[f32]], w: &[f32], out: &mut [f32]) -> Vec<f64> {
     let n = xs.len();
-    let mut m = out
+    let parts = out
         .par_chunks_mut(CHUNK)
         .enumerate()
         .map(|(c, o)| {
@@ -459,11 +461,8 @@ pub(crate) fn gram_with_sum(xs: &[&[f32]], w: &[f32], out: &mut [f32]) -> Vec<f6
             }
             part
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![0.0; n * n], add_vecs);
-    mirror(&mut m, n);
-    m
+        .collect::<Vec<_>>();
+    sum_upper(parts, n)
 }
 
 simd! {

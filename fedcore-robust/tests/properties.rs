@@ -504,7 +504,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// The Gram-matrix and direct-pass iterations reach the same median, up
-    /// to beyond the 64 points where `Method::Auto` switches.
+    /// to beyond the 32 points where `Method::Auto` switches.
     #[test]
     fn gram_and_passes_agree(points in points_strategy(1..70, 1..40), outliers in 0usize..3) {
         let mut points = points;
