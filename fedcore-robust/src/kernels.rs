@@ -307,17 +307,12 @@ fn pairwise(xs: &[&[f32]], block: impl Fn(std::ops::Range<usize>, &mut [f64]) + 
 /// triangle), added in block order, with the lower triangle mirrored.
 fn sum_upper(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
     let mut m = parts.into_iter().fold(vec![0.0; n * n], add_vecs);
-    mirror(&mut m, n);
-    m
-}
-
-/// Copies the upper triangle of `m` (`n x n`, row-major) into the lower.
-fn mirror(m: &mut [f64], n: usize) {
     for i in 0..n {
         for j in 0..i {
             m[i * n + j] = m[j * n + i];
         }
     }
+    m
 }
 
 /// The Gram matrix of the points restricted to a sample of their
